@@ -1,0 +1,144 @@
+//! The validated configuration: what the application is built from.
+//!
+//! Values here have passed validation (see `validate`); building running parts from them
+//! cannot fail on account of the configuration.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::num::NonZeroU32;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use http::{HeaderMap, HeaderValue};
+use url::Url;
+
+use crate::diff::DiffOptions;
+use crate::sim::SimulatorSettings;
+use crate::upstream::decode::Format;
+
+/// A complete, validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file this configuration was loaded from, if any.
+    pub source: Option<PathBuf>,
+    /// The HTTP server that subscribers connect to.
+    pub server: ServerSettings,
+    /// Logging.
+    pub log: LogSettings,
+    /// Settings shared by every upstream poller.
+    pub upstream: UpstreamSettings,
+    /// The built-in simulated feed server, when enabled.
+    pub simulator: Option<SimulatorSettings>,
+    /// The configured streams, in file order; names are unique.
+    pub streams: Vec<StreamSettings>,
+}
+
+/// The subscriber-facing HTTP server.
+#[derive(Debug, Clone)]
+pub struct ServerSettings {
+    /// Address to listen on.
+    pub listen: SocketAddr,
+    /// Interval between SSE keep-alive comments.
+    pub keepalive: Duration,
+    /// The `retry:` hint sent to SSE clients (how long they wait before reconnecting).
+    pub retry_hint: Duration,
+    /// Events a subscriber may fall behind before it is resynced.
+    pub subscriber_buffer: usize,
+    /// How long a subscriber's socket may refuse writes before the connection is closed.
+    pub stall_timeout: Duration,
+    /// How long shutdown waits for connections to finish.
+    pub shutdown_grace: Duration,
+    /// Cross-origin access for browsers.
+    pub cors: Cors,
+}
+
+/// Which browser origins may read the streams.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Cors {
+    /// No CORS headers are sent.
+    Disabled,
+    /// `Access-Control-Allow-Origin: *`.
+    AnyOrigin,
+    /// Only these origins.
+    Origins(Vec<HeaderValue>),
+}
+
+/// Log output.
+#[derive(Debug, Clone)]
+pub struct LogSettings {
+    /// Line format.
+    pub format: LogFormat,
+    /// A `tracing_subscriber::EnvFilter` directive, e.g. `info,patchwire=debug`.
+    pub filter: String,
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Plain,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Settings shared by all upstream pollers.
+#[derive(Debug, Clone)]
+pub struct UpstreamSettings {
+    /// `User-Agent` sent upstream.
+    pub user_agent: String,
+    /// Quota for each upstream host that no named group covers.
+    pub default_rate_limit: RateLimit,
+    /// Named rate-limit groups that streams may join (`rate_limit_group`).
+    pub rate_limits: BTreeMap<String, RateLimit>,
+    /// Retry schedule after failed polls.
+    pub backoff: BackoffSettings,
+}
+
+/// A request quota: a sustained rate and a burst.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateLimit {
+    /// Requests per second, sustained.
+    pub per_second: NonZeroU32,
+    /// Requests allowed at once after a quiet period.
+    pub burst: NonZeroU32,
+}
+
+/// Exponential backoff after failed polls.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct BackoffSettings {
+    /// Delay after the first failure.
+    pub initial: Duration,
+    /// Upper bound for any computed delay.
+    pub max: Duration,
+    /// Growth factor per consecutive failure (> 1).
+    pub multiplier: f64,
+    /// Fraction of each delay that is randomized, 0.0..=1.0.
+    pub jitter: f64,
+    /// Upper bound for an upstream's `Retry-After`.
+    pub max_retry_after: Duration,
+}
+
+/// One configured stream.
+#[derive(Debug, Clone)]
+pub struct StreamSettings {
+    /// Unique name; the stream is served at `/streams/{name}`.
+    pub name: String,
+    /// The upstream URL polled (http or https).
+    pub url: Url,
+    /// Headers sent with every poll, `${VAR}` references already resolved.
+    pub headers: HeaderMap,
+    /// Time between polls.
+    pub interval: Duration,
+    /// Timeout for a whole poll request (connect, headers and body).
+    pub timeout: Duration,
+    /// Largest body accepted, in bytes.
+    pub max_body_bytes: u64,
+    /// How the body is decoded.
+    pub format: Format,
+    /// How many recent changes are kept for resuming subscribers.
+    pub history: usize,
+    /// The rate-limit group: a named group, or the upstream host (`host:port`) by default.
+    pub rate_limit_group: String,
+    /// How changes are computed.
+    pub diff: DiffOptions,
+}

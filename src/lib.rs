@@ -1,0 +1,14 @@
+//! patchwire: poll an API once, push its changes as RFC 6902 JSON Patches to every subscriber.
+//!
+//! Modules, in the order data flows through them:
+//! - [`config`]: the configuration file's shape, loading and pure validation.
+//! - [`upstream`]: one poller per stream; conditional fetches, rate limits, backoff, decoding.
+//! - [`diff`]: RFC 6902 diff and apply.
+//! - [`metrics`]: Prometheus metrics owned by the application.
+//! - [`sim`]: the simulated fleet feed used by the default configuration, tests and benchmarks.
+
+pub mod config;
+pub mod diff;
+pub mod metrics;
+pub mod sim;
+pub mod upstream;

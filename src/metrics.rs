@@ -1,0 +1,158 @@
+//! Prometheus metrics, owned by the application (no global registry, so tests can run many apps).
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+/// Labels for per-stream series.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StreamLabels {
+    /// The stream name.
+    pub stream: String,
+}
+
+/// The outcome of one poll.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+pub enum PollOutcome {
+    /// A body that changed the document.
+    Changed,
+    /// A body whose document equals the last one (or whose only changes are ignored).
+    Unchanged,
+    /// 304 Not Modified.
+    NotModified,
+    /// A failure of any kind.
+    Error,
+}
+
+/// Labels for poll outcomes.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PollLabels {
+    /// The stream name.
+    pub stream: String,
+    /// What the poll produced.
+    pub outcome: PollOutcome,
+}
+
+/// Kind of published change.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+pub enum ChangeKind {
+    /// An RFC 6902 patch.
+    Patch,
+    /// A whole document.
+    Snapshot,
+}
+
+/// Labels for published bytes.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ChangeLabels {
+    /// The stream name.
+    pub stream: String,
+    /// Patch or snapshot.
+    pub kind: ChangeKind,
+}
+
+/// Every metric the application exports.
+pub struct Metrics {
+    /// Polls by stream and outcome.
+    pub polls: Family<PollLabels, Counter>,
+    /// Upstream request latency in seconds, by stream.
+    pub upstream_latency: Family<StreamLabels, Histogram>,
+    /// Changes published, by stream and kind.
+    pub changes: Family<ChangeLabels, Counter>,
+    /// JSON bytes of published changes, by stream and kind.
+    pub change_bytes: Family<ChangeLabels, Counter>,
+    /// JSON bytes of the snapshot at each published change, by stream: what a poller would have fetched.
+    pub snapshot_bytes: Family<StreamLabels, Counter>,
+    /// Connected SSE subscribers, by stream.
+    pub subscribers: Family<StreamLabels, Gauge>,
+    /// SSE events written to subscribers (keep-alives excluded), by stream.
+    pub events_sent: Family<StreamLabels, Counter>,
+    /// Subscribers that fell behind and were resynced with a snapshot or disconnected, by stream.
+    pub resyncs: Family<StreamLabels, Counter>,
+    registry: Registry,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Creates the metrics and registers them.
+    pub fn new() -> Self {
+        let polls = Family::<PollLabels, Counter>::default();
+        let upstream_latency = Family::<StreamLabels, Histogram>::new_with_constructor(
+            (|| Histogram::new(exponential_buckets(0.005, 2.0, 14))) as fn() -> Histogram,
+        );
+        let changes = Family::<ChangeLabels, Counter>::default();
+        let change_bytes = Family::<ChangeLabels, Counter>::default();
+        let snapshot_bytes = Family::<StreamLabels, Counter>::default();
+        let subscribers = Family::<StreamLabels, Gauge>::default();
+        let events_sent = Family::<StreamLabels, Counter>::default();
+        let resyncs = Family::<StreamLabels, Counter>::default();
+
+        let mut registry = Registry::with_prefix("patchwire");
+        registry.register("polls", "Upstream polls by outcome", polls.clone());
+        registry.register(
+            "upstream_latency_seconds",
+            "Upstream request latency",
+            upstream_latency.clone(),
+        );
+        registry.register("changes", "Changes published", changes.clone());
+        registry.register_with_unit(
+            "change",
+            "JSON bytes of published changes",
+            prometheus_client::registry::Unit::Bytes,
+            change_bytes.clone(),
+        );
+        registry.register_with_unit(
+            "snapshot",
+            "JSON bytes of the whole document at each published change",
+            prometheus_client::registry::Unit::Bytes,
+            snapshot_bytes.clone(),
+        );
+        registry.register(
+            "subscribers",
+            "Connected SSE subscribers",
+            subscribers.clone(),
+        );
+        registry.register(
+            "events_sent",
+            "SSE events sent to subscribers",
+            events_sent.clone(),
+        );
+        registry.register(
+            "subscriber_resyncs",
+            "Subscribers that fell behind and were resynced or disconnected",
+            resyncs.clone(),
+        );
+        Metrics {
+            polls,
+            upstream_latency,
+            changes,
+            change_bytes,
+            snapshot_bytes,
+            subscribers,
+            events_sent,
+            resyncs,
+            registry,
+        }
+    }
+
+    /// The registry, for encoding.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// The metrics in the Prometheus/OpenMetrics text format.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}

@@ -1,0 +1,3 @@
+//! Upstreams: polling one API on a schedule, fetching with conditional requests, decoding.
+
+pub mod decode;
