@@ -9,6 +9,9 @@
 
 pub mod config;
 pub mod diff;
+pub mod hub;
 pub mod metrics;
 pub mod sim;
+pub mod sinks;
+pub mod snapshot;
 pub mod upstream;

@@ -1,0 +1,691 @@
+//! One stream: sequence, history, publish and subscribe.
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::str::FromStr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use serde_json::Value;
+use tokio::sync::broadcast;
+use tokio_util::sync::CancellationToken;
+
+use crate::diff::{self, DiffOptions, Patch};
+use crate::metrics::{self, ChangeLabels, Metrics, StreamLabels};
+use crate::sinks::sse::{self, EncodedEvent};
+use crate::snapshot::{Snapshot, SnapshotStore};
+
+/// How a stream keeps and fans out its changes.
+#[derive(Debug, Clone)]
+pub struct StreamOptions {
+    /// Recent changes kept for resuming subscribers.
+    pub history: usize,
+    /// Events a subscriber may fall behind before it is resynced.
+    pub buffer: usize,
+    /// How changes are computed.
+    pub diff: DiffOptions,
+}
+
+/// Whether a change carries a patch or a whole document.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChangeKind {
+    /// `patch` holds an RFC 6902 patch from the previous snapshot.
+    Patch,
+    /// The whole new document replaces the previous one.
+    Snapshot,
+}
+
+/// One published change: the one event every sink sees, serialized once.
+#[derive(Debug)]
+pub struct Change {
+    /// The stream's name.
+    pub stream: Arc<str>,
+    /// The stream's epoch: sequence numbers are only comparable within one epoch.
+    pub epoch: u64,
+    /// This change's sequence number; the first change of an epoch is 1.
+    pub seq: u64,
+    /// Patch or snapshot.
+    pub kind: ChangeKind,
+    /// The patch from the document at `seq - 1` (empty for snapshot changes).
+    pub patch: Patch,
+    /// The JSON sent to subscribers: the patch, or the whole document for snapshot changes.
+    pub payload: Bytes,
+    /// The document after this change.
+    pub snapshot: Arc<Snapshot>,
+    /// This change as an SSE event.
+    pub sse: EncodedEvent,
+}
+
+impl Change {
+    /// The id of this change's event.
+    pub fn id(&self) -> EventId {
+        EventId {
+            stream: self.stream.to_string(),
+            epoch: self.epoch,
+            seq: self.seq,
+        }
+    }
+}
+
+/// A failed poll, as told to subscribers while the upstream fails.
+#[derive(Debug)]
+pub struct UpstreamFailure {
+    /// The HTTP status that best describes the failure (the upstream's, or 502/504).
+    pub status: u16,
+    /// A human-readable reason (never contains header values).
+    pub message: String,
+    /// When the poll failed.
+    pub at: SystemTime,
+    /// When the next attempt is due.
+    pub retry_in: Duration,
+    /// The sequence number of the last good document (the failure does not advance it).
+    pub seq: u64,
+    /// This failure as an SSE `error` event.
+    pub sse: EncodedEvent,
+}
+
+/// What a subscriber receives live.
+#[derive(Debug, Clone)]
+pub enum StreamEvent {
+    /// A new change.
+    Change(Arc<Change>),
+    /// The upstream failed; the last good document stays current.
+    Failure(Arc<UpstreamFailure>),
+    /// Nothing happened for a while; keeps idle connections open through proxies.
+    KeepAlive,
+}
+
+/// What publishing a document did.
+#[derive(Debug)]
+pub enum Publication {
+    /// A change was published.
+    Published(Arc<Change>),
+    /// The document equals the current one: nothing published.
+    Unchanged,
+    /// Only ignored paths changed: nothing published, the current snapshot stays as it was so
+    /// that the next real change carries the ignored fields along.
+    Ignored,
+}
+
+/// The id of an SSE event: `{stream}:{epoch}:{seq}`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EventId {
+    /// The stream's name.
+    pub stream: String,
+    /// The stream's epoch.
+    pub epoch: u64,
+    /// The sequence number.
+    pub seq: u64,
+}
+
+impl fmt::Display for EventId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}:{}", self.stream, self.epoch, self.seq)
+    }
+}
+
+impl FromStr for EventId {
+    type Err = ();
+
+    fn from_str(s: &str) -> Result<Self, ()> {
+        let mut parts = s.rsplitn(3, ':');
+        let seq = parts.next().ok_or(())?.parse().map_err(|_| ())?;
+        let epoch = parts.next().ok_or(())?.parse().map_err(|_| ())?;
+        let stream = parts.next().ok_or(())?;
+        if stream.is_empty() {
+            return Err(());
+        }
+        Ok(EventId {
+            stream: stream.to_owned(),
+            epoch,
+            seq,
+        })
+    }
+}
+
+/// Where a new subscriber starts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Resume {
+    /// From the current snapshot.
+    Fresh,
+    /// After the event with this id (the client's `Last-Event-ID`), raw as the client sent it.
+    After(String),
+}
+
+/// What a subscriber gets before live events.
+#[derive(Debug)]
+pub enum Initial {
+    /// The current document.
+    Snapshot(Arc<Snapshot>),
+    /// A change it missed.
+    Change(Arc<Change>),
+    /// The upstream is currently failing.
+    Failure(Arc<UpstreamFailure>),
+}
+
+/// A subscriber's start: what to send first, then the live receiver.
+pub struct Subscription {
+    /// Events to send before live ones, in order.
+    pub initial: Vec<Initial>,
+    /// Live events.
+    pub live: broadcast::Receiver<StreamEvent>,
+    /// The sequence number the subscriber is at once `initial` is sent (0: no document yet).
+    pub seq: u64,
+    /// Whether a resume id was honoured (`false` when a snapshot replaced it).
+    pub resumed: bool,
+    guard: SubscriberGuard,
+}
+
+impl Subscription {
+    /// The stream this subscription belongs to.
+    pub fn stream(&self) -> &Arc<Stream> {
+        &self.guard.stream
+    }
+}
+
+/// Keeps the subscriber gauge right however a subscription ends.
+struct SubscriberGuard {
+    stream: Arc<Stream>,
+}
+
+impl Drop for SubscriberGuard {
+    fn drop(&mut self) {
+        self.stream
+            .metrics
+            .subscribers
+            .get_or_create(&self.stream.labels)
+            .dec();
+    }
+}
+
+struct State {
+    seq: u64,
+    history: VecDeque<Arc<Change>>,
+    failure: Option<Arc<UpstreamFailure>>,
+    last_change_at: Option<SystemTime>,
+}
+
+/// One stream of changes.
+pub struct Stream {
+    name: Arc<str>,
+    epoch: u64,
+    options: StreamOptions,
+    snapshots: SnapshotStore,
+    metrics: Arc<Metrics>,
+    labels: StreamLabels,
+    state: Mutex<State>,
+    /// Serializes publishers, so a diff is computed outside `state` without racing another.
+    publishing: Mutex<()>,
+    live: broadcast::Sender<StreamEvent>,
+    closed: CancellationToken,
+    changes: AtomicU64,
+}
+
+impl fmt::Debug for Stream {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Stream")
+            .field("name", &self.name)
+            .field("epoch", &self.epoch)
+            .finish()
+    }
+}
+
+impl Stream {
+    /// A stream with no document yet. Its epoch is the current time in milliseconds, so ids
+    /// from a previous process (whose sequence restarted) are recognized as stale.
+    pub fn new(
+        name: &str,
+        options: StreamOptions,
+        snapshots: SnapshotStore,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        let epoch = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let (live, _) = broadcast::channel(options.buffer.max(1));
+        Stream {
+            name: Arc::from(name),
+            epoch,
+            labels: StreamLabels {
+                stream: name.to_owned(),
+            },
+            options,
+            snapshots,
+            metrics,
+            state: Mutex::new(State {
+                seq: 0,
+                history: VecDeque::new(),
+                failure: None,
+                last_change_at: None,
+            }),
+            publishing: Mutex::new(()),
+            live,
+            closed: CancellationToken::new(),
+            changes: AtomicU64::new(0),
+        }
+    }
+
+    /// The stream's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub(super) fn name_arc(&self) -> Arc<str> {
+        self.name.clone()
+    }
+
+    /// The stream's epoch.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// The id of the event at `seq` of this stream.
+    pub fn event_id(&self, seq: u64) -> EventId {
+        EventId {
+            stream: self.name.to_string(),
+            epoch: self.epoch,
+            seq,
+        }
+    }
+
+    /// The current document, if the stream has one.
+    pub fn snapshot(&self) -> Option<Arc<Snapshot>> {
+        self.snapshots.get(&self.name)
+    }
+
+    /// The current sequence number (0 before the first document).
+    pub fn seq(&self) -> u64 {
+        self.lock().seq
+    }
+
+    /// The current upstream failure, if the last poll failed.
+    pub fn failure(&self) -> Option<Arc<UpstreamFailure>> {
+        self.lock().failure.clone()
+    }
+
+    /// When the last change was published.
+    pub fn last_change_at(&self) -> Option<SystemTime> {
+        self.lock().last_change_at
+    }
+
+    /// Changes published since start.
+    pub fn changes_published(&self) -> u64 {
+        self.changes.load(Ordering::Relaxed)
+    }
+
+    /// Connected subscribers.
+    pub fn subscriber_count(&self) -> usize {
+        self.live.receiver_count()
+    }
+
+    /// The metrics this stream reports to.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// Labels of this stream's series.
+    pub fn labels(&self) -> &StreamLabels {
+        &self.labels
+    }
+
+    /// Cancelled when the stream ends (shutdown): subscriptions finish.
+    pub fn closed(&self) -> &CancellationToken {
+        &self.closed
+    }
+
+    /// Ends all subscriptions.
+    pub fn close(&self) {
+        self.closed.cancel();
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock cannot leave `State` half-updated in a way that
+        // matters more than losing the stream, so recover the guard.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Publishes `document` as the stream's new state: computes the change from the current
+    /// snapshot and fans it out. The first document, a change of the root's type, or a patch
+    /// larger than the configured share of the document publish a snapshot instead of a patch.
+    pub fn publish(&self, document: Value) -> Publication {
+        let _publishing = self.publishing.lock().unwrap_or_else(|e| e.into_inner());
+        let previous = self.snapshot();
+        let seq = self.lock().seq + 1;
+
+        let (kind, patch) = match &previous {
+            Some(previous) if same_kind(&previous.document, &document) => {
+                let patch = diff::diff(&previous.document, &document, &self.options.diff);
+                if patch.0.is_empty() {
+                    return Publication::Unchanged;
+                }
+                if diff::only_ignored(&patch, &self.options.diff) {
+                    return Publication::Ignored;
+                }
+                (ChangeKind::Patch, patch)
+            }
+            _ => (ChangeKind::Snapshot, Patch(Vec::new())),
+        };
+
+        let snapshot = Arc::new(Snapshot::new(seq, document));
+        let (kind, patch, payload) = match kind {
+            ChangeKind::Patch => {
+                let patch_json = Bytes::from(serde_json::to_vec(&patch).unwrap_or_default());
+                if diff::prefer_snapshot(patch_json.len(), snapshot.json.len(), &self.options.diff)
+                {
+                    (
+                        ChangeKind::Snapshot,
+                        Patch(Vec::new()),
+                        snapshot.json.clone(),
+                    )
+                } else {
+                    (ChangeKind::Patch, patch, patch_json)
+                }
+            }
+            ChangeKind::Snapshot => (ChangeKind::Snapshot, patch, snapshot.json.clone()),
+        };
+
+        let id = self.event_id(seq).to_string();
+        let sse = match kind {
+            ChangeKind::Patch => EncodedEvent::new(sse::frame::event(Some(&id), "patch", &payload)),
+            ChangeKind::Snapshot => {
+                let frame = sse::frame::event(Some(&id), "snapshot", &payload);
+                // The same bytes serve new subscribers of this snapshot.
+                let _ = snapshot.sse.set(EncodedEvent::new(frame.clone()));
+                EncodedEvent::new(frame)
+            }
+        };
+        let change = Arc::new(Change {
+            stream: self.name.clone(),
+            epoch: self.epoch,
+            seq,
+            kind,
+            patch,
+            payload,
+            snapshot: snapshot.clone(),
+            sse,
+        });
+
+        let metric_kind = match kind {
+            ChangeKind::Patch => metrics::ChangeKind::Patch,
+            ChangeKind::Snapshot => metrics::ChangeKind::Snapshot,
+        };
+        let labels = ChangeLabels {
+            stream: self.labels.stream.clone(),
+            kind: metric_kind,
+        };
+        self.metrics.changes.get_or_create(&labels).inc();
+        self.metrics
+            .change_bytes
+            .get_or_create(&labels)
+            .inc_by(change.payload.len() as u64);
+        self.metrics
+            .snapshot_bytes
+            .get_or_create(&self.labels)
+            .inc_by(snapshot.json.len() as u64);
+
+        {
+            let mut state = self.lock();
+            state.seq = seq;
+            state.failure = None;
+            state.last_change_at = Some(snapshot.at);
+            state.history.push_back(change.clone());
+            while state.history.len() > self.options.history {
+                state.history.pop_front();
+            }
+            self.snapshots.insert(self.name.clone(), snapshot);
+            // No receivers is not an error: nobody is listening right now.
+            let _ = self.live.send(StreamEvent::Change(change.clone()));
+        }
+        self.changes.fetch_add(1, Ordering::Relaxed);
+        Publication::Published(change)
+    }
+
+    /// Tells subscribers the upstream failed; the current document stays.
+    pub fn fail(&self, status: u16, message: String, retry_in: Duration) -> Arc<UpstreamFailure> {
+        let mut state = self.lock();
+        let at = SystemTime::now();
+        let body = serde_json::json!({
+            "status": status,
+            "message": message,
+            "timestamp": httpdate::fmt_http_date(at),
+            "retry_in_ms": retry_in.as_millis() as u64,
+        });
+        let id = self.event_id(state.seq).to_string();
+        let frame = sse::frame::event(Some(&id), "error", body.to_string().as_bytes());
+        let failure = Arc::new(UpstreamFailure {
+            status,
+            message,
+            at,
+            retry_in,
+            seq: state.seq,
+            sse: EncodedEvent::new(frame),
+        });
+        state.failure = Some(failure.clone());
+        let _ = self.live.send(StreamEvent::Failure(failure.clone()));
+        failure
+    }
+
+    /// The upstream answers again: the failure state clears (the next change follows).
+    pub fn recover(&self) {
+        self.lock().failure = None;
+    }
+
+    /// Sends a keep-alive to every subscriber (a no-op without subscribers).
+    pub fn keep_alive(&self) {
+        if self.live.receiver_count() > 0 {
+            let _ = self.live.send(StreamEvent::KeepAlive);
+        }
+    }
+
+    /// Starts a subscription. With `Resume::After(id)`, if `id` names this stream's epoch and
+    /// its successors are all still in history, exactly the missed changes are replayed;
+    /// otherwise (too old, another epoch, malformed, from the future) the subscriber starts
+    /// from the current snapshot.
+    pub fn subscribe(self: &Arc<Self>, resume: &Resume) -> Subscription {
+        let state = self.lock();
+        let live = self.live.subscribe();
+        let snapshot = self.snapshots.get(&self.name);
+        let mut initial = Vec::new();
+        let mut resumed = false;
+
+        let replay_from = match resume {
+            Resume::After(raw) => raw
+                .parse::<EventId>()
+                .ok()
+                .filter(|id| *id.stream == *self.name && id.epoch == self.epoch)
+                .and_then(|id| replay_start(&state, id.seq)),
+            Resume::Fresh => None,
+        };
+        match replay_from {
+            Some(start) => {
+                resumed = true;
+                initial.extend(
+                    state
+                        .history
+                        .iter()
+                        .skip(start)
+                        .cloned()
+                        .map(Initial::Change),
+                );
+            }
+            None => {
+                if let Some(snapshot) = &snapshot {
+                    initial.push(Initial::Snapshot(snapshot.clone()));
+                }
+            }
+        }
+        if let Some(failure) = &state.failure {
+            initial.push(Initial::Failure(failure.clone()));
+        }
+        let seq = state.seq;
+        drop(state);
+        self.metrics.subscribers.get_or_create(&self.labels).inc();
+        Subscription {
+            initial,
+            live,
+            seq,
+            resumed,
+            guard: SubscriberGuard {
+                stream: self.clone(),
+            },
+        }
+    }
+}
+
+/// Index into `history` of the first change after `seq`, if every change after it is there.
+fn replay_start(state: &State, seq: u64) -> Option<usize> {
+    if seq > state.seq {
+        return None;
+    }
+    if seq == state.seq {
+        return Some(state.history.len());
+    }
+    let oldest = state.history.front()?.seq;
+    if seq + 1 < oldest {
+        return None;
+    }
+    usize::try_from(seq + 1 - oldest).ok()
+}
+
+/// Whether a patch can turn `a` into `b`: RFC 6902 cannot replace the root in a way every
+/// client applies, so a change of the root's type publishes a snapshot.
+fn same_kind(a: &Value, b: &Value) -> bool {
+    matches!(
+        (a, b),
+        (Value::Object(_), Value::Object(_)) | (Value::Array(_), Value::Array(_))
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn stream(history: usize) -> Arc<Stream> {
+        Arc::new(Stream::new(
+            "s",
+            StreamOptions {
+                history,
+                buffer: 16,
+                diff: DiffOptions::default(),
+            },
+            SnapshotStore::new(),
+            Arc::new(Metrics::new()),
+        ))
+    }
+
+    fn published(p: Publication) -> Arc<Change> {
+        match p {
+            Publication::Published(c) => c,
+            other => panic!("expected a change, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn first_document_is_a_snapshot_then_patches() {
+        let s = stream(10);
+        let long = "x".repeat(100);
+        let c1 = published(s.publish(json!({"a": 1, "b": long})));
+        assert_eq!((c1.seq, c1.kind), (1, ChangeKind::Snapshot));
+        let c2 = published(s.publish(json!({"a": 2, "b": long})));
+        assert_eq!((c2.seq, c2.kind), (2, ChangeKind::Patch));
+        assert_eq!(
+            &c2.payload[..],
+            br#"[{"op":"replace","path":"/a","value":2}]"#
+        );
+        assert!(matches!(
+            s.publish(json!({"a": 2, "b": long})),
+            Publication::Unchanged
+        ));
+        assert_eq!(s.seq(), 2);
+        // A patch larger than the document is sent as the document.
+        assert_eq!(
+            published(s.publish(json!({"a": 3}))).kind,
+            ChangeKind::Snapshot
+        );
+    }
+
+    #[test]
+    fn scalar_roots_and_root_type_changes_publish_snapshots() {
+        let s = stream(10);
+        published(s.publish(json!({"a": 1})));
+        assert_eq!(published(s.publish(json!([1]))).kind, ChangeKind::Snapshot);
+        assert_eq!(published(s.publish(json!(3))).kind, ChangeKind::Snapshot);
+        assert_eq!(published(s.publish(json!(4))).kind, ChangeKind::Snapshot);
+    }
+
+    #[test]
+    fn event_ids_round_trip_and_reject_garbage() {
+        let id = EventId {
+            stream: "a.b-c".into(),
+            epoch: 17,
+            seq: 4,
+        };
+        assert_eq!(id.to_string().parse::<EventId>(), Ok(id));
+        for bad in ["", "x", "s:1", "s:x:1", ":1:2", "s:1:-1", "s:1:2:3x"] {
+            assert!(bad.parse::<EventId>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn resume_replays_exactly_the_missed_changes() {
+        let s = stream(3);
+        for i in 0..5 {
+            published(s.publish(json!({"n": i})));
+        }
+        let id = |seq| Resume::After(s.event_id(seq).to_string());
+        let seqs = |sub: &Subscription| -> Vec<u64> {
+            sub.initial
+                .iter()
+                .map(|i| match i {
+                    Initial::Change(c) => c.seq,
+                    Initial::Snapshot(snap) => 1000 + snap.seq,
+                    Initial::Failure(_) => 9999,
+                })
+                .collect()
+        };
+        assert_eq!(seqs(&s.subscribe(&id(2))), vec![3, 4, 5]);
+        assert_eq!(seqs(&s.subscribe(&id(4))), vec![5]);
+        assert!(s.subscribe(&id(5)).initial.is_empty());
+        // Too old, from the future, another epoch, malformed: a fresh snapshot.
+        assert_eq!(seqs(&s.subscribe(&id(1))), vec![1005]);
+        assert_eq!(seqs(&s.subscribe(&id(6))), vec![1005]);
+        assert_eq!(
+            seqs(&s.subscribe(&Resume::After(format!("s:{}:3", s.epoch() + 1)))),
+            vec![1005]
+        );
+        assert_eq!(
+            seqs(&s.subscribe(&Resume::After("garbage".into()))),
+            vec![1005]
+        );
+        assert_eq!(seqs(&s.subscribe(&Resume::Fresh)), vec![1005]);
+    }
+
+    #[test]
+    fn failure_keeps_the_snapshot_and_is_told_to_new_subscribers() {
+        let s = stream(3);
+        published(s.publish(json!({"n": 1})));
+        s.fail(503, "upstream said 503".into(), Duration::from_secs(2));
+        assert_eq!(s.snapshot().map(|x| x.seq), Some(1));
+        let sub = s.subscribe(&Resume::Fresh);
+        assert!(
+            matches!(sub.initial.as_slice(), [Initial::Snapshot(_), Initial::Failure(f)] if f.status == 503)
+        );
+        published(s.publish(json!({"n": 2})));
+        assert!(s.failure().is_none());
+    }
+
+    #[test]
+    fn subscriber_gauge_follows_subscriptions() {
+        let s = stream(3);
+        let a = s.subscribe(&Resume::Fresh);
+        let b = s.subscribe(&Resume::Fresh);
+        assert_eq!(s.subscriber_count(), 2);
+        drop(a);
+        assert_eq!(s.subscriber_count(), 1);
+        drop(b);
+        assert_eq!(s.metrics().subscribers.get_or_create(s.labels()).get(), 0);
+    }
+}

@@ -1,0 +1,3 @@
+//! Sinks: the protocols that push a stream's changes to subscribers.
+
+pub mod sse;

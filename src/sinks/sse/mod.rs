@@ -1,0 +1,260 @@
+//! The SSE endpoint: `GET /streams/{name}`, snapshot then patches, resumable with `Last-Event-ID`.
+//!
+//! Each response body is a small state machine over the stream's broadcast receiver. It never
+//! serializes anything per subscriber: events arrive framed (and deflated, for gzip clients)
+//! inside the shared `Change`. A subscriber that falls more than the buffer behind gets the
+//! current snapshot (a resync) and continues from there.
+
+pub mod frame;
+
+pub use frame::EncodedEvent;
+
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::sync::{Arc, LazyLock};
+use std::time::Duration;
+
+use axum::body::Body;
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Response, StatusCode, header};
+use prometheus_client::metrics::counter::Counter;
+use tokio::sync::broadcast::error::RecvError;
+use tokio_util::sync::CancellationToken;
+
+use crate::hub::{Initial, Resume, Stream, StreamEvent, Subscription};
+use crate::snapshot::Snapshot;
+
+static KEEP_ALIVE: LazyLock<EncodedEvent> =
+    LazyLock::new(|| EncodedEvent::new(frame::comment("keep-alive")));
+
+/// How SSE responses are written.
+#[derive(Debug, Clone, Copy)]
+pub struct SseOptions {
+    /// The `retry:` hint sent first.
+    pub retry: Duration,
+    /// Compress with gzip (the client sent `Accept-Encoding: gzip`).
+    pub gzip: bool,
+}
+
+/// The SSE `snapshot` event of `snapshot` on `stream`, framed once and shared.
+pub fn snapshot_event<'a>(stream: &Stream, snapshot: &'a Snapshot) -> &'a EncodedEvent {
+    snapshot.sse.get_or_init(|| {
+        let id = stream.event_id(snapshot.seq).to_string();
+        EncodedEvent::new(frame::event(Some(&id), "snapshot", &snapshot.json))
+    })
+}
+
+/// The `Last-Event-ID` to resume from: the header, else the `lastEventId` query parameter
+/// (for clients such as browsers' first connection that cannot set headers).
+pub fn resume_point(headers: &HeaderMap, query_last_event_id: Option<&str>) -> Resume {
+    let header = headers
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|s| !s.is_empty());
+    match header.or(query_last_event_id.map(str::trim).filter(|s| !s.is_empty())) {
+        Some(id) => Resume::After(id.to_owned()),
+        None => Resume::Fresh,
+    }
+}
+
+/// Whether the client accepts gzip (`Accept-Encoding` lists it with a non-zero q-value).
+pub fn accepts_gzip(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::ACCEPT_ENCODING)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|item| {
+            let mut parts = item.split(';').map(str::trim);
+            let coding = parts.next().unwrap_or("");
+            let q_zero = parts.any(|p| {
+                p.strip_prefix("q=")
+                    .and_then(|q| q.trim().parse::<f32>().ok())
+                    .is_some_and(|q| q <= 0.0)
+            });
+            (coding.eq_ignore_ascii_case("gzip") || coding.eq_ignore_ascii_case("x-gzip"))
+                && !q_zero
+        })
+}
+
+/// The complete SSE response for a subscription.
+pub fn response(
+    subscription: Subscription,
+    options: SseOptions,
+    shutdown: CancellationToken,
+) -> Response<Body> {
+    let mut builder = Response::builder()
+        .status(StatusCode::OK)
+        .header(header::CONTENT_TYPE, "text/event-stream")
+        .header(header::CACHE_CONTROL, "no-cache")
+        .header(header::VARY, "accept-encoding")
+        // Tell nginx-style reverse proxies not to buffer the stream.
+        .header("x-accel-buffering", HeaderValue::from_static("no"));
+    if options.gzip {
+        builder = builder.header(header::CONTENT_ENCODING, "gzip");
+    }
+    let body = Body::from_stream(events(subscription, options, shutdown));
+    builder
+        .body(body)
+        .unwrap_or_else(|_| Response::new(Body::empty()))
+}
+
+struct Writer {
+    subscription: Subscription,
+    stream: Arc<Stream>,
+    pending: VecDeque<Bytes>,
+    seq: u64,
+    gzip: Option<frame::GzipTrailer>,
+    shutdown: CancellationToken,
+    sent: Counter,
+    resyncs: Counter,
+    done: bool,
+}
+
+impl Writer {
+    fn push(&mut self, event: &EncodedEvent) {
+        match &mut self.gzip {
+            Some(trailer) => {
+                let deflated = event.deflated();
+                trailer.add(deflated);
+                self.pending.push_back(deflated.bytes.clone());
+            }
+            None => self.pending.push_back(event.plain().clone()),
+        }
+    }
+
+    fn push_counted(&mut self, event: &EncodedEvent) {
+        self.push(event);
+        self.sent.inc();
+    }
+
+    fn push_snapshot(&mut self, snapshot: &Snapshot) {
+        let stream = self.stream.clone();
+        self.push_counted(snapshot_event(&stream, snapshot));
+        self.seq = snapshot.seq;
+    }
+
+    /// Waits for the next live event and queues what it means for this subscriber.
+    async fn next_live(&mut self) {
+        let closed = self.stream.closed().clone();
+        let event = tokio::select! {
+            biased;
+            _ = self.shutdown.cancelled() => None,
+            _ = closed.cancelled() => None,
+            event = self.subscription.live.recv() => Some(event),
+        };
+        match event {
+            None | Some(Err(RecvError::Closed)) => self.finish(),
+            Some(Ok(StreamEvent::Change(change))) => {
+                // Changes at or before what this subscriber already has (it was resynced,
+                // or resumed) are skipped; there are no gaps otherwise.
+                if change.seq > self.seq {
+                    self.seq = change.seq;
+                    self.push_counted(&change.sse);
+                }
+            }
+            Some(Ok(StreamEvent::Failure(failure))) => self.push_counted(&failure.sse),
+            Some(Ok(StreamEvent::KeepAlive)) => self.push(&KEEP_ALIVE),
+            Some(Err(RecvError::Lagged(_))) => {
+                self.resyncs.inc();
+                if let Some(snapshot) = self.stream.snapshot() {
+                    self.push_snapshot(&snapshot);
+                }
+            }
+        }
+    }
+
+    fn finish(&mut self) {
+        self.done = true;
+        if let Some(trailer) = self.gzip.take() {
+            self.pending.push_back(trailer.finish());
+        }
+    }
+}
+
+/// The body: `retry:`, the initial events, then live events until shutdown.
+fn events(
+    subscription: Subscription,
+    options: SseOptions,
+    shutdown: CancellationToken,
+) -> impl futures_util::Stream<Item = Result<Bytes, Infallible>> + Send + 'static {
+    let stream = subscription.stream().clone();
+    let metrics = stream.metrics().clone();
+    let labels = stream.labels().clone();
+    let mut writer = Writer {
+        seq: subscription.seq,
+        stream,
+        pending: VecDeque::new(),
+        gzip: options.gzip.then(frame::GzipTrailer::default),
+        shutdown,
+        sent: metrics.events_sent.get_or_create(&labels).clone(),
+        resyncs: metrics.resyncs.get_or_create(&labels).clone(),
+        done: false,
+        subscription,
+    };
+    if options.gzip {
+        writer
+            .pending
+            .push_back(Bytes::from_static(&frame::GZIP_HEADER));
+    }
+    let retry = EncodedEvent::new(frame::retry(options.retry.as_millis() as u64));
+    writer.push(&retry);
+    let initial = std::mem::take(&mut writer.subscription.initial);
+    for item in initial {
+        match item {
+            Initial::Snapshot(snapshot) => writer.push_snapshot(&snapshot),
+            Initial::Change(change) => writer.push_counted(&change.sse),
+            Initial::Failure(failure) => writer.push_counted(&failure.sse),
+        }
+    }
+    futures_util::stream::unfold(writer, |mut writer| async move {
+        loop {
+            if let Some(bytes) = writer.pending.pop_front() {
+                return Some((Ok(bytes), writer));
+            }
+            if writer.done {
+                return None;
+            }
+            writer.next_live().await;
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resume_point_prefers_the_header() {
+        let mut h = HeaderMap::new();
+        assert_eq!(resume_point(&h, None), Resume::Fresh);
+        assert_eq!(
+            resume_point(&h, Some("s:1:2")),
+            Resume::After("s:1:2".into())
+        );
+        h.insert("last-event-id", HeaderValue::from_static("s:1:3"));
+        assert_eq!(
+            resume_point(&h, Some("s:1:2")),
+            Resume::After("s:1:3".into())
+        );
+        h.insert("last-event-id", HeaderValue::from_static("  "));
+        assert_eq!(resume_point(&h, None), Resume::Fresh);
+    }
+
+    #[test]
+    fn gzip_negotiation() {
+        let with = |v: &'static str| {
+            let mut h = HeaderMap::new();
+            h.insert(header::ACCEPT_ENCODING, HeaderValue::from_static(v));
+            accepts_gzip(&h)
+        };
+        assert!(with("gzip"));
+        assert!(with("br, gzip;q=0.5"));
+        assert!(with("GZIP"));
+        assert!(!with("gzip;q=0"));
+        assert!(!with("br, deflate"));
+        assert!(!with("identity"));
+        assert!(!accepts_gzip(&HeaderMap::new()));
+    }
+}
