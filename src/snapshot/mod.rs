@@ -85,6 +85,12 @@ impl SnapshotStore {
     }
 }
 
+impl Default for SnapshotStore {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -106,11 +112,5 @@ mod tests {
         assert_eq!(store.get("s").map(|s| s.seq), Some(2));
         store.remove("s");
         assert!(store.get("s").is_none());
-    }
-}
-
-impl Default for SnapshotStore {
-    fn default() -> Self {
-        Self::new()
     }
 }
