@@ -1,192 +1,22 @@
 //! The simulated feed: a deterministic fleet of vehicles served over HTTP like a real polled API.
+//!
+//! - `config`: the `[simulator]` table ([`SimulatorConfig`]) and its validated settings
+//!   ([`SimulatorSettings`], one [`FeedSettings`] per feed).
+//! - `fleet`: [`Fleet`], vehicles moving along routes, joining and leaving; the document at a
+//!   tick is a pure function of the feed's settings and the tick.
+//! - `geo`, `rng`: platform-independent route geometry and the SplitMix64 generator, so the
+//!   same seed gives the same bytes everywhere and across dependency upgrades.
+//! - `clock`: [`SimClock`], real time or a [`ManualClock`] tests turn by hand.
+//! - `server`: [`router`] and [`serve`], `GET /feeds` and `GET /feeds/{name}` with ETags.
 
-use std::net::SocketAddr;
-use std::time::Duration;
+mod clock;
+mod config;
+mod fleet;
+mod geo;
+mod rng;
+mod server;
 
-/// The simulator's validated settings.
-#[derive(Debug, Clone, PartialEq)]
-pub struct SimulatorSettings {
-    /// Address the simulated feeds are served on.
-    pub listen: SocketAddr,
-    /// The feeds, each at `/feeds/{name}`.
-    pub feeds: Vec<FeedSettings>,
-}
-
-/// One simulated fleet.
-#[derive(Debug, Clone, PartialEq)]
-pub struct FeedSettings {
-    /// Served at `/feeds/{name}`.
-    pub name: String,
-    /// Same seed, same sequence of documents.
-    pub seed: u64,
-    /// Vehicles in service on average.
-    pub vehicles: usize,
-    /// Number of routes the vehicles run on.
-    pub routes: usize,
-    /// Time between two states of the fleet.
-    pub tick: Duration,
-    /// Fraction of vehicles that move at each tick, 0.0..=1.0.
-    pub move_fraction: f64,
-    /// Fraction of vehicles that leave (and as many that join) at each tick, 0.0..=1.0.
-    pub churn: f64,
-}
-
-/// The `[simulator]` table as written in the configuration file.
-#[derive(Debug, Clone, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SimulatorConfig {
-    /// Serve the simulated feeds (default true when the table is present).
-    #[serde(default = "default_true")]
-    pub enabled: bool,
-    /// Address to serve on, e.g. `127.0.0.1:8081`.
-    pub listen: String,
-    /// The feeds (`[[simulator.feeds]]`).
-    #[serde(default)]
-    pub feeds: Vec<FeedConfig>,
-}
-
-/// One `[[simulator.feeds]]` entry as written in the configuration file.
-#[derive(Debug, Clone, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct FeedConfig {
-    /// Served at `/feeds/{name}`.
-    pub name: String,
-    /// Seed (default 1).
-    #[serde(default = "default_seed")]
-    pub seed: u64,
-    /// Vehicles in service on average (default 100).
-    #[serde(default = "default_vehicles")]
-    pub vehicles: usize,
-    /// Routes (default 8).
-    #[serde(default = "default_routes")]
-    pub routes: usize,
-    /// Time between states, e.g. `"1s"` (default 1s).
-    #[serde(default = "default_tick", with = "humantime_serde")]
-    pub tick: Duration,
-    /// Fraction of vehicles moving per tick (default 0.3).
-    #[serde(default = "default_move_fraction")]
-    pub move_fraction: f64,
-    /// Fraction of vehicles leaving and joining per tick (default 0.02).
-    #[serde(default = "default_churn")]
-    pub churn: f64,
-}
-
-fn default_true() -> bool {
-    true
-}
-fn default_seed() -> u64 {
-    1
-}
-fn default_vehicles() -> usize {
-    100
-}
-fn default_routes() -> usize {
-    8
-}
-fn default_tick() -> Duration {
-    Duration::from_secs(1)
-}
-fn default_move_fraction() -> f64 {
-    0.3
-}
-fn default_churn() -> f64 {
-    0.02
-}
-
-impl SimulatorConfig {
-    /// Validates this table, whose dotted key is `key` (normally `simulator`), recording
-    /// problems. `None` when disabled or when there were problems.
-    pub fn validate(
-        &self,
-        key: &str,
-        problems: &mut crate::config::Problems,
-    ) -> Option<SimulatorSettings> {
-        let before = problems.len();
-        let listen = match self.listen.parse::<SocketAddr>() {
-            Ok(addr) => Some(addr),
-            Err(_) => {
-                problems.push(
-                    format!("{key}.listen"),
-                    format!(
-                        "expected an IP address and port such as \"127.0.0.1:8081\", got {:?}",
-                        self.listen
-                    ),
-                );
-                None
-            }
-        };
-        let mut names = std::collections::HashSet::new();
-        let mut feeds = Vec::with_capacity(self.feeds.len());
-        for (i, feed) in self.feeds.iter().enumerate() {
-            let fkey = format!("{key}.feeds[{i}]");
-            if feed.name.is_empty()
-                || !feed
-                    .name
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
-            {
-                problems.push(
-                    format!("{fkey}.name"),
-                    format!(
-                        "expected letters, digits, '-', '_' or '.', got {:?}",
-                        feed.name
-                    ),
-                );
-            } else if !names.insert(feed.name.as_str()) {
-                problems.push(
-                    format!("{fkey}.name"),
-                    format!("feed name {:?} is used twice", feed.name),
-                );
-            }
-            if !(1..=1_000_000).contains(&feed.vehicles) {
-                problems.push(
-                    format!("{fkey}.vehicles"),
-                    format!("expected 1 to 1000000, got {}", feed.vehicles),
-                );
-            }
-            if !(1..=10_000).contains(&feed.routes) {
-                problems.push(
-                    format!("{fkey}.routes"),
-                    format!("expected 1 to 10000, got {}", feed.routes),
-                );
-            }
-            if feed.tick < Duration::from_millis(10) || feed.tick > Duration::from_secs(3600) {
-                problems.push(
-                    format!("{fkey}.tick"),
-                    format!(
-                        "expected a duration between 10ms and 1h, got {:?}",
-                        feed.tick
-                    ),
-                );
-            }
-            for (name, value) in [("move_fraction", feed.move_fraction), ("churn", feed.churn)] {
-                if !(0.0..=1.0).contains(&value) {
-                    problems.push(
-                        format!("{fkey}.{name}"),
-                        format!("expected a number from 0 to 1, got {value}"),
-                    );
-                }
-            }
-            feeds.push(FeedSettings {
-                name: feed.name.clone(),
-                seed: feed.seed,
-                vehicles: feed.vehicles,
-                routes: feed.routes,
-                tick: feed.tick,
-                move_fraction: feed.move_fraction,
-                churn: feed.churn,
-            });
-        }
-        if self.enabled && self.feeds.is_empty() {
-            problems.push(
-                format!("{key}.feeds"),
-                "expected at least one [[simulator.feeds]] entry",
-            );
-        }
-        let listen = listen?;
-        if !self.enabled || problems.len() > before {
-            return None;
-        }
-        Some(SimulatorSettings { listen, feeds })
-    }
-}
+pub use clock::{ManualClock, SimClock};
+pub use config::{FeedConfig, FeedSettings, MAX_EPOCH_SECONDS, SimulatorConfig, SimulatorSettings};
+pub use fleet::Fleet;
+pub use server::{router, serve};

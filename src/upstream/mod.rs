@@ -1,3 +1,17 @@
 //! Upstreams: polling one API on a schedule, fetching with conditional requests, decoding.
+//!
+//! - [`poller`]: one task per stream; the schedule, failures and recovery.
+//! - [`fetch`]: one conditional GET within a timeout and a body cap.
+//! - [`ratelimit`]: one shared quota per rate-limit group.
+//! - [`backoff`]: the retry schedule after failures (pure).
+//! - [`decode`]: bodies into JSON documents.
 
+pub mod backoff;
 pub mod decode;
+pub mod fetch;
+pub mod poller;
+pub mod ratelimit;
+
+pub use fetch::{FetchError, FetchRequest, Fetched, Fetcher, Validators};
+pub use poller::{LastOutcome, PollReport, PollStatus, PollStep, Poller, Publish, PublishResult};
+pub use ratelimit::{GroupLimiter, RateLimits};

@@ -1,0 +1,411 @@
+//! One poller per stream: wait for the group's quota, fetch, decode, publish, repeat.
+//!
+//! Polls never overlap (one loop per stream) and follow a fixed-rate schedule: the next poll
+//! is due one `interval` after the previous one started, missed ticks are skipped rather than
+//! caught up in a burst. A failure keeps the stream (the hub keeps the last good snapshot),
+//! is reported to the hub, and is retried with backoff; the first success after failures
+//! reports the recovery and then the document.
+
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use governor::clock::{Clock, DefaultClock};
+use serde_json::Value;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::backoff;
+use super::decode;
+use super::fetch::{FetchError, FetchRequest, Fetched, Fetcher, Redacted, Validators};
+use super::ratelimit::GroupLimiter;
+use crate::config::{BackoffSettings, StreamSettings};
+use crate::metrics::{Metrics, PollLabels, PollOutcome, StreamLabels};
+
+/// What the hub made of a document.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PublishResult {
+    /// The document differs from the last one; a change was published.
+    Changed,
+    /// The document equals the last one (or differs only in ignored parts).
+    Unchanged,
+}
+
+/// Where a poller delivers what it learns; the hub implements this.
+pub trait Publish: Send + Sync + 'static {
+    /// A newly decoded document (never called for a 304 or a byte-identical body).
+    fn document(&self, doc: Value) -> PublishResult;
+    /// A failed poll; the next attempt is in `retry_in`. The last good snapshot stays.
+    fn failure(&self, error: &FetchError, retry_in: Duration);
+    /// The first successful poll after failures, called before its `document`, if any.
+    fn recovered(&self);
+}
+
+/// What one poll produced.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LastOutcome {
+    /// A new document that changed the stream.
+    Changed,
+    /// A body equal to the last one (byte-identical, or the hub found no change).
+    Unchanged,
+    /// 304 Not Modified.
+    NotModified,
+    /// The poll failed.
+    Failed {
+        /// The status reported to subscribers (see [`FetchError::status`]).
+        status: u16,
+        /// The error message (names the URL, never header values).
+        message: Arc<str>,
+    },
+}
+
+impl LastOutcome {
+    /// The metric label for this outcome.
+    pub fn metric(&self) -> PollOutcome {
+        match self {
+            LastOutcome::Changed => PollOutcome::Changed,
+            LastOutcome::Unchanged => PollOutcome::Unchanged,
+            LastOutcome::NotModified => PollOutcome::NotModified,
+            LastOutcome::Failed { .. } => PollOutcome::Error,
+        }
+    }
+}
+
+/// The result of [`Poller::poll_once`].
+#[derive(Debug, Clone)]
+pub struct PollStep {
+    /// What happened.
+    pub outcome: LastOutcome,
+    /// True when this poll succeeded after one or more failures (`recovered` was called).
+    pub recovered: bool,
+    /// When the next poll is due.
+    pub next_due: Instant,
+}
+
+/// A poller's state as shown by the `/streams` listing.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PollReport {
+    /// When the last poll started.
+    pub last_poll_started: Option<SystemTime>,
+    /// What the last completed poll produced.
+    pub last_outcome: Option<LastOutcome>,
+    /// Failed polls since the last success.
+    pub consecutive_failures: u32,
+    /// Requests sent upstream since the poller started.
+    pub upstream_requests: u64,
+    /// When the next poll is due.
+    pub next_poll_due: Option<SystemTime>,
+}
+
+/// A poller's live state, shared with readers; cheap to read.
+#[derive(Debug, Default)]
+pub struct PollStatus {
+    report: Mutex<PollReport>,
+}
+
+impl PollStatus {
+    /// A copy of the current state.
+    pub fn read(&self) -> PollReport {
+        self.lock().clone()
+    }
+
+    fn update(&self, f: impl FnOnce(&mut PollReport)) {
+        f(&mut self.lock());
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, PollReport> {
+        // Updates are single assignments; a panic cannot leave the report half-written.
+        self.report.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// The offset from a poll's start to the next tick of a fixed-rate schedule: the first
+/// multiple of `interval` strictly after `elapsed` (missed ticks are skipped, never bursted).
+pub fn next_tick_offset(elapsed: Duration, interval: Duration) -> Duration {
+    // A zero interval would spin; validation forbids it, but never loop hot regardless.
+    let interval = interval.max(Duration::from_millis(1));
+    let ticks = elapsed.as_nanos() / interval.as_nanos() + 1;
+    let nanos = ticks.saturating_mul(interval.as_nanos());
+    let secs = u64::try_from(nanos / 1_000_000_000).unwrap_or(u64::MAX);
+    // The remainder is below 1e9 and fits in u32.
+    let subsec = u32::try_from(nanos % 1_000_000_000).unwrap_or(0);
+    Duration::new(secs, subsec)
+}
+
+/// Polls one stream's upstream and publishes what it finds.
+pub struct Poller<C: Clock = DefaultClock> {
+    settings: Arc<StreamSettings>,
+    fetcher: Arc<Fetcher>,
+    limiter: Arc<GroupLimiter<C>>,
+    metrics: Arc<Metrics>,
+    publish: Arc<dyn Publish>,
+    backoff: BackoffSettings,
+    url: Redacted,
+    labels: StreamLabels,
+    validators: Validators,
+    last_body: Option<Bytes>,
+    consecutive_failures: u32,
+    next_due: Option<Instant>,
+    status: Arc<PollStatus>,
+}
+
+impl<C> Poller<C>
+where
+    C: Clock + Send + Sync + 'static,
+{
+    /// A poller for `settings`, sharing `limiter` with the other streams of its group.
+    pub fn new(
+        settings: Arc<StreamSettings>,
+        fetcher: Arc<Fetcher>,
+        limiter: Arc<GroupLimiter<C>>,
+        metrics: Arc<Metrics>,
+        publish: Arc<dyn Publish>,
+        backoff: BackoffSettings,
+    ) -> Self {
+        Poller {
+            url: Redacted::new(&settings.url),
+            labels: StreamLabels {
+                stream: settings.name.clone(),
+            },
+            settings,
+            fetcher,
+            limiter,
+            metrics,
+            publish,
+            backoff,
+            validators: Validators::default(),
+            last_body: None,
+            consecutive_failures: 0,
+            next_due: None,
+            status: Arc::new(PollStatus::default()),
+        }
+    }
+
+    /// The live state, for the `/streams` listing.
+    pub fn status(&self) -> Arc<PollStatus> {
+        Arc::clone(&self.status)
+    }
+
+    /// Polls now, then on schedule, until `shutdown` is cancelled; returns promptly then,
+    /// abandoning a wait for the quota, a request in flight, or a sleep.
+    pub async fn run(mut self, shutdown: CancellationToken) {
+        tracing::info!(stream = %self.settings.name, url = %self.url, interval = ?self.settings.interval, "polling");
+        loop {
+            let step = tokio::select! {
+                biased;
+                () = shutdown.cancelled() => break,
+                step = self.poll_once() => step,
+            };
+            tokio::select! {
+                biased;
+                () = shutdown.cancelled() => break,
+                () = tokio::time::sleep_until(step.next_due) => {}
+            }
+        }
+        tracing::debug!(stream = %self.settings.name, "poller stopped");
+    }
+
+    /// One poll: wait for the group's quota, fetch, decode, publish. Returns what happened
+    /// and when the next poll is due. Dropping the future mid-way leaves the poller
+    /// consistent (state only changes after the fetch completes).
+    pub async fn poll_once(&mut self) -> PollStep {
+        let started = Instant::now();
+        let interval = self.settings.interval;
+        // Anchor the schedule on the tick this poll was due at, so it does not drift by the
+        // few milliseconds between waking and starting; a late start re-anchors.
+        let anchor = match self.next_due {
+            Some(due) if due <= started && started.duration_since(due) < interval => due,
+            _ => started,
+        };
+        self.status
+            .update(|r| r.last_poll_started = Some(SystemTime::now()));
+
+        self.wait_for_quota().await;
+
+        let request = FetchRequest {
+            url: &self.settings.url,
+            headers: &self.settings.headers,
+            timeout: self.settings.timeout,
+            max_body_bytes: self.settings.max_body_bytes,
+        };
+        let fetch_started = Instant::now();
+        let fetched = self.fetcher.fetch(&request, &self.validators).await;
+        self.metrics
+            .upstream_latency
+            .get_or_create(&self.labels)
+            .observe(fetch_started.elapsed().as_secs_f64());
+
+        let (outcome, recovered, next_due) = match self.absorb(fetched) {
+            Ok((outcome, recovered)) => {
+                let now = Instant::now();
+                let next =
+                    anchor + next_tick_offset(now.saturating_duration_since(anchor), interval);
+                tracing::debug!(stream = %self.settings.name, outcome = ?outcome, "polled");
+                (outcome, recovered, next)
+            }
+            Err(error) => {
+                self.consecutive_failures = self.consecutive_failures.saturating_add(1);
+                let retry_in = backoff::delay(
+                    &self.backoff,
+                    self.consecutive_failures,
+                    error.retry_after(),
+                    &mut rand::rng(),
+                );
+                tracing::warn!(
+                    stream = %self.settings.name,
+                    url = %self.url,
+                    status = error.status(),
+                    consecutive_failures = self.consecutive_failures,
+                    retry_in = ?retry_in,
+                    "poll failed: {error}"
+                );
+                self.publish.failure(&error, retry_in);
+                let outcome = LastOutcome::Failed {
+                    status: error.status(),
+                    message: error.to_string().into(),
+                };
+                (outcome, false, Instant::now() + retry_in)
+            }
+        };
+        self.next_due = Some(next_due);
+
+        self.metrics
+            .polls
+            .get_or_create(&PollLabels {
+                stream: self.settings.name.clone(),
+                outcome: outcome.metric(),
+            })
+            .inc();
+        let next_poll_due = SystemTime::now() + next_due.saturating_duration_since(Instant::now());
+        let failures = self.consecutive_failures;
+        self.status.update(|r| {
+            r.last_outcome = Some(outcome.clone());
+            r.consecutive_failures = failures;
+            r.upstream_requests = r.upstream_requests.saturating_add(1);
+            r.next_poll_due = Some(next_poll_due);
+        });
+        PollStep {
+            outcome,
+            recovered,
+            next_due,
+        }
+    }
+
+    /// Turns a fetch result into an outcome, publishing as needed. Returns the outcome and
+    /// whether this success ended a run of failures.
+    fn absorb(
+        &mut self,
+        fetched: Result<Fetched, FetchError>,
+    ) -> Result<(LastOutcome, bool), FetchError> {
+        match fetched? {
+            Fetched::NotModified => Ok((LastOutcome::NotModified, self.succeeded())),
+            Fetched::Body { body, validators } => {
+                if self.last_body.as_ref() == Some(&body) {
+                    // Same bytes, same document: no parse, no diff.
+                    self.validators = validators;
+                    return Ok((LastOutcome::Unchanged, self.succeeded()));
+                }
+                let doc = decode::decode(self.settings.format, &body)
+                    .map_err(|e| FetchError::decode(&self.settings.url, e))?;
+                self.validators = validators;
+                self.last_body = Some(body);
+                let recovered = self.succeeded();
+                let outcome = match self.publish.document(doc) {
+                    PublishResult::Changed => LastOutcome::Changed,
+                    PublishResult::Unchanged => LastOutcome::Unchanged,
+                };
+                Ok((outcome, recovered))
+            }
+        }
+    }
+
+    /// Records a success; reports the recovery if failures preceded it.
+    fn succeeded(&mut self) -> bool {
+        if self.consecutive_failures == 0 {
+            return false;
+        }
+        tracing::info!(
+            stream = %self.settings.name,
+            after_failures = self.consecutive_failures,
+            "upstream recovered"
+        );
+        self.consecutive_failures = 0;
+        self.publish.recovered();
+        true
+    }
+
+    async fn wait_for_quota(&self) {
+        loop {
+            match self.limiter.check() {
+                Ok(()) => return,
+                Err(not_until) => {
+                    let wait = not_until.wait_time_from(self.limiter.clock().now());
+                    tracing::debug!(
+                        stream = %self.settings.name,
+                        group = %self.settings.rate_limit_group,
+                        wait = ?wait,
+                        "waiting for the rate limit"
+                    );
+                    tokio::time::sleep(wait).await;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    #[test]
+    fn next_tick_is_one_interval_after_a_quick_poll() {
+        assert_eq!(next_tick_offset(ms(0), ms(100)), ms(100));
+        assert_eq!(next_tick_offset(ms(30), ms(100)), ms(100));
+        assert_eq!(next_tick_offset(ms(99), ms(100)), ms(100));
+    }
+
+    #[test]
+    fn missed_ticks_are_skipped_not_bursted() {
+        assert_eq!(next_tick_offset(ms(100), ms(100)), ms(200));
+        assert_eq!(next_tick_offset(ms(250), ms(100)), ms(300));
+        assert_eq!(next_tick_offset(ms(1001), ms(100)), ms(1100));
+    }
+
+    #[test]
+    fn extreme_values_do_not_panic() {
+        assert!(next_tick_offset(Duration::MAX, Duration::from_nanos(1)) >= ms(1));
+        assert_eq!(next_tick_offset(ms(5), Duration::ZERO), ms(6));
+        let _ = next_tick_offset(Duration::MAX, Duration::MAX);
+    }
+
+    proptest! {
+        #[test]
+        fn next_tick_is_the_first_tick_after_now(
+            elapsed in 0u64..10_000_000,
+            interval in 1u64..1_000_000,
+        ) {
+            let (elapsed, interval) = (Duration::from_micros(elapsed), Duration::from_micros(interval));
+            let next = next_tick_offset(elapsed, interval);
+            prop_assert!(next > elapsed);
+            prop_assert!(next - elapsed <= interval);
+            prop_assert_eq!(next.as_nanos() % interval.as_nanos(), 0);
+        }
+    }
+
+    #[test]
+    fn outcomes_map_to_metric_labels() {
+        let failed = LastOutcome::Failed {
+            status: 502,
+            message: "x".into(),
+        };
+        assert_eq!(failed.metric(), PollOutcome::Error);
+        assert_eq!(LastOutcome::NotModified.metric(), PollOutcome::NotModified);
+        assert_eq!(LastOutcome::Changed.metric(), PollOutcome::Changed);
+        assert_eq!(LastOutcome::Unchanged.metric(), PollOutcome::Unchanged);
+    }
+}
