@@ -7,6 +7,8 @@
 //! - [`metrics`]: Prometheus metrics owned by the application.
 //! - [`sim`]: the simulated fleet feed used by the default configuration, tests and benchmarks.
 
+pub mod api;
+pub mod app;
 pub mod config;
 pub mod diff;
 pub mod hub;

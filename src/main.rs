@@ -1,1 +1,169 @@
-fn main() {}
+//! The `patchwire` command: run the proxy, check a configuration, or serve the simulated feeds.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+use tracing_subscriber::EnvFilter;
+
+use patchwire::config::{self, Config, LogFormat};
+
+/// A polling-to-push streaming proxy: polls each upstream API once and pushes its changes as
+/// RFC 6902 JSON Patches to every subscriber over Server-Sent Events.
+#[derive(Debug, Parser)]
+#[command(name = "patchwire", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the proxy (the default command).
+    Run {
+        /// Configuration file (TOML or YAML).
+        #[arg(long, short, env = "PATCHWIRE_CONFIG", default_value = "config/default.toml")]
+        config: PathBuf,
+    },
+    /// Validate a configuration and print the streams it would run; exits non-zero if invalid.
+    Check {
+        /// Configuration file (TOML or YAML).
+        #[arg(long, short, env = "PATCHWIRE_CONFIG", default_value = "config/default.toml")]
+        config: PathBuf,
+    },
+    /// Serve only the simulated feeds of a configuration's `[simulator]` table.
+    Simulate {
+        /// Configuration file (TOML or YAML) with a `[simulator]` table.
+        #[arg(long, short, env = "PATCHWIRE_CONFIG", default_value = "config/default.toml")]
+        config: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let command = cli.command.unwrap_or(Command::Run {
+        config: PathBuf::from("config/default.toml"),
+    });
+    match command {
+        Command::Check { config } => check(&config),
+        Command::Run { config } => match load(&config) {
+            Some(config) => serve(config, Mode::Proxy),
+            None => ExitCode::from(2),
+        },
+        Command::Simulate { config } => match load(&config) {
+            Some(config) => serve(config, Mode::SimulatorOnly),
+            None => ExitCode::from(2),
+        },
+    }
+}
+
+fn load(path: &Path) -> Option<Config> {
+    match config::load(path) {
+        Ok(config) => Some(config),
+        Err(error) => {
+            eprintln!("error: invalid configuration\n{error}");
+            None
+        }
+    }
+}
+
+fn check(path: &Path) -> ExitCode {
+    match load(path) {
+        Some(config) => {
+            println!("{}: ok", path.display());
+            print!("{}", config::describe(&config));
+            ExitCode::SUCCESS
+        }
+        None => ExitCode::from(2),
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Proxy,
+    SimulatorOnly,
+}
+
+fn init_logging(config: &Config) {
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(&config.log.filter))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match config.log.format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Plain => builder.init(),
+    }
+}
+
+fn serve(config: Config, mode: Mode) -> ExitCode {
+    init_logging(&config);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("error: cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async move {
+        let shutdown = CancellationToken::new();
+        tokio::spawn(stop_on_signal(shutdown.clone()));
+        let result = match mode {
+            Mode::Proxy => match patchwire::app::Listeners::bind(&config).await {
+                Ok(listeners) => patchwire::app::run(config, listeners, shutdown).await,
+                Err(error) => Err(error),
+            },
+            Mode::SimulatorOnly => simulate(config, shutdown).await,
+        };
+        match result {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(error) => {
+                eprintln!("error: {error:#}");
+                ExitCode::FAILURE
+            }
+        }
+    })
+}
+
+async fn simulate(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let Some(settings) = config.simulator else {
+        anyhow::bail!(
+            "{}: no enabled [simulator] table to serve",
+            config.source.as_deref().unwrap_or(Path::new("<config>")).display()
+        );
+    };
+    let listener = tokio::net::TcpListener::bind(settings.listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {} (`simulator.listen`): {e}", settings.listen))?;
+    patchwire::sim::serve(listener, settings, shutdown).await?;
+    Ok(())
+}
+
+/// Cancels `shutdown` on Ctrl-C or SIGTERM.
+async fn stop_on_signal(shutdown: CancellationToken) {
+    let ctrl_c = async {
+        if let Err(error) = tokio::signal::ctrl_c().await {
+            tracing::error!(%error, "cannot listen for Ctrl-C");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(error) => {
+                tracing::error!(%error, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => tracing::info!("Ctrl-C: shutting down"),
+        () = terminate => tracing::info!("SIGTERM: shutting down"),
+    }
+    shutdown.cancel();
+}

@@ -72,6 +72,8 @@ pub struct Metrics {
     pub events_sent: Family<StreamLabels, Counter>,
     /// Subscribers that fell behind and were resynced with a snapshot or disconnected, by stream.
     pub resyncs: Family<StreamLabels, Counter>,
+    /// Connections closed because their socket refused writes past the stall timeout.
+    pub stalled_connections: Counter,
     registry: Registry,
 }
 
@@ -94,6 +96,7 @@ impl Metrics {
         let subscribers = Family::<StreamLabels, Gauge>::default();
         let events_sent = Family::<StreamLabels, Counter>::default();
         let resyncs = Family::<StreamLabels, Counter>::default();
+        let stalled_connections = Counter::default();
 
         let mut registry = Registry::with_prefix("patchwire");
         registry.register("polls", "Upstream polls by outcome", polls.clone());
@@ -130,6 +133,11 @@ impl Metrics {
             "Subscribers that fell behind and were resynced or disconnected",
             resyncs.clone(),
         );
+        registry.register(
+            "stalled_connections",
+            "Connections closed because the client stopped reading",
+            stalled_connections.clone(),
+        );
         Metrics {
             polls,
             upstream_latency,
@@ -139,6 +147,7 @@ impl Metrics {
             subscribers,
             events_sent,
             resyncs,
+            stalled_connections,
             registry,
         }
     }

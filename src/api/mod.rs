@@ -1,0 +1,241 @@
+//! The HTTP surface: stream endpoints, the stream listing, health and metrics.
+
+pub mod server;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Path, Query, State};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+use tower_http::cors::{AllowOrigin, CorsLayer};
+
+use crate::config::Cors;
+use crate::hub::{Hub, Stream};
+use crate::metrics::Metrics;
+use crate::sinks::sse::{self, SseOptions};
+
+/// Describes a stream's upstream for the `/streams` listing (implemented by pollers).
+pub trait UpstreamStatus: Send + Sync {
+    /// A JSON object describing the upstream and its last polls.
+    fn describe(&self) -> Value;
+}
+
+/// What every handler can reach.
+pub struct AppState {
+    /// The streams.
+    pub hub: Arc<Hub>,
+    /// The metrics.
+    pub metrics: Arc<Metrics>,
+    /// Upstream status per stream name.
+    pub upstreams: HashMap<String, Arc<dyn UpstreamStatus>>,
+    /// The `retry:` hint for SSE clients.
+    pub retry_hint: Duration,
+    /// Cancelled at shutdown: streaming responses end.
+    pub shutdown: CancellationToken,
+}
+
+/// The application's routes.
+pub fn router(state: Arc<AppState>, cors: &Cors) -> Router {
+    let router = Router::new()
+        .route("/streams", get(list_streams))
+        .route("/streams/{name}", get(stream))
+        .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics))
+        .fallback(not_found)
+        .with_state(state);
+    match cors_layer(cors) {
+        Some(layer) => router.layer(layer),
+        None => router,
+    }
+}
+
+fn cors_layer(cors: &Cors) -> Option<CorsLayer> {
+    let origin = match cors {
+        Cors::Disabled => return None,
+        Cors::AnyOrigin => AllowOrigin::any(),
+        Cors::Origins(origins) => AllowOrigin::list(origins.iter().cloned()),
+    };
+    Some(
+        CorsLayer::new()
+            .allow_origin(origin)
+            .allow_methods([Method::GET, Method::HEAD, Method::OPTIONS])
+            .allow_headers([
+                header::HeaderName::from_static("last-event-id"),
+                header::ACCEPT,
+                header::IF_NONE_MATCH,
+                header::CACHE_CONTROL,
+            ])
+            .expose_headers([header::ETAG])
+            .max_age(Duration::from_secs(3600)),
+    )
+}
+
+/// A JSON error body: `{"status": ..., "message": ...}`.
+pub fn error_response(status: StatusCode, message: impl Into<String>) -> Response {
+    let body = json!({"status": status.as_u16(), "message": message.into()});
+    (status, axum::Json(body)).into_response()
+}
+
+async fn not_found() -> Response {
+    error_response(
+        StatusCode::NOT_FOUND,
+        "no such endpoint; streams are at /streams/{name}, the list at /streams",
+    )
+}
+
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        state.metrics.encode(),
+    )
+        .into_response()
+}
+
+fn rfc3339ish(at: Option<SystemTime>) -> Value {
+    at.map_or(Value::Null, |t| Value::String(httpdate::fmt_http_date(t)))
+}
+
+/// One stream in the `/streams` listing.
+fn describe_stream(stream: &Stream, upstream: Option<&Arc<dyn UpstreamStatus>>) -> Value {
+    let failure = stream.failure().map(|f| {
+        json!({"status": f.status, "message": f.message, "at": httpdate::fmt_http_date(f.at)})
+    });
+    json!({
+        "name": stream.name(),
+        "path": format!("/streams/{}", stream.name()),
+        "epoch": stream.epoch(),
+        "seq": stream.seq(),
+        "subscribers": stream.subscriber_count(),
+        "changes_published": stream.changes_published(),
+        "last_change_at": rfc3339ish(stream.last_change_at()),
+        "failing": failure,
+        "upstream": upstream.map(|u| u.describe()),
+    })
+}
+
+async fn list_streams(State(state): State<Arc<AppState>>) -> Response {
+    let streams: Vec<Value> = state
+        .hub
+        .all()
+        .iter()
+        .map(|s| describe_stream(s, state.upstreams.get(s.name())))
+        .collect();
+    axum::Json(json!({ "streams": streams })).into_response()
+}
+
+#[derive(Debug, Deserialize)]
+struct StreamQuery {
+    #[serde(rename = "lastEventId")]
+    last_event_id: Option<String>,
+}
+
+/// Whether the client asked for the current document as plain JSON rather than a stream.
+fn wants_json(headers: &HeaderMap) -> bool {
+    let accept = headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect::<Vec<_>>()
+        .join(",");
+    let has = |media: &str| {
+        accept
+            .split(',')
+            .any(|item| item.split(';').next().is_some_and(|m| m.trim().eq_ignore_ascii_case(media)))
+    };
+    has("application/json") && !has("text/event-stream")
+}
+
+async fn stream(
+    State(state): State<Arc<AppState>>,
+    Path(name): Path<String>,
+    Query(query): Query<StreamQuery>,
+    headers: HeaderMap,
+) -> Response {
+    let Some(stream) = state.hub.get(&name) else {
+        return error_response(
+            StatusCode::NOT_FOUND,
+            format!("no stream named {name:?}; GET /streams lists them"),
+        );
+    };
+    if wants_json(&headers) {
+        return snapshot_json(&stream, &headers);
+    }
+    let resume = sse::resume_point(&headers, query.last_event_id.as_deref());
+    let subscription = stream.subscribe(&resume);
+    let options = SseOptions {
+        retry: state.retry_hint,
+        gzip: sse::accepts_gzip(&headers),
+    };
+    sse::response(subscription, options, state.shutdown.clone())
+}
+
+/// `GET /streams/{name}` with `Accept: application/json`: the current document once, with an
+/// `ETag` naming its epoch and sequence, so polling clients cost the upstream nothing.
+fn snapshot_json(stream: &Stream, headers: &HeaderMap) -> Response {
+    let Some(snapshot) = stream.snapshot() else {
+        let mut response = error_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("stream {:?} has no document yet", stream.name()),
+        );
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        return response;
+    };
+    let etag = format!("\"{}-{}\"", stream.epoch(), snapshot.seq);
+    let matches = headers
+        .get_all(header::IF_NONE_MATCH)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|t| t.trim().trim_start_matches("W/"))
+        .any(|t| t == etag || t == "*");
+    let mut builder = Response::builder()
+        .header(header::ETAG, &etag)
+        .header(header::CACHE_CONTROL, "no-cache")
+        .header(header::VARY, "accept");
+    if matches {
+        builder = builder.status(StatusCode::NOT_MODIFIED);
+        return builder.body(Body::empty()).unwrap_or_default();
+    }
+    builder
+        .status(StatusCode::OK)
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Body::from(snapshot.json.clone()))
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accept_negotiation() {
+        let with = |v: &'static str| {
+            let mut h = HeaderMap::new();
+            h.insert(header::ACCEPT, HeaderValue::from_static(v));
+            wants_json(&h)
+        };
+        assert!(with("application/json"));
+        assert!(with("application/json; charset=utf-8"));
+        assert!(!with("text/event-stream"));
+        assert!(!with("*/*"));
+        assert!(!with("text/event-stream, application/json"));
+        assert!(!wants_json(&HeaderMap::new()));
+    }
+}

@@ -1,0 +1,204 @@
+//! Wiring only: builds every part from a validated [`Config`] and runs them until shutdown.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::api::{self, AppState, UpstreamStatus};
+use crate::config::Config;
+use crate::hub::{Hub, Publication, Stream, StreamOptions};
+use crate::metrics::Metrics;
+use crate::sim;
+use crate::snapshot::SnapshotStore;
+use crate::upstream::fetch::{FetchError, Fetcher, Redacted};
+use crate::upstream::poller::{LastOutcome, PollStatus, Poller, Publish, PublishResult};
+use crate::upstream::ratelimit::RateLimits;
+
+/// The sockets the application serves on, bound before it starts (so tests can bind port 0
+/// and read the address, and so a bad address fails before anything runs).
+pub struct Listeners {
+    /// Subscribers connect here.
+    pub api: TcpListener,
+    /// The simulated feeds, when the configuration enables the simulator.
+    pub simulator: Option<TcpListener>,
+}
+
+impl Listeners {
+    /// Binds the addresses named in `config`.
+    pub async fn bind(config: &Config) -> anyhow::Result<Listeners> {
+        let api = bind(config.server.listen, "server.listen").await?;
+        let simulator = match &config.simulator {
+            Some(sim) => Some(bind(sim.listen, "simulator.listen").await?),
+            None => None,
+        };
+        Ok(Listeners { api, simulator })
+    }
+}
+
+async fn bind(addr: SocketAddr, key: &str) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr} (`{key}`)"))
+}
+
+/// Connects a poller to its stream in the hub.
+struct StreamPublisher {
+    stream: Arc<Stream>,
+}
+
+impl Publish for StreamPublisher {
+    fn document(&self, doc: Value) -> PublishResult {
+        match self.stream.publish(doc) {
+            Publication::Published(_) => PublishResult::Changed,
+            Publication::Unchanged | Publication::Ignored => PublishResult::Unchanged,
+        }
+    }
+
+    fn failure(&self, error: &FetchError, retry_in: Duration) {
+        self.stream.fail(error.status(), error.to_string(), retry_in);
+    }
+
+    fn recovered(&self) {
+        self.stream.recover();
+    }
+}
+
+/// A polled upstream as shown in `GET /streams`.
+struct PolledUpstream {
+    url: Redacted,
+    interval: Duration,
+    status: Arc<PollStatus>,
+}
+
+impl UpstreamStatus for PolledUpstream {
+    fn describe(&self) -> Value {
+        let report = self.status.read();
+        let outcome = report.last_outcome.as_ref().map(|o| match o {
+            LastOutcome::Changed => json!({"result": "changed"}),
+            LastOutcome::Unchanged => json!({"result": "unchanged"}),
+            LastOutcome::NotModified => json!({"result": "not-modified"}),
+            LastOutcome::Failed { status, message } => {
+                json!({"result": "error", "status": status, "message": &**message})
+            }
+        });
+        let time = |t: Option<std::time::SystemTime>| t.map(httpdate::fmt_http_date);
+        json!({
+            "url": self.url.as_str(),
+            "interval_ms": self.interval.as_millis() as u64,
+            "last_poll_at": time(report.last_poll_started),
+            "last_outcome": outcome,
+            "consecutive_failures": report.consecutive_failures,
+            "requests": report.upstream_requests,
+            "next_poll_at": time(report.next_poll_due),
+        })
+    }
+}
+
+/// Runs the application until `shutdown` is cancelled: the simulator (if configured), one
+/// poller per stream, keep-alive tickers and the HTTP server. Returns once the server has
+/// drained (or the grace period ran out) and every task has stopped.
+pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let metrics = Arc::new(Metrics::new());
+    let hub = Arc::new(Hub::new());
+    let snapshots = SnapshotStore::new();
+    let fetcher = Arc::new(Fetcher::new(&config.upstream.user_agent).context("cannot build the HTTP client")?);
+    let rate_limits = RateLimits::new(&config.upstream, &config.streams);
+    let mut tasks = JoinSet::new();
+
+    if let (Some(settings), Some(listener)) = (config.simulator.clone(), listeners.simulator) {
+        let shutdown = shutdown.clone();
+        tasks.spawn(async move {
+            if let Err(error) = sim::serve(listener, settings, shutdown).await {
+                tracing::error!(%error, "the simulator stopped");
+            }
+        });
+    }
+
+    let mut upstreams: HashMap<String, Arc<dyn UpstreamStatus>> = HashMap::new();
+    for settings in &config.streams {
+        let stream = hub.insert(Arc::new(Stream::new(
+            &settings.name,
+            StreamOptions {
+                history: settings.history,
+                buffer: config.server.subscriber_buffer,
+                diff: settings.diff.clone(),
+            },
+            snapshots.clone(),
+            metrics.clone(),
+        )));
+        let poller = Poller::new(
+            Arc::new(settings.clone()),
+            fetcher.clone(),
+            rate_limits.limiter(&settings.rate_limit_group),
+            metrics.clone(),
+            Arc::new(StreamPublisher { stream: stream.clone() }),
+            config.upstream.backoff,
+        );
+        upstreams.insert(
+            settings.name.clone(),
+            Arc::new(PolledUpstream {
+                url: Redacted::new(&settings.url),
+                interval: settings.interval,
+                status: poller.status(),
+            }),
+        );
+        tasks.spawn(poller.run(shutdown.clone()));
+        tasks.spawn(keep_alive(stream, config.server.keepalive, shutdown.clone()));
+    }
+
+    let state = Arc::new(AppState {
+        hub: hub.clone(),
+        metrics: metrics.clone(),
+        upstreams,
+        retry_hint: config.server.retry_hint,
+        shutdown: shutdown.clone(),
+    });
+    let router = api::router(state, &config.server.cors);
+    tracing::info!(
+        listen = %listeners.api.local_addr().map_or_else(|_| config.server.listen.to_string(), |a| a.to_string()),
+        streams = config.streams.len(),
+        "patchwire is serving"
+    );
+    api::server::serve(
+        listeners.api,
+        router,
+        api::server::ServeOptions {
+            stall_timeout: config.server.stall_timeout,
+            shutdown_grace: config.server.shutdown_grace,
+        },
+        metrics.stalled_connections.clone(),
+        shutdown.clone(),
+    )
+    .await;
+
+    hub.close_all();
+    let drained = tokio::time::timeout(config.server.shutdown_grace, async {
+        while tasks.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!("some tasks did not stop within the grace period");
+        tasks.abort_all();
+    }
+    tracing::info!("patchwire stopped");
+    Ok(())
+}
+
+/// Sends a keep-alive comment to the stream's subscribers at every `interval`.
+async fn keep_alive(stream: Arc<Stream>, interval: Duration, shutdown: CancellationToken) {
+    let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = ticker.tick() => stream.keep_alive(),
+        }
+    }
+}

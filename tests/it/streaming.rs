@@ -1,0 +1,258 @@
+//! Snapshot then patches: subscribers rebuild the upstream document exactly; N subscribers
+//! cost one upstream poll; the JSON view, the listing, gzip and CORS.
+
+use std::time::Duration;
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde_json::{Value, json};
+
+use crate::support::*;
+
+/// A document with the shapes real feeds have: an entity array, nested objects, scalars.
+fn initial_document() -> Value {
+    json!({
+        "header": {"version": "2.0", "timestamp": 1000},
+        "entities": (0..20).map(|i| json!({"id": format!("e{i}"), "value": i, "tags": ["a", "b"]})).collect::<Vec<_>>(),
+        "nested": {"a": {"b": {"c": [1, 2, 3]}}},
+    })
+}
+
+/// One random edit: add, remove, edit or move entities, change nested values or the header.
+fn mutate(doc: &mut Value, rng: &mut StdRng, next_id: &mut u32) {
+    let entities = doc["entities"].as_array_mut().unwrap();
+    match rng.random_range(0..7) {
+        0 => {
+            *next_id += 1;
+            let at = rng.random_range(0..=entities.len());
+            entities.insert(at, json!({"id": format!("n{next_id}"), "value": *next_id, "tags": []}));
+        }
+        1 if !entities.is_empty() => {
+            let at = rng.random_range(0..entities.len());
+            entities.remove(at);
+        }
+        2 if !entities.is_empty() => {
+            let at = rng.random_range(0..entities.len());
+            entities[at]["value"] = json!(rng.random_range(0..1000));
+            entities[at]["tags"].as_array_mut().unwrap().push(json!("x"));
+        }
+        3 if entities.len() > 1 => {
+            let from = rng.random_range(0..entities.len());
+            let e = entities.remove(from);
+            let to = rng.random_range(0..=entities.len());
+            entities.insert(to, e);
+        }
+        4 => {
+            let c = doc["nested"]["a"]["b"]["c"].as_array_mut().unwrap();
+            if c.len() > 1 && rng.random_bool(0.5) {
+                c.pop();
+            } else {
+                c.push(json!({"deep": rng.random_range(0..10)}));
+            }
+        }
+        5 => {
+            doc["nested"]["a"][format!("k{}", rng.random_range(0..5))] = json!("v");
+        }
+        _ => {
+            let t = doc["header"]["timestamp"].as_u64().unwrap();
+            doc["header"]["timestamp"] = json!(t + 1);
+        }
+    }
+}
+
+#[tokio::test]
+async fn subscriber_rebuilds_the_upstream_document_exactly() {
+    let upstream = MockUpstream::start(initial_document()).await;
+    let app = TestApp::spawn(config(vec![stream("doc", &upstream.url())])).await;
+    let mut client = app.subscribe("doc", &[]).await;
+    assert_eq!(client.status, 200);
+    assert_eq!(client.headers["content-type"], "text/event-stream");
+    assert_eq!(client.headers["cache-control"], "no-cache");
+
+    let mut rebuilt = Rebuilt::default();
+    let first = client.expect(SOON).await;
+    assert_eq!(first.event, "snapshot", "the first event is the whole document");
+    rebuilt.apply(&first);
+    assert_eq!(rebuilt.document.as_ref(), Some(&upstream.document()));
+
+    let mut rng = StdRng::seed_from_u64(7);
+    let mut next_id = 0;
+    for round in 0..40 {
+        upstream.update(|doc| {
+            for _ in 0..rng.random_range(1..4) {
+                mutate(doc, &mut rng, &mut next_id);
+            }
+        });
+        let target = upstream.document();
+        assert!(
+            rebuilt.converge(&mut client, &target, SOON).await,
+            "round {round}: the subscriber's document differs from the upstream's"
+        );
+    }
+    assert_eq!(rebuilt.snapshots, 1, "only the first event is a snapshot");
+    assert!(rebuilt.patches >= 40, "every change arrives as a patch");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn gzip_subscribers_rebuild_the_same_document() {
+    let upstream = MockUpstream::start(initial_document()).await;
+    let app = TestApp::spawn(config(vec![stream("doc", &upstream.url())])).await;
+    let mut client = SseClient::connect(&app.url("/streams/doc"), &[], true).await;
+    assert_eq!(client.headers["content-encoding"], "gzip");
+    let mut rebuilt = Rebuilt::default();
+    rebuilt.apply(&client.expect(SOON).await);
+    let mut rng = StdRng::seed_from_u64(11);
+    let mut next_id = 0;
+    for _ in 0..10 {
+        upstream.update(|doc| mutate(doc, &mut rng, &mut next_id));
+        assert!(rebuilt.converge(&mut client, &upstream.document(), SOON).await);
+    }
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn event_ids_name_stream_epoch_and_sequence() {
+    let upstream = MockUpstream::start(json!({"n": 0, "pad": "x".repeat(200)})).await;
+    let app = TestApp::spawn(config(vec![stream("ids", &upstream.url())])).await;
+    let mut client = app.subscribe("ids", &[]).await;
+    let first = client.expect(SOON).await;
+    let parts: Vec<&str> = first.id.split(':').collect();
+    assert_eq!(parts.len(), 3, "id {:?}", first.id);
+    assert_eq!(parts[0], "ids");
+    let epoch: u64 = parts[1].parse().unwrap();
+    assert_eq!(parts[2], "1");
+    upstream.update(|d| d["n"] = json!(1));
+    let second = client.expect(SOON).await;
+    assert_eq!(second.event, "patch");
+    assert_eq!(second.id, format!("ids:{epoch}:2"));
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn json_view_returns_the_snapshot_with_an_etag() {
+    let upstream = MockUpstream::start(json!({"n": 1})).await;
+    let app = TestApp::spawn(config(vec![stream("doc", &upstream.url())])).await;
+    let client = reqwest::Client::new();
+    // Wait for the first poll.
+    let mut response = None;
+    for _ in 0..50 {
+        let r = client.get(app.url("/streams/doc")).header("accept", "application/json").send().await.unwrap();
+        if r.status() == 200 {
+            response = Some(r);
+            break;
+        }
+        assert_eq!(r.status(), 503, "before the first poll the stream has no document");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let response = response.expect("the stream never got its document");
+    let etag = response.headers()["etag"].to_str().unwrap().to_owned();
+    assert_eq!(response.json::<Value>().await.unwrap(), json!({"n": 1}));
+    let again = client
+        .get(app.url("/streams/doc"))
+        .header("accept", "application/json")
+        .header("if-none-match", &etag)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(again.status(), 304);
+
+    upstream.set(json!({"n": 2}));
+    let mut changed = false;
+    for _ in 0..100 {
+        let r = client
+            .get(app.url("/streams/doc"))
+            .header("accept", "application/json")
+            .header("if-none-match", &etag)
+            .send()
+            .await
+            .unwrap();
+        if r.status() == 200 {
+            assert_ne!(r.headers()["etag"].to_str().unwrap(), etag);
+            assert_eq!(r.json::<Value>().await.unwrap(), json!({"n": 2}));
+            changed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(changed, "the JSON view never showed the new document");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn listing_health_metrics_cors_and_unknown_streams() {
+    let upstream = MockUpstream::start(json!({"n": 1})).await;
+    let app = TestApp::spawn(config(vec![stream("doc", &upstream.url())])).await;
+    let mut sub = app.subscribe("doc", &[("origin", "https://example.org")]).await;
+    assert_eq!(sub.headers["access-control-allow-origin"], "*");
+    sub.expect(SOON).await;
+    let client = reqwest::Client::new();
+
+    let list: Value = client.get(app.url("/streams")).send().await.unwrap().json().await.unwrap();
+    let s = &list["streams"][0];
+    assert_eq!(s["name"], "doc");
+    assert_eq!(s["seq"], 1);
+    assert_eq!(s["subscribers"], 1);
+    assert!(s["upstream"]["requests"].as_u64().unwrap() >= 1);
+    assert_eq!(s["upstream"]["url"], upstream.url());
+    assert!(s["upstream"]["last_poll_at"].is_string());
+
+    assert_eq!(client.get(app.url("/healthz")).send().await.unwrap().status(), 200);
+    let metrics = client.get(app.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    for series in [
+        "patchwire_polls_total{",
+        "patchwire_upstream_latency_seconds_bucket{",
+        "patchwire_changes_total{",
+        "patchwire_change_bytes_total{",
+        "patchwire_snapshot_bytes_total{",
+        "patchwire_subscribers{stream=\"doc\"} 1",
+        "patchwire_events_sent_total{stream=\"doc\"}",
+    ] {
+        assert!(metrics.contains(series), "metrics lack {series}:\n{metrics}");
+    }
+
+    let missing = client.get(app.url("/streams/nope")).send().await.unwrap();
+    assert_eq!(missing.status(), 404);
+    let body: Value = missing.json().await.unwrap();
+    assert!(body["message"].as_str().unwrap().contains("nope"));
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_thousand_subscribers_cost_one_upstream_request_per_interval() {
+    let upstream = MockUpstream::start(json!({"n": 0, "pad": "x".repeat(100)})).await;
+    let mut s = stream("shared", &upstream.url());
+    s.interval = Duration::from_millis(200);
+    let app = TestApp::spawn(config(vec![s])).await;
+
+    let mut clients = Vec::new();
+    for _ in 0..1000 {
+        clients.push((app.subscribe("shared", &[]).await, Rebuilt::default()));
+    }
+    for (client, rebuilt) in &mut clients {
+        let first = client.expect(SOON).await;
+        assert_eq!(first.event, "snapshot");
+        rebuilt.apply(&first);
+    }
+    // Count requests over whole intervals while everyone is subscribed and the document
+    // keeps changing.
+    let before = upstream.requests();
+    let started = std::time::Instant::now();
+    for n in 1..=5 {
+        upstream.update(|d| d["n"] = json!(n));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let elapsed = started.elapsed();
+    let during = upstream.requests() - before;
+    let intervals = elapsed.as_millis() as usize / 200;
+    assert!(
+        during <= intervals + 1 && during + 1 >= intervals,
+        "{during} upstream requests in {elapsed:?} ({intervals} intervals) for 1000 subscribers"
+    );
+    // Every subscriber converges to the final document.
+    let target = upstream.document();
+    for (client, rebuilt) in &mut clients {
+        assert!(rebuilt.converge(client, &target, SOON).await, "a subscriber did not converge");
+    }
+    app.stop().await;
+}

@@ -1,0 +1,117 @@
+//! Starting the whole application in-process on 127.0.0.1 port 0, with test-sized settings.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::num::NonZeroU32;
+use std::time::Duration;
+
+use http::HeaderMap;
+use patchwire::app::{self, Listeners};
+use patchwire::config::{
+    BackoffSettings, Config, Cors, LogFormat, LogSettings, RateLimit, ServerSettings, StreamSettings,
+    UpstreamSettings,
+};
+use patchwire::diff::DiffOptions;
+use patchwire::upstream::decode::Format;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use super::sse::SseClient;
+
+/// A stream polling `url` every 100 ms.
+pub fn stream(name: &str, url: &str) -> StreamSettings {
+    let url: url::Url = url.parse().unwrap();
+    let group = format!("{}:{}", url.host_str().unwrap(), url.port_or_known_default().unwrap());
+    StreamSettings {
+        name: name.to_owned(),
+        url,
+        headers: HeaderMap::new(),
+        interval: Duration::from_millis(100),
+        timeout: Duration::from_secs(2),
+        max_body_bytes: 1 << 20,
+        format: Format::Json,
+        history: 100,
+        rate_limit_group: group,
+        diff: DiffOptions::default(),
+    }
+}
+
+/// A configuration with test-sized timings around `streams`.
+pub fn config(streams: Vec<StreamSettings>) -> Config {
+    Config {
+        source: None,
+        server: ServerSettings {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            keepalive: Duration::from_secs(15),
+            retry_hint: Duration::from_millis(500),
+            subscriber_buffer: 64,
+            stall_timeout: Duration::from_secs(2),
+            shutdown_grace: Duration::from_secs(2),
+            cors: Cors::AnyOrigin,
+        },
+        log: LogSettings {
+            format: LogFormat::Plain,
+            filter: "info".into(),
+        },
+        upstream: UpstreamSettings {
+            user_agent: "patchwire-tests".into(),
+            default_rate_limit: RateLimit {
+                per_second: NonZeroU32::new(1000).unwrap(),
+                burst: NonZeroU32::new(1000).unwrap(),
+            },
+            rate_limits: BTreeMap::new(),
+            backoff: BackoffSettings {
+                initial: Duration::from_millis(100),
+                max: Duration::from_millis(800),
+                multiplier: 2.0,
+                jitter: 0.0,
+                max_retry_after: Duration::from_secs(5),
+            },
+        },
+        simulator: None,
+        streams,
+    }
+}
+
+/// A running application.
+pub struct TestApp {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    /// Cancel to shut it down.
+    pub shutdown: CancellationToken,
+    handle: JoinHandle<anyhow::Result<()>>,
+}
+
+impl TestApp {
+    /// Starts the application with `config` (its listen addresses are replaced by port 0).
+    pub async fn spawn(mut config: Config) -> TestApp {
+        config.server.listen = "127.0.0.1:0".parse().unwrap();
+        let listeners = Listeners::bind(&config).await.unwrap();
+        let addr = listeners.api.local_addr().unwrap();
+        let shutdown = CancellationToken::new();
+        let handle = tokio::spawn(app::run(config, listeners, shutdown.clone()));
+        TestApp { addr, shutdown, handle }
+    }
+
+    /// `http://addr{path}`.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    /// Subscribes to `/streams/{name}` with extra headers (plain, no gzip).
+    pub async fn subscribe(&self, name: &str, headers: &[(&str, &str)]) -> SseClient {
+        SseClient::connect(&self.url(&format!("/streams/{name}")), headers, false).await
+    }
+
+    /// Shuts down and waits; returns how long it took.
+    pub async fn stop(self) -> Duration {
+        let started = std::time::Instant::now();
+        self.shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(10), self.handle)
+            .await
+            .expect("the app did not stop within 10 s")
+            .expect("the app task panicked")
+            .expect("the app returned an error");
+        started.elapsed()
+    }
+}

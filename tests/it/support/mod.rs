@@ -1,0 +1,16 @@
+//! Test support: the app on port 0, a mock upstream, an SSE client.
+
+#![allow(dead_code)]
+
+pub mod app;
+pub mod sse;
+pub mod upstream;
+
+pub use app::{TestApp, config, stream};
+pub use sse::{Rebuilt, SseClient, SseEvent};
+pub use upstream::{Failure, MockUpstream};
+
+use std::time::Duration;
+
+/// A generous bound for "soon" in tests: they wait for events, never sleep for fixed times.
+pub const SOON: Duration = Duration::from_secs(5);
