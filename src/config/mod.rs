@@ -2,10 +2,21 @@
 //!
 //! Flow: `load` reads a file and environment overrides into `raw::RawConfig` (serde, unknown
 //! keys rejected), then `validate` turns it into a [`Config`] or a [`ConfigError`] that lists
-//! every problem with its file and key.
+//! every problem with its file and key. `describe` summarizes a valid [`Config`] for
+//! `patchwire check`.
 
+mod de;
+mod describe;
 mod error;
+pub mod interpolate;
+mod load;
 mod model;
+pub mod raw;
+mod validate;
 
+pub use describe::describe;
 pub use error::{ConfigError, Problem, Problems};
+pub use load::{ENV_PREFIX, ENV_SEPARATOR, FileKind, load, load_raw, load_with, parse_raw};
 pub use model::*;
+pub use raw::RawConfig;
+pub use validate::{defaults, host_group, is_valid_name, limits, validate};

@@ -1,0 +1,174 @@
+//! A human summary of a validated configuration, printed by `patchwire check`.
+//!
+//! Header values and URL passwords and query values may be secrets: they are never printed.
+
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use url::Url;
+
+use super::model::{Config, Cors, LogFormat, RateLimit};
+
+fn dur(d: Duration) -> String {
+    humantime::format_duration(d).to_string()
+}
+
+fn quota(limit: &RateLimit) -> String {
+    format!("{}/s, burst {}", limit.per_second, limit.burst)
+}
+
+fn bytes(n: u64) -> String {
+    bytesize::ByteSize::b(n).display().iec().to_string()
+}
+
+/// The URL with its password and query values replaced by `***`.
+fn redacted(url: &Url) -> String {
+    let mut shown = url.clone();
+    if shown.password().is_some() {
+        // Only fails for URLs that cannot have a password, which this one has.
+        let _ = shown.set_password(Some("***"));
+    }
+    if shown.query().is_some() {
+        let pairs: Vec<(String, String)> = url
+            .query_pairs()
+            .map(|(k, _)| (k.into_owned(), "***".to_owned()))
+            .collect();
+        shown.query_pairs_mut().clear().extend_pairs(pairs);
+    }
+    shown.to_string()
+}
+
+/// Summarizes `config`: listeners, shared upstream settings and every stream, without secrets.
+pub fn describe(config: &Config) -> String {
+    let mut out = String::new();
+    // Writing to a String cannot fail.
+    let _ = write_description(&mut out, config);
+    out
+}
+
+fn write_description(out: &mut String, config: &Config) -> std::fmt::Result {
+    if let Some(source) = &config.source {
+        writeln!(out, "configuration: {}", source.display())?;
+    }
+    let s = &config.server;
+    let cors = match &s.cors {
+        Cors::Disabled => "disabled".to_owned(),
+        Cors::AnyOrigin => "any origin".to_owned(),
+        Cors::Origins(origins) => origins
+            .iter()
+            .map(|o| o.to_str().unwrap_or("<non-ASCII>"))
+            .collect::<Vec<_>>()
+            .join(", "),
+    };
+    writeln!(out, "server: listening on {}", s.listen)?;
+    writeln!(
+        out,
+        "  keepalive {}, retry hint {}, subscriber buffer {}, stall timeout {}, shutdown grace {}",
+        dur(s.keepalive),
+        dur(s.retry_hint),
+        s.subscriber_buffer,
+        dur(s.stall_timeout),
+        dur(s.shutdown_grace)
+    )?;
+    writeln!(out, "  CORS: {cors}")?;
+    let format = match config.log.format {
+        LogFormat::Plain => "plain",
+        LogFormat::Json => "json",
+    };
+    writeln!(out, "log: {format}, filter {:?}", config.log.filter)?;
+    let u = &config.upstream;
+    writeln!(out, "upstream: user agent {:?}", u.user_agent)?;
+    writeln!(
+        out,
+        "  backoff {} to {}, x{} per failure, jitter {}; Retry-After capped at {}",
+        dur(u.backoff.initial),
+        dur(u.backoff.max),
+        u.backoff.multiplier,
+        u.backoff.jitter,
+        dur(u.backoff.max_retry_after)
+    )?;
+    writeln!(
+        out,
+        "  default rate limit per host: {}",
+        quota(&u.default_rate_limit)
+    )?;
+    for (name, limit) in &u.rate_limits {
+        writeln!(out, "  rate-limit group {name:?}: {}", quota(limit))?;
+    }
+    match &config.simulator {
+        Some(sim) => {
+            writeln!(out, "simulator: listening on {}", sim.listen)?;
+            for feed in &sim.feeds {
+                writeln!(
+                    out,
+                    "  feed {:?} at http://{}/feeds/{}: {} vehicles, {} routes, tick {}, seed {}",
+                    feed.name,
+                    sim.listen,
+                    feed.name,
+                    feed.vehicles,
+                    feed.routes,
+                    dur(feed.tick),
+                    feed.seed
+                )?;
+            }
+        }
+        None => writeln!(out, "simulator: off")?,
+    }
+    writeln!(out, "streams ({}):", config.streams.len())?;
+    for st in &config.streams {
+        let group_quota = u
+            .rate_limits
+            .get(&st.rate_limit_group)
+            .map(|l| format!("named group, {}", quota(l)))
+            .unwrap_or_else(|| format!("per host, {}", quota(&u.default_rate_limit)));
+        writeln!(out, "  {} (served at /streams/{})", st.name, st.name)?;
+        writeln!(out, "    url:        {}", redacted(&st.url))?;
+        writeln!(
+            out,
+            "    polling:    every {}, timeout {}",
+            dur(st.interval),
+            dur(st.timeout)
+        )?;
+        writeln!(
+            out,
+            "    body:       {}, at most {}",
+            st.format.as_str(),
+            bytes(st.max_body_bytes)
+        )?;
+        writeln!(out, "    history:    {} changes", st.history)?;
+        writeln!(
+            out,
+            "    rate limit: {:?} ({group_quota})",
+            st.rate_limit_group
+        )?;
+        let mut names: Vec<&str> = st.headers.keys().map(|n| n.as_str()).collect();
+        names.sort_unstable();
+        let names = if names.is_empty() {
+            "none".to_owned()
+        } else {
+            format!("{} (values hidden)", names.join(", "))
+        };
+        writeln!(out, "    headers:    {names}")?;
+        writeln!(
+            out,
+            "    diff:       snapshot instead of patch above {} of the snapshot size",
+            st.diff.max_patch_ratio
+        )?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redaction_hides_passwords_and_query_values() {
+        let url = Url::parse("https://user:pw@example.com/v1?key=s3cret&route=12").unwrap();
+        let shown = redacted(&url);
+        assert!(!shown.contains("s3cret") && !shown.contains(":pw@"), "{shown}");
+        assert!(shown.contains("key=***") && shown.contains("route=***"), "{shown}");
+        let plain = Url::parse("http://127.0.0.1:8081/feeds/fleet").unwrap();
+        assert_eq!(redacted(&plain), "http://127.0.0.1:8081/feeds/fleet");
+    }
+}

@@ -1,0 +1,353 @@
+//! Loading: a TOML or YAML file plus `PATCHWIRE__*` environment overrides, read with the
+//! `config` crate, deserialized into [`RawConfig`] with key paths, then validated.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use config::{Environment, File, FileFormat, Source, Value, ValueKind};
+
+use super::de::{DeError, Node};
+use super::error::{ConfigError, Problem};
+use super::model::Config;
+use super::raw::RawConfig;
+use super::validate::validate;
+
+/// Prefix of environment variables that override configuration keys.
+pub const ENV_PREFIX: &str = "PATCHWIRE";
+/// Separator between the levels of a key in an override's name:
+/// `PATCHWIRE__SERVER__LISTEN` sets `server.listen`, `PATCHWIRE__STREAMS__0__INTERVAL` sets
+/// `streams[0].interval`.
+pub const ENV_SEPARATOR: &str = "__";
+
+/// The syntax of a configuration file, chosen by its extension.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FileKind {
+    /// `.toml`
+    Toml,
+    /// `.yaml` or `.yml`
+    Yaml,
+}
+
+impl FileKind {
+    /// The kind of `path` by its extension (case-insensitive), `None` for any other extension.
+    pub fn from_path(path: &Path) -> Option<FileKind> {
+        let ext = path.extension()?.to_str()?.to_ascii_lowercase();
+        match ext.as_str() {
+            "toml" => Some(FileKind::Toml),
+            "yaml" | "yml" => Some(FileKind::Yaml),
+            _ => None,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            FileKind::Toml => "TOML",
+            FileKind::Yaml => "YAML",
+        }
+    }
+
+    fn format(self) -> FileFormat {
+        match self {
+            FileKind::Toml => FileFormat::Toml,
+            FileKind::Yaml => FileFormat::Yaml,
+        }
+    }
+}
+
+/// Loads and validates the configuration at `path`, applying `PATCHWIRE__*` overrides from the
+/// process environment and resolving `${VAR}` references from it.
+pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    let mut overrides = Vec::new();
+    let mut problems = Vec::new();
+    for (name, value) in std::env::vars_os() {
+        let Some(name) = name.to_str() else { continue };
+        if !is_override(name) {
+            continue;
+        }
+        match value.into_string() {
+            Ok(value) => overrides.push((name.to_owned(), value)),
+            Err(_) => problems.push(Problem {
+                key: override_key(name),
+                message: format!("the environment variable {name} is not valid UTF-8"),
+            }),
+        }
+    }
+    if !problems.is_empty() {
+        return Err(ConfigError {
+            file: Some(path.to_path_buf()),
+            problems,
+        });
+    }
+    load_with(path, &|name| std::env::var(name).ok(), overrides)
+}
+
+/// [`load`] with the environment passed in: `env` resolves `${VAR}` references, `overrides`
+/// are environment variables `(NAME, VALUE)` of which those named `PATCHWIRE__...` override keys
+/// (others are ignored).
+pub fn load_with(
+    path: &Path,
+    env: &dyn Fn(&str) -> Option<String>,
+    overrides: Vec<(String, String)>,
+) -> Result<Config, ConfigError> {
+    let sources = override_sources(&overrides);
+    let raw = load_raw(path, overrides)?;
+    validate(raw, Some(path), env).map_err(|e| annotate(e, &sources))
+}
+
+/// Reads `path` and `overrides` (as in [`load_with`]) into the file's shape, without
+/// validation.
+pub fn load_raw(path: &Path, overrides: Vec<(String, String)>) -> Result<RawConfig, ConfigError> {
+    let file_error = |message: String| ConfigError {
+        file: Some(path.to_path_buf()),
+        problems: vec![Problem {
+            key: String::new(),
+            message,
+        }],
+    };
+    let Some(kind) = FileKind::from_path(path) else {
+        return Err(file_error(
+            "expected a file name ending in .toml, .yaml or .yml (the extension selects the \
+             syntax)"
+                .to_owned(),
+        ));
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        file_error(match e.kind() {
+            std::io::ErrorKind::NotFound => "file not found".to_owned(),
+            std::io::ErrorKind::InvalidData => "expected a UTF-8 text file".to_owned(),
+            _ => format!("cannot read the file: {e}"),
+        })
+    })?;
+    parse_raw(&text, kind, Some(path), overrides)
+}
+
+/// Parses configuration `text` of syntax `kind` (read from `file`, if any, for messages) and
+/// applies `overrides` (as in [`load_with`]), without validation.
+pub fn parse_raw(
+    text: &str,
+    kind: FileKind,
+    file: Option<&Path>,
+    overrides: Vec<(String, String)>,
+) -> Result<RawConfig, ConfigError> {
+    let fail = |problems: Vec<Problem>| ConfigError {
+        file: file.map(Path::to_path_buf),
+        problems,
+    };
+    let sources = override_sources(&overrides);
+    let env_map: config::Map<String, String> = overrides
+        .into_iter()
+        .filter(|(name, _)| is_override(name))
+        .map(|(name, value)| (indexed_override_name(&name), value))
+        .collect();
+    let built = config::Config::builder()
+        .add_source(File::from_str(text, kind.format()))
+        .add_source(
+            Environment::with_prefix(ENV_PREFIX)
+                .separator(ENV_SEPARATOR)
+                .source(Some(env_map)),
+        )
+        .build()
+        .and_then(|c| c.collect())
+        .map_err(|e| {
+            let message = match e {
+                config::ConfigError::FileParse { cause, .. } => {
+                    format!("invalid {} syntax: {cause}", kind.name())
+                }
+                other => format!("cannot read the configuration: {other}"),
+            };
+            fail(vec![Problem {
+                key: String::new(),
+                message,
+            }])
+        })?;
+    let tree = Node(Value::new(None, ValueKind::Table(built)));
+    serde_path_to_error::deserialize::<_, RawConfig>(tree).map_err(|e| {
+        let path = e.path().to_string();
+        let problem = explain(&path, e.into_inner());
+        annotate(fail(vec![problem]), &sources)
+    })
+}
+
+fn is_override(name: &str) -> bool {
+    let prefix = format!("{ENV_PREFIX}{ENV_SEPARATOR}");
+    name.len() > prefix.len() && name[..prefix.len()].eq_ignore_ascii_case(&prefix)
+}
+
+/// `PATCHWIRE__STREAMS__0__URL` becomes `PATCHWIRE__STREAMS[0]__URL`, which the `config` crate
+/// reads as an index into the `streams` array rather than a table key `"0"`.
+fn indexed_override_name(name: &str) -> String {
+    let mut out = String::with_capacity(name.len() + 2);
+    for (i, part) in name.split(ENV_SEPARATOR).enumerate() {
+        if i > 1 && !part.is_empty() && part.bytes().all(|b| b.is_ascii_digit()) {
+            out.push('[');
+            out.push_str(part);
+            out.push(']');
+        } else {
+            if i > 0 {
+                out.push_str(ENV_SEPARATOR);
+            }
+            out.push_str(part);
+        }
+    }
+    out
+}
+
+/// The dotted key an override sets: `PATCHWIRE__STREAMS__0__URL` sets `streams[0].url`.
+fn override_key(name: &str) -> String {
+    let mut key = String::new();
+    for part in name.split(ENV_SEPARATOR).skip(1) {
+        if !part.is_empty() && part.bytes().all(|b| b.is_ascii_digit()) {
+            key.push_str(&format!("[{part}]"));
+        } else {
+            if !key.is_empty() {
+                key.push('.');
+            }
+            key.push_str(&part.to_ascii_lowercase());
+        }
+    }
+    key
+}
+
+fn override_sources(overrides: &[(String, String)]) -> BTreeMap<String, String> {
+    overrides
+        .iter()
+        .filter(|(name, _)| is_override(name))
+        .map(|(name, _)| (override_key(name), name.clone()))
+        .collect()
+}
+
+/// Adds "(set by environment variable X)" to problems at keys an override set.
+fn annotate(mut error: ConfigError, sources: &BTreeMap<String, String>) -> ConfigError {
+    for problem in &mut error.problems {
+        let source = sources.iter().find(|(key, _)| {
+            problem.key == **key
+                || problem
+                    .key
+                    .strip_prefix(key.as_str())
+                    .is_some_and(|rest| rest.starts_with('.') || rest.starts_with('['))
+        });
+        if let Some((_, name)) = source {
+            problem.message = format!("{} (set by environment variable {name})", problem.message);
+        }
+    }
+    error
+}
+
+/// Turns serde's messages into "what is wrong, what was expected" at the full key path.
+fn explain(path: &str, error: DeError) -> Problem {
+    let message = error.0;
+    let join = |field: &str| {
+        if path == "." || path.is_empty() {
+            field.to_owned()
+        } else {
+            format!("{path}.{field}")
+        }
+    };
+    let root_or = |p: &str| if p == "." { String::new() } else { p.to_owned() };
+    if let Some(rest) = message.strip_prefix("unknown field `") {
+        if let Some((field, expected)) = rest.split_once('`') {
+            let valid = list_of_names(expected);
+            // `serde_path_to_error` already includes the unknown key in the path.
+            let key = if path.ends_with(field) { root_or(path) } else { join(field) };
+            return Problem {
+                key,
+                message: format!("unknown key `{field}`; valid keys here: {valid}"),
+            };
+        }
+    }
+    if let Some(rest) = message.strip_prefix("missing field `") {
+        let field = rest.trim_end_matches('`');
+        return Problem {
+            key: join(field),
+            message: "missing required key".to_owned(),
+        };
+    }
+    if let Some(rest) = message.strip_prefix("unknown variant `") {
+        if let Some((variant, expected)) = rest.split_once('`') {
+            return Problem {
+                key: root_or(path),
+                message: format!("expected one of {}, got {variant:?}", list_of_names(expected)),
+            };
+        }
+    }
+    for prefix in ["invalid type: ", "invalid value: "] {
+        if let Some(rest) = message.strip_prefix(prefix) {
+            if let Some((got, expected)) = rest.rsplit_once(", expected ") {
+                return Problem {
+                    key: root_or(path),
+                    message: format!("expected {}, got {got}", plain_expected(expected)),
+                };
+            }
+        }
+    }
+    Problem {
+        key: root_or(path),
+        message,
+    }
+}
+
+/// "expected one of `a`, `b`" / "expected `a`" / "there are no fields" as "a, b".
+fn list_of_names(expected: &str) -> String {
+    let names: Vec<&str> = expected
+        .split('`')
+        .skip(1)
+        .step_by(2)
+        .collect();
+    if names.is_empty() {
+        "none".to_owned()
+    } else {
+        names.join(", ")
+    }
+}
+
+/// Serde's type names in words a configuration author reads.
+fn plain_expected(expected: &str) -> String {
+    match expected {
+        "u8" | "u16" | "u32" | "u64" | "u128" | "usize" => "a non-negative integer".to_owned(),
+        "i8" | "i16" | "i32" | "i64" | "i128" | "isize" => "an integer".to_owned(),
+        "f32" | "f64" => "a number".to_owned(),
+        "a boolean" | "a string" => expected.to_owned(),
+        "a sequence" => "a list".to_owned(),
+        "a map" => "a table".to_owned(),
+        other if other.starts_with("struct ") => "a table".to_owned(),
+        other if other.starts_with("an unsigned ") => "a non-negative integer".to_owned(),
+        other => other.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn override_names_map_to_keys() {
+        assert_eq!(override_key("PATCHWIRE__SERVER__LISTEN"), "server.listen");
+        assert_eq!(override_key("PATCHWIRE__STREAMS__0__URL"), "streams[0].url");
+        assert_eq!(
+            indexed_override_name("PATCHWIRE__STREAMS__12__HEADERS__X_KEY"),
+            "PATCHWIRE__STREAMS[12]__HEADERS__X_KEY"
+        );
+        assert!(is_override("PATCHWIRE__LOG__FORMAT"));
+        assert!(is_override("patchwire__log__format"));
+        assert!(!is_override("PATCHWIRE_LOG"));
+        assert!(!is_override("PATCHWIRE__"));
+        assert!(!is_override("OTHER__LOG"));
+    }
+
+    #[test]
+    fn explains_serde_messages() {
+        let p = explain(
+            "server.listn",
+            DeError("unknown field `listn`, expected one of `listen`, `retry`".to_owned()),
+        );
+        assert_eq!(p.key, "server.listn");
+        assert_eq!(p.message, "unknown key `listn`; valid keys here: listen, retry");
+        let p = explain("streams[0]", DeError("missing field `url`".to_owned()));
+        assert_eq!(p.key, "streams[0].url");
+        let p = explain(
+            "streams[0].history",
+            DeError("invalid type: string \"x\", expected u64".to_owned()),
+        );
+        assert_eq!(p.message, "expected a non-negative integer, got string \"x\"");
+    }
+}

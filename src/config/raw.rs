@@ -1,0 +1,291 @@
+//! The configuration file's shape, exactly as written: plain serde structs, unknown keys rejected.
+//!
+//! Every optional key is an `Option` (or an empty collection) here; defaults are applied by
+//! `validate`, so a `RawConfig` always says what the file (and the environment) actually set.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::Duration;
+
+use serde::Deserialize;
+use serde::de::{self, Deserializer, Visitor};
+
+use crate::diff::DiffConfig;
+use crate::sim::SimulatorConfig;
+use crate::upstream::decode::Format;
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    /// The subscriber-facing HTTP server (`[server]`).
+    #[serde(default)]
+    pub server: RawServer,
+    /// Logging (`[log]`).
+    #[serde(default)]
+    pub log: RawLog,
+    /// Settings shared by every upstream poller (`[upstream]`).
+    #[serde(default)]
+    pub upstream: RawUpstream,
+    /// Defaults applied to every `[[streams]]` entry that does not set the key itself.
+    #[serde(default)]
+    pub stream_defaults: RawStreamDefaults,
+    /// The built-in simulated feed server (`[simulator]`); absent means not started.
+    #[serde(default)]
+    pub simulator: Option<SimulatorConfig>,
+    /// The streams (`[[streams]]`); at least one is required.
+    #[serde(default)]
+    pub streams: Vec<RawStream>,
+}
+
+/// `[server]`: where subscribers connect and how their connections behave.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawServer {
+    /// Socket address to listen on, e.g. `"127.0.0.1:8080"` (default) or `"[::]:8080"`.
+    pub listen: Option<String>,
+    /// Interval between SSE keep-alive comments (default 15s, 1s..=10min).
+    pub keepalive: Option<HumanDuration>,
+    /// The SSE `retry:` hint: how long clients wait before reconnecting (default 2s, 100ms..=10min).
+    pub retry: Option<HumanDuration>,
+    /// Events a subscriber may fall behind before it is resynced (default 256, 1..=65536).
+    pub subscriber_buffer: Option<u64>,
+    /// How long a subscriber's socket may refuse writes before it is closed (default 30s, 1s..=1h).
+    pub stall_timeout: Option<HumanDuration>,
+    /// How long shutdown waits for open connections (default 5s, 0s..=10min).
+    pub shutdown_grace: Option<HumanDuration>,
+    /// Cross-origin access for browsers (`[server.cors]`).
+    pub cors: Option<RawCors>,
+}
+
+/// `[server.cors]`: which browser origins may read the streams.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCors {
+    /// Allowed origins such as `"https://app.example.com"`; `["*"]` (default) allows any,
+    /// an empty list disables CORS.
+    pub allow_origins: Option<Vec<String>>,
+}
+
+/// `[log]`: log output.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLog {
+    /// Line format: `"plain"` (default) or `"json"`.
+    pub format: Option<RawLogFormat>,
+    /// A `tracing` filter directive such as `"info"` (default) or `"info,patchwire=debug"`.
+    pub level: Option<String>,
+}
+
+/// Log line format as written in the file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RawLogFormat {
+    /// Human-readable lines.
+    Plain,
+    /// One JSON object per line.
+    Json,
+}
+
+/// `[upstream]`: settings shared by every poller.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawUpstream {
+    /// `User-Agent` sent upstream (default `"patchwire/<version>"`).
+    pub user_agent: Option<String>,
+    /// Retry schedule after failed polls (`[upstream.backoff]`).
+    #[serde(default)]
+    pub backoff: RawBackoff,
+    /// Quota for each upstream `host:port` that no named group covers (default 10/s, burst 10).
+    pub default_rate_limit: Option<RawRateLimit>,
+    /// Named quotas that streams join with `rate_limit_group` (`[upstream.rate_limits.<group>]`).
+    #[serde(default)]
+    pub rate_limits: BTreeMap<String, RawRateLimit>,
+}
+
+/// `[upstream.backoff]`: exponential backoff after failed polls.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawBackoff {
+    /// Delay after the first failure (default 1s, 1ms..=1h).
+    pub initial: Option<HumanDuration>,
+    /// Upper bound of any computed delay (default 5m, at least `initial`, at most 24h).
+    pub max: Option<HumanDuration>,
+    /// Growth factor per consecutive failure (default 2, greater than 1, at most 10).
+    pub multiplier: Option<f64>,
+    /// Fraction of each delay that is randomized (default 0.2, 0..=1).
+    pub jitter: Option<f64>,
+    /// Upper bound honoured for an upstream's `Retry-After` (default 1h, 1s..=24h).
+    pub max_retry_after: Option<HumanDuration>,
+}
+
+/// A request quota: `per_second` sustained, `burst` at once.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRateLimit {
+    /// Requests per second, sustained (at least 1; required in a named group, default 10 for
+    /// `default_rate_limit`).
+    pub per_second: Option<u32>,
+    /// Requests allowed at once after a quiet period (at least 1; default `per_second`).
+    pub burst: Option<u32>,
+}
+
+/// `[stream_defaults]`: values used by every stream that does not set the key itself.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawStreamDefaults {
+    /// Time between polls (default 5s).
+    pub interval: Option<HumanDuration>,
+    /// Timeout of one whole poll request (default 10s).
+    pub timeout: Option<HumanDuration>,
+    /// Largest upstream body accepted (default 16 MiB).
+    pub max_body: Option<ByteCount>,
+    /// How bodies are decoded (default `"json"`).
+    pub format: Option<Format>,
+    /// Recent changes kept for resuming subscribers (default 1000).
+    pub history: Option<u64>,
+    /// Headers sent with every poll of every stream; a stream's own header of the same name
+    /// (compared case-insensitively) wins.
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+}
+
+/// One `[[streams]]` entry.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawStream {
+    /// Unique name, served at `/streams/{name}`: letters, digits, `.`, `_`, `-`, at most 64.
+    pub name: String,
+    /// The upstream URL polled (http or https); `${VAR}` is replaced by the environment
+    /// variable `VAR`, `$${` stands for a literal `${`.
+    pub url: String,
+    /// Headers sent with every poll (name → value; `${VAR}` as in `url`).
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    /// Time between polls (100ms..=24h; default from `[stream_defaults]`, else 5s).
+    pub interval: Option<HumanDuration>,
+    /// Timeout of one whole poll request (1ms..=10min; default from `[stream_defaults]`, else 10s).
+    pub timeout: Option<HumanDuration>,
+    /// Largest body accepted: bytes as an integer or a size such as `"16 MiB"`
+    /// (1 KiB..=1 GiB; default from `[stream_defaults]`, else 16 MiB).
+    pub max_body: Option<ByteCount>,
+    /// How the body is decoded (default from `[stream_defaults]`, else `"json"`).
+    pub format: Option<Format>,
+    /// Recent changes kept for resuming subscribers (1..=100000; default from
+    /// `[stream_defaults]`, else 1000).
+    pub history: Option<u64>,
+    /// A named group from `[upstream.rate_limits]`; by default the URL's `host:port`.
+    pub rate_limit_group: Option<String>,
+    /// How changes are computed (`[streams.diff]`).
+    #[serde(default)]
+    pub diff: DiffConfig,
+}
+
+/// A duration written the humantime way: `"500ms"`, `"5s"`, `"1h 30m"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HumanDuration(pub Duration);
+
+/// What a duration key expects, shared by the parser and validation messages.
+pub(crate) const DURATION_EXPECTED: &str = "a duration with a unit such as \"5s\" or \"500ms\"";
+
+impl<'de> Deserialize<'de> for HumanDuration {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct DurationVisitor;
+        impl Visitor<'_> for DurationVisitor {
+            type Value = HumanDuration;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(DURATION_EXPECTED)
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                humantime::parse_duration(v.trim())
+                    .map(HumanDuration)
+                    .map_err(|e| E::custom(format!("expected {DURATION_EXPECTED}, got {v:?} ({e})")))
+            }
+        }
+        deserializer.deserialize_str(DurationVisitor)
+    }
+}
+
+impl fmt::Display for HumanDuration {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", humantime::format_duration(self.0))
+    }
+}
+
+/// A size in bytes: an integer (`1048576`) or a size string (`"16 MiB"`, `"512 KB"`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ByteCount(pub u64);
+
+const BYTES_EXPECTED: &str = "a size in bytes: an integer or a string such as \"16 MiB\"";
+
+impl<'de> Deserialize<'de> for ByteCount {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct BytesVisitor;
+        impl Visitor<'_> for BytesVisitor {
+            type Value = ByteCount;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(BYTES_EXPECTED)
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Self::Value, E> {
+                Ok(ByteCount(v))
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Self::Value, E> {
+                u64::try_from(v)
+                    .map(ByteCount)
+                    .map_err(|_| E::custom(format!("expected {BYTES_EXPECTED}, got {v}")))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                let trimmed = v.trim();
+                if let Ok(n) = trimmed.parse::<u64>() {
+                    return Ok(ByteCount(n));
+                }
+                trimmed
+                    .parse::<bytesize::ByteSize>()
+                    .map(|size| ByteCount(size.as_u64()))
+                    .map_err(|e| E::custom(format!("expected {BYTES_EXPECTED}, got {v:?} ({e})")))
+            }
+        }
+        deserializer.deserialize_any(BytesVisitor)
+    }
+}
+
+impl fmt::Display for ByteCount {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", bytesize::ByteSize::b(self.0).display().iec())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse_humantime_strings_and_reject_bare_numbers() {
+        let d: HumanDuration = serde_json::from_str("\"1h 30m\"").unwrap();
+        assert_eq!(d.0, Duration::from_secs(5400));
+        let d: HumanDuration = serde_json::from_str("\"500ms\"").unwrap();
+        assert_eq!(d.0, Duration::from_millis(500));
+        let err = serde_json::from_str::<HumanDuration>("\"5\"").unwrap_err();
+        assert!(err.to_string().contains("expected a duration"), "{err}");
+        let err = serde_json::from_str::<HumanDuration>("5").unwrap_err();
+        assert!(err.to_string().contains("a duration with a unit"), "{err}");
+    }
+
+    #[test]
+    fn byte_counts_accept_integers_and_size_strings() {
+        let b: ByteCount = serde_json::from_str("2048").unwrap();
+        assert_eq!(b.0, 2048);
+        let b: ByteCount = serde_json::from_str("\"16 MiB\"").unwrap();
+        assert_eq!(b.0, 16 * 1024 * 1024);
+        let b: ByteCount = serde_json::from_str("\"512KB\"").unwrap();
+        assert_eq!(b.0, 512_000);
+        let b: ByteCount = serde_json::from_str("\"4096\"").unwrap();
+        assert_eq!(b.0, 4096);
+        let err = serde_json::from_str::<ByteCount>("-1").unwrap_err();
+        assert!(err.to_string().contains("a size in bytes"), "{err}");
+        let err = serde_json::from_str::<ByteCount>("\"lots\"").unwrap_err();
+        assert!(err.to_string().contains("a size in bytes"), "{err}");
+        let err = serde_json::from_str::<ByteCount>("1.5").unwrap_err();
+        assert!(err.to_string().contains("a size in bytes"), "{err}");
+    }
+}

@@ -1,0 +1,844 @@
+//! Pure validation: [`RawConfig`] in, [`Config`] or every problem out. No I/O; the environment
+//! is read only through the `env` lookup passed in (for `${VAR}` references).
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::num::NonZeroU32;
+use std::path::Path;
+use std::time::Duration;
+
+use http::header::{HeaderName, HeaderValue};
+use http::HeaderMap;
+use url::Url;
+
+use super::error::{ConfigError, Problems};
+use super::interpolate::{interpolate, references};
+use super::model::{
+    BackoffSettings, Config, Cors, LogFormat, LogSettings, RateLimit, ServerSettings,
+    StreamSettings, UpstreamSettings,
+};
+use super::raw::{
+    DURATION_EXPECTED, HumanDuration, RawBackoff, RawConfig, RawCors, RawLog, RawLogFormat,
+    RawRateLimit, RawServer, RawStream, RawStreamDefaults, RawUpstream,
+};
+use crate::upstream::decode::Format;
+
+/// Built-in defaults, used when neither the file nor the environment sets a key.
+pub mod defaults {
+    use std::time::Duration;
+
+    /// `server.listen`.
+    pub const LISTEN: &str = "127.0.0.1:8080";
+    /// `server.keepalive`.
+    pub const KEEPALIVE: Duration = Duration::from_secs(15);
+    /// `server.retry`.
+    pub const RETRY: Duration = Duration::from_secs(2);
+    /// `server.subscriber_buffer`.
+    pub const SUBSCRIBER_BUFFER: u64 = 256;
+    /// `server.stall_timeout`.
+    pub const STALL_TIMEOUT: Duration = Duration::from_secs(30);
+    /// `server.shutdown_grace`.
+    pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+    /// `log.level`.
+    pub const LOG_LEVEL: &str = "info";
+    /// `upstream.user_agent`.
+    pub const USER_AGENT: &str = concat!("patchwire/", env!("CARGO_PKG_VERSION"));
+    /// `upstream.default_rate_limit.per_second` (and its burst).
+    pub const RATE_PER_SECOND: u32 = 10;
+    /// `upstream.backoff.initial`.
+    pub const BACKOFF_INITIAL: Duration = Duration::from_secs(1);
+    /// `upstream.backoff.max`.
+    pub const BACKOFF_MAX: Duration = Duration::from_secs(5 * 60);
+    /// `upstream.backoff.multiplier`.
+    pub const BACKOFF_MULTIPLIER: f64 = 2.0;
+    /// `upstream.backoff.jitter`.
+    pub const BACKOFF_JITTER: f64 = 0.2;
+    /// `upstream.backoff.max_retry_after`.
+    pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
+    /// `interval` of a stream.
+    pub const INTERVAL: Duration = Duration::from_secs(5);
+    /// `timeout` of a stream.
+    pub const TIMEOUT: Duration = Duration::from_secs(10);
+    /// `max_body` of a stream, in bytes.
+    pub const MAX_BODY: u64 = 16 * 1024 * 1024;
+    /// `history` of a stream.
+    pub const HISTORY: u64 = 1000;
+}
+
+/// Inclusive bounds of the numeric and duration keys.
+pub mod limits {
+    use std::time::Duration;
+
+    /// `interval`.
+    pub const INTERVAL: (Duration, Duration) =
+        (Duration::from_millis(100), Duration::from_secs(24 * 3600));
+    /// `timeout`.
+    pub const TIMEOUT: (Duration, Duration) = (Duration::from_millis(1), Duration::from_secs(600));
+    /// `server.keepalive`.
+    pub const KEEPALIVE: (Duration, Duration) = (Duration::from_secs(1), Duration::from_secs(600));
+    /// `server.retry`.
+    pub const RETRY: (Duration, Duration) = (Duration::from_millis(100), Duration::from_secs(600));
+    /// `server.stall_timeout`.
+    pub const STALL_TIMEOUT: (Duration, Duration) =
+        (Duration::from_secs(1), Duration::from_secs(3600));
+    /// `server.shutdown_grace`.
+    pub const SHUTDOWN_GRACE: (Duration, Duration) = (Duration::ZERO, Duration::from_secs(600));
+    /// `upstream.backoff.initial`.
+    pub const BACKOFF_INITIAL: (Duration, Duration) =
+        (Duration::from_millis(1), Duration::from_secs(3600));
+    /// `upstream.backoff.max` (and at least `initial`).
+    pub const BACKOFF_MAX: (Duration, Duration) =
+        (Duration::from_millis(1), Duration::from_secs(24 * 3600));
+    /// `upstream.backoff.max_retry_after`.
+    pub const MAX_RETRY_AFTER: (Duration, Duration) =
+        (Duration::from_secs(1), Duration::from_secs(24 * 3600));
+    /// `upstream.backoff.multiplier`: greater than the first, at most the second.
+    pub const BACKOFF_MULTIPLIER: (f64, f64) = (1.0, 10.0);
+    /// `max_body`, in bytes.
+    pub const MAX_BODY: (u64, u64) = (1024, 1024 * 1024 * 1024);
+    /// `history`.
+    pub const HISTORY: (u64, u64) = (1, 100_000);
+    /// `server.subscriber_buffer`.
+    pub const SUBSCRIBER_BUFFER: (u64, u64) = (1, 65_536);
+}
+
+/// Validates `raw` (loaded from `source`, if any), resolving `${VAR}` references through `env`.
+///
+/// Every problem is collected; the error lists them all with their keys.
+pub fn validate(
+    raw: RawConfig,
+    source: Option<&Path>,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Config, ConfigError> {
+    let mut problems = Problems::default();
+    let server = server(&raw.server, &mut problems);
+    let log = log(&raw.log, &mut problems);
+    let upstream = upstream(&raw.upstream, &mut problems);
+    let simulator = raw
+        .simulator
+        .as_ref()
+        .and_then(|sim| sim.validate("simulator", &mut problems));
+    if let Some(sim) = &simulator {
+        if sim.listen == server.listen && sim.listen.port() != 0 {
+            problems.push(
+                "simulator.listen",
+                format!(
+                    "expected an address other than server.listen, both are {}",
+                    sim.listen
+                ),
+            );
+        }
+    }
+    let defaults = stream_defaults(&raw.stream_defaults, env, &mut problems);
+    let streams = streams(&raw.streams, &defaults, &upstream, env, &mut problems);
+    problems.finish(
+        source,
+        Config {
+            source: source.map(Path::to_path_buf),
+            server,
+            log,
+            upstream,
+            simulator,
+            streams,
+        },
+    )
+}
+
+fn fmt_duration(d: Duration) -> String {
+    humantime::format_duration(d).to_string()
+}
+
+/// `value` when it lies within `bounds`, recording a problem otherwise.
+fn duration_in(
+    problems: &mut Problems,
+    key: &str,
+    value: Option<HumanDuration>,
+    default: Duration,
+    (min, max): (Duration, Duration),
+) -> Duration {
+    let Some(HumanDuration(value)) = value else {
+        return default;
+    };
+    if value < min || value > max {
+        problems.push(
+            key,
+            format!(
+                "expected {DURATION_EXPECTED} between {} and {}, got \"{}\"",
+                fmt_duration(min),
+                fmt_duration(max),
+                fmt_duration(value)
+            ),
+        );
+    }
+    value
+}
+
+fn integer_in(
+    problems: &mut Problems,
+    key: &str,
+    value: Option<u64>,
+    default: u64,
+    (min, max): (u64, u64),
+) -> u64 {
+    let value = value.unwrap_or(default);
+    if value < min || value > max {
+        problems.push(
+            key,
+            format!("expected an integer from {min} to {max}, got {value}"),
+        );
+    }
+    value
+}
+
+fn listen_address(problems: &mut Problems, key: &str, value: &str) -> Option<SocketAddr> {
+    match value.trim().parse::<SocketAddr>() {
+        Ok(addr) => Some(addr),
+        Err(_) => {
+            problems.push(
+                key,
+                format!(
+                    "expected an IP address and port such as \"127.0.0.1:8080\" or \"[::]:8080\", \
+                     got {value:?}"
+                ),
+            );
+            None
+        }
+    }
+}
+
+fn server(raw: &RawServer, problems: &mut Problems) -> ServerSettings {
+    let listen = raw
+        .listen
+        .as_deref()
+        .and_then(|l| listen_address(problems, "server.listen", l))
+        .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8080)));
+    let subscriber_buffer = integer_in(
+        problems,
+        "server.subscriber_buffer",
+        raw.subscriber_buffer,
+        defaults::SUBSCRIBER_BUFFER,
+        limits::SUBSCRIBER_BUFFER,
+    );
+    ServerSettings {
+        listen,
+        keepalive: duration_in(
+            problems,
+            "server.keepalive",
+            raw.keepalive,
+            defaults::KEEPALIVE,
+            limits::KEEPALIVE,
+        ),
+        retry_hint: duration_in(
+            problems,
+            "server.retry",
+            raw.retry,
+            defaults::RETRY,
+            limits::RETRY,
+        ),
+        subscriber_buffer: usize::try_from(subscriber_buffer).unwrap_or(usize::MAX),
+        stall_timeout: duration_in(
+            problems,
+            "server.stall_timeout",
+            raw.stall_timeout,
+            defaults::STALL_TIMEOUT,
+            limits::STALL_TIMEOUT,
+        ),
+        shutdown_grace: duration_in(
+            problems,
+            "server.shutdown_grace",
+            raw.shutdown_grace,
+            defaults::SHUTDOWN_GRACE,
+            limits::SHUTDOWN_GRACE,
+        ),
+        cors: cors(raw.cors.as_ref(), problems),
+    }
+}
+
+fn cors(raw: Option<&RawCors>, problems: &mut Problems) -> Cors {
+    let Some(origins) = raw.and_then(|c| c.allow_origins.as_ref()) else {
+        return Cors::AnyOrigin;
+    };
+    if origins.is_empty() {
+        return Cors::Disabled;
+    }
+    if origins.iter().any(|o| o == "*") {
+        if origins.len() > 1 {
+            problems.push(
+                "server.cors.allow_origins",
+                "expected either [\"*\"] alone or a list of origins, got \"*\" among other origins",
+            );
+        }
+        return Cors::AnyOrigin;
+    }
+    let mut allowed = Vec::with_capacity(origins.len());
+    for (i, origin) in origins.iter().enumerate() {
+        match parse_origin(origin) {
+            Ok(value) => allowed.push(value),
+            Err(message) => problems.push(format!("server.cors.allow_origins[{i}]"), message),
+        }
+    }
+    Cors::Origins(allowed)
+}
+
+fn parse_origin(origin: &str) -> Result<HeaderValue, String> {
+    const EXPECTED: &str =
+        "expected an origin: scheme, host and optional port, such as \"https://app.example.com\"";
+    let url = Url::parse(origin).map_err(|e| format!("{EXPECTED}, got {origin:?} ({e})"))?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err(format!(
+            "{EXPECTED}, got {origin:?} (scheme must be http or https)"
+        ));
+    }
+    let canonical = url.origin().ascii_serialization();
+    if canonical != origin {
+        return Err(format!(
+            "{EXPECTED}, got {origin:?} (an origin has no path, query or trailing slash and is \
+             lowercase; did you mean {canonical:?}?)"
+        ));
+    }
+    HeaderValue::from_str(&canonical).map_err(|_| format!("{EXPECTED}, got {origin:?}"))
+}
+
+fn log(raw: &RawLog, problems: &mut Problems) -> LogSettings {
+    let format = match raw.format {
+        None | Some(RawLogFormat::Plain) => LogFormat::Plain,
+        Some(RawLogFormat::Json) => LogFormat::Json,
+    };
+    let filter = raw
+        .level
+        .as_deref()
+        .map(str::trim)
+        .unwrap_or(defaults::LOG_LEVEL)
+        .to_owned();
+    if let Err(message) = check_log_filter(&filter) {
+        problems.push("log.level", message);
+    }
+    LogSettings { format, filter }
+}
+
+const LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
+
+/// A filter is a comma-separated list of levels and `target=level` directives. A bare word that
+/// is not a level would silently be read as a target by `EnvFilter`, hiding typos like `"inf"`.
+fn check_log_filter(filter: &str) -> Result<(), String> {
+    const EXPECTED: &str = "expected a level (trace, debug, info, warn, error, off) or \
+                            comma-separated directives such as \"info,patchwire=debug\"";
+    let directives: Vec<&str> = filter.split(',').map(str::trim).collect();
+    for directive in &directives {
+        let bare_level = LEVELS.contains(&directive.to_ascii_lowercase().as_str());
+        let targeted = directive.contains('=') || directive.contains('[');
+        if !bare_level && !targeted {
+            return Err(format!("{EXPECTED}, got {filter:?}"));
+        }
+    }
+    tracing_subscriber::EnvFilter::builder()
+        .parse(filter)
+        .map(|_| ())
+        .map_err(|e| format!("{EXPECTED}, got {filter:?} ({e})"))
+}
+
+/// Names of streams and rate-limit groups: `^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$`.
+pub fn is_valid_name(name: &str) -> bool {
+    let bytes = name.as_bytes();
+    !bytes.is_empty()
+        && bytes.len() <= 64
+        && bytes[0].is_ascii_alphanumeric()
+        && bytes
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+const NAME_EXPECTED: &str = "expected 1 to 64 letters, digits, '.', '_' or '-', starting with a \
+                             letter or digit";
+
+fn upstream(raw: &RawUpstream, problems: &mut Problems) -> UpstreamSettings {
+    let user_agent = raw
+        .user_agent
+        .clone()
+        .unwrap_or_else(|| defaults::USER_AGENT.to_owned());
+    if user_agent.trim().is_empty() || HeaderValue::from_str(&user_agent).is_err() {
+        problems.push(
+            "upstream.user_agent",
+            format!(
+                "expected a non-empty header value without control characters, got {user_agent:?}"
+            ),
+        );
+    }
+    let default = RawRateLimit {
+        per_second: Some(defaults::RATE_PER_SECOND),
+        burst: None,
+    };
+    let default_rate_limit = rate_limit(
+        problems,
+        "upstream.default_rate_limit",
+        raw.default_rate_limit.as_ref().unwrap_or(&default),
+        defaults::RATE_PER_SECOND,
+    );
+    let mut rate_limits = BTreeMap::new();
+    for (name, limit) in &raw.rate_limits {
+        let key = format!("upstream.rate_limits.{name}");
+        if !is_valid_name(name) {
+            problems.push(
+                key.clone(),
+                format!("{NAME_EXPECTED} as a group name, got {name:?}"),
+            );
+        }
+        if limit.per_second.is_none() {
+            problems.push(
+                format!("{key}.per_second"),
+                "missing required key: expected the requests per second allowed for this group",
+            );
+        }
+        let limit = rate_limit(problems, &key, limit, defaults::RATE_PER_SECOND);
+        rate_limits.insert(name.clone(), limit);
+    }
+    UpstreamSettings {
+        user_agent,
+        default_rate_limit,
+        rate_limits,
+        backoff: backoff(&raw.backoff, problems),
+    }
+}
+
+fn rate_limit(
+    problems: &mut Problems,
+    key: &str,
+    raw: &RawRateLimit,
+    default_per_second: u32,
+) -> RateLimit {
+    let nonzero = |problems: &mut Problems, field: &str, value: u32| {
+        NonZeroU32::new(value).unwrap_or_else(|| {
+            problems.push(
+                format!("{key}.{field}"),
+                "expected at least 1 request, got 0 (remove the stream to stop polling)",
+            );
+            NonZeroU32::MIN
+        })
+    };
+    let per_second = nonzero(
+        problems,
+        "per_second",
+        raw.per_second.unwrap_or(default_per_second),
+    );
+    let burst = match raw.burst {
+        Some(burst) => nonzero(problems, "burst", burst),
+        None => per_second,
+    };
+    RateLimit { per_second, burst }
+}
+
+fn backoff(raw: &RawBackoff, problems: &mut Problems) -> BackoffSettings {
+    let initial = duration_in(
+        problems,
+        "upstream.backoff.initial",
+        raw.initial,
+        defaults::BACKOFF_INITIAL,
+        limits::BACKOFF_INITIAL,
+    );
+    let max = duration_in(
+        problems,
+        "upstream.backoff.max",
+        raw.max,
+        defaults::BACKOFF_MAX,
+        limits::BACKOFF_MAX,
+    );
+    if max < initial {
+        problems.push(
+            "upstream.backoff.max",
+            format!(
+                "expected at least upstream.backoff.initial ({}), got \"{}\"",
+                fmt_duration(initial),
+                fmt_duration(max)
+            ),
+        );
+    }
+    let multiplier = raw.multiplier.unwrap_or(defaults::BACKOFF_MULTIPLIER);
+    let (low, high) = limits::BACKOFF_MULTIPLIER;
+    if !(multiplier > low && multiplier <= high) {
+        problems.push(
+            "upstream.backoff.multiplier",
+            format!("expected a number greater than {low} and at most {high}, got {multiplier}"),
+        );
+    }
+    let jitter = raw.jitter.unwrap_or(defaults::BACKOFF_JITTER);
+    if !(0.0..=1.0).contains(&jitter) {
+        problems.push(
+            "upstream.backoff.jitter",
+            format!("expected a fraction from 0 to 1, got {jitter}"),
+        );
+    }
+    let max_retry_after = duration_in(
+        problems,
+        "upstream.backoff.max_retry_after",
+        raw.max_retry_after,
+        defaults::MAX_RETRY_AFTER,
+        limits::MAX_RETRY_AFTER,
+    );
+    BackoffSettings {
+        initial,
+        max,
+        multiplier,
+        jitter,
+        max_retry_after,
+    }
+}
+
+/// `[stream_defaults]` after validation, with built-in defaults filled in.
+struct StreamDefaults {
+    interval: Duration,
+    timeout: Duration,
+    max_body: u64,
+    format: Format,
+    history: u64,
+    headers: HeaderMap,
+}
+
+fn stream_defaults(
+    raw: &RawStreamDefaults,
+    env: &dyn Fn(&str) -> Option<String>,
+    problems: &mut Problems,
+) -> StreamDefaults {
+    StreamDefaults {
+        interval: duration_in(
+            problems,
+            "stream_defaults.interval",
+            raw.interval,
+            defaults::INTERVAL,
+            limits::INTERVAL,
+        ),
+        timeout: duration_in(
+            problems,
+            "stream_defaults.timeout",
+            raw.timeout,
+            defaults::TIMEOUT,
+            limits::TIMEOUT,
+        ),
+        max_body: max_body(
+            problems,
+            "stream_defaults.max_body",
+            raw.max_body.map(|b| b.0),
+            defaults::MAX_BODY,
+        ),
+        format: raw.format.unwrap_or_default(),
+        history: integer_in(
+            problems,
+            "stream_defaults.history",
+            raw.history,
+            defaults::HISTORY,
+            limits::HISTORY,
+        ),
+        headers: headers(problems, "stream_defaults.headers", &raw.headers, env),
+    }
+}
+
+fn max_body(problems: &mut Problems, key: &str, value: Option<u64>, default: u64) -> u64 {
+    let value = value.unwrap_or(default);
+    let (min, max) = limits::MAX_BODY;
+    if value < min || value > max {
+        problems.push(
+            key,
+            format!(
+                "expected a size from 1 KiB to 1 GiB (1024 to 1073741824 bytes), got {value} bytes"
+            ),
+        );
+    }
+    value
+}
+
+/// The key of one header in messages; quoted when the name holds characters that would make the
+/// dotted path ambiguous.
+fn header_key(table: &str, name: &str) -> String {
+    if name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_'))
+    {
+        format!("{table}.{name}")
+    } else {
+        format!("{table}.{name:?}")
+    }
+}
+
+/// Headers whose values are credentials: never logged, and marked sensitive.
+fn is_credential(name: &HeaderName) -> bool {
+    matches!(
+        name.as_str(),
+        "authorization" | "proxy-authorization" | "cookie" | "x-api-key" | "api-key"
+    )
+}
+
+fn headers(
+    problems: &mut Problems,
+    table: &str,
+    raw: &BTreeMap<String, String>,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> HeaderMap {
+    let mut map = HeaderMap::with_capacity(raw.len());
+    let mut seen: HashMap<HeaderName, &str> = HashMap::new();
+    for (name, template) in raw {
+        let key = header_key(table, name);
+        let header = match HeaderName::from_bytes(name.as_bytes()) {
+            Ok(header) => header,
+            Err(_) => {
+                problems.push(
+                    key,
+                    format!(
+                        "expected a header name of letters, digits and !#$%&'*+-.^_`|~, got {name:?}"
+                    ),
+                );
+                continue;
+            }
+        };
+        if let Some(first) = seen.insert(header.clone(), name) {
+            problems.push(
+                key,
+                format!(
+                    "header {name:?} is set twice in this table (also as {first:?}); header names \
+                     are case-insensitive"
+                ),
+            );
+            continue;
+        }
+        let resolved = match interpolate(template, env) {
+            Ok(resolved) => resolved,
+            Err(e) => {
+                problems.push(key, format!("the value {e}"));
+                continue;
+            }
+        };
+        // The resolved value may be a secret: messages show only the template.
+        match HeaderValue::from_str(&resolved) {
+            Ok(mut value) => {
+                if is_credential(&header) || !references(template).is_empty() {
+                    value.set_sensitive(true);
+                }
+                map.insert(header, value);
+            }
+            Err(_) => {
+                let from_env = if references(template).is_empty() {
+                    ""
+                } else {
+                    " after replacing ${VAR} references"
+                };
+                problems.push(
+                    key,
+                    format!(
+                        "expected a header value of visible ASCII characters and spaces (no line \
+                         breaks or control characters), got {template:?}{from_env}"
+                    ),
+                );
+            }
+        }
+    }
+    map
+}
+
+const URL_EXPECTED: &str =
+    "expected an absolute http or https URL such as \"https://api.example.com/v1/vehicles\"";
+
+fn stream_url(
+    problems: &mut Problems,
+    key: &str,
+    template: &str,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Option<Url> {
+    let resolved = match interpolate(template, env) {
+        Ok(resolved) => resolved,
+        Err(e) => {
+            problems.push(key, format!("the URL {e}"));
+            return None;
+        }
+    };
+    // Messages show the template, never the resolved URL, which may hold a secret.
+    let url = match Url::parse(resolved.trim()) {
+        Ok(url) => url,
+        Err(e) => {
+            problems.push(key, format!("{URL_EXPECTED}, got {template:?} ({e})"));
+            return None;
+        }
+    };
+    if !matches!(url.scheme(), "http" | "https") {
+        problems.push(
+            key,
+            format!(
+                "{URL_EXPECTED}, got {template:?} (scheme {:?} is not http or https)",
+                url.scheme()
+            ),
+        );
+        return None;
+    }
+    if url.host_str().is_none_or(str::is_empty) {
+        problems.push(key, format!("{URL_EXPECTED}, got {template:?} (no host)"));
+        return None;
+    }
+    Some(url)
+}
+
+/// The rate-limit group a stream joins when it names none: its upstream's `host:port`.
+pub fn host_group(url: &Url) -> String {
+    let host = url.host_str().unwrap_or_default();
+    match url.port_or_known_default() {
+        Some(port) => format!("{host}:{port}"),
+        None => host.to_owned(),
+    }
+}
+
+fn streams(
+    raw: &[RawStream],
+    defaults: &StreamDefaults,
+    upstream: &UpstreamSettings,
+    env: &dyn Fn(&str) -> Option<String>,
+    problems: &mut Problems,
+) -> Vec<StreamSettings> {
+    if raw.is_empty() {
+        problems.push(
+            "streams",
+            "expected at least one [[streams]] entry (a stream needs at least `name` and `url`)",
+        );
+    }
+    let mut first_index: HashMap<&str, usize> = HashMap::new();
+    let mut streams = Vec::with_capacity(raw.len());
+    for (i, stream) in raw.iter().enumerate() {
+        let key = format!("streams[{i}]");
+        let before = problems.len();
+        if !is_valid_name(&stream.name) {
+            problems.push(
+                format!("{key}.name"),
+                format!("{NAME_EXPECTED}, got {:?}", stream.name),
+            );
+        } else if let Some(first) = first_index.insert(&stream.name, i) {
+            first_index.insert(&stream.name, first);
+            problems.push(
+                format!("{key}.name"),
+                format!(
+                    "expected a unique name, but {:?} is also the name of streams[{first}]",
+                    stream.name
+                ),
+            );
+        }
+        let url = stream_url(problems, &format!("{key}.url"), &stream.url, env);
+        let interval = duration_in(
+            problems,
+            &format!("{key}.interval"),
+            stream.interval,
+            defaults.interval,
+            limits::INTERVAL,
+        );
+        let timeout = duration_in(
+            problems,
+            &format!("{key}.timeout"),
+            stream.timeout,
+            defaults.timeout,
+            limits::TIMEOUT,
+        );
+        let max_body_bytes = match stream.max_body {
+            Some(bytes) => max_body(problems, &format!("{key}.max_body"), Some(bytes.0), 0),
+            None => defaults.max_body,
+        };
+        let history = match stream.history {
+            Some(history) => integer_in(
+                problems,
+                &format!("{key}.history"),
+                Some(history),
+                0,
+                limits::HISTORY,
+            ),
+            None => defaults.history,
+        };
+        let own_headers = headers(
+            problems,
+            &format!("{key}.headers"),
+            &stream.headers,
+            env,
+        );
+        // The stream's own headers replace defaults of the same name.
+        let mut headers = defaults.headers.clone();
+        for (name, value) in &own_headers {
+            headers.insert(name.clone(), value.clone());
+        }
+        let rate_limit_group = match (&stream.rate_limit_group, &url) {
+            (Some(group), _) => {
+                if !upstream.rate_limits.contains_key(group) {
+                    let known: Vec<&str> =
+                        upstream.rate_limits.keys().map(String::as_str).collect();
+                    let known = if known.is_empty() {
+                        "none are defined".to_owned()
+                    } else {
+                        format!("defined groups: {}", known.join(", "))
+                    };
+                    problems.push(
+                        format!("{key}.rate_limit_group"),
+                        format!(
+                            "expected the name of an [upstream.rate_limits.<group>] table, got \
+                             {group:?} ({known})"
+                        ),
+                    );
+                }
+                group.clone()
+            }
+            (None, Some(url)) => host_group(url),
+            (None, None) => String::new(),
+        };
+        let diff = stream.diff.validate(&format!("{key}.diff"), problems);
+        if let (Some(url), Some(diff)) = (url, diff) {
+            if problems.len() == before {
+                streams.push(StreamSettings {
+                    name: stream.name.clone(),
+                    url,
+                    headers,
+                    interval,
+                    timeout,
+                    max_body_bytes,
+                    format: stream.format.unwrap_or(defaults.format),
+                    history: usize::try_from(history).unwrap_or(usize::MAX),
+                    rate_limit_group,
+                    diff,
+                });
+            }
+        }
+    }
+    streams
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_follow_the_documented_pattern() {
+        for ok in ["fleet", "a", "A.b_c-1", "9", &"x".repeat(64)] {
+            assert!(is_valid_name(ok), "{ok}");
+        }
+        for bad in ["", "-a", ".a", "_a", "a b", "a/b", "é", "a:1", &"x".repeat(65)] {
+            assert!(!is_valid_name(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn host_group_defaults_the_port_by_scheme() {
+        let url = |s: &str| Url::parse(s).unwrap();
+        assert_eq!(host_group(&url("https://api.example.com/x")), "api.example.com:443");
+        assert_eq!(host_group(&url("http://api.example.com/x")), "api.example.com:80");
+        assert_eq!(host_group(&url("http://127.0.0.1:8081/feeds")), "127.0.0.1:8081");
+        assert_eq!(host_group(&url("http://[::1]:9000/")), "[::1]:9000");
+    }
+
+    #[test]
+    fn log_filters_reject_typos_that_envfilter_would_accept() {
+        assert!(check_log_filter("info").is_ok());
+        assert!(check_log_filter("INFO").is_ok());
+        assert!(check_log_filter("warn,patchwire=debug").is_ok());
+        assert!(check_log_filter("inf").is_err());
+        assert!(check_log_filter("info,").is_err());
+        assert!(check_log_filter("patchwire=loud").is_err());
+    }
+
+    #[test]
+    fn origins_must_be_canonical() {
+        assert!(parse_origin("https://app.example.com").is_ok());
+        assert!(parse_origin("http://localhost:3000").is_ok());
+        let err = parse_origin("https://app.example.com/").unwrap_err();
+        assert!(err.contains("did you mean \"https://app.example.com\""), "{err}");
+        assert!(parse_origin("ftp://example.com").is_err());
+        assert!(parse_origin("example.com").is_err());
+    }
+}
