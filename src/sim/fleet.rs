@@ -126,9 +126,10 @@ fn fraction(value: f64) -> f64 {
 
 impl Fleet {
     /// The fleet at tick 0. An unset `epoch_seconds` is taken as now, rounded to the second;
-    /// set it for timestamps that repeat from run to run. Settings are used as given (they
-    /// need not have been validated): fractions are clamped to 0..=1 and at least one route
-    /// is laid out.
+    /// set it for timestamps that repeat from run to run. Settings need not have been
+    /// validated: fractions are clamped to 0..=1 (NaN counts as 0), at least one route is laid
+    /// out, and no tick length overflows. Sizes are taken as given, so memory grows with
+    /// `vehicles` and `routes` (validation caps them at 1,000,000 and 10,000).
     pub fn new(settings: &FeedSettings) -> Fleet {
         let epoch = settings.epoch_seconds.unwrap_or_else(now_epoch_seconds);
         Fleet::with_epoch(settings, epoch)
@@ -150,7 +151,7 @@ impl Fleet {
             churn: fraction(settings.churn),
             trips: vec![0; routes.len()],
             routes,
-            vehicles: Vec::with_capacity(settings.vehicles),
+            vehicles: Vec::with_capacity(settings.vehicles.min(1 << 20)),
             next_id: 1,
             tick: 0,
         };
@@ -184,7 +185,7 @@ impl Fleet {
     /// Unix seconds of tick `tick`: the epoch plus `tick` ticks, rounded down to the second
     /// (saturating; several sub-second ticks share a second).
     pub fn timestamp_of(&self, tick: u64) -> u64 {
-        let nanos = u128::from(tick) * self.settings.tick.as_nanos() / 1_000_000_000;
+        let nanos = u128::from(tick).saturating_mul(self.settings.tick.as_nanos()) / 1_000_000_000;
         self.epoch
             .saturating_add(u64::try_from(nanos).unwrap_or(u64::MAX))
     }
@@ -693,6 +694,10 @@ mod tests {
         assert_eq!(fleet.timestamp_of(u64::MAX), 1_700_000_000 + u64::MAX / 4);
         s.tick = Duration::from_secs(3600);
         assert_eq!(Fleet::new(&s).timestamp_of(u64::MAX), u64::MAX);
+        s.tick = Duration::MAX;
+        assert_eq!(Fleet::new(&s).timestamp_of(u64::MAX), u64::MAX);
+        s.tick = Duration::ZERO;
+        assert_eq!(Fleet::new(&s).timestamp_of(u64::MAX), 1_700_000_000);
     }
 
     #[test]
