@@ -212,3 +212,198 @@ impl SimulatorConfig {
         Some(SimulatorSettings { listen, feeds })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+    use crate::config::Problems;
+
+    fn parse(value: serde_json::Value) -> SimulatorConfig {
+        match serde_json::from_value(value) {
+            Ok(config) => config,
+            Err(e) => panic!("test config does not parse: {e}"),
+        }
+    }
+
+    /// Validates and returns the settings and the problems as `(key, message)` pairs.
+    fn check(value: serde_json::Value) -> (Option<SimulatorSettings>, Vec<(String, String)>) {
+        let mut problems = Problems::default();
+        let settings = parse(value).validate("simulator", &mut problems);
+        let listed = match problems.finish(None, ()) {
+            Ok(()) => Vec::new(),
+            Err(e) => e.problems.into_iter().map(|p| (p.key, p.message)).collect(),
+        };
+        (settings, listed)
+    }
+
+    #[test]
+    fn defaults_fill_every_omitted_key() {
+        let (settings, problems) =
+            check(json!({ "listen": "127.0.0.1:8081", "feeds": [{ "name": "fleet" }] }));
+        assert_eq!(problems, []);
+        let settings = settings.expect("valid");
+        assert_eq!(settings.listen, "127.0.0.1:8081".parse().expect("address"));
+        assert_eq!(
+            settings.feeds,
+            [FeedSettings {
+                name: "fleet".into(),
+                seed: 1,
+                vehicles: 100,
+                routes: 8,
+                tick: Duration::from_secs(1),
+                move_fraction: 0.3,
+                churn: 0.02,
+                epoch_seconds: None,
+            }]
+        );
+    }
+
+    #[test]
+    fn every_key_is_carried_over() {
+        let (settings, problems) = check(json!({
+            "listen": "[::1]:0",
+            "feeds": [
+                { "name": "a", "seed": 9, "vehicles": 100000, "routes": 40, "tick": "250ms",
+                  "move_fraction": 1.0, "churn": 0.0, "epoch": 1700000000 },
+                { "name": "b.2_x-y" },
+            ],
+        }));
+        assert_eq!(problems, []);
+        let feeds = settings.expect("valid").feeds;
+        assert_eq!(
+            feeds[0],
+            FeedSettings {
+                name: "a".into(),
+                seed: 9,
+                vehicles: 100_000,
+                routes: 40,
+                tick: Duration::from_millis(250),
+                move_fraction: 1.0,
+                churn: 0.0,
+                epoch_seconds: Some(1_700_000_000),
+            }
+        );
+        assert_eq!(feeds[1].name, "b.2_x-y");
+    }
+
+    #[test]
+    fn each_bad_value_is_reported_at_its_key() {
+        let cases = [
+            (
+                json!({ "listen": "localhost" }),
+                "simulator.listen",
+                "127.0.0.1:8081",
+            ),
+            (
+                json!({ "feeds": [{ "name": "" }] }),
+                "simulator.feeds[0].name",
+                "letters",
+            ),
+            (
+                json!({ "feeds": [{ "name": "a b" }] }),
+                "simulator.feeds[0].name",
+                "\"a b\"",
+            ),
+            (
+                json!({ "feeds": [{ "name": "a" }, { "name": "a" }] }),
+                "simulator.feeds[1].name",
+                "twice",
+            ),
+            (
+                json!({ "feeds": [{ "name": "a", "vehicles": 0 }] }),
+                "simulator.feeds[0].vehicles",
+                "got 0",
+            ),
+            (
+                json!({ "feeds": [{ "name": "a", "vehicles": 1000001 }] }),
+                "simulator.feeds[0].vehicles",
+                "1000000",
+            ),
+            (
+                json!({ "feeds": [{ "name": "a", "routes": 0 }] }),
+                "simulator.feeds[0].routes",
+                "1 to 10000",
+            ),
+            (
+                json!({ "feeds": [{ "name": "a", "tick": "1ms" }] }),
+                "simulator.feeds[0].tick",
+                "10ms and 1h",
+            ),
+            (
+                json!({ "feeds": [{ "name": "a", "tick": "2h" }] }),
+                "simulator.feeds[0].tick",
+                "10ms and 1h",
+            ),
+            (
+                json!({ "feeds": [{ "name": "a", "move_fraction": 1.5 }] }),
+                "simulator.feeds[0].move_fraction",
+                "got 1.5",
+            ),
+            (
+                json!({ "feeds": [{ "name": "a", "churn": -0.1 }] }),
+                "simulator.feeds[0].churn",
+                "got -0.1",
+            ),
+            (
+                json!({ "feeds": [{ "name": "a", "epoch": 300000000000u64 }] }),
+                "simulator.feeds[0].epoch",
+                "300000000000",
+            ),
+            (json!({ "feeds": [] }), "simulator.feeds", "at least one"),
+        ];
+        for (overrides, key, expected) in cases {
+            let mut config = json!({ "listen": "127.0.0.1:8081", "feeds": [{ "name": "ok" }] });
+            for (k, v) in overrides.as_object().expect("an object") {
+                config[k] = v.clone();
+            }
+            let (settings, problems) = check(config.clone());
+            assert!(settings.is_none(), "{config} was accepted");
+            assert_eq!(problems.len(), 1, "{config}: {problems:?}");
+            assert_eq!(problems[0].0, key, "{config}");
+            assert!(
+                problems[0].1.contains(expected),
+                "{config}: {}",
+                problems[0].1
+            );
+        }
+    }
+
+    #[test]
+    fn all_problems_are_reported_together() {
+        let (settings, problems) = check(json!({
+            "listen": "nope",
+            "feeds": [{ "name": "a", "vehicles": 0, "churn": 2.0 }],
+        }));
+        assert!(settings.is_none());
+        let keys: Vec<&str> = problems.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(
+            keys,
+            [
+                "simulator.listen",
+                "simulator.feeds[0].vehicles",
+                "simulator.feeds[0].churn"
+            ]
+        );
+    }
+
+    #[test]
+    fn disabled_simulator_builds_nothing() {
+        let (settings, problems) = check(json!({ "enabled": false, "listen": "127.0.0.1:8081" }));
+        assert_eq!(problems, []);
+        assert!(settings.is_none());
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected() {
+        let err = serde_json::from_value::<SimulatorConfig>(json!({
+            "listen": "127.0.0.1:8081",
+            "feeds": [{ "name": "a", "vehicle": 5 }],
+        }))
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+        assert!(err.contains("unknown field `vehicle`"), "{err}");
+    }
+}

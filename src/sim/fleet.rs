@@ -126,9 +126,10 @@ fn fraction(value: f64) -> f64 {
 
 impl Fleet {
     /// The fleet at tick 0. An unset `epoch_seconds` is taken as now, rounded to the second;
-    /// set it for timestamps that repeat from run to run. Settings are used as given (they
-    /// need not have been validated): fractions are clamped to 0..=1 and at least one route
-    /// is laid out.
+    /// set it for timestamps that repeat from run to run. Settings need not have been
+    /// validated: fractions are clamped to 0..=1 (NaN counts as 0), at least one route is laid
+    /// out, and no tick length overflows. Sizes are taken as given, so memory grows with
+    /// `vehicles` and `routes` (validation caps them at 1,000,000 and 10,000).
     pub fn new(settings: &FeedSettings) -> Fleet {
         let epoch = settings.epoch_seconds.unwrap_or_else(now_epoch_seconds);
         Fleet::with_epoch(settings, epoch)
@@ -150,7 +151,7 @@ impl Fleet {
             churn: fraction(settings.churn),
             trips: vec![0; routes.len()],
             routes,
-            vehicles: Vec::with_capacity(settings.vehicles),
+            vehicles: Vec::with_capacity(settings.vehicles.min(1 << 20)),
             next_id: 1,
             tick: 0,
         };
@@ -184,7 +185,7 @@ impl Fleet {
     /// Unix seconds of tick `tick`: the epoch plus `tick` ticks, rounded down to the second
     /// (saturating; several sub-second ticks share a second).
     pub fn timestamp_of(&self, tick: u64) -> u64 {
-        let nanos = u128::from(tick) * self.settings.tick.as_nanos() / 1_000_000_000;
+        let nanos = u128::from(tick).saturating_mul(self.settings.tick.as_nanos()) / 1_000_000_000;
         self.epoch
             .saturating_add(u64::try_from(nanos).unwrap_or(u64::MAX))
     }
@@ -489,4 +490,399 @@ fn push_decimal(out: &mut Vec<u8>, scaled: i64, decimals: u32) {
         width -= 1;
     }
     push_padded(out, fraction, width);
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::{BTreeMap, HashSet};
+    use std::time::Duration;
+
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn settings(seed: u64, vehicles: usize) -> FeedSettings {
+        FeedSettings {
+            name: "fleet".into(),
+            seed,
+            vehicles,
+            routes: 8,
+            tick: Duration::from_secs(1),
+            move_fraction: 0.3,
+            churn: 0.02,
+            epoch_seconds: Some(1_700_000_000),
+        }
+    }
+
+    fn parse(fleet: &Fleet) -> Value {
+        match serde_json::from_slice(&fleet.to_json()) {
+            Ok(value) => value,
+            Err(e) => panic!("to_json is not JSON at tick {}: {e}", fleet.tick()),
+        }
+    }
+
+    fn vehicles(doc: &Value) -> &Vec<Value> {
+        doc["vehicles"].as_array().expect("vehicles is an array")
+    }
+
+    fn by_id(doc: &Value) -> BTreeMap<String, Value> {
+        vehicles(doc)
+            .iter()
+            .map(|v| {
+                (
+                    v["id"].as_str().expect("id is a string").to_owned(),
+                    v.clone(),
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn same_seed_same_documents_different_seed_different() {
+        let mut a = Fleet::new(&settings(7, 300));
+        let mut b = Fleet::new(&settings(7, 300));
+        let mut c = Fleet::new(&settings(8, 300));
+        for _ in 0..30 {
+            assert_eq!(a.to_json(), b.to_json(), "tick {}", a.tick());
+            assert_ne!(
+                a.document()["vehicles"],
+                c.document()["vehicles"],
+                "tick {}",
+                a.tick()
+            );
+            a.step();
+            b.step();
+            c.step();
+        }
+    }
+
+    #[test]
+    fn state_at_a_tick_does_not_depend_on_the_path_there() {
+        let mut stepped = Fleet::new(&settings(3, 200));
+        for _ in 0..25 {
+            stepped.step();
+        }
+        let mut jumped = Fleet::new(&settings(3, 200));
+        jumped.advance_to(25);
+        assert_eq!(jumped.to_json(), stepped.to_json());
+        let mut back = Fleet::new(&settings(3, 200));
+        back.advance_to(40);
+        back.advance_to(25);
+        assert_eq!(back.tick(), 25);
+        assert_eq!(back.to_json(), stepped.to_json());
+        back.advance_to(0);
+        assert_eq!(back.to_json(), Fleet::new(&settings(3, 200)).to_json());
+    }
+
+    /// Guards the promise that a seed gives the same bytes across releases and dependency
+    /// upgrades. If the model changes on purpose, update the digest and say so in the change log.
+    #[test]
+    fn documents_match_the_recorded_digest() {
+        let mut fleet = Fleet::new(&settings(1, 100));
+        fleet.advance_to(10);
+        let json = fleet.to_json();
+        let digest = json
+            .iter()
+            .fold(0u64, |acc, &b| derive(acc, &[u64::from(b)]));
+        let head = String::from_utf8_lossy(&json[..json.len().min(400)]).into_owned();
+        assert!(
+            head.starts_with(
+                "{\"header\":{\"feed\":\"fleet\",\"tick\":10,\"timestamp\":1700000010},\"vehicles\":[\
+                 {\"id\":\"v00000001\",\"route\":\"R1\",\"trip\":\"R1-0001\",\"position\":\
+                 {\"lat\":42.430709,\"lon\":-71.027433,\"bearing\":158,\"speed\":13.1},\
+                 \"stop\":\"R1-S14\",\"status\":\"IN_TRANSIT_TO\",\"occupancy\":\"EMPTY\",\
+                 \"updated\":1700000003}"
+            ),
+            "document now starts {head}"
+        );
+        assert_eq!(
+            digest, 4_828_479_868_695_775_423,
+            "document now starts {head}"
+        );
+    }
+
+    #[test]
+    fn to_json_and_document_agree() {
+        let mut fleet = Fleet::new(&settings(5, 150));
+        for _ in 0..20 {
+            assert_eq!(parse(&fleet), fleet.document());
+            fleet.step();
+        }
+    }
+
+    #[test]
+    fn document_has_the_promised_shape() {
+        let mut fleet = Fleet::new(&settings(11, 120));
+        fleet.advance_to(17);
+        let doc = parse(&fleet);
+        let keys = |v: &Value| -> Vec<String> {
+            v.as_object().expect("an object").keys().cloned().collect()
+        };
+        assert_eq!(keys(&doc), ["header", "vehicles"]);
+        assert_eq!(doc["header"], json_header("fleet", 17, 1_700_000_000 + 17));
+        let list = vehicles(&doc);
+        assert_eq!(list.len(), fleet.len());
+        let mut previous = String::new();
+        for v in list {
+            assert_eq!(
+                keys(v),
+                [
+                    "id",
+                    "route",
+                    "trip",
+                    "position",
+                    "stop",
+                    "status",
+                    "occupancy",
+                    "updated"
+                ]
+            );
+            assert_eq!(keys(&v["position"]), ["lat", "lon", "bearing", "speed"]);
+            let id = v["id"].as_str().expect("id");
+            assert!(id.len() == 9 && id.starts_with('v'), "{id}");
+            assert!(
+                id > previous.as_str(),
+                "ids out of order: {previous} then {id}"
+            );
+            previous = id.to_owned();
+            let route = v["route"].as_str().expect("route");
+            let number: usize = route[1..].parse().expect("route number");
+            assert!(
+                route.starts_with('R') && (1..=8).contains(&number),
+                "{route}"
+            );
+            let trip = v["trip"].as_str().expect("trip");
+            assert!(trip.starts_with(&format!("{route}-")) && trip.len() >= route.len() + 5);
+            let stop = v["stop"].as_str().expect("stop");
+            assert!(stop.starts_with(&format!("{route}-S")), "{stop}");
+            let lat = v["position"]["lat"].as_f64().expect("lat");
+            let lon = v["position"]["lon"].as_f64().expect("lon");
+            assert!((lat - 42.36).abs() < 0.5 && (lon + 71.06).abs() < 0.7);
+            assert_eq!(
+                (lat * 1e6).round() / 1e6,
+                lat,
+                "lat has more than 6 decimals"
+            );
+            assert!(v["position"]["bearing"].as_u64().expect("bearing") < 360);
+            let speed = v["position"]["speed"].as_f64().expect("speed");
+            let status = v["status"].as_str().expect("status");
+            match status {
+                "STOPPED_AT" => assert_eq!(speed, 0.0),
+                "IN_TRANSIT_TO" | "INCOMING_AT" => assert!((3.0..=15.0).contains(&speed)),
+                other => panic!("unexpected status {other}"),
+            }
+            assert!(OCCUPANCY.contains(&v["occupancy"].as_str().expect("occupancy")));
+            let updated = v["updated"].as_u64().expect("updated");
+            assert!((1_700_000_000..=1_700_000_017).contains(&updated));
+        }
+    }
+
+    fn json_header(feed: &str, tick: u64, timestamp: u64) -> Value {
+        serde_json::json!({ "feed": feed, "tick": tick, "timestamp": timestamp })
+    }
+
+    #[test]
+    fn timestamps_follow_epoch_and_tick_length() {
+        let mut s = settings(1, 10);
+        s.tick = Duration::from_millis(250);
+        let mut fleet = Fleet::new(&s);
+        assert_eq!(fleet.timestamp(), 1_700_000_000);
+        fleet.advance_to(3);
+        assert_eq!(fleet.timestamp(), 1_700_000_000);
+        fleet.advance_to(4);
+        assert_eq!(fleet.timestamp(), 1_700_000_001);
+        assert_eq!(fleet.timestamp_of(u64::MAX), 1_700_000_000 + u64::MAX / 4);
+        s.tick = Duration::from_secs(3600);
+        assert_eq!(Fleet::new(&s).timestamp_of(u64::MAX), u64::MAX);
+        s.tick = Duration::MAX;
+        assert_eq!(Fleet::new(&s).timestamp_of(u64::MAX), u64::MAX);
+        s.tick = Duration::ZERO;
+        assert_eq!(Fleet::new(&s).timestamp_of(u64::MAX), 1_700_000_000);
+    }
+
+    #[test]
+    fn count_stays_within_the_promised_band_and_does_vary() {
+        let mut s = settings(2, 1_000);
+        s.churn = 0.1;
+        let mut fleet = Fleet::new(&s);
+        let band = fleet.max_count_deviation();
+        assert_eq!(band, 25);
+        let mut counts = HashSet::new();
+        for _ in 0..300 {
+            fleet.step();
+            assert!(
+                fleet.len().abs_diff(1_000) <= band,
+                "{} vehicles",
+                fleet.len()
+            );
+            counts.insert(fleet.len());
+        }
+        assert!(counts.len() > 10, "the count barely varies: {counts:?}");
+    }
+
+    #[test]
+    fn ids_are_never_reused_and_churn_replaces_vehicles() {
+        let mut s = settings(4, 500);
+        s.churn = 0.05;
+        let mut fleet = Fleet::new(&s);
+        let mut gone = HashSet::new();
+        let mut before: HashSet<String> = by_id(&parse(&fleet)).into_keys().collect();
+        let mut max_seen = before.iter().max().cloned().unwrap_or_default();
+        for _ in 0..100 {
+            fleet.step();
+            let now: HashSet<String> = by_id(&parse(&fleet)).into_keys().collect();
+            let left: Vec<_> = before.difference(&now).cloned().collect();
+            let joined: Vec<_> = now.difference(&before).cloned().collect();
+            assert!(
+                !left.is_empty() && !joined.is_empty(),
+                "no churn at tick {}",
+                fleet.tick()
+            );
+            for id in &joined {
+                assert!(!gone.contains(id), "{id} came back");
+                assert!(*id > max_seen, "{id} is not newer than {max_seen}");
+            }
+            max_seen = now.iter().max().cloned().unwrap_or(max_seen);
+            gone.extend(left);
+            before = now;
+        }
+    }
+
+    #[test]
+    fn about_move_fraction_of_vehicles_change_each_tick_and_only_they() {
+        for move_fraction in [0.0, 0.1, 0.3, 1.0] {
+            let mut s = settings(6, 2_000);
+            s.move_fraction = move_fraction;
+            s.churn = 0.01;
+            let mut fleet = Fleet::new(&s);
+            let mut before = by_id(&parse(&fleet));
+            let (mut kept, mut changed) = (0usize, 0usize);
+            for _ in 0..20 {
+                fleet.step();
+                let now = by_id(&parse(&fleet));
+                let stamp = fleet.timestamp();
+                for (id, old) in &before {
+                    let Some(new) = now.get(id) else { continue };
+                    kept += 1;
+                    if new["updated"].as_u64() == Some(stamp) {
+                        changed += 1;
+                        assert_ne!(old["position"], new["position"], "{id} moved nowhere");
+                    } else {
+                        assert_eq!(old, new, "{id} changed without moving");
+                    }
+                }
+                before = now;
+            }
+            let share = changed as f64 / kept as f64;
+            assert!(
+                (share - move_fraction).abs() < 0.02,
+                "move_fraction {move_fraction}: {share} of vehicles changed"
+            );
+        }
+    }
+
+    #[test]
+    fn vehicles_run_their_routes_end_to_end() {
+        let mut s = settings(9, 50);
+        s.move_fraction = 1.0;
+        s.churn = 0.0;
+        let mut fleet = Fleet::new(&s);
+        let first_trips: BTreeMap<String, Value> = by_id(&parse(&fleet));
+        let mut statuses = HashSet::new();
+        for _ in 0..200 {
+            fleet.step();
+            for v in vehicles(&parse(&fleet)) {
+                statuses.insert(v["status"].as_str().unwrap_or_default().to_owned());
+            }
+        }
+        let last = by_id(&parse(&fleet));
+        assert_eq!(
+            first_trips.keys().collect::<Vec<_>>(),
+            last.keys().collect::<Vec<_>>()
+        );
+        // 200 ticks of 15-45% of a leg is about 60 legs: every vehicle has turned round.
+        for (id, v) in &last {
+            assert_ne!(
+                v["trip"], first_trips[id]["trip"],
+                "{id} never finished a trip"
+            );
+        }
+        assert_eq!(statuses.len(), 3, "{statuses:?}");
+    }
+
+    #[test]
+    fn decimals_are_written_like_floats() {
+        let cases: [(i64, u32, &str); 7] = [
+            (-71_058_900, 6, "-71.0589"),
+            (42_360_123, 6, "42.360123"),
+            (42_000_000, 6, "42.0"),
+            (-5, 6, "-0.000005"),
+            (0, 1, "0.0"),
+            (83, 1, "8.3"),
+            (150, 1, "15.0"),
+        ];
+        for (scaled, decimals, want) in cases {
+            let mut out = Vec::new();
+            push_decimal(&mut out, scaled, decimals);
+            assert_eq!(String::from_utf8_lossy(&out), want);
+        }
+        let mut out = Vec::new();
+        push_padded(&mut out, 17, 8);
+        push_padded(&mut out, 123_456_789, 8);
+        push_u64(&mut out, u64::MAX);
+        assert_eq!(
+            String::from_utf8_lossy(&out),
+            "0000001712345678918446744073709551615"
+        );
+    }
+
+    #[test]
+    fn odd_names_are_escaped() {
+        let mut s = settings(1, 3);
+        s.name = "a\"b\\c\nd".into();
+        let fleet = Fleet::new(&s);
+        assert_eq!(parse(&fleet), fleet.document());
+        assert_eq!(parse(&fleet)["header"]["feed"], "a\"b\\c\nd");
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        #[test]
+        fn any_settings_step_safely_within_bounds(
+            seed: u64,
+            vehicles in 0usize..200,
+            routes in 0usize..20,
+            move_fraction in prop_oneof![0.0..=1.0f64, Just(f64::NAN), -1.0..2.0f64],
+            churn in prop_oneof![0.0..=1.0f64, Just(f64::NAN), -1.0..2.0f64],
+            ticks in 0u64..40,
+        ) {
+            let s = FeedSettings {
+                name: "p".into(),
+                seed,
+                vehicles,
+                routes,
+                tick: Duration::from_millis(100),
+                move_fraction,
+                churn,
+                epoch_seconds: Some(0),
+            };
+            let mut fleet = Fleet::new(&s);
+            let band = fleet.max_count_deviation();
+            prop_assert!(band <= vehicles / 4);
+            let mut last_max_id = 0u64;
+            for _ in 0..ticks {
+                fleet.step();
+                prop_assert!(fleet.len().abs_diff(vehicles) <= band);
+                let ids: Vec<u64> = fleet.vehicles.iter().map(|v| v.id).collect();
+                prop_assert!(ids.windows(2).all(|w| w[0] < w[1]));
+                prop_assert!(ids.iter().all(|&id| id < fleet.next_id));
+                prop_assert!(fleet.next_id >= last_max_id);
+                last_max_id = fleet.next_id;
+            }
+            let doc: Value = serde_json::from_slice(&fleet.to_json())
+                .map_err(|e| TestCaseError::fail(e.to_string()))?;
+            prop_assert_eq!(doc, fleet.document());
+        }
+    }
 }

@@ -5,6 +5,10 @@
 //! tick already rendered share its bytes; the first request for a new tick steps the fleet
 //! forward on a blocking thread (a 100,000-vehicle step takes milliseconds) while holding the
 //! fleet's mutex, so concurrent requests for that tick wait for it instead of repeating it.
+//!
+//! Fleets advance lazily, when asked: after a quiet spell the first request steps through
+//! every tick missed (about 3 ms per tick per 100,000 vehicles). `router` expects validated
+//! feeds; a tick length far below the validated 10 ms would make that catch-up unbounded.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
