@@ -7,8 +7,8 @@ pub mod sse;
 pub mod upstream;
 
 pub use app::{TestApp, config, stream};
-pub use sse::{Rebuilt, SseClient, SseEvent};
-pub use upstream::{Failure, MockUpstream};
+pub use sse::{Rebuilt, SseClient};
+pub use upstream::MockUpstream;
 
 use std::time::Duration;
 
