@@ -387,7 +387,7 @@ mod tests {
         #[test]
         fn next_tick_is_the_first_tick_after_now(
             elapsed in 0u64..10_000_000,
-            interval in 1u64..1_000_000,
+            interval in 1_000u64..1_000_000,
         ) {
             let (elapsed, interval) = (Duration::from_micros(elapsed), Duration::from_micros(interval));
             let next = next_tick_offset(elapsed, interval);

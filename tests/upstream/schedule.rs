@@ -37,9 +37,9 @@ async fn polls_never_overlap_and_keep_a_fixed_rate() {
     let min = gaps.iter().min().copied().unwrap_or_default();
     let total: Duration = gaps.iter().sum();
     let mean = total / u32::try_from(gaps.len()).unwrap_or(1);
-    assert!(min >= Duration::from_millis(85), "burst: {gaps:?}");
+    assert!(min >= Duration::from_millis(70), "polled early: {gaps:?}");
     assert!(
-        mean <= Duration::from_millis(135),
+        mean <= Duration::from_millis(140),
         "not fixed-rate: {gaps:?}"
     );
     assert_eq!(h.recorder.documents(), 1);
@@ -48,7 +48,7 @@ async fn polls_never_overlap_and_keep_a_fixed_rate() {
 #[tokio::test]
 async fn missed_ticks_are_skipped_not_caught_up() {
     let mock = MockUpstream::start(Behaviour {
-        delay: Duration::from_millis(250),
+        delay: Duration::from_millis(230),
         ..Behaviour::default()
     })
     .await;
@@ -56,10 +56,10 @@ async fn missed_ticks_are_skipped_not_caught_up() {
     let before = Instant::now();
     let step = h.poller.poll_once().await;
     assert_eq!(step.outcome, LastOutcome::Changed);
-    // Started at ~0, finished at ~250ms: the ticks at 100 and 200ms are skipped.
+    // Started at ~0, finished at ~230ms: the ticks at 100 and 200ms are skipped.
     assert!(step.next_due > Instant::now(), "would burst to catch up");
     assert!(step.next_due >= before + Duration::from_millis(300));
-    assert!(step.next_due <= before + Duration::from_millis(350));
+    assert!(step.next_due <= before + Duration::from_millis(370));
 }
 
 #[tokio::test]
@@ -81,7 +81,7 @@ async fn two_streams_of_one_host_share_one_quota() {
     assert_eq!(paths, ["/a", "/b", "/a", "/b"]);
     let gaps = gaps(&seen.iter().map(|s| s.at).collect::<Vec<_>>());
     assert!(
-        gaps.iter().all(|g| *g >= Duration::from_millis(180)),
+        gaps.iter().all(|g| *g >= Duration::from_millis(150)),
         "{gaps:?}"
     );
 
@@ -91,7 +91,7 @@ async fn two_streams_of_one_host_share_one_quota() {
     let started = Instant::now();
     c.poller.poll_once().await;
     d.poller.poll_once().await;
-    assert!(started.elapsed() < Duration::from_millis(150));
+    assert!(started.elapsed() < Duration::from_millis(180));
 }
 
 async fn assert_stops_promptly(task: tokio::task::JoinHandle<()>, shutdown: &CancellationToken) {
