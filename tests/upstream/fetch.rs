@@ -312,3 +312,21 @@ async fn errors_never_contain_header_values() {
     }
     assert_eq!(error.status(), 401);
 }
+
+#[tokio::test]
+async fn the_cap_applies_to_the_decompressed_body() {
+    // 100 KB of spaces compresses to a few hundred bytes: a small decompression bomb.
+    let mock = MockUpstream::start(Behaviour {
+        body: Bytes::from(vec![b' '; 100_000]),
+        gzip: true,
+        ..Behaviour::default()
+    })
+    .await;
+    let error = fetch(&mock.url("/feed"), 10_000)
+        .await
+        .expect_err("100 KB decompressed > 10 KB");
+    assert!(
+        matches!(error, FetchError::TooLarge { limit: 10_000, .. }),
+        "{error:?}"
+    );
+}
