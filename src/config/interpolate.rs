@@ -69,7 +69,9 @@ pub fn interpolate(
             rest = tail;
         } else if let Some(tail) = after.strip_prefix("${") {
             let at = text.len() - after.len();
-            let close = tail.find('}').ok_or(InterpolateError::Unterminated { at })?;
+            let close = tail
+                .find('}')
+                .ok_or(InterpolateError::Unterminated { at })?;
             let name = &tail[..close];
             if !is_valid_name(name) {
                 return Err(InterpolateError::InvalidName {

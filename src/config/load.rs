@@ -151,7 +151,11 @@ pub fn parse_raw(
         .map_err(|e| {
             let message = match e {
                 config::ConfigError::FileParse { cause, .. } => {
-                    format!("invalid {} syntax: {cause}", kind.name())
+                    format!(
+                        "invalid {} syntax: {}",
+                        kind.name(),
+                        cause.to_string().trim_end()
+                    )
                 }
                 other => format!("cannot read the configuration: {other}"),
             };
@@ -243,12 +247,22 @@ fn explain(path: &str, error: DeError) -> Problem {
             format!("{path}.{field}")
         }
     };
-    let root_or = |p: &str| if p == "." { String::new() } else { p.to_owned() };
+    let root_or = |p: &str| {
+        if p == "." {
+            String::new()
+        } else {
+            p.to_owned()
+        }
+    };
     if let Some(rest) = message.strip_prefix("unknown field `") {
         if let Some((field, expected)) = rest.split_once('`') {
             let valid = list_of_names(expected);
             // `serde_path_to_error` already includes the unknown key in the path.
-            let key = if path.ends_with(field) { root_or(path) } else { join(field) };
+            let key = if path.ends_with(field) {
+                root_or(path)
+            } else {
+                join(field)
+            };
             return Problem {
                 key,
                 message: format!("unknown key `{field}`; valid keys here: {valid}"),
@@ -266,7 +280,10 @@ fn explain(path: &str, error: DeError) -> Problem {
         if let Some((variant, expected)) = rest.split_once('`') {
             return Problem {
                 key: root_or(path),
-                message: format!("expected one of {}, got {variant:?}", list_of_names(expected)),
+                message: format!(
+                    "expected one of {}, got {variant:?}",
+                    list_of_names(expected)
+                ),
             };
         }
     }
@@ -288,11 +305,7 @@ fn explain(path: &str, error: DeError) -> Problem {
 
 /// "expected one of `a`, `b`" / "expected `a`" / "there are no fields" as "a, b".
 fn list_of_names(expected: &str) -> String {
-    let names: Vec<&str> = expected
-        .split('`')
-        .skip(1)
-        .step_by(2)
-        .collect();
+    let names: Vec<&str> = expected.split('`').skip(1).step_by(2).collect();
     if names.is_empty() {
         "none".to_owned()
     } else {
@@ -341,13 +354,19 @@ mod tests {
             DeError("unknown field `listn`, expected one of `listen`, `retry`".to_owned()),
         );
         assert_eq!(p.key, "server.listn");
-        assert_eq!(p.message, "unknown key `listn`; valid keys here: listen, retry");
+        assert_eq!(
+            p.message,
+            "unknown key `listn`; valid keys here: listen, retry"
+        );
         let p = explain("streams[0]", DeError("missing field `url`".to_owned()));
         assert_eq!(p.key, "streams[0].url");
         let p = explain(
             "streams[0].history",
             DeError("invalid type: string \"x\", expected u64".to_owned()),
         );
-        assert_eq!(p.message, "expected a non-negative integer, got string \"x\"");
+        assert_eq!(
+            p.message,
+            "expected a non-negative integer, got string \"x\""
+        );
     }
 }

@@ -7,8 +7,8 @@ use std::num::NonZeroU32;
 use std::path::Path;
 use std::time::Duration;
 
-use http::header::{HeaderName, HeaderValue};
 use http::HeaderMap;
+use http::header::{HeaderName, HeaderValue};
 use url::Url;
 
 use super::error::{ConfigError, Problems};
@@ -744,12 +744,7 @@ fn streams(
             ),
             None => defaults.history,
         };
-        let own_headers = headers(
-            problems,
-            &format!("{key}.headers"),
-            &stream.headers,
-            env,
-        );
+        let own_headers = headers(problems, &format!("{key}.headers"), &stream.headers, env);
         // The stream's own headers replace defaults of the same name.
         let mut headers = defaults.headers.clone();
         for (name, value) in &own_headers {
@@ -808,7 +803,17 @@ mod tests {
         for ok in ["fleet", "a", "A.b_c-1", "9", &"x".repeat(64)] {
             assert!(is_valid_name(ok), "{ok}");
         }
-        for bad in ["", "-a", ".a", "_a", "a b", "a/b", "é", "a:1", &"x".repeat(65)] {
+        for bad in [
+            "",
+            "-a",
+            ".a",
+            "_a",
+            "a b",
+            "a/b",
+            "é",
+            "a:1",
+            &"x".repeat(65),
+        ] {
             assert!(!is_valid_name(bad), "{bad}");
         }
     }
@@ -816,9 +821,18 @@ mod tests {
     #[test]
     fn host_group_defaults_the_port_by_scheme() {
         let url = |s: &str| Url::parse(s).unwrap();
-        assert_eq!(host_group(&url("https://api.example.com/x")), "api.example.com:443");
-        assert_eq!(host_group(&url("http://api.example.com/x")), "api.example.com:80");
-        assert_eq!(host_group(&url("http://127.0.0.1:8081/feeds")), "127.0.0.1:8081");
+        assert_eq!(
+            host_group(&url("https://api.example.com/x")),
+            "api.example.com:443"
+        );
+        assert_eq!(
+            host_group(&url("http://api.example.com/x")),
+            "api.example.com:80"
+        );
+        assert_eq!(
+            host_group(&url("http://127.0.0.1:8081/feeds")),
+            "127.0.0.1:8081"
+        );
         assert_eq!(host_group(&url("http://[::1]:9000/")), "[::1]:9000");
     }
 
@@ -837,7 +851,10 @@ mod tests {
         assert!(parse_origin("https://app.example.com").is_ok());
         assert!(parse_origin("http://localhost:3000").is_ok());
         let err = parse_origin("https://app.example.com/").unwrap_err();
-        assert!(err.contains("did you mean \"https://app.example.com\""), "{err}");
+        assert!(
+            err.contains("did you mean \"https://app.example.com\""),
+            "{err}"
+        );
         assert!(parse_origin("ftp://example.com").is_err());
         assert!(parse_origin("example.com").is_err());
     }
