@@ -696,6 +696,38 @@ mod environment {
     }
 
     #[test]
+    fn overrides_can_add_a_stream_but_not_absurd_indexes() {
+        let config = load_env(
+            MINIMAL,
+            &[
+                ("PATCHWIRE__STREAMS__1__NAME", "added"),
+                ("PATCHWIRE__STREAMS__1__URL", "http://example.com/added"),
+            ],
+        )
+        .expect("a stream added by the environment");
+        assert_eq!(config.streams.len(), 2);
+        assert_eq!(config.streams[1].name, "added");
+
+        let err = load_env(
+            MINIMAL,
+            &[("PATCHWIRE__STREAMS__99999999999__URL", "http://x/")],
+        )
+        .expect_err("index far beyond any list");
+        assert_eq!(err.problems[0].key, "streams[99999999999].url");
+        assert!(err.problems[0].message.contains("at most 10000"), "{err}");
+
+        let err = load_env(MINIMAL, &[("PATCHWIRE__STREAMS__3__URL", "http://x/")])
+            .expect_err("a gap before index 3");
+        assert_eq!(err.problems[0].key, "streams[1]", "{err}");
+        let err = load_env(
+            MINIMAL,
+            &[("PATCHWIRÉ__X", "1"), ("PATCHWIRE__\u{e9}", "1")],
+        )
+        .expect_err("a non-ASCII key is unknown, not a crash");
+        assert!(err.problems[0].message.contains("unknown key"), "{err}");
+    }
+
+    #[test]
     fn header_names_and_variable_names_keep_their_case() {
         let text = format!("{MINIMAL}[streams.headers]\nX-Api-Key = \"${{Mixed_Case}}\"\n");
         let f = file("c.toml", &text);

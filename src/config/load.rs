@@ -19,6 +19,9 @@ pub const ENV_PREFIX: &str = "PATCHWIRE";
 /// `streams[0].interval`.
 pub const ENV_SEPARATOR: &str = "__";
 
+/// The largest list index an override may name (`PATCHWIRE__STREAMS__<index>__...`).
+pub const MAX_OVERRIDE_INDEX: usize = 10_000;
+
 /// The syntax of a configuration file, chosen by its extension.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FileKind {
@@ -134,6 +137,31 @@ pub fn parse_raw(
         problems,
     };
     let sources = override_sources(&overrides);
+    // The `config` crate grows an array up to any index it is given; refuse absurd ones rather
+    // than allocate them.
+    let too_large: Vec<Problem> = overrides
+        .iter()
+        .filter(|(name, _)| is_override(name))
+        .filter(|(name, _)| {
+            name.split(ENV_SEPARATOR).skip(1).any(|part| {
+                !part.is_empty()
+                    && part.bytes().all(|b| b.is_ascii_digit())
+                    && part
+                        .parse::<usize>()
+                        .map_or(true, |i| i > MAX_OVERRIDE_INDEX)
+            })
+        })
+        .map(|(name, _)| Problem {
+            key: override_key(name),
+            message: format!(
+                "expected list indexes of at most {MAX_OVERRIDE_INDEX} in the environment \
+                 variable {name}"
+            ),
+        })
+        .collect();
+    if !too_large.is_empty() {
+        return Err(fail(too_large));
+    }
     let env_map: config::Map<String, String> = overrides
         .into_iter()
         .filter(|(name, _)| is_override(name))
@@ -174,7 +202,10 @@ pub fn parse_raw(
 
 fn is_override(name: &str) -> bool {
     let prefix = format!("{ENV_PREFIX}{ENV_SEPARATOR}");
-    name.len() > prefix.len() && name[..prefix.len()].eq_ignore_ascii_case(&prefix)
+    name.len() > prefix.len()
+        && name
+            .get(..prefix.len())
+            .is_some_and(|start| start.eq_ignore_ascii_case(&prefix))
 }
 
 /// `PATCHWIRE__STREAMS__0__URL` becomes `PATCHWIRE__STREAMS[0]__URL`, which the `config` crate
@@ -345,6 +376,10 @@ mod tests {
         assert!(!is_override("PATCHWIRE_LOG"));
         assert!(!is_override("PATCHWIRE__"));
         assert!(!is_override("OTHER__LOG"));
+        assert!(
+            !is_override("PATCHWIRE_\u{e9}__LOG"),
+            "a multi-byte character across the prefix"
+        );
     }
 
     #[test]
