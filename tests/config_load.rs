@@ -353,10 +353,26 @@ mod bad_input {
             "c.toml",
             text,
             "streams[0].headers.Authorization",
-            &["API_TOKEN", "not set"],
+            &["in stream \"a\"", "API_TOKEN", "not set"],
         );
         let path = err.file.clone().expect("error names the file");
         assert_error(&err, &path, "streams[0].url", &["API_HOST", "not set"]);
+    }
+
+    #[test]
+    fn headers_patchwire_manages_are_refused() {
+        assert_rejected(
+            "c.toml",
+            &format!("{MINIMAL}[streams.headers]\nIf-None-Match = \"x\"\n"),
+            "streams[0].headers.If-None-Match",
+            &["does not manage itself"],
+        );
+        assert_rejected(
+            "c.toml",
+            &format!("[stream_defaults.headers]\naccept-encoding = \"gzip\"\n{MINIMAL}"),
+            "stream_defaults.headers.accept-encoding",
+            &["does not manage itself"],
+        );
     }
 
     #[test]

@@ -527,7 +527,7 @@ fn stream_defaults(
             defaults::HISTORY,
             limits::HISTORY,
         ),
-        headers: headers(problems, "stream_defaults.headers", &raw.headers, env),
+        headers: headers(problems, "stream_defaults.headers", "", &raw.headers, env),
     }
 }
 
@@ -566,9 +566,26 @@ fn is_credential(name: &HeaderName) -> bool {
     )
 }
 
+/// Headers that patchwire or its HTTP client set themselves: a configured value would break
+/// conditional requests, compression or framing.
+const MANAGED_HEADERS: [&str; 9] = [
+    "host",
+    "content-length",
+    "transfer-encoding",
+    "connection",
+    "te",
+    "upgrade",
+    "accept-encoding",
+    "if-none-match",
+    "if-modified-since",
+];
+
+/// Validates one headers table whose dotted key is `table`; `context` starts messages (e.g.
+/// `in stream "fleet", `).
 fn headers(
     problems: &mut Problems,
     table: &str,
+    context: &str,
     raw: &BTreeMap<String, String>,
     env: &dyn Fn(&str) -> Option<String>,
 ) -> HeaderMap {
@@ -588,6 +605,16 @@ fn headers(
                 continue;
             }
         };
+        if MANAGED_HEADERS.contains(&header.as_str()) {
+            problems.push(
+                key,
+                format!(
+                    "expected a header that patchwire does not manage itself; {name} is set per \
+                     request (conditional requests, compression, connection handling)"
+                ),
+            );
+            continue;
+        }
         if let Some(first) = seen.insert(header.clone(), name) {
             problems.push(
                 key,
@@ -601,7 +628,7 @@ fn headers(
         let resolved = match interpolate(template, env) {
             Ok(resolved) => resolved,
             Err(e) => {
-                problems.push(key, format!("the value {e}"));
+                problems.push(key, format!("{context}the value {e}"));
                 continue;
             }
         };
@@ -638,13 +665,14 @@ const URL_EXPECTED: &str =
 fn stream_url(
     problems: &mut Problems,
     key: &str,
+    context: &str,
     template: &str,
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Option<Url> {
     let resolved = match interpolate(template, env) {
         Ok(resolved) => resolved,
         Err(e) => {
-            problems.push(key, format!("the URL {e}"));
+            problems.push(key, format!("{context}the URL {e}"));
             return None;
         }
     };
@@ -715,7 +743,8 @@ fn streams(
                 ),
             );
         }
-        let url = stream_url(problems, &format!("{key}.url"), &stream.url, env);
+        let context = format!("in stream {:?}, ", stream.name);
+        let url = stream_url(problems, &format!("{key}.url"), &context, &stream.url, env);
         let interval = duration_in(
             problems,
             &format!("{key}.interval"),
@@ -744,7 +773,13 @@ fn streams(
             ),
             None => defaults.history,
         };
-        let own_headers = headers(problems, &format!("{key}.headers"), &stream.headers, env);
+        let own_headers = headers(
+            problems,
+            &format!("{key}.headers"),
+            &context,
+            &stream.headers,
+            env,
+        );
         // The stream's own headers replace defaults of the same name.
         let mut headers = defaults.headers.clone();
         for (name, value) in &own_headers {
@@ -797,6 +832,78 @@ fn streams(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::describe;
+    use crate::config::raw::{ByteCount, RawStream};
+    use proptest::prelude::*;
+
+    const SECRET: &str = "s3cret-7f3a";
+
+    fn stream(name: &str, url: &str) -> RawStream {
+        RawStream {
+            name: name.to_owned(),
+            url: url.to_owned(),
+            headers: BTreeMap::new(),
+            interval: None,
+            timeout: None,
+            max_body: None,
+            format: None,
+            history: None,
+            rate_limit_group: None,
+            diff: Default::default(),
+        }
+    }
+
+    proptest! {
+        /// Whatever a file says, validation returns (no panic), every error carries at least one
+        /// problem with a key, and a resolved `${VAR}` value never appears in an error or in
+        /// `describe`.
+        #[test]
+        fn validation_is_total_and_never_shows_resolved_values(
+            name in "[A-Za-z0-9 ._-]{0,70}",
+            url in "(https?|ftp)://[a-z0-9.:-]{0,20}(/[a-z0-9]{0,5})?|[a-z :/]{0,20}",
+            header_name in "[A-Za-z -]{1,10}",
+            header_value in "[a-zA-Z ${}_]{0,20}",
+            newline_in_secret in any::<bool>(),
+            interval_ms in 0u64..200_000_000,
+            history in 0u64..200_000,
+            max_body in 0u64..(2 << 30),
+        ) {
+            let mut s = stream(&name, &url);
+            s.headers.insert(header_name, format!("{header_value}${{TOKEN}}"));
+            s.interval = Some(HumanDuration(Duration::from_millis(interval_ms)));
+            s.history = Some(history);
+            s.max_body = Some(ByteCount(max_body));
+            let raw = RawConfig { streams: vec![s], ..Default::default() };
+            let secret = if newline_in_secret { format!("{SECRET}\n") } else { SECRET.to_owned() };
+            let env = move |_: &str| Some(secret.clone());
+            match validate(raw, None, &env) {
+                Ok(config) => {
+                    let st = &config.streams[0];
+                    prop_assert!(st.interval >= limits::INTERVAL.0 && st.interval <= limits::INTERVAL.1);
+                    prop_assert!((1..=100_000).contains(&st.history));
+                    prop_assert!((1024..=1 << 30).contains(&st.max_body_bytes));
+                    prop_assert!(is_valid_name(&st.name));
+                    prop_assert!(!describe(&config).contains(SECRET));
+                }
+                Err(err) => {
+                    prop_assert!(!err.problems.is_empty());
+                    prop_assert!(err.problems.iter().all(|p| !p.key.is_empty()));
+                    prop_assert!(!err.to_string().contains(SECRET), "{}", err);
+                }
+            }
+        }
+
+        /// Durations are accepted exactly within their documented bounds.
+        #[test]
+        fn interval_bounds_are_inclusive(ms in 0u64..100_000_000) {
+            let mut s = stream("a", "http://example.com/");
+            s.interval = Some(HumanDuration(Duration::from_millis(ms)));
+            let raw = RawConfig { streams: vec![s], ..Default::default() };
+            let ok = validate(raw, None, &|_| None).is_ok();
+            let d = Duration::from_millis(ms);
+            prop_assert_eq!(ok, d >= limits::INTERVAL.0 && d <= limits::INTERVAL.1);
+        }
+    }
 
     #[test]
     fn names_follow_the_documented_pattern() {
