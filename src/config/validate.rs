@@ -119,12 +119,12 @@ pub fn validate(
         .as_ref()
         .and_then(|sim| sim.validate("simulator", &mut problems));
     if let Some(sim) = &simulator {
-        if sim.listen == server.listen && sim.listen.port() != 0 {
+        if addresses_overlap(sim.listen, server.listen) {
             problems.push(
                 "simulator.listen",
                 format!(
-                    "expected an address other than server.listen, both are {}",
-                    sim.listen
+                    "expected an address other than server.listen ({}), got {}",
+                    server.listen, sim.listen
                 ),
             );
         }
@@ -142,6 +142,14 @@ pub fn validate(
             streams,
         },
     )
+}
+
+/// True when both sockets could not be bound at once: same fixed port, and the same IP or an
+/// unspecified one (`0.0.0.0`, `[::]`) on either side.
+fn addresses_overlap(a: SocketAddr, b: SocketAddr) -> bool {
+    a.port() == b.port()
+        && a.port() != 0
+        && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
 }
 
 fn fmt_duration(d: Duration) -> String {
@@ -903,6 +911,17 @@ mod tests {
             let d = Duration::from_millis(ms);
             prop_assert_eq!(ok, d >= limits::INTERVAL.0 && d <= limits::INTERVAL.1);
         }
+    }
+
+    #[test]
+    fn listeners_overlap_on_the_same_port_or_a_wildcard() {
+        let a = |s: &str| s.parse::<SocketAddr>().unwrap();
+        assert!(addresses_overlap(a("127.0.0.1:80"), a("127.0.0.1:80")));
+        assert!(addresses_overlap(a("0.0.0.0:80"), a("127.0.0.1:80")));
+        assert!(addresses_overlap(a("127.0.0.1:80"), a("[::]:80")));
+        assert!(!addresses_overlap(a("127.0.0.1:80"), a("127.0.0.2:80")));
+        assert!(!addresses_overlap(a("127.0.0.1:80"), a("127.0.0.1:81")));
+        assert!(!addresses_overlap(a("127.0.0.1:0"), a("127.0.0.1:0")));
     }
 
     #[test]
