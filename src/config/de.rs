@@ -117,10 +117,7 @@ impl<'de> Deserializer<'de> for Node {
     fn deserialize_seq<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, DeError> {
         if self.is_env() {
             // An environment variable sets a list as comma-separated items; empty is `[]`.
-            let text = self
-                .0
-                .into_string()
-                .map_err(DeError::from_config)?;
+            let text = self.0.into_string().map_err(DeError::from_config)?;
             let origin = ENV_ORIGIN.to_owned();
             let items: Vec<Value> = text
                 .split(',')

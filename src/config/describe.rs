@@ -151,8 +151,8 @@ fn write_description(out: &mut String, config: &Config) -> std::fmt::Result {
         writeln!(out, "    headers:    {names}")?;
         writeln!(
             out,
-            "    diff:       snapshot instead of patch above {} of the snapshot size",
-            st.diff.max_patch_ratio
+            "    diff:       a patch larger than {}% of the snapshot is sent as a snapshot",
+            st.diff.max_patch_ratio * 100.0
         )?;
     }
     Ok(())
@@ -166,8 +166,14 @@ mod tests {
     fn redaction_hides_passwords_and_query_values() {
         let url = Url::parse("https://user:pw@example.com/v1?key=s3cret&route=12").unwrap();
         let shown = redacted(&url);
-        assert!(!shown.contains("s3cret") && !shown.contains(":pw@"), "{shown}");
-        assert!(shown.contains("key=***") && shown.contains("route=***"), "{shown}");
+        assert!(
+            !shown.contains("s3cret") && !shown.contains(":pw@"),
+            "{shown}"
+        );
+        assert!(
+            shown.contains("key=***") && shown.contains("route=***"),
+            "{shown}"
+        );
         let plain = Url::parse("http://127.0.0.1:8081/feeds/fleet").unwrap();
         assert_eq!(redacted(&plain), "http://127.0.0.1:8081/feeds/fleet");
     }

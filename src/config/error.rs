@@ -6,10 +6,22 @@ use std::path::{Path, PathBuf};
 /// One problem found in a configuration: where it is and what was expected.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Problem {
-    /// Dotted key path, e.g. `streams[2].interval` or `server.listen`.
+    /// Dotted key path, e.g. `streams[2].interval` or `server.listen`; empty for problems with
+    /// the file as a whole (not found, syntax).
     pub key: String,
     /// What is wrong and what was expected, e.g. `expected a duration between 100ms and 24h, got "0s"`.
     pub message: String,
+}
+
+impl fmt::Display for Problem {
+    /// `` `key`: message ``, or just the message for problems with the whole file (empty key).
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.key.is_empty() {
+            f.write_str(&self.message)
+        } else {
+            write!(f, "`{}`: {}", self.key, self.message)
+        }
+    }
 }
 
 /// Every problem found in one configuration, reported together so a user fixes them in one pass.
@@ -28,11 +40,11 @@ impl fmt::Display for ConfigError {
             |p| p.display().to_string(),
         );
         match self.problems.as_slice() {
-            [one] => write!(f, "{file}: `{}`: {}", one.key, one.message),
+            [one] => write!(f, "{file}: {one}"),
             many => {
                 write!(f, "{file}: {} problems:", many.len())?;
                 for p in many {
-                    write!(f, "\n  - `{}`: {}", p.key, p.message)?;
+                    write!(f, "\n  - {p}")?;
                 }
                 Ok(())
             }

@@ -3,46 +3,30 @@
 //! `${NAME}` is replaced by the variable `NAME` (letters, digits and `_`, not starting with a
 //! digit); `$${` stands for a literal `${`; any other `$` is kept as it is.
 
-use std::fmt;
-
 /// Why a value's `${VAR}` references could not be resolved.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum InterpolateError {
     /// `${NAME}` names a variable that is not set.
+    #[error("references the environment variable {name} (`${{{name}}}`), which is not set")]
     Undefined {
         /// The variable's name.
         name: String,
     },
     /// A `${` without its closing `}`.
+    #[error("has a `${{` at byte {at} without its closing `}}` (write `$${{` for a literal `${{`)")]
     Unterminated {
         /// Byte offset of the `${`.
         at: usize,
     },
     /// `${...}` whose content is not a variable name.
+    #[error(
+        "has `${{{name}}}`, expected a variable name of letters, digits and `_` between the \
+         braces (write `$${{` for a literal `${{`)"
+    )]
     InvalidName {
         /// What was between the braces.
         name: String,
     },
-}
-
-impl fmt::Display for InterpolateError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            InterpolateError::Undefined { name } => write!(
-                f,
-                "references the environment variable {name} (`${{{name}}}`), which is not set"
-            ),
-            InterpolateError::Unterminated { at } => write!(
-                f,
-                "has a `${{` at byte {at} without its closing `}}` (write `$${{` for a literal `${{`)"
-            ),
-            InterpolateError::InvalidName { name } => write!(
-                f,
-                "has `${{{name}}}`, expected a variable name of letters, digits and `_` between \
-                 the braces (write `$${{` for a literal `${{`)"
-            ),
-        }
-    }
 }
 
 fn is_valid_name(name: &str) -> bool {
@@ -69,7 +53,9 @@ pub fn interpolate(
             rest = tail;
         } else if let Some(tail) = after.strip_prefix("${") {
             let at = text.len() - after.len();
-            let close = tail.find('}').ok_or(InterpolateError::Unterminated { at })?;
+            let close = tail
+                .find('}')
+                .ok_or(InterpolateError::Unterminated { at })?;
             let name = &tail[..close];
             if !is_valid_name(name) {
                 return Err(InterpolateError::InvalidName {

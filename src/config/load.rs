@@ -19,6 +19,9 @@ pub const ENV_PREFIX: &str = "PATCHWIRE";
 /// `streams[0].interval`.
 pub const ENV_SEPARATOR: &str = "__";
 
+/// The largest list index an override may name (`PATCHWIRE__STREAMS__<index>__...`).
+pub const MAX_OVERRIDE_INDEX: usize = 10_000;
+
 /// The syntax of a configuration file, chosen by its extension.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FileKind {
@@ -134,6 +137,31 @@ pub fn parse_raw(
         problems,
     };
     let sources = override_sources(&overrides);
+    // The `config` crate grows an array up to any index it is given; refuse absurd ones rather
+    // than allocate them.
+    let too_large: Vec<Problem> = overrides
+        .iter()
+        .filter(|(name, _)| is_override(name))
+        .filter(|(name, _)| {
+            name.split(ENV_SEPARATOR).skip(1).any(|part| {
+                !part.is_empty()
+                    && part.bytes().all(|b| b.is_ascii_digit())
+                    && part
+                        .parse::<usize>()
+                        .map_or(true, |i| i > MAX_OVERRIDE_INDEX)
+            })
+        })
+        .map(|(name, _)| Problem {
+            key: override_key(name),
+            message: format!(
+                "expected list indexes of at most {MAX_OVERRIDE_INDEX} in the environment \
+                 variable {name}"
+            ),
+        })
+        .collect();
+    if !too_large.is_empty() {
+        return Err(fail(too_large));
+    }
     let env_map: config::Map<String, String> = overrides
         .into_iter()
         .filter(|(name, _)| is_override(name))
@@ -151,7 +179,11 @@ pub fn parse_raw(
         .map_err(|e| {
             let message = match e {
                 config::ConfigError::FileParse { cause, .. } => {
-                    format!("invalid {} syntax: {cause}", kind.name())
+                    format!(
+                        "invalid {} syntax: {}",
+                        kind.name(),
+                        cause.to_string().trim_end()
+                    )
                 }
                 other => format!("cannot read the configuration: {other}"),
             };
@@ -170,7 +202,10 @@ pub fn parse_raw(
 
 fn is_override(name: &str) -> bool {
     let prefix = format!("{ENV_PREFIX}{ENV_SEPARATOR}");
-    name.len() > prefix.len() && name[..prefix.len()].eq_ignore_ascii_case(&prefix)
+    name.len() > prefix.len()
+        && name
+            .get(..prefix.len())
+            .is_some_and(|start| start.eq_ignore_ascii_case(&prefix))
 }
 
 /// `PATCHWIRE__STREAMS__0__URL` becomes `PATCHWIRE__STREAMS[0]__URL`, which the `config` crate
@@ -243,12 +278,22 @@ fn explain(path: &str, error: DeError) -> Problem {
             format!("{path}.{field}")
         }
     };
-    let root_or = |p: &str| if p == "." { String::new() } else { p.to_owned() };
+    let root_or = |p: &str| {
+        if p == "." {
+            String::new()
+        } else {
+            p.to_owned()
+        }
+    };
     if let Some(rest) = message.strip_prefix("unknown field `") {
         if let Some((field, expected)) = rest.split_once('`') {
             let valid = list_of_names(expected);
             // `serde_path_to_error` already includes the unknown key in the path.
-            let key = if path.ends_with(field) { root_or(path) } else { join(field) };
+            let key = if path.ends_with(field) {
+                root_or(path)
+            } else {
+                join(field)
+            };
             return Problem {
                 key,
                 message: format!("unknown key `{field}`; valid keys here: {valid}"),
@@ -266,7 +311,10 @@ fn explain(path: &str, error: DeError) -> Problem {
         if let Some((variant, expected)) = rest.split_once('`') {
             return Problem {
                 key: root_or(path),
-                message: format!("expected one of {}, got {variant:?}", list_of_names(expected)),
+                message: format!(
+                    "expected one of {}, got {variant:?}",
+                    list_of_names(expected)
+                ),
             };
         }
     }
@@ -288,11 +336,7 @@ fn explain(path: &str, error: DeError) -> Problem {
 
 /// "expected one of `a`, `b`" / "expected `a`" / "there are no fields" as "a, b".
 fn list_of_names(expected: &str) -> String {
-    let names: Vec<&str> = expected
-        .split('`')
-        .skip(1)
-        .step_by(2)
-        .collect();
+    let names: Vec<&str> = expected.split('`').skip(1).step_by(2).collect();
     if names.is_empty() {
         "none".to_owned()
     } else {
@@ -332,6 +376,10 @@ mod tests {
         assert!(!is_override("PATCHWIRE_LOG"));
         assert!(!is_override("PATCHWIRE__"));
         assert!(!is_override("OTHER__LOG"));
+        assert!(
+            !is_override("PATCHWIRE_\u{e9}__LOG"),
+            "a multi-byte character across the prefix"
+        );
     }
 
     #[test]
@@ -341,13 +389,19 @@ mod tests {
             DeError("unknown field `listn`, expected one of `listen`, `retry`".to_owned()),
         );
         assert_eq!(p.key, "server.listn");
-        assert_eq!(p.message, "unknown key `listn`; valid keys here: listen, retry");
+        assert_eq!(
+            p.message,
+            "unknown key `listn`; valid keys here: listen, retry"
+        );
         let p = explain("streams[0]", DeError("missing field `url`".to_owned()));
         assert_eq!(p.key, "streams[0].url");
         let p = explain(
             "streams[0].history",
             DeError("invalid type: string \"x\", expected u64".to_owned()),
         );
-        assert_eq!(p.message, "expected a non-negative integer, got string \"x\"");
+        assert_eq!(
+            p.message,
+            "expected a non-negative integer, got string \"x\""
+        );
     }
 }

@@ -199,7 +199,9 @@ impl<'de> Deserialize<'de> for HumanDuration {
             fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
                 humantime::parse_duration(v.trim())
                     .map(HumanDuration)
-                    .map_err(|e| E::custom(format!("expected {DURATION_EXPECTED}, got {v:?} ({e})")))
+                    .map_err(|e| {
+                        E::custom(format!("expected {DURATION_EXPECTED}, got {v:?} ({e})"))
+                    })
             }
         }
         deserializer.deserialize_str(DurationVisitor)

@@ -7,8 +7,8 @@ use std::num::NonZeroU32;
 use std::path::Path;
 use std::time::Duration;
 
-use http::header::{HeaderName, HeaderValue};
 use http::HeaderMap;
+use http::header::{HeaderName, HeaderValue};
 use url::Url;
 
 use super::error::{ConfigError, Problems};
@@ -119,12 +119,12 @@ pub fn validate(
         .as_ref()
         .and_then(|sim| sim.validate("simulator", &mut problems));
     if let Some(sim) = &simulator {
-        if sim.listen == server.listen && sim.listen.port() != 0 {
+        if addresses_overlap(sim.listen, server.listen) {
             problems.push(
                 "simulator.listen",
                 format!(
-                    "expected an address other than server.listen, both are {}",
-                    sim.listen
+                    "expected an address other than server.listen ({}), got {}",
+                    server.listen, sim.listen
                 ),
             );
         }
@@ -142,6 +142,14 @@ pub fn validate(
             streams,
         },
     )
+}
+
+/// True when both sockets could not be bound at once: same fixed port, and the same IP or an
+/// unspecified one (`0.0.0.0`, `[::]`) on either side.
+fn addresses_overlap(a: SocketAddr, b: SocketAddr) -> bool {
+    a.port() == b.port()
+        && a.port() != 0
+        && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
 }
 
 fn fmt_duration(d: Duration) -> String {
@@ -527,7 +535,7 @@ fn stream_defaults(
             defaults::HISTORY,
             limits::HISTORY,
         ),
-        headers: headers(problems, "stream_defaults.headers", &raw.headers, env),
+        headers: headers(problems, "stream_defaults.headers", "", &raw.headers, env),
     }
 }
 
@@ -566,9 +574,26 @@ fn is_credential(name: &HeaderName) -> bool {
     )
 }
 
+/// Headers that patchwire or its HTTP client set themselves: a configured value would break
+/// conditional requests, compression or framing.
+const MANAGED_HEADERS: [&str; 9] = [
+    "host",
+    "content-length",
+    "transfer-encoding",
+    "connection",
+    "te",
+    "upgrade",
+    "accept-encoding",
+    "if-none-match",
+    "if-modified-since",
+];
+
+/// Validates one headers table whose dotted key is `table`; `context` starts messages (e.g.
+/// `in stream "fleet", `).
 fn headers(
     problems: &mut Problems,
     table: &str,
+    context: &str,
     raw: &BTreeMap<String, String>,
     env: &dyn Fn(&str) -> Option<String>,
 ) -> HeaderMap {
@@ -588,6 +613,16 @@ fn headers(
                 continue;
             }
         };
+        if MANAGED_HEADERS.contains(&header.as_str()) {
+            problems.push(
+                key,
+                format!(
+                    "expected a header that patchwire does not manage itself; {name} is set per \
+                     request (conditional requests, compression, connection handling)"
+                ),
+            );
+            continue;
+        }
         if let Some(first) = seen.insert(header.clone(), name) {
             problems.push(
                 key,
@@ -601,7 +636,7 @@ fn headers(
         let resolved = match interpolate(template, env) {
             Ok(resolved) => resolved,
             Err(e) => {
-                problems.push(key, format!("the value {e}"));
+                problems.push(key, format!("{context}the value {e}"));
                 continue;
             }
         };
@@ -638,13 +673,14 @@ const URL_EXPECTED: &str =
 fn stream_url(
     problems: &mut Problems,
     key: &str,
+    context: &str,
     template: &str,
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Option<Url> {
     let resolved = match interpolate(template, env) {
         Ok(resolved) => resolved,
         Err(e) => {
-            problems.push(key, format!("the URL {e}"));
+            problems.push(key, format!("{context}the URL {e}"));
             return None;
         }
     };
@@ -715,7 +751,8 @@ fn streams(
                 ),
             );
         }
-        let url = stream_url(problems, &format!("{key}.url"), &stream.url, env);
+        let context = format!("in stream {:?}, ", stream.name);
+        let url = stream_url(problems, &format!("{key}.url"), &context, &stream.url, env);
         let interval = duration_in(
             problems,
             &format!("{key}.interval"),
@@ -747,6 +784,7 @@ fn streams(
         let own_headers = headers(
             problems,
             &format!("{key}.headers"),
+            &context,
             &stream.headers,
             env,
         );
@@ -802,13 +840,106 @@ fn streams(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::describe;
+    use crate::config::raw::{ByteCount, RawStream};
+    use proptest::prelude::*;
+
+    const SECRET: &str = "s3cret-7f3a";
+
+    fn stream(name: &str, url: &str) -> RawStream {
+        RawStream {
+            name: name.to_owned(),
+            url: url.to_owned(),
+            headers: BTreeMap::new(),
+            interval: None,
+            timeout: None,
+            max_body: None,
+            format: None,
+            history: None,
+            rate_limit_group: None,
+            diff: Default::default(),
+        }
+    }
+
+    proptest! {
+        /// Whatever a file says, validation returns (no panic), every error carries at least one
+        /// problem with a key, and a resolved `${VAR}` value never appears in an error or in
+        /// `describe`.
+        #[test]
+        fn validation_is_total_and_never_shows_resolved_values(
+            name in "[A-Za-z0-9 ._-]{0,70}",
+            url in "(https?|ftp)://[a-z0-9.:-]{0,20}(/[a-z0-9]{0,5})?|[a-z :/]{0,20}",
+            header_name in "[A-Za-z -]{1,10}",
+            header_value in "[a-zA-Z ${}_]{0,20}",
+            newline_in_secret in any::<bool>(),
+            interval_ms in 0u64..200_000_000,
+            history in 0u64..200_000,
+            max_body in 0u64..(2 << 30),
+        ) {
+            let mut s = stream(&name, &url);
+            s.headers.insert(header_name, format!("{header_value}${{TOKEN}}"));
+            s.interval = Some(HumanDuration(Duration::from_millis(interval_ms)));
+            s.history = Some(history);
+            s.max_body = Some(ByteCount(max_body));
+            let raw = RawConfig { streams: vec![s], ..Default::default() };
+            let secret = if newline_in_secret { format!("{SECRET}\n") } else { SECRET.to_owned() };
+            let env = move |_: &str| Some(secret.clone());
+            match validate(raw, None, &env) {
+                Ok(config) => {
+                    let st = &config.streams[0];
+                    prop_assert!(st.interval >= limits::INTERVAL.0 && st.interval <= limits::INTERVAL.1);
+                    prop_assert!((1..=100_000).contains(&st.history));
+                    prop_assert!((1024..=1 << 30).contains(&st.max_body_bytes));
+                    prop_assert!(is_valid_name(&st.name));
+                    prop_assert!(!describe(&config).contains(SECRET));
+                }
+                Err(err) => {
+                    prop_assert!(!err.problems.is_empty());
+                    prop_assert!(err.problems.iter().all(|p| !p.key.is_empty()));
+                    prop_assert!(!err.to_string().contains(SECRET), "{}", err);
+                }
+            }
+        }
+
+        /// Durations are accepted exactly within their documented bounds.
+        #[test]
+        fn interval_bounds_are_inclusive(ms in 0u64..100_000_000) {
+            let mut s = stream("a", "http://example.com/");
+            s.interval = Some(HumanDuration(Duration::from_millis(ms)));
+            let raw = RawConfig { streams: vec![s], ..Default::default() };
+            let ok = validate(raw, None, &|_| None).is_ok();
+            let d = Duration::from_millis(ms);
+            prop_assert_eq!(ok, d >= limits::INTERVAL.0 && d <= limits::INTERVAL.1);
+        }
+    }
+
+    #[test]
+    fn listeners_overlap_on_the_same_port_or_a_wildcard() {
+        let a = |s: &str| s.parse::<SocketAddr>().unwrap();
+        assert!(addresses_overlap(a("127.0.0.1:80"), a("127.0.0.1:80")));
+        assert!(addresses_overlap(a("0.0.0.0:80"), a("127.0.0.1:80")));
+        assert!(addresses_overlap(a("127.0.0.1:80"), a("[::]:80")));
+        assert!(!addresses_overlap(a("127.0.0.1:80"), a("127.0.0.2:80")));
+        assert!(!addresses_overlap(a("127.0.0.1:80"), a("127.0.0.1:81")));
+        assert!(!addresses_overlap(a("127.0.0.1:0"), a("127.0.0.1:0")));
+    }
 
     #[test]
     fn names_follow_the_documented_pattern() {
         for ok in ["fleet", "a", "A.b_c-1", "9", &"x".repeat(64)] {
             assert!(is_valid_name(ok), "{ok}");
         }
-        for bad in ["", "-a", ".a", "_a", "a b", "a/b", "é", "a:1", &"x".repeat(65)] {
+        for bad in [
+            "",
+            "-a",
+            ".a",
+            "_a",
+            "a b",
+            "a/b",
+            "é",
+            "a:1",
+            &"x".repeat(65),
+        ] {
             assert!(!is_valid_name(bad), "{bad}");
         }
     }
@@ -816,9 +947,18 @@ mod tests {
     #[test]
     fn host_group_defaults_the_port_by_scheme() {
         let url = |s: &str| Url::parse(s).unwrap();
-        assert_eq!(host_group(&url("https://api.example.com/x")), "api.example.com:443");
-        assert_eq!(host_group(&url("http://api.example.com/x")), "api.example.com:80");
-        assert_eq!(host_group(&url("http://127.0.0.1:8081/feeds")), "127.0.0.1:8081");
+        assert_eq!(
+            host_group(&url("https://api.example.com/x")),
+            "api.example.com:443"
+        );
+        assert_eq!(
+            host_group(&url("http://api.example.com/x")),
+            "api.example.com:80"
+        );
+        assert_eq!(
+            host_group(&url("http://127.0.0.1:8081/feeds")),
+            "127.0.0.1:8081"
+        );
         assert_eq!(host_group(&url("http://[::1]:9000/")), "[::1]:9000");
     }
 
@@ -837,7 +977,10 @@ mod tests {
         assert!(parse_origin("https://app.example.com").is_ok());
         assert!(parse_origin("http://localhost:3000").is_ok());
         let err = parse_origin("https://app.example.com/").unwrap_err();
-        assert!(err.contains("did you mean \"https://app.example.com\""), "{err}");
+        assert!(
+            err.contains("did you mean \"https://app.example.com\""),
+            "{err}"
+        );
         assert!(parse_origin("ftp://example.com").is_err());
         assert!(parse_origin("example.com").is_err());
     }

@@ -20,7 +20,7 @@ use super::decode::DecodeError;
 pub const MAX_REDIRECTS: usize = 5;
 
 /// What to fetch and within which limits.
-#[derive(Debug, Clone, Copy)]
+#[derive(Clone, Copy)]
 pub struct FetchRequest<'a> {
     /// The upstream URL.
     pub url: &'a Url,
@@ -30,6 +30,18 @@ pub struct FetchRequest<'a> {
     pub timeout: Duration,
     /// Largest (decompressed) body accepted.
     pub max_body_bytes: u64,
+}
+
+impl fmt::Debug for FetchRequest<'_> {
+    /// Header names only: their values may be credentials.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FetchRequest")
+            .field("url", &Redacted::new(self.url))
+            .field("headers", &self.headers.keys().collect::<Vec<_>>())
+            .field("timeout", &self.timeout)
+            .field("max_body_bytes", &self.max_body_bytes)
+            .finish()
+    }
 }
 
 /// The cache validators of the last successful response, sent back as conditions.
@@ -442,6 +454,25 @@ mod tests {
         let text = error.to_string();
         assert!(text.starts_with("GET http://x.example/feed: the body is not a valid document: invalid JSON at line 1"), "{text}");
         assert_eq!(error.status(), 502);
+    }
+
+    #[test]
+    fn request_debug_shows_header_names_but_not_values() {
+        let url = Url::parse("https://u:pw@x.example/feed").expect("valid URL");
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            http::header::AUTHORIZATION,
+            HeaderValue::from_static("Bearer s3cret"),
+        );
+        let request = FetchRequest {
+            url: &url,
+            headers: &headers,
+            timeout: Duration::from_secs(1),
+            max_body_bytes: 10,
+        };
+        let text = format!("{request:?}");
+        assert!(text.contains("authorization"), "{text}");
+        assert!(!text.contains("s3cret") && !text.contains("pw@"), "{text}");
     }
 
     #[test]

@@ -5,6 +5,11 @@
 //! - [`ratelimit`]: one shared quota per rate-limit group.
 //! - [`backoff`]: the retry schedule after failures (pure).
 //! - [`decode`]: bodies into JSON documents.
+//!
+//! Wiring (in `app`): one [`Fetcher`] from `upstream.user_agent`, one [`RateLimits`] from
+//! `upstream` and the streams, then per stream a [`Poller`] with
+//! `limits.limiter(&stream.rate_limit_group)` and the hub as its [`Publish`]; keep
+//! `poller.status()` for the listing and spawn `poller.run(shutdown.child_token())`.
 
 pub mod backoff;
 pub mod decode;

@@ -132,6 +132,12 @@ pub fn next_tick_offset(elapsed: Duration, interval: Duration) -> Duration {
     Duration::new(secs, subsec)
 }
 
+/// `instant + delay`, saturating at a far future instead of overflowing on absurd delays.
+fn later(instant: Instant, delay: Duration) -> Instant {
+    const FAR: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+    instant.checked_add(delay.min(FAR)).unwrap_or(instant)
+}
+
 /// Polls one stream's upstream and publishes what it finds.
 pub struct Poller<C: Clock = DefaultClock> {
     settings: Arc<StreamSettings>,
@@ -238,8 +244,10 @@ where
         let (outcome, recovered, next_due) = match self.absorb(fetched) {
             Ok((outcome, recovered)) => {
                 let now = Instant::now();
-                let next =
-                    anchor + next_tick_offset(now.saturating_duration_since(anchor), interval);
+                let next = later(
+                    anchor,
+                    next_tick_offset(now.saturating_duration_since(anchor), interval),
+                );
                 tracing::debug!(stream = %self.settings.name, outcome = ?outcome, "polled");
                 (outcome, recovered, next)
             }
@@ -264,7 +272,7 @@ where
                     status: error.status(),
                     message: error.to_string().into(),
                 };
-                (outcome, false, Instant::now() + retry_in)
+                (outcome, false, later(Instant::now(), retry_in))
             }
         };
         self.next_due = Some(next_due);
@@ -276,7 +284,9 @@ where
                 outcome: outcome.metric(),
             })
             .inc();
-        let next_poll_due = SystemTime::now() + next_due.saturating_duration_since(Instant::now());
+        let until_due = next_due.saturating_duration_since(Instant::now());
+        let now = SystemTime::now();
+        let next_poll_due = now.checked_add(until_due).unwrap_or(now);
         let failures = self.consecutive_failures;
         self.status.update(|r| {
             r.last_outcome = Some(outcome.clone());
@@ -387,7 +397,7 @@ mod tests {
         #[test]
         fn next_tick_is_the_first_tick_after_now(
             elapsed in 0u64..10_000_000,
-            interval in 1u64..1_000_000,
+            interval in 1_000u64..1_000_000,
         ) {
             let (elapsed, interval) = (Duration::from_micros(elapsed), Duration::from_micros(interval));
             let next = next_tick_offset(elapsed, interval);
@@ -395,6 +405,13 @@ mod tests {
             prop_assert!(next - elapsed <= interval);
             prop_assert_eq!(next.as_nanos() % interval.as_nanos(), 0);
         }
+    }
+
+    #[test]
+    fn later_never_overflows() {
+        let now = Instant::now();
+        assert_eq!(later(now, ms(5)), now + ms(5));
+        assert!(later(now, Duration::MAX) > now + Duration::from_secs(3600 * 24 * 365));
     }
 
     #[test]

@@ -1,0 +1,917 @@
+//! Loading and validating configuration files: the shipped files, every kind of bad input,
+//! environment overrides and defaults. The process environment is never read or changed: the
+//! environment is passed in, so these tests run in parallel safely.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use patchwire::config::{
+    ConfigError, Cors, LogFormat, RawConfig, describe, load_raw, load_with, validate,
+};
+use tempfile::TempDir;
+
+/// A file `name` holding `text` in a fresh temporary directory.
+struct File {
+    _dir: TempDir,
+    path: PathBuf,
+}
+
+fn file(name: &str, text: &str) -> File {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let path = dir.path().join(name);
+    std::fs::write(&path, text).expect("write test file");
+    File { _dir: dir, path }
+}
+
+fn no_env(_: &str) -> Option<String> {
+    None
+}
+
+fn vars(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+    pairs
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect()
+}
+
+const MINIMAL: &str = r#"
+[[streams]]
+name = "a"
+url = "http://example.com/a"
+"#;
+
+fn load_toml(text: &str) -> (File, Result<patchwire::config::Config, ConfigError>) {
+    let f = file("patchwire.toml", text);
+    let result = load_with(&f.path, &no_env, Vec::new());
+    (f, result)
+}
+
+/// Asserts that loading `text` (as `name`) fails with a problem at `key` whose message contains
+/// every one of `needles`, and that the rendered error names the file and the key.
+fn assert_rejected(name: &str, text: &str, key: &str, needles: &[&str]) -> ConfigError {
+    let f = file(name, text);
+    let err = match load_with(&f.path, &no_env, Vec::new()) {
+        Ok(config) => panic!("expected {key} to be rejected, got {config:#?}"),
+        Err(err) => err,
+    };
+    assert_error(&err, &f.path, key, needles);
+    err
+}
+
+fn assert_error(err: &ConfigError, path: &Path, key: &str, needles: &[&str]) {
+    assert_eq!(err.file.as_deref(), Some(path), "{err}");
+    let problem = err
+        .problems
+        .iter()
+        .find(|p| p.key == key)
+        .unwrap_or_else(|| panic!("no problem at `{key}` in: {err}"));
+    for needle in needles {
+        assert!(
+            problem.message.contains(needle),
+            "problem at `{key}` should mention {needle:?}: {}",
+            problem.message
+        );
+    }
+    let shown = err.to_string();
+    assert!(shown.contains(&path.display().to_string()), "{shown}");
+    if !key.is_empty() {
+        assert!(shown.contains(&format!("`{key}`")), "{shown}");
+    }
+}
+
+fn repo_file(relative: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(relative)
+}
+
+mod shipped_files {
+    use super::*;
+
+    fn example_env(name: &str) -> Option<String> {
+        (name == "API_TOKEN").then(|| "tok-123-secret".to_owned())
+    }
+
+    #[test]
+    fn every_file_in_config_and_examples_loads_and_validates() {
+        let mut checked = 0;
+        for dir in ["config", "config/examples"] {
+            let entries = std::fs::read_dir(repo_file(dir)).expect("config directory exists");
+            for entry in entries {
+                let path = entry.expect("directory entry").path();
+                if !path.is_file() {
+                    continue;
+                }
+                let config = load_with(&path, &example_env, Vec::new())
+                    .unwrap_or_else(|e| panic!("{} should be valid: {e}", path.display()));
+                assert!(!config.streams.is_empty());
+                let summary = describe(&config);
+                assert!(
+                    !summary.contains("tok-123-secret"),
+                    "describe must not print secrets: {summary}"
+                );
+                checked += 1;
+            }
+        }
+        assert!(
+            checked >= 3,
+            "expected default.toml and two examples, checked {checked}"
+        );
+    }
+
+    #[test]
+    fn default_toml_runs_the_simulated_fleet() {
+        let config = load_with(&repo_file("config/default.toml"), &no_env, Vec::new())
+            .expect("default.toml is valid without any environment");
+        let sim = config.simulator.as_ref().expect("simulator enabled");
+        assert_eq!(sim.listen, "127.0.0.1:8081".parse::<SocketAddr>().unwrap());
+        assert_eq!(sim.feeds.len(), 1);
+        let feed = &sim.feeds[0];
+        assert_eq!(
+            (
+                feed.name.as_str(),
+                feed.vehicles,
+                feed.routes,
+                feed.seed,
+                feed.tick
+            ),
+            ("fleet", 200, 12, 42, Duration::from_secs(1))
+        );
+        let stream = &config.streams[0];
+        assert_eq!(stream.name, "fleet");
+        assert_eq!(stream.url.as_str(), "http://127.0.0.1:8081/feeds/fleet");
+        assert_eq!(stream.interval, Duration::from_secs(1));
+        assert_eq!(stream.rate_limit_group, "127.0.0.1:8081");
+    }
+
+    #[test]
+    fn json_api_example_needs_its_token_and_hides_it() {
+        let path = repo_file("config/examples/json-api.toml");
+        let err = load_with(&path, &no_env, Vec::new()).expect_err("API_TOKEN is not set");
+        assert_error(
+            &err,
+            &path,
+            "streams[0].headers.Authorization",
+            &["API_TOKEN", "not set"],
+        );
+        let config = load_with(&path, &example_env, Vec::new()).expect("valid with API_TOKEN");
+        let auth = config.streams[0]
+            .headers
+            .get("authorization")
+            .expect("Authorization header");
+        assert_eq!(auth.to_str().unwrap(), "Bearer tok-123-secret");
+        assert!(auth.is_sensitive());
+        assert_eq!(
+            config.streams[0]
+                .headers
+                .get("accept")
+                .map(|v| v.to_str().unwrap()),
+            Some("application/json"),
+            "headers from [stream_defaults] are merged in"
+        );
+        let summary = describe(&config);
+        assert!(summary.contains("authorization"), "{summary}");
+        assert!(summary.contains("transit-api"), "{summary}");
+        assert!(summary.contains("5/s, burst 5"), "{summary}");
+        assert!(!summary.contains("tok-123-secret"), "{summary}");
+    }
+
+    #[test]
+    fn yaml_example_matches_its_intent() {
+        let config = load_with(
+            &repo_file("config/examples/simulated.yaml"),
+            &no_env,
+            Vec::new(),
+        )
+        .expect("simulated.yaml is valid");
+        assert_eq!(config.log.format, LogFormat::Json);
+        assert_eq!(config.server.subscriber_buffer, 512);
+        assert_eq!(config.streams.len(), 2);
+        assert_eq!(config.streams[0].interval, Duration::from_secs(1));
+        assert_eq!(config.streams[1].interval, Duration::from_secs(2));
+        assert_eq!(config.streams[1].diff.max_patch_ratio, 0.5);
+        assert!(matches!(&config.server.cors, Cors::Origins(o) if o.len() == 2));
+        assert_eq!(config.simulator.as_ref().map(|s| s.feeds.len()), Some(2));
+    }
+}
+
+mod bad_input {
+    use super::*;
+
+    #[test]
+    fn unknown_top_level_key() {
+        assert_rejected(
+            "c.toml",
+            &format!("colour = \"red\"\n{MINIMAL}"),
+            "colour",
+            &[
+                "unknown key `colour`",
+                "server, log, upstream, stream_defaults",
+            ],
+        );
+    }
+
+    #[test]
+    fn unknown_nested_key() {
+        assert_rejected(
+            "c.toml",
+            &format!("[server]\nlistn = \"127.0.0.1:1\"\n{MINIMAL}"),
+            "server.listn",
+            &["unknown key `listn`", "listen", "keepalive"],
+        );
+        assert_rejected(
+            "c.toml",
+            &format!("{MINIMAL}intervl = \"1s\"\n"),
+            "streams[0].intervl",
+            &["unknown key `intervl`", "interval"],
+        );
+        assert_rejected(
+            "c.toml",
+            &format!("{MINIMAL}[streams.diff]\nratio = 0.5\n"),
+            "streams[0].diff.ratio",
+            &["unknown key `ratio`", "max_patch_ratio"],
+        );
+    }
+
+    #[test]
+    fn missing_key() {
+        assert_rejected(
+            "c.toml",
+            "[[streams]]\nname = \"a\"\n",
+            "streams[0].url",
+            &["missing required key"],
+        );
+        assert_rejected(
+            "c.yaml",
+            "streams:\n  - url: http://example.com/\n",
+            "streams[0].name",
+            &["missing required key"],
+        );
+    }
+
+    #[test]
+    fn unparseable_url() {
+        assert_rejected(
+            "c.toml",
+            "[[streams]]\nname = \"a\"\nurl = \"not a url\"\n",
+            "streams[0].url",
+            &["expected an absolute http or https URL", "\"not a url\""],
+        );
+    }
+
+    #[test]
+    fn non_http_scheme() {
+        assert_rejected(
+            "c.toml",
+            "[[streams]]\nname = \"a\"\nurl = \"ftp://example.com/feed\"\n",
+            "streams[0].url",
+            &["scheme \"ftp\" is not http or https"],
+        );
+    }
+
+    #[test]
+    fn zero_interval() {
+        assert_rejected(
+            "c.toml",
+            &format!("{MINIMAL}interval = \"0s\"\n"),
+            "streams[0].interval",
+            &["between 100ms and", "got \"0s\""],
+        );
+    }
+
+    #[test]
+    fn absurd_interval_and_unparseable_duration() {
+        assert_rejected(
+            "c.toml",
+            &format!("{MINIMAL}interval = \"30days\"\n"),
+            "streams[0].interval",
+            &["between 100ms and 1day", "got \"30days\""],
+        );
+        assert_rejected(
+            "c.toml",
+            &format!("{MINIMAL}interval = 5\n"),
+            "streams[0].interval",
+            &["a duration with a unit such as \"5s\""],
+        );
+    }
+
+    #[test]
+    fn duplicate_stream_names_name_both_entries() {
+        let text = format!("{MINIMAL}{MINIMAL}{}", MINIMAL.replace("\"a\"", "\"b\""));
+        assert_rejected(
+            "c.toml",
+            &text,
+            "streams[1].name",
+            &["unique", "\"a\"", "streams[0]"],
+        );
+    }
+
+    #[test]
+    fn bad_stream_name() {
+        assert_rejected(
+            "c.toml",
+            "[[streams]]\nname = \"my feed\"\nurl = \"http://example.com/\"\n",
+            "streams[0].name",
+            &["letters, digits", "\"my feed\""],
+        );
+    }
+
+    #[test]
+    fn bad_listen_address() {
+        assert_rejected(
+            "c.toml",
+            &format!("[server]\nlisten = \"localhost\"\n{MINIMAL}"),
+            "server.listen",
+            &["IP address and port", "\"localhost\""],
+        );
+    }
+
+    #[test]
+    fn bad_header_name_and_value() {
+        let text = format!(
+            "{MINIMAL}[streams.headers]\n\"Bad Header\" = \"x\"\nX-Ok = \"line\\nbreak\"\n"
+        );
+        let err = assert_rejected(
+            "c.toml",
+            &text,
+            "streams[0].headers.\"Bad Header\"",
+            &["header name"],
+        );
+        assert!(
+            err.problems
+                .iter()
+                .any(|p| p.key == "streams[0].headers.X-Ok" && p.message.contains("header value")),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn undefined_variable_in_header_and_url() {
+        let text = "[[streams]]\nname = \"a\"\nurl = \"https://${API_HOST}/v1\"\n\
+                    [streams.headers]\nAuthorization = \"Bearer ${API_TOKEN}\"\n";
+        let err = assert_rejected(
+            "c.toml",
+            text,
+            "streams[0].headers.Authorization",
+            &["in stream \"a\"", "API_TOKEN", "not set"],
+        );
+        let path = err.file.clone().expect("error names the file");
+        assert_error(&err, &path, "streams[0].url", &["API_HOST", "not set"]);
+    }
+
+    #[test]
+    fn headers_patchwire_manages_are_refused() {
+        assert_rejected(
+            "c.toml",
+            &format!("{MINIMAL}[streams.headers]\nIf-None-Match = \"x\"\n"),
+            "streams[0].headers.If-None-Match",
+            &["does not manage itself"],
+        );
+        assert_rejected(
+            "c.toml",
+            &format!("[stream_defaults.headers]\naccept-encoding = \"gzip\"\n{MINIMAL}"),
+            "stream_defaults.headers.accept-encoding",
+            &["does not manage itself"],
+        );
+    }
+
+    #[test]
+    fn escaped_variable_is_literal() {
+        let (_f, result) = load_toml(&format!(
+            "{MINIMAL}[streams.headers]\nX-Template = \"$${{NOT_A_VAR}}\"\n"
+        ));
+        let config = result.expect("escaped reference is valid");
+        assert_eq!(
+            config.streams[0].headers.get("x-template").unwrap(),
+            "${NOT_A_VAR}"
+        );
+    }
+
+    #[test]
+    fn bad_toml_syntax_reports_the_line() {
+        assert_rejected(
+            "c.toml",
+            "[[streams]]\nname = \"a\"\nurl = \n",
+            "",
+            &["invalid TOML syntax", "line 3"],
+        );
+    }
+
+    #[test]
+    fn bad_yaml_syntax_reports_the_line() {
+        assert_rejected(
+            "c.yaml",
+            "streams:\n  - name: a\n    url: [unclosed\n",
+            "",
+            &["invalid YAML syntax", "line"],
+        );
+    }
+
+    #[test]
+    fn unknown_rate_limit_group() {
+        assert_rejected(
+            "c.toml",
+            &format!("{MINIMAL}rate_limit_group = \"transit\"\n"),
+            "streams[0].rate_limit_group",
+            &["\"transit\"", "none are defined"],
+        );
+        assert_rejected(
+            "c.toml",
+            &format!(
+                "[upstream.rate_limits.api]\nper_second = 1\n{MINIMAL}rate_limit_group = \"apx\"\n"
+            ),
+            "streams[0].rate_limit_group",
+            &["\"apx\"", "defined groups: api"],
+        );
+    }
+
+    #[test]
+    fn zero_rate_limits() {
+        let err = assert_rejected(
+            "c.toml",
+            &format!(
+                "[upstream.default_rate_limit]\nper_second = 0\n\
+                 [upstream.rate_limits.api]\nper_second = 1\nburst = 0\n{MINIMAL}"
+            ),
+            "upstream.default_rate_limit.per_second",
+            &["at least 1"],
+        );
+        assert!(
+            err.problems
+                .iter()
+                .any(|p| p.key == "upstream.rate_limits.api.burst"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn wrong_types_are_not_coerced() {
+        assert_rejected(
+            "c.toml",
+            &format!("{MINIMAL}history = \"many\"\n"),
+            "streams[0].history",
+            &["expected a non-negative integer", "\"many\""],
+        );
+        assert_rejected(
+            "c.toml",
+            &format!("{MINIMAL}history = 1.5\n"),
+            "streams[0].history",
+            &["expected a non-negative integer", "1.5"],
+        );
+        assert_rejected(
+            "c.toml",
+            &format!("{MINIMAL}history = true\n"),
+            "streams[0].history",
+            &["expected a non-negative integer"],
+        );
+        assert_rejected(
+            "c.toml",
+            &format!("[log]\nformat = \"xml\"\n{MINIMAL}"),
+            "log.format",
+            &["plain, json", "\"xml\""],
+        );
+        assert_rejected(
+            "c.yaml",
+            "server: 8080\nstreams: []\n",
+            "server",
+            &["expected a table"],
+        );
+    }
+
+    #[test]
+    fn missing_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("absent.toml");
+        let err = load_with(&path, &no_env, Vec::new()).expect_err("no such file");
+        assert_error(&err, &path, "", &["file not found"]);
+    }
+
+    #[test]
+    fn unsupported_extension() {
+        assert_rejected("c.ini", MINIMAL, "", &[".toml, .yaml or .yml"]);
+    }
+
+    #[test]
+    fn no_streams() {
+        assert_rejected(
+            "c.toml",
+            "[server]\nlisten = \"127.0.0.1:0\"\n",
+            "streams",
+            &["expected at least one [[streams]] entry"],
+        );
+    }
+
+    #[test]
+    fn out_of_range_values_are_all_reported_together() {
+        let text = r#"
+[server]
+keepalive = "0s"
+subscriber_buffer = 0
+[server.cors]
+allow_origins = ["https://ok.example", "https://bad.example/path", "*"]
+[log]
+level = "verbose"
+[upstream.backoff]
+multiplier = 1.0
+jitter = 1.5
+initial = "2m"
+max = "1m"
+[stream_defaults]
+max_body = "10 B"
+history = 0
+[[streams]]
+name = "a"
+url = "http://example.com/"
+timeout = "11m"
+[streams.diff]
+max_patch_ratio = 2.0
+"#;
+        let err = assert_rejected("c.toml", text, "server.keepalive", &["between 1s and 10m"]);
+        for key in [
+            "server.subscriber_buffer",
+            "server.cors.allow_origins",
+            "log.level",
+            "upstream.backoff.multiplier",
+            "upstream.backoff.jitter",
+            "upstream.backoff.max",
+            "stream_defaults.max_body",
+            "stream_defaults.history",
+            "streams[0].timeout",
+            "streams[0].diff.max_patch_ratio",
+        ] {
+            assert!(
+                err.problems.iter().any(|p| p.key == key),
+                "no problem at {key}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn bad_cors_origin_suggests_the_canonical_form() {
+        assert_rejected(
+            "c.toml",
+            &format!("[server.cors]\nallow_origins = [\"https://App.example.com/\"]\n{MINIMAL}"),
+            "server.cors.allow_origins[0]",
+            &["did you mean \"https://app.example.com\""],
+        );
+    }
+
+    #[test]
+    fn simulator_problems_are_reported_with_their_keys() {
+        assert_rejected(
+            "c.toml",
+            &format!(
+                "[simulator]\nlisten = \"127.0.0.1:8081\"\n[[simulator.feeds]]\nname = \"f\"\n\
+                 vehicles = 0\n{MINIMAL}"
+            ),
+            "simulator.feeds[0].vehicles",
+            &["1 to 1000000"],
+        );
+        assert_rejected(
+            "c.toml",
+            &format!(
+                "[server]\nlisten = \"127.0.0.1:9000\"\n[simulator]\nlisten = \"127.0.0.1:9000\"\n\
+                 [[simulator.feeds]]\nname = \"f\"\n{MINIMAL}"
+            ),
+            "simulator.listen",
+            &["other than server.listen"],
+        );
+    }
+}
+
+mod environment {
+    use super::*;
+
+    fn load_env(
+        text: &str,
+        overrides: &[(&str, &str)],
+    ) -> Result<patchwire::config::Config, ConfigError> {
+        let f = file("patchwire.toml", text);
+        load_with(&f.path, &no_env, vars(overrides))
+    }
+
+    #[test]
+    fn string_overrides() {
+        let config = load_env(
+            MINIMAL,
+            &[
+                ("PATCHWIRE__SERVER__LISTEN", "127.0.0.1:9000"),
+                ("PATCHWIRE__LOG__FORMAT", "json"),
+                ("PATCHWIRE__UPSTREAM__USER_AGENT", "1.10"),
+                ("UNRELATED__SERVER__LISTEN", "bad"),
+                ("PATCHWIRE_SERVER_LISTEN", "bad"),
+            ],
+        )
+        .expect("overrides are valid");
+        assert_eq!(
+            config.server.listen,
+            "127.0.0.1:9000".parse::<SocketAddr>().unwrap()
+        );
+        assert_eq!(config.log.format, LogFormat::Json);
+        assert_eq!(
+            config.upstream.user_agent, "1.10",
+            "strings that look like numbers stay exact"
+        );
+    }
+
+    #[test]
+    fn number_and_bool_overrides() {
+        let text = format!(
+            "[simulator]\nlisten = \"127.0.0.1:8081\"\n[[simulator.feeds]]\nname = \"f\"\n{MINIMAL}"
+        );
+        let config = load_env(
+            &text,
+            &[
+                ("PATCHWIRE__SERVER__SUBSCRIBER_BUFFER", "1024"),
+                ("PATCHWIRE__UPSTREAM__BACKOFF__MULTIPLIER", "1.5"),
+                ("PATCHWIRE__STREAM_DEFAULTS__MAX_BODY", "2048"),
+                ("PATCHWIRE__SIMULATOR__ENABLED", "false"),
+            ],
+        )
+        .expect("overrides are valid");
+        assert_eq!(config.server.subscriber_buffer, 1024);
+        assert_eq!(config.upstream.backoff.multiplier, 1.5);
+        assert_eq!(config.streams[0].max_body_bytes, 2048);
+        assert!(
+            config.simulator.is_none(),
+            "simulator disabled by the environment"
+        );
+    }
+
+    #[test]
+    fn indexed_stream_overrides_touch_only_that_stream() {
+        let text = format!("{MINIMAL}{}", MINIMAL.replace("\"a\"", "\"b\""));
+        let config = load_env(
+            &text,
+            &[
+                ("PATCHWIRE__STREAMS__1__INTERVAL", "2s"),
+                ("PATCHWIRE__STREAMS__1__URL", "https://other.example/b"),
+            ],
+        )
+        .expect("overrides are valid");
+        assert_eq!(config.streams[0].interval, Duration::from_secs(5));
+        assert_eq!(config.streams[0].url.as_str(), "http://example.com/a");
+        assert_eq!(config.streams[1].name, "b");
+        assert_eq!(config.streams[1].interval, Duration::from_secs(2));
+        assert_eq!(config.streams[1].url.as_str(), "https://other.example/b");
+    }
+
+    #[test]
+    fn list_overrides_are_comma_separated() {
+        let config = load_env(
+            MINIMAL,
+            &[(
+                "PATCHWIRE__SERVER__CORS__ALLOW_ORIGINS",
+                "https://a.example, https://b.example",
+            )],
+        )
+        .expect("valid origins");
+        match &config.server.cors {
+            Cors::Origins(origins) => {
+                assert_eq!(origins, &["https://a.example", "https://b.example"])
+            }
+            other => panic!("expected two origins, got {other:?}"),
+        }
+        let config = load_env(MINIMAL, &[("PATCHWIRE__SERVER__CORS__ALLOW_ORIGINS", "")])
+            .expect("empty list");
+        assert_eq!(config.server.cors, Cors::Disabled);
+    }
+
+    #[test]
+    fn bad_override_names_the_variable() {
+        let err = load_env(MINIMAL, &[("PATCHWIRE__SERVER__SUBSCRIBER_BUFFER", "lots")])
+            .expect_err("not a number");
+        let p = &err.problems[0];
+        assert_eq!(p.key, "server.subscriber_buffer");
+        assert!(
+            p.message.contains("an integer") || p.message.contains("non-negative integer"),
+            "{err}"
+        );
+        assert!(
+            p.message.contains("PATCHWIRE__SERVER__SUBSCRIBER_BUFFER"),
+            "{err}"
+        );
+
+        let err = load_env(MINIMAL, &[("PATCHWIRE__SERVER__LISTN", "127.0.0.1:1")])
+            .expect_err("unknown key");
+        let p = &err.problems[0];
+        assert_eq!(p.key, "server.listn");
+        assert!(
+            p.message.contains("unknown key") && p.message.contains("PATCHWIRE__SERVER__LISTN"),
+            "{err}"
+        );
+
+        let err = load_env(MINIMAL, &[("PATCHWIRE__SERVER__LISTEN", "nowhere")])
+            .expect_err("bad address");
+        assert!(
+            err.problems[0]
+                .message
+                .contains("PATCHWIRE__SERVER__LISTEN"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn overrides_can_add_a_stream_but_not_absurd_indexes() {
+        let config = load_env(
+            MINIMAL,
+            &[
+                ("PATCHWIRE__STREAMS__1__NAME", "added"),
+                ("PATCHWIRE__STREAMS__1__URL", "http://example.com/added"),
+            ],
+        )
+        .expect("a stream added by the environment");
+        assert_eq!(config.streams.len(), 2);
+        assert_eq!(config.streams[1].name, "added");
+
+        let err = load_env(
+            MINIMAL,
+            &[("PATCHWIRE__STREAMS__99999999999__URL", "http://x/")],
+        )
+        .expect_err("index far beyond any list");
+        assert_eq!(err.problems[0].key, "streams[99999999999].url");
+        assert!(err.problems[0].message.contains("at most 10000"), "{err}");
+
+        let err = load_env(MINIMAL, &[("PATCHWIRE__STREAMS__3__URL", "http://x/")])
+            .expect_err("a gap before index 3");
+        assert_eq!(err.problems[0].key, "streams[1]", "{err}");
+        let err = load_env(
+            MINIMAL,
+            &[("PATCHWIRÉ__X", "1"), ("PATCHWIRE__\u{e9}", "1")],
+        )
+        .expect_err("a non-ASCII key is unknown, not a crash");
+        assert!(err.problems[0].message.contains("unknown key"), "{err}");
+    }
+
+    #[test]
+    fn header_names_and_variable_names_keep_their_case() {
+        let text = format!("{MINIMAL}[streams.headers]\nX-Api-Key = \"${{Mixed_Case}}\"\n");
+        let f = file("c.toml", &text);
+        let raw: RawConfig = load_raw(&f.path, Vec::new()).expect("parses");
+        assert!(
+            raw.streams[0].headers.contains_key("X-Api-Key"),
+            "{:?}",
+            raw.streams[0].headers
+        );
+        let env = |name: &str| (name == "Mixed_Case").then(|| "v".to_owned());
+        let config = load_with(&f.path, &env, Vec::new()).expect("variable found by exact name");
+        assert_eq!(config.streams[0].headers.get("x-api-key").unwrap(), "v");
+
+        let yaml = file(
+            "c.yaml",
+            "streams:\n  - name: a\n    url: http://example.com/\n    headers:\n      X-Api-Key: k\n",
+        );
+        let raw = load_raw(&yaml.path, Vec::new()).expect("parses");
+        assert!(raw.streams[0].headers.contains_key("X-Api-Key"));
+    }
+}
+
+mod defaults {
+    use super::*;
+
+    #[test]
+    fn a_minimal_file_gets_every_documented_default() {
+        let (_f, result) = load_toml(MINIMAL);
+        let config = result.expect("minimal file is valid");
+        let s = &config.server;
+        assert_eq!(s.listen, "127.0.0.1:8080".parse::<SocketAddr>().unwrap());
+        assert_eq!(s.keepalive, Duration::from_secs(15));
+        assert_eq!(s.retry_hint, Duration::from_secs(2));
+        assert_eq!(s.subscriber_buffer, 256);
+        assert_eq!(s.stall_timeout, Duration::from_secs(30));
+        assert_eq!(s.shutdown_grace, Duration::from_secs(5));
+        assert_eq!(s.cors, Cors::AnyOrigin);
+        assert_eq!(config.log.format, LogFormat::Plain);
+        assert_eq!(config.log.filter, "info");
+        let u = &config.upstream;
+        assert_eq!(
+            u.user_agent,
+            format!("patchwire/{}", env!("CARGO_PKG_VERSION"))
+        );
+        assert_eq!(u.default_rate_limit.per_second.get(), 10);
+        assert_eq!(u.default_rate_limit.burst.get(), 10);
+        assert!(u.rate_limits.is_empty());
+        assert_eq!(u.backoff.initial, Duration::from_secs(1));
+        assert_eq!(u.backoff.max, Duration::from_secs(300));
+        assert_eq!(u.backoff.multiplier, 2.0);
+        assert_eq!(u.backoff.jitter, 0.2);
+        assert_eq!(u.backoff.max_retry_after, Duration::from_secs(3600));
+        assert!(config.simulator.is_none());
+        let st = &config.streams[0];
+        assert_eq!(st.interval, Duration::from_secs(5));
+        assert_eq!(st.timeout, Duration::from_secs(10));
+        assert_eq!(st.max_body_bytes, 16 * 1024 * 1024);
+        assert_eq!(st.history, 1000);
+        assert_eq!(st.format.as_str(), "json");
+        assert_eq!(st.rate_limit_group, "example.com:80");
+        assert!(st.headers.is_empty());
+        assert_eq!(st.diff.max_patch_ratio, 1.0);
+    }
+
+    #[test]
+    fn stream_defaults_apply_unless_a_stream_sets_its_own() {
+        let text = r#"
+[stream_defaults]
+interval = "2s"
+max_body = "1 MiB"
+history = 10
+[stream_defaults.headers]
+Accept = "application/json"
+X-Tenant = "default"
+
+[[streams]]
+name = "inherits"
+url = "https://example.com/a"
+
+[[streams]]
+name = "overrides"
+url = "https://example.com/b"
+interval = "3s"
+max_body = 4096
+history = 20
+[streams.headers]
+x-tenant = "mine"
+"#;
+        let (_f, result) = load_toml(text);
+        let config = result.expect("valid");
+        let (a, b) = (&config.streams[0], &config.streams[1]);
+        assert_eq!(
+            (a.interval, a.max_body_bytes, a.history),
+            (Duration::from_secs(2), 1 << 20, 10)
+        );
+        assert_eq!(
+            (b.interval, b.max_body_bytes, b.history),
+            (Duration::from_secs(3), 4096, 20)
+        );
+        assert_eq!(a.headers.get("x-tenant").unwrap(), "default");
+        assert_eq!(b.headers.get_all("x-tenant").iter().count(), 1);
+        assert_eq!(b.headers.get("x-tenant").unwrap(), "mine");
+        assert_eq!(b.headers.get("accept").unwrap(), "application/json");
+        assert_eq!(a.rate_limit_group, "example.com:443");
+    }
+
+    #[test]
+    fn named_group_burst_defaults_to_its_rate() {
+        let (_f, result) = load_toml(&format!(
+            "[upstream.rate_limits.api]\nper_second = 3\n{MINIMAL}rate_limit_group = \"api\"\n"
+        ));
+        let config = result.expect("valid");
+        let group = &config.upstream.rate_limits["api"];
+        assert_eq!((group.per_second.get(), group.burst.get()), (3, 3));
+        assert_eq!(config.streams[0].rate_limit_group, "api");
+    }
+
+    #[test]
+    fn validate_is_pure_and_takes_env_through_the_lookup() {
+        let raw: RawConfig = {
+            let f = file(
+                "c.toml",
+                "[[streams]]\nname = \"a\"\nurl = \"https://${HOST}/x\"\n",
+            );
+            load_raw(&f.path, Vec::new()).expect("parses")
+        };
+        let env: HashMap<&str, &str> = HashMap::from([("HOST", "api.example.com")]);
+        let lookup = |name: &str| env.get(name).map(|v| (*v).to_owned());
+        let config = validate(raw.clone(), None, &lookup).expect("valid");
+        assert_eq!(config.streams[0].url.as_str(), "https://api.example.com/x");
+        assert!(config.source.is_none());
+        let err = validate(raw, None, &no_env).expect_err("HOST unset");
+        assert!(
+            err.to_string().starts_with("<built-in configuration>"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn describe_lists_streams_without_secrets() {
+        let text = format!(
+            "{}[streams.headers]\nAuthorization = \"Bearer hunter2\"\n",
+            MINIMAL.replace(
+                "http://example.com/a",
+                "https://u:pw@example.com/a?key=hunter3"
+            )
+        );
+        let (_f, result) = load_toml(&text);
+        let config = result.expect("valid");
+        let summary = describe(&config);
+        for needle in [
+            "a (served at /streams/a)",
+            "every 5s",
+            "timeout 10s",
+            "json",
+            "1000 changes",
+            "\"example.com:443\"",
+            "10/s, burst 10",
+            "authorization (values hidden)",
+            "listening on 127.0.0.1:8080",
+        ] {
+            assert!(
+                summary.contains(needle),
+                "missing {needle:?} in:\n{summary}"
+            );
+        }
+        for secret in ["hunter2", "hunter3", ":pw@"] {
+            assert!(!summary.contains(secret), "{secret} leaked in:\n{summary}");
+        }
+    }
+}
