@@ -12,6 +12,8 @@
 mod engine;
 mod myers;
 mod pattern;
+#[cfg(test)]
+mod tests;
 
 use std::collections::BTreeMap;
 
