@@ -1,11 +1,38 @@
 //! RFC 6902 JSON Patch: computing the change between two snapshots, and applying one.
+//!
+//! - [`diff`] emits `add` / `remove` / `replace` (and `move` when a stream allows it). Arrays of
+//!   entities are matched by identity (configured keys, else an automatic `id` / `*_id`), other
+//!   arrays by a bounded shortest edit script. Every index is valid for sequential application.
+//! - [`apply`] applies a patch atomically.
+//! - [`only_ignored`] and [`prefer_snapshot`] are the publisher's two decisions about a patch.
+//!
+//! The root is never patched in place: when the two roots are not both objects or both arrays,
+//! [`diff`] returns a single root `replace` and the publisher sends a snapshot instead.
+
+mod engine;
+mod myers;
+mod pattern;
+#[cfg(test)]
+mod tests;
+
+use std::collections::BTreeMap;
 
 use serde::Deserialize;
 use serde_json::Value;
 
 use crate::config::Problems;
 
-pub use json_patch::Patch;
+pub use json_patch::{Patch, PatchOperation};
+pub use pattern::{KeyPath, PathPattern, Segment};
+
+/// The most key patterns, and separately ignore patterns, one stream may configure.
+pub const MAX_PATTERNS: usize = 64;
+
+/// Default bound on the work of one array's edit-script search (see [`DiffOptions::max_edit_work`]).
+pub const DEFAULT_MAX_EDIT_WORK: usize = 1_000_000;
+
+/// Largest accepted `max_edit_work`: the search keeps about 4 bytes per unit of work.
+pub const MAX_EDIT_WORK_LIMIT: usize = 100_000_000;
 
 /// How a stream's changes are computed.
 #[derive(Debug, Clone, PartialEq)]
@@ -13,12 +40,37 @@ pub struct DiffOptions {
     /// Publish a snapshot instead of a patch when the patch's JSON would be larger than this
     /// fraction of the new snapshot's JSON.
     pub max_patch_ratio: f64,
+    /// Whether `move` operations may be emitted (many clients only expect add/remove/replace).
+    pub allow_move: bool,
+    /// Match arrays of objects on a unique scalar `id` (or a single `*_id`) when no key is set.
+    pub auto_keys: bool,
+    /// Arrays whose elements are matched by identity, most specific pattern first.
+    pub keys: Vec<ArrayKey>,
+    /// Paths whose changes alone publish nothing (they still ride along with other changes).
+    pub ignore: Vec<PathPattern>,
+    /// Bound on the work (comparisons and search cells) spent finding one array's shortest edit
+    /// script; past it the array is compared position by position.
+    pub max_edit_work: usize,
+}
+
+/// An array (by pattern) whose elements are matched by the scalar at `key`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ArrayKey {
+    /// Where the array is, e.g. `/entity/*/trip_update/stop_time_update`.
+    pub array: PathPattern,
+    /// Where each element's identity is, relative to the element, e.g. `vehicle/vehicle/id`.
+    pub key: KeyPath,
 }
 
 impl Default for DiffOptions {
     fn default() -> Self {
         DiffOptions {
             max_patch_ratio: 1.0,
+            allow_move: false,
+            auto_keys: true,
+            keys: Vec::new(),
+            ignore: Vec::new(),
+            max_edit_work: DEFAULT_MAX_EDIT_WORK,
         }
     }
 }
@@ -30,12 +82,25 @@ pub struct DiffConfig {
     /// Publish a snapshot instead of a patch when the patch would be larger than this fraction
     /// of the snapshot (0 < ratio <= 1; default 1.0).
     pub max_patch_ratio: Option<f64>,
+    /// Identity keys of entity arrays: JSON Pointer pattern of the array (`*` matches any one
+    /// token) to the element's key, e.g. `"/entity" = "vehicle/vehicle/id"`.
+    pub keys: Option<BTreeMap<String, String>>,
+    /// JSON Pointer patterns whose changes alone publish nothing, e.g. `"/header/timestamp"`.
+    pub ignore: Option<Vec<String>>,
+    /// Allow `move` operations (default false: many clients only handle add/remove/replace).
+    pub allow_move: Option<bool>,
+    /// Match arrays of objects on a unique `id` / single `*_id` when no key is configured
+    /// (default true).
+    pub auto_keys: Option<bool>,
+    /// Work bound of one array's edit-script search (default 1,000,000; 1 to 100,000,000).
+    pub max_edit_work: Option<u64>,
 }
 
 impl DiffConfig {
     /// Validates this table, whose dotted key is `key` (e.g. `streams[0].diff`), recording
     /// problems; `None` when there were any.
     pub fn validate(&self, key: &str, problems: &mut Problems) -> Option<DiffOptions> {
+        let before = problems.len();
         let mut options = DiffOptions::default();
         if let Some(ratio) = self.max_patch_ratio {
             if !(ratio > 0.0 && ratio <= 1.0) {
@@ -43,17 +108,121 @@ impl DiffConfig {
                     format!("{key}.max_patch_ratio"),
                     format!("expected a number greater than 0 and at most 1, got {ratio}"),
                 );
-                return None;
             }
             options.max_patch_ratio = ratio;
         }
-        Some(options)
+        if let Some(allow) = self.allow_move {
+            options.allow_move = allow;
+        }
+        if let Some(auto) = self.auto_keys {
+            options.auto_keys = auto;
+        }
+        if let Some(work) = self.max_edit_work {
+            match usize::try_from(work) {
+                Ok(w) if (1..=MAX_EDIT_WORK_LIMIT).contains(&w) => options.max_edit_work = w,
+                _ => problems.push(
+                    format!("{key}.max_edit_work"),
+                    format!("expected a whole number from 1 to {MAX_EDIT_WORK_LIMIT}, got {work}"),
+                ),
+            }
+        }
+        if let Some(keys) = &self.keys {
+            if keys.len() > MAX_PATTERNS {
+                problems.push(
+                    format!("{key}.keys"),
+                    format!(
+                        "expected at most {MAX_PATTERNS} keyed arrays, got {}",
+                        keys.len()
+                    ),
+                );
+            }
+            for (array, field) in keys {
+                let at = format!("{key}.keys.{array:?}");
+                let array = PathPattern::parse(array).map_err(|e| problems.push(&at, e));
+                let field = KeyPath::parse(field).map_err(|e| problems.push(&at, e));
+                if let (Ok(array), Ok(key)) = (array, field) {
+                    options.keys.push(ArrayKey { array, key });
+                }
+            }
+            // Most specific first: a literal segment beats a wildcard.
+            options.keys.sort_by(|a, b| {
+                (a.array.wildcards(), a.array.as_str())
+                    .cmp(&(b.array.wildcards(), b.array.as_str()))
+            });
+        }
+        if let Some(ignore) = &self.ignore {
+            if ignore.len() > MAX_PATTERNS {
+                problems.push(
+                    format!("{key}.ignore"),
+                    format!(
+                        "expected at most {MAX_PATTERNS} ignored paths, got {}",
+                        ignore.len()
+                    ),
+                );
+            }
+            for (i, pattern) in ignore.iter().enumerate() {
+                let at = format!("{key}.ignore[{i}]");
+                match PathPattern::parse(pattern) {
+                    Ok(p) if p.segments().is_empty() => problems.push(
+                        at,
+                        "expected a path below the root such as `/header/timestamp`; ignoring the whole document would never publish",
+                    ),
+                    Ok(p) => options.ignore.push(p),
+                    Err(e) => problems.push(at, e),
+                }
+            }
+        }
+        (problems.len() == before).then_some(options)
     }
 }
 
-/// The RFC 6902 patch that turns `old` into `new`. Never contains an operation on the root.
-pub fn diff(old: &Value, new: &Value, _options: &DiffOptions) -> Patch {
-    json_patch::diff(old, new)
+/// The RFC 6902 patch that turns `old` into `new`.
+///
+/// When both are objects or both are arrays, no operation touches the root. Otherwise (the
+/// root changed kind, or the roots are scalars) the patch is a single `replace` of the root when
+/// they differ: the publisher checks [`is_root_replace`] and sends a snapshot instead.
+pub fn diff(old: &Value, new: &Value, options: &DiffOptions) -> Patch {
+    match (old, new) {
+        (Value::Object(_), Value::Object(_)) | (Value::Array(_), Value::Array(_)) => {
+            Patch(engine::diff_containers(old, new, options))
+        }
+        _ if old == new => Patch(Vec::new()),
+        _ => Patch(vec![PatchOperation::Replace(
+            json_patch::ReplaceOperation {
+                path: json_patch::jsonptr::PointerBuf::root(),
+                value: new.clone(),
+            },
+        )]),
+    }
+}
+
+/// True when `patch` replaces the whole document (see [`diff`]): send a snapshot instead.
+pub fn is_root_replace(patch: &Patch) -> bool {
+    patch.0.iter().any(|op| op.path().is_root())
+}
+
+/// True when every operation lies at or below an ignored path, so the change publishes nothing
+/// (also true for an empty patch).
+pub fn only_ignored(patch: &Patch, options: &DiffOptions) -> bool {
+    let ignored = |p: &json_patch::jsonptr::Pointer| options.ignore.iter().any(|i| i.covers(p));
+    patch.0.iter().all(|op| match op {
+        PatchOperation::Move(m) => ignored(&m.from) && ignored(&m.path),
+        PatchOperation::Copy(c) => ignored(&c.path),
+        PatchOperation::Test(_) => true,
+        PatchOperation::Add(_) | PatchOperation::Remove(_) | PatchOperation::Replace(_) => {
+            ignored(op.path())
+        }
+    })
+}
+
+/// True when a patch of `patch_json_len` bytes is too large next to a snapshot of
+/// `snapshot_json_len` bytes, so the snapshot should be published instead.
+pub fn prefer_snapshot(
+    patch_json_len: usize,
+    snapshot_json_len: usize,
+    options: &DiffOptions,
+) -> bool {
+    patch_json_len as f64 > options.max_patch_ratio * snapshot_json_len as f64
 }
 
 /// Why a patch could not be applied.

@@ -1,0 +1,590 @@
+//! The diff walk: objects by key, arrays by identity or by edit script, scalars by value.
+//!
+//! Invariant kept everywhere: operations are emitted in the order they must be applied, and the
+//! index in each operation's path is the element's index in the document as the previous
+//! operations left it. Array edits are emitted as: removals (highest index first), then moves,
+//! then insertions (lowest final index first), then changes inside elements at their final index.
+
+use std::collections::HashMap;
+use std::collections::hash_map::Entry;
+use std::fmt::Write as _;
+use std::hash::Hash;
+use std::io;
+
+use json_patch::jsonptr::PointerBuf;
+use json_patch::{AddOperation, MoveOperation, PatchOperation, RemoveOperation, ReplaceOperation};
+use serde_json::{Map, Value};
+
+use super::DiffOptions;
+use super::myers;
+use super::pattern::{KeyPath, push_token};
+
+/// Bit set of configured patterns still matching the path walked so far (patterns are capped at
+/// 64 of each kind by validation).
+#[derive(Clone, Copy)]
+struct Live {
+    keys: u64,
+    ignore: u64,
+    depth: usize,
+}
+
+/// Computes the operations turning `old` into `new`, both objects or both arrays.
+pub(crate) fn diff_containers(
+    old: &Value,
+    new: &Value,
+    options: &DiffOptions,
+) -> Vec<PatchOperation> {
+    let mut walk = Walk {
+        options,
+        path: String::new(),
+        ops: Vec::new(),
+    };
+    let live = Live {
+        keys: mask(options.keys.len()),
+        ignore: mask(options.ignore.len()),
+        depth: 0,
+    };
+    walk.value(old, new, live);
+    walk.ops
+}
+
+fn mask(len: usize) -> u64 {
+    if len >= 64 {
+        u64::MAX
+    } else {
+        (1u64 << len) - 1
+    }
+}
+
+/// The identity of an array element: a scalar found at the array's key path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Ident<'a> {
+    Str(&'a str),
+    Int(i64),
+    UInt(u64),
+    Float(u64),
+    Bool(bool),
+}
+
+impl<'a> Ident<'a> {
+    fn of(value: &'a Value) -> Option<Self> {
+        match value {
+            Value::String(s) => Some(Ident::Str(s)),
+            Value::Number(n) => Some(if let Some(i) = n.as_i64() {
+                Ident::Int(i)
+            } else if let Some(u) = n.as_u64() {
+                Ident::UInt(u)
+            } else {
+                Ident::Float(n.as_f64().unwrap_or(f64::NAN).to_bits())
+            }),
+            Value::Bool(b) => Some(Ident::Bool(*b)),
+            Value::Null | Value::Array(_) | Value::Object(_) => None,
+        }
+    }
+}
+
+/// Where an array's element identities are read from.
+enum KeySel<'a> {
+    Configured(&'a KeyPath),
+    Field(&'a str),
+}
+
+impl KeySel<'_> {
+    fn ident<'v>(&self, element: &'v Value) -> Option<Ident<'v>> {
+        let value = match self {
+            KeySel::Configured(path) => path.get(element)?,
+            KeySel::Field(field) => element.as_object()?.get(*field)?,
+        };
+        Ident::of(value)
+    }
+
+    fn idents<'v>(&self, elements: &'v [Value]) -> Option<Vec<Ident<'v>>> {
+        elements.iter().map(|e| self.ident(e)).collect()
+    }
+}
+
+struct Walk<'o> {
+    options: &'o DiffOptions,
+    /// The JSON Pointer of the value being compared, built incrementally.
+    path: String,
+    ops: Vec<PatchOperation>,
+}
+
+impl<'o> Walk<'o> {
+    fn pointer(&self) -> PointerBuf {
+        debug_assert!(
+            PointerBuf::parse(self.path.clone()).is_ok(),
+            "{}",
+            self.path
+        );
+        // SAFETY: `path` is only ever built by `push_token`/`push_index`, which write `/`
+        // followed by an RFC 6901-escaped token, so it is a valid JSON Pointer.
+        unsafe { PointerBuf::new_unchecked(self.path.clone()) }
+    }
+
+    fn pointer_at_index(&mut self, index: usize) -> PointerBuf {
+        let len = self.push_index(index);
+        let p = self.pointer();
+        self.path.truncate(len);
+        p
+    }
+
+    fn push_index(&mut self, index: usize) -> usize {
+        let len = self.path.len();
+        // Writing to a String cannot fail.
+        let _ = write!(self.path, "/{index}");
+        len
+    }
+
+    fn replace(&mut self, value: &Value) {
+        let path = self.pointer();
+        self.ops.push(PatchOperation::Replace(ReplaceOperation {
+            path,
+            value: value.clone(),
+        }));
+    }
+
+    fn add_here(&mut self, value: &Value) {
+        let path = self.pointer();
+        self.ops.push(PatchOperation::Add(AddOperation {
+            path,
+            value: value.clone(),
+        }));
+    }
+
+    fn remove_here(&mut self) {
+        let path = self.pointer();
+        self.ops
+            .push(PatchOperation::Remove(RemoveOperation { path }));
+    }
+
+    fn add_at(&mut self, index: usize, value: &Value) {
+        let path = self.pointer_at_index(index);
+        self.ops.push(PatchOperation::Add(AddOperation {
+            path,
+            value: value.clone(),
+        }));
+    }
+
+    fn remove_at(&mut self, index: usize) {
+        let path = self.pointer_at_index(index);
+        self.ops
+            .push(PatchOperation::Remove(RemoveOperation { path }));
+    }
+
+    /// Narrows `live` to the patterns whose next segment matches `token`.
+    fn descend(&self, live: Live, token: &str) -> Live {
+        let depth = live.depth;
+        let mut keys = live.keys;
+        let mut bits = keys;
+        while bits != 0 {
+            let i = bits.trailing_zeros() as usize;
+            bits &= bits - 1;
+            if !self.options.keys[i].array.segment_matches(depth, token) {
+                keys &= !(1 << i);
+            }
+        }
+        let mut ignore = live.ignore;
+        let mut bits = ignore;
+        while bits != 0 {
+            let i = bits.trailing_zeros() as usize;
+            bits &= bits - 1;
+            if !self.options.ignore[i].segment_matches(depth, token) {
+                ignore &= !(1 << i);
+            }
+        }
+        Live {
+            keys,
+            ignore,
+            depth: depth + 1,
+        }
+    }
+
+    fn descend_index(&self, live: Live, index: usize) -> Live {
+        if live.keys == 0 && live.ignore == 0 {
+            return Live {
+                depth: live.depth + 1,
+                ..live
+            };
+        }
+        self.descend(live, &index.to_string())
+    }
+
+    fn descend_key(&self, live: Live, key: &str) -> Live {
+        if live.keys == 0 && live.ignore == 0 {
+            return Live {
+                depth: live.depth + 1,
+                ..live
+            };
+        }
+        self.descend(live, key)
+    }
+
+    /// True when an ignore pattern reaches below the current path: coarse operations here
+    /// would hide an ignored-only change inside a bigger one.
+    fn ignored_below(&self, live: Live) -> bool {
+        let mut bits = live.ignore;
+        while bits != 0 {
+            let i = bits.trailing_zeros() as usize;
+            bits &= bits - 1;
+            if self.options.ignore[i].segments().len() > live.depth {
+                return true;
+            }
+        }
+        false
+    }
+
+    fn value(&mut self, old: &Value, new: &Value, live: Live) {
+        match (old, new) {
+            (Value::Object(a), Value::Object(b)) => self.object(a, b, live),
+            (Value::Array(a), Value::Array(b)) => self.array(a, b, live),
+            _ => {
+                if old != new {
+                    self.replace(new);
+                }
+            }
+        }
+    }
+
+    fn object(&mut self, old: &Map<String, Value>, new: &Map<String, Value>, live: Live) {
+        let start = self.ops.len();
+        let mut common = 0usize;
+        for (key, a) in old {
+            let len = self.path.len();
+            push_token(&mut self.path, key);
+            match new.get(key) {
+                None => self.remove_here(),
+                Some(b) => {
+                    common += 1;
+                    let child = self.descend_key(live, key);
+                    self.value(a, b, child);
+                }
+            }
+            self.path.truncate(len);
+        }
+        for (key, b) in new {
+            if !old.contains_key(key) {
+                let len = self.path.len();
+                push_token(&mut self.path, key);
+                self.add_here(b);
+                self.path.truncate(len);
+            }
+        }
+        // Two objects with nothing in common: one replace says it in fewer bytes.
+        if common == 0
+            && !old.is_empty()
+            && !new.is_empty()
+            && live.depth > 0
+            && !self.ignored_below(live)
+        {
+            self.ops.truncate(start);
+            self.replace_container(new);
+        }
+    }
+
+    fn replace_container(&mut self, new: &Map<String, Value>) {
+        let path = self.pointer();
+        self.ops.push(PatchOperation::Replace(ReplaceOperation {
+            path,
+            value: Value::Object(new.clone()),
+        }));
+    }
+
+    fn array(&mut self, old: &[Value], new: &[Value], live: Live) {
+        if old.is_empty() && new.is_empty() {
+            return;
+        }
+        if !old.is_empty() && !new.is_empty() {
+            if let Some(sel) = self.key_for(old, new, live) {
+                if self.keyed(old, new, &sel, live) {
+                    return;
+                }
+            }
+        }
+        self.unkeyed(old, new, live);
+    }
+
+    /// The configured key for the array at the current path, else the automatic one.
+    fn key_for<'a>(&self, old: &'a [Value], new: &'a [Value], live: Live) -> Option<KeySel<'a>>
+    where
+        'o: 'a,
+    {
+        let mut bits = live.keys;
+        while bits != 0 {
+            let i = bits.trailing_zeros() as usize;
+            bits &= bits - 1;
+            let key = &self.options.keys[i];
+            if key.array.segments().len() == live.depth {
+                return Some(KeySel::Configured(&key.key));
+            }
+        }
+        if !self.options.auto_keys {
+            return None;
+        }
+        let first = old.first().or(new.first())?.as_object()?;
+        if first.get("id").is_some_and(|v| Ident::of(v).is_some()) {
+            return Some(KeySel::Field("id"));
+        }
+        let mut candidates = first
+            .iter()
+            .filter(|(k, v)| k.ends_with("_id") && Ident::of(v).is_some())
+            .map(|(k, _)| k.as_str());
+        let one = candidates.next()?;
+        match candidates.next() {
+            None => Some(KeySel::Field(one)),
+            Some(_) => {
+                // Several `*_id` fields (GBFS: `station_id` and `legacy_id`): take the one named
+                // after the array (`stations` -> `station_id`), if there is one.
+                let parent = self.path.rsplit('/').next().unwrap_or("");
+                let singular = parent.strip_suffix('s').unwrap_or(parent);
+                if singular.is_empty() {
+                    return None;
+                }
+                first
+                    .keys()
+                    .find(|k| k.strip_suffix("_id") == Some(singular))
+                    .map(|k| KeySel::Field(k.as_str()))
+            }
+        }
+    }
+
+    /// Diffs two arrays whose elements are matched by identity. `false` (nothing emitted) when
+    /// some element has no scalar identity or an identity repeats: the caller falls back.
+    fn keyed(&mut self, old: &[Value], new: &[Value], sel: &KeySel<'_>, live: Live) -> bool {
+        let (Some(old_ids), Some(new_ids)) = (sel.idents(old), sel.idents(new)) else {
+            return false;
+        };
+        if old_ids == new_ids {
+            // Same entities in the same order: compare in place.
+            for (j, (a, b)) in old.iter().zip(new).enumerate() {
+                let len = self.push_index(j);
+                let child = self.descend_index(live, j);
+                self.value(a, b, child);
+                self.path.truncate(len);
+            }
+            return true;
+        }
+        let Some(old_at) = index_unique(&old_ids) else {
+            return false;
+        };
+        if index_unique(&new_ids).is_none() {
+            return false;
+        }
+        // For each new element, the old index of the same entity, if it existed.
+        let from: Vec<Option<usize>> = new_ids.iter().map(|id| old_at.get(id).copied()).collect();
+        let mut kept = vec![false; old.len()];
+        for i in from.iter().flatten() {
+            kept[*i] = true;
+        }
+        // Entities that keep their relative order stay put; the rest are moved (or removed and
+        // added again when moves are off): the fewest operations that reorder.
+        let common: Vec<usize> = from.iter().flatten().copied().collect();
+        let in_order = increasing_subsequence(&common);
+        let mut stays = vec![false; old.len()];
+        for (c, &i) in common.iter().enumerate() {
+            stays[i] = in_order[c];
+        }
+        let moves = common.len() - in_order.iter().filter(|s| **s).count();
+        let use_move = self.options.allow_move
+            && moves > 0
+            && moves.saturating_mul(common.len()) <= self.options.max_edit_work;
+
+        // 1. Removals, highest index first so every index is still the original one.
+        for i in (0..old.len()).rev() {
+            if !kept[i] || (!use_move && !stays[i]) {
+                self.remove_at(i);
+            }
+        }
+        // 2. Moves, each placed right after the entity that precedes it in the new order.
+        if use_move {
+            self.moves(&from, &stays, &kept);
+        }
+        // 3. Insertions at their final index, lowest first: every element before that index is
+        //    already in its final place.
+        for (j, b) in new.iter().enumerate() {
+            let present = match from[j] {
+                None => false,
+                Some(i) => use_move || stays[i],
+            };
+            if !present {
+                self.add_at(j, b);
+            }
+        }
+        // 4. Changes inside entities that were neither added nor re-added, at their final index.
+        for (j, b) in new.iter().enumerate() {
+            if let Some(i) = from[j] {
+                if use_move || stays[i] {
+                    let len = self.push_index(j);
+                    let child = self.descend_index(live, j);
+                    self.value(&old[i], b, child);
+                    self.path.truncate(len);
+                }
+            }
+        }
+        true
+    }
+
+    /// Emits the moves that bring the kept entities (current order: old order) into new order.
+    fn moves(&mut self, from: &[Option<usize>], stays: &[bool], kept: &[bool]) {
+        // The current order of the kept entities, by old index.
+        let mut current: Vec<usize> = (0..kept.len()).filter(|i| kept[*i]).collect();
+        let mut previous: Option<usize> = None;
+        for i in from.iter().flatten().copied() {
+            if !stays[i] {
+                let Some(at) = current.iter().position(|c| *c == i) else {
+                    continue;
+                };
+                current.remove(at);
+                let to = match previous {
+                    None => 0,
+                    Some(p) => current.iter().position(|c| *c == p).map_or(0, |q| q + 1),
+                };
+                current.insert(to, i);
+                if at != to {
+                    let from_ptr = self.pointer_at_index(at);
+                    let path = self.pointer_at_index(to);
+                    self.ops.push(PatchOperation::Move(MoveOperation {
+                        from: from_ptr,
+                        path,
+                    }));
+                }
+            }
+            previous = Some(i);
+        }
+    }
+
+    /// Diffs two arrays element by element: a shortest edit script (bounded), else position by
+    /// position; then one `replace` of the whole array if that is smaller.
+    fn unkeyed(&mut self, old: &[Value], new: &[Value], live: Live) {
+        let prefix = old.iter().zip(new).take_while(|(a, b)| a == b).count();
+        let suffix = old[prefix..]
+            .iter()
+            .rev()
+            .zip(new[prefix..].iter().rev())
+            .take_while(|(a, b)| a == b)
+            .count();
+        let a = &old[prefix..old.len() - suffix];
+        let b = &new[prefix..new.len() - suffix];
+        if a.is_empty() && b.is_empty() {
+            return;
+        }
+        let start = self.ops.len();
+        let script = if a.is_empty() || b.is_empty() {
+            Some(vec![myers::Hunk {
+                old: 0,
+                del: a.len(),
+                new: 0,
+                ins: b.len(),
+            }])
+        } else {
+            myers::hunks(a, b, self.options.max_edit_work)
+        };
+        let hunks = script.unwrap_or_else(|| {
+            vec![myers::Hunk {
+                old: 0,
+                del: a.len(),
+                new: 0,
+                ins: b.len(),
+            }]
+        });
+        // `at` is the index, in the array as the ops emitted so far leave it, of old[prefix + i].
+        let mut at = prefix;
+        let mut i = 0;
+        for h in hunks {
+            at += h.old - i;
+            let paired = h.del.min(h.ins);
+            for t in 0..paired {
+                let len = self.push_index(at + t);
+                let child = self.descend_index(live, at + t);
+                self.value(&a[h.old + t], &b[h.new + t], child);
+                self.path.truncate(len);
+            }
+            for _ in paired..h.del {
+                self.remove_at(at + paired);
+            }
+            for t in paired..h.ins {
+                self.add_at(at + t, &b[h.new + t]);
+            }
+            at += h.ins;
+            i = h.old + h.del;
+        }
+        if self.ops.len() - start > 1 && live.depth > 0 && !self.ignored_below(live) {
+            let edits = json_len(&self.ops[start..], usize::MAX);
+            // `{"op":"replace","path":"…","value":…}` around the array.
+            let whole = json_len(new, edits).saturating_add(self.path.len() + 32);
+            if whole < edits {
+                self.ops.truncate(start);
+                let path = self.pointer();
+                self.ops.push(PatchOperation::Replace(ReplaceOperation {
+                    path,
+                    value: Value::Array(new.to_vec()),
+                }));
+            }
+        }
+    }
+}
+
+/// Maps each identity to its index; `None` when one repeats.
+fn index_unique<K: Hash + Eq + Copy>(ids: &[K]) -> Option<HashMap<K, usize>> {
+    let mut at = HashMap::with_capacity(ids.len());
+    for (i, id) in ids.iter().enumerate() {
+        match at.entry(*id) {
+            Entry::Occupied(_) => return None,
+            Entry::Vacant(v) => {
+                v.insert(i);
+            }
+        }
+    }
+    Some(at)
+}
+
+/// Marks a longest strictly increasing subsequence of `seq` (patience sorting, O(n log n)).
+fn increasing_subsequence(seq: &[usize]) -> Vec<bool> {
+    // tails[l] = index in seq of the smallest tail of an increasing run of length l + 1.
+    let mut tails: Vec<usize> = Vec::new();
+    let mut prev: Vec<Option<usize>> = vec![None; seq.len()];
+    for (c, &x) in seq.iter().enumerate() {
+        let l = tails.partition_point(|&t| seq[t] < x);
+        prev[c] = if l > 0 { Some(tails[l - 1]) } else { None };
+        if l == tails.len() {
+            tails.push(c);
+        } else {
+            tails[l] = c;
+        }
+    }
+    let mut marks = vec![false; seq.len()];
+    let mut cursor = tails.last().copied();
+    while let Some(c) = cursor {
+        marks[c] = true;
+        cursor = prev[c];
+    }
+    marks
+}
+
+/// Counts bytes written, for sizing JSON without keeping it; fails past `limit`.
+struct ByteCount {
+    count: usize,
+    limit: usize,
+}
+
+impl io::Write for ByteCount {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.count = self.count.saturating_add(buf.len());
+        if self.count > self.limit {
+            return Err(io::Error::other("over the limit"));
+        }
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The compact JSON length of `value`, or `usize::MAX` once it exceeds `limit`.
+fn json_len<T: serde::Serialize + ?Sized>(value: &T, limit: usize) -> usize {
+    let mut count = ByteCount { count: 0, limit };
+    match serde_json::to_writer(&mut count, value) {
+        Ok(()) => count.count,
+        Err(_) => usize::MAX,
+    }
+}
