@@ -232,19 +232,3 @@ pub type ApplyError = json_patch::PatchError;
 pub fn apply(doc: &mut Value, patch: &Patch) -> Result<(), ApplyError> {
     json_patch::patch(doc, patch)
 }
-
-/// True when every operation of `patch` lies at or below an ignored path, so the change
-/// publishes nothing.
-pub fn only_ignored(_patch: &Patch, _options: &DiffOptions) -> bool {
-    false
-}
-
-/// True when a patch of `patch_json_len` bytes should be replaced by the whole document of
-/// `snapshot_json_len` bytes.
-pub fn prefer_snapshot(
-    patch_json_len: usize,
-    snapshot_json_len: usize,
-    options: &DiffOptions,
-) -> bool {
-    patch_json_len as f64 > snapshot_json_len as f64 * options.max_patch_ratio
-}
