@@ -62,7 +62,8 @@ impl Publish for StreamPublisher {
     }
 
     fn failure(&self, error: &FetchError, retry_in: Duration) {
-        self.stream.fail(error.status(), error.to_string(), retry_in);
+        self.stream
+            .fail(error.status(), error.to_string(), retry_in);
     }
 
     fn recovered(&self) {
@@ -104,11 +105,17 @@ impl UpstreamStatus for PolledUpstream {
 /// Runs the application until `shutdown` is cancelled: the simulator (if configured), one
 /// poller per stream, keep-alive tickers and the HTTP server. Returns once the server has
 /// drained (or the grace period ran out) and every task has stopped.
-pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationToken) -> anyhow::Result<()> {
+pub async fn run(
+    config: Config,
+    listeners: Listeners,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new());
     let hub = Arc::new(Hub::new());
     let snapshots = SnapshotStore::new();
-    let fetcher = Arc::new(Fetcher::new(&config.upstream.user_agent).context("cannot build the HTTP client")?);
+    let fetcher = Arc::new(
+        Fetcher::new(&config.upstream.user_agent).context("cannot build the HTTP client")?,
+    );
     let rate_limits = RateLimits::new(&config.upstream, &config.streams);
     let mut tasks = JoinSet::new();
 
@@ -138,7 +145,9 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
             fetcher.clone(),
             rate_limits.limiter(&settings.rate_limit_group),
             metrics.clone(),
-            Arc::new(StreamPublisher { stream: stream.clone() }),
+            Arc::new(StreamPublisher {
+                stream: stream.clone(),
+            }),
             config.upstream.backoff,
         );
         upstreams.insert(
@@ -150,7 +159,11 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
             }),
         );
         tasks.spawn(poller.run(shutdown.clone()));
-        tasks.spawn(keep_alive(stream, config.server.keepalive, shutdown.clone()));
+        tasks.spawn(keep_alive(
+            stream,
+            config.server.keepalive,
+            shutdown.clone(),
+        ));
     }
 
     let state = Arc::new(AppState {

@@ -23,19 +23,34 @@ enum Command {
     /// Run the proxy (the default command).
     Run {
         /// Configuration file (TOML or YAML).
-        #[arg(long, short, env = "PATCHWIRE_CONFIG", default_value = "config/default.toml")]
+        #[arg(
+            long,
+            short,
+            env = "PATCHWIRE_CONFIG",
+            default_value = "config/default.toml"
+        )]
         config: PathBuf,
     },
     /// Validate a configuration and print the streams it would run; exits non-zero if invalid.
     Check {
         /// Configuration file (TOML or YAML).
-        #[arg(long, short, env = "PATCHWIRE_CONFIG", default_value = "config/default.toml")]
+        #[arg(
+            long,
+            short,
+            env = "PATCHWIRE_CONFIG",
+            default_value = "config/default.toml"
+        )]
         config: PathBuf,
     },
     /// Serve only the simulated feeds of a configuration's `[simulator]` table.
     Simulate {
         /// Configuration file (TOML or YAML) with a `[simulator]` table.
-        #[arg(long, short, env = "PATCHWIRE_CONFIG", default_value = "config/default.toml")]
+        #[arg(
+            long,
+            short,
+            env = "PATCHWIRE_CONFIG",
+            default_value = "config/default.toml"
+        )]
         config: PathBuf,
     },
 }
@@ -89,7 +104,9 @@ fn init_logging(config: &Config) {
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(&config.log.filter))
         .unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match config.log.format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Plain => builder.init(),
@@ -98,7 +115,10 @@ fn init_logging(config: &Config) {
 
 fn serve(config: Config, mode: Mode) -> ExitCode {
     init_logging(&config);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(error) => {
             eprintln!("error: cannot start the async runtime: {error}");
@@ -129,12 +149,21 @@ async fn simulate(config: Config, shutdown: CancellationToken) -> anyhow::Result
     let Some(settings) = config.simulator else {
         anyhow::bail!(
             "{}: no enabled [simulator] table to serve",
-            config.source.as_deref().unwrap_or(Path::new("<config>")).display()
+            config
+                .source
+                .as_deref()
+                .unwrap_or(Path::new("<config>"))
+                .display()
         );
     };
     let listener = tokio::net::TcpListener::bind(settings.listen)
         .await
-        .map_err(|e| anyhow::anyhow!("cannot listen on {} (`simulator.listen`): {e}", settings.listen))?;
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "cannot listen on {} (`simulator.listen`): {e}",
+                settings.listen
+            )
+        })?;
     patchwire::sim::serve(listener, settings, shutdown).await?;
     Ok(())
 }

@@ -112,9 +112,9 @@ fn rfc3339ish(at: Option<SystemTime>) -> Value {
 
 /// One stream in the `/streams` listing.
 fn describe_stream(stream: &Stream, upstream: Option<&Arc<dyn UpstreamStatus>>) -> Value {
-    let failure = stream.failure().map(|f| {
-        json!({"status": f.status, "message": f.message, "at": httpdate::fmt_http_date(f.at)})
-    });
+    let failure = stream.failure().map(
+        |f| json!({"status": f.status, "message": f.message, "at": httpdate::fmt_http_date(f.at)}),
+    );
     json!({
         "name": stream.name(),
         "path": format!("/streams/{}", stream.name()),
@@ -153,9 +153,11 @@ fn wants_json(headers: &HeaderMap) -> bool {
         .collect::<Vec<_>>()
         .join(",");
     let has = |media: &str| {
-        accept
-            .split(',')
-            .any(|item| item.split(';').next().is_some_and(|m| m.trim().eq_ignore_ascii_case(media)))
+        accept.split(',').any(|item| {
+            item.split(';')
+                .next()
+                .is_some_and(|m| m.trim().eq_ignore_ascii_case(media))
+        })
     };
     has("application/json") && !has("text/event-stream")
 }

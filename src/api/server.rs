@@ -70,7 +70,9 @@ pub async fn serve(
             let mut router = router.clone();
             router.call(request)
         });
-        let connection = builder.serve_connection(TokioIo::new(io), service).into_owned();
+        let connection = builder
+            .serve_connection(TokioIo::new(io), service)
+            .into_owned();
         let connection = graceful.watch(connection);
         let stalled = stalled.clone();
         let stall_timeout = options.stall_timeout;
@@ -177,13 +179,21 @@ impl Watch {
 }
 
 impl AsyncRead for Watched {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         Pin::new(&mut self.inner).poll_read(cx, buf)
     }
 }
 
 impl AsyncWrite for Watched {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         let poll = Pin::new(&mut self.inner).poll_write(cx, buf);
         self.note(&poll);
         poll

@@ -25,7 +25,10 @@ fn mutate(doc: &mut Value, rng: &mut StdRng, next_id: &mut u32) {
         0 => {
             *next_id += 1;
             let at = rng.random_range(0..=entities.len());
-            entities.insert(at, json!({"id": format!("n{next_id}"), "value": *next_id, "tags": []}));
+            entities.insert(
+                at,
+                json!({"id": format!("n{next_id}"), "value": *next_id, "tags": []}),
+            );
         }
         1 if !entities.is_empty() => {
             let at = rng.random_range(0..entities.len());
@@ -34,7 +37,10 @@ fn mutate(doc: &mut Value, rng: &mut StdRng, next_id: &mut u32) {
         2 if !entities.is_empty() => {
             let at = rng.random_range(0..entities.len());
             entities[at]["value"] = json!(rng.random_range(0..1000));
-            entities[at]["tags"].as_array_mut().unwrap().push(json!("x"));
+            entities[at]["tags"]
+                .as_array_mut()
+                .unwrap()
+                .push(json!("x"));
         }
         3 if entities.len() > 1 => {
             let from = rng.random_range(0..entities.len());
@@ -71,7 +77,10 @@ async fn subscriber_rebuilds_the_upstream_document_exactly() {
 
     let mut rebuilt = Rebuilt::default();
     let first = client.expect(SOON).await;
-    assert_eq!(first.event, "snapshot", "the first event is the whole document");
+    assert_eq!(
+        first.event, "snapshot",
+        "the first event is the whole document"
+    );
     rebuilt.apply(&first);
     assert_eq!(rebuilt.document.as_ref(), Some(&upstream.document()));
 
@@ -118,7 +127,11 @@ async fn gzip_subscribers_rebuild_the_same_document() {
     let mut next_id = 0;
     for _ in 0..10 {
         upstream.update(|doc| mutate(doc, &mut rng, &mut next_id));
-        assert!(rebuilt.converge(&mut client, &upstream.document(), SOON).await);
+        assert!(
+            rebuilt
+                .converge(&mut client, &upstream.document(), SOON)
+                .await
+        );
     }
     app.stop().await;
 }
@@ -149,12 +162,21 @@ async fn json_view_returns_the_snapshot_with_an_etag() {
     // Wait for the first poll.
     let mut response = None;
     for _ in 0..50 {
-        let r = client.get(app.url("/streams/doc")).header("accept", "application/json").send().await.unwrap();
+        let r = client
+            .get(app.url("/streams/doc"))
+            .header("accept", "application/json")
+            .send()
+            .await
+            .unwrap();
         if r.status() == 200 {
             response = Some(r);
             break;
         }
-        assert_eq!(r.status(), 503, "before the first poll the stream has no document");
+        assert_eq!(
+            r.status(),
+            503,
+            "before the first poll the stream has no document"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let response = response.expect("the stream never got its document");
@@ -195,12 +217,21 @@ async fn json_view_returns_the_snapshot_with_an_etag() {
 async fn listing_health_metrics_cors_and_unknown_streams() {
     let upstream = MockUpstream::start(json!({"n": 1})).await;
     let app = TestApp::spawn(config(vec![stream("doc", &upstream.url())])).await;
-    let mut sub = app.subscribe("doc", &[("origin", "https://example.org")]).await;
+    let mut sub = app
+        .subscribe("doc", &[("origin", "https://example.org")])
+        .await;
     assert_eq!(sub.headers["access-control-allow-origin"], "*");
     sub.expect(SOON).await;
     let client = reqwest::Client::new();
 
-    let list: Value = client.get(app.url("/streams")).send().await.unwrap().json().await.unwrap();
+    let list: Value = client
+        .get(app.url("/streams"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     let s = &list["streams"][0];
     assert_eq!(s["name"], "doc");
     assert_eq!(s["seq"], 1);
@@ -209,8 +240,23 @@ async fn listing_health_metrics_cors_and_unknown_streams() {
     assert_eq!(s["upstream"]["url"], upstream.url());
     assert!(s["upstream"]["last_poll_at"].is_string());
 
-    assert_eq!(client.get(app.url("/healthz")).send().await.unwrap().status(), 200);
-    let metrics = client.get(app.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    assert_eq!(
+        client
+            .get(app.url("/healthz"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    let metrics = client
+        .get(app.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     for series in [
         "patchwire_polls_total{",
         "patchwire_upstream_latency_seconds_bucket{",
@@ -220,7 +266,10 @@ async fn listing_health_metrics_cors_and_unknown_streams() {
         "patchwire_subscribers{stream=\"doc\"} 1",
         "patchwire_events_sent_total{stream=\"doc\"}",
     ] {
-        assert!(metrics.contains(series), "metrics lack {series}:\n{metrics}");
+        assert!(
+            metrics.contains(series),
+            "metrics lack {series}:\n{metrics}"
+        );
     }
 
     let missing = client.get(app.url("/streams/nope")).send().await.unwrap();
@@ -264,7 +313,10 @@ async fn a_thousand_subscribers_cost_one_upstream_request_per_interval() {
     // Every subscriber converges to the final document.
     let target = upstream.document();
     for (client, rebuilt) in &mut clients {
-        assert!(rebuilt.converge(client, &target, SOON).await, "a subscriber did not converge");
+        assert!(
+            rebuilt.converge(client, &target, SOON).await,
+            "a subscriber did not converge"
+        );
     }
     app.stop().await;
 }

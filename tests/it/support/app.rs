@@ -8,8 +8,8 @@ use std::time::Duration;
 use http::HeaderMap;
 use patchwire::app::{self, Listeners};
 use patchwire::config::{
-    BackoffSettings, Config, Cors, LogFormat, LogSettings, RateLimit, ServerSettings, StreamSettings,
-    UpstreamSettings,
+    BackoffSettings, Config, Cors, LogFormat, LogSettings, RateLimit, ServerSettings,
+    StreamSettings, UpstreamSettings,
 };
 use patchwire::diff::DiffOptions;
 use patchwire::upstream::decode::Format;
@@ -21,7 +21,11 @@ use super::sse::SseClient;
 /// A stream polling `url` every 100 ms.
 pub fn stream(name: &str, url: &str) -> StreamSettings {
     let url: url::Url = url.parse().unwrap();
-    let group = format!("{}:{}", url.host_str().unwrap(), url.port_or_known_default().unwrap());
+    let group = format!(
+        "{}:{}",
+        url.host_str().unwrap(),
+        url.port_or_known_default().unwrap()
+    );
     StreamSettings {
         name: name.to_owned(),
         url,
@@ -90,7 +94,11 @@ impl TestApp {
         let addr = listeners.api.local_addr().unwrap();
         let shutdown = CancellationToken::new();
         let handle = tokio::spawn(app::run(config, listeners, shutdown.clone()));
-        TestApp { addr, shutdown, handle }
+        TestApp {
+            addr,
+            shutdown,
+            handle,
+        }
     }
 
     /// `http://addr{path}`.

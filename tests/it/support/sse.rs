@@ -23,7 +23,8 @@ pub struct SseEvent {
 impl SseEvent {
     /// `data` parsed as JSON.
     pub fn json(&self) -> Value {
-        serde_json::from_str(&self.data).unwrap_or_else(|e| panic!("event data is not JSON ({e}): {}", self.data))
+        serde_json::from_str(&self.data)
+            .unwrap_or_else(|e| panic!("event data is not JSON ({e}): {}", self.data))
     }
 }
 
@@ -42,15 +43,15 @@ impl SseClient {
     /// Connects to `url` with extra request headers. `gzip` lets the client negotiate and
     /// transparently decode gzip (reqwest decodes it incrementally).
     pub async fn connect(url: &str, headers: &[(&str, &str)], gzip: bool) -> SseClient {
-        let client = reqwest::Client::builder()
-            .gzip(gzip)
-            .build()
-            .unwrap();
+        let client = reqwest::Client::builder().gzip(gzip).build().unwrap();
         let mut request = client.get(url);
         for (k, v) in headers {
             request = request.header(*k, *v);
         }
-        let response = request.send().await.unwrap_or_else(|e| panic!("GET {url}: {e}"));
+        let response = request
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("GET {url}: {e}"));
         let status = response.status();
         let headers = response.headers().clone();
         let events = response
@@ -58,7 +59,11 @@ impl SseClient {
             .eventsource()
             .map(|r| r.map_err(|e| e.to_string()))
             .boxed();
-        SseClient { status, headers, events }
+        SseClient {
+            status,
+            headers,
+            events,
+        }
     }
 
     /// The next event within `timeout`; `None` if the stream ended or nothing came in time.
@@ -76,7 +81,9 @@ impl SseClient {
 
     /// The next event, failing the test if none comes within `timeout`.
     pub async fn expect(&mut self, timeout: Duration) -> SseEvent {
-        self.next(timeout).await.unwrap_or_else(|| panic!("no SSE event within {timeout:?}"))
+        self.next(timeout)
+            .await
+            .unwrap_or_else(|| panic!("no SSE event within {timeout:?}"))
     }
 
     /// True once the server ended the stream (within `timeout`), skipping any events.
@@ -116,9 +123,14 @@ impl Rebuilt {
                 self.snapshots += 1;
             }
             "patch" => {
-                let doc = self.document.as_mut().expect("a patch arrived before any snapshot");
-                let patch: json_patch::Patch = serde_json::from_str(&event.data).expect("patch is RFC 6902");
-                json_patch::patch(doc, &patch).unwrap_or_else(|e| panic!("patch {} does not apply: {e}", event.data));
+                let doc = self
+                    .document
+                    .as_mut()
+                    .expect("a patch arrived before any snapshot");
+                let patch: json_patch::Patch =
+                    serde_json::from_str(&event.data).expect("patch is RFC 6902");
+                json_patch::patch(doc, &patch)
+                    .unwrap_or_else(|e| panic!("patch {} does not apply: {e}", event.data));
                 self.patches += 1;
             }
             "error" => self.errors.push(event.json()),
@@ -130,7 +142,12 @@ impl Rebuilt {
     }
 
     /// Applies events until the document equals `target` (true) or `timeout` passes (false).
-    pub async fn converge(&mut self, client: &mut SseClient, target: &Value, timeout: Duration) -> bool {
+    pub async fn converge(
+        &mut self,
+        client: &mut SseClient,
+        target: &Value,
+        timeout: Duration,
+    ) -> bool {
         let deadline = tokio::time::Instant::now() + timeout;
         while self.document.as_ref() != Some(target) {
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());

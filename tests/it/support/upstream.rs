@@ -77,7 +77,9 @@ impl MockUpstream {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let stop = CancellationToken::new();
-        let app = Router::new().route("/doc", get(serve)).with_state(state.clone());
+        let app = Router::new()
+            .route("/doc", get(serve))
+            .with_state(state.clone());
         let token = stop.clone();
         tokio::spawn(async move {
             axum::serve(listener, app)
@@ -211,9 +213,14 @@ async fn serve(State(state): State<Arc<Mutex<MockState>>>, headers: HeaderMap) -
         r = r.header(header::LAST_MODIFIED, m);
     }
     if not_modified {
-        return r.status(StatusCode::NOT_MODIFIED).body(Body::empty()).unwrap();
+        return r
+            .status(StatusCode::NOT_MODIFIED)
+            .body(Body::empty())
+            .unwrap();
     }
-    r.header(header::CONTENT_TYPE, "application/json").body(Body::from(body)).unwrap()
+    r.header(header::CONTENT_TYPE, "application/json")
+        .body(Body::from(body))
+        .unwrap()
 }
 
 use futures_util::StreamExt as _;
