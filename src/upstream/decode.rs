@@ -31,6 +31,9 @@ pub enum DecodeError {
         column: usize,
         message: String,
     },
+    /// The decoder itself failed (a bug); the body is treated as undecodable.
+    #[error("the decoder failed: {0}")]
+    Panicked(String),
 }
 
 /// Decodes `body` according to `format`.
