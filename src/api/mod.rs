@@ -1,5 +1,6 @@
 //! The HTTP surface: stream endpoints, the stream listing, health and metrics.
 
+pub mod push;
 pub mod server;
 
 use std::collections::HashMap;
@@ -36,6 +37,10 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// Upstream status per stream name.
     pub upstreams: HashMap<String, Arc<dyn UpstreamStatus>>,
+    /// The push source, when configured.
+    pub push: Option<push::PushAuth>,
+    /// Largest pushed body accepted, in bytes.
+    pub push_max_body: usize,
     /// The `retry:` hint for SSE clients.
     pub retry_hint: Duration,
     /// Cancelled at shutdown: streaming responses end.
@@ -44,9 +49,16 @@ pub struct AppState {
 
 /// The application's routes.
 pub fn router(state: Arc<AppState>, cors: &Cors) -> Router {
+    let push_limit = axum::extract::DefaultBodyLimit::max(state.push_max_body);
     let router = Router::new()
         .route("/streams", get(list_streams))
-        .route("/streams/{name}", get(stream))
+        .route(
+            "/streams/{name}",
+            get(stream)
+                .post(push::post_document)
+                .patch(push::patch_document)
+                .layer(push_limit),
+        )
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .fallback(not_found)

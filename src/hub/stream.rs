@@ -352,6 +352,24 @@ impl Stream {
     pub fn publish(&self, document: Value) -> Publication {
         let _publishing = self.publishing.lock().unwrap_or_else(|e| e.into_inner());
         let previous = self.snapshot();
+        self.publish_locked(previous, document)
+    }
+
+    /// Publishes the document `make` builds from the current one (`None` before the first),
+    /// atomically: no other publication happens between reading the current document and
+    /// publishing the new one. When `make` fails, nothing is published.
+    pub fn publish_with<E>(
+        &self,
+        make: impl FnOnce(Option<&Value>) -> Result<Value, E>,
+    ) -> Result<Publication, E> {
+        let _publishing = self.publishing.lock().unwrap_or_else(|e| e.into_inner());
+        let previous = self.snapshot();
+        let document = make(previous.as_deref().map(|s| &s.document))?;
+        Ok(self.publish_locked(previous, document))
+    }
+
+    /// `publish`, with the publishing lock held by the caller.
+    fn publish_locked(&self, previous: Option<Arc<Snapshot>>, document: Value) -> Publication {
         let seq = self.lock().seq + 1;
 
         let (kind, patch) = match &previous {

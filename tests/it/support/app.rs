@@ -74,6 +74,8 @@ pub fn config(streams: Vec<StreamSettings>) -> Config {
         },
         simulator: None,
         streams,
+        push: None,
+        push_streams: Vec::new(),
     }
 }
 
