@@ -199,8 +199,17 @@ pub async fn run(
         push,
         push_max_body,
         retry_hint: config.server.retry_hint,
-        shutdown: shutdown.clone(),
     });
+    // Shutdown closes every stream first, so SSE responses end and connections can drain
+    // within the grace period.
+    {
+        let hub = hub.clone();
+        let shutdown = shutdown.clone();
+        tasks.spawn(async move {
+            shutdown.cancelled().await;
+            hub.close_all();
+        });
+    }
     let router = api::router(state, &config.server.cors);
     tracing::info!(
         listen = %listeners.api.local_addr().map_or_else(|_| config.server.listen.to_string(), |a| a.to_string()),

@@ -15,7 +15,6 @@ use axum::routing::get;
 use http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use serde::Deserialize;
 use serde_json::{Value, json};
-use tokio_util::sync::CancellationToken;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 
 use crate::config::Cors;
@@ -43,8 +42,6 @@ pub struct AppState {
     pub push_max_body: usize,
     /// The `retry:` hint for SSE clients.
     pub retry_hint: Duration,
-    /// Cancelled at shutdown: streaming responses end.
-    pub shutdown: CancellationToken,
 }
 
 /// The application's routes.
@@ -195,7 +192,7 @@ async fn stream(
         retry: state.retry_hint,
         gzip: sse::accepts_gzip(&headers),
     };
-    sse::response(subscription, options, state.shutdown.clone())
+    sse::response(subscription, options)
 }
 
 /// `GET /streams/{name}` with `Accept: application/json`: the current document once, with an

@@ -19,7 +19,6 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Response, StatusCode, header};
 use prometheus_client::metrics::counter::Counter;
 use tokio::sync::broadcast::error::RecvError;
-use tokio_util::sync::CancellationToken;
 
 use crate::hub::{Initial, Resume, Stream, StreamEvent, Subscription};
 use crate::snapshot::Snapshot;
@@ -79,11 +78,7 @@ pub fn accepts_gzip(headers: &HeaderMap) -> bool {
 }
 
 /// The complete SSE response for a subscription.
-pub fn response(
-    subscription: Subscription,
-    options: SseOptions,
-    shutdown: CancellationToken,
-) -> Response<Body> {
+pub fn response(subscription: Subscription, options: SseOptions) -> Response<Body> {
     let mut builder = Response::builder()
         .status(StatusCode::OK)
         .header(header::CONTENT_TYPE, "text/event-stream")
@@ -94,7 +89,7 @@ pub fn response(
     if options.gzip {
         builder = builder.header(header::CONTENT_ENCODING, "gzip");
     }
-    let body = Body::from_stream(events(subscription, options, shutdown));
+    let body = Body::from_stream(events(subscription, options));
     builder
         .body(body)
         .unwrap_or_else(|_| Response::new(Body::empty()))
@@ -106,7 +101,6 @@ struct Writer {
     pending: VecDeque<Bytes>,
     seq: u64,
     gzip: Option<frame::GzipTrailer>,
-    shutdown: CancellationToken,
     sent: Counter,
     resyncs: Counter,
     done: bool,
@@ -137,16 +131,11 @@ impl Writer {
 
     /// Waits for the next live event and queues what it means for this subscriber.
     async fn next_live(&mut self) {
-        let closed = self.stream.closed().clone();
-        let event = tokio::select! {
-            biased;
-            _ = self.shutdown.cancelled() => None,
-            _ = closed.cancelled() => None,
-            event = self.subscription.live.recv() => Some(event),
-        };
-        match event {
-            None | Some(Err(RecvError::Closed)) => self.finish(),
-            Some(Ok(StreamEvent::Change(change))) => {
+        // Shutdown closes the stream, which ends this receiver: no cancellation future is
+        // registered per event on the hot path.
+        match self.subscription.live.recv().await {
+            Err(RecvError::Closed) => self.finish(),
+            Ok(StreamEvent::Change(change)) => {
                 // Changes at or before what this subscriber already has (it was resynced,
                 // or resumed) are skipped; there are no gaps otherwise.
                 if change.seq > self.seq {
@@ -154,12 +143,16 @@ impl Writer {
                     self.push_counted(&change.sse);
                 }
             }
-            Some(Ok(StreamEvent::Failure(failure))) => self.push_counted(&failure.sse),
-            Some(Ok(StreamEvent::KeepAlive)) => self.push(&KEEP_ALIVE),
-            Some(Err(RecvError::Lagged(_))) => {
+            Ok(StreamEvent::Failure(failure)) => self.push_counted(&failure.sse),
+            Ok(StreamEvent::KeepAlive) => self.push(&KEEP_ALIVE),
+            Err(RecvError::Lagged(_)) => {
                 self.resyncs.inc();
                 if let Some(snapshot) = self.stream.snapshot() {
                     self.push_snapshot(&snapshot);
+                }
+                // The current failure may have been among the lost events.
+                if let Some(failure) = self.stream.failure() {
+                    self.push_counted(&failure.sse);
                 }
             }
         }
@@ -173,11 +166,10 @@ impl Writer {
     }
 }
 
-/// The body: `retry:`, the initial events, then live events until shutdown.
+/// The body: `retry:`, the initial events, then live events until the stream closes.
 fn events(
     subscription: Subscription,
     options: SseOptions,
-    shutdown: CancellationToken,
 ) -> impl futures_util::Stream<Item = Result<Bytes, Infallible>> + Send + 'static {
     let stream = subscription.stream().clone();
     let metrics = stream.metrics().clone();
@@ -187,7 +179,6 @@ fn events(
         stream,
         pending: VecDeque::new(),
         gzip: options.gzip.then(frame::GzipTrailer::default),
-        shutdown,
         sent: metrics.events_sent.get_or_create(&labels).clone(),
         resyncs: metrics.resyncs.get_or_create(&labels).clone(),
         done: false,
