@@ -66,6 +66,23 @@ impl SseClient {
         }
     }
 
+    /// An SSE client over an already received response head and its body.
+    pub fn from_body<S, E>(status: StatusCode, headers: HeaderMap, body: S) -> SseClient
+    where
+        S: Stream<Item = Result<bytes::Bytes, E>> + Send + 'static,
+        E: std::fmt::Display + Send + 'static,
+    {
+        let events = body
+            .eventsource()
+            .map(|r| r.map_err(|e| e.to_string()))
+            .boxed();
+        SseClient {
+            status,
+            headers,
+            events,
+        }
+    }
+
     /// The next event within `timeout`; `None` if the stream ended or nothing came in time.
     pub async fn next(&mut self, timeout: Duration) -> Option<SseEvent> {
         match tokio::time::timeout(timeout, self.events.next()).await {

@@ -1,0 +1,118 @@
+//! A subscriber on a raw socket: the test decides when (and whether) it reads, and its receive
+//! buffer is small, so the server's writes back up after little data, as with a real client
+//! on a slow or stuck network.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::StreamExt as _;
+use http::{HeaderMap, StatusCode};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::{TcpSocket, TcpStream};
+
+use super::sse::SseClient;
+
+/// An HTTP/1.0 `GET` sent on a socket nobody has read from yet. HTTP/1.0 makes the server
+/// delimit the streamed body by closing the connection, so the bytes after the head are the
+/// SSE stream itself.
+pub struct RawSubscriber {
+    socket: TcpStream,
+}
+
+/// How a raw read to the end finished.
+#[derive(Debug)]
+pub struct Drained {
+    /// Bytes read.
+    pub bytes: usize,
+    /// `true` if the server closed the connection (EOF or reset) before the deadline.
+    pub closed: bool,
+}
+
+impl RawSubscriber {
+    /// Connects with a receive buffer of `rcvbuf` bytes and sends the request.
+    pub async fn connect(addr: SocketAddr, path: &str, rcvbuf: usize) -> RawSubscriber {
+        let socket = TcpSocket::new_v4().unwrap();
+        // Set before connecting so the window is small from the handshake on (and Linux's
+        // receive-buffer autotuning is off for this socket).
+        socket.set_recv_buffer_size(rcvbuf as u32).unwrap();
+        let mut socket = socket.connect(addr).await.unwrap();
+        let request =
+            format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\nAccept: text/event-stream\r\n\r\n");
+        socket.write_all(request.as_bytes()).await.unwrap();
+        RawSubscriber { socket }
+    }
+
+    /// Reads (and discards) until the server closes the connection or `timeout` passes.
+    pub async fn drain(mut self, timeout: Duration) -> Drained {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut bytes = 0;
+        loop {
+            match tokio::time::timeout_at(deadline, self.socket.read(&mut buf)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => {
+                    return Drained {
+                        bytes,
+                        closed: true,
+                    };
+                }
+                Ok(Ok(n)) => bytes += n,
+                Err(_) => {
+                    return Drained {
+                        bytes,
+                        closed: false,
+                    };
+                }
+            }
+        }
+    }
+
+    /// Starts reading: parses the response head and returns an SSE client over the rest.
+    pub async fn into_sse(mut self, timeout: Duration) -> SseClient {
+        let mut head = Vec::new();
+        let mut buf = vec![0u8; 16 * 1024];
+        let end = loop {
+            if let Some(at) = head.windows(4).position(|w| w == b"\r\n\r\n") {
+                break at + 4;
+            }
+            let n = tokio::time::timeout(timeout, self.socket.read(&mut buf))
+                .await
+                .expect("no response head in time")
+                .unwrap();
+            assert!(n > 0, "the connection closed before the response head");
+            head.extend_from_slice(&buf[..n]);
+        };
+        let rest = Bytes::copy_from_slice(&head[end..]);
+        let text = String::from_utf8_lossy(&head[..end]).into_owned();
+        let mut lines = text.split("\r\n");
+        let status_line = lines.next().unwrap();
+        let status: u16 = status_line
+            .split(' ')
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("bad status line {status_line:?}"));
+        let mut headers = HeaderMap::new();
+        for line in lines.filter(|l| !l.is_empty()) {
+            let (name, value) = line.split_once(':').unwrap();
+            headers.append(
+                http::HeaderName::from_bytes(name.trim().as_bytes()).unwrap(),
+                value.trim().parse().unwrap(),
+            );
+        }
+        let socket = self.socket;
+        let body = futures_util::stream::once(async move { Ok::<_, std::io::Error>(rest) }).chain(
+            futures_util::stream::unfold(socket, |mut socket| async move {
+                let mut buf = vec![0u8; 64 * 1024];
+                match socket.read(&mut buf).await {
+                    Ok(0) => None,
+                    Ok(n) => {
+                        buf.truncate(n);
+                        Some((Ok(Bytes::from(buf)), socket))
+                    }
+                    Err(e) => Some((Err(e), socket)),
+                }
+            }),
+        );
+        SseClient::from_body(StatusCode::from_u16(status).unwrap(), headers, body)
+    }
+}
