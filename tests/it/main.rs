@@ -4,4 +4,5 @@
 mod support;
 
 mod conditional;
+mod failures;
 mod streaming;

@@ -9,7 +9,7 @@ pub mod upstream;
 
 pub use app::{TestApp, config, stream};
 pub use raw::RawSubscriber;
-pub use sse::{Rebuilt, SseClient};
+pub use sse::{Rebuilt, SseClient, SseEvent};
 pub use upstream::{Failure, MockUpstream, Received};
 
 use std::time::Duration;
