@@ -5,4 +5,5 @@ mod support;
 
 mod conditional;
 mod failures;
+mod resume;
 mod streaming;
