@@ -3,6 +3,7 @@
 
 mod support;
 
+mod backpressure;
 mod conditional;
 mod failures;
 mod resume;
