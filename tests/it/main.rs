@@ -7,4 +7,5 @@ mod backpressure;
 mod conditional;
 mod failures;
 mod resume;
+mod shutdown;
 mod streaming;

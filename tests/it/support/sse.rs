@@ -103,6 +103,25 @@ impl SseClient {
             .unwrap_or_else(|| panic!("no SSE event within {timeout:?}"))
     }
 
+    /// Reads to the end of the stream: `Ok` with the events read if the server ended it
+    /// cleanly within `timeout`, `Err` if the stream broke or was still open.
+    pub async fn end(&mut self, timeout: Duration) -> Result<Vec<SseEvent>, String> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut events = Vec::new();
+        loop {
+            match tokio::time::timeout_at(deadline, self.events.next()).await {
+                Ok(None) => return Ok(events),
+                Ok(Some(Ok(e))) => events.push(SseEvent {
+                    id: e.id,
+                    event: e.event,
+                    data: e.data,
+                }),
+                Ok(Some(Err(e))) => return Err(format!("the stream broke: {e}")),
+                Err(_) => return Err(format!("still open after {timeout:?}")),
+            }
+        }
+    }
+
     /// True once the server ended the stream (within `timeout`), skipping any events.
     pub async fn ends_within(&mut self, timeout: Duration) -> bool {
         let deadline = tokio::time::Instant::now() + timeout;
