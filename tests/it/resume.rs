@@ -124,7 +124,7 @@ async fn ids_that_cannot_be_resumed_get_the_current_snapshot() {
         format!("other:{epoch}:7"), // another stream
         "garbage".to_owned(),
         format!("doc:{epoch}:"),
-        format!("doc:x:5"),
+        "doc:x:5".to_owned(),
         format!(":{epoch}:5"),
         "doc:1:2:3:4".to_owned(),
     ];

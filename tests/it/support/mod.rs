@@ -8,7 +8,6 @@ pub mod sse;
 pub mod upstream;
 
 pub use app::{TestApp, config, stream};
-pub use raw::RawSubscriber;
 pub use sse::{Rebuilt, SseClient, SseEvent};
 pub use upstream::{Failure, MockUpstream, Received};
 
