@@ -6,7 +6,6 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures_util::StreamExt as _;
 use http::{HeaderMap, StatusCode};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpSocket, TcpStream};
@@ -82,7 +81,6 @@ impl RawSubscriber {
             assert!(n > 0, "the connection closed before the response head");
             head.extend_from_slice(&buf[..n]);
         };
-        let rest = Bytes::copy_from_slice(&head[end..]);
         let text = String::from_utf8_lossy(&head[..end]).into_owned();
         let mut lines = text.split("\r\n");
         let status_line = lines.next().unwrap();
@@ -99,20 +97,49 @@ impl RawSubscriber {
                 value.trim().parse().unwrap(),
             );
         }
-        let socket = self.socket;
-        let body = futures_util::stream::once(async move { Ok::<_, std::io::Error>(rest) }).chain(
-            futures_util::stream::unfold(socket, |mut socket| async move {
-                let mut buf = vec![0u8; 64 * 1024];
-                match socket.read(&mut buf).await {
-                    Ok(0) => None,
-                    Ok(n) => {
-                        buf.truncate(n);
-                        Some((Ok(Bytes::from(buf)), socket))
-                    }
-                    Err(e) => Some((Err(e), socket)),
-                }
-            }),
-        );
+        // Hand the parser whole events: fed the small reads of a small receive buffer, it
+        // would rescan a large event's growing prefix at every read.
+        let reader = EventReader {
+            socket: self.socket,
+            pending: head[end..].to_vec(),
+            scanned: 0,
+        };
+        let body = futures_util::stream::unfold(Some(reader), |reader| async move {
+            let mut reader = reader?;
+            let (item, more) = reader.next_events().await;
+            Some((item, more.then_some(reader)))
+        });
         SseClient::from_body(StatusCode::from_u16(status).unwrap(), headers, body)
+    }
+}
+
+/// Reads a close-delimited SSE body and yields it cut after complete events.
+struct EventReader {
+    socket: TcpStream,
+    pending: Vec<u8>,
+    /// How much of `pending` is known to hold no event boundary.
+    scanned: usize,
+}
+
+impl EventReader {
+    /// The next run of complete events (or the rest at EOF), and whether more may follow.
+    async fn next_events(&mut self) -> (std::io::Result<Bytes>, bool) {
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let from = self.scanned.saturating_sub(1);
+            if let Some(at) = self.pending[from..].windows(2).rposition(|w| w == b"\n\n") {
+                let cut = from + at + 2;
+                let rest = self.pending.split_off(cut);
+                let events = std::mem::replace(&mut self.pending, rest);
+                self.scanned = 0;
+                return (Ok(Bytes::from(events)), true);
+            }
+            self.scanned = self.pending.len();
+            match self.socket.read(&mut buf).await {
+                Ok(0) => return (Ok(Bytes::from(std::mem::take(&mut self.pending))), false),
+                Ok(n) => self.pending.extend_from_slice(&buf[..n]),
+                Err(e) => return (Err(e), false),
+            }
+        }
     }
 }
