@@ -44,6 +44,16 @@ impl SseClient {
     /// transparently decode gzip (reqwest decodes it incrementally).
     pub async fn connect(url: &str, headers: &[(&str, &str)], gzip: bool) -> SseClient {
         let client = reqwest::Client::builder().gzip(gzip).build().unwrap();
+        SseClient::connect_with(&client, url, headers).await
+    }
+
+    /// Connects with an existing HTTP client (building one per subscriber is slow: many
+    /// subscribers should share one; each stream still gets its own connection).
+    pub async fn connect_with(
+        client: &reqwest::Client,
+        url: &str,
+        headers: &[(&str, &str)],
+    ) -> SseClient {
         let mut request = client.get(url);
         for (k, v) in headers {
             request = request.header(*k, *v);
