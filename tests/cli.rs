@@ -436,3 +436,25 @@ async fn listen_address_env_override_moves_the_listener() {
     let status = running.terminate(SOON).await;
     assert!(status.success(), "exit status {status}:\n{}", running.log());
 }
+
+#[test]
+fn patchwire_config_env_names_the_file_for_every_command() {
+    // Run from an empty directory, so the built-in default `config/default.toml` does not
+    // exist: whichever file is loaded shows in the error.
+    let dir = TempDir::new().unwrap();
+    let chosen = dir.path().join("chosen.toml");
+    let cases: [&[&str]; 4] = [&["check"], &["run"], &["simulate"], &[]];
+    for args in cases {
+        let (output, _, stderr) = run(patchwire()
+            .current_dir(dir.path())
+            .args(args)
+            .env("PATCHWIRE_CONFIG", &chosen));
+        assert_eq!(output.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains(&chosen.display().to_string()),
+            "`patchwire {}` ignored PATCHWIRE_CONFIG:\n{stderr}",
+            args.join(" ")
+        );
+        assert_no_panic(&stderr);
+    }
+}
