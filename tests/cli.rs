@@ -266,6 +266,17 @@ async fn start(
     env: impl Fn(u16, u16) -> Vec<(String, String)>,
     serving: impl Fn(u16, u16) -> u16,
 ) -> Running {
+    start_command("run", "/healthz", make, env, serving).await
+}
+
+/// Like [`start`], for `patchwire {command}`, ready once `ready_path` answers 200.
+async fn start_command(
+    command: &str,
+    ready_path: &str,
+    make: impl Fn(u16, u16) -> String,
+    env: impl Fn(u16, u16) -> Vec<(String, String)>,
+    serving: impl Fn(u16, u16) -> u16,
+) -> Running {
     for _attempt in 0..5 {
         let (a, b) = (free_port(), free_port());
         if a == b {
@@ -276,7 +287,7 @@ async fn start(
         std::fs::write(&config, make(a, b)).unwrap();
         let log = dir.path().join("stderr.log");
         let child = patchwire()
-            .args(["run", "--config"])
+            .args([command, "--config"])
             .arg(&config)
             .envs(env(a, b))
             .stdin(Stdio::null())
@@ -304,7 +315,7 @@ async fn start(
                 break; // A port was taken meanwhile: try others.
             }
             let healthy = client
-                .get(format!("http://{addr}/healthz"))
+                .get(format!("http://{addr}{ready_path}"))
                 .timeout(Duration::from_secs(2))
                 .send()
                 .await
@@ -314,7 +325,7 @@ async fn start(
             }
             assert!(
                 Instant::now() < deadline,
-                "/healthz never answered:\n{}",
+                "{ready_path} never answered:\n{}",
                 running.log()
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -457,4 +468,30 @@ fn patchwire_config_env_names_the_file_for_every_command() {
         );
         assert_no_panic(&stderr);
     }
+}
+
+#[tokio::test]
+async fn simulate_serves_the_feeds_until_sigterm() {
+    let mut running = start_command(
+        "simulate",
+        "/feeds/fleet",
+        simulated,
+        |_, _| Vec::new(),
+        |_, sim| sim,
+    )
+    .await;
+    let url = format!("http://{}/feeds/fleet", running.addr);
+    let first: serde_json::Value = reqwest::get(&url).await.unwrap().json().await.unwrap();
+    assert!(first.is_object() || first.is_array(), "{first}");
+    // The proxy itself does not run.
+    let api = running.ports.0;
+    let refused = reqwest::Client::new()
+        .get(format!("http://127.0.0.1:{api}/healthz"))
+        .timeout(Duration::from_secs(2))
+        .send()
+        .await;
+    assert!(refused.is_err(), "simulate also served the proxy");
+    let status = running.terminate(SOON).await;
+    assert!(status.success(), "exit status {status}:\n{}", running.log());
+    assert_no_panic(&running.log());
 }
