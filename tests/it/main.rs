@@ -9,3 +9,4 @@ mod failures;
 mod resume;
 mod shutdown;
 mod streaming;
+mod wire;

@@ -42,6 +42,33 @@ impl RawSubscriber {
         RawSubscriber { socket }
     }
 
+    /// Reads until the bytes read contain `needle` (returning them all), panicking if the
+    /// connection ends first or `timeout` passes.
+    pub async fn read_until(&mut self, needle: &[u8], timeout: Duration) -> Vec<u8> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut read = Vec::new();
+        let mut buf = vec![0u8; 16 * 1024];
+        while !read.windows(needle.len()).any(|w| w == needle) {
+            let n = tokio::time::timeout_at(deadline, self.socket.read(&mut buf))
+                .await
+                .unwrap_or_else(|_| {
+                    panic!(
+                        "no {:?} within {timeout:?} in:\n{}",
+                        String::from_utf8_lossy(needle),
+                        String::from_utf8_lossy(&read)
+                    )
+                })
+                .unwrap();
+            assert!(
+                n > 0,
+                "the connection ended: {}",
+                String::from_utf8_lossy(&read)
+            );
+            read.extend_from_slice(&buf[..n]);
+        }
+        read
+    }
+
     /// Reads (and discards) until the server closes the connection or `timeout` passes.
     pub async fn drain(mut self, timeout: Duration) -> Drained {
         let deadline = tokio::time::Instant::now() + timeout;
