@@ -3,5 +3,11 @@
 
 mod support;
 
+mod backpressure;
+mod conditional;
+mod failures;
 mod push;
+mod resume;
+mod shutdown;
 mod streaming;
+mod wire;
