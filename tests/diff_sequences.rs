@@ -71,7 +71,10 @@ fn check_sequence(name: &str, snapshots: &[(String, Value)], options: &DiffOptio
         diff::apply(&mut doc, &patch).unwrap_or_else(|e| panic!("{name}: {from} -> {to}: {e}"));
         // Equal as JSON values. Field order can differ where a field appears (RFC 6902 `add`
         // appends it), which no JSON consumer may rely on.
-        assert!(&doc == new, "{name}: {from} -> {to}: result differs from the next snapshot");
+        assert!(
+            &doc == new,
+            "{name}: {from} -> {to}: result differs from the next snapshot"
+        );
         let patch_len = serde_json::to_vec(&patch).expect("serializable").len();
         let snapshot_len = serde_json::to_vec(new).expect("serializable").len();
         assert!(

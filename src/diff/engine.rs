@@ -19,6 +19,11 @@ use super::DiffOptions;
 use super::myers;
 use super::pattern::{KeyPath, push_token};
 
+/// Per-element share of an array's edit-script budget (see [`Walk::unkeyed`]).
+const LINEAR_WORK_PER_ELEMENT: usize = 64;
+/// Budget every array gets regardless of length, so short arrays always get their best script.
+const LINEAR_WORK_FLOOR: usize = 4096;
+
 /// Bit set of configured patterns still matching the path walked so far (patterns are capped at
 /// 64 of each kind by validation).
 #[derive(Clone, Copy)]
@@ -477,7 +482,14 @@ impl<'o> Walk<'o> {
                 ins: b.len(),
             }])
         } else {
-            myers::hunks(a, b, self.options.max_edit_work)
+            // The search costs about D² for an edit distance D: past a budget linear in the
+            // array's length, most aligned elements changed in place anyway, and comparing
+            // position by position costs less and loses little.
+            let budget = (a.len() + b.len())
+                .saturating_mul(LINEAR_WORK_PER_ELEMENT)
+                .saturating_add(LINEAR_WORK_FLOOR)
+                .min(self.options.max_edit_work);
+            myers::hunks(a, b, budget)
         };
         let hunks = script.unwrap_or_else(|| {
             vec![myers::Hunk {
