@@ -267,7 +267,9 @@ impl<'o> Walk<'o> {
             }
             self.path.truncate(len);
         }
-        for (key, b) in new {
+        // Every new key was seen in `old` unless the counts differ.
+        let added = new.len() - common;
+        for (key, b) in new.iter().filter(|_| added > 0) {
             if !old.contains_key(key) {
                 let len = self.path.len();
                 push_token(&mut self.path, key);
