@@ -392,9 +392,7 @@ impl<'o> Walk<'o> {
             stays[i] = in_order[c];
         }
         let moves = common.len() - in_order.iter().filter(|s| **s).count();
-        let use_move = self.options.allow_move
-            && moves > 0
-            && moves.saturating_mul(common.len()) <= self.options.max_edit_work;
+        let use_move = self.options.allow_move && moves > 0;
 
         // 1. Removals, highest index first so every index is still the original one.
         for i in (0..old.len()).rev() {
@@ -432,31 +430,65 @@ impl<'o> Walk<'o> {
     }
 
     /// Emits the moves that bring the kept entities (current order: old order) into new order.
+    ///
+    /// Each entity that does not stay goes right after its predecessor in the new order (or to
+    /// the front). Positions are computed in O(n log n): every entity gets a sort key that
+    /// orders the array at all times (staying or not-yet-moved entities: their old rank; a moved
+    /// entity: its chain's root and its depth in the chain), and a Fenwick tree counts the keys
+    /// present below a given one.
     fn moves(&mut self, from: &[Option<usize>], stays: &[bool], kept: &[bool]) {
-        // The current order of the kept entities, by old index.
-        let mut current: Vec<usize> = (0..kept.len()).filter(|i| kept[*i]).collect();
-        let mut previous: Option<usize> = None;
-        for i in from.iter().flatten().copied() {
-            if !stays[i] {
-                let Some(at) = current.iter().position(|c| *c == i) else {
-                    continue;
-                };
-                current.remove(at);
-                let to = match previous {
-                    None => 0,
-                    Some(p) => current.iter().position(|c| *c == p).map_or(0, |q| q + 1),
-                };
-                current.insert(to, i);
-                if at != to {
-                    let from_ptr = self.pointer_at_index(at);
-                    let path = self.pointer_at_index(to);
-                    self.ops.push(PatchOperation::Move(MoveOperation {
-                        from: from_ptr,
-                        path,
-                    }));
-                }
+        // Rank of each kept entity among the kept ones, in old order.
+        let mut rank = vec![0usize; kept.len()];
+        let mut r = 0;
+        for (i, k) in kept.iter().enumerate() {
+            if *k {
+                rank[i] = r;
+                r += 1;
             }
-            previous = Some(i);
+        }
+        // Key (root, depth): root 0 is the front; root rank + 1 is an entity that is in place.
+        let order: Vec<usize> = from.iter().flatten().copied().collect();
+        let mut settled: Vec<(usize, usize)> = Vec::with_capacity(order.len());
+        let mut previous: Option<(usize, usize)> = None;
+        for &i in &order {
+            let key = if stays[i] {
+                (rank[i] + 1, 0)
+            } else {
+                match previous {
+                    None => (0, 1),
+                    Some((root, depth)) => (root, depth + 1),
+                }
+            };
+            settled.push(key);
+            previous = Some(key);
+        }
+        let mut keys: Vec<(usize, usize)> = (1..=r).map(|x| (x, 0)).collect();
+        keys.extend(settled.iter().filter(|k| k.1 > 0));
+        keys.sort_unstable();
+        keys.dedup();
+        let slot = |key: (usize, usize)| keys.partition_point(|k| *k < key);
+        let mut present = Fenwick::new(keys.len());
+        for x in 1..=r {
+            present.add(slot((x, 0)), 1);
+        }
+        for (&i, &key) in order.iter().zip(&settled) {
+            if stays[i] {
+                continue;
+            }
+            let old_slot = slot((rank[i] + 1, 0));
+            let at = present.count_below(old_slot);
+            present.add(old_slot, -1);
+            let new_slot = slot(key);
+            let to = present.count_below(new_slot);
+            present.add(new_slot, 1);
+            if at != to {
+                let from_ptr = self.pointer_at_index(at);
+                let path = self.pointer_at_index(to);
+                self.ops.push(PatchOperation::Move(MoveOperation {
+                    from: from_ptr,
+                    path,
+                }));
+            }
         }
     }
 
@@ -535,6 +567,38 @@ impl<'o> Walk<'o> {
                 }));
             }
         }
+    }
+}
+
+/// Counts over slots with prefix sums in O(log n) (a binary indexed tree).
+struct Fenwick {
+    tree: Vec<i64>,
+}
+
+impl Fenwick {
+    fn new(len: usize) -> Self {
+        Fenwick {
+            tree: vec![0; len + 1],
+        }
+    }
+
+    fn add(&mut self, slot: usize, delta: i64) {
+        let mut i = slot + 1;
+        while i < self.tree.len() {
+            self.tree[i] += delta;
+            i += i & i.wrapping_neg();
+        }
+    }
+
+    /// The sum over slots strictly below `slot`.
+    fn count_below(&self, slot: usize) -> usize {
+        let mut sum = 0i64;
+        let mut i = slot;
+        while i > 0 {
+            sum += self.tree[i];
+            i &= i - 1;
+        }
+        usize::try_from(sum).unwrap_or(0)
     }
 }
 
