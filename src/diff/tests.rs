@@ -580,3 +580,41 @@ fn collect_paths(v: &Value, path: &mut String, out: &mut Vec<String>) {
         _ => {}
     }
 }
+
+#[test]
+fn the_documented_table_validates() {
+    let o = options(
+        r#"
+        keys = { "/entity" = "id", "/entity/*/trip_update/stop_time_update" = "stop_sequence", "/Data.v2/Items" = "Vehicle/ID" }
+        ignore = ["/header/timestamp", "/data/stations/*/last_reported"]
+        allow_move = false
+        auto_keys = true
+        max_patch_ratio = 1.0
+        max_edit_work = 1000000
+        "#,
+    );
+    let arrays: Vec<&str> = o.keys.iter().map(|k| k.array.as_str()).collect();
+    assert_eq!(
+        arrays,
+        ["/Data.v2/Items", "/entity", "/entity/*/trip_update/stop_time_update"]
+    );
+    assert_eq!(o.keys[0].key.fields(), &["Vehicle", "ID"]);
+    assert_eq!(o.ignore.len(), 2);
+    assert_eq!(o.max_edit_work, 1_000_000);
+    assert!(!o.allow_move && o.auto_keys);
+}
+
+#[test]
+fn a_root_array_can_be_keyed() {
+    let o = options(r#"keys = { "" = "name" }"#);
+    let old = json!([{"name": "a", "v": 1}, {"name": "b", "v": 2}]);
+    let new = json!([{"name": "b", "v": 3}]);
+    let patch = round_trip(&old, &new, &o);
+    assert_eq!(
+        ops_json(&patch),
+        json!([
+            {"op": "remove", "path": "/0"},
+            {"op": "replace", "path": "/0/v", "value": 3},
+        ])
+    );
+}
