@@ -301,14 +301,30 @@ impl<'o> Walk<'o> {
         if old.is_empty() && new.is_empty() {
             return;
         }
-        if !old.is_empty() && !new.is_empty() {
-            if let Some(sel) = self.key_for(old, new, live) {
-                if self.keyed(old, new, &sel, live) {
-                    return;
-                }
+        let start = self.ops.len();
+        let keyed = !old.is_empty()
+            && !new.is_empty()
+            && self
+                .key_for(old, new, live)
+                .is_some_and(|sel| self.keyed(old, new, &sel, live));
+        if !keyed {
+            self.unkeyed(old, new, live);
+        }
+        // One `replace` of the whole array when that is smaller, unless it would hide an
+        // ignored-only change below.
+        if self.ops.len() - start > 1 && live.depth > 0 && !self.ignored_below(live) {
+            let edits = json_len(&self.ops[start..], usize::MAX);
+            // `{"op":"replace","path":"…","value":…}` around the array.
+            let whole = json_len(new, edits).saturating_add(self.path.len() + 32);
+            if whole < edits {
+                self.ops.truncate(start);
+                let path = self.pointer();
+                self.ops.push(PatchOperation::Replace(ReplaceOperation {
+                    path,
+                    value: Value::Array(new.to_vec()),
+                }));
             }
         }
-        self.unkeyed(old, new, live);
     }
 
     /// The configured key for the array at the current path, else the automatic one.
@@ -493,7 +509,7 @@ impl<'o> Walk<'o> {
     }
 
     /// Diffs two arrays element by element: a shortest edit script (bounded), else position by
-    /// position; then one `replace` of the whole array if that is smaller.
+    /// position.
     fn unkeyed(&mut self, old: &[Value], new: &[Value], live: Live) {
         let prefix = old.iter().zip(new).take_while(|(a, b)| a == b).count();
         let suffix = old[prefix..]
@@ -507,7 +523,6 @@ impl<'o> Walk<'o> {
         if a.is_empty() && b.is_empty() {
             return;
         }
-        let start = self.ops.len();
         let script = if a.is_empty() || b.is_empty() {
             Some(vec![myers::Hunk {
                 old: 0,
@@ -553,19 +568,6 @@ impl<'o> Walk<'o> {
             }
             at += h.ins;
             i = h.old + h.del;
-        }
-        if self.ops.len() - start > 1 && live.depth > 0 && !self.ignored_below(live) {
-            let edits = json_len(&self.ops[start..], usize::MAX);
-            // `{"op":"replace","path":"…","value":…}` around the array.
-            let whole = json_len(new, edits).saturating_add(self.path.len() + 32);
-            if whole < edits {
-                self.ops.truncate(start);
-                let path = self.pointer();
-                self.ops.push(PatchOperation::Replace(ReplaceOperation {
-                    path,
-                    value: Value::Array(new.to_vec()),
-                }));
-            }
         }
     }
 }
