@@ -5,12 +5,13 @@
 //! and synthetic fleets of 1k/10k/100k vehicles with 1% changing per poll, with and without
 //! 1% churn (0.5% of vehicles leave, 0.5% join at random places).
 //!
-//! Run: `cargo bench --bench diff` (sizes are printed first as a table).
+//! Run: `cargo bench --bench diff`. Two tables are printed first: sizes, then interleaved
+//! timings (the fairest comparison on a loaded machine); criterion's groups follow.
 
 use std::hint::black_box;
 use std::io::Write;
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use flate2::Compression;
@@ -181,9 +182,57 @@ fn report_sizes(cases: &[Case]) {
     }
 }
 
+/// Times patchwire, `json_patch::diff` and parsing interleaved, pair by pair and round by round,
+/// so that load from other processes hits all three alike; prints medians per pair.
+fn report_interleaved_times(cases: &[Case]) {
+    println!(
+        "| case | rounds x pairs | patchwire ms | json_patch ms | parse ms | patchwire / parse |"
+    );
+    println!("|---|---|---|---|---|---|");
+    for case in cases {
+        let rounds = if case.snapshots[0]["entity"].as_array().map_or(0, Vec::len) >= 100_000 {
+            5
+        } else {
+            15
+        };
+        let texts: Vec<Vec<u8>> = case
+            .snapshots
+            .iter()
+            .map(|s| serde_json::to_vec(s).unwrap_or_default())
+            .collect();
+        let (mut ours, mut theirs, mut parse) = (Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..rounds {
+            for (i, pair) in case.snapshots.windows(2).enumerate() {
+                let t = Instant::now();
+                black_box(diff::diff(&pair[0], &pair[1], &case.options));
+                ours.push(t.elapsed().as_nanos() as usize);
+                let t = Instant::now();
+                black_box(json_patch::diff(&pair[0], &pair[1]));
+                theirs.push(t.elapsed().as_nanos() as usize);
+                let t = Instant::now();
+                black_box(serde_json::from_slice::<Value>(&texts[i + 1]).ok());
+                parse.push(t.elapsed().as_nanos() as usize);
+            }
+        }
+        let samples = ours.len();
+        let ms = |ns: usize| ns as f64 / 1e6;
+        let (o, t, p) = (median(ours), median(theirs), median(parse));
+        println!(
+            "| {} | {rounds} x {} | {:.2} | {:.2} | {:.2} | {:.2} |",
+            case.name,
+            samples / rounds,
+            ms(o),
+            ms(t),
+            ms(p),
+            o as f64 / p.max(1) as f64
+        );
+    }
+}
+
 fn bench(c: &mut Criterion) {
     let cases = cases();
     report_sizes(&cases);
+    report_interleaved_times(&cases);
     let mut group = c.benchmark_group("diff");
     group
         .sample_size(10)

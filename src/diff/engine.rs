@@ -2,8 +2,12 @@
 //!
 //! Invariant kept everywhere: operations are emitted in the order they must be applied, and the
 //! index in each operation's path is the element's index in the document as the previous
-//! operations left it. Array edits are emitted as: removals (highest index first), then moves,
-//! then insertions (lowest final index first), then changes inside elements at their final index.
+//! operations left it.
+//! - Keyed arrays: removals (highest index first), then moves, then insertions (lowest final
+//!   index first), then changes inside entities at their final index.
+//! - Other arrays: hunk by hunk from the front, each index shifted by the hunks before it.
+//! - Any array below the root whose edits serialize larger than the array itself is replaced
+//!   whole, unless an ignore pattern reaches inside it.
 
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
