@@ -17,6 +17,7 @@ use crate::config::Config;
 use crate::hub::{Hub, Publication, Stream, StreamOptions};
 use crate::metrics::Metrics;
 use crate::sim;
+use crate::sinks::sse::native::NativeSse;
 use crate::snapshot::SnapshotStore;
 use crate::upstream::fetch::{FetchError, Fetcher, Redacted};
 use crate::upstream::poller::{LastOutcome, PollStatus, Poller, Publish, PublishResult};
@@ -216,14 +217,21 @@ pub async fn run(
         streams = config.streams.len() + config.push_streams.len(),
         "patchwire is serving"
     );
+    let native = Arc::new(NativeSse {
+        hub: hub.clone(),
+        retry: config.server.retry_hint,
+        cors: config.server.cors.clone(),
+        stall_timeout: config.server.stall_timeout,
+        stalled: metrics.stalled_connections.clone(),
+    });
     api::server::serve(
         listeners.api,
         router,
+        native,
         api::server::ServeOptions {
             stall_timeout: config.server.stall_timeout,
             shutdown_grace: config.server.shutdown_grace,
         },
-        metrics.stalled_connections.clone(),
         shutdown.clone(),
     )
     .await;

@@ -6,6 +6,7 @@
 //! current snapshot (a resync) and continues from there.
 
 pub mod frame;
+pub mod native;
 
 pub use frame::EncodedEvent;
 
@@ -77,6 +78,24 @@ pub fn accepts_gzip(headers: &HeaderMap) -> bool {
         })
 }
 
+/// Whether the client asked for the current document as plain JSON rather than a stream.
+pub fn wants_json(headers: &HeaderMap) -> bool {
+    let accept = headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect::<Vec<_>>()
+        .join(",");
+    let has = |media: &str| {
+        accept.split(',').any(|item| {
+            item.split(';')
+                .next()
+                .is_some_and(|m| m.trim().eq_ignore_ascii_case(media))
+        })
+    };
+    has("application/json") && !has("text/event-stream")
+}
+
 /// The complete SSE response for a subscription.
 pub fn response(subscription: Subscription, options: SseOptions) -> Response<Body> {
     let mut builder = Response::builder()
@@ -95,7 +114,9 @@ pub fn response(subscription: Subscription, options: SseOptions) -> Response<Bod
         .unwrap_or_else(|_| Response::new(Body::empty()))
 }
 
-struct Writer {
+/// One subscriber's position in its stream and the bytes it is owed: what both the native
+/// path and the hyper body send. Transport-agnostic: it only turns events into shared `Bytes`.
+pub(crate) struct Writer {
     subscription: Subscription,
     stream: Arc<Stream>,
     pending: VecDeque<Bytes>,
@@ -107,6 +128,50 @@ struct Writer {
 }
 
 impl Writer {
+    /// A writer owing the `retry:` hint and the subscription's initial events.
+    pub(crate) fn new(mut subscription: Subscription, options: SseOptions) -> Writer {
+        let stream = subscription.stream().clone();
+        let metrics = stream.metrics().clone();
+        let labels = stream.labels().clone();
+        let initial = std::mem::take(&mut subscription.initial);
+        let mut writer = Writer {
+            seq: subscription.seq,
+            stream,
+            pending: VecDeque::new(),
+            gzip: options.gzip.then(frame::GzipTrailer::default),
+            sent: metrics.events_sent.get_or_create(&labels).clone(),
+            resyncs: metrics.resyncs.get_or_create(&labels).clone(),
+            done: false,
+            subscription,
+        };
+        if options.gzip {
+            writer
+                .pending
+                .push_back(Bytes::from_static(&frame::GZIP_HEADER));
+        }
+        writer.push(&EncodedEvent::new(frame::retry(
+            options.retry.as_millis() as u64
+        )));
+        for item in initial {
+            match item {
+                Initial::Snapshot(snapshot) => writer.push_snapshot(&snapshot),
+                Initial::Change(change) => writer.push_counted(&change.sse),
+                Initial::Failure(failure) => writer.push_counted(&failure.sse),
+            }
+        }
+        writer
+    }
+
+    /// The next bytes owed, if any.
+    pub(crate) fn pop(&mut self) -> Option<Bytes> {
+        self.pending.pop_front()
+    }
+
+    /// True once the stream ended and everything owed was taken.
+    pub(crate) fn is_finished(&self) -> bool {
+        self.done && self.pending.is_empty()
+    }
+
     fn push(&mut self, event: &EncodedEvent) {
         match &mut self.gzip {
             Some(trailer) => {
@@ -130,7 +195,8 @@ impl Writer {
     }
 
     /// Waits for the next live event and queues what it means for this subscriber.
-    async fn next_live(&mut self) {
+    /// Cancel-safe: dropping the future loses no event.
+    pub(crate) async fn next_live(&mut self) {
         // Shutdown closes the stream, which ends this receiver: no cancellation future is
         // registered per event on the hot path.
         match self.subscription.live.recv().await {
@@ -166,50 +232,25 @@ impl Writer {
     }
 }
 
-/// The body: `retry:`, the initial events, then live events until the stream closes.
+/// The hyper body: `retry:`, the initial events, then live events until the stream closes.
 fn events(
     subscription: Subscription,
     options: SseOptions,
 ) -> impl futures_util::Stream<Item = Result<Bytes, Infallible>> + Send + 'static {
-    let stream = subscription.stream().clone();
-    let metrics = stream.metrics().clone();
-    let labels = stream.labels().clone();
-    let mut writer = Writer {
-        seq: subscription.seq,
-        stream,
-        pending: VecDeque::new(),
-        gzip: options.gzip.then(frame::GzipTrailer::default),
-        sent: metrics.events_sent.get_or_create(&labels).clone(),
-        resyncs: metrics.resyncs.get_or_create(&labels).clone(),
-        done: false,
-        subscription,
-    };
-    if options.gzip {
-        writer
-            .pending
-            .push_back(Bytes::from_static(&frame::GZIP_HEADER));
-    }
-    let retry = EncodedEvent::new(frame::retry(options.retry.as_millis() as u64));
-    writer.push(&retry);
-    let initial = std::mem::take(&mut writer.subscription.initial);
-    for item in initial {
-        match item {
-            Initial::Snapshot(snapshot) => writer.push_snapshot(&snapshot),
-            Initial::Change(change) => writer.push_counted(&change.sse),
-            Initial::Failure(failure) => writer.push_counted(&failure.sse),
-        }
-    }
-    futures_util::stream::unfold(writer, |mut writer| async move {
-        loop {
-            if let Some(bytes) = writer.pending.pop_front() {
-                return Some((Ok(bytes), writer));
+    futures_util::stream::unfold(
+        Writer::new(subscription, options),
+        |mut writer| async move {
+            loop {
+                if let Some(bytes) = writer.pop() {
+                    return Some((Ok(bytes), writer));
+                }
+                if writer.is_finished() {
+                    return None;
+                }
+                writer.next_live().await;
             }
-            if writer.done {
-                return None;
-            }
-            writer.next_live().await;
-        }
-    })
+        },
+    )
 }
 
 #[cfg(test)]
@@ -231,6 +272,21 @@ mod tests {
         );
         h.insert("last-event-id", HeaderValue::from_static("  "));
         assert_eq!(resume_point(&h, None), Resume::Fresh);
+    }
+
+    #[test]
+    fn accept_negotiation() {
+        let with = |v: &'static str| {
+            let mut h = HeaderMap::new();
+            h.insert(header::ACCEPT, HeaderValue::from_static(v));
+            wants_json(&h)
+        };
+        assert!(with("application/json"));
+        assert!(with("application/json; charset=utf-8"));
+        assert!(!with("text/event-stream"));
+        assert!(!with("*/*"));
+        assert!(!with("text/event-stream, application/json"));
+        assert!(!wants_json(&HeaderMap::new()));
     }
 
     #[test]
