@@ -131,17 +131,28 @@ pub async fn run(
     }
 
     let mut upstreams: HashMap<String, Arc<dyn UpstreamStatus>> = HashMap::new();
+    // Every stream, polled or pushed, is built the same way and kept alive the same way.
+    let add_stream =
+        |tasks: &mut JoinSet<()>, name: &str, history: usize, diff: &crate::diff::DiffOptions| {
+            let stream = hub.insert(Arc::new(Stream::new(
+                name,
+                StreamOptions {
+                    history,
+                    buffer: config.server.subscriber_buffer,
+                    diff: diff.clone(),
+                },
+                snapshots.clone(),
+                metrics.clone(),
+            )));
+            tasks.spawn(keep_alive(
+                stream.clone(),
+                config.server.keepalive,
+                shutdown.clone(),
+            ));
+            stream
+        };
     for settings in &config.streams {
-        let stream = hub.insert(Arc::new(Stream::new(
-            &settings.name,
-            StreamOptions {
-                history: settings.history,
-                buffer: config.server.subscriber_buffer,
-                diff: settings.diff.clone(),
-            },
-            snapshots.clone(),
-            metrics.clone(),
-        )));
+        let stream = add_stream(&mut tasks, &settings.name, settings.history, &settings.diff);
         let poller = Poller::new(
             Arc::new(settings.clone()),
             fetcher.clone(),
@@ -161,29 +172,9 @@ pub async fn run(
             }),
         );
         tasks.spawn(poller.run(shutdown.clone()));
-        tasks.spawn(keep_alive(
-            stream,
-            config.server.keepalive,
-            shutdown.clone(),
-        ));
     }
-
     for settings in &config.push_streams {
-        let stream = hub.insert(Arc::new(Stream::new(
-            &settings.name,
-            StreamOptions {
-                history: settings.history,
-                buffer: config.server.subscriber_buffer,
-                diff: settings.diff.clone(),
-            },
-            snapshots.clone(),
-            metrics.clone(),
-        )));
-        tasks.spawn(keep_alive(
-            stream,
-            config.server.keepalive,
-            shutdown.clone(),
-        ));
+        add_stream(&mut tasks, &settings.name, settings.history, &settings.diff);
     }
     let push = config.push.as_ref().map(|push| PushAuth {
         token: push.token.clone(),

@@ -793,16 +793,7 @@ fn streams(
             Some(bytes) => max_body(problems, &format!("{key}.max_body"), Some(bytes.0), 0),
             None => defaults.max_body,
         };
-        let history = match stream.history {
-            Some(history) => integer_in(
-                problems,
-                &format!("{key}.history"),
-                Some(history),
-                0,
-                limits::HISTORY,
-            ),
-            None => defaults.history,
-        };
+        let history = history(problems, &key, stream.history, defaults.history);
         let own_headers = headers(
             problems,
             &format!("{key}.headers"),
@@ -859,6 +850,20 @@ fn streams(
     (streams, push_streams)
 }
 
+/// A stream's `history`, or `default` when it sets none.
+fn history(problems: &mut Problems, key: &str, value: Option<u64>, default: u64) -> u64 {
+    match value {
+        Some(history) => integer_in(
+            problems,
+            &format!("{key}.history"),
+            Some(history),
+            0,
+            limits::HISTORY,
+        ),
+        None => default,
+    }
+}
+
 /// A `source = "push"` stream: only `name`, `history` and `diff` apply; keys that only make
 /// sense for polling are refused rather than silently ignored.
 fn push_stream(
@@ -887,16 +892,7 @@ fn push_stream(
             );
         }
     }
-    let history = match stream.history {
-        Some(history) => integer_in(
-            problems,
-            &format!("{key}.history"),
-            Some(history),
-            0,
-            limits::HISTORY,
-        ),
-        None => defaults::HISTORY,
-    };
+    let history = history(problems, key, stream.history, defaults::HISTORY);
     let diff = stream.diff.validate(&format!("{key}.diff"), problems)?;
     Some(PushStreamSettings {
         name: stream.name.clone(),
