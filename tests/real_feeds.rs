@@ -262,3 +262,119 @@ fn mbta_enhanced_json_feeds_decode_as_json() {
         assert!(doc["header"].is_object(), "{name}");
     }
 }
+
+fn example(name: &str) -> patchwire::config::Config {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("config/examples")
+        .join(name);
+    patchwire::config::load_with(&path, &|_| None, Vec::new())
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// Applies `options` to every consecutive pair: exact round trip, patches smaller than the
+/// snapshot. Returns the total patch bytes.
+fn round_trip(name: &str, docs: &[Value], options: &diff::DiffOptions) -> usize {
+    let mut total = 0;
+    for (i, pair) in docs.windows(2).enumerate() {
+        let patch = diff::diff(&pair[0], &pair[1], options);
+        let mut doc = pair[0].clone();
+        diff::apply(&mut doc, &patch).unwrap_or_else(|e| panic!("{name} poll {i}: {e}"));
+        assert!(doc == pair[1], "{name} poll {i}: result differs");
+        let len = serde_json::to_vec(&patch).expect("serializable").len();
+        let full = serde_json::to_vec(&pair[1]).expect("serializable").len();
+        assert!(
+            len < full,
+            "{name} poll {i}: patch {len} B >= snapshot {full} B"
+        );
+        total += len;
+    }
+    total
+}
+
+#[test]
+fn mbta_example_polls_the_cdn_feeds_with_the_gtfs_rt_defaults() {
+    let config = example("mbta-gtfs-rt.toml");
+    let urls: Vec<(&str, &str)> = config
+        .streams
+        .iter()
+        .map(|s| (s.name.as_str(), s.url.as_str()))
+        .collect();
+    assert_eq!(
+        urls,
+        [
+            (
+                "mbta-vehicles",
+                "https://cdn.mbta.com/realtime/VehiclePositions.pb"
+            ),
+            (
+                "mbta-trip-updates",
+                "https://cdn.mbta.com/realtime/TripUpdates.pb"
+            ),
+            ("mbta-alerts", "https://cdn.mbta.com/realtime/Alerts.pb"),
+        ]
+    );
+    let defaults = gtfs_rt_stream_options("");
+    for stream in &config.streams {
+        assert_eq!(stream.format, Format::GtfsRt, "{}", stream.name);
+        assert_eq!(stream.diff, defaults, "{}", stream.name);
+    }
+    let summary = patchwire::config::describe(&config);
+    assert!(summary.contains("gtfs-rt"), "{summary}");
+    assert!(summary.contains("/entity by id"), "{summary}");
+    assert!(
+        summary.contains("ignore:     /header/timestamp"),
+        "{summary}"
+    );
+
+    // The example's settings on recorded polls of the same feeds.
+    for (stream, dir) in config.streams.iter().zip(GTFS_RT_SEQUENCES) {
+        let Some(docs) = gtfs_rt_sequence(dir) else {
+            return;
+        };
+        let docs: Vec<Value> = docs.into_iter().map(|(_, d)| d).collect();
+        round_trip(dir, &docs, &stream.diff);
+    }
+}
+
+#[test]
+fn gbfs_example_keys_stations_and_ignores_what_moves_every_poll() {
+    let config = example("gbfs-station-status.toml");
+    let stream = &config.streams[0];
+    assert_eq!(stream.format, Format::Json);
+    assert_eq!(
+        stream.url.as_str(),
+        "https://gbfs.lyft.com/gbfs/2.3/bay/en/station_status.json"
+    );
+    let keys: Vec<(&str, &str)> = stream
+        .diff
+        .keys
+        .iter()
+        .map(|k| (k.array.as_str(), k.key.as_str()))
+        .collect();
+    assert_eq!(keys, [("/data/stations", "station_id")]);
+
+    let Some(polls) = feeds_support::gbfs_bodies() else {
+        return;
+    };
+    let docs: Vec<Value> = polls
+        .iter()
+        .map(|(name, body)| decode(Format::Json, body).unwrap_or_else(|e| panic!("{name}: {e}")))
+        .collect();
+    let keyed = round_trip("gbfs", &docs, &stream.diff);
+    let positional = round_trip(
+        "gbfs positional",
+        &docs,
+        &diff::DiffOptions {
+            auto_keys: false,
+            ..diff::DiffOptions::default()
+        },
+    );
+    assert!(keyed <= positional, "{keyed} B keyed vs {positional} B");
+    // A poll where only the freshness fields moved publishes nothing.
+    let mut quiet = docs[0].clone();
+    quiet["last_updated"] = docs[1]["last_updated"].clone();
+    quiet["data"]["stations"][0]["last_reported"] = json!(1_900_000_000);
+    let patch = diff::diff(&docs[0], &quiet, &stream.diff);
+    assert_eq!(patch.0.len(), 2, "{patch:?}");
+    assert!(diff::only_ignored(&patch, &stream.diff));
+}
