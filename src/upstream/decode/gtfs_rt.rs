@@ -37,9 +37,11 @@ use super::DecodeError;
 ///   (`trip_update/trip/trip_id`) instead.
 /// - stop-time updates by `stop_sequence`, which the spec makes unique within a trip (`stop_id`
 ///   repeats on loop routes). Where a producer omits it, the array is diffed by position.
-/// - informed entities by `stop_id`: alerts list mostly stops, and a stop appears once per
-///   alert in practice. A selector without a `stop_id` (a whole route, an agency) or a
-///   repeated one makes that alert's list fall back to a positional diff, which is still exact.
+/// - informed entities by `stop_id`: a selector has no id of its own, and stop-level alerts
+///   (elevators, closed entrances) list each stop once, so their changes are matched per stop.
+///   Where a selector has no `stop_id` (a route, an agency) or a stop repeats (one per route),
+///   that alert's list falls back to the edit-script diff, which matches unchanged selectors by
+///   value. Either way the patch is exact; on the MBTA alerts sequence it is the same size.
 /// - carriages by `id`; translations by `language` (unique per text, absent for the default
 ///   language in single-language feeds, where the list has one element anyway).
 pub const DEFAULT_KEYS: [(&str, &str); 5] = [
