@@ -11,11 +11,13 @@ use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use crate::api::push::PushAuth;
 use crate::api::{self, AppState, UpstreamStatus};
 use crate::config::Config;
 use crate::hub::{Hub, Publication, Stream, StreamOptions};
 use crate::metrics::Metrics;
 use crate::sim;
+use crate::sinks::sse::native::NativeSse;
 use crate::snapshot::SnapshotStore;
 use crate::upstream::fetch::{FetchError, Fetcher, Redacted};
 use crate::upstream::poller::{LastOutcome, PollStatus, Poller, Publish, PublishResult};
@@ -166,27 +168,70 @@ pub async fn run(
         ));
     }
 
+    for settings in &config.push_streams {
+        let stream = hub.insert(Arc::new(Stream::new(
+            &settings.name,
+            StreamOptions {
+                history: settings.history,
+                buffer: config.server.subscriber_buffer,
+                diff: settings.diff.clone(),
+            },
+            snapshots.clone(),
+            metrics.clone(),
+        )));
+        tasks.spawn(keep_alive(
+            stream,
+            config.server.keepalive,
+            shutdown.clone(),
+        ));
+    }
+    let push = config.push.as_ref().map(|push| PushAuth {
+        token: push.token.clone(),
+        streams: config.push_streams.iter().map(|s| s.name.clone()).collect(),
+    });
+    let push_max_body = config.push.as_ref().map_or(0, |p| {
+        usize::try_from(p.max_body_bytes).unwrap_or(usize::MAX)
+    });
+
     let state = Arc::new(AppState {
         hub: hub.clone(),
         metrics: metrics.clone(),
         upstreams,
+        push,
+        push_max_body,
         retry_hint: config.server.retry_hint,
-        shutdown: shutdown.clone(),
     });
+    // Shutdown closes every stream first, so SSE responses end and connections can drain
+    // within the grace period.
+    {
+        let hub = hub.clone();
+        let shutdown = shutdown.clone();
+        tasks.spawn(async move {
+            shutdown.cancelled().await;
+            hub.close_all();
+        });
+    }
     let router = api::router(state, &config.server.cors);
     tracing::info!(
         listen = %listeners.api.local_addr().map_or_else(|_| config.server.listen.to_string(), |a| a.to_string()),
-        streams = config.streams.len(),
+        streams = config.streams.len() + config.push_streams.len(),
         "patchwire is serving"
     );
+    let native = Arc::new(NativeSse {
+        hub: hub.clone(),
+        retry: config.server.retry_hint,
+        cors: config.server.cors.clone(),
+        stall_timeout: config.server.stall_timeout,
+        stalled: metrics.stalled_connections.clone(),
+    });
     api::server::serve(
         listeners.api,
         router,
+        native,
         api::server::ServeOptions {
             stall_timeout: config.server.stall_timeout,
             shutdown_grace: config.server.shutdown_grace,
         },
-        metrics.stalled_connections.clone(),
         shutdown.clone(),
     )
     .await;

@@ -915,3 +915,77 @@ x-tenant = "mine"
         }
     }
 }
+
+mod push_source {
+    use super::*;
+
+    const PUSH: &str = r#"
+[push]
+token = "0123456789abcdef-token"
+
+[[streams]]
+name = "prices"
+source = "push"
+history = 50
+"#;
+
+    #[test]
+    fn push_streams_need_no_url_and_are_listed_apart() {
+        let f = file("p.toml", PUSH);
+        let config = load_with(&f.path, &no_env, Vec::new()).unwrap();
+        assert!(config.streams.is_empty());
+        assert_eq!(config.push_streams.len(), 1);
+        assert_eq!(config.push_streams[0].name, "prices");
+        assert_eq!(config.push_streams[0].history, 50);
+        assert_eq!(
+            config.push.as_ref().map(|p| p.token.as_str()),
+            Some("0123456789abcdef-token")
+        );
+        let summary = describe(&config);
+        assert!(
+            summary.contains("prices") && !summary.contains("0123456789abcdef-token"),
+            "{summary}"
+        );
+    }
+
+    #[test]
+    fn poll_only_keys_on_a_push_stream_are_refused() {
+        let text = format!("{PUSH}url = \"http://example.com/\"\ninterval = \"2s\"\n");
+        let err = assert_rejected(
+            "p.toml",
+            &text,
+            "streams[0].url",
+            &["only applies to polled streams"],
+        );
+        assert!(
+            err.problems.iter().any(|p| p.key == "streams[0].interval"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn push_streams_need_a_token() {
+        assert_rejected(
+            "p.toml",
+            "[[streams]]\nname = \"prices\"\nsource = \"push\"\n",
+            "push.token",
+            &["missing required key", "prices"],
+        );
+        let short = PUSH.replace("0123456789abcdef-token", "short");
+        let err = assert_rejected("p.toml", &short, "push.token", &["at least 16 characters"]);
+        assert!(
+            !err.to_string().contains("\"short\""),
+            "the token is never echoed: {err}"
+        );
+    }
+
+    #[test]
+    fn unknown_sources_are_refused() {
+        assert_rejected(
+            "p.toml",
+            "[[streams]]\nname = \"a\"\nsource = \"stream\"\n",
+            "streams[0].source",
+            &["poll", "push"],
+        );
+    }
+}

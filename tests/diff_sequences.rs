@@ -208,7 +208,8 @@ sys.exit(1 if failed else 0)
 #[test]
 fn python_jsonpatch_applies_gbfs_patches() {
     let Some(snapshots) = gbfs() else { return };
-    for (label, options) in gbfs_options() {
+    // GBFS never reorders, so `moves` adds nothing here; the synthetic test covers moves.
+    for (label, options) in gbfs_options().into_iter().filter(|(l, _)| *l != "moves") {
         let name = format!("gbfs/{label}");
         let patches = check_sequence(&name, &snapshots, &options);
         check_with_python(&name, &snapshots, &patches);

@@ -168,6 +168,24 @@ fn write_description(out: &mut String, config: &Config) -> std::fmt::Result {
             writeln!(out, "    ignore:     {}", ignore.join(", "))?;
         }
     }
+    if !config.push_streams.is_empty() {
+        writeln!(out, "push streams ({}):", config.push_streams.len())?;
+        for st in &config.push_streams {
+            writeln!(
+                out,
+                "  {name} (served at /streams/{name}; fed by POST/PATCH /streams/{name} with the [push] token)",
+                name = st.name
+            )?;
+            writeln!(out, "    history:    {} changes", st.history)?;
+        }
+    }
+    if let Some(push) = &config.push {
+        writeln!(
+            out,
+            "push: bearer token set (hidden), bodies up to {}",
+            bytes(push.max_body_bytes)
+        )?;
+    }
     Ok(())
 }
 

@@ -29,8 +29,41 @@ pub struct Config {
     pub upstream: UpstreamSettings,
     /// The built-in simulated feed server, when enabled.
     pub simulator: Option<SimulatorSettings>,
-    /// The configured streams, in file order; names are unique.
+    /// The polled streams, in file order; names are unique across polled and push streams.
     pub streams: Vec<StreamSettings>,
+    /// The push source's settings, present when push streams exist.
+    pub push: Option<PushSettings>,
+    /// Streams fed by publishers (`source = "push"`), in file order.
+    pub push_streams: Vec<PushStreamSettings>,
+}
+
+/// Authentication and limits of the push source.
+#[derive(Clone)]
+pub struct PushSettings {
+    /// The bearer token publishers must send.
+    pub token: String,
+    /// Largest request body accepted, in bytes.
+    pub max_body_bytes: u64,
+}
+
+impl std::fmt::Debug for PushSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PushSettings")
+            .field("token", &"<redacted>")
+            .field("max_body_bytes", &self.max_body_bytes)
+            .finish()
+    }
+}
+
+/// A stream whose documents are pushed by publishers rather than polled.
+#[derive(Debug, Clone)]
+pub struct PushStreamSettings {
+    /// Unique name; served at `/streams/{name}`, fed at the same path by `POST`/`PATCH`.
+    pub name: String,
+    /// How many recent changes are kept for resuming subscribers.
+    pub history: usize,
+    /// How changes are computed.
+    pub diff: DiffOptions,
 }
 
 /// The subscriber-facing HTTP server.

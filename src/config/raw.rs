@@ -33,9 +33,34 @@ pub struct RawConfig {
     /// The built-in simulated feed server (`[simulator]`); absent means not started.
     #[serde(default)]
     pub simulator: Option<SimulatorConfig>,
+    /// The push source (`[push]`): who may `POST`/`PATCH` documents into push streams.
+    #[serde(default)]
+    pub push: Option<RawPush>,
     /// The streams (`[[streams]]`); at least one is required.
     #[serde(default)]
     pub streams: Vec<RawStream>,
+}
+
+/// `[push]`: authentication of `POST /streams/{name}` and `PATCH /streams/{name}`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPush {
+    /// The bearer token publishers send (`Authorization: Bearer <token>`), at least 16
+    /// characters; `${VAR}` is replaced by the environment variable `VAR`.
+    pub token: String,
+    /// Largest document or patch accepted (default 16 MiB, 1 KiB..=1 GiB).
+    pub max_body: Option<ByteCount>,
+}
+
+/// Where a stream's documents come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RawSource {
+    /// Polled from `url` (the default).
+    #[default]
+    Poll,
+    /// Pushed by publishers through `POST`/`PATCH /streams/{name}`; no upstream.
+    Push,
 }
 
 /// `[server]`: where subscribers connect and how their connections behave.
@@ -156,9 +181,13 @@ pub struct RawStreamDefaults {
 pub struct RawStream {
     /// Unique name, served at `/streams/{name}`: letters, digits, `.`, `_`, `-`, at most 64.
     pub name: String,
-    /// The upstream URL polled (http or https); `${VAR}` is replaced by the environment
-    /// variable `VAR`, `$${` stands for a literal `${`.
-    pub url: String,
+    /// Where documents come from: `"poll"` (default) or `"push"`.
+    #[serde(default)]
+    pub source: RawSource,
+    /// The upstream URL polled (http or https; required for polled streams, absent for push
+    /// streams); `${VAR}` is replaced by the environment variable `VAR`, `$${` stands for a
+    /// literal `${`.
+    pub url: Option<String>,
     /// Headers sent with every poll (name → value; `${VAR}` as in `url`).
     #[serde(default)]
     pub headers: BTreeMap<String, String>,

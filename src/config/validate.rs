@@ -14,12 +14,12 @@ use url::Url;
 use super::error::{ConfigError, Problems};
 use super::interpolate::{interpolate, references};
 use super::model::{
-    BackoffSettings, Config, Cors, LogFormat, LogSettings, RateLimit, ServerSettings,
-    StreamSettings, UpstreamSettings,
+    BackoffSettings, Config, Cors, LogFormat, LogSettings, PushSettings, PushStreamSettings,
+    RateLimit, ServerSettings, StreamSettings, UpstreamSettings,
 };
 use super::raw::{
     DURATION_EXPECTED, HumanDuration, RawBackoff, RawConfig, RawCors, RawLog, RawLogFormat,
-    RawRateLimit, RawServer, RawStream, RawStreamDefaults, RawUpstream,
+    RawPush, RawRateLimit, RawServer, RawSource, RawStream, RawStreamDefaults, RawUpstream,
 };
 use crate::diff::DiffConfig;
 use crate::upstream::decode::{Format, gtfs_rt};
@@ -131,7 +131,8 @@ pub fn validate(
         }
     }
     let defaults = stream_defaults(&raw.stream_defaults, env, &mut problems);
-    let streams = streams(&raw.streams, &defaults, &upstream, env, &mut problems);
+    let (streams, push_streams) = streams(&raw.streams, &defaults, &upstream, env, &mut problems);
+    let push = push(raw.push.as_ref(), &push_streams, env, &mut problems);
     problems.finish(
         source,
         Config {
@@ -141,6 +142,8 @@ pub fn validate(
             upstream,
             simulator,
             streams,
+            push,
+            push_streams,
         },
     )
 }
@@ -749,7 +752,7 @@ fn streams(
     upstream: &UpstreamSettings,
     env: &dyn Fn(&str) -> Option<String>,
     problems: &mut Problems,
-) -> Vec<StreamSettings> {
+) -> (Vec<StreamSettings>, Vec<PushStreamSettings>) {
     if raw.is_empty() {
         problems.push(
             "streams",
@@ -758,6 +761,7 @@ fn streams(
     }
     let mut first_index: HashMap<&str, usize> = HashMap::new();
     let mut streams = Vec::with_capacity(raw.len());
+    let mut push_streams = Vec::new();
     for (i, stream) in raw.iter().enumerate() {
         let key = format!("streams[{i}]");
         let before = problems.len();
@@ -776,8 +780,26 @@ fn streams(
                 ),
             );
         }
+        if stream.source == RawSource::Push {
+            if let Some(push) = push_stream(stream, &key, problems) {
+                if problems.len() == before {
+                    push_streams.push(push);
+                }
+            }
+            continue;
+        }
         let context = format!("in stream {:?}, ", stream.name);
-        let url = stream_url(problems, &format!("{key}.url"), &context, &stream.url, env);
+        let url = match &stream.url {
+            Some(url) => stream_url(problems, &format!("{key}.url"), &context, url, env),
+            None => {
+                problems.push(
+                    format!("{key}.url"),
+                    "missing required key `url`: the upstream URL to poll (a stream fed by \
+                     POST/PATCH sets source = \"push\" instead)",
+                );
+                None
+            }
+        };
         let interval = duration_in(
             problems,
             &format!("{key}.interval"),
@@ -861,8 +883,107 @@ fn streams(
             }
         }
     }
-    streams
+    (streams, push_streams)
 }
+
+/// A `source = "push"` stream: only `name`, `history` and `diff` apply; keys that only make
+/// sense for polling are refused rather than silently ignored.
+fn push_stream(
+    stream: &RawStream,
+    key: &str,
+    problems: &mut Problems,
+) -> Option<PushStreamSettings> {
+    let poll_only = [
+        ("url", stream.url.is_some()),
+        ("headers", !stream.headers.is_empty()),
+        ("interval", stream.interval.is_some()),
+        ("timeout", stream.timeout.is_some()),
+        ("max_body", stream.max_body.is_some()),
+        ("format", stream.format.is_some()),
+        ("rate_limit_group", stream.rate_limit_group.is_some()),
+    ];
+    for (name, present) in poll_only {
+        if present {
+            problems.push(
+                format!("{key}.{name}"),
+                format!(
+                    "`{name}` only applies to polled streams; this stream has source = \"push\" \
+                     (its documents arrive by POST/PATCH /streams/{})",
+                    stream.name
+                ),
+            );
+        }
+    }
+    let history = match stream.history {
+        Some(history) => integer_in(
+            problems,
+            &format!("{key}.history"),
+            Some(history),
+            0,
+            limits::HISTORY,
+        ),
+        None => defaults::HISTORY,
+    };
+    let diff = stream.diff.validate(&format!("{key}.diff"), problems)?;
+    Some(PushStreamSettings {
+        name: stream.name.clone(),
+        history: usize::try_from(history).unwrap_or(usize::MAX),
+        diff,
+    })
+}
+
+/// The `[push]` table.
+fn push(
+    raw: Option<&RawPush>,
+    push_streams: &[PushStreamSettings],
+    env: &dyn Fn(&str) -> Option<String>,
+    problems: &mut Problems,
+) -> Option<PushSettings> {
+    let Some(raw) = raw else {
+        if let Some(first) = push_streams.first() {
+            problems.push(
+                "push.token",
+                format!(
+                    "missing required key: push streams (such as {:?}) are fed by POST/PATCH, \
+                     which need a bearer token in a [push] table",
+                    first.name
+                ),
+            );
+        }
+        return None;
+    };
+    let token = match interpolate(&raw.token, env) {
+        Ok(token) => token,
+        Err(e) => {
+            problems.push("push.token", format!("the token {e}"));
+            return None;
+        }
+    };
+    if token.chars().count() < MIN_PUSH_TOKEN_CHARS || token.chars().any(char::is_whitespace) {
+        // Never echo the token.
+        problems.push(
+            "push.token",
+            format!(
+                "expected at least {MIN_PUSH_TOKEN_CHARS} characters without spaces (a guessable \
+                 token lets anyone rewrite the stream)"
+            ),
+        );
+        return None;
+    }
+    let max_body_bytes = max_body(
+        problems,
+        "push.max_body",
+        raw.max_body.map(|b| b.0),
+        defaults::MAX_BODY,
+    );
+    Some(PushSettings {
+        token,
+        max_body_bytes,
+    })
+}
+
+/// Shortest push token accepted.
+const MIN_PUSH_TOKEN_CHARS: usize = 16;
 
 #[cfg(test)]
 mod tests {
@@ -876,7 +997,8 @@ mod tests {
     fn stream(name: &str, url: &str) -> RawStream {
         RawStream {
             name: name.to_owned(),
-            url: url.to_owned(),
+            source: RawSource::Poll,
+            url: Some(url.to_owned()),
             headers: BTreeMap::new(),
             interval: None,
             timeout: None,

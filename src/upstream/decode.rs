@@ -45,6 +45,9 @@ pub enum DecodeError {
     /// or without the header every feed carries.
     #[error("invalid GTFS-realtime feed (expected a protobuf FeedMessage): {reason}")]
     GtfsRt { reason: String },
+    /// The decoder itself failed (a bug); the body is treated as undecodable.
+    #[error("the decoder failed: {0}")]
+    Panicked(String),
 }
 
 /// Decodes `body` according to `format`.

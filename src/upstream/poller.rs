@@ -16,7 +16,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::backoff;
-use super::decode;
+use super::decode::{self, DecodeError};
 use super::fetch::{FetchError, FetchRequest, Fetched, Fetcher, Redacted, Validators};
 use super::ratelimit::GroupLimiter;
 use crate::config::{BackoffSettings, StreamSettings};
@@ -241,7 +241,7 @@ where
             .get_or_create(&self.labels)
             .observe(fetch_started.elapsed().as_secs_f64());
 
-        let (outcome, recovered, next_due) = match self.absorb(fetched) {
+        let (outcome, recovered, next_due) = match self.absorb(fetched).await {
             Ok((outcome, recovered)) => {
                 let now = Instant::now();
                 let next = later(
@@ -303,7 +303,11 @@ where
 
     /// Turns a fetch result into an outcome, publishing as needed. Returns the outcome and
     /// whether this success ended a run of failures.
-    fn absorb(
+    ///
+    /// Decoding and publishing (which diffs the document) run on the blocking pool: a feed of
+    /// several megabytes takes tens of milliseconds, which must not stall the runtime threads
+    /// that write to subscribers.
+    async fn absorb(
         &mut self,
         fetched: Result<Fetched, FetchError>,
     ) -> Result<(LastOutcome, bool), FetchError> {
@@ -315,14 +319,29 @@ where
                     self.validators = validators;
                     return Ok((LastOutcome::Unchanged, self.succeeded()));
                 }
-                let doc = decode::decode(self.settings.format, &body)
+                let format = self.settings.format;
+                let to_decode = body.clone();
+                let doc = tokio::task::spawn_blocking(move || decode::decode(format, &to_decode))
+                    .await
+                    .map_err(|e| {
+                        FetchError::decode(&self.settings.url, DecodeError::Panicked(e.to_string()))
+                    })?
                     .map_err(|e| FetchError::decode(&self.settings.url, e))?;
                 self.validators = validators;
                 self.last_body = Some(body);
                 let recovered = self.succeeded();
-                let outcome = match self.publish.document(doc) {
-                    PublishResult::Changed => LastOutcome::Changed,
-                    PublishResult::Unchanged => LastOutcome::Unchanged,
+                let publish = Arc::clone(&self.publish);
+                let outcome = match tokio::task::spawn_blocking(move || publish.document(doc)).await
+                {
+                    Ok(PublishResult::Changed) => LastOutcome::Changed,
+                    Ok(PublishResult::Unchanged) => LastOutcome::Unchanged,
+                    Err(error) => {
+                        // A bug in the diff: the stream keeps its last snapshot and the next
+                        // different body is tried again.
+                        tracing::error!(stream = %self.settings.name, %error, "publishing a document panicked");
+                        self.last_body = None;
+                        LastOutcome::Unchanged
+                    }
                 };
                 Ok((outcome, recovered))
             }

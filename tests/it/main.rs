@@ -8,5 +8,12 @@ mod diff_support;
 #[path = "../feeds_support/mod.rs"]
 mod feeds_support;
 
+mod backpressure;
+mod conditional;
+mod failures;
+mod push;
 mod replay;
+mod resume;
+mod shutdown;
 mod streaming;
+mod wire;

@@ -34,6 +34,8 @@ pub struct Received {
     pub at: Instant,
     /// Its headers.
     pub headers: HeaderMap,
+    /// Whether it was answered with an injected failure.
+    pub failed: bool,
 }
 
 struct MockState {
@@ -53,13 +55,34 @@ struct MockState {
 pub struct MockUpstream {
     addr: SocketAddr,
     state: Arc<Mutex<MockState>>,
+    server: Mutex<Option<Server>>,
+}
+
+/// One run of the server: stopping it closes the listener (connections are refused).
+struct Server {
     stop: CancellationToken,
+    handle: tokio::task::JoinHandle<()>,
 }
 
 impl Drop for MockUpstream {
     fn drop(&mut self) {
-        self.stop.cancel();
+        if let Some(server) = self.server.lock().unwrap().take() {
+            server.stop.cancel();
+        }
     }
+}
+
+fn serve_on(listener: tokio::net::TcpListener, state: Arc<Mutex<MockState>>) -> Server {
+    let stop = CancellationToken::new();
+    let app = Router::new().route("/doc", get(serve)).with_state(state);
+    let token = stop.clone();
+    let handle = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(token.cancelled_owned())
+            .await
+            .unwrap();
+    });
+    Server { stop, handle }
 }
 
 impl MockUpstream {
@@ -80,18 +103,40 @@ impl MockUpstream {
         }));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let stop = CancellationToken::new();
-        let app = Router::new()
-            .route("/doc", get(serve))
-            .with_state(state.clone());
-        let token = stop.clone();
-        tokio::spawn(async move {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(token.cancelled_owned())
+        let server = serve_on(listener, state.clone());
+        MockUpstream {
+            addr,
+            state,
+            server: Mutex::new(Some(server)),
+        }
+    }
+
+    /// Stops listening: new connections are refused until `come_back`. Waits until the
+    /// listener is closed and open connections have finished.
+    pub async fn go_down(&self) {
+        let server = self.server.lock().unwrap().take();
+        if let Some(server) = server {
+            server.stop.cancel();
+            tokio::time::timeout(Duration::from_secs(10), server.handle)
                 .await
+                .expect("the mock upstream did not stop")
                 .unwrap();
-        });
-        MockUpstream { addr, state, stop }
+        }
+    }
+
+    /// Listens again on the same address (retrying while the port is briefly unavailable).
+    pub async fn come_back(&self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let listener = loop {
+            match tokio::net::TcpListener::bind(self.addr).await {
+                Ok(listener) => break listener,
+                Err(_) if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Err(e) => panic!("cannot listen on {} again: {e}", self.addr),
+            }
+        };
+        *self.server.lock().unwrap() = Some(serve_on(listener, self.state.clone()));
     }
 
     fn lock(&self) -> MutexGuard<'_, MockState> {
@@ -140,6 +185,16 @@ impl MockUpstream {
         self.lock().gzip = on;
     }
 
+    /// The `Last-Modified` date of the current body.
+    pub fn last_modified(&self) -> String {
+        httpdate::fmt_http_date(self.lock().modified)
+    }
+
+    /// The `ETag` of the current body.
+    pub fn etag(&self) -> String {
+        format!("\"v{}\"", self.lock().version)
+    }
+
     /// The current document.
     pub fn document(&self) -> Value {
         self.lock().document.clone()
@@ -171,14 +226,29 @@ impl MockUpstream {
     pub fn received(&self) -> Vec<Received> {
         self.lock().received.clone()
     }
+
+    /// Waits until the upstream has received more than `count` requests in all.
+    pub async fn wait_for_requests(&self, count: usize, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while self.requests() <= count {
+            assert!(
+                Instant::now() < deadline,
+                "the upstream received {} requests, expected more than {count} within {timeout:?}",
+                self.requests()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
 }
 
 async fn serve(State(state): State<Arc<Mutex<MockState>>>, headers: HeaderMap) -> Response {
     let (failure, body, etag, modified, content_type, gzip) = {
         let mut s = state.lock().unwrap();
+        let failed = s.failure.is_some();
         s.received.push(Received {
             at: Instant::now(),
             headers: headers.clone(),
+            failed,
         });
         let etag = s.etag.then(|| format!("\"v{}\"", s.version));
         let modified = s.last_modified.then(|| httpdate::fmt_http_date(s.modified));

@@ -1,0 +1,206 @@
+//! The push source: `POST /streams/{name}` (a new document) and `PATCH /streams/{name}` (an
+//! RFC 6902 patch to the current document), for publishers that push instead of being polled.
+//! A pushed document goes through the same diff, history and fan-out as a polled one.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use axum::extract::{Path, State};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, StatusCode, header};
+use serde_json::{Value, json};
+
+use super::{AppState, error_response};
+use crate::diff::{self, Patch};
+use crate::hub::{ChangeKind, Publication, Stream};
+
+/// Who may push, and into which streams.
+#[derive(Clone)]
+pub struct PushAuth {
+    /// The bearer token publishers send.
+    pub token: String,
+    /// The streams that accept pushes (`source = "push"`).
+    pub streams: HashSet<String>,
+}
+
+/// Compares in time independent of where the inputs first differ.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Why a push request is refused before its body is read.
+enum Refusal {
+    Disabled,
+    Unauthorized,
+    NoStream(String),
+    Polled(String),
+}
+
+impl IntoResponse for Refusal {
+    fn into_response(self) -> Response {
+        match self {
+            Refusal::Disabled => error_response(
+                StatusCode::FORBIDDEN,
+                "the push source is disabled: add a [push] table with a token and a stream with source = \"push\"",
+            ),
+            Refusal::Unauthorized => {
+                let mut response = error_response(
+                    StatusCode::UNAUTHORIZED,
+                    "expected `Authorization: Bearer <token>` with the [push] token",
+                );
+                response
+                    .headers_mut()
+                    .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+                response
+            }
+            Refusal::NoStream(name) => error_response(
+                StatusCode::NOT_FOUND,
+                format!("no stream named {name:?}; GET /streams lists them"),
+            ),
+            Refusal::Polled(name) => error_response(
+                StatusCode::CONFLICT,
+                format!(
+                    "stream {name:?} is polled from its upstream; only streams with source = \"push\" accept POST/PATCH"
+                ),
+            ),
+        }
+    }
+}
+
+/// The stream to push into.
+fn authorize(state: &AppState, name: &str, headers: &HeaderMap) -> Result<Arc<Stream>, Refusal> {
+    let push = state.push.as_ref().ok_or(Refusal::Disabled)?;
+    let presented = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    if !presented.is_some_and(|t| constant_time_eq(t.as_bytes(), push.token.as_bytes())) {
+        return Err(Refusal::Unauthorized);
+    }
+    let stream = state
+        .hub
+        .get(name)
+        .ok_or_else(|| Refusal::NoStream(name.to_owned()))?;
+    if !push.streams.contains(name) {
+        return Err(Refusal::Polled(name.to_owned()));
+    }
+    Ok(stream)
+}
+
+fn published(stream: &Stream, publication: &Publication) -> Response {
+    let (change, seq) = match publication {
+        Publication::Published(change) => (
+            match change.kind {
+                ChangeKind::Patch => "patch",
+                ChangeKind::Snapshot => "snapshot",
+            },
+            change.seq,
+        ),
+        Publication::Unchanged => ("none", stream.seq()),
+        Publication::Ignored => ("ignored", stream.seq()),
+    };
+    axum::Json(json!({"stream": stream.name(), "seq": seq, "change": change})).into_response()
+}
+
+fn join_failed(error: tokio::task::JoinError) -> Response {
+    tracing::error!(%error, "publishing a pushed document failed");
+    error_response(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "publishing failed; see the server log",
+    )
+}
+
+/// `POST /streams/{name}`: the body is the stream's new document.
+pub async fn post_document(
+    State(state): State<Arc<AppState>>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let stream = match authorize(&state, &name, &headers) {
+        Ok(stream) => stream,
+        Err(refusal) => return refusal.into_response(),
+    };
+    let document: Value = match serde_json::from_slice(&body) {
+        Ok(document) => document,
+        Err(e) => {
+            return error_response(
+                StatusCode::BAD_REQUEST,
+                format!("the body is not a JSON document: {e}"),
+            );
+        }
+    };
+    let publisher = stream.clone();
+    match tokio::task::spawn_blocking(move || publisher.publish(document)).await {
+        Ok(publication) => published(&stream, &publication),
+        Err(error) => join_failed(error),
+    }
+}
+
+/// Why a pushed patch was not published.
+enum PatchRefusal {
+    NoDocument,
+    DoesNotApply(diff::ApplyError),
+}
+
+/// `PATCH /streams/{name}`: the body is an RFC 6902 patch applied atomically to the current
+/// document; the result is published like any new document (so subscribers get a minimal,
+/// root-safe patch whatever operations the publisher used).
+pub async fn patch_document(
+    State(state): State<Arc<AppState>>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let stream = match authorize(&state, &name, &headers) {
+        Ok(stream) => stream,
+        Err(refusal) => return refusal.into_response(),
+    };
+    let patch: Patch = match serde_json::from_slice(&body) {
+        Ok(patch) => patch,
+        Err(e) => {
+            return error_response(
+                StatusCode::BAD_REQUEST,
+                format!("expected an RFC 6902 patch (a JSON array of operations): {e}"),
+            );
+        }
+    };
+    let publisher = stream.clone();
+    let outcome = tokio::task::spawn_blocking(move || {
+        publisher.publish_with(|current| {
+            let mut document = current.cloned().ok_or(PatchRefusal::NoDocument)?;
+            diff::apply(&mut document, &patch).map_err(PatchRefusal::DoesNotApply)?;
+            Ok(document)
+        })
+    })
+    .await;
+    match outcome {
+        Ok(Ok(publication)) => published(&stream, &publication),
+        Ok(Err(PatchRefusal::NoDocument)) => error_response(
+            StatusCode::CONFLICT,
+            format!("stream {name:?} has no document to patch yet; POST one first"),
+        ),
+        Ok(Err(PatchRefusal::DoesNotApply(e))) => error_response(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!(
+                "the patch does not apply to the current document (nothing was published): {e}"
+            ),
+        ),
+        Err(error) => join_failed(error),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::constant_time_eq;
+
+    #[test]
+    fn token_comparison() {
+        assert!(constant_time_eq(b"abcdefghijklmnop", b"abcdefghijklmnop"));
+        assert!(!constant_time_eq(b"abcdefghijklmnop", b"abcdefghijklmnoq"));
+        assert!(!constant_time_eq(b"abc", b"abcd"));
+        assert!(!constant_time_eq(b"", b"a"));
+    }
+}
