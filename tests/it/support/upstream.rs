@@ -47,6 +47,8 @@ struct MockState {
     last_modified: bool,
     failure: Option<Failure>,
     received: Vec<Received>,
+    content_type: String,
+    gzip: bool,
 }
 
 /// The mock upstream; dropping it stops the server.
@@ -96,6 +98,8 @@ impl MockUpstream {
             last_modified: true,
             failure: None,
             received: Vec::new(),
+            content_type: "application/json".to_owned(),
+            gzip: false,
         }));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -170,6 +174,17 @@ impl MockUpstream {
         s.modified += Duration::from_secs(1);
     }
 
+    /// The `Content-Type` of bodies served from now on (default `application/json`).
+    pub fn content_type(&self, content_type: &str) {
+        self.lock().content_type = content_type.to_owned();
+    }
+
+    /// Whether bodies are served gzip-compressed with `Content-Encoding: gzip` (whatever the
+    /// request's `Accept-Encoding`, as some CDNs do).
+    pub fn gzip(&self, on: bool) {
+        self.lock().gzip = on;
+    }
+
     /// The `Last-Modified` date of the current body.
     pub fn last_modified(&self) -> String {
         httpdate::fmt_http_date(self.lock().modified)
@@ -227,7 +242,7 @@ impl MockUpstream {
 }
 
 async fn serve(State(state): State<Arc<Mutex<MockState>>>, headers: HeaderMap) -> Response {
-    let (failure, body, etag, modified) = {
+    let (failure, body, etag, modified, content_type, gzip) = {
         let mut s = state.lock().unwrap();
         let failed = s.failure.is_some();
         s.received.push(Received {
@@ -237,7 +252,14 @@ async fn serve(State(state): State<Arc<Mutex<MockState>>>, headers: HeaderMap) -
         });
         let etag = s.etag.then(|| format!("\"v{}\"", s.version));
         let modified = s.last_modified.then(|| httpdate::fmt_http_date(s.modified));
-        (s.failure.clone(), s.body.clone(), etag, modified)
+        (
+            s.failure.clone(),
+            s.body.clone(),
+            etag,
+            modified,
+            s.content_type.clone(),
+            s.gzip,
+        )
     };
     match failure {
         Some(Failure::Status(status, retry_after)) => {
@@ -288,7 +310,15 @@ async fn serve(State(state): State<Arc<Mutex<MockState>>>, headers: HeaderMap) -
             .body(Body::empty())
             .unwrap();
     }
-    r.header(header::CONTENT_TYPE, "application/json")
+    let body = if gzip {
+        r = r.header(header::CONTENT_ENCODING, "gzip");
+        let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        std::io::Write::write_all(&mut encoder, &body).unwrap();
+        Bytes::from(encoder.finish().unwrap())
+    } else {
+        body
+    };
+    r.header(header::CONTENT_TYPE, content_type)
         .body(Body::from(body))
         .unwrap()
 }
