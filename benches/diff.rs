@@ -1,8 +1,9 @@
 //! Diff engine benchmark: patch bytes (raw and gzip), diff time per pair, and the time to parse
 //! the new snapshot, next to `json_patch::diff` on the same pairs in the same run.
 //!
-//! Cases: the Bay Wheels GBFS `station_status` sequence (`../shared/data`, skipped when absent)
-//! and synthetic fleets of 1k/10k/100k vehicles with 1% changing per poll, with and without
+//! Cases: the Bay Wheels GBFS `station_status` sequence and the three MBTA GTFS-realtime
+//! sequences (decoded with `format = "gtfs-rt"` and diffed with its default keys and ignored
+//! paths; `../shared/data`, skipped when absent), and synthetic fleets of 1k/10k/100k vehicles with 1% changing per poll, with and without
 //! 1% churn (0.5% of vehicles leave, 0.5% join at random places).
 //!
 //! Run: `cargo bench --bench diff`. Two tables are printed first: sizes, then interleaved
@@ -16,7 +17,9 @@ use std::time::{Duration, Instant};
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use flate2::Compression;
 use flate2::write::GzEncoder;
-use patchwire::diff::{self, DiffOptions};
+use patchwire::config::Problems;
+use patchwire::diff::{self, DiffConfig, DiffOptions};
+use patchwire::upstream::decode::gtfs_rt;
 use serde_json::{Value, json};
 
 /// A deterministic generator (xorshift64*), so every run measures the same pairs.
@@ -107,6 +110,46 @@ fn gbfs_sequence() -> Option<Vec<Value>> {
     (docs.len() >= 2).then_some(docs)
 }
 
+/// The polls of one MBTA GTFS-realtime sequence, decoded as a `gtfs-rt` stream decodes them.
+fn gtfs_sequence(name: &str) -> Option<Vec<Value>> {
+    let dir = Path::new("../shared/data/gtfs-rt/sequences/mbta-lamp").join(name);
+    let Ok(entries) = std::fs::read_dir(&dir) else {
+        eprintln!("SKIP gtfs-rt: {} is missing", dir.display());
+        return None;
+    };
+    let mut names: Vec<_> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "pb"))
+        .collect();
+    names.sort();
+    let docs: Vec<Value> = names
+        .iter()
+        .filter_map(|p| std::fs::read(p).ok().and_then(|b| gtfs_rt::decode(&b).ok()))
+        .collect();
+    (docs.len() >= 2).then_some(docs)
+}
+
+/// The options a `format = "gtfs-rt"` stream gets by default.
+fn gtfs_options() -> DiffOptions {
+    let config = DiffConfig {
+        keys: Some(
+            gtfs_rt::DEFAULT_KEYS
+                .iter()
+                .map(|(array, key)| ((*array).to_owned(), (*key).to_owned()))
+                .collect(),
+        ),
+        ignore: Some(
+            gtfs_rt::DEFAULT_IGNORE
+                .iter()
+                .map(|p| (*p).to_owned())
+                .collect(),
+        ),
+        ..DiffConfig::default()
+    };
+    let mut problems = Problems::default();
+    config.validate("bench", &mut problems).unwrap_or_default()
+}
+
 fn gzip_len(bytes: &[u8]) -> usize {
     let mut enc = GzEncoder::new(Vec::new(), Compression::default());
     if enc.write_all(bytes).is_err() {
@@ -134,6 +177,19 @@ fn cases() -> Vec<Case> {
             snapshots,
             options: DiffOptions::default(),
         });
+    }
+    for (name, dir) in [
+        ("gtfs-vehiclepositions", "vehiclepositions-2023-05-08T12Z"),
+        ("gtfs-tripupdates", "tripupdates-2023-05-08T12Z"),
+        ("gtfs-alerts", "alerts-2020-02-09T01Z"),
+    ] {
+        if let Some(snapshots) = gtfs_sequence(dir) {
+            cases.push(Case {
+                name: name.into(),
+                snapshots,
+                options: gtfs_options(),
+            });
+        }
     }
     for n in [1_000, 10_000, 100_000] {
         for churn in [false, true] {
@@ -239,12 +295,18 @@ fn bench(c: &mut Criterion) {
         .warm_up_time(Duration::from_millis(500))
         .measurement_time(Duration::from_secs(3));
     for case in &cases {
-        // The first pair of each case; for GBFS, every pair in turn (time per pair = total / pairs).
-        let pairs: Vec<(&Value, &Value)> = if case.name.starts_with("gbfs") {
-            case.snapshots.windows(2).map(|w| (&w[0], &w[1])).collect()
-        } else {
-            vec![(&case.snapshots[0], &case.snapshots[1])]
-        };
+        // The first pair of each synthetic case; for real sequences, their first pairs in turn
+        // (at most 30; time per pair = total / pairs).
+        let pairs: Vec<(&Value, &Value)> =
+            if case.name.starts_with("gbfs") || case.name.starts_with("gtfs") {
+                case.snapshots
+                    .windows(2)
+                    .take(30)
+                    .map(|w| (&w[0], &w[1]))
+                    .collect()
+            } else {
+                vec![(&case.snapshots[0], &case.snapshots[1])]
+            };
         let bytes: Vec<Vec<u8>> = pairs
             .iter()
             .map(|(_, new)| serde_json::to_vec(new).unwrap_or_default())
