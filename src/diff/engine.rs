@@ -47,6 +47,7 @@ pub(crate) fn diff_containers(
         options,
         path: String::new(),
         ops: Vec::new(),
+        op_lens: Vec::new(),
     };
     let live = Live {
         keys: mask(options.keys.len()),
@@ -117,6 +118,9 @@ struct Walk<'o> {
     /// The JSON Pointer of the value being compared, built incrementally.
     path: String,
     ops: Vec<PatchOperation>,
+    /// Compact JSON length of `ops[i]`, filled lazily: each operation is sized once however
+    /// many enclosing arrays weigh it against a whole replace.
+    op_lens: Vec<usize>,
 }
 
 impl<'o> Walk<'o> {
@@ -258,10 +262,25 @@ impl<'o> Walk<'o> {
     fn object(&mut self, old: &Map<String, Value>, new: &Map<String, Value>, live: Live) {
         let start = self.ops.len();
         let mut common = 0usize;
+        // Objects usually list their keys in the same order (serializers, protobuf
+        // projections): pair keys by position while they agree, and only hash the rest.
+        let mut aligned = new.iter();
+        let mut in_step = true;
         for (key, a) in old {
             let len = self.path.len();
             push_token(&mut self.path, key);
-            match new.get(key) {
+            let counterpart = if in_step {
+                match aligned.next() {
+                    Some((k, b)) if k == key => Some(b),
+                    _ => {
+                        in_step = false;
+                        new.get(key)
+                    }
+                }
+            } else {
+                new.get(key)
+            };
+            match counterpart {
                 None => self.remove_here(),
                 Some(b) => {
                     common += 1;
@@ -288,7 +307,7 @@ impl<'o> Walk<'o> {
             && live.depth > 0
             && !self.ignored_below(live)
         {
-            self.ops.truncate(start);
+            self.truncate_ops(start);
             self.replace_container(new);
         }
     }
@@ -317,11 +336,11 @@ impl<'o> Walk<'o> {
         // One `replace` of the whole array when that is smaller, unless it would hide an
         // ignored-only change below.
         if self.ops.len() - start > 1 && live.depth > 0 && !self.ignored_below(live) {
-            let edits = json_len(&self.ops[start..], usize::MAX);
+            let edits = self.ops_json_len(start);
             // `{"op":"replace","path":"…","value":…}` around the array.
             let whole = json_len(new, edits).saturating_add(self.path.len() + 32);
             if whole < edits {
-                self.ops.truncate(start);
+                self.truncate_ops(start);
                 let path = self.pointer();
                 self.ops.push(PatchOperation::Replace(ReplaceOperation {
                     path,
@@ -329,6 +348,26 @@ impl<'o> Walk<'o> {
                 }));
             }
         }
+    }
+
+    /// The compact JSON length of `ops[start..]` as an array.
+    fn ops_json_len(&mut self, start: usize) -> usize {
+        while self.op_lens.len() < self.ops.len() {
+            let len = json_len(&self.ops[self.op_lens.len()], usize::MAX);
+            self.op_lens.push(len);
+        }
+        let count = self.ops.len() - start;
+        let body: usize = self.op_lens[start..]
+            .iter()
+            .fold(0, |acc, l| acc.saturating_add(*l));
+        // Brackets and the commas between operations.
+        body.saturating_add(count.saturating_sub(1) + 2)
+    }
+
+    /// Drops the operations from `start` on.
+    fn truncate_ops(&mut self, start: usize) {
+        self.ops.truncate(start);
+        self.op_lens.truncate(start);
     }
 
     /// The configured key for the array at the current path, else the automatic one.
