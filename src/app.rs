@@ -15,7 +15,9 @@ use crate::api::{self, AppState, UpstreamStatus};
 use crate::config::Config;
 use crate::hub::{Hub, Publication, Stream, StreamOptions};
 use crate::metrics::Metrics;
+use crate::outbox::sqlite::SqliteOutbox;
 use crate::sim;
+use crate::sinks::webhook::service::Webhooks;
 use crate::snapshot::SnapshotStore;
 use crate::upstream::fetch::{FetchError, Fetcher, Redacted};
 use crate::upstream::poller::{LastOutcome, PollStatus, Poller, Publish, PublishResult};
@@ -166,12 +168,21 @@ pub async fn run(
         ));
     }
 
+    let webhooks = match &config.webhooks {
+        Some(settings) => {
+            Some(start_webhooks(settings, &hub, &config, &mut tasks, &shutdown).await?)
+        }
+        None => None,
+    };
+
     let state = Arc::new(AppState {
         hub: hub.clone(),
         metrics: metrics.clone(),
         upstreams,
         retry_hint: config.server.retry_hint,
         shutdown: shutdown.clone(),
+        webhooks,
+        admin_token: config.webhooks.as_ref().and_then(|w| w.admin_token.clone()),
     });
     let router = api::router(state, &config.server.cors);
     tracing::info!(
@@ -202,6 +213,29 @@ pub async fn run(
     }
     tracing::info!("patchwire stopped");
     Ok(())
+}
+
+/// Opens the webhook outbox and starts the dispatchers and the delivery worker.
+async fn start_webhooks(
+    settings: &crate::config::WebhookSettings,
+    hub: &Arc<Hub>,
+    config: &Config,
+    tasks: &mut JoinSet<()>,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<Arc<Webhooks>> {
+    let outbox = SqliteOutbox::open(&settings.database)
+        .await
+        .context("cannot start webhooks (`webhooks.database`)")?;
+    Webhooks::start(
+        settings,
+        Arc::new(outbox),
+        hub.clone(),
+        &config.upstream.user_agent,
+        tasks,
+        shutdown.clone(),
+    )
+    .await
+    .context("cannot start webhooks")
 }
 
 /// Sends a keep-alive comment to the stream's subscribers at every `interval`.

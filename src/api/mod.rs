@@ -1,5 +1,6 @@
 //! The HTTP surface: stream endpoints, the stream listing, health and metrics.
 
+pub mod admin;
 pub mod server;
 
 use std::collections::HashMap;
@@ -40,17 +41,23 @@ pub struct AppState {
     pub retry_hint: Duration,
     /// Cancelled at shutdown: streaming responses end.
     pub shutdown: CancellationToken,
+    /// The webhook sink, when `[webhooks]` is configured (served by the admin API).
+    pub webhooks: Option<Arc<crate::sinks::webhook::service::Webhooks>>,
+    /// The admin API's bearer token; `None` disables the admin API.
+    pub admin_token: Option<crate::config::AdminToken>,
 }
 
 /// The application's routes.
 pub fn router(state: Arc<AppState>, cors: &Cors) -> Router {
+    let admin = admin::router(state.webhooks.clone(), state.admin_token.clone());
     let router = Router::new()
         .route("/streams", get(list_streams))
         .route("/streams/{name}", get(stream))
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .fallback(not_found)
-        .with_state(state);
+        .with_state(state)
+        .merge(admin);
     match cors_layer(cors) {
         Some(layer) => router.layer(layer),
         None => router,

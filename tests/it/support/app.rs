@@ -74,6 +74,7 @@ pub fn config(streams: Vec<StreamSettings>) -> Config {
         },
         simulator: None,
         streams,
+        webhooks: None,
     }
 }
 

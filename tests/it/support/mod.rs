@@ -3,10 +3,12 @@
 #![allow(dead_code)]
 
 pub mod app;
+pub mod receiver;
 pub mod sse;
 pub mod upstream;
 
 pub use app::{TestApp, config, stream};
+pub use receiver::{Hit, Receiver, Reply};
 pub use sse::{Rebuilt, SseClient};
 pub use upstream::MockUpstream;
 
