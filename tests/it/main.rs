@@ -5,3 +5,4 @@ mod support;
 
 mod streaming;
 mod webhook;
+mod webhook_crash;

@@ -62,6 +62,7 @@ struct Inner {
     script: VecDeque<Reply>,
     hits: Vec<Hit>,
     secrets: Vec<String>,
+    delay: Duration,
 }
 
 /// The receiver; dropping it stops the server.
@@ -90,10 +91,13 @@ async fn handle(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let (reply, secrets) = {
+    let (reply, secrets, delay) = {
         let mut inner = shared.inner.lock().unwrap();
-        (inner.script.pop_front(), inner.secrets.clone())
+        (inner.script.pop_front(), inner.secrets.clone(), inner.delay)
     };
+    if !delay.is_zero() {
+        tokio::time::sleep(delay).await;
+    }
     let verified_by = secrets
         .iter()
         .enumerate()
@@ -153,6 +157,7 @@ impl Receiver {
             script: VecDeque::new(),
             hits: Vec::new(),
             secrets: secrets.iter().map(|s| (*s).to_owned()).collect(),
+            delay: Duration::ZERO,
         }));
         let changed = Arc::new(Notify::new());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -185,6 +190,11 @@ impl Receiver {
     /// Queues scripted answers (after those already queued); then 200.
     pub fn script(&self, replies: impl IntoIterator<Item = Reply>) {
         self.inner.lock().unwrap().script.extend(replies);
+    }
+
+    /// Makes every answer wait `delay` first (a slow receiver).
+    pub fn set_delay(&self, delay: Duration) {
+        self.inner.lock().unwrap().delay = delay;
     }
 
     /// Adds a secret to verify with (its index is the number of secrets before it).
