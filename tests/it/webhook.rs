@@ -585,3 +585,78 @@ async fn without_a_token_the_admin_api_is_disabled_and_without_webhooks_absent()
     assert!(answer.text().await.unwrap().contains("[webhooks]"));
     app.stop().await;
 }
+
+#[tokio::test]
+async fn an_endpoint_failing_for_disable_after_is_disabled() {
+    let upstream = MockUpstream::start(json!({"n": 0, "items": [], "pad": PAD})).await;
+    let receiver = Receiver::start(&[SECRET]).await;
+    receiver.script((0..1000).map(|_| Reply::Status(500, None)));
+    let dir = tempfile::tempdir().unwrap();
+    let app = start(
+        &upstream,
+        dir.path(),
+        vec![endpoint("hook", &receiver.url(), &["fleet"], Mode::Patch)],
+        |s| {
+            s.schedule.delays = vec![Duration::from_millis(50); 50];
+            s.disable_after = Duration::from_millis(300);
+        },
+    )
+    .await;
+    let admin = Admin::new(&app);
+    let deadline = tokio::time::Instant::now() + LONG;
+    let view = loop {
+        let (_, view) = admin.call("GET", "/hook", None).await;
+        if view["disabled"].is_object() {
+            break view;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never disabled: {view}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let reason = view["disabled"]["reason"].as_str().unwrap();
+    assert!(reason.contains("disable_after"), "{reason}");
+    assert!(view["failing_since"].is_string(), "{view}");
+    // Nothing more is attempted while disabled.
+    let attempts = receiver.hits().len();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(receiver.hits().len(), attempts);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn names_resolving_to_private_addresses_are_refused_at_delivery() {
+    let upstream = MockUpstream::start(json!({"n": 0, "items": [], "pad": PAD})).await;
+    let receiver = Receiver::start(&[SECRET]).await;
+    // The name passes the (pure) configuration check; the resolver refuses what it resolves to.
+    let url = receiver.url().replace("127.0.0.1", "localhost");
+    let dir = tempfile::tempdir().unwrap();
+    let app = start(
+        &upstream,
+        dir.path(),
+        vec![endpoint("hook", &url, &["fleet"], Mode::Patch)],
+        |s| s.allow_private_targets = false,
+    )
+    .await;
+    let admin = Admin::new(&app);
+    let deadline = tokio::time::Instant::now() + LONG;
+    let delivery = loop {
+        let (_, list) = admin.call("GET", "/hook/deliveries", None).await;
+        if let Some(d) = list["deliveries"]
+            .as_array()
+            .and_then(|a| a.iter().find(|d| d["attempts"].as_u64() >= Some(1)))
+        {
+            break d.clone();
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no attempt: {list}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let error = delivery["last_error"].as_str().unwrap();
+    assert!(
+        error.contains("loopback") && error.contains("allow_private_targets"),
+        "{error}"
+    );
+    assert!(receiver.hits().is_empty(), "the receiver was reached");
+    app.stop().await;
+}

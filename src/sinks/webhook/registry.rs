@@ -146,6 +146,14 @@ impl Registry {
         endpoint
     }
 
+    /// Changes an endpoint in place (atomically with respect to other changes).
+    pub fn update(&self, id: &str, change: impl FnOnce(&mut Endpoint)) {
+        let mut endpoints = self.endpoints.write().unwrap_or_else(|e| e.into_inner());
+        if let Some(current) = endpoints.get_mut(id) {
+            change(Arc::make_mut(current));
+        }
+    }
+
     /// Removes an endpoint.
     pub fn remove(&self, id: &str) -> Option<Arc<Endpoint>> {
         self.endpoints

@@ -229,6 +229,9 @@ impl Worker {
             }
         };
         if let Some(recorded) = recorded {
+            self.registry.update(&delivery.endpoint, |e| {
+                e.status.failing_since_ms = recorded.failing_since_ms;
+            });
             if recorded.needs_resync {
                 if let Some(route) = self.resync.get(&delivery.stream) {
                     let _ = route.send(Resync::Endpoint(delivery.endpoint.clone()));
@@ -266,13 +269,9 @@ impl Worker {
             .set_disabled(endpoint.record.id.clone(), Some(disabled.clone()))
             .await
         {
-            Ok(_) => {
-                if let Some(current) = self.registry.get(&endpoint.record.id) {
-                    let mut updated = (*current).clone();
-                    updated.status.disabled = Some(disabled);
-                    self.registry.put(updated);
-                }
-            }
+            Ok(_) => self
+                .registry
+                .update(&endpoint.record.id, |e| e.status.disabled = Some(disabled)),
             Err(error) => tracing::error!(%error, "cannot disable a webhook endpoint"),
         }
     }
