@@ -274,14 +274,14 @@ pub trait Outbox: Send + Sync {
     /// Queues `change` for each target in one transaction: a patch where the target's queue
     /// ends right before it, a snapshot otherwise, nothing where the target already has it.
     /// A pair holding `backlog_limit` pending deliveries has them superseded by one snapshot.
+    /// Calls take effect in the order they were made, even when their futures are awaited
+    /// later (the dispatcher submits consecutive changes before awaiting them).
     fn accept(
         &self,
         change: NewChange,
         targets: Vec<Target>,
         backlog_limit: usize,
     ) -> OutboxFuture<Accepted>;
-    /// Forgets where a pair's queue ends, so its next change is queued as a snapshot.
-    fn reset_cursor(&self, endpoint: String, stream: String) -> OutboxFuture<()>;
     /// The oldest pending delivery of each (endpoint, stream) pair of an enabled endpoint whose
     /// next attempt is due at `now_ms`, soonest first, at most `limit`, skipping `busy` pairs.
     fn due(

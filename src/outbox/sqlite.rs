@@ -48,11 +48,13 @@ CREATE TABLE IF NOT EXISTS endpoints (
     disabled_reason TEXT,
     failing_since_ms INTEGER
 );
+-- One row per (endpoint, stream) pair that ever had a delivery: where its queue ends
+-- (NULL after a gap: the next change is a snapshot). Also the pairs the worker scans.
 CREATE TABLE IF NOT EXISTS cursors (
     endpoint_id TEXT NOT NULL,
     stream TEXT NOT NULL,
-    epoch INTEGER NOT NULL,
-    seq INTEGER NOT NULL,
+    epoch INTEGER,
+    seq INTEGER,
     PRIMARY KEY (endpoint_id, stream)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS deliveries (
@@ -324,12 +326,18 @@ fn accept(
                 "SELECT epoch, seq FROM cursors WHERE endpoint_id = ?1 AND stream = ?2",
             )?
             .query_row(params![target.endpoint, stream], |r| {
-                Ok(Cursor {
-                    epoch: unsql(r.get(0)?),
-                    seq: unsql(r.get(1)?),
-                })
+                Ok(
+                    match (r.get::<_, Option<i64>>(0)?, r.get::<_, Option<i64>>(1)?) {
+                        (Some(epoch), Some(seq)) => Some(Cursor {
+                            epoch: unsql(epoch),
+                            seq: unsql(seq),
+                        }),
+                        _ => None,
+                    },
+                )
             })
-            .optional()?;
+            .optional()?
+            .flatten();
         let plan = body::plan(
             cursor,
             change.epoch,
@@ -521,17 +529,22 @@ fn supersede_after_gap(
     if first_snapshot.is_some() {
         return Ok(false);
     }
-    conn.prepare_cached("DELETE FROM cursors WHERE endpoint_id = ?1 AND stream = ?2")?
-        .execute(params![endpoint, stream])?;
+    conn.prepare_cached(
+        "UPDATE cursors SET epoch = NULL, seq = NULL WHERE endpoint_id = ?1 AND stream = ?2",
+    )?
+    .execute(params![endpoint, stream])?;
     Ok(true)
 }
 
+/// The oldest pending delivery of every pair of an enabled endpoint: one index seek per pair
+/// (`deliveries_pending`), however long the backlogs are.
 const HEADS: &str = "SELECT d.id, d.endpoint_id, d.stream, d.msg_id, d.kind, d.epoch, d.seq, \
      d.base_seq, d.state, d.attempts, d.next_attempt_ms, d.last_error, d.last_status, \
      d.created_ms, d.finished_ms, d.body \
-     FROM (SELECT MIN(id) AS id FROM deliveries WHERE state = 0 GROUP BY endpoint_id, stream) h \
-     JOIN deliveries d ON d.id = h.id \
-     JOIN endpoints e ON e.id = d.endpoint_id AND e.disabled_at_ms IS NULL";
+     FROM cursors c \
+     JOIN endpoints e ON e.id = c.endpoint_id AND e.disabled_at_ms IS NULL \
+     JOIN deliveries d ON d.id = (SELECT MIN(id) FROM deliveries \
+         WHERE endpoint_id = c.endpoint_id AND stream = c.stream AND state = 0)";
 
 fn due(
     conn: &Connection,
@@ -666,14 +679,6 @@ impl Outbox for SqliteOutbox {
         backlog_limit: usize,
     ) -> OutboxFuture<Accepted> {
         self.call(move |conn| accept(conn, &change, &targets, backlog_limit))
-    }
-
-    fn reset_cursor(&self, endpoint: String, stream: String) -> OutboxFuture<()> {
-        self.call(move |conn| {
-            conn.prepare_cached("DELETE FROM cursors WHERE endpoint_id = ?1 AND stream = ?2")?
-                .execute(params![endpoint, stream])?;
-            Ok(())
-        })
     }
 
     fn due(

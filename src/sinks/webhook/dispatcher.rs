@@ -120,6 +120,49 @@ impl Dispatcher {
         }
     }
 
+    /// Accepts consecutive changes. Each is its own job (its own savepoint); if one fails, the
+    /// next is planned as a snapshot for the pairs it missed, so the chain never breaks.
+    async fn accept_all(&mut self, changes: &[Arc<Change>]) {
+        let pending: Vec<_> = changes
+            .iter()
+            .filter_map(|change| {
+                let targets = self.registry.targets(&change.stream);
+                (!targets.is_empty()).then(|| {
+                    self.outbox
+                        .accept(new_change(change), targets, self.backlog_limit)
+                })
+            })
+            .collect();
+        let mut queued = 0;
+        let mut failed = false;
+        for result in futures_util::future::join_all(pending).await {
+            match result {
+                Ok(accepted) => {
+                    queued += accepted.queued;
+                    if accepted.collapsed > 0 {
+                        tracing::info!(
+                            stream = self.stream.name(),
+                            pairs = accepted.collapsed,
+                            "webhook backlog collapsed into a snapshot"
+                        );
+                    }
+                }
+                Err(error) => {
+                    if !failed {
+                        tracing::error!(stream = self.stream.name(), %error, "cannot queue a webhook delivery; a snapshot will follow");
+                    }
+                    failed = true;
+                }
+            }
+        }
+        if failed {
+            self.owed = Some(Resync::All);
+        }
+        if queued > 0 {
+            self.wake.notify_one();
+        }
+    }
+
     async fn resync(&mut self, which: Resync) {
         let Some(snapshot) = self.stream.snapshot() else {
             // No document yet: the first change will be a snapshot anyway.
@@ -152,8 +195,26 @@ impl Dispatcher {
                 _ = shutdown.cancelled() => return,
                 event = live.recv() => match event {
                     Ok(StreamEvent::Change(change)) => {
-                        let targets = self.registry.targets(&change.stream);
-                        self.accept(new_change(&change), targets, Resync::All).await;
+                        let mut changes = vec![change];
+                        let mut lagged = false;
+                        // Whatever else is waiting goes to the outbox together: the jobs queue in
+                        // order and share transactions (and fsyncs).
+                        while changes.len() < 256 {
+                            match live.try_recv() {
+                                Ok(StreamEvent::Change(next)) => changes.push(next),
+                                Ok(_) => {}
+                                Err(broadcast::error::TryRecvError::Lagged(_)) => {
+                                    lagged = true;
+                                    break;
+                                }
+                                Err(_) => break,
+                            }
+                        }
+                        self.accept_all(&changes).await;
+                        if lagged {
+                            tracing::warn!(stream = self.stream.name(), "webhook dispatcher lagged; queueing a snapshot");
+                            self.resync(Resync::All).await;
+                        }
                     }
                     Ok(_) => {}
                     Err(broadcast::error::RecvError::Lagged(missed)) => {
