@@ -660,3 +660,36 @@ async fn names_resolving_to_private_addresses_are_refused_at_delivery() {
     assert!(receiver.hits().is_empty(), "the receiver was reached");
     app.stop().await;
 }
+
+#[tokio::test]
+async fn a_slow_endpoint_never_delays_the_others() {
+    let upstream = MockUpstream::start(json!({"n": 0, "items": [], "pad": PAD})).await;
+    let slow = Receiver::start(&[SECRET]).await;
+    // Requests are recorded when answered: nothing is recorded for 15 s.
+    slow.set_delay(Duration::from_secs(15));
+    let fast = Receiver::start(&[SECRET]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let app = start(
+        &upstream,
+        dir.path(),
+        vec![
+            endpoint("slow", &slow.url(), &["fleet"], Mode::Patch),
+            endpoint("fast", &fast.url(), &["fleet"], Mode::Patch),
+        ],
+        |s| {
+            s.attempt_timeout = Duration::from_secs(20);
+            s.workers = 2;
+            s.max_concurrency_per_endpoint = 1;
+        },
+    )
+    .await;
+    // Five changes reach the fast endpoint while the slow one still holds its first delivery.
+    change_and_wait(&upstream, &fast, 1, 5).await;
+    assert!(
+        slow.hits().len() <= 1,
+        "the slow endpoint got {} requests",
+        slow.hits().len()
+    );
+    assert_eq!(rebuild(&unique(&fast.accepted())), upstream.document());
+    app.stop().await;
+}
