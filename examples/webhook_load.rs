@@ -26,6 +26,7 @@ use patchwire::diff::DiffOptions;
 use patchwire::hub::{Hub, Publication, Stream, StreamOptions};
 use patchwire::metrics::Metrics;
 use patchwire::outbox::sqlite::SqliteOutbox;
+use patchwire::outbox::{DeliveryFilter, DeliveryState, Outbox};
 use patchwire::sinks::webhook::body::Mode;
 use patchwire::sinks::webhook::schedule::RetrySchedule;
 use patchwire::sinks::webhook::service::Webhooks;
@@ -91,6 +92,10 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new("warn"))
+        .with_writer(std::io::stderr)
+        .init();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -187,7 +192,7 @@ async fn run(
     let shutdown = CancellationToken::new();
     Webhooks::start(
         &settings,
-        outbox,
+        outbox.clone(),
         hub.clone(),
         "patchwire-load",
         &mut tasks,
@@ -221,7 +226,7 @@ async fn run(
     let publish_done = started.elapsed();
     let expected = published.len() as u64 * endpoint_count;
 
-    let deadline = Instant::now() + Duration::from_secs(120 + seconds * 4);
+    let deadline = Instant::now() + Duration::from_secs(30 + seconds * 4);
     let mut last_count = 0;
     loop {
         let count: u64 = arrivals
@@ -283,6 +288,38 @@ async fn run(
     })
     .await;
     if last_count < expected {
+        // Explain the shortfall: what the outbox still holds, and why.
+        let mut errors: HashMap<String, usize> = HashMap::new();
+        for i in 0..endpoint_count {
+            for state in [
+                DeliveryState::Pending,
+                DeliveryState::Dead,
+                DeliveryState::Superseded,
+            ] {
+                let list = outbox
+                    .deliveries(
+                        format!("e{i}"),
+                        DeliveryFilter {
+                            state: Some(state),
+                            before: None,
+                            limit: 1_000_000,
+                        },
+                    )
+                    .await?;
+                for d in list {
+                    let key = format!(
+                        "{} after {} attempts: {}",
+                        state.as_str(),
+                        d.attempts,
+                        d.last_error.unwrap_or_default()
+                    );
+                    *errors.entry(key).or_default() += 1;
+                }
+            }
+        }
+        for (error, n) in &errors {
+            eprintln!("{n} deliveries {error}");
+        }
         anyhow::bail!("only {last_count} of {expected} deliveries arrived");
     }
     Ok(())

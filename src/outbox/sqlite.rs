@@ -458,7 +458,7 @@ fn record(
                  finished_ms = COALESCE(finished_ms, ?3) WHERE id = ?1",
             )?
             .execute(params![id, status, sql(now)])?;
-            conn.prepare_cached("UPDATE endpoints SET failing_since_ms = NULL WHERE id = ?1")?
+            conn.prepare_cached("UPDATE endpoints SET failing_since_ms = NULL WHERE id = ?1 AND failing_since_ms IS NOT NULL")?
                 .execute([&endpoint])?;
         }
         AttemptOutcome::Failed {

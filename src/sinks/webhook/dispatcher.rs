@@ -15,7 +15,7 @@ use tokio::sync::{Notify, broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
 
 use super::registry::Registry;
-use crate::hub::{Change, ChangeKind, Initial, Resume, Stream, StreamEvent};
+use crate::hub::{Change, ChangeKind, Initial, Resume, Stream, StreamEvent, Subscription};
 use crate::outbox::{NewChange, Outbox, Target};
 use crate::snapshot::Snapshot;
 
@@ -36,6 +36,9 @@ pub struct Dispatcher {
     backlog_limit: usize,
     wake: Arc<Notify>,
     requests: mpsc::UnboundedReceiver<Resync>,
+    /// Taken when the dispatcher is built, so no change published after `Webhooks::start`
+    /// returns can be missed.
+    subscription: Option<Subscription>,
     /// Set when storing failed: a snapshot is queued once storing works again, so a quiet
     /// stream still ends at its current document.
     owed: Option<Resync>,
@@ -78,7 +81,9 @@ impl Dispatcher {
         wake: Arc<Notify>,
         requests: mpsc::UnboundedReceiver<Resync>,
     ) -> Self {
+        let subscription = Some(stream.subscribe(&Resume::Fresh));
         Dispatcher {
+            subscription,
             stream,
             outbox,
             registry,
@@ -179,7 +184,9 @@ impl Dispatcher {
 
     /// Runs until `shutdown` or the stream closes.
     pub async fn run(mut self, shutdown: CancellationToken) {
-        let subscription = self.stream.subscribe(&Resume::Fresh);
+        let Some(subscription) = self.subscription.take() else {
+            return;
+        };
         let mut live = subscription.live;
         for initial in subscription.initial {
             if let Initial::Snapshot(snapshot) = initial {

@@ -344,6 +344,10 @@ impl Worker {
                     tracing::error!(%error, "cannot read due webhook deliveries");
                     Duration::from_secs(1)
                 }
+                // Attempts in flight wake the worker when they end; asking the outbox for the
+                // next due time is only needed when nothing is (a retry due meanwhile waits at
+                // most the short poll below).
+                Ok(_) if self.in_flight() > 0 => Duration::from_millis(200),
                 Ok(_) => match self.outbox.next_due_ms().await {
                     Ok(Some(at)) => {
                         let now = unix_ms(SystemTime::now());
