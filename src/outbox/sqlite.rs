@@ -124,12 +124,8 @@ fn unsql(value: i64) -> u64 {
 const DELIVERY_COLUMNS: &str = "id, endpoint_id, stream, msg_id, kind, epoch, seq, base_seq, \
      state, attempts, next_attempt_ms, last_error, last_status, created_ms, finished_ms";
 
-fn delivery(row: &Row<'_>, with_body: bool) -> rusqlite::Result<Delivery> {
-    let body = if with_body {
-        Bytes::from(row.get::<_, Vec<u8>>(15)?)
-    } else {
-        Bytes::new()
-    };
+/// A delivery from a row of `DELIVERY_COLUMNS`, without its body.
+fn delivery(row: &Row<'_>) -> rusqlite::Result<Delivery> {
     Ok(Delivery {
         id: row.get(0)?,
         endpoint: row.get(1)?,
@@ -143,7 +139,7 @@ fn delivery(row: &Row<'_>, with_body: bool) -> rusqlite::Result<Delivery> {
         epoch: unsql(row.get(5)?),
         seq: unsql(row.get(6)?),
         base_seq: row.get::<_, Option<i64>>(7)?.map(unsql),
-        body,
+        body: Bytes::new(),
         state: state_from(row.get(8)?),
         attempts: u32::try_from(row.get::<_, i64>(9)?).unwrap_or(u32::MAX),
         next_attempt_ms: unsql(row.get(10)?),
@@ -540,7 +536,7 @@ fn supersede_after_gap(
 /// (`deliveries_pending`), however long the backlogs are.
 const HEADS: &str = "SELECT d.id, d.endpoint_id, d.stream, d.msg_id, d.kind, d.epoch, d.seq, \
      d.base_seq, d.state, d.attempts, d.next_attempt_ms, d.last_error, d.last_status, \
-     d.created_ms, d.finished_ms, d.body \
+     d.created_ms, d.finished_ms \
      FROM cursors c \
      JOIN endpoints e ON e.id = c.endpoint_id AND e.disabled_at_ms IS NULL \
      JOIN deliveries d ON d.id = (SELECT MIN(id) FROM deliveries \
@@ -557,7 +553,7 @@ fn due(
         "{HEADS} WHERE d.next_attempt_ms <= ?1 ORDER BY d.next_attempt_ms, d.id LIMIT ?2"
     ))?;
     let fetch = sql(u64::try_from(limit.saturating_add(busy.len())).unwrap_or(u64::MAX));
-    let rows = statement.query_map(params![sql(now), fetch], |r| delivery(r, true))?;
+    let rows = statement.query_map(params![sql(now), fetch], delivery)?;
     let mut out = Vec::with_capacity(limit);
     for row in rows {
         let d = row?;
@@ -568,6 +564,11 @@ fn due(
         if out.len() >= limit {
             break;
         }
+    }
+    // Bodies only for the deliveries handed out (busy pairs' heads are skipped above).
+    let mut body = conn.prepare_cached("SELECT body FROM deliveries WHERE id = ?1")?;
+    for d in &mut out {
+        d.body = Bytes::from(body.query_row([d.id], |r| r.get::<_, Vec<u8>>(0))?);
     }
     Ok(out)
 }
@@ -718,7 +719,7 @@ impl Outbox for SqliteOutbox {
                     filter.before.unwrap_or(i64::MAX),
                     i64::try_from(filter.limit).unwrap_or(i64::MAX),
                 ],
-                |r| delivery(r, false),
+                delivery,
             )?;
             Ok(rows.collect::<Result<Vec<_>, _>>()?)
         })
