@@ -193,7 +193,7 @@ fn describe_webhooks(out: &mut String, w: &super::model::WebhookSettings) -> std
     for e in &w.endpoints {
         writeln!(
             out,
-            "  endpoint {:?}: {} <- {} as {}s (secret hidden)",
+            "  endpoint {:?}: {} <- {} ({} mode, secret hidden)",
             e.id,
             redacted(&e.url),
             e.streams.join(", "),

@@ -28,12 +28,16 @@ fn spawn_binary(config: &Path, log: &Path) -> Child {
         .expect("the patchwire binary starts")
 }
 
+/// `kill -KILL pid` (std's `Child::kill` also sends SIGKILL on Unix: the fallback when the
+/// `kill` program is missing).
 fn sigkill(child: &mut Child) {
-    let status = Command::new("kill")
+    match Command::new("kill")
         .args(["-KILL", &child.id().to_string()])
         .status()
-        .unwrap();
-    assert!(status.success());
+    {
+        Ok(status) => assert!(status.success(), "kill -KILL failed: {status}"),
+        Err(_) => child.kill().unwrap(),
+    }
     child.wait().unwrap();
 }
 
