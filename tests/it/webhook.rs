@@ -693,3 +693,103 @@ async fn a_slow_endpoint_never_delays_the_others() {
     assert_eq!(rebuild(&unique(&fast.accepted())), upstream.document());
     app.stop().await;
 }
+
+/// The worker driven step by step: at most `max_concurrency_per_endpoint` attempts per
+/// endpoint, at most one per (endpoint, stream), at most `workers` overall.
+#[tokio::test]
+async fn try_step_bounds_concurrency_per_pair_endpoint_and_pool() {
+    // Answers after 15 s: every attempt started stays in flight for the whole test.
+    let receiver = Receiver::start(&[SECRET]).await;
+    receiver.set_delay(Duration::from_secs(15));
+    // (pool, per endpoint, expected in flight) with 2 endpoints x 3 streams = 6 pairs.
+    for (workers, per_endpoint, expected) in [(3, 2, 3), (10, 2, 4), (10, 5, 6)] {
+        let (outbox, worker) = two_endpoints_three_streams(&receiver, workers, per_endpoint).await;
+        assert_eq!(
+            worker.try_step().await.unwrap(),
+            expected,
+            "{workers} {per_endpoint}"
+        );
+        assert_eq!(worker.in_flight(), expected);
+        // Nothing more while those are in flight.
+        assert_eq!(worker.try_step().await.unwrap(), 0);
+        let due = outbox.due(u64::MAX / 4, 100, vec![]).await.unwrap();
+        assert_eq!(due.len(), 6, "six pairs have a head");
+        assert!(
+            due.iter().all(|d| d.seq == 1),
+            "only the oldest of each pair is ever due"
+        );
+    }
+}
+
+async fn two_endpoints_three_streams(
+    receiver: &Receiver,
+    workers: usize,
+    per_endpoint: usize,
+) -> (
+    std::sync::Arc<dyn patchwire::outbox::Outbox>,
+    std::sync::Arc<patchwire::sinks::webhook::worker::Worker>,
+) {
+    use patchwire::outbox::sqlite::SqliteOutbox;
+    use patchwire::outbox::{EndpointRecord, EndpointStatus, NewChange, Outbox, Source, Target};
+    use patchwire::sinks::webhook::registry::{Endpoint, Registry};
+    use patchwire::sinks::webhook::worker::{Worker, WorkerSettings};
+    use std::sync::Arc;
+
+    let outbox: Arc<dyn Outbox> =
+        Arc::new(SqliteOutbox::open(Path::new(":memory:")).await.unwrap());
+    let registry = Arc::new(Registry::new());
+    let streams = ["a", "b", "c"];
+    for id in ["one", "two"] {
+        let record = EndpointRecord {
+            id: id.into(),
+            url: receiver.url(),
+            streams: streams.iter().map(|s| (*s).to_owned()).collect(),
+            mode: Mode::Patch,
+            headers: Default::default(),
+            secret: SECRET.into(),
+            previous_secret: None,
+            previous_expires_ms: None,
+            source: Source::Api,
+            created_ms: 0,
+        };
+        outbox.put_endpoint(record.clone()).await.unwrap();
+        registry.put(Endpoint::new(record, EndpointStatus::default()).unwrap());
+    }
+    for stream in streams {
+        for seq in 1..=2 {
+            let change = NewChange {
+                stream: Arc::from(stream),
+                epoch: 1,
+                seq,
+                patch: (seq > 1).then(|| bytes::Bytes::from_static(b"[]")),
+                document: bytes::Bytes::from_static(br#"{"a":1}"#),
+                at: std::time::SystemTime::now(),
+            };
+            let targets = ["one", "two"]
+                .map(|e| Target {
+                    endpoint: e.into(),
+                    mode: Mode::Patch,
+                })
+                .to_vec();
+            outbox.accept(change, targets, 100).await.unwrap();
+        }
+    }
+    let worker = Worker::new(
+        outbox.clone(),
+        registry,
+        WorkerSettings {
+            schedule: RetrySchedule::default(),
+            attempt_timeout: Duration::from_secs(30),
+            disable_after: Duration::from_secs(3600),
+            per_endpoint,
+            workers,
+            allow_private: true,
+            retention: Duration::from_secs(3600),
+            user_agent: "test".into(),
+        },
+        Arc::new(tokio::sync::Notify::new()),
+        Default::default(),
+    )
+    .unwrap();
+    (outbox, Arc::new(worker))
+}
