@@ -283,12 +283,15 @@ pub trait Outbox: Send + Sync {
         backlog_limit: usize,
     ) -> OutboxFuture<Accepted>;
     /// The oldest pending delivery of each (endpoint, stream) pair of an enabled endpoint whose
-    /// next attempt is due at `now_ms`, soonest first, at most `limit`, skipping `busy` pairs.
+    /// next attempt is due at `now_ms`, soonest first, at most `limit`, skipping `busy` pairs
+    /// and the endpoints in `full` (at their concurrency limit), so a saturated endpoint's
+    /// heads never crowd out the others'.
     fn due(
         &self,
         now_ms: u64,
         limit: usize,
         busy: Vec<(String, String)>,
+        full: Vec<String>,
     ) -> OutboxFuture<Vec<Delivery>>;
     /// When the earliest pending head of an enabled endpoint is due (Unix milliseconds).
     fn next_due_ms(&self) -> OutboxFuture<Option<u64>>;

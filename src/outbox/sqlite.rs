@@ -547,23 +547,27 @@ fn due(
     now: u64,
     limit: usize,
     busy: &[(String, String)],
+    full: &[String],
 ) -> Result<Vec<Delivery>, OutboxError> {
     let busy: HashSet<(&str, &str)> = busy.iter().map(|(e, s)| (e.as_str(), s.as_str())).collect();
+    let full: HashSet<&str> = full.iter().map(String::as_str).collect();
+    // No LIMIT: there is one head per pair, and skipping happens here.
     let mut statement = conn.prepare_cached(&format!(
-        "{HEADS} WHERE d.next_attempt_ms <= ?1 ORDER BY d.next_attempt_ms, d.id LIMIT ?2"
+        "{HEADS} WHERE d.next_attempt_ms <= ?1 ORDER BY d.next_attempt_ms, d.id"
     ))?;
-    let fetch = sql(u64::try_from(limit.saturating_add(busy.len())).unwrap_or(u64::MAX));
-    let rows = statement.query_map(params![sql(now), fetch], delivery)?;
-    let mut out = Vec::with_capacity(limit);
+    let rows = statement.query_map(params![sql(now)], delivery)?;
+    let mut out = Vec::with_capacity(limit.min(1024));
     for row in rows {
-        let d = row?;
-        if busy.contains(&(d.endpoint.as_str(), d.stream.as_str())) {
-            continue;
-        }
-        out.push(d);
         if out.len() >= limit {
             break;
         }
+        let d = row?;
+        if full.contains(d.endpoint.as_str())
+            || busy.contains(&(d.endpoint.as_str(), d.stream.as_str()))
+        {
+            continue;
+        }
+        out.push(d);
     }
     // Bodies only for the deliveries handed out (busy pairs' heads are skipped above).
     let mut body = conn.prepare_cached("SELECT body FROM deliveries WHERE id = ?1")?;
@@ -687,8 +691,9 @@ impl Outbox for SqliteOutbox {
         now_ms: u64,
         limit: usize,
         busy: Vec<(String, String)>,
+        full: Vec<String>,
     ) -> OutboxFuture<Vec<Delivery>> {
-        self.call(move |conn| due(conn, now_ms, limit, &busy))
+        self.call(move |conn| due(conn, now_ms, limit, &busy, &full))
     }
 
     fn next_due_ms(&self) -> OutboxFuture<Option<u64>> {
@@ -889,7 +894,7 @@ mod tests {
                 .unwrap();
         }
         let now = u64::MAX / 4;
-        let due = outbox.due(now, 10, vec![]).await.unwrap();
+        let due = outbox.due(now, 10, vec![], vec![]).await.unwrap();
         assert_eq!(
             due.iter()
                 .map(|d| (d.endpoint.as_str(), d.seq))
@@ -899,12 +904,18 @@ mod tests {
         assert!(!due[0].body.is_empty());
         // A busy pair is skipped; a delivered head uncovers the next one.
         let busy = vec![("a".to_owned(), "s".to_owned())];
-        assert_eq!(outbox.due(now, 10, busy).await.unwrap().len(), 1);
+        assert_eq!(outbox.due(now, 10, busy, vec![]).await.unwrap().len(), 1);
+        // An endpoint at its concurrency limit is skipped whole.
+        let rest = outbox.due(now, 10, vec![], vec!["a".into()]).await.unwrap();
+        assert_eq!(
+            rest.iter().map(|d| d.endpoint.as_str()).collect::<Vec<_>>(),
+            ["b"]
+        );
         outbox
             .record(due[0].id, AttemptOutcome::Delivered { status: 200 }, now)
             .await
             .unwrap();
-        let mut due = outbox.due(now, 10, vec![]).await.unwrap();
+        let mut due = outbox.due(now, 10, vec![], vec![]).await.unwrap();
         due.sort_by(|x, y| x.endpoint.cmp(&y.endpoint));
         assert_eq!(
             due.iter()
@@ -921,7 +932,7 @@ mod tests {
         };
         let recorded = outbox.record(head_b, failed, now).await.unwrap();
         assert_eq!(recorded.failing_since_ms, Some(now));
-        let due = outbox.due(now, 10, vec![]).await.unwrap();
+        let due = outbox.due(now, 10, vec![], vec![]).await.unwrap();
         assert_eq!(
             due.iter().map(|d| d.endpoint.as_str()).collect::<Vec<_>>(),
             ["a"]
@@ -944,7 +955,13 @@ mod tests {
             )
             .await
             .unwrap();
-        assert!(outbox.due(now, 10, vec![]).await.unwrap().is_empty());
+        assert!(
+            outbox
+                .due(now, 10, vec![], vec![])
+                .await
+                .unwrap()
+                .is_empty()
+        );
         assert_eq!(outbox.next_due_ms().await.unwrap(), Some(now + 1000));
     }
 
@@ -959,7 +976,11 @@ mod tests {
                 .await
                 .unwrap();
         }
-        let head = outbox.due(u64::MAX / 4, 1, vec![]).await.unwrap().remove(0);
+        let head = outbox
+            .due(u64::MAX / 4, 1, vec![], vec![])
+            .await
+            .unwrap()
+            .remove(0);
         let dead = AttemptOutcome::Failed {
             status: None,
             error: "timed out".into(),
@@ -1000,7 +1021,11 @@ mod tests {
             .accept(change(1, 6, false), targets.clone(), 100)
             .await
             .unwrap();
-        let head = outbox.due(u64::MAX / 4, 1, vec![]).await.unwrap().remove(0);
+        let head = outbox
+            .due(u64::MAX / 4, 1, vec![], vec![])
+            .await
+            .unwrap()
+            .remove(0);
         assert_eq!(head.seq, 4);
         let dead = AttemptOutcome::Failed {
             status: Some(500),
@@ -1023,12 +1048,20 @@ mod tests {
                 (Kind::Snapshot, 4, None)
             ]
         );
-        let six = outbox.due(u64::MAX / 4, 1, vec![]).await.unwrap().remove(0);
+        let six = outbox
+            .due(u64::MAX / 4, 1, vec![], vec![])
+            .await
+            .unwrap()
+            .remove(0);
         outbox
             .record(six.id, AttemptOutcome::Delivered { status: 204 }, 30)
             .await
             .unwrap();
-        let again = outbox.due(u64::MAX / 4, 1, vec![]).await.unwrap().remove(0);
+        let again = outbox
+            .due(u64::MAX / 4, 1, vec![], vec![])
+            .await
+            .unwrap()
+            .remove(0);
         assert_eq!(
             (again.msg_id.as_str(), again.attempts),
             (first_dead.msg_id.as_str(), 0)

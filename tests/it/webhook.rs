@@ -712,7 +712,7 @@ async fn try_step_bounds_concurrency_per_pair_endpoint_and_pool() {
         assert_eq!(worker.in_flight(), expected);
         // Nothing more while those are in flight.
         assert_eq!(worker.try_step().await.unwrap(), 0);
-        let due = outbox.due(u64::MAX / 4, 100, vec![]).await.unwrap();
+        let due = outbox.due(u64::MAX / 4, 100, vec![], vec![]).await.unwrap();
         assert_eq!(due.len(), 6, "six pairs have a head");
         assert!(
             due.iter().all(|d| d.seq == 1),

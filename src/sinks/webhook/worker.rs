@@ -113,16 +113,26 @@ impl Worker {
 
     /// Starts an attempt for every due delivery the pool has room for; returns how many.
     pub async fn try_step(self: &Arc<Self>) -> Result<usize, OutboxError> {
-        let (free, busy) = {
+        let (free, busy, full) = {
             let inflight = self.inflight();
             let free = self.settings.workers.saturating_sub(inflight.total);
-            (free, inflight.pairs.iter().cloned().collect::<Vec<_>>())
+            let full = inflight
+                .per_endpoint
+                .iter()
+                .filter(|(_, n)| **n >= self.settings.per_endpoint)
+                .map(|(e, _)| e.clone())
+                .collect::<Vec<_>>();
+            (
+                free,
+                inflight.pairs.iter().cloned().collect::<Vec<_>>(),
+                full,
+            )
         };
         if free == 0 {
             return Ok(0);
         }
         let now = unix_ms(SystemTime::now());
-        let due = self.outbox.due(now, free.saturating_mul(4), busy).await?;
+        let due = self.outbox.due(now, free, busy, full).await?;
         let mut started = 0;
         for delivery in due {
             {
