@@ -16,8 +16,10 @@ use crate::api::{self, AppState, UpstreamStatus};
 use crate::config::Config;
 use crate::hub::{Hub, Publication, Stream, StreamOptions};
 use crate::metrics::Metrics;
+use crate::outbox::sqlite::SqliteOutbox;
 use crate::sim;
 use crate::sinks::sse::native::NativeSse;
+use crate::sinks::webhook::service::Webhooks;
 use crate::snapshot::SnapshotStore;
 use crate::upstream::fetch::{FetchError, Fetcher, Redacted};
 use crate::upstream::poller::{LastOutcome, PollStatus, Poller, Publish, PublishResult};
@@ -184,6 +186,13 @@ pub async fn run(
         usize::try_from(p.max_body_bytes).unwrap_or(usize::MAX)
     });
 
+    let webhooks = match &config.webhooks {
+        Some(settings) => {
+            Some(start_webhooks(settings, &hub, &config, &mut tasks, &shutdown).await?)
+        }
+        None => None,
+    };
+
     let state = Arc::new(AppState {
         hub: hub.clone(),
         metrics: metrics.clone(),
@@ -191,6 +200,8 @@ pub async fn run(
         push,
         push_max_body,
         retry_hint: config.server.retry_hint,
+        webhooks,
+        admin_token: config.webhooks.as_ref().and_then(|w| w.admin_token.clone()),
     });
     // Shutdown closes every stream first, so SSE responses end and connections can drain
     // within the grace period.
@@ -238,6 +249,29 @@ pub async fn run(
     }
     tracing::info!("patchwire stopped");
     Ok(())
+}
+
+/// Opens the webhook outbox and starts the dispatchers and the delivery worker.
+async fn start_webhooks(
+    settings: &crate::config::WebhookSettings,
+    hub: &Arc<Hub>,
+    config: &Config,
+    tasks: &mut JoinSet<()>,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<Arc<Webhooks>> {
+    let outbox = SqliteOutbox::open(&settings.database)
+        .await
+        .context("cannot start webhooks (`webhooks.database`)")?;
+    Webhooks::start(
+        settings,
+        Arc::new(outbox),
+        hub.clone(),
+        &config.upstream.user_agent,
+        tasks,
+        shutdown.clone(),
+    )
+    .await
+    .context("cannot start webhooks")
 }
 
 /// Sends a keep-alive comment to the stream's subscribers at every `interval`.

@@ -4,6 +4,7 @@
 //! - [`config`]: the configuration file's shape, loading and pure validation.
 //! - [`upstream`]: one poller per stream; conditional fetches, rate limits, backoff, decoding.
 //! - [`diff`]: RFC 6902 diff and apply.
+//! - [`outbox`]: the durable webhook queue (trait + embedded SQLite).
 //! - [`metrics`]: Prometheus metrics owned by the application.
 //! - [`sim`]: the simulated fleet feed used by the default configuration, tests and benchmarks.
 
@@ -13,6 +14,7 @@ pub mod config;
 pub mod diff;
 pub mod hub;
 pub mod metrics;
+pub mod outbox;
 pub mod sim;
 pub mod sinks;
 pub mod snapshot;

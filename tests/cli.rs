@@ -94,7 +94,9 @@ fn check_accepts_every_shipped_configuration() {
         let (output, stdout, stderr) = run(patchwire()
             .args(["check", "--config"])
             .arg(&file)
-            .env("API_TOKEN", secret));
+            .env("API_TOKEN", secret)
+            .env("PATCHWIRE_ADMIN_TOKEN", "tok-123-secret-admin")
+            .env("WEBHOOK_SECRET", "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"));
         assert!(
             output.status.success(),
             "{}: {}\n{stderr}",
@@ -105,14 +107,16 @@ fn check_accepts_every_shipped_configuration() {
             stdout.contains(&format!("{}: ok", file.display())),
             "{stdout}"
         );
-        assert!(
-            !stdout.contains(secret),
-            "check printed a secret:\n{stdout}"
-        );
-        assert!(
-            !stderr.contains(secret),
-            "check printed a secret:\n{stderr}"
-        );
+        for secret in [
+            secret,
+            "tok-123-secret-admin",
+            "MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+        ] {
+            assert!(
+                !stdout.contains(secret) && !stderr.contains(secret),
+                "check printed a secret:\n{stdout}\n{stderr}"
+            );
+        }
     }
 }
 

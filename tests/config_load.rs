@@ -89,7 +89,12 @@ mod shipped_files {
     use super::*;
 
     fn example_env(name: &str) -> Option<String> {
-        (name == "API_TOKEN").then(|| "tok-123-secret".to_owned())
+        match name {
+            "API_TOKEN" => Some("tok-123-secret".to_owned()),
+            "WEBHOOK_SECRET" => Some("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw".to_owned()),
+            "PATCHWIRE_ADMIN_TOKEN" => Some("tok-123-secret-admin".to_owned()),
+            _ => None,
+        }
     }
 
     #[test]

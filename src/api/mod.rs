@@ -1,5 +1,6 @@
 //! The HTTP surface: stream endpoints, the stream listing, health and metrics.
 
+pub mod admin;
 pub mod push;
 pub mod server;
 
@@ -42,11 +43,16 @@ pub struct AppState {
     pub push_max_body: usize,
     /// The `retry:` hint for SSE clients.
     pub retry_hint: Duration,
+    /// The webhook sink, when `[webhooks]` is configured (served by the admin API).
+    pub webhooks: Option<Arc<crate::sinks::webhook::service::Webhooks>>,
+    /// The admin API's bearer token; `None` disables the admin API.
+    pub admin_token: Option<crate::config::AdminToken>,
 }
 
 /// The application's routes.
 pub fn router(state: Arc<AppState>, cors: &Cors) -> Router {
     let push_limit = axum::extract::DefaultBodyLimit::max(state.push_max_body);
+    let admin = admin::router(state.webhooks.clone(), state.admin_token.clone());
     let router = Router::new()
         .route("/streams", get(list_streams))
         .route(
@@ -59,7 +65,8 @@ pub fn router(state: Arc<AppState>, cors: &Cors) -> Router {
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .fallback(not_found)
-        .with_state(state);
+        .with_state(state)
+        .merge(admin);
     match cors_layer(cors) {
         Some(layer) => router.layer(layer),
         None => router,

@@ -186,6 +186,51 @@ fn write_description(out: &mut String, config: &Config) -> std::fmt::Result {
             bytes(push.max_body_bytes)
         )?;
     }
+    if let Some(w) = &config.webhooks {
+        describe_webhooks(out, w)?;
+    }
+    Ok(())
+}
+
+fn describe_webhooks(out: &mut String, w: &super::model::WebhookSettings) -> std::fmt::Result {
+    let schedule: Vec<String> = w.schedule.delays.iter().map(|d| dur(*d)).collect();
+    writeln!(out, "webhooks:")?;
+    writeln!(out, "  outbox:     {}", w.database.display())?;
+    writeln!(
+        out,
+        "  admin API:  {}",
+        if w.admin_token.is_some() {
+            "enabled (bearer token hidden)"
+        } else {
+            "disabled (no webhooks.admin_token)"
+        }
+    )?;
+    writeln!(
+        out,
+        "  targets:    {}",
+        if w.allow_private_targets {
+            "private addresses allowed"
+        } else {
+            "public addresses only"
+        }
+    )?;
+    writeln!(
+        out,
+        "  attempts:   {} ({}), timeout {}",
+        schedule.len(),
+        schedule.join(", "),
+        dur(w.attempt_timeout)
+    )?;
+    for e in &w.endpoints {
+        writeln!(
+            out,
+            "  endpoint {:?}: {} <- {} ({} mode, secret hidden)",
+            e.id,
+            redacted(&e.url),
+            e.streams.join(", "),
+            e.mode.as_str()
+        )?;
+    }
     Ok(())
 }
 

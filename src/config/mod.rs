@@ -13,6 +13,7 @@ mod load;
 mod model;
 pub mod raw;
 mod validate;
+mod webhooks;
 
 pub use describe::describe;
 pub use error::{ConfigError, Problem, Problems};
@@ -20,3 +21,4 @@ pub use load::{ENV_PREFIX, ENV_SEPARATOR, FileKind, load, load_raw, load_with, p
 pub use model::*;
 pub use raw::RawConfig;
 pub use validate::{defaults, host_group, is_valid_name, limits, validate};
+pub use webhooks::{defaults as webhook_defaults, endpoint_headers, limits as webhook_limits};

@@ -133,6 +133,10 @@ pub fn validate(
     let defaults = stream_defaults(&raw.stream_defaults, env, &mut problems);
     let (streams, push_streams) = streams(&raw.streams, &defaults, &upstream, env, &mut problems);
     let push = push(raw.push.as_ref(), &push_streams, env, &mut problems);
+    let webhooks = raw
+        .webhooks
+        .as_ref()
+        .map(|w| super::webhooks::validate(w, &raw.streams, env, &mut problems));
     problems.finish(
         source,
         Config {
@@ -144,6 +148,7 @@ pub fn validate(
             streams,
             push,
             push_streams,
+            webhooks,
         },
     )
 }
@@ -161,7 +166,7 @@ fn fmt_duration(d: Duration) -> String {
 }
 
 /// `value` when it lies within `bounds`, recording a problem otherwise.
-fn duration_in(
+pub(super) fn duration_in(
     problems: &mut Problems,
     key: &str,
     value: Option<HumanDuration>,
@@ -185,7 +190,7 @@ fn duration_in(
     value
 }
 
-fn integer_in(
+pub(super) fn integer_in(
     problems: &mut Problems,
     key: &str,
     value: Option<u64>,
@@ -360,7 +365,7 @@ pub fn is_valid_name(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
-const NAME_EXPECTED: &str = "expected 1 to 64 letters, digits, '.', '_' or '-', starting with a \
+pub(super) const NAME_EXPECTED: &str = "expected 1 to 64 letters, digits, '.', '_' or '-', starting with a \
                              letter or digit";
 
 fn upstream(raw: &RawUpstream, problems: &mut Problems) -> UpstreamSettings {
@@ -559,7 +564,7 @@ fn max_body(problems: &mut Problems, key: &str, value: Option<u64>, default: u64
 
 /// The key of one header in messages; quoted when the name holds characters that would make the
 /// dotted path ambiguous.
-fn header_key(table: &str, name: &str) -> String {
+pub(super) fn header_key(table: &str, name: &str) -> String {
     if name
         .bytes()
         .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_'))
@@ -571,7 +576,7 @@ fn header_key(table: &str, name: &str) -> String {
 }
 
 /// Headers whose values are credentials: never logged, and marked sensitive.
-fn is_credential(name: &HeaderName) -> bool {
+pub(super) fn is_credential(name: &HeaderName) -> bool {
     matches!(
         name.as_str(),
         "authorization" | "proxy-authorization" | "cookie" | "x-api-key" | "api-key"
@@ -580,7 +585,7 @@ fn is_credential(name: &HeaderName) -> bool {
 
 /// Headers that patchwire or its HTTP client set themselves: a configured value would break
 /// conditional requests, compression or framing.
-const MANAGED_HEADERS: [&str; 9] = [
+pub(super) const MANAGED_HEADERS: [&str; 9] = [
     "host",
     "content-length",
     "transfer-encoding",

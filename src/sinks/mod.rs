@@ -1,3 +1,4 @@
 //! Sinks: the protocols that push a stream's changes to subscribers.
 
 pub mod sse;
+pub mod webhook;

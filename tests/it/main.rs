@@ -16,4 +16,6 @@ mod replay;
 mod resume;
 mod shutdown;
 mod streaming;
+mod webhook;
+mod webhook_crash;
 mod wire;

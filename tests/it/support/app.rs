@@ -79,6 +79,7 @@ pub fn config(streams: Vec<StreamSettings>) -> Config {
         streams,
         push: None,
         push_streams: Vec::new(),
+        webhooks: None,
     }
 }
 

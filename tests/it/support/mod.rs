@@ -4,10 +4,12 @@
 
 pub mod app;
 pub mod raw;
+pub mod receiver;
 pub mod sse;
 pub mod upstream;
 
 pub use app::{TestApp, config, stream};
+pub use receiver::{Hit, Receiver, Reply};
 pub use sse::{Rebuilt, SseClient, SseEvent};
 pub use upstream::{Failure, MockUpstream, Received};
 

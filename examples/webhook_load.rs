@@ -1,0 +1,326 @@
+//! Webhook delivery throughput and latency with the durable SQLite outbox, to a fast receiver
+//! on 127.0.0.1.
+//!
+//! ```text
+//! cargo run --release --example webhook_load                       # defaults below
+//! cargo run --release --example webhook_load -- RATE SECONDS STREAMS ENDPOINTS
+//! ```
+//!
+//! Publishes `RATE` changes per second (spread over `STREAMS` streams) for `SECONDS` seconds;
+//! every endpoint subscribes to every stream, so each change is `ENDPOINTS` deliveries. Prints
+//! deliveries per second (from the first publish to the last delivery received) and the
+//! latency from `Stream::publish` to the receiver's handler, p50/p99/max. A rate of 0 publishes
+//! as fast as possible (a backlog; latency then measures queueing). The outbox is a temporary
+//! file with `synchronous = FULL`. Traffic stays on 127.0.0.1; the run ends by itself.
+
+use std::collections::HashMap;
+use std::process::ExitCode;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::State;
+use patchwire::config::{WebhookEndpointSettings, WebhookSettings};
+use patchwire::diff::DiffOptions;
+use patchwire::hub::{Hub, Publication, Stream, StreamOptions};
+use patchwire::metrics::Metrics;
+use patchwire::outbox::sqlite::SqliteOutbox;
+use patchwire::outbox::{DeliveryFilter, DeliveryState, Outbox};
+use patchwire::sinks::webhook::body::Mode;
+use patchwire::sinks::webhook::schedule::RetrySchedule;
+use patchwire::sinks::webhook::service::Webhooks;
+use patchwire::sinks::webhook::sign::Secret;
+use patchwire::snapshot::SnapshotStore;
+use serde::Deserialize;
+use serde_json::json;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+type Arrivals = Arc<Mutex<HashMap<(String, u64), Vec<Instant>>>>;
+
+#[derive(Deserialize)]
+struct Head<'a> {
+    #[serde(borrow)]
+    stream: &'a str,
+    seq: u64,
+}
+
+async fn receive(State(arrivals): State<Arrivals>, body: Bytes) -> &'static str {
+    let at = Instant::now();
+    if let Ok(head) = serde_json::from_slice::<Head<'_>>(&body) {
+        arrivals
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry((head.stream.to_owned(), head.seq))
+            .or_default()
+            .push(at);
+    }
+    "ok"
+}
+
+fn arg(args: &[String], i: usize, default: u64) -> Result<u64, String> {
+    match args.get(i) {
+        None => Ok(default),
+        Some(text) => text.parse().map_err(|_| {
+            format!(
+                "expected a whole number as argument {}, got {text:?}",
+                i + 1
+            )
+        }),
+    }
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let parsed = (|| -> Result<_, String> {
+        Ok((
+            arg(&args, 0, 1000)?,
+            arg(&args, 1, 10)?,
+            arg(&args, 2, 16)?,
+            arg(&args, 3, 8)?,
+        ))
+    })();
+    let (rate, seconds, streams, endpoints) = match parsed {
+        Ok(p) if p.2 > 0 && p.3 > 0 && p.1 > 0 => p,
+        Ok(_) => {
+            eprintln!("webhook_load: SECONDS, STREAMS and ENDPOINTS must be at least 1");
+            return ExitCode::FAILURE;
+        }
+        Err(e) => {
+            eprintln!("webhook_load: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new("warn"))
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("webhook_load: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(rate, seconds, streams, endpoints)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("webhook_load: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[index.min(sorted.len() - 1)]
+}
+
+async fn run(
+    rate: u64,
+    seconds: u64,
+    stream_count: u64,
+    endpoint_count: u64,
+) -> anyhow::Result<()> {
+    let arrivals: Arrivals = Arc::default();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let app = Router::new().fallback(receive).with_state(arrivals.clone());
+    let stop = CancellationToken::new();
+    let server_stop = stop.clone();
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app)
+            .with_graceful_shutdown(async move { server_stop.cancelled().await })
+            .await;
+    });
+
+    let metrics = Arc::new(Metrics::new());
+    let hub = Arc::new(Hub::new());
+    let snapshots = SnapshotStore::new();
+    let names: Vec<String> = (0..stream_count).map(|i| format!("s{i}")).collect();
+    let streams: Vec<Arc<Stream>> = names
+        .iter()
+        .map(|name| {
+            hub.insert(Arc::new(Stream::new(
+                name,
+                StreamOptions {
+                    history: 16,
+                    buffer: 65_536,
+                    diff: DiffOptions::default(),
+                },
+                snapshots.clone(),
+                metrics.clone(),
+            )))
+        })
+        .collect();
+    let dir = tempfile::tempdir()?;
+    let secret = Secret::parse("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw")?;
+    let settings = WebhookSettings {
+        database: dir.path().join("outbox.db"),
+        allow_private_targets: true,
+        admin_token: None,
+        schedule: RetrySchedule::default(),
+        attempt_timeout: Duration::from_secs(15),
+        disable_after: Duration::from_secs(3600),
+        max_concurrency_per_endpoint: 256,
+        workers: 256,
+        backlog_limit: 1_000_000,
+        retention: Duration::from_secs(3600),
+        rotation_overlap: Duration::from_secs(3600),
+        endpoints: (0..endpoint_count)
+            .map(|i| WebhookEndpointSettings {
+                id: format!("e{i}"),
+                url: format!("http://{addr}/hook/{i}")
+                    .parse()
+                    .expect("a valid URL"),
+                streams: names.clone(),
+                mode: Mode::Patch,
+                headers: Default::default(),
+                secret: secret.clone(),
+            })
+            .collect(),
+    };
+    let outbox = Arc::new(SqliteOutbox::open(&settings.database).await?);
+    let mut tasks = JoinSet::new();
+    let shutdown = CancellationToken::new();
+    Webhooks::start(
+        &settings,
+        outbox.clone(),
+        hub.clone(),
+        "patchwire-load",
+        &mut tasks,
+        shutdown.clone(),
+    )
+    .await?;
+
+    // Publish: documents with a counter and some payload; each change is a one-field patch.
+    let pad = "x".repeat(200);
+    let total = if rate == 0 {
+        2_000 * seconds
+    } else {
+        rate * seconds
+    };
+    let mut published: HashMap<(String, u64), Instant> = HashMap::new();
+    let started = Instant::now();
+    for i in 0..total {
+        if rate > 0 {
+            let due = started + Duration::from_secs_f64(i as f64 / rate as f64);
+            tokio::time::sleep_until(due.into()).await;
+        } else if i % 64 == 0 {
+            tokio::task::yield_now().await;
+        }
+        let stream = &streams[(i % stream_count) as usize];
+        let document = json!({"n": i, "pad": pad});
+        let at = Instant::now();
+        if let Publication::Published(change) = stream.publish(document) {
+            published.insert((stream.name().to_owned(), change.seq), at);
+        }
+    }
+    let publish_done = started.elapsed();
+    let expected = published.len() as u64 * endpoint_count;
+
+    let deadline = Instant::now() + Duration::from_secs(30 + seconds * 4);
+    let mut last_count = 0;
+    loop {
+        let count: u64 = arrivals
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .map(|v| v.len() as u64)
+            .sum();
+        if count >= expected || Instant::now() > deadline {
+            last_count = last_count.max(count);
+            break;
+        }
+        last_count = count;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let elapsed = started.elapsed();
+    let arrivals = arrivals.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let last_arrival = arrivals
+        .values()
+        .flatten()
+        .max()
+        .map_or(elapsed, |t| t.duration_since(started));
+    let mut latencies: Vec<Duration> = Vec::with_capacity(expected as usize);
+    for (key, times) in &arrivals {
+        if let Some(sent) = published.get(key) {
+            latencies.extend(times.iter().map(|t| t.duration_since(*sent)));
+        }
+    }
+    latencies.sort();
+    println!(
+        "streams {stream_count}, endpoints {endpoint_count} (every endpoint on every stream), \
+         rate {} changes/s for {seconds} s",
+        if rate == 0 {
+            "max".to_owned()
+        } else {
+            rate.to_string()
+        }
+    );
+    println!(
+        "published {} changes in {:.2} s; expected {expected} deliveries, received {last_count}",
+        published.len(),
+        publish_done.as_secs_f64()
+    );
+    println!(
+        "throughput: {:.0} deliveries/s (first publish to last delivery, {:.2} s)",
+        last_count as f64 / last_arrival.as_secs_f64(),
+        last_arrival.as_secs_f64()
+    );
+    println!(
+        "latency publish -> received: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+        percentile(&latencies, 0.50).as_secs_f64() * 1e3,
+        percentile(&latencies, 0.99).as_secs_f64() * 1e3,
+        latencies.last().copied().unwrap_or_default().as_secs_f64() * 1e3,
+    );
+    shutdown.cancel();
+    stop.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(20), async {
+        while tasks.join_next().await.is_some() {}
+    })
+    .await;
+    if last_count < expected {
+        // Explain the shortfall: what the outbox still holds, and why.
+        let mut errors: HashMap<String, usize> = HashMap::new();
+        for i in 0..endpoint_count {
+            for state in [
+                DeliveryState::Pending,
+                DeliveryState::Dead,
+                DeliveryState::Superseded,
+            ] {
+                let list = outbox
+                    .deliveries(
+                        format!("e{i}"),
+                        DeliveryFilter {
+                            state: Some(state),
+                            before: None,
+                            limit: 1_000_000,
+                        },
+                    )
+                    .await?;
+                for d in list {
+                    let key = format!(
+                        "{} after {} attempts: {}",
+                        state.as_str(),
+                        d.attempts,
+                        d.last_error.unwrap_or_default()
+                    );
+                    *errors.entry(key).or_default() += 1;
+                }
+            }
+        }
+        for (error, n) in &errors {
+            eprintln!("{n} deliveries {error}");
+        }
+        anyhow::bail!("only {last_count} of {expected} deliveries arrived");
+    }
+    Ok(())
+}

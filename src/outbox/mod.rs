@@ -1,0 +1,314 @@
+//! The webhook outbox: durable endpoints, deliveries and per-(endpoint, stream) cursors.
+//!
+//! [`Outbox`] is the trait the webhook worker and admin API use; [`sqlite::SqliteOutbox`] is the
+//! embedded default (SQLite in WAL mode on a dedicated thread). A Redis-backed outbox for
+//! multi-node deployments implements the same trait.
+//!
+//! Invariants every implementation keeps:
+//! - Accepting a change for its endpoints is atomic: every endpoint gets its delivery, or none.
+//! - A delivery is pending until a receiver answered 2xx (`Delivered`), its schedule ran out
+//!   (`Dead`), or a later snapshot made it pointless (`Superseded`); pending rows survive
+//!   restarts, so every accepted change is delivered at least once.
+//! - Per (endpoint, stream), deliveries are sent oldest first ([`Outbox::due`] returns only the
+//!   oldest pending delivery of each pair), and a patch is only queued right after the delivery
+//!   holding its base (see [`crate::sinks::webhook::body::plan`]).
+
+pub mod sqlite;
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+use crate::sinks::webhook::body::{Kind, Mode};
+
+/// A boxed future of an outbox operation (the trait stays object-safe).
+pub type OutboxFuture<T> = Pin<Box<dyn Future<Output = Result<T, OutboxError>> + Send>>;
+
+/// Why an outbox operation failed. Every variant means "not done": the caller retries later
+/// (storage) or stops (closed).
+#[derive(Debug, thiserror::Error)]
+pub enum OutboxError {
+    /// The database could not be opened or prepared.
+    #[error("cannot open the webhook outbox database {path}: {message}")]
+    Open {
+        /// The database file.
+        path: String,
+        /// What went wrong.
+        message: String,
+    },
+    /// A read or write failed (disk full, I/O error, corruption); nothing was changed.
+    #[error("webhook outbox storage failed: {0}")]
+    Storage(String),
+    /// The outbox thread has stopped.
+    #[error("the webhook outbox has stopped")]
+    Closed,
+}
+
+/// Where an endpoint was declared.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Source {
+    /// `[[webhooks.endpoints]]` in the configuration: its definition is refreshed at startup.
+    Config,
+    /// Created through the admin API.
+    Api,
+}
+
+/// An endpoint's definition, as stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EndpointRecord {
+    /// Unique id: the configured id, or `ep_...` for endpoints created through the API.
+    pub id: String,
+    /// The target URL (http or https).
+    pub url: String,
+    /// The streams it receives.
+    pub streams: Vec<String>,
+    /// Patches or whole documents.
+    pub mode: Mode,
+    /// Extra headers sent with every delivery.
+    pub headers: BTreeMap<String, String>,
+    /// The signing secret, `whsec_...`.
+    pub secret: String,
+    /// The secret before the last rotation, still signed with until `previous_expires_ms`.
+    pub previous_secret: Option<String>,
+    /// When the previous secret stops being used (Unix milliseconds).
+    pub previous_expires_ms: Option<u64>,
+    /// Config or API.
+    pub source: Source,
+    /// When it was created (Unix milliseconds).
+    pub created_ms: u64,
+}
+
+/// Why and since when an endpoint receives nothing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Disabled {
+    /// When it was disabled (Unix milliseconds).
+    pub at_ms: u64,
+    /// Why, for the admin API.
+    pub reason: String,
+}
+
+/// An endpoint's runtime status, as stored.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EndpointStatus {
+    /// Set while the endpoint is disabled.
+    pub disabled: Option<Disabled>,
+    /// Since when every attempt has failed (cleared by a success).
+    pub failing_since_ms: Option<u64>,
+}
+
+/// The state of a delivery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DeliveryState {
+    /// Waiting for its first or next attempt.
+    Pending,
+    /// A receiver answered 2xx.
+    Delivered,
+    /// Its retry schedule ran out (a dead letter).
+    Dead,
+    /// Replaced by a later snapshot before it was delivered (a backlog collapse or a gap).
+    Superseded,
+}
+
+impl DeliveryState {
+    /// The state's name in the API.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeliveryState::Pending => "pending",
+            DeliveryState::Delivered => "delivered",
+            DeliveryState::Dead => "dead",
+            DeliveryState::Superseded => "superseded",
+        }
+    }
+
+    /// Parses a state's name.
+    pub fn parse(text: &str) -> Option<DeliveryState> {
+        match text {
+            "pending" => Some(DeliveryState::Pending),
+            "delivered" => Some(DeliveryState::Delivered),
+            "dead" => Some(DeliveryState::Dead),
+            "superseded" => Some(DeliveryState::Superseded),
+            _ => None,
+        }
+    }
+}
+
+/// One delivery: a message to one endpoint, and what became of it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Delivery {
+    /// Row id: orders deliveries.
+    pub id: i64,
+    /// The endpoint.
+    pub endpoint: String,
+    /// The stream.
+    pub stream: String,
+    /// `webhook-id`: the same for every attempt and every replay of this message.
+    pub msg_id: String,
+    /// Patch or snapshot.
+    pub kind: Kind,
+    /// The stream's epoch.
+    pub epoch: u64,
+    /// The change's sequence number.
+    pub seq: u64,
+    /// For patches, the sequence number they apply to.
+    pub base_seq: Option<u64>,
+    /// The exact JSON body sent (and signed) on every attempt; empty in listings.
+    pub body: Bytes,
+    /// Its state.
+    pub state: DeliveryState,
+    /// Attempts made so far.
+    pub attempts: u32,
+    /// When the next attempt is due (Unix milliseconds).
+    pub next_attempt_ms: u64,
+    /// The last attempt's error, if it failed.
+    pub last_error: Option<String>,
+    /// The last attempt's HTTP status, if the receiver answered.
+    pub last_status: Option<u16>,
+    /// When the delivery was queued (Unix milliseconds).
+    pub created_ms: u64,
+    /// When it was delivered, dead-lettered or superseded (Unix milliseconds).
+    pub finished_ms: Option<u64>,
+}
+
+/// A change to queue for endpoints (a published change, or a resync of the current document).
+#[derive(Debug, Clone)]
+pub struct NewChange {
+    /// The stream.
+    pub stream: Arc<str>,
+    /// The stream's epoch.
+    pub epoch: u64,
+    /// The change's sequence number.
+    pub seq: u64,
+    /// The RFC 6902 patch from `seq - 1`, when the hub published a patch; `None` for a
+    /// snapshot (or a resync), which every endpoint gets as a document.
+    pub patch: Option<Bytes>,
+    /// The whole document at `seq`.
+    pub document: Bytes,
+    /// When the change was published.
+    pub at: SystemTime,
+}
+
+/// An endpoint a change is queued for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    /// The endpoint's id.
+    pub endpoint: String,
+    /// How it receives changes.
+    pub mode: Mode,
+}
+
+/// What accepting a change did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Accepted {
+    /// Deliveries queued.
+    pub queued: usize,
+    /// Pairs whose backlog was collapsed into the queued snapshot.
+    pub collapsed: usize,
+}
+
+/// The result of one attempt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AttemptOutcome {
+    /// The receiver answered 2xx.
+    Delivered {
+        /// Its status.
+        status: u16,
+    },
+    /// The attempt failed.
+    Failed {
+        /// The receiver's status, if it answered.
+        status: Option<u16>,
+        /// What went wrong.
+        error: String,
+        /// When to try again (Unix milliseconds); `None` dead-letters the delivery.
+        retry_at_ms: Option<u64>,
+    },
+}
+
+/// What recording an attempt changed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Recorded {
+    /// The delivery went dead and no snapshot is queued after it: the pair needs one.
+    pub needs_resync: bool,
+    /// Since when the endpoint has been failing, after this attempt.
+    pub failing_since_ms: Option<u64>,
+}
+
+/// Which deliveries to send again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Replay {
+    /// One delivery (any finished state), by id.
+    One(i64),
+    /// Every dead delivery of the endpoint created at or after this time (Unix milliseconds).
+    DeadSince(u64),
+}
+
+/// A filter for listing deliveries.
+#[derive(Debug, Clone, Default)]
+pub struct DeliveryFilter {
+    /// Only this state.
+    pub state: Option<DeliveryState>,
+    /// Only ids below this one (paging backwards from the newest).
+    pub before: Option<i64>,
+    /// At most this many (newest first).
+    pub limit: usize,
+}
+
+/// The durable queue behind webhooks.
+pub trait Outbox: Send + Sync {
+    /// Every endpoint with its status.
+    fn endpoints(&self) -> OutboxFuture<Vec<(EndpointRecord, EndpointStatus)>>;
+    /// Creates or replaces an endpoint's definition (its status and deliveries are kept).
+    fn put_endpoint(&self, record: EndpointRecord) -> OutboxFuture<()>;
+    /// Sets or clears an endpoint's disabled status (clearing also clears `failing_since`);
+    /// false when there is no such endpoint.
+    fn set_disabled(&self, id: String, disabled: Option<Disabled>) -> OutboxFuture<bool>;
+    /// Removes an endpoint with its cursors and deliveries; false when there was none.
+    fn delete_endpoint(&self, id: String) -> OutboxFuture<bool>;
+    /// Queues `change` for each target in one transaction: a patch where the target's queue
+    /// ends right before it, a snapshot otherwise, nothing where the target already has it.
+    /// A pair holding `backlog_limit` pending deliveries has them superseded by one snapshot.
+    /// Calls take effect in the order they were made, even when their futures are awaited
+    /// later (the dispatcher submits consecutive changes before awaiting them).
+    fn accept(
+        &self,
+        change: NewChange,
+        targets: Vec<Target>,
+        backlog_limit: usize,
+    ) -> OutboxFuture<Accepted>;
+    /// The oldest pending delivery of each (endpoint, stream) pair of an enabled endpoint whose
+    /// next attempt is due at `now_ms`, soonest first, at most `limit`, skipping `busy` pairs
+    /// and the endpoints in `full` (at their concurrency limit), so a saturated endpoint's
+    /// heads never crowd out the others'.
+    fn due(
+        &self,
+        now_ms: u64,
+        limit: usize,
+        busy: Vec<(String, String)>,
+        full: Vec<String>,
+    ) -> OutboxFuture<Vec<Delivery>>;
+    /// When the earliest pending head of an enabled endpoint is due (Unix milliseconds).
+    fn next_due_ms(&self) -> OutboxFuture<Option<u64>>;
+    /// Records an attempt of delivery `id` made at `now_ms`.
+    fn record(&self, id: i64, outcome: AttemptOutcome, now_ms: u64) -> OutboxFuture<Recorded>;
+    /// An endpoint's deliveries, newest first, without bodies.
+    fn deliveries(&self, endpoint: String, filter: DeliveryFilter) -> OutboxFuture<Vec<Delivery>>;
+    /// Queues the selected deliveries again (same `webhook-id` and body, attempts reset) at the
+    /// end of their pairs' queues, in their original order; returns how many.
+    fn replay(&self, endpoint: String, which: Replay, now_ms: u64) -> OutboxFuture<usize>;
+    /// Deletes finished deliveries (delivered, dead, superseded) that finished before
+    /// `before_ms`; returns how many.
+    fn prune(&self, before_ms: u64) -> OutboxFuture<usize>;
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn unix_ms(at: SystemTime) -> u64 {
+    at.duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}

@@ -1,0 +1,274 @@
+//! What a delivery carries, and whether an endpoint gets a change as a patch or a snapshot.
+//! Pure functions: the body is built once when a change is accepted and stored as bytes, so
+//! every retry sends (and signs) exactly the same body.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+/// How an endpoint receives a stream's changes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Every change as an RFC 6902 patch (a snapshot first, and after any gap).
+    Patch,
+    /// The whole document on every change.
+    Snapshot,
+}
+
+impl Mode {
+    /// `"patch"` or `"snapshot"`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Patch => "patch",
+            Mode::Snapshot => "snapshot",
+        }
+    }
+
+    /// Parses `"patch"` or `"snapshot"`.
+    pub fn parse(text: &str) -> Option<Mode> {
+        match text {
+            "patch" => Some(Mode::Patch),
+            "snapshot" => Some(Mode::Snapshot),
+            _ => None,
+        }
+    }
+}
+
+/// Whether a delivery's `data` is a patch or a document.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// `stream.patch`: `data` is a patch from the document at `base_seq`.
+    Patch,
+    /// `stream.snapshot`: `data` is the whole document at `seq`.
+    Snapshot,
+}
+
+impl Kind {
+    /// The body's `type`.
+    pub fn event_type(self) -> &'static str {
+        match self {
+            Kind::Patch => "stream.patch",
+            Kind::Snapshot => "stream.snapshot",
+        }
+    }
+}
+
+/// The last change accepted for one (endpoint, stream) pair.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cursor {
+    /// The stream's epoch (a new process starts a new epoch).
+    pub epoch: u64,
+    /// The sequence number within the epoch.
+    pub seq: u64,
+}
+
+/// What an endpoint gets for one change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Plan {
+    /// Nothing: the endpoint already has this change or a later document (a resync snapshot
+    /// was taken after it was published).
+    Skip,
+    /// The change's patch; the endpoint's queue ends at `base_seq`.
+    Patch {
+        /// The sequence number the patch applies to.
+        base_seq: u64,
+    },
+    /// The whole document: the endpoint wants snapshots, or its queue does not end right
+    /// before this change (first delivery, new epoch, a gap after a dead delivery or a lag).
+    Snapshot,
+}
+
+/// Decides how the change `(epoch, seq)` reaches an endpoint whose queue ends at `cursor`.
+/// `is_patch` is false when the hub itself published a snapshot (first document, root type
+/// change, or a patch larger than the document).
+pub fn plan(cursor: Option<Cursor>, epoch: u64, seq: u64, is_patch: bool, mode: Mode) -> Plan {
+    match cursor {
+        Some(c) if c.epoch == epoch && c.seq >= seq => Plan::Skip,
+        Some(c) if mode == Mode::Patch && is_patch && c.epoch == epoch && c.seq + 1 == seq => {
+            Plan::Patch { base_seq: c.seq }
+        }
+        _ => Plan::Snapshot,
+    }
+}
+
+/// The JSON body of a delivery.
+#[derive(Debug, Serialize)]
+struct BodyJson<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    stream: &'a str,
+    epoch: u64,
+    seq: u64,
+    base_seq: Option<u64>,
+    timestamp: String,
+    data: &'a RawValue,
+}
+
+/// Why a body could not be built.
+#[derive(Debug, thiserror::Error)]
+#[error("the change's data is not valid JSON: {0}")]
+pub struct BodyError(#[from] serde_json::Error);
+
+/// Encodes `{"type", "stream", "epoch", "seq", "base_seq", "timestamp", "data"}`; `data` is
+/// already-serialized JSON (a patch or a document), embedded without re-parsing its values.
+pub fn encode(
+    kind: Kind,
+    stream: &str,
+    epoch: u64,
+    seq: u64,
+    base_seq: Option<u64>,
+    at: SystemTime,
+    data: &[u8],
+) -> Result<Vec<u8>, BodyError> {
+    let text = std::str::from_utf8(data).map_err(|_| {
+        BodyError(<serde_json::Error as serde::de::Error>::custom(
+            "data is not UTF-8",
+        ))
+    })?;
+    let raw: &RawValue = serde_json::from_str(text)?;
+    let body = BodyJson {
+        kind: kind.event_type(),
+        stream,
+        epoch,
+        seq,
+        base_seq: match kind {
+            Kind::Patch => base_seq,
+            Kind::Snapshot => None,
+        },
+        timestamp: rfc3339(at),
+        data: raw,
+    };
+    Ok(serde_json::to_vec(&body)?)
+}
+
+/// `at` as RFC 3339 in UTC with milliseconds, e.g. `2026-11-23T00:28:35.123Z`.
+pub fn rfc3339(at: SystemTime) -> String {
+    let since = at.duration_since(UNIX_EPOCH).unwrap_or(Duration::ZERO);
+    let secs = since.as_secs();
+    let days = i64::try_from(secs / 86_400).unwrap_or(i64::MAX / 2);
+    let rem = secs % 86_400;
+    let (year, month, day) = civil_from_days(days);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60,
+        since.subsec_millis()
+    )
+}
+
+/// Days since 1970-01-01 to (year, month, day) in the proleptic Gregorian calendar
+/// (Howard Hinnant's algorithm).
+fn civil_from_days(days: i64) -> (i64, u32, u32) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    (year, month, day)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use serde_json::{Value, json};
+
+    const P: Mode = Mode::Patch;
+    const S: Mode = Mode::Snapshot;
+
+    fn at(epoch: u64, seq: u64) -> Option<Cursor> {
+        Some(Cursor { epoch, seq })
+    }
+
+    #[test]
+    fn patches_only_continue_an_unbroken_queue() {
+        assert_eq!(plan(at(7, 4), 7, 5, true, P), Plan::Patch { base_seq: 4 });
+        // First delivery, another epoch, a gap: the document.
+        assert_eq!(plan(None, 7, 5, true, P), Plan::Snapshot);
+        assert_eq!(plan(at(6, 4), 7, 5, true, P), Plan::Snapshot);
+        assert_eq!(plan(at(7, 3), 7, 5, true, P), Plan::Snapshot);
+        // The hub published a snapshot, or the endpoint wants snapshots.
+        assert_eq!(plan(at(7, 4), 7, 5, false, P), Plan::Snapshot);
+        assert_eq!(plan(at(7, 4), 7, 5, true, S), Plan::Snapshot);
+        // Already covered by a resync snapshot taken later.
+        assert_eq!(plan(at(7, 5), 7, 5, true, P), Plan::Skip);
+        assert_eq!(plan(at(7, 9), 7, 5, true, S), Plan::Skip);
+    }
+
+    #[test]
+    fn bodies_carry_the_documented_fields() {
+        let t = UNIX_EPOCH + Duration::from_millis(1_614_265_330_123);
+        let body = encode(
+            Kind::Patch,
+            "fleet",
+            9,
+            5,
+            Some(4),
+            t,
+            br#"[{"op":"remove","path":"/a"}]"#,
+        )
+        .unwrap();
+        let v: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(
+            v,
+            json!({"type": "stream.patch", "stream": "fleet", "epoch": 9, "seq": 5, "base_seq": 4,
+                   "timestamp": "2021-02-25T15:02:10.123Z", "data": [{"op": "remove", "path": "/a"}]})
+        );
+        let body = encode(Kind::Snapshot, "fleet", 9, 6, Some(5), t, br#"{"a":1}"#).unwrap();
+        let v: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["type"], "stream.snapshot");
+        assert_eq!(v["base_seq"], Value::Null);
+        assert_eq!(v["data"], json!({"a": 1}));
+        assert!(encode(Kind::Snapshot, "s", 1, 1, None, t, b"{nope").is_err());
+        assert!(encode(Kind::Snapshot, "s", 1, 1, None, t, b"\xff").is_err());
+    }
+
+    #[test]
+    fn timestamps_are_rfc3339_utc() {
+        assert_eq!(rfc3339(UNIX_EPOCH), "1970-01-01T00:00:00.000Z");
+        let leap = UNIX_EPOCH + Duration::from_secs(951_782_400); // 2000-02-29
+        assert_eq!(rfc3339(leap), "2000-02-29T00:00:00.000Z");
+        let t = UNIX_EPOCH + Duration::from_secs(4_102_444_799); // last second of 2099
+        assert_eq!(rfc3339(t), "2099-12-31T23:59:59.000Z");
+    }
+
+    proptest! {
+        /// Whatever the cursor, a patch is planned only for the very next change in the same
+        /// epoch, in patch mode, for a change the hub published as a patch.
+        #[test]
+        fn plan_never_breaks_the_chain(
+            cursor in proptest::option::of((0u64..4, 0u64..10)),
+            epoch in 0u64..4,
+            seq in 1u64..12,
+            is_patch in any::<bool>(),
+            snapshot_mode in any::<bool>(),
+        ) {
+            let cursor = cursor.map(|(epoch, seq)| Cursor { epoch, seq });
+            let mode = if snapshot_mode { S } else { P };
+            match plan(cursor, epoch, seq, is_patch, mode) {
+                Plan::Patch { base_seq } => {
+                    prop_assert!(is_patch && !snapshot_mode);
+                    prop_assert_eq!(cursor, Some(Cursor { epoch, seq: seq - 1 }));
+                    prop_assert_eq!(base_seq, seq - 1);
+                }
+                Plan::Skip => prop_assert!(cursor.is_some_and(|c| c.epoch == epoch && c.seq >= seq)),
+                Plan::Snapshot => {}
+            }
+        }
+
+        /// Timestamps always have the fixed RFC 3339 shape.
+        #[test]
+        fn rfc3339_shape(ms in 0u64..253_402_300_799_999) {
+            let s = rfc3339(UNIX_EPOCH + Duration::from_millis(ms));
+            prop_assert_eq!(s.len(), 24, "{}", s);
+            prop_assert!(s.ends_with('Z'));
+        }
+    }
+}

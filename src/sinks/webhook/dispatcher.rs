@@ -1,0 +1,242 @@
+//! One dispatcher per stream: subscribes to the hub and accepts every change into the outbox
+//! for the endpoints that want it, in one transaction per change.
+//!
+//! A receiver that lagged behind the hub, a dead delivery, an endpoint that was just created or
+//! re-enabled, or an outbox that failed to store a change: each is healed the same way, by
+//! queueing the stream's current document as a snapshot for the affected endpoints. The
+//! outbox skips changes older than what a pair already has, so a snapshot taken ahead of the
+//! live receiver is never followed by the changes it already contains, and a change whose
+//! predecessor was never stored for a pair reaches it as a snapshot (see `body::plan`).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{Notify, broadcast, mpsc};
+use tokio_util::sync::CancellationToken;
+
+use super::registry::Registry;
+use crate::hub::{Change, ChangeKind, Initial, Resume, Stream, StreamEvent, Subscription};
+use crate::outbox::{NewChange, Outbox, Target};
+use crate::snapshot::Snapshot;
+
+/// A request to queue the stream's current document for some endpoints.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Resync {
+    /// For one endpoint.
+    Endpoint(String),
+    /// For every endpoint subscribed to the stream.
+    All,
+}
+
+/// Accepts one stream's changes into the outbox.
+pub struct Dispatcher {
+    stream: Arc<Stream>,
+    outbox: Arc<dyn Outbox>,
+    registry: Arc<Registry>,
+    backlog_limit: usize,
+    wake: Arc<Notify>,
+    requests: mpsc::UnboundedReceiver<Resync>,
+    /// Taken when the dispatcher is built, so no change published after `Webhooks::start`
+    /// returns can be missed.
+    subscription: Option<Subscription>,
+    /// Set when storing failed: a snapshot is queued once storing works again, so a quiet
+    /// stream still ends at its current document.
+    owed: Option<Resync>,
+}
+
+/// The stream's current document as a change every endpoint receives whole.
+fn snapshot_change(stream: &Stream, snapshot: &Snapshot) -> NewChange {
+    NewChange {
+        stream: Arc::from(stream.name()),
+        epoch: stream.epoch(),
+        seq: snapshot.seq,
+        patch: None,
+        document: snapshot.json.clone(),
+        at: snapshot.at,
+    }
+}
+
+fn new_change(change: &Change) -> NewChange {
+    NewChange {
+        stream: change.stream.clone(),
+        epoch: change.epoch,
+        seq: change.seq,
+        patch: match change.kind {
+            ChangeKind::Patch => Some(change.payload.clone()),
+            ChangeKind::Snapshot => None,
+        },
+        document: change.snapshot.json.clone(),
+        at: change.snapshot.at,
+    }
+}
+
+impl Dispatcher {
+    /// A dispatcher for `stream`; `requests` carries resync requests, `wake` is notified after
+    /// every accepted change.
+    pub fn new(
+        stream: Arc<Stream>,
+        outbox: Arc<dyn Outbox>,
+        registry: Arc<Registry>,
+        backlog_limit: usize,
+        wake: Arc<Notify>,
+        requests: mpsc::UnboundedReceiver<Resync>,
+    ) -> Self {
+        let subscription = Some(stream.subscribe(&Resume::Fresh));
+        Dispatcher {
+            subscription,
+            stream,
+            outbox,
+            registry,
+            backlog_limit,
+            wake,
+            requests,
+            owed: None,
+        }
+    }
+
+    async fn accept(&mut self, change: NewChange, targets: Vec<Target>, on_failure: Resync) {
+        if targets.is_empty() {
+            return;
+        }
+        match self
+            .outbox
+            .accept(change, targets, self.backlog_limit)
+            .await
+        {
+            Ok(accepted) => {
+                if accepted.collapsed > 0 {
+                    tracing::info!(
+                        stream = self.stream.name(),
+                        pairs = accepted.collapsed,
+                        "webhook backlog collapsed into a snapshot"
+                    );
+                }
+                if accepted.queued > 0 {
+                    self.wake.notify_one();
+                }
+            }
+            Err(error) => {
+                tracing::error!(stream = self.stream.name(), %error, "cannot queue a webhook delivery; a snapshot will follow");
+                self.owed = Some(match (self.owed.take(), on_failure) {
+                    (Some(Resync::All), _) | (_, Resync::All) => Resync::All,
+                    (_, one) => one,
+                });
+            }
+        }
+    }
+
+    /// Accepts consecutive changes. Each is its own job (its own savepoint); if one fails, the
+    /// next is planned as a snapshot for the pairs it missed, so the chain never breaks.
+    async fn accept_all(&mut self, changes: &[Arc<Change>]) {
+        let pending: Vec<_> = changes
+            .iter()
+            .filter_map(|change| {
+                let targets = self.registry.targets(&change.stream);
+                (!targets.is_empty()).then(|| {
+                    self.outbox
+                        .accept(new_change(change), targets, self.backlog_limit)
+                })
+            })
+            .collect();
+        let mut queued = 0;
+        let mut failed = false;
+        for result in futures_util::future::join_all(pending).await {
+            match result {
+                Ok(accepted) => {
+                    queued += accepted.queued;
+                    if accepted.collapsed > 0 {
+                        tracing::info!(
+                            stream = self.stream.name(),
+                            pairs = accepted.collapsed,
+                            "webhook backlog collapsed into a snapshot"
+                        );
+                    }
+                }
+                Err(error) => {
+                    if !failed {
+                        tracing::error!(stream = self.stream.name(), %error, "cannot queue a webhook delivery; a snapshot will follow");
+                    }
+                    failed = true;
+                }
+            }
+        }
+        if failed {
+            self.owed = Some(Resync::All);
+        }
+        if queued > 0 {
+            self.wake.notify_one();
+        }
+    }
+
+    async fn resync(&mut self, which: Resync) {
+        let Some(snapshot) = self.stream.snapshot() else {
+            // No document yet: the first change will be a snapshot anyway.
+            return;
+        };
+        let targets = self.registry.targets(self.stream.name());
+        let targets = match &which {
+            Resync::All => targets,
+            Resync::Endpoint(id) => targets.into_iter().filter(|t| &t.endpoint == id).collect(),
+        };
+        let change = snapshot_change(&self.stream, &snapshot);
+        self.accept(change, targets, which).await;
+    }
+
+    /// Runs until `shutdown` or the stream closes.
+    pub async fn run(mut self, shutdown: CancellationToken) {
+        let Some(subscription) = self.subscription.take() else {
+            return;
+        };
+        let mut live = subscription.live;
+        for initial in subscription.initial {
+            if let Initial::Snapshot(snapshot) = initial {
+                let change = snapshot_change(&self.stream, &snapshot);
+                let targets = self.registry.targets(self.stream.name());
+                self.accept(change, targets, Resync::All).await;
+            }
+        }
+        let mut retry = tokio::time::interval(Duration::from_secs(1));
+        retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                event = live.recv() => match event {
+                    Ok(StreamEvent::Change(change)) => {
+                        let mut changes = vec![change];
+                        let mut lagged = false;
+                        // Whatever else is waiting goes to the outbox together: the jobs queue in
+                        // order and share transactions (and fsyncs).
+                        while changes.len() < 256 {
+                            match live.try_recv() {
+                                Ok(StreamEvent::Change(next)) => changes.push(next),
+                                Ok(_) => {}
+                                Err(broadcast::error::TryRecvError::Lagged(_)) => {
+                                    lagged = true;
+                                    break;
+                                }
+                                Err(_) => break,
+                            }
+                        }
+                        self.accept_all(&changes).await;
+                        if lagged {
+                            tracing::warn!(stream = self.stream.name(), "webhook dispatcher lagged; queueing a snapshot");
+                            self.resync(Resync::All).await;
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(broadcast::error::RecvError::Lagged(missed)) => {
+                        tracing::warn!(stream = self.stream.name(), missed, "webhook dispatcher lagged; queueing a snapshot");
+                        self.resync(Resync::All).await;
+                    }
+                    Err(broadcast::error::RecvError::Closed) => return,
+                },
+                Some(request) = self.requests.recv() => self.resync(request).await,
+                _ = retry.tick(), if self.owed.is_some() => {
+                    if let Some(owed) = self.owed.take() {
+                        self.resync(owed).await;
+                    }
+                }
+            }
+        }
+    }
+}

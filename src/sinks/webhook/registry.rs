@@ -1,0 +1,178 @@
+//! The endpoints known to this process: their stored definition and status, with the parts a
+//! delivery needs (URL, secrets, headers) parsed once.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, RwLock};
+
+use http::{HeaderMap, HeaderName, HeaderValue};
+use url::Url;
+
+use super::body::Mode;
+use super::sign::Secret;
+use crate::outbox::{EndpointRecord, EndpointStatus, Target};
+
+/// One endpoint, ready to deliver to.
+#[derive(Debug, Clone)]
+pub struct Endpoint {
+    /// Its stored definition.
+    pub record: EndpointRecord,
+    /// Its status (disabled, failing since).
+    pub status: EndpointStatus,
+    /// The parsed target URL.
+    pub url: Url,
+    /// The current secret.
+    pub secret: Secret,
+    /// The previous secret, while a rotation overlaps.
+    pub previous: Option<Secret>,
+    /// Extra headers.
+    pub headers: HeaderMap,
+}
+
+/// Why a stored endpoint cannot be used (a hand-edited or corrupted database).
+#[derive(Debug, thiserror::Error)]
+#[error("endpoint {id:?} is stored with an invalid {what}: {message}")]
+pub struct InvalidEndpoint {
+    /// The endpoint.
+    pub id: String,
+    /// Which part.
+    pub what: &'static str,
+    /// What is wrong.
+    pub message: String,
+}
+
+impl Endpoint {
+    /// Parses a stored endpoint.
+    pub fn new(record: EndpointRecord, status: EndpointStatus) -> Result<Self, InvalidEndpoint> {
+        let invalid = |what: &'static str, message: String| InvalidEndpoint {
+            id: record.id.clone(),
+            what,
+            message,
+        };
+        let url = Url::parse(&record.url).map_err(|e| invalid("url", e.to_string()))?;
+        let secret = Secret::parse_any_length(&record.secret)
+            .map_err(|e| invalid("secret", e.to_string()))?;
+        let previous = match &record.previous_secret {
+            Some(text) => Some(
+                Secret::parse_any_length(text)
+                    .map_err(|e| invalid("previous secret", e.to_string()))?,
+            ),
+            None => None,
+        };
+        let mut headers = HeaderMap::new();
+        for (name, value) in &record.headers {
+            let name = HeaderName::from_bytes(name.as_bytes())
+                .map_err(|e| invalid("header name", e.to_string()))?;
+            let mut value =
+                HeaderValue::from_str(value).map_err(|e| invalid("header value", e.to_string()))?;
+            value.set_sensitive(true);
+            headers.insert(name, value);
+        }
+        Ok(Endpoint {
+            record,
+            status,
+            url,
+            secret,
+            previous,
+            headers,
+        })
+    }
+
+    /// The secrets to sign with at `now_ms`: the current one, and the previous one while the
+    /// rotation overlap lasts.
+    pub fn signing_secrets(&self, now_ms: u64) -> Vec<&Secret> {
+        let mut secrets = vec![&self.secret];
+        if let (Some(previous), Some(until)) = (&self.previous, self.record.previous_expires_ms) {
+            if now_ms < until {
+                secrets.push(previous);
+            }
+        }
+        secrets
+    }
+
+    /// Whether it receives deliveries now.
+    pub fn enabled(&self) -> bool {
+        self.status.disabled.is_none()
+    }
+
+    /// Whether it subscribes to `stream`.
+    pub fn wants(&self, stream: &str) -> bool {
+        self.record.streams.iter().any(|s| s == stream)
+    }
+
+    /// How it receives changes.
+    pub fn mode(&self) -> Mode {
+        self.record.mode
+    }
+}
+
+/// Every endpoint, by id.
+#[derive(Debug, Default)]
+pub struct Registry {
+    endpoints: RwLock<BTreeMap<String, Arc<Endpoint>>>,
+}
+
+impl Registry {
+    /// An empty registry.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The endpoint with this id.
+    pub fn get(&self, id: &str) -> Option<Arc<Endpoint>> {
+        self.endpoints
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(id)
+            .cloned()
+    }
+
+    /// Every endpoint, ordered by id.
+    pub fn all(&self) -> Vec<Arc<Endpoint>> {
+        self.endpoints
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    /// Adds or replaces an endpoint.
+    pub fn put(&self, endpoint: Endpoint) -> Arc<Endpoint> {
+        let endpoint = Arc::new(endpoint);
+        self.endpoints
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(endpoint.record.id.clone(), endpoint.clone());
+        endpoint
+    }
+
+    /// Changes an endpoint in place (atomically with respect to other changes).
+    pub fn update(&self, id: &str, change: impl FnOnce(&mut Endpoint)) {
+        let mut endpoints = self.endpoints.write().unwrap_or_else(|e| e.into_inner());
+        if let Some(current) = endpoints.get_mut(id) {
+            change(Arc::make_mut(current));
+        }
+    }
+
+    /// Removes an endpoint.
+    pub fn remove(&self, id: &str) -> Option<Arc<Endpoint>> {
+        self.endpoints
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(id)
+    }
+
+    /// The enabled endpoints subscribed to `stream`, as outbox targets.
+    pub fn targets(&self, stream: &str) -> Vec<Target> {
+        self.endpoints
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .filter(|e| e.enabled() && e.wants(stream))
+            .map(|e| Target {
+                endpoint: e.record.id.clone(),
+                mode: e.mode(),
+            })
+            .collect()
+    }
+}

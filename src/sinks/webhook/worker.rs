@@ -1,0 +1,419 @@
+//! The delivery worker: a shared pool of attempts over every endpoint's due deliveries.
+//!
+//! [`Worker::try_step`] starts attempts for the oldest pending delivery of each (endpoint,
+//! stream) pair that is due, up to the pool size and the per-endpoint limit, never two of the
+//! same pair at once (order), and returns at once; each attempt records its outcome in the
+//! outbox and wakes the worker. A slow endpoint only ever holds its own slots.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use http::{HeaderValue, header};
+use rand::SeedableRng as _;
+use rand::rngs::StdRng;
+use tokio::sync::{Notify, mpsc};
+use tokio_util::sync::CancellationToken;
+
+use super::dispatcher::Resync;
+use super::registry::{Endpoint, Registry};
+use super::schedule::{AttemptError, RetrySchedule, classify};
+use super::sign::signature_header;
+use super::ssrf::{self, GuardedResolver};
+use crate::outbox::{AttemptOutcome, Delivery, Disabled, Outbox, OutboxError, unix_ms};
+
+/// How the worker delivers.
+#[derive(Debug, Clone)]
+pub struct WorkerSettings {
+    /// When failed deliveries are tried again.
+    pub schedule: RetrySchedule,
+    /// Timeout of one attempt.
+    pub attempt_timeout: Duration,
+    /// An endpoint failing continuously this long is disabled.
+    pub disable_after: Duration,
+    /// Attempts in flight per endpoint.
+    pub per_endpoint: usize,
+    /// Attempts in flight overall.
+    pub workers: usize,
+    /// Whether targets may be private addresses.
+    pub allow_private: bool,
+    /// How long finished deliveries are kept.
+    pub retention: Duration,
+    /// `User-Agent` of deliveries.
+    pub user_agent: String,
+}
+
+/// Where resync requests for a stream go (its dispatcher).
+pub type ResyncRoutes = HashMap<String, mpsc::UnboundedSender<Resync>>;
+
+#[derive(Default)]
+struct InFlight {
+    pairs: HashSet<(String, String)>,
+    per_endpoint: HashMap<String, usize>,
+    total: usize,
+}
+
+/// The delivery worker.
+pub struct Worker {
+    outbox: Arc<dyn Outbox>,
+    registry: Arc<Registry>,
+    client: reqwest::Client,
+    settings: WorkerSettings,
+    inflight: Mutex<InFlight>,
+    wake: Arc<Notify>,
+    resync: ResyncRoutes,
+    rng: Mutex<StdRng>,
+}
+
+/// Why the worker could not be built.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot build the webhook HTTP client: {0}")]
+pub struct ClientError(#[from] reqwest::Error);
+
+impl Worker {
+    /// A worker over `outbox`; `wake` is notified whenever new deliveries may be due.
+    pub fn new(
+        outbox: Arc<dyn Outbox>,
+        registry: Arc<Registry>,
+        settings: WorkerSettings,
+        wake: Arc<Notify>,
+        resync: ResyncRoutes,
+    ) -> Result<Worker, ClientError> {
+        let client = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .no_proxy()
+            .dns_resolver(Arc::new(GuardedResolver {
+                allow_private: settings.allow_private,
+            }))
+            .connect_timeout(settings.attempt_timeout)
+            .pool_max_idle_per_host(settings.per_endpoint.max(1) * 4)
+            .tcp_nodelay(true)
+            .user_agent(settings.user_agent.clone())
+            .build()?;
+        Ok(Worker {
+            outbox,
+            registry,
+            client,
+            settings,
+            inflight: Mutex::new(InFlight::default()),
+            wake,
+            resync,
+            rng: Mutex::new(StdRng::from_os_rng()),
+        })
+    }
+
+    fn inflight(&self) -> std::sync::MutexGuard<'_, InFlight> {
+        self.inflight.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Attempts in flight now.
+    pub fn in_flight(&self) -> usize {
+        self.inflight().total
+    }
+
+    /// Starts an attempt for every due delivery the pool has room for; returns how many.
+    pub async fn try_step(self: &Arc<Self>) -> Result<usize, OutboxError> {
+        let (free, busy, full) = {
+            let inflight = self.inflight();
+            let free = self.settings.workers.saturating_sub(inflight.total);
+            let full = inflight
+                .per_endpoint
+                .iter()
+                .filter(|(_, n)| **n >= self.settings.per_endpoint)
+                .map(|(e, _)| e.clone())
+                .collect::<Vec<_>>();
+            (
+                free,
+                inflight.pairs.iter().cloned().collect::<Vec<_>>(),
+                full,
+            )
+        };
+        if free == 0 {
+            return Ok(0);
+        }
+        let now = unix_ms(SystemTime::now());
+        let due = self.outbox.due(now, free, busy, full).await?;
+        let mut started = 0;
+        for delivery in due {
+            {
+                let mut inflight = self.inflight();
+                if inflight.total >= self.settings.workers {
+                    break;
+                }
+                let per = inflight
+                    .per_endpoint
+                    .get(&delivery.endpoint)
+                    .copied()
+                    .unwrap_or(0);
+                let pair = (delivery.endpoint.clone(), delivery.stream.clone());
+                if per >= self.settings.per_endpoint || inflight.pairs.contains(&pair) {
+                    continue;
+                }
+                inflight.pairs.insert(pair);
+                *inflight
+                    .per_endpoint
+                    .entry(delivery.endpoint.clone())
+                    .or_default() += 1;
+                inflight.total += 1;
+            }
+            started += 1;
+            let worker = self.clone();
+            tokio::spawn(async move { worker.attempt(delivery).await });
+        }
+        Ok(started)
+    }
+
+    fn release(&self, delivery: &Delivery) {
+        {
+            let mut inflight = self.inflight();
+            inflight
+                .pairs
+                .remove(&(delivery.endpoint.clone(), delivery.stream.clone()));
+            if let Some(n) = inflight.per_endpoint.get_mut(&delivery.endpoint) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    inflight.per_endpoint.remove(&delivery.endpoint);
+                }
+            }
+            inflight.total = inflight.total.saturating_sub(1);
+        }
+        self.wake.notify_one();
+    }
+
+    /// Sends one delivery and records what happened.
+    async fn attempt(self: Arc<Self>, delivery: Delivery) {
+        let Some(endpoint) = self.registry.get(&delivery.endpoint) else {
+            // Deleted meanwhile: its deliveries went with it.
+            self.release(&delivery);
+            return;
+        };
+        let result = self.send(&endpoint, &delivery).await;
+        let now = SystemTime::now();
+        let now_ms = unix_ms(now);
+        let outcome = match &result {
+            Ok(status) => AttemptOutcome::Delivered { status: *status },
+            Err(error) => {
+                let retry_after = match error {
+                    AttemptError::Retry { retry_after, .. } => *retry_after,
+                    AttemptError::Gone => None,
+                };
+                let delay = {
+                    let mut rng = self.rng.lock().unwrap_or_else(|e| e.into_inner());
+                    self.settings.schedule.next_delay(
+                        delivery.attempts.saturating_add(1),
+                        retry_after,
+                        &mut *rng,
+                    )
+                };
+                AttemptOutcome::Failed {
+                    status: error.status(),
+                    error: error.to_string(),
+                    retry_at_ms: delay.map(|d| {
+                        now_ms.saturating_add(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+                    }),
+                }
+            }
+        };
+        if let AttemptOutcome::Failed {
+            retry_at_ms: None,
+            error,
+            ..
+        } = &outcome
+        {
+            tracing::warn!(endpoint = %delivery.endpoint, stream = %delivery.stream, msg_id = %delivery.msg_id, attempts = delivery.attempts + 1, %error, "webhook delivery dead-lettered");
+        }
+        let recorded = loop {
+            match self
+                .outbox
+                .record(delivery.id, outcome.clone(), now_ms)
+                .await
+            {
+                Ok(recorded) => break Some(recorded),
+                Err(OutboxError::Closed) => break None,
+                Err(error) => {
+                    // Not recorded: retry, or the delivery is sent again after a restart
+                    // (at least once, same webhook-id).
+                    tracing::error!(%error, "cannot record a webhook attempt; retrying");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        };
+        if let Some(recorded) = recorded {
+            self.registry.update(&delivery.endpoint, |e| {
+                e.status.failing_since_ms = recorded.failing_since_ms;
+            });
+            if recorded.needs_resync {
+                if let Some(route) = self.resync.get(&delivery.stream) {
+                    let _ = route.send(Resync::Endpoint(delivery.endpoint.clone()));
+                }
+            }
+            let reason = match (&result, recorded.failing_since_ms) {
+                (Err(AttemptError::Gone), _) => Some("the receiver answered 410 Gone".to_owned()),
+                (Err(_), Some(since))
+                    if now_ms.saturating_sub(since)
+                        >= u64::try_from(self.settings.disable_after.as_millis())
+                            .unwrap_or(u64::MAX) =>
+                {
+                    Some(format!(
+                        "every attempt failed for {} (webhooks.disable_after)",
+                        humantime::format_duration(Duration::from_millis(now_ms - since))
+                    ))
+                }
+                _ => None,
+            };
+            if let Some(reason) = reason {
+                self.disable(&endpoint, reason, now_ms).await;
+            }
+        }
+        self.release(&delivery);
+    }
+
+    async fn disable(&self, endpoint: &Endpoint, reason: String, now_ms: u64) {
+        tracing::warn!(endpoint = %endpoint.record.id, %reason, "webhook endpoint disabled");
+        let disabled = Disabled {
+            at_ms: now_ms,
+            reason,
+        };
+        match self
+            .outbox
+            .set_disabled(endpoint.record.id.clone(), Some(disabled.clone()))
+            .await
+        {
+            Ok(_) => self
+                .registry
+                .update(&endpoint.record.id, |e| e.status.disabled = Some(disabled)),
+            Err(error) => tracing::error!(%error, "cannot disable a webhook endpoint"),
+        }
+    }
+
+    async fn send(&self, endpoint: &Endpoint, delivery: &Delivery) -> Result<u16, AttemptError> {
+        let retry = |message: String| AttemptError::Retry {
+            status: None,
+            retry_after: None,
+            message,
+        };
+        ssrf::check_url(&endpoint.url, self.settings.allow_private)
+            .map_err(|e| retry(e.to_string()))?;
+        let now = SystemTime::now();
+        let timestamp = now
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+        let signature = signature_header(
+            endpoint.signing_secrets(unix_ms(now)),
+            &delivery.msg_id,
+            timestamp,
+            &delivery.body,
+        );
+        let mut headers = endpoint.headers.clone();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        for (name, value) in [
+            ("webhook-id", delivery.msg_id.as_str()),
+            ("webhook-timestamp", &timestamp.to_string()),
+            ("webhook-signature", &signature),
+        ] {
+            let value = HeaderValue::from_str(value)
+                .map_err(|_| retry(format!("cannot encode the {name} header")))?;
+            headers.insert(name, value);
+        }
+        let response = self
+            .client
+            .post(endpoint.url.clone())
+            .headers(headers)
+            .body(delivery.body.clone())
+            .timeout(self.settings.attempt_timeout)
+            .send()
+            .await
+            .map_err(|e| retry(describe(&e, self.settings.attempt_timeout)))?;
+        let status = response.status();
+        let verdict = classify(status, response.headers(), SystemTime::now());
+        drain(response).await;
+        verdict.map(|()| status.as_u16())
+    }
+
+    /// Runs until `shutdown`: starts due attempts whenever woken, and at the next due time.
+    pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
+        let mut next_prune = tokio::time::Instant::now();
+        loop {
+            if tokio::time::Instant::now() >= next_prune {
+                next_prune += Duration::from_secs(3600);
+                let before = unix_ms(SystemTime::now()).saturating_sub(
+                    u64::try_from(self.settings.retention.as_millis()).unwrap_or(u64::MAX),
+                );
+                match self.outbox.prune(before).await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(deliveries = n, "pruned finished webhook deliveries"),
+                    Err(error) => tracing::warn!(%error, "cannot prune webhook deliveries"),
+                }
+            }
+            let wait = match self.try_step().await {
+                Err(OutboxError::Closed) => return,
+                Err(error) => {
+                    tracing::error!(%error, "cannot read due webhook deliveries");
+                    Duration::from_secs(1)
+                }
+                // Attempts in flight wake the worker when they end; asking the outbox for the
+                // next due time is only needed when nothing is (a retry due meanwhile waits at
+                // most the short poll below).
+                Ok(_) if self.in_flight() > 0 => Duration::from_millis(200),
+                Ok(_) => match self.outbox.next_due_ms().await {
+                    Ok(Some(at)) => {
+                        let now = unix_ms(SystemTime::now());
+                        Duration::from_millis(at.saturating_sub(now).clamp(1, 60_000))
+                    }
+                    Ok(None) => Duration::from_secs(60),
+                    Err(_) => Duration::from_secs(1),
+                },
+            };
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = self.wake.notified() => {}
+                _ = tokio::time::sleep(wait) => {}
+            }
+        }
+        // Attempts in flight finish (or time out) so their outcomes are recorded; anything cut
+        // short stays pending and is sent again after a restart.
+        let deadline = tokio::time::Instant::now() + self.settings.attempt_timeout;
+        while self.in_flight() > 0 && tokio::time::Instant::now() < deadline {
+            tokio::select! {
+                _ = self.wake.notified() => {}
+                _ = tokio::time::sleep_until(deadline) => {}
+            }
+        }
+    }
+}
+
+/// A failed request in words, with its cause chain (the resolver's SSRF refusal included).
+fn describe(error: &reqwest::Error, timeout: Duration) -> String {
+    if error.is_timeout() {
+        return format!(
+            "no answer within {} (webhooks.attempt_timeout)",
+            humantime::format_duration(timeout)
+        );
+    }
+    let mut text = if error.is_connect() {
+        "cannot connect".to_owned()
+    } else {
+        "request failed".to_owned()
+    };
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+/// Reads (and discards) up to 64 KiB of the answer so the connection can be reused.
+async fn drain(mut response: reqwest::Response) {
+    let mut read = 0usize;
+    while let Ok(Some(chunk)) = response.chunk().await {
+        read += chunk.len();
+        if read > 64 * 1024 {
+            break;
+        }
+    }
+}

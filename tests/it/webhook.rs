@@ -1,0 +1,795 @@
+//! Webhooks end to end: the real application, a mock upstream that changes, and a receiver that
+//! verifies every delivery with the independent `standardwebhooks` crate.
+
+use std::path::Path;
+use std::time::Duration;
+
+use patchwire::config::{AdminToken, WebhookEndpointSettings, WebhookSettings};
+use patchwire::sinks::webhook::body::Mode;
+use patchwire::sinks::webhook::schedule::RetrySchedule;
+use patchwire::sinks::webhook::sign::Secret;
+use serde_json::{Value, json};
+
+use crate::support::*;
+
+pub const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+pub const TOKEN: &str = "test-admin-token-0123456789";
+const LONG: Duration = Duration::from_secs(20);
+/// Makes documents large enough that the hub publishes patches rather than snapshots.
+const PAD: &str = "a long enough field so that small patches stay smaller than the document, \
+                   which is when the hub publishes a patch rather than the whole document";
+
+/// Test-sized webhook settings: a fast schedule, private targets allowed, the outbox in `dir`.
+pub fn settings(dir: &Path, endpoints: Vec<WebhookEndpointSettings>) -> WebhookSettings {
+    WebhookSettings {
+        database: dir.join("outbox.db"),
+        allow_private_targets: true,
+        admin_token: Some(AdminToken(TOKEN.into())),
+        schedule: RetrySchedule {
+            delays: [0, 100, 200, 300, 400]
+                .into_iter()
+                .map(Duration::from_millis)
+                .collect(),
+            jitter: 0.0,
+            max_retry_after: Duration::from_secs(5),
+        },
+        attempt_timeout: Duration::from_millis(500),
+        disable_after: Duration::from_secs(3600),
+        max_concurrency_per_endpoint: 4,
+        workers: 16,
+        backlog_limit: 1000,
+        retention: Duration::from_secs(3600),
+        rotation_overlap: Duration::from_secs(3600),
+        endpoints,
+    }
+}
+
+/// A configured endpoint receiving `streams` at `url`.
+pub fn endpoint(id: &str, url: &str, streams: &[&str], mode: Mode) -> WebhookEndpointSettings {
+    WebhookEndpointSettings {
+        id: id.into(),
+        url: url.parse().unwrap(),
+        streams: streams.iter().map(|s| (*s).to_owned()).collect(),
+        mode,
+        headers: [("X-Tenant".to_owned(), "t1".to_owned())].into(),
+        secret: Secret::parse(SECRET).unwrap(),
+    }
+}
+
+/// Rebuilds the document from deliveries in arrival order, checking the patch chain: every
+/// patch's `base_seq` is the sequence number the receiver holds. Returns the document.
+pub fn rebuild(hits: &[Hit]) -> Value {
+    let mut doc = Value::Null;
+    let mut at: Option<(u64, u64)> = None;
+    for hit in hits {
+        assert!(
+            !hit.verified_by.is_empty(),
+            "unverified delivery {:?}",
+            hit.body
+        );
+        let epoch = hit.body["epoch"].as_u64().unwrap();
+        match hit.kind() {
+            "stream.snapshot" => doc = hit.body["data"].clone(),
+            "stream.patch" => {
+                let base = hit.body["base_seq"].as_u64().unwrap();
+                assert_eq!(
+                    at,
+                    Some((epoch, base)),
+                    "a patch whose base the receiver lacks"
+                );
+                let patch: json_patch::Patch =
+                    serde_json::from_value(hit.body["data"].clone()).unwrap();
+                json_patch::patch(&mut doc, &patch).unwrap();
+            }
+            other => panic!("unknown type {other}"),
+        }
+        at = Some((epoch, hit.seq()));
+    }
+    doc
+}
+
+/// Deliveries of the same message again (retries) removed, keeping the first.
+fn unique(hits: &[Hit]) -> Vec<Hit> {
+    let mut seen = std::collections::HashSet::new();
+    hits.iter()
+        .filter(|h| seen.insert(h.id()))
+        .cloned()
+        .collect()
+}
+
+pub struct Admin {
+    base: String,
+    client: reqwest::Client,
+}
+
+impl Admin {
+    pub fn new(app: &TestApp) -> Admin {
+        Admin {
+            base: app.url("/admin/webhooks"),
+            client: reqwest::Client::new(),
+        }
+    }
+
+    pub async fn call(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+        let mut request = self
+            .client
+            .request(method.parse().unwrap(), format!("{}{path}", self.base))
+            .bearer_auth(TOKEN);
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let response = request.send().await.unwrap();
+        let status = response.status().as_u16();
+        let text = response.text().await.unwrap();
+        (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+    }
+}
+
+async fn start(
+    upstream: &MockUpstream,
+    dir: &Path,
+    endpoints: Vec<WebhookEndpointSettings>,
+    tune: impl FnOnce(&mut WebhookSettings),
+) -> TestApp {
+    let mut config = config(vec![stream("fleet", &upstream.url())]);
+    let mut webhooks = settings(dir, endpoints);
+    tune(&mut webhooks);
+    config.webhooks = Some(webhooks);
+    TestApp::spawn(config).await
+}
+
+/// Changes the upstream document `n` times, waiting each time until `receiver` has it.
+async fn change_and_wait(upstream: &MockUpstream, receiver: &Receiver, from: i64, n: i64) {
+    for i in from..from + n {
+        upstream.update(|d| {
+            d["n"] = json!(i);
+            d["items"].as_array_mut().unwrap().push(json!({"id": i}));
+        });
+        receiver
+            .wait_for(LONG, &format!("n = {i}"), |hits| {
+                let accepted: Vec<Hit> = hits.iter().filter(|h| h.status < 300).cloned().collect();
+                !accepted.is_empty() && rebuild(&unique(&accepted))["n"] == json!(i)
+            })
+            .await;
+    }
+}
+
+#[tokio::test]
+async fn every_change_arrives_signed_in_order_as_patches_or_documents() {
+    let upstream = MockUpstream::start(json!({"n": 0, "items": [], "pad": PAD})).await;
+    let patches = Receiver::start(&[SECRET]).await;
+    let documents = Receiver::start(&[SECRET]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let app = start(
+        &upstream,
+        dir.path(),
+        vec![
+            endpoint("patches", &patches.url(), &["fleet"], Mode::Patch),
+            endpoint("documents", &documents.url(), &["fleet"], Mode::Snapshot),
+        ],
+        |_| {},
+    )
+    .await;
+    change_and_wait(&upstream, &patches, 1, 15).await;
+    let hits = patches.accepted();
+    assert_eq!(rebuild(&hits), upstream.document());
+    assert_eq!(hits[0].kind(), "stream.snapshot");
+    assert!(
+        hits[1..].iter().all(|h| h.kind() == "stream.patch"),
+        "patch mode sends patches after the first snapshot"
+    );
+    // Headers: signature verified (above), custom header, JSON body with the documented fields.
+    let first = &hits[0];
+    assert_eq!(first.headers["x-tenant"], "t1");
+    assert_eq!(first.headers["content-type"], "application/json");
+    for key in [
+        "type",
+        "stream",
+        "epoch",
+        "seq",
+        "base_seq",
+        "timestamp",
+        "data",
+    ] {
+        assert!(first.body.get(key).is_some(), "missing {key}");
+    }
+    assert_eq!(first.body["stream"], "fleet");
+    let docs = documents
+        .wait_for(LONG, "the last document", |hits| {
+            hits.last()
+                .is_some_and(|h| h.body["data"]["n"] == json!(15))
+        })
+        .await;
+    assert!(
+        docs.iter()
+            .all(|h| h.kind() == "stream.snapshot" && !h.verified_by.is_empty())
+    );
+    let seqs: Vec<u64> = docs.iter().map(Hit::seq).collect();
+    assert!(
+        seqs.windows(2).all(|w| w[0] < w[1]),
+        "documents in order: {seqs:?}"
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn failures_timeouts_and_retry_after_are_retried_with_the_same_id() {
+    let upstream = MockUpstream::start(json!({"n": 0, "items": [], "pad": PAD})).await;
+    let receiver = Receiver::start(&[SECRET]).await;
+    // Three failures, a hang past the attempt timeout, a 429 asking for 1 s, then success.
+    receiver.script([
+        Reply::Status(500, None),
+        Reply::Status(503, None),
+        Reply::Status(400, None),
+        Reply::Delay(Duration::from_secs(2)),
+        Reply::Status(429, Some("1")),
+    ]);
+    let dir = tempfile::tempdir().unwrap();
+    let app = start(
+        &upstream,
+        dir.path(),
+        vec![endpoint("hook", &receiver.url(), &["fleet"], Mode::Patch)],
+        |s| {
+            s.schedule.delays = vec![
+                Duration::ZERO,
+                Duration::from_millis(50),
+                Duration::from_millis(50),
+                Duration::from_millis(50),
+                Duration::from_millis(50),
+                Duration::from_millis(50),
+                Duration::from_millis(50),
+            ];
+        },
+    )
+    .await;
+    let hits = receiver
+        .wait_for(LONG, "six attempts", |hits| hits.len() >= 6)
+        .await;
+    let first_id = hits[0].id();
+    let attempts: Vec<&Hit> = hits.iter().take(6).collect();
+    assert_eq!(attempts.len(), 6);
+    assert!(
+        attempts.iter().all(|h| h.id() == first_id),
+        "retries keep the webhook-id"
+    );
+    assert_eq!(
+        attempts.iter().map(|h| h.status).collect::<Vec<_>>(),
+        [500, 503, 400, 200, 429, 200]
+    );
+    // The hang was abandoned (the receiver answered 200 too late): the next attempt came anyway.
+    // After the 429 with Retry-After: 1, the next attempt waited at least that long
+    // (the schedule alone would have retried after 50 ms).
+    assert!(
+        attempts[5].at - attempts[4].at >= Duration::from_millis(950),
+        "{:?}",
+        attempts[5].at - attempts[4].at
+    );
+    // Later changes still arrive in order.
+    change_and_wait(&upstream, &receiver, 1, 3).await;
+    assert_eq!(rebuild(&unique(&receiver.accepted())), upstream.document());
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn gone_disables_the_endpoint_until_the_admin_api_re_enables_it() {
+    let upstream = MockUpstream::start(json!({"n": 0, "items": [], "pad": PAD})).await;
+    let receiver = Receiver::start(&[SECRET]).await;
+    receiver.script([Reply::Status(410, None)]);
+    let dir = tempfile::tempdir().unwrap();
+    let app = start(
+        &upstream,
+        dir.path(),
+        vec![endpoint("hook", &receiver.url(), &["fleet"], Mode::Patch)],
+        |_| {},
+    )
+    .await;
+    let admin = Admin::new(&app);
+    receiver.wait_for(LONG, "the 410", |h| !h.is_empty()).await;
+    let deadline = tokio::time::Instant::now() + LONG;
+    loop {
+        let (status, view) = admin.call("GET", "/hook", None).await;
+        assert_eq!(status, 200);
+        if view["disabled"].is_object() {
+            assert!(
+                view["disabled"]["reason"].as_str().unwrap().contains("410"),
+                "{view}"
+            );
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never disabled: {view}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Changes while disabled are not sent.
+    upstream.update(|d| d["n"] = json!(1));
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(receiver.hits().len(), 1);
+    let (status, view) = admin
+        .call("PATCH", "/hook", Some(json!({"disabled": false})))
+        .await;
+    assert_eq!((status, view["disabled"].clone()), (200, Value::Null));
+    // Re-enabled: the pending delivery, then a snapshot of the current document.
+    receiver
+        .wait_for(LONG, "the current document after re-enabling", |hits| {
+            hits.iter().filter(|h| h.status == 200).count() >= 1
+                && rebuild(&unique(
+                    &hits
+                        .iter()
+                        .filter(|h| h.status == 200)
+                        .cloned()
+                        .collect::<Vec<_>>(),
+                ))["n"]
+                    == json!(1)
+        })
+        .await;
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_dead_letter_is_listed_followed_by_a_snapshot_and_replayed_with_its_id() {
+    let upstream = MockUpstream::start(json!({"n": 0, "items": [], "pad": PAD})).await;
+    let receiver = Receiver::start(&[SECRET]).await;
+    // Five attempts (the schedule's length), all failing: the first delivery goes dead.
+    receiver.script((0..5).map(|_| Reply::Status(500, None)));
+    let dir = tempfile::tempdir().unwrap();
+    let app = start(
+        &upstream,
+        dir.path(),
+        vec![endpoint("hook", &receiver.url(), &["fleet"], Mode::Patch)],
+        |_| {},
+    )
+    .await;
+    let admin = Admin::new(&app);
+    let dead_id = receiver
+        .wait_for(LONG, "five failures", |h| h.len() >= 5)
+        .await[0]
+        .id();
+    let dead = loop {
+        let (status, list) = admin.call("GET", "/hook/dead-letters", None).await;
+        assert_eq!(status, 200);
+        if let Some(d) = list["deliveries"]
+            .as_array()
+            .and_then(|a| a.first())
+            .cloned()
+        {
+            break d;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(dead["webhook_id"], json!(dead_id));
+    assert_eq!(dead["attempts"], json!(5));
+    assert_eq!(dead["last_status"], json!(500));
+    assert!(dead["last_error"].as_str().unwrap().contains("500"));
+    // After the gap a snapshot arrives (never a patch without its base), then patches again.
+    change_and_wait(&upstream, &receiver, 1, 3).await;
+    let after: Vec<Hit> = receiver.accepted();
+    assert_eq!(after[0].kind(), "stream.snapshot");
+    assert_eq!(rebuild(&unique(&after)), upstream.document());
+    // Replay the dead letter: the same message again.
+    let (status, answer) = admin
+        .call(
+            "POST",
+            &format!("/hook/deliveries/{}/replay", dead["id"]),
+            None,
+        )
+        .await;
+    assert_eq!((status, answer["replayed"].clone()), (202, json!(1)));
+    receiver
+        .wait_for(LONG, "the replayed message", |hits| {
+            hits.iter()
+                .filter(|h| h.status == 200 && h.id() == dead_id)
+                .count()
+                == 1
+        })
+        .await;
+    // Replay by time: every dead letter since a time before the first one.
+    let (status, answer) = admin
+        .call(
+            "POST",
+            "/hook/replay",
+            Some(json!({"since": "2000-01-01T00:00:00Z"})),
+        )
+        .await;
+    assert_eq!((status, answer["replayed"].clone()), (202, json!(1)));
+    let (status, answer) = admin
+        .call("POST", "/hook/replay", Some(json!({"since": "yesterday"})))
+        .await;
+    assert_eq!(status, 422, "{answer}");
+    assert!(answer["message"].as_str().unwrap().contains("RFC 3339"));
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn runtime_endpoints_rotate_secrets_and_survive_restarts() {
+    let upstream = MockUpstream::start(json!({"n": 0, "items": [], "pad": PAD})).await;
+    let receiver = Receiver::start(&[]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let app = start(&upstream, dir.path(), vec![], |_| {}).await;
+    let admin = Admin::new(&app);
+    let (status, created) = admin
+        .call(
+            "POST",
+            "",
+            Some(json!({"url": receiver.url(), "streams": ["fleet"]})),
+        )
+        .await;
+    assert_eq!(status, 201, "{created}");
+    let id = created["id"].as_str().unwrap().to_owned();
+    let old = created["secret"].as_str().unwrap().to_owned();
+    assert!(old.starts_with("whsec_"));
+    receiver.add_secret(&old);
+    // A new endpoint gets the current document at once.
+    receiver
+        .wait_for(LONG, "the first snapshot", |h| !h.is_empty())
+        .await;
+    // The secret is shown only at creation.
+    let (_, shown) = admin.call("GET", &format!("/{id}"), None).await;
+    assert!(shown.get("secret").is_none() && !shown.to_string().contains(&old));
+    let (_, listed) = admin.call("GET", "", None).await;
+    assert!(!listed.to_string().contains(&old));
+    // Rotation: both signatures while the overlap lasts.
+    let (status, rotated) = admin
+        .call("POST", &format!("/{id}/rotate-secret"), None)
+        .await;
+    assert_eq!(status, 200);
+    let new = rotated["secret"].as_str().unwrap().to_owned();
+    assert_ne!(new, old);
+    receiver.add_secret(&new);
+    change_and_wait(&upstream, &receiver, 1, 1).await;
+    let last = receiver.hits().pop().unwrap();
+    assert_eq!(
+        last.verified_by,
+        vec![0, 1],
+        "signed with the old and the new secret"
+    );
+    app.stop().await;
+
+    // Restart on the same database: the endpoint is still there and still delivers.
+    let app = start(&upstream, dir.path(), vec![], |_| {}).await;
+    let admin = Admin::new(&app);
+    let (status, view) = admin.call("GET", &format!("/{id}"), None).await;
+    assert_eq!(status, 200, "{view}");
+    change_and_wait(&upstream, &receiver, 2, 1).await;
+    let (status, _) = admin.call("DELETE", &format!("/{id}"), None).await;
+    assert_eq!(status, 204);
+    let (status, _) = admin.call("GET", &format!("/{id}"), None).await;
+    assert_eq!(status, 404);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn the_admin_api_checks_its_token_and_its_input() {
+    let upstream = MockUpstream::start(json!({"n": 0})).await;
+    let dir = tempfile::tempdir().unwrap();
+    let app = start(&upstream, dir.path(), vec![], |s| {
+        s.allow_private_targets = false
+    })
+    .await;
+    let client = reqwest::Client::new();
+    let url = app.url("/admin/webhooks");
+    assert_eq!(client.get(&url).send().await.unwrap().status(), 401);
+    let wrong = client.get(&url).bearer_auth("nope").send().await.unwrap();
+    assert_eq!(wrong.status(), 401);
+    let admin = Admin::new(&app);
+    for (body, needle) in [
+        (
+            json!({"url": "http://127.0.0.1:9/x", "streams": ["fleet"]}),
+            "loopback",
+        ),
+        (
+            json!({"url": "http://localhost:9/x", "streams": ["fleet"]}),
+            "loopback",
+        ),
+        (
+            json!({"url": "http://[::1]:9/x", "streams": ["fleet"]}),
+            "loopback",
+        ),
+        (
+            json!({"url": "http://10.1.2.3/x", "streams": ["fleet"]}),
+            "private",
+        ),
+        (
+            json!({"url": "http://192.168.0.10/x", "streams": ["fleet"]}),
+            "private",
+        ),
+        (
+            json!({"url": "http://169.254.169.254/latest/meta-data", "streams": ["fleet"]}),
+            "metadata",
+        ),
+        (
+            json!({"url": "http://169.254.1.1/x", "streams": ["fleet"]}),
+            "link-local",
+        ),
+        (
+            json!({"url": "http://[fe80::1]/x", "streams": ["fleet"]}),
+            "link-local",
+        ),
+        (
+            json!({"url": "ftp://example.com/x", "streams": ["fleet"]}),
+            "http or https",
+        ),
+        (
+            json!({"url": "http://203.0.113.5/x", "streams": ["nope"]}),
+            "configured streams",
+        ),
+        (
+            json!({"url": "http://203.0.113.5/x", "streams": []}),
+            "at least one",
+        ),
+        (
+            json!({"url": "http://203.0.113.5/x", "streams": ["fleet"], "secret": "whsec_short"}),
+            "secret",
+        ),
+        (
+            json!({"url": "http://203.0.113.5/x", "streams": ["fleet"], "headers": {"webhook-id": "x"}}),
+            "headers.webhook-id",
+        ),
+    ] {
+        let (status, answer) = admin.call("POST", "", Some(body.clone())).await;
+        assert_eq!(status, 422, "{body} -> {answer}");
+        let message = answer["message"].as_str().unwrap();
+        assert!(message.contains(needle), "{body}: {message}");
+    }
+    let (status, answer) = admin.call("POST", "", Some(json!({"url": 5}))).await;
+    assert_eq!(status, 400, "{answer}");
+    let (status, _) = admin.call("GET", "/ep_missing", None).await;
+    assert_eq!(status, 404);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn redirects_are_never_followed() {
+    let upstream = MockUpstream::start(json!({"n": 0, "items": [], "pad": PAD})).await;
+    let receiver = Receiver::start(&[SECRET]).await;
+    receiver.script([Reply::Redirect]);
+    let dir = tempfile::tempdir().unwrap();
+    let app = start(
+        &upstream,
+        dir.path(),
+        vec![endpoint("hook", &receiver.url(), &["fleet"], Mode::Patch)],
+        |_| {},
+    )
+    .await;
+    let hits = receiver
+        .wait_for(LONG, "the retry after the redirect", |h| h.len() >= 2)
+        .await;
+    assert_eq!(hits[0].status, 302);
+    assert!(
+        hits.iter().all(|h| h.path == "/hook"),
+        "the redirect was followed"
+    );
+    assert_eq!(hits[0].id(), hits[1].id());
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn without_a_token_the_admin_api_is_disabled_and_without_webhooks_absent() {
+    let upstream = MockUpstream::start(json!({"n": 0})).await;
+    let dir = tempfile::tempdir().unwrap();
+    let app = start(&upstream, dir.path(), vec![], |s| s.admin_token = None).await;
+    let answer = reqwest::get(app.url("/admin/webhooks")).await.unwrap();
+    assert_eq!(answer.status(), 403);
+    assert!(
+        answer
+            .text()
+            .await
+            .unwrap()
+            .contains("webhooks.admin_token")
+    );
+    app.stop().await;
+    let app = TestApp::spawn(config(vec![stream("fleet", &upstream.url())])).await;
+    let answer = reqwest::get(app.url("/admin/webhooks")).await.unwrap();
+    assert_eq!(answer.status(), 404);
+    assert!(answer.text().await.unwrap().contains("[webhooks]"));
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn an_endpoint_failing_for_disable_after_is_disabled() {
+    let upstream = MockUpstream::start(json!({"n": 0, "items": [], "pad": PAD})).await;
+    let receiver = Receiver::start(&[SECRET]).await;
+    receiver.script((0..1000).map(|_| Reply::Status(500, None)));
+    let dir = tempfile::tempdir().unwrap();
+    let app = start(
+        &upstream,
+        dir.path(),
+        vec![endpoint("hook", &receiver.url(), &["fleet"], Mode::Patch)],
+        |s| {
+            s.schedule.delays = vec![Duration::from_millis(50); 50];
+            s.disable_after = Duration::from_millis(300);
+        },
+    )
+    .await;
+    let admin = Admin::new(&app);
+    let deadline = tokio::time::Instant::now() + LONG;
+    let view = loop {
+        let (_, view) = admin.call("GET", "/hook", None).await;
+        if view["disabled"].is_object() {
+            break view;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never disabled: {view}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let reason = view["disabled"]["reason"].as_str().unwrap();
+    assert!(reason.contains("disable_after"), "{reason}");
+    assert!(view["failing_since"].is_string(), "{view}");
+    // Nothing more is attempted while disabled.
+    let attempts = receiver.hits().len();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(receiver.hits().len(), attempts);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn names_resolving_to_private_addresses_are_refused_at_delivery() {
+    let upstream = MockUpstream::start(json!({"n": 0, "items": [], "pad": PAD})).await;
+    let receiver = Receiver::start(&[SECRET]).await;
+    // The name passes the (pure) configuration check; the resolver refuses what it resolves to.
+    let url = receiver.url().replace("127.0.0.1", "localhost");
+    let dir = tempfile::tempdir().unwrap();
+    let app = start(
+        &upstream,
+        dir.path(),
+        vec![endpoint("hook", &url, &["fleet"], Mode::Patch)],
+        |s| s.allow_private_targets = false,
+    )
+    .await;
+    let admin = Admin::new(&app);
+    let deadline = tokio::time::Instant::now() + LONG;
+    let delivery = loop {
+        let (_, list) = admin.call("GET", "/hook/deliveries", None).await;
+        if let Some(d) = list["deliveries"]
+            .as_array()
+            .and_then(|a| a.iter().find(|d| d["attempts"].as_u64() >= Some(1)))
+        {
+            break d.clone();
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no attempt: {list}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let error = delivery["last_error"].as_str().unwrap();
+    assert!(
+        error.contains("loopback") && error.contains("allow_private_targets"),
+        "{error}"
+    );
+    assert!(receiver.hits().is_empty(), "the receiver was reached");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_slow_endpoint_never_delays_the_others() {
+    let upstream = MockUpstream::start(json!({"n": 0, "items": [], "pad": PAD})).await;
+    let slow = Receiver::start(&[SECRET]).await;
+    // Requests are recorded when answered: nothing is recorded for 15 s.
+    slow.set_delay(Duration::from_secs(15));
+    let fast = Receiver::start(&[SECRET]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let app = start(
+        &upstream,
+        dir.path(),
+        vec![
+            endpoint("slow", &slow.url(), &["fleet"], Mode::Patch),
+            endpoint("fast", &fast.url(), &["fleet"], Mode::Patch),
+        ],
+        |s| {
+            s.attempt_timeout = Duration::from_secs(20);
+            s.workers = 2;
+            s.max_concurrency_per_endpoint = 1;
+        },
+    )
+    .await;
+    // Five changes reach the fast endpoint while the slow one still holds its first delivery.
+    change_and_wait(&upstream, &fast, 1, 5).await;
+    assert!(
+        slow.hits().len() <= 1,
+        "the slow endpoint got {} requests",
+        slow.hits().len()
+    );
+    assert_eq!(rebuild(&unique(&fast.accepted())), upstream.document());
+    app.stop().await;
+}
+
+/// The worker driven step by step: at most `max_concurrency_per_endpoint` attempts per
+/// endpoint, at most one per (endpoint, stream), at most `workers` overall.
+#[tokio::test]
+async fn try_step_bounds_concurrency_per_pair_endpoint_and_pool() {
+    // Answers after 15 s: every attempt started stays in flight for the whole test.
+    let receiver = Receiver::start(&[SECRET]).await;
+    receiver.set_delay(Duration::from_secs(15));
+    // (pool, per endpoint, expected in flight) with 2 endpoints x 3 streams = 6 pairs.
+    for (workers, per_endpoint, expected) in [(3, 2, 3), (10, 2, 4), (10, 5, 6)] {
+        let (outbox, worker) = two_endpoints_three_streams(&receiver, workers, per_endpoint).await;
+        assert_eq!(
+            worker.try_step().await.unwrap(),
+            expected,
+            "{workers} {per_endpoint}"
+        );
+        assert_eq!(worker.in_flight(), expected);
+        // Nothing more while those are in flight.
+        assert_eq!(worker.try_step().await.unwrap(), 0);
+        let due = outbox.due(u64::MAX / 4, 100, vec![], vec![]).await.unwrap();
+        assert_eq!(due.len(), 6, "six pairs have a head");
+        assert!(
+            due.iter().all(|d| d.seq == 1),
+            "only the oldest of each pair is ever due"
+        );
+    }
+}
+
+async fn two_endpoints_three_streams(
+    receiver: &Receiver,
+    workers: usize,
+    per_endpoint: usize,
+) -> (
+    std::sync::Arc<dyn patchwire::outbox::Outbox>,
+    std::sync::Arc<patchwire::sinks::webhook::worker::Worker>,
+) {
+    use patchwire::outbox::sqlite::SqliteOutbox;
+    use patchwire::outbox::{EndpointRecord, EndpointStatus, NewChange, Outbox, Source, Target};
+    use patchwire::sinks::webhook::registry::{Endpoint, Registry};
+    use patchwire::sinks::webhook::worker::{Worker, WorkerSettings};
+    use std::sync::Arc;
+
+    let outbox: Arc<dyn Outbox> =
+        Arc::new(SqliteOutbox::open(Path::new(":memory:")).await.unwrap());
+    let registry = Arc::new(Registry::new());
+    let streams = ["a", "b", "c"];
+    for id in ["one", "two"] {
+        let record = EndpointRecord {
+            id: id.into(),
+            url: receiver.url(),
+            streams: streams.iter().map(|s| (*s).to_owned()).collect(),
+            mode: Mode::Patch,
+            headers: Default::default(),
+            secret: SECRET.into(),
+            previous_secret: None,
+            previous_expires_ms: None,
+            source: Source::Api,
+            created_ms: 0,
+        };
+        outbox.put_endpoint(record.clone()).await.unwrap();
+        registry.put(Endpoint::new(record, EndpointStatus::default()).unwrap());
+    }
+    for stream in streams {
+        for seq in 1..=2 {
+            let change = NewChange {
+                stream: Arc::from(stream),
+                epoch: 1,
+                seq,
+                patch: (seq > 1).then(|| bytes::Bytes::from_static(b"[]")),
+                document: bytes::Bytes::from_static(br#"{"a":1}"#),
+                at: std::time::SystemTime::now(),
+            };
+            let targets = ["one", "two"]
+                .map(|e| Target {
+                    endpoint: e.into(),
+                    mode: Mode::Patch,
+                })
+                .to_vec();
+            outbox.accept(change, targets, 100).await.unwrap();
+        }
+    }
+    let worker = Worker::new(
+        outbox.clone(),
+        registry,
+        WorkerSettings {
+            schedule: RetrySchedule::default(),
+            attempt_timeout: Duration::from_secs(30),
+            disable_after: Duration::from_secs(3600),
+            per_endpoint,
+            workers,
+            allow_private: true,
+            retention: Duration::from_secs(3600),
+            user_agent: "test".into(),
+        },
+        Arc::new(tokio::sync::Notify::new()),
+        Default::default(),
+    )
+    .unwrap();
+    (outbox, Arc::new(worker))
+}

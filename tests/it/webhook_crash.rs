@@ -1,0 +1,227 @@
+//! The crash test: the real binary with a backlog in flight to a slow receiver is killed with
+//! SIGKILL and restarted on the same database; every change it had accepted still arrives, in
+//! order per stream, with duplicates only as redeliveries of the same `webhook-id`.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::json;
+
+use crate::support::*;
+use crate::webhook::{SECRET, rebuild};
+
+const PAD: &str = "a field long enough that small patches stay smaller than the document itself";
+
+fn spawn_binary(config: &Path, log: &Path) -> Child {
+    let log = std::fs::File::create(log).unwrap();
+    Command::new(env!("CARGO_BIN_EXE_patchwire"))
+        .args(["run", "--config"])
+        .arg(config)
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("the patchwire binary starts")
+}
+
+/// `kill -KILL pid` (std's `Child::kill` also sends SIGKILL on Unix: the fallback when the
+/// `kill` program is missing).
+fn sigkill(child: &mut Child) {
+    match Command::new("kill")
+        .args(["-KILL", &child.id().to_string()])
+        .status()
+    {
+        Ok(status) => assert!(status.success(), "kill -KILL failed: {status}"),
+        Err(_) => child.kill().unwrap(),
+    }
+    child.wait().unwrap();
+}
+
+/// Every delivery the outbox holds: webhook-id → (epoch, seq, state).
+fn stored(db: &Path) -> BTreeMap<String, (i64, i64, i64)> {
+    let conn = rusqlite::Connection::open(db).unwrap();
+    let mut statement = conn
+        .prepare("SELECT msg_id, epoch, seq, state FROM deliveries")
+        .unwrap();
+    statement
+        .query_map([], |r| {
+            Ok((r.get::<_, String>(0)?, (r.get(1)?, r.get(2)?, r.get(3)?)))
+        })
+        .unwrap()
+        .map(Result::unwrap)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_with_a_backlog_in_flight_loses_nothing() {
+    let upstream = Arc::new(MockUpstream::start(json!({"n": 0, "items": [], "pad": PAD})).await);
+    let receiver = Receiver::start(&[SECRET]).await;
+    // Slower than changes arrive: a backlog builds up in the outbox.
+    receiver.set_delay(Duration::from_millis(150));
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("outbox.db");
+    let config = dir.path().join("patchwire.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"[server]
+listen = "127.0.0.1:0"
+shutdown_grace = "1s"
+
+[log]
+level = "warn"
+
+[[streams]]
+name = "fleet"
+url = "{upstream}"
+interval = "100ms"
+
+[webhooks]
+database = "{db}"
+allow_private_targets = true
+schedule = ["0s", "100ms", "200ms", "400ms", "800ms", "1s", "1s", "1s", "1s", "1s"]
+jitter = 0.0
+attempt_timeout = "5s"
+
+[[webhooks.endpoints]]
+id = "crash"
+url = "{receiver}"
+streams = ["fleet"]
+secret = "{SECRET}"
+"#,
+            upstream = upstream.url(),
+            db = db.display(),
+            receiver = receiver.url(),
+        ),
+    )
+    .unwrap();
+
+    // The upstream changes every 50 ms until told to stop.
+    let stop_changes = tokio_util::sync::CancellationToken::new();
+    let changer = {
+        let stop = stop_changes.clone();
+        let upstream = upstream.clone();
+        tokio::spawn(async move {
+            let mut n = 0i64;
+            while !stop.is_cancelled() {
+                n += 1;
+                upstream.update(|d| {
+                    d["n"] = json!(n);
+                    d["items"].as_array_mut().unwrap().push(json!({"id": n}));
+                });
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            n
+        })
+    };
+
+    let mut first = spawn_binary(&config, &dir.path().join("first.log"));
+    receiver
+        .wait_for(
+            Duration::from_secs(30),
+            "ten deliveries before the kill",
+            |h| h.len() >= 10,
+        )
+        .await;
+    // Kill while a backlog is pending in the outbox.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let pending = stored(&db)
+            .values()
+            .filter(|(_, _, state)| *state == 0)
+            .count();
+        if pending >= 5 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no backlog built up"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    sigkill(&mut first);
+    let accepted_before_kill = stored(&db);
+    let pending_at_kill = accepted_before_kill
+        .values()
+        .filter(|(_, _, s)| *s == 0)
+        .count();
+    assert!(
+        pending_at_kill >= 5,
+        "the kill happened with {pending_at_kill} pending"
+    );
+
+    let mut second = spawn_binary(&config, &dir.path().join("second.log"));
+    // Let the second process accept some changes of its own, then let everything drain.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop_changes.cancel();
+    changer.await.unwrap();
+    receiver.set_delay(Duration::ZERO);
+    let final_document = upstream.document();
+    let hits = receiver
+        .wait_for(Duration::from_secs(60), "the final document", |hits| {
+            let mut seen = BTreeSet::new();
+            let unique: Vec<Hit> = hits
+                .iter()
+                .filter(|h| h.status == 200 && seen.insert(h.id()))
+                .cloned()
+                .collect();
+            !unique.is_empty() && rebuild(&unique) == final_document
+        })
+        .await;
+    sigkill(&mut second);
+
+    // Every change accepted before the kill arrived.
+    let received: BTreeSet<String> = hits
+        .iter()
+        .filter(|h| h.status == 200)
+        .map(Hit::id)
+        .collect();
+    let missing: Vec<_> = accepted_before_kill
+        .iter()
+        .filter(|(id, (_, _, state))| *state != 3 && !received.contains(*id))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "accepted but never delivered: {missing:?}"
+    );
+    // Duplicates are only redeliveries of the same message: one id per (epoch, seq, type).
+    let mut ids: HashMap<(u64, u64, String), BTreeSet<String>> = HashMap::new();
+    for h in &hits {
+        ids.entry((
+            h.body["epoch"].as_u64().unwrap(),
+            h.seq(),
+            h.kind().to_owned(),
+        ))
+        .or_default()
+        .insert(h.id());
+    }
+    assert!(
+        ids.values().all(|set| set.len() == 1),
+        "the same change under two ids: {ids:?}"
+    );
+    // In order: the first arrival of each message rebuilds the document through an unbroken
+    // chain of patches (`rebuild` checks every base), across both epochs.
+    let mut seen = BTreeSet::new();
+    let unique: Vec<Hit> = hits
+        .iter()
+        .filter(|h| h.status == 200 && seen.insert(h.id()))
+        .cloned()
+        .collect();
+    assert_eq!(rebuild(&unique), final_document);
+    let epochs: BTreeSet<u64> = unique
+        .iter()
+        .map(|h| h.body["epoch"].as_u64().unwrap())
+        .collect();
+    assert_eq!(epochs.len(), 2, "deliveries from both processes");
+    eprintln!(
+        "crash test: {} accepted before the kill ({pending_at_kill} pending), {} requests, {} unique",
+        accepted_before_kill.len(),
+        hits.len(),
+        unique.len()
+    );
+    assert!(unique.iter().all(|h| !h.verified_by.is_empty()));
+}
