@@ -6,12 +6,14 @@
 //! - [`diff`]: RFC 6902 diff and apply.
 //! - [`metrics`]: Prometheus metrics owned by the application.
 //! - [`sim`]: the simulated fleet feed used by the default configuration, tests and benchmarks.
+//! - [`load`]: the `patchwire-load` SSE load client (any SSE server, not just this one).
 
 pub mod api;
 pub mod app;
 pub mod config;
 pub mod diff;
 pub mod hub;
+pub mod load;
 pub mod metrics;
 pub mod sim;
 pub mod sinks;
