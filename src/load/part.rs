@@ -309,10 +309,13 @@ async fn subscriber(
     if let Err(e) = reader.consume(&leftover, &shared) {
         reader.receipts.ended = Some(e.to_string());
     }
+    // One registration with the stop token for the whole connection, not one per read.
+    let stopped = shared.stop.cancelled();
+    tokio::pin!(stopped);
     while reader.receipts.ended.is_none() {
         tokio::select! {
             biased;
-            () = shared.stop.cancelled() => break,
+            () = &mut stopped => break,
             readable = stream.readable() => {
                 if let Err(e) = readable {
                     reader.receipts.ended = Some(format!("read failed: {e}"));
