@@ -166,11 +166,21 @@ run_case() {
   local tmpl
   if [ "$kind" = whole ]; then tmpl='{"m":"MARK@@K@@;","pad":"@@K@@-@@PAD@@"}'; else tmpl='{"m":"MARK@@K@@;","pad":"@@PAD@@"}'; fi
   local tag="$sc-$server"
+  # The padding patchwire-load computes: the body is `size` bytes for change min(k, 99), so
+  # every body of a run has the same pad (only the change number varies).
+  local bare=${tmpl//@@PAD@@/}; bare=${bare//@@K@@/$((k < 99 ? k : 99))}
+  local padlen=$((size - ${#bare})); [ "$padlen" -ge 0 ] || padlen=0
+  if [ "$server" = patchwire ]; then
+    # A fresh stream's first change is a snapshot (the whole document); publish change 0
+    # first so every measured change is a patch, as in steady state.
+    local body0=${tmpl//@@PAD@@/$(pad "$padlen")}; body0=${body0//@@K@@/0}
+    curl -sf -o /dev/null -H "$HDR" --data-binary "$body0" "http://127.0.0.1:$PORT$PUB" \
+      || die "priming patchwire's push stream failed"
+  fi
   log "scenario $sc: $server, $client, $n subscribers, $k changes of $size B every ${iv} ms, stalled $stalled (load: $(cut -d' ' -f1-3 /proc/loadavg))"
   if [ "$client" = ssebench ]; then
     # ssebench has no @@PAD@@: pad the template to the size here.
-    local bare=${tmpl//@@PAD@@/}; bare=${bare//@@K@@/10}
-    local body=${tmpl//@@PAD@@/$(pad $((size - ${#bare})))}
+    local body=${tmpl//@@PAD@@/$(pad "$padlen")}
     local extra=""; [ -n "$HDR" ] && extra="$HDR"$'\r\n'
     "$OUT/ssebench" 127.0.0.1 "$PORT" "$SUB" "$n" "$PORT" "$PUB" "$body" "$k" "$iv" "$extra" "$SPIDS" \
       >"$OUT/$tag-ssebench.txt" 2>"$OUT/$tag-ssebench.err" || log "ssebench failed: $(tail -1 "$OUT/$tag-ssebench.err")"
