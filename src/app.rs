@@ -17,6 +17,7 @@ use crate::config::Config;
 use crate::hub::{Hub, Publication, Stream, StreamOptions};
 use crate::metrics::Metrics;
 use crate::sim;
+use crate::sinks::sse::native::NativeSse;
 use crate::snapshot::SnapshotStore;
 use crate::upstream::fetch::{FetchError, Fetcher, Redacted};
 use crate::upstream::poller::{LastOutcome, PollStatus, Poller, Publish, PublishResult};
@@ -130,17 +131,28 @@ pub async fn run(
     }
 
     let mut upstreams: HashMap<String, Arc<dyn UpstreamStatus>> = HashMap::new();
+    // Every stream, polled or pushed, is built the same way and kept alive the same way.
+    let add_stream =
+        |tasks: &mut JoinSet<()>, name: &str, history: usize, diff: &crate::diff::DiffOptions| {
+            let stream = hub.insert(Arc::new(Stream::new(
+                name,
+                StreamOptions {
+                    history,
+                    buffer: config.server.subscriber_buffer,
+                    diff: diff.clone(),
+                },
+                snapshots.clone(),
+                metrics.clone(),
+            )));
+            tasks.spawn(keep_alive(
+                stream.clone(),
+                config.server.keepalive,
+                shutdown.clone(),
+            ));
+            stream
+        };
     for settings in &config.streams {
-        let stream = hub.insert(Arc::new(Stream::new(
-            &settings.name,
-            StreamOptions {
-                history: settings.history,
-                buffer: config.server.subscriber_buffer,
-                diff: settings.diff.clone(),
-            },
-            snapshots.clone(),
-            metrics.clone(),
-        )));
+        let stream = add_stream(&mut tasks, &settings.name, settings.history, &settings.diff);
         let poller = Poller::new(
             Arc::new(settings.clone()),
             fetcher.clone(),
@@ -160,29 +172,9 @@ pub async fn run(
             }),
         );
         tasks.spawn(poller.run(shutdown.clone()));
-        tasks.spawn(keep_alive(
-            stream,
-            config.server.keepalive,
-            shutdown.clone(),
-        ));
     }
-
     for settings in &config.push_streams {
-        let stream = hub.insert(Arc::new(Stream::new(
-            &settings.name,
-            StreamOptions {
-                history: settings.history,
-                buffer: config.server.subscriber_buffer,
-                diff: settings.diff.clone(),
-            },
-            snapshots.clone(),
-            metrics.clone(),
-        )));
-        tasks.spawn(keep_alive(
-            stream,
-            config.server.keepalive,
-            shutdown.clone(),
-        ));
+        add_stream(&mut tasks, &settings.name, settings.history, &settings.diff);
     }
     let push = config.push.as_ref().map(|push| PushAuth {
         token: push.token.clone(),
@@ -199,22 +191,38 @@ pub async fn run(
         push,
         push_max_body,
         retry_hint: config.server.retry_hint,
-        shutdown: shutdown.clone(),
     });
+    // Shutdown closes every stream first, so SSE responses end and connections can drain
+    // within the grace period.
+    {
+        let hub = hub.clone();
+        let shutdown = shutdown.clone();
+        tasks.spawn(async move {
+            shutdown.cancelled().await;
+            hub.close_all();
+        });
+    }
     let router = api::router(state, &config.server.cors);
     tracing::info!(
         listen = %listeners.api.local_addr().map_or_else(|_| config.server.listen.to_string(), |a| a.to_string()),
         streams = config.streams.len() + config.push_streams.len(),
         "patchwire is serving"
     );
+    let native = Arc::new(NativeSse {
+        hub: hub.clone(),
+        retry: config.server.retry_hint,
+        cors: config.server.cors.clone(),
+        stall_timeout: config.server.stall_timeout,
+        stalled: metrics.stalled_connections.clone(),
+    });
     api::server::serve(
         listeners.api,
         router,
+        native,
         api::server::ServeOptions {
             stall_timeout: config.server.stall_timeout,
             shutdown_grace: config.server.shutdown_grace,
         },
-        metrics.stalled_connections.clone(),
         shutdown.clone(),
     )
     .await;

@@ -57,8 +57,11 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let command = cli.command.unwrap_or(Command::Run {
-        config: PathBuf::from("config/default.toml"),
+    // clap reads PATCHWIRE_CONFIG only for a subcommand it parsed; the bare command must too.
+    let command = cli.command.unwrap_or_else(|| Command::Run {
+        config: std::env::var_os("PATCHWIRE_CONFIG")
+            .filter(|v| !v.is_empty())
+            .map_or_else(|| PathBuf::from("config/default.toml"), PathBuf::from),
     });
     match command {
         Command::Check { config } => check(&config),

@@ -937,16 +937,30 @@ history = 50
         assert_eq!(config.push_streams.len(), 1);
         assert_eq!(config.push_streams[0].name, "prices");
         assert_eq!(config.push_streams[0].history, 50);
-        assert_eq!(config.push.as_ref().map(|p| p.token.as_str()), Some("0123456789abcdef-token"));
+        assert_eq!(
+            config.push.as_ref().map(|p| p.token.as_str()),
+            Some("0123456789abcdef-token")
+        );
         let summary = describe(&config);
-        assert!(summary.contains("prices") && !summary.contains("0123456789abcdef-token"), "{summary}");
+        assert!(
+            summary.contains("prices") && !summary.contains("0123456789abcdef-token"),
+            "{summary}"
+        );
     }
 
     #[test]
     fn poll_only_keys_on_a_push_stream_are_refused() {
         let text = format!("{PUSH}url = \"http://example.com/\"\ninterval = \"2s\"\n");
-        let err = assert_rejected("p.toml", &text, "streams[0].url", &["only applies to polled streams"]);
-        assert!(err.problems.iter().any(|p| p.key == "streams[0].interval"), "{err}");
+        let err = assert_rejected(
+            "p.toml",
+            &text,
+            "streams[0].url",
+            &["only applies to polled streams"],
+        );
+        assert!(
+            err.problems.iter().any(|p| p.key == "streams[0].interval"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -959,7 +973,10 @@ history = 50
         );
         let short = PUSH.replace("0123456789abcdef-token", "short");
         let err = assert_rejected("p.toml", &short, "push.token", &["at least 16 characters"]);
-        assert!(!err.to_string().contains("\"short\""), "the token is never echoed: {err}");
+        assert!(
+            !err.to_string().contains("\"short\""),
+            "the token is never echoed: {err}"
+        );
     }
 
     #[test]

@@ -15,7 +15,6 @@ use axum::routing::get;
 use http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use serde::Deserialize;
 use serde_json::{Value, json};
-use tokio_util::sync::CancellationToken;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 
 use crate::config::Cors;
@@ -43,8 +42,6 @@ pub struct AppState {
     pub push_max_body: usize,
     /// The `retry:` hint for SSE clients.
     pub retry_hint: Duration,
-    /// Cancelled at shutdown: streaming responses end.
-    pub shutdown: CancellationToken,
 }
 
 /// The application's routes.
@@ -156,24 +153,6 @@ struct StreamQuery {
     last_event_id: Option<String>,
 }
 
-/// Whether the client asked for the current document as plain JSON rather than a stream.
-fn wants_json(headers: &HeaderMap) -> bool {
-    let accept = headers
-        .get_all(header::ACCEPT)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .collect::<Vec<_>>()
-        .join(",");
-    let has = |media: &str| {
-        accept.split(',').any(|item| {
-            item.split(';')
-                .next()
-                .is_some_and(|m| m.trim().eq_ignore_ascii_case(media))
-        })
-    };
-    has("application/json") && !has("text/event-stream")
-}
-
 async fn stream(
     State(state): State<Arc<AppState>>,
     Path(name): Path<String>,
@@ -186,7 +165,7 @@ async fn stream(
             format!("no stream named {name:?}; GET /streams lists them"),
         );
     };
-    if wants_json(&headers) {
+    if sse::wants_json(&headers) {
         return snapshot_json(&stream, &headers);
     }
     let resume = sse::resume_point(&headers, query.last_event_id.as_deref());
@@ -195,7 +174,7 @@ async fn stream(
         retry: state.retry_hint,
         gzip: sse::accepts_gzip(&headers),
     };
-    sse::response(subscription, options, state.shutdown.clone())
+    sse::response(subscription, options)
 }
 
 /// `GET /streams/{name}` with `Accept: application/json`: the current document once, with an
@@ -232,24 +211,4 @@ fn snapshot_json(stream: &Stream, headers: &HeaderMap) -> Response {
         .header(header::CONTENT_TYPE, "application/json")
         .body(Body::from(snapshot.json.clone()))
         .unwrap_or_default()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn accept_negotiation() {
-        let with = |v: &'static str| {
-            let mut h = HeaderMap::new();
-            h.insert(header::ACCEPT, HeaderValue::from_static(v));
-            wants_json(&h)
-        };
-        assert!(with("application/json"));
-        assert!(with("application/json; charset=utf-8"));
-        assert!(!with("text/event-stream"));
-        assert!(!with("*/*"));
-        assert!(!with("text/event-stream, application/json"));
-        assert!(!wants_json(&HeaderMap::new()));
-    }
 }

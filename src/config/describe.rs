@@ -154,6 +154,19 @@ fn write_description(out: &mut String, config: &Config) -> std::fmt::Result {
             "    diff:       a patch larger than {}% of the snapshot is sent as a snapshot",
             st.diff.max_patch_ratio * 100.0
         )?;
+        if !st.diff.keys.is_empty() {
+            let keys: Vec<String> = st
+                .diff
+                .keys
+                .iter()
+                .map(|k| format!("{} by {}", k.array, k.key))
+                .collect();
+            writeln!(out, "    keys:       {}", keys.join(", "))?;
+        }
+        if !st.diff.ignore.is_empty() {
+            let ignore: Vec<&str> = st.diff.ignore.iter().map(|p| p.as_str()).collect();
+            writeln!(out, "    ignore:     {}", ignore.join(", "))?;
+        }
     }
     if !config.push_streams.is_empty() {
         writeln!(out, "push streams ({}):", config.push_streams.len())?;

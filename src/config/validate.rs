@@ -21,7 +21,8 @@ use super::raw::{
     DURATION_EXPECTED, HumanDuration, RawBackoff, RawConfig, RawCors, RawLog, RawLogFormat,
     RawPush, RawRateLimit, RawServer, RawSource, RawStream, RawStreamDefaults, RawUpstream,
 };
-use crate::upstream::decode::Format;
+use crate::diff::DiffConfig;
+use crate::upstream::decode::{Format, gtfs_rt};
 
 /// Built-in defaults, used when neither the file nor the environment sets a key.
 pub mod defaults {
@@ -712,6 +713,30 @@ fn stream_url(
     Some(url)
 }
 
+/// A stream's `[streams.diff]` table with its format's defaults filled in.
+///
+/// For `gtfs-rt`: the keys of [`gtfs_rt::DEFAULT_KEYS`] for every array pattern the table does
+/// not key itself (a key set for the same pattern wins), and `ignore` =
+/// [`gtfs_rt::DEFAULT_IGNORE`] unless the table sets `ignore` (`ignore = []` ignores nothing).
+/// `json` has no defaults.
+fn format_diff_defaults(format: Format, table: &DiffConfig) -> DiffConfig {
+    let mut table = table.clone();
+    match format {
+        Format::Json => {}
+        Format::GtfsRt => {
+            let keys = table.keys.get_or_insert_with(BTreeMap::new);
+            for (array, key) in gtfs_rt::DEFAULT_KEYS {
+                keys.entry(array.to_owned())
+                    .or_insert_with(|| key.to_owned());
+            }
+            table
+                .ignore
+                .get_or_insert_with(|| gtfs_rt::DEFAULT_IGNORE.map(str::to_owned).to_vec());
+        }
+    }
+    table
+}
+
 /// The rate-limit group a stream joins when it names none: its upstream's `host:port`.
 pub fn host_group(url: &Url) -> String {
     let host = url.host_str().unwrap_or_default();
@@ -793,16 +818,7 @@ fn streams(
             Some(bytes) => max_body(problems, &format!("{key}.max_body"), Some(bytes.0), 0),
             None => defaults.max_body,
         };
-        let history = match stream.history {
-            Some(history) => integer_in(
-                problems,
-                &format!("{key}.history"),
-                Some(history),
-                0,
-                limits::HISTORY,
-            ),
-            None => defaults.history,
-        };
+        let history = history(problems, &key, stream.history, defaults.history);
         let own_headers = headers(
             problems,
             &format!("{key}.headers"),
@@ -838,7 +854,9 @@ fn streams(
             (None, Some(url)) => host_group(url),
             (None, None) => String::new(),
         };
-        let diff = stream.diff.validate(&format!("{key}.diff"), problems);
+        let format = stream.format.unwrap_or(defaults.format);
+        let diff =
+            format_diff_defaults(format, &stream.diff).validate(&format!("{key}.diff"), problems);
         if let (Some(url), Some(diff)) = (url, diff) {
             if problems.len() == before {
                 streams.push(StreamSettings {
@@ -848,7 +866,7 @@ fn streams(
                     interval,
                     timeout,
                     max_body_bytes,
-                    format: stream.format.unwrap_or(defaults.format),
+                    format,
                     history: usize::try_from(history).unwrap_or(usize::MAX),
                     rate_limit_group,
                     diff,
@@ -857,6 +875,20 @@ fn streams(
         }
     }
     (streams, push_streams)
+}
+
+/// A stream's `history`, or `default` when it sets none.
+fn history(problems: &mut Problems, key: &str, value: Option<u64>, default: u64) -> u64 {
+    match value {
+        Some(history) => integer_in(
+            problems,
+            &format!("{key}.history"),
+            Some(history),
+            0,
+            limits::HISTORY,
+        ),
+        None => default,
+    }
 }
 
 /// A `source = "push"` stream: only `name`, `history` and `diff` apply; keys that only make
@@ -887,16 +919,7 @@ fn push_stream(
             );
         }
     }
-    let history = match stream.history {
-        Some(history) => integer_in(
-            problems,
-            &format!("{key}.history"),
-            Some(history),
-            0,
-            limits::HISTORY,
-        ),
-        None => defaults::HISTORY,
-    };
+    let history = history(problems, key, stream.history, defaults::HISTORY);
     let diff = stream.diff.validate(&format!("{key}.diff"), problems)?;
     Some(PushStreamSettings {
         name: stream.name.clone(),
@@ -1033,6 +1056,119 @@ mod tests {
             let d = Duration::from_millis(ms);
             prop_assert_eq!(ok, d >= limits::INTERVAL.0 && d <= limits::INTERVAL.1);
         }
+    }
+
+    fn keys_of(config: &Config) -> Vec<(String, String)> {
+        config.streams[0]
+            .diff
+            .keys
+            .iter()
+            .map(|k| (k.array.as_str().to_owned(), k.key.as_str().to_owned()))
+            .collect()
+    }
+
+    fn ignored(config: &Config) -> Vec<&str> {
+        config.streams[0]
+            .diff
+            .ignore
+            .iter()
+            .map(|p| p.as_str())
+            .collect()
+    }
+
+    #[test]
+    fn gtfs_rt_streams_get_default_keys_and_ignore_the_header_timestamp() {
+        let mut s = stream("vp", "https://cdn.example.com/VehiclePositions.pb");
+        s.format = Some(Format::GtfsRt);
+        let raw = RawConfig {
+            streams: vec![s],
+            ..Default::default()
+        };
+        let config = validate(raw, None, &|_| None).unwrap();
+        let mut keys = keys_of(&config);
+        keys.sort();
+        let mut expected: Vec<(String, String)> = gtfs_rt::DEFAULT_KEYS
+            .iter()
+            .map(|(a, k)| ((*a).to_owned(), (*k).to_owned()))
+            .collect();
+        expected.sort();
+        assert_eq!(keys, expected);
+        assert_eq!(ignored(&config), ["/header/timestamp"]);
+    }
+
+    #[test]
+    fn gtfs_rt_defaults_come_from_stream_defaults_format_too() {
+        let raw = RawConfig {
+            stream_defaults: RawStreamDefaults {
+                format: Some(Format::GtfsRt),
+                ..Default::default()
+            },
+            streams: vec![stream("tu", "https://cdn.example.com/TripUpdates.pb")],
+            ..Default::default()
+        };
+        let config = validate(raw, None, &|_| None).unwrap();
+        assert_eq!(config.streams[0].format, Format::GtfsRt);
+        assert_eq!(keys_of(&config).len(), gtfs_rt::DEFAULT_KEYS.len());
+        assert_eq!(ignored(&config), ["/header/timestamp"]);
+    }
+
+    #[test]
+    fn configured_keys_replace_the_default_of_their_array_only() {
+        let mut s = stream("vp", "https://cdn.example.com/VehiclePositions.pb");
+        s.format = Some(Format::GtfsRt);
+        s.diff = serde_json::from_value(serde_json::json!({
+            "keys": {"/entity": "vehicle/vehicle/id"},
+            "ignore": [],
+        }))
+        .unwrap();
+        let raw = RawConfig {
+            streams: vec![s],
+            ..Default::default()
+        };
+        let config = validate(raw, None, &|_| None).unwrap();
+        let keys = keys_of(&config);
+        assert!(
+            keys.contains(&("/entity".into(), "vehicle/vehicle/id".into())),
+            "{keys:?}"
+        );
+        assert!(!keys.contains(&("/entity".into(), "id".into())), "{keys:?}");
+        assert!(
+            keys.contains(&(
+                "/entity/*/trip_update/stop_time_update".into(),
+                "stop_sequence".into()
+            )),
+            "{keys:?}"
+        );
+        assert!(ignored(&config).is_empty(), "ignore = [] turns it off");
+    }
+
+    #[test]
+    fn json_streams_get_no_format_defaults() {
+        let raw = RawConfig {
+            streams: vec![stream("api", "https://api.example.com/v1")],
+            ..Default::default()
+        };
+        let config = validate(raw, None, &|_| None).unwrap();
+        assert_eq!(config.streams[0].format, Format::Json);
+        assert!(keys_of(&config).is_empty());
+        assert!(ignored(&config).is_empty());
+    }
+
+    #[test]
+    fn invalid_keys_next_to_gtfs_rt_defaults_are_reported_under_the_stream() {
+        let mut s = stream("vp", "https://cdn.example.com/VehiclePositions.pb");
+        s.format = Some(Format::GtfsRt);
+        s.diff = serde_json::from_value(serde_json::json!({"keys": {"entity": "id"}})).unwrap();
+        let raw = RawConfig {
+            streams: vec![s],
+            ..Default::default()
+        };
+        let err = validate(raw, None, &|_| None).unwrap_err();
+        assert_eq!(err.problems.len(), 1, "{err}");
+        assert_eq!(
+            err.problems[0].key, "streams[0].diff.keys.\"entity\"",
+            "{err}"
+        );
     }
 
     #[test]

@@ -2,8 +2,12 @@
 //!
 //! Invariant kept everywhere: operations are emitted in the order they must be applied, and the
 //! index in each operation's path is the element's index in the document as the previous
-//! operations left it. Array edits are emitted as: removals (highest index first), then moves,
-//! then insertions (lowest final index first), then changes inside elements at their final index.
+//! operations left it.
+//! - Keyed arrays: removals (highest index first), then moves, then insertions (lowest final
+//!   index first), then changes inside entities at their final index.
+//! - Other arrays: hunk by hunk from the front, each index shifted by the hunks before it.
+//! - Any array below the root whose edits serialize larger than the array itself is replaced
+//!   whole, unless an ignore pattern reaches inside it.
 
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
@@ -18,6 +22,11 @@ use serde_json::{Map, Value};
 use super::DiffOptions;
 use super::myers;
 use super::pattern::{KeyPath, push_token};
+
+/// Per-element share of an array's edit-script budget (see [`Walk::unkeyed`]).
+const LINEAR_WORK_PER_ELEMENT: usize = 64;
+/// Budget every array gets regardless of length, so short arrays always get their best script.
+const LINEAR_WORK_FLOOR: usize = 4096;
 
 /// Bit set of configured patterns still matching the path walked so far (patterns are capped at
 /// 64 of each kind by validation).
@@ -262,7 +271,9 @@ impl<'o> Walk<'o> {
             }
             self.path.truncate(len);
         }
-        for (key, b) in new {
+        // Every new key was seen in `old` unless the counts differ.
+        let added = new.len() - common;
+        for (key, b) in new.iter().filter(|_| added > 0) {
             if !old.contains_key(key) {
                 let len = self.path.len();
                 push_token(&mut self.path, key);
@@ -294,14 +305,30 @@ impl<'o> Walk<'o> {
         if old.is_empty() && new.is_empty() {
             return;
         }
-        if !old.is_empty() && !new.is_empty() {
-            if let Some(sel) = self.key_for(old, new, live) {
-                if self.keyed(old, new, &sel, live) {
-                    return;
-                }
+        let start = self.ops.len();
+        let keyed = !old.is_empty()
+            && !new.is_empty()
+            && self
+                .key_for(old, new, live)
+                .is_some_and(|sel| self.keyed(old, new, &sel, live));
+        if !keyed {
+            self.unkeyed(old, new, live);
+        }
+        // One `replace` of the whole array when that is smaller, unless it would hide an
+        // ignored-only change below.
+        if self.ops.len() - start > 1 && live.depth > 0 && !self.ignored_below(live) {
+            let edits = json_len(&self.ops[start..], usize::MAX);
+            // `{"op":"replace","path":"…","value":…}` around the array.
+            let whole = json_len(new, edits).saturating_add(self.path.len() + 32);
+            if whole < edits {
+                self.ops.truncate(start);
+                let path = self.pointer();
+                self.ops.push(PatchOperation::Replace(ReplaceOperation {
+                    path,
+                    value: Value::Array(new.to_vec()),
+                }));
             }
         }
-        self.unkeyed(old, new, live);
     }
 
     /// The configured key for the array at the current path, else the automatic one.
@@ -385,9 +412,7 @@ impl<'o> Walk<'o> {
             stays[i] = in_order[c];
         }
         let moves = common.len() - in_order.iter().filter(|s| **s).count();
-        let use_move = self.options.allow_move
-            && moves > 0
-            && moves.saturating_mul(common.len()) <= self.options.max_edit_work;
+        let use_move = self.options.allow_move && moves > 0;
 
         // 1. Removals, highest index first so every index is still the original one.
         for i in (0..old.len()).rev() {
@@ -425,36 +450,70 @@ impl<'o> Walk<'o> {
     }
 
     /// Emits the moves that bring the kept entities (current order: old order) into new order.
+    ///
+    /// Each entity that does not stay goes right after its predecessor in the new order (or to
+    /// the front). Positions are computed in O(n log n): every entity gets a sort key that
+    /// orders the array at all times (staying or not-yet-moved entities: their old rank; a moved
+    /// entity: its chain's root and its depth in the chain), and a Fenwick tree counts the keys
+    /// present below a given one.
     fn moves(&mut self, from: &[Option<usize>], stays: &[bool], kept: &[bool]) {
-        // The current order of the kept entities, by old index.
-        let mut current: Vec<usize> = (0..kept.len()).filter(|i| kept[*i]).collect();
-        let mut previous: Option<usize> = None;
-        for i in from.iter().flatten().copied() {
-            if !stays[i] {
-                let Some(at) = current.iter().position(|c| *c == i) else {
-                    continue;
-                };
-                current.remove(at);
-                let to = match previous {
-                    None => 0,
-                    Some(p) => current.iter().position(|c| *c == p).map_or(0, |q| q + 1),
-                };
-                current.insert(to, i);
-                if at != to {
-                    let from_ptr = self.pointer_at_index(at);
-                    let path = self.pointer_at_index(to);
-                    self.ops.push(PatchOperation::Move(MoveOperation {
-                        from: from_ptr,
-                        path,
-                    }));
-                }
+        // Rank of each kept entity among the kept ones, in old order.
+        let mut rank = vec![0usize; kept.len()];
+        let mut r = 0;
+        for (i, k) in kept.iter().enumerate() {
+            if *k {
+                rank[i] = r;
+                r += 1;
             }
-            previous = Some(i);
+        }
+        // Key (root, depth): root 0 is the front; root rank + 1 is an entity that is in place.
+        let order: Vec<usize> = from.iter().flatten().copied().collect();
+        let mut settled: Vec<(usize, usize)> = Vec::with_capacity(order.len());
+        let mut previous: Option<(usize, usize)> = None;
+        for &i in &order {
+            let key = if stays[i] {
+                (rank[i] + 1, 0)
+            } else {
+                match previous {
+                    None => (0, 1),
+                    Some((root, depth)) => (root, depth + 1),
+                }
+            };
+            settled.push(key);
+            previous = Some(key);
+        }
+        let mut keys: Vec<(usize, usize)> = (1..=r).map(|x| (x, 0)).collect();
+        keys.extend(settled.iter().filter(|k| k.1 > 0));
+        keys.sort_unstable();
+        keys.dedup();
+        let slot = |key: (usize, usize)| keys.partition_point(|k| *k < key);
+        let mut present = Fenwick::new(keys.len());
+        for x in 1..=r {
+            present.add(slot((x, 0)), 1);
+        }
+        for (&i, &key) in order.iter().zip(&settled) {
+            if stays[i] {
+                continue;
+            }
+            let old_slot = slot((rank[i] + 1, 0));
+            let at = present.count_below(old_slot);
+            present.add(old_slot, -1);
+            let new_slot = slot(key);
+            let to = present.count_below(new_slot);
+            present.add(new_slot, 1);
+            if at != to {
+                let from_ptr = self.pointer_at_index(at);
+                let path = self.pointer_at_index(to);
+                self.ops.push(PatchOperation::Move(MoveOperation {
+                    from: from_ptr,
+                    path,
+                }));
+            }
         }
     }
 
     /// Diffs two arrays element by element: a shortest edit script (bounded), else position by
-    /// position; then one `replace` of the whole array if that is smaller.
+    /// position.
     fn unkeyed(&mut self, old: &[Value], new: &[Value], live: Live) {
         let prefix = old.iter().zip(new).take_while(|(a, b)| a == b).count();
         let suffix = old[prefix..]
@@ -468,7 +527,6 @@ impl<'o> Walk<'o> {
         if a.is_empty() && b.is_empty() {
             return;
         }
-        let start = self.ops.len();
         let script = if a.is_empty() || b.is_empty() {
             Some(vec![myers::Hunk {
                 old: 0,
@@ -477,7 +535,14 @@ impl<'o> Walk<'o> {
                 ins: b.len(),
             }])
         } else {
-            myers::hunks(a, b, self.options.max_edit_work)
+            // The search costs about D² for an edit distance D: past a budget linear in the
+            // array's length, most aligned elements changed in place anyway, and comparing
+            // position by position costs less and loses little.
+            let budget = (a.len() + b.len())
+                .saturating_mul(LINEAR_WORK_PER_ELEMENT)
+                .saturating_add(LINEAR_WORK_FLOOR)
+                .min(self.options.max_edit_work);
+            myers::hunks(a, b, budget)
         };
         let hunks = script.unwrap_or_else(|| {
             vec![myers::Hunk {
@@ -508,19 +573,38 @@ impl<'o> Walk<'o> {
             at += h.ins;
             i = h.old + h.del;
         }
-        if self.ops.len() - start > 1 && live.depth > 0 && !self.ignored_below(live) {
-            let edits = json_len(&self.ops[start..], usize::MAX);
-            // `{"op":"replace","path":"…","value":…}` around the array.
-            let whole = json_len(new, edits).saturating_add(self.path.len() + 32);
-            if whole < edits {
-                self.ops.truncate(start);
-                let path = self.pointer();
-                self.ops.push(PatchOperation::Replace(ReplaceOperation {
-                    path,
-                    value: Value::Array(new.to_vec()),
-                }));
-            }
+    }
+}
+
+/// Counts over slots with prefix sums in O(log n) (a binary indexed tree).
+struct Fenwick {
+    tree: Vec<i64>,
+}
+
+impl Fenwick {
+    fn new(len: usize) -> Self {
+        Fenwick {
+            tree: vec![0; len + 1],
         }
+    }
+
+    fn add(&mut self, slot: usize, delta: i64) {
+        let mut i = slot + 1;
+        while i < self.tree.len() {
+            self.tree[i] += delta;
+            i += i & i.wrapping_neg();
+        }
+    }
+
+    /// The sum over slots strictly below `slot`.
+    fn count_below(&self, slot: usize) -> usize {
+        let mut sum = 0i64;
+        let mut i = slot;
+        while i > 0 {
+            sum += self.tree[i];
+            i &= i - 1;
+        }
+        usize::try_from(sum).unwrap_or(0)
     }
 }
 

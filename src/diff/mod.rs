@@ -48,8 +48,9 @@ pub struct DiffOptions {
     pub keys: Vec<ArrayKey>,
     /// Paths whose changes alone publish nothing (they still ride along with other changes).
     pub ignore: Vec<PathPattern>,
-    /// Bound on the work (comparisons and search cells) spent finding one array's shortest edit
-    /// script; past it the array is compared position by position.
+    /// Cap on the work (comparisons and search cells) spent finding one array's shortest edit
+    /// script; past it the array is compared position by position. Each array's budget is also
+    /// limited to 64 steps per element plus 4096, so the search stays linear in the array's size.
     pub max_edit_work: usize,
 }
 

@@ -197,7 +197,7 @@ fn decode_token(raw: &str) -> Result<String, String> {
 /// Appends `/` and `token`, escaped per RFC 6901, to a pointer being built.
 pub(crate) fn push_token(path: &mut String, token: &str) {
     path.push('/');
-    if !token.contains(['~', '/']) {
+    if !token.bytes().any(|b| b == b'~' || b == b'/') {
         path.push_str(token);
         return;
     }

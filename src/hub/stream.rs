@@ -10,7 +10,6 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use serde_json::Value;
 use tokio::sync::broadcast;
-use tokio_util::sync::CancellationToken;
 
 use crate::diff::{self, DiffOptions, Patch};
 use crate::metrics::{self, ChangeLabels, Metrics, StreamLabels};
@@ -202,6 +201,10 @@ impl Drop for SubscriberGuard {
 
 struct State {
     seq: u64,
+    /// The live channel; `None` once the stream is closed, which ends every subscription:
+    /// dropping the sender wakes all receivers with `Closed`, so subscribers need no
+    /// per-event cancellation future of their own.
+    live: Option<broadcast::Sender<StreamEvent>>,
     history: VecDeque<Arc<Change>>,
     failure: Option<Arc<UpstreamFailure>>,
     last_change_at: Option<SystemTime>,
@@ -218,8 +221,6 @@ pub struct Stream {
     state: Mutex<State>,
     /// Serializes publishers, so a diff is computed outside `state` without racing another.
     publishing: Mutex<()>,
-    live: broadcast::Sender<StreamEvent>,
-    closed: CancellationToken,
     changes: AtomicU64,
 }
 
@@ -256,13 +257,12 @@ impl Stream {
             metrics,
             state: Mutex::new(State {
                 seq: 0,
+                live: Some(live),
                 history: VecDeque::new(),
                 failure: None,
                 last_change_at: None,
             }),
             publishing: Mutex::new(()),
-            live,
-            closed: CancellationToken::new(),
             changes: AtomicU64::new(0),
         }
     }
@@ -317,7 +317,10 @@ impl Stream {
 
     /// Connected subscribers.
     pub fn subscriber_count(&self) -> usize {
-        self.live.receiver_count()
+        self.lock()
+            .live
+            .as_ref()
+            .map_or(0, broadcast::Sender::receiver_count)
     }
 
     /// The metrics this stream reports to.
@@ -330,14 +333,10 @@ impl Stream {
         &self.labels
     }
 
-    /// Cancelled when the stream ends (shutdown): subscriptions finish.
-    pub fn closed(&self) -> &CancellationToken {
-        &self.closed
-    }
-
-    /// Ends all subscriptions.
+    /// Ends all subscriptions (their receivers report `Closed` once drained); later
+    /// subscriptions end at once.
     pub fn close(&self) {
-        self.closed.cancel();
+        self.lock().live = None;
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -454,7 +453,9 @@ impl Stream {
             }
             self.snapshots.insert(self.name.clone(), snapshot);
             // No receivers is not an error: nobody is listening right now.
-            let _ = self.live.send(StreamEvent::Change(change.clone()));
+            if let Some(live) = &state.live {
+                let _ = live.send(StreamEvent::Change(change.clone()));
+            }
         }
         self.changes.fetch_add(1, Ordering::Relaxed);
         Publication::Published(change)
@@ -481,7 +482,9 @@ impl Stream {
             sse: EncodedEvent::new(frame),
         });
         state.failure = Some(failure.clone());
-        let _ = self.live.send(StreamEvent::Failure(failure.clone()));
+        if let Some(live) = &state.live {
+            let _ = live.send(StreamEvent::Failure(failure.clone()));
+        }
         failure
     }
 
@@ -492,8 +495,10 @@ impl Stream {
 
     /// Sends a keep-alive to every subscriber (a no-op without subscribers).
     pub fn keep_alive(&self) {
-        if self.live.receiver_count() > 0 {
-            let _ = self.live.send(StreamEvent::KeepAlive);
+        if let Some(live) = &self.lock().live {
+            if live.receiver_count() > 0 {
+                let _ = live.send(StreamEvent::KeepAlive);
+            }
         }
     }
 
@@ -503,7 +508,11 @@ impl Stream {
     /// from the current snapshot.
     pub fn subscribe(self: &Arc<Self>, resume: &Resume) -> Subscription {
         let state = self.lock();
-        let live = self.live.subscribe();
+        let live = match &state.live {
+            Some(live) => live.subscribe(),
+            // Closed: a receiver whose sender is already gone ends at once.
+            None => broadcast::channel(1).1,
+        };
         let snapshot = self.snapshots.get(&self.name);
         let mut initial = Vec::new();
         let mut resumed = false;

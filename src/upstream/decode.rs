@@ -1,4 +1,11 @@
 //! Decoding upstream bodies into the JSON documents that are snapshotted and diffed.
+//!
+//! - `json`: any JSON document (an object, a top-level array, a scalar).
+//! - `gtfs-rt`: a GTFS-realtime `FeedMessage` protobuf, projected to JSON by [`gtfs_rt`].
+//!
+//! Bodies arrive already decompressed when the upstream sent `Content-Encoding` (see `fetch`).
+
+pub mod gtfs_rt;
 
 use serde::Deserialize;
 use serde_json::Value;
@@ -10,6 +17,8 @@ pub enum Format {
     /// A JSON document (object, array or scalar).
     #[default]
     Json,
+    /// A GTFS-realtime `FeedMessage` (protobuf), as the JSON projection of [`gtfs_rt`].
+    GtfsRt,
 }
 
 impl Format {
@@ -17,6 +26,7 @@ impl Format {
     pub fn as_str(self) -> &'static str {
         match self {
             Format::Json => "json",
+            Format::GtfsRt => "gtfs-rt",
         }
     }
 }
@@ -31,6 +41,10 @@ pub enum DecodeError {
         column: usize,
         message: String,
     },
+    /// The body is not a GTFS-realtime `FeedMessage`: invalid or truncated protobuf, empty,
+    /// or without the header every feed carries.
+    #[error("invalid GTFS-realtime feed (expected a protobuf FeedMessage): {reason}")]
+    GtfsRt { reason: String },
     /// The decoder itself failed (a bug); the body is treated as undecodable.
     #[error("the decoder failed: {0}")]
     Panicked(String),
@@ -42,7 +56,57 @@ pub fn decode(format: Format, body: &[u8]) -> Result<Value, DecodeError> {
         Format::Json => serde_json::from_slice(body).map_err(|e| DecodeError::Json {
             line: e.line(),
             column: e.column(),
-            message: e.to_string(),
+            message: format!("{e}{}", json_hint(body)),
         }),
+        Format::GtfsRt => gtfs_rt::decode(body),
+    }
+}
+
+/// Why a body that is not JSON may have been sent, when its first bytes say so.
+fn json_hint(body: &[u8]) -> &'static str {
+    if body.starts_with(&[0x1f, 0x8b]) {
+        "; the body is gzip data sent without `Content-Encoding: gzip`"
+    } else if gtfs_rt::decode(body).is_ok() {
+        "; the body is a GTFS-realtime protobuf feed: set format = \"gtfs-rt\" for this stream"
+    } else {
+        ""
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn formats_are_named_as_in_configuration() {
+        for format in [Format::Json, Format::GtfsRt] {
+            let parsed: Format =
+                serde_json::from_value(Value::String(format.as_str().to_owned())).unwrap();
+            assert_eq!(parsed, format);
+        }
+        assert!(serde_json::from_str::<Format>("\"gtfs_rt\"").is_err());
+    }
+
+    #[test]
+    fn json_accepts_any_top_level_value() {
+        assert_eq!(
+            decode(Format::Json, b"[1, {\"a\": 2}]").unwrap(),
+            serde_json::json!([1, {"a": 2}])
+        );
+        assert_eq!(decode(Format::Json, b"3").unwrap(), serde_json::json!(3));
+    }
+
+    #[test]
+    fn json_errors_say_where_and_hint_at_the_likely_cause() {
+        let err = decode(Format::Json, b"{\"a\":\n 1,").unwrap_err();
+        assert!(matches!(err, DecodeError::Json { line: 2, .. }), "{err:?}");
+        let gzip = decode(Format::Json, &[0x1f, 0x8b, 8, 0]).unwrap_err();
+        assert!(gzip.to_string().contains("Content-Encoding"), "{gzip}");
+        // A minimal FeedMessage: header { gtfs_realtime_version: "2.0" }.
+        let feed = [0x0a, 0x05, 0x0a, 0x03, b'2', b'.', b'0'];
+        let pb = decode(Format::Json, &feed).unwrap_err();
+        assert!(pb.to_string().contains("format = \"gtfs-rt\""), "{pb}");
+        let plain = decode(Format::Json, b"nope").unwrap_err();
+        assert!(!plain.to_string().contains(';'), "{plain}");
     }
 }

@@ -286,9 +286,14 @@ async fn a_thousand_subscribers_cost_one_upstream_request_per_interval() {
     s.interval = Duration::from_millis(200);
     let app = TestApp::spawn(config(vec![s])).await;
 
+    let http = reqwest::Client::builder().gzip(false).build().unwrap();
+    let url = app.url("/streams/shared");
     let mut clients = Vec::new();
     for _ in 0..1000 {
-        clients.push((app.subscribe("shared", &[]).await, Rebuilt::default()));
+        clients.push((
+            SseClient::connect_with(&http, &url, &[]).await,
+            Rebuilt::default(),
+        ));
     }
     for (client, rebuilt) in &mut clients {
         let first = client.expect(SOON).await;

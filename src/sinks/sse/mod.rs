@@ -6,6 +6,7 @@
 //! current snapshot (a resync) and continues from there.
 
 pub mod frame;
+pub mod native;
 
 pub use frame::EncodedEvent;
 
@@ -19,7 +20,6 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Response, StatusCode, header};
 use prometheus_client::metrics::counter::Counter;
 use tokio::sync::broadcast::error::RecvError;
-use tokio_util::sync::CancellationToken;
 
 use crate::hub::{Initial, Resume, Stream, StreamEvent, Subscription};
 use crate::snapshot::Snapshot;
@@ -78,12 +78,26 @@ pub fn accepts_gzip(headers: &HeaderMap) -> bool {
         })
 }
 
+/// Whether the client asked for the current document as plain JSON rather than a stream.
+pub fn wants_json(headers: &HeaderMap) -> bool {
+    let accept = headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect::<Vec<_>>()
+        .join(",");
+    let has = |media: &str| {
+        accept.split(',').any(|item| {
+            item.split(';')
+                .next()
+                .is_some_and(|m| m.trim().eq_ignore_ascii_case(media))
+        })
+    };
+    has("application/json") && !has("text/event-stream")
+}
+
 /// The complete SSE response for a subscription.
-pub fn response(
-    subscription: Subscription,
-    options: SseOptions,
-    shutdown: CancellationToken,
-) -> Response<Body> {
+pub fn response(subscription: Subscription, options: SseOptions) -> Response<Body> {
     let mut builder = Response::builder()
         .status(StatusCode::OK)
         .header(header::CONTENT_TYPE, "text/event-stream")
@@ -94,25 +108,70 @@ pub fn response(
     if options.gzip {
         builder = builder.header(header::CONTENT_ENCODING, "gzip");
     }
-    let body = Body::from_stream(events(subscription, options, shutdown));
+    let body = Body::from_stream(events(subscription, options));
     builder
         .body(body)
         .unwrap_or_else(|_| Response::new(Body::empty()))
 }
 
-struct Writer {
+/// One subscriber's position in its stream and the bytes it is owed: what both the native
+/// path and the hyper body send. Transport-agnostic: it only turns events into shared `Bytes`.
+pub(crate) struct Writer {
     subscription: Subscription,
     stream: Arc<Stream>,
     pending: VecDeque<Bytes>,
     seq: u64,
     gzip: Option<frame::GzipTrailer>,
-    shutdown: CancellationToken,
     sent: Counter,
     resyncs: Counter,
     done: bool,
 }
 
 impl Writer {
+    /// A writer owing the `retry:` hint and the subscription's initial events.
+    pub(crate) fn new(mut subscription: Subscription, options: SseOptions) -> Writer {
+        let stream = subscription.stream().clone();
+        let metrics = stream.metrics().clone();
+        let labels = stream.labels().clone();
+        let initial = std::mem::take(&mut subscription.initial);
+        let mut writer = Writer {
+            seq: subscription.seq,
+            stream,
+            pending: VecDeque::new(),
+            gzip: options.gzip.then(frame::GzipTrailer::default),
+            sent: metrics.events_sent.get_or_create(&labels).clone(),
+            resyncs: metrics.resyncs.get_or_create(&labels).clone(),
+            done: false,
+            subscription,
+        };
+        if options.gzip {
+            writer
+                .pending
+                .push_back(Bytes::from_static(&frame::GZIP_HEADER));
+        }
+        writer.push(&EncodedEvent::new(frame::retry(
+            options.retry.as_millis() as u64
+        )));
+        for item in initial {
+            match item {
+                Initial::Snapshot(snapshot) => writer.push_snapshot(&snapshot),
+                Initial::Change(change) => writer.push_counted(&change.sse),
+                Initial::Failure(failure) => writer.push_counted(&failure.sse),
+            }
+        }
+        writer
+    }
+
+    /// The next bytes owed, if any.
+    pub(crate) fn pop(&mut self) -> Option<Bytes> {
+        self.pending.pop_front()
+    }
+
+    /// True once the stream ended and everything owed was taken.
+    pub(crate) fn is_finished(&self) -> bool {
+        self.done && self.pending.is_empty()
+    }
+
     fn push(&mut self, event: &EncodedEvent) {
         match &mut self.gzip {
             Some(trailer) => {
@@ -136,17 +195,13 @@ impl Writer {
     }
 
     /// Waits for the next live event and queues what it means for this subscriber.
-    async fn next_live(&mut self) {
-        let closed = self.stream.closed().clone();
-        let event = tokio::select! {
-            biased;
-            _ = self.shutdown.cancelled() => None,
-            _ = closed.cancelled() => None,
-            event = self.subscription.live.recv() => Some(event),
-        };
-        match event {
-            None | Some(Err(RecvError::Closed)) => self.finish(),
-            Some(Ok(StreamEvent::Change(change))) => {
+    /// Cancel-safe: dropping the future loses no event.
+    pub(crate) async fn next_live(&mut self) {
+        // Shutdown closes the stream, which ends this receiver: no cancellation future is
+        // registered per event on the hot path.
+        match self.subscription.live.recv().await {
+            Err(RecvError::Closed) => self.finish(),
+            Ok(StreamEvent::Change(change)) => {
                 // Changes at or before what this subscriber already has (it was resynced,
                 // or resumed) are skipped; there are no gaps otherwise.
                 if change.seq > self.seq {
@@ -154,12 +209,16 @@ impl Writer {
                     self.push_counted(&change.sse);
                 }
             }
-            Some(Ok(StreamEvent::Failure(failure))) => self.push_counted(&failure.sse),
-            Some(Ok(StreamEvent::KeepAlive)) => self.push(&KEEP_ALIVE),
-            Some(Err(RecvError::Lagged(_))) => {
+            Ok(StreamEvent::Failure(failure)) => self.push_counted(&failure.sse),
+            Ok(StreamEvent::KeepAlive) => self.push(&KEEP_ALIVE),
+            Err(RecvError::Lagged(_)) => {
                 self.resyncs.inc();
                 if let Some(snapshot) = self.stream.snapshot() {
                     self.push_snapshot(&snapshot);
+                }
+                // The current failure may have been among the lost events.
+                if let Some(failure) = self.stream.failure() {
+                    self.push_counted(&failure.sse);
                 }
             }
         }
@@ -173,52 +232,25 @@ impl Writer {
     }
 }
 
-/// The body: `retry:`, the initial events, then live events until shutdown.
+/// The hyper body: `retry:`, the initial events, then live events until the stream closes.
 fn events(
     subscription: Subscription,
     options: SseOptions,
-    shutdown: CancellationToken,
 ) -> impl futures_util::Stream<Item = Result<Bytes, Infallible>> + Send + 'static {
-    let stream = subscription.stream().clone();
-    let metrics = stream.metrics().clone();
-    let labels = stream.labels().clone();
-    let mut writer = Writer {
-        seq: subscription.seq,
-        stream,
-        pending: VecDeque::new(),
-        gzip: options.gzip.then(frame::GzipTrailer::default),
-        shutdown,
-        sent: metrics.events_sent.get_or_create(&labels).clone(),
-        resyncs: metrics.resyncs.get_or_create(&labels).clone(),
-        done: false,
-        subscription,
-    };
-    if options.gzip {
-        writer
-            .pending
-            .push_back(Bytes::from_static(&frame::GZIP_HEADER));
-    }
-    let retry = EncodedEvent::new(frame::retry(options.retry.as_millis() as u64));
-    writer.push(&retry);
-    let initial = std::mem::take(&mut writer.subscription.initial);
-    for item in initial {
-        match item {
-            Initial::Snapshot(snapshot) => writer.push_snapshot(&snapshot),
-            Initial::Change(change) => writer.push_counted(&change.sse),
-            Initial::Failure(failure) => writer.push_counted(&failure.sse),
-        }
-    }
-    futures_util::stream::unfold(writer, |mut writer| async move {
-        loop {
-            if let Some(bytes) = writer.pending.pop_front() {
-                return Some((Ok(bytes), writer));
+    futures_util::stream::unfold(
+        Writer::new(subscription, options),
+        |mut writer| async move {
+            loop {
+                if let Some(bytes) = writer.pop() {
+                    return Some((Ok(bytes), writer));
+                }
+                if writer.is_finished() {
+                    return None;
+                }
+                writer.next_live().await;
             }
-            if writer.done {
-                return None;
-            }
-            writer.next_live().await;
-        }
-    })
+        },
+    )
 }
 
 #[cfg(test)]
@@ -240,6 +272,21 @@ mod tests {
         );
         h.insert("last-event-id", HeaderValue::from_static("  "));
         assert_eq!(resume_point(&h, None), Resume::Fresh);
+    }
+
+    #[test]
+    fn accept_negotiation() {
+        let with = |v: &'static str| {
+            let mut h = HeaderMap::new();
+            h.insert(header::ACCEPT, HeaderValue::from_static(v));
+            wants_json(&h)
+        };
+        assert!(with("application/json"));
+        assert!(with("application/json; charset=utf-8"));
+        assert!(!with("text/event-stream"));
+        assert!(!with("*/*"));
+        assert!(!with("text/event-stream, application/json"));
+        assert!(!wants_json(&HeaderMap::new()));
     }
 
     #[test]

@@ -16,6 +16,9 @@ use patchwire::upstream::decode::Format;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use serde_json::Value;
+
+use super::raw::RawSubscriber;
 use super::sse::SseClient;
 
 /// A stream polling `url` every 100 ms.
@@ -111,6 +114,91 @@ impl TestApp {
     /// Subscribes to `/streams/{name}` with extra headers (plain, no gzip).
     pub async fn subscribe(&self, name: &str, headers: &[(&str, &str)]) -> SseClient {
         SseClient::connect(&self.url(&format!("/streams/{name}")), headers, false).await
+    }
+
+    /// Subscribes with a raw socket whose receive buffer is `rcvbuf` bytes (see [`RawSubscriber`]).
+    pub async fn subscribe_raw(&self, name: &str, rcvbuf: usize) -> RawSubscriber {
+        RawSubscriber::connect(self.addr, &format!("/streams/{name}"), rcvbuf).await
+    }
+
+    /// The sum of every sample of the metric `series` (a name, optionally with the start of
+    /// its labels, e.g. `patchwire_polls_total{stream="a",outcome="Error"`); 0 if absent.
+    pub async fn metric(&self, series: &str) -> f64 {
+        let text = reqwest::get(self.url("/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        text.lines()
+            .filter(|line| {
+                line.strip_prefix(series)
+                    .is_some_and(|rest| rest.starts_with(['{', ' ', ',', '}']))
+            })
+            .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+
+    /// Waits until `metric(series)` is at least `at_least`; returns its value.
+    pub async fn wait_for_metric(&self, series: &str, at_least: f64, timeout: Duration) -> f64 {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let value = self.metric(series).await;
+            if value >= at_least {
+                return value;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{series} is {value}, expected at least {at_least} within {timeout:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// The stream's entry in the `/streams` listing.
+    pub async fn listing(&self, name: &str) -> Value {
+        let list: Value = reqwest::get(self.url("/streams"))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        list["streams"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["name"] == name)
+            .unwrap_or_else(|| panic!("no stream {name} in {list}"))
+            .clone()
+    }
+
+    /// Waits until the stream's sequence number is `seq`.
+    pub async fn wait_for_seq(&self, name: &str, seq: u64) {
+        let deadline = tokio::time::Instant::now() + super::SOON;
+        loop {
+            let now = self.listing(name).await["seq"].as_u64().unwrap();
+            if now == seq {
+                return;
+            }
+            assert!(now < seq, "stream {name} is at seq {now}, past {seq}");
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "stream {name} stayed at seq {now}, expected {seq}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// `GET /streams/{name}` with `Accept: application/json`: status and body.
+    pub async fn json_view(&self, name: &str) -> (u16, Value) {
+        let response = reqwest::Client::new()
+            .get(self.url(&format!("/streams/{name}")))
+            .header("accept", "application/json")
+            .send()
+            .await
+            .unwrap();
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap_or(Value::Null))
     }
 
     /// Shuts down and waits; returns how long it took.

@@ -3,12 +3,13 @@
 #![allow(dead_code)]
 
 pub mod app;
+pub mod raw;
 pub mod sse;
 pub mod upstream;
 
 pub use app::{TestApp, config, stream};
-pub use sse::{Rebuilt, SseClient};
-pub use upstream::MockUpstream;
+pub use sse::{Rebuilt, SseClient, SseEvent};
+pub use upstream::{Failure, MockUpstream, Received};
 
 use std::time::Duration;
 

@@ -44,6 +44,16 @@ impl SseClient {
     /// transparently decode gzip (reqwest decodes it incrementally).
     pub async fn connect(url: &str, headers: &[(&str, &str)], gzip: bool) -> SseClient {
         let client = reqwest::Client::builder().gzip(gzip).build().unwrap();
+        SseClient::connect_with(&client, url, headers).await
+    }
+
+    /// Connects with an existing HTTP client (building one per subscriber is slow: many
+    /// subscribers should share one; each stream still gets its own connection).
+    pub async fn connect_with(
+        client: &reqwest::Client,
+        url: &str,
+        headers: &[(&str, &str)],
+    ) -> SseClient {
         let mut request = client.get(url);
         for (k, v) in headers {
             request = request.header(*k, *v);
@@ -56,6 +66,23 @@ impl SseClient {
         let headers = response.headers().clone();
         let events = response
             .bytes_stream()
+            .eventsource()
+            .map(|r| r.map_err(|e| e.to_string()))
+            .boxed();
+        SseClient {
+            status,
+            headers,
+            events,
+        }
+    }
+
+    /// An SSE client over an already received response head and its body.
+    pub fn from_body<S, E>(status: StatusCode, headers: HeaderMap, body: S) -> SseClient
+    where
+        S: Stream<Item = Result<bytes::Bytes, E>> + Send + 'static,
+        E: std::fmt::Display + Send + 'static,
+    {
+        let events = body
             .eventsource()
             .map(|r| r.map_err(|e| e.to_string()))
             .boxed();
@@ -84,6 +111,25 @@ impl SseClient {
         self.next(timeout)
             .await
             .unwrap_or_else(|| panic!("no SSE event within {timeout:?}"))
+    }
+
+    /// Reads to the end of the stream: `Ok` with the events read if the server ended it
+    /// cleanly within `timeout`, `Err` if the stream broke or was still open.
+    pub async fn end(&mut self, timeout: Duration) -> Result<Vec<SseEvent>, String> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut events = Vec::new();
+        loop {
+            match tokio::time::timeout_at(deadline, self.events.next()).await {
+                Ok(None) => return Ok(events),
+                Ok(Some(Ok(e))) => events.push(SseEvent {
+                    id: e.id,
+                    event: e.event,
+                    data: e.data,
+                }),
+                Ok(Some(Err(e))) => return Err(format!("the stream broke: {e}")),
+                Err(_) => return Err(format!("still open after {timeout:?}")),
+            }
+        }
     }
 
     /// True once the server ended the stream (within `timeout`), skipping any events.

@@ -34,6 +34,8 @@ pub struct Received {
     pub at: Instant,
     /// Its headers.
     pub headers: HeaderMap,
+    /// Whether it was answered with an injected failure.
+    pub failed: bool,
 }
 
 struct MockState {
@@ -45,19 +47,42 @@ struct MockState {
     last_modified: bool,
     failure: Option<Failure>,
     received: Vec<Received>,
+    content_type: String,
+    gzip: bool,
 }
 
 /// The mock upstream; dropping it stops the server.
 pub struct MockUpstream {
     addr: SocketAddr,
     state: Arc<Mutex<MockState>>,
+    server: Mutex<Option<Server>>,
+}
+
+/// One run of the server: stopping it closes the listener (connections are refused).
+struct Server {
     stop: CancellationToken,
+    handle: tokio::task::JoinHandle<()>,
 }
 
 impl Drop for MockUpstream {
     fn drop(&mut self) {
-        self.stop.cancel();
+        if let Some(server) = self.server.lock().unwrap().take() {
+            server.stop.cancel();
+        }
     }
+}
+
+fn serve_on(listener: tokio::net::TcpListener, state: Arc<Mutex<MockState>>) -> Server {
+    let stop = CancellationToken::new();
+    let app = Router::new().route("/doc", get(serve)).with_state(state);
+    let token = stop.clone();
+    let handle = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(token.cancelled_owned())
+            .await
+            .unwrap();
+    });
+    Server { stop, handle }
 }
 
 impl MockUpstream {
@@ -73,21 +98,45 @@ impl MockUpstream {
             last_modified: true,
             failure: None,
             received: Vec::new(),
+            content_type: "application/json".to_owned(),
+            gzip: false,
         }));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let stop = CancellationToken::new();
-        let app = Router::new()
-            .route("/doc", get(serve))
-            .with_state(state.clone());
-        let token = stop.clone();
-        tokio::spawn(async move {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(token.cancelled_owned())
+        let server = serve_on(listener, state.clone());
+        MockUpstream {
+            addr,
+            state,
+            server: Mutex::new(Some(server)),
+        }
+    }
+
+    /// Stops listening: new connections are refused until `come_back`. Waits until the
+    /// listener is closed and open connections have finished.
+    pub async fn go_down(&self) {
+        let server = self.server.lock().unwrap().take();
+        if let Some(server) = server {
+            server.stop.cancel();
+            tokio::time::timeout(Duration::from_secs(10), server.handle)
                 .await
+                .expect("the mock upstream did not stop")
                 .unwrap();
-        });
-        MockUpstream { addr, state, stop }
+        }
+    }
+
+    /// Listens again on the same address (retrying while the port is briefly unavailable).
+    pub async fn come_back(&self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let listener = loop {
+            match tokio::net::TcpListener::bind(self.addr).await {
+                Ok(listener) => break listener,
+                Err(_) if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Err(e) => panic!("cannot listen on {} again: {e}", self.addr),
+            }
+        };
+        *self.server.lock().unwrap() = Some(serve_on(listener, self.state.clone()));
     }
 
     fn lock(&self) -> MutexGuard<'_, MockState> {
@@ -125,6 +174,27 @@ impl MockUpstream {
         s.modified += Duration::from_secs(1);
     }
 
+    /// The `Content-Type` of bodies served from now on (default `application/json`).
+    pub fn content_type(&self, content_type: &str) {
+        self.lock().content_type = content_type.to_owned();
+    }
+
+    /// Whether bodies are served gzip-compressed with `Content-Encoding: gzip` (whatever the
+    /// request's `Accept-Encoding`, as some CDNs do).
+    pub fn gzip(&self, on: bool) {
+        self.lock().gzip = on;
+    }
+
+    /// The `Last-Modified` date of the current body.
+    pub fn last_modified(&self) -> String {
+        httpdate::fmt_http_date(self.lock().modified)
+    }
+
+    /// The `ETag` of the current body.
+    pub fn etag(&self) -> String {
+        format!("\"v{}\"", self.lock().version)
+    }
+
     /// The current document.
     pub fn document(&self) -> Value {
         self.lock().document.clone()
@@ -156,18 +226,40 @@ impl MockUpstream {
     pub fn received(&self) -> Vec<Received> {
         self.lock().received.clone()
     }
+
+    /// Waits until the upstream has received more than `count` requests in all.
+    pub async fn wait_for_requests(&self, count: usize, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while self.requests() <= count {
+            assert!(
+                Instant::now() < deadline,
+                "the upstream received {} requests, expected more than {count} within {timeout:?}",
+                self.requests()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
 }
 
 async fn serve(State(state): State<Arc<Mutex<MockState>>>, headers: HeaderMap) -> Response {
-    let (failure, body, etag, modified) = {
+    let (failure, body, etag, modified, content_type, gzip) = {
         let mut s = state.lock().unwrap();
+        let failed = s.failure.is_some();
         s.received.push(Received {
             at: Instant::now(),
             headers: headers.clone(),
+            failed,
         });
         let etag = s.etag.then(|| format!("\"v{}\"", s.version));
         let modified = s.last_modified.then(|| httpdate::fmt_http_date(s.modified));
-        (s.failure.clone(), s.body.clone(), etag, modified)
+        (
+            s.failure.clone(),
+            s.body.clone(),
+            etag,
+            modified,
+            s.content_type.clone(),
+            s.gzip,
+        )
     };
     match failure {
         Some(Failure::Status(status, retry_after)) => {
@@ -218,7 +310,15 @@ async fn serve(State(state): State<Arc<Mutex<MockState>>>, headers: HeaderMap) -
             .body(Body::empty())
             .unwrap();
     }
-    r.header(header::CONTENT_TYPE, "application/json")
+    let body = if gzip {
+        r = r.header(header::CONTENT_ENCODING, "gzip");
+        let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        std::io::Write::write_all(&mut encoder, &body).unwrap();
+        Bytes::from(encoder.finish().unwrap())
+    } else {
+        body
+    };
+    r.header(header::CONTENT_TYPE, content_type)
         .body(Body::from(body))
         .unwrap()
 }

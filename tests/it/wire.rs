@@ -1,0 +1,49 @@
+//! The SSE body on the wire: the `retry:` hint first, then the snapshot, and keep-alive
+//! comments while nothing changes (which carry no event and do not advance the id).
+
+use std::time::Duration;
+
+use serde_json::json;
+
+use crate::support::*;
+
+#[tokio::test]
+async fn retry_hint_first_then_snapshot_then_keep_alives_while_idle() {
+    let upstream = MockUpstream::start(json!({"n": 1})).await;
+    let mut config = config(vec![stream("doc", &upstream.url())]);
+    config.server.keepalive = Duration::from_millis(200);
+    config.server.retry_hint = Duration::from_millis(1500);
+    let app = TestApp::spawn(config).await;
+    app.wait_for_seq("doc", 1).await;
+
+    let mut raw = app.subscribe_raw("doc", 64 * 1024).await;
+    let head = raw.read_until(b"\r\n\r\n", SOON).await;
+    let head = String::from_utf8_lossy(&head).into_owned();
+    let (status_and_headers, first_bytes) = head.split_once("\r\n\r\n").unwrap();
+    assert!(
+        status_and_headers
+            .to_lowercase()
+            .contains("content-type: text/event-stream"),
+        "{status_and_headers}"
+    );
+    let mut body = first_bytes.to_owned();
+    while body.matches(": keep-alive\n\n").count() < 2 {
+        let more = raw.read_until(b"\n\n", SOON).await;
+        body.push_str(&String::from_utf8_lossy(&more));
+    }
+    let epoch = app.listing("doc").await["epoch"].as_u64().unwrap();
+    let expected_start =
+        format!("retry: 1500\n\nid: doc:{epoch}:1\nevent: snapshot\ndata: {{\"n\":1}}\n\n");
+    assert!(
+        body.starts_with(&expected_start),
+        "expected {expected_start:?} first, got {body:?}"
+    );
+    let rest = &body[expected_start.len()..];
+    assert!(
+        rest.split("\n\n")
+            .filter(|frame| !frame.is_empty())
+            .all(|frame| frame == ": keep-alive"),
+        "only keep-alives while idle: {rest:?}"
+    );
+    app.stop().await;
+}
