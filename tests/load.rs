@@ -103,6 +103,36 @@ async fn two_hundred_subscribers_get_five_changes_in_order() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_processes_and_source_addresses_add_up() {
+    let app = push_app(None).await;
+    let publish = app.url("/streams/bench");
+    let auth = format!("Authorization: Bearer {TOKEN}");
+    let mut extra = publishing(&publish, &auth);
+    extra.extend([
+        "-n",
+        "90",
+        "--workers",
+        "3",
+        "--source-addrs",
+        "127.0.0.1,127.0.0.2",
+    ]);
+    let plan = args(&app, &extra).validate().expect("a valid plan");
+    // The real binary, re-executed with --worker for each of the 3 parts.
+    let exe = std::path::Path::new(env!("CARGO_BIN_EXE_patchwire-load"));
+
+    let report = load::run(&plan, Some(exe))
+        .await
+        .expect("the run completes");
+
+    assert_eq!((report.processes, report.workers), (3, 3));
+    assert_eq!(report.source_addrs, vec!["127.0.0.1", "127.0.0.2"]);
+    assert_eq!((report.readers, report.delivered), (90, 450), "{report}");
+    assert_eq!((report.missing, report.out_of_order), (0, 0), "{report}");
+    assert_eq!(report.latency_ms.expect("latencies").count, 450);
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stalled_subscribers_do_not_hold_back_the_others() {
     let app = push_app(None).await;
     let publish = app.url("/streams/bench");

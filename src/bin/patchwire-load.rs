@@ -21,7 +21,10 @@ fn main() -> ExitCode {
         }
     };
     if let Some(spec) = &args.worker {
-        return match runtime.block_on(load::worker(spec)) {
+        let result = runtime.block_on(load::worker(spec));
+        // Do not wait for the blocking stdin reader: the report is out, the work is done.
+        runtime.shutdown_timeout(std::time::Duration::from_millis(100));
+        return match result {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("patchwire-load worker: {e}");

@@ -244,8 +244,11 @@ pub async fn run(plan: &Plan, worker_exe: Option<&Path>) -> Result<Report, LoadE
             (i, other) => return Err(unexpected(i, &other)),
         }
     }
-    for mut handle in handles {
-        if let Some(child) = handle.child.as_mut() {
+    for handle in handles {
+        // Closing a worker's stdin lets it exit (its stdin reader is a blocking read).
+        let PartHandle { commands, child } = handle;
+        drop(commands);
+        if let Some(mut child) = child {
             let _ = tokio::time::timeout(Duration::from_secs(10), child.wait()).await;
         }
     }
