@@ -7,12 +7,14 @@
 //! - [`outbox`]: the durable webhook queue (trait + embedded SQLite).
 //! - [`metrics`]: Prometheus metrics owned by the application.
 //! - [`sim`]: the simulated fleet feed used by the default configuration, tests and benchmarks.
+//! - [`load`]: the `patchwire-load` SSE load client (any SSE server, not just this one).
 
 pub mod api;
 pub mod app;
 pub mod config;
 pub mod diff;
 pub mod hub;
+pub mod load;
 pub mod metrics;
 pub mod outbox;
 pub mod sim;
