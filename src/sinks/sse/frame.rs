@@ -7,12 +7,11 @@
 //! deflated events, then (when the stream ends) an empty final block and the trailer. Only the
 //! trailer's CRC-32 and length are per subscriber, and they are combined from per-event values.
 
-use std::io::Write;
+use std::cell::RefCell;
 use std::sync::OnceLock;
 
 use bytes::{BufMut, Bytes, BytesMut};
-use flate2::Compression;
-use flate2::write::DeflateEncoder;
+use flate2::{Compress, Compression, FlushCompress};
 
 /// Builds one SSE event. `data` may contain newlines: each line becomes its own `data:` field,
 /// so the client reassembles exactly `data`.
@@ -114,22 +113,55 @@ pub struct Deflated {
 impl Deflated {
     /// Deflates `data` on its own (no reference to earlier chunks).
     pub fn new(data: &[u8]) -> Self {
-        let mut encoder =
-            DeflateEncoder::new(Vec::with_capacity(data.len() / 2 + 16), Compression::fast());
-        // Writing into a Vec cannot fail; `flush` is a deflate sync flush: it ends the
-        // current block on a byte boundary without marking it final.
-        let _ = encoder.write_all(data);
-        let _ = encoder.flush();
-        let bytes = Bytes::from(std::mem::take(encoder.get_mut()));
+        let bytes = COMPRESSOR.with(|compressor| {
+            let mut compressor = compressor.borrow_mut();
+            // A reset compressor has no history: this chunk references nothing before it.
+            compressor.reset();
+            deflate_sync(&mut compressor, data)
+        });
         let mut crc = crc32fast::Hasher::new();
         crc.update(data);
         Deflated {
-            bytes,
+            bytes: Bytes::from(bytes),
             crc,
             // gzip's ISIZE is the length modulo 2^32.
             len: data.len() as u32,
         }
     }
+}
+
+thread_local! {
+    /// One raw-deflate compressor per thread, reset for every event: building one costs far
+    /// more than compressing a small patch.
+    static COMPRESSOR: RefCell<Compress> = RefCell::new(Compress::new(Compression::fast(), false));
+}
+
+/// Compresses all of `data` and ends with a sync flush: non-final blocks ending on a byte
+/// boundary.
+fn deflate_sync(compressor: &mut Compress, data: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(data.len() / 2 + 64);
+    let mut input = data;
+    loop {
+        if out.capacity() - out.len() < 64 {
+            out.reserve(out.capacity().max(64));
+        }
+        let before = compressor.total_in();
+        // Compressing into memory only fails on a corrupted stream state; a fresh reset
+        // rules that out, and what was produced so far is still valid deflate.
+        if compressor
+            .compress_vec(input, &mut out, FlushCompress::Sync)
+            .is_err()
+        {
+            break;
+        }
+        let consumed = usize::try_from(compressor.total_in() - before).unwrap_or(input.len());
+        input = &input[consumed.min(input.len())..];
+        // The flush is complete once the input is used up and the output did not fill.
+        if input.is_empty() && out.len() < out.capacity() {
+            break;
+        }
+    }
+    out
 }
 
 /// The fixed 10-byte gzip header (deflate, no name, no mtime, unknown OS).
@@ -165,7 +197,7 @@ mod tests {
     use super::*;
     use flate2::read::GzDecoder;
     use proptest::prelude::*;
-    use std::io::Read;
+    use std::io::{Read, Write};
 
     /// Parses SSE text per the WHATWG algorithm (enough for these tests): (id, event, data).
     fn parse(text: &str) -> Vec<(Option<String>, String, String)> {
