@@ -35,6 +35,7 @@ enum Refusal {
     Unauthorized,
     NoStream(String),
     Polled(String),
+    BadBody(String),
 }
 
 impl IntoResponse for Refusal {
@@ -58,6 +59,7 @@ impl IntoResponse for Refusal {
                 StatusCode::NOT_FOUND,
                 format!("no stream named {name:?}; GET /streams lists them"),
             ),
+            Refusal::BadBody(message) => error_response(StatusCode::BAD_REQUEST, message),
             Refusal::Polled(name) => error_response(
                 StatusCode::CONFLICT,
                 format!(
@@ -87,6 +89,21 @@ fn authorize(state: &AppState, name: &str, headers: &HeaderMap) -> Result<Arc<St
         return Err(Refusal::Polled(name.to_owned()));
     }
     Ok(stream)
+}
+
+/// The stream to push into and the request body parsed as `T`, `expected` naming what the
+/// body must be.
+fn accept<T: serde::de::DeserializeOwned>(
+    state: &AppState,
+    name: &str,
+    headers: &HeaderMap,
+    body: &[u8],
+    expected: &str,
+) -> Result<(Arc<Stream>, T), Refusal> {
+    let stream = authorize(state, name, headers)?;
+    let parsed =
+        serde_json::from_slice(body).map_err(|e| Refusal::BadBody(format!("{expected}: {e}")))?;
+    Ok((stream, parsed))
 }
 
 fn published(stream: &Stream, publication: &Publication) -> Response {
@@ -119,18 +136,15 @@ pub async fn post_document(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let stream = match authorize(&state, &name, &headers) {
-        Ok(stream) => stream,
+    let (stream, document): (_, Value) = match accept(
+        &state,
+        &name,
+        &headers,
+        &body,
+        "the body is not a JSON document",
+    ) {
+        Ok(accepted) => accepted,
         Err(refusal) => return refusal.into_response(),
-    };
-    let document: Value = match serde_json::from_slice(&body) {
-        Ok(document) => document,
-        Err(e) => {
-            return error_response(
-                StatusCode::BAD_REQUEST,
-                format!("the body is not a JSON document: {e}"),
-            );
-        }
     };
     let publisher = stream.clone();
     match tokio::task::spawn_blocking(move || publisher.publish(document)).await {
@@ -154,18 +168,15 @@ pub async fn patch_document(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let stream = match authorize(&state, &name, &headers) {
-        Ok(stream) => stream,
+    let (stream, patch): (_, Patch) = match accept(
+        &state,
+        &name,
+        &headers,
+        &body,
+        "expected an RFC 6902 patch (a JSON array of operations)",
+    ) {
+        Ok(accepted) => accepted,
         Err(refusal) => return refusal.into_response(),
-    };
-    let patch: Patch = match serde_json::from_slice(&body) {
-        Ok(patch) => patch,
-        Err(e) => {
-            return error_response(
-                StatusCode::BAD_REQUEST,
-                format!("expected an RFC 6902 patch (a JSON array of operations): {e}"),
-            );
-        }
     };
     let publisher = stream.clone();
     let outcome = tokio::task::spawn_blocking(move || {
