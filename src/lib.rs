@@ -4,7 +4,12 @@
 //! - [`config`]: the configuration file's shape, loading and pure validation.
 //! - [`upstream`]: one poller per stream; conditional fetches, rate limits, backoff, decoding.
 //! - [`diff`]: RFC 6902 diff and apply.
+//! - [`snapshot`]: the latest document of each stream, serialized once.
+//! - [`hub`]: streams, their changes and history, subscribe and publish.
+//! - [`sinks`]: SSE (native HTTP/1.x path and hyper body) and webhooks.
 //! - [`outbox`]: the durable webhook queue (trait + embedded SQLite).
+//! - [`api`]: the accept loop and the HTTP routes (streams, push, admin, health, metrics).
+//! - [`app`]: wiring: builds everything from a validated configuration and runs it.
 //! - [`metrics`]: Prometheus metrics owned by the application.
 //! - [`sim`]: the simulated fleet feed used by the default configuration, tests and benchmarks.
 //! - [`load`]: the `patchwire-load` SSE load client (any SSE server, not just this one).
