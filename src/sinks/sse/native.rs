@@ -7,7 +7,7 @@
 //!
 //! Why: a long-lived SSE response through hyper keeps hyper's per-connection buffers (an 8 KB
 //! read buffer, a write queue) and frames every event as a chunk; here a subscriber is its
-//! socket, a [`Writer`] and a small task, and an event costs one `write` of bytes shared by all
+//! socket, a `Writer` and a small task, and an event costs one `write` of bytes shared by all
 //! subscribers. A write that would block falls back to waiting for writability, bounded by the
 //! stall timeout, so only a slow subscriber ever arms a timer.
 
