@@ -1,9 +1,10 @@
 //! Configuration: the file's shape, loading (TOML/YAML + environment), and pure validation.
 //!
-//! Flow: `load` reads a file and environment overrides into `raw::RawConfig` (serde, unknown
-//! keys rejected), then `validate` turns it into a [`Config`] or a [`ConfigError`] that lists
-//! every problem with its file and key. `describe` summarizes a valid [`Config`] for
-//! `patchwire check`.
+//! Flow: `load` reads a file and `PATCHWIRE__*` environment overrides into `raw::RawConfig`
+//! (serde, unknown keys rejected, key paths kept for messages), then `validate` turns it into a
+//! [`Config`] or a [`ConfigError`] that lists every problem with its file and key. `describe`
+//! summarizes a valid [`Config`] for `patchwire check`. `config/default.toml` documents every
+//! key with its default.
 
 mod de;
 mod describe;
@@ -17,7 +18,9 @@ mod webhooks;
 
 pub use describe::describe;
 pub use error::{ConfigError, Problem, Problems};
-pub use load::{ENV_PREFIX, ENV_SEPARATOR, FileKind, load, load_raw, load_with, parse_raw};
+pub use load::{
+    ENV_PREFIX, ENV_SEPARATOR, FileKind, MAX_OVERRIDE_INDEX, load, load_raw, load_with, parse_raw,
+};
 pub use model::*;
 pub use raw::RawConfig;
 pub use validate::{defaults, host_group, is_valid_name, limits, validate};
