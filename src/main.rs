@@ -21,55 +21,42 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the proxy (the default command).
-    Run {
-        /// Configuration file (TOML or YAML).
-        #[arg(
-            long,
-            short,
-            env = "PATCHWIRE_CONFIG",
-            default_value = "config/default.toml"
-        )]
-        config: PathBuf,
-    },
+    Run(ConfigFile),
     /// Validate a configuration and print the streams it would run; exits non-zero if invalid.
-    Check {
-        /// Configuration file (TOML or YAML).
-        #[arg(
-            long,
-            short,
-            env = "PATCHWIRE_CONFIG",
-            default_value = "config/default.toml"
-        )]
-        config: PathBuf,
-    },
+    Check(ConfigFile),
     /// Serve only the simulated feeds of a configuration's `[simulator]` table.
-    Simulate {
-        /// Configuration file (TOML or YAML) with a `[simulator]` table.
-        #[arg(
-            long,
-            short,
-            env = "PATCHWIRE_CONFIG",
-            default_value = "config/default.toml"
-        )]
-        config: PathBuf,
-    },
+    Simulate(ConfigFile),
+}
+
+#[derive(Debug, clap::Args)]
+struct ConfigFile {
+    /// Configuration file (TOML or YAML).
+    #[arg(
+        long,
+        short,
+        env = "PATCHWIRE_CONFIG",
+        default_value = "config/default.toml"
+    )]
+    config: PathBuf,
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // clap reads PATCHWIRE_CONFIG only for a subcommand it parsed; the bare command must too.
-    let command = cli.command.unwrap_or_else(|| Command::Run {
-        config: std::env::var_os("PATCHWIRE_CONFIG")
-            .filter(|v| !v.is_empty())
-            .map_or_else(|| PathBuf::from("config/default.toml"), PathBuf::from),
+    let command = cli.command.unwrap_or_else(|| {
+        Command::Run(ConfigFile {
+            config: std::env::var_os("PATCHWIRE_CONFIG")
+                .filter(|v| !v.is_empty())
+                .map_or_else(|| PathBuf::from("config/default.toml"), PathBuf::from),
+        })
     });
     match command {
-        Command::Check { config } => check(&config),
-        Command::Run { config } => match load(&config) {
+        Command::Check(ConfigFile { config }) => check(&config),
+        Command::Run(ConfigFile { config }) => match load(&config) {
             Some(config) => serve(config, Mode::Proxy),
             None => ExitCode::from(2),
         },
-        Command::Simulate { config } => match load(&config) {
+        Command::Simulate(ConfigFile { config }) => match load(&config) {
             Some(config) => serve(config, Mode::SimulatorOnly),
             None => ExitCode::from(2),
         },
