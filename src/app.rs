@@ -196,6 +196,7 @@ pub async fn run(
     let state = Arc::new(AppState {
         hub: hub.clone(),
         metrics: metrics.clone(),
+        snapshots: snapshots.clone(),
         upstreams,
         push,
         push_max_body,
@@ -231,7 +232,6 @@ pub async fn run(
         router,
         native,
         api::server::ServeOptions {
-            stall_timeout: config.server.stall_timeout,
             shutdown_grace: config.server.shutdown_grace,
         },
         shutdown.clone(),

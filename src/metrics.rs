@@ -74,6 +74,8 @@ pub struct Metrics {
     pub resyncs: Family<StreamLabels, Counter>,
     /// Connections closed because their socket refused writes past the stall timeout.
     pub stalled_connections: Counter,
+    /// JSON bytes of every stream's current snapshot held in memory (set at each scrape).
+    pub stored_snapshot_bytes: Gauge,
     registry: Registry,
 }
 
@@ -97,6 +99,7 @@ impl Metrics {
         let events_sent = Family::<StreamLabels, Counter>::default();
         let resyncs = Family::<StreamLabels, Counter>::default();
         let stalled_connections = Counter::default();
+        let stored_snapshot_bytes = Gauge::default();
 
         let mut registry = Registry::with_prefix("patchwire");
         registry.register("polls", "Upstream polls by outcome", polls.clone());
@@ -138,6 +141,12 @@ impl Metrics {
             "Connections closed because the client stopped reading",
             stalled_connections.clone(),
         );
+        registry.register_with_unit(
+            "stored_snapshots",
+            "JSON bytes of the current snapshots held in memory",
+            prometheus_client::registry::Unit::Bytes,
+            stored_snapshot_bytes.clone(),
+        );
         Metrics {
             polls,
             upstream_latency,
@@ -148,13 +157,9 @@ impl Metrics {
             events_sent,
             resyncs,
             stalled_connections,
+            stored_snapshot_bytes,
             registry,
         }
-    }
-
-    /// The registry, for encoding.
-    pub fn registry(&self) -> &Registry {
-        &self.registry
     }
 
     /// The metrics in the Prometheus/OpenMetrics text format.

@@ -35,6 +35,8 @@ pub struct AppState {
     pub hub: Arc<Hub>,
     /// The metrics.
     pub metrics: Arc<Metrics>,
+    /// The current snapshots (their total size is exported at each scrape).
+    pub snapshots: crate::snapshot::SnapshotStore,
     /// Upstream status per stream name.
     pub upstreams: HashMap<String, Arc<dyn UpstreamStatus>>,
     /// The push source, when configured.
@@ -112,6 +114,8 @@ async fn healthz() -> &'static str {
 }
 
 async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+    let stored = i64::try_from(state.snapshots.weighted_bytes()).unwrap_or(i64::MAX);
+    state.metrics.stored_snapshot_bytes.set(stored);
     (
         [(
             header::CONTENT_TYPE,

@@ -32,8 +32,6 @@ use tower::Service;
 /// How connections are served.
 #[derive(Debug, Clone, Copy)]
 pub struct ServeOptions {
-    /// A connection whose socket refuses writes this long is closed.
-    pub stall_timeout: Duration,
     /// How long shutdown waits for open connections to finish.
     pub shutdown_grace: Duration,
 }
@@ -79,7 +77,6 @@ pub async fn serve(
             native: native.clone(),
             builder: builder.clone(),
             watcher: graceful.watcher(),
-            stall_timeout: options.stall_timeout,
             shutdown: shutdown.clone(),
         };
         connections.spawn(connection.run(tcp, peer));
@@ -104,7 +101,6 @@ struct Connection {
     native: Arc<NativeSse>,
     builder: Arc<auto::Builder<TokioExecutor>>,
     watcher: hyper_util::server::graceful::Watcher,
-    stall_timeout: Duration,
     shutdown: CancellationToken,
 }
 
@@ -150,9 +146,9 @@ impl Connection {
                     tracing::debug!(%peer, error = %error, "connection ended with an error");
                 }
             }
-            () = watch.stalled_for(self.stall_timeout) => {
+            () = watch.stalled_for(self.native.stall_timeout) => {
                 self.native.stalled.inc();
-                tracing::info!(%peer, timeout = ?self.stall_timeout, "closing a connection that stopped reading");
+                tracing::info!(%peer, timeout = ?self.native.stall_timeout, "closing a connection that stopped reading");
             }
         }
     }

@@ -172,8 +172,6 @@ pub struct Subscription {
     pub live: broadcast::Receiver<StreamEvent>,
     /// The sequence number the subscriber is at once `initial` is sent (0: no document yet).
     pub seq: u64,
-    /// Whether a resume id was honoured (`false` when a snapshot replaced it).
-    pub resumed: bool,
     guard: SubscriberGuard,
 }
 
@@ -515,7 +513,6 @@ impl Stream {
         };
         let snapshot = self.snapshots.get(&self.name);
         let mut initial = Vec::new();
-        let mut resumed = false;
 
         let replay_from = match resume {
             Resume::After(raw) => raw
@@ -527,7 +524,6 @@ impl Stream {
         };
         match replay_from {
             Some(start) => {
-                resumed = true;
                 initial.extend(
                     state
                         .history
@@ -553,7 +549,6 @@ impl Stream {
             initial,
             live,
             seq,
-            resumed,
             guard: SubscriberGuard {
                 stream: self.clone(),
             },

@@ -45,8 +45,8 @@ impl Snapshot {
 /// The latest snapshot of every stream, weighed by JSON bytes.
 ///
 /// Backed by moka. Configured streams are never evicted (a subscriber must always find a base
-/// document); the weigher makes the total snapshot memory observable (`weighted_bytes`), which
-/// the metrics export and which bounds the on-demand streams of a later mode.
+/// document); the weigher makes the total snapshot memory observable (`weighted_bytes`, exported
+/// as `patchwire_stored_snapshots_bytes`).
 #[derive(Clone)]
 pub struct SnapshotStore {
     cache: Cache<Arc<str>, Arc<Snapshot>>,

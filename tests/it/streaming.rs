@@ -265,12 +265,23 @@ async fn listing_health_metrics_cors_and_unknown_streams() {
         "patchwire_snapshot_bytes_total{",
         "patchwire_subscribers{stream=\"doc\"} 1",
         "patchwire_events_sent_total{stream=\"doc\"}",
+        "patchwire_stored_snapshots_bytes ",
     ] {
         assert!(
             metrics.contains(series),
             "metrics lack {series}:\n{metrics}"
         );
     }
+
+    let stored = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("patchwire_stored_snapshots_bytes "))
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    assert_eq!(
+        stored,
+        Some(r#"{"n":1}"#.len() as u64),
+        "stored snapshot bytes:\n{metrics}"
+    );
 
     let missing = client.get(app.url("/streams/nope")).send().await.unwrap();
     assert_eq!(missing.status(), 404);
