@@ -37,6 +37,138 @@ pub struct Config {
     pub push_streams: Vec<PushStreamSettings>,
     /// Webhook delivery, when `[webhooks]` is present.
     pub webhooks: Option<WebhookSettings>,
+    /// The Streamdata.io-compatible proxy mode (`GET /{target URL}`), when `[proxy]` is present
+    /// with `enabled = true`; `None` means dynamic streams are refused.
+    pub proxy: Option<ProxySettings>,
+}
+
+/// Dynamic streams: any allowed upstream URL streamed on demand, for clients holding a token.
+#[derive(Debug, Clone)]
+pub struct ProxySettings {
+    /// Upstream hosts that may be streamed (at least one).
+    pub allowed_hosts: Vec<HostPattern>,
+    /// Whether upstreams may resolve to private, loopback, link-local or metadata addresses.
+    pub allow_private: bool,
+    /// Poll period of a dynamic stream when no host or token override applies.
+    pub interval: Duration,
+    /// Per-host poll periods, overriding `interval` (first matching pattern wins).
+    pub host_intervals: Vec<(HostPattern, Duration)>,
+    /// No dynamic stream is polled more often than this, whatever the overrides say.
+    pub min_interval: Duration,
+    /// How long a dynamic stream keeps polling after its last subscriber left.
+    pub linger: Duration,
+    /// Interval between keep-alive comments on dynamic streams.
+    pub keepalive: Duration,
+    /// Most dynamic streams alive at once.
+    pub max_streams: usize,
+    /// Most snapshot bytes held by dynamic streams together.
+    pub max_memory: u64,
+    /// Timeout of one upstream request.
+    pub timeout: Duration,
+    /// Largest upstream body accepted, in bytes.
+    pub max_body_bytes: u64,
+    /// Recent changes kept per dynamic stream for resuming subscribers.
+    pub history: usize,
+    /// How dynamic streams compute changes (`move` is never emitted: Streamdata.io clients
+    /// apply only `add`, `remove` and `replace`).
+    pub diff: DiffOptions,
+    /// The application tokens clients present (`X-Sd-Token`); at least one.
+    pub tokens: Vec<ProxyToken>,
+}
+
+/// An allowed upstream host: exactly `api.example.com`, or `*.example.com` for any name under
+/// `example.com` (not `example.com` itself). Lowercase; IP literals are exact hosts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HostPattern {
+    /// This host only.
+    Exact(String),
+    /// Any host ending in this suffix, which starts with a dot (`.example.com`).
+    Subdomains(String),
+}
+
+impl HostPattern {
+    /// Parses `api.example.com`, `*.example.com`, `127.0.0.1` or `[::1]`; the reason on error.
+    pub fn parse(pattern: &str) -> Result<HostPattern, String> {
+        let lower = pattern.trim().to_ascii_lowercase();
+        let (wildcard, host) = match lower.strip_prefix("*.") {
+            Some(rest) => (true, rest),
+            None => (false, lower.as_str()),
+        };
+        let valid = !host.is_empty()
+            && url::Host::parse(host).is_ok()
+            && !host.contains(['*', '/', ':', '@', '?', '#'])
+            || (!wildcard && host.starts_with('[') && url::Host::parse(host).is_ok());
+        if !valid {
+            return Err(format!(
+                "expected a host name such as \"api.example.com\", a pattern such as \
+                 \"*.example.com\", or an IP address, got {pattern:?}"
+            ));
+        }
+        Ok(if wildcard {
+            HostPattern::Subdomains(format!(".{host}"))
+        } else {
+            HostPattern::Exact(host.to_owned())
+        })
+    }
+
+    /// Whether `host` (as `url::Url::host_str` gives it: lowercase, IPv6 in brackets) matches.
+    pub fn matches(&self, host: &str) -> bool {
+        match self {
+            HostPattern::Exact(exact) => host.eq_ignore_ascii_case(exact),
+            HostPattern::Subdomains(suffix) => {
+                host.len() > suffix.len()
+                    && host
+                        .get(host.len() - suffix.len()..)
+                        .is_some_and(|end| end.eq_ignore_ascii_case(suffix))
+            }
+        }
+    }
+}
+
+impl std::fmt::Display for HostPattern {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            HostPattern::Exact(host) => f.write_str(host),
+            HostPattern::Subdomains(suffix) => write!(f, "*{suffix}"),
+        }
+    }
+}
+
+/// One application token and its limits.
+#[derive(Clone)]
+pub struct ProxyToken {
+    /// A name for logs and metrics (the token itself is never shown).
+    pub name: String,
+    /// The secret clients send as `X-Sd-Token`.
+    pub token: String,
+    /// Most connections open at once with this token.
+    pub max_connections: usize,
+    /// New connections accepted per second with this token, sustained.
+    pub connections_per_second: NonZeroU32,
+    /// New connections accepted at once after a quiet period.
+    pub connections_burst: NonZeroU32,
+    /// Hosts this token may stream; `None`: every host of `proxy.allowed_hosts`. A host must
+    /// match both lists.
+    pub allowed_hosts: Option<Vec<HostPattern>>,
+    /// The poll period this token's streams ask for, overriding the host and default periods.
+    pub interval: Option<Duration>,
+    /// This token's streams are never polled more often than this (on top of the global floor).
+    pub min_interval: Duration,
+}
+
+impl std::fmt::Debug for ProxyToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProxyToken")
+            .field("name", &self.name)
+            .field("token", &"<redacted>")
+            .field("max_connections", &self.max_connections)
+            .field("connections_per_second", &self.connections_per_second)
+            .field("connections_burst", &self.connections_burst)
+            .field("allowed_hosts", &self.allowed_hosts)
+            .field("interval", &self.interval)
+            .field("min_interval", &self.min_interval)
+            .finish()
+    }
 }
 
 /// Authentication and limits of the push source.
@@ -232,4 +364,7 @@ pub struct StreamSettings {
     pub rate_limit_group: String,
     /// How changes are computed.
     pub diff: DiffOptions,
+    /// `Some(linger)`: poll only while the stream has subscribers, and for `linger` after the
+    /// last one leaves (the snapshot is dropped when polling stops). `None`: poll always.
+    pub on_demand: Option<Duration>,
 }

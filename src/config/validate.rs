@@ -149,6 +149,7 @@ pub fn validate(
             push,
             push_streams,
             webhooks,
+            proxy: None,
         },
     )
 }
@@ -875,6 +876,7 @@ fn streams(
                     history: usize::try_from(history).unwrap_or(usize::MAX),
                     rate_limit_group,
                     diff,
+                    on_demand: None,
                 });
             }
         }

@@ -136,6 +136,7 @@ mod tests {
             history: 16,
             rate_limit_group: group.into(),
             diff: DiffOptions::default(),
+            on_demand: None,
         }
     }
 

@@ -357,6 +357,7 @@ pub fn stream(name: &str, url: Url) -> StreamSettings {
         history: 16,
         rate_limit_group: group,
         diff: DiffOptions::default(),
+        on_demand: None,
     }
 }
 

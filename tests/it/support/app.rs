@@ -40,6 +40,7 @@ pub fn stream(name: &str, url: &str) -> StreamSettings {
         history: 100,
         rate_limit_group: group,
         diff: DiffOptions::default(),
+        on_demand: None,
     }
 }
 
@@ -80,6 +81,7 @@ pub fn config(streams: Vec<StreamSettings>) -> Config {
         push: None,
         push_streams: Vec::new(),
         webhooks: None,
+        proxy: None,
     }
 }
 
