@@ -14,15 +14,18 @@ use tokio_util::sync::CancellationToken;
 use crate::api::push::PushAuth;
 use crate::api::{self, AppState, UpstreamStatus};
 use crate::config::Config;
-use crate::hub::{Hub, Publication, Stream, StreamOptions};
+use crate::hub::{Hub, Stream, StreamOptions};
 use crate::metrics::Metrics;
 use crate::outbox::sqlite::SqliteOutbox;
+use crate::proxy::Proxy;
+use crate::proxy::streams::DynamicStreams;
 use crate::sim;
 use crate::sinks::sse::native::NativeSse;
 use crate::sinks::webhook::service::Webhooks;
 use crate::snapshot::SnapshotStore;
-use crate::upstream::fetch::{FetchError, Fetcher, Redacted};
-use crate::upstream::poller::{LastOutcome, PollStatus, Poller, Publish, PublishResult};
+use crate::upstream::fetch::{Fetcher, Redacted};
+use crate::upstream::on_demand::{self, Idle, OnDemand};
+use crate::upstream::poller::{LastOutcome, PollStatus, Poller};
 use crate::upstream::ratelimit::RateLimits;
 
 /// The sockets the application serves on, bound before it starts (so tests can bind port 0
@@ -50,29 +53,6 @@ async fn bind(addr: SocketAddr, key: &str) -> anyhow::Result<TcpListener> {
     TcpListener::bind(addr)
         .await
         .with_context(|| format!("cannot listen on {addr} (`{key}`)"))
-}
-
-/// Connects a poller to its stream in the hub.
-struct StreamPublisher {
-    stream: Arc<Stream>,
-}
-
-impl Publish for StreamPublisher {
-    fn document(&self, doc: Value) -> PublishResult {
-        match self.stream.publish(doc) {
-            Publication::Published(_) => PublishResult::Changed,
-            Publication::Unchanged | Publication::Ignored => PublishResult::Unchanged,
-        }
-    }
-
-    fn failure(&self, error: &FetchError, retry_in: Duration) {
-        self.stream
-            .fail(error.status(), error.to_string(), retry_in);
-    }
-
-    fn recovered(&self) {
-        self.stream.recover();
-    }
 }
 
 /// A polled upstream as shown in `GET /streams`.
@@ -120,7 +100,7 @@ pub async fn run(
     let fetcher = Arc::new(
         Fetcher::new(&config.upstream.user_agent).context("cannot build the HTTP client")?,
     );
-    let rate_limits = RateLimits::new(&config.upstream, &config.streams);
+    let rate_limits = Arc::new(RateLimits::new(&config.upstream, &config.streams));
     let mut tasks = JoinSet::new();
 
     if let (Some(settings), Some(listener)) = (config.simulator.clone(), listeners.simulator) {
@@ -160,9 +140,7 @@ pub async fn run(
             fetcher.clone(),
             rate_limits.limiter(&settings.rate_limit_group),
             metrics.clone(),
-            Arc::new(StreamPublisher {
-                stream: stream.clone(),
-            }),
+            stream.clone(),
             config.upstream.backoff,
         );
         upstreams.insert(
@@ -173,7 +151,29 @@ pub async fn run(
                 status: poller.status(),
             }),
         );
-        tasks.spawn(poller.run(shutdown.clone()));
+        match settings.on_demand {
+            None => {
+                tasks.spawn(poller.run(shutdown.clone()));
+            }
+            Some(linger) => {
+                let idle_stream = stream.clone();
+                let options = OnDemand {
+                    linger,
+                    period: None,
+                    keepalive: None,
+                };
+                // Idle: drop the document (it would go stale) and poll afresh on demand.
+                let run = on_demand::run(poller, stream, options, shutdown.clone(), move |p| {
+                    tracing::info!(stream = %idle_stream.name(), "no subscribers: polling paused");
+                    idle_stream.forget();
+                    p.reset();
+                    Idle::Pause
+                });
+                tasks.spawn(async move {
+                    run.await;
+                });
+            }
+        }
     }
     for settings in &config.push_streams {
         add_stream(&mut tasks, &settings.name, settings.history, &settings.diff);
@@ -193,6 +193,27 @@ pub async fn run(
         None => None,
     };
 
+    let proxy = match &config.proxy {
+        Some(settings) => {
+            let streams = DynamicStreams::start(
+                Arc::new(settings.clone()),
+                &config.upstream.user_agent,
+                rate_limits.clone(),
+                metrics.clone(),
+                config.server.subscriber_buffer,
+                config.upstream.backoff,
+                shutdown.clone(),
+            )
+            .context("cannot start the proxy mode's HTTP client")?;
+            Some(Arc::new(Proxy::new(
+                Arc::new(settings.clone()),
+                streams,
+                metrics.clone(),
+            )))
+        }
+        None => None,
+    };
+
     let state = Arc::new(AppState {
         hub: hub.clone(),
         metrics: metrics.clone(),
@@ -203,15 +224,20 @@ pub async fn run(
         retry_hint: config.server.retry_hint,
         webhooks,
         admin_token: config.webhooks.as_ref().and_then(|w| w.admin_token.clone()),
+        proxy: proxy.clone(),
     });
     // Shutdown closes every stream first, so SSE responses end and connections can drain
     // within the grace period.
     {
         let hub = hub.clone();
         let shutdown = shutdown.clone();
+        let proxy = proxy.clone();
         tasks.spawn(async move {
             shutdown.cancelled().await;
             hub.close_all();
+            if let Some(proxy) = proxy {
+                proxy.streams().close_all();
+            }
         });
     }
     let router = api::router(state, &config.server.cors);

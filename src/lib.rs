@@ -8,10 +8,12 @@
 //! - [`hub`]: streams, their changes and history, subscribe and publish.
 //! - [`sinks`]: SSE (native HTTP/1.x path and hyper body) and webhooks.
 //! - [`outbox`]: the durable webhook queue (trait + embedded SQLite).
+//! - [`proxy`]: the Streamdata.io-compatible mode: any allowed URL as a dynamic stream.
 //! - [`api`]: the accept loop and the HTTP routes (streams, push, admin, health, metrics).
 //! - [`app`]: wiring: builds everything from a validated configuration and runs it.
 //! - [`metrics`]: Prometheus metrics owned by the application.
 //! - [`sim`]: the simulated fleet feed used by the default configuration, tests and benchmarks.
+//! - [`ssrf`]: which outbound addresses are refused, and the resolver that enforces it.
 //! - [`load`]: the `patchwire-load` SSE load client (any SSE server, not just this one).
 
 pub mod api;
@@ -22,7 +24,9 @@ pub mod hub;
 pub mod load;
 pub mod metrics;
 pub mod outbox;
+pub mod proxy;
 pub mod sim;
 pub mod sinks;
 pub mod snapshot;
+pub mod ssrf;
 pub mod upstream;

@@ -54,6 +54,39 @@ pub struct ChangeLabels {
     pub kind: ChangeKind,
 }
 
+/// Why a dynamic stream was stopped and evicted.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+pub enum EvictionCause {
+    /// Its last subscriber left longer than `proxy.linger` ago.
+    Linger,
+    /// Room was needed for a new stream (`proxy.max_streams` or `proxy.max_memory`), and this
+    /// one had no subscribers.
+    Idle,
+    /// The dynamic streams' snapshots outgrew `proxy.max_memory`.
+    Memory,
+}
+
+/// Labels for evictions.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EvictionLabels {
+    /// Why.
+    pub cause: EvictionCause,
+}
+
+/// Labels for refused dynamic-stream requests.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RefusalLabels {
+    /// The `cause` sent to the client (`token-missing`, `host-not-allowed`, ...).
+    pub cause: &'static str,
+}
+
+/// Labels for per-token series.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TokenLabels {
+    /// The token's configured name (never the token).
+    pub token: String,
+}
+
 /// Every metric the application exports.
 pub struct Metrics {
     /// Polls by stream and outcome.
@@ -76,6 +109,20 @@ pub struct Metrics {
     pub stalled_connections: Counter,
     /// JSON bytes of every stream's current snapshot held in memory (set at each scrape).
     pub stored_snapshot_bytes: Gauge,
+    /// Dynamic streams alive (polling or lingering).
+    pub dynamic_streams: Gauge,
+    /// `proxy.max_streams`.
+    pub dynamic_streams_limit: Gauge,
+    /// JSON bytes of the dynamic streams' snapshots (set at each scrape).
+    pub dynamic_snapshot_bytes: Gauge,
+    /// `proxy.max_memory`.
+    pub dynamic_snapshot_bytes_limit: Gauge,
+    /// Dynamic streams stopped and evicted, by cause.
+    pub dynamic_evictions: Family<EvictionLabels, Counter>,
+    /// Dynamic-stream requests refused, by cause.
+    pub proxy_refusals: Family<RefusalLabels, Counter>,
+    /// Open dynamic-stream connections, by token name.
+    pub proxy_connections: Family<TokenLabels, Gauge>,
     registry: Registry,
 }
 
@@ -100,6 +147,13 @@ impl Metrics {
         let resyncs = Family::<StreamLabels, Counter>::default();
         let stalled_connections = Counter::default();
         let stored_snapshot_bytes = Gauge::default();
+        let dynamic_streams = Gauge::default();
+        let dynamic_streams_limit = Gauge::default();
+        let dynamic_snapshot_bytes = Gauge::default();
+        let dynamic_snapshot_bytes_limit = Gauge::default();
+        let dynamic_evictions = Family::<EvictionLabels, Counter>::default();
+        let proxy_refusals = Family::<RefusalLabels, Counter>::default();
+        let proxy_connections = Family::<TokenLabels, Gauge>::default();
 
         let mut registry = Registry::with_prefix("patchwire");
         registry.register("polls", "Upstream polls by outcome", polls.clone());
@@ -147,6 +201,43 @@ impl Metrics {
             prometheus_client::registry::Unit::Bytes,
             stored_snapshot_bytes.clone(),
         );
+        registry.register(
+            "dynamic_streams",
+            "Dynamic (proxy mode) streams alive, polling or lingering",
+            dynamic_streams.clone(),
+        );
+        registry.register(
+            "dynamic_streams_limit",
+            "Most dynamic streams alive at once (proxy.max_streams)",
+            dynamic_streams_limit.clone(),
+        );
+        registry.register_with_unit(
+            "dynamic_snapshots",
+            "JSON bytes of the dynamic streams' snapshots",
+            prometheus_client::registry::Unit::Bytes,
+            dynamic_snapshot_bytes.clone(),
+        );
+        registry.register_with_unit(
+            "dynamic_snapshots_limit",
+            "Most JSON bytes the dynamic streams' snapshots may hold (proxy.max_memory)",
+            prometheus_client::registry::Unit::Bytes,
+            dynamic_snapshot_bytes_limit.clone(),
+        );
+        registry.register(
+            "dynamic_evictions",
+            "Dynamic streams stopped and evicted",
+            dynamic_evictions.clone(),
+        );
+        registry.register(
+            "proxy_refusals",
+            "Dynamic-stream requests refused",
+            proxy_refusals.clone(),
+        );
+        registry.register(
+            "proxy_connections",
+            "Open dynamic-stream connections by token",
+            proxy_connections.clone(),
+        );
         Metrics {
             polls,
             upstream_latency,
@@ -158,7 +249,46 @@ impl Metrics {
             resyncs,
             stalled_connections,
             stored_snapshot_bytes,
+            dynamic_streams,
+            dynamic_streams_limit,
+            dynamic_snapshot_bytes,
+            dynamic_snapshot_bytes_limit,
+            dynamic_evictions,
+            proxy_refusals,
+            proxy_connections,
             registry,
+        }
+    }
+
+    /// Removes every per-stream series of `stream` (a dynamic stream that was evicted), so
+    /// short-lived streams do not accumulate series.
+    pub fn forget_stream(&self, stream: &str) {
+        let labels = StreamLabels {
+            stream: stream.to_owned(),
+        };
+        self.upstream_latency.remove(&labels);
+        self.snapshot_bytes.remove(&labels);
+        self.subscribers.remove(&labels);
+        self.events_sent.remove(&labels);
+        self.resyncs.remove(&labels);
+        for outcome in [
+            PollOutcome::Changed,
+            PollOutcome::Unchanged,
+            PollOutcome::NotModified,
+            PollOutcome::Error,
+        ] {
+            self.polls.remove(&PollLabels {
+                stream: stream.to_owned(),
+                outcome,
+            });
+        }
+        for kind in [ChangeKind::Patch, ChangeKind::Snapshot] {
+            let labels = ChangeLabels {
+                stream: stream.to_owned(),
+                kind,
+            };
+            self.changes.remove(&labels);
+            self.change_bytes.remove(&labels);
         }
     }
 

@@ -1,6 +1,7 @@
 //! The HTTP surface: stream endpoints, the stream listing, health and metrics.
 
 pub mod admin;
+pub mod proxy;
 pub mod push;
 pub mod server;
 
@@ -49,6 +50,8 @@ pub struct AppState {
     pub webhooks: Option<Arc<crate::sinks::webhook::service::Webhooks>>,
     /// The admin API's bearer token; `None` disables the admin API.
     pub admin_token: Option<crate::config::AdminToken>,
+    /// The proxy mode (`GET /{upstream URL}`), when `[proxy]` is enabled.
+    pub proxy: Option<Arc<crate::proxy::Proxy>>,
 }
 
 /// The application's routes.
@@ -66,7 +69,7 @@ pub fn router(state: Arc<AppState>, cors: &Cors) -> Router {
         )
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
-        .fallback(not_found)
+        .fallback(fallback)
         .with_state(state)
         .merge(admin);
     match cors_layer(cors) {
@@ -87,11 +90,15 @@ fn cors_layer(cors: &Cors) -> Option<CorsLayer> {
             .allow_methods([Method::GET, Method::HEAD, Method::OPTIONS])
             .allow_headers([
                 header::HeaderName::from_static("last-event-id"),
+                header::HeaderName::from_static("x-sd-token"),
                 header::ACCEPT,
                 header::IF_NONE_MATCH,
                 header::CACHE_CONTROL,
             ])
-            .expose_headers([header::ETAG])
+            .expose_headers([
+                header::ETAG,
+                header::HeaderName::from_static(proxy::STREAM_HEADER),
+            ])
             .max_age(Duration::from_secs(3600)),
     )
 }
@@ -102,7 +109,16 @@ pub fn error_response(status: StatusCode, message: impl Into<String>) -> Respons
     (status, axum::Json(body)).into_response()
 }
 
-async fn not_found() -> Response {
+/// Dynamic streams (`/https://…`), else 404.
+async fn fallback(
+    State(state): State<Arc<AppState>>,
+    method: Method,
+    uri: http::Uri,
+    headers: HeaderMap,
+) -> Response {
+    if crate::proxy::target::is_dynamic_path(uri.path()) && method == Method::GET {
+        return proxy::dynamic(state, uri, headers).await;
+    }
     error_response(
         StatusCode::NOT_FOUND,
         "no such endpoint; streams are at /streams/{name}, the list at /streams",
@@ -116,6 +132,10 @@ async fn healthz() -> &'static str {
 async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     let stored = i64::try_from(state.snapshots.weighted_bytes()).unwrap_or(i64::MAX);
     state.metrics.stored_snapshot_bytes.set(stored);
+    if let Some(proxy) = &state.proxy {
+        // Sets the gauge as a side effect.
+        proxy.streams().snapshot_bytes();
+    }
     (
         [(
             header::CONTENT_TYPE,
@@ -155,7 +175,8 @@ async fn list_streams(State(state): State<Arc<AppState>>) -> Response {
         .iter()
         .map(|s| describe_stream(s, state.upstreams.get(s.name())))
         .collect();
-    axum::Json(json!({ "streams": streams })).into_response()
+    let dynamic = state.proxy.as_ref().map(|p| p.describe());
+    axum::Json(json!({ "streams": streams, "dynamic": dynamic })).into_response()
 }
 
 #[derive(Debug, Deserialize)]
@@ -168,8 +189,18 @@ async fn stream(
     State(state): State<Arc<AppState>>,
     Path(name): Path<String>,
     Query(query): Query<StreamQuery>,
+    uri: http::Uri,
     headers: HeaderMap,
 ) -> Response {
+    if name.starts_with('~') {
+        return proxy::native_view(
+            &state,
+            &name,
+            uri.query(),
+            query.last_event_id.as_deref(),
+            &headers,
+        );
+    }
     let Some(stream) = state.hub.get(&name) else {
         return error_response(
             StatusCode::NOT_FOUND,
@@ -184,13 +215,14 @@ async fn stream(
     let options = SseOptions {
         retry: state.retry_hint,
         gzip: sse::accepts_gzip(&headers),
+        dialect: sse::Dialect::Native,
     };
     sse::response(subscription, options)
 }
 
 /// `GET /streams/{name}` with `Accept: application/json`: the current document once, with an
 /// `ETag` naming its epoch and sequence, so polling clients cost the upstream nothing.
-fn snapshot_json(stream: &Stream, headers: &HeaderMap) -> Response {
+pub(crate) fn snapshot_json(stream: &Stream, headers: &HeaderMap) -> Response {
     let Some(snapshot) = stream.snapshot() else {
         let mut response = error_response(
             StatusCode::SERVICE_UNAVAILABLE,

@@ -17,7 +17,7 @@ use super::validate::{MANAGED_HEADERS, NAME_EXPECTED, duration_in, header_key, i
 use crate::sinks::webhook::body::Mode;
 use crate::sinks::webhook::schedule::{DEFAULT_SCHEDULE, RetrySchedule};
 use crate::sinks::webhook::sign::Secret;
-use crate::sinks::webhook::ssrf;
+use crate::ssrf;
 
 /// Built-in defaults of `[webhooks]`.
 pub mod defaults {

@@ -4,17 +4,19 @@ use std::collections::VecDeque;
 use std::fmt;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use serde_json::Value;
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, watch};
 
 use crate::diff::{self, DiffOptions, Patch};
 use crate::metrics::{self, ChangeLabels, Metrics, StreamLabels};
 use crate::sinks::sse::{self, EncodedEvent};
 use crate::snapshot::{Snapshot, SnapshotStore};
+use crate::upstream::fetch::FetchError;
+use crate::upstream::poller::{Publish, PublishResult};
 
 /// How a stream keeps and fans out its changes.
 #[derive(Debug, Clone)]
@@ -55,9 +57,24 @@ pub struct Change {
     pub snapshot: Arc<Snapshot>,
     /// This change as an SSE event.
     pub sse: EncodedEvent,
+    /// This change as a Streamdata.io event (`data` or `patch`), framed on first use.
+    streamdata: OnceLock<EncodedEvent>,
 }
 
 impl Change {
+    /// This change as Streamdata.io clients expect it: a `patch` event with the same patch, or
+    /// a `data` event carrying the whole document. Framed once, on first use, then shared.
+    pub fn streamdata_event(&self) -> &EncodedEvent {
+        self.streamdata.get_or_init(|| {
+            let name = match self.kind {
+                ChangeKind::Patch => "patch",
+                ChangeKind::Snapshot => "data",
+            };
+            let id = self.id().to_string();
+            EncodedEvent::new(sse::frame::event(Some(&id), name, &self.payload))
+        })
+    }
+
     /// The id of this change's event.
     pub fn id(&self) -> EventId {
         EventId {
@@ -75,6 +92,9 @@ pub struct UpstreamFailure {
     pub status: u16,
     /// A human-readable reason (never contains header values).
     pub message: String,
+    /// A machine-readable reason: `upstream-timeout`, `upstream-unavailable` (no response or
+    /// an invalid one), `upstream-status` (an error status), or why the proxy ended the stream.
+    pub cause: &'static str,
     /// When the poll failed.
     pub at: SystemTime,
     /// When the next attempt is due.
@@ -194,6 +214,9 @@ impl Drop for SubscriberGuard {
             .subscribers
             .get_or_create(&self.stream.labels)
             .dec();
+        self.stream
+            .demand
+            .send_modify(|count| *count = count.saturating_sub(1));
     }
 }
 
@@ -220,6 +243,8 @@ pub struct Stream {
     /// Serializes publishers, so a diff is computed outside `state` without racing another.
     publishing: Mutex<()>,
     changes: AtomicU64,
+    /// Subscriptions alive: what on-demand pollers watch to start, linger and stop.
+    demand: watch::Sender<usize>,
 }
 
 impl fmt::Debug for Stream {
@@ -262,6 +287,7 @@ impl Stream {
             }),
             publishing: Mutex::new(()),
             changes: AtomicU64::new(0),
+            demand: watch::Sender::new(0),
         }
     }
 
@@ -319,6 +345,20 @@ impl Stream {
             .live
             .as_ref()
             .map_or(0, broadcast::Sender::receiver_count)
+    }
+
+    /// The number of live subscriptions, watched: it changes as subscribers come and go.
+    pub fn demand(&self) -> watch::Receiver<usize> {
+        self.demand.subscribe()
+    }
+
+    /// Forgets the current document and failure (an on-demand stream that stopped polling):
+    /// the next document is published as a snapshot, and subscribers arriving meanwhile wait
+    /// for it rather than receive a stale one. The sequence continues.
+    pub fn forget(&self) {
+        let mut state = self.lock();
+        state.failure = None;
+        self.snapshots.remove(&self.name);
     }
 
     /// The metrics this stream reports to.
@@ -420,6 +460,7 @@ impl Stream {
             payload,
             snapshot: snapshot.clone(),
             sse,
+            streamdata: OnceLock::new(),
         });
 
         let metric_kind = match kind {
@@ -461,11 +502,28 @@ impl Stream {
 
     /// Tells subscribers the upstream failed; the current document stays.
     pub fn fail(&self, status: u16, message: String, retry_in: Duration) -> Arc<UpstreamFailure> {
+        self.fail_with(status, upstream_cause(status), message, retry_in)
+    }
+
+    /// Tells subscribers why the stream ends (`cause` is machine-readable), then ends it.
+    pub fn end(&self, status: u16, cause: &'static str, message: String) {
+        self.fail_with(status, cause, message, Duration::ZERO);
+        self.close();
+    }
+
+    fn fail_with(
+        &self,
+        status: u16,
+        cause: &'static str,
+        message: String,
+        retry_in: Duration,
+    ) -> Arc<UpstreamFailure> {
         let mut state = self.lock();
         let at = SystemTime::now();
         let body = serde_json::json!({
             "status": status,
             "message": message,
+            "cause": cause,
             "timestamp": httpdate::fmt_http_date(at),
             "retry_in_ms": retry_in.as_millis() as u64,
         });
@@ -474,6 +532,7 @@ impl Stream {
         let failure = Arc::new(UpstreamFailure {
             status,
             message,
+            cause,
             at,
             retry_in,
             seq: state.seq,
@@ -545,6 +604,7 @@ impl Stream {
         let seq = state.seq;
         drop(state);
         self.metrics.subscribers.get_or_create(&self.labels).inc();
+        self.demand.send_modify(|count| *count += 1);
         Subscription {
             initial,
             live,
@@ -569,6 +629,33 @@ fn replay_start(state: &State, seq: u64) -> Option<usize> {
         return None;
     }
     usize::try_from(seq + 1 - oldest).ok()
+}
+
+/// The `cause` of an upstream failure reported with this status.
+fn upstream_cause(status: u16) -> &'static str {
+    match status {
+        504 => "upstream-timeout",
+        502 => "upstream-unavailable",
+        _ => "upstream-status",
+    }
+}
+
+/// A poller publishes into its stream.
+impl Publish for Stream {
+    fn document(&self, doc: Value) -> PublishResult {
+        match self.publish(doc) {
+            Publication::Published(_) => PublishResult::Changed,
+            Publication::Unchanged | Publication::Ignored => PublishResult::Unchanged,
+        }
+    }
+
+    fn failure(&self, error: &FetchError, retry_in: Duration) {
+        self.fail(error.status(), error.to_string(), retry_in);
+    }
+
+    fn recovered(&self) {
+        self.recover();
+    }
 }
 
 /// Whether a patch can turn `a` into `b`: RFC 6902 cannot replace the root in a way every
@@ -709,5 +796,47 @@ mod tests {
         assert_eq!(s.subscriber_count(), 1);
         drop(b);
         assert_eq!(s.metrics().subscribers.get_or_create(s.labels()).get(), 0);
+    }
+
+    #[test]
+    fn demand_follows_subscriptions() {
+        let s = stream(3);
+        let demand = s.demand();
+        assert_eq!(*demand.borrow(), 0);
+        let a = s.subscribe(&Resume::Fresh);
+        let b = s.subscribe(&Resume::Fresh);
+        assert_eq!(*demand.borrow(), 2);
+        drop(a);
+        drop(b);
+        assert_eq!(*demand.borrow(), 0);
+    }
+
+    #[test]
+    fn streamdata_events_name_documents_data() {
+        let s = stream(3);
+        let long = "x".repeat(100);
+        let first = published(s.publish(json!({"a": 1, "b": long})));
+        let text = String::from_utf8(first.streamdata_event().plain().to_vec()).unwrap();
+        assert!(
+            text.starts_with(&format!("id: s:{}:1\nevent: data\ndata: {{", s.epoch())),
+            "{text}"
+        );
+        let second = published(s.publish(json!({"a": 2, "b": long})));
+        let text = String::from_utf8(second.streamdata_event().plain().to_vec()).unwrap();
+        assert!(
+            text.contains("event: patch\ndata: [{\"op\":\"replace\""),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn forget_drops_the_document_but_keeps_the_sequence() {
+        let s = stream(3);
+        published(s.publish(json!({"a": 1})));
+        s.forget();
+        assert!(s.snapshot().is_none());
+        assert!(s.subscribe(&Resume::Fresh).initial.is_empty());
+        let next = published(s.publish(json!({"a": 1})));
+        assert_eq!((next.seq, next.kind), (2, ChangeKind::Snapshot));
     }
 }

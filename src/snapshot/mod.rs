@@ -25,6 +25,8 @@ pub struct Snapshot {
     pub at: SystemTime,
     /// This snapshot as an SSE `snapshot` event, built on first use and then shared.
     pub sse: OnceLock<EncodedEvent>,
+    /// This snapshot as a Streamdata.io `data` event, built on first use and then shared.
+    pub streamdata: OnceLock<EncodedEvent>,
 }
 
 impl Snapshot {
@@ -38,6 +40,7 @@ impl Snapshot {
             json,
             at: SystemTime::now(),
             sse: OnceLock::new(),
+            streamdata: OnceLock::new(),
         }
     }
 }
@@ -58,6 +61,26 @@ impl SnapshotStore {
         let cache = Cache::builder()
             .weigher(|_name: &Arc<str>, snapshot: &Arc<Snapshot>| {
                 u32::try_from(snapshot.json.len()).unwrap_or(u32::MAX)
+            })
+            .build();
+        SnapshotStore { cache }
+    }
+
+    /// A store holding at most `max_bytes` of JSON. When a new snapshot does not fit, the least
+    /// recently used ones are evicted and `on_evict` is called with their stream names (from
+    /// the thread that inserted, possibly under the stream's lock: it must only hand the name
+    /// on, never lock a stream itself).
+    pub fn bounded(max_bytes: u64, on_evict: impl Fn(Arc<str>) + Send + Sync + 'static) -> Self {
+        let cache = Cache::builder()
+            .max_capacity(max_bytes)
+            .weigher(|_name: &Arc<str>, snapshot: &Arc<Snapshot>| {
+                u32::try_from(snapshot.json.len()).unwrap_or(u32::MAX)
+            })
+            .eviction_policy(moka::policy::EvictionPolicy::lru())
+            .eviction_listener(move |name: Arc<Arc<str>>, _, cause| {
+                if cause == moka::notification::RemovalCause::Size {
+                    on_evict(Arc::clone(&name));
+                }
             })
             .build();
         SnapshotStore { cache }
@@ -112,5 +135,28 @@ mod tests {
         assert_eq!(store.get("s").map(|s| s.seq), Some(2));
         store.remove("s");
         assert!(store.get("s").is_none());
+    }
+
+    #[test]
+    fn a_bounded_store_evicts_the_least_recently_used_and_says_so() {
+        let evicted = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = evicted.clone();
+        let store = SnapshotStore::bounded(100, move |name| seen.lock().unwrap().push(name));
+        let doc = |n: usize| Arc::new(Snapshot::new(1, json!("x".repeat(n))));
+        store.insert(Arc::from("a"), doc(40));
+        store.insert(Arc::from("b"), doc(40));
+        store.cache.run_pending_tasks();
+        store.get("a");
+        store.insert(Arc::from("c"), doc(40));
+        store.cache.run_pending_tasks();
+        assert!(store.weighted_bytes() <= 100);
+        assert_eq!(evicted.lock().unwrap().as_slice(), [Arc::<str>::from("b")]);
+        store.remove("a");
+        store.cache.run_pending_tasks();
+        assert_eq!(
+            evicted.lock().unwrap().len(),
+            1,
+            "explicit removals are not evictions"
+        );
     }
 }

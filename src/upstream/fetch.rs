@@ -227,16 +227,28 @@ impl Fetcher {
     /// A client sending `user_agent`, following at most [`MAX_REDIRECTS`] redirects and
     /// decompressing gzip, brotli and deflate bodies.
     pub fn new(user_agent: &str) -> Result<Fetcher, FetchError> {
+        let builder = Self::client_builder(user_agent)?
+            .redirect(reqwest::redirect::Policy::limited(MAX_REDIRECTS));
+        Self::build(builder)
+    }
+
+    /// The client settings every fetcher shares (user agent, decompression, keep-alive), for
+    /// callers that add their own resolver or redirect policy and then [`Fetcher::build`].
+    pub fn client_builder(user_agent: &str) -> Result<reqwest::ClientBuilder, FetchError> {
         let user_agent = HeaderValue::from_str(user_agent).map_err(|_| FetchError::Client {
             reason: "the user agent must be visible ASCII".to_owned(),
         })?;
-        let client = reqwest::Client::builder()
+        Ok(reqwest::Client::builder()
             .user_agent(user_agent)
-            .redirect(reqwest::redirect::Policy::limited(MAX_REDIRECTS))
             .gzip(true)
             .brotli(true)
             .deflate(true)
-            .tcp_keepalive(Duration::from_secs(60))
+            .tcp_keepalive(Duration::from_secs(60)))
+    }
+
+    /// A fetcher using the client `builder` builds.
+    pub fn build(builder: reqwest::ClientBuilder) -> Result<Fetcher, FetchError> {
+        let client = builder
             .build()
             .map_err(|e| FetchError::Client { reason: causes(e) })?;
         Ok(Fetcher { client })

@@ -14,6 +14,7 @@
 pub mod backoff;
 pub mod decode;
 pub mod fetch;
+pub mod on_demand;
 pub mod poller;
 pub mod ratelimit;
 

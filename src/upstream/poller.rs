@@ -192,6 +192,29 @@ where
         Arc::clone(&self.status)
     }
 
+    /// The time between polls.
+    pub fn interval(&self) -> Duration {
+        self.settings.interval
+    }
+
+    /// Changes the time between polls from the next poll on (dynamic streams poll as often as
+    /// their most demanding subscriber may ask).
+    pub fn set_interval(&mut self, interval: Duration) {
+        if self.settings.interval != interval {
+            Arc::make_mut(&mut self.settings).interval = interval;
+        }
+    }
+
+    /// Forgets what the last polls returned (validators, body, failures), so the next poll is
+    /// unconditional and publishes whatever it gets: for a stream whose document was dropped
+    /// while nobody subscribed.
+    pub fn reset(&mut self) {
+        self.validators = Validators::default();
+        self.last_body = None;
+        self.consecutive_failures = 0;
+        self.next_due = None;
+    }
+
     /// Polls now, then on schedule, until `shutdown` is cancelled; returns promptly then,
     /// abandoning a wait for the quota, a request in flight, or a sleep.
     pub async fn run(mut self, shutdown: CancellationToken) {

@@ -11,6 +11,7 @@ mod feeds_support;
 mod backpressure;
 mod conditional;
 mod failures;
+mod proxy;
 mod push;
 mod replay;
 mod resume;

@@ -21,7 +21,7 @@ use http::{HeaderMap, HeaderValue, Response, StatusCode, header};
 use prometheus_client::metrics::counter::Counter;
 use tokio::sync::broadcast::error::RecvError;
 
-use crate::hub::{Initial, Resume, Stream, StreamEvent, Subscription};
+use crate::hub::{Change, Initial, Resume, Stream, StreamEvent, Subscription, UpstreamFailure};
 use crate::snapshot::Snapshot;
 
 static KEEP_ALIVE: LazyLock<EncodedEvent> =
@@ -34,6 +34,59 @@ pub struct SseOptions {
     pub retry: Duration,
     /// Compress with gzip (the client sent `Accept-Encoding: gzip`).
     pub gzip: bool,
+    /// Which event names and error shape the client expects.
+    pub dialect: Dialect,
+}
+
+/// The event vocabulary of a subscription: two views of the same stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dialect {
+    /// patchwire's own: `snapshot`, `patch`, `error`; `Last-Event-ID` replays missed patches.
+    Native,
+    /// Streamdata.io's: `data` (the whole document, first on every connection), `patch`
+    /// (`add`/`remove`/`replace` only) and `error` as `{status, message, cause, timestamp,
+    /// sessionId}`. A reconnection starts with `data` again, as those SDKs expect.
+    Streamdata {
+        /// This connection's session id, reported in its `error` events.
+        session: u64,
+    },
+}
+
+impl Dialect {
+    /// A Streamdata.io dialect with a fresh random session id.
+    pub fn streamdata() -> Dialect {
+        Dialect::Streamdata {
+            session: rand::random(),
+        }
+    }
+}
+
+/// The Streamdata.io `data` event of `snapshot` on `stream`, framed once and shared.
+pub fn data_event<'a>(stream: &Stream, snapshot: &'a Snapshot) -> &'a EncodedEvent {
+    snapshot.streamdata.get_or_init(|| {
+        let id = stream.event_id(snapshot.seq).to_string();
+        EncodedEvent::new(frame::event(Some(&id), "data", &snapshot.json))
+    })
+}
+
+/// The body of a Streamdata.io `error` event.
+pub fn streamdata_error(
+    status: u16,
+    message: &str,
+    cause: &str,
+    at: std::time::SystemTime,
+    session: u64,
+) -> serde_json::Value {
+    let timestamp = at
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    serde_json::json!({
+        "status": status,
+        "message": message,
+        "cause": cause,
+        "timestamp": timestamp,
+        "sessionId": format!("{session:016x}"),
+    })
 }
 
 /// The SSE `snapshot` event of `snapshot` on `stream`, framed once and shared.
@@ -98,6 +151,16 @@ pub fn wants_json(headers: &HeaderMap) -> bool {
 
 /// The complete SSE response for a subscription.
 pub fn response(subscription: Subscription, options: SseOptions) -> Response<Body> {
+    response_holding(subscription, options, ())
+}
+
+/// The complete SSE response for a subscription, keeping `hold` alive (e.g. a connection
+/// slot) until the response body is dropped.
+pub fn response_holding(
+    subscription: Subscription,
+    options: SseOptions,
+    hold: impl Send + 'static,
+) -> Response<Body> {
     let mut builder = Response::builder()
         .status(StatusCode::OK)
         .header(header::CONTENT_TYPE, "text/event-stream")
@@ -108,7 +171,7 @@ pub fn response(subscription: Subscription, options: SseOptions) -> Response<Bod
     if options.gzip {
         builder = builder.header(header::CONTENT_ENCODING, "gzip");
     }
-    let body = Body::from_stream(events(subscription, options));
+    let body = Body::from_stream(events(subscription, options, hold));
     builder
         .body(body)
         .unwrap_or_else(|_| Response::new(Body::empty()))
@@ -124,6 +187,7 @@ pub(crate) struct Writer {
     gzip: Option<frame::GzipTrailer>,
     sent: Counter,
     resyncs: Counter,
+    dialect: Dialect,
     done: bool,
 }
 
@@ -141,6 +205,7 @@ impl Writer {
             gzip: options.gzip.then(frame::GzipTrailer::default),
             sent: metrics.events_sent.get_or_create(&labels).clone(),
             resyncs: metrics.resyncs.get_or_create(&labels).clone(),
+            dialect: options.dialect,
             done: false,
             subscription,
         };
@@ -155,8 +220,8 @@ impl Writer {
         for item in initial {
             match item {
                 Initial::Snapshot(snapshot) => writer.push_snapshot(&snapshot),
-                Initial::Change(change) => writer.push_counted(&change.sse),
-                Initial::Failure(failure) => writer.push_counted(&failure.sse),
+                Initial::Change(change) => writer.push_change(&change),
+                Initial::Failure(failure) => writer.push_failure(&failure),
             }
         }
         writer
@@ -190,8 +255,37 @@ impl Writer {
 
     fn push_snapshot(&mut self, snapshot: &Snapshot) {
         let stream = self.stream.clone();
-        self.push_counted(snapshot_event(&stream, snapshot));
+        match self.dialect {
+            Dialect::Native => self.push_counted(snapshot_event(&stream, snapshot)),
+            Dialect::Streamdata { .. } => self.push_counted(data_event(&stream, snapshot)),
+        }
         self.seq = snapshot.seq;
+    }
+
+    fn push_change(&mut self, change: &Change) {
+        match self.dialect {
+            Dialect::Native => self.push_counted(&change.sse),
+            Dialect::Streamdata { .. } => self.push_counted(change.streamdata_event()),
+        }
+    }
+
+    fn push_failure(&mut self, failure: &UpstreamFailure) {
+        match self.dialect {
+            Dialect::Native => self.push_counted(&failure.sse),
+            Dialect::Streamdata { session } => {
+                // Per connection (it names the session); failures are rare.
+                let body = streamdata_error(
+                    failure.status,
+                    &failure.message,
+                    failure.cause,
+                    failure.at,
+                    session,
+                );
+                let id = self.stream.event_id(failure.seq).to_string();
+                let frame = frame::event(Some(&id), "error", body.to_string().as_bytes());
+                self.push_counted(&EncodedEvent::new(frame));
+            }
+        }
     }
 
     /// Waits for the next live event and queues what it means for this subscriber.
@@ -206,10 +300,10 @@ impl Writer {
                 // or resumed) are skipped; there are no gaps otherwise.
                 if change.seq > self.seq {
                     self.seq = change.seq;
-                    self.push_counted(&change.sse);
+                    self.push_change(&change);
                 }
             }
-            Ok(StreamEvent::Failure(failure)) => self.push_counted(&failure.sse),
+            Ok(StreamEvent::Failure(failure)) => self.push_failure(&failure),
             Ok(StreamEvent::KeepAlive) => self.push(&KEEP_ALIVE),
             Err(RecvError::Lagged(_)) => {
                 self.resyncs.inc();
@@ -218,7 +312,7 @@ impl Writer {
                 }
                 // The current failure may have been among the lost events.
                 if let Some(failure) = self.stream.failure() {
-                    self.push_counted(&failure.sse);
+                    self.push_failure(&failure);
                 }
             }
         }
@@ -236,13 +330,14 @@ impl Writer {
 fn events(
     subscription: Subscription,
     options: SseOptions,
+    hold: impl Send + 'static,
 ) -> impl futures_util::Stream<Item = Result<Bytes, Infallible>> + Send + 'static {
     futures_util::stream::unfold(
-        Writer::new(subscription, options),
-        |mut writer| async move {
+        (Writer::new(subscription, options), hold),
+        |(mut writer, hold)| async move {
             loop {
                 if let Some(bytes) = writer.pop() {
-                    return Some((Ok(bytes), writer));
+                    return Some((Ok(bytes), (writer, hold)));
                 }
                 if writer.is_finished() {
                     return None;
@@ -251,6 +346,20 @@ fn events(
             }
         },
     )
+}
+
+/// A whole SSE response that only says why the request was refused: `retry:` (long: the
+/// client should not hammer), one `error` event, then the end. For clients such as
+/// Streamdata.io's SDKs, which drop non-200 responses without telling their user why.
+pub fn refusal(retry: Duration, error: &serde_json::Value) -> Response<Body> {
+    let mut body = frame::retry(retry.as_millis() as u64).to_vec();
+    body.extend_from_slice(&frame::event(None, "error", error.to_string().as_bytes()));
+    Response::builder()
+        .status(StatusCode::OK)
+        .header(header::CONTENT_TYPE, "text/event-stream")
+        .header(header::CACHE_CONTROL, "no-cache")
+        .body(Body::from(body))
+        .unwrap_or_else(|_| Response::new(Body::empty()))
 }
 
 #[cfg(test)]

@@ -126,8 +126,13 @@ impl NativeSse {
         };
         let (path, query) = target.split_once('?').unwrap_or((target, ""));
         let name = path.strip_prefix("/streams/")?;
-        // Anything escaped or nested is left to the router, which decodes it.
-        if name.is_empty() || name.contains(['%', '/']) || wants_json(headers) {
+        // Anything escaped or nested is left to the router, which decodes it; so are dynamic
+        // streams (`~…`), which need a token.
+        if name.is_empty()
+            || name.starts_with('~')
+            || name.contains(['%', '/'])
+            || wants_json(headers)
+        {
             return None;
         }
         let stream = self.hub.get(name)?;
@@ -138,6 +143,7 @@ impl NativeSse {
         let options = SseOptions {
             retry: self.retry,
             gzip: accepts_gzip(headers),
+            dialect: super::Dialect::Native,
         };
         let head = response_head(options.gzip, self.allow_origin(headers));
         let writer = Writer::new(stream.subscribe(&resume), options);

@@ -8,7 +8,6 @@
 //! - [`sign`]: secrets, message ids and `webhook-signature` (pure).
 //! - [`schedule`]: the retry schedule and what a receiver's answer means (pure).
 //! - [`body`]: the delivery body, and whether a change goes out as a patch or a snapshot (pure).
-//! - [`ssrf`]: which target addresses are refused, and the resolver that enforces it.
 //! - [`registry`]: the endpoints in memory, parsed once.
 //! - [`dispatcher`]: hub → outbox, and the snapshot that heals every gap.
 //! - [`worker`]: outbox → receivers (`try_step` starts what is due).
@@ -26,5 +25,4 @@ pub mod registry;
 pub mod schedule;
 pub mod service;
 pub mod sign;
-pub mod ssrf;
 pub mod worker;

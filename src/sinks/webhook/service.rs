@@ -16,7 +16,6 @@ use super::body::Mode;
 use super::dispatcher::{Dispatcher, Resync};
 use super::registry::{Endpoint, Registry};
 use super::sign::Secret;
-use super::ssrf;
 use super::worker::{ResyncRoutes, Worker, WorkerSettings};
 use crate::config::{WebhookSettings, endpoint_headers};
 use crate::hub::Hub;
@@ -24,6 +23,7 @@ use crate::outbox::{
     Delivery, DeliveryFilter, Disabled, EndpointRecord, EndpointStatus, Outbox, OutboxError,
     Replay, Source, unix_ms,
 };
+use crate::ssrf;
 
 /// Why an admin operation was refused or failed; each maps to one HTTP status.
 #[derive(Debug, thiserror::Error)]

@@ -19,8 +19,8 @@ use super::dispatcher::Resync;
 use super::registry::{Endpoint, Registry};
 use super::schedule::{AttemptError, RetrySchedule, classify};
 use super::sign::signature_header;
-use super::ssrf::{self, GuardedResolver};
 use crate::outbox::{AttemptOutcome, Delivery, Disabled, Outbox, OutboxError, unix_ms};
+use crate::ssrf::{self, GuardedResolver};
 
 /// How the worker delivers.
 #[derive(Debug, Clone)]

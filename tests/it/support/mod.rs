@@ -2,6 +2,7 @@
 
 #![allow(dead_code)]
 
+pub mod api;
 pub mod app;
 pub mod raw;
 pub mod receiver;

@@ -145,7 +145,8 @@ impl SseClient {
     }
 }
 
-/// A subscriber's copy of the document, rebuilt from `snapshot` and `patch` events.
+/// A subscriber's copy of the document, rebuilt from `snapshot` (or Streamdata.io's `data`)
+/// and `patch` events.
 #[derive(Debug, Default)]
 pub struct Rebuilt {
     /// The document so far (`None` before the first snapshot).
@@ -164,7 +165,7 @@ impl Rebuilt {
     /// Applies one event; panics if a patch arrives with no base or does not apply.
     pub fn apply(&mut self, event: &SseEvent) {
         match event.event.as_str() {
-            "snapshot" => {
+            "snapshot" | "data" => {
                 self.document = Some(event.json());
                 self.snapshots += 1;
             }

@@ -1,11 +1,14 @@
-//! Server-side request forgery guard: webhook targets may not reach private, loopback,
-//! link-local or cloud metadata addresses unless `webhooks.allow_private_targets` is set.
+//! Server-side request forgery guard: outbound requests that a client or an API user chooses
+//! (webhook targets, dynamic proxy upstreams) may not reach private, loopback, link-local or
+//! cloud metadata addresses unless the deployment allows it (`webhooks.allow_private_targets`,
+//! `proxy.allow_private`).
 //!
 //! The check happens after DNS resolution, inside the HTTP client's resolver
 //! ([`GuardedResolver`]), so the connection goes only to an address that was checked (no
 //! second lookup that DNS rebinding could answer differently). Hosts written as IP literals
 //! bypass resolvers, so [`check_url`] checks them before every attempt. Redirects are never
-//! followed (the client is built with `redirect::Policy::none()`).
+//! followed by the webhook client (`redirect::Policy::none()`); the proxy's client checks every
+//! redirect target itself.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
@@ -20,8 +23,9 @@ pub enum TargetError {
     NotHttp(String),
     /// The address is in a forbidden range.
     #[error(
-        "refused: {host} is {address}, a {range} address; webhook targets must be public \
-         (set webhooks.allow_private_targets = true for internal deployments)"
+        "refused: {host} is {address}, a {range} address; only public addresses may be reached \
+         (internal deployments can allow private ones: webhooks.allow_private_targets, \
+         proxy.allow_private)"
     )]
     Forbidden {
         /// The host as written.

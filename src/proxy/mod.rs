@@ -1,0 +1,289 @@
+//! The Streamdata.io-compatible proxy mode: `GET /{upstream URL}` streams any allowed API.
+//!
+//! A request names its upstream in the path ([`target`]), presents an application token
+//! ([`tokens`]: connection limits, rate of new connections, allowed hosts, poll period), and
+//! is subscribed to the dynamic stream of that URL and those forwarded headers ([`streams`]):
+//! created on the first subscriber, polled while anyone listens and for `proxy.linger` after,
+//! then stopped and evicted. Clients asking for the same URL with the same headers share one
+//! stream and one poller; different headers (credentials) never share anything.
+//!
+//! Safety: only `proxy.allowed_hosts` (and the token's own list) may be streamed, over http or
+//! https; private, loopback, link-local and metadata addresses are refused after DNS
+//! resolution unless `proxy.allow_private` is set ([`crate::ssrf`]), at connection time too,
+//! and every redirect target is checked again.
+
+pub mod streams;
+pub mod target;
+pub mod tokens;
+
+use std::sync::Arc;
+
+use http::HeaderMap;
+use serde_json::{Value, json};
+
+use crate::config::ProxySettings;
+use crate::hub::{Resume, Subscription};
+use crate::metrics::{Metrics, RefusalLabels};
+use crate::ssrf;
+use streams::{Claim, DynamicStreams};
+use target::{TOKEN_PARAM, TargetError};
+use tokens::{Admission, Tokens};
+
+/// Why a dynamic stream request is refused. Streamdata.io clients get it as an SSE `error`
+/// event on a 200 response (their SDKs drop other statuses without telling why).
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum Refusal {
+    /// Proxy mode is not enabled.
+    #[error("dynamic streams are disabled on this server ([proxy] enabled = false)")]
+    Disabled,
+    /// The path is not an upstream URL the proxy can open.
+    #[error("{0}")]
+    Target(#[from] TargetError),
+    /// No token.
+    #[error(
+        "a token is required: add X-Sd-Token=<token> to the query string or send an X-Sd-Token header"
+    )]
+    TokenMissing,
+    /// A token that is not configured.
+    #[error("unknown token")]
+    TokenUnknown,
+    /// The token is at its connection limit.
+    #[error("token {token:?} already has its maximum of {max} open connections")]
+    TooManyConnections {
+        /// The token's name.
+        token: String,
+        /// Its limit.
+        max: usize,
+    },
+    /// The token opened connections faster than allowed.
+    #[error("token {token:?} may open at most {per_second} new connections per second")]
+    RateLimited {
+        /// The token's name.
+        token: String,
+        /// Its rate.
+        per_second: u32,
+    },
+    /// The host is not allowed (for this token).
+    #[error("upstream host {host:?} is not allowed for this token")]
+    HostNotAllowed {
+        /// The host asked for.
+        host: String,
+    },
+    /// The upstream resolves to a refused address.
+    #[error("{0}")]
+    Forbidden(ssrf::TargetError),
+    /// No room for another dynamic stream.
+    #[error(
+        "the server is at its limit of {max} dynamic streams (proxy.max_streams); try again later"
+    )]
+    TooManyStreams {
+        /// The limit.
+        max: usize,
+    },
+    /// No memory for another dynamic stream.
+    #[error(
+        "the dynamic streams' snapshots fill their memory limit of {max} bytes (proxy.max_memory); try again later"
+    )]
+    OutOfMemory {
+        /// The limit.
+        max: u64,
+    },
+    /// A native view of a dynamic stream that does not exist (any more).
+    #[error("no dynamic stream named {0:?} (it may have been evicted)")]
+    NoSuchStream(String),
+}
+
+impl Refusal {
+    /// The HTTP status that describes the refusal.
+    pub fn status(&self) -> u16 {
+        match self {
+            Refusal::Disabled | Refusal::NoSuchStream(_) => 404,
+            Refusal::Target(_) => 400,
+            Refusal::TokenMissing | Refusal::TokenUnknown => 401,
+            Refusal::HostNotAllowed { .. } | Refusal::Forbidden(_) => 403,
+            Refusal::TooManyConnections { .. } | Refusal::RateLimited { .. } => 429,
+            Refusal::TooManyStreams { .. } | Refusal::OutOfMemory { .. } => 503,
+        }
+    }
+
+    /// The machine-readable `cause` sent with the error.
+    pub fn cause(&self) -> &'static str {
+        match self {
+            Refusal::Disabled => "proxy-disabled",
+            Refusal::NoSuchStream(_) => "no-such-stream",
+            Refusal::Target(_) => "invalid-target",
+            Refusal::TokenMissing => "token-missing",
+            Refusal::TokenUnknown => "token-unknown",
+            Refusal::HostNotAllowed { .. } => "host-not-allowed",
+            Refusal::Forbidden(ssrf::TargetError::Unresolvable { .. }) => "host-unresolvable",
+            Refusal::Forbidden(_) => "address-forbidden",
+            Refusal::TooManyConnections { .. } => "too-many-connections",
+            Refusal::RateLimited { .. } => "rate-limited",
+            Refusal::TooManyStreams { .. } => "too-many-streams",
+            Refusal::OutOfMemory { .. } => "out-of-memory",
+        }
+    }
+}
+
+/// A subscription to a dynamic stream, with what it holds for as long as it lives.
+pub struct Opened {
+    /// The subscription (its initial events and live receiver).
+    pub subscription: Subscription,
+    /// The stream's name (`~` and a keyed hash: unguessable, and naming nothing about the URL).
+    pub stream: Arc<str>,
+    /// The token's connection slot and the stream's poll-period claim; dropped with the
+    /// connection.
+    pub hold: Hold,
+}
+
+/// What an open dynamic-stream connection keeps: released when dropped.
+pub struct Hold {
+    _admission: Admission,
+    _claim: Claim,
+}
+
+/// The proxy mode: tokens and dynamic streams.
+pub struct Proxy {
+    settings: Arc<ProxySettings>,
+    tokens: Tokens,
+    streams: Arc<DynamicStreams>,
+    metrics: Arc<Metrics>,
+}
+
+impl Proxy {
+    /// The proxy over `streams`.
+    pub fn new(
+        settings: Arc<ProxySettings>,
+        streams: Arc<DynamicStreams>,
+        metrics: Arc<Metrics>,
+    ) -> Proxy {
+        Proxy {
+            tokens: Tokens::new(&settings, &metrics),
+            settings,
+            streams,
+            metrics,
+        }
+    }
+
+    /// The proxy's settings.
+    pub fn settings(&self) -> &ProxySettings {
+        &self.settings
+    }
+
+    /// The dynamic streams.
+    pub fn streams(&self) -> &Arc<DynamicStreams> {
+        &self.streams
+    }
+
+    /// Opens the dynamic stream a request names: `path` and `query` as received, `headers`
+    /// for the token header. Every refusal is counted by cause.
+    pub async fn open(
+        &self,
+        path: &str,
+        query: Option<&str>,
+        headers: &HeaderMap,
+    ) -> Result<Opened, Refusal> {
+        let result = self.try_open(path, query, headers).await;
+        if let Err(refusal) = &result {
+            self.count(refusal);
+        }
+        result
+    }
+
+    async fn try_open(
+        &self,
+        path: &str,
+        query: Option<&str>,
+        headers: &HeaderMap,
+    ) -> Result<Opened, Refusal> {
+        let target = target::parse(path, query)?;
+        let admission = self
+            .tokens
+            .admit(target.token.as_deref().or_else(|| header_token(headers)))?;
+        let host = target.url.host_str().unwrap_or_default().to_owned();
+        if !admission
+            .token()
+            .allows(&self.settings.allowed_hosts, &host)
+        {
+            return Err(Refusal::HostNotAllowed { host });
+        }
+        ssrf::check_url(&target.url, self.settings.allow_private).map_err(Refusal::Forbidden)?;
+        let period = admission.token().period(&self.settings, &host);
+        let (subscription, stream, claim) = self.streams.open(&target, period).await?;
+        Ok(Opened {
+            subscription,
+            stream,
+            hold: Hold {
+                _admission: admission,
+                _claim: claim,
+            },
+        })
+    }
+
+    /// Opens the native view (`/streams/~…`) of an existing dynamic stream, under the same
+    /// token rules as the stream's own URL.
+    pub fn view(
+        &self,
+        name: &str,
+        resume: &Resume,
+        query_token: Option<&str>,
+        headers: &HeaderMap,
+    ) -> Result<Opened, Refusal> {
+        let result = (|| {
+            let admission = self
+                .tokens
+                .admit(query_token.or_else(|| header_token(headers)))?;
+            let token = admission.token();
+            let (subscription, stream, claim) = self.streams.view(name, resume, |host| {
+                if token.allows(&self.settings.allowed_hosts, host) {
+                    Ok(token.period(&self.settings, host))
+                } else {
+                    Err(Refusal::HostNotAllowed {
+                        host: host.to_owned(),
+                    })
+                }
+            })?;
+            Ok(Opened {
+                subscription,
+                stream,
+                hold: Hold {
+                    _admission: admission,
+                    _claim: claim,
+                },
+            })
+        })();
+        if let Err(refusal) = &result {
+            self.count(refusal);
+        }
+        result
+    }
+
+    fn count(&self, refusal: &Refusal) {
+        tracing::debug!(cause = refusal.cause(), "dynamic stream refused: {refusal}");
+        self.metrics
+            .proxy_refusals
+            .get_or_create(&RefusalLabels {
+                cause: refusal.cause(),
+            })
+            .inc();
+    }
+
+    /// A summary for the `/streams` listing (no URLs: they may carry credentials).
+    pub fn describe(&self) -> Value {
+        json!({
+            "streams": self.streams.len(),
+            "max_streams": self.settings.max_streams,
+            "snapshot_bytes": self.streams.snapshot_bytes(),
+            "max_memory_bytes": self.settings.max_memory,
+        })
+    }
+}
+
+/// The `X-Sd-Token` request header.
+fn header_token(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get(TOKEN_PARAM)
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+}

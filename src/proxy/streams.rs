@@ -1,0 +1,520 @@
+//! The dynamic streams: one per (upstream URL, forwarded headers), created on the first
+//! subscriber, polled on demand, evicted after their linger period, and bounded in number
+//! (`proxy.max_streams`) and in snapshot memory (`proxy.max_memory`, a byte-weighted moka
+//! store).
+//!
+//! Invariants:
+//! - `entries` is the only way to reach a dynamic stream. Subscribing happens under its lock,
+//!   and so does deciding that a stream is idle: a stream is never retired between a client
+//!   finding it and subscribing to it.
+//! - Room for a new stream is made by evicting streams without subscribers (the longest idle
+//!   first); when none is idle the new stream is refused, never an active one evicted. Only
+//!   the memory bound, when streams already admitted outgrow it, ends active streams, and their
+//!   subscribers are told why.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
+use std::time::{Duration, Instant};
+
+use http::HeaderMap;
+use sha2::{Digest, Sha256};
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use url::Url;
+
+use super::Refusal;
+use super::target::Target;
+use crate::config::{BackoffSettings, HostPattern, ProxySettings, StreamSettings, host_group};
+use crate::hub::{Resume, Stream, StreamOptions, Subscription};
+use crate::metrics::{EvictionCause, EvictionLabels, Metrics};
+use crate::snapshot::SnapshotStore;
+use crate::ssrf::{self, GuardedResolver};
+use crate::upstream::decode::Format;
+use crate::upstream::fetch::{FetchError, Fetcher, MAX_REDIRECTS};
+use crate::upstream::on_demand::{self, Idle, OnDemand};
+use crate::upstream::poller::Poller;
+use crate::upstream::ratelimit::RateLimits;
+
+/// One dynamic stream.
+struct Entry {
+    stream: Arc<Stream>,
+    host: String,
+    /// Poll periods asked for by the current subscriptions (period → count).
+    periods: Mutex<BTreeMap<Duration, usize>>,
+    /// The shortest of them: what the poller follows.
+    period: watch::Sender<Duration>,
+    /// When the last subscription ended (`None` while subscribed).
+    idle_since: Mutex<Option<Instant>>,
+    /// Stops the poller when the stream is evicted by something other than its own linger.
+    stop: CancellationToken,
+}
+
+impl Entry {
+    fn lock_periods(&self) -> MutexGuard<'_, BTreeMap<Duration, usize>> {
+        self.periods.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn idle_since(&self) -> Option<Instant> {
+        *self
+            .idle_since
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn claim(self: &Arc<Self>, period: Duration) -> Claim {
+        let mut periods = self.lock_periods();
+        *periods.entry(period).or_default() += 1;
+        self.publish_period(&periods);
+        *self
+            .idle_since
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = None;
+        Claim {
+            entry: self.clone(),
+            period,
+        }
+    }
+
+    fn release(&self, period: Duration) {
+        let mut periods = self.lock_periods();
+        if let Some(count) = periods.get_mut(&period) {
+            *count -= 1;
+            if *count == 0 {
+                periods.remove(&period);
+            }
+        }
+        if periods.is_empty() {
+            *self
+                .idle_since
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner) = Some(Instant::now());
+        } else {
+            self.publish_period(&periods);
+        }
+    }
+
+    fn publish_period(&self, periods: &BTreeMap<Duration, usize>) {
+        if let Some((&shortest, _)) = periods.first_key_value() {
+            self.period.send_if_modified(|current| {
+                let changed = *current != shortest;
+                *current = shortest;
+                changed
+            });
+        }
+    }
+}
+
+/// A subscription's say in its stream's poll period; withdrawn when dropped.
+pub struct Claim {
+    entry: Arc<Entry>,
+    period: Duration,
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        self.entry.release(self.period);
+    }
+}
+
+/// Every dynamic stream, and what it takes to create more.
+pub struct DynamicStreams {
+    settings: Arc<ProxySettings>,
+    snapshots: SnapshotStore,
+    fetcher: Arc<Fetcher>,
+    rate_limits: Arc<RateLimits>,
+    metrics: Arc<Metrics>,
+    buffer: usize,
+    backoff: BackoffSettings,
+    /// Keys the stream names: a client cannot derive another's stream name from its URL.
+    key: [u8; 32],
+    entries: Mutex<HashMap<Arc<str>, Arc<Entry>>>,
+    shutdown: CancellationToken,
+    tasks: TaskTracker,
+    me: Weak<DynamicStreams>,
+}
+
+impl DynamicStreams {
+    /// Starts the registry: its HTTP client (guarded resolver, checked redirects) and the task
+    /// that ends streams evicted for memory. Pollers start with their streams.
+    pub fn start(
+        settings: Arc<ProxySettings>,
+        user_agent: &str,
+        rate_limits: Arc<RateLimits>,
+        metrics: Arc<Metrics>,
+        buffer: usize,
+        backoff: BackoffSettings,
+        shutdown: CancellationToken,
+    ) -> Result<Arc<DynamicStreams>, FetchError> {
+        let fetcher = Arc::new(client(&settings, user_agent)?);
+        let (evicted_tx, evicted_rx) = mpsc::unbounded_channel();
+        let snapshots = SnapshotStore::bounded(settings.max_memory, move |name| {
+            // Called under the publishing stream's lock: hand the name on, nothing more.
+            let _ = evicted_tx.send(name);
+        });
+        metrics
+            .dynamic_streams_limit
+            .set(i64::try_from(settings.max_streams).unwrap_or(i64::MAX));
+        metrics
+            .dynamic_snapshot_bytes_limit
+            .set(i64::try_from(settings.max_memory).unwrap_or(i64::MAX));
+        let streams = Arc::new_cyclic(|me| DynamicStreams {
+            settings,
+            snapshots,
+            fetcher,
+            rate_limits,
+            metrics,
+            buffer,
+            backoff,
+            key: rand::random(),
+            entries: Mutex::new(HashMap::new()),
+            shutdown,
+            tasks: TaskTracker::new(),
+            me: me.clone(),
+        });
+        tokio::spawn(end_evicted(Arc::downgrade(&streams), evicted_rx));
+        Ok(streams)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HashMap<Arc<str>, Arc<Entry>>> {
+        self.entries.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Dynamic streams alive.
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// JSON bytes of their snapshots (also set as a gauge).
+    pub fn snapshot_bytes(&self) -> u64 {
+        let bytes = self.snapshots.weighted_bytes();
+        self.metrics
+            .dynamic_snapshot_bytes
+            .set(i64::try_from(bytes).unwrap_or(i64::MAX));
+        bytes
+    }
+
+    /// The name of the stream of `target`: `~` and 24 hex digits of a keyed hash of the URL
+    /// and the forwarded headers (sorted, so their order does not matter).
+    pub fn name_of(&self, target: &Target) -> Arc<str> {
+        let mut headers: Vec<(&str, &[u8])> = target
+            .headers
+            .iter()
+            .map(|(n, v)| (n.as_str(), v.as_bytes()))
+            .collect();
+        headers.sort_unstable();
+        let mut hash = Sha256::new();
+        hash.update(self.key);
+        hash.update(target.url.as_str().as_bytes());
+        for (name, value) in headers {
+            hash.update(b"\n");
+            hash.update(name.as_bytes());
+            hash.update(b":");
+            hash.update(value);
+        }
+        let digest = hash.finalize();
+        let mut name = String::with_capacity(25);
+        name.push('~');
+        for byte in &digest[..12] {
+            name.push_str(&format!("{byte:02x}"));
+        }
+        Arc::from(name)
+    }
+
+    /// Subscribes to the stream of `target` (creating it if needed), asking for polls every
+    /// `period`. A new stream's host is resolved and checked first.
+    pub async fn open(
+        &self,
+        target: &Target,
+        period: Duration,
+    ) -> Result<(Subscription, Arc<str>, Claim), Refusal> {
+        let name = self.name_of(target);
+        let exists = self.lock().contains_key(&name);
+        if !exists && !self.settings.allow_private {
+            if let Some(url::Host::Domain(host)) = target.url.host() {
+                let port = target.url.port_or_known_default().unwrap_or(443);
+                ssrf::resolve_checked(host, port, false)
+                    .await
+                    .map_err(Refusal::Forbidden)?;
+            }
+        }
+        let mut entries = self.lock();
+        let entry = match entries.get(&name) {
+            Some(entry) => entry.clone(),
+            None => {
+                self.make_room(&mut entries)?;
+                let entry = self.create(&name, target, period);
+                entries.insert(name.clone(), entry.clone());
+                self.metrics
+                    .dynamic_streams
+                    .set(i64::try_from(entries.len()).unwrap_or(i64::MAX));
+                entry
+            }
+        };
+        let claim = entry.claim(period);
+        let subscription = entry.stream.subscribe(&Resume::Fresh);
+        Ok((subscription, name, claim))
+    }
+
+    /// Subscribes to the existing stream `name` (the native view), from `resume`; `period`
+    /// gives the subscriber's poll period for the stream's host, or refuses it.
+    pub fn view(
+        &self,
+        name: &str,
+        resume: &Resume,
+        period: impl FnOnce(&str) -> Result<Duration, Refusal>,
+    ) -> Result<(Subscription, Arc<str>, Claim), Refusal> {
+        let entries = self.lock();
+        let (name, entry) = entries
+            .get_key_value(name)
+            .ok_or_else(|| Refusal::NoSuchStream(name.to_owned()))?;
+        let claim = entry.claim(period(&entry.host)?);
+        let subscription = entry.stream.subscribe(resume);
+        Ok((subscription, name.clone(), claim))
+    }
+
+    /// Makes room for one more stream by evicting idle ones, or refuses.
+    fn make_room(&self, entries: &mut HashMap<Arc<str>, Arc<Entry>>) -> Result<(), Refusal> {
+        while entries.len() >= self.settings.max_streams {
+            if !self.evict_idle(entries) {
+                return Err(Refusal::TooManyStreams {
+                    max: self.settings.max_streams,
+                });
+            }
+        }
+        while self.snapshots.weighted_bytes() >= self.settings.max_memory {
+            if !self.evict_idle(entries) {
+                return Err(Refusal::OutOfMemory {
+                    max: self.settings.max_memory,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Evicts the stream that has been without subscribers the longest; false if none is idle.
+    fn evict_idle(&self, entries: &mut HashMap<Arc<str>, Arc<Entry>>) -> bool {
+        let victim = entries
+            .iter()
+            .filter(|(_, e)| *e.stream.demand().borrow() == 0)
+            .min_by_key(|(_, e)| e.idle_since())
+            .map(|(name, _)| name.clone());
+        let Some(entry) = victim.and_then(|name| entries.remove(&name)) else {
+            return false;
+        };
+        self.discard(entries.len(), &entry, EvictionCause::Idle, None);
+        true
+    }
+
+    /// Builds a stream and starts its demand-driven poller.
+    fn create(&self, name: &Arc<str>, target: &Target, period: Duration) -> Arc<Entry> {
+        let settings = &self.settings;
+        let stream = Arc::new(Stream::new(
+            name,
+            StreamOptions {
+                history: settings.history,
+                buffer: self.buffer,
+                diff: settings.diff.clone(),
+            },
+            self.snapshots.clone(),
+            self.metrics.clone(),
+        ));
+        let mut headers = HeaderMap::new();
+        for (header, value) in &target.headers {
+            headers.append(header.clone(), value.clone());
+        }
+        let group = host_group(&target.url);
+        let poll = StreamSettings {
+            name: name.to_string(),
+            url: target.url.clone(),
+            headers,
+            interval: period,
+            timeout: settings.timeout,
+            max_body_bytes: settings.max_body_bytes,
+            format: Format::Json,
+            history: settings.history,
+            rate_limit_group: group.clone(),
+            diff: settings.diff.clone(),
+            on_demand: Some(settings.linger),
+        };
+        let poller = Poller::new(
+            Arc::new(poll),
+            self.fetcher.clone(),
+            self.rate_limits.limiter(&group),
+            self.metrics.clone(),
+            stream.clone(),
+            self.backoff,
+        );
+        let entry = Arc::new(Entry {
+            stream: stream.clone(),
+            host: target.url.host_str().unwrap_or_default().to_owned(),
+            periods: Mutex::new(BTreeMap::new()),
+            period: watch::Sender::new(period),
+            idle_since: Mutex::new(None),
+            stop: self.shutdown.child_token(),
+        });
+        tracing::info!(stream = %name, host = %entry.host, ?period, "dynamic stream created");
+        let options = OnDemand {
+            linger: settings.linger,
+            period: Some(entry.period.subscribe()),
+            keepalive: Some(settings.keepalive),
+        };
+        let me = self.me.clone();
+        let retire_name = name.clone();
+        self.tasks.spawn(on_demand::run(
+            poller,
+            stream,
+            options,
+            entry.stop.clone(),
+            move |_| match me.upgrade() {
+                Some(streams) => streams.retire(&retire_name),
+                None => Idle::Stop,
+            },
+        ));
+        entry
+    }
+
+    /// The linger period of `name` ran out: evict it unless a subscriber arrived meanwhile.
+    fn retire(&self, name: &Arc<str>) -> Idle {
+        let mut entries = self.lock();
+        let Some(entry) = entries.get(name) else {
+            return Idle::Stop;
+        };
+        if *entry.stream.demand().borrow() > 0 {
+            return Idle::Resume;
+        }
+        let Some(entry) = entries.remove(name) else {
+            return Idle::Stop;
+        };
+        self.discard(entries.len(), &entry, EvictionCause::Linger, None);
+        Idle::Stop
+    }
+
+    /// Ends `name`, whose snapshot the memory bound evicted.
+    fn end_for_memory(&self, name: &str) {
+        let mut entries = self.lock();
+        let Some(entry) = entries.remove(name) else {
+            return;
+        };
+        let message = format!(
+            "the dynamic streams outgrew their memory limit of {} bytes (proxy.max_memory) and \
+             this stream was evicted; reconnect to start it again",
+            self.settings.max_memory
+        );
+        self.discard(
+            entries.len(),
+            &entry,
+            EvictionCause::Memory,
+            Some((503, "evicted", message)),
+        );
+    }
+
+    /// Stops and forgets a stream already removed from `entries` (`remaining` are left).
+    fn discard(
+        &self,
+        remaining: usize,
+        entry: &Entry,
+        cause: EvictionCause,
+        end: Option<(u16, &'static str, String)>,
+    ) {
+        let name = entry.stream.name();
+        tracing::info!(stream = %name, host = %entry.host, ?cause, "dynamic stream evicted");
+        entry.stop.cancel();
+        match end {
+            Some((status, why, message)) => entry.stream.end(status, why, message),
+            None => entry.stream.close(),
+        }
+        self.snapshots.remove(name);
+        self.metrics.forget_stream(name);
+        self.metrics
+            .dynamic_evictions
+            .get_or_create(&EvictionLabels { cause })
+            .inc();
+        self.metrics
+            .dynamic_streams
+            .set(i64::try_from(remaining).unwrap_or(i64::MAX));
+    }
+
+    /// Ends every dynamic stream's subscriptions and stops their pollers (shutdown).
+    pub fn close_all(&self) {
+        let entries: Vec<Arc<Entry>> = self.lock().values().cloned().collect();
+        for entry in entries {
+            entry.stop.cancel();
+            entry.stream.close();
+        }
+        self.tasks.close();
+    }
+}
+
+/// Ends the streams whose snapshots the memory bound evicted, outside any stream's lock.
+async fn end_evicted(
+    streams: Weak<DynamicStreams>,
+    mut evicted: mpsc::UnboundedReceiver<Arc<str>>,
+) {
+    while let Some(name) = evicted.recv().await {
+        let Some(streams) = streams.upgrade() else {
+            return;
+        };
+        streams.end_for_memory(&name);
+    }
+}
+
+/// The HTTP client of dynamic streams: connects only to addresses the SSRF guard permits, and
+/// follows a redirect only to an allowed host over http(s).
+fn client(settings: &ProxySettings, user_agent: &str) -> Result<Fetcher, FetchError> {
+    let allowed: Vec<HostPattern> = settings.allowed_hosts.clone();
+    let allow_private = settings.allow_private;
+    let redirects = reqwest::redirect::Policy::custom(move |attempt| {
+        if attempt.previous().len() >= MAX_REDIRECTS {
+            return attempt.error(format!("more than {MAX_REDIRECTS} redirects"));
+        }
+        match redirect_refusal(attempt.url(), &allowed, allow_private) {
+            Some(reason) => attempt.error(reason),
+            None => attempt.follow(),
+        }
+    });
+    let builder = Fetcher::client_builder(user_agent)?
+        .redirect(redirects)
+        .no_proxy()
+        .dns_resolver(Arc::new(GuardedResolver { allow_private }));
+    Fetcher::build(builder)
+}
+
+/// Why a redirect to `url` is not followed, if it is not.
+fn redirect_refusal(url: &Url, allowed: &[HostPattern], allow_private: bool) -> Option<String> {
+    if let Err(error) = ssrf::check_url(url, allow_private) {
+        return Some(format!("redirect refused: {error}"));
+    }
+    let host = url.host_str().unwrap_or_default();
+    if !allowed.iter().any(|p| p.matches(host)) {
+        return Some(format!(
+            "redirect refused: {host} is not in proxy.allowed_hosts"
+        ));
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redirects_only_go_to_allowed_public_hosts() {
+        let allowed = vec![HostPattern::parse("*.example.com").unwrap()];
+        let url = |s: &str| Url::parse(s).unwrap();
+        assert_eq!(
+            redirect_refusal(&url("https://a.example.com/x"), &allowed, false),
+            None
+        );
+        let refused = redirect_refusal(&url("https://evil.test/x"), &allowed, false).unwrap();
+        assert!(refused.contains("not in proxy.allowed_hosts"), "{refused}");
+        let refused = redirect_refusal(&url("http://169.254.169.254/"), &allowed, false).unwrap();
+        assert!(refused.contains("cloud metadata"), "{refused}");
+        assert!(redirect_refusal(&url("ftp://a.example.com/"), &allowed, true).is_some());
+    }
+}

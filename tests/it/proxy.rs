@@ -1,0 +1,724 @@
+//! The Streamdata.io-compatible proxy mode through the real server: dynamic streams shared by
+//! URL and headers, the proxy's parameters kept from the upstream, linger and eviction,
+//! allowlist, SSRF and token refusals as SSE `error` events, reconnections, snapshot-only
+//! mode, the native view, on-demand configured streams, and an off-the-shelf client.
+
+use std::num::NonZeroU32;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use patchwire::config::{Config, HostPattern, ProxySettings, ProxyToken};
+use patchwire::diff::DiffOptions;
+use serde_json::Value;
+
+use crate::support::api::{MockApi, document};
+use crate::support::{Rebuilt, SOON, SseClient, SseEvent, TestApp, config, stream};
+
+const TOKEN: &str = "token-for-tests-0123456789";
+const OTHER_TOKEN: &str = "other-token-for-tests-0123";
+
+fn token(name: &str, secret: &str) -> ProxyToken {
+    ProxyToken {
+        name: name.into(),
+        token: secret.into(),
+        max_connections: 100,
+        connections_per_second: NonZeroU32::new(1000).unwrap(),
+        connections_burst: NonZeroU32::new(1000).unwrap(),
+        allowed_hosts: None,
+        interval: None,
+        min_interval: Duration::ZERO,
+    }
+}
+
+fn proxy_settings() -> ProxySettings {
+    ProxySettings {
+        allowed_hosts: vec![HostPattern::parse("127.0.0.1").unwrap()],
+        allow_private: true,
+        interval: Duration::from_millis(100),
+        host_intervals: Vec::new(),
+        min_interval: Duration::from_millis(10),
+        linger: Duration::from_millis(400),
+        keepalive: Duration::from_secs(10),
+        max_streams: 100,
+        max_memory: 64 << 20,
+        timeout: Duration::from_secs(2),
+        max_body_bytes: 1 << 20,
+        history: 16,
+        diff: DiffOptions::default(),
+        tokens: vec![token("tests", TOKEN), token("other", OTHER_TOKEN)],
+    }
+}
+
+fn proxy_config(settings: ProxySettings) -> Config {
+    let mut config = config(Vec::new());
+    config.proxy = Some(settings);
+    config
+}
+
+/// `/{upstream}` with the token and extra query parameters.
+fn dynamic_path(api: &MockApi, path: &str, query: &str) -> String {
+    let sep = if query.is_empty() { "" } else { "&" };
+    format!("/{}?X-Sd-Token={TOKEN}{sep}{query}", api.url(path))
+}
+
+async fn open(app: &TestApp, path: &str, headers: &[(&str, &str)]) -> SseClient {
+    SseClient::connect(&app.url(path), headers, false).await
+}
+
+/// Reads events until one named `name` arrives.
+async fn until(client: &mut SseClient, name: &str) -> SseEvent {
+    loop {
+        let event = client.expect(SOON).await;
+        if event.event == name {
+            return event;
+        }
+    }
+}
+
+fn assert_streamdata_patch(event: &SseEvent) {
+    let ops: Vec<Value> = serde_json::from_str(&event.data).unwrap();
+    for op in ops {
+        let name = op["op"].as_str().unwrap();
+        assert!(["add", "remove", "replace"].contains(&name), "{op}");
+        assert_ne!(op["path"], "", "a patch never replaces the root: {op}");
+    }
+}
+
+#[tokio::test]
+async fn clients_asking_the_same_thing_share_one_stream_and_one_poller() {
+    let api = MockApi::start().await;
+    let app = TestApp::spawn(proxy_config(proxy_settings())).await;
+    let path = dynamic_path(&api, "/v1/prices", "currency=eur");
+
+    let mut a = open(&app, &path, &[]).await;
+    let mut b = open(&app, &path, &[]).await;
+    assert_eq!(a.status, 200);
+    assert_eq!(a.headers["content-type"], "text/event-stream");
+    let name = a.headers["x-patchwire-stream"].to_str().unwrap().to_owned();
+    assert!(name.starts_with('~'), "{name}");
+    assert_eq!(b.headers["x-patchwire-stream"], name.as_str());
+
+    let mut docs = [Rebuilt::default(), Rebuilt::default()];
+    for (client, doc) in [&mut a, &mut b].into_iter().zip(&mut docs) {
+        let first = client.expect(SOON).await;
+        assert_eq!(first.event, "data", "{first:?}");
+        assert!(!first.id.is_empty(), "every event has an id");
+        doc.apply(&first);
+        assert_eq!(doc.document, Some(document("anonymous", 0)));
+    }
+    api.set_version(1);
+    for (client, doc) in [&mut a, &mut b].into_iter().zip(&mut docs) {
+        let patch = until(client, "patch").await;
+        assert_streamdata_patch(&patch);
+        assert!(!patch.id.is_empty());
+        doc.apply(&patch);
+        assert_eq!(doc.document, Some(document("anonymous", 1)));
+    }
+
+    let listing: Value = reqwest::get(app.url("/streams"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(listing["dynamic"]["streams"], 1, "{listing}");
+    // One poller: its requests are an interval apart, not two interleaved schedules.
+    let deadline = Instant::now() + SOON;
+    while api.requests().len() < 5 {
+        assert!(Instant::now() < deadline, "polling stopped");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let requests = api.requests();
+    for pair in requests.windows(2) {
+        let gap = pair[1].at.duration_since(pair[0].at);
+        assert!(gap >= Duration::from_millis(60), "two polls {gap:?} apart");
+    }
+    assert_eq!(app.metric("patchwire_dynamic_streams").await, 1.0);
+}
+
+#[tokio::test]
+async fn different_forwarded_headers_get_separate_streams_that_never_mix() {
+    let api = MockApi::start().await;
+    let app = TestApp::spawn(proxy_config(proxy_settings())).await;
+    let alice = dynamic_path(&api, "/me", "X-Sd-Header=Authorization%3A%20Bearer%20alice");
+    let bob = dynamic_path(&api, "/me", "X-Sd-Header=Authorization%3A%20Bearer%20bob");
+    let mut a = open(&app, &alice, &[]).await;
+    let mut b = open(&app, &bob, &[]).await;
+    assert_ne!(
+        a.headers["x-patchwire-stream"],
+        b.headers["x-patchwire-stream"]
+    );
+
+    let first_a = a.expect(SOON).await;
+    let first_b = b.expect(SOON).await;
+    assert_eq!(first_a.json(), document("Bearer alice", 0));
+    assert_eq!(first_b.json(), document("Bearer bob", 0));
+    api.set_version(2);
+    for (client, user) in [(&mut a, "alice"), (&mut b, "bob")] {
+        let mut doc = Rebuilt {
+            document: Some(document(&format!("Bearer {user}"), 0)),
+            ..Rebuilt::default()
+        };
+        assert!(
+            doc.converge(client, &document(&format!("Bearer {user}"), 2), SOON)
+                .await
+        );
+    }
+    // The upstream saw each credential, and only on its own requests.
+    let users: std::collections::BTreeSet<String> = api
+        .requests()
+        .iter()
+        .map(|r| r.headers["authorization"].to_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(
+        users.into_iter().collect::<Vec<_>>(),
+        ["Bearer alice", "Bearer bob"]
+    );
+}
+
+#[tokio::test]
+async fn the_proxy_parameters_never_reach_the_upstream() {
+    let api = MockApi::start().await;
+    let app = TestApp::spawn(proxy_config(proxy_settings())).await;
+    let path = format!(
+        "/{}?currency=eur&X-Sd-Token={TOKEN}&b=%20x&X-Sd-Header=X-Api-Key%3A%20k1",
+        api.url("/v1/prices")
+    );
+    let mut client = open(&app, &path, &[]).await;
+    client.expect(SOON).await;
+    let request = &api.requests()[0];
+    assert_eq!(request.uri, "/v1/prices?currency=eur&b=%20x");
+    assert_eq!(request.headers["x-api-key"], "k1");
+    assert!(
+        request
+            .headers
+            .keys()
+            .all(|k| !k.as_str().starts_with("x-sd-")),
+        "{:?}",
+        request.headers
+    );
+
+    // The token as a header works too, and is not forwarded either.
+    let encoded = format!(
+        "/{}",
+        url::form_urlencoded::byte_serialize(api.url("/v2/x?y=1").as_bytes()).collect::<String>()
+    );
+    let mut client = open(&app, &encoded, &[("x-sd-token", TOKEN)]).await;
+    assert_eq!(client.expect(SOON).await.event, "data");
+    let request = api
+        .requests()
+        .into_iter()
+        .find(|r| r.uri.starts_with("/v2/"))
+        .unwrap();
+    assert_eq!(request.uri, "/v2/x?y=1");
+    assert!(request.headers.get("x-sd-token").is_none());
+}
+
+#[tokio::test]
+async fn a_stream_lingers_then_is_evicted_and_polling_stops() {
+    let api = MockApi::start().await;
+    let app = TestApp::spawn(proxy_config(proxy_settings())).await;
+    let path = dynamic_path(&api, "/linger", "");
+    let mut client = open(&app, &path, &[]).await;
+    client.expect(SOON).await;
+    drop(client);
+    app.wait_for_metric(
+        r#"patchwire_dynamic_evictions_total{cause="Linger""#,
+        1.0,
+        SOON,
+    )
+    .await;
+    assert_eq!(app.metric("patchwire_dynamic_streams").await, 0.0);
+    let after_eviction = api.requests().len();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        api.requests().len(),
+        after_eviction,
+        "polling stopped with the eviction"
+    );
+
+    // The next subscriber starts the stream again, with a fresh `data`.
+    api.set_version(7);
+    let mut client = open(&app, &path, &[]).await;
+    let first = client.expect(SOON).await;
+    assert_eq!(
+        (first.event.as_str(), first.json()),
+        ("data", document("anonymous", 7))
+    );
+}
+
+#[tokio::test]
+async fn a_subscriber_returning_within_the_linger_period_keeps_the_stream() {
+    let api = MockApi::start().await;
+    let app = TestApp::spawn(proxy_config(proxy_settings())).await;
+    let path = dynamic_path(&api, "/stay", "");
+    let mut client = open(&app, &path, &[]).await;
+    let name = client.headers["x-patchwire-stream"].clone();
+    client.expect(SOON).await;
+    drop(client);
+    let mut client = open(&app, &path, &[]).await;
+    assert_eq!(client.headers["x-patchwire-stream"], name);
+    assert_eq!(client.expect(SOON).await.event, "data");
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(app.metric("patchwire_dynamic_evictions_total").await, 0.0);
+}
+
+#[tokio::test]
+async fn a_reconnecting_client_gets_data_first() {
+    let api = MockApi::start().await;
+    let app = TestApp::spawn(proxy_config(proxy_settings())).await;
+    let path = dynamic_path(&api, "/again", "");
+    let mut client = open(&app, &path, &[]).await;
+    client.expect(SOON).await;
+    api.set_version(1);
+    let patch = until(&mut client, "patch").await;
+    drop(client);
+    api.set_version(2);
+    let mut client = open(&app, &path, &[("last-event-id", &patch.id)]).await;
+    let first = client.expect(SOON).await;
+    assert_eq!(first.event, "data", "{first:?}");
+    let version = first.json()["version"].as_u64().unwrap();
+    assert!(version >= 1, "{first:?}");
+}
+
+/// Opens `path` and returns the single `error` event of a refusal (the stream then ends).
+async fn refusal(app: &TestApp, path: &str, headers: &[(&str, &str)]) -> Value {
+    let mut client = open(app, path, headers).await;
+    assert_eq!(
+        client.status, 200,
+        "refusals are SSE errors on a 200 stream: {path}"
+    );
+    assert_eq!(client.headers["content-type"], "text/event-stream");
+    let events = client.end(SOON).await.expect("the refused stream ends");
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_eq!(events[0].event, "error");
+    let error = events[0].json();
+    for key in ["status", "message", "cause", "timestamp", "sessionId"] {
+        assert!(!error[key].is_null(), "{key} missing in {error}");
+    }
+    error
+}
+
+#[tokio::test]
+async fn token_problems_are_error_events_on_a_200_stream() {
+    let api = MockApi::start().await;
+    let mut settings = proxy_settings();
+    settings.tokens[1].max_connections = 1;
+    let app = TestApp::spawn(proxy_config(settings)).await;
+    let target = api.url("/t");
+
+    let error = refusal(&app, &format!("/{target}"), &[]).await;
+    assert_eq!(
+        (error["status"].as_u64(), error["cause"].as_str()),
+        (Some(401), Some("token-missing"))
+    );
+    assert!(
+        error["message"].as_str().unwrap().contains("X-Sd-Token"),
+        "{error}"
+    );
+    let error = refusal(&app, &format!("/{target}?X-Sd-Token=not-a-token"), &[]).await;
+    assert_eq!(
+        (error["status"].as_u64(), error["cause"].as_str()),
+        (Some(401), Some("token-unknown"))
+    );
+    assert!(
+        !error.to_string().contains("not-a-token"),
+        "the token is never echoed: {error}"
+    );
+
+    // The other token allows one connection at a time.
+    let path = format!("/{target}?X-Sd-Token={OTHER_TOKEN}");
+    let mut held = open(&app, &path, &[]).await;
+    held.expect(SOON).await;
+    let error = refusal(&app, &path, &[]).await;
+    assert_eq!(
+        (error["status"].as_u64(), error["cause"].as_str()),
+        (Some(429), Some("too-many-connections"))
+    );
+    drop(held);
+    // Its slot is released with the connection.
+    let deadline = Instant::now() + SOON;
+    loop {
+        let mut again = open(&app, &path, &[]).await;
+        if again.expect(SOON).await.event == "data" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the slot was never released");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        app.metric(r#"patchwire_proxy_refusals_total{cause="token-missing""#)
+            .await
+            >= 1.0
+    );
+}
+
+#[tokio::test]
+async fn new_connections_per_second_are_limited_per_token() {
+    let api = MockApi::start().await;
+    let mut settings = proxy_settings();
+    settings.tokens[0].connections_per_second = NonZeroU32::new(1).unwrap();
+    settings.tokens[0].connections_burst = NonZeroU32::new(2).unwrap();
+    let app = TestApp::spawn(proxy_config(settings)).await;
+    let path = dynamic_path(&api, "/rate", "");
+    let _a = open(&app, &path, &[]).await;
+    let _b = open(&app, &path, &[]).await;
+    let error = refusal(&app, &path, &[]).await;
+    assert_eq!(
+        (error["status"].as_u64(), error["cause"].as_str()),
+        (Some(429), Some("rate-limited"))
+    );
+}
+
+#[tokio::test]
+async fn hosts_outside_the_allowlist_and_private_addresses_are_refused() {
+    let api = MockApi::start().await;
+    let mut settings = proxy_settings();
+    settings
+        .allowed_hosts
+        .push(HostPattern::parse("*.example.com").unwrap());
+    settings.tokens[1].allowed_hosts = Some(vec![HostPattern::parse("*.example.com").unwrap()]);
+    let app = TestApp::spawn(proxy_config(settings)).await;
+
+    let port = api.addr.port();
+    let error = refusal(
+        &app,
+        &format!("/http://localhost:{port}/x?X-Sd-Token={TOKEN}"),
+        &[],
+    )
+    .await;
+    assert_eq!(
+        (error["status"].as_u64(), error["cause"].as_str()),
+        (Some(403), Some("host-not-allowed"))
+    );
+    // The token's own list narrows the proxy's.
+    let error = refusal(
+        &app,
+        &format!("/http://127.0.0.1:{port}/x?X-Sd-Token={OTHER_TOKEN}"),
+        &[],
+    )
+    .await;
+    assert_eq!(error["cause"], "host-not-allowed");
+    let error = refusal(
+        &app,
+        &format!("/http://127.0.0.1:{port}/x?X-Sd-Token={TOKEN}&X-Sd-Header=NoColon"),
+        &[],
+    )
+    .await;
+    assert_eq!(
+        (error["status"].as_u64(), error["cause"].as_str()),
+        (Some(400), Some("invalid-target"))
+    );
+    assert!(
+        error["message"].as_str().unwrap().contains("Name: value"),
+        "{error}"
+    );
+    // Not a URL at all is not a dynamic stream: a plain 404.
+    let response = reqwest::get(app.url(&format!("/ftp://127.0.0.1/x?X-Sd-Token={TOKEN}")))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 404);
+
+    // Without allow_private, an allowed name that resolves to loopback is refused after DNS,
+    // and so is a loopback literal.
+    let mut settings = proxy_settings();
+    settings.allow_private = false;
+    settings
+        .allowed_hosts
+        .push(HostPattern::parse("localhost").unwrap());
+    let app = TestApp::spawn(proxy_config(settings)).await;
+    for host in ["localhost", "127.0.0.1"] {
+        let error = refusal(
+            &app,
+            &format!("/http://{host}:{port}/x?X-Sd-Token={TOKEN}"),
+            &[],
+        )
+        .await;
+        assert_eq!(
+            (error["status"].as_u64(), error["cause"].as_str()),
+            (Some(403), Some("address-forbidden")),
+            "{host}"
+        );
+        assert!(
+            error["message"].as_str().unwrap().contains("loopback"),
+            "{error}"
+        );
+    }
+    assert!(api.requests().is_empty(), "nothing reached the upstream");
+}
+
+#[tokio::test]
+async fn the_stream_limit_evicts_idle_streams_and_refuses_when_all_are_busy() {
+    let api = MockApi::start().await;
+    let mut settings = proxy_settings();
+    settings.max_streams = 1;
+    settings.linger = Duration::from_secs(60);
+    let app = TestApp::spawn(proxy_config(settings)).await;
+    let mut first = open(&app, &dynamic_path(&api, "/one", ""), &[]).await;
+    first.expect(SOON).await;
+    let error = refusal(&app, &dynamic_path(&api, "/two", ""), &[]).await;
+    assert_eq!(
+        (error["status"].as_u64(), error["cause"].as_str()),
+        (Some(503), Some("too-many-streams"))
+    );
+    drop(first);
+    // Idle (lingering) now: it makes room for the new one.
+    let deadline = Instant::now() + SOON;
+    loop {
+        let mut second = open(&app, &dynamic_path(&api, "/two", ""), &[]).await;
+        if second.expect(SOON).await.event == "data" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the idle stream was never evicted"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        app.metric(r#"patchwire_dynamic_evictions_total{cause="Idle""#)
+            .await,
+        1.0
+    );
+    assert_eq!(app.metric("patchwire_dynamic_streams_limit").await, 1.0);
+}
+
+#[tokio::test]
+async fn upstream_errors_are_streamdata_error_events() {
+    let app = TestApp::spawn(proxy_config(proxy_settings())).await;
+    // A port nothing listens on.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let mut client = open(&app, &format!("/http://{closed}/x?X-Sd-Token={TOKEN}"), &[]).await;
+    let error = until(&mut client, "error").await;
+    let body = error.json();
+    assert_eq!(
+        (body["status"].as_u64(), body["cause"].as_str()),
+        (Some(502), Some("upstream-unavailable"))
+    );
+    assert_eq!(body["sessionId"].as_str().unwrap().len(), 16);
+    assert!(body["timestamp"].as_u64().unwrap() > 1_600_000_000_000);
+}
+
+#[tokio::test]
+async fn accept_json_returns_the_document_once() {
+    let api = MockApi::start().await;
+    let app = TestApp::spawn(proxy_config(proxy_settings())).await;
+    let response = reqwest::Client::new()
+        .get(app.url(&dynamic_path(&api, "/once", "")))
+        .header("accept", "application/json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert!(
+        response.headers()["etag"]
+            .to_str()
+            .unwrap()
+            .starts_with('"')
+    );
+    assert_eq!(
+        response.json::<Value>().await.unwrap(),
+        document("anonymous", 0)
+    );
+    let response = reqwest::Client::new()
+        .get(app.url(&format!("/{}", api.url("/once"))))
+        .header("accept", "application/json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 401, "JSON clients get real statuses");
+}
+
+#[tokio::test]
+async fn cors_preflight_allows_the_token_header() {
+    let api = MockApi::start().await;
+    let app = TestApp::spawn(proxy_config(proxy_settings())).await;
+    let response = reqwest::Client::new()
+        .request(
+            http::Method::OPTIONS,
+            app.url(&format!("/{}", api.url("/x"))),
+        )
+        .header("origin", "https://app.example")
+        .header("access-control-request-method", "GET")
+        .header(
+            "access-control-request-headers",
+            "x-sd-token, last-event-id",
+        )
+        .send()
+        .await
+        .unwrap();
+    assert!(response.status().is_success(), "{}", response.status());
+    let allowed = response.headers()["access-control-allow-headers"]
+        .to_str()
+        .unwrap()
+        .to_ascii_lowercase();
+    assert!(allowed.contains("x-sd-token"), "{allowed}");
+    let mut client = open(
+        &app,
+        &dynamic_path(&api, "/x", ""),
+        &[("origin", "https://app.example")],
+    )
+    .await;
+    assert_eq!(client.headers["access-control-allow-origin"], "*");
+    client.expect(SOON).await;
+}
+
+#[tokio::test]
+async fn the_native_view_of_a_dynamic_stream_needs_a_token_and_uses_native_names() {
+    let api = MockApi::start().await;
+    let app = TestApp::spawn(proxy_config(proxy_settings())).await;
+    let mut client = open(&app, &dynamic_path(&api, "/native", ""), &[]).await;
+    client.expect(SOON).await;
+    let name = client.headers["x-patchwire-stream"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+
+    let mut native = open(&app, &format!("/streams/{name}?X-Sd-Token={TOKEN}"), &[]).await;
+    assert_eq!(native.status, 200);
+    let first = native.expect(SOON).await;
+    assert_eq!(
+        (first.event.as_str(), first.json()),
+        ("snapshot", document("anonymous", 0))
+    );
+    let refused = reqwest::get(app.url(&format!("/streams/{name}")))
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 401);
+    let missing = reqwest::get(app.url(&format!("/streams/~0000?X-Sd-Token={TOKEN}")))
+        .await
+        .unwrap();
+    assert_eq!(missing.status(), 404);
+    // Dynamic streams are not listed by name (their URLs may carry credentials).
+    let listing: Value = reqwest::get(app.url("/streams"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(!listing.to_string().contains(&name), "{listing}");
+}
+
+#[tokio::test]
+async fn proxy_mode_is_off_unless_enabled() {
+    let api = MockApi::start().await;
+    let app = TestApp::spawn(config(Vec::new())).await;
+    let error = refusal(&app, &dynamic_path(&api, "/x", ""), &[]).await;
+    assert_eq!(
+        (error["status"].as_u64(), error["cause"].as_str()),
+        (Some(404), Some("proxy-disabled"))
+    );
+    assert!(api.requests().is_empty());
+}
+
+#[tokio::test]
+async fn an_on_demand_stream_polls_only_while_subscribed() {
+    let api = MockApi::start().await;
+    let mut settings = stream("lazy", &api.url("/lazy"));
+    settings.on_demand = Some(Duration::from_millis(300));
+    let app = TestApp::spawn(config(vec![settings])).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(api.requests().is_empty(), "no subscriber, no poll");
+
+    let mut client = app.subscribe("lazy", &[]).await;
+    let first = client.expect(SOON).await;
+    assert_eq!(
+        (first.event.as_str(), first.json()),
+        ("snapshot", document("anonymous", 0))
+    );
+    drop(client);
+    // Polling stops after the linger period.
+    let deadline = Instant::now() + SOON;
+    loop {
+        let before = api.requests().len();
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        if api.requests().len() == before {
+            break;
+        }
+        assert!(Instant::now() < deadline, "polling never stopped");
+    }
+    // The stale document was dropped: a new subscriber gets a fresh one.
+    api.set_version(5);
+    let mut client = app.subscribe("lazy", &[]).await;
+    let first = client.expect(SOON).await;
+    assert_eq!(
+        (first.event.as_str(), first.json()),
+        ("snapshot", document("anonymous", 5))
+    );
+}
+
+/// The Python client: `sseclient-py` reads the stream, `jsonpatch` applies the patches, and it
+/// prints the document after `versions` patches.
+const PYTHON_CLIENT: &str = r#"
+import json, sys, urllib.request
+import jsonpatch, sseclient
+url, patches_wanted = sys.argv[1], int(sys.argv[2])
+response = urllib.request.urlopen(urllib.request.Request(url, headers={"Accept": "text/event-stream"}))
+doc, patches = None, 0
+for event in sseclient.SSEClient(response).events():
+    if event.event == "data":
+        doc = json.loads(event.data)
+    elif event.event == "patch":
+        ops = json.loads(event.data)
+        assert all(op["op"] in ("add", "remove", "replace") and op["path"] for op in ops), ops
+        doc = jsonpatch.apply_patch(doc, ops)
+        patches += 1
+        if patches == patches_wanted:
+            print(json.dumps(doc, sort_keys=True))
+            sys.exit(0)
+    elif event.event == "error":
+        print("error event: " + event.data, file=sys.stderr)
+        sys.exit(2)
+"#;
+
+#[tokio::test]
+async fn an_off_the_shelf_python_client_rebuilds_the_document() {
+    let probe = std::process::Command::new("python3")
+        .args(["-c", "import sseclient, jsonpatch"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+    if !matches!(probe, Ok(status) if status.success()) {
+        crate::diff_support::skip::<()>(
+            "python3 with `sseclient-py` and `jsonpatch` is not available (pip install sseclient-py jsonpatch)",
+        );
+        return;
+    }
+    let api = MockApi::start().await;
+    let app = TestApp::spawn(proxy_config(proxy_settings())).await;
+    let url = app.url(&dynamic_path(&api, "/python", ""));
+    let child = tokio::process::Command::new("python3")
+        .args(["-c", PYTHON_CLIENT, &url, "3"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("python3 starts");
+    // Wait until the client is subscribed, then change the document three times.
+    app.wait_for_metric("patchwire_subscribers", 1.0, SOON)
+        .await;
+    let mut expected = document("anonymous", 0);
+    for version in 1..=3 {
+        let before = api.requests().len();
+        api.set_version(version);
+        expected = document("anonymous", version);
+        // One poll at least, so each version is its own patch.
+        while api.requests().len() < before + 2 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    let output = tokio::time::timeout(SOON * 2, child.wait_with_output())
+        .await
+        .expect("the Python client finished")
+        .expect("python3 ran");
+    assert!(
+        output.status.success(),
+        "python client failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let rebuilt: Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(rebuilt, expected);
+}
