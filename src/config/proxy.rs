@@ -529,6 +529,44 @@ mod tests {
     const ENABLED: &str = "[proxy]\nenabled = true\nallowed_hosts = [\"api.example.com\"]\n\
                            [[proxy.tokens]]\nname = \"web\"\ntoken = \"${PROXY_TOKEN}\"\n";
 
+    proptest::proptest! {
+        /// Whatever the tokens are (short, spaced, duplicated, with `${`), no problem and no
+        /// summary shows them.
+        #[test]
+        fn tokens_never_appear_in_errors_or_summaries(
+            a in "[ -~]{0,30}",
+            b in "[ -~]{0,30}",
+            same in proptest::bool::ANY,
+            enabled in proptest::bool::ANY,
+        ) {
+            let (a, b) = (format!("ZQX{a}"), format!("ZQY{b}"));
+            let b = if same { a.clone() } else { b };
+            let quote = |t: &str| toml_string(t);
+            let text = format!(
+                "[proxy]\nenabled = {enabled}\nallowed_hosts = [\"api.example.com\"]\n\
+                 [[proxy.tokens]]\nname = \"a\"\ntoken = {}\n\
+                 [[proxy.tokens]]\nname = \"b\"\ntoken = {}\n",
+                quote(&a),
+                quote(&b)
+            );
+            match load(&text) {
+                Ok(config) => {
+                    let shown = format!("{}{:?}", crate::config::describe(&config), config);
+                    proptest::prop_assert!(!shown.contains("ZQX") && !shown.contains("ZQY"), "{}", shown);
+                }
+                Err(err) => {
+                    let shown = err.to_string();
+                    proptest::prop_assert!(!shown.contains("ZQX") && !shown.contains("ZQY"), "{}", shown);
+                }
+            }
+        }
+    }
+
+    /// `text` as a TOML basic string.
+    fn toml_string(text: &str) -> String {
+        format!("\"{}\"", text.replace('\\', "\\\\").replace('"', "\\\""))
+    }
+
     #[test]
     fn absent_or_disabled_means_none() {
         assert!(load("").unwrap().proxy.is_none());
