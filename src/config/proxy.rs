@@ -111,12 +111,12 @@ fn bytes_in(
     value
 }
 
-/// Parses a list of host patterns at `key[i]`; the patterns that parsed.
-fn host_list(problems: &mut Problems, key: &str, raw: &[String]) -> Vec<HostPattern> {
+/// Parses a list of host patterns at `key[i]`; the patterns that parsed, with their index.
+fn host_list(problems: &mut Problems, key: &str, raw: &[String]) -> Vec<(usize, HostPattern)> {
     raw.iter()
         .enumerate()
         .filter_map(|(i, pattern)| match HostPattern::parse(pattern) {
-            Ok(p) => Some(p),
+            Ok(p) => Some((i, p)),
             Err(message) => {
                 problems.push(format!("{key}[{i}]"), message);
                 None
@@ -166,6 +166,9 @@ pub(super) fn validate(
                 );
             }
             host_list(problems, "proxy.allowed_hosts", list)
+                .into_iter()
+                .map(|(_, p)| p)
+                .collect()
         }
         None => {
             if enabled {
@@ -427,17 +430,7 @@ fn token_limits(
     );
     let allowed_hosts = raw.allowed_hosts.as_ref().map(|list| {
         let hosts_key = format!("{key}.allowed_hosts");
-        let parsed: Vec<(usize, HostPattern)> = list
-            .iter()
-            .enumerate()
-            .filter_map(|(i, pattern)| match HostPattern::parse(pattern) {
-                Ok(p) => Some((i, p)),
-                Err(message) => {
-                    problems.push(format!("{hosts_key}[{i}]"), message);
-                    None
-                }
-            })
-            .collect();
+        let parsed = host_list(problems, &hosts_key, list);
         for (i, pattern) in &parsed {
             if !global_hosts.iter().any(|g| covers(g, pattern)) {
                 problems.push(
