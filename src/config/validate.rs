@@ -920,8 +920,9 @@ fn on_demand(problems: &mut Problems, key: &str, stream: &RawStream) -> Option<D
     if stream.linger.is_some() {
         problems.push(
             format!("{key}.linger"),
-            "`linger` only applies with on_demand = true (a stream polled always never stops \
-             polling)",
+            "expected on_demand = true alongside `linger`, or no `linger`: it is how long an \
+             on-demand stream keeps polling after its last subscriber left, and this stream \
+             polls always",
         );
     }
     None
