@@ -182,6 +182,31 @@ mod shipped_files {
     }
 
     #[test]
+    fn proxy_example_streams_the_simulator_locally() {
+        let config = load_with(
+            &repo_file("config/examples/proxy.toml"),
+            &no_env,
+            Vec::new(),
+        )
+        .expect("proxy.toml is valid without any environment");
+        let sim = config.simulator.as_ref().expect("simulator enabled");
+        let p = config.proxy.as_ref().expect("proxy enabled");
+        assert!(p.allow_private, "the simulator is on a loopback address");
+        assert!(
+            p.allowed_hosts
+                .iter()
+                .any(|h| h.matches(&sim.listen.ip().to_string()))
+        );
+        assert!(p.allowed_hosts.iter().any(|h| h.matches("localhost")));
+        assert_eq!(p.tokens.len(), 1);
+        assert_eq!(p.tokens[0].name, "demo");
+        assert_eq!(p.tokens[0].token, "demo-token-0123456789");
+        let summary = describe(&config);
+        assert!(summary.contains("token \"demo\""), "{summary}");
+        assert!(!summary.contains("demo-token-0123456789"), "{summary}");
+    }
+
+    #[test]
     fn yaml_example_matches_its_intent() {
         let config = load_with(
             &repo_file("config/examples/simulated.yaml"),
@@ -992,5 +1017,498 @@ history = 50
             "streams[0].source",
             &["poll", "push"],
         );
+    }
+}
+
+mod proxy {
+    use super::*;
+    use patchwire::config::HostPattern;
+
+    const TOKEN: &str = "proxy-token-0123456789";
+
+    fn proxy(extra: &str) -> String {
+        format!(
+            "{MINIMAL}\n[proxy]\nenabled = true\nallowed_hosts = [\"api.example.com\", \
+             \"*.example.org\"]\n{extra}\n[[proxy.tokens]]\nname = \"web\"\ntoken = \"{TOKEN}\"\n"
+        )
+    }
+
+    /// Like `assert_rejected`, and the token never appears in the error.
+    fn assert_refused(text: &str, key: &str, needles: &[&str]) -> ConfigError {
+        let err = assert_rejected("p.toml", text, key, needles);
+        assert!(!err.to_string().contains(TOKEN), "token leaked: {err}");
+        err
+    }
+
+    #[test]
+    fn an_enabled_proxy_gets_every_documented_default() {
+        let (_f, result) = load_toml(&proxy(""));
+        let p = result.expect("valid").proxy.expect("enabled");
+        assert_eq!(
+            p.allowed_hosts,
+            [
+                HostPattern::Exact("api.example.com".to_owned()),
+                HostPattern::Subdomains(".example.org".to_owned())
+            ]
+        );
+        assert!(!p.allow_private);
+        assert_eq!(p.interval, Duration::from_secs(5));
+        assert_eq!(p.min_interval, Duration::from_secs(1));
+        assert_eq!(p.linger, Duration::from_secs(30));
+        assert_eq!(p.keepalive, Duration::from_secs(10));
+        assert_eq!(p.timeout, Duration::from_secs(10));
+        assert_eq!(p.max_streams, 1000);
+        assert_eq!(p.max_memory, 256 * 1024 * 1024);
+        assert_eq!(p.max_body_bytes, 8 * 1024 * 1024);
+        assert_eq!(p.history, 64);
+        assert!(p.host_intervals.is_empty());
+        assert!(!p.diff.allow_move);
+        assert_eq!(p.tokens.len(), 1);
+        let t = &p.tokens[0];
+        assert_eq!(t.name, "web");
+        assert_eq!(t.token, TOKEN);
+        assert_eq!(t.max_connections, 100);
+        assert_eq!(
+            (t.connections_per_second.get(), t.connections_burst.get()),
+            (10, 10)
+        );
+        assert_eq!(t.allowed_hosts, None);
+        assert_eq!(t.interval, None);
+        assert_eq!(t.min_interval, Duration::ZERO);
+    }
+
+    #[test]
+    fn absent_or_disabled_proxy_is_none() {
+        let (_f, result) = load_toml(MINIMAL);
+        assert!(result.expect("valid").proxy.is_none());
+        let (_f, result) = load_toml(&proxy("").replace("enabled = true", "enabled = false"));
+        assert!(result.expect("valid").proxy.is_none());
+        let (_f, result) = load_toml(&proxy("").replace("enabled = true\n", ""));
+        assert!(
+            result.expect("valid").proxy.is_none(),
+            "disabled by default"
+        );
+    }
+
+    #[test]
+    fn a_full_table_is_read_into_the_model() {
+        let text = proxy(
+            r#"allow_private = true
+interval = "2s"
+min_interval = "500ms"
+linger = "0s"
+keepalive = "5s"
+timeout = "3s"
+max_streams = 10
+max_memory = "1 GiB"
+max_body = "1 MiB"
+history = 10
+[proxy.diff]
+keys = { "/prices" = "symbol" }
+[proxy.hosts."*.example.org"]
+interval = "20s"
+[proxy.hosts."api.example.com"]
+interval = "1s"
+[proxy.hosts."*.eu.example.org"]
+interval = "15s"
+"#,
+        ) + r#"max_connections = 5
+connections_per_second = 2
+allowed_hosts = ["*.eu.example.org", "api.example.com"]
+interval = "3s"
+min_interval = "1s"
+"#;
+        let (_f, result) = load_toml(&text);
+        let p = result.expect("valid").proxy.expect("enabled");
+        assert!(p.allow_private);
+        assert_eq!(
+            (p.interval, p.min_interval, p.linger, p.keepalive, p.timeout),
+            (
+                Duration::from_secs(2),
+                Duration::from_millis(500),
+                Duration::ZERO,
+                Duration::from_secs(5),
+                Duration::from_secs(3)
+            )
+        );
+        assert_eq!(
+            (p.max_streams, p.max_memory, p.max_body_bytes, p.history),
+            (10, 1 << 30, 1 << 20, 10)
+        );
+        assert_eq!(p.diff.keys.len(), 1);
+        // Exact hosts first, then wildcards from the longest suffix: the first match wins.
+        let order: Vec<(String, Duration)> = p
+            .host_intervals
+            .iter()
+            .map(|(h, d)| (h.to_string(), *d))
+            .collect();
+        assert_eq!(
+            order,
+            [
+                ("api.example.com".to_owned(), Duration::from_secs(1)),
+                ("*.eu.example.org".to_owned(), Duration::from_secs(15)),
+                ("*.example.org".to_owned(), Duration::from_secs(20)),
+            ]
+        );
+        let first_match = |host: &str| {
+            p.host_intervals
+                .iter()
+                .find(|(pattern, _)| pattern.matches(host))
+                .map(|(_, d)| d.as_secs())
+        };
+        assert_eq!(first_match("a.eu.example.org"), Some(15));
+        assert_eq!(first_match("a.example.org"), Some(20));
+        assert_eq!(first_match("api.example.com"), Some(1));
+        assert_eq!(first_match("example.org"), None);
+        let t = &p.tokens[0];
+        assert_eq!(t.max_connections, 5);
+        assert_eq!(
+            (t.connections_per_second.get(), t.connections_burst.get()),
+            (2, 2),
+            "the burst defaults to the rate"
+        );
+        assert_eq!(t.allowed_hosts.as_ref().map(Vec::len), Some(2));
+        assert_eq!(t.interval, Some(Duration::from_secs(3)));
+        assert_eq!(t.min_interval, Duration::from_secs(1));
+    }
+
+    #[test]
+    fn enabled_proxy_needs_hosts_and_a_token() {
+        let err = assert_refused(
+            &format!("{MINIMAL}[proxy]\nenabled = true\n"),
+            "proxy.allowed_hosts",
+            &["missing required key"],
+        );
+        assert_error(
+            &err,
+            err.file.as_deref().unwrap(),
+            "proxy.tokens",
+            &["at least one [[proxy.tokens]]"],
+        );
+        assert_refused(
+            &proxy("").replace("[\"api.example.com\", \"*.example.org\"]", "[]"),
+            "proxy.allowed_hosts",
+            &["at least one host"],
+        );
+    }
+
+    #[test]
+    fn bad_host_patterns_name_their_index() {
+        for bad in [
+            "https://api.example.com",
+            "api.example.com:443",
+            "*",
+            "**.x",
+            "a/b",
+        ] {
+            assert_refused(
+                &proxy("").replace("\"*.example.org\"", &format!("{bad:?}")),
+                "proxy.allowed_hosts[1]",
+                &["expected a host name", &format!("{bad:?}")],
+            );
+        }
+        assert_refused(
+            &proxy("[proxy.hosts.\"x:80\"]\ninterval = \"1s\"\n"),
+            "proxy.hosts.\"x:80\"",
+            &["expected a host name"],
+        );
+    }
+
+    #[test]
+    fn out_of_range_values_name_key_and_bounds() {
+        let err = assert_refused(
+            &proxy(
+                "interval = \"50ms\"\nmin_interval = \"2h\"\nlinger = \"2 days\"\n\
+                 keepalive = \"10m\"\ntimeout = \"10ms\"\nmax_streams = 0\n\
+                 max_memory = \"100 GiB\"\nmax_body = 10\nhistory = 100001\n",
+            ),
+            "proxy.interval",
+            &["between 100ms and 1day", "got \"50ms\""],
+        );
+        let path = err.file.clone().unwrap();
+        for (key, needle) in [
+            ("proxy.min_interval", "between 10ms and 1h"),
+            ("proxy.linger", "between 0s and 1day"),
+            ("proxy.keepalive", "between 1s and 5m"),
+            ("proxy.timeout", "between 100ms and 5m"),
+            ("proxy.max_streams", "from 1 to 1000000"),
+            ("proxy.max_memory", "1.0 MiB to 64.0 GiB"),
+            ("proxy.max_body", "1.0 KiB to 1.0 GiB"),
+            ("proxy.history", "from 1 to 100000"),
+        ] {
+            assert_error(&err, &path, key, &[needle]);
+        }
+        assert_refused(
+            &proxy("[proxy.hosts.\"api.example.com\"]\ninterval = \"0s\"\n"),
+            "proxy.hosts.\"api.example.com\".interval",
+            &["between 100ms and 1day"],
+        );
+    }
+
+    #[test]
+    fn unknown_proxy_keys_are_refused() {
+        assert_refused(
+            &proxy("intervall = \"1s\"\n"),
+            "proxy.intervall",
+            &["unknown key", "allowed_hosts", "min_interval"],
+        );
+        assert_refused(
+            &(proxy("") + "max_conections = 1\n"),
+            "proxy.tokens[0].max_conections",
+            &["unknown key", "max_connections"],
+        );
+    }
+
+    #[test]
+    fn move_operations_are_refused() {
+        assert_refused(
+            &proxy("[proxy.diff]\nallow_move = true\n"),
+            "proxy.diff.allow_move",
+            &["Streamdata.io", "add, remove and replace"],
+        );
+    }
+
+    #[test]
+    fn token_problems_never_show_the_token() {
+        let short = proxy("").replace(TOKEN, "sh0rt-secret");
+        let err = assert_refused(&short, "proxy.tokens[0].token", &["at least 16 characters"]);
+        assert!(!err.to_string().contains("sh0rt-secret"), "{err}");
+
+        let twice = proxy("")
+            + &format!("[[proxy.tokens]]\nname = \"mobile\"\ntoken = \"{TOKEN}\"\n")
+            + &format!("[[proxy.tokens]]\nname = \"web\"\ntoken = \"{TOKEN}-2\"\n");
+        let err = assert_refused(
+            &twice,
+            "proxy.tokens[1].token",
+            &["same as the token of proxy.tokens[0] (\"web\")"],
+        );
+        assert_error(
+            &err,
+            err.file.as_deref().unwrap(),
+            "proxy.tokens[2].name",
+            &["unique", "proxy.tokens[0]"],
+        );
+
+        let missing = proxy("").replace(&format!("token = \"{TOKEN}\"\n"), "");
+        assert_refused(&missing, "proxy.tokens[0].token", &["missing required key"]);
+        let unset = proxy("").replace(TOKEN, "${PROXY_TOKEN}");
+        assert_refused(&unset, "proxy.tokens[0].token", &["PROXY_TOKEN", "not set"]);
+        let f = file("p.toml", &unset);
+        let env = |name: &str| (name == "PROXY_TOKEN").then(|| "from-the-environment-0123".into());
+        let config = load_with(&f.path, &env, Vec::new()).expect("token from the environment");
+        let p = config.proxy.as_ref().unwrap();
+        assert_eq!(p.tokens[0].token, "from-the-environment-0123");
+        let summary = describe(&config);
+        assert!(
+            summary.contains("token \"web\"") && !summary.contains("from-the-environment"),
+            "{summary}"
+        );
+    }
+
+    #[test]
+    fn token_limits_are_bounded() {
+        let text = proxy("")
+            + "max_connections = 0\nconnections_per_second = 100001\nconnections_burst = 0\n\
+               interval = \"10ms\"\nmin_interval = \"2 days\"\n";
+        let err = assert_refused(
+            &text,
+            "proxy.tokens[0].max_connections",
+            &["from 1 to 1000000"],
+        );
+        let path = err.file.clone().unwrap();
+        for (key, needle) in [
+            ("proxy.tokens[0].connections_per_second", "from 1 to 100000"),
+            ("proxy.tokens[0].connections_burst", "from 1 to 100000"),
+            ("proxy.tokens[0].interval", "between 100ms and 1day"),
+            ("proxy.tokens[0].min_interval", "between 0s and 1day"),
+        ] {
+            assert_error(&err, &path, key, &[needle]);
+        }
+    }
+
+    #[test]
+    fn token_hosts_must_be_allowed_globally() {
+        let ok = proxy("")
+            + "allowed_hosts = [\"API.example.com\", \"x.example.org\", \"*.example.org\", \
+               \"*.eu.example.org\"]\n";
+        let (_f, result) = load_toml(&ok);
+        let p = result.expect("covered by the global list").proxy.unwrap();
+        assert_eq!(p.tokens[0].allowed_hosts.as_ref().map(Vec::len), Some(4));
+        for (bad, why) in [
+            ("example.org", "a wildcard does not cover its own domain"),
+            ("*.example.com", "an exact host does not cover a wildcard"),
+            ("other.example.com", "another host"),
+            ("*.org", "a wider wildcard"),
+        ] {
+            let text = proxy("") + &format!("allowed_hosts = [\"x.example.org\", {bad:?}]\n");
+            let err = assert_refused(
+                &text,
+                "proxy.tokens[0].allowed_hosts[1]",
+                &["not in proxy.allowed_hosts", bad],
+            );
+            assert_eq!(err.problems.len(), 1, "{why}: {err}");
+        }
+    }
+
+    #[test]
+    fn a_disabled_proxy_is_still_checked_for_mistakes() {
+        let text = proxy("interval = \"1ms\"\n").replace("enabled = true", "enabled = false");
+        assert_refused(&text, "proxy.interval", &["between 100ms and 1day"]);
+    }
+
+    #[test]
+    fn the_environment_can_enable_the_proxy() {
+        let disabled = proxy("").replace("enabled = true\n", "");
+        let f = file("p.toml", &disabled);
+        let config = load_with(
+            &f.path,
+            &no_env,
+            vars(&[
+                ("PATCHWIRE__PROXY__ENABLED", "true"),
+                (
+                    "PATCHWIRE__PROXY__ALLOWED_HOSTS",
+                    "api.example.com,*.example.net",
+                ),
+                ("PATCHWIRE__PROXY__LINGER", "1m"),
+            ]),
+        )
+        .expect("valid overrides");
+        let p = config.proxy.expect("enabled by the environment");
+        assert_eq!(p.linger, Duration::from_secs(60));
+        assert_eq!(p.allowed_hosts[1].to_string(), "*.example.net");
+
+        let err = load_with(
+            &file("m.toml", MINIMAL).path,
+            &no_env,
+            vars(&[("PATCHWIRE__PROXY__ENABLED", "true")]),
+        )
+        .expect_err("enabled without hosts or tokens");
+        assert!(
+            err.problems.iter().any(|p| p.key == "proxy.allowed_hosts"),
+            "{err}"
+        );
+        let err = load_with(
+            &f.path,
+            &no_env,
+            vars(&[("PATCHWIRE__PROXY__MAX_STREAMS", "0")]),
+        )
+        .expect_err("out of range");
+        assert!(
+            err.problems[0]
+                .message
+                .contains("set by environment variable PATCHWIRE__PROXY__MAX_STREAMS"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn describe_summarizes_the_proxy_without_tokens() {
+        let text = proxy("[proxy.hosts.\"api.example.com\"]\ninterval = \"2s\"\n")
+            + "allowed_hosts = [\"api.example.com\"]\n";
+        let (_f, result) = load_toml(&text);
+        let summary = describe(&result.expect("valid"));
+        for needle in [
+            "proxy: dynamic streams at GET /{target URL}",
+            "api.example.com, *.example.org",
+            "public addresses only",
+            "every 5s (never more often than every 1s)",
+            "linger 30s",
+            "host api.example.com: every 2s",
+            "1000 streams, 256.0 MiB of snapshots, bodies up to 8.0 MiB",
+            "token \"web\" (value hidden): 100 connections, 10/s, burst 10, hosts: api.example.com",
+        ] {
+            assert!(
+                summary.contains(needle),
+                "missing {needle:?} in:\n{summary}"
+            );
+        }
+        assert!(!summary.contains(TOKEN), "{summary}");
+    }
+}
+
+mod on_demand_streams {
+    use super::*;
+
+    #[test]
+    fn streams_poll_always_unless_on_demand() {
+        let (_f, result) = load_toml(MINIMAL);
+        assert_eq!(result.expect("valid").streams[0].on_demand, None);
+        let (_f, result) = load_toml(&format!("{MINIMAL}on_demand = false\n"));
+        assert_eq!(result.expect("valid").streams[0].on_demand, None);
+        let (_f, result) = load_toml(&format!("{MINIMAL}on_demand = true\n"));
+        let config = result.expect("valid");
+        assert_eq!(config.streams[0].on_demand, Some(Duration::from_secs(30)));
+        assert!(
+            describe(&config).contains("on demand (only while subscribed, lingering 30s"),
+            "{}",
+            describe(&config)
+        );
+        let (_f, result) = load_toml(&format!("{MINIMAL}on_demand = true\nlinger = \"0s\"\n"));
+        assert_eq!(
+            result.expect("valid").streams[0].on_demand,
+            Some(Duration::ZERO)
+        );
+    }
+
+    #[test]
+    fn linger_needs_on_demand_and_stays_in_bounds() {
+        assert_rejected(
+            "c.toml",
+            &format!("{MINIMAL}linger = \"1m\"\n"),
+            "streams[0].linger",
+            &["on_demand = true"],
+        );
+        assert_rejected(
+            "c.toml",
+            &format!("{MINIMAL}on_demand = false\nlinger = \"1m\"\n"),
+            "streams[0].linger",
+            &["on_demand = true"],
+        );
+        assert_rejected(
+            "c.toml",
+            &format!("{MINIMAL}on_demand = true\nlinger = \"2 days\"\n"),
+            "streams[0].linger",
+            &["between 0s and 1day", "got \"2days\""],
+        );
+        assert_rejected(
+            "c.toml",
+            &format!("{MINIMAL}on_demand = \"yes\"\n"),
+            "streams[0].on_demand",
+            &["a boolean"],
+        );
+    }
+
+    #[test]
+    fn push_streams_refuse_on_demand_and_linger() {
+        let text = "[push]\ntoken = \"0123456789abcdef-token\"\n\
+                    [[streams]]\nname = \"prices\"\nsource = \"push\"\n\
+                    on_demand = true\nlinger = \"1m\"\n";
+        let err = assert_rejected(
+            "p.toml",
+            text,
+            "streams[0].on_demand",
+            &["only applies to polled streams", "source = \"push\""],
+        );
+        assert_error(
+            &err,
+            err.file.as_deref().unwrap(),
+            "streams[0].linger",
+            &["only applies to polled streams"],
+        );
+    }
+
+    #[test]
+    fn the_environment_can_make_a_stream_on_demand() {
+        let f = file("c.toml", MINIMAL);
+        let config = load_with(
+            &f.path,
+            &no_env,
+            vars(&[
+                ("PATCHWIRE__STREAMS__0__ON_DEMAND", "true"),
+                ("PATCHWIRE__STREAMS__0__LINGER", "5s"),
+            ]),
+        )
+        .expect("valid overrides");
+        assert_eq!(config.streams[0].on_demand, Some(Duration::from_secs(5)));
     }
 }

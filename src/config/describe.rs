@@ -123,9 +123,16 @@ fn write_description(out: &mut String, config: &Config) -> std::fmt::Result {
             .unwrap_or_else(|| format!("per host, {}", quota(&u.default_rate_limit)));
         writeln!(out, "  {} (served at /streams/{})", st.name, st.name)?;
         writeln!(out, "    url:        {}", redacted(&st.url))?;
+        let demand = match st.on_demand {
+            Some(linger) => format!(
+                ", on demand (only while subscribed, lingering {} after the last one leaves)",
+                dur(linger)
+            ),
+            None => String::new(),
+        };
         writeln!(
             out,
-            "    polling:    every {}, timeout {}",
+            "    polling:    every {}, timeout {}{demand}",
             dur(st.interval),
             dur(st.timeout)
         )?;
@@ -188,6 +195,78 @@ fn write_description(out: &mut String, config: &Config) -> std::fmt::Result {
     }
     if let Some(w) = &config.webhooks {
         describe_webhooks(out, w)?;
+    }
+    if let Some(p) = &config.proxy {
+        describe_proxy(out, p)?;
+    }
+    Ok(())
+}
+
+fn hosts(patterns: &[super::model::HostPattern]) -> String {
+    patterns
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn describe_proxy(out: &mut String, p: &super::model::ProxySettings) -> std::fmt::Result {
+    writeln!(
+        out,
+        "proxy: dynamic streams at GET /{{target URL}} for clients with a token (X-Sd-Token)"
+    )?;
+    writeln!(out, "  hosts:      {}", hosts(&p.allowed_hosts))?;
+    writeln!(
+        out,
+        "  targets:    {}",
+        if p.allow_private {
+            "private addresses allowed"
+        } else {
+            "public addresses only"
+        }
+    )?;
+    writeln!(
+        out,
+        "  polling:    every {} (never more often than every {}), timeout {}, linger {}, \
+         keepalive {}",
+        dur(p.interval),
+        dur(p.min_interval),
+        dur(p.timeout),
+        dur(p.linger),
+        dur(p.keepalive)
+    )?;
+    for (pattern, interval) in &p.host_intervals {
+        writeln!(out, "  host {pattern}: every {}", dur(*interval))?;
+    }
+    writeln!(
+        out,
+        "  limits:     {} streams, {} of snapshots, bodies up to {}, history {} changes",
+        p.max_streams,
+        bytes(p.max_memory),
+        bytes(p.max_body_bytes),
+        p.history
+    )?;
+    for t in &p.tokens {
+        let mut line = format!(
+            "  token {:?} (value hidden): {} connections, {}/s, burst {}, hosts: {}",
+            t.name,
+            t.max_connections,
+            t.connections_per_second,
+            t.connections_burst,
+            t.allowed_hosts
+                .as_deref()
+                .map_or_else(|| "all allowed".to_owned(), hosts)
+        );
+        if let Some(interval) = t.interval {
+            line.push_str(&format!(", every {}", dur(interval)));
+        }
+        if !t.min_interval.is_zero() {
+            line.push_str(&format!(
+                ", never more often than every {}",
+                dur(t.min_interval)
+            ));
+        }
+        writeln!(out, "{line}")?;
     }
     Ok(())
 }

@@ -3,7 +3,8 @@
 //! Flow: `load` reads a file and `PATCHWIRE__*` environment overrides into `raw::RawConfig`
 //! (serde, unknown keys rejected, key paths kept for messages), then `validate` turns it into a
 //! [`Config`] or a [`ConfigError`] that lists every problem with its file and key. `describe`
-//! summarizes a valid [`Config`] for `patchwire check`. `config/default.toml` documents every
+//! summarizes a valid [`Config`] for `patchwire check`; `webhooks` and `proxy` validate their
+//! own sections. `config/default.toml` documents every
 //! key with its default.
 
 mod de;
@@ -12,6 +13,7 @@ mod error;
 pub mod interpolate;
 mod load;
 mod model;
+mod proxy;
 pub mod raw;
 mod validate;
 mod webhooks;
@@ -22,6 +24,7 @@ pub use load::{
     ENV_PREFIX, ENV_SEPARATOR, FileKind, MAX_OVERRIDE_INDEX, load, load_raw, load_with, parse_raw,
 };
 pub use model::*;
+pub use proxy::{defaults as proxy_defaults, limits as proxy_limits};
 pub use raw::RawConfig;
 pub use validate::{defaults, host_group, is_valid_name, limits, validate};
 pub use webhooks::{defaults as webhook_defaults, endpoint_headers, limits as webhook_limits};

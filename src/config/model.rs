@@ -88,27 +88,44 @@ pub enum HostPattern {
 
 impl HostPattern {
     /// Parses `api.example.com`, `*.example.com`, `127.0.0.1` or `[::1]`; the reason on error.
+    ///
+    /// The host is kept in the form `url::Url::host_str` gives (IDNA to punycode, IP addresses
+    /// normalized: `[0:0::1]` is `[::1]`, `0x7f.1` is `127.0.0.1`), so that `matches` compares
+    /// like with like. A wildcard covers names only, never an IP address.
     pub fn parse(pattern: &str) -> Result<HostPattern, String> {
+        let expected = |why: &str| {
+            format!(
+                "expected a host name such as \"api.example.com\", a pattern such as \
+                 \"*.example.com\", or an IP address, got {pattern:?}{why}"
+            )
+        };
         let lower = pattern.trim().to_ascii_lowercase();
         let (wildcard, host) = match lower.strip_prefix("*.") {
             Some(rest) => (true, rest),
             None => (false, lower.as_str()),
         };
-        let valid = !host.is_empty()
-            && url::Host::parse(host).is_ok()
-            && !host.contains(['*', '/', ':', '@', '?', '#'])
-            || (!wildcard && host.starts_with('[') && url::Host::parse(host).is_ok());
-        if !valid {
-            return Err(format!(
-                "expected a host name such as \"api.example.com\", a pattern such as \
-                 \"*.example.com\", or an IP address, got {pattern:?}"
-            ));
+        // Schemes, ports, paths and user info are not part of a host; `:` only inside `[...]`.
+        if host.is_empty()
+            || host.contains(['*', '/', '@', '?', '#', '\\'])
+            || (host.contains(':') && !host.starts_with('['))
+        {
+            return Err(expected(""));
         }
-        Ok(if wildcard {
-            HostPattern::Subdomains(format!(".{host}"))
-        } else {
-            HostPattern::Exact(host.to_owned())
-        })
+        let parsed = url::Host::parse(host).map_err(|_| expected(""))?;
+        let canonical = parsed.to_string();
+        match parsed {
+            url::Host::Domain(domain) if domain.split('.').any(str::is_empty) => {
+                Err(expected(" (empty label)"))
+            }
+            url::Host::Domain(_) if wildcard => {
+                Ok(HostPattern::Subdomains(format!(".{canonical}")))
+            }
+            url::Host::Domain(_) => Ok(HostPattern::Exact(canonical)),
+            _ if wildcard => Err(expected(
+                " (a wildcard covers host names, not IP addresses)",
+            )),
+            _ => Ok(HostPattern::Exact(canonical)),
+        }
     }
 
     /// Whether `host` (as `url::Url::host_str` gives it: lowercase, IPv6 in brackets) matches.
@@ -367,4 +384,98 @@ pub struct StreamSettings {
     /// `Some(linger)`: poll only while the stream has subscribers, and for `linger` after the
     /// last one leaves (the snapshot is dropped when polling stops). `None`: poll always.
     pub on_demand: Option<Duration>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::HostPattern;
+
+    fn parse(pattern: &str) -> HostPattern {
+        HostPattern::parse(pattern).unwrap_or_else(|e| panic!("{pattern}: {e}"))
+    }
+
+    #[test]
+    fn exact_hosts_match_case_insensitively_and_only_themselves() {
+        let p = parse("API.Example.com");
+        assert_eq!(p, HostPattern::Exact("api.example.com".to_owned()));
+        assert_eq!(p.to_string(), "api.example.com");
+        assert!(p.matches("api.example.com"));
+        assert!(p.matches("API.EXAMPLE.COM"));
+        assert!(!p.matches("example.com"));
+        assert!(!p.matches("x.api.example.com"));
+        assert!(!p.matches("api.example.com.evil.net"));
+    }
+
+    #[test]
+    fn wildcards_match_names_under_the_domain_only() {
+        let p = parse("*.example.com");
+        assert_eq!(p, HostPattern::Subdomains(".example.com".to_owned()));
+        assert_eq!(p.to_string(), "*.example.com");
+        assert!(p.matches("a.example.com"));
+        assert!(p.matches("b.a.example.com"));
+        assert!(p.matches("A.Example.COM"));
+        assert!(!p.matches("example.com"));
+        assert!(!p.matches("badexample.com"));
+        assert!(!p.matches(".example.com"));
+        assert!(!p.matches("example.com.evil.net"));
+    }
+
+    #[test]
+    fn ip_literals_are_exact_and_normalized() {
+        let v4 = parse("127.0.0.1");
+        assert_eq!(v4, HostPattern::Exact("127.0.0.1".to_owned()));
+        assert!(v4.matches("127.0.0.1"));
+        assert!(!v4.matches("127.0.0.2"));
+        let v6 = parse("[::1]");
+        assert_eq!(v6.to_string(), "[::1]");
+        assert!(v6.matches("[::1]"));
+        // Written differently, the same addresses `Url::host_str` reports.
+        assert_eq!(parse("[0:0:0:0:0:0:0:1]"), v6);
+        assert_eq!(parse("0x7f.0.0.1"), v4);
+        let url = url::Url::parse("http://[0::1]:8080/x").unwrap();
+        assert!(v6.matches(url.host_str().unwrap()));
+    }
+
+    #[test]
+    fn international_names_are_kept_as_punycode() {
+        let p = parse("*.bücher.example");
+        let url = url::Url::parse("https://shop.bücher.example/").unwrap();
+        assert!(p.matches(url.host_str().unwrap()), "{p}");
+    }
+
+    #[test]
+    fn refuses_what_is_not_a_host() {
+        for bad in [
+            "",
+            " ",
+            "*",
+            "*.",
+            "**.x",
+            "*.*.x",
+            "a.*.x",
+            "http://x",
+            "a/b",
+            "x:80",
+            "[::1]:80",
+            "::1",
+            "user@x",
+            "x?y",
+            "a..b",
+            ".x",
+            "x.",
+            "*.127.0.0.1",
+            "*.[::1]",
+            "a b",
+        ] {
+            assert!(
+                HostPattern::parse(bad).is_err(),
+                "{bad:?} should be refused"
+            );
+        }
+        let err = HostPattern::parse("x:80").unwrap_err();
+        assert!(
+            err.contains("\"x:80\"") && err.contains("api.example.com"),
+            "{err}"
+        );
+    }
 }

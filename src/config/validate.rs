@@ -64,6 +64,8 @@ pub mod defaults {
     pub const MAX_BODY: u64 = 16 * 1024 * 1024;
     /// `history` of a stream.
     pub const HISTORY: u64 = 1000;
+    /// `linger` of an on-demand stream.
+    pub const LINGER: Duration = Duration::from_secs(30);
 }
 
 /// Inclusive bounds of the numeric and duration keys.
@@ -101,6 +103,8 @@ pub mod limits {
     pub const HISTORY: (u64, u64) = (1, 100_000);
     /// `server.subscriber_buffer`.
     pub const SUBSCRIBER_BUFFER: (u64, u64) = (1, 65_536);
+    /// `linger` of an on-demand stream.
+    pub const LINGER: (Duration, Duration) = (Duration::ZERO, Duration::from_secs(24 * 3600));
 }
 
 /// Validates `raw` (loaded from `source`, if any), resolving `${VAR}` references through `env`.
@@ -137,6 +141,7 @@ pub fn validate(
         .webhooks
         .as_ref()
         .map(|w| super::webhooks::validate(w, &raw.streams, env, &mut problems));
+    let proxy = super::proxy::validate(raw.proxy.as_ref(), env, &mut problems);
     problems.finish(
         source,
         Config {
@@ -149,7 +154,7 @@ pub fn validate(
             push,
             push_streams,
             webhooks,
-            proxy: None,
+            proxy,
         },
     )
 }
@@ -825,6 +830,7 @@ fn streams(
             None => defaults.max_body,
         };
         let history = history(problems, &key, stream.history, defaults.history);
+        let on_demand = on_demand(problems, &key, stream);
         let own_headers = headers(
             problems,
             &format!("{key}.headers"),
@@ -876,7 +882,7 @@ fn streams(
                     history: usize::try_from(history).unwrap_or(usize::MAX),
                     rate_limit_group,
                     diff,
-                    on_demand: None,
+                    on_demand,
                 });
             }
         }
@@ -898,6 +904,30 @@ fn history(problems: &mut Problems, key: &str, value: Option<u64>, default: u64)
     }
 }
 
+/// A polled stream's `on_demand` and `linger`: `Some(linger)` when it polls only while
+/// subscribed.
+fn on_demand(problems: &mut Problems, key: &str, stream: &RawStream) -> Option<Duration> {
+    let linger = duration_in(
+        problems,
+        &format!("{key}.linger"),
+        stream.linger,
+        defaults::LINGER,
+        limits::LINGER,
+    );
+    if stream.on_demand == Some(true) {
+        return Some(linger);
+    }
+    if stream.linger.is_some() {
+        problems.push(
+            format!("{key}.linger"),
+            "expected on_demand = true alongside `linger`, or no `linger`: it is how long an \
+             on-demand stream keeps polling after its last subscriber left, and this stream \
+             polls always",
+        );
+    }
+    None
+}
+
 /// A `source = "push"` stream: only `name`, `history` and `diff` apply; keys that only make
 /// sense for polling are refused rather than silently ignored.
 fn push_stream(
@@ -913,6 +943,8 @@ fn push_stream(
         ("max_body", stream.max_body.is_some()),
         ("format", stream.format.is_some()),
         ("rate_limit_group", stream.rate_limit_group.is_some()),
+        ("on_demand", stream.on_demand.is_some()),
+        ("linger", stream.linger.is_some()),
     ];
     for (name, present) in poll_only {
         if present {
@@ -1010,6 +1042,8 @@ mod tests {
             history: None,
             rate_limit_group: None,
             diff: Default::default(),
+            on_demand: None,
+            linger: None,
         }
     }
 
