@@ -195,8 +195,9 @@ pub async fn run(
 
     let proxy = match &config.proxy {
         Some(settings) => {
+            let settings = Arc::new(settings.clone());
             let streams = DynamicStreams::start(
-                Arc::new(settings.clone()),
+                settings.clone(),
                 &config.upstream.user_agent,
                 rate_limits.clone(),
                 metrics.clone(),
@@ -205,11 +206,7 @@ pub async fn run(
                 shutdown.clone(),
             )
             .context("cannot start the proxy mode's HTTP client")?;
-            Some(Arc::new(Proxy::new(
-                Arc::new(settings.clone()),
-                streams,
-                metrics.clone(),
-            )))
+            Some(Arc::new(Proxy::new(settings, streams, metrics.clone())))
         }
         None => None,
     };

@@ -130,6 +130,8 @@ impl HostPattern {
 
     /// Whether `host` (as `url::Url::host_str` gives it: lowercase, IPv6 in brackets) matches.
     pub fn matches(&self, host: &str) -> bool {
+        // `api.example.com.` (fully qualified) is the same host as `api.example.com`.
+        let host = host.strip_suffix('.').unwrap_or(host);
         match self {
             HostPattern::Exact(exact) => host.eq_ignore_ascii_case(exact),
             HostPattern::Subdomains(suffix) => {
@@ -404,6 +406,11 @@ mod tests {
         assert!(!p.matches("example.com"));
         assert!(!p.matches("x.api.example.com"));
         assert!(!p.matches("api.example.com.evil.net"));
+        assert!(
+            p.matches("api.example.com."),
+            "a fully qualified name is the same host"
+        );
+        assert!(!p.matches("api.example.com.."));
     }
 
     #[test]
@@ -418,6 +425,8 @@ mod tests {
         assert!(!p.matches("badexample.com"));
         assert!(!p.matches(".example.com"));
         assert!(!p.matches("example.com.evil.net"));
+        assert!(p.matches("a.example.com."));
+        assert!(!p.matches("example.com."));
     }
 
     #[test]

@@ -503,6 +503,52 @@ fn redirect_refusal(url: &Url, allowed: &[HostPattern], allow_private: bool) -> 
 mod tests {
     use super::*;
 
+    fn entry() -> Arc<Entry> {
+        let stream = Stream::new(
+            "~t",
+            StreamOptions {
+                history: 1,
+                buffer: 4,
+                diff: Default::default(),
+            },
+            SnapshotStore::new(),
+            Arc::new(Metrics::new()),
+        );
+        Arc::new(Entry {
+            stream: Arc::new(stream),
+            host: "h".into(),
+            periods: Mutex::new(BTreeMap::new()),
+            period: watch::Sender::new(Duration::from_secs(5)),
+            idle_since: Mutex::new(None),
+            stop: CancellationToken::new(),
+        })
+    }
+
+    #[test]
+    fn the_stream_polls_as_often_as_its_most_demanding_subscriber_allows() {
+        let entry = entry();
+        let period = entry.period.subscribe();
+        let secs = |n| Duration::from_secs(n);
+        let slow = entry.claim(secs(5));
+        let fast = entry.claim(secs(1));
+        let also_fast = entry.claim(secs(1));
+        assert_eq!(*period.borrow(), secs(1));
+        drop(fast);
+        assert_eq!(*period.borrow(), secs(1), "another claim still asks for 1s");
+        drop(also_fast);
+        assert_eq!(*period.borrow(), secs(5));
+        assert!(entry.idle_since().is_none());
+        drop(slow);
+        assert!(
+            entry.idle_since().is_some(),
+            "idle once the last claim is gone"
+        );
+        assert_eq!(*period.borrow(), secs(5), "the period stays while idle");
+        let _again = entry.claim(secs(2));
+        assert!(entry.idle_since().is_none());
+        assert_eq!(*period.borrow(), secs(2));
+    }
+
     #[test]
     fn redirects_only_go_to_allowed_public_hosts() {
         let allowed = vec![HostPattern::parse("*.example.com").unwrap()];

@@ -138,3 +138,145 @@ impl Token {
             .max(self.settings.min_interval)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::num::NonZeroU32;
+
+    use super::*;
+    use crate::diff::DiffOptions;
+
+    fn token(name: &str, secret: &str) -> ProxyToken {
+        ProxyToken {
+            name: name.into(),
+            token: secret.into(),
+            max_connections: 2,
+            connections_per_second: NonZeroU32::new(1000).unwrap(),
+            connections_burst: NonZeroU32::new(1000).unwrap(),
+            allowed_hosts: None,
+            interval: None,
+            min_interval: Duration::ZERO,
+        }
+    }
+
+    fn settings() -> ProxySettings {
+        ProxySettings {
+            allowed_hosts: vec![
+                HostPattern::parse("*.example.com").unwrap(),
+                HostPattern::parse("api.test").unwrap(),
+            ],
+            allow_private: false,
+            interval: Duration::from_secs(5),
+            host_intervals: vec![
+                (
+                    HostPattern::parse("slow.example.com").unwrap(),
+                    Duration::from_secs(30),
+                ),
+                (
+                    HostPattern::parse("*.example.com").unwrap(),
+                    Duration::from_secs(2),
+                ),
+            ],
+            min_interval: Duration::from_secs(1),
+            linger: Duration::from_secs(30),
+            keepalive: Duration::from_secs(10),
+            max_streams: 10,
+            max_memory: 1 << 20,
+            timeout: Duration::from_secs(5),
+            max_body_bytes: 1 << 20,
+            history: 8,
+            diff: DiffOptions::default(),
+            tokens: vec![
+                token("a", "aaaaaaaaaaaaaaaa"),
+                token("b", "bbbbbbbbbbbbbbbb"),
+            ],
+        }
+    }
+
+    #[test]
+    fn tokens_are_found_by_value_and_limited_in_connections() {
+        let tokens = Tokens::new(&settings(), &Metrics::new());
+        assert!(matches!(tokens.admit(None), Err(Refusal::TokenMissing)));
+        assert!(matches!(
+            tokens.admit(Some("nope")),
+            Err(Refusal::TokenUnknown)
+        ));
+        let first = tokens.admit(Some("aaaaaaaaaaaaaaaa")).unwrap();
+        assert_eq!(first.token().settings.name, "a");
+        let second = tokens.admit(Some("aaaaaaaaaaaaaaaa")).unwrap();
+        assert!(matches!(
+            tokens.admit(Some("aaaaaaaaaaaaaaaa")),
+            Err(Refusal::TooManyConnections { max: 2, .. })
+        ));
+        // Another token has its own slots.
+        assert!(tokens.admit(Some("bbbbbbbbbbbbbbbb")).is_ok());
+        drop(first);
+        assert!(tokens.admit(Some("aaaaaaaaaaaaaaaa")).is_ok());
+        drop(second);
+    }
+
+    #[test]
+    fn a_rate_limited_admission_gives_its_slot_back() {
+        let mut settings = settings();
+        settings.tokens[0].connections_per_second = NonZeroU32::new(1).unwrap();
+        settings.tokens[0].connections_burst = NonZeroU32::new(1).unwrap();
+        let tokens = Tokens::new(&settings, &Metrics::new());
+        let held = tokens.admit(Some("aaaaaaaaaaaaaaaa")).unwrap();
+        assert!(matches!(
+            tokens.admit(Some("aaaaaaaaaaaaaaaa")),
+            Err(Refusal::RateLimited { per_second: 1, .. })
+        ));
+        let token = held.token();
+        assert_eq!(token.open.load(Ordering::Acquire), 1);
+    }
+
+    #[test]
+    fn hosts_must_be_allowed_by_the_proxy_and_the_token() {
+        let mut settings = settings();
+        settings.tokens[1].allowed_hosts = Some(vec![HostPattern::parse("api.test").unwrap()]);
+        let tokens = Tokens::new(&settings, &Metrics::new());
+        let a = tokens.admit(Some("aaaaaaaaaaaaaaaa")).unwrap();
+        let b = tokens.admit(Some("bbbbbbbbbbbbbbbb")).unwrap();
+        assert!(a.token().allows(&settings.allowed_hosts, "x.example.com"));
+        assert!(a.token().allows(&settings.allowed_hosts, "api.test"));
+        assert!(!a.token().allows(&settings.allowed_hosts, "evil.test"));
+        assert!(b.token().allows(&settings.allowed_hosts, "api.test"));
+        assert!(!b.token().allows(&settings.allowed_hosts, "x.example.com"));
+    }
+
+    #[test]
+    fn poll_periods_take_the_token_then_the_host_then_the_default_above_the_floors() {
+        let mut settings = settings();
+        settings.tokens[1].interval = Some(Duration::from_millis(100));
+        settings.tokens[1].min_interval = Duration::from_secs(3);
+        let tokens = Tokens::new(&settings, &Metrics::new());
+        let a = tokens.admit(Some("aaaaaaaaaaaaaaaa")).unwrap();
+        let b = tokens.admit(Some("bbbbbbbbbbbbbbbb")).unwrap();
+        let period = |admission: &Admission, host| admission.token().period(&settings, host);
+        assert_eq!(
+            period(&a, "api.test"),
+            Duration::from_secs(5),
+            "the default"
+        );
+        assert_eq!(
+            period(&a, "x.example.com"),
+            Duration::from_secs(2),
+            "the host's"
+        );
+        assert_eq!(
+            period(&a, "slow.example.com"),
+            Duration::from_secs(30),
+            "first match"
+        );
+        // The token's own period wins, but not below its floor.
+        assert_eq!(period(&b, "slow.example.com"), Duration::from_secs(3));
+        settings.tokens[1].min_interval = Duration::ZERO;
+        let tokens = Tokens::new(&settings, &Metrics::new());
+        let b = tokens.admit(Some("bbbbbbbbbbbbbbbb")).unwrap();
+        assert_eq!(
+            b.token().period(&settings, "api.test"),
+            Duration::from_secs(1),
+            "never below the global floor"
+        );
+    }
+}

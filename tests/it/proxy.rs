@@ -484,6 +484,81 @@ async fn the_stream_limit_evicts_idle_streams_and_refuses_when_all_are_busy() {
 }
 
 #[tokio::test]
+async fn streams_outgrowing_the_memory_bound_are_ended_with_an_error() {
+    let api = MockApi::start().await;
+    let mut settings = proxy_settings();
+    // Room for two documents, not three.
+    let size = serde_json::to_vec(&document("anonymous", 0)).unwrap().len() as u64;
+    settings.max_memory = size * 5 / 2;
+    let app = TestApp::spawn(proxy_config(settings)).await;
+    let mut first = open(&app, &dynamic_path(&api, "/m1", ""), &[]).await;
+    assert_eq!(first.expect(SOON).await.event, "data");
+    let mut second = open(&app, &dynamic_path(&api, "/m2", ""), &[]).await;
+    assert_eq!(second.expect(SOON).await.event, "data");
+    let mut third = open(&app, &dynamic_path(&api, "/m3", ""), &[]).await;
+    assert_eq!(third.expect(SOON).await.event, "data");
+    // The least recently used document (the first stream's) made room: its subscriber is told.
+    app.wait_for_metric(
+        r#"patchwire_dynamic_evictions_total{cause="Memory""#,
+        1.0,
+        SOON,
+    )
+    .await;
+    let error = until(&mut first, "error").await.json();
+    assert_eq!(
+        (error["status"].as_u64(), error["cause"].as_str()),
+        (Some(503), Some("evicted"))
+    );
+    assert!(
+        error["message"]
+            .as_str()
+            .unwrap()
+            .contains("proxy.max_memory"),
+        "{error}"
+    );
+    assert!(first.ends_within(SOON).await, "the evicted stream ends");
+    assert!(app.metric("patchwire_dynamic_snapshots_bytes").await <= (size * 5 / 2) as f64);
+    assert_eq!(app.metric("patchwire_dynamic_streams").await, 2.0);
+}
+
+#[tokio::test]
+async fn a_faster_subscriber_speeds_the_shared_poller_up_until_it_leaves() {
+    let api = MockApi::start().await;
+    let mut settings = proxy_settings();
+    settings.interval = Duration::from_millis(800);
+    settings.tokens[1].interval = Some(Duration::from_millis(50));
+    let app = TestApp::spawn(proxy_config(settings)).await;
+    let target = api.url("/speed");
+    let mut slow = open(&app, &format!("/{target}?X-Sd-Token={TOKEN}"), &[]).await;
+    slow.expect(SOON).await;
+    let polls_in = |window: Duration| {
+        let api = &api;
+        async move {
+            let before = api.requests().len();
+            tokio::time::sleep(window).await;
+            api.requests().len() - before
+        }
+    };
+    let alone = polls_in(Duration::from_millis(1000)).await;
+    assert!(alone <= 2, "{alone} polls in 1 s at 800 ms");
+    let mut fast = open(&app, &format!("/{target}?X-Sd-Token={OTHER_TOKEN}"), &[]).await;
+    assert_eq!(
+        fast.headers["x-patchwire-stream"],
+        slow.headers["x-patchwire-stream"]
+    );
+    fast.expect(SOON).await;
+    let together = polls_in(Duration::from_millis(1000)).await;
+    assert!(together >= 5, "{together} polls in 1 s at 50 ms");
+    drop(fast);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let again = polls_in(Duration::from_millis(1000)).await;
+    assert!(
+        again <= 2,
+        "{again} polls in 1 s after the fast subscriber left"
+    );
+}
+
+#[tokio::test]
 async fn upstream_errors_are_streamdata_error_events() {
     let app = TestApp::spawn(proxy_config(proxy_settings())).await;
     // A port nothing listens on.
@@ -697,9 +772,13 @@ async fn an_off_the_shelf_python_client_rebuilds_the_document() {
         .kill_on_drop(true)
         .spawn()
         .expect("python3 starts");
-    // Wait until the client is subscribed, then change the document three times.
+    // Wait until the client is subscribed and the first document was fetched (it is the
+    // client's `data`), then change the document three times.
     app.wait_for_metric("patchwire_subscribers", 1.0, SOON)
         .await;
+    while api.requests().is_empty() {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let mut expected = document("anonymous", 0);
     for version in 1..=3 {
         let before = api.requests().len();
