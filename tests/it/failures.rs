@@ -61,10 +61,16 @@ fn check_error_event(event: &SseEvent, id: &str, status: u16, message_has: &str)
         .collect();
     assert_eq!(
         keys,
-        ["status", "message", "timestamp", "retry_in_ms"],
+        ["status", "message", "cause", "timestamp", "retry_in_ms"],
         "{body}"
     );
     assert_eq!(body["status"], status, "{body}");
+    let cause = match status {
+        504 => "upstream-timeout",
+        502 => "upstream-unavailable",
+        _ => "upstream-status",
+    };
+    assert_eq!(body["cause"], cause, "{body}");
     let message = body["message"].as_str().unwrap();
     assert!(message.contains("GET http://127.0.0.1:"), "{message}");
     assert!(
