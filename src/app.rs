@@ -59,6 +59,8 @@ async fn bind(addr: SocketAddr, key: &str) -> anyhow::Result<TcpListener> {
 struct PolledUpstream {
     url: Redacted,
     interval: Duration,
+    /// The linger period of an on-demand stream.
+    on_demand: Option<Duration>,
     status: Arc<PollStatus>,
 }
 
@@ -77,6 +79,7 @@ impl UpstreamStatus for PolledUpstream {
         json!({
             "url": self.url.as_str(),
             "interval_ms": self.interval.as_millis() as u64,
+            "on_demand": self.on_demand.map(|linger| json!({"linger_ms": linger.as_millis() as u64})),
             "last_poll_at": time(report.last_poll_started),
             "last_outcome": outcome,
             "consecutive_failures": report.consecutive_failures,
@@ -148,6 +151,7 @@ pub async fn run(
             Arc::new(PolledUpstream {
                 url: Redacted::new(&settings.url),
                 interval: settings.interval,
+                on_demand: settings.on_demand,
                 status: poller.status(),
             }),
         );

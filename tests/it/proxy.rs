@@ -697,6 +697,11 @@ async fn an_on_demand_stream_polls_only_while_subscribed() {
     let app = TestApp::spawn(config(vec![settings])).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(api.requests().is_empty(), "no subscriber, no poll");
+    let listing = app.listing("lazy").await;
+    assert_eq!(
+        listing["upstream"]["on_demand"]["linger_ms"], 300,
+        "{listing}"
+    );
 
     let mut client = app.subscribe("lazy", &[]).await;
     let first = client.expect(SOON).await;
