@@ -253,6 +253,7 @@ pub async fn run(
         cors: config.server.cors.clone(),
         stall_timeout: config.server.stall_timeout,
         stalled: metrics.stalled_connections.clone(),
+        proxy: proxy.clone(),
     });
     api::server::serve(
         listeners.api,

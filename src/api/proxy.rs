@@ -2,7 +2,7 @@
 //! view `GET /streams/~{id}` of a dynamic stream.
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use axum::response::Response;
 use http::{HeaderMap, HeaderValue, StatusCode, Uri};
@@ -12,9 +12,6 @@ use super::{AppState, error_response, snapshot_json};
 use crate::proxy::target::TOKEN_PARAM;
 use crate::proxy::{Opened, Refusal};
 use crate::sinks::sse::{self, Dialect, SseOptions};
-
-/// How long a refused client is asked to wait before reconnecting.
-const REFUSAL_RETRY: Duration = Duration::from_secs(30);
 
 /// The response header naming the dynamic stream a request was subscribed to.
 pub const STREAM_HEADER: &str = "x-patchwire-stream";
@@ -97,28 +94,16 @@ fn refused(refusal: &Refusal, json: bool, dialect: Dialect) -> Response {
     if json {
         return refusal_status(refusal);
     }
-    let session = match dialect {
-        Dialect::Streamdata { session } => session,
-        Dialect::Native => 0,
-    };
-    let body = sse::streamdata_error(
-        refusal.status(),
-        &refusal.to_string(),
-        refusal.cause(),
-        SystemTime::now(),
-        session,
-    );
-    sse::refusal(REFUSAL_RETRY, &body)
+    sse::refusal(refusal, dialect)
 }
 
 fn refusal_status(refusal: &Refusal) -> Response {
     let status = StatusCode::from_u16(refusal.status()).unwrap_or(StatusCode::BAD_REQUEST);
     let mut response = error_response(status, refusal.to_string());
     if status == StatusCode::TOO_MANY_REQUESTS || status == StatusCode::SERVICE_UNAVAILABLE {
-        response.headers_mut().insert(
-            http::header::RETRY_AFTER,
-            HeaderValue::from(REFUSAL_RETRY.as_secs()),
-        );
+        response
+            .headers_mut()
+            .insert(http::header::RETRY_AFTER, HeaderValue::from_static("30"));
     }
     response
 }

@@ -22,7 +22,7 @@ use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio_util::task::TaskTracker;
 
-use crate::sinks::sse::native::{Head, NativeSse, parse_head};
+use crate::sinks::sse::native::{Dynamic, Head, NativeSse, parse_head};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Notify;
@@ -124,9 +124,21 @@ impl Connection {
         if prefix.is_empty() {
             return;
         }
-        if let Some(accepted) = self.native.accept(&parse_head(&prefix)) {
+        let head = parse_head(&prefix);
+        if let Some(accepted) = self.native.accept(&head) {
             self.native.serve(tcp, accepted).await;
             return;
+        }
+        match self.native.accept_dynamic(&head).await {
+            Some(Dynamic::Accepted(accepted)) => {
+                self.native.serve(tcp, accepted).await;
+                return;
+            }
+            Some(Dynamic::Refused(response)) => {
+                self.native.refuse(tcp, response).await;
+                return;
+            }
+            None => {}
         }
         let (io, watch) = Watched::new(tcp);
         let io = Rewind::new(prefix.freeze(), io);

@@ -290,6 +290,37 @@ async fn gzip_clients_get_the_same_events_compressed() {
 }
 
 #[tokio::test]
+async fn http2_clients_are_served_by_hyper_with_the_same_events() {
+    let api = MockApi::start().await;
+    let app = TestApp::spawn(proxy_config(proxy_settings())).await;
+    let client = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    let mut h2 =
+        SseClient::connect_with(&client, &app.url(&dynamic_path(&api, "/h2", "")), &[]).await;
+    assert!(
+        h2.headers["x-patchwire-stream"]
+            .to_str()
+            .unwrap()
+            .starts_with('~')
+    );
+    let mut doc = Rebuilt::default();
+    let first = h2.expect(SOON).await;
+    assert_eq!(first.event, "data");
+    doc.apply(&first);
+    api.set_version(4);
+    assert!(doc.converge(&mut h2, &document("anonymous", 4), SOON).await);
+    let refused = client
+        .get(app.url(&format!("/{}", api.url("/h2"))))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 200);
+    assert!(refused.text().await.unwrap().contains("token-missing"));
+}
+
+#[tokio::test]
 async fn a_reconnecting_client_gets_data_first() {
     let api = MockApi::start().await;
     let app = TestApp::spawn(proxy_config(proxy_settings())).await;

@@ -348,12 +348,32 @@ fn events(
     )
 }
 
-/// A whole SSE response that only says why the request was refused: `retry:` (long: the
-/// client should not hammer), one `error` event, then the end. For clients such as
-/// Streamdata.io's SDKs, which drop non-200 responses without telling their user why.
-pub fn refusal(retry: Duration, error: &serde_json::Value) -> Response<Body> {
-    let mut body = frame::retry(retry.as_millis() as u64).to_vec();
+/// How long a refused client is asked to wait before reconnecting.
+const REFUSAL_RETRY: Duration = Duration::from_secs(30);
+
+/// The SSE body that only says why a request was refused: `retry:` (long: the client should
+/// not hammer), then one `error` event. For clients such as Streamdata.io's SDKs, which drop
+/// non-200 responses without telling their user why.
+pub fn refusal_body(refusal: &crate::proxy::Refusal, dialect: Dialect) -> Vec<u8> {
+    let session = match dialect {
+        Dialect::Streamdata { session } => session,
+        Dialect::Native => 0,
+    };
+    let error = streamdata_error(
+        refusal.status(),
+        &refusal.to_string(),
+        refusal.cause(),
+        std::time::SystemTime::now(),
+        session,
+    );
+    let mut body = frame::retry(REFUSAL_RETRY.as_millis() as u64).to_vec();
     body.extend_from_slice(&frame::event(None, "error", error.to_string().as_bytes()));
+    body
+}
+
+/// The whole SSE response of a refusal (see [`refusal_body`]).
+pub fn refusal(refusal: &crate::proxy::Refusal, dialect: Dialect) -> Response<Body> {
+    let body = refusal_body(refusal, dialect);
     Response::builder()
         .status(StatusCode::OK)
         .header(header::CONTENT_TYPE, "text/event-stream")

@@ -1,9 +1,10 @@
 //! The native SSE path: HTTP/1.x subscriptions served straight on the socket.
 //!
 //! The accept loop reads each connection's request head itself. A subscription to an existing
-//! stream (`GET /streams/{name}` over HTTP/1.x, not asking for JSON) is answered here: the
-//! response head, then the shared bytes of every event written as they are, the body
-//! delimited by the connection's close. Everything else goes to hyper.
+//! stream (`GET /streams/{name}` over HTTP/1.x, not asking for JSON) or to a dynamic stream of
+//! the proxy mode (`GET /{upstream URL}`) is answered here: the response head, then the shared
+//! bytes of every event written as they are, the body delimited by the connection's close.
+//! Everything else goes to hyper.
 //!
 //! Why: a long-lived SSE response through hyper keeps hyper's per-connection buffers (an 8 KB
 //! read buffer, a write queue) and frames every event as a chunk; here a subscriber is its
@@ -20,9 +21,11 @@ use http::{HeaderMap, HeaderName, HeaderValue, header};
 use prometheus_client::metrics::counter::Counter;
 use tokio::net::TcpStream;
 
-use super::{SseOptions, Writer, accepts_gzip, resume_point, wants_json};
+use super::{Dialect, SseOptions, Writer, accepts_gzip, resume_point, wants_json};
 use crate::config::Cors;
 use crate::hub::Hub;
+use crate::proxy::Proxy;
+use crate::proxy::target::{TOKEN_PARAM, is_dynamic_path};
 
 /// Headers a request head may have for the native path to consider it (more go to hyper).
 const MAX_HEADERS: usize = 48;
@@ -39,12 +42,24 @@ pub struct NativeSse {
     pub stall_timeout: Duration,
     /// Counts connections closed for stalling.
     pub stalled: Counter,
+    /// The proxy mode, when enabled: its subscriptions are served here too.
+    pub proxy: Option<Arc<Proxy>>,
 }
 
 /// A subscription accepted by the native path: the response head and the subscriber.
 pub struct Accepted {
     head: Bytes,
     writer: Writer,
+    /// What the connection holds while it lasts (a proxy token's slot, a poll-period claim).
+    hold: Option<Box<dyn Send>>,
+}
+
+/// What the native path makes of a dynamic-stream request.
+pub enum Dynamic {
+    /// A subscription to serve.
+    Accepted(Accepted),
+    /// A complete response (an SSE `error` event) to write before closing.
+    Refused(Bytes),
 }
 
 /// The parts of a request head the native path decides on.
@@ -88,6 +103,7 @@ pub fn parse_head(buf: &[u8]) -> Head<'_> {
             header::ACCEPT_ENCODING.as_str(),
             header::ORIGIN.as_str(),
             "last-event-id",
+            TOKEN_PARAM,
         ]
         .iter()
         .any(|k| name.eq_ignore_ascii_case(k));
@@ -145,9 +161,57 @@ impl NativeSse {
             gzip: accepts_gzip(headers),
             dialect: super::Dialect::Native,
         };
-        let head = response_head(options.gzip, self.allow_origin(headers));
+        let head = response_head(options.gzip, self.allow_origin(headers), None);
         let writer = Writer::new(stream.subscribe(&resume), options);
-        Some(Accepted { head, writer })
+        Some(Accepted {
+            head,
+            writer,
+            hold: None,
+        })
+    }
+
+    /// Accepts the request if it is a proxy-mode subscription this path serves: `GET` of a
+    /// dynamic path, not asking for JSON, not an upgrade, with the proxy enabled. Refusals are
+    /// answered here too, as Streamdata.io clients expect (an `error` event on a 200).
+    pub async fn accept_dynamic(&self, head: &Head<'_>) -> Option<Dynamic> {
+        let Head::Complete {
+            method: "GET",
+            target,
+            headers,
+            upgrade: false,
+        } = head
+        else {
+            return None;
+        };
+        let proxy = self.proxy.as_ref()?;
+        let (path, query) = match target.split_once('?') {
+            Some((path, query)) => (path, Some(query)),
+            None => (*target, None),
+        };
+        if !is_dynamic_path(path) || wants_json(headers) {
+            return None;
+        }
+        let dialect = Dialect::streamdata();
+        let allow_origin = self.allow_origin(headers);
+        match proxy.open(path, query, headers).await {
+            Ok(opened) => {
+                let options = SseOptions {
+                    retry: self.retry,
+                    gzip: accepts_gzip(headers),
+                    dialect,
+                };
+                let head = response_head(options.gzip, allow_origin, Some(&opened.stream));
+                Some(Dynamic::Accepted(Accepted {
+                    head,
+                    writer: Writer::new(opened.subscription, options),
+                    hold: Some(Box::new(opened.hold)),
+                }))
+            }
+            Err(refusal) => {
+                let body = super::refusal_body(&refusal, dialect);
+                Some(Dynamic::Refused(refusal_response(&body, allow_origin)))
+            }
+        }
     }
 
     /// The `Access-Control-Allow-Origin` value for this request, if any.
@@ -168,7 +232,11 @@ impl NativeSse {
     /// Serves an accepted subscription until the stream ends, the client leaves, or the
     /// client stops reading for the stall timeout.
     pub async fn serve(&self, socket: TcpStream, accepted: Accepted) {
-        let Accepted { head, mut writer } = accepted;
+        let Accepted {
+            head,
+            mut writer,
+            hold: _hold,
+        } = accepted;
         if self.send(&socket, &head).await.is_err() {
             return;
         }
@@ -215,6 +283,15 @@ impl NativeSse {
     }
 }
 
+impl NativeSse {
+    /// Writes a complete refusal response; the connection then closes.
+    pub async fn refuse(&self, socket: TcpStream, response: Bytes) {
+        if let Err(error) = self.send(&socket, &response).await {
+            tracing::debug!(%error, "could not send a refusal");
+        }
+    }
+}
+
 /// Resolves when the client closed its side (or the socket failed). Bytes the client sends
 /// after its request are read and ignored.
 async fn client_gone(socket: &TcpStream) {
@@ -232,8 +309,26 @@ async fn client_gone(socket: &TcpStream) {
     }
 }
 
-/// The response head of a native subscription. The body ends when the connection closes.
-fn response_head(gzip: bool, allow_origin: Option<(HeaderValue, bool)>) -> Bytes {
+/// A whole refusal response: 200, the `error` event as the body, then the connection closes.
+fn refusal_response(body: &[u8], allow_origin: Option<(HeaderValue, bool)>) -> Bytes {
+    let mut out = BytesMut::with_capacity(256 + body.len());
+    out.put_slice(
+        b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncache-control: no-cache\r\n\
+          connection: close\r\n",
+    );
+    put_allow_origin(&mut out, allow_origin);
+    out.put_slice(format!("content-length: {}\r\n\r\n", body.len()).as_bytes());
+    out.put_slice(body);
+    out.freeze()
+}
+
+/// The response head of a native subscription, naming its stream if it is a dynamic one. The
+/// body ends when the connection closes.
+fn response_head(
+    gzip: bool,
+    allow_origin: Option<(HeaderValue, bool)>,
+    dynamic: Option<&str>,
+) -> Bytes {
     let mut head = BytesMut::with_capacity(256);
     head.put_slice(
         b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncache-control: no-cache\r\n\
@@ -242,6 +337,18 @@ fn response_head(gzip: bool, allow_origin: Option<(HeaderValue, bool)>) -> Bytes
     if gzip {
         head.put_slice(b"content-encoding: gzip\r\n");
     }
+    if let Some(stream) = dynamic {
+        head.put_slice(b"x-patchwire-stream: ");
+        head.put_slice(stream.as_bytes());
+        head.put_slice(b"\r\n");
+    }
+    put_allow_origin(&mut head, allow_origin);
+    head.put_slice(b"\r\n");
+    head.freeze()
+}
+
+/// `Access-Control-Allow-Origin` (when allowed) and `Vary`.
+fn put_allow_origin(head: &mut BytesMut, allow_origin: Option<(HeaderValue, bool)>) {
     match allow_origin {
         Some((origin, echoed)) => {
             head.put_slice(b"access-control-allow-origin: ");
@@ -255,8 +362,6 @@ fn response_head(gzip: bool, allow_origin: Option<(HeaderValue, bool)>) -> Bytes
         }
         None => head.put_slice(b"vary: accept-encoding\r\n"),
     }
-    head.put_slice(b"\r\n");
-    head.freeze()
 }
 
 #[cfg(test)]
@@ -296,18 +401,18 @@ mod tests {
 
     #[test]
     fn response_heads() {
-        let plain = response_head(false, Some((HeaderValue::from_static("*"), false)));
+        let plain = response_head(false, Some((HeaderValue::from_static("*"), false)), None);
         let text = std::str::from_utf8(&plain).unwrap();
         assert!(text.starts_with("HTTP/1.1 200 OK\r\n"));
         assert!(text.contains("content-type: text/event-stream\r\n"));
         assert!(text.contains("access-control-allow-origin: *\r\n"));
         assert!(text.ends_with("\r\n\r\n"));
         assert!(!text.contains("content-encoding"));
-        let gz = response_head(true, None);
+        let gz = response_head(true, None, Some("~ab"));
         assert!(
             std::str::from_utf8(&gz)
                 .unwrap()
-                .contains("content-encoding: gzip\r\n")
+                .contains("content-encoding: gzip\r\nx-patchwire-stream: ~ab\r\n")
         );
     }
 }
