@@ -101,9 +101,10 @@ fn refusal_status(refusal: &Refusal) -> Response {
     let status = StatusCode::from_u16(refusal.status()).unwrap_or(StatusCode::BAD_REQUEST);
     let mut response = error_response(status, refusal.to_string());
     if status == StatusCode::TOO_MANY_REQUESTS || status == StatusCode::SERVICE_UNAVAILABLE {
-        response
-            .headers_mut()
-            .insert(http::header::RETRY_AFTER, HeaderValue::from_static("30"));
+        response.headers_mut().insert(
+            http::header::RETRY_AFTER,
+            HeaderValue::from(sse::REFUSAL_RETRY.as_secs()),
+        );
     }
     response
 }

@@ -349,7 +349,7 @@ fn events(
 }
 
 /// How long a refused client is asked to wait before reconnecting.
-const REFUSAL_RETRY: Duration = Duration::from_secs(30);
+pub const REFUSAL_RETRY: Duration = Duration::from_secs(30);
 
 /// The SSE body that only says why a request was refused: `retry:` (long: the client should
 /// not hammer), then one `error` event. For clients such as Streamdata.io's SDKs, which drop
