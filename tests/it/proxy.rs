@@ -321,6 +321,29 @@ async fn http2_clients_are_served_by_hyper_with_the_same_events() {
 }
 
 #[tokio::test]
+async fn idle_dynamic_streams_send_keep_alive_comments() {
+    let api = MockApi::start().await;
+    let mut settings = proxy_settings();
+    settings.keepalive = Duration::from_millis(200);
+    let app = TestApp::spawn(proxy_config(settings)).await;
+    let mut response = reqwest::get(app.url(&dynamic_path(&api, "/quiet", "")))
+        .await
+        .unwrap();
+    let mut seen = Vec::new();
+    let found = tokio::time::timeout(SOON, async {
+        while let Some(chunk) = response.chunk().await.unwrap() {
+            seen.extend_from_slice(&chunk);
+            if seen.windows(13).any(|w| w == b": keep-alive\n") {
+                return true;
+            }
+        }
+        false
+    })
+    .await;
+    assert_eq!(found, Ok(true), "{}", String::from_utf8_lossy(&seen));
+}
+
+#[tokio::test]
 async fn a_reconnecting_client_gets_data_first() {
     let api = MockApi::start().await;
     let app = TestApp::spawn(proxy_config(proxy_settings())).await;
