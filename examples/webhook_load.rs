@@ -197,6 +197,7 @@ async fn run(
         "patchwire-load",
         &mut tasks,
         shutdown.clone(),
+        Arc::new(patchwire::metrics::Metrics::new()),
     )
     .await?;
 

@@ -191,9 +191,17 @@ pub async fn run(
     });
 
     let webhooks = match &config.webhooks {
-        Some(settings) => {
-            Some(start_webhooks(settings, &hub, &config, &mut tasks, &shutdown).await?)
-        }
+        Some(settings) => Some(
+            start_webhooks(
+                settings,
+                &hub,
+                &config,
+                &mut tasks,
+                &shutdown,
+                metrics.clone(),
+            )
+            .await?,
+        ),
         None => None,
     };
 
@@ -286,6 +294,7 @@ async fn start_webhooks(
     config: &Config,
     tasks: &mut JoinSet<()>,
     shutdown: &CancellationToken,
+    metrics: Arc<Metrics>,
 ) -> anyhow::Result<Arc<Webhooks>> {
     let outbox = SqliteOutbox::open(&settings.database)
         .await
@@ -297,6 +306,7 @@ async fn start_webhooks(
         &config.upstream.user_agent,
         tasks,
         shutdown.clone(),
+        metrics,
     )
     .await
     .context("cannot start webhooks")

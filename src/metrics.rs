@@ -87,6 +87,26 @@ pub struct TokenLabels {
     pub token: String,
 }
 
+/// What one webhook attempt came to.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+pub enum AttemptResult {
+    /// The receiver answered 2xx.
+    Delivered,
+    /// It failed and will be tried again.
+    Retrying,
+    /// It failed for the last time: the delivery is dead-lettered.
+    Dead,
+}
+
+/// Labels for webhook attempts.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AttemptLabels {
+    /// The endpoint's id.
+    pub endpoint: String,
+    /// What the attempt came to.
+    pub result: AttemptResult,
+}
+
 /// Every metric the application exports.
 pub struct Metrics {
     /// Polls by stream and outcome.
@@ -123,6 +143,10 @@ pub struct Metrics {
     pub proxy_refusals: Family<RefusalLabels, Counter>,
     /// Open dynamic-stream connections, by token name.
     pub proxy_connections: Family<TokenLabels, Gauge>,
+    /// Webhook delivery attempts, by endpoint and result.
+    pub webhook_attempts: Family<AttemptLabels, Counter>,
+    /// Duration of webhook attempts (request sent to response read), in seconds.
+    pub webhook_attempt_seconds: Histogram,
     registry: Registry,
 }
 
@@ -154,6 +178,8 @@ impl Metrics {
         let dynamic_evictions = Family::<EvictionLabels, Counter>::default();
         let proxy_refusals = Family::<RefusalLabels, Counter>::default();
         let proxy_connections = Family::<TokenLabels, Gauge>::default();
+        let webhook_attempts = Family::<AttemptLabels, Counter>::default();
+        let webhook_attempt_seconds = Histogram::new(exponential_buckets(0.001, 2.0, 16));
 
         let mut registry = Registry::with_prefix("patchwire");
         registry.register("polls", "Upstream polls by outcome", polls.clone());
@@ -238,6 +264,17 @@ impl Metrics {
             "Open dynamic-stream connections by token",
             proxy_connections.clone(),
         );
+        registry.register(
+            "webhook_attempts",
+            "Webhook delivery attempts by endpoint and result",
+            webhook_attempts.clone(),
+        );
+        registry.register_with_unit(
+            "webhook_attempt",
+            "Duration of webhook delivery attempts",
+            prometheus_client::registry::Unit::Seconds,
+            webhook_attempt_seconds.clone(),
+        );
         Metrics {
             polls,
             upstream_latency,
@@ -256,6 +293,8 @@ impl Metrics {
             dynamic_evictions,
             proxy_refusals,
             proxy_connections,
+            webhook_attempts,
+            webhook_attempt_seconds,
             registry,
         }
     }

@@ -362,6 +362,19 @@ async fn a_dead_letter_is_listed_followed_by_a_snapshot_and_replayed_with_its_id
     assert_eq!(dead["attempts"], json!(5));
     assert_eq!(dead["last_status"], json!(500));
     assert!(dead["last_error"].as_str().unwrap().contains("500"));
+    // The attempts are counted by result.
+    let attempts = |result: &'static str| {
+        let app = &app;
+        async move {
+            app.metric(&format!(
+                r#"patchwire_webhook_attempts_total{{endpoint="hook",result="{result}""#
+            ))
+            .await
+        }
+    };
+    assert_eq!(attempts("Retrying").await, 4.0);
+    assert_eq!(attempts("Dead").await, 1.0);
+    assert!(app.metric("patchwire_webhook_attempt_seconds_count").await >= 5.0);
     // After the gap a snapshot arrives (never a patch without its base), then patches again.
     change_and_wait(&upstream, &receiver, 1, 3).await;
     let after: Vec<Hit> = receiver.accepted();
@@ -789,6 +802,7 @@ async fn two_endpoints_three_streams(
         },
         Arc::new(tokio::sync::Notify::new()),
         Default::default(),
+        Arc::new(patchwire::metrics::Metrics::new()),
     )
     .unwrap();
     (outbox, Arc::new(worker))

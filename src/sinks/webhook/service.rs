@@ -134,6 +134,7 @@ impl Webhooks {
         user_agent: &str,
         tasks: &mut JoinSet<()>,
         shutdown: CancellationToken,
+        metrics: Arc<crate::metrics::Metrics>,
     ) -> Result<Arc<Webhooks>, StartError> {
         let now_ms = unix_ms(SystemTime::now());
         let stored = outbox.endpoints().await?;
@@ -205,6 +206,7 @@ impl Webhooks {
             },
             wake.clone(),
             resync.clone(),
+            metrics,
         )?);
         for dispatcher in dispatchers {
             tasks.spawn(dispatcher.run(shutdown.clone()));

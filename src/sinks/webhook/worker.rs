@@ -19,6 +19,7 @@ use super::dispatcher::Resync;
 use super::registry::{Endpoint, Registry};
 use super::schedule::{AttemptError, RetrySchedule, classify};
 use super::sign::signature_header;
+use crate::metrics::{AttemptLabels, AttemptResult, Metrics};
 use crate::outbox::{AttemptOutcome, Delivery, Disabled, Outbox, OutboxError, unix_ms};
 use crate::ssrf::{self, GuardedResolver};
 
@@ -63,6 +64,7 @@ pub struct Worker {
     wake: Arc<Notify>,
     resync: ResyncRoutes,
     rng: Mutex<StdRng>,
+    metrics: Arc<Metrics>,
 }
 
 /// Why the worker could not be built.
@@ -78,6 +80,7 @@ impl Worker {
         settings: WorkerSettings,
         wake: Arc<Notify>,
         resync: ResyncRoutes,
+        metrics: Arc<Metrics>,
     ) -> Result<Worker, ClientError> {
         let client = reqwest::Client::builder()
             .redirect(reqwest::redirect::Policy::none())
@@ -98,6 +101,7 @@ impl Worker {
             inflight: Mutex::new(InFlight::default()),
             wake,
             resync,
+            metrics,
             rng: Mutex::new(StdRng::from_os_rng()),
         })
     }
@@ -187,7 +191,11 @@ impl Worker {
             self.release(&delivery);
             return;
         };
+        let started = std::time::Instant::now();
         let result = self.send(&endpoint, &delivery).await;
+        self.metrics
+            .webhook_attempt_seconds
+            .observe(started.elapsed().as_secs_f64());
         let now = SystemTime::now();
         let now_ms = unix_ms(now);
         let outcome = match &result {
@@ -214,6 +222,23 @@ impl Worker {
                 }
             }
         };
+        let counted = match &outcome {
+            AttemptOutcome::Delivered { .. } => AttemptResult::Delivered,
+            AttemptOutcome::Failed {
+                retry_at_ms: Some(_),
+                ..
+            } => AttemptResult::Retrying,
+            AttemptOutcome::Failed {
+                retry_at_ms: None, ..
+            } => AttemptResult::Dead,
+        };
+        self.metrics
+            .webhook_attempts
+            .get_or_create(&AttemptLabels {
+                endpoint: delivery.endpoint.clone(),
+                result: counted,
+            })
+            .inc();
         if let AttemptOutcome::Failed {
             retry_at_ms: None,
             error,
