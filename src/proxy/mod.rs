@@ -136,6 +136,24 @@ pub struct Opened {
     pub hold: Hold,
 }
 
+impl Opened {
+    fn new(
+        subscription: Subscription,
+        stream: Arc<str>,
+        admission: Admission,
+        claim: Claim,
+    ) -> Self {
+        Opened {
+            subscription,
+            stream,
+            hold: Hold {
+                _admission: admission,
+                _claim: claim,
+            },
+        }
+    }
+}
+
 /// What an open dynamic-stream connection keeps: released when dropped.
 pub struct Hold {
     _admission: Admission,
@@ -200,24 +218,11 @@ impl Proxy {
         let admission = self
             .tokens
             .admit(target.token.as_deref().or_else(|| header_token(headers)))?;
-        let host = target.url.host_str().unwrap_or_default().to_owned();
-        if !admission
-            .token()
-            .allows(&self.settings.allowed_hosts, &host)
-        {
-            return Err(Refusal::HostNotAllowed { host });
-        }
+        let host = target.url.host_str().unwrap_or_default();
+        let period = admission.token().period_for(&self.settings, host)?;
         ssrf::check_url(&target.url, self.settings.allow_private).map_err(Refusal::Forbidden)?;
-        let period = admission.token().period(&self.settings, &host);
         let (subscription, stream, claim) = self.streams.open(&target, period).await?;
-        Ok(Opened {
-            subscription,
-            stream,
-            hold: Hold {
-                _admission: admission,
-                _claim: claim,
-            },
-        })
+        Ok(Opened::new(subscription, stream, admission, claim))
     }
 
     /// Opens the native view (`/streams/~…`) of an existing dynamic stream, under the same
@@ -233,24 +238,10 @@ impl Proxy {
             let admission = self
                 .tokens
                 .admit(query_token.or_else(|| header_token(headers)))?;
-            let token = admission.token();
             let (subscription, stream, claim) = self.streams.view(name, resume, |host| {
-                if token.allows(&self.settings.allowed_hosts, host) {
-                    Ok(token.period(&self.settings, host))
-                } else {
-                    Err(Refusal::HostNotAllowed {
-                        host: host.to_owned(),
-                    })
-                }
+                admission.token().period_for(&self.settings, host)
             })?;
-            Ok(Opened {
-                subscription,
-                stream,
-                hold: Hold {
-                    _admission: admission,
-                    _claim: claim,
-                },
-            })
+            Ok(Opened::new(subscription, stream, admission, claim))
         })();
         if let Err(refusal) = &result {
             self.count(refusal);

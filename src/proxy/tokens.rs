@@ -123,6 +123,18 @@ impl Token {
                 .is_none_or(|own| own.iter().any(|p| p.matches(host)))
     }
 
+    /// The poll period this token's subscription to `host` asks for, or the refusal when the
+    /// token may not stream from `host` at all.
+    pub fn period_for(&self, settings: &ProxySettings, host: &str) -> Result<Duration, Refusal> {
+        if self.allows(&settings.allowed_hosts, host) {
+            Ok(self.period(settings, host))
+        } else {
+            Err(Refusal::HostNotAllowed {
+                host: host.to_owned(),
+            })
+        }
+    }
+
     /// The poll period this token's subscription asks for on `host`: its own override, else the
     /// host's, else the default; never below the global floor nor the token's own.
     pub fn period(&self, settings: &ProxySettings, host: &str) -> Duration {

@@ -361,6 +361,23 @@ async fn a_reconnecting_client_gets_data_first() {
     assert!(version >= 1, "{first:?}");
 }
 
+/// Opens `path`, checks that it is refused with `status` and `cause`, and returns the error.
+async fn refused(
+    app: &TestApp,
+    path: &str,
+    headers: &[(&str, &str)],
+    status: u64,
+    cause: &str,
+) -> Value {
+    let error = refusal(app, path, headers).await;
+    assert_eq!(
+        (error["status"].as_u64(), error["cause"].as_str()),
+        (Some(status), Some(cause)),
+        "{path}: {error}"
+    );
+    error
+}
+
 /// Opens `path` and returns the single `error` event of a refusal (the stream then ends).
 async fn refusal(app: &TestApp, path: &str, headers: &[(&str, &str)]) -> Value {
     let mut client = open(app, path, headers).await;
@@ -387,20 +404,19 @@ async fn token_problems_are_error_events_on_a_200_stream() {
     let app = TestApp::spawn(proxy_config(settings)).await;
     let target = api.url("/t");
 
-    let error = refusal(&app, &format!("/{target}"), &[]).await;
-    assert_eq!(
-        (error["status"].as_u64(), error["cause"].as_str()),
-        (Some(401), Some("token-missing"))
-    );
+    let error = refused(&app, &format!("/{target}"), &[], 401, "token-missing").await;
     assert!(
         error["message"].as_str().unwrap().contains("X-Sd-Token"),
         "{error}"
     );
-    let error = refusal(&app, &format!("/{target}?X-Sd-Token=not-a-token"), &[]).await;
-    assert_eq!(
-        (error["status"].as_u64(), error["cause"].as_str()),
-        (Some(401), Some("token-unknown"))
-    );
+    let error = refused(
+        &app,
+        &format!("/{target}?X-Sd-Token=not-a-token"),
+        &[],
+        401,
+        "token-unknown",
+    )
+    .await;
     assert!(
         !error.to_string().contains("not-a-token"),
         "the token is never echoed: {error}"
@@ -410,11 +426,7 @@ async fn token_problems_are_error_events_on_a_200_stream() {
     let path = format!("/{target}?X-Sd-Token={OTHER_TOKEN}");
     let mut held = open(&app, &path, &[]).await;
     held.expect(SOON).await;
-    let error = refusal(&app, &path, &[]).await;
-    assert_eq!(
-        (error["status"].as_u64(), error["cause"].as_str()),
-        (Some(429), Some("too-many-connections"))
-    );
+    refused(&app, &path, &[], 429, "too-many-connections").await;
     drop(held);
     // Its slot is released with the connection.
     let deadline = Instant::now() + SOON;
@@ -443,11 +455,7 @@ async fn new_connections_per_second_are_limited_per_token() {
     let path = dynamic_path(&api, "/rate", "");
     let _a = open(&app, &path, &[]).await;
     let _b = open(&app, &path, &[]).await;
-    let error = refusal(&app, &path, &[]).await;
-    assert_eq!(
-        (error["status"].as_u64(), error["cause"].as_str()),
-        (Some(429), Some("rate-limited"))
-    );
+    refused(&app, &path, &[], 429, "rate-limited").await;
 }
 
 #[tokio::test]
@@ -461,34 +469,31 @@ async fn hosts_outside_the_allowlist_and_private_addresses_are_refused() {
     let app = TestApp::spawn(proxy_config(settings)).await;
 
     let port = api.addr.port();
-    let error = refusal(
+    refused(
         &app,
         &format!("/http://localhost:{port}/x?X-Sd-Token={TOKEN}"),
         &[],
+        403,
+        "host-not-allowed",
     )
     .await;
-    assert_eq!(
-        (error["status"].as_u64(), error["cause"].as_str()),
-        (Some(403), Some("host-not-allowed"))
-    );
     // The token's own list narrows the proxy's.
-    let error = refusal(
+    refused(
         &app,
         &format!("/http://127.0.0.1:{port}/x?X-Sd-Token={OTHER_TOKEN}"),
         &[],
+        403,
+        "host-not-allowed",
     )
     .await;
-    assert_eq!(error["cause"], "host-not-allowed");
-    let error = refusal(
+    let error = refused(
         &app,
         &format!("/http://127.0.0.1:{port}/x?X-Sd-Token={TOKEN}&X-Sd-Header=NoColon"),
         &[],
+        400,
+        "invalid-target",
     )
     .await;
-    assert_eq!(
-        (error["status"].as_u64(), error["cause"].as_str()),
-        (Some(400), Some("invalid-target"))
-    );
     assert!(
         error["message"].as_str().unwrap().contains("Name: value"),
         "{error}"
@@ -508,17 +513,14 @@ async fn hosts_outside_the_allowlist_and_private_addresses_are_refused() {
         .push(HostPattern::parse("localhost").unwrap());
     let app = TestApp::spawn(proxy_config(settings)).await;
     for host in ["localhost", "127.0.0.1"] {
-        let error = refusal(
+        let error = refused(
             &app,
             &format!("/http://{host}:{port}/x?X-Sd-Token={TOKEN}"),
             &[],
+            403,
+            "address-forbidden",
         )
         .await;
-        assert_eq!(
-            (error["status"].as_u64(), error["cause"].as_str()),
-            (Some(403), Some("address-forbidden")),
-            "{host}"
-        );
         assert!(
             error["message"].as_str().unwrap().contains("loopback"),
             "{error}"
@@ -536,11 +538,14 @@ async fn the_stream_limit_evicts_idle_streams_and_refuses_when_all_are_busy() {
     let app = TestApp::spawn(proxy_config(settings)).await;
     let mut first = open(&app, &dynamic_path(&api, "/one", ""), &[]).await;
     first.expect(SOON).await;
-    let error = refusal(&app, &dynamic_path(&api, "/two", ""), &[]).await;
-    assert_eq!(
-        (error["status"].as_u64(), error["cause"].as_str()),
-        (Some(503), Some("too-many-streams"))
-    );
+    refused(
+        &app,
+        &dynamic_path(&api, "/two", ""),
+        &[],
+        503,
+        "too-many-streams",
+    )
+    .await;
     drop(first);
     // Idle (lingering) now: it makes room for the new one.
     let deadline = Instant::now() + SOON;
@@ -761,11 +766,14 @@ async fn the_native_view_of_a_dynamic_stream_needs_a_token_and_uses_native_names
 async fn proxy_mode_is_off_unless_enabled() {
     let api = MockApi::start().await;
     let app = TestApp::spawn(config(Vec::new())).await;
-    let error = refusal(&app, &dynamic_path(&api, "/x", ""), &[]).await;
-    assert_eq!(
-        (error["status"].as_u64(), error["cause"].as_str()),
-        (Some(404), Some("proxy-disabled"))
-    );
+    refused(
+        &app,
+        &dynamic_path(&api, "/x", ""),
+        &[],
+        404,
+        "proxy-disabled",
+    )
+    .await;
     assert!(api.requests().is_empty());
 }
 

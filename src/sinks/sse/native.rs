@@ -127,19 +127,25 @@ pub fn parse_head(buf: &[u8]) -> Head<'_> {
     }
 }
 
-impl NativeSse {
-    /// Accepts the request if it is a subscription this path serves: `GET /streams/{name}`
-    /// (an existing stream, a plain name), not asking for JSON, not an upgrade.
-    pub fn accept(&self, head: &Head<'_>) -> Option<Accepted> {
-        let Head::Complete {
+/// The target and headers of a complete `GET` that does not ask to switch protocols: the only
+/// requests the native path may serve.
+fn subscription_request<'h>(head: &'h Head<'_>) -> Option<(&'h str, &'h HeaderMap)> {
+    match head {
+        Head::Complete {
             method: "GET",
             target,
             headers,
             upgrade: false,
-        } = head
-        else {
-            return None;
-        };
+        } => Some((target, headers)),
+        _ => None,
+    }
+}
+
+impl NativeSse {
+    /// Accepts the request if it is a subscription this path serves: `GET /streams/{name}`
+    /// (an existing stream, a plain name), not asking for JSON, not an upgrade.
+    pub fn accept(&self, head: &Head<'_>) -> Option<Accepted> {
+        let (target, headers) = subscription_request(head)?;
         let (path, query) = target.split_once('?').unwrap_or((target, ""));
         let name = path.strip_prefix("/streams/")?;
         // Anything escaped or nested is left to the router, which decodes it; so are dynamic
@@ -159,7 +165,7 @@ impl NativeSse {
         let options = SseOptions {
             retry: self.retry,
             gzip: accepts_gzip(headers),
-            dialect: super::Dialect::Native,
+            dialect: Dialect::Native,
         };
         let head = response_head(options.gzip, self.allow_origin(headers), None);
         let writer = Writer::new(stream.subscribe(&resume), options);
@@ -174,19 +180,11 @@ impl NativeSse {
     /// dynamic path, not asking for JSON, not an upgrade, with the proxy enabled. Refusals are
     /// answered here too, as Streamdata.io clients expect (an `error` event on a 200).
     pub async fn accept_dynamic(&self, head: &Head<'_>) -> Option<Dynamic> {
-        let Head::Complete {
-            method: "GET",
-            target,
-            headers,
-            upgrade: false,
-        } = head
-        else {
-            return None;
-        };
+        let (target, headers) = subscription_request(head)?;
         let proxy = self.proxy.as_ref()?;
         let (path, query) = match target.split_once('?') {
             Some((path, query)) => (path, Some(query)),
-            None => (*target, None),
+            None => (target, None),
         };
         if !is_dynamic_path(path) || wants_json(headers) {
             return None;
