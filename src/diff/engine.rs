@@ -13,7 +13,6 @@ use std::collections::HashMap;
 use std::collections::hash_map::Entry;
 use std::fmt::Write as _;
 use std::hash::Hash;
-use std::io;
 
 use json_patch::jsonptr::PointerBuf;
 use json_patch::{AddOperation, MoveOperation, PatchOperation, RemoveOperation, ReplaceOperation};
@@ -22,6 +21,7 @@ use serde_json::{Map, Value};
 use super::DiffOptions;
 use super::myers;
 use super::pattern::{KeyPath, push_token};
+use super::size;
 
 /// Per-element share of an array's edit-script budget (see [`Walk::unkeyed`]).
 const LINEAR_WORK_PER_ELEMENT: usize = 64;
@@ -338,10 +338,12 @@ impl<'o> Walk<'o> {
         if self.ops.len() - start > 1 && live.depth > 0 && !self.ignored_below(live) {
             let edits = self.ops_json_len(start);
             // `{"op":"replace","path":"…","value":…}` around the array.
-            let whole = json_len(new, edits).saturating_add(self.path.len() + 32);
-            if whole < edits {
+            let overhead = self.path.len() + 32;
+            let array = size::array_len(new, edits.saturating_sub(overhead));
+            if let Some(array) = array.filter(|a| a + overhead < edits) {
                 self.truncate_ops(start);
                 let path = self.pointer();
+                self.op_lens.push(size::replace_len(path.as_str(), array));
                 self.ops.push(PatchOperation::Replace(ReplaceOperation {
                     path,
                     value: Value::Array(new.to_vec()),
@@ -353,7 +355,7 @@ impl<'o> Walk<'o> {
     /// The compact JSON length of `ops[start..]` as an array.
     fn ops_json_len(&mut self, start: usize) -> usize {
         while self.op_lens.len() < self.ops.len() {
-            let len = json_len(&self.ops[self.op_lens.len()], usize::MAX);
+            let len = size::op_len(&self.ops[self.op_lens.len()]);
             self.op_lens.push(len);
         }
         let count = self.ops.len() - start;
@@ -682,32 +684,4 @@ fn increasing_subsequence(seq: &[usize]) -> Vec<bool> {
         cursor = prev[c];
     }
     marks
-}
-
-/// Counts bytes written, for sizing JSON without keeping it; fails past `limit`.
-struct ByteCount {
-    count: usize,
-    limit: usize,
-}
-
-impl io::Write for ByteCount {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.count = self.count.saturating_add(buf.len());
-        if self.count > self.limit {
-            return Err(io::Error::other("over the limit"));
-        }
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
-
-/// The compact JSON length of `value`, or `usize::MAX` once it exceeds `limit`.
-fn json_len<T: serde::Serialize + ?Sized>(value: &T, limit: usize) -> usize {
-    let mut count = ByteCount { count: 0, limit };
-    match serde_json::to_writer(&mut count, value) {
-        Ok(()) => count.count,
-        Err(_) => usize::MAX,
-    }
 }
