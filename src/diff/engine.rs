@@ -20,7 +20,7 @@ use serde_json::{Map, Value};
 
 use super::DiffOptions;
 use super::myers;
-use super::pattern::{KeyPath, push_token};
+use super::pattern::{self, KeyPath, PathPattern, push_token};
 use super::size;
 
 /// Per-element share of an array's edit-script budget (see [`Walk::unkeyed`]).
@@ -103,7 +103,7 @@ impl KeySel<'_> {
     fn ident<'v>(&self, element: &'v Value) -> Option<Ident<'v>> {
         let value = match self {
             KeySel::Configured(path) => path.get(element)?,
-            KeySel::Field(field) => element.as_object()?.get(*field)?,
+            KeySel::Field(name) => pattern::field(element.as_object()?, name)?,
         };
         Ident::of(value)
     }
@@ -185,15 +185,14 @@ impl<'o> Walk<'o> {
             .push(PatchOperation::Remove(RemoveOperation { path }));
     }
 
-    /// Narrows `live` to the patterns whose next segment matches `token`.
-    fn descend(&self, live: Live, token: &str) -> Live {
-        let depth = live.depth;
+    /// Narrows `live` to the patterns whose segment at `live.depth` satisfies `matches`.
+    fn descend(&self, live: Live, matches: impl Fn(&PathPattern) -> bool) -> Live {
         let mut keys = live.keys;
         let mut bits = keys;
         while bits != 0 {
             let i = bits.trailing_zeros() as usize;
             bits &= bits - 1;
-            if !self.options.keys[i].array.segment_matches(depth, token) {
+            if !matches(&self.options.keys[i].array) {
                 keys &= !(1 << i);
             }
         }
@@ -202,14 +201,14 @@ impl<'o> Walk<'o> {
         while bits != 0 {
             let i = bits.trailing_zeros() as usize;
             bits &= bits - 1;
-            if !self.options.ignore[i].segment_matches(depth, token) {
+            if !matches(&self.options.ignore[i]) {
                 ignore &= !(1 << i);
             }
         }
         Live {
             keys,
             ignore,
-            depth: depth + 1,
+            depth: live.depth + 1,
         }
     }
 
@@ -220,7 +219,7 @@ impl<'o> Walk<'o> {
                 ..live
             };
         }
-        self.descend(live, &index.to_string())
+        self.descend(live, |p| p.segment_matches_index(live.depth, index))
     }
 
     fn descend_key(&self, live: Live, key: &str) -> Live {
@@ -230,7 +229,7 @@ impl<'o> Walk<'o> {
                 ..live
             };
         }
-        self.descend(live, key)
+        self.descend(live, |p| p.segment_matches(live.depth, key))
     }
 
     /// True when an ignore pattern reaches below the current path: coarse operations here
@@ -419,11 +418,13 @@ impl<'o> Walk<'o> {
     /// Diffs two arrays whose elements are matched by identity. `false` (nothing emitted) when
     /// some element has no scalar identity or an identity repeats: the caller falls back.
     fn keyed(&mut self, old: &[Value], new: &[Value], sel: &KeySel<'_>, live: Live) -> bool {
-        let (Some(old_ids), Some(new_ids)) = (sel.idents(old), sel.idents(new)) else {
-            return false;
-        };
-        if old_ids == new_ids {
-            // Same entities in the same order: compare in place.
+        let same_order = old.len() == new.len()
+            && old
+                .iter()
+                .zip(new)
+                .all(|(a, b)| matches!((sel.ident(a), sel.ident(b)), (Some(x), Some(y)) if x == y));
+        if same_order {
+            // Same entities in the same order (most polls): compare in place.
             for (j, (a, b)) in old.iter().zip(new).enumerate() {
                 let len = self.push_index(j);
                 let child = self.descend_index(live, j);
@@ -432,6 +433,9 @@ impl<'o> Walk<'o> {
             }
             return true;
         }
+        let (Some(old_ids), Some(new_ids)) = (sel.idents(old), sel.idents(new)) else {
+            return false;
+        };
         let Some(old_at) = index_unique(&old_ids) else {
             return false;
         };
