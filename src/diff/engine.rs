@@ -45,7 +45,7 @@ pub(crate) fn diff_containers(
 ) -> Vec<PatchOperation> {
     let mut walk = Walk {
         options,
-        path: String::new(),
+        path: Vec::new(),
         ops: Vec::new(),
         op_lens: Vec::new(),
     };
@@ -113,40 +113,60 @@ impl KeySel<'_> {
     }
 }
 
-struct Walk<'o> {
+/// One step of the path from the root to the values being compared.
+#[derive(Clone, Copy)]
+enum Step<'v> {
+    Key(&'v str),
+    Index(usize),
+}
+
+struct Walk<'o, 'v> {
     options: &'o DiffOptions,
-    /// The JSON Pointer of the value being compared, built incrementally.
-    path: String,
+    /// Where the values being compared are. Most of the walk emits nothing, so the JSON
+    /// Pointer is written out only for an operation.
+    path: Vec<Step<'v>>,
     ops: Vec<PatchOperation>,
     /// Compact JSON length of `ops[i]`, filled lazily: each operation is sized once however
     /// many enclosing arrays weigh it against a whole replace.
     op_lens: Vec<usize>,
 }
 
-impl<'o> Walk<'o> {
+impl<'o, 'v> Walk<'o, 'v> {
+    /// The JSON Pointer of the current path.
     fn pointer(&self) -> PointerBuf {
-        debug_assert!(
-            PointerBuf::parse(self.path.clone()).is_ok(),
-            "{}",
-            self.path
-        );
-        // SAFETY: `path` is only ever built by `push_token`/`push_index`, which write `/`
-        // followed by an RFC 6901-escaped token, so it is a valid JSON Pointer.
-        unsafe { PointerBuf::new_unchecked(self.path.clone()) }
+        let mut pointer = String::with_capacity(self.pointer_len());
+        for step in &self.path {
+            match step {
+                Step::Key(key) => push_token(&mut pointer, key),
+                Step::Index(index) => {
+                    // Writing to a String cannot fail.
+                    let _ = write!(pointer, "/{index}");
+                }
+            }
+        }
+        debug_assert!(PointerBuf::parse(pointer.clone()).is_ok(), "{pointer}");
+        // SAFETY: `pointer` is `/` followed by an RFC 6901-escaped token (`push_token`) or a
+        // decimal index, for each step: a valid JSON Pointer.
+        unsafe { PointerBuf::new_unchecked(pointer) }
+    }
+
+    /// The length of [`Walk::pointer`], without writing it.
+    fn pointer_len(&self) -> usize {
+        self.path
+            .iter()
+            .map(|step| match step {
+                Step::Key(key) => 1 + pattern::escaped_len(key),
+                // `/` and the decimal digits.
+                Step::Index(index) => 2 + index.checked_ilog10().unwrap_or(0) as usize,
+            })
+            .sum()
     }
 
     fn pointer_at_index(&mut self, index: usize) -> PointerBuf {
-        let len = self.push_index(index);
-        let p = self.pointer();
-        self.path.truncate(len);
-        p
-    }
-
-    fn push_index(&mut self, index: usize) -> usize {
-        let len = self.path.len();
-        // Writing to a String cannot fail.
-        let _ = write!(self.path, "/{index}");
-        len
+        self.path.push(Step::Index(index));
+        let pointer = self.pointer();
+        self.path.pop();
+        pointer
     }
 
     fn replace(&mut self, value: &Value) {
@@ -246,7 +266,7 @@ impl<'o> Walk<'o> {
         false
     }
 
-    fn value(&mut self, old: &Value, new: &Value, live: Live) {
+    fn value(&mut self, old: &'v Value, new: &'v Value, live: Live) {
         match (old, new) {
             (Value::Object(a), Value::Object(b)) => self.object(a, b, live),
             (Value::Array(a), Value::Array(b)) => self.array(a, b, live),
@@ -258,7 +278,7 @@ impl<'o> Walk<'o> {
         }
     }
 
-    fn object(&mut self, old: &Map<String, Value>, new: &Map<String, Value>, live: Live) {
+    fn object(&mut self, old: &'v Map<String, Value>, new: &'v Map<String, Value>, live: Live) {
         let start = self.ops.len();
         let mut common = 0usize;
         // Objects usually list their keys in the same order (serializers, protobuf
@@ -266,8 +286,7 @@ impl<'o> Walk<'o> {
         let mut aligned = new.iter();
         let mut in_step = true;
         for (key, a) in old {
-            let len = self.path.len();
-            push_token(&mut self.path, key);
+            self.path.push(Step::Key(key));
             let counterpart = if in_step {
                 match aligned.next() {
                     Some((k, b)) if k == key => Some(b),
@@ -287,16 +306,15 @@ impl<'o> Walk<'o> {
                     self.value(a, b, child);
                 }
             }
-            self.path.truncate(len);
+            self.path.pop();
         }
         // Every new key was seen in `old` unless the counts differ.
         let added = new.len() - common;
         for (key, b) in new.iter().filter(|_| added > 0) {
             if !old.contains_key(key) {
-                let len = self.path.len();
-                push_token(&mut self.path, key);
+                self.path.push(Step::Key(key));
                 self.add_here(b);
-                self.path.truncate(len);
+                self.path.pop();
             }
         }
         // Two objects with nothing in common: one replace says it in fewer bytes.
@@ -319,7 +337,7 @@ impl<'o> Walk<'o> {
         }));
     }
 
-    fn array(&mut self, old: &[Value], new: &[Value], live: Live) {
+    fn array(&mut self, old: &'v [Value], new: &'v [Value], live: Live) {
         if old.is_empty() && new.is_empty() {
             return;
         }
@@ -337,7 +355,7 @@ impl<'o> Walk<'o> {
         if self.ops.len() - start > 1 && live.depth > 0 && !self.ignored_below(live) {
             let edits = self.ops_json_len(start);
             // `{"op":"replace","path":"…","value":…}` around the array.
-            let overhead = self.path.len() + 32;
+            let overhead = self.pointer_len() + 32;
             let array = size::array_len(new, edits.saturating_sub(overhead));
             if let Some(array) = array.filter(|a| a + overhead < edits) {
                 self.truncate_ops(start);
@@ -402,7 +420,10 @@ impl<'o> Walk<'o> {
             Some(_) => {
                 // Several `*_id` fields (GBFS: `station_id` and `legacy_id`): take the one named
                 // after the array (`stations` -> `station_id`), if there is one.
-                let parent = self.path.rsplit('/').next().unwrap_or("");
+                let parent = match self.path.last() {
+                    Some(Step::Key(key)) => key,
+                    Some(Step::Index(_)) | None => "",
+                };
                 let singular = parent.strip_suffix('s').unwrap_or(parent);
                 if singular.is_empty() {
                     return None;
@@ -417,7 +438,7 @@ impl<'o> Walk<'o> {
 
     /// Diffs two arrays whose elements are matched by identity. `false` (nothing emitted) when
     /// some element has no scalar identity or an identity repeats: the caller falls back.
-    fn keyed(&mut self, old: &[Value], new: &[Value], sel: &KeySel<'_>, live: Live) -> bool {
+    fn keyed(&mut self, old: &'v [Value], new: &'v [Value], sel: &KeySel<'_>, live: Live) -> bool {
         let same_order = old.len() == new.len()
             && old
                 .iter()
@@ -426,10 +447,10 @@ impl<'o> Walk<'o> {
         if same_order {
             // Same entities in the same order (most polls): compare in place.
             for (j, (a, b)) in old.iter().zip(new).enumerate() {
-                let len = self.push_index(j);
+                self.path.push(Step::Index(j));
                 let child = self.descend_index(live, j);
                 self.value(a, b, child);
-                self.path.truncate(len);
+                self.path.pop();
             }
             return true;
         }
@@ -484,10 +505,10 @@ impl<'o> Walk<'o> {
         for (j, b) in new.iter().enumerate() {
             if let Some(i) = from[j] {
                 if use_move || stays[i] {
-                    let len = self.push_index(j);
+                    self.path.push(Step::Index(j));
                     let child = self.descend_index(live, j);
                     self.value(&old[i], b, child);
-                    self.path.truncate(len);
+                    self.path.pop();
                 }
             }
         }
@@ -559,7 +580,7 @@ impl<'o> Walk<'o> {
 
     /// Diffs two arrays element by element: a shortest edit script (bounded), else position by
     /// position.
-    fn unkeyed(&mut self, old: &[Value], new: &[Value], live: Live) {
+    fn unkeyed(&mut self, old: &'v [Value], new: &'v [Value], live: Live) {
         let prefix = old.iter().zip(new).take_while(|(a, b)| a == b).count();
         let suffix = old[prefix..]
             .iter()
@@ -604,10 +625,10 @@ impl<'o> Walk<'o> {
             at += h.old - i;
             let paired = h.del.min(h.ins);
             for t in 0..paired {
-                let len = self.push_index(at + t);
+                self.path.push(Step::Index(at + t));
                 let child = self.descend_index(live, at + t);
                 self.value(&a[h.old + t], &b[h.new + t], child);
-                self.path.truncate(len);
+                self.path.pop();
             }
             for _ in paired..h.del {
                 self.remove_at(at + paired);

@@ -227,6 +227,11 @@ fn decode_token(raw: &str) -> Result<String, String> {
     Ok(out)
 }
 
+/// The length of `token` escaped per RFC 6901 (`~` and `/` take two bytes).
+pub(crate) fn escaped_len(token: &str) -> usize {
+    token.len() + token.bytes().filter(|b| *b == b'~' || *b == b'/').count()
+}
+
 /// Appends `/` and `token`, escaped per RFC 6901, to a pointer being built.
 pub(crate) fn push_token(path: &mut String, token: &str) {
     path.push('/');
@@ -314,5 +319,6 @@ mod tests {
         push_token(&mut s, "a/b~c");
         push_token(&mut s, "plain");
         assert_eq!(s, "/a~1b~0c/plain");
+        assert_eq!(1 + escaped_len("a/b~c") + 1 + escaped_len("plain"), s.len());
     }
 }
