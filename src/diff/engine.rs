@@ -48,6 +48,7 @@ pub(crate) fn diff_containers(
         path: Vec::new(),
         ops: Vec::new(),
         op_lens: Vec::new(),
+        walked: 0,
     };
     let live = Live {
         keys: mask(options.keys.len()),
@@ -129,6 +130,10 @@ struct Walk<'o, 'v> {
     /// Compact JSON length of `ops[i]`, filled lazily: each operation is sized once however
     /// many enclosing arrays weigh it against a whole replace.
     op_lens: Vec<usize>,
+    /// A lower bound of the JSON length of the parts of `new` compared so far. An array whose
+    /// compared part alone outweighs its edits cannot be smaller replaced whole: most arrays
+    /// are decided by it without being sized.
+    walked: usize,
 }
 
 impl<'o, 'v> Walk<'o, 'v> {
@@ -271,6 +276,7 @@ impl<'o, 'v> Walk<'o, 'v> {
             (Value::Object(a), Value::Object(b)) => self.object(a, b, live),
             (Value::Array(a), Value::Array(b)) => self.array(a, b, live),
             _ => {
+                self.walked += size::shallow_len_lower_bound(new);
                 if old != new {
                     self.replace(new);
                 }
@@ -280,6 +286,8 @@ impl<'o, 'v> Walk<'o, 'v> {
 
     fn object(&mut self, old: &'v Map<String, Value>, new: &'v Map<String, Value>, live: Live) {
         let start = self.ops.len();
+        // Braces; each key compared adds its quotes and colon.
+        self.walked += 2;
         let mut common = 0usize;
         // Objects usually list their keys in the same order (serializers, protobuf
         // projections): pair keys by position while they agree, and only hash the rest.
@@ -302,6 +310,7 @@ impl<'o, 'v> Walk<'o, 'v> {
                 None => self.remove_here(),
                 Some(b) => {
                     common += 1;
+                    self.walked += key.len() + 3;
                     let child = self.descend_key(live, key);
                     self.value(a, b, child);
                 }
@@ -312,6 +321,7 @@ impl<'o, 'v> Walk<'o, 'v> {
         let added = new.len() - common;
         for (key, b) in new.iter().filter(|_| added > 0) {
             if !old.contains_key(key) {
+                self.walked += key.len() + 3;
                 self.path.push(Step::Key(key));
                 self.add_here(b);
                 self.path.pop();
@@ -342,6 +352,9 @@ impl<'o, 'v> Walk<'o, 'v> {
             return;
         }
         let start = self.ops.len();
+        // Brackets; the elements compared add their own.
+        self.walked += 2;
+        let walked_before = self.walked - 2;
         let keyed = !old.is_empty()
             && !new.is_empty()
             && self
@@ -356,7 +369,12 @@ impl<'o, 'v> Walk<'o, 'v> {
             let edits = self.ops_json_len(start);
             // `{"op":"replace","path":"…","value":…}` around the array.
             let overhead = self.pointer_len() + 32;
-            let array = size::array_len(new, edits.saturating_sub(overhead));
+            let budget = edits.saturating_sub(overhead);
+            let array = if self.walked - walked_before > budget {
+                None
+            } else {
+                size::array_len(new, budget)
+            };
             if let Some(array) = array.filter(|a| a + overhead < edits) {
                 self.truncate_ops(start);
                 let path = self.pointer();
