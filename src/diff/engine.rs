@@ -13,6 +13,7 @@ use std::collections::HashMap;
 use std::collections::hash_map::Entry;
 use std::fmt::Write as _;
 use std::hash::Hash;
+use std::ops::Range;
 
 use json_patch::jsonptr::PointerBuf;
 use json_patch::{AddOperation, MoveOperation, PatchOperation, RemoveOperation, ReplaceOperation};
@@ -47,6 +48,7 @@ pub(crate) fn diff_containers(
         options,
         path: Vec::new(),
         ops: Vec::new(),
+        op_steps: Vec::new(),
         op_lens: Vec::new(),
         walked: 0,
     };
@@ -56,7 +58,18 @@ pub(crate) fn diff_containers(
         depth: 0,
     };
     walk.value(old, new, live);
-    walk.ops
+    let ops: Vec<PatchOperation> = walk
+        .ops
+        .iter()
+        .map(|op| op.write_out(&walk.op_steps))
+        .collect();
+    debug_assert!(
+        walk.ops.iter().zip(&ops).all(|(op, written)| {
+            Some(op.json_len(&walk.op_steps)) == serde_json::to_vec(written).ok().map(|v| v.len())
+        }),
+        "an operation's computed length differs from its JSON"
+    );
+    ops
 }
 
 fn mask(len: usize) -> u64 {
@@ -121,12 +134,124 @@ enum Step<'v> {
     Index(usize),
 }
 
+/// An operation as the walk emits it: its paths are ranges of `Walk::op_steps`, its value is
+/// borrowed from the new document. Where edits are many, an enclosing array is often replaced
+/// whole: the operations it drops never get a pointer written or a value cloned.
+enum Op<'v> {
+    Add {
+        path: Range<usize>,
+        value: &'v Value,
+    },
+    Remove {
+        path: Range<usize>,
+    },
+    Replace {
+        path: Range<usize>,
+        value: &'v Value,
+    },
+    Move {
+        from: Range<usize>,
+        path: Range<usize>,
+    },
+}
+
+impl Op<'_> {
+    /// Where this operation's steps begin in `Walk::op_steps` (a move's `from` comes first).
+    fn first_step(&self) -> usize {
+        match self {
+            Op::Add { path, .. } | Op::Remove { path } | Op::Replace { path, .. } => path.start,
+            Op::Move { from, .. } => from.start,
+        }
+    }
+
+    /// The compact JSON length of the operation [`Op::write_out`] gives.
+    fn json_len(&self, steps: &[Step<'_>]) -> usize {
+        let path = |range: &Range<usize>| pointer_str_len(&steps[range.clone()]);
+        let value = |v: &Value| size::value_len(v, usize::MAX).unwrap_or(usize::MAX);
+        match self {
+            Op::Add { path: p, value: v } => size::add_len(path(p), value(v)),
+            Op::Remove { path: p } => size::remove_len(path(p)),
+            Op::Replace { path: p, value: v } => size::replace_len(path(p), value(v)),
+            Op::Move { from, path: p } => size::move_len(path(from), path(p)),
+        }
+    }
+
+    fn write_out(&self, steps: &[Step<'_>]) -> PatchOperation {
+        let pointer = |range: &Range<usize>| pointer(&steps[range.clone()]);
+        match self {
+            Op::Add { path, value } => PatchOperation::Add(AddOperation {
+                path: pointer(path),
+                value: (*value).clone(),
+            }),
+            Op::Remove { path } => PatchOperation::Remove(RemoveOperation {
+                path: pointer(path),
+            }),
+            Op::Replace { path, value } => PatchOperation::Replace(ReplaceOperation {
+                path: pointer(path),
+                value: (*value).clone(),
+            }),
+            Op::Move { from, path } => PatchOperation::Move(MoveOperation {
+                from: pointer(from),
+                path: pointer(path),
+            }),
+        }
+    }
+}
+
+/// The JSON Pointer made of `steps`.
+fn pointer(steps: &[Step<'_>]) -> PointerBuf {
+    let mut pointer = String::with_capacity(pointer_len(steps));
+    for step in steps {
+        match step {
+            Step::Key(key) => push_token(&mut pointer, key),
+            Step::Index(index) => {
+                // Writing to a String cannot fail.
+                let _ = write!(pointer, "/{index}");
+            }
+        }
+    }
+    debug_assert!(PointerBuf::parse(pointer.clone()).is_ok(), "{pointer}");
+    // SAFETY: `pointer` is `/` followed by an RFC 6901-escaped token (`push_token`) or a
+    // decimal index, for each step: a valid JSON Pointer.
+    unsafe { PointerBuf::new_unchecked(pointer) }
+}
+
+/// The length of [`pointer`]`(steps)`, without writing it.
+fn pointer_len(steps: &[Step<'_>]) -> usize {
+    steps
+        .iter()
+        .map(|step| match step {
+            Step::Key(key) => 1 + pattern::escaped_len(key),
+            Step::Index(index) => 1 + index_digits(*index),
+        })
+        .sum()
+}
+
+/// The length of [`pointer`]`(steps)` as a JSON string literal.
+fn pointer_str_len(steps: &[Step<'_>]) -> usize {
+    2 + steps
+        .iter()
+        .map(|step| match step {
+            // RFC 6901 escapes (`~1`) need no JSON escape, and JSON escapes (`\"`) no RFC 6901
+            // one: the two add up.
+            Step::Key(key) => 1 + size::str_len(key) - 2 + pattern::escaped_len(key) - key.len(),
+            Step::Index(index) => 1 + index_digits(*index),
+        })
+        .sum::<usize>()
+}
+
+fn index_digits(index: usize) -> usize {
+    index.checked_ilog10().map_or(1, |d| d as usize + 1)
+}
+
 struct Walk<'o, 'v> {
     options: &'o DiffOptions,
     /// Where the values being compared are. Most of the walk emits nothing, so the JSON
     /// Pointer is written out only for an operation.
     path: Vec<Step<'v>>,
-    ops: Vec<PatchOperation>,
+    ops: Vec<Op<'v>>,
+    /// The paths of `ops`, one after the other.
+    op_steps: Vec<Step<'v>>,
     /// Compact JSON length of `ops[i]`, filled lazily: each operation is sized once however
     /// many enclosing arrays weigh it against a whole replace.
     op_lens: Vec<usize>,
@@ -137,77 +262,44 @@ struct Walk<'o, 'v> {
 }
 
 impl<'o, 'v> Walk<'o, 'v> {
-    /// The JSON Pointer of the current path.
-    fn pointer(&self) -> PointerBuf {
-        let mut pointer = String::with_capacity(self.pointer_len());
-        for step in &self.path {
-            match step {
-                Step::Key(key) => push_token(&mut pointer, key),
-                Step::Index(index) => {
-                    // Writing to a String cannot fail.
-                    let _ = write!(pointer, "/{index}");
-                }
-            }
-        }
-        debug_assert!(PointerBuf::parse(pointer.clone()).is_ok(), "{pointer}");
-        // SAFETY: `pointer` is `/` followed by an RFC 6901-escaped token (`push_token`) or a
-        // decimal index, for each step: a valid JSON Pointer.
-        unsafe { PointerBuf::new_unchecked(pointer) }
+    /// Records the current path for an operation.
+    fn here(&mut self) -> Range<usize> {
+        let start = self.op_steps.len();
+        self.op_steps.extend_from_slice(&self.path);
+        start..self.op_steps.len()
     }
 
-    /// The length of [`Walk::pointer`], without writing it.
-    fn pointer_len(&self) -> usize {
-        self.path
-            .iter()
-            .map(|step| match step {
-                Step::Key(key) => 1 + pattern::escaped_len(key),
-                // `/` and the decimal digits.
-                Step::Index(index) => 2 + index.checked_ilog10().unwrap_or(0) as usize,
-            })
-            .sum()
+    /// Records the path of element `index` of the current array for an operation.
+    fn at_index(&mut self, index: usize) -> Range<usize> {
+        let start = self.op_steps.len();
+        self.op_steps.extend_from_slice(&self.path);
+        self.op_steps.push(Step::Index(index));
+        start..self.op_steps.len()
     }
 
-    fn pointer_at_index(&mut self, index: usize) -> PointerBuf {
-        self.path.push(Step::Index(index));
-        let pointer = self.pointer();
-        self.path.pop();
-        pointer
+    fn replace(&mut self, value: &'v Value) {
+        let path = self.here();
+        self.ops.push(Op::Replace { path, value });
     }
 
-    fn replace(&mut self, value: &Value) {
-        let path = self.pointer();
-        self.ops.push(PatchOperation::Replace(ReplaceOperation {
-            path,
-            value: value.clone(),
-        }));
-    }
-
-    fn add_here(&mut self, value: &Value) {
-        let path = self.pointer();
-        self.ops.push(PatchOperation::Add(AddOperation {
-            path,
-            value: value.clone(),
-        }));
+    fn add_here(&mut self, value: &'v Value) {
+        let path = self.here();
+        self.ops.push(Op::Add { path, value });
     }
 
     fn remove_here(&mut self) {
-        let path = self.pointer();
-        self.ops
-            .push(PatchOperation::Remove(RemoveOperation { path }));
+        let path = self.here();
+        self.ops.push(Op::Remove { path });
     }
 
-    fn add_at(&mut self, index: usize, value: &Value) {
-        let path = self.pointer_at_index(index);
-        self.ops.push(PatchOperation::Add(AddOperation {
-            path,
-            value: value.clone(),
-        }));
+    fn add_at(&mut self, index: usize, value: &'v Value) {
+        let path = self.at_index(index);
+        self.ops.push(Op::Add { path, value });
     }
 
     fn remove_at(&mut self, index: usize) {
-        let path = self.pointer_at_index(index);
-        self.ops
-            .push(PatchOperation::Remove(RemoveOperation { path }));
+        let path = self.at_index(index);
+        self.ops.push(Op::Remove { path });
     }
 
     /// Narrows `live` to the patterns whose segment at `live.depth` satisfies `matches`.
@@ -273,8 +365,8 @@ impl<'o, 'v> Walk<'o, 'v> {
 
     fn value(&mut self, old: &'v Value, new: &'v Value, live: Live) {
         match (old, new) {
-            (Value::Object(a), Value::Object(b)) => self.object(a, b, live),
-            (Value::Array(a), Value::Array(b)) => self.array(a, b, live),
+            (Value::Object(a), Value::Object(b)) => self.object(a, b, new, live),
+            (Value::Array(a), Value::Array(b)) => self.array(a, b, new, live),
             _ => {
                 self.walked += size::shallow_len_lower_bound(new);
                 if old != new {
@@ -284,7 +376,14 @@ impl<'o, 'v> Walk<'o, 'v> {
         }
     }
 
-    fn object(&mut self, old: &'v Map<String, Value>, new: &'v Map<String, Value>, live: Live) {
+    /// Diffs two objects; `whole` is `new` as a value, for a replace of the whole object.
+    fn object(
+        &mut self,
+        old: &'v Map<String, Value>,
+        new: &'v Map<String, Value>,
+        whole: &'v Value,
+        live: Live,
+    ) {
         let start = self.ops.len();
         // Braces; each key compared adds its quotes and colon.
         self.walked += 2;
@@ -335,19 +434,12 @@ impl<'o, 'v> Walk<'o, 'v> {
             && !self.ignored_below(live)
         {
             self.truncate_ops(start);
-            self.replace_container(new);
+            self.replace(whole);
         }
     }
 
-    fn replace_container(&mut self, new: &Map<String, Value>) {
-        let path = self.pointer();
-        self.ops.push(PatchOperation::Replace(ReplaceOperation {
-            path,
-            value: Value::Object(new.clone()),
-        }));
-    }
-
-    fn array(&mut self, old: &'v [Value], new: &'v [Value], live: Live) {
+    /// Diffs two arrays; `whole` is `new` as a value, for a replace of the whole array.
+    fn array(&mut self, old: &'v [Value], new: &'v [Value], whole: &'v Value, live: Live) {
         if old.is_empty() && new.is_empty() {
             return;
         }
@@ -368,7 +460,7 @@ impl<'o, 'v> Walk<'o, 'v> {
         if self.ops.len() - start > 1 && live.depth > 0 && !self.ignored_below(live) {
             let edits = self.ops_json_len(start);
             // `{"op":"replace","path":"…","value":…}` around the array.
-            let overhead = self.pointer_len() + 32;
+            let overhead = pointer_len(&self.path) + 32;
             let budget = edits.saturating_sub(overhead);
             let array = if self.walked - walked_before > budget {
                 None
@@ -377,12 +469,10 @@ impl<'o, 'v> Walk<'o, 'v> {
             };
             if let Some(array) = array.filter(|a| a + overhead < edits) {
                 self.truncate_ops(start);
-                let path = self.pointer();
-                self.op_lens.push(size::replace_len(path.as_str(), array));
-                self.ops.push(PatchOperation::Replace(ReplaceOperation {
-                    path,
-                    value: Value::Array(new.to_vec()),
-                }));
+                let path = self.here();
+                let path_len = pointer_str_len(&self.op_steps[path.clone()]);
+                self.op_lens.push(size::replace_len(path_len, array));
+                self.ops.push(Op::Replace { path, value: whole });
             }
         }
     }
@@ -390,7 +480,7 @@ impl<'o, 'v> Walk<'o, 'v> {
     /// The compact JSON length of `ops[start..]` as an array.
     fn ops_json_len(&mut self, start: usize) -> usize {
         while self.op_lens.len() < self.ops.len() {
-            let len = size::op_len(&self.ops[self.op_lens.len()]);
+            let len = self.ops[self.op_lens.len()].json_len(&self.op_steps);
             self.op_lens.push(len);
         }
         let count = self.ops.len() - start;
@@ -403,6 +493,9 @@ impl<'o, 'v> Walk<'o, 'v> {
 
     /// Drops the operations from `start` on.
     fn truncate_ops(&mut self, start: usize) {
+        if let Some(first) = self.ops.get(start) {
+            self.op_steps.truncate(first.first_step());
+        }
         self.ops.truncate(start);
         self.op_lens.truncate(start);
     }
@@ -586,12 +679,9 @@ impl<'o, 'v> Walk<'o, 'v> {
             let to = present.count_below(new_slot);
             present.add(new_slot, 1);
             if at != to {
-                let from_ptr = self.pointer_at_index(at);
-                let path = self.pointer_at_index(to);
-                self.ops.push(PatchOperation::Move(MoveOperation {
-                    from: from_ptr,
-                    path,
-                }));
+                let from = self.at_index(at);
+                let path = self.at_index(to);
+                self.ops.push(Op::Move { from, path });
             }
         }
     }

@@ -4,8 +4,7 @@
 //! array (often most of the document) just to count its bytes cost as much as the walk itself.
 //! Every length here equals what `serde_json::to_vec` would produce; the tests check it.
 
-use json_patch::PatchOperation;
-use serde_json::{Number, Value};
+use serde_json::{Map, Number, Value};
 
 // The bytes of each operation around its strings and value: `{"op":"add","path":` … `,"value":`
 // … `}`, `{"op":"remove","path":` … `}`, `{"op":"move","from":` … `,"path":` … `}`.
@@ -42,30 +41,25 @@ pub(crate) fn shallow_len_lower_bound(value: &Value) -> usize {
     }
 }
 
-/// The compact JSON length of `op`, as serialized in a patch.
-pub(crate) fn op_len(op: &PatchOperation) -> usize {
-    let value = |v: &Value| value_len(v, usize::MAX).unwrap_or(usize::MAX);
-    match op {
-        PatchOperation::Add(op) => ADD_FRAME
-            .saturating_add(str_len(op.path.as_str()))
-            .saturating_add(value(&op.value)),
-        PatchOperation::Replace(op) => replace_len(op.path.as_str(), value(&op.value)),
-        PatchOperation::Remove(op) => REMOVE_FRAME.saturating_add(str_len(op.path.as_str())),
-        PatchOperation::Move(op) => MOVE_FRAME
-            .saturating_add(str_len(op.from.as_str()))
-            .saturating_add(str_len(op.path.as_str())),
-        // Never emitted by the diff; sized the slow way for completeness.
-        PatchOperation::Copy(_) | PatchOperation::Test(_) => {
-            serde_json::to_vec(op).map_or(usize::MAX, |v| v.len())
-        }
-    }
+// Each operation's length from the lengths of its parts: a path as a JSON string literal
+// (`path_len`, quotes included) and a value as JSON.
+
+pub(crate) fn add_len(path_len: usize, value_len: usize) -> usize {
+    ADD_FRAME.saturating_add(path_len).saturating_add(value_len)
 }
 
-/// The compact JSON length of a `replace` at `path` whose value serializes to `value_len` bytes.
-pub(crate) fn replace_len(path: &str, value_len: usize) -> usize {
+pub(crate) fn replace_len(path_len: usize, value_len: usize) -> usize {
     REPLACE_FRAME
-        .saturating_add(str_len(path))
+        .saturating_add(path_len)
         .saturating_add(value_len)
+}
+
+pub(crate) fn remove_len(path_len: usize) -> usize {
+    REMOVE_FRAME.saturating_add(path_len)
+}
+
+pub(crate) fn move_len(from_len: usize, path_len: usize) -> usize {
+    MOVE_FRAME.saturating_add(from_len).saturating_add(path_len)
 }
 
 /// The JSON length of `s` as a string literal, quotes and escapes included.
@@ -99,6 +93,15 @@ impl Sizer {
         items.iter().try_for_each(|item| self.value(item))
     }
 
+    fn entries(&mut self, map: &Map<String, Value>) -> Option<()> {
+        // Braces, the commas between entries, and each entry's colon.
+        self.add(map.len().saturating_sub(1) + 2 + map.len())?;
+        map.iter().try_for_each(|(key, item)| {
+            self.add(str_len(key))?;
+            self.value(item)
+        })
+    }
+
     fn value(&mut self, value: &Value) -> Option<()> {
         match value {
             Value::Null | Value::Bool(true) => self.add(4),
@@ -106,14 +109,7 @@ impl Sizer {
             Value::Number(n) => self.add(number_len(n)),
             Value::String(s) => self.add(str_len(s)),
             Value::Array(items) => self.items(items),
-            Value::Object(map) => {
-                // Braces, the commas between entries, and each entry's colon.
-                self.add(map.len().saturating_sub(1) + 2 + map.len())?;
-                map.iter().try_for_each(|(key, item)| {
-                    self.add(str_len(key))?;
-                    self.value(item)
-                })
-            }
+            Value::Object(map) => self.entries(map),
         }
     }
 }
@@ -130,20 +126,31 @@ fn number_len(n: &Number) -> usize {
     }
 }
 
-fn digits(mut u: u64) -> usize {
-    let mut count = 1;
-    while u >= 10 {
-        u /= 10;
-        count += 1;
-    }
-    count
+fn digits(u: u64) -> usize {
+    u.checked_ilog10().map_or(1, |d| d as usize + 1)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use json_patch::PatchOperation;
     use proptest::prelude::*;
     use serde_json::json;
+
+    /// The compact JSON length of `op` from the lengths of its parts.
+    fn op_len(op: &PatchOperation) -> usize {
+        let value = |v: &Value| value_len(v, usize::MAX).unwrap_or(usize::MAX);
+        let path = |p: &json_patch::jsonptr::PointerBuf| str_len(p.as_str());
+        match op {
+            PatchOperation::Add(op) => add_len(path(&op.path), value(&op.value)),
+            PatchOperation::Replace(op) => replace_len(path(&op.path), value(&op.value)),
+            PatchOperation::Remove(op) => remove_len(path(&op.path)),
+            PatchOperation::Move(op) => move_len(path(&op.from), path(&op.path)),
+            PatchOperation::Copy(_) | PatchOperation::Test(_) => {
+                serde_json::to_vec(op).map_or(usize::MAX, |v| v.len())
+            }
+        }
+    }
 
     fn serialized(value: &impl serde::Serialize) -> usize {
         serde_json::to_vec(value).unwrap().len()
