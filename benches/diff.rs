@@ -7,7 +7,9 @@
 //! 1% churn (0.5% of vehicles leave, 0.5% join at random places).
 //!
 //! Run: `cargo bench --bench diff`. Two tables are printed first: sizes, then interleaved
-//! timings (the fairest comparison on a loaded machine); criterion's groups follow.
+//! timings (the fairest comparison on a loaded machine); criterion's groups follow. Set
+//! `DIFF_BENCH_CASES=tripupdates,fleet-1k` to run only the cases whose names contain one of
+//! the fragments (for profiling one case).
 
 use std::hint::black_box;
 use std::io::Write;
@@ -169,20 +171,35 @@ struct Case {
     options: DiffOptions,
 }
 
+/// Whether the case named `name` is selected: `DIFF_BENCH_CASES` is a comma-separated list of
+/// name fragments (e.g. `tripupdates,fleet-1k`); unset, every case runs.
+fn selected(name: &str) -> bool {
+    std::env::var("DIFF_BENCH_CASES").map_or(true, |filter| {
+        filter
+            .split(',')
+            .any(|part| !part.is_empty() && name.contains(part))
+    })
+}
+
 fn cases() -> Vec<Case> {
     let mut cases = Vec::new();
-    if let Some(snapshots) = gbfs_sequence() {
-        cases.push(Case {
-            name: "gbfs-baywheels".into(),
-            snapshots,
-            options: DiffOptions::default(),
-        });
+    if selected("gbfs-baywheels") {
+        if let Some(snapshots) = gbfs_sequence() {
+            cases.push(Case {
+                name: "gbfs-baywheels".into(),
+                snapshots,
+                options: DiffOptions::default(),
+            });
+        }
     }
     for (name, dir) in [
         ("gtfs-vehiclepositions", "vehiclepositions-2023-05-08T12Z"),
         ("gtfs-tripupdates", "tripupdates-2023-05-08T12Z"),
         ("gtfs-alerts", "alerts-2020-02-09T01Z"),
     ] {
+        if !selected(name) {
+            continue;
+        }
         if let Some(snapshots) = gtfs_sequence(dir) {
             cases.push(Case {
                 name: name.into(),
@@ -193,12 +210,16 @@ fn cases() -> Vec<Case> {
     }
     for n in [1_000, 10_000, 100_000] {
         for churn in [false, true] {
+            let name = format!(
+                "fleet-{}k-{}",
+                n / 1000,
+                if churn { "churn" } else { "changes" }
+            );
+            if !selected(&name) {
+                continue;
+            }
             cases.push(Case {
-                name: format!(
-                    "fleet-{}k-{}",
-                    n / 1000,
-                    if churn { "churn" } else { "changes" }
-                ),
+                name,
                 snapshots: fleet_sequence(n, if n >= 100_000 { 2 } else { 4 }, churn),
                 options: DiffOptions::default(),
             });

@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use std::collections::hash_map::Entry;
 use std::fmt::Write as _;
 use std::hash::Hash;
-use std::io;
+use std::ops::Range;
 
 use json_patch::jsonptr::PointerBuf;
 use json_patch::{AddOperation, MoveOperation, PatchOperation, RemoveOperation, ReplaceOperation};
@@ -21,7 +21,8 @@ use serde_json::{Map, Value};
 
 use super::DiffOptions;
 use super::myers;
-use super::pattern::{KeyPath, push_token};
+use super::pattern::{self, KeyPath, PathPattern, push_token};
+use super::size;
 
 /// Per-element share of an array's edit-script budget (see [`Walk::unkeyed`]).
 const LINEAR_WORK_PER_ELEMENT: usize = 64;
@@ -45,9 +46,11 @@ pub(crate) fn diff_containers(
 ) -> Vec<PatchOperation> {
     let mut walk = Walk {
         options,
-        path: String::new(),
+        path: Vec::new(),
         ops: Vec::new(),
+        op_steps: Vec::new(),
         op_lens: Vec::new(),
+        walked: 0,
     };
     let live = Live {
         keys: mask(options.keys.len()),
@@ -55,7 +58,18 @@ pub(crate) fn diff_containers(
         depth: 0,
     };
     walk.value(old, new, live);
-    walk.ops
+    let ops: Vec<PatchOperation> = walk
+        .ops
+        .iter()
+        .map(|op| op.write_out(&walk.op_steps))
+        .collect();
+    debug_assert!(
+        walk.ops.iter().zip(&ops).all(|(op, written)| {
+            Some(op.json_len(&walk.op_steps)) == serde_json::to_vec(written).ok().map(|v| v.len())
+        }),
+        "an operation's computed length differs from its JSON"
+    );
+    ops
 }
 
 fn mask(len: usize) -> u64 {
@@ -103,7 +117,7 @@ impl KeySel<'_> {
     fn ident<'v>(&self, element: &'v Value) -> Option<Ident<'v>> {
         let value = match self {
             KeySel::Configured(path) => path.get(element)?,
-            KeySel::Field(field) => element.as_object()?.get(*field)?,
+            KeySel::Field(name) => pattern::field(element.as_object()?, name)?,
         };
         Ident::of(value)
     }
@@ -113,87 +127,189 @@ impl KeySel<'_> {
     }
 }
 
-struct Walk<'o> {
+/// One step of the path from the root to the values being compared.
+#[derive(Clone, Copy)]
+enum Step<'v> {
+    Key(&'v str),
+    Index(usize),
+}
+
+/// An operation as the walk emits it: its paths are ranges of `Walk::op_steps`, its value is
+/// borrowed from the new document. Where edits are many, an enclosing array is often replaced
+/// whole: the operations it drops never get a pointer written or a value cloned.
+enum Op<'v> {
+    Add {
+        path: Range<usize>,
+        value: &'v Value,
+    },
+    Remove {
+        path: Range<usize>,
+    },
+    Replace {
+        path: Range<usize>,
+        value: &'v Value,
+    },
+    Move {
+        from: Range<usize>,
+        path: Range<usize>,
+    },
+}
+
+impl Op<'_> {
+    /// Where this operation's steps begin in `Walk::op_steps` (a move's `from` comes first).
+    fn first_step(&self) -> usize {
+        match self {
+            Op::Add { path, .. } | Op::Remove { path } | Op::Replace { path, .. } => path.start,
+            Op::Move { from, .. } => from.start,
+        }
+    }
+
+    /// The compact JSON length of the operation [`Op::write_out`] gives.
+    fn json_len(&self, steps: &[Step<'_>]) -> usize {
+        let path = |range: &Range<usize>| pointer_str_len(&steps[range.clone()]);
+        let value = |v: &Value| size::value_len(v, usize::MAX).unwrap_or(usize::MAX);
+        match self {
+            Op::Add { path: p, value: v } => size::add_len(path(p), value(v)),
+            Op::Remove { path: p } => size::remove_len(path(p)),
+            Op::Replace { path: p, value: v } => size::replace_len(path(p), value(v)),
+            Op::Move { from, path: p } => size::move_len(path(from), path(p)),
+        }
+    }
+
+    fn write_out(&self, steps: &[Step<'_>]) -> PatchOperation {
+        let pointer = |range: &Range<usize>| pointer(&steps[range.clone()]);
+        match self {
+            Op::Add { path, value } => PatchOperation::Add(AddOperation {
+                path: pointer(path),
+                value: (*value).clone(),
+            }),
+            Op::Remove { path } => PatchOperation::Remove(RemoveOperation {
+                path: pointer(path),
+            }),
+            Op::Replace { path, value } => PatchOperation::Replace(ReplaceOperation {
+                path: pointer(path),
+                value: (*value).clone(),
+            }),
+            Op::Move { from, path } => PatchOperation::Move(MoveOperation {
+                from: pointer(from),
+                path: pointer(path),
+            }),
+        }
+    }
+}
+
+/// The JSON Pointer made of `steps`.
+fn pointer(steps: &[Step<'_>]) -> PointerBuf {
+    let mut pointer = String::with_capacity(pointer_len(steps));
+    for step in steps {
+        match step {
+            Step::Key(key) => push_token(&mut pointer, key),
+            Step::Index(index) => {
+                // Writing to a String cannot fail.
+                let _ = write!(pointer, "/{index}");
+            }
+        }
+    }
+    debug_assert!(PointerBuf::parse(pointer.clone()).is_ok(), "{pointer}");
+    // SAFETY: `pointer` is `/` followed by an RFC 6901-escaped token (`push_token`) or a
+    // decimal index, for each step: a valid JSON Pointer.
+    unsafe { PointerBuf::new_unchecked(pointer) }
+}
+
+/// The length of [`pointer`]`(steps)`, without writing it.
+fn pointer_len(steps: &[Step<'_>]) -> usize {
+    steps
+        .iter()
+        .map(|step| match step {
+            Step::Key(key) => 1 + pattern::escaped_len(key),
+            Step::Index(index) => 1 + index_digits(*index),
+        })
+        .sum()
+}
+
+/// The length of [`pointer`]`(steps)` as a JSON string literal.
+fn pointer_str_len(steps: &[Step<'_>]) -> usize {
+    2 + steps
+        .iter()
+        .map(|step| match step {
+            // RFC 6901 escapes (`~1`) need no JSON escape, and JSON escapes (`\"`) no RFC 6901
+            // one: the two add up.
+            Step::Key(key) => 1 + size::str_len(key) - 2 + pattern::escaped_len(key) - key.len(),
+            Step::Index(index) => 1 + index_digits(*index),
+        })
+        .sum::<usize>()
+}
+
+fn index_digits(index: usize) -> usize {
+    index.checked_ilog10().map_or(1, |d| d as usize + 1)
+}
+
+struct Walk<'o, 'v> {
     options: &'o DiffOptions,
-    /// The JSON Pointer of the value being compared, built incrementally.
-    path: String,
-    ops: Vec<PatchOperation>,
+    /// Where the values being compared are. Most of the walk emits nothing, so the JSON
+    /// Pointer is written out only for an operation.
+    path: Vec<Step<'v>>,
+    ops: Vec<Op<'v>>,
+    /// The paths of `ops`, one after the other.
+    op_steps: Vec<Step<'v>>,
     /// Compact JSON length of `ops[i]`, filled lazily: each operation is sized once however
     /// many enclosing arrays weigh it against a whole replace.
     op_lens: Vec<usize>,
+    /// A lower bound of the JSON length of the parts of `new` compared so far. An array whose
+    /// compared part alone outweighs its edits cannot be smaller replaced whole: most arrays
+    /// are decided by it without being sized.
+    walked: usize,
 }
 
-impl<'o> Walk<'o> {
-    fn pointer(&self) -> PointerBuf {
-        debug_assert!(
-            PointerBuf::parse(self.path.clone()).is_ok(),
-            "{}",
-            self.path
-        );
-        // SAFETY: `path` is only ever built by `push_token`/`push_index`, which write `/`
-        // followed by an RFC 6901-escaped token, so it is a valid JSON Pointer.
-        unsafe { PointerBuf::new_unchecked(self.path.clone()) }
+impl<'o, 'v> Walk<'o, 'v> {
+    /// Records the current path for an operation.
+    fn here(&mut self) -> Range<usize> {
+        let start = self.op_steps.len();
+        self.op_steps.extend_from_slice(&self.path);
+        start..self.op_steps.len()
     }
 
-    fn pointer_at_index(&mut self, index: usize) -> PointerBuf {
-        let len = self.push_index(index);
-        let p = self.pointer();
-        self.path.truncate(len);
-        p
+    /// Records the path of element `index` of the current array for an operation.
+    fn at_index(&mut self, index: usize) -> Range<usize> {
+        let start = self.op_steps.len();
+        self.op_steps.extend_from_slice(&self.path);
+        self.op_steps.push(Step::Index(index));
+        start..self.op_steps.len()
     }
 
-    fn push_index(&mut self, index: usize) -> usize {
-        let len = self.path.len();
-        // Writing to a String cannot fail.
-        let _ = write!(self.path, "/{index}");
-        len
+    fn replace(&mut self, value: &'v Value) {
+        let path = self.here();
+        self.ops.push(Op::Replace { path, value });
     }
 
-    fn replace(&mut self, value: &Value) {
-        let path = self.pointer();
-        self.ops.push(PatchOperation::Replace(ReplaceOperation {
-            path,
-            value: value.clone(),
-        }));
-    }
-
-    fn add_here(&mut self, value: &Value) {
-        let path = self.pointer();
-        self.ops.push(PatchOperation::Add(AddOperation {
-            path,
-            value: value.clone(),
-        }));
+    fn add_here(&mut self, value: &'v Value) {
+        let path = self.here();
+        self.ops.push(Op::Add { path, value });
     }
 
     fn remove_here(&mut self) {
-        let path = self.pointer();
-        self.ops
-            .push(PatchOperation::Remove(RemoveOperation { path }));
+        let path = self.here();
+        self.ops.push(Op::Remove { path });
     }
 
-    fn add_at(&mut self, index: usize, value: &Value) {
-        let path = self.pointer_at_index(index);
-        self.ops.push(PatchOperation::Add(AddOperation {
-            path,
-            value: value.clone(),
-        }));
+    fn add_at(&mut self, index: usize, value: &'v Value) {
+        let path = self.at_index(index);
+        self.ops.push(Op::Add { path, value });
     }
 
     fn remove_at(&mut self, index: usize) {
-        let path = self.pointer_at_index(index);
-        self.ops
-            .push(PatchOperation::Remove(RemoveOperation { path }));
+        let path = self.at_index(index);
+        self.ops.push(Op::Remove { path });
     }
 
-    /// Narrows `live` to the patterns whose next segment matches `token`.
-    fn descend(&self, live: Live, token: &str) -> Live {
-        let depth = live.depth;
+    /// Narrows `live` to the patterns whose segment at `live.depth` satisfies `matches`.
+    fn descend(&self, live: Live, matches: impl Fn(&PathPattern) -> bool) -> Live {
         let mut keys = live.keys;
         let mut bits = keys;
         while bits != 0 {
             let i = bits.trailing_zeros() as usize;
             bits &= bits - 1;
-            if !self.options.keys[i].array.segment_matches(depth, token) {
+            if !matches(&self.options.keys[i].array) {
                 keys &= !(1 << i);
             }
         }
@@ -202,14 +318,14 @@ impl<'o> Walk<'o> {
         while bits != 0 {
             let i = bits.trailing_zeros() as usize;
             bits &= bits - 1;
-            if !self.options.ignore[i].segment_matches(depth, token) {
+            if !matches(&self.options.ignore[i]) {
                 ignore &= !(1 << i);
             }
         }
         Live {
             keys,
             ignore,
-            depth: depth + 1,
+            depth: live.depth + 1,
         }
     }
 
@@ -220,7 +336,7 @@ impl<'o> Walk<'o> {
                 ..live
             };
         }
-        self.descend(live, &index.to_string())
+        self.descend(live, |p| p.segment_matches_index(live.depth, index))
     }
 
     fn descend_key(&self, live: Live, key: &str) -> Live {
@@ -230,7 +346,7 @@ impl<'o> Walk<'o> {
                 ..live
             };
         }
-        self.descend(live, key)
+        self.descend(live, |p| p.segment_matches(live.depth, key))
     }
 
     /// True when an ignore pattern reaches below the current path: coarse operations here
@@ -247,11 +363,12 @@ impl<'o> Walk<'o> {
         false
     }
 
-    fn value(&mut self, old: &Value, new: &Value, live: Live) {
+    fn value(&mut self, old: &'v Value, new: &'v Value, live: Live) {
         match (old, new) {
-            (Value::Object(a), Value::Object(b)) => self.object(a, b, live),
-            (Value::Array(a), Value::Array(b)) => self.array(a, b, live),
+            (Value::Object(a), Value::Object(b)) => self.object(a, b, new, live),
+            (Value::Array(a), Value::Array(b)) => self.array(a, b, new, live),
             _ => {
+                self.walked += size::shallow_len_lower_bound(new);
                 if old != new {
                     self.replace(new);
                 }
@@ -259,16 +376,24 @@ impl<'o> Walk<'o> {
         }
     }
 
-    fn object(&mut self, old: &Map<String, Value>, new: &Map<String, Value>, live: Live) {
+    /// Diffs two objects; `whole` is `new` as a value, for a replace of the whole object.
+    fn object(
+        &mut self,
+        old: &'v Map<String, Value>,
+        new: &'v Map<String, Value>,
+        whole: &'v Value,
+        live: Live,
+    ) {
         let start = self.ops.len();
+        // Braces; each key compared adds its quotes and colon.
+        self.walked += 2;
         let mut common = 0usize;
         // Objects usually list their keys in the same order (serializers, protobuf
         // projections): pair keys by position while they agree, and only hash the rest.
         let mut aligned = new.iter();
         let mut in_step = true;
         for (key, a) in old {
-            let len = self.path.len();
-            push_token(&mut self.path, key);
+            self.path.push(Step::Key(key));
             let counterpart = if in_step {
                 match aligned.next() {
                     Some((k, b)) if k == key => Some(b),
@@ -284,20 +409,21 @@ impl<'o> Walk<'o> {
                 None => self.remove_here(),
                 Some(b) => {
                     common += 1;
+                    self.walked += key.len() + 3;
                     let child = self.descend_key(live, key);
                     self.value(a, b, child);
                 }
             }
-            self.path.truncate(len);
+            self.path.pop();
         }
         // Every new key was seen in `old` unless the counts differ.
         let added = new.len() - common;
         for (key, b) in new.iter().filter(|_| added > 0) {
             if !old.contains_key(key) {
-                let len = self.path.len();
-                push_token(&mut self.path, key);
+                self.walked += key.len() + 3;
+                self.path.push(Step::Key(key));
                 self.add_here(b);
-                self.path.truncate(len);
+                self.path.pop();
             }
         }
         // Two objects with nothing in common: one replace says it in fewer bytes.
@@ -308,23 +434,19 @@ impl<'o> Walk<'o> {
             && !self.ignored_below(live)
         {
             self.truncate_ops(start);
-            self.replace_container(new);
+            self.replace(whole);
         }
     }
 
-    fn replace_container(&mut self, new: &Map<String, Value>) {
-        let path = self.pointer();
-        self.ops.push(PatchOperation::Replace(ReplaceOperation {
-            path,
-            value: Value::Object(new.clone()),
-        }));
-    }
-
-    fn array(&mut self, old: &[Value], new: &[Value], live: Live) {
+    /// Diffs two arrays; `whole` is `new` as a value, for a replace of the whole array.
+    fn array(&mut self, old: &'v [Value], new: &'v [Value], whole: &'v Value, live: Live) {
         if old.is_empty() && new.is_empty() {
             return;
         }
         let start = self.ops.len();
+        // Brackets; the elements compared add their own.
+        self.walked += 2;
+        let walked_before = self.walked - 2;
         let keyed = !old.is_empty()
             && !new.is_empty()
             && self
@@ -338,14 +460,19 @@ impl<'o> Walk<'o> {
         if self.ops.len() - start > 1 && live.depth > 0 && !self.ignored_below(live) {
             let edits = self.ops_json_len(start);
             // `{"op":"replace","path":"…","value":…}` around the array.
-            let whole = json_len(new, edits).saturating_add(self.path.len() + 32);
-            if whole < edits {
+            let overhead = pointer_len(&self.path) + 32;
+            let budget = edits.saturating_sub(overhead);
+            let array = if self.walked - walked_before > budget {
+                None
+            } else {
+                size::array_len(new, budget)
+            };
+            if let Some(array) = array.filter(|a| a + overhead < edits) {
                 self.truncate_ops(start);
-                let path = self.pointer();
-                self.ops.push(PatchOperation::Replace(ReplaceOperation {
-                    path,
-                    value: Value::Array(new.to_vec()),
-                }));
+                let path = self.here();
+                let path_len = pointer_str_len(&self.op_steps[path.clone()]);
+                self.op_lens.push(size::replace_len(path_len, array));
+                self.ops.push(Op::Replace { path, value: whole });
             }
         }
     }
@@ -353,7 +480,7 @@ impl<'o> Walk<'o> {
     /// The compact JSON length of `ops[start..]` as an array.
     fn ops_json_len(&mut self, start: usize) -> usize {
         while self.op_lens.len() < self.ops.len() {
-            let len = json_len(&self.ops[self.op_lens.len()], usize::MAX);
+            let len = self.ops[self.op_lens.len()].json_len(&self.op_steps);
             self.op_lens.push(len);
         }
         let count = self.ops.len() - start;
@@ -366,6 +493,9 @@ impl<'o> Walk<'o> {
 
     /// Drops the operations from `start` on.
     fn truncate_ops(&mut self, start: usize) {
+        if let Some(first) = self.ops.get(start) {
+            self.op_steps.truncate(first.first_step());
+        }
         self.ops.truncate(start);
         self.op_lens.truncate(start);
     }
@@ -401,7 +531,10 @@ impl<'o> Walk<'o> {
             Some(_) => {
                 // Several `*_id` fields (GBFS: `station_id` and `legacy_id`): take the one named
                 // after the array (`stations` -> `station_id`), if there is one.
-                let parent = self.path.rsplit('/').next().unwrap_or("");
+                let parent = match self.path.last() {
+                    Some(Step::Key(key)) => key,
+                    Some(Step::Index(_)) | None => "",
+                };
                 let singular = parent.strip_suffix('s').unwrap_or(parent);
                 if singular.is_empty() {
                     return None;
@@ -416,20 +549,25 @@ impl<'o> Walk<'o> {
 
     /// Diffs two arrays whose elements are matched by identity. `false` (nothing emitted) when
     /// some element has no scalar identity or an identity repeats: the caller falls back.
-    fn keyed(&mut self, old: &[Value], new: &[Value], sel: &KeySel<'_>, live: Live) -> bool {
-        let (Some(old_ids), Some(new_ids)) = (sel.idents(old), sel.idents(new)) else {
-            return false;
-        };
-        if old_ids == new_ids {
-            // Same entities in the same order: compare in place.
+    fn keyed(&mut self, old: &'v [Value], new: &'v [Value], sel: &KeySel<'_>, live: Live) -> bool {
+        let same_order = old.len() == new.len()
+            && old
+                .iter()
+                .zip(new)
+                .all(|(a, b)| matches!((sel.ident(a), sel.ident(b)), (Some(x), Some(y)) if x == y));
+        if same_order {
+            // Same entities in the same order (most polls): compare in place.
             for (j, (a, b)) in old.iter().zip(new).enumerate() {
-                let len = self.push_index(j);
+                self.path.push(Step::Index(j));
                 let child = self.descend_index(live, j);
                 self.value(a, b, child);
-                self.path.truncate(len);
+                self.path.pop();
             }
             return true;
         }
+        let (Some(old_ids), Some(new_ids)) = (sel.idents(old), sel.idents(new)) else {
+            return false;
+        };
         let Some(old_at) = index_unique(&old_ids) else {
             return false;
         };
@@ -478,10 +616,10 @@ impl<'o> Walk<'o> {
         for (j, b) in new.iter().enumerate() {
             if let Some(i) = from[j] {
                 if use_move || stays[i] {
-                    let len = self.push_index(j);
+                    self.path.push(Step::Index(j));
                     let child = self.descend_index(live, j);
                     self.value(&old[i], b, child);
-                    self.path.truncate(len);
+                    self.path.pop();
                 }
             }
         }
@@ -541,19 +679,16 @@ impl<'o> Walk<'o> {
             let to = present.count_below(new_slot);
             present.add(new_slot, 1);
             if at != to {
-                let from_ptr = self.pointer_at_index(at);
-                let path = self.pointer_at_index(to);
-                self.ops.push(PatchOperation::Move(MoveOperation {
-                    from: from_ptr,
-                    path,
-                }));
+                let from = self.at_index(at);
+                let path = self.at_index(to);
+                self.ops.push(Op::Move { from, path });
             }
         }
     }
 
     /// Diffs two arrays element by element: a shortest edit script (bounded), else position by
     /// position.
-    fn unkeyed(&mut self, old: &[Value], new: &[Value], live: Live) {
+    fn unkeyed(&mut self, old: &'v [Value], new: &'v [Value], live: Live) {
         let prefix = old.iter().zip(new).take_while(|(a, b)| a == b).count();
         let suffix = old[prefix..]
             .iter()
@@ -598,10 +733,10 @@ impl<'o> Walk<'o> {
             at += h.old - i;
             let paired = h.del.min(h.ins);
             for t in 0..paired {
-                let len = self.push_index(at + t);
+                self.path.push(Step::Index(at + t));
                 let child = self.descend_index(live, at + t);
                 self.value(&a[h.old + t], &b[h.new + t], child);
-                self.path.truncate(len);
+                self.path.pop();
             }
             for _ in paired..h.del {
                 self.remove_at(at + paired);
@@ -682,32 +817,4 @@ fn increasing_subsequence(seq: &[usize]) -> Vec<bool> {
         cursor = prev[c];
     }
     marks
-}
-
-/// Counts bytes written, for sizing JSON without keeping it; fails past `limit`.
-struct ByteCount {
-    count: usize,
-    limit: usize,
-}
-
-impl io::Write for ByteCount {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.count = self.count.saturating_add(buf.len());
-        if self.count > self.limit {
-            return Err(io::Error::other("over the limit"));
-        }
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
-
-/// The compact JSON length of `value`, or `usize::MAX` once it exceeds `limit`.
-fn json_len<T: serde::Serialize + ?Sized>(value: &T, limit: usize) -> usize {
-    let mut count = ByteCount { count: 0, limit };
-    match serde_json::to_writer(&mut count, value) {
-        Ok(()) => count.count,
-        Err(_) => usize::MAX,
-    }
 }

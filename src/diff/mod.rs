@@ -12,6 +12,7 @@
 mod engine;
 mod myers;
 mod pattern;
+mod size;
 #[cfg(test)]
 mod tests;
 

@@ -6,7 +6,7 @@
 use std::fmt;
 
 use json_patch::jsonptr::Pointer;
-use serde_json::Value;
+use serde_json::{Map, Value};
 
 /// One segment of a [`PathPattern`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -22,6 +22,19 @@ impl Segment {
         match self {
             Segment::Any => true,
             Segment::Token(t) => t == token,
+        }
+    }
+
+    /// Whether the array index `index` (whose token is its decimal form) matches.
+    fn matches_index(&self, index: usize) -> bool {
+        match self {
+            Segment::Any => true,
+            Segment::Token(t) => {
+                // Only the canonical decimal form names an index: never `01` or `+1`.
+                let canonical =
+                    t.bytes().all(|b| b.is_ascii_digit()) && (t.len() == 1 || !t.starts_with('0'));
+                canonical && t.parse() == Ok(index)
+            }
         }
     }
 }
@@ -86,6 +99,13 @@ impl PathPattern {
         self.segments
             .get(depth)
             .is_some_and(|segment| segment.matches(token))
+    }
+
+    /// Whether segment `depth` exists and matches the array index `index`.
+    pub(crate) fn segment_matches_index(&self, depth: usize, index: usize) -> bool {
+        self.segments
+            .get(depth)
+            .is_some_and(|segment| segment.matches_index(index))
     }
 
     /// True when `pointer` is this pattern's location or lies below it.
@@ -157,13 +177,26 @@ impl KeyPath {
     pub(crate) fn get<'v>(&self, element: &'v Value) -> Option<&'v Value> {
         self.fields
             .iter()
-            .try_fold(element, |value, field| value.as_object()?.get(field))
+            .try_fold(element, |value, name| field(value.as_object()?, name))
     }
 }
 
 impl fmt::Display for KeyPath {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.source)
+    }
+}
+
+/// The value of `name` in `object`. Entities are small objects, and every element of a keyed
+/// array is looked up: scanning a few keys costs less than hashing the name each time.
+pub(crate) fn field<'v>(object: &'v Map<String, Value>, name: &str) -> Option<&'v Value> {
+    const SCAN_UP_TO: usize = 16;
+    if object.len() <= SCAN_UP_TO {
+        object
+            .iter()
+            .find_map(|(key, value)| (key == name).then_some(value))
+    } else {
+        object.get(name)
     }
 }
 
@@ -192,6 +225,11 @@ fn decode_token(raw: &str) -> Result<String, String> {
         }
     }
     Ok(out)
+}
+
+/// The length of `token` escaped per RFC 6901 (`~` and `/` take two bytes).
+pub(crate) fn escaped_len(token: &str) -> usize {
+    token.len() + token.bytes().filter(|b| *b == b'~' || *b == b'/').count()
 }
 
 /// Appends `/` and `token`, escaped per RFC 6901, to a pointer being built.
@@ -263,10 +301,24 @@ mod tests {
     }
 
     #[test]
+    fn index_segments_match_only_the_decimal_form() {
+        let p = PathPattern::parse("/a/0/12/*/012/+1").unwrap();
+        assert!(p.segment_matches_index(1, 0));
+        assert!(p.segment_matches_index(2, 12));
+        assert!(!p.segment_matches_index(2, 1));
+        assert!(p.segment_matches_index(3, 7));
+        assert!(!p.segment_matches_index(4, 12));
+        assert!(!p.segment_matches_index(5, 1));
+        assert!(!p.segment_matches_index(0, 0));
+        assert!(!p.segment_matches_index(6, 0));
+    }
+
+    #[test]
     fn push_token_escapes() {
         let mut s = String::new();
         push_token(&mut s, "a/b~c");
         push_token(&mut s, "plain");
         assert_eq!(s, "/a~1b~0c/plain");
+        assert_eq!(1 + escaped_len("a/b~c") + 1 + escaped_len("plain"), s.len());
     }
 }
