@@ -12,10 +12,19 @@ use patchwire::config::{self, Config, LogFormat};
 /// A polling-to-push streaming proxy: polls each upstream API once and pushes its changes as
 /// RFC 6902 JSON Patches to every subscriber over Server-Sent Events.
 #[derive(Debug, Parser)]
-#[command(name = "patchwire", version, about, long_about = None)]
+#[command(
+    name = "patchwire",
+    version,
+    about,
+    long_about = None,
+    args_conflicts_with_subcommands = true
+)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
+    /// Without a command: `run` with this configuration.
+    #[command(flatten)]
+    run: ConfigFile,
 }
 
 #[derive(Debug, Subcommand)]
@@ -42,14 +51,8 @@ struct ConfigFile {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    // clap reads PATCHWIRE_CONFIG only for a subcommand it parsed; the bare command must too.
-    let command = cli.command.unwrap_or_else(|| {
-        Command::Run(ConfigFile {
-            config: std::env::var_os("PATCHWIRE_CONFIG")
-                .filter(|v| !v.is_empty())
-                .map_or_else(|| PathBuf::from("config/default.toml"), PathBuf::from),
-        })
-    });
+    // No command is `run`, with the top-level `--config` (or PATCHWIRE_CONFIG, or the default).
+    let command = cli.command.unwrap_or(Command::Run(cli.run));
     match command {
         Command::Check(ConfigFile { config }) => check(&config),
         Command::Run(ConfigFile { config }) => match load(&config) {

@@ -196,6 +196,10 @@ fn check_rejects_bad_configurations_with_file_key_and_expectation() {
     assert!(stderr.contains(&missing.display().to_string()), "{stderr}");
     assert!(stderr.contains("not found"), "{stderr}");
     assert_no_panic(&stderr);
+    // Without a command, `--config` is `run`'s.
+    let (output, _, stderr) = run(patchwire().arg("--config").arg(&missing));
+    assert_eq!(output.status.code(), Some(2));
+    assert!(stderr.contains(&missing.display().to_string()), "{stderr}");
     let (output, _, stderr) =
         run(patchwire().args(["check", "--config", "config/examples/json-api.toml"]));
     assert_eq!(output.status.code(), Some(2));
