@@ -260,48 +260,88 @@ fn report_sizes(cases: &[Case]) {
 }
 
 /// Times patchwire, `json_patch::diff` and parsing interleaved, pair by pair and round by round,
-/// so that load from other processes hits all three alike; prints medians per pair.
+/// so that load from other processes hits all alike, in a rotating order, so that none always
+/// runs first on the pair's colder caches; prints medians per pair.
+///
+/// patchwire is timed twice: `diff_json` (the patch written as the JSON subscribers receive,
+/// what a publisher runs: its time includes serializing the patch) and `diff` (the patch as
+/// `json_patch` operations, as `json_patch::diff` returns it). The ratio is `diff_json`'s.
 fn report_interleaved_times(cases: &[Case]) {
     println!(
-        "| case | rounds x pairs | patchwire ms | json_patch ms | parse ms | patchwire / parse |"
+        "| case | rounds x pairs | patchwire to JSON ms | patchwire ops ms | json_patch ms | parse ms | to JSON / parse | when first: to JSON / json_patch / parse ms | ratio |"
     );
-    println!("|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|");
     for case in cases {
+        // A multiple of the four measurements: each runs first (on colder caches) equally often.
         let rounds = if case.snapshots[0]["entity"].as_array().map_or(0, Vec::len) >= 100_000 {
-            5
+            4
         } else {
-            15
+            16
         };
         let texts: Vec<Vec<u8>> = case
             .snapshots
             .iter()
             .map(|s| serde_json::to_vec(s).unwrap_or_default())
             .collect();
-        let (mut ours, mut theirs, mut parse) = (Vec::new(), Vec::new(), Vec::new());
-        for _ in 0..rounds {
+        // ours (to JSON), ours (operations), json_patch, parse.
+        let mut samples: [Vec<usize>; 4] = Default::default();
+        // The same, counting only the runs that came first for their pair (coldest caches).
+        let mut firsts: [Vec<usize>; 4] = Default::default();
+        for round in 0..rounds {
             for (i, pair) in case.snapshots.windows(2).enumerate() {
-                let t = Instant::now();
-                black_box(diff::diff(&pair[0], &pair[1], &case.options));
-                ours.push(t.elapsed().as_nanos() as usize);
-                let t = Instant::now();
-                black_box(json_patch::diff(&pair[0], &pair[1]));
-                theirs.push(t.elapsed().as_nanos() as usize);
-                let t = Instant::now();
-                black_box(serde_json::from_slice::<Value>(&texts[i + 1]).ok());
-                parse.push(t.elapsed().as_nanos() as usize);
+                for turn in 0..4 {
+                    let which = (round + i + turn) % 4;
+                    let t = Instant::now();
+                    match which {
+                        0 => {
+                            black_box(diff::diff_json(&pair[0], &pair[1], &case.options));
+                        }
+                        1 => {
+                            black_box(diff::diff(&pair[0], &pair[1], &case.options));
+                        }
+                        2 => {
+                            black_box(json_patch::diff(&pair[0], &pair[1]));
+                        }
+                        _ => {
+                            black_box(serde_json::from_slice::<Value>(&texts[i + 1]).ok());
+                        }
+                    }
+                    let elapsed = t.elapsed().as_nanos() as usize;
+                    samples[which].push(elapsed);
+                    if turn == 0 {
+                        firsts[which].push(elapsed);
+                    }
+                }
             }
         }
+        let [ours, ours_ops, theirs, parse] = samples;
+        let [ours_first, _, theirs_first, parse_first] = firsts;
+        let (of, tf, pf) = (
+            median(ours_first),
+            median(theirs_first),
+            median(parse_first),
+        );
         let samples = ours.len();
         let ms = |ns: usize| ns as f64 / 1e6;
-        let (o, t, p) = (median(ours), median(theirs), median(parse));
+        let (o, oo, t, p) = (
+            median(ours),
+            median(ours_ops),
+            median(theirs),
+            median(parse),
+        );
         println!(
-            "| {} | {rounds} x {} | {:.2} | {:.2} | {:.2} | {:.2} |",
+            "| {} | {rounds} x {} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} / {:.2} / {:.2} | {:.2} |",
             case.name,
             samples / rounds,
             ms(o),
+            ms(oo),
             ms(t),
             ms(p),
-            o as f64 / p.max(1) as f64
+            o as f64 / p.max(1) as f64,
+            ms(of),
+            ms(tf),
+            ms(pf),
+            of as f64 / pf.max(1) as f64
         );
     }
 }
@@ -339,6 +379,17 @@ fn bench(c: &mut Criterion) {
                 b.iter(|| {
                     for (old, new) in pairs {
                         black_box(diff::diff(old, new, &case.options));
+                    }
+                })
+            },
+        );
+        group.bench_with_input(
+            BenchmarkId::new("patchwire-json", &case.name),
+            &pairs,
+            |b, pairs| {
+                b.iter(|| {
+                    for (old, new) in pairs {
+                        black_box(diff::diff_json(old, new, &case.options));
                     }
                 })
             },

@@ -61,6 +61,13 @@ fn check_sequence(name: &str, snapshots: &[(String, Value)], options: &DiffOptio
             !diff::is_root_replace(&patch),
             "{name}: {from} -> {to} replaced the root"
         );
+        // What publishers send is written directly; it must be exactly this patch's JSON.
+        let written = diff::diff_json(old, new, options);
+        assert!(
+            written.json == serde_json::to_vec(&patch).unwrap()
+                && written.only_ignored == diff::only_ignored(&patch, options),
+            "{name}: {from} -> {to}: diff_json differs from diff"
+        );
         for op in &patch.0 {
             let allowed = matches!(
                 op,

@@ -44,6 +44,56 @@ pub(crate) fn diff_containers(
     new: &Value,
     options: &DiffOptions,
 ) -> Vec<PatchOperation> {
+    walk(old, new, options, |ops, steps| {
+        let written: Vec<PatchOperation> = ops.iter().map(|op| op.write_out(steps)).collect();
+        debug_assert!(
+            ops.iter().zip(&written).all(|(op, written)| {
+                Some(op.json_len(steps)) == serde_json::to_vec(written).ok().map(|v| v.len())
+            }),
+            "an operation's computed length differs from its JSON"
+        );
+        written
+    })
+}
+
+/// The operations turning `old` into `new` (both objects or both arrays) written straight as
+/// the patch's compact JSON, exactly as `serde_json` serializes [`diff_containers`]' result,
+/// without building or cloning any operation. Also tells whether every operation lies under
+/// an ignored path.
+pub(crate) fn diff_containers_json(
+    old: &Value,
+    new: &Value,
+    options: &DiffOptions,
+) -> super::PatchJson {
+    walk(old, new, options, |ops, steps| {
+        let mut json = Vec::with_capacity(64 * ops.len() + 2);
+        let mut only_ignored = true;
+        json.push(b'[');
+        for (i, op) in ops.iter().enumerate() {
+            if i > 0 {
+                json.push(b',');
+            }
+            let start = json.len();
+            only_ignored &= op.write_json(steps, options, &mut json);
+            debug_assert_eq!(json.len() - start, op.json_len(steps));
+        }
+        json.push(b']');
+        super::PatchJson {
+            json,
+            operations: ops.len(),
+            only_ignored,
+        }
+    })
+}
+
+/// Walks `old` and `new` and hands the operations found (with the steps their paths index)
+/// to `finish`.
+fn walk<R>(
+    old: &Value,
+    new: &Value,
+    options: &DiffOptions,
+    finish: impl FnOnce(&[Op<'_>], &[Step<'_>]) -> R,
+) -> R {
     let mut walk = Walk {
         options,
         path: Vec::new(),
@@ -58,18 +108,7 @@ pub(crate) fn diff_containers(
         depth: 0,
     };
     walk.value(old, new, live);
-    let ops: Vec<PatchOperation> = walk
-        .ops
-        .iter()
-        .map(|op| op.write_out(&walk.op_steps))
-        .collect();
-    debug_assert!(
-        walk.ops.iter().zip(&ops).all(|(op, written)| {
-            Some(op.json_len(&walk.op_steps)) == serde_json::to_vec(written).ok().map(|v| v.len())
-        }),
-        "an operation's computed length differs from its JSON"
-    );
-    ops
+    finish(&walk.ops, &walk.op_steps)
 }
 
 fn mask(len: usize) -> u64 {
@@ -173,6 +212,49 @@ impl Op<'_> {
             Op::Remove { path: p } => size::remove_len(path(p)),
             Op::Replace { path: p, value: v } => size::replace_len(path(p), value(v)),
             Op::Move { from, path: p } => size::move_len(path(from), path(p)),
+        }
+    }
+
+    /// Appends this operation's compact JSON (as `serde_json` writes [`Op::write_out`]'s
+    /// result) to `out`; returns whether it lies under an ignored path.
+    fn write_json(&self, steps: &[Step<'_>], options: &DiffOptions, out: &mut Vec<u8>) -> bool {
+        let ignored = |p: &PointerBuf| options.ignore.iter().any(|i| i.covers(p));
+        // Writing JSON into a Vec cannot fail.
+        let string = |out: &mut Vec<u8>, s: &str| {
+            let _ = serde_json::to_writer(&mut *out, s);
+        };
+        let pointer = |range: &Range<usize>| pointer(&steps[range.clone()]);
+        match self {
+            Op::Add { path, value } | Op::Replace { path, value } => {
+                let name: &[u8] = if matches!(self, Op::Add { .. }) {
+                    b"{\"op\":\"add\",\"path\":"
+                } else {
+                    b"{\"op\":\"replace\",\"path\":"
+                };
+                let path = pointer(path);
+                out.extend_from_slice(name);
+                string(out, path.as_str());
+                out.extend_from_slice(b",\"value\":");
+                let _ = serde_json::to_writer(&mut *out, *value);
+                out.push(b'}');
+                ignored(&path)
+            }
+            Op::Remove { path } => {
+                let path = pointer(path);
+                out.extend_from_slice(b"{\"op\":\"remove\",\"path\":");
+                string(out, path.as_str());
+                out.push(b'}');
+                ignored(&path)
+            }
+            Op::Move { from, path } => {
+                let (from, path) = (pointer(from), pointer(path));
+                out.extend_from_slice(b"{\"op\":\"move\",\"from\":");
+                string(out, from.as_str());
+                out.extend_from_slice(b",\"path\":");
+                string(out, path.as_str());
+                out.push(b'}');
+                ignored(&from) && ignored(&path)
+            }
         }
     }
 

@@ -26,9 +26,17 @@ fn ops_json(patch: &Patch) -> Value {
     serde_json::to_value(patch).unwrap()
 }
 
-/// Diffs, checks the patch reproduces `new` from `old`, and returns it.
+/// Diffs, checks the patch reproduces `new` from `old` and that [`diff_json`] writes exactly
+/// its JSON, and returns it.
 fn round_trip(old: &Value, new: &Value, options: &DiffOptions) -> Patch {
     let patch = diff(old, new, options);
+    let written = diff_json(old, new, options);
+    assert_eq!(
+        String::from_utf8(written.json).unwrap(),
+        serde_json::to_string(&patch).unwrap()
+    );
+    assert_eq!(written.operations, patch.0.len());
+    assert_eq!(written.only_ignored, only_ignored(&patch, options));
     let mut doc = old.clone();
     apply(&mut doc, &patch).unwrap_or_else(|e| panic!("{e}\npatch: {}", ops_json(&patch)));
     assert_eq!(&doc, new, "patch: {}", ops_json(&patch));

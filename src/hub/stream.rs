@@ -11,7 +11,7 @@ use bytes::Bytes;
 use serde_json::Value;
 use tokio::sync::{broadcast, watch};
 
-use crate::diff::{self, DiffOptions, Patch};
+use crate::diff::{self, DiffOptions};
 use crate::metrics::{self, ChangeLabels, Metrics, StreamLabels};
 use crate::sinks::sse::{self, EncodedEvent};
 use crate::snapshot::{Snapshot, SnapshotStore};
@@ -49,9 +49,8 @@ pub struct Change {
     pub seq: u64,
     /// Patch or snapshot.
     pub kind: ChangeKind,
-    /// The patch from the document at `seq - 1` (empty for snapshot changes).
-    pub patch: Patch,
-    /// The JSON sent to subscribers: the patch, or the whole document for snapshot changes.
+    /// The JSON sent to subscribers: the RFC 6902 patch from the document at `seq - 1`, or the
+    /// whole document for snapshot changes.
     pub payload: Bytes,
     /// The document after this change.
     pub snapshot: Arc<Snapshot>,
@@ -409,36 +408,29 @@ impl Stream {
     fn publish_locked(&self, previous: Option<Arc<Snapshot>>, document: Value) -> Publication {
         let seq = self.lock().seq + 1;
 
-        let (kind, patch) = match &previous {
+        // The patch is written as JSON straight from the two documents: it is only ever sent.
+        let patch = match &previous {
             Some(previous) if same_kind(&previous.document, &document) => {
-                let patch = diff::diff(&previous.document, &document, &self.options.diff);
-                if patch.0.is_empty() {
+                let patch = diff::diff_json(&previous.document, &document, &self.options.diff);
+                if patch.operations == 0 {
                     return Publication::Unchanged;
                 }
-                if diff::only_ignored(&patch, &self.options.diff) {
+                if patch.only_ignored {
                     return Publication::Ignored;
                 }
-                (ChangeKind::Patch, patch)
+                Some(patch.json)
             }
-            _ => (ChangeKind::Snapshot, Patch(Vec::new())),
+            _ => None,
         };
 
         let snapshot = Arc::new(Snapshot::new(seq, document));
-        let (kind, patch, payload) = match kind {
-            ChangeKind::Patch => {
-                let patch_json = Bytes::from(serde_json::to_vec(&patch).unwrap_or_default());
-                if diff::prefer_snapshot(patch_json.len(), snapshot.json.len(), &self.options.diff)
-                {
-                    (
-                        ChangeKind::Snapshot,
-                        Patch(Vec::new()),
-                        snapshot.json.clone(),
-                    )
-                } else {
-                    (ChangeKind::Patch, patch, patch_json)
-                }
+        let (kind, payload) = match patch {
+            Some(json)
+                if !diff::prefer_snapshot(json.len(), snapshot.json.len(), &self.options.diff) =>
+            {
+                (ChangeKind::Patch, Bytes::from(json))
             }
-            ChangeKind::Snapshot => (ChangeKind::Snapshot, patch, snapshot.json.clone()),
+            _ => (ChangeKind::Snapshot, snapshot.json.clone()),
         };
 
         let id = self.event_id(seq).to_string();
@@ -456,7 +448,6 @@ impl Stream {
             epoch: self.epoch,
             seq,
             kind,
-            patch,
             payload,
             snapshot: snapshot.clone(),
             sse,
