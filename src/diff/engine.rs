@@ -218,7 +218,7 @@ impl Op<'_> {
     /// Appends this operation's compact JSON (as `serde_json` writes [`Op::write_out`]'s
     /// result) to `out`; returns whether it lies under an ignored path.
     fn write_json(&self, steps: &[Step<'_>], options: &DiffOptions, out: &mut Vec<u8>) -> bool {
-        let ignored = |p: &PointerBuf| options.ignore.iter().any(|i| i.covers(p));
+        let ignored = |p: &PointerBuf| super::is_ignored(p, options);
         // Writing JSON into a Vec cannot fail.
         let string = |out: &mut Vec<u8>, s: &str| {
             let _ = serde_json::to_writer(&mut *out, s);

@@ -238,7 +238,7 @@ pub fn is_root_replace(patch: &Patch) -> bool {
 /// True when every operation lies at or below an ignored path, so the change publishes nothing
 /// (also true for an empty patch).
 pub fn only_ignored(patch: &Patch, options: &DiffOptions) -> bool {
-    let ignored = |p: &json_patch::jsonptr::Pointer| options.ignore.iter().any(|i| i.covers(p));
+    let ignored = |p: &json_patch::jsonptr::Pointer| is_ignored(p, options);
     patch.0.iter().all(|op| match op {
         PatchOperation::Move(m) => ignored(&m.from) && ignored(&m.path),
         PatchOperation::Copy(c) => ignored(&c.path),
@@ -247,6 +247,11 @@ pub fn only_ignored(patch: &Patch, options: &DiffOptions) -> bool {
             ignored(op.path())
         }
     })
+}
+
+/// Whether `path` lies at or below one of the ignored patterns.
+pub(crate) fn is_ignored(path: &json_patch::jsonptr::Pointer, options: &DiffOptions) -> bool {
+    options.ignore.iter().any(|i| i.covers(path))
 }
 
 /// True when a patch of `patch_json_len` bytes is too large next to a snapshot of
