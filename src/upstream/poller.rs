@@ -192,11 +192,6 @@ where
         Arc::clone(&self.status)
     }
 
-    /// The time between polls.
-    pub fn interval(&self) -> Duration {
-        self.settings.interval
-    }
-
     /// Changes the time between polls from the next poll on (dynamic streams poll as often as
     /// their most demanding subscriber may ask).
     pub fn set_interval(&mut self, interval: Duration) {
