@@ -14,14 +14,23 @@
 //! - [`metrics`]: Prometheus metrics owned by the application.
 //! - [`sim`]: the simulated fleet feed used by the default configuration, tests and benchmarks.
 //! - [`ssrf`]: which outbound addresses are refused, and the resolver that enforces it.
-//! - [`load`]: the `patchwire-load` SSE load client (any SSE server, not just this one).
+
+// Nothing from outside may panic the process, and a library logs through its caller.
+#![cfg_attr(
+    not(test),
+    warn(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::print_stdout,
+        clippy::print_stderr
+    )
+)]
 
 pub mod api;
 pub mod app;
 pub mod config;
 pub mod diff;
 pub mod hub;
-pub mod load;
 pub mod metrics;
 pub mod outbox;
 pub mod proxy;

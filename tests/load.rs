@@ -13,7 +13,7 @@ use std::time::Duration;
 use clap::Parser;
 use patchwire::config::{PushSettings, PushStreamSettings};
 use patchwire::diff::DiffOptions;
-use patchwire::load::{self, Args, LoadError};
+use patchwire_load::{self as load, Args, LoadError};
 use serde_json::json;
 
 use support::{MockUpstream, TestApp, config, stream};
@@ -37,6 +37,30 @@ async fn push_app(polled: Option<&str>) -> TestApp {
         diff: DiffOptions::default(),
     }];
     TestApp::spawn(config).await
+}
+
+/// The `patchwire-load` binary of this build. It belongs to another package of the workspace,
+/// so Cargo does not hand its path to this test (`CARGO_BIN_EXE_*` is per package): it sits
+/// beside this test's `deps/` directory once built (`cargo test --workspace` builds it), and
+/// otherwise is built here with the same Cargo.
+fn load_binary() -> std::path::PathBuf {
+    let test_exe = std::env::current_exe().expect("the test binary's path");
+    let profile_dir = test_exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("the test binary lives in <target>/<profile>/deps");
+    let exe = profile_dir.join(format!("patchwire-load{}", std::env::consts::EXE_SUFFIX));
+    if !exe.exists() {
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let status = std::process::Command::new(cargo)
+            .args(["build", "-p", "patchwire-load", "--bin", "patchwire-load"])
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .status()
+            .expect("cargo starts");
+        assert!(status.success(), "cargo build -p patchwire-load failed");
+    }
+    assert!(exe.exists(), "{} was not built", exe.display());
+    exe
 }
 
 fn args(app: &TestApp, extra: &[&str]) -> Args {
@@ -118,9 +142,9 @@ async fn worker_processes_and_source_addresses_add_up() {
     ]);
     let plan = args(&app, &extra).validate().expect("a valid plan");
     // The real binary, re-executed with --worker for each of the 3 parts.
-    let exe = std::path::Path::new(env!("CARGO_BIN_EXE_patchwire-load"));
+    let exe = load_binary();
 
-    let report = load::run(&plan, Some(exe))
+    let report = load::run(&plan, Some(&exe))
         .await
         .expect("the run completes");
 

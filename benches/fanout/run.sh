@@ -49,7 +49,7 @@ wait_port() { # port
 
 # ---------------------------------------------------------------- build
 log "building release binaries and the C tools"
-(cd "$ROOT" && cargo build --release --bin patchwire --bin patchwire-load 2>&1 | tail -2 >&2)
+(cd "$ROOT" && cargo build --release -p patchwire -p patchwire-load --bin patchwire --bin patchwire-load 2>&1 | tail -2 >&2)
 PATCHWIRE=$ROOT/target/release/patchwire
 LOAD=$ROOT/target/release/patchwire-load
 gcc -O2 -o "$OUT/floor" "$TOOLS/floor.c"

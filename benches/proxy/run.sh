@@ -26,7 +26,7 @@ ulimit -n "$(ulimit -Hn)"
 command -v jq >/dev/null || die "jq is needed to read patchwire-load's JSON reports"
 
 log "building release binaries"
-(cd "$ROOT" && cargo build --release --bin patchwire --bin patchwire-load 2>&1 | tail -1 >&2)
+(cd "$ROOT" && cargo build --release -p patchwire -p patchwire-load --bin patchwire --bin patchwire-load 2>&1 | tail -1 >&2)
 "$ROOT/target/release/patchwire" run --config "$ROOT/benches/proxy/patchwire.toml" >"$OUT/patchwire.log" 2>&1 &
 PW_PID=$!
 trap 'kill $PW_PID 2>/dev/null || true; wait 2>/dev/null || true' EXIT INT TERM

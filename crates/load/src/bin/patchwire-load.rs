@@ -5,7 +5,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use patchwire::load::{self, Args};
+use patchwire_load::{self as load, Args};
 
 fn main() -> ExitCode {
     let args = Args::parse();

@@ -9,6 +9,10 @@
 //! - [`check`]: delivery, order and latency judged from receipts.
 //! - [`stats`], [`report`], [`sys`]: percentiles, the report, /proc and the fd limit.
 
+// Nothing from the servers it measures may panic the tool. It is a command-line tool: its
+// reports and warnings go to stdout and stderr.
+#![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
+
 pub mod args;
 pub mod check;
 pub mod http;
