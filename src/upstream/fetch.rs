@@ -9,6 +9,7 @@ use std::fmt;
 use std::time::{Duration, SystemTime};
 
 use bytes::{Bytes, BytesMut};
+use futures_util::future::BoxFuture;
 use http::header::{ETAG, IF_MODIFIED_SINCE, IF_NONE_MATCH, LAST_MODIFIED, RETRY_AFTER};
 use http::{HeaderMap, HeaderValue, StatusCode};
 use url::Url;
@@ -74,6 +75,28 @@ pub enum Fetched {
         /// The response's `ETag` and `Last-Modified`.
         validators: Validators,
     },
+}
+
+/// Where a poller's requests go. [`Fetcher`] (HTTP) is the one implementation the proxy uses;
+/// the trait is the seam that lets a test put a scripted upstream on tokio's paused clock
+/// behind a real [`Poller`](super::Poller), so the schedule is checked without wall-clock waits.
+pub trait Upstream: Send + Sync {
+    /// Fetches `req.url`, sending `validators` as conditional-request headers.
+    fn fetch<'a>(
+        &'a self,
+        req: &'a FetchRequest<'_>,
+        validators: &'a Validators,
+    ) -> BoxFuture<'a, Result<Fetched, FetchError>>;
+}
+
+impl Upstream for Fetcher {
+    fn fetch<'a>(
+        &'a self,
+        req: &'a FetchRequest<'_>,
+        validators: &'a Validators,
+    ) -> BoxFuture<'a, Result<Fetched, FetchError>> {
+        Box::pin(Fetcher::fetch(self, req, validators))
+    }
 }
 
 /// Why a poll failed; every variant is retried later with backoff.

@@ -18,6 +18,6 @@ pub mod on_demand;
 pub mod poller;
 pub mod ratelimit;
 
-pub use fetch::{FetchError, FetchRequest, Fetched, Fetcher, Validators};
+pub use fetch::{FetchError, FetchRequest, Fetched, Fetcher, Upstream, Validators};
 pub use poller::{LastOutcome, PollReport, PollStatus, PollStep, Poller, Publish, PublishResult};
-pub use ratelimit::{GroupLimiter, RateLimits};
+pub use ratelimit::{GroupLimiter, RateLimits, TokioClock};

@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::backoff;
 use super::decode::{self, DecodeError};
-use super::fetch::{FetchError, FetchRequest, Fetched, Fetcher, Redacted, Validators};
+use super::fetch::{FetchError, FetchRequest, Fetched, Redacted, Upstream, Validators};
 use super::ratelimit::GroupLimiter;
 use crate::config::{BackoffSettings, StreamSettings};
 use crate::metrics::{Metrics, PollLabels, PollOutcome, StreamLabels};
@@ -141,7 +141,7 @@ fn later(instant: Instant, delay: Duration) -> Instant {
 /// Polls one stream's upstream and publishes what it finds.
 pub struct Poller<C: Clock = DefaultClock> {
     settings: Arc<StreamSettings>,
-    fetcher: Arc<Fetcher>,
+    fetcher: Arc<dyn Upstream>,
     limiter: Arc<GroupLimiter<C>>,
     metrics: Arc<Metrics>,
     publish: Arc<dyn Publish>,
@@ -162,7 +162,7 @@ where
     /// A poller for `settings`, sharing `limiter` with the other streams of its group.
     pub fn new(
         settings: Arc<StreamSettings>,
-        fetcher: Arc<Fetcher>,
+        fetcher: Arc<dyn Upstream>,
         limiter: Arc<GroupLimiter<C>>,
         metrics: Arc<Metrics>,
         publish: Arc<dyn Publish>,

@@ -23,6 +23,20 @@ pub fn quota(limit: RateLimit) -> Quota {
     Quota::per_second(limit.per_second).allow_burst(limit.burst)
 }
 
+/// governor's clock on tokio's time: quota waits then follow tokio's clock, paused in tests
+/// (`#[tokio::test(start_paused = true)]`), so a poller's schedule under a quota is checked
+/// exactly instead of against the wall clock.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct TokioClock;
+
+impl Clock for TokioClock {
+    type Instant = std::time::Instant;
+
+    fn now(&self) -> Self::Instant {
+        tokio::time::Instant::now().into_std()
+    }
+}
+
 /// One limiter per rate-limit group, created from the configuration and on demand.
 pub struct RateLimits<C: Clock = DefaultClock> {
     clock: C,

@@ -13,12 +13,18 @@ use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::response::Response;
 use bytes::Bytes;
+use futures_util::future::BoxFuture;
+use governor::clock::{Clock, DefaultClock};
 use http::{HeaderMap, HeaderValue, StatusCode, header};
 use patchwire::config::{BackoffSettings, RateLimit, StreamSettings};
 use patchwire::diff::DiffOptions;
 use patchwire::metrics::Metrics;
 use patchwire::upstream::decode::Format;
-use patchwire::upstream::{FetchError, Fetcher, GroupLimiter, Poller, Publish, PublishResult};
+use patchwire::upstream::fetch::Redacted;
+use patchwire::upstream::{
+    FetchError, FetchRequest, Fetched, Fetcher, GroupLimiter, Poller, Publish, PublishResult,
+    TokioClock, Upstream, Validators,
+};
 use serde_json::Value;
 use tokio::time::Instant;
 use url::Url;
@@ -378,8 +384,134 @@ pub fn limiter(limit: RateLimit) -> Arc<GroupLimiter> {
     )))
 }
 
-pub struct Harness {
-    pub poller: Poller,
+/// A limiter on tokio's clock, for pollers on paused time.
+pub fn tokio_limiter(limit: RateLimit) -> Arc<GroupLimiter<TokioClock>> {
+    Arc::new(GroupLimiter::direct_with_clock(
+        patchwire::upstream::ratelimit::quota(limit),
+        TokioClock,
+    ))
+}
+
+/// An upstream on tokio's clock, for tests on paused time: each request takes `delay` (a
+/// tokio sleep, which paused time skips exactly), answers `status` (200 with `body`, anything
+/// else as that HTTP error), and records when it started and how many were in flight.
+pub struct ScriptedUpstream {
+    state: Mutex<Script>,
+}
+
+struct Script {
+    delay: Duration,
+    status: u16,
+    body: Bytes,
+    starts: Vec<Instant>,
+    in_flight: usize,
+    max_in_flight: usize,
+}
+
+impl ScriptedUpstream {
+    pub fn new(delay: Duration, body: &Value) -> Arc<Self> {
+        Arc::new(ScriptedUpstream {
+            state: Mutex::new(Script {
+                delay,
+                status: 200,
+                body: Bytes::from(body.to_string()),
+                starts: Vec::new(),
+                in_flight: 0,
+                max_in_flight: 0,
+            }),
+        })
+    }
+
+    fn script(&self) -> std::sync::MutexGuard<'_, Script> {
+        self.state.lock().expect("script lock")
+    }
+
+    pub fn set_status(&self, status: u16) {
+        self.script().status = status;
+    }
+
+    pub fn set_body(&self, body: &Value) {
+        self.script().body = Bytes::from(body.to_string());
+    }
+
+    /// When each request started, in order.
+    pub fn starts(&self) -> Vec<Instant> {
+        self.script().starts.clone()
+    }
+
+    pub fn max_in_flight(&self) -> usize {
+        self.script().max_in_flight
+    }
+
+    /// Lets tokio's (paused) clock run until `n` requests have started.
+    pub async fn wait_for_requests(&self, n: usize) {
+        for _ in 0..100_000 {
+            if self.script().starts.len() >= n {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        panic!("fewer than {n} requests after 100 s of tokio time");
+    }
+}
+
+impl Upstream for ScriptedUpstream {
+    fn fetch<'a>(
+        &'a self,
+        req: &'a FetchRequest<'_>,
+        _validators: &'a Validators,
+    ) -> BoxFuture<'a, Result<Fetched, FetchError>> {
+        Box::pin(async move {
+            let delay = {
+                let mut script = self.script();
+                script.starts.push(Instant::now());
+                script.in_flight += 1;
+                script.max_in_flight = script.max_in_flight.max(script.in_flight);
+                script.delay
+            };
+            tokio::time::sleep(delay).await;
+            let mut script = self.script();
+            script.in_flight -= 1;
+            match script.status {
+                200 => Ok(Fetched::Body {
+                    body: script.body.clone(),
+                    validators: Validators::default(),
+                }),
+                status => Err(FetchError::Status {
+                    url: Redacted::new(req.url),
+                    status,
+                    retry_after: None,
+                }),
+            }
+        })
+    }
+}
+
+/// A poller on tokio's clock against `upstream`, limited by `limiter`.
+pub fn paused_harness(
+    settings: StreamSettings,
+    upstream: Arc<ScriptedUpstream>,
+    limiter: Arc<GroupLimiter<TokioClock>>,
+) -> Harness<TokioClock> {
+    let recorder = Arc::new(Recorder::default());
+    let metrics = Arc::new(Metrics::new());
+    let poller = Poller::new(
+        Arc::new(settings),
+        upstream,
+        limiter,
+        Arc::clone(&metrics),
+        Arc::clone(&recorder) as Arc<dyn Publish>,
+        backoff(),
+    );
+    Harness {
+        poller,
+        recorder,
+        metrics,
+    }
+}
+
+pub struct Harness<C: Clock = DefaultClock> {
+    pub poller: Poller<C>,
     pub recorder: Arc<Recorder>,
     pub metrics: Arc<Metrics>,
 }
