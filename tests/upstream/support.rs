@@ -4,7 +4,6 @@
 use std::io::Write;
 use std::net::SocketAddr;
 use std::num::NonZeroU32;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -73,8 +72,6 @@ impl Default for Behaviour {
 /// A request the mock received.
 #[derive(Debug, Clone)]
 pub struct Seen {
-    pub at: Instant,
-    pub path: String,
     pub headers: HeaderMap,
 }
 
@@ -88,8 +85,6 @@ impl Seen {
 struct MockState {
     behaviour: Mutex<Behaviour>,
     seen: Mutex<Vec<Seen>>,
-    in_flight: AtomicUsize,
-    max_in_flight: AtomicUsize,
 }
 
 /// An HTTP upstream on 127.0.0.1:0; stops when dropped.
@@ -136,21 +131,12 @@ impl MockUpstream {
         f(&mut self.state.behaviour.lock().expect("mock lock"));
     }
 
-    pub fn set_json(&self, doc: &Value) {
-        let body = Bytes::from(serde_json::to_vec(doc).expect("serializable"));
-        self.set(|b| b.body = body);
-    }
-
     pub fn seen(&self) -> Vec<Seen> {
         self.state.seen.lock().expect("mock lock").clone()
     }
 
     pub fn last_seen(&self) -> Seen {
         self.seen().pop().expect("the mock received a request")
-    }
-
-    pub fn max_in_flight(&self) -> usize {
-        self.state.max_in_flight.load(Ordering::SeqCst)
     }
 
     /// Waits (up to 5s) until the mock has received `n` requests.
@@ -166,22 +152,9 @@ impl MockUpstream {
     }
 }
 
-struct InFlight(Arc<MockState>);
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
-    }
-}
-
 async fn handle(State(state): State<Arc<MockState>>, request: Request) -> Response {
-    let now = state.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
-    state.max_in_flight.fetch_max(now, Ordering::SeqCst);
-    let _guard = InFlight(Arc::clone(&state));
     let path = request.uri().path().to_owned();
     state.seen.lock().expect("mock lock").push(Seen {
-        at: Instant::now(),
-        path: path.clone(),
         headers: request.headers().clone(),
     });
     let b = state.behaviour.lock().expect("mock lock").clone();
