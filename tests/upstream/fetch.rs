@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::HeaderMap;
+use patchwire::redact::Redacted;
 use patchwire::upstream::{FetchError, FetchRequest, Fetched, Fetcher, Validators};
 use tokio::time::Instant;
 use url::Url;
@@ -20,8 +21,10 @@ async fn fetch_with(
     timeout: Duration,
     max_body_bytes: u64,
 ) -> Result<Fetched, FetchError> {
+    let shown = Redacted::new(url);
     let request = FetchRequest {
         url,
+        shown: &shown,
         headers,
         timeout,
         max_body_bytes,
@@ -86,8 +89,10 @@ async fn validators_become_conditions_and_304_reads_no_body() {
     .await;
     let url = mock.url("/feed");
     let headers = HeaderMap::new();
+    let shown = Redacted::new(&url);
     let request = FetchRequest {
         url: &url,
+        shown: &shown,
         headers: &headers,
         timeout: Duration::from_secs(5),
         max_body_bytes: 1024,

@@ -21,7 +21,9 @@ use http::{HeaderMap, HeaderValue, Response, StatusCode, header};
 use prometheus_client::metrics::counter::Counter;
 use tokio::sync::broadcast::error::RecvError;
 
-use crate::hub::{Change, Initial, Resume, Stream, StreamEvent, Subscription, UpstreamFailure};
+use crate::hub::{
+    Change, Initial, Recovery, Resume, Stream, StreamEvent, Subscription, UpstreamFailure,
+};
 use crate::snapshot::Snapshot;
 
 static KEEP_ALIVE: LazyLock<EncodedEvent> =
@@ -188,6 +190,8 @@ pub(crate) struct Writer {
     sent: Counter,
     resyncs: Counter,
     dialect: Dialect,
+    /// This subscriber was told of a failure and not yet of its end.
+    failing: bool,
     done: bool,
 }
 
@@ -206,6 +210,7 @@ impl Writer {
             sent: metrics.events_sent.get_or_create(&labels).clone(),
             resyncs: metrics.resyncs.get_or_create(&labels).clone(),
             dialect: options.dialect,
+            failing: false,
             done: false,
             subscription,
         };
@@ -270,6 +275,7 @@ impl Writer {
     }
 
     fn push_failure(&mut self, failure: &UpstreamFailure) {
+        self.failing = true;
         match self.dialect {
             Dialect::Native => self.push_counted(&failure.sse),
             Dialect::Streamdata { session } => {
@@ -285,6 +291,18 @@ impl Writer {
                 let frame = frame::event(Some(&id), "error", body.to_string().as_bytes());
                 self.push_counted(&EncodedEvent::new(frame));
             }
+        }
+    }
+
+    /// Tells a subscriber that was told of failures that they are over. The Streamdata.io
+    /// dialect has no such event (its SDKs close on `error`): nothing is sent there.
+    fn push_recovery(&mut self, recovery: &Recovery) {
+        if !std::mem::take(&mut self.failing) {
+            return;
+        }
+        match self.dialect {
+            Dialect::Native => self.push_counted(&recovery.sse),
+            Dialect::Streamdata { .. } => {}
         }
     }
 
@@ -304,15 +322,22 @@ impl Writer {
                 }
             }
             Ok(StreamEvent::Failure(failure)) => self.push_failure(&failure),
+            Ok(StreamEvent::Recovered(recovery)) => self.push_recovery(&recovery),
             Ok(StreamEvent::KeepAlive) => self.push(&KEEP_ALIVE),
             Err(RecvError::Lagged(_)) => {
                 self.resyncs.inc();
                 if let Some(snapshot) = self.stream.snapshot() {
                     self.push_snapshot(&snapshot);
                 }
-                // The current failure may have been among the lost events.
-                if let Some(failure) = self.stream.failure() {
-                    self.push_failure(&failure);
+                // The current failure, or the end of the last one, may have been among the
+                // lost events.
+                match self.stream.failure() {
+                    Some(failure) => self.push_failure(&failure),
+                    None => {
+                        if let Some(recovery) = self.stream.last_recovery() {
+                            self.push_recovery(&recovery);
+                        }
+                    }
                 }
             }
         }
