@@ -836,6 +836,38 @@ mod tests {
     }
 
     #[test]
+    fn the_end_of_failures_is_broadcast_once_with_their_count() {
+        let s = stream(3);
+        published(s.publish(json!({"n": 1})));
+        let mut sub = s.subscribe(&Resume::Fresh);
+        // Nothing failed: nothing to tell.
+        s.recover();
+        assert!(s.last_recovery().is_none());
+        let first = s.fail(502, "upstream-unavailable", "down".into(), Duration::ZERO);
+        let second = s.fail(502, "upstream-unavailable", "down".into(), Duration::ZERO);
+        assert_eq!((second.failures, second.since), (2, first.at));
+        s.recover();
+        s.recover();
+        let mut told = Vec::new();
+        while let Ok(event) = sub.live.try_recv() {
+            if let StreamEvent::Recovered(r) = event {
+                told.push(r);
+            }
+        }
+        assert_eq!(told.len(), 1, "one run of failures, one recovery");
+        assert_eq!((told[0].failures, told[0].since), (2, first.at));
+        let text = std::str::from_utf8(told[0].sse.plain()).unwrap().to_owned();
+        assert!(
+            text.starts_with(&format!(
+                "id: {}\nevent: recovered\ndata: {{\"since\":",
+                s.event_id(1)
+            )),
+            "{text}"
+        );
+        assert!(s.failure().is_none());
+    }
+
+    #[test]
     fn subscriber_gauge_follows_subscriptions() {
         let s = stream(3);
         let a = s.subscribe(&Resume::Fresh);

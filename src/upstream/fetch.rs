@@ -238,7 +238,8 @@ pub fn redirect_policy(
     refuse: impl Fn(&Url) -> Option<String> + Send + Sync + 'static,
 ) -> reqwest::redirect::Policy {
     reqwest::redirect::Policy::custom(move |attempt| {
-        if attempt.previous().len() >= MAX_REDIRECTS {
+        // `previous` holds every URL requested so far, the first one included.
+        if attempt.previous().len() > MAX_REDIRECTS {
             return attempt.error(RedirectError::TooMany);
         }
         match refuse(attempt.url()) {
