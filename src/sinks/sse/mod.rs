@@ -411,6 +411,81 @@ pub fn refusal(refusal: &crate::proxy::Refusal, dialect: Dialect) -> Response<Bo
 mod tests {
     use super::*;
 
+    fn stream(buffer: usize) -> Arc<Stream> {
+        let s = Arc::new(Stream::new(
+            "s",
+            crate::hub::StreamOptions {
+                history: 8,
+                buffer,
+                diff: crate::diff::DiffOptions::default(),
+            },
+            crate::snapshot::SnapshotStore::new(),
+            Arc::new(crate::metrics::Metrics::new()),
+        ));
+        s.publish(serde_json::json!({"n": 0}));
+        s
+    }
+
+    fn writer(s: &Arc<Stream>, dialect: Dialect) -> Writer {
+        let options = SseOptions {
+            retry: Duration::from_secs(1),
+            gzip: false,
+            dialect,
+        };
+        Writer::new(s.subscribe(&Resume::Fresh), options)
+    }
+
+    /// The names of the events owed, in order.
+    fn owed(w: &mut Writer) -> Vec<String> {
+        let mut names = Vec::new();
+        while let Some(bytes) = w.pop() {
+            let text = String::from_utf8(bytes.to_vec()).unwrap();
+            names.extend(
+                text.lines()
+                    .filter_map(|l| l.strip_prefix("event: "))
+                    .map(str::to_owned),
+            );
+        }
+        names
+    }
+
+    #[tokio::test]
+    async fn the_end_of_failures_reaches_native_subscribers_that_saw_them() {
+        let s = stream(16);
+        let mut native = writer(&s, Dialect::Native);
+        let mut streamdata = writer(&s, Dialect::Streamdata { session: 1 });
+        assert_eq!(owed(&mut native), ["snapshot"]);
+        assert_eq!(owed(&mut streamdata), ["data"]);
+        s.fail(502, "upstream-unavailable", "down".into(), Duration::ZERO);
+        let mut joined_failing = writer(&s, Dialect::Native);
+        s.recover();
+        let mut joined_after = writer(&s, Dialect::Native);
+        for w in [&mut native, &mut streamdata] {
+            w.next_live().await;
+            w.next_live().await;
+        }
+        assert_eq!(owed(&mut native), ["error", "recovered"]);
+        assert_eq!(owed(&mut streamdata), ["error"], "no such event in that dialect");
+        joined_failing.next_live().await;
+        assert_eq!(owed(&mut joined_failing), ["snapshot", "error", "recovered"]);
+        assert_eq!(owed(&mut joined_after), ["snapshot"], "it saw no error");
+    }
+
+    #[tokio::test]
+    async fn a_subscriber_that_lagged_past_the_recovery_is_told_with_its_resync() {
+        let s = stream(2);
+        let mut w = writer(&s, Dialect::Native);
+        s.fail(502, "upstream-unavailable", "down".into(), Duration::ZERO);
+        w.next_live().await;
+        assert_eq!(owed(&mut w), ["snapshot", "error"]);
+        s.recover();
+        for n in 1..=4 {
+            s.publish(serde_json::json!({"n": n}));
+        }
+        w.next_live().await;
+        assert_eq!(owed(&mut w), ["snapshot", "recovered"]);
+    }
+
     #[test]
     fn resume_point_prefers_the_header() {
         let mut h = HeaderMap::new();
