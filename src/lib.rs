@@ -13,6 +13,7 @@
 //! - [`app`]: wiring: builds everything from a validated configuration and runs it.
 //! - [`metrics`]: Prometheus metrics owned by the application.
 //! - [`sim`]: the simulated fleet feed used by the default configuration, tests and benchmarks.
+//! - [`redact`]: the one way a URL is shown (logs, errors, listings), without its secrets.
 //! - [`ssrf`]: which outbound addresses are refused, and the resolver that enforces it.
 
 // Nothing from outside may panic the process, and a library logs through its caller.
@@ -34,6 +35,7 @@ pub mod hub;
 pub mod metrics;
 pub mod outbox;
 pub mod proxy;
+pub mod redact;
 pub mod sim;
 pub mod sinks;
 pub mod snapshot;

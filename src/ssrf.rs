@@ -105,11 +105,13 @@ fn forbidden_v6(ip: Ipv6Addr) -> Option<&'static str> {
 
 fn http_host(url: &Url) -> Result<Host<&str>, TargetError> {
     if !matches!(url.scheme(), "http" | "https") {
-        return Err(TargetError::NotHttp(url.to_string()));
+        return Err(TargetError::NotHttp(
+            crate::redact::Redacted::new(url).to_string(),
+        ));
     }
     url.host()
         .filter(|h| !matches!(h, Host::Domain(d) if d.is_empty()))
-        .ok_or_else(|| TargetError::NotHttp(url.to_string()))
+        .ok_or_else(|| TargetError::NotHttp(crate::redact::Redacted::new(url).to_string()))
 }
 
 /// Checks the scheme, and the address when the host is an IP literal (names are checked when

@@ -137,7 +137,8 @@ fn endpoint_json(endpoint: &Endpoint) -> Value {
     let now = crate::outbox::unix_ms(std::time::SystemTime::now());
     json!({
         "id": r.id,
-        "url": r.url,
+        // Userinfo and query values may be credentials: shown redacted.
+        "url": crate::redact::Redacted::new(&endpoint.url),
         "streams": r.streams,
         "mode": r.mode,
         // Values may be credentials: names only.

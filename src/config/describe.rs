@@ -1,6 +1,6 @@
 //! A human summary of a validated configuration, printed by `patchwire check`.
 //!
-//! Header values and URL passwords and query values may be secrets: they are never printed.
+//! Header values, URL userinfo and query values may be secrets: they are never printed.
 
 use std::fmt::Write as _;
 use std::time::Duration;
@@ -21,21 +21,9 @@ fn bytes(n: u64) -> String {
     bytesize::ByteSize::b(n).display().iec().to_string()
 }
 
-/// The URL with its password and query values replaced by `***`.
+/// The URL as every output shows it (see [`crate::redact`]).
 fn redacted(url: &Url) -> String {
-    let mut shown = url.clone();
-    if shown.password().is_some() {
-        // Only fails for URLs that cannot have a password, which this one has.
-        let _ = shown.set_password(Some("***"));
-    }
-    if shown.query().is_some() {
-        let pairs: Vec<(String, String)> = url
-            .query_pairs()
-            .map(|(k, _)| (k.into_owned(), "***".to_owned()))
-            .collect();
-        shown.query_pairs_mut().clear().extend_pairs(pairs);
-    }
-    shown.to_string()
+    crate::redact::Redacted::new(url).to_string()
 }
 
 /// Summarizes `config`: listeners, shared upstream settings and every stream, without secrets.
@@ -326,7 +314,7 @@ mod tests {
             "{shown}"
         );
         assert!(
-            shown.contains("key=***") && shown.contains("route=***"),
+            shown.contains("key=REDACTED") && shown.contains("route=REDACTED"),
             "{shown}"
         );
         let plain = Url::parse("http://127.0.0.1:8081/feeds/fleet").unwrap();

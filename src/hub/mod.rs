@@ -9,8 +9,8 @@
 mod stream;
 
 pub use stream::{
-    Change, ChangeKind, EventId, Initial, Publication, Resume, Stream, StreamEvent, StreamOptions,
-    Subscription, UpstreamFailure,
+    Change, ChangeKind, EventId, Initial, Publication, Recovery, Resume, Stream, StreamEvent,
+    StreamOptions, Subscription, UpstreamFailure,
 };
 
 use std::collections::BTreeMap;

@@ -91,16 +91,33 @@ pub struct UpstreamFailure {
     pub status: u16,
     /// A human-readable reason (never contains header values).
     pub message: String,
-    /// A machine-readable reason: `upstream-timeout`, `upstream-unavailable` (no response or
-    /// an invalid one), `upstream-status` (an error status), or why the proxy ended the stream.
+    /// A machine-readable reason (see [`FetchError::cause`]), or why the proxy ended the
+    /// stream.
     pub cause: &'static str,
     /// When the poll failed.
     pub at: SystemTime,
+    /// When the run of failures this one belongs to began.
+    pub since: SystemTime,
+    /// Failed polls in this run, this one included.
+    pub failures: u32,
     /// When the next attempt is due.
     pub retry_in: Duration,
     /// The sequence number of the last good document (the failure does not advance it).
     pub seq: u64,
     /// This failure as an SSE `error` event.
+    pub sse: EncodedEvent,
+}
+
+/// The end of a run of failures: the upstream answers again.
+#[derive(Debug)]
+pub struct Recovery {
+    /// When the first failure of the run happened.
+    pub since: SystemTime,
+    /// How many polls failed in a row.
+    pub failures: u32,
+    /// When the upstream answered again.
+    pub at: SystemTime,
+    /// The native `recovered` event.
     pub sse: EncodedEvent,
 }
 
@@ -111,6 +128,8 @@ pub enum StreamEvent {
     Change(Arc<Change>),
     /// The upstream failed; the last good document stays current.
     Failure(Arc<UpstreamFailure>),
+    /// The upstream answers again after failures (sent before the change, if any).
+    Recovered(Arc<Recovery>),
     /// Nothing happened for a while; keeps idle connections open through proxies.
     KeepAlive,
 }
@@ -227,6 +246,8 @@ struct State {
     live: Option<broadcast::Sender<StreamEvent>>,
     history: VecDeque<Arc<Change>>,
     failure: Option<Arc<UpstreamFailure>>,
+    /// The last recovery, for subscribers that lagged past its event.
+    recovery: Option<Arc<Recovery>>,
     last_change_at: Option<SystemTime>,
 }
 
@@ -282,6 +303,7 @@ impl Stream {
                 live: Some(live),
                 history: VecDeque::new(),
                 failure: None,
+                recovery: None,
                 last_change_at: None,
             }),
             publishing: Mutex::new(()),
@@ -326,6 +348,11 @@ impl Stream {
     /// The current upstream failure, if the last poll failed.
     pub fn failure(&self) -> Option<Arc<UpstreamFailure>> {
         self.lock().failure.clone()
+    }
+
+    /// The last end of a run of failures, if any.
+    pub fn last_recovery(&self) -> Option<Arc<Recovery>> {
+        self.lock().recovery.clone()
     }
 
     /// When the last change was published.
@@ -491,9 +518,16 @@ impl Stream {
         Publication::Published(change)
     }
 
-    /// Tells subscribers the upstream failed; the current document stays.
-    pub fn fail(&self, status: u16, message: String, retry_in: Duration) -> Arc<UpstreamFailure> {
-        self.fail_with(status, upstream_cause(status), message, retry_in)
+    /// Tells subscribers the upstream failed (`cause` is machine-readable); the current
+    /// document stays.
+    pub fn fail(
+        &self,
+        status: u16,
+        cause: &'static str,
+        message: String,
+        retry_in: Duration,
+    ) -> Arc<UpstreamFailure> {
+        self.fail_with(status, cause, message, retry_in)
     }
 
     /// Tells subscribers why the stream ends (`cause` is machine-readable), then ends it.
@@ -520,11 +554,17 @@ impl Stream {
         });
         let id = self.event_id(state.seq).to_string();
         let frame = sse::frame::event(Some(&id), "error", body.to_string().as_bytes());
+        let (since, failures) = match &state.failure {
+            Some(previous) => (previous.since, previous.failures.saturating_add(1)),
+            None => (at, 1),
+        };
         let failure = Arc::new(UpstreamFailure {
             status,
             message,
             cause,
             at,
+            since,
+            failures,
             retry_in,
             seq: state.seq,
             sse: EncodedEvent::new(frame),
@@ -536,9 +576,31 @@ impl Stream {
         failure
     }
 
-    /// The upstream answers again: the failure state clears (the next change follows).
+    /// The upstream answers again: the failure state clears and subscribers are told the
+    /// failures are over (the next change, if any, follows). A no-op when nothing failed.
     pub fn recover(&self) {
-        self.lock().failure = None;
+        let mut state = self.lock();
+        let Some(failure) = state.failure.take() else {
+            return;
+        };
+        let at = SystemTime::now();
+        let body = serde_json::json!({
+            "since": httpdate::fmt_http_date(failure.since),
+            "failures": failure.failures,
+            "timestamp": httpdate::fmt_http_date(at),
+        });
+        let id = self.event_id(state.seq).to_string();
+        let frame = sse::frame::event(Some(&id), "recovered", body.to_string().as_bytes());
+        let recovery = Arc::new(Recovery {
+            since: failure.since,
+            failures: failure.failures,
+            at,
+            sse: EncodedEvent::new(frame),
+        });
+        state.recovery = Some(recovery.clone());
+        if let Some(live) = &state.live {
+            let _ = live.send(StreamEvent::Recovered(recovery));
+        }
     }
 
     /// Sends a keep-alive to every subscriber (a no-op without subscribers).
@@ -622,15 +684,6 @@ fn replay_start(state: &State, seq: u64) -> Option<usize> {
     usize::try_from(seq + 1 - oldest).ok()
 }
 
-/// The `cause` of an upstream failure reported with this status.
-fn upstream_cause(status: u16) -> &'static str {
-    match status {
-        504 => "upstream-timeout",
-        502 => "upstream-unavailable",
-        _ => "upstream-status",
-    }
-}
-
 /// A poller publishes into its stream.
 impl Publish for Stream {
     fn document(&self, doc: Value) -> PublishResult {
@@ -641,7 +694,7 @@ impl Publish for Stream {
     }
 
     fn failure(&self, error: &FetchError, retry_in: Duration) {
-        self.fail(error.status(), error.to_string(), retry_in);
+        self.fail(error.status(), error.cause(), error.to_string(), retry_in);
     }
 
     fn recovered(&self) {
@@ -767,13 +820,50 @@ mod tests {
     fn failure_keeps_the_snapshot_and_is_told_to_new_subscribers() {
         let s = stream(3);
         published(s.publish(json!({"n": 1})));
-        s.fail(503, "upstream said 503".into(), Duration::from_secs(2));
+        s.fail(
+            503,
+            "upstream-status",
+            "upstream said 503".into(),
+            Duration::from_secs(2),
+        );
         assert_eq!(s.snapshot().map(|x| x.seq), Some(1));
         let sub = s.subscribe(&Resume::Fresh);
         assert!(
             matches!(sub.initial.as_slice(), [Initial::Snapshot(_), Initial::Failure(f)] if f.status == 503)
         );
         published(s.publish(json!({"n": 2})));
+        assert!(s.failure().is_none());
+    }
+
+    #[test]
+    fn the_end_of_failures_is_broadcast_once_with_their_count() {
+        let s = stream(3);
+        published(s.publish(json!({"n": 1})));
+        let mut sub = s.subscribe(&Resume::Fresh);
+        // Nothing failed: nothing to tell.
+        s.recover();
+        assert!(s.last_recovery().is_none());
+        let first = s.fail(502, "upstream-unavailable", "down".into(), Duration::ZERO);
+        let second = s.fail(502, "upstream-unavailable", "down".into(), Duration::ZERO);
+        assert_eq!((second.failures, second.since), (2, first.at));
+        s.recover();
+        s.recover();
+        let mut told = Vec::new();
+        while let Ok(event) = sub.live.try_recv() {
+            if let StreamEvent::Recovered(r) = event {
+                told.push(r);
+            }
+        }
+        assert_eq!(told.len(), 1, "one run of failures, one recovery");
+        assert_eq!((told[0].failures, told[0].since), (2, first.at));
+        let text = std::str::from_utf8(told[0].sse.plain()).unwrap().to_owned();
+        assert!(
+            text.starts_with(&format!(
+                "id: {}\nevent: recovered\ndata: {{\"since\":",
+                s.event_id(1)
+            )),
+            "{text}"
+        );
         assert!(s.failure().is_none());
     }
 

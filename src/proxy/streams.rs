@@ -31,7 +31,7 @@ use crate::metrics::{EvictionCause, EvictionLabels, Metrics};
 use crate::snapshot::SnapshotStore;
 use crate::ssrf::{self, GuardedResolver};
 use crate::upstream::decode::Format;
-use crate::upstream::fetch::{FetchError, Fetcher, MAX_REDIRECTS};
+use crate::upstream::fetch::{FetchError, Fetcher, redirect_policy};
 use crate::upstream::on_demand::{self, Idle, OnDemand};
 use crate::upstream::poller::Poller;
 use crate::upstream::ratelimit::RateLimits;
@@ -349,7 +349,8 @@ impl DynamicStreams {
             self.metrics.clone(),
             stream.clone(),
             self.backoff,
-        );
+        )
+        .show_host_only();
         let entry = Arc::new(Entry {
             stream: stream.clone(),
             host: target.url.host_str().unwrap_or_default().to_owned(),
@@ -469,15 +470,7 @@ async fn end_evicted(
 fn client(settings: &ProxySettings, user_agent: &str) -> Result<Fetcher, FetchError> {
     let allowed: Vec<HostPattern> = settings.allowed_hosts.clone();
     let allow_private = settings.allow_private;
-    let redirects = reqwest::redirect::Policy::custom(move |attempt| {
-        if attempt.previous().len() >= MAX_REDIRECTS {
-            return attempt.error(format!("more than {MAX_REDIRECTS} redirects"));
-        }
-        match redirect_refusal(attempt.url(), &allowed, allow_private) {
-            Some(reason) => attempt.error(reason),
-            None => attempt.follow(),
-        }
-    });
+    let redirects = redirect_policy(move |url| redirect_refusal(url, &allowed, allow_private));
     let builder = Fetcher::client_builder(user_agent)?
         .redirect(redirects)
         .no_proxy()
@@ -488,13 +481,11 @@ fn client(settings: &ProxySettings, user_agent: &str) -> Result<Fetcher, FetchEr
 /// Why a redirect to `url` is not followed, if it is not.
 fn redirect_refusal(url: &Url, allowed: &[HostPattern], allow_private: bool) -> Option<String> {
     if let Err(error) = ssrf::check_url(url, allow_private) {
-        return Some(format!("redirect refused: {error}"));
+        return Some(error.to_string());
     }
     let host = url.host_str().unwrap_or_default();
     if !allowed.iter().any(|p| p.matches(host)) {
-        return Some(format!(
-            "redirect refused: {host} is not in proxy.allowed_hosts"
-        ));
+        return Some(format!("{host} is not in proxy.allowed_hosts"));
     }
     None
 }

@@ -16,6 +16,7 @@ use url::Url;
 
 use super::backoff::parse_retry_after;
 use super::decode::DecodeError;
+pub use crate::redact::Redacted;
 
 /// Redirects followed before a request fails.
 pub const MAX_REDIRECTS: usize = 5;
@@ -25,6 +26,8 @@ pub const MAX_REDIRECTS: usize = 5;
 pub struct FetchRequest<'a> {
     /// The upstream URL.
     pub url: &'a Url,
+    /// The URL as errors name it (see [`crate::redact`]).
+    pub shown: &'a Redacted,
     /// Headers sent with the request (may hold credentials: never logged).
     pub headers: &'a HeaderMap,
     /// Timeout for the whole request: connecting, headers and body.
@@ -37,7 +40,7 @@ impl fmt::Debug for FetchRequest<'_> {
     /// Header names only: their values may be credentials.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("FetchRequest")
-            .field("url", &Redacted::new(self.url))
+            .field("url", self.shown)
             .field("headers", &self.headers.keys().collect::<Vec<_>>())
             .field("timeout", &self.timeout)
             .field("max_body_bytes", &self.max_body_bytes)
@@ -105,23 +108,32 @@ pub enum FetchError {
     /// The request (including reading the body) took longer than the stream's timeout.
     #[error("GET {url}: no complete response within the timeout of {timeout:?}")]
     Timeout {
-        /// The upstream URL (password redacted).
+        /// The upstream URL (redacted).
         url: Redacted,
         /// The timeout that elapsed.
         timeout: Duration,
     },
-    /// No response: DNS, connection refused, TLS, or too many redirects.
+    /// No response: DNS, connection refused, TLS.
     #[error("GET {url}: no response: {reason}")]
     Connect {
-        /// The upstream URL (password redacted).
+        /// The upstream URL (redacted).
         url: Redacted,
         /// What went wrong, with its causes.
         reason: String,
     },
+    /// A redirect was not followed: too many, or to a refused URL.
+    #[error("GET {url}: {source}")]
+    Redirect {
+        /// The upstream URL (redacted).
+        url: Redacted,
+        /// Why the redirect was not followed.
+        #[source]
+        source: RedirectError,
+    },
     /// The upstream answered with an error or otherwise unexpected status.
     #[error("GET {url}: upstream answered HTTP {status}{}", retry_after_note(*.retry_after))]
     Status {
-        /// The upstream URL (password redacted).
+        /// The upstream URL (redacted).
         url: Redacted,
         /// The HTTP status code.
         status: u16,
@@ -131,7 +143,7 @@ pub enum FetchError {
     /// The body is larger than the stream's `max_body_bytes`.
     #[error("GET {url}: body larger than the limit of {limit} bytes (max_body_bytes)")]
     TooLarge {
-        /// The upstream URL (password redacted).
+        /// The upstream URL (redacted).
         url: Redacted,
         /// The limit that was exceeded.
         limit: u64,
@@ -140,7 +152,7 @@ pub enum FetchError {
     /// invalid.
     #[error("GET {url}: reading the body failed: {reason}")]
     Body {
-        /// The upstream URL (password redacted).
+        /// The upstream URL (redacted).
         url: Redacted,
         /// What went wrong, with its causes.
         reason: String,
@@ -148,7 +160,7 @@ pub enum FetchError {
     /// The body is not a valid document in the stream's format.
     #[error("GET {url}: the body is not a valid document: {source}")]
     Decode {
-        /// The upstream URL (password redacted).
+        /// The upstream URL (redacted).
         url: Redacted,
         /// The decoding error.
         #[source]
@@ -171,10 +183,30 @@ fn retry_after_note(retry_after: Option<Duration>) -> String {
 
 impl FetchError {
     /// A decoding failure of the body fetched from `url`.
-    pub fn decode(url: &Url, source: DecodeError) -> Self {
+    pub fn decode(url: &Redacted, source: DecodeError) -> Self {
         FetchError::Decode {
-            url: Redacted::new(url),
+            url: url.clone(),
             source,
+        }
+    }
+
+    /// The machine-readable `cause` told to subscribers: `upstream-timeout`,
+    /// `upstream-status` (an error status), `upstream-invalid` (a 2xx body that does not
+    /// decode), `redirect-refused`, or `upstream-unavailable` (no usable response).
+    pub fn cause(&self) -> &'static str {
+        match self {
+            FetchError::Timeout { .. } => "upstream-timeout",
+            FetchError::Status { .. } => "upstream-status",
+            FetchError::Decode { .. } => "upstream-invalid",
+            FetchError::Redirect {
+                source: RedirectError::Refused { .. },
+                ..
+            } => "redirect-refused",
+            FetchError::Connect { .. }
+            | FetchError::Redirect { .. }
+            | FetchError::TooLarge { .. }
+            | FetchError::Body { .. }
+            | FetchError::Client { .. } => "upstream-unavailable",
         }
     }
 
@@ -185,6 +217,7 @@ impl FetchError {
             FetchError::Timeout { .. } => 504,
             FetchError::Status { status, .. } => *status,
             FetchError::Connect { .. }
+            | FetchError::Redirect { .. }
             | FetchError::TooLarge { .. }
             | FetchError::Body { .. }
             | FetchError::Decode { .. } => 502,
@@ -205,39 +238,41 @@ impl FetchError {
     }
 }
 
-/// A URL safe to log: its password, if any, is replaced by `***`.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Redacted(String);
+/// Why a redirect was not followed; a redirect policy returns it from
+/// `reqwest::redirect::Attempt::error`, and the fetch finds it again in the error's causes.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum RedirectError {
+    /// The chain of redirects is longer than [`MAX_REDIRECTS`].
+    #[error("more than {MAX_REDIRECTS} redirects")]
+    TooMany,
+    /// The redirect goes somewhere the policy refuses (an address or host not allowed).
+    #[error("redirect to {url} refused: {reason}")]
+    Refused {
+        /// Where the redirect pointed (redacted).
+        url: Redacted,
+        /// Why it is refused.
+        reason: String,
+    },
+}
 
-impl Redacted {
-    /// Redacts `url`.
-    pub fn new(url: &Url) -> Self {
-        if url.password().is_some() {
-            let mut url = url.clone();
-            // Only fails for URLs that cannot have credentials, which this one has.
-            let _ = url.set_password(Some("***"));
-            Redacted(url.to_string())
-        } else {
-            Redacted(url.to_string())
+/// A redirect policy following at most [`MAX_REDIRECTS`] redirects, each to a URL `refuse`
+/// finds no reason to refuse; its refusals are [`RedirectError`]s.
+pub fn redirect_policy(
+    refuse: impl Fn(&Url) -> Option<String> + Send + Sync + 'static,
+) -> reqwest::redirect::Policy {
+    reqwest::redirect::Policy::custom(move |attempt| {
+        // `previous` holds every URL requested so far, the first one included.
+        if attempt.previous().len() > MAX_REDIRECTS {
+            return attempt.error(RedirectError::TooMany);
         }
-    }
-
-    /// The redacted URL.
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Display for Redacted {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl fmt::Debug for Redacted {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Debug::fmt(&self.0, f)
-    }
+        match refuse(attempt.url()) {
+            Some(reason) => {
+                let url = Redacted::new(attempt.url());
+                attempt.error(RedirectError::Refused { url, reason })
+            }
+            None => attempt.follow(),
+        }
+    })
 }
 
 /// The HTTP client shared by every poller.
@@ -250,8 +285,7 @@ impl Fetcher {
     /// A client sending `user_agent`, following at most [`MAX_REDIRECTS`] redirects and
     /// decompressing gzip, brotli and deflate bodies.
     pub fn new(user_agent: &str) -> Result<Fetcher, FetchError> {
-        let builder = Self::client_builder(user_agent)?
-            .redirect(reqwest::redirect::Policy::limited(MAX_REDIRECTS));
+        let builder = Self::client_builder(user_agent)?.redirect(redirect_policy(|_| None));
         Self::build(builder)
     }
 
@@ -289,7 +323,7 @@ impl Fetcher {
         match tokio::time::timeout(req.timeout, self.fetch_unbounded(req, validators)).await {
             Ok(result) => result,
             Err(_elapsed) => Err(FetchError::Timeout {
-                url: Redacted::new(req.url),
+                url: req.shown.clone(),
                 timeout: req.timeout,
             }),
         }
@@ -326,14 +360,14 @@ impl Fetcher {
                 _ => None,
             };
             return Err(FetchError::Status {
-                url: Redacted::new(req.url),
+                url: req.shown.clone(),
                 status: status.as_u16(),
                 retry_after,
             });
         }
 
         let too_large = || FetchError::TooLarge {
-            url: Redacted::new(req.url),
+            url: req.shown.clone(),
             limit: req.max_body_bytes,
         };
         // reqwest hides Content-Length when it decompresses, so this only rejects plain
@@ -367,17 +401,29 @@ impl Fetcher {
 fn request_error(req: &FetchRequest<'_>, error: reqwest::Error) -> FetchError {
     if error.is_timeout() {
         FetchError::Timeout {
-            url: Redacted::new(req.url),
+            url: req.shown.clone(),
             timeout: req.timeout,
         }
     } else if error.is_redirect() {
+        // The policy's own error is among the causes; reqwest's own refusals (a redirect to
+        // a URL it cannot follow) are not, and are named by their text.
+        let mut cause = error.source();
+        while let Some(c) = cause {
+            if let Some(redirect) = c.downcast_ref::<RedirectError>() {
+                return FetchError::Redirect {
+                    url: req.shown.clone(),
+                    source: redirect.clone(),
+                };
+            }
+            cause = c.source();
+        }
         FetchError::Connect {
-            url: Redacted::new(req.url),
-            reason: format!("more than {MAX_REDIRECTS} redirects"),
+            url: req.shown.clone(),
+            reason: causes(error),
         }
     } else {
         FetchError::Connect {
-            url: Redacted::new(req.url),
+            url: req.shown.clone(),
             reason: causes(error),
         }
     }
@@ -386,12 +432,12 @@ fn request_error(req: &FetchRequest<'_>, error: reqwest::Error) -> FetchError {
 fn body_error(req: &FetchRequest<'_>, error: reqwest::Error) -> FetchError {
     if error.is_timeout() {
         FetchError::Timeout {
-            url: Redacted::new(req.url),
+            url: req.shown.clone(),
             timeout: req.timeout,
         }
     } else {
         FetchError::Body {
-            url: Redacted::new(req.url),
+            url: req.shown.clone(),
             reason: causes(error),
         }
     }
@@ -465,10 +511,7 @@ mod tests {
         };
         let text = error.to_string();
         assert!(!text.contains("hunter2"), "{text}");
-        assert!(
-            text.contains("https://user:***@x.example/feed?x=1"),
-            "{text}"
-        );
+        assert!(text.contains("https://x.example/feed?x=REDACTED"), "{text}");
     }
 
     #[test]
@@ -485,10 +528,11 @@ mod tests {
         );
         let decode = crate::upstream::decode::decode(crate::upstream::decode::Format::Json, b"{")
             .expect_err("truncated JSON is invalid");
-        let error = FetchError::decode(&url, decode);
+        let error = FetchError::decode(&Redacted::new(&url), decode);
         let text = error.to_string();
         assert!(text.starts_with("GET http://x.example/feed: the body is not a valid document: invalid JSON at line 1"), "{text}");
         assert_eq!(error.status(), 502);
+        assert_eq!(error.cause(), "upstream-invalid");
     }
 
     #[test]
@@ -499,8 +543,10 @@ mod tests {
             http::header::AUTHORIZATION,
             HeaderValue::from_static("Bearer s3cret"),
         );
+        let shown = Redacted::new(&url);
         let request = FetchRequest {
             url: &url,
+            shown: &shown,
             headers: &headers,
             timeout: Duration::from_secs(1),
             max_body_bytes: 10,

@@ -17,10 +17,11 @@ use tokio_util::sync::CancellationToken;
 
 use super::backoff;
 use super::decode::{self, DecodeError};
-use super::fetch::{FetchError, FetchRequest, Fetched, Redacted, Upstream, Validators};
+use super::fetch::{FetchError, FetchRequest, Fetched, Upstream, Validators};
 use super::ratelimit::GroupLimiter;
 use crate::config::{BackoffSettings, StreamSettings};
 use crate::metrics::{Metrics, PollLabels, PollOutcome, StreamLabels};
+use crate::redact::Redacted;
 
 /// What the hub made of a document.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -187,6 +188,14 @@ where
         }
     }
 
+    /// Names the upstream by its scheme, host and port only, in logs and errors (dynamic
+    /// streams: their URLs are their clients', see [`Redacted::host_only`]).
+    #[must_use]
+    pub fn show_host_only(mut self) -> Self {
+        self.url = Redacted::host_only(&self.settings.url);
+        self
+    }
+
     /// The live state, for the `/streams` listing.
     pub fn status(&self) -> Arc<PollStatus> {
         Arc::clone(&self.status)
@@ -248,6 +257,7 @@ where
 
         let request = FetchRequest {
             url: &self.settings.url,
+            shown: &self.url,
             headers: &self.settings.headers,
             timeout: self.settings.timeout,
             max_body_bytes: self.settings.max_body_bytes,
@@ -342,9 +352,9 @@ where
                 let doc = tokio::task::spawn_blocking(move || decode::decode(format, &to_decode))
                     .await
                     .map_err(|e| {
-                        FetchError::decode(&self.settings.url, DecodeError::Panicked(e.to_string()))
+                        FetchError::decode(&self.url, DecodeError::Panicked(e.to_string()))
                     })?
-                    .map_err(|e| FetchError::decode(&self.settings.url, e))?;
+                    .map_err(|e| FetchError::decode(&self.url, e))?;
                 self.validators = validators;
                 self.last_body = Some(body);
                 let recovered = self.succeeded();

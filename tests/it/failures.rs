@@ -46,7 +46,13 @@ impl Breakage {
 }
 
 /// Checks an `error` event's shape and returns its body.
-fn check_error_event(event: &SseEvent, id: &str, status: u16, message_has: &str) -> Value {
+fn check_error_event(
+    event: &SseEvent,
+    id: &str,
+    status: u16,
+    cause: &str,
+    message_has: &str,
+) -> Value {
     assert_eq!(event.event, "error", "{event:?}");
     assert_eq!(
         event.id, id,
@@ -65,11 +71,6 @@ fn check_error_event(event: &SseEvent, id: &str, status: u16, message_has: &str)
         "{body}"
     );
     assert_eq!(body["status"], status, "{body}");
-    let cause = match status {
-        504 => "upstream-timeout",
-        502 => "upstream-unavailable",
-        _ => "upstream-status",
-    };
     assert_eq!(body["cause"], cause, "{body}");
     let message = body["message"].as_str().unwrap();
     assert!(message.contains("GET http://127.0.0.1:"), "{message}");
@@ -86,6 +87,7 @@ fn check_error_event(event: &SseEvent, id: &str, status: u16, message_has: &str)
 async fn fails_then_recovers(
     breakage: Breakage,
     status: u16,
+    cause: &str,
     message_has: &str,
     timeout: Duration,
 ) {
@@ -108,7 +110,7 @@ async fn fails_then_recovers(
     let mut delays = Vec::new();
     for _ in 0..4 {
         let event = client.expect(SOON).await;
-        let body = check_error_event(&event, &good_id, status, message_has);
+        let body = check_error_event(&event, &good_id, status, cause, message_has);
         delays.push(body["retry_in_ms"].as_u64().unwrap());
         rebuilt.apply(&event);
     }
@@ -164,21 +166,30 @@ async fn fails_then_recovers(
     assert_eq!(snapshot.id, good_id);
     assert_eq!(snapshot.json(), document(1));
     let current = late.expect(SOON).await;
-    check_error_event(&current, &good_id, status, message_has);
+    check_error_event(&current, &good_id, status, cause, message_has);
 
-    // Recovery pushes the change that happened meanwhile, as a patch after the last id.
+    // Recovery is told, then pushes the change that happened meanwhile, as a patch after
+    // the last id.
     breakage.repair(&upstream).await;
     let mut patch = None;
+    let mut recovered = None;
     while patch.is_none() {
         let event = client.expect(SOON).await;
         match event.event.as_str() {
-            "error" => {
-                check_error_event(&event, &good_id, status, message_has);
+            "error" if recovered.is_none() => {
+                check_error_event(&event, &good_id, status, cause, message_has);
             }
-            "patch" => patch = Some(event),
-            _ => panic!("expected errors, then the patch: {event:?}"),
+            "recovered" if recovered.is_none() => recovered = Some(event),
+            "patch" if recovered.is_some() => patch = Some(event),
+            _ => panic!("expected errors, `recovered`, then the patch: {event:?}"),
         }
     }
+    let recovered = recovered.unwrap();
+    assert_eq!(recovered.id, good_id);
+    assert!(
+        recovered.json()["failures"].as_u64().unwrap() >= 4,
+        "{recovered:?}"
+    );
     let patch = patch.unwrap();
     let (stream, seq) = good_id.rsplit_once(':').unwrap();
     assert_eq!(
@@ -205,6 +216,7 @@ async fn server_errors() {
     fails_then_recovers(
         Breakage::Inject(Failure::Status(500, None)),
         500,
+        "upstream-status",
         "HTTP 500",
         TIMEOUT,
     )
@@ -216,6 +228,7 @@ async fn client_errors() {
     fails_then_recovers(
         Breakage::Inject(Failure::Status(404, None)),
         404,
+        "upstream-status",
         "HTTP 404",
         TIMEOUT,
     )
@@ -227,6 +240,7 @@ async fn timeouts() {
     fails_then_recovers(
         Breakage::Inject(Failure::Hang(Duration::from_secs(30))),
         504,
+        "upstream-timeout",
         "timeout",
         Duration::from_millis(300),
     )
@@ -235,7 +249,14 @@ async fn timeouts() {
 
 #[tokio::test]
 async fn refused_connections() {
-    fails_then_recovers(Breakage::Down, 502, "no response", TIMEOUT).await;
+    fails_then_recovers(
+        Breakage::Down,
+        502,
+        "upstream-unavailable",
+        "no response",
+        TIMEOUT,
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -243,6 +264,7 @@ async fn invalid_json() {
     fails_then_recovers(
         Breakage::Inject(Failure::InvalidJson),
         502,
+        "upstream-invalid",
         "not a valid document",
         TIMEOUT,
     )
@@ -255,6 +277,7 @@ async fn bodies_over_the_cap() {
     fails_then_recovers(
         Breakage::Inject(Failure::Oversize(2 << 20)),
         502,
+        "upstream-unavailable",
         "max_body_bytes",
         TIMEOUT,
     )
@@ -276,6 +299,7 @@ async fn first_errors(failure: Failure, errors: usize) -> (Vec<u64>, Vec<Duratio
             &event,
             &first.id,
             event.json()["status"].as_u64().unwrap() as u16,
+            "upstream-status",
             "HTTP",
         );
         delays.push(body["retry_in_ms"].as_u64().unwrap());
@@ -347,5 +371,63 @@ async fn a_stream_that_never_had_a_document_reports_errors_and_503() {
     rebuilt.apply(&event);
     assert!(rebuilt.converge(&mut client, &document(1), SOON).await);
     assert_eq!(rebuilt.snapshots, 1, "the first document is a snapshot");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn recovery_with_an_unchanged_document_is_told_to_those_who_saw_the_error() {
+    let upstream = MockUpstream::start(document(1)).await;
+    let app = TestApp::spawn(config(vec![stream("doc", &upstream.url())])).await;
+    let mut client = app.subscribe("doc", &[]).await;
+    let first = client.expect(SOON).await;
+    assert_eq!(first.event, "snapshot");
+
+    upstream.fail(Failure::Status(500, None));
+    let error = client.expect(SOON).await;
+    check_error_event(&error, &first.id, 500, "upstream-status", "HTTP 500");
+    let failed_at = httpdate::parse_http_date(error.json()["timestamp"].as_str().unwrap()).unwrap();
+    // The document does not change: the recovery publishes nothing, yet it is told.
+    upstream.recover();
+    let mut failures = 1;
+    let recovered = loop {
+        let event = client.expect(SOON).await;
+        match event.event.as_str() {
+            "error" => failures += 1,
+            "recovered" => break event,
+            _ => panic!("expected errors, then `recovered`: {event:?}"),
+        }
+    };
+    assert_eq!(recovered.id, first.id, "the document did not change");
+    let body = recovered.json();
+    let keys: Vec<&str> = body
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
+    assert_eq!(keys, ["since", "failures", "timestamp"], "{body}");
+    assert_eq!(body["failures"], failures, "{body}");
+    assert_eq!(
+        httpdate::parse_http_date(body["since"].as_str().unwrap()).unwrap(),
+        failed_at,
+        "since the first error"
+    );
+    let listing = app.listing("doc").await;
+    assert_eq!(listing["failing"], Value::Null, "{listing}");
+    // The poller records its outcome just after it told the stream.
+    let deadline = tokio::time::Instant::now() + SOON;
+    while app.listing("doc").await["upstream"]["consecutive_failures"] != 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the listing still counts failures"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Nothing else follows (no patch: the document is the same), and a newcomer is told
+    // nothing of failures that ended before it came.
+    assert!(client.next(Duration::from_millis(400)).await.is_none());
+    let mut late = app.subscribe("doc", &[]).await;
+    assert_eq!(late.expect(SOON).await.event, "snapshot");
+    assert!(late.next(Duration::from_millis(300)).await.is_none());
     app.stop().await;
 }

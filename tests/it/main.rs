@@ -15,6 +15,7 @@ mod proxy;
 mod push;
 mod replay;
 mod resume;
+mod secrets;
 mod shutdown;
 mod streaming;
 mod webhook;

@@ -894,3 +894,41 @@ async fn an_off_the_shelf_python_client_rebuilds_the_document() {
     let rebuilt: Value = serde_json::from_slice(&output.stdout).unwrap();
     assert_eq!(rebuilt, expected);
 }
+
+#[tokio::test]
+async fn a_redirect_to_a_host_not_allowed_is_named_as_refused_and_shown_redacted() {
+    let api = MockApi::start().await;
+    let app = TestApp::spawn(proxy_config(proxy_settings())).await;
+    let to: String = url::form_urlencoded::byte_serialize(
+        b"http://user:pw-0451@evil.test/steal?key=s3cr3t-0451&format=json",
+    )
+    .collect();
+    let path = dynamic_path(&api, "/v1/moved", &format!("redirect_to={to}&sig=q-0451"));
+    let mut client = open(&app, &path, &[]).await;
+    let error = until(&mut client, "error").await;
+    let body = error.json();
+    assert_eq!(
+        (body["status"].as_u64(), body["cause"].as_str()),
+        (Some(502), Some("redirect-refused")),
+        "{body}"
+    );
+    let message = body["message"].as_str().unwrap();
+    assert!(
+        message.contains(
+            "redirect to http://evil.test/steal?key=REDACTED&format=json refused: evil.test is not in proxy.allowed_hosts"
+        ),
+        "{message}"
+    );
+    assert!(
+        !message.contains("redirects"),
+        "not a redirect limit: {message}"
+    );
+    assert!(
+        !message.contains("0451"),
+        "no secret, and the dynamic URL's host only: {message}"
+    );
+    assert!(
+        !api.requests().is_empty(),
+        "the upstream was asked and redirected"
+    );
+}

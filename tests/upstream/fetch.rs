@@ -4,6 +4,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::HeaderMap;
+use patchwire::redact::Redacted;
+use patchwire::upstream::fetch::{RedirectError, redirect_policy};
 use patchwire::upstream::{FetchError, FetchRequest, Fetched, Fetcher, Validators};
 use tokio::time::Instant;
 use url::Url;
@@ -20,8 +22,10 @@ async fn fetch_with(
     timeout: Duration,
     max_body_bytes: u64,
 ) -> Result<Fetched, FetchError> {
+    let shown = Redacted::new(url);
     let request = FetchRequest {
         url,
+        shown: &shown,
         headers,
         timeout,
         max_body_bytes,
@@ -86,8 +90,10 @@ async fn validators_become_conditions_and_304_reads_no_body() {
     .await;
     let url = mock.url("/feed");
     let headers = HeaderMap::new();
+    let shown = Redacted::new(&url);
     let request = FetchRequest {
         url: &url,
+        shown: &shown,
         headers: &headers,
         timeout: Duration::from_secs(5),
         max_body_bytes: 1024,
@@ -224,7 +230,16 @@ async fn follows_five_redirects_but_not_six() {
     let error = fetch(&mock.url("/redirect/6"), 1024)
         .await
         .expect_err("6 redirects are too many");
-    assert!(matches!(error, FetchError::Connect { .. }), "{error:?}");
+    assert!(
+        matches!(
+            error,
+            FetchError::Redirect {
+                source: RedirectError::TooMany,
+                ..
+            }
+        ),
+        "{error:?}"
+    );
     assert!(error.to_string().contains("redirects"), "{error}");
     assert_eq!(error.status(), 502);
 }
@@ -328,5 +343,38 @@ async fn the_cap_applies_to_the_decompressed_body() {
     assert!(
         matches!(error, FetchError::TooLarge { limit: 10_000, .. }),
         "{error:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_refused_redirect_is_named_with_its_redacted_target() {
+    let mock = MockUpstream::start(Behaviour::default()).await;
+    let refusing = Fetcher::client_builder("patchwire-test/1")
+        .expect("valid user agent")
+        .redirect(redirect_policy(|url| {
+            (url.path() == "/redirect/0").then(|| "it is the last one".to_owned())
+        }));
+    let fetcher = Fetcher::build(refusing).expect("client builds");
+    let url = mock.url("/redirect/2");
+    let shown = Redacted::new(&url);
+    let request = FetchRequest {
+        url: &url,
+        shown: &shown,
+        headers: &HeaderMap::new(),
+        timeout: Duration::from_secs(5),
+        max_body_bytes: 1024,
+    };
+    let error = fetcher
+        .fetch(&request, &Validators::default())
+        .await
+        .expect_err("the policy refuses the second redirect");
+    assert_eq!(error.cause(), "redirect-refused");
+    let text = error.to_string();
+    assert!(
+        text.ends_with(&format!(
+            "/redirect/2: redirect to {} refused: it is the last one",
+            mock.url("/redirect/0")
+        )),
+        "{text}"
     );
 }

@@ -21,7 +21,9 @@ use http::{HeaderMap, HeaderValue, Response, StatusCode, header};
 use prometheus_client::metrics::counter::Counter;
 use tokio::sync::broadcast::error::RecvError;
 
-use crate::hub::{Change, Initial, Resume, Stream, StreamEvent, Subscription, UpstreamFailure};
+use crate::hub::{
+    Change, Initial, Recovery, Resume, Stream, StreamEvent, Subscription, UpstreamFailure,
+};
 use crate::snapshot::Snapshot;
 
 static KEEP_ALIVE: LazyLock<EncodedEvent> =
@@ -188,6 +190,8 @@ pub(crate) struct Writer {
     sent: Counter,
     resyncs: Counter,
     dialect: Dialect,
+    /// This subscriber was told of a failure and not yet of its end.
+    failing: bool,
     done: bool,
 }
 
@@ -206,6 +210,7 @@ impl Writer {
             sent: metrics.events_sent.get_or_create(&labels).clone(),
             resyncs: metrics.resyncs.get_or_create(&labels).clone(),
             dialect: options.dialect,
+            failing: false,
             done: false,
             subscription,
         };
@@ -270,6 +275,7 @@ impl Writer {
     }
 
     fn push_failure(&mut self, failure: &UpstreamFailure) {
+        self.failing = true;
         match self.dialect {
             Dialect::Native => self.push_counted(&failure.sse),
             Dialect::Streamdata { session } => {
@@ -285,6 +291,18 @@ impl Writer {
                 let frame = frame::event(Some(&id), "error", body.to_string().as_bytes());
                 self.push_counted(&EncodedEvent::new(frame));
             }
+        }
+    }
+
+    /// Tells a subscriber that was told of failures that they are over. The Streamdata.io
+    /// dialect has no such event (its SDKs close on `error`): nothing is sent there.
+    fn push_recovery(&mut self, recovery: &Recovery) {
+        if !std::mem::take(&mut self.failing) {
+            return;
+        }
+        match self.dialect {
+            Dialect::Native => self.push_counted(&recovery.sse),
+            Dialect::Streamdata { .. } => {}
         }
     }
 
@@ -304,15 +322,22 @@ impl Writer {
                 }
             }
             Ok(StreamEvent::Failure(failure)) => self.push_failure(&failure),
+            Ok(StreamEvent::Recovered(recovery)) => self.push_recovery(&recovery),
             Ok(StreamEvent::KeepAlive) => self.push(&KEEP_ALIVE),
             Err(RecvError::Lagged(_)) => {
                 self.resyncs.inc();
                 if let Some(snapshot) = self.stream.snapshot() {
                     self.push_snapshot(&snapshot);
                 }
-                // The current failure may have been among the lost events.
-                if let Some(failure) = self.stream.failure() {
-                    self.push_failure(&failure);
+                // The current failure, or the end of the last one, may have been among the
+                // lost events.
+                match self.stream.failure() {
+                    Some(failure) => self.push_failure(&failure),
+                    None => {
+                        if let Some(recovery) = self.stream.last_recovery() {
+                            self.push_recovery(&recovery);
+                        }
+                    }
                 }
             }
         }
@@ -385,6 +410,81 @@ pub fn refusal(refusal: &crate::proxy::Refusal, dialect: Dialect) -> Response<Bo
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn stream(buffer: usize) -> Arc<Stream> {
+        let s = Arc::new(Stream::new(
+            "s",
+            crate::hub::StreamOptions {
+                history: 8,
+                buffer,
+                diff: crate::diff::DiffOptions::default(),
+            },
+            crate::snapshot::SnapshotStore::new(),
+            Arc::new(crate::metrics::Metrics::new()),
+        ));
+        s.publish(serde_json::json!({"n": 0}));
+        s
+    }
+
+    fn writer(s: &Arc<Stream>, dialect: Dialect) -> Writer {
+        let options = SseOptions {
+            retry: Duration::from_secs(1),
+            gzip: false,
+            dialect,
+        };
+        Writer::new(s.subscribe(&Resume::Fresh), options)
+    }
+
+    /// The names of the events owed, in order.
+    fn owed(w: &mut Writer) -> Vec<String> {
+        let mut names = Vec::new();
+        while let Some(bytes) = w.pop() {
+            let text = String::from_utf8(bytes.to_vec()).unwrap();
+            names.extend(
+                text.lines()
+                    .filter_map(|l| l.strip_prefix("event: "))
+                    .map(str::to_owned),
+            );
+        }
+        names
+    }
+
+    #[tokio::test]
+    async fn the_end_of_failures_reaches_native_subscribers_that_saw_them() {
+        let s = stream(16);
+        let mut native = writer(&s, Dialect::Native);
+        let mut streamdata = writer(&s, Dialect::Streamdata { session: 1 });
+        assert_eq!(owed(&mut native), ["snapshot"]);
+        assert_eq!(owed(&mut streamdata), ["data"]);
+        s.fail(502, "upstream-unavailable", "down".into(), Duration::ZERO);
+        let mut joined_failing = writer(&s, Dialect::Native);
+        s.recover();
+        let mut joined_after = writer(&s, Dialect::Native);
+        for w in [&mut native, &mut streamdata] {
+            w.next_live().await;
+            w.next_live().await;
+        }
+        assert_eq!(owed(&mut native), ["error", "recovered"]);
+        assert_eq!(owed(&mut streamdata), ["error"], "no such event in that dialect");
+        joined_failing.next_live().await;
+        assert_eq!(owed(&mut joined_failing), ["snapshot", "error", "recovered"]);
+        assert_eq!(owed(&mut joined_after), ["snapshot"], "it saw no error");
+    }
+
+    #[tokio::test]
+    async fn a_subscriber_that_lagged_past_the_recovery_is_told_with_its_resync() {
+        let s = stream(2);
+        let mut w = writer(&s, Dialect::Native);
+        s.fail(502, "upstream-unavailable", "down".into(), Duration::ZERO);
+        w.next_live().await;
+        assert_eq!(owed(&mut w), ["snapshot", "error"]);
+        s.recover();
+        for n in 1..=4 {
+            s.publish(serde_json::json!({"n": n}));
+        }
+        w.next_live().await;
+        assert_eq!(owed(&mut w), ["snapshot", "recovered"]);
+    }
 
     #[test]
     fn resume_point_prefers_the_header() {

@@ -82,17 +82,21 @@ pub fn decode(body: &[u8]) -> Result<Value, DecodeError> {
     Ok(project(feed))
 }
 
-/// A hint when a body that is not GTFS-realtime looks like something else.
+/// A hint when a body that is not GTFS-realtime is something else. Only said when it is:
+/// a protobuf's first byte (0x0a, field 1) is ASCII whitespace and its next may be any byte,
+/// `{` and `<` included, so a first character proves nothing.
 fn looks_like(body: &[u8]) -> &'static str {
-    let start = body.iter().find(|b| !b.is_ascii_whitespace());
-    match start {
-        Some(b'{' | b'[') => "; the body looks like JSON: set format = \"json\" for this stream",
-        Some(b'<') => "; the body looks like HTML or XML, not a protobuf feed",
-        _ if body.starts_with(&[0x1f, 0x8b]) => {
-            "; the body is gzip data sent without `Content-Encoding: gzip`"
-        }
-        _ => "",
+    if body.starts_with(&[0x1f, 0x8b]) {
+        return "; the body is gzip data sent without `Content-Encoding: gzip`";
     }
+    if serde_json::from_slice::<serde::de::IgnoredAny>(body).is_ok() {
+        return "; the body is JSON: set format = \"json\" for this stream";
+    }
+    let text = std::str::from_utf8(body).map(str::trim_start);
+    if text.is_ok_and(|t| t.starts_with('<') && t.contains('>')) {
+        return "; the body looks like HTML or XML, not a protobuf feed";
+    }
+    ""
 }
 
 /// The JSON projection of `feed` (see the module documentation).
@@ -886,6 +890,29 @@ mod tests {
             err.to_string().contains("gtfs_realtime_version is missing"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn a_truncated_feed_is_not_said_to_look_like_json_or_html() {
+        // Field 1 (0x0a, ASCII whitespace) with a length of 123 (`{`) or 60 (`<`): the first
+        // non-blank character of a protobuf can be anything.
+        for length in [b'{', b'<', b'['] {
+            let mut bytes = FeedMessage {
+                header: FeedHeader {
+                    gtfs_realtime_version: "2".repeat(usize::from(length) - 2),
+                    ..FeedHeader::default()
+                },
+                entity: vec![vehicle_entity("v{1}>")],
+            }
+            .encode_to_vec();
+            assert_eq!(bytes[..2], [0x0a, length]);
+            bytes.truncate(bytes.len() / 2);
+            let err = decode(&bytes).unwrap_err().to_string();
+            assert!(
+                !err.contains("JSON") && !err.contains("HTML") && !err.contains(';'),
+                "{err}"
+            );
+        }
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! A mock API for the proxy mode: any path answers a JSON document that names the caller's
-//! `Authorization` header and a version the test sets; every request is recorded.
+//! `Authorization` header and a version the test sets (or, with `?redirect_to=URL`, a 302 to
+//! that URL); every request is recorded.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -65,12 +66,18 @@ async fn answer(
         .and_then(|v| v.to_str().ok())
         .unwrap_or("anonymous")
         .to_owned();
+    let redirect_to = url::form_urlencoded::parse(uri.query().unwrap_or("").as_bytes())
+        .find(|(name, _)| name == "redirect_to")
+        .map(|(_, to)| to.into_owned());
     let mut state = state.lock().unwrap();
     state.requests.push(Request {
         at: Instant::now(),
         uri: uri.to_string(),
         headers,
     });
+    if let Some(to) = redirect_to {
+        return (http::StatusCode::FOUND, [(http::header::LOCATION, to)]).into_response();
+    }
     axum::Json(document(&user, state.version)).into_response()
 }
 

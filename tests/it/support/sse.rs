@@ -159,6 +159,8 @@ pub struct Rebuilt {
     pub patches: usize,
     /// Errors seen.
     pub errors: Vec<Value>,
+    /// `recovered` events seen.
+    pub recoveries: Vec<Value>,
 }
 
 impl Rebuilt {
@@ -181,6 +183,7 @@ impl Rebuilt {
                 self.patches += 1;
             }
             "error" => self.errors.push(event.json()),
+            "recovered" => self.recoveries.push(event.json()),
             other => panic!("unexpected event {other:?}"),
         }
         if !event.id.is_empty() {
