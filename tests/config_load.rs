@@ -764,13 +764,74 @@ mod environment {
 
         let err = load_env(MINIMAL, &[("PATCHWIRE__STREAMS__3__URL", "http://x/")])
             .expect_err("a gap before index 3");
-        assert_eq!(err.problems[0].key, "streams[1]", "{err}");
+        assert_eq!(err.problems.len(), 1, "{err}");
+        assert_eq!(err.problems[0].key, "streams[3].url", "{err}");
+        assert!(
+            err.problems[0]
+                .message
+                .contains("PATCHWIRE__STREAMS__3__URL"),
+            "{err}"
+        );
         let err = load_env(
             MINIMAL,
             &[("PATCHWIRÉ__X", "1"), ("PATCHWIRE__\u{e9}", "1")],
         )
         .expect_err("a non-ASCII key is unknown, not a crash");
         assert!(err.problems[0].message.contains("unknown key"), "{err}");
+    }
+
+    #[test]
+    fn an_override_past_the_end_of_a_list_names_the_variable() {
+        let err = load_env(MINIMAL, &[("PATCHWIRE__STREAMS__7__INTERVAL", "2s")])
+            .expect_err("streams[1] to streams[6] would be empty");
+        assert_eq!(
+            err.problems.len(),
+            1,
+            "one problem, not one per empty entry: {err}"
+        );
+        let p = &err.problems[0];
+        assert_eq!(p.key, "streams[7].interval", "{err}");
+        assert!(
+            p.message.contains("PATCHWIRE__STREAMS__7__INTERVAL")
+                && p.message.contains("`streams[1]`"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn type_errors_from_the_file_and_the_environment_are_reported_together() {
+        let text = format!(
+            "{MINIMAL}history = \"many\"\n{}",
+            MINIMAL.replace("\"a\"", "\"b\"")
+        );
+        let err = load_env(
+            &text,
+            &[
+                ("PATCHWIRE__SERVER__SUBSCRIBER_BUFFER", "lots"),
+                ("PATCHWIRE__STREAMS__1__MAX_BODY", "big"),
+            ],
+        )
+        .expect_err("three type errors");
+        let keys: Vec<&str> = err.problems.iter().map(|p| p.key.as_str()).collect();
+        assert!(keys.contains(&"server.subscriber_buffer"), "{err}");
+        assert!(keys.contains(&"streams[0].history"), "{err}");
+        assert!(keys.contains(&"streams[1].max_body"), "{err}");
+        let from_env = |key: &str, name: &str| {
+            err.problems
+                .iter()
+                .any(|p| p.key == key && p.message.contains(name))
+        };
+        assert!(
+            from_env(
+                "server.subscriber_buffer",
+                "PATCHWIRE__SERVER__SUBSCRIBER_BUFFER"
+            ),
+            "{err}"
+        );
+        assert!(
+            from_env("streams[1].max_body", "PATCHWIRE__STREAMS__1__MAX_BODY"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -1020,11 +1081,98 @@ history = 50
     }
 }
 
+mod every_problem_at_once {
+    use super::*;
+
+    #[test]
+    fn type_errors_unknown_and_missing_keys_and_validation_problems_together() {
+        let text = r#"
+[server]
+subscriber_buffer = "lots"
+listn = "127.0.0.1:1"
+
+[[streams]]
+name = "a"
+url = "http://example.com/a"
+history = 1.5
+interval = 5
+
+[[streams]]
+name = "b"
+
+[[streams]]
+name = "c"
+url = "http://example.com/c"
+interval = "0s"
+"#;
+        let f = file("bad.toml", text);
+        let err = load_with(&f.path, &no_env, Vec::new()).expect_err("many problems");
+        let keys: Vec<&str> = err.problems.iter().map(|p| p.key.as_str()).collect();
+        for key in [
+            "server.subscriber_buffer",
+            "server.listn",
+            "streams[0].history",
+            "streams[0].interval",
+            "streams[1].url",
+            "streams[2].interval",
+        ] {
+            assert!(keys.contains(&key), "{key} missing from {err}");
+        }
+        assert_eq!(
+            keys.len(),
+            6,
+            "one problem per wrong key, none made up: {err}"
+        );
+        let rendered = err.to_string();
+        assert!(rendered.contains("bad.toml: 6 problems"), "{rendered}");
+    }
+
+    #[test]
+    fn validation_problems_come_with_type_errors_when_nothing_was_made_up() {
+        let text = r#"
+[server]
+subscriber_buffer = "lots"
+
+[[streams]]
+name = "c"
+url = "http://example.com/c"
+interval = "0s"
+"#;
+        let f = file("bad.toml", text);
+        let err = load_with(&f.path, &no_env, Vec::new()).expect_err("two problems");
+        let keys: Vec<&str> = err.problems.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            ["server.subscriber_buffer", "streams[0].interval"],
+            "{err}"
+        );
+    }
+}
+
 mod proxy {
     use super::*;
     use patchwire::config::HostPattern;
 
     const TOKEN: &str = "proxy-token-0123456789";
+
+    #[test]
+    fn a_proxy_with_tokens_and_no_streams_is_valid() {
+        let text = format!(
+            "[proxy]\nenabled = true\nallowed_hosts = [\"api.example.com\"]\n\
+             [[proxy.tokens]]\nname = \"web\"\ntoken = \"{TOKEN}\"\n"
+        );
+        let (_f, result) = load_toml(&text);
+        let config = result.expect("a proxy-only deployment");
+        assert!(config.streams.is_empty() && config.push_streams.is_empty());
+        assert!(config.proxy.is_some());
+        let err = assert_rejected(
+            "p.toml",
+            &text.replace("enabled = true", "enabled = false"),
+            "streams",
+            &["at least one [[streams]]", "[proxy]"],
+        );
+        assert_eq!(err.problems.len(), 1, "{err}");
+    }
 
     fn proxy(extra: &str) -> String {
         format!(
