@@ -1155,6 +1155,47 @@ mod proxy {
 
     const TOKEN: &str = "proxy-token-0123456789";
 
+    /// The private key of the Streamdata.io SDK's own tests: base64 of 72 characters.
+    const SIGNING_KEY: &str = "MmIyMzBlZGMtOGYyNi00OGY2LWI2YTYtZmY1OTFlMzY1NjNiYjNhMzc3NWMtMzMwMC00YmMzLWI0NGYtMmM1ZmU4MDAzMGFh";
+
+    #[test]
+    fn signing_secrets_are_checked_and_never_shown() {
+        let text = proxy("ascii_only = false\nsignature_max_skew = \"30s\"\n").replace(
+            "name = \"web\"",
+            &format!("name = \"web\"\nsigning_secret = \"${{SIGNING}}\"\nrequire_signature = true"),
+        );
+        let f = file("p.toml", &text);
+        let env = |name: &str| (name == "SIGNING").then(|| SIGNING_KEY.to_owned());
+        let p = load_with(&f.path, &env, Vec::new())
+            .expect("valid")
+            .proxy
+            .expect("enabled");
+        assert!(!p.ascii_only);
+        assert_eq!(p.signature_max_skew, Duration::from_secs(30));
+        let key = p.tokens[0].signing_key.as_ref().expect("a key");
+        assert_eq!(key.beacon, "2b230edc-8f26-48f6-b6a6-ff591e36563b");
+        assert!(p.tokens[0].require_signature);
+        assert!(!format!("{p:?}").contains(&key.key), "the key is redacted");
+
+        let bad = proxy("signature_max_skew = \"0s\"\n").replace(
+            "name = \"web\"",
+            "name = \"web\"\nsigning_secret = \"c2hvcnQ=\"",
+        );
+        let err = assert_refused(&bad, "proxy.tokens[0].signing_secret", &["72 characters"]);
+        assert!(!err.to_string().contains("c2hvcnQ="), "{err}");
+        assert!(
+            err.problems
+                .iter()
+                .any(|p| p.key == "proxy.signature_max_skew" && p.message.contains("1s")),
+            "{err}"
+        );
+        assert_refused(
+            &proxy("").replace("name = \"web\"", "name = \"web\"\nrequire_signature = true"),
+            "proxy.tokens[0].require_signature",
+            &["signing_secret"],
+        );
+    }
+
     #[test]
     fn a_proxy_with_tokens_and_no_streams_is_valid() {
         let text = format!(
@@ -1209,10 +1250,13 @@ mod proxy {
         assert_eq!(p.max_memory, 256 * 1024 * 1024);
         assert_eq!(p.max_body_bytes, 8 * 1024 * 1024);
         assert_eq!(p.history, 64);
+        assert!(p.ascii_only);
+        assert_eq!(p.signature_max_skew, Duration::from_secs(300));
         assert!(p.host_intervals.is_empty());
         assert!(!p.diff.allow_move);
         assert_eq!(p.tokens.len(), 1);
         let t = &p.tokens[0];
+        assert!(t.signing_key.is_none() && !t.require_signature);
         assert_eq!(t.name, "web");
         assert_eq!(t.token, TOKEN);
         assert_eq!(t.max_connections, 100);

@@ -71,7 +71,12 @@ async fn answer(
         uri: uri.to_string(),
         headers,
     });
-    axum::Json(document(&user, state.version)).into_response()
+    let mut doc = document(&user, state.version);
+    if uri.path().starts_with("/unicode") {
+        // Accents, CJK and an emoji (beyond U+FFFF), changing with the version.
+        doc["label"] = json!(format!("Zürich {} 東京 😀 naïve", state.version));
+    }
+    axum::Json(doc).into_response()
 }
 
 impl MockApi {
