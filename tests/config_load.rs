@@ -1162,7 +1162,7 @@ mod proxy {
     fn signing_secrets_are_checked_and_never_shown() {
         let text = proxy("ascii_only = false\nsignature_max_skew = \"30s\"\n").replace(
             "name = \"web\"",
-            &format!("name = \"web\"\nsigning_secret = \"${{SIGNING}}\"\nrequire_signature = true"),
+            "name = \"web\"\nsigning_secret = \"${SIGNING}\"\nrequire_signature = true",
         );
         let f = file("p.toml", &text);
         let env = |name: &str| (name == "SIGNING").then(|| SIGNING_KEY.to_owned());
