@@ -211,6 +211,61 @@ fn check_rejects_bad_configurations_with_file_key_and_expectation() {
     assert_no_panic(&stderr);
 }
 
+#[test]
+fn check_prints_every_problem_at_once_naming_environment_variables() {
+    let dir = TempDir::new().unwrap();
+    let path = dir.path().join("bad.toml");
+    std::fs::write(
+        &path,
+        "[server]\nsubscriber_buffer = \"lots\"\n\
+         [[streams]]\nname = \"a\"\nurl = \"http://example.com/a\"\nhistory = 1.5\n\
+         [[streams]]\nname = \"b\"\nurl = \"http://example.com/b\"\ninterval = \"0s\"\n",
+    )
+    .unwrap();
+    let (output, stdout, stderr) = run(patchwire()
+        .args(["check", "--config"])
+        .arg(&path)
+        .env("PATCHWIRE__STREAMS__7__INTERVAL", "2s"));
+    assert_eq!(output.status.code(), Some(2), "{stdout}{stderr}");
+    for needle in [
+        "4 problems",
+        "`server.subscriber_buffer`: expected a non-negative integer",
+        "`streams[0].history`: expected a non-negative integer",
+        "`streams[1].interval`",
+        "`streams[7].interval`",
+        "PATCHWIRE__STREAMS__7__INTERVAL",
+    ] {
+        assert!(stderr.contains(needle), "no {needle:?} in:\n{stderr}");
+    }
+    assert_no_panic(&stderr);
+}
+
+#[tokio::test]
+async fn a_proxy_only_configuration_checks_and_runs() {
+    let config = |api: u16, _: u16| {
+        format!(
+            "[server]\nlisten = \"127.0.0.1:{api}\"\n[proxy]\nenabled = true\n\
+             allowed_hosts = [\"api.example.com\"]\n[[proxy.tokens]]\nname = \"web\"\n\
+             token = \"proxy-token-0123456789\"\n"
+        )
+    };
+    let dir = TempDir::new().unwrap();
+    let path = dir.path().join("proxy.toml");
+    std::fs::write(&path, config(free_port(), 0)).unwrap();
+    let (output, stdout, stderr) = run(patchwire().args(["check", "--config"]).arg(&path));
+    assert!(output.status.success(), "{stdout}{stderr}");
+    assert_no_panic(&stderr);
+
+    let mut running = start(config, |_, _| Vec::new(), |api, _| api).await;
+    let listing = reqwest::get(format!("http://{}/streams", running.addr))
+        .await
+        .unwrap();
+    assert_eq!(listing.status(), 200, "{}", running.log());
+    let status = running.terminate(SOON).await;
+    assert!(status.success(), "exit status {status}:\n{}", running.log());
+    assert_no_panic(&running.log());
+}
+
 /// A port that was free a moment ago (bind port 0, read it, release it).
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")

@@ -764,13 +764,74 @@ mod environment {
 
         let err = load_env(MINIMAL, &[("PATCHWIRE__STREAMS__3__URL", "http://x/")])
             .expect_err("a gap before index 3");
-        assert_eq!(err.problems[0].key, "streams[1]", "{err}");
+        assert_eq!(err.problems.len(), 1, "{err}");
+        assert_eq!(err.problems[0].key, "streams[3].url", "{err}");
+        assert!(
+            err.problems[0]
+                .message
+                .contains("PATCHWIRE__STREAMS__3__URL"),
+            "{err}"
+        );
         let err = load_env(
             MINIMAL,
             &[("PATCHWIRÉ__X", "1"), ("PATCHWIRE__\u{e9}", "1")],
         )
         .expect_err("a non-ASCII key is unknown, not a crash");
         assert!(err.problems[0].message.contains("unknown key"), "{err}");
+    }
+
+    #[test]
+    fn an_override_past_the_end_of_a_list_names_the_variable() {
+        let err = load_env(MINIMAL, &[("PATCHWIRE__STREAMS__7__INTERVAL", "2s")])
+            .expect_err("streams[1] to streams[6] would be empty");
+        assert_eq!(
+            err.problems.len(),
+            1,
+            "one problem, not one per empty entry: {err}"
+        );
+        let p = &err.problems[0];
+        assert_eq!(p.key, "streams[7].interval", "{err}");
+        assert!(
+            p.message.contains("PATCHWIRE__STREAMS__7__INTERVAL")
+                && p.message.contains("`streams[1]`"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn type_errors_from_the_file_and_the_environment_are_reported_together() {
+        let text = format!(
+            "{MINIMAL}history = \"many\"\n{}",
+            MINIMAL.replace("\"a\"", "\"b\"")
+        );
+        let err = load_env(
+            &text,
+            &[
+                ("PATCHWIRE__SERVER__SUBSCRIBER_BUFFER", "lots"),
+                ("PATCHWIRE__STREAMS__1__MAX_BODY", "big"),
+            ],
+        )
+        .expect_err("three type errors");
+        let keys: Vec<&str> = err.problems.iter().map(|p| p.key.as_str()).collect();
+        assert!(keys.contains(&"server.subscriber_buffer"), "{err}");
+        assert!(keys.contains(&"streams[0].history"), "{err}");
+        assert!(keys.contains(&"streams[1].max_body"), "{err}");
+        let from_env = |key: &str, name: &str| {
+            err.problems
+                .iter()
+                .any(|p| p.key == key && p.message.contains(name))
+        };
+        assert!(
+            from_env(
+                "server.subscriber_buffer",
+                "PATCHWIRE__SERVER__SUBSCRIBER_BUFFER"
+            ),
+            "{err}"
+        );
+        assert!(
+            from_env("streams[1].max_body", "PATCHWIRE__STREAMS__1__MAX_BODY"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -1020,11 +1081,139 @@ history = 50
     }
 }
 
+mod every_problem_at_once {
+    use super::*;
+
+    #[test]
+    fn type_errors_unknown_and_missing_keys_and_validation_problems_together() {
+        let text = r#"
+[server]
+subscriber_buffer = "lots"
+listn = "127.0.0.1:1"
+
+[[streams]]
+name = "a"
+url = "http://example.com/a"
+history = 1.5
+interval = 5
+
+[[streams]]
+name = "b"
+
+[[streams]]
+name = "c"
+url = "http://example.com/c"
+interval = "0s"
+"#;
+        let f = file("bad.toml", text);
+        let err = load_with(&f.path, &no_env, Vec::new()).expect_err("many problems");
+        let keys: Vec<&str> = err.problems.iter().map(|p| p.key.as_str()).collect();
+        for key in [
+            "server.subscriber_buffer",
+            "server.listn",
+            "streams[0].history",
+            "streams[0].interval",
+            "streams[1].url",
+            "streams[2].interval",
+        ] {
+            assert!(keys.contains(&key), "{key} missing from {err}");
+        }
+        assert_eq!(
+            keys.len(),
+            6,
+            "one problem per wrong key, none made up: {err}"
+        );
+        let rendered = err.to_string();
+        assert!(rendered.contains("bad.toml: 6 problems"), "{rendered}");
+    }
+
+    #[test]
+    fn validation_problems_come_with_type_errors_when_nothing_was_made_up() {
+        let text = r#"
+[server]
+subscriber_buffer = "lots"
+
+[[streams]]
+name = "c"
+url = "http://example.com/c"
+interval = "0s"
+"#;
+        let f = file("bad.toml", text);
+        let err = load_with(&f.path, &no_env, Vec::new()).expect_err("two problems");
+        let keys: Vec<&str> = err.problems.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            ["server.subscriber_buffer", "streams[0].interval"],
+            "{err}"
+        );
+    }
+}
+
 mod proxy {
     use super::*;
     use patchwire::config::HostPattern;
 
     const TOKEN: &str = "proxy-token-0123456789";
+
+    /// The private key of the Streamdata.io SDK's own tests: base64 of 72 characters.
+    const SIGNING_KEY: &str = "MmIyMzBlZGMtOGYyNi00OGY2LWI2YTYtZmY1OTFlMzY1NjNiYjNhMzc3NWMtMzMwMC00YmMzLWI0NGYtMmM1ZmU4MDAzMGFh";
+
+    #[test]
+    fn signing_secrets_are_checked_and_never_shown() {
+        let text = proxy("ascii_only = false\nsignature_max_skew = \"30s\"\n").replace(
+            "name = \"web\"",
+            "name = \"web\"\nsigning_secret = \"${SIGNING}\"\nrequire_signature = true",
+        );
+        let f = file("p.toml", &text);
+        let env = |name: &str| (name == "SIGNING").then(|| SIGNING_KEY.to_owned());
+        let p = load_with(&f.path, &env, Vec::new())
+            .expect("valid")
+            .proxy
+            .expect("enabled");
+        assert!(!p.ascii_only);
+        assert_eq!(p.signature_max_skew, Duration::from_secs(30));
+        let key = p.tokens[0].signing_key.as_ref().expect("a key");
+        assert_eq!(key.beacon, "2b230edc-8f26-48f6-b6a6-ff591e36563b");
+        assert!(p.tokens[0].require_signature);
+        assert!(!format!("{p:?}").contains(&key.key), "the key is redacted");
+
+        let bad = proxy("signature_max_skew = \"0s\"\n").replace(
+            "name = \"web\"",
+            "name = \"web\"\nsigning_secret = \"c2hvcnQ=\"",
+        );
+        let err = assert_refused(&bad, "proxy.tokens[0].signing_secret", &["72 characters"]);
+        assert!(!err.to_string().contains("c2hvcnQ="), "{err}");
+        assert!(
+            err.problems
+                .iter()
+                .any(|p| p.key == "proxy.signature_max_skew" && p.message.contains("1s")),
+            "{err}"
+        );
+        assert_refused(
+            &proxy("").replace("name = \"web\"", "name = \"web\"\nrequire_signature = true"),
+            "proxy.tokens[0].require_signature",
+            &["signing_secret"],
+        );
+    }
+
+    #[test]
+    fn a_proxy_with_tokens_and_no_streams_is_valid() {
+        let text = format!(
+            "[proxy]\nenabled = true\nallowed_hosts = [\"api.example.com\"]\n\
+             [[proxy.tokens]]\nname = \"web\"\ntoken = \"{TOKEN}\"\n"
+        );
+        let (_f, result) = load_toml(&text);
+        let config = result.expect("a proxy-only deployment");
+        assert!(config.streams.is_empty() && config.push_streams.is_empty());
+        assert!(config.proxy.is_some());
+        let err = assert_rejected(
+            "p.toml",
+            &text.replace("enabled = true", "enabled = false"),
+            "streams",
+            &["at least one [[streams]]", "[proxy]"],
+        );
+        assert_eq!(err.problems.len(), 1, "{err}");
+    }
 
     fn proxy(extra: &str) -> String {
         format!(
@@ -1061,10 +1250,13 @@ mod proxy {
         assert_eq!(p.max_memory, 256 * 1024 * 1024);
         assert_eq!(p.max_body_bytes, 8 * 1024 * 1024);
         assert_eq!(p.history, 64);
+        assert!(p.ascii_only);
+        assert_eq!(p.signature_max_skew, Duration::from_secs(300));
         assert!(p.host_intervals.is_empty());
         assert!(!p.diff.allow_move);
         assert_eq!(p.tokens.len(), 1);
         let t = &p.tokens[0];
+        assert!(t.signing_key.is_none() && !t.require_signature);
         assert_eq!(t.name, "web");
         assert_eq!(t.token, TOKEN);
         assert_eq!(t.max_connections, 100);

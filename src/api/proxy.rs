@@ -21,10 +21,10 @@ pub const STREAM_HEADER: &str = "x-patchwire-stream";
 /// the current document once.
 pub async fn dynamic(state: Arc<AppState>, uri: Uri, headers: HeaderMap) -> Response {
     let json = sse::wants_json(&headers);
-    let dialect = Dialect::streamdata();
     let Some(proxy) = &state.proxy else {
-        return refused(&Refusal::Disabled, json, dialect);
+        return refused(&Refusal::Disabled, json, Dialect::streamdata(true));
     };
+    let dialect = Dialect::streamdata(proxy.settings().ascii_only);
     let opened = match proxy.open(uri.path(), uri.query(), &headers).await {
         Ok(opened) => opened,
         Err(refusal) => return refused(&refusal, json, dialect),

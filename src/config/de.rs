@@ -6,6 +6,7 @@
 //! strings: those are parsed into the type the key expects (`"9000"` into a port, `"false"`
 //! into a bool, `"a,b"` into a list).
 
+use std::cell::Cell;
 use std::fmt;
 
 use config::{Value, ValueKind};
@@ -14,6 +15,16 @@ use serde::de::{self, DeserializeSeed, Deserializer, IntoDeserializer, Visitor};
 
 /// The origin the `config` crate records for values from environment variables.
 const ENV_ORIGIN: &str = "the environment";
+/// The origin of a stand-in that loading puts where a value was wrong, so that one pass of
+/// deserialization can go on past it and find the next problem (see [`placeholder`]).
+const PLACEHOLDER_ORIGIN: &str = "a placeholder for a value found wrong";
+
+/// A stand-in value that deserializes as any type: absent for an `Option`, otherwise zero,
+/// `false`, `""`, an empty list or table, or an enum's first variant. It is never part of a
+/// configuration that is used: it only lets deserialization go on to report later problems.
+pub(crate) fn placeholder() -> Value {
+    Value::new(Some(&PLACEHOLDER_ORIGIN.to_owned()), ValueKind::Nil)
+}
 
 /// A deserialization failure; the key path is tracked separately by `serde_path_to_error`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -48,13 +59,53 @@ impl DeError {
     }
 }
 
-/// One node of the merged tree.
-pub(crate) struct Node(pub(crate) Value);
+/// One node of the merged tree. `substituted` is set when a [`placeholder`] stands in for a
+/// value the configuration needs (anything but an absent `Option`).
+pub(crate) struct Node<'a>(pub(crate) Value, pub(crate) &'a Cell<bool>);
 
-impl Node {
+impl Node<'_> {
     fn is_env(&self) -> bool {
         self.0.origin() == Some(ENV_ORIGIN)
     }
+
+    fn is_placeholder(&self) -> bool {
+        self.0.origin() == Some(PLACEHOLDER_ORIGIN)
+    }
+}
+
+/// What a [`placeholder`] becomes for each type a visitor asks for.
+macro_rules! placeholder_as {
+    ($self:ident, $visitor:ident, $method:ident) => {
+        if $self.is_placeholder() {
+            $self.1.set(true);
+            return placeholder_as!(@visit $visitor, $method);
+        }
+    };
+    (@visit $visitor:ident, deserialize_bool) => { $visitor.visit_bool(false) };
+    (@visit $visitor:ident, deserialize_f32) => { $visitor.visit_f64(0.0) };
+    (@visit $visitor:ident, deserialize_f64) => { $visitor.visit_f64(0.0) };
+    (@visit $visitor:ident, deserialize_char) => { $visitor.visit_char(' ') };
+    (@visit $visitor:ident, deserialize_str) => { $visitor.visit_str("") };
+    (@visit $visitor:ident, deserialize_string) => { $visitor.visit_str("") };
+    (@visit $visitor:ident, deserialize_identifier) => { $visitor.visit_str("") };
+    (@visit $visitor:ident, deserialize_bytes) => { $visitor.visit_bytes(&[]) };
+    (@visit $visitor:ident, deserialize_byte_buf) => { $visitor.visit_bytes(&[]) };
+    (@visit $visitor:ident, deserialize_unit) => { $visitor.visit_unit() };
+    (@visit $visitor:ident, deserialize_ignored_any) => { $visitor.visit_unit() };
+    (@visit $visitor:ident, deserialize_any) => { $visitor.visit_unit() };
+    (@visit $visitor:ident, deserialize_map) => {
+        $visitor.visit_map(serde::de::value::MapDeserializer::<
+            std::iter::Empty<(String, String)>,
+            DeError,
+        >::new(std::iter::empty()))
+    };
+    (@visit $visitor:ident, deserialize_seq) => {
+        $visitor.visit_seq(serde::de::value::SeqDeserializer::<
+            std::iter::Empty<String>,
+            DeError,
+        >::new(std::iter::empty()))
+    };
+    (@visit $visitor:ident, $other:ident) => { $visitor.visit_u64(0) };
 }
 
 /// Strict for file values, delegating to the `config` crate's coercing deserializer for
@@ -62,6 +113,7 @@ impl Node {
 macro_rules! strict_or_env {
     ($($method:ident)*) => {$(
         fn $method<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, DeError> {
+            placeholder_as!(self, visitor, $method);
             if self.is_env() {
                 self.0.$method(visitor).map_err(DeError::from_config)
             } else {
@@ -71,10 +123,12 @@ macro_rules! strict_or_env {
     )*};
 }
 
-impl<'de> Deserializer<'de> for Node {
+impl<'de> Deserializer<'de> for Node<'_> {
     type Error = DeError;
 
     fn deserialize_any<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, DeError> {
+        placeholder_as!(self, visitor, deserialize_any);
+        let substituted = self.1;
         match self.0.kind {
             ValueKind::Nil => visitor.visit_unit(),
             ValueKind::Boolean(b) => visitor.visit_bool(b),
@@ -86,6 +140,7 @@ impl<'de> Deserializer<'de> for Node {
             ValueKind::String(s) => visitor.visit_string(s),
             ValueKind::Array(items) => visitor.visit_seq(Seq {
                 items: items.into_iter(),
+                substituted,
             }),
             ValueKind::Table(table) => {
                 // Sorted, so that the first problem reported does not depend on hashing.
@@ -94,6 +149,7 @@ impl<'de> Deserializer<'de> for Node {
                 visitor.visit_map(Table {
                     entries: entries.into_iter(),
                     next_value: None,
+                    substituted,
                 })
             }
         }
@@ -108,6 +164,10 @@ impl<'de> Deserializer<'de> for Node {
     }
 
     fn deserialize_option<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, DeError> {
+        if self.is_placeholder() {
+            // An absent optional key: nothing the configuration needs was made up.
+            return visitor.visit_none();
+        }
         match self.0.kind {
             ValueKind::Nil => visitor.visit_none(),
             _ => visitor.visit_some(self),
@@ -115,6 +175,7 @@ impl<'de> Deserializer<'de> for Node {
     }
 
     fn deserialize_seq<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, DeError> {
+        placeholder_as!(self, visitor, deserialize_seq);
         if self.is_env() {
             // An environment variable sets a list as comma-separated items; empty is `[]`.
             let text = self.0.into_string().map_err(DeError::from_config)?;
@@ -127,6 +188,7 @@ impl<'de> Deserializer<'de> for Node {
                 .collect();
             return visitor.visit_seq(Seq {
                 items: items.into_iter(),
+                substituted: self.1,
             });
         }
         self.deserialize_any(visitor)
@@ -177,9 +239,19 @@ impl<'de> Deserializer<'de> for Node {
     fn deserialize_enum<V: Visitor<'de>>(
         self,
         _name: &'static str,
-        _variants: &'static [&'static str],
+        variants: &'static [&'static str],
         visitor: V,
     ) -> Result<V::Value, DeError> {
+        if self.is_placeholder() {
+            self.1.set(true);
+            let first: StringDeserializer<DeError> = variants
+                .first()
+                .copied()
+                .unwrap_or_default()
+                .to_owned()
+                .into_deserializer();
+            return visitor.visit_enum(first);
+        }
         // Only unit variants are written in configuration files: `format = "json"`.
         let is_env = self.is_env();
         match self.0.kind {
@@ -207,11 +279,12 @@ fn unexpected(kind: &ValueKind) -> de::Unexpected<'_> {
     }
 }
 
-struct Seq {
+struct Seq<'a> {
     items: std::vec::IntoIter<Value>,
+    substituted: &'a Cell<bool>,
 }
 
-impl<'de> de::SeqAccess<'de> for Seq {
+impl<'de> de::SeqAccess<'de> for Seq<'_> {
     type Error = DeError;
 
     fn next_element_seed<T: DeserializeSeed<'de>>(
@@ -219,7 +292,7 @@ impl<'de> de::SeqAccess<'de> for Seq {
         seed: T,
     ) -> Result<Option<T::Value>, DeError> {
         match self.items.next() {
-            Some(item) => seed.deserialize(Node(item)).map(Some),
+            Some(item) => seed.deserialize(Node(item, self.substituted)).map(Some),
             None => Ok(None),
         }
     }
@@ -229,12 +302,13 @@ impl<'de> de::SeqAccess<'de> for Seq {
     }
 }
 
-struct Table {
+struct Table<'a> {
     entries: std::vec::IntoIter<(String, Value)>,
     next_value: Option<Value>,
+    substituted: &'a Cell<bool>,
 }
 
-impl<'de> de::MapAccess<'de> for Table {
+impl<'de> de::MapAccess<'de> for Table<'_> {
     type Error = DeError;
 
     fn next_key_seed<K: DeserializeSeed<'de>>(
@@ -253,7 +327,7 @@ impl<'de> de::MapAccess<'de> for Table {
 
     fn next_value_seed<V: DeserializeSeed<'de>>(&mut self, seed: V) -> Result<V::Value, DeError> {
         match self.next_value.take() {
-            Some(value) => seed.deserialize(Node(value)),
+            Some(value) => seed.deserialize(Node(value, self.substituted)),
             None => Err(de::Error::custom("a value was requested before its key")),
         }
     }

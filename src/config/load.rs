@@ -4,9 +4,12 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use config::{Environment, File, FileFormat, Source, Value, ValueKind};
+use std::cell::Cell;
 
-use super::de::{DeError, Node};
+use config::{Environment, File, FileFormat, Source, Value, ValueKind};
+use serde_path_to_error::Segment;
+
+use super::de::{DeError, Node, placeholder};
 use super::error::{ConfigError, Problem};
 use super::model::Config;
 use super::raw::RawConfig;
@@ -93,13 +96,47 @@ pub fn load_with(
     overrides: Vec<(String, String)>,
 ) -> Result<Config, ConfigError> {
     let sources = override_sources(&overrides);
-    let raw = load_raw(path, overrides)?;
-    validate(raw, Some(path), env).map_err(|e| annotate(e, &sources))
+    let text = read_text(path)?;
+    let parsed = parse_partial(&text.0, text.1, Some(path), overrides)?;
+    if parsed.problems.is_empty() {
+        return validate(parsed.raw, Some(path), env).map_err(|e| annotate(e, &sources));
+    }
+    // Every problem at once: the shape's problems, and when the file was read whole, what
+    // validation finds in the rest (not at or under a key already reported: a key left out
+    // because its value was wrong would be reported again as missing).
+    let mut problems = parsed.problems;
+    if parsed.complete {
+        if let Err(e) = validate(parsed.raw, Some(path), env) {
+            let reported: Vec<String> = problems.iter().map(|p| p.key.clone()).collect();
+            problems.extend(
+                annotate(e, &sources)
+                    .problems
+                    .into_iter()
+                    .filter(|p| !reported.iter().any(|key| is_at_or_under(&p.key, key))),
+            );
+        }
+    }
+    Err(ConfigError {
+        file: Some(path.to_path_buf()),
+        problems,
+    })
+}
+
+/// Whether `key` is `parent` or a key inside it (`streams[0].url` is under `streams[0]`).
+fn is_at_or_under(key: &str, parent: &str) -> bool {
+    key.strip_prefix(parent)
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with('.') || rest.starts_with('['))
 }
 
 /// Reads `path` and `overrides` (as in [`load_with`]) into the file's shape, without
 /// validation.
 pub fn load_raw(path: &Path, overrides: Vec<(String, String)>) -> Result<RawConfig, ConfigError> {
+    let (text, kind) = read_text(path)?;
+    parse_raw(&text, kind, Some(path), overrides)
+}
+
+/// The text of `path` and its syntax.
+fn read_text(path: &Path) -> Result<(String, FileKind), ConfigError> {
     let file_error = |message: String| ConfigError {
         file: Some(path.to_path_buf()),
         problems: vec![Problem {
@@ -121,7 +158,7 @@ pub fn load_raw(path: &Path, overrides: Vec<(String, String)>) -> Result<RawConf
             _ => format!("cannot read the file: {e}"),
         })
     })?;
-    parse_raw(&text, kind, Some(path), overrides)
+    Ok((text, kind))
 }
 
 /// Parses configuration `text` of syntax `kind` (read from `file`, if any, for messages) and
@@ -132,6 +169,37 @@ pub fn parse_raw(
     file: Option<&Path>,
     overrides: Vec<(String, String)>,
 ) -> Result<RawConfig, ConfigError> {
+    let parsed = parse_partial(text, kind, file, overrides)?;
+    if parsed.problems.is_empty() {
+        Ok(parsed.raw)
+    } else {
+        Err(ConfigError {
+            file: file.map(Path::to_path_buf),
+            problems: parsed.problems,
+        })
+    }
+}
+
+/// The file's shape as far as it could be read, and every problem found reading it.
+struct Parsed {
+    /// The configuration without the keys found wrong (meaningless if not `complete`).
+    raw: RawConfig,
+    /// Every problem with the shape: unknown keys, wrong types, missing keys, list gaps.
+    problems: Vec<Problem>,
+    /// True when `raw` is the configuration minus the keys found wrong, nothing made up in
+    /// their place, so that validating it finds real problems only.
+    complete: bool,
+}
+
+/// Most shape problems reported from one file (each costs one more pass over the tree).
+const MAX_SHAPE_PROBLEMS: usize = 200;
+
+fn parse_partial(
+    text: &str,
+    kind: FileKind,
+    file: Option<&Path>,
+    overrides: Vec<(String, String)>,
+) -> Result<Parsed, ConfigError> {
     let fail = |problems: Vec<Problem>| ConfigError {
         file: file.map(Path::to_path_buf),
         problems,
@@ -192,12 +260,162 @@ pub fn parse_raw(
                 message,
             }])
         })?;
-    let tree = Node(Value::new(None, ValueKind::Table(built)));
-    serde_path_to_error::deserialize::<_, RawConfig>(tree).map_err(|e| {
-        let path = e.path().to_string();
-        let problem = explain(&path, e.into_inner());
-        annotate(fail(vec![problem]), &sources)
+    let mut tree = Value::new(None, ValueKind::Table(built));
+    let mut problems = gap_problems(&tree, &sources);
+    // The entries from a gap on exist only because of it, and its problem says so: drop them,
+    // so that what comes before is read and validated as it is.
+    truncate_gaps(&mut tree);
+    let mut complete = true;
+    let raw = loop {
+        let substituted = Cell::new(false);
+        match serde_path_to_error::deserialize::<_, RawConfig>(Node(tree.clone(), &substituted)) {
+            Ok(raw) => {
+                complete &= !substituted.get();
+                break raw;
+            }
+            Err(e) => {
+                let segments: Vec<Segment> = e.path().iter().cloned().collect();
+                let path = e.path().to_string();
+                let error = e.into_inner();
+                let problem = annotate_problem(explain(&path, error.clone()), &sources);
+                let repeated = problems.contains(&problem);
+                if !repeated {
+                    problems.push(problem);
+                }
+                let mended = !repeated
+                    && problems.len() < MAX_SHAPE_PROBLEMS
+                    && mend(&mut tree, &segments, &error);
+                if !mended {
+                    complete = false;
+                    break RawConfig::default();
+                }
+            }
+        }
+    };
+    Ok(Parsed {
+        raw,
+        problems,
+        complete,
     })
+}
+
+/// Changes `tree` so that the next pass goes past the problem `error` at `segments`: an
+/// unknown key is removed, a missing key or a value of the wrong type becomes a
+/// [`placeholder`]. False when the path cannot be followed (nothing would change).
+fn mend(tree: &mut Value, segments: &[Segment], error: &DeError) -> bool {
+    let message = error.0.as_str();
+    if let Some(rest) = message.strip_prefix("missing field `") {
+        let field = rest.trim_end_matches('`').to_owned();
+        return match node_at(tree, segments).map(|v| &mut v.kind) {
+            Some(ValueKind::Table(table)) if !table.contains_key(&field) => {
+                table.insert(field, placeholder());
+                true
+            }
+            _ => false,
+        };
+    }
+    let Some((last, parents)) = segments.split_last() else {
+        return false;
+    };
+    if message.starts_with("unknown field `") {
+        if let (Segment::Map { key }, Some(ValueKind::Table(table))) =
+            (last, node_at(tree, parents).map(|v| &mut v.kind))
+        {
+            return table.remove(key).is_some();
+        }
+        return false;
+    }
+    match node_at(tree, segments) {
+        Some(node) if node.origin() != placeholder().origin() => {
+            *node = placeholder();
+            true
+        }
+        _ => false,
+    }
+}
+
+/// The node at `segments` of `tree`.
+fn node_at<'t>(tree: &'t mut Value, segments: &[Segment]) -> Option<&'t mut Value> {
+    let mut node = tree;
+    for segment in segments {
+        node = match (segment, &mut node.kind) {
+            (Segment::Map { key }, ValueKind::Table(table)) => table.get_mut(key)?,
+            (Segment::Seq { index }, ValueKind::Array(items)) => items.get_mut(*index)?,
+            _ => return None,
+        };
+    }
+    Some(node)
+}
+
+/// An override past the end of a list (`PATCHWIRE__STREAMS__7__INTERVAL` when the file has
+/// one stream) leaves empty entries before it; each such list is one problem, at the key the
+/// variable sets and naming it.
+fn gap_problems(tree: &Value, sources: &BTreeMap<String, String>) -> Vec<Problem> {
+    let mut problems = Vec::new();
+    let mut lists = Vec::new();
+    collect_gaps(tree, String::new(), &mut lists);
+    for (list, len) in lists {
+        for (key, name) in sources {
+            let Some(index) = key
+                .strip_prefix(list.as_str())
+                .and_then(|rest| rest.strip_prefix('['))
+                .and_then(|rest| rest.split_once(']'))
+                .and_then(|(index, _)| index.parse::<usize>().ok())
+            else {
+                continue;
+            };
+            if index > len {
+                problems.push(Problem {
+                    key: key.clone(),
+                    message: format!(
+                        "the environment variable {name} sets `{list}[{index}]`, but `{list}` has \
+                         {len} entries: a variable can change an entry or add the next one \
+                         (`{list}[{len}]`), not leave a gap"
+                    ),
+                });
+            }
+        }
+    }
+    problems
+}
+
+/// Lists of `tree` with an empty entry, each with the number of entries before the first.
+fn collect_gaps(tree: &Value, key: String, out: &mut Vec<(String, usize)>) {
+    match &tree.kind {
+        ValueKind::Table(table) => {
+            for (name, value) in table {
+                let child = if key.is_empty() {
+                    name.clone()
+                } else {
+                    format!("{key}.{name}")
+                };
+                collect_gaps(value, child, out);
+            }
+        }
+        ValueKind::Array(items) => {
+            if let Some(first) = items.iter().position(|v| matches!(v.kind, ValueKind::Nil)) {
+                out.push((key.clone(), first));
+            }
+            for (i, item) in items.iter().enumerate() {
+                collect_gaps(item, format!("{key}[{i}]"), out);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Cuts every list of `tree` at its first empty entry (see [`gap_problems`]).
+fn truncate_gaps(tree: &mut Value) {
+    match &mut tree.kind {
+        ValueKind::Table(table) => table.values_mut().for_each(truncate_gaps),
+        ValueKind::Array(items) => {
+            if let Some(first) = items.iter().position(|v| matches!(v.kind, ValueKind::Nil)) {
+                items.truncate(first);
+            }
+            items.iter_mut().for_each(truncate_gaps);
+        }
+        _ => {}
+    }
 }
 
 fn is_override(name: &str) -> bool {
@@ -253,19 +471,25 @@ fn override_sources(overrides: &[(String, String)]) -> BTreeMap<String, String> 
 
 /// Adds "(set by environment variable X)" to problems at keys an override set.
 fn annotate(mut error: ConfigError, sources: &BTreeMap<String, String>) -> ConfigError {
-    for problem in &mut error.problems {
-        let source = sources.iter().find(|(key, _)| {
-            problem.key == **key
-                || problem
-                    .key
-                    .strip_prefix(key.as_str())
-                    .is_some_and(|rest| rest.starts_with('.') || rest.starts_with('['))
-        });
-        if let Some((_, name)) = source {
+    error.problems = error
+        .problems
+        .into_iter()
+        .map(|p| annotate_problem(p, sources))
+        .collect();
+    error
+}
+
+/// [`annotate`] for one problem.
+fn annotate_problem(mut problem: Problem, sources: &BTreeMap<String, String>) -> Problem {
+    let source = sources
+        .iter()
+        .find(|(key, _)| is_at_or_under(&problem.key, key));
+    if let Some((_, name)) = source {
+        if !problem.message.contains(name.as_str()) {
             problem.message = format!("{} (set by environment variable {name})", problem.message);
         }
     }
-    error
+    problem
 }
 
 /// Turns serde's messages into "what is wrong, what was expected" at the full key path.

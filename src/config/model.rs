@@ -74,6 +74,58 @@ pub struct ProxySettings {
     pub diff: DiffOptions,
     /// The application tokens clients present (`X-Sd-Token`); at least one.
     pub tokens: Vec<ProxyToken>,
+    /// Whether Streamdata.io events escape every non-ASCII character as `\uXXXX`.
+    pub ascii_only: bool,
+    /// How far a signature's timestamp may be from the server's clock, either way.
+    pub signature_max_skew: Duration,
+}
+
+/// The application's private key of the Streamdata.io signature strategy: base64 of 72
+/// characters, the first 36 a "beacon" prefixed to every signature, the last 36 the HMAC key
+/// (as `streamdataio-js-sdk-auth` splits it).
+#[derive(Clone, PartialEq, Eq)]
+pub struct SigningKey {
+    /// The first 36 characters of the decoded key.
+    pub beacon: String,
+    /// The last 36: the HMAC-SHA512 key.
+    pub key: String,
+}
+
+impl SigningKey {
+    /// Length of the decoded private key, in characters.
+    pub const DECODED_CHARS: usize = 72;
+
+    /// Parses the private key as the SDK does; a reason (never echoing the key) on error.
+    pub fn parse(private_key: &str) -> Result<SigningKey, String> {
+        use base64::Engine;
+        let decoded = base64::engine::general_purpose::STANDARD
+            .decode(private_key.trim())
+            .map_err(|_| "expected the application's private key in base64".to_owned())?;
+        let text = String::from_utf8(decoded)
+            .map_err(|_| "expected a private key that decodes to text".to_owned())?;
+        if text.chars().count() != Self::DECODED_CHARS {
+            return Err(format!(
+                "expected a private key that decodes to {} characters (the SDK signs nothing \
+                 with any other key), got {}",
+                Self::DECODED_CHARS,
+                text.chars().count()
+            ));
+        }
+        let split = text
+            .char_indices()
+            .nth(Self::DECODED_CHARS / 2)
+            .map_or(text.len(), |(i, _)| i);
+        Ok(SigningKey {
+            beacon: text[..split].to_owned(),
+            key: text[split..].to_owned(),
+        })
+    }
+}
+
+impl std::fmt::Debug for SigningKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SigningKey(<redacted>)")
+    }
 }
 
 /// An allowed upstream host: exactly `api.example.com`, or `*.example.com` for any name under
@@ -173,6 +225,10 @@ pub struct ProxyToken {
     pub interval: Option<Duration>,
     /// This token's streams are never polled more often than this (on top of the global floor).
     pub min_interval: Duration,
+    /// The key that verifies this token's signed requests (`signing_secret`).
+    pub signing_key: Option<SigningKey>,
+    /// Whether this token's requests must be signed.
+    pub require_signature: bool,
 }
 
 impl std::fmt::Debug for ProxyToken {
@@ -186,6 +242,8 @@ impl std::fmt::Debug for ProxyToken {
             .field("allowed_hosts", &self.allowed_hosts)
             .field("interval", &self.interval)
             .field("min_interval", &self.min_interval)
+            .field("signing_key", &self.signing_key)
+            .field("require_signature", &self.require_signature)
             .finish()
     }
 }

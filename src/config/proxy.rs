@@ -8,7 +8,7 @@ use std::time::Duration;
 use super::error::Problems;
 use super::interpolate::{InterpolateError, interpolate};
 use super::is_valid_name;
-use super::model::{HostPattern, ProxySettings, ProxyToken};
+use super::model::{HostPattern, ProxySettings, ProxyToken, SigningKey};
 use super::raw::{RawProxy, RawProxyToken};
 use super::validate::{NAME_EXPECTED, duration_in, integer_in};
 
@@ -40,6 +40,10 @@ pub mod defaults {
     pub const CONNECTIONS_PER_SECOND: u64 = 10;
     /// `proxy.tokens[].min_interval`.
     pub const TOKEN_MIN_INTERVAL: Duration = Duration::ZERO;
+    /// `proxy.ascii_only`.
+    pub const ASCII_ONLY: bool = true;
+    /// `proxy.signature_max_skew`.
+    pub const SIGNATURE_MAX_SKEW: Duration = Duration::from_secs(300);
 }
 
 /// Inclusive bounds of `[proxy]` keys.
@@ -73,6 +77,8 @@ pub mod limits {
     pub const CONNECTIONS_PER_SECOND: (u64, u64) = (1, 100_000);
     /// `proxy.tokens[].min_interval`.
     pub const TOKEN_MIN_INTERVAL: (Duration, Duration) = (Duration::ZERO, DAY);
+    /// `proxy.signature_max_skew`.
+    pub const SIGNATURE_MAX_SKEW: (Duration, Duration) = (Duration::from_secs(1), DAY);
     /// Shortest token, in characters.
     pub const TOKEN_MIN_CHARS: usize = 16;
 }
@@ -244,6 +250,13 @@ pub(super) fn validate(
         defaults::HISTORY,
         limits::HISTORY,
     );
+    let signature_max_skew = duration_in(
+        problems,
+        "proxy.signature_max_skew",
+        raw.signature_max_skew,
+        defaults::SIGNATURE_MAX_SKEW,
+        limits::SIGNATURE_MAX_SKEW,
+    );
     if raw.diff.allow_move == Some(true) {
         problems.push(
             "proxy.diff.allow_move",
@@ -338,9 +351,11 @@ pub(super) fn validate(
             }
         }
         let token = token_limits(problems, &key, raw_token, &allowed_hosts);
+        let signing_key = signing_key(problems, &key, raw_token, enabled, env);
         if let Some(secret) = secret {
             tokens.push(ProxyToken {
                 token: secret,
+                signing_key,
                 ..token
             });
         }
@@ -363,7 +378,53 @@ pub(super) fn validate(
         history: usize_of(history),
         diff: diff?,
         tokens,
+        ascii_only: raw.ascii_only.unwrap_or(defaults::ASCII_ONLY),
+        signature_max_skew,
     })
+}
+
+/// The signing key of one token entry (`signing_secret`), problems recorded at `key`; also
+/// checks that `require_signature` has a key to verify with.
+fn signing_key(
+    problems: &mut Problems,
+    key: &str,
+    raw: &RawProxyToken,
+    enabled: bool,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Option<SigningKey> {
+    let secret_key = format!("{key}.signing_secret");
+    let parsed = raw.signing_secret.as_ref().and_then(|secret| {
+        let secret = match interpolate(secret, env) {
+            Ok(secret) => secret,
+            Err(InterpolateError::Undefined { .. }) if !enabled => return None,
+            Err(e) => {
+                problems.push(secret_key.clone(), format!("the signing secret {e}"));
+                return None;
+            }
+        };
+        match SigningKey::parse(&secret) {
+            Ok(parsed) => Some(parsed),
+            Err(message) => {
+                // Never echo the secret.
+                problems.push(
+                    secret_key.clone(),
+                    format!(
+                        "{message}: the private key of the Streamdata.io application, as given \
+                         to the SDK's AuthStrategy.newSignatureStrategy (not shown here)"
+                    ),
+                );
+                None
+            }
+        }
+    });
+    if raw.require_signature == Some(true) && raw.signing_secret.is_none() {
+        problems.push(
+            format!("{key}.require_signature"),
+            "expected a `signing_secret` in the same entry: signatures cannot be required \
+             without the key that verifies them",
+        );
+    }
+    parsed
 }
 
 /// The resolved token of one entry, or `None` after recording why it is refused. A disabled
@@ -486,6 +547,8 @@ fn token_limits(
         allowed_hosts,
         interval,
         min_interval,
+        signing_key: None,
+        require_signature: raw.require_signature.unwrap_or(false),
     }
 }
 

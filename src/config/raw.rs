@@ -79,6 +79,12 @@ pub struct RawProxy {
     pub max_body: Option<ByteCount>,
     /// Recent changes kept per dynamic stream (default 64, 1..=100000).
     pub history: Option<u64>,
+    /// Write every non-ASCII character of `data` and `patch` events as a `\uXXXX` escape
+    /// (default true): the Streamdata.io SDK's EventSource corrupts UTF-8 split across reads.
+    pub ascii_only: Option<bool>,
+    /// How far a signed request's `X-Auth-Sd-Ts` may be from the server's clock (default 5m,
+    /// 1s..=1 day).
+    pub signature_max_skew: Option<HumanDuration>,
     /// How changes are computed (`[proxy.diff]`); `allow_move = true` is refused.
     #[serde(default)]
     pub diff: DiffConfig,
@@ -121,6 +127,13 @@ pub struct RawProxyToken {
     pub interval: Option<HumanDuration>,
     /// This token's streams are never polled more often than this (default 0s, 0s..=1 day).
     pub min_interval: Option<HumanDuration>,
+    /// The application's private key of the Streamdata.io signature strategy
+    /// (`streamdataio-js-sdk-auth`): signatures (`X-Auth-Sd-Ts`, `X-Auth-Sd-S`) are verified
+    /// with it. `${VAR}` allowed; never shown.
+    pub signing_secret: Option<String>,
+    /// Refuse this token's requests that are not signed (default false; needs
+    /// `signing_secret`).
+    pub require_signature: Option<bool>,
 }
 
 /// `[webhooks]`: durable, signed, ordered delivery of changes to registered URLs.

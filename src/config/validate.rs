@@ -135,7 +135,19 @@ pub fn validate(
         }
     }
     let defaults = stream_defaults(&raw.stream_defaults, env, &mut problems);
-    let (streams, push_streams) = streams(&raw.streams, &defaults, &upstream, env, &mut problems);
+    // A proxy-only deployment (`[proxy]` enabled, its tokens, no `[[streams]]`) is valid.
+    let proxy_enabled = raw
+        .proxy
+        .as_ref()
+        .is_some_and(|p| p.enabled.unwrap_or(false));
+    let (streams, push_streams) = streams(
+        &raw.streams,
+        proxy_enabled,
+        &defaults,
+        &upstream,
+        env,
+        &mut problems,
+    );
     let push = push(raw.push.as_ref(), &push_streams, env, &mut problems);
     let webhooks = raw
         .webhooks
@@ -759,15 +771,17 @@ pub fn host_group(url: &Url) -> String {
 
 fn streams(
     raw: &[RawStream],
+    proxy_enabled: bool,
     defaults: &StreamDefaults,
     upstream: &UpstreamSettings,
     env: &dyn Fn(&str) -> Option<String>,
     problems: &mut Problems,
 ) -> (Vec<StreamSettings>, Vec<PushStreamSettings>) {
-    if raw.is_empty() {
+    if raw.is_empty() && !proxy_enabled {
         problems.push(
             "streams",
-            "expected at least one [[streams]] entry (a stream needs at least `name` and `url`)",
+            "expected at least one [[streams]] entry (a stream needs at least `name` and `url`), \
+             or an enabled [proxy] with its [[proxy.tokens]]",
         );
     }
     let mut first_index: HashMap<&str, usize> = HashMap::new();

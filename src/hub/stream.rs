@@ -56,21 +56,23 @@ pub struct Change {
     pub snapshot: Arc<Snapshot>,
     /// This change as an SSE event.
     pub sse: EncodedEvent,
-    /// This change as a Streamdata.io event (`data` or `patch`), framed on first use.
-    streamdata: OnceLock<EncodedEvent>,
+    /// This change as a Streamdata.io event (`data` or `patch`), framed on first use; by
+    /// `ascii_only` (index 1: escaped to ASCII).
+    streamdata: [OnceLock<EncodedEvent>; 2],
 }
 
 impl Change {
     /// This change as Streamdata.io clients expect it: a `patch` event with the same patch, or
-    /// a `data` event carrying the whole document. Framed once, on first use, then shared.
-    pub fn streamdata_event(&self) -> &EncodedEvent {
-        self.streamdata.get_or_init(|| {
+    /// a `data` event carrying the whole document, its non-ASCII characters escaped when
+    /// `ascii_only`. Framed once, on first use, then shared.
+    pub fn streamdata_event(&self, ascii_only: bool) -> &EncodedEvent {
+        self.streamdata[usize::from(ascii_only)].get_or_init(|| {
             let name = match self.kind {
                 ChangeKind::Patch => "patch",
                 ChangeKind::Snapshot => "data",
             };
             let id = self.id().to_string();
-            EncodedEvent::new(sse::frame::event(Some(&id), name, &self.payload))
+            EncodedEvent::new(sse::streamdata_frame(&id, name, &self.payload, ascii_only))
         })
     }
 
@@ -478,7 +480,7 @@ impl Stream {
             payload,
             snapshot: snapshot.clone(),
             sse,
-            streamdata: OnceLock::new(),
+            streamdata: [OnceLock::new(), OnceLock::new()],
         });
 
         let metric_kind = match kind {
@@ -897,13 +899,13 @@ mod tests {
         let s = stream(3);
         let long = "x".repeat(100);
         let first = published(s.publish(json!({"a": 1, "b": long})));
-        let text = String::from_utf8(first.streamdata_event().plain().to_vec()).unwrap();
+        let text = String::from_utf8(first.streamdata_event(true).plain().to_vec()).unwrap();
         assert!(
             text.starts_with(&format!("id: s:{}:1\nevent: data\ndata: {{", s.epoch())),
             "{text}"
         );
         let second = published(s.publish(json!({"a": 2, "b": long})));
-        let text = String::from_utf8(second.streamdata_event().plain().to_vec()).unwrap();
+        let text = String::from_utf8(second.streamdata_event(true).plain().to_vec()).unwrap();
         assert!(
             text.contains("event: patch\ndata: [{\"op\":\"replace\""),
             "{text}"

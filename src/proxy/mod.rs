@@ -12,6 +12,7 @@
 //! resolution unless `proxy.allow_private` is set ([`crate::ssrf`]), at connection time too,
 //! and every redirect target is checked again.
 
+pub mod signature;
 pub mod streams;
 pub mod target;
 pub mod tokens;
@@ -25,9 +26,10 @@ use crate::config::ProxySettings;
 use crate::hub::{Resume, Subscription};
 use crate::metrics::{Metrics, RefusalLabels};
 use crate::ssrf;
+use signature::{SignatureError, Signed};
 use streams::{Claim, DynamicStreams};
 use target::{TOKEN_PARAM, TargetError};
-use tokens::{Admission, Tokens};
+use tokens::{Admission, Token, Tokens};
 
 /// Why a dynamic stream request is refused. Streamdata.io clients get it as an SSE `error`
 /// event on a 200 response (their SDKs drop other statuses without telling why).
@@ -88,6 +90,24 @@ pub enum Refusal {
         /// The limit.
         max: u64,
     },
+    /// The token requires signed requests and this one is not signed.
+    #[error(
+        "token {token:?} requires signed requests: X-Auth-Sd-Ts and X-Auth-Sd-S are missing \
+         (sign the URL with streamdataio-js-sdk-auth's signature strategy; the native view \
+         /streams/~… cannot be signed, so it is closed to such tokens)"
+    )]
+    SignatureMissing {
+        /// The token's name.
+        token: String,
+    },
+    /// The request's signature is refused.
+    #[error("token {token:?}: {error}")]
+    Signature {
+        /// The token's name.
+        token: String,
+        /// Why.
+        error: SignatureError,
+    },
     /// A native view of a dynamic stream that does not exist (any more).
     #[error("no dynamic stream named {0:?} (it may have been evicted)")]
     NoSuchStream(String),
@@ -99,7 +119,10 @@ impl Refusal {
         match self {
             Refusal::Disabled | Refusal::NoSuchStream(_) => 404,
             Refusal::Target(_) => 400,
-            Refusal::TokenMissing | Refusal::TokenUnknown => 401,
+            Refusal::TokenMissing
+            | Refusal::TokenUnknown
+            | Refusal::SignatureMissing { .. }
+            | Refusal::Signature { .. } => 401,
             Refusal::HostNotAllowed { .. } | Refusal::Forbidden(_) => 403,
             Refusal::TooManyConnections { .. } | Refusal::RateLimited { .. } => 429,
             Refusal::TooManyStreams { .. } | Refusal::OutOfMemory { .. } => 503,
@@ -114,6 +137,12 @@ impl Refusal {
             Refusal::Target(_) => "invalid-target",
             Refusal::TokenMissing => "token-missing",
             Refusal::TokenUnknown => "token-unknown",
+            Refusal::SignatureMissing { .. } => "signature-missing",
+            Refusal::Signature {
+                error: SignatureError::Stale { .. },
+                ..
+            } => "signature-expired",
+            Refusal::Signature { .. } => "signature-invalid",
             Refusal::HostNotAllowed { .. } => "host-not-allowed",
             Refusal::Forbidden(ssrf::TargetError::Unresolvable { .. }) => "host-unresolvable",
             Refusal::Forbidden(_) => "address-forbidden",
@@ -215,9 +244,10 @@ impl Proxy {
         headers: &HeaderMap,
     ) -> Result<Opened, Refusal> {
         let target = target::parse(path, query)?;
-        let admission = self
-            .tokens
-            .admit(target.token.as_deref().or_else(|| header_token(headers)))?;
+        let presented = target.token.as_deref().or_else(|| header_token(headers));
+        // Before admission: a refused signature takes no connection slot nor rate.
+        self.check_signature(self.tokens.find(presented)?, target.signed.as_ref())?;
+        let admission = self.tokens.admit(presented)?;
         let host = target.url.host_str().unwrap_or_default();
         let period = admission.token().period_for(&self.settings, host)?;
         ssrf::check_url(&target.url, self.settings.allow_private).map_err(Refusal::Forbidden)?;
@@ -235,9 +265,9 @@ impl Proxy {
         headers: &HeaderMap,
     ) -> Result<Opened, Refusal> {
         let result = (|| {
-            let admission = self
-                .tokens
-                .admit(query_token.or_else(|| header_token(headers)))?;
+            let presented = query_token.or_else(|| header_token(headers));
+            self.check_signature(self.tokens.find(presented)?, None)?;
+            let admission = self.tokens.admit(presented)?;
             let (subscription, stream, claim) = self.streams.view(name, resume, |host| {
                 admission.token().period_for(&self.settings, host)
             })?;
@@ -247,6 +277,30 @@ impl Proxy {
             self.count(refusal);
         }
         result
+    }
+
+    /// Verifies a request's signature against its token's signing secret: a token with one
+    /// refuses bad or stale signatures (and missing ones, when it requires them); a token
+    /// without one ignores the parameters (they are stripped all the same).
+    fn check_signature(&self, token: &Token, signed: Option<&Signed>) -> Result<(), Refusal> {
+        let settings = &token.settings;
+        match (signed, &settings.signing_key) {
+            (None, _) if settings.require_signature => Err(Refusal::SignatureMissing {
+                token: settings.name.clone(),
+            }),
+            (Some(signed), Some(key)) => {
+                let now_ms = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_millis() as u64);
+                signature::verify(key, signed, now_ms, self.settings.signature_max_skew).map_err(
+                    |error| Refusal::Signature {
+                        token: settings.name.clone(),
+                        error,
+                    },
+                )
+            }
+            _ => Ok(()),
+        }
     }
 
     fn count(&self, refusal: &Refusal) {

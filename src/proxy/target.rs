@@ -1,5 +1,6 @@
 //! The request target of a dynamic stream: `/{upstream URL}` with the proxy's own parameters
-//! (`X-Sd-Token`, `X-Sd-Header`) taken out of the query. Pure.
+//! (`X-Sd-Token`, `X-Sd-Header`, and the signature's `X-Auth-Sd-Ts`, `X-Auth-Sd-S`) taken out
+//! of the query: never forwarded upstream, never part of the stream's identity. Pure.
 //!
 //! Both spellings Streamdata.io clients use are accepted: the URL appended as is
 //! (`/https://api.example.com/v1/prices?currency=eur&X-Sd-Token=…`) and the URL
@@ -8,6 +9,8 @@
 
 use http::{HeaderName, HeaderValue};
 use url::Url;
+
+use super::signature::{SIGNATURE_PARAM, Signed, TIMESTAMP_PARAM};
 
 /// The query parameter (and request header) carrying the client's application token.
 pub const TOKEN_PARAM: &str = "X-Sd-Token";
@@ -47,6 +50,9 @@ pub struct Target {
     pub headers: Vec<(HeaderName, HeaderValue)>,
     /// The token from the query string, if any.
     pub token: Option<String>,
+    /// The Streamdata.io signature (`X-Auth-Sd-Ts`, `X-Auth-Sd-S`), if either was sent; a
+    /// missing half is empty (and fails verification).
+    pub signed: Option<Signed>,
 }
 
 /// Why a request target is not a stream the proxy can open.
@@ -95,17 +101,19 @@ pub fn parse(path: &str, query: Option<&str>) -> Result<Target, TargetError> {
     let rest = path.strip_prefix('/').unwrap_or(path);
     let lower = rest.get(..8).unwrap_or(rest).to_ascii_lowercase();
     // The encoded form: the whole URL (and possibly its own query) is one escaped segment.
-    let (base, inner_query) = if lower.starts_with("http%3a") || lower.starts_with("https%3a") {
-        let decoded = percent_decode(rest)
-            .filter(|d| !d.contains(['\r', '\n']))
-            .ok_or_else(|| TargetError::NotAUrl(rest.to_owned()))?;
-        match decoded.split_once('?') {
-            Some((base, q)) => (base.to_owned(), Some(q.to_owned())),
-            None => (decoded, None),
-        }
-    } else {
-        (rest.to_owned(), None)
-    };
+    let (base, inner_query, whole) =
+        if lower.starts_with("http%3a") || lower.starts_with("https%3a") {
+            let decoded = percent_decode(rest)
+                .filter(|d| !d.contains(['\r', '\n']))
+                .ok_or_else(|| TargetError::NotAUrl(rest.to_owned()))?;
+            let whole = decoded.clone();
+            match decoded.split_once('?') {
+                Some((base, q)) => (base.to_owned(), Some(q.to_owned()), whole),
+                None => (decoded, None, whole),
+            }
+        } else {
+            (rest.to_owned(), None, rest.to_owned())
+        };
     let base = restore_double_slash(&base);
     let scheme = base.get(..8).unwrap_or(&base).to_ascii_lowercase();
     if !(scheme.starts_with("http://") || scheme.starts_with("https://")) {
@@ -115,6 +123,7 @@ pub fn parse(path: &str, query: Option<&str>) -> Result<Target, TargetError> {
     let mut kept: Vec<&str> = Vec::new();
     let mut headers = Vec::new();
     let mut token = None;
+    let (mut timestamp, mut signature) = (None, None);
     for pair in inner_query
         .as_deref()
         .into_iter()
@@ -128,6 +137,11 @@ pub fn parse(path: &str, query: Option<&str>) -> Result<Target, TargetError> {
             token = Some(form_decode(raw_value)).filter(|t| !t.is_empty());
         } else if name.eq_ignore_ascii_case(HEADER_PARAM) {
             headers.push(forwarded_header(&form_decode(raw_value))?);
+        } else if name.eq_ignore_ascii_case(TIMESTAMP_PARAM) {
+            timestamp = Some(percent_decode(raw_value).unwrap_or_default());
+        } else if name.eq_ignore_ascii_case(SIGNATURE_PARAM) {
+            // Not form-decoded: a `+` of base64 left unescaped stays a `+`.
+            signature = Some(percent_decode(raw_value).unwrap_or_default());
         } else {
             kept.push(pair);
         }
@@ -144,11 +158,40 @@ pub fn parse(path: &str, query: Option<&str>) -> Result<Target, TargetError> {
     if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none_or(str::is_empty) {
         return Err(TargetError::NotAUrl(upstream));
     }
+    let signed = (timestamp.is_some() || signature.is_some()).then(|| {
+        let whole = match query {
+            Some(q) => format!("{whole}?{q}"),
+            None => whole,
+        };
+        Signed {
+            url: restore_double_slash(signed_url(&whole)),
+            timestamp: timestamp.unwrap_or_default(),
+            signature: signature.unwrap_or_default(),
+        }
+    });
     Ok(Target {
         url,
         headers,
         token,
+        signed,
     })
+}
+
+/// The URL a Streamdata.io client signed: the request target up to the `?` or `&` before
+/// `X-Auth-Sd-Ts` (the SDK appends the signature to the URL it signed, and its own
+/// parameters after that); the whole target when there is none.
+fn signed_url(whole: &str) -> &str {
+    let marker = TIMESTAMP_PARAM.len() + 1;
+    for (i, b) in whole.bytes().enumerate() {
+        if (b == b'?' || b == b'&')
+            && whole
+                .get(i + 1..i + 1 + marker)
+                .is_some_and(|p| p.eq_ignore_ascii_case(&format!("{TIMESTAMP_PARAM}=")))
+        {
+            return &whole[..i];
+        }
+    }
+    whole
 }
 
 /// Some clients and intermediaries collapse `//` in paths: `https:/api.example.com` is read
@@ -243,6 +286,34 @@ mod tests {
         assert_eq!(t.headers.len(), 1);
         assert_eq!(t.headers[0].0, "authorization");
         assert_eq!(t.headers[0].1, "Bearer s3cret");
+    }
+
+    #[test]
+    fn the_signature_is_taken_out_and_the_signed_url_is_what_precedes_it() {
+        let t = ok(
+            "/https://api.example.com/v1/prices",
+            Some("currency=eur&X-Auth-Sd-Ts=1700000000000&X-Auth-Sd-S=ab%2Bc%3D&X-Sd-Token=tok"),
+        );
+        assert_eq!(
+            t.url.as_str(),
+            "https://api.example.com/v1/prices?currency=eur"
+        );
+        let signed = t.signed.expect("a signature");
+        assert_eq!(signed.url, "https://api.example.com/v1/prices?currency=eur");
+        assert_eq!(signed.timestamp, "1700000000000");
+        assert_eq!(signed.signature, "ab+c=");
+        assert_eq!(t.token.as_deref(), Some("tok"));
+
+        // A URL without a query: the SDK appends `?X-Auth-Sd-Ts=...`.
+        let t = ok(
+            "/https://api.example.com/v1",
+            Some("X-Auth-Sd-Ts=1&X-Auth-Sd-S=x+y"),
+        );
+        let signed = t.signed.expect("a signature");
+        assert_eq!(signed.url, "https://api.example.com/v1");
+        assert_eq!(signed.signature, "x+y", "a raw + stays a +");
+        assert_eq!(t.url.as_str(), "https://api.example.com/v1");
+        assert!(ok("/https://api.example.com/v1", None).signed.is_none());
     }
 
     #[test]

@@ -82,11 +82,7 @@ impl Tokens {
     /// Admits a new connection presenting `token`: the token must exist, be under its
     /// connection limit and its rate of new connections.
     pub fn admit(&self, token: Option<&str>) -> Result<Admission, Refusal> {
-        let token = token.ok_or(Refusal::TokenMissing)?;
-        let token = self
-            .by_digest
-            .get(&digest(token))
-            .ok_or(Refusal::TokenUnknown)?;
+        let token = self.find(token)?;
         let max = token.settings.max_connections;
         token
             .open
@@ -109,6 +105,16 @@ impl Tokens {
             });
         }
         Ok(admission)
+    }
+}
+
+impl Tokens {
+    /// The configured token `token` names, without admitting a connection.
+    pub fn find(&self, token: Option<&str>) -> Result<&Arc<Token>, Refusal> {
+        let token = token.ok_or(Refusal::TokenMissing)?;
+        self.by_digest
+            .get(&digest(token))
+            .ok_or(Refusal::TokenUnknown)
     }
 }
 
@@ -168,6 +174,8 @@ mod tests {
             allowed_hosts: None,
             interval: None,
             min_interval: Duration::ZERO,
+            signing_key: None,
+            require_signature: false,
         }
     }
 
@@ -202,6 +210,8 @@ mod tests {
                 token("a", "aaaaaaaaaaaaaaaa"),
                 token("b", "bbbbbbbbbbbbbbbb"),
             ],
+            ascii_only: true,
+            signature_max_skew: Duration::from_secs(300),
         }
     }
 

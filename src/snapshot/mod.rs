@@ -26,7 +26,7 @@ pub struct Snapshot {
     /// This snapshot as an SSE `snapshot` event, built on first use and then shared.
     pub sse: OnceLock<EncodedEvent>,
     /// This snapshot as a Streamdata.io `data` event, built on first use and then shared.
-    pub streamdata: OnceLock<EncodedEvent>,
+    pub streamdata: [OnceLock<EncodedEvent>; 2],
 }
 
 impl Snapshot {
@@ -40,7 +40,7 @@ impl Snapshot {
             json,
             at: SystemTime::now(),
             sse: OnceLock::new(),
-            streamdata: OnceLock::new(),
+            streamdata: [OnceLock::new(), OnceLock::new()],
         }
     }
 }

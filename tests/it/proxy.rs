@@ -27,6 +27,8 @@ fn token(name: &str, secret: &str) -> ProxyToken {
         allowed_hosts: None,
         interval: None,
         min_interval: Duration::ZERO,
+        signing_key: None,
+        require_signature: false,
     }
 }
 
@@ -46,6 +48,8 @@ fn proxy_settings() -> ProxySettings {
         history: 16,
         diff: DiffOptions::default(),
         tokens: vec![token("tests", TOKEN), token("other", OTHER_TOKEN)],
+        ascii_only: true,
+        signature_max_skew: Duration::from_secs(300),
     }
 }
 
@@ -931,4 +935,150 @@ async fn a_redirect_to_a_host_not_allowed_is_named_as_refused_and_shown_redacted
         !api.requests().is_empty(),
         "the upstream was asked and redirected"
     );
+}
+
+/// The private key of the Streamdata.io SDK's own tests (base64 of 72 characters).
+const SIGNING_KEY: &str = "MmIyMzBlZGMtOGYyNi00OGY2LWI2YTYtZmY1OTFlMzY1NjNiYjNhMzc3NWMtMzMwMC00YmMzLWI0NGYtMmM1ZmU4MDAzMGFh";
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+/// `/{url}` signed as `streamdataio-js-sdk-auth` signs it at `ts` (the signature appended to
+/// the URL, the token after it), with `sign_url` signed instead of `url` when given.
+fn signed_path(url: &str, ts: u64, sign_url: Option<&str>) -> String {
+    let key = patchwire::config::SigningKey::parse(SIGNING_KEY).unwrap();
+    let signature =
+        patchwire::proxy::signature::sign(&key, sign_url.unwrap_or(url), &ts.to_string());
+    let encoded: String = url::form_urlencoded::byte_serialize(signature.as_bytes()).collect();
+    let sep = if url.contains('?') { '&' } else { '?' };
+    format!("/{url}{sep}X-Auth-Sd-Ts={ts}&X-Auth-Sd-S={encoded}&X-Sd-Token={TOKEN}")
+}
+
+fn signing_settings(require: bool) -> ProxySettings {
+    let mut settings = proxy_settings();
+    settings.tokens[0].signing_key =
+        Some(patchwire::config::SigningKey::parse(SIGNING_KEY).unwrap());
+    settings.tokens[0].require_signature = require;
+    settings
+}
+
+#[tokio::test]
+async fn signed_clients_are_verified_and_share_one_stream_whatever_their_timestamps() {
+    let api = MockApi::start().await;
+    let app = TestApp::spawn(proxy_config(signing_settings(true))).await;
+    let url = api.url("/v1/prices?currency=eur");
+    let now = now_ms();
+    let mut a = open(&app, &signed_path(&url, now, None), &[]).await;
+    let mut b = open(&app, &signed_path(&url, now - 1500, None), &[]).await;
+    let first = a.expect(SOON).await;
+    assert_eq!(first.event, "data", "{first:?}");
+    assert_eq!(first.json(), document("anonymous", 0));
+    assert_eq!(b.expect(SOON).await.event, "data");
+    assert_eq!(
+        a.headers["x-patchwire-stream"], b.headers["x-patchwire-stream"],
+        "different timestamps, one stream"
+    );
+    let listing: Value = reqwest::get(app.url("/streams"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(listing["dynamic"]["streams"], 1, "{listing}");
+    let requests = api.requests();
+    assert!(!requests.is_empty());
+    for request in &requests {
+        assert_eq!(
+            request.uri, "/v1/prices?currency=eur",
+            "the signature is not forwarded"
+        );
+    }
+}
+
+#[tokio::test]
+async fn stale_bad_and_missing_signatures_are_refused() {
+    let api = MockApi::start().await;
+    let app = TestApp::spawn(proxy_config(signing_settings(true))).await;
+    let url = api.url("/v1/prices?currency=eur");
+    let now = now_ms();
+
+    let stale = signed_path(&url, now - 10 * 60 * 1000, None);
+    let error = refused(&app, &stale, &[], 401, "signature-expired").await;
+    assert!(
+        error["message"]
+            .as_str()
+            .unwrap()
+            .contains("signature_max_skew"),
+        "{error}"
+    );
+    let future = signed_path(&url, now + 10 * 60 * 1000, None);
+    refused(&app, &future, &[], 401, "signature-expired").await;
+
+    let other = api.url("/v1/prices?currency=usd");
+    let bad = signed_path(&url, now, Some(&other));
+    let error = refused(&app, &bad, &[], 401, "signature-invalid").await;
+    assert!(
+        !error["message"].as_str().unwrap().contains(SIGNING_KEY),
+        "{error}"
+    );
+
+    let unsigned = dynamic_path(&api, "/v1/prices", "currency=eur");
+    refused(&app, &unsigned, &[], 401, "signature-missing").await;
+    // JSON clients get the status itself.
+    let response = reqwest::Client::new()
+        .get(app.url(&unsigned))
+        .header("accept", "application/json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 401);
+    assert!(
+        api.requests().is_empty(),
+        "nothing refused reached the upstream"
+    );
+
+    // A token that does not require signatures still refuses a bad one.
+    let app = TestApp::spawn(proxy_config(signing_settings(false))).await;
+    refused(&app, &bad, &[], 401, "signature-invalid").await;
+    let mut client = open(&app, &unsigned, &[]).await;
+    assert_eq!(client.expect(SOON).await.event, "data", "unsigned is fine");
+}
+
+#[tokio::test]
+async fn streamdata_events_are_ascii_by_default_and_raw_utf8_when_turned_off() {
+    let api = MockApi::start().await;
+    for ascii_only in [true, false] {
+        let mut settings = proxy_settings();
+        settings.ascii_only = ascii_only;
+        let app = TestApp::spawn(proxy_config(settings)).await;
+        let path = dynamic_path(&api, "/unicode", "");
+        let mut client = open(&app, &path, &[]).await;
+        let mut doc = Rebuilt::default();
+        let first = client.expect(SOON).await;
+        assert_eq!(first.event, "data", "{first:?}");
+        assert_eq!(first.data.is_ascii(), ascii_only, "{}", first.data);
+        doc.apply(&first);
+        let label = |d: &Option<Value>| d.as_ref().unwrap()["label"].clone();
+        let version = first.json()["version"].as_u64().unwrap();
+        assert_eq!(
+            label(&doc.document),
+            format!("Zürich {version} 東京 😀 naïve")
+        );
+        api.set_version(version + 1);
+        let patch = until(&mut client, "patch").await;
+        assert_eq!(patch.data.is_ascii(), ascii_only, "{}", patch.data);
+        if ascii_only {
+            assert!(patch.data.contains(r"\u6771\u4eac"), "{}", patch.data);
+            assert!(patch.data.contains(r"\ud83d\ude00"), "{}", patch.data);
+        }
+        doc.apply(&patch);
+        assert_eq!(
+            label(&doc.document),
+            format!("Zürich {} 東京 😀 naïve", version + 1)
+        );
+    }
 }

@@ -34,6 +34,45 @@ pub fn event(id: Option<&str>, name: &str, data: &[u8]) -> Bytes {
     out.freeze()
 }
 
+/// JSON text with every non-ASCII character written as a `\uXXXX` escape (a surrogate pair
+/// above U+FFFF): the same JSON value, in bytes a client that splits UTF-8 sequences across
+/// reads cannot corrupt (the Streamdata.io SDK's EventSource does). Non-ASCII characters can
+/// only occur inside JSON strings, where the escape means the same character. ASCII input (the
+/// common case) is returned as is; so is input that is not UTF-8 (never produced here).
+pub fn ascii_json(json: &[u8]) -> std::borrow::Cow<'_, [u8]> {
+    use std::borrow::Cow;
+    if json.is_ascii() {
+        return Cow::Borrowed(json);
+    }
+    let Ok(text) = std::str::from_utf8(json) else {
+        return Cow::Borrowed(json);
+    };
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    // A two-byte character becomes six bytes, a four-byte one twelve: at most three times.
+    let mut out = Vec::with_capacity(json.len() + json.len() / 2);
+    let mut rest = text;
+    while let Some(at) = rest.bytes().position(|b| !b.is_ascii()) {
+        out.extend_from_slice(&rest.as_bytes()[..at]);
+        let tail = &rest[at..];
+        let Some(c) = tail.chars().next() else { break };
+        let mut units = [0u16; 2];
+        for unit in c.encode_utf16(&mut units) {
+            let u = *unit as usize;
+            out.extend_from_slice(&[
+                b'\\',
+                b'u',
+                HEX[u >> 12],
+                HEX[(u >> 8) & 0xf],
+                HEX[(u >> 4) & 0xf],
+                HEX[u & 0xf],
+            ]);
+        }
+        rest = &tail[c.len_utf8()..];
+    }
+    out.extend_from_slice(rest.as_bytes());
+    Cow::Owned(out)
+}
+
 /// A comment line (ignored by clients); used for keep-alives.
 pub fn comment(text: &str) -> Bytes {
     let mut out = BytesMut::with_capacity(text.len() + 4);
@@ -297,7 +336,39 @@ mod tests {
         assert_eq!(decoder.get_ref().as_slice(), &e.plain()[..]);
     }
 
+    #[test]
+    fn ascii_json_escapes_accents_cjk_and_emoji() {
+        let doc = serde_json::json!({"café": "naïve 東京 😀", "n": 1, "plain": "ascii"});
+        let text = serde_json::to_vec(&doc).unwrap();
+        let escaped = ascii_json(&text);
+        assert!(escaped.is_ascii(), "{}", String::from_utf8_lossy(&escaped));
+        let escaped = std::str::from_utf8(&escaped).unwrap();
+        assert!(escaped.contains(r"caf\u00e9"), "{escaped}");
+        assert!(escaped.contains(r"\u6771\u4eac"), "{escaped}");
+        assert!(
+            escaped.contains(r"\ud83d\ude00"),
+            "a surrogate pair: {escaped}"
+        );
+        let back: serde_json::Value = serde_json::from_str(escaped).unwrap();
+        assert_eq!(back, doc);
+        let ascii = br#"{"a":"b"}"#;
+        assert!(
+            matches!(ascii_json(ascii), std::borrow::Cow::Borrowed(_)),
+            "ASCII is not copied"
+        );
+    }
+
     proptest! {
+        #[test]
+        fn ascii_json_parses_to_the_same_value(strings in proptest::collection::vec(any::<String>(), 0..6)) {
+            let doc = serde_json::json!({ "strings": strings, "keys": strings.iter().map(|s| (s.clone(), serde_json::Value::from(1))).collect::<serde_json::Map<String, serde_json::Value>>() });
+            let text = serde_json::to_vec(&doc).unwrap();
+            let escaped = ascii_json(&text);
+            prop_assert!(escaped.is_ascii());
+            let back: serde_json::Value = serde_json::from_slice(&escaped).unwrap();
+            prop_assert_eq!(back, doc);
+        }
+
         #[test]
         fn framing_round_trips(id in "[a-z0-9:]{0,12}", name in "[a-z]{1,10}", data in "(?s).{0,200}") {
             let f = event(Some(&id), &name, data.as_bytes());

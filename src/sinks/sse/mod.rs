@@ -51,24 +51,42 @@ pub enum Dialect {
     Streamdata {
         /// This connection's session id, reported in its `error` events.
         session: u64,
+        /// Event data escapes every non-ASCII character as `\uXXXX` (`proxy.ascii_only`).
+        ascii_only: bool,
     },
 }
 
 impl Dialect {
-    /// A Streamdata.io dialect with a fresh random session id.
-    pub fn streamdata() -> Dialect {
+    /// A Streamdata.io dialect with a fresh random session id; `ascii_only` as
+    /// `proxy.ascii_only` says.
+    pub fn streamdata(ascii_only: bool) -> Dialect {
         Dialect::Streamdata {
             session: rand::random(),
+            ascii_only,
         }
     }
 }
 
-/// The Streamdata.io `data` event of `snapshot` on `stream`, framed once and shared.
-pub fn data_event<'a>(stream: &Stream, snapshot: &'a Snapshot) -> &'a EncodedEvent {
-    snapshot.streamdata.get_or_init(|| {
+/// The Streamdata.io `data` event of `snapshot` on `stream`, framed once and shared (one
+/// framing per `ascii_only` value).
+pub fn data_event<'a>(
+    stream: &Stream,
+    snapshot: &'a Snapshot,
+    ascii_only: bool,
+) -> &'a EncodedEvent {
+    snapshot.streamdata[usize::from(ascii_only)].get_or_init(|| {
         let id = stream.event_id(snapshot.seq).to_string();
-        EncodedEvent::new(frame::event(Some(&id), "data", &snapshot.json))
+        EncodedEvent::new(streamdata_frame(&id, "data", &snapshot.json, ascii_only))
     })
+}
+
+/// A Streamdata.io event: `data` is JSON, escaped to ASCII when `ascii_only`.
+pub fn streamdata_frame(id: &str, name: &str, data: &[u8], ascii_only: bool) -> bytes::Bytes {
+    if ascii_only {
+        frame::event(Some(id), name, &frame::ascii_json(data))
+    } else {
+        frame::event(Some(id), name, data)
+    }
 }
 
 /// The body of a Streamdata.io `error` event.
@@ -262,7 +280,9 @@ impl Writer {
         let stream = self.stream.clone();
         match self.dialect {
             Dialect::Native => self.push_counted(snapshot_event(&stream, snapshot)),
-            Dialect::Streamdata { .. } => self.push_counted(data_event(&stream, snapshot)),
+            Dialect::Streamdata { ascii_only, .. } => {
+                self.push_counted(data_event(&stream, snapshot, ascii_only))
+            }
         }
         self.seq = snapshot.seq;
     }
@@ -270,7 +290,9 @@ impl Writer {
     fn push_change(&mut self, change: &Change) {
         match self.dialect {
             Dialect::Native => self.push_counted(&change.sse),
-            Dialect::Streamdata { .. } => self.push_counted(change.streamdata_event()),
+            Dialect::Streamdata { ascii_only, .. } => {
+                self.push_counted(change.streamdata_event(ascii_only))
+            }
         }
     }
 
@@ -278,7 +300,10 @@ impl Writer {
         self.failing = true;
         match self.dialect {
             Dialect::Native => self.push_counted(&failure.sse),
-            Dialect::Streamdata { session } => {
+            Dialect::Streamdata {
+                session,
+                ascii_only,
+            } => {
                 // Per connection (it names the session); failures are rare.
                 let body = streamdata_error(
                     failure.status,
@@ -288,7 +313,7 @@ impl Writer {
                     session,
                 );
                 let id = self.stream.event_id(failure.seq).to_string();
-                let frame = frame::event(Some(&id), "error", body.to_string().as_bytes());
+                let frame = streamdata_frame(&id, "error", body.to_string().as_bytes(), ascii_only);
                 self.push_counted(&EncodedEvent::new(frame));
             }
         }
@@ -380,9 +405,12 @@ pub const REFUSAL_RETRY: Duration = Duration::from_secs(30);
 /// not hammer), then one `error` event. For clients such as Streamdata.io's SDKs, which drop
 /// non-200 responses without telling their user why.
 pub fn refusal_body(refusal: &crate::proxy::Refusal, dialect: Dialect) -> Vec<u8> {
-    let session = match dialect {
-        Dialect::Streamdata { session } => session,
-        Dialect::Native => 0,
+    let (session, ascii_only) = match dialect {
+        Dialect::Streamdata {
+            session,
+            ascii_only,
+        } => (session, ascii_only),
+        Dialect::Native => (0, false),
     };
     let error = streamdata_error(
         refusal.status(),
@@ -392,7 +420,13 @@ pub fn refusal_body(refusal: &crate::proxy::Refusal, dialect: Dialect) -> Vec<u8
         session,
     );
     let mut body = frame::retry(REFUSAL_RETRY.as_millis() as u64).to_vec();
-    body.extend_from_slice(&frame::event(None, "error", error.to_string().as_bytes()));
+    let error = error.to_string();
+    let error = if ascii_only {
+        frame::ascii_json(error.as_bytes())
+    } else {
+        std::borrow::Cow::Borrowed(error.as_bytes())
+    };
+    body.extend_from_slice(&frame::event(None, "error", &error));
     body
 }
 
@@ -453,7 +487,13 @@ mod tests {
     async fn the_end_of_failures_reaches_native_subscribers_that_saw_them() {
         let s = stream(16);
         let mut native = writer(&s, Dialect::Native);
-        let mut streamdata = writer(&s, Dialect::Streamdata { session: 1 });
+        let mut streamdata = writer(
+            &s,
+            Dialect::Streamdata {
+                session: 1,
+                ascii_only: true,
+            },
+        );
         assert_eq!(owed(&mut native), ["snapshot"]);
         assert_eq!(owed(&mut streamdata), ["data"]);
         s.fail(502, "upstream-unavailable", "down".into(), Duration::ZERO);
@@ -465,9 +505,16 @@ mod tests {
             w.next_live().await;
         }
         assert_eq!(owed(&mut native), ["error", "recovered"]);
-        assert_eq!(owed(&mut streamdata), ["error"], "no such event in that dialect");
+        assert_eq!(
+            owed(&mut streamdata),
+            ["error"],
+            "no such event in that dialect"
+        );
         joined_failing.next_live().await;
-        assert_eq!(owed(&mut joined_failing), ["snapshot", "error", "recovered"]);
+        assert_eq!(
+            owed(&mut joined_failing),
+            ["snapshot", "error", "recovered"]
+        );
         assert_eq!(owed(&mut joined_after), ["snapshot"], "it saw no error");
     }
 

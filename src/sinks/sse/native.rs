@@ -189,7 +189,7 @@ impl NativeSse {
         if !is_dynamic_path(path) || wants_json(headers) {
             return None;
         }
-        let dialect = Dialect::streamdata();
+        let dialect = Dialect::streamdata(proxy.settings().ascii_only);
         let allow_origin = self.allow_origin(headers);
         match proxy.open(path, query, headers).await {
             Ok(opened) => {

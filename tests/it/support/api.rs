@@ -78,7 +78,12 @@ async fn answer(
     if let Some(to) = redirect_to {
         return (http::StatusCode::FOUND, [(http::header::LOCATION, to)]).into_response();
     }
-    axum::Json(document(&user, state.version)).into_response()
+    let mut doc = document(&user, state.version);
+    if uri.path().starts_with("/unicode") {
+        // Accents, CJK and an emoji (beyond U+FFFF), changing with the version.
+        doc["label"] = json!(format!("Zürich {} 東京 😀 naïve", state.version));
+    }
+    axum::Json(doc).into_response()
 }
 
 impl MockApi {
