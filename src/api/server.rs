@@ -604,3 +604,32 @@ impl AsyncWrite for Watched {
         Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accept_failures_back_off_and_log_once_per_interval() {
+        let mut backoff = AcceptBackoff::default();
+        let emfile = io::Error::from_raw_os_error(libc::EMFILE);
+        let start = Instant::now();
+        let delays: Vec<_> = (0..10)
+            .map(|i| backoff.failed(&emfile, start + Duration::from_millis(i)))
+            .collect();
+        assert_eq!(delays[0], Some(Duration::from_millis(10)));
+        assert_eq!(delays[1], Some(Duration::from_millis(20)));
+        assert_eq!(delays[9], Some(Duration::from_secs(1)));
+        // Ten failures within one interval: one line, then the next line counts the rest.
+        assert_eq!(backoff.log.suppressed, 9);
+        assert_eq!(backoff.log.tick(start + LOG_INTERVAL), Some(9));
+        backoff.succeeded();
+        assert_eq!(
+            backoff.failed(&emfile, start + LOG_INTERVAL),
+            Some(Duration::from_millis(10))
+        );
+        // An error about one connection is retried at once.
+        let aborted = io::Error::from_raw_os_error(libc::ECONNABORTED);
+        assert_eq!(backoff.failed(&aborted, start), None);
+    }
+}
