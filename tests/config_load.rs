@@ -811,7 +811,7 @@ mod defaults {
         assert_eq!(s.stall_timeout, Duration::from_secs(30));
         assert_eq!(s.shutdown_grace, Duration::from_secs(5));
         assert_eq!(s.header_timeout, Duration::from_secs(30));
-        assert_eq!(s.idle_timeout, Duration::from_secs(120));
+        assert_eq!(s.idle_timeout, Duration::from_secs(30));
         assert_eq!(s.body_timeout, Duration::from_secs(30));
         assert_eq!(s.max_connections, 10_000);
         assert_eq!(s.cors, Cors::AnyOrigin);

@@ -226,7 +226,7 @@ pub struct RawServer {
     /// How long a new connection may take to send its first request head (HTTP/1) or its
     /// first request after the preface (HTTP/2) (default 30s, 1s..=10min).
     pub header_timeout: Option<HumanDuration>,
-    /// How long a connection with no request in flight stays open (default 2m, 1s..=1h).
+    /// How long a connection with no request in flight stays open (default 30s, 1s..=1h).
     pub idle_timeout: Option<HumanDuration>,
     /// How long a request body may take to arrive (default 30s, 1s..=1h).
     pub body_timeout: Option<HumanDuration>,

@@ -43,7 +43,7 @@ pub mod defaults {
     /// `server.header_timeout`.
     pub const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
     /// `server.idle_timeout`.
-    pub const IDLE_TIMEOUT: Duration = Duration::from_secs(120);
+    pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
     /// `server.body_timeout`.
     pub const BODY_TIMEOUT: Duration = Duration::from_secs(30);
     /// `server.max_connections`.

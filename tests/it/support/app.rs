@@ -56,7 +56,7 @@ pub fn config(streams: Vec<StreamSettings>) -> Config {
             stall_timeout: Duration::from_secs(2),
             shutdown_grace: Duration::from_secs(2),
             header_timeout: Duration::from_secs(30),
-            idle_timeout: Duration::from_secs(120),
+            idle_timeout: Duration::from_secs(30),
             body_timeout: Duration::from_secs(30),
             max_connections: 10_000,
             cors: Cors::AnyOrigin,
