@@ -231,6 +231,7 @@ pub async fn run(
         upstreams,
         push,
         push_max_body,
+        body_timeout: config.server.body_timeout,
         retry_hint: config.server.retry_hint,
         webhooks,
         admin_token: config.webhooks.as_ref().and_then(|w| w.admin_token.clone()),
@@ -270,6 +271,9 @@ pub async fn run(
         native,
         api::server::ServeOptions {
             shutdown_grace: config.server.shutdown_grace,
+            header_timeout: config.server.header_timeout,
+            idle_timeout: config.server.idle_timeout,
+            max_connections: config.server.max_connections,
         },
         shutdown.clone(),
     )

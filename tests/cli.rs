@@ -340,6 +340,18 @@ async fn start_command(
     env: impl Fn(u16, u16) -> Vec<(String, String)>,
     serving: impl Fn(u16, u16) -> u16,
 ) -> Running {
+    start_prepared(command, ready_path, make, env, serving, |_| {}).await
+}
+
+/// Like [`start_command`], with `prepare` adjusting the command before it is spawned.
+async fn start_prepared(
+    command: &str,
+    ready_path: &str,
+    make: impl Fn(u16, u16) -> String,
+    env: impl Fn(u16, u16) -> Vec<(String, String)>,
+    serving: impl Fn(u16, u16) -> u16,
+    prepare: impl Fn(&mut Command),
+) -> Running {
     for _attempt in 0..5 {
         let (a, b) = (free_port(), free_port());
         if a == b {
@@ -349,15 +361,16 @@ async fn start_command(
         let config = dir.path().join("patchwire.toml");
         std::fs::write(&config, make(a, b)).unwrap();
         let log = dir.path().join("stderr.log");
-        let child = patchwire()
+        let mut child = patchwire();
+        child
             .args([command, "--config"])
             .arg(&config)
             .envs(env(a, b))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
+            .stderr(std::fs::File::create(&log).unwrap());
+        prepare(&mut child);
+        let child = child.spawn().unwrap();
         let addr: SocketAddr = format!("127.0.0.1:{}", serving(a, b)).parse().unwrap();
         let mut running = Running {
             child,
@@ -554,6 +567,117 @@ async fn simulate_serves_the_feeds_until_sigterm() {
         .send()
         .await;
     assert!(refused.is_err(), "simulate also served the proxy");
+    let status = running.terminate(SOON).await;
+    assert!(status.success(), "exit status {status}:\n{}", running.log());
+    assert_no_panic(&running.log());
+}
+
+/// Out of file descriptors (a low `ulimit -n` and a flood of connections), the server keeps
+/// serving the connections it has, logs the accept failures a bounded number of times, and
+/// accepts again once descriptors are free.
+#[tokio::test]
+async fn out_of_file_descriptors_the_server_backs_off_and_keeps_serving() {
+    use std::os::unix::process::CommandExt as _;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    const NOFILE: libc::rlim_t = 96;
+    let limit_files = |command: &mut Command| {
+        // SAFETY: only async-signal-safe `setrlimit` runs between fork and exec.
+        unsafe {
+            command.pre_exec(|| {
+                let limit = libc::rlimit {
+                    rlim_cur: NOFILE,
+                    rlim_max: NOFILE,
+                };
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) == 0 {
+                    Ok(())
+                } else {
+                    Err(std::io::Error::last_os_error())
+                }
+            });
+        }
+    };
+    let mut running = start_prepared(
+        "run",
+        "/healthz",
+        simulated,
+        |_, _| Vec::new(),
+        |api, _| api,
+        limit_files,
+    )
+    .await;
+    let healthz = b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n";
+    let mut held = tokio::net::TcpStream::connect(running.addr).await.unwrap();
+    let mut buf = vec![0u8; 4096];
+    held.write_all(healthz).await.unwrap();
+    let n = tokio::time::timeout(SOON, held.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+
+    // More connections than descriptors; none sends a request. Past the listen backlog a
+    // connect would wait for SYN retries: those are given up on.
+    let mut flood = Vec::new();
+    for _ in 0..200 {
+        let connect = tokio::net::TcpStream::connect(running.addr);
+        if let Ok(Ok(connection)) = tokio::time::timeout(Duration::from_millis(200), connect).await
+        {
+            flood.push(connection);
+        }
+    }
+    let failing = Instant::now() + SOON;
+    while !running.log().contains("accept failed") {
+        assert!(
+            Instant::now() < failing,
+            "never ran out of descriptors:\n{}",
+            running.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Stay out of descriptors for a few seconds: the loop keeps failing meanwhile, and logs
+    // at most once per 10s interval (the unthrottled loop logged ~20 lines a second).
+    let before = running.log().matches("accept failed").count();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+
+    held.write_all(healthz).await.unwrap();
+    let n = tokio::time::timeout(SOON, held.read(&mut buf))
+        .await
+        .unwrap_or_else(|_| panic!("the held connection went unanswered:\n{}", running.log()))
+        .unwrap();
+    assert!(
+        buf[..n].starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&buf[..n])
+    );
+    let lines = running.log().matches("accept failed").count() - before;
+    assert!(
+        lines <= 1,
+        "{lines} accept-failure lines in ~3s:\n{}",
+        running.log()
+    );
+
+    // Once the flood goes away, new connections are accepted again.
+    drop(flood);
+    let client = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let answered = client
+            .get(format!("http://{}/healthz", running.addr))
+            .timeout(Duration::from_secs(2))
+            .send()
+            .await
+            .is_ok_and(|r| r.status() == 200);
+        if answered {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no new connection accepted:\n{}",
+            running.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let status = running.terminate(SOON).await;
     assert!(status.success(), "exit status {status}:\n{}", running.log());
     assert_no_panic(&running.log());

@@ -871,6 +871,10 @@ mod defaults {
         assert_eq!(s.subscriber_buffer, 256);
         assert_eq!(s.stall_timeout, Duration::from_secs(30));
         assert_eq!(s.shutdown_grace, Duration::from_secs(5));
+        assert_eq!(s.header_timeout, Duration::from_secs(30));
+        assert_eq!(s.idle_timeout, Duration::from_secs(30));
+        assert_eq!(s.body_timeout, Duration::from_secs(30));
+        assert_eq!(s.max_connections, 10_000);
         assert_eq!(s.cors, Cors::AnyOrigin);
         assert_eq!(config.log.format, LogFormat::Plain);
         assert_eq!(config.log.filter, "info");

@@ -44,6 +44,8 @@ pub struct AppState {
     pub push: Option<push::PushAuth>,
     /// Largest pushed body accepted, in bytes.
     pub push_max_body: usize,
+    /// How long a request body may take to arrive (`server.body_timeout`).
+    pub body_timeout: Duration,
     /// The `retry:` hint for SSE clients.
     pub retry_hint: Duration,
     /// The webhook sink, when `[webhooks]` is configured (served by the admin API).
@@ -56,17 +58,18 @@ pub struct AppState {
 
 /// The application's routes.
 pub fn router(state: Arc<AppState>, cors: &Cors) -> Router {
-    let push_limit = axum::extract::DefaultBodyLimit::max(state.push_max_body);
+    // The push methods authorize from the head before their body extractor runs; the limit is
+    // enforced by `push::PushBody` itself.
+    let push = axum::routing::post(push::post_document)
+        .patch(push::patch_document)
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            push::authorize_head,
+        ));
     let admin = admin::router(state.webhooks.clone(), state.admin_token.clone());
     let router = Router::new()
         .route("/streams", get(list_streams))
-        .route(
-            "/streams/{name}",
-            get(stream)
-                .post(push::post_document)
-                .patch(push::patch_document)
-                .layer(push_limit),
-        )
+        .route("/streams/{name}", get(stream).merge(push))
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .fallback(fallback)
@@ -221,7 +224,8 @@ async fn stream(
 }
 
 /// `GET /streams/{name}` with `Accept: application/json`: the current document once, with an
-/// `ETag` naming its epoch and sequence, so polling clients cost the upstream nothing.
+/// `ETag` naming its epoch and sequence, so polling clients cost the upstream nothing; gzip
+/// for clients that accept it (compressed once per snapshot).
 pub(crate) fn snapshot_json(stream: &Stream, headers: &HeaderMap) -> Response {
     let Some(snapshot) = stream.snapshot() else {
         let mut response = error_response(
@@ -233,25 +237,36 @@ pub(crate) fn snapshot_json(stream: &Stream, headers: &HeaderMap) -> Response {
             .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         return response;
     };
-    let etag = format!("\"{}-{}\"", stream.epoch(), snapshot.seq);
+    // The gzip representation has its own tag (a strong tag names one byte sequence); either
+    // tag names the same document version, so either revalidates.
+    let plain_etag = format!("\"{}-{}\"", stream.epoch(), snapshot.seq);
+    let gzip_etag = format!("\"{}-{}+gzip\"", stream.epoch(), snapshot.seq);
+    let gzip = sse::accepts_gzip(headers);
+    let etag = if gzip { &gzip_etag } else { &plain_etag };
     let matches = headers
         .get_all(header::IF_NONE_MATCH)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .map(|t| t.trim().trim_start_matches("W/"))
-        .any(|t| t == etag || t == "*");
+        .any(|t| t == plain_etag || t == gzip_etag || t == "*");
     let mut builder = Response::builder()
-        .header(header::ETAG, &etag)
+        .header(header::ETAG, etag)
         .header(header::CACHE_CONTROL, "no-cache")
-        .header(header::VARY, "accept");
+        .header(header::VARY, "accept, accept-encoding");
     if matches {
         builder = builder.status(StatusCode::NOT_MODIFIED);
         return builder.body(Body::empty()).unwrap_or_default();
     }
+    let body = if gzip {
+        builder = builder.header(header::CONTENT_ENCODING, "gzip");
+        snapshot.json_gzip().clone()
+    } else {
+        snapshot.json.clone()
+    };
     builder
         .status(StatusCode::OK)
         .header(header::CONTENT_TYPE, "application/json")
-        .body(Body::from(snapshot.json.clone()))
+        .body(Body::from(body))
         .unwrap_or_default()
 }

@@ -65,7 +65,8 @@ pub fn native_view(
         Err(refusal) => return refusal_status(&refusal),
     };
     if sse::wants_json(headers) {
-        return snapshot_json(opened.subscription.stream(), headers);
+        let response = snapshot_json(opened.subscription.stream(), headers);
+        return naming_stream(response, &opened.stream);
     }
     let options = SseOptions {
         retry: state.retry_hint,
@@ -81,8 +82,12 @@ fn stream_response(opened: Opened, options: SseOptions) -> Response {
         stream,
         hold,
     } = opened;
-    let mut response = sse::response_holding(subscription, options, hold);
-    if let Ok(value) = HeaderValue::from_str(&stream) {
+    naming_stream(sse::response_holding(subscription, options, hold), &stream)
+}
+
+/// `response` with the header naming the dynamic stream it comes from.
+fn naming_stream(mut response: Response, stream: &str) -> Response {
+    if let Ok(value) = HeaderValue::from_str(stream) {
         response.headers_mut().insert(STREAM_HEADER, value);
     }
     response
@@ -115,17 +120,17 @@ async fn snapshot_once(opened: Opened, headers: &HeaderMap, wait: Duration) -> R
     let Opened {
         mut subscription,
         hold: _hold,
-        ..
+        stream: name,
     } = opened;
     let stream = subscription.stream().clone();
     let deadline = tokio::time::Instant::now() + wait;
     loop {
         if stream.snapshot().is_some() {
-            return snapshot_json(&stream, headers);
+            return naming_stream(snapshot_json(&stream, headers), &name);
         }
         if let Some(failure) = stream.failure() {
             let status = StatusCode::from_u16(failure.status).unwrap_or(StatusCode::BAD_GATEWAY);
-            return error_response(status, failure.message.clone());
+            return naming_stream(error_response(status, failure.message.clone()), &name);
         }
         match tokio::time::timeout_at(deadline, subscription.live.recv()).await {
             Ok(Ok(_) | Err(RecvError::Lagged(_))) => {}

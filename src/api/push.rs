@@ -5,7 +5,9 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 
-use axum::extract::{Path, State};
+use axum::Extension;
+use axum::extract::{FromRequest, Path, Request, State};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, StatusCode, header};
@@ -29,7 +31,7 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-/// Why a push request is refused before its body is read.
+/// Why a push request is refused (all but `BadBody` from its head, before the body is read).
 enum Refusal {
     Disabled,
     Unauthorized,
@@ -91,19 +93,91 @@ fn authorize(state: &AppState, name: &str, headers: &HeaderMap) -> Result<Arc<St
     Ok(stream)
 }
 
-/// The stream to push into and the request body parsed as `T`, `expected` naming what the
-/// body must be.
-fn accept<T: serde::de::DeserializeOwned>(
-    state: &AppState,
-    name: &str,
-    headers: &HeaderMap,
-    body: &[u8],
-    expected: &str,
-) -> Result<(Arc<Stream>, T), Refusal> {
-    let stream = authorize(state, name, headers)?;
-    let parsed =
-        serde_json::from_slice(body).map_err(|e| Refusal::BadBody(format!("{expected}: {e}")))?;
-    Ok((stream, parsed))
+/// The stream a request was authorized to push into, put in the request's extensions by
+/// [`authorize_head`] before anything reads the body.
+#[derive(Clone)]
+pub struct Authorized(pub Arc<Stream>);
+
+/// Middleware on the push routes: decides from the request head alone (token, stream, source)
+/// whether the push may proceed. A refusal is answered without reading the body, so an
+/// unauthenticated client gets no `100 Continue` (hyper sends it only when the body is first
+/// polled) and pins no memory; the connection is closed after it, as its unread body cannot be
+/// told apart from a next request.
+pub async fn authorize_head(
+    State(state): State<Arc<AppState>>,
+    Path(name): Path<String>,
+    mut request: Request,
+    next: Next,
+) -> Response {
+    match authorize(&state, &name, request.headers()) {
+        Ok(stream) => {
+            request.extensions_mut().insert(Authorized(stream));
+            next.run(request).await
+        }
+        Err(refusal) => closing(refusal.into_response()),
+    }
+}
+
+/// `response` with `Connection: close`, for answers given while the request body is unread.
+fn closing(mut response: Response) -> Response {
+    response
+        .headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    response
+}
+
+/// A pushed body, read in full within `server.body_timeout` and up to `push.max_body` bytes.
+/// Past the limit the answer is 413, past the time 408; both close the connection.
+pub struct PushBody(pub Bytes);
+
+impl FromRequest<Arc<AppState>> for PushBody {
+    type Rejection = Response;
+
+    async fn from_request(request: Request, state: &Arc<AppState>) -> Result<Self, Response> {
+        let limit = state.push_max_body;
+        let declared = request
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok());
+        if declared.is_some_and(|n| n > limit as u64) {
+            return Err(too_large(limit));
+        }
+        let body = request.into_body();
+        match tokio::time::timeout(state.body_timeout, axum::body::to_bytes(body, limit)).await {
+            Ok(Ok(bytes)) => Ok(PushBody(bytes)),
+            Ok(Err(error)) => {
+                let over = std::error::Error::source(&error)
+                    .is_some_and(|e| e.is::<http_body_util::LengthLimitError>());
+                if over {
+                    return Err(too_large(limit));
+                }
+                Err(closing(error_response(
+                    StatusCode::BAD_REQUEST,
+                    format!("the request body could not be read: {error}"),
+                )))
+            }
+            Err(_) => Err(closing(error_response(
+                StatusCode::REQUEST_TIMEOUT,
+                format!(
+                    "the request body did not arrive within {:?} (server.body_timeout)",
+                    state.body_timeout
+                ),
+            ))),
+        }
+    }
+}
+
+fn too_large(limit: usize) -> Response {
+    closing(error_response(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        format!("the body is larger than {limit} bytes (push.max_body)"),
+    ))
+}
+
+/// `body` parsed as `T`, `expected` naming what the body must be.
+fn parse<T: serde::de::DeserializeOwned>(body: &[u8], expected: &str) -> Result<T, Refusal> {
+    serde_json::from_slice(body).map_err(|e| Refusal::BadBody(format!("{expected}: {e}")))
 }
 
 fn published(stream: &Stream, publication: &Publication) -> Response {
@@ -131,19 +205,11 @@ fn join_failed(error: tokio::task::JoinError) -> Response {
 
 /// `POST /streams/{name}`: the body is the stream's new document.
 pub async fn post_document(
-    State(state): State<Arc<AppState>>,
-    Path(name): Path<String>,
-    headers: HeaderMap,
-    body: Bytes,
+    Extension(Authorized(stream)): Extension<Authorized>,
+    PushBody(body): PushBody,
 ) -> Response {
-    let (stream, document): (_, Value) = match accept(
-        &state,
-        &name,
-        &headers,
-        &body,
-        "the body is not a JSON document",
-    ) {
-        Ok(accepted) => accepted,
+    let document: Value = match parse(&body, "the body is not a JSON document") {
+        Ok(document) => document,
         Err(refusal) => return refusal.into_response(),
     };
     let publisher = stream.clone();
@@ -163,19 +229,15 @@ enum PatchRefusal {
 /// document; the result is published like any new document (so subscribers get a minimal,
 /// root-safe patch whatever operations the publisher used).
 pub async fn patch_document(
-    State(state): State<Arc<AppState>>,
     Path(name): Path<String>,
-    headers: HeaderMap,
-    body: Bytes,
+    Extension(Authorized(stream)): Extension<Authorized>,
+    PushBody(body): PushBody,
 ) -> Response {
-    let (stream, patch): (_, Patch) = match accept(
-        &state,
-        &name,
-        &headers,
+    let patch: Patch = match parse(
         &body,
         "expected an RFC 6902 patch (a JSON array of operations)",
     ) {
-        Ok(accepted) => accepted,
+        Ok(patch) => patch,
         Err(refusal) => return refusal.into_response(),
     };
     let publisher = stream.clone();

@@ -3,6 +3,13 @@
 //! replayed), with TCP_NODELAY, graceful shutdown, and a watchdog that closes hyper
 //! connections whose socket refuses writes for too long (stalled subscribers).
 //!
+//! Every connection is bounded in time while it has no request in flight: `header_timeout`
+//! until its first request (HTTP/1 head, or HTTP/2 preface and first stream), `idle_timeout`
+//! after that. At most `max_connections` are open at once; past that a new connection gets a
+//! short 503 and is closed, while the open ones keep being served. When accepting fails for
+//! want of file descriptors (EMFILE/ENFILE), the loop backs off (10ms doubling to 1s) and logs
+//! once per interval instead of once per error.
+//!
 //! The watchdog costs nothing while a connection drains: it sleeps on a `Notify` that the
 //! socket wrapper signals only when a write first returns `Pending`, and the stall clears as
 //! soon as a write succeeds again.
@@ -10,11 +17,12 @@
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use axum::Router;
+use axum::body::Body;
 use bytes::{Bytes, BytesMut};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -23,9 +31,9 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio_util::task::TaskTracker;
 
 use crate::sinks::sse::native::{Dynamic, Head, NativeSse, parse_head};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Notify;
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tower::Service;
 
@@ -34,10 +42,23 @@ use tower::Service;
 pub struct ServeOptions {
     /// How long shutdown waits for open connections to finish.
     pub shutdown_grace: Duration,
+    /// How long a new connection may take to send its first request.
+    pub header_timeout: Duration,
+    /// How long a connection with no request in flight stays open.
+    pub idle_timeout: Duration,
+    /// Open connections past which new ones are refused.
+    pub max_connections: usize,
 }
 
-/// How long a connection may take to send its request head.
-const HEAD_TIMEOUT: Duration = Duration::from_secs(30);
+/// The body of the answer to a connection past `max_connections`.
+const REFUSAL_BODY: &str =
+    "{\"status\":503,\"message\":\"too many open connections (server.max_connections)\"}\n";
+/// Refused connections being answered at once; past this they are closed without an answer.
+const MAX_REFUSING: usize = 64;
+/// How long a refused connection is given to read its answer.
+const REFUSAL_LINGER: Duration = Duration::from_secs(1);
+/// At most one log line per this interval for repeated accept failures or refusals.
+const LOG_INTERVAL: Duration = Duration::from_secs(10);
 /// Past this many bytes without a complete head, the connection is hyper's to judge.
 const MAX_NATIVE_HEAD: usize = 16 * 1024;
 
@@ -53,21 +74,50 @@ pub async fn serve(
     let graceful = GracefulShutdown::new();
     let connections = TaskTracker::new();
     let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder.http1().timer(hyper_util::rt::TokioTimer::new());
+    // The idle watchdog bounds the wait for every request head after the first (which the
+    // native path reads within `header_timeout`), for HTTP/1 and HTTP/2 alike.
+    builder
+        .http1()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(None);
+    builder.http2().timer(hyper_util::rt::TokioTimer::new());
     let builder = Arc::new(builder);
+    let open = Arc::new(Semaphore::new(options.max_connections));
+    let refusing = Arc::new(Semaphore::new(MAX_REFUSING));
+    let mut backoff = AcceptBackoff::default();
+    let mut refusals = Throttled::default();
     loop {
         let accepted = tokio::select! {
             _ = shutdown.cancelled() => break,
             accepted = listener.accept() => accepted,
         };
         let (tcp, peer) = match accepted {
-            Ok(accepted) => accepted,
-            Err(error) => {
-                // Typically EMFILE: back off a little instead of spinning.
-                tracing::warn!(%error, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
+            Ok(accepted) => {
+                backoff.succeeded();
+                accepted
             }
+            Err(error) => {
+                let Some(delay) = backoff.failed(&error, Instant::now()) else {
+                    continue;
+                };
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    () = tokio::time::sleep(delay) => continue,
+                }
+            }
+        };
+        let Ok(permit) = open.clone().try_acquire_owned() else {
+            if let Some(suppressed) = refusals.tick(Instant::now()) {
+                tracing::warn!(
+                    max_connections = options.max_connections,
+                    refused_since_last_line = suppressed + 1,
+                    "refusing connections: server.max_connections are open"
+                );
+            }
+            if let Ok(permit) = refusing.clone().try_acquire_owned() {
+                connections.spawn(refuse(tcp, permit));
+            }
+            continue;
         };
         if let Err(error) = tcp.set_nodelay(true) {
             tracing::debug!(%error, %peer, "could not set TCP_NODELAY");
@@ -78,6 +128,9 @@ pub async fn serve(
             builder: builder.clone(),
             watcher: graceful.watcher(),
             shutdown: shutdown.clone(),
+            header_timeout: options.header_timeout,
+            idle_timeout: options.idle_timeout,
+            _open: permit,
         };
         connections.spawn(connection.run(tcp, peer));
     }
@@ -102,13 +155,17 @@ struct Connection {
     builder: Arc<auto::Builder<TokioExecutor>>,
     watcher: hyper_util::server::graceful::Watcher,
     shutdown: CancellationToken,
+    header_timeout: Duration,
+    idle_timeout: Duration,
+    /// Held while the connection is open (`max_connections`).
+    _open: OwnedSemaphorePermit,
 }
 
 impl Connection {
     async fn run(self, tcp: TcpStream, peer: std::net::SocketAddr) {
         let read = tokio::select! {
             _ = self.shutdown.cancelled() => return,
-            read = tokio::time::timeout(HEAD_TIMEOUT, read_head(&tcp)) => read,
+            read = tokio::time::timeout(self.header_timeout, read_head(&tcp)) => read,
         };
         let prefix = match read {
             Ok(Ok(prefix)) => prefix,
@@ -117,7 +174,7 @@ impl Connection {
                 return;
             }
             Err(_) => {
-                tracing::debug!(%peer, "no request head within {HEAD_TIMEOUT:?}");
+                tracing::debug!(%peer, timeout = ?self.header_timeout, "no request head in time");
                 return;
             }
         };
@@ -143,9 +200,20 @@ impl Connection {
         let (io, watch) = Watched::new(tcp);
         let io = Rewind::new(prefix.freeze(), io);
         let router = self.router;
+        let activity = Arc::new(Activity::default());
+        let tracked = activity.clone();
         let service = hyper::service::service_fn(move |request: http::Request<Incoming>| {
+            let in_flight = InFlight::start(tracked.clone());
             let mut router = router.clone();
-            router.call(request)
+            async move {
+                let response = router.call(request).await?;
+                Ok::<_, std::convert::Infallible>(response.map(|body| {
+                    Body::new(TrackedBody {
+                        body,
+                        _in_flight: in_flight,
+                    })
+                }))
+            }
         });
         let connection = self
             .builder
@@ -162,7 +230,174 @@ impl Connection {
                 self.native.stalled.inc();
                 tracing::info!(%peer, timeout = ?self.native.stall_timeout, "closing a connection that stopped reading");
             }
+            () = activity.idle_for(self.header_timeout, self.idle_timeout) => {
+                tracing::debug!(%peer, "closing a connection with no request in flight");
+            }
         }
+    }
+}
+
+/// Answers a connection past `max_connections` with a 503 and closes it, after giving the
+/// client a moment to read the answer (closing with its request unread would reset the
+/// connection and could discard the answer).
+async fn refuse(mut tcp: TcpStream, _permit: OwnedSemaphorePermit) {
+    let answered = async {
+        let answer = format!(
+            "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n\
+             retry-after: 1\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{REFUSAL_BODY}",
+            REFUSAL_BODY.len()
+        );
+        tcp.write_all(answer.as_bytes()).await?;
+        tcp.shutdown().await?;
+        let mut sink = [0u8; 4096];
+        while tcp.read(&mut sink).await? > 0 {}
+        io::Result::Ok(())
+    };
+    let _ = tokio::time::timeout(REFUSAL_LINGER, answered).await;
+}
+
+/// A limit on how often a repeated event is logged.
+#[derive(Debug, Default)]
+struct Throttled {
+    last: Option<Instant>,
+    suppressed: u64,
+}
+
+impl Throttled {
+    /// `Some(events suppressed since the last line)` when this event should be logged.
+    fn tick(&mut self, now: Instant) -> Option<u64> {
+        match self.last {
+            Some(last) if now.duration_since(last) < LOG_INTERVAL => {
+                self.suppressed += 1;
+                None
+            }
+            _ => {
+                self.last = Some(now);
+                Some(std::mem::take(&mut self.suppressed))
+            }
+        }
+    }
+}
+
+/// What the accept loop does after an accept error: retry at once for errors about one
+/// connection, back off (10ms doubling to 1s) while the process is out of file descriptors or
+/// memory, logging at most once per `LOG_INTERVAL`.
+#[derive(Debug, Default)]
+struct AcceptBackoff {
+    delay: Option<Duration>,
+    log: Throttled,
+}
+
+impl AcceptBackoff {
+    const FIRST: Duration = Duration::from_millis(10);
+    const MAX: Duration = Duration::from_secs(1);
+
+    fn succeeded(&mut self) {
+        self.delay = None;
+    }
+
+    /// How long to wait before accepting again, if at all.
+    fn failed(&mut self, error: &io::Error, now: Instant) -> Option<Duration> {
+        let exhausted = matches!(
+            error.raw_os_error(),
+            Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+        );
+        if !exhausted {
+            // ECONNABORTED and the like: that connection is gone, the next may be fine.
+            tracing::debug!(%error, "accept failed");
+            return None;
+        }
+        let delay = self.delay.map_or(Self::FIRST, |d| (d * 2).min(Self::MAX));
+        self.delay = Some(delay);
+        if let Some(suppressed) = self.log.tick(now) {
+            tracing::warn!(
+                %error,
+                retry_in = ?delay,
+                failures_since_last_line = suppressed + 1,
+                "accept failed: out of file descriptors or memory; open connections keep being \
+                 served, new ones wait (raise `ulimit -n` or lower server.max_connections)"
+            );
+        }
+        Some(delay)
+    }
+}
+
+/// The requests in flight on one hyper connection, so that one without any can be closed.
+#[derive(Default)]
+struct Activity {
+    in_flight: AtomicUsize,
+    /// Whether a request has started: until then the connection is bounded by
+    /// `header_timeout`, after by `idle_timeout`.
+    started: AtomicBool,
+    changed: Notify,
+}
+
+impl Activity {
+    /// Resolves once the connection has had no request in flight for `first` (before its
+    /// first request) or `idle` (after it).
+    async fn idle_for(&self, first: Duration, idle: Duration) {
+        loop {
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if self.in_flight.load(Ordering::Acquire) > 0 {
+                changed.await;
+                continue;
+            }
+            let limit = if self.started.load(Ordering::Acquire) {
+                idle
+            } else {
+                first
+            };
+            if tokio::time::timeout(limit, changed).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+/// One request in flight, from the service call until its response body is dropped.
+struct InFlight(Arc<Activity>);
+
+impl InFlight {
+    fn start(activity: Arc<Activity>) -> Self {
+        activity.started.store(true, Ordering::Release);
+        activity.in_flight.fetch_add(1, Ordering::AcqRel);
+        activity.changed.notify_waiters();
+        InFlight(activity)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+        self.0.changed.notify_waiters();
+    }
+}
+
+/// A response body that keeps its request counted as in flight until it is dropped.
+struct TrackedBody {
+    body: Body,
+    _in_flight: InFlight,
+}
+
+impl http_body::Body for TrackedBody {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, axum::Error>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
     }
 }
 
@@ -367,5 +602,34 @@ impl AsyncWrite for Watched {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accept_failures_back_off_and_log_once_per_interval() {
+        let mut backoff = AcceptBackoff::default();
+        let emfile = io::Error::from_raw_os_error(libc::EMFILE);
+        let start = Instant::now();
+        let delays: Vec<_> = (0..10)
+            .map(|i| backoff.failed(&emfile, start + Duration::from_millis(i)))
+            .collect();
+        assert_eq!(delays[0], Some(Duration::from_millis(10)));
+        assert_eq!(delays[1], Some(Duration::from_millis(20)));
+        assert_eq!(delays[9], Some(Duration::from_secs(1)));
+        // Ten failures within one interval: one line, then the next line counts the rest.
+        assert_eq!(backoff.log.suppressed, 9);
+        assert_eq!(backoff.log.tick(start + LOG_INTERVAL), Some(9));
+        backoff.succeeded();
+        assert_eq!(
+            backoff.failed(&emfile, start + LOG_INTERVAL),
+            Some(Duration::from_millis(10))
+        );
+        // An error about one connection is retried at once.
+        let aborted = io::Error::from_raw_os_error(libc::ECONNABORTED);
+        assert_eq!(backoff.failed(&aborted, start), None);
     }
 }

@@ -58,6 +58,14 @@ fn write_description(out: &mut String, config: &Config) -> std::fmt::Result {
         dur(s.stall_timeout),
         dur(s.shutdown_grace)
     )?;
+    writeln!(
+        out,
+        "  header timeout {}, idle timeout {}, body timeout {}, at most {} connections",
+        dur(s.header_timeout),
+        dur(s.idle_timeout),
+        dur(s.body_timeout),
+        s.max_connections
+    )?;
     writeln!(out, "  CORS: {cors}")?;
     let format = match config.log.format {
         LogFormat::Plain => "plain",

@@ -348,6 +348,15 @@ pub struct ServerSettings {
     pub stall_timeout: Duration,
     /// How long shutdown waits for connections to finish.
     pub shutdown_grace: Duration,
+    /// How long a new connection may take to send its first request (head or HTTP/2 preface
+    /// and first stream) before it is closed.
+    pub header_timeout: Duration,
+    /// How long a connection with no request in flight stays open.
+    pub idle_timeout: Duration,
+    /// How long a request body may take to arrive in full (answered 408 past it).
+    pub body_timeout: Duration,
+    /// Open connections past which new ones are refused (HTTP/1 503, then closed).
+    pub max_connections: usize,
     /// Cross-origin access for browsers.
     pub cors: Cors,
 }

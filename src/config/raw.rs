@@ -236,6 +236,15 @@ pub struct RawServer {
     pub stall_timeout: Option<HumanDuration>,
     /// How long shutdown waits for open connections (default 5s, 0s..=10min).
     pub shutdown_grace: Option<HumanDuration>,
+    /// How long a new connection may take to send its first request head (HTTP/1) or its
+    /// first request after the preface (HTTP/2) (default 30s, 1s..=10min).
+    pub header_timeout: Option<HumanDuration>,
+    /// How long a connection with no request in flight stays open (default 30s, 1s..=1h).
+    pub idle_timeout: Option<HumanDuration>,
+    /// How long a request body may take to arrive (default 30s, 1s..=1h).
+    pub body_timeout: Option<HumanDuration>,
+    /// Open connections past which new ones are refused (default 10000, 1..=1000000).
+    pub max_connections: Option<u64>,
     /// Cross-origin access for browsers (`[server.cors]`).
     pub cors: Option<RawCors>,
 }

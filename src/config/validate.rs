@@ -40,6 +40,14 @@ pub mod defaults {
     pub const STALL_TIMEOUT: Duration = Duration::from_secs(30);
     /// `server.shutdown_grace`.
     pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+    /// `server.header_timeout`.
+    pub const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
+    /// `server.idle_timeout`.
+    pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+    /// `server.body_timeout`.
+    pub const BODY_TIMEOUT: Duration = Duration::from_secs(30);
+    /// `server.max_connections`.
+    pub const MAX_CONNECTIONS: u64 = 10_000;
     /// `log.level`.
     pub const LOG_LEVEL: &str = "info";
     /// `upstream.user_agent`.
@@ -86,6 +94,17 @@ pub mod limits {
         (Duration::from_secs(1), Duration::from_secs(3600));
     /// `server.shutdown_grace`.
     pub const SHUTDOWN_GRACE: (Duration, Duration) = (Duration::ZERO, Duration::from_secs(600));
+    /// `server.header_timeout`.
+    pub const HEADER_TIMEOUT: (Duration, Duration) =
+        (Duration::from_secs(1), Duration::from_secs(600));
+    /// `server.idle_timeout`.
+    pub const IDLE_TIMEOUT: (Duration, Duration) =
+        (Duration::from_secs(1), Duration::from_secs(3600));
+    /// `server.body_timeout`.
+    pub const BODY_TIMEOUT: (Duration, Duration) =
+        (Duration::from_secs(1), Duration::from_secs(3600));
+    /// `server.max_connections`.
+    pub const MAX_CONNECTIONS: (u64, u64) = (1, 1_000_000);
     /// `upstream.backoff.initial`.
     pub const BACKOFF_INITIAL: (Duration, Duration) =
         (Duration::from_millis(1), Duration::from_secs(3600));
@@ -254,6 +273,13 @@ fn server(raw: &RawServer, problems: &mut Problems) -> ServerSettings {
         defaults::SUBSCRIBER_BUFFER,
         limits::SUBSCRIBER_BUFFER,
     );
+    let max_connections = integer_in(
+        problems,
+        "server.max_connections",
+        raw.max_connections,
+        defaults::MAX_CONNECTIONS,
+        limits::MAX_CONNECTIONS,
+    );
     ServerSettings {
         listen,
         keepalive: duration_in(
@@ -285,6 +311,28 @@ fn server(raw: &RawServer, problems: &mut Problems) -> ServerSettings {
             defaults::SHUTDOWN_GRACE,
             limits::SHUTDOWN_GRACE,
         ),
+        header_timeout: duration_in(
+            problems,
+            "server.header_timeout",
+            raw.header_timeout,
+            defaults::HEADER_TIMEOUT,
+            limits::HEADER_TIMEOUT,
+        ),
+        idle_timeout: duration_in(
+            problems,
+            "server.idle_timeout",
+            raw.idle_timeout,
+            defaults::IDLE_TIMEOUT,
+            limits::IDLE_TIMEOUT,
+        ),
+        body_timeout: duration_in(
+            problems,
+            "server.body_timeout",
+            raw.body_timeout,
+            defaults::BODY_TIMEOUT,
+            limits::BODY_TIMEOUT,
+        ),
+        max_connections: usize::try_from(max_connections).unwrap_or(usize::MAX),
         cors: cors(raw.cors.as_ref(), problems),
     }
 }

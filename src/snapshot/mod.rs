@@ -27,6 +27,9 @@ pub struct Snapshot {
     pub sse: OnceLock<EncodedEvent>,
     /// This snapshot as a Streamdata.io `data` event, built on first use and then shared.
     pub streamdata: [OnceLock<EncodedEvent>; 2],
+    /// `json` gzip-compressed for `Accept-Encoding: gzip` clients, built on first use and then
+    /// shared.
+    gzip: OnceLock<Bytes>,
 }
 
 impl Snapshot {
@@ -41,7 +44,25 @@ impl Snapshot {
             at: SystemTime::now(),
             sse: OnceLock::new(),
             streamdata: [OnceLock::new(), OnceLock::new()],
+            gzip: OnceLock::new(),
         }
+    }
+
+    /// `json` as a gzip member, compressed once per snapshot whatever the number of readers.
+    pub fn json_gzip(&self) -> &Bytes {
+        self.gzip.get_or_init(|| {
+            use std::io::Write as _;
+            let mut encoder = flate2::write::GzEncoder::new(
+                Vec::with_capacity(self.json.len() / 4 + 64),
+                flate2::Compression::default(),
+            );
+            // Writing into a `Vec` cannot fail.
+            let compressed = encoder
+                .write_all(&self.json)
+                .and_then(|()| encoder.finish())
+                .unwrap_or_default();
+            Bytes::from(compressed)
+        })
     }
 }
 

@@ -10,6 +10,7 @@ mod feeds_support;
 
 mod backpressure;
 mod conditional;
+mod connections;
 mod failures;
 mod proxy;
 mod push;

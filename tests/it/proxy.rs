@@ -697,6 +697,48 @@ async fn accept_json_returns_the_document_once() {
 }
 
 #[tokio::test]
+async fn accept_json_names_the_stream_and_honours_gzip() {
+    let api = MockApi::start().await;
+    let app = TestApp::spawn(proxy_config(proxy_settings())).await;
+    let raw = reqwest::Client::builder().no_gzip().build().unwrap();
+    let response = raw
+        .get(app.url(&dynamic_path(&api, "/gz", "")))
+        .header("accept", "application/json")
+        .header("accept-encoding", "gzip")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["content-encoding"], "gzip");
+    let stream = response.headers()["x-patchwire-stream"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert!(stream.starts_with('~'), "{stream}");
+    let compressed = response.bytes().await.unwrap();
+    assert_eq!(&compressed[..2], &[0x1f, 0x8b]);
+    let document_read: Value =
+        serde_json::from_reader(flate2::read::GzDecoder::new(&compressed[..])).unwrap();
+    assert_eq!(document_read, document("anonymous", 0));
+
+    // The SSE response names the same stream, and so does its native JSON view.
+    let sse = open(&app, &dynamic_path(&api, "/gz", ""), &[]).await;
+    assert_eq!(sse.headers["x-patchwire-stream"], stream.as_str());
+    let view = reqwest::Client::new()
+        .get(app.url(&format!("/streams/{stream}?X-Sd-Token={TOKEN}")))
+        .header("accept", "application/json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(view.status(), 200);
+    assert_eq!(view.headers()["x-patchwire-stream"], stream.as_str());
+    assert_eq!(
+        view.json::<Value>().await.unwrap(),
+        document("anonymous", 0)
+    );
+}
+
+#[tokio::test]
 async fn cors_preflight_allows_the_token_header() {
     let api = MockApi::start().await;
     let app = TestApp::spawn(proxy_config(proxy_settings())).await;

@@ -5,11 +5,19 @@ use patchwire::config::{PushSettings, PushStreamSettings};
 use patchwire::diff::DiffOptions;
 use serde_json::{Value, json};
 
+use crate::support::raw::RawConnection;
 use crate::support::*;
 
 const TOKEN: &str = "test-push-token-0123456789";
 
 async fn push_app(polled_url: Option<&str>) -> TestApp {
+    push_app_with(polled_url, |_| {}).await
+}
+
+async fn push_app_with(
+    polled_url: Option<&str>,
+    adjust: impl FnOnce(&mut patchwire::config::Config),
+) -> TestApp {
     let mut config = config(
         polled_url
             .map(|u| vec![stream("polled", u)])
@@ -24,6 +32,7 @@ async fn push_app(polled_url: Option<&str>) -> TestApp {
         history: 100,
         diff: DiffOptions::default(),
     }];
+    adjust(&mut config);
     TestApp::spawn(config).await
 }
 
@@ -174,5 +183,158 @@ async fn refusals_are_clear_and_publish_nothing() {
         .await
         .unwrap();
     assert_eq!(polled.status(), 409);
+    app.stop().await;
+}
+
+/// A push request head on a raw connection, the body left for the test to send (or not).
+fn push_head(token: Option<&str>, content_length: usize, extra: &str) -> String {
+    let auth = token.map_or(String::new(), |t| format!("authorization: Bearer {t}\r\n"));
+    format!(
+        "POST /streams/prices HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n\
+         content-length: {content_length}\r\n{auth}{extra}\r\n"
+    )
+}
+
+#[tokio::test]
+async fn unauthenticated_pushes_are_refused_from_the_head_without_reading_the_body() {
+    let app = push_app(None).await;
+    for (token, extra) in [
+        (None, "expect: 100-continue\r\n"),
+        (None, ""),
+        (Some("wrong-token-wrong-token"), "expect: 100-continue\r\n"),
+    ] {
+        // A body just under push.max_body is announced and never sent: the answer must come
+        // without waiting for it, and close the connection (its unread body is not a request).
+        let mut connection = RawConnection::open(app.addr).await;
+        connection
+            .send(push_head(token, (1 << 20) - 1, extra).as_bytes())
+            .await;
+        let answer = connection.read_to_close(SOON).await.unwrap_or_else(|| {
+            panic!("still open (waiting for the body?):\n{}", connection.text())
+        });
+        assert!(answer.starts_with("HTTP/1.1 401"), "{answer}");
+        assert!(!answer.contains("100 Continue"), "{answer}");
+        assert!(
+            answer
+                .to_ascii_lowercase()
+                .contains("www-authenticate: bearer"),
+            "{answer}"
+        );
+    }
+
+    // With the token, the client is told to continue and the push goes through.
+    let body = r#"{"eur":1.0}"#;
+    let mut connection = RawConnection::open(app.addr).await;
+    connection
+        .send(push_head(Some(TOKEN), body.len(), "expect: 100-continue\r\n").as_bytes())
+        .await;
+    connection.read_until("100 Continue", SOON).await;
+    connection.send(body.as_bytes()).await;
+    let answer = connection.read_until("\"snapshot\"", SOON).await;
+    assert!(answer.contains("HTTP/1.1 200"), "{answer}");
+
+    // A declared body over push.max_body is refused before it is read, too.
+    let mut connection = RawConnection::open(app.addr).await;
+    connection
+        .send(push_head(Some(TOKEN), (1 << 20) + 1, "").as_bytes())
+        .await;
+    let answer = connection.read_to_close(SOON).await.expect("closed");
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_push_body_that_does_not_arrive_in_time_gets_408() {
+    let app = push_app_with(None, |config| {
+        config.server.body_timeout = std::time::Duration::from_secs(1);
+    })
+    .await;
+    let mut connection = RawConnection::open(app.addr).await;
+    connection
+        .send(push_head(Some(TOKEN), 100, "").as_bytes())
+        .await;
+    connection.send(b"{\"eur\":").await;
+    let answer = connection
+        .read_to_close(SOON)
+        .await
+        .unwrap_or_else(|| panic!("still open:\n{}", connection.text()));
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("server.body_timeout"), "{answer}");
+    // Nothing was published.
+    assert_eq!(app.json_view("prices").await.0, 503);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn the_json_view_is_gzipped_for_clients_that_accept_it() {
+    use std::io::Read as _;
+    let app = push_app(None).await;
+    let doc =
+        json!({"rows": (0..2000).map(|i| json!({"id": i, "name": "row"})).collect::<Vec<_>>()});
+    let (status, _) = send(&app, reqwest::Method::POST, Some(TOKEN), &doc.to_string()).await;
+    assert_eq!(status, 200);
+
+    // The raw bytes are gzip.
+    let raw = reqwest::Client::builder().no_gzip().build().unwrap();
+    let response = raw
+        .get(app.url("/streams/prices"))
+        .header("accept", "application/json")
+        .header("accept-encoding", "gzip")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let headers = response.headers().clone();
+    assert_eq!(headers["content-encoding"], "gzip");
+    assert!(
+        headers["vary"]
+            .to_str()
+            .unwrap()
+            .contains("accept-encoding")
+    );
+    let etag = headers["etag"].to_str().unwrap().to_owned();
+    let compressed = response.bytes().await.unwrap();
+    assert_eq!(&compressed[..2], &[0x1f, 0x8b]);
+    let mut plain = String::new();
+    flate2::read::GzDecoder::new(&compressed[..])
+        .read_to_string(&mut plain)
+        .unwrap();
+    assert_eq!(serde_json::from_str::<Value>(&plain).unwrap(), doc);
+    assert!(
+        compressed.len() * 4 < plain.len(),
+        "{} of {}",
+        compressed.len(),
+        plain.len()
+    );
+
+    // A gzip-capable client gets the document; revalidating with the tag gives 304.
+    let client = reqwest::Client::new();
+    let response = client
+        .get(app.url("/streams/prices"))
+        .header("accept", "application/json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.json::<Value>().await.unwrap(), doc);
+    let revalidated = raw
+        .get(app.url("/streams/prices"))
+        .header("accept", "application/json")
+        .header("accept-encoding", "gzip")
+        .header("if-none-match", &etag)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(revalidated.status(), 304);
+
+    // Without Accept-Encoding, plain JSON with its own tag.
+    let response = raw
+        .get(app.url("/streams/prices"))
+        .header("accept", "application/json")
+        .send()
+        .await
+        .unwrap();
+    assert!(response.headers().get("content-encoding").is_none());
+    assert_ne!(response.headers()["etag"].to_str().unwrap(), etag);
+    assert_eq!(response.json::<Value>().await.unwrap(), doc);
     app.stop().await;
 }

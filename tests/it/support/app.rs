@@ -55,6 +55,10 @@ pub fn config(streams: Vec<StreamSettings>) -> Config {
             subscriber_buffer: 64,
             stall_timeout: Duration::from_secs(2),
             shutdown_grace: Duration::from_secs(2),
+            header_timeout: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(30),
+            body_timeout: Duration::from_secs(30),
+            max_connections: 10_000,
             cors: Cors::AnyOrigin,
         },
         log: LogSettings {

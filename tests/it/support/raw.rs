@@ -170,3 +170,64 @@ impl EventReader {
         }
     }
 }
+
+/// A plain connection on which a test writes exactly the bytes it wants (a partial body, an
+/// HTTP/2 preface) and reads what comes back.
+pub struct RawConnection {
+    socket: TcpStream,
+    read: Vec<u8>,
+}
+
+impl RawConnection {
+    /// Connects to `addr`.
+    pub async fn open(addr: SocketAddr) -> RawConnection {
+        RawConnection {
+            socket: TcpStream::connect(addr).await.unwrap(),
+            read: Vec::new(),
+        }
+    }
+
+    /// Writes `bytes`.
+    pub async fn send(&mut self, bytes: &[u8]) {
+        self.socket.write_all(bytes).await.unwrap();
+    }
+
+    /// Everything read so far, as text.
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.read).into_owned()
+    }
+
+    /// Reads until everything read contains `needle` (returning it as text), panicking if the
+    /// connection ends first or `timeout` passes.
+    pub async fn read_until(&mut self, needle: &str, timeout: Duration) -> String {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut buf = vec![0u8; 16 * 1024];
+        while !self.text().contains(needle) {
+            let n = tokio::time::timeout_at(deadline, self.socket.read(&mut buf))
+                .await
+                .unwrap_or_else(|_| panic!("no {needle:?} within {timeout:?} in:\n{}", self.text()))
+                .unwrap_or(0);
+            assert!(
+                n > 0,
+                "the connection ended before {needle:?}:\n{}",
+                self.text()
+            );
+            self.read.extend_from_slice(&buf[..n]);
+        }
+        self.text()
+    }
+
+    /// Reads until the server closes the connection (EOF or reset): everything read as text,
+    /// or `None` if it was still open after `timeout`.
+    pub async fn read_to_close(&mut self, timeout: Duration) -> Option<String> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut buf = vec![0u8; 16 * 1024];
+        loop {
+            match tokio::time::timeout_at(deadline, self.socket.read(&mut buf)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => return Some(self.text()),
+                Ok(Ok(n)) => self.read.extend_from_slice(&buf[..n]),
+                Err(_) => return None,
+            }
+        }
+    }
+}

@@ -1,0 +1,130 @@
+//! Connection limits: HTTP/2 and keep-alive connections without a request in flight are
+//! closed, and past `server.max_connections` new connections are refused while the open ones
+//! keep being served.
+
+use std::time::Duration;
+
+use serde_json::json;
+
+use crate::support::raw::RawConnection;
+use crate::support::*;
+
+const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+/// An empty SETTINGS frame: the client's half of the HTTP/2 handshake.
+const EMPTY_SETTINGS: &[u8] = &[0, 0, 0, 4, 0, 0, 0, 0, 0];
+const HEALTHZ: &[u8] = b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n";
+
+async fn app_with(adjust: impl FnOnce(&mut patchwire::config::Config)) -> (MockUpstream, TestApp) {
+    let upstream = MockUpstream::start(json!({"n": 1})).await;
+    let mut config = config(vec![stream("s", &upstream.url())]);
+    adjust(&mut config);
+    (upstream, TestApp::spawn(config).await)
+}
+
+#[tokio::test]
+async fn http2_connections_without_a_request_are_closed_after_the_header_timeout() {
+    let (_upstream, app) = app_with(|c| c.server.header_timeout = Duration::from_secs(1)).await;
+    // The preface alone, and the preface with the client's SETTINGS (a complete handshake).
+    for hello in [PREFACE.to_vec(), [PREFACE, EMPTY_SETTINGS].concat()] {
+        let mut connection = RawConnection::open(app.addr).await;
+        connection.send(&hello).await;
+        assert!(
+            connection
+                .read_to_close(Duration::from_secs(20))
+                .await
+                .is_some(),
+            "a preface-only HTTP/2 connection stayed open"
+        );
+    }
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn idle_connections_are_closed_but_open_subscriptions_are_not() {
+    let (upstream, app) = app_with(|c| c.server.idle_timeout = Duration::from_secs(1)).await;
+    // An HTTP/1 keep-alive connection after its request.
+    let mut connection = RawConnection::open(app.addr).await;
+    connection.send(HEALTHZ).await;
+    connection.read_until("ok\n", SOON).await;
+    assert!(
+        connection
+            .read_to_close(Duration::from_secs(20))
+            .await
+            .is_some(),
+        "an idle keep-alive connection stayed open"
+    );
+
+    // An HTTP/2 subscription (served by hyper) is a request in flight: it outlives the idle
+    // timeout and still gets changes.
+    let client = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    let response = client.get(app.url("/streams/s")).send().await.unwrap();
+    assert_eq!(response.version(), http::Version::HTTP_2);
+    let mut subscriber = SseClient::from_body(
+        response.status(),
+        response.headers().clone(),
+        response.bytes_stream(),
+    );
+    let mut rebuilt = Rebuilt::default();
+    rebuilt.apply(&subscriber.expect(SOON).await);
+    assert_eq!(rebuilt.document, Some(json!({"n": 1})));
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    upstream.set(json!({"n": 2}));
+    assert!(
+        rebuilt
+            .converge(&mut subscriber, &json!({"n": 2}), SOON)
+            .await
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn past_max_connections_new_connections_get_503_and_open_ones_are_served() {
+    let (_upstream, app) = app_with(|c| c.server.max_connections = 3).await;
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        let mut connection = RawConnection::open(app.addr).await;
+        connection.send(HEALTHZ).await;
+        connection.read_until("ok\n", SOON).await;
+        held.push(connection);
+    }
+    let mut refused = RawConnection::open(app.addr).await;
+    refused.send(HEALTHZ).await;
+    let answer = refused.read_to_close(SOON).await.expect("closed");
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    assert!(answer.contains("server.max_connections"), "{answer}");
+
+    // An open keep-alive connection still answers.
+    let mut first = held.remove(0);
+    first.send(HEALTHZ).await;
+    first.read_until("ok\nHTTP/1.1 200 OK\r\n", SOON).await;
+
+    // Closing one makes room for a new one.
+    drop(held);
+    let deadline = tokio::time::Instant::now() + SOON;
+    loop {
+        let mut connection = RawConnection::open(app.addr).await;
+        connection.send(HEALTHZ).await;
+        match connection.read_to_close(Duration::from_millis(500)).await {
+            // Still refused while the server notices the closed connections.
+            Some(text) if text.starts_with("HTTP/1.1 503") => {}
+            Some(text) => panic!("unexpected answer {text}"),
+            None => {
+                assert!(
+                    connection.text().starts_with("HTTP/1.1 200"),
+                    "{}",
+                    connection.text()
+                );
+                break;
+            }
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no room after closing connections"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    app.stop().await;
+}
