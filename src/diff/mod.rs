@@ -289,7 +289,7 @@ pub enum BoundedApplyError {
     Apply(#[from] ApplyError),
     /// The patch would do more than `max` work (see [`MAX_APPLY_WORK`]).
     #[error(
-        "operation {operation} would take the patch past {max} units of work (array elements          shifted by inserting or removing before them, {COPY_WORK} per value copied)"
+        "operation {operation} would take the patch past {max} units of work (array elements shifted by inserting or removing before them, {COPY_WORK} per value copied)"
     )]
     TooCostly {
         /// The index of the operation that would exceed the bound.
