@@ -37,6 +37,7 @@ fn publish_to_all(c: &mut Criterion) {
             "bench",
             StreamOptions {
                 history: 16,
+                history_bytes: u64::MAX,
                 buffer: 256,
                 diff: DiffOptions::default(),
             },
@@ -53,7 +54,7 @@ fn publish_to_all(c: &mut Criterion) {
             runtime.spawn(async move {
                 loop {
                     match live.recv().await {
-                        Ok(StreamEvent::Change(change)) => {
+                        Ok(StreamEvent::Change(change, _)) => {
                             black_box(&change.sse);
                             if remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
                                 let _ = done.send(());

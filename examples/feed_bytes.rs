@@ -216,6 +216,7 @@ fn measure(
 
     let options = StreamOptions {
         history: 1000,
+        history_bytes: u64::MAX,
         buffer: 16,
         diff,
     };

@@ -152,6 +152,7 @@ async fn run(
                 name,
                 StreamOptions {
                     history: 16,
+                    history_bytes: u64::MAX,
                     buffer: 65_536,
                     diff: DiffOptions::default(),
                 },

@@ -118,27 +118,35 @@ pub async fn run(
 
     let mut upstreams: HashMap<String, Arc<dyn UpstreamStatus>> = HashMap::new();
     // Every stream, polled or pushed, is built the same way and kept alive the same way.
-    let add_stream =
-        |tasks: &mut JoinSet<()>, name: &str, history: usize, diff: &crate::diff::DiffOptions| {
-            let stream = hub.insert(Arc::new(Stream::new(
-                name,
-                StreamOptions {
-                    history,
-                    buffer: config.server.subscriber_buffer,
-                    diff: diff.clone(),
-                },
-                snapshots.clone(),
-                metrics.clone(),
-            )));
-            tasks.spawn(keep_alive(
-                stream.clone(),
-                config.server.keepalive,
-                shutdown.clone(),
-            ));
-            stream
-        };
+    let add_stream = |tasks: &mut JoinSet<()>,
+                      name: &str,
+                      (history, history_bytes): (usize, u64),
+                      diff: &crate::diff::DiffOptions| {
+        let stream = hub.insert(Arc::new(Stream::new(
+            name,
+            StreamOptions {
+                history,
+                history_bytes,
+                buffer: config.server.subscriber_buffer,
+                diff: diff.clone(),
+            },
+            snapshots.clone(),
+            metrics.clone(),
+        )));
+        tasks.spawn(keep_alive(
+            stream.clone(),
+            config.server.keepalive,
+            shutdown.clone(),
+        ));
+        stream
+    };
     for settings in &config.streams {
-        let stream = add_stream(&mut tasks, &settings.name, settings.history, &settings.diff);
+        let stream = add_stream(
+            &mut tasks,
+            &settings.name,
+            (settings.history, settings.history_bytes),
+            &settings.diff,
+        );
         let poller = Poller::new(
             Arc::new(settings.clone()),
             fetcher.clone(),
@@ -181,7 +189,12 @@ pub async fn run(
         }
     }
     for settings in &config.push_streams {
-        add_stream(&mut tasks, &settings.name, settings.history, &settings.diff);
+        add_stream(
+            &mut tasks,
+            &settings.name,
+            (settings.history, settings.history_bytes),
+            &settings.diff,
+        );
     }
     let push = config.push.as_ref().map(|push| PushAuth {
         token: push.token.clone(),

@@ -121,6 +121,10 @@ pub struct Metrics {
     pub snapshot_bytes: Family<StreamLabels, Counter>,
     /// Connected SSE subscribers, by stream.
     pub subscribers: Family<StreamLabels, Gauge>,
+    /// Changes held in a stream's history for resuming subscribers, by stream.
+    pub history_changes: Family<StreamLabels, Gauge>,
+    /// Bytes held by a stream's history (payloads and their encodings), by stream.
+    pub history_bytes: Family<StreamLabels, Gauge>,
     /// SSE events written to subscribers (keep-alives excluded), by stream.
     pub events_sent: Family<StreamLabels, Counter>,
     /// Subscribers that fell behind and were resynced with a snapshot or disconnected, by stream.
@@ -167,6 +171,8 @@ impl Metrics {
         let change_bytes = Family::<ChangeLabels, Counter>::default();
         let snapshot_bytes = Family::<StreamLabels, Counter>::default();
         let subscribers = Family::<StreamLabels, Gauge>::default();
+        let history_changes = Family::<StreamLabels, Gauge>::default();
+        let history_bytes = Family::<StreamLabels, Gauge>::default();
         let events_sent = Family::<StreamLabels, Counter>::default();
         let resyncs = Family::<StreamLabels, Counter>::default();
         let stalled_connections = Counter::default();
@@ -205,6 +211,17 @@ impl Metrics {
             "subscribers",
             "Connected SSE subscribers",
             subscribers.clone(),
+        );
+        registry.register(
+            "history_changes",
+            "Changes held in history for resuming subscribers",
+            history_changes.clone(),
+        );
+        registry.register_with_unit(
+            "history",
+            "Bytes held in history for resuming subscribers (payloads and their encodings)",
+            prometheus_client::registry::Unit::Bytes,
+            history_bytes.clone(),
         );
         registry.register(
             "events_sent",
@@ -282,6 +299,8 @@ impl Metrics {
             change_bytes,
             snapshot_bytes,
             subscribers,
+            history_changes,
+            history_bytes,
             events_sent,
             resyncs,
             stalled_connections,
@@ -308,6 +327,8 @@ impl Metrics {
         self.upstream_latency.remove(&labels);
         self.snapshot_bytes.remove(&labels);
         self.subscribers.remove(&labels);
+        self.history_changes.remove(&labels);
+        self.history_bytes.remove(&labels);
         self.events_sent.remove(&labels);
         self.resyncs.remove(&labels);
         for outcome in [

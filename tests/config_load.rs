@@ -1708,3 +1708,26 @@ mod on_demand_streams {
         assert_eq!(config.streams[0].on_demand, Some(Duration::from_secs(5)));
     }
 }
+
+#[test]
+fn history_bytes_defaults_inherits_and_is_checked() {
+    let (_f, result) = load_toml(
+        "[stream_defaults]\nhistory_bytes = \"2 MiB\"\n\
+         [[streams]]\nname = \"a\"\nurl = \"http://example.com/a\"\n\
+         [[streams]]\nname = \"b\"\nurl = \"http://example.com/b\"\nhistory_bytes = 4096\n",
+    );
+    let config = result.expect("valid");
+    assert_eq!(config.streams[0].history_bytes, 2 << 20);
+    assert_eq!(config.streams[1].history_bytes, 4096);
+    let (_f, result) = load_toml("[[streams]]\nname = \"a\"\nurl = \"http://example.com/a\"\n");
+    assert_eq!(
+        result.expect("valid").streams[0].history_bytes,
+        patchwire::config::defaults::HISTORY_BYTES
+    );
+    assert_rejected(
+        "patchwire.toml",
+        "[[streams]]\nname = \"a\"\nurl = \"http://example.com/a\"\nhistory_bytes = 10\n",
+        "streams[0].history_bytes",
+        &["1 KiB to 1 GiB", "got 10 bytes"],
+    );
+}

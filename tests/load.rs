@@ -34,6 +34,7 @@ async fn push_app(polled: Option<&str>) -> TestApp {
     config.push_streams = vec![PushStreamSettings {
         name: "bench".into(),
         history: 100,
+        history_bytes: 16 << 20,
         diff: DiffOptions::default(),
     }];
     TestApp::spawn(config).await

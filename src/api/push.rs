@@ -16,6 +16,7 @@ use serde_json::{Value, json};
 use super::{AppState, error_response};
 use crate::diff::{self, Patch};
 use crate::hub::{ChangeKind, Publication, Stream};
+use crate::snapshot::{MAX_DEPTH, deeper_than};
 
 /// Who may push, and into which streams.
 #[derive(Clone)]
@@ -177,7 +178,16 @@ fn too_large(limit: usize) -> Response {
 
 /// `body` parsed as `T`, `expected` naming what the body must be.
 fn parse<T: serde::de::DeserializeOwned>(body: &[u8], expected: &str) -> Result<T, Refusal> {
-    serde_json::from_slice(body).map_err(|e| Refusal::BadBody(format!("{expected}: {e}")))
+    serde_json::from_slice(body).map_err(|e| {
+        if e.to_string().starts_with("recursion limit exceeded") {
+            Refusal::BadBody(format!(
+                "{expected}: it nests deeper than {MAX_DEPTH} levels of arrays and objects, the \
+                 most a document may have"
+            ))
+        } else {
+            Refusal::BadBody(format!("{expected}: {e}"))
+        }
+    })
 }
 
 fn published(stream: &Stream, publication: &Publication) -> Response {
@@ -223,6 +233,8 @@ pub async fn post_document(
 enum PatchRefusal {
     NoDocument,
     DoesNotApply(diff::ApplyError),
+    TooCostly(diff::BoundedApplyError),
+    TooDeep,
 }
 
 /// `PATCH /streams/{name}`: the body is an RFC 6902 patch applied atomically to the current
@@ -243,8 +255,19 @@ pub async fn patch_document(
     let publisher = stream.clone();
     let outcome = tokio::task::spawn_blocking(move || {
         publisher.publish_with(|current| {
+            // A copy: a refused patch leaves the current document as it was.
             let mut document = current.cloned().ok_or(PatchRefusal::NoDocument)?;
-            diff::apply(&mut document, &patch).map_err(PatchRefusal::DoesNotApply)?;
+            diff::apply_bounded(&mut document, &patch, diff::MAX_APPLY_WORK).map_err(
+                |e| match e {
+                    diff::BoundedApplyError::Apply(e) => PatchRefusal::DoesNotApply(e),
+                    too_costly => PatchRefusal::TooCostly(too_costly),
+                },
+            )?;
+            // Each request's values are within the parser's depth, but paths reach into the
+            // document: successive patches could otherwise deepen it without bound.
+            if deeper_than(&document, MAX_DEPTH) {
+                return Err(PatchRefusal::TooDeep);
+            }
             Ok(document)
         })
     })
@@ -259,6 +282,20 @@ pub async fn patch_document(
             StatusCode::UNPROCESSABLE_ENTITY,
             format!(
                 "the patch does not apply to the current document (nothing was published): {e}"
+            ),
+        ),
+        Ok(Err(PatchRefusal::TooCostly(e))) => error_response(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!(
+                "the patch is too costly to apply (nothing was published): {e}; send fewer \
+                 operations per request, or POST the whole document"
+            ),
+        ),
+        Ok(Err(PatchRefusal::TooDeep)) => error_response(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!(
+                "the patched document would nest deeper than {MAX_DEPTH} levels of arrays and \
+                 objects, the most a document may have (nothing was published)"
             ),
         ),
         Err(error) => join_failed(error),

@@ -138,7 +138,12 @@ fn write_description(out: &mut String, config: &Config) -> std::fmt::Result {
             st.format.as_str(),
             bytes(st.max_body_bytes)
         )?;
-        writeln!(out, "    history:    {} changes", st.history)?;
+        writeln!(
+            out,
+            "    history:    {} changes, at most {}",
+            st.history,
+            bytes(st.history_bytes)
+        )?;
         writeln!(
             out,
             "    rate limit: {:?} ({group_quota})",
@@ -179,7 +184,12 @@ fn write_description(out: &mut String, config: &Config) -> std::fmt::Result {
                 "  {name} (served at /streams/{name}; fed by POST/PATCH /streams/{name} with the [push] token)",
                 name = st.name
             )?;
-            writeln!(out, "    history:    {} changes", st.history)?;
+            writeln!(
+                out,
+                "    history:    {} changes, at most {}",
+                st.history,
+                bytes(st.history_bytes)
+            )?;
         }
     }
     if let Some(push) = &config.push {
@@ -236,11 +246,12 @@ fn describe_proxy(out: &mut String, p: &super::model::ProxySettings) -> std::fmt
     }
     writeln!(
         out,
-        "  limits:     {} streams, {} of snapshots, bodies up to {}, history {} changes",
+        "  limits:     {} streams, {} of snapshots, bodies up to {}, history {} changes or {}",
         p.max_streams,
         bytes(p.max_memory),
         bytes(p.max_body_bytes),
-        p.history
+        p.history,
+        bytes(p.history_bytes)
     )?;
     for t in &p.tokens {
         let mut line = format!(

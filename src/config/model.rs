@@ -69,6 +69,8 @@ pub struct ProxySettings {
     pub max_body_bytes: u64,
     /// Recent changes kept per dynamic stream for resuming subscribers.
     pub history: usize,
+    /// Most bytes one dynamic stream's history holds.
+    pub history_bytes: u64,
     /// How dynamic streams compute changes (`move` is never emitted: Streamdata.io clients
     /// apply only `add`, `remove` and `replace`).
     pub diff: DiffOptions,
@@ -273,6 +275,8 @@ pub struct PushStreamSettings {
     pub name: String,
     /// How many recent changes are kept for resuming subscribers.
     pub history: usize,
+    /// Most bytes those changes may hold together.
+    pub history_bytes: u64,
     /// How changes are computed.
     pub diff: DiffOptions,
 }
@@ -446,6 +450,8 @@ pub struct StreamSettings {
     pub format: Format,
     /// How many recent changes are kept for resuming subscribers.
     pub history: usize,
+    /// Most bytes those changes may hold together.
+    pub history_bytes: u64,
     /// The rate-limit group: a named group, or the upstream host (`host:port`) by default.
     pub rate_limit_group: String,
     /// How changes are computed.

@@ -34,6 +34,8 @@ pub mod defaults {
     pub const MAX_BODY: u64 = 8 * 1024 * 1024;
     /// `proxy.history`.
     pub const HISTORY: u64 = 64;
+    /// `proxy.history_bytes`, in bytes.
+    pub const HISTORY_BYTES: u64 = 1024 * 1024;
     /// `proxy.tokens[].max_connections`.
     pub const MAX_CONNECTIONS: u64 = 100;
     /// `proxy.tokens[].connections_per_second` (and the default burst).
@@ -71,6 +73,8 @@ pub mod limits {
     pub const MAX_BODY: (u64, u64) = (1 << 10, 1 << 30);
     /// `proxy.history`.
     pub const HISTORY: (u64, u64) = super::super::validate::limits::HISTORY;
+    /// `proxy.history_bytes`, in bytes.
+    pub const HISTORY_BYTES: (u64, u64) = super::super::validate::limits::HISTORY_BYTES;
     /// `proxy.tokens[].max_connections`.
     pub const MAX_CONNECTIONS: (u64, u64) = (1, 1_000_000);
     /// `proxy.tokens[].connections_per_second` and `connections_burst`.
@@ -257,6 +261,13 @@ pub(super) fn validate(
         defaults::SIGNATURE_MAX_SKEW,
         limits::SIGNATURE_MAX_SKEW,
     );
+    let history_bytes = bytes_in(
+        problems,
+        "proxy.history_bytes",
+        raw.history_bytes.map(|b| b.0),
+        defaults::HISTORY_BYTES,
+        limits::HISTORY_BYTES,
+    );
     if raw.diff.allow_move == Some(true) {
         problems.push(
             "proxy.diff.allow_move",
@@ -376,6 +387,7 @@ pub(super) fn validate(
         timeout,
         max_body_bytes,
         history: usize_of(history),
+        history_bytes,
         diff: diff?,
         tokens,
         ascii_only: raw.ascii_only.unwrap_or(defaults::ASCII_ONLY),

@@ -85,6 +85,8 @@ pub struct RawProxy {
     /// How far a signed request's `X-Auth-Sd-Ts` may be from the server's clock (default 5m,
     /// 1s..=1 day).
     pub signature_max_skew: Option<HumanDuration>,
+    /// Most bytes one dynamic stream's history holds (default 1 MiB, 1 KiB..=1 GiB).
+    pub history_bytes: Option<ByteCount>,
     /// How changes are computed (`[proxy.diff]`); `allow_move = true` is refused.
     #[serde(default)]
     pub diff: DiffConfig,
@@ -335,6 +337,8 @@ pub struct RawStreamDefaults {
     pub format: Option<Format>,
     /// Recent changes kept for resuming subscribers (default 1000).
     pub history: Option<u64>,
+    /// Most bytes a stream's history holds (default 16 MiB, 1 KiB..=1 GiB).
+    pub history_bytes: Option<ByteCount>,
     /// Headers sent with every poll of every stream; a stream's own header of the same name
     /// (compared case-insensitively) wins.
     #[serde(default)]
@@ -369,6 +373,9 @@ pub struct RawStream {
     /// Recent changes kept for resuming subscribers (1..=100000; default from
     /// `[stream_defaults]`, else 1000).
     pub history: Option<u64>,
+    /// Most bytes the history holds (1 KiB..=1 GiB; default from `[stream_defaults]`, else
+    /// 16 MiB).
+    pub history_bytes: Option<ByteCount>,
     /// A named group from `[upstream.rate_limits]`; by default the URL's `host:port`.
     pub rate_limit_group: Option<String>,
     /// How changes are computed (`[streams.diff]`).

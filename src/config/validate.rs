@@ -72,6 +72,8 @@ pub mod defaults {
     pub const MAX_BODY: u64 = 16 * 1024 * 1024;
     /// `history` of a stream.
     pub const HISTORY: u64 = 1000;
+    /// `history_bytes` of a stream.
+    pub const HISTORY_BYTES: u64 = 16 * 1024 * 1024;
     /// `linger` of an on-demand stream.
     pub const LINGER: Duration = Duration::from_secs(30);
 }
@@ -120,6 +122,8 @@ pub mod limits {
     pub const MAX_BODY: (u64, u64) = (1024, 1024 * 1024 * 1024);
     /// `history`.
     pub const HISTORY: (u64, u64) = (1, 100_000);
+    /// `history_bytes`, in bytes.
+    pub const HISTORY_BYTES: (u64, u64) = (1024, 1024 * 1024 * 1024);
     /// `server.subscriber_buffer`.
     pub const SUBSCRIBER_BUFFER: (u64, u64) = (1, 65_536);
     /// `linger` of an on-demand stream.
@@ -573,6 +577,7 @@ struct StreamDefaults {
     max_body: u64,
     format: Format,
     history: u64,
+    history_bytes: u64,
     headers: HeaderMap,
 }
 
@@ -610,8 +615,29 @@ fn stream_defaults(
             defaults::HISTORY,
             limits::HISTORY,
         ),
+        history_bytes: history_bytes(
+            problems,
+            "stream_defaults.history_bytes",
+            raw.history_bytes.map(|b| b.0),
+            defaults::HISTORY_BYTES,
+        ),
         headers: headers(problems, "stream_defaults.headers", "", &raw.headers, env),
     }
+}
+
+/// A `history_bytes` key, or `default` when it is not set.
+fn history_bytes(problems: &mut Problems, key: &str, value: Option<u64>, default: u64) -> u64 {
+    let value = value.unwrap_or(default);
+    let (min, max) = limits::HISTORY_BYTES;
+    if value < min || value > max {
+        problems.push(
+            key,
+            format!(
+                "expected a size from 1 KiB to 1 GiB (1024 to 1073741824 bytes), got {value} bytes"
+            ),
+        );
+    }
+    value
 }
 
 fn max_body(problems: &mut Problems, key: &str, value: Option<u64>, default: u64) -> u64 {
@@ -892,6 +918,12 @@ fn streams(
             None => defaults.max_body,
         };
         let history = history(problems, &key, stream.history, defaults.history);
+        let history_bytes = history_bytes(
+            problems,
+            &format!("{key}.history_bytes"),
+            stream.history_bytes.map(|b| b.0),
+            defaults.history_bytes,
+        );
         let on_demand = on_demand(problems, &key, stream);
         let own_headers = headers(
             problems,
@@ -942,6 +974,7 @@ fn streams(
                     max_body_bytes,
                     format,
                     history: usize::try_from(history).unwrap_or(usize::MAX),
+                    history_bytes,
                     rate_limit_group,
                     diff,
                     on_demand,
@@ -1021,10 +1054,17 @@ fn push_stream(
         }
     }
     let history = history(problems, key, stream.history, defaults::HISTORY);
+    let history_bytes = history_bytes(
+        problems,
+        &format!("{key}.history_bytes"),
+        stream.history_bytes.map(|b| b.0),
+        defaults::HISTORY_BYTES,
+    );
     let diff = stream.diff.validate(&format!("{key}.diff"), problems)?;
     Some(PushStreamSettings {
         name: stream.name.clone(),
         history: usize::try_from(history).unwrap_or(usize::MAX),
+        history_bytes,
         diff,
     })
 }
@@ -1102,6 +1142,7 @@ mod tests {
             max_body: None,
             format: None,
             history: None,
+            history_bytes: None,
             rate_limit_group: None,
             diff: Default::default(),
             on_demand: None,

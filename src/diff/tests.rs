@@ -657,3 +657,82 @@ fn keyed_arrays_are_replaced_whole_when_that_is_smaller() {
     assert_eq!(patch.0.len(), 2);
     assert!(only_ignored(&patch, &o));
 }
+
+mod bounded_apply {
+    use super::super::{BoundedApplyError, COPY_WORK, Patch, apply, apply_bounded};
+    use serde_json::{Value, json};
+
+    fn patch(ops: Value) -> Patch {
+        serde_json::from_value(ops).unwrap()
+    }
+
+    #[test]
+    fn applies_like_json_patch_within_the_bound() {
+        let doc = json!({"a": [1, 2, 3], "b": {"c": 1}});
+        let p = patch(json!([
+            {"op": "add", "path": "/a/0", "value": 0},
+            {"op": "remove", "path": "/a/3"},
+            {"op": "move", "from": "/b/c", "path": "/a/1"},
+            {"op": "copy", "from": "/a", "path": "/d"},
+            {"op": "replace", "path": "/b", "value": 2},
+            {"op": "test", "path": "/b", "value": 2}
+        ]));
+        let (mut ours, mut theirs) = (doc.clone(), doc);
+        apply_bounded(&mut ours, &p, 1000).unwrap();
+        apply(&mut theirs, &p).unwrap();
+        assert_eq!(ours, theirs);
+        let failing = patch(json!([{"op": "test", "path": "/b", "value": 3}]));
+        assert!(matches!(
+            apply_bounded(&mut ours, &failing, 1000),
+            Err(BoundedApplyError::Apply(_))
+        ));
+    }
+
+    #[test]
+    fn front_insertions_are_charged_for_what_they_shift() {
+        let ops: Vec<Value> = (0..2000)
+            .map(|i| json!({"op": "add", "path": "/a/0", "value": i}))
+            .collect();
+        let p = patch(Value::Array(ops));
+        // 0 + 1 + ... + 1999 elements shifted.
+        let needed = 1999 * 2000 / 2;
+        let mut doc = json!({"a": []});
+        apply_bounded(&mut doc, &p, needed).unwrap();
+        assert_eq!(doc["a"].as_array().unwrap().len(), 2000);
+        let mut doc = json!({"a": []});
+        let err = apply_bounded(&mut doc, &p, needed - 1).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                BoundedApplyError::TooCostly {
+                    operation: 1999,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        // Appending shifts nothing.
+        let append: Vec<Value> = (0..2000)
+            .map(|i| json!({"op": "add", "path": "/a/-", "value": i}))
+            .collect();
+        apply_bounded(&mut json!({"a": []}), &patch(Value::Array(append)), 0).unwrap();
+    }
+
+    #[test]
+    fn doubling_copies_are_charged_for_what_they_copy() {
+        // Each copy doubles /a: 40 of them would need 2^40 values.
+        let ops: Vec<Value> = (0..40)
+            .map(|_| json!({"op": "copy", "from": "/a", "path": "/a/-"}))
+            .collect();
+        let mut doc = json!({"a": [1]});
+        let err = apply_bounded(&mut doc, &patch(Value::Array(ops)), 1_000_000).unwrap_err();
+        assert!(
+            matches!(err, BoundedApplyError::TooCostly { .. }),
+            "{err:?}"
+        );
+        let one = patch(json!([{"op": "copy", "from": "/a", "path": "/b"}]));
+        let mut doc = json!({"a": [1, 2]});
+        assert!(apply_bounded(&mut doc.clone(), &one, 3 * COPY_WORK).is_ok());
+        assert!(apply_bounded(&mut doc, &one, 3 * COPY_WORK - 1).is_err());
+    }
+}

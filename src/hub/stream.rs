@@ -23,6 +23,9 @@ use crate::upstream::poller::{Publish, PublishResult};
 pub struct StreamOptions {
     /// Recent changes kept for resuming subscribers.
     pub history: usize,
+    /// Most bytes those changes may hold together (payloads and their encodings); the oldest
+    /// are dropped first when either bound is exceeded.
+    pub history_bytes: u64,
     /// Events a subscriber may fall behind before it is resynced.
     pub buffer: usize,
     /// How changes are computed.
@@ -52,8 +55,8 @@ pub struct Change {
     /// The JSON sent to subscribers: the RFC 6902 patch from the document at `seq - 1`, or the
     /// whole document for snapshot changes.
     pub payload: Bytes,
-    /// The document after this change.
-    pub snapshot: Arc<Snapshot>,
+    /// When the change was published.
+    pub at: SystemTime,
     /// This change as an SSE event.
     pub sse: EncodedEvent,
     /// This change as a Streamdata.io event (`data` or `patch`), framed on first use; by
@@ -74,6 +77,19 @@ impl Change {
             let id = self.id().to_string();
             EncodedEvent::new(sse::streamdata_frame(&id, name, &self.payload, ascii_only))
         })
+    }
+
+    /// The bytes this change holds: its payload and every encoding built so far. History is
+    /// bounded by their sum. A change holds no document tree: only bytes.
+    pub fn retained_bytes(&self) -> usize {
+        self.payload.len()
+            + self.sse.retained_bytes()
+            + self
+                .streamdata
+                .iter()
+                .filter_map(OnceLock::get)
+                .map(EncodedEvent::retained_bytes)
+                .sum::<usize>()
     }
 
     /// The id of this change's event.
@@ -126,8 +142,10 @@ pub struct Recovery {
 /// What a subscriber receives live.
 #[derive(Debug, Clone)]
 pub enum StreamEvent {
-    /// A new change.
-    Change(Arc<Change>),
+    /// A new change, with the JSON of the document after it (for sinks that send whole
+    /// documents). The document is held only until every receiver has seen the event, never by
+    /// history.
+    Change(Arc<Change>, Bytes),
     /// The upstream failed; the last good document stays current.
     Failure(Arc<UpstreamFailure>),
     /// The upstream answers again after failures (sent before the change, if any).
@@ -247,6 +265,8 @@ struct State {
     /// per-event cancellation future of their own.
     live: Option<broadcast::Sender<StreamEvent>>,
     history: VecDeque<Arc<Change>>,
+    /// What `history` holds, in bytes (`Change::retained_bytes`, summed when last trimmed).
+    history_bytes: u64,
     failure: Option<Arc<UpstreamFailure>>,
     /// The last recovery, for subscribers that lagged past its event.
     recovery: Option<Arc<Recovery>>,
@@ -304,6 +324,7 @@ impl Stream {
                 seq: 0,
                 live: Some(live),
                 history: VecDeque::new(),
+                history_bytes: 0,
                 failure: None,
                 recovery: None,
                 last_change_at: None,
@@ -478,7 +499,7 @@ impl Stream {
             seq,
             kind,
             payload,
-            snapshot: snapshot.clone(),
+            at: snapshot.at,
             sse,
             streamdata: [OnceLock::new(), OnceLock::new()],
         });
@@ -507,17 +528,51 @@ impl Stream {
             state.failure = None;
             state.last_change_at = Some(snapshot.at);
             state.history.push_back(change.clone());
-            while state.history.len() > self.options.history {
-                state.history.pop_front();
-            }
+            self.trim_history(&mut state);
+            let document = snapshot.json.clone();
             self.snapshots.insert(self.name.clone(), snapshot);
             // No receivers is not an error: nobody is listening right now.
             if let Some(live) = &state.live {
-                let _ = live.send(StreamEvent::Change(change.clone()));
+                let _ = live.send(StreamEvent::Change(change.clone(), document));
             }
         }
         self.changes.fetch_add(1, Ordering::Relaxed);
         Publication::Published(change)
+    }
+
+    /// Drops the oldest changes until history is within both its count and its byte bound.
+    /// The bytes are summed afresh each time: encodings built since (gzip, Streamdata.io) count
+    /// too. A resume older than what is left gets the current snapshot.
+    fn trim_history(&self, state: &mut State) {
+        while state.history.len() > self.options.history {
+            state.history.pop_front();
+        }
+        let mut bytes: u64 = state
+            .history
+            .iter()
+            .map(|c| c.retained_bytes() as u64)
+            .sum();
+        while bytes > self.options.history_bytes {
+            match state.history.pop_front() {
+                Some(oldest) => bytes -= oldest.retained_bytes() as u64,
+                None => break,
+            }
+        }
+        state.history_bytes = bytes;
+        self.metrics
+            .history_changes
+            .get_or_create(&self.labels)
+            .set(state.history.len() as i64);
+        self.metrics
+            .history_bytes
+            .get_or_create(&self.labels)
+            .set(i64::try_from(bytes).unwrap_or(i64::MAX));
+    }
+
+    /// The changes history holds now, and their bytes.
+    pub fn history_size(&self) -> (usize, u64) {
+        let state = self.lock();
+        (state.history.len(), state.history_bytes)
     }
 
     /// Tells subscribers the upstream failed (`cause` is machine-readable); the current
@@ -723,6 +778,7 @@ mod tests {
             "s",
             StreamOptions {
                 history,
+                history_bytes: u64::MAX,
                 buffer: 16,
                 diff: DiffOptions::default(),
             },
@@ -816,6 +872,57 @@ mod tests {
             vec![1005]
         );
         assert_eq!(seqs(&s.subscribe(&Resume::Fresh)), vec![1005]);
+    }
+
+    #[test]
+    fn history_is_bounded_in_bytes_and_holds_no_document() {
+        let s = Arc::new(Stream::new(
+            "s",
+            StreamOptions {
+                history: 1000,
+                history_bytes: 4096,
+                buffer: 16,
+                diff: DiffOptions::default(),
+            },
+            SnapshotStore::new(),
+            Arc::new(Metrics::new()),
+        ));
+        let big = "x".repeat(10_000);
+        published(s.publish(json!({"n": 0, "big": big})));
+        let first_document = Arc::downgrade(&s.snapshot().expect("a document"));
+        for i in 1..50 {
+            published(s.publish(json!({"n": i, "big": big})));
+        }
+        // Superseded documents are freed: history holds bytes only (moka drops replaced
+        // values once its pending tasks run).
+        s.snapshots.weighted_bytes();
+        assert!(first_document.upgrade().is_none());
+        let (changes, bytes) = s.history_size();
+        assert!(bytes <= 4096, "{bytes}");
+        assert!(changes > 10, "small patches stay: {changes}");
+        assert_eq!(
+            s.metrics().history_bytes.get_or_create(s.labels()).get(),
+            bytes as i64
+        );
+        assert_eq!(
+            s.metrics().history_changes.get_or_create(s.labels()).get(),
+            changes as i64
+        );
+        // The first change (a 10 KB snapshot) no longer fits: resuming from before it, or
+        // from a change history no longer holds, gets the current snapshot.
+        let sub = s.subscribe(&Resume::After(s.event_id(1).to_string()));
+        assert!(matches!(sub.initial.as_slice(), [Initial::Snapshot(x)] if x.seq == 50));
+        // A recent one is replayed exactly.
+        let sub = s.subscribe(&Resume::After(s.event_id(48).to_string()));
+        let seqs: Vec<u64> = sub
+            .initial
+            .iter()
+            .map(|i| match i {
+                Initial::Change(c) => c.seq,
+                _ => 0,
+            })
+            .collect();
+        assert_eq!(seqs, vec![49, 50]);
     }
 
     #[test]

@@ -318,6 +318,7 @@ impl DynamicStreams {
             name,
             StreamOptions {
                 history: settings.history,
+                history_bytes: settings.history_bytes,
                 buffer: self.buffer,
                 diff: settings.diff.clone(),
             },
@@ -338,6 +339,7 @@ impl DynamicStreams {
             max_body_bytes: settings.max_body_bytes,
             format: Format::Json,
             history: settings.history,
+            history_bytes: settings.history_bytes,
             rate_limit_group: group.clone(),
             diff: settings.diff.clone(),
             on_demand: Some(settings.linger),
@@ -499,6 +501,7 @@ mod tests {
             "~t",
             StreamOptions {
                 history: 1,
+                history_bytes: u64::MAX,
                 buffer: 4,
                 diff: Default::default(),
             },

@@ -205,6 +205,7 @@ mod tests {
             timeout: Duration::from_secs(5),
             max_body_bytes: 1 << 20,
             history: 8,
+            history_bytes: 1 << 20,
             diff: DiffOptions::default(),
             tokens: vec![
                 token("a", "aaaaaaaaaaaaaaaa"),

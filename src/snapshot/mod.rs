@@ -9,6 +9,31 @@ use serde_json::Value;
 
 use crate::sinks::sse::EncodedEvent;
 
+/// The deepest nesting of arrays and objects a document may have (a scalar is at depth 0,
+/// `[]` at 1, `[[1]]` at 2): the most serde_json parses, so every document patchwire holds can
+/// be read back by itself and by subscribers' parsers. Every way in is checked (a push body, the
+/// result of a `PATCH`, an upstream body of either format), so the recursive walks over a
+/// document (diff, serialize, drop) never go deeper than this.
+pub const MAX_DEPTH: usize = 127;
+
+/// Whether `document` nests deeper than `max` levels. Iterative, so it is safe on any input,
+/// and it stops at the first path that is too deep.
+pub fn deeper_than(document: &Value, max: usize) -> bool {
+    let mut pending: Vec<(&Value, usize)> = vec![(document, 0)];
+    while let Some((value, depth)) = pending.pop() {
+        let children: Box<dyn Iterator<Item = &Value>> = match value {
+            Value::Array(items) => Box::new(items.iter()),
+            Value::Object(map) => Box::new(map.values()),
+            _ => continue,
+        };
+        if depth + 1 > max {
+            return true;
+        }
+        pending.extend(children.map(|child| (child, depth + 1)));
+    }
+    false
+}
+
 /// One version of a stream's document.
 ///
 /// The JSON bytes are produced once, when the snapshot is created, and shared by every reader
@@ -139,6 +164,56 @@ impl Default for SnapshotStore {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    fn nested(depth: usize) -> String {
+        format!("{}{}", "[".repeat(depth), "]".repeat(depth))
+    }
+
+    #[test]
+    fn max_depth_is_what_serde_json_parses() {
+        let deepest: Value = serde_json::from_str(&nested(MAX_DEPTH)).unwrap();
+        assert!(!deeper_than(&deepest, MAX_DEPTH));
+        assert!(deeper_than(&deepest, MAX_DEPTH - 1));
+        assert!(serde_json::from_str::<Value>(&nested(MAX_DEPTH + 1)).is_err());
+        assert!(!deeper_than(&json!(1), 0));
+        assert!(deeper_than(&json!([]), 0));
+        assert!(!deeper_than(&json!({"a": [1, {"b": 2}]}), 3));
+        assert!(deeper_than(&json!({"a": [1, {"b": []}]}), 3));
+    }
+
+    /// Everything a stream does with a document (parse, diff, apply, serialize, drop) fits at the
+    /// deepest accepted document in a quarter of a tokio worker's stack (2 MiB), even unoptimized
+    /// (this test build needs between 384 and 512 KiB; optimized frames are smaller).
+    #[test]
+    fn the_deepest_document_is_safe_on_a_small_stack() {
+        let worker = std::thread::Builder::new()
+            .stack_size(512 * 1024)
+            .spawn(|| {
+                let mut old: Value = serde_json::from_str(&nested(MAX_DEPTH)).unwrap();
+                // Objects too, each level also carrying an identity-keyed array.
+                let mut new = json!(1);
+                for i in 0..(MAX_DEPTH - 1) / 2 {
+                    new = json!({"id": i, "child": [new]});
+                }
+                let new = json!([new]);
+                assert!(!deeper_than(&new, MAX_DEPTH) && deeper_than(&new, MAX_DEPTH - 1));
+                let options = crate::diff::DiffOptions::default();
+                let patch = crate::diff::diff_json(&old, &new, &options);
+                assert!(patch.operations > 0);
+                let back = crate::diff::diff_json(&new, &old, &options);
+                assert!(back.operations > 0);
+                let typed = crate::diff::diff(&old, &new, &options);
+                crate::diff::apply(&mut old, &typed).unwrap();
+                assert_eq!(old, new);
+                let snapshot = Snapshot::new(1, new.clone());
+                let parsed: Value = serde_json::from_slice(&snapshot.json).unwrap();
+                assert_eq!(parsed, new);
+                drop(snapshot);
+                drop((old, new, parsed));
+            })
+            .unwrap();
+        worker.join().unwrap();
+    }
 
     #[test]
     fn snapshot_serializes_once_compactly() {

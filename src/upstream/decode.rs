@@ -10,6 +10,8 @@ pub mod gtfs_rt;
 use serde::Deserialize;
 use serde_json::Value;
 
+use crate::snapshot::{MAX_DEPTH, deeper_than};
+
 /// How an upstream body is decoded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
 #[serde(rename_all = "kebab-case")]
@@ -45,21 +47,39 @@ pub enum DecodeError {
     /// or without the header every feed carries.
     #[error("invalid GTFS-realtime feed (expected a protobuf FeedMessage): {reason}")]
     GtfsRt { reason: String },
+    /// The document nests deeper than patchwire holds.
+    #[error(
+        "the document nests deeper than {max} levels of arrays and objects, the most patchwire accepts"
+    )]
+    TooDeep { max: usize },
     /// The decoder itself failed (a bug); the body is treated as undecodable.
     #[error("the decoder failed: {0}")]
     Panicked(String),
 }
 
 /// Decodes `body` according to `format`.
+///
+/// A document deeper than [`MAX_DEPTH`] is refused whatever its format: serde_json's parser
+/// stops there, and the check after decoding covers every other way in.
 pub fn decode(format: Format, body: &[u8]) -> Result<Value, DecodeError> {
-    match format {
-        Format::Json => serde_json::from_slice(body).map_err(|e| DecodeError::Json {
-            line: e.line(),
-            column: e.column(),
-            message: format!("{e}{}", json_hint(body)),
+    let document = match format {
+        Format::Json => serde_json::from_slice(body).map_err(|e| {
+            if e.to_string().starts_with("recursion limit exceeded") {
+                DecodeError::TooDeep { max: MAX_DEPTH }
+            } else {
+                DecodeError::Json {
+                    line: e.line(),
+                    column: e.column(),
+                    message: format!("{e}{}", json_hint(body)),
+                }
+            }
         }),
         Format::GtfsRt => gtfs_rt::decode(body),
+    }?;
+    if deeper_than(&document, MAX_DEPTH) {
+        return Err(DecodeError::TooDeep { max: MAX_DEPTH });
     }
+    Ok(document)
 }
 
 /// Why a body that is not JSON may have been sent, when its first bytes say so.
@@ -85,6 +105,19 @@ mod tests {
             assert_eq!(parsed, format);
         }
         assert!(serde_json::from_str::<Format>("\"gtfs_rt\"").is_err());
+    }
+
+    #[test]
+    fn documents_deeper_than_the_bound_are_refused() {
+        let nested = |depth: usize| format!("{}{}", "[".repeat(depth), "]".repeat(depth));
+        assert!(decode(Format::Json, nested(MAX_DEPTH).as_bytes()).is_ok());
+        let err = decode(Format::Json, nested(MAX_DEPTH + 1).as_bytes()).unwrap_err();
+        assert!(
+            matches!(err, DecodeError::TooDeep { max: MAX_DEPTH }),
+            "{err:?}"
+        );
+        let err = decode(Format::Json, nested(5000).as_bytes()).unwrap_err();
+        assert!(err.to_string().contains("deeper than 127 levels"), "{err}");
     }
 
     #[test]

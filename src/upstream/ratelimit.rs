@@ -148,6 +148,7 @@ mod tests {
             max_body_bytes: 1 << 20,
             format: Format::Json,
             history: 16,
+            history_bytes: 16 << 20,
             rate_limit_group: group.into(),
             diff: DiffOptions::default(),
             on_demand: None,

@@ -431,3 +431,34 @@ async fn recovery_with_an_unchanged_document_is_told_to_those_who_saw_the_error(
     assert!(late.next(Duration::from_millis(300)).await.is_none());
     app.stop().await;
 }
+
+/// An upstream document nested deeper than patchwire holds is a failed poll like any other:
+/// an `error` event naming the bound, the last good snapshot stays, the server stays up.
+#[tokio::test]
+async fn an_upstream_document_too_deep_is_an_error_and_the_stream_goes_on() {
+    let upstream = MockUpstream::start(document(1)).await;
+    let app = TestApp::spawn(config(vec![stream("doc", &upstream.url())])).await;
+    let mut client = app.subscribe("doc", &[]).await;
+    let first = client.expect(SOON).await;
+    assert_eq!(first.event, "snapshot");
+
+    let depth = 20_000;
+    let deep = format!("{}{}", "[".repeat(depth), "]".repeat(depth));
+    upstream.set_raw_body(deep.as_bytes());
+    let event = client.expect(SOON).await;
+    assert_eq!(event.event, "error", "{event:?}");
+    assert_eq!(event.id, first.id, "the last good document stays current");
+    let message = event.json()["message"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(message.contains("deeper than 127 levels"), "{message}");
+    let (status, current) = app.json_view("doc").await;
+    assert_eq!((status, current), (200, document(1)));
+
+    upstream.set(document(2));
+    let mut rebuilt = Rebuilt::default();
+    rebuilt.apply(&first);
+    assert!(rebuilt.converge(&mut client, &document(2), SOON).await);
+    app.stop().await;
+}

@@ -46,6 +46,7 @@ fn proxy_settings() -> ProxySettings {
         timeout: Duration::from_secs(2),
         max_body_bytes: 1 << 20,
         history: 16,
+        history_bytes: 1 << 20,
         diff: DiffOptions::default(),
         tokens: vec![token("tests", TOKEN), token("other", OTHER_TOKEN)],
         ascii_only: true,

@@ -30,6 +30,7 @@ async fn push_app_with(
     config.push_streams = vec![PushStreamSettings {
         name: "prices".into(),
         history: 100,
+        history_bytes: 16 << 20,
         diff: DiffOptions::default(),
     }];
     adjust(&mut config);
@@ -336,5 +337,91 @@ async fn the_json_view_is_gzipped_for_clients_that_accept_it() {
     assert!(response.headers().get("content-encoding").is_none());
     assert_ne!(response.headers()["etag"].to_str().unwrap(), etag);
     assert_eq!(response.json::<Value>().await.unwrap(), doc);
+    app.stop().await;
+}
+
+/// `{"a": {"a": ... {}}}`, `depth` objects deep.
+fn nested(depth: usize) -> Value {
+    (0..depth).fold(json!({}), |inner, _| json!({ "a": inner }))
+}
+
+/// Each PATCH is within the parser's depth, but its path reaches into the document: successive
+/// ones used to deepen it until the diff overflowed a worker's stack and the process aborted.
+#[tokio::test]
+async fn patches_cannot_deepen_a_document_past_the_bound() {
+    let app = push_app(None).await;
+    let (status, _) = send(&app, reqwest::Method::POST, Some(TOKEN), "{}").await;
+    assert_eq!(status, 200);
+    let mut path = String::new();
+    let mut refused = None;
+    for request in 0..40 {
+        // 100 levels under the deepest point so far.
+        let patch = json!([{"op": "add", "path": format!("{path}/a"), "value": nested(99)}]);
+        let (status, body) = send(
+            &app,
+            reqwest::Method::PATCH,
+            Some(TOKEN),
+            &patch.to_string(),
+        )
+        .await;
+        if status != 200 {
+            refused = Some((request, status, body));
+            break;
+        }
+        path.push_str(&"/a".repeat(100));
+    }
+    let (request, status, body) = refused.expect("a PATCH past the bound is refused");
+    assert_eq!((request, status), (1, 422), "{body}");
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains("deeper than 127"),
+        "{body}"
+    );
+    // The server is up and the document is the last accepted one.
+    let (status, current) = app.json_view("prices").await;
+    assert_eq!((status, current), (200, json!({"a": nested(99)})));
+
+    // A POST body deeper than the bound is refused by name too.
+    let deep = format!("{}{}", "[".repeat(5000), "]".repeat(5000));
+    let (status, body) = send(&app, reqwest::Method::POST, Some(TOKEN), &deep).await;
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains("deeper than 127"),
+        "{body}"
+    );
+    app.stop().await;
+}
+
+/// Inserting at the front of an array moves every element after it: 25,000 such operations
+/// in one request used to hold the stream's publishing lock for seconds. The work is bounded.
+#[tokio::test]
+async fn a_quadratic_patch_is_refused_before_it_costs_much() {
+    let app = push_app(None).await;
+    let (status, _) = send(&app, reqwest::Method::POST, Some(TOKEN), r#"{"a":[]}"#).await;
+    assert_eq!(status, 200);
+    let front = |n: usize| {
+        Value::Array(
+            (0..n)
+                .map(|i| json!({"op": "add", "path": "/a/0", "value": i}))
+                .collect(),
+        )
+        .to_string()
+    };
+    let (status, body) = send(&app, reqwest::Method::PATCH, Some(TOKEN), &front(25_000)).await;
+    assert_eq!(status, 413, "{body}");
+    assert!(
+        body["message"].as_str().unwrap().contains("too costly"),
+        "{body}"
+    );
+    let (_, current) = app.json_view("prices").await;
+    assert_eq!(current, json!({"a": []}), "nothing was published");
+    // An ordinary patch of the same kind still applies.
+    let (status, body) = send(&app, reqwest::Method::PATCH, Some(TOKEN), &front(1000)).await;
+    assert_eq!((status, body["seq"].as_u64()), (200, Some(2)), "{body}");
     app.stop().await;
 }

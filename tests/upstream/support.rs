@@ -334,6 +334,7 @@ pub fn stream(name: &str, url: Url) -> StreamSettings {
         max_body_bytes: 1 << 20,
         format: Format::Json,
         history: 16,
+        history_bytes: 16 << 20,
         rate_limit_group: group,
         diff: DiffOptions::default(),
         on_demand: None,

@@ -134,6 +134,11 @@ impl EncodedEvent {
         &self.plain
     }
 
+    /// The bytes this event holds: its frame, and its deflated form once built.
+    pub fn retained_bytes(&self) -> usize {
+        self.plain.len() + self.deflated.get().map_or(0, |d| d.bytes.len())
+    }
+
     /// The framed event deflated for gzip subscribers (computed once).
     pub fn deflated(&self) -> &Deflated {
         self.deflated.get_or_init(|| Deflated::new(&self.plain))

@@ -338,7 +338,7 @@ impl Writer {
         // registered per event on the hot path.
         match self.subscription.live.recv().await {
             Err(RecvError::Closed) => self.finish(),
-            Ok(StreamEvent::Change(change)) => {
+            Ok(StreamEvent::Change(change, _)) => {
                 // Changes at or before what this subscriber already has (it was resynced,
                 // or resumed) are skipped; there are no gaps otherwise.
                 if change.seq > self.seq {
@@ -450,6 +450,7 @@ mod tests {
             "s",
             crate::hub::StreamOptions {
                 history: 8,
+                history_bytes: 1 << 20,
                 buffer,
                 diff: crate::diff::DiffOptions::default(),
             },

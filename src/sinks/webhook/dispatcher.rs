@@ -11,6 +11,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
+
 use tokio::sync::{Notify, broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
 
@@ -56,7 +58,9 @@ fn snapshot_change(stream: &Stream, snapshot: &Snapshot) -> NewChange {
     }
 }
 
-fn new_change(change: &Change) -> NewChange {
+/// A published change, `document` being the JSON of the document after it (carried by the
+/// live event: history keeps no documents).
+fn new_change(change: &Change, document: &Bytes) -> NewChange {
     NewChange {
         stream: change.stream.clone(),
         epoch: change.epoch,
@@ -65,8 +69,8 @@ fn new_change(change: &Change) -> NewChange {
             ChangeKind::Patch => Some(change.payload.clone()),
             ChangeKind::Snapshot => None,
         },
-        document: change.snapshot.json.clone(),
-        at: change.snapshot.at,
+        document: document.clone(),
+        at: change.at,
     }
 }
 
@@ -127,14 +131,14 @@ impl Dispatcher {
 
     /// Accepts consecutive changes. Each is its own job (its own savepoint); if one fails, the
     /// next is planned as a snapshot for the pairs it missed, so the chain never breaks.
-    async fn accept_all(&mut self, changes: &[Arc<Change>]) {
+    async fn accept_all(&mut self, changes: &[(Arc<Change>, Bytes)]) {
         let pending: Vec<_> = changes
             .iter()
-            .filter_map(|change| {
+            .filter_map(|(change, document)| {
                 let targets = self.registry.targets(&change.stream);
                 (!targets.is_empty()).then(|| {
                     self.outbox
-                        .accept(new_change(change), targets, self.backlog_limit)
+                        .accept(new_change(change, document), targets, self.backlog_limit)
                 })
             })
             .collect();
@@ -201,14 +205,16 @@ impl Dispatcher {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 event = live.recv() => match event {
-                    Ok(StreamEvent::Change(change)) => {
-                        let mut changes = vec![change];
+                    Ok(StreamEvent::Change(change, document)) => {
+                        let mut changes = vec![(change, document)];
                         let mut lagged = false;
                         // Whatever else is waiting goes to the outbox together: the jobs queue in
                         // order and share transactions (and fsyncs).
                         while changes.len() < 256 {
                             match live.try_recv() {
-                                Ok(StreamEvent::Change(next)) => changes.push(next),
+                                Ok(StreamEvent::Change(next, document)) => {
+                                    changes.push((next, document));
+                                }
                                 Ok(_) => {}
                                 Err(broadcast::error::TryRecvError::Lagged(_)) => {
                                     lagged = true;

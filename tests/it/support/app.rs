@@ -38,6 +38,7 @@ pub fn stream(name: &str, url: &str) -> StreamSettings {
         max_body_bytes: 1 << 20,
         format: Format::Json,
         history: 100,
+        history_bytes: 16 << 20,
         rate_limit_group: group,
         diff: DiffOptions::default(),
         on_demand: None,
