@@ -194,6 +194,21 @@ pub struct NewChange {
     pub at: SystemTime,
 }
 
+/// A push stream's current document, as stored so a restart continues the stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredDocument {
+    /// The stream.
+    pub stream: Arc<str>,
+    /// The epoch the document was published in (a restarted stream keeps it).
+    pub epoch: u64,
+    /// The sequence number at which it became current.
+    pub seq: u64,
+    /// The document as JSON.
+    pub document: Bytes,
+    /// When it was published.
+    pub at: SystemTime,
+}
+
 /// An endpoint a change is queued for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Target {
@@ -293,6 +308,11 @@ pub trait Outbox: Send + Sync {
         busy: Vec<(String, String)>,
         full: Vec<String>,
     ) -> OutboxFuture<Vec<Delivery>>;
+    /// Stores a stream's current document, unless a newer one of the same epoch is stored.
+    /// Takes effect in call order with [`Outbox::accept`] (same queue, same transactions).
+    fn save_document(&self, document: StoredDocument) -> OutboxFuture<()>;
+    /// Every stored document.
+    fn documents(&self) -> OutboxFuture<Vec<StoredDocument>>;
     /// When the earliest pending head of an enabled endpoint is due (Unix milliseconds).
     fn next_due_ms(&self) -> OutboxFuture<Option<u64>>;
     /// Records an attempt of delivery `id` made at `now_ms`.

@@ -7,8 +7,8 @@
 
 use std::collections::HashSet;
 use std::path::Path;
-use std::sync::Mutex;
 use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -17,8 +17,8 @@ use tokio::sync::oneshot;
 
 use super::{
     Accepted, AttemptOutcome, Delivery, DeliveryFilter, DeliveryState, Disabled, EndpointRecord,
-    EndpointStatus, NewChange, Outbox, OutboxError, OutboxFuture, Recorded, Replay, Target,
-    unix_ms,
+    EndpointStatus, NewChange, Outbox, OutboxError, OutboxFuture, Recorded, Replay, StoredDocument,
+    Target, unix_ms,
 };
 use crate::sinks::webhook::body::{self, Cursor, Kind, Plan};
 use crate::sinks::webhook::sign::message_id;
@@ -78,6 +78,14 @@ CREATE TABLE IF NOT EXISTS deliveries (
 CREATE INDEX IF NOT EXISTS deliveries_pending
     ON deliveries (endpoint_id, stream, id) WHERE state = 0;
 CREATE INDEX IF NOT EXISTS deliveries_by_endpoint ON deliveries (endpoint_id, id);
+-- The current document of each push stream, so a restart continues it (same epoch and seq).
+CREATE TABLE IF NOT EXISTS documents (
+    stream TEXT PRIMARY KEY,
+    epoch INTEGER NOT NULL,
+    seq INTEGER NOT NULL,
+    document BLOB NOT NULL,
+    at_ms INTEGER NOT NULL
+) WITHOUT ROWID;
 PRAGMA user_version = 1;
 ";
 
@@ -694,6 +702,43 @@ impl Outbox for SqliteOutbox {
         full: Vec<String>,
     ) -> OutboxFuture<Vec<Delivery>> {
         self.call(move |conn| due(conn, now_ms, limit, &busy, &full))
+    }
+
+    fn save_document(&self, document: StoredDocument) -> OutboxFuture<()> {
+        self.call(move |conn| {
+            // Never step back: a resync of an older snapshot must not overwrite a newer one.
+            conn.prepare_cached(
+                "INSERT INTO documents (stream, epoch, seq, document, at_ms) \
+                 VALUES (?1, ?2, ?3, ?4, ?5) \
+                 ON CONFLICT (stream) DO UPDATE SET epoch = ?2, seq = ?3, document = ?4, at_ms = ?5 \
+                 WHERE epoch != ?2 OR seq < ?3",
+            )?
+            .execute(params![
+                &*document.stream,
+                sql(document.epoch),
+                sql(document.seq),
+                &document.document[..],
+                sql(unix_ms(document.at)),
+            ])?;
+            Ok(())
+        })
+    }
+
+    fn documents(&self) -> OutboxFuture<Vec<StoredDocument>> {
+        self.call(|conn| {
+            let mut statement =
+                conn.prepare_cached("SELECT stream, epoch, seq, document, at_ms FROM documents")?;
+            let rows = statement.query_map([], |r| {
+                Ok(StoredDocument {
+                    stream: Arc::from(r.get::<_, String>(0)?),
+                    epoch: unsql(r.get(1)?),
+                    seq: unsql(r.get(2)?),
+                    document: Bytes::from(r.get::<_, Vec<u8>>(3)?),
+                    at: std::time::UNIX_EPOCH + Duration::from_millis(unsql(r.get(4)?)),
+                })
+            })?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })
     }
 
     fn next_due_ms(&self) -> OutboxFuture<Option<u64>> {

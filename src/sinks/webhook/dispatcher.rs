@@ -11,12 +11,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{Notify, broadcast, mpsc};
+use tokio::sync::{Notify, broadcast, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::registry::Registry;
 use crate::hub::{Change, ChangeKind, Initial, Resume, Stream, StreamEvent, Subscription};
-use crate::outbox::{NewChange, Outbox, Target};
+use crate::outbox::{Accepted, NewChange, Outbox, OutboxFuture, StoredDocument, Target};
 use crate::snapshot::Snapshot;
 
 /// A request to queue the stream's current document for some endpoints.
@@ -42,6 +42,40 @@ pub struct Dispatcher {
     /// Set when storing failed: a snapshot is queued once storing works again, so a quiet
     /// stream still ends at its current document.
     owed: Option<Resync>,
+    /// Store the stream's current document too (a push stream).
+    keep_document: bool,
+    /// Up to which `seq` everything is committed.
+    committed: watch::Sender<u64>,
+}
+
+/// Up to which sequence number a stream's changes are committed to the outbox: every
+/// change up to it has its deliveries queued (or a snapshot at least as new does) for every
+/// enabled endpoint of the stream, and for a push stream the document is stored. Advanced
+/// only after the outbox transaction committed.
+#[derive(Debug, Clone)]
+pub struct Committed(watch::Receiver<u64>);
+
+/// Why [`Committed::reached`] gave up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum NotCommitted {
+    /// The dispatcher stopped (shutdown).
+    #[error("the webhook dispatcher stopped before the change was stored")]
+    Stopped,
+    /// The outbox did not commit within the wait (it keeps retrying).
+    #[error("the webhook outbox did not store the change in time")]
+    TimedOut,
+}
+
+impl Committed {
+    /// Waits until everything up to `seq` is committed, at most `wait`.
+    pub async fn reached(&self, seq: u64, wait: Duration) -> Result<(), NotCommitted> {
+        let mut receiver = self.0.clone();
+        match tokio::time::timeout(wait, receiver.wait_for(|committed| *committed >= seq)).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(_)) => Err(NotCommitted::Stopped),
+            Err(_) => Err(NotCommitted::TimedOut),
+        }
+    }
 }
 
 /// The stream's current document as a change every endpoint receives whole.
@@ -72,7 +106,8 @@ fn new_change(change: &Change) -> NewChange {
 
 impl Dispatcher {
     /// A dispatcher for `stream`; `requests` carries resync requests, `wake` is notified after
-    /// every accepted change.
+    /// every accepted change. With `keep_document` (a push stream) the stream's current
+    /// document is stored with its changes, so a restart continues the stream.
     pub fn new(
         stream: Arc<Stream>,
         outbox: Arc<dyn Outbox>,
@@ -80,6 +115,7 @@ impl Dispatcher {
         backlog_limit: usize,
         wake: Arc<Notify>,
         requests: mpsc::UnboundedReceiver<Resync>,
+        keep_document: bool,
     ) -> Self {
         let subscription = Some(stream.subscribe(&Resume::Fresh));
         Dispatcher {
@@ -91,18 +127,59 @@ impl Dispatcher {
             wake,
             requests,
             owed: None,
+            keep_document,
+            committed: watch::Sender::new(0),
         }
     }
 
-    async fn accept(&mut self, change: NewChange, targets: Vec<Target>, on_failure: Resync) {
-        if targets.is_empty() {
-            return;
-        }
-        match self
-            .outbox
-            .accept(change, targets, self.backlog_limit)
-            .await
-        {
+    /// Watches the highest sequence number up to which every change of the stream is
+    /// committed to the outbox (see [`Committed`]).
+    pub fn committed(&self) -> Committed {
+        Committed(self.committed.subscribe())
+    }
+
+    fn commit(&self, seq: u64) {
+        self.committed.send_if_modified(|current| {
+            let advanced = seq > *current;
+            if advanced {
+                *current = seq;
+            }
+            advanced
+        });
+    }
+
+    fn save(&self, change: &NewChange) -> Option<OutboxFuture<()>> {
+        self.keep_document.then(|| {
+            self.outbox.save_document(StoredDocument {
+                stream: change.stream.clone(),
+                epoch: change.epoch,
+                seq: change.seq,
+                document: change.document.clone(),
+                at: change.at,
+            })
+        })
+    }
+
+    /// Queues `change` for `targets` (and stores it as the document, for a push stream);
+    /// true when that is committed.
+    async fn accept(
+        &mut self,
+        change: NewChange,
+        targets: Vec<Target>,
+        on_failure: Resync,
+    ) -> bool {
+        let saved = self.save(&change);
+        let queued =
+            (!targets.is_empty()).then(|| self.outbox.accept(change, targets, self.backlog_limit));
+        let saved = match saved {
+            Some(saved) => saved.await,
+            None => Ok(()),
+        };
+        let queued = match queued {
+            Some(queued) => queued.await,
+            None => Ok(Accepted::default()),
+        };
+        match saved.and(queued) {
             Ok(accepted) => {
                 if accepted.collapsed > 0 {
                     tracing::info!(
@@ -114,6 +191,7 @@ impl Dispatcher {
                 if accepted.queued > 0 {
                     self.wake.notify_one();
                 }
+                true
             }
             Err(error) => {
                 tracing::error!(stream = self.stream.name(), %error, "cannot queue a webhook delivery; a snapshot will follow");
@@ -121,13 +199,19 @@ impl Dispatcher {
                     (Some(Resync::All), _) | (_, Resync::All) => Resync::All,
                     (_, one) => one,
                 });
+                false
             }
         }
     }
 
     /// Accepts consecutive changes. Each is its own job (its own savepoint); if one fails, the
-    /// next is planned as a snapshot for the pairs it missed, so the chain never breaks.
+    /// next is planned as a snapshot for the pairs it missed, so the chain never breaks. All
+    /// are submitted before any is awaited, so they share the outbox's transactions (and
+    /// fsyncs); once every one committed, the last one's `seq` is committed.
     async fn accept_all(&mut self, changes: &[Arc<Change>]) {
+        let Some(last) = changes.last() else {
+            return;
+        };
         let pending: Vec<_> = changes
             .iter()
             .filter_map(|change| {
@@ -138,6 +222,9 @@ impl Dispatcher {
                 })
             })
             .collect();
+        // After the deliveries: the document is stored in the same transaction as (or a later
+        // one than) the last change's deliveries.
+        let saved = self.save(&new_change(last));
         let mut queued = 0;
         let mut failed = false;
         for result in futures_util::future::join_all(pending).await {
@@ -160,8 +247,18 @@ impl Dispatcher {
                 }
             }
         }
+        if let Some(saved) = saved {
+            if let Err(error) = saved.await {
+                if !failed {
+                    tracing::error!(stream = self.stream.name(), %error, "cannot store a pushed document; retrying");
+                }
+                failed = true;
+            }
+        }
         if failed {
             self.owed = Some(Resync::All);
+        } else {
+            self.commit(last.seq);
         }
         if queued > 0 {
             self.wake.notify_one();
@@ -179,7 +276,11 @@ impl Dispatcher {
             Resync::Endpoint(id) => targets.into_iter().filter(|t| &t.endpoint == id).collect(),
         };
         let change = snapshot_change(&self.stream, &snapshot);
-        self.accept(change, targets, which).await;
+        let all = which == Resync::All;
+        if self.accept(change, targets, which).await && all {
+            // Every endpoint has the document at `snapshot.seq` (or a later one) queued.
+            self.commit(snapshot.seq);
+        }
     }
 
     /// Runs until `shutdown` or the stream closes.
@@ -192,7 +293,9 @@ impl Dispatcher {
             if let Initial::Snapshot(snapshot) = initial {
                 let change = snapshot_change(&self.stream, &snapshot);
                 let targets = self.registry.targets(self.stream.name());
-                self.accept(change, targets, Resync::All).await;
+                if self.accept(change, targets, Resync::All).await {
+                    self.commit(snapshot.seq);
+                }
             }
         }
         let mut retry = tokio::time::interval(Duration::from_secs(1));
