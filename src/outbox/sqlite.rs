@@ -7,6 +7,7 @@
 
 use std::collections::HashSet;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -38,6 +39,9 @@ impl From<rusqlite::Error> for OutboxError {
 /// The SQLite outbox. Dropping it lets the thread finish the queued jobs and close the file.
 pub struct SqliteOutbox {
     jobs: Mutex<mpsc::Sender<Job>>,
+    /// Numbers status reads in the order the outbox thread runs them (see
+    /// [`EndpointStatus::revision`]).
+    revision: Arc<AtomicU64>,
 }
 
 const SCHEMA: &str = "
@@ -186,6 +190,7 @@ impl SqliteOutbox {
         opened.await.map_err(|_| OutboxError::Closed)??;
         Ok(SqliteOutbox {
             jobs: Mutex::new(jobs),
+            revision: Arc::new(AtomicU64::new(0)),
         })
     }
 
@@ -438,6 +443,7 @@ fn record(
     id: i64,
     outcome: &AttemptOutcome,
     now: u64,
+    revision: &AtomicU64,
 ) -> Result<Recorded, OutboxError> {
     let Some((endpoint, stream, state)) = conn
         .prepare_cached("SELECT endpoint_id, stream, state FROM deliveries WHERE id = ?1")?
@@ -496,13 +502,25 @@ fn record(
             .execute(params![endpoint, sql(now)])?;
         }
     }
-    recorded.failing_since_ms = conn
-        .prepare_cached("SELECT failing_since_ms FROM endpoints WHERE id = ?1")?
-        .query_row([&endpoint], |r| r.get::<_, Option<i64>>(0))
-        .optional()?
-        .flatten()
-        .map(unsql);
+    recorded.status = read_status(conn, &endpoint, revision)?;
     Ok(recorded)
+}
+
+/// An endpoint's status now, numbered in the outbox thread's order of operations.
+fn read_status(
+    conn: &Connection,
+    endpoint: &str,
+    revision: &AtomicU64,
+) -> Result<Option<EndpointStatus>, OutboxError> {
+    let status = conn
+        .prepare_cached(
+            "SELECT disabled_at_ms, disabled_reason, failing_since_ms FROM endpoints WHERE id = ?1",
+        )?
+        .query_row([endpoint], |r| {
+            Ok(status_of(r.get(0)?, r.get(1)?, r.get(2)?, revision))
+        })
+        .optional()?;
+    Ok(status)
 }
 
 /// After a dead delivery, the pair's pending deliveries up to the next snapshot lack their base:
@@ -589,8 +607,11 @@ fn status_of(
     disabled_at: Option<i64>,
     reason: Option<String>,
     failing: Option<i64>,
+    revision: &AtomicU64,
 ) -> EndpointStatus {
     EndpointStatus {
+        // Only the outbox thread reads statuses, one job at a time: the order is its order.
+        revision: revision.fetch_add(1, Ordering::Relaxed) + 1,
         disabled: disabled_at.map(|at| Disabled {
             at_ms: unsql(at),
             reason: reason.unwrap_or_default(),
@@ -616,7 +637,8 @@ fn copy_for_replay(conn: &Connection, ids: &[i64], now: u64) -> Result<usize, Ou
 
 impl Outbox for SqliteOutbox {
     fn endpoints(&self) -> OutboxFuture<Vec<(EndpointRecord, EndpointStatus)>> {
-        self.call(|conn| {
+        let revision = self.revision.clone();
+        self.call(move |conn| {
             let mut statement = conn.prepare_cached(
                 "SELECT id, definition, disabled_at_ms, disabled_reason, failing_since_ms \
                  FROM endpoints ORDER BY id",
@@ -625,7 +647,7 @@ impl Outbox for SqliteOutbox {
                 Ok((
                     r.get::<_, String>(0)?,
                     r.get::<_, String>(1)?,
-                    status_of(r.get(2)?, r.get(3)?, r.get(4)?),
+                    status_of(r.get(2)?, r.get(3)?, r.get(4)?, &revision),
                 ))
             })?;
             let mut out = Vec::new();
@@ -653,7 +675,12 @@ impl Outbox for SqliteOutbox {
         })
     }
 
-    fn set_disabled(&self, id: String, disabled: Option<Disabled>) -> OutboxFuture<bool> {
+    fn set_disabled(
+        &self,
+        id: String,
+        disabled: Option<Disabled>,
+    ) -> OutboxFuture<Option<EndpointStatus>> {
+        let revision = self.revision.clone();
         self.call(move |conn| {
             let changed = match disabled {
                 Some(d) => conn
@@ -668,7 +695,10 @@ impl Outbox for SqliteOutbox {
                     )?
                     .execute([&id])?,
             };
-            Ok(changed > 0)
+            if changed == 0 {
+                return Ok(None);
+            }
+            read_status(conn, &id, &revision)
         })
     }
 
@@ -753,7 +783,8 @@ impl Outbox for SqliteOutbox {
     }
 
     fn record(&self, id: i64, outcome: AttemptOutcome, now_ms: u64) -> OutboxFuture<Recorded> {
-        self.call(move |conn| record(conn, id, &outcome, now_ms))
+        let revision = self.revision.clone();
+        self.call(move |conn| record(conn, id, &outcome, now_ms, &revision))
     }
 
     fn deliveries(&self, endpoint: String, filter: DeliveryFilter) -> OutboxFuture<Vec<Delivery>> {
@@ -976,7 +1007,7 @@ mod tests {
             retry_at_ms: Some(now + 1000),
         };
         let recorded = outbox.record(head_b, failed, now).await.unwrap();
-        assert_eq!(recorded.failing_since_ms, Some(now));
+        assert_eq!(recorded.status.and_then(|s| s.failing_since_ms), Some(now));
         let due = outbox.due(now, 10, vec![], vec![]).await.unwrap();
         assert_eq!(
             due.iter().map(|d| d.endpoint.as_str()).collect::<Vec<_>>(),
@@ -1167,6 +1198,51 @@ mod tests {
         assert_eq!(outbox.prune(u64::MAX / 2).await.unwrap(), 3);
     }
 
+    /// Statuses are numbered in the order the outbox ran the operations, whatever order
+    /// their callers see the answers in.
+    #[tokio::test]
+    async fn statuses_are_numbered_in_the_outbox_order() {
+        let outbox = memory().await;
+        outbox.put_endpoint(endpoint("a")).await.unwrap();
+        let disabled = Disabled {
+            at_ms: 5,
+            reason: "test".into(),
+        };
+        let first = outbox.set_disabled("a".into(), Some(disabled.clone()));
+        let second = outbox.set_disabled("a".into(), None);
+        let second = second.await.unwrap().unwrap();
+        let first = first.await.unwrap().unwrap();
+        assert_eq!(first.disabled, Some(disabled));
+        assert_eq!(second.disabled, None);
+        assert!(second.revision > first.revision);
+        assert_eq!(
+            outbox.set_disabled("nope".into(), None).await.unwrap(),
+            None
+        );
+    }
+
+    /// A push stream's document is stored and read back; an older one never replaces it.
+    #[tokio::test]
+    async fn documents_never_step_back() {
+        let outbox = memory().await;
+        let doc = |epoch, seq, json: &'static str| StoredDocument {
+            stream: Arc::from("s"),
+            epoch,
+            seq,
+            document: Bytes::from_static(json.as_bytes()),
+            at: std::time::UNIX_EPOCH + Duration::from_millis(7),
+        };
+        outbox.save_document(doc(1, 2, "{\"n\":2}")).await.unwrap();
+        outbox.save_document(doc(1, 1, "{\"n\":1}")).await.unwrap();
+        assert_eq!(
+            outbox.documents().await.unwrap(),
+            vec![doc(1, 2, "{\"n\":2}")]
+        );
+        // Another epoch (a stream that started afresh) replaces it.
+        outbox.save_document(doc(2, 1, "[]")).await.unwrap();
+        assert_eq!(outbox.documents().await.unwrap(), vec![doc(2, 1, "[]")]);
+    }
+
     #[tokio::test]
     async fn everything_survives_reopening_the_file() {
         let dir = tempfile::tempdir().unwrap();
@@ -1181,7 +1257,11 @@ mod tests {
         }
         let outbox = SqliteOutbox::open(&path).await.unwrap();
         let endpoints = outbox.endpoints().await.unwrap();
-        assert_eq!(endpoints, vec![(endpoint("a"), EndpointStatus::default())]);
+        let fresh = EndpointStatus {
+            revision: endpoints[0].1.revision,
+            ..EndpointStatus::default()
+        };
+        assert_eq!(endpoints, vec![(endpoint("a"), fresh)]);
         assert_eq!(pending(&outbox, "a").await, [(Kind::Snapshot, 1, None)]);
         let mode: String = {
             let conn = Connection::open(&path).unwrap();

@@ -532,6 +532,10 @@ async fn the_admin_api_checks_its_token_and_its_input() {
             "at least one",
         ),
         (
+            json!({"url": "http://203.0.113.5/x", "streams": ["fleet", "fleet"]}),
+            "streams[1]: \"fleet\" is already listed at streams[0]",
+        ),
+        (
             json!({"url": "http://203.0.113.5/x", "streams": ["fleet"], "secret": "whsec_short"}),
             "secret",
         ),

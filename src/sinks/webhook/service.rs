@@ -298,7 +298,13 @@ impl Webhooks {
                 "streams: expected at least one stream name (GET /streams lists them)".into(),
             ));
         }
-        for name in streams {
+        for (j, name) in streams.iter().enumerate() {
+            if let Some(first) = streams[..j].iter().position(|s| s == name) {
+                return Err(AdminError::Invalid(format!(
+                    "streams[{j}]: {name:?} is already listed at streams[{first}]; name each \
+                     stream once"
+                )));
+            }
             if self.hub.get(name).is_none() {
                 let known: Vec<String> =
                     self.hub.all().iter().map(|s| s.name().to_owned()).collect();
@@ -399,14 +405,18 @@ impl Webhooks {
                     at_ms: unix_ms(SystemTime::now()),
                     reason: "disabled through the admin API".into(),
                 };
-                self.outbox
-                    .set_disabled(id.to_owned(), Some(disabled.clone()))
-                    .await?;
-                status.disabled = Some(disabled);
+                status = self
+                    .outbox
+                    .set_disabled(id.to_owned(), Some(disabled))
+                    .await?
+                    .ok_or_else(|| AdminError::NotFound(format!("no webhook endpoint {id:?}")))?;
             }
             Some(false) if status.disabled.is_some() => {
-                self.outbox.set_disabled(id.to_owned(), None).await?;
-                status = EndpointStatus::default();
+                status = self
+                    .outbox
+                    .set_disabled(id.to_owned(), None)
+                    .await?
+                    .ok_or_else(|| AdminError::NotFound(format!("no webhook endpoint {id:?}")))?;
                 enabled_now = true;
             }
             _ => {}

@@ -266,10 +266,11 @@ impl Worker {
             }
         };
         if let Some(recorded) = recorded {
-            self.registry.update(&delivery.endpoint, |e| {
-                e.status.failing_since_ms = recorded.failing_since_ms;
-            });
-            let reason = match (&result, recorded.failing_since_ms) {
+            let failing_since_ms = recorded.status.as_ref().and_then(|s| s.failing_since_ms);
+            if let Some(status) = recorded.status.clone() {
+                self.registry.set_status(&delivery.endpoint, status);
+            }
+            let reason = match (&result, failing_since_ms) {
                 (Err(AttemptError::Gone), _) => Some("the receiver answered 410 Gone".to_owned()),
                 (Err(AttemptError::Refused(refusal)), _) => Some(format!(
                     "its target is refused ({refusal}); change its url, then re-enable it"
@@ -309,12 +310,12 @@ impl Worker {
         };
         match self
             .outbox
-            .set_disabled(endpoint.record.id.clone(), Some(disabled.clone()))
+            .set_disabled(endpoint.record.id.clone(), Some(disabled))
             .await
         {
-            Ok(_) => self
-                .registry
-                .update(&endpoint.record.id, |e| e.status.disabled = Some(disabled)),
+            Ok(Some(status)) => self.registry.set_status(&endpoint.record.id, status),
+            // Deleted meanwhile.
+            Ok(None) => {}
             Err(error) => tracing::error!(%error, "cannot disable a webhook endpoint"),
         }
     }
