@@ -23,7 +23,7 @@ use crate::proxy::streams::DynamicStreams;
 use crate::sim;
 use crate::sinks::sse::native::NativeSse;
 use crate::sinks::webhook::service::Webhooks;
-use crate::snapshot::SnapshotStore;
+use crate::snapshot::{Snapshot, SnapshotStore};
 use crate::upstream::fetch::{Fetcher, Redacted};
 use crate::upstream::on_demand::{self, Idle, OnDemand};
 use crate::upstream::poller::{LastOutcome, PollStatus, Poller};
@@ -225,9 +225,10 @@ pub async fn run(
                     snapshots.clone(),
                     metrics.clone(),
                     stored.epoch,
-                    stored.seq,
-                    document,
-                    stored.at,
+                    Snapshot {
+                        at: stored.at,
+                        ..Snapshot::new(stored.seq, document)
+                    },
                 )));
                 tasks.spawn(keep_alive(
                     stream,

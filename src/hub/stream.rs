@@ -271,8 +271,8 @@ impl Stream {
     }
 
     /// A stream continuing from a document stored by an earlier process (a push stream
-    /// restarted on its store): same epoch, `seq` current, `document` its snapshot, so the
-    /// next change is `seq + 1` and whoever already has `seq` (a webhook receiver, a
+    /// restarted on its store): same epoch, `snapshot` current, so the next change is
+    /// `snapshot.seq + 1` and whoever already has `seq` (a webhook receiver, a
     /// subscriber resuming) needs nothing more.
     pub fn restored(
         name: &str,
@@ -280,17 +280,13 @@ impl Stream {
         snapshots: SnapshotStore,
         metrics: Arc<Metrics>,
         epoch: u64,
-        seq: u64,
-        document: Value,
-        at: SystemTime,
+        snapshot: Snapshot,
     ) -> Self {
         let stream = Self::in_epoch(name, epoch, options, snapshots, metrics);
-        let mut snapshot = Snapshot::new(seq, document);
-        snapshot.at = at;
         let snapshot = Arc::new(snapshot);
         {
             let mut state = stream.lock();
-            state.seq = seq;
+            state.seq = snapshot.seq;
             state.last_change_at = Some(snapshot.at);
         }
         stream.snapshots.insert(stream.name.clone(), snapshot);

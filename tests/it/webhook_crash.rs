@@ -237,6 +237,18 @@ fn free_port() -> u16 {
 
 const PUSH_TOKEN: &str = "crash-push-token-0123456789";
 
+/// Kills the process if the test fails before it does.
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
 /// Waits until `GET /healthz` answers 200 (panics with the log after 30 s).
 async fn healthy(child: &mut Child, base: &str, log: &Path) {
     let client = reqwest::Client::new();
@@ -329,8 +341,8 @@ secret = "{SECRET}"
     let client = reqwest::Client::new();
 
     let first_log = dir.path().join("first.log");
-    let mut first = spawn_binary(&config, &first_log);
-    healthy(&mut first, &base, &first_log).await;
+    let mut first = Killed(spawn_binary(&config, &first_log));
+    healthy(&mut first.0, &base, &first_log).await;
     let mut document = json!({"n": 0, "pad": PAD, "items": []});
     assert_eq!(
         push(&client, &base, reqwest::Method::POST, document.to_string()).await,
@@ -350,11 +362,11 @@ secret = "{SECRET}"
         .unwrap();
     }
     // The moment the last answer arrived.
-    sigkill(&mut first);
+    sigkill(&mut first.0);
 
     let second_log = dir.path().join("second.log");
-    let mut second = spawn_binary(&config, &second_log);
-    healthy(&mut second, &base, &second_log).await;
+    let mut second = Killed(spawn_binary(&config, &second_log));
+    healthy(&mut second.0, &base, &second_log).await;
     let view: serde_json::Value = client
         .get(format!("{base}/streams/prices"))
         .header("accept", "application/json")
@@ -395,7 +407,7 @@ secret = "{SECRET}"
             |hits| unique_of(hits).iter().any(|h| h.seq() == 22),
         )
         .await;
-    sigkill(&mut second);
+    sigkill(&mut second.0);
     let unique = unique_of(&hits);
     // Every change, in order, each once: the chain rebuilds the document with every base
     // checked, all signed, and the only snapshot is the very first delivery.

@@ -8,8 +8,13 @@
 //! live receiver is never followed by the changes it already contains, and a change whose
 //! predecessor was never stored for a pair reaches it as a snapshot (see `body::plan`).
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
+
+use futures_util::StreamExt as _;
+use futures_util::stream::FuturesOrdered;
 
 use tokio::sync::{Notify, broadcast, mpsc, watch};
 use tokio_util::sync::CancellationToken;
@@ -77,6 +82,20 @@ impl Committed {
         }
     }
 }
+
+/// What a batch of changes came to in the outbox.
+#[derive(Debug, Default)]
+struct Batch {
+    /// The last change's sequence number.
+    seq: u64,
+    queued: usize,
+    collapsed: usize,
+    /// The first failure, if any job failed.
+    error: Option<String>,
+}
+
+/// A submitted batch, resolving once its transaction(s) committed.
+type Pending = Pin<Box<dyn Future<Output = Batch> + Send>>;
 
 /// The stream's current document as a change every endpoint receives whole.
 fn snapshot_change(stream: &Stream, snapshot: &Snapshot) -> NewChange {
@@ -204,14 +223,13 @@ impl Dispatcher {
         }
     }
 
-    /// Accepts consecutive changes. Each is its own job (its own savepoint); if one fails, the
-    /// next is planned as a snapshot for the pairs it missed, so the chain never breaks. All
-    /// are submitted before any is awaited, so they share the outbox's transactions (and
-    /// fsyncs); once every one committed, the last one's `seq` is committed.
-    async fn accept_all(&mut self, changes: &[Arc<Change>]) {
-        let Some(last) = changes.last() else {
-            return;
-        };
+    /// Submits consecutive changes to the outbox and returns what their jobs came to, once
+    /// committed. Each is its own job (its own savepoint); if one fails, the next is planned as
+    /// a snapshot for the pairs it missed, so the chain never breaks. The jobs are queued at
+    /// once (the outbox keeps call order), so the dispatcher submits the next batch while
+    /// this one commits, and they share the outbox's transactions (and fsyncs).
+    fn submit(&self, changes: &[Arc<Change>]) -> Option<Pending> {
+        let last = changes.last()?;
         let pending: Vec<_> = changes
             .iter()
             .filter_map(|change| {
@@ -225,42 +243,50 @@ impl Dispatcher {
         // After the deliveries: the document is stored in the same transaction as (or a later
         // one than) the last change's deliveries.
         let saved = self.save(&new_change(last));
-        let mut queued = 0;
-        let mut failed = false;
-        for result in futures_util::future::join_all(pending).await {
-            match result {
-                Ok(accepted) => {
-                    queued += accepted.queued;
-                    if accepted.collapsed > 0 {
-                        tracing::info!(
-                            stream = self.stream.name(),
-                            pairs = accepted.collapsed,
-                            "webhook backlog collapsed into a snapshot"
-                        );
+        let seq = last.seq;
+        Some(Box::pin(async move {
+            let mut batch = Batch {
+                seq,
+                ..Batch::default()
+            };
+            for result in futures_util::future::join_all(pending).await {
+                match result {
+                    Ok(accepted) => {
+                        batch.queued += accepted.queued;
+                        batch.collapsed += accepted.collapsed;
+                    }
+                    Err(error) => {
+                        batch.error.get_or_insert(error.to_string());
                     }
                 }
-                Err(error) => {
-                    if !failed {
-                        tracing::error!(stream = self.stream.name(), %error, "cannot queue a webhook delivery; a snapshot will follow");
-                    }
-                    failed = true;
+            }
+            if let Some(saved) = saved {
+                if let Err(error) = saved.await {
+                    batch.error.get_or_insert(error.to_string());
                 }
             }
+            batch
+        }))
+    }
+
+    /// Acts on a committed batch: everything up to its `seq` is committed, or a snapshot is
+    /// owed.
+    fn settle(&mut self, batch: Batch) {
+        if batch.collapsed > 0 {
+            tracing::info!(
+                stream = self.stream.name(),
+                pairs = batch.collapsed,
+                "webhook backlog collapsed into a snapshot"
+            );
         }
-        if let Some(saved) = saved {
-            if let Err(error) = saved.await {
-                if !failed {
-                    tracing::error!(stream = self.stream.name(), %error, "cannot store a pushed document; retrying");
-                }
-                failed = true;
+        match batch.error {
+            Some(error) => {
+                tracing::error!(stream = self.stream.name(), %error, "cannot queue a webhook delivery; a snapshot will follow");
+                self.owed = Some(Resync::All);
             }
+            None => self.commit(batch.seq),
         }
-        if failed {
-            self.owed = Some(Resync::All);
-        } else {
-            self.commit(last.seq);
-        }
-        if queued > 0 {
+        if batch.queued > 0 {
             self.wake.notify_one();
         }
     }
@@ -298,6 +324,8 @@ impl Dispatcher {
                 }
             }
         }
+        // Batches submitted and not yet committed, oldest first.
+        let mut inflight = FuturesOrdered::new();
         let mut retry = tokio::time::interval(Duration::from_secs(1));
         retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -320,7 +348,7 @@ impl Dispatcher {
                                 Err(_) => break,
                             }
                         }
-                        self.accept_all(&changes).await;
+                        inflight.extend(self.submit(&changes));
                         if lagged {
                             tracing::warn!(stream = self.stream.name(), "webhook dispatcher lagged; queueing a snapshot");
                             self.resync(Resync::All).await;
@@ -333,6 +361,7 @@ impl Dispatcher {
                     }
                     Err(broadcast::error::RecvError::Closed) => return,
                 },
+                Some(batch) = inflight.next(), if !inflight.is_empty() => self.settle(batch),
                 Some(request) = self.requests.recv() => self.resync(request).await,
                 _ = retry.tick(), if self.owed.is_some() => {
                     if let Some(owed) = self.owed.take() {
