@@ -195,6 +195,7 @@ async fn run(
         &settings,
         outbox.clone(),
         hub.clone(),
+        &Default::default(),
         "patchwire-load",
         &mut tasks,
         shutdown.clone(),

@@ -16,6 +16,7 @@ use crate::api::{self, AppState, UpstreamStatus};
 use crate::config::Config;
 use crate::hub::{Hub, Stream, StreamOptions};
 use crate::metrics::Metrics;
+use crate::outbox::Outbox as _;
 use crate::outbox::sqlite::SqliteOutbox;
 use crate::proxy::Proxy;
 use crate::proxy::streams::DynamicStreams;
@@ -23,7 +24,7 @@ use crate::redact::Redacted;
 use crate::sim;
 use crate::sinks::sse::native::NativeSse;
 use crate::sinks::webhook::service::Webhooks;
-use crate::snapshot::SnapshotStore;
+use crate::snapshot::{Snapshot, SnapshotStore};
 use crate::upstream::fetch::Fetcher;
 use crate::upstream::on_demand::{self, Idle, OnDemand};
 use crate::upstream::poller::{LastOutcome, PollStatus, Poller};
@@ -188,12 +189,70 @@ pub async fn run(
             }
         }
     }
+    // The outbox opens before the push streams exist: it holds their last documents.
+    let outbox = match &config.webhooks {
+        Some(settings) => Some(Arc::new(
+            SqliteOutbox::open(&settings.database)
+                .await
+                .context("cannot start webhooks (`webhooks.database`)")?,
+        )),
+        None => None,
+    };
+    let mut stored = match &outbox {
+        Some(outbox) => outbox
+            .documents()
+            .await
+            .context("cannot read the stored push documents (`webhooks.database`)")?
+            .into_iter()
+            .map(|d| (d.stream.to_string(), d))
+            .collect(),
+        None => HashMap::new(),
+    };
     for settings in &config.push_streams {
-        add_stream(
-            &mut tasks,
-            &settings.name,
-            (settings.history, settings.history_bytes),
-            &settings.diff,
+        let restored = stored.remove(&settings.name).and_then(|d| {
+            match serde_json::from_slice::<Value>(&d.document) {
+                Ok(document) => Some((d, document)),
+                Err(error) => {
+                    tracing::error!(stream = %settings.name, %error, "the stored push document is unreadable; the stream starts empty");
+                    None
+                }
+            }
+        });
+        match restored {
+            None => {
+                add_stream(
+                    &mut tasks,
+                    &settings.name,
+                    (settings.history, settings.history_bytes),
+                    &settings.diff,
+                );
+            }
+            Some((stored, document)) => {
+                tracing::info!(stream = %settings.name, seq = stored.seq, "push stream restored from the webhook database");
+                let stream = hub.insert(Arc::new(Stream::restored(
+                    &settings.name,
+                    StreamOptions {
+                        history: settings.history,
+                        history_bytes: settings.history_bytes,
+                        buffer: config.server.subscriber_buffer,
+                        diff: settings.diff.clone(),
+                    },
+                    snapshots.clone(),
+                    metrics.clone(),
+                    stored.epoch,
+                    Snapshot::taken_at(stored.seq, document, stored.at),
+                )));
+                tasks.spawn(keep_alive(
+                    stream,
+                    config.server.keepalive,
+                    shutdown.clone(),
+                ));
+            }
+        }
+    }
+    if config.webhooks.is_none() && !config.push_streams.is_empty() {
+        tracing::info!(
+            "push streams keep their documents in memory only: configure [webhooks] (its database) to keep them across restarts"
         );
     }
     let push = config.push.as_ref().map(|push| PushAuth {
@@ -204,19 +263,22 @@ pub async fn run(
         usize::try_from(p.max_body_bytes).unwrap_or(usize::MAX)
     });
 
-    let webhooks = match &config.webhooks {
-        Some(settings) => Some(
-            start_webhooks(
+    let webhooks = match (&config.webhooks, outbox) {
+        (Some(settings), Some(outbox)) => Some(
+            Webhooks::start(
                 settings,
-                &hub,
-                &config,
+                outbox,
+                hub.clone(),
+                &config.push_streams.iter().map(|s| s.name.clone()).collect(),
+                &config.upstream.user_agent,
                 &mut tasks,
-                &shutdown,
+                shutdown.clone(),
                 metrics.clone(),
             )
-            .await?,
+            .await
+            .context("cannot start webhooks")?,
         ),
-        None => None,
+        _ => None,
     };
 
     let proxy = match &config.proxy {
@@ -303,31 +365,6 @@ pub async fn run(
     }
     tracing::info!("patchwire stopped");
     Ok(())
-}
-
-/// Opens the webhook outbox and starts the dispatchers and the delivery worker.
-async fn start_webhooks(
-    settings: &crate::config::WebhookSettings,
-    hub: &Arc<Hub>,
-    config: &Config,
-    tasks: &mut JoinSet<()>,
-    shutdown: &CancellationToken,
-    metrics: Arc<Metrics>,
-) -> anyhow::Result<Arc<Webhooks>> {
-    let outbox = SqliteOutbox::open(&settings.database)
-        .await
-        .context("cannot start webhooks (`webhooks.database`)")?;
-    Webhooks::start(
-        settings,
-        Arc::new(outbox),
-        hub.clone(),
-        &config.upstream.user_agent,
-        tasks,
-        shutdown.clone(),
-        metrics,
-    )
-    .await
-    .context("cannot start webhooks")
 }
 
 /// Sends a keep-alive comment to the stream's subscribers at every `interval`.

@@ -205,6 +205,35 @@ fn published(stream: &Stream, publication: &Publication) -> Response {
     axum::Json(json!({"stream": stream.name(), "seq": seq, "change": change})).into_response()
 }
 
+/// The answer to a publication once it is durable: with webhooks configured, a 2xx is sent
+/// only after the stream's changes up to the current one are committed to the outbox (its
+/// deliveries queued, the document stored), so a publisher told "accepted" can rely on it.
+async fn answer_durably(state: &AppState, stream: &Stream, publication: &Publication) -> Response {
+    if let Some(webhooks) = &state.webhooks {
+        let seq = match publication {
+            Publication::Published(change) => change.seq,
+            // Unchanged or ignored: a retry of a push whose first answer was a 503 is
+            // answered 2xx only once the document it left is durable.
+            Publication::Unchanged | Publication::Ignored => stream.seq(),
+        };
+        if let Err(error) = webhooks.committed(stream.name(), seq).await {
+            tracing::error!(stream = stream.name(), seq, %error, "a pushed change is not durable yet");
+            let mut response = error_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!(
+                    "the change was published to subscribers but not yet stored durably ({error}); \
+                     retry the request (POSTing the same document again is safe)"
+                ),
+            );
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            return response;
+        }
+    }
+    published(stream, publication)
+}
+
 fn join_failed(error: tokio::task::JoinError) -> Response {
     tracing::error!(%error, "publishing a pushed document failed");
     error_response(
@@ -215,6 +244,7 @@ fn join_failed(error: tokio::task::JoinError) -> Response {
 
 /// `POST /streams/{name}`: the body is the stream's new document.
 pub async fn post_document(
+    State(state): State<Arc<AppState>>,
     Extension(Authorized(stream)): Extension<Authorized>,
     PushBody(body): PushBody,
 ) -> Response {
@@ -224,7 +254,7 @@ pub async fn post_document(
     };
     let publisher = stream.clone();
     match tokio::task::spawn_blocking(move || publisher.publish(document)).await {
-        Ok(publication) => published(&stream, &publication),
+        Ok(publication) => answer_durably(&state, &stream, &publication).await,
         Err(error) => join_failed(error),
     }
 }
@@ -241,6 +271,7 @@ enum PatchRefusal {
 /// document; the result is published like any new document (so subscribers get a minimal,
 /// root-safe patch whatever operations the publisher used).
 pub async fn patch_document(
+    State(state): State<Arc<AppState>>,
     Path(name): Path<String>,
     Extension(Authorized(stream)): Extension<Authorized>,
     PushBody(body): PushBody,
@@ -273,7 +304,7 @@ pub async fn patch_document(
     })
     .await;
     match outcome {
-        Ok(Ok(publication)) => published(&stream, &publication),
+        Ok(Ok(publication)) => answer_durably(&state, &stream, &publication).await,
         Ok(Err(PatchRefusal::NoDocument)) => error_response(
             StatusCode::CONFLICT,
             format!("stream {name:?} has no document to patch yet; POST one first"),

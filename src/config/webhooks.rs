@@ -342,7 +342,12 @@ fn endpoint(
         );
     }
     for (j, name) in raw.streams.iter().enumerate() {
-        if !streams.iter().any(|s| &s.name == name) {
+        if let Some(first) = raw.streams[..j].iter().position(|s| s == name) {
+            problems.push(
+                format!("{key}.streams[{j}]"),
+                format!("{name:?} is already listed at streams[{first}]; name each stream once"),
+            );
+        } else if !streams.iter().any(|s| &s.name == name) {
             let known: Vec<&str> = streams.iter().map(|s| s.name.as_str()).collect();
             problems.push(
                 format!("{key}.streams[{j}]"),
@@ -482,7 +487,7 @@ jitter = 2.0
 [[webhooks.endpoints]]
 id = "a"
 url = "http://127.0.0.1:9000/hook"
-streams = ["fleet", "nope"]
+streams = ["fleet", "nope", "fleet"]
 secret = "whsec_c2hvcnQ="
 headers = { webhook-signature = "x" }
 [[webhooks.endpoints]]
@@ -503,6 +508,10 @@ secret = "${UNSET}"
         has("webhooks.endpoints[0].url", "loopback");
         has("webhooks.endpoints[0].url", "allow_private_targets");
         has("webhooks.endpoints[0].streams[1]", "\"nope\"");
+        has(
+            "webhooks.endpoints[0].streams[2]",
+            "already listed at streams[0]",
+        );
         has("webhooks.endpoints[0].secret", "24 to 64 bytes");
         has(
             "webhooks.endpoints[0].headers.webhook-signature",

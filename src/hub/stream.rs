@@ -310,6 +310,39 @@ impl Stream {
         let epoch = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64);
+        Self::in_epoch(name, epoch, options, snapshots, metrics)
+    }
+
+    /// A stream continuing from a document stored by an earlier process (a push stream
+    /// restarted on its store): same epoch, `snapshot` current, so the next change is
+    /// `snapshot.seq + 1` and whoever already has `seq` (a webhook receiver, a
+    /// subscriber resuming) needs nothing more.
+    pub fn restored(
+        name: &str,
+        options: StreamOptions,
+        snapshots: SnapshotStore,
+        metrics: Arc<Metrics>,
+        epoch: u64,
+        snapshot: Snapshot,
+    ) -> Self {
+        let stream = Self::in_epoch(name, epoch, options, snapshots, metrics);
+        let snapshot = Arc::new(snapshot);
+        {
+            let mut state = stream.lock();
+            state.seq = snapshot.seq;
+            state.last_change_at = Some(snapshot.at);
+        }
+        stream.snapshots.insert(stream.name.clone(), snapshot);
+        stream
+    }
+
+    fn in_epoch(
+        name: &str,
+        epoch: u64,
+        options: StreamOptions,
+        snapshots: SnapshotStore,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         let (live, _) = broadcast::channel(options.buffer.max(1));
         Stream {
             name: Arc::from(name),

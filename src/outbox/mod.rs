@@ -100,6 +100,10 @@ pub struct EndpointStatus {
     pub disabled: Option<Disabled>,
     /// Since when every attempt has failed (cleared by a success).
     pub failing_since_ms: Option<u64>,
+    /// Where this status stands in the order of the outbox's writes: a status read after a
+    /// later write has a higher revision. Whoever keeps a copy (the registry) keeps the one
+    /// with the highest, so a stale copy never overwrites a newer one.
+    pub revision: u64,
 }
 
 /// The state of a delivery.
@@ -194,6 +198,21 @@ pub struct NewChange {
     pub at: SystemTime,
 }
 
+/// A push stream's current document, as stored so a restart continues the stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredDocument {
+    /// The stream.
+    pub stream: Arc<str>,
+    /// The epoch the document was published in (a restarted stream keeps it).
+    pub epoch: u64,
+    /// The sequence number at which it became current.
+    pub seq: u64,
+    /// The document as JSON.
+    pub document: Bytes,
+    /// When it was published.
+    pub at: SystemTime,
+}
+
 /// An endpoint a change is queued for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Target {
@@ -236,8 +255,8 @@ pub enum AttemptOutcome {
 pub struct Recorded {
     /// The delivery went dead and no snapshot is queued after it: the pair needs one.
     pub needs_resync: bool,
-    /// Since when the endpoint has been failing, after this attempt.
-    pub failing_since_ms: Option<u64>,
+    /// The endpoint's status after this attempt (`None` when it was deleted meanwhile).
+    pub status: Option<EndpointStatus>,
 }
 
 /// Which deliveries to send again.
@@ -267,8 +286,12 @@ pub trait Outbox: Send + Sync {
     /// Creates or replaces an endpoint's definition (its status and deliveries are kept).
     fn put_endpoint(&self, record: EndpointRecord) -> OutboxFuture<()>;
     /// Sets or clears an endpoint's disabled status (clearing also clears `failing_since`);
-    /// false when there is no such endpoint.
-    fn set_disabled(&self, id: String, disabled: Option<Disabled>) -> OutboxFuture<bool>;
+    /// returns the status it then has, `None` when there is no such endpoint.
+    fn set_disabled(
+        &self,
+        id: String,
+        disabled: Option<Disabled>,
+    ) -> OutboxFuture<Option<EndpointStatus>>;
     /// Removes an endpoint with its cursors and deliveries; false when there was none.
     fn delete_endpoint(&self, id: String) -> OutboxFuture<bool>;
     /// Queues `change` for each target in one transaction: a patch where the target's queue
@@ -293,6 +316,11 @@ pub trait Outbox: Send + Sync {
         busy: Vec<(String, String)>,
         full: Vec<String>,
     ) -> OutboxFuture<Vec<Delivery>>;
+    /// Stores a stream's current document, unless a newer one of the same epoch is stored.
+    /// Takes effect in call order with [`Outbox::accept`] (same queue, same transactions).
+    fn save_document(&self, document: StoredDocument) -> OutboxFuture<()>;
+    /// Every stored document.
+    fn documents(&self) -> OutboxFuture<Vec<StoredDocument>>;
     /// When the earliest pending head of an enabled endpoint is due (Unix milliseconds).
     fn next_due_ms(&self) -> OutboxFuture<Option<u64>>;
     /// Records an attempt of delivery `id` made at `now_ms`.

@@ -7,8 +7,9 @@
 
 use std::collections::HashSet;
 use std::path::Path;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -17,8 +18,8 @@ use tokio::sync::oneshot;
 
 use super::{
     Accepted, AttemptOutcome, Delivery, DeliveryFilter, DeliveryState, Disabled, EndpointRecord,
-    EndpointStatus, NewChange, Outbox, OutboxError, OutboxFuture, Recorded, Replay, Target,
-    unix_ms,
+    EndpointStatus, NewChange, Outbox, OutboxError, OutboxFuture, Recorded, Replay, StoredDocument,
+    Target, unix_ms,
 };
 use crate::sinks::webhook::body::{self, Cursor, Kind, Plan};
 use crate::sinks::webhook::sign::message_id;
@@ -38,6 +39,9 @@ impl From<rusqlite::Error> for OutboxError {
 /// The SQLite outbox. Dropping it lets the thread finish the queued jobs and close the file.
 pub struct SqliteOutbox {
     jobs: Mutex<mpsc::Sender<Job>>,
+    /// Numbers status reads in the order the outbox thread runs them (see
+    /// [`EndpointStatus::revision`]).
+    revision: Arc<AtomicU64>,
 }
 
 const SCHEMA: &str = "
@@ -78,6 +82,14 @@ CREATE TABLE IF NOT EXISTS deliveries (
 CREATE INDEX IF NOT EXISTS deliveries_pending
     ON deliveries (endpoint_id, stream, id) WHERE state = 0;
 CREATE INDEX IF NOT EXISTS deliveries_by_endpoint ON deliveries (endpoint_id, id);
+-- The current document of each push stream, so a restart continues it (same epoch and seq).
+CREATE TABLE IF NOT EXISTS documents (
+    stream TEXT PRIMARY KEY,
+    epoch INTEGER NOT NULL,
+    seq INTEGER NOT NULL,
+    document BLOB NOT NULL,
+    at_ms INTEGER NOT NULL
+) WITHOUT ROWID;
 PRAGMA user_version = 1;
 ";
 
@@ -178,6 +190,7 @@ impl SqliteOutbox {
         opened.await.map_err(|_| OutboxError::Closed)??;
         Ok(SqliteOutbox {
             jobs: Mutex::new(jobs),
+            revision: Arc::new(AtomicU64::new(0)),
         })
     }
 
@@ -430,6 +443,7 @@ fn record(
     id: i64,
     outcome: &AttemptOutcome,
     now: u64,
+    revision: &AtomicU64,
 ) -> Result<Recorded, OutboxError> {
     let Some((endpoint, stream, state)) = conn
         .prepare_cached("SELECT endpoint_id, stream, state FROM deliveries WHERE id = ?1")?
@@ -488,13 +502,25 @@ fn record(
             .execute(params![endpoint, sql(now)])?;
         }
     }
-    recorded.failing_since_ms = conn
-        .prepare_cached("SELECT failing_since_ms FROM endpoints WHERE id = ?1")?
-        .query_row([&endpoint], |r| r.get::<_, Option<i64>>(0))
-        .optional()?
-        .flatten()
-        .map(unsql);
+    recorded.status = read_status(conn, &endpoint, revision)?;
     Ok(recorded)
+}
+
+/// An endpoint's status now, numbered in the outbox thread's order of operations.
+fn read_status(
+    conn: &Connection,
+    endpoint: &str,
+    revision: &AtomicU64,
+) -> Result<Option<EndpointStatus>, OutboxError> {
+    let status = conn
+        .prepare_cached(
+            "SELECT disabled_at_ms, disabled_reason, failing_since_ms FROM endpoints WHERE id = ?1",
+        )?
+        .query_row([endpoint], |r| {
+            Ok(status_of(r.get(0)?, r.get(1)?, r.get(2)?, revision))
+        })
+        .optional()?;
+    Ok(status)
 }
 
 /// After a dead delivery, the pair's pending deliveries up to the next snapshot lack their base:
@@ -581,8 +607,11 @@ fn status_of(
     disabled_at: Option<i64>,
     reason: Option<String>,
     failing: Option<i64>,
+    revision: &AtomicU64,
 ) -> EndpointStatus {
     EndpointStatus {
+        // Only the outbox thread reads statuses, one job at a time: the order is its order.
+        revision: revision.fetch_add(1, Ordering::Relaxed) + 1,
         disabled: disabled_at.map(|at| Disabled {
             at_ms: unsql(at),
             reason: reason.unwrap_or_default(),
@@ -608,7 +637,8 @@ fn copy_for_replay(conn: &Connection, ids: &[i64], now: u64) -> Result<usize, Ou
 
 impl Outbox for SqliteOutbox {
     fn endpoints(&self) -> OutboxFuture<Vec<(EndpointRecord, EndpointStatus)>> {
-        self.call(|conn| {
+        let revision = self.revision.clone();
+        self.call(move |conn| {
             let mut statement = conn.prepare_cached(
                 "SELECT id, definition, disabled_at_ms, disabled_reason, failing_since_ms \
                  FROM endpoints ORDER BY id",
@@ -617,7 +647,7 @@ impl Outbox for SqliteOutbox {
                 Ok((
                     r.get::<_, String>(0)?,
                     r.get::<_, String>(1)?,
-                    status_of(r.get(2)?, r.get(3)?, r.get(4)?),
+                    status_of(r.get(2)?, r.get(3)?, r.get(4)?, &revision),
                 ))
             })?;
             let mut out = Vec::new();
@@ -645,7 +675,12 @@ impl Outbox for SqliteOutbox {
         })
     }
 
-    fn set_disabled(&self, id: String, disabled: Option<Disabled>) -> OutboxFuture<bool> {
+    fn set_disabled(
+        &self,
+        id: String,
+        disabled: Option<Disabled>,
+    ) -> OutboxFuture<Option<EndpointStatus>> {
+        let revision = self.revision.clone();
         self.call(move |conn| {
             let changed = match disabled {
                 Some(d) => conn
@@ -660,7 +695,10 @@ impl Outbox for SqliteOutbox {
                     )?
                     .execute([&id])?,
             };
-            Ok(changed > 0)
+            if changed == 0 {
+                return Ok(None);
+            }
+            read_status(conn, &id, &revision)
         })
     }
 
@@ -696,6 +734,43 @@ impl Outbox for SqliteOutbox {
         self.call(move |conn| due(conn, now_ms, limit, &busy, &full))
     }
 
+    fn save_document(&self, document: StoredDocument) -> OutboxFuture<()> {
+        self.call(move |conn| {
+            // Never step back: a resync of an older snapshot must not overwrite a newer one.
+            conn.prepare_cached(
+                "INSERT INTO documents (stream, epoch, seq, document, at_ms) \
+                 VALUES (?1, ?2, ?3, ?4, ?5) \
+                 ON CONFLICT (stream) DO UPDATE SET epoch = ?2, seq = ?3, document = ?4, at_ms = ?5 \
+                 WHERE epoch != ?2 OR seq < ?3",
+            )?
+            .execute(params![
+                &*document.stream,
+                sql(document.epoch),
+                sql(document.seq),
+                &document.document[..],
+                sql(unix_ms(document.at)),
+            ])?;
+            Ok(())
+        })
+    }
+
+    fn documents(&self) -> OutboxFuture<Vec<StoredDocument>> {
+        self.call(|conn| {
+            let mut statement =
+                conn.prepare_cached("SELECT stream, epoch, seq, document, at_ms FROM documents")?;
+            let rows = statement.query_map([], |r| {
+                Ok(StoredDocument {
+                    stream: Arc::from(r.get::<_, String>(0)?),
+                    epoch: unsql(r.get(1)?),
+                    seq: unsql(r.get(2)?),
+                    document: Bytes::from(r.get::<_, Vec<u8>>(3)?),
+                    at: std::time::UNIX_EPOCH + Duration::from_millis(unsql(r.get(4)?)),
+                })
+            })?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })
+    }
+
     fn next_due_ms(&self) -> OutboxFuture<Option<u64>> {
         self.call(|conn| {
             let next: Option<i64> = conn
@@ -708,7 +783,8 @@ impl Outbox for SqliteOutbox {
     }
 
     fn record(&self, id: i64, outcome: AttemptOutcome, now_ms: u64) -> OutboxFuture<Recorded> {
-        self.call(move |conn| record(conn, id, &outcome, now_ms))
+        let revision = self.revision.clone();
+        self.call(move |conn| record(conn, id, &outcome, now_ms, &revision))
     }
 
     fn deliveries(&self, endpoint: String, filter: DeliveryFilter) -> OutboxFuture<Vec<Delivery>> {
@@ -931,7 +1007,7 @@ mod tests {
             retry_at_ms: Some(now + 1000),
         };
         let recorded = outbox.record(head_b, failed, now).await.unwrap();
-        assert_eq!(recorded.failing_since_ms, Some(now));
+        assert_eq!(recorded.status.and_then(|s| s.failing_since_ms), Some(now));
         let due = outbox.due(now, 10, vec![], vec![]).await.unwrap();
         assert_eq!(
             due.iter().map(|d| d.endpoint.as_str()).collect::<Vec<_>>(),
@@ -1122,6 +1198,51 @@ mod tests {
         assert_eq!(outbox.prune(u64::MAX / 2).await.unwrap(), 3);
     }
 
+    /// Statuses are numbered in the order the outbox ran the operations, whatever order
+    /// their callers see the answers in.
+    #[tokio::test]
+    async fn statuses_are_numbered_in_the_outbox_order() {
+        let outbox = memory().await;
+        outbox.put_endpoint(endpoint("a")).await.unwrap();
+        let disabled = Disabled {
+            at_ms: 5,
+            reason: "test".into(),
+        };
+        let first = outbox.set_disabled("a".into(), Some(disabled.clone()));
+        let second = outbox.set_disabled("a".into(), None);
+        let second = second.await.unwrap().unwrap();
+        let first = first.await.unwrap().unwrap();
+        assert_eq!(first.disabled, Some(disabled));
+        assert_eq!(second.disabled, None);
+        assert!(second.revision > first.revision);
+        assert_eq!(
+            outbox.set_disabled("nope".into(), None).await.unwrap(),
+            None
+        );
+    }
+
+    /// A push stream's document is stored and read back; an older one never replaces it.
+    #[tokio::test]
+    async fn documents_never_step_back() {
+        let outbox = memory().await;
+        let doc = |epoch, seq, json: &'static str| StoredDocument {
+            stream: Arc::from("s"),
+            epoch,
+            seq,
+            document: Bytes::from_static(json.as_bytes()),
+            at: std::time::UNIX_EPOCH + Duration::from_millis(7),
+        };
+        outbox.save_document(doc(1, 2, "{\"n\":2}")).await.unwrap();
+        outbox.save_document(doc(1, 1, "{\"n\":1}")).await.unwrap();
+        assert_eq!(
+            outbox.documents().await.unwrap(),
+            vec![doc(1, 2, "{\"n\":2}")]
+        );
+        // Another epoch (a stream that started afresh) replaces it.
+        outbox.save_document(doc(2, 1, "[]")).await.unwrap();
+        assert_eq!(outbox.documents().await.unwrap(), vec![doc(2, 1, "[]")]);
+    }
+
     #[tokio::test]
     async fn everything_survives_reopening_the_file() {
         let dir = tempfile::tempdir().unwrap();
@@ -1136,7 +1257,11 @@ mod tests {
         }
         let outbox = SqliteOutbox::open(&path).await.unwrap();
         let endpoints = outbox.endpoints().await.unwrap();
-        assert_eq!(endpoints, vec![(endpoint("a"), EndpointStatus::default())]);
+        let fresh = EndpointStatus {
+            revision: endpoints[0].1.revision,
+            ..EndpointStatus::default()
+        };
+        assert_eq!(endpoints, vec![(endpoint("a"), fresh)]);
         assert_eq!(pending(&outbox, "a").await, [(Kind::Snapshot, 1, None)]);
         let mode: String = {
             let conn = Connection::open(&path).unwrap();

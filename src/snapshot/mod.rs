@@ -60,13 +60,18 @@ pub struct Snapshot {
 impl Snapshot {
     /// Creates a snapshot, serializing `document` once.
     pub fn new(seq: u64, document: Value) -> Self {
+        Self::taken_at(seq, document, SystemTime::now())
+    }
+
+    /// Version `seq` of a document first published at `at` (one restored from storage).
+    pub fn taken_at(seq: u64, document: Value, at: SystemTime) -> Self {
         // Serializing a `serde_json::Value` into memory cannot fail (its keys are strings).
         let json = Bytes::from(serde_json::to_vec(&document).unwrap_or_default());
         Snapshot {
             seq,
             document,
             json,
-            at: SystemTime::now(),
+            at,
             sse: OnceLock::new(),
             streamdata: [OnceLock::new(), OnceLock::new()],
             gzip: OnceLock::new(),

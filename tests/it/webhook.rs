@@ -532,6 +532,10 @@ async fn the_admin_api_checks_its_token_and_its_input() {
             "at least one",
         ),
         (
+            json!({"url": "http://203.0.113.5/x", "streams": ["fleet", "fleet"]}),
+            "streams[1]: \"fleet\" is already listed at streams[0]",
+        ),
+        (
             json!({"url": "http://203.0.113.5/x", "streams": ["fleet"], "secret": "whsec_short"}),
             "secret",
         ),
@@ -670,6 +674,34 @@ async fn names_resolving_to_private_addresses_are_refused_at_delivery() {
         error.contains("loopback") && error.contains("allow_private_targets"),
         "{error}"
     );
+    assert!(error.starts_with("refused: "), "{error}");
+    // A refusal is permanent: dead at the first attempt, and the endpoint is disabled with
+    // the reason, so no resync follows to die again.
+    assert_eq!(delivery["state"], "dead", "{delivery}");
+    assert_eq!(delivery["attempts"], 1, "{delivery}");
+    let view = loop {
+        let (_, view) = admin.call("GET", "/hook", None).await;
+        if view["disabled"].is_object() {
+            break view;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not disabled: {view}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let reason = view["disabled"]["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("refused") && reason.contains("loopback"),
+        "{reason}"
+    );
+    // More changes queue nothing for it, and nothing is attempted again.
+    upstream.update(|d| d["n"] = json!(1));
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let (_, list) = admin.call("GET", "/hook/deliveries", None).await;
+    let deliveries = list["deliveries"].as_array().unwrap();
+    assert_eq!(deliveries.len(), 1, "{list}");
+    assert_eq!(deliveries[0]["attempts"], 1, "{list}");
     assert!(receiver.hits().is_empty(), "the receiver was reached");
     app.stop().await;
 }

@@ -225,3 +225,202 @@ secret = "{SECRET}"
     );
     assert!(unique.iter().all(|h| !h.verified_by.is_empty()));
 }
+
+/// A port that was free a moment ago (bind port 0, read it, release it).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+const PUSH_TOKEN: &str = "crash-push-token-0123456789";
+
+/// Kills the process if the test fails before it does.
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+/// Waits until `GET /healthz` answers 200 (panics with the log after 30 s).
+async fn healthy(child: &mut Child, base: &str, log: &Path) {
+    let client = reqwest::Client::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!(
+                "patchwire exited with {status}:\n{}",
+                std::fs::read_to_string(log).unwrap_or_default()
+            );
+        }
+        let up = client
+            .get(format!("{base}/healthz"))
+            .timeout(Duration::from_secs(2))
+            .send()
+            .await
+            .is_ok_and(|r| r.status() == 200);
+        if up {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "/healthz never answered:\n{}",
+            std::fs::read_to_string(log).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn push(client: &reqwest::Client, base: &str, method: reqwest::Method, body: String) -> u16 {
+    client
+        .request(method, format!("{base}/streams/prices"))
+        .bearer_auth(PUSH_TOKEN)
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
+/// A push answered 2xx is durable: killed with SIGKILL the moment the answer arrives and
+/// restarted on the same database, the receiver still gets the change (an unbroken, signed
+/// chain of patches, no reset), and the push stream has its document back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_right_after_a_push_is_answered_loses_nothing() {
+    let receiver = Receiver::start(&[SECRET]).await;
+    // The receiver is slow: nothing but the outbox holds the last changes at the kill.
+    receiver.set_delay(Duration::from_millis(300));
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("outbox.db");
+    let config = dir.path().join("patchwire.toml");
+    let port = free_port();
+    let base = format!("http://127.0.0.1:{port}");
+    std::fs::write(
+        &config,
+        format!(
+            r#"[server]
+listen = "127.0.0.1:{port}"
+shutdown_grace = "1s"
+
+[log]
+level = "warn"
+
+[push]
+token = "{PUSH_TOKEN}"
+
+[[streams]]
+name = "prices"
+source = "push"
+
+[webhooks]
+database = "{db}"
+allow_private_targets = true
+schedule = ["0s", "100ms", "200ms", "400ms", "800ms", "1s", "1s", "1s", "1s", "1s"]
+jitter = 0.0
+
+[[webhooks.endpoints]]
+id = "crash"
+url = "{receiver}"
+streams = ["prices"]
+secret = "{SECRET}"
+"#,
+            db = db.display(),
+            receiver = receiver.url(),
+        ),
+    )
+    .unwrap();
+    let client = reqwest::Client::new();
+
+    let first_log = dir.path().join("first.log");
+    let mut first = Killed(spawn_binary(&config, &first_log));
+    healthy(&mut first.0, &base, &first_log).await;
+    let mut document = json!({"n": 0, "pad": PAD, "items": []});
+    assert_eq!(
+        push(&client, &base, reqwest::Method::POST, document.to_string()).await,
+        200
+    );
+    for n in 1..=20 {
+        let patch = json!([
+            {"op": "replace", "path": "/n", "value": n},
+            {"op": "add", "path": "/items/-", "value": {"id": n}},
+        ]);
+        let status = push(&client, &base, reqwest::Method::PATCH, patch.to_string()).await;
+        assert_eq!(status, 200);
+        json_patch::patch(
+            &mut document,
+            &serde_json::from_value::<json_patch::Patch>(patch).unwrap(),
+        )
+        .unwrap();
+    }
+    // The moment the last answer arrived.
+    sigkill(&mut first.0);
+
+    let second_log = dir.path().join("second.log");
+    let mut second = Killed(spawn_binary(&config, &second_log));
+    healthy(&mut second.0, &base, &second_log).await;
+    let view: serde_json::Value = client
+        .get(format!("{base}/streams/prices"))
+        .header("accept", "application/json")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        view, document,
+        "the push stream's document after the restart"
+    );
+
+    // One more change after the restart continues the chain (a patch on the restored seq).
+    let patch = json!([{"op": "replace", "path": "/n", "value": 21}]);
+    assert_eq!(
+        push(&client, &base, reqwest::Method::PATCH, patch.to_string()).await,
+        200
+    );
+    json_patch::patch(
+        &mut document,
+        &serde_json::from_value::<json_patch::Patch>(patch).unwrap(),
+    )
+    .unwrap();
+    receiver.set_delay(Duration::ZERO);
+    let unique_of = |hits: &[Hit]| -> Vec<Hit> {
+        let mut seen = BTreeSet::new();
+        hits.iter()
+            .filter(|h| h.status == 200 && seen.insert(h.id()))
+            .cloned()
+            .collect()
+    };
+    let hits = receiver
+        .wait_for(
+            Duration::from_secs(60),
+            "the change after the restart",
+            |hits| unique_of(hits).iter().any(|h| h.seq() == 22),
+        )
+        .await;
+    sigkill(&mut second.0);
+    let unique = unique_of(&hits);
+    // Every change, in order, each once: the chain rebuilds the document with every base
+    // checked, all signed, and the only snapshot is the very first delivery.
+    assert_eq!(rebuild(&unique), document);
+    assert_eq!(
+        unique.iter().map(Hit::seq).collect::<Vec<_>>(),
+        (1..=22).collect::<Vec<u64>>()
+    );
+    let snapshots: Vec<u64> = unique
+        .iter()
+        .filter(|h| h.kind() == "stream.snapshot")
+        .map(Hit::seq)
+        .collect();
+    assert_eq!(snapshots, vec![1], "a reset after the restart");
+    assert!(unique.iter().all(|h| !h.verified_by.is_empty()));
+}

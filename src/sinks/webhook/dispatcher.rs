@@ -8,17 +8,21 @@
 //! live receiver is never followed by the changes it already contains, and a change whose
 //! predecessor was never stored for a pair reaches it as a snapshot (see `body::plan`).
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures_util::StreamExt as _;
+use futures_util::stream::FuturesOrdered;
 
-use tokio::sync::{Notify, broadcast, mpsc};
+use tokio::sync::{Notify, broadcast, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::registry::Registry;
 use crate::hub::{Change, ChangeKind, Initial, Resume, Stream, StreamEvent, Subscription};
-use crate::outbox::{NewChange, Outbox, Target};
+use crate::outbox::{Accepted, NewChange, Outbox, OutboxFuture, StoredDocument, Target};
 use crate::snapshot::Snapshot;
 
 /// A request to queue the stream's current document for some endpoints.
@@ -44,7 +48,55 @@ pub struct Dispatcher {
     /// Set when storing failed: a snapshot is queued once storing works again, so a quiet
     /// stream still ends at its current document.
     owed: Option<Resync>,
+    /// Store the stream's current document too (a push stream).
+    keep_document: bool,
+    /// Up to which `seq` everything is committed.
+    committed: watch::Sender<u64>,
 }
+
+/// Up to which sequence number a stream's changes are committed to the outbox: every
+/// change up to it has its deliveries queued (or a snapshot at least as new does) for every
+/// enabled endpoint of the stream, and for a push stream the document is stored. Advanced
+/// only after the outbox transaction committed.
+#[derive(Debug, Clone)]
+pub struct Committed(watch::Receiver<u64>);
+
+/// Why [`Committed::reached`] gave up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum NotCommitted {
+    /// The dispatcher stopped (shutdown).
+    #[error("the webhook dispatcher stopped before the change was stored")]
+    Stopped,
+    /// The outbox did not commit within the wait (it keeps retrying).
+    #[error("the webhook outbox did not store the change in time")]
+    TimedOut,
+}
+
+impl Committed {
+    /// Waits until everything up to `seq` is committed, at most `wait`.
+    pub async fn reached(&self, seq: u64, wait: Duration) -> Result<(), NotCommitted> {
+        let mut receiver = self.0.clone();
+        match tokio::time::timeout(wait, receiver.wait_for(|committed| *committed >= seq)).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(_)) => Err(NotCommitted::Stopped),
+            Err(_) => Err(NotCommitted::TimedOut),
+        }
+    }
+}
+
+/// What a batch of changes came to in the outbox.
+#[derive(Debug, Default)]
+struct Batch {
+    /// The last change's sequence number.
+    seq: u64,
+    queued: usize,
+    collapsed: usize,
+    /// The first failure, if any job failed.
+    error: Option<String>,
+}
+
+/// A submitted batch, resolving once its transaction(s) committed.
+type Pending = Pin<Box<dyn Future<Output = Batch> + Send>>;
 
 /// The stream's current document as a change every endpoint receives whole.
 fn snapshot_change(stream: &Stream, snapshot: &Snapshot) -> NewChange {
@@ -76,7 +128,8 @@ fn new_change(change: &Change, document: &Bytes) -> NewChange {
 
 impl Dispatcher {
     /// A dispatcher for `stream`; `requests` carries resync requests, `wake` is notified after
-    /// every accepted change.
+    /// every accepted change. With `keep_document` (a push stream) the stream's current
+    /// document is stored with its changes, so a restart continues the stream.
     pub fn new(
         stream: Arc<Stream>,
         outbox: Arc<dyn Outbox>,
@@ -84,6 +137,7 @@ impl Dispatcher {
         backlog_limit: usize,
         wake: Arc<Notify>,
         requests: mpsc::UnboundedReceiver<Resync>,
+        keep_document: bool,
     ) -> Self {
         let subscription = Some(stream.subscribe(&Resume::Fresh));
         Dispatcher {
@@ -95,18 +149,59 @@ impl Dispatcher {
             wake,
             requests,
             owed: None,
+            keep_document,
+            committed: watch::Sender::new(0),
         }
     }
 
-    async fn accept(&mut self, change: NewChange, targets: Vec<Target>, on_failure: Resync) {
-        if targets.is_empty() {
-            return;
-        }
-        match self
-            .outbox
-            .accept(change, targets, self.backlog_limit)
-            .await
-        {
+    /// Watches the highest sequence number up to which every change of the stream is
+    /// committed to the outbox (see [`Committed`]).
+    pub fn committed(&self) -> Committed {
+        Committed(self.committed.subscribe())
+    }
+
+    fn commit(&self, seq: u64) {
+        self.committed.send_if_modified(|current| {
+            let advanced = seq > *current;
+            if advanced {
+                *current = seq;
+            }
+            advanced
+        });
+    }
+
+    fn save(&self, change: &NewChange) -> Option<OutboxFuture<()>> {
+        self.keep_document.then(|| {
+            self.outbox.save_document(StoredDocument {
+                stream: change.stream.clone(),
+                epoch: change.epoch,
+                seq: change.seq,
+                document: change.document.clone(),
+                at: change.at,
+            })
+        })
+    }
+
+    /// Queues `change` for `targets` (and stores it as the document, for a push stream);
+    /// true when that is committed.
+    async fn accept(
+        &mut self,
+        change: NewChange,
+        targets: Vec<Target>,
+        on_failure: Resync,
+    ) -> bool {
+        let saved = self.save(&change);
+        let queued =
+            (!targets.is_empty()).then(|| self.outbox.accept(change, targets, self.backlog_limit));
+        let saved = match saved {
+            Some(saved) => saved.await,
+            None => Ok(()),
+        };
+        let queued = match queued {
+            Some(queued) => queued.await,
+            None => Ok(Accepted::default()),
+        };
+        match saved.and(queued) {
             Ok(accepted) => {
                 if accepted.collapsed > 0 {
                     tracing::info!(
@@ -118,6 +213,7 @@ impl Dispatcher {
                 if accepted.queued > 0 {
                     self.wake.notify_one();
                 }
+                true
             }
             Err(error) => {
                 tracing::error!(stream = self.stream.name(), %error, "cannot queue a webhook delivery; a snapshot will follow");
@@ -125,13 +221,18 @@ impl Dispatcher {
                     (Some(Resync::All), _) | (_, Resync::All) => Resync::All,
                     (_, one) => one,
                 });
+                false
             }
         }
     }
 
-    /// Accepts consecutive changes. Each is its own job (its own savepoint); if one fails, the
-    /// next is planned as a snapshot for the pairs it missed, so the chain never breaks.
-    async fn accept_all(&mut self, changes: &[(Arc<Change>, Bytes)]) {
+    /// Submits consecutive changes to the outbox and returns what their jobs came to, once
+    /// committed. Each is its own job (its own savepoint); if one fails, the next is planned as
+    /// a snapshot for the pairs it missed, so the chain never breaks. The jobs are queued at
+    /// once (the outbox keeps call order), so the dispatcher submits the next batch while
+    /// this one commits, and they share the outbox's transactions (and fsyncs).
+    fn submit(&self, changes: &[(Arc<Change>, Bytes)]) -> Option<Pending> {
+        let (last, last_document) = changes.last()?;
         let pending: Vec<_> = changes
             .iter()
             .filter_map(|(change, document)| {
@@ -142,32 +243,53 @@ impl Dispatcher {
                 })
             })
             .collect();
-        let mut queued = 0;
-        let mut failed = false;
-        for result in futures_util::future::join_all(pending).await {
-            match result {
-                Ok(accepted) => {
-                    queued += accepted.queued;
-                    if accepted.collapsed > 0 {
-                        tracing::info!(
-                            stream = self.stream.name(),
-                            pairs = accepted.collapsed,
-                            "webhook backlog collapsed into a snapshot"
-                        );
+        // After the deliveries: the document is stored in the same transaction as (or a later
+        // one than) the last change's deliveries.
+        let saved = self.save(&new_change(last, last_document));
+        let seq = last.seq;
+        Some(Box::pin(async move {
+            let mut batch = Batch {
+                seq,
+                ..Batch::default()
+            };
+            for result in futures_util::future::join_all(pending).await {
+                match result {
+                    Ok(accepted) => {
+                        batch.queued += accepted.queued;
+                        batch.collapsed += accepted.collapsed;
                     }
-                }
-                Err(error) => {
-                    if !failed {
-                        tracing::error!(stream = self.stream.name(), %error, "cannot queue a webhook delivery; a snapshot will follow");
+                    Err(error) => {
+                        batch.error.get_or_insert(error.to_string());
                     }
-                    failed = true;
                 }
             }
+            if let Some(saved) = saved {
+                if let Err(error) = saved.await {
+                    batch.error.get_or_insert(error.to_string());
+                }
+            }
+            batch
+        }))
+    }
+
+    /// Acts on a committed batch: everything up to its `seq` is committed, or a snapshot is
+    /// owed.
+    fn settle(&mut self, batch: Batch) {
+        if batch.collapsed > 0 {
+            tracing::info!(
+                stream = self.stream.name(),
+                pairs = batch.collapsed,
+                "webhook backlog collapsed into a snapshot"
+            );
         }
-        if failed {
-            self.owed = Some(Resync::All);
+        match batch.error {
+            Some(error) => {
+                tracing::error!(stream = self.stream.name(), %error, "cannot queue a webhook delivery; a snapshot will follow");
+                self.owed = Some(Resync::All);
+            }
+            None => self.commit(batch.seq),
         }
-        if queued > 0 {
+        if batch.queued > 0 {
             self.wake.notify_one();
         }
     }
@@ -183,7 +305,11 @@ impl Dispatcher {
             Resync::Endpoint(id) => targets.into_iter().filter(|t| &t.endpoint == id).collect(),
         };
         let change = snapshot_change(&self.stream, &snapshot);
-        self.accept(change, targets, which).await;
+        let all = which == Resync::All;
+        if self.accept(change, targets, which).await && all {
+            // Every endpoint has the document at `snapshot.seq` (or a later one) queued.
+            self.commit(snapshot.seq);
+        }
     }
 
     /// Runs until `shutdown` or the stream closes.
@@ -196,9 +322,13 @@ impl Dispatcher {
             if let Initial::Snapshot(snapshot) = initial {
                 let change = snapshot_change(&self.stream, &snapshot);
                 let targets = self.registry.targets(self.stream.name());
-                self.accept(change, targets, Resync::All).await;
+                if self.accept(change, targets, Resync::All).await {
+                    self.commit(snapshot.seq);
+                }
             }
         }
+        // Batches submitted and not yet committed, oldest first.
+        let mut inflight = FuturesOrdered::new();
         let mut retry = tokio::time::interval(Duration::from_secs(1));
         retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -223,7 +353,7 @@ impl Dispatcher {
                                 Err(_) => break,
                             }
                         }
-                        self.accept_all(&changes).await;
+                        inflight.extend(self.submit(&changes));
                         if lagged {
                             tracing::warn!(stream = self.stream.name(), "webhook dispatcher lagged; queueing a snapshot");
                             self.resync(Resync::All).await;
@@ -236,6 +366,7 @@ impl Dispatcher {
                     }
                     Err(broadcast::error::RecvError::Closed) => return,
                 },
+                Some(batch) = inflight.next(), if !inflight.is_empty() => self.settle(batch),
                 Some(request) = self.requests.recv() => self.resync(request).await,
                 _ = retry.tick(), if self.owed.is_some() => {
                     if let Some(owed) = self.owed.take() {

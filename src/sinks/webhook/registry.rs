@@ -136,21 +136,29 @@ impl Registry {
             .collect()
     }
 
-    /// Adds or replaces an endpoint.
-    pub fn put(&self, endpoint: Endpoint) -> Arc<Endpoint> {
+    /// Adds or replaces an endpoint. Its status is kept from the copy already held when that
+    /// one is newer (a higher revision): an admin change read the status before awaiting the
+    /// outbox, and the worker may have recorded a newer one meanwhile.
+    pub fn put(&self, mut endpoint: Endpoint) -> Arc<Endpoint> {
+        let mut endpoints = self.endpoints.write().unwrap_or_else(|e| e.into_inner());
+        if let Some(current) = endpoints.get(&endpoint.record.id) {
+            if current.status.revision > endpoint.status.revision {
+                endpoint.status = current.status.clone();
+            }
+        }
         let endpoint = Arc::new(endpoint);
-        self.endpoints
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(endpoint.record.id.clone(), endpoint.clone());
+        endpoints.insert(endpoint.record.id.clone(), endpoint.clone());
         endpoint
     }
 
-    /// Changes an endpoint in place (atomically with respect to other changes).
-    pub fn update(&self, id: &str, change: impl FnOnce(&mut Endpoint)) {
+    /// Sets an endpoint's status as the outbox returned it, unless a newer one is held (the
+    /// outbox answers concurrent callers in its order, but they apply them in theirs).
+    pub fn set_status(&self, id: &str, status: EndpointStatus) {
         let mut endpoints = self.endpoints.write().unwrap_or_else(|e| e.into_inner());
         if let Some(current) = endpoints.get_mut(id) {
-            change(Arc::make_mut(current));
+            if status.revision > current.status.revision {
+                Arc::make_mut(current).status = status;
+            }
         }
     }
 
@@ -174,5 +182,69 @@ impl Registry {
                 mode: e.mode(),
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::outbox::{Disabled, Source};
+
+    fn endpoint(status: EndpointStatus) -> Endpoint {
+        Endpoint::new(
+            EndpointRecord {
+                id: "e".into(),
+                url: "https://hooks.example.com/x".into(),
+                streams: vec!["s".into()],
+                mode: Mode::Patch,
+                headers: BTreeMap::new(),
+                secret: "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw".into(),
+                previous_secret: None,
+                previous_expires_ms: None,
+                source: Source::Api,
+                created_ms: 0,
+            },
+            status,
+        )
+        .unwrap()
+    }
+
+    fn disabled(revision: u64) -> EndpointStatus {
+        EndpointStatus {
+            disabled: Some(Disabled {
+                at_ms: 1,
+                reason: "every attempt failed".into(),
+            }),
+            failing_since_ms: Some(1),
+            revision,
+        }
+    }
+
+    /// The admin/worker race: an admin change read the status (revision 1), the worker then
+    /// disabled the endpoint (revision 2), and the admin change lands last. The newer status
+    /// wins whichever is applied last.
+    #[test]
+    fn a_stale_status_never_overwrites_a_newer_one() {
+        let registry = Registry::new();
+        let read_by_admin = EndpointStatus {
+            revision: 1,
+            ..EndpointStatus::default()
+        };
+        registry.put(endpoint(read_by_admin.clone()));
+        registry.set_status("e", disabled(2));
+        // The admin's redefinition, built from the status it read.
+        let stored = registry.put(endpoint(read_by_admin.clone()));
+        assert_eq!(stored.status, disabled(2));
+        assert!(!registry.get("e").unwrap().enabled());
+        // A status the outbox returned earlier, applied late, is ignored too.
+        registry.set_status("e", read_by_admin);
+        assert_eq!(registry.get("e").unwrap().status, disabled(2));
+        // A newer one (re-enabled) applies.
+        let enabled = EndpointStatus {
+            revision: 3,
+            ..EndpointStatus::default()
+        };
+        registry.set_status("e", enabled.clone());
+        assert_eq!(registry.get("e").unwrap().status, enabled);
     }
 }

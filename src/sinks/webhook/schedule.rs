@@ -96,14 +96,25 @@ pub enum AttemptError {
     /// The receiver answered 410 Gone: it wants no more deliveries; the endpoint is disabled.
     #[error("the receiver answered 410 Gone: the endpoint is disabled until re-enabled")]
     Gone,
+    /// The target is refused by the SSRF guard (a forbidden address, not http/https): no
+    /// retry can succeed until its URL or `webhooks.allow_private_targets` changes, so the
+    /// delivery is dead at once and the endpoint is disabled.
+    #[error("{0}")]
+    Refused(crate::ssrf::TargetError),
 }
 
 impl AttemptError {
+    /// Whether no later attempt can succeed (the delivery is dead at once).
+    pub fn is_permanent(&self) -> bool {
+        matches!(self, AttemptError::Refused(_))
+    }
+
     /// The HTTP status the receiver answered, if any.
     pub fn status(&self) -> Option<u16> {
         match self {
             AttemptError::Retry { status, .. } => *status,
             AttemptError::Gone => Some(410),
+            AttemptError::Refused(_) => None,
         }
     }
 }

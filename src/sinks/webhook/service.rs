@@ -1,9 +1,9 @@
 //! The running webhook sink: starts the dispatchers and the worker, reconciles configured
 //! endpoints with stored ones, and carries out the admin API's operations.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use rand::SeedableRng as _;
 use rand::rngs::StdRng;
@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use url::Url;
 
 use super::body::Mode;
-use super::dispatcher::{Dispatcher, Resync};
+use super::dispatcher::{Committed, Dispatcher, NotCommitted, Resync};
 use super::registry::{Endpoint, Registry};
 use super::sign::Secret;
 use super::worker::{ResyncRoutes, Worker, WorkerSettings};
@@ -24,6 +24,10 @@ use crate::outbox::{
     Replay, Source, unix_ms,
 };
 use crate::ssrf;
+
+/// How long a push waits for its change to be committed to the outbox before it is answered
+/// 503 (the dispatcher keeps retrying; see the README's push section).
+pub const COMMIT_WAIT: Duration = Duration::from_secs(10);
 
 /// Why an admin operation was refused or failed; each maps to one HTTP status.
 #[derive(Debug, thiserror::Error)]
@@ -93,6 +97,7 @@ pub struct Webhooks {
     settings: WebhookSettings,
     hub: Arc<Hub>,
     resync: ResyncRoutes,
+    committed: HashMap<String, Committed>,
     wake: Arc<Notify>,
     worker: Arc<Worker>,
     rng: Mutex<StdRng>,
@@ -126,11 +131,14 @@ fn record_of_config(
 
 impl Webhooks {
     /// Reconciles configured endpoints with the outbox, then spawns one dispatcher per hub
-    /// stream and the worker into `tasks`.
+    /// stream and the worker into `tasks`. The documents of `push_streams` are stored with
+    /// their changes.
+    #[allow(clippy::too_many_arguments)]
     pub async fn start(
         settings: &WebhookSettings,
         outbox: Arc<dyn Outbox>,
         hub: Arc<Hub>,
+        push_streams: &HashSet<String>,
         user_agent: &str,
         tasks: &mut JoinSet<()>,
         shutdown: CancellationToken,
@@ -179,17 +187,22 @@ impl Webhooks {
         let wake = Arc::new(Notify::new());
         let mut resync = ResyncRoutes::new();
         let mut dispatchers = Vec::new();
+        let mut committed = HashMap::new();
         for stream in hub.all() {
             let (sender, requests) = mpsc::unbounded_channel();
             resync.insert(stream.name().to_owned(), sender);
-            dispatchers.push(Dispatcher::new(
-                stream,
+            let keep_document = push_streams.contains(stream.name());
+            let dispatcher = Dispatcher::new(
+                stream.clone(),
                 outbox.clone(),
                 registry.clone(),
                 settings.backlog_limit,
                 wake.clone(),
                 requests,
-            ));
+                keep_document,
+            );
+            committed.insert(stream.name().to_owned(), dispatcher.committed());
+            dispatchers.push(dispatcher);
         }
         let worker = Arc::new(Worker::new(
             outbox.clone(),
@@ -223,10 +236,21 @@ impl Webhooks {
             settings: settings.clone(),
             hub,
             resync,
+            committed,
             wake,
             worker,
             rng: Mutex::new(StdRng::from_os_rng()),
         }))
+    }
+
+    /// Waits until every change of `stream` up to `seq` is committed to the outbox (its
+    /// deliveries queued for every enabled endpoint, a push stream's document stored), at
+    /// most [`COMMIT_WAIT`]. A stream the sink does not know has nothing to wait for.
+    pub async fn committed(&self, stream: &str, seq: u64) -> Result<(), NotCommitted> {
+        match self.committed.get(stream) {
+            Some(committed) => committed.reached(seq, COMMIT_WAIT).await,
+            None => Ok(()),
+        }
     }
 
     /// The delivery worker (tests drive it with `try_step`).
@@ -274,7 +298,13 @@ impl Webhooks {
                 "streams: expected at least one stream name (GET /streams lists them)".into(),
             ));
         }
-        for name in streams {
+        for (j, name) in streams.iter().enumerate() {
+            if let Some(first) = streams[..j].iter().position(|s| s == name) {
+                return Err(AdminError::Invalid(format!(
+                    "streams[{j}]: {name:?} is already listed at streams[{first}]; name each \
+                     stream once"
+                )));
+            }
             if self.hub.get(name).is_none() {
                 let known: Vec<String> =
                     self.hub.all().iter().map(|s| s.name().to_owned()).collect();
@@ -375,14 +405,18 @@ impl Webhooks {
                     at_ms: unix_ms(SystemTime::now()),
                     reason: "disabled through the admin API".into(),
                 };
-                self.outbox
-                    .set_disabled(id.to_owned(), Some(disabled.clone()))
-                    .await?;
-                status.disabled = Some(disabled);
+                status = self
+                    .outbox
+                    .set_disabled(id.to_owned(), Some(disabled))
+                    .await?
+                    .ok_or_else(|| AdminError::NotFound(format!("no webhook endpoint {id:?}")))?;
             }
             Some(false) if status.disabled.is_some() => {
-                self.outbox.set_disabled(id.to_owned(), None).await?;
-                status = EndpointStatus::default();
+                status = self
+                    .outbox
+                    .set_disabled(id.to_owned(), None)
+                    .await?
+                    .ok_or_else(|| AdminError::NotFound(format!("no webhook endpoint {id:?}")))?;
                 enabled_now = true;
             }
             _ => {}

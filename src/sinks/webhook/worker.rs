@@ -203,9 +203,11 @@ impl Worker {
             Err(error) => {
                 let retry_after = match error {
                     AttemptError::Retry { retry_after, .. } => *retry_after,
-                    AttemptError::Gone => None,
+                    AttemptError::Gone | AttemptError::Refused(_) => None,
                 };
-                let delay = {
+                let delay = if error.is_permanent() {
+                    None
+                } else {
                     let mut rng = self.rng.lock().unwrap_or_else(|e| e.into_inner());
                     self.settings.schedule.next_delay(
                         delivery.attempts.saturating_add(1),
@@ -264,16 +266,15 @@ impl Worker {
             }
         };
         if let Some(recorded) = recorded {
-            self.registry.update(&delivery.endpoint, |e| {
-                e.status.failing_since_ms = recorded.failing_since_ms;
-            });
-            if recorded.needs_resync {
-                if let Some(route) = self.resync.get(&delivery.stream) {
-                    let _ = route.send(Resync::Endpoint(delivery.endpoint.clone()));
-                }
+            let failing_since_ms = recorded.status.as_ref().and_then(|s| s.failing_since_ms);
+            if let Some(status) = recorded.status.clone() {
+                self.registry.set_status(&delivery.endpoint, status);
             }
-            let reason = match (&result, recorded.failing_since_ms) {
+            let reason = match (&result, failing_since_ms) {
                 (Err(AttemptError::Gone), _) => Some("the receiver answered 410 Gone".to_owned()),
+                (Err(AttemptError::Refused(refusal)), _) => Some(format!(
+                    "its target is refused ({refusal}); change its url, then re-enable it"
+                )),
                 (Err(_), Some(since))
                     if now_ms.saturating_sub(since)
                         >= u64::try_from(self.settings.disable_after.as_millis())
@@ -286,8 +287,16 @@ impl Worker {
                 }
                 _ => None,
             };
-            if let Some(reason) = reason {
-                self.disable(&endpoint, reason, now_ms).await;
+            match reason {
+                // Re-enabling it queues the current document, so a disabled endpoint needs
+                // no resync now (one would only die again).
+                Some(reason) => self.disable(&endpoint, reason, now_ms).await,
+                None if recorded.needs_resync => {
+                    if let Some(route) = self.resync.get(&delivery.stream) {
+                        let _ = route.send(Resync::Endpoint(delivery.endpoint.clone()));
+                    }
+                }
+                None => {}
             }
         }
         self.release(&delivery);
@@ -301,12 +310,12 @@ impl Worker {
         };
         match self
             .outbox
-            .set_disabled(endpoint.record.id.clone(), Some(disabled.clone()))
+            .set_disabled(endpoint.record.id.clone(), Some(disabled))
             .await
         {
-            Ok(_) => self
-                .registry
-                .update(&endpoint.record.id, |e| e.status.disabled = Some(disabled)),
+            Ok(Some(status)) => self.registry.set_status(&endpoint.record.id, status),
+            // Deleted meanwhile.
+            Ok(None) => {}
             Err(error) => tracing::error!(%error, "cannot disable a webhook endpoint"),
         }
     }
@@ -318,7 +327,7 @@ impl Worker {
             message,
         };
         ssrf::check_url(&endpoint.url, self.settings.allow_private)
-            .map_err(|e| retry(e.to_string()))?;
+            .map_err(AttemptError::Refused)?;
         let now = SystemTime::now();
         let timestamp = now
             .duration_since(SystemTime::UNIX_EPOCH)
@@ -351,7 +360,10 @@ impl Worker {
             .timeout(self.settings.attempt_timeout)
             .send()
             .await
-            .map_err(|e| retry(describe(&e, self.settings.attempt_timeout)))?;
+            .map_err(|e| match refusal(&e) {
+                Some(refused) => AttemptError::Refused(refused),
+                None => retry(describe(&e, self.settings.attempt_timeout)),
+            })?;
         let status = response.status();
         let verdict = classify(status, response.headers(), SystemTime::now());
         drain(response).await;
@@ -408,6 +420,23 @@ impl Worker {
             }
         }
     }
+}
+
+/// The SSRF guard's refusal behind a failed request, if that is why it failed: the guarded
+/// resolver's error travels inside the client's connect error. A name that did not resolve
+/// is not a refusal (DNS failures are often temporary).
+fn refusal(error: &reqwest::Error) -> Option<ssrf::TargetError> {
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        if let Some(target) = cause.downcast_ref::<ssrf::TargetError>() {
+            return match target {
+                ssrf::TargetError::Unresolvable { .. } => None,
+                refused => Some(refused.clone()),
+            };
+        }
+        source = cause.source();
+    }
+    None
 }
 
 /// A failed request in words, with its cause chain (the resolver's SSRF refusal included).
