@@ -465,9 +465,16 @@ mod tests {
             w.next_live().await;
         }
         assert_eq!(owed(&mut native), ["error", "recovered"]);
-        assert_eq!(owed(&mut streamdata), ["error"], "no such event in that dialect");
+        assert_eq!(
+            owed(&mut streamdata),
+            ["error"],
+            "no such event in that dialect"
+        );
         joined_failing.next_live().await;
-        assert_eq!(owed(&mut joined_failing), ["snapshot", "error", "recovered"]);
+        assert_eq!(
+            owed(&mut joined_failing),
+            ["snapshot", "error", "recovered"]
+        );
         assert_eq!(owed(&mut joined_after), ["snapshot"], "it saw no error");
     }
 
