@@ -304,7 +304,9 @@ impl Proxy {
     }
 
     fn count(&self, refusal: &Refusal) {
-        tracing::debug!(cause = refusal.cause(), "dynamic stream refused: {refusal}");
+        // The cause only: the message may quote the client's URL or a header it forwards, which
+        // only that client may see (it gets the message in its `error` event).
+        tracing::debug!(cause = refusal.cause(), "dynamic stream refused");
         self.metrics
             .proxy_refusals
             .get_or_create(&RefusalLabels {

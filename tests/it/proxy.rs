@@ -971,6 +971,10 @@ async fn a_redirect_to_a_host_not_allowed_is_named_as_refused_and_shown_redacted
         "not a redirect limit: {message}"
     );
     assert!(
+        message.starts_with(&format!("GET http://{}: redirect to", api.addr)),
+        "a dynamic stream's upstream is named by its origin only: {message}"
+    );
+    assert!(
         !message.contains("0451"),
         "no secret, and the dynamic URL's host only: {message}"
     );
