@@ -23,6 +23,7 @@ use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 
+use super::body::{self, BodyLimits};
 use super::error_response;
 use crate::config::AdminToken;
 use crate::outbox::{Delivery, DeliveryFilter, DeliveryState, Replay};
@@ -30,8 +31,16 @@ use crate::sinks::webhook::body::{Kind, rfc3339};
 use crate::sinks::webhook::registry::Endpoint;
 use crate::sinks::webhook::service::{AdminError, EndpointChanges, NewEndpoint, Webhooks};
 
+/// Largest admin request body: endpoint definitions and replay requests are small (axum's own
+/// default for `Bytes`).
+const MAX_BODY: usize = 2 * 1024 * 1024;
+
 /// The admin routes: real ones when webhooks run with a token, explanations otherwise.
-pub fn router(webhooks: Option<Arc<Webhooks>>, token: Option<AdminToken>) -> Router {
+pub fn router(
+    webhooks: Option<Arc<Webhooks>>,
+    token: Option<AdminToken>,
+    body_timeout: Duration,
+) -> Router {
     let (webhooks, token) =
         match (webhooks, token) {
             (None, _) => {
@@ -71,7 +80,17 @@ pub fn router(webhooks: Option<Arc<Webhooks>>, token: Option<AdminToken>) -> Rou
         )
         .route("/admin/webhooks/{id}/replay", post(replay_since))
         .with_state(webhooks);
-    routes.layer(middleware::from_fn_with_state(token, authorize))
+    // Bodies are read within the deadline, and only once the token was checked from the head.
+    let limits = BodyLimits {
+        max_bytes: MAX_BODY,
+        timeout: body_timeout,
+        setting: "the admin API's limit",
+    };
+    routes
+        .layer(middleware::from_fn(move |request, next| {
+            body::buffered(limits, request, next)
+        }))
+        .layer(middleware::from_fn_with_state(token, authorize))
 }
 
 /// Constant-time comparison, so the token cannot be guessed byte by byte from timings.

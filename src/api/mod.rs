@@ -1,6 +1,7 @@
 //! The HTTP surface: stream endpoints, the stream listing, health and metrics.
 
 pub mod admin;
+pub mod body;
 pub mod proxy;
 pub mod push;
 pub mod server;
@@ -66,7 +67,11 @@ pub fn router(state: Arc<AppState>, cors: &Cors) -> Router {
             state.clone(),
             push::authorize_head,
         ));
-    let admin = admin::router(state.webhooks.clone(), state.admin_token.clone());
+    let admin = admin::router(
+        state.webhooks.clone(),
+        state.admin_token.clone(),
+        state.body_timeout,
+    );
     let router = Router::new()
         .route("/streams", get(list_streams))
         .route("/streams/{name}", get(stream).merge(push))

@@ -13,6 +13,7 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, StatusCode, header};
 use serde_json::{Value, json};
 
+use super::body::{self, BodyLimits, closing};
 use super::{AppState, error_response};
 use crate::diff::{self, Patch};
 use crate::hub::{ChangeKind, Publication, Stream};
@@ -119,61 +120,21 @@ pub async fn authorize_head(
     }
 }
 
-/// `response` with `Connection: close`, for answers given while the request body is unread.
-fn closing(mut response: Response) -> Response {
-    response
-        .headers_mut()
-        .insert(header::CONNECTION, HeaderValue::from_static("close"));
-    response
-}
-
-/// A pushed body, read in full within `server.body_timeout` and up to `push.max_body` bytes.
-/// Past the limit the answer is 413, past the time 408; both close the connection.
+/// A pushed body, read in full within `server.body_timeout` and up to `push.max_body` bytes
+/// (see [`super::body::read`]).
 pub struct PushBody(pub Bytes);
 
 impl FromRequest<Arc<AppState>> for PushBody {
     type Rejection = Response;
 
     async fn from_request(request: Request, state: &Arc<AppState>) -> Result<Self, Response> {
-        let limit = state.push_max_body;
-        let declared = request
-            .headers()
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<u64>().ok());
-        if declared.is_some_and(|n| n > limit as u64) {
-            return Err(too_large(limit));
-        }
-        let body = request.into_body();
-        match tokio::time::timeout(state.body_timeout, axum::body::to_bytes(body, limit)).await {
-            Ok(Ok(bytes)) => Ok(PushBody(bytes)),
-            Ok(Err(error)) => {
-                let over = std::error::Error::source(&error)
-                    .is_some_and(|e| e.is::<http_body_util::LengthLimitError>());
-                if over {
-                    return Err(too_large(limit));
-                }
-                Err(closing(error_response(
-                    StatusCode::BAD_REQUEST,
-                    format!("the request body could not be read: {error}"),
-                )))
-            }
-            Err(_) => Err(closing(error_response(
-                StatusCode::REQUEST_TIMEOUT,
-                format!(
-                    "the request body did not arrive within {:?} (server.body_timeout)",
-                    state.body_timeout
-                ),
-            ))),
-        }
+        let limits = BodyLimits {
+            max_bytes: state.push_max_body,
+            timeout: state.body_timeout,
+            setting: "push.max_body",
+        };
+        body::read(request, limits).await.map(PushBody)
     }
-}
-
-fn too_large(limit: usize) -> Response {
-    closing(error_response(
-        StatusCode::PAYLOAD_TOO_LARGE,
-        format!("the body is larger than {limit} bytes (push.max_body)"),
-    ))
 }
 
 /// `body` parsed as `T`, `expected` naming what the body must be.

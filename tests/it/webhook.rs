@@ -10,6 +10,7 @@ use patchwire::sinks::webhook::schedule::RetrySchedule;
 use patchwire::sinks::webhook::sign::Secret;
 use serde_json::{Value, json};
 
+use crate::support::raw::RawConnection;
 use crate::support::*;
 
 pub const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
@@ -838,4 +839,44 @@ async fn two_endpoints_three_streams(
     )
     .unwrap();
     (outbox, Arc::new(worker))
+}
+
+/// The admin API reads bodies only after the token was checked from the head, and within
+/// `server.body_timeout`: a body that never arrives gets 408 and the connection is closed.
+#[tokio::test]
+async fn admin_bodies_are_read_after_the_token_and_within_the_deadline() {
+    let upstream = MockUpstream::start(json!({"n": 0})).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config(vec![stream("fleet", &upstream.url())]);
+    config.webhooks = Some(settings(dir.path(), vec![]));
+    config.server.body_timeout = Duration::from_secs(1);
+    let app = TestApp::spawn(config).await;
+    let head = |token: &str| {
+        format!(
+            "POST /admin/webhooks HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n\
+             content-length: 1000\r\nexpect: 100-continue\r\nauthorization: Bearer {token}\r\n\r\n"
+        )
+    };
+
+    // A wrong token: 401 at once, no `100 Continue`, the body never read.
+    let mut connection = RawConnection::open(app.addr).await;
+    connection.send(head("wrong-token").as_bytes()).await;
+    let answer = connection
+        .read_to_close(Duration::from_secs(5))
+        .await
+        .unwrap_or_else(|| panic!("still open:\n{}", connection.text()));
+    assert!(answer.starts_with("HTTP/1.1 401"), "{answer}");
+    assert!(!answer.contains("100 Continue"), "{answer}");
+
+    // The right token, a body that stops half way: 408 within the deadline.
+    let mut connection = RawConnection::open(app.addr).await;
+    connection.send(head(TOKEN).as_bytes()).await;
+    connection.send(b"{\"url\": \"http://").await;
+    let answer = connection
+        .read_to_close(Duration::from_secs(5))
+        .await
+        .unwrap_or_else(|| panic!("still open:\n{}", connection.text()));
+    assert!(answer.contains("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("server.body_timeout"), "{answer}");
+    app.stop().await;
 }
