@@ -16,14 +16,19 @@ use serde::de::{self, DeserializeSeed, Deserializer, IntoDeserializer, Visitor};
 /// The origin the `config` crate records for values from environment variables.
 const ENV_ORIGIN: &str = "the environment";
 /// The origin of a stand-in that loading puts where a value was wrong, so that one pass of
-/// deserialization can go on past it and find the next problem (see [`placeholder`]).
-const PLACEHOLDER_ORIGIN: &str = "a placeholder for a value found wrong";
+/// deserialization can go on past it and find the next problem (see [`stand_in`]).
+const STAND_IN_ORIGIN: &str = "a stand-in for a value found wrong";
 
 /// A stand-in value that deserializes as any type: absent for an `Option`, otherwise zero,
 /// `false`, `""`, an empty list or table, or an enum's first variant. It is never part of a
 /// configuration that is used: it only lets deserialization go on to report later problems.
-pub(crate) fn placeholder() -> Value {
-    Value::new(Some(&PLACEHOLDER_ORIGIN.to_owned()), ValueKind::Nil)
+pub(crate) fn stand_in() -> Value {
+    Value::new(Some(&STAND_IN_ORIGIN.to_owned()), ValueKind::Nil)
+}
+
+/// Whether `value` is a [`stand_in`] loading already put there.
+pub(crate) fn is_stand_in(value: &Value) -> bool {
+    value.origin() == Some(STAND_IN_ORIGIN)
 }
 
 /// A deserialization failure; the key path is tracked separately by `serde_path_to_error`.
@@ -59,7 +64,7 @@ impl DeError {
     }
 }
 
-/// One node of the merged tree. `substituted` is set when a [`placeholder`] stands in for a
+/// One node of the merged tree. `substituted` is set when a [`stand_in`] stands in for a
 /// value the configuration needs (anything but an absent `Option`).
 pub(crate) struct Node<'a>(pub(crate) Value, pub(crate) &'a Cell<bool>);
 
@@ -68,17 +73,17 @@ impl Node<'_> {
         self.0.origin() == Some(ENV_ORIGIN)
     }
 
-    fn is_placeholder(&self) -> bool {
-        self.0.origin() == Some(PLACEHOLDER_ORIGIN)
+    fn is_stand_in(&self) -> bool {
+        is_stand_in(&self.0)
     }
 }
 
-/// What a [`placeholder`] becomes for each type a visitor asks for.
-macro_rules! placeholder_as {
+/// What a [`stand_in`] becomes for each type a visitor asks for.
+macro_rules! stand_in_as {
     ($self:ident, $visitor:ident, $method:ident) => {
-        if $self.is_placeholder() {
+        if $self.is_stand_in() {
             $self.1.set(true);
-            return placeholder_as!(@visit $visitor, $method);
+            return stand_in_as!(@visit $visitor, $method);
         }
     };
     (@visit $visitor:ident, deserialize_bool) => { $visitor.visit_bool(false) };
@@ -113,7 +118,7 @@ macro_rules! placeholder_as {
 macro_rules! strict_or_env {
     ($($method:ident)*) => {$(
         fn $method<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, DeError> {
-            placeholder_as!(self, visitor, $method);
+            stand_in_as!(self, visitor, $method);
             if self.is_env() {
                 self.0.$method(visitor).map_err(DeError::from_config)
             } else {
@@ -127,7 +132,7 @@ impl<'de> Deserializer<'de> for Node<'_> {
     type Error = DeError;
 
     fn deserialize_any<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, DeError> {
-        placeholder_as!(self, visitor, deserialize_any);
+        stand_in_as!(self, visitor, deserialize_any);
         let substituted = self.1;
         match self.0.kind {
             ValueKind::Nil => visitor.visit_unit(),
@@ -164,7 +169,7 @@ impl<'de> Deserializer<'de> for Node<'_> {
     }
 
     fn deserialize_option<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, DeError> {
-        if self.is_placeholder() {
+        if self.is_stand_in() {
             // An absent optional key: nothing the configuration needs was made up.
             return visitor.visit_none();
         }
@@ -175,7 +180,7 @@ impl<'de> Deserializer<'de> for Node<'_> {
     }
 
     fn deserialize_seq<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, DeError> {
-        placeholder_as!(self, visitor, deserialize_seq);
+        stand_in_as!(self, visitor, deserialize_seq);
         if self.is_env() {
             // An environment variable sets a list as comma-separated items; empty is `[]`.
             let text = self.0.into_string().map_err(DeError::from_config)?;
@@ -242,7 +247,7 @@ impl<'de> Deserializer<'de> for Node<'_> {
         variants: &'static [&'static str],
         visitor: V,
     ) -> Result<V::Value, DeError> {
-        if self.is_placeholder() {
+        if self.is_stand_in() {
             self.1.set(true);
             let first: StringDeserializer<DeError> = variants
                 .first()

@@ -9,7 +9,7 @@ use std::cell::Cell;
 use config::{Environment, File, FileFormat, Source, Value, ValueKind};
 use serde_path_to_error::Segment;
 
-use super::de::{DeError, Node, placeholder};
+use super::de::{DeError, Node, is_stand_in, stand_in};
 use super::error::{ConfigError, Problem};
 use super::model::Config;
 use super::raw::RawConfig;
@@ -301,14 +301,14 @@ fn parse_partial(
 
 /// Changes `tree` so that the next pass goes past the problem `error` at `segments`: an
 /// unknown key is removed, a missing key or a value of the wrong type becomes a
-/// [`placeholder`]. False when the path cannot be followed (nothing would change).
+/// [`stand_in`]. False when the path cannot be followed (nothing would change).
 fn mend(tree: &mut Value, segments: &[Segment], error: &DeError) -> bool {
     let message = error.0.as_str();
     if let Some(rest) = message.strip_prefix("missing field `") {
         let field = rest.trim_end_matches('`').to_owned();
         return match node_at(tree, segments).map(|v| &mut v.kind) {
             Some(ValueKind::Table(table)) if !table.contains_key(&field) => {
-                table.insert(field, placeholder());
+                table.insert(field, stand_in());
                 true
             }
             _ => false,
@@ -326,8 +326,8 @@ fn mend(tree: &mut Value, segments: &[Segment], error: &DeError) -> bool {
         return false;
     }
     match node_at(tree, segments) {
-        Some(node) if node.origin() != placeholder().origin() => {
-            *node = placeholder();
+        Some(node) if !is_stand_in(node) => {
+            *node = stand_in();
             true
         }
         _ => false,

@@ -467,21 +467,7 @@ pub fn paused_harness(
     upstream: Arc<ScriptedUpstream>,
     limiter: Arc<GroupLimiter<TokioClock>>,
 ) -> Harness<TokioClock> {
-    let recorder = Arc::new(Recorder::default());
-    let metrics = Arc::new(Metrics::new());
-    let poller = Poller::new(
-        Arc::new(settings),
-        upstream,
-        limiter,
-        Arc::clone(&metrics),
-        Arc::clone(&recorder) as Arc<dyn Publish>,
-        backoff(),
-    );
-    Harness {
-        poller,
-        recorder,
-        metrics,
-    }
+    harness_on(settings, upstream, limiter)
 }
 
 pub struct Harness<C: Clock = DefaultClock> {
@@ -496,12 +482,24 @@ pub fn harness(settings: StreamSettings) -> Harness {
 }
 
 pub fn harness_with(settings: StreamSettings, limiter: Arc<GroupLimiter>) -> Harness {
+    let fetcher = Arc::new(Fetcher::new("patchwire-test/1").expect("client builds"));
+    harness_on(settings, fetcher, limiter)
+}
+
+/// A poller for `settings` against `upstream`, limited by `limiter` (on its clock).
+fn harness_on<C>(
+    settings: StreamSettings,
+    upstream: Arc<dyn Upstream>,
+    limiter: Arc<GroupLimiter<C>>,
+) -> Harness<C>
+where
+    C: Clock + Send + Sync + 'static,
+{
     let recorder = Arc::new(Recorder::default());
     let metrics = Arc::new(Metrics::new());
-    let fetcher = Arc::new(Fetcher::new("patchwire-test/1").expect("client builds"));
     let poller = Poller::new(
         Arc::new(settings),
-        fetcher,
+        upstream,
         limiter,
         Arc::clone(&metrics),
         Arc::clone(&recorder) as Arc<dyn Publish>,
