@@ -12,7 +12,7 @@ use serde_path_to_error::Segment;
 use super::de::{DeError, Node, is_stand_in, stand_in};
 use super::error::{ConfigError, Problem};
 use super::model::Config;
-use super::raw::RawConfig;
+use super::raw::{BYTES_EXPECTED, DURATION_EXPECTED, RawConfig};
 use super::validate::validate;
 
 /// Prefix of environment variables that override configuration keys.
@@ -277,7 +277,9 @@ fn parse_partial(
                 let segments: Vec<Segment> = e.path().iter().cloned().collect();
                 let path = e.path().to_string();
                 let error = e.into_inner();
-                let problem = annotate_problem(explain(&path, error.clone()), &sources);
+                let value = node_at(&mut tree, &segments).cloned();
+                let problem =
+                    annotate_problem(explain(&path, error.clone(), value.as_ref()), &sources);
                 let repeated = problems.contains(&problem);
                 if !repeated {
                     problems.push(problem);
@@ -492,8 +494,9 @@ fn annotate_problem(mut problem: Problem, sources: &BTreeMap<String, String>) ->
     problem
 }
 
-/// Turns serde's messages into "what is wrong, what was expected" at the full key path.
-fn explain(path: &str, error: DeError) -> Problem {
+/// Turns serde's messages into "what is wrong, what was expected" at the full key path;
+/// `value` is the value found there, if any, for the reason a parser refused it.
+fn explain(path: &str, error: DeError, value: Option<&Value>) -> Problem {
     let message = error.0;
     let join = |field: &str| {
         if path == "." || path.is_empty() {
@@ -545,9 +548,13 @@ fn explain(path: &str, error: DeError) -> Problem {
     for prefix in ["invalid type: ", "invalid value: "] {
         if let Some(rest) = message.strip_prefix(prefix) {
             if let Some((got, expected)) = rest.rsplit_once(", expected ") {
+                let reason = value
+                    .and_then(|v| parse_failure(expected, v))
+                    .map(|why| format!(" ({why})"))
+                    .unwrap_or_default();
                 return Problem {
                     key: root_or(path),
-                    message: format!("expected {}, got {got}", plain_expected(expected)),
+                    message: format!("expected {}, got {got}{reason}", plain_expected(expected)),
                 };
             }
         }
@@ -555,6 +562,19 @@ fn explain(path: &str, error: DeError) -> Problem {
     Problem {
         key: root_or(path),
         message,
+    }
+}
+
+/// Why the parser of a duration or size key refused the string `value`: the crates' serde
+/// errors say only what was expected.
+fn parse_failure(expected: &str, value: &Value) -> Option<String> {
+    let ValueKind::String(text) = &value.kind else {
+        return None;
+    };
+    match expected {
+        HUMANTIME_EXPECTED => humantime::parse_duration(text).err().map(|e| e.to_string()),
+        e if BYTESIZE_EXPECTED.contains(&e) => text.parse::<bytesize::ByteSize>().err(),
+        _ => None,
     }
 }
 
@@ -568,9 +588,20 @@ fn list_of_names(expected: &str) -> String {
     }
 }
 
+/// What `humantime_serde` says a duration key expects.
+const HUMANTIME_EXPECTED: &str = "a duration";
+/// What `bytesize` says a size key expects: any value, an unparsable string, a negative integer.
+const BYTESIZE_EXPECTED: [&str; 3] = [
+    "an integer or string",
+    "parsable string",
+    "integer overflow",
+];
+
 /// Serde's type names in words a configuration author reads.
 fn plain_expected(expected: &str) -> String {
     match expected {
+        HUMANTIME_EXPECTED => DURATION_EXPECTED.to_owned(),
+        e if BYTESIZE_EXPECTED.contains(&e) => BYTES_EXPECTED.to_owned(),
         "u8" | "u16" | "u32" | "u64" | "u128" | "usize" => "a non-negative integer".to_owned(),
         "i8" | "i16" | "i32" | "i64" | "i128" | "isize" => "an integer".to_owned(),
         "f32" | "f64" => "a number".to_owned(),
@@ -611,21 +642,69 @@ mod tests {
         let p = explain(
             "server.listn",
             DeError("unknown field `listn`, expected one of `listen`, `retry`".to_owned()),
+            None,
         );
         assert_eq!(p.key, "server.listn");
         assert_eq!(
             p.message,
             "unknown key `listn`; valid keys here: listen, retry"
         );
-        let p = explain("streams[0]", DeError("missing field `url`".to_owned()));
+        let p = explain(
+            "streams[0]",
+            DeError("missing field `url`".to_owned()),
+            None,
+        );
         assert_eq!(p.key, "streams[0].url");
         let p = explain(
             "streams[0].history",
             DeError("invalid type: string \"x\", expected u64".to_owned()),
+            None,
         );
         assert_eq!(
             p.message,
             "expected a non-negative integer, got string \"x\""
         );
+    }
+
+    /// The `streams[0].<key>` of a one-stream file that sets `line`, or the problem there.
+    fn stream_key(line: &str) -> Result<RawConfig, String> {
+        let text = format!("[[streams]]\nname = \"a\"\nurl = \"http://a.example/\"\n{line}\n");
+        parse_raw(&text, FileKind::Toml, None, Vec::new()).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn durations_parse_humantime_strings_and_reject_bare_numbers() {
+        let d = stream_key("interval = \"1h 30m\"").unwrap().streams[0].interval;
+        assert_eq!(d, Some(std::time::Duration::from_secs(5400)));
+        let d = stream_key("interval = \"500ms\"").unwrap().streams[0].interval;
+        assert_eq!(d, Some(std::time::Duration::from_millis(500)));
+        let err = stream_key("interval = \"5\"").unwrap_err();
+        assert!(err.contains("expected a duration"), "{err}");
+        assert!(
+            err.contains("time unit needed"),
+            "the parser's reason: {err}"
+        );
+        let err = stream_key("interval = 5").unwrap_err();
+        assert!(err.contains("a duration with a unit"), "{err}");
+    }
+
+    #[test]
+    fn byte_counts_accept_integers_and_size_strings() {
+        let size =
+            |line: &str| stream_key(line).map(|raw| raw.streams[0].max_body.map(|b| b.as_u64()));
+        assert_eq!(size("max_body = 2048").unwrap(), Some(2048));
+        assert_eq!(
+            size("max_body = \"16 MiB\"").unwrap(),
+            Some(16 * 1024 * 1024)
+        );
+        assert_eq!(size("max_body = \"512KB\"").unwrap(), Some(512_000));
+        assert_eq!(size("max_body = \"4096\"").unwrap(), Some(4096));
+        let err = size("max_body = -1").unwrap_err();
+        assert!(err.contains("a size in bytes"), "{err}");
+        let err = size("max_body = \"lots\"").unwrap_err();
+        assert!(err.contains("a size in bytes"), "{err}");
+        assert!(err.contains("couldn't parse"), "the parser's reason: {err}");
+        let err = size("max_body = 1.5").unwrap_err();
+        assert!(err.contains("a size in bytes"), "{err}");
     }
 }

@@ -236,14 +236,14 @@ pub(super) fn validate(
     let max_memory = bytes_in(
         problems,
         "proxy.max_memory",
-        raw.max_memory.map(|b| b.0),
+        raw.max_memory.map(|b| b.as_u64()),
         defaults::MAX_MEMORY,
         limits::MAX_MEMORY,
     );
     let max_body_bytes = bytes_in(
         problems,
         "proxy.max_body",
-        raw.max_body.map(|b| b.0),
+        raw.max_body.map(|b| b.as_u64()),
         defaults::MAX_BODY,
         limits::MAX_BODY,
     );
@@ -264,7 +264,7 @@ pub(super) fn validate(
     let history_bytes = bytes_in(
         problems,
         "proxy.history_bytes",
-        raw.history_bytes.map(|b| b.0),
+        raw.history_bytes.map(|b| b.as_u64()),
         defaults::HISTORY_BYTES,
         limits::HISTORY_BYTES,
     );
@@ -295,7 +295,7 @@ pub(super) fn validate(
             problems,
             &format!("{key}.interval"),
             Some(interval),
-            interval.0,
+            interval,
             limits::INTERVAL,
         );
         match HostPattern::parse(pattern) {
@@ -539,7 +539,7 @@ fn token_limits(
             problems,
             &format!("{key}.interval"),
             Some(value),
-            value.0,
+            value,
             limits::INTERVAL,
         )
     });

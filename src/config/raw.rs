@@ -4,11 +4,10 @@
 //! `validate`, so a `RawConfig` always says what the file (and the environment) actually set.
 
 use std::collections::BTreeMap;
-use std::fmt;
 use std::time::Duration;
 
+use bytesize::ByteSize;
 use serde::Deserialize;
-use serde::de::{self, Deserializer, Visitor};
 
 use crate::diff::DiffConfig;
 use crate::sim::SimulatorConfig;
@@ -61,22 +60,27 @@ pub struct RawProxy {
     /// (default false).
     pub allow_private: Option<bool>,
     /// Poll period of a dynamic stream (default 5s, 100ms..=1 day).
-    pub interval: Option<HumanDuration>,
+    #[serde(default, with = "humantime_serde::option")]
+    pub interval: Option<Duration>,
     /// No dynamic stream is polled more often than this (default 1s, 10ms..=1h).
-    pub min_interval: Option<HumanDuration>,
+    #[serde(default, with = "humantime_serde::option")]
+    pub min_interval: Option<Duration>,
     /// How long a dynamic stream keeps polling after its last subscriber left (default 30s,
     /// 0s..=1 day).
-    pub linger: Option<HumanDuration>,
+    #[serde(default, with = "humantime_serde::option")]
+    pub linger: Option<Duration>,
     /// Interval between keep-alive comments (default 10s, 1s..=5min).
-    pub keepalive: Option<HumanDuration>,
+    #[serde(default, with = "humantime_serde::option")]
+    pub keepalive: Option<Duration>,
     /// Timeout of one upstream request (default 10s, 100ms..=5min).
-    pub timeout: Option<HumanDuration>,
+    #[serde(default, with = "humantime_serde::option")]
+    pub timeout: Option<Duration>,
     /// Most dynamic streams alive at once (default 1000, 1..=1000000).
     pub max_streams: Option<u64>,
     /// Most snapshot bytes held by dynamic streams together (default 256 MiB, 1 MiB..=64 GiB).
-    pub max_memory: Option<ByteCount>,
+    pub max_memory: Option<ByteSize>,
     /// Largest upstream body accepted (default 8 MiB, 1 KiB..=1 GiB).
-    pub max_body: Option<ByteCount>,
+    pub max_body: Option<ByteSize>,
     /// Recent changes kept per dynamic stream (default 64, 1..=100000).
     pub history: Option<u64>,
     /// Write every non-ASCII character of `data` and `patch` events as a `\uXXXX` escape
@@ -84,9 +88,10 @@ pub struct RawProxy {
     pub ascii_only: Option<bool>,
     /// How far a signed request's `X-Auth-Sd-Ts` may be from the server's clock (default 5m,
     /// 1s..=1 day).
-    pub signature_max_skew: Option<HumanDuration>,
+    #[serde(default, with = "humantime_serde::option")]
+    pub signature_max_skew: Option<Duration>,
     /// Most bytes one dynamic stream's history holds (default 1 MiB, 1 KiB..=1 GiB).
-    pub history_bytes: Option<ByteCount>,
+    pub history_bytes: Option<ByteSize>,
     /// How changes are computed (`[proxy.diff]`); `allow_move = true` is refused.
     #[serde(default)]
     pub diff: DiffConfig,
@@ -103,7 +108,8 @@ pub struct RawProxy {
 #[serde(deny_unknown_fields)]
 pub struct RawProxyHost {
     /// Poll period of dynamic streams of matching hosts (100ms..=1 day).
-    pub interval: Option<HumanDuration>,
+    #[serde(default, with = "humantime_serde::option")]
+    pub interval: Option<Duration>,
 }
 
 /// One `[[proxy.tokens]]` entry.
@@ -126,9 +132,11 @@ pub struct RawProxyToken {
     /// of them).
     pub allowed_hosts: Option<Vec<String>>,
     /// Poll period of this token's streams, overriding host and default periods (100ms..=1 day).
-    pub interval: Option<HumanDuration>,
+    #[serde(default, with = "humantime_serde::option")]
+    pub interval: Option<Duration>,
     /// This token's streams are never polled more often than this (default 0s, 0s..=1 day).
-    pub min_interval: Option<HumanDuration>,
+    #[serde(default, with = "humantime_serde::option")]
+    pub min_interval: Option<Duration>,
     /// The application's private key of the Streamdata.io signature strategy
     /// (`streamdataio-js-sdk-auth`): signatures (`X-Auth-Sd-Ts`, `X-Auth-Sd-S`) are verified
     /// with it. `${VAR}` allowed; never shown.
@@ -151,16 +159,19 @@ pub struct RawWebhooks {
     pub admin_token: Option<String>,
     /// Waits before each attempt, the first normally `"0s"` (default `["0s", "5s", "5m",
     /// "30m", "2h", "5h", "10h", "10h"]`, 1 to 50 entries, each at most 7 days).
-    pub schedule: Option<Vec<HumanDuration>>,
+    pub schedule: Option<Vec<humantime_serde::Serde<Duration>>>,
     /// Fraction of each wait that is randomized (default 0.1, 0..=1).
     pub jitter: Option<f64>,
     /// Longest `Retry-After` honoured (default 10h, 1s..=7 days).
-    pub max_retry_after: Option<HumanDuration>,
+    #[serde(default, with = "humantime_serde::option")]
+    pub max_retry_after: Option<Duration>,
     /// Timeout of one attempt, connect to response headers (default 15s, 100ms..=5min).
-    pub attempt_timeout: Option<HumanDuration>,
+    #[serde(default, with = "humantime_serde::option")]
+    pub attempt_timeout: Option<Duration>,
     /// An endpoint whose attempts all fail for this long is disabled (default 5 days,
     /// 1min..=30 days).
-    pub disable_after: Option<HumanDuration>,
+    #[serde(default, with = "humantime_serde::option")]
+    pub disable_after: Option<Duration>,
     /// Attempts in flight at once to one endpoint, across its streams (default 4, 1..=256).
     pub max_concurrency_per_endpoint: Option<u64>,
     /// Attempts in flight at once across all endpoints (default 64, 1..=4096).
@@ -170,10 +181,12 @@ pub struct RawWebhooks {
     pub backlog_limit: Option<u64>,
     /// How long finished deliveries (delivered, dead, superseded) are kept for listing and
     /// replay (default 7 days, 1min..=365 days).
-    pub retention: Option<HumanDuration>,
+    #[serde(default, with = "humantime_serde::option")]
+    pub retention: Option<Duration>,
     /// After a secret rotation, how long the previous secret also signs (default 24h,
     /// 0s..=30 days).
-    pub rotation_overlap: Option<HumanDuration>,
+    #[serde(default, with = "humantime_serde::option")]
+    pub rotation_overlap: Option<Duration>,
     /// Endpoints declared in the file (`[[webhooks.endpoints]]`).
     #[serde(default)]
     pub endpoints: Vec<RawWebhookEndpoint>,
@@ -208,7 +221,7 @@ pub struct RawPush {
     /// characters; `${VAR}` is replaced by the environment variable `VAR`.
     pub token: String,
     /// Largest document or patch accepted (default 16 MiB, 1 KiB..=1 GiB).
-    pub max_body: Option<ByteCount>,
+    pub max_body: Option<ByteSize>,
 }
 
 /// Where a stream's documents come from.
@@ -229,22 +242,29 @@ pub struct RawServer {
     /// Socket address to listen on, e.g. `"127.0.0.1:8080"` (default) or `"[::]:8080"`.
     pub listen: Option<String>,
     /// Interval between SSE keep-alive comments (default 15s, 1s..=10min).
-    pub keepalive: Option<HumanDuration>,
+    #[serde(default, with = "humantime_serde::option")]
+    pub keepalive: Option<Duration>,
     /// The SSE `retry:` hint: how long clients wait before reconnecting (default 2s, 100ms..=10min).
-    pub retry: Option<HumanDuration>,
+    #[serde(default, with = "humantime_serde::option")]
+    pub retry: Option<Duration>,
     /// Events a subscriber may fall behind before it is resynced (default 256, 1..=65536).
     pub subscriber_buffer: Option<u64>,
     /// How long a subscriber's socket may refuse writes before it is closed (default 30s, 1s..=1h).
-    pub stall_timeout: Option<HumanDuration>,
+    #[serde(default, with = "humantime_serde::option")]
+    pub stall_timeout: Option<Duration>,
     /// How long shutdown waits for open connections (default 5s, 0s..=10min).
-    pub shutdown_grace: Option<HumanDuration>,
+    #[serde(default, with = "humantime_serde::option")]
+    pub shutdown_grace: Option<Duration>,
     /// How long a new connection may take to send its first request head (HTTP/1) or its
     /// first request after the preface (HTTP/2) (default 30s, 1s..=10min).
-    pub header_timeout: Option<HumanDuration>,
+    #[serde(default, with = "humantime_serde::option")]
+    pub header_timeout: Option<Duration>,
     /// How long a connection with no request in flight stays open (default 30s, 1s..=1h).
-    pub idle_timeout: Option<HumanDuration>,
+    #[serde(default, with = "humantime_serde::option")]
+    pub idle_timeout: Option<Duration>,
     /// How long a request body may take to arrive (default 30s, 1s..=1h).
-    pub body_timeout: Option<HumanDuration>,
+    #[serde(default, with = "humantime_serde::option")]
+    pub body_timeout: Option<Duration>,
     /// Open connections past which new ones are refused (default 10000, 1..=1000000).
     pub max_connections: Option<u64>,
     /// Cross-origin access for browsers (`[server.cors]`).
@@ -301,15 +321,18 @@ pub struct RawUpstream {
 #[serde(deny_unknown_fields)]
 pub struct RawBackoff {
     /// Delay after the first failure (default 1s, 1ms..=1h).
-    pub initial: Option<HumanDuration>,
+    #[serde(default, with = "humantime_serde::option")]
+    pub initial: Option<Duration>,
     /// Upper bound of any computed delay (default 5m, at least `initial`, at most 24h).
-    pub max: Option<HumanDuration>,
+    #[serde(default, with = "humantime_serde::option")]
+    pub max: Option<Duration>,
     /// Growth factor per consecutive failure (default 2, greater than 1, at most 10).
     pub multiplier: Option<f64>,
     /// Fraction of each delay that is randomized (default 0.2, 0..=1).
     pub jitter: Option<f64>,
     /// Upper bound honoured for an upstream's `Retry-After` (default 1h, 1s..=24h).
-    pub max_retry_after: Option<HumanDuration>,
+    #[serde(default, with = "humantime_serde::option")]
+    pub max_retry_after: Option<Duration>,
 }
 
 /// A request quota: `per_second` sustained, `burst` at once.
@@ -328,17 +351,19 @@ pub struct RawRateLimit {
 #[serde(deny_unknown_fields)]
 pub struct RawStreamDefaults {
     /// Time between polls (default 5s).
-    pub interval: Option<HumanDuration>,
+    #[serde(default, with = "humantime_serde::option")]
+    pub interval: Option<Duration>,
     /// Timeout of one whole poll request (default 10s).
-    pub timeout: Option<HumanDuration>,
+    #[serde(default, with = "humantime_serde::option")]
+    pub timeout: Option<Duration>,
     /// Largest upstream body accepted (default 16 MiB).
-    pub max_body: Option<ByteCount>,
+    pub max_body: Option<ByteSize>,
     /// How bodies are decoded (default `"json"`).
     pub format: Option<Format>,
     /// Recent changes kept for resuming subscribers (default 1000).
     pub history: Option<u64>,
     /// Most bytes a stream's history holds (default 16 MiB, 1 KiB..=1 GiB).
-    pub history_bytes: Option<ByteCount>,
+    pub history_bytes: Option<ByteSize>,
     /// Headers sent with every poll of every stream; a stream's own header of the same name
     /// (compared case-insensitively) wins.
     #[serde(default)]
@@ -362,12 +387,14 @@ pub struct RawStream {
     #[serde(default)]
     pub headers: BTreeMap<String, String>,
     /// Time between polls (100ms..=24h; default from `[stream_defaults]`, else 5s).
-    pub interval: Option<HumanDuration>,
+    #[serde(default, with = "humantime_serde::option")]
+    pub interval: Option<Duration>,
     /// Timeout of one whole poll request (1ms..=10min; default from `[stream_defaults]`, else 10s).
-    pub timeout: Option<HumanDuration>,
+    #[serde(default, with = "humantime_serde::option")]
+    pub timeout: Option<Duration>,
     /// Largest body accepted: bytes as an integer or a size such as `"16 MiB"`
     /// (1 KiB..=1 GiB; default from `[stream_defaults]`, else 16 MiB).
-    pub max_body: Option<ByteCount>,
+    pub max_body: Option<ByteSize>,
     /// How the body is decoded (default from `[stream_defaults]`, else `"json"`).
     pub format: Option<Format>,
     /// Recent changes kept for resuming subscribers (1..=100000; default from
@@ -375,7 +402,7 @@ pub struct RawStream {
     pub history: Option<u64>,
     /// Most bytes the history holds (1 KiB..=1 GiB; default from `[stream_defaults]`, else
     /// 16 MiB).
-    pub history_bytes: Option<ByteCount>,
+    pub history_bytes: Option<ByteSize>,
     /// A named group from `[upstream.rate_limits]`; by default the URL's `host:port`.
     pub rate_limit_group: Option<String>,
     /// How changes are computed (`[streams.diff]`).
@@ -385,116 +412,13 @@ pub struct RawStream {
     pub on_demand: Option<bool>,
     /// With `on_demand = true`: how long polling continues after the last subscriber left
     /// (default 30s, 0s..=1 day).
-    pub linger: Option<HumanDuration>,
+    #[serde(default, with = "humantime_serde::option")]
+    pub linger: Option<Duration>,
 }
 
-/// A duration written the humantime way: `"500ms"`, `"5s"`, `"1h 30m"`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct HumanDuration(pub Duration);
-
-/// What a duration key expects, shared by the parser and validation messages.
+/// What a duration key expects (`humantime`: `"500ms"`, `"5s"`, `"1h 30m"`), in messages.
 pub(crate) const DURATION_EXPECTED: &str = "a duration with a unit such as \"5s\" or \"500ms\"";
 
-impl<'de> Deserialize<'de> for HumanDuration {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct DurationVisitor;
-        impl Visitor<'_> for DurationVisitor {
-            type Value = HumanDuration;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str(DURATION_EXPECTED)
-            }
-            fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
-                humantime::parse_duration(v.trim())
-                    .map(HumanDuration)
-                    .map_err(|e| {
-                        E::custom(format!("expected {DURATION_EXPECTED}, got {v:?} ({e})"))
-                    })
-            }
-        }
-        deserializer.deserialize_str(DurationVisitor)
-    }
-}
-
-impl fmt::Display for HumanDuration {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", humantime::format_duration(self.0))
-    }
-}
-
-/// A size in bytes: an integer (`1048576`) or a size string (`"16 MiB"`, `"512 KB"`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ByteCount(pub u64);
-
-const BYTES_EXPECTED: &str = "a size in bytes: an integer or a string such as \"16 MiB\"";
-
-impl<'de> Deserialize<'de> for ByteCount {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct BytesVisitor;
-        impl Visitor<'_> for BytesVisitor {
-            type Value = ByteCount;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str(BYTES_EXPECTED)
-            }
-            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Self::Value, E> {
-                Ok(ByteCount(v))
-            }
-            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Self::Value, E> {
-                u64::try_from(v)
-                    .map(ByteCount)
-                    .map_err(|_| E::custom(format!("expected {BYTES_EXPECTED}, got {v}")))
-            }
-            fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
-                let trimmed = v.trim();
-                if let Ok(n) = trimmed.parse::<u64>() {
-                    return Ok(ByteCount(n));
-                }
-                trimmed
-                    .parse::<bytesize::ByteSize>()
-                    .map(|size| ByteCount(size.as_u64()))
-                    .map_err(|e| E::custom(format!("expected {BYTES_EXPECTED}, got {v:?} ({e})")))
-            }
-        }
-        deserializer.deserialize_any(BytesVisitor)
-    }
-}
-
-impl fmt::Display for ByteCount {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", bytesize::ByteSize::b(self.0).display().iec())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn durations_parse_humantime_strings_and_reject_bare_numbers() {
-        let d: HumanDuration = serde_json::from_str("\"1h 30m\"").unwrap();
-        assert_eq!(d.0, Duration::from_secs(5400));
-        let d: HumanDuration = serde_json::from_str("\"500ms\"").unwrap();
-        assert_eq!(d.0, Duration::from_millis(500));
-        let err = serde_json::from_str::<HumanDuration>("\"5\"").unwrap_err();
-        assert!(err.to_string().contains("expected a duration"), "{err}");
-        let err = serde_json::from_str::<HumanDuration>("5").unwrap_err();
-        assert!(err.to_string().contains("a duration with a unit"), "{err}");
-    }
-
-    #[test]
-    fn byte_counts_accept_integers_and_size_strings() {
-        let b: ByteCount = serde_json::from_str("2048").unwrap();
-        assert_eq!(b.0, 2048);
-        let b: ByteCount = serde_json::from_str("\"16 MiB\"").unwrap();
-        assert_eq!(b.0, 16 * 1024 * 1024);
-        let b: ByteCount = serde_json::from_str("\"512KB\"").unwrap();
-        assert_eq!(b.0, 512_000);
-        let b: ByteCount = serde_json::from_str("\"4096\"").unwrap();
-        assert_eq!(b.0, 4096);
-        let err = serde_json::from_str::<ByteCount>("-1").unwrap_err();
-        assert!(err.to_string().contains("a size in bytes"), "{err}");
-        let err = serde_json::from_str::<ByteCount>("\"lots\"").unwrap_err();
-        assert!(err.to_string().contains("a size in bytes"), "{err}");
-        let err = serde_json::from_str::<ByteCount>("1.5").unwrap_err();
-        assert!(err.to_string().contains("a size in bytes"), "{err}");
-    }
-}
+/// What a size key expects (`bytesize`: `1048576`, `"16 MiB"`, `"512 KB"`), in messages.
+pub(crate) const BYTES_EXPECTED: &str =
+    "a size in bytes: an integer or a string such as \"16 MiB\"";

@@ -18,8 +18,8 @@ use super::model::{
     RateLimit, ServerSettings, StreamSettings, UpstreamSettings,
 };
 use super::raw::{
-    DURATION_EXPECTED, HumanDuration, RawBackoff, RawConfig, RawCors, RawLog, RawLogFormat,
-    RawPush, RawRateLimit, RawServer, RawSource, RawStream, RawStreamDefaults, RawUpstream,
+    DURATION_EXPECTED, RawBackoff, RawConfig, RawCors, RawLog, RawLogFormat, RawPush, RawRateLimit,
+    RawServer, RawSource, RawStream, RawStreamDefaults, RawUpstream,
 };
 use crate::diff::DiffConfig;
 use crate::upstream::decode::{Format, gtfs_rt};
@@ -210,11 +210,11 @@ fn fmt_duration(d: Duration) -> String {
 pub(super) fn duration_in(
     problems: &mut Problems,
     key: &str,
-    value: Option<HumanDuration>,
+    value: Option<Duration>,
     default: Duration,
     (min, max): (Duration, Duration),
 ) -> Duration {
-    let Some(HumanDuration(value)) = value else {
+    let Some(value) = value else {
         return default;
     };
     if value < min || value > max {
@@ -604,7 +604,7 @@ fn stream_defaults(
         max_body: max_body(
             problems,
             "stream_defaults.max_body",
-            raw.max_body.map(|b| b.0),
+            raw.max_body.map(|b| b.as_u64()),
             defaults::MAX_BODY,
         ),
         format: raw.format.unwrap_or_default(),
@@ -618,7 +618,7 @@ fn stream_defaults(
         history_bytes: history_bytes(
             problems,
             "stream_defaults.history_bytes",
-            raw.history_bytes.map(|b| b.0),
+            raw.history_bytes.map(|b| b.as_u64()),
             defaults::HISTORY_BYTES,
         ),
         headers: headers(problems, "stream_defaults.headers", "", &raw.headers, env),
@@ -914,14 +914,19 @@ fn streams(
             limits::TIMEOUT,
         );
         let max_body_bytes = match stream.max_body {
-            Some(bytes) => max_body(problems, &format!("{key}.max_body"), Some(bytes.0), 0),
+            Some(bytes) => max_body(
+                problems,
+                &format!("{key}.max_body"),
+                Some(bytes.as_u64()),
+                0,
+            ),
             None => defaults.max_body,
         };
         let history = history(problems, &key, stream.history, defaults.history);
         let history_bytes = history_bytes(
             problems,
             &format!("{key}.history_bytes"),
-            stream.history_bytes.map(|b| b.0),
+            stream.history_bytes.map(|b| b.as_u64()),
             defaults.history_bytes,
         );
         let on_demand = on_demand(problems, &key, stream);
@@ -1057,7 +1062,7 @@ fn push_stream(
     let history_bytes = history_bytes(
         problems,
         &format!("{key}.history_bytes"),
-        stream.history_bytes.map(|b| b.0),
+        stream.history_bytes.map(|b| b.as_u64()),
         defaults::HISTORY_BYTES,
     );
     let diff = stream.diff.validate(&format!("{key}.diff"), problems)?;
@@ -1110,7 +1115,7 @@ fn push(
     let max_body_bytes = max_body(
         problems,
         "push.max_body",
-        raw.max_body.map(|b| b.0),
+        raw.max_body.map(|b| b.as_u64()),
         defaults::MAX_BODY,
     );
     Some(PushSettings {
@@ -1126,7 +1131,8 @@ const MIN_PUSH_TOKEN_CHARS: usize = 16;
 mod tests {
     use super::*;
     use crate::config::describe;
-    use crate::config::raw::{ByteCount, RawStream};
+    use crate::config::raw::RawStream;
+    use bytesize::ByteSize;
     use proptest::prelude::*;
 
     const SECRET: &str = "s3cret-7f3a";
@@ -1167,9 +1173,9 @@ mod tests {
         ) {
             let mut s = stream(&name, &url);
             s.headers.insert(header_name, format!("{header_value}${{TOKEN}}"));
-            s.interval = Some(HumanDuration(Duration::from_millis(interval_ms)));
+            s.interval = Some(Duration::from_millis(interval_ms));
             s.history = Some(history);
-            s.max_body = Some(ByteCount(max_body));
+            s.max_body = Some(ByteSize::b(max_body));
             let raw = RawConfig { streams: vec![s], ..Default::default() };
             let secret = if newline_in_secret { format!("{SECRET}\n") } else { SECRET.to_owned() };
             let env = move |_: &str| Some(secret.clone());
@@ -1194,7 +1200,7 @@ mod tests {
         #[test]
         fn interval_bounds_are_inclusive(ms in 0u64..100_000_000) {
             let mut s = stream("a", "http://example.com/");
-            s.interval = Some(HumanDuration(Duration::from_millis(ms)));
+            s.interval = Some(Duration::from_millis(ms));
             let raw = RawConfig { streams: vec![s], ..Default::default() };
             let ok = validate(raw, None, &|_| None).is_ok();
             let d = Duration::from_millis(ms);

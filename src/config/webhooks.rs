@@ -155,7 +155,7 @@ pub(super) fn validate(
                     duration_in(
                         problems,
                         &format!("webhooks.schedule[{i}]"),
-                        Some(*step),
+                        Some(step.into_inner()),
                         Duration::ZERO,
                         limits::SCHEDULE_STEP,
                     )
