@@ -19,9 +19,9 @@ use std::time::{Duration, Instant};
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use flate2::Compression;
 use flate2::write::GzEncoder;
-use patchwire::config::Problems;
 use patchwire::diff::{self, DiffConfig, DiffOptions};
 use patchwire::upstream::decode::gtfs_rt;
+use patchwire::validation::Problems;
 use serde_json::{Value, json};
 
 /// A deterministic generator (xorshift64*), so every run measures the same pairs.

@@ -10,8 +10,8 @@ mod feeds_support;
 use std::io::Write;
 use std::process::{Command, Stdio};
 
-use patchwire::config::Problems;
 use patchwire::diff::{self, DiffConfig, DiffOptions, PatchOperation};
+use patchwire::validation::Problems;
 use serde_json::{Value, json};
 
 const GBFS: &str = "gbfs/baywheels-station_status";

@@ -3,22 +3,15 @@
 //! Header values, URL userinfo and query values may be secrets: they are never printed.
 
 use std::fmt::Write as _;
-use std::time::Duration;
 
 use url::Url;
 
 use super::model::{Config, Cors, LogFormat, RateLimit};
 
-fn dur(d: Duration) -> String {
-    humantime::format_duration(d).to_string()
-}
+use crate::validation::{fmt_bytes, fmt_duration};
 
 fn quota(limit: &RateLimit) -> String {
     format!("{}/s, burst {}", limit.per_second, limit.burst)
-}
-
-fn bytes(n: u64) -> String {
-    bytesize::ByteSize::b(n).display().iec().to_string()
 }
 
 /// The URL as every output shows it (see [`crate::redact`]).
@@ -52,18 +45,18 @@ fn write_description(out: &mut String, config: &Config) -> std::fmt::Result {
     writeln!(
         out,
         "  keepalive {}, retry hint {}, subscriber buffer {}, stall timeout {}, shutdown grace {}",
-        dur(s.keepalive),
-        dur(s.retry_hint),
+        fmt_duration(s.keepalive),
+        fmt_duration(s.retry_hint),
         s.subscriber_buffer,
-        dur(s.stall_timeout),
-        dur(s.shutdown_grace)
+        fmt_duration(s.stall_timeout),
+        fmt_duration(s.shutdown_grace)
     )?;
     writeln!(
         out,
         "  header timeout {}, idle timeout {}, body timeout {}, at most {} connections",
-        dur(s.header_timeout),
-        dur(s.idle_timeout),
-        dur(s.body_timeout),
+        fmt_duration(s.header_timeout),
+        fmt_duration(s.idle_timeout),
+        fmt_duration(s.body_timeout),
         s.max_connections
     )?;
     writeln!(out, "  CORS: {cors}")?;
@@ -77,11 +70,11 @@ fn write_description(out: &mut String, config: &Config) -> std::fmt::Result {
     writeln!(
         out,
         "  backoff {} to {}, x{} per failure, jitter {}; Retry-After capped at {}",
-        dur(u.backoff.initial),
-        dur(u.backoff.max),
+        fmt_duration(u.backoff.initial),
+        fmt_duration(u.backoff.max),
         u.backoff.multiplier,
         u.backoff.jitter,
-        dur(u.backoff.max_retry_after)
+        fmt_duration(u.backoff.max_retry_after)
     )?;
     writeln!(
         out,
@@ -103,7 +96,7 @@ fn write_description(out: &mut String, config: &Config) -> std::fmt::Result {
                     feed.name,
                     feed.vehicles,
                     feed.routes,
-                    dur(feed.tick),
+                    fmt_duration(feed.tick),
                     feed.seed
                 )?;
             }
@@ -122,27 +115,27 @@ fn write_description(out: &mut String, config: &Config) -> std::fmt::Result {
         let demand = match st.on_demand {
             Some(linger) => format!(
                 ", on demand (only while subscribed, lingering {} after the last one leaves)",
-                dur(linger)
+                fmt_duration(linger)
             ),
             None => String::new(),
         };
         writeln!(
             out,
             "    polling:    every {}, timeout {}{demand}",
-            dur(st.interval),
-            dur(st.timeout)
+            fmt_duration(st.interval),
+            fmt_duration(st.timeout)
         )?;
         writeln!(
             out,
             "    body:       {}, at most {}",
             st.format.as_str(),
-            bytes(st.max_body_bytes)
+            fmt_bytes(st.max_body_bytes)
         )?;
         writeln!(
             out,
             "    history:    {} changes, at most {}",
             st.history,
-            bytes(st.history_bytes)
+            fmt_bytes(st.history_bytes)
         )?;
         writeln!(
             out,
@@ -188,7 +181,7 @@ fn write_description(out: &mut String, config: &Config) -> std::fmt::Result {
                 out,
                 "    history:    {} changes, at most {}",
                 st.history,
-                bytes(st.history_bytes)
+                fmt_bytes(st.history_bytes)
             )?;
         }
     }
@@ -196,7 +189,7 @@ fn write_description(out: &mut String, config: &Config) -> std::fmt::Result {
         writeln!(
             out,
             "push: bearer token set (hidden), bodies up to {}",
-            bytes(push.max_body_bytes)
+            fmt_bytes(push.max_body_bytes)
         )?;
     }
     if let Some(w) = &config.webhooks {
@@ -235,23 +228,23 @@ fn describe_proxy(out: &mut String, p: &super::model::ProxySettings) -> std::fmt
         out,
         "  polling:    every {} (never more often than every {}), timeout {}, linger {}, \
          keepalive {}",
-        dur(p.interval),
-        dur(p.min_interval),
-        dur(p.timeout),
-        dur(p.linger),
-        dur(p.keepalive)
+        fmt_duration(p.interval),
+        fmt_duration(p.min_interval),
+        fmt_duration(p.timeout),
+        fmt_duration(p.linger),
+        fmt_duration(p.keepalive)
     )?;
     for (pattern, interval) in &p.host_intervals {
-        writeln!(out, "  host {pattern}: every {}", dur(*interval))?;
+        writeln!(out, "  host {pattern}: every {}", fmt_duration(*interval))?;
     }
     writeln!(
         out,
         "  limits:     {} streams, {} of snapshots, bodies up to {}, history {} changes or {}",
         p.max_streams,
-        bytes(p.max_memory),
-        bytes(p.max_body_bytes),
+        fmt_bytes(p.max_memory),
+        fmt_bytes(p.max_body_bytes),
         p.history,
-        bytes(p.history_bytes)
+        fmt_bytes(p.history_bytes)
     )?;
     for t in &p.tokens {
         let mut line = format!(
@@ -265,12 +258,12 @@ fn describe_proxy(out: &mut String, p: &super::model::ProxySettings) -> std::fmt
                 .map_or_else(|| "all allowed".to_owned(), hosts)
         );
         if let Some(interval) = t.interval {
-            line.push_str(&format!(", every {}", dur(interval)));
+            line.push_str(&format!(", every {}", fmt_duration(interval)));
         }
         if !t.min_interval.is_zero() {
             line.push_str(&format!(
                 ", never more often than every {}",
-                dur(t.min_interval)
+                fmt_duration(t.min_interval)
             ));
         }
         writeln!(out, "{line}")?;
@@ -279,7 +272,7 @@ fn describe_proxy(out: &mut String, p: &super::model::ProxySettings) -> std::fmt
 }
 
 fn describe_webhooks(out: &mut String, w: &super::model::WebhookSettings) -> std::fmt::Result {
-    let schedule: Vec<String> = w.schedule.delays.iter().map(|d| dur(*d)).collect();
+    let schedule: Vec<String> = w.schedule.delays.iter().map(|d| fmt_duration(*d)).collect();
     writeln!(out, "webhooks:")?;
     writeln!(out, "  outbox:     {}", w.database.display())?;
     writeln!(
@@ -305,7 +298,7 @@ fn describe_webhooks(out: &mut String, w: &super::model::WebhookSettings) -> std
         "  attempts:   {} ({}), timeout {}",
         schedule.len(),
         schedule.join(", "),
-        dur(w.attempt_timeout)
+        fmt_duration(w.attempt_timeout)
     )?;
     for e in &w.endpoints {
         writeln!(

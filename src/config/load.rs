@@ -10,10 +10,10 @@ use config::{Environment, File, FileFormat, Source, Value, ValueKind};
 use serde_path_to_error::Segment;
 
 use super::de::{DeError, Node, is_stand_in, stand_in};
-use super::error::{ConfigError, Problem};
 use super::model::Config;
-use super::raw::{BYTES_EXPECTED, DURATION_EXPECTED, RawConfig};
+use super::raw::RawConfig;
 use super::validate::validate;
+use crate::validation::{BYTES_EXPECTED, ConfigError, DURATION_EXPECTED, Problem};
 
 /// Prefix of environment variables that override configuration keys.
 pub const ENV_PREFIX: &str = "PATCHWIRE";

@@ -9,8 +9,6 @@
 
 mod de;
 mod describe;
-mod error;
-pub mod interpolate;
 mod load;
 mod model;
 mod proxy;
@@ -18,13 +16,14 @@ pub mod raw;
 mod validate;
 mod webhooks;
 
+pub use crate::validation::interpolate;
+pub use crate::validation::{ConfigError, Problem};
 pub use describe::describe;
-pub use error::{ConfigError, Problem, Problems};
 pub use load::{
     ENV_PREFIX, ENV_SEPARATOR, FileKind, MAX_OVERRIDE_INDEX, load, load_raw, load_with, parse_raw,
 };
 pub use model::*;
 pub use proxy::{defaults as proxy_defaults, limits as proxy_limits};
 pub use raw::RawConfig;
-pub use validate::{defaults, host_group, is_valid_name, limits, validate};
+pub use validate::{defaults, host_group, limits, validate};
 pub use webhooks::{defaults as webhook_defaults, endpoint_headers, limits as webhook_limits};

@@ -2,15 +2,14 @@
 //! are long, unique and never shown, and token host lists inside the global allowlist.
 
 use std::collections::HashMap;
-use std::num::NonZeroU32;
 use std::time::Duration;
 
-use super::error::Problems;
-use super::interpolate::{InterpolateError, interpolate};
-use super::is_valid_name;
 use super::model::{HostPattern, ProxySettings, ProxyToken, SigningKey};
 use super::raw::{RawProxy, RawProxyToken};
-use super::validate::{NAME_EXPECTED, duration_in, integer_in};
+use crate::validation::{
+    InterpolateError, NAME_EXPECTED, Problems, bytes_in, duration_in, integer_in, interpolate,
+    is_valid_name, nonzero_u32, usize_of,
+};
 
 /// Built-in defaults of `[proxy]`.
 pub mod defaults {
@@ -85,40 +84,6 @@ pub mod limits {
     pub const SIGNATURE_MAX_SKEW: (Duration, Duration) = (Duration::from_secs(1), DAY);
     /// Shortest token, in characters.
     pub const TOKEN_MIN_CHARS: usize = 16;
-}
-
-fn usize_of(value: u64) -> usize {
-    usize::try_from(value).unwrap_or(usize::MAX)
-}
-
-/// A count that fits the model's `NonZeroU32` once its bounds were checked (problems recorded
-/// otherwise, and the value is then never used).
-fn nonzero(value: u64) -> NonZeroU32 {
-    NonZeroU32::new(u32::try_from(value).unwrap_or(u32::MAX)).unwrap_or(NonZeroU32::MIN)
-}
-
-/// `value` (bytes) when within `bounds`, recording a problem at `key` otherwise.
-fn bytes_in(
-    problems: &mut Problems,
-    key: &str,
-    value: Option<u64>,
-    default: u64,
-    bounds: (u64, u64),
-) -> u64 {
-    let value = value.unwrap_or(default);
-    let (min, max) = bounds;
-    if value < min || value > max {
-        let size = |n: u64| bytesize::ByteSize::b(n).display().iec().to_string();
-        problems.push(
-            key,
-            format!(
-                "expected a size from {} to {} ({min} to {max} bytes), got {value} bytes",
-                size(min),
-                size(max)
-            ),
-        );
-    }
-    value
 }
 
 /// Parses a list of host patterns at `key[i]`; the patterns that parsed, with their index.
@@ -236,14 +201,14 @@ pub(super) fn validate(
     let max_memory = bytes_in(
         problems,
         "proxy.max_memory",
-        raw.max_memory.map(|b| b.as_u64()),
+        raw.max_memory,
         defaults::MAX_MEMORY,
         limits::MAX_MEMORY,
     );
     let max_body_bytes = bytes_in(
         problems,
         "proxy.max_body",
-        raw.max_body.map(|b| b.as_u64()),
+        raw.max_body,
         defaults::MAX_BODY,
         limits::MAX_BODY,
     );
@@ -264,7 +229,7 @@ pub(super) fn validate(
     let history_bytes = bytes_in(
         problems,
         "proxy.history_bytes",
-        raw.history_bytes.map(|b| b.as_u64()),
+        raw.history_bytes,
         defaults::HISTORY_BYTES,
         limits::HISTORY_BYTES,
     );
@@ -554,8 +519,8 @@ fn token_limits(
         name: raw.name.clone(),
         token: String::new(),
         max_connections: usize_of(max_connections),
-        connections_per_second: nonzero(per_second),
-        connections_burst: nonzero(burst),
+        connections_per_second: nonzero_u32(per_second),
+        connections_burst: nonzero_u32(burst),
         allowed_hosts,
         interval,
         min_interval,

@@ -415,10 +415,3 @@ pub struct RawStream {
     #[serde(default, with = "humantime_serde::option")]
     pub linger: Option<Duration>,
 }
-
-/// What a duration key expects (`humantime`: `"500ms"`, `"5s"`, `"1h 30m"`), in messages.
-pub(crate) const DURATION_EXPECTED: &str = "a duration with a unit such as \"5s\" or \"500ms\"";
-
-/// What a size key expects (`bytesize`: `1048576`, `"16 MiB"`, `"512 KB"`), in messages.
-pub(crate) const BYTES_EXPECTED: &str =
-    "a size in bytes: an integer or a string such as \"16 MiB\"";

@@ -11,18 +11,21 @@ use http::HeaderMap;
 use http::header::{HeaderName, HeaderValue};
 use url::Url;
 
-use super::error::{ConfigError, Problems};
-use super::interpolate::{interpolate, references};
 use super::model::{
     BackoffSettings, Config, Cors, LogFormat, LogSettings, PushSettings, PushStreamSettings,
     RateLimit, ServerSettings, StreamSettings, UpstreamSettings,
 };
 use super::raw::{
-    DURATION_EXPECTED, RawBackoff, RawConfig, RawCors, RawLog, RawLogFormat, RawPush, RawRateLimit,
-    RawServer, RawSource, RawStream, RawStreamDefaults, RawUpstream,
+    RawBackoff, RawConfig, RawCors, RawLog, RawLogFormat, RawPush, RawRateLimit, RawServer,
+    RawSource, RawStream, RawStreamDefaults, RawUpstream,
 };
 use crate::diff::DiffConfig;
 use crate::upstream::decode::{Format, gtfs_rt};
+use crate::validation::{
+    ConfigError, HEADER_VALUE_EXPECTED, MANAGED_HEADERS, NAME_EXPECTED, Problems, bytes_in,
+    duration_in, fmt_duration, fraction, header_key, header_name, integer_in, interpolate,
+    is_valid_name, references, socket_address, usize_of,
+};
 
 /// Built-in defaults, used when neither the file nor the environment sets a key.
 pub mod defaults {
@@ -202,73 +205,18 @@ fn addresses_overlap(a: SocketAddr, b: SocketAddr) -> bool {
         && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
 }
 
-fn fmt_duration(d: Duration) -> String {
-    humantime::format_duration(d).to_string()
-}
-
-/// `value` when it lies within `bounds`, recording a problem otherwise.
-pub(super) fn duration_in(
-    problems: &mut Problems,
-    key: &str,
-    value: Option<Duration>,
-    default: Duration,
-    (min, max): (Duration, Duration),
-) -> Duration {
-    let Some(value) = value else {
-        return default;
-    };
-    if value < min || value > max {
-        problems.push(
-            key,
-            format!(
-                "expected {DURATION_EXPECTED} between {} and {}, got \"{}\"",
-                fmt_duration(min),
-                fmt_duration(max),
-                fmt_duration(value)
-            ),
-        );
-    }
-    value
-}
-
-pub(super) fn integer_in(
-    problems: &mut Problems,
-    key: &str,
-    value: Option<u64>,
-    default: u64,
-    (min, max): (u64, u64),
-) -> u64 {
-    let value = value.unwrap_or(default);
-    if value < min || value > max {
-        problems.push(
-            key,
-            format!("expected an integer from {min} to {max}, got {value}"),
-        );
-    }
-    value
-}
-
-fn listen_address(problems: &mut Problems, key: &str, value: &str) -> Option<SocketAddr> {
-    match value.trim().parse::<SocketAddr>() {
-        Ok(addr) => Some(addr),
-        Err(_) => {
-            problems.push(
-                key,
-                format!(
-                    "expected an IP address and port such as \"127.0.0.1:8080\" or \"[::]:8080\", \
-                     got {value:?}"
-                ),
-            );
-            None
-        }
-    }
-}
-
 fn server(raw: &RawServer, problems: &mut Problems) -> ServerSettings {
     let listen = raw
         .listen
         .as_deref()
-        .and_then(|l| listen_address(problems, "server.listen", l))
+        .and_then(|l| {
+            socket_address(
+                problems,
+                "server.listen",
+                l.trim(),
+                "\"127.0.0.1:8080\" or \"[::]:8080\"",
+            )
+        })
         .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8080)));
     let subscriber_buffer = integer_in(
         problems,
@@ -300,7 +248,7 @@ fn server(raw: &RawServer, problems: &mut Problems) -> ServerSettings {
             defaults::RETRY,
             limits::RETRY,
         ),
-        subscriber_buffer: usize::try_from(subscriber_buffer).unwrap_or(usize::MAX),
+        subscriber_buffer: usize_of(subscriber_buffer),
         stall_timeout: duration_in(
             problems,
             "server.stall_timeout",
@@ -336,7 +284,7 @@ fn server(raw: &RawServer, problems: &mut Problems) -> ServerSettings {
             defaults::BODY_TIMEOUT,
             limits::BODY_TIMEOUT,
         ),
-        max_connections: usize::try_from(max_connections).unwrap_or(usize::MAX),
+        max_connections: usize_of(max_connections),
         cors: cors(raw.cors.as_ref(), problems),
     }
 }
@@ -423,20 +371,6 @@ fn check_log_filter(filter: &str) -> Result<(), String> {
         .map(|_| ())
         .map_err(|e| format!("{EXPECTED}, got {filter:?} ({e})"))
 }
-
-/// Names of streams and rate-limit groups: `^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$`.
-pub fn is_valid_name(name: &str) -> bool {
-    let bytes = name.as_bytes();
-    !bytes.is_empty()
-        && bytes.len() <= 64
-        && bytes[0].is_ascii_alphanumeric()
-        && bytes
-            .iter()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
-}
-
-pub(super) const NAME_EXPECTED: &str = "expected 1 to 64 letters, digits, '.', '_' or '-', starting with a \
-                             letter or digit";
 
 fn upstream(raw: &RawUpstream, problems: &mut Problems) -> UpstreamSettings {
     let user_agent = raw
@@ -547,13 +481,12 @@ fn backoff(raw: &RawBackoff, problems: &mut Problems) -> BackoffSettings {
             format!("expected a number greater than {low} and at most {high}, got {multiplier}"),
         );
     }
-    let jitter = raw.jitter.unwrap_or(defaults::BACKOFF_JITTER);
-    if !(0.0..=1.0).contains(&jitter) {
-        problems.push(
-            "upstream.backoff.jitter",
-            format!("expected a fraction from 0 to 1, got {jitter}"),
-        );
-    }
+    let jitter = fraction(
+        problems,
+        "upstream.backoff.jitter",
+        raw.jitter,
+        defaults::BACKOFF_JITTER,
+    );
     let max_retry_after = duration_in(
         problems,
         "upstream.backoff.max_retry_after",
@@ -601,11 +534,12 @@ fn stream_defaults(
             defaults::TIMEOUT,
             limits::TIMEOUT,
         ),
-        max_body: max_body(
+        max_body: bytes_in(
             problems,
             "stream_defaults.max_body",
-            raw.max_body.map(|b| b.as_u64()),
+            raw.max_body,
             defaults::MAX_BODY,
+            limits::MAX_BODY,
         ),
         format: raw.format.unwrap_or_default(),
         history: integer_in(
@@ -615,79 +549,24 @@ fn stream_defaults(
             defaults::HISTORY,
             limits::HISTORY,
         ),
-        history_bytes: history_bytes(
+        history_bytes: bytes_in(
             problems,
             "stream_defaults.history_bytes",
-            raw.history_bytes.map(|b| b.as_u64()),
+            raw.history_bytes,
             defaults::HISTORY_BYTES,
+            limits::HISTORY_BYTES,
         ),
         headers: headers(problems, "stream_defaults.headers", "", &raw.headers, env),
     }
 }
 
-/// A `history_bytes` key, or `default` when it is not set.
-fn history_bytes(problems: &mut Problems, key: &str, value: Option<u64>, default: u64) -> u64 {
-    let value = value.unwrap_or(default);
-    let (min, max) = limits::HISTORY_BYTES;
-    if value < min || value > max {
-        problems.push(
-            key,
-            format!(
-                "expected a size from 1 KiB to 1 GiB (1024 to 1073741824 bytes), got {value} bytes"
-            ),
-        );
-    }
-    value
-}
-
-fn max_body(problems: &mut Problems, key: &str, value: Option<u64>, default: u64) -> u64 {
-    let value = value.unwrap_or(default);
-    let (min, max) = limits::MAX_BODY;
-    if value < min || value > max {
-        problems.push(
-            key,
-            format!(
-                "expected a size from 1 KiB to 1 GiB (1024 to 1073741824 bytes), got {value} bytes"
-            ),
-        );
-    }
-    value
-}
-
-/// The key of one header in messages; quoted when the name holds characters that would make the
-/// dotted path ambiguous.
-pub(super) fn header_key(table: &str, name: &str) -> String {
-    if name
-        .bytes()
-        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_'))
-    {
-        format!("{table}.{name}")
-    } else {
-        format!("{table}.{name:?}")
-    }
-}
-
 /// Headers whose values are credentials: never logged, and marked sensitive.
-pub(super) fn is_credential(name: &HeaderName) -> bool {
+fn is_credential(name: &HeaderName) -> bool {
     matches!(
         name.as_str(),
         "authorization" | "proxy-authorization" | "cookie" | "x-api-key" | "api-key"
     )
 }
-
-/// Headers that patchwire or its HTTP client set themselves: a configured value would break
-/// conditional requests, compression or framing.
-pub(super) const MANAGED_HEADERS: [&str; 9] = [
-    "host",
-    "content-length",
-    "transfer-encoding",
-    "connection",
-    "te",
-    "upgrade",
-    "accept-encoding",
-    "if-none-match",
-    "if-modified-since",
-];
 
 /// Validates one headers table whose dotted key is `table`; `context` starts messages (e.g.
 /// `in stream "fleet", `).
@@ -702,15 +581,10 @@ fn headers(
     let mut seen: HashMap<HeaderName, &str> = HashMap::new();
     for (name, template) in raw {
         let key = header_key(table, name);
-        let header = match HeaderName::from_bytes(name.as_bytes()) {
+        let header = match header_name(name) {
             Ok(header) => header,
-            Err(_) => {
-                problems.push(
-                    key,
-                    format!(
-                        "expected a header name of letters, digits and !#$%&'*+-.^_`|~, got {name:?}"
-                    ),
-                );
+            Err(message) => {
+                problems.push(key, message);
                 continue;
             }
         };
@@ -757,10 +631,7 @@ fn headers(
                 };
                 problems.push(
                     key,
-                    format!(
-                        "expected a header value of visible ASCII characters and spaces (no line \
-                         breaks or control characters), got {template:?}{from_env}"
-                    ),
+                    format!("{HEADER_VALUE_EXPECTED}, got {template:?}{from_env}"),
                 );
             }
         }
@@ -913,21 +784,26 @@ fn streams(
             defaults.timeout,
             limits::TIMEOUT,
         );
-        let max_body_bytes = match stream.max_body {
-            Some(bytes) => max_body(
-                problems,
-                &format!("{key}.max_body"),
-                Some(bytes.as_u64()),
-                0,
-            ),
-            None => defaults.max_body,
-        };
-        let history = history(problems, &key, stream.history, defaults.history);
-        let history_bytes = history_bytes(
+        let max_body_bytes = bytes_in(
+            problems,
+            &format!("{key}.max_body"),
+            stream.max_body,
+            defaults.max_body,
+            limits::MAX_BODY,
+        );
+        let history = integer_in(
+            problems,
+            &format!("{key}.history"),
+            stream.history,
+            defaults.history,
+            limits::HISTORY,
+        );
+        let history_bytes = bytes_in(
             problems,
             &format!("{key}.history_bytes"),
-            stream.history_bytes.map(|b| b.as_u64()),
+            stream.history_bytes,
             defaults.history_bytes,
+            limits::HISTORY_BYTES,
         );
         let on_demand = on_demand(problems, &key, stream);
         let own_headers = headers(
@@ -978,7 +854,7 @@ fn streams(
                     timeout,
                     max_body_bytes,
                     format,
-                    history: usize::try_from(history).unwrap_or(usize::MAX),
+                    history: usize_of(history),
                     history_bytes,
                     rate_limit_group,
                     diff,
@@ -988,20 +864,6 @@ fn streams(
         }
     }
     (streams, push_streams)
-}
-
-/// A stream's `history`, or `default` when it sets none.
-fn history(problems: &mut Problems, key: &str, value: Option<u64>, default: u64) -> u64 {
-    match value {
-        Some(history) => integer_in(
-            problems,
-            &format!("{key}.history"),
-            Some(history),
-            0,
-            limits::HISTORY,
-        ),
-        None => default,
-    }
 }
 
 /// A polled stream's `on_demand` and `linger`: `Some(linger)` when it polls only while
@@ -1058,17 +920,24 @@ fn push_stream(
             );
         }
     }
-    let history = history(problems, key, stream.history, defaults::HISTORY);
-    let history_bytes = history_bytes(
+    let history = integer_in(
+        problems,
+        &format!("{key}.history"),
+        stream.history,
+        defaults::HISTORY,
+        limits::HISTORY,
+    );
+    let history_bytes = bytes_in(
         problems,
         &format!("{key}.history_bytes"),
-        stream.history_bytes.map(|b| b.as_u64()),
+        stream.history_bytes,
         defaults::HISTORY_BYTES,
+        limits::HISTORY_BYTES,
     );
     let diff = stream.diff.validate(&format!("{key}.diff"), problems)?;
     Some(PushStreamSettings {
         name: stream.name.clone(),
-        history: usize::try_from(history).unwrap_or(usize::MAX),
+        history: usize_of(history),
         history_bytes,
         diff,
     })
@@ -1112,11 +981,12 @@ fn push(
         );
         return None;
     }
-    let max_body_bytes = max_body(
+    let max_body_bytes = bytes_in(
         problems,
         "push.max_body",
-        raw.max_body.map(|b| b.as_u64()),
+        raw.max_body,
         defaults::MAX_BODY,
+        limits::MAX_BODY,
     );
     Some(PushSettings {
         token,
@@ -1330,26 +1200,6 @@ mod tests {
         assert!(!addresses_overlap(a("127.0.0.1:80"), a("127.0.0.2:80")));
         assert!(!addresses_overlap(a("127.0.0.1:80"), a("127.0.0.1:81")));
         assert!(!addresses_overlap(a("127.0.0.1:0"), a("127.0.0.1:0")));
-    }
-
-    #[test]
-    fn names_follow_the_documented_pattern() {
-        for ok in ["fleet", "a", "A.b_c-1", "9", &"x".repeat(64)] {
-            assert!(is_valid_name(ok), "{ok}");
-        }
-        for bad in [
-            "",
-            "-a",
-            ".a",
-            "_a",
-            "a b",
-            "a/b",
-            "é",
-            "a:1",
-            &"x".repeat(65),
-        ] {
-            assert!(!is_valid_name(bad), "{bad}");
-        }
     }
 
     #[test]

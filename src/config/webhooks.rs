@@ -5,19 +5,19 @@ use std::collections::{BTreeMap, HashSet};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use http::header::{HeaderName, HeaderValue};
+use http::header::HeaderValue;
 use url::Url;
 
-use super::error::Problems;
-use super::interpolate::interpolate;
-use super::is_valid_name;
 use super::model::{AdminToken, WebhookEndpointSettings, WebhookSettings};
 use super::raw::{RawStream, RawWebhookEndpoint, RawWebhooks};
-use super::validate::{MANAGED_HEADERS, NAME_EXPECTED, duration_in, header_key, integer_in};
 use crate::sinks::webhook::body::Mode;
 use crate::sinks::webhook::schedule::{DEFAULT_SCHEDULE, RetrySchedule};
 use crate::sinks::webhook::sign::Secret;
 use crate::ssrf;
+use crate::validation::{
+    HEADER_VALUE_EXPECTED, MANAGED_HEADERS, NAME_EXPECTED, Problems, duration_in, fraction,
+    header_key, header_name, integer_in, interpolate, is_valid_name, usize_of,
+};
 
 /// Built-in defaults of `[webhooks]`.
 pub mod defaults {
@@ -87,10 +87,6 @@ const DELIVERY_HEADERS: [&str; 5] = [
     "webhook-signature",
     "user-agent",
 ];
-
-fn usize_of(value: u64) -> usize {
-    usize::try_from(value).unwrap_or(usize::MAX)
-}
 
 /// Validates `[webhooks]`; `streams` are the configured streams that endpoints may name.
 pub(super) fn validate(
@@ -163,13 +159,7 @@ pub(super) fn validate(
                 .collect()
         }
     };
-    let jitter = raw.jitter.unwrap_or(defaults::JITTER);
-    if !(0.0..=1.0).contains(&jitter) {
-        problems.push(
-            "webhooks.jitter",
-            format!("expected a fraction from 0 to 1, got {jitter}"),
-        );
-    }
+    let jitter = fraction(problems, "webhooks.jitter", raw.jitter, defaults::JITTER);
     let schedule = RetrySchedule {
         delays,
         jitter,
@@ -264,14 +254,7 @@ pub(super) fn validate(
 /// valid, and none may be one patchwire sets itself.
 pub fn endpoint_headers(headers: &BTreeMap<String, String>) -> Result<(), (String, String)> {
     for (name, value) in headers {
-        let Ok(header) = HeaderName::from_bytes(name.as_bytes()) else {
-            return Err((
-                name.clone(),
-                format!(
-                    "expected a header name of letters, digits and !#$%&'*+-.^_`|~, got {name:?}"
-                ),
-            ));
-        };
+        let header = header_name(name).map_err(|message| (name.clone(), message))?;
         if MANAGED_HEADERS.contains(&header.as_str()) || DELIVERY_HEADERS.contains(&header.as_str())
         {
             return Err((
@@ -283,12 +266,7 @@ pub fn endpoint_headers(headers: &BTreeMap<String, String>) -> Result<(), (Strin
             ));
         }
         if HeaderValue::from_str(value).is_err() {
-            return Err((
-                name.clone(),
-                "expected a header value of visible ASCII characters and spaces (no line breaks \
-                 or control characters)"
-                    .to_owned(),
-            ));
+            return Err((name.clone(), HEADER_VALUE_EXPECTED.to_owned()));
         }
     }
     Ok(())

@@ -21,7 +21,7 @@ use std::collections::BTreeMap;
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::config::Problems;
+use crate::validation::Problems;
 
 pub use json_patch::{Patch, PatchOperation};
 pub use pattern::{KeyPath, PathPattern, Segment};

@@ -4,7 +4,7 @@ use proptest::prelude::*;
 use serde_json::{Value, json};
 
 use super::*;
-use crate::config::Problems;
+use crate::validation::Problems;
 
 fn options(toml_table: &str) -> DiffOptions {
     let config: DiffConfig = toml_from(toml_table);

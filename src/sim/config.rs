@@ -110,7 +110,7 @@ impl SimulatorConfig {
     pub fn validate(
         &self,
         key: &str,
-        problems: &mut crate::config::Problems,
+        problems: &mut crate::validation::Problems,
     ) -> Option<SimulatorSettings> {
         let before = problems.len();
         let listen = match self.listen.parse::<SocketAddr>() {
@@ -218,7 +218,7 @@ mod tests {
     use serde_json::json;
 
     use super::*;
-    use crate::config::Problems;
+    use crate::validation::Problems;
 
     fn parse(value: serde_json::Value) -> SimulatorConfig {
         match serde_json::from_value(value) {

@@ -1093,7 +1093,7 @@ mod tests {
             ignore: Some(DEFAULT_IGNORE.map(str::to_owned).to_vec()),
             ..Default::default()
         };
-        let mut problems = crate::config::Problems::default();
+        let mut problems = crate::validation::Problems::default();
         let options = table.validate("diff", &mut problems);
         assert!(problems.is_empty(), "{problems:?}");
         let options = options.unwrap();

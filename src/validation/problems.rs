@@ -1,4 +1,4 @@
-//! Configuration errors: every problem names the file, the key and what was expected.
+//! Problems found in a configuration: every one names the file, the key and what was expected.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
