@@ -1722,7 +1722,7 @@ fn history_bytes_defaults_inherits_and_is_checked() {
     let (_f, result) = load_toml("[[streams]]\nname = \"a\"\nurl = \"http://example.com/a\"\n");
     assert_eq!(
         result.expect("valid").streams[0].history_bytes,
-        patchwire::config::defaults::HISTORY_BYTES
+        patchwire::upstream::config::defaults::HISTORY_BYTES
     );
     assert_rejected(
         "patchwire.toml",

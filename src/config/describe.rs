@@ -6,7 +6,8 @@ use std::fmt::Write as _;
 
 use url::Url;
 
-use super::model::{Config, Cors, LogFormat, RateLimit};
+use super::model::{Config, Cors, LogFormat};
+use crate::upstream::config::RateLimit;
 
 use crate::validation::{fmt_bytes, fmt_duration};
 

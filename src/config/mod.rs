@@ -25,5 +25,5 @@ pub use load::{
 pub use model::*;
 pub use proxy::{defaults as proxy_defaults, limits as proxy_limits};
 pub use raw::RawConfig;
-pub use validate::{defaults, host_group, limits, validate};
+pub use validate::{defaults, limits, validate};
 pub use webhooks::{defaults as webhook_defaults, endpoint_headers, limits as webhook_limits};

@@ -9,12 +9,12 @@ use std::num::NonZeroU32;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use http::{HeaderMap, HeaderValue};
+use http::HeaderValue;
 use url::Url;
 
 use crate::diff::DiffOptions;
 use crate::sim::SimulatorSettings;
-use crate::upstream::decode::Format;
+use crate::upstream::config::{StreamSettings, UpstreamSettings};
 
 /// A complete, validated configuration.
 #[derive(Debug, Clone)]
@@ -392,73 +392,6 @@ pub enum LogFormat {
     Plain,
     /// One JSON object per line.
     Json,
-}
-
-/// Settings shared by all upstream pollers.
-#[derive(Debug, Clone)]
-pub struct UpstreamSettings {
-    /// `User-Agent` sent upstream.
-    pub user_agent: String,
-    /// Quota for each upstream host that no named group covers.
-    pub default_rate_limit: RateLimit,
-    /// Named rate-limit groups that streams may join (`rate_limit_group`).
-    pub rate_limits: BTreeMap<String, RateLimit>,
-    /// Retry schedule after failed polls.
-    pub backoff: BackoffSettings,
-}
-
-/// A request quota: a sustained rate and a burst.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct RateLimit {
-    /// Requests per second, sustained.
-    pub per_second: NonZeroU32,
-    /// Requests allowed at once after a quiet period.
-    pub burst: NonZeroU32,
-}
-
-/// Exponential backoff after failed polls.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct BackoffSettings {
-    /// Delay after the first failure.
-    pub initial: Duration,
-    /// Upper bound for any computed delay.
-    pub max: Duration,
-    /// Growth factor per consecutive failure (> 1).
-    pub multiplier: f64,
-    /// Fraction of each delay that is randomized, 0.0..=1.0.
-    pub jitter: f64,
-    /// Upper bound for an upstream's `Retry-After`.
-    pub max_retry_after: Duration,
-}
-
-/// One configured stream.
-#[derive(Debug, Clone)]
-pub struct StreamSettings {
-    /// Unique name; the stream is served at `/streams/{name}`.
-    pub name: String,
-    /// The upstream URL polled (http or https).
-    pub url: Url,
-    /// Headers sent with every poll, `${VAR}` references already resolved.
-    pub headers: HeaderMap,
-    /// Time between polls.
-    pub interval: Duration,
-    /// Timeout for a whole poll request (connect, headers and body).
-    pub timeout: Duration,
-    /// Largest body accepted, in bytes.
-    pub max_body_bytes: u64,
-    /// How the body is decoded.
-    pub format: Format,
-    /// How many recent changes are kept for resuming subscribers.
-    pub history: usize,
-    /// Most bytes those changes may hold together.
-    pub history_bytes: u64,
-    /// The rate-limit group: a named group, or the upstream host (`host:port`) by default.
-    pub rate_limit_group: String,
-    /// How changes are computed.
-    pub diff: DiffOptions,
-    /// `Some(linger)`: poll only while the stream has subscribers, and for `linger` after the
-    /// last one leaves (the snapshot is dropped when polling stops). `None`: poll always.
-    pub on_demand: Option<Duration>,
 }
 
 #[cfg(test)]

@@ -71,9 +71,9 @@ pub mod limits {
     /// `proxy.max_body`, in bytes.
     pub const MAX_BODY: (u64, u64) = (1 << 10, 1 << 30);
     /// `proxy.history`.
-    pub const HISTORY: (u64, u64) = super::super::validate::limits::HISTORY;
+    pub const HISTORY: (u64, u64) = crate::upstream::config::limits::HISTORY;
     /// `proxy.history_bytes`, in bytes.
-    pub const HISTORY_BYTES: (u64, u64) = super::super::validate::limits::HISTORY_BYTES;
+    pub const HISTORY_BYTES: (u64, u64) = crate::upstream::config::limits::HISTORY_BYTES;
     /// `proxy.tokens[].max_connections`.
     pub const MAX_CONNECTIONS: (u64, u64) = (1, 1_000_000);
     /// `proxy.tokens[].connections_per_second` and `connections_burst`.

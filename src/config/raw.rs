@@ -11,7 +11,7 @@ use serde::Deserialize;
 
 use crate::diff::DiffConfig;
 use crate::sim::SimulatorConfig;
-use crate::upstream::decode::Format;
+use crate::upstream::config::{RawStream, RawStreamDefaults, RawUpstream};
 
 /// The whole configuration file.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -224,17 +224,6 @@ pub struct RawPush {
     pub max_body: Option<ByteSize>,
 }
 
-/// Where a stream's documents come from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum RawSource {
-    /// Polled from `url` (the default).
-    #[default]
-    Poll,
-    /// Pushed by publishers through `POST`/`PATCH /streams/{name}`; no upstream.
-    Push,
-}
-
 /// `[server]`: where subscribers connect and how their connections behave.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -298,120 +287,4 @@ pub enum RawLogFormat {
     Plain,
     /// One JSON object per line.
     Json,
-}
-
-/// `[upstream]`: settings shared by every poller.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RawUpstream {
-    /// `User-Agent` sent upstream (default `"patchwire/<version>"`).
-    pub user_agent: Option<String>,
-    /// Retry schedule after failed polls (`[upstream.backoff]`).
-    #[serde(default)]
-    pub backoff: RawBackoff,
-    /// Quota for each upstream `host:port` that no named group covers (default 10/s, burst 10).
-    pub default_rate_limit: Option<RawRateLimit>,
-    /// Named quotas that streams join with `rate_limit_group` (`[upstream.rate_limits.<group>]`).
-    #[serde(default)]
-    pub rate_limits: BTreeMap<String, RawRateLimit>,
-}
-
-/// `[upstream.backoff]`: exponential backoff after failed polls.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RawBackoff {
-    /// Delay after the first failure (default 1s, 1ms..=1h).
-    #[serde(default, with = "humantime_serde::option")]
-    pub initial: Option<Duration>,
-    /// Upper bound of any computed delay (default 5m, at least `initial`, at most 24h).
-    #[serde(default, with = "humantime_serde::option")]
-    pub max: Option<Duration>,
-    /// Growth factor per consecutive failure (default 2, greater than 1, at most 10).
-    pub multiplier: Option<f64>,
-    /// Fraction of each delay that is randomized (default 0.2, 0..=1).
-    pub jitter: Option<f64>,
-    /// Upper bound honoured for an upstream's `Retry-After` (default 1h, 1s..=24h).
-    #[serde(default, with = "humantime_serde::option")]
-    pub max_retry_after: Option<Duration>,
-}
-
-/// A request quota: `per_second` sustained, `burst` at once.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RawRateLimit {
-    /// Requests per second, sustained (at least 1; required in a named group, default 10 for
-    /// `default_rate_limit`).
-    pub per_second: Option<u32>,
-    /// Requests allowed at once after a quiet period (at least 1; default `per_second`).
-    pub burst: Option<u32>,
-}
-
-/// `[stream_defaults]`: values used by every stream that does not set the key itself.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RawStreamDefaults {
-    /// Time between polls (default 5s).
-    #[serde(default, with = "humantime_serde::option")]
-    pub interval: Option<Duration>,
-    /// Timeout of one whole poll request (default 10s).
-    #[serde(default, with = "humantime_serde::option")]
-    pub timeout: Option<Duration>,
-    /// Largest upstream body accepted (default 16 MiB).
-    pub max_body: Option<ByteSize>,
-    /// How bodies are decoded (default `"json"`).
-    pub format: Option<Format>,
-    /// Recent changes kept for resuming subscribers (default 1000).
-    pub history: Option<u64>,
-    /// Most bytes a stream's history holds (default 16 MiB, 1 KiB..=1 GiB).
-    pub history_bytes: Option<ByteSize>,
-    /// Headers sent with every poll of every stream; a stream's own header of the same name
-    /// (compared case-insensitively) wins.
-    #[serde(default)]
-    pub headers: BTreeMap<String, String>,
-}
-
-/// One `[[streams]]` entry.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RawStream {
-    /// Unique name, served at `/streams/{name}`: letters, digits, `.`, `_`, `-`, at most 64.
-    pub name: String,
-    /// Where documents come from: `"poll"` (default) or `"push"`.
-    #[serde(default)]
-    pub source: RawSource,
-    /// The upstream URL polled (http or https; required for polled streams, absent for push
-    /// streams); `${VAR}` is replaced by the environment variable `VAR`, `$${` stands for a
-    /// literal `${`.
-    pub url: Option<String>,
-    /// Headers sent with every poll (name → value; `${VAR}` as in `url`).
-    #[serde(default)]
-    pub headers: BTreeMap<String, String>,
-    /// Time between polls (100ms..=24h; default from `[stream_defaults]`, else 5s).
-    #[serde(default, with = "humantime_serde::option")]
-    pub interval: Option<Duration>,
-    /// Timeout of one whole poll request (1ms..=10min; default from `[stream_defaults]`, else 10s).
-    #[serde(default, with = "humantime_serde::option")]
-    pub timeout: Option<Duration>,
-    /// Largest body accepted: bytes as an integer or a size such as `"16 MiB"`
-    /// (1 KiB..=1 GiB; default from `[stream_defaults]`, else 16 MiB).
-    pub max_body: Option<ByteSize>,
-    /// How the body is decoded (default from `[stream_defaults]`, else `"json"`).
-    pub format: Option<Format>,
-    /// Recent changes kept for resuming subscribers (1..=100000; default from
-    /// `[stream_defaults]`, else 1000).
-    pub history: Option<u64>,
-    /// Most bytes the history holds (1 KiB..=1 GiB; default from `[stream_defaults]`, else
-    /// 16 MiB).
-    pub history_bytes: Option<ByteSize>,
-    /// A named group from `[upstream.rate_limits]`; by default the URL's `host:port`.
-    pub rate_limit_group: Option<String>,
-    /// How changes are computed (`[streams.diff]`).
-    #[serde(default)]
-    pub diff: DiffConfig,
-    /// Poll only while the stream has subscribers (default false; polled streams only).
-    pub on_demand: Option<bool>,
-    /// With `on_demand = true`: how long polling continues after the last subscriber left
-    /// (default 30s, 0s..=1 day).
-    #[serde(default, with = "humantime_serde::option")]
-    pub linger: Option<Duration>,
 }

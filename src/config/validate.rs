@@ -1,38 +1,34 @@
 //! Pure validation: [`RawConfig`] in, [`Config`] or every problem out. No I/O; the environment
 //! is read only through the `env` lookup passed in (for `${VAR}` references).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::num::NonZeroU32;
 use std::path::Path;
-use std::time::Duration;
 
-use http::HeaderMap;
-use http::header::{HeaderName, HeaderValue};
+use http::header::HeaderValue;
 use url::Url;
 
 use super::model::{
-    BackoffSettings, Config, Cors, LogFormat, LogSettings, PushSettings, PushStreamSettings,
-    RateLimit, ServerSettings, StreamSettings, UpstreamSettings,
+    Config, Cors, LogFormat, LogSettings, PushSettings, PushStreamSettings, ServerSettings,
 };
-use super::raw::{
-    RawBackoff, RawConfig, RawCors, RawLog, RawLogFormat, RawPush, RawRateLimit, RawServer,
-    RawSource, RawStream, RawStreamDefaults, RawUpstream,
+use super::raw::{RawConfig, RawCors, RawLog, RawLogFormat, RawPush, RawServer};
+use crate::upstream::config::{
+    self as upstream_config, RawSource, RawStream, StreamDefaults, StreamSettings, UpstreamSettings,
 };
-use crate::diff::DiffConfig;
-use crate::upstream::decode::{Format, gtfs_rt};
 use crate::validation::{
-    ConfigError, HEADER_VALUE_EXPECTED, MANAGED_HEADERS, NAME_EXPECTED, Problems, bytes_in,
-    duration_in, fmt_duration, fraction, header_key, header_name, integer_in, interpolate,
-    is_valid_name, references, socket_address, usize_of,
+    ConfigError, NAME_EXPECTED, Problems, bytes_in, duration_in, integer_in, interpolate,
+    is_valid_name, socket_address, usize_of,
 };
 
-/// Built-in defaults, used when neither the file nor the environment sets a key.
+/// Built-in defaults of the keys the application itself owns (`[server]`, `[log]`), used when
+/// neither the file nor the environment sets them. Each component's own are beside it
+/// (`upstream::config`, `proxy::config`, `sinks::webhook::config`, `diff`, `sim`).
 pub mod defaults {
+    use std::net::{IpAddr, Ipv4Addr, SocketAddr};
     use std::time::Duration;
 
     /// `server.listen`.
-    pub const LISTEN: &str = "127.0.0.1:8080";
+    pub const LISTEN: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 8080);
     /// `server.keepalive`.
     pub const KEEPALIVE: Duration = Duration::from_secs(15);
     /// `server.retry`.
@@ -53,43 +49,12 @@ pub mod defaults {
     pub const MAX_CONNECTIONS: u64 = 10_000;
     /// `log.level`.
     pub const LOG_LEVEL: &str = "info";
-    /// `upstream.user_agent`.
-    pub const USER_AGENT: &str = concat!("patchwire/", env!("CARGO_PKG_VERSION"));
-    /// `upstream.default_rate_limit.per_second` (and its burst).
-    pub const RATE_PER_SECOND: u32 = 10;
-    /// `upstream.backoff.initial`.
-    pub const BACKOFF_INITIAL: Duration = Duration::from_secs(1);
-    /// `upstream.backoff.max`.
-    pub const BACKOFF_MAX: Duration = Duration::from_secs(5 * 60);
-    /// `upstream.backoff.multiplier`.
-    pub const BACKOFF_MULTIPLIER: f64 = 2.0;
-    /// `upstream.backoff.jitter`.
-    pub const BACKOFF_JITTER: f64 = 0.2;
-    /// `upstream.backoff.max_retry_after`.
-    pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
-    /// `interval` of a stream.
-    pub const INTERVAL: Duration = Duration::from_secs(5);
-    /// `timeout` of a stream.
-    pub const TIMEOUT: Duration = Duration::from_secs(10);
-    /// `max_body` of a stream, in bytes.
-    pub const MAX_BODY: u64 = 16 * 1024 * 1024;
-    /// `history` of a stream.
-    pub const HISTORY: u64 = 1000;
-    /// `history_bytes` of a stream.
-    pub const HISTORY_BYTES: u64 = 16 * 1024 * 1024;
-    /// `linger` of an on-demand stream.
-    pub const LINGER: Duration = Duration::from_secs(30);
 }
 
-/// Inclusive bounds of the numeric and duration keys.
+/// Inclusive bounds of the keys the application itself owns.
 pub mod limits {
     use std::time::Duration;
 
-    /// `interval`.
-    pub const INTERVAL: (Duration, Duration) =
-        (Duration::from_millis(100), Duration::from_secs(24 * 3600));
-    /// `timeout`.
-    pub const TIMEOUT: (Duration, Duration) = (Duration::from_millis(1), Duration::from_secs(600));
     /// `server.keepalive`.
     pub const KEEPALIVE: (Duration, Duration) = (Duration::from_secs(1), Duration::from_secs(600));
     /// `server.retry`.
@@ -110,27 +75,8 @@ pub mod limits {
         (Duration::from_secs(1), Duration::from_secs(3600));
     /// `server.max_connections`.
     pub const MAX_CONNECTIONS: (u64, u64) = (1, 1_000_000);
-    /// `upstream.backoff.initial`.
-    pub const BACKOFF_INITIAL: (Duration, Duration) =
-        (Duration::from_millis(1), Duration::from_secs(3600));
-    /// `upstream.backoff.max` (and at least `initial`).
-    pub const BACKOFF_MAX: (Duration, Duration) =
-        (Duration::from_millis(1), Duration::from_secs(24 * 3600));
-    /// `upstream.backoff.max_retry_after`.
-    pub const MAX_RETRY_AFTER: (Duration, Duration) =
-        (Duration::from_secs(1), Duration::from_secs(24 * 3600));
-    /// `upstream.backoff.multiplier`: greater than the first, at most the second.
-    pub const BACKOFF_MULTIPLIER: (f64, f64) = (1.0, 10.0);
-    /// `max_body`, in bytes.
-    pub const MAX_BODY: (u64, u64) = (1024, 1024 * 1024 * 1024);
-    /// `history`.
-    pub const HISTORY: (u64, u64) = (1, 100_000);
-    /// `history_bytes`, in bytes.
-    pub const HISTORY_BYTES: (u64, u64) = (1024, 1024 * 1024 * 1024);
     /// `server.subscriber_buffer`.
     pub const SUBSCRIBER_BUFFER: (u64, u64) = (1, 65_536);
-    /// `linger` of an on-demand stream.
-    pub const LINGER: (Duration, Duration) = (Duration::ZERO, Duration::from_secs(24 * 3600));
 }
 
 /// Validates `raw` (loaded from `source`, if any), resolving `${VAR}` references through `env`.
@@ -144,7 +90,7 @@ pub fn validate(
     let mut problems = Problems::default();
     let server = server(&raw.server, &mut problems);
     let log = log(&raw.log, &mut problems);
-    let upstream = upstream(&raw.upstream, &mut problems);
+    let upstream = raw.upstream.validate(&mut problems);
     let simulator = raw
         .simulator
         .as_ref()
@@ -160,7 +106,7 @@ pub fn validate(
             );
         }
     }
-    let defaults = stream_defaults(&raw.stream_defaults, env, &mut problems);
+    let defaults = raw.stream_defaults.validate(env, &mut problems);
     // A proxy-only deployment (`[proxy]` enabled, its tokens, no `[[streams]]`) is valid.
     let proxy_enabled = raw
         .proxy
@@ -217,7 +163,7 @@ fn server(raw: &RawServer, problems: &mut Problems) -> ServerSettings {
                 "\"127.0.0.1:8080\" or \"[::]:8080\"",
             )
         })
-        .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8080)));
+        .unwrap_or(defaults::LISTEN);
     let subscriber_buffer = integer_in(
         problems,
         "server.subscriber_buffer",
@@ -372,348 +318,6 @@ fn check_log_filter(filter: &str) -> Result<(), String> {
         .map_err(|e| format!("{EXPECTED}, got {filter:?} ({e})"))
 }
 
-fn upstream(raw: &RawUpstream, problems: &mut Problems) -> UpstreamSettings {
-    let user_agent = raw
-        .user_agent
-        .clone()
-        .unwrap_or_else(|| defaults::USER_AGENT.to_owned());
-    if user_agent.trim().is_empty() || HeaderValue::from_str(&user_agent).is_err() {
-        problems.push(
-            "upstream.user_agent",
-            format!(
-                "expected a non-empty header value without control characters, got {user_agent:?}"
-            ),
-        );
-    }
-    let default = RawRateLimit {
-        per_second: Some(defaults::RATE_PER_SECOND),
-        burst: None,
-    };
-    let default_rate_limit = rate_limit(
-        problems,
-        "upstream.default_rate_limit",
-        raw.default_rate_limit.as_ref().unwrap_or(&default),
-        defaults::RATE_PER_SECOND,
-    );
-    let mut rate_limits = BTreeMap::new();
-    for (name, limit) in &raw.rate_limits {
-        let key = format!("upstream.rate_limits.{name}");
-        if !is_valid_name(name) {
-            problems.push(
-                key.clone(),
-                format!("{NAME_EXPECTED} as a group name, got {name:?}"),
-            );
-        }
-        if limit.per_second.is_none() {
-            problems.push(
-                format!("{key}.per_second"),
-                "missing required key: expected the requests per second allowed for this group",
-            );
-        }
-        let limit = rate_limit(problems, &key, limit, defaults::RATE_PER_SECOND);
-        rate_limits.insert(name.clone(), limit);
-    }
-    UpstreamSettings {
-        user_agent,
-        default_rate_limit,
-        rate_limits,
-        backoff: backoff(&raw.backoff, problems),
-    }
-}
-
-fn rate_limit(
-    problems: &mut Problems,
-    key: &str,
-    raw: &RawRateLimit,
-    default_per_second: u32,
-) -> RateLimit {
-    let nonzero = |problems: &mut Problems, field: &str, value: u32| {
-        NonZeroU32::new(value).unwrap_or_else(|| {
-            problems.push(
-                format!("{key}.{field}"),
-                "expected at least 1 request, got 0 (remove the stream to stop polling)",
-            );
-            NonZeroU32::MIN
-        })
-    };
-    let per_second = nonzero(
-        problems,
-        "per_second",
-        raw.per_second.unwrap_or(default_per_second),
-    );
-    let burst = match raw.burst {
-        Some(burst) => nonzero(problems, "burst", burst),
-        None => per_second,
-    };
-    RateLimit { per_second, burst }
-}
-
-fn backoff(raw: &RawBackoff, problems: &mut Problems) -> BackoffSettings {
-    let initial = duration_in(
-        problems,
-        "upstream.backoff.initial",
-        raw.initial,
-        defaults::BACKOFF_INITIAL,
-        limits::BACKOFF_INITIAL,
-    );
-    let max = duration_in(
-        problems,
-        "upstream.backoff.max",
-        raw.max,
-        defaults::BACKOFF_MAX,
-        limits::BACKOFF_MAX,
-    );
-    if max < initial {
-        problems.push(
-            "upstream.backoff.max",
-            format!(
-                "expected at least upstream.backoff.initial ({}), got \"{}\"",
-                fmt_duration(initial),
-                fmt_duration(max)
-            ),
-        );
-    }
-    let multiplier = raw.multiplier.unwrap_or(defaults::BACKOFF_MULTIPLIER);
-    let (low, high) = limits::BACKOFF_MULTIPLIER;
-    if !(multiplier > low && multiplier <= high) {
-        problems.push(
-            "upstream.backoff.multiplier",
-            format!("expected a number greater than {low} and at most {high}, got {multiplier}"),
-        );
-    }
-    let jitter = fraction(
-        problems,
-        "upstream.backoff.jitter",
-        raw.jitter,
-        defaults::BACKOFF_JITTER,
-    );
-    let max_retry_after = duration_in(
-        problems,
-        "upstream.backoff.max_retry_after",
-        raw.max_retry_after,
-        defaults::MAX_RETRY_AFTER,
-        limits::MAX_RETRY_AFTER,
-    );
-    BackoffSettings {
-        initial,
-        max,
-        multiplier,
-        jitter,
-        max_retry_after,
-    }
-}
-
-/// `[stream_defaults]` after validation, with built-in defaults filled in.
-struct StreamDefaults {
-    interval: Duration,
-    timeout: Duration,
-    max_body: u64,
-    format: Format,
-    history: u64,
-    history_bytes: u64,
-    headers: HeaderMap,
-}
-
-fn stream_defaults(
-    raw: &RawStreamDefaults,
-    env: &dyn Fn(&str) -> Option<String>,
-    problems: &mut Problems,
-) -> StreamDefaults {
-    StreamDefaults {
-        interval: duration_in(
-            problems,
-            "stream_defaults.interval",
-            raw.interval,
-            defaults::INTERVAL,
-            limits::INTERVAL,
-        ),
-        timeout: duration_in(
-            problems,
-            "stream_defaults.timeout",
-            raw.timeout,
-            defaults::TIMEOUT,
-            limits::TIMEOUT,
-        ),
-        max_body: bytes_in(
-            problems,
-            "stream_defaults.max_body",
-            raw.max_body,
-            defaults::MAX_BODY,
-            limits::MAX_BODY,
-        ),
-        format: raw.format.unwrap_or_default(),
-        history: integer_in(
-            problems,
-            "stream_defaults.history",
-            raw.history,
-            defaults::HISTORY,
-            limits::HISTORY,
-        ),
-        history_bytes: bytes_in(
-            problems,
-            "stream_defaults.history_bytes",
-            raw.history_bytes,
-            defaults::HISTORY_BYTES,
-            limits::HISTORY_BYTES,
-        ),
-        headers: headers(problems, "stream_defaults.headers", "", &raw.headers, env),
-    }
-}
-
-/// Headers whose values are credentials: never logged, and marked sensitive.
-fn is_credential(name: &HeaderName) -> bool {
-    matches!(
-        name.as_str(),
-        "authorization" | "proxy-authorization" | "cookie" | "x-api-key" | "api-key"
-    )
-}
-
-/// Validates one headers table whose dotted key is `table`; `context` starts messages (e.g.
-/// `in stream "fleet", `).
-fn headers(
-    problems: &mut Problems,
-    table: &str,
-    context: &str,
-    raw: &BTreeMap<String, String>,
-    env: &dyn Fn(&str) -> Option<String>,
-) -> HeaderMap {
-    let mut map = HeaderMap::with_capacity(raw.len());
-    let mut seen: HashMap<HeaderName, &str> = HashMap::new();
-    for (name, template) in raw {
-        let key = header_key(table, name);
-        let header = match header_name(name) {
-            Ok(header) => header,
-            Err(message) => {
-                problems.push(key, message);
-                continue;
-            }
-        };
-        if MANAGED_HEADERS.contains(&header.as_str()) {
-            problems.push(
-                key,
-                format!(
-                    "expected a header that patchwire does not manage itself; {name} is set per \
-                     request (conditional requests, compression, connection handling)"
-                ),
-            );
-            continue;
-        }
-        if let Some(first) = seen.insert(header.clone(), name) {
-            problems.push(
-                key,
-                format!(
-                    "header {name:?} is set twice in this table (also as {first:?}); header names \
-                     are case-insensitive"
-                ),
-            );
-            continue;
-        }
-        let resolved = match interpolate(template, env) {
-            Ok(resolved) => resolved,
-            Err(e) => {
-                problems.push(key, format!("{context}the value {e}"));
-                continue;
-            }
-        };
-        // The resolved value may be a secret: messages show only the template.
-        match HeaderValue::from_str(&resolved) {
-            Ok(mut value) => {
-                if is_credential(&header) || !references(template).is_empty() {
-                    value.set_sensitive(true);
-                }
-                map.insert(header, value);
-            }
-            Err(_) => {
-                let from_env = if references(template).is_empty() {
-                    ""
-                } else {
-                    " after replacing ${VAR} references"
-                };
-                problems.push(
-                    key,
-                    format!("{HEADER_VALUE_EXPECTED}, got {template:?}{from_env}"),
-                );
-            }
-        }
-    }
-    map
-}
-
-const URL_EXPECTED: &str =
-    "expected an absolute http or https URL such as \"https://api.example.com/v1/vehicles\"";
-
-fn stream_url(
-    problems: &mut Problems,
-    key: &str,
-    context: &str,
-    template: &str,
-    env: &dyn Fn(&str) -> Option<String>,
-) -> Option<Url> {
-    let resolved = match interpolate(template, env) {
-        Ok(resolved) => resolved,
-        Err(e) => {
-            problems.push(key, format!("{context}the URL {e}"));
-            return None;
-        }
-    };
-    // Messages show the template, never the resolved URL, which may hold a secret.
-    let url = match Url::parse(resolved.trim()) {
-        Ok(url) => url,
-        Err(e) => {
-            problems.push(key, format!("{URL_EXPECTED}, got {template:?} ({e})"));
-            return None;
-        }
-    };
-    if !matches!(url.scheme(), "http" | "https") {
-        problems.push(
-            key,
-            format!(
-                "{URL_EXPECTED}, got {template:?} (scheme {:?} is not http or https)",
-                url.scheme()
-            ),
-        );
-        return None;
-    }
-    if url.host_str().is_none_or(str::is_empty) {
-        problems.push(key, format!("{URL_EXPECTED}, got {template:?} (no host)"));
-        return None;
-    }
-    Some(url)
-}
-
-/// A stream's `[streams.diff]` table with its format's defaults filled in.
-///
-/// For `gtfs-rt`: the keys of [`gtfs_rt::DEFAULT_KEYS`] for every array pattern the table does
-/// not key itself (a key set for the same pattern wins), and `ignore` =
-/// [`gtfs_rt::DEFAULT_IGNORE`] unless the table sets `ignore` (`ignore = []` ignores nothing).
-/// `json` has no defaults.
-fn format_diff_defaults(format: Format, table: &DiffConfig) -> DiffConfig {
-    let mut table = table.clone();
-    match format {
-        Format::Json => {}
-        Format::GtfsRt => {
-            let keys = table.keys.get_or_insert_with(BTreeMap::new);
-            for (array, key) in gtfs_rt::DEFAULT_KEYS {
-                keys.entry(array.to_owned())
-                    .or_insert_with(|| key.to_owned());
-            }
-            table
-                .ignore
-                .get_or_insert_with(|| gtfs_rt::DEFAULT_IGNORE.map(str::to_owned).to_vec());
-        }
-    }
-    table
-}
-
-/// The rate-limit group a stream joins when it names none: its upstream's `host:port`.
-pub fn host_group(url: &Url) -> String {
-    let host = url.host_str().unwrap_or_default();
-    match url.port_or_known_default() {
-        Some(port) => format!("{host}:{port}"),
-        None => host.to_owned(),
-    }
-}
-
 fn streams(
     raw: &[RawStream],
     proxy_enabled: bool,
@@ -758,136 +362,13 @@ fn streams(
             }
             continue;
         }
-        let context = format!("in stream {:?}, ", stream.name);
-        let url = match &stream.url {
-            Some(url) => stream_url(problems, &format!("{key}.url"), &context, url, env),
-            None => {
-                problems.push(
-                    format!("{key}.url"),
-                    "missing required key `url`: the upstream URL to poll (a stream fed by \
-                     POST/PATCH sets source = \"push\" instead)",
-                );
-                None
-            }
-        };
-        let interval = duration_in(
-            problems,
-            &format!("{key}.interval"),
-            stream.interval,
-            defaults.interval,
-            limits::INTERVAL,
-        );
-        let timeout = duration_in(
-            problems,
-            &format!("{key}.timeout"),
-            stream.timeout,
-            defaults.timeout,
-            limits::TIMEOUT,
-        );
-        let max_body_bytes = bytes_in(
-            problems,
-            &format!("{key}.max_body"),
-            stream.max_body,
-            defaults.max_body,
-            limits::MAX_BODY,
-        );
-        let history = integer_in(
-            problems,
-            &format!("{key}.history"),
-            stream.history,
-            defaults.history,
-            limits::HISTORY,
-        );
-        let history_bytes = bytes_in(
-            problems,
-            &format!("{key}.history_bytes"),
-            stream.history_bytes,
-            defaults.history_bytes,
-            limits::HISTORY_BYTES,
-        );
-        let on_demand = on_demand(problems, &key, stream);
-        let own_headers = headers(
-            problems,
-            &format!("{key}.headers"),
-            &context,
-            &stream.headers,
-            env,
-        );
-        // The stream's own headers replace defaults of the same name.
-        let mut headers = defaults.headers.clone();
-        for (name, value) in &own_headers {
-            headers.insert(name.clone(), value.clone());
-        }
-        let rate_limit_group = match (&stream.rate_limit_group, &url) {
-            (Some(group), _) => {
-                if !upstream.rate_limits.contains_key(group) {
-                    let known: Vec<&str> =
-                        upstream.rate_limits.keys().map(String::as_str).collect();
-                    let known = if known.is_empty() {
-                        "none are defined".to_owned()
-                    } else {
-                        format!("defined groups: {}", known.join(", "))
-                    };
-                    problems.push(
-                        format!("{key}.rate_limit_group"),
-                        format!(
-                            "expected the name of an [upstream.rate_limits.<group>] table, got \
-                             {group:?} ({known})"
-                        ),
-                    );
-                }
-                group.clone()
-            }
-            (None, Some(url)) => host_group(url),
-            (None, None) => String::new(),
-        };
-        let format = stream.format.unwrap_or(defaults.format);
-        let diff =
-            format_diff_defaults(format, &stream.diff).validate(&format!("{key}.diff"), problems);
-        if let (Some(url), Some(diff)) = (url, diff) {
+        if let Some(settings) = stream.validate_polled(&key, defaults, upstream, env, problems) {
             if problems.len() == before {
-                streams.push(StreamSettings {
-                    name: stream.name.clone(),
-                    url,
-                    headers,
-                    interval,
-                    timeout,
-                    max_body_bytes,
-                    format,
-                    history: usize_of(history),
-                    history_bytes,
-                    rate_limit_group,
-                    diff,
-                    on_demand,
-                });
+                streams.push(settings);
             }
         }
     }
     (streams, push_streams)
-}
-
-/// A polled stream's `on_demand` and `linger`: `Some(linger)` when it polls only while
-/// subscribed.
-fn on_demand(problems: &mut Problems, key: &str, stream: &RawStream) -> Option<Duration> {
-    let linger = duration_in(
-        problems,
-        &format!("{key}.linger"),
-        stream.linger,
-        defaults::LINGER,
-        limits::LINGER,
-    );
-    if stream.on_demand == Some(true) {
-        return Some(linger);
-    }
-    if stream.linger.is_some() {
-        problems.push(
-            format!("{key}.linger"),
-            "expected on_demand = true alongside `linger`, or no `linger`: it is how long an \
-             on-demand stream keeps polling after its last subscriber left, and this stream \
-             polls always",
-        );
-    }
-    None
 }
 
 /// A `source = "push"` stream: only `name`, `history` and `diff` apply; keys that only make
@@ -924,15 +405,15 @@ fn push_stream(
         problems,
         &format!("{key}.history"),
         stream.history,
-        defaults::HISTORY,
-        limits::HISTORY,
+        upstream_config::defaults::HISTORY,
+        upstream_config::limits::HISTORY,
     );
     let history_bytes = bytes_in(
         problems,
         &format!("{key}.history_bytes"),
         stream.history_bytes,
-        defaults::HISTORY_BYTES,
-        limits::HISTORY_BYTES,
+        upstream_config::defaults::HISTORY_BYTES,
+        upstream_config::limits::HISTORY_BYTES,
     );
     let diff = stream.diff.validate(&format!("{key}.diff"), problems)?;
     Some(PushStreamSettings {
@@ -981,12 +462,13 @@ fn push(
         );
         return None;
     }
+    // A pushed body has the bounds and default of a polled one.
     let max_body_bytes = bytes_in(
         problems,
         "push.max_body",
         raw.max_body,
-        defaults::MAX_BODY,
-        limits::MAX_BODY,
+        upstream_config::defaults::MAX_BODY,
+        upstream_config::limits::MAX_BODY,
     );
     Some(PushSettings {
         token,
@@ -999,11 +481,16 @@ const MIN_PUSH_TOKEN_CHARS: usize = 16;
 
 #[cfg(test)]
 mod tests {
-    use super::*;
-    use crate::config::describe;
-    use crate::config::raw::RawStream;
+    use std::collections::BTreeMap;
+    use std::time::Duration;
+
     use bytesize::ByteSize;
     use proptest::prelude::*;
+
+    use super::*;
+    use crate::config::describe;
+    use crate::upstream::config::{RawStreamDefaults, limits};
+    use crate::upstream::decode::{Format, gtfs_rt};
 
     const SECRET: &str = "s3cret-7f3a";
 
@@ -1200,24 +687,6 @@ mod tests {
         assert!(!addresses_overlap(a("127.0.0.1:80"), a("127.0.0.2:80")));
         assert!(!addresses_overlap(a("127.0.0.1:80"), a("127.0.0.1:81")));
         assert!(!addresses_overlap(a("127.0.0.1:0"), a("127.0.0.1:0")));
-    }
-
-    #[test]
-    fn host_group_defaults_the_port_by_scheme() {
-        let url = |s: &str| Url::parse(s).unwrap();
-        assert_eq!(
-            host_group(&url("https://api.example.com/x")),
-            "api.example.com:443"
-        );
-        assert_eq!(
-            host_group(&url("http://api.example.com/x")),
-            "api.example.com:80"
-        );
-        assert_eq!(
-            host_group(&url("http://127.0.0.1:8081/feeds")),
-            "127.0.0.1:8081"
-        );
-        assert_eq!(host_group(&url("http://[::1]:9000/")), "[::1]:9000");
     }
 
     #[test]

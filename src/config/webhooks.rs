@@ -9,11 +9,12 @@ use http::header::HeaderValue;
 use url::Url;
 
 use super::model::{AdminToken, WebhookEndpointSettings, WebhookSettings};
-use super::raw::{RawStream, RawWebhookEndpoint, RawWebhooks};
+use super::raw::{RawWebhookEndpoint, RawWebhooks};
 use crate::sinks::webhook::body::Mode;
 use crate::sinks::webhook::schedule::{DEFAULT_SCHEDULE, RetrySchedule};
 use crate::sinks::webhook::sign::Secret;
 use crate::ssrf;
+use crate::upstream::config::RawStream;
 use crate::validation::{
     HEADER_VALUE_EXPECTED, MANAGED_HEADERS, NAME_EXPECTED, Problems, duration_in, fraction,
     header_key, header_name, integer_in, interpolate, is_valid_name, usize_of,

@@ -25,11 +25,12 @@ use url::Url;
 
 use super::Refusal;
 use super::target::Target;
-use crate::config::{BackoffSettings, HostPattern, ProxySettings, StreamSettings, host_group};
+use crate::config::{HostPattern, ProxySettings};
 use crate::hub::{Resume, Stream, StreamOptions, Subscription};
 use crate::metrics::{EvictionCause, EvictionLabels, Metrics};
 use crate::snapshot::SnapshotStore;
 use crate::ssrf::{self, GuardedResolver};
+use crate::upstream::config::{BackoffSettings, StreamSettings, host_group};
 use crate::upstream::decode::Format;
 use crate::upstream::fetch::{FetchError, Fetcher, redirect_policy};
 use crate::upstream::on_demand::{self, Idle, OnDemand};

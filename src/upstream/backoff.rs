@@ -7,7 +7,7 @@ use std::time::{Duration, SystemTime};
 use http::HeaderValue;
 use rand::Rng;
 
-use crate::config::BackoffSettings;
+use super::config::BackoffSettings;
 
 /// The delay before the next attempt after `consecutive_failures` failures in a row.
 ///

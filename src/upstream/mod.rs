@@ -1,5 +1,7 @@
 //! Upstreams: polling one API on a schedule, fetching with conditional requests, decoding.
 //!
+//! - [`config`]: the `[upstream]`, `[stream_defaults]` and polled `[[streams]]` sections: shape,
+//!   defaults and bounds, pure validation, the settings pollers are built from.
 //! - [`poller`]: one task per stream; the schedule, failures and recovery.
 //! - [`fetch`]: one conditional GET within a timeout and a body cap.
 //! - [`ratelimit`]: one shared quota per rate-limit group.
@@ -12,6 +14,7 @@
 //! `poller.status()` for the listing and spawn `poller.run(shutdown.child_token())`.
 
 pub mod backoff;
+pub mod config;
 pub mod decode;
 pub mod fetch;
 pub mod on_demand;

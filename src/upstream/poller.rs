@@ -16,10 +16,10 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::backoff;
+use super::config::{BackoffSettings, StreamSettings};
 use super::decode::{self, DecodeError};
 use super::fetch::{FetchError, FetchRequest, Fetched, Upstream, Validators};
 use super::ratelimit::GroupLimiter;
-use crate::config::{BackoffSettings, StreamSettings};
 use crate::metrics::{Metrics, PollLabels, PollOutcome, StreamLabels};
 use crate::redact::Redacted;
 

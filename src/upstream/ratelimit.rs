@@ -12,7 +12,7 @@ use governor::middleware::NoOpMiddleware;
 use governor::state::{InMemoryState, NotKeyed};
 use governor::{Quota, RateLimiter};
 
-use crate::config::{RateLimit, StreamSettings, UpstreamSettings};
+use super::config::{RateLimit, StreamSettings, UpstreamSettings};
 
 /// The limiter shared by every stream of one group.
 pub type GroupLimiter<C = DefaultClock> =
@@ -112,8 +112,8 @@ mod tests {
     use url::Url;
 
     use super::*;
-    use crate::config::BackoffSettings;
     use crate::diff::DiffOptions;
+    use crate::upstream::config::BackoffSettings;
     use crate::upstream::decode::Format;
 
     fn limit(per_second: u32, burst: u32) -> RateLimit {

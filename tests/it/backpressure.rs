@@ -33,7 +33,7 @@ fn max_send_buffer() -> usize {
         .unwrap_or(4 << 20)
 }
 
-fn settings(upstream: &MockUpstream) -> patchwire::config::StreamSettings {
+fn settings(upstream: &MockUpstream) -> patchwire::upstream::config::StreamSettings {
     let mut s = stream("big", &upstream.url());
     s.interval = Duration::from_millis(50);
     s.max_body_bytes = 8 << 20;

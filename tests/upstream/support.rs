@@ -15,9 +15,9 @@ use bytes::Bytes;
 use futures_util::future::BoxFuture;
 use governor::clock::{Clock, DefaultClock};
 use http::{HeaderMap, HeaderValue, StatusCode, header};
-use patchwire::config::{BackoffSettings, RateLimit, StreamSettings};
 use patchwire::diff::DiffOptions;
 use patchwire::metrics::Metrics;
+use patchwire::upstream::config::{BackoffSettings, RateLimit, StreamSettings};
 use patchwire::upstream::decode::Format;
 use patchwire::upstream::fetch::Redacted;
 use patchwire::upstream::{

@@ -7,11 +7,9 @@ use std::time::Duration;
 
 use http::HeaderMap;
 use patchwire::app::{self, Listeners};
-use patchwire::config::{
-    BackoffSettings, Config, Cors, LogFormat, LogSettings, RateLimit, ServerSettings,
-    StreamSettings, UpstreamSettings,
-};
+use patchwire::config::{Config, Cors, LogFormat, LogSettings, ServerSettings};
 use patchwire::diff::DiffOptions;
+use patchwire::upstream::config::{BackoffSettings, RateLimit, StreamSettings, UpstreamSettings};
 use patchwire::upstream::decode::Format;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
