@@ -1155,7 +1155,7 @@ interval = "0s"
 
 mod proxy {
     use super::*;
-    use patchwire::config::HostPattern;
+    use patchwire::proxy::config::HostPattern;
 
     const TOKEN: &str = "proxy-token-0123456789";
 

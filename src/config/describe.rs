@@ -7,6 +7,7 @@ use std::fmt::Write as _;
 use url::Url;
 
 use super::model::{Config, Cors, LogFormat};
+use crate::proxy::config::{HostPattern, ProxySettings};
 use crate::upstream::config::RateLimit;
 
 use crate::validation::{fmt_bytes, fmt_duration};
@@ -202,7 +203,7 @@ fn write_description(out: &mut String, config: &Config) -> std::fmt::Result {
     Ok(())
 }
 
-fn hosts(patterns: &[super::model::HostPattern]) -> String {
+fn hosts(patterns: &[HostPattern]) -> String {
     patterns
         .iter()
         .map(ToString::to_string)
@@ -210,7 +211,7 @@ fn hosts(patterns: &[super::model::HostPattern]) -> String {
         .join(", ")
 }
 
-fn describe_proxy(out: &mut String, p: &super::model::ProxySettings) -> std::fmt::Result {
+fn describe_proxy(out: &mut String, p: &ProxySettings) -> std::fmt::Result {
     writeln!(
         out,
         "proxy: dynamic streams at GET /{{target URL}} for clients with a token (X-Sd-Token)"

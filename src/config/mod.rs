@@ -11,10 +11,12 @@ mod de;
 mod describe;
 mod load;
 mod model;
-mod proxy;
 pub mod raw;
 mod validate;
 mod webhooks;
+
+#[cfg(test)]
+mod tests;
 
 pub use crate::validation::interpolate;
 pub use crate::validation::{ConfigError, Problem};
@@ -23,7 +25,6 @@ pub use load::{
     ENV_PREFIX, ENV_SEPARATOR, FileKind, MAX_OVERRIDE_INDEX, load, load_raw, load_with, parse_raw,
 };
 pub use model::*;
-pub use proxy::{defaults as proxy_defaults, limits as proxy_limits};
 pub use raw::RawConfig;
 pub use validate::{defaults, limits, validate};
 pub use webhooks::{defaults as webhook_defaults, endpoint_headers, limits as webhook_limits};

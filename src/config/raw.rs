@@ -9,7 +9,7 @@ use std::time::Duration;
 use bytesize::ByteSize;
 use serde::Deserialize;
 
-use crate::diff::DiffConfig;
+use crate::proxy::config::RawProxy;
 use crate::sim::SimulatorConfig;
 use crate::upstream::config::{RawStream, RawStreamDefaults, RawUpstream};
 
@@ -44,106 +44,6 @@ pub struct RawConfig {
     /// The Streamdata.io-compatible proxy mode (`[proxy]`); absent means off.
     #[serde(default)]
     pub proxy: Option<RawProxy>,
-}
-
-/// `[proxy]`: dynamic streams of any allowed upstream URL (`GET /{target URL}`), created on the
-/// first subscriber and evicted after the last one leaves, for clients holding a token.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RawProxy {
-    /// Serve dynamic streams (default false). A disabled table is still validated.
-    pub enabled: Option<bool>,
-    /// Upstream hosts that may be streamed: `"api.example.com"`, `"*.example.com"` (any name
-    /// under it, not itself), `"127.0.0.1"` or `"[::1]"`; required and non-empty when enabled.
-    pub allowed_hosts: Option<Vec<String>>,
-    /// Allow upstreams that resolve to private, loopback, link-local and metadata addresses
-    /// (default false).
-    pub allow_private: Option<bool>,
-    /// Poll period of a dynamic stream (default 5s, 100ms..=1 day).
-    #[serde(default, with = "humantime_serde::option")]
-    pub interval: Option<Duration>,
-    /// No dynamic stream is polled more often than this (default 1s, 10ms..=1h).
-    #[serde(default, with = "humantime_serde::option")]
-    pub min_interval: Option<Duration>,
-    /// How long a dynamic stream keeps polling after its last subscriber left (default 30s,
-    /// 0s..=1 day).
-    #[serde(default, with = "humantime_serde::option")]
-    pub linger: Option<Duration>,
-    /// Interval between keep-alive comments (default 10s, 1s..=5min).
-    #[serde(default, with = "humantime_serde::option")]
-    pub keepalive: Option<Duration>,
-    /// Timeout of one upstream request (default 10s, 100ms..=5min).
-    #[serde(default, with = "humantime_serde::option")]
-    pub timeout: Option<Duration>,
-    /// Most dynamic streams alive at once (default 1000, 1..=1000000).
-    pub max_streams: Option<u64>,
-    /// Most snapshot bytes held by dynamic streams together (default 256 MiB, 1 MiB..=64 GiB).
-    pub max_memory: Option<ByteSize>,
-    /// Largest upstream body accepted (default 8 MiB, 1 KiB..=1 GiB).
-    pub max_body: Option<ByteSize>,
-    /// Recent changes kept per dynamic stream (default 64, 1..=100000).
-    pub history: Option<u64>,
-    /// Write every non-ASCII character of `data` and `patch` events as a `\uXXXX` escape
-    /// (default true): the Streamdata.io SDK's EventSource corrupts UTF-8 split across reads.
-    pub ascii_only: Option<bool>,
-    /// How far a signed request's `X-Auth-Sd-Ts` may be from the server's clock (default 5m,
-    /// 1s..=1 day).
-    #[serde(default, with = "humantime_serde::option")]
-    pub signature_max_skew: Option<Duration>,
-    /// Most bytes one dynamic stream's history holds (default 1 MiB, 1 KiB..=1 GiB).
-    pub history_bytes: Option<ByteSize>,
-    /// How changes are computed (`[proxy.diff]`); `allow_move = true` is refused.
-    #[serde(default)]
-    pub diff: DiffConfig,
-    /// Poll periods of particular hosts (`[proxy.hosts."<pattern>"]`), overriding `interval`.
-    #[serde(default)]
-    pub hosts: BTreeMap<String, RawProxyHost>,
-    /// Application tokens (`[[proxy.tokens]]`); at least one when enabled.
-    #[serde(default)]
-    pub tokens: Vec<RawProxyToken>,
-}
-
-/// One `[proxy.hosts."<pattern>"]` table.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RawProxyHost {
-    /// Poll period of dynamic streams of matching hosts (100ms..=1 day).
-    #[serde(default, with = "humantime_serde::option")]
-    pub interval: Option<Duration>,
-}
-
-/// One `[[proxy.tokens]]` entry.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RawProxyToken {
-    /// Unique name shown in logs and metrics: letters, digits, `.`, `_`, `-`, at most 64.
-    pub name: String,
-    /// The secret clients send as `X-Sd-Token`, at least 16 characters without spaces, unique;
-    /// `${VAR}` is replaced by the environment variable `VAR`.
-    pub token: String,
-    /// Most connections open at once with this token (default 100, 1..=1000000).
-    pub max_connections: Option<u64>,
-    /// New connections per second, sustained (default 10, 1..=100000).
-    pub connections_per_second: Option<u64>,
-    /// New connections at once after a quiet period (default `connections_per_second`,
-    /// 1..=100000).
-    pub connections_burst: Option<u64>,
-    /// Hosts this token may stream, each also allowed by `proxy.allowed_hosts` (default: all
-    /// of them).
-    pub allowed_hosts: Option<Vec<String>>,
-    /// Poll period of this token's streams, overriding host and default periods (100ms..=1 day).
-    #[serde(default, with = "humantime_serde::option")]
-    pub interval: Option<Duration>,
-    /// This token's streams are never polled more often than this (default 0s, 0s..=1 day).
-    #[serde(default, with = "humantime_serde::option")]
-    pub min_interval: Option<Duration>,
-    /// The application's private key of the Streamdata.io signature strategy
-    /// (`streamdataio-js-sdk-auth`): signatures (`X-Auth-Sd-Ts`, `X-Auth-Sd-S`) are verified
-    /// with it. `${VAR}` allowed; never shown.
-    pub signing_secret: Option<String>,
-    /// Refuse this token's requests that are not signed (default false; needs
-    /// `signing_secret`).
-    pub require_signature: Option<bool>,
 }
 
 /// `[webhooks]`: durable, signed, ordered delivery of changes to registered URLs.

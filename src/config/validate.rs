@@ -125,7 +125,10 @@ pub fn validate(
         .webhooks
         .as_ref()
         .map(|w| super::webhooks::validate(w, &raw.streams, env, &mut problems));
-    let proxy = super::proxy::validate(raw.proxy.as_ref(), env, &mut problems);
+    let proxy = raw
+        .proxy
+        .as_ref()
+        .and_then(|p| p.validate(env, &mut problems));
     problems.finish(
         source,
         Config {

@@ -7,11 +7,14 @@
 //! then stopped and evicted. Clients asking for the same URL with the same headers share one
 //! stream and one poller; different headers (credentials) never share anything.
 //!
+//! Its `[proxy]` section ([`config`]) is validated and turned into [`config::ProxySettings`] here.
+//!
 //! Safety: only `proxy.allowed_hosts` (and the token's own list) may be streamed, over http or
 //! https; private, loopback, link-local and metadata addresses are refused after DNS
 //! resolution unless `proxy.allow_private` is set ([`crate::ssrf`]), at connection time too,
 //! and every redirect target is checked again.
 
+pub mod config;
 pub mod signature;
 pub mod streams;
 pub mod target;
@@ -22,7 +25,7 @@ use std::sync::Arc;
 use http::HeaderMap;
 use serde_json::{Value, json};
 
-use crate::config::ProxySettings;
+use self::config::ProxySettings;
 use crate::hub::{Resume, Subscription};
 use crate::metrics::{Metrics, RefusalLabels};
 use crate::ssrf;

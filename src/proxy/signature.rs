@@ -19,7 +19,7 @@ use base64::engine::general_purpose::STANDARD;
 use hmac::{Hmac, Mac};
 use sha2::Sha512;
 
-use crate::config::SigningKey;
+use super::config::SigningKey;
 
 /// The query parameter carrying the signature's timestamp (milliseconds since the epoch).
 pub const TIMESTAMP_PARAM: &str = "X-Auth-Sd-Ts";

@@ -24,8 +24,8 @@ use tokio_util::task::TaskTracker;
 use url::Url;
 
 use super::Refusal;
+use super::config::{HostPattern, ProxySettings};
 use super::target::Target;
-use crate::config::{HostPattern, ProxySettings};
 use crate::hub::{Resume, Stream, StreamOptions, Subscription};
 use crate::metrics::{EvictionCause, EvictionLabels, Metrics};
 use crate::snapshot::SnapshotStore;

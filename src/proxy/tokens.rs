@@ -11,7 +11,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use sha2::{Digest, Sha256};
 
 use super::Refusal;
-use crate::config::{HostPattern, ProxySettings, ProxyToken};
+use super::config::{HostPattern, ProxySettings, ProxyToken};
 use crate::metrics::{Metrics, TokenLabels};
 
 /// The configured tokens, looked up by a hash of the presented token (so lookups do not

@@ -7,8 +7,9 @@ use std::num::NonZeroU32;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use patchwire::config::{Config, HostPattern, ProxySettings, ProxyToken};
+use patchwire::config::Config;
 use patchwire::diff::DiffOptions;
+use patchwire::proxy::config::{HostPattern, ProxySettings, ProxyToken};
 use serde_json::Value;
 
 use crate::support::api::{MockApi, document};
@@ -997,7 +998,7 @@ fn now_ms() -> u64 {
 /// `/{url}` signed as `streamdataio-js-sdk-auth` signs it at `ts` (the signature appended to
 /// the URL, the token after it), with `sign_url` signed instead of `url` when given.
 fn signed_path(url: &str, ts: u64, sign_url: Option<&str>) -> String {
-    let key = patchwire::config::SigningKey::parse(SIGNING_KEY).unwrap();
+    let key = patchwire::proxy::config::SigningKey::parse(SIGNING_KEY).unwrap();
     let signature =
         patchwire::proxy::signature::sign(&key, sign_url.unwrap_or(url), &ts.to_string());
     let encoded: String = url::form_urlencoded::byte_serialize(signature.as_bytes()).collect();
@@ -1008,7 +1009,7 @@ fn signed_path(url: &str, ts: u64, sign_url: Option<&str>) -> String {
 fn signing_settings(require: bool) -> ProxySettings {
     let mut settings = proxy_settings();
     settings.tokens[0].signing_key =
-        Some(patchwire::config::SigningKey::parse(SIGNING_KEY).unwrap());
+        Some(patchwire::proxy::config::SigningKey::parse(SIGNING_KEY).unwrap());
     settings.tokens[0].require_signature = require;
     settings
 }

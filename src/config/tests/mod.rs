@@ -1,0 +1,3 @@
+//! Sections read from files through the loader and the whole validation, as a user writes them.
+
+mod proxy;
