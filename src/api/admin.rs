@@ -25,9 +25,9 @@ use serde_json::{Value, json};
 
 use super::body::{self, BodyLimits};
 use super::error_response;
-use crate::config::AdminToken;
 use crate::outbox::{Delivery, DeliveryFilter, DeliveryState, Replay};
 use crate::sinks::webhook::body::{Kind, rfc3339};
+use crate::sinks::webhook::config::AdminToken;
 use crate::sinks::webhook::registry::Endpoint;
 use crate::sinks::webhook::service::{AdminError, EndpointChanges, NewEndpoint, Webhooks};
 

@@ -52,7 +52,7 @@ pub struct AppState {
     /// The webhook sink, when `[webhooks]` is configured (served by the admin API).
     pub webhooks: Option<Arc<crate::sinks::webhook::service::Webhooks>>,
     /// The admin API's bearer token; `None` disables the admin API.
-    pub admin_token: Option<crate::config::AdminToken>,
+    pub admin_token: Option<crate::sinks::webhook::config::AdminToken>,
     /// The proxy mode (`GET /{upstream URL}`), when `[proxy]` is enabled.
     pub proxy: Option<Arc<crate::proxy::Proxy>>,
 }

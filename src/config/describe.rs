@@ -8,6 +8,7 @@ use url::Url;
 
 use super::model::{Config, Cors, LogFormat};
 use crate::proxy::config::{HostPattern, ProxySettings};
+use crate::sinks::webhook::config::WebhookSettings;
 use crate::upstream::config::RateLimit;
 
 use crate::validation::{fmt_bytes, fmt_duration};
@@ -273,7 +274,7 @@ fn describe_proxy(out: &mut String, p: &ProxySettings) -> std::fmt::Result {
     Ok(())
 }
 
-fn describe_webhooks(out: &mut String, w: &super::model::WebhookSettings) -> std::fmt::Result {
+fn describe_webhooks(out: &mut String, w: &WebhookSettings) -> std::fmt::Result {
     let schedule: Vec<String> = w.schedule.delays.iter().map(|d| fmt_duration(*d)).collect();
     writeln!(out, "webhooks:")?;
     writeln!(out, "  outbox:     {}", w.database.display())?;

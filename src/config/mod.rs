@@ -13,7 +13,6 @@ mod load;
 mod model;
 pub mod raw;
 mod validate;
-mod webhooks;
 
 #[cfg(test)]
 mod tests;
@@ -27,4 +26,3 @@ pub use load::{
 pub use model::*;
 pub use raw::RawConfig;
 pub use validate::{defaults, limits, validate};
-pub use webhooks::{defaults as webhook_defaults, endpoint_headers, limits as webhook_limits};

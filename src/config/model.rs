@@ -3,17 +3,16 @@
 //! Values here have passed validation (see `validate`); building running parts from them
 //! cannot fail on account of the configuration.
 
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use http::HeaderValue;
-use url::Url;
 
 use crate::diff::DiffOptions;
 use crate::proxy::config::ProxySettings;
 use crate::sim::SimulatorSettings;
+use crate::sinks::webhook::config::WebhookSettings;
 use crate::upstream::config::{StreamSettings, UpstreamSettings};
 
 /// A complete, validated configuration.
@@ -71,62 +70,6 @@ pub struct PushStreamSettings {
     pub history_bytes: u64,
     /// How changes are computed.
     pub diff: DiffOptions,
-}
-
-/// Webhook delivery: the outbox, the retry policy, the admin API and configured endpoints.
-#[derive(Debug, Clone)]
-pub struct WebhookSettings {
-    /// The SQLite outbox file.
-    pub database: PathBuf,
-    /// Whether targets may resolve to private, loopback, link-local or metadata addresses.
-    pub allow_private_targets: bool,
-    /// The admin API's bearer token; `None` disables the admin API.
-    pub admin_token: Option<AdminToken>,
-    /// When failed deliveries are tried again.
-    pub schedule: crate::sinks::webhook::schedule::RetrySchedule,
-    /// Timeout of one attempt.
-    pub attempt_timeout: Duration,
-    /// An endpoint failing continuously this long is disabled.
-    pub disable_after: Duration,
-    /// Attempts in flight at once to one endpoint.
-    pub max_concurrency_per_endpoint: usize,
-    /// Attempts in flight at once overall.
-    pub workers: usize,
-    /// Pending deliveries per (endpoint, stream) above which they collapse into a snapshot.
-    pub backlog_limit: usize,
-    /// How long finished deliveries are kept.
-    pub retention: Duration,
-    /// How long a rotated-out secret still signs.
-    pub rotation_overlap: Duration,
-    /// Endpoints declared in the configuration.
-    pub endpoints: Vec<WebhookEndpointSettings>,
-}
-
-/// The admin API's bearer token; `Debug` never shows it.
-#[derive(Clone, PartialEq, Eq)]
-pub struct AdminToken(pub String);
-
-impl std::fmt::Debug for AdminToken {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("AdminToken(<hidden>)")
-    }
-}
-
-/// One endpoint declared in the configuration.
-#[derive(Debug, Clone)]
-pub struct WebhookEndpointSettings {
-    /// Unique, stable id.
-    pub id: String,
-    /// The target URL.
-    pub url: Url,
-    /// The streams it receives (all configured).
-    pub streams: Vec<String>,
-    /// Patches or whole documents.
-    pub mode: crate::sinks::webhook::body::Mode,
-    /// Extra headers, `${VAR}` resolved.
-    pub headers: BTreeMap<String, String>,
-    /// The signing secret.
-    pub secret: crate::sinks::webhook::sign::Secret,
 }
 
 /// The subscriber-facing HTTP server.

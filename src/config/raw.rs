@@ -3,7 +3,6 @@
 //! Every optional key is an `Option` (or an empty collection) here; defaults are applied by
 //! `validate`, so a `RawConfig` always says what the file (and the environment) actually set.
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use bytesize::ByteSize;
@@ -11,6 +10,7 @@ use serde::Deserialize;
 
 use crate::proxy::config::RawProxy;
 use crate::sim::SimulatorConfig;
+use crate::sinks::webhook::config::RawWebhooks;
 use crate::upstream::config::{RawStream, RawStreamDefaults, RawUpstream};
 
 /// The whole configuration file.
@@ -44,73 +44,6 @@ pub struct RawConfig {
     /// The Streamdata.io-compatible proxy mode (`[proxy]`); absent means off.
     #[serde(default)]
     pub proxy: Option<RawProxy>,
-}
-
-/// `[webhooks]`: durable, signed, ordered delivery of changes to registered URLs.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RawWebhooks {
-    /// The SQLite outbox file (default `"patchwire-webhooks.db"`); its directory must exist.
-    pub database: Option<String>,
-    /// Allow targets on private, loopback, link-local and metadata addresses (default false).
-    pub allow_private_targets: Option<bool>,
-    /// Bearer token of the admin API at `/admin/webhooks` (`${VAR}` allowed); absent disables
-    /// the admin API. At least 16 characters.
-    pub admin_token: Option<String>,
-    /// Waits before each attempt, the first normally `"0s"` (default `["0s", "5s", "5m",
-    /// "30m", "2h", "5h", "10h", "10h"]`, 1 to 50 entries, each at most 7 days).
-    pub schedule: Option<Vec<humantime_serde::Serde<Duration>>>,
-    /// Fraction of each wait that is randomized (default 0.1, 0..=1).
-    pub jitter: Option<f64>,
-    /// Longest `Retry-After` honoured (default 10h, 1s..=7 days).
-    #[serde(default, with = "humantime_serde::option")]
-    pub max_retry_after: Option<Duration>,
-    /// Timeout of one attempt, connect to response headers (default 15s, 100ms..=5min).
-    #[serde(default, with = "humantime_serde::option")]
-    pub attempt_timeout: Option<Duration>,
-    /// An endpoint whose attempts all fail for this long is disabled (default 5 days,
-    /// 1min..=30 days).
-    #[serde(default, with = "humantime_serde::option")]
-    pub disable_after: Option<Duration>,
-    /// Attempts in flight at once to one endpoint, across its streams (default 4, 1..=256).
-    pub max_concurrency_per_endpoint: Option<u64>,
-    /// Attempts in flight at once across all endpoints (default 64, 1..=4096).
-    pub workers: Option<u64>,
-    /// Pending deliveries of one (endpoint, stream) above which they collapse into one
-    /// snapshot (default 1000, 1..=1000000).
-    pub backlog_limit: Option<u64>,
-    /// How long finished deliveries (delivered, dead, superseded) are kept for listing and
-    /// replay (default 7 days, 1min..=365 days).
-    #[serde(default, with = "humantime_serde::option")]
-    pub retention: Option<Duration>,
-    /// After a secret rotation, how long the previous secret also signs (default 24h,
-    /// 0s..=30 days).
-    #[serde(default, with = "humantime_serde::option")]
-    pub rotation_overlap: Option<Duration>,
-    /// Endpoints declared in the file (`[[webhooks.endpoints]]`).
-    #[serde(default)]
-    pub endpoints: Vec<RawWebhookEndpoint>,
-}
-
-/// One `[[webhooks.endpoints]]` entry.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RawWebhookEndpoint {
-    /// Unique id, stable across restarts (deliveries are stored under it): letters, digits,
-    /// `.`, `_`, `-`, at most 64.
-    pub id: String,
-    /// The target URL (http or https; `${VAR}` allowed).
-    pub url: String,
-    /// Names of the streams it receives (at least one).
-    pub streams: Vec<String>,
-    /// `"patch"` (default) or `"snapshot"`.
-    pub mode: Option<crate::sinks::webhook::body::Mode>,
-    /// Extra headers sent with every delivery (`${VAR}` allowed in values).
-    #[serde(default)]
-    pub headers: BTreeMap<String, String>,
-    /// The signing secret, `whsec_` + base64 of 24 to 64 bytes (required here, `${VAR}`
-    /// allowed: a file has no creation response to show a generated one in).
-    pub secret: String,
 }
 
 /// `[push]`: authentication of `POST /streams/{name}` and `PATCH /streams/{name}`.

@@ -121,10 +121,11 @@ pub fn validate(
         &mut problems,
     );
     let push = push(raw.push.as_ref(), &push_streams, env, &mut problems);
+    let stream_names: Vec<&str> = raw.streams.iter().map(|s| s.name.as_str()).collect();
     let webhooks = raw
         .webhooks
         .as_ref()
-        .map(|w| super::webhooks::validate(w, &raw.streams, env, &mut problems));
+        .map(|w| w.validate(&stream_names, env, &mut problems));
     let proxy = raw
         .proxy
         .as_ref()

@@ -4,8 +4,8 @@
 use std::path::Path;
 use std::time::Duration;
 
-use patchwire::config::{AdminToken, WebhookEndpointSettings, WebhookSettings};
 use patchwire::sinks::webhook::body::Mode;
+use patchwire::sinks::webhook::config::{AdminToken, WebhookEndpointSettings, WebhookSettings};
 use patchwire::sinks::webhook::schedule::RetrySchedule;
 use patchwire::sinks::webhook::sign::Secret;
 use serde_json::{Value, json};

@@ -1,3 +1,4 @@
 //! Sections read from files through the loader and the whole validation, as a user writes them.
 
 mod proxy;
+mod webhooks;

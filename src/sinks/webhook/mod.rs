@@ -5,6 +5,7 @@
 //! [`crate::outbox`] for every subscribed endpoint, in one transaction) → [`worker`] (a shared
 //! pool; sends the oldest pending delivery of each (endpoint, stream) pair) → receiver.
 //!
+//! - [`config`]: the `[webhooks]` section: shape, defaults and bounds, validation, settings.
 //! - [`sign`]: secrets, message ids and `webhook-signature` (pure).
 //! - [`schedule`]: the retry schedule and what a receiver's answer means (pure).
 //! - [`body`]: the delivery body, and whether a change goes out as a patch or a snapshot (pure).
@@ -20,6 +21,7 @@
 //! at any point means a redelivery with the same `webhook-id`, never a loss.
 
 pub mod body;
+pub mod config;
 pub mod dispatcher;
 pub mod registry;
 pub mod schedule;

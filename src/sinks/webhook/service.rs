@@ -13,11 +13,11 @@ use tokio_util::sync::CancellationToken;
 use url::Url;
 
 use super::body::Mode;
+use super::config::{WebhookEndpointSettings, WebhookSettings, endpoint_headers};
 use super::dispatcher::{Committed, Dispatcher, NotCommitted, Resync};
 use super::registry::{Endpoint, Registry};
 use super::sign::Secret;
 use super::worker::{ResyncRoutes, Worker, WorkerSettings};
-use crate::config::{WebhookSettings, endpoint_headers};
 use crate::hub::Hub;
 use crate::outbox::{
     Delivery, DeliveryFilter, Disabled, EndpointRecord, EndpointStatus, Outbox, OutboxError,
@@ -104,7 +104,7 @@ pub struct Webhooks {
 }
 
 fn record_of_config(
-    settings: &crate::config::WebhookEndpointSettings,
+    settings: &WebhookEndpointSettings,
     existing: Option<&EndpointRecord>,
     now_ms: u64,
 ) -> EndpointRecord {

@@ -1,0 +1,156 @@
+//! `[webhooks]` read from files: defaults, bounds, endpoints checked, secrets never shown.
+use crate::config::{ConfigError, FileKind, parse_raw, validate};
+use crate::sinks::webhook::config::defaults;
+
+const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+
+fn load(webhooks: &str) -> Result<crate::config::Config, ConfigError> {
+    let text = format!(
+        "[[streams]]\nname = \"fleet\"\nurl = \"http://127.0.0.1:8081/feeds/fleet\"\n\n{webhooks}"
+    );
+    let raw = parse_raw(&text, FileKind::Toml, None, Vec::new())?;
+    let env = |name: &str| match name {
+        "SECRET" => Some(SECRET.to_owned()),
+        "TOKEN" => Some("an-admin-token-long-enough".to_owned()),
+        _ => None,
+    };
+    validate(raw, None, &env)
+}
+
+fn problems(webhooks: &str) -> Vec<(String, String)> {
+    let err = load(webhooks).expect_err("expected the configuration to be refused");
+    err.problems
+        .into_iter()
+        .map(|p| (p.key, p.message))
+        .collect()
+}
+
+#[test]
+fn no_table_means_no_webhooks_and_an_empty_table_gets_every_default() {
+    assert!(load("").unwrap().webhooks.is_none());
+    let w = load("[webhooks]").unwrap().webhooks.unwrap();
+    assert_eq!(w.database.to_str(), Some(defaults::DATABASE));
+    assert!(!w.allow_private_targets);
+    assert!(w.admin_token.is_none());
+    assert_eq!(w.schedule.delays.len(), 8);
+    assert_eq!(w.attempt_timeout.as_secs(), 15);
+    assert!(w.endpoints.is_empty());
+}
+
+#[test]
+fn a_full_table_validates_and_hides_its_secrets() {
+    let w = load(
+        r#"[webhooks]
+database = "/tmp/x.db"
+admin_token = "${TOKEN}"
+schedule = ["0s", "1s", "1m"]
+jitter = 0.5
+attempt_timeout = "2s"
+workers = 8
+
+[[webhooks.endpoints]]
+id = "billing"
+url = "https://hooks.example.com/patchwire"
+streams = ["fleet"]
+mode = "snapshot"
+secret = "${SECRET}"
+headers = { X-Tenant = "t1" }
+"#,
+    )
+    .unwrap()
+    .webhooks
+    .unwrap();
+    assert_eq!(w.schedule.delays.len(), 3);
+    assert_eq!(
+        w.endpoints[0].mode,
+        crate::sinks::webhook::body::Mode::Snapshot
+    );
+    assert_eq!(w.endpoints[0].secret.expose(), SECRET);
+    let shown = format!("{w:?}");
+    assert!(
+        !shown.contains(SECRET) && !shown.contains("an-admin-token"),
+        "{shown}"
+    );
+}
+
+#[test]
+fn bad_endpoints_are_refused_with_their_keys() {
+    let found = problems(
+        r#"[webhooks]
+schedule = []
+jitter = 2.0
+[[webhooks.endpoints]]
+id = "a"
+url = "http://127.0.0.1:9000/hook"
+streams = ["fleet", "nope", "fleet"]
+secret = "whsec_c2hvcnQ="
+headers = { webhook-signature = "x" }
+[[webhooks.endpoints]]
+id = "-bad"
+url = "ftp://x"
+streams = []
+secret = "${UNSET}"
+"#,
+    );
+    let has = |key: &str, needle: &str| {
+        assert!(
+            found.iter().any(|(k, m)| k == key && m.contains(needle)),
+            "no problem at {key} containing {needle:?}: {found:#?}"
+        );
+    };
+    has("webhooks.schedule", "1 to 50 durations");
+    has("webhooks.jitter", "fraction");
+    has("webhooks.endpoints[0].url", "loopback");
+    has("webhooks.endpoints[0].url", "allow_private_targets");
+    has("webhooks.endpoints[0].streams[1]", "\"nope\"");
+    has(
+        "webhooks.endpoints[0].streams[2]",
+        "already listed at streams[0]",
+    );
+    has("webhooks.endpoints[0].secret", "24 to 64 bytes");
+    has(
+        "webhooks.endpoints[0].headers.webhook-signature",
+        "does not set itself",
+    );
+    has("webhooks.endpoints[1].id", "expected 1 to 64");
+    has("webhooks.endpoints[1].url", "http or https");
+    has("webhooks.endpoints[1].streams", "at least one");
+    has("webhooks.endpoints[1].secret", "UNSET");
+    // Secrets are never echoed.
+    assert!(
+        found.iter().all(|(_, m)| !m.contains("c2hvcnQ")),
+        "{found:#?}"
+    );
+}
+
+#[test]
+fn private_targets_can_be_allowed_and_ids_must_be_unique() {
+    let endpoint = |id: &str| {
+        format!(
+            "[[webhooks.endpoints]]\nid = \"{id}\"\nurl = \"http://127.0.0.1:9000/hook\"\n\
+             streams = [\"fleet\"]\nsecret = \"{SECRET}\"\n"
+        )
+    };
+    let ok = load(&format!(
+        "[webhooks]\nallow_private_targets = true\n{}",
+        endpoint("a")
+    ));
+    assert_eq!(ok.unwrap().webhooks.unwrap().endpoints.len(), 1);
+    let found = problems(&format!(
+        "[webhooks]\nallow_private_targets = true\nadmin_token = \"short\"\n{}{}",
+        endpoint("a"),
+        endpoint("a")
+    ));
+    assert!(
+        found
+            .iter()
+            .any(|(k, m)| k == "webhooks.endpoints[1].id" && m.contains("unique")),
+        "{found:?}"
+    );
+    assert!(
+        found
+            .iter()
+            .any(|(k, m)| k == "webhooks.admin_token" && !m.contains("short")),
+        "{found:?}"
+    );
+}
