@@ -2,6 +2,10 @@
 //!
 //! Every optional key is an `Option` (or an empty collection) here; defaults are applied by
 //! `validate`, so a `RawConfig` always says what the file (and the environment) actually set.
+//! The sections of components are theirs (`upstream::config`, `proxy::config`,
+//! `sinks::webhook::config`, `diff::DiffConfig`, `sim::SimulatorConfig`); the sections here are
+//! the application's own. Defaults and bounds are linked, never restated: each is written once,
+//! as a constant beside the validation that applies it.
 
 use std::time::Duration;
 
@@ -50,10 +54,13 @@ pub struct RawConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawPush {
-    /// The bearer token publishers send (`Authorization: Bearer <token>`), at least 16
-    /// characters; `${VAR}` is replaced by the environment variable `VAR`.
+    /// The bearer token publishers send (`Authorization: Bearer <token>`), at least
+    /// [`PUSH_TOKEN_MIN_CHARS`](super::limits::PUSH_TOKEN_MIN_CHARS) characters; `${VAR}` is
+    /// replaced by the environment variable `VAR`.
     pub token: String,
-    /// Largest document or patch accepted (default 16 MiB, 1 KiB..=1 GiB).
+    /// Largest document or patch accepted, as a polled body
+    /// ([default](crate::upstream::config::defaults::MAX_BODY),
+    /// [bounds](crate::upstream::config::limits::MAX_BODY)).
     pub max_body: Option<ByteSize>,
 }
 
@@ -61,33 +68,42 @@ pub struct RawPush {
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawServer {
-    /// Socket address to listen on, e.g. `"127.0.0.1:8080"` (default) or `"[::]:8080"`.
+    /// Socket address to listen on, e.g. `"[::]:8080"` ([default](super::defaults::LISTEN)).
     pub listen: Option<String>,
-    /// Interval between SSE keep-alive comments (default 15s, 1s..=10min).
+    /// Interval between SSE keep-alive comments ([default](super::defaults::KEEPALIVE),
+    /// [bounds](super::limits::KEEPALIVE)).
     #[serde(default, with = "humantime_serde::option")]
     pub keepalive: Option<Duration>,
-    /// The SSE `retry:` hint: how long clients wait before reconnecting (default 2s, 100ms..=10min).
+    /// The SSE `retry:` hint: how long clients wait before reconnecting
+    /// ([default](super::defaults::RETRY), [bounds](super::limits::RETRY)).
     #[serde(default, with = "humantime_serde::option")]
     pub retry: Option<Duration>,
-    /// Events a subscriber may fall behind before it is resynced (default 256, 1..=65536).
+    /// Events a subscriber may fall behind before it is resynced
+    /// ([default](super::defaults::SUBSCRIBER_BUFFER), [bounds](super::limits::SUBSCRIBER_BUFFER)).
     pub subscriber_buffer: Option<u64>,
-    /// How long a subscriber's socket may refuse writes before it is closed (default 30s, 1s..=1h).
+    /// How long a subscriber's socket may refuse writes before it is closed
+    /// ([default](super::defaults::STALL_TIMEOUT), [bounds](super::limits::STALL_TIMEOUT)).
     #[serde(default, with = "humantime_serde::option")]
     pub stall_timeout: Option<Duration>,
-    /// How long shutdown waits for open connections (default 5s, 0s..=10min).
+    /// How long shutdown waits for open connections ([default](super::defaults::SHUTDOWN_GRACE),
+    /// [bounds](super::limits::SHUTDOWN_GRACE)).
     #[serde(default, with = "humantime_serde::option")]
     pub shutdown_grace: Option<Duration>,
     /// How long a new connection may take to send its first request head (HTTP/1) or its
-    /// first request after the preface (HTTP/2) (default 30s, 1s..=10min).
+    /// first request after the preface (HTTP/2) ([default](super::defaults::HEADER_TIMEOUT),
+    /// [bounds](super::limits::HEADER_TIMEOUT)).
     #[serde(default, with = "humantime_serde::option")]
     pub header_timeout: Option<Duration>,
-    /// How long a connection with no request in flight stays open (default 30s, 1s..=1h).
+    /// How long a connection with no request in flight stays open
+    /// ([default](super::defaults::IDLE_TIMEOUT), [bounds](super::limits::IDLE_TIMEOUT)).
     #[serde(default, with = "humantime_serde::option")]
     pub idle_timeout: Option<Duration>,
-    /// How long a request body may take to arrive (default 30s, 1s..=1h).
+    /// How long a request body may take to arrive ([default](super::defaults::BODY_TIMEOUT),
+    /// [bounds](super::limits::BODY_TIMEOUT)).
     #[serde(default, with = "humantime_serde::option")]
     pub body_timeout: Option<Duration>,
-    /// Open connections past which new ones are refused (default 10000, 1..=1000000).
+    /// Open connections past which new ones are refused
+    /// ([default](super::defaults::MAX_CONNECTIONS), [bounds](super::limits::MAX_CONNECTIONS)).
     pub max_connections: Option<u64>,
     /// Cross-origin access for browsers (`[server.cors]`).
     pub cors: Option<RawCors>,
@@ -97,8 +113,8 @@ pub struct RawServer {
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawCors {
-    /// Allowed origins such as `"https://app.example.com"`; `["*"]` (default) allows any,
-    /// an empty list disables CORS.
+    /// Allowed origins such as `"https://app.example.com"`; `["*"]` allows any, an empty list
+    /// disables CORS ([default](super::defaults::CORS)).
     pub allow_origins: Option<Vec<String>>,
 }
 
@@ -106,9 +122,10 @@ pub struct RawCors {
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawLog {
-    /// Line format: `"plain"` (default) or `"json"`.
+    /// Line format: `"plain"` or `"json"` ([default](super::defaults::LOG_FORMAT)).
     pub format: Option<RawLogFormat>,
-    /// A `tracing` filter directive such as `"info"` (default) or `"info,patchwire=debug"`.
+    /// A `tracing` filter directive such as `"info,patchwire=debug"`
+    /// ([default](super::defaults::LOG_LEVEL)).
     pub level: Option<String>,
 }
 

@@ -27,6 +27,8 @@ pub mod defaults {
     use std::net::{IpAddr, Ipv4Addr, SocketAddr};
     use std::time::Duration;
 
+    use crate::config::{Cors, LogFormat};
+
     /// `server.listen`.
     pub const LISTEN: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 8080);
     /// `server.keepalive`.
@@ -47,6 +49,10 @@ pub mod defaults {
     pub const BODY_TIMEOUT: Duration = Duration::from_secs(30);
     /// `server.max_connections`.
     pub const MAX_CONNECTIONS: u64 = 10_000;
+    /// `server.cors.allow_origins`: any origin.
+    pub const CORS: Cors = Cors::AnyOrigin;
+    /// `log.format`.
+    pub const LOG_FORMAT: LogFormat = LogFormat::Plain;
     /// `log.level`.
     pub const LOG_LEVEL: &str = "info";
 }
@@ -77,6 +83,8 @@ pub mod limits {
     pub const MAX_CONNECTIONS: (u64, u64) = (1, 1_000_000);
     /// `server.subscriber_buffer`.
     pub const SUBSCRIBER_BUFFER: (u64, u64) = (1, 65_536);
+    /// Shortest `push.token`, in characters.
+    pub const PUSH_TOKEN_MIN_CHARS: usize = 16;
 }
 
 /// Validates `raw` (loaded from `source`, if any), resolving `${VAR}` references through `env`.
@@ -108,10 +116,7 @@ pub fn validate(
     }
     let defaults = raw.stream_defaults.validate(env, &mut problems);
     // A proxy-only deployment (`[proxy]` enabled, its tokens, no `[[streams]]`) is valid.
-    let proxy_enabled = raw
-        .proxy
-        .as_ref()
-        .is_some_and(|p| p.enabled.unwrap_or(false));
+    let proxy_enabled = raw.proxy.as_ref().is_some_and(|p| p.is_enabled());
     let (streams, push_streams) = streams(
         &raw.streams,
         proxy_enabled,
@@ -241,7 +246,7 @@ fn server(raw: &RawServer, problems: &mut Problems) -> ServerSettings {
 
 fn cors(raw: Option<&RawCors>, problems: &mut Problems) -> Cors {
     let Some(origins) = raw.and_then(|c| c.allow_origins.as_ref()) else {
-        return Cors::AnyOrigin;
+        return defaults::CORS;
     };
     if origins.is_empty() {
         return Cors::Disabled;
@@ -286,7 +291,8 @@ fn parse_origin(origin: &str) -> Result<HeaderValue, String> {
 
 fn log(raw: &RawLog, problems: &mut Problems) -> LogSettings {
     let format = match raw.format {
-        None | Some(RawLogFormat::Plain) => LogFormat::Plain,
+        None => defaults::LOG_FORMAT,
+        Some(RawLogFormat::Plain) => LogFormat::Plain,
         Some(RawLogFormat::Json) => LogFormat::Json,
     };
     let filter = raw
@@ -455,13 +461,14 @@ fn push(
             return None;
         }
     };
-    if token.chars().count() < MIN_PUSH_TOKEN_CHARS || token.chars().any(char::is_whitespace) {
+    let min = limits::PUSH_TOKEN_MIN_CHARS;
+    if token.chars().count() < min || token.chars().any(char::is_whitespace) {
         // Never echo the token.
         problems.push(
             "push.token",
             format!(
-                "expected at least {MIN_PUSH_TOKEN_CHARS} characters without spaces (a guessable \
-                 token lets anyone rewrite the stream)"
+                "expected at least {min} characters without spaces (a guessable token lets \
+                 anyone rewrite the stream)"
             ),
         );
         return None;
@@ -479,9 +486,6 @@ fn push(
         max_body_bytes,
     })
 }
-
-/// Shortest push token accepted.
-const MIN_PUSH_TOKEN_CHARS: usize = 16;
 
 #[cfg(test)]
 mod tests {

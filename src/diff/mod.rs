@@ -82,19 +82,20 @@ impl Default for DiffOptions {
 #[serde(deny_unknown_fields)]
 pub struct DiffConfig {
     /// Publish a snapshot instead of a patch when the patch would be larger than this fraction
-    /// of the snapshot (0 < ratio <= 1; default 1.0).
+    /// of the snapshot, greater than 0 and at most 1 ([default](DiffOptions::default)).
     pub max_patch_ratio: Option<f64>,
     /// Identity keys of entity arrays: JSON Pointer pattern of the array (`*` matches any one
     /// token) to the element's key, e.g. `"/entity" = "vehicle/vehicle/id"`.
     pub keys: Option<BTreeMap<String, String>>,
     /// JSON Pointer patterns whose changes alone publish nothing, e.g. `"/header/timestamp"`.
     pub ignore: Option<Vec<String>>,
-    /// Allow `move` operations (default false: many clients only handle add/remove/replace).
+    /// Allow `move` operations, which many clients do not handle ([default](DiffOptions::default)).
     pub allow_move: Option<bool>,
     /// Match arrays of objects on a unique `id` / single `*_id` when no key is configured
-    /// (default true).
+    /// ([default](DiffOptions::default)).
     pub auto_keys: Option<bool>,
-    /// Work bound of one array's edit-script search (default 1,000,000; 1 to 100,000,000).
+    /// Work bound of one array's edit-script search ([default](DEFAULT_MAX_EDIT_WORK), at most
+    /// [`MAX_EDIT_WORK_LIMIT`]).
     pub max_edit_work: Option<u64>,
 }
 

@@ -22,6 +22,10 @@ use crate::validation::{
 pub mod defaults {
     use std::time::Duration;
 
+    /// `proxy.enabled`.
+    pub const ENABLED: bool = false;
+    /// `proxy.allow_private`.
+    pub const ALLOW_PRIVATE: bool = false;
     /// `proxy.interval`.
     pub const INTERVAL: Duration = Duration::from_secs(5);
     /// `proxy.min_interval`.
@@ -52,20 +56,25 @@ pub mod defaults {
     pub const ASCII_ONLY: bool = true;
     /// `proxy.signature_max_skew`.
     pub const SIGNATURE_MAX_SKEW: Duration = Duration::from_secs(300);
+    /// `proxy.tokens[].require_signature`.
+    pub const REQUIRE_SIGNATURE: bool = false;
 }
 
-/// Inclusive bounds of `[proxy]` keys.
+/// Inclusive bounds of `[proxy]` keys. A dynamic stream is polled and fetched like a configured
+/// one: its period, linger, body and history have the bounds of a polled stream's.
 pub mod limits {
     use std::time::Duration;
 
+    use crate::upstream::config::limits as stream;
+
     const DAY: Duration = Duration::from_secs(24 * 3600);
     /// `proxy.interval`, `proxy.hosts.*.interval`, `proxy.tokens[].interval`.
-    pub const INTERVAL: (Duration, Duration) = (Duration::from_millis(100), DAY);
+    pub const INTERVAL: (Duration, Duration) = stream::INTERVAL;
     /// `proxy.min_interval`.
     pub const MIN_INTERVAL: (Duration, Duration) =
         (Duration::from_millis(10), Duration::from_secs(3600));
     /// `proxy.linger`.
-    pub const LINGER: (Duration, Duration) = (Duration::ZERO, DAY);
+    pub const LINGER: (Duration, Duration) = stream::LINGER;
     /// `proxy.keepalive`.
     pub const KEEPALIVE: (Duration, Duration) = (Duration::from_secs(1), Duration::from_secs(300));
     /// `proxy.timeout`.
@@ -76,11 +85,11 @@ pub mod limits {
     /// `proxy.max_memory`, in bytes.
     pub const MAX_MEMORY: (u64, u64) = (1 << 20, 64 << 30);
     /// `proxy.max_body`, in bytes.
-    pub const MAX_BODY: (u64, u64) = (1 << 10, 1 << 30);
+    pub const MAX_BODY: (u64, u64) = stream::MAX_BODY;
     /// `proxy.history`.
-    pub const HISTORY: (u64, u64) = crate::upstream::config::limits::HISTORY;
+    pub const HISTORY: (u64, u64) = stream::HISTORY;
     /// `proxy.history_bytes`, in bytes.
-    pub const HISTORY_BYTES: (u64, u64) = crate::upstream::config::limits::HISTORY_BYTES;
+    pub const HISTORY_BYTES: (u64, u64) = stream::HISTORY_BYTES;
     /// `proxy.tokens[].max_connections`.
     pub const MAX_CONNECTIONS: (u64, u64) = (1, 1_000_000);
     /// `proxy.tokens[].connections_per_second` and `connections_burst`.
@@ -98,46 +107,53 @@ pub mod limits {
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawProxy {
-    /// Serve dynamic streams (default false). A disabled table is still validated.
+    /// Serve dynamic streams ([default](defaults::ENABLED)). A disabled table is still validated.
     pub enabled: Option<bool>,
     /// Upstream hosts that may be streamed: `"api.example.com"`, `"*.example.com"` (any name
     /// under it, not itself), `"127.0.0.1"` or `"[::1]"`; required and non-empty when enabled.
     pub allowed_hosts: Option<Vec<String>>,
     /// Allow upstreams that resolve to private, loopback, link-local and metadata addresses
-    /// (default false).
+    /// ([default](defaults::ALLOW_PRIVATE)).
     pub allow_private: Option<bool>,
-    /// Poll period of a dynamic stream (default 5s, 100ms..=1 day).
+    /// Poll period of a dynamic stream ([default](defaults::INTERVAL), [bounds](limits::INTERVAL)).
     #[serde(default, with = "humantime_serde::option")]
     pub interval: Option<Duration>,
-    /// No dynamic stream is polled more often than this (default 1s, 10ms..=1h).
+    /// No dynamic stream is polled more often than this ([default](defaults::MIN_INTERVAL),
+    /// [bounds](limits::MIN_INTERVAL)).
     #[serde(default, with = "humantime_serde::option")]
     pub min_interval: Option<Duration>,
-    /// How long a dynamic stream keeps polling after its last subscriber left (default 30s,
-    /// 0s..=1 day).
+    /// How long a dynamic stream keeps polling after its last subscriber left
+    /// ([default](defaults::LINGER), [bounds](limits::LINGER)).
     #[serde(default, with = "humantime_serde::option")]
     pub linger: Option<Duration>,
-    /// Interval between keep-alive comments (default 10s, 1s..=5min).
+    /// Interval between keep-alive comments ([default](defaults::KEEPALIVE),
+    /// [bounds](limits::KEEPALIVE)).
     #[serde(default, with = "humantime_serde::option")]
     pub keepalive: Option<Duration>,
-    /// Timeout of one upstream request (default 10s, 100ms..=5min).
+    /// Timeout of one upstream request ([default](defaults::TIMEOUT), [bounds](limits::TIMEOUT)).
     #[serde(default, with = "humantime_serde::option")]
     pub timeout: Option<Duration>,
-    /// Most dynamic streams alive at once (default 1000, 1..=1000000).
+    /// Most dynamic streams alive at once ([default](defaults::MAX_STREAMS),
+    /// [bounds](limits::MAX_STREAMS)).
     pub max_streams: Option<u64>,
-    /// Most snapshot bytes held by dynamic streams together (default 256 MiB, 1 MiB..=64 GiB).
+    /// Most snapshot bytes held by dynamic streams together ([default](defaults::MAX_MEMORY),
+    /// [bounds](limits::MAX_MEMORY)).
     pub max_memory: Option<ByteSize>,
-    /// Largest upstream body accepted (default 8 MiB, 1 KiB..=1 GiB).
+    /// Largest upstream body accepted ([default](defaults::MAX_BODY), [bounds](limits::MAX_BODY)).
     pub max_body: Option<ByteSize>,
-    /// Recent changes kept per dynamic stream (default 64, 1..=100000).
+    /// Recent changes kept per dynamic stream ([default](defaults::HISTORY),
+    /// [bounds](limits::HISTORY)).
     pub history: Option<u64>,
     /// Write every non-ASCII character of `data` and `patch` events as a `\uXXXX` escape
-    /// (default true): the Streamdata.io SDK's EventSource corrupts UTF-8 split across reads.
+    /// ([default](defaults::ASCII_ONLY)): the Streamdata.io SDK's EventSource corrupts UTF-8
+    /// split across reads.
     pub ascii_only: Option<bool>,
-    /// How far a signed request's `X-Auth-Sd-Ts` may be from the server's clock (default 5m,
-    /// 1s..=1 day).
+    /// How far a signed request's `X-Auth-Sd-Ts` may be from the server's clock
+    /// ([default](defaults::SIGNATURE_MAX_SKEW), [bounds](limits::SIGNATURE_MAX_SKEW)).
     #[serde(default, with = "humantime_serde::option")]
     pub signature_max_skew: Option<Duration>,
-    /// Most bytes one dynamic stream's history holds (default 1 MiB, 1 KiB..=1 GiB).
+    /// Most bytes one dynamic stream's history holds ([default](defaults::HISTORY_BYTES),
+    /// [bounds](limits::HISTORY_BYTES)).
     pub history_bytes: Option<ByteSize>,
     /// How changes are computed (`[proxy.diff]`); `allow_move = true` is refused.
     #[serde(default)]
@@ -154,7 +170,7 @@ pub struct RawProxy {
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawProxyHost {
-    /// Poll period of dynamic streams of matching hosts (100ms..=1 day).
+    /// Poll period of dynamic streams of matching hosts ([bounds](limits::INTERVAL)).
     #[serde(default, with = "humantime_serde::option")]
     pub interval: Option<Duration>,
 }
@@ -163,33 +179,38 @@ pub struct RawProxyHost {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawProxyToken {
-    /// Unique name shown in logs and metrics: letters, digits, `.`, `_`, `-`, at most 64.
+    /// Unique name shown in logs and metrics (see [`is_valid_name`]).
     pub name: String,
-    /// The secret clients send as `X-Sd-Token`, at least 16 characters without spaces, unique;
-    /// `${VAR}` is replaced by the environment variable `VAR`.
+    /// The secret clients send as `X-Sd-Token`, at least
+    /// [`TOKEN_MIN_CHARS`](limits::TOKEN_MIN_CHARS) characters without spaces, unique; `${VAR}`
+    /// is replaced by the environment variable `VAR`.
     pub token: String,
-    /// Most connections open at once with this token (default 100, 1..=1000000).
+    /// Most connections open at once with this token ([default](defaults::MAX_CONNECTIONS),
+    /// [bounds](limits::MAX_CONNECTIONS)).
     pub max_connections: Option<u64>,
-    /// New connections per second, sustained (default 10, 1..=100000).
+    /// New connections per second, sustained ([default](defaults::CONNECTIONS_PER_SECOND),
+    /// [bounds](limits::CONNECTIONS_PER_SECOND)).
     pub connections_per_second: Option<u64>,
     /// New connections at once after a quiet period (default `connections_per_second`,
-    /// 1..=100000).
+    /// [bounds](limits::CONNECTIONS_PER_SECOND)).
     pub connections_burst: Option<u64>,
     /// Hosts this token may stream, each also allowed by `proxy.allowed_hosts` (default: all
     /// of them).
     pub allowed_hosts: Option<Vec<String>>,
-    /// Poll period of this token's streams, overriding host and default periods (100ms..=1 day).
+    /// Poll period of this token's streams, overriding host and default periods
+    /// ([bounds](limits::INTERVAL)).
     #[serde(default, with = "humantime_serde::option")]
     pub interval: Option<Duration>,
-    /// This token's streams are never polled more often than this (default 0s, 0s..=1 day).
+    /// This token's streams are never polled more often than this
+    /// ([default](defaults::TOKEN_MIN_INTERVAL), [bounds](limits::TOKEN_MIN_INTERVAL)).
     #[serde(default, with = "humantime_serde::option")]
     pub min_interval: Option<Duration>,
     /// The application's private key of the Streamdata.io signature strategy
     /// (`streamdataio-js-sdk-auth`): signatures (`X-Auth-Sd-Ts`, `X-Auth-Sd-S`) are verified
     /// with it. `${VAR}` allowed; never shown.
     pub signing_secret: Option<String>,
-    /// Refuse this token's requests that are not signed (default false; needs
-    /// `signing_secret`).
+    /// Refuse this token's requests that are not signed (needs `signing_secret`;
+    /// [default](defaults::REQUIRE_SIGNATURE)).
     pub require_signature: Option<bool>,
 }
 
@@ -439,6 +460,11 @@ fn order_host_intervals(intervals: &mut [(HostPattern, Duration)]) {
 /// Validates `[proxy]`: `None` when it is absent or disabled (its keys are still checked, so
 /// that typos are caught before someone enables it).
 impl RawProxy {
+    /// Whether dynamic streams are served (`enabled`, or its default).
+    pub fn is_enabled(&self) -> bool {
+        self.enabled.unwrap_or(defaults::ENABLED)
+    }
+
     /// Validates `[proxy]`, recording problems at its keys.
     pub fn validate(
         &self,
@@ -446,7 +472,7 @@ impl RawProxy {
         problems: &mut Problems,
     ) -> Option<ProxySettings> {
         let raw = self;
-        let enabled = raw.enabled.unwrap_or(false);
+        let enabled = raw.is_enabled();
         let before = problems.len();
         let allowed_hosts = match &raw.allowed_hosts {
             Some(list) => {
@@ -658,7 +684,7 @@ impl RawProxy {
         }
         Some(ProxySettings {
             allowed_hosts,
-            allow_private: raw.allow_private.unwrap_or(false),
+            allow_private: raw.allow_private.unwrap_or(defaults::ALLOW_PRIVATE),
             interval,
             host_intervals,
             min_interval,
@@ -712,7 +738,8 @@ fn signing_key(
             }
         }
     });
-    if raw.require_signature == Some(true) && raw.signing_secret.is_none() {
+    let require_signature = raw.require_signature.unwrap_or(defaults::REQUIRE_SIGNATURE);
+    if require_signature && raw.signing_secret.is_none() {
         problems.push(
             format!("{key}.require_signature"),
             "expected a `signing_secret` in the same entry: signatures cannot be required \
@@ -843,7 +870,7 @@ fn token_limits(
         interval,
         min_interval,
         signing_key: None,
-        require_signature: raw.require_signature.unwrap_or(false),
+        require_signature: raw.require_signature.unwrap_or(defaults::REQUIRE_SIGNATURE),
     }
 }
 

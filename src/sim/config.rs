@@ -3,6 +3,40 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use crate::validation::{Problems, duration_in, fraction, integer_in, socket_address, usize_of};
+
+/// Built-in defaults of `[simulator]` and its feeds.
+pub mod defaults {
+    use std::time::Duration;
+
+    /// `simulator.enabled` (when the table is present).
+    pub const ENABLED: bool = true;
+    /// `simulator.feeds[].seed`.
+    pub const SEED: u64 = 1;
+    /// `simulator.feeds[].vehicles`.
+    pub const VEHICLES: usize = 100;
+    /// `simulator.feeds[].routes`.
+    pub const ROUTES: usize = 8;
+    /// `simulator.feeds[].tick`.
+    pub const TICK: Duration = Duration::from_secs(1);
+    /// `simulator.feeds[].move_fraction`.
+    pub const MOVE_FRACTION: f64 = 0.3;
+    /// `simulator.feeds[].churn`.
+    pub const CHURN: f64 = 0.02;
+}
+
+/// Inclusive bounds of the feeds' keys.
+pub mod limits {
+    use std::time::Duration;
+
+    /// `simulator.feeds[].vehicles`.
+    pub const VEHICLES: (u64, u64) = (1, 1_000_000);
+    /// `simulator.feeds[].routes`.
+    pub const ROUTES: (u64, u64) = (1, 10_000);
+    /// `simulator.feeds[].tick`.
+    pub const TICK: (Duration, Duration) = (Duration::from_millis(10), Duration::from_secs(3600));
+}
+
 /// The simulator's validated settings.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SimulatorSettings {
@@ -38,7 +72,7 @@ pub struct FeedSettings {
 #[derive(Debug, Clone, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SimulatorConfig {
-    /// Serve the simulated feeds (default true when the table is present).
+    /// Serve the simulated feeds ([default](defaults::ENABLED) when the table is present).
     #[serde(default = "default_true")]
     pub enabled: bool,
     /// Address to serve on, e.g. `127.0.0.1:8081`.
@@ -54,22 +88,23 @@ pub struct SimulatorConfig {
 pub struct FeedConfig {
     /// Served at `/feeds/{name}`.
     pub name: String,
-    /// Seed (default 1).
+    /// Seed ([default](defaults::SEED)).
     #[serde(default = "default_seed")]
     pub seed: u64,
-    /// Vehicles in service on average (default 100).
+    /// Vehicles in service on average ([default](defaults::VEHICLES), [bounds](limits::VEHICLES)).
     #[serde(default = "default_vehicles")]
     pub vehicles: usize,
-    /// Routes (default 8).
+    /// Routes ([default](defaults::ROUTES), [bounds](limits::ROUTES)).
     #[serde(default = "default_routes")]
     pub routes: usize,
-    /// Time between states, e.g. `"1s"` (default 1s).
+    /// Time between states, e.g. `"1s"` ([default](defaults::TICK), [bounds](limits::TICK)).
     #[serde(default = "default_tick", with = "humantime_serde")]
     pub tick: Duration,
-    /// Fraction of vehicles moving per tick (default 0.3).
+    /// Fraction of vehicles moving per tick, from 0 to 1 ([default](defaults::MOVE_FRACTION)).
     #[serde(default = "default_move_fraction")]
     pub move_fraction: f64,
-    /// Fraction of vehicles leaving and joining per tick (default 0.02).
+    /// Fraction of vehicles leaving and joining per tick, from 0 to 1
+    /// ([default](defaults::CHURN)).
     #[serde(default = "default_churn")]
     pub churn: f64,
     /// Unix time in seconds of tick 0, for documents that are identical from run to run
@@ -82,50 +117,40 @@ pub struct FeedConfig {
 /// ticks before timestamps leave the range an HTTP date can express (year 9999).
 pub const MAX_EPOCH_SECONDS: u64 = 221_845_392_000;
 
+// serde's `default = "..."` takes functions.
 fn default_true() -> bool {
-    true
+    defaults::ENABLED
 }
 fn default_seed() -> u64 {
-    1
+    defaults::SEED
 }
 fn default_vehicles() -> usize {
-    100
+    defaults::VEHICLES
 }
 fn default_routes() -> usize {
-    8
+    defaults::ROUTES
 }
 fn default_tick() -> Duration {
-    Duration::from_secs(1)
+    defaults::TICK
 }
 fn default_move_fraction() -> f64 {
-    0.3
+    defaults::MOVE_FRACTION
 }
 fn default_churn() -> f64 {
-    0.02
+    defaults::CHURN
 }
 
 impl SimulatorConfig {
     /// Validates this table, whose dotted key is `key` (normally `simulator`), recording
     /// problems. `None` when disabled or when there were problems.
-    pub fn validate(
-        &self,
-        key: &str,
-        problems: &mut crate::validation::Problems,
-    ) -> Option<SimulatorSettings> {
+    pub fn validate(&self, key: &str, problems: &mut Problems) -> Option<SimulatorSettings> {
         let before = problems.len();
-        let listen = match self.listen.parse::<SocketAddr>() {
-            Ok(addr) => Some(addr),
-            Err(_) => {
-                problems.push(
-                    format!("{key}.listen"),
-                    format!(
-                        "expected an IP address and port such as \"127.0.0.1:8081\", got {:?}",
-                        self.listen
-                    ),
-                );
-                None
-            }
-        };
+        let listen = socket_address(
+            problems,
+            &format!("{key}.listen"),
+            &self.listen,
+            "\"127.0.0.1:8081\"",
+        );
         let mut names = std::collections::HashSet::new();
         let mut feeds = Vec::with_capacity(self.feeds.len());
         for (i, feed) in self.feeds.iter().enumerate() {
@@ -149,35 +174,34 @@ impl SimulatorConfig {
                     format!("feed name {:?} is used twice", feed.name),
                 );
             }
-            if !(1..=1_000_000).contains(&feed.vehicles) {
-                problems.push(
-                    format!("{fkey}.vehicles"),
-                    format!("expected 1 to 1000000, got {}", feed.vehicles),
-                );
-            }
-            if !(1..=10_000).contains(&feed.routes) {
-                problems.push(
-                    format!("{fkey}.routes"),
-                    format!("expected 1 to 10000, got {}", feed.routes),
-                );
-            }
-            if feed.tick < Duration::from_millis(10) || feed.tick > Duration::from_secs(3600) {
-                problems.push(
-                    format!("{fkey}.tick"),
-                    format!(
-                        "expected a duration between 10ms and 1h, got {:?}",
-                        feed.tick
-                    ),
-                );
-            }
-            for (name, value) in [("move_fraction", feed.move_fraction), ("churn", feed.churn)] {
-                if !(0.0..=1.0).contains(&value) {
-                    problems.push(
-                        format!("{fkey}.{name}"),
-                        format!("expected a number from 0 to 1, got {value}"),
-                    );
-                }
-            }
+            // The keys are always set here (serde filled in their defaults): each is checked.
+            let count = |n: usize| Some(u64::try_from(n).unwrap_or(u64::MAX));
+            let vehicles = integer_in(
+                problems,
+                &format!("{fkey}.vehicles"),
+                count(feed.vehicles),
+                0,
+                limits::VEHICLES,
+            );
+            let routes = integer_in(
+                problems,
+                &format!("{fkey}.routes"),
+                count(feed.routes),
+                0,
+                limits::ROUTES,
+            );
+            let tick = duration_in(
+                problems,
+                &format!("{fkey}.tick"),
+                Some(feed.tick),
+                Duration::ZERO,
+                limits::TICK,
+            );
+            let fraction_of = |problems: &mut Problems, name: &str, value: f64| {
+                fraction(problems, &format!("{fkey}.{name}"), Some(value), 0.0)
+            };
+            let move_fraction = fraction_of(problems, "move_fraction", feed.move_fraction);
+            let churn = fraction_of(problems, "churn", feed.churn);
             if let Some(epoch) = feed.epoch {
                 if epoch > MAX_EPOCH_SECONDS {
                     problems.push(
@@ -191,11 +215,11 @@ impl SimulatorConfig {
             feeds.push(FeedSettings {
                 name: feed.name.clone(),
                 seed: feed.seed,
-                vehicles: feed.vehicles,
-                routes: feed.routes,
-                tick: feed.tick,
-                move_fraction: feed.move_fraction,
-                churn: feed.churn,
+                vehicles: usize_of(vehicles),
+                routes: usize_of(routes),
+                tick,
+                move_fraction,
+                churn,
                 epoch_seconds: feed.epoch,
             });
         }
@@ -218,7 +242,6 @@ mod tests {
     use serde_json::json;
 
     use super::*;
-    use crate::validation::Problems;
 
     fn parse(value: serde_json::Value) -> SimulatorConfig {
         match serde_json::from_value(value) {

@@ -17,6 +17,9 @@ mod rng;
 mod server;
 
 pub use clock::{ManualClock, SimClock};
-pub use config::{FeedConfig, FeedSettings, MAX_EPOCH_SECONDS, SimulatorConfig, SimulatorSettings};
+pub use config::{
+    FeedConfig, FeedSettings, MAX_EPOCH_SECONDS, SimulatorConfig, SimulatorSettings, defaults,
+    limits,
+};
 pub use fleet::Fleet;
 pub use server::{router, serve};

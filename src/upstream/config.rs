@@ -55,6 +55,8 @@ pub mod defaults {
     pub const HISTORY_BYTES: u64 = 16 * 1024 * 1024;
     /// `linger` of an on-demand stream.
     pub const LINGER: Duration = Duration::from_secs(30);
+    /// `on_demand` of a polled stream.
+    pub const ON_DEMAND: bool = false;
 }
 
 /// Inclusive bounds of the upstream keys.
@@ -91,12 +93,13 @@ pub mod limits {
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawUpstream {
-    /// `User-Agent` sent upstream (default `"patchwire/<version>"`).
+    /// `User-Agent` sent upstream ([default](defaults::USER_AGENT)).
     pub user_agent: Option<String>,
     /// Retry schedule after failed polls (`[upstream.backoff]`).
     #[serde(default)]
     pub backoff: RawBackoff,
-    /// Quota for each upstream `host:port` that no named group covers (default 10/s, burst 10).
+    /// Quota for each upstream `host:port` that no named group covers
+    /// ([default](defaults::RATE_PER_SECOND) per second, and as many at once).
     pub default_rate_limit: Option<RawRateLimit>,
     /// Named quotas that streams join with `rate_limit_group` (`[upstream.rate_limits.<group>]`).
     #[serde(default)]
@@ -107,17 +110,22 @@ pub struct RawUpstream {
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawBackoff {
-    /// Delay after the first failure (default 1s, 1ms..=1h).
+    /// Delay after the first failure ([default](defaults::BACKOFF_INITIAL),
+    /// [bounds](limits::BACKOFF_INITIAL)).
     #[serde(default, with = "humantime_serde::option")]
     pub initial: Option<Duration>,
-    /// Upper bound of any computed delay (default 5m, at least `initial`, at most 24h).
+    /// Upper bound of any computed delay, at least `initial` ([default](defaults::BACKOFF_MAX),
+    /// [bounds](limits::BACKOFF_MAX)).
     #[serde(default, with = "humantime_serde::option")]
     pub max: Option<Duration>,
-    /// Growth factor per consecutive failure (default 2, greater than 1, at most 10).
+    /// Growth factor per consecutive failure ([default](defaults::BACKOFF_MULTIPLIER),
+    /// [bounds](limits::BACKOFF_MULTIPLIER)).
     pub multiplier: Option<f64>,
-    /// Fraction of each delay that is randomized (default 0.2, 0..=1).
+    /// Fraction of each delay that is randomized, from 0 to 1
+    /// ([default](defaults::BACKOFF_JITTER)).
     pub jitter: Option<f64>,
-    /// Upper bound honoured for an upstream's `Retry-After` (default 1h, 1s..=24h).
+    /// Upper bound honoured for an upstream's `Retry-After`
+    /// ([default](defaults::MAX_RETRY_AFTER), [bounds](limits::MAX_RETRY_AFTER)).
     #[serde(default, with = "humantime_serde::option")]
     pub max_retry_after: Option<Duration>,
 }
@@ -126,8 +134,8 @@ pub struct RawBackoff {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawRateLimit {
-    /// Requests per second, sustained (at least 1; required in a named group, default 10 for
-    /// `default_rate_limit`).
+    /// Requests per second, sustained, at least 1 (required in a named group;
+    /// [default](defaults::RATE_PER_SECOND) for `default_rate_limit`).
     pub per_second: Option<u32>,
     /// Requests allowed at once after a quiet period (at least 1; default `per_second`).
     pub burst: Option<u32>,
@@ -137,19 +145,23 @@ pub struct RawRateLimit {
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawStreamDefaults {
-    /// Time between polls (default 5s).
+    /// Time between polls ([default](defaults::INTERVAL), [bounds](limits::INTERVAL)).
     #[serde(default, with = "humantime_serde::option")]
     pub interval: Option<Duration>,
-    /// Timeout of one whole poll request (default 10s).
+    /// Timeout of one whole poll request ([default](defaults::TIMEOUT),
+    /// [bounds](limits::TIMEOUT)).
     #[serde(default, with = "humantime_serde::option")]
     pub timeout: Option<Duration>,
-    /// Largest upstream body accepted (default 16 MiB).
+    /// Largest upstream body accepted ([default](defaults::MAX_BODY),
+    /// [bounds](limits::MAX_BODY)).
     pub max_body: Option<ByteSize>,
-    /// How bodies are decoded (default `"json"`).
+    /// How bodies are decoded (default [`Format::default`]).
     pub format: Option<Format>,
-    /// Recent changes kept for resuming subscribers (default 1000).
+    /// Recent changes kept for resuming subscribers ([default](defaults::HISTORY),
+    /// [bounds](limits::HISTORY)).
     pub history: Option<u64>,
-    /// Most bytes a stream's history holds (default 16 MiB, 1 KiB..=1 GiB).
+    /// Most bytes a stream's history holds ([default](defaults::HISTORY_BYTES),
+    /// [bounds](limits::HISTORY_BYTES)).
     pub history_bytes: Option<ByteSize>,
     /// Headers sent with every poll of every stream; a stream's own header of the same name
     /// (compared case-insensitively) wins.
@@ -172,9 +184,9 @@ pub enum RawSource {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawStream {
-    /// Unique name, served at `/streams/{name}`: letters, digits, `.`, `_`, `-`, at most 64.
+    /// Unique name, served at `/streams/{name}` (see [`is_valid_name`]).
     pub name: String,
-    /// Where documents come from: `"poll"` (default) or `"push"`.
+    /// Where documents come from: `"poll"` or `"push"` ([default](RawSource::default)).
     #[serde(default)]
     pub source: RawSource,
     /// The upstream URL polled (http or https; required for polled streams, absent for push
@@ -184,32 +196,34 @@ pub struct RawStream {
     /// Headers sent with every poll (name → value; `${VAR}` as in `url`).
     #[serde(default)]
     pub headers: BTreeMap<String, String>,
-    /// Time between polls (100ms..=24h; default from `[stream_defaults]`, else 5s).
+    /// Time between polls ([bounds](limits::INTERVAL); default from `[stream_defaults]`).
     #[serde(default, with = "humantime_serde::option")]
     pub interval: Option<Duration>,
-    /// Timeout of one whole poll request (1ms..=10min; default from `[stream_defaults]`, else 10s).
+    /// Timeout of one whole poll request ([bounds](limits::TIMEOUT); default from
+    /// `[stream_defaults]`).
     #[serde(default, with = "humantime_serde::option")]
     pub timeout: Option<Duration>,
     /// Largest body accepted: bytes as an integer or a size such as `"16 MiB"`
-    /// (1 KiB..=1 GiB; default from `[stream_defaults]`, else 16 MiB).
+    /// ([bounds](limits::MAX_BODY); default from `[stream_defaults]`).
     pub max_body: Option<ByteSize>,
-    /// How the body is decoded (default from `[stream_defaults]`, else `"json"`).
+    /// How the body is decoded (default from `[stream_defaults]`).
     pub format: Option<Format>,
-    /// Recent changes kept for resuming subscribers (1..=100000; default from
-    /// `[stream_defaults]`, else 1000).
+    /// Recent changes kept for resuming subscribers ([bounds](limits::HISTORY); default from
+    /// `[stream_defaults]`).
     pub history: Option<u64>,
-    /// Most bytes the history holds (1 KiB..=1 GiB; default from `[stream_defaults]`, else
-    /// 16 MiB).
+    /// Most bytes the history holds ([bounds](limits::HISTORY_BYTES); default from
+    /// `[stream_defaults]`).
     pub history_bytes: Option<ByteSize>,
     /// A named group from `[upstream.rate_limits]`; by default the URL's `host:port`.
     pub rate_limit_group: Option<String>,
     /// How changes are computed (`[streams.diff]`).
     #[serde(default)]
     pub diff: DiffConfig,
-    /// Poll only while the stream has subscribers (default false; polled streams only).
+    /// Poll only while the stream has subscribers (polled streams only;
+    /// [default](defaults::ON_DEMAND)).
     pub on_demand: Option<bool>,
     /// With `on_demand = true`: how long polling continues after the last subscriber left
-    /// (default 30s, 0s..=1 day).
+    /// ([default](defaults::LINGER), [bounds](limits::LINGER)).
     #[serde(default, with = "humantime_serde::option")]
     pub linger: Option<Duration>,
 }
@@ -243,9 +257,9 @@ pub struct BackoffSettings {
     pub initial: Duration,
     /// Upper bound for any computed delay.
     pub max: Duration,
-    /// Growth factor per consecutive failure (> 1).
+    /// Growth factor per consecutive failure (within [bounds](limits::BACKOFF_MULTIPLIER)).
     pub multiplier: f64,
-    /// Fraction of each delay that is randomized, 0.0..=1.0.
+    /// Fraction of each delay that is randomized, from 0 to 1.
     pub jitter: f64,
     /// Upper bound for an upstream's `Retry-After`.
     pub max_retry_after: Duration,
@@ -606,7 +620,7 @@ fn on_demand(problems: &mut Problems, key: &str, stream: &RawStream) -> Option<D
         defaults::LINGER,
         limits::LINGER,
     );
-    if stream.on_demand == Some(true) {
+    if stream.on_demand.unwrap_or(defaults::ON_DEMAND) {
         return Some(linger);
     }
     if stream.linger.is_some() {

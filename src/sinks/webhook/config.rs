@@ -12,7 +12,7 @@ use serde::Deserialize;
 use url::Url;
 
 use super::body::Mode;
-use super::schedule::{DEFAULT_SCHEDULE, RetrySchedule};
+use super::schedule::RetrySchedule;
 use super::sign::Secret;
 use crate::ssrf;
 use crate::validation::{
@@ -20,16 +20,17 @@ use crate::validation::{
     header_key, header_name, integer_in, interpolate, is_valid_name, usize_of,
 };
 
-/// Built-in defaults of `[webhooks]`.
+/// Built-in defaults of `[webhooks]`. Those of the retry schedule (`schedule`, `jitter`,
+/// `max_retry_after`) are [`RetrySchedule::default`]'s.
 pub mod defaults {
     use std::time::Duration;
 
+    use crate::sinks::webhook::body::Mode;
+
     /// `webhooks.database`.
     pub const DATABASE: &str = "patchwire-webhooks.db";
-    /// `webhooks.jitter`.
-    pub const JITTER: f64 = 0.1;
-    /// `webhooks.max_retry_after`.
-    pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(10 * 3600);
+    /// `webhooks.allow_private_targets`.
+    pub const ALLOW_PRIVATE_TARGETS: bool = false;
     /// `webhooks.attempt_timeout`.
     pub const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(15);
     /// `webhooks.disable_after`.
@@ -44,6 +45,8 @@ pub mod defaults {
     pub const RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
     /// `webhooks.rotation_overlap`.
     pub const ROTATION_OVERLAP: Duration = Duration::from_secs(24 * 3600);
+    /// `webhooks.endpoints[].mode`.
+    pub const MODE: Mode = Mode::Patch;
 }
 
 /// Inclusive bounds of `[webhooks]` keys.
@@ -84,41 +87,47 @@ pub mod limits {
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawWebhooks {
-    /// The SQLite outbox file (default `"patchwire-webhooks.db"`); its directory must exist.
+    /// The SQLite outbox file ([default](defaults::DATABASE)); its directory must exist.
     pub database: Option<String>,
-    /// Allow targets on private, loopback, link-local and metadata addresses (default false).
+    /// Allow targets on private, loopback, link-local and metadata addresses
+    /// ([default](defaults::ALLOW_PRIVATE_TARGETS)).
     pub allow_private_targets: Option<bool>,
     /// Bearer token of the admin API at `/admin/webhooks` (`${VAR}` allowed); absent disables
-    /// the admin API. At least 16 characters.
+    /// the admin API. At least [`ADMIN_TOKEN_MIN`](limits::ADMIN_TOKEN_MIN) characters.
     pub admin_token: Option<String>,
-    /// Waits before each attempt, the first normally `"0s"` (default `["0s", "5s", "5m",
-    /// "30m", "2h", "5h", "10h", "10h"]`, 1 to 50 entries, each at most 7 days).
+    /// Waits before each attempt, the first normally `"0s"` ([default](RetrySchedule::default);
+    /// [entries](limits::SCHEDULE_LEN), [each](limits::SCHEDULE_STEP)).
     pub schedule: Option<Vec<humantime_serde::Serde<Duration>>>,
-    /// Fraction of each wait that is randomized (default 0.1, 0..=1).
+    /// Fraction of each wait that is randomized, from 0 to 1 ([default](RetrySchedule::default)).
     pub jitter: Option<f64>,
-    /// Longest `Retry-After` honoured (default 10h, 1s..=7 days).
+    /// Longest `Retry-After` honoured ([default](RetrySchedule::default),
+    /// [bounds](limits::MAX_RETRY_AFTER)).
     #[serde(default, with = "humantime_serde::option")]
     pub max_retry_after: Option<Duration>,
-    /// Timeout of one attempt, connect to response headers (default 15s, 100ms..=5min).
+    /// Timeout of one attempt, connect to response headers ([default](defaults::ATTEMPT_TIMEOUT),
+    /// [bounds](limits::ATTEMPT_TIMEOUT)).
     #[serde(default, with = "humantime_serde::option")]
     pub attempt_timeout: Option<Duration>,
-    /// An endpoint whose attempts all fail for this long is disabled (default 5 days,
-    /// 1min..=30 days).
+    /// An endpoint whose attempts all fail for this long is disabled
+    /// ([default](defaults::DISABLE_AFTER), [bounds](limits::DISABLE_AFTER)).
     #[serde(default, with = "humantime_serde::option")]
     pub disable_after: Option<Duration>,
-    /// Attempts in flight at once to one endpoint, across its streams (default 4, 1..=256).
+    /// Attempts in flight at once to one endpoint, across its streams
+    /// ([default](defaults::MAX_CONCURRENCY_PER_ENDPOINT),
+    /// [bounds](limits::MAX_CONCURRENCY_PER_ENDPOINT)).
     pub max_concurrency_per_endpoint: Option<u64>,
-    /// Attempts in flight at once across all endpoints (default 64, 1..=4096).
+    /// Attempts in flight at once across all endpoints ([default](defaults::WORKERS),
+    /// [bounds](limits::WORKERS)).
     pub workers: Option<u64>,
     /// Pending deliveries of one (endpoint, stream) above which they collapse into one
-    /// snapshot (default 1000, 1..=1000000).
+    /// snapshot ([default](defaults::BACKLOG_LIMIT), [bounds](limits::BACKLOG_LIMIT)).
     pub backlog_limit: Option<u64>,
     /// How long finished deliveries (delivered, dead, superseded) are kept for listing and
-    /// replay (default 7 days, 1min..=365 days).
+    /// replay ([default](defaults::RETENTION), [bounds](limits::RETENTION)).
     #[serde(default, with = "humantime_serde::option")]
     pub retention: Option<Duration>,
-    /// After a secret rotation, how long the previous secret also signs (default 24h,
-    /// 0s..=30 days).
+    /// After a secret rotation, how long the previous secret also signs
+    /// ([default](defaults::ROTATION_OVERLAP), [bounds](limits::ROTATION_OVERLAP)).
     #[serde(default, with = "humantime_serde::option")]
     pub rotation_overlap: Option<Duration>,
     /// Endpoints declared in the file (`[[webhooks.endpoints]]`).
@@ -130,19 +139,19 @@ pub struct RawWebhooks {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawWebhookEndpoint {
-    /// Unique id, stable across restarts (deliveries are stored under it): letters, digits,
-    /// `.`, `_`, `-`, at most 64.
+    /// Unique id, stable across restarts (deliveries are stored under it; see
+    /// [`is_valid_name`]).
     pub id: String,
     /// The target URL (http or https; `${VAR}` allowed).
     pub url: String,
     /// Names of the streams it receives (at least one).
     pub streams: Vec<String>,
-    /// `"patch"` (default) or `"snapshot"`.
+    /// `"patch"` or `"snapshot"` ([default](defaults::MODE)).
     pub mode: Option<Mode>,
     /// Extra headers sent with every delivery (`${VAR}` allowed in values).
     #[serde(default)]
     pub headers: BTreeMap<String, String>,
-    /// The signing secret, `whsec_` + base64 of 24 to 64 bytes (required here, `${VAR}`
+    /// The signing secret, `whsec_` + base64 (see [`Secret::parse`]; required here, `${VAR}`
     /// allowed: a file has no creation response to show a generated one in).
     pub secret: String,
 }
@@ -222,7 +231,9 @@ impl RawWebhooks {
         problems: &mut Problems,
     ) -> WebhookSettings {
         let raw = self;
-        let allow_private_targets = raw.allow_private_targets.unwrap_or(false);
+        let allow_private_targets = raw
+            .allow_private_targets
+            .unwrap_or(defaults::ALLOW_PRIVATE_TARGETS);
         let database = raw.database.as_deref().unwrap_or(defaults::DATABASE);
         if database.trim().is_empty() {
             problems.push(
@@ -257,8 +268,9 @@ impl RawWebhooks {
                         None
                     }
                 });
+        let built_in = RetrySchedule::default();
         let delays = match &raw.schedule {
-            None => DEFAULT_SCHEDULE.to_vec(),
+            None => built_in.delays,
             Some(steps) => {
                 let (min_len, max_len) = limits::SCHEDULE_LEN;
                 if steps.len() < min_len || steps.len() > max_len {
@@ -286,7 +298,7 @@ impl RawWebhooks {
                     .collect()
             }
         };
-        let jitter = fraction(problems, "webhooks.jitter", raw.jitter, defaults::JITTER);
+        let jitter = fraction(problems, "webhooks.jitter", raw.jitter, built_in.jitter);
         let schedule = RetrySchedule {
             delays,
             jitter,
@@ -294,7 +306,7 @@ impl RawWebhooks {
                 problems,
                 "webhooks.max_retry_after",
                 raw.max_retry_after,
-                defaults::MAX_RETRY_AFTER,
+                built_in.max_retry_after,
                 limits::MAX_RETRY_AFTER,
             ),
         };
@@ -502,7 +514,7 @@ fn endpoint(
         id: raw.id.clone(),
         url,
         streams: raw.streams.clone(),
-        mode: raw.mode.unwrap_or(Mode::Patch),
+        mode: raw.mode.unwrap_or(defaults::MODE),
         headers,
         secret,
     })
