@@ -1731,3 +1731,273 @@ fn history_bytes_defaults_inherits_and_is_checked() {
         &["1 KiB to 1 GiB", "got 10 bytes"],
     );
 }
+
+/// `config/default.toml` against the code: it shows every key the file's shape has, and every
+/// default it states is the one validation applies. Setting a documented default explicitly
+/// must change nothing in the validated configuration.
+mod default_toml {
+    use patchwire::config::{FileKind, parse_raw};
+
+    use super::*;
+
+    /// A table header or a `key = value` line of the file, commented out or not.
+    #[derive(Debug)]
+    struct Line {
+        /// Index of the line in the file.
+        index: usize,
+        /// The table it is in (its header's name, quotes removed), or the table it opens.
+        table: String,
+        /// The key it sets; `None` for a header.
+        key: Option<String>,
+        /// Written as `# ...`.
+        commented: bool,
+        /// Marked `# example`, or in a table whose header is: a value to adapt, not a default.
+        example: bool,
+    }
+
+    impl Line {
+        /// A commented-out key that states its default.
+        fn is_default(&self) -> bool {
+            self.key.is_some() && self.commented && !self.example
+        }
+    }
+
+    struct DefaultToml {
+        text: Vec<String>,
+        lines: Vec<Line>,
+    }
+
+    /// The name of the table a header line opens (`[a.b]`, `[[a.b]]`), quotes removed.
+    fn header(code: &str) -> Option<String> {
+        let code = code.split(" #").next().unwrap_or(code).trim_end();
+        let inner = code
+            .strip_prefix("[[")
+            .and_then(|c| c.strip_suffix("]]"))
+            .or_else(|| code.strip_prefix('[').and_then(|c| c.strip_suffix(']')))?;
+        let valid = !inner.is_empty()
+            && inner
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "_.-\"*".contains(c));
+        valid.then(|| inner.replace('"', ""))
+    }
+
+    fn read() -> DefaultToml {
+        let text = std::fs::read_to_string(repo_file("config/default.toml")).expect("default.toml");
+        // The one placeholder the file shows instead of a value.
+        let text = text.replace(
+            "patchwire/<version>",
+            &format!("patchwire/{}", env!("CARGO_PKG_VERSION")),
+        );
+        let text: Vec<String> = text.lines().map(str::to_owned).collect();
+        let mut lines = Vec::new();
+        let (mut table, mut table_example) = (String::new(), false);
+        for (index, line) in text.iter().enumerate() {
+            let (commented, code) = match line.strip_prefix("# ") {
+                Some(code) => (true, code),
+                None if line.starts_with('#') => continue,
+                None => (false, line.as_str()),
+            };
+            let example = code.trim_end().ends_with("# example");
+            if let Some(name) = header(code) {
+                table = name;
+                table_example = example;
+                lines.push(Line {
+                    index,
+                    table: table.clone(),
+                    key: None,
+                    commented,
+                    example,
+                });
+                continue;
+            }
+            let Some((key, _)) = code.split_once(" = ") else {
+                assert!(
+                    !code.contains("(default"),
+                    "default.toml:{}: a default stated in prose is not checked; show it as a \
+                     commented-out `key = value` line: {line}",
+                    index + 1
+                );
+                continue;
+            };
+            if !key.is_empty()
+                && key
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+            {
+                lines.push(Line {
+                    index,
+                    table: table.clone(),
+                    key: Some(key.to_owned()),
+                    commented,
+                    example: example || table_example,
+                });
+            }
+        }
+        DefaultToml { text, lines }
+    }
+
+    impl DefaultToml {
+        /// Whether `line` sets a key that a commented-out default line also shows: this file's
+        /// own value, left out wherever the defaults are compared.
+        fn overrides_a_default(&self, line: &Line) -> bool {
+            !line.commented
+                && line.key.is_some()
+                && self
+                    .lines
+                    .iter()
+                    .any(|d| d.is_default() && d.table == line.table && d.key == line.key)
+        }
+
+        /// The file with every table and every example uncommented, the values it sets in place
+        /// of a default left out, and `also` uncommented too: everything at its default except
+        /// what `also` states.
+        fn with(&self, also: &dyn Fn(&Line) -> bool) -> String {
+            let mut text = self.text.clone();
+            for line in &self.lines {
+                let uncomment =
+                    line.commented && (line.key.is_none() || line.example || also(line));
+                if uncomment {
+                    text[line.index] = text[line.index]["# ".len()..].to_owned();
+                } else if self.overrides_a_default(line) {
+                    text[line.index] = format!("# {}", text[line.index]);
+                }
+            }
+            text.join("\n") + "\n"
+        }
+    }
+
+    /// Values for the `${VAR}` references of the file's examples.
+    fn example_env(name: &str) -> Option<String> {
+        let value = match name {
+            "PATCHWIRE_PUSH_TOKEN" => "push-token-0123456789",
+            "PATCHWIRE_ADMIN_TOKEN" => "admin-token-0123456789",
+            "PATCHWIRE_PROXY_TOKEN" => "proxy-token-0123456789",
+            "API_TOKEN" => "api-token",
+            "BILLING_WEBHOOK_SECRET" => "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+            // The Streamdata.io SDK's own test key: base64 of 72 characters.
+            "PATCHWIRE_PROXY_SIGNING_SECRET" => {
+                "MmIyMzBlZGMtOGYyNi00OGY2LWI2YTYtZmY1OTFlMzY1NjNiYjNhMzc3NWMtMzMwMC00YmMzLWI0NGYtMmM1ZmU4MDAzMGFh"
+            }
+            _ => return None,
+        };
+        Some(value.to_owned())
+    }
+
+    /// What a default of `table` and `key` is compared under, set from the environment: the
+    /// proxy enabled (a disabled one has no settings to compare), except to check `enabled`
+    /// itself; a stream on demand to check `linger`, which applies only then.
+    fn context(table: &str, key: &str) -> Vec<(String, String)> {
+        match (table, key) {
+            ("proxy", "enabled") => Vec::new(),
+            ("streams", "linger") => vars(&[
+                ("PATCHWIRE__PROXY__ENABLED", "true"),
+                ("PATCHWIRE__STREAMS__0__ON_DEMAND", "true"),
+            ]),
+            _ => vars(&[("PATCHWIRE__PROXY__ENABLED", "true")]),
+        }
+    }
+
+    /// `text` validated under `context`, as `{:#?}` lines.
+    fn validated(text: &str, context: Vec<(String, String)>) -> Result<Vec<String>, String> {
+        let raw = parse_raw(text, FileKind::Toml, None, context).map_err(|e| e.to_string())?;
+        let config = validate(raw, None, &example_env).map_err(|e| e.to_string())?;
+        Ok(format!("{config:#?}").lines().map(str::to_owned).collect())
+    }
+
+    #[test]
+    fn every_default_it_states_is_the_one_the_code_applies() {
+        let file = read();
+        let defaults: Vec<&Line> = file.lines.iter().filter(|l| l.is_default()).collect();
+        assert!(
+            defaults.len() > 80,
+            "only {} defaults found",
+            defaults.len()
+        );
+        let mut wrong = Vec::new();
+        for line in defaults {
+            let key = line.key.as_deref().unwrap_or_default();
+            let base = validated(&file.with(&|_| false), context(&line.table, key))
+                .unwrap_or_else(|e| panic!("default.toml with its examples is invalid: {e}"));
+            let stated = file.with(&|l| l.index == line.index);
+            let shown = file.text[line.index].trim_start_matches("# ");
+            match validated(&stated, context(&line.table, key)) {
+                Err(e) => wrong.push(format!("[{}] {shown}: refused: {e}", line.table)),
+                Ok(set) => {
+                    if let Some((code, doc)) = base.iter().zip(&set).find(|(a, b)| a != b) {
+                        wrong.push(format!(
+                            "[{}] {shown}: the code's default gives `{}`, the file's `{}`",
+                            line.table,
+                            code.trim(),
+                            doc.trim()
+                        ));
+                    }
+                }
+            }
+        }
+        assert!(
+            wrong.is_empty(),
+            "default.toml states defaults the code does not apply:\n{}",
+            wrong.join("\n")
+        );
+    }
+
+    #[test]
+    fn it_shows_every_key_of_the_file_shape() {
+        let file = read();
+        // Every table, default and example uncommented, and an unknown key in every table:
+        // the shape names its valid keys in the problem each one causes.
+        const PROBE: &str = "zz_probe";
+        let full = file.with(&|_| true);
+        let mut probed = format!("{PROBE} = 0\n");
+        for line in full.lines() {
+            probed.push_str(line);
+            probed.push('\n');
+            if header(line).is_some() {
+                probed.push_str(&format!("{PROBE} = 0\n"));
+            }
+        }
+        let err = parse_raw(&probed, FileKind::Toml, None, Vec::new())
+            .expect_err("every table has an unknown key");
+        let mut tables = 0;
+        let mut missing = Vec::new();
+        for problem in &err.problems {
+            let Some(table) = problem
+                .key
+                .strip_suffix(PROBE)
+                .map(|t| t.trim_end_matches('.').replace("[0]", "").replace('"', ""))
+            else {
+                panic!("default.toml shows what the file shape refuses: {problem}");
+            };
+            let Some(valid) = problem
+                .message
+                .strip_prefix("unknown key `zz_probe`; valid keys here: ")
+            else {
+                // A table of names to values (headers): any key is valid.
+                continue;
+            };
+            tables += 1;
+            let prefix = if table.is_empty() {
+                String::new()
+            } else {
+                format!("{table}.")
+            };
+            for key in valid.split(", ") {
+                let shown = file.lines.iter().any(|l| {
+                    (l.table == table && l.key.as_deref() == Some(key))
+                        || (l.key.is_none()
+                            && l.table
+                                .strip_prefix(&prefix)
+                                .is_some_and(|rest| rest.split('.').next() == Some(key)))
+                });
+                if !shown {
+                    missing.push(format!("{prefix}{key}"));
+                }
+            }
+        }
+        assert!(tables >= 15, "only {tables} tables probed: {err}");
+        assert!(
+            missing.is_empty(),
+            "keys the file shape has that default.toml does not show: {missing:?}"
+        );
+    }
+}
