@@ -1,7 +1,8 @@
 //! patchwire: poll an API once, push its changes as RFC 6902 JSON Patches to every subscriber.
 //!
 //! Modules, in the order data flows through them:
-//! - [`config`]: the configuration file's shape, loading and pure validation.
+//! - [`config`]: the configuration file's shape, loading, and the validation of its sections,
+//!   each by its component; `config/default.toml` is checked against their defaults.
 //! - [`upstream`]: one poller per stream; conditional fetches, rate limits, backoff, decoding.
 //! - [`diff`]: RFC 6902 diff and apply.
 //! - [`snapshot`]: the latest document of each stream, serialized once.
@@ -15,6 +16,8 @@
 //! - [`sim`]: the simulated fleet feed used by the default configuration, tests and benchmarks.
 //! - [`redact`]: the one way a URL is shown (logs, errors, listings), without its secrets.
 //! - [`ssrf`]: which outbound addresses are refused, and the resolver that enforces it.
+//! - [`validation`]: problems at key paths and the checks every configuration section shares;
+//!   it imports nothing of the crate, so components validate their sections without `config`.
 
 // Nothing from outside may panic the process, and a library logs through its caller.
 #![cfg_attr(
