@@ -1,5 +1,8 @@
-//! Pure validation: [`RawConfig`] in, [`Config`] or every problem out. No I/O; the environment
-//! is read only through the `env` lookup passed in (for `${VAR}` references).
+//! Pure validation of the whole file: [`RawConfig`] in, [`Config`] or every problem out. Each
+//! component's section is validated by the component; this calls them, validates the sections
+//! the application owns (`[server]`, `[log]`, `[push]`) and what spans sections (stream names,
+//! push streams, overlapping listeners). No I/O; the environment is read only through the
+//! `env` lookup passed in (for `${VAR}` references).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -328,6 +331,8 @@ fn check_log_filter(filter: &str) -> Result<(), String> {
         .map_err(|e| format!("{EXPECTED}, got {filter:?} ({e})"))
 }
 
+/// The `[[streams]]` entries: names valid and unique across them; push streams here, polled
+/// ones by `upstream`.
 fn streams(
     raw: &[RawStream],
     proxy_enabled: bool,

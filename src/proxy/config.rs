@@ -471,10 +471,9 @@ impl RawProxy {
         env: &dyn Fn(&str) -> Option<String>,
         problems: &mut Problems,
     ) -> Option<ProxySettings> {
-        let raw = self;
-        let enabled = raw.is_enabled();
+        let enabled = self.is_enabled();
         let before = problems.len();
-        let allowed_hosts = match &raw.allowed_hosts {
+        let allowed_hosts = match &self.allowed_hosts {
             Some(list) => {
                 if list.is_empty() && enabled {
                     problems.push(
@@ -502,94 +501,94 @@ impl RawProxy {
         let interval = duration_in(
             problems,
             "proxy.interval",
-            raw.interval,
+            self.interval,
             defaults::INTERVAL,
             limits::INTERVAL,
         );
         let min_interval = duration_in(
             problems,
             "proxy.min_interval",
-            raw.min_interval,
+            self.min_interval,
             defaults::MIN_INTERVAL,
             limits::MIN_INTERVAL,
         );
         let linger = duration_in(
             problems,
             "proxy.linger",
-            raw.linger,
+            self.linger,
             defaults::LINGER,
             limits::LINGER,
         );
         let keepalive = duration_in(
             problems,
             "proxy.keepalive",
-            raw.keepalive,
+            self.keepalive,
             defaults::KEEPALIVE,
             limits::KEEPALIVE,
         );
         let timeout = duration_in(
             problems,
             "proxy.timeout",
-            raw.timeout,
+            self.timeout,
             defaults::TIMEOUT,
             limits::TIMEOUT,
         );
         let max_streams = integer_in(
             problems,
             "proxy.max_streams",
-            raw.max_streams,
+            self.max_streams,
             defaults::MAX_STREAMS,
             limits::MAX_STREAMS,
         );
         let max_memory = bytes_in(
             problems,
             "proxy.max_memory",
-            raw.max_memory,
+            self.max_memory,
             defaults::MAX_MEMORY,
             limits::MAX_MEMORY,
         );
         let max_body_bytes = bytes_in(
             problems,
             "proxy.max_body",
-            raw.max_body,
+            self.max_body,
             defaults::MAX_BODY,
             limits::MAX_BODY,
         );
         let history = integer_in(
             problems,
             "proxy.history",
-            raw.history,
+            self.history,
             defaults::HISTORY,
             limits::HISTORY,
         );
         let signature_max_skew = duration_in(
             problems,
             "proxy.signature_max_skew",
-            raw.signature_max_skew,
+            self.signature_max_skew,
             defaults::SIGNATURE_MAX_SKEW,
             limits::SIGNATURE_MAX_SKEW,
         );
         let history_bytes = bytes_in(
             problems,
             "proxy.history_bytes",
-            raw.history_bytes,
+            self.history_bytes,
             defaults::HISTORY_BYTES,
             limits::HISTORY_BYTES,
         );
-        if raw.diff.allow_move == Some(true) {
+        if self.diff.allow_move == Some(true) {
             problems.push(
                 "proxy.diff.allow_move",
                 "expected false or no value: Streamdata.io clients apply only add, remove and \
              replace operations, so dynamic streams never emit `move`",
             );
         }
-        let diff = raw.diff.validate("proxy.diff", problems).map(|mut diff| {
+        let diff = self.diff.validate("proxy.diff", problems).map(|mut diff| {
             diff.allow_move = false;
             diff
         });
         let mut host_intervals: Vec<(HostPattern, Duration)> = Vec::new();
         let mut seen_hosts: HashMap<String, &str> = HashMap::new();
-        for (pattern, host) in &raw.hosts {
+        for (pattern, host) in &self.hosts {
             let key = format!("proxy.hosts.{pattern:?}");
             let Some(interval) = host.interval else {
                 problems.push(
@@ -624,17 +623,17 @@ impl RawProxy {
             }
         }
         order_host_intervals(&mut host_intervals);
-        if raw.tokens.is_empty() && enabled {
+        if self.tokens.is_empty() && enabled {
             problems.push(
                 "proxy.tokens",
                 "expected at least one [[proxy.tokens]] entry with a `name` and a `token` (clients \
              send the token as X-Sd-Token)",
             );
         }
-        let mut tokens = Vec::with_capacity(raw.tokens.len());
+        let mut tokens = Vec::with_capacity(self.tokens.len());
         let mut names: HashMap<&str, usize> = HashMap::new();
         let mut secrets: HashMap<String, usize> = HashMap::new();
-        for (i, raw_token) in raw.tokens.iter().enumerate() {
+        for (i, raw_token) in self.tokens.iter().enumerate() {
             let key = format!("proxy.tokens[{i}]");
             if !is_valid_name(&raw_token.name) {
                 problems.push(
@@ -662,7 +661,7 @@ impl RawProxy {
                             "expected a token of its own, but it is the same as the token of \
                          proxy.tokens[{first}] ({:?}); a client's token must say which entry \
                          it uses",
-                            raw.tokens[*first].name
+                            self.tokens[*first].name
                         ),
                     );
                 } else {
@@ -684,7 +683,7 @@ impl RawProxy {
         }
         Some(ProxySettings {
             allowed_hosts,
-            allow_private: raw.allow_private.unwrap_or(defaults::ALLOW_PRIVATE),
+            allow_private: self.allow_private.unwrap_or(defaults::ALLOW_PRIVATE),
             interval,
             host_intervals,
             min_interval,
@@ -698,7 +697,7 @@ impl RawProxy {
             history_bytes,
             diff: diff?,
             tokens,
-            ascii_only: raw.ascii_only.unwrap_or(defaults::ASCII_ONLY),
+            ascii_only: self.ascii_only.unwrap_or(defaults::ASCII_ONLY),
             signature_max_skew,
         })
     }

@@ -298,8 +298,7 @@ pub struct StreamSettings {
 impl RawUpstream {
     /// Validates `[upstream]`, recording problems at its keys.
     pub fn validate(&self, problems: &mut Problems) -> UpstreamSettings {
-        let raw = self;
-        let user_agent = raw
+        let user_agent = self
             .user_agent
             .clone()
             .unwrap_or_else(|| defaults::USER_AGENT.to_owned());
@@ -318,11 +317,11 @@ impl RawUpstream {
         let default_rate_limit = rate_limit(
             problems,
             "upstream.default_rate_limit",
-            raw.default_rate_limit.as_ref().unwrap_or(&default),
+            self.default_rate_limit.as_ref().unwrap_or(&default),
             defaults::RATE_PER_SECOND,
         );
         let mut rate_limits = BTreeMap::new();
-        for (name, limit) in &raw.rate_limits {
+        for (name, limit) in &self.rate_limits {
             let key = format!("upstream.rate_limits.{name}");
             if !is_valid_name(name) {
                 problems.push(
@@ -343,7 +342,7 @@ impl RawUpstream {
             user_agent,
             default_rate_limit,
             rate_limits,
-            backoff: backoff(&raw.backoff, problems),
+            backoff: backoff(&self.backoff, problems),
         }
     }
 }
@@ -448,45 +447,44 @@ impl RawStreamDefaults {
         env: &dyn Fn(&str) -> Option<String>,
         problems: &mut Problems,
     ) -> StreamDefaults {
-        let raw = self;
         StreamDefaults {
             interval: duration_in(
                 problems,
                 "stream_defaults.interval",
-                raw.interval,
+                self.interval,
                 defaults::INTERVAL,
                 limits::INTERVAL,
             ),
             timeout: duration_in(
                 problems,
                 "stream_defaults.timeout",
-                raw.timeout,
+                self.timeout,
                 defaults::TIMEOUT,
                 limits::TIMEOUT,
             ),
             max_body: bytes_in(
                 problems,
                 "stream_defaults.max_body",
-                raw.max_body,
+                self.max_body,
                 defaults::MAX_BODY,
                 limits::MAX_BODY,
             ),
-            format: raw.format.unwrap_or_default(),
+            format: self.format.unwrap_or_default(),
             history: integer_in(
                 problems,
                 "stream_defaults.history",
-                raw.history,
+                self.history,
                 defaults::HISTORY,
                 limits::HISTORY,
             ),
             history_bytes: bytes_in(
                 problems,
                 "stream_defaults.history_bytes",
-                raw.history_bytes,
+                self.history_bytes,
                 defaults::HISTORY_BYTES,
                 limits::HISTORY_BYTES,
             ),
-            headers: headers(problems, "stream_defaults.headers", "", &raw.headers, env),
+            headers: headers(problems, "stream_defaults.headers", "", &self.headers, env),
         }
     }
 }
@@ -502,10 +500,9 @@ impl RawStream {
         env: &dyn Fn(&str) -> Option<String>,
         problems: &mut Problems,
     ) -> Option<StreamSettings> {
-        let stream = self;
         let before = problems.len();
-        let context = format!("in stream {:?}, ", stream.name);
-        let url = match &stream.url {
+        let context = format!("in stream {:?}, ", self.name);
+        let url = match &self.url {
             Some(url) => stream_url(problems, &format!("{key}.url"), &context, url, env),
             None => {
                 problems.push(
@@ -519,44 +516,44 @@ impl RawStream {
         let interval = duration_in(
             problems,
             &format!("{key}.interval"),
-            stream.interval,
+            self.interval,
             defaults.interval,
             limits::INTERVAL,
         );
         let timeout = duration_in(
             problems,
             &format!("{key}.timeout"),
-            stream.timeout,
+            self.timeout,
             defaults.timeout,
             limits::TIMEOUT,
         );
         let max_body_bytes = bytes_in(
             problems,
             &format!("{key}.max_body"),
-            stream.max_body,
+            self.max_body,
             defaults.max_body,
             limits::MAX_BODY,
         );
         let history = integer_in(
             problems,
             &format!("{key}.history"),
-            stream.history,
+            self.history,
             defaults.history,
             limits::HISTORY,
         );
         let history_bytes = bytes_in(
             problems,
             &format!("{key}.history_bytes"),
-            stream.history_bytes,
+            self.history_bytes,
             defaults.history_bytes,
             limits::HISTORY_BYTES,
         );
-        let on_demand = on_demand(problems, key, stream);
+        let on_demand = on_demand(problems, key, self);
         let own_headers = headers(
             problems,
             &format!("{key}.headers"),
             &context,
-            &stream.headers,
+            &self.headers,
             env,
         );
         // The stream's own headers replace defaults of the same name.
@@ -564,7 +561,7 @@ impl RawStream {
         for (name, value) in &own_headers {
             headers.insert(name.clone(), value.clone());
         }
-        let rate_limit_group = match (&stream.rate_limit_group, &url) {
+        let rate_limit_group = match (&self.rate_limit_group, &url) {
             (Some(group), _) => {
                 if !upstream.rate_limits.contains_key(group) {
                     let known: Vec<&str> =
@@ -587,14 +584,14 @@ impl RawStream {
             (None, Some(url)) => host_group(url),
             (None, None) => String::new(),
         };
-        let format = stream.format.unwrap_or(defaults.format);
+        let format = self.format.unwrap_or(defaults.format);
         let diff =
-            format_diff_defaults(format, &stream.diff).validate(&format!("{key}.diff"), problems);
+            format_diff_defaults(format, &self.diff).validate(&format!("{key}.diff"), problems);
         let (Some(url), Some(diff)) = (url, diff) else {
             return None;
         };
         (problems.len() == before).then(|| StreamSettings {
-            name: stream.name.clone(),
+            name: self.name.clone(),
             url,
             headers,
             interval,

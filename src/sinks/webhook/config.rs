@@ -230,11 +230,10 @@ impl RawWebhooks {
         env: &dyn Fn(&str) -> Option<String>,
         problems: &mut Problems,
     ) -> WebhookSettings {
-        let raw = self;
-        let allow_private_targets = raw
+        let allow_private_targets = self
             .allow_private_targets
             .unwrap_or(defaults::ALLOW_PRIVATE_TARGETS);
-        let database = raw.database.as_deref().unwrap_or(defaults::DATABASE);
+        let database = self.database.as_deref().unwrap_or(defaults::DATABASE);
         if database.trim().is_empty() {
             problems.push(
             "webhooks.database",
@@ -242,7 +241,7 @@ impl RawWebhooks {
         );
         }
         let admin_token =
-            raw.admin_token
+            self.admin_token
                 .as_deref()
                 .and_then(|template| match interpolate(template, env) {
                     Ok(token)
@@ -269,7 +268,7 @@ impl RawWebhooks {
                     }
                 });
         let built_in = RetrySchedule::default();
-        let delays = match &raw.schedule {
+        let delays = match &self.schedule {
             None => built_in.delays,
             Some(steps) => {
                 let (min_len, max_len) = limits::SCHEDULE_LEN;
@@ -298,20 +297,20 @@ impl RawWebhooks {
                     .collect()
             }
         };
-        let jitter = fraction(problems, "webhooks.jitter", raw.jitter, built_in.jitter);
+        let jitter = fraction(problems, "webhooks.jitter", self.jitter, built_in.jitter);
         let schedule = RetrySchedule {
             delays,
             jitter,
             max_retry_after: duration_in(
                 problems,
                 "webhooks.max_retry_after",
-                raw.max_retry_after,
+                self.max_retry_after,
                 built_in.max_retry_after,
                 limits::MAX_RETRY_AFTER,
             ),
         };
         let mut seen = HashSet::new();
-        let endpoints = raw
+        let endpoints = self
             .endpoints
             .iter()
             .enumerate()
@@ -339,49 +338,49 @@ impl RawWebhooks {
             attempt_timeout: duration_in(
                 problems,
                 "webhooks.attempt_timeout",
-                raw.attempt_timeout,
+                self.attempt_timeout,
                 defaults::ATTEMPT_TIMEOUT,
                 limits::ATTEMPT_TIMEOUT,
             ),
             disable_after: duration_in(
                 problems,
                 "webhooks.disable_after",
-                raw.disable_after,
+                self.disable_after,
                 defaults::DISABLE_AFTER,
                 limits::DISABLE_AFTER,
             ),
             max_concurrency_per_endpoint: usize_of(integer_in(
                 problems,
                 "webhooks.max_concurrency_per_endpoint",
-                raw.max_concurrency_per_endpoint,
+                self.max_concurrency_per_endpoint,
                 defaults::MAX_CONCURRENCY_PER_ENDPOINT,
                 limits::MAX_CONCURRENCY_PER_ENDPOINT,
             )),
             workers: usize_of(integer_in(
                 problems,
                 "webhooks.workers",
-                raw.workers,
+                self.workers,
                 defaults::WORKERS,
                 limits::WORKERS,
             )),
             backlog_limit: usize_of(integer_in(
                 problems,
                 "webhooks.backlog_limit",
-                raw.backlog_limit,
+                self.backlog_limit,
                 defaults::BACKLOG_LIMIT,
                 limits::BACKLOG_LIMIT,
             )),
             retention: duration_in(
                 problems,
                 "webhooks.retention",
-                raw.retention,
+                self.retention,
                 defaults::RETENTION,
                 limits::RETENTION,
             ),
             rotation_overlap: duration_in(
                 problems,
                 "webhooks.rotation_overlap",
-                raw.rotation_overlap,
+                self.rotation_overlap,
                 defaults::ROTATION_OVERLAP,
                 limits::ROTATION_OVERLAP,
             ),
