@@ -429,14 +429,23 @@ fn backoff(raw: &RawBackoff, problems: &mut Problems) -> BackoffSettings {
     }
 }
 
-/// `[stream_defaults]` after validation, with built-in defaults filled in.
+/// `[stream_defaults]` after validation, with built-in defaults filled in: what a polled
+/// stream takes for each key it does not set.
+#[derive(Debug, Clone)]
 pub struct StreamDefaults {
+    /// Time between polls.
     interval: Duration,
+    /// Timeout of one whole poll request.
     timeout: Duration,
+    /// Largest body accepted, in bytes.
     max_body: u64,
+    /// How bodies are decoded.
     format: Format,
+    /// Recent changes kept for resuming subscribers.
     history: u64,
+    /// Most bytes those changes may hold together.
     history_bytes: u64,
+    /// Headers sent with every poll, under the stream's own of the same name.
     headers: HeaderMap,
 }
 
