@@ -15,6 +15,7 @@
 //! - [`sim`]: the simulated fleet feed used by the default configuration, tests and benchmarks.
 //! - [`redact`]: the one way a URL is shown (logs, errors, listings), without its secrets.
 //! - [`ssrf`]: which outbound addresses are refused, and the resolver that enforces it.
+//! - [`time`]: how times are written: Unix milliseconds and RFC 3339.
 
 // Nothing from outside may panic the process, and a library logs through its caller.
 #![cfg_attr(
@@ -40,4 +41,5 @@ pub mod sim;
 pub mod sinks;
 pub mod snapshot;
 pub mod ssrf;
+pub mod time;
 pub mod upstream;

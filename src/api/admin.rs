@@ -27,9 +27,9 @@ use super::body::{self, BodyLimits};
 use super::error_response;
 use crate::config::AdminToken;
 use crate::outbox::{Delivery, DeliveryFilter, DeliveryState, Replay};
-use crate::sinks::webhook::body::{Kind, rfc3339};
 use crate::sinks::webhook::registry::Endpoint;
 use crate::sinks::webhook::service::{AdminError, EndpointChanges, NewEndpoint, Webhooks};
+use crate::time::{rfc3339, unix_ms};
 
 /// Largest admin request body: endpoint definitions and replay requests are small (axum's own
 /// default for `Bytes`).
@@ -153,7 +153,7 @@ fn time(ms: u64) -> String {
 
 fn endpoint_json(endpoint: &Endpoint) -> Value {
     let r = &endpoint.record;
-    let now = crate::outbox::unix_ms(std::time::SystemTime::now());
+    let now = unix_ms(std::time::SystemTime::now());
     json!({
         "id": r.id,
         // Userinfo and query values may be credentials: shown redacted.
@@ -175,7 +175,7 @@ fn delivery_json(d: &Delivery) -> Value {
         "id": d.id,
         "webhook_id": d.msg_id,
         "stream": d.stream,
-        "type": match d.kind { Kind::Patch => "stream.patch", Kind::Snapshot => "stream.snapshot" },
+        "type": d.kind.event_type(),
         "epoch": d.epoch,
         "seq": d.seq,
         "base_seq": d.base_seq,
@@ -335,7 +335,7 @@ async fn replay_since(
         Err(response) => return *response,
     };
     let since = match humantime::parse_rfc3339_weak(request.since.trim()) {
-        Ok(t) => crate::outbox::unix_ms(t),
+        Ok(t) => unix_ms(t),
         Err(e) => {
             return error_response(
                 StatusCode::UNPROCESSABLE_ENTITY,

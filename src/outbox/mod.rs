@@ -334,9 +334,3 @@ pub trait Outbox: Send + Sync {
     /// `before_ms`; returns how many.
     fn prune(&self, before_ms: u64) -> OutboxFuture<usize>;
 }
-
-/// Milliseconds since the Unix epoch.
-pub fn unix_ms(at: SystemTime) -> u64 {
-    at.duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-}

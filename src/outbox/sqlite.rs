@@ -19,10 +19,11 @@ use tokio::sync::oneshot;
 use super::{
     Accepted, AttemptOutcome, Delivery, DeliveryFilter, DeliveryState, Disabled, EndpointRecord,
     EndpointStatus, NewChange, Outbox, OutboxError, OutboxFuture, Recorded, Replay, StoredDocument,
-    Target, unix_ms,
+    Target,
 };
 use crate::sinks::webhook::body::{self, Cursor, Kind, Plan};
 use crate::sinks::webhook::sign::message_id;
+use crate::time::unix_ms;
 
 /// Jobs run in one transaction at most.
 const BATCH: usize = 1024;

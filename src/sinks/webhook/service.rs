@@ -21,9 +21,10 @@ use crate::config::{WebhookSettings, endpoint_headers};
 use crate::hub::Hub;
 use crate::outbox::{
     Delivery, DeliveryFilter, Disabled, EndpointRecord, EndpointStatus, Outbox, OutboxError,
-    Replay, Source, unix_ms,
+    Replay, Source,
 };
 use crate::ssrf;
+use crate::time::unix_ms;
 
 /// How long a push waits for its change to be committed to the outbox before it is answered
 /// 503 (the dispatcher keeps retrying; see the README's push section).

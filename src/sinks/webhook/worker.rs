@@ -20,8 +20,9 @@ use super::registry::{Endpoint, Registry};
 use super::schedule::{AttemptError, RetrySchedule, classify};
 use super::sign::signature_header;
 use crate::metrics::{AttemptLabels, AttemptResult, Metrics};
-use crate::outbox::{AttemptOutcome, Delivery, Disabled, Outbox, OutboxError, unix_ms};
+use crate::outbox::{AttemptOutcome, Delivery, Disabled, Outbox, OutboxError};
 use crate::ssrf::{self, GuardedResolver};
+use crate::time::unix_ms;
 
 /// How the worker delivers.
 #[derive(Debug, Clone)]
