@@ -7,7 +7,6 @@
 //! - [`snapshot`]: the latest document of each stream, serialized once.
 //! - [`hub`]: streams, their changes and history, subscribe and publish.
 //! - [`sinks`]: SSE (native HTTP/1.x path and hyper body) and webhooks.
-//! - [`outbox`]: the durable webhook queue (trait + embedded SQLite).
 //! - [`proxy`]: the Streamdata.io-compatible mode: any allowed URL as a dynamic stream.
 //! - [`api`]: the accept loop and the HTTP routes (streams, push, admin, health, metrics).
 //! - [`app`]: wiring: builds everything from a validated configuration and runs it.
@@ -34,7 +33,6 @@ pub mod config;
 pub mod diff;
 pub mod hub;
 pub mod metrics;
-pub mod outbox;
 pub mod proxy;
 pub mod redact;
 pub mod sim;

@@ -772,11 +772,13 @@ async fn two_endpoints_three_streams(
     workers: usize,
     per_endpoint: usize,
 ) -> (
-    std::sync::Arc<dyn patchwire::outbox::Outbox>,
+    std::sync::Arc<dyn patchwire::sinks::webhook::outbox::Outbox>,
     std::sync::Arc<patchwire::sinks::webhook::worker::Worker>,
 ) {
-    use patchwire::outbox::sqlite::SqliteOutbox;
-    use patchwire::outbox::{EndpointRecord, EndpointStatus, NewChange, Outbox, Source, Target};
+    use patchwire::sinks::webhook::outbox::sqlite::SqliteOutbox;
+    use patchwire::sinks::webhook::outbox::{
+        EndpointRecord, EndpointStatus, NewChange, Outbox, Source, Target,
+    };
     use patchwire::sinks::webhook::registry::{Endpoint, Registry};
     use patchwire::sinks::webhook::worker::{Worker, WorkerSettings};
     use std::sync::Arc;

@@ -20,9 +20,9 @@ use futures_util::stream::FuturesOrdered;
 use tokio::sync::{Notify, broadcast, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
+use super::outbox::{Accepted, NewChange, Outbox, OutboxFuture, StoredDocument, Target};
 use super::registry::Registry;
 use crate::hub::{Change, ChangeKind, Initial, Resume, Stream, StreamEvent, Subscription};
-use crate::outbox::{Accepted, NewChange, Outbox, OutboxFuture, StoredDocument, Target};
 use crate::snapshot::Snapshot;
 
 /// A request to queue the stream's current document for some endpoints.

@@ -2,7 +2,7 @@
 //! signed (Standard Webhooks), in order per (endpoint, stream), at least once across restarts.
 //!
 //! Flow: hub → [`dispatcher`] (one per stream; accepts each change into the durable
-//! [`crate::outbox`] for every subscribed endpoint, in one transaction) → [`worker`] (a shared
+//! [`outbox`] for every subscribed endpoint, in one transaction) → [`worker`] (a shared
 //! pool; sends the oldest pending delivery of each (endpoint, stream) pair) → receiver.
 //!
 //! - [`sign`]: secrets, message ids and `webhook-signature` (pure).
@@ -21,6 +21,7 @@
 
 pub mod body;
 pub mod dispatcher;
+pub mod outbox;
 pub mod registry;
 pub mod schedule;
 pub mod service;

@@ -14,15 +14,15 @@ use url::Url;
 
 use super::body::Mode;
 use super::dispatcher::{Committed, Dispatcher, NotCommitted, Resync};
+use super::outbox::{
+    Delivery, DeliveryFilter, Disabled, EndpointRecord, EndpointStatus, Outbox, OutboxError,
+    Replay, Source,
+};
 use super::registry::{Endpoint, Registry};
 use super::sign::Secret;
 use super::worker::{ResyncRoutes, Worker, WorkerSettings};
 use crate::config::{WebhookSettings, endpoint_headers};
 use crate::hub::Hub;
-use crate::outbox::{
-    Delivery, DeliveryFilter, Disabled, EndpointRecord, EndpointStatus, Outbox, OutboxError,
-    Replay, Source,
-};
 use crate::ssrf;
 use crate::time::unix_ms;
 
@@ -128,6 +128,14 @@ fn record_of_config(
         source: Source::Config,
         created_ms: existing.map_or(now_ms, |e| e.created_ms),
     }
+}
+
+/// A random id for an endpoint created through the API: `ep_` + 24 hex digits.
+fn endpoint_id(rng: &mut impl rand::RngCore) -> String {
+    let mut bytes = [0u8; 12];
+    rng.fill_bytes(&mut bytes);
+    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    format!("ep_{hex}")
 }
 
 impl Webhooks {
@@ -345,9 +353,7 @@ impl Webhooks {
             }
             None => Secret::generate(&mut *self.rng.lock().unwrap_or_else(|e| e.into_inner())),
         };
-        let id = crate::outbox::sqlite::endpoint_id(
-            &mut *self.rng.lock().unwrap_or_else(|e| e.into_inner()),
-        );
+        let id = endpoint_id(&mut *self.rng.lock().unwrap_or_else(|e| e.into_inner()));
         let record = EndpointRecord {
             id,
             url: url.to_string(),

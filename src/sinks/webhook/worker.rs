@@ -16,11 +16,11 @@ use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 
 use super::dispatcher::Resync;
+use super::outbox::{AttemptOutcome, Delivery, Disabled, Outbox, OutboxError};
 use super::registry::{Endpoint, Registry};
 use super::schedule::{AttemptError, RetrySchedule, classify};
 use super::sign::signature_header;
 use crate::metrics::{AttemptLabels, AttemptResult, Metrics};
-use crate::outbox::{AttemptOutcome, Delivery, Disabled, Outbox, OutboxError};
 use crate::ssrf::{self, GuardedResolver};
 use crate::time::unix_ms;
 

@@ -1,8 +1,13 @@
-//! The webhook outbox: durable endpoints, deliveries and per-(endpoint, stream) cursors.
+//! The webhook outbox: durable endpoints, deliveries and per-(endpoint, stream) cursors, and
+//! the current document of each push stream (stored in the same transactions as its changes'
+//! deliveries, so a restart continues the stream in the epoch the endpoints' cursors hold).
 //!
-//! [`Outbox`] is the trait the webhook worker and admin API use; [`sqlite::SqliteOutbox`] is the
-//! embedded default (SQLite in WAL mode on a dedicated thread). A Redis-backed outbox for
-//! multi-node deployments implements the same trait.
+//! [`Outbox`] is the trait the dispatcher, the worker and the endpoint management use, and the
+//! app reads push documents through at startup; [`sqlite::SqliteOutbox`] is the embedded
+//! default (SQLite in WAL mode on a dedicated thread). Another store (PostgreSQL for a
+//! cluster) is another file beside it implementing the same trait: nothing here names SQLite.
+//! The outbox sits below the rest of the sink: it uses only the pure [`super::body`] (the plan
+//! over a cursor, the bodies) and [`super::sign`] (message ids).
 //!
 //! Invariants every implementation keeps:
 //! - Accepting a change for its endpoints is atomic: every endpoint gets its delivery, or none.
@@ -11,7 +16,7 @@
 //!   restarts, so every accepted change is delivered at least once.
 //! - Per (endpoint, stream), deliveries are sent oldest first ([`Outbox::due`] returns only the
 //!   oldest pending delivery of each pair), and a patch is only queued right after the delivery
-//!   holding its base (see [`crate::sinks::webhook::body::plan`]).
+//!   holding its base (see [`super::body::plan`]).
 
 pub mod sqlite;
 

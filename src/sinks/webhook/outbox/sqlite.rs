@@ -837,19 +837,11 @@ impl Outbox for SqliteOutbox {
     }
 }
 
-/// A random id for an endpoint created through the API: `ep_` + 24 hex digits.
-pub fn endpoint_id(rng: &mut impl rand::RngCore) -> String {
-    let mut bytes = [0u8; 12];
-    rng.fill_bytes(&mut bytes);
-    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-    format!("ep_{hex}")
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::outbox::Source;
     use crate::sinks::webhook::body::Mode;
+    use crate::sinks::webhook::outbox::Source;
     use std::collections::BTreeMap;
     use std::sync::Arc;
     use std::time::SystemTime;
