@@ -26,9 +26,10 @@ use serde_json::{Value, json};
 use super::body::{self, BodyLimits};
 use super::error_response;
 use crate::config::AdminToken;
+use crate::sinks::webhook::Webhooks;
+use crate::sinks::webhook::endpoints::{AdminError, EndpointChanges, NewEndpoint};
 use crate::sinks::webhook::outbox::{Delivery, DeliveryFilter, DeliveryState, Replay};
 use crate::sinks::webhook::registry::Endpoint;
-use crate::sinks::webhook::service::{AdminError, EndpointChanges, NewEndpoint, Webhooks};
 use crate::time::{rfc3339, unix_ms};
 
 /// Largest admin request body: endpoint definitions and replay requests are small (axum's own

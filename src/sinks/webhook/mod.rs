@@ -11,7 +11,13 @@
 //! - [`registry`]: the endpoints in memory, parsed once.
 //! - [`dispatcher`]: hub → outbox, and the snapshot that heals every gap.
 //! - [`worker`]: outbox → receivers (`try_step` starts what is due).
-//! - [`service`]: startup (config endpoints reconciled with stored ones) and admin operations.
+//! - [`outbox`]: the durable queue (a trait and its SQLite implementation), below all of the
+//!   above but `body` and `sign`.
+//! - [`endpoints`]: configured endpoints reconciled with stored ones at startup, and the
+//!   operations behind the admin API.
+//!
+//! [`Webhooks`] is the running sink: it starts the dispatchers and the worker, and tells a push
+//! when its change is committed.
 //!
 //! Invariants: a patch is only queued right after the delivery holding its base
 //! ([`body::plan`]); a pair never has two deliveries in flight; a dead delivery supersedes the
@@ -21,9 +27,148 @@
 
 pub mod body;
 pub mod dispatcher;
+pub mod endpoints;
 pub mod outbox;
 pub mod registry;
 pub mod schedule;
-pub mod service;
 pub mod sign;
 pub mod worker;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use rand::SeedableRng as _;
+use rand::rngs::StdRng;
+use tokio::sync::{Notify, mpsc};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::WebhookSettings;
+use crate::hub::Hub;
+use crate::time::unix_ms;
+use dispatcher::{Committed, Dispatcher, NotCommitted};
+use outbox::{Outbox, OutboxError};
+use registry::Registry;
+use worker::{ResyncRoutes, Worker, WorkerSettings};
+
+/// How long a push waits for its change to be committed to the outbox before it is answered
+/// 503 (the dispatcher keeps retrying; see the README's push section).
+pub const COMMIT_WAIT: Duration = Duration::from_secs(10);
+
+/// Why the webhook sink could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The outbox failed.
+    #[error(transparent)]
+    Outbox(#[from] OutboxError),
+    /// The HTTP client could not be built.
+    #[error(transparent)]
+    Client(#[from] worker::ClientError),
+}
+
+/// The webhook sink.
+pub struct Webhooks {
+    outbox: Arc<dyn Outbox>,
+    registry: Arc<Registry>,
+    settings: WebhookSettings,
+    hub: Arc<Hub>,
+    resync: ResyncRoutes,
+    committed: HashMap<String, Committed>,
+    wake: Arc<Notify>,
+    worker: Arc<Worker>,
+    rng: Mutex<StdRng>,
+}
+
+impl Webhooks {
+    /// Reconciles configured endpoints with the outbox (see [`endpoints`]), then spawns
+    /// one dispatcher per hub stream and the worker into `tasks`. The documents of
+    /// `push_streams` are stored with their changes.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn start(
+        settings: &WebhookSettings,
+        outbox: Arc<dyn Outbox>,
+        hub: Arc<Hub>,
+        push_streams: &HashSet<String>,
+        user_agent: &str,
+        tasks: &mut JoinSet<()>,
+        shutdown: CancellationToken,
+        metrics: Arc<crate::metrics::Metrics>,
+    ) -> Result<Arc<Webhooks>, StartError> {
+        let registry =
+            Arc::new(endpoints::reconcile(settings, &*outbox, unix_ms(SystemTime::now())).await?);
+
+        let wake = Arc::new(Notify::new());
+        let mut resync = ResyncRoutes::new();
+        let mut dispatchers = Vec::new();
+        let mut committed = HashMap::new();
+        for stream in hub.all() {
+            let (sender, requests) = mpsc::unbounded_channel();
+            resync.insert(stream.name().to_owned(), sender);
+            let keep_document = push_streams.contains(stream.name());
+            let dispatcher = Dispatcher::new(
+                stream.clone(),
+                outbox.clone(),
+                registry.clone(),
+                settings.backlog_limit,
+                wake.clone(),
+                requests,
+                keep_document,
+            );
+            committed.insert(stream.name().to_owned(), dispatcher.committed());
+            dispatchers.push(dispatcher);
+        }
+        let worker = Arc::new(Worker::new(
+            outbox.clone(),
+            registry.clone(),
+            WorkerSettings {
+                schedule: settings.schedule.clone(),
+                attempt_timeout: settings.attempt_timeout,
+                disable_after: settings.disable_after,
+                per_endpoint: settings.max_concurrency_per_endpoint,
+                workers: settings.workers,
+                allow_private: settings.allow_private_targets,
+                retention: settings.retention,
+                user_agent: user_agent.to_owned(),
+            },
+            wake.clone(),
+            resync.clone(),
+            metrics,
+        )?);
+        for dispatcher in dispatchers {
+            tasks.spawn(dispatcher.run(shutdown.clone()));
+        }
+        tasks.spawn(worker.clone().run(shutdown.clone()));
+        tracing::info!(
+            endpoints = registry.all().len(),
+            database = %settings.database.display(),
+            "webhooks started"
+        );
+        Ok(Arc::new(Webhooks {
+            outbox,
+            registry,
+            settings: settings.clone(),
+            hub,
+            resync,
+            committed,
+            wake,
+            worker,
+            rng: Mutex::new(StdRng::from_os_rng()),
+        }))
+    }
+
+    /// Waits until every change of `stream` up to `seq` is committed to the outbox (its
+    /// deliveries queued for every enabled endpoint, a push stream's document stored), at
+    /// most [`COMMIT_WAIT`]. A stream the sink does not know has nothing to wait for.
+    pub async fn committed(&self, stream: &str, seq: u64) -> Result<(), NotCommitted> {
+        match self.committed.get(stream) {
+            Some(committed) => committed.reached(seq, COMMIT_WAIT).await,
+            None => Ok(()),
+        }
+    }
+
+    /// The delivery worker (tests drive it with `try_step`).
+    pub fn worker(&self) -> &Arc<Worker> {
+        &self.worker
+    }
+}

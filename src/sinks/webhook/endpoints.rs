@@ -1,34 +1,26 @@
-//! The running webhook sink: starts the dispatchers and the worker, reconciles configured
-//! endpoints with stored ones, and carries out the admin API's operations.
+//! The endpoints of the webhook sink: reconciled with the configuration at startup, and
+//! managed through the admin API (create, update, disable and re-enable, delete, rotate
+//! secrets, list and replay deliveries). Each operation writes the outbox first, then the
+//! registry, and asks the dispatchers for a snapshot where an endpoint now lacks one.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::SystemTime;
 
-use rand::SeedableRng as _;
-use rand::rngs::StdRng;
-use tokio::sync::{Notify, mpsc};
-use tokio::task::JoinSet;
-use tokio_util::sync::CancellationToken;
 use url::Url;
 
+use super::Webhooks;
 use super::body::Mode;
-use super::dispatcher::{Committed, Dispatcher, NotCommitted, Resync};
+use super::dispatcher::Resync;
 use super::outbox::{
     Delivery, DeliveryFilter, Disabled, EndpointRecord, EndpointStatus, Outbox, OutboxError,
     Replay, Source,
 };
 use super::registry::{Endpoint, Registry};
 use super::sign::Secret;
-use super::worker::{ResyncRoutes, Worker, WorkerSettings};
 use crate::config::{WebhookSettings, endpoint_headers};
-use crate::hub::Hub;
 use crate::ssrf;
 use crate::time::unix_ms;
-
-/// How long a push waits for its change to be committed to the outbox before it is answered
-/// 503 (the dispatcher keeps retrying; see the README's push section).
-pub const COMMIT_WAIT: Duration = Duration::from_secs(10);
 
 /// Why an admin operation was refused or failed; each maps to one HTTP status.
 #[derive(Debug, thiserror::Error)]
@@ -45,17 +37,6 @@ pub enum AdminError {
     /// The outbox failed; nothing was changed, try again (503).
     #[error(transparent)]
     Storage(#[from] OutboxError),
-}
-
-/// Why the webhook sink could not start.
-#[derive(Debug, thiserror::Error)]
-pub enum StartError {
-    /// The outbox failed.
-    #[error(transparent)]
-    Outbox(#[from] OutboxError),
-    /// The HTTP client could not be built.
-    #[error(transparent)]
-    Client(#[from] super::worker::ClientError),
 }
 
 /// A new endpoint, as the admin API receives it.
@@ -89,19 +70,6 @@ pub struct EndpointChanges {
     pub headers: Option<BTreeMap<String, String>>,
     /// `true` disables, `false` re-enables (and clears the failure streak).
     pub disabled: Option<bool>,
-}
-
-/// The webhook sink.
-pub struct Webhooks {
-    outbox: Arc<dyn Outbox>,
-    registry: Arc<Registry>,
-    settings: WebhookSettings,
-    hub: Arc<Hub>,
-    resync: ResyncRoutes,
-    committed: HashMap<String, Committed>,
-    wake: Arc<Notify>,
-    worker: Arc<Worker>,
-    rng: Mutex<StdRng>,
 }
 
 fn record_of_config(
@@ -138,135 +106,56 @@ fn endpoint_id(rng: &mut impl rand::RngCore) -> String {
     format!("ep_{hex}")
 }
 
+/// Brings the stored endpoints in line with the configuration at startup (a secret changed
+/// in the file starts a rotation; an endpoint removed from the file is disabled, its
+/// deliveries kept) and returns every stored endpoint that parses.
+pub(super) async fn reconcile(
+    settings: &WebhookSettings,
+    outbox: &dyn Outbox,
+    now_ms: u64,
+) -> Result<Registry, OutboxError> {
+    let stored = outbox.endpoints().await?;
+    let stored_by_id: BTreeMap<&str, &(EndpointRecord, EndpointStatus)> =
+        stored.iter().map(|e| (e.0.id.as_str(), e)).collect();
+    for configured in &settings.endpoints {
+        let existing = stored_by_id.get(configured.id.as_str()).map(|e| &e.0);
+        let mut record = record_of_config(configured, existing, now_ms);
+        if record.previous_secret.is_some() && record.previous_expires_ms.is_none() {
+            record.previous_expires_ms = Some(now_ms.saturating_add(
+                u64::try_from(settings.rotation_overlap.as_millis()).unwrap_or(u64::MAX),
+            ));
+        }
+        outbox.put_endpoint(record).await?;
+    }
+    for (record, status) in &stored {
+        let still_configured = settings.endpoints.iter().any(|e| e.id == record.id);
+        if record.source == Source::Config && !still_configured && status.disabled.is_none() {
+            let reason = "removed from the configuration (delete it with the admin API to \
+                          drop its deliveries)";
+            outbox
+                .set_disabled(
+                    record.id.clone(),
+                    Some(Disabled {
+                        at_ms: now_ms,
+                        reason: reason.into(),
+                    }),
+                )
+                .await?;
+        }
+    }
+    let registry = Registry::new();
+    for (record, status) in outbox.endpoints().await? {
+        match Endpoint::new(record, status) {
+            Ok(endpoint) => {
+                registry.put(endpoint);
+            }
+            Err(error) => tracing::error!(%error, "skipping a stored webhook endpoint"),
+        }
+    }
+    Ok(registry)
+}
+
 impl Webhooks {
-    /// Reconciles configured endpoints with the outbox, then spawns one dispatcher per hub
-    /// stream and the worker into `tasks`. The documents of `push_streams` are stored with
-    /// their changes.
-    #[allow(clippy::too_many_arguments)]
-    pub async fn start(
-        settings: &WebhookSettings,
-        outbox: Arc<dyn Outbox>,
-        hub: Arc<Hub>,
-        push_streams: &HashSet<String>,
-        user_agent: &str,
-        tasks: &mut JoinSet<()>,
-        shutdown: CancellationToken,
-        metrics: Arc<crate::metrics::Metrics>,
-    ) -> Result<Arc<Webhooks>, StartError> {
-        let now_ms = unix_ms(SystemTime::now());
-        let stored = outbox.endpoints().await?;
-        let stored_by_id: BTreeMap<&str, &(EndpointRecord, EndpointStatus)> =
-            stored.iter().map(|e| (e.0.id.as_str(), e)).collect();
-        for configured in &settings.endpoints {
-            let existing = stored_by_id.get(configured.id.as_str()).map(|e| &e.0);
-            let mut record = record_of_config(configured, existing, now_ms);
-            if record.previous_secret.is_some() && record.previous_expires_ms.is_none() {
-                record.previous_expires_ms = Some(now_ms.saturating_add(
-                    u64::try_from(settings.rotation_overlap.as_millis()).unwrap_or(u64::MAX),
-                ));
-            }
-            outbox.put_endpoint(record).await?;
-        }
-        for (record, status) in &stored {
-            let still_configured = settings.endpoints.iter().any(|e| e.id == record.id);
-            if record.source == Source::Config && !still_configured && status.disabled.is_none() {
-                let reason = "removed from the configuration (delete it with the admin API to \
-                              drop its deliveries)";
-                outbox
-                    .set_disabled(
-                        record.id.clone(),
-                        Some(Disabled {
-                            at_ms: now_ms,
-                            reason: reason.into(),
-                        }),
-                    )
-                    .await?;
-            }
-        }
-        let registry = Arc::new(Registry::new());
-        for (record, status) in outbox.endpoints().await? {
-            match Endpoint::new(record, status) {
-                Ok(endpoint) => {
-                    registry.put(endpoint);
-                }
-                Err(error) => tracing::error!(%error, "skipping a stored webhook endpoint"),
-            }
-        }
-
-        let wake = Arc::new(Notify::new());
-        let mut resync = ResyncRoutes::new();
-        let mut dispatchers = Vec::new();
-        let mut committed = HashMap::new();
-        for stream in hub.all() {
-            let (sender, requests) = mpsc::unbounded_channel();
-            resync.insert(stream.name().to_owned(), sender);
-            let keep_document = push_streams.contains(stream.name());
-            let dispatcher = Dispatcher::new(
-                stream.clone(),
-                outbox.clone(),
-                registry.clone(),
-                settings.backlog_limit,
-                wake.clone(),
-                requests,
-                keep_document,
-            );
-            committed.insert(stream.name().to_owned(), dispatcher.committed());
-            dispatchers.push(dispatcher);
-        }
-        let worker = Arc::new(Worker::new(
-            outbox.clone(),
-            registry.clone(),
-            WorkerSettings {
-                schedule: settings.schedule.clone(),
-                attempt_timeout: settings.attempt_timeout,
-                disable_after: settings.disable_after,
-                per_endpoint: settings.max_concurrency_per_endpoint,
-                workers: settings.workers,
-                allow_private: settings.allow_private_targets,
-                retention: settings.retention,
-                user_agent: user_agent.to_owned(),
-            },
-            wake.clone(),
-            resync.clone(),
-            metrics,
-        )?);
-        for dispatcher in dispatchers {
-            tasks.spawn(dispatcher.run(shutdown.clone()));
-        }
-        tasks.spawn(worker.clone().run(shutdown.clone()));
-        tracing::info!(
-            endpoints = registry.all().len(),
-            database = %settings.database.display(),
-            "webhooks started"
-        );
-        Ok(Arc::new(Webhooks {
-            outbox,
-            registry,
-            settings: settings.clone(),
-            hub,
-            resync,
-            committed,
-            wake,
-            worker,
-            rng: Mutex::new(StdRng::from_os_rng()),
-        }))
-    }
-
-    /// Waits until every change of `stream` up to `seq` is committed to the outbox (its
-    /// deliveries queued for every enabled endpoint, a push stream's document stored), at
-    /// most [`COMMIT_WAIT`]. A stream the sink does not know has nothing to wait for.
-    pub async fn committed(&self, stream: &str, seq: u64) -> Result<(), NotCommitted> {
-        match self.committed.get(stream) {
-            Some(committed) => committed.reached(seq, COMMIT_WAIT).await,
-            None => Ok(()),
-        }
-    }
-
-    /// The delivery worker (tests drive it with `try_step`).
-    pub fn worker(&self) -> &Arc<Worker> {
-        &self.worker
-    }
-
     /// Every endpoint.
     pub fn endpoints(&self) -> Vec<Arc<Endpoint>> {
         self.registry.all()
