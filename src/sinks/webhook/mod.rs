@@ -6,9 +6,11 @@
 //! pool; sends the oldest pending delivery of each (endpoint, stream) pair) → receiver.
 //!
 //! - [`sign`]: secrets, message ids and `webhook-signature` (pure).
-//! - [`schedule`]: the retry schedule and what a receiver's answer means (pure).
+//! - [`schedule`]: the retry schedule, with jitter and `Retry-After` (pure).
 //! - [`body`]: the delivery body, and whether a change goes out as a patch or a snapshot (pure).
 //! - [`registry`]: the endpoints in memory, parsed once.
+//! - [`deliver`]: one attempt: the signed request and what the answer means (pure), and
+//!   sending it.
 //! - [`dispatcher`]: hub → outbox, and the snapshot that heals every gap.
 //! - [`worker`]: outbox → receivers (`try_step` starts what is due).
 //! - [`outbox`]: the durable queue (a trait and its SQLite implementation), below all of the
@@ -26,6 +28,7 @@
 //! at any point means a redelivery with the same `webhook-id`, never a loss.
 
 pub mod body;
+pub mod deliver;
 pub mod dispatcher;
 pub mod endpoints;
 pub mod outbox;

@@ -9,19 +9,17 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use http::{HeaderValue, header};
 use rand::SeedableRng as _;
 use rand::rngs::StdRng;
 use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 
+use super::deliver::{AttemptError, Sender};
 use super::dispatcher::Resync;
 use super::outbox::{AttemptOutcome, Delivery, Disabled, Outbox, OutboxError};
 use super::registry::{Endpoint, Registry};
-use super::schedule::{AttemptError, RetrySchedule, classify};
-use super::sign::signature_header;
+use super::schedule::RetrySchedule;
 use crate::metrics::{AttemptLabels, AttemptResult, Metrics};
-use crate::ssrf::{self, GuardedResolver};
 use crate::time::unix_ms;
 
 /// How the worker delivers.
@@ -59,7 +57,7 @@ struct InFlight {
 pub struct Worker {
     outbox: Arc<dyn Outbox>,
     registry: Arc<Registry>,
-    client: reqwest::Client,
+    sender: Sender,
     settings: WorkerSettings,
     inflight: Mutex<InFlight>,
     wake: Arc<Notify>,
@@ -83,21 +81,16 @@ impl Worker {
         resync: ResyncRoutes,
         metrics: Arc<Metrics>,
     ) -> Result<Worker, ClientError> {
-        let client = reqwest::Client::builder()
-            .redirect(reqwest::redirect::Policy::none())
-            .no_proxy()
-            .dns_resolver(Arc::new(GuardedResolver {
-                allow_private: settings.allow_private,
-            }))
-            .connect_timeout(settings.attempt_timeout)
-            .pool_max_idle_per_host(settings.per_endpoint.max(1) * 4)
-            .tcp_nodelay(true)
-            .user_agent(settings.user_agent.clone())
-            .build()?;
+        let sender = Sender::new(
+            settings.attempt_timeout,
+            settings.allow_private,
+            settings.per_endpoint.max(1) * 4,
+            &settings.user_agent,
+        )?;
         Ok(Worker {
             outbox,
             registry,
-            client,
+            sender,
             settings,
             inflight: Mutex::new(InFlight::default()),
             wake,
@@ -193,7 +186,7 @@ impl Worker {
             return;
         };
         let started = std::time::Instant::now();
-        let result = self.send(&endpoint, &delivery).await;
+        let result = self.sender.deliver(&endpoint, &delivery).await;
         self.metrics
             .webhook_attempt_seconds
             .observe(started.elapsed().as_secs_f64());
@@ -321,56 +314,6 @@ impl Worker {
         }
     }
 
-    async fn send(&self, endpoint: &Endpoint, delivery: &Delivery) -> Result<u16, AttemptError> {
-        let retry = |message: String| AttemptError::Retry {
-            status: None,
-            retry_after: None,
-            message,
-        };
-        ssrf::check_url(&endpoint.url, self.settings.allow_private)
-            .map_err(AttemptError::Refused)?;
-        let now = SystemTime::now();
-        let timestamp = now
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
-        let signature = signature_header(
-            endpoint.signing_secrets(unix_ms(now)),
-            &delivery.msg_id,
-            timestamp,
-            &delivery.body,
-        );
-        let mut headers = endpoint.headers.clone();
-        headers.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        );
-        for (name, value) in [
-            ("webhook-id", delivery.msg_id.as_str()),
-            ("webhook-timestamp", &timestamp.to_string()),
-            ("webhook-signature", &signature),
-        ] {
-            let value = HeaderValue::from_str(value)
-                .map_err(|_| retry(format!("cannot encode the {name} header")))?;
-            headers.insert(name, value);
-        }
-        let response = self
-            .client
-            .post(endpoint.url.clone())
-            .headers(headers)
-            .body(delivery.body.clone())
-            .timeout(self.settings.attempt_timeout)
-            .send()
-            .await
-            .map_err(|e| match refusal(&e) {
-                Some(refused) => AttemptError::Refused(refused),
-                None => retry(describe(&e, self.settings.attempt_timeout)),
-            })?;
-        let status = response.status();
-        let verdict = classify(status, response.headers(), SystemTime::now());
-        drain(response).await;
-        verdict.map(|()| status.as_u16())
-    }
-
     /// Runs until `shutdown`: starts due attempts whenever woken, and at the next due time.
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
         let mut next_prune = tokio::time::Instant::now();
@@ -419,56 +362,6 @@ impl Worker {
                 _ = self.wake.notified() => {}
                 _ = tokio::time::sleep_until(deadline) => {}
             }
-        }
-    }
-}
-
-/// The SSRF guard's refusal behind a failed request, if that is why it failed: the guarded
-/// resolver's error travels inside the client's connect error. A name that did not resolve
-/// is not a refusal (DNS failures are often temporary).
-fn refusal(error: &reqwest::Error) -> Option<ssrf::TargetError> {
-    let mut source = std::error::Error::source(error);
-    while let Some(cause) = source {
-        if let Some(target) = cause.downcast_ref::<ssrf::TargetError>() {
-            return match target {
-                ssrf::TargetError::Unresolvable { .. } => None,
-                refused => Some(refused.clone()),
-            };
-        }
-        source = cause.source();
-    }
-    None
-}
-
-/// A failed request in words, with its cause chain (the resolver's SSRF refusal included).
-fn describe(error: &reqwest::Error, timeout: Duration) -> String {
-    if error.is_timeout() {
-        return format!(
-            "no answer within {} (webhooks.attempt_timeout)",
-            humantime::format_duration(timeout)
-        );
-    }
-    let mut text = if error.is_connect() {
-        "cannot connect".to_owned()
-    } else {
-        "request failed".to_owned()
-    };
-    let mut source = std::error::Error::source(error);
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
-}
-
-/// Reads (and discards) up to 64 KiB of the answer so the connection can be reused.
-async fn drain(mut response: reqwest::Response) {
-    let mut read = 0usize;
-    while let Ok(Some(chunk)) = response.chunk().await {
-        read += chunk.len();
-        if read > 64 * 1024 {
-            break;
         }
     }
 }
