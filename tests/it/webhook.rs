@@ -740,10 +740,10 @@ async fn a_slow_endpoint_never_delays_the_others() {
     app.stop().await;
 }
 
-/// The worker driven step by step: at most `max_concurrency_per_endpoint` attempts per
-/// endpoint, at most one per (endpoint, stream), at most `workers` overall.
+/// The worker's attempts started step by step: at most `max_concurrency_per_endpoint` attempts
+/// per endpoint, at most one per (endpoint, stream), at most `workers` overall.
 #[tokio::test]
-async fn try_step_bounds_concurrency_per_pair_endpoint_and_pool() {
+async fn start_due_bounds_concurrency_per_pair_endpoint_and_pool() {
     // Answers after 15 s: every attempt started stays in flight for the whole test.
     let receiver = Receiver::start(&[SECRET]).await;
     receiver.set_delay(Duration::from_secs(15));
@@ -751,13 +751,13 @@ async fn try_step_bounds_concurrency_per_pair_endpoint_and_pool() {
     for (workers, per_endpoint, expected) in [(3, 2, 3), (10, 2, 4), (10, 5, 6)] {
         let (outbox, worker) = two_endpoints_three_streams(&receiver, workers, per_endpoint).await;
         assert_eq!(
-            worker.try_step().await.unwrap(),
+            worker.start_due().await.unwrap(),
             expected,
             "{workers} {per_endpoint}"
         );
         assert_eq!(worker.in_flight(), expected);
         // Nothing more while those are in flight.
-        assert_eq!(worker.try_step().await.unwrap(), 0);
+        assert_eq!(worker.start_due().await.unwrap(), 0);
         let due = outbox.due(u64::MAX / 4, 100, vec![], vec![]).await.unwrap();
         assert_eq!(due.len(), 6, "six pairs have a head");
         assert!(

@@ -12,7 +12,8 @@
 //! - [`deliver`]: one attempt: the signed request and what the answer means (pure), and
 //!   sending it.
 //! - [`dispatcher`]: hub → outbox, and the snapshot that heals every gap.
-//! - [`worker`]: outbox → receivers (`try_step` starts what is due).
+//! - [`worker`]: outbox → receivers: claims due deliveries, delivers and settles each
+//!   (`start_due` starts what is due; `try_step` takes one delivery to completion).
 //! - [`outbox`]: the durable queue (a trait and its SQLite implementation), below all of the
 //!   above but `body` and `sign`.
 //! - [`endpoints`]: configured endpoints reconciled with stored ones at startup, and the
@@ -170,7 +171,7 @@ impl Webhooks {
         }
     }
 
-    /// The delivery worker (tests drive it with `try_step`).
+    /// The delivery worker (tests drive it one delivery at a time with `try_step`).
     pub fn worker(&self) -> &Arc<Worker> {
         &self.worker
     }
