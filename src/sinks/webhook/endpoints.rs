@@ -1,17 +1,20 @@
-//! The endpoints of the webhook sink: reconciled with the configuration at startup, and
-//! managed through the admin API (create, update, disable and re-enable, delete, rotate
-//! secrets, list and replay deliveries). Each operation writes the outbox first, then the
-//! registry, and asks the dispatchers for a snapshot where an endpoint now lacks one.
+//! The endpoints of the webhook sink: reconciled with the configuration at startup
+//! ([`reconcile`]), and managed through the admin API ([`Endpoints`]: create, update, disable
+//! and re-enable, delete, rotate secrets, list and replay deliveries). Each operation writes
+//! the outbox first, then the registry, and asks the dispatchers for a snapshot where an
+//! endpoint now lacks one.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
+use rand::SeedableRng as _;
+use rand::rngs::StdRng;
+use tokio::sync::Notify;
 use url::Url;
 
-use super::Webhooks;
 use super::body::Mode;
-use super::dispatcher::Resync;
+use super::dispatcher::{Resync, ResyncRoutes};
 use super::outbox::{
     Delivery, DeliveryFilter, Disabled, EndpointRecord, EndpointStatus, Outbox, OutboxError,
     Replay, Source,
@@ -19,6 +22,7 @@ use super::outbox::{
 use super::registry::{Endpoint, Registry};
 use super::sign::Secret;
 use crate::config::{WebhookSettings, endpoint_headers};
+use crate::hub::Hub;
 use crate::ssrf;
 use crate::time::unix_ms;
 
@@ -109,7 +113,7 @@ fn endpoint_id(rng: &mut impl rand::RngCore) -> String {
 /// Brings the stored endpoints in line with the configuration at startup (a secret changed
 /// in the file starts a rotation; an endpoint removed from the file is disabled, its
 /// deliveries kept) and returns every stored endpoint that parses.
-pub(super) async fn reconcile(
+pub async fn reconcile(
     settings: &WebhookSettings,
     outbox: &dyn Outbox,
     now_ms: u64,
@@ -155,14 +159,47 @@ pub(super) async fn reconcile(
     Ok(registry)
 }
 
-impl Webhooks {
-    /// Every endpoint.
-    pub fn endpoints(&self) -> Vec<Arc<Endpoint>> {
+/// The endpoints of the running sink, managed through the admin API: every change is written
+/// to the outbox, then to the registry the dispatchers and the worker read.
+pub struct Endpoints {
+    outbox: Arc<dyn Outbox>,
+    registry: Arc<Registry>,
+    settings: WebhookSettings,
+    hub: Arc<Hub>,
+    resync: ResyncRoutes,
+    wake: Arc<Notify>,
+    rng: Mutex<StdRng>,
+}
+
+impl Endpoints {
+    /// Manages the endpoints in `registry` (and `outbox`); `resync` reaches each stream's
+    /// dispatcher and `wake` the worker.
+    pub fn new(
+        outbox: Arc<dyn Outbox>,
+        registry: Arc<Registry>,
+        settings: WebhookSettings,
+        hub: Arc<Hub>,
+        resync: ResyncRoutes,
+        wake: Arc<Notify>,
+    ) -> Self {
+        Endpoints {
+            outbox,
+            registry,
+            settings,
+            hub,
+            resync,
+            wake,
+            rng: Mutex::new(StdRng::from_os_rng()),
+        }
+    }
+
+    /// Every endpoint, ordered by id.
+    pub fn all(&self) -> Vec<Arc<Endpoint>> {
         self.registry.all()
     }
 
     /// One endpoint.
-    pub fn endpoint(&self, id: &str) -> Result<Arc<Endpoint>, AdminError> {
+    pub fn get(&self, id: &str) -> Result<Arc<Endpoint>, AdminError> {
         self.registry
             .get(id)
             .ok_or_else(|| AdminError::NotFound(format!("no webhook endpoint {id:?}")))
@@ -267,7 +304,7 @@ impl Webhooks {
         id: &str,
         changes: EndpointChanges,
     ) -> Result<Arc<Endpoint>, AdminError> {
-        let current = self.endpoint(id)?;
+        let current = self.get(id)?;
         let redefines = changes.url.is_some()
             || changes.streams.is_some()
             || changes.mode.is_some()
@@ -326,7 +363,7 @@ impl Webhooks {
 
     /// Deletes an endpoint created through the API, with its deliveries.
     pub async fn delete(&self, id: &str) -> Result<(), AdminError> {
-        let current = self.endpoint(id)?;
+        let current = self.get(id)?;
         if current.record.source == Source::Config
             && self.settings.endpoints.iter().any(|e| e.id == id)
         {
@@ -342,7 +379,7 @@ impl Webhooks {
     /// Rotates an endpoint's secret: the new one (given, or generated) signs from now on, and
     /// the old one also signs for `webhooks.rotation_overlap`. Returns the new secret.
     pub async fn rotate(&self, id: &str, secret: Option<String>) -> Result<String, AdminError> {
-        let current = self.endpoint(id)?;
+        let current = self.get(id)?;
         if current.record.source == Source::Config {
             return Err(AdminError::Conflict(format!(
                 "endpoint {id:?} is declared in the configuration file; change its secret there \
@@ -373,13 +410,13 @@ impl Webhooks {
         id: &str,
         filter: DeliveryFilter,
     ) -> Result<Vec<Delivery>, AdminError> {
-        self.endpoint(id)?;
+        self.get(id)?;
         Ok(self.outbox.deliveries(id.to_owned(), filter).await?)
     }
 
     /// Queues deliveries again; returns how many.
     pub async fn replay(&self, id: &str, which: Replay) -> Result<usize, AdminError> {
-        self.endpoint(id)?;
+        self.get(id)?;
         let count = self
             .outbox
             .replay(id.to_owned(), which, unix_ms(SystemTime::now()))

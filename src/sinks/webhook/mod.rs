@@ -19,8 +19,8 @@
 //! - [`endpoints`]: configured endpoints reconciled with stored ones at startup, and the
 //!   operations behind the admin API.
 //!
-//! [`Webhooks`] is the running sink: it starts the dispatchers and the worker, and tells a push
-//! when its change is committed.
+//! [`Webhooks`] is the running sink: it starts the dispatchers and the worker, tells a push
+//! when its change is committed, and holds the [`endpoints::Endpoints`] the admin API manages.
 //!
 //! Invariants: a patch is only queued right after the delivery holding its base
 //! ([`body::plan`]); a pair never has two deliveries in flight; a dead delivery supersedes the
@@ -39,11 +39,9 @@ pub mod sign;
 pub mod worker;
 
 use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use rand::SeedableRng as _;
-use rand::rngs::StdRng;
 use tokio::sync::{Notify, mpsc};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -51,10 +49,10 @@ use tokio_util::sync::CancellationToken;
 use crate::config::WebhookSettings;
 use crate::hub::Hub;
 use crate::time::unix_ms;
-use dispatcher::{Committed, Dispatcher, NotCommitted};
+use dispatcher::{Committed, Dispatcher, NotCommitted, ResyncRoutes};
+use endpoints::Endpoints;
 use outbox::{Outbox, OutboxError};
-use registry::Registry;
-use worker::{ResyncRoutes, Worker, WorkerSettings};
+use worker::{Worker, WorkerSettings};
 
 /// How long a push waits for its change to be committed to the outbox before it is answered
 /// 503 (the dispatcher keeps retrying; see the README's push section).
@@ -73,20 +71,14 @@ pub enum StartError {
 
 /// The webhook sink.
 pub struct Webhooks {
-    outbox: Arc<dyn Outbox>,
-    registry: Arc<Registry>,
-    settings: WebhookSettings,
-    hub: Arc<Hub>,
-    resync: ResyncRoutes,
+    endpoints: Arc<Endpoints>,
     committed: HashMap<String, Committed>,
-    wake: Arc<Notify>,
     worker: Arc<Worker>,
-    rng: Mutex<StdRng>,
 }
 
 impl Webhooks {
-    /// Reconciles configured endpoints with the outbox (see [`endpoints`]), then spawns
-    /// one dispatcher per hub stream and the worker into `tasks`. The documents of
+    /// Reconciles configured endpoints with the outbox ([`endpoints::reconcile`]), then
+    /// spawns one dispatcher per hub stream and the worker into `tasks`. The documents of
     /// `push_streams` are stored with their changes.
     #[allow(clippy::too_many_arguments)]
     pub async fn start(
@@ -148,16 +140,11 @@ impl Webhooks {
             database = %settings.database.display(),
             "webhooks started"
         );
+        let endpoints = Endpoints::new(outbox, registry, settings.clone(), hub, resync, wake);
         Ok(Arc::new(Webhooks {
-            outbox,
-            registry,
-            settings: settings.clone(),
-            hub,
-            resync,
+            endpoints: Arc::new(endpoints),
             committed,
-            wake,
             worker,
-            rng: Mutex::new(StdRng::from_os_rng()),
         }))
     }
 
@@ -169,6 +156,11 @@ impl Webhooks {
             Some(committed) => committed.reached(seq, COMMIT_WAIT).await,
             None => Ok(()),
         }
+    }
+
+    /// The endpoints, as the admin API manages them.
+    pub fn endpoints(&self) -> &Arc<Endpoints> {
+        &self.endpoints
     }
 
     /// The delivery worker (tests drive it one delivery at a time with `try_step`).

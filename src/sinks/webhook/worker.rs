@@ -15,11 +15,11 @@ use std::time::{Duration, Instant, SystemTime};
 use rand::Rng;
 use rand::SeedableRng as _;
 use rand::rngs::StdRng;
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use super::deliver::{AttemptError, Sender};
-use super::dispatcher::Resync;
+use super::dispatcher::{Resync, ResyncRoutes};
 use super::outbox::{AttemptOutcome, Delivery, Disabled, Outbox, OutboxError, Recorded};
 use super::registry::{Endpoint, Registry};
 use super::schedule::RetrySchedule;
@@ -46,9 +46,6 @@ pub struct WorkerSettings {
     /// `User-Agent` of deliveries.
     pub user_agent: String,
 }
-
-/// Where resync requests for a stream go (its dispatcher).
-pub type ResyncRoutes = HashMap<String, mpsc::UnboundedSender<Resync>>;
 
 #[derive(Default)]
 struct InFlight {
