@@ -6,7 +6,8 @@
 //! - [`diff`]: RFC 6902 diff and apply.
 //! - [`snapshot`]: the latest document of each stream, serialized once.
 //! - [`hub`]: streams, their changes and history, subscribe and publish.
-//! - [`sinks`]: SSE (native HTTP/1.x path and hyper body) and webhooks.
+//! - [`sinks`]: SSE (native HTTP/1.x path and hyper body) and webhooks (with their durable
+//!   outbox, which also keeps push streams' documents).
 //! - [`proxy`]: the Streamdata.io-compatible mode: any allowed URL as a dynamic stream.
 //! - [`api`]: the accept loop and the HTTP routes (streams, push, admin, health, metrics).
 //! - [`app`]: wiring: builds everything from a validated configuration and runs it.

@@ -5,17 +5,18 @@
 //! [`outbox`] for every subscribed endpoint, in one transaction) → [`worker`] (a shared
 //! pool; sends the oldest pending delivery of each (endpoint, stream) pair) → receiver.
 //!
+//! Modules, each importing only those above it:
 //! - [`sign`]: secrets, message ids and `webhook-signature` (pure).
 //! - [`schedule`]: the retry schedule, with jitter and `Retry-After` (pure).
 //! - [`body`]: the delivery body, and whether a change goes out as a patch or a snapshot (pure).
+//! - [`outbox`]: the durable queue: a trait and its SQLite implementation (uses only `body`
+//!   and `sign`).
 //! - [`registry`]: the endpoints in memory, parsed once.
 //! - [`deliver`]: one attempt: the signed request and what the answer means (pure), and
 //!   sending it.
 //! - [`dispatcher`]: hub → outbox, and the snapshot that heals every gap.
 //! - [`worker`]: outbox → receivers: claims due deliveries, delivers and settles each
 //!   (`start_due` starts what is due; `try_step` takes one delivery to completion).
-//! - [`outbox`]: the durable queue (a trait and its SQLite implementation), below all of the
-//!   above but `body` and `sign`.
 //! - [`endpoints`]: configured endpoints reconciled with stored ones at startup, and the
 //!   operations behind the admin API.
 //!
