@@ -7,8 +7,8 @@
 //! - [`diff`]: RFC 6902 diff and apply.
 //! - [`snapshot`]: the latest document of each stream, serialized once.
 //! - [`hub`]: streams, their changes and history, subscribe and publish.
-//! - [`sinks`]: SSE (native HTTP/1.x path and hyper body) and webhooks.
-//! - [`outbox`]: the durable webhook queue (trait + embedded SQLite).
+//! - [`sinks`]: SSE (native HTTP/1.x path and hyper body) and webhooks (with their durable
+//!   outbox, which also keeps push streams' documents).
 //! - [`proxy`]: the Streamdata.io-compatible mode: any allowed URL as a dynamic stream.
 //! - [`api`]: the accept loop and the HTTP routes (streams, push, admin, health, metrics).
 //! - [`app`]: wiring: builds everything from a validated configuration and runs it.
@@ -16,6 +16,7 @@
 //! - [`sim`]: the simulated fleet feed used by the default configuration, tests and benchmarks.
 //! - [`redact`]: the one way a URL is shown (logs, errors, listings), without its secrets.
 //! - [`ssrf`]: which outbound addresses are refused, and the resolver that enforces it.
+//! - [`time`]: how times are written: Unix milliseconds and RFC 3339.
 //! - [`validation`]: problems at key paths and the checks every configuration section shares;
 //!   it imports nothing of the crate, so components validate their sections without `config`.
 
@@ -36,12 +37,12 @@ pub mod config;
 pub mod diff;
 pub mod hub;
 pub mod metrics;
-pub mod outbox;
 pub mod proxy;
 pub mod redact;
 pub mod sim;
 pub mod sinks;
 pub mod snapshot;
 pub mod ssrf;
+pub mod time;
 pub mod upstream;
 pub mod validation;

@@ -25,11 +25,12 @@ use serde_json::{Value, json};
 
 use super::body::{self, BodyLimits};
 use super::error_response;
-use crate::outbox::{Delivery, DeliveryFilter, DeliveryState, Replay};
-use crate::sinks::webhook::body::{Kind, rfc3339};
+use crate::sinks::webhook::Webhooks;
 use crate::sinks::webhook::config::AdminToken;
+use crate::sinks::webhook::endpoints::{AdminError, EndpointChanges, Endpoints, NewEndpoint};
+use crate::sinks::webhook::outbox::{Delivery, DeliveryFilter, DeliveryState, Replay};
 use crate::sinks::webhook::registry::Endpoint;
-use crate::sinks::webhook::service::{AdminError, EndpointChanges, NewEndpoint, Webhooks};
+use crate::time::{rfc3339, unix_ms};
 
 /// Largest admin request body: endpoint definitions and replay requests are small (axum's own
 /// default for `Bytes`).
@@ -63,7 +64,7 @@ pub fn router(
                     }),
                 );
             }
-            (Some(w), Some(t)) => (w, Arc::new(t)),
+            (Some(w), Some(t)) => (w.endpoints().clone(), Arc::new(t)),
         };
     let routes = Router::new()
         .route("/admin/webhooks", get(list).post(create))
@@ -153,7 +154,7 @@ fn time(ms: u64) -> String {
 
 fn endpoint_json(endpoint: &Endpoint) -> Value {
     let r = &endpoint.record;
-    let now = crate::outbox::unix_ms(std::time::SystemTime::now());
+    let now = unix_ms(std::time::SystemTime::now());
     json!({
         "id": r.id,
         // Userinfo and query values may be credentials: shown redacted.
@@ -175,7 +176,7 @@ fn delivery_json(d: &Delivery) -> Value {
         "id": d.id,
         "webhook_id": d.msg_id,
         "stream": d.stream,
-        "type": match d.kind { Kind::Patch => "stream.patch", Kind::Snapshot => "stream.snapshot" },
+        "type": d.kind.event_type(),
         "epoch": d.epoch,
         "seq": d.seq,
         "base_seq": d.base_seq,
@@ -189,17 +190,17 @@ fn delivery_json(d: &Delivery) -> Value {
     })
 }
 
-async fn list(State(w): State<Arc<Webhooks>>) -> Response {
-    let endpoints: Vec<Value> = w.endpoints().iter().map(|e| endpoint_json(e)).collect();
-    axum::Json(json!({ "endpoints": endpoints })).into_response()
+async fn list(State(endpoints): State<Arc<Endpoints>>) -> Response {
+    let listed: Vec<Value> = endpoints.all().iter().map(|e| endpoint_json(e)).collect();
+    axum::Json(json!({ "endpoints": listed })).into_response()
 }
 
-async fn create(State(w): State<Arc<Webhooks>>, body: Bytes) -> Response {
+async fn create(State(endpoints): State<Arc<Endpoints>>, body: Bytes) -> Response {
     let input: NewEndpoint = match parse(&body) {
         Ok(input) => input,
         Err(response) => return *response,
     };
-    match w.create(input).await {
+    match endpoints.create(input).await {
         Ok((endpoint, secret)) => {
             let mut view = endpoint_json(&endpoint);
             view["secret"] = Value::String(secret);
@@ -209,26 +210,30 @@ async fn create(State(w): State<Arc<Webhooks>>, body: Bytes) -> Response {
     }
 }
 
-async fn show(State(w): State<Arc<Webhooks>>, Path(id): Path<String>) -> Response {
-    match w.endpoint(&id) {
+async fn show(State(endpoints): State<Arc<Endpoints>>, Path(id): Path<String>) -> Response {
+    match endpoints.get(&id) {
         Ok(endpoint) => axum::Json(endpoint_json(&endpoint)).into_response(),
         Err(e) => failure(e),
     }
 }
 
-async fn update(State(w): State<Arc<Webhooks>>, Path(id): Path<String>, body: Bytes) -> Response {
+async fn update(
+    State(endpoints): State<Arc<Endpoints>>,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Response {
     let changes: EndpointChanges = match parse(&body) {
         Ok(changes) => changes,
         Err(response) => return *response,
     };
-    match w.update(&id, changes).await {
+    match endpoints.update(&id, changes).await {
         Ok(endpoint) => axum::Json(endpoint_json(&endpoint)).into_response(),
         Err(e) => failure(e),
     }
 }
 
-async fn remove(State(w): State<Arc<Webhooks>>, Path(id): Path<String>) -> Response {
-    match w.delete(&id).await {
+async fn remove(State(endpoints): State<Arc<Endpoints>>, Path(id): Path<String>) -> Response {
+    match endpoints.delete(&id).await {
         Ok(()) => StatusCode::NO_CONTENT.into_response(),
         Err(e) => failure(e),
     }
@@ -240,12 +245,16 @@ struct Rotation {
     secret: Option<String>,
 }
 
-async fn rotate(State(w): State<Arc<Webhooks>>, Path(id): Path<String>, body: Bytes) -> Response {
+async fn rotate(
+    State(endpoints): State<Arc<Endpoints>>,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Response {
     let rotation: Rotation = match parse(&body) {
         Ok(r) => r,
         Err(response) => return *response,
     };
-    match w.rotate(&id, rotation.secret).await {
+    match endpoints.rotate(&id, rotation.secret).await {
         Ok(secret) => axum::Json(json!({ "secret": secret })).into_response(),
         Err(e) => failure(e),
     }
@@ -260,7 +269,7 @@ struct ListQuery {
 }
 
 async fn list_deliveries(
-    w: &Webhooks,
+    endpoints: &Endpoints,
     id: &str,
     query: ListQuery,
     state: Option<DeliveryState>,
@@ -283,7 +292,7 @@ async fn list_deliveries(
         before: query.before,
         limit: query.limit.unwrap_or(100).clamp(1, 1000),
     };
-    match w.deliveries(id, filter).await {
+    match endpoints.deliveries(id, filter).await {
         Ok(list) => {
             let next = list.last().map(|d| d.id);
             let items: Vec<Value> = list.iter().map(delivery_json).collect();
@@ -294,26 +303,26 @@ async fn list_deliveries(
 }
 
 async fn deliveries(
-    State(w): State<Arc<Webhooks>>,
+    State(endpoints): State<Arc<Endpoints>>,
     Path(id): Path<String>,
     Query(query): Query<ListQuery>,
 ) -> Response {
-    list_deliveries(&w, &id, query, None).await
+    list_deliveries(&endpoints, &id, query, None).await
 }
 
 async fn dead_letters(
-    State(w): State<Arc<Webhooks>>,
+    State(endpoints): State<Arc<Endpoints>>,
     Path(id): Path<String>,
     Query(query): Query<ListQuery>,
 ) -> Response {
-    list_deliveries(&w, &id, query, Some(DeliveryState::Dead)).await
+    list_deliveries(&endpoints, &id, query, Some(DeliveryState::Dead)).await
 }
 
 async fn replay_one(
-    State(w): State<Arc<Webhooks>>,
+    State(endpoints): State<Arc<Endpoints>>,
     Path((id, delivery)): Path<(String, i64)>,
 ) -> Response {
-    match w.replay(&id, Replay::One(delivery)).await {
+    match endpoints.replay(&id, Replay::One(delivery)).await {
         Ok(n) => (StatusCode::ACCEPTED, axum::Json(json!({ "replayed": n }))).into_response(),
         Err(e) => failure(e),
     }
@@ -326,7 +335,7 @@ struct ReplaySince {
 }
 
 async fn replay_since(
-    State(w): State<Arc<Webhooks>>,
+    State(endpoints): State<Arc<Endpoints>>,
     Path(id): Path<String>,
     body: Bytes,
 ) -> Response {
@@ -335,7 +344,7 @@ async fn replay_since(
         Err(response) => return *response,
     };
     let since = match humantime::parse_rfc3339_weak(request.since.trim()) {
-        Ok(t) => crate::outbox::unix_ms(t),
+        Ok(t) => unix_ms(t),
         Err(e) => {
             return error_response(
                 StatusCode::UNPROCESSABLE_ENTITY,
@@ -346,7 +355,7 @@ async fn replay_since(
             );
         }
     };
-    match w.replay(&id, Replay::DeadSince(since)).await {
+    match endpoints.replay(&id, Replay::DeadSince(since)).await {
         Ok(n) => (StatusCode::ACCEPTED, axum::Json(json!({ "replayed": n }))).into_response(),
         Err(e) => failure(e),
     }

@@ -50,7 +50,7 @@ pub struct AppState {
     /// The `retry:` hint for SSE clients.
     pub retry_hint: Duration,
     /// The webhook sink, when `[webhooks]` is configured (served by the admin API).
-    pub webhooks: Option<Arc<crate::sinks::webhook::service::Webhooks>>,
+    pub webhooks: Option<Arc<crate::sinks::webhook::Webhooks>>,
     /// The admin API's bearer token; `None` disables the admin API.
     pub admin_token: Option<crate::sinks::webhook::config::AdminToken>,
     /// The proxy mode (`GET /{upstream URL}`), when `[proxy]` is enabled.

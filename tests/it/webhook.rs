@@ -2,12 +2,20 @@
 //! verifies every delivery with the independent `standardwebhooks` crate.
 
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use patchwire::sinks::webhook::body::Mode;
 use patchwire::sinks::webhook::config::{AdminToken, WebhookEndpointSettings, WebhookSettings};
+use patchwire::sinks::webhook::outbox::sqlite::SqliteOutbox;
+use patchwire::sinks::webhook::outbox::{
+    AttemptOutcome, DeliveryFilter, DeliveryState, EndpointRecord, EndpointStatus, NewChange,
+    Outbox, Source, Target,
+};
+use patchwire::sinks::webhook::registry::{Endpoint, Registry};
 use patchwire::sinks::webhook::schedule::RetrySchedule;
 use patchwire::sinks::webhook::sign::Secret;
+use patchwire::sinks::webhook::worker::{FollowUp, Worker, WorkerSettings};
 use serde_json::{Value, json};
 
 use crate::support::raw::RawConnection;
@@ -740,10 +748,10 @@ async fn a_slow_endpoint_never_delays_the_others() {
     app.stop().await;
 }
 
-/// The worker driven step by step: at most `max_concurrency_per_endpoint` attempts per
-/// endpoint, at most one per (endpoint, stream), at most `workers` overall.
+/// The worker's attempts started step by step: at most `max_concurrency_per_endpoint` attempts
+/// per endpoint, at most one per (endpoint, stream), at most `workers` overall.
 #[tokio::test]
-async fn try_step_bounds_concurrency_per_pair_endpoint_and_pool() {
+async fn start_due_bounds_concurrency_per_pair_endpoint_and_pool() {
     // Answers after 15 s: every attempt started stays in flight for the whole test.
     let receiver = Receiver::start(&[SECRET]).await;
     receiver.set_delay(Duration::from_secs(15));
@@ -751,13 +759,13 @@ async fn try_step_bounds_concurrency_per_pair_endpoint_and_pool() {
     for (workers, per_endpoint, expected) in [(3, 2, 3), (10, 2, 4), (10, 5, 6)] {
         let (outbox, worker) = two_endpoints_three_streams(&receiver, workers, per_endpoint).await;
         assert_eq!(
-            worker.try_step().await.unwrap(),
+            worker.start_due().await.unwrap(),
             expected,
             "{workers} {per_endpoint}"
         );
         assert_eq!(worker.in_flight(), expected);
         // Nothing more while those are in flight.
-        assert_eq!(worker.try_step().await.unwrap(), 0);
+        assert_eq!(worker.start_due().await.unwrap(), 0);
         let due = outbox.due(u64::MAX / 4, 100, vec![], vec![]).await.unwrap();
         assert_eq!(due.len(), 6, "six pairs have a head");
         assert!(
@@ -771,23 +779,45 @@ async fn two_endpoints_three_streams(
     receiver: &Receiver,
     workers: usize,
     per_endpoint: usize,
-) -> (
-    std::sync::Arc<dyn patchwire::outbox::Outbox>,
-    std::sync::Arc<patchwire::sinks::webhook::worker::Worker>,
-) {
-    use patchwire::outbox::sqlite::SqliteOutbox;
-    use patchwire::outbox::{EndpointRecord, EndpointStatus, NewChange, Outbox, Source, Target};
-    use patchwire::sinks::webhook::registry::{Endpoint, Registry};
-    use patchwire::sinks::webhook::worker::{Worker, WorkerSettings};
-    use std::sync::Arc;
+) -> (Arc<dyn Outbox>, Arc<Worker>) {
+    let settings = WorkerSettings {
+        per_endpoint,
+        workers,
+        ..worker_settings()
+    };
+    queued(receiver, &["one", "two"], &["a", "b", "c"], 2, settings).await
+}
 
+/// Test-sized worker settings: private targets allowed, nothing disabled for failing.
+fn worker_settings() -> WorkerSettings {
+    WorkerSettings {
+        schedule: RetrySchedule::default(),
+        attempt_timeout: Duration::from_secs(30),
+        disable_after: Duration::from_secs(3600),
+        per_endpoint: 4,
+        workers: 16,
+        allow_private: true,
+        retention: Duration::from_secs(3600),
+        user_agent: "test".into(),
+    }
+}
+
+/// An outbox in memory where each of `endpoints` (patch mode, at `receiver`) subscribes to
+/// every one of `streams` and has `changes` changes of each queued (a snapshot, then patches),
+/// and a worker over it that no task runs: the test drives it.
+async fn queued(
+    receiver: &Receiver,
+    endpoints: &[&str],
+    streams: &[&str],
+    changes: u64,
+    settings: WorkerSettings,
+) -> (Arc<dyn Outbox>, Arc<Worker>) {
     let outbox: Arc<dyn Outbox> =
         Arc::new(SqliteOutbox::open(Path::new(":memory:")).await.unwrap());
     let registry = Arc::new(Registry::new());
-    let streams = ["a", "b", "c"];
-    for id in ["one", "two"] {
+    for id in endpoints {
         let record = EndpointRecord {
-            id: id.into(),
+            id: (*id).into(),
             url: receiver.url(),
             streams: streams.iter().map(|s| (*s).to_owned()).collect(),
             mode: Mode::Patch,
@@ -802,43 +832,129 @@ async fn two_endpoints_three_streams(
         registry.put(Endpoint::new(record, EndpointStatus::default()).unwrap());
     }
     for stream in streams {
-        for seq in 1..=2 {
+        for seq in 1..=changes {
             let change = NewChange {
-                stream: Arc::from(stream),
+                stream: Arc::from(*stream),
                 epoch: 1,
                 seq,
                 patch: (seq > 1).then(|| bytes::Bytes::from_static(b"[]")),
                 document: bytes::Bytes::from_static(br#"{"a":1}"#),
                 at: std::time::SystemTime::now(),
             };
-            let targets = ["one", "two"]
+            let targets = endpoints
+                .iter()
                 .map(|e| Target {
-                    endpoint: e.into(),
+                    endpoint: (*e).into(),
                     mode: Mode::Patch,
                 })
-                .to_vec();
+                .collect();
             outbox.accept(change, targets, 100).await.unwrap();
         }
     }
     let worker = Worker::new(
         outbox.clone(),
         registry,
-        WorkerSettings {
-            schedule: RetrySchedule::default(),
-            attempt_timeout: Duration::from_secs(30),
-            disable_after: Duration::from_secs(3600),
-            per_endpoint,
-            workers,
-            allow_private: true,
-            retention: Duration::from_secs(3600),
-            user_agent: "test".into(),
-        },
+        settings,
         Arc::new(tokio::sync::Notify::new()),
         Default::default(),
         Arc::new(patchwire::metrics::Metrics::new()),
     )
     .unwrap();
     (outbox, Arc::new(worker))
+}
+
+/// `try_step` takes one delivery through its whole attempt, without sleeping: sent signed to
+/// a real receiver, its outcome recorded, what it means for the endpoint decided. A 2xx is
+/// delivered; a 500 is kept for a retry (due at once on this schedule) that is sent with the
+/// same `webhook-id`; a delivery whose schedule runs out is dead and its pair needs a snapshot.
+#[tokio::test]
+async fn try_step_drives_one_delivery_to_completion() {
+    let receiver = Receiver::start(&[SECRET]).await;
+    let settings = WorkerSettings {
+        schedule: RetrySchedule {
+            delays: vec![Duration::ZERO, Duration::ZERO],
+            jitter: 0.0,
+            max_retry_after: Duration::ZERO,
+        },
+        ..worker_settings()
+    };
+    // seq 1 (a snapshot), 2 and 3 (patches) for one pair.
+    let (outbox, worker) = queued(&receiver, &["one"], &["a"], 3, settings).await;
+    let step = || async { worker.try_step().await.unwrap().expect("a delivery is due") };
+
+    let first = step().await;
+    assert_eq!(
+        (first.delivery.seq, &first.outcome),
+        (1, &Some(AttemptOutcome::Delivered { status: 200 }))
+    );
+    assert!(first.recorded);
+    assert_eq!(first.follow_up, FollowUp::Nothing);
+    assert_eq!(worker.in_flight(), 0, "the slot is released");
+    let hits = receiver.hits();
+    assert_eq!(hits.len(), 1);
+    assert_eq!(hits[0].id(), first.delivery.msg_id);
+    assert_eq!((hits[0].kind(), hits[0].seq()), ("stream.snapshot", 1));
+    assert_eq!(hits[0].verified_by, [0]);
+    let listed = outbox
+        .deliveries(
+            "one".into(),
+            DeliveryFilter {
+                limit: 10,
+                ..DeliveryFilter::default()
+            },
+        )
+        .await
+        .unwrap();
+    let recorded = listed.iter().find(|d| d.id == first.delivery.id).unwrap();
+    assert_eq!(
+        (recorded.state, recorded.attempts),
+        (DeliveryState::Delivered, 1)
+    );
+
+    receiver.script([Reply::Status(500, None)]);
+    let failed = step().await;
+    assert_eq!(failed.delivery.seq, 2);
+    match &failed.outcome {
+        Some(AttemptOutcome::Failed {
+            status: Some(500),
+            retry_at_ms: Some(_),
+            ..
+        }) => {}
+        other => panic!("expected a retry, got {other:?}"),
+    }
+    assert_eq!(failed.follow_up, FollowUp::Nothing);
+    let retried = step().await;
+    assert_eq!(
+        (retried.delivery.msg_id.as_str(), retried.delivery.attempts),
+        (failed.delivery.msg_id.as_str(), 1)
+    );
+    assert_eq!(
+        retried.outcome,
+        Some(AttemptOutcome::Delivered { status: 200 })
+    );
+
+    receiver.script([Reply::Status(500, None), Reply::Status(503, None)]);
+    assert_eq!(step().await.delivery.seq, 3);
+    let dead = step().await;
+    match &dead.outcome {
+        Some(AttemptOutcome::Failed {
+            status: Some(503),
+            retry_at_ms: None,
+            ..
+        }) => {}
+        other => panic!("expected a dead letter, got {other:?}"),
+    }
+    assert_eq!(dead.follow_up, FollowUp::Resync);
+    assert!(
+        worker.try_step().await.unwrap().is_none(),
+        "nothing is left"
+    );
+    let seqs: Vec<(u64, u16)> = receiver
+        .hits()
+        .iter()
+        .map(|h| (h.seq(), h.status))
+        .collect();
+    assert_eq!(seqs, [(1, 200), (2, 500), (2, 200), (3, 500), (3, 503)]);
 }
 
 /// The admin API reads bodies only after the token was checked from the head, and within

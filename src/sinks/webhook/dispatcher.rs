@@ -8,6 +8,7 @@
 //! live receiver is never followed by the changes it already contains, and a change whose
 //! predecessor was never stored for a pair reaches it as a snapshot (see `body::plan`).
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -20,9 +21,9 @@ use futures_util::stream::FuturesOrdered;
 use tokio::sync::{Notify, broadcast, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
+use super::outbox::{Accepted, NewChange, Outbox, OutboxFuture, StoredDocument, Target};
 use super::registry::Registry;
 use crate::hub::{Change, ChangeKind, Initial, Resume, Stream, StreamEvent, Subscription};
-use crate::outbox::{Accepted, NewChange, Outbox, OutboxFuture, StoredDocument, Target};
 use crate::snapshot::Snapshot;
 
 /// A request to queue the stream's current document for some endpoints.
@@ -33,6 +34,9 @@ pub enum Resync {
     /// For every endpoint subscribed to the stream.
     All,
 }
+
+/// Where resync requests for a stream go (its dispatcher), by stream name.
+pub type ResyncRoutes = HashMap<String, mpsc::UnboundedSender<Resync>>;
 
 /// Accepts one stream's changes into the outbox.
 pub struct Dispatcher {

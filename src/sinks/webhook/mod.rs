@@ -2,17 +2,28 @@
 //! signed (Standard Webhooks), in order per (endpoint, stream), at least once across restarts.
 //!
 //! Flow: hub → [`dispatcher`] (one per stream; accepts each change into the durable
-//! [`crate::outbox`] for every subscribed endpoint, in one transaction) → [`worker`] (a shared
+//! [`outbox`] for every subscribed endpoint, in one transaction) → [`worker`] (a shared
 //! pool; sends the oldest pending delivery of each (endpoint, stream) pair) → receiver.
 //!
-//! - [`config`]: the `[webhooks]` section: shape, defaults and bounds, validation, settings.
+//! Modules, each importing only those above it:
 //! - [`sign`]: secrets, message ids and `webhook-signature` (pure).
-//! - [`schedule`]: the retry schedule and what a receiver's answer means (pure).
+//! - [`schedule`]: the retry schedule, with jitter and `Retry-After` (pure).
 //! - [`body`]: the delivery body, and whether a change goes out as a patch or a snapshot (pure).
+//! - [`config`]: the `[webhooks]` section: shape, defaults and bounds, validation into the
+//!   settings the sink is built from (uses `sign`, `schedule` and `body`).
+//! - [`outbox`]: the durable queue: a trait and its SQLite implementation (uses only `body`
+//!   and `sign`).
 //! - [`registry`]: the endpoints in memory, parsed once.
+//! - [`deliver`]: one attempt: the signed request and what the answer means (pure), and
+//!   sending it.
 //! - [`dispatcher`]: hub → outbox, and the snapshot that heals every gap.
-//! - [`worker`]: outbox → receivers (`try_step` starts what is due).
-//! - [`service`]: startup (config endpoints reconciled with stored ones) and admin operations.
+//! - [`worker`]: outbox → receivers: claims due deliveries, delivers and settles each
+//!   (`start_due` starts what is due; `try_step` takes one delivery to completion).
+//! - [`endpoints`]: configured endpoints reconciled with stored ones at startup, and the
+//!   operations behind the admin API.
+//!
+//! [`Webhooks`] is the running sink: it starts the dispatchers and the worker, tells a push
+//! when its change is committed, and holds the [`endpoints::Endpoints`] the admin API manages.
 //!
 //! Invariants: a patch is only queued right after the delivery holding its base
 //! ([`body::plan`]); a pair never has two deliveries in flight; a dead delivery supersedes the
@@ -22,9 +33,142 @@
 
 pub mod body;
 pub mod config;
+pub mod deliver;
 pub mod dispatcher;
+pub mod endpoints;
+pub mod outbox;
 pub mod registry;
 pub mod schedule;
-pub mod service;
 pub mod sign;
 pub mod worker;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::{Notify, mpsc};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use self::config::WebhookSettings;
+use crate::hub::Hub;
+use crate::time::unix_ms;
+use dispatcher::{Committed, Dispatcher, NotCommitted, ResyncRoutes};
+use endpoints::Endpoints;
+use outbox::{Outbox, OutboxError};
+use worker::{Worker, WorkerSettings};
+
+/// How long a push waits for its change to be committed to the outbox before it is answered
+/// 503 (the dispatcher keeps retrying; see the README's push section).
+pub const COMMIT_WAIT: Duration = Duration::from_secs(10);
+
+/// Why the webhook sink could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The outbox failed.
+    #[error(transparent)]
+    Outbox(#[from] OutboxError),
+    /// The HTTP client could not be built.
+    #[error(transparent)]
+    Client(#[from] worker::ClientError),
+}
+
+/// The webhook sink.
+pub struct Webhooks {
+    endpoints: Arc<Endpoints>,
+    committed: HashMap<String, Committed>,
+    worker: Arc<Worker>,
+}
+
+impl Webhooks {
+    /// Reconciles configured endpoints with the outbox ([`endpoints::reconcile`]), then
+    /// spawns one dispatcher per hub stream and the worker into `tasks`. The documents of
+    /// `push_streams` are stored with their changes.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn start(
+        settings: &WebhookSettings,
+        outbox: Arc<dyn Outbox>,
+        hub: Arc<Hub>,
+        push_streams: &HashSet<String>,
+        user_agent: &str,
+        tasks: &mut JoinSet<()>,
+        shutdown: CancellationToken,
+        metrics: Arc<crate::metrics::Metrics>,
+    ) -> Result<Arc<Webhooks>, StartError> {
+        let registry =
+            Arc::new(endpoints::reconcile(settings, &*outbox, unix_ms(SystemTime::now())).await?);
+
+        let wake = Arc::new(Notify::new());
+        let mut resync = ResyncRoutes::new();
+        let mut dispatchers = Vec::new();
+        let mut committed = HashMap::new();
+        for stream in hub.all() {
+            let (sender, requests) = mpsc::unbounded_channel();
+            resync.insert(stream.name().to_owned(), sender);
+            let keep_document = push_streams.contains(stream.name());
+            let dispatcher = Dispatcher::new(
+                stream.clone(),
+                outbox.clone(),
+                registry.clone(),
+                settings.backlog_limit,
+                wake.clone(),
+                requests,
+                keep_document,
+            );
+            committed.insert(stream.name().to_owned(), dispatcher.committed());
+            dispatchers.push(dispatcher);
+        }
+        let worker = Arc::new(Worker::new(
+            outbox.clone(),
+            registry.clone(),
+            WorkerSettings {
+                schedule: settings.schedule.clone(),
+                attempt_timeout: settings.attempt_timeout,
+                disable_after: settings.disable_after,
+                per_endpoint: settings.max_concurrency_per_endpoint,
+                workers: settings.workers,
+                allow_private: settings.allow_private_targets,
+                retention: settings.retention,
+                user_agent: user_agent.to_owned(),
+            },
+            wake.clone(),
+            resync.clone(),
+            metrics,
+        )?);
+        for dispatcher in dispatchers {
+            tasks.spawn(dispatcher.run(shutdown.clone()));
+        }
+        tasks.spawn(worker.clone().run(shutdown.clone()));
+        tracing::info!(
+            endpoints = registry.all().len(),
+            database = %settings.database.display(),
+            "webhooks started"
+        );
+        let endpoints = Endpoints::new(outbox, registry, settings.clone(), hub, resync, wake);
+        Ok(Arc::new(Webhooks {
+            endpoints: Arc::new(endpoints),
+            committed,
+            worker,
+        }))
+    }
+
+    /// Waits until every change of `stream` up to `seq` is committed to the outbox (its
+    /// deliveries queued for every enabled endpoint, a push stream's document stored), at
+    /// most [`COMMIT_WAIT`]. A stream the sink does not know has nothing to wait for.
+    pub async fn committed(&self, stream: &str, seq: u64) -> Result<(), NotCommitted> {
+        match self.committed.get(stream) {
+            Some(committed) => committed.reached(seq, COMMIT_WAIT).await,
+            None => Ok(()),
+        }
+    }
+
+    /// The endpoints, as the admin API manages them.
+    pub fn endpoints(&self) -> &Arc<Endpoints> {
+        &self.endpoints
+    }
+
+    /// The delivery worker (tests drive it one delivery at a time with `try_step`).
+    pub fn worker(&self) -> &Arc<Worker> {
+        &self.worker
+    }
+}

@@ -8,8 +8,8 @@ use http::{HeaderMap, HeaderName, HeaderValue};
 use url::Url;
 
 use super::body::Mode;
+use super::outbox::{EndpointRecord, EndpointStatus, Target};
 use super::sign::Secret;
-use crate::outbox::{EndpointRecord, EndpointStatus, Target};
 
 /// One endpoint, ready to deliver to.
 #[derive(Debug, Clone)]
@@ -188,7 +188,7 @@ impl Registry {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::outbox::{Disabled, Source};
+    use crate::sinks::webhook::outbox::{Disabled, Source};
 
     fn endpoint(status: EndpointStatus) -> Endpoint {
         Endpoint::new(

@@ -1,12 +1,9 @@
-//! When a failed delivery is tried again, and what an answer means. Pure functions over plain
-//! data: the retry schedule with jitter and `Retry-After`, and the classification of responses.
+//! When a failed delivery is tried again: the retry schedule, with jitter and the receiver's
+//! `Retry-After`. A pure function over plain data.
 
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
-use http::{HeaderMap, StatusCode, header};
 use rand::Rng;
-
-use crate::upstream::backoff::parse_retry_after;
 
 /// The default delays between attempts, in the spirit of Svix: immediately, 5 s, 5 min, 30 min,
 /// 2 h, 5 h, 10 h, 10 h (eight attempts over about a day and a quarter).
@@ -80,72 +77,9 @@ impl RetrySchedule {
     }
 }
 
-/// What a receiver's answer (or its absence) means for a delivery.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum AttemptError {
-    /// Try again on the schedule; `retry_after` is the receiver's `Retry-After`, if it sent one.
-    #[error("{message}")]
-    Retry {
-        /// The HTTP status, if the receiver answered.
-        status: Option<u16>,
-        /// The receiver's `Retry-After`.
-        retry_after: Option<Duration>,
-        /// What happened, for the delivery's `last_error`.
-        message: String,
-    },
-    /// The receiver answered 410 Gone: it wants no more deliveries; the endpoint is disabled.
-    #[error("the receiver answered 410 Gone: the endpoint is disabled until re-enabled")]
-    Gone,
-    /// The target is refused by the SSRF guard (a forbidden address, not http/https): no
-    /// retry can succeed until its URL or `webhooks.allow_private_targets` changes, so the
-    /// delivery is dead at once and the endpoint is disabled.
-    #[error("{0}")]
-    Refused(crate::ssrf::TargetError),
-}
-
-impl AttemptError {
-    /// Whether no later attempt can succeed (the delivery is dead at once).
-    pub fn is_permanent(&self) -> bool {
-        matches!(self, AttemptError::Refused(_))
-    }
-
-    /// The HTTP status the receiver answered, if any.
-    pub fn status(&self) -> Option<u16> {
-        match self {
-            AttemptError::Retry { status, .. } => *status,
-            AttemptError::Gone => Some(410),
-            AttemptError::Refused(_) => None,
-        }
-    }
-}
-
-/// Classifies an HTTP answer: 2xx is success, 410 disables the endpoint, anything else is
-/// retried (honouring `Retry-After`, which 429 and 503 answers usually carry).
-pub fn classify(
-    status: StatusCode,
-    headers: &HeaderMap,
-    now: SystemTime,
-) -> Result<(), AttemptError> {
-    if status.is_success() {
-        return Ok(());
-    }
-    if status == StatusCode::GONE {
-        return Err(AttemptError::Gone);
-    }
-    let retry_after = headers
-        .get(header::RETRY_AFTER)
-        .and_then(|v| parse_retry_after(v, now));
-    Err(AttemptError::Retry {
-        status: Some(status.as_u16()),
-        retry_after,
-        message: format!("the receiver answered {status}"),
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use http::HeaderValue;
     use proptest::prelude::*;
     use rand::SeedableRng;
     use rand::rngs::StdRng;
@@ -200,41 +134,6 @@ mod tests {
             s.next_delay(2, Some(Duration::from_secs(1)), &mut rng),
             None
         );
-    }
-
-    #[test]
-    fn answers_are_classified_by_what_the_worker_must_do() {
-        let now = SystemTime::UNIX_EPOCH;
-        let empty = HeaderMap::new();
-        assert_eq!(classify(StatusCode::OK, &empty, now), Ok(()));
-        assert_eq!(classify(StatusCode::NO_CONTENT, &empty, now), Ok(()));
-        assert_eq!(
-            classify(StatusCode::GONE, &empty, now),
-            Err(AttemptError::Gone)
-        );
-        let mut h = HeaderMap::new();
-        h.insert(header::RETRY_AFTER, HeaderValue::from_static("7"));
-        match classify(StatusCode::TOO_MANY_REQUESTS, &h, now) {
-            Err(AttemptError::Retry {
-                status,
-                retry_after,
-                ..
-            }) => {
-                assert_eq!(status, Some(429));
-                assert_eq!(retry_after, Some(Duration::from_secs(7)));
-            }
-            other => panic!("expected a retry, got {other:?}"),
-        }
-        for status in [400, 404, 500, 503, 302] {
-            let status = StatusCode::from_u16(status).unwrap();
-            assert!(matches!(
-                classify(status, &empty, now),
-                Err(AttemptError::Retry {
-                    retry_after: None,
-                    ..
-                })
-            ));
-        }
     }
 
     proptest! {

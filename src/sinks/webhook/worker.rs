@@ -1,27 +1,30 @@
 //! The delivery worker: a shared pool of attempts over every endpoint's due deliveries.
 //!
-//! [`Worker::try_step`] starts attempts for the oldest pending delivery of each (endpoint,
-//! stream) pair that is due, up to the pool size and the per-endpoint limit, never two of the
-//! same pair at once (order), and returns at once; each attempt records its outcome in the
-//! outbox and wakes the worker. A slow endpoint only ever holds its own slots.
+//! An attempt is [`Sender::deliver`] (one signed POST, its answer classified), then settling
+//! it (the outcome decided on the retry schedule, recorded in the outbox, the endpoint's status
+//! and the metrics updated, a resync or a disable sent where the attempt calls for one). [`Worker::start_due`] starts attempts for the oldest pending delivery of each
+//! (endpoint, stream) pair that is due, up to the pool size and the per-endpoint limit, never
+//! two of the same pair at once (order), and returns at once; [`Worker::try_step`] takes one due
+//! delivery through its whole attempt and returns what it came to. A slow endpoint only ever
+//! holds its own slots.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
-use http::{HeaderValue, header};
+use rand::Rng;
 use rand::SeedableRng as _;
 use rand::rngs::StdRng;
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use super::dispatcher::Resync;
+use super::deliver::{AttemptError, Sender};
+use super::dispatcher::{Resync, ResyncRoutes};
+use super::outbox::{AttemptOutcome, Delivery, Disabled, Outbox, OutboxError, Recorded};
 use super::registry::{Endpoint, Registry};
-use super::schedule::{AttemptError, RetrySchedule, classify};
-use super::sign::signature_header;
+use super::schedule::RetrySchedule;
 use crate::metrics::{AttemptLabels, AttemptResult, Metrics};
-use crate::outbox::{AttemptOutcome, Delivery, Disabled, Outbox, OutboxError, unix_ms};
-use crate::ssrf::{self, GuardedResolver};
+use crate::time::unix_ms;
 
 /// How the worker delivers.
 #[derive(Debug, Clone)]
@@ -44,9 +47,6 @@ pub struct WorkerSettings {
     pub user_agent: String,
 }
 
-/// Where resync requests for a stream go (its dispatcher).
-pub type ResyncRoutes = HashMap<String, mpsc::UnboundedSender<Resync>>;
-
 #[derive(Default)]
 struct InFlight {
     pairs: HashSet<(String, String)>,
@@ -58,7 +58,7 @@ struct InFlight {
 pub struct Worker {
     outbox: Arc<dyn Outbox>,
     registry: Arc<Registry>,
-    client: reqwest::Client,
+    sender: Sender,
     settings: WorkerSettings,
     inflight: Mutex<InFlight>,
     wake: Arc<Notify>,
@@ -72,6 +72,32 @@ pub struct Worker {
 #[error("cannot build the webhook HTTP client: {0}")]
 pub struct ClientError(#[from] reqwest::Error);
 
+/// What an attempt means for its endpoint, beyond the delivery itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FollowUp {
+    /// Nothing more.
+    Nothing,
+    /// The delivery went dead with nothing queued after it: the stream's dispatcher is asked
+    /// to queue a snapshot for the endpoint.
+    Resync,
+    /// The endpoint is disabled, for this reason (re-enabling it queues a snapshot).
+    Disable(String),
+}
+
+/// One delivery taken through an attempt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settled {
+    /// The delivery as it was due (`attempts` counts those before this one).
+    pub delivery: Delivery,
+    /// What the attempt came to; `None` when the endpoint was deleted meanwhile (nothing sent).
+    pub outcome: Option<AttemptOutcome>,
+    /// Whether the outcome is in the outbox; false only when the outbox stopped first, and the
+    /// delivery is then sent again after a restart (same `webhook-id`).
+    pub recorded: bool,
+    /// What followed for the endpoint.
+    pub follow_up: FollowUp,
+}
+
 impl Worker {
     /// A worker over `outbox`; `wake` is notified whenever new deliveries may be due.
     pub fn new(
@@ -82,21 +108,16 @@ impl Worker {
         resync: ResyncRoutes,
         metrics: Arc<Metrics>,
     ) -> Result<Worker, ClientError> {
-        let client = reqwest::Client::builder()
-            .redirect(reqwest::redirect::Policy::none())
-            .no_proxy()
-            .dns_resolver(Arc::new(GuardedResolver {
-                allow_private: settings.allow_private,
-            }))
-            .connect_timeout(settings.attempt_timeout)
-            .pool_max_idle_per_host(settings.per_endpoint.max(1) * 4)
-            .tcp_nodelay(true)
-            .user_agent(settings.user_agent.clone())
-            .build()?;
+        let sender = Sender::new(
+            settings.attempt_timeout,
+            settings.allow_private,
+            settings.per_endpoint.max(1) * 4,
+            &settings.user_agent,
+        )?;
         Ok(Worker {
             outbox,
             registry,
-            client,
+            sender,
             settings,
             inflight: Mutex::new(InFlight::default()),
             wake,
@@ -115,11 +136,16 @@ impl Worker {
         self.inflight().total
     }
 
-    /// Starts an attempt for every due delivery the pool has room for; returns how many.
-    pub async fn try_step(self: &Arc<Self>) -> Result<usize, OutboxError> {
+    /// Takes up to `limit` due deliveries the pool has room for and reserves their slots
+    /// (each must be released once its attempt is settled).
+    async fn claim(&self, limit: usize) -> Result<Vec<Delivery>, OutboxError> {
         let (free, busy, full) = {
             let inflight = self.inflight();
-            let free = self.settings.workers.saturating_sub(inflight.total);
+            let free = self
+                .settings
+                .workers
+                .saturating_sub(inflight.total)
+                .min(limit);
             let full = inflight
                 .per_endpoint
                 .iter()
@@ -133,38 +159,57 @@ impl Worker {
             )
         };
         if free == 0 {
-            return Ok(0);
+            return Ok(Vec::new());
         }
         let now = unix_ms(SystemTime::now());
         let due = self.outbox.due(now, free, busy, full).await?;
-        let mut started = 0;
+        let mut claimed = Vec::with_capacity(due.len());
         for delivery in due {
-            {
-                let mut inflight = self.inflight();
-                if inflight.total >= self.settings.workers {
-                    break;
-                }
-                let per = inflight
-                    .per_endpoint
-                    .get(&delivery.endpoint)
-                    .copied()
-                    .unwrap_or(0);
-                let pair = (delivery.endpoint.clone(), delivery.stream.clone());
-                if per >= self.settings.per_endpoint || inflight.pairs.contains(&pair) {
-                    continue;
-                }
-                inflight.pairs.insert(pair);
-                *inflight
-                    .per_endpoint
-                    .entry(delivery.endpoint.clone())
-                    .or_default() += 1;
-                inflight.total += 1;
+            let mut inflight = self.inflight();
+            if inflight.total >= self.settings.workers {
+                break;
             }
-            started += 1;
+            let per = inflight
+                .per_endpoint
+                .get(&delivery.endpoint)
+                .copied()
+                .unwrap_or(0);
+            let pair = (delivery.endpoint.clone(), delivery.stream.clone());
+            if per >= self.settings.per_endpoint || inflight.pairs.contains(&pair) {
+                continue;
+            }
+            inflight.pairs.insert(pair);
+            *inflight
+                .per_endpoint
+                .entry(delivery.endpoint.clone())
+                .or_default() += 1;
+            inflight.total += 1;
+            drop(inflight);
+            claimed.push(delivery);
+        }
+        Ok(claimed)
+    }
+
+    /// Starts an attempt for every due delivery the pool has room for; returns how many.
+    pub async fn start_due(self: &Arc<Self>) -> Result<usize, OutboxError> {
+        let claimed = self.claim(usize::MAX).await?;
+        let started = claimed.len();
+        for delivery in claimed {
             let worker = self.clone();
-            tokio::spawn(async move { worker.attempt(delivery).await });
+            tokio::spawn(async move {
+                worker.attempt(delivery).await;
+            });
         }
         Ok(started)
+    }
+
+    /// Takes the soonest due delivery the pool has room for through one whole attempt
+    /// (delivered, then settled) and returns what it came to; `None` when nothing is due.
+    pub async fn try_step(&self) -> Result<Option<Settled>, OutboxError> {
+        match self.claim(1).await?.pop() {
+            Some(delivery) => Ok(Some(self.attempt(delivery).await)),
+            None => Ok(None),
+        }
     }
 
     fn release(&self, delivery: &Delivery) {
@@ -184,47 +229,81 @@ impl Worker {
         self.wake.notify_one();
     }
 
-    /// Sends one delivery and records what happened.
-    async fn attempt(self: Arc<Self>, delivery: Delivery) {
-        let Some(endpoint) = self.registry.get(&delivery.endpoint) else {
+    /// One attempt of a claimed delivery: deliver, then settle; its slot is released after both.
+    async fn attempt(&self, delivery: Delivery) -> Settled {
+        let settled = match self.registry.get(&delivery.endpoint) {
             // Deleted meanwhile: its deliveries went with it.
-            self.release(&delivery);
-            return;
-        };
-        let started = std::time::Instant::now();
-        let result = self.send(&endpoint, &delivery).await;
-        self.metrics
-            .webhook_attempt_seconds
-            .observe(started.elapsed().as_secs_f64());
-        let now = SystemTime::now();
-        let now_ms = unix_ms(now);
-        let outcome = match &result {
-            Ok(status) => AttemptOutcome::Delivered { status: *status },
-            Err(error) => {
-                let retry_after = match error {
-                    AttemptError::Retry { retry_after, .. } => *retry_after,
-                    AttemptError::Gone | AttemptError::Refused(_) => None,
-                };
-                let delay = if error.is_permanent() {
-                    None
-                } else {
-                    let mut rng = self.rng.lock().unwrap_or_else(|e| e.into_inner());
-                    self.settings.schedule.next_delay(
-                        delivery.attempts.saturating_add(1),
-                        retry_after,
-                        &mut *rng,
-                    )
-                };
-                AttemptOutcome::Failed {
-                    status: error.status(),
-                    error: error.to_string(),
-                    retry_at_ms: delay.map(|d| {
-                        now_ms.saturating_add(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-                    }),
-                }
+            None => Settled {
+                delivery,
+                outcome: None,
+                recorded: false,
+                follow_up: FollowUp::Nothing,
+            },
+            Some(endpoint) => {
+                let started = Instant::now();
+                let answer = self.sender.deliver(&endpoint, &delivery).await;
+                self.metrics
+                    .webhook_attempt_seconds
+                    .observe(started.elapsed().as_secs_f64());
+                self.settle(&endpoint, delivery, answer).await
             }
         };
-        let counted = match &outcome {
+        self.release(&settled.delivery);
+        settled
+    }
+
+    /// Settles an attempt: its outcome decided on the retry schedule, counted, recorded in the
+    /// outbox, the endpoint's status updated, and the follow-up (resync or disable) sent.
+    async fn settle(
+        &self,
+        endpoint: &Endpoint,
+        delivery: Delivery,
+        answer: Result<u16, AttemptError>,
+    ) -> Settled {
+        let now_ms = unix_ms(SystemTime::now());
+        let outcome = {
+            let mut rng = self.rng.lock().unwrap_or_else(|e| e.into_inner());
+            outcome_of(
+                &answer,
+                delivery.attempts,
+                &self.settings.schedule,
+                now_ms,
+                &mut *rng,
+            )
+        };
+        self.count(&delivery, &outcome);
+        let Some(recorded) = self.record(&delivery, &outcome, now_ms).await else {
+            return Settled {
+                delivery,
+                outcome: Some(outcome),
+                recorded: false,
+                follow_up: FollowUp::Nothing,
+            };
+        };
+        if let Some(status) = recorded.status.clone() {
+            self.registry.set_status(&delivery.endpoint, status);
+        }
+        let follow_up = follow_up(&answer, &recorded, now_ms, self.settings.disable_after);
+        match &follow_up {
+            FollowUp::Disable(reason) => self.disable(endpoint, reason.clone(), now_ms).await,
+            FollowUp::Resync => {
+                if let Some(route) = self.resync.get(&delivery.stream) {
+                    let _ = route.send(Resync::Endpoint(delivery.endpoint.clone()));
+                }
+            }
+            FollowUp::Nothing => {}
+        }
+        Settled {
+            delivery,
+            outcome: Some(outcome),
+            recorded: true,
+            follow_up,
+        }
+    }
+
+    /// Counts an attempt by what it came to; a dead letter is also logged.
+    fn count(&self, delivery: &Delivery, outcome: &AttemptOutcome) {
+        let counted = match outcome {
             AttemptOutcome::Delivered { .. } => AttemptResult::Delivered,
             AttemptOutcome::Failed {
                 retry_at_ms: Some(_),
@@ -245,18 +324,27 @@ impl Worker {
             retry_at_ms: None,
             error,
             ..
-        } = &outcome
+        } = outcome
         {
             tracing::warn!(endpoint = %delivery.endpoint, stream = %delivery.stream, msg_id = %delivery.msg_id, attempts = delivery.attempts + 1, %error, "webhook delivery dead-lettered");
         }
-        let recorded = loop {
+    }
+
+    /// Records an outcome, trying again while storage fails; `None` once the outbox stopped.
+    async fn record(
+        &self,
+        delivery: &Delivery,
+        outcome: &AttemptOutcome,
+        now_ms: u64,
+    ) -> Option<Recorded> {
+        loop {
             match self
                 .outbox
                 .record(delivery.id, outcome.clone(), now_ms)
                 .await
             {
-                Ok(recorded) => break Some(recorded),
-                Err(OutboxError::Closed) => break None,
+                Ok(recorded) => return Some(recorded),
+                Err(OutboxError::Closed) => return None,
                 Err(error) => {
                     // Not recorded: retry, or the delivery is sent again after a restart
                     // (at least once, same webhook-id).
@@ -264,42 +352,7 @@ impl Worker {
                     tokio::time::sleep(Duration::from_secs(1)).await;
                 }
             }
-        };
-        if let Some(recorded) = recorded {
-            let failing_since_ms = recorded.status.as_ref().and_then(|s| s.failing_since_ms);
-            if let Some(status) = recorded.status.clone() {
-                self.registry.set_status(&delivery.endpoint, status);
-            }
-            let reason = match (&result, failing_since_ms) {
-                (Err(AttemptError::Gone), _) => Some("the receiver answered 410 Gone".to_owned()),
-                (Err(AttemptError::Refused(refusal)), _) => Some(format!(
-                    "its target is refused ({refusal}); change its url, then re-enable it"
-                )),
-                (Err(_), Some(since))
-                    if now_ms.saturating_sub(since)
-                        >= u64::try_from(self.settings.disable_after.as_millis())
-                            .unwrap_or(u64::MAX) =>
-                {
-                    Some(format!(
-                        "every attempt failed for {} (webhooks.disable_after)",
-                        humantime::format_duration(Duration::from_millis(now_ms - since))
-                    ))
-                }
-                _ => None,
-            };
-            match reason {
-                // Re-enabling it queues the current document, so a disabled endpoint needs
-                // no resync now (one would only die again).
-                Some(reason) => self.disable(&endpoint, reason, now_ms).await,
-                None if recorded.needs_resync => {
-                    if let Some(route) = self.resync.get(&delivery.stream) {
-                        let _ = route.send(Resync::Endpoint(delivery.endpoint.clone()));
-                    }
-                }
-                None => {}
-            }
         }
-        self.release(&delivery);
     }
 
     async fn disable(&self, endpoint: &Endpoint, reason: String, now_ms: u64) {
@@ -320,56 +373,6 @@ impl Worker {
         }
     }
 
-    async fn send(&self, endpoint: &Endpoint, delivery: &Delivery) -> Result<u16, AttemptError> {
-        let retry = |message: String| AttemptError::Retry {
-            status: None,
-            retry_after: None,
-            message,
-        };
-        ssrf::check_url(&endpoint.url, self.settings.allow_private)
-            .map_err(AttemptError::Refused)?;
-        let now = SystemTime::now();
-        let timestamp = now
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
-        let signature = signature_header(
-            endpoint.signing_secrets(unix_ms(now)),
-            &delivery.msg_id,
-            timestamp,
-            &delivery.body,
-        );
-        let mut headers = endpoint.headers.clone();
-        headers.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        );
-        for (name, value) in [
-            ("webhook-id", delivery.msg_id.as_str()),
-            ("webhook-timestamp", &timestamp.to_string()),
-            ("webhook-signature", &signature),
-        ] {
-            let value = HeaderValue::from_str(value)
-                .map_err(|_| retry(format!("cannot encode the {name} header")))?;
-            headers.insert(name, value);
-        }
-        let response = self
-            .client
-            .post(endpoint.url.clone())
-            .headers(headers)
-            .body(delivery.body.clone())
-            .timeout(self.settings.attempt_timeout)
-            .send()
-            .await
-            .map_err(|e| match refusal(&e) {
-                Some(refused) => AttemptError::Refused(refused),
-                None => retry(describe(&e, self.settings.attempt_timeout)),
-            })?;
-        let status = response.status();
-        let verdict = classify(status, response.headers(), SystemTime::now());
-        drain(response).await;
-        verdict.map(|()| status.as_u16())
-    }
-
     /// Runs until `shutdown`: starts due attempts whenever woken, and at the next due time.
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
         let mut next_prune = tokio::time::Instant::now();
@@ -385,7 +388,7 @@ impl Worker {
                     Err(error) => tracing::warn!(%error, "cannot prune webhook deliveries"),
                 }
             }
-            let wait = match self.try_step().await {
+            let wait = match self.start_due().await {
                 Err(OutboxError::Closed) => return,
                 Err(error) => {
                     tracing::error!(%error, "cannot read due webhook deliveries");
@@ -422,52 +425,207 @@ impl Worker {
     }
 }
 
-/// The SSRF guard's refusal behind a failed request, if that is why it failed: the guarded
-/// resolver's error travels inside the client's connect error. A name that did not resolve
-/// is not a refusal (DNS failures are often temporary).
-fn refusal(error: &reqwest::Error) -> Option<ssrf::TargetError> {
-    let mut source = std::error::Error::source(error);
-    while let Some(cause) = source {
-        if let Some(target) = cause.downcast_ref::<ssrf::TargetError>() {
-            return match target {
-                ssrf::TargetError::Unresolvable { .. } => None,
-                refused => Some(refused.clone()),
-            };
-        }
-        source = cause.source();
-    }
-    None
-}
-
-/// A failed request in words, with its cause chain (the resolver's SSRF refusal included).
-fn describe(error: &reqwest::Error, timeout: Duration) -> String {
-    if error.is_timeout() {
-        return format!(
-            "no answer within {} (webhooks.attempt_timeout)",
-            humantime::format_duration(timeout)
-        );
-    }
-    let mut text = if error.is_connect() {
-        "cannot connect".to_owned()
-    } else {
-        "request failed".to_owned()
+/// What an answer comes to for a delivery that had `attempts_made` attempts before: delivered;
+/// tried again at a time on the schedule (never before the receiver's `Retry-After`); or dead,
+/// when the schedule is exhausted or no attempt can succeed (a refused target).
+fn outcome_of(
+    answer: &Result<u16, AttemptError>,
+    attempts_made: u32,
+    schedule: &RetrySchedule,
+    now_ms: u64,
+    rng: &mut impl Rng,
+) -> AttemptOutcome {
+    let error = match answer {
+        Ok(status) => return AttemptOutcome::Delivered { status: *status },
+        Err(error) => error,
     };
-    let mut source = std::error::Error::source(error);
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
+    let retry_after = match error {
+        AttemptError::Retry { retry_after, .. } => *retry_after,
+        AttemptError::Gone | AttemptError::Refused(_) => None,
+    };
+    let delay = if error.is_permanent() {
+        None
+    } else {
+        schedule.next_delay(attempts_made.saturating_add(1), retry_after, rng)
+    };
+    AttemptOutcome::Failed {
+        status: error.status(),
+        error: error.to_string(),
+        retry_at_ms: delay
+            .map(|d| now_ms.saturating_add(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))),
     }
-    text
 }
 
-/// Reads (and discards) up to 64 KiB of the answer so the connection can be reused.
-async fn drain(mut response: reqwest::Response) {
-    let mut read = 0usize;
-    while let Ok(Some(chunk)) = response.chunk().await {
-        read += chunk.len();
-        if read > 64 * 1024 {
-            break;
+/// What a recorded attempt means for its endpoint. 410 Gone and a refused target disable it,
+/// and so does failing continuously for `disable_after`; re-enabling queues the current
+/// document, so a disabled endpoint needs no resync now (one would only die again). Otherwise
+/// a dead delivery with nothing queued after it calls for a snapshot.
+fn follow_up(
+    answer: &Result<u16, AttemptError>,
+    recorded: &Recorded,
+    now_ms: u64,
+    disable_after: Duration,
+) -> FollowUp {
+    let failing_since_ms = recorded.status.as_ref().and_then(|s| s.failing_since_ms);
+    let reason = match (answer, failing_since_ms) {
+        (Err(AttemptError::Gone), _) => Some("the receiver answered 410 Gone".to_owned()),
+        (Err(AttemptError::Refused(refusal)), _) => Some(format!(
+            "its target is refused ({refusal}); change its url, then re-enable it"
+        )),
+        (Err(_), Some(since))
+            if now_ms.saturating_sub(since)
+                >= u64::try_from(disable_after.as_millis()).unwrap_or(u64::MAX) =>
+        {
+            Some(format!(
+                "every attempt failed for {} (webhooks.disable_after)",
+                humantime::format_duration(Duration::from_millis(now_ms - since))
+            ))
         }
+        _ => None,
+    };
+    match reason {
+        Some(reason) => FollowUp::Disable(reason),
+        None if recorded.needs_resync => FollowUp::Resync,
+        None => FollowUp::Nothing,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sinks::webhook::outbox::EndpointStatus;
+    use crate::ssrf::TargetError;
+    use rand::rngs::StdRng;
+
+    const NOW: u64 = 1_700_000_000_000;
+
+    fn schedule() -> RetrySchedule {
+        RetrySchedule {
+            delays: vec![Duration::ZERO, Duration::from_secs(5)],
+            jitter: 0.0,
+            max_retry_after: Duration::from_secs(60),
+        }
+    }
+
+    fn retry(status: u16, retry_after: Option<u64>) -> Result<u16, AttemptError> {
+        Err(AttemptError::Retry {
+            status: Some(status),
+            retry_after: retry_after.map(Duration::from_secs),
+            message: format!("the receiver answered {status}"),
+        })
+    }
+
+    fn refused() -> AttemptError {
+        AttemptError::Refused(TargetError::Forbidden {
+            host: "hooks.internal".into(),
+            address: [10, 0, 0, 1].into(),
+            range: "private",
+        })
+    }
+
+    fn outcome(answer: &Result<u16, AttemptError>, attempts_made: u32) -> AttemptOutcome {
+        outcome_of(
+            answer,
+            attempts_made,
+            &schedule(),
+            NOW,
+            &mut StdRng::seed_from_u64(1),
+        )
+    }
+
+    fn failed(status: Option<u16>, retry_at_ms: Option<u64>) -> AttemptOutcome {
+        AttemptOutcome::Failed {
+            status,
+            error: String::new(),
+            retry_at_ms,
+        }
+    }
+
+    /// The error text is the answer's; only status and retry time are compared here.
+    fn without_error(outcome: AttemptOutcome) -> AttemptOutcome {
+        match outcome {
+            AttemptOutcome::Failed {
+                status,
+                retry_at_ms,
+                ..
+            } => failed(status, retry_at_ms),
+            delivered => delivered,
+        }
+    }
+
+    #[test]
+    fn an_answer_is_delivered_retried_on_the_schedule_or_dead() {
+        assert_eq!(
+            outcome(&Ok(204), 0),
+            AttemptOutcome::Delivered { status: 204 }
+        );
+        let cases = [
+            // The schedule's next delay, or the receiver's Retry-After when later.
+            (retry(500, None), 0, failed(Some(500), Some(NOW + 5_000))),
+            (
+                retry(429, Some(30)),
+                0,
+                failed(Some(429), Some(NOW + 30_000)),
+            ),
+            // The schedule ran out.
+            (retry(500, None), 1, failed(Some(500), None)),
+            // Gone is retried (the endpoint is disabled meanwhile), a refused target never.
+            (
+                Err(AttemptError::Gone),
+                0,
+                failed(Some(410), Some(NOW + 5_000)),
+            ),
+            (Err(refused()), 0, failed(None, None)),
+        ];
+        for (answer, attempts, expected) in cases {
+            assert_eq!(
+                without_error(outcome(&answer, attempts)),
+                expected,
+                "{answer:?}"
+            );
+        }
+        match outcome(&retry(503, None), 0) {
+            AttemptOutcome::Failed { error, .. } => {
+                assert_eq!(error, "the receiver answered 503")
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn what_follows_for_the_endpoint() {
+        let hour = Duration::from_secs(3600);
+        let recorded = |failing_since_ms: Option<u64>, needs_resync: bool| Recorded {
+            needs_resync,
+            status: Some(EndpointStatus {
+                failing_since_ms,
+                ..EndpointStatus::default()
+            }),
+        };
+        let fresh = recorded(Some(NOW), false);
+        assert_eq!(
+            follow_up(&Ok(200), &recorded(None, false), NOW, hour),
+            FollowUp::Nothing
+        );
+        assert_eq!(
+            follow_up(&retry(500, None), &fresh, NOW, hour),
+            FollowUp::Nothing
+        );
+        assert_eq!(
+            follow_up(&retry(500, None), &recorded(Some(NOW), true), NOW, hour),
+            FollowUp::Resync
+        );
+        let disabled = |answer: &Result<u16, AttemptError>, recorded: &Recorded| match follow_up(
+            answer, recorded, NOW, hour,
+        ) {
+            FollowUp::Disable(reason) => reason,
+            other => panic!("expected the endpoint disabled, got {other:?}"),
+        };
+        assert!(disabled(&Err(AttemptError::Gone), &fresh).contains("410 Gone"));
+        // Disabling wins over a resync: re-enabling queues a snapshot anyway.
+        let refusal = disabled(&Err(refused()), &recorded(Some(NOW), true));
+        assert!(refusal.contains("is refused") && refusal.contains("re-enable"));
+        let failing = disabled(&retry(500, None), &recorded(Some(NOW - 3_600_000), false));
+        assert!(failing.contains("webhooks.disable_after"), "{failing}");
     }
 }

@@ -1,8 +1,13 @@
-//! The webhook outbox: durable endpoints, deliveries and per-(endpoint, stream) cursors.
+//! The webhook outbox: durable endpoints, deliveries and per-(endpoint, stream) cursors, and
+//! the current document of each push stream (stored in the same transactions as its changes'
+//! deliveries, so a restart continues the stream in the epoch the endpoints' cursors hold).
 //!
-//! [`Outbox`] is the trait the webhook worker and admin API use; [`sqlite::SqliteOutbox`] is the
-//! embedded default (SQLite in WAL mode on a dedicated thread). A Redis-backed outbox for
-//! multi-node deployments implements the same trait.
+//! [`Outbox`] is the trait the dispatcher, the worker and the endpoint management use, and the
+//! app reads push documents through at startup; [`sqlite::SqliteOutbox`] is the embedded
+//! default (SQLite in WAL mode on a dedicated thread). Another store (PostgreSQL for a
+//! cluster) is another file beside it implementing the same trait: nothing here names SQLite.
+//! The outbox sits below the rest of the sink: it uses only the pure [`super::body`] (the plan
+//! over a cursor, the bodies) and [`super::sign`] (message ids).
 //!
 //! Invariants every implementation keeps:
 //! - Accepting a change for its endpoints is atomic: every endpoint gets its delivery, or none.
@@ -11,7 +16,7 @@
 //!   restarts, so every accepted change is delivered at least once.
 //! - Per (endpoint, stream), deliveries are sent oldest first ([`Outbox::due`] returns only the
 //!   oldest pending delivery of each pair), and a patch is only queued right after the delivery
-//!   holding its base (see [`crate::sinks::webhook::body::plan`]).
+//!   holding its base (see [`super::body::plan`]).
 
 pub mod sqlite;
 
@@ -24,7 +29,7 @@ use std::time::SystemTime;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
-use crate::sinks::webhook::body::{Kind, Mode};
+use crate::sinks::webhook::body::{self, BodyError, Kind, Mode, Plan};
 
 /// A boxed future of an outbox operation (the trait stays object-safe).
 pub type OutboxFuture<T> = Pin<Box<dyn Future<Output = Result<T, OutboxError>> + Send>>;
@@ -47,6 +52,12 @@ pub enum OutboxError {
     /// The outbox thread has stopped.
     #[error("the webhook outbox has stopped")]
     Closed,
+}
+
+impl From<BodyError> for OutboxError {
+    fn from(error: BodyError) -> Self {
+        OutboxError::Storage(format!("cannot build a delivery body: {error}"))
+    }
 }
 
 /// Where an endpoint was declared.
@@ -279,6 +290,81 @@ pub struct DeliveryFilter {
     pub limit: usize,
 }
 
+/// Whether a pair already holding `pending` deliveries has them superseded by the one being
+/// queued: its backlog reached `webhooks.backlog_limit` (a limit of 0 counts as 1).
+pub fn collapses(pending: usize, backlog_limit: usize) -> bool {
+    pending >= backlog_limit.max(1)
+}
+
+/// The bodies of one change's deliveries, each kind encoded at most once however many targets
+/// get it. Every implementation of [`Outbox::accept`] builds its rows with it, so they all
+/// store the same bytes.
+pub struct Bodies<'a> {
+    change: &'a NewChange,
+    patch: Option<Vec<u8>>,
+    snapshot: Option<Vec<u8>>,
+}
+
+impl<'a> Bodies<'a> {
+    /// Nothing encoded yet.
+    pub fn new(change: &'a NewChange) -> Self {
+        Bodies {
+            change,
+            patch: None,
+            snapshot: None,
+        }
+    }
+
+    /// The kind, `base_seq` and body of the delivery a target gets under `plan` (never
+    /// [`Plan::Skip`]); a collapsed backlog is always followed by a snapshot, since the patch's
+    /// base was superseded with it.
+    pub fn delivery(
+        &mut self,
+        plan: Plan,
+        collapse: bool,
+    ) -> Result<(Kind, Option<u64>, &[u8]), BodyError> {
+        let change = self.change;
+        match (plan, &change.patch) {
+            (Plan::Patch { base_seq }, Some(patch)) if !collapse => {
+                if self.patch.is_none() {
+                    self.patch = Some(body::encode(
+                        Kind::Patch,
+                        &change.stream,
+                        change.epoch,
+                        change.seq,
+                        Some(base_seq),
+                        change.at,
+                        patch,
+                    )?);
+                }
+                Ok((
+                    Kind::Patch,
+                    Some(base_seq),
+                    self.patch.as_deref().unwrap_or_default(),
+                ))
+            }
+            _ => {
+                if self.snapshot.is_none() {
+                    self.snapshot = Some(body::encode(
+                        Kind::Snapshot,
+                        &change.stream,
+                        change.epoch,
+                        change.seq,
+                        None,
+                        change.at,
+                        &change.document,
+                    )?);
+                }
+                Ok((
+                    Kind::Snapshot,
+                    None,
+                    self.snapshot.as_deref().unwrap_or_default(),
+                ))
+            }
+        }
+    }
+}
+
 /// The durable queue behind webhooks.
 pub trait Outbox: Send + Sync {
     /// Every endpoint with its status.
@@ -335,8 +421,53 @@ pub trait Outbox: Send + Sync {
     fn prune(&self, before_ms: u64) -> OutboxFuture<usize>;
 }
 
-/// Milliseconds since the Unix epoch.
-pub fn unix_ms(at: SystemTime) -> u64 {
-    at.duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::Value;
+
+    fn change(patch: bool) -> NewChange {
+        NewChange {
+            stream: Arc::from("s"),
+            epoch: 3,
+            seq: 8,
+            patch: patch.then(|| Bytes::from_static(br#"[{"op":"add","path":"/n","value":8}]"#)),
+            document: Bytes::from_static(br#"{"n":8}"#),
+            at: std::time::UNIX_EPOCH,
+        }
+    }
+
+    fn json(body: &[u8]) -> Value {
+        serde_json::from_slice(body).unwrap()
+    }
+
+    /// A patch only where the plan says so and no backlog was collapsed; every other target
+    /// gets the document.
+    #[test]
+    fn bodies_follow_the_plan_and_a_collapse_ends_in_a_snapshot() {
+        let change = change(true);
+        let mut bodies = Bodies::new(&change);
+        let (kind, base, body) = bodies.delivery(Plan::Patch { base_seq: 7 }, false).unwrap();
+        assert_eq!((kind, base), (Kind::Patch, Some(7)));
+        assert_eq!(json(body)["data"][0]["op"], "add");
+        let (kind, base, body) = bodies.delivery(Plan::Patch { base_seq: 7 }, true).unwrap();
+        assert_eq!((kind, base), (Kind::Snapshot, None));
+        assert_eq!(json(body)["data"]["n"], 8);
+        let (kind, _, _) = bodies.delivery(Plan::Snapshot, false).unwrap();
+        assert_eq!(kind, Kind::Snapshot);
+        // A change the hub published as a snapshot has no patch to send.
+        let change = self::change(false);
+        let (kind, _, _) = Bodies::new(&change)
+            .delivery(Plan::Patch { base_seq: 7 }, false)
+            .unwrap();
+        assert_eq!(kind, Kind::Snapshot);
+    }
+
+    #[test]
+    fn a_backlog_collapses_at_its_limit() {
+        assert!(!collapses(2, 3));
+        assert!(collapses(3, 3));
+        assert!(collapses(1, 0));
+        assert!(!collapses(0, 0));
+    }
 }

@@ -17,12 +17,13 @@ use rusqlite::{Connection, OptionalExtension, Row, params};
 use tokio::sync::oneshot;
 
 use super::{
-    Accepted, AttemptOutcome, Delivery, DeliveryFilter, DeliveryState, Disabled, EndpointRecord,
-    EndpointStatus, NewChange, Outbox, OutboxError, OutboxFuture, Recorded, Replay, StoredDocument,
-    Target, unix_ms,
+    Accepted, AttemptOutcome, Bodies, Delivery, DeliveryFilter, DeliveryState, Disabled,
+    EndpointRecord, EndpointStatus, NewChange, Outbox, OutboxError, OutboxFuture, Recorded, Replay,
+    StoredDocument, Target, collapses,
 };
 use crate::sinks::webhook::body::{self, Cursor, Kind, Plan};
 use crate::sinks::webhook::sign::message_id;
+use crate::time::unix_ms;
 
 /// Jobs run in one transaction at most.
 const BATCH: usize = 1024;
@@ -313,10 +314,6 @@ fn in_savepoint<T>(
     result
 }
 
-fn encode_err(error: body::BodyError) -> OutboxError {
-    OutboxError::Storage(format!("cannot build a delivery body: {error}"))
-}
-
 fn accept(
     conn: &Connection,
     change: &NewChange,
@@ -325,8 +322,7 @@ fn accept(
 ) -> Result<Accepted, OutboxError> {
     let now = unix_ms(std::time::SystemTime::now());
     let mut rng = rand::rng();
-    let mut patch_body: Option<Vec<u8>> = None;
-    let mut snapshot_body: Option<Vec<u8>> = None;
+    let mut bodies = Bodies::new(change);
     let mut accepted = Accepted::default();
     let stream: &str = &change.stream;
     for target in targets {
@@ -362,7 +358,10 @@ fn accept(
                 "SELECT COUNT(*) FROM deliveries WHERE endpoint_id = ?1 AND stream = ?2 AND state = 0",
             )?
             .query_row(params![target.endpoint, stream], |r| r.get(0))?;
-        let collapse = usize::try_from(pending).unwrap_or(usize::MAX) >= backlog_limit.max(1);
+        let collapse = collapses(
+            usize::try_from(pending).unwrap_or(usize::MAX),
+            backlog_limit,
+        );
         if collapse {
             conn.prepare_cached(
                 "UPDATE deliveries SET state = 3, finished_ms = ?3 \
@@ -371,42 +370,7 @@ fn accept(
             .execute(params![target.endpoint, stream, sql(now)])?;
             accepted.collapsed += 1;
         }
-        let (kind, base_seq, bytes) = match (plan, &change.patch) {
-            (Plan::Patch { base_seq }, Some(patch)) if !collapse => {
-                if patch_body.is_none() {
-                    patch_body = Some(
-                        body::encode(
-                            Kind::Patch,
-                            stream,
-                            change.epoch,
-                            change.seq,
-                            Some(base_seq),
-                            change.at,
-                            patch,
-                        )
-                        .map_err(encode_err)?,
-                    );
-                }
-                (Kind::Patch, Some(base_seq), patch_body.as_deref())
-            }
-            _ => {
-                if snapshot_body.is_none() {
-                    snapshot_body = Some(
-                        body::encode(
-                            Kind::Snapshot,
-                            stream,
-                            change.epoch,
-                            change.seq,
-                            None,
-                            change.at,
-                            &change.document,
-                        )
-                        .map_err(encode_err)?,
-                    );
-                }
-                (Kind::Snapshot, None, snapshot_body.as_deref())
-            }
-        };
+        let (kind, base_seq, bytes) = bodies.delivery(plan, collapse)?;
         conn.prepare_cached(
             "INSERT INTO deliveries (endpoint_id, stream, msg_id, kind, epoch, seq, base_seq, \
              body, state, attempts, next_attempt_ms, created_ms) \
@@ -420,7 +384,7 @@ fn accept(
             sql(change.epoch),
             sql(change.seq),
             base_seq.map(sql),
-            bytes.unwrap_or_default(),
+            bytes,
             sql(now),
         ])?;
         conn.prepare_cached(
@@ -836,19 +800,11 @@ impl Outbox for SqliteOutbox {
     }
 }
 
-/// A random id for an endpoint created through the API: `ep_` + 24 hex digits.
-pub fn endpoint_id(rng: &mut impl rand::RngCore) -> String {
-    let mut bytes = [0u8; 12];
-    rng.fill_bytes(&mut bytes);
-    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-    format!("ep_{hex}")
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::outbox::Source;
     use crate::sinks::webhook::body::Mode;
+    use crate::sinks::webhook::outbox::Source;
     use std::collections::BTreeMap;
     use std::sync::Arc;
     use std::time::SystemTime;

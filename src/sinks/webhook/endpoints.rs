@@ -1,33 +1,30 @@
-//! The running webhook sink: starts the dispatchers and the worker, reconciles configured
-//! endpoints with stored ones, and carries out the admin API's operations.
+//! The endpoints of the webhook sink: reconciled with the configuration at startup
+//! ([`reconcile`]), and managed through the admin API ([`Endpoints`]: create, update, disable
+//! and re-enable, delete, rotate secrets, list and replay deliveries). Each operation writes
+//! the outbox first, then the registry, and asks the dispatchers for a snapshot where an
+//! endpoint now lacks one.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use rand::SeedableRng as _;
 use rand::rngs::StdRng;
-use tokio::sync::{Notify, mpsc};
-use tokio::task::JoinSet;
-use tokio_util::sync::CancellationToken;
+use tokio::sync::Notify;
 use url::Url;
 
 use super::body::Mode;
 use super::config::{WebhookEndpointSettings, WebhookSettings, endpoint_headers};
-use super::dispatcher::{Committed, Dispatcher, NotCommitted, Resync};
+use super::dispatcher::{Resync, ResyncRoutes};
+use super::outbox::{
+    Delivery, DeliveryFilter, Disabled, EndpointRecord, EndpointStatus, Outbox, OutboxError,
+    Replay, Source,
+};
 use super::registry::{Endpoint, Registry};
 use super::sign::Secret;
-use super::worker::{ResyncRoutes, Worker, WorkerSettings};
 use crate::hub::Hub;
-use crate::outbox::{
-    Delivery, DeliveryFilter, Disabled, EndpointRecord, EndpointStatus, Outbox, OutboxError,
-    Replay, Source, unix_ms,
-};
 use crate::ssrf;
-
-/// How long a push waits for its change to be committed to the outbox before it is answered
-/// 503 (the dispatcher keeps retrying; see the README's push section).
-pub const COMMIT_WAIT: Duration = Duration::from_secs(10);
+use crate::time::unix_ms;
 
 /// Why an admin operation was refused or failed; each maps to one HTTP status.
 #[derive(Debug, thiserror::Error)]
@@ -44,17 +41,6 @@ pub enum AdminError {
     /// The outbox failed; nothing was changed, try again (503).
     #[error(transparent)]
     Storage(#[from] OutboxError),
-}
-
-/// Why the webhook sink could not start.
-#[derive(Debug, thiserror::Error)]
-pub enum StartError {
-    /// The outbox failed.
-    #[error(transparent)]
-    Outbox(#[from] OutboxError),
-    /// The HTTP client could not be built.
-    #[error(transparent)]
-    Client(#[from] super::worker::ClientError),
 }
 
 /// A new endpoint, as the admin API receives it.
@@ -90,19 +76,6 @@ pub struct EndpointChanges {
     pub disabled: Option<bool>,
 }
 
-/// The webhook sink.
-pub struct Webhooks {
-    outbox: Arc<dyn Outbox>,
-    registry: Arc<Registry>,
-    settings: WebhookSettings,
-    hub: Arc<Hub>,
-    resync: ResyncRoutes,
-    committed: HashMap<String, Committed>,
-    wake: Arc<Notify>,
-    worker: Arc<Worker>,
-    rng: Mutex<StdRng>,
-}
-
 fn record_of_config(
     settings: &WebhookEndpointSettings,
     existing: Option<&EndpointRecord>,
@@ -129,142 +102,104 @@ fn record_of_config(
     }
 }
 
-impl Webhooks {
-    /// Reconciles configured endpoints with the outbox, then spawns one dispatcher per hub
-    /// stream and the worker into `tasks`. The documents of `push_streams` are stored with
-    /// their changes.
-    #[allow(clippy::too_many_arguments)]
-    pub async fn start(
-        settings: &WebhookSettings,
-        outbox: Arc<dyn Outbox>,
-        hub: Arc<Hub>,
-        push_streams: &HashSet<String>,
-        user_agent: &str,
-        tasks: &mut JoinSet<()>,
-        shutdown: CancellationToken,
-        metrics: Arc<crate::metrics::Metrics>,
-    ) -> Result<Arc<Webhooks>, StartError> {
-        let now_ms = unix_ms(SystemTime::now());
-        let stored = outbox.endpoints().await?;
-        let stored_by_id: BTreeMap<&str, &(EndpointRecord, EndpointStatus)> =
-            stored.iter().map(|e| (e.0.id.as_str(), e)).collect();
-        for configured in &settings.endpoints {
-            let existing = stored_by_id.get(configured.id.as_str()).map(|e| &e.0);
-            let mut record = record_of_config(configured, existing, now_ms);
-            if record.previous_secret.is_some() && record.previous_expires_ms.is_none() {
-                record.previous_expires_ms = Some(now_ms.saturating_add(
-                    u64::try_from(settings.rotation_overlap.as_millis()).unwrap_or(u64::MAX),
-                ));
-            }
-            outbox.put_endpoint(record).await?;
-        }
-        for (record, status) in &stored {
-            let still_configured = settings.endpoints.iter().any(|e| e.id == record.id);
-            if record.source == Source::Config && !still_configured && status.disabled.is_none() {
-                let reason = "removed from the configuration (delete it with the admin API to \
-                              drop its deliveries)";
-                outbox
-                    .set_disabled(
-                        record.id.clone(),
-                        Some(Disabled {
-                            at_ms: now_ms,
-                            reason: reason.into(),
-                        }),
-                    )
-                    .await?;
-            }
-        }
-        let registry = Arc::new(Registry::new());
-        for (record, status) in outbox.endpoints().await? {
-            match Endpoint::new(record, status) {
-                Ok(endpoint) => {
-                    registry.put(endpoint);
-                }
-                Err(error) => tracing::error!(%error, "skipping a stored webhook endpoint"),
-            }
-        }
+/// A random id for an endpoint created through the API: `ep_` + 24 hex digits.
+fn endpoint_id(rng: &mut impl rand::RngCore) -> String {
+    let mut bytes = [0u8; 12];
+    rng.fill_bytes(&mut bytes);
+    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    format!("ep_{hex}")
+}
 
-        let wake = Arc::new(Notify::new());
-        let mut resync = ResyncRoutes::new();
-        let mut dispatchers = Vec::new();
-        let mut committed = HashMap::new();
-        for stream in hub.all() {
-            let (sender, requests) = mpsc::unbounded_channel();
-            resync.insert(stream.name().to_owned(), sender);
-            let keep_document = push_streams.contains(stream.name());
-            let dispatcher = Dispatcher::new(
-                stream.clone(),
-                outbox.clone(),
-                registry.clone(),
-                settings.backlog_limit,
-                wake.clone(),
-                requests,
-                keep_document,
-            );
-            committed.insert(stream.name().to_owned(), dispatcher.committed());
-            dispatchers.push(dispatcher);
+/// Brings the stored endpoints in line with the configuration at startup (a secret changed
+/// in the file starts a rotation; an endpoint removed from the file is disabled, its
+/// deliveries kept) and returns every stored endpoint that parses.
+pub async fn reconcile(
+    settings: &WebhookSettings,
+    outbox: &dyn Outbox,
+    now_ms: u64,
+) -> Result<Registry, OutboxError> {
+    let stored = outbox.endpoints().await?;
+    let stored_by_id: BTreeMap<&str, &(EndpointRecord, EndpointStatus)> =
+        stored.iter().map(|e| (e.0.id.as_str(), e)).collect();
+    for configured in &settings.endpoints {
+        let existing = stored_by_id.get(configured.id.as_str()).map(|e| &e.0);
+        let mut record = record_of_config(configured, existing, now_ms);
+        if record.previous_secret.is_some() && record.previous_expires_ms.is_none() {
+            record.previous_expires_ms = Some(now_ms.saturating_add(
+                u64::try_from(settings.rotation_overlap.as_millis()).unwrap_or(u64::MAX),
+            ));
         }
-        let worker = Arc::new(Worker::new(
-            outbox.clone(),
-            registry.clone(),
-            WorkerSettings {
-                schedule: settings.schedule.clone(),
-                attempt_timeout: settings.attempt_timeout,
-                disable_after: settings.disable_after,
-                per_endpoint: settings.max_concurrency_per_endpoint,
-                workers: settings.workers,
-                allow_private: settings.allow_private_targets,
-                retention: settings.retention,
-                user_agent: user_agent.to_owned(),
-            },
-            wake.clone(),
-            resync.clone(),
-            metrics,
-        )?);
-        for dispatcher in dispatchers {
-            tasks.spawn(dispatcher.run(shutdown.clone()));
+        outbox.put_endpoint(record).await?;
+    }
+    for (record, status) in &stored {
+        let still_configured = settings.endpoints.iter().any(|e| e.id == record.id);
+        if record.source == Source::Config && !still_configured && status.disabled.is_none() {
+            let reason = "removed from the configuration (delete it with the admin API to \
+                          drop its deliveries)";
+            outbox
+                .set_disabled(
+                    record.id.clone(),
+                    Some(Disabled {
+                        at_ms: now_ms,
+                        reason: reason.into(),
+                    }),
+                )
+                .await?;
         }
-        tasks.spawn(worker.clone().run(shutdown.clone()));
-        tracing::info!(
-            endpoints = registry.all().len(),
-            database = %settings.database.display(),
-            "webhooks started"
-        );
-        Ok(Arc::new(Webhooks {
+    }
+    let registry = Registry::new();
+    for (record, status) in outbox.endpoints().await? {
+        match Endpoint::new(record, status) {
+            Ok(endpoint) => {
+                registry.put(endpoint);
+            }
+            Err(error) => tracing::error!(%error, "skipping a stored webhook endpoint"),
+        }
+    }
+    Ok(registry)
+}
+
+/// The endpoints of the running sink, managed through the admin API: every change is written
+/// to the outbox, then to the registry the dispatchers and the worker read.
+pub struct Endpoints {
+    outbox: Arc<dyn Outbox>,
+    registry: Arc<Registry>,
+    settings: WebhookSettings,
+    hub: Arc<Hub>,
+    resync: ResyncRoutes,
+    wake: Arc<Notify>,
+    rng: Mutex<StdRng>,
+}
+
+impl Endpoints {
+    /// Manages the endpoints in `registry` (and `outbox`); `resync` reaches each stream's
+    /// dispatcher and `wake` the worker.
+    pub fn new(
+        outbox: Arc<dyn Outbox>,
+        registry: Arc<Registry>,
+        settings: WebhookSettings,
+        hub: Arc<Hub>,
+        resync: ResyncRoutes,
+        wake: Arc<Notify>,
+    ) -> Self {
+        Endpoints {
             outbox,
             registry,
-            settings: settings.clone(),
+            settings,
             hub,
             resync,
-            committed,
             wake,
-            worker,
             rng: Mutex::new(StdRng::from_os_rng()),
-        }))
-    }
-
-    /// Waits until every change of `stream` up to `seq` is committed to the outbox (its
-    /// deliveries queued for every enabled endpoint, a push stream's document stored), at
-    /// most [`COMMIT_WAIT`]. A stream the sink does not know has nothing to wait for.
-    pub async fn committed(&self, stream: &str, seq: u64) -> Result<(), NotCommitted> {
-        match self.committed.get(stream) {
-            Some(committed) => committed.reached(seq, COMMIT_WAIT).await,
-            None => Ok(()),
         }
     }
 
-    /// The delivery worker (tests drive it with `try_step`).
-    pub fn worker(&self) -> &Arc<Worker> {
-        &self.worker
-    }
-
-    /// Every endpoint.
-    pub fn endpoints(&self) -> Vec<Arc<Endpoint>> {
+    /// Every endpoint, ordered by id.
+    pub fn all(&self) -> Vec<Arc<Endpoint>> {
         self.registry.all()
     }
 
     /// One endpoint.
-    pub fn endpoint(&self, id: &str) -> Result<Arc<Endpoint>, AdminError> {
+    pub fn get(&self, id: &str) -> Result<Arc<Endpoint>, AdminError> {
         self.registry
             .get(id)
             .ok_or_else(|| AdminError::NotFound(format!("no webhook endpoint {id:?}")))
@@ -344,9 +279,7 @@ impl Webhooks {
             }
             None => Secret::generate(&mut *self.rng.lock().unwrap_or_else(|e| e.into_inner())),
         };
-        let id = crate::outbox::sqlite::endpoint_id(
-            &mut *self.rng.lock().unwrap_or_else(|e| e.into_inner()),
-        );
+        let id = endpoint_id(&mut *self.rng.lock().unwrap_or_else(|e| e.into_inner()));
         let record = EndpointRecord {
             id,
             url: url.to_string(),
@@ -371,7 +304,7 @@ impl Webhooks {
         id: &str,
         changes: EndpointChanges,
     ) -> Result<Arc<Endpoint>, AdminError> {
-        let current = self.endpoint(id)?;
+        let current = self.get(id)?;
         let redefines = changes.url.is_some()
             || changes.streams.is_some()
             || changes.mode.is_some()
@@ -430,7 +363,7 @@ impl Webhooks {
 
     /// Deletes an endpoint created through the API, with its deliveries.
     pub async fn delete(&self, id: &str) -> Result<(), AdminError> {
-        let current = self.endpoint(id)?;
+        let current = self.get(id)?;
         if current.record.source == Source::Config
             && self.settings.endpoints.iter().any(|e| e.id == id)
         {
@@ -446,7 +379,7 @@ impl Webhooks {
     /// Rotates an endpoint's secret: the new one (given, or generated) signs from now on, and
     /// the old one also signs for `webhooks.rotation_overlap`. Returns the new secret.
     pub async fn rotate(&self, id: &str, secret: Option<String>) -> Result<String, AdminError> {
-        let current = self.endpoint(id)?;
+        let current = self.get(id)?;
         if current.record.source == Source::Config {
             return Err(AdminError::Conflict(format!(
                 "endpoint {id:?} is declared in the configuration file; change its secret there \
@@ -477,13 +410,13 @@ impl Webhooks {
         id: &str,
         filter: DeliveryFilter,
     ) -> Result<Vec<Delivery>, AdminError> {
-        self.endpoint(id)?;
+        self.get(id)?;
         Ok(self.outbox.deliveries(id.to_owned(), filter).await?)
     }
 
     /// Queues deliveries again; returns how many.
     pub async fn replay(&self, id: &str, which: Replay) -> Result<usize, AdminError> {
-        self.endpoint(id)?;
+        self.get(id)?;
         let count = self
             .outbox
             .replay(id.to_owned(), which, unix_ms(SystemTime::now()))
