@@ -41,3 +41,4 @@ pub mod sinks;
 pub mod snapshot;
 pub mod ssrf;
 pub mod upstream;
+pub mod wire;

@@ -223,7 +223,7 @@ async fn stream(
     let options = SseOptions {
         retry: state.retry_hint,
         gzip: sse::accepts_gzip(&headers),
-        dialect: sse::Dialect::Native,
+        dialect: crate::wire::Dialect::Native,
     };
     sse::response(subscription, options)
 }

@@ -11,7 +11,8 @@ use tokio::sync::broadcast::error::RecvError;
 use super::{AppState, error_response, snapshot_json};
 use crate::proxy::target::TOKEN_PARAM;
 use crate::proxy::{Opened, Refusal};
-use crate::sinks::sse::{self, Dialect, SseOptions};
+use crate::sinks::sse::{self, SseOptions};
+use crate::wire::Dialect;
 
 /// The response header naming the dynamic stream a request was subscribed to.
 pub const STREAM_HEADER: &str = "x-patchwire-stream";
@@ -22,9 +23,9 @@ pub const STREAM_HEADER: &str = "x-patchwire-stream";
 pub async fn dynamic(state: Arc<AppState>, uri: Uri, headers: HeaderMap) -> Response {
     let json = sse::wants_json(&headers);
     let Some(proxy) = &state.proxy else {
-        return refused(&Refusal::Disabled, json, Dialect::streamdata(true));
+        return refused(&Refusal::Disabled, json, sse::streamdata_dialect(true));
     };
-    let dialect = Dialect::streamdata(proxy.settings().ascii_only);
+    let dialect = sse::streamdata_dialect(proxy.settings().ascii_only);
     let opened = match proxy.open(uri.path(), uri.query(), &headers).await {
         Ok(opened) => opened,
         Err(refusal) => return refused(&refusal, json, dialect),

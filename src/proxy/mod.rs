@@ -129,6 +129,15 @@ impl Refusal {
         }
     }
 
+    /// What the client is told: status, cause and message.
+    pub fn to_wire(&self) -> crate::wire::Refusal {
+        crate::wire::Refusal {
+            status: self.status(),
+            cause: self.cause(),
+            message: self.to_string(),
+        }
+    }
+
     /// The machine-readable `cause` sent with the error.
     pub fn cause(&self) -> &'static str {
         match self {

@@ -5,14 +5,11 @@
 //! inside the shared `Change`. A subscriber that falls more than the buffer behind gets the
 //! current snapshot (a resync) and continues from there.
 
-pub mod frame;
 pub mod native;
-
-pub use frame::EncodedEvent;
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
-use std::sync::{Arc, LazyLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
@@ -25,9 +22,8 @@ use crate::hub::{
     Change, Initial, Recovery, Resume, Stream, StreamEvent, Subscription, UpstreamFailure,
 };
 use crate::snapshot::Snapshot;
-
-static KEEP_ALIVE: LazyLock<EncodedEvent> =
-    LazyLock::new(|| EncodedEvent::new(frame::comment("keep-alive")));
+use crate::wire::gzip::{self, GzipTrailer};
+use crate::wire::{self, Dialect, Frame, streamdata};
 
 /// How SSE responses are written.
 #[derive(Debug, Clone, Copy)]
@@ -40,80 +36,47 @@ pub struct SseOptions {
     pub dialect: Dialect,
 }
 
-/// The event vocabulary of a subscription: two views of the same stream.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Dialect {
-    /// patchwire's own: `snapshot`, `patch`, `error`; `Last-Event-ID` replays missed patches.
-    Native,
-    /// Streamdata.io's: `data` (the whole document, first on every connection), `patch`
-    /// (`add`/`remove`/`replace` only) and `error` as `{status, message, cause, timestamp,
-    /// sessionId}`. A reconnection starts with `data` again, as those SDKs expect.
-    Streamdata {
-        /// This connection's session id, reported in its `error` events.
-        session: u64,
-        /// Event data escapes every non-ASCII character as `\uXXXX` (`proxy.ascii_only`).
-        ascii_only: bool,
-    },
-}
-
-impl Dialect {
-    /// A Streamdata.io dialect with a fresh random session id; `ascii_only` as
-    /// `proxy.ascii_only` says.
-    pub fn streamdata(ascii_only: bool) -> Dialect {
-        Dialect::Streamdata {
-            session: rand::random(),
-            ascii_only,
-        }
+/// A Streamdata.io dialect with a fresh random session id; `ascii_only` as `proxy.ascii_only`
+/// says.
+pub fn streamdata_dialect(ascii_only: bool) -> Dialect {
+    Dialect::Streamdata {
+        session: rand::random(),
+        ascii_only,
     }
 }
 
-/// The Streamdata.io `data` event of `snapshot` on `stream`, framed once and shared (one
-/// framing per `ascii_only` value).
-pub fn data_event<'a>(
-    stream: &Stream,
-    snapshot: &'a Snapshot,
-    ascii_only: bool,
-) -> &'a EncodedEvent {
-    snapshot.streamdata[usize::from(ascii_only)].get_or_init(|| {
-        let id = stream.event_id(snapshot.seq).to_string();
-        EncodedEvent::new(streamdata_frame(&id, "data", &snapshot.json, ascii_only))
-    })
-}
-
-/// A Streamdata.io event: `data` is JSON, escaped to ASCII when `ascii_only`.
-pub fn streamdata_frame(id: &str, name: &str, data: &[u8], ascii_only: bool) -> bytes::Bytes {
-    if ascii_only {
-        frame::event(Some(id), name, &frame::ascii_json(data))
-    } else {
-        frame::event(Some(id), name, data)
+/// `change` as an event of `dialect`, framed once (on first use) and shared.
+pub fn change_frame(change: &Change, dialect: Dialect) -> &Frame {
+    match dialect {
+        Dialect::Native => change.frames.native(|| {
+            wire::native::change(&change.id().to_string(), change.kind, &change.payload)
+        }),
+        Dialect::Streamdata { ascii_only, .. } => change.frames.streamdata(ascii_only, || {
+            let id = change.id().to_string();
+            streamdata::change(&id, change.kind, &change.payload, ascii_only)
+        }),
     }
 }
 
-/// The body of a Streamdata.io `error` event.
-pub fn streamdata_error(
-    status: u16,
-    message: &str,
-    cause: &str,
-    at: std::time::SystemTime,
-    session: u64,
-) -> serde_json::Value {
-    let timestamp = at
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64);
-    serde_json::json!({
-        "status": status,
-        "message": message,
-        "cause": cause,
-        "timestamp": timestamp,
-        "sessionId": format!("{session:016x}"),
-    })
+/// `snapshot` of `stream` as an event of `dialect` (`snapshot`, or Streamdata.io's `data`),
+/// framed once (on first use) and shared.
+pub fn snapshot_frame<'a>(stream: &Stream, snapshot: &'a Snapshot, dialect: Dialect) -> &'a Frame {
+    let id = || stream.event_id(snapshot.seq).to_string();
+    match dialect {
+        Dialect::Native => snapshot
+            .frames
+            .native(|| wire::native::snapshot(&id(), &snapshot.json)),
+        Dialect::Streamdata { ascii_only, .. } => snapshot.frames.streamdata(ascii_only, || {
+            streamdata::data(&id(), &snapshot.json, ascii_only)
+        }),
+    }
 }
 
-/// The SSE `snapshot` event of `snapshot` on `stream`, framed once and shared.
-pub fn snapshot_event<'a>(stream: &Stream, snapshot: &'a Snapshot) -> &'a EncodedEvent {
-    snapshot.sse.get_or_init(|| {
-        let id = stream.event_id(snapshot.seq).to_string();
-        EncodedEvent::new(frame::event(Some(&id), "snapshot", &snapshot.json))
+/// The native `recovered` event of `recovery` on `stream`, framed once (on first use).
+pub fn recovery_frame<'a>(stream: &Stream, recovery: &'a Recovery) -> &'a Frame {
+    recovery.frames.native(|| {
+        let id = stream.event_id(recovery.seq).to_string();
+        wire::native::recovered(&id, recovery.since, recovery.failures, recovery.at)
     })
 }
 
@@ -204,7 +167,7 @@ pub(crate) struct Writer {
     stream: Arc<Stream>,
     pending: VecDeque<Bytes>,
     seq: u64,
-    gzip: Option<frame::GzipTrailer>,
+    gzip: Option<GzipTrailer>,
     sent: Counter,
     resyncs: Counter,
     dialect: Dialect,
@@ -224,7 +187,7 @@ impl Writer {
             seq: subscription.seq,
             stream,
             pending: VecDeque::new(),
-            gzip: options.gzip.then(frame::GzipTrailer::default),
+            gzip: options.gzip.then(GzipTrailer::default),
             sent: metrics.events_sent.get_or_create(&labels).clone(),
             resyncs: metrics.resyncs.get_or_create(&labels).clone(),
             dialect: options.dialect,
@@ -235,9 +198,9 @@ impl Writer {
         if options.gzip {
             writer
                 .pending
-                .push_back(Bytes::from_static(&frame::GZIP_HEADER));
+                .push_back(Bytes::from_static(&gzip::GZIP_HEADER));
         }
-        writer.push(&EncodedEvent::new(frame::retry(
+        writer.push(&Frame::new(wire::sse::retry(
             options.retry.as_millis() as u64
         )));
         for item in initial {
@@ -260,7 +223,7 @@ impl Writer {
         self.done && self.pending.is_empty()
     }
 
-    fn push(&mut self, event: &EncodedEvent) {
+    fn push(&mut self, event: &Frame) {
         match &mut self.gzip {
             Some(trailer) => {
                 let deflated = event.deflated();
@@ -271,50 +234,54 @@ impl Writer {
         }
     }
 
-    fn push_counted(&mut self, event: &EncodedEvent) {
+    fn push_counted(&mut self, event: &Frame) {
         self.push(event);
         self.sent.inc();
     }
 
     fn push_snapshot(&mut self, snapshot: &Snapshot) {
         let stream = self.stream.clone();
-        match self.dialect {
-            Dialect::Native => self.push_counted(snapshot_event(&stream, snapshot)),
-            Dialect::Streamdata { ascii_only, .. } => {
-                self.push_counted(data_event(&stream, snapshot, ascii_only))
-            }
-        }
+        self.push_counted(snapshot_frame(&stream, snapshot, self.dialect));
         self.seq = snapshot.seq;
     }
 
     fn push_change(&mut self, change: &Change) {
-        match self.dialect {
-            Dialect::Native => self.push_counted(&change.sse),
-            Dialect::Streamdata { ascii_only, .. } => {
-                self.push_counted(change.streamdata_event(ascii_only))
-            }
-        }
+        self.push_counted(change_frame(change, self.dialect));
     }
 
     fn push_failure(&mut self, failure: &UpstreamFailure) {
         self.failing = true;
         match self.dialect {
-            Dialect::Native => self.push_counted(&failure.sse),
+            Dialect::Native => {
+                let frame = failure.frames.native(|| {
+                    let id = self.stream.event_id(failure.seq).to_string();
+                    wire::native::error(
+                        &id,
+                        failure.status,
+                        &failure.message,
+                        failure.cause,
+                        failure.at,
+                        failure.retry_in,
+                    )
+                });
+                self.push_counted(frame);
+            }
             Dialect::Streamdata {
                 session,
                 ascii_only,
             } => {
                 // Per connection (it names the session); failures are rare.
-                let body = streamdata_error(
+                let id = self.stream.event_id(failure.seq).to_string();
+                let frame = streamdata::error(
+                    &id,
                     failure.status,
                     &failure.message,
                     failure.cause,
                     failure.at,
                     session,
+                    ascii_only,
                 );
-                let id = self.stream.event_id(failure.seq).to_string();
-                let frame = streamdata_frame(&id, "error", body.to_string().as_bytes(), ascii_only);
-                self.push_counted(&EncodedEvent::new(frame));
+                self.push_counted(&Frame::new(frame));
             }
         }
     }
@@ -326,7 +293,10 @@ impl Writer {
             return;
         }
         match self.dialect {
-            Dialect::Native => self.push_counted(&recovery.sse),
+            Dialect::Native => {
+                let stream = self.stream.clone();
+                self.push_counted(recovery_frame(&stream, recovery));
+            }
             Dialect::Streamdata { .. } => {}
         }
     }
@@ -348,7 +318,7 @@ impl Writer {
             }
             Ok(StreamEvent::Failure(failure)) => self.push_failure(&failure),
             Ok(StreamEvent::Recovered(recovery)) => self.push_recovery(&recovery),
-            Ok(StreamEvent::KeepAlive) => self.push(&KEEP_ALIVE),
+            Ok(StreamEvent::KeepAlive) => self.push(&wire::sse::KEEP_ALIVE),
             Err(RecvError::Lagged(_)) => {
                 self.resyncs.inc();
                 if let Some(snapshot) = self.stream.snapshot() {
@@ -399,35 +369,12 @@ fn events(
 }
 
 /// How long a refused client is asked to wait before reconnecting.
-pub const REFUSAL_RETRY: Duration = Duration::from_secs(30);
+pub const REFUSAL_RETRY: Duration = streamdata::REFUSAL_RETRY;
 
-/// The SSE body that only says why a request was refused: `retry:` (long: the client should
-/// not hammer), then one `error` event. For clients such as Streamdata.io's SDKs, which drop
-/// non-200 responses without telling their user why.
+/// The SSE body that only says why a request was refused (see
+/// [`streamdata::refusal_body`]).
 pub fn refusal_body(refusal: &crate::proxy::Refusal, dialect: Dialect) -> Vec<u8> {
-    let (session, ascii_only) = match dialect {
-        Dialect::Streamdata {
-            session,
-            ascii_only,
-        } => (session, ascii_only),
-        Dialect::Native => (0, false),
-    };
-    let error = streamdata_error(
-        refusal.status(),
-        &refusal.to_string(),
-        refusal.cause(),
-        std::time::SystemTime::now(),
-        session,
-    );
-    let mut body = frame::retry(REFUSAL_RETRY.as_millis() as u64).to_vec();
-    let error = error.to_string();
-    let error = if ascii_only {
-        frame::ascii_json(error.as_bytes())
-    } else {
-        std::borrow::Cow::Borrowed(error.as_bytes())
-    };
-    body.extend_from_slice(&frame::event(None, "error", &error));
-    body
+    streamdata::refusal_body(&refusal.to_wire(), dialect, std::time::SystemTime::now())
 }
 
 /// The whole SSE response of a refusal (see [`refusal_body`]).

@@ -21,11 +21,12 @@ use http::{HeaderMap, HeaderName, HeaderValue, header};
 use prometheus_client::metrics::counter::Counter;
 use tokio::net::TcpStream;
 
-use super::{Dialect, SseOptions, Writer, accepts_gzip, resume_point, wants_json};
+use super::{SseOptions, Writer, accepts_gzip, resume_point, wants_json};
 use crate::config::Cors;
 use crate::hub::Hub;
 use crate::proxy::Proxy;
 use crate::proxy::target::{TOKEN_PARAM, is_dynamic_path};
+use crate::wire::Dialect;
 
 /// Headers a request head may have for the native path to consider it (more go to hyper).
 const MAX_HEADERS: usize = 48;
@@ -189,7 +190,7 @@ impl NativeSse {
         if !is_dynamic_path(path) || wants_json(headers) {
             return None;
         }
-        let dialect = Dialect::streamdata(proxy.settings().ascii_only);
+        let dialect = super::streamdata_dialect(proxy.settings().ascii_only);
         let allow_origin = self.allow_origin(headers);
         match proxy.open(path, query, headers).await {
             Ok(opened) => {
