@@ -12,6 +12,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::api::push::PushAuth;
+use crate::api::subscribe::Subscriptions;
 use crate::api::{self, AppState, UpstreamStatus};
 use crate::config::Config;
 use crate::hub::{Hub, Stream, StreamOptions};
@@ -22,7 +23,6 @@ use crate::proxy::Proxy;
 use crate::proxy::streams::DynamicStreams;
 use crate::redact::Redacted;
 use crate::sim;
-use crate::sinks::sse::native::NativeSse;
 use crate::sinks::webhook::service::Webhooks;
 use crate::snapshot::{Snapshot, SnapshotStore};
 use crate::upstream::fetch::Fetcher;
@@ -307,7 +307,6 @@ pub async fn run(
         push,
         push_max_body,
         body_timeout: config.server.body_timeout,
-        retry_hint: config.server.retry_hint,
         webhooks,
         admin_token: config.webhooks.as_ref().and_then(|w| w.admin_token.clone()),
         proxy: proxy.clone(),
@@ -332,18 +331,21 @@ pub async fn run(
         streams = config.streams.len() + config.push_streams.len(),
         "patchwire is serving"
     );
-    let native = Arc::new(NativeSse {
-        hub: hub.clone(),
-        retry: config.server.retry_hint,
-        cors: config.server.cors.clone(),
-        stall_timeout: config.server.stall_timeout,
+    let subscriptions = Arc::new(Subscriptions::new(
+        hub.clone(),
+        proxy.clone(),
+        config.server.retry_hint,
+        config.server.cors.clone(),
+    ));
+    let stall = api::server::Stall {
+        timeout: config.server.stall_timeout,
         stalled: metrics.stalled_connections.clone(),
-        proxy: proxy.clone(),
-    });
+    };
     api::server::serve(
         listeners.api,
         router,
-        native,
+        subscriptions,
+        stall,
         api::server::ServeOptions {
             shutdown_grace: config.server.shutdown_grace,
             header_timeout: config.server.header_timeout,

@@ -5,6 +5,7 @@ pub mod body;
 pub mod proxy;
 pub mod push;
 pub mod server;
+pub mod subscribe;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -12,18 +13,16 @@ use std::time::{Duration, SystemTime};
 
 use axum::Router;
 use axum::body::Body;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use http::{HeaderMap, HeaderValue, Method, StatusCode, header};
-use serde::Deserialize;
 use serde_json::{Value, json};
 use tower_http::cors::{AllowOrigin, CorsLayer};
 
 use crate::config::Cors;
 use crate::hub::{Hub, Stream};
 use crate::metrics::Metrics;
-use crate::sinks::sse::{self, SseOptions};
 
 /// Describes a stream's upstream for the `/streams` listing (implemented by pollers).
 pub trait UpstreamStatus: Send + Sync {
@@ -47,8 +46,6 @@ pub struct AppState {
     pub push_max_body: usize,
     /// How long a request body may take to arrive (`server.body_timeout`).
     pub body_timeout: Duration,
-    /// The `retry:` hint for SSE clients.
-    pub retry_hint: Duration,
     /// The webhook sink, when `[webhooks]` is configured (served by the admin API).
     pub webhooks: Option<Arc<crate::sinks::webhook::service::Webhooks>>,
     /// The admin API's bearer token; `None` disables the admin API.
@@ -111,13 +108,18 @@ fn cors_layer(cors: &Cors) -> Option<CorsLayer> {
     )
 }
 
-/// A JSON error body: `{"status": ..., "message": ...}`.
+/// A JSON error response: `{"status": ..., "message": ...}`.
 pub fn error_response(status: StatusCode, message: impl Into<String>) -> Response {
-    let body = json!({"status": status.as_u16(), "message": message.into()});
-    (status, axum::Json(body)).into_response()
+    (status, axum::Json(error_body(status, &message.into()))).into_response()
 }
 
-/// Dynamic streams (`/https://…`), else 404.
+/// The body of a JSON error.
+pub(crate) fn error_body(status: StatusCode, message: &str) -> Value {
+    json!({"status": status.as_u16(), "message": message})
+}
+
+/// Dynamic streams asked for as JSON (`/https://…`), else 404. (Their subscriptions are
+/// decided before the router, by `subscribe`.)
 async fn fallback(
     State(state): State<Arc<AppState>>,
     method: Method,
@@ -125,7 +127,7 @@ async fn fallback(
     headers: HeaderMap,
 ) -> Response {
     if crate::proxy::target::is_dynamic_path(uri.path()) && method == Method::GET {
-        return proxy::dynamic(state, uri, headers).await;
+        return proxy::dynamic_json(state, uri, headers).await;
     }
     error_response(
         StatusCode::NOT_FOUND,
@@ -187,27 +189,16 @@ async fn list_streams(State(state): State<Arc<AppState>>) -> Response {
     axum::Json(json!({ "streams": streams, "dynamic": dynamic })).into_response()
 }
 
-#[derive(Debug, Deserialize)]
-struct StreamQuery {
-    #[serde(rename = "lastEventId")]
-    last_event_id: Option<String>,
-}
-
+/// `GET /streams/{name}` as JSON, or of a stream that does not exist. (Its subscriptions are
+/// decided before the router, by `subscribe`.)
 async fn stream(
     State(state): State<Arc<AppState>>,
     Path(name): Path<String>,
-    Query(query): Query<StreamQuery>,
     uri: http::Uri,
     headers: HeaderMap,
 ) -> Response {
     if name.starts_with('~') {
-        return proxy::native_view(
-            &state,
-            &name,
-            uri.query(),
-            query.last_event_id.as_deref(),
-            &headers,
-        );
+        return proxy::view_json(&state, &name, uri.query(), &headers);
     }
     let Some(stream) = state.hub.get(&name) else {
         return error_response(
@@ -215,17 +206,7 @@ async fn stream(
             format!("no stream named {name:?}; GET /streams lists them"),
         );
     };
-    if sse::wants_json(&headers) {
-        return snapshot_json(&stream, &headers);
-    }
-    let resume = sse::resume_point(&headers, query.last_event_id.as_deref());
-    let subscription = stream.subscribe(&resume);
-    let options = SseOptions {
-        retry: state.retry_hint,
-        gzip: sse::accepts_gzip(&headers),
-        dialect: crate::wire::Dialect::Native,
-    };
-    sse::response(subscription, options)
+    snapshot_json(&stream, &headers)
 }
 
 /// `GET /streams/{name}` with `Accept: application/json`: the current document once, with an
@@ -246,7 +227,7 @@ pub(crate) fn snapshot_json(stream: &Stream, headers: &HeaderMap) -> Response {
     // tag names the same document version, so either revalidates.
     let plain_etag = format!("\"{}-{}\"", stream.epoch(), snapshot.seq);
     let gzip_etag = format!("\"{}-{}+gzip\"", stream.epoch(), snapshot.seq);
-    let gzip = sse::accepts_gzip(headers);
+    let gzip = subscribe::accepts_gzip(headers);
     let etag = if gzip { &gzip_etag } else { &plain_etag };
     let matches = headers
         .get_all(header::IF_NONE_MATCH)

@@ -1,11 +1,14 @@
-//! The SSE endpoint: `GET /streams/{name}`, snapshot then patches, resumable with `Last-Event-ID`.
+//! The SSE sink: one subscriber's events, snapshot then patches, resumable with
+//! `Last-Event-ID`, in either dialect.
 //!
-//! Each response body is a small state machine over the stream's broadcast receiver. It never
-//! serializes anything per subscriber: events arrive framed (and deflated, for gzip clients)
-//! inside the shared `Change`. A subscriber that falls more than the buffer behind gets the
-//! current snapshot (a resync) and continues from there.
-
-pub mod native;
+//! A [`Writer`] is a small state machine over the stream's broadcast receiver, turning events
+//! into the bytes a subscriber is owed; both transports send them (`api::server`'s direct
+//! path straight to the socket, [`body`] through hyper). It never serializes anything per
+//! subscriber: it frames each event once, in the event's own [`crate::wire::Frames`], and
+//! every subscriber shares the bytes (deflated once, for gzip clients). A subscriber that falls
+//! more than the buffer behind gets the current snapshot (a resync) and continues from there.
+//! What a request subscribes to, and the response's headers, are decided above
+//! (`api::subscribe`): this module knows neither the proxy mode nor the configuration.
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
@@ -14,13 +17,10 @@ use std::time::Duration;
 
 use axum::body::Body;
 use bytes::Bytes;
-use http::{HeaderMap, HeaderValue, Response, StatusCode, header};
 use prometheus_client::metrics::counter::Counter;
 use tokio::sync::broadcast::error::RecvError;
 
-use crate::hub::{
-    Change, Initial, Recovery, Resume, Stream, StreamEvent, Subscription, UpstreamFailure,
-};
+use crate::hub::{Change, Initial, Recovery, Stream, StreamEvent, Subscription, UpstreamFailure};
 use crate::snapshot::Snapshot;
 use crate::wire::gzip::{self, GzipTrailer};
 use crate::wire::{self, Dialect, Frame, streamdata};
@@ -34,15 +34,6 @@ pub struct SseOptions {
     pub gzip: bool,
     /// Which event names and error shape the client expects.
     pub dialect: Dialect,
-}
-
-/// A Streamdata.io dialect with a fresh random session id; `ascii_only` as `proxy.ascii_only`
-/// says.
-pub fn streamdata_dialect(ascii_only: bool) -> Dialect {
-    Dialect::Streamdata {
-        session: rand::random(),
-        ascii_only,
-    }
 }
 
 /// `change` as an event of `dialect`, framed once (on first use) and shared.
@@ -80,87 +71,7 @@ pub fn recovery_frame<'a>(stream: &Stream, recovery: &'a Recovery) -> &'a Frame 
     })
 }
 
-/// The `Last-Event-ID` to resume from: the header, else the `lastEventId` query parameter
-/// (for clients such as browsers' first connection that cannot set headers).
-pub fn resume_point(headers: &HeaderMap, query_last_event_id: Option<&str>) -> Resume {
-    let header = headers
-        .get("last-event-id")
-        .and_then(|v| v.to_str().ok())
-        .map(str::trim)
-        .filter(|s| !s.is_empty());
-    match header.or(query_last_event_id.map(str::trim).filter(|s| !s.is_empty())) {
-        Some(id) => Resume::After(id.to_owned()),
-        None => Resume::Fresh,
-    }
-}
-
-/// Whether the client accepts gzip (`Accept-Encoding` lists it with a non-zero q-value).
-pub fn accepts_gzip(headers: &HeaderMap) -> bool {
-    headers
-        .get_all(header::ACCEPT_ENCODING)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|item| {
-            let mut parts = item.split(';').map(str::trim);
-            let coding = parts.next().unwrap_or("");
-            let q_zero = parts.any(|p| {
-                p.strip_prefix("q=")
-                    .and_then(|q| q.trim().parse::<f32>().ok())
-                    .is_some_and(|q| q <= 0.0)
-            });
-            (coding.eq_ignore_ascii_case("gzip") || coding.eq_ignore_ascii_case("x-gzip"))
-                && !q_zero
-        })
-}
-
-/// Whether the client asked for the current document as plain JSON rather than a stream.
-pub fn wants_json(headers: &HeaderMap) -> bool {
-    let accept = headers
-        .get_all(header::ACCEPT)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .collect::<Vec<_>>()
-        .join(",");
-    let has = |media: &str| {
-        accept.split(',').any(|item| {
-            item.split(';')
-                .next()
-                .is_some_and(|m| m.trim().eq_ignore_ascii_case(media))
-        })
-    };
-    has("application/json") && !has("text/event-stream")
-}
-
-/// The complete SSE response for a subscription.
-pub fn response(subscription: Subscription, options: SseOptions) -> Response<Body> {
-    response_holding(subscription, options, ())
-}
-
-/// The complete SSE response for a subscription, keeping `hold` alive (e.g. a connection
-/// slot) until the response body is dropped.
-pub fn response_holding(
-    subscription: Subscription,
-    options: SseOptions,
-    hold: impl Send + 'static,
-) -> Response<Body> {
-    let mut builder = Response::builder()
-        .status(StatusCode::OK)
-        .header(header::CONTENT_TYPE, "text/event-stream")
-        .header(header::CACHE_CONTROL, "no-cache")
-        .header(header::VARY, "accept-encoding")
-        // Tell nginx-style reverse proxies not to buffer the stream.
-        .header("x-accel-buffering", HeaderValue::from_static("no"));
-    if options.gzip {
-        builder = builder.header(header::CONTENT_ENCODING, "gzip");
-    }
-    let body = Body::from_stream(events(subscription, options, hold));
-    builder
-        .body(body)
-        .unwrap_or_else(|_| Response::new(Body::empty()))
-}
-
-/// One subscriber's position in its stream and the bytes it is owed: what both the native
+/// One subscriber's position in its stream and the bytes it is owed: what both the direct
 /// path and the hyper body send. Transport-agnostic: it only turns events into shared `Bytes`.
 pub(crate) struct Writer {
     subscription: Subscription,
@@ -346,7 +257,12 @@ impl Writer {
     }
 }
 
-/// The hyper body: `retry:`, the initial events, then live events until the stream closes.
+/// The hyper body of a subscription: `retry:`, the initial events, then live events until the
+/// stream closes, keeping `hold` alive (e.g. a connection slot) until the body is dropped.
+pub fn body(subscription: Subscription, options: SseOptions, hold: impl Send + 'static) -> Body {
+    Body::from_stream(events(subscription, options, hold))
+}
+
 fn events(
     subscription: Subscription,
     options: SseOptions,
@@ -368,29 +284,10 @@ fn events(
     )
 }
 
-/// How long a refused client is asked to wait before reconnecting.
-pub const REFUSAL_RETRY: Duration = streamdata::REFUSAL_RETRY;
-
-/// The SSE body that only says why a request was refused (see
-/// [`streamdata::refusal_body`]).
-pub fn refusal_body(refusal: &crate::proxy::Refusal, dialect: Dialect) -> Vec<u8> {
-    streamdata::refusal_body(&refusal.to_wire(), dialect, std::time::SystemTime::now())
-}
-
-/// The whole SSE response of a refusal (see [`refusal_body`]).
-pub fn refusal(refusal: &crate::proxy::Refusal, dialect: Dialect) -> Response<Body> {
-    let body = refusal_body(refusal, dialect);
-    Response::builder()
-        .status(StatusCode::OK)
-        .header(header::CONTENT_TYPE, "text/event-stream")
-        .header(header::CACHE_CONTROL, "no-cache")
-        .body(Body::from(body))
-        .unwrap_or_else(|_| Response::new(Body::empty()))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::hub::Resume;
 
     fn stream(buffer: usize) -> Arc<Stream> {
         let s = Arc::new(Stream::new(
@@ -479,53 +376,5 @@ mod tests {
         }
         w.next_live().await;
         assert_eq!(owed(&mut w), ["snapshot", "recovered"]);
-    }
-
-    #[test]
-    fn resume_point_prefers_the_header() {
-        let mut h = HeaderMap::new();
-        assert_eq!(resume_point(&h, None), Resume::Fresh);
-        assert_eq!(
-            resume_point(&h, Some("s:1:2")),
-            Resume::After("s:1:2".into())
-        );
-        h.insert("last-event-id", HeaderValue::from_static("s:1:3"));
-        assert_eq!(
-            resume_point(&h, Some("s:1:2")),
-            Resume::After("s:1:3".into())
-        );
-        h.insert("last-event-id", HeaderValue::from_static("  "));
-        assert_eq!(resume_point(&h, None), Resume::Fresh);
-    }
-
-    #[test]
-    fn accept_negotiation() {
-        let with = |v: &'static str| {
-            let mut h = HeaderMap::new();
-            h.insert(header::ACCEPT, HeaderValue::from_static(v));
-            wants_json(&h)
-        };
-        assert!(with("application/json"));
-        assert!(with("application/json; charset=utf-8"));
-        assert!(!with("text/event-stream"));
-        assert!(!with("*/*"));
-        assert!(!with("text/event-stream, application/json"));
-        assert!(!wants_json(&HeaderMap::new()));
-    }
-
-    #[test]
-    fn gzip_negotiation() {
-        let with = |v: &'static str| {
-            let mut h = HeaderMap::new();
-            h.insert(header::ACCEPT_ENCODING, HeaderValue::from_static(v));
-            accepts_gzip(&h)
-        };
-        assert!(with("gzip"));
-        assert!(with("br, gzip;q=0.5"));
-        assert!(with("GZIP"));
-        assert!(!with("gzip;q=0"));
-        assert!(!with("br, deflate"));
-        assert!(!with("identity"));
-        assert!(!accepts_gzip(&HeaderMap::new()));
     }
 }
