@@ -2,6 +2,7 @@
 
 pub mod admin;
 pub mod body;
+pub mod listing;
 pub mod proxy;
 pub mod push;
 pub mod server;
@@ -9,7 +10,7 @@ pub mod subscribe;
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use axum::Router;
 use axum::body::Body;
@@ -23,12 +24,7 @@ use tower_http::cors::{AllowOrigin, CorsLayer};
 use crate::config::Cors;
 use crate::hub::{Hub, Stream};
 use crate::metrics::Metrics;
-
-/// Describes a stream's upstream for the `/streams` listing (implemented by pollers).
-pub trait UpstreamStatus: Send + Sync {
-    /// A JSON object describing the upstream and its last polls.
-    fn describe(&self) -> Value;
-}
+use listing::PolledUpstream;
 
 /// What every handler can reach.
 pub struct AppState {
@@ -39,7 +35,7 @@ pub struct AppState {
     /// The current snapshots (their total size is exported at each scrape).
     pub snapshots: crate::snapshot::SnapshotStore,
     /// Upstream status per stream name.
-    pub upstreams: HashMap<String, Arc<dyn UpstreamStatus>>,
+    pub upstreams: HashMap<String, PolledUpstream>,
     /// The push source, when configured.
     pub push: Option<push::PushAuth>,
     /// Largest pushed body accepted, in bytes.
@@ -70,7 +66,7 @@ pub fn router(state: Arc<AppState>, cors: &Cors) -> Router {
         state.body_timeout,
     );
     let router = Router::new()
-        .route("/streams", get(list_streams))
+        .route("/streams", get(listing::list_streams))
         .route("/streams/{name}", get(stream).merge(push))
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
@@ -154,39 +150,6 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
         state.metrics.encode(),
     )
         .into_response()
-}
-
-fn rfc3339ish(at: Option<SystemTime>) -> Value {
-    at.map_or(Value::Null, |t| Value::String(httpdate::fmt_http_date(t)))
-}
-
-/// One stream in the `/streams` listing.
-fn describe_stream(stream: &Stream, upstream: Option<&Arc<dyn UpstreamStatus>>) -> Value {
-    let failure = stream.failure().map(
-        |f| json!({"status": f.status, "message": f.message, "at": httpdate::fmt_http_date(f.at)}),
-    );
-    json!({
-        "name": stream.name(),
-        "path": format!("/streams/{}", stream.name()),
-        "epoch": stream.epoch(),
-        "seq": stream.seq(),
-        "subscribers": stream.subscriber_count(),
-        "changes_published": stream.changes_published(),
-        "last_change_at": rfc3339ish(stream.last_change_at()),
-        "failing": failure,
-        "upstream": upstream.map(|u| u.describe()),
-    })
-}
-
-async fn list_streams(State(state): State<Arc<AppState>>) -> Response {
-    let streams: Vec<Value> = state
-        .hub
-        .all()
-        .iter()
-        .map(|s| describe_stream(s, state.upstreams.get(s.name())))
-        .collect();
-    let dynamic = state.proxy.as_ref().map(|p| p.describe());
-    axum::Json(json!({ "streams": streams, "dynamic": dynamic })).into_response()
 }
 
 /// `GET /streams/{name}` as JSON, or of a stream that does not exist. (Its subscriptions are

@@ -20,7 +20,6 @@ pub mod tokens;
 use std::sync::Arc;
 
 use http::HeaderMap;
-use serde_json::{Value, json};
 
 use crate::config::ProxySettings;
 use crate::hub::{Resume, Subscription};
@@ -322,16 +321,6 @@ impl Proxy {
                 cause: refusal.cause(),
             })
             .inc();
-    }
-
-    /// A summary for the `/streams` listing (no URLs: they may carry credentials).
-    pub fn describe(&self) -> Value {
-        json!({
-            "streams": self.streams.len(),
-            "max_streams": self.settings.max_streams,
-            "snapshot_bytes": self.streams.snapshot_bytes(),
-            "max_memory_bytes": self.settings.max_memory,
-        })
     }
 }
 
