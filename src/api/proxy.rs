@@ -9,10 +9,9 @@ use axum::response::Response;
 use http::{HeaderMap, HeaderValue, StatusCode, Uri};
 use tokio::sync::broadcast::error::RecvError;
 
-use super::subscribe::retry_after;
+use super::subscribe::{query_token, retry_after};
 use super::{AppState, error_response, snapshot_json};
 use crate::hub::Resume;
-use crate::proxy::target::TOKEN_PARAM;
 use crate::proxy::{Opened, Refusal};
 
 /// The response header naming the dynamic stream a request was subscribed to.
@@ -44,11 +43,7 @@ pub fn view_json(
     let Some(proxy) = &state.proxy else {
         return error_response(StatusCode::NOT_FOUND, Refusal::Disabled.to_string());
     };
-    let token = query.and_then(|q| {
-        url::form_urlencoded::parse(q.as_bytes())
-            .find(|(k, _)| k.eq_ignore_ascii_case(TOKEN_PARAM))
-            .map(|(_, v)| v.into_owned())
-    });
+    let token = query_token(query);
     let opened = match proxy.view(name, &Resume::Fresh, token.as_deref(), headers) {
         Ok(opened) => opened,
         Err(refusal) => return refusal_status(&refusal),

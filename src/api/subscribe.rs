@@ -92,12 +92,12 @@ impl Subscriptions {
     /// `None`: not a subscription, the router answers (an unknown stream's 404 included).
     pub async fn decide(&self, request: &Request<'_>) -> Option<Decision> {
         let get = request.method == Method::GET;
-        if !(get || request.method == Method::HEAD) || wants_json(request.headers) {
+        if !(get || request.method == Method::HEAD) {
             return None;
         }
         if let Some(raw) = request.path.strip_prefix("/streams/") {
             // Nested paths are no stream's; escaped names are decoded as the router does.
-            if raw.contains('/') {
+            if raw.contains('/') || wants_json(request.headers) {
                 return None;
             }
             let name = percent_encoding::percent_decode_str(raw)
@@ -111,7 +111,7 @@ impl Subscriptions {
             let subscription = stream.subscribe(&resume);
             return Some(self.subscribe(request, subscription, Dialect::Native, None));
         }
-        if get && is_dynamic_path(request.path) {
+        if get && is_dynamic_path(request.path) && !wants_json(request.headers) {
             return Some(self.dynamic(request).await);
         }
         None
@@ -121,11 +121,7 @@ impl Subscriptions {
     /// rules as its URL. Without the proxy mode, the router answers.
     fn view(&self, name: &str, request: &Request<'_>) -> Option<Decision> {
         let proxy = self.proxy.as_ref()?;
-        let token = request.query.and_then(|q| {
-            url::form_urlencoded::parse(q.as_bytes())
-                .find(|(k, _)| k.eq_ignore_ascii_case(TOKEN_PARAM))
-                .map(|(_, v)| v.into_owned())
-        });
+        let token = query_token(request.query);
         let resume = resume_point(request.headers, last_event_id(request.query).as_deref());
         Some(
             match proxy.view(name, &resume, token.as_deref(), request.headers) {
@@ -288,6 +284,14 @@ fn streamdata(ascii_only: bool) -> Dialect {
 pub fn retry_after(status: StatusCode) -> Option<HeaderValue> {
     (status == StatusCode::TOO_MANY_REQUESTS || status == StatusCode::SERVICE_UNAVAILABLE)
         .then(|| HeaderValue::from(wire::streamdata::REFUSAL_RETRY.as_secs()))
+}
+
+/// The `X-Sd-Token` query parameter (any case), as the native view of a dynamic stream takes
+/// it.
+pub fn query_token(query: Option<&str>) -> Option<String> {
+    url::form_urlencoded::parse(query?.as_bytes())
+        .find(|(k, _)| k.eq_ignore_ascii_case(TOKEN_PARAM))
+        .map(|(_, v)| v.into_owned())
 }
 
 /// The `lastEventId` query parameter.
