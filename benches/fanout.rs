@@ -12,8 +12,9 @@ use patchwire::diff::DiffOptions;
 use patchwire::hub::{Resume, Stream, StreamEvent, StreamOptions};
 use patchwire::metrics::Metrics;
 use patchwire::sim::{FeedSettings, Fleet};
-use patchwire::sinks::sse::frame;
+use patchwire::sinks::sse;
 use patchwire::snapshot::{Snapshot, SnapshotStore};
+use patchwire::wire::{self, Dialect};
 use serde_json::json;
 use tokio::sync::broadcast::error::RecvError;
 
@@ -55,7 +56,7 @@ fn publish_to_all(c: &mut Criterion) {
                 loop {
                     match live.recv().await {
                         Ok(StreamEvent::Change(change, _)) => {
-                            black_box(&change.sse);
+                            black_box(sse::change_frame(&change, Dialect::Native));
                             if remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
                                 let _ = done.send(());
                             }
@@ -134,11 +135,11 @@ fn sse_framing(c: &mut Criterion) {
     for (name, payload) in [("patch", &small), ("430B", &medium), ("fleet1k", &large)] {
         group.throughput(Throughput::Bytes(payload.len() as u64));
         group.bench_with_input(BenchmarkId::new("event", name), payload, |b, p| {
-            b.iter(|| frame::event(Some("bench:1700000000000:7"), "patch", p));
+            b.iter(|| wire::sse::event(Some("bench:1700000000000:7"), "patch", p));
         });
-        let event = frame::event(Some("bench:1700000000000:7"), "patch", payload);
+        let event = wire::sse::event(Some("bench:1700000000000:7"), "patch", payload);
         group.bench_with_input(BenchmarkId::new("deflate", name), &event, |b, e| {
-            b.iter(|| frame::Deflated::new(e));
+            b.iter(|| wire::gzip::Deflated::new(e));
         });
     }
     group.finish();

@@ -28,9 +28,11 @@ use patchwire::config::{self, FileKind};
 use patchwire::diff::DiffOptions;
 use patchwire::hub::{ChangeKind, Publication, Stream, StreamOptions};
 use patchwire::metrics::Metrics;
-use patchwire::sinks::sse::frame::GZIP_HEADER;
+use patchwire::sinks::sse;
 use patchwire::snapshot::SnapshotStore;
 use patchwire::upstream::decode::{Format, decode};
+use patchwire::wire::Dialect;
+use patchwire::wire::gzip::GZIP_HEADER;
 
 /// The sequences measured: label, folder under the data directory, file name prefix, format,
 /// and the example configuration whose first stream's diff options are used (`None`: the
@@ -246,8 +248,9 @@ fn measure(
         m.elapsed += started.elapsed();
         match publication {
             Publication::Published(change) => {
-                m.sse += change.sse.plain().len();
-                m.sse_gzip += change.sse.deflated().bytes.len();
+                let frame = sse::change_frame(&change, Dialect::Native);
+                m.sse += frame.plain().len();
+                m.sse_gzip += frame.deflated().bytes.len();
                 match change.kind {
                     ChangeKind::Patch => m.patches += 1,
                     ChangeKind::Snapshot => m.snapshots += 1,

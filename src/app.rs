@@ -1,33 +1,40 @@
-//! Wiring only: builds every part from a validated [`Config`] and runs them until shutdown.
+//! Wiring only: [`App::build`] makes every part from a validated [`Config`], [`App::run`] runs
+//! them until shutdown ([`run`] does both).
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use serde_json::{Value, json};
+use axum::Router;
+use serde_json::Value;
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use crate::api::listing::PolledUpstream;
 use crate::api::push::PushAuth;
-use crate::api::{self, AppState, UpstreamStatus};
+use crate::api::server::{ServeOptions, Stall};
+use crate::api::subscribe::Subscriptions;
+use crate::api::{self, AppState};
 use crate::config::Config;
+use crate::diff::DiffOptions;
 use crate::hub::{Hub, Stream, StreamOptions};
 use crate::metrics::Metrics;
 use crate::proxy::Proxy;
 use crate::proxy::streams::DynamicStreams;
 use crate::redact::Redacted;
 use crate::sim;
-use crate::sinks::sse::native::NativeSse;
 use crate::sinks::webhook::Webhooks;
 use crate::sinks::webhook::outbox::Outbox as _;
 use crate::sinks::webhook::outbox::sqlite::SqliteOutbox;
 use crate::snapshot::{Snapshot, SnapshotStore};
 use crate::upstream::fetch::Fetcher;
 use crate::upstream::on_demand::{self, Idle, OnDemand};
-use crate::upstream::poller::{LastOutcome, PollStatus, Poller};
+use crate::upstream::poller::Poller;
 use crate::upstream::ratelimit::RateLimits;
 
 /// The sockets the application serves on, bound before it starts (so tests can bind port 0
@@ -57,314 +64,376 @@ async fn bind(addr: SocketAddr, key: &str) -> anyhow::Result<TcpListener> {
         .with_context(|| format!("cannot listen on {addr} (`{key}`)"))
 }
 
-/// A polled upstream as shown in `GET /streams`.
-struct PolledUpstream {
-    url: Redacted,
-    interval: Duration,
-    /// The linger period of an on-demand stream.
-    on_demand: Option<Duration>,
-    status: Arc<PollStatus>,
-}
-
-impl UpstreamStatus for PolledUpstream {
-    fn describe(&self) -> Value {
-        let report = self.status.read();
-        let outcome = report.last_outcome.as_ref().map(|o| match o {
-            LastOutcome::Changed => json!({"result": "changed"}),
-            LastOutcome::Unchanged => json!({"result": "unchanged"}),
-            LastOutcome::NotModified => json!({"result": "not-modified"}),
-            LastOutcome::Failed { status, message } => {
-                json!({"result": "error", "status": status, "message": &**message})
-            }
-        });
-        let time = |t: Option<std::time::SystemTime>| t.map(httpdate::fmt_http_date);
-        json!({
-            "url": self.url.as_str(),
-            "interval_ms": self.interval.as_millis() as u64,
-            "on_demand": self.on_demand.map(|linger| json!({"linger_ms": linger.as_millis() as u64})),
-            "last_poll_at": time(report.last_poll_started),
-            "last_outcome": outcome,
-            "consecutive_failures": report.consecutive_failures,
-            "requests": report.upstream_requests,
-            "next_poll_at": time(report.next_poll_due),
-        })
-    }
-}
-
-/// Runs the application until `shutdown` is cancelled: the simulator (if configured), one
-/// poller per stream, keep-alive tickers and the HTTP server. Returns once the server has
-/// drained (or the grace period ran out) and every task has stopped.
+/// Builds the application from `config` and runs it until `shutdown` is cancelled. Returns
+/// once the server has drained (or the grace period ran out) and every task has stopped.
 pub async fn run(
     config: Config,
     listeners: Listeners,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let metrics = Arc::new(Metrics::new());
-    let hub = Arc::new(Hub::new());
-    let snapshots = SnapshotStore::new();
-    let fetcher = Arc::new(
-        Fetcher::new(&config.upstream.user_agent).context("cannot build the HTTP client")?,
-    );
-    let rate_limits = Arc::new(RateLimits::new(&config.upstream, &config.streams));
-    let mut tasks = JoinSet::new();
+    App::build(config, listeners, shutdown).await?.run().await
+}
 
-    if let (Some(settings), Some(listener)) = (config.simulator.clone(), listeners.simulator) {
-        let shutdown = shutdown.clone();
-        tasks.spawn(async move {
-            if let Err(error) = sim::serve(listener, settings, shutdown).await {
-                tracing::error!(%error, "the simulator stopped");
-            }
-        });
-    }
+/// A task `run` starts.
+type Task = Pin<Box<dyn Future<Output = ()> + Send>>;
 
-    let mut upstreams: HashMap<String, Arc<dyn UpstreamStatus>> = HashMap::new();
-    // Every stream, polled or pushed, is built the same way and kept alive the same way.
-    let add_stream = |tasks: &mut JoinSet<()>,
-                      name: &str,
-                      (history, history_bytes): (usize, u64),
-                      diff: &crate::diff::DiffOptions| {
-        let stream = hub.insert(Arc::new(Stream::new(
-            name,
-            StreamOptions {
-                history,
-                history_bytes,
-                buffer: config.server.subscriber_buffer,
-                diff: diff.clone(),
-            },
-            snapshots.clone(),
-            metrics.clone(),
-        )));
-        tasks.spawn(keep_alive(
-            stream.clone(),
-            config.server.keepalive,
-            shutdown.clone(),
-        ));
-        stream
-    };
-    for settings in &config.streams {
-        let stream = add_stream(
-            &mut tasks,
-            &settings.name,
-            (settings.history, settings.history_bytes),
-            &settings.diff,
-        );
-        let poller = Poller::new(
-            Arc::new(settings.clone()),
-            fetcher.clone(),
-            rate_limits.limiter(&settings.rate_limit_group),
-            metrics.clone(),
-            stream.clone(),
-            config.upstream.backoff,
-        );
-        upstreams.insert(
-            settings.name.clone(),
-            Arc::new(PolledUpstream {
-                url: Redacted::new(&settings.url),
-                interval: settings.interval,
-                on_demand: settings.on_demand,
-                status: poller.status(),
-            }),
-        );
-        match settings.on_demand {
-            None => {
-                tasks.spawn(poller.run(shutdown.clone()));
-            }
-            Some(linger) => {
-                let idle_stream = stream.clone();
-                let options = OnDemand {
-                    linger,
-                    period: None,
-                    keepalive: None,
-                };
-                // Idle: drop the document (it would go stale) and poll afresh on demand.
-                let run = on_demand::run(poller, stream, options, shutdown.clone(), move |p| {
-                    tracing::info!(stream = %idle_stream.name(), "no subscribers: polling paused");
-                    idle_stream.forget();
-                    p.reset();
-                    Idle::Pause
-                });
-                tasks.spawn(async move {
-                    run.await;
-                });
-            }
-        }
-    }
-    // The outbox opens before the push streams exist: it holds their last documents.
-    let outbox = match &config.webhooks {
-        Some(settings) => Some(Arc::new(
-            SqliteOutbox::open(&settings.database)
-                .await
-                .context("cannot start webhooks (`webhooks.database`)")?,
-        )),
-        None => None,
-    };
-    let mut stored = match &outbox {
-        Some(outbox) => outbox
-            .documents()
-            .await
-            .context("cannot read the stored push documents (`webhooks.database`)")?
-            .into_iter()
-            .map(|d| (d.stream.to_string(), d))
-            .collect(),
-        None => HashMap::new(),
-    };
-    for settings in &config.push_streams {
-        let restored = stored.remove(&settings.name).and_then(|d| {
-            match serde_json::from_slice::<Value>(&d.document) {
-                Ok(document) => Some((d, document)),
-                Err(error) => {
-                    tracing::error!(stream = %settings.name, %error, "the stored push document is unreadable; the stream starts empty");
-                    None
+/// Every part of the application, built from a validated configuration, not yet serving.
+pub struct App {
+    listener: TcpListener,
+    router: Router,
+    subscriptions: Arc<Subscriptions>,
+    stall: Stall,
+    serve: ServeOptions,
+    hub: Arc<Hub>,
+    proxy: Option<Arc<Proxy>>,
+    /// The simulator, the pollers and the keep-alive tickers, started by `run`.
+    starting: Vec<Task>,
+    /// Tasks already running (the webhook sink's, started as it was built); `run` adds its own
+    /// and waits for all of them at shutdown.
+    tasks: JoinSet<()>,
+    /// Where the server listens, for the log.
+    listen: SocketAddr,
+    streams: usize,
+    shutdown: CancellationToken,
+}
+
+impl App {
+    /// Builds every part from `config`: the streams and their pollers, the push streams (with
+    /// their stored documents), the webhook sink, the proxy mode and the routes. Fails on what
+    /// only building can find (the HTTP clients, the webhook database).
+    pub async fn build(
+        config: Config,
+        listeners: Listeners,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<App> {
+        let metrics = Arc::new(Metrics::new());
+        let mut streams = Streams {
+            config: &config,
+            hub: Arc::new(Hub::new()),
+            snapshots: SnapshotStore::new(),
+            metrics: metrics.clone(),
+            shutdown: shutdown.clone(),
+            starting: Vec::new(),
+        };
+        if let (Some(settings), Some(listener)) = (config.simulator.clone(), listeners.simulator) {
+            let shutdown = shutdown.clone();
+            streams.starting.push(Box::pin(async move {
+                if let Err(error) = sim::serve(listener, settings, shutdown).await {
+                    tracing::error!(%error, "the simulator stopped");
                 }
-            }
-        });
-        match restored {
-            None => {
-                add_stream(
-                    &mut tasks,
-                    &settings.name,
-                    (settings.history, settings.history_bytes),
-                    &settings.diff,
-                );
-            }
-            Some((stored, document)) => {
-                tracing::info!(stream = %settings.name, seq = stored.seq, "push stream restored from the webhook database");
-                let stream = hub.insert(Arc::new(Stream::restored(
-                    &settings.name,
-                    StreamOptions {
-                        history: settings.history,
-                        history_bytes: settings.history_bytes,
-                        buffer: config.server.subscriber_buffer,
-                        diff: settings.diff.clone(),
-                    },
-                    snapshots.clone(),
-                    metrics.clone(),
-                    stored.epoch,
-                    Snapshot::taken_at(stored.seq, document, stored.at),
-                )));
-                tasks.spawn(keep_alive(
-                    stream,
-                    config.server.keepalive,
-                    shutdown.clone(),
-                ));
-            }
+            }));
         }
-    }
-    if config.webhooks.is_none() && !config.push_streams.is_empty() {
-        tracing::info!(
-            "push streams keep their documents in memory only: configure [webhooks] (its database) to keep them across restarts"
+        let fetcher = Arc::new(
+            Fetcher::new(&config.upstream.user_agent).context("cannot build the HTTP client")?,
         );
-    }
-    let push = config.push.as_ref().map(|push| PushAuth {
-        token: push.token.clone(),
-        streams: config.push_streams.iter().map(|s| s.name.clone()).collect(),
-    });
-    let push_max_body = config.push.as_ref().map_or(0, |p| {
-        usize::try_from(p.max_body_bytes).unwrap_or(usize::MAX)
-    });
+        let rate_limits = Arc::new(RateLimits::new(&config.upstream, &config.streams));
+        let upstreams = streams.polled(&fetcher, &rate_limits);
+        // The outbox opens before the push streams exist: it holds their last documents.
+        let outbox = match &config.webhooks {
+            Some(settings) => Some(Arc::new(
+                SqliteOutbox::open(&settings.database)
+                    .await
+                    .context("cannot start webhooks (`webhooks.database`)")?,
+            )),
+            None => None,
+        };
+        streams.pushed(outbox.as_deref()).await?;
+        let Streams {
+            hub,
+            snapshots,
+            starting,
+            ..
+        } = streams;
 
-    let webhooks = match (&config.webhooks, outbox) {
-        (Some(settings), Some(outbox)) => Some(
-            Webhooks::start(
-                settings,
-                outbox,
-                hub.clone(),
-                &config.push_streams.iter().map(|s| s.name.clone()).collect(),
-                &config.upstream.user_agent,
-                &mut tasks,
-                shutdown.clone(),
-                metrics.clone(),
-            )
-            .await
-            .context("cannot start webhooks")?,
-        ),
-        _ => None,
-    };
-
-    let proxy = match &config.proxy {
-        Some(settings) => {
-            let settings = Arc::new(settings.clone());
-            let streams = DynamicStreams::start(
-                settings.clone(),
-                &config.upstream.user_agent,
-                rate_limits.clone(),
-                metrics.clone(),
-                config.server.subscriber_buffer,
-                config.upstream.backoff,
-                shutdown.clone(),
-            )
-            .context("cannot start the proxy mode's HTTP client")?;
-            Some(Arc::new(Proxy::new(settings, streams, metrics.clone())))
-        }
-        None => None,
-    };
-
-    let state = Arc::new(AppState {
-        hub: hub.clone(),
-        metrics: metrics.clone(),
-        snapshots: snapshots.clone(),
-        upstreams,
-        push,
-        push_max_body,
-        body_timeout: config.server.body_timeout,
-        retry_hint: config.server.retry_hint,
-        webhooks,
-        admin_token: config.webhooks.as_ref().and_then(|w| w.admin_token.clone()),
-        proxy: proxy.clone(),
-    });
-    // Shutdown closes every stream first, so SSE responses end and connections can drain
-    // within the grace period.
-    {
-        let hub = hub.clone();
-        let shutdown = shutdown.clone();
-        let proxy = proxy.clone();
-        tasks.spawn(async move {
-            shutdown.cancelled().await;
-            hub.close_all();
-            if let Some(proxy) = proxy {
-                proxy.streams().close_all();
-            }
+        let mut tasks = JoinSet::new();
+        let webhooks = match (&config.webhooks, outbox) {
+            (Some(settings), Some(outbox)) => Some(
+                Webhooks::start(
+                    settings,
+                    outbox,
+                    hub.clone(),
+                    &config.push_streams.iter().map(|s| s.name.clone()).collect(),
+                    &config.upstream.user_agent,
+                    &mut tasks,
+                    shutdown.clone(),
+                    metrics.clone(),
+                )
+                .await
+                .context("cannot start webhooks")?,
+            ),
+            _ => None,
+        };
+        let proxy = proxy(&config, &rate_limits, &metrics, &shutdown)?;
+        let state = Arc::new(AppState {
+            hub: hub.clone(),
+            metrics: metrics.clone(),
+            snapshots,
+            upstreams,
+            push: config.push.as_ref().map(|push| PushAuth {
+                token: push.token.clone(),
+                streams: config.push_streams.iter().map(|s| s.name.clone()).collect(),
+            }),
+            push_max_body: config.push.as_ref().map_or(0, |p| {
+                usize::try_from(p.max_body_bytes).unwrap_or(usize::MAX)
+            }),
+            body_timeout: config.server.body_timeout,
+            webhooks,
+            admin_token: config.webhooks.as_ref().and_then(|w| w.admin_token.clone()),
+            proxy: proxy.clone(),
         });
+        let server = &config.server;
+        Ok(App {
+            listen: listeners.api.local_addr().unwrap_or(server.listen),
+            listener: listeners.api,
+            router: api::router(state, &server.cors),
+            subscriptions: Arc::new(Subscriptions::new(
+                hub.clone(),
+                proxy.clone(),
+                server.retry_hint,
+                server.cors.clone(),
+            )),
+            stall: Stall {
+                timeout: server.stall_timeout,
+                stalled: metrics.stalled_connections.clone(),
+            },
+            serve: ServeOptions {
+                shutdown_grace: server.shutdown_grace,
+                header_timeout: server.header_timeout,
+                idle_timeout: server.idle_timeout,
+                max_connections: server.max_connections,
+            },
+            hub,
+            proxy,
+            starting,
+            tasks,
+            streams: config.streams.len() + config.push_streams.len(),
+            shutdown,
+        })
     }
-    let router = api::router(state, &config.server.cors);
-    tracing::info!(
-        listen = %listeners.api.local_addr().map_or_else(|_| config.server.listen.to_string(), |a| a.to_string()),
-        streams = config.streams.len() + config.push_streams.len(),
-        "patchwire is serving"
-    );
-    let native = Arc::new(NativeSse {
-        hub: hub.clone(),
-        retry: config.server.retry_hint,
-        cors: config.server.cors.clone(),
-        stall_timeout: config.server.stall_timeout,
-        stalled: metrics.stalled_connections.clone(),
-        proxy: proxy.clone(),
-    });
-    api::server::serve(
-        listeners.api,
-        router,
-        native,
-        api::server::ServeOptions {
-            shutdown_grace: config.server.shutdown_grace,
-            header_timeout: config.server.header_timeout,
-            idle_timeout: config.server.idle_timeout,
-            max_connections: config.server.max_connections,
-        },
+
+    /// Starts the simulator, the pollers and the keep-alive tickers, then serves until the
+    /// shutdown token fires; returns once the connections drained (or the grace period ran
+    /// out) and every task stopped.
+    pub async fn run(self) -> anyhow::Result<()> {
+        let App {
+            listener,
+            router,
+            subscriptions,
+            stall,
+            serve,
+            hub,
+            proxy,
+            starting,
+            mut tasks,
+            listen,
+            streams,
+            shutdown,
+        } = self;
+        for task in starting {
+            tasks.spawn(task);
+        }
+        // Shutdown closes every stream first, so SSE responses end and connections can drain
+        // within the grace period.
+        {
+            let hub = hub.clone();
+            let shutdown = shutdown.clone();
+            tasks.spawn(async move {
+                shutdown.cancelled().await;
+                hub.close_all();
+                if let Some(proxy) = proxy {
+                    proxy.streams().close_all();
+                }
+            });
+        }
+        tracing::info!(
+            %listen,
+            streams,
+            "patchwire is serving"
+        );
+        api::server::serve(listener, router, subscriptions, stall, serve, shutdown).await;
+
+        hub.close_all();
+        let drained = tokio::time::timeout(serve.shutdown_grace, async {
+            while tasks.join_next().await.is_some() {}
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!("some tasks did not stop within the grace period");
+            tasks.abort_all();
+        }
+        tracing::info!("patchwire stopped");
+        Ok(())
+    }
+}
+
+/// The proxy mode, when `[proxy]` enables it: tokens and the registry of dynamic streams.
+fn proxy(
+    config: &Config,
+    rate_limits: &Arc<RateLimits>,
+    metrics: &Arc<Metrics>,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<Option<Arc<Proxy>>> {
+    let Some(settings) = &config.proxy else {
+        return Ok(None);
+    };
+    let settings = Arc::new(settings.clone());
+    let streams = DynamicStreams::start(
+        settings.clone(),
+        &config.upstream.user_agent,
+        rate_limits.clone(),
+        metrics.clone(),
+        config.server.subscriber_buffer,
+        config.upstream.backoff,
         shutdown.clone(),
     )
-    .await;
+    .context("cannot start the proxy mode's HTTP client")?;
+    Ok(Some(Arc::new(Proxy::new(
+        settings,
+        streams,
+        metrics.clone(),
+    ))))
+}
 
-    hub.close_all();
-    let drained = tokio::time::timeout(config.server.shutdown_grace, async {
-        while tasks.join_next().await.is_some() {}
-    })
-    .await;
-    if drained.is_err() {
-        tracing::warn!("some tasks did not stop within the grace period");
-        tasks.abort_all();
+/// What building the streams shares, and the tasks `run` will start for them.
+struct Streams<'a> {
+    config: &'a Config,
+    hub: Arc<Hub>,
+    snapshots: SnapshotStore,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+    starting: Vec<Task>,
+}
+
+impl Streams<'_> {
+    fn options(&self, history: usize, history_bytes: u64, diff: &DiffOptions) -> StreamOptions {
+        StreamOptions {
+            history,
+            history_bytes,
+            buffer: self.config.server.subscriber_buffer,
+            diff: diff.clone(),
+        }
     }
-    tracing::info!("patchwire stopped");
-    Ok(())
+
+    /// Adds `stream` to the hub, kept alive like every other.
+    fn add(&mut self, stream: Stream) -> Arc<Stream> {
+        let stream = self.hub.insert(Arc::new(stream));
+        let keepalive = self.config.server.keepalive;
+        let ticking = keep_alive(stream.clone(), keepalive, self.shutdown.clone());
+        self.starting.push(Box::pin(ticking));
+        stream
+    }
+
+    /// Every polled stream, with its poller (on demand or always); their upstreams as the
+    /// listing shows them.
+    fn polled(
+        &mut self,
+        fetcher: &Arc<Fetcher>,
+        rate_limits: &RateLimits,
+    ) -> HashMap<String, PolledUpstream> {
+        let mut upstreams = HashMap::new();
+        for settings in &self.config.streams {
+            let options = self.options(settings.history, settings.history_bytes, &settings.diff);
+            let stream = Stream::new(
+                &settings.name,
+                options,
+                self.snapshots.clone(),
+                self.metrics.clone(),
+            );
+            let stream = self.add(stream);
+            let poller = Poller::new(
+                Arc::new(settings.clone()),
+                fetcher.clone(),
+                rate_limits.limiter(&settings.rate_limit_group),
+                self.metrics.clone(),
+                stream.clone(),
+                self.config.upstream.backoff,
+            );
+            upstreams.insert(
+                settings.name.clone(),
+                PolledUpstream {
+                    url: Redacted::new(&settings.url),
+                    interval: settings.interval,
+                    on_demand: settings.on_demand,
+                    status: poller.status(),
+                },
+            );
+            let shutdown = self.shutdown.clone();
+            match settings.on_demand {
+                None => self.starting.push(Box::pin(poller.run(shutdown))),
+                Some(linger) => {
+                    let idle_stream = stream.clone();
+                    let options = OnDemand {
+                        linger,
+                        period: None,
+                        keepalive: None,
+                    };
+                    // Idle: drop the document (it would go stale) and poll afresh on demand.
+                    let run = on_demand::run(poller, stream, options, shutdown, move |p| {
+                        tracing::info!(stream = %idle_stream.name(), "no subscribers: polling paused");
+                        idle_stream.forget();
+                        p.reset();
+                        Idle::Pause
+                    });
+                    self.starting.push(Box::pin(async move {
+                        run.await;
+                    }));
+                }
+            }
+        }
+        upstreams
+    }
+
+    /// Every push stream, continuing from its document stored in `outbox`, if any.
+    async fn pushed(&mut self, outbox: Option<&SqliteOutbox>) -> anyhow::Result<()> {
+        let mut stored = match outbox {
+            Some(outbox) => outbox
+                .documents()
+                .await
+                .context("cannot read the stored push documents (`webhooks.database`)")?
+                .into_iter()
+                .map(|d| (d.stream.to_string(), d))
+                .collect(),
+            None => HashMap::new(),
+        };
+        for settings in &self.config.push_streams {
+            let options = self.options(settings.history, settings.history_bytes, &settings.diff);
+            let restored = stored.remove(&settings.name).and_then(|d| {
+                match serde_json::from_slice::<Value>(&d.document) {
+                    Ok(document) => Some((d, document)),
+                    Err(error) => {
+                        tracing::error!(stream = %settings.name, %error, "the stored push document is unreadable; the stream starts empty");
+                        None
+                    }
+                }
+            });
+            let stream = match restored {
+                None => Stream::new(
+                    &settings.name,
+                    options,
+                    self.snapshots.clone(),
+                    self.metrics.clone(),
+                ),
+                Some((stored, document)) => {
+                    tracing::info!(stream = %settings.name, seq = stored.seq, "push stream restored from the webhook database");
+                    Stream::restored(
+                        &settings.name,
+                        options,
+                        self.snapshots.clone(),
+                        self.metrics.clone(),
+                        stored.epoch,
+                        Snapshot::taken_at(stored.seq, document, stored.at),
+                    )
+                }
+            };
+            self.add(stream);
+        }
+        if self.config.webhooks.is_none() && !self.config.push_streams.is_empty() {
+            tracing::info!(
+                "push streams keep their documents in memory only: configure [webhooks] (its database) to keep them across restarts"
+            );
+        }
+        Ok(())
+    }
 }
 
 /// Sends a keep-alive comment to the stream's subscribers at every `interval`.

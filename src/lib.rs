@@ -7,11 +7,15 @@
 //! - [`diff`]: RFC 6902 diff and apply.
 //! - [`snapshot`]: the latest document of each stream, serialized once.
 //! - [`hub`]: streams, their changes and history, subscribe and publish.
-//! - [`sinks`]: SSE (native HTTP/1.x path and hyper body) and webhooks (with their durable
-//!   outbox, which also keeps push streams' documents).
+//! - [`wire`]: how events are written for subscribers (the bottom layer: pure, it imports
+//!   nothing else): SSE framing, gzip, both dialects' events, the per-event frame cache.
+//! - [`sinks`]: SSE (one subscriber's events in either dialect, for both transports) and
+//!   webhooks (with their durable outbox, which also keeps push streams' documents).
 //! - [`proxy`]: the Streamdata.io-compatible mode: any allowed URL as a dynamic stream.
-//! - [`api`]: the accept loop and the HTTP routes (streams, push, admin, health, metrics).
-//! - [`app`]: wiring: builds everything from a validated configuration and runs it.
+//! - [`api`]: what a subscription request is (one decision for both transports), the accept
+//!   loop (the direct HTTP/1 path and hyper) and the HTTP routes (streams, push, admin, health,
+//!   metrics).
+//! - [`app`]: wiring: builds everything from a validated configuration, then runs it.
 //! - [`metrics`]: Prometheus metrics owned by the application.
 //! - [`sim`]: the simulated fleet feed used by the default configuration, tests and benchmarks.
 //! - [`redact`]: the one way a URL is shown (logs, errors, listings), without its secrets.
@@ -46,3 +50,4 @@ pub mod ssrf;
 pub mod time;
 pub mod upstream;
 pub mod validation;
+pub mod wire;

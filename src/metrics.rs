@@ -1,11 +1,13 @@
 //! Prometheus metrics, owned by the application (no global registry, so tests can run many apps).
 
-use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
+
+use crate::wire::ChangeKind;
 
 /// Labels for per-stream series.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -36,13 +38,15 @@ pub struct PollLabels {
     pub outcome: PollOutcome,
 }
 
-/// Kind of published change.
-#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
-pub enum ChangeKind {
-    /// An RFC 6902 patch.
-    Patch,
-    /// A whole document.
-    Snapshot,
+/// The `kind` label of a published change: `Patch` or `Snapshot`.
+impl EncodeLabelValue for ChangeKind {
+    fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> Result<(), std::fmt::Error> {
+        use std::fmt::Write as _;
+        encoder.write_str(match self {
+            ChangeKind::Patch => "Patch",
+            ChangeKind::Snapshot => "Snapshot",
+        })
+    }
 }
 
 /// Labels for published bytes.

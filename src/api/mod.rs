@@ -2,34 +2,29 @@
 
 pub mod admin;
 pub mod body;
+pub mod listing;
 pub mod proxy;
 pub mod push;
 pub mod server;
+pub mod subscribe;
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use axum::Router;
 use axum::body::Body;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use http::{HeaderMap, HeaderValue, Method, StatusCode, header};
-use serde::Deserialize;
 use serde_json::{Value, json};
 use tower_http::cors::{AllowOrigin, CorsLayer};
 
 use crate::config::Cors;
 use crate::hub::{Hub, Stream};
 use crate::metrics::Metrics;
-use crate::sinks::sse::{self, SseOptions};
-
-/// Describes a stream's upstream for the `/streams` listing (implemented by pollers).
-pub trait UpstreamStatus: Send + Sync {
-    /// A JSON object describing the upstream and its last polls.
-    fn describe(&self) -> Value;
-}
+use listing::PolledUpstream;
 
 /// What every handler can reach.
 pub struct AppState {
@@ -40,15 +35,13 @@ pub struct AppState {
     /// The current snapshots (their total size is exported at each scrape).
     pub snapshots: crate::snapshot::SnapshotStore,
     /// Upstream status per stream name.
-    pub upstreams: HashMap<String, Arc<dyn UpstreamStatus>>,
+    pub upstreams: HashMap<String, PolledUpstream>,
     /// The push source, when configured.
     pub push: Option<push::PushAuth>,
     /// Largest pushed body accepted, in bytes.
     pub push_max_body: usize,
     /// How long a request body may take to arrive (`server.body_timeout`).
     pub body_timeout: Duration,
-    /// The `retry:` hint for SSE clients.
-    pub retry_hint: Duration,
     /// The webhook sink, when `[webhooks]` is configured (served by the admin API).
     pub webhooks: Option<Arc<crate::sinks::webhook::Webhooks>>,
     /// The admin API's bearer token; `None` disables the admin API.
@@ -73,7 +66,7 @@ pub fn router(state: Arc<AppState>, cors: &Cors) -> Router {
         state.body_timeout,
     );
     let router = Router::new()
-        .route("/streams", get(list_streams))
+        .route("/streams", get(listing::list_streams))
         .route("/streams/{name}", get(stream).merge(push))
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
@@ -111,13 +104,18 @@ fn cors_layer(cors: &Cors) -> Option<CorsLayer> {
     )
 }
 
-/// A JSON error body: `{"status": ..., "message": ...}`.
+/// A JSON error response: `{"status": ..., "message": ...}`.
 pub fn error_response(status: StatusCode, message: impl Into<String>) -> Response {
-    let body = json!({"status": status.as_u16(), "message": message.into()});
-    (status, axum::Json(body)).into_response()
+    (status, axum::Json(error_body(status, &message.into()))).into_response()
 }
 
-/// Dynamic streams (`/https://…`), else 404.
+/// The body of a JSON error.
+pub(crate) fn error_body(status: StatusCode, message: &str) -> Value {
+    json!({"status": status.as_u16(), "message": message})
+}
+
+/// Dynamic streams asked for as JSON (`/https://…`), else 404. (Their subscriptions are
+/// decided before the router, by `subscribe`.)
 async fn fallback(
     State(state): State<Arc<AppState>>,
     method: Method,
@@ -125,7 +123,7 @@ async fn fallback(
     headers: HeaderMap,
 ) -> Response {
     if crate::proxy::target::is_dynamic_path(uri.path()) && method == Method::GET {
-        return proxy::dynamic(state, uri, headers).await;
+        return proxy::dynamic_json(state, uri, headers).await;
     }
     error_response(
         StatusCode::NOT_FOUND,
@@ -154,60 +152,16 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
         .into_response()
 }
 
-fn rfc3339ish(at: Option<SystemTime>) -> Value {
-    at.map_or(Value::Null, |t| Value::String(httpdate::fmt_http_date(t)))
-}
-
-/// One stream in the `/streams` listing.
-fn describe_stream(stream: &Stream, upstream: Option<&Arc<dyn UpstreamStatus>>) -> Value {
-    let failure = stream.failure().map(
-        |f| json!({"status": f.status, "message": f.message, "at": httpdate::fmt_http_date(f.at)}),
-    );
-    json!({
-        "name": stream.name(),
-        "path": format!("/streams/{}", stream.name()),
-        "epoch": stream.epoch(),
-        "seq": stream.seq(),
-        "subscribers": stream.subscriber_count(),
-        "changes_published": stream.changes_published(),
-        "last_change_at": rfc3339ish(stream.last_change_at()),
-        "failing": failure,
-        "upstream": upstream.map(|u| u.describe()),
-    })
-}
-
-async fn list_streams(State(state): State<Arc<AppState>>) -> Response {
-    let streams: Vec<Value> = state
-        .hub
-        .all()
-        .iter()
-        .map(|s| describe_stream(s, state.upstreams.get(s.name())))
-        .collect();
-    let dynamic = state.proxy.as_ref().map(|p| p.describe());
-    axum::Json(json!({ "streams": streams, "dynamic": dynamic })).into_response()
-}
-
-#[derive(Debug, Deserialize)]
-struct StreamQuery {
-    #[serde(rename = "lastEventId")]
-    last_event_id: Option<String>,
-}
-
+/// `GET /streams/{name}` as JSON, or of a stream that does not exist. (Its subscriptions are
+/// decided before the router, by `subscribe`.)
 async fn stream(
     State(state): State<Arc<AppState>>,
     Path(name): Path<String>,
-    Query(query): Query<StreamQuery>,
     uri: http::Uri,
     headers: HeaderMap,
 ) -> Response {
     if name.starts_with('~') {
-        return proxy::native_view(
-            &state,
-            &name,
-            uri.query(),
-            query.last_event_id.as_deref(),
-            &headers,
-        );
+        return proxy::view_json(&state, &name, uri.query(), &headers);
     }
     let Some(stream) = state.hub.get(&name) else {
         return error_response(
@@ -215,17 +169,7 @@ async fn stream(
             format!("no stream named {name:?}; GET /streams lists them"),
         );
     };
-    if sse::wants_json(&headers) {
-        return snapshot_json(&stream, &headers);
-    }
-    let resume = sse::resume_point(&headers, query.last_event_id.as_deref());
-    let subscription = stream.subscribe(&resume);
-    let options = SseOptions {
-        retry: state.retry_hint,
-        gzip: sse::accepts_gzip(&headers),
-        dialect: sse::Dialect::Native,
-    };
-    sse::response(subscription, options)
+    snapshot_json(&stream, &headers)
 }
 
 /// `GET /streams/{name}` with `Accept: application/json`: the current document once, with an
@@ -246,7 +190,7 @@ pub(crate) fn snapshot_json(stream: &Stream, headers: &HeaderMap) -> Response {
     // tag names the same document version, so either revalidates.
     let plain_etag = format!("\"{}-{}\"", stream.epoch(), snapshot.seq);
     let gzip_etag = format!("\"{}-{}+gzip\"", stream.epoch(), snapshot.seq);
-    let gzip = sse::accepts_gzip(headers);
+    let gzip = subscribe::accepts_gzip(headers);
     let etag = if gzip { &gzip_etag } else { &plain_etag };
     let matches = headers
         .get_all(header::IF_NONE_MATCH)

@@ -8,9 +8,10 @@
 
 mod stream;
 
+pub use crate::wire::ChangeKind;
 pub use stream::{
-    Change, ChangeKind, EventId, Initial, Publication, Recovery, Resume, Stream, StreamEvent,
-    StreamOptions, Subscription, UpstreamFailure,
+    Change, EventId, Initial, Publication, Recovery, Resume, Stream, StreamEvent, StreamOptions,
+    Subscription, UpstreamFailure,
 };
 
 use std::collections::BTreeMap;

@@ -4,7 +4,7 @@ use std::collections::VecDeque;
 use std::fmt;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -12,11 +12,9 @@ use serde_json::Value;
 use tokio::sync::{broadcast, watch};
 
 use crate::diff::{self, DiffOptions};
-use crate::metrics::{self, ChangeLabels, Metrics, StreamLabels};
-use crate::sinks::sse::{self, EncodedEvent};
+use crate::metrics::{ChangeLabels, Metrics, StreamLabels};
 use crate::snapshot::{Snapshot, SnapshotStore};
-use crate::upstream::fetch::FetchError;
-use crate::upstream::poller::{Publish, PublishResult};
+use crate::wire::{ChangeKind, Frames};
 
 /// How a stream keeps and fans out its changes.
 #[derive(Debug, Clone)]
@@ -30,15 +28,6 @@ pub struct StreamOptions {
     pub buffer: usize,
     /// How changes are computed.
     pub diff: DiffOptions,
-}
-
-/// Whether a change carries a patch or a whole document.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ChangeKind {
-    /// `patch` holds an RFC 6902 patch from the previous snapshot.
-    Patch,
-    /// The whole new document replaces the previous one.
-    Snapshot,
 }
 
 /// One published change: the one event every sink sees, serialized once.
@@ -57,39 +46,17 @@ pub struct Change {
     pub payload: Bytes,
     /// When the change was published.
     pub at: SystemTime,
-    /// This change as an SSE event.
-    pub sse: EncodedEvent,
-    /// This change as a Streamdata.io event (`data` or `patch`), framed on first use; by
-    /// `ascii_only` (index 1: escaped to ASCII).
-    streamdata: [OnceLock<EncodedEvent>; 2],
+    /// This change as an event of each dialect, framed by the SSE sink on first use and then
+    /// shared by every subscriber. A snapshot change shares them with the snapshot it
+    /// published: they are the same event.
+    pub frames: Arc<Frames>,
 }
 
 impl Change {
-    /// This change as Streamdata.io clients expect it: a `patch` event with the same patch, or
-    /// a `data` event carrying the whole document, its non-ASCII characters escaped when
-    /// `ascii_only`. Framed once, on first use, then shared.
-    pub fn streamdata_event(&self, ascii_only: bool) -> &EncodedEvent {
-        self.streamdata[usize::from(ascii_only)].get_or_init(|| {
-            let name = match self.kind {
-                ChangeKind::Patch => "patch",
-                ChangeKind::Snapshot => "data",
-            };
-            let id = self.id().to_string();
-            EncodedEvent::new(sse::streamdata_frame(&id, name, &self.payload, ascii_only))
-        })
-    }
-
-    /// The bytes this change holds: its payload and every encoding built so far. History is
+    /// The bytes this change holds: its payload and every frame built so far. History is
     /// bounded by their sum. A change holds no document tree: only bytes.
     pub fn retained_bytes(&self) -> usize {
-        self.payload.len()
-            + self.sse.retained_bytes()
-            + self
-                .streamdata
-                .iter()
-                .filter_map(OnceLock::get)
-                .map(EncodedEvent::retained_bytes)
-                .sum::<usize>()
+        self.payload.len() + self.frames.retained_bytes()
     }
 
     /// The id of this change's event.
@@ -109,8 +76,8 @@ pub struct UpstreamFailure {
     pub status: u16,
     /// A human-readable reason (never contains header values).
     pub message: String,
-    /// A machine-readable reason (see [`FetchError::cause`]), or why the proxy ended the
-    /// stream.
+    /// A machine-readable reason (see `upstream::FetchError::cause`), or why the proxy ended
+    /// the stream.
     pub cause: &'static str,
     /// When the poll failed.
     pub at: SystemTime,
@@ -122,8 +89,9 @@ pub struct UpstreamFailure {
     pub retry_in: Duration,
     /// The sequence number of the last good document (the failure does not advance it).
     pub seq: u64,
-    /// This failure as an SSE `error` event.
-    pub sse: EncodedEvent,
+    /// This failure as a native `error` event, framed by the SSE sink on first use (the
+    /// Streamdata.io one names each connection's session, so it is framed per connection).
+    pub frames: Frames,
 }
 
 /// The end of a run of failures: the upstream answers again.
@@ -135,8 +103,10 @@ pub struct Recovery {
     pub failures: u32,
     /// When the upstream answered again.
     pub at: SystemTime,
-    /// The native `recovered` event.
-    pub sse: EncodedEvent,
+    /// The sequence number of the last good document when the upstream answered again.
+    pub seq: u64,
+    /// This recovery as a native `recovered` event, framed by the SSE sink on first use.
+    pub frames: Frames,
 }
 
 /// What a subscriber receives live.
@@ -516,15 +486,10 @@ impl Stream {
             _ => (ChangeKind::Snapshot, snapshot.json.clone()),
         };
 
-        let id = self.event_id(seq).to_string();
-        let sse = match kind {
-            ChangeKind::Patch => EncodedEvent::new(sse::frame::event(Some(&id), "patch", &payload)),
-            ChangeKind::Snapshot => {
-                let frame = sse::frame::event(Some(&id), "snapshot", &payload);
-                // The same bytes serve new subscribers of this snapshot.
-                let _ = snapshot.sse.set(EncodedEvent::new(frame.clone()));
-                EncodedEvent::new(frame)
-            }
+        let frames = match kind {
+            ChangeKind::Patch => Arc::default(),
+            // The same event as the snapshot's: framed once for live and new subscribers.
+            ChangeKind::Snapshot => snapshot.frames.clone(),
         };
         let change = Arc::new(Change {
             stream: self.name.clone(),
@@ -533,17 +498,12 @@ impl Stream {
             kind,
             payload,
             at: snapshot.at,
-            sse,
-            streamdata: [OnceLock::new(), OnceLock::new()],
+            frames,
         });
 
-        let metric_kind = match kind {
-            ChangeKind::Patch => metrics::ChangeKind::Patch,
-            ChangeKind::Snapshot => metrics::ChangeKind::Snapshot,
-        };
         let labels = ChangeLabels {
             stream: self.labels.stream.clone(),
-            kind: metric_kind,
+            kind,
         };
         self.metrics.changes.get_or_create(&labels).inc();
         self.metrics
@@ -574,8 +534,8 @@ impl Stream {
     }
 
     /// Drops the oldest changes until history is within both its count and its byte bound.
-    /// The bytes are summed afresh each time: encodings built since (gzip, Streamdata.io) count
-    /// too. A resume older than what is left gets the current snapshot.
+    /// The bytes are summed afresh each time: frames built since (by the SSE sink, in either
+    /// dialect, plain or deflated) count too. A resume older than what is left gets the current snapshot.
     fn trim_history(&self, state: &mut State) {
         while state.history.len() > self.options.history {
             state.history.pop_front();
@@ -635,15 +595,6 @@ impl Stream {
     ) -> Arc<UpstreamFailure> {
         let mut state = self.lock();
         let at = SystemTime::now();
-        let body = serde_json::json!({
-            "status": status,
-            "message": message,
-            "cause": cause,
-            "timestamp": httpdate::fmt_http_date(at),
-            "retry_in_ms": retry_in.as_millis() as u64,
-        });
-        let id = self.event_id(state.seq).to_string();
-        let frame = sse::frame::event(Some(&id), "error", body.to_string().as_bytes());
         let (since, failures) = match &state.failure {
             Some(previous) => (previous.since, previous.failures.saturating_add(1)),
             None => (at, 1),
@@ -657,7 +608,7 @@ impl Stream {
             failures,
             retry_in,
             seq: state.seq,
-            sse: EncodedEvent::new(frame),
+            frames: Frames::new(),
         });
         state.failure = Some(failure.clone());
         if let Some(live) = &state.live {
@@ -673,19 +624,12 @@ impl Stream {
         let Some(failure) = state.failure.take() else {
             return;
         };
-        let at = SystemTime::now();
-        let body = serde_json::json!({
-            "since": httpdate::fmt_http_date(failure.since),
-            "failures": failure.failures,
-            "timestamp": httpdate::fmt_http_date(at),
-        });
-        let id = self.event_id(state.seq).to_string();
-        let frame = sse::frame::event(Some(&id), "recovered", body.to_string().as_bytes());
         let recovery = Arc::new(Recovery {
             since: failure.since,
             failures: failure.failures,
-            at,
-            sse: EncodedEvent::new(frame),
+            at: SystemTime::now(),
+            seq: state.seq,
+            frames: Frames::new(),
         });
         state.recovery = Some(recovery.clone());
         if let Some(live) = &state.live {
@@ -772,24 +716,6 @@ fn replay_start(state: &State, seq: u64) -> Option<usize> {
         return None;
     }
     usize::try_from(seq + 1 - oldest).ok()
-}
-
-/// A poller publishes into its stream.
-impl Publish for Stream {
-    fn document(&self, doc: Value) -> PublishResult {
-        match self.publish(doc) {
-            Publication::Published(_) => PublishResult::Changed,
-            Publication::Unchanged | Publication::Ignored => PublishResult::Unchanged,
-        }
-    }
-
-    fn failure(&self, error: &FetchError, retry_in: Duration) {
-        self.fail(error.status(), error.cause(), error.to_string(), retry_in);
-    }
-
-    fn recovered(&self) {
-        self.recover();
-    }
 }
 
 /// Whether a patch can turn `a` into `b`: RFC 6902 cannot replace the root in a way every
@@ -920,11 +846,16 @@ mod tests {
             SnapshotStore::new(),
             Arc::new(Metrics::new()),
         ));
+        // As with a native subscriber listening: each change is framed once published, and
+        // history counts the frames from the next publish on.
+        let framed = |change: Arc<Change>| {
+            crate::sinks::sse::change_frame(&change, crate::wire::Dialect::Native);
+        };
         let big = "x".repeat(10_000);
-        published(s.publish(json!({"n": 0, "big": big})));
+        framed(published(s.publish(json!({"n": 0, "big": big}))));
         let first_document = Arc::downgrade(&s.snapshot().expect("a document"));
         for i in 1..50 {
-            published(s.publish(json!({"n": i, "big": big})));
+            framed(published(s.publish(json!({"n": i, "big": big}))));
         }
         // Superseded documents are freed: history holds bytes only (moka drops replaced
         // values once its pending tasks run).
@@ -998,7 +929,8 @@ mod tests {
         }
         assert_eq!(told.len(), 1, "one run of failures, one recovery");
         assert_eq!((told[0].failures, told[0].since), (2, first.at));
-        let text = std::str::from_utf8(told[0].sse.plain()).unwrap().to_owned();
+        let frame = crate::sinks::sse::recovery_frame(&s, &told[0]);
+        let text = std::str::from_utf8(frame.plain()).unwrap().to_owned();
         assert!(
             text.starts_with(&format!(
                 "id: {}\nevent: recovered\ndata: {{\"since\":",
@@ -1039,13 +971,19 @@ mod tests {
         let s = stream(3);
         let long = "x".repeat(100);
         let first = published(s.publish(json!({"a": 1, "b": long})));
-        let text = String::from_utf8(first.streamdata_event(true).plain().to_vec()).unwrap();
+        let streamdata = crate::wire::Dialect::Streamdata {
+            session: 0,
+            ascii_only: true,
+        };
+        let frame = crate::sinks::sse::change_frame(&first, streamdata);
+        let text = String::from_utf8(frame.plain().to_vec()).unwrap();
         assert!(
             text.starts_with(&format!("id: s:{}:1\nevent: data\ndata: {{", s.epoch())),
             "{text}"
         );
         let second = published(s.publish(json!({"a": 2, "b": long})));
-        let text = String::from_utf8(second.streamdata_event(true).plain().to_vec()).unwrap();
+        let frame = crate::sinks::sse::change_frame(&second, streamdata);
+        let text = String::from_utf8(frame.plain().to_vec()).unwrap();
         assert!(
             text.contains("event: patch\ndata: [{\"op\":\"replace\""),
             "{text}"

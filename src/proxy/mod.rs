@@ -23,7 +23,6 @@ pub mod tokens;
 use std::sync::Arc;
 
 use http::HeaderMap;
-use serde_json::{Value, json};
 
 use self::config::ProxySettings;
 use crate::hub::{Resume, Subscription};
@@ -129,6 +128,15 @@ impl Refusal {
             Refusal::HostNotAllowed { .. } | Refusal::Forbidden(_) => 403,
             Refusal::TooManyConnections { .. } | Refusal::RateLimited { .. } => 429,
             Refusal::TooManyStreams { .. } | Refusal::OutOfMemory { .. } => 503,
+        }
+    }
+
+    /// What the client is told: status, cause and message.
+    pub fn to_wire(&self) -> crate::wire::Refusal {
+        crate::wire::Refusal {
+            status: self.status(),
+            cause: self.cause(),
+            message: self.to_string(),
         }
     }
 
@@ -316,16 +324,6 @@ impl Proxy {
                 cause: refusal.cause(),
             })
             .inc();
-    }
-
-    /// A summary for the `/streams` listing (no URLs: they may carry credentials).
-    pub fn describe(&self) -> Value {
-        json!({
-            "streams": self.streams.len(),
-            "max_streams": self.settings.max_streams,
-            "snapshot_bytes": self.streams.snapshot_bytes(),
-            "max_memory_bytes": self.settings.max_memory,
-        })
     }
 }
 

@@ -7,7 +7,7 @@ use bytes::Bytes;
 use moka::sync::Cache;
 use serde_json::Value;
 
-use crate::sinks::sse::EncodedEvent;
+use crate::wire::Frames;
 
 /// The deepest nesting of arrays and objects a document may have (a scalar is at depth 0,
 /// `[]` at 1, `[[1]]` at 2): the most serde_json parses, so every document patchwire holds can
@@ -48,10 +48,9 @@ pub struct Snapshot {
     pub json: Bytes,
     /// When this document was published.
     pub at: SystemTime,
-    /// This snapshot as an SSE `snapshot` event, built on first use and then shared.
-    pub sse: OnceLock<EncodedEvent>,
-    /// This snapshot as a Streamdata.io `data` event, built on first use and then shared.
-    pub streamdata: [OnceLock<EncodedEvent>; 2],
+    /// This snapshot as an event in each dialect, framed by the SSE sink on first use and then
+    /// shared; the snapshot change that published it shares them (they are the same event).
+    pub frames: Arc<Frames>,
     /// `json` gzip-compressed for `Accept-Encoding: gzip` clients, built on first use and then
     /// shared.
     gzip: OnceLock<Bytes>,
@@ -72,8 +71,7 @@ impl Snapshot {
             document,
             json,
             at,
-            sse: OnceLock::new(),
-            streamdata: [OnceLock::new(), OnceLock::new()],
+            frames: Arc::default(),
             gzip: OnceLock::new(),
         }
     }

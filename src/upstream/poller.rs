@@ -20,6 +20,7 @@ use super::config::{BackoffSettings, StreamSettings};
 use super::decode::{self, DecodeError};
 use super::fetch::{FetchError, FetchRequest, Fetched, Upstream, Validators};
 use super::ratelimit::GroupLimiter;
+use crate::hub::{Publication, Stream};
 use crate::metrics::{Metrics, PollLabels, PollOutcome, StreamLabels};
 use crate::redact::Redacted;
 
@@ -32,7 +33,7 @@ pub enum PublishResult {
     Unchanged,
 }
 
-/// Where a poller delivers what it learns; the hub implements this.
+/// Where a poller delivers what it learns: a hub `Stream` (below), or a test's recorder.
 pub trait Publish: Send + Sync + 'static {
     /// A newly decoded document (never called for a 304 or a byte-identical body).
     fn document(&self, doc: Value) -> PublishResult;
@@ -40,6 +41,24 @@ pub trait Publish: Send + Sync + 'static {
     fn failure(&self, error: &FetchError, retry_in: Duration);
     /// The first successful poll after failures, called before its `document`, if any.
     fn recovered(&self);
+}
+
+/// A stream's poller publishes into it.
+impl Publish for Stream {
+    fn document(&self, doc: Value) -> PublishResult {
+        match self.publish(doc) {
+            Publication::Published(_) => PublishResult::Changed,
+            Publication::Unchanged | Publication::Ignored => PublishResult::Unchanged,
+        }
+    }
+
+    fn failure(&self, error: &FetchError, retry_in: Duration) {
+        self.fail(error.status(), error.cause(), error.to_string(), retry_in);
+    }
+
+    fn recovered(&self) {
+        self.recover();
+    }
 }
 
 /// What one poll produced.

@@ -19,6 +19,7 @@ mod resume;
 mod secrets;
 mod shutdown;
 mod streaming;
+mod transports;
 mod webhook;
 mod webhook_crash;
 mod wire;

@@ -15,7 +15,7 @@ use serde_json::Value;
 use crate::support::api::{MockApi, document};
 use crate::support::{Rebuilt, SOON, SseClient, SseEvent, TestApp, config, stream};
 
-const TOKEN: &str = "token-for-tests-0123456789";
+pub(crate) const TOKEN: &str = "token-for-tests-0123456789";
 const OTHER_TOKEN: &str = "other-token-for-tests-0123";
 
 fn token(name: &str, secret: &str) -> ProxyToken {
@@ -33,7 +33,7 @@ fn token(name: &str, secret: &str) -> ProxyToken {
     }
 }
 
-fn proxy_settings() -> ProxySettings {
+pub(crate) fn proxy_settings() -> ProxySettings {
     ProxySettings {
         allowed_hosts: vec![HostPattern::parse("127.0.0.1").unwrap()],
         allow_private: true,

@@ -1,33 +1,29 @@
-//! The SSE endpoint: `GET /streams/{name}`, snapshot then patches, resumable with `Last-Event-ID`.
+//! The SSE sink: one subscriber's events, snapshot then patches, resumable with
+//! `Last-Event-ID`, in either dialect.
 //!
-//! Each response body is a small state machine over the stream's broadcast receiver. It never
-//! serializes anything per subscriber: events arrive framed (and deflated, for gzip clients)
-//! inside the shared `Change`. A subscriber that falls more than the buffer behind gets the
-//! current snapshot (a resync) and continues from there.
-
-pub mod frame;
-pub mod native;
-
-pub use frame::EncodedEvent;
+//! A [`Writer`] is a small state machine over the stream's broadcast receiver, turning events
+//! into the bytes a subscriber is owed; both transports send them (`api::server`'s direct
+//! path straight to the socket, [`body`] through hyper). It never serializes anything per
+//! subscriber: it frames each event once, in the event's own [`crate::wire::Frames`], and
+//! every subscriber shares the bytes (deflated once, for gzip clients). A subscriber that falls
+//! more than the buffer behind gets the current snapshot (a resync) and continues from there.
+//! What a request subscribes to, and the response's headers, are decided above
+//! (`api::subscribe`): this module knows neither the proxy mode nor the configuration.
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
-use std::sync::{Arc, LazyLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
 use bytes::Bytes;
-use http::{HeaderMap, HeaderValue, Response, StatusCode, header};
 use prometheus_client::metrics::counter::Counter;
 use tokio::sync::broadcast::error::RecvError;
 
-use crate::hub::{
-    Change, Initial, Recovery, Resume, Stream, StreamEvent, Subscription, UpstreamFailure,
-};
+use crate::hub::{Change, Initial, Recovery, Stream, StreamEvent, Subscription, UpstreamFailure};
 use crate::snapshot::Snapshot;
-
-static KEEP_ALIVE: LazyLock<EncodedEvent> =
-    LazyLock::new(|| EncodedEvent::new(frame::comment("keep-alive")));
+use crate::wire::gzip::{self, GzipTrailer};
+use crate::wire::{self, Dialect, Frame, streamdata};
 
 /// How SSE responses are written.
 #[derive(Debug, Clone, Copy)]
@@ -40,171 +36,49 @@ pub struct SseOptions {
     pub dialect: Dialect,
 }
 
-/// The event vocabulary of a subscription: two views of the same stream.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Dialect {
-    /// patchwire's own: `snapshot`, `patch`, `error`; `Last-Event-ID` replays missed patches.
-    Native,
-    /// Streamdata.io's: `data` (the whole document, first on every connection), `patch`
-    /// (`add`/`remove`/`replace` only) and `error` as `{status, message, cause, timestamp,
-    /// sessionId}`. A reconnection starts with `data` again, as those SDKs expect.
-    Streamdata {
-        /// This connection's session id, reported in its `error` events.
-        session: u64,
-        /// Event data escapes every non-ASCII character as `\uXXXX` (`proxy.ascii_only`).
-        ascii_only: bool,
-    },
-}
-
-impl Dialect {
-    /// A Streamdata.io dialect with a fresh random session id; `ascii_only` as
-    /// `proxy.ascii_only` says.
-    pub fn streamdata(ascii_only: bool) -> Dialect {
-        Dialect::Streamdata {
-            session: rand::random(),
-            ascii_only,
-        }
+/// `change` as an event of `dialect`, framed once (on first use) and shared.
+pub fn change_frame(change: &Change, dialect: Dialect) -> &Frame {
+    match dialect {
+        Dialect::Native => change.frames.native(|| {
+            wire::native::change(&change.id().to_string(), change.kind, &change.payload)
+        }),
+        Dialect::Streamdata { ascii_only, .. } => change.frames.streamdata(ascii_only, || {
+            let id = change.id().to_string();
+            streamdata::change(&id, change.kind, &change.payload, ascii_only)
+        }),
     }
 }
 
-/// The Streamdata.io `data` event of `snapshot` on `stream`, framed once and shared (one
-/// framing per `ascii_only` value).
-pub fn data_event<'a>(
-    stream: &Stream,
-    snapshot: &'a Snapshot,
-    ascii_only: bool,
-) -> &'a EncodedEvent {
-    snapshot.streamdata[usize::from(ascii_only)].get_or_init(|| {
-        let id = stream.event_id(snapshot.seq).to_string();
-        EncodedEvent::new(streamdata_frame(&id, "data", &snapshot.json, ascii_only))
+/// `snapshot` of `stream` as an event of `dialect` (`snapshot`, or Streamdata.io's `data`),
+/// framed once (on first use) and shared.
+pub fn snapshot_frame<'a>(stream: &Stream, snapshot: &'a Snapshot, dialect: Dialect) -> &'a Frame {
+    let id = || stream.event_id(snapshot.seq).to_string();
+    match dialect {
+        Dialect::Native => snapshot
+            .frames
+            .native(|| wire::native::snapshot(&id(), &snapshot.json)),
+        Dialect::Streamdata { ascii_only, .. } => snapshot.frames.streamdata(ascii_only, || {
+            streamdata::data(&id(), &snapshot.json, ascii_only)
+        }),
+    }
+}
+
+/// The native `recovered` event of `recovery` on `stream`, framed once (on first use).
+pub fn recovery_frame<'a>(stream: &Stream, recovery: &'a Recovery) -> &'a Frame {
+    recovery.frames.native(|| {
+        let id = stream.event_id(recovery.seq).to_string();
+        wire::native::recovered(&id, recovery.since, recovery.failures, recovery.at)
     })
 }
 
-/// A Streamdata.io event: `data` is JSON, escaped to ASCII when `ascii_only`.
-pub fn streamdata_frame(id: &str, name: &str, data: &[u8], ascii_only: bool) -> bytes::Bytes {
-    if ascii_only {
-        frame::event(Some(id), name, &frame::ascii_json(data))
-    } else {
-        frame::event(Some(id), name, data)
-    }
-}
-
-/// The body of a Streamdata.io `error` event.
-pub fn streamdata_error(
-    status: u16,
-    message: &str,
-    cause: &str,
-    at: std::time::SystemTime,
-    session: u64,
-) -> serde_json::Value {
-    let timestamp = at
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64);
-    serde_json::json!({
-        "status": status,
-        "message": message,
-        "cause": cause,
-        "timestamp": timestamp,
-        "sessionId": format!("{session:016x}"),
-    })
-}
-
-/// The SSE `snapshot` event of `snapshot` on `stream`, framed once and shared.
-pub fn snapshot_event<'a>(stream: &Stream, snapshot: &'a Snapshot) -> &'a EncodedEvent {
-    snapshot.sse.get_or_init(|| {
-        let id = stream.event_id(snapshot.seq).to_string();
-        EncodedEvent::new(frame::event(Some(&id), "snapshot", &snapshot.json))
-    })
-}
-
-/// The `Last-Event-ID` to resume from: the header, else the `lastEventId` query parameter
-/// (for clients such as browsers' first connection that cannot set headers).
-pub fn resume_point(headers: &HeaderMap, query_last_event_id: Option<&str>) -> Resume {
-    let header = headers
-        .get("last-event-id")
-        .and_then(|v| v.to_str().ok())
-        .map(str::trim)
-        .filter(|s| !s.is_empty());
-    match header.or(query_last_event_id.map(str::trim).filter(|s| !s.is_empty())) {
-        Some(id) => Resume::After(id.to_owned()),
-        None => Resume::Fresh,
-    }
-}
-
-/// Whether the client accepts gzip (`Accept-Encoding` lists it with a non-zero q-value).
-pub fn accepts_gzip(headers: &HeaderMap) -> bool {
-    headers
-        .get_all(header::ACCEPT_ENCODING)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|item| {
-            let mut parts = item.split(';').map(str::trim);
-            let coding = parts.next().unwrap_or("");
-            let q_zero = parts.any(|p| {
-                p.strip_prefix("q=")
-                    .and_then(|q| q.trim().parse::<f32>().ok())
-                    .is_some_and(|q| q <= 0.0)
-            });
-            (coding.eq_ignore_ascii_case("gzip") || coding.eq_ignore_ascii_case("x-gzip"))
-                && !q_zero
-        })
-}
-
-/// Whether the client asked for the current document as plain JSON rather than a stream.
-pub fn wants_json(headers: &HeaderMap) -> bool {
-    let accept = headers
-        .get_all(header::ACCEPT)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .collect::<Vec<_>>()
-        .join(",");
-    let has = |media: &str| {
-        accept.split(',').any(|item| {
-            item.split(';')
-                .next()
-                .is_some_and(|m| m.trim().eq_ignore_ascii_case(media))
-        })
-    };
-    has("application/json") && !has("text/event-stream")
-}
-
-/// The complete SSE response for a subscription.
-pub fn response(subscription: Subscription, options: SseOptions) -> Response<Body> {
-    response_holding(subscription, options, ())
-}
-
-/// The complete SSE response for a subscription, keeping `hold` alive (e.g. a connection
-/// slot) until the response body is dropped.
-pub fn response_holding(
-    subscription: Subscription,
-    options: SseOptions,
-    hold: impl Send + 'static,
-) -> Response<Body> {
-    let mut builder = Response::builder()
-        .status(StatusCode::OK)
-        .header(header::CONTENT_TYPE, "text/event-stream")
-        .header(header::CACHE_CONTROL, "no-cache")
-        .header(header::VARY, "accept-encoding")
-        // Tell nginx-style reverse proxies not to buffer the stream.
-        .header("x-accel-buffering", HeaderValue::from_static("no"));
-    if options.gzip {
-        builder = builder.header(header::CONTENT_ENCODING, "gzip");
-    }
-    let body = Body::from_stream(events(subscription, options, hold));
-    builder
-        .body(body)
-        .unwrap_or_else(|_| Response::new(Body::empty()))
-}
-
-/// One subscriber's position in its stream and the bytes it is owed: what both the native
+/// One subscriber's position in its stream and the bytes it is owed: what both the direct
 /// path and the hyper body send. Transport-agnostic: it only turns events into shared `Bytes`.
 pub(crate) struct Writer {
     subscription: Subscription,
     stream: Arc<Stream>,
     pending: VecDeque<Bytes>,
     seq: u64,
-    gzip: Option<frame::GzipTrailer>,
+    gzip: Option<GzipTrailer>,
     sent: Counter,
     resyncs: Counter,
     dialect: Dialect,
@@ -224,7 +98,7 @@ impl Writer {
             seq: subscription.seq,
             stream,
             pending: VecDeque::new(),
-            gzip: options.gzip.then(frame::GzipTrailer::default),
+            gzip: options.gzip.then(GzipTrailer::default),
             sent: metrics.events_sent.get_or_create(&labels).clone(),
             resyncs: metrics.resyncs.get_or_create(&labels).clone(),
             dialect: options.dialect,
@@ -235,9 +109,9 @@ impl Writer {
         if options.gzip {
             writer
                 .pending
-                .push_back(Bytes::from_static(&frame::GZIP_HEADER));
+                .push_back(Bytes::from_static(&gzip::GZIP_HEADER));
         }
-        writer.push(&EncodedEvent::new(frame::retry(
+        writer.push(&Frame::new(wire::sse::retry(
             options.retry.as_millis() as u64
         )));
         for item in initial {
@@ -260,7 +134,7 @@ impl Writer {
         self.done && self.pending.is_empty()
     }
 
-    fn push(&mut self, event: &EncodedEvent) {
+    fn push(&mut self, event: &Frame) {
         match &mut self.gzip {
             Some(trailer) => {
                 let deflated = event.deflated();
@@ -271,50 +145,54 @@ impl Writer {
         }
     }
 
-    fn push_counted(&mut self, event: &EncodedEvent) {
+    fn push_counted(&mut self, event: &Frame) {
         self.push(event);
         self.sent.inc();
     }
 
     fn push_snapshot(&mut self, snapshot: &Snapshot) {
         let stream = self.stream.clone();
-        match self.dialect {
-            Dialect::Native => self.push_counted(snapshot_event(&stream, snapshot)),
-            Dialect::Streamdata { ascii_only, .. } => {
-                self.push_counted(data_event(&stream, snapshot, ascii_only))
-            }
-        }
+        self.push_counted(snapshot_frame(&stream, snapshot, self.dialect));
         self.seq = snapshot.seq;
     }
 
     fn push_change(&mut self, change: &Change) {
-        match self.dialect {
-            Dialect::Native => self.push_counted(&change.sse),
-            Dialect::Streamdata { ascii_only, .. } => {
-                self.push_counted(change.streamdata_event(ascii_only))
-            }
-        }
+        self.push_counted(change_frame(change, self.dialect));
     }
 
     fn push_failure(&mut self, failure: &UpstreamFailure) {
         self.failing = true;
         match self.dialect {
-            Dialect::Native => self.push_counted(&failure.sse),
+            Dialect::Native => {
+                let frame = failure.frames.native(|| {
+                    let id = self.stream.event_id(failure.seq).to_string();
+                    wire::native::error(
+                        &id,
+                        failure.status,
+                        &failure.message,
+                        failure.cause,
+                        failure.at,
+                        failure.retry_in,
+                    )
+                });
+                self.push_counted(frame);
+            }
             Dialect::Streamdata {
                 session,
                 ascii_only,
             } => {
                 // Per connection (it names the session); failures are rare.
-                let body = streamdata_error(
+                let id = self.stream.event_id(failure.seq).to_string();
+                let frame = streamdata::error(
+                    &id,
                     failure.status,
                     &failure.message,
                     failure.cause,
                     failure.at,
                     session,
+                    ascii_only,
                 );
-                let id = self.stream.event_id(failure.seq).to_string();
-                let frame = streamdata_frame(&id, "error", body.to_string().as_bytes(), ascii_only);
-                self.push_counted(&EncodedEvent::new(frame));
+                self.push_counted(&Frame::new(frame));
             }
         }
     }
@@ -326,7 +204,10 @@ impl Writer {
             return;
         }
         match self.dialect {
-            Dialect::Native => self.push_counted(&recovery.sse),
+            Dialect::Native => {
+                let stream = self.stream.clone();
+                self.push_counted(recovery_frame(&stream, recovery));
+            }
             Dialect::Streamdata { .. } => {}
         }
     }
@@ -348,7 +229,7 @@ impl Writer {
             }
             Ok(StreamEvent::Failure(failure)) => self.push_failure(&failure),
             Ok(StreamEvent::Recovered(recovery)) => self.push_recovery(&recovery),
-            Ok(StreamEvent::KeepAlive) => self.push(&KEEP_ALIVE),
+            Ok(StreamEvent::KeepAlive) => self.push(&wire::sse::KEEP_ALIVE),
             Err(RecvError::Lagged(_)) => {
                 self.resyncs.inc();
                 if let Some(snapshot) = self.stream.snapshot() {
@@ -376,7 +257,12 @@ impl Writer {
     }
 }
 
-/// The hyper body: `retry:`, the initial events, then live events until the stream closes.
+/// The hyper body of a subscription: `retry:`, the initial events, then live events until the
+/// stream closes, keeping `hold` alive (e.g. a connection slot) until the body is dropped.
+pub fn body(subscription: Subscription, options: SseOptions, hold: impl Send + 'static) -> Body {
+    Body::from_stream(events(subscription, options, hold))
+}
+
 fn events(
     subscription: Subscription,
     options: SseOptions,
@@ -398,52 +284,10 @@ fn events(
     )
 }
 
-/// How long a refused client is asked to wait before reconnecting.
-pub const REFUSAL_RETRY: Duration = Duration::from_secs(30);
-
-/// The SSE body that only says why a request was refused: `retry:` (long: the client should
-/// not hammer), then one `error` event. For clients such as Streamdata.io's SDKs, which drop
-/// non-200 responses without telling their user why.
-pub fn refusal_body(refusal: &crate::proxy::Refusal, dialect: Dialect) -> Vec<u8> {
-    let (session, ascii_only) = match dialect {
-        Dialect::Streamdata {
-            session,
-            ascii_only,
-        } => (session, ascii_only),
-        Dialect::Native => (0, false),
-    };
-    let error = streamdata_error(
-        refusal.status(),
-        &refusal.to_string(),
-        refusal.cause(),
-        std::time::SystemTime::now(),
-        session,
-    );
-    let mut body = frame::retry(REFUSAL_RETRY.as_millis() as u64).to_vec();
-    let error = error.to_string();
-    let error = if ascii_only {
-        frame::ascii_json(error.as_bytes())
-    } else {
-        std::borrow::Cow::Borrowed(error.as_bytes())
-    };
-    body.extend_from_slice(&frame::event(None, "error", &error));
-    body
-}
-
-/// The whole SSE response of a refusal (see [`refusal_body`]).
-pub fn refusal(refusal: &crate::proxy::Refusal, dialect: Dialect) -> Response<Body> {
-    let body = refusal_body(refusal, dialect);
-    Response::builder()
-        .status(StatusCode::OK)
-        .header(header::CONTENT_TYPE, "text/event-stream")
-        .header(header::CACHE_CONTROL, "no-cache")
-        .body(Body::from(body))
-        .unwrap_or_else(|_| Response::new(Body::empty()))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::hub::Resume;
 
     fn stream(buffer: usize) -> Arc<Stream> {
         let s = Arc::new(Stream::new(
@@ -532,53 +376,5 @@ mod tests {
         }
         w.next_live().await;
         assert_eq!(owed(&mut w), ["snapshot", "recovered"]);
-    }
-
-    #[test]
-    fn resume_point_prefers_the_header() {
-        let mut h = HeaderMap::new();
-        assert_eq!(resume_point(&h, None), Resume::Fresh);
-        assert_eq!(
-            resume_point(&h, Some("s:1:2")),
-            Resume::After("s:1:2".into())
-        );
-        h.insert("last-event-id", HeaderValue::from_static("s:1:3"));
-        assert_eq!(
-            resume_point(&h, Some("s:1:2")),
-            Resume::After("s:1:3".into())
-        );
-        h.insert("last-event-id", HeaderValue::from_static("  "));
-        assert_eq!(resume_point(&h, None), Resume::Fresh);
-    }
-
-    #[test]
-    fn accept_negotiation() {
-        let with = |v: &'static str| {
-            let mut h = HeaderMap::new();
-            h.insert(header::ACCEPT, HeaderValue::from_static(v));
-            wants_json(&h)
-        };
-        assert!(with("application/json"));
-        assert!(with("application/json; charset=utf-8"));
-        assert!(!with("text/event-stream"));
-        assert!(!with("*/*"));
-        assert!(!with("text/event-stream, application/json"));
-        assert!(!wants_json(&HeaderMap::new()));
-    }
-
-    #[test]
-    fn gzip_negotiation() {
-        let with = |v: &'static str| {
-            let mut h = HeaderMap::new();
-            h.insert(header::ACCEPT_ENCODING, HeaderValue::from_static(v));
-            accepts_gzip(&h)
-        };
-        assert!(with("gzip"));
-        assert!(with("br, gzip;q=0.5"));
-        assert!(with("GZIP"));
-        assert!(!with("gzip;q=0"));
-        assert!(!with("br, deflate"));
-        assert!(!with("identity"));
-        assert!(!accepts_gzip(&HeaderMap::new()));
     }
 }

@@ -1,7 +1,10 @@
-//! The accept loop: reads each connection's request head, serves SSE subscriptions natively
-//! (`sinks::sse::native`) and hands everything else to hyper (with the bytes already read
-//! replayed), with TCP_NODELAY, graceful shutdown, and a watchdog that closes hyper
-//! connections whose socket refuses writes for too long (stalled subscribers).
+//! The accept loop: reads each connection's request head (`head.rs`), serves a first HTTP/1.x
+//! request that is a subscription on the direct path (`direct.rs`) and hands everything else
+//! to hyper (with the bytes already read replayed, `rewind.rs`), with TCP_NODELAY, graceful
+//! shutdown, and a watchdog that closes hyper connections whose socket refuses writes for too
+//! long (stalled subscribers, `stall.rs`). Both paths ask the same function what a
+//! subscription request is (`api::subscribe`) and render its answer: the direct path as
+//! HTTP/1.1 bytes, hyper as a response, before the router sees the request.
 //!
 //! Every connection is bounded in time while it has no request in flight: `header_timeout`
 //! until its first request (HTTP/1 head, or HTTP/2 preface and first stream), `idle_timeout`
@@ -9,33 +12,40 @@
 //! short 503 and is closed, while the open ones keep being served. When accepting fails for
 //! want of file descriptors (EMFILE/ENFILE), the loop backs off (10ms doubling to 1s) and logs
 //! once per interval instead of once per error.
-//!
-//! The watchdog costs nothing while a connection drains: it sleeps on a `Notify` that the
-//! socket wrapper signals only when a write first returns `Pending`, and the stall clears as
-//! soon as a write succeeds again.
+
+mod direct;
+mod head;
+mod idle;
+mod rewind;
+mod stall;
+
+pub use direct::Stall;
 
 use std::io;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::body::Body;
-use bytes::{Bytes, BytesMut};
+use bytes::BytesMut;
+use http::{Method, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
-use tokio_util::task::TaskTracker;
-
-use crate::sinks::sse::native::{Dynamic, Head, NativeSse, parse_head};
-use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _, ReadBuf};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tower::Service;
+
+use super::subscribe::{self, Decision, Subscriptions};
+use crate::sinks::sse;
+use head::{Head, parse_head};
+use idle::{Activity, InFlight};
+use rewind::Rewind;
+use stall::Watched;
 
 /// How connections are served.
 #[derive(Debug, Clone, Copy)]
@@ -60,14 +70,16 @@ const REFUSAL_LINGER: Duration = Duration::from_secs(1);
 /// At most one log line per this interval for repeated accept failures or refusals.
 const LOG_INTERVAL: Duration = Duration::from_secs(10);
 /// Past this many bytes without a complete head, the connection is hyper's to judge.
-const MAX_NATIVE_HEAD: usize = 16 * 1024;
+const MAX_DIRECT_HEAD: usize = 16 * 1024;
 
-/// Serves on `listener` until `shutdown` is cancelled: SSE subscriptions natively, every
-/// other request through `router`; then waits up to the grace period for connections to end.
+/// Serves on `listener` until `shutdown` is cancelled: subscriptions as `subscriptions`
+/// decides (a connection's first HTTP/1.x one on the direct path), every other request through
+/// `router`; then waits up to the grace period for connections to end.
 pub async fn serve(
     listener: TcpListener,
     router: Router,
-    native: Arc<NativeSse>,
+    subscriptions: Arc<Subscriptions>,
+    stall: Stall,
     options: ServeOptions,
     shutdown: CancellationToken,
 ) {
@@ -75,7 +87,7 @@ pub async fn serve(
     let connections = TaskTracker::new();
     let mut builder = auto::Builder::new(TokioExecutor::new());
     // The idle watchdog bounds the wait for every request head after the first (which the
-    // native path reads within `header_timeout`), for HTTP/1 and HTTP/2 alike.
+    // direct path reads within `header_timeout`), for HTTP/1 and HTTP/2 alike.
     builder
         .http1()
         .timer(hyper_util::rt::TokioTimer::new())
@@ -124,7 +136,8 @@ pub async fn serve(
         }
         let connection = Connection {
             router: router.clone(),
-            native: native.clone(),
+            subscriptions: subscriptions.clone(),
+            stall: stall.clone(),
             builder: builder.clone(),
             watcher: graceful.watcher(),
             shutdown: shutdown.clone(),
@@ -151,7 +164,8 @@ pub async fn serve(
 /// One accepted connection and what it needs to be served.
 struct Connection {
     router: Router,
-    native: Arc<NativeSse>,
+    subscriptions: Arc<Subscriptions>,
+    stall: Stall,
     builder: Arc<auto::Builder<TokioExecutor>>,
     watcher: hyper_util::server::graceful::Watcher,
     shutdown: CancellationToken,
@@ -181,38 +195,41 @@ impl Connection {
         if prefix.is_empty() {
             return;
         }
-        let head = parse_head(&prefix);
-        if let Some(accepted) = self.native.accept(&head) {
-            self.native.serve(tcp, accepted).await;
-            return;
-        }
-        match self.native.accept_dynamic(&head).await {
-            Some(Dynamic::Accepted(accepted)) => {
-                self.native.serve(tcp, accepted).await;
-                return;
+        if let Some((target, headers)) = parse_head(&prefix).subscription_request() {
+            let (path, query) = match target.split_once('?') {
+                Some((path, query)) => (path, Some(query)),
+                None => (target, None),
+            };
+            let request = subscribe::Request {
+                method: &Method::GET,
+                path,
+                query,
+                headers,
+            };
+            match self.subscriptions.decide(&request).await {
+                Some(Decision::Subscribe(subscribe)) => {
+                    return self.stall.serve(tcp, subscribe).await;
+                }
+                Some(Decision::Answer(answer)) => return self.stall.answer(tcp, answer).await,
+                None => {}
             }
-            Some(Dynamic::Refused(response)) => {
-                self.native.refuse(tcp, response).await;
-                return;
-            }
-            None => {}
         }
         let (io, watch) = Watched::new(tcp);
         let io = Rewind::new(prefix.freeze(), io);
         let router = self.router;
+        let subscriptions = self.subscriptions;
         let activity = Arc::new(Activity::default());
         let tracked = activity.clone();
         let service = hyper::service::service_fn(move |request: http::Request<Incoming>| {
             let in_flight = InFlight::start(tracked.clone());
             let mut router = router.clone();
+            let subscriptions = subscriptions.clone();
             async move {
-                let response = router.call(request).await?;
-                Ok::<_, std::convert::Infallible>(response.map(|body| {
-                    Body::new(TrackedBody {
-                        body,
-                        _in_flight: in_flight,
-                    })
-                }))
+                let response = match decide(&subscriptions, &request).await {
+                    Some(decision) => render(decision, request.method() == Method::HEAD),
+                    None => router.call(request).await?,
+                };
+                Ok::<_, std::convert::Infallible>(response.map(|body| in_flight.track(body)))
             }
         });
         let connection = self
@@ -226,15 +243,55 @@ impl Connection {
                     tracing::debug!(%peer, error = %error, "connection ended with an error");
                 }
             }
-            () = watch.stalled_for(self.native.stall_timeout) => {
-                self.native.stalled.inc();
-                tracing::info!(%peer, timeout = ?self.native.stall_timeout, "closing a connection that stopped reading");
+            () = watch.stalled_for(self.stall.timeout) => {
+                self.stall.stalled.inc();
+                tracing::info!(%peer, timeout = ?self.stall.timeout, "closing a connection that stopped reading");
             }
             () = activity.idle_for(self.header_timeout, self.idle_timeout) => {
                 tracing::debug!(%peer, "closing a connection with no request in flight");
             }
         }
     }
+}
+
+/// What `subscriptions` makes of a request hyper read.
+async fn decide(
+    subscriptions: &Subscriptions,
+    request: &http::Request<Incoming>,
+) -> Option<Decision> {
+    let request = subscribe::Request {
+        method: request.method(),
+        path: request.uri().path(),
+        query: request.uri().query(),
+        headers: request.headers(),
+    };
+    subscriptions.decide(&request).await
+}
+
+/// A subscription decision as hyper's response (without a body for `HEAD`).
+fn render(decision: Decision, head_only: bool) -> Response<Body> {
+    let (status, headers, body) = match decision {
+        Decision::Subscribe(subscribe) => {
+            let body = if head_only {
+                Body::empty()
+            } else {
+                sse::body(subscribe.subscription, subscribe.options, subscribe.hold)
+            };
+            (StatusCode::OK, subscribe.headers, body)
+        }
+        Decision::Answer(answer) => {
+            let body = if head_only {
+                Body::empty()
+            } else {
+                Body::from(answer.body)
+            };
+            (answer.status, answer.headers, body)
+        }
+    };
+    let mut response = Response::new(body);
+    *response.status_mut() = status;
+    response.headers_mut().extend(headers);
+    response
 }
 
 /// Answers a connection past `max_connections` with a 503 and closes it, after giving the
@@ -322,85 +379,6 @@ impl AcceptBackoff {
     }
 }
 
-/// The requests in flight on one hyper connection, so that one without any can be closed.
-#[derive(Default)]
-struct Activity {
-    in_flight: AtomicUsize,
-    /// Whether a request has started: until then the connection is bounded by
-    /// `header_timeout`, after by `idle_timeout`.
-    started: AtomicBool,
-    changed: Notify,
-}
-
-impl Activity {
-    /// Resolves once the connection has had no request in flight for `first` (before its
-    /// first request) or `idle` (after it).
-    async fn idle_for(&self, first: Duration, idle: Duration) {
-        loop {
-            let changed = self.changed.notified();
-            tokio::pin!(changed);
-            changed.as_mut().enable();
-            if self.in_flight.load(Ordering::Acquire) > 0 {
-                changed.await;
-                continue;
-            }
-            let limit = if self.started.load(Ordering::Acquire) {
-                idle
-            } else {
-                first
-            };
-            if tokio::time::timeout(limit, changed).await.is_err() {
-                return;
-            }
-        }
-    }
-}
-
-/// One request in flight, from the service call until its response body is dropped.
-struct InFlight(Arc<Activity>);
-
-impl InFlight {
-    fn start(activity: Arc<Activity>) -> Self {
-        activity.started.store(true, Ordering::Release);
-        activity.in_flight.fetch_add(1, Ordering::AcqRel);
-        activity.changed.notify_waiters();
-        InFlight(activity)
-    }
-}
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
-        self.0.changed.notify_waiters();
-    }
-}
-
-/// A response body that keeps its request counted as in flight until it is dropped.
-struct TrackedBody {
-    body: Body,
-    _in_flight: InFlight,
-}
-
-impl http_body::Body for TrackedBody {
-    type Data = Bytes;
-    type Error = axum::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<http_body::Frame<Bytes>, axum::Error>>> {
-        Pin::new(&mut self.body).poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
-    }
-
-    fn size_hint(&self) -> http_body::SizeHint {
-        self.body.size_hint()
-    }
-}
-
 /// Reads until a complete request head (or something that is not one, or enough bytes that
 /// hyper should judge) has arrived; returns everything read. Empty: the peer closed first.
 async fn read_head(tcp: &TcpStream) -> io::Result<BytesMut> {
@@ -414,194 +392,13 @@ async fn read_head(tcp: &TcpStream) -> io::Result<BytesMut> {
         match tcp.try_read_buf(&mut buf) {
             Ok(0) => return Ok(buf),
             Ok(_) => {
-                if buf.len() >= MAX_NATIVE_HEAD || !matches!(parse_head(&buf), Head::Partial) {
+                if buf.len() >= MAX_DIRECT_HEAD || !matches!(parse_head(&buf), Head::Partial) {
                     return Ok(buf);
                 }
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
             Err(e) => return Err(e),
         }
-    }
-}
-
-/// A socket whose first reads replay bytes already read from it.
-struct Rewind<T> {
-    prefix: Bytes,
-    inner: T,
-}
-
-impl<T> Rewind<T> {
-    fn new(prefix: Bytes, inner: T) -> Self {
-        Rewind { prefix, inner }
-    }
-}
-
-impl<T: AsyncRead + Unpin> AsyncRead for Rewind<T> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        if !self.prefix.is_empty() {
-            let n = self.prefix.len().min(buf.remaining());
-            let chunk = self.prefix.split_to(n);
-            buf.put_slice(&chunk);
-            return Poll::Ready(Ok(()));
-        }
-        Pin::new(&mut self.inner).poll_read(cx, buf)
-    }
-}
-
-impl<T: AsyncWrite + Unpin> AsyncWrite for Rewind<T> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-}
-
-/// Shared between a socket wrapper and its watchdog.
-struct StallState {
-    start: Instant,
-    /// Milliseconds since `start` at which writes began to be refused, plus one; 0 = flowing.
-    since: AtomicU64,
-    began: Notify,
-}
-
-impl StallState {
-    fn now(&self) -> u64 {
-        self.start.elapsed().as_millis() as u64 + 1
-    }
-}
-
-/// A TCP stream that records when writes stop going through.
-struct Watched {
-    inner: TcpStream,
-    state: Arc<StallState>,
-}
-
-/// The watchdog side of a `Watched` socket.
-struct Watch {
-    state: Arc<StallState>,
-}
-
-impl Watched {
-    fn new(inner: TcpStream) -> (Self, Watch) {
-        let state = Arc::new(StallState {
-            start: Instant::now(),
-            since: AtomicU64::new(0),
-            began: Notify::new(),
-        });
-        (
-            Watched {
-                inner,
-                state: state.clone(),
-            },
-            Watch { state },
-        )
-    }
-
-    fn note<T>(&self, poll: &Poll<T>) {
-        match poll {
-            Poll::Pending => {
-                if self.state.since.load(Ordering::Relaxed) == 0 {
-                    self.state.since.store(self.state.now(), Ordering::Relaxed);
-                    self.state.began.notify_one();
-                }
-            }
-            Poll::Ready(_) => {
-                if self.state.since.load(Ordering::Relaxed) != 0 {
-                    self.state.since.store(0, Ordering::Relaxed);
-                }
-            }
-        }
-    }
-}
-
-impl Watch {
-    /// Resolves once writes have been refused continuously for `timeout`.
-    async fn stalled_for(self, timeout: Duration) {
-        let timeout_ms = timeout.as_millis() as u64;
-        loop {
-            self.state.began.notified().await;
-            loop {
-                let since = self.state.since.load(Ordering::Relaxed);
-                if since == 0 {
-                    break;
-                }
-                let elapsed = self.state.now().saturating_sub(since);
-                if elapsed >= timeout_ms {
-                    return;
-                }
-                tokio::time::sleep(Duration::from_millis(timeout_ms - elapsed)).await;
-            }
-        }
-    }
-}
-
-impl AsyncRead for Watched {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for Watched {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        let poll = Pin::new(&mut self.inner).poll_write(cx, buf);
-        self.note(&poll);
-        poll
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        let poll = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
-        self.note(&poll);
-        poll
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
 

@@ -1,0 +1,98 @@
+//! `GET /streams`: every stream, its upstream and its last polls, and the proxy mode's
+//! dynamic streams (counted, never named by URL: URLs may carry credentials).
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use axum::extract::State;
+use axum::response::{IntoResponse, Response};
+use serde_json::{Value, json};
+
+use super::AppState;
+use crate::hub::Stream;
+use crate::proxy::Proxy;
+use crate::redact::Redacted;
+use crate::upstream::poller::{LastOutcome, PollStatus};
+
+/// A polled upstream as shown in the listing.
+pub struct PolledUpstream {
+    /// Its URL, redacted.
+    pub url: Redacted,
+    /// The poll interval.
+    pub interval: Duration,
+    /// The linger period of an on-demand stream.
+    pub on_demand: Option<Duration>,
+    /// Its poller's last polls.
+    pub status: Arc<PollStatus>,
+}
+
+impl PolledUpstream {
+    /// A JSON object describing the upstream and its last polls.
+    fn describe(&self) -> Value {
+        let report = self.status.read();
+        let outcome = report.last_outcome.as_ref().map(|o| match o {
+            LastOutcome::Changed => json!({"result": "changed"}),
+            LastOutcome::Unchanged => json!({"result": "unchanged"}),
+            LastOutcome::NotModified => json!({"result": "not-modified"}),
+            LastOutcome::Failed { status, message } => {
+                json!({"result": "error", "status": status, "message": &**message})
+            }
+        });
+        let time = |t: Option<SystemTime>| t.map(httpdate::fmt_http_date);
+        json!({
+            "url": self.url.as_str(),
+            "interval_ms": self.interval.as_millis() as u64,
+            "on_demand": self.on_demand.map(|linger| json!({"linger_ms": linger.as_millis() as u64})),
+            "last_poll_at": time(report.last_poll_started),
+            "last_outcome": outcome,
+            "consecutive_failures": report.consecutive_failures,
+            "requests": report.upstream_requests,
+            "next_poll_at": time(report.next_poll_due),
+        })
+    }
+}
+
+/// The listing: every stream, then the dynamic ones' summary (`null` without the proxy mode).
+pub async fn list_streams(State(state): State<Arc<AppState>>) -> Response {
+    let streams: Vec<Value> = state
+        .hub
+        .all()
+        .iter()
+        .map(|s| describe_stream(s, state.upstreams.get(s.name())))
+        .collect();
+    let dynamic = state.proxy.as_deref().map(describe_proxy);
+    axum::Json(json!({ "streams": streams, "dynamic": dynamic })).into_response()
+}
+
+fn rfc3339ish(at: Option<SystemTime>) -> Value {
+    at.map_or(Value::Null, |t| Value::String(httpdate::fmt_http_date(t)))
+}
+
+/// One stream in the listing.
+fn describe_stream(stream: &Stream, upstream: Option<&PolledUpstream>) -> Value {
+    let failure = stream.failure().map(
+        |f| json!({"status": f.status, "message": f.message, "at": httpdate::fmt_http_date(f.at)}),
+    );
+    json!({
+        "name": stream.name(),
+        "path": format!("/streams/{}", stream.name()),
+        "epoch": stream.epoch(),
+        "seq": stream.seq(),
+        "subscribers": stream.subscriber_count(),
+        "changes_published": stream.changes_published(),
+        "last_change_at": rfc3339ish(stream.last_change_at()),
+        "failing": failure,
+        "upstream": upstream.map(PolledUpstream::describe),
+    })
+}
+
+/// The dynamic streams' summary (no URLs: they may carry credentials).
+fn describe_proxy(proxy: &Proxy) -> Value {
+    let settings = proxy.settings();
+    json!({
+        "streams": proxy.streams().len(),
+        "max_streams": settings.max_streams,
+        "snapshot_bytes": proxy.streams().snapshot_bytes(),
+        "max_memory_bytes": settings.max_memory,
+    })
+}
