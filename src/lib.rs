@@ -37,6 +37,7 @@
 
 pub mod api;
 pub mod app;
+pub mod cluster;
 pub mod config;
 pub mod diff;
 pub mod hub;
