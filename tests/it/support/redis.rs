@@ -24,9 +24,10 @@ impl RedisServer {
             .status()
             .is_err()
         {
-            return crate::diff_support::skip(
-                "redis-server is not installed (Debian: apt-get install redis-server)",
-            );
+            let why = "redis-server is not installed (Debian: apt-get install redis-server)";
+            assert!(std::env::var("CI").as_deref() != Ok("true"), "CI=true and {why}");
+            eprintln!("SKIP: {why}");
+            return None;
         }
         let dir = tempfile::tempdir().expect("temp dir for redis");
         let port = free_port();
