@@ -11,9 +11,11 @@
 //! - [`scripts`]: the Lua scripts that make each operation atomic.
 //! - [`store`]: typed operations over those scripts.
 //! - [`message`]: what nodes announce to each other.
+//! - [`lease`]: the lease keeper of each stream and the membership heartbeat.
 //! - [`rendezvous`]: which node should hold which stream's lease.
 
 pub mod keys;
+pub mod lease;
 pub mod message;
 pub mod rendezvous;
 pub mod scripts;

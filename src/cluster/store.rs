@@ -363,6 +363,24 @@ impl Store {
         })
     }
 
+    /// Who holds `stream`'s lease and for how much longer, `None` when it is free.
+    pub async fn holder(&self, stream: &str) -> Result<Option<(String, Duration)>, StoreError> {
+        let lease = self.stream_keys(stream).lease;
+        let mut connection = self.connection.clone();
+        let (value, pttl): (Option<String>, i64) = redis::pipe()
+            .get(&lease)
+            .pttl(&lease)
+            .query_async(&mut connection)
+            .await?;
+        Ok(value.map(|value| {
+            let holder = value
+                .rsplit_once(' ')
+                .map_or(value.as_str(), |(node, _)| node);
+            let left = Duration::from_millis(u64::try_from(pttl).unwrap_or(0));
+            (holder.to_owned(), left)
+        }))
+    }
+
     /// Extends a held lease; `false` when it is no longer `node`'s with `fence`.
     pub async fn renew(
         &self,

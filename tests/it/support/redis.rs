@@ -25,7 +25,10 @@ impl RedisServer {
             .is_err()
         {
             let why = "redis-server is not installed (Debian: apt-get install redis-server)";
-            assert!(std::env::var("CI").as_deref() != Ok("true"), "CI=true and {why}");
+            assert!(
+                std::env::var("CI").as_deref() != Ok("true"),
+                "CI=true and {why}"
+            );
             eprintln!("SKIP: {why}");
             return None;
         }

@@ -1,0 +1,338 @@
+//! Who polls which stream: each node keeps a lease keeper per stream that takes the stream's
+//! lease when the node is its rendezvous owner (or next in line once the lease has been free
+//! long enough), renews it, hands it over when a better-placed node is live, and gives it up
+//! on shutdown. The keeper only says whether the node holds the lease (a `watch`); whoever
+//! drives the poller follows that.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use tokio::sync::{Notify, watch};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::rendezvous;
+use super::store::{Lease, PollState, Retention, Store};
+
+/// The lease a node holds on a stream, as its poller needs it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Holding {
+    /// The fence every write carries.
+    pub fence: u64,
+    /// What earlier holders learned from the upstream.
+    pub poll: PollState,
+    /// Redis's time when the lease was taken (ms), to schedule the first poll one interval
+    /// after the last one, whichever node made it.
+    pub now_ms: u64,
+}
+
+/// The live nodes, as the membership loop last saw them.
+pub type Nodes = watch::Receiver<Arc<[String]>>;
+
+/// Wakes the keepers of streams whose lease was announced free.
+#[derive(Debug, Default)]
+pub struct Releases {
+    waiting: Mutex<HashMap<String, Arc<Notify>>>,
+}
+
+impl Releases {
+    /// The notification of `stream`'s releases.
+    pub fn of(&self, stream: &str) -> Arc<Notify> {
+        let mut waiting = self.waiting.lock().unwrap_or_else(PoisonError::into_inner);
+        waiting.entry(stream.to_owned()).or_default().clone()
+    }
+
+    /// Someone gave up `stream`'s lease.
+    pub fn released(&self, stream: &str) {
+        let waiting = self.waiting.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(notify) = waiting.get(stream) {
+            notify.notify_one();
+        }
+    }
+
+    /// Stops tracking `stream` (a dynamic stream that ended).
+    pub fn forget(&self, stream: &str) {
+        let mut waiting = self.waiting.lock().unwrap_or_else(PoisonError::into_inner);
+        waiting.remove(stream);
+    }
+}
+
+/// One stream's lease keeper.
+pub struct Keeper {
+    /// The Redis store.
+    pub store: Store,
+    /// This node's id.
+    pub node: Arc<str>,
+    /// The stream.
+    pub stream: String,
+    /// How long a lease lives without renewal.
+    pub ttl: Duration,
+    /// How the stream's keys are kept (their TTL is refreshed with the lease's meta).
+    pub retention: Retention,
+    /// The live nodes.
+    pub nodes: Nodes,
+    /// Rings when the lease is announced free.
+    pub released: Arc<Notify>,
+    /// What the keeper tells the poller's driver.
+    pub held: watch::Sender<Option<Holding>>,
+}
+
+/// What the keeper does next, decided from what it knows (pure, so it is tested alone).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    /// Try to take the lease now.
+    Acquire,
+    /// Look whether the lease is free (a node further down the ranking).
+    Peek,
+    /// Renew the held lease.
+    Renew,
+    /// Give the held lease to the node that should hold it.
+    HandOver,
+}
+
+/// The keeper's next step: `held` whether it holds the lease, `rank` its place in the
+/// stream's ranking (`None`: not yet listed live), `free_for` how long it has seen the lease
+/// free, `better_for` how long a node ranked above it has been live while it held the lease.
+pub fn next_step(
+    held: bool,
+    rank: Option<usize>,
+    free_for: Option<Duration>,
+    better_for: Option<Duration>,
+    step: Duration,
+) -> Step {
+    if held {
+        return match better_for {
+            // One full step of seeing the better node live: not a blip of a heartbeat.
+            Some(seen) if seen >= step => Step::HandOver,
+            _ => Step::Renew,
+        };
+    }
+    match (rank, free_for) {
+        (Some(0), _) => Step::Acquire,
+        // Next in line waits its turn after the lease was seen free, so the owner (who was
+        // woken by the release, or checks every step) goes first.
+        (Some(rank), Some(free)) if free >= step * u32::try_from(rank).unwrap_or(u32::MAX) => {
+            Step::Acquire
+        }
+        // Not listed live (yet): last in line.
+        (None, Some(free)) if free >= step * 8 => Step::Acquire,
+        _ => Step::Peek,
+    }
+}
+
+impl Keeper {
+    /// Renewal period: a third of the TTL, so two renewals may fail before the lease expires.
+    fn step(&self) -> Duration {
+        (self.ttl / 3).max(Duration::from_millis(10))
+    }
+
+    /// Keeps the lease until `shutdown`, then gives it up at once (the next node takes it
+    /// without waiting for the TTL).
+    pub async fn run(mut self, shutdown: CancellationToken) {
+        let step = self.step();
+        let mut fence: Option<u64> = None;
+        let mut renewed = Instant::now();
+        let mut free_since: Option<Instant> = None;
+        let mut better_since: Option<Instant> = None;
+        loop {
+            let now = Instant::now();
+            let live = self.nodes.borrow().clone();
+            let ranking = rendezvous::ranking(&self.stream, &live);
+            let rank = ranking.iter().position(|n| **n == *self.node);
+            let better = fence.is_some() && rank.is_some_and(|r| r > 0);
+            better_since = if better {
+                Some(better_since.unwrap_or(now))
+            } else {
+                None
+            };
+            let mut wake = now + step;
+            match next_step(
+                fence.is_some(),
+                rank,
+                free_since.map(|t| now.duration_since(t)),
+                better_since.map(|t| now.duration_since(t)),
+                step,
+            ) {
+                Step::Renew => {
+                    let held = fence.unwrap_or(0);
+                    match self
+                        .store
+                        .renew(&self.stream, &self.node, held, self.ttl)
+                        .await
+                    {
+                        Ok(true) => renewed = Instant::now(),
+                        Ok(false) => {
+                            tracing::warn!(stream = %self.stream, "lease lost to another node");
+                            fence = None;
+                        }
+                        Err(error) => {
+                            // Redis is unreachable: the lease may still be ours until its TTL
+                            // runs out, counted from the last renewal that succeeded. Past
+                            // that another node may hold it, so stop polling.
+                            if renewed.elapsed() + step >= self.ttl {
+                                tracing::warn!(stream = %self.stream, %error, "cannot renew the lease; no longer polling");
+                                fence = None;
+                            }
+                        }
+                    }
+                    if fence.is_none() {
+                        self.held.send_replace(None);
+                    }
+                }
+                Step::HandOver => {
+                    let held = fence.take().unwrap_or(0);
+                    self.held.send_replace(None);
+                    tracing::info!(stream = %self.stream, to = ?ranking.first(), "handing the lease over");
+                    if let Err(error) = self.store.release(&self.stream, &self.node, held).await {
+                        tracing::debug!(stream = %self.stream, %error, "release failed; the lease expires instead");
+                    }
+                    better_since = None;
+                }
+                Step::Peek => match self.store.holder(&self.stream).await {
+                    Ok(Some((_, left))) => {
+                        free_since = None;
+                        // Look again right after it would expire, or at the next step.
+                        wake = now + left.min(step) + Duration::from_millis(5);
+                    }
+                    Ok(None) => {
+                        free_since.get_or_insert(now);
+                        wake = now + (step / 4).max(Duration::from_millis(5));
+                    }
+                    Err(_) => {}
+                },
+                Step::Acquire => {
+                    match self
+                        .store
+                        .acquire(&self.stream, &self.node, self.ttl, &self.retention)
+                        .await
+                    {
+                        Ok(Lease::Held {
+                            fence: taken,
+                            poll,
+                            now_ms,
+                        }) => {
+                            tracing::info!(stream = %self.stream, fence = taken, "lease taken");
+                            fence = Some(taken);
+                            renewed = Instant::now();
+                            free_since = None;
+                            self.held.send_replace(Some(Holding {
+                                fence: taken,
+                                poll,
+                                now_ms,
+                            }));
+                        }
+                        Ok(Lease::HeldBy(_)) => free_since = None,
+                        Err(error) => {
+                            tracing::debug!(stream = %self.stream, %error, "cannot take the lease");
+                        }
+                    }
+                }
+            }
+            tokio::select! {
+                biased;
+                () = shutdown.cancelled() => break,
+                () = tokio::time::sleep_until(wake) => {}
+                _ = self.nodes.changed() => {}
+                () = self.released.notified() => {
+                    free_since.get_or_insert(Instant::now());
+                }
+            }
+        }
+        if let Some(held) = fence {
+            self.held.send_replace(None);
+            match self.store.release(&self.stream, &self.node, held).await {
+                Ok(_) => tracing::debug!(stream = %self.stream, "lease given up"),
+                Err(error) => {
+                    tracing::debug!(stream = %self.stream, %error, "release failed; the lease expires instead");
+                }
+            }
+        }
+    }
+}
+
+/// Keeps this node in the live set (a heartbeat every third of `ttl`), publishes the live
+/// nodes and whether Redis answers, and leaves the set on shutdown.
+pub async fn membership(
+    store: Store,
+    node: Arc<str>,
+    ttl: Duration,
+    nodes: watch::Sender<Arc<[String]>>,
+    reachable: watch::Sender<bool>,
+    shutdown: CancellationToken,
+) {
+    let step = (ttl / 3).max(Duration::from_millis(10));
+    loop {
+        match store.heartbeat(&node, Some(ttl)).await {
+            Ok(live) => {
+                let live: Arc<[String]> = live.into();
+                nodes.send_if_modified(|current| {
+                    let changed = **current != *live;
+                    if changed {
+                        *current = live;
+                    }
+                    changed
+                });
+                reachable.send_if_modified(|up| !std::mem::replace(up, true));
+            }
+            Err(error) => {
+                if reachable.send_if_modified(|up| std::mem::replace(up, false)) {
+                    tracing::warn!(%error, "redis unreachable; serving the last known documents");
+                }
+            }
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => break,
+            () = tokio::time::sleep(step) => {}
+        }
+    }
+    if let Err(error) = store.heartbeat(&node, None).await {
+        tracing::debug!(%error, "could not leave the live set; it expires instead");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const STEP: Duration = Duration::from_millis(100);
+
+    #[test]
+    fn the_owner_takes_a_lease_at_once() {
+        assert_eq!(next_step(false, Some(0), None, None, STEP), Step::Acquire);
+    }
+
+    #[test]
+    fn others_wait_their_turn_after_the_lease_is_free() {
+        assert_eq!(next_step(false, Some(2), None, None, STEP), Step::Peek);
+        assert_eq!(
+            next_step(false, Some(2), Some(STEP), None, STEP),
+            Step::Peek
+        );
+        assert_eq!(
+            next_step(false, Some(2), Some(STEP * 2), None, STEP),
+            Step::Acquire
+        );
+        assert_eq!(
+            next_step(false, None, Some(STEP * 7), None, STEP),
+            Step::Peek
+        );
+        assert_eq!(
+            next_step(false, None, Some(STEP * 8), None, STEP),
+            Step::Acquire
+        );
+    }
+
+    #[test]
+    fn a_holder_hands_over_only_to_a_node_seen_live_for_a_step() {
+        assert_eq!(next_step(true, Some(1), None, None, STEP), Step::Renew);
+        assert_eq!(
+            next_step(true, Some(1), None, Some(STEP / 2), STEP),
+            Step::Renew
+        );
+        assert_eq!(
+            next_step(true, Some(1), None, Some(STEP), STEP),
+            Step::HandOver
+        );
+    }
+}
