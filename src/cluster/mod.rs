@@ -7,6 +7,7 @@
 //! paused can never publish after its successor. Changes are announced over pub/sub (a hint:
 //! gaps are filled from the log) and every node applies them to its hub in sequence order.
 //!
+//! - [`follow`]: applies the log to the local hub, announcements first, gaps from the log.
 //! - [`keys`]: key names, one hash tag per stream.
 //! - [`scripts`]: the Lua scripts that make each operation atomic.
 //! - [`store`]: typed operations over those scripts.
@@ -14,6 +15,7 @@
 //! - [`lease`]: the lease keeper of each stream and the membership heartbeat.
 //! - [`rendezvous`]: which node should hold which stream's lease.
 
+pub mod follow;
 pub mod keys;
 pub mod lease;
 pub mod message;

@@ -183,3 +183,57 @@ end
 redis.call('PUBLISH', ARGV[3], ARGV[4])
 return 1
 ";
+
+/// A rate limit shared by the cluster, as GCRA (the generic cell rate algorithm, as governor
+/// applies it locally): one timestamp per limit, the theoretical arrival time of the next
+/// request. KEYS: the limit's key. ARGV: 1 emission interval (µs: the period divided by the
+/// quota), 2 burst (requests allowed at once).
+///
+/// Returns 0 when the request may go now (and counts it), else the µs to wait.
+pub const RATE: &str = r"
+local t = redis.call('TIME')
+local now = t[1] * 1000000 + t[2]
+local interval, burst = tonumber(ARGV[1]), tonumber(ARGV[2])
+local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
+if tat < now then tat = now end
+local allow_at = tat - interval * (burst - 1)
+if now < allow_at then return allow_at - now end
+tat = tat + interval
+redis.call('SET', KEYS[1], string.format('%.0f', tat), 'PX', math.ceil((tat - now) / 1000) + 1)
+return 0
+";
+
+/// Counts a proxy token's open connections across the cluster: one hash field per node,
+/// `count:expiry_ms`, refreshed by its node; a node that died stops counting once its entry
+/// expires. KEYS: the token's hash. ARGV: 1 node, 2 change (`1` to admit one more, `-1` to
+/// release one, `0` to refresh), 3 limit, 4 entry TTL (ms).
+///
+/// Returns the cluster-wide count after the change, or -1 when admitting would pass the limit
+/// (nothing changes then).
+pub const CONNECTIONS: &str = r"
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+local node, change, limit = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local entries = redis.call('HGETALL', KEYS[1])
+local total, mine = 0, 0
+for i = 1, #entries, 2 do
+  local count, expiry = string.match(entries[i + 1], '^(%d+):(%d+)$')
+  count, expiry = tonumber(count or '0'), tonumber(expiry or '0')
+  if entries[i] == node then
+    mine = count
+  elseif expiry < now then
+    redis.call('HDEL', KEYS[1], entries[i])
+  else
+    total = total + count
+  end
+end
+if change > 0 and total + mine + change > limit then return -1 end
+mine = math.max(0, mine + change)
+if mine == 0 then
+  redis.call('HDEL', KEYS[1], node)
+else
+  redis.call('HSET', KEYS[1], node, mine .. ':' .. (now + tonumber(ARGV[4])))
+end
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
+return total + mine
+";

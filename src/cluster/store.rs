@@ -143,6 +143,8 @@ pub struct Store {
     heartbeat: Script,
     polled: Script,
     health: Script,
+    rate: Script,
+    connections: Script,
 }
 
 impl std::fmt::Debug for Store {
@@ -165,6 +167,8 @@ impl Store {
             heartbeat: Script::new(scripts::HEARTBEAT),
             polled: Script::new(scripts::POLLED),
             health: Script::new(scripts::HEALTH),
+            rate: Script::new(scripts::RATE),
+            connections: Script::new(scripts::CONNECTIONS),
         }
     }
 
@@ -456,6 +460,54 @@ impl Store {
             .invoke_async(&mut connection)
             .await?;
         Ok((at != 0).then_some(at))
+    }
+
+    /// Asks the shared rate limit `name` (`quota` requests per `period`, at most `burst` at
+    /// once) for one request: `None` when it may go now, else how long to wait.
+    pub async fn rate(
+        &self,
+        name: &str,
+        quota: u32,
+        period: Duration,
+        burst: u32,
+    ) -> Result<Option<Duration>, StoreError> {
+        let interval = u64::try_from(period.as_micros() / u128::from(quota.max(1)))
+            .unwrap_or(u64::MAX)
+            .max(1);
+        let mut connection = self.connection.clone();
+        let wait: u64 = self
+            .rate
+            .key(self.keys.rate(name))
+            .arg(interval)
+            .arg(burst.max(1))
+            .invoke_async(&mut connection)
+            .await?;
+        Ok((wait > 0).then(|| Duration::from_micros(wait)))
+    }
+
+    /// Changes `node`'s count of connections for the token whose digest is `token` by
+    /// `change` (+1 admits one if the cluster-wide count stays within `limit`; -1 releases
+    /// one; 0 refreshes the entry, which expires `ttl` after its last change). Returns the
+    /// cluster-wide count, `None` when admission was refused.
+    pub async fn connections(
+        &self,
+        token: &str,
+        node: &str,
+        change: i64,
+        limit: u64,
+        ttl: Duration,
+    ) -> Result<Option<u64>, StoreError> {
+        let mut connection = self.connection.clone();
+        let count: i64 = self
+            .connections
+            .key(self.keys.token_connections(token))
+            .arg(node)
+            .arg(change)
+            .arg(limit)
+            .arg(millis(ttl))
+            .invoke_async(&mut connection)
+            .await?;
+        Ok(u64::try_from(count).ok())
     }
 
     /// Records the upstream's failure (or its end, `None`) and announces it; `false` if

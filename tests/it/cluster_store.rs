@@ -371,3 +371,97 @@ async fn announcements_carry_the_logged_change() {
     );
     assert_eq!(&change.payload[..], b"{\n}");
 }
+
+#[tokio::test]
+async fn a_shared_rate_limit_holds_across_clients() {
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    let a = store(&server).await;
+    let b = store(&server).await;
+    let period = Duration::from_secs(60);
+    // 3 per minute, bursts of 2: two go at once, whichever node asks; the third waits ~20 s.
+    assert_eq!(a.rate("host", 3, period, 2).await.expect("rate"), None);
+    assert_eq!(b.rate("host", 3, period, 2).await.expect("rate"), None);
+    let wait = a
+        .rate("host", 3, period, 2)
+        .await
+        .expect("rate")
+        .expect("must wait");
+    assert!(
+        wait > Duration::from_secs(19) && wait <= Duration::from_secs(20),
+        "{wait:?}"
+    );
+    // Another limit is independent.
+    assert_eq!(b.rate("other", 3, period, 2).await.expect("rate"), None);
+}
+
+#[tokio::test]
+async fn connection_limits_count_every_node_until_a_dead_one_expires() {
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    let store = store(&server).await;
+    let long = Duration::from_secs(60);
+    assert_eq!(
+        store
+            .connections("tok", "a", 1, 3, long)
+            .await
+            .expect("admit"),
+        Some(1)
+    );
+    assert_eq!(
+        store
+            .connections("tok", "a", 1, 3, long)
+            .await
+            .expect("admit"),
+        Some(2)
+    );
+    let short = Duration::from_millis(200);
+    assert_eq!(
+        store
+            .connections("tok", "b", 1, 3, short)
+            .await
+            .expect("admit"),
+        Some(3)
+    );
+    // The limit is cluster-wide.
+    assert_eq!(
+        store
+            .connections("tok", "a", 1, 3, long)
+            .await
+            .expect("admit"),
+        None
+    );
+    assert_eq!(
+        store
+            .connections("tok", "c", 1, 3, long)
+            .await
+            .expect("admit"),
+        None
+    );
+    // A release makes room.
+    assert_eq!(
+        store
+            .connections("tok", "a", -1, 3, long)
+            .await
+            .expect("release"),
+        Some(2)
+    );
+    assert_eq!(
+        store
+            .connections("tok", "c", 1, 3, long)
+            .await
+            .expect("admit"),
+        Some(3)
+    );
+    // b dies (stops refreshing): its connection stops counting.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        store
+            .connections("tok", "a", 1, 3, long)
+            .await
+            .expect("admit"),
+        Some(3)
+    );
+}
