@@ -2001,3 +2001,65 @@ mod default_toml {
         );
     }
 }
+
+mod cluster {
+    use super::*;
+
+    #[test]
+    fn a_cluster_section_is_validated_without_connecting() {
+        let (_f, config) = load_toml(&format!(
+            "{MINIMAL}\n[cluster]\nredis = \"redis://:secret@10.0.0.9:6380/1\"\nnode_id = \"n1\"\nlease_ttl = \"2s\"\n"
+        ));
+        let config = config.expect("valid");
+        let cluster = config.cluster.as_ref().expect("cluster on");
+        assert_eq!(cluster.node_id.0, "n1");
+        assert_eq!(cluster.lease_ttl, Duration::from_secs(2));
+        assert_eq!(cluster.prefix, "patchwire");
+        let shown = describe(&config);
+        assert!(shown.contains("cluster: node n1 on redis://"), "{shown}");
+        assert!(!shown.contains("secret"), "{shown}");
+    }
+
+    #[test]
+    fn bad_cluster_keys_are_named() {
+        assert_rejected(
+            "c.toml",
+            &format!("{MINIMAL}\n[cluster]\nredis = \"http://10.0.0.9\"\n"),
+            "cluster.redis",
+            &["redis://"],
+        );
+        assert_rejected(
+            "c.toml",
+            &format!("{MINIMAL}\n[cluster]\nredis = \"redis://h:1\"\nlease_ttl = \"1ms\"\n"),
+            "cluster.lease_ttl",
+            &["300ms", "2m"],
+        );
+        assert_rejected(
+            "c.toml",
+            &format!("{MINIMAL}\n[cluster]\nredis = \"redis://h:1\"\nnode_id = \"a b\"\n"),
+            "cluster.node_id",
+            &["\"a b\""],
+        );
+    }
+
+    #[test]
+    fn webhooks_in_a_cluster_name_the_node_that_delivers_them() {
+        let webhooks = "\n[webhooks]\ndatabase = \"w.db\"\n[[webhooks.endpoints]]\nid = \"e\"\nurl = \"https://hooks.example.com/x\"\nstreams = [\"a\"]\nsecret = \"whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\"\n";
+        assert_rejected(
+            "c.toml",
+            &format!("{MINIMAL}{webhooks}\n[cluster]\nredis = \"redis://h:1\"\n"),
+            "cluster.webhooks_node",
+            &["single node"],
+        );
+        let (_f, config) = load_toml(&format!(
+            "{MINIMAL}{webhooks}\n[cluster]\nredis = \"redis://h:1\"\nnode_id = \"a\"\nwebhooks_node = \"a\"\n"
+        ));
+        assert!(
+            config
+                .expect("valid")
+                .cluster
+                .expect("on")
+                .delivers_webhooks()
+        );
+    }
+}

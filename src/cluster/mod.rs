@@ -15,6 +15,7 @@
 //! - [`lease`]: the lease keeper of each stream and the membership heartbeat.
 //! - [`rendezvous`]: which node should hold which stream's lease.
 
+pub mod config;
 pub mod follow;
 pub mod keys;
 pub mod lease;

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use http::HeaderValue;
 
+use crate::cluster::config::ClusterSettings;
 use crate::diff::DiffOptions;
 use crate::proxy::config::ProxySettings;
 use crate::sim::SimulatorSettings;
@@ -39,6 +40,8 @@ pub struct Config {
     /// The Streamdata.io-compatible proxy mode (`GET /{target URL}`), when `[proxy]` is present
     /// with `enabled = true`; `None` means dynamic streams are refused.
     pub proxy: Option<ProxySettings>,
+    /// The cluster this node joins, when `[cluster]` is present; `None` means a single node.
+    pub cluster: Option<ClusterSettings>,
 }
 
 /// Authentication and limits of the push source.

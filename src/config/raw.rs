@@ -12,6 +12,7 @@ use std::time::Duration;
 use bytesize::ByteSize;
 use serde::Deserialize;
 
+use crate::cluster::config::RawCluster;
 use crate::proxy::config::RawProxy;
 use crate::sim::SimulatorConfig;
 use crate::sinks::webhook::config::RawWebhooks;
@@ -48,6 +49,10 @@ pub struct RawConfig {
     /// The Streamdata.io-compatible proxy mode (`[proxy]`); absent means off.
     #[serde(default)]
     pub proxy: Option<RawProxy>,
+    /// Several nodes sharing their streams through Redis (`[cluster]`); absent means one node
+    /// on its own.
+    #[serde(default)]
+    pub cluster: Option<RawCluster>,
 }
 
 /// `[push]`: authentication of `POST /streams/{name}` and `PATCH /streams/{name}`.

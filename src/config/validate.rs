@@ -138,6 +138,21 @@ pub fn validate(
         .proxy
         .as_ref()
         .and_then(|p| p.validate(env, &mut problems));
+    let cluster = raw
+        .cluster
+        .as_ref()
+        .and_then(|c| c.validate(env, &mut problems));
+    if let (Some(cluster), Some(_)) = (&raw.cluster, &raw.webhooks) {
+        // Until webhooks have a store every node shares, one node delivers them all: two
+        // nodes with their own outboxes would deliver every change twice.
+        if cluster.webhooks_node.is_none() {
+            problems.push(
+                "cluster.webhooks_node",
+                "expected the id of the one node that delivers webhooks (set `cluster.node_id` \
+                 to it on that node): in a cluster, [webhooks] run on a single node",
+            );
+        }
+    }
     problems.finish(
         source,
         Config {
@@ -151,6 +166,7 @@ pub fn validate(
             push_streams,
             webhooks,
             proxy,
+            cluster,
         },
     )
 }
