@@ -112,12 +112,12 @@ fn snapshot_serialization(c: &mut Criterion) {
     group.sample_size(20);
     for vehicles in [1_000usize, 10_000] {
         let doc = fleet(vehicles);
-        let bytes = Snapshot::new(1, doc.clone()).json.len();
+        let bytes = Snapshot::new(1, 1, doc.clone()).json.len();
         group.throughput(Throughput::Bytes(bytes as u64));
         group.bench_function(BenchmarkId::from_parameter(vehicles), |b| {
             b.iter_batched(
                 || doc.clone(),
-                |doc| Snapshot::new(1, doc),
+                |doc| Snapshot::new(1, 1, doc),
                 criterion::BatchSize::LargeInput,
             );
         });

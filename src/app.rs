@@ -420,8 +420,7 @@ impl Streams<'_> {
                         options,
                         self.snapshots.clone(),
                         self.metrics.clone(),
-                        stored.epoch,
-                        Snapshot::taken_at(stored.seq, document, stored.at),
+                        Snapshot::taken_at(stored.epoch, stored.seq, document, stored.at),
                     )
                 }
             };

@@ -13,7 +13,7 @@ use tokio::sync::{broadcast, watch};
 
 use crate::diff::{self, DiffOptions};
 use crate::metrics::{ChangeLabels, Metrics, StreamLabels};
-use crate::snapshot::{Snapshot, SnapshotStore};
+use crate::snapshot::{self, Snapshot, SnapshotStore};
 use crate::wire::{ChangeKind, Frames};
 
 /// How a stream keeps and fans out its changes.
@@ -87,6 +87,8 @@ pub struct UpstreamFailure {
     pub failures: u32,
     /// When the next attempt is due.
     pub retry_in: Duration,
+    /// The epoch of the last good document.
+    pub epoch: u64,
     /// The sequence number of the last good document (the failure does not advance it).
     pub seq: u64,
     /// This failure as a native `error` event, framed by the SSE sink on first use (the
@@ -103,6 +105,8 @@ pub struct Recovery {
     pub failures: u32,
     /// When the upstream answered again.
     pub at: SystemTime,
+    /// The epoch of the last good document when the upstream answered again.
+    pub epoch: u64,
     /// The sequence number of the last good document when the upstream answered again.
     pub seq: u64,
     /// This recovery as a native `recovered` event, framed by the SSE sink on first use.
@@ -122,6 +126,55 @@ pub enum StreamEvent {
     Recovered(Arc<Recovery>),
     /// Nothing happened for a while; keeps idle connections open through proxies.
     KeepAlive,
+    /// The stream starts over from this document (a cluster whose log was lost began a new
+    /// epoch, or a node could not follow its log): every subscriber is sent it whole, and
+    /// changes of other epochs are never sent after it.
+    Reset(Arc<Snapshot>),
+}
+
+/// A change computed from a document, not yet given its place in the stream: what
+/// [`Stream::commit`] appends. Its JSON is written once, here.
+#[derive(Debug)]
+pub struct Prepared {
+    /// Patch or snapshot.
+    pub kind: ChangeKind,
+    /// The patch, or the whole document.
+    pub payload: Bytes,
+    /// The document after the change.
+    pub document: Value,
+    /// `document` as JSON (the same bytes as `payload` for a snapshot change).
+    pub json: Bytes,
+}
+
+/// What a document would change in a stream.
+#[derive(Debug)]
+pub enum Preparation {
+    /// This change.
+    Change(Prepared),
+    /// The document equals the current one.
+    Unchanged,
+    /// Only ignored paths changed.
+    Ignored,
+}
+
+/// Why a change from elsewhere (the cluster's log) cannot be appended here.
+#[derive(Debug, thiserror::Error)]
+pub enum Diverged {
+    /// Another epoch, or not the next change: the stream must be reloaded.
+    #[error("change {epoch}:{seq} does not follow {local_epoch}:{top}")]
+    NotNext {
+        /// The change's epoch.
+        epoch: u64,
+        /// The change's sequence number.
+        seq: u64,
+        /// The stream's epoch.
+        local_epoch: u64,
+        /// The stream's top.
+        top: u64,
+    },
+    /// The change cannot be applied to the current document.
+    #[error("the change cannot be applied: {0}")]
+    Invalid(String),
 }
 
 /// What publishing a document did.
@@ -198,6 +251,8 @@ pub struct Subscription {
     pub initial: Vec<Initial>,
     /// Live events.
     pub live: broadcast::Receiver<StreamEvent>,
+    /// The epoch the subscriber is in once `initial` is sent.
+    pub epoch: u64,
     /// The sequence number the subscriber is at once `initial` is sent (0: no document yet).
     pub seq: u64,
     guard: SubscriberGuard,
@@ -229,6 +284,9 @@ impl Drop for SubscriberGuard {
 }
 
 struct State {
+    /// The epoch: sequence numbers are only comparable within one. Fixed for a stream on its
+    /// own; in a cluster it is the log's, which starts over only if the log is lost.
+    epoch: u64,
     seq: u64,
     /// The live channel; `None` once the stream is closed, which ends every subscription:
     /// dropping the sender wakes all receivers with `Closed`, so subscribers need no
@@ -246,7 +304,6 @@ struct State {
 /// One stream of changes.
 pub struct Stream {
     name: Arc<str>,
-    epoch: u64,
     options: StreamOptions,
     snapshots: SnapshotStore,
     metrics: Arc<Metrics>,
@@ -263,7 +320,7 @@ impl fmt::Debug for Stream {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Stream")
             .field("name", &self.name)
-            .field("epoch", &self.epoch)
+            .field("epoch", &self.epoch())
             .finish()
     }
 }
@@ -292,10 +349,9 @@ impl Stream {
         options: StreamOptions,
         snapshots: SnapshotStore,
         metrics: Arc<Metrics>,
-        epoch: u64,
         snapshot: Snapshot,
     ) -> Self {
-        let stream = Self::in_epoch(name, epoch, options, snapshots, metrics);
+        let stream = Self::in_epoch(name, snapshot.epoch, options, snapshots, metrics);
         let snapshot = Arc::new(snapshot);
         {
             let mut state = stream.lock();
@@ -316,7 +372,6 @@ impl Stream {
         let (live, _) = broadcast::channel(options.buffer.max(1));
         Stream {
             name: Arc::from(name),
-            epoch,
             labels: StreamLabels {
                 stream: name.to_owned(),
             },
@@ -324,6 +379,7 @@ impl Stream {
             snapshots,
             metrics,
             state: Mutex::new(State {
+                epoch,
                 seq: 0,
                 live: Some(live),
                 history: VecDeque::new(),
@@ -349,14 +405,25 @@ impl Stream {
 
     /// The stream's epoch.
     pub fn epoch(&self) -> u64 {
-        self.epoch
+        self.lock().epoch
     }
 
-    /// The id of the event at `seq` of this stream.
+    /// The epoch and top sequence number, read together.
+    pub fn position(&self) -> (u64, u64) {
+        let state = self.lock();
+        (state.epoch, state.seq)
+    }
+
+    /// The id of the event at `seq` of this stream's current epoch.
     pub fn event_id(&self, seq: u64) -> EventId {
+        self.event_id_in(self.epoch(), seq)
+    }
+
+    /// The id of the event at `seq` of `epoch`.
+    pub fn event_id_in(&self, epoch: u64, seq: u64) -> EventId {
         EventId {
             stream: self.name.to_string(),
-            epoch: self.epoch,
+            epoch,
             seq,
         }
     }
@@ -459,33 +526,69 @@ impl Stream {
 
     /// `publish`, with the publishing lock held by the caller.
     fn publish_locked(&self, previous: Option<Arc<Snapshot>>, document: Value) -> Publication {
-        let seq = self.lock().seq + 1;
+        let prepared = match self.prepare(previous.as_deref(), document) {
+            Preparation::Change(prepared) => prepared,
+            Preparation::Unchanged => return Publication::Unchanged,
+            Preparation::Ignored => return Publication::Ignored,
+        };
+        let (epoch, seq) = self.position();
+        match self.commit(epoch, seq + 1, SystemTime::now(), prepared) {
+            Ok(Some(change)) => Publication::Published(change),
+            // Publishers hold the publishing lock: nothing else moved the top meanwhile.
+            Ok(None) | Err(_) => Publication::Unchanged,
+        }
+    }
 
+    /// What `document` would change after `previous` (the current document, if any): a patch,
+    /// or a snapshot for the first document, a change of the root's type, or a patch larger
+    /// than the configured share of the document. Pure: the stream is not changed.
+    pub fn prepare(&self, previous: Option<&Snapshot>, document: Value) -> Preparation {
         // The patch is written as JSON straight from the two documents: it is only ever sent.
-        let patch = match &previous {
+        let patch = match previous {
             Some(previous) if same_kind(&previous.document, &document) => {
                 let patch = diff::diff_json(&previous.document, &document, &self.options.diff);
                 if patch.operations == 0 {
-                    return Publication::Unchanged;
+                    return Preparation::Unchanged;
                 }
                 if patch.only_ignored {
-                    return Publication::Ignored;
+                    return Preparation::Ignored;
                 }
                 Some(patch.json)
             }
             _ => None,
         };
-
-        let snapshot = Arc::new(Snapshot::new(seq, document));
+        let json = snapshot::to_json(&document);
         let (kind, payload) = match patch {
-            Some(json)
-                if !diff::prefer_snapshot(json.len(), snapshot.json.len(), &self.options.diff) =>
-            {
-                (ChangeKind::Patch, Bytes::from(json))
+            Some(patch) if !diff::prefer_snapshot(patch.len(), json.len(), &self.options.diff) => {
+                (ChangeKind::Patch, Bytes::from(patch))
             }
-            _ => (ChangeKind::Snapshot, snapshot.json.clone()),
+            _ => (ChangeKind::Snapshot, json.clone()),
         };
+        Preparation::Change(Prepared {
+            kind,
+            payload,
+            document,
+            json,
+        })
+    }
 
+    /// Appends `prepared` as change `seq` of `epoch`, which must be the next one, and fans it
+    /// out: history, the current snapshot, every subscriber. A change this stream already has
+    /// (at or below its top, same epoch) is not appended again (`Ok(None)`).
+    pub fn commit(
+        &self,
+        epoch: u64,
+        seq: u64,
+        at: SystemTime,
+        prepared: Prepared,
+    ) -> Result<Option<Arc<Change>>, Diverged> {
+        let Prepared {
+            kind,
+            payload,
+            document,
+            json,
+        } = prepared;
+        let snapshot = Arc::new(Snapshot::with_json(epoch, seq, document, json, at));
         let frames = match kind {
             ChangeKind::Patch => Arc::default(),
             // The same event as the snapshot's: framed once for live and new subscribers.
@@ -493,17 +596,150 @@ impl Stream {
         };
         let change = Arc::new(Change {
             stream: self.name.clone(),
-            epoch: self.epoch,
+            epoch,
             seq,
             kind,
             payload,
-            at: snapshot.at,
+            at,
             frames,
         });
+        {
+            let mut state = self.lock();
+            if epoch != state.epoch || seq > state.seq + 1 {
+                return Err(Diverged::NotNext {
+                    epoch,
+                    seq,
+                    local_epoch: state.epoch,
+                    top: state.seq,
+                });
+            }
+            if seq <= state.seq {
+                return Ok(None);
+            }
+            state.seq = seq;
+            state.failure = None;
+            state.last_change_at = Some(at);
+            state.history.push_back(change.clone());
+            self.trim_history(&mut state);
+            let document = snapshot.json.clone();
+            self.snapshots.insert(self.name.clone(), snapshot.clone());
+            // No receivers is not an error: nobody is listening right now.
+            if let Some(live) = &state.live {
+                let _ = live.send(StreamEvent::Change(change.clone(), document));
+            }
+        }
+        self.count(&change, &snapshot);
+        Ok(Some(change))
+    }
 
+    /// Appends a change sequenced elsewhere (the cluster's log), computing the document after
+    /// it from the current one. A change already here is ignored (`Ok(None)`).
+    pub fn apply_logged(
+        &self,
+        epoch: u64,
+        seq: u64,
+        kind: ChangeKind,
+        payload: Bytes,
+        at: SystemTime,
+    ) -> Result<Option<Arc<Change>>, Diverged> {
+        let (local_epoch, top, current) = {
+            let state = self.lock();
+            (state.epoch, state.seq, self.snapshots.get(&self.name))
+        };
+        if epoch != local_epoch || seq > top + 1 {
+            return Err(Diverged::NotNext {
+                epoch,
+                seq,
+                local_epoch,
+                top,
+            });
+        }
+        if seq <= top {
+            return Ok(None);
+        }
+        let (document, json) = match kind {
+            ChangeKind::Snapshot => {
+                let document: Value = serde_json::from_slice(&payload)
+                    .map_err(|e| Diverged::Invalid(format!("snapshot: {e}")))?;
+                (document, payload.clone())
+            }
+            ChangeKind::Patch => {
+                let current = current
+                    .filter(|c| c.seq == top)
+                    .ok_or_else(|| Diverged::Invalid("no document to patch".into()))?;
+                let patch: json_patch::Patch = serde_json::from_slice(&payload)
+                    .map_err(|e| Diverged::Invalid(format!("patch: {e}")))?;
+                let mut document = current.document.clone();
+                diff::apply(&mut document, &patch)
+                    .map_err(|e| Diverged::Invalid(format!("patch: {e}")))?;
+                let json = snapshot::to_json(&document);
+                (document, json)
+            }
+        };
+        self.commit(
+            epoch,
+            seq,
+            at,
+            Prepared {
+                kind,
+                payload,
+                document,
+                json,
+            },
+        )
+    }
+
+    /// Starts over from `document` at `seq` of `epoch`, with `history` (changes of that epoch,
+    /// oldest first, ending at `seq`) for subscribers resuming: the state a cluster's log
+    /// holds. Every subscriber is sent the document whole.
+    pub fn reset(
+        &self,
+        epoch: u64,
+        seq: u64,
+        document: Value,
+        at: SystemTime,
+        history: Vec<Arc<Change>>,
+    ) {
+        let snapshot = Arc::new(Snapshot::taken_at(epoch, seq, document, at));
+        let mut state = self.lock();
+        state.epoch = epoch;
+        state.seq = seq;
+        state.last_change_at = Some(at);
+        state.history = history
+            .into_iter()
+            .filter(|c| c.epoch == epoch && c.seq <= seq)
+            .collect();
+        self.trim_history(&mut state);
+        self.snapshots.insert(self.name.clone(), snapshot.clone());
+        if let Some(live) = &state.live {
+            let _ = live.send(StreamEvent::Reset(snapshot));
+        }
+    }
+
+    /// A change of this stream as the log holds it, for [`Self::reset`]'s history.
+    pub fn logged_change(
+        &self,
+        epoch: u64,
+        seq: u64,
+        kind: ChangeKind,
+        payload: Bytes,
+        at: SystemTime,
+    ) -> Arc<Change> {
+        Arc::new(Change {
+            stream: self.name.clone(),
+            epoch,
+            seq,
+            kind,
+            payload,
+            at,
+            frames: Arc::default(),
+        })
+    }
+
+    fn count(&self, change: &Change, snapshot: &Snapshot) {
         let labels = ChangeLabels {
             stream: self.labels.stream.clone(),
-            kind,
+            kind: change.kind,
         };
         self.metrics.changes.get_or_create(&labels).inc();
         self.metrics
@@ -514,23 +750,7 @@ impl Stream {
             .snapshot_bytes
             .get_or_create(&self.labels)
             .inc_by(snapshot.json.len() as u64);
-
-        {
-            let mut state = self.lock();
-            state.seq = seq;
-            state.failure = None;
-            state.last_change_at = Some(snapshot.at);
-            state.history.push_back(change.clone());
-            self.trim_history(&mut state);
-            let document = snapshot.json.clone();
-            self.snapshots.insert(self.name.clone(), snapshot);
-            // No receivers is not an error: nobody is listening right now.
-            if let Some(live) = &state.live {
-                let _ = live.send(StreamEvent::Change(change.clone(), document));
-            }
-        }
         self.changes.fetch_add(1, Ordering::Relaxed);
-        Publication::Published(change)
     }
 
     /// Drops the oldest changes until history is within both its count and its byte bound.
@@ -607,6 +827,7 @@ impl Stream {
             since,
             failures,
             retry_in,
+            epoch: state.epoch,
             seq: state.seq,
             frames: Frames::new(),
         });
@@ -628,6 +849,7 @@ impl Stream {
             since: failure.since,
             failures: failure.failures,
             at: SystemTime::now(),
+            epoch: state.epoch,
             seq: state.seq,
             frames: Frames::new(),
         });
@@ -664,7 +886,7 @@ impl Stream {
             Resume::After(raw) => raw
                 .parse::<EventId>()
                 .ok()
-                .filter(|id| *id.stream == *self.name && id.epoch == self.epoch)
+                .filter(|id| *id.stream == *self.name && id.epoch == state.epoch)
                 .and_then(|id| replay_start(&state, id.seq)),
             Resume::Fresh => None,
         };
@@ -688,13 +910,14 @@ impl Stream {
         if let Some(failure) = &state.failure {
             initial.push(Initial::Failure(failure.clone()));
         }
-        let seq = state.seq;
+        let (epoch, seq) = (state.epoch, state.seq);
         drop(state);
         self.metrics.subscribers.get_or_create(&self.labels).inc();
         self.demand.send_modify(|count| *count += 1);
         Subscription {
             initial,
             live,
+            epoch,
             seq,
             guard: SubscriberGuard {
                 stream: self.clone(),

@@ -34,12 +34,20 @@ pub fn deeper_than(document: &Value, max: usize) -> bool {
     false
 }
 
+/// `document` as compact JSON, the bytes every reader of a snapshot shares.
+pub fn to_json(document: &Value) -> Bytes {
+    // Serializing a `serde_json::Value` into memory cannot fail (its keys are strings).
+    Bytes::from(serde_json::to_vec(document).unwrap_or_default())
+}
+
 /// One version of a stream's document.
 ///
 /// The JSON bytes are produced once, when the snapshot is created, and shared by every reader
 /// (SSE subscribers, `Accept: application/json` clients, webhooks).
 #[derive(Debug)]
 pub struct Snapshot {
+    /// The stream's epoch when this document became current.
+    pub epoch: u64,
     /// The stream's sequence number at which this document became current.
     pub seq: u64,
     /// The decoded document.
@@ -58,15 +66,20 @@ pub struct Snapshot {
 
 impl Snapshot {
     /// Creates a snapshot, serializing `document` once.
-    pub fn new(seq: u64, document: Value) -> Self {
-        Self::taken_at(seq, document, SystemTime::now())
+    pub fn new(epoch: u64, seq: u64, document: Value) -> Self {
+        Self::taken_at(epoch, seq, document, SystemTime::now())
     }
 
     /// Version `seq` of a document first published at `at` (one restored from storage).
-    pub fn taken_at(seq: u64, document: Value, at: SystemTime) -> Self {
-        // Serializing a `serde_json::Value` into memory cannot fail (its keys are strings).
-        let json = Bytes::from(serde_json::to_vec(&document).unwrap_or_default());
+    pub fn taken_at(epoch: u64, seq: u64, document: Value, at: SystemTime) -> Self {
+        let json = to_json(&document);
+        Self::with_json(epoch, seq, document, json, at)
+    }
+
+    /// A snapshot whose JSON is already written (`json` must be `document`'s).
+    pub fn with_json(epoch: u64, seq: u64, document: Value, json: Bytes, at: SystemTime) -> Self {
         Snapshot {
+            epoch,
             seq,
             document,
             json,
@@ -208,7 +221,7 @@ mod tests {
                 let typed = crate::diff::diff(&old, &new, &options);
                 crate::diff::apply(&mut old, &typed).unwrap();
                 assert_eq!(old, new);
-                let snapshot = Snapshot::new(1, new.clone());
+                let snapshot = Snapshot::new(7, 1, new.clone());
                 let parsed: Value = serde_json::from_slice(&snapshot.json).unwrap();
                 assert_eq!(parsed, new);
                 drop(snapshot);
@@ -220,7 +233,7 @@ mod tests {
 
     #[test]
     fn snapshot_serializes_once_compactly() {
-        let s = Snapshot::new(3, json!({"a": [1, 2], "b": "x\ny"}));
+        let s = Snapshot::new(7, 3, json!({"a": [1, 2], "b": "x\ny"}));
         assert_eq!(&s.json[..], br#"{"a":[1,2],"b":"x\ny"}"#);
         assert_eq!(s.seq, 3);
     }
@@ -229,8 +242,8 @@ mod tests {
     fn store_returns_latest() {
         let store = SnapshotStore::new();
         let name: Arc<str> = Arc::from("s");
-        store.insert(name.clone(), Arc::new(Snapshot::new(1, json!(1))));
-        store.insert(name.clone(), Arc::new(Snapshot::new(2, json!(2))));
+        store.insert(name.clone(), Arc::new(Snapshot::new(7, 1, json!(1))));
+        store.insert(name.clone(), Arc::new(Snapshot::new(7, 2, json!(2))));
         assert_eq!(store.get("s").map(|s| s.seq), Some(2));
         store.remove("s");
         assert!(store.get("s").is_none());
@@ -241,7 +254,7 @@ mod tests {
         let evicted = Arc::new(std::sync::Mutex::new(Vec::new()));
         let seen = evicted.clone();
         let store = SnapshotStore::bounded(100, move |name| seen.lock().unwrap().push(name));
-        let doc = |n: usize| Arc::new(Snapshot::new(1, json!("x".repeat(n))));
+        let doc = |n: usize| Arc::new(Snapshot::new(7, 1, json!("x".repeat(n))));
         store.insert(Arc::from("a"), doc(40));
         store.insert(Arc::from("b"), doc(40));
         store.cache.run_pending_tasks();

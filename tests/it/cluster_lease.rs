@@ -121,12 +121,12 @@ async fn a_vanished_holder_is_replaced_after_its_ttl() {
     };
     let a = node(&server, "a", "s", TTL).await;
     let b = node(&server, "b", "s", TTL).await;
-    tokio::time::sleep(TTL).await;
-    let (holder, other) = if a.held.borrow().is_some() {
-        (a, b)
-    } else {
-        (b, a)
-    };
+    // Once both are live the lease settles on the stream's rendezvous owner (the first node
+    // may have taken it alone, then handed it over).
+    let nodes = ["a".to_owned(), "b".to_owned()];
+    let owner_is_a = patchwire::cluster::rendezvous::ranking("s", &nodes)[0] == "a";
+    let (holder, other) = if owner_is_a { (a, b) } else { (b, a) };
+    until_held(&holder, TTL * 10).await;
     // The holder's process dies: nothing is released, its heartbeat stops.
     let died = Instant::now();
     for task in &holder.tasks {

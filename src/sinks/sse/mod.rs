@@ -52,7 +52,7 @@ pub fn change_frame(change: &Change, dialect: Dialect) -> &Frame {
 /// `snapshot` of `stream` as an event of `dialect` (`snapshot`, or Streamdata.io's `data`),
 /// framed once (on first use) and shared.
 pub fn snapshot_frame<'a>(stream: &Stream, snapshot: &'a Snapshot, dialect: Dialect) -> &'a Frame {
-    let id = || stream.event_id(snapshot.seq).to_string();
+    let id = || stream.event_id_in(snapshot.epoch, snapshot.seq).to_string();
     match dialect {
         Dialect::Native => snapshot
             .frames
@@ -66,7 +66,7 @@ pub fn snapshot_frame<'a>(stream: &Stream, snapshot: &'a Snapshot, dialect: Dial
 /// The native `recovered` event of `recovery` on `stream`, framed once (on first use).
 pub fn recovery_frame<'a>(stream: &Stream, recovery: &'a Recovery) -> &'a Frame {
     recovery.frames.native(|| {
-        let id = stream.event_id(recovery.seq).to_string();
+        let id = stream.event_id_in(recovery.epoch, recovery.seq).to_string();
         wire::native::recovered(&id, recovery.since, recovery.failures, recovery.at)
     })
 }
@@ -77,6 +77,9 @@ pub(crate) struct Writer {
     subscription: Subscription,
     stream: Arc<Stream>,
     pending: VecDeque<Bytes>,
+    /// The epoch and sequence number of the last document or change sent: changes of another
+    /// epoch, or at or before it, are never sent.
+    epoch: u64,
     seq: u64,
     gzip: Option<GzipTrailer>,
     sent: Counter,
@@ -95,6 +98,7 @@ impl Writer {
         let labels = stream.labels().clone();
         let initial = std::mem::take(&mut subscription.initial);
         let mut writer = Writer {
+            epoch: subscription.epoch,
             seq: subscription.seq,
             stream,
             pending: VecDeque::new(),
@@ -153,6 +157,7 @@ impl Writer {
     fn push_snapshot(&mut self, snapshot: &Snapshot) {
         let stream = self.stream.clone();
         self.push_counted(snapshot_frame(&stream, snapshot, self.dialect));
+        self.epoch = snapshot.epoch;
         self.seq = snapshot.seq;
     }
 
@@ -165,7 +170,10 @@ impl Writer {
         match self.dialect {
             Dialect::Native => {
                 let frame = failure.frames.native(|| {
-                    let id = self.stream.event_id(failure.seq).to_string();
+                    let id = self
+                        .stream
+                        .event_id_in(failure.epoch, failure.seq)
+                        .to_string();
                     wire::native::error(
                         &id,
                         failure.status,
@@ -182,7 +190,10 @@ impl Writer {
                 ascii_only,
             } => {
                 // Per connection (it names the session); failures are rare.
-                let id = self.stream.event_id(failure.seq).to_string();
+                let id = self
+                    .stream
+                    .event_id_in(failure.epoch, failure.seq)
+                    .to_string();
                 let frame = streamdata::error(
                     &id,
                     failure.status,
@@ -221,11 +232,16 @@ impl Writer {
             Err(RecvError::Closed) => self.finish(),
             Ok(StreamEvent::Change(change, _)) => {
                 // Changes at or before what this subscriber already has (it was resynced,
-                // or resumed) are skipped; there are no gaps otherwise.
-                if change.seq > self.seq {
+                // or resumed) are skipped, and so are those of an epoch it left; there are no
+                // gaps otherwise.
+                if change.epoch == self.epoch && change.seq > self.seq {
                     self.seq = change.seq;
                     self.push_change(&change);
                 }
+            }
+            Ok(StreamEvent::Reset(snapshot)) => {
+                self.resyncs.inc();
+                self.push_snapshot(&snapshot);
             }
             Ok(StreamEvent::Failure(failure)) => self.push_failure(&failure),
             Ok(StreamEvent::Recovered(recovery)) => self.push_recovery(&recovery),

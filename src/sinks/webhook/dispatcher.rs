@@ -106,7 +106,7 @@ type Pending = Pin<Box<dyn Future<Output = Batch> + Send>>;
 fn snapshot_change(stream: &Stream, snapshot: &Snapshot) -> NewChange {
     NewChange {
         stream: Arc::from(stream.name()),
-        epoch: stream.epoch(),
+        epoch: snapshot.epoch,
         seq: snapshot.seq,
         patch: None,
         document: snapshot.json.clone(),
@@ -362,6 +362,10 @@ impl Dispatcher {
                             tracing::warn!(stream = self.stream.name(), "webhook dispatcher lagged; queueing a snapshot");
                             self.resync(Resync::All).await;
                         }
+                    }
+                    Ok(StreamEvent::Reset(_)) => {
+                        tracing::info!(stream = self.stream.name(), "stream started over; queueing a snapshot");
+                        self.resync(Resync::All).await;
                     }
                     Ok(_) => {}
                     Err(broadcast::error::RecvError::Lagged(missed)) => {
