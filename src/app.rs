@@ -19,7 +19,10 @@ use crate::api::listing::PolledUpstream;
 use crate::api::push::PushAuth;
 use crate::api::server::{ServeOptions, Stall};
 use crate::api::subscribe::Subscriptions;
-use crate::api::{self, AppState};
+use crate::api::{self, AppState, ClusterState};
+use crate::cluster::node::{self, Cluster};
+use crate::cluster::replica::Replicas;
+use crate::cluster::writer::Writer;
 use crate::config::Config;
 use crate::diff::DiffOptions;
 use crate::hub::{Hub, Stream, StreamOptions};
@@ -34,7 +37,7 @@ use crate::sinks::webhook::outbox::sqlite::SqliteOutbox;
 use crate::snapshot::{Snapshot, SnapshotStore};
 use crate::upstream::fetch::Fetcher;
 use crate::upstream::on_demand::{self, Idle, OnDemand};
-use crate::upstream::poller::Poller;
+use crate::upstream::poller::{PollStatus, Poller};
 use crate::upstream::ratelimit::RateLimits;
 
 /// The sockets the application serves on, bound before it starts (so tests can bind port 0
@@ -107,6 +110,14 @@ impl App {
         shutdown: CancellationToken,
     ) -> anyhow::Result<App> {
         let metrics = Arc::new(Metrics::new());
+        let cluster = match &config.cluster {
+            Some(settings) => Some(Arc::new(
+                Cluster::connect(settings, metrics.clone()).context(
+                    "cannot prepare the connection to the cluster's Redis (`cluster.redis`)",
+                )?,
+            )),
+            None => None,
+        };
         let mut streams = Streams {
             config: &config,
             hub: Arc::new(Hub::new()),
@@ -114,6 +125,8 @@ impl App {
             metrics: metrics.clone(),
             shutdown: shutdown.clone(),
             starting: Vec::new(),
+            cluster: cluster.clone(),
+            writers: HashMap::new(),
         };
         if let (Some(settings), Some(listener)) = (config.simulator.clone(), listeners.simulator) {
             let shutdown = shutdown.clone();
@@ -128,22 +141,39 @@ impl App {
         );
         let rate_limits = Arc::new(RateLimits::new(&config.upstream, &config.streams));
         let upstreams = streams.polled(&fetcher, &rate_limits);
-        // The outbox opens before the push streams exist: it holds their last documents.
+        // The outbox opens before the push streams exist: it holds their last documents. In a
+        // cluster only the node named `cluster.webhooks_node` runs webhooks.
+        let delivers_webhooks = config
+            .cluster
+            .as_ref()
+            .is_none_or(|c| c.delivers_webhooks());
         let outbox = match &config.webhooks {
-            Some(settings) => Some(Arc::new(
+            Some(settings) if delivers_webhooks => Some(Arc::new(
                 SqliteOutbox::open(&settings.database)
                     .await
                     .context("cannot start webhooks (`webhooks.database`)")?,
             )),
-            None => None,
+            _ => None,
         };
         streams.pushed(outbox.as_deref()).await?;
         let Streams {
             hub,
             snapshots,
-            starting,
+            mut starting,
+            writers,
             ..
         } = streams;
+        if let Some(cluster) = &cluster {
+            let history = config
+                .streams
+                .iter()
+                .map(|s| s.history)
+                .chain(config.push_streams.iter().map(|s| s.history))
+                .max()
+                .unwrap_or(0);
+            let replicas: Arc<dyn Replicas> = Arc::new(HubReplicas(hub.clone()));
+            starting.extend(cluster.tasks(replicas, history, &shutdown));
+        }
 
         let mut tasks = JoinSet::new();
         let webhooks = match (&config.webhooks, outbox) {
@@ -180,6 +210,10 @@ impl App {
             webhooks,
             admin_token: config.webhooks.as_ref().and_then(|w| w.admin_token.clone()),
             proxy: proxy.clone(),
+            cluster: cluster.as_ref().map(|node| ClusterState {
+                node: node.clone(),
+                writers,
+            }),
         });
         let server = &config.server;
         Ok(App {
@@ -302,6 +336,23 @@ struct Streams<'a> {
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
     starting: Vec<Task>,
+    /// This node's part of a cluster: streams are then written through the cluster's log.
+    cluster: Option<Arc<Cluster>>,
+    /// The cluster's writers of the push streams.
+    writers: HashMap<String, Arc<Writer>>,
+}
+
+/// The streams a cluster node follows: those of its hub.
+struct HubReplicas(Arc<Hub>);
+
+impl Replicas for HubReplicas {
+    fn get(&self, name: &str) -> Option<Arc<Stream>> {
+        self.0.get(name)
+    }
+
+    fn all(&self) -> Vec<Arc<Stream>> {
+        self.0.all()
+    }
 }
 
 impl Streams<'_> {
@@ -340,6 +391,49 @@ impl Streams<'_> {
                 self.metrics.clone(),
             );
             let stream = self.add(stream);
+            if let Some(cluster) = self.cluster.clone() {
+                // The node holding the stream's lease polls it, through the cluster's log.
+                let retention = cluster.retention(settings.history, settings.history_bytes);
+                let (held, keeper) = cluster.keep_lease(&settings.name, retention, &self.shutdown);
+                self.starting.push(Box::pin(keeper));
+                let writer = cluster.writer(stream.clone(), retention, Some(held.clone()));
+                let status = Arc::new(PollStatus::default());
+                let (settings_arc, fetcher, limiter, metrics, backoff, shown) = (
+                    Arc::new(settings.clone()),
+                    fetcher.clone(),
+                    rate_limits.limiter(&settings.rate_limit_group),
+                    self.metrics.clone(),
+                    self.config.upstream.backoff,
+                    status.clone(),
+                );
+                let poller = move || {
+                    Poller::new(
+                        settings_arc.clone(),
+                        fetcher.clone(),
+                        limiter.clone(),
+                        metrics.clone(),
+                        writer.clone(),
+                        backoff,
+                    )
+                    .reporting_to(shown.clone())
+                };
+                self.starting.push(Box::pin(node::drive(
+                    held,
+                    settings.interval,
+                    poller,
+                    self.shutdown.clone(),
+                )));
+                upstreams.insert(
+                    settings.name.clone(),
+                    PolledUpstream {
+                        url: Redacted::new(&settings.url),
+                        interval: settings.interval,
+                        on_demand: settings.on_demand,
+                        status,
+                    },
+                );
+                continue;
+            }
             let poller = Poller::new(
                 Arc::new(settings.clone()),
                 fetcher.clone(),
@@ -383,9 +477,10 @@ impl Streams<'_> {
         upstreams
     }
 
-    /// Every push stream, continuing from its document stored in `outbox`, if any.
+    /// Every push stream, continuing from its document stored in `outbox`, if any (in a
+    /// cluster, from the cluster's log: the follower loads it).
     async fn pushed(&mut self, outbox: Option<&SqliteOutbox>) -> anyhow::Result<()> {
-        let mut stored = match outbox {
+        let mut stored = match outbox.filter(|_| self.cluster.is_none()) {
             Some(outbox) => outbox
                 .documents()
                 .await
@@ -424,9 +519,18 @@ impl Streams<'_> {
                     )
                 }
             };
-            self.add(stream);
+            let stream = self.add(stream);
+            if let Some(cluster) = &self.cluster {
+                let retention = cluster.retention(settings.history, settings.history_bytes);
+                self.writers.insert(
+                    settings.name.clone(),
+                    cluster.writer(stream, retention, None),
+                );
+            }
         }
-        if self.config.webhooks.is_none() && !self.config.push_streams.is_empty() {
+        if self.cluster.is_some() {
+            tracing::info!("push streams are kept in the cluster's log (Redis)");
+        } else if self.config.webhooks.is_none() && !self.config.push_streams.is_empty() {
             tracing::info!(
                 "push streams keep their documents in memory only: configure [webhooks] (its database) to keep them across restarts"
             );

@@ -111,6 +111,26 @@ pub struct AttemptLabels {
     pub result: AttemptResult,
 }
 
+/// What happened to a lease this node held or wanted.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+pub enum LeaseEvent {
+    /// Taken: this node polls the stream now.
+    Acquired,
+    /// Found taken by another node at renewal, or not renewable in time (Redis unreachable).
+    Lost,
+    /// Given to a better-placed node that joined.
+    HandedOver,
+    /// Given up at shutdown.
+    Released,
+}
+
+/// Labels for lease events.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LeaseLabels {
+    /// What happened.
+    pub event: LeaseEvent,
+}
+
 /// Every metric the application exports.
 pub struct Metrics {
     /// Polls by stream and outcome.
@@ -155,6 +175,23 @@ pub struct Metrics {
     pub webhook_attempts: Family<AttemptLabels, Counter>,
     /// Duration of webhook attempts (request sent to response read), in seconds.
     pub webhook_attempt_seconds: Histogram,
+    /// Leases this node holds (streams it polls), in a cluster.
+    pub cluster_leases_held: Gauge,
+    /// Lease events of this node, by event.
+    pub cluster_lease_changes: Family<LeaseLabels, Counter>,
+    /// Live nodes in the cluster, as this node last saw them.
+    pub cluster_nodes: Gauge,
+    /// Changes fetched from the log to fill a gap pub/sub left, by stream.
+    pub cluster_gaps_repaired: Family<StreamLabels, Counter>,
+    /// Streams rebuilt whole from the log (another epoch, or a gap past its reach), by stream.
+    pub cluster_reloads: Family<StreamLabels, Counter>,
+    /// Appends refused because another writer moved the log first (then caught up and
+    /// retried), by stream.
+    pub cluster_conflicts: Family<StreamLabels, Counter>,
+    /// Redis round-trip time of the heartbeat, in seconds.
+    pub cluster_redis_seconds: Histogram,
+    /// Redis commands that failed (unreachable, timed out, refused).
+    pub cluster_redis_errors: Counter,
     registry: Registry,
 }
 
@@ -190,6 +227,14 @@ impl Metrics {
         let proxy_connections = Family::<TokenLabels, Gauge>::default();
         let webhook_attempts = Family::<AttemptLabels, Counter>::default();
         let webhook_attempt_seconds = Histogram::new(exponential_buckets(0.001, 2.0, 16));
+        let cluster_leases_held = Gauge::default();
+        let cluster_lease_changes = Family::<LeaseLabels, Counter>::default();
+        let cluster_nodes = Gauge::default();
+        let cluster_gaps_repaired = Family::<StreamLabels, Counter>::default();
+        let cluster_reloads = Family::<StreamLabels, Counter>::default();
+        let cluster_conflicts = Family::<StreamLabels, Counter>::default();
+        let cluster_redis_seconds = Histogram::new(exponential_buckets(0.000_05, 2.0, 16));
+        let cluster_redis_errors = Counter::default();
 
         let mut registry = Registry::with_prefix("patchwire");
         registry.register("polls", "Upstream polls by outcome", polls.clone());
@@ -296,6 +341,47 @@ impl Metrics {
             prometheus_client::registry::Unit::Seconds,
             webhook_attempt_seconds.clone(),
         );
+        registry.register(
+            "cluster_leases_held",
+            "Streams this node polls (holds the lease of), in a cluster",
+            cluster_leases_held.clone(),
+        );
+        registry.register(
+            "cluster_lease_changes",
+            "Leases this node took, lost, handed over or released",
+            cluster_lease_changes.clone(),
+        );
+        registry.register(
+            "cluster_nodes",
+            "Live nodes in the cluster as this node sees them",
+            cluster_nodes.clone(),
+        );
+        registry.register(
+            "cluster_gaps_repaired",
+            "Changes fetched from the log to fill gaps pub/sub left",
+            cluster_gaps_repaired.clone(),
+        );
+        registry.register(
+            "cluster_reloads",
+            "Streams rebuilt whole from the log",
+            cluster_reloads.clone(),
+        );
+        registry.register(
+            "cluster_conflicts",
+            "Appends that found the log moved by another writer (caught up and retried)",
+            cluster_conflicts.clone(),
+        );
+        registry.register_with_unit(
+            "cluster_redis",
+            "Redis round-trip time (heartbeat)",
+            prometheus_client::registry::Unit::Seconds,
+            cluster_redis_seconds.clone(),
+        );
+        registry.register(
+            "cluster_redis_errors",
+            "Redis commands that failed",
+            cluster_redis_errors.clone(),
+        );
         Metrics {
             polls,
             upstream_latency,
@@ -318,6 +404,14 @@ impl Metrics {
             proxy_connections,
             webhook_attempts,
             webhook_attempt_seconds,
+            cluster_leases_held,
+            cluster_lease_changes,
+            cluster_nodes,
+            cluster_gaps_repaired,
+            cluster_reloads,
+            cluster_conflicts,
+            cluster_redis_seconds,
+            cluster_redis_errors,
             registry,
         }
     }
@@ -335,6 +429,9 @@ impl Metrics {
         self.history_bytes.remove(&labels);
         self.events_sent.remove(&labels);
         self.resyncs.remove(&labels);
+        self.cluster_gaps_repaired.remove(&labels);
+        self.cluster_reloads.remove(&labels);
+        self.cluster_conflicts.remove(&labels);
         for outcome in [
             PollOutcome::Changed,
             PollOutcome::Unchanged,

@@ -52,16 +52,42 @@ impl PolledUpstream {
     }
 }
 
-/// The listing: every stream, then the dynamic ones' summary (`null` without the proxy mode).
+/// The listing: every stream, then the dynamic ones' summary (`null` without the proxy mode),
+/// and in a cluster this node, the live nodes, and which node polls each stream.
 pub async fn list_streams(State(state): State<Arc<AppState>>) -> Response {
-    let streams: Vec<Value> = state
-        .hub
-        .all()
+    let all = state.hub.all();
+    let mut streams: Vec<Value> = all
         .iter()
         .map(|s| describe_stream(s, state.upstreams.get(s.name())))
         .collect();
     let dynamic = state.proxy.as_deref().map(describe_proxy);
-    axum::Json(json!({ "streams": streams, "dynamic": dynamic })).into_response()
+    let Some(cluster) = &state.cluster else {
+        return axum::Json(json!({ "streams": streams, "dynamic": dynamic })).into_response();
+    };
+    let node = &cluster.node;
+    // Who polls: read from Redis now (the lease is the truth; a stale local view is not).
+    for (stream, shown) in all.iter().zip(&mut streams) {
+        if !state.upstreams.contains_key(stream.name()) {
+            continue;
+        }
+        let holder = match node.store().holder(stream.name()).await {
+            Ok(Some((holder, left))) => {
+                json!({"node": holder, "lease_expires_in_ms": left.as_millis() as u64})
+            }
+            Ok(None) => Value::Null,
+            Err(error) => json!({"error": error.to_string()}),
+        };
+        if let Some(object) = shown.as_object_mut() {
+            object.insert("lease".into(), holder);
+        }
+    }
+    let cluster = json!({
+        "node": node.node(),
+        "nodes": &*node.nodes(),
+        "ready": node.ready(),
+    });
+    axum::Json(json!({ "streams": streams, "dynamic": dynamic, "cluster": cluster }))
+        .into_response()
 }
 
 fn rfc3339ish(at: Option<SystemTime>) -> Value {

@@ -48,6 +48,23 @@ pub struct AppState {
     pub admin_token: Option<crate::sinks::webhook::config::AdminToken>,
     /// The proxy mode (`GET /{upstream URL}`), when `[proxy]` is enabled.
     pub proxy: Option<Arc<crate::proxy::Proxy>>,
+    /// This node's part of a cluster, when `[cluster]` is configured.
+    pub cluster: Option<ClusterState>,
+}
+
+/// What the routes need of the cluster.
+pub struct ClusterState {
+    /// This node's membership.
+    pub node: Arc<crate::cluster::node::Cluster>,
+    /// The writers of the push streams: a push goes through the cluster's log.
+    pub writers: HashMap<String, Arc<crate::cluster::writer::Writer>>,
+}
+
+impl AppState {
+    /// The cluster's writer of push stream `name`, in a cluster.
+    pub fn cluster_writer(&self, name: &str) -> Option<&Arc<crate::cluster::writer::Writer>> {
+        self.cluster.as_ref()?.writers.get(name)
+    }
 }
 
 /// The application's routes.
@@ -69,6 +86,7 @@ pub fn router(state: Arc<AppState>, cors: &Cors) -> Router {
         .route("/streams", get(listing::list_streams))
         .route("/streams/{name}", get(stream).merge(push))
         .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .fallback(fallback)
         .with_state(state)
@@ -129,6 +147,19 @@ async fn fallback(
         StatusCode::NOT_FOUND,
         "no such endpoint; streams are at /streams/{name}, the list at /streams",
     )
+}
+
+/// Readiness: a single node is ready once it serves; a cluster node once Redis answers and it
+/// follows the log (a load balancer then stops sending it new subscribers while Redis is
+/// unreachable; those it has keep their last documents). `/healthz` stays liveness.
+async fn readyz(State(state): State<Arc<AppState>>) -> Response {
+    match &state.cluster {
+        Some(cluster) if !cluster.node.ready() => error_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: the cluster's Redis is unreachable or this node is not following its log yet",
+        ),
+        _ => "ready\n".into_response(),
+    }
 }
 
 async fn healthz() -> &'static str {

@@ -15,6 +15,7 @@ use serde_json::{Value, json};
 
 use super::body::{self, BodyLimits, closing};
 use super::{AppState, error_response};
+use crate::cluster::writer::WriteError;
 use crate::diff::{self, Patch};
 use crate::hub::{ChangeKind, Publication, Stream};
 use crate::snapshot::{MAX_DEPTH, deeper_than};
@@ -213,6 +214,13 @@ pub async fn post_document(
         Ok(document) => document,
         Err(refusal) => return refusal.into_response(),
     };
+    if let Some(writer) = state.cluster_writer(stream.name()) {
+        // In a cluster the change is durable once the log holds it.
+        return match writer.publish(document).await {
+            Ok(publication) => published(&stream, &publication),
+            Err(error) => cluster_refusal(error, |()| unreachable_refusal()),
+        };
+    }
     let publisher = stream.clone();
     match tokio::task::spawn_blocking(move || publisher.publish(document)).await {
         Ok(publication) => answer_durably(&state, &stream, &publication).await,
@@ -228,9 +236,27 @@ enum PatchRefusal {
     TooDeep,
 }
 
+/// The document `patch` makes of `current`, bounded in work and depth. A copy: a refused
+/// patch leaves the current document as it was.
+fn patched(current: Option<&Value>, patch: &Patch) -> Result<Value, PatchRefusal> {
+    let mut document = current.cloned().ok_or(PatchRefusal::NoDocument)?;
+    diff::apply_bounded(&mut document, patch, diff::MAX_APPLY_WORK).map_err(|e| match e {
+        diff::BoundedApplyError::Apply(e) => PatchRefusal::DoesNotApply(e),
+        too_costly => PatchRefusal::TooCostly(too_costly),
+    })?;
+    // Each request's values are within the parser's depth, but paths reach into the
+    // document: successive patches could otherwise deepen it without bound.
+    if deeper_than(&document, MAX_DEPTH) {
+        return Err(PatchRefusal::TooDeep);
+    }
+    Ok(document)
+}
+
 /// `PATCH /streams/{name}`: the body is an RFC 6902 patch applied atomically to the current
 /// document; the result is published like any new document (so subscribers get a minimal,
-/// root-safe patch whatever operations the publisher used).
+/// root-safe patch whatever operations the publisher used). In a cluster, a patch that
+/// another node's change overtakes is applied again to the newer document (compare-and-set on
+/// the sequence number): never to a stale one, never lost.
 pub async fn patch_document(
     State(state): State<Arc<AppState>>,
     Path(name): Path<String>,
@@ -244,54 +270,84 @@ pub async fn patch_document(
         Ok(patch) => patch,
         Err(refusal) => return refusal.into_response(),
     };
+    if let Some(writer) = state.cluster_writer(stream.name()) {
+        let make = Arc::new(move |current: Option<&Value>| patched(current, &patch));
+        return match writer.publish_with(make).await {
+            Ok(publication) => published(&stream, &publication),
+            Err(error) => cluster_refusal(error, |refusal| patch_refusal(&name, refusal)),
+        };
+    }
     let publisher = stream.clone();
     let outcome = tokio::task::spawn_blocking(move || {
-        publisher.publish_with(|current| {
-            // A copy: a refused patch leaves the current document as it was.
-            let mut document = current.cloned().ok_or(PatchRefusal::NoDocument)?;
-            diff::apply_bounded(&mut document, &patch, diff::MAX_APPLY_WORK).map_err(
-                |e| match e {
-                    diff::BoundedApplyError::Apply(e) => PatchRefusal::DoesNotApply(e),
-                    too_costly => PatchRefusal::TooCostly(too_costly),
-                },
-            )?;
-            // Each request's values are within the parser's depth, but paths reach into the
-            // document: successive patches could otherwise deepen it without bound.
-            if deeper_than(&document, MAX_DEPTH) {
-                return Err(PatchRefusal::TooDeep);
-            }
-            Ok(document)
-        })
+        publisher.publish_with(|current| patched(current, &patch))
     })
     .await;
     match outcome {
         Ok(Ok(publication)) => answer_durably(&state, &stream, &publication).await,
-        Ok(Err(PatchRefusal::NoDocument)) => error_response(
+        Ok(Err(refusal)) => patch_refusal(&name, refusal),
+        Err(error) => join_failed(error),
+    }
+}
+
+fn patch_refusal(name: &str, refusal: PatchRefusal) -> Response {
+    match refusal {
+        PatchRefusal::NoDocument => error_response(
             StatusCode::CONFLICT,
             format!("stream {name:?} has no document to patch yet; POST one first"),
         ),
-        Ok(Err(PatchRefusal::DoesNotApply(e))) => error_response(
+        PatchRefusal::DoesNotApply(e) => error_response(
             StatusCode::UNPROCESSABLE_ENTITY,
             format!(
                 "the patch does not apply to the current document (nothing was published): {e}"
             ),
         ),
-        Ok(Err(PatchRefusal::TooCostly(e))) => error_response(
+        PatchRefusal::TooCostly(e) => error_response(
             StatusCode::PAYLOAD_TOO_LARGE,
             format!(
                 "the patch is too costly to apply (nothing was published): {e}; send fewer \
                  operations per request, or POST the whole document"
             ),
         ),
-        Ok(Err(PatchRefusal::TooDeep)) => error_response(
+        PatchRefusal::TooDeep => error_response(
             StatusCode::UNPROCESSABLE_ENTITY,
             format!(
                 "the patched document would nest deeper than {MAX_DEPTH} levels of arrays and \
                  objects, the most a document may have (nothing was published)"
             ),
         ),
-        Err(error) => join_failed(error),
     }
+}
+
+/// A push the cluster's log did not take.
+fn cluster_refusal<E>(error: WriteError<E>, refused: impl FnOnce(E) -> Response) -> Response {
+    match error {
+        WriteError::Refused(e) => refused(e),
+        WriteError::Unavailable(error) => {
+            tracing::warn!(%error, "a push could not reach the cluster's log");
+            unreachable_refusal()
+        }
+        WriteError::Contended | WriteError::Fenced => {
+            let mut response = error_response(
+                StatusCode::CONFLICT,
+                "other publishers kept changing the stream; nothing was published, retry",
+            );
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            response
+        }
+    }
+}
+
+fn unreachable_refusal() -> Response {
+    let mut response = error_response(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "the cluster's log (Redis) is unreachable; nothing was published, retry",
+    );
+    response
+        .headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    response
 }
 
 #[cfg(test)]

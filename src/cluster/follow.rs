@@ -15,75 +15,123 @@ use tokio_util::sync::CancellationToken;
 
 use super::lease::Releases;
 use super::message::{Announcement, LoggedChange};
-use super::store::{Loaded, Store, StoreError};
+use super::replica::{self, Replicas};
+use super::store::{Store, StoreError};
+use crate::hub::Stream;
+use crate::metrics::{Metrics, StreamLabels};
 
-/// A node's local copy of one stream, as the follower updates it.
-pub trait Replica: Send + Sync {
-    /// The epoch and top sequence number of the local copy (`None`: nothing yet).
-    fn position(&self) -> Option<(u64, u64)>;
-
-    /// Applies the change after the top. A change at or below the top is already there and
-    /// is ignored (`Ok`); one past the top is a gap (`Err`).
-    fn apply(&self, change: &LoggedChange) -> Result<(), Diverged>;
-
-    /// Replaces the local copy with the log's state (another epoch, or a gap the log no
-    /// longer covers): subscribers get the current document.
-    fn reset(&self, loaded: &Loaded) -> Result<(), Diverged>;
-
-    /// The upstream's failure as the holder reported it (`None`: it recovered).
-    fn health(&self, failure: Option<&Bytes>);
+/// Brings local copies up to the log: the next change applied, a gap filled from the log, a
+/// reload when the epoch differs or the log no longer reaches back. Shared by the follower
+/// and the node's writers (which catch up before retrying a conflicting append).
+#[derive(Clone)]
+pub struct Catchup {
+    /// The store.
+    pub store: Store,
+    /// Changes a reload reads for resuming subscribers (the streams' history).
+    pub history: usize,
+    /// Where gaps and reloads are counted.
+    pub metrics: Arc<Metrics>,
 }
 
-/// Why the local copy could not follow the log; the follower reloads the stream.
-#[derive(Debug, thiserror::Error)]
-pub enum Diverged {
-    /// The change does not follow the local top.
-    #[error("change {got} does not follow the local top {top}")]
-    Gap {
-        /// The local top.
-        top: u64,
-        /// The change's sequence number.
-        got: u64,
-    },
-    /// The change could not be applied to the local document (a corrupt log).
-    #[error("the change cannot be applied: {0}")]
-    Invalid(String),
+/// Whether a reload found a log it could follow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reloaded {
+    /// The local copy is the log's state now (or the log has no epoch yet).
+    Followed,
+    /// The log's state cannot be rebuilt (its document lost, a gap inside it): only a new
+    /// epoch from the stream's writer can mend it.
+    Broken,
 }
 
-/// Finds the local copy of a stream by name (`None`: this node does not serve it).
-pub trait Replicas: Send + Sync {
-    /// The stream named `name`.
-    fn get(&self, name: &str) -> Option<Arc<dyn Replica>>;
-    /// Every stream this node serves, by name.
-    fn names(&self) -> Vec<String>;
-}
+impl Catchup {
+    /// Brings `stream` to `top` (epoch, seq), applying `change` (the change at `top`) when
+    /// it is next; `top` is `None` when the log has no epoch.
+    pub async fn follow(
+        &self,
+        stream: &Stream,
+        top: Option<(u64, u64)>,
+        change: Option<&LoggedChange>,
+    ) -> Result<Reloaded, StoreError> {
+        let Some((epoch, seq)) = top else {
+            return Ok(Reloaded::Followed);
+        };
+        let Some((local_epoch, local_seq)) = replica::position(stream) else {
+            return self.reload(stream).await;
+        };
+        if local_epoch != epoch {
+            return self.reload(stream).await;
+        }
+        if seq <= local_seq {
+            return Ok(Reloaded::Followed);
+        }
+        let missing_to = if change.is_some() { seq - 1 } else { seq };
+        if missing_to > local_seq {
+            let filled = self
+                .store
+                .range(stream.name(), epoch, local_seq + 1, missing_to)
+                .await?;
+            let complete = filled.first().map(|c| c.seq) == Some(local_seq + 1)
+                && filled.len() as u64 == missing_to - local_seq;
+            if !complete {
+                return self.reload(stream).await;
+            }
+            self.metrics
+                .cluster_gaps_repaired
+                .get_or_create(&StreamLabels {
+                    stream: stream.name().to_owned(),
+                })
+                .inc_by(filled.len() as u64);
+            for missed in &filled {
+                if replica::apply(stream, missed).is_err() {
+                    return self.reload(stream).await;
+                }
+            }
+        }
+        if let Some(change) = change {
+            if replica::apply(stream, change).is_err() {
+                return self.reload(stream).await;
+            }
+        }
+        Ok(Reloaded::Followed)
+    }
 
-/// What the follower counts (for `/metrics`).
-pub trait FollowerObserver: Send + Sync {
-    /// Changes fetched from the log to fill a gap.
-    fn gap_repaired(&self, stream: &str, changes: usize);
-    /// A stream reloaded whole.
-    fn reloaded(&self, stream: &str);
+    /// Replaces the local copy with the log's state.
+    pub async fn reload(&self, stream: &Stream) -> Result<Reloaded, StoreError> {
+        let Some(loaded) = self.store.load(stream.name(), self.history).await? else {
+            return Ok(Reloaded::Followed);
+        };
+        self.metrics
+            .cluster_reloads
+            .get_or_create(&StreamLabels {
+                stream: stream.name().to_owned(),
+            })
+            .inc();
+        match replica::reset(stream, &loaded) {
+            Ok(()) => Ok(Reloaded::Followed),
+            Err(error) => {
+                tracing::error!(stream = stream.name(), %error, "cannot rebuild the stream from the log");
+                Ok(Reloaded::Broken)
+            }
+        }
+    }
 }
 
 /// The follower of one node.
 pub struct Follower {
-    /// The store.
-    pub store: Store,
+    /// Catches streams up.
+    pub catchup: Catchup,
     /// The Redis client (the pub/sub connection is its own).
     pub client: redis::Client,
+    /// This node's id (its own health announcements were applied already).
+    pub node: Arc<str>,
     /// The streams this node serves.
     pub replicas: Arc<dyn Replicas>,
     /// Lease keepers waiting for releases.
     pub releases: Arc<Releases>,
-    /// History the node keeps (how much of the log a reload reads).
-    pub history: usize,
     /// How often positions are checked and the pub/sub connection probed.
     pub probe_interval: Duration,
     /// Whether the follower is subscribed and caught up (readiness).
     pub following: watch::Sender<bool>,
-    /// Counts.
-    pub observer: Arc<dyn FollowerObserver>,
 }
 
 impl Follower {
@@ -120,7 +168,7 @@ impl Follower {
     /// One connection's life: returns when it fails or goes silent.
     async fn follow_once(&self) -> Result<(), StoreError> {
         let (mut sink, mut stream) = self.client.get_async_pubsub().await?.split();
-        sink.subscribe(self.store.keys().channel()).await?;
+        sink.subscribe(self.catchup.store.keys().channel()).await?;
         // Subscribed first, then caught up: a change published between the two is both in
         // the log and announced, and the second copy is ignored.
         self.check_all().await?;
@@ -158,101 +206,38 @@ impl Follower {
     async fn handle(&self, announcement: Announcement) -> Result<(), StoreError> {
         match announcement {
             Announcement::Change { stream, change } => {
-                let Some(replica) = self.replicas.get(&stream) else {
-                    return Ok(());
-                };
-                self.follow(
-                    &stream,
-                    &*replica,
-                    Some((change.epoch, change.seq)),
-                    Some(&change),
-                )
-                .await
+                if let Some(local) = self.replicas.get(&stream) {
+                    self.catchup
+                        .follow(&local, Some((change.epoch, change.seq)), Some(&change))
+                        .await?;
+                }
             }
             Announcement::Health {
-                stream, failure, ..
+                stream,
+                epoch,
+                node,
+                failure,
             } => {
-                if let Some(replica) = self.replicas.get(&stream) {
-                    replica.health(failure.as_ref());
+                if let Some(local) = self.replicas.get(&stream) {
+                    if *node != *self.node && local.epoch() == epoch {
+                        replica::health(&local, failure.as_ref());
+                    }
                 }
-                Ok(())
             }
-            Announcement::Released { stream } => {
-                self.releases.released(&stream);
-                Ok(())
-            }
+            Announcement::Released { stream } => self.releases.released(&stream),
         }
+        Ok(())
     }
 
     /// Compares every stream with the log's top and catches up where behind.
     async fn check_all(&self) -> Result<(), StoreError> {
-        let names = self.replicas.names();
-        let refs: Vec<&str> = names.iter().map(String::as_str).collect();
-        for chunk in refs.chunks(256) {
-            let tops = self.store.positions(chunk).await?;
-            for (name, top) in chunk.iter().zip(tops) {
-                if let (Some(replica), Some(top)) = (self.replicas.get(name), top) {
-                    self.follow(name, &*replica, Some(top), None).await?;
-                }
+        let streams = self.replicas.all();
+        for chunk in streams.chunks(256) {
+            let names: Vec<&str> = chunk.iter().map(|s| s.name()).collect();
+            let tops = self.catchup.store.positions(&names).await?;
+            for (local, top) in chunk.iter().zip(tops) {
+                self.catchup.follow(local, top, None).await?;
             }
-        }
-        Ok(())
-    }
-
-    /// Brings `replica` to `top` (epoch, seq): applies `change` when it is next, fills a gap
-    /// from the log, or reloads when the epoch differs or the log no longer reaches.
-    pub async fn follow(
-        &self,
-        stream: &str,
-        replica: &dyn Replica,
-        top: Option<(u64, u64)>,
-        change: Option<&LoggedChange>,
-    ) -> Result<(), StoreError> {
-        let Some((epoch, seq)) = top else {
-            return Ok(());
-        };
-        let Some((local_epoch, local_seq)) = replica.position() else {
-            return self.reload(stream, replica).await;
-        };
-        if local_epoch != epoch {
-            return self.reload(stream, replica).await;
-        }
-        if seq <= local_seq {
-            return Ok(());
-        }
-        let missing_to = if change.is_some() { seq - 1 } else { seq };
-        if missing_to > local_seq {
-            let filled = self
-                .store
-                .range(stream, epoch, local_seq + 1, missing_to)
-                .await?;
-            let complete = filled.first().map(|c| c.seq) == Some(local_seq + 1)
-                && filled.len() as u64 == missing_to - local_seq;
-            if !complete {
-                return self.reload(stream, replica).await;
-            }
-            self.observer.gap_repaired(stream, filled.len());
-            for missed in &filled {
-                if replica.apply(missed).is_err() {
-                    return self.reload(stream, replica).await;
-                }
-            }
-        }
-        if let Some(change) = change {
-            if replica.apply(change).is_err() {
-                return self.reload(stream, replica).await;
-            }
-        }
-        Ok(())
-    }
-
-    async fn reload(&self, stream: &str, replica: &dyn Replica) -> Result<(), StoreError> {
-        let Some(loaded) = self.store.load(stream, self.history).await? else {
-            return Ok(());
-        };
-        self.observer.reloaded(stream);
-        if let Err(error) = replica.reset(&loaded) {
-            tracing::error!(stream, %error, "cannot rebuild the stream from the log");
         }
         Ok(())
     }

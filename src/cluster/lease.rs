@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::rendezvous;
 use super::store::{Lease, PollState, Retention, Store};
+use crate::metrics::{LeaseEvent, LeaseLabels, Metrics};
 
 /// The lease a node holds on a stream, as its poller needs it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -76,6 +77,22 @@ pub struct Keeper {
     pub released: Arc<Notify>,
     /// What the keeper tells the poller's driver.
     pub held: watch::Sender<Option<Holding>>,
+    /// Where lease events are counted.
+    pub metrics: Arc<Metrics>,
+}
+
+/// Counts a lease event, and the leases held.
+fn count(metrics: &Metrics, event: LeaseEvent) {
+    metrics
+        .cluster_lease_changes
+        .get_or_create(&LeaseLabels { event })
+        .inc();
+    match event {
+        LeaseEvent::Acquired => metrics.cluster_leases_held.inc(),
+        LeaseEvent::Lost | LeaseEvent::HandedOver | LeaseEvent::Released => {
+            metrics.cluster_leases_held.dec()
+        }
+    };
 }
 
 /// What the keeper does next, decided from what it knows (pure, so it is tested alone).
@@ -131,6 +148,12 @@ impl Keeper {
     /// without waiting for the TTL).
     pub async fn run(mut self, shutdown: CancellationToken) {
         let step = self.step();
+        // Act only once this node is in the live set: its place in the ranking counts then.
+        let node = self.node.clone();
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = self.nodes.wait_for(|live| live.iter().any(|n| **n == *node)) => {}
+        }
         let mut fence: Option<u64> = None;
         let mut renewed = Instant::now();
         let mut free_since: Option<Instant> = None;
@@ -178,11 +201,13 @@ impl Keeper {
                     }
                     if fence.is_none() {
                         self.held.send_replace(None);
+                        count(&self.metrics, LeaseEvent::Lost);
                     }
                 }
                 Step::HandOver => {
                     let held = fence.take().unwrap_or(0);
                     self.held.send_replace(None);
+                    count(&self.metrics, LeaseEvent::HandedOver);
                     tracing::info!(stream = %self.stream, to = ?ranking.first(), "handing the lease over");
                     if let Err(error) = self.store.release(&self.stream, &self.node, held).await {
                         tracing::debug!(stream = %self.stream, %error, "release failed; the lease expires instead");
@@ -213,6 +238,7 @@ impl Keeper {
                             now_ms,
                         }) => {
                             tracing::info!(stream = %self.stream, fence = taken, "lease taken");
+                            count(&self.metrics, LeaseEvent::Acquired);
                             fence = Some(taken);
                             renewed = Instant::now();
                             free_since = None;
@@ -241,6 +267,7 @@ impl Keeper {
         }
         if let Some(held) = fence {
             self.held.send_replace(None);
+            count(&self.metrics, LeaseEvent::Released);
             match self.store.release(&self.stream, &self.node, held).await {
                 Ok(_) => tracing::debug!(stream = %self.stream, "lease given up"),
                 Err(error) => {
@@ -259,12 +286,20 @@ pub async fn membership(
     ttl: Duration,
     nodes: watch::Sender<Arc<[String]>>,
     reachable: watch::Sender<bool>,
+    metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) {
     let step = (ttl / 3).max(Duration::from_millis(10));
     loop {
+        let started = Instant::now();
         match store.heartbeat(&node, Some(ttl)).await {
             Ok(live) => {
+                metrics
+                    .cluster_redis_seconds
+                    .observe(started.elapsed().as_secs_f64());
+                metrics
+                    .cluster_nodes
+                    .set(i64::try_from(live.len()).unwrap_or(i64::MAX));
                 let live: Arc<[String]> = live.into();
                 nodes.send_if_modified(|current| {
                     let changed = **current != *live;
@@ -276,6 +311,7 @@ pub async fn membership(
                 reachable.send_if_modified(|up| !std::mem::replace(up, true));
             }
             Err(error) => {
+                metrics.cluster_redis_errors.inc();
                 if reachable.send_if_modified(|up| std::mem::replace(up, false)) {
                     tracing::warn!(%error, "redis unreachable; serving the last known documents");
                 }

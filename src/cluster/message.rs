@@ -6,31 +6,22 @@
 
 use bytes::Bytes;
 
-/// The kind of a change, as the log and the announcements spell it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Kind {
-    /// An RFC 6902 patch from the document at `seq - 1`.
-    Patch,
-    /// The whole document.
-    Snapshot,
+use crate::wire::ChangeKind as Kind;
+
+/// The one-letter code of a change's kind in the log and the announcements.
+pub fn code(kind: Kind) -> &'static str {
+    match kind {
+        Kind::Patch => "p",
+        Kind::Snapshot => "s",
+    }
 }
 
-impl Kind {
-    /// The one-letter code stored in the log.
-    pub fn code(self) -> &'static str {
-        match self {
-            Kind::Patch => "p",
-            Kind::Snapshot => "s",
-        }
-    }
-
-    /// The kind a code names.
-    pub fn from_code(code: &[u8]) -> Option<Kind> {
-        match code {
-            b"p" => Some(Kind::Patch),
-            b"s" => Some(Kind::Snapshot),
-            _ => None,
-        }
+/// The kind a code names.
+pub fn kind_of(code: &[u8]) -> Option<Kind> {
+    match code {
+        b"p" => Some(Kind::Patch),
+        b"s" => Some(Kind::Snapshot),
+        _ => None,
     }
 }
 
@@ -66,6 +57,8 @@ pub enum Announcement {
         stream: String,
         /// The epoch the holder published in.
         epoch: u64,
+        /// The node that polled (it told its own subscribers already).
+        node: String,
         /// The failure, or `None` for a recovery.
         failure: Option<Bytes>,
     },
@@ -84,10 +77,10 @@ pub struct Malformed(&'static str);
 
 impl Announcement {
     /// The bytes of a health message (changes are encoded by the publish script).
-    pub fn encode_health(stream: &str, epoch: u64, failure: Option<&[u8]>) -> Vec<u8> {
+    pub fn encode_health(stream: &str, epoch: u64, node: &str, failure: Option<&[u8]>) -> Vec<u8> {
         let mut out = match failure {
-            Some(_) => format!("f\n{stream}\n{epoch}\n").into_bytes(),
-            None => format!("r\n{stream}\n{epoch}\n").into_bytes(),
+            Some(_) => format!("f\n{stream}\n{epoch}\n{node}\n").into_bytes(),
+            None => format!("r\n{stream}\n{epoch}\n{node}\n").into_bytes(),
         };
         if let Some(json) = failure {
             out.extend_from_slice(json);
@@ -105,7 +98,7 @@ impl Announcement {
                 let stream = fields.text("stream")?;
                 let epoch = fields.number("epoch")?;
                 let seq = fields.number("seq")?;
-                let kind = Kind::from_code(&fields.next("kind")?).ok_or(Malformed("kind"))?;
+                let kind = kind_of(&fields.next("kind")?).ok_or(Malformed("kind"))?;
                 let at_ms = fields.number("at")?;
                 Ok(Announcement::Change {
                     stream,
@@ -122,9 +115,11 @@ impl Announcement {
                 let failed = bytes.first() == Some(&b'f');
                 let stream = fields.text("stream")?;
                 let epoch = fields.number("epoch")?;
+                let node = fields.text("node")?;
                 Ok(Announcement::Health {
                     stream,
                     epoch,
+                    node,
                     failure: failed.then_some(fields.rest),
                 })
             }
@@ -204,12 +199,13 @@ mod tests {
 
     proptest! {
         #[test]
-        fn health_round_trips(stream in "[a-z~0-9]{1,12}", epoch: u64, failure in proptest::option::of(".*")) {
-            let bytes = Announcement::encode_health(&stream, epoch, failure.as_deref().map(str::as_bytes));
+        fn health_round_trips(stream in "[a-z~0-9]{1,12}", epoch: u64, node in "[a-z0-9-]{1,12}", failure in proptest::option::of(".*")) {
+            let bytes = Announcement::encode_health(&stream, epoch, &node, failure.as_deref().map(str::as_bytes));
             let decoded = Announcement::decode(&Bytes::from(bytes));
             prop_assert_eq!(decoded, Ok(Announcement::Health {
                 stream,
                 epoch,
+                node,
                 failure: failure.map(Bytes::from),
             }));
         }

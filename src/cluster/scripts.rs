@@ -9,7 +9,8 @@
 /// `s`), 5 payload, 6 time of the change (ms), 7 the document after it (empty: not sent; a
 /// checkpoint), 8 history (changes kept), 9 history bytes, 10 TTL of the stream's keys (ms),
 /// 11 channel, 12 stream name, 13 the epoch to start if there is none (or on reset), 14 `1`
-/// to start a new epoch even though one exists (a holder whose log is unreadable).
+/// to start a new epoch even though one exists (a writer that cannot rebuild the log's
+/// document).
 ///
 /// Returns `{status, epoch, seq, pending}`: `ok` with the new sequence number and the patch
 /// bytes logged since the last stored document; `fenced` when a newer lease exists;
@@ -24,7 +25,7 @@ end
 local epoch = redis.call('HGET', meta, 'epoch')
 local seq = tonumber(redis.call('HGET', meta, 'seq') or '0')
 local kind = ARGV[4]
-if (not epoch) or (ARGV[14] == '1' and fence ~= 0) then
+if (not epoch) or ARGV[14] == '1' then
   if tonumber(ARGV[3]) ~= 0 or kind ~= 's' then return {'conflict', epoch or '0', seq, 0} end
   epoch = ARGV[13]
   seq = 0

@@ -9,8 +9,9 @@ use redis::aio::ConnectionManager;
 use redis::{Script, Value};
 
 use super::keys::{Keys, StreamKeys};
-use super::message::{Announcement, Kind, LoggedChange};
+use super::message::{self, Announcement, LoggedChange};
 use super::scripts;
+use crate::wire::ChangeKind as Kind;
 
 /// Why an operation on Redis failed. Every failure is transient from the caller's view:
 /// retry later (the connection manager reconnects in the background).
@@ -55,8 +56,8 @@ pub struct Append<'a> {
     pub document: Option<&'a [u8]>,
     /// The epoch to start when there is none (or with `reset`).
     pub new_epoch: u64,
-    /// Start a new epoch even though one exists (only with a fence: a holder that cannot read
-    /// the log it would continue).
+    /// Start a new epoch even though one exists (a writer that cannot rebuild the log's
+    /// document: subscribers then get a snapshot, never a patch of a broken log).
     pub reset: bool,
 }
 
@@ -207,7 +208,7 @@ impl Store {
             .arg(change.fence.unwrap_or(0))
             .arg(change.epoch.unwrap_or(0))
             .arg(change.base)
-            .arg(change.kind.code())
+            .arg(message::code(change.kind))
             .arg(change.payload)
             .arg(change.at_ms)
             .arg(change.document.unwrap_or_default())
@@ -517,9 +518,10 @@ impl Store {
         stream: &str,
         fence: u64,
         epoch: u64,
+        node: &str,
         failure: Option<&[u8]>,
     ) -> Result<bool, StoreError> {
-        let message = Announcement::encode_health(stream, epoch, failure);
+        let message = Announcement::encode_health(stream, epoch, node, failure);
         let mut connection = self.connection.clone();
         let done: i64 = self
             .health
@@ -592,7 +594,7 @@ fn entries_of(value: Value, epoch: u64) -> Result<Vec<LoggedChange>, StoreError>
             let mut body = fields(parts.next().ok_or(StoreError::Reply("entry fields"))?)?;
             let kind = body
                 .get("k")
-                .and_then(|k| Kind::from_code(k))
+                .and_then(|k| message::kind_of(k))
                 .ok_or(StoreError::Reply("entry kind"))?;
             Ok(LoggedChange {
                 epoch,

@@ -782,6 +782,17 @@ impl Stream {
             .set(i64::try_from(bytes).unwrap_or(i64::MAX));
     }
 
+    /// Change `seq` of `epoch`, if history still holds it.
+    pub fn change_at(&self, epoch: u64, seq: u64) -> Option<Arc<Change>> {
+        let state = self.lock();
+        if state.epoch != epoch {
+            return None;
+        }
+        let oldest = state.history.front()?.seq;
+        let index = usize::try_from(seq.checked_sub(oldest)?).ok()?;
+        state.history.get(index).filter(|c| c.seq == seq).cloned()
+    }
+
     /// The changes history holds now, and their bytes.
     pub fn history_size(&self) -> (usize, u64) {
         let state = self.lock();

@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
+use futures_util::future::BoxFuture;
 use governor::clock::{Clock, DefaultClock};
 use serde_json::Value;
 use tokio::time::Instant;
@@ -31,33 +32,55 @@ pub enum PublishResult {
     Changed,
     /// The document equals the last one (or differs only in ignored parts).
     Unchanged,
+    /// Nothing was published and the document should be tried again (the cluster's log was
+    /// unreachable, or publishing panicked): the next poll publishes even an identical body.
+    Failed,
 }
 
-/// Where a poller delivers what it learns: a hub `Stream` (below), or a test's recorder.
+/// Where a poller delivers what it learns: a hub `Stream` (below), a cluster's log, or a
+/// test's recorder. Calls come one at a time, in the order the poller learned things.
 pub trait Publish: Send + Sync + 'static {
     /// A newly decoded document (never called for a 304 or a byte-identical body).
-    fn document(&self, doc: Value) -> PublishResult;
+    fn document(self: Arc<Self>, doc: Value) -> BoxFuture<'static, PublishResult>;
     /// A failed poll; the next attempt is in `retry_in`. The last good snapshot stays.
-    fn failure(&self, error: &FetchError, retry_in: Duration);
+    fn failure<'a>(&'a self, error: &'a FetchError, retry_in: Duration) -> BoxFuture<'a, ()>;
     /// The first successful poll after failures, called before its `document`, if any.
-    fn recovered(&self);
+    fn recovered(&self) -> BoxFuture<'_, ()>;
+    /// What a successful poll learned for the next conditional request (a cluster hands it
+    /// to the node that polls next). Nothing by default.
+    fn polled<'a>(&'a self, _validators: &'a Validators) -> BoxFuture<'a, ()> {
+        Box::pin(std::future::ready(()))
+    }
 }
 
-/// A stream's poller publishes into it.
+/// A stream's poller publishes into it. The diff runs on the blocking pool: a feed of
+/// several megabytes takes tens of milliseconds, which must not stall the runtime threads
+/// that write to subscribers.
 impl Publish for Stream {
-    fn document(&self, doc: Value) -> PublishResult {
-        match self.publish(doc) {
-            Publication::Published(_) => PublishResult::Changed,
-            Publication::Unchanged | Publication::Ignored => PublishResult::Unchanged,
-        }
+    fn document(self: Arc<Self>, doc: Value) -> BoxFuture<'static, PublishResult> {
+        Box::pin(async move {
+            let name = self.name().to_owned();
+            match tokio::task::spawn_blocking(move || self.publish(doc)).await {
+                Ok(Publication::Published(_)) => PublishResult::Changed,
+                Ok(Publication::Unchanged | Publication::Ignored) => PublishResult::Unchanged,
+                Err(error) => {
+                    // A bug in the diff: the stream keeps its last snapshot and the next
+                    // different body is tried again.
+                    tracing::error!(stream = %name, %error, "publishing a document panicked");
+                    PublishResult::Failed
+                }
+            }
+        })
     }
 
-    fn failure(&self, error: &FetchError, retry_in: Duration) {
+    fn failure<'a>(&'a self, error: &'a FetchError, retry_in: Duration) -> BoxFuture<'a, ()> {
         self.fail(error.status(), error.cause(), error.to_string(), retry_in);
+        Box::pin(std::future::ready(()))
     }
 
-    fn recovered(&self) {
+    fn recovered(&self) -> BoxFuture<'_, ()> {
         self.recover();
+        Box::pin(std::future::ready(()))
     }
 }
 
@@ -215,6 +238,14 @@ where
         self
     }
 
+    /// Reports into `status` (shared by the successive pollers of a cluster's stream, one per
+    /// time this node takes its lease).
+    #[must_use]
+    pub fn reporting_to(mut self, status: Arc<PollStatus>) -> Self {
+        self.status = status;
+        self
+    }
+
     /// The live state, for the `/streams` listing.
     pub fn status(&self) -> Arc<PollStatus> {
         Arc::clone(&self.status)
@@ -238,10 +269,28 @@ where
         self.next_due = None;
     }
 
-    /// Polls now, then on schedule, until `shutdown` is cancelled; returns promptly then,
-    /// abandoning a wait for the quota, a request in flight, or a sleep.
+    /// Continues where the stream's previous poller (on another node of a cluster) left off:
+    /// its validators make the first request conditional, its schedule says when that request
+    /// is due (`next_due`), and its count of upstream requests goes on. A failover then costs
+    /// the upstream nothing extra.
+    pub fn resume(&mut self, validators: Validators, next_due: Instant, requests: u64) {
+        self.validators = validators;
+        self.next_due = Some(next_due);
+        self.status.update(|r| r.upstream_requests = requests);
+    }
+
+    /// Polls now (or when a [resumed](Self::resume) schedule says), then on schedule, until
+    /// `shutdown` is cancelled; returns promptly then, abandoning a wait for the quota, a
+    /// request in flight, or a sleep.
     pub async fn run(mut self, shutdown: CancellationToken) {
         tracing::info!(stream = %self.settings.name, url = %self.url, interval = ?self.settings.interval, "polling");
+        if let Some(due) = self.next_due {
+            tokio::select! {
+                biased;
+                () = shutdown.cancelled() => return,
+                () = tokio::time::sleep_until(due) => {}
+            }
+        }
         loop {
             let step = tokio::select! {
                 biased;
@@ -314,7 +363,7 @@ where
                     retry_in = ?retry_in,
                     "poll failed: {error}"
                 );
-                self.publish.failure(&error, retry_in);
+                self.publish.failure(&error, retry_in).await;
                 let outcome = LastOutcome::Failed {
                     status: error.status(),
                     message: error.to_string().into(),
@@ -359,12 +408,18 @@ where
         fetched: Result<Fetched, FetchError>,
     ) -> Result<(LastOutcome, bool), FetchError> {
         match fetched? {
-            Fetched::NotModified => Ok((LastOutcome::NotModified, self.succeeded())),
+            Fetched::NotModified => {
+                let recovered = self.succeeded().await;
+                self.publish.polled(&self.validators).await;
+                Ok((LastOutcome::NotModified, recovered))
+            }
             Fetched::Body { body, validators } => {
                 if self.last_body.as_ref() == Some(&body) {
                     // Same bytes, same document: no parse, no diff.
                     self.validators = validators;
-                    return Ok((LastOutcome::Unchanged, self.succeeded()));
+                    let recovered = self.succeeded().await;
+                    self.publish.polled(&self.validators).await;
+                    return Ok((LastOutcome::Unchanged, recovered));
                 }
                 let format = self.settings.format;
                 let to_decode = body.clone();
@@ -376,27 +431,24 @@ where
                     .map_err(|e| FetchError::decode(&self.url, e))?;
                 self.validators = validators;
                 self.last_body = Some(body);
-                let recovered = self.succeeded();
-                let publish = Arc::clone(&self.publish);
-                let outcome = match tokio::task::spawn_blocking(move || publish.document(doc)).await
-                {
-                    Ok(PublishResult::Changed) => LastOutcome::Changed,
-                    Ok(PublishResult::Unchanged) => LastOutcome::Unchanged,
-                    Err(error) => {
-                        // A bug in the diff: the stream keeps its last snapshot and the next
-                        // different body is tried again.
-                        tracing::error!(stream = %self.settings.name, %error, "publishing a document panicked");
+                let recovered = self.succeeded().await;
+                let outcome = match Arc::clone(&self.publish).document(doc).await {
+                    PublishResult::Changed => LastOutcome::Changed,
+                    PublishResult::Unchanged => LastOutcome::Unchanged,
+                    PublishResult::Failed => {
+                        // Nothing was published: the same body is tried again next time.
                         self.last_body = None;
                         LastOutcome::Unchanged
                     }
                 };
+                self.publish.polled(&self.validators).await;
                 Ok((outcome, recovered))
             }
         }
     }
 
     /// Records a success; reports the recovery if failures preceded it.
-    fn succeeded(&mut self) -> bool {
+    async fn succeeded(&mut self) -> bool {
         if self.consecutive_failures == 0 {
             return false;
         }
@@ -406,7 +458,7 @@ where
             "upstream recovered"
         );
         self.consecutive_failures = 0;
-        self.publish.recovered();
+        self.publish.recovered().await;
         true
     }
 

@@ -46,6 +46,7 @@ async fn node(server: &RedisServer, name: &str, stream: &str, ttl: Duration) -> 
         ttl,
         nodes_tx,
         reachable,
+        std::sync::Arc::new(patchwire::metrics::Metrics::new()),
         shutdown.clone(),
     ));
     let (held_tx, held) = watch::channel(None);
@@ -58,6 +59,7 @@ async fn node(server: &RedisServer, name: &str, stream: &str, ttl: Duration) -> 
         nodes,
         released: Arc::new(Notify::new()),
         held: held_tx,
+        metrics: std::sync::Arc::new(patchwire::metrics::Metrics::new()),
     };
     let keeper = tokio::spawn(keeper.run(shutdown.clone()));
     Node {

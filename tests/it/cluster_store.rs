@@ -4,8 +4,8 @@
 use std::time::Duration;
 
 use patchwire::cluster::keys::Keys;
-use patchwire::cluster::message::Kind;
 use patchwire::cluster::store::{Append, Appended, Lease, Retention, Store};
+use patchwire::wire::ChangeKind as Kind;
 
 use crate::support::redis::RedisServer;
 
@@ -255,7 +255,7 @@ async fn a_fence_stops_a_holder_that_lost_its_lease() {
     );
     assert!(
         !store
-            .health("s", old, 77, Some(b"{}"))
+            .health("s", old, 77, "a", Some(b"{}"))
             .await
             .expect("health")
     );

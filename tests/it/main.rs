@@ -9,6 +9,7 @@ mod diff_support;
 mod feeds_support;
 
 mod backpressure;
+mod cluster;
 mod cluster_lease;
 mod cluster_store;
 mod conditional;

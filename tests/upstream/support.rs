@@ -277,7 +277,7 @@ impl Recorder {
 }
 
 impl Publish for Recorder {
-    fn document(&self, doc: Value) -> PublishResult {
+    fn document(self: Arc<Self>, doc: Value) -> BoxFuture<'static, PublishResult> {
         let mut last = self.last.lock().expect("recorder lock");
         let result = if last.as_ref() == Some(&doc) {
             PublishResult::Unchanged
@@ -289,10 +289,10 @@ impl Publish for Recorder {
             .lock()
             .expect("recorder lock")
             .push(Event::Document(doc));
-        result
+        Box::pin(std::future::ready(result))
     }
 
-    fn failure(&self, error: &FetchError, retry_in: Duration) {
+    fn failure<'a>(&'a self, error: &'a FetchError, retry_in: Duration) -> BoxFuture<'a, ()> {
         self.events
             .lock()
             .expect("recorder lock")
@@ -302,13 +302,15 @@ impl Publish for Recorder {
                 retry_after: error.retry_after(),
                 message: error.to_string(),
             });
+        Box::pin(std::future::ready(()))
     }
 
-    fn recovered(&self) {
+    fn recovered(&self) -> BoxFuture<'_, ()> {
         self.events
             .lock()
             .expect("recorder lock")
             .push(Event::Recovered);
+        Box::pin(std::future::ready(()))
     }
 }
 

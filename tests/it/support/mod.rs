@@ -4,6 +4,7 @@
 
 pub mod api;
 pub mod app;
+pub mod cluster;
 pub mod raw;
 pub mod receiver;
 pub mod redis;
