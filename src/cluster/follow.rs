@@ -190,8 +190,9 @@ impl Follower {
                     }
                 }
                 _ = probe.tick() => {
-                    // A silent subscription is indistinguishable from a quiet cluster: ask.
-                    let pong = tokio::time::timeout(self.probe_interval, sink.ping::<String>()).await;
+                    // A silent subscription is indistinguishable from a quiet cluster: ask. (In
+                    // subscribed mode the answer is `["pong", ""]`, not `PONG`: any answer will do.)
+                    let pong = tokio::time::timeout(self.probe_interval, sink.ping::<redis::Value>()).await;
                     match pong {
                         Ok(Ok(_)) => {}
                         Ok(Err(error)) => return Err(error.into()),
