@@ -20,7 +20,8 @@ use crate::api::push::PushAuth;
 use crate::api::server::{ServeOptions, Stall};
 use crate::api::subscribe::Subscriptions;
 use crate::api::{self, AppState, ClusterState};
-use crate::cluster::node::{self, Cluster};
+use crate::cluster::node::Cluster;
+use crate::cluster::quota::ClusterQuota;
 use crate::cluster::replica::Replicas;
 use crate::cluster::writer::Writer;
 use crate::config::Config;
@@ -37,8 +38,8 @@ use crate::sinks::webhook::outbox::sqlite::SqliteOutbox;
 use crate::snapshot::{Snapshot, SnapshotStore};
 use crate::upstream::fetch::Fetcher;
 use crate::upstream::on_demand::{self, Idle, OnDemand};
-use crate::upstream::poller::{PollStatus, Poller};
-use crate::upstream::ratelimit::RateLimits;
+use crate::upstream::poller::Poller;
+use crate::upstream::ratelimit::{RateLimits, SharedQuota};
 
 /// The sockets the application serves on, bound before it starts (so tests can bind port 0
 /// and read the address, and so a bad address fails before anything runs).
@@ -379,7 +380,7 @@ impl Streams<'_> {
     fn polled(
         &mut self,
         fetcher: &Arc<Fetcher>,
-        rate_limits: &RateLimits,
+        rate_limits: &Arc<RateLimits>,
     ) -> HashMap<String, PolledUpstream> {
         let mut upstreams = HashMap::new();
         for settings in &self.config.streams {
@@ -397,41 +398,32 @@ impl Streams<'_> {
                 let (held, keeper) = cluster.keep_lease(&settings.name, retention, &self.shutdown);
                 self.starting.push(Box::pin(keeper));
                 let writer = cluster.writer(stream.clone(), retention, Some(held.clone()));
-                let status = Arc::new(PollStatus::default());
-                let (settings_arc, fetcher, limiter, metrics, backoff, shown) = (
+                let quota: Arc<dyn SharedQuota> = Arc::new(ClusterQuota::new(
+                    cluster.store().clone(),
+                    rate_limits.clone(),
+                    self.metrics.clone(),
+                ));
+                let poller = Poller::new(
                     Arc::new(settings.clone()),
                     fetcher.clone(),
                     rate_limits.limiter(&settings.rate_limit_group),
                     self.metrics.clone(),
+                    writer,
                     self.config.upstream.backoff,
-                    status.clone(),
-                );
-                let poller = move || {
-                    Poller::new(
-                        settings_arc.clone(),
-                        fetcher.clone(),
-                        limiter.clone(),
-                        metrics.clone(),
-                        writer.clone(),
-                        backoff,
-                    )
-                    .reporting_to(shown.clone())
-                };
-                self.starting.push(Box::pin(node::drive(
-                    held,
-                    settings.interval,
-                    poller,
-                    self.shutdown.clone(),
-                )));
+                )
+                .taking_turns(held)
+                .sharing_quota(quota);
                 upstreams.insert(
                     settings.name.clone(),
                     PolledUpstream {
                         url: Redacted::new(&settings.url),
                         interval: settings.interval,
                         on_demand: settings.on_demand,
-                        status,
+                        status: poller.status(),
                     },
                 );
+                self.starting
+                    .push(Box::pin(poller.run(self.shutdown.clone())));
                 continue;
             }
             let poller = Poller::new(

@@ -27,6 +27,8 @@ pub enum PollOutcome {
     NotModified,
     /// A failure of any kind.
     Error,
+    /// Not this node's turn: another node of the cluster polls the stream (no request sent).
+    NotOurTurn,
 }
 
 /// Labels for poll outcomes.

@@ -34,6 +34,7 @@ impl PolledUpstream {
             LastOutcome::Changed => json!({"result": "changed"}),
             LastOutcome::Unchanged => json!({"result": "unchanged"}),
             LastOutcome::NotModified => json!({"result": "not-modified"}),
+            LastOutcome::NotOurTurn => json!({"result": "polled-by-another-node"}),
             LastOutcome::Failed { status, message } => {
                 json!({"result": "error", "status": status, "message": &**message})
             }

@@ -15,17 +15,28 @@ use tokio_util::sync::CancellationToken;
 use super::rendezvous;
 use super::store::{Lease, PollState, Retention, Store};
 use crate::metrics::{LeaseEvent, LeaseLabels, Metrics};
+use crate::upstream::fetch::Validators;
+use crate::upstream::poller::Turn;
 
-/// The lease a node holds on a stream, as its poller needs it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Holding {
-    /// The fence every write carries.
-    pub fence: u64,
-    /// What earlier holders learned from the upstream.
-    pub poll: PollState,
-    /// Redis's time when the lease was taken (ms), to schedule the first poll one interval
-    /// after the last one, whichever node made it.
-    pub now_ms: u64,
+/// The lease a node holds on a stream, as its poller and writer need it: a poller's turn
+/// whose id is the lease's fence (every write carries it).
+pub type Holding = Turn;
+
+/// The turn a lease gives: the previous holders' validators, and the time since their last
+/// poll in Redis's clock (so the nodes' clocks need not agree).
+fn turn(fence: u64, poll: PollState, now_ms: u64) -> Turn {
+    let value = |text: Option<String>| text.and_then(|t| http::HeaderValue::from_str(&t).ok());
+    Turn {
+        id: fence,
+        validators: Validators {
+            etag: value(poll.etag),
+            last_modified: value(poll.last_modified),
+        },
+        last_poll_ago: poll
+            .last_poll_ms
+            .map(|last| Duration::from_millis(now_ms.saturating_sub(last))),
+        requests: poll.polls,
+    }
 }
 
 /// The live nodes, as the membership loop last saw them.
@@ -242,11 +253,7 @@ impl Keeper {
                             fence = Some(taken);
                             renewed = Instant::now();
                             free_since = None;
-                            self.held.send_replace(Some(Holding {
-                                fence: taken,
-                                poll,
-                                now_ms,
-                            }));
+                            self.held.send_replace(Some(turn(taken, poll, now_ms)));
                         }
                         Ok(Lease::HeldBy(_)) => free_since = None,
                         Err(error) => {

@@ -21,6 +21,7 @@ pub mod keys;
 pub mod lease;
 pub mod message;
 pub mod node;
+pub mod quota;
 pub mod rendezvous;
 pub mod replica;
 pub mod scripts;

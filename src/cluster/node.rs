@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio::sync::watch;
-use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::config::ClusterSettings;
@@ -19,8 +18,6 @@ use super::store::{Retention, Store, StoreError};
 use super::writer::Writer;
 use crate::hub::Stream;
 use crate::metrics::Metrics;
-use crate::upstream::fetch::Validators;
-use crate::upstream::poller::Poller;
 
 /// A task the application runs.
 pub type Task = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
@@ -185,56 +182,4 @@ impl Cluster {
             lease,
         ))
     }
-}
-
-/// Runs a stream's poller while this node holds its lease: each time the lease is taken, a
-/// poller built by `poller` continues where the previous holder left off (its validators, its
-/// schedule, its request count); when the lease is lost or handed over, the poller stops.
-pub async fn drive(
-    mut held: watch::Receiver<Option<Holding>>,
-    interval: Duration,
-    poller: impl Fn() -> Poller,
-    shutdown: CancellationToken,
-) {
-    loop {
-        let holding = tokio::select! {
-            biased;
-            () = shutdown.cancelled() => return,
-            holding = held.wait_for(Option::is_some) => match holding {
-                Ok(holding) => holding.clone(),
-                Err(_) => return,
-            },
-        };
-        let Some(holding) = holding else { continue };
-        let mut poller = poller();
-        let (validators, due) = carried_over(&holding, interval);
-        poller.resume(validators, due, holding.poll.polls);
-        let polling = shutdown.child_token();
-        let run = tokio::spawn(poller.run(polling.clone()));
-        // Until the lease is lost, or taken again with another fence (after an expiry).
-        let fence = holding.fence;
-        let _ = held
-            .wait_for(|h| h.as_ref().is_none_or(|h| h.fence != fence))
-            .await;
-        polling.cancel();
-        let _ = run.await;
-    }
-}
-
-/// What a new holder continues from: the previous holder's validators, and the next poll one
-/// interval after its last (in Redis's time, so the nodes' clocks need not agree).
-fn carried_over(holding: &Holding, interval: Duration) -> (Validators, Instant) {
-    let value = |text: &Option<String>| {
-        text.as_deref()
-            .and_then(|t| http::HeaderValue::from_str(t).ok())
-    };
-    let validators = Validators {
-        etag: value(&holding.poll.etag),
-        last_modified: value(&holding.poll.last_modified),
-    };
-    let wait = holding.poll.last_poll_ms.map_or(Duration::ZERO, |last| {
-        let due = last.saturating_add(u64::try_from(interval.as_millis()).unwrap_or(u64::MAX));
-        Duration::from_millis(due.saturating_sub(holding.now_ms))
-    });
-    (validators, Instant::now() + wait.min(interval))
 }

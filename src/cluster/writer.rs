@@ -112,7 +112,7 @@ impl Writer {
             Some(lease) => lease
                 .borrow()
                 .as_ref()
-                .map(|h| Some(h.fence))
+                .map(|h| Some(h.id))
                 .ok_or(WriteError::Fenced),
         }
     }

@@ -13,6 +13,7 @@ use bytes::Bytes;
 use futures_util::future::BoxFuture;
 use governor::clock::{Clock, DefaultClock};
 use serde_json::Value;
+use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -20,7 +21,7 @@ use super::backoff;
 use super::config::{BackoffSettings, StreamSettings};
 use super::decode::{self, DecodeError};
 use super::fetch::{FetchError, FetchRequest, Fetched, Upstream, Validators};
-use super::ratelimit::GroupLimiter;
+use super::ratelimit::{GroupLimiter, SharedQuota};
 use crate::hub::{Publication, Stream};
 use crate::metrics::{Metrics, PollLabels, PollOutcome, StreamLabels};
 use crate::redact::Redacted;
@@ -84,6 +85,22 @@ impl Publish for Stream {
     }
 }
 
+/// A turn to poll, for a poller that shares its stream with other processes (the nodes of a
+/// cluster): it polls only during its turns, and each turn continues where the previous one,
+/// wherever it ran, left off, so a change of poller costs the upstream nothing extra.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Turn {
+    /// Tells turns apart (a cluster's lease fence).
+    pub id: u64,
+    /// The validators the previous turn's last poll received.
+    pub validators: Validators,
+    /// How long ago the previous turn's last poll started (`None`: never polled): the first
+    /// poll of this turn is due one interval after it.
+    pub last_poll_ago: Option<Duration>,
+    /// Requests sent upstream by every turn so far.
+    pub requests: u64,
+}
+
 /// What one poll produced.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LastOutcome {
@@ -93,6 +110,8 @@ pub enum LastOutcome {
     Unchanged,
     /// 304 Not Modified.
     NotModified,
+    /// Not this poller's turn: another process polls the stream.
+    NotOurTurn,
     /// The poll failed.
     Failed {
         /// The status reported to subscribers (see [`FetchError::status`]).
@@ -110,6 +129,7 @@ impl LastOutcome {
             LastOutcome::Unchanged => PollOutcome::Unchanged,
             LastOutcome::NotModified => PollOutcome::NotModified,
             LastOutcome::Failed { .. } => PollOutcome::Error,
+            LastOutcome::NotOurTurn => PollOutcome::NotOurTurn,
         }
     }
 }
@@ -186,6 +206,8 @@ pub struct Poller<C: Clock = DefaultClock> {
     settings: Arc<StreamSettings>,
     fetcher: Arc<dyn Upstream>,
     limiter: Arc<GroupLimiter<C>>,
+    /// The cluster's quota of the group, asked after the local limiter.
+    shared: Option<Arc<dyn SharedQuota>>,
     metrics: Arc<Metrics>,
     publish: Arc<dyn Publish>,
     backoff: BackoffSettings,
@@ -196,6 +218,10 @@ pub struct Poller<C: Clock = DefaultClock> {
     consecutive_failures: u32,
     next_due: Option<Instant>,
     status: Arc<PollStatus>,
+    /// Whose turn it is, for a poller that takes turns (`None`: it always polls).
+    turns: Option<watch::Receiver<Option<Turn>>>,
+    /// The turn being polled.
+    turn: Option<u64>,
 }
 
 impl<C> Poller<C>
@@ -219,6 +245,7 @@ where
             settings,
             fetcher,
             limiter,
+            shared: None,
             metrics,
             publish,
             backoff,
@@ -227,7 +254,59 @@ where
             consecutive_failures: 0,
             next_due: None,
             status: Arc::new(PollStatus::default()),
+            turns: None,
+            turn: None,
         }
+    }
+
+    /// Polls only during the turns `turns` announces (a cluster's lease), each continuing
+    /// where the previous one left off.
+    #[must_use]
+    pub fn taking_turns(mut self, turns: watch::Receiver<Option<Turn>>) -> Self {
+        self.turns = Some(turns);
+        self
+    }
+
+    /// Resolves when the turn changes (begins, ends, or passes to another id); never for a
+    /// poller that does not take turns.
+    pub async fn turn_changed(&mut self) {
+        let Some(turns) = &mut self.turns else {
+            return std::future::pending().await;
+        };
+        let current = self.turn;
+        if turns
+            .wait_for(|t| t.as_ref().map(|t| t.id) != current)
+            .await
+            .is_err()
+        {
+            std::future::pending::<()>().await;
+        }
+    }
+
+    /// Whether this poller may poll now, taking up a new turn where the previous one left
+    /// off; `Err(next_due)` when it must not poll now (not its turn, or the new turn's first
+    /// poll is due later).
+    fn take_turn(&mut self, now: Instant) -> Result<(), Instant> {
+        let Some(turns) = &self.turns else {
+            return Ok(());
+        };
+        let Some(turn) = turns.borrow().clone() else {
+            self.turn = None;
+            return Err(later(now, self.settings.interval));
+        };
+        if self.turn == Some(turn.id) {
+            return Ok(());
+        }
+        self.turn = Some(turn.id);
+        self.validators = turn.validators;
+        self.last_body = None;
+        self.status.update(|r| r.upstream_requests = turn.requests);
+        let wait = turn.last_poll_ago.map_or(Duration::ZERO, |ago| {
+            self.settings.interval.saturating_sub(ago)
+        });
+        let due = later(now, wait);
+        self.next_due = Some(due);
+        if wait.is_zero() { Ok(()) } else { Err(due) }
     }
 
     /// Names the upstream by its scheme, host and port only, in logs and errors (dynamic
@@ -235,6 +314,13 @@ where
     #[must_use]
     pub fn show_host_only(mut self) -> Self {
         self.url = Redacted::host_only(&self.settings.url);
+        self
+    }
+
+    /// Also asks `shared` (a cluster's quota of this stream's group) before each request.
+    #[must_use]
+    pub fn sharing_quota(mut self, shared: Arc<dyn SharedQuota>) -> Self {
+        self.shared = Some(shared);
         self
     }
 
@@ -269,28 +355,11 @@ where
         self.next_due = None;
     }
 
-    /// Continues where the stream's previous poller (on another node of a cluster) left off:
-    /// its validators make the first request conditional, its schedule says when that request
-    /// is due (`next_due`), and its count of upstream requests goes on. A failover then costs
-    /// the upstream nothing extra.
-    pub fn resume(&mut self, validators: Validators, next_due: Instant, requests: u64) {
-        self.validators = validators;
-        self.next_due = Some(next_due);
-        self.status.update(|r| r.upstream_requests = requests);
-    }
-
-    /// Polls now (or when a [resumed](Self::resume) schedule says), then on schedule, until
+    /// Polls now, then on schedule (during its turns, for a poller taking turns), until
     /// `shutdown` is cancelled; returns promptly then, abandoning a wait for the quota, a
     /// request in flight, or a sleep.
     pub async fn run(mut self, shutdown: CancellationToken) {
         tracing::info!(stream = %self.settings.name, url = %self.url, interval = ?self.settings.interval, "polling");
-        if let Some(due) = self.next_due {
-            tokio::select! {
-                biased;
-                () = shutdown.cancelled() => return,
-                () = tokio::time::sleep_until(due) => {}
-            }
-        }
         loop {
             let step = tokio::select! {
                 biased;
@@ -301,6 +370,8 @@ where
                 biased;
                 () = shutdown.cancelled() => break,
                 () = tokio::time::sleep_until(step.next_due) => {}
+                // A turn that begins (or ends) is acted on now, not at the next tick.
+                () = self.turn_changed() => {}
             }
         }
         tracing::debug!(stream = %self.settings.name, "poller stopped");
@@ -311,6 +382,13 @@ where
     /// consistent (state only changes after the fetch completes).
     pub async fn poll_once(&mut self) -> PollStep {
         let started = Instant::now();
+        if let Err(next_due) = self.take_turn(started) {
+            return PollStep {
+                outcome: LastOutcome::NotOurTurn,
+                recovered: false,
+                next_due,
+            };
+        }
         let interval = self.settings.interval;
         // Anchor the schedule on the tick this poll was due at, so it does not drift by the
         // few milliseconds between waking and starting; a late start re-anchors.
@@ -465,7 +543,7 @@ where
     async fn wait_for_quota(&self) {
         loop {
             match self.limiter.check() {
-                Ok(()) => return,
+                Ok(()) => break,
                 Err(not_until) => {
                     let wait = not_until.wait_time_from(self.limiter.clock().now());
                     tracing::debug!(
@@ -477,6 +555,18 @@ where
                     tokio::time::sleep(wait).await;
                 }
             }
+        }
+        let Some(shared) = &self.shared else {
+            return;
+        };
+        while let Some(wait) = shared.ask(&self.settings.rate_limit_group).await {
+            tracing::debug!(
+                stream = %self.settings.name,
+                group = %self.settings.rate_limit_group,
+                wait = ?wait,
+                "waiting for the cluster's rate limit"
+            );
+            tokio::time::sleep(wait).await;
         }
     }
 }

@@ -7,12 +7,22 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 
+use futures_util::future::BoxFuture;
 use governor::clock::{Clock, DefaultClock};
 use governor::middleware::NoOpMiddleware;
 use governor::state::{InMemoryState, NotKeyed};
 use governor::{Quota, RateLimiter};
 
 use super::config::{RateLimit, StreamSettings, UpstreamSettings};
+
+/// A quota shared beyond this process (the nodes of a cluster), asked before every request
+/// after the local limiter: the local one bounds this node, the shared one all of them.
+pub trait SharedQuota: Send + Sync {
+    /// Asks `group`'s shared quota for one request: `None` when it may go now, else how long
+    /// to wait before asking again. When the shared state cannot be reached the request goes
+    /// (the local limiter still applies): polling for this node's subscribers matters more.
+    fn ask<'a>(&'a self, group: &'a str) -> BoxFuture<'a, Option<std::time::Duration>>;
+}
 
 /// The limiter shared by every stream of one group.
 pub type GroupLimiter<C = DefaultClock> =
@@ -41,7 +51,7 @@ impl Clock for TokioClock {
 pub struct RateLimits<C: Clock = DefaultClock> {
     clock: C,
     default_quota: RateLimit,
-    groups: Mutex<HashMap<String, Arc<GroupLimiter<C>>>>,
+    groups: Mutex<HashMap<String, (RateLimit, Arc<GroupLimiter<C>>)>>,
 }
 
 impl RateLimits<DefaultClock> {
@@ -81,15 +91,23 @@ impl<C: Clock + Clone> RateLimits<C> {
         // The map is only touched while building pollers; a panic elsewhere cannot leave it
         // half-updated, so a poisoned lock is still usable.
         let mut groups = self.groups.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(limiter) = groups.get(group) {
+        if let Some((_, limiter)) = groups.get(group) {
             return Arc::clone(limiter);
         }
         let limiter = Arc::new(RateLimiter::direct_with_clock(
             self::quota(quota),
             self.clock.clone(),
         ));
-        groups.insert(group.to_owned(), Arc::clone(&limiter));
+        groups.insert(group.to_owned(), (quota, Arc::clone(&limiter)));
         limiter
+    }
+
+    /// The quota of `group` (the default quota for a group not seen before).
+    pub fn quota_of(&self, group: &str) -> RateLimit {
+        let groups = self.groups.lock().unwrap_or_else(PoisonError::into_inner);
+        groups
+            .get(group)
+            .map_or(self.default_quota, |(quota, _)| *quota)
     }
 
     /// The names of the groups that exist, sorted.
