@@ -51,8 +51,11 @@ impl Clock for TokioClock {
 pub struct RateLimits<C: Clock = DefaultClock> {
     clock: C,
     default_quota: RateLimit,
-    groups: Mutex<HashMap<String, (RateLimit, Arc<GroupLimiter<C>>)>>,
+    groups: Mutex<HashMap<String, Group<C>>>,
 }
+
+/// A group's quota and its limiter.
+type Group<C> = (RateLimit, Arc<GroupLimiter<C>>);
 
 impl RateLimits<DefaultClock> {
     /// Limiters for the named groups and for every stream's group, on the real clock.
