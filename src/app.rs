@@ -23,13 +23,14 @@ use crate::api::{self, AppState, ClusterState};
 use crate::cluster::node::Cluster;
 use crate::cluster::quota::ClusterQuota;
 use crate::cluster::replica::Replicas;
+use crate::cluster::tokens::SharedTokens;
 use crate::cluster::writer::Writer;
 use crate::config::Config;
 use crate::diff::DiffOptions;
 use crate::hub::{Hub, Stream, StreamOptions};
 use crate::metrics::Metrics;
 use crate::proxy::Proxy;
-use crate::proxy::streams::DynamicStreams;
+use crate::proxy::streams::{ClusterLink, DynamicStreams, Polling};
 use crate::redact::Redacted;
 use crate::sim;
 use crate::sinks::webhook::Webhooks;
@@ -164,18 +165,6 @@ impl App {
             writers,
             ..
         } = streams;
-        if let Some(cluster) = &cluster {
-            let history = config
-                .streams
-                .iter()
-                .map(|s| s.history)
-                .chain(config.push_streams.iter().map(|s| s.history))
-                .max()
-                .unwrap_or(0);
-            let replicas: Arc<dyn Replicas> = Arc::new(HubReplicas(hub.clone()));
-            starting.extend(cluster.tasks(replicas, history, &shutdown));
-        }
-
         let mut tasks = JoinSet::new();
         let webhooks = match (&config.webhooks, outbox) {
             (Some(settings), Some(outbox)) => Some(
@@ -194,7 +183,31 @@ impl App {
             ),
             _ => None,
         };
-        let proxy = proxy(&config, &rate_limits, &metrics, &shutdown)?;
+        let proxy = proxy(&config, &rate_limits, &metrics, cluster.as_ref(), &shutdown)?;
+        if let Some(cluster) = &cluster {
+            let history = config
+                .streams
+                .iter()
+                .map(|s| s.history)
+                .chain(config.push_streams.iter().map(|s| s.history))
+                .chain(config.proxy.iter().map(|p| p.history))
+                .max()
+                .unwrap_or(0);
+            let dynamic = proxy.as_ref().map(|p| p.streams().clone());
+            let replicas: Arc<dyn Replicas> = Arc::new(NodeReplicas {
+                hub: hub.clone(),
+                dynamic: dynamic.clone(),
+            });
+            starting.extend(cluster.tasks(replicas, history, &shutdown));
+            if let Some(dynamic) = dynamic {
+                starting.push(Box::pin(identity_key(
+                    cluster.clone(),
+                    dynamic,
+                    shutdown.clone(),
+                )));
+            }
+        }
+
         let state = Arc::new(AppState {
             hub: hub.clone(),
             metrics: metrics.clone(),
@@ -306,6 +319,7 @@ fn proxy(
     config: &Config,
     rate_limits: &Arc<RateLimits>,
     metrics: &Arc<Metrics>,
+    cluster: Option<&Arc<Cluster>>,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<Option<Arc<Proxy>>> {
     let Some(settings) = &config.proxy else {
@@ -314,17 +328,38 @@ fn proxy(
     let settings = Arc::new(settings.clone());
     let streams = DynamicStreams::start(
         settings.clone(),
-        &config.upstream.user_agent,
+        Polling {
+            user_agent: &config.upstream.user_agent,
+            buffer: config.server.subscriber_buffer,
+            backoff: config.upstream.backoff,
+        },
         rate_limits.clone(),
         metrics.clone(),
-        config.server.subscriber_buffer,
-        config.upstream.backoff,
+        cluster.map(|node| ClusterLink {
+            node: node.clone(),
+            quota: Arc::new(ClusterQuota::new(
+                node.store().clone(),
+                rate_limits.clone(),
+                metrics.clone(),
+            )),
+        }),
         shutdown.clone(),
     )
     .context("cannot start the proxy mode's HTTP client")?;
+    let shared = cluster.map(|node| {
+        let tokens = SharedTokens::new(
+            node.store().clone(),
+            Arc::from(node.node()),
+            node.settings().lease_ttl * 3,
+            metrics.clone(),
+        );
+        tokio::spawn(tokens.clone().refresh(shutdown.clone()));
+        tokens
+    });
     Ok(Some(Arc::new(Proxy::new(
         settings,
         streams,
+        shared,
         metrics.clone(),
     ))))
 }
@@ -343,16 +378,51 @@ struct Streams<'a> {
     writers: HashMap<String, Arc<Writer>>,
 }
 
-/// The streams a cluster node follows: those of its hub.
-struct HubReplicas(Arc<Hub>);
+/// The streams a cluster node follows: those of its hub, and the dynamic streams it serves.
+struct NodeReplicas {
+    hub: Arc<Hub>,
+    dynamic: Option<Arc<DynamicStreams>>,
+}
 
-impl Replicas for HubReplicas {
+impl Replicas for NodeReplicas {
     fn get(&self, name: &str) -> Option<Arc<Stream>> {
-        self.0.get(name)
+        self.hub
+            .get(name)
+            .or_else(|| self.dynamic.as_ref()?.get(name))
     }
 
     fn all(&self) -> Vec<Arc<Stream>> {
-        self.0.all()
+        let mut all = self.hub.all();
+        if let Some(dynamic) = &self.dynamic {
+            all.extend(dynamic.all());
+        }
+        all
+    }
+}
+
+/// Reads the cluster's key naming dynamic streams (creating it if this node is the first),
+/// retrying while Redis is unreachable: until then dynamic streams are refused.
+async fn identity_key(
+    cluster: Arc<Cluster>,
+    dynamic: Arc<DynamicStreams>,
+    shutdown: CancellationToken,
+) {
+    let mut delay = Duration::from_millis(100);
+    loop {
+        match cluster.store().identity_key().await {
+            Ok(key) => {
+                dynamic.set_key(key);
+                return;
+            }
+            Err(error) => {
+                tracing::debug!(%error, retry_in = ?delay, "cannot read the cluster's key for dynamic streams");
+            }
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(delay) => {}
+        }
+        delay = (delay * 2).min(Duration::from_secs(5));
     }
 }
 

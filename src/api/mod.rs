@@ -192,7 +192,7 @@ async fn stream(
     headers: HeaderMap,
 ) -> Response {
     if name.starts_with('~') {
-        return proxy::view_json(&state, &name, uri.query(), &headers);
+        return proxy::view_json(&state, &name, uri.query(), &headers).await;
     }
     let Some(stream) = state.hub.get(&name) else {
         return error_response(

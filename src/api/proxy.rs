@@ -34,7 +34,7 @@ pub async fn dynamic_json(state: Arc<AppState>, uri: Uri, headers: HeaderMap) ->
 
 /// `GET /streams/~{id}` with `Accept: application/json` (or without the proxy mode): a
 /// dynamic stream's current document, under the same token rules as its URL.
-pub fn view_json(
+pub async fn view_json(
     state: &AppState,
     name: &str,
     query: Option<&str>,
@@ -44,7 +44,10 @@ pub fn view_json(
         return error_response(StatusCode::NOT_FOUND, Refusal::Disabled.to_string());
     };
     let token = query_token(query);
-    let opened = match proxy.view(name, &Resume::Fresh, token.as_deref(), headers) {
+    let opened = match proxy
+        .view(name, &Resume::Fresh, token.as_deref(), headers)
+        .await
+    {
         Ok(opened) => opened,
         Err(refusal) => return refusal_status(&refusal),
     };

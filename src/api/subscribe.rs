@@ -104,7 +104,7 @@ impl Subscriptions {
                 .decode_utf8()
                 .ok()?;
             if name.starts_with('~') {
-                return self.view(&name, request);
+                return self.view(&name, request).await;
             }
             let stream = self.hub.get(&name)?;
             let resume = resume_point(request.headers, last_event_id(request.query).as_deref());
@@ -119,12 +119,15 @@ impl Subscriptions {
 
     /// `GET /streams/~{id}`: a dynamic stream in patchwire's own dialect, under the same token
     /// rules as its URL. Without the proxy mode, the router answers.
-    fn view(&self, name: &str, request: &Request<'_>) -> Option<Decision> {
+    async fn view(&self, name: &str, request: &Request<'_>) -> Option<Decision> {
         let proxy = self.proxy.as_ref()?;
         let token = query_token(request.query);
         let resume = resume_point(request.headers, last_event_id(request.query).as_deref());
         Some(
-            match proxy.view(name, &resume, token.as_deref(), request.headers) {
+            match proxy
+                .view(name, &resume, token.as_deref(), request.headers)
+                .await
+            {
                 Ok(opened) => self.opened(request, opened, Dialect::Native),
                 Err(refusal) => Decision::Answer(self.refused_json(request, &refusal.to_wire())),
             },

@@ -90,6 +90,22 @@ pub struct Keeper {
     pub held: watch::Sender<Option<Holding>>,
     /// Where lease events are counted.
     pub metrics: Arc<Metrics>,
+    /// How the keeper takes part: [`Taking::Always`] for a configured stream (every live
+    /// node may hold it), [`Taking::OnDemand`] for one polled only while subscribed.
+    pub taking: Taking,
+    /// The node's shutdown (the keeper's own token may end sooner: a stream retired).
+    pub node_shutdown: CancellationToken,
+}
+
+/// Which nodes a stream's lease goes to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Taking {
+    /// Any live node (`nodes` is the cluster's live set).
+    Always,
+    /// Only nodes whose subscribers want the stream (`nodes` is its demand set). The holder
+    /// keeps the lease while nobody wants it (its linger) and hands it to a node that does;
+    /// when it gives the lease up and still nobody wants the stream, its keys are deleted.
+    OnDemand,
 }
 
 /// Counts a lease event, and the leases held.
@@ -128,6 +144,7 @@ pub fn next_step(
     free_for: Option<Duration>,
     better_for: Option<Duration>,
     step: Duration,
+    taking: Taking,
 ) -> Step {
     if held {
         return match better_for {
@@ -143,8 +160,8 @@ pub fn next_step(
         (Some(rank), Some(free)) if free >= step * u32::try_from(rank).unwrap_or(u32::MAX) => {
             Step::Acquire
         }
-        // Not listed live (yet): last in line.
-        (None, Some(free)) if free >= step * 8 => Step::Acquire,
+        // Not listed live (yet): last in line; never, for a stream this node does not want.
+        (None, Some(free)) if free >= step * 8 && taking == Taking::Always => Step::Acquire,
         _ => Step::Peek,
     }
 }
@@ -174,7 +191,14 @@ impl Keeper {
             let live = self.nodes.borrow().clone();
             let ranking = rendezvous::ranking(&self.stream, &live);
             let rank = ranking.iter().position(|n| **n == *self.node);
-            let better = fence.is_some() && rank.is_some_and(|r| r > 0);
+            // Someone should hold it rather than this node: a node ranked above it, or (for a
+            // stream polled on demand) any node that wants it when this one does not.
+            let better = fence.is_some()
+                && match (rank, self.taking) {
+                    (Some(r), _) => r > 0,
+                    (None, Taking::OnDemand) => !live.is_empty(),
+                    (None, Taking::Always) => false,
+                };
             better_since = if better {
                 Some(better_since.unwrap_or(now))
             } else {
@@ -187,6 +211,7 @@ impl Keeper {
                 free_since.map(|t| now.duration_since(t)),
                 better_since.map(|t| now.duration_since(t)),
                 step,
+                self.taking,
             ) {
                 Step::Renew => {
                     let held = fence.unwrap_or(0);
@@ -282,6 +307,21 @@ impl Keeper {
                 }
             }
         }
+        // The last node to retire a stream nobody wants forgets it, once, for the cluster
+        // (the script refuses while another node wants it or holds its lease). A node shutting
+        // down is no reason: other nodes' subscribers may resume on it, and its keys expire
+        // by themselves.
+        if self.taking == Taking::OnDemand && !self.node_shutdown.is_cancelled() {
+            match self.store.evict(&self.stream, &self.node).await {
+                Ok(true) => {
+                    tracing::info!(stream = %self.stream, "nobody wants the stream: its log is deleted")
+                }
+                Ok(false) => {}
+                Err(error) => {
+                    tracing::debug!(stream = %self.stream, %error, "could not delete the stream's log; its keys expire")
+                }
+            }
+        }
     }
 }
 
@@ -342,39 +382,56 @@ mod tests {
 
     #[test]
     fn the_owner_takes_a_lease_at_once() {
-        assert_eq!(next_step(false, Some(0), None, None, STEP), Step::Acquire);
+        assert_eq!(
+            next_step(false, Some(0), None, None, STEP, Taking::Always),
+            Step::Acquire
+        );
     }
 
     #[test]
     fn others_wait_their_turn_after_the_lease_is_free() {
-        assert_eq!(next_step(false, Some(2), None, None, STEP), Step::Peek);
         assert_eq!(
-            next_step(false, Some(2), Some(STEP), None, STEP),
+            next_step(false, Some(2), None, None, STEP, Taking::Always),
             Step::Peek
         );
         assert_eq!(
-            next_step(false, Some(2), Some(STEP * 2), None, STEP),
-            Step::Acquire
-        );
-        assert_eq!(
-            next_step(false, None, Some(STEP * 7), None, STEP),
+            next_step(false, Some(2), Some(STEP), None, STEP, Taking::Always),
             Step::Peek
         );
         assert_eq!(
-            next_step(false, None, Some(STEP * 8), None, STEP),
+            next_step(false, Some(2), Some(STEP * 2), None, STEP, Taking::Always),
             Step::Acquire
+        );
+        assert_eq!(
+            next_step(false, None, Some(STEP * 7), None, STEP, Taking::Always),
+            Step::Peek
+        );
+        assert_eq!(
+            next_step(false, None, Some(STEP * 8), None, STEP, Taking::Always),
+            Step::Acquire
+        );
+    }
+
+    #[test]
+    fn a_node_that_does_not_want_a_stream_never_takes_its_lease() {
+        assert_eq!(
+            next_step(false, None, Some(STEP * 100), None, STEP, Taking::OnDemand),
+            Step::Peek
         );
     }
 
     #[test]
     fn a_holder_hands_over_only_to_a_node_seen_live_for_a_step() {
-        assert_eq!(next_step(true, Some(1), None, None, STEP), Step::Renew);
         assert_eq!(
-            next_step(true, Some(1), None, Some(STEP / 2), STEP),
+            next_step(true, Some(1), None, None, STEP, Taking::Always),
             Step::Renew
         );
         assert_eq!(
-            next_step(true, Some(1), None, Some(STEP), STEP),
+            next_step(true, Some(1), None, Some(STEP / 2), STEP, Taking::Always),
+            Step::Renew
+        );
+        assert_eq!(
+            next_step(true, Some(1), None, Some(STEP), STEP, Taking::Always),
             Step::HandOver
         );
     }

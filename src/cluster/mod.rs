@@ -16,6 +16,7 @@
 //! - [`rendezvous`]: which node should hold which stream's lease.
 
 pub mod config;
+pub mod demand;
 pub mod follow;
 pub mod keys;
 pub mod lease;
@@ -26,4 +27,5 @@ pub mod rendezvous;
 pub mod replica;
 pub mod scripts;
 pub mod store;
+pub mod tokens;
 pub mod writer;

@@ -10,14 +10,25 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::config::ClusterSettings;
+use super::demand;
 use super::follow::{Catchup, Follower};
 use super::keys::Keys;
-use super::lease::{self, Holding, Keeper, Releases};
+use super::lease::{self, Holding, Keeper, Releases, Taking};
 use super::replica::Replicas;
 use super::store::{Retention, Store, StoreError};
 use super::writer::Writer;
 use crate::hub::Stream;
 use crate::metrics::Metrics;
+
+/// What [`Cluster::on_demand`] gives a stream polled on demand.
+pub struct OnDemandLease {
+    /// Whether this node holds the lease (the poller's turns, the writer's fence).
+    pub held: watch::Receiver<Option<Holding>>,
+    /// The shortest poll period any node's subscribers ask for.
+    pub shortest: watch::Receiver<Duration>,
+    /// The keeper and the demand tasks, to run.
+    pub tasks: Vec<Task>,
+}
 
 /// A task the application runs.
 pub type Task = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
@@ -163,8 +174,76 @@ impl Cluster {
             released: self.releases.of(stream),
             held: held_tx,
             metrics: self.metrics.clone(),
+            taking: Taking::Always,
+            node_shutdown: shutdown.clone(),
         };
         (held, Box::pin(keeper.run(shutdown.clone())))
+    }
+
+    /// A stream polled only while subscribers want it (a dynamic stream of the proxy mode):
+    /// this node's demand for it, kept in Redis while `local` (its subscriptions here) is
+    /// above zero, each asking for polls every `period`; the lease, which only nodes that want
+    /// the stream take; and the shortest period any node asks for, which the poller follows.
+    /// The tasks end with `retired` (the stream retired here) or `shutdown` (the node).
+    pub fn on_demand(
+        &self,
+        local_copy: &Arc<Stream>,
+        retention: Retention,
+        local: watch::Receiver<usize>,
+        period: watch::Receiver<Duration>,
+        retired: &CancellationToken,
+        shutdown: &CancellationToken,
+    ) -> OnDemandLease {
+        let stream = local_copy.name();
+        let (nodes_tx, nodes) = watch::channel(Arc::from(Vec::new()));
+        let (shortest_tx, shortest) = watch::channel(*period.borrow());
+        // Another node may serve the stream already: its subscribers here start from the log.
+        let catchup = self.catchup(retention.history);
+        let copy = local_copy.clone();
+        let load: Task = Box::pin(async move {
+            if let Err(error) = catchup.reload(&copy).await {
+                tracing::debug!(stream = copy.name(), %error, "cannot load the stream from the log yet");
+            }
+        });
+        let (held_tx, held) = watch::channel(None);
+        let keeper = Keeper {
+            store: self.store.clone(),
+            node: self.node.clone(),
+            stream: stream.to_owned(),
+            ttl: self.settings.lease_ttl,
+            retention,
+            nodes,
+            released: self.releases.of(stream),
+            held: held_tx,
+            metrics: self.metrics.clone(),
+            taking: Taking::OnDemand,
+            node_shutdown: shutdown.clone(),
+        };
+        let wants = demand::Wants {
+            store: self.store.clone(),
+            node: self.node.clone(),
+            stream: stream.to_owned(),
+            ttl: self.settings.lease_ttl,
+            local,
+            period,
+            nodes: nodes_tx,
+            shortest: shortest_tx,
+            metrics: self.metrics.clone(),
+        };
+        OnDemandLease {
+            held,
+            shortest,
+            tasks: vec![
+                load,
+                Box::pin(keeper.run(retired.clone())),
+                Box::pin(wants.run(retired.clone())),
+            ],
+        }
+    }
+
+    /// Forgets what this node kept for a retired dynamic stream.
+    pub fn forget(&self, stream: &str) {
+        self.releases.forget(stream);
     }
 
     /// The writer of `stream` on this node: fenced by `lease` for a polled stream.

@@ -238,3 +238,56 @@ end
 redis.call('PEXPIRE', KEYS[1], ARGV[4])
 return total + mine
 ";
+
+/// Records (or withdraws) a node's demand for a stream polled on demand: one hash field per
+/// node, `expiry_ms:period_ms`, refreshed while the node has subscribers; entries of nodes
+/// that stopped refreshing expire. KEYS: the stream's demand hash. ARGV: 1 node, 2 the period
+/// its subscribers ask for in ms (empty: withdraw), 3 entry TTL (ms).
+///
+/// Returns the live entries as a flat `node, period_ms` list.
+pub const DEMAND: &str = r"
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+if ARGV[2] == '' then
+  redis.call('HDEL', KEYS[1], ARGV[1])
+else
+  redis.call('HSET', KEYS[1], ARGV[1], (now + tonumber(ARGV[3])) .. ':' .. ARGV[2])
+  redis.call('PEXPIRE', KEYS[1], ARGV[3])
+end
+local entries = redis.call('HGETALL', KEYS[1])
+local live = {}
+for i = 1, #entries, 2 do
+  local expiry, period = string.match(entries[i + 1], '^(%d+):(%d+)$')
+  if tonumber(expiry or '0') < now then
+    redis.call('HDEL', KEYS[1], entries[i])
+  else
+    live[#live + 1] = entries[i]
+    live[#live + 1] = period
+  end
+end
+return live
+";
+
+/// Forgets a stream nobody wants any more (the last node's linger ran out): its log, document
+/// and meta go, unless another node asked for it meanwhile or holds its lease. KEYS: meta,
+/// log, snap, lease, demand. ARGV: the evicting node (its own entry, being withdrawn, does
+/// not count). Returns 1 when deleted.
+pub const EVICT: &str = r"
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+if redis.call('EXISTS', KEYS[4]) == 1 then return 0 end
+local entries = redis.call('HGETALL', KEYS[5])
+for i = 1, #entries, 2 do
+  local expiry = string.match(entries[i + 1], '^(%d+):')
+  if entries[i] ~= ARGV[1] and tonumber(expiry or '0') >= now then return 0 end
+end
+redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[5])
+return 1
+";
+
+/// The secret that names dynamic streams, the same on every node: created once by whichever
+/// node asks first. KEYS: its key. ARGV: a fresh random secret (hex). Returns the secret.
+pub const IDENTITY: &str = r"
+redis.call('SET', KEYS[1], ARGV[1], 'NX')
+return redis.call('GET', KEYS[1])
+";

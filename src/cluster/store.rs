@@ -146,6 +146,9 @@ pub struct Store {
     health: Script,
     rate: Script,
     connections: Script,
+    demand: Script,
+    evict: Script,
+    identity: Script,
 }
 
 impl std::fmt::Debug for Store {
@@ -170,6 +173,9 @@ impl Store {
             health: Script::new(scripts::HEALTH),
             rate: Script::new(scripts::RATE),
             connections: Script::new(scripts::CONNECTIONS),
+            demand: Script::new(scripts::DEMAND),
+            evict: Script::new(scripts::EVICT),
+            identity: Script::new(scripts::IDENTITY),
         }
     }
 
@@ -509,6 +515,76 @@ impl Store {
             .invoke_async(&mut connection)
             .await?;
         Ok(u64::try_from(count).ok())
+    }
+
+    /// Records `node`'s demand for `stream` (its subscribers ask for polls every `period`;
+    /// `None` withdraws it) for `ttl`, and returns every live node's demand.
+    pub async fn demand(
+        &self,
+        stream: &str,
+        node: &str,
+        period: Option<Duration>,
+        ttl: Duration,
+    ) -> Result<Vec<(String, Duration)>, StoreError> {
+        let mut connection = self.connection.clone();
+        let flat: Vec<String> = self
+            .demand
+            .key(self.stream_keys(stream).demand)
+            .arg(node)
+            .arg(period.map(|p| millis(p).to_string()).unwrap_or_default())
+            .arg(millis(ttl))
+            .invoke_async(&mut connection)
+            .await?;
+        Ok(flat
+            .chunks(2)
+            .filter_map(|pair| match pair {
+                [node, period] => Some((
+                    node.clone(),
+                    Duration::from_millis(period.parse().unwrap_or(0)),
+                )),
+                _ => None,
+            })
+            .collect())
+    }
+
+    /// Deletes `stream`'s keys if no node but `node` wants it and none holds its lease;
+    /// `true` if so.
+    pub async fn evict(&self, stream: &str, node: &str) -> Result<bool, StoreError> {
+        let keys = self.stream_keys(stream);
+        let mut connection = self.connection.clone();
+        let deleted: i64 = self
+            .evict
+            .key(&keys.meta)
+            .key(&keys.log)
+            .key(&keys.snap)
+            .key(&keys.lease)
+            .key(&keys.demand)
+            .arg(node)
+            .invoke_async(&mut connection)
+            .await?;
+        Ok(deleted == 1)
+    }
+
+    /// The secret naming dynamic streams on every node (created by the first to ask).
+    pub async fn identity_key(&self) -> Result<[u8; 32], StoreError> {
+        let fresh: [u8; 32] = rand::random();
+        let hex: String = fresh.iter().map(|b| format!("{b:02x}")).collect();
+        let mut connection = self.connection.clone();
+        let stored: String = self
+            .identity
+            .key(self.keys.identity_key())
+            .arg(hex)
+            .invoke_async(&mut connection)
+            .await?;
+        let mut key = [0u8; 32];
+        if stored.len() != 64 {
+            return Err(StoreError::Reply("identity key"));
+        }
+        for (i, byte) in key.iter_mut().enumerate() {
+            *byte = u8::from_str_radix(&stored[2 * i..2 * i + 2], 16)
+                .map_err(|_| StoreError::Reply("identity key"))?;
+        }
+        Ok(key)
     }
 
     /// Records the upstream's failure (or its end, `None`) and announces it; `false` if

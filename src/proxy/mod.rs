@@ -25,6 +25,7 @@ use std::sync::Arc;
 use http::HeaderMap;
 
 use self::config::ProxySettings;
+use crate::cluster::tokens::SharedTokens;
 use crate::hub::{Resume, Subscription};
 use crate::metrics::{Metrics, RefusalLabels};
 use crate::ssrf;
@@ -76,6 +77,10 @@ pub enum Refusal {
     /// The upstream resolves to a refused address.
     #[error("{0}")]
     Forbidden(ssrf::TargetError),
+    /// The cluster this node belongs to cannot be reached (Redis is down), so a dynamic
+    /// stream can be neither named the cluster's way nor shared.
+    #[error("the cluster is not reachable; dynamic streams are unavailable for now, retry")]
+    ClusterUnavailable,
     /// No room for another dynamic stream.
     #[error(
         "the server is at its limit of {max} dynamic streams (proxy.max_streams); try again later"
@@ -127,7 +132,9 @@ impl Refusal {
             | Refusal::Signature { .. } => 401,
             Refusal::HostNotAllowed { .. } | Refusal::Forbidden(_) => 403,
             Refusal::TooManyConnections { .. } | Refusal::RateLimited { .. } => 429,
-            Refusal::TooManyStreams { .. } | Refusal::OutOfMemory { .. } => 503,
+            Refusal::TooManyStreams { .. }
+            | Refusal::OutOfMemory { .. }
+            | Refusal::ClusterUnavailable => 503,
         }
     }
 
@@ -161,6 +168,7 @@ impl Refusal {
             Refusal::RateLimited { .. } => "rate-limited",
             Refusal::TooManyStreams { .. } => "too-many-streams",
             Refusal::OutOfMemory { .. } => "out-of-memory",
+            Refusal::ClusterUnavailable => "cluster-unavailable",
         }
     }
 }
@@ -204,6 +212,8 @@ pub struct Hold {
 pub struct Proxy {
     settings: Arc<ProxySettings>,
     tokens: Tokens,
+    /// In a cluster, the tokens' cluster-wide counts.
+    shared: Option<Arc<SharedTokens>>,
     streams: Arc<DynamicStreams>,
     metrics: Arc<Metrics>,
 }
@@ -213,10 +223,12 @@ impl Proxy {
     pub fn new(
         settings: Arc<ProxySettings>,
         streams: Arc<DynamicStreams>,
+        shared: Option<Arc<SharedTokens>>,
         metrics: Arc<Metrics>,
     ) -> Proxy {
         Proxy {
             tokens: Tokens::new(&settings, &metrics),
+            shared,
             settings,
             streams,
             metrics,
@@ -258,7 +270,7 @@ impl Proxy {
         let presented = target.token.as_deref().or_else(|| header_token(headers));
         // Before admission: a refused signature takes no connection slot nor rate.
         self.check_signature(self.tokens.find(presented)?, target.signed.as_ref())?;
-        let admission = self.tokens.admit(presented)?;
+        let admission = self.admit(presented).await?;
         let host = target.url.host_str().unwrap_or_default();
         let period = admission.token().period_for(&self.settings, host)?;
         ssrf::check_url(&target.url, self.settings.allow_private).map_err(Refusal::Forbidden)?;
@@ -266,24 +278,35 @@ impl Proxy {
         Ok(Opened::new(subscription, stream, admission, claim))
     }
 
+    /// Admits a connection presenting `token`: this node's limits, then the cluster's.
+    async fn admit(&self, token: Option<&str>) -> Result<Admission, Refusal> {
+        let admission = self.tokens.admit(token)?;
+        match &self.shared {
+            Some(shared) => admission.share(shared).await,
+            None => Ok(admission),
+        }
+    }
+
     /// Opens the native view (`/streams/~…`) of an existing dynamic stream, under the same
-    /// token rules as the stream's own URL.
-    pub fn view(
+    /// token rules as the stream's own URL. In a cluster, only a node serving the stream has
+    /// it: `GET /{upstream URL}` opens it on any node.
+    pub async fn view(
         &self,
         name: &str,
         resume: &Resume,
         query_token: Option<&str>,
         headers: &HeaderMap,
     ) -> Result<Opened, Refusal> {
-        let result = (|| {
+        let result = async {
             let presented = query_token.or_else(|| header_token(headers));
             self.check_signature(self.tokens.find(presented)?, None)?;
-            let admission = self.tokens.admit(presented)?;
+            let admission = self.admit(presented).await?;
             let (subscription, stream, claim) = self.streams.view(name, resume, |host| {
                 admission.token().period_for(&self.settings, host)
             })?;
             Ok(Opened::new(subscription, stream, admission, claim))
-        })();
+        }
+        .await;
         if let Err(refusal) = &result {
             self.count(refusal);
         }

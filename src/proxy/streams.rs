@@ -13,7 +13,7 @@
 //!   subscribers are told why.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, Weak};
 use std::time::{Duration, Instant};
 
 use http::HeaderMap;
@@ -26,6 +26,8 @@ use url::Url;
 use super::Refusal;
 use super::config::{HostPattern, ProxySettings};
 use super::target::Target;
+use crate::cluster::node::Cluster;
+use crate::cluster::store::Retention;
 use crate::hub::{Resume, Stream, StreamOptions, Subscription};
 use crate::metrics::{EvictionCause, EvictionLabels, Metrics};
 use crate::snapshot::SnapshotStore;
@@ -35,7 +37,7 @@ use crate::upstream::decode::Format;
 use crate::upstream::fetch::{FetchError, Fetcher, redirect_policy};
 use crate::upstream::on_demand::{self, Idle, OnDemand};
 use crate::upstream::poller::Poller;
-use crate::upstream::ratelimit::RateLimits;
+use crate::upstream::ratelimit::{RateLimits, SharedQuota};
 
 /// One dynamic stream.
 struct Entry {
@@ -118,6 +120,25 @@ impl Drop for Claim {
     }
 }
 
+/// How dynamic streams poll and fan out, as configured for every stream.
+#[derive(Debug, Clone, Copy)]
+pub struct Polling<'a> {
+    /// The User-Agent of upstream requests (`upstream.user_agent`).
+    pub user_agent: &'a str,
+    /// Events a subscriber may fall behind (`server.subscriber_buffer`).
+    pub buffer: usize,
+    /// The retry schedule after failed polls (`upstream.backoff`).
+    pub backoff: BackoffSettings,
+}
+
+/// What dynamic streams use of the cluster.
+pub struct ClusterLink {
+    /// This node's part of it.
+    pub node: Arc<Cluster>,
+    /// The cluster's rate limits, asked by the pollers.
+    pub quota: Arc<dyn SharedQuota>,
+}
+
 /// Every dynamic stream, and what it takes to create more.
 pub struct DynamicStreams {
     settings: Arc<ProxySettings>,
@@ -127,8 +148,13 @@ pub struct DynamicStreams {
     metrics: Arc<Metrics>,
     buffer: usize,
     backoff: BackoffSettings,
-    /// Keys the stream names: a client cannot derive another's stream name from its URL.
-    key: [u8; 32],
+    /// Keys the stream names: a client cannot derive another's stream name from its URL. In a
+    /// cluster it is the cluster's (so every node names a stream alike), `None` until Redis
+    /// gave it.
+    key: RwLock<Option<[u8; 32]>>,
+    /// This node's part of a cluster: dynamic streams are then shared by the nodes, polled
+    /// by one of those whose subscribers want them.
+    cluster: Option<ClusterLink>,
     entries: Mutex<HashMap<Arc<str>, Arc<Entry>>>,
     shutdown: CancellationToken,
     tasks: TaskTracker,
@@ -140,13 +166,17 @@ impl DynamicStreams {
     /// that ends streams evicted for memory. Pollers start with their streams.
     pub fn start(
         settings: Arc<ProxySettings>,
-        user_agent: &str,
+        polling: Polling<'_>,
         rate_limits: Arc<RateLimits>,
         metrics: Arc<Metrics>,
-        buffer: usize,
-        backoff: BackoffSettings,
+        cluster: Option<ClusterLink>,
         shutdown: CancellationToken,
     ) -> Result<Arc<DynamicStreams>, FetchError> {
+        let Polling {
+            user_agent,
+            buffer,
+            backoff,
+        } = polling;
         let fetcher = Arc::new(client(&settings, user_agent)?);
         let (evicted_tx, evicted_rx) = mpsc::unbounded_channel();
         let snapshots = SnapshotStore::bounded(settings.max_memory, move |name| {
@@ -167,7 +197,8 @@ impl DynamicStreams {
             metrics,
             buffer,
             backoff,
-            key: rand::random(),
+            key: RwLock::new(cluster.is_none().then(rand::random)),
+            cluster,
             entries: Mutex::new(HashMap::new()),
             shutdown,
             tasks: TaskTracker::new(),
@@ -200,9 +231,43 @@ impl DynamicStreams {
         bytes
     }
 
+    /// Sets the key that names streams (the cluster's, read from Redis).
+    pub fn set_key(&self, key: [u8; 32]) {
+        *self.key.write().unwrap_or_else(PoisonError::into_inner) = Some(key);
+    }
+
+    /// Whether streams can be named yet (a cluster node gets its key from Redis).
+    pub fn has_key(&self) -> bool {
+        self.key
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_some()
+    }
+
+    /// This node's part of a cluster, if any.
+    pub fn cluster(&self) -> Option<&ClusterLink> {
+        self.cluster.as_ref()
+    }
+
+    /// The dynamic stream `name`, if this node serves it.
+    pub fn get(&self, name: &str) -> Option<Arc<Stream>> {
+        self.lock().get(name).map(|e| e.stream.clone())
+    }
+
+    /// Every dynamic stream this node serves.
+    pub fn all(&self) -> Vec<Arc<Stream>> {
+        self.lock().values().map(|e| e.stream.clone()).collect()
+    }
+
     /// The name of the stream of `target`: `~` and 24 hex digits of a keyed hash of the URL
-    /// and the forwarded headers (sorted, so their order does not matter).
-    pub fn name_of(&self, target: &Target) -> Arc<str> {
+    /// and the forwarded headers (sorted, so their order does not matter); refused while a
+    /// cluster node has no key yet.
+    pub fn name_of(&self, target: &Target) -> Result<Arc<str>, Refusal> {
+        let key = self
+            .key
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .ok_or(Refusal::ClusterUnavailable)?;
         let mut headers: Vec<(&str, &[u8])> = target
             .headers
             .iter()
@@ -210,7 +275,7 @@ impl DynamicStreams {
             .collect();
         headers.sort_unstable();
         let mut hash = Sha256::new();
-        hash.update(self.key);
+        hash.update(key);
         hash.update(target.url.as_str().as_bytes());
         for (name, value) in headers {
             hash.update(b"\n");
@@ -224,7 +289,7 @@ impl DynamicStreams {
         for byte in &digest[..12] {
             name.push_str(&format!("{byte:02x}"));
         }
-        Arc::from(name)
+        Ok(Arc::from(name))
     }
 
     /// Subscribes to the stream of `target` (creating it if needed), asking for polls every
@@ -234,7 +299,7 @@ impl DynamicStreams {
         target: &Target,
         period: Duration,
     ) -> Result<(Subscription, Arc<str>, Claim), Refusal> {
-        let name = self.name_of(target);
+        let name = self.name_of(target)?;
         let exists = self.lock().contains_key(&name);
         if !exists && !self.settings.allow_private {
             if let Some(url::Host::Domain(host)) = target.url.host() {
@@ -345,15 +410,6 @@ impl DynamicStreams {
             diff: settings.diff.clone(),
             on_demand: Some(settings.linger),
         };
-        let poller = Poller::new(
-            Arc::new(poll),
-            self.fetcher.clone(),
-            self.rate_limits.limiter(&group),
-            self.metrics.clone(),
-            stream.clone(),
-            self.backoff,
-        )
-        .show_host_only();
         let entry = Arc::new(Entry {
             stream: stream.clone(),
             host: target.url.host_str().unwrap_or_default().to_owned(),
@@ -363,11 +419,59 @@ impl DynamicStreams {
             stop: self.shutdown.child_token(),
         });
         tracing::info!(stream = %name, host = %entry.host, ?period, "dynamic stream created");
-        let options = OnDemand {
+        let mut options = OnDemand {
             linger: settings.linger,
             period: Some(entry.period.subscribe()),
             keepalive: Some(settings.keepalive),
         };
+        let poller = match &self.cluster {
+            None => Poller::new(
+                Arc::new(poll),
+                self.fetcher.clone(),
+                self.rate_limits.limiter(&group),
+                self.metrics.clone(),
+                stream.clone(),
+                self.backoff,
+            ),
+            Some(cluster) => {
+                // Shared by the nodes: this node polls only while it holds the stream's lease,
+                // which goes only to nodes whose subscribers want it, at the shortest period
+                // any of them asks for, and writes through the cluster's log.
+                let retention = Retention {
+                    ttl: (settings.linger * 2).max(Duration::from_secs(60)),
+                    ..cluster
+                        .node
+                        .retention(settings.history, settings.history_bytes)
+                };
+                let lease = cluster.node.on_demand(
+                    &stream,
+                    retention,
+                    stream.demand(),
+                    entry.period.subscribe(),
+                    &entry.stop,
+                    &self.shutdown,
+                );
+                for task in lease.tasks {
+                    self.tasks.spawn(task);
+                }
+                options.period = Some(lease.shortest);
+                let writer =
+                    cluster
+                        .node
+                        .writer(stream.clone(), retention, Some(lease.held.clone()));
+                Poller::new(
+                    Arc::new(poll),
+                    self.fetcher.clone(),
+                    self.rate_limits.limiter(&group),
+                    self.metrics.clone(),
+                    writer,
+                    self.backoff,
+                )
+                .taking_turns(lease.held)
+                .sharing_quota(cluster.quota.clone())
+            }
+        }
+        .show_host_only();
         let me = self.me.clone();
         let retire_name = name.clone();
         self.tasks.spawn(on_demand::run(
@@ -435,6 +539,9 @@ impl DynamicStreams {
         }
         self.snapshots.remove(name);
         self.metrics.forget_stream(name);
+        if let Some(cluster) = &self.cluster {
+            cluster.node.forget(name);
+        }
         self.metrics
             .dynamic_evictions
             .get_or_create(&EvictionLabels { cause })

@@ -12,6 +12,7 @@ use sha2::{Digest, Sha256};
 
 use super::Refusal;
 use super::config::{HostPattern, ProxySettings, ProxyToken};
+use crate::cluster::tokens::{SharedAdmission, SharedTokens, TokenRefusal};
 use crate::metrics::{Metrics, TokenLabels};
 
 /// The configured tokens, looked up by a hash of the presented token (so lookups do not
@@ -29,9 +30,11 @@ pub struct Token {
     gauge: Gauge,
 }
 
-/// An admitted connection: holds one of its token's connection slots until dropped.
+/// An admitted connection: holds one of its token's connection slots until dropped (and, in
+/// a cluster, its place in the cluster-wide count).
 pub struct Admission {
     token: Arc<Token>,
+    shared: Option<SharedAdmission>,
 }
 
 impl Drop for Admission {
@@ -45,6 +48,37 @@ impl Admission {
     /// The admitted token.
     pub fn token(&self) -> &Token {
         &self.token
+    }
+
+    /// Also counts this connection in the cluster, under the token's limits there.
+    pub async fn share(mut self, tokens: &Arc<SharedTokens>) -> Result<Self, Refusal> {
+        let settings = &self.token.settings;
+        let digest: String = digest(&settings.token)[..16]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        match tokens
+            .admit(
+                &digest,
+                settings.max_connections as u64,
+                settings.connections_per_second.get(),
+                settings.connections_burst.get(),
+            )
+            .await
+        {
+            Ok(shared) => {
+                self.shared = shared;
+                Ok(self)
+            }
+            Err(TokenRefusal::TooManyConnections) => Err(Refusal::TooManyConnections {
+                token: settings.name.clone(),
+                max: settings.max_connections,
+            }),
+            Err(TokenRefusal::RateLimited) => Err(Refusal::RateLimited {
+                token: settings.name.clone(),
+                per_second: settings.connections_per_second.get(),
+            }),
+        }
     }
 }
 
@@ -97,6 +131,7 @@ impl Tokens {
         // From here on the slot is released by the admission's drop, whatever happens.
         let admission = Admission {
             token: token.clone(),
+            shared: None,
         };
         if token.new_connections.check().is_err() {
             return Err(Refusal::RateLimited {

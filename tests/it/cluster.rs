@@ -551,3 +551,148 @@ async fn without_redis_a_node_keeps_its_subscribers_and_is_not_ready_until_it_re
         "no flood of warnings while redis was away ({warnings}):\n{log}"
     );
 }
+
+const PROXY_TOKEN: &str = "proxy-token-0123456789";
+
+/// Every node's configuration for the proxy mode: no configured stream, dynamic ones only.
+fn proxy_config(linger: &str, max_connections: usize) -> String {
+    format!(
+        r#"
+[server]
+keepalive = "1s"
+shutdown_grace = "1s"
+
+[proxy]
+enabled = true
+allowed_hosts = ["127.0.0.1"]
+allow_private = true
+interval = "200ms"
+min_interval = "100ms"
+linger = "{linger}"
+
+[[proxy.tokens]]
+name = "app"
+token = "{PROXY_TOKEN}"
+max_connections = {max_connections}
+
+[cluster]
+redis = "{{redis}}"
+prefix = "t"
+lease_ttl = "1s"
+probe_interval = "500ms"
+"#
+    )
+}
+
+/// `GET /{upstream URL}` on `node`, as a Streamdata.io client asks.
+async fn open_dynamic(node: &crate::support::cluster::Node, upstream: &MockUpstream) -> SseClient {
+    let url = format!(
+        "{}/{}?X-Sd-Token={PROXY_TOKEN}",
+        node.base(),
+        upstream.url()
+    );
+    SseClient::connect(&url, &[], false).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_dynamic_stream_opened_on_two_nodes_is_one_stream_polled_once() {
+    let upstream = std::sync::Arc::new(MockUpstream::start(vehicles(0)).await);
+    let Some(mut cluster) = TestCluster::new(&proxy_config("1s", 10)) else {
+        return;
+    };
+    cluster.start(&["a", "b"]).await;
+    let mut on_a = open_dynamic(&cluster.nodes[0], &upstream).await;
+    let mut on_b = open_dynamic(&cluster.nodes[1], &upstream).await;
+    let (mut seen_a, mut seen_b) = (Rebuilt::default(), Rebuilt::default());
+    let stop = keep_changing(upstream.clone(), Duration::from_millis(150));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = upstream.requests();
+    let started = tokio::time::Instant::now();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let polls = upstream.requests() - before;
+    let intervals = (started.elapsed().as_millis() / 200) as usize;
+    assert!(
+        polls <= intervals + 2,
+        "{polls} requests in {intervals} intervals: {:?}; logs:\n{}",
+        &pollers(&upstream)[before..],
+        cluster.logs()
+    );
+    drop(stop);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let target = upstream.document();
+    assert!(
+        seen_a.converge(&mut on_a, &target, SOON).await,
+        "logs:\n{}",
+        cluster.logs()
+    );
+    assert!(
+        seen_b.converge(&mut on_b, &target, SOON).await,
+        "logs:\n{}",
+        cluster.logs()
+    );
+    // The same stream on both nodes: the same ids.
+    assert_eq!(seen_a.last_id, seen_b.last_id);
+
+    // Everyone leaves: after the linger, nobody polls, and the stream's log is forgotten once.
+    drop((on_a, on_b));
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let quiet = upstream.requests();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        upstream.requests(),
+        quiet,
+        "polling stopped after the linger"
+    );
+    let client = ::redis::Client::open(cluster.redis.url()).expect("url");
+    let mut connection = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("redis");
+    let keys: Vec<String> = ::redis::cmd("KEYS")
+        .arg("t:{~*")
+        .query_async(&mut connection)
+        .await
+        .expect("keys");
+    assert!(
+        keys.is_empty(),
+        "the stream's keys are gone: {keys:?}; logs:\n{}",
+        cluster.logs()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_tokens_connection_limit_holds_across_the_cluster() {
+    let upstream = MockUpstream::start(vehicles(0)).await;
+    let Some(mut cluster) = TestCluster::new(&proxy_config("5s", 2)) else {
+        return;
+    };
+    cluster.start(&["a", "b"]).await;
+    let mut first = open_dynamic(&cluster.nodes[0], &upstream).await;
+    let mut second = open_dynamic(&cluster.nodes[1], &upstream).await;
+    for client in [&mut first, &mut second] {
+        let event = client.expect(SOON).await;
+        assert_eq!(event.event, "data", "admitted: {event:?}");
+    }
+    // A third connection, on either node, is one too many for the token.
+    for node in &cluster.nodes {
+        let mut third = open_dynamic(node, &upstream).await;
+        let event = third.expect(SOON).await;
+        assert_eq!(event.event, "error", "{event:?}");
+        assert_eq!(event.json()["cause"], "too-many-connections", "{event:?}");
+    }
+    // One leaves: a connection is possible again.
+    drop(first);
+    let deadline = tokio::time::Instant::now() + SOON;
+    loop {
+        let mut again = open_dynamic(&cluster.nodes[1], &upstream).await;
+        let event = again.expect(SOON).await;
+        if event.event == "data" {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the slot was never released"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

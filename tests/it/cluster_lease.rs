@@ -60,6 +60,8 @@ async fn node(server: &RedisServer, name: &str, stream: &str, ttl: Duration) -> 
         released: Arc::new(Notify::new()),
         held: held_tx,
         metrics: std::sync::Arc::new(patchwire::metrics::Metrics::new()),
+        taking: lease::Taking::Always,
+        node_shutdown: shutdown.clone(),
     };
     let keeper = tokio::spawn(keeper.run(shutdown.clone()));
     Node {
