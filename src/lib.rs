@@ -12,6 +12,8 @@
 //! - [`sinks`]: SSE (one subscriber's events in either dialect, for both transports) and
 //!   webhooks (with their durable outbox, which also keeps push streams' documents).
 //! - [`proxy`]: the Streamdata.io-compatible mode: any allowed URL as a dynamic stream.
+//! - [`cluster`]: several nodes on one Redis: one poller per stream (fenced leases), a shared
+//!   log every node follows, cluster-wide ids, quotas and token limits.
 //! - [`api`]: what a subscription request is (one decision for both transports), the accept
 //!   loop (the direct HTTP/1 path and hyper) and the HTTP routes (streams, push, admin, health,
 //!   metrics).
