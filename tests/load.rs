@@ -11,33 +11,35 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
-use patchwire::config::{PushSettings, PushStreamSettings};
-use patchwire::diff::DiffOptions;
 use patchwire_load::{self as load, Args, LoadError};
 use serde_json::json;
 
-use support::{MockUpstream, TestApp, config, stream};
+use support::{MockUpstream, TestApp};
 
 const TOKEN: &str = "load-test-token-0123456789";
 
 async fn push_app(polled: Option<&str>) -> TestApp {
-    let mut config = config(
-        polled
-            .map(|u| vec![stream("polled", u)])
-            .unwrap_or_default(),
-    );
-    config.server.subscriber_buffer = 256;
-    config.push = Some(PushSettings {
-        token: TOKEN.into(),
-        max_body_bytes: 1 << 20,
-    });
-    config.push_streams = vec![PushStreamSettings {
-        name: "bench".into(),
-        history: 100,
-        history_bytes: 16 << 20,
-        diff: DiffOptions::default(),
-    }];
-    TestApp::spawn(config).await
+    let polled = polled
+        .map(|u| support::polled("polled", u))
+        .unwrap_or_default();
+    TestApp::from_toml(&format!(
+        r#"
+[server]
+subscriber_buffer = 256
+
+[push]
+token = "{TOKEN}"
+max_body = "1 MiB"
+
+[[streams]]
+name = "bench"
+source = "push"
+history = 100
+
+{polled}
+"#
+    ))
+    .await
 }
 
 /// The `patchwire-load` binary of this build. It belongs to another package of the workspace,

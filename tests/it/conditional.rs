@@ -39,7 +39,7 @@ fn header<'a>(r: &'a Received, name: &str) -> Option<&'a str> {
 #[tokio::test]
 async fn etag_revalidation_gets_304s_that_publish_nothing() {
     let upstream = MockUpstream::start(json!({"n": 1, "pad": "x".repeat(100)})).await;
-    let app = TestApp::spawn(config(vec![stream("doc", &upstream.url())])).await;
+    let app = TestApp::from_toml(&polled("doc", &upstream.url())).await;
     let (mut client, mut rebuilt) = subscribed(&app).await;
     let first_etag = upstream.etag();
     let first_date = upstream.last_modified();
@@ -81,7 +81,7 @@ async fn etag_revalidation_gets_304s_that_publish_nothing() {
 async fn last_modified_alone_revalidates_with_if_modified_since() {
     let upstream = MockUpstream::start(json!({"n": 1, "pad": "x".repeat(100)})).await;
     upstream.validators(false, true);
-    let app = TestApp::spawn(config(vec![stream("doc", &upstream.url())])).await;
+    let app = TestApp::from_toml(&polled("doc", &upstream.url())).await;
     let (mut client, mut rebuilt) = subscribed(&app).await;
     let first_date = upstream.last_modified();
 
@@ -113,7 +113,7 @@ async fn identical_bodies_publish_nothing() {
     let upstream =
         MockUpstream::start(json!({"n": 1, "list": ["aaaaaaaaaaaa", "bbbbbbbbbbbb"]})).await;
     upstream.validators(false, false);
-    let app = TestApp::spawn(config(vec![stream("doc", &upstream.url())])).await;
+    let app = TestApp::from_toml(&polled("doc", &upstream.url())).await;
     let (mut client, mut rebuilt) = subscribed(&app).await;
 
     // Without validators every poll gets the whole body; the same bytes change nothing.

@@ -3,62 +3,45 @@
 //! allowlist, SSRF and token refusals as SSE `error` events, reconnections, snapshot-only
 //! mode, the native view, on-demand configured streams, and an off-the-shelf client.
 
-use std::num::NonZeroU32;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use patchwire::config::Config;
-use patchwire::diff::DiffOptions;
-use patchwire::proxy::config::{HostPattern, ProxySettings, ProxyToken};
 use serde_json::Value;
 
 use crate::support::api::{MockApi, document};
-use crate::support::{Rebuilt, SOON, SseClient, SseEvent, TestApp, config, stream};
+use crate::support::{Rebuilt, SOON, SseClient, SseEvent, TestApp, config_from_toml, over, polled};
 
 pub(crate) const TOKEN: &str = "token-for-tests-0123456789";
 const OTHER_TOKEN: &str = "other-token-for-tests-0123";
 
-fn token(name: &str, secret: &str) -> ProxyToken {
-    ProxyToken {
-        name: name.into(),
-        token: secret.into(),
-        max_connections: 100,
-        connections_per_second: NonZeroU32::new(1000).unwrap(),
-        connections_burst: NonZeroU32::new(1000).unwrap(),
-        allowed_hosts: None,
-        interval: None,
-        min_interval: Duration::ZERO,
-        signing_key: None,
-        require_signature: false,
-    }
-}
-
-pub(crate) fn proxy_settings() -> ProxySettings {
-    ProxySettings {
-        allowed_hosts: vec![HostPattern::parse("127.0.0.1").unwrap()],
-        allow_private: true,
-        interval: Duration::from_millis(100),
-        host_intervals: Vec::new(),
-        min_interval: Duration::from_millis(10),
-        linger: Duration::from_millis(400),
-        keepalive: Duration::from_secs(10),
-        max_streams: 100,
-        max_memory: 64 << 20,
-        timeout: Duration::from_secs(2),
-        max_body_bytes: 1 << 20,
-        history: 16,
-        history_bytes: 1 << 20,
-        diff: DiffOptions::default(),
-        tokens: vec![token("tests", TOKEN), token("other", OTHER_TOKEN)],
-        ascii_only: true,
-        signature_max_skew: Duration::from_secs(300),
-    }
-}
-
-fn proxy_config(settings: ProxySettings) -> Config {
-    let mut config = config(Vec::new());
-    config.proxy = Some(settings);
-    config
+/// The `[proxy]` table these tests start from: the mock API's 127.0.0.1 allowed, a poll every
+/// 100 ms, a short linger, and two tokens allowing 1000 new connections a second. `proxy` holds
+/// more of its keys, `tests` and `other` more keys of each token (TOML lines, over the start).
+pub(crate) fn proxy_toml(proxy: &str, tests: &str, other: &str) -> String {
+    let start = r#"
+enabled = true
+allowed_hosts = ["127.0.0.1"]
+allow_private = true
+interval = "100ms"
+min_interval = "10ms"
+linger = "400ms"
+max_streams = 100
+max_memory = "64 MiB"
+timeout = "2s"
+max_body = "1 MiB"
+history = 16
+"#;
+    let token = |name: &str, secret: &str, own: &str| {
+        let start =
+            format!("name = \"{name}\"\ntoken = \"{secret}\"\nconnections_per_second = 1000\n");
+        format!("[[proxy.tokens]]\n{}", over(&start, own))
+    };
+    format!(
+        "[proxy]\n{}\n{}\n{}",
+        over(start, proxy),
+        token("tests", TOKEN, tests),
+        token("other", OTHER_TOKEN, other)
+    )
 }
 
 /// `/{upstream}` with the token and extra query parameters.
@@ -93,7 +76,7 @@ fn assert_streamdata_patch(event: &SseEvent) {
 #[tokio::test]
 async fn clients_asking_the_same_thing_share_one_stream_and_one_poller() {
     let api = MockApi::start().await;
-    let app = TestApp::spawn(proxy_config(proxy_settings())).await;
+    let app = TestApp::from_toml(&proxy_toml("", "", "")).await;
     let path = dynamic_path(&api, "/v1/prices", "currency=eur");
 
     let mut a = open(&app, &path, &[]).await;
@@ -145,7 +128,7 @@ async fn clients_asking_the_same_thing_share_one_stream_and_one_poller() {
 #[tokio::test]
 async fn different_forwarded_headers_get_separate_streams_that_never_mix() {
     let api = MockApi::start().await;
-    let app = TestApp::spawn(proxy_config(proxy_settings())).await;
+    let app = TestApp::from_toml(&proxy_toml("", "", "")).await;
     let alice = dynamic_path(&api, "/me", "X-Sd-Header=Authorization%3A%20Bearer%20alice");
     let bob = dynamic_path(&api, "/me", "X-Sd-Header=Authorization%3A%20Bearer%20bob");
     let mut a = open(&app, &alice, &[]).await;
@@ -185,7 +168,7 @@ async fn different_forwarded_headers_get_separate_streams_that_never_mix() {
 #[tokio::test]
 async fn the_proxy_parameters_never_reach_the_upstream() {
     let api = MockApi::start().await;
-    let app = TestApp::spawn(proxy_config(proxy_settings())).await;
+    let app = TestApp::from_toml(&proxy_toml("", "", "")).await;
     let path = format!(
         "/{}?currency=eur&X-Sd-Token={TOKEN}&b=%20x&X-Sd-Header=X-Api-Key%3A%20k1",
         api.url("/v1/prices")
@@ -223,7 +206,7 @@ async fn the_proxy_parameters_never_reach_the_upstream() {
 #[tokio::test]
 async fn a_stream_lingers_then_is_evicted_and_polling_stops() {
     let api = MockApi::start().await;
-    let app = TestApp::spawn(proxy_config(proxy_settings())).await;
+    let app = TestApp::from_toml(&proxy_toml("", "", "")).await;
     let path = dynamic_path(&api, "/linger", "");
     let mut client = open(&app, &path, &[]).await;
     client.expect(SOON).await;
@@ -256,7 +239,7 @@ async fn a_stream_lingers_then_is_evicted_and_polling_stops() {
 #[tokio::test]
 async fn a_subscriber_returning_within_the_linger_period_keeps_the_stream() {
     let api = MockApi::start().await;
-    let app = TestApp::spawn(proxy_config(proxy_settings())).await;
+    let app = TestApp::from_toml(&proxy_toml("", "", "")).await;
     let path = dynamic_path(&api, "/stay", "");
     let mut client = open(&app, &path, &[]).await;
     let name = client.headers["x-patchwire-stream"].clone();
@@ -272,7 +255,7 @@ async fn a_subscriber_returning_within_the_linger_period_keeps_the_stream() {
 #[tokio::test]
 async fn gzip_clients_get_the_same_events_compressed() {
     let api = MockApi::start().await;
-    let app = TestApp::spawn(proxy_config(proxy_settings())).await;
+    let app = TestApp::from_toml(&proxy_toml("", "", "")).await;
     let mut client = SseClient::connect(&app.url(&dynamic_path(&api, "/gz", "")), &[], true).await;
     // reqwest negotiated gzip and decodes it (dropping the header): a broken stream fails here.
     let mut doc = Rebuilt::default();
@@ -298,7 +281,7 @@ async fn gzip_clients_get_the_same_events_compressed() {
 #[tokio::test]
 async fn http2_clients_are_served_by_hyper_with_the_same_events() {
     let api = MockApi::start().await;
-    let app = TestApp::spawn(proxy_config(proxy_settings())).await;
+    let app = TestApp::from_toml(&proxy_toml("", "", "")).await;
     let client = reqwest::Client::builder()
         .http2_prior_knowledge()
         .build()
@@ -329,9 +312,8 @@ async fn http2_clients_are_served_by_hyper_with_the_same_events() {
 #[tokio::test]
 async fn idle_dynamic_streams_send_keep_alive_comments() {
     let api = MockApi::start().await;
-    let mut settings = proxy_settings();
-    settings.keepalive = Duration::from_millis(200);
-    let app = TestApp::spawn(proxy_config(settings)).await;
+    // The shortest keep-alive interval a file may ask for.
+    let app = TestApp::from_toml(&proxy_toml("keepalive = \"1s\"", "", "")).await;
     let mut response = reqwest::get(app.url(&dynamic_path(&api, "/quiet", "")))
         .await
         .unwrap();
@@ -352,7 +334,7 @@ async fn idle_dynamic_streams_send_keep_alive_comments() {
 #[tokio::test]
 async fn a_reconnecting_client_gets_data_first() {
     let api = MockApi::start().await;
-    let app = TestApp::spawn(proxy_config(proxy_settings())).await;
+    let app = TestApp::from_toml(&proxy_toml("", "", "")).await;
     let path = dynamic_path(&api, "/again", "");
     let mut client = open(&app, &path, &[]).await;
     client.expect(SOON).await;
@@ -405,9 +387,7 @@ async fn refusal(app: &TestApp, path: &str, headers: &[(&str, &str)]) -> Value {
 #[tokio::test]
 async fn token_problems_are_error_events_on_a_200_stream() {
     let api = MockApi::start().await;
-    let mut settings = proxy_settings();
-    settings.tokens[1].max_connections = 1;
-    let app = TestApp::spawn(proxy_config(settings)).await;
+    let app = TestApp::from_toml(&proxy_toml("", "", "max_connections = 1")).await;
     let target = api.url("/t");
 
     let error = refused(&app, &format!("/{target}"), &[], 401, "token-missing").await;
@@ -454,10 +434,12 @@ async fn token_problems_are_error_events_on_a_200_stream() {
 #[tokio::test]
 async fn new_connections_per_second_are_limited_per_token() {
     let api = MockApi::start().await;
-    let mut settings = proxy_settings();
-    settings.tokens[0].connections_per_second = NonZeroU32::new(1).unwrap();
-    settings.tokens[0].connections_burst = NonZeroU32::new(2).unwrap();
-    let app = TestApp::spawn(proxy_config(settings)).await;
+    let app = TestApp::from_toml(&proxy_toml(
+        "",
+        "connections_per_second = 1\nconnections_burst = 2",
+        "",
+    ))
+    .await;
     let path = dynamic_path(&api, "/rate", "");
     let _a = open(&app, &path, &[]).await;
     let _b = open(&app, &path, &[]).await;
@@ -467,12 +449,12 @@ async fn new_connections_per_second_are_limited_per_token() {
 #[tokio::test]
 async fn hosts_outside_the_allowlist_and_private_addresses_are_refused() {
     let api = MockApi::start().await;
-    let mut settings = proxy_settings();
-    settings
-        .allowed_hosts
-        .push(HostPattern::parse("*.example.com").unwrap());
-    settings.tokens[1].allowed_hosts = Some(vec![HostPattern::parse("*.example.com").unwrap()]);
-    let app = TestApp::spawn(proxy_config(settings)).await;
+    let app = TestApp::from_toml(&proxy_toml(
+        r#"allowed_hosts = ["127.0.0.1", "*.example.com"]"#,
+        "",
+        r#"allowed_hosts = ["*.example.com"]"#,
+    ))
+    .await;
 
     let port = api.addr.port();
     refused(
@@ -512,12 +494,12 @@ async fn hosts_outside_the_allowlist_and_private_addresses_are_refused() {
 
     // Without allow_private, an allowed name that resolves to loopback is refused after DNS,
     // and so is a loopback literal.
-    let mut settings = proxy_settings();
-    settings.allow_private = false;
-    settings
-        .allowed_hosts
-        .push(HostPattern::parse("localhost").unwrap());
-    let app = TestApp::spawn(proxy_config(settings)).await;
+    let app = TestApp::from_toml(&proxy_toml(
+        "allow_private = false\nallowed_hosts = [\"127.0.0.1\", \"localhost\"]",
+        "",
+        "",
+    ))
+    .await;
     for host in ["localhost", "127.0.0.1"] {
         let error = refused(
             &app,
@@ -538,10 +520,7 @@ async fn hosts_outside_the_allowlist_and_private_addresses_are_refused() {
 #[tokio::test]
 async fn the_stream_limit_evicts_idle_streams_and_refuses_when_all_are_busy() {
     let api = MockApi::start().await;
-    let mut settings = proxy_settings();
-    settings.max_streams = 1;
-    settings.linger = Duration::from_secs(60);
-    let app = TestApp::spawn(proxy_config(settings)).await;
+    let app = TestApp::from_toml(&proxy_toml("max_streams = 1\nlinger = \"60s\"", "", "")).await;
     let mut first = open(&app, &dynamic_path(&api, "/one", ""), &[]).await;
     first.expect(SOON).await;
     refused(
@@ -577,11 +556,16 @@ async fn the_stream_limit_evicts_idle_streams_and_refuses_when_all_are_busy() {
 #[tokio::test]
 async fn streams_outgrowing_the_memory_bound_are_ended_with_an_error() {
     let api = MockApi::start().await;
-    let mut settings = proxy_settings();
-    // Room for two documents, not three.
+    let mut config = config_from_toml(&proxy_toml("", "", ""));
+    // Room for two documents, not three: far below the 1 MiB floor of a file's
+    // `proxy.max_memory`, which the mock's small documents would never fill.
     let size = serde_json::to_vec(&document("anonymous", 0)).unwrap().len() as u64;
-    settings.max_memory = size * 5 / 2;
-    let app = TestApp::spawn(proxy_config(settings)).await;
+    config
+        .proxy
+        .as_mut()
+        .expect("[proxy] is enabled")
+        .max_memory = size * 5 / 2;
+    let app = TestApp::spawn(config).await;
     let mut first = open(&app, &dynamic_path(&api, "/m1", ""), &[]).await;
     assert_eq!(first.expect(SOON).await.event, "data");
     let mut second = open(&app, &dynamic_path(&api, "/m2", ""), &[]).await;
@@ -615,10 +599,12 @@ async fn streams_outgrowing_the_memory_bound_are_ended_with_an_error() {
 #[tokio::test]
 async fn a_faster_subscriber_speeds_the_shared_poller_up_until_it_leaves() {
     let api = MockApi::start().await;
-    let mut settings = proxy_settings();
-    settings.interval = Duration::from_millis(800);
-    settings.tokens[1].interval = Some(Duration::from_millis(50));
-    let app = TestApp::spawn(proxy_config(settings)).await;
+    let app = TestApp::from_toml(&proxy_toml(
+        "interval = \"800ms\"",
+        "",
+        "interval = \"100ms\"",
+    ))
+    .await;
     let target = api.url("/speed");
     let mut slow = open(&app, &format!("/{target}?X-Sd-Token={TOKEN}"), &[]).await;
     slow.expect(SOON).await;
@@ -639,7 +625,7 @@ async fn a_faster_subscriber_speeds_the_shared_poller_up_until_it_leaves() {
     );
     fast.expect(SOON).await;
     let together = polls_in(Duration::from_millis(1000)).await;
-    assert!(together >= 5, "{together} polls in 1 s at 50 ms");
+    assert!(together >= 5, "{together} polls in 1 s at 100 ms");
     drop(fast);
     tokio::time::sleep(Duration::from_millis(200)).await;
     let again = polls_in(Duration::from_millis(1000)).await;
@@ -651,7 +637,7 @@ async fn a_faster_subscriber_speeds_the_shared_poller_up_until_it_leaves() {
 
 #[tokio::test]
 async fn upstream_errors_are_streamdata_error_events() {
-    let app = TestApp::spawn(proxy_config(proxy_settings())).await;
+    let app = TestApp::from_toml(&proxy_toml("", "", "")).await;
     // A port nothing listens on.
     let closed = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -671,7 +657,7 @@ async fn upstream_errors_are_streamdata_error_events() {
 #[tokio::test]
 async fn accept_json_returns_the_document_once() {
     let api = MockApi::start().await;
-    let app = TestApp::spawn(proxy_config(proxy_settings())).await;
+    let app = TestApp::from_toml(&proxy_toml("", "", "")).await;
     let response = reqwest::Client::new()
         .get(app.url(&dynamic_path(&api, "/once", "")))
         .header("accept", "application/json")
@@ -701,7 +687,7 @@ async fn accept_json_returns_the_document_once() {
 #[tokio::test]
 async fn accept_json_names_the_stream_and_honours_gzip() {
     let api = MockApi::start().await;
-    let app = TestApp::spawn(proxy_config(proxy_settings())).await;
+    let app = TestApp::from_toml(&proxy_toml("", "", "")).await;
     let raw = reqwest::Client::builder().no_gzip().build().unwrap();
     let response = raw
         .get(app.url(&dynamic_path(&api, "/gz", "")))
@@ -743,7 +729,7 @@ async fn accept_json_names_the_stream_and_honours_gzip() {
 #[tokio::test]
 async fn cors_preflight_allows_the_token_header() {
     let api = MockApi::start().await;
-    let app = TestApp::spawn(proxy_config(proxy_settings())).await;
+    let app = TestApp::from_toml(&proxy_toml("", "", "")).await;
     let response = reqwest::Client::new()
         .request(
             http::Method::OPTIONS,
@@ -777,7 +763,7 @@ async fn cors_preflight_allows_the_token_header() {
 #[tokio::test]
 async fn the_native_view_of_a_dynamic_stream_needs_a_token_and_uses_native_names() {
     let api = MockApi::start().await;
-    let app = TestApp::spawn(proxy_config(proxy_settings())).await;
+    let app = TestApp::from_toml(&proxy_toml("", "", "")).await;
     let mut client = open(&app, &dynamic_path(&api, "/native", ""), &[]).await;
     client.expect(SOON).await;
     let name = client.headers["x-patchwire-stream"]
@@ -813,7 +799,17 @@ async fn the_native_view_of_a_dynamic_stream_needs_a_token_and_uses_native_names
 #[tokio::test]
 async fn proxy_mode_is_off_unless_enabled() {
     let api = MockApi::start().await;
-    let app = TestApp::spawn(config(Vec::new())).await;
+    // No [proxy] table; a file names at least one stream then, and a push stream polls nothing.
+    let app = TestApp::from_toml(
+        r#"
+[push]
+token = "push-token-for-tests-0123456789"
+[[streams]]
+name = "pushed"
+source = "push"
+"#,
+    )
+    .await;
     refused(
         &app,
         &dynamic_path(&api, "/x", ""),
@@ -828,9 +824,11 @@ async fn proxy_mode_is_off_unless_enabled() {
 #[tokio::test]
 async fn an_on_demand_stream_polls_only_while_subscribed() {
     let api = MockApi::start().await;
-    let mut settings = stream("lazy", &api.url("/lazy"));
-    settings.on_demand = Some(Duration::from_millis(300));
-    let app = TestApp::spawn(config(vec![settings])).await;
+    let app = TestApp::from_toml(&format!(
+        "{}on_demand = true\nlinger = \"300ms\"\n",
+        polled("lazy", &api.url("/lazy"))
+    ))
+    .await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(api.requests().is_empty(), "no subscriber, no poll");
     let listing = app.listing("lazy").await;
@@ -904,7 +902,7 @@ async fn an_off_the_shelf_python_client_rebuilds_the_document() {
         return;
     }
     let api = MockApi::start().await;
-    let app = TestApp::spawn(proxy_config(proxy_settings())).await;
+    let app = TestApp::from_toml(&proxy_toml("", "", "")).await;
     let url = app.url(&dynamic_path(&api, "/python", ""));
     let child = tokio::process::Command::new("python3")
         .args(["-c", PYTHON_CLIENT, &url, "3"])
@@ -946,7 +944,7 @@ async fn an_off_the_shelf_python_client_rebuilds_the_document() {
 #[tokio::test]
 async fn a_redirect_to_a_host_not_allowed_is_named_as_refused_and_shown_redacted() {
     let api = MockApi::start().await;
-    let app = TestApp::spawn(proxy_config(proxy_settings())).await;
+    let app = TestApp::from_toml(&proxy_toml("", "", "")).await;
     let to: String = url::form_urlencoded::byte_serialize(
         b"http://user:pw-0451@evil.test/steal?key=s3cr3t-0451&format=json",
     )
@@ -1006,18 +1004,19 @@ fn signed_path(url: &str, ts: u64, sign_url: Option<&str>) -> String {
     format!("/{url}{sep}X-Auth-Sd-Ts={ts}&X-Auth-Sd-S={encoded}&X-Sd-Token={TOKEN}")
 }
 
-fn signing_settings(require: bool) -> ProxySettings {
-    let mut settings = proxy_settings();
-    settings.tokens[0].signing_key =
-        Some(patchwire::proxy::config::SigningKey::parse(SIGNING_KEY).unwrap());
-    settings.tokens[0].require_signature = require;
-    settings
+/// The proxy with the signing secret on the `tests` token, which may `require` signatures.
+fn signing_toml(require: bool) -> String {
+    proxy_toml(
+        "",
+        &format!("signing_secret = \"{SIGNING_KEY}\"\nrequire_signature = {require}"),
+        "",
+    )
 }
 
 #[tokio::test]
 async fn signed_clients_are_verified_and_share_one_stream_whatever_their_timestamps() {
     let api = MockApi::start().await;
-    let app = TestApp::spawn(proxy_config(signing_settings(true))).await;
+    let app = TestApp::from_toml(&signing_toml(true)).await;
     let url = api.url("/v1/prices?currency=eur");
     let now = now_ms();
     let mut a = open(&app, &signed_path(&url, now, None), &[]).await;
@@ -1050,7 +1049,7 @@ async fn signed_clients_are_verified_and_share_one_stream_whatever_their_timesta
 #[tokio::test]
 async fn stale_bad_and_missing_signatures_are_refused() {
     let api = MockApi::start().await;
-    let app = TestApp::spawn(proxy_config(signing_settings(true))).await;
+    let app = TestApp::from_toml(&signing_toml(true)).await;
     let url = api.url("/v1/prices?currency=eur");
     let now = now_ms();
 
@@ -1090,7 +1089,7 @@ async fn stale_bad_and_missing_signatures_are_refused() {
     );
 
     // A token that does not require signatures still refuses a bad one.
-    let app = TestApp::spawn(proxy_config(signing_settings(false))).await;
+    let app = TestApp::from_toml(&signing_toml(false)).await;
     refused(&app, &bad, &[], 401, "signature-invalid").await;
     let mut client = open(&app, &unsigned, &[]).await;
     assert_eq!(client.expect(SOON).await.event, "data", "unsigned is fine");
@@ -1100,9 +1099,8 @@ async fn stale_bad_and_missing_signatures_are_refused() {
 async fn streamdata_events_are_ascii_by_default_and_raw_utf8_when_turned_off() {
     let api = MockApi::start().await;
     for ascii_only in [true, false] {
-        let mut settings = proxy_settings();
-        settings.ascii_only = ascii_only;
-        let app = TestApp::spawn(proxy_config(settings)).await;
+        let app =
+            TestApp::from_toml(&proxy_toml(&format!("ascii_only = {ascii_only}"), "", "")).await;
         let path = dynamic_path(&api, "/unicode", "");
         let mut client = open(&app, &path, &[]).await;
         let mut doc = Rebuilt::default();

@@ -103,6 +103,9 @@ async fn run(secrets: Secrets) {
     let dir = tempfile::tempdir().unwrap();
     let toml = format!(
         r#"
+[server]
+listen = "127.0.0.1:0"
+
 [upstream.backoff]
 initial = "100ms"
 max = "200ms"

@@ -5,13 +5,11 @@
 
 use std::io::Write as _;
 
-use http::HeaderValue;
-use patchwire::config::Cors;
 use serde_json::json;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 
-use crate::proxy::{TOKEN, proxy_settings};
+use crate::proxy::{TOKEN, proxy_toml};
 use crate::support::api::MockApi;
 use crate::support::*;
 
@@ -275,10 +273,12 @@ fn header<'a>(answered: &'a Answered, name: &str) -> Option<&'a str> {
 async fn the_direct_path_and_http2_give_the_same_answers() {
     let upstream = MockUpstream::start(document(1)).await;
     let api = MockApi::start().await;
-    let mut config = config(vec![stream("doc", &upstream.url())]);
-    config.server.cors = Cors::Origins(vec![HeaderValue::from_static(ORIGIN)]);
-    config.proxy = Some(proxy_settings());
-    let app = TestApp::spawn(config).await;
+    let app = TestApp::from_toml(&format!(
+        "[server.cors]\nallow_origins = [\"{ORIGIN}\"]\n{}{}",
+        polled("doc", &upstream.url()),
+        proxy_toml("", "", "")
+    ))
+    .await;
     app.wait_for_seq("doc", 1).await;
     let epoch = app.listing("doc").await["epoch"].as_u64().unwrap();
     let asking = [("accept", "text/event-stream"), ("origin", ORIGIN)];

@@ -9,7 +9,7 @@ pub mod receiver;
 pub mod sse;
 pub mod upstream;
 
-pub use app::{TestApp, config, stream};
+pub use app::{TestApp, config_from_toml, over, polled};
 pub use receiver::{Hit, Receiver, Reply};
 pub use sse::{Rebuilt, SseClient, SseEvent};
 pub use upstream::{Failure, MockUpstream, Received};
