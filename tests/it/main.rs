@@ -2,11 +2,6 @@
 //! real SSE clients.
 
 mod support;
-// Readers of the real data under ../shared/data, shared with the other test binaries.
-#[path = "../diff_support/mod.rs"]
-mod diff_support;
-#[path = "../feeds_support/mod.rs"]
-mod feeds_support;
 
 mod backpressure;
 mod conditional;

@@ -896,7 +896,7 @@ async fn an_off_the_shelf_python_client_rebuilds_the_document() {
         .stderr(Stdio::null())
         .status();
     if !matches!(probe, Ok(status) if status.success()) {
-        crate::diff_support::skip::<()>(
+        patchwire_test_data::skip::<()>(
             "python3 with `sseclient-py` and `jsonpatch` is not available (pip install sseclient-py jsonpatch)",
         );
         return;

@@ -6,9 +6,9 @@
 use std::time::Duration;
 
 use patchwire::upstream::decode::{Format, decode};
+use patchwire_test_data::{self as data, GTFS_RT_SEQUENCES};
 use serde_json::Value;
 
-use crate::feeds_support::{self, GTFS_RT_SEQUENCES};
 use crate::support::*;
 
 /// How the mock upstream serves a sequence.
@@ -70,7 +70,7 @@ async fn replay(name: &str, format: Format, wire: Wire, bodies: &[(String, Vec<u
 #[tokio::test]
 async fn gtfs_rt_sequences_are_rebuilt_exactly_by_a_subscriber() {
     for dir in GTFS_RT_SEQUENCES {
-        let Some(bodies) = feeds_support::gtfs_rt_bodies(dir) else {
+        let Some(bodies) = data::gtfs_rt_bodies(dir) else {
             return;
         };
         let name = dir.rsplit('/').next().unwrap_or(dir);
@@ -80,7 +80,7 @@ async fn gtfs_rt_sequences_are_rebuilt_exactly_by_a_subscriber() {
 
 #[tokio::test]
 async fn gzip_encoded_gbfs_polls_are_rebuilt_exactly() {
-    let Some(bodies) = feeds_support::gbfs_bodies() else {
+    let Some(bodies) = data::gbfs_bodies() else {
         return;
     };
     let wire = Wire {
@@ -92,7 +92,7 @@ async fn gzip_encoded_gbfs_polls_are_rebuilt_exactly() {
 
 #[tokio::test]
 async fn json_with_a_top_level_array_is_rebuilt_exactly() {
-    let Some(polls) = feeds_support::gbfs_bodies() else {
+    let Some(polls) = data::gbfs_bodies() else {
         return;
     };
     // The stations of each poll as the whole document: `[{"station_id": ...}, ...]`.
@@ -116,8 +116,8 @@ async fn json_with_a_top_level_array_is_rebuilt_exactly() {
 #[tokio::test]
 async fn invalid_and_truncated_protobuf_are_upstream_errors_that_keep_the_snapshot() {
     let (Some(bodies), Some(invalid)) = (
-        feeds_support::gtfs_rt_bodies(GTFS_RT_SEQUENCES[0]),
-        crate::diff_support::data_path("gtfs-rt/single/transitland/invalid.pb"),
+        data::gtfs_rt_bodies(GTFS_RT_SEQUENCES[0]),
+        data::path("gtfs-rt/single/transitland/invalid.pb"),
     ) else {
         return;
     };
