@@ -1,18 +1,24 @@
 //! Integration tests: the real application over real sockets, a mock upstream that changes,
-//! real SSE clients.
+//! real SSE clients; the `patchwire` binary itself (`cli`), the load tool against the app
+//! (`load`), the simulator's HTTP server (`sim_http`), configuration files as users write
+//! them (`config_load`). The data-driven tests of the diff engine are `tests/data`.
 
 mod support;
 
 mod backpressure;
+mod cli;
 mod conditional;
+mod config_load;
 mod connections;
 mod failures;
+mod load;
 mod proxy;
 mod push;
 mod replay;
 mod resume;
 mod secrets;
 mod shutdown;
+mod sim_http;
 mod streaming;
 mod transports;
 mod webhook;

@@ -1,12 +1,6 @@
 //! The load tool's library against the real application in-process: every subscriber gets
 //! every change in order, stalls do not stop the others, and failures are reported clearly.
 
-// The integration tests' support (the app on port 0, the mock upstream); this binary uses
-// only part of it.
-#[allow(unused_imports)]
-#[path = "it/support/mod.rs"]
-mod support;
-
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,7 +8,7 @@ use clap::Parser;
 use patchwire_load::{self as load, Args, LoadError};
 use serde_json::json;
 
-use support::{MockUpstream, TestApp};
+use crate::support::{self, MockUpstream, TestApp};
 
 const TOKEN: &str = "load-test-token-0123456789";
 
