@@ -1,7 +1,7 @@
 //! Integration tests: the real application over real sockets, a mock upstream that changes,
 //! real SSE clients; the `patchwire` binary itself (`cli`), the load tool against the app
 //! (`load`), the simulator's HTTP server (`sim_http`), configuration files as users write
-//! them (`config_load`). The data-driven tests of the diff engine are `tests/data`.
+//! them (`config_load`), the fetcher and the poller on their own (`upstream`). The data-driven tests of the diff engine are `tests/data`.
 
 mod support;
 
@@ -21,6 +21,7 @@ mod shutdown;
 mod sim_http;
 mod streaming;
 mod transports;
+mod upstream;
 mod webhook;
 mod webhook_crash;
 mod wire;

@@ -8,8 +8,10 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::support::api::{MockApi, document};
-use crate::support::{Rebuilt, SOON, SseClient, SseEvent, TestApp, config_from_toml, over, polled};
+use crate::support::upstream::caller_document;
+use crate::support::{
+    MockUpstream, Rebuilt, SOON, SseClient, SseEvent, TestApp, config_from_toml, over, polled,
+};
 
 pub(crate) const TOKEN: &str = "token-for-tests-0123456789";
 const OTHER_TOKEN: &str = "other-token-for-tests-0123";
@@ -45,9 +47,9 @@ history = 16
 }
 
 /// `/{upstream}` with the token and extra query parameters.
-fn dynamic_path(api: &MockApi, path: &str, query: &str) -> String {
+fn dynamic_path(api: &MockUpstream, path: &str, query: &str) -> String {
     let sep = if query.is_empty() { "" } else { "&" };
-    format!("/{}?X-Sd-Token={TOKEN}{sep}{query}", api.url(path))
+    format!("/{}?X-Sd-Token={TOKEN}{sep}{query}", api.url_at(path))
 }
 
 async fn open(app: &TestApp, path: &str, headers: &[(&str, &str)]) -> SseClient {
@@ -75,7 +77,7 @@ fn assert_streamdata_patch(event: &SseEvent) {
 
 #[tokio::test]
 async fn clients_asking_the_same_thing_share_one_stream_and_one_poller() {
-    let api = MockApi::start().await;
+    let api = MockUpstream::per_caller().await;
     let app = TestApp::from_toml(&proxy_toml("", "", "")).await;
     let path = dynamic_path(&api, "/v1/prices", "currency=eur");
 
@@ -93,7 +95,7 @@ async fn clients_asking_the_same_thing_share_one_stream_and_one_poller() {
         assert_eq!(first.event, "data", "{first:?}");
         assert!(!first.id.is_empty(), "every event has an id");
         doc.apply(&first);
-        assert_eq!(doc.document, Some(document("anonymous", 0)));
+        assert_eq!(doc.document, Some(caller_document("anonymous", 0)));
     }
     api.set_version(1);
     for (client, doc) in [&mut a, &mut b].into_iter().zip(&mut docs) {
@@ -101,7 +103,7 @@ async fn clients_asking_the_same_thing_share_one_stream_and_one_poller() {
         assert_streamdata_patch(&patch);
         assert!(!patch.id.is_empty());
         doc.apply(&patch);
-        assert_eq!(doc.document, Some(document("anonymous", 1)));
+        assert_eq!(doc.document, Some(caller_document("anonymous", 1)));
     }
 
     let listing: Value = reqwest::get(app.url("/streams"))
@@ -113,11 +115,11 @@ async fn clients_asking_the_same_thing_share_one_stream_and_one_poller() {
     assert_eq!(listing["dynamic"]["streams"], 1, "{listing}");
     // One poller: its requests are an interval apart, not two interleaved schedules.
     let deadline = Instant::now() + SOON;
-    while api.requests().len() < 5 {
+    while api.requests() < 5 {
         assert!(Instant::now() < deadline, "polling stopped");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let requests = api.requests();
+    let requests = api.received();
     for pair in requests.windows(2) {
         let gap = pair[1].at.duration_since(pair[0].at);
         assert!(gap >= Duration::from_millis(60), "two polls {gap:?} apart");
@@ -127,7 +129,7 @@ async fn clients_asking_the_same_thing_share_one_stream_and_one_poller() {
 
 #[tokio::test]
 async fn different_forwarded_headers_get_separate_streams_that_never_mix() {
-    let api = MockApi::start().await;
+    let api = MockUpstream::per_caller().await;
     let app = TestApp::from_toml(&proxy_toml("", "", "")).await;
     let alice = dynamic_path(&api, "/me", "X-Sd-Header=Authorization%3A%20Bearer%20alice");
     let bob = dynamic_path(&api, "/me", "X-Sd-Header=Authorization%3A%20Bearer%20bob");
@@ -140,22 +142,22 @@ async fn different_forwarded_headers_get_separate_streams_that_never_mix() {
 
     let first_a = a.expect(SOON).await;
     let first_b = b.expect(SOON).await;
-    assert_eq!(first_a.json(), document("Bearer alice", 0));
-    assert_eq!(first_b.json(), document("Bearer bob", 0));
+    assert_eq!(first_a.json(), caller_document("Bearer alice", 0));
+    assert_eq!(first_b.json(), caller_document("Bearer bob", 0));
     api.set_version(2);
     for (client, user) in [(&mut a, "alice"), (&mut b, "bob")] {
         let mut doc = Rebuilt {
-            document: Some(document(&format!("Bearer {user}"), 0)),
+            document: Some(caller_document(&format!("Bearer {user}"), 0)),
             ..Rebuilt::default()
         };
         assert!(
-            doc.converge(client, &document(&format!("Bearer {user}"), 2), SOON)
+            doc.converge(client, &caller_document(&format!("Bearer {user}"), 2), SOON)
                 .await
         );
     }
     // The upstream saw each credential, and only on its own requests.
     let users: std::collections::BTreeSet<String> = api
-        .requests()
+        .received()
         .iter()
         .map(|r| r.headers["authorization"].to_str().unwrap().to_owned())
         .collect();
@@ -167,15 +169,15 @@ async fn different_forwarded_headers_get_separate_streams_that_never_mix() {
 
 #[tokio::test]
 async fn the_proxy_parameters_never_reach_the_upstream() {
-    let api = MockApi::start().await;
+    let api = MockUpstream::per_caller().await;
     let app = TestApp::from_toml(&proxy_toml("", "", "")).await;
     let path = format!(
         "/{}?currency=eur&X-Sd-Token={TOKEN}&b=%20x&X-Sd-Header=X-Api-Key%3A%20k1",
-        api.url("/v1/prices")
+        api.url_at("/v1/prices")
     );
     let mut client = open(&app, &path, &[]).await;
     client.expect(SOON).await;
-    let request = &api.requests()[0];
+    let request = &api.received()[0];
     assert_eq!(request.uri, "/v1/prices?currency=eur&b=%20x");
     assert_eq!(request.headers["x-api-key"], "k1");
     assert!(
@@ -190,12 +192,13 @@ async fn the_proxy_parameters_never_reach_the_upstream() {
     // The token as a header works too, and is not forwarded either.
     let encoded = format!(
         "/{}",
-        url::form_urlencoded::byte_serialize(api.url("/v2/x?y=1").as_bytes()).collect::<String>()
+        url::form_urlencoded::byte_serialize(api.url_at("/v2/x?y=1").as_bytes())
+            .collect::<String>()
     );
     let mut client = open(&app, &encoded, &[("x-sd-token", TOKEN)]).await;
     assert_eq!(client.expect(SOON).await.event, "data");
     let request = api
-        .requests()
+        .received()
         .into_iter()
         .find(|r| r.uri.starts_with("/v2/"))
         .unwrap();
@@ -205,7 +208,7 @@ async fn the_proxy_parameters_never_reach_the_upstream() {
 
 #[tokio::test]
 async fn a_stream_lingers_then_is_evicted_and_polling_stops() {
-    let api = MockApi::start().await;
+    let api = MockUpstream::per_caller().await;
     let app = TestApp::from_toml(&proxy_toml("", "", "")).await;
     let path = dynamic_path(&api, "/linger", "");
     let mut client = open(&app, &path, &[]).await;
@@ -218,10 +221,10 @@ async fn a_stream_lingers_then_is_evicted_and_polling_stops() {
     )
     .await;
     assert_eq!(app.metric("patchwire_dynamic_streams").await, 0.0);
-    let after_eviction = api.requests().len();
+    let after_eviction = api.requests();
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(
-        api.requests().len(),
+        api.requests(),
         after_eviction,
         "polling stopped with the eviction"
     );
@@ -232,13 +235,13 @@ async fn a_stream_lingers_then_is_evicted_and_polling_stops() {
     let first = client.expect(SOON).await;
     assert_eq!(
         (first.event.as_str(), first.json()),
-        ("data", document("anonymous", 7))
+        ("data", caller_document("anonymous", 7))
     );
 }
 
 #[tokio::test]
 async fn a_subscriber_returning_within_the_linger_period_keeps_the_stream() {
-    let api = MockApi::start().await;
+    let api = MockUpstream::per_caller().await;
     let app = TestApp::from_toml(&proxy_toml("", "", "")).await;
     let path = dynamic_path(&api, "/stay", "");
     let mut client = open(&app, &path, &[]).await;
@@ -254,7 +257,7 @@ async fn a_subscriber_returning_within_the_linger_period_keeps_the_stream() {
 
 #[tokio::test]
 async fn gzip_clients_get_the_same_events_compressed() {
-    let api = MockApi::start().await;
+    let api = MockUpstream::per_caller().await;
     let app = TestApp::from_toml(&proxy_toml("", "", "")).await;
     let mut client = SseClient::connect(&app.url(&dynamic_path(&api, "/gz", "")), &[], true).await;
     // reqwest negotiated gzip and decodes it (dropping the header): a broken stream fails here.
@@ -262,7 +265,7 @@ async fn gzip_clients_get_the_same_events_compressed() {
     doc.apply(&client.expect(SOON).await);
     api.set_version(3);
     assert!(
-        doc.converge(&mut client, &document("anonymous", 3), SOON)
+        doc.converge(&mut client, &caller_document("anonymous", 3), SOON)
             .await
     );
     assert!(doc.patches >= 1);
@@ -280,7 +283,7 @@ async fn gzip_clients_get_the_same_events_compressed() {
 
 #[tokio::test]
 async fn http2_clients_are_served_by_hyper_with_the_same_events() {
-    let api = MockApi::start().await;
+    let api = MockUpstream::per_caller().await;
     let app = TestApp::from_toml(&proxy_toml("", "", "")).await;
     let client = reqwest::Client::builder()
         .http2_prior_knowledge()
@@ -299,9 +302,12 @@ async fn http2_clients_are_served_by_hyper_with_the_same_events() {
     assert_eq!(first.event, "data");
     doc.apply(&first);
     api.set_version(4);
-    assert!(doc.converge(&mut h2, &document("anonymous", 4), SOON).await);
+    assert!(
+        doc.converge(&mut h2, &caller_document("anonymous", 4), SOON)
+            .await
+    );
     let refused = client
-        .get(app.url(&format!("/{}", api.url("/h2"))))
+        .get(app.url(&format!("/{}", api.url_at("/h2"))))
         .send()
         .await
         .unwrap();
@@ -311,7 +317,7 @@ async fn http2_clients_are_served_by_hyper_with_the_same_events() {
 
 #[tokio::test]
 async fn idle_dynamic_streams_send_keep_alive_comments() {
-    let api = MockApi::start().await;
+    let api = MockUpstream::per_caller().await;
     // The shortest keep-alive interval a file may ask for.
     let app = TestApp::from_toml(&proxy_toml("keepalive = \"1s\"", "", "")).await;
     let mut response = reqwest::get(app.url(&dynamic_path(&api, "/quiet", "")))
@@ -333,7 +339,7 @@ async fn idle_dynamic_streams_send_keep_alive_comments() {
 
 #[tokio::test]
 async fn a_reconnecting_client_gets_data_first() {
-    let api = MockApi::start().await;
+    let api = MockUpstream::per_caller().await;
     let app = TestApp::from_toml(&proxy_toml("", "", "")).await;
     let path = dynamic_path(&api, "/again", "");
     let mut client = open(&app, &path, &[]).await;
@@ -386,9 +392,9 @@ async fn refusal(app: &TestApp, path: &str, headers: &[(&str, &str)]) -> Value {
 
 #[tokio::test]
 async fn token_problems_are_error_events_on_a_200_stream() {
-    let api = MockApi::start().await;
+    let api = MockUpstream::per_caller().await;
     let app = TestApp::from_toml(&proxy_toml("", "", "max_connections = 1")).await;
-    let target = api.url("/t");
+    let target = api.url_at("/t");
 
     let error = refused(&app, &format!("/{target}"), &[], 401, "token-missing").await;
     assert!(
@@ -433,7 +439,7 @@ async fn token_problems_are_error_events_on_a_200_stream() {
 
 #[tokio::test]
 async fn new_connections_per_second_are_limited_per_token() {
-    let api = MockApi::start().await;
+    let api = MockUpstream::per_caller().await;
     let app = TestApp::from_toml(&proxy_toml(
         "",
         "connections_per_second = 1\nconnections_burst = 2",
@@ -448,7 +454,7 @@ async fn new_connections_per_second_are_limited_per_token() {
 
 #[tokio::test]
 async fn hosts_outside_the_allowlist_and_private_addresses_are_refused() {
-    let api = MockApi::start().await;
+    let api = MockUpstream::per_caller().await;
     let app = TestApp::from_toml(&proxy_toml(
         r#"allowed_hosts = ["127.0.0.1", "*.example.com"]"#,
         "",
@@ -456,7 +462,7 @@ async fn hosts_outside_the_allowlist_and_private_addresses_are_refused() {
     ))
     .await;
 
-    let port = api.addr.port();
+    let port = api.addr().port();
     refused(
         &app,
         &format!("/http://localhost:{port}/x?X-Sd-Token={TOKEN}"),
@@ -514,12 +520,12 @@ async fn hosts_outside_the_allowlist_and_private_addresses_are_refused() {
             "{error}"
         );
     }
-    assert!(api.requests().is_empty(), "nothing reached the upstream");
+    assert_eq!(api.requests(), 0, "nothing reached the upstream");
 }
 
 #[tokio::test]
 async fn the_stream_limit_evicts_idle_streams_and_refuses_when_all_are_busy() {
-    let api = MockApi::start().await;
+    let api = MockUpstream::per_caller().await;
     let app = TestApp::from_toml(&proxy_toml("max_streams = 1\nlinger = \"60s\"", "", "")).await;
     let mut first = open(&app, &dynamic_path(&api, "/one", ""), &[]).await;
     first.expect(SOON).await;
@@ -555,11 +561,13 @@ async fn the_stream_limit_evicts_idle_streams_and_refuses_when_all_are_busy() {
 
 #[tokio::test]
 async fn streams_outgrowing_the_memory_bound_are_ended_with_an_error() {
-    let api = MockApi::start().await;
+    let api = MockUpstream::per_caller().await;
     let mut config = config_from_toml(&proxy_toml("", "", ""));
     // Room for two documents, not three: far below the 1 MiB floor of a file's
     // `proxy.max_memory`, which the mock's small documents would never fill.
-    let size = serde_json::to_vec(&document("anonymous", 0)).unwrap().len() as u64;
+    let size = serde_json::to_vec(&caller_document("anonymous", 0))
+        .unwrap()
+        .len() as u64;
     config
         .proxy
         .as_mut()
@@ -598,22 +606,22 @@ async fn streams_outgrowing_the_memory_bound_are_ended_with_an_error() {
 
 #[tokio::test]
 async fn a_faster_subscriber_speeds_the_shared_poller_up_until_it_leaves() {
-    let api = MockApi::start().await;
+    let api = MockUpstream::per_caller().await;
     let app = TestApp::from_toml(&proxy_toml(
         "interval = \"800ms\"",
         "",
         "interval = \"100ms\"",
     ))
     .await;
-    let target = api.url("/speed");
+    let target = api.url_at("/speed");
     let mut slow = open(&app, &format!("/{target}?X-Sd-Token={TOKEN}"), &[]).await;
     slow.expect(SOON).await;
     let polls_in = |window: Duration| {
         let api = &api;
         async move {
-            let before = api.requests().len();
+            let before = api.requests();
             tokio::time::sleep(window).await;
-            api.requests().len() - before
+            api.requests() - before
         }
     };
     let alone = polls_in(Duration::from_millis(1000)).await;
@@ -656,7 +664,7 @@ async fn upstream_errors_are_streamdata_error_events() {
 
 #[tokio::test]
 async fn accept_json_returns_the_document_once() {
-    let api = MockApi::start().await;
+    let api = MockUpstream::per_caller().await;
     let app = TestApp::from_toml(&proxy_toml("", "", "")).await;
     let response = reqwest::Client::new()
         .get(app.url(&dynamic_path(&api, "/once", "")))
@@ -673,10 +681,10 @@ async fn accept_json_returns_the_document_once() {
     );
     assert_eq!(
         response.json::<Value>().await.unwrap(),
-        document("anonymous", 0)
+        caller_document("anonymous", 0)
     );
     let response = reqwest::Client::new()
-        .get(app.url(&format!("/{}", api.url("/once"))))
+        .get(app.url(&format!("/{}", api.url_at("/once"))))
         .header("accept", "application/json")
         .send()
         .await
@@ -686,7 +694,7 @@ async fn accept_json_returns_the_document_once() {
 
 #[tokio::test]
 async fn accept_json_names_the_stream_and_honours_gzip() {
-    let api = MockApi::start().await;
+    let api = MockUpstream::per_caller().await;
     let app = TestApp::from_toml(&proxy_toml("", "", "")).await;
     let raw = reqwest::Client::builder().no_gzip().build().unwrap();
     let response = raw
@@ -707,7 +715,7 @@ async fn accept_json_names_the_stream_and_honours_gzip() {
     assert_eq!(&compressed[..2], &[0x1f, 0x8b]);
     let document_read: Value =
         serde_json::from_reader(flate2::read::GzDecoder::new(&compressed[..])).unwrap();
-    assert_eq!(document_read, document("anonymous", 0));
+    assert_eq!(document_read, caller_document("anonymous", 0));
 
     // The SSE response names the same stream, and so does its native JSON view.
     let sse = open(&app, &dynamic_path(&api, "/gz", ""), &[]).await;
@@ -722,18 +730,18 @@ async fn accept_json_names_the_stream_and_honours_gzip() {
     assert_eq!(view.headers()["x-patchwire-stream"], stream.as_str());
     assert_eq!(
         view.json::<Value>().await.unwrap(),
-        document("anonymous", 0)
+        caller_document("anonymous", 0)
     );
 }
 
 #[tokio::test]
 async fn cors_preflight_allows_the_token_header() {
-    let api = MockApi::start().await;
+    let api = MockUpstream::per_caller().await;
     let app = TestApp::from_toml(&proxy_toml("", "", "")).await;
     let response = reqwest::Client::new()
         .request(
             http::Method::OPTIONS,
-            app.url(&format!("/{}", api.url("/x"))),
+            app.url(&format!("/{}", api.url_at("/x"))),
         )
         .header("origin", "https://app.example")
         .header("access-control-request-method", "GET")
@@ -762,7 +770,7 @@ async fn cors_preflight_allows_the_token_header() {
 
 #[tokio::test]
 async fn the_native_view_of_a_dynamic_stream_needs_a_token_and_uses_native_names() {
-    let api = MockApi::start().await;
+    let api = MockUpstream::per_caller().await;
     let app = TestApp::from_toml(&proxy_toml("", "", "")).await;
     let mut client = open(&app, &dynamic_path(&api, "/native", ""), &[]).await;
     client.expect(SOON).await;
@@ -776,7 +784,7 @@ async fn the_native_view_of_a_dynamic_stream_needs_a_token_and_uses_native_names
     let first = native.expect(SOON).await;
     assert_eq!(
         (first.event.as_str(), first.json()),
-        ("snapshot", document("anonymous", 0))
+        ("snapshot", caller_document("anonymous", 0))
     );
     let refused = reqwest::get(app.url(&format!("/streams/{name}")))
         .await
@@ -798,7 +806,7 @@ async fn the_native_view_of_a_dynamic_stream_needs_a_token_and_uses_native_names
 
 #[tokio::test]
 async fn proxy_mode_is_off_unless_enabled() {
-    let api = MockApi::start().await;
+    let api = MockUpstream::per_caller().await;
     // No [proxy] table; a file names at least one stream then, and a push stream polls nothing.
     let app = TestApp::from_toml(
         r#"
@@ -818,19 +826,19 @@ source = "push"
         "proxy-disabled",
     )
     .await;
-    assert!(api.requests().is_empty());
+    assert_eq!(api.requests(), 0);
 }
 
 #[tokio::test]
 async fn an_on_demand_stream_polls_only_while_subscribed() {
-    let api = MockApi::start().await;
+    let api = MockUpstream::per_caller().await;
     let app = TestApp::from_toml(&format!(
         "{}on_demand = true\nlinger = \"300ms\"\n",
-        polled("lazy", &api.url("/lazy"))
+        polled("lazy", &api.url_at("/lazy"))
     ))
     .await;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(api.requests().is_empty(), "no subscriber, no poll");
+    assert_eq!(api.requests(), 0, "no subscriber, no poll");
     let listing = app.listing("lazy").await;
     assert_eq!(
         listing["upstream"]["on_demand"]["linger_ms"], 300,
@@ -841,15 +849,15 @@ async fn an_on_demand_stream_polls_only_while_subscribed() {
     let first = client.expect(SOON).await;
     assert_eq!(
         (first.event.as_str(), first.json()),
-        ("snapshot", document("anonymous", 0))
+        ("snapshot", caller_document("anonymous", 0))
     );
     drop(client);
     // Polling stops after the linger period.
     let deadline = Instant::now() + SOON;
     loop {
-        let before = api.requests().len();
+        let before = api.requests();
         tokio::time::sleep(Duration::from_millis(400)).await;
-        if api.requests().len() == before {
+        if api.requests() == before {
             break;
         }
         assert!(Instant::now() < deadline, "polling never stopped");
@@ -860,7 +868,7 @@ async fn an_on_demand_stream_polls_only_while_subscribed() {
     let first = client.expect(SOON).await;
     assert_eq!(
         (first.event.as_str(), first.json()),
-        ("snapshot", document("anonymous", 5))
+        ("snapshot", caller_document("anonymous", 5))
     );
 }
 
@@ -901,7 +909,7 @@ async fn an_off_the_shelf_python_client_rebuilds_the_document() {
         );
         return;
     }
-    let api = MockApi::start().await;
+    let api = MockUpstream::per_caller().await;
     let app = TestApp::from_toml(&proxy_toml("", "", "")).await;
     let url = app.url(&dynamic_path(&api, "/python", ""));
     let child = tokio::process::Command::new("python3")
@@ -915,16 +923,16 @@ async fn an_off_the_shelf_python_client_rebuilds_the_document() {
     // client's `data`), then change the document three times.
     app.wait_for_metric("patchwire_subscribers", 1.0, SOON)
         .await;
-    while api.requests().is_empty() {
+    while api.requests() == 0 {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let mut expected = document("anonymous", 0);
+    let mut expected = caller_document("anonymous", 0);
     for version in 1..=3 {
-        let before = api.requests().len();
+        let before = api.requests();
         api.set_version(version);
-        expected = document("anonymous", version);
+        expected = caller_document("anonymous", version);
         // One poll at least, so each version is its own patch.
-        while api.requests().len() < before + 2 {
+        while api.requests() < before + 2 {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
@@ -943,7 +951,7 @@ async fn an_off_the_shelf_python_client_rebuilds_the_document() {
 
 #[tokio::test]
 async fn a_redirect_to_a_host_not_allowed_is_named_as_refused_and_shown_redacted() {
-    let api = MockApi::start().await;
+    let api = MockUpstream::per_caller().await;
     let app = TestApp::from_toml(&proxy_toml("", "", "")).await;
     let to: String = url::form_urlencoded::byte_serialize(
         b"http://user:pw-0451@evil.test/steal?key=s3cr3t-0451&format=json",
@@ -970,17 +978,14 @@ async fn a_redirect_to_a_host_not_allowed_is_named_as_refused_and_shown_redacted
         "not a redirect limit: {message}"
     );
     assert!(
-        message.starts_with(&format!("GET http://{}: redirect to", api.addr)),
+        message.starts_with(&format!("GET http://{}: redirect to", api.addr())),
         "a dynamic stream's upstream is named by its origin only: {message}"
     );
     assert!(
         !message.contains("0451"),
         "no secret, and the dynamic URL's host only: {message}"
     );
-    assert!(
-        !api.requests().is_empty(),
-        "the upstream was asked and redirected"
-    );
+    assert!(api.requests() > 0, "the upstream was asked and redirected");
 }
 
 /// The private key of the Streamdata.io SDK's own tests (base64 of 72 characters).
@@ -1015,15 +1020,15 @@ fn signing_toml(require: bool) -> String {
 
 #[tokio::test]
 async fn signed_clients_are_verified_and_share_one_stream_whatever_their_timestamps() {
-    let api = MockApi::start().await;
+    let api = MockUpstream::per_caller().await;
     let app = TestApp::from_toml(&signing_toml(true)).await;
-    let url = api.url("/v1/prices?currency=eur");
+    let url = api.url_at("/v1/prices?currency=eur");
     let now = now_ms();
     let mut a = open(&app, &signed_path(&url, now, None), &[]).await;
     let mut b = open(&app, &signed_path(&url, now - 1500, None), &[]).await;
     let first = a.expect(SOON).await;
     assert_eq!(first.event, "data", "{first:?}");
-    assert_eq!(first.json(), document("anonymous", 0));
+    assert_eq!(first.json(), caller_document("anonymous", 0));
     assert_eq!(b.expect(SOON).await.event, "data");
     assert_eq!(
         a.headers["x-patchwire-stream"], b.headers["x-patchwire-stream"],
@@ -1036,7 +1041,7 @@ async fn signed_clients_are_verified_and_share_one_stream_whatever_their_timesta
         .await
         .unwrap();
     assert_eq!(listing["dynamic"]["streams"], 1, "{listing}");
-    let requests = api.requests();
+    let requests = api.received();
     assert!(!requests.is_empty());
     for request in &requests {
         assert_eq!(
@@ -1048,9 +1053,9 @@ async fn signed_clients_are_verified_and_share_one_stream_whatever_their_timesta
 
 #[tokio::test]
 async fn stale_bad_and_missing_signatures_are_refused() {
-    let api = MockApi::start().await;
+    let api = MockUpstream::per_caller().await;
     let app = TestApp::from_toml(&signing_toml(true)).await;
-    let url = api.url("/v1/prices?currency=eur");
+    let url = api.url_at("/v1/prices?currency=eur");
     let now = now_ms();
 
     let stale = signed_path(&url, now - 10 * 60 * 1000, None);
@@ -1065,7 +1070,7 @@ async fn stale_bad_and_missing_signatures_are_refused() {
     let future = signed_path(&url, now + 10 * 60 * 1000, None);
     refused(&app, &future, &[], 401, "signature-expired").await;
 
-    let other = api.url("/v1/prices?currency=usd");
+    let other = api.url_at("/v1/prices?currency=usd");
     let bad = signed_path(&url, now, Some(&other));
     let error = refused(&app, &bad, &[], 401, "signature-invalid").await;
     assert!(
@@ -1083,10 +1088,7 @@ async fn stale_bad_and_missing_signatures_are_refused() {
         .await
         .unwrap();
     assert_eq!(response.status(), 401);
-    assert!(
-        api.requests().is_empty(),
-        "nothing refused reached the upstream"
-    );
+    assert_eq!(api.requests(), 0, "nothing refused reached the upstream");
 
     // A token that does not require signatures still refuses a bad one.
     let app = TestApp::from_toml(&signing_toml(false)).await;
@@ -1097,7 +1099,7 @@ async fn stale_bad_and_missing_signatures_are_refused() {
 
 #[tokio::test]
 async fn streamdata_events_are_ascii_by_default_and_raw_utf8_when_turned_off() {
-    let api = MockApi::start().await;
+    let api = MockUpstream::per_caller().await;
     for ascii_only in [true, false] {
         let app =
             TestApp::from_toml(&proxy_toml(&format!("ascii_only = {ascii_only}"), "", "")).await;

@@ -1,9 +1,8 @@
-//! Test support: the app on port 0, a mock upstream, an SSE client.
+//! Test support: the app on port 0 configured from TOML, the mock upstream, SSE clients, a
+//! webhook receiver, raw sockets, pollers outside the app.
 
-#![allow(dead_code)]
-
-pub mod api;
 pub mod app;
+pub mod poller;
 pub mod raw;
 pub mod receiver;
 pub mod sse;
@@ -12,7 +11,7 @@ pub mod upstream;
 pub use app::{TestApp, config_from_toml, over, polled};
 pub use receiver::{Hit, Receiver, Reply};
 pub use sse::{Rebuilt, SseClient, SseEvent};
-pub use upstream::{Failure, MockUpstream, Received};
+pub use upstream::{Failure, MockUpstream};
 
 use std::time::Duration;
 
