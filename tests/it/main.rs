@@ -11,6 +11,7 @@ mod conditional;
 mod config_load;
 mod connections;
 mod failures;
+mod layering;
 mod load;
 mod proxy;
 mod push;
