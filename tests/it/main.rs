@@ -1,7 +1,9 @@
-//! Integration tests: the real application over real sockets, a mock upstream that changes,
-//! real SSE clients; the `patchwire` binary itself (`cli`), the load tool against the app
-//! (`load`), the simulator's HTTP server (`sim_http`), configuration files as users write
-//! them (`config_load`), the fetcher and the poller on their own (`upstream`). The data-driven tests of the diff engine are `tests/data`.
+//! Integration tests of everything that starts something: the real application over real
+//! sockets, configured from TOML as users configure it, a mock upstream that changes, real SSE
+//! clients; the `patchwire` binary itself (`cli`), the load tool against the app (`load`), the
+//! simulator's HTTP server (`sim_http`), configuration files as users write them
+//! (`config_load`), the fetcher and the poller on their own (`upstream`), and the layers of
+//! `src/` (`layering`). The data-driven tests of the diff engine are `tests/data`.
 
 mod support;
 
