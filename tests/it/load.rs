@@ -8,7 +8,7 @@ use clap::Parser;
 use patchwire_load::{self as load, Args, LoadError};
 use serde_json::json;
 
-use crate::support::{self, MockUpstream, TestApp};
+use crate::support::{self, MockUpstream, TestApp, free_port};
 
 const TOKEN: &str = "load-test-token-0123456789";
 
@@ -237,10 +237,7 @@ async fn watching_a_polled_stream_checks_order_and_delivery() {
 #[tokio::test]
 async fn nobody_connecting_is_an_error() {
     // A port nothing listens on.
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("a port");
-    let addr = listener.local_addr().expect("its address");
-    drop(listener);
-    let url = format!("http://{addr}/streams/x");
+    let url = format!("http://127.0.0.1:{}/streams/x", free_port());
     let plan = Args::try_parse_from([
         "patchwire-load",
         "--url",

@@ -10,7 +10,8 @@ use serde_json::Value;
 
 use crate::support::upstream::caller_document;
 use crate::support::{
-    MockUpstream, Rebuilt, SOON, SseClient, SseEvent, TestApp, config_from_toml, over, polled,
+    MockUpstream, Rebuilt, SOON, SseClient, SseEvent, TestApp, config_from_toml, free_port, over,
+    polled,
 };
 
 pub(crate) const TOKEN: &str = "token-for-tests-0123456789";
@@ -647,10 +648,7 @@ async fn a_faster_subscriber_speeds_the_shared_poller_up_until_it_leaves() {
 async fn upstream_errors_are_streamdata_error_events() {
     let app = TestApp::from_toml(&proxy_toml("", "", "")).await;
     // A port nothing listens on.
-    let closed = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let closed = format!("127.0.0.1:{}", free_port());
     let mut client = open(&app, &format!("/http://{closed}/x?X-Sd-Token={TOKEN}"), &[]).await;
     let error = until(&mut client, "error").await;
     let body = error.json();

@@ -17,3 +17,13 @@ use std::time::Duration;
 
 /// A generous bound for "soon" in tests: they wait for events, never sleep for fixed times.
 pub const SOON: Duration = Duration::from_secs(5);
+
+/// A port on 127.0.0.1 that was free a moment ago (bound as port 0, then released): for a
+/// process to listen on, or for a connection nobody answers.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}

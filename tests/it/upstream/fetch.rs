@@ -12,7 +12,7 @@ use tokio::time::Instant;
 use url::Url;
 
 use crate::support::poller::header_value;
-use crate::support::{Failure, MockUpstream};
+use crate::support::{Failure, MockUpstream, free_port};
 
 fn url(mock: &MockUpstream, path: &str) -> Url {
     Url::parse(&mock.url_at(path)).expect("the mock's URL is valid")
@@ -240,10 +240,7 @@ async fn a_slow_upstream_times_out_with_504() {
 
 #[tokio::test]
 async fn connection_refused_is_a_connect_error_naming_the_url() {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    let addr = listener.local_addr().expect("address");
-    drop(listener);
-    let url = Url::parse(&format!("http://{addr}/feed")).expect("valid URL");
+    let url = Url::parse(&format!("http://127.0.0.1:{}/feed", free_port())).expect("valid URL");
     let error = fetch(&url, 1024).await.expect_err("nothing listens");
     assert!(matches!(error, FetchError::Connect { .. }), "{error:?}");
     assert_eq!(error.status(), 502);

@@ -7,7 +7,7 @@ use serde_json::json;
 use tokio::time::Instant;
 
 use crate::support::poller::{Event, harness, stream};
-use crate::support::{Failure, MockUpstream};
+use crate::support::{Failure, MockUpstream, free_port};
 
 /// The mock serving `doc` without validators: every poll downloads it.
 async fn unconditional(doc: serde_json::Value) -> MockUpstream {
@@ -170,10 +170,8 @@ async fn invalid_json_names_the_url_and_position() {
 
 #[tokio::test]
 async fn connection_refused_is_a_502_failure() {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    let addr = listener.local_addr().expect("address");
-    drop(listener);
-    let mut h = harness(&stream("s", &format!("http://{addr}/feed"), ""));
+    let url = format!("http://127.0.0.1:{}/feed", free_port());
+    let mut h = harness(&stream("s", &url, ""));
     let step = h.poller.poll_once().await;
     assert!(matches!(
         step.outcome,
