@@ -13,17 +13,18 @@
 //! max, then waits until the receiver has the last change of every stream. Run it against two
 //! binaries (the base commit's and this one's) to compare. Traffic stays on 127.0.0.1.
 
+mod support;
+
 use std::process::{ExitCode, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use axum::Router;
 use axum::body::Bytes;
-use axum::extract::State;
 use serde_json::{Value, json};
-use tokio_util::sync::CancellationToken;
+
+use support::{arg, percentile};
 
 const TOKEN: &str = "push-load-token-0123456789";
 const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
@@ -31,7 +32,7 @@ const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 /// The highest `n` received per stream.
 type Received = Arc<Vec<AtomicU64>>;
 
-async fn receive(State(received): State<Received>, body: Bytes) -> &'static str {
+fn receive(received: &Received, body: Bytes) {
     if let Ok(body) = serde_json::from_slice::<Value>(&body) {
         let stream = body["stream"].as_str().unwrap_or_default();
         let index = stream
@@ -50,19 +51,6 @@ async fn receive(State(received): State<Received>, body: Bytes) -> &'static str 
                 slot.fetch_max(n, Ordering::Relaxed);
             }
         }
-    }
-    "ok"
-}
-
-fn arg(args: &[String], i: usize, default: u64) -> Result<u64, String> {
-    match args.get(i) {
-        None => Ok(default),
-        Some(text) => text.parse().map_err(|_| {
-            format!(
-                "expected a whole number as argument {}, got {text:?}",
-                i + 1
-            )
-        }),
     }
 }
 
@@ -86,47 +74,12 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("push_load: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(run(&binary, pushes, concurrency, streams)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("push_load: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[index.min(sorted.len() - 1)]
+    support::run("push_load", run(&binary, pushes, concurrency, streams))
 }
 
 async fn run(binary: &str, pushes: u64, concurrency: u64, streams: u64) -> anyhow::Result<()> {
     let received: Received = Arc::new((0..streams).map(|_| AtomicU64::new(0)).collect());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let receiver = listener.local_addr()?;
-    let stop = CancellationToken::new();
-    {
-        let app = Router::new().fallback(receive).with_state(received.clone());
-        let stop = stop.clone();
-        tokio::spawn(async move {
-            let _ = axum::serve(listener, app)
-                .with_graceful_shutdown(async move { stop.cancelled().await })
-                .await;
-        });
-    }
+    let (receiver, stop) = support::receiver(received.clone(), receive).await?;
     let port = std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port();

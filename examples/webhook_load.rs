@@ -13,14 +13,14 @@
 //! as fast as possible (a backlog; latency then measures queueing). The outbox is a temporary
 //! file with `synchronous = FULL`. Traffic stays on 127.0.0.1; the run ends by itself.
 
+mod support;
+
 use std::collections::HashMap;
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use axum::Router;
 use axum::body::Bytes;
-use axum::extract::State;
 use patchwire::diff::DiffOptions;
 use patchwire::hub::{Hub, Publication, Stream, StreamOptions};
 use patchwire::metrics::Metrics;
@@ -37,6 +37,8 @@ use serde_json::json;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use support::{arg, percentile};
+
 type Arrivals = Arc<Mutex<HashMap<(String, u64), Vec<Instant>>>>;
 
 #[derive(Deserialize)]
@@ -46,7 +48,7 @@ struct Head<'a> {
     seq: u64,
 }
 
-async fn receive(State(arrivals): State<Arrivals>, body: Bytes) -> &'static str {
+fn receive(arrivals: &Arrivals, body: Bytes) {
     let at = Instant::now();
     if let Ok(head) = serde_json::from_slice::<Head<'_>>(&body) {
         arrivals
@@ -55,19 +57,6 @@ async fn receive(State(arrivals): State<Arrivals>, body: Bytes) -> &'static str 
             .entry((head.stream.to_owned(), head.seq))
             .or_default()
             .push(at);
-    }
-    "ok"
-}
-
-fn arg(args: &[String], i: usize, default: u64) -> Result<u64, String> {
-    match args.get(i) {
-        None => Ok(default),
-        Some(text) => text.parse().map_err(|_| {
-            format!(
-                "expected a whole number as argument {}, got {text:?}",
-                i + 1
-            )
-        }),
     }
 }
 
@@ -96,31 +85,7 @@ fn main() -> ExitCode {
         .with_env_filter(tracing_subscriber::EnvFilter::new("warn"))
         .with_writer(std::io::stderr)
         .init();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("webhook_load: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(run(rate, seconds, streams, endpoints)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("webhook_load: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[index.min(sorted.len() - 1)]
+    support::run("webhook_load", run(rate, seconds, streams, endpoints))
 }
 
 async fn run(
@@ -130,16 +95,7 @@ async fn run(
     endpoint_count: u64,
 ) -> anyhow::Result<()> {
     let arrivals: Arrivals = Arc::default();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    let app = Router::new().fallback(receive).with_state(arrivals.clone());
-    let stop = CancellationToken::new();
-    let server_stop = stop.clone();
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, app)
-            .with_graceful_shutdown(async move { server_stop.cancelled().await })
-            .await;
-    });
+    let (addr, stop) = support::receiver(arrivals.clone(), receive).await?;
 
     let metrics = Arc::new(Metrics::new());
     let hub = Arc::new(Hub::new());

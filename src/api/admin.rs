@@ -26,6 +26,7 @@ use serde_json::{Value, json};
 use super::body::{self, BodyLimits};
 use super::error_response;
 use crate::sinks::webhook::Webhooks;
+use crate::sinks::webhook::body::event_type;
 use crate::sinks::webhook::config::AdminToken;
 use crate::sinks::webhook::endpoints::{AdminError, EndpointChanges, Endpoints, NewEndpoint};
 use crate::sinks::webhook::outbox::{Delivery, DeliveryFilter, DeliveryState, Replay};
@@ -176,7 +177,7 @@ fn delivery_json(d: &Delivery) -> Value {
         "id": d.id,
         "webhook_id": d.msg_id,
         "stream": d.stream,
-        "type": d.kind.event_type(),
+        "type": event_type(d.kind),
         "epoch": d.epoch,
         "seq": d.seq,
         "base_seq": d.base_seq,

@@ -33,20 +33,20 @@ fn max_send_buffer() -> usize {
         .unwrap_or(4 << 20)
 }
 
-fn settings(upstream: &MockUpstream) -> patchwire::upstream::config::StreamSettings {
-    let mut s = stream("big", &upstream.url());
-    s.interval = Duration::from_millis(50);
-    s.max_body_bytes = 8 << 20;
-    s
+/// The app with `server` (TOML lines of its `[server]` table), polling the stream `big` as
+/// often as a file may ask for.
+async fn start(upstream: &MockUpstream, server: &str) -> TestApp {
+    TestApp::from_toml(&format!(
+        "[server]\n{server}\n{}max_body = \"8 MiB\"\n",
+        polled("big", &upstream.url())
+    ))
+    .await
 }
 
 #[tokio::test]
 async fn a_stalled_subscriber_is_closed_while_others_keep_up() {
     let upstream = MockUpstream::start(document(0)).await;
-    let mut config = config(vec![settings(&upstream)]);
-    config.server.stall_timeout = Duration::from_secs(1);
-    config.server.subscriber_buffer = 8;
-    let app = TestApp::spawn(config).await;
+    let app = start(&upstream, "stall_timeout = \"1s\"\nsubscriber_buffer = 8").await;
 
     let mut healthy = app.subscribe("big", &[]).await;
     let mut rebuilt = Rebuilt::default();
@@ -114,11 +114,12 @@ async fn a_stalled_subscriber_is_closed_while_others_keep_up() {
 async fn a_slow_subscriber_is_resynced_with_a_snapshot_and_converges() {
     const BUFFER: usize = 4;
     let upstream = MockUpstream::start(document(0)).await;
-    let mut config = config(vec![settings(&upstream)]);
-    config.server.subscriber_buffer = BUFFER;
-    // Long enough that the slow reader is never taken for a stalled one.
-    config.server.stall_timeout = Duration::from_secs(120);
-    let app = TestApp::spawn(config).await;
+    // A stall timeout long enough that the slow reader is never taken for a stalled one.
+    let app = start(
+        &upstream,
+        &format!("subscriber_buffer = {BUFFER}\nstall_timeout = \"120s\""),
+    )
+    .await;
 
     let mut slow = app
         .subscribe_raw("big", 16 * 1024)

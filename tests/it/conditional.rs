@@ -32,24 +32,20 @@ async fn next_event_is_the_patch(
     assert_eq!(rebuilt.document.as_ref(), Some(&upstream.document()));
 }
 
-fn header<'a>(r: &'a Received, name: &str) -> Option<&'a str> {
-    r.headers.get(name).map(|v| v.to_str().unwrap())
-}
-
 #[tokio::test]
 async fn etag_revalidation_gets_304s_that_publish_nothing() {
     let upstream = MockUpstream::start(json!({"n": 1, "pad": "x".repeat(100)})).await;
-    let app = TestApp::spawn(config(vec![stream("doc", &upstream.url())])).await;
+    let app = TestApp::from_toml(&polled("doc", &upstream.url())).await;
     let (mut client, mut rebuilt) = subscribed(&app).await;
     let first_etag = upstream.etag();
     let first_date = upstream.last_modified();
 
     upstream.wait_for_requests(4, SOON).await;
     let received = upstream.received();
-    assert_eq!(header(&received[0], "if-none-match"), None);
+    assert_eq!(received[0].header("if-none-match"), None);
     for r in &received[1..] {
-        assert_eq!(header(r, "if-none-match"), Some(first_etag.as_str()));
-        assert_eq!(header(r, "if-modified-since"), Some(first_date.as_str()));
+        assert_eq!(r.header("if-none-match"), Some(first_etag.as_str()));
+        assert_eq!(r.header("if-modified-since"), Some(first_date.as_str()));
     }
     let not_modified = app
         .metric(r#"patchwire_polls_total{stream="doc",outcome="NotModified""#)
@@ -68,10 +64,7 @@ async fn etag_revalidation_gets_304s_that_publish_nothing() {
     let seen = upstream.requests();
     upstream.wait_for_requests(seen + 1, SOON).await;
     let last = upstream.received().pop().unwrap();
-    assert_eq!(
-        header(&last, "if-none-match"),
-        Some(upstream.etag().as_str())
-    );
+    assert_eq!(last.header("if-none-match"), Some(upstream.etag().as_str()));
     assert_ne!(upstream.etag(), first_etag);
     assert_eq!(rebuilt.snapshots, 1);
     app.stop().await;
@@ -81,16 +74,16 @@ async fn etag_revalidation_gets_304s_that_publish_nothing() {
 async fn last_modified_alone_revalidates_with_if_modified_since() {
     let upstream = MockUpstream::start(json!({"n": 1, "pad": "x".repeat(100)})).await;
     upstream.validators(false, true);
-    let app = TestApp::spawn(config(vec![stream("doc", &upstream.url())])).await;
+    let app = TestApp::from_toml(&polled("doc", &upstream.url())).await;
     let (mut client, mut rebuilt) = subscribed(&app).await;
     let first_date = upstream.last_modified();
 
     upstream.wait_for_requests(4, SOON).await;
     let received = upstream.received();
-    assert_eq!(header(&received[0], "if-modified-since"), None);
+    assert_eq!(received[0].header("if-modified-since"), None);
     for r in &received[1..] {
-        assert_eq!(header(r, "if-none-match"), None);
-        assert_eq!(header(r, "if-modified-since"), Some(first_date.as_str()));
+        assert_eq!(r.header("if-none-match"), None);
+        assert_eq!(r.header("if-modified-since"), Some(first_date.as_str()));
     }
     assert!(
         app.metric(r#"patchwire_polls_total{stream="doc",outcome="NotModified""#)
@@ -104,7 +97,7 @@ async fn last_modified_alone_revalidates_with_if_modified_since() {
     let last = upstream.received().pop().unwrap();
     let date = upstream.last_modified();
     assert_ne!(date, first_date);
-    assert_eq!(header(&last, "if-modified-since"), Some(date.as_str()));
+    assert_eq!(last.header("if-modified-since"), Some(date.as_str()));
     app.stop().await;
 }
 
@@ -113,14 +106,14 @@ async fn identical_bodies_publish_nothing() {
     let upstream =
         MockUpstream::start(json!({"n": 1, "list": ["aaaaaaaaaaaa", "bbbbbbbbbbbb"]})).await;
     upstream.validators(false, false);
-    let app = TestApp::spawn(config(vec![stream("doc", &upstream.url())])).await;
+    let app = TestApp::from_toml(&polled("doc", &upstream.url())).await;
     let (mut client, mut rebuilt) = subscribed(&app).await;
 
     // Without validators every poll gets the whole body; the same bytes change nothing.
     upstream.wait_for_requests(4, SOON).await;
     for r in upstream.received() {
-        assert_eq!(header(&r, "if-none-match"), None);
-        assert_eq!(header(&r, "if-modified-since"), None);
+        assert_eq!(r.header("if-none-match"), None);
+        assert_eq!(r.header("if-modified-since"), None);
     }
     let unchanged = app
         .metric(r#"patchwire_polls_total{stream="doc",outcome="Unchanged""#)

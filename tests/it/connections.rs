@@ -14,16 +14,16 @@ const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 const EMPTY_SETTINGS: &[u8] = &[0, 0, 0, 4, 0, 0, 0, 0, 0];
 const HEALTHZ: &[u8] = b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n";
 
-async fn app_with(adjust: impl FnOnce(&mut patchwire::config::Config)) -> (MockUpstream, TestApp) {
+/// The app polling one stream `s`, with `server` (TOML lines of its `[server]` table).
+async fn app_with(server: &str) -> (MockUpstream, TestApp) {
     let upstream = MockUpstream::start(json!({"n": 1})).await;
-    let mut config = config(vec![stream("s", &upstream.url())]);
-    adjust(&mut config);
-    (upstream, TestApp::spawn(config).await)
+    let toml = format!("[server]\n{server}\n{}", polled("s", &upstream.url()));
+    (upstream, TestApp::from_toml(&toml).await)
 }
 
 #[tokio::test]
 async fn http2_connections_without_a_request_are_closed_after_the_header_timeout() {
-    let (_upstream, app) = app_with(|c| c.server.header_timeout = Duration::from_secs(1)).await;
+    let (_upstream, app) = app_with("header_timeout = \"1s\"").await;
     // The preface alone, and the preface with the client's SETTINGS (a complete handshake).
     for hello in [PREFACE.to_vec(), [PREFACE, EMPTY_SETTINGS].concat()] {
         let mut connection = RawConnection::open(app.addr).await;
@@ -41,7 +41,7 @@ async fn http2_connections_without_a_request_are_closed_after_the_header_timeout
 
 #[tokio::test]
 async fn idle_connections_are_closed_but_open_subscriptions_are_not() {
-    let (upstream, app) = app_with(|c| c.server.idle_timeout = Duration::from_secs(1)).await;
+    let (upstream, app) = app_with("idle_timeout = \"1s\"").await;
     // An HTTP/1 keep-alive connection after its request.
     let mut connection = RawConnection::open(app.addr).await;
     connection.send(HEALTHZ).await;
@@ -82,7 +82,7 @@ async fn idle_connections_are_closed_but_open_subscriptions_are_not() {
 
 #[tokio::test]
 async fn past_max_connections_new_connections_get_503_and_open_ones_are_served() {
-    let (_upstream, app) = app_with(|c| c.server.max_connections = 3).await;
+    let (_upstream, app) = app_with("max_connections = 3").await;
     let mut held = Vec::new();
     for _ in 0..3 {
         let mut connection = RawConnection::open(app.addr).await;

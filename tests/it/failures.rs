@@ -89,12 +89,14 @@ async fn fails_then_recovers(
     status: u16,
     cause: &str,
     message_has: &str,
-    timeout: Duration,
+    timeout: &str,
 ) {
     let upstream = MockUpstream::start(document(1)).await;
-    let mut settings = stream("doc", &upstream.url());
-    settings.timeout = timeout;
-    let app = TestApp::spawn(config(vec![settings])).await;
+    let app = TestApp::from_toml(&format!(
+        "{}timeout = \"{timeout}\"\n",
+        polled("doc", &upstream.url())
+    ))
+    .await;
     let mut client = app.subscribe("doc", &[]).await;
     let mut rebuilt = Rebuilt::default();
     let first = client.expect(SOON).await;
@@ -209,7 +211,8 @@ async fn fails_then_recovers(
     app.stop().await;
 }
 
-const TIMEOUT: Duration = Duration::from_secs(2);
+/// The stream's `timeout`, unless the test is about timeouts.
+const TIMEOUT: &str = "2s";
 
 #[tokio::test]
 async fn server_errors() {
@@ -242,7 +245,7 @@ async fn timeouts() {
         504,
         "upstream-timeout",
         "timeout",
-        Duration::from_millis(300),
+        "300ms",
     )
     .await;
 }
@@ -288,7 +291,7 @@ async fn bodies_over_the_cap() {
 /// the gap the upstream saw between the first two failed requests (if `gaps`).
 async fn first_errors(failure: Failure, errors: usize) -> (Vec<u64>, Vec<Duration>) {
     let upstream = MockUpstream::start(document(1)).await;
-    let app = TestApp::spawn(config(vec![stream("doc", &upstream.url())])).await;
+    let app = TestApp::from_toml(&polled("doc", &upstream.url())).await;
     let mut client = app.subscribe("doc", &[]).await;
     let first = client.expect(SOON).await;
     upstream.fail(failure);
@@ -359,7 +362,7 @@ async fn retry_after_is_capped_and_ignored_on_other_statuses() {
 async fn a_stream_that_never_had_a_document_reports_errors_and_503() {
     let upstream = MockUpstream::start(document(1)).await;
     upstream.fail(Failure::Status(502, None));
-    let app = TestApp::spawn(config(vec![stream("doc", &upstream.url())])).await;
+    let app = TestApp::from_toml(&polled("doc", &upstream.url())).await;
     let mut client = app.subscribe("doc", &[]).await;
     let event = client.expect(SOON).await;
     assert_eq!(event.event, "error");
@@ -377,7 +380,7 @@ async fn a_stream_that_never_had_a_document_reports_errors_and_503() {
 #[tokio::test]
 async fn recovery_with_an_unchanged_document_is_told_to_those_who_saw_the_error() {
     let upstream = MockUpstream::start(document(1)).await;
-    let app = TestApp::spawn(config(vec![stream("doc", &upstream.url())])).await;
+    let app = TestApp::from_toml(&polled("doc", &upstream.url())).await;
     let mut client = app.subscribe("doc", &[]).await;
     let first = client.expect(SOON).await;
     assert_eq!(first.event, "snapshot");
@@ -437,7 +440,7 @@ async fn recovery_with_an_unchanged_document_is_told_to_those_who_saw_the_error(
 #[tokio::test]
 async fn an_upstream_document_too_deep_is_an_error_and_the_stream_goes_on() {
     let upstream = MockUpstream::start(document(1)).await;
-    let app = TestApp::spawn(config(vec![stream("doc", &upstream.url())])).await;
+    let app = TestApp::from_toml(&polled("doc", &upstream.url())).await;
     let mut client = app.subscribe("doc", &[]).await;
     let first = client.expect(SOON).await;
     assert_eq!(first.event, "snapshot");

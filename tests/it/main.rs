@@ -1,28 +1,33 @@
-//! Integration tests: the real application over real sockets, a mock upstream that changes,
-//! real SSE clients.
+//! Integration tests of everything that starts something: the real application over real
+//! sockets, configured from TOML as users configure it, a mock upstream that changes, real SSE
+//! clients; the `patchwire` binary itself (`cli`), the load tool against the app (`load`), the
+//! simulator's HTTP server (`sim_http`), configuration files as users write them
+//! (`config_load`), the fetcher and the poller on their own (`upstream`), and the layers of
+//! `src/` (`layering`). The data-driven tests of the diff engine are `tests/data`.
 
 mod support;
-// Readers of the real data under ../shared/data, shared with the other test binaries.
-#[path = "../diff_support/mod.rs"]
-mod diff_support;
-#[path = "../feeds_support/mod.rs"]
-mod feeds_support;
 
 mod backpressure;
+mod cli;
 mod cluster;
 mod cluster_lease;
 mod cluster_store;
 mod conditional;
+mod config_load;
 mod connections;
 mod failures;
+mod layering;
+mod load;
 mod proxy;
 mod push;
 mod replay;
 mod resume;
 mod secrets;
 mod shutdown;
+mod sim_http;
 mod streaming;
 mod transports;
+mod upstream;
 mod webhook;
 mod webhook_crash;
 mod wire;

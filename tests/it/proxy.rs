@@ -3,68 +3,54 @@
 //! allowlist, SSRF and token refusals as SSE `error` events, reconnections, snapshot-only
 //! mode, the native view, on-demand configured streams, and an off-the-shelf client.
 
-use std::num::NonZeroU32;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use patchwire::config::Config;
-use patchwire::diff::DiffOptions;
-use patchwire::proxy::config::{HostPattern, ProxySettings, ProxyToken};
 use serde_json::Value;
 
-use crate::support::api::{MockApi, document};
-use crate::support::{Rebuilt, SOON, SseClient, SseEvent, TestApp, config, stream};
+use crate::support::upstream::caller_document;
+use crate::support::{
+    MockUpstream, Rebuilt, SOON, SseClient, SseEvent, TestApp, config_from_toml, free_port, over,
+    polled,
+};
 
 pub(crate) const TOKEN: &str = "token-for-tests-0123456789";
 const OTHER_TOKEN: &str = "other-token-for-tests-0123";
 
-fn token(name: &str, secret: &str) -> ProxyToken {
-    ProxyToken {
-        name: name.into(),
-        token: secret.into(),
-        max_connections: 100,
-        connections_per_second: NonZeroU32::new(1000).unwrap(),
-        connections_burst: NonZeroU32::new(1000).unwrap(),
-        allowed_hosts: None,
-        interval: None,
-        min_interval: Duration::ZERO,
-        signing_key: None,
-        require_signature: false,
-    }
-}
-
-pub(crate) fn proxy_settings() -> ProxySettings {
-    ProxySettings {
-        allowed_hosts: vec![HostPattern::parse("127.0.0.1").unwrap()],
-        allow_private: true,
-        interval: Duration::from_millis(100),
-        host_intervals: Vec::new(),
-        min_interval: Duration::from_millis(10),
-        linger: Duration::from_millis(400),
-        keepalive: Duration::from_secs(10),
-        max_streams: 100,
-        max_memory: 64 << 20,
-        timeout: Duration::from_secs(2),
-        max_body_bytes: 1 << 20,
-        history: 16,
-        history_bytes: 1 << 20,
-        diff: DiffOptions::default(),
-        tokens: vec![token("tests", TOKEN), token("other", OTHER_TOKEN)],
-        ascii_only: true,
-        signature_max_skew: Duration::from_secs(300),
-    }
-}
-
-fn proxy_config(settings: ProxySettings) -> Config {
-    let mut config = config(Vec::new());
-    config.proxy = Some(settings);
-    config
+/// The `[proxy]` table these tests start from: the mock API's 127.0.0.1 allowed, a poll every
+/// 100 ms, a short linger, and two tokens allowing 1000 new connections a second. `proxy` holds
+/// more of its keys, `tests` and `other` more keys of each token (TOML lines, over the start).
+pub(crate) fn proxy_toml(proxy: &str, tests: &str, other: &str) -> String {
+    let start = r#"
+enabled = true
+allowed_hosts = ["127.0.0.1"]
+allow_private = true
+interval = "100ms"
+min_interval = "10ms"
+linger = "400ms"
+max_streams = 100
+max_memory = "64 MiB"
+timeout = "2s"
+max_body = "1 MiB"
+history = 16
+"#;
+    let token = |name: &str, secret: &str, own: &str| {
+        let start =
+            format!("name = \"{name}\"\ntoken = \"{secret}\"\nconnections_per_second = 1000\n");
+        format!("[[proxy.tokens]]\n{}", over(&start, own))
+    };
+    format!(
+        "[proxy]\n{}\n{}\n{}",
+        over(start, proxy),
+        token("tests", TOKEN, tests),
+        token("other", OTHER_TOKEN, other)
+    )
 }
 
 /// `/{upstream}` with the token and extra query parameters.
-fn dynamic_path(api: &MockApi, path: &str, query: &str) -> String {
+fn dynamic_path(api: &MockUpstream, path: &str, query: &str) -> String {
     let sep = if query.is_empty() { "" } else { "&" };
-    format!("/{}?X-Sd-Token={TOKEN}{sep}{query}", api.url(path))
+    format!("/{}?X-Sd-Token={TOKEN}{sep}{query}", api.url_at(path))
 }
 
 async fn open(app: &TestApp, path: &str, headers: &[(&str, &str)]) -> SseClient {
@@ -92,8 +78,8 @@ fn assert_streamdata_patch(event: &SseEvent) {
 
 #[tokio::test]
 async fn clients_asking_the_same_thing_share_one_stream_and_one_poller() {
-    let api = MockApi::start().await;
-    let app = TestApp::spawn(proxy_config(proxy_settings())).await;
+    let api = MockUpstream::per_caller().await;
+    let app = TestApp::from_toml(&proxy_toml("", "", "")).await;
     let path = dynamic_path(&api, "/v1/prices", "currency=eur");
 
     let mut a = open(&app, &path, &[]).await;
@@ -110,7 +96,7 @@ async fn clients_asking_the_same_thing_share_one_stream_and_one_poller() {
         assert_eq!(first.event, "data", "{first:?}");
         assert!(!first.id.is_empty(), "every event has an id");
         doc.apply(&first);
-        assert_eq!(doc.document, Some(document("anonymous", 0)));
+        assert_eq!(doc.document, Some(caller_document("anonymous", 0)));
     }
     api.set_version(1);
     for (client, doc) in [&mut a, &mut b].into_iter().zip(&mut docs) {
@@ -118,7 +104,7 @@ async fn clients_asking_the_same_thing_share_one_stream_and_one_poller() {
         assert_streamdata_patch(&patch);
         assert!(!patch.id.is_empty());
         doc.apply(&patch);
-        assert_eq!(doc.document, Some(document("anonymous", 1)));
+        assert_eq!(doc.document, Some(caller_document("anonymous", 1)));
     }
 
     let listing: Value = reqwest::get(app.url("/streams"))
@@ -130,11 +116,11 @@ async fn clients_asking_the_same_thing_share_one_stream_and_one_poller() {
     assert_eq!(listing["dynamic"]["streams"], 1, "{listing}");
     // One poller: its requests are an interval apart, not two interleaved schedules.
     let deadline = Instant::now() + SOON;
-    while api.requests().len() < 5 {
+    while api.requests() < 5 {
         assert!(Instant::now() < deadline, "polling stopped");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let requests = api.requests();
+    let requests = api.received();
     for pair in requests.windows(2) {
         let gap = pair[1].at.duration_since(pair[0].at);
         assert!(gap >= Duration::from_millis(60), "two polls {gap:?} apart");
@@ -144,8 +130,8 @@ async fn clients_asking_the_same_thing_share_one_stream_and_one_poller() {
 
 #[tokio::test]
 async fn different_forwarded_headers_get_separate_streams_that_never_mix() {
-    let api = MockApi::start().await;
-    let app = TestApp::spawn(proxy_config(proxy_settings())).await;
+    let api = MockUpstream::per_caller().await;
+    let app = TestApp::from_toml(&proxy_toml("", "", "")).await;
     let alice = dynamic_path(&api, "/me", "X-Sd-Header=Authorization%3A%20Bearer%20alice");
     let bob = dynamic_path(&api, "/me", "X-Sd-Header=Authorization%3A%20Bearer%20bob");
     let mut a = open(&app, &alice, &[]).await;
@@ -157,22 +143,22 @@ async fn different_forwarded_headers_get_separate_streams_that_never_mix() {
 
     let first_a = a.expect(SOON).await;
     let first_b = b.expect(SOON).await;
-    assert_eq!(first_a.json(), document("Bearer alice", 0));
-    assert_eq!(first_b.json(), document("Bearer bob", 0));
+    assert_eq!(first_a.json(), caller_document("Bearer alice", 0));
+    assert_eq!(first_b.json(), caller_document("Bearer bob", 0));
     api.set_version(2);
     for (client, user) in [(&mut a, "alice"), (&mut b, "bob")] {
         let mut doc = Rebuilt {
-            document: Some(document(&format!("Bearer {user}"), 0)),
+            document: Some(caller_document(&format!("Bearer {user}"), 0)),
             ..Rebuilt::default()
         };
         assert!(
-            doc.converge(client, &document(&format!("Bearer {user}"), 2), SOON)
+            doc.converge(client, &caller_document(&format!("Bearer {user}"), 2), SOON)
                 .await
         );
     }
     // The upstream saw each credential, and only on its own requests.
     let users: std::collections::BTreeSet<String> = api
-        .requests()
+        .received()
         .iter()
         .map(|r| r.headers["authorization"].to_str().unwrap().to_owned())
         .collect();
@@ -184,15 +170,15 @@ async fn different_forwarded_headers_get_separate_streams_that_never_mix() {
 
 #[tokio::test]
 async fn the_proxy_parameters_never_reach_the_upstream() {
-    let api = MockApi::start().await;
-    let app = TestApp::spawn(proxy_config(proxy_settings())).await;
+    let api = MockUpstream::per_caller().await;
+    let app = TestApp::from_toml(&proxy_toml("", "", "")).await;
     let path = format!(
         "/{}?currency=eur&X-Sd-Token={TOKEN}&b=%20x&X-Sd-Header=X-Api-Key%3A%20k1",
-        api.url("/v1/prices")
+        api.url_at("/v1/prices")
     );
     let mut client = open(&app, &path, &[]).await;
     client.expect(SOON).await;
-    let request = &api.requests()[0];
+    let request = &api.received()[0];
     assert_eq!(request.uri, "/v1/prices?currency=eur&b=%20x");
     assert_eq!(request.headers["x-api-key"], "k1");
     assert!(
@@ -207,12 +193,13 @@ async fn the_proxy_parameters_never_reach_the_upstream() {
     // The token as a header works too, and is not forwarded either.
     let encoded = format!(
         "/{}",
-        url::form_urlencoded::byte_serialize(api.url("/v2/x?y=1").as_bytes()).collect::<String>()
+        url::form_urlencoded::byte_serialize(api.url_at("/v2/x?y=1").as_bytes())
+            .collect::<String>()
     );
     let mut client = open(&app, &encoded, &[("x-sd-token", TOKEN)]).await;
     assert_eq!(client.expect(SOON).await.event, "data");
     let request = api
-        .requests()
+        .received()
         .into_iter()
         .find(|r| r.uri.starts_with("/v2/"))
         .unwrap();
@@ -222,8 +209,8 @@ async fn the_proxy_parameters_never_reach_the_upstream() {
 
 #[tokio::test]
 async fn a_stream_lingers_then_is_evicted_and_polling_stops() {
-    let api = MockApi::start().await;
-    let app = TestApp::spawn(proxy_config(proxy_settings())).await;
+    let api = MockUpstream::per_caller().await;
+    let app = TestApp::from_toml(&proxy_toml("", "", "")).await;
     let path = dynamic_path(&api, "/linger", "");
     let mut client = open(&app, &path, &[]).await;
     client.expect(SOON).await;
@@ -235,10 +222,10 @@ async fn a_stream_lingers_then_is_evicted_and_polling_stops() {
     )
     .await;
     assert_eq!(app.metric("patchwire_dynamic_streams").await, 0.0);
-    let after_eviction = api.requests().len();
+    let after_eviction = api.requests();
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(
-        api.requests().len(),
+        api.requests(),
         after_eviction,
         "polling stopped with the eviction"
     );
@@ -249,14 +236,14 @@ async fn a_stream_lingers_then_is_evicted_and_polling_stops() {
     let first = client.expect(SOON).await;
     assert_eq!(
         (first.event.as_str(), first.json()),
-        ("data", document("anonymous", 7))
+        ("data", caller_document("anonymous", 7))
     );
 }
 
 #[tokio::test]
 async fn a_subscriber_returning_within_the_linger_period_keeps_the_stream() {
-    let api = MockApi::start().await;
-    let app = TestApp::spawn(proxy_config(proxy_settings())).await;
+    let api = MockUpstream::per_caller().await;
+    let app = TestApp::from_toml(&proxy_toml("", "", "")).await;
     let path = dynamic_path(&api, "/stay", "");
     let mut client = open(&app, &path, &[]).await;
     let name = client.headers["x-patchwire-stream"].clone();
@@ -271,15 +258,15 @@ async fn a_subscriber_returning_within_the_linger_period_keeps_the_stream() {
 
 #[tokio::test]
 async fn gzip_clients_get_the_same_events_compressed() {
-    let api = MockApi::start().await;
-    let app = TestApp::spawn(proxy_config(proxy_settings())).await;
+    let api = MockUpstream::per_caller().await;
+    let app = TestApp::from_toml(&proxy_toml("", "", "")).await;
     let mut client = SseClient::connect(&app.url(&dynamic_path(&api, "/gz", "")), &[], true).await;
     // reqwest negotiated gzip and decodes it (dropping the header): a broken stream fails here.
     let mut doc = Rebuilt::default();
     doc.apply(&client.expect(SOON).await);
     api.set_version(3);
     assert!(
-        doc.converge(&mut client, &document("anonymous", 3), SOON)
+        doc.converge(&mut client, &caller_document("anonymous", 3), SOON)
             .await
     );
     assert!(doc.patches >= 1);
@@ -297,8 +284,8 @@ async fn gzip_clients_get_the_same_events_compressed() {
 
 #[tokio::test]
 async fn http2_clients_are_served_by_hyper_with_the_same_events() {
-    let api = MockApi::start().await;
-    let app = TestApp::spawn(proxy_config(proxy_settings())).await;
+    let api = MockUpstream::per_caller().await;
+    let app = TestApp::from_toml(&proxy_toml("", "", "")).await;
     let client = reqwest::Client::builder()
         .http2_prior_knowledge()
         .build()
@@ -316,9 +303,12 @@ async fn http2_clients_are_served_by_hyper_with_the_same_events() {
     assert_eq!(first.event, "data");
     doc.apply(&first);
     api.set_version(4);
-    assert!(doc.converge(&mut h2, &document("anonymous", 4), SOON).await);
+    assert!(
+        doc.converge(&mut h2, &caller_document("anonymous", 4), SOON)
+            .await
+    );
     let refused = client
-        .get(app.url(&format!("/{}", api.url("/h2"))))
+        .get(app.url(&format!("/{}", api.url_at("/h2"))))
         .send()
         .await
         .unwrap();
@@ -328,10 +318,9 @@ async fn http2_clients_are_served_by_hyper_with_the_same_events() {
 
 #[tokio::test]
 async fn idle_dynamic_streams_send_keep_alive_comments() {
-    let api = MockApi::start().await;
-    let mut settings = proxy_settings();
-    settings.keepalive = Duration::from_millis(200);
-    let app = TestApp::spawn(proxy_config(settings)).await;
+    let api = MockUpstream::per_caller().await;
+    // The shortest keep-alive interval a file may ask for.
+    let app = TestApp::from_toml(&proxy_toml("keepalive = \"1s\"", "", "")).await;
     let mut response = reqwest::get(app.url(&dynamic_path(&api, "/quiet", "")))
         .await
         .unwrap();
@@ -351,8 +340,8 @@ async fn idle_dynamic_streams_send_keep_alive_comments() {
 
 #[tokio::test]
 async fn a_reconnecting_client_gets_data_first() {
-    let api = MockApi::start().await;
-    let app = TestApp::spawn(proxy_config(proxy_settings())).await;
+    let api = MockUpstream::per_caller().await;
+    let app = TestApp::from_toml(&proxy_toml("", "", "")).await;
     let path = dynamic_path(&api, "/again", "");
     let mut client = open(&app, &path, &[]).await;
     client.expect(SOON).await;
@@ -404,11 +393,9 @@ async fn refusal(app: &TestApp, path: &str, headers: &[(&str, &str)]) -> Value {
 
 #[tokio::test]
 async fn token_problems_are_error_events_on_a_200_stream() {
-    let api = MockApi::start().await;
-    let mut settings = proxy_settings();
-    settings.tokens[1].max_connections = 1;
-    let app = TestApp::spawn(proxy_config(settings)).await;
-    let target = api.url("/t");
+    let api = MockUpstream::per_caller().await;
+    let app = TestApp::from_toml(&proxy_toml("", "", "max_connections = 1")).await;
+    let target = api.url_at("/t");
 
     let error = refused(&app, &format!("/{target}"), &[], 401, "token-missing").await;
     assert!(
@@ -453,11 +440,13 @@ async fn token_problems_are_error_events_on_a_200_stream() {
 
 #[tokio::test]
 async fn new_connections_per_second_are_limited_per_token() {
-    let api = MockApi::start().await;
-    let mut settings = proxy_settings();
-    settings.tokens[0].connections_per_second = NonZeroU32::new(1).unwrap();
-    settings.tokens[0].connections_burst = NonZeroU32::new(2).unwrap();
-    let app = TestApp::spawn(proxy_config(settings)).await;
+    let api = MockUpstream::per_caller().await;
+    let app = TestApp::from_toml(&proxy_toml(
+        "",
+        "connections_per_second = 1\nconnections_burst = 2",
+        "",
+    ))
+    .await;
     let path = dynamic_path(&api, "/rate", "");
     let _a = open(&app, &path, &[]).await;
     let _b = open(&app, &path, &[]).await;
@@ -466,15 +455,15 @@ async fn new_connections_per_second_are_limited_per_token() {
 
 #[tokio::test]
 async fn hosts_outside_the_allowlist_and_private_addresses_are_refused() {
-    let api = MockApi::start().await;
-    let mut settings = proxy_settings();
-    settings
-        .allowed_hosts
-        .push(HostPattern::parse("*.example.com").unwrap());
-    settings.tokens[1].allowed_hosts = Some(vec![HostPattern::parse("*.example.com").unwrap()]);
-    let app = TestApp::spawn(proxy_config(settings)).await;
+    let api = MockUpstream::per_caller().await;
+    let app = TestApp::from_toml(&proxy_toml(
+        r#"allowed_hosts = ["127.0.0.1", "*.example.com"]"#,
+        "",
+        r#"allowed_hosts = ["*.example.com"]"#,
+    ))
+    .await;
 
-    let port = api.addr.port();
+    let port = api.addr().port();
     refused(
         &app,
         &format!("/http://localhost:{port}/x?X-Sd-Token={TOKEN}"),
@@ -512,12 +501,12 @@ async fn hosts_outside_the_allowlist_and_private_addresses_are_refused() {
 
     // Without allow_private, an allowed name that resolves to loopback is refused after DNS,
     // and so is a loopback literal.
-    let mut settings = proxy_settings();
-    settings.allow_private = false;
-    settings
-        .allowed_hosts
-        .push(HostPattern::parse("localhost").unwrap());
-    let app = TestApp::spawn(proxy_config(settings)).await;
+    let app = TestApp::from_toml(&proxy_toml(
+        "allow_private = false\nallowed_hosts = [\"127.0.0.1\", \"localhost\"]",
+        "",
+        "",
+    ))
+    .await;
     for host in ["localhost", "127.0.0.1"] {
         let error = refused(
             &app,
@@ -532,16 +521,13 @@ async fn hosts_outside_the_allowlist_and_private_addresses_are_refused() {
             "{error}"
         );
     }
-    assert!(api.requests().is_empty(), "nothing reached the upstream");
+    assert_eq!(api.requests(), 0, "nothing reached the upstream");
 }
 
 #[tokio::test]
 async fn the_stream_limit_evicts_idle_streams_and_refuses_when_all_are_busy() {
-    let api = MockApi::start().await;
-    let mut settings = proxy_settings();
-    settings.max_streams = 1;
-    settings.linger = Duration::from_secs(60);
-    let app = TestApp::spawn(proxy_config(settings)).await;
+    let api = MockUpstream::per_caller().await;
+    let app = TestApp::from_toml(&proxy_toml("max_streams = 1\nlinger = \"60s\"", "", "")).await;
     let mut first = open(&app, &dynamic_path(&api, "/one", ""), &[]).await;
     first.expect(SOON).await;
     refused(
@@ -576,12 +562,19 @@ async fn the_stream_limit_evicts_idle_streams_and_refuses_when_all_are_busy() {
 
 #[tokio::test]
 async fn streams_outgrowing_the_memory_bound_are_ended_with_an_error() {
-    let api = MockApi::start().await;
-    let mut settings = proxy_settings();
-    // Room for two documents, not three.
-    let size = serde_json::to_vec(&document("anonymous", 0)).unwrap().len() as u64;
-    settings.max_memory = size * 5 / 2;
-    let app = TestApp::spawn(proxy_config(settings)).await;
+    let api = MockUpstream::per_caller().await;
+    let mut config = config_from_toml(&proxy_toml("", "", ""));
+    // Room for two documents, not three: far below the 1 MiB floor of a file's
+    // `proxy.max_memory`, which the mock's small documents would never fill.
+    let size = serde_json::to_vec(&caller_document("anonymous", 0))
+        .unwrap()
+        .len() as u64;
+    config
+        .proxy
+        .as_mut()
+        .expect("[proxy] is enabled")
+        .max_memory = size * 5 / 2;
+    let app = TestApp::spawn(config).await;
     let mut first = open(&app, &dynamic_path(&api, "/m1", ""), &[]).await;
     assert_eq!(first.expect(SOON).await.event, "data");
     let mut second = open(&app, &dynamic_path(&api, "/m2", ""), &[]).await;
@@ -614,20 +607,22 @@ async fn streams_outgrowing_the_memory_bound_are_ended_with_an_error() {
 
 #[tokio::test]
 async fn a_faster_subscriber_speeds_the_shared_poller_up_until_it_leaves() {
-    let api = MockApi::start().await;
-    let mut settings = proxy_settings();
-    settings.interval = Duration::from_millis(800);
-    settings.tokens[1].interval = Some(Duration::from_millis(50));
-    let app = TestApp::spawn(proxy_config(settings)).await;
-    let target = api.url("/speed");
+    let api = MockUpstream::per_caller().await;
+    let app = TestApp::from_toml(&proxy_toml(
+        "interval = \"800ms\"",
+        "",
+        "interval = \"100ms\"",
+    ))
+    .await;
+    let target = api.url_at("/speed");
     let mut slow = open(&app, &format!("/{target}?X-Sd-Token={TOKEN}"), &[]).await;
     slow.expect(SOON).await;
     let polls_in = |window: Duration| {
         let api = &api;
         async move {
-            let before = api.requests().len();
+            let before = api.requests();
             tokio::time::sleep(window).await;
-            api.requests().len() - before
+            api.requests() - before
         }
     };
     let alone = polls_in(Duration::from_millis(1000)).await;
@@ -639,7 +634,7 @@ async fn a_faster_subscriber_speeds_the_shared_poller_up_until_it_leaves() {
     );
     fast.expect(SOON).await;
     let together = polls_in(Duration::from_millis(1000)).await;
-    assert!(together >= 5, "{together} polls in 1 s at 50 ms");
+    assert!(together >= 5, "{together} polls in 1 s at 100 ms");
     drop(fast);
     tokio::time::sleep(Duration::from_millis(200)).await;
     let again = polls_in(Duration::from_millis(1000)).await;
@@ -651,12 +646,9 @@ async fn a_faster_subscriber_speeds_the_shared_poller_up_until_it_leaves() {
 
 #[tokio::test]
 async fn upstream_errors_are_streamdata_error_events() {
-    let app = TestApp::spawn(proxy_config(proxy_settings())).await;
+    let app = TestApp::from_toml(&proxy_toml("", "", "")).await;
     // A port nothing listens on.
-    let closed = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let closed = format!("127.0.0.1:{}", free_port());
     let mut client = open(&app, &format!("/http://{closed}/x?X-Sd-Token={TOKEN}"), &[]).await;
     let error = until(&mut client, "error").await;
     let body = error.json();
@@ -670,8 +662,8 @@ async fn upstream_errors_are_streamdata_error_events() {
 
 #[tokio::test]
 async fn accept_json_returns_the_document_once() {
-    let api = MockApi::start().await;
-    let app = TestApp::spawn(proxy_config(proxy_settings())).await;
+    let api = MockUpstream::per_caller().await;
+    let app = TestApp::from_toml(&proxy_toml("", "", "")).await;
     let response = reqwest::Client::new()
         .get(app.url(&dynamic_path(&api, "/once", "")))
         .header("accept", "application/json")
@@ -687,10 +679,10 @@ async fn accept_json_returns_the_document_once() {
     );
     assert_eq!(
         response.json::<Value>().await.unwrap(),
-        document("anonymous", 0)
+        caller_document("anonymous", 0)
     );
     let response = reqwest::Client::new()
-        .get(app.url(&format!("/{}", api.url("/once"))))
+        .get(app.url(&format!("/{}", api.url_at("/once"))))
         .header("accept", "application/json")
         .send()
         .await
@@ -700,8 +692,8 @@ async fn accept_json_returns_the_document_once() {
 
 #[tokio::test]
 async fn accept_json_names_the_stream_and_honours_gzip() {
-    let api = MockApi::start().await;
-    let app = TestApp::spawn(proxy_config(proxy_settings())).await;
+    let api = MockUpstream::per_caller().await;
+    let app = TestApp::from_toml(&proxy_toml("", "", "")).await;
     let raw = reqwest::Client::builder().no_gzip().build().unwrap();
     let response = raw
         .get(app.url(&dynamic_path(&api, "/gz", "")))
@@ -721,7 +713,7 @@ async fn accept_json_names_the_stream_and_honours_gzip() {
     assert_eq!(&compressed[..2], &[0x1f, 0x8b]);
     let document_read: Value =
         serde_json::from_reader(flate2::read::GzDecoder::new(&compressed[..])).unwrap();
-    assert_eq!(document_read, document("anonymous", 0));
+    assert_eq!(document_read, caller_document("anonymous", 0));
 
     // The SSE response names the same stream, and so does its native JSON view.
     let sse = open(&app, &dynamic_path(&api, "/gz", ""), &[]).await;
@@ -736,18 +728,18 @@ async fn accept_json_names_the_stream_and_honours_gzip() {
     assert_eq!(view.headers()["x-patchwire-stream"], stream.as_str());
     assert_eq!(
         view.json::<Value>().await.unwrap(),
-        document("anonymous", 0)
+        caller_document("anonymous", 0)
     );
 }
 
 #[tokio::test]
 async fn cors_preflight_allows_the_token_header() {
-    let api = MockApi::start().await;
-    let app = TestApp::spawn(proxy_config(proxy_settings())).await;
+    let api = MockUpstream::per_caller().await;
+    let app = TestApp::from_toml(&proxy_toml("", "", "")).await;
     let response = reqwest::Client::new()
         .request(
             http::Method::OPTIONS,
-            app.url(&format!("/{}", api.url("/x"))),
+            app.url(&format!("/{}", api.url_at("/x"))),
         )
         .header("origin", "https://app.example")
         .header("access-control-request-method", "GET")
@@ -776,8 +768,8 @@ async fn cors_preflight_allows_the_token_header() {
 
 #[tokio::test]
 async fn the_native_view_of_a_dynamic_stream_needs_a_token_and_uses_native_names() {
-    let api = MockApi::start().await;
-    let app = TestApp::spawn(proxy_config(proxy_settings())).await;
+    let api = MockUpstream::per_caller().await;
+    let app = TestApp::from_toml(&proxy_toml("", "", "")).await;
     let mut client = open(&app, &dynamic_path(&api, "/native", ""), &[]).await;
     client.expect(SOON).await;
     let name = client.headers["x-patchwire-stream"]
@@ -790,7 +782,7 @@ async fn the_native_view_of_a_dynamic_stream_needs_a_token_and_uses_native_names
     let first = native.expect(SOON).await;
     assert_eq!(
         (first.event.as_str(), first.json()),
-        ("snapshot", document("anonymous", 0))
+        ("snapshot", caller_document("anonymous", 0))
     );
     let refused = reqwest::get(app.url(&format!("/streams/{name}")))
         .await
@@ -812,8 +804,18 @@ async fn the_native_view_of_a_dynamic_stream_needs_a_token_and_uses_native_names
 
 #[tokio::test]
 async fn proxy_mode_is_off_unless_enabled() {
-    let api = MockApi::start().await;
-    let app = TestApp::spawn(config(Vec::new())).await;
+    let api = MockUpstream::per_caller().await;
+    // No [proxy] table; a file names at least one stream then, and a push stream polls nothing.
+    let app = TestApp::from_toml(
+        r#"
+[push]
+token = "push-token-for-tests-0123456789"
+[[streams]]
+name = "pushed"
+source = "push"
+"#,
+    )
+    .await;
     refused(
         &app,
         &dynamic_path(&api, "/x", ""),
@@ -822,17 +824,19 @@ async fn proxy_mode_is_off_unless_enabled() {
         "proxy-disabled",
     )
     .await;
-    assert!(api.requests().is_empty());
+    assert_eq!(api.requests(), 0);
 }
 
 #[tokio::test]
 async fn an_on_demand_stream_polls_only_while_subscribed() {
-    let api = MockApi::start().await;
-    let mut settings = stream("lazy", &api.url("/lazy"));
-    settings.on_demand = Some(Duration::from_millis(300));
-    let app = TestApp::spawn(config(vec![settings])).await;
+    let api = MockUpstream::per_caller().await;
+    let app = TestApp::from_toml(&format!(
+        "{}on_demand = true\nlinger = \"300ms\"\n",
+        polled("lazy", &api.url_at("/lazy"))
+    ))
+    .await;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(api.requests().is_empty(), "no subscriber, no poll");
+    assert_eq!(api.requests(), 0, "no subscriber, no poll");
     let listing = app.listing("lazy").await;
     assert_eq!(
         listing["upstream"]["on_demand"]["linger_ms"], 300,
@@ -843,15 +847,15 @@ async fn an_on_demand_stream_polls_only_while_subscribed() {
     let first = client.expect(SOON).await;
     assert_eq!(
         (first.event.as_str(), first.json()),
-        ("snapshot", document("anonymous", 0))
+        ("snapshot", caller_document("anonymous", 0))
     );
     drop(client);
     // Polling stops after the linger period.
     let deadline = Instant::now() + SOON;
     loop {
-        let before = api.requests().len();
+        let before = api.requests();
         tokio::time::sleep(Duration::from_millis(400)).await;
-        if api.requests().len() == before {
+        if api.requests() == before {
             break;
         }
         assert!(Instant::now() < deadline, "polling never stopped");
@@ -862,7 +866,7 @@ async fn an_on_demand_stream_polls_only_while_subscribed() {
     let first = client.expect(SOON).await;
     assert_eq!(
         (first.event.as_str(), first.json()),
-        ("snapshot", document("anonymous", 5))
+        ("snapshot", caller_document("anonymous", 5))
     );
 }
 
@@ -898,13 +902,13 @@ async fn an_off_the_shelf_python_client_rebuilds_the_document() {
         .stderr(Stdio::null())
         .status();
     if !matches!(probe, Ok(status) if status.success()) {
-        crate::diff_support::skip::<()>(
+        patchwire_test_data::skip::<()>(
             "python3 with `sseclient-py` and `jsonpatch` is not available (pip install sseclient-py jsonpatch)",
         );
         return;
     }
-    let api = MockApi::start().await;
-    let app = TestApp::spawn(proxy_config(proxy_settings())).await;
+    let api = MockUpstream::per_caller().await;
+    let app = TestApp::from_toml(&proxy_toml("", "", "")).await;
     let url = app.url(&dynamic_path(&api, "/python", ""));
     let child = tokio::process::Command::new("python3")
         .args(["-c", PYTHON_CLIENT, &url, "3"])
@@ -917,16 +921,16 @@ async fn an_off_the_shelf_python_client_rebuilds_the_document() {
     // client's `data`), then change the document three times.
     app.wait_for_metric("patchwire_subscribers", 1.0, SOON)
         .await;
-    while api.requests().is_empty() {
+    while api.requests() == 0 {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let mut expected = document("anonymous", 0);
+    let mut expected = caller_document("anonymous", 0);
     for version in 1..=3 {
-        let before = api.requests().len();
+        let before = api.requests();
         api.set_version(version);
-        expected = document("anonymous", version);
+        expected = caller_document("anonymous", version);
         // One poll at least, so each version is its own patch.
-        while api.requests().len() < before + 2 {
+        while api.requests() < before + 2 {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
@@ -945,8 +949,8 @@ async fn an_off_the_shelf_python_client_rebuilds_the_document() {
 
 #[tokio::test]
 async fn a_redirect_to_a_host_not_allowed_is_named_as_refused_and_shown_redacted() {
-    let api = MockApi::start().await;
-    let app = TestApp::spawn(proxy_config(proxy_settings())).await;
+    let api = MockUpstream::per_caller().await;
+    let app = TestApp::from_toml(&proxy_toml("", "", "")).await;
     let to: String = url::form_urlencoded::byte_serialize(
         b"http://user:pw-0451@evil.test/steal?key=s3cr3t-0451&format=json",
     )
@@ -972,17 +976,14 @@ async fn a_redirect_to_a_host_not_allowed_is_named_as_refused_and_shown_redacted
         "not a redirect limit: {message}"
     );
     assert!(
-        message.starts_with(&format!("GET http://{}: redirect to", api.addr)),
+        message.starts_with(&format!("GET http://{}: redirect to", api.addr())),
         "a dynamic stream's upstream is named by its origin only: {message}"
     );
     assert!(
         !message.contains("0451"),
         "no secret, and the dynamic URL's host only: {message}"
     );
-    assert!(
-        !api.requests().is_empty(),
-        "the upstream was asked and redirected"
-    );
+    assert!(api.requests() > 0, "the upstream was asked and redirected");
 }
 
 /// The private key of the Streamdata.io SDK's own tests (base64 of 72 characters).
@@ -1006,25 +1007,26 @@ fn signed_path(url: &str, ts: u64, sign_url: Option<&str>) -> String {
     format!("/{url}{sep}X-Auth-Sd-Ts={ts}&X-Auth-Sd-S={encoded}&X-Sd-Token={TOKEN}")
 }
 
-fn signing_settings(require: bool) -> ProxySettings {
-    let mut settings = proxy_settings();
-    settings.tokens[0].signing_key =
-        Some(patchwire::proxy::config::SigningKey::parse(SIGNING_KEY).unwrap());
-    settings.tokens[0].require_signature = require;
-    settings
+/// The proxy with the signing secret on the `tests` token, which may `require` signatures.
+fn signing_toml(require: bool) -> String {
+    proxy_toml(
+        "",
+        &format!("signing_secret = \"{SIGNING_KEY}\"\nrequire_signature = {require}"),
+        "",
+    )
 }
 
 #[tokio::test]
 async fn signed_clients_are_verified_and_share_one_stream_whatever_their_timestamps() {
-    let api = MockApi::start().await;
-    let app = TestApp::spawn(proxy_config(signing_settings(true))).await;
-    let url = api.url("/v1/prices?currency=eur");
+    let api = MockUpstream::per_caller().await;
+    let app = TestApp::from_toml(&signing_toml(true)).await;
+    let url = api.url_at("/v1/prices?currency=eur");
     let now = now_ms();
     let mut a = open(&app, &signed_path(&url, now, None), &[]).await;
     let mut b = open(&app, &signed_path(&url, now - 1500, None), &[]).await;
     let first = a.expect(SOON).await;
     assert_eq!(first.event, "data", "{first:?}");
-    assert_eq!(first.json(), document("anonymous", 0));
+    assert_eq!(first.json(), caller_document("anonymous", 0));
     assert_eq!(b.expect(SOON).await.event, "data");
     assert_eq!(
         a.headers["x-patchwire-stream"], b.headers["x-patchwire-stream"],
@@ -1037,7 +1039,7 @@ async fn signed_clients_are_verified_and_share_one_stream_whatever_their_timesta
         .await
         .unwrap();
     assert_eq!(listing["dynamic"]["streams"], 1, "{listing}");
-    let requests = api.requests();
+    let requests = api.received();
     assert!(!requests.is_empty());
     for request in &requests {
         assert_eq!(
@@ -1049,9 +1051,9 @@ async fn signed_clients_are_verified_and_share_one_stream_whatever_their_timesta
 
 #[tokio::test]
 async fn stale_bad_and_missing_signatures_are_refused() {
-    let api = MockApi::start().await;
-    let app = TestApp::spawn(proxy_config(signing_settings(true))).await;
-    let url = api.url("/v1/prices?currency=eur");
+    let api = MockUpstream::per_caller().await;
+    let app = TestApp::from_toml(&signing_toml(true)).await;
+    let url = api.url_at("/v1/prices?currency=eur");
     let now = now_ms();
 
     let stale = signed_path(&url, now - 10 * 60 * 1000, None);
@@ -1066,7 +1068,7 @@ async fn stale_bad_and_missing_signatures_are_refused() {
     let future = signed_path(&url, now + 10 * 60 * 1000, None);
     refused(&app, &future, &[], 401, "signature-expired").await;
 
-    let other = api.url("/v1/prices?currency=usd");
+    let other = api.url_at("/v1/prices?currency=usd");
     let bad = signed_path(&url, now, Some(&other));
     let error = refused(&app, &bad, &[], 401, "signature-invalid").await;
     assert!(
@@ -1084,13 +1086,10 @@ async fn stale_bad_and_missing_signatures_are_refused() {
         .await
         .unwrap();
     assert_eq!(response.status(), 401);
-    assert!(
-        api.requests().is_empty(),
-        "nothing refused reached the upstream"
-    );
+    assert_eq!(api.requests(), 0, "nothing refused reached the upstream");
 
     // A token that does not require signatures still refuses a bad one.
-    let app = TestApp::spawn(proxy_config(signing_settings(false))).await;
+    let app = TestApp::from_toml(&signing_toml(false)).await;
     refused(&app, &bad, &[], 401, "signature-invalid").await;
     let mut client = open(&app, &unsigned, &[]).await;
     assert_eq!(client.expect(SOON).await.event, "data", "unsigned is fine");
@@ -1098,11 +1097,10 @@ async fn stale_bad_and_missing_signatures_are_refused() {
 
 #[tokio::test]
 async fn streamdata_events_are_ascii_by_default_and_raw_utf8_when_turned_off() {
-    let api = MockApi::start().await;
+    let api = MockUpstream::per_caller().await;
     for ascii_only in [true, false] {
-        let mut settings = proxy_settings();
-        settings.ascii_only = ascii_only;
-        let app = TestApp::spawn(proxy_config(settings)).await;
+        let app =
+            TestApp::from_toml(&proxy_toml(&format!("ascii_only = {ascii_only}"), "", "")).await;
         let path = dynamic_path(&api, "/unicode", "");
         let mut client = open(&app, &path, &[]).await;
         let mut doc = Rebuilt::default();

@@ -1,8 +1,6 @@
 //! The push source: POST a document, PATCH it, and the changes reach subscribers through the
 //! same diff, history and fan-out as polled changes.
 
-use patchwire::config::{PushSettings, PushStreamSettings};
-use patchwire::diff::DiffOptions;
 use serde_json::{Value, json};
 
 use crate::support::raw::RawConnection;
@@ -11,30 +9,29 @@ use crate::support::*;
 const TOKEN: &str = "test-push-token-0123456789";
 
 async fn push_app(polled_url: Option<&str>) -> TestApp {
-    push_app_with(polled_url, |_| {}).await
+    push_app_with(polled_url, "").await
 }
 
-async fn push_app_with(
-    polled_url: Option<&str>,
-    adjust: impl FnOnce(&mut patchwire::config::Config),
-) -> TestApp {
-    let mut config = config(
-        polled_url
-            .map(|u| vec![stream("polled", u)])
-            .unwrap_or_default(),
-    );
-    config.push = Some(PushSettings {
-        token: TOKEN.into(),
-        max_body_bytes: 1 << 20,
-    });
-    config.push_streams = vec![PushStreamSettings {
-        name: "prices".into(),
-        history: 100,
-        history_bytes: 16 << 20,
-        diff: DiffOptions::default(),
-    }];
-    adjust(&mut config);
-    TestApp::spawn(config).await
+/// The app with the push stream `prices` (and a polled stream `polled` at `polled_url`), and
+/// `more` TOML after them.
+async fn push_app_with(polled_url: Option<&str>, more: &str) -> TestApp {
+    let polled = polled_url.map(|u| polled("polled", u)).unwrap_or_default();
+    TestApp::from_toml(&format!(
+        r#"
+[push]
+token = "{TOKEN}"
+max_body = "1 MiB"
+
+[[streams]]
+name = "prices"
+source = "push"
+history = 100
+
+{polled}
+{more}
+"#
+    ))
+    .await
 }
 
 async fn send(
@@ -246,10 +243,7 @@ async fn unauthenticated_pushes_are_refused_from_the_head_without_reading_the_bo
 
 #[tokio::test]
 async fn a_push_body_that_does_not_arrive_in_time_gets_408() {
-    let app = push_app_with(None, |config| {
-        config.server.body_timeout = std::time::Duration::from_secs(1);
-    })
-    .await;
+    let app = push_app_with(None, "[server]\nbody_timeout = \"1s\"").await;
     let mut connection = RawConnection::open(app.addr).await;
     connection
         .send(push_head(Some(TOKEN), 100, "").as_bytes())

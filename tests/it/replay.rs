@@ -5,11 +5,10 @@
 
 use std::time::Duration;
 
-use patchwire::diff::DiffOptions;
 use patchwire::upstream::decode::{Format, decode};
+use patchwire_test_data::{self as data, GTFS_RT_SEQUENCES};
 use serde_json::Value;
 
-use crate::feeds_support::{self, GTFS_RT_SEQUENCES};
 use crate::support::*;
 
 /// How the mock upstream serves a sequence.
@@ -26,13 +25,7 @@ const PROTOBUF: Wire = Wire {
 /// Serves `bodies` one per poll and checks that a subscriber's document equals each decoded
 /// body in turn. Every consecutive pair of these sequences has a real change, so each poll
 /// publishes exactly one patch.
-async fn replay(
-    name: &str,
-    format: Format,
-    diff: DiffOptions,
-    wire: Wire,
-    bodies: &[(String, Vec<u8>)],
-) {
+async fn replay(name: &str, format: Format, wire: Wire, bodies: &[(String, Vec<u8>)]) {
     let expected: Vec<Value> = bodies
         .iter()
         .map(|(file, body)| {
@@ -43,12 +36,15 @@ async fn replay(
     upstream.content_type(wire.content_type);
     upstream.gzip(wire.gzip);
     upstream.set_raw_body(&bodies[0].1);
-    let mut settings = stream(name, &upstream.url());
-    settings.format = format;
-    settings.diff = diff;
-    settings.interval = Duration::from_millis(20);
-    settings.max_body_bytes = 8 << 20;
-    let app = TestApp::spawn(config(vec![settings])).await;
+    let mut config = config_from_toml(&format!(
+        "{}format = \"{}\"\nmax_body = \"8 MiB\"\n",
+        polled(name, &upstream.url()),
+        format.as_str()
+    ));
+    // Below the 100 ms floor of a file's `interval` (which spares real upstreams): this mock
+    // serves from memory, and the subscriber waits for a poll per recorded body (350 of them).
+    config.streams[0].interval = Duration::from_millis(20);
+    let app = TestApp::spawn(config).await;
     let mut client = app.subscribe(name, &[]).await;
 
     let mut rebuilt = Rebuilt::default();
@@ -73,31 +69,30 @@ async fn replay(
 
 #[tokio::test]
 async fn gtfs_rt_sequences_are_rebuilt_exactly_by_a_subscriber() {
-    let options = feeds_support::gtfs_rt_stream_options("");
     for dir in GTFS_RT_SEQUENCES {
-        let Some(bodies) = feeds_support::gtfs_rt_bodies(dir) else {
+        let Some(bodies) = data::gtfs_rt_bodies(dir) else {
             return;
         };
         let name = dir.rsplit('/').next().unwrap_or(dir);
-        replay(name, Format::GtfsRt, options.clone(), PROTOBUF, &bodies).await;
+        replay(name, Format::GtfsRt, PROTOBUF, &bodies).await;
     }
 }
 
 #[tokio::test]
 async fn gzip_encoded_gbfs_polls_are_rebuilt_exactly() {
-    let Some(bodies) = feeds_support::gbfs_bodies() else {
+    let Some(bodies) = data::gbfs_bodies() else {
         return;
     };
     let wire = Wire {
         content_type: "application/json",
         gzip: true,
     };
-    replay("gbfs", Format::Json, DiffOptions::default(), wire, &bodies).await;
+    replay("gbfs", Format::Json, wire, &bodies).await;
 }
 
 #[tokio::test]
 async fn json_with_a_top_level_array_is_rebuilt_exactly() {
-    let Some(polls) = feeds_support::gbfs_bodies() else {
+    let Some(polls) = data::gbfs_bodies() else {
         return;
     };
     // The stations of each poll as the whole document: `[{"station_id": ...}, ...]`.
@@ -113,14 +108,7 @@ async fn json_with_a_top_level_array_is_rebuilt_exactly() {
         content_type: "application/json",
         gzip: false,
     };
-    replay(
-        "stations",
-        Format::Json,
-        DiffOptions::default(),
-        wire,
-        &bodies,
-    )
-    .await;
+    replay("stations", Format::Json, wire, &bodies).await;
 }
 
 /// An invalid or truncated protobuf body is an upstream failure: subscribers get an error
@@ -128,8 +116,8 @@ async fn json_with_a_top_level_array_is_rebuilt_exactly() {
 #[tokio::test]
 async fn invalid_and_truncated_protobuf_are_upstream_errors_that_keep_the_snapshot() {
     let (Some(bodies), Some(invalid)) = (
-        feeds_support::gtfs_rt_bodies(GTFS_RT_SEQUENCES[0]),
-        crate::diff_support::data_path("gtfs-rt/single/transitland/invalid.pb"),
+        data::gtfs_rt_bodies(GTFS_RT_SEQUENCES[0]),
+        data::path("gtfs-rt/single/transitland/invalid.pb"),
     ) else {
         return;
     };
@@ -141,10 +129,12 @@ async fn invalid_and_truncated_protobuf_are_upstream_errors_that_keep_the_snapsh
     let upstream = MockUpstream::start(Value::Null).await;
     upstream.content_type("application/x-protobuf");
     upstream.set_raw_body(&bodies[0].1);
-    let mut settings = stream("vp", &upstream.url());
-    settings.format = Format::GtfsRt;
-    settings.diff = feeds_support::gtfs_rt_stream_options("");
-    let app = TestApp::spawn(config(vec![settings])).await;
+    // The GTFS-realtime defaults of a stream's diff come with its format.
+    let app = TestApp::from_toml(&format!(
+        "{}format = \"gtfs-rt\"\n",
+        polled("vp", &upstream.url())
+    ))
+    .await;
     let mut client = app.subscribe("vp", &[]).await;
     let mut rebuilt = Rebuilt::default();
     assert!(rebuilt.converge(&mut client, &first, SOON).await);

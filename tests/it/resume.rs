@@ -39,7 +39,7 @@ async fn resubscribe(app: &TestApp, id: &str, via: Via) -> SseClient {
 
 async fn missed_patches_are_replayed(via: Via) {
     let upstream = MockUpstream::start(document(1)).await;
-    let app = TestApp::spawn(config(vec![stream("doc", &upstream.url())])).await;
+    let app = TestApp::from_toml(&polled("doc", &upstream.url())).await;
     let mut client = app.subscribe("doc", &[]).await;
     let mut rebuilt = Rebuilt::default();
     for n in 2..=4 {
@@ -97,9 +97,7 @@ async fn last_event_id_query_gets_exactly_the_missed_patches() {
 #[tokio::test]
 async fn ids_that_cannot_be_resumed_get_the_current_snapshot() {
     let upstream = MockUpstream::start(document(1)).await;
-    let mut settings = stream("doc", &upstream.url());
-    settings.history = 3;
-    let app = TestApp::spawn(config(vec![settings])).await;
+    let app = TestApp::from_toml(&format!("{}history = 3\n", polled("doc", &upstream.url()))).await;
     app.wait_for_seq("doc", 1).await;
     publish(&app, &upstream, 2, 8, 2).await;
     let epoch = app.listing("doc").await["epoch"].as_u64().unwrap();
@@ -154,7 +152,7 @@ async fn ids_that_cannot_be_resumed_get_the_current_snapshot() {
 #[tokio::test]
 async fn an_id_from_before_a_restart_gets_a_snapshot() {
     let upstream = MockUpstream::start(document(1)).await;
-    let first = TestApp::spawn(config(vec![stream("doc", &upstream.url())])).await;
+    let first = TestApp::from_toml(&polled("doc", &upstream.url())).await;
     let mut client = first.subscribe("doc", &[]).await;
     let old = client.expect(SOON).await;
     assert!(old.id.ends_with(":1"));
@@ -164,7 +162,7 @@ async fn an_id_from_before_a_restart_gets_a_snapshot() {
     // The document changes while the proxy is down; the new process starts again at seq 1,
     // so only the epoch tells the old id from a current one.
     upstream.set(document(2));
-    let second = TestApp::spawn(config(vec![stream("doc", &upstream.url())])).await;
+    let second = TestApp::from_toml(&polled("doc", &upstream.url())).await;
     second.wait_for_seq("doc", 1).await;
     for via in [Via::Header, Via::Query] {
         let mut client = resubscribe(&second, &old.id, via).await;

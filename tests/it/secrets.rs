@@ -90,19 +90,14 @@ async fn run(secrets: Secrets) {
     let _logging = tracing::subscriber::set_default(subscriber);
 
     let upstream = MockUpstream::start(json!({"n": 1})).await;
-    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let closed_port = closed.local_addr().unwrap().port();
-    drop(closed);
-    let port = upstream
-        .url()
-        .rsplit_once(':')
-        .unwrap()
-        .1
-        .trim_end_matches("/doc")
-        .to_owned();
+    let closed_port = free_port();
+    let port = upstream.addr().port();
     let dir = tempfile::tempdir().unwrap();
     let toml = format!(
         r#"
+[server]
+listen = "127.0.0.1:0"
+
 [upstream.backoff]
 initial = "100ms"
 max = "200ms"

@@ -11,9 +11,11 @@ use crate::support::*;
 #[tokio::test]
 async fn shutdown_ends_every_stream_and_returns_promptly() {
     let upstream = MockUpstream::start(json!({"n": 0, "pad": "x".repeat(100)})).await;
-    let mut config = config(vec![stream("doc", &upstream.url())]);
-    config.server.shutdown_grace = Duration::from_secs(5);
-    let app = TestApp::spawn(config).await;
+    let app = TestApp::from_toml(&format!(
+        "[server]\nshutdown_grace = \"5s\"\n{}",
+        polled("doc", &upstream.url())
+    ))
+    .await;
 
     let mut plain = Vec::new();
     for _ in 0..3 {
@@ -65,10 +67,11 @@ async fn shutdown_with_a_hanging_poll_and_a_client_that_never_reads_still_return
     // A poll hanging on the upstream and a subscriber that never reads must not hold the
     // application past its grace period.
     let upstream = MockUpstream::start(json!({"n": 0})).await;
-    let mut config = config(vec![stream("doc", &upstream.url())]);
-    config.server.shutdown_grace = Duration::from_secs(1);
-    config.streams[0].timeout = Duration::from_secs(30);
-    let app = TestApp::spawn(config).await;
+    let app = TestApp::from_toml(&format!(
+        "[server]\nshutdown_grace = \"1s\"\n{}timeout = \"30s\"\n",
+        polled("doc", &upstream.url())
+    ))
+    .await;
     let mut client = app.subscribe("doc", &[]).await;
     client.expect(SOON).await;
     let _silent = app.subscribe_raw("doc", 4096).await;

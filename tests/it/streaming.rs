@@ -69,7 +69,7 @@ fn mutate(doc: &mut Value, rng: &mut StdRng, next_id: &mut u32) {
 #[tokio::test]
 async fn subscriber_rebuilds_the_upstream_document_exactly() {
     let upstream = MockUpstream::start(initial_document()).await;
-    let app = TestApp::spawn(config(vec![stream("doc", &upstream.url())])).await;
+    let app = TestApp::from_toml(&polled("doc", &upstream.url())).await;
     let mut client = app.subscribe("doc", &[]).await;
     assert_eq!(client.status, 200);
     assert_eq!(client.headers["content-type"], "text/event-stream");
@@ -106,7 +106,7 @@ async fn subscriber_rebuilds_the_upstream_document_exactly() {
 #[tokio::test]
 async fn gzip_subscribers_rebuild_the_same_document() {
     let upstream = MockUpstream::start(initial_document()).await;
-    let app = TestApp::spawn(config(vec![stream("doc", &upstream.url())])).await;
+    let app = TestApp::from_toml(&polled("doc", &upstream.url())).await;
     // On the wire the body is gzip (checked on raw bytes: reqwest hides the header when it decodes).
     let raw = reqwest::Client::builder().gzip(false).build().unwrap();
     let mut response = raw
@@ -139,7 +139,7 @@ async fn gzip_subscribers_rebuild_the_same_document() {
 #[tokio::test]
 async fn event_ids_name_stream_epoch_and_sequence() {
     let upstream = MockUpstream::start(json!({"n": 0, "pad": "x".repeat(200)})).await;
-    let app = TestApp::spawn(config(vec![stream("ids", &upstream.url())])).await;
+    let app = TestApp::from_toml(&polled("ids", &upstream.url())).await;
     let mut client = app.subscribe("ids", &[]).await;
     let first = client.expect(SOON).await;
     let parts: Vec<&str> = first.id.split(':').collect();
@@ -157,7 +157,7 @@ async fn event_ids_name_stream_epoch_and_sequence() {
 #[tokio::test]
 async fn json_view_returns_the_snapshot_with_an_etag() {
     let upstream = MockUpstream::start(json!({"n": 1})).await;
-    let app = TestApp::spawn(config(vec![stream("doc", &upstream.url())])).await;
+    let app = TestApp::from_toml(&polled("doc", &upstream.url())).await;
     let client = reqwest::Client::new();
     // Wait for the first poll.
     let mut response = None;
@@ -216,7 +216,7 @@ async fn json_view_returns_the_snapshot_with_an_etag() {
 #[tokio::test]
 async fn listing_health_metrics_cors_and_unknown_streams() {
     let upstream = MockUpstream::start(json!({"n": 1})).await;
-    let app = TestApp::spawn(config(vec![stream("doc", &upstream.url())])).await;
+    let app = TestApp::from_toml(&polled("doc", &upstream.url())).await;
     let mut sub = app
         .subscribe("doc", &[("origin", "https://example.org")])
         .await;
@@ -293,9 +293,11 @@ async fn listing_health_metrics_cors_and_unknown_streams() {
 #[tokio::test]
 async fn a_thousand_subscribers_cost_one_upstream_request_per_interval() {
     let upstream = MockUpstream::start(json!({"n": 0, "pad": "x".repeat(100)})).await;
-    let mut s = stream("shared", &upstream.url());
-    s.interval = Duration::from_millis(200);
-    let app = TestApp::spawn(config(vec![s])).await;
+    let app = TestApp::from_toml(&format!(
+        "{}interval = \"200ms\"\n",
+        polled("shared", &upstream.url())
+    ))
+    .await;
 
     let http = reqwest::Client::builder().gzip(false).build().unwrap();
     let url = app.url("/streams/shared");

@@ -5,14 +5,11 @@
 
 use std::io::Write as _;
 
-use http::HeaderValue;
-use patchwire::config::Cors;
 use serde_json::json;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 
-use crate::proxy::{TOKEN, proxy_settings};
-use crate::support::api::MockApi;
+use crate::proxy::{TOKEN, proxy_toml};
 use crate::support::*;
 
 const ORIGIN: &str = "https://app.example";
@@ -274,11 +271,13 @@ fn header<'a>(answered: &'a Answered, name: &str) -> Option<&'a str> {
 #[tokio::test]
 async fn the_direct_path_and_http2_give_the_same_answers() {
     let upstream = MockUpstream::start(document(1)).await;
-    let api = MockApi::start().await;
-    let mut config = config(vec![stream("doc", &upstream.url())]);
-    config.server.cors = Cors::Origins(vec![HeaderValue::from_static(ORIGIN)]);
-    config.proxy = Some(proxy_settings());
-    let app = TestApp::spawn(config).await;
+    let api = MockUpstream::per_caller().await;
+    let app = TestApp::from_toml(&format!(
+        "[server.cors]\nallow_origins = [\"{ORIGIN}\"]\n{}{}",
+        polled("doc", &upstream.url()),
+        proxy_toml("", "", "")
+    ))
+    .await;
     app.wait_for_seq("doc", 1).await;
     let epoch = app.listing("doc").await["epoch"].as_u64().unwrap();
     let asking = [("accept", "text/event-stream"), ("origin", ORIGIN)];
@@ -322,7 +321,7 @@ async fn the_direct_path_and_http2_give_the_same_answers() {
     same_answer(&app, &query, &asking, Until::Events(2), 200).await;
 
     // A Streamdata.io (proxy-mode) subscription: `retry:`, then `data`; then its native view.
-    let dynamic = format!("/{}?X-Sd-Token={TOKEN}", api.url("/prices"));
+    let dynamic = format!("/{}?X-Sd-Token={TOKEN}", api.url_at("/prices"));
     let streamdata = same_answer(&app, &dynamic, &asking, Until::Events(2), 200).await;
     assert!(
         String::from_utf8_lossy(&streamdata.body).contains("event: data\n"),
@@ -338,7 +337,7 @@ async fn the_direct_path_and_http2_give_the_same_answers() {
     // or of a host the proxy does not allow, the native view without a token.
     let mut unknown = both(&app, "/streams/nope", &asking).await;
     same(&mut unknown, Until::End, 404, false).await;
-    let no_token = format!("/{}", api.url("/prices"));
+    let no_token = format!("/{}", api.url_at("/prices"));
     let refused = same_answer(&app, &no_token, &asking, Until::End, 200).await;
     assert!(
         String::from_utf8_lossy(&refused.body).contains("\"cause\":\"token-missing\""),

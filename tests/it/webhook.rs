@@ -6,7 +6,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use patchwire::sinks::webhook::body::Mode;
-use patchwire::sinks::webhook::config::{AdminToken, WebhookEndpointSettings, WebhookSettings};
 use patchwire::sinks::webhook::outbox::sqlite::SqliteOutbox;
 use patchwire::sinks::webhook::outbox::{
     AttemptOutcome, DeliveryFilter, DeliveryState, EndpointRecord, EndpointStatus, NewChange,
@@ -14,7 +13,6 @@ use patchwire::sinks::webhook::outbox::{
 };
 use patchwire::sinks::webhook::registry::{Endpoint, Registry};
 use patchwire::sinks::webhook::schedule::RetrySchedule;
-use patchwire::sinks::webhook::sign::Secret;
 use patchwire::sinks::webhook::worker::{FollowUp, Worker, WorkerSettings};
 use serde_json::{Value, json};
 
@@ -28,41 +26,45 @@ const LONG: Duration = Duration::from_secs(20);
 const PAD: &str = "a long enough field so that small patches stay smaller than the document, \
                    which is when the hub publishes a patch rather than the whole document";
 
-/// Test-sized webhook settings: a fast schedule, private targets allowed, the outbox in `dir`.
-pub fn settings(dir: &Path, endpoints: Vec<WebhookEndpointSettings>) -> WebhookSettings {
-    WebhookSettings {
-        database: dir.join("outbox.db"),
-        allow_private_targets: true,
-        admin_token: Some(AdminToken(TOKEN.into())),
-        schedule: RetrySchedule {
-            delays: [0, 100, 200, 300, 400]
-                .into_iter()
-                .map(Duration::from_millis)
-                .collect(),
-            jitter: 0.0,
-            max_retry_after: Duration::from_secs(5),
-        },
-        attempt_timeout: Duration::from_millis(500),
-        disable_after: Duration::from_secs(3600),
-        max_concurrency_per_endpoint: 4,
-        workers: 16,
-        backlog_limit: 1000,
-        retention: Duration::from_secs(3600),
-        rotation_overlap: Duration::from_secs(3600),
-        endpoints,
-    }
+/// The `[webhooks]` table of these tests: the outbox in `dir`, private targets allowed, the admin
+/// token, a fast retry schedule without jitter; `own` (TOML lines of more keys) over it.
+pub fn webhooks_toml(dir: &Path, own: &str) -> String {
+    let start = format!(
+        r#"
+database = "{}"
+allow_private_targets = true
+admin_token = "{TOKEN}"
+schedule = ["0s", "100ms", "200ms", "300ms", "400ms"]
+jitter = 0.0
+max_retry_after = "5s"
+attempt_timeout = "500ms"
+disable_after = "1h"
+max_concurrency_per_endpoint = 4
+workers = 16
+retention = "1h"
+rotation_overlap = "1h"
+"#,
+        dir.join("outbox.db").display()
+    );
+    format!("[webhooks]\n{}", over(&start, own))
 }
 
-/// A configured endpoint receiving `streams` at `url`.
-pub fn endpoint(id: &str, url: &str, streams: &[&str], mode: Mode) -> WebhookEndpointSettings {
-    WebhookEndpointSettings {
-        id: id.into(),
-        url: url.parse().unwrap(),
-        streams: streams.iter().map(|s| (*s).to_owned()).collect(),
-        mode,
-        headers: [("X-Tenant".to_owned(), "t1".to_owned())].into(),
-        secret: Secret::parse(SECRET).unwrap(),
-    }
+/// A configured endpoint receiving `streams` at `url`, as `[[webhooks.endpoints]]`.
+pub fn endpoint(id: &str, url: &str, streams: &[&str], mode: Mode) -> String {
+    format!(
+        r#"
+[[webhooks.endpoints]]
+id = "{id}"
+url = "{url}"
+streams = {streams}
+mode = "{mode}"
+secret = "{SECRET}"
+[webhooks.endpoints.headers]
+X-Tenant = "t1"
+"#,
+        streams = serde_json::to_string(streams).unwrap(),
+        mode = mode.as_str(),
+    )
 }
 
 /// Rebuilds the document from deliveries in arrival order, checking the patch chain: every
@@ -134,17 +136,29 @@ impl Admin {
     }
 }
 
+/// The app polling `fleet` at `upstream`, with `[webhooks]` (`webhooks`: more of its keys) and
+/// `endpoints` configured.
+fn webhooks_app_toml(
+    upstream: &MockUpstream,
+    dir: &Path,
+    endpoints: &[String],
+    webhooks: &str,
+) -> String {
+    format!(
+        "{}{}{}",
+        polled("fleet", &upstream.url()),
+        webhooks_toml(dir, webhooks),
+        endpoints.concat()
+    )
+}
+
 async fn start(
     upstream: &MockUpstream,
     dir: &Path,
-    endpoints: Vec<WebhookEndpointSettings>,
-    tune: impl FnOnce(&mut WebhookSettings),
+    endpoints: &[String],
+    webhooks: &str,
 ) -> TestApp {
-    let mut config = config(vec![stream("fleet", &upstream.url())]);
-    let mut webhooks = settings(dir, endpoints);
-    tune(&mut webhooks);
-    config.webhooks = Some(webhooks);
-    TestApp::spawn(config).await
+    TestApp::from_toml(&webhooks_app_toml(upstream, dir, endpoints, webhooks)).await
 }
 
 /// Changes the upstream document `n` times, waiting each time until `receiver` has it.
@@ -172,11 +186,11 @@ async fn every_change_arrives_signed_in_order_as_patches_or_documents() {
     let app = start(
         &upstream,
         dir.path(),
-        vec![
+        &[
             endpoint("patches", &patches.url(), &["fleet"], Mode::Patch),
             endpoint("documents", &documents.url(), &["fleet"], Mode::Snapshot),
         ],
-        |_| {},
+        "",
     )
     .await;
     change_and_wait(&upstream, &patches, 1, 15).await;
@@ -237,18 +251,8 @@ async fn failures_timeouts_and_retry_after_are_retried_with_the_same_id() {
     let app = start(
         &upstream,
         dir.path(),
-        vec![endpoint("hook", &receiver.url(), &["fleet"], Mode::Patch)],
-        |s| {
-            s.schedule.delays = vec![
-                Duration::ZERO,
-                Duration::from_millis(50),
-                Duration::from_millis(50),
-                Duration::from_millis(50),
-                Duration::from_millis(50),
-                Duration::from_millis(50),
-                Duration::from_millis(50),
-            ];
-        },
+        &[endpoint("hook", &receiver.url(), &["fleet"], Mode::Patch)],
+        r#"schedule = ["0s", "50ms", "50ms", "50ms", "50ms", "50ms", "50ms"]"#,
     )
     .await;
     let hits = receiver
@@ -288,8 +292,8 @@ async fn gone_disables_the_endpoint_until_the_admin_api_re_enables_it() {
     let app = start(
         &upstream,
         dir.path(),
-        vec![endpoint("hook", &receiver.url(), &["fleet"], Mode::Patch)],
-        |_| {},
+        &[endpoint("hook", &receiver.url(), &["fleet"], Mode::Patch)],
+        "",
     )
     .await;
     let admin = Admin::new(&app);
@@ -346,8 +350,8 @@ async fn a_dead_letter_is_listed_followed_by_a_snapshot_and_replayed_with_its_id
     let app = start(
         &upstream,
         dir.path(),
-        vec![endpoint("hook", &receiver.url(), &["fleet"], Mode::Patch)],
-        |_| {},
+        &[endpoint("hook", &receiver.url(), &["fleet"], Mode::Patch)],
+        "",
     )
     .await;
     let admin = Admin::new(&app);
@@ -428,7 +432,7 @@ async fn runtime_endpoints_rotate_secrets_and_survive_restarts() {
     let upstream = MockUpstream::start(json!({"n": 0, "items": [], "pad": PAD})).await;
     let receiver = Receiver::start(&[]).await;
     let dir = tempfile::tempdir().unwrap();
-    let app = start(&upstream, dir.path(), vec![], |_| {}).await;
+    let app = start(&upstream, dir.path(), &[], "").await;
     let admin = Admin::new(&app);
     let (status, created) = admin
         .call(
@@ -469,7 +473,7 @@ async fn runtime_endpoints_rotate_secrets_and_survive_restarts() {
     app.stop().await;
 
     // Restart on the same database: the endpoint is still there and still delivers.
-    let app = start(&upstream, dir.path(), vec![], |_| {}).await;
+    let app = start(&upstream, dir.path(), &[], "").await;
     let admin = Admin::new(&app);
     let (status, view) = admin.call("GET", &format!("/{id}"), None).await;
     assert_eq!(status, 200, "{view}");
@@ -485,10 +489,7 @@ async fn runtime_endpoints_rotate_secrets_and_survive_restarts() {
 async fn the_admin_api_checks_its_token_and_its_input() {
     let upstream = MockUpstream::start(json!({"n": 0})).await;
     let dir = tempfile::tempdir().unwrap();
-    let app = start(&upstream, dir.path(), vec![], |s| {
-        s.allow_private_targets = false
-    })
-    .await;
+    let app = start(&upstream, dir.path(), &[], "allow_private_targets = false").await;
     let client = reqwest::Client::new();
     let url = app.url("/admin/webhooks");
     assert_eq!(client.get(&url).send().await.unwrap().status(), 401);
@@ -574,8 +575,8 @@ async fn redirects_are_never_followed() {
     let app = start(
         &upstream,
         dir.path(),
-        vec![endpoint("hook", &receiver.url(), &["fleet"], Mode::Patch)],
-        |_| {},
+        &[endpoint("hook", &receiver.url(), &["fleet"], Mode::Patch)],
+        "",
     )
     .await;
     let hits = receiver
@@ -594,7 +595,13 @@ async fn redirects_are_never_followed() {
 async fn without_a_token_the_admin_api_is_disabled_and_without_webhooks_absent() {
     let upstream = MockUpstream::start(json!({"n": 0})).await;
     let dir = tempfile::tempdir().unwrap();
-    let app = start(&upstream, dir.path(), vec![], |s| s.admin_token = None).await;
+    // `[webhooks]` without `admin_token`.
+    let app = TestApp::from_toml(&format!(
+        "{}[webhooks]\ndatabase = \"{}\"\n",
+        polled("fleet", &upstream.url()),
+        dir.path().join("outbox.db").display()
+    ))
+    .await;
     let answer = reqwest::get(app.url("/admin/webhooks")).await.unwrap();
     assert_eq!(answer.status(), 403);
     assert!(
@@ -605,7 +612,7 @@ async fn without_a_token_the_admin_api_is_disabled_and_without_webhooks_absent()
             .contains("webhooks.admin_token")
     );
     app.stop().await;
-    let app = TestApp::spawn(config(vec![stream("fleet", &upstream.url())])).await;
+    let app = TestApp::from_toml(&polled("fleet", &upstream.url())).await;
     let answer = reqwest::get(app.url("/admin/webhooks")).await.unwrap();
     assert_eq!(answer.status(), 404);
     assert!(answer.text().await.unwrap().contains("[webhooks]"));
@@ -618,16 +625,17 @@ async fn an_endpoint_failing_for_disable_after_is_disabled() {
     let receiver = Receiver::start(&[SECRET]).await;
     receiver.script((0..1000).map(|_| Reply::Status(500, None)));
     let dir = tempfile::tempdir().unwrap();
-    let app = start(
+    let schedule = serde_json::to_string(&vec!["50ms"; 50]).unwrap();
+    let mut config = config_from_toml(&webhooks_app_toml(
         &upstream,
         dir.path(),
-        vec![endpoint("hook", &receiver.url(), &["fleet"], Mode::Patch)],
-        |s| {
-            s.schedule.delays = vec![Duration::from_millis(50); 50];
-            s.disable_after = Duration::from_millis(300);
-        },
-    )
-    .await;
+        &[endpoint("hook", &receiver.url(), &["fleet"], Mode::Patch)],
+        &format!("schedule = {schedule}"),
+    ));
+    // Below the one minute floor of a file's `webhooks.disable_after`, which the test would
+    // otherwise wait for.
+    config.webhooks.as_mut().expect("[webhooks]").disable_after = Duration::from_millis(300);
+    let app = TestApp::spawn(config).await;
     let admin = Admin::new(&app);
     let deadline = tokio::time::Instant::now() + LONG;
     let view = loop {
@@ -661,8 +669,8 @@ async fn names_resolving_to_private_addresses_are_refused_at_delivery() {
     let app = start(
         &upstream,
         dir.path(),
-        vec![endpoint("hook", &url, &["fleet"], Mode::Patch)],
-        |s| s.allow_private_targets = false,
+        &[endpoint("hook", &url, &["fleet"], Mode::Patch)],
+        "allow_private_targets = false",
     )
     .await;
     let admin = Admin::new(&app);
@@ -726,15 +734,11 @@ async fn a_slow_endpoint_never_delays_the_others() {
     let app = start(
         &upstream,
         dir.path(),
-        vec![
+        &[
             endpoint("slow", &slow.url(), &["fleet"], Mode::Patch),
             endpoint("fast", &fast.url(), &["fleet"], Mode::Patch),
         ],
-        |s| {
-            s.attempt_timeout = Duration::from_secs(20);
-            s.workers = 2;
-            s.max_concurrency_per_endpoint = 1;
-        },
+        "attempt_timeout = \"20s\"\nworkers = 2\nmax_concurrency_per_endpoint = 1",
     )
     .await;
     // Five changes reach the fast endpoint while the slow one still holds its first delivery.
@@ -963,10 +967,11 @@ async fn try_step_drives_one_delivery_to_completion() {
 async fn admin_bodies_are_read_after_the_token_and_within_the_deadline() {
     let upstream = MockUpstream::start(json!({"n": 0})).await;
     let dir = tempfile::tempdir().unwrap();
-    let mut config = config(vec![stream("fleet", &upstream.url())]);
-    config.webhooks = Some(settings(dir.path(), vec![]));
-    config.server.body_timeout = Duration::from_secs(1);
-    let app = TestApp::spawn(config).await;
+    let app = TestApp::from_toml(&format!(
+        "[server]\nbody_timeout = \"1s\"\n{}",
+        webhooks_app_toml(&upstream, dir.path(), &[], "")
+    ))
+    .await;
     let head = |token: &str| {
         format!(
             "POST /admin/webhooks HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n\

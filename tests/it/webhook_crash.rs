@@ -226,15 +226,6 @@ secret = "{SECRET}"
     assert!(unique.iter().all(|h| !h.verified_by.is_empty()));
 }
 
-/// A port that was free a moment ago (bind port 0, read it, release it).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 const PUSH_TOKEN: &str = "crash-push-token-0123456789";
 
 /// Kills the process if the test fails before it does.

@@ -1,8 +1,6 @@
 //! The SSE body on the wire: the `retry:` hint first, then the snapshot, and keep-alive
 //! comments while nothing changes (which carry no event and do not advance the id).
 
-use std::time::Duration;
-
 use serde_json::json;
 
 use crate::support::*;
@@ -10,10 +8,12 @@ use crate::support::*;
 #[tokio::test]
 async fn retry_hint_first_then_snapshot_then_keep_alives_while_idle() {
     let upstream = MockUpstream::start(json!({"n": 1})).await;
-    let mut config = config(vec![stream("doc", &upstream.url())]);
-    config.server.keepalive = Duration::from_millis(200);
-    config.server.retry_hint = Duration::from_millis(1500);
-    let app = TestApp::spawn(config).await;
+    // The shortest keep-alive interval a file may ask for: the two the test waits for take 2 s.
+    let app = TestApp::from_toml(&format!(
+        "[server]\nkeepalive = \"1s\"\nretry = \"1500ms\"\n{}",
+        polled("doc", &upstream.url())
+    ))
+    .await;
     app.wait_for_seq("doc", 1).await;
 
     let mut raw = app.subscribe_raw("doc", 64 * 1024).await;

@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
 use crate::time::rfc3339;
+use crate::wire::ChangeKind;
 
 /// How an endpoint receives a stream's changes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -38,22 +39,12 @@ impl Mode {
     }
 }
 
-/// Whether a delivery's `data` is a patch or a document.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Kind {
-    /// `stream.patch`: `data` is a patch from the document at `base_seq`.
-    Patch,
-    /// `stream.snapshot`: `data` is the whole document at `seq`.
-    Snapshot,
-}
-
-impl Kind {
-    /// The body's `type`.
-    pub fn event_type(self) -> &'static str {
-        match self {
-            Kind::Patch => "stream.patch",
-            Kind::Snapshot => "stream.snapshot",
-        }
+/// A delivery's `type`, its webhook event type: `stream.patch` (`data` is a patch from the
+/// document at `base_seq`) or `stream.snapshot` (`data` is the whole document at `seq`).
+pub fn event_type(kind: ChangeKind) -> &'static str {
+    match kind {
+        ChangeKind::Patch => "stream.patch",
+        ChangeKind::Snapshot => "stream.snapshot",
     }
 }
 
@@ -116,7 +107,7 @@ pub struct BodyError(#[from] serde_json::Error);
 /// Encodes `{"type", "stream", "epoch", "seq", "base_seq", "timestamp", "data"}`; `data` is
 /// already-serialized JSON (a patch or a document), embedded without re-parsing its values.
 pub fn encode(
-    kind: Kind,
+    kind: ChangeKind,
     stream: &str,
     epoch: u64,
     seq: u64,
@@ -131,13 +122,13 @@ pub fn encode(
     })?;
     let raw: &RawValue = serde_json::from_str(text)?;
     let body = BodyJson {
-        kind: kind.event_type(),
+        kind: event_type(kind),
         stream,
         epoch,
         seq,
         base_seq: match kind {
-            Kind::Patch => base_seq,
-            Kind::Snapshot => None,
+            ChangeKind::Patch => base_seq,
+            ChangeKind::Snapshot => None,
         },
         timestamp: rfc3339(at),
         data: raw,
@@ -178,7 +169,7 @@ mod tests {
     fn bodies_carry_the_documented_fields() {
         let t = UNIX_EPOCH + Duration::from_millis(1_614_265_330_123);
         let body = encode(
-            Kind::Patch,
+            ChangeKind::Patch,
             "fleet",
             9,
             5,
@@ -193,13 +184,22 @@ mod tests {
             json!({"type": "stream.patch", "stream": "fleet", "epoch": 9, "seq": 5, "base_seq": 4,
                    "timestamp": "2021-02-25T15:02:10.123Z", "data": [{"op": "remove", "path": "/a"}]})
         );
-        let body = encode(Kind::Snapshot, "fleet", 9, 6, Some(5), t, br#"{"a":1}"#).unwrap();
+        let body = encode(
+            ChangeKind::Snapshot,
+            "fleet",
+            9,
+            6,
+            Some(5),
+            t,
+            br#"{"a":1}"#,
+        )
+        .unwrap();
         let v: Value = serde_json::from_slice(&body).unwrap();
         assert_eq!(v["type"], "stream.snapshot");
         assert_eq!(v["base_seq"], Value::Null);
         assert_eq!(v["data"], json!({"a": 1}));
-        assert!(encode(Kind::Snapshot, "s", 1, 1, None, t, b"{nope").is_err());
-        assert!(encode(Kind::Snapshot, "s", 1, 1, None, t, b"\xff").is_err());
+        assert!(encode(ChangeKind::Snapshot, "s", 1, 1, None, t, b"{nope").is_err());
+        assert!(encode(ChangeKind::Snapshot, "s", 1, 1, None, t, b"\xff").is_err());
     }
 
     proptest! {

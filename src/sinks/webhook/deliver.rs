@@ -232,8 +232,9 @@ async fn drain(mut response: reqwest::Response) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sinks::webhook::body::{Kind, Mode};
+    use crate::sinks::webhook::body::Mode;
     use crate::sinks::webhook::outbox::{DeliveryState, EndpointRecord, EndpointStatus, Source};
+    use crate::wire::ChangeKind;
     use bytes::Bytes;
     use std::collections::BTreeMap;
 
@@ -297,7 +298,7 @@ mod tests {
             endpoint: "e".into(),
             stream: "s".into(),
             msg_id: "msg_2KWPBgLlAfxdpx2AI54pPJ85f4W".into(),
-            kind: Kind::Snapshot,
+            kind: ChangeKind::Snapshot,
             epoch: 1,
             seq: 1,
             base_seq: None,

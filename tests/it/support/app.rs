@@ -1,16 +1,11 @@
-//! Starting the whole application in-process on 127.0.0.1 port 0, with test-sized settings.
+//! Starting the whole application in-process on 127.0.0.1 port 0, configured as a user
+//! configures it: TOML text, parsed and validated by `patchwire::config`.
 
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::num::NonZeroU32;
 use std::time::Duration;
 
-use http::HeaderMap;
 use patchwire::app::{self, Listeners};
-use patchwire::config::{Config, Cors, LogFormat, LogSettings, ServerSettings};
-use patchwire::diff::DiffOptions;
-use patchwire::upstream::config::{BackoffSettings, RateLimit, StreamSettings, UpstreamSettings};
-use patchwire::upstream::decode::Format;
+use patchwire::config::{self, Config, FileKind};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -19,74 +14,72 @@ use serde_json::Value;
 use super::raw::RawSubscriber;
 use super::sse::SseClient;
 
-/// A stream polling `url` every 100 ms.
-pub fn stream(name: &str, url: &str) -> StreamSettings {
-    let url: url::Url = url.parse().unwrap();
-    let group = format!(
-        "{}:{}",
-        url.host_str().unwrap(),
-        url.port_or_known_default().unwrap()
-    );
-    StreamSettings {
-        name: name.to_owned(),
-        url,
-        headers: HeaderMap::new(),
-        interval: Duration::from_millis(100),
-        timeout: Duration::from_secs(2),
-        max_body_bytes: 1 << 20,
-        format: Format::Json,
-        history: 100,
-        history_bytes: 16 << 20,
-        rate_limit_group: group,
-        diff: DiffOptions::default(),
-        on_demand: None,
-    }
+/// Test-sized settings under every test's own TOML: port 0, short timeouts and grace, a fast
+/// retry schedule without jitter, a rate limit that never waits, polls every 100 ms (the
+/// shortest a file may ask for).
+const BASE: &str = r#"
+[server]
+listen = "127.0.0.1:0"
+retry = "500ms"
+subscriber_buffer = 64
+stall_timeout = "2s"
+shutdown_grace = "2s"
+
+[upstream]
+user_agent = "patchwire-tests"
+
+[upstream.default_rate_limit]
+per_second = 1000
+burst = 1000
+
+[upstream.backoff]
+initial = "100ms"
+max = "800ms"
+jitter = 0.0
+max_retry_after = "5s"
+
+[stream_defaults]
+interval = "100ms"
+timeout = "2s"
+max_body = "1 MiB"
+history = 100
+"#;
+
+/// The configuration a user's file holding `toml` laid over [`BASE`] (see [`over`]) gives:
+/// parsed and validated by `patchwire::config` as `patchwire run` does, `${VAR}` references
+/// resolving to nothing. Panics with every problem.
+pub fn config_from_toml(toml: &str) -> Config {
+    let text = over(BASE, toml);
+    let raw = config::parse_raw(&text, FileKind::Toml, None, Vec::new())
+        .unwrap_or_else(|e| panic!("{e}\nin:\n{text}"));
+    config::validate(raw, None, &|_| None).unwrap_or_else(|e| panic!("{e}\nin:\n{text}"))
 }
 
-/// A configuration with test-sized timings around `streams`.
-pub fn config(streams: Vec<StreamSettings>) -> Config {
-    Config {
-        source: None,
-        server: ServerSettings {
-            listen: "127.0.0.1:0".parse().unwrap(),
-            keepalive: Duration::from_secs(15),
-            retry_hint: Duration::from_millis(500),
-            subscriber_buffer: 64,
-            stall_timeout: Duration::from_secs(2),
-            shutdown_grace: Duration::from_secs(2),
-            header_timeout: Duration::from_secs(30),
-            idle_timeout: Duration::from_secs(30),
-            body_timeout: Duration::from_secs(30),
-            max_connections: 10_000,
-            cors: Cors::AnyOrigin,
-        },
-        log: LogSettings {
-            format: LogFormat::Plain,
-            filter: "info".into(),
-        },
-        upstream: UpstreamSettings {
-            user_agent: "patchwire-tests".into(),
-            default_rate_limit: RateLimit {
-                per_second: NonZeroU32::new(1000).unwrap(),
-                burst: NonZeroU32::new(1000).unwrap(),
-            },
-            rate_limits: BTreeMap::new(),
-            backoff: BackoffSettings {
-                initial: Duration::from_millis(100),
-                max: Duration::from_millis(800),
-                multiplier: 2.0,
-                jitter: 0.0,
-                max_retry_after: Duration::from_secs(5),
-            },
-        },
-        simulator: None,
-        streams,
-        push: None,
-        push_streams: Vec::new(),
-        webhooks: None,
-        proxy: None,
-        cluster: None,
+/// The TOML text `own` laid over `base`: tables merged key by key, every other value (arrays
+/// of tables included) replaced by `own`'s.
+pub fn over(base: &str, own: &str) -> String {
+    fn merge(into: &mut toml::Table, from: toml::Table) {
+        for (key, value) in from {
+            match (into.get_mut(&key), value) {
+                (Some(toml::Value::Table(into)), toml::Value::Table(from)) => merge(into, from),
+                (_, value) => {
+                    into.insert(key, value);
+                }
+            }
+        }
     }
+    let parse = |text: &str| -> toml::Table {
+        text.parse()
+            .unwrap_or_else(|e| panic!("not TOML: {e}\n{text}"))
+    };
+    let mut merged = parse(base);
+    merge(&mut merged, parse(own));
+    toml::to_string(&merged).expect("a TOML table serializes")
+}
+
+/// `[[streams]]` named `name`, polling `url`, in TOML (keys written after it belong to it).
+pub fn polled(name: &str, url: &str) -> String {
+    format!("[[streams]]\nname = \"{name}\"\nurl = \"{url}\"\n")
 }
 
 /// A running application.
@@ -99,9 +92,14 @@ pub struct TestApp {
 }
 
 impl TestApp {
-    /// Starts the application with `config` (its listen addresses are replaced by port 0).
-    pub async fn spawn(mut config: Config) -> TestApp {
-        config.server.listen = "127.0.0.1:0".parse().unwrap();
+    /// Starts the application configured by `toml` (see [`config_from_toml`]).
+    pub async fn from_toml(toml: &str) -> TestApp {
+        TestApp::spawn(config_from_toml(toml)).await
+    }
+
+    /// Starts the application with `config`: one loaded from a file, or one from
+    /// [`config_from_toml`] that the test set beyond what a file may ask for (it says why).
+    pub async fn spawn(config: Config) -> TestApp {
         let listeners = Listeners::bind(&config).await.unwrap();
         let addr = listeners.api.local_addr().unwrap();
         let shutdown = CancellationToken::new();
@@ -219,4 +217,15 @@ impl TestApp {
             .expect("the app returned an error");
         started.elapsed()
     }
+}
+
+#[test]
+fn own_keys_win_tables_merge_and_arrays_are_replaced() {
+    let base = "a = 1\nb = [1, 2]\n[t]\nx = 1\ny = 1\n[[list]]\nk = 1\n";
+    let own = "b = [3]\n[t]\ny = 2\n[[list]]\nk = 2\n";
+    let merged: toml::Table = over(base, own).parse().unwrap();
+    let expected: toml::Table = "a = 1\nb = [3]\n[t]\nx = 1\ny = 2\n[[list]]\nk = 2\n"
+        .parse()
+        .unwrap();
+    assert_eq!(merged, expected);
 }

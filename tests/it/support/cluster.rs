@@ -29,7 +29,7 @@ impl Node {
     pub fn start(name: &str, config: &Path, dir: &Path) -> Node {
         let mut node = Node {
             name: name.to_owned(),
-            port: free_port(),
+            port: super::free_port(),
             config: config.to_owned(),
             log: dir.join(format!("{name}.log")),
             child: None,
@@ -243,11 +243,4 @@ impl TestCluster {
             .collect::<Vec<_>>()
             .join("\n")
     }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
 }

@@ -1,22 +1,31 @@
-//! Test support: the app on port 0, a mock upstream, an SSE client.
+//! Test support: the app on port 0 configured from TOML, the mock upstream, SSE clients, a
+//! webhook receiver, raw sockets, pollers outside the app.
 
-#![allow(dead_code)]
-
-pub mod api;
 pub mod app;
 pub mod cluster;
+pub mod poller;
 pub mod raw;
 pub mod receiver;
 pub mod redis;
 pub mod sse;
 pub mod upstream;
 
-pub use app::{TestApp, config, stream};
+pub use app::{TestApp, config_from_toml, over, polled};
 pub use receiver::{Hit, Receiver, Reply};
 pub use sse::{Rebuilt, SseClient, SseEvent};
-pub use upstream::{Failure, MockUpstream, Received};
+pub use upstream::{Failure, MockUpstream};
 
 use std::time::Duration;
 
 /// A generous bound for "soon" in tests: they wait for events, never sleep for fixed times.
 pub const SOON: Duration = Duration::from_secs(5);
+
+/// A port on 127.0.0.1 that was free a moment ago (bound as port 0, then released): for a
+/// process to listen on, or for a connection nobody answers.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}

@@ -23,6 +23,7 @@ pub struct RawSubscriber {
 #[derive(Debug)]
 pub struct Drained {
     /// Bytes read.
+    #[expect(dead_code, reason = "read through Debug, in failure messages")]
     pub bytes: usize,
     /// `true` if the server closed the connection (EOF or reset) before the deadline.
     pub closed: bool,

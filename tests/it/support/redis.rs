@@ -1,7 +1,6 @@
 //! A real `redis-server` on a free loopback port, started and stopped by the test. Missing
 //! binary: the test skips with a message, except under `CI=true` where it fails.
 
-use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -33,7 +32,7 @@ impl RedisServer {
             return None;
         }
         let dir = tempfile::tempdir().expect("temp dir for redis");
-        let port = free_port();
+        let port = super::free_port();
         let mut server = RedisServer {
             child: None,
             port,
@@ -46,11 +45,6 @@ impl RedisServer {
     /// `redis://127.0.0.1:{port}`.
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)
-    }
-
-    /// The port it listens on.
-    pub fn port(&self) -> u16 {
-        self.port
     }
 
     /// Kills the server (SIGKILL): clients see their connections drop.
@@ -137,11 +131,4 @@ fn ping(port: u16) -> bool {
     tcp.write_all(b"PING\r\n").is_ok()
         && tcp.read_exact(&mut answer).is_ok()
         && &answer == b"+PONG\r\n"
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
 }

@@ -7,7 +7,8 @@
 //! default (SQLite in WAL mode on a dedicated thread). Another store (PostgreSQL for a
 //! cluster) is another file beside it implementing the same trait: nothing here names SQLite.
 //! The outbox sits below the rest of the sink: it uses only the pure [`super::body`] (the plan
-//! over a cursor, the bodies) and [`super::sign`] (message ids).
+//! over a cursor, the bodies), [`super::sign`] (message ids) and the wire layer's
+//! [`ChangeKind`].
 //!
 //! Invariants every implementation keeps:
 //! - Accepting a change for its endpoints is atomic: every endpoint gets its delivery, or none.
@@ -29,7 +30,8 @@ use std::time::SystemTime;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
-use crate::sinks::webhook::body::{self, BodyError, Kind, Mode, Plan};
+use crate::sinks::webhook::body::{self, BodyError, Mode, Plan};
+use crate::wire::ChangeKind;
 
 /// A boxed future of an outbox operation (the trait stays object-safe).
 pub type OutboxFuture<T> = Pin<Box<dyn Future<Output = Result<T, OutboxError>> + Send>>;
@@ -166,7 +168,7 @@ pub struct Delivery {
     /// `webhook-id`: the same for every attempt and every replay of this message.
     pub msg_id: String,
     /// Patch or snapshot.
-    pub kind: Kind,
+    pub kind: ChangeKind,
     /// The stream's epoch.
     pub epoch: u64,
     /// The change's sequence number.
@@ -322,13 +324,13 @@ impl<'a> Bodies<'a> {
         &mut self,
         plan: Plan,
         collapse: bool,
-    ) -> Result<(Kind, Option<u64>, &[u8]), BodyError> {
+    ) -> Result<(ChangeKind, Option<u64>, &[u8]), BodyError> {
         let change = self.change;
         match (plan, &change.patch) {
             (Plan::Patch { base_seq }, Some(patch)) if !collapse => {
                 if self.patch.is_none() {
                     self.patch = Some(body::encode(
-                        Kind::Patch,
+                        ChangeKind::Patch,
                         &change.stream,
                         change.epoch,
                         change.seq,
@@ -338,7 +340,7 @@ impl<'a> Bodies<'a> {
                     )?);
                 }
                 Ok((
-                    Kind::Patch,
+                    ChangeKind::Patch,
                     Some(base_seq),
                     self.patch.as_deref().unwrap_or_default(),
                 ))
@@ -346,7 +348,7 @@ impl<'a> Bodies<'a> {
             _ => {
                 if self.snapshot.is_none() {
                     self.snapshot = Some(body::encode(
-                        Kind::Snapshot,
+                        ChangeKind::Snapshot,
                         &change.stream,
                         change.epoch,
                         change.seq,
@@ -356,7 +358,7 @@ impl<'a> Bodies<'a> {
                     )?);
                 }
                 Ok((
-                    Kind::Snapshot,
+                    ChangeKind::Snapshot,
                     None,
                     self.snapshot.as_deref().unwrap_or_default(),
                 ))
@@ -448,19 +450,19 @@ mod tests {
         let change = change(true);
         let mut bodies = Bodies::new(&change);
         let (kind, base, body) = bodies.delivery(Plan::Patch { base_seq: 7 }, false).unwrap();
-        assert_eq!((kind, base), (Kind::Patch, Some(7)));
+        assert_eq!((kind, base), (ChangeKind::Patch, Some(7)));
         assert_eq!(json(body)["data"][0]["op"], "add");
         let (kind, base, body) = bodies.delivery(Plan::Patch { base_seq: 7 }, true).unwrap();
-        assert_eq!((kind, base), (Kind::Snapshot, None));
+        assert_eq!((kind, base), (ChangeKind::Snapshot, None));
         assert_eq!(json(body)["data"]["n"], 8);
         let (kind, _, _) = bodies.delivery(Plan::Snapshot, false).unwrap();
-        assert_eq!(kind, Kind::Snapshot);
+        assert_eq!(kind, ChangeKind::Snapshot);
         // A change the hub published as a snapshot has no patch to send.
         let change = self::change(false);
         let (kind, _, _) = Bodies::new(&change)
             .delivery(Plan::Patch { base_seq: 7 }, false)
             .unwrap();
-        assert_eq!(kind, Kind::Snapshot);
+        assert_eq!(kind, ChangeKind::Snapshot);
     }
 
     #[test]

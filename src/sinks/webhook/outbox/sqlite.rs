@@ -21,9 +21,10 @@ use super::{
     EndpointRecord, EndpointStatus, NewChange, Outbox, OutboxError, OutboxFuture, Recorded, Replay,
     StoredDocument, Target, collapses,
 };
-use crate::sinks::webhook::body::{self, Cursor, Kind, Plan};
+use crate::sinks::webhook::body::{self, Cursor, Plan};
 use crate::sinks::webhook::sign::message_id;
 use crate::time::unix_ms;
+use crate::wire::ChangeKind;
 
 /// Jobs run in one transaction at most.
 const BATCH: usize = 1024;
@@ -117,10 +118,11 @@ fn state_from(code: i64) -> DeliveryState {
     }
 }
 
-fn kind_code(kind: Kind) -> i64 {
+/// The stored codes are the database's format (`deliveries.kind`): never renumber them.
+fn kind_code(kind: ChangeKind) -> i64 {
     match kind {
-        Kind::Patch => 0,
-        Kind::Snapshot => 1,
+        ChangeKind::Patch => 0,
+        ChangeKind::Snapshot => 1,
     }
 }
 
@@ -145,9 +147,9 @@ fn delivery(row: &Row<'_>) -> rusqlite::Result<Delivery> {
         stream: row.get(2)?,
         msg_id: row.get(3)?,
         kind: if row.get::<_, i64>(4)? == 0 {
-            Kind::Patch
+            ChangeKind::Patch
         } else {
-            Kind::Snapshot
+            ChangeKind::Snapshot
         },
         epoch: unsql(row.get(5)?),
         seq: unsql(row.get(6)?),
@@ -846,7 +848,7 @@ mod tests {
         SqliteOutbox::open(Path::new(":memory:")).await.unwrap()
     }
 
-    async fn pending(outbox: &SqliteOutbox, id: &str) -> Vec<(Kind, u64, Option<u64>)> {
+    async fn pending(outbox: &SqliteOutbox, id: &str) -> Vec<(ChangeKind, u64, Option<u64>)> {
         let mut all = outbox
             .deliveries(
                 id.into(),
@@ -875,7 +877,7 @@ mod tests {
                 .unwrap();
             assert_eq!(accepted.queued, 2);
         }
-        use Kind::*;
+        use ChangeKind::*;
         assert_eq!(
             pending(&outbox, "a").await,
             vec![
@@ -1041,7 +1043,10 @@ mod tests {
             .accept(change(1, 4, true), targets.clone(), 100)
             .await
             .unwrap();
-        assert_eq!(pending(&outbox, "a").await, [(Kind::Snapshot, 4, None)]);
+        assert_eq!(
+            pending(&outbox, "a").await,
+            [(ChangeKind::Snapshot, 4, None)]
+        );
         // With a snapshot queued after the gap, only the patches before it are superseded and
         // no resync is needed.
         let first_dead = dead[0].clone();
@@ -1065,7 +1070,10 @@ mod tests {
             retry_at_ms: None,
         };
         assert!(!outbox.record(head.id, dead, 10).await.unwrap().needs_resync);
-        assert_eq!(pending(&outbox, "a").await, [(Kind::Snapshot, 6, None)]);
+        assert_eq!(
+            pending(&outbox, "a").await,
+            [(ChangeKind::Snapshot, 6, None)]
+        );
         // Replay puts the same messages (same webhook-id and body) back at the end of the queue.
         let replayed = outbox
             .replay("a".into(), Replay::DeadSince(0), 20)
@@ -1075,9 +1083,9 @@ mod tests {
         assert_eq!(
             pending(&outbox, "a").await,
             [
-                (Kind::Snapshot, 6, None),
-                (Kind::Snapshot, 1, None),
-                (Kind::Snapshot, 4, None)
+                (ChangeKind::Snapshot, 6, None),
+                (ChangeKind::Snapshot, 1, None),
+                (ChangeKind::Snapshot, 4, None)
             ]
         );
         let six = outbox
@@ -1137,7 +1145,10 @@ mod tests {
         // 1, 2, 3 pending; 4 found three pending: all superseded, 4 queued as a snapshot; 5 patches it.
         assert_eq!(
             pending(&outbox, "a").await,
-            [(Kind::Snapshot, 4, None), (Kind::Patch, 5, Some(4))]
+            [
+                (ChangeKind::Snapshot, 4, None),
+                (ChangeKind::Patch, 5, Some(4))
+            ]
         );
         let superseded = outbox
             .deliveries(
@@ -1218,7 +1229,10 @@ mod tests {
             ..EndpointStatus::default()
         };
         assert_eq!(endpoints, vec![(endpoint("a"), fresh)]);
-        assert_eq!(pending(&outbox, "a").await, [(Kind::Snapshot, 1, None)]);
+        assert_eq!(
+            pending(&outbox, "a").await,
+            [(ChangeKind::Snapshot, 1, None)]
+        );
         let mode: String = {
             let conn = Connection::open(&path).unwrap();
             conn.query_row("PRAGMA journal_mode", [], |r| r.get(0))

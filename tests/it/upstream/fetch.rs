@@ -7,10 +7,16 @@ use http::HeaderMap;
 use patchwire::redact::Redacted;
 use patchwire::upstream::fetch::{RedirectError, redirect_policy};
 use patchwire::upstream::{FetchError, FetchRequest, Fetched, Fetcher, Validators};
+use serde_json::json;
 use tokio::time::Instant;
 use url::Url;
 
-use crate::support::{Behaviour, BodyKind, MockUpstream, header_value};
+use crate::support::poller::header_value;
+use crate::support::{Failure, MockUpstream, free_port};
+
+fn url(mock: &MockUpstream, path: &str) -> Url {
+    Url::parse(&mock.url_at(path)).expect("the mock's URL is valid")
+}
 
 fn fetcher() -> Fetcher {
     Fetcher::new("patchwire-test/1").expect("client builds")
@@ -52,16 +58,11 @@ fn body(fetched: Fetched) -> Bytes {
 
 #[tokio::test]
 async fn sends_user_agent_and_configured_headers_and_returns_validators() {
-    let mock = MockUpstream::start(Behaviour {
-        body: Bytes::from_static(b"{\"a\":1}"),
-        etag: Some("\"v1\""),
-        last_modified: Some("Wed, 21 Oct 2015 07:28:00 GMT"),
-        ..Behaviour::default()
-    })
-    .await;
+    let mock = MockUpstream::start_with_body(b"{\"a\":1}").await;
+    let date = mock.last_modified();
     let mut headers = HeaderMap::new();
     headers.insert("x-api-key", header_value("k-123"));
-    let fetched = fetch_with(&mock.url("/feed"), &headers, Duration::from_secs(5), 1024)
+    let fetched = fetch_with(&url(&mock, "/feed"), &headers, Duration::from_secs(5), 1024)
         .await
         .expect("fetch succeeds");
     let Fetched::Body { body, validators } = fetched else {
@@ -69,11 +70,8 @@ async fn sends_user_agent_and_configured_headers_and_returns_validators() {
     };
     assert_eq!(body, Bytes::from_static(b"{\"a\":1}"));
     assert_eq!(validators.etag, Some(header_value("\"v1\"")));
-    assert_eq!(
-        validators.last_modified,
-        Some(header_value("Wed, 21 Oct 2015 07:28:00 GMT"))
-    );
-    let seen = mock.last_seen();
+    assert_eq!(validators.last_modified, Some(header_value(&date)));
+    let seen = mock.last_received();
     assert_eq!(seen.header("user-agent"), Some("patchwire-test/1"));
     assert_eq!(seen.header("x-api-key"), Some("k-123"));
     assert_eq!(seen.header("if-none-match"), None);
@@ -82,13 +80,9 @@ async fn sends_user_agent_and_configured_headers_and_returns_validators() {
 
 #[tokio::test]
 async fn validators_become_conditions_and_304_reads_no_body() {
-    let mock = MockUpstream::start(Behaviour {
-        etag: Some("\"v1\""),
-        last_modified: Some("Wed, 21 Oct 2015 07:28:00 GMT"),
-        ..Behaviour::default()
-    })
-    .await;
-    let url = mock.url("/feed");
+    let mock = MockUpstream::start_with_body(b"{}").await;
+    let date = mock.last_modified();
+    let url = url(&mock, "/feed");
     let headers = HeaderMap::new();
     let shown = Redacted::new(&url);
     let request = FetchRequest {
@@ -100,36 +94,29 @@ async fn validators_become_conditions_and_304_reads_no_body() {
     };
     let validators = Validators {
         etag: Some(header_value("\"v1\"")),
-        last_modified: Some(header_value("Wed, 21 Oct 2015 07:28:00 GMT")),
+        last_modified: Some(header_value(&date)),
     };
     let fetched = fetcher()
         .fetch(&request, &validators)
         .await
         .expect("fetch succeeds");
     assert!(matches!(fetched, Fetched::NotModified), "{fetched:?}");
-    let seen = mock.last_seen();
+    let seen = mock.last_received();
     assert_eq!(seen.header("if-none-match"), Some("\"v1\""));
-    assert_eq!(
-        seen.header("if-modified-since"),
-        Some("Wed, 21 Oct 2015 07:28:00 GMT")
-    );
+    assert_eq!(seen.header("if-modified-since"), Some(date.as_str()));
 }
 
 #[tokio::test]
 async fn gzip_bodies_are_decompressed() {
     let doc = br#"{"vehicles":[{"id":"a","lat":1.5},{"id":"b","lat":2.5}]}"#;
-    let mock = MockUpstream::start(Behaviour {
-        body: Bytes::from_static(doc),
-        gzip: true,
-        ..Behaviour::default()
-    })
-    .await;
-    let fetched = fetch(&mock.url("/feed"), 1024)
+    let mock = MockUpstream::start_with_body(doc).await;
+    mock.gzip(true);
+    let fetched = fetch(&url(&mock, "/feed"), 1024)
         .await
         .expect("fetch succeeds");
     assert_eq!(body(fetched), Bytes::from_static(doc));
     let accept = mock
-        .last_seen()
+        .last_received()
         .header("accept-encoding")
         .map(str::to_owned);
     assert!(
@@ -140,14 +127,12 @@ async fn gzip_bodies_are_decompressed() {
 
 #[tokio::test]
 async fn a_body_of_exactly_the_cap_is_accepted_one_more_byte_is_not() {
-    let mock = MockUpstream::start(Behaviour {
-        body: Bytes::from_static(b"[1,2,3]"),
-        ..Behaviour::default()
-    })
-    .await;
-    let fetched = fetch(&mock.url("/feed"), 7).await.expect("7 bytes fit");
+    let mock = MockUpstream::start_with_body(b"[1,2,3]").await;
+    let fetched = fetch(&url(&mock, "/feed"), 7).await.expect("7 bytes fit");
     assert_eq!(body(fetched).len(), 7);
-    let error = fetch(&mock.url("/feed"), 6).await.expect_err("7 bytes > 6");
+    let error = fetch(&url(&mock, "/feed"), 6)
+        .await
+        .expect_err("7 bytes > 6");
     assert!(
         matches!(error, FetchError::TooLarge { limit: 6, .. }),
         "{error:?}"
@@ -158,16 +143,13 @@ async fn a_body_of_exactly_the_cap_is_accepted_one_more_byte_is_not() {
 #[tokio::test]
 async fn a_chunked_body_is_cut_off_as_soon_as_it_exceeds_the_cap() {
     // The mock never finishes the body: only an early cut-off avoids the timeout.
-    let mock = MockUpstream::start(Behaviour {
-        kind: BodyKind::ChunkedThenHang {
-            chunk: 512,
-            chunks: 8,
-        },
-        ..Behaviour::default()
-    })
-    .await;
+    let mock = MockUpstream::start(json!({})).await;
+    mock.fail(Failure::ChunkedThenHang {
+        chunk: 512,
+        chunks: 8,
+    });
     let started = Instant::now();
-    let error = fetch(&mock.url("/feed"), 1000)
+    let error = fetch(&url(&mock, "/feed"), 1000)
         .await
         .expect_err("4 KiB > 1000 bytes");
     assert!(
@@ -175,18 +157,15 @@ async fn a_chunked_body_is_cut_off_as_soon_as_it_exceeds_the_cap() {
         "{error:?}"
     );
     assert!(started.elapsed() < Duration::from_secs(2));
-    assert!(error.to_string().contains(mock.url("/feed").as_str()));
+    assert!(error.to_string().contains(url(&mock, "/feed").as_str()));
 }
 
 #[tokio::test]
 async fn a_too_large_content_length_is_rejected_before_reading_the_body() {
-    let mock = MockUpstream::start(Behaviour {
-        kind: BodyKind::LyingLength { length: 10_000_000 },
-        ..Behaviour::default()
-    })
-    .await;
+    let mock = MockUpstream::start(json!({})).await;
+    mock.fail(Failure::LyingLength { length: 10_000_000 });
     let started = Instant::now();
-    let error = fetch(&mock.url("/feed"), 1 << 20)
+    let error = fetch(&url(&mock, "/feed"), 1 << 20)
         .await
         .expect_err("10 MB > 1 MiB");
     assert!(
@@ -204,12 +183,9 @@ async fn a_too_large_content_length_is_rejected_before_reading_the_body() {
 
 #[tokio::test]
 async fn a_connection_broken_mid_body_is_a_body_error() {
-    let mock = MockUpstream::start(Behaviour {
-        kind: BodyKind::Truncated,
-        ..Behaviour::default()
-    })
-    .await;
-    let error = fetch(&mock.url("/feed"), 1 << 20)
+    let mock = MockUpstream::start(json!({})).await;
+    mock.fail(Failure::Truncated);
+    let error = fetch(&url(&mock, "/feed"), 1 << 20)
         .await
         .expect_err("the body is incomplete");
     assert!(matches!(error, FetchError::Body { .. }), "{error:?}");
@@ -218,16 +194,12 @@ async fn a_connection_broken_mid_body_is_a_body_error() {
 
 #[tokio::test]
 async fn follows_five_redirects_but_not_six() {
-    let mock = MockUpstream::start(Behaviour {
-        body: Bytes::from_static(b"{\"ok\":true}"),
-        ..Behaviour::default()
-    })
-    .await;
-    let fetched = fetch(&mock.url("/redirect/5"), 1024)
+    let mock = MockUpstream::start_with_body(b"{\"ok\":true}").await;
+    let fetched = fetch(&url(&mock, "/redirect/5"), 1024)
         .await
         .expect("5 redirects are followed");
     assert_eq!(body(fetched), Bytes::from_static(b"{\"ok\":true}"));
-    let error = fetch(&mock.url("/redirect/6"), 1024)
+    let error = fetch(&url(&mock, "/redirect/6"), 1024)
         .await
         .expect_err("6 redirects are too many");
     assert!(
@@ -246,14 +218,11 @@ async fn follows_five_redirects_but_not_six() {
 
 #[tokio::test]
 async fn a_slow_upstream_times_out_with_504() {
-    let mock = MockUpstream::start(Behaviour {
-        delay: Duration::from_secs(10),
-        ..Behaviour::default()
-    })
-    .await;
+    let mock = MockUpstream::start(json!({})).await;
+    mock.fail(Failure::Hang(Duration::from_secs(10)));
     let started = Instant::now();
     let error = fetch_with(
-        &mock.url("/feed"),
+        &url(&mock, "/feed"),
         &HeaderMap::new(),
         Duration::from_millis(150),
         1024,
@@ -271,10 +240,7 @@ async fn a_slow_upstream_times_out_with_504() {
 
 #[tokio::test]
 async fn connection_refused_is_a_connect_error_naming_the_url() {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    let addr = listener.local_addr().expect("address");
-    drop(listener);
-    let url = Url::parse(&format!("http://{addr}/feed")).expect("valid URL");
+    let url = Url::parse(&format!("http://127.0.0.1:{}/feed", free_port())).expect("valid URL");
     let error = fetch(&url, 1024).await.expect_err("nothing listens");
     assert!(matches!(error, FetchError::Connect { .. }), "{error:?}");
     assert_eq!(error.status(), 502);
@@ -287,18 +253,15 @@ async fn connection_refused_is_a_connect_error_naming_the_url() {
 
 #[tokio::test]
 async fn error_statuses_carry_retry_after_only_for_429_and_503() {
-    let mock = MockUpstream::start(Behaviour::default()).await;
+    let mock = MockUpstream::start(json!({})).await;
     for (status, expected) in [
         (429, Some(Duration::from_secs(7))),
         (503, Some(Duration::from_secs(7))),
         (500, None),
         (404, None),
     ] {
-        mock.set(|b| {
-            b.status = status;
-            b.retry_after = Some("7".into());
-        });
-        let error = fetch(&mock.url("/feed"), 1024)
+        mock.fail(Failure::Status(status, Some("7".into())));
+        let error = fetch(&url(&mock, "/feed"), 1024)
             .await
             .expect_err("error status");
         assert_eq!(error.status(), status);
@@ -308,18 +271,15 @@ async fn error_statuses_carry_retry_after_only_for_429_and_503() {
 
 #[tokio::test]
 async fn errors_never_contain_header_values() {
-    let mock = MockUpstream::start(Behaviour {
-        status: 401,
-        ..Behaviour::default()
-    })
-    .await;
+    let mock = MockUpstream::start(json!({})).await;
+    mock.fail(Failure::Status(401, None));
     let mut headers = HeaderMap::new();
     headers.insert("authorization", header_value("Bearer s3cret-token"));
-    let error = fetch_with(&mock.url("/feed"), &headers, Duration::from_secs(5), 1024)
+    let error = fetch_with(&url(&mock, "/feed"), &headers, Duration::from_secs(5), 1024)
         .await
         .expect_err("401");
     assert_eq!(
-        mock.last_seen().header("authorization"),
+        mock.last_received().header("authorization"),
         Some("Bearer s3cret-token")
     );
     for text in [error.to_string(), format!("{error:?}")] {
@@ -331,13 +291,9 @@ async fn errors_never_contain_header_values() {
 #[tokio::test]
 async fn the_cap_applies_to_the_decompressed_body() {
     // 100 KB of spaces compresses to a few hundred bytes: a small decompression bomb.
-    let mock = MockUpstream::start(Behaviour {
-        body: Bytes::from(vec![b' '; 100_000]),
-        gzip: true,
-        ..Behaviour::default()
-    })
-    .await;
-    let error = fetch(&mock.url("/feed"), 10_000)
+    let mock = MockUpstream::start_with_body(&vec![b' '; 100_000]).await;
+    mock.gzip(true);
+    let error = fetch(&url(&mock, "/feed"), 10_000)
         .await
         .expect_err("100 KB decompressed > 10 KB");
     assert!(
@@ -348,14 +304,14 @@ async fn the_cap_applies_to_the_decompressed_body() {
 
 #[tokio::test]
 async fn a_refused_redirect_is_named_with_its_redacted_target() {
-    let mock = MockUpstream::start(Behaviour::default()).await;
+    let mock = MockUpstream::start(json!({})).await;
     let refusing = Fetcher::client_builder("patchwire-test/1")
         .expect("valid user agent")
         .redirect(redirect_policy(|url| {
             (url.path() == "/redirect/0").then(|| "it is the last one".to_owned())
         }));
     let fetcher = Fetcher::build(refusing).expect("client builds");
-    let url = mock.url("/redirect/2");
+    let url = url(&mock, "/redirect/2");
     let shown = Redacted::new(&url);
     let request = FetchRequest {
         url: &url,
@@ -373,7 +329,7 @@ async fn a_refused_redirect_is_named_with_its_redacted_target() {
     assert!(
         text.ends_with(&format!(
             "/redirect/2: redirect to {} refused: it is the last one",
-            mock.url("/redirect/0")
+            mock.url_at("/redirect/0")
         )),
         "{text}"
     );

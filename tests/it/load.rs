@@ -1,43 +1,39 @@
 //! The load tool's library against the real application in-process: every subscriber gets
 //! every change in order, stalls do not stop the others, and failures are reported clearly.
 
-// The integration tests' support (the app on port 0, the mock upstream); this binary uses
-// only part of it.
-#[allow(unused_imports)]
-#[path = "it/support/mod.rs"]
-mod support;
-
 use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
-use patchwire::config::{PushSettings, PushStreamSettings};
-use patchwire::diff::DiffOptions;
 use patchwire_load::{self as load, Args, LoadError};
 use serde_json::json;
 
-use support::{MockUpstream, TestApp, config, stream};
+use crate::support::{self, MockUpstream, TestApp, free_port};
 
 const TOKEN: &str = "load-test-token-0123456789";
 
 async fn push_app(polled: Option<&str>) -> TestApp {
-    let mut config = config(
-        polled
-            .map(|u| vec![stream("polled", u)])
-            .unwrap_or_default(),
-    );
-    config.server.subscriber_buffer = 256;
-    config.push = Some(PushSettings {
-        token: TOKEN.into(),
-        max_body_bytes: 1 << 20,
-    });
-    config.push_streams = vec![PushStreamSettings {
-        name: "bench".into(),
-        history: 100,
-        history_bytes: 16 << 20,
-        diff: DiffOptions::default(),
-    }];
-    TestApp::spawn(config).await
+    let polled = polled
+        .map(|u| support::polled("polled", u))
+        .unwrap_or_default();
+    TestApp::from_toml(&format!(
+        r#"
+[server]
+subscriber_buffer = 256
+
+[push]
+token = "{TOKEN}"
+max_body = "1 MiB"
+
+[[streams]]
+name = "bench"
+source = "push"
+history = 100
+
+{polled}
+"#
+    ))
+    .await
 }
 
 /// The `patchwire-load` binary of this build. It belongs to another package of the workspace,
@@ -241,10 +237,7 @@ async fn watching_a_polled_stream_checks_order_and_delivery() {
 #[tokio::test]
 async fn nobody_connecting_is_an_error() {
     // A port nothing listens on.
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("a port");
-    let addr = listener.local_addr().expect("its address");
-    drop(listener);
-    let url = format!("http://{addr}/streams/x");
+    let url = format!("http://127.0.0.1:{}/streams/x", free_port());
     let plan = Args::try_parse_from([
         "patchwire-load",
         "--url",

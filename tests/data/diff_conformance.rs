@@ -1,9 +1,8 @@
 //! RFC 6902 conformance of `diff::apply` (the json-patch-tests suites, atomicity on failure),
 //! and `diff::diff` round trips on the jd structural-diff corpus.
 
-mod diff_support;
-
 use patchwire::diff::{self, DiffOptions, Patch};
+use patchwire_test_data as data;
 use serde_json::Value;
 
 /// Cases that cannot run as written, with the reason.
@@ -14,7 +13,7 @@ const SKIPPED: &[(&str, &str)] = &[(
 
 /// Runs one suite file; returns (passed, skipped).
 fn run_suite(relative: &str) -> Option<(usize, usize)> {
-    let suite = diff_support::data_json(relative)?;
+    let suite = data::json(relative)?;
     let cases = suite.as_array().expect("a suite is a JSON array");
     let (mut passed, mut skipped) = (0, 0);
     let mut failures = Vec::new();
@@ -93,7 +92,7 @@ fn failing_patches_leave_the_document_untouched() {
 /// Every pair of the jd corpus (all JSON types, arrays, nesting) round-trips through our diff.
 #[test]
 fn jd_corpus_round_trips() {
-    let Some(cases) = diff_support::data_json("json-diff/jd-spec-cases/core.json") else {
+    let Some(cases) = data::json("json-diff/jd-spec-cases/core.json") else {
         return;
     };
     let mut ran = 0;

@@ -8,10 +8,11 @@ use serde_json::json;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::support::{
-    Behaviour, MockUpstream, ScriptedUpstream, harness, harness_with, limiter, paused_harness,
-    rate, stream, tokio_limiter,
+use crate::support::poller::{
+    Event, ScriptedUpstream, harness, harness_with, limiter, paused_harness, rate, stream,
+    tokio_limiter,
 };
+use crate::support::{Failure, MockUpstream, SOON};
 
 fn gaps(times: &[Instant]) -> Vec<Duration> {
     times.windows(2).map(|w| w[1] - w[0]).collect()
@@ -26,7 +27,7 @@ async fn polls_never_overlap_and_keep_a_fixed_rate() {
     // 160ms, a fixed-rate one every 100ms.
     let upstream = ScriptedUpstream::new(Duration::from_millis(60), &json!({"v": 1}));
     let h = paused_harness(
-        stream("s", url()),
+        &scripted("s"),
         Arc::clone(&upstream),
         tokio_limiter(rate(1000, 1000)),
     );
@@ -48,11 +49,7 @@ async fn polls_never_overlap_and_keep_a_fixed_rate() {
 #[tokio::test(start_paused = true)]
 async fn missed_ticks_are_skipped_not_caught_up() {
     let upstream = ScriptedUpstream::new(Duration::from_millis(230), &json!({"v": 1}));
-    let mut h = paused_harness(
-        stream("s", url()),
-        upstream,
-        tokio_limiter(rate(1000, 1000)),
-    );
+    let mut h = paused_harness(&scripted("s"), upstream, tokio_limiter(rate(1000, 1000)));
     let before = Instant::now();
     let step = h.poller.poll_once().await;
     assert_eq!(step.outcome, LastOutcome::Changed);
@@ -65,16 +62,8 @@ async fn two_streams_of_one_host_share_one_quota() {
     let upstream = ScriptedUpstream::new(Duration::ZERO, &json!({"v": 1}));
     // 5 requests per second, no burst: one request every 200ms across both streams.
     let shared = tokio_limiter(rate(5, 1));
-    let mut a = paused_harness(
-        stream("a", url()),
-        Arc::clone(&upstream),
-        Arc::clone(&shared),
-    );
-    let mut b = paused_harness(
-        stream("b", url()),
-        Arc::clone(&upstream),
-        Arc::clone(&shared),
-    );
+    let mut a = paused_harness(&scripted("a"), Arc::clone(&upstream), Arc::clone(&shared));
+    let mut b = paused_harness(&scripted("b"), Arc::clone(&upstream), Arc::clone(&shared));
     let started = Instant::now();
     a.poller.poll_once().await;
     b.poller.poll_once().await;
@@ -90,12 +79,12 @@ async fn two_streams_of_one_host_share_one_quota() {
     // Separate limiters do not slow each other down.
     let other = ScriptedUpstream::new(Duration::ZERO, &json!({"v": 1}));
     let mut c = paused_harness(
-        stream("c", url()),
+        &scripted("c"),
         Arc::clone(&other),
         tokio_limiter(rate(5, 1)),
     );
     let mut d = paused_harness(
-        stream("d", url()),
+        &scripted("d"),
         Arc::clone(&other),
         tokio_limiter(rate(5, 1)),
     );
@@ -110,7 +99,7 @@ async fn a_failing_stream_keeps_polling_with_backoff_and_recovers() {
     let upstream = ScriptedUpstream::new(Duration::ZERO, &json!({"up": false}));
     upstream.set_status(500);
     let h = paused_harness(
-        stream("s", url()),
+        &scripted("s"),
         Arc::clone(&upstream),
         tokio_limiter(rate(1000, 1000)),
     );
@@ -134,19 +123,16 @@ async fn a_failing_stream_keeps_polling_with_backoff_and_recovers() {
     let events = h.recorder.events();
     let recovered = events
         .iter()
-        .position(|e| *e == crate::support::Event::Recovered)
+        .position(|e| *e == Event::Recovered)
         .expect("recovered was reported");
-    assert_eq!(
-        events[recovered + 1],
-        crate::support::Event::Document(json!({"up": true}))
-    );
+    assert_eq!(events[recovered + 1], Event::Document(json!({"up": true})));
     assert_eq!(status.read().consecutive_failures, 0);
 }
 
-/// The scripted upstream is never contacted over the network; the URL only names the stream's
-/// rate-limit group.
-fn url() -> url::Url {
-    url::Url::parse("http://upstream.test/feed").expect("a valid URL")
+/// A stream `name` of a scripted upstream, which is never contacted over the network: the URL
+/// only names the stream's rate-limit group.
+fn scripted(name: &str) -> String {
+    stream(name, "http://upstream.test/feed", "")
 }
 
 async fn assert_stops_promptly(task: tokio::task::JoinHandle<()>, shutdown: &CancellationToken) {
@@ -161,45 +147,38 @@ async fn assert_stops_promptly(task: tokio::task::JoinHandle<()>, shutdown: &Can
 
 #[tokio::test]
 async fn shutdown_interrupts_a_request_in_flight() {
-    let mock = MockUpstream::start(Behaviour {
-        delay: Duration::from_secs(30),
-        ..Behaviour::default()
-    })
-    .await;
-    let mut settings = stream("s", mock.url("/feed"));
-    settings.timeout = Duration::from_secs(60);
-    let h = harness(settings);
+    let mock = MockUpstream::start(json!({})).await;
+    mock.fail(Failure::Hang(Duration::from_secs(30)));
+    let h = harness(&stream("s", &mock.url_at("/feed"), "timeout = \"60s\""));
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(h.poller.run(shutdown.clone()));
-    mock.wait_for_requests(1).await;
+    mock.wait_for_requests(0, SOON).await;
     assert_stops_promptly(task, &shutdown).await;
     assert!(h.recorder.events().is_empty());
 }
 
 #[tokio::test]
 async fn shutdown_interrupts_the_sleep_between_polls() {
-    let mock = MockUpstream::start(Behaviour::default()).await;
-    let mut settings = stream("s", mock.url("/feed"));
-    settings.interval = Duration::from_secs(60);
-    let h = harness(settings);
+    let mock = MockUpstream::start(json!({})).await;
+    let h = harness(&stream("s", &mock.url_at("/feed"), "interval = \"60s\""));
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(h.poller.run(shutdown.clone()));
-    mock.wait_for_requests(1).await;
+    mock.wait_for_requests(0, SOON).await;
     tokio::time::sleep(Duration::from_millis(50)).await;
     assert_stops_promptly(task, &shutdown).await;
-    assert_eq!(mock.seen().len(), 1);
+    assert_eq!(mock.requests(), 1);
 }
 
 #[tokio::test]
 async fn shutdown_interrupts_the_wait_for_the_rate_limit() {
-    let mock = MockUpstream::start(Behaviour::default()).await;
+    let mock = MockUpstream::start(json!({})).await;
     let shared = limiter(rate(1, 1));
     // Another stream of the group just spent the quota: the next request waits ~1s.
     assert!(shared.check().is_ok());
-    let h = harness_with(stream("s", mock.url("/feed")), shared);
+    let h = harness_with(&stream("s", &mock.url_at("/feed"), ""), shared);
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(h.poller.run(shutdown.clone()));
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert_stops_promptly(task, &shutdown).await;
-    assert!(mock.seen().is_empty(), "no request beyond the quota");
+    assert_eq!(mock.requests(), 0, "no request beyond the quota");
 }

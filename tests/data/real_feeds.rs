@@ -2,15 +2,14 @@
 //! (entity counts as documented in its README), the invalid one failing cleanly, and what the
 //! `gtfs-rt` defaults do with real polls.
 
-mod diff_support;
-mod feeds_support;
-
 use std::path::{Path, PathBuf};
 
-use feeds_support::{GTFS_RT_SEQUENCES, entity_count, gtfs_rt_sequence, gtfs_rt_stream_options};
 use patchwire::diff;
 use patchwire::upstream::decode::{DecodeError, Format, decode};
+use patchwire_test_data::{self as data, GTFS_RT_SEQUENCES};
 use serde_json::{Value, json};
+
+use crate::support::{entity_count, gtfs_rt_sequence, gtfs_rt_stream_options};
 
 /// The single snapshots and their entity counts, from the table in `shared/data/README.md`.
 const SINGLE: [(&str, usize, u64); 12] = [
@@ -56,7 +55,7 @@ fn pb_files(dir: &Path, out: &mut Vec<PathBuf>) {
 
 #[test]
 fn every_pb_decodes_except_the_invalid_one() {
-    let Some(root) = diff_support::data_path("gtfs-rt") else {
+    let Some(root) = data::path("gtfs-rt") else {
         return;
     };
     let mut files = Vec::new();
@@ -85,7 +84,7 @@ fn every_pb_decodes_except_the_invalid_one() {
 #[test]
 fn single_snapshots_have_the_documented_entities_and_timestamps() {
     for (file, entities, timestamp) in SINGLE {
-        let Some(path) = diff_support::data_path(&format!("gtfs-rt/single/{file}")) else {
+        let Some(path) = data::path(&format!("gtfs-rt/single/{file}")) else {
             return;
         };
         let body = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
@@ -108,8 +107,7 @@ fn single_snapshots_have_the_documented_entities_and_timestamps() {
 
 #[test]
 fn the_projection_is_compact_json_with_enum_names() {
-    let Some(path) = diff_support::data_path("gtfs-rt/single/mbta-concentrate/vehiclepositions.pb")
-    else {
+    let Some(path) = data::path("gtfs-rt/single/mbta-concentrate/vehiclepositions.pb") else {
         return;
     };
     let body = std::fs::read(&path).expect("readable");
@@ -227,9 +225,9 @@ fn entities_keyed_on_the_vehicle_survive_entity_ids_that_change_every_poll() {
 
 #[test]
 fn gzip_without_content_encoding_and_json_in_a_protobuf_stream_say_what_to_fix() {
-    let Some(path) = diff_support::data_path(
-        "gtfs-rt/json/mbta-lamp/2022-07-05T12-35-16Z_VehiclePositions_enhanced.json.gz",
-    ) else {
+    let Some(path) =
+        data::path("gtfs-rt/json/mbta-lamp/2022-07-05T12-35-16Z_VehiclePositions_enhanced.json.gz")
+    else {
         return;
     };
     let gz = std::fs::read(&path).expect("readable");
@@ -253,8 +251,7 @@ fn mbta_enhanced_json_feeds_decode_as_json() {
         "VehiclePositions_enhanced.json",
         "alerts_enhanced.json",
     ] {
-        let Some(path) = diff_support::data_path(&format!("gtfs-rt/json/mbta-concentrate/{name}"))
-        else {
+        let Some(path) = data::path(&format!("gtfs-rt/json/mbta-concentrate/{name}")) else {
             return;
         };
         let body = std::fs::read(&path).expect("readable");
@@ -353,7 +350,7 @@ fn gbfs_example_keys_stations_and_ignores_what_moves_every_poll() {
         .collect();
     assert_eq!(keys, [("/data/stations", "station_id")]);
 
-    let Some(polls) = feeds_support::gbfs_bodies() else {
+    let Some(polls) = data::gbfs_bodies() else {
         return;
     };
     let docs: Vec<Value> = polls

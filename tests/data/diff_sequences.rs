@@ -4,20 +4,18 @@
 //! Adding a sequence is one more `#[test]` calling [`check_sequence`] and [`check_with_python`];
 //! the GTFS-realtime sequences are decoded with `format = "gtfs-rt"` first.
 
-mod diff_support;
-mod feeds_support;
-
 use std::io::Write;
 use std::process::{Command, Stdio};
 
 use patchwire::diff::{self, DiffConfig, DiffOptions, PatchOperation};
 use patchwire::validation::Problems;
+use patchwire_test_data::{self as data, GBFS};
 use serde_json::{Value, json};
 
-const GBFS: &str = "gbfs/baywheels-station_status";
+use crate::support;
 
 fn gbfs() -> Option<Vec<(String, Value)>> {
-    diff_support::sequence(GBFS, "station_status_")
+    data::json_sequence(GBFS, "station_status_")
 }
 
 fn gbfs_options() -> Vec<(&'static str, DiffOptions)> {
@@ -156,7 +154,7 @@ fn check_with_python(name: &str, snapshots: &[(String, Value)], patches: &[Value
         .stderr(Stdio::null())
         .status();
     if !matches!(probe, Ok(status) if status.success()) {
-        diff_support::skip::<()>(
+        data::skip::<()>(
             "python3 with the `jsonpatch` package is not available (pip install jsonpatch)",
         );
         return;
@@ -283,9 +281,9 @@ fn python_jsonpatch_applies_synthetic_fleet_patches() {
 /// applies the same patches to the same result.
 #[test]
 fn gtfs_rt_pairs_round_trip_with_the_default_keys() {
-    let defaults = feeds_support::gtfs_rt_stream_options("");
-    for dir in feeds_support::GTFS_RT_SEQUENCES {
-        let Some(snapshots) = feeds_support::gtfs_rt_sequence(dir) else {
+    let defaults = support::gtfs_rt_stream_options("");
+    for dir in data::GTFS_RT_SEQUENCES {
+        let Some(snapshots) = support::gtfs_rt_sequence(dir) else {
             return;
         };
         let patches = check_sequence(dir, &snapshots, &defaults);
@@ -295,9 +293,9 @@ fn gtfs_rt_pairs_round_trip_with_the_default_keys() {
 
 #[test]
 fn gtfs_rt_pairs_round_trip_with_moves() {
-    let moves = feeds_support::gtfs_rt_stream_options("allow_move = true");
-    for dir in feeds_support::GTFS_RT_SEQUENCES {
-        let Some(snapshots) = feeds_support::gtfs_rt_sequence(dir) else {
+    let moves = support::gtfs_rt_stream_options("allow_move = true");
+    for dir in data::GTFS_RT_SEQUENCES {
+        let Some(snapshots) = support::gtfs_rt_sequence(dir) else {
             return;
         };
         check_sequence(&format!("{dir}/moves"), &snapshots, &moves);

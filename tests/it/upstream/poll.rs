@@ -2,27 +2,25 @@
 
 use std::time::{Duration, SystemTime};
 
-use bytes::Bytes;
 use patchwire::upstream::LastOutcome;
 use serde_json::json;
 use tokio::time::Instant;
-use url::Url;
 
-use crate::support::{Behaviour, BodyKind, Event, MockUpstream, harness, stream};
+use crate::support::poller::{Event, harness, stream};
+use crate::support::{Failure, MockUpstream, free_port};
 
-fn json_body(doc: serde_json::Value) -> Bytes {
-    Bytes::from(serde_json::to_vec(&doc).expect("serializable"))
+/// The mock serving `doc` without validators: every poll downloads it.
+async fn unconditional(doc: serde_json::Value) -> MockUpstream {
+    let mock = MockUpstream::start(doc).await;
+    mock.validators(false, false);
+    mock
 }
 
 #[tokio::test]
 async fn etag_makes_the_next_poll_conditional_and_304_publishes_nothing() {
-    let mock = MockUpstream::start(Behaviour {
-        body: json_body(json!({"v": 1})),
-        etag: Some("\"v1\""),
-        ..Behaviour::default()
-    })
-    .await;
-    let mut h = harness(stream("s", mock.url("/feed")));
+    let mock = MockUpstream::start(json!({"v": 1})).await;
+    mock.validators(true, false);
+    let mut h = harness(&stream("s", &mock.url_at("/feed"), ""));
 
     let step = h.poller.poll_once().await;
     assert_eq!(step.outcome, LastOutcome::Changed);
@@ -30,13 +28,11 @@ async fn etag_makes_the_next_poll_conditional_and_304_publishes_nothing() {
 
     let step = h.poller.poll_once().await;
     assert_eq!(step.outcome, LastOutcome::NotModified);
-    assert_eq!(mock.last_seen().header("if-none-match"), Some("\"v1\""));
+    assert_eq!(mock.last_received().header("if-none-match"), Some("\"v1\""));
     assert_eq!(h.recorder.documents(), 1, "a 304 is not published");
 
-    mock.set(|b| {
-        b.body = json_body(json!({"v": 2}));
-        b.etag = Some("\"v2\"");
-    });
+    // A new document, served with the ETag "v2".
+    mock.set(json!({"v": 2}));
     let step = h.poller.poll_once().await;
     assert_eq!(step.outcome, LastOutcome::Changed);
     assert_eq!(
@@ -45,7 +41,7 @@ async fn etag_makes_the_next_poll_conditional_and_304_publishes_nothing() {
     );
     let step = h.poller.poll_once().await;
     assert_eq!(step.outcome, LastOutcome::NotModified);
-    assert_eq!(mock.last_seen().header("if-none-match"), Some("\"v2\""));
+    assert_eq!(mock.last_received().header("if-none-match"), Some("\"v2\""));
 
     let metrics = h.metrics.encode();
     assert!(
@@ -64,29 +60,24 @@ async fn etag_makes_the_next_poll_conditional_and_304_publishes_nothing() {
 
 #[tokio::test]
 async fn last_modified_makes_the_next_poll_conditional() {
-    let date = "Wed, 21 Oct 2015 07:28:00 GMT";
-    let mock = MockUpstream::start(Behaviour {
-        body: json_body(json!({"v": 1})),
-        last_modified: Some(date),
-        ..Behaviour::default()
-    })
-    .await;
-    let mut h = harness(stream("s", mock.url("/feed")));
+    let mock = MockUpstream::start(json!({"v": 1})).await;
+    mock.validators(false, true);
+    let date = mock.last_modified();
+    let mut h = harness(&stream("s", &mock.url_at("/feed"), ""));
     assert_eq!(h.poller.poll_once().await.outcome, LastOutcome::Changed);
-    assert_eq!(mock.last_seen().header("if-modified-since"), None);
+    assert_eq!(mock.last_received().header("if-modified-since"), None);
     assert_eq!(h.poller.poll_once().await.outcome, LastOutcome::NotModified);
-    assert_eq!(mock.last_seen().header("if-modified-since"), Some(date));
+    assert_eq!(
+        mock.last_received().header("if-modified-since"),
+        Some(date.as_str())
+    );
     assert_eq!(h.recorder.documents(), 1);
 }
 
 #[tokio::test]
 async fn a_byte_identical_body_is_not_published() {
-    let mock = MockUpstream::start(Behaviour {
-        body: json_body(json!({"v": 1})),
-        ..Behaviour::default()
-    })
-    .await;
-    let mut h = harness(stream("s", mock.url("/feed")));
+    let mock = unconditional(json!({"v": 1})).await;
+    let mut h = harness(&stream("s", &mock.url_at("/feed"), ""));
     assert_eq!(h.poller.poll_once().await.outcome, LastOutcome::Changed);
     assert_eq!(h.poller.poll_once().await.outcome, LastOutcome::Unchanged);
     assert_eq!(
@@ -96,23 +87,25 @@ async fn a_byte_identical_body_is_not_published() {
     );
 
     // Different bytes, same document: decoded and handed to the hub, which finds no change.
-    mock.set(|b| b.body = Bytes::from_static(b"{ \"v\" : 1 }"));
+    mock.set_raw_body(b"{ \"v\" : 1 }");
     assert_eq!(h.poller.poll_once().await.outcome, LastOutcome::Unchanged);
     assert_eq!(h.recorder.documents(), 2);
 }
 
-async fn failing_poll(behaviour: Behaviour, url_path: &str) -> (Event, LastOutcome) {
-    let mock = MockUpstream::start(Behaviour {
-        body: json_body(json!({"v": 1})),
-        ..Behaviour::default()
-    })
-    .await;
-    let mut settings = stream("s", mock.url(url_path));
-    settings.timeout = Duration::from_millis(200);
-    settings.max_body_bytes = 1000;
-    let mut h = harness(settings);
+/// What a test does to the mock upstream to break it.
+type Breakage = fn(&MockUpstream);
+
+/// One good poll, then `breakage` to the mock, then one failing poll (a 200 ms timeout, a
+/// 1 KiB cap).
+async fn failing_poll(breakage: Breakage, url_path: &str) -> (Event, LastOutcome) {
+    let mock = unconditional(json!({"v": 1})).await;
+    let mut h = harness(&stream(
+        "s",
+        &mock.url_at(url_path),
+        "timeout = \"200ms\"\nmax_body = \"1 KiB\"",
+    ));
     assert_eq!(h.poller.poll_once().await.outcome, LastOutcome::Changed);
-    mock.set(|b| *b = behaviour);
+    breakage(&mock);
     let step = h.poller.poll_once().await;
     assert_eq!(h.recorder.documents(), 1, "a failure publishes no document");
     (h.recorder.last_failure(), step.outcome)
@@ -127,61 +120,33 @@ fn failure_status(event: &Event) -> u16 {
 
 #[tokio::test]
 async fn every_kind_of_failure_is_reported_with_its_status() {
-    let cases: Vec<(&str, Behaviour, u16)> = vec![
-        (
-            "404",
-            Behaviour {
-                status: 404,
-                ..Behaviour::default()
-            },
-            404,
-        ),
-        (
-            "500",
-            Behaviour {
-                status: 500,
-                ..Behaviour::default()
-            },
-            500,
-        ),
-        (
-            "invalid JSON",
-            Behaviour {
-                body: Bytes::from_static(b"{\"v\": "),
-                ..Behaviour::default()
-            },
-            502,
-        ),
+    let cases: Vec<(&str, Breakage, u16)> = vec![
+        ("404", |m| m.fail(Failure::Status(404, None)), 404),
+        ("500", |m| m.fail(Failure::Status(500, None)), 500),
+        ("invalid JSON", |m| m.set_raw_body(b"{\"v\": "), 502),
         (
             "timeout",
-            Behaviour {
-                delay: Duration::from_secs(5),
-                ..Behaviour::default()
-            },
+            |m| m.fail(Failure::Hang(Duration::from_secs(5))),
             504,
         ),
         (
             "too large, chunked",
-            Behaviour {
-                kind: BodyKind::ChunkedThenHang {
+            |m| {
+                m.fail(Failure::ChunkedThenHang {
                     chunk: 600,
                     chunks: 2,
-                },
-                ..Behaviour::default()
+                })
             },
             502,
         ),
         (
             "too large, Content-Length",
-            Behaviour {
-                kind: BodyKind::LyingLength { length: 5000 },
-                ..Behaviour::default()
-            },
+            |m| m.fail(Failure::LyingLength { length: 5000 }),
             502,
         ),
     ];
-    for (name, behaviour, expected) in cases {
-        let (event, outcome) = failing_poll(behaviour, "/feed").await;
+    for (name, breakage, expected) in cases {
+        let (event, outcome) = failing_poll(breakage, "/feed").await;
         assert_eq!(failure_status(&event), expected, "{name}: {event:?}");
         match outcome {
             LastOutcome::Failed { status, message } => {
@@ -195,14 +160,7 @@ async fn every_kind_of_failure_is_reported_with_its_status() {
 
 #[tokio::test]
 async fn invalid_json_names_the_url_and_position() {
-    let (event, _) = failing_poll(
-        Behaviour {
-            body: Bytes::from_static(b"{\"v\": tru"),
-            ..Behaviour::default()
-        },
-        "/feed",
-    )
-    .await;
+    let (event, _) = failing_poll(|m| m.set_raw_body(b"{\"v\": tru"), "/feed").await;
     let Event::Failure { message, .. } = event else {
         panic!("expected a failure");
     };
@@ -212,11 +170,8 @@ async fn invalid_json_names_the_url_and_position() {
 
 #[tokio::test]
 async fn connection_refused_is_a_502_failure() {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    let addr = listener.local_addr().expect("address");
-    drop(listener);
-    let url = Url::parse(&format!("http://{addr}/feed")).expect("valid URL");
-    let mut h = harness(stream("s", url));
+    let url = format!("http://127.0.0.1:{}/feed", free_port());
+    let mut h = harness(&stream("s", &url, ""));
     let step = h.poller.poll_once().await;
     assert!(matches!(
         step.outcome,
@@ -227,12 +182,9 @@ async fn connection_refused_is_a_502_failure() {
 
 #[tokio::test]
 async fn backoff_delays_grow_with_consecutive_failures() {
-    let mock = MockUpstream::start(Behaviour {
-        status: 500,
-        ..Behaviour::default()
-    })
-    .await;
-    let mut h = harness(stream("s", mock.url("/feed")));
+    let mock = MockUpstream::start(json!({})).await;
+    mock.fail(Failure::Status(500, None));
+    let mut h = harness(&stream("s", &mock.url_at("/feed"), ""));
     let mut delays = Vec::new();
     for _ in 0..4 {
         let before = Instant::now();
@@ -261,13 +213,9 @@ async fn backoff_delays_grow_with_consecutive_failures() {
 
 #[tokio::test]
 async fn retry_after_in_seconds_is_honoured_on_429() {
-    let mock = MockUpstream::start(Behaviour {
-        status: 429,
-        retry_after: Some("3".into()),
-        ..Behaviour::default()
-    })
-    .await;
-    let mut h = harness(stream("s", mock.url("/feed")));
+    let mock = MockUpstream::start(json!({})).await;
+    mock.fail(Failure::Status(429, Some("3".into())));
+    let mut h = harness(&stream("s", &mock.url_at("/feed"), ""));
     let before = Instant::now();
     let step = h.poller.poll_once().await;
     let Event::Failure {
@@ -287,15 +235,14 @@ async fn retry_after_in_seconds_is_honoured_on_429() {
 
 #[tokio::test]
 async fn retry_after_as_an_http_date_is_honoured_on_503() {
-    let mock = MockUpstream::start(Behaviour {
-        status: 503,
-        retry_after: Some(httpdate::fmt_http_date(
+    let mock = MockUpstream::start(json!({})).await;
+    mock.fail(Failure::Status(
+        503,
+        Some(httpdate::fmt_http_date(
             SystemTime::now() + Duration::from_secs(6),
         )),
-        ..Behaviour::default()
-    })
-    .await;
-    let mut h = harness(stream("s", mock.url("/feed")));
+    ));
+    let mut h = harness(&stream("s", &mock.url_at("/feed"), ""));
     h.poller.poll_once().await;
     let Event::Failure { retry_in, .. } = h.recorder.last_failure() else {
         unreachable!("last_failure returns failures");
@@ -309,13 +256,9 @@ async fn retry_after_as_an_http_date_is_honoured_on_503() {
 
 #[tokio::test]
 async fn retry_after_is_capped_and_ignored_on_other_statuses() {
-    let mock = MockUpstream::start(Behaviour {
-        status: 503,
-        retry_after: Some("86400".into()),
-        ..Behaviour::default()
-    })
-    .await;
-    let mut h = harness(stream("s", mock.url("/feed")));
+    let mock = MockUpstream::start(json!({})).await;
+    mock.fail(Failure::Status(503, Some("86400".into())));
+    let mut h = harness(&stream("s", &mock.url_at("/feed"), ""));
     h.poller.poll_once().await;
     let Event::Failure { retry_in, .. } = h.recorder.last_failure() else {
         unreachable!("last_failure returns failures");
@@ -326,7 +269,8 @@ async fn retry_after_is_capped_and_ignored_on_other_statuses() {
         "capped at max_retry_after"
     );
 
-    mock.set(|b| b.status = 500);
+    // The same Retry-After on a 500 is not honoured.
+    mock.fail(Failure::Status(500, Some("86400".into())));
     h.poller.poll_once().await;
     let Event::Failure { retry_in, .. } = h.recorder.last_failure() else {
         unreachable!("last_failure returns failures");
@@ -340,22 +284,15 @@ async fn retry_after_is_capped_and_ignored_on_other_statuses() {
 
 #[tokio::test]
 async fn recovery_reports_recovered_then_the_changed_document() {
-    let mock = MockUpstream::start(Behaviour {
-        body: json_body(json!({"v": 1})),
-        ..Behaviour::default()
-    })
-    .await;
-    let settings = stream("s", mock.url("/feed"));
-    let interval = settings.interval;
-    let mut h = harness(settings);
+    let mock = unconditional(json!({"v": 1})).await;
+    let interval = Duration::from_millis(100);
+    let mut h = harness(&stream("s", &mock.url_at("/feed"), "interval = \"100ms\""));
     h.poller.poll_once().await;
-    mock.set(|b| b.status = 500);
+    mock.fail(Failure::Status(500, None));
     h.poller.poll_once().await;
     h.poller.poll_once().await;
-    mock.set(|b| {
-        b.status = 200;
-        b.body = json_body(json!({"v": 2}));
-    });
+    mock.recover();
+    mock.set(json!({"v": 2}));
     let before = Instant::now();
     let step = h.poller.poll_once().await;
     assert!(step.recovered);
@@ -372,7 +309,7 @@ async fn recovery_reports_recovered_then_the_changed_document() {
     assert_eq!(h.poller.status().read().consecutive_failures, 0);
 
     // The next failure starts the backoff from the beginning.
-    mock.set(|b| b.status = 500);
+    mock.fail(Failure::Status(500, None));
     h.poller.poll_once().await;
     let Event::Failure { retry_in, .. } = h.recorder.last_failure() else {
         unreachable!("last_failure returns failures");
@@ -382,16 +319,12 @@ async fn recovery_reports_recovered_then_the_changed_document() {
 
 #[tokio::test]
 async fn recovery_with_an_identical_body_reports_recovered_only() {
-    let mock = MockUpstream::start(Behaviour {
-        body: json_body(json!({"v": 1})),
-        ..Behaviour::default()
-    })
-    .await;
-    let mut h = harness(stream("s", mock.url("/feed")));
+    let mock = unconditional(json!({"v": 1})).await;
+    let mut h = harness(&stream("s", &mock.url_at("/feed"), ""));
     h.poller.poll_once().await;
-    mock.set(|b| b.status = 502);
+    mock.fail(Failure::Status(502, None));
     h.poller.poll_once().await;
-    mock.set(|b| b.status = 200);
+    mock.recover();
     let step = h.poller.poll_once().await;
     assert!(step.recovered);
     assert_eq!(step.outcome, LastOutcome::Unchanged);
@@ -402,17 +335,13 @@ async fn recovery_with_an_identical_body_reports_recovered_only() {
 
 #[tokio::test]
 async fn recovery_with_a_304_reports_recovered_only() {
-    let mock = MockUpstream::start(Behaviour {
-        body: json_body(json!({"v": 1})),
-        etag: Some("\"v1\""),
-        ..Behaviour::default()
-    })
-    .await;
-    let mut h = harness(stream("s", mock.url("/feed")));
+    let mock = MockUpstream::start(json!({"v": 1})).await;
+    mock.validators(true, false);
+    let mut h = harness(&stream("s", &mock.url_at("/feed"), ""));
     h.poller.poll_once().await;
-    mock.set(|b| b.status = 500);
+    mock.fail(Failure::Status(500, None));
     h.poller.poll_once().await;
-    mock.set(|b| b.status = 200);
+    mock.recover();
     let step = h.poller.poll_once().await;
     assert_eq!(step.outcome, LastOutcome::NotModified);
     assert!(step.recovered);
@@ -422,22 +351,19 @@ async fn recovery_with_a_304_reports_recovered_only() {
 
 #[tokio::test]
 async fn validators_of_a_failed_response_are_not_kept() {
-    let mock = MockUpstream::start(Behaviour {
-        body: Bytes::from_static(b"not json"),
-        etag: Some("\"broken\""),
-        ..Behaviour::default()
-    })
-    .await;
-    let mut h = harness(stream("s", mock.url("/feed")));
+    let mock = MockUpstream::start_with_body(b"not json").await;
+    mock.validators(true, false);
+    let mut h = harness(&stream("s", &mock.url_at("/feed"), ""));
     let step = h.poller.poll_once().await;
     assert!(matches!(
         step.outcome,
         LastOutcome::Failed { status: 502, .. }
     ));
-    // Were the etag kept, the upstream would answer 304 and the stream would never recover.
-    mock.set(|b| b.body = json_body(json!({"fixed": true})));
+    // A kept etag would be sent back: from an upstream whose ETag does not follow its body,
+    // the stream would get 304 and never recover.
+    mock.set(json!({"fixed": true}));
     let step = h.poller.poll_once().await;
-    assert_eq!(mock.last_seen().header("if-none-match"), None);
+    assert_eq!(mock.last_received().header("if-none-match"), None);
     assert_eq!(step.outcome, LastOutcome::Changed);
     assert!(step.recovered);
     assert_eq!(
@@ -448,13 +374,9 @@ async fn validators_of_a_failed_response_are_not_kept() {
 
 #[tokio::test]
 async fn gzip_encoded_upstream_bodies_are_decoded() {
-    let mock = MockUpstream::start(Behaviour {
-        body: json_body(json!({"vehicles": [{"id": "a"}, {"id": "b"}]})),
-        gzip: true,
-        ..Behaviour::default()
-    })
-    .await;
-    let mut h = harness(stream("s", mock.url("/feed")));
+    let mock = MockUpstream::start(json!({"vehicles": [{"id": "a"}, {"id": "b"}]})).await;
+    mock.gzip(true);
+    let mut h = harness(&stream("s", &mock.url_at("/feed"), ""));
     assert_eq!(h.poller.poll_once().await.outcome, LastOutcome::Changed);
     assert_eq!(
         h.recorder.events(),
@@ -466,12 +388,8 @@ async fn gzip_encoded_upstream_bodies_are_decoded() {
 
 #[tokio::test]
 async fn status_reports_the_last_poll() {
-    let mock = MockUpstream::start(Behaviour {
-        body: json_body(json!({"v": 1})),
-        ..Behaviour::default()
-    })
-    .await;
-    let mut h = harness(stream("s", mock.url("/feed")));
+    let mock = unconditional(json!({"v": 1})).await;
+    let mut h = harness(&stream("s", &mock.url_at("/feed"), ""));
     let status = h.poller.status();
     assert_eq!(status.read().upstream_requests, 0);
     assert_eq!(status.read().last_outcome, None);

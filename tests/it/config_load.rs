@@ -100,11 +100,14 @@ mod shipped_files {
     #[test]
     fn every_file_in_config_and_examples_loads_and_validates() {
         let mut checked = 0;
-        for dir in ["config", "config/examples"] {
+        for dir in ["config", "config/examples", "config/examples/cluster"] {
             let entries = std::fs::read_dir(repo_file(dir)).expect("config directory exists");
             for entry in entries {
                 let path = entry.expect("directory entry").path();
-                if !path.is_file() {
+                let configuration = path
+                    .extension()
+                    .is_some_and(|e| e == "toml" || e == "yaml" || e == "yml");
+                if !path.is_file() || !configuration {
                     continue;
                 }
                 let config = load_with(&path, &example_env, Vec::new())

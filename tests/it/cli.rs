@@ -2,7 +2,7 @@
 //! configuration and on bad ones, and `run` serving real subscribers until SIGTERM, with the
 //! listener moved by an environment override.
 
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 use eventsource_stream::Eventsource;
 use futures_util::StreamExt;
 use tempfile::TempDir;
+
+use crate::support::free_port;
 
 const SOON: Duration = Duration::from_secs(10);
 
@@ -264,15 +266,6 @@ async fn a_proxy_only_configuration_checks_and_runs() {
     let status = running.terminate(SOON).await;
     assert!(status.success(), "exit status {status}:\n{}", running.log());
     assert_no_panic(&running.log());
-}
-
-/// A port that was free a moment ago (bind port 0, read it, release it).
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// A running `patchwire run`; killed if the test ends without stopping it.
