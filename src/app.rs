@@ -12,6 +12,7 @@ use anyhow::Context as _;
 use axum::Router;
 use serde_json::Value;
 use tokio::net::TcpListener;
+use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -39,7 +40,7 @@ use crate::sinks::webhook::outbox::sqlite::SqliteOutbox;
 use crate::snapshot::{Snapshot, SnapshotStore};
 use crate::upstream::fetch::Fetcher;
 use crate::upstream::on_demand::{self, Idle, OnDemand};
-use crate::upstream::poller::Poller;
+use crate::upstream::poller::{Poller, Publish};
 use crate::upstream::ratelimit::{RateLimits, SharedQuota};
 
 /// The sockets the application serves on, bound before it starts (so tests can bind port 0
@@ -462,48 +463,56 @@ impl Streams<'_> {
                 self.metrics.clone(),
             );
             let stream = self.add(stream);
+            // In a cluster the node holding the stream's lease polls it, through the cluster's
+            // log (for an on-demand stream, only nodes with subscribers take the lease).
+            let mut publish: Arc<dyn Publish> = stream.clone();
+            let mut turns = None;
+            let mut quota: Option<Arc<dyn SharedQuota>> = None;
             if let Some(cluster) = self.cluster.clone() {
-                // The node holding the stream's lease polls it, through the cluster's log.
                 let retention = cluster.retention(settings.history, settings.history_bytes);
-                let (held, keeper) = cluster.keep_lease(&settings.name, retention, &self.shutdown);
-                self.starting.push(Box::pin(keeper));
-                let writer = cluster.writer(stream.clone(), retention, Some(held.clone()));
-                let quota: Arc<dyn SharedQuota> = Arc::new(ClusterQuota::new(
+                let held = match settings.on_demand {
+                    None => {
+                        let (held, keeper) =
+                            cluster.keep_lease(&settings.name, retention, &self.shutdown);
+                        self.starting.push(keeper);
+                        held
+                    }
+                    Some(_) => {
+                        let (_, period) = watch::channel(settings.interval);
+                        let lease = cluster.on_demand(
+                            &stream,
+                            retention,
+                            stream.demand(),
+                            period,
+                            &self.shutdown,
+                            &self.shutdown,
+                        );
+                        self.starting.extend(lease.tasks);
+                        lease.held
+                    }
+                };
+                publish = cluster.writer(stream.clone(), retention, Some(held.clone()));
+                turns = Some(held);
+                quota = Some(Arc::new(ClusterQuota::new(
                     cluster.store().clone(),
                     rate_limits.clone(),
                     self.metrics.clone(),
-                ));
-                let poller = Poller::new(
-                    Arc::new(settings.clone()),
-                    fetcher.clone(),
-                    rate_limits.limiter(&settings.rate_limit_group),
-                    self.metrics.clone(),
-                    writer,
-                    self.config.upstream.backoff,
-                )
-                .taking_turns(held)
-                .sharing_quota(quota);
-                upstreams.insert(
-                    settings.name.clone(),
-                    PolledUpstream {
-                        url: Redacted::new(&settings.url),
-                        interval: settings.interval,
-                        on_demand: settings.on_demand,
-                        status: poller.status(),
-                    },
-                );
-                self.starting
-                    .push(Box::pin(poller.run(self.shutdown.clone())));
-                continue;
+                )));
             }
-            let poller = Poller::new(
+            let mut poller = Poller::new(
                 Arc::new(settings.clone()),
                 fetcher.clone(),
                 rate_limits.limiter(&settings.rate_limit_group),
                 self.metrics.clone(),
-                stream.clone(),
+                publish,
                 self.config.upstream.backoff,
             );
+            if let Some(turns) = turns {
+                poller = poller.taking_turns(turns);
+            }
+            if let Some(quota) = quota {
+                poller = poller.sharing_quota(quota);
+            }
             upstreams.insert(
                 settings.name.clone(),
                 PolledUpstream {

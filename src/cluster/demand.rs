@@ -12,6 +12,13 @@ use tokio_util::sync::CancellationToken;
 use super::store::Store;
 use crate::metrics::Metrics;
 
+/// Resolves when `value` changes; never once its sender is gone (a fixed value).
+async fn changed<T>(value: &mut watch::Receiver<T>) {
+    if value.changed().await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
+
 /// One node's demand for one stream.
 pub struct Wants {
     /// The store.
@@ -71,8 +78,8 @@ impl Wants {
             tokio::select! {
                 () = retired.cancelled() => break,
                 () = tokio::time::sleep(step) => {}
-                _ = self.local.changed() => {}
-                _ = self.period.changed() => {}
+                () = changed(&mut self.local) => {}
+                () = changed(&mut self.period) => {}
             }
         }
         if let Err(error) = self
