@@ -85,6 +85,7 @@ pub fn config(streams: Vec<StreamSettings>) -> Config {
         push_streams: Vec::new(),
         webhooks: None,
         proxy: None,
+        websocket: patchwire::sinks::ws::WebSocketSettings::default(),
     }
 }
 

@@ -1,0 +1,576 @@
+//! One WebSocket connection: its messages, its subscriptions' events, pings, bounds, close.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::stream::{AbortHandle, Abortable, SelectAll};
+use futures_util::{SinkExt as _, StreamExt as _};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::time::Instant;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError};
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig, frame::coding};
+use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
+use tokio_util::sync::CancellationToken;
+
+use super::config::WebSocketSettings;
+use super::protocol::{self, ClientMessage, Target};
+use super::{Streams, close};
+use crate::hub::Resume;
+use crate::metrics::{CloseLabels, Metrics, RefusalLabels};
+use crate::sinks::sse::{SseOptions, Writer};
+use crate::wire::{Dialect, Refusal};
+
+/// How long a closing connection waits for the client's close frame.
+const CLOSE_LINGER: Duration = Duration::from_secs(1);
+/// The read buffer of a connection: clients send small messages, and an idle connection
+/// should cost little (tungstenite's default is 128 KiB, all of it touched on the first read).
+const READ_BUFFER: usize = 4096;
+
+/// Serves WebSocket connections over `S`'s streams, with their bounds and metrics.
+pub struct WebSockets<S> {
+    settings: WebSocketSettings,
+    streams: Arc<S>,
+    metrics: Arc<Metrics>,
+    stall_timeout: Duration,
+}
+
+/// What a subscription's event stream yields.
+enum Item {
+    /// A message to send (shared bytes of one event).
+    Message(Bytes),
+    /// The stream ended.
+    Ended,
+}
+
+type Live = Pin<Box<dyn futures_util::Stream<Item = (Arc<str>, Item)> + Send>>;
+
+/// Why a connection ends: the close code, once the close was sent (or the socket is gone).
+type Closed = u16;
+
+/// One open subscription of a connection.
+struct Open {
+    stream: Arc<str>,
+    abort: AbortHandle,
+    _counted: Counted,
+}
+
+/// A gauge incremented while this lives.
+struct Counted(Gauge);
+
+impl Counted {
+    fn new(gauge: &Gauge) -> Self {
+        gauge.inc();
+        Counted(gauge.clone())
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+impl<S: Streams> WebSockets<S> {
+    /// Connections over `streams`, bounded by `settings`; a connection whose socket refuses
+    /// writes for `stall_timeout` is dropped.
+    pub fn new(
+        settings: WebSocketSettings,
+        streams: Arc<S>,
+        metrics: Arc<Metrics>,
+        stall_timeout: Duration,
+    ) -> Self {
+        WebSockets {
+            settings,
+            streams,
+            metrics,
+            stall_timeout,
+        }
+    }
+
+    /// The settings connections are served with.
+    pub fn settings(&self) -> &WebSocketSettings {
+        &self.settings
+    }
+
+    /// The protocol's bounds: message and frame size, small buffers.
+    pub fn protocol_config(&self) -> WebSocketConfig {
+        WebSocketConfig::default()
+            .read_buffer_size(READ_BUFFER)
+            .write_buffer_size(0)
+            .max_message_size(Some(self.settings.max_message_size))
+            .max_frame_size(Some(self.settings.max_message_size))
+    }
+
+    /// Serves one upgraded connection until it closes, the client leaves, or `shutdown`.
+    /// `token` is the one its handshake presented, if any.
+    pub async fn serve<IO>(
+        &self,
+        ws: WebSocketStream<IO>,
+        token: Option<String>,
+        shutdown: CancellationToken,
+    ) where
+        IO: AsyncRead + AsyncWrite + Unpin + Send,
+    {
+        let _open = Counted::new(&self.metrics.websocket_connections);
+        let mut connection = Connection {
+            owner: self,
+            ws,
+            subscriptions: HashMap::new(),
+            live: SelectAll::new(),
+            token: None,
+            admitted: None,
+            budget: Budget::new(self.settings.max_messages_per_second.get(), Instant::now()),
+            last_heard: Instant::now(),
+        };
+        let code = connection.run(token, shutdown).await;
+        tracing::debug!(code, "websocket closed");
+        self.metrics
+            .websocket_closes
+            .get_or_create(&CloseLabels { code })
+            .inc();
+    }
+}
+
+struct Connection<'a, S, IO> {
+    owner: &'a WebSockets<S>,
+    ws: WebSocketStream<IO>,
+    /// By the client's subscription id.
+    subscriptions: HashMap<Arc<str>, Open>,
+    live: SelectAll<Abortable<Live>>,
+    token: Option<String>,
+    admitted: Option<Box<dyn Send>>,
+    budget: Budget,
+    last_heard: Instant,
+}
+
+/// What woke the connection.
+enum Step {
+    Shutdown,
+    Received(Option<Result<Message, WsError>>),
+    Live(Arc<str>, Item),
+    Tick,
+}
+
+impl<S: Streams, IO: AsyncRead + AsyncWrite + Unpin + Send> Connection<'_, S, IO> {
+    async fn run(&mut self, token: Option<String>, shutdown: CancellationToken) -> Closed {
+        if let Some(token) = token {
+            if let Err(code) = self.authenticate(token).await {
+                return code;
+            }
+        }
+        let every = self.owner.settings.ping_interval;
+        let mut ticks = tokio::time::interval_at(Instant::now() + every, every);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let step = tokio::select! {
+                biased;
+                () = shutdown.cancelled() => Step::Shutdown,
+                received = self.ws.next() => Step::Received(received),
+                Some((id, item)) = self.live.next(), if !self.live.is_empty() => Step::Live(id, item),
+                _ = ticks.tick() => Step::Tick,
+            };
+            let flow = match step {
+                Step::Shutdown => Err(self.close(close::GOING_AWAY, "server shutting down").await),
+                Step::Received(received) => self.received(received).await,
+                Step::Live(id, item) => self.live_item(id, item).await,
+                Step::Tick => self.tick().await,
+            };
+            if let Err(code) = flow {
+                return code;
+            }
+        }
+    }
+
+    async fn received(&mut self, received: Option<Result<Message, WsError>>) -> Result<(), Closed> {
+        let message = match received {
+            None => return Err(close::ABNORMAL),
+            Some(Ok(message)) => message,
+            Some(Err(error)) => return Err(self.failed(error).await),
+        };
+        self.last_heard = Instant::now();
+        match message {
+            Message::Text(text) => {
+                self.within_budget().await?;
+                self.text(&text).await
+            }
+            Message::Binary(_) => Err(self
+                .close(
+                    close::UNSUPPORTED,
+                    "binary messages are not spoken: send JSON text",
+                )
+                .await),
+            Message::Ping(_) => {
+                self.within_budget().await?;
+                // tungstenite queued the pong: send it now.
+                self.timed(|ws| ws.flush()).await
+            }
+            Message::Pong(_) | Message::Frame(_) => Ok(()),
+            Message::Close(frame) => {
+                // tungstenite answered with the same code; let it go out.
+                let _ = self.timed(|ws| ws.flush()).await;
+                Err(frame.map_or(close::NO_STATUS, |f| u16::from(f.code)))
+            }
+        }
+    }
+
+    /// Closes the connection for a protocol failure, with the code that names it.
+    async fn failed(&mut self, error: WsError) -> Closed {
+        match error {
+            WsError::Capacity(CapacityError::MessageTooLong { size, max_size }) => {
+                let reason = format!("message of {size} bytes over the limit of {max_size}");
+                self.close(close::TOO_BIG, &reason).await
+            }
+            WsError::Capacity(_) => self.close(close::TOO_BIG, "message too big").await,
+            WsError::Utf8(_) => self.close(close::INVALID_DATA, "text is not UTF-8").await,
+            WsError::Protocol(error) => {
+                let reason = error.to_string();
+                self.close(close::PROTOCOL, truncate(&reason)).await
+            }
+            _ => close::ABNORMAL,
+        }
+    }
+
+    /// Counts a message against the client's budget; past it, the connection is closed.
+    async fn within_budget(&mut self) -> Result<(), Closed> {
+        if self.budget.take(Instant::now()) {
+            return Ok(());
+        }
+        let refusal = Refusal {
+            status: 429,
+            cause: "too-many-messages",
+            message: format!(
+                "more than {} messages per second (websocket.max_messages_per_second)",
+                self.owner.settings.max_messages_per_second
+            ),
+        };
+        self.refuse(None, &refusal).await?;
+        Err(self.close(close::POLICY, refusal.cause).await)
+    }
+
+    async fn text(&mut self, text: &str) -> Result<(), Closed> {
+        match protocol::parse(text) {
+            Err(invalid) => self.refuse(invalid.id.as_deref(), &invalid.refusal()).await,
+            Ok(ClientMessage::Subscribe {
+                id,
+                target,
+                last_event_id,
+            }) => self.subscribe(id, target, last_event_id).await,
+            Ok(ClientMessage::Unsubscribe { id }) => self.unsubscribe(&id).await,
+            Ok(ClientMessage::Ping { data }) => self.send_text(protocol::pong(data)).await,
+            Ok(ClientMessage::Auth { token }) => {
+                if self.token.is_some() || !self.subscriptions.is_empty() {
+                    let refusal = Refusal {
+                        status: 400,
+                        cause: "invalid-message",
+                        message: "auth comes once, before any subscription (or the token comes \
+                                  with the handshake)"
+                            .into(),
+                    };
+                    return self.refuse(None, &refusal).await;
+                }
+                self.authenticate(token).await
+            }
+        }
+    }
+
+    /// Admits the connection's token, or refuses it and closes the connection.
+    async fn authenticate(&mut self, token: String) -> Result<(), Closed> {
+        match self.owner.streams.admit(&token) {
+            Ok(admitted) => {
+                self.token = Some(token);
+                self.admitted = Some(admitted.hold);
+                self.send_text(protocol::authenticated(&admitted.name))
+                    .await
+            }
+            Err(refusal) => {
+                self.refuse(None, &refusal).await?;
+                Err(self.close(close::POLICY, refusal.cause).await)
+            }
+        }
+    }
+
+    async fn subscribe(
+        &mut self,
+        id: String,
+        target: Target,
+        last_event_id: Option<String>,
+    ) -> Result<(), Closed> {
+        let refused = |status, cause, message: String| Refusal {
+            status,
+            cause,
+            message,
+        };
+        if self.subscriptions.contains_key(id.as_str()) {
+            let refusal = refused(
+                409,
+                "duplicate-id",
+                format!("a subscription named {id:?} is already open on this connection"),
+            );
+            return self.refuse(Some(&id), &refusal).await;
+        }
+        let max = self.owner.settings.max_subscriptions;
+        if self.subscriptions.len() >= max {
+            let refusal = refused(
+                429,
+                "too-many-subscriptions",
+                format!(
+                    "this connection holds its maximum of {max} subscriptions \
+                     (websocket.max_subscriptions)"
+                ),
+            );
+            return self.refuse(Some(&id), &refusal).await;
+        }
+        let resume = last_event_id.map_or(Resume::Fresh, Resume::After);
+        let opened = match self
+            .owner
+            .streams
+            .open(&target, &resume, self.token.as_deref())
+            .await
+        {
+            Ok(opened) => opened,
+            Err(refusal) => return self.refuse(Some(&id), &refusal).await,
+        };
+        let stream: Arc<str> = Arc::from(opened.subscription.stream().name());
+        if let Some((other, _)) = self.subscriptions.iter().find(|(_, o)| o.stream == stream) {
+            let refusal = refused(
+                409,
+                "already-subscribed",
+                format!(
+                    "this connection already subscribes to stream {stream:?} (as {other:?}): \
+                     events name their stream, so a connection subscribes to a stream once"
+                ),
+            );
+            drop(opened);
+            return self.refuse(Some(&id), &refusal).await;
+        }
+        let id: Arc<str> = Arc::from(id);
+        self.send_text(protocol::subscribed(&id, &stream)).await?;
+        let options = SseOptions {
+            retry: Duration::ZERO,
+            gzip: false,
+            dialect: Dialect::WebSocket,
+        };
+        let writer = Writer::new(opened.subscription, options);
+        let resyncs = self.owner.metrics.websocket_resyncs.clone();
+        let (live, abort) =
+            futures_util::stream::abortable(follow(id.clone(), writer, opened.hold, resyncs));
+        self.live.push(live);
+        self.subscriptions.insert(
+            id,
+            Open {
+                stream,
+                abort,
+                _counted: Counted::new(&self.owner.metrics.websocket_subscriptions),
+            },
+        );
+        Ok(())
+    }
+
+    async fn unsubscribe(&mut self, id: &str) -> Result<(), Closed> {
+        let Some(open) = self.subscriptions.remove(id) else {
+            let refusal = Refusal {
+                status: 404,
+                cause: "no-such-subscription",
+                message: format!("no subscription named {id:?} is open on this connection"),
+            };
+            return self.refuse(Some(id), &refusal).await;
+        };
+        // Its stream yields nothing more: the next poll drops it (and what it holds).
+        open.abort.abort();
+        self.send_text(protocol::unsubscribed(id, &open.stream))
+            .await
+    }
+
+    async fn live_item(&mut self, id: Arc<str>, item: Item) -> Result<(), Closed> {
+        match item {
+            Item::Message(bytes) => match Utf8Bytes::try_from(bytes) {
+                Ok(text) => self.send(Message::Text(text)).await,
+                Err(error) => {
+                    // `wire::websocket` builds every message as a String.
+                    tracing::error!(%error, "a WebSocket event is not UTF-8; not sent");
+                    Ok(())
+                }
+            },
+            Item::Ended => match self.subscriptions.remove(&id) {
+                Some(open) => self.send_text(protocol::ended(&id, &open.stream)).await,
+                None => Ok(()),
+            },
+        }
+    }
+
+    /// Pings, or closes a connection the client has been silent on for too long.
+    async fn tick(&mut self) -> Result<(), Closed> {
+        let idle = self.owner.settings.idle_timeout;
+        if self.last_heard.elapsed() >= idle {
+            return Err(self.close(close::IDLE, "idle-timeout").await);
+        }
+        self.timed(|ws| ws.send(Message::Ping(Bytes::new()))).await
+    }
+
+    async fn refuse(&mut self, id: Option<&str>, refusal: &Refusal) -> Result<(), Closed> {
+        self.owner
+            .metrics
+            .websocket_refusals
+            .get_or_create(&RefusalLabels {
+                cause: refusal.cause,
+            })
+            .inc();
+        self.send_text(protocol::refused(id, refusal)).await
+    }
+
+    async fn send_text(&mut self, text: String) -> Result<(), Closed> {
+        self.send(Message::Text(Utf8Bytes::from(text))).await
+    }
+
+    async fn send(&mut self, message: Message) -> Result<(), Closed> {
+        self.timed(|ws| ws.send(message)).await?;
+        self.owner.metrics.websocket_messages_sent.inc();
+        Ok(())
+    }
+
+    /// Runs a write: a socket that refuses writes for the stall timeout (a client that stopped
+    /// reading) or fails ends the connection without a close frame (1006 to the client).
+    async fn timed<'w, F>(
+        &'w mut self,
+        write: impl FnOnce(&'w mut WebSocketStream<IO>) -> F,
+    ) -> Result<(), Closed>
+    where
+        F: Future<Output = Result<(), WsError>> + 'w,
+    {
+        let timeout = self.owner.stall_timeout;
+        match tokio::time::timeout(timeout, write(&mut self.ws)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(error)) => {
+                tracing::debug!(%error, "websocket write failed");
+                Err(close::ABNORMAL)
+            }
+            Err(_) => {
+                tracing::info!(?timeout, "closing a WebSocket client that stopped reading");
+                Err(close::ABNORMAL)
+            }
+        }
+    }
+
+    /// Sends a close frame with `code` and `reason`, gives the client a moment to answer, and
+    /// returns `code`.
+    async fn close(&mut self, code: u16, reason: &str) -> Closed {
+        let frame = CloseFrame {
+            code: coding::CloseCode::from(code),
+            reason: Utf8Bytes::from(truncate(reason)),
+        };
+        let stall = self.owner.stall_timeout;
+        if tokio::time::timeout(stall, self.ws.close(Some(frame)))
+            .await
+            .is_ok_and(|sent| sent.is_ok())
+        {
+            let _ = tokio::time::timeout(CLOSE_LINGER, async {
+                while let Some(Ok(_)) = self.ws.next().await {}
+            })
+            .await;
+        }
+        code
+    }
+}
+
+/// A close reason fits in a control frame (123 bytes).
+fn truncate(reason: &str) -> &str {
+    let mut end = reason.len().min(123);
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    &reason[..end]
+}
+
+/// One subscription's events as a stream of messages tagged with its id, ending with
+/// `Ended` when its stream ends; `hold` lives as long as the subscription.
+fn follow(id: Arc<str>, writer: Writer, hold: Option<Box<dyn Send>>, resyncs: Counter) -> Live {
+    Box::pin(futures_util::stream::unfold(
+        (writer, hold, false),
+        move |(mut writer, hold, ended)| {
+            let id = id.clone();
+            let resyncs = resyncs.clone();
+            async move {
+                if ended {
+                    return None;
+                }
+                loop {
+                    if let Some(bytes) = writer.pop() {
+                        return Some(((id, Item::Message(bytes)), (writer, hold, false)));
+                    }
+                    if writer.is_finished() {
+                        return Some(((id, Item::Ended), (writer, hold, true)));
+                    }
+                    let before = writer.resyncs();
+                    writer.next_live().await;
+                    if writer.resyncs() > before {
+                        resyncs.inc();
+                    }
+                }
+            }
+        },
+    ))
+}
+
+/// The client's message budget: `per_second` sustained, bursts of as many.
+#[derive(Debug)]
+struct Budget {
+    tokens: f64,
+    per_second: f64,
+    at: Instant,
+}
+
+impl Budget {
+    fn new(per_second: u32, now: Instant) -> Self {
+        Budget {
+            tokens: f64::from(per_second),
+            per_second: f64::from(per_second),
+            at: now,
+        }
+    }
+
+    /// Spends one message, if the budget allows it.
+    fn take(&mut self, now: Instant) -> bool {
+        let earned = now.saturating_duration_since(self.at).as_secs_f64() * self.per_second;
+        self.tokens = (self.tokens + earned).min(self.per_second);
+        self.at = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_budget_allows_bursts_then_the_sustained_rate() {
+        let start = Instant::now();
+        let mut budget = Budget::new(3, start);
+        assert!((0..3).all(|_| budget.take(start)));
+        assert!(!budget.take(start));
+        assert!(budget.take(start + Duration::from_millis(340)));
+        assert!(!budget.take(start + Duration::from_millis(350)));
+        // A long quiet period refills to the burst, no more.
+        let later = start + Duration::from_secs(60);
+        assert!((0..3).all(|_| budget.take(later)));
+        assert!(!budget.take(later));
+    }
+
+    #[test]
+    fn close_reasons_fit_a_control_frame() {
+        let long = "é".repeat(100);
+        let cut = truncate(&long);
+        assert!(cut.len() <= 123 && long.starts_with(cut));
+    }
+}
