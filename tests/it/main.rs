@@ -22,4 +22,5 @@ mod streaming;
 mod transports;
 mod webhook;
 mod webhook_crash;
+mod websocket;
 mod wire;

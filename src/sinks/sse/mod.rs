@@ -418,6 +418,38 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn websocket_subscribers_share_one_message_per_event() {
+        let s = stream(16);
+        let mut a = writer(&s, Dialect::WebSocket);
+        let mut b = writer(&s, Dialect::WebSocket);
+        let (first_a, first_b) = (a.pop().unwrap(), b.pop().unwrap());
+        assert_eq!(first_a.as_ptr(), first_b.as_ptr(), "one snapshot message");
+        assert!(a.pop().is_none(), "no retry hint");
+        s.publish(serde_json::json!({"n": 1, "pad": "x".repeat(64)}));
+        s.publish(serde_json::json!({"n": 2, "pad": "x".repeat(64)}));
+        for w in [&mut a, &mut b] {
+            w.next_live().await;
+            w.next_live().await;
+        }
+        let (x, y) = (a.pop().unwrap(), b.pop().unwrap());
+        assert_eq!(x.as_ptr(), y.as_ptr(), "the same bytes on every connection");
+        let second: serde_json::Value = serde_json::from_slice(&a.pop().unwrap()).unwrap();
+        assert_eq!(second["type"], "patch");
+        assert_eq!(second["stream"], "s");
+        assert_eq!(second["id"], format!("s:{}:3", s.epoch()));
+        s.keep_alive();
+        s.fail(502, "upstream-unavailable", "down".into(), Duration::ZERO);
+        a.next_live().await;
+        a.next_live().await;
+        let error: serde_json::Value = serde_json::from_slice(&a.pop().unwrap()).unwrap();
+        assert_eq!(
+            error["type"], "error",
+            "keep-alives are not sent: the connection pings"
+        );
+        assert_eq!(error["data"]["cause"], "upstream-unavailable");
+    }
+
+    #[tokio::test]
     async fn a_subscriber_that_lagged_past_the_recovery_is_told_with_its_resync() {
         let s = stream(2);
         let mut w = writer(&s, Dialect::Native);

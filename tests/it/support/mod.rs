@@ -8,6 +8,7 @@ pub mod raw;
 pub mod receiver;
 pub mod sse;
 pub mod upstream;
+pub mod ws;
 
 pub use app::{TestApp, config, stream};
 pub use receiver::{Hit, Receiver, Reply};
