@@ -23,4 +23,5 @@ mod transports;
 mod webhook;
 mod webhook_crash;
 mod websocket;
+mod websocket_clients;
 mod wire;

@@ -6,6 +6,7 @@ pub mod api;
 pub mod app;
 pub mod raw;
 pub mod receiver;
+pub mod scripted;
 pub mod sse;
 pub mod upstream;
 pub mod ws;
