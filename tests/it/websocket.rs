@@ -456,3 +456,67 @@ async fn an_upgrade_on_a_reused_connection_is_served_through_hyper() {
     assert_eq!(app.metric("patchwire_websocket_connections").await, 1.0);
     app.stop().await;
 }
+
+/// `patchwire-load`'s WebSocket mode against the real server: every subscriber gets every
+/// change, in order, from the same shared messages.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_load_tool_delivers_every_change_to_websocket_subscribers() {
+    use clap::Parser as _;
+    use patchwire::config::{PushSettings, PushStreamSettings};
+
+    const PUSH_TOKEN: &str = "ws-load-token-0123456789";
+    let mut config = config(Vec::new());
+    config.push = Some(PushSettings {
+        token: PUSH_TOKEN.into(),
+        max_body_bytes: 1 << 20,
+    });
+    config.push_streams = vec![PushStreamSettings {
+        name: "bench".into(),
+        history: 100,
+        history_bytes: 16 << 20,
+        diff: patchwire::diff::DiffOptions::default(),
+    }];
+    let app = TestApp::spawn(config).await;
+    let auth = format!("Authorization: Bearer {PUSH_TOKEN}");
+    let argv = [
+        "patchwire-load".to_owned(),
+        "--url".to_owned(),
+        format!("ws://{}/ws", app.addr),
+        "--ws-message".to_owned(),
+        json!({"type": "subscribe", "id": "b", "stream": "bench"}).to_string(),
+        "--publish-url".to_owned(),
+        app.url("/streams/bench"),
+        "--header".to_owned(),
+        auth,
+        "--changes".to_owned(),
+        "5".to_owned(),
+        "--interval".to_owned(),
+        "50ms".to_owned(),
+        "-n".to_owned(),
+        "100".to_owned(),
+        "--settle".to_owned(),
+        "100ms".to_owned(),
+        "--drain-timeout".to_owned(),
+        "5s".to_owned(),
+    ];
+    let plan = patchwire_load::Args::try_parse_from(argv)
+        .unwrap()
+        .validate()
+        .expect("a valid plan");
+    let report = patchwire_load::run(&plan, None)
+        .await
+        .expect("the run completes");
+    assert_eq!(
+        (report.readers, report.rejected, report.failed),
+        (100, 0, 0),
+        "{report}"
+    );
+    assert_eq!(report.delivered, 500, "{report}");
+    assert_eq!(
+        (report.missing, report.out_of_order, report.duplicates),
+        (0, 0, 0),
+        "{report}"
+    );
+    assert!(app.metric("patchwire_websocket_messages_sent_total").await >= 600.0);
+    app.stop().await;
+}
