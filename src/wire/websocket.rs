@@ -10,11 +10,14 @@
 //! same bytes on every connection subscribed to the stream (a connection subscribes to a
 //! stream at most once, so the client maps a stream's name to its subscription).
 //!
-//! Every message is built as a `String`: the bytes are always UTF-8, as a text frame needs.
+//! What is built is the whole frame a server sends (RFC 6455 §5.2: FIN, opcode, length, the
+//! unmasked payload), so a connection writes an event as one write of shared bytes, as the
+//! SSE direct path does. Every message is built from a `String`: always UTF-8, as a text frame
+//! needs.
 
 use std::time::{Duration, SystemTime};
 
-use bytes::Bytes;
+use bytes::{BufMut, Bytes, BytesMut};
 
 use super::{ChangeKind, native};
 
@@ -55,7 +58,63 @@ pub fn recovered(
     message("recovered", stream, id, &body.to_string())
 }
 
-/// `{"type":…,"stream":…,"id":…,"data":…}` with `data` already JSON.
+/// A ping with no payload, as a server sends it.
+pub const PING: [u8; 2] = [0x89, 0x00];
+
+/// `text` as one unfragmented server text frame.
+pub fn text_frame(text: &str) -> Bytes {
+    frame(0x1, text.as_bytes())
+}
+
+/// A close frame with `code` and `reason` (cut to the 123 bytes a control frame allows, at a
+/// character boundary).
+pub fn close_frame(code: u16, reason: &str) -> Bytes {
+    let mut end = reason.len().min(123);
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    let mut payload = Vec::with_capacity(end + 2);
+    payload.extend_from_slice(&code.to_be_bytes());
+    payload.extend_from_slice(&reason.as_bytes()[..end]);
+    frame(0x8, &payload)
+}
+
+/// The payload of an unmasked, unfragmented frame built here (for tests and tools).
+pub fn frame_payload(frame: &[u8]) -> Option<&[u8]> {
+    let (len, start): (usize, usize) = match *frame.get(1)? {
+        126 => (
+            usize::from(u16::from_be_bytes([*frame.get(2)?, *frame.get(3)?])),
+            4,
+        ),
+        127 => (
+            usize::try_from(u64::from_be_bytes(frame.get(2..10)?.try_into().ok()?)).ok()?,
+            10,
+        ),
+        n => (usize::from(n), 2),
+    };
+    frame.get(start..start.checked_add(len)?)
+}
+
+/// A final frame with `opcode` and `payload`, unmasked (server to client).
+fn frame(opcode: u8, payload: &[u8]) -> Bytes {
+    let mut out = BytesMut::with_capacity(payload.len() + 10);
+    out.put_u8(0x80 | opcode);
+    match payload.len() {
+        n if n < 126 => out.put_u8(n as u8),
+        n if n <= usize::from(u16::MAX) => {
+            out.put_u8(126);
+            out.put_u16(n as u16);
+        }
+        n => {
+            out.put_u8(127);
+            out.put_u64(n as u64);
+        }
+    }
+    out.put_slice(payload);
+    out.freeze()
+}
+
+/// `{"type":…,"stream":…,"id":…,"data":…}` with `data` already JSON, framed.
 fn message(kind: &str, stream: &str, id: &str, data: &str) -> Bytes {
     let stream = serde_json::Value::from(stream).to_string();
     let id = serde_json::Value::from(id).to_string();
@@ -69,7 +128,7 @@ fn message(kind: &str, stream: &str, id: &str, data: &str) -> Bytes {
     out.push_str(",\"data\":");
     out.push_str(data);
     out.push('}');
-    Bytes::from(out)
+    text_frame(&out)
 }
 
 #[cfg(test)]
@@ -77,8 +136,24 @@ mod tests {
     use super::*;
     use serde_json::{Value, json};
 
-    fn parsed(bytes: &Bytes) -> Value {
-        serde_json::from_slice(bytes).expect("valid JSON")
+    fn parsed(frame: &Bytes) -> Value {
+        serde_json::from_slice(frame_payload(frame).expect("a frame")).expect("valid JSON")
+    }
+
+    #[test]
+    fn frames_have_the_length_encoding_of_their_size() {
+        let small = text_frame("hi");
+        assert_eq!(&small[..], b"\x81\x02hi");
+        let medium = text_frame(&"x".repeat(300));
+        assert_eq!(&medium[..4], [0x81, 126, 0x01, 0x2c]);
+        assert_eq!(frame_payload(&medium).map(<[u8]>::len), Some(300));
+        let large = text_frame(&"y".repeat(70_000));
+        assert_eq!(&large[..2], [0x81, 127]);
+        assert_eq!(frame_payload(&large).map(<[u8]>::len), Some(70_000));
+        let close = close_frame(1008, &"é".repeat(100));
+        assert_eq!(&close[..4], [0x88, 124, 0x03, 0xf0]);
+        assert!(std::str::from_utf8(&frame_payload(&close).unwrap()[2..]).is_ok());
+        assert_eq!(frame_payload(b"\x81\x05ab"), None, "cut short");
     }
 
     #[test]
@@ -90,7 +165,7 @@ mod tests {
             br#"[{"op":"remove","path":"/a"}]"#,
         );
         assert_eq!(
-            &patch[..],
+            frame_payload(&patch).unwrap(),
             br#"{"type":"patch","stream":"fleet","id":"fleet:7:2","data":[{"op":"remove","path":"/a"}]}"#
         );
         assert_eq!(

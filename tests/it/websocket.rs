@@ -520,3 +520,85 @@ async fn the_load_tool_delivers_every_change_to_websocket_subscribers() {
     assert!(app.metric("patchwire_websocket_messages_sent_total").await >= 600.0);
     app.stop().await;
 }
+
+/// A client that stops reading while large changes flow falls behind the stream's buffer and,
+/// once it reads again, gets a fresh snapshot of its subscription (as an SSE subscriber
+/// would), then the live changes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_reader_is_resynced_with_a_snapshot() {
+    use patchwire::config::{PushSettings, PushStreamSettings};
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
+
+    const PUSH_TOKEN: &str = "ws-slow-token-0123456789";
+    let mut config = config(Vec::new());
+    config.server.subscriber_buffer = 8;
+    config.server.stall_timeout = Duration::from_secs(30);
+    config.push = Some(PushSettings {
+        token: PUSH_TOKEN.into(),
+        max_body_bytes: 8 << 20,
+    });
+    config.push_streams = vec![PushStreamSettings {
+        name: "big".into(),
+        history: 4,
+        history_bytes: 64 << 20,
+        diff: patchwire::diff::DiffOptions::default(),
+    }];
+    let app = TestApp::spawn(config).await;
+    let push = |n: usize| {
+        let app_url = app.url("/streams/big");
+        async move {
+            // Every change replaces a large value: a large patch.
+            let body = json!({"n": n, "blob": format!("{n}-").repeat(40_000)});
+            let response = reqwest::Client::new()
+                .post(app_url)
+                .bearer_auth(PUSH_TOKEN)
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            assert!(response.status().is_success());
+            body
+        }
+    };
+    push(0).await;
+    // A client with a small receive buffer, which then stops reading.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(16 * 1024).unwrap();
+    let tcp = socket.connect(app.addr).await.unwrap();
+    let request = format!("ws://{}/ws", app.addr)
+        .into_client_request()
+        .unwrap();
+    let (mut ws, _) = tokio_tungstenite::client_async(request, tcp).await.unwrap();
+    let subscribe = json!({"type": "subscribe", "id": "b", "stream": "big"});
+    ws.send(Message::Text(subscribe.to_string().into()))
+        .await
+        .unwrap();
+    let mut last = Value::Null;
+    for n in 1..=60 {
+        last = push(n).await;
+    }
+    app.wait_for_metric("patchwire_websocket_resyncs_total", 0.0, SOON)
+        .await;
+    // Reading again: a snapshot comes after the backlog, and the document ends current.
+    let mut docs = WsDocuments::default();
+    let mut snapshots = 0;
+    loop {
+        let Some(Ok(Message::Text(text))) = ws.next().await else {
+            panic!("the connection ended");
+        };
+        let message: Value = serde_json::from_str(&text).unwrap();
+        if message["type"] == "snapshot" {
+            snapshots += 1;
+        }
+        docs.apply(&message);
+        if docs.document("big") == Some(&last) {
+            break;
+        }
+    }
+    assert!(
+        snapshots >= 2,
+        "the first snapshot, then a resync: {snapshots}"
+    );
+    assert!(app.metric("patchwire_websocket_resyncs_total").await >= 1.0);
+    app.stop().await;
+}

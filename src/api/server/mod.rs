@@ -36,8 +36,6 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use tokio_tungstenite::WebSocketStream;
-use tokio_tungstenite::tungstenite::protocol::Role;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower::Service;
@@ -310,15 +308,10 @@ impl Connection {
         if let Some(Upgraded { on_upgrade, token }) = accepted {
             match on_upgrade.await {
                 Ok(io) => {
-                    let config = self.websockets.protocol_config();
-                    let ws = WebSocketStream::from_raw_socket(
-                        TokioIo::new(io),
-                        Role::Server,
-                        Some(config),
-                    )
-                    .await;
+                    let (read, write) = tokio::io::split(TokioIo::new(io));
+                    let shutdown = self.shutdown.clone();
                     self.websockets
-                        .serve(ws, token, self.shutdown.clone())
+                        .serve(read, write, Vec::new(), token, shutdown)
                         .await;
                 }
                 Err(error) => tracing::debug!(%peer, %error, "websocket upgrade failed"),
@@ -339,10 +332,10 @@ impl Connection {
             tracing::debug!(%error, "could not answer a websocket handshake");
             return;
         }
-        let config = self.websockets.protocol_config();
-        let ws = WebSocketStream::from_partially_read(tcp, rest, Role::Server, Some(config)).await;
+        let (read, write) = tcp.into_split();
+        let shutdown = self.shutdown.clone();
         self.websockets
-            .serve(ws, token, self.shutdown.clone())
+            .serve(read, write, rest, token, shutdown)
             .await;
     }
 }

@@ -433,7 +433,10 @@ mod tests {
         }
         let (x, y) = (a.pop().unwrap(), b.pop().unwrap());
         assert_eq!(x.as_ptr(), y.as_ptr(), "the same bytes on every connection");
-        let second: serde_json::Value = serde_json::from_slice(&a.pop().unwrap()).unwrap();
+        let json = |frame: Bytes| -> serde_json::Value {
+            serde_json::from_slice(wire::websocket::frame_payload(&frame).unwrap()).unwrap()
+        };
+        let second = json(a.pop().unwrap());
         assert_eq!(second["type"], "patch");
         assert_eq!(second["stream"], "s");
         assert_eq!(second["id"], format!("s:{}:3", s.epoch()));
@@ -441,7 +444,7 @@ mod tests {
         s.fail(502, "upstream-unavailable", "down".into(), Duration::ZERO);
         a.next_live().await;
         a.next_live().await;
-        let error: serde_json::Value = serde_json::from_slice(&a.pop().unwrap()).unwrap();
+        let error = json(a.pop().unwrap());
         assert_eq!(
             error["type"], "error",
             "keep-alives are not sent: the connection pings"

@@ -1,22 +1,23 @@
 //! One WebSocket connection: its messages, its subscriptions' events, pings, bounds, close.
 
 use std::collections::HashMap;
-use std::future::Future;
+use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures_util::StreamExt as _;
 use futures_util::stream::{AbortHandle, Abortable, SelectAll};
-use futures_util::{SinkExt as _, StreamExt as _};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt as _, ReadBuf};
 use tokio::time::Instant;
 use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError};
-use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig, frame::coding};
-use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
+use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tokio_util::sync::CancellationToken;
 
 use super::config::WebSocketSettings;
@@ -25,13 +26,16 @@ use super::{Streams, close};
 use crate::hub::Resume;
 use crate::metrics::{CloseLabels, Metrics, RefusalLabels};
 use crate::sinks::sse::{SseOptions, Writer};
-use crate::wire::{Dialect, Refusal};
+use crate::wire::{Dialect, Refusal, websocket};
 
 /// How long a closing connection waits for the client's close frame.
 const CLOSE_LINGER: Duration = Duration::from_secs(1);
 /// The read buffer of a connection: clients send small messages, and an idle connection
 /// should cost little (tungstenite's default is 128 KiB, all of it touched on the first read).
-const READ_BUFFER: usize = 4096;
+const READ_BUFFER: usize = 2048;
+/// Most bytes of protocol replies (pongs, the close echo) tungstenite may queue between two
+/// reads; the message budget keeps it far below.
+const MAX_REPLIES: usize = 64 * 1024;
 
 /// Serves WebSocket connections over `S`'s streams, with their bounds and metrics.
 pub struct WebSockets<S> {
@@ -99,29 +103,49 @@ impl<S: Streams> WebSockets<S> {
         &self.settings
     }
 
-    /// The protocol's bounds: message and frame size, small buffers.
-    pub fn protocol_config(&self) -> WebSocketConfig {
+    /// The protocol's bounds for reading: message and frame size, a small buffer.
+    fn protocol_config(&self) -> WebSocketConfig {
         WebSocketConfig::default()
             .read_buffer_size(READ_BUFFER)
-            .write_buffer_size(0)
             .max_message_size(Some(self.settings.max_message_size))
             .max_frame_size(Some(self.settings.max_message_size))
     }
 
-    /// Serves one upgraded connection until it closes, the client leaves, or `shutdown`.
-    /// `token` is the one its handshake presented, if any.
-    pub async fn serve<IO>(
+    /// Serves one upgraded connection until it closes, the client leaves, or `shutdown`:
+    /// `read` and `write` are its two halves, `already_read` the bytes the client sent after
+    /// its handshake, `token` the one the handshake presented, if any.
+    ///
+    /// tungstenite reads the client's frames (unmasking, fragments, control frames, limits);
+    /// the connection writes its own frames, each event as the shared bytes of its whole
+    /// frame, so nothing is copied or buffered per connection (tungstenite would copy every
+    /// message into a write buffer that keeps the size of the largest one sent).
+    pub async fn serve<R, W>(
         &self,
-        ws: WebSocketStream<IO>,
+        read: R,
+        write: W,
+        already_read: Vec<u8>,
         token: Option<String>,
         shutdown: CancellationToken,
     ) where
-        IO: AsyncRead + AsyncWrite + Unpin + Send,
+        R: AsyncRead + Unpin + Send,
+        W: AsyncWrite + Unpin + Send,
     {
         let _open = Counted::new(&self.metrics.websocket_connections);
+        let inbound = Inbound {
+            read,
+            replies: Vec::new(),
+        };
+        let ws = WebSocketStream::from_partially_read(
+            inbound,
+            already_read,
+            Role::Server,
+            Some(self.protocol_config()),
+        )
+        .await;
         let mut connection = Connection {
             owner: self,
             ws,
+            out: write,
             subscriptions: HashMap::new(),
             live: SelectAll::new(),
             token: None,
@@ -138,9 +162,51 @@ impl<S: Streams> WebSockets<S> {
     }
 }
 
-struct Connection<'a, S, IO> {
+/// The reading side of a connection as tungstenite sees it: what it writes (pongs, the echo
+/// of a client's close) is kept for the connection to send with its own frames.
+struct Inbound<R> {
+    read: R,
+    replies: Vec<u8>,
+}
+
+impl<R: AsyncRead + Unpin> AsyncRead for Inbound<R> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.read).poll_read(cx, buf)
+    }
+}
+
+impl<R: Unpin> AsyncWrite for Inbound<R> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        if self.replies.len() + buf.len() > MAX_REPLIES {
+            return Poll::Ready(Err(io::Error::other("too many unsent protocol replies")));
+        }
+        self.replies.extend_from_slice(buf);
+        Poll::Ready(Ok(buf.len()))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}
+
+struct Connection<'a, S, R, W> {
     owner: &'a WebSockets<S>,
-    ws: WebSocketStream<IO>,
+    /// The client's frames.
+    ws: WebSocketStream<Inbound<R>>,
+    /// Where this connection's frames go.
+    out: W,
     /// By the client's subscription id.
     subscriptions: HashMap<Arc<str>, Open>,
     live: SelectAll<Abortable<Live>>,
@@ -158,7 +224,12 @@ enum Step {
     Tick,
 }
 
-impl<S: Streams, IO: AsyncRead + AsyncWrite + Unpin + Send> Connection<'_, S, IO> {
+impl<S, R, W> Connection<'_, S, R, W>
+where
+    S: Streams,
+    R: AsyncRead + Unpin + Send,
+    W: AsyncWrite + Unpin + Send,
+{
     async fn run(&mut self, token: Option<String>, shutdown: CancellationToken) -> Closed {
         if let Some(token) = token {
             if let Err(code) = self.authenticate(token).await {
@@ -189,34 +260,29 @@ impl<S: Streams, IO: AsyncRead + AsyncWrite + Unpin + Send> Connection<'_, S, IO
     }
 
     async fn received(&mut self, received: Option<Result<Message, WsError>>) -> Result<(), Closed> {
+        // What tungstenite answered (a pong, the echo of a close) goes out first.
+        self.send_replies().await?;
         let message = match received {
             None => return Err(close::ABNORMAL),
             Some(Ok(message)) => message,
             Some(Err(error)) => return Err(self.failed(error).await),
         };
         self.last_heard = Instant::now();
+        if !matches!(message, Message::Close(_)) {
+            // Every frame counts, pings and pongs included: none may be flooded.
+            self.within_budget().await?;
+        }
         match message {
-            Message::Text(text) => {
-                self.within_budget().await?;
-                self.text(&text).await
-            }
+            Message::Text(text) => self.text(&text).await,
             Message::Binary(_) => Err(self
                 .close(
                     close::UNSUPPORTED,
                     "binary messages are not spoken: send JSON text",
                 )
                 .await),
-            Message::Ping(_) => {
-                self.within_budget().await?;
-                // tungstenite queued the pong: send it now.
-                self.timed(|ws| ws.flush()).await
-            }
-            Message::Pong(_) | Message::Frame(_) => Ok(()),
-            Message::Close(frame) => {
-                // tungstenite answered with the same code; let it go out.
-                let _ = self.timed(|ws| ws.flush()).await;
-                Err(frame.map_or(close::NO_STATUS, |f| u16::from(f.code)))
-            }
+            // tungstenite answered a ping (sent above).
+            Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => Ok(()),
+            Message::Close(frame) => Err(frame.map_or(close::NO_STATUS, |f| u16::from(f.code))),
         }
     }
 
@@ -231,7 +297,7 @@ impl<S: Streams, IO: AsyncRead + AsyncWrite + Unpin + Send> Connection<'_, S, IO
             WsError::Utf8(_) => self.close(close::INVALID_DATA, "text is not UTF-8").await,
             WsError::Protocol(error) => {
                 let reason = error.to_string();
-                self.close(close::PROTOCOL, truncate(&reason)).await
+                self.close(close::PROTOCOL, &reason).await
             }
             _ => close::ABNORMAL,
         }
@@ -390,14 +456,7 @@ impl<S: Streams, IO: AsyncRead + AsyncWrite + Unpin + Send> Connection<'_, S, IO
 
     async fn live_item(&mut self, id: Arc<str>, item: Item) -> Result<(), Closed> {
         match item {
-            Item::Message(bytes) => match Utf8Bytes::try_from(bytes) {
-                Ok(text) => self.send(Message::Text(text)).await,
-                Err(error) => {
-                    // `wire::websocket` builds every message as a String.
-                    tracing::error!(%error, "a WebSocket event is not UTF-8; not sent");
-                    Ok(())
-                }
-            },
+            Item::Message(frame) => self.send(&frame).await,
             Item::Ended => match self.subscriptions.remove(&id) {
                 Some(open) => self.send_text(protocol::ended(&id, &open.stream)).await,
                 None => Ok(()),
@@ -411,7 +470,7 @@ impl<S: Streams, IO: AsyncRead + AsyncWrite + Unpin + Send> Connection<'_, S, IO
         if self.last_heard.elapsed() >= idle {
             return Err(self.close(close::IDLE, "idle-timeout").await);
         }
-        self.timed(|ws| ws.send(Message::Ping(Bytes::new()))).await
+        self.write(&websocket::PING).await
     }
 
     async fn refuse(&mut self, id: Option<&str>, refusal: &Refusal) -> Result<(), Closed> {
@@ -426,26 +485,32 @@ impl<S: Streams, IO: AsyncRead + AsyncWrite + Unpin + Send> Connection<'_, S, IO
     }
 
     async fn send_text(&mut self, text: String) -> Result<(), Closed> {
-        self.send(Message::Text(Utf8Bytes::from(text))).await
+        self.send(&websocket::text_frame(&text)).await
     }
 
-    async fn send(&mut self, message: Message) -> Result<(), Closed> {
-        self.timed(|ws| ws.send(message)).await?;
+    /// Sends a message's whole frame.
+    async fn send(&mut self, frame: &[u8]) -> Result<(), Closed> {
+        self.write(frame).await?;
         self.owner.metrics.websocket_messages_sent.inc();
         Ok(())
     }
 
-    /// Runs a write: a socket that refuses writes for the stall timeout (a client that stopped
-    /// reading) or fails ends the connection without a close frame (1006 to the client).
-    async fn timed<'w, F>(
-        &'w mut self,
-        write: impl FnOnce(&'w mut WebSocketStream<IO>) -> F,
-    ) -> Result<(), Closed>
-    where
-        F: Future<Output = Result<(), WsError>> + 'w,
-    {
+    /// Sends what tungstenite queued in answer to the client (pongs, a close's echo).
+    async fn send_replies(&mut self) -> Result<(), Closed> {
+        if self.ws.get_ref().replies.is_empty() {
+            return Ok(());
+        }
+        let replies = std::mem::take(&mut self.ws.get_mut().replies);
+        self.write(&replies).await
+    }
+
+    /// Writes bytes, at once when the socket takes them (the common case: one write, no
+    /// timer armed); a socket that refuses writes for the stall timeout (a client that
+    /// stopped reading) or fails ends the connection without a close frame (1006 to the
+    /// client).
+    async fn write(&mut self, bytes: &[u8]) -> Result<(), Closed> {
         let timeout = self.owner.stall_timeout;
-        match tokio::time::timeout(timeout, write(&mut self.ws)).await {
+        match tokio::time::timeout(timeout, self.out.write_all(bytes)).await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(error)) => {
                 tracing::debug!(%error, "websocket write failed");
@@ -461,15 +526,12 @@ impl<S: Streams, IO: AsyncRead + AsyncWrite + Unpin + Send> Connection<'_, S, IO
     /// Sends a close frame with `code` and `reason`, gives the client a moment to answer, and
     /// returns `code`.
     async fn close(&mut self, code: u16, reason: &str) -> Closed {
-        let frame = CloseFrame {
-            code: coding::CloseCode::from(code),
-            reason: Utf8Bytes::from(truncate(reason)),
-        };
-        let stall = self.owner.stall_timeout;
-        if tokio::time::timeout(stall, self.ws.close(Some(frame)))
+        if self
+            .write(&websocket::close_frame(code, reason))
             .await
-            .is_ok_and(|sent| sent.is_ok())
+            .is_ok()
         {
+            let _ = self.out.flush().await;
             let _ = tokio::time::timeout(CLOSE_LINGER, async {
                 while let Some(Ok(_)) = self.ws.next().await {}
             })
@@ -477,15 +539,6 @@ impl<S: Streams, IO: AsyncRead + AsyncWrite + Unpin + Send> Connection<'_, S, IO
         }
         code
     }
-}
-
-/// A close reason fits in a control frame (123 bytes).
-fn truncate(reason: &str) -> &str {
-    let mut end = reason.len().min(123);
-    while !reason.is_char_boundary(end) {
-        end -= 1;
-    }
-    &reason[..end]
 }
 
 /// One subscription's events as a stream of messages tagged with its id, ending with
@@ -565,12 +618,5 @@ mod tests {
         let later = start + Duration::from_secs(60);
         assert!((0..3).all(|_| budget.take(later)));
         assert!(!budget.take(later));
-    }
-
-    #[test]
-    fn close_reasons_fit_a_control_frame() {
-        let long = "é".repeat(100);
-        let cut = truncate(&long);
-        assert!(cut.len() <= 123 && long.starts_with(cut));
     }
 }
