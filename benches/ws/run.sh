@@ -29,6 +29,8 @@ command -v jq >/dev/null || die "jq is needed to read patchwire-load's JSON repo
 
 log "building release binaries"
 (cd "$ROOT" && cargo build --release -p patchwire -p patchwire-load --bin patchwire --bin patchwire-load 2>&1 | tail -1 >&2)
+# The binaries measured, kept with the results (a shared target directory may be rebuilt meanwhile).
+cp "$TARGET/release/patchwire" "$TARGET/release/patchwire-load" "$OUT/"
 
 PW_PID=
 stop() { [ -n "$PW_PID" ] && kill "$PW_PID" 2>/dev/null && wait "$PW_PID" 2>/dev/null; PW_PID=; }
@@ -37,7 +39,7 @@ trap 'stop || true' EXIT INT TERM
 measure() { # label, then patchwire-load's transport arguments
   local label=$1
   shift
-  "$TARGET/release/patchwire" run --config "$ROOT/benches/ws/patchwire.toml" >"$OUT/$label.log" 2>&1 &
+  "$OUT/patchwire" run --config "$ROOT/benches/ws/patchwire.toml" >"$OUT/$label.log" 2>&1 &
   PW_PID=$!
   for _ in $(seq 100); do curl -sf "$PW/healthz" >/dev/null && break; sleep 0.1; done
   # A first document, so that every subscriber starts from a snapshot and then gets patches.
@@ -46,7 +48,7 @@ measure() { # label, then patchwire-load's transport arguments
   local load
   load=$(cut -d' ' -f1-3 /proc/loadavg)
   log "$label: $N subscribers, $K changes (load: $load)"
-  "$TARGET/release/patchwire-load" "$@" -n "$N" -k "$K" --interval 200ms \
+  "$OUT/patchwire-load" "$@" -n "$N" -k "$K" --interval 200ms \
     --publish-url "$PW/streams/bench" --header "Authorization: Bearer $PATCHWIRE_PUSH_TOKEN" \
     --pid "$PW_PID" --label "$label" --json "$OUT/$label.json" \
     >"$OUT/$label.txt" 2>&1 || log "patchwire-load reported a failure (see $OUT/$label.txt)"

@@ -32,7 +32,9 @@ use crate::wire::{Dialect, Refusal, websocket};
 const CLOSE_LINGER: Duration = Duration::from_secs(1);
 /// The read buffer of a connection: clients send small messages, and an idle connection
 /// should cost little (tungstenite's default is 128 KiB, all of it touched on the first read).
-const READ_BUFFER: usize = 2048;
+const READ_BUFFER: usize = 512;
+/// Events sent in a row before the client's messages get their turn.
+const LIVE_STREAK: u32 = 32;
 /// Most bytes of protocol replies (pongs, the close echo) tungstenite may queue between two
 /// reads; the message budget keeps it far below.
 const MAX_REPLIES: usize = 64 * 1024;
@@ -49,11 +51,11 @@ pub struct WebSockets<S> {
 enum Item {
     /// A message to send (shared bytes of one event).
     Message(Bytes),
-    /// The stream ended.
-    Ended,
+    /// The stream of this subscription (its id) ended.
+    Ended(Arc<str>),
 }
 
-type Live = Pin<Box<dyn futures_util::Stream<Item = (Arc<str>, Item)> + Send>>;
+type Live = Pin<Box<dyn futures_util::Stream<Item = Item> + Send>>;
 
 /// Why a connection ends: the close code, once the close was sent (or the socket is gone).
 type Closed = u16;
@@ -220,7 +222,7 @@ struct Connection<'a, S, R, W> {
 enum Step {
     Shutdown,
     Received(Option<Result<Message, WsError>>),
-    Live(Arc<str>, Item),
+    Live(Item),
     Tick,
 }
 
@@ -239,22 +241,53 @@ where
         let every = self.owner.settings.ping_interval;
         let mut ticks = tokio::time::interval_at(Instant::now() + every, every);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut streak = 0u32;
         loop {
-            let step = tokio::select! {
-                biased;
-                () = shutdown.cancelled() => Step::Shutdown,
-                received = self.ws.next() => Step::Received(received),
-                Some((id, item)) = self.live.next(), if !self.live.is_empty() => Step::Live(id, item),
-                _ = ticks.tick() => Step::Tick,
+            let step = self
+                .next_step(&shutdown, &mut ticks, streak < LIVE_STREAK)
+                .await;
+            streak = if matches!(step, Step::Live(_)) {
+                streak + 1
+            } else {
+                0
             };
             let flow = match step {
                 Step::Shutdown => Err(self.close(close::GOING_AWAY, "server shutting down").await),
                 Step::Received(received) => self.received(received).await,
-                Step::Live(id, item) => self.live_item(id, item).await,
+                Step::Live(item) => self.live_item(item).await,
                 Step::Tick => self.tick().await,
             };
             if let Err(code) = flow {
                 return code;
+            }
+        }
+    }
+
+    /// What to do next. With `events_first`, a ready event is taken without polling the
+    /// client's side at all (the hot path is then one write); the caller lets the client's
+    /// messages go first after `LIVE_STREAK` events in a row.
+    async fn next_step(
+        &mut self,
+        shutdown: &CancellationToken,
+        ticks: &mut tokio::time::Interval,
+        events_first: bool,
+    ) -> Step {
+        let live = !self.live.is_empty();
+        if events_first {
+            tokio::select! {
+                biased;
+                () = shutdown.cancelled() => Step::Shutdown,
+                Some(item) = self.live.next(), if live => Step::Live(item),
+                received = self.ws.next() => Step::Received(received),
+                _ = ticks.tick() => Step::Tick,
+            }
+        } else {
+            tokio::select! {
+                biased;
+                () = shutdown.cancelled() => Step::Shutdown,
+                received = self.ws.next() => Step::Received(received),
+                Some(item) = self.live.next(), if live => Step::Live(item),
+                _ = ticks.tick() => Step::Tick,
             }
         }
     }
@@ -454,10 +487,10 @@ where
             .await
     }
 
-    async fn live_item(&mut self, id: Arc<str>, item: Item) -> Result<(), Closed> {
+    async fn live_item(&mut self, item: Item) -> Result<(), Closed> {
         match item {
             Item::Message(frame) => self.send(&frame).await,
-            Item::Ended => match self.subscriptions.remove(&id) {
+            Item::Ended(id) => match self.subscriptions.remove(&id) {
                 Some(open) => self.send_text(protocol::ended(&id, &open.stream)).await,
                 None => Ok(()),
             },
@@ -541,30 +574,45 @@ where
     }
 }
 
-/// One subscription's events as a stream of messages tagged with its id, ending with
-/// `Ended` when its stream ends; `hold` lives as long as the subscription.
+/// What a subscription's event stream carries from one item to the next.
+struct Following {
+    id: Arc<str>,
+    writer: Writer,
+    /// Released with the subscription.
+    _hold: Option<Box<dyn Send>>,
+    resyncs: Counter,
+    ended: bool,
+}
+
+/// One subscription's events as a stream of frames, ending with `Ended` (naming the
+/// subscription) when its stream ends; `hold` lives as long as the subscription. Nothing is
+/// cloned or allocated per event.
 fn follow(id: Arc<str>, writer: Writer, hold: Option<Box<dyn Send>>, resyncs: Counter) -> Live {
+    let following = Following {
+        id,
+        writer,
+        _hold: hold,
+        resyncs,
+        ended: false,
+    };
     Box::pin(futures_util::stream::unfold(
-        (writer, hold, false),
-        move |(mut writer, hold, ended)| {
-            let id = id.clone();
-            let resyncs = resyncs.clone();
-            async move {
-                if ended {
-                    return None;
+        following,
+        |mut f| async move {
+            if f.ended {
+                return None;
+            }
+            loop {
+                if let Some(frame) = f.writer.pop() {
+                    return Some((Item::Message(frame), f));
                 }
-                loop {
-                    if let Some(bytes) = writer.pop() {
-                        return Some(((id, Item::Message(bytes)), (writer, hold, false)));
-                    }
-                    if writer.is_finished() {
-                        return Some(((id, Item::Ended), (writer, hold, true)));
-                    }
-                    let before = writer.resyncs();
-                    writer.next_live().await;
-                    if writer.resyncs() > before {
-                        resyncs.inc();
-                    }
+                if f.writer.is_finished() {
+                    f.ended = true;
+                    return Some((Item::Ended(f.id.clone()), f));
+                }
+                let before = f.writer.resyncs();
+                f.writer.next_live().await;
+                if f.writer.resyncs() > before {
+                    f.resyncs.inc();
                 }
             }
         },
