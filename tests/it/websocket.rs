@@ -602,3 +602,23 @@ async fn a_slow_reader_is_resynced_with_a_snapshot() {
     assert!(app.metric("patchwire_websocket_resyncs_total").await >= 1.0);
     app.stop().await;
 }
+
+/// Shutdown closes every connection with 1001 (going away), subscriptions or not.
+#[tokio::test]
+async fn shutdown_closes_connections_with_going_away() {
+    let (app, _fleet, _alerts) = two_streams(settings()).await;
+    let mut subscribed = WsClient::connect(&app, "", &[]).await;
+    subscribed.subscribe("f", "fleet", None).await;
+    assert_eq!(subscribed.until("subscribed").await["id"], "f");
+    let mut idle = WsClient::connect(&app, "", &[]).await;
+    app.wait_for_metric("patchwire_websocket_connections", 2.0, SOON)
+        .await;
+    app.shutdown.cancel();
+    for client in [&mut subscribed, &mut idle] {
+        assert!(
+            matches!(client.ended(SOON).await, Ended::Closed(1001, _)),
+            "a close frame with 1001"
+        );
+    }
+    app.stop().await;
+}
