@@ -18,7 +18,7 @@ use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError};
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
 
 use super::config::WebSocketSettings;
 use super::protocol::{self, ClientMessage, Target};
@@ -241,10 +241,15 @@ where
         let every = self.owner.settings.ping_interval;
         let mut ticks = tokio::time::interval_at(Instant::now() + every, every);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // A token of this connection's own, waited on by one future for its whole life: the
+        // server's token is shared by every connection, and registering with it at every
+        // event would make them all contend for its lock.
+        let shutdown = shutdown.child_token();
+        let mut cancelled = std::pin::pin!(shutdown.cancelled());
         let mut streak = 0u32;
         loop {
             let step = self
-                .next_step(&shutdown, &mut ticks, streak < LIVE_STREAK)
+                .next_step(cancelled.as_mut(), &mut ticks, streak < LIVE_STREAK)
                 .await;
             streak = if matches!(step, Step::Live(_)) {
                 streak + 1
@@ -268,7 +273,7 @@ where
     /// messages go first after `LIVE_STREAK` events in a row.
     async fn next_step(
         &mut self,
-        shutdown: &CancellationToken,
+        mut shutdown: Pin<&mut WaitForCancellationFuture<'_>>,
         ticks: &mut tokio::time::Interval,
         events_first: bool,
     ) -> Step {
@@ -276,7 +281,7 @@ where
         if events_first {
             tokio::select! {
                 biased;
-                () = shutdown.cancelled() => Step::Shutdown,
+                () = &mut shutdown => Step::Shutdown,
                 Some(item) = self.live.next(), if live => Step::Live(item),
                 received = self.ws.next() => Step::Received(received),
                 _ = ticks.tick() => Step::Tick,
@@ -284,7 +289,7 @@ where
         } else {
             tokio::select! {
                 biased;
-                () = shutdown.cancelled() => Step::Shutdown,
+                () = &mut shutdown => Step::Shutdown,
                 received = self.ws.next() => Step::Received(received),
                 Some(item) = self.live.next(), if live => Step::Live(item),
                 _ = ticks.tick() => Step::Tick,
