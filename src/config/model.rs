@@ -13,6 +13,7 @@ use crate::diff::DiffOptions;
 use crate::proxy::config::ProxySettings;
 use crate::sim::SimulatorSettings;
 use crate::sinks::webhook::config::WebhookSettings;
+use crate::sinks::ws::WebSocketSettings;
 use crate::upstream::config::{StreamSettings, UpstreamSettings};
 
 /// A complete, validated configuration.
@@ -39,6 +40,8 @@ pub struct Config {
     /// The Streamdata.io-compatible proxy mode (`GET /{target URL}`), when `[proxy]` is present
     /// with `enabled = true`; `None` means dynamic streams are refused.
     pub proxy: Option<ProxySettings>,
+    /// WebSocket subscriptions (`GET /ws`).
+    pub websocket: WebSocketSettings,
 }
 
 /// Authentication and limits of the push source.

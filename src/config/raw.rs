@@ -15,6 +15,7 @@ use serde::Deserialize;
 use crate::proxy::config::RawProxy;
 use crate::sim::SimulatorConfig;
 use crate::sinks::webhook::config::RawWebhooks;
+use crate::sinks::ws::config::RawWebSocket;
 use crate::upstream::config::{RawStream, RawStreamDefaults, RawUpstream};
 
 /// The whole configuration file.
@@ -48,6 +49,9 @@ pub struct RawConfig {
     /// The Streamdata.io-compatible proxy mode (`[proxy]`); absent means off.
     #[serde(default)]
     pub proxy: Option<RawProxy>,
+    /// WebSocket subscriptions (`[websocket]`, `GET /ws`); on by default.
+    #[serde(default)]
+    pub websocket: RawWebSocket,
 }
 
 /// `[push]`: authentication of `POST /streams/{name}` and `PATCH /streams/{name}`.

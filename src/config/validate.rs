@@ -138,6 +138,7 @@ pub fn validate(
         .proxy
         .as_ref()
         .and_then(|p| p.validate(env, &mut problems));
+    let websocket = raw.websocket.validate(&mut problems);
     problems.finish(
         source,
         Config {
@@ -151,6 +152,7 @@ pub fn validate(
             push_streams,
             webhooks,
             proxy,
+            websocket,
         },
     )
 }

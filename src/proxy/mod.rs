@@ -234,14 +234,16 @@ impl Proxy {
     }
 
     /// Opens the dynamic stream a request names: `path` and `query` as received, `headers`
-    /// for the token header. Every refusal is counted by cause.
+    /// for the token header, from `resume` (an exact resume needs the same stream still
+    /// alive: its name is in the id). Every refusal is counted by cause.
     pub async fn open(
         &self,
         path: &str,
         query: Option<&str>,
         headers: &HeaderMap,
+        resume: &Resume,
     ) -> Result<Opened, Refusal> {
-        let result = self.try_open(path, query, headers).await;
+        let result = self.try_open(path, query, headers, resume).await;
         if let Err(refusal) = &result {
             self.count(refusal);
         }
@@ -253,6 +255,7 @@ impl Proxy {
         path: &str,
         query: Option<&str>,
         headers: &HeaderMap,
+        resume: &Resume,
     ) -> Result<Opened, Refusal> {
         let target = target::parse(path, query)?;
         let presented = target.token.as_deref().or_else(|| header_token(headers));
@@ -262,7 +265,7 @@ impl Proxy {
         let host = target.url.host_str().unwrap_or_default();
         let period = admission.token().period_for(&self.settings, host)?;
         ssrf::check_url(&target.url, self.settings.allow_private).map_err(Refusal::Forbidden)?;
-        let (subscription, stream, claim) = self.streams.open(&target, period).await?;
+        let (subscription, stream, claim) = self.streams.open(&target, period, resume).await?;
         Ok(Opened::new(subscription, stream, admission, claim))
     }
 
@@ -284,6 +287,22 @@ impl Proxy {
             })?;
             Ok(Opened::new(subscription, stream, admission, claim))
         })();
+        if let Err(refusal) = &result {
+            self.count(refusal);
+        }
+        result
+    }
+
+    /// Admits a connection presenting `token` without naming a stream (a WebSocket
+    /// connection, which holds a slot of its token's limits as long as it is open), under
+    /// the rules of the native view: it cannot be signed, so tokens that require signatures
+    /// are refused. Refusals are counted by cause.
+    pub fn admit(&self, token: Option<&str>) -> Result<Admission, Refusal> {
+        let result = self
+            .tokens
+            .find(token)
+            .and_then(|found| self.check_signature(found, None))
+            .and_then(|()| self.tokens.admit(token));
         if let Err(refusal) = &result {
             self.count(refusal);
         }
