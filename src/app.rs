@@ -37,6 +37,7 @@ use crate::sim;
 use crate::sinks::webhook::Webhooks;
 use crate::sinks::webhook::outbox::Outbox as _;
 use crate::sinks::webhook::outbox::sqlite::SqliteOutbox;
+use crate::sinks::ws::WebSockets;
 use crate::snapshot::{Snapshot, SnapshotStore};
 use crate::upstream::fetch::Fetcher;
 use crate::upstream::on_demand::{self, Idle, OnDemand};
@@ -88,6 +89,7 @@ pub struct App {
     listener: TcpListener,
     router: Router,
     subscriptions: Arc<Subscriptions>,
+    websockets: Arc<WebSockets<Subscriptions>>,
     stall: Stall,
     serve: ServeOptions,
     hub: Arc<Hub>,
@@ -231,16 +233,25 @@ impl App {
             }),
         });
         let server = &config.server;
+        let subscriptions = Arc::new(Subscriptions::new(
+            hub.clone(),
+            proxy.clone(),
+            server.retry_hint,
+            server.cors.clone(),
+            config.websocket.enabled,
+        ));
+        let websockets = Arc::new(WebSockets::new(
+            config.websocket,
+            subscriptions.clone(),
+            metrics.clone(),
+            server.stall_timeout,
+        ));
         Ok(App {
             listen: listeners.api.local_addr().unwrap_or(server.listen),
             listener: listeners.api,
             router: api::router(state, &server.cors),
-            subscriptions: Arc::new(Subscriptions::new(
-                hub.clone(),
-                proxy.clone(),
-                server.retry_hint,
-                server.cors.clone(),
-            )),
+            subscriptions,
+            websockets,
             stall: Stall {
                 timeout: server.stall_timeout,
                 stalled: metrics.stalled_connections.clone(),
@@ -268,6 +279,7 @@ impl App {
             listener,
             router,
             subscriptions,
+            websockets,
             stall,
             serve,
             hub,
@@ -299,7 +311,16 @@ impl App {
             streams,
             "patchwire is serving"
         );
-        api::server::serve(listener, router, subscriptions, stall, serve, shutdown).await;
+        api::server::serve(
+            listener,
+            router,
+            subscriptions,
+            websockets,
+            stall,
+            serve,
+            shutdown,
+        )
+        .await;
 
         hub.close_all();
         let drained = tokio::time::timeout(serve.shutdown_grace, async {

@@ -93,6 +93,13 @@ pub struct TokenLabels {
     pub token: String,
 }
 
+/// Labels for closed WebSocket connections.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CloseLabels {
+    /// The close code (1006: closed without a close frame, e.g. a client that stopped reading).
+    pub code: u16,
+}
+
 /// What one webhook attempt came to.
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
 pub enum AttemptResult {
@@ -173,6 +180,18 @@ pub struct Metrics {
     pub proxy_refusals: Family<RefusalLabels, Counter>,
     /// Open dynamic-stream connections, by token name.
     pub proxy_connections: Family<TokenLabels, Gauge>,
+    /// Open WebSocket connections.
+    pub websocket_connections: Gauge,
+    /// Open subscriptions on WebSocket connections.
+    pub websocket_subscriptions: Gauge,
+    /// Messages sent on WebSocket connections (events and answers; pings excluded).
+    pub websocket_messages_sent: Counter,
+    /// WebSocket subscriptions that fell behind and were resynced with a snapshot.
+    pub websocket_resyncs: Counter,
+    /// Refused WebSocket messages (subscribe, auth, malformed), by cause.
+    pub websocket_refusals: Family<RefusalLabels, Counter>,
+    /// Closed WebSocket connections, by close code.
+    pub websocket_closes: Family<CloseLabels, Counter>,
     /// Webhook delivery attempts, by endpoint and result.
     pub webhook_attempts: Family<AttemptLabels, Counter>,
     /// Duration of webhook attempts (request sent to response read), in seconds.
@@ -227,6 +246,12 @@ impl Metrics {
         let dynamic_evictions = Family::<EvictionLabels, Counter>::default();
         let proxy_refusals = Family::<RefusalLabels, Counter>::default();
         let proxy_connections = Family::<TokenLabels, Gauge>::default();
+        let websocket_connections = Gauge::default();
+        let websocket_subscriptions = Gauge::default();
+        let websocket_messages_sent = Counter::default();
+        let websocket_resyncs = Counter::default();
+        let websocket_refusals = Family::<RefusalLabels, Counter>::default();
+        let websocket_closes = Family::<CloseLabels, Counter>::default();
         let webhook_attempts = Family::<AttemptLabels, Counter>::default();
         let webhook_attempt_seconds = Histogram::new(exponential_buckets(0.001, 2.0, 16));
         let cluster_leases_held = Gauge::default();
@@ -333,6 +358,36 @@ impl Metrics {
             proxy_connections.clone(),
         );
         registry.register(
+            "websocket_connections",
+            "Open WebSocket connections",
+            websocket_connections.clone(),
+        );
+        registry.register(
+            "websocket_subscriptions",
+            "Open subscriptions on WebSocket connections",
+            websocket_subscriptions.clone(),
+        );
+        registry.register(
+            "websocket_messages_sent",
+            "Messages sent on WebSocket connections (events and answers)",
+            websocket_messages_sent.clone(),
+        );
+        registry.register(
+            "websocket_resyncs",
+            "WebSocket subscriptions that fell behind and were resynced with a snapshot",
+            websocket_resyncs.clone(),
+        );
+        registry.register(
+            "websocket_refusals",
+            "Refused WebSocket messages by cause",
+            websocket_refusals.clone(),
+        );
+        registry.register(
+            "websocket_closes",
+            "Closed WebSocket connections by close code",
+            websocket_closes.clone(),
+        );
+        registry.register(
             "webhook_attempts",
             "Webhook delivery attempts by endpoint and result",
             webhook_attempts.clone(),
@@ -404,6 +459,12 @@ impl Metrics {
             dynamic_evictions,
             proxy_refusals,
             proxy_connections,
+            websocket_connections,
+            websocket_subscriptions,
+            websocket_messages_sent,
+            websocket_resyncs,
+            websocket_refusals,
+            websocket_closes,
             webhook_attempts,
             webhook_attempt_seconds,
             cluster_leases_held,

@@ -23,7 +23,10 @@ pub async fn dynamic_json(state: Arc<AppState>, uri: Uri, headers: HeaderMap) ->
     let Some(proxy) = &state.proxy else {
         return refusal_status(&Refusal::Disabled);
     };
-    let opened = match proxy.open(uri.path(), uri.query(), &headers).await {
+    let opened = match proxy
+        .open(uri.path(), uri.query(), &headers, &Resume::Fresh)
+        .await
+    {
         Ok(opened) => opened,
         Err(refusal) => return refusal_status(&refusal),
     };

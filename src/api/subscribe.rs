@@ -8,6 +8,10 @@
 //! response header, CORS included. The direct path writes the answer as HTTP/1.1 bytes,
 //! hyper as a response; a test compares the two. Requests that are not subscriptions (JSON
 //! views, listings, pushes, unknown streams) are the router's.
+//!
+//! The same decisions serve WebSocket connections: [`Subscriptions::upgrade`] says what
+//! `GET /ws` is (the handshake's answer), and each `subscribe` message of a connection is
+//! decided here too ([`ws::Streams`]), with the same streams, tokens and refusals as SSE.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -21,6 +25,7 @@ use crate::hub::{Hub, Resume, Subscription};
 use crate::proxy::target::{TOKEN_PARAM, is_dynamic_path};
 use crate::proxy::{self, Opened, Proxy};
 use crate::sinks::sse::SseOptions;
+use crate::sinks::ws::{self, protocol::Target};
 use crate::wire::{self, Dialect};
 
 /// A request as either transport read it: what a subscription decision reads.
@@ -67,23 +72,120 @@ pub struct Answer {
     pub body: Bytes,
 }
 
+/// What a `GET /ws` request comes to.
+pub enum Upgrade {
+    /// Switch protocols: `101` with these headers, then the WebSocket connection.
+    Accept {
+        /// The `101` answer's headers.
+        headers: Vec<(HeaderName, HeaderValue)>,
+        /// The token the handshake presented (`X-Sd-Token` query parameter or header).
+        token: Option<String>,
+    },
+    /// A whole answer (the handshake is refused); the connection closes after it.
+    Answer(Answer),
+}
+
 /// What subscription decisions need: the streams, the proxy mode, the SSE and CORS settings.
 pub struct Subscriptions {
     hub: Arc<Hub>,
     proxy: Option<Arc<Proxy>>,
     retry: Duration,
     cors: Cors,
+    websocket: bool,
 }
 
 impl Subscriptions {
     /// Decisions over `hub` and (when enabled) `proxy`, with the `retry:` hint and the
-    /// cross-origin policy of the whole server.
-    pub fn new(hub: Arc<Hub>, proxy: Option<Arc<Proxy>>, retry: Duration, cors: Cors) -> Self {
+    /// cross-origin policy of the whole server; `websocket`: whether `GET /ws` upgrades.
+    pub fn new(
+        hub: Arc<Hub>,
+        proxy: Option<Arc<Proxy>>,
+        retry: Duration,
+        cors: Cors,
+        websocket: bool,
+    ) -> Self {
         Subscriptions {
             hub,
             proxy,
             retry,
             cors,
+            websocket,
+        }
+    }
+
+    /// What `GET /ws` is (when WebSockets are enabled): the handshake's answer, with the
+    /// token it presented. `None`: not `/ws`, or WebSockets are off (the router's 404).
+    /// Browsers may open it from the origins `server.cors` allows (without CORS, from the
+    /// server's own origin only); clients that send no `Origin` always may.
+    pub fn upgrade(&self, request: &Request<'_>) -> Option<Upgrade> {
+        if request.path != "/ws" || !self.websocket || request.method != Method::GET {
+            return None;
+        }
+        let refuse = |status: StatusCode, message: &str| {
+            let mut headers = vec![(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            )];
+            if status == StatusCode::UPGRADE_REQUIRED {
+                headers.push((header::UPGRADE, HeaderValue::from_static("websocket")));
+                headers.push((
+                    header::SEC_WEBSOCKET_VERSION,
+                    HeaderValue::from_static("13"),
+                ));
+            }
+            Upgrade::Answer(Answer {
+                status,
+                headers,
+                body: Bytes::from(super::error_body(status, message).to_string()),
+            })
+        };
+        if !self.origin_allowed(request.headers) {
+            return Some(refuse(
+                StatusCode::FORBIDDEN,
+                "this Origin may not open a WebSocket here (server.cors.allow_origins)",
+            ));
+        }
+        Some(match ws::handshake::accept(request.headers) {
+            Ok(headers) => Upgrade::Accept {
+                headers,
+                token: query_token(request.query).or_else(|| {
+                    request
+                        .headers
+                        .get(TOKEN_PARAM)
+                        .and_then(|v| v.to_str().ok())
+                        .map(str::trim)
+                        .filter(|t| !t.is_empty())
+                        .map(str::to_owned)
+                }),
+            },
+            Err(rejected) => refuse(
+                StatusCode::from_u16(rejected.status).unwrap_or(StatusCode::BAD_REQUEST),
+                rejected.message,
+            ),
+        })
+    }
+
+    /// Whether a browser page of the request's `Origin` may open a WebSocket: as
+    /// `server.cors` lets it read SSE (any origin, the listed ones, or only the server's own).
+    fn origin_allowed(&self, headers: &HeaderMap) -> bool {
+        let Some(origin) = headers.get(header::ORIGIN) else {
+            return true;
+        };
+        match &self.cors {
+            Cors::AnyOrigin => true,
+            Cors::Origins(allowed) => allowed.iter().any(|a| a == origin),
+            Cors::Disabled => {
+                let authority = origin
+                    .to_str()
+                    .ok()
+                    .and_then(|o| o.split_once("://"))
+                    .map(|(_, authority)| authority);
+                authority.is_some_and(|a| {
+                    headers
+                        .get(header::HOST)
+                        .is_some_and(|host| host.as_bytes().eq_ignore_ascii_case(a.as_bytes()))
+                })
+            }
         }
     }
 
@@ -143,7 +245,7 @@ impl Subscriptions {
         };
         let dialect = streamdata(proxy.settings().ascii_only);
         match proxy
-            .open(request.path, request.query, request.headers)
+            .open(request.path, request.query, request.headers, &Resume::Fresh)
             .await
         {
             Ok(opened) => self.opened(request, opened, dialect),
@@ -272,6 +374,77 @@ impl Subscriptions {
             None => "accept-encoding",
         };
         headers.push((header::VARY, HeaderValue::from_static(vary)));
+    }
+}
+
+/// WebSocket subscriptions decide as SSE requests do: configured streams by name for anyone,
+/// dynamic streams (by URL or native name) under the proxy's token, host and SSRF rules.
+impl ws::Streams for Subscriptions {
+    async fn admit(&self, token: &str) -> Result<ws::Admitted, wire::Refusal> {
+        let Some(proxy) = &self.proxy else {
+            return Err(proxy::Refusal::Disabled.to_wire());
+        };
+        let admission = proxy.admit(Some(token)).await.map_err(|r| r.to_wire())?;
+        Ok(ws::Admitted {
+            name: admission.token().settings.name.clone(),
+            hold: Box::new(admission),
+        })
+    }
+
+    async fn open(
+        &self,
+        target: &Target,
+        resume: &Resume,
+        token: Option<&str>,
+    ) -> Result<ws::Opened, wire::Refusal> {
+        let dynamic = |opened: Opened| ws::Opened {
+            subscription: opened.subscription,
+            hold: Some(Box::new(opened.hold)),
+        };
+        match target {
+            Target::Stream(name) if !name.starts_with('~') => match self.hub.get(name) {
+                Some(stream) => Ok(ws::Opened {
+                    subscription: stream.subscribe(resume),
+                    hold: None,
+                }),
+                None => Err(wire::Refusal {
+                    status: 404,
+                    cause: "no-such-stream",
+                    message: format!("no stream named {name:?}; GET /streams lists them"),
+                }),
+            },
+            Target::Stream(name) => {
+                let proxy = self
+                    .proxy
+                    .as_ref()
+                    .ok_or(proxy::Refusal::Disabled.to_wire())?;
+                proxy
+                    .view(name, resume, token, &HeaderMap::new())
+                    .await
+                    .map(dynamic)
+                    .map_err(|r| r.to_wire())
+            }
+            Target::Url(url) => {
+                let proxy = self
+                    .proxy
+                    .as_ref()
+                    .ok_or(proxy::Refusal::Disabled.to_wire())?;
+                let target = format!("/{url}");
+                let (path, query) = match target.split_once('?') {
+                    Some((path, query)) => (path, Some(query)),
+                    None => (target.as_str(), None),
+                };
+                let mut headers = HeaderMap::new();
+                if let Some(token) = token.and_then(|t| HeaderValue::from_str(t).ok()) {
+                    headers.insert(TOKEN_PARAM, token);
+                }
+                proxy
+                    .open(path, query, &headers, resume)
+                    .await
+                    .map(dynamic)
+                    .map_err(|r| r.to_wire())
+            }
+        }
     }
 }
 

@@ -223,6 +223,21 @@ fn write_description(out: &mut String, config: &Config) -> std::fmt::Result {
             }
         )?;
     }
+    let ws = &config.websocket;
+    if ws.enabled {
+        writeln!(
+            out,
+            "websocket: GET /ws, up to {} subscriptions per connection, client messages up to {} \
+             and {}/s, a ping every {}, closed after {} of silence",
+            ws.max_subscriptions,
+            fmt_bytes(ws.max_message_size as u64),
+            ws.max_messages_per_second,
+            fmt_duration(ws.ping_interval),
+            fmt_duration(ws.idle_timeout)
+        )?;
+    } else {
+        writeln!(out, "websocket: off (GET /ws is a 404)")?;
+    }
     Ok(())
 }
 

@@ -14,6 +14,7 @@ use crate::diff::DiffOptions;
 use crate::proxy::config::ProxySettings;
 use crate::sim::SimulatorSettings;
 use crate::sinks::webhook::config::WebhookSettings;
+use crate::sinks::ws::WebSocketSettings;
 use crate::upstream::config::{StreamSettings, UpstreamSettings};
 
 /// A complete, validated configuration.
@@ -42,6 +43,8 @@ pub struct Config {
     pub proxy: Option<ProxySettings>,
     /// The cluster this node joins, when `[cluster]` is present; `None` means a single node.
     pub cluster: Option<ClusterSettings>,
+    /// WebSocket subscriptions (`GET /ws`).
+    pub websocket: WebSocketSettings,
 }
 
 /// Authentication and limits of the push source.

@@ -16,6 +16,7 @@ use crate::cluster::config::RawCluster;
 use crate::proxy::config::RawProxy;
 use crate::sim::SimulatorConfig;
 use crate::sinks::webhook::config::RawWebhooks;
+use crate::sinks::ws::config::RawWebSocket;
 use crate::upstream::config::{RawStream, RawStreamDefaults, RawUpstream};
 
 /// The whole configuration file.
@@ -53,6 +54,9 @@ pub struct RawConfig {
     /// on its own.
     #[serde(default)]
     pub cluster: Option<RawCluster>,
+    /// WebSocket subscriptions (`[websocket]`, `GET /ws`); on by default.
+    #[serde(default)]
+    pub websocket: RawWebSocket,
 }
 
 /// `[push]`: authentication of `POST /streams/{name}` and `PATCH /streams/{name}`.

@@ -153,6 +153,7 @@ pub fn validate(
             );
         }
     }
+    let websocket = raw.websocket.validate(&mut problems);
     problems.finish(
         source,
         Config {
@@ -167,6 +168,7 @@ pub fn validate(
             webhooks,
             proxy,
             cluster,
+            websocket,
         },
     )
 }

@@ -246,14 +246,16 @@ impl Proxy {
     }
 
     /// Opens the dynamic stream a request names: `path` and `query` as received, `headers`
-    /// for the token header. Every refusal is counted by cause.
+    /// for the token header, from `resume` (an exact resume needs the same stream still
+    /// alive: its name is in the id). Every refusal is counted by cause.
     pub async fn open(
         &self,
         path: &str,
         query: Option<&str>,
         headers: &HeaderMap,
+        resume: &Resume,
     ) -> Result<Opened, Refusal> {
-        let result = self.try_open(path, query, headers).await;
+        let result = self.try_open(path, query, headers, resume).await;
         if let Err(refusal) = &result {
             self.count(refusal);
         }
@@ -265,21 +267,22 @@ impl Proxy {
         path: &str,
         query: Option<&str>,
         headers: &HeaderMap,
+        resume: &Resume,
     ) -> Result<Opened, Refusal> {
         let target = target::parse(path, query)?;
         let presented = target.token.as_deref().or_else(|| header_token(headers));
         // Before admission: a refused signature takes no connection slot nor rate.
         self.check_signature(self.tokens.find(presented)?, target.signed.as_ref())?;
-        let admission = self.admit(presented).await?;
+        let admission = self.admit_token(presented).await?;
         let host = target.url.host_str().unwrap_or_default();
         let period = admission.token().period_for(&self.settings, host)?;
         ssrf::check_url(&target.url, self.settings.allow_private).map_err(Refusal::Forbidden)?;
-        let (subscription, stream, claim) = self.streams.open(&target, period).await?;
+        let (subscription, stream, claim) = self.streams.open(&target, period, resume).await?;
         Ok(Opened::new(subscription, stream, admission, claim))
     }
 
     /// Admits a connection presenting `token`: this node's limits, then the cluster's.
-    async fn admit(&self, token: Option<&str>) -> Result<Admission, Refusal> {
+    async fn admit_token(&self, token: Option<&str>) -> Result<Admission, Refusal> {
         let admission = self.tokens.admit(token)?;
         match &self.shared {
             Some(shared) => admission.share(shared).await,
@@ -300,13 +303,32 @@ impl Proxy {
         let result = async {
             let presented = query_token.or_else(|| header_token(headers));
             self.check_signature(self.tokens.find(presented)?, None)?;
-            let admission = self.admit(presented).await?;
+            let admission = self.admit_token(presented).await?;
             let (subscription, stream, claim) = self.streams.view(name, resume, |host| {
                 admission.token().period_for(&self.settings, host)
             })?;
             Ok(Opened::new(subscription, stream, admission, claim))
         }
         .await;
+        if let Err(refusal) = &result {
+            self.count(refusal);
+        }
+        result
+    }
+
+    /// Admits a connection presenting `token` without naming a stream (a WebSocket
+    /// connection, which holds a slot of its token's limits as long as it is open), under
+    /// the rules of the native view: it cannot be signed, so tokens that require signatures
+    /// are refused. Refusals are counted by cause.
+    pub async fn admit(&self, token: Option<&str>) -> Result<Admission, Refusal> {
+        let checked = self
+            .tokens
+            .find(token)
+            .and_then(|found| self.check_signature(found, None));
+        let result = match checked {
+            Ok(()) => self.admit_token(token).await,
+            Err(refusal) => Err(refusal),
+        };
         if let Err(refusal) = &result {
             self.count(refusal);
         }

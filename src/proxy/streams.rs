@@ -292,12 +292,13 @@ impl DynamicStreams {
         Ok(Arc::from(name))
     }
 
-    /// Subscribes to the stream of `target` (creating it if needed), asking for polls every
-    /// `period`. A new stream's host is resolved and checked first.
+    /// Subscribes to the stream of `target` (creating it if needed) from `resume`, asking for
+    /// polls every `period`. A new stream's host is resolved and checked first.
     pub async fn open(
         &self,
         target: &Target,
         period: Duration,
+        resume: &Resume,
     ) -> Result<(Subscription, Arc<str>, Claim), Refusal> {
         let name = self.name_of(target)?;
         let exists = self.lock().contains_key(&name);
@@ -323,7 +324,7 @@ impl DynamicStreams {
             }
         };
         let claim = entry.claim(period);
-        let subscription = entry.stream.subscribe(&Resume::Fresh);
+        let subscription = entry.stream.subscribe(resume);
         Ok((subscription, name, claim))
     }
 

@@ -1,4 +1,6 @@
-//! Sinks: the protocols that push a stream's changes to subscribers.
+//! Sinks: the protocols that push a stream's changes to subscribers: SSE, WebSocket (whose
+//! subscriptions are followed by the SSE sink's `Writer`) and webhooks.
 
 pub mod sse;
 pub mod webhook;
+pub mod ws;

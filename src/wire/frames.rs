@@ -40,13 +40,15 @@ impl Frame {
 }
 
 /// The frames of one event (a change, a snapshot, a failure, a recovery), one slot per
-/// dialect: each is framed once, on first use, by the sink that sends it, then shared by every
+/// dialect (the WebSocket message included): each is framed once, on first use, by the sink that sends it, then shared by every
 /// subscriber. Whoever keeps the event keeps its frames, so they count in what it holds.
 #[derive(Debug, Default)]
 pub struct Frames {
     native: OnceLock<Frame>,
     /// By `ascii_only` (index 1: escaped to ASCII).
     streamdata: [OnceLock<Frame>; 2],
+    /// The WebSocket message (filled only for WebSocket subscribers).
+    websocket: OnceLock<Frame>,
 }
 
 impl Frames {
@@ -66,10 +68,16 @@ impl Frames {
         self.streamdata[usize::from(ascii_only)].get_or_init(|| Frame::new(frame()))
     }
 
+    /// The event as a WebSocket text message, built by `frame` the first time.
+    pub fn websocket(&self, frame: impl FnOnce() -> Bytes) -> &Frame {
+        self.websocket.get_or_init(|| Frame::new(frame()))
+    }
+
     /// The bytes of every frame built so far (and of their deflated forms).
     pub fn retained_bytes(&self) -> usize {
         std::iter::once(&self.native)
             .chain(&self.streamdata)
+            .chain(std::iter::once(&self.websocket))
             .filter_map(OnceLock::get)
             .map(Frame::retained_bytes)
             .sum()
@@ -93,7 +101,9 @@ mod tests {
         assert_eq!(frames.retained_bytes(), 22);
         frames.streamdata(false, || Bytes::from_static(b"01"));
         assert_eq!(frames.retained_bytes(), 24);
+        frames.websocket(|| Bytes::from_static(b"{}"));
+        assert_eq!(frames.retained_bytes(), 26);
         let deflated = frames.native(|| unreachable!()).deflated().bytes.len();
-        assert_eq!(frames.retained_bytes(), 24 + deflated);
+        assert_eq!(frames.retained_bytes(), 26 + deflated);
     }
 }

@@ -3,7 +3,7 @@
 //! The bottom layer, as mini-redis's `frame.rs` is: the hub, the snapshot store, the sinks and
 //! the routes use it, and it uses nothing else from the crate. [`sse`] frames events,
 //! [`gzip`] deflates each frame once for every gzip subscriber, [`native`] and [`streamdata`]
-//! write the two dialects' events. A change (a snapshot, a failure, a recovery) carries its
+//! write the two SSE dialects' events, [`websocket`] the WebSocket messages. A change (a snapshot, a failure, a recovery) carries its
 //! data and one [`Frames`] cache: the SSE sink frames it there once, on first use, and every
 //! subscriber shares the bytes.
 
@@ -12,6 +12,7 @@ pub mod gzip;
 pub mod native;
 pub mod sse;
 pub mod streamdata;
+pub mod websocket;
 
 pub use frames::{Frame, Frames};
 
@@ -42,11 +43,12 @@ impl ChangeKind {
     }
 }
 
-/// The event vocabulary of a subscription: two views of the same stream.
+/// How a subscription's events are written: their vocabulary and framing, three views of the
+/// same stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Dialect {
-    /// patchwire's own: `snapshot`, `patch`, `error`, `recovered`; `Last-Event-ID` replays
-    /// missed patches.
+    /// patchwire's own over SSE: `snapshot`, `patch`, `error`, `recovered`; `Last-Event-ID`
+    /// replays missed patches.
     Native,
     /// Streamdata.io's: `data` (the whole document, first on every connection), `patch`
     /// (`add`/`remove`/`replace` only) and `error` as `{status, message, cause, timestamp,
@@ -57,6 +59,10 @@ pub enum Dialect {
         /// Event data escapes every non-ASCII character as `\uXXXX` (`proxy.ascii_only`).
         ascii_only: bool,
     },
+    /// patchwire's own vocabulary as WebSocket text messages naming their stream
+    /// ([`websocket`]): the same ids and data as [`Dialect::Native`], no `retry:` hint and no
+    /// keep-alive comments (the connection pings).
+    WebSocket,
 }
 
 /// Why a subscription request is refused, as the client is told: plain data, whoever refused.

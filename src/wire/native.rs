@@ -27,25 +27,42 @@ pub fn error(
     at: SystemTime,
     retry_in: Duration,
 ) -> Bytes {
-    let body = serde_json::json!({
+    let body = error_body(status, message, cause, at, retry_in);
+    sse::event(Some(id), "error", body.to_string().as_bytes())
+}
+
+/// The data of an `error` event: `{status, message, cause, timestamp, retry_in_ms}` (the
+/// WebSocket messages carry the same).
+pub fn error_body(
+    status: u16,
+    message: &str,
+    cause: &str,
+    at: SystemTime,
+    retry_in: Duration,
+) -> serde_json::Value {
+    serde_json::json!({
         "status": status,
         "message": message,
         "cause": cause,
         "timestamp": httpdate::fmt_http_date(at),
         "retry_in_ms": retry_in.as_millis() as u64,
-    });
-    sse::event(Some(id), "error", body.to_string().as_bytes())
+    })
 }
 
 /// The upstream answers again after `failures` failed polls since `since`: a `recovered`
 /// event.
 pub fn recovered(id: &str, since: SystemTime, failures: u32, at: SystemTime) -> Bytes {
-    let body = serde_json::json!({
+    let body = recovered_body(since, failures, at);
+    sse::event(Some(id), "recovered", body.to_string().as_bytes())
+}
+
+/// The data of a `recovered` event: `{since, failures, timestamp}`.
+pub fn recovered_body(since: SystemTime, failures: u32, at: SystemTime) -> serde_json::Value {
+    serde_json::json!({
         "since": httpdate::fmt_http_date(since),
         "failures": failures,
         "timestamp": httpdate::fmt_http_date(at),
-    });
-    sse::event(Some(id), "recovered", body.to_string().as_bytes())
+    })
 }
 
 #[cfg(test)]

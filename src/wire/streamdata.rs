@@ -75,7 +75,7 @@ pub fn refusal_body(refusal: &Refusal, dialect: Dialect, at: SystemTime) -> Vec<
             session,
             ascii_only,
         } => (session, ascii_only),
-        Dialect::Native => (0, false),
+        Dialect::Native | Dialect::WebSocket => (0, false),
     };
     let error = error_body(refusal.status, &refusal.message, refusal.cause, at, session);
     let mut body = sse::retry(REFUSAL_RETRY.as_millis() as u64).to_vec();

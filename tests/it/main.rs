@@ -30,4 +30,6 @@ mod transports;
 mod upstream;
 mod webhook;
 mod webhook_crash;
+mod websocket;
+mod websocket_clients;
 mod wire;

@@ -28,6 +28,11 @@ pub struct Args {
     /// Extra request header for subscribers, "Name: value" (repeatable).
     #[arg(long = "sub-header", value_name = "HEADER")]
     pub sub_headers: Vec<String>,
+    /// WebSocket mode: --url is ws://, and every subscriber sends this text message after the
+    /// upgrade (repeatable, in order), e.g. '{"type":"subscribe","id":"s","stream":"bench"}'.
+    /// Server pings are not answered: keep the server's idle timeout above the run's length.
+    #[arg(long = "ws-message", value_name = "TEXT")]
+    pub ws_messages: Vec<String>,
     /// URL changes are POSTed to; without it the run is passive (watches a polled stream).
     #[arg(long)]
     pub publish_url: Option<String>,
@@ -135,16 +140,22 @@ pub struct Endpoint {
 }
 
 impl Endpoint {
-    /// Parses an `http://` URL.
+    /// Parses an `http://` URL (or `ws://`, where `websocket` allows it).
     pub fn parse(what: &'static str, raw: &str) -> Result<Endpoint, ArgError> {
+        Self::parse_scheme(what, raw, false)
+    }
+
+    fn parse_scheme(what: &'static str, raw: &str, websocket: bool) -> Result<Endpoint, ArgError> {
         let fail = |reason: &str| ArgError::Url {
             what,
             url: raw.to_owned(),
             reason: reason.to_owned(),
         };
         let url = url::Url::parse(raw).map_err(|e| fail(&e.to_string()))?;
-        if url.scheme() != "http" {
-            return Err(fail("only http:// is supported"));
+        match (url.scheme(), websocket) {
+            ("http", false) | ("ws", true) => {}
+            (_, false) => return Err(fail("only http:// is supported")),
+            (_, true) => return Err(fail("with --ws-message, only ws:// is supported")),
         }
         let host = url
             .host_str()
@@ -225,6 +236,8 @@ pub struct Plan {
     pub endpoint: Endpoint,
     /// Extra subscriber headers.
     pub sub_headers: Vec<(String, String)>,
+    /// WebSocket mode: the text messages each subscriber sends after the upgrade (empty: SSE).
+    pub ws_messages: Vec<String>,
     /// Subscribers in all.
     pub subscribers: usize,
     /// Of which this many stall.
@@ -274,7 +287,7 @@ impl Args {
             url: String::new(),
             reason: "required".into(),
         })?;
-        let endpoint = Endpoint::parse("--url", url)?;
+        let endpoint = Endpoint::parse_scheme("--url", url, !self.ws_messages.is_empty())?;
         if self.subscribers == 0 || self.subscribers > 1_000_000 {
             return Err(ArgError::Range(format!(
                 "--subscribers must be 1 to 1,000,000, not {}",
@@ -350,6 +363,7 @@ impl Args {
         Ok(Plan {
             endpoint,
             sub_headers,
+            ws_messages: self.ws_messages.clone(),
             subscribers: self.subscribers,
             stalled,
             mode,

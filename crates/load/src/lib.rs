@@ -8,6 +8,7 @@
 //! - [`run`]: the coordinator; worker processes when one process cannot hold everyone.
 //! - [`check`]: delivery, order and latency judged from receipts.
 //! - [`stats`], [`report`], [`sys`]: percentiles, the report, /proc and the fd limit.
+//! - [`ws`]: WebSocket mode: the handshake and the client's masked text frames.
 
 // Nothing from the servers it measures may panic the tool. It is a command-line tool: its
 // reports and warnings go to stdout and stderr.
@@ -23,6 +24,7 @@ pub mod report;
 pub mod run;
 pub mod stats;
 pub mod sys;
+pub mod ws;
 
 pub use args::{Args, Plan};
 pub use report::Report;

@@ -20,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 use super::http::{self, BodyDecoder, HttpError};
 use super::marker::MarkerScanner;
 use super::sys;
+use super::ws;
 
 /// What one part holds and where it connects.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -32,6 +33,9 @@ pub struct PartSpec {
     pub path: String,
     /// Extra request headers.
     pub headers: Vec<(String, String)>,
+    /// WebSocket mode: the text messages sent after the upgrade (empty: SSE).
+    #[serde(default)]
+    pub ws_messages: Vec<String>,
     /// Subscribers that read.
     pub readers: usize,
     /// Subscribers that connect, read the response head and then never read again.
@@ -300,8 +304,14 @@ async fn subscriber(
         return (!closed).then(Receipts::default);
     }
     shared.alive.fetch_add(1, Ordering::SeqCst);
+    // A WebSocket's frames run until the connection closes.
+    let body = if shared.spec.ws_messages.is_empty() {
+        head.body
+    } else {
+        http::BodyKind::UntilClose
+    };
     let mut reader = Reader {
-        decoder: BodyDecoder::new(head.body),
+        decoder: BodyDecoder::new(body),
         scanner: MarkerScanner::new(shared.spec.marker.as_bytes()),
         receipts: Receipts::default(),
         has_last: false,
@@ -390,14 +400,24 @@ async fn start(index: usize, shared: &Shared) -> Result<Started, Refused> {
     let mut stream = connect(index, shared)
         .await
         .map_err(|e| failed("connect", e))?;
-    let mut request = format!(
-        "GET {} HTTP/1.1\r\nHost: {}\r\nAccept: text/event-stream\r\nCache-Control: no-cache\r\n",
-        shared.spec.path, shared.spec.authority
-    );
-    for (name, value) in &shared.spec.headers {
-        request.push_str(&format!("{name}: {value}\r\n"));
-    }
-    request.push_str("\r\n");
+    let websocket = !shared.spec.ws_messages.is_empty();
+    let request = if websocket {
+        ws::handshake_request(
+            &shared.spec.path,
+            &shared.spec.authority,
+            &shared.spec.headers,
+        )
+    } else {
+        let mut request = format!(
+            "GET {} HTTP/1.1\r\nHost: {}\r\nAccept: text/event-stream\r\nCache-Control: no-cache\r\n",
+            shared.spec.path, shared.spec.authority
+        );
+        for (name, value) in &shared.spec.headers {
+            request.push_str(&format!("{name}: {value}\r\n"));
+        }
+        request.push_str("\r\n");
+        request
+    };
     stream
         .write_all(request.as_bytes())
         .await
@@ -422,10 +442,20 @@ async fn start(index: usize, shared: &Shared) -> Result<Started, Refused> {
         if let Some(len) = http::head_len(&head) {
             let parsed =
                 http::parse_head(&head[..len]).map_err(|e| Refused::Failed(e.to_string()))?;
-            if parsed.status != 200 {
+            let expected = if websocket { 101 } else { 200 };
+            if parsed.status != expected {
                 return Err(Refused::Status(parsed.status));
             }
             let leftover = head.split_off(len);
+            if websocket {
+                let mask = (index as u32).to_be_bytes();
+                for message in &shared.spec.ws_messages {
+                    stream
+                        .write_all(&ws::text_frame(message.as_bytes(), mask))
+                        .await
+                        .map_err(|e| failed("send message", e))?;
+                }
+            }
             return Ok((stream, parsed, leftover));
         }
         if head.len() > http::MAX_HEAD {

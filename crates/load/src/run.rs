@@ -124,6 +124,7 @@ pub async fn run(plan: &Plan, worker_exe: Option<&Path>) -> Result<Report, LoadE
             authority: plan.endpoint.authority(),
             path: plan.endpoint.path.clone(),
             headers: plan.sub_headers.clone(),
+            ws_messages: plan.ws_messages.clone(),
             readers,
             stalled,
             source_addrs: part_sources,

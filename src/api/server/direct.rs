@@ -19,7 +19,7 @@ use http::StatusCode;
 use prometheus_client::metrics::counter::Counter;
 use tokio::net::TcpStream;
 
-use super::head::response_head;
+use super::head::{response_head, switching_protocols};
 use crate::api::subscribe::{Answer, Subscribe};
 use crate::sinks::sse::Writer;
 
@@ -62,6 +62,15 @@ impl Stall {
                 () = client_gone(&socket) => return,
             }
         }
+    }
+
+    /// Writes the `101 Switching Protocols` head of an accepted WebSocket handshake.
+    pub async fn switch(
+        &self,
+        socket: &TcpStream,
+        headers: &[(http::HeaderName, http::HeaderValue)],
+    ) -> io::Result<()> {
+        self.send(socket, &switching_protocols(headers)).await
     }
 
     /// Writes a whole answer; the connection then closes.

@@ -9,13 +9,20 @@ use crate::proxy::target::TOKEN_PARAM;
 /// Headers a request head may have for the direct path to consider it (more go to hyper).
 const MAX_HEADERS: usize = 48;
 
-/// The request headers a subscription decision reads; the direct path keeps only these.
-const KEPT: [&str; 5] = [
+/// The request headers a subscription or WebSocket handshake decision reads; the direct path
+/// keeps only these.
+const KEPT: [&str; 11] = [
     "accept",
     "accept-encoding",
     "origin",
+    "host",
     "last-event-id",
     TOKEN_PARAM,
+    "upgrade",
+    "connection",
+    "sec-websocket-key",
+    "sec-websocket-version",
+    "sec-websocket-protocol",
 ];
 
 /// The parts of a request head the direct path decides on.
@@ -31,6 +38,8 @@ pub enum Head<'a> {
         headers: HeaderMap,
         /// Whether the request asks to switch protocols.
         upgrade: bool,
+        /// The length of the head: bytes past it were sent after the request.
+        len: usize,
     },
     /// More bytes are needed.
     Partial,
@@ -48,6 +57,7 @@ impl Head<'_> {
                 target,
                 headers,
                 upgrade: false,
+                ..
             } => Some((target, headers)),
             _ => None,
         }
@@ -58,11 +68,11 @@ impl Head<'_> {
 pub fn parse_head(buf: &[u8]) -> Head<'_> {
     let mut raw = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut request = httparse::Request::new(&mut raw);
-    match request.parse(buf) {
-        Ok(httparse::Status::Complete(_)) => {}
+    let len = match request.parse(buf) {
+        Ok(httparse::Status::Complete(len)) => len,
         Ok(httparse::Status::Partial) => return Head::Partial,
         Err(_) => return Head::Other,
-    }
+    };
     let (Some(method), Some(target)) = (request.method, request.path) else {
         return Head::Other;
     };
@@ -87,7 +97,23 @@ pub fn parse_head(buf: &[u8]) -> Head<'_> {
         target,
         headers,
         upgrade,
+        len,
     }
+}
+
+/// The `101 Switching Protocols` head of an accepted WebSocket handshake (the connection stays
+/// open: it is the WebSocket's now).
+pub fn switching_protocols(headers: &[(HeaderName, HeaderValue)]) -> BytesMut {
+    let mut head = BytesMut::with_capacity(192);
+    head.put_slice(b"HTTP/1.1 101 Switching Protocols\r\n");
+    for (name, value) in headers {
+        head.put_slice(name.as_str().as_bytes());
+        head.put_slice(b": ");
+        head.put_slice(value.as_bytes());
+        head.put_slice(b"\r\n");
+    }
+    head.put_slice(b"\r\n");
+    head
 }
 
 /// An HTTP/1.1 response head with `headers`, closing the connection after the body: with
@@ -130,15 +156,16 @@ mod tests {
             target,
             headers,
             upgrade,
+            len,
         } = parse_head(raw)
         else {
             panic!("expected a complete head");
         };
         assert_eq!(
-            (method, target, upgrade),
-            ("GET", "/streams/a?lastEventId=a%3A1%3A2", true)
+            (method, target, upgrade, len),
+            ("GET", "/streams/a?lastEventId=a%3A1%3A2", true, raw.len())
         );
-        assert_eq!(headers.len(), 2);
+        assert_eq!(headers.len(), 4, "{headers:?}");
         assert_eq!(headers["last-event-id"], "a:1:3");
     }
 

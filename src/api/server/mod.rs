@@ -40,8 +40,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower::Service;
 
-use super::subscribe::{self, Decision, Subscriptions};
+use super::subscribe::{self, Decision, Subscriptions, Upgrade};
 use crate::sinks::sse;
+use crate::sinks::ws::WebSockets;
 use head::{Head, parse_head};
 use idle::{Activity, InFlight};
 use rewind::Rewind;
@@ -79,6 +80,7 @@ pub async fn serve(
     listener: TcpListener,
     router: Router,
     subscriptions: Arc<Subscriptions>,
+    websockets: Arc<WebSockets<Subscriptions>>,
     stall: Stall,
     options: ServeOptions,
     shutdown: CancellationToken,
@@ -137,6 +139,7 @@ pub async fn serve(
         let connection = Connection {
             router: router.clone(),
             subscriptions: subscriptions.clone(),
+            websockets: websockets.clone(),
             stall: stall.clone(),
             builder: builder.clone(),
             watcher: graceful.watcher(),
@@ -165,6 +168,7 @@ pub async fn serve(
 struct Connection {
     router: Router,
     subscriptions: Arc<Subscriptions>,
+    websockets: Arc<WebSockets<Subscriptions>>,
     stall: Stall,
     builder: Arc<auto::Builder<TokioExecutor>>,
     watcher: hyper_util::server::graceful::Watcher,
@@ -195,7 +199,35 @@ impl Connection {
         if prefix.is_empty() {
             return;
         }
-        if let Some((target, headers)) = parse_head(&prefix).subscription_request() {
+        let head = parse_head(&prefix);
+        if let Head::Complete {
+            method: "GET",
+            target,
+            headers,
+            len,
+            ..
+        } = &head
+        {
+            let (path, query) = match target.split_once('?') {
+                Some((path, query)) => (path, Some(query)),
+                None => (*target, None),
+            };
+            let request = subscribe::Request {
+                method: &Method::GET,
+                path,
+                query,
+                headers,
+            };
+            match self.subscriptions.upgrade(&request) {
+                Some(Upgrade::Accept { headers, token }) => {
+                    let rest = prefix[*len..].to_vec();
+                    return self.websocket(tcp, &headers, token, rest).await;
+                }
+                Some(Upgrade::Answer(answer)) => return self.stall.answer(tcp, answer).await,
+                None => {}
+            }
+        }
+        if let Some((target, headers)) = head.subscription_request() {
             let (path, query) = match target.split_once('?') {
                 Some((path, query)) => (path, Some(query)),
                 None => (target, None),
@@ -214,27 +246,48 @@ impl Connection {
                 None => {}
             }
         }
+        drop(head);
         let (io, watch) = Watched::new(tcp);
         let io = Rewind::new(prefix.freeze(), io);
         let router = self.router;
         let subscriptions = self.subscriptions;
         let activity = Arc::new(Activity::default());
         let tracked = activity.clone();
-        let service = hyper::service::service_fn(move |request: http::Request<Incoming>| {
+        // A WebSocket accepted on a hyper connection (a later request of a keep-alive
+        // connection, e.g. from a reverse proxy's pool) is served here once hyper hands over
+        // the connection, so it keeps this connection's slot.
+        let upgraded: Arc<std::sync::Mutex<Option<Upgraded>>> = Arc::default();
+        let pending = upgraded.clone();
+        let service = hyper::service::service_fn(move |mut request: http::Request<Incoming>| {
             let in_flight = InFlight::start(tracked.clone());
             let mut router = router.clone();
             let subscriptions = subscriptions.clone();
+            let pending = pending.clone();
             async move {
-                let response = match decide(&subscriptions, &request).await {
-                    Some(decision) => render(decision, request.method() == Method::HEAD),
-                    None => router.call(request).await?,
+                let response = match upgrade(&subscriptions, &request) {
+                    Some(Upgrade::Accept { headers, token }) => {
+                        let on_upgrade = hyper::upgrade::on(&mut request);
+                        *pending.lock().unwrap_or_else(|e| e.into_inner()) =
+                            Some(Upgraded { on_upgrade, token });
+                        let mut response = Response::new(Body::empty());
+                        *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+                        response.headers_mut().extend(headers);
+                        response
+                    }
+                    Some(Upgrade::Answer(answer)) => {
+                        render(Decision::Answer(answer), request.method() == Method::HEAD)
+                    }
+                    None => match decide(&subscriptions, &request).await {
+                        Some(decision) => render(decision, request.method() == Method::HEAD),
+                        None => router.call(request).await?,
+                    },
                 };
                 Ok::<_, std::convert::Infallible>(response.map(|body| in_flight.track(body)))
             }
         });
         let connection = self
             .builder
-            .serve_connection(TokioIo::new(io), service)
+            .serve_connection_with_upgrades(TokioIo::new(io), service)
             .into_owned();
         let connection = self.watcher.watch(connection);
         tokio::select! {
@@ -251,7 +304,58 @@ impl Connection {
                 tracing::debug!(%peer, "closing a connection with no request in flight");
             }
         }
+        let accepted = upgraded.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(Upgraded { on_upgrade, token }) = accepted {
+            match on_upgrade.await {
+                Ok(io) => {
+                    let (read, write) = tokio::io::split(TokioIo::new(io));
+                    let shutdown = self.shutdown.clone();
+                    self.websockets
+                        .serve(read, write, Vec::new(), token, shutdown)
+                        .await;
+                }
+                Err(error) => tracing::debug!(%peer, %error, "websocket upgrade failed"),
+            }
+        }
     }
+
+    /// Serves an accepted WebSocket handshake read on the direct path: the `101` head, then
+    /// the connection (`rest`: bytes the client sent after its request).
+    async fn websocket(
+        self,
+        tcp: TcpStream,
+        headers: &[(http::HeaderName, http::HeaderValue)],
+        token: Option<String>,
+        rest: Vec<u8>,
+    ) {
+        if let Err(error) = self.stall.switch(&tcp, headers).await {
+            tracing::debug!(%error, "could not answer a websocket handshake");
+            return;
+        }
+        let (read, write) = tcp.into_split();
+        let shutdown = self.shutdown.clone();
+        self.websockets
+            .serve(read, write, rest, token, shutdown)
+            .await;
+    }
+}
+
+/// A WebSocket handshake hyper answered with `101`, waiting for hyper to hand the connection
+/// over.
+struct Upgraded {
+    on_upgrade: hyper::upgrade::OnUpgrade,
+    token: Option<String>,
+}
+
+/// What `subscriptions` makes of a `GET /ws` hyper read.
+fn upgrade(subscriptions: &Subscriptions, request: &http::Request<Incoming>) -> Option<Upgrade> {
+    let request = subscribe::Request {
+        method: request.method(),
+        path: request.uri().path(),
+        query: request.uri().query(),
+        headers: request.headers(),
+    };
+    subscriptions.upgrade(&request)
 }
 
 /// What `subscriptions` makes of a request hyper read.

@@ -1,5 +1,6 @@
 //! The SSE sink: one subscriber's events, snapshot then patches, resumable with
-//! `Last-Event-ID`, in either dialect.
+//! `Last-Event-ID`, in either SSE dialect; its [`Writer`] also follows each subscription of a
+//! WebSocket connection (`sinks::ws`), in the WebSocket dialect.
 //!
 //! A [`Writer`] is a small state machine over the stream's broadcast receiver, turning events
 //! into the bytes a subscriber is owed; both transports send them (`api::server`'s direct
@@ -46,6 +47,10 @@ pub fn change_frame(change: &Change, dialect: Dialect) -> &Frame {
             let id = change.id().to_string();
             streamdata::change(&id, change.kind, &change.payload, ascii_only)
         }),
+        Dialect::WebSocket => change.frames.websocket(|| {
+            let id = change.id().to_string();
+            wire::websocket::change(&change.stream, &id, change.kind, &change.payload)
+        }),
     }
 }
 
@@ -60,6 +65,9 @@ pub fn snapshot_frame<'a>(stream: &Stream, snapshot: &'a Snapshot, dialect: Dial
         Dialect::Streamdata { ascii_only, .. } => snapshot.frames.streamdata(ascii_only, || {
             streamdata::data(&id(), &snapshot.json, ascii_only)
         }),
+        Dialect::WebSocket => snapshot
+            .frames
+            .websocket(|| wire::websocket::snapshot(stream.name(), &id(), &snapshot.json)),
     }
 }
 
@@ -68,6 +76,20 @@ pub fn recovery_frame<'a>(stream: &Stream, recovery: &'a Recovery) -> &'a Frame 
     recovery.frames.native(|| {
         let id = stream.event_id_in(recovery.epoch, recovery.seq).to_string();
         wire::native::recovered(&id, recovery.since, recovery.failures, recovery.at)
+    })
+}
+
+/// The `recovered` WebSocket message of `recovery` on `stream`, built once (on first use).
+fn recovery_message<'a>(stream: &Stream, recovery: &'a Recovery) -> &'a Frame {
+    recovery.frames.websocket(|| {
+        let id = stream.event_id(recovery.seq).to_string();
+        wire::websocket::recovered(
+            stream.name(),
+            &id,
+            recovery.since,
+            recovery.failures,
+            recovery.at,
+        )
     })
 }
 
@@ -88,6 +110,8 @@ pub(crate) struct Writer {
     /// This subscriber was told of a failure and not yet of its end.
     failing: bool,
     done: bool,
+    /// How many times it fell behind and was resynced.
+    lagged: u64,
 }
 
 impl Writer {
@@ -108,6 +132,7 @@ impl Writer {
             dialect: options.dialect,
             failing: false,
             done: false,
+            lagged: 0,
             subscription,
         };
         if options.gzip {
@@ -115,9 +140,11 @@ impl Writer {
                 .pending
                 .push_back(Bytes::from_static(&gzip::GZIP_HEADER));
         }
-        writer.push(&Frame::new(wire::sse::retry(
-            options.retry.as_millis() as u64
-        )));
+        if options.dialect != Dialect::WebSocket {
+            writer.push(&Frame::new(wire::sse::retry(
+                options.retry.as_millis() as u64
+            )));
+        }
         for item in initial {
             match item {
                 Initial::Snapshot(snapshot) => writer.push_snapshot(&snapshot),
@@ -131,6 +158,11 @@ impl Writer {
     /// The next bytes owed, if any.
     pub(crate) fn pop(&mut self) -> Option<Bytes> {
         self.pending.pop_front()
+    }
+
+    /// How many times this subscriber fell behind and was resynced with a snapshot.
+    pub(crate) fn resyncs(&self) -> u64 {
+        self.lagged
     }
 
     /// True once the stream ended and everything owed was taken.
@@ -205,6 +237,21 @@ impl Writer {
                 );
                 self.push_counted(&Frame::new(frame));
             }
+            Dialect::WebSocket => {
+                let frame = failure.frames.websocket(|| {
+                    let id = self.stream.event_id(failure.seq).to_string();
+                    wire::websocket::error(
+                        self.stream.name(),
+                        &id,
+                        failure.status,
+                        &failure.message,
+                        failure.cause,
+                        failure.at,
+                        failure.retry_in,
+                    )
+                });
+                self.push_counted(frame);
+            }
         }
     }
 
@@ -218,6 +265,10 @@ impl Writer {
             Dialect::Native => {
                 let stream = self.stream.clone();
                 self.push_counted(recovery_frame(&stream, recovery));
+            }
+            Dialect::WebSocket => {
+                let stream = self.stream.clone();
+                self.push_counted(recovery_message(&stream, recovery));
             }
             Dialect::Streamdata { .. } => {}
         }
@@ -245,9 +296,12 @@ impl Writer {
             }
             Ok(StreamEvent::Failure(failure)) => self.push_failure(&failure),
             Ok(StreamEvent::Recovered(recovery)) => self.push_recovery(&recovery),
+            // WebSocket connections ping instead.
+            Ok(StreamEvent::KeepAlive) if self.dialect == Dialect::WebSocket => {}
             Ok(StreamEvent::KeepAlive) => self.push(&wire::sse::KEEP_ALIVE),
             Err(RecvError::Lagged(_)) => {
                 self.resyncs.inc();
+                self.lagged += 1;
                 if let Some(snapshot) = self.stream.snapshot() {
                     self.push_snapshot(&snapshot);
                 }
@@ -377,6 +431,41 @@ mod tests {
             ["snapshot", "error", "recovered"]
         );
         assert_eq!(owed(&mut joined_after), ["snapshot"], "it saw no error");
+    }
+
+    #[tokio::test]
+    async fn websocket_subscribers_share_one_message_per_event() {
+        let s = stream(16);
+        let mut a = writer(&s, Dialect::WebSocket);
+        let mut b = writer(&s, Dialect::WebSocket);
+        let (first_a, first_b) = (a.pop().unwrap(), b.pop().unwrap());
+        assert_eq!(first_a.as_ptr(), first_b.as_ptr(), "one snapshot message");
+        assert!(a.pop().is_none(), "no retry hint");
+        s.publish(serde_json::json!({"n": 1, "pad": "x".repeat(64)}));
+        s.publish(serde_json::json!({"n": 2, "pad": "x".repeat(64)}));
+        for w in [&mut a, &mut b] {
+            w.next_live().await;
+            w.next_live().await;
+        }
+        let (x, y) = (a.pop().unwrap(), b.pop().unwrap());
+        assert_eq!(x.as_ptr(), y.as_ptr(), "the same bytes on every connection");
+        let json = |frame: Bytes| -> serde_json::Value {
+            serde_json::from_slice(wire::websocket::frame_payload(&frame).unwrap()).unwrap()
+        };
+        let second = json(a.pop().unwrap());
+        assert_eq!(second["type"], "patch");
+        assert_eq!(second["stream"], "s");
+        assert_eq!(second["id"], format!("s:{}:3", s.epoch()));
+        s.keep_alive();
+        s.fail(502, "upstream-unavailable", "down".into(), Duration::ZERO);
+        a.next_live().await;
+        a.next_live().await;
+        let error = json(a.pop().unwrap());
+        assert_eq!(
+            error["type"], "error",
+            "keep-alives are not sent: the connection pings"
+        );
+        assert_eq!(error["data"]["cause"], "upstream-unavailable");
     }
 
     #[tokio::test]

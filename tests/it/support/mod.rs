@@ -7,8 +7,10 @@ pub mod poller;
 pub mod raw;
 pub mod receiver;
 pub mod redis;
+pub mod scripted;
 pub mod sse;
 pub mod upstream;
+pub mod ws;
 
 pub use app::{TestApp, config_from_toml, over, polled};
 pub use receiver::{Hit, Receiver, Reply};
