@@ -183,14 +183,14 @@ fn selected(name: &str) -> bool {
 
 fn cases() -> Vec<Case> {
     let mut cases = Vec::new();
-    if selected("gbfs-baywheels") {
-        if let Some(snapshots) = gbfs_sequence() {
-            cases.push(Case {
-                name: "gbfs-baywheels".into(),
-                snapshots,
-                options: DiffOptions::default(),
-            });
-        }
+    if selected("gbfs-baywheels")
+        && let Some(snapshots) = gbfs_sequence()
+    {
+        cases.push(Case {
+            name: "gbfs-baywheels".into(),
+            snapshots,
+            options: DiffOptions::default(),
+        });
     }
     for (name, dir) in [
         ("gtfs-vehiclepositions", "vehiclepositions-2023-05-08T12Z"),

@@ -46,10 +46,10 @@ fn receive(received: &Received, body: Bytes) {
                     .and_then(|op| op["value"].as_u64())
             })
         });
-        if let (Some(i), Some(n)) = (index, n) {
-            if let Some(slot) = received.get(i) {
-                slot.fetch_max(n, Ordering::Relaxed);
-            }
+        if let (Some(i), Some(n)) = (index, n)
+            && let Some(slot) = received.get(i)
+        {
+            slot.fetch_max(n, Ordering::Relaxed);
         }
     }
 }

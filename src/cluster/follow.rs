@@ -87,10 +87,10 @@ impl Catchup {
                 }
             }
         }
-        if let Some(change) = change {
-            if replica::apply(stream, change).is_err() {
-                return self.reload(stream).await;
-            }
+        if let Some(change) = change
+            && replica::apply(stream, change).is_err()
+        {
+            return self.reload(stream).await;
         }
         Ok(Reloaded::Followed)
     }
@@ -219,10 +219,11 @@ impl Follower {
                 node,
                 failure,
             } => {
-                if let Some(local) = self.replicas.get(&stream) {
-                    if *node != *self.node && local.epoch() == epoch {
-                        replica::health(&local, failure.as_ref());
-                    }
+                if let Some(local) = self.replicas.get(&stream)
+                    && *node != *self.node
+                    && local.epoch() == epoch
+                {
+                    replica::health(&local, failure.as_ref());
                 }
             }
             Announcement::Released { stream } => self.releases.released(&stream),

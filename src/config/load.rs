@@ -105,16 +105,16 @@ pub fn load_with(
     // validation finds in the rest (not at or under a key already reported: a key left out
     // because its value was wrong would be reported again as missing).
     let mut problems = parsed.problems;
-    if parsed.complete {
-        if let Err(e) = validate(parsed.raw, Some(path), env) {
-            let reported: Vec<String> = problems.iter().map(|p| p.key.clone()).collect();
-            problems.extend(
-                annotate(e, &sources)
-                    .problems
-                    .into_iter()
-                    .filter(|p| !reported.iter().any(|key| is_at_or_under(&p.key, key))),
-            );
-        }
+    if parsed.complete
+        && let Err(e) = validate(parsed.raw, Some(path), env)
+    {
+        let reported: Vec<String> = problems.iter().map(|p| p.key.clone()).collect();
+        problems.extend(
+            annotate(e, &sources)
+                .problems
+                .into_iter()
+                .filter(|p| !reported.iter().any(|key| is_at_or_under(&p.key, key))),
+        );
     }
     Err(ConfigError {
         file: Some(path.to_path_buf()),
@@ -486,10 +486,10 @@ fn annotate_problem(mut problem: Problem, sources: &BTreeMap<String, String>) ->
     let source = sources
         .iter()
         .find(|(key, _)| is_at_or_under(&problem.key, key));
-    if let Some((_, name)) = source {
-        if !problem.message.contains(name.as_str()) {
-            problem.message = format!("{} (set by environment variable {name})", problem.message);
-        }
+    if let Some((_, name)) = source
+        && !problem.message.contains(name.as_str())
+    {
+        problem.message = format!("{} (set by environment variable {name})", problem.message);
     }
     problem
 }
@@ -512,20 +512,20 @@ fn explain(path: &str, error: DeError, value: Option<&Value>) -> Problem {
             p.to_owned()
         }
     };
-    if let Some(rest) = message.strip_prefix("unknown field `") {
-        if let Some((field, expected)) = rest.split_once('`') {
-            let valid = list_of_names(expected);
-            // `serde_path_to_error` already includes the unknown key in the path.
-            let key = if path.ends_with(field) {
-                root_or(path)
-            } else {
-                join(field)
-            };
-            return Problem {
-                key,
-                message: format!("unknown key `{field}`; valid keys here: {valid}"),
-            };
-        }
+    if let Some(rest) = message.strip_prefix("unknown field `")
+        && let Some((field, expected)) = rest.split_once('`')
+    {
+        let valid = list_of_names(expected);
+        // `serde_path_to_error` already includes the unknown key in the path.
+        let key = if path.ends_with(field) {
+            root_or(path)
+        } else {
+            join(field)
+        };
+        return Problem {
+            key,
+            message: format!("unknown key `{field}`; valid keys here: {valid}"),
+        };
     }
     if let Some(rest) = message.strip_prefix("missing field `") {
         let field = rest.trim_end_matches('`');
@@ -534,29 +534,29 @@ fn explain(path: &str, error: DeError, value: Option<&Value>) -> Problem {
             message: "missing required key".to_owned(),
         };
     }
-    if let Some(rest) = message.strip_prefix("unknown variant `") {
-        if let Some((variant, expected)) = rest.split_once('`') {
-            return Problem {
-                key: root_or(path),
-                message: format!(
-                    "expected one of {}, got {variant:?}",
-                    list_of_names(expected)
-                ),
-            };
-        }
+    if let Some(rest) = message.strip_prefix("unknown variant `")
+        && let Some((variant, expected)) = rest.split_once('`')
+    {
+        return Problem {
+            key: root_or(path),
+            message: format!(
+                "expected one of {}, got {variant:?}",
+                list_of_names(expected)
+            ),
+        };
     }
     for prefix in ["invalid type: ", "invalid value: "] {
-        if let Some(rest) = message.strip_prefix(prefix) {
-            if let Some((got, expected)) = rest.rsplit_once(", expected ") {
-                let reason = value
-                    .and_then(|v| parse_failure(expected, v))
-                    .map(|why| format!(" ({why})"))
-                    .unwrap_or_default();
-                return Problem {
-                    key: root_or(path),
-                    message: format!("expected {}, got {got}{reason}", plain_expected(expected)),
-                };
-            }
+        if let Some(rest) = message.strip_prefix(prefix)
+            && let Some((got, expected)) = rest.rsplit_once(", expected ")
+        {
+            let reason = value
+                .and_then(|v| parse_failure(expected, v))
+                .map(|why| format!(" ({why})"))
+                .unwrap_or_default();
+            return Problem {
+                key: root_or(path),
+                message: format!("expected {}, got {got}{reason}", plain_expected(expected)),
+            };
         }
     }
     Problem {

@@ -106,16 +106,16 @@ pub fn validate(
         .simulator
         .as_ref()
         .and_then(|sim| sim.validate("simulator", &mut problems));
-    if let Some(sim) = &simulator {
-        if addresses_overlap(sim.listen, server.listen) {
-            problems.push(
-                "simulator.listen",
-                format!(
-                    "expected an address other than server.listen ({}), got {}",
-                    server.listen, sim.listen
-                ),
-            );
-        }
+    if let Some(sim) = &simulator
+        && addresses_overlap(sim.listen, server.listen)
+    {
+        problems.push(
+            "simulator.listen",
+            format!(
+                "expected an address other than server.listen ({}), got {}",
+                server.listen, sim.listen
+            ),
+        );
     }
     let defaults = raw.stream_defaults.validate(env, &mut problems);
     // A proxy-only deployment (`[proxy]` enabled, its tokens, no `[[streams]]`) is valid.
@@ -388,17 +388,17 @@ fn streams(
             );
         }
         if stream.source == RawSource::Push {
-            if let Some(push) = push_stream(stream, &key, problems) {
-                if problems.len() == before {
-                    push_streams.push(push);
-                }
+            if let Some(push) = push_stream(stream, &key, problems)
+                && problems.len() == before
+            {
+                push_streams.push(push);
             }
             continue;
         }
-        if let Some(settings) = stream.validate_polled(&key, defaults, upstream, env, problems) {
-            if problems.len() == before {
-                streams.push(settings);
-            }
+        if let Some(settings) = stream.validate_polled(&key, defaults, upstream, env, problems)
+            && problems.len() == before
+        {
+            streams.push(settings);
         }
     }
     (streams, push_streams)

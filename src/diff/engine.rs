@@ -696,13 +696,13 @@ impl<'o, 'v> Walk<'o, 'v> {
         }
         // 4. Changes inside entities that were neither added nor re-added, at their final index.
         for (j, b) in new.iter().enumerate() {
-            if let Some(i) = from[j] {
-                if use_move || stays[i] {
-                    self.path.push(Step::Index(j));
-                    let child = self.descend_index(live, j);
-                    self.value(&old[i], b, child);
-                    self.path.pop();
-                }
+            if let Some(i) = from[j]
+                && (use_move || stays[i])
+            {
+                self.path.push(Step::Index(j));
+                let child = self.descend_index(live, j);
+                self.value(&old[i], b, child);
+                self.path.pop();
             }
         }
         true

@@ -87,15 +87,16 @@ fn backtrack(trace: &[Vec<i32>], n: i32, m: i32, depth: i32) -> Vec<Hunk> {
     let mut out: Vec<Hunk> = Vec::new();
     for (x, y, insert) in edits {
         let (x, y) = (x as usize, y as usize);
-        if let Some(last) = out.last_mut() {
-            if last.old + last.del == x && last.new + last.ins == y {
-                if insert {
-                    last.ins += 1;
-                } else {
-                    last.del += 1;
-                }
-                continue;
+        if let Some(last) = out.last_mut()
+            && last.old + last.del == x
+            && last.new + last.ins == y
+        {
+            if insert {
+                last.ins += 1;
+            } else {
+                last.del += 1;
             }
+            continue;
         }
         out.push(Hunk {
             old: x,

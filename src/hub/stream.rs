@@ -872,10 +872,10 @@ impl Stream {
 
     /// Sends a keep-alive to every subscriber (a no-op without subscribers).
     pub fn keep_alive(&self) {
-        if let Some(live) = &self.lock().live {
-            if live.receiver_count() > 0 {
-                let _ = live.send(StreamEvent::KeepAlive);
-            }
+        if let Some(live) = &self.lock().live
+            && live.receiver_count() > 0
+        {
+            let _ = live.send(StreamEvent::KeepAlive);
         }
     }
 

@@ -302,13 +302,14 @@ impl DynamicStreams {
     ) -> Result<(Subscription, Arc<str>, Claim), Refusal> {
         let name = self.name_of(target)?;
         let exists = self.lock().contains_key(&name);
-        if !exists && !self.settings.allow_private {
-            if let Some(url::Host::Domain(host)) = target.url.host() {
-                let port = target.url.port_or_known_default().unwrap_or(443);
-                ssrf::resolve_checked(host, port, false)
-                    .await
-                    .map_err(Refusal::Forbidden)?;
-            }
+        if !exists
+            && !self.settings.allow_private
+            && let Some(url::Host::Domain(host)) = target.url.host()
+        {
+            let port = target.url.port_or_known_default().unwrap_or(443);
+            ssrf::resolve_checked(host, port, false)
+                .await
+                .map_err(Refusal::Forbidden)?;
         }
         let mut entries = self.lock();
         let entry = match entries.get(&name) {

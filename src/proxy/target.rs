@@ -198,12 +198,12 @@ fn signed_url(whole: &str) -> &str {
 /// as `https://api.example.com`.
 fn restore_double_slash(base: &str) -> String {
     for scheme in ["https:", "http:"] {
-        if let Some(head) = base.get(..scheme.len()) {
-            if head.eq_ignore_ascii_case(scheme) {
-                let after = &base[scheme.len()..];
-                if after.starts_with('/') && !after.starts_with("//") {
-                    return format!("{scheme}/{after}");
-                }
+        if let Some(head) = base.get(..scheme.len())
+            && head.eq_ignore_ascii_case(scheme)
+        {
+            let after = &base[scheme.len()..];
+            if after.starts_with('/') && !after.starts_with("//") {
+                return format!("{scheme}/{after}");
             }
         }
     }

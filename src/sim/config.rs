@@ -202,15 +202,15 @@ impl SimulatorConfig {
             };
             let move_fraction = fraction_of(problems, "move_fraction", feed.move_fraction);
             let churn = fraction_of(problems, "churn", feed.churn);
-            if let Some(epoch) = feed.epoch {
-                if epoch > MAX_EPOCH_SECONDS {
-                    problems.push(
+            if let Some(epoch) = feed.epoch
+                && epoch > MAX_EPOCH_SECONDS
+            {
+                problems.push(
                         format!("{fkey}.epoch"),
                         format!(
                             "expected Unix seconds from 0 to {MAX_EPOCH_SECONDS} (year 9000), got {epoch}"
                         ),
                     );
-                }
             }
             feeds.push(FeedSettings {
                 name: feed.name.clone(),

@@ -485,7 +485,7 @@ fn push_decimal(out: &mut Vec<u8>, scaled: i64, decimals: u32) {
     out.push(b'.');
     let mut fraction = magnitude % scale;
     let mut width = decimals as usize;
-    while width > 1 && fraction % 10 == 0 {
+    while width > 1 && fraction.is_multiple_of(10) {
         fraction /= 10;
         width -= 1;
     }

@@ -83,13 +83,13 @@ pub fn parse_head(buf: &[u8]) -> Head<'_> {
         if name.eq_ignore_ascii_case("upgrade") {
             upgrade = true;
         }
-        if KEPT.iter().any(|k| name.eq_ignore_ascii_case(k)) {
-            if let (Ok(name), Ok(value)) = (
+        if KEPT.iter().any(|k| name.eq_ignore_ascii_case(k))
+            && let (Ok(name), Ok(value)) = (
                 HeaderName::from_bytes(name.as_bytes()),
                 HeaderValue::from_bytes(h.value),
-            ) {
-                headers.append(name, value);
-            }
+            )
+        {
+            headers.append(name, value);
         }
     }
     Head::Complete {

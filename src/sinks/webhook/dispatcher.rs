@@ -267,10 +267,10 @@ impl Dispatcher {
                     }
                 }
             }
-            if let Some(saved) = saved {
-                if let Err(error) = saved.await {
-                    batch.error.get_or_insert(error.to_string());
-                }
+            if let Some(saved) = saved
+                && let Err(error) = saved.await
+            {
+                batch.error.get_or_insert(error.to_string());
             }
             batch
         }))

@@ -421,13 +421,13 @@ impl Endpoints {
             .outbox
             .replay(id.to_owned(), which, unix_ms(SystemTime::now()))
             .await?;
-        if count == 0 {
-            if let Replay::One(delivery) = which {
-                return Err(AdminError::NotFound(format!(
-                    "endpoint {id:?} has no finished delivery {delivery} (pending deliveries are \
+        if count == 0
+            && let Replay::One(delivery) = which
+        {
+            return Err(AdminError::NotFound(format!(
+                "endpoint {id:?} has no finished delivery {delivery} (pending deliveries are \
                      already queued)"
-                )));
-            }
+            )));
         }
         self.wake.notify_one();
         Ok(count)

@@ -81,10 +81,10 @@ impl Endpoint {
     /// rotation overlap lasts.
     pub fn signing_secrets(&self, now_ms: u64) -> Vec<&Secret> {
         let mut secrets = vec![&self.secret];
-        if let (Some(previous), Some(until)) = (&self.previous, self.record.previous_expires_ms) {
-            if now_ms < until {
-                secrets.push(previous);
-            }
+        if let (Some(previous), Some(until)) = (&self.previous, self.record.previous_expires_ms)
+            && now_ms < until
+        {
+            secrets.push(previous);
         }
         secrets
     }
@@ -141,10 +141,10 @@ impl Registry {
     /// outbox, and the worker may have recorded a newer one meanwhile.
     pub fn put(&self, mut endpoint: Endpoint) -> Arc<Endpoint> {
         let mut endpoints = self.endpoints.write().unwrap_or_else(|e| e.into_inner());
-        if let Some(current) = endpoints.get(&endpoint.record.id) {
-            if current.status.revision > endpoint.status.revision {
-                endpoint.status = current.status.clone();
-            }
+        if let Some(current) = endpoints.get(&endpoint.record.id)
+            && current.status.revision > endpoint.status.revision
+        {
+            endpoint.status = current.status.clone();
         }
         let endpoint = Arc::new(endpoint);
         endpoints.insert(endpoint.record.id.clone(), endpoint.clone());
@@ -155,10 +155,10 @@ impl Registry {
     /// outbox answers concurrent callers in its order, but they apply them in theirs).
     pub fn set_status(&self, id: &str, status: EndpointStatus) {
         let mut endpoints = self.endpoints.write().unwrap_or_else(|e| e.into_inner());
-        if let Some(current) = endpoints.get_mut(id) {
-            if status.revision > current.status.revision {
-                Arc::make_mut(current).status = status;
-            }
+        if let Some(current) = endpoints.get_mut(id)
+            && status.revision > current.status.revision
+        {
+            Arc::make_mut(current).status = status;
         }
     }
 

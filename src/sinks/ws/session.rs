@@ -233,10 +233,10 @@ where
     W: AsyncWrite + Unpin + Send,
 {
     async fn run(&mut self, token: Option<String>, shutdown: CancellationToken) -> Closed {
-        if let Some(token) = token {
-            if let Err(code) = self.authenticate(token).await {
-                return code;
-            }
+        if let Some(token) = token
+            && let Err(code) = self.authenticate(token).await
+        {
+            return code;
         }
         let every = self.owner.settings.ping_interval;
         let mut ticks = tokio::time::interval_at(Instant::now() + every, every);

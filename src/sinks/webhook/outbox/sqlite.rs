@@ -233,13 +233,14 @@ fn connect(path: &Path) -> Result<Connection, OutboxError> {
         path: path.display().to_string(),
         message,
     };
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        if !dir.is_dir() && path != Path::new(":memory:") {
-            return Err(fail(format!(
-                "the directory {} does not exist (create it, or set webhooks.database)",
-                dir.display()
-            )));
-        }
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
+        && !dir.is_dir()
+        && path != Path::new(":memory:")
+    {
+        return Err(fail(format!(
+            "the directory {} does not exist (create it, or set webhooks.database)",
+            dir.display()
+        )));
     }
     let conn = Connection::open(path).map_err(|e| fail(e.to_string()))?;
     conn.busy_timeout(Duration::from_secs(5))
