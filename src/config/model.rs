@@ -45,6 +45,8 @@ pub struct Config {
     pub cluster: Option<ClusterSettings>,
     /// WebSocket subscriptions (`GET /ws`).
     pub websocket: WebSocketSettings,
+    /// Distinct views at once over every stream (`views.max_total`).
+    pub max_views: usize,
 }
 
 /// Authentication and limits of the push source.
@@ -76,6 +78,8 @@ pub struct PushStreamSettings {
     pub history_bytes: u64,
     /// How changes are computed.
     pub diff: DiffOptions,
+    /// The stream's views, when it has `[streams.filtering]`.
+    pub views: Option<crate::views::config::ViewsSettings>,
 }
 
 /// The subscriber-facing HTTP server.

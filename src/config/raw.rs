@@ -57,6 +57,9 @@ pub struct RawConfig {
     /// WebSocket subscriptions (`[websocket]`, `GET /ws`); on by default.
     #[serde(default)]
     pub websocket: RawWebSocket,
+    /// Bounds on views across every stream (`[views]`).
+    #[serde(default)]
+    pub views: crate::views::config::RawViews,
 }
 
 /// `[push]`: authentication of `POST /streams/{name}` and `PATCH /streams/{name}`.
