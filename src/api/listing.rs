@@ -59,7 +59,13 @@ pub async fn list_streams(State(state): State<Arc<AppState>>) -> Response {
     let all = state.hub.all();
     let mut streams: Vec<Value> = all
         .iter()
-        .map(|s| describe_stream(s, state.upstreams.get(s.name())))
+        .map(|s| {
+            let mut shown = describe_stream(s, state.upstreams.get(s.name()));
+            if let (Some(brokers), Some(object)) = (&state.brokers, shown.as_object_mut()) {
+                object.insert("sinks".into(), Value::Array(brokers.describe(s.name())));
+            }
+            shown
+        })
         .collect();
     let dynamic = state.proxy.as_deref().map(describe_proxy);
     let Some(cluster) = &state.cluster else {

@@ -154,6 +154,7 @@ pub fn validate(
         }
     }
     let websocket = raw.websocket.validate(&mut problems);
+    let broker_sinks = raw.sinks.validate(&stream_names, env, &mut problems);
     problems.finish(
         source,
         Config {
@@ -169,6 +170,7 @@ pub fn validate(
             proxy,
             cluster,
             websocket,
+            broker_sinks,
         },
     )
 }
