@@ -205,6 +205,10 @@ impl Publisher {
     async fn follow(&mut self, shutdown: &CancellationToken) -> Stop {
         let mut backoff = Backoff(RETRY_MIN);
         let mut behind = false;
+        // Whether the broker held (or acknowledged) a message of the stream since this node's
+        // turn began: a snapshot after that covers a gap (a resync), even when the broker
+        // came back empty.
+        let mut had_position = false;
         'resume: loop {
             self.status.update(|s| {
                 s.state = if behind {
@@ -219,11 +223,25 @@ impl Publisher {
             };
             backoff.reset();
             behind = false;
+            had_position |= last.is_some();
             let resume = match last {
                 Some(position) => Resume::After(position.event_id(&self.target.stream)),
                 None => Resume::Fresh,
             };
-            let subscription = self.stream.subscribe(&resume);
+            let mut subscription = self.stream.subscribe(&resume);
+            let (replay, replay_bytes) = subscription
+                .initial
+                .iter()
+                .filter_map(|i| match i {
+                    Initial::Change(change) => Some(change.payload.len() as u64),
+                    _ => None,
+                })
+                .fold((0usize, 0u64), |(n, b), len| (n + 1, b + len));
+            if replay > self.buffer || replay_bytes > self.buffer_bytes {
+                // More than the queue may hold: the current document instead.
+                drop(subscription);
+                subscription = self.stream.subscribe(&Resume::Fresh);
+            }
             let mut live = subscription.live;
             let mut queue = Queue {
                 messages: VecDeque::new(),
@@ -238,7 +256,7 @@ impl Publisher {
             for initial in subscription.initial {
                 match initial {
                     Initial::Snapshot(snapshot) => {
-                        self.queue_snapshot(&mut queue, &snapshot, last.is_some());
+                        self.queue_snapshot(&mut queue, &snapshot, had_position);
                     }
                     Initial::Change(change) => self.queue_change(&mut queue, &change, None),
                     Initial::Failure(_) => {}
@@ -249,13 +267,17 @@ impl Publisher {
             // Set when the broker failed: the next attempt is due then.
             let mut retry: Option<tokio::time::Instant> = None;
             loop {
-                if inflight.is_none() && retry.is_none() && !queue.messages.is_empty() {
-                    inflight = Some(self.send(&queue));
-                }
-                if queue.messages.len() > self.buffer || queue.bytes > self.buffer_bytes {
+                // One message always fits, however large: a document bigger than the bound
+                // must still go out.
+                if queue.messages.len() > 1
+                    && (queue.messages.len() > self.buffer || queue.bytes > self.buffer_bytes)
+                {
                     tracing::warn!(sink = %self.sink, stream = %self.target.stream, queued = queue.messages.len(), "broker sink queue full; marked behind, a snapshot follows once the broker answers");
                     behind = true;
                     continue 'resume;
+                }
+                if inflight.is_none() && retry.is_none() && !queue.messages.is_empty() {
+                    inflight = Some(self.send(&queue));
                 }
                 tokio::select! {
                     () = shutdown.cancelled() => return Stop::Shutdown,
@@ -271,6 +293,7 @@ impl Publisher {
                                     end = Some(message.position());
                                 }
                                 acknowledged = end;
+                                had_position = true;
                                 let labels = self.labels();
                                 self.metrics.broker_acknowledged.get_or_create(&labels).inc_by(count as u64);
                                 self.status.update(|s| {
