@@ -163,6 +163,32 @@ impl Publisher {
         self.status.update(|s| s.last_error = Some(message));
     }
 
+    /// One attempt at the broker's last message of the stream; a failure is counted and
+    /// shown, and a conflict stops the sink.
+    async fn read_back_once(&self) -> Result<Option<Position>, Result<BrokerError, Stop>> {
+        let attempt = async {
+            let broker = self.broker.get().await?;
+            broker
+                .last(&self.target.destination, &self.target.stream)
+                .await
+        };
+        let error = match tokio::time::timeout(self.timeout, attempt).await {
+            Ok(Ok(last)) => return Ok(last),
+            Ok(Err(error)) => error,
+            Err(_) => BrokerError::Unavailable(format!(
+                "no answer within {}",
+                humantime::format_duration(self.timeout)
+            )),
+        };
+        self.fail(&error);
+        if let BrokerError::Conflict(message) = &error {
+            tracing::error!(sink = %self.sink, stream = %self.target.stream, %message, "the broker conflicts with the configuration; this sink stops");
+            self.status.update(|s| s.state = SinkState::Failed);
+            return Err(Err(Stop::Failed));
+        }
+        Err(Ok(error))
+    }
+
     /// The broker's last message of the stream, retried until it answers.
     async fn read_back(
         &mut self,
@@ -170,26 +196,11 @@ impl Publisher {
         backoff: &mut Backoff,
     ) -> Result<Option<Position>, Stop> {
         loop {
-            let attempt = async {
-                let broker = self.broker.get().await?;
-                broker
-                    .last(&self.target.destination, &self.target.stream)
-                    .await
+            let error = match self.read_back_once().await {
+                Ok(last) => return Ok(last),
+                Err(Err(stop)) => return Err(stop),
+                Err(Ok(error)) => error,
             };
-            let error = match tokio::time::timeout(self.timeout, attempt).await {
-                Ok(Ok(last)) => return Ok(last),
-                Ok(Err(error)) => error,
-                Err(_) => BrokerError::Unavailable(format!(
-                    "no answer within {}",
-                    humantime::format_duration(self.timeout)
-                )),
-            };
-            self.fail(&error);
-            if let BrokerError::Conflict(message) = &error {
-                tracing::error!(sink = %self.sink, stream = %self.target.stream, %message, "the broker conflicts with the configuration; this sink stops");
-                self.status.update(|s| s.state = SinkState::Failed);
-                return Err(Stop::Failed);
-            }
             let wait = backoff.next();
             tracing::debug!(sink = %self.sink, stream = %self.target.stream, %error, retry_in = ?wait, "cannot read the broker's last message");
             tokio::select! {
@@ -323,10 +334,17 @@ impl Publisher {
                     () = due(retry), if retry.is_some() => {
                         retry = None;
                         // What the broker holds now decides: the queue continues it, or the
-                        // stream resumes from it.
-                        let last = match self.read_back(shutdown, &mut backoff).await {
+                        // stream resumes from it. Meanwhile changes keep arriving into the
+                        // queue, up to its bound.
+                        let last = match self.read_back_once().await {
                             Ok(last) => last,
-                            Err(stop) => return stop,
+                            Err(Err(stop)) => return stop,
+                            Err(Ok(error)) => {
+                                let wait = backoff.next();
+                                tracing::debug!(sink = %self.sink, stream = %self.target.stream, %error, retry_in = ?wait, "the broker still fails");
+                                retry = Some(tokio::time::Instant::now() + wait);
+                                continue;
+                            }
                         };
                         while queue.messages.front().is_some_and(|m| {
                             last.is_some_and(|l| l.epoch == m.epoch && m.seq <= l.seq)
@@ -501,5 +519,241 @@ impl Publisher {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::diff::DiffOptions;
+    use crate::hub::StreamOptions;
+    use crate::sinks::broker::Broker;
+    use crate::snapshot::SnapshotStore;
+    use serde_json::json;
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    /// A broker in memory that can be taken down; it stores a message only if it follows
+    /// the destination's last one (as the Redis script does).
+    #[derive(Default)]
+    struct Fake {
+        down: AtomicBool,
+        line: Mutex<Vec<Message>>,
+    }
+
+    impl Fake {
+        fn check(&self) -> Result<(), BrokerError> {
+            if self.down.load(Ordering::SeqCst) {
+                Err(BrokerError::Unavailable("down".into()))
+            } else {
+                Ok(())
+            }
+        }
+
+        fn line(&self) -> Vec<Message> {
+            self.line.lock().unwrap().clone()
+        }
+    }
+
+    impl Broker for Fake {
+        fn prepare(&self) -> BrokerFuture<'_, ()> {
+            Box::pin(async { self.check() })
+        }
+
+        fn last<'a>(&'a self, _: &'a str, _: &'a str) -> BrokerFuture<'a, Option<Position>> {
+            Box::pin(async {
+                self.check()?;
+                Ok(self.line.lock().unwrap().last().map(Message::position))
+            })
+        }
+
+        fn publish<'a>(&'a self, _: &'a str, messages: &'a [Message]) -> BrokerFuture<'a, Acked> {
+            Box::pin(async move {
+                self.check()?;
+                let mut line = self.line.lock().unwrap();
+                let mut acked = Acked::default();
+                for m in messages {
+                    match line.last() {
+                        Some(l) if l.epoch == m.epoch && m.seq <= l.seq => acked.duplicates += 1,
+                        _ => line.push(m.clone()),
+                    }
+                }
+                Ok(acked)
+            })
+        }
+    }
+
+    fn setup(buffer: usize) -> (Arc<Fake>, Arc<Stream>, Arc<SinkStatus>, Publisher) {
+        let fake = Arc::new(Fake::default());
+        let stream = Arc::new(Stream::new(
+            "s",
+            StreamOptions {
+                history: 100,
+                history_bytes: u64::MAX,
+                buffer: 1024,
+                diff: DiffOptions::default(),
+            },
+            SnapshotStore::new(),
+            Arc::new(Metrics::new()),
+        ));
+        let status = Arc::new(SinkStatus::new("fake", "fake", "s", "s"));
+        let publisher = Publisher {
+            broker: Arc::new(Prepared::new(fake.clone())),
+            stream: stream.clone(),
+            target: SinkStream {
+                stream: "s".into(),
+                destination: "s".into(),
+                source: "/streams/s".into(),
+            },
+            sink: "fake".into(),
+            mode: Mode::Patch,
+            buffer,
+            buffer_bytes: u64::MAX,
+            batch: 4,
+            timeout: Duration::from_secs(1),
+            turn: None,
+            status: status.clone(),
+            metrics: Arc::new(Metrics::new()),
+        };
+        (fake, stream, status, publisher)
+    }
+
+    fn doc(n: u64) -> serde_json::Value {
+        json!({"n": n, "pad": "x".repeat(100)})
+    }
+
+    async fn until(what: &str, mut done: impl FnMut() -> bool) {
+        for _ in 0..2000 {
+            if done() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("never: {what}");
+    }
+
+    /// The line is whole: each patch follows its base, nothing twice.
+    fn whole(line: &[Message]) {
+        let mut last = None;
+        for m in line {
+            assert!(continues(last, m), "{m:?} after {last:?}");
+            last = Some(m.position());
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_short_outage_is_ridden_out_from_the_queue() {
+        let (fake, stream, status, publisher) = setup(100);
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(publisher.run(shutdown.clone()));
+        stream.publish(doc(0));
+        until("the first message", || fake.line().len() == 1).await;
+        fake.down.store(true, Ordering::SeqCst);
+        for n in 1..=20 {
+            stream.publish(doc(n));
+        }
+        until("retrying", || status.state() == SinkState::Retrying).await;
+        fake.down.store(false, Ordering::SeqCst);
+        until("every change", || fake.line().len() == 21).await;
+        let line = fake.line();
+        whole(&line);
+        assert!(line[1..].iter().all(|m| m.kind == ChangeKind::Patch));
+        assert_eq!(status.acknowledged(), Some(line[20].position()));
+        shutdown.cancel();
+        task.await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn past_its_buffer_the_sink_is_behind_and_resyncs_with_a_snapshot() {
+        let (fake, stream, status, publisher) = setup(5);
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(publisher.run(shutdown.clone()));
+        stream.publish(doc(0));
+        until("the first message", || fake.line().len() == 1).await;
+        fake.down.store(true, Ordering::SeqCst);
+        for n in 1..=20 {
+            stream.publish(doc(n));
+        }
+        until("behind", || status.state() == SinkState::Behind).await;
+        fake.down.store(false, Ordering::SeqCst);
+        until("the top", || fake.line().last().map(|m| m.seq) == Some(21)).await;
+        let line = fake.line();
+        whole(&line);
+        assert_eq!(
+            line.len(),
+            2,
+            "the first document, then a snapshot at the top"
+        );
+        assert!(line[1].resync && line[1].kind == ChangeKind::Snapshot);
+        // And patches follow it.
+        stream.publish(doc(21));
+        until("the next patch", || fake.line().len() == 3).await;
+        assert_eq!(fake.line()[2].kind, ChangeKind::Patch);
+        shutdown.cancel();
+        task.await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_restarted_publisher_continues_the_brokers_line_from_history() {
+        let (fake, stream, _, publisher) = setup(100);
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(publisher.run(shutdown.clone()));
+        stream.publish(doc(0));
+        stream.publish(doc(1));
+        until("the second change", || {
+            fake.line().last().map(|m| m.seq) == Some(2)
+        })
+        .await;
+        shutdown.cancel();
+        task.await.unwrap();
+        // Changes while no publisher ran; a new one reads the broker's line back.
+        for n in 2..=6 {
+            stream.publish(doc(n));
+        }
+        let (_, _, _, mut again) = setup(100);
+        again.broker = Arc::new(Prepared::new(fake.clone()));
+        again.stream = stream.clone();
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(again.run(shutdown.clone()));
+        until("every change", || {
+            fake.line().last().map(|m| m.seq) == Some(7)
+        })
+        .await;
+        let line = fake.line();
+        whole(&line);
+        let after = line.iter().position(|m| m.seq == 2).unwrap();
+        assert_eq!(line.len(), after + 6, "3 to 7, each once");
+        assert!(
+            line[after + 1..]
+                .iter()
+                .all(|m| m.kind == ChangeKind::Patch)
+        );
+        shutdown.cancel();
+        task.await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn only_the_turns_holder_publishes() {
+        let (fake, stream, status, mut publisher) = setup(100);
+        let (turn_tx, turn) = watch::channel(false);
+        publisher.turn = Some(turn);
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(publisher.run(shutdown.clone()));
+        stream.publish(doc(0));
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(fake.line().is_empty());
+        assert_eq!(status.state(), SinkState::Standby);
+        turn_tx.send(true).unwrap();
+        until("published", || fake.line().len() == 1).await;
+        turn_tx.send(false).unwrap();
+        until("standby", || status.state() == SinkState::Standby).await;
+        stream.publish(doc(1));
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(fake.line().len(), 1);
+        turn_tx.send(true).unwrap();
+        until("caught up", || fake.line().len() == 2).await;
+        whole(&fake.line());
+        shutdown.cancel();
+        task.await.unwrap();
     }
 }
