@@ -696,3 +696,117 @@ print(json.dumps({"nats": asyncio.run(from_nats(sys.argv[1])), "redis": from_red
     assert_eq!(rebuilt["nats"], expected);
     assert_eq!(rebuilt["redis"], expected);
 }
+
+/// Two nodes and a polled stream: only the lease holder publishes it (the other shows
+/// `standby`); when the holder is killed, the node that takes the lease reads the broker's
+/// last message back and continues the same line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn only_the_lease_holder_publishes_and_its_successor_continues_the_line() {
+    let Some(nats) = NatsServer::start() else {
+        return;
+    };
+    let upstream = std::sync::Arc::new(MockUpstream::start(vehicles(0)).await);
+    let config = format!(
+        r#"
+[server]
+shutdown_grace = "1s"
+
+[[streams]]
+name = "fleet"
+url = "{upstream}"
+interval = "200ms"
+history = 10000
+
+[[sinks.nats]]
+url = "{nats}"
+timeout = "1s"
+
+[[sinks.redis]]
+url = "{{redis}}"
+key = "out:{{stream}}"
+timeout = "1s"
+
+[cluster]
+redis = "{{redis}}"
+prefix = "t"
+lease_ttl = "1s"
+probe_interval = "500ms"
+"#,
+        upstream = upstream.url(),
+        nats = nats.url()
+    );
+    let Some(mut cluster) = TestCluster::new(&config) else {
+        return;
+    };
+    cluster.start(&["a", "b"]).await;
+    // Which node publishes: the one whose sinks say so, the other standing by.
+    let states = |positions: &[Value]| -> Vec<String> {
+        positions
+            .iter()
+            .map(|p| p["state"].as_str().unwrap_or_default().to_owned())
+            .collect()
+    };
+    let deadline = tokio::time::Instant::now() + SOON;
+    let holder = loop {
+        let a = states(&sink_positions(&cluster.nodes[0].base(), "fleet").await);
+        let b = states(&sink_positions(&cluster.nodes[1].base(), "fleet").await);
+        let publishing = |s: &[String]| s.len() == 2 && s.iter().all(|s| s == "publishing");
+        let standby = |s: &[String]| s.len() == 2 && s.iter().all(|s| s == "standby");
+        if publishing(&a) && standby(&b) {
+            break 0;
+        }
+        if publishing(&b) && standby(&a) {
+            break 1;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "a: {a:?}, b: {b:?}\n{}",
+            cluster.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let other = 1 - holder;
+    for n in 1..=5 {
+        upstream.set(vehicles(n));
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let holder_name = cluster.nodes[holder].name.clone();
+    cluster.node(&holder_name).kill();
+    for n in 6..=10 {
+        upstream.set(vehicles(n));
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let base = cluster.nodes[other].base();
+    let expected = upstream.document();
+    let deadline = tokio::time::Instant::now() + RECOVERY;
+    while json_view(&base, "fleet").await != expected {
+        assert!(tokio::time::Instant::now() < deadline, "{}", cluster.logs());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let positions = wait_acknowledged(&base, "fleet", RECOVERY).await;
+    assert!(
+        positions.iter().all(|p| p["state"] == "publishing"),
+        "{positions:#?}"
+    );
+    let lines = [
+        (
+            "NATS",
+            jetstream_messages(&nats.url(), "PATCHWIRE", "patchwire.fleet").await,
+        ),
+        (
+            "Redis",
+            redis_entries(&cluster.redis.url(), "out:fleet").await,
+        ),
+    ];
+    for (broker, messages) in lines {
+        let line = checked("fleet", broker, &messages);
+        assert_eq!(line.document.as_ref(), Some(&expected), "{broker}");
+        assert_eq!(
+            line.epochs.len(),
+            1,
+            "{broker}: one epoch across the handover"
+        );
+        assert_eq!(line.snapshots_after_first, 0, "{broker}: no gap to cover");
+        assert_eq!(line.duplicates, 0, "{broker}");
+    }
+}
