@@ -384,6 +384,22 @@ async fn a_broker_down_never_holds_up_subscribers_and_the_sink_resyncs_when_it_i
         &redis_entries(&redis.url(), "out:board").await,
     );
     assert_eq!(redis_line.document.as_ref(), Some(&expected));
+
+    // Redis loses everything while the sink is idle: the next patch has no base there, so the
+    // sink finds out and starts the key again with the document.
+    redis.restart_empty();
+    push(
+        base,
+        reqwest::Method::PATCH,
+        json!([{"op": "add", "path": "/items/-", "value": 61}]),
+    )
+    .await;
+    wait_acknowledged(base, "board", RECOVERY).await;
+    let expected = json_view(base, "board").await;
+    let redis_messages = redis_entries(&redis.url(), "out:board").await;
+    assert!(redis_messages[0].is_snapshot(), "{redis_messages:#?}");
+    let redis_line = checked("board", "Redis", &redis_messages);
+    assert_eq!(redis_line.document.as_ref(), Some(&expected));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

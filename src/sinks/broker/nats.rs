@@ -167,7 +167,7 @@ impl Nats {
             match handle.direct_get_last_for_subject(subject).await {
                 Ok(message) => message,
                 Err(e) if matches!(e.kind(), DirectGetErrorKind::NotFound) => return Ok(None),
-                Err(e) => return Err(unavailable(&format!("last message on {subject}"), e)),
+                Err(e) => return Err(self.gone(subject, e).await),
             }
         } else {
             match handle.get_last_raw_message_by_subject(subject).await {
@@ -175,7 +175,7 @@ impl Nats {
                 Err(e) if matches!(e.kind(), LastRawMessageErrorKind::NoMessageFound) => {
                     return Ok(None);
                 }
-                Err(e) => return Err(unavailable(&format!("last message on {subject}"), e)),
+                Err(e) => return Err(self.gone(subject, e).await),
             }
         };
         let id = message
@@ -191,6 +191,16 @@ impl Nats {
             );
         }
         Ok(position)
+    }
+
+    /// The error of a failed read-back; first the JetStream stream is created or verified
+    /// again, in case it was deleted (the next read-back then finds it empty, and the
+    /// publisher resyncs with a document).
+    async fn gone(&self, subject: &str, error: impl std::fmt::Display) -> BrokerError {
+        if let Err(BrokerError::Conflict(conflict)) = self.prepare_stream().await {
+            return BrokerError::Conflict(conflict);
+        }
+        unavailable(&format!("last message on {subject}"), error)
     }
 
     async fn publish_all(&self, subject: &str, messages: &[Message]) -> Result<Acked, BrokerError> {

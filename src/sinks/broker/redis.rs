@@ -1,8 +1,9 @@
 //! Redis Streams: each stream's messages as entries of its key (`XADD … MAXLEN ~`), the
 //! CloudEvents attributes as fields and the payload as the `data` field. A batch is appended by
 //! one script, which skips entries the key already holds (same epoch, sequence number at or
-//! below its last entry's), so a batch published twice is stored once; the last entry is read
-//! back with `XREVRANGE … COUNT 1`.
+//! below its last entry's), so a batch published twice is stored once, and refuses a patch
+//! whose base is not the key's last entry; the last entry is read back with
+//! `XREVRANGE … COUNT 1`.
 
 use std::time::Duration;
 
@@ -16,8 +17,11 @@ use super::{Acked, Broker, BrokerError, BrokerFuture};
 /// The field holding the payload.
 pub const DATA_FIELD: &str = "data";
 
-/// Appends the entries of ARGV after `maxlen` (each: epoch, seq, field count, fields…) that
-/// follow the key's last entry; returns how many it skipped.
+/// Appends the entries of ARGV after `maxlen` (each: epoch, seq, base or "" for a document,
+/// field count, fields…) that follow the key's last entry; returns how many it skipped. A
+/// patch whose base is not the key's last entry (the key was lost or trimmed away while the
+/// publisher was idle) is refused with a `GAP` error, entries before it staying appended: the
+/// publisher then reads the key back and resyncs with a document.
 const APPEND: &str = r"
 local key = KEYS[1]
 local maxlen = ARGV[1]
@@ -33,12 +37,14 @@ end
 local skipped = 0
 local i = 2
 while i <= #ARGV do
-  local e, s, n = ARGV[i], tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
+  local e, s, base, n = ARGV[i], tonumber(ARGV[i + 1]), ARGV[i + 2], tonumber(ARGV[i + 3])
   local entry = {}
-  for j = 1, n do entry[j] = ARGV[i + 2 + j] end
-  i = i + 3 + n
+  for j = 1, n do entry[j] = ARGV[i + 3 + j] end
+  i = i + 4 + n
   if epoch == e and seq ~= nil and s <= seq then
     skipped = skipped + 1
+  elseif base ~= '' and not (epoch == e and seq == tonumber(base)) then
+    return redis.error_reply('GAP the key does not end at the base of ' .. e .. ':' .. s)
   else
     redis.call('XADD', key, 'MAXLEN', '~', maxlen, '*', unpack(entry))
     epoch, seq = e, s
@@ -119,6 +125,7 @@ impl RedisStreams {
             invocation
                 .arg(message.epoch.to_string())
                 .arg(message.seq)
+                .arg(message.base_seq.map(|b| b.to_string()).unwrap_or_default())
                 .arg(2 * (attributes.len() + 1));
             for (name, value) in attributes {
                 invocation.arg(name).arg(value);
