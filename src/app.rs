@@ -34,6 +34,7 @@ use crate::proxy::Proxy;
 use crate::proxy::streams::{ClusterLink, DynamicStreams, Polling};
 use crate::redact::Redacted;
 use crate::sim;
+use crate::sinks::broker::{Brokers, Turns};
 use crate::sinks::webhook::Webhooks;
 use crate::sinks::webhook::outbox::Outbox as _;
 use crate::sinks::webhook::outbox::sqlite::SqliteOutbox;
@@ -136,6 +137,7 @@ impl App {
             writers: HashMap::new(),
             views: Views::new(),
             budget: Budget::new(config.max_views),
+            leases: HashMap::new(),
         };
         if let (Some(settings), Some(listener)) = (config.simulator.clone(), listeners.simulator) {
             let shutdown = shutdown.clone();
@@ -171,6 +173,7 @@ impl App {
             mut starting,
             writers,
             views,
+            leases,
             ..
         } = streams;
         let views = Arc::new(views);
@@ -191,6 +194,35 @@ impl App {
                 .context("cannot start webhooks")?,
             ),
             _ => None,
+        };
+        let brokers = if config.broker_sinks.is_empty() {
+            None
+        } else {
+            // In a cluster a stream is published by one node: its lease holder, or for a push
+            // stream (no lease) its rendezvous owner among the live nodes.
+            let mut turns = Turns::new();
+            if let Some(cluster) = &cluster {
+                for stream in hub.all() {
+                    let (turn, task) = match leases.get(stream.name()) {
+                        Some(held) => cluster.lease_turn(held.clone(), &shutdown),
+                        None => cluster.owner_turn(stream.name(), &shutdown),
+                    };
+                    turns.insert(stream.name().to_owned(), turn);
+                    starting.push(task);
+                }
+            }
+            Some(Arc::new(
+                Brokers::start(
+                    &config.broker_sinks,
+                    &hub,
+                    &turns,
+                    &mut tasks,
+                    shutdown.clone(),
+                    metrics.clone(),
+                )
+                .await
+                .context("cannot start the broker sinks (`sinks`)")?,
+            ))
         };
         let proxy = proxy(&config, &rate_limits, &metrics, cluster.as_ref(), &shutdown)?;
         if let Some(cluster) = &cluster {
@@ -232,6 +264,7 @@ impl App {
             }),
             body_timeout: config.server.body_timeout,
             webhooks,
+            brokers,
             admin_token: config.webhooks.as_ref().and_then(|w| w.admin_token.clone()),
             proxy: proxy.clone(),
             cluster: cluster.as_ref().map(|node| ClusterState {
@@ -410,6 +443,8 @@ struct Streams<'a> {
     views: Views,
     /// Views at once over every stream.
     budget: Arc<Budget>,
+    /// In a cluster, the lease of each polled stream (whose holder publishes it to brokers).
+    leases: HashMap<String, watch::Receiver<Option<crate::cluster::lease::Holding>>>,
 }
 
 /// The streams a cluster node follows: those of its hub, and the dynamic streams it serves.
@@ -545,6 +580,7 @@ impl Streams<'_> {
                         lease.held
                     }
                 };
+                self.leases.insert(settings.name.clone(), held.clone());
                 publish = cluster.writer(stream.clone(), retention, Some(held.clone()));
                 turns = Some(held);
                 quota = Some(Arc::new(ClusterQuota::new(

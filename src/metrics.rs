@@ -120,6 +120,15 @@ pub struct AttemptLabels {
     pub result: AttemptResult,
 }
 
+/// Labels for a broker sink's series: the sink and the stream it publishes.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SinkLabels {
+    /// The sink's name.
+    pub sink: String,
+    /// The stream.
+    pub stream: String,
+}
+
 /// What happened to a lease this node held or wanted.
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
 pub enum LeaseEvent {
@@ -204,6 +213,17 @@ pub struct Metrics {
     pub webhook_attempts: Family<AttemptLabels, Counter>,
     /// Duration of webhook attempts (request sent to response read), in seconds.
     pub webhook_attempt_seconds: Histogram,
+    /// Messages sent to a broker (a message sent again after a failure counts again), by
+    /// sink and stream.
+    pub broker_published: Family<SinkLabels, Counter>,
+    /// Messages the broker acknowledged, by sink and stream.
+    pub broker_acknowledged: Family<SinkLabels, Counter>,
+    /// Sequence numbers between the stream's top and the broker's last acknowledged message.
+    pub broker_lag: Family<SinkLabels, Gauge>,
+    /// Snapshots a broker sink published to cover a gap (restart, outage, falling behind).
+    pub broker_resyncs: Family<SinkLabels, Counter>,
+    /// Broker calls that failed (unreachable, timed out, refused).
+    pub broker_errors: Family<SinkLabels, Counter>,
     /// Leases this node holds (streams it polls), in a cluster.
     pub cluster_leases_held: Gauge,
     /// Lease events of this node, by event.
@@ -266,6 +286,11 @@ impl Metrics {
         let websocket_closes = Family::<CloseLabels, Counter>::default();
         let webhook_attempts = Family::<AttemptLabels, Counter>::default();
         let webhook_attempt_seconds = Histogram::new(exponential_buckets(0.001, 2.0, 16));
+        let broker_published = Family::<SinkLabels, Counter>::default();
+        let broker_acknowledged = Family::<SinkLabels, Counter>::default();
+        let broker_lag = Family::<SinkLabels, Gauge>::default();
+        let broker_resyncs = Family::<SinkLabels, Counter>::default();
+        let broker_errors = Family::<SinkLabels, Counter>::default();
         let cluster_leases_held = Gauge::default();
         let cluster_lease_changes = Family::<LeaseLabels, Counter>::default();
         let cluster_nodes = Gauge::default();
@@ -428,6 +453,31 @@ impl Metrics {
             webhook_attempt_seconds.clone(),
         );
         registry.register(
+            "broker_published",
+            "Messages sent to a broker, by sink and stream",
+            broker_published.clone(),
+        );
+        registry.register(
+            "broker_acknowledged",
+            "Messages a broker acknowledged, by sink and stream",
+            broker_acknowledged.clone(),
+        );
+        registry.register(
+            "broker_lag",
+            "Sequence numbers between a stream's top and its broker's last acknowledged message",
+            broker_lag.clone(),
+        );
+        registry.register(
+            "broker_resyncs",
+            "Snapshots a broker sink published to cover a gap",
+            broker_resyncs.clone(),
+        );
+        registry.register(
+            "broker_errors",
+            "Broker calls that failed, by sink and stream",
+            broker_errors.clone(),
+        );
+        registry.register(
             "cluster_leases_held",
             "Streams this node polls (holds the lease of), in a cluster",
             cluster_leases_held.clone(),
@@ -500,6 +550,11 @@ impl Metrics {
             websocket_closes,
             webhook_attempts,
             webhook_attempt_seconds,
+            broker_published,
+            broker_acknowledged,
+            broker_lag,
+            broker_resyncs,
+            broker_errors,
             cluster_leases_held,
             cluster_lease_changes,
             cluster_nodes,

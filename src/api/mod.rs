@@ -46,6 +46,8 @@ pub struct AppState {
     pub body_timeout: Duration,
     /// The webhook sink, when `[webhooks]` is configured (served by the admin API).
     pub webhooks: Option<Arc<crate::sinks::webhook::Webhooks>>,
+    /// The broker sinks, when `[[sinks.*]]` are configured (their positions show in `/streams`).
+    pub brokers: Option<Arc<crate::sinks::broker::Brokers>>,
     /// The admin API's bearer token; `None` disables the admin API.
     pub admin_token: Option<crate::sinks::webhook::config::AdminToken>,
     /// The proxy mode (`GET /{upstream URL}`), when `[proxy]` is enabled.

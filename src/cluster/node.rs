@@ -241,6 +241,65 @@ impl Cluster {
         }
     }
 
+    /// Whether this node publishes `stream` to brokers, following its lease (`held`): a watch
+    /// and the task that keeps it.
+    pub fn lease_turn(
+        &self,
+        mut held: watch::Receiver<Option<Holding>>,
+        shutdown: &CancellationToken,
+    ) -> (watch::Receiver<bool>, Task) {
+        let (turn_tx, turn) = watch::channel(held.borrow().is_some());
+        let shutdown = shutdown.clone();
+        let task: Task = Box::pin(async move {
+            loop {
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    changed = held.changed() => {
+                        if changed.is_err() {
+                            return;
+                        }
+                        let mine = held.borrow_and_update().is_some();
+                        turn_tx.send_if_modified(|t| std::mem::replace(t, mine) != mine);
+                    }
+                }
+            }
+        });
+        (turn, task)
+    }
+
+    /// Whether this node publishes `stream` (a push stream, which has no lease) to brokers:
+    /// while it is the stream's rendezvous owner among the live nodes, as every node computes
+    /// alike. A watch and the task that keeps it.
+    pub fn owner_turn(
+        &self,
+        stream: &str,
+        shutdown: &CancellationToken,
+    ) -> (watch::Receiver<bool>, Task) {
+        let owner = |nodes: &[String], node: &str, stream: &str| {
+            super::rendezvous::ranking(stream, nodes).first() == Some(&node)
+        };
+        let mut nodes = self.nodes.clone();
+        let node = self.node.clone();
+        let stream = stream.to_owned();
+        let (turn_tx, turn) = watch::channel(owner(&nodes.borrow(), &node, &stream));
+        let shutdown = shutdown.clone();
+        let task: Task = Box::pin(async move {
+            loop {
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    changed = nodes.changed() => {
+                        if changed.is_err() {
+                            return;
+                        }
+                        let mine = owner(&nodes.borrow_and_update(), &node, &stream);
+                        turn_tx.send_if_modified(|t| std::mem::replace(t, mine) != mine);
+                    }
+                }
+            }
+        });
+        (turn, task)
+    }
+
     /// Forgets what this node kept for a retired dynamic stream.
     pub fn forget(&self, stream: &str) {
         self.releases.forget(stream);

@@ -230,6 +230,43 @@ fn write_description(out: &mut String, config: &Config) -> std::fmt::Result {
         "views: at most {} at once over every stream",
         config.max_views
     )?;
+    for sink in &config.broker_sinks {
+        use crate::sinks::broker::config::{BrokerKind, shown_url};
+        let (url, detail) = match &sink.kind {
+            BrokerKind::Nats(n) => (
+                shown_url(&n.url),
+                format!(
+                    "JetStream stream {} ({:?}, {} replica(s), max age {}, {} per subject)",
+                    n.jetstream,
+                    n.storage,
+                    n.replicas,
+                    fmt_duration(n.max_age),
+                    n.max_messages_per_subject
+                ),
+            ),
+            BrokerKind::Redis(r) => (shown_url(&r.url), format!("MAXLEN ~ {}", r.maxlen)),
+        };
+        let targets: Vec<String> = sink
+            .streams
+            .iter()
+            .map(|s| format!("{} → {}", s.stream, s.destination))
+            .collect();
+        writeln!(
+            out,
+            "sink {} ({}, {}): {} on {url}, {}; {}",
+            sink.name,
+            sink.kind.as_str(),
+            sink.mode.as_str(),
+            targets.join(", "),
+            detail,
+            format_args!(
+                "up to {} messages ({}) queued per stream, {} in flight",
+                sink.buffer,
+                fmt_bytes(sink.buffer_bytes),
+                sink.batch
+            )
+        )?;
+    }
     let ws = &config.websocket;
     if ws.enabled {
         writeln!(

@@ -13,6 +13,7 @@ use crate::cluster::config::ClusterSettings;
 use crate::diff::DiffOptions;
 use crate::proxy::config::ProxySettings;
 use crate::sim::SimulatorSettings;
+use crate::sinks::broker::config::BrokerSinkSettings;
 use crate::sinks::webhook::config::WebhookSettings;
 use crate::sinks::ws::WebSocketSettings;
 use crate::upstream::config::{StreamSettings, UpstreamSettings};
@@ -47,6 +48,8 @@ pub struct Config {
     pub websocket: WebSocketSettings,
     /// Distinct views at once over every stream (`views.max_total`).
     pub max_views: usize,
+    /// Message brokers fed with the streams' changes, in file order (NATS sinks first).
+    pub broker_sinks: Vec<BrokerSinkSettings>,
 }
 
 /// Authentication and limits of the push source.

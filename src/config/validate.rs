@@ -155,6 +155,7 @@ pub fn validate(
     }
     let websocket = raw.websocket.validate(&mut problems);
     let max_views = raw.views.validate(&mut problems);
+    let broker_sinks = raw.sinks.validate(&stream_names, env, &mut problems);
     problems.finish(
         source,
         Config {
@@ -171,6 +172,7 @@ pub fn validate(
             cluster,
             websocket,
             max_views,
+            broker_sinks,
         },
     )
 }

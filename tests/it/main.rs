@@ -8,6 +8,7 @@
 mod support;
 
 mod backpressure;
+mod brokers;
 mod cli;
 mod cluster;
 mod cluster_lease;
