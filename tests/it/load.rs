@@ -160,8 +160,9 @@ async fn subscribers_spread_over_several_urls_are_reported_per_url() {
     let auth = format!("Authorization: Bearer {TOKEN}");
     let pid = std::process::id().to_string();
     let mut extra = publishing(&publish, &auth);
-    // The same server under two URLs (a cluster's nodes in the benchmark), one --pid each,
-    // subscribers spread round-robin over worker processes.
+    // The same server under two URLs (a cluster's nodes in the benchmark), one --pid each and
+    // one more (a cluster's Redis: counted in the total only), subscribers spread round-robin
+    // over worker processes.
     extra.extend([
         "--url",
         &publish,
@@ -169,6 +170,8 @@ async fn subscribers_spread_over_several_urls_are_reported_per_url() {
         "91",
         "--workers",
         "3",
+        "--pid",
+        &pid,
         "--pid",
         &pid,
         "--pid",
@@ -197,7 +200,7 @@ async fn subscribers_spread_over_several_urls_are_reported_per_url() {
         assert!(target.cpu_us_per_event.is_some(), "{report}");
     }
     let server = report.server.expect("server measurements for --pid");
-    assert_eq!(server.processes.len(), 2);
+    assert_eq!(server.processes.len(), 3);
     app.stop().await;
 }
 

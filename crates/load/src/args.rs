@@ -67,8 +67,9 @@ pub struct Args {
     #[arg(long, default_value_t = 0.0)]
     pub stalled_fraction: f64,
     /// Server process ids whose CPU and RSS are measured (repeatable or comma-separated).
-    /// With as many PIDs as --url, PID i is taken as URL i's server, and each URL's CPU per
-    /// delivered event is reported.
+    /// With at least as many PIDs as --url, PID i is taken as URL i's server, and each URL's
+    /// CPU per delivered event is reported; PIDs past the URLs' (e.g. a cluster's Redis) count
+    /// in the total only.
     #[arg(long = "pid", value_delimiter = ',')]
     pub pids: Vec<u32>,
     /// Worker processes holding the subscribers; 0 picks by the file-descriptor limit
@@ -298,16 +299,16 @@ impl Args {
             .iter()
             .map(|url| Endpoint::parse_scheme("--url", url, !self.ws_messages.is_empty()))
             .collect::<Result<Vec<_>, _>>()?;
+        if self.subscribers == 0 || self.subscribers > 1_000_000 {
+            return Err(ArgError::Range(format!(
+                "--subscribers must be 1 to 1,000,000, not {}",
+                self.subscribers
+            )));
+        }
         if endpoints.len() > self.subscribers {
             return Err(ArgError::Range(format!(
                 "{} URLs for {} subscribers: every URL needs at least one",
                 endpoints.len(),
-                self.subscribers
-            )));
-        }
-        if self.subscribers == 0 || self.subscribers > 1_000_000 {
-            return Err(ArgError::Range(format!(
-                "--subscribers must be 1 to 1,000,000, not {}",
                 self.subscribers
             )));
         }

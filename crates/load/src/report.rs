@@ -34,7 +34,7 @@ pub struct TargetReport {
     pub reach_all_ms: Option<Summary>,
     /// Body bytes on the wire per marked event.
     pub wire_bytes_per_event: f64,
-    /// Its server's PID, when one `--pid` was given per `--url`.
+    /// Its server's PID, when a `--pid` was given per `--url`.
     pub pid: Option<u32>,
     /// That process's CPU seconds over the run.
     pub cpu_s: Option<f64>,

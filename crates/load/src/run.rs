@@ -281,7 +281,8 @@ pub async fn run(plan: &Plan, worker_exe: Option<&Path>) -> Result<Report, LoadE
         },
     };
     let mut delivery = check::check(&readers, &judged);
-    // Each process's CPU over the run; with one PID per URL, PID i is URL i's server.
+    // Each process's CPU over the run; with a PID per URL, PID i is URL i's server (PIDs
+    // past the URLs', such as a cluster's Redis, count in the total only).
     let processes: Vec<ProcessCpu> = plan
         .pids
         .iter()
@@ -291,7 +292,7 @@ pub async fn run(plan: &Plan, worker_exe: Option<&Path>) -> Result<Report, LoadE
             cpu_s: cpu_s(end.saturating_sub(*start)),
         })
         .collect();
-    let paired = processes.len() == plan.endpoints.len();
+    let paired = processes.len() >= plan.endpoints.len();
     let per_target = plan
         .endpoints
         .iter()
