@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::StreamExt as _;
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::lease::Releases;
@@ -128,6 +128,8 @@ pub struct Follower {
     pub replicas: Arc<dyn Replicas>,
     /// Lease keepers waiting for releases.
     pub releases: Arc<Releases>,
+    /// Rings the membership loop when another node left, so it reads the live set now.
+    pub left: Arc<Notify>,
     /// How often positions are checked and the pub/sub connection probed.
     pub probe_interval: Duration,
     /// Whether the follower is subscribed and caught up (readiness).
@@ -227,6 +229,11 @@ impl Follower {
                 }
             }
             Announcement::Released { stream } => self.releases.released(&stream),
+            Announcement::Left { node } => {
+                if *node != *self.node {
+                    self.left.notify_one();
+                }
+            }
         }
         Ok(())
     }

@@ -325,14 +325,17 @@ impl Keeper {
     }
 }
 
-/// Keeps this node in the live set (a heartbeat every third of `ttl`), publishes the live
-/// nodes and whether Redis answers, and leaves the set on shutdown.
+/// Keeps this node in the live set (a heartbeat every third of `ttl`, and at once when
+/// `left` rings: another node left), publishes the live nodes and whether Redis answers, and
+/// leaves the set on shutdown (which the others hear: their keepers rank without it at once).
+#[allow(clippy::too_many_arguments)]
 pub async fn membership(
     store: Store,
     node: Arc<str>,
     ttl: Duration,
     nodes: watch::Sender<Arc<[String]>>,
     reachable: watch::Sender<bool>,
+    left: Arc<Notify>,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) {
@@ -367,6 +370,7 @@ pub async fn membership(
         tokio::select! {
             () = shutdown.cancelled() => break,
             () = tokio::time::sleep(step) => {}
+            () = left.notified() => {}
         }
     }
     if let Err(error) = store.heartbeat(&node, None).await {

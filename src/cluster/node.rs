@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::config::ClusterSettings;
@@ -41,6 +41,8 @@ pub struct Cluster {
     store: Store,
     metrics: Arc<Metrics>,
     releases: Arc<Releases>,
+    /// Rung by the follower when another node left the live set.
+    left: Arc<Notify>,
     nodes: watch::Receiver<Arc<[String]>>,
     nodes_tx: watch::Sender<Arc<[String]>>,
     reachable: watch::Receiver<bool>,
@@ -72,6 +74,7 @@ impl Cluster {
             store,
             metrics,
             releases: Arc::default(),
+            left: Arc::default(),
             nodes,
             nodes_tx,
             reachable,
@@ -138,6 +141,7 @@ impl Cluster {
             self.settings.lease_ttl,
             self.nodes_tx.clone(),
             self.reachable_tx.clone(),
+            self.left.clone(),
             self.metrics.clone(),
             shutdown.clone(),
         );
@@ -147,6 +151,7 @@ impl Cluster {
             node: self.node.clone(),
             replicas,
             releases: self.releases.clone(),
+            left: self.left.clone(),
             probe_interval: self.settings.probe_interval,
             following: self.following_tx.clone(),
         };

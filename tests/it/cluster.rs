@@ -294,6 +294,65 @@ async fn killing_the_holder_moves_polling_and_subscribers_see_no_gap() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn stopping_the_holder_hands_polling_over_at_once() {
+    let upstream = std::sync::Arc::new(MockUpstream::start(vehicles(0)).await);
+    // A step (a third of the TTL) of 2 s: whatever waits for a heartbeat or a step shows.
+    let config =
+        config(&upstream.url(), "100ms").replace(r#"lease_ttl = "1s""#, r#"lease_ttl = "6s""#);
+    let Some(mut cluster) = TestCluster::new(&config) else {
+        return;
+    };
+    cluster.start(&["a", "b"]).await;
+    let (holder_name, holder) = settled_poller(&upstream, &["a", "b"]).await;
+    let other = if holder_name == "a" { "b" } else { "a" };
+    // Stop the holder right after the other node's heartbeat: its next one is a whole step
+    // away, so only the holder's leaving tells it at once that it is next.
+    let client = ::redis::Client::open(cluster.redis.url()).expect("redis url");
+    let connection = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("redis connection");
+    let score = |node: &'static str| {
+        let mut connection = connection.clone();
+        async move {
+            ::redis::cmd("ZSCORE")
+                .arg("t:nodes")
+                .arg(node)
+                .query_async::<Option<f64>>(&mut connection)
+                .await
+                .expect("ZSCORE")
+        }
+    };
+    let before = score(other).await;
+    while score(other).await == before {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let requests_before = upstream.requests();
+    let stopped = std::time::Instant::now();
+    cluster.node(&holder_name).stop();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let taken_over = loop {
+        let received = upstream.received();
+        if let Some(r) = received[requests_before..].iter().find(|r| {
+            r.headers.get("user-agent").and_then(|v| v.to_str().ok()) != Some(holder.as_str())
+        }) {
+            break r.at;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "nobody took over");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    // At once: well within the step (the next poll is due one interval after the holder's
+    // last, so it follows the lease within 100 ms).
+    let gap = taken_over.duration_since(stopped);
+    assert!(
+        gap < Duration::from_millis(800),
+        "the handover took {gap:?}; logs:\n{}",
+        cluster.logs()
+    );
+    drop(connection);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_paused_holder_wakes_up_fenced_and_the_log_stays_one_line() {
     let upstream = std::sync::Arc::new(MockUpstream::start(vehicles(0)).await);
     let Some(mut cluster) = TestCluster::new(&config(&upstream.url(), "200ms")) else {

@@ -46,6 +46,7 @@ async fn node(server: &RedisServer, name: &str, stream: &str, ttl: Duration) -> 
         ttl,
         nodes_tx,
         reachable,
+        Arc::new(Notify::new()),
         std::sync::Arc::new(patchwire::metrics::Metrics::new()),
         shutdown.clone(),
     ));
