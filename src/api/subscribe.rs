@@ -18,6 +18,7 @@ use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header};
+use tokio::sync::watch;
 
 use super::proxy::STREAM_HEADER;
 use crate::config::Cors;
@@ -92,6 +93,9 @@ pub struct Subscriptions {
     retry: Duration,
     cors: Cors,
     websocket: bool,
+    /// In a cluster: whether this node has read the log yet, and how long a subscription
+    /// waits for it.
+    log: Option<(watch::Receiver<bool>, Duration)>,
 }
 
 impl Subscriptions {
@@ -110,6 +114,27 @@ impl Subscriptions {
             retry,
             cors,
             websocket,
+            log: None,
+        }
+    }
+
+    /// In a cluster: subscriptions to configured streams wait (at most `at_most`) until
+    /// `loaded`, the node's first catch-up with the log. A node serves HTTP a moment before it
+    /// has read the log; a subscriber resuming in that moment would otherwise find no epoch
+    /// to resume in and get a snapshot instead of the changes it missed.
+    pub fn after_the_log(mut self, loaded: watch::Receiver<bool>, at_most: Duration) -> Self {
+        self.log = Some((loaded, at_most));
+        self
+    }
+
+    /// Waits until the node read the log (or the wait's bound passed: then it serves what it
+    /// has, as a node without Redis does).
+    async fn log_read(&self) {
+        if let Some((loaded, at_most)) = &self.log
+            && !*loaded.borrow()
+        {
+            let mut loaded = loaded.clone();
+            let _ = tokio::time::timeout(*at_most, loaded.wait_for(|l| *l)).await;
         }
     }
 
@@ -210,6 +235,7 @@ impl Subscriptions {
             }
             let stream = self.hub.get(&name)?;
             let resume = resume_point(request.headers, last_event_id(request.query).as_deref());
+            self.log_read().await;
             let subscription = stream.subscribe(&resume);
             return Some(self.subscribe(request, subscription, Dialect::Native, None));
         }
@@ -403,10 +429,13 @@ impl ws::Streams for Subscriptions {
         };
         match target {
             Target::Stream(name) if !name.starts_with('~') => match self.hub.get(name) {
-                Some(stream) => Ok(ws::Opened {
-                    subscription: stream.subscribe(resume),
-                    hold: None,
-                }),
+                Some(stream) => {
+                    self.log_read().await;
+                    Ok(ws::Opened {
+                        subscription: stream.subscribe(resume),
+                        hold: None,
+                    })
+                }
                 None => Err(wire::Refusal {
                     status: 404,
                     cause: "no-such-stream",

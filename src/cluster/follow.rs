@@ -134,6 +134,8 @@ pub struct Follower {
     pub probe_interval: Duration,
     /// Whether the follower is subscribed and caught up (readiness).
     pub following: watch::Sender<bool>,
+    /// Set once, when the follower first caught up: every stream is then as the log has it.
+    pub loaded: watch::Sender<bool>,
 }
 
 impl Follower {
@@ -175,6 +177,8 @@ impl Follower {
         // the log and announced, and the second copy is ignored.
         self.check_all().await?;
         self.following.send_replace(true);
+        self.loaded
+            .send_if_modified(|loaded| !std::mem::replace(loaded, true));
         tracing::info!("following the cluster's log");
         let mut probe = tokio::time::interval(self.probe_interval);
         probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

@@ -49,6 +49,8 @@ pub struct Cluster {
     reachable_tx: watch::Sender<bool>,
     following: watch::Receiver<bool>,
     following_tx: watch::Sender<bool>,
+    loaded: watch::Receiver<bool>,
+    loaded_tx: watch::Sender<bool>,
 }
 
 impl Cluster {
@@ -67,6 +69,7 @@ impl Cluster {
         let (nodes_tx, nodes) = watch::channel(Arc::from(Vec::new()));
         let (reachable_tx, reachable) = watch::channel(false);
         let (following_tx, following) = watch::channel(false);
+        let (loaded_tx, loaded) = watch::channel(false);
         Ok(Cluster {
             node: Arc::from(settings.node_id.0.as_str()),
             settings: settings.clone(),
@@ -81,6 +84,8 @@ impl Cluster {
             reachable_tx,
             following,
             following_tx,
+            loaded,
+            loaded_tx,
         })
     }
 
@@ -102,6 +107,12 @@ impl Cluster {
     /// Whether this node can serve as a member: Redis answers and the follower is caught up.
     pub fn ready(&self) -> bool {
         *self.reachable.borrow() && *self.following.borrow()
+    }
+
+    /// Becomes true once, when this node first caught up with the log: before, its streams
+    /// may not know the cluster's epoch yet, so a resume there would get a snapshot.
+    pub fn loaded(&self) -> watch::Receiver<bool> {
+        self.loaded.clone()
     }
 
     /// The live nodes, as this node last saw them.
@@ -154,6 +165,7 @@ impl Cluster {
             left: self.left.clone(),
             probe_interval: self.settings.probe_interval,
             following: self.following_tx.clone(),
+            loaded: self.loaded_tx.clone(),
         };
         vec![
             Box::pin(membership),

@@ -141,6 +141,50 @@ async fn a_subscriber_moving_to_another_node_resumes_with_exactly_the_missed_pat
     assert!(rebuilt.patches >= 4, "{} patches", rebuilt.patches);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_subscriber_resuming_on_a_node_still_starting_gets_exactly_the_missed_patches() {
+    let upstream = MockUpstream::start(vehicles(0)).await;
+    let Some(mut cluster) = TestCluster::new(&config(&upstream.url(), "100ms")) else {
+        return;
+    };
+    cluster.start(&["a", "b"]).await;
+    let mut first = SseClient::connect(&cluster.node("a").stream_url("fleet"), &[], false).await;
+    let mut rebuilt = Rebuilt::default();
+    upstream.set(vehicles(1));
+    assert!(rebuilt.converge(&mut first, &vehicles(1), SOON).await);
+    drop(first);
+    cluster.node("b").stop();
+    // Changes happen while the subscriber is away.
+    for n in 2..=4 {
+        upstream.set(vehicles(n));
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    // b starts while Redis does not answer: it serves HTTP before it could read the log, as
+    // any node does for a moment when it starts (a subscriber reconnecting at once, or a load
+    // balancer that does not wait for /readyz, lands in that moment).
+    cluster.redis.pause();
+    cluster.node("b").restart();
+    cluster.node("b").live(SOON).await;
+    let url = cluster.node("b").stream_url("fleet");
+    let last_id = rebuilt.last_id.clone();
+    let resuming = tokio::spawn(async move {
+        SseClient::connect(&url, &[("last-event-id", &last_id)], false).await
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    cluster.redis.resume();
+    let mut moved = resuming.await.expect("the subscriber connects");
+    assert!(
+        rebuilt.converge(&mut moved, &vehicles(4), SOON).await,
+        "logs:\n{}",
+        cluster.logs()
+    );
+    assert_eq!(
+        rebuilt.snapshots, 1,
+        "resumed on the starting node without a snapshot"
+    );
+    assert!(rebuilt.patches >= 3, "{} patches", rebuilt.patches);
+}
+
 /// The sequence number of an event id `stream:epoch:seq`.
 fn seq_of(id: &str) -> (u64, u64) {
     let mut parts = id.rsplitn(3, ':');
