@@ -273,14 +273,19 @@ impl App {
             }),
         });
         let server = &config.server;
-        let subscriptions = Arc::new(Subscriptions::new(
+        let mut subscriptions = Subscriptions::new(
             hub.clone(),
             views,
             proxy.clone(),
             server.retry_hint,
             server.cors.clone(),
             config.websocket.enabled,
-        ));
+        );
+        if let Some(cluster) = &cluster {
+            subscriptions =
+                subscriptions.after_the_log(cluster.loaded(), cluster.settings().timeout);
+        }
+        let subscriptions = Arc::new(subscriptions);
         let websockets = Arc::new(WebSockets::new(
             config.websocket,
             subscriptions.clone(),

@@ -18,6 +18,7 @@ use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header};
+use tokio::sync::watch;
 
 use super::proxy::STREAM_HEADER;
 use crate::config::Cors;
@@ -94,6 +95,9 @@ pub struct Subscriptions {
     retry: Duration,
     cors: Cors,
     websocket: bool,
+    /// In a cluster: whether this node has read the log yet, and how long a subscription
+    /// waits for it.
+    log: Option<(watch::Receiver<bool>, Duration)>,
 }
 
 impl Subscriptions {
@@ -114,6 +118,27 @@ impl Subscriptions {
             retry,
             cors,
             websocket,
+            log: None,
+        }
+    }
+
+    /// In a cluster: subscriptions to configured streams wait (at most `at_most`) until
+    /// `loaded`, the node's first catch-up with the log. A node serves HTTP a moment before it
+    /// has read the log; a subscriber resuming in that moment would otherwise find no epoch
+    /// to resume in and get a snapshot instead of the changes it missed.
+    pub fn after_the_log(mut self, loaded: watch::Receiver<bool>, at_most: Duration) -> Self {
+        self.log = Some((loaded, at_most));
+        self
+    }
+
+    /// Waits until the node read the log (or the wait's bound passed: then it serves what it
+    /// has, as a node without Redis does).
+    async fn log_read(&self) {
+        if let Some((loaded, at_most)) = &self.log
+            && !*loaded.borrow()
+        {
+            let mut loaded = loaded.clone();
+            let _ = tokio::time::timeout(*at_most, loaded.wait_for(|l| *l)).await;
         }
     }
 
@@ -213,6 +238,7 @@ impl Subscriptions {
                 return self.view(&name, request).await;
             }
             let resume = resume_point(request.headers, last_event_id(request.query).as_deref());
+            self.log_read().await;
             let subscribed = self
                 .views
                 .target(&self.hub, &name, request.query)?
@@ -415,6 +441,11 @@ impl ws::Streams for Subscriptions {
         resume: &Resume,
         token: Option<&str>,
     ) -> Result<ws::Opened, wire::Refusal> {
+        if matches!(target, Target::View { .. })
+            || matches!(target, Target::Stream(name) if !name.starts_with('~'))
+        {
+            self.log_read().await;
+        }
         let dynamic = |opened: Opened| ws::Opened {
             subscription: opened.subscription,
             hold: Some(Box::new(opened.hold)),

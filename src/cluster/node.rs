@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::config::ClusterSettings;
@@ -41,12 +41,16 @@ pub struct Cluster {
     store: Store,
     metrics: Arc<Metrics>,
     releases: Arc<Releases>,
+    /// Rung by the follower when another node left the live set.
+    left: Arc<Notify>,
     nodes: watch::Receiver<Arc<[String]>>,
     nodes_tx: watch::Sender<Arc<[String]>>,
     reachable: watch::Receiver<bool>,
     reachable_tx: watch::Sender<bool>,
     following: watch::Receiver<bool>,
     following_tx: watch::Sender<bool>,
+    loaded: watch::Receiver<bool>,
+    loaded_tx: watch::Sender<bool>,
 }
 
 impl Cluster {
@@ -65,6 +69,7 @@ impl Cluster {
         let (nodes_tx, nodes) = watch::channel(Arc::from(Vec::new()));
         let (reachable_tx, reachable) = watch::channel(false);
         let (following_tx, following) = watch::channel(false);
+        let (loaded_tx, loaded) = watch::channel(false);
         Ok(Cluster {
             node: Arc::from(settings.node_id.0.as_str()),
             settings: settings.clone(),
@@ -72,12 +77,15 @@ impl Cluster {
             store,
             metrics,
             releases: Arc::default(),
+            left: Arc::default(),
             nodes,
             nodes_tx,
             reachable,
             reachable_tx,
             following,
             following_tx,
+            loaded,
+            loaded_tx,
         })
     }
 
@@ -99,6 +107,12 @@ impl Cluster {
     /// Whether this node can serve as a member: Redis answers and the follower is caught up.
     pub fn ready(&self) -> bool {
         *self.reachable.borrow() && *self.following.borrow()
+    }
+
+    /// Becomes true once, when this node first caught up with the log: before, its streams
+    /// may not know the cluster's epoch yet, so a resume there would get a snapshot.
+    pub fn loaded(&self) -> watch::Receiver<bool> {
+        self.loaded.clone()
     }
 
     /// The live nodes, as this node last saw them.
@@ -138,6 +152,7 @@ impl Cluster {
             self.settings.lease_ttl,
             self.nodes_tx.clone(),
             self.reachable_tx.clone(),
+            self.left.clone(),
             self.metrics.clone(),
             shutdown.clone(),
         );
@@ -147,8 +162,10 @@ impl Cluster {
             node: self.node.clone(),
             replicas,
             releases: self.releases.clone(),
+            left: self.left.clone(),
             probe_interval: self.settings.probe_interval,
             following: self.following_tx.clone(),
+            loaded: self.loaded_tx.clone(),
         };
         vec![
             Box::pin(membership),
