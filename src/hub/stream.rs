@@ -896,6 +896,11 @@ impl Stream {
             }
         }
         state.history_bytes = bytes;
+        if self.sparse {
+            // A view's stream counts under its source's labels: its history is measured by
+            // its views (`patchwire_view_bytes`), not in place of its source's.
+            return;
+        }
         self.metrics
             .history_changes
             .get_or_create(&self.labels)
@@ -1365,5 +1370,41 @@ mod tests {
         assert!(s.subscribe(&Resume::Fresh).initial.is_empty());
         let next = published(s.publish(json!({"a": 1})));
         assert_eq!((next.seq, next.kind), (2, ChangeKind::Snapshot));
+    }
+
+    /// A view's stream counts its subscribers under its source's labels, but its history is
+    /// its own: committing to it leaves the source's history gauges as the source's.
+    #[test]
+    fn a_derived_stream_leaves_its_sources_history_gauges_alone() {
+        let source = stream(10);
+        source.publish(json!({"entity": [{"id": 1, "pad": "x".repeat(100)}]}));
+        source.publish(json!({"entity": [{"id": 1, "pad": "y".repeat(100)}]}));
+        let view = Stream::derived(
+            "s@v",
+            source.options.clone(),
+            source.snapshots.clone(),
+            source.metrics().clone(),
+            source.labels().clone(),
+            source.epoch(),
+            None,
+        );
+        for (seq, n) in [(1, 1), (2, 2)] {
+            let prepared = match view.prepare(view.snapshot().as_deref(), json!({"n": n})) {
+                Preparation::Change(prepared) => prepared,
+                _ => panic!("a change"),
+            };
+            let committed = view.commit(source.epoch(), seq, SystemTime::now(), prepared);
+            assert!(matches!(committed, Ok(Some(_))));
+        }
+        let (changes, bytes) = source.history_size();
+        let gauges = source.metrics();
+        assert_eq!(
+            gauges.history_changes.get_or_create(source.labels()).get(),
+            changes as i64
+        );
+        assert_eq!(
+            gauges.history_bytes.get_or_create(source.labels()).get(),
+            bytes as i64
+        );
     }
 }

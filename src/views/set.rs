@@ -21,7 +21,7 @@ use std::time::Instant;
 use serde_json::Value;
 
 use super::config::ViewsSettings;
-use super::select::{Compiled, values_at};
+use super::select::{Compiled, same, values_at};
 use super::spec::{Asked, ViewError, ViewSpec, list};
 use crate::diff;
 use crate::hub::{
@@ -570,7 +570,7 @@ impl Derivation for StreamViews {
                             || old
                                 .iter()
                                 .zip(new)
-                                .any(|(&a, &b)| before.entities[a] != after.entities[b])
+                                .any(|(&a, &b)| !same(&before.entities[a], &after.entities[b]))
                     }
                     _ => true,
                 }
