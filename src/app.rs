@@ -44,6 +44,8 @@ use crate::upstream::fetch::Fetcher;
 use crate::upstream::on_demand::{self, Idle, OnDemand};
 use crate::upstream::poller::{Poller, Publish};
 use crate::upstream::ratelimit::{RateLimits, SharedQuota};
+use crate::views::config::ViewsSettings;
+use crate::views::{Budget, StreamViews, Views};
 
 /// The sockets the application serves on, bound before it starts (so tests can bind port 0
 /// and read the address, and so a bad address fails before anything runs).
@@ -133,6 +135,8 @@ impl App {
             starting: Vec::new(),
             cluster: cluster.clone(),
             writers: HashMap::new(),
+            views: Views::new(),
+            budget: Budget::new(config.max_views),
             leases: HashMap::new(),
         };
         if let (Some(settings), Some(listener)) = (config.simulator.clone(), listeners.simulator) {
@@ -168,9 +172,11 @@ impl App {
             snapshots,
             mut starting,
             writers,
+            views,
             leases,
             ..
         } = streams;
+        let views = Arc::new(views);
         let mut tasks = JoinSet::new();
         let webhooks = match (&config.webhooks, outbox) {
             (Some(settings), Some(outbox)) => Some(
@@ -245,6 +251,7 @@ impl App {
 
         let state = Arc::new(AppState {
             hub: hub.clone(),
+            views: views.clone(),
             metrics: metrics.clone(),
             snapshots,
             upstreams,
@@ -268,6 +275,7 @@ impl App {
         let server = &config.server;
         let subscriptions = Arc::new(Subscriptions::new(
             hub.clone(),
+            views,
             proxy.clone(),
             server.retry_hint,
             server.cors.clone(),
@@ -431,6 +439,10 @@ struct Streams<'a> {
     cluster: Option<Arc<Cluster>>,
     /// The cluster's writers of the push streams.
     writers: HashMap<String, Arc<Writer>>,
+    /// The views of the streams that have them.
+    views: Views,
+    /// Views at once over every stream.
+    budget: Arc<Budget>,
     /// In a cluster, the lease of each polled stream (whose holder publishes it to brokers).
     leases: HashMap<String, watch::Receiver<Option<crate::cluster::lease::Holding>>>,
 }
@@ -493,6 +505,26 @@ impl Streams<'_> {
         }
     }
 
+    /// Computes the views of `stream` (with `settings`) from its changes; their streams take
+    /// the source's `options`.
+    fn derive_views(
+        &mut self,
+        stream: &Arc<Stream>,
+        settings: Option<&ViewsSettings>,
+        options: StreamOptions,
+    ) {
+        if let Some(settings) = settings {
+            let views = StreamViews::new(
+                stream,
+                settings.clone(),
+                options,
+                self.snapshots.clone(),
+                self.budget.clone(),
+            );
+            self.views.attach(stream, views);
+        }
+    }
+
     /// Adds `stream` to the hub, kept alive like every other.
     fn add(&mut self, stream: Stream) -> Arc<Stream> {
         let stream = self.hub.insert(Arc::new(stream));
@@ -514,11 +546,12 @@ impl Streams<'_> {
             let options = self.options(settings.history, settings.history_bytes, &settings.diff);
             let stream = Stream::new(
                 &settings.name,
-                options,
+                options.clone(),
                 self.snapshots.clone(),
                 self.metrics.clone(),
             );
             let stream = self.add(stream);
+            self.derive_views(&stream, settings.views.as_ref(), options);
             // In a cluster the node holding the stream's lease polls it, through the cluster's
             // log (for an on-demand stream, only nodes with subscribers take the lease).
             let mut publish: Arc<dyn Publish> = stream.clone();
@@ -632,7 +665,7 @@ impl Streams<'_> {
             let stream = match restored {
                 None => Stream::new(
                     &settings.name,
-                    options,
+                    options.clone(),
                     self.snapshots.clone(),
                     self.metrics.clone(),
                 ),
@@ -640,7 +673,7 @@ impl Streams<'_> {
                     tracing::info!(stream = %settings.name, seq = stored.seq, "push stream restored from the webhook database");
                     Stream::restored(
                         &settings.name,
-                        options,
+                        options.clone(),
                         self.snapshots.clone(),
                         self.metrics.clone(),
                         Snapshot::taken_at(stored.epoch, stored.seq, document, stored.at),
@@ -648,6 +681,7 @@ impl Streams<'_> {
                 }
             };
             let stream = self.add(stream);
+            self.derive_views(&stream, settings.views.as_ref(), options);
             if let Some(cluster) = &self.cluster {
                 let retention = cluster.retention(settings.history, settings.history_bytes);
                 self.writers.insert(

@@ -55,4 +55,5 @@ pub mod ssrf;
 pub mod time;
 pub mod upstream;
 pub mod validation;
+pub mod views;
 pub mod wire;

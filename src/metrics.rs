@@ -193,6 +193,14 @@ pub struct Metrics {
     pub websocket_connections: Gauge,
     /// Open subscriptions on WebSocket connections.
     pub websocket_subscriptions: Gauge,
+    /// Distinct views of each stream computed now.
+    pub views: Family<StreamLabels, Gauge>,
+    /// Changes published to views of each stream (one per view that changed).
+    pub view_changes: Family<StreamLabels, Counter>,
+    /// What the views of each stream hold: their documents and histories, in JSON bytes.
+    pub view_bytes: Family<StreamLabels, Gauge>,
+    /// Views evicted after nobody watched them for their linger period.
+    pub view_evictions: Family<StreamLabels, Counter>,
     /// Messages sent on WebSocket connections (events and answers; pings excluded).
     pub websocket_messages_sent: Counter,
     /// WebSocket subscriptions that fell behind and were resynced with a snapshot.
@@ -268,6 +276,10 @@ impl Metrics {
         let proxy_connections = Family::<TokenLabels, Gauge>::default();
         let websocket_connections = Gauge::default();
         let websocket_subscriptions = Gauge::default();
+        let views = Family::<StreamLabels, Gauge>::default();
+        let view_changes = Family::<StreamLabels, Counter>::default();
+        let view_bytes = Family::<StreamLabels, Gauge>::default();
+        let view_evictions = Family::<StreamLabels, Counter>::default();
         let websocket_messages_sent = Counter::default();
         let websocket_resyncs = Counter::default();
         let websocket_refusals = Family::<RefusalLabels, Counter>::default();
@@ -392,6 +404,23 @@ impl Metrics {
             "Open subscriptions on WebSocket connections",
             websocket_subscriptions.clone(),
         );
+        registry.register("views", "Distinct views of the stream", views.clone());
+        registry.register(
+            "view_changes",
+            "Changes published to the stream's views",
+            view_changes.clone(),
+        );
+        registry.register_with_unit(
+            "view",
+            "What the stream's views hold (documents and histories, JSON)",
+            prometheus_client::registry::Unit::Bytes,
+            view_bytes.clone(),
+        );
+        registry.register(
+            "view_evictions",
+            "Views evicted after their linger period unwatched",
+            view_evictions.clone(),
+        );
         registry.register(
             "websocket_messages_sent",
             "Messages sent on WebSocket connections (events and answers)",
@@ -511,6 +540,10 @@ impl Metrics {
             proxy_connections,
             websocket_connections,
             websocket_subscriptions,
+            views,
+            view_changes,
+            view_bytes,
+            view_evictions,
             websocket_messages_sent,
             websocket_resyncs,
             websocket_refusals,

@@ -26,6 +26,7 @@ use crate::proxy::target::{TOKEN_PARAM, is_dynamic_path};
 use crate::proxy::{self, Opened, Proxy};
 use crate::sinks::sse::SseOptions;
 use crate::sinks::ws::{self, protocol::Target};
+use crate::views::{ViewError, Views};
 use crate::wire::{self, Dialect};
 
 /// A request as either transport read it: what a subscription decision reads.
@@ -88,6 +89,7 @@ pub enum Upgrade {
 /// What subscription decisions need: the streams, the proxy mode, the SSE and CORS settings.
 pub struct Subscriptions {
     hub: Arc<Hub>,
+    views: Arc<Views>,
     proxy: Option<Arc<Proxy>>,
     retry: Duration,
     cors: Cors,
@@ -99,6 +101,7 @@ impl Subscriptions {
     /// cross-origin policy of the whole server; `websocket`: whether `GET /ws` upgrades.
     pub fn new(
         hub: Arc<Hub>,
+        views: Arc<Views>,
         proxy: Option<Arc<Proxy>>,
         retry: Duration,
         cors: Cors,
@@ -106,6 +109,7 @@ impl Subscriptions {
     ) -> Self {
         Subscriptions {
             hub,
+            views,
             proxy,
             retry,
             cors,
@@ -208,10 +212,15 @@ impl Subscriptions {
             if name.starts_with('~') {
                 return self.view(&name, request).await;
             }
-            let stream = self.hub.get(&name)?;
             let resume = resume_point(request.headers, last_event_id(request.query).as_deref());
-            let subscription = stream.subscribe(&resume);
-            return Some(self.subscribe(request, subscription, Dialect::Native, None));
+            let subscribed = self
+                .views
+                .target(&self.hub, &name, request.query)?
+                .and_then(|target| target.subscribe(&resume));
+            return Some(match subscribed {
+                Ok(subscription) => self.subscribe(request, subscription, Dialect::Native, None),
+                Err(error) => Decision::Answer(self.refused_json(request, &view_refusal(&error))),
+            });
         }
         if get && is_dynamic_path(request.path) && !wants_json(request.headers) {
             return Some(self.dynamic(request).await);
@@ -377,6 +386,15 @@ impl Subscriptions {
     }
 }
 
+/// A view that cannot be had, as a refusal.
+pub fn view_refusal(error: &ViewError) -> wire::Refusal {
+    wire::Refusal {
+        status: error.status(),
+        cause: error.cause(),
+        message: error.to_string(),
+    }
+}
+
 /// WebSocket subscriptions decide as SSE requests do: configured streams by name for anyone,
 /// dynamic streams (by URL or native name) under the proxy's token, host and SSRF rules.
 impl ws::Streams for Subscriptions {
@@ -401,18 +419,24 @@ impl ws::Streams for Subscriptions {
             subscription: opened.subscription,
             hold: Some(Box::new(opened.hold)),
         };
-        match target {
-            Target::Stream(name) if !name.starts_with('~') => match self.hub.get(name) {
-                Some(stream) => Ok(ws::Opened {
-                    subscription: stream.subscribe(resume),
-                    hold: None,
-                }),
+        let configured =
+            |name: &str, query: Option<&str>| match self.views.target(&self.hub, name, query) {
+                Some(target) => target
+                    .and_then(|target| target.subscribe(resume))
+                    .map(|subscription| ws::Opened {
+                        subscription,
+                        hold: None,
+                    })
+                    .map_err(|error| view_refusal(&error)),
                 None => Err(wire::Refusal {
                     status: 404,
                     cause: "no-such-stream",
                     message: format!("no stream named {name:?}; GET /streams lists them"),
                 }),
-            },
+            };
+        match target {
+            Target::Stream(name) if !name.starts_with('~') => configured(name, None),
+            Target::View { stream, query } => configured(stream, Some(query)),
             Target::Stream(name) => {
                 let proxy = self
                     .proxy

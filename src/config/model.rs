@@ -46,6 +46,8 @@ pub struct Config {
     pub cluster: Option<ClusterSettings>,
     /// WebSocket subscriptions (`GET /ws`).
     pub websocket: WebSocketSettings,
+    /// Distinct views at once over every stream (`views.max_total`).
+    pub max_views: usize,
     /// Message brokers fed with the streams' changes, in file order (NATS sinks first).
     pub broker_sinks: Vec<BrokerSinkSettings>,
 }
@@ -79,6 +81,8 @@ pub struct PushStreamSettings {
     pub history_bytes: u64,
     /// How changes are computed.
     pub diff: DiffOptions,
+    /// The stream's views, when it has `[streams.filtering]`.
+    pub views: Option<crate::views::config::ViewsSettings>,
 }
 
 /// The subscriber-facing HTTP server.

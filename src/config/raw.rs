@@ -58,6 +58,9 @@ pub struct RawConfig {
     /// WebSocket subscriptions (`[websocket]`, `GET /ws`); on by default.
     #[serde(default)]
     pub websocket: RawWebSocket,
+    /// Bounds on views across every stream (`[views]`).
+    #[serde(default)]
+    pub views: crate::views::config::RawViews,
     /// Message brokers fed with the streams' changes (`[[sinks.nats]]`, `[[sinks.redis]]`).
     #[serde(default)]
     pub sinks: RawSinks,
