@@ -235,25 +235,6 @@ impl Publisher {
             backoff.reset();
             behind = false;
             had_position |= last.is_some();
-            let resume = match last {
-                Some(position) => Resume::After(position.event_id(&self.target.stream)),
-                None => Resume::Fresh,
-            };
-            let mut subscription = self.stream.subscribe(&resume);
-            let (replay, replay_bytes) = subscription
-                .initial
-                .iter()
-                .filter_map(|i| match i {
-                    Initial::Change(change) => Some(change.payload.len() as u64),
-                    _ => None,
-                })
-                .fold((0usize, 0u64), |(n, b), len| (n + 1, b + len));
-            if replay > self.buffer || replay_bytes > self.buffer_bytes {
-                // More than the queue may hold: the current document instead.
-                drop(subscription);
-                subscription = self.stream.subscribe(&Resume::Fresh);
-            }
-            let mut live = subscription.live;
             let mut queue = Queue {
                 messages: VecDeque::new(),
                 bytes: 0,
@@ -264,15 +245,7 @@ impl Publisher {
                 s.state = SinkState::Publishing;
                 s.acknowledged = last;
             });
-            for initial in subscription.initial {
-                match initial {
-                    Initial::Snapshot(snapshot) => {
-                        self.queue_snapshot(&mut queue, &snapshot, had_position);
-                    }
-                    Initial::Change(change) => self.queue_change(&mut queue, &change, None),
-                    Initial::Failure(_) => {}
-                }
-            }
+            let mut live = self.subscribe_after(&mut queue, had_position);
             self.show(&queue, acknowledged);
             let mut inflight: Option<InFlight> = None;
             // Set when the broker failed: the next attempt is due then.
@@ -373,8 +346,11 @@ impl Publisher {
                             self.queue_change(&mut queue, &change, Some(&document));
                             self.show(&queue, acknowledged);
                         }
-                        Ok(StreamEvent::Reset(snapshot)) => {
-                            self.queue_snapshot(&mut queue, &snapshot, true);
+                        Ok(StreamEvent::Reset(_)) => {
+                            // The stream started over (a cluster node reloaded it from the
+                            // log, or the log began a new epoch): continue the line from the
+                            // hub's history when it reaches, else with its document.
+                            live = self.subscribe_after(&mut queue, true);
                             self.show(&queue, acknowledged);
                         }
                         Ok(_) => {}
@@ -396,6 +372,38 @@ impl Publisher {
                 }
             }
         }
+    }
+
+    /// Subscribes to the stream after the end of the queue's line and queues what the hub
+    /// gives first: exactly the missed changes from history, or the current document (also
+    /// when the replay would not fit the queue). `resync`: a document covers a gap.
+    fn subscribe_after(&self, queue: &mut Queue, resync: bool) -> broadcast::Receiver<StreamEvent> {
+        let resume = match queue.end {
+            Some(position) => Resume::After(position.event_id(&self.target.stream)),
+            None => Resume::Fresh,
+        };
+        let mut subscription = self.stream.subscribe(&resume);
+        let (replay, replay_bytes) = subscription
+            .initial
+            .iter()
+            .filter_map(|i| match i {
+                Initial::Change(change) => Some(change.payload.len() as u64),
+                _ => None,
+            })
+            .fold((0usize, 0u64), |(n, b), len| (n + 1, b + len));
+        if replay > self.buffer || replay_bytes > self.buffer_bytes {
+            // More than the queue may hold: the current document instead.
+            drop(subscription);
+            subscription = self.stream.subscribe(&Resume::Fresh);
+        }
+        for initial in subscription.initial {
+            match initial {
+                Initial::Snapshot(snapshot) => self.queue_snapshot(queue, &snapshot, resync),
+                Initial::Change(change) => self.queue_change(queue, &change, None),
+                Initial::Failure(_) => {}
+            }
+        }
+        subscription.live
     }
 
     /// Publishes the front of the queue (up to a batch).
