@@ -452,7 +452,7 @@ fn push_stream(
     );
     let views = crate::views::config::validate(
         key,
-        crate::upstream::decode::Format::Json,
+        false,
         stream.filtering.as_ref(),
         &stream.views,
         problems,

@@ -300,9 +300,15 @@ impl Drop for SubscriberGuard {
             .subscribers
             .get_or_create(&self.stream.labels)
             .dec();
-        self.stream
-            .demand
-            .send_modify(|count| *count = count.saturating_sub(1));
+        let mut last = false;
+        self.stream.demand.send_modify(|count| {
+            *count = count.saturating_sub(1);
+            last = *count == 0;
+        });
+        if last {
+            *self.stream.idle.lock().unwrap_or_else(|e| e.into_inner()) =
+                Some(std::time::Instant::now());
+        }
     }
 }
 
@@ -347,6 +353,8 @@ pub struct Stream {
     /// Taken under the state lock and held across a call of the derivation, so calls follow
     /// the order of the changes without holding the state lock while views are computed.
     deriving: Mutex<()>,
+    /// Since when the stream has had no subscription (`None` while it has some).
+    idle: Mutex<Option<std::time::Instant>>,
 }
 
 impl fmt::Debug for Stream {
@@ -429,6 +437,7 @@ impl Stream {
             sparse: false,
             derivation: std::sync::OnceLock::new(),
             deriving: Mutex::new(()),
+            idle: Mutex::new(Some(std::time::Instant::now())),
         }
     }
 
@@ -541,6 +550,11 @@ impl Stream {
             .live
             .as_ref()
             .map_or(0, broadcast::Sender::receiver_count)
+    }
+
+    /// Since when the stream has had no subscription; `None` while it has some.
+    pub fn idle_since(&self) -> Option<std::time::Instant> {
+        *self.idle.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The number of live subscriptions, watched: it changes as subscribers come and go.
@@ -1053,6 +1067,7 @@ impl Stream {
         drop(state);
         self.metrics.subscribers.get_or_create(&self.labels).inc();
         self.demand.send_modify(|count| *count += 1);
+        *self.idle.lock().unwrap_or_else(|e| e.into_inner()) = None;
         Subscription {
             initial,
             live,

@@ -607,7 +607,7 @@ impl RawStream {
             format_diff_defaults(format, &self.diff).validate(&format!("{key}.diff"), problems);
         let views = crate::views::config::validate(
             key,
-            format,
+            format == Format::GtfsRt,
             self.filtering.as_ref(),
             &self.views,
             problems,

@@ -11,7 +11,6 @@ use serde::Deserialize;
 use super::select::{Selector, tokens};
 use super::spec::{ViewError, ViewSpec, parse_expression, parse_fields, split_values};
 use crate::diff::{KeyPath, PathPattern};
-use crate::upstream::decode::Format;
 use crate::validation::{Problems, duration_in, integer_in, is_valid_name, usize_of};
 
 /// Built-in defaults.
@@ -173,16 +172,16 @@ impl RawViews {
     }
 }
 
-/// Validates a stream's `filtering` and `views` at `key` (`streams[i]`). `None` (no problem):
-/// the stream has no views (a `json` stream without `[streams.filtering]`).
+/// Validates a stream's `filtering` and `views` at `key` (`streams[i]`); `gtfs_rt`: the stream
+/// is `format = "gtfs-rt"` (it has views without a table). `None` (no problem): the stream has
+/// no views (a `json` stream without `[streams.filtering]`).
 pub fn validate(
     key: &str,
-    format: Format,
+    gtfs_rt: bool,
     filtering: Option<&RawFiltering>,
     views: &[RawView],
     problems: &mut Problems,
 ) -> Option<ViewsSettings> {
-    let gtfs_rt = format == Format::GtfsRt;
     let Some(filtering) = filtering
         .cloned()
         .or_else(|| gtfs_rt.then(RawFiltering::default))
@@ -392,14 +391,14 @@ mod tests {
     use super::*;
 
     fn problems_of(
-        format: Format,
+        gtfs_rt: bool,
         filtering: Option<RawFiltering>,
         views: Vec<RawView>,
     ) -> (Option<ViewsSettings>, Vec<String>) {
         let mut problems = Problems::default();
         let settings = validate(
             "streams[0]",
-            format,
+            gtfs_rt,
             filtering.as_ref(),
             &views,
             &mut problems,
@@ -417,7 +416,7 @@ mod tests {
 
     #[test]
     fn gtfs_rt_streams_have_views_without_a_table() {
-        let (settings, problems) = problems_of(Format::GtfsRt, None, vec![]);
+        let (settings, problems) = problems_of(true, None, vec![]);
         assert!(problems.is_empty(), "{problems:?}");
         let settings = settings.unwrap();
         assert_eq!(settings.selector.entities, vec!["entity"]);
@@ -429,7 +428,7 @@ mod tests {
                 .collect::<Vec<_>>(),
             vec!["route", "stop", "trip", "vehicle"]
         );
-        let (none, problems) = problems_of(Format::Json, None, vec![]);
+        let (none, problems) = problems_of(false, None, vec![]);
         assert!(none.is_none() && problems.is_empty());
     }
 
@@ -442,7 +441,7 @@ mod tests {
             linger: Some(Duration::ZERO),
             ..Default::default()
         };
-        let (_, problems) = problems_of(Format::Json, Some(filtering), vec![]);
+        let (_, problems) = problems_of(false, Some(filtering), vec![]);
         let keys: Vec<&str> = problems
             .iter()
             .map(|p| p.split(':').next().unwrap())
@@ -458,7 +457,7 @@ mod tests {
             "{problems:?}"
         );
         let (_, problems) = problems_of(
-            Format::Json,
+            false,
             None,
             vec![RawView {
                 name: "red".into(),
@@ -481,7 +480,7 @@ mod tests {
             where_: where_.map(str::to_owned),
             fields: None,
         };
-        let (_, problems) = problems_of(Format::GtfsRt, None, vec![view(&[("line", "1")], None)]);
+        let (_, problems) = problems_of(true, None, vec![view(&[("line", "1")], None)]);
         assert_eq!(
             problems,
             vec![
@@ -489,13 +488,10 @@ mod tests {
                  route, stop, trip, vehicle"
             ]
         );
-        let (_, problems) = problems_of(Format::GtfsRt, None, vec![view(&[], Some("@.x =="))]);
+        let (_, problems) = problems_of(true, None, vec![view(&[], Some("@.x =="))]);
         assert!(problems[0].starts_with("streams[0].views[0].where: `where` is not"));
-        let (settings, problems) = problems_of(
-            Format::GtfsRt,
-            None,
-            vec![view(&[("route", "Red, Orange")], None)],
-        );
+        let (settings, problems) =
+            problems_of(true, None, vec![view(&[("route", "Red, Orange")], None)]);
         assert!(problems.is_empty(), "{problems:?}");
         assert_eq!(settings.unwrap().named["v"].canonical(), "route=Orange,Red");
     }

@@ -96,8 +96,6 @@ struct View {
     members: HashSet<Arc<str>>,
     /// The alias the view is indexed under, if any.
     indexed: Option<String>,
-    /// Since when nobody watches it.
-    idle_since: Option<Instant>,
 }
 
 /// A document's entities grouped by key (an entity without one is keyed by its position).
@@ -243,12 +241,11 @@ impl StreamViews {
         // take them in the other order): read what is needed of it first.
         let source_epoch = source.epoch();
         let mut inner = self.lock();
-        if let Some(view) = inner.views.get_mut(&id) {
+        if let Some(view) = inner.views.get(&id) {
             if view.compiled.spec.canonical() != spec.canonical() {
                 // Two ad hoc specs with the same 48-bit hash: refuse the second.
                 return Err(ViewError::Collision);
             }
-            view.idle_since = None;
             return Ok(f(&view.stream));
         }
         self.evict_idle(&mut inner, Instant::now());
@@ -309,7 +306,6 @@ impl StreamViews {
                 stream,
                 members,
                 indexed,
-                idle_since: None,
             },
         );
         self.metrics
@@ -440,13 +436,10 @@ impl StreamViews {
     fn evict_idle(&self, inner: &mut Inner, now: Instant) {
         let linger = self.settings.linger;
         let mut evicted = Vec::new();
-        for (id, view) in &mut inner.views {
-            if view.stream.subscriber_count() > 0 {
-                view.idle_since = None;
-                continue;
-            }
-            let since = *view.idle_since.get_or_insert(now);
-            if now.duration_since(since) >= linger {
+        for (id, view) in &inner.views {
+            if let Some(since) = view.stream.idle_since()
+                && now.saturating_duration_since(since) >= linger
+            {
                 evicted.push(id.clone());
             }
         }

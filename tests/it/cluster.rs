@@ -853,3 +853,79 @@ async fn a_node_killed_while_it_publishes_leaves_no_half_written_change() {
         panic!("{problem}; logs:\n{}", cluster.logs());
     }
 }
+
+/// Vehicles on three lines; `n` moves them.
+fn lined(n: u64) -> Value {
+    json!({"vehicles": (0..12u64).map(|i| json!({"id": i, "line": format!("L{}", (i + n / 3) % 3), "pos": n * 100 + i, "note": "a field long enough that patches stay smaller than the document"})).collect::<Vec<_>>()})
+}
+
+fn line_view(document: &Value, line: &str) -> Value {
+    let kept: Vec<Value> = document["vehicles"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|v| v["line"] == line)
+        .cloned()
+        .collect();
+    json!({ "vehicles": kept })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_node_computes_the_same_view_events_and_a_view_resumes_across_nodes() {
+    let upstream = MockUpstream::start(lined(0)).await;
+    let toml = config(&upstream.url(), "100ms").replace(
+        "[[streams]]\nname = \"board\"",
+        "[streams.filtering]\nentities = \"/vehicles\"\nkey = \"id\"\naliases = { line = \"line\" }\n\n[[streams]]\nname = \"board\"",
+    );
+    assert!(toml.contains("[streams.filtering]"));
+    let Some(mut cluster) = TestCluster::new(&toml) else {
+        return;
+    };
+    cluster.start(&["a", "b"]).await;
+    let view = "fleet?line=L1";
+    let mut on_a = SseClient::connect(&cluster.nodes[0].stream_url(view), &[], false).await;
+    let mut on_b = SseClient::connect(&cluster.nodes[1].stream_url(view), &[], false).await;
+    let (mut rebuilt_a, mut rebuilt_b) = (Rebuilt::default(), Rebuilt::default());
+    for n in 1..=4 {
+        upstream.set(lined(n));
+        let expected = line_view(&lined(n), "L1");
+        assert!(
+            rebuilt_a.converge(&mut on_a, &expected, SOON).await,
+            "node a, {n}"
+        );
+        assert!(
+            rebuilt_b.converge(&mut on_b, &expected, SOON).await,
+            "node b, {n}"
+        );
+        // The same change of the view has the same id on both nodes.
+        assert_eq!(rebuilt_a.last_id, rebuilt_b.last_id);
+    }
+    assert!(
+        rebuilt_a.last_id.starts_with("fleet@~"),
+        "{}",
+        rebuilt_a.last_id
+    );
+    // Node a's subscriber leaves; changes happen; it resumes on node b with what it missed.
+    drop(on_a);
+    for n in 5..=8 {
+        upstream.set(lined(n));
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let mut moved = SseClient::connect(
+        &cluster.nodes[1].stream_url(view),
+        &[("last-event-id", &rebuilt_a.last_id)],
+        false,
+    )
+    .await;
+    // Every change of the view it missed is replayed (each moves L1's vehicles), rather than
+    // one snapshot of the current view.
+    let target = line_view(&lined(8), "L1");
+    let mut replayed = Vec::new();
+    while rebuilt_a.document.as_ref() != Some(&target) {
+        let event = moved.expect(SOON).await;
+        replayed.push(seq_of(&event.id).1);
+        rebuilt_a.apply(&event);
+    }
+    assert_eq!(replayed.len(), 4, "{replayed:?}");
+    assert!(replayed.windows(2).all(|w| w[0] < w[1]), "{replayed:?}");
+}

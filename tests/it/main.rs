@@ -28,6 +28,7 @@ mod sim_http;
 mod streaming;
 mod transports;
 mod upstream;
+mod views;
 mod webhook;
 mod webhook_crash;
 mod websocket;
