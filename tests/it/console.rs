@@ -497,10 +497,74 @@ async fn console_in_chromium_follows_streams_and_lists_webhooks() {
         .await;
     assert_eq!(origins, format!("http://{}", app.addr));
 
-    // Screenshots at a desktop's and a phone's width; the phone's needs no sideways scrolling.
+    // The chart: bytes per refresh, once refreshes saw changes.
+    for tick in 4..=7 {
+        upstream.set(fleet(tick));
+        app.wait_for_seq("fleet", tick).await;
+        tokio::time::sleep(Duration::from_millis(600)).await;
+    }
+    page.wait_for(
+        "document.querySelectorAll('#chart polyline').length === 2",
+        LONG,
+    )
+    .await;
+    let label = page
+        .evaluate("document.querySelector('#chart svg').getAttribute('aria-label')")
+        .await;
+    assert!(
+        label.as_str().unwrap().contains("polling would cost"),
+        "{label}"
+    );
+
     let dir = screenshots();
     page.evaluate("window.scrollTo(0, 0)").await;
     page.screenshot(&dir.join("desktop.png")).await;
+
+    // Nobody looking costs nothing: hidden, the page closes its stream and stops asking.
+    let watching = |listing: Value| {
+        listing["views"]["active"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["name"] == "fleet@r1")
+            .map_or(0, |v| v["subscribers"].as_u64().unwrap())
+    };
+    assert_eq!(watching(app.listing("fleet").await), 1);
+    const ASKED: &str = "performance.getEntriesByType('resource').filter((e) => e.name.endsWith('/streams')).length";
+    page.hide().await;
+    assert_eq!(page.evaluate("document.visibilityState").await, "hidden");
+    let deadline = tokio::time::Instant::now() + SOON;
+    while watching(app.listing("fleet").await) != 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the hidden page still follows the view"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let asked = page.evaluate(ASKED).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        page.evaluate(ASKED).await,
+        asked,
+        "GET /streams while hidden"
+    );
+    assert_eq!(
+        page.evaluate("document.querySelector('#connection').textContent")
+            .await,
+        "Paused while this page is hidden"
+    );
+    page.show().await;
+    page.wait_for(&format!("{ASKED} > {asked}"), LONG).await;
+    let deadline = tokio::time::Instant::now() + SOON;
+    while watching(app.listing("fleet").await) != 1 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "visible again, the page follows the view again"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // At a phone's width: the page needs no sideways scrolling.
     page.viewport(390, 844, 2.0, true).await;
     page.wait_for("innerWidth === 390", SOON).await;
     let overflow = page

@@ -5,7 +5,7 @@
 (() => {
   const REFRESH_MS = 2000;
   const WEBHOOKS_REFRESH_MS = 5000;
-  const CHART_SAMPLES = 61;
+  const CHART_WINDOW_MS = 120000;
   const MAX_EVENTS = 50;
   const TOKEN_KEY = "patchwire.adminToken";
 
@@ -166,7 +166,7 @@
     $("saved-bytes-detail").textContent = `${bytes(t.sent)} sent instead of ${bytes(t.poll)}` +
       (Number.isFinite(ratio) && ratio >= 1 ? ` (${ratio.toFixed(1)}× less)` : "");
     samples.push({ at: Date.now(), sent: t.sent, poll: t.poll });
-    while (samples.length > CHART_SAMPLES) samples.shift();
+    while (samples.length && samples[0].at < Date.now() - CHART_WINDOW_MS - REFRESH_MS) samples.shift();
     renderChart();
   }
 
@@ -177,38 +177,43 @@
     return node;
   }
 
+  /** Bytes per second sent and that polling would have cost, over the last two minutes. */
   function renderChart() {
     const area = $("chart");
     const width = Math.max(area.clientWidth, 200), height = Math.max(area.clientHeight, 100);
-    const pad = { l: 56, r: 8, t: 8, b: 18 };
-    const deltas = [];
+    const pad = { l: 64, r: 8, t: 8, b: 18 };
+    const rates = [];
     for (let i = 1; i < samples.length; i++) {
-      deltas.push({
-        sent: Math.max(0, samples[i].sent - samples[i - 1].sent),
-        poll: Math.max(0, samples[i].poll - samples[i - 1].poll),
+      const seconds = (samples[i].at - samples[i - 1].at) / 1000;
+      if (seconds <= 0) continue;
+      rates.push({
+        at: samples[i].at,
+        sent: Math.max(0, samples[i].sent - samples[i - 1].sent) / seconds,
+        poll: Math.max(0, samples[i].poll - samples[i - 1].poll) / seconds,
       });
     }
-    const max = Math.max(1, ...deltas.map((d) => Math.max(d.sent, d.poll)));
-    const x = (i) => pad.l + (width - pad.l - pad.r) * (i / (CHART_SAMPLES - 2));
+    const now = samples.length ? samples[samples.length - 1].at : Date.now();
+    const max = Math.max(1, ...rates.map((r) => Math.max(r.sent, r.poll)));
+    const x = (at) => pad.l + (width - pad.l - pad.r) * (1 - (now - at) / CHART_WINDOW_MS);
     const y = (v) => height - pad.b - (height - pad.t - pad.b) * (v / max);
-    const last = deltas[deltas.length - 1];
+    const last = rates[rates.length - 1];
     const root = svg("svg", {
       viewBox: `0 0 ${width} ${height}`, role: "img",
       "aria-label": last
-        ? `Last 2 seconds: ${bytes(last.sent)} sent, polling would have cost ${bytes(last.poll)}`
+        ? `Now: ${bytes(last.sent)} per second sent, polling would cost ${bytes(last.poll)} per second`
         : "Collecting samples",
     });
     root.append(svg("line", { class: "axis", x1: pad.l, y1: y(0), x2: width - pad.r, y2: y(0) }));
     root.append(svg("line", { class: "axis", x1: pad.l, y1: pad.t, x2: pad.l, y2: y(0) }));
-    const top = svg("text", { x: pad.l - 4, y: pad.t + 10, "text-anchor": "end" });
-    top.textContent = bytes(max);
-    const zero = svg("text", { x: pad.l - 4, y: y(0), "text-anchor": "end" });
-    zero.textContent = "0";
-    root.append(top, zero);
-    const offset = CHART_SAMPLES - 1 - deltas.length;
+    const label = (text, attrs) => { const t = svg("text", attrs); t.textContent = text; return t; };
+    root.append(
+      label(bytes(max) + "/s", { x: pad.l - 4, y: pad.t + 10, "text-anchor": "end" }),
+      label("0", { x: pad.l - 4, y: y(0), "text-anchor": "end" }),
+      label("2 min ago", { x: pad.l, y: height - 4 }),
+      label("now", { x: width - pad.r, y: height - 4, "text-anchor": "end" }));
     for (const [series, cls] of [["poll", "line-poll"], ["sent", "line-sent"]]) {
-      if (deltas.length < 2) break;
-      const points = deltas.map((d, i) => `${x(i + offset).toFixed(1)},${y(d[series]).toFixed(1)}`).join(" ");
+      if (rates.length < 2) break;
+      const points = rates.map((r) => `${x(r.at).toFixed(1)},${y(r[series]).toFixed(1)}`).join(" ");
       root.append(svg("polyline", { class: cls, points }));
     }
     area.replaceChildren(root);
@@ -448,6 +453,7 @@
 
   function pushEvent(kind, id, data) {
     eventCount++;
+    $("inspect-position").textContent = `Last event ${id} (${kind}), ${eventCount} received`;
     const list = $("events");
     let text = data;
     if (text.length > 1500) text = text.slice(0, 1500) + ` … (${bytes(data.length)})`;
@@ -478,6 +484,7 @@
     openPaths.clear();
     closedPaths.clear();
     $("events").replaceChildren();
+    $("inspect-position").textContent = "";
     renderTree();
     $("curl-text").textContent = curlFor(name);
     $("copy-curl").disabled = false;
@@ -753,6 +760,8 @@
       resumeFollowing = following;
       stopFollowing();
     }
+    // What happened meanwhile is not a rate of the time shown: the chart starts again.
+    samples.length = 0;
     setConnection("Paused while this page is hidden");
   }
   function resume() {

@@ -25,6 +25,10 @@ pub struct Chromium {
     _profile: tempfile::TempDir,
     cdp: Cdp,
     session: String,
+    /// The page's target.
+    target: String,
+    /// Another tab, in front of the page while it is hidden.
+    other: Option<String>,
     next_id: u64,
 }
 
@@ -90,6 +94,8 @@ impl Chromium {
             _profile: profile,
             cdp,
             session: String::new(),
+            target: String::new(),
+            other: None,
             next_id: 0,
         };
         let target = chromium
@@ -102,16 +108,27 @@ impl Chromium {
             )
             .await;
         chromium.session = attached["sessionId"].as_str().unwrap().to_owned();
+        chromium.target = target["targetId"].as_str().unwrap().to_owned();
         Some(chromium)
     }
 
     /// Calls a DevTools method (on the page once attached); its result. Events are dropped.
     pub async fn call(&mut self, method: &str, params: Value) -> Value {
+        let session = self.session.clone();
+        self.call_on(&session, method, params).await
+    }
+
+    /// Calls a DevTools method of the browser (`Target.*`).
+    async fn call_browser(&mut self, method: &str, params: Value) -> Value {
+        self.call_on("", method, params).await
+    }
+
+    async fn call_on(&mut self, session: &str, method: &str, params: Value) -> Value {
         self.next_id += 1;
         let id = self.next_id;
         let mut call = json!({"id": id, "method": method, "params": params});
-        if !self.session.is_empty() {
-            call["sessionId"] = Value::from(self.session.clone());
+        if !session.is_empty() {
+            call["sessionId"] = Value::from(session);
         }
         self.cdp
             .send(Message::Text(call.to_string().into()))
@@ -233,6 +250,28 @@ impl Chromium {
             "windowsVirtualKeyCode": code, "nativeVirtualKeyCode": code, "modifiers": modifiers,
         });
         self.call("Input.dispatchKeyEvent", up).await;
+    }
+
+    /// Hides the page (its `visibilityState` becomes `hidden`) behind another tab.
+    pub async fn hide(&mut self) {
+        let other = self
+            .call_browser("Target.createTarget", json!({"url": "about:blank"}))
+            .await;
+        let other = other["targetId"].as_str().unwrap().to_owned();
+        self.call_browser("Target.activateTarget", json!({"targetId": other}))
+            .await;
+        self.other = Some(other);
+    }
+
+    /// Brings the page to the front again.
+    pub async fn show(&mut self) {
+        if let Some(other) = self.other.take() {
+            self.call_browser("Target.closeTarget", json!({"targetId": other}))
+                .await;
+        }
+        let target = self.target.clone();
+        self.call_browser("Target.activateTarget", json!({"targetId": target}))
+            .await;
     }
 
     /// Types `text` into the focused element.
