@@ -319,11 +319,12 @@ async fn console_in_chromium_follows_streams_and_lists_webhooks() {
     let toml = format!(
         "{alerts}on_demand = true\n\n{fleet}\n[streams.filtering]\nentities = \"/vehicles\"\nkey = \"id\"\n\
          aliases = {{ route = \"route\" }}\n\n[[streams.views]]\nname = \"r1\"\nfilter = {{ route = \"R1\" }}\n\n\
-         {webhooks}\n{endpoint}",
+         {webhooks}\n{endpoint}\n{proxy}",
         alerts = polled("alerts", &alerts.url()),
         fleet = polled("fleet", &upstream.url()),
         webhooks = webhooks_toml(dir.path(), ""),
         endpoint = endpoint("ep-fleet", &receiver.url(), &["fleet"], Mode::Patch),
+        proxy = crate::proxy::proxy_toml("", "", ""),
     );
     let app = TestApp::from_toml(&toml).await;
     app.wait_for_seq("fleet", 1).await;
@@ -563,6 +564,32 @@ async fn console_in_chromium_follows_streams_and_lists_webhooks() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+
+    // The proxy mode: its dynamic streams counted against their bounds, never named.
+    let dynamic_url = app.url(&format!(
+        "/{}?X-Sd-Token={}",
+        alerts.url_at("/secret-path"),
+        crate::proxy::TOKEN
+    ));
+    let mut dynamic = SseClient::connect(&dynamic_url, &[], false).await;
+    assert_eq!(dynamic.expect(SOON).await.event, "data");
+    let listing: Value = get(&app, "/streams", &[]).await.json().await.unwrap();
+    let limits = &listing["dynamic"];
+    assert_eq!(limits["streams"], 1, "{listing}");
+    page.wait_for(
+        &format!(
+            "document.querySelector('#dynamic-count-text').textContent === '1 of {}'",
+            limits["max_streams"]
+        ),
+        LONG,
+    )
+    .await;
+    let text = page.evaluate("document.body.innerText").await;
+    assert!(
+        !text.as_str().unwrap().contains("secret-path"),
+        "a dynamic stream's URL is never shown"
+    );
+    page.screenshot(&dir.join("desktop-proxy.png")).await;
 
     // At a phone's width: the page needs no sideways scrolling.
     page.viewport(390, 844, 2.0, true).await;
