@@ -608,3 +608,76 @@ async fn console_in_chromium_follows_streams_and_lists_webhooks() {
     page.close().await;
     app.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn console_in_chromium_shows_the_cluster_and_which_node_polls_each_stream() {
+    let upstream = MockUpstream::start(fleet(1)).await;
+    let config = format!(
+        r#"
+[[streams]]
+name = "fleet"
+url = "{}"
+interval = "200ms"
+
+[cluster]
+redis = "{{redis}}"
+prefix = "console"
+lease_ttl = "1s"
+probe_interval = "500ms"
+"#,
+        upstream.url()
+    );
+    let Some(mut cluster) = crate::support::cluster::TestCluster::new(&config) else {
+        return;
+    };
+    let Some(mut page) = Chromium::launch().await else {
+        return;
+    };
+    cluster.start(&["node-a", "node-b"]).await;
+    let base = cluster.nodes[1].base();
+    page.viewport(1280, 900, 1.0, false).await;
+    page.navigate(&format!("{base}/")).await;
+    page.wait_for(
+        "document.querySelectorAll('#cluster-nodes li').length === 2",
+        LONG,
+    )
+    .await;
+    assert_eq!(
+        page.evaluate("document.querySelector('#cluster-node').textContent")
+            .await,
+        "node-b"
+    );
+    // Who polls fleet, as the lease in Redis says, shown in its row and under its node.
+    let deadline = tokio::time::Instant::now() + LONG;
+    let holder = loop {
+        let listing: Value = reqwest::get(format!("{base}/streams"))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if let Some(node) = listing["streams"][0]["lease"]["node"].as_str() {
+            break node.to_owned();
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no lease: {listing}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    page.wait_for(
+        &format!(
+            "document.querySelector('tr[data-stream=fleet] td.cluster-only').textContent === '{holder}' && \
+             document.querySelector('#cluster-nodes li[data-node={holder}]').textContent.endsWith(': fleet')"
+        ),
+        LONG,
+    )
+    .await;
+    let visible = page
+        .evaluate("getComputedStyle(document.querySelector('th.cluster-only')).display")
+        .await;
+    assert_ne!(visible, "none", "the Polled by column shows in a cluster");
+    page.screenshot(&screenshots().join("desktop-cluster.png"))
+        .await;
+    page.close().await;
+}
