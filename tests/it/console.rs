@@ -677,6 +677,17 @@ probe_interval = "500ms"
         .evaluate("getComputedStyle(document.querySelector('th.cluster-only')).display")
         .await;
     assert_ne!(visible, "none", "the Polled by column shows in a cluster");
+    // Without webhooks the panel says so and offers no token field.
+    assert_eq!(
+        page.evaluate("document.querySelector('#webhooks-status').textContent")
+            .await,
+        "Webhooks are not configured on this server."
+    );
+    assert_eq!(
+        page.evaluate("document.querySelector('#admin-token').offsetParent === null")
+            .await,
+        true
+    );
     page.screenshot(&screenshots().join("desktop-cluster.png"))
         .await;
     page.close().await;

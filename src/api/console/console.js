@@ -487,6 +487,7 @@
     $("inspect-position").textContent = "";
     renderTree();
     $("curl-text").textContent = curlFor(name);
+    $("curl").hidden = false;
     $("copy-curl").disabled = false;
     $("inspect-close").disabled = false;
     setInspectStatus(`Connecting to ${name}…`);
