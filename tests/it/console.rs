@@ -491,6 +491,27 @@ async fn console_in_chromium_follows_streams_and_lists_webhooks() {
     )
     .await;
     assert!(!receiver.hits().is_empty());
+    // Replaying a delivery: the admin API's action, answered in the page, redelivered with the
+    // same webhook-id.
+    let first = receiver.hits()[0].id();
+    let hits = receiver.hits().len();
+    page.evaluate(
+        "document.querySelector('#deliveries-table tr[data-delivery=\"1\"] button').click()",
+    )
+    .await;
+    page.wait_for(
+        "document.querySelector('#webhooks-status').textContent === '1 delivery of ep-fleet queued again.'",
+        LONG,
+    )
+    .await;
+    let deadline = tokio::time::Instant::now() + LONG;
+    while !receiver.hits()[hits..].iter().any(|h| h.id() == first) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the replay never arrived"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 
     // Everything the page loaded came from this server.
     let origins = page
