@@ -657,7 +657,15 @@ probe_interval = "500ms"
     cluster.start(&["node-a", "node-b"]).await;
     let base = cluster.nodes[1].base();
     page.viewport(1280, 900, 1.0, false).await;
-    page.navigate(&format!("{base}/")).await;
+    // A link that opens the console following a stream.
+    page.navigate(&format!("{base}/#follow=fleet")).await;
+    page.wait_for(
+        "document.querySelector('#inspect-status').dataset.lastId",
+        LONG,
+    )
+    .await;
+    let tree: Value = serde_json::from_str(page.evaluate(TREE).await.as_str().unwrap()).unwrap();
+    assert_eq!(tree, fleet(1));
     page.wait_for(
         "document.querySelectorAll('#cluster-nodes li').length === 2",
         LONG,
