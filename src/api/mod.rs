@@ -2,6 +2,7 @@
 
 pub mod admin;
 pub mod body;
+pub mod console;
 pub mod listing;
 pub mod proxy;
 pub mod push;
@@ -94,7 +95,8 @@ pub fn router(state: Arc<AppState>, cors: &Cors) -> Router {
         .route("/metrics", get(metrics))
         .fallback(fallback)
         .with_state(state)
-        .merge(admin);
+        .merge(admin)
+        .merge(console::router());
     match cors_layer(cors) {
         Some(layer) => router.layer(layer),
         None => router,
