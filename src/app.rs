@@ -16,7 +16,7 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::api::listing::PolledUpstream;
+use crate::api::listing::{PolledUpstream, PolledUpstreams};
 use crate::api::push::PushAuth;
 use crate::api::server::{ServeOptions, Stall};
 use crate::api::subscribe::Subscriptions;
@@ -255,10 +255,12 @@ impl App {
             metrics: metrics.clone(),
             snapshots,
             upstreams,
-            push: config.push.as_ref().map(|push| PushAuth {
-                token: push.token.clone(),
-                streams: config.push_streams.iter().map(|s| s.name.clone()).collect(),
-            }),
+            push: std::sync::RwLock::new(config.push.as_ref().map(|push| {
+                Arc::new(PushAuth {
+                    token: push.token.clone(),
+                    streams: config.push_streams.iter().map(|s| s.name.clone()).collect(),
+                })
+            })),
             push_max_body: config.push.as_ref().map_or(0, |p| {
                 usize::try_from(p.max_body_bytes).unwrap_or(usize::MAX)
             }),
@@ -545,8 +547,8 @@ impl Streams<'_> {
         &mut self,
         fetcher: &Arc<Fetcher>,
         rate_limits: &Arc<RateLimits>,
-    ) -> HashMap<String, PolledUpstream> {
-        let mut upstreams = HashMap::new();
+    ) -> Arc<PolledUpstreams> {
+        let upstreams = Arc::new(PolledUpstreams::default());
         for settings in &self.config.streams {
             let options = self.options(settings.history, settings.history_bytes, &settings.diff);
             let stream = Stream::new(
@@ -615,6 +617,7 @@ impl Streams<'_> {
                     interval: settings.interval,
                     on_demand: settings.on_demand,
                     status: poller.status(),
+                    control: poller.control(),
                 },
             );
             let shutdown = self.shutdown.clone();

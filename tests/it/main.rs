@@ -19,6 +19,7 @@ mod connections;
 mod failures;
 mod layering;
 mod load;
+mod poll_now;
 mod proxy;
 mod push;
 mod replay;
