@@ -102,7 +102,7 @@ pub async fn list_streams(State(state): State<Arc<AppState>>) -> Response {
         .map(|s| {
             let mut shown = describe_stream(s, state.upstreams.get(s.name()).as_deref());
             if let (Some(views), Some(object)) = (state.views.of(s.name()), shown.as_object_mut()) {
-                object.insert("views".into(), describe_views(s.name(), views));
+                object.insert("views".into(), describe_views(s.name(), &views));
             }
             if let (Some(brokers), Some(object)) = (&state.brokers, shown.as_object_mut()) {
                 object.insert("sinks".into(), Value::Array(brokers.describe(s.name())));

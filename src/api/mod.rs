@@ -6,6 +6,7 @@ pub mod listing;
 pub mod poll;
 pub mod proxy;
 pub mod push;
+pub mod reload;
 pub mod server;
 pub mod subscribe;
 
@@ -40,7 +41,7 @@ pub struct AppState {
     /// Upstream status per stream name (changed by a configuration reload).
     pub upstreams: Arc<PolledUpstreams>,
     /// The push source, when configured (changed by a configuration reload).
-    pub push: std::sync::RwLock<Option<Arc<push::PushAuth>>>,
+    pub push: Arc<std::sync::RwLock<Option<Arc<push::PushAuth>>>>,
     /// Largest pushed body accepted, in bytes.
     pub push_max_body: usize,
     /// How long a request body may take to arrive (`server.body_timeout`).
@@ -55,6 +56,8 @@ pub struct AppState {
     pub proxy: Option<Arc<crate::proxy::Proxy>>,
     /// This node's part of a cluster, when `[cluster]` is configured.
     pub cluster: Option<ClusterState>,
+    /// Reloads the configuration file (`POST /admin/reload`), when started from one.
+    pub reload: Option<Arc<dyn reload::Reload>>,
 }
 
 /// What the routes need of the cluster.
@@ -104,6 +107,7 @@ pub fn router(state: Arc<AppState>, cors: &Cors) -> Router {
         .route("/streams", get(listing::list_streams))
         .route("/streams/{name}", get(stream).merge(push))
         .route("/streams/{name}/poll", axum::routing::post(poll::poll_now))
+        .route("/admin/reload", axum::routing::post(reload::reload))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))

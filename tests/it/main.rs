@@ -22,6 +22,7 @@ mod load;
 mod poll_now;
 mod proxy;
 mod push;
+mod reload;
 mod replay;
 mod resume;
 mod secrets;

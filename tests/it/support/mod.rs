@@ -6,6 +6,7 @@ pub mod brokers;
 pub mod cluster;
 pub mod nats;
 pub mod poller;
+pub mod process;
 pub mod raw;
 pub mod receiver;
 pub mod redis;
