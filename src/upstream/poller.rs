@@ -480,27 +480,31 @@ where
     pub async fn run(mut self, shutdown: CancellationToken) {
         tracing::info!(stream = %self.settings.name, url = %self.url, interval = ?self.settings.interval, "polling");
         let control = self.control();
-        let mut due = Instant::now();
+        // The first poll starts at once; then each waits for its tick, a poll asked for, new
+        // settings or a change of turn.
+        let mut due: Option<Instant> = None;
         loop {
-            tokio::select! {
-                biased;
-                () = shutdown.cancelled() => break,
-                instruction = control.instructed() => {
-                    if instruction == Instruction::Reconfigure {
-                        due = self.reconfigure(due);
-                        continue;
+            if let Some(at) = due {
+                tokio::select! {
+                    biased;
+                    () = shutdown.cancelled() => break,
+                    instruction = control.instructed() => {
+                        if instruction == Instruction::Reconfigure {
+                            due = Some(self.reconfigure(at));
+                            continue;
+                        }
                     }
+                    () = tokio::time::sleep_until(at) => {}
+                    // A turn that begins (or ends) is acted on now, not at the next tick.
+                    () = self.turn_changed() => {}
                 }
-                () = tokio::time::sleep_until(due) => {}
-                // A turn that begins (or ends) is acted on now, not at the next tick.
-                () = self.turn_changed() => {}
             }
             let step = tokio::select! {
                 biased;
                 () = shutdown.cancelled() => break,
                 step = self.poll_once() => step,
             };
-            due = step.next_due;
+            due = Some(step.next_due);
         }
         tracing::debug!(stream = %self.settings.name, "poller stopped");
     }

@@ -246,3 +246,73 @@ async fn the_reload_endpoint_needs_the_admin_token_and_refuses_what_it_cannot_ap
     assert_eq!(patch.event, "patch", "{patch:?}");
     assert_eq!(epoch(&patch.id), epoch(&first.id));
 }
+
+const PUSH: &str = "test-push-token-0123456789";
+
+/// A push stream `p` whose items are viewed by `kind`, with the named view `red` keeping
+/// `kind = {red}`, and `history`.
+fn viewed(red: &str, history: u64) -> String {
+    format!(
+        r#"{COMMON}
+[push]
+token = "{PUSH}"
+
+[[streams]]
+name = "p"
+source = "push"
+history = {history}
+
+[streams.filtering]
+entities = "/items"
+key = "id"
+aliases = {{ kind = "kind" }}
+
+[[streams.views]]
+name = "red"
+filter = {{ kind = "{red}" }}
+"#
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_reconciles_views_and_starts_a_push_stream_over_from_its_document() {
+    let dir = tempfile::tempdir().unwrap();
+    let process = Process::start(dir.path(), &viewed("red", 100)).await;
+    let items = json!({"items": [
+        {"id": "1", "kind": "red", "note": "x".repeat(50)},
+        {"id": "2", "kind": "blue", "note": "y".repeat(50)},
+    ]});
+    let pushed = reqwest::Client::new()
+        .post(process.url("/streams/p"))
+        .bearer_auth(PUSH)
+        .json(&items)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(pushed.status(), 200);
+    let mut whole = SseClient::connect(&process.url("/streams/p"), &[], false).await;
+    let mut red = SseClient::connect(&process.url("/streams/p@red"), &[], false).await;
+    let first = next_event(&mut whole).await;
+    let red_first = next_event(&mut red).await;
+    assert_eq!(red_first.json()["items"].as_array().unwrap().len(), 1);
+    assert_eq!(red_first.json()["items"][0]["id"], "1");
+
+    // The named view now keeps blue items, and history changed: the stream starts over.
+    process.rewrite(&viewed("blue", 50));
+    process.hangup();
+    process.logged("configuration reloaded", SOON).await;
+
+    // The whole stream's subscriber stays and gets the document again, in a new epoch.
+    let again = next_event(&mut whole).await;
+    assert_eq!(again.event, "snapshot", "{again:?}");
+    assert_eq!(again.json(), items);
+    assert!(epoch(&again.id) > epoch(&first.id));
+    // The old view's subscription ends; subscribing again gets the view as now configured.
+    assert!(red.ends_within(SOON).await, "the old view ends");
+    let mut red = SseClient::connect(&process.url("/streams/p@red"), &[], false).await;
+    let now = next_event(&mut red).await;
+    assert_eq!(now.event, "snapshot");
+    assert_eq!(now.json()["items"].as_array().unwrap().len(), 1, "{now:?}");
+    assert_eq!(now.json()["items"][0]["id"], "2");
+    assert!(process.log().contains("restarted"), "{}", process.log());
+}
