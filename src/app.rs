@@ -604,7 +604,16 @@ impl Streams<'_> {
             self.derive_views(&stream, settings.views.as_ref(), options);
             // In a cluster the node holding the stream's lease polls it, through the cluster's
             // log (for an on-demand stream, only nodes with subscribers take the lease).
-            let mut publish: Arc<dyn Publish> = stream.clone();
+            // A reload that stops this poller also stops what it was about to publish.
+            let token = self
+                .running
+                .get(&settings.name)
+                .cloned()
+                .unwrap_or_else(|| self.shutdown.child_token());
+            let mut publish: Arc<dyn Publish> = Arc::new(Retiring {
+                inner: stream.clone(),
+                token: token.clone(),
+            });
             let mut turns = None;
             let mut quota: Option<Arc<dyn SharedQuota>> = None;
             if let Some(cluster) = self.cluster.clone() {
@@ -663,11 +672,6 @@ impl Streams<'_> {
                     control: poller.control(),
                 },
             );
-            let token = self
-                .running
-                .get(&settings.name)
-                .cloned()
-                .unwrap_or_else(|| self.shutdown.child_token());
             self.starting
                 .push(poll_task(settings, poller, stream, token));
         }
@@ -777,5 +781,52 @@ fn poll_task(
                 run.await;
             })
         }
+    }
+}
+
+/// A poller's publisher that publishes nothing once `token` is cancelled: a reload that
+/// stopped the poller (to start the stream over) must not see a document the old poller
+/// fetched land after the new one's.
+pub(crate) struct Retiring {
+    pub(crate) inner: Arc<dyn Publish>,
+    pub(crate) token: CancellationToken,
+}
+
+impl Publish for Retiring {
+    fn document(
+        self: Arc<Self>,
+        doc: Value,
+    ) -> futures_util::future::BoxFuture<'static, crate::upstream::poller::PublishResult> {
+        if self.token.is_cancelled() {
+            return Box::pin(std::future::ready(
+                crate::upstream::poller::PublishResult::Unchanged,
+            ));
+        }
+        Arc::clone(&self.inner).document(doc)
+    }
+
+    fn failure<'a>(
+        &'a self,
+        error: &'a crate::upstream::fetch::FetchError,
+        retry_in: Duration,
+    ) -> futures_util::future::BoxFuture<'a, ()> {
+        if self.token.is_cancelled() {
+            return Box::pin(std::future::ready(()));
+        }
+        self.inner.failure(error, retry_in)
+    }
+
+    fn recovered(&self) -> futures_util::future::BoxFuture<'_, ()> {
+        if self.token.is_cancelled() {
+            return Box::pin(std::future::ready(()));
+        }
+        self.inner.recovered()
+    }
+
+    fn polled<'a>(
+        &'a self,
+        validators: &'a crate::upstream::fetch::Validators,
+    ) -> futures_util::future::BoxFuture<'a, ()> {
+        self.inner.polled(validators)
     }
 }

@@ -12,7 +12,7 @@ use http::StatusCode;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
-use super::{keep_alive, poll_task};
+use super::{Retiring, keep_alive, poll_task};
 use crate::api::listing::{PolledUpstream, PolledUpstreams};
 use crate::api::push::PushAuth;
 use crate::api::reload::{Reload, ReloadAnswer};
@@ -353,6 +353,10 @@ impl Reloader {
         token: CancellationToken,
         config: &Config,
     ) {
+        let publish = Arc::new(Retiring {
+            inner: publish,
+            token: token.clone(),
+        });
         let poller = Poller::new(
             Arc::new(settings.clone()),
             self.fetcher.clone(),

@@ -316,3 +316,74 @@ async fn a_reload_reconciles_views_and_starts_a_push_stream_over_from_its_docume
     assert_eq!(now.json()["items"][0]["id"], "2");
     assert!(process.log().contains("restarted"), "{}", process.log());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_reconciles_webhook_endpoints_and_concurrent_reloads_wait_their_turn() {
+    use crate::webhook::{SECRET, TOKEN, endpoint, webhooks_toml};
+    use patchwire::sinks::webhook::body::Mode;
+
+    let upstream = MockUpstream::start(doc("a", 1)).await;
+    let first = Receiver::start(&[SECRET]).await;
+    let second = Receiver::start(&[SECRET]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = |endpoints: &str| {
+        format!(
+            "{COMMON}\n{}\n{endpoints}\n{}",
+            webhooks_toml(dir.path(), ""),
+            stream("a", &upstream.url(), "200ms")
+        )
+    };
+    let process = Process::start(
+        dir.path(),
+        &file(&endpoint("one", &first.url(), &["a"], Mode::Patch)),
+    )
+    .await;
+    first
+        .wait_for(SOON, "the first endpoint's snapshot", |hits| {
+            !hits.is_empty()
+        })
+        .await;
+
+    // A second endpoint in the file: created, and it gets its snapshot; the first one stays.
+    process.rewrite(&file(&format!(
+        "{}{}",
+        endpoint("one", &first.url(), &["a"], Mode::Patch),
+        endpoint("two", &second.url(), &["a"], Mode::Patch)
+    )));
+    let (a, b) = tokio::join!(reload(&process, Some(TOKEN)), reload(&process, Some(TOKEN)));
+    // Two at once: one applies the file, the other waits and finds nothing more to change.
+    assert_eq!((a.0, b.0), (200, 200), "{a:?} {b:?}");
+    let changed: Vec<bool> = [&a.1, &b.1].iter().map(|b| b["changed"] == true).collect();
+    assert_eq!(changed.iter().filter(|c| **c).count(), 1, "{a:?} {b:?}");
+    let applied = if changed[0] { &a.1 } else { &b.1 };
+    assert_eq!(
+        applied["webhook_endpoints"]["updated"],
+        json!(["two"]),
+        "{applied}"
+    );
+    second
+        .wait_for(SOON, "the new endpoint's snapshot", |hits| {
+            hits.iter().any(|h| h.kind() == "stream.snapshot")
+        })
+        .await;
+
+    // Removed from the file: disabled, its deliveries kept.
+    process.rewrite(&file(&endpoint("two", &second.url(), &["a"], Mode::Patch)));
+    let (status, body) = reload(&process, Some(TOKEN)).await;
+    assert_eq!(status, 200, "{body}");
+    let shown: Value = reqwest::Client::new()
+        .get(process.url("/admin/webhooks/one"))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(
+        shown["disabled"]["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("removed from the configuration")),
+        "{shown}"
+    );
+}
