@@ -229,7 +229,7 @@ impl Setup {
         )));
         let mut subscriptions = Vec::new();
         if let Some(queries) = queries {
-            let mut views = Views::new();
+            let views = Views::new();
             views.attach(
                 &stream,
                 StreamViews::new(

@@ -1,5 +1,8 @@
 //! Wiring only: [`App::build`] makes every part from a validated [`Config`], [`App::run`] runs
-//! them until shutdown ([`run`] does both).
+//! them until shutdown ([`run`] does both). [`reload`] applies the configuration file again
+//! while running.
+
+pub mod reload;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -16,7 +19,7 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::api::listing::PolledUpstream;
+use crate::api::listing::{PolledUpstream, PolledUpstreams};
 use crate::api::push::PushAuth;
 use crate::api::server::{ServeOptions, Stall};
 use crate::api::subscribe::Subscriptions;
@@ -106,9 +109,17 @@ pub struct App {
     listen: SocketAddr,
     streams: usize,
     shutdown: CancellationToken,
+    reloader: Option<Arc<reload::Reloader>>,
 }
 
 impl App {
+    /// What reloads the configuration file (`SIGHUP`), when the application was built from one.
+    pub fn reloader(&self) -> Option<Arc<dyn crate::api::reload::Reload>> {
+        self.reloader
+            .clone()
+            .map(|r| r as Arc<dyn crate::api::reload::Reload>)
+    }
+
     /// Builds every part from `config`: the streams and their pollers, the push streams (with
     /// their stored documents), the webhook sink, the proxy mode and the routes. Fails on what
     /// only building can find (the HTTP clients, the webhook database).
@@ -138,6 +149,7 @@ impl App {
             views: Views::new(),
             budget: Budget::new(config.max_views),
             leases: HashMap::new(),
+            running: HashMap::new(),
         };
         if let (Some(settings), Some(listener)) = (config.simulator.clone(), listeners.simulator) {
             let shutdown = shutdown.clone();
@@ -174,6 +186,8 @@ impl App {
             writers,
             views,
             leases,
+            running,
+            budget,
             ..
         } = streams;
         let views = Arc::new(views);
@@ -249,16 +263,40 @@ impl App {
             }
         }
 
+        let push = Arc::new(std::sync::RwLock::new(config.push.as_ref().map(|push| {
+            Arc::new(PushAuth {
+                token: push.token.clone(),
+                streams: config.push_streams.iter().map(|s| s.name.clone()).collect(),
+            })
+        })));
+        let reloader = config.source.clone().map(|path| {
+            Arc::new(reload::Reloader {
+                path,
+                current: tokio::sync::Mutex::new(config.clone()),
+                running: std::sync::Mutex::new(running),
+                hub: hub.clone(),
+                views: views.clone(),
+                budget,
+                snapshots: snapshots.clone(),
+                metrics: metrics.clone(),
+                fetcher: fetcher.clone(),
+                rate_limits: rate_limits.clone(),
+                upstreams: upstreams.clone(),
+                push: push.clone(),
+                webhooks: webhooks.clone(),
+                shutdown: shutdown.clone(),
+            })
+        });
         let state = Arc::new(AppState {
             hub: hub.clone(),
             views: views.clone(),
             metrics: metrics.clone(),
             snapshots,
-            upstreams,
-            push: config.push.as_ref().map(|push| PushAuth {
-                token: push.token.clone(),
-                streams: config.push_streams.iter().map(|s| s.name.clone()).collect(),
-            }),
+            upstreams: upstreams.clone(),
+            push,
+            reload: reloader
+                .clone()
+                .map(|r| r as Arc<dyn crate::api::reload::Reload>),
             push_max_body: config.push.as_ref().map_or(0, |p| {
                 usize::try_from(p.max_body_bytes).unwrap_or(usize::MAX)
             }),
@@ -314,6 +352,7 @@ impl App {
             tasks,
             streams: config.streams.len() + config.push_streams.len(),
             shutdown,
+            reloader,
         })
     }
 
@@ -335,6 +374,7 @@ impl App {
             listen,
             streams,
             shutdown,
+            reloader: _,
         } = self;
         for task in starting {
             tasks.spawn(task);
@@ -450,6 +490,9 @@ struct Streams<'a> {
     budget: Arc<Budget>,
     /// In a cluster, the lease of each polled stream (whose holder publishes it to brokers).
     leases: HashMap<String, watch::Receiver<Option<crate::cluster::lease::Holding>>>,
+    /// Each configured stream's own token, under which its poller and keep-alive run (a
+    /// reload cancels it to stop them).
+    running: HashMap<String, CancellationToken>,
 }
 
 /// The streams a cluster node follows: those of its hub, and the dynamic streams it serves.
@@ -530,12 +573,14 @@ impl Streams<'_> {
         }
     }
 
-    /// Adds `stream` to the hub, kept alive like every other.
+    /// Adds `stream` to the hub, kept alive like every other, under its own token.
     fn add(&mut self, stream: Stream) -> Arc<Stream> {
         let stream = self.hub.insert(Arc::new(stream));
+        let token = self.shutdown.child_token();
         let keepalive = self.config.server.keepalive;
-        let ticking = keep_alive(stream.clone(), keepalive, self.shutdown.clone());
+        let ticking = keep_alive(stream.clone(), keepalive, token.clone());
         self.starting.push(Box::pin(ticking));
+        self.running.insert(stream.name().to_owned(), token);
         stream
     }
 
@@ -545,8 +590,8 @@ impl Streams<'_> {
         &mut self,
         fetcher: &Arc<Fetcher>,
         rate_limits: &Arc<RateLimits>,
-    ) -> HashMap<String, PolledUpstream> {
-        let mut upstreams = HashMap::new();
+    ) -> Arc<PolledUpstreams> {
+        let upstreams = Arc::new(PolledUpstreams::default());
         for settings in &self.config.streams {
             let options = self.options(settings.history, settings.history_bytes, &settings.diff);
             let stream = Stream::new(
@@ -559,7 +604,16 @@ impl Streams<'_> {
             self.derive_views(&stream, settings.views.as_ref(), options);
             // In a cluster the node holding the stream's lease polls it, through the cluster's
             // log (for an on-demand stream, only nodes with subscribers take the lease).
-            let mut publish: Arc<dyn Publish> = stream.clone();
+            // A reload that stops this poller also stops what it was about to publish.
+            let token = self
+                .running
+                .get(&settings.name)
+                .cloned()
+                .unwrap_or_else(|| self.shutdown.child_token());
+            let mut publish: Arc<dyn Publish> = Arc::new(Retiring {
+                inner: stream.clone(),
+                token: token.clone(),
+            });
             let mut turns = None;
             let mut quota: Option<Arc<dyn SharedQuota>> = None;
             if let Some(cluster) = self.cluster.clone() {
@@ -615,30 +669,11 @@ impl Streams<'_> {
                     interval: settings.interval,
                     on_demand: settings.on_demand,
                     status: poller.status(),
+                    control: poller.control(),
                 },
             );
-            let shutdown = self.shutdown.clone();
-            match settings.on_demand {
-                None => self.starting.push(Box::pin(poller.run(shutdown))),
-                Some(linger) => {
-                    let idle_stream = stream.clone();
-                    let options = OnDemand {
-                        linger,
-                        period: None,
-                        keepalive: None,
-                    };
-                    // Idle: drop the document (it would go stale) and poll afresh on demand.
-                    let run = on_demand::run(poller, stream, options, shutdown, move |p| {
-                        tracing::info!(stream = %idle_stream.name(), "no subscribers: polling paused");
-                        idle_stream.forget();
-                        p.reset();
-                        Idle::Pause
-                    });
-                    self.starting.push(Box::pin(async move {
-                        run.await;
-                    }));
-                }
-            }
+            self.starting
+                .push(poll_task(settings, poller, stream, token));
         }
         upstreams
     }
@@ -715,5 +750,83 @@ async fn keep_alive(stream: Arc<Stream>, interval: Duration, shutdown: Cancellat
             _ = shutdown.cancelled() => return,
             _ = ticker.tick() => stream.keep_alive(),
         }
+    }
+}
+
+/// The task that polls `stream` with `poller` until `token` is cancelled: always, or, for an
+/// on-demand stream, while it has subscribers (plus its linger).
+fn poll_task(
+    settings: &crate::upstream::config::StreamSettings,
+    poller: Poller,
+    stream: Arc<Stream>,
+    token: CancellationToken,
+) -> Task {
+    match settings.on_demand {
+        None => Box::pin(poller.run(token)),
+        Some(linger) => {
+            let idle_stream = stream.clone();
+            let options = OnDemand {
+                linger,
+                period: None,
+                keepalive: None,
+            };
+            // Idle: drop the document (it would go stale) and poll afresh on demand.
+            let run = on_demand::run(poller, stream, options, token, move |p| {
+                tracing::info!(stream = %idle_stream.name(), "no subscribers: polling paused");
+                idle_stream.forget();
+                p.reset();
+                Idle::Pause
+            });
+            Box::pin(async move {
+                run.await;
+            })
+        }
+    }
+}
+
+/// A poller's publisher that publishes nothing once `token` is cancelled: a reload that
+/// stopped the poller (to start the stream over) must not see a document the old poller
+/// fetched land after the new one's.
+pub(crate) struct Retiring {
+    pub(crate) inner: Arc<dyn Publish>,
+    pub(crate) token: CancellationToken,
+}
+
+impl Publish for Retiring {
+    fn document(
+        self: Arc<Self>,
+        doc: Value,
+    ) -> futures_util::future::BoxFuture<'static, crate::upstream::poller::PublishResult> {
+        if self.token.is_cancelled() {
+            return Box::pin(std::future::ready(
+                crate::upstream::poller::PublishResult::Unchanged,
+            ));
+        }
+        Arc::clone(&self.inner).document(doc)
+    }
+
+    fn failure<'a>(
+        &'a self,
+        error: &'a crate::upstream::fetch::FetchError,
+        retry_in: Duration,
+    ) -> futures_util::future::BoxFuture<'a, ()> {
+        if self.token.is_cancelled() {
+            return Box::pin(std::future::ready(()));
+        }
+        self.inner.failure(error, retry_in)
+    }
+
+    fn recovered(&self) -> futures_util::future::BoxFuture<'_, ()> {
+        if self.token.is_cancelled() {
+            return Box::pin(std::future::ready(()));
+        }
+        self.inner.recovered()
+    }
+
+    fn polled<'a>(
+        &'a self,
+        validators: &'a crate::upstream::fetch::Validators,
+    ) -> futures_util::future::BoxFuture<'a, ()> {
+        self.inner.polled(validators)
     }
 }

@@ -43,30 +43,29 @@ pub fn router(
     token: Option<AdminToken>,
     body_timeout: Duration,
 ) -> Router {
-    let (webhooks, token) =
-        match (webhooks, token) {
-            (None, _) => {
-                return Router::new().nest("/admin", Router::new().fallback(|| async {
-                error_response(
-                    StatusCode::NOT_FOUND,
-                    "webhooks are not configured: add a [webhooks] table to enable them and \
-                     their admin API",
-                )
-            }));
-            }
-            (Some(_), None) => {
-                return Router::new().nest(
-                    "/admin",
-                    Router::new().fallback(|| async {
-                        error_response(
-                            StatusCode::FORBIDDEN,
-                            "the admin API is disabled: set webhooks.admin_token to enable it",
-                        )
-                    }),
-                );
-            }
-            (Some(w), Some(t)) => (w.endpoints().clone(), Arc::new(t)),
-        };
+    // The explanations answer under `/admin/webhooks` only: `/admin/reload` is its own route.
+    let explain = |message: &'static str, status: StatusCode| {
+        let answer = move || async move { error_response(status, message) };
+        Router::new()
+            .route("/admin/webhooks", axum::routing::any(answer))
+            .route("/admin/webhooks/{*rest}", axum::routing::any(answer))
+    };
+    let (webhooks, token) = match (webhooks, token) {
+        (None, _) => {
+            return explain(
+                "webhooks are not configured: add a [webhooks] table to enable them and their \
+                 admin API",
+                StatusCode::NOT_FOUND,
+            );
+        }
+        (Some(_), None) => {
+            return explain(
+                "the admin API is disabled: set webhooks.admin_token to enable it",
+                StatusCode::FORBIDDEN,
+            );
+        }
+        (Some(w), Some(t)) => (w.endpoints().clone(), Arc::new(t)),
+    };
     let routes = Router::new()
         .route("/admin/webhooks", get(list).post(create))
         .route(

@@ -47,6 +47,13 @@ impl Hub {
         streams.values().cloned().collect()
     }
 
+    /// Takes stream `name` out of the hub (a reload removed it); returns it, for its caller
+    /// to end.
+    pub fn remove(&self, name: &str) -> Option<Arc<Stream>> {
+        let mut streams = self.streams.write().unwrap_or_else(|e| e.into_inner());
+        streams.remove(name)
+    }
+
     /// Ends every stream's subscriptions (used at shutdown).
     pub fn close_all(&self) {
         for stream in self.all() {

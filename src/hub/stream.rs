@@ -367,7 +367,8 @@ struct State {
 /// One stream of changes.
 pub struct Stream {
     name: Arc<str>,
-    options: StreamOptions,
+    /// Changed only by a configuration reload ([`Stream::restart`]).
+    options: std::sync::RwLock<StreamOptions>,
     snapshots: SnapshotStore,
     metrics: Arc<Metrics>,
     labels: StreamLabels,
@@ -384,7 +385,8 @@ pub struct Stream {
     /// A view's stream: its changes happen at some of its stream's sequence numbers only.
     sparse: bool,
     /// The views computed from this stream, if any.
-    derivation: std::sync::OnceLock<Arc<dyn Derivation>>,
+    /// Replaced only by a configuration reload ([`Stream::rederive`]).
+    derivation: std::sync::RwLock<Option<Arc<dyn Derivation>>>,
     /// Taken under the state lock and held across a call of the derivation, so calls follow
     /// the order of the changes without holding the state lock while views are computed.
     deriving: Mutex<()>,
@@ -452,7 +454,7 @@ impl Stream {
             labels: StreamLabels {
                 stream: name.to_owned(),
             },
-            options,
+            options: std::sync::RwLock::new(options),
             snapshots,
             metrics,
             state: Mutex::new(State {
@@ -472,7 +474,7 @@ impl Stream {
             source_delivered: None,
             demand: watch::Sender::new(0),
             sparse: false,
-            derivation: std::sync::OnceLock::new(),
+            derivation: std::sync::RwLock::new(None),
             deriving: Mutex::new(()),
             idle: Mutex::new(Some(std::time::Instant::now())),
         }
@@ -523,14 +525,75 @@ impl Stream {
     /// Computes streams from this one: `derivation` is told of every change from now on.
     /// Only one derivation per stream: a second is refused (`false`).
     pub fn derive(&self, derivation: Arc<dyn Derivation>) -> bool {
-        self.derivation.set(derivation).is_ok()
+        let mut current = self
+            .derivation
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if current.is_some() {
+            return false;
+        }
+        *current = Some(derivation);
+        true
+    }
+
+    /// Replaces the derivation (a reload changed the stream's views); returns the one it
+    /// replaces, which its caller closes. Waits for a call of the old one in progress, so the
+    /// new one sees every event after the old one's last.
+    pub fn rederive(&self, derivation: Option<Arc<dyn Derivation>>) -> Option<Arc<dyn Derivation>> {
+        let _order = self.deriving.lock().unwrap_or_else(|e| e.into_inner());
+        let mut current = self
+            .derivation
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        std::mem::replace(&mut *current, derivation)
+    }
+
+    fn derivation(&self) -> Option<Arc<dyn Derivation>> {
+        self.derivation
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// How the stream keeps and computes its changes now.
+    pub fn options(&self) -> StreamOptions {
+        self.options
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Changes how the stream keeps and computes its changes from its next change on (a
+    /// reload, for a stream that has no document to start over from).
+    pub fn set_options(&self, options: StreamOptions) {
+        *self
+            .options
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = options;
+    }
+
+    /// Starts the stream over with `options` (a reload changed its history bounds or diff)
+    /// from `document`, in a new epoch: every subscriber is sent the document whole (as a
+    /// `Reset`), resumes from ids of earlier epochs get it too, and a failure is cleared (its
+    /// subscribers told it is over). The sequence starts again at 1.
+    pub fn restart(&self, options: StreamOptions, document: Value) {
+        self.set_options(options);
+        self.recover();
+        let _publishing = self.publishing.lock().unwrap_or_else(|e| e.into_inner());
+        let now = SystemTime::now();
+        let millis = now
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        // A later epoch than the current one even if the clock went back.
+        let epoch = millis.max(self.epoch().saturating_add(1));
+        self.reset(epoch, 1, document, now, Vec::new());
     }
 
     /// The derivation, if any, with its ordering lock: taken while the caller still holds the
     /// state lock and kept across the call, so derivations see the stream's events in order
     /// without the state lock held while views are computed.
-    fn handing_over(&self) -> Option<(MutexGuard<'_, ()>, &Arc<dyn Derivation>)> {
-        let derivation = self.derivation.get()?;
+    fn handing_over(&self) -> Option<(MutexGuard<'_, ()>, Arc<dyn Derivation>)> {
+        let derivation = self.derivation()?;
         Some((
             self.deriving.lock().unwrap_or_else(|e| e.into_inner()),
             derivation,
@@ -611,7 +674,7 @@ impl Stream {
 
     /// Subscribers of this stream and of its views: who would each poll the upstream without it.
     pub fn audience(&self) -> usize {
-        let views = self.derivation.get().map_or(0, |d| d.subscribers());
+        let views = self.derivation().map_or(0, |d| d.subscribers());
         self.subscriber_count().saturating_add(views)
     }
 
@@ -648,7 +711,7 @@ impl Stream {
     /// subscriptions end at once.
     pub fn close(&self) {
         self.lock().live = None;
-        if let Some(derivation) = self.derivation.get() {
+        if let Some(derivation) = self.derivation() {
             derivation.closed();
         }
     }
@@ -703,7 +766,8 @@ impl Stream {
         // The patch is written as JSON straight from the two documents: it is only ever sent.
         let patch = match previous {
             Some(previous) if same_kind(&previous.document, &document) => {
-                let patch = diff::diff_json(&previous.document, &document, &self.options.diff);
+                let options = self.options.read().unwrap_or_else(|e| e.into_inner());
+                let patch = diff::diff_json(&previous.document, &document, &options.diff);
                 if patch.operations == 0 {
                     return Preparation::Unchanged;
                 }
@@ -716,7 +780,13 @@ impl Stream {
         };
         let json = snapshot::to_json(&document);
         let (kind, payload) = match patch {
-            Some(patch) if !diff::prefer_snapshot(patch.len(), json.len(), &self.options.diff) => {
+            Some(patch)
+                if !diff::prefer_snapshot(
+                    patch.len(),
+                    json.len(),
+                    &self.options.read().unwrap_or_else(|e| e.into_inner()).diff,
+                ) =>
+            {
                 (ChangeKind::Patch, Bytes::from(patch))
             }
             _ => (ChangeKind::Snapshot, json.clone()),
@@ -939,7 +1009,11 @@ impl Stream {
     /// The bytes are summed afresh each time: frames built since (by the SSE sink, in either
     /// dialect, plain or deflated) count too. A resume older than what is left gets the current snapshot.
     fn trim_history(&self, state: &mut State) {
-        while state.history.len() > self.options.history {
+        let (history, history_bytes) = {
+            let options = self.options.read().unwrap_or_else(|e| e.into_inner());
+            (options.history, options.history_bytes)
+        };
+        while state.history.len() > history {
             if let Some(oldest) = state.history.pop_front() {
                 state.floor = oldest.seq;
             }
@@ -949,7 +1023,7 @@ impl Stream {
             .iter()
             .map(|c| c.retained_bytes() as u64)
             .sum();
-        while bytes > self.options.history_bytes {
+        while bytes > history_bytes {
             match state.history.pop_front() {
                 Some(oldest) => {
                     bytes -= oldest.retained_bytes() as u64;
@@ -1079,7 +1153,7 @@ impl Stream {
         {
             let _ = live.send(StreamEvent::KeepAlive);
         }
-        if let Some(derivation) = self.derivation.get() {
+        if let Some(derivation) = self.derivation() {
             derivation.kept_alive();
         }
     }
@@ -1442,7 +1516,7 @@ mod tests {
         let source = stream(10);
         let view = Stream::derived(
             "s@v",
-            source.options.clone(),
+            source.options(),
             source.snapshots.clone(),
             source.metrics().clone(),
             source.labels().clone(),
@@ -1472,7 +1546,7 @@ mod tests {
         source.publish(json!({"entity": [{"id": 1, "pad": "y".repeat(100)}]}));
         let view = Stream::derived(
             "s@v",
-            source.options.clone(),
+            source.options(),
             source.snapshots.clone(),
             source.metrics().clone(),
             source.labels().clone(),

@@ -637,6 +637,15 @@ async fn without_redis_a_node_keeps_its_subscribers_and_is_not_ready_until_it_re
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // The answer names what failed.
+    let body: serde_json::Value = reqwest::get(format!("{}/readyz", cluster.nodes[0].base()))
+        .await
+        .expect("readyz")
+        .json()
+        .await
+        .expect("readyz answers JSON");
+    assert_eq!(body["failed"], serde_json::json!(["redis"]), "{body}");
+    assert_eq!(body["checks"]["redis"]["ok"], false, "{body}");
     let health = reqwest::get(format!("{}/healthz", cluster.nodes[0].base()))
         .await
         .expect("healthz")

@@ -137,7 +137,8 @@ pub enum SinkState {
 }
 
 impl SinkState {
-    fn as_str(self) -> &'static str {
+    /// The state as `/streams` and `/readyz` show it.
+    pub fn as_str(self) -> &'static str {
         match self {
             SinkState::Standby => "standby",
             SinkState::Connecting => "connecting",

@@ -164,7 +164,8 @@ pub async fn reconcile(
 pub struct Endpoints {
     outbox: Arc<dyn Outbox>,
     registry: Arc<Registry>,
-    settings: WebhookSettings,
+    /// Its configured endpoints change with a configuration reload.
+    settings: std::sync::RwLock<WebhookSettings>,
     hub: Arc<Hub>,
     resync: ResyncRoutes,
     wake: Arc<Notify>,
@@ -185,12 +186,52 @@ impl Endpoints {
         Endpoints {
             outbox,
             registry,
-            settings,
+            settings: std::sync::RwLock::new(settings),
             hub,
             resync,
             wake,
             rng: Mutex::new(StdRng::from_os_rng()),
         }
+    }
+
+    fn settings(&self) -> WebhookSettings {
+        self.settings
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Reconciles the configured endpoints with `settings`' (a configuration reload), as at
+    /// start ([`reconcile`]): new and changed ones are stored (a changed secret starts a
+    /// rotation), removed ones disabled with their deliveries kept. Endpoints that are new, or
+    /// whose definition changed, are resynced (their next delivery is a snapshot). Returns
+    /// the ids of the endpoints whose definition or state changed.
+    pub async fn reload_configured(
+        &self,
+        settings: &WebhookSettings,
+    ) -> Result<Vec<String>, OutboxError> {
+        let fresh = reconcile(settings, &*self.outbox, unix_ms(SystemTime::now())).await?;
+        *self
+            .settings
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = settings.clone();
+        let mut changed = Vec::new();
+        for endpoint in fresh.all() {
+            let current = self.registry.get(&endpoint.record.id);
+            let redefined = current.as_ref().is_none_or(|c| c.record != endpoint.record);
+            let disabled = current
+                .as_ref()
+                .is_some_and(|c| c.status.disabled.is_some() != endpoint.status.disabled.is_some());
+            if !redefined && !disabled {
+                continue;
+            }
+            changed.push(endpoint.record.id.clone());
+            let endpoint = self.registry.put((*endpoint).clone());
+            if redefined {
+                self.request_resync(&endpoint);
+            }
+        }
+        Ok(changed)
     }
 
     /// Every endpoint, ordered by id.
@@ -221,7 +262,7 @@ impl Endpoints {
                  \"https://hooks.example.com/patchwire\", got {url:?} ({e})"
             ))
         })?;
-        ssrf::check_target(&parsed, self.settings.allow_private_targets)
+        ssrf::check_target(&parsed, self.settings().allow_private_targets)
             .await
             .map_err(|e| AdminError::Invalid(format!("url: {e}")))?;
         Ok(parsed)
@@ -365,7 +406,7 @@ impl Endpoints {
     pub async fn delete(&self, id: &str) -> Result<(), AdminError> {
         let current = self.get(id)?;
         if current.record.source == Source::Config
-            && self.settings.endpoints.iter().any(|e| e.id == id)
+            && self.settings().endpoints.iter().any(|e| e.id == id)
         {
             return Err(AdminError::Conflict(format!(
                 "endpoint {id:?} is declared in the configuration file; remove it there"
@@ -398,7 +439,7 @@ impl Endpoints {
             secret.expose().to_owned(),
         ));
         record.previous_expires_ms = Some(unix_ms(SystemTime::now()).saturating_add(
-            u64::try_from(self.settings.rotation_overlap.as_millis()).unwrap_or(u64::MAX),
+            u64::try_from(self.settings().rotation_overlap.as_millis()).unwrap_or(u64::MAX),
         ));
         self.store(record, current.status.clone()).await?;
         Ok(secret.expose().to_owned())

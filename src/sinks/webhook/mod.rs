@@ -75,6 +75,7 @@ pub enum StartError {
 
 /// The webhook sink.
 pub struct Webhooks {
+    outbox: Arc<dyn Outbox>,
     endpoints: Arc<Endpoints>,
     committed: HashMap<String, Committed>,
     worker: Arc<Worker>,
@@ -144,8 +145,16 @@ impl Webhooks {
             database = %settings.database.display(),
             "webhooks started"
         );
-        let endpoints = Endpoints::new(outbox, registry, settings.clone(), hub, resync, wake);
+        let endpoints = Endpoints::new(
+            outbox.clone(),
+            registry,
+            settings.clone(),
+            hub,
+            resync,
+            wake,
+        );
         Ok(Arc::new(Webhooks {
+            outbox,
             endpoints: Arc::new(endpoints),
             committed,
             worker,
@@ -160,6 +169,11 @@ impl Webhooks {
             Some(committed) => committed.reached(seq, COMMIT_WAIT).await,
             None => Ok(()),
         }
+    }
+
+    /// The outbox (`/readyz` asks it a trivial query).
+    pub fn outbox(&self) -> &Arc<dyn Outbox> {
+        &self.outbox
     }
 
     /// The endpoints, as the admin API manages them.

@@ -7,6 +7,7 @@ pub mod chromium;
 pub mod cluster;
 pub mod nats;
 pub mod poller;
+pub mod process;
 pub mod raw;
 pub mod receiver;
 pub mod redis;

@@ -421,6 +421,8 @@ pub trait Outbox: Send + Sync {
     /// Deletes finished deliveries (delivered, dead, superseded) that finished before
     /// `before_ms`; returns how many.
     fn prune(&self, before_ms: u64) -> OutboxFuture<usize>;
+    /// Answers a trivial query: the store is open and its queue moves (`/readyz`).
+    fn check(&self) -> OutboxFuture<()>;
 }
 
 #[cfg(test)]

@@ -603,6 +603,13 @@ fn copy_for_replay(conn: &Connection, ids: &[i64], now: u64) -> Result<usize, Ou
 }
 
 impl Outbox for SqliteOutbox {
+    fn check(&self) -> OutboxFuture<()> {
+        self.call(|conn| {
+            conn.query_row("SELECT 1", [], |_| Ok(()))?;
+            Ok(())
+        })
+    }
+
     fn endpoints(&self) -> OutboxFuture<Vec<(EndpointRecord, EndpointStatus)>> {
         let revision = self.revision.clone();
         self.call(move |conn| {
