@@ -21,6 +21,7 @@ use crate::api::push::PushAuth;
 use crate::api::server::{ServeOptions, Stall};
 use crate::api::subscribe::Subscriptions;
 use crate::api::{self, AppState, ClusterState};
+use crate::cluster::lease::Holding;
 use crate::cluster::node::Cluster;
 use crate::cluster::quota::ClusterQuota;
 use crate::cluster::replica::Replicas;
@@ -34,9 +35,11 @@ use crate::proxy::Proxy;
 use crate::proxy::streams::{ClusterLink, DynamicStreams, Polling};
 use crate::redact::Redacted;
 use crate::sim;
-use crate::sinks::webhook::Webhooks;
-use crate::sinks::webhook::outbox::Outbox as _;
+use crate::sinks::webhook::config::WebhookStore;
+use crate::sinks::webhook::outbox::Outbox;
+use crate::sinks::webhook::outbox::postgres::PostgresOutbox;
 use crate::sinks::webhook::outbox::sqlite::SqliteOutbox;
+use crate::sinks::webhook::{Shared, Webhooks};
 use crate::sinks::ws::WebSockets;
 use crate::snapshot::{Snapshot, SnapshotStore};
 use crate::upstream::fetch::Fetcher;
@@ -132,6 +135,7 @@ impl App {
             starting: Vec::new(),
             cluster: cluster.clone(),
             writers: HashMap::new(),
+            leases: HashMap::new(),
         };
         if let (Some(settings), Some(listener)) = (config.simulator.clone(), listeners.simulator) {
             let shutdown = shutdown.clone();
@@ -146,19 +150,10 @@ impl App {
         );
         let rate_limits = Arc::new(RateLimits::new(&config.upstream, &config.streams));
         let upstreams = streams.polled(&fetcher, &rate_limits);
-        // The outbox opens before the push streams exist: it holds their last documents. In a
-        // cluster only the node named `cluster.webhooks_node` runs webhooks.
-        let delivers_webhooks = config
-            .cluster
-            .as_ref()
-            .is_none_or(|c| c.delivers_webhooks());
+        // The outbox opens before the push streams exist: it holds their last documents.
         let outbox = match &config.webhooks {
-            Some(settings) if delivers_webhooks => Some(Arc::new(
-                SqliteOutbox::open(&settings.database)
-                    .await
-                    .context("cannot start webhooks (`webhooks.database`)")?,
-            )),
-            _ => None,
+            Some(settings) => Some(open_outbox(&settings.store).await?),
+            None => None,
         };
         streams.pushed(outbox.as_deref()).await?;
         let Streams {
@@ -166,24 +161,42 @@ impl App {
             snapshots,
             mut starting,
             writers,
+            leases,
             ..
         } = streams;
         let mut tasks = JoinSet::new();
         let webhooks = match (&config.webhooks, outbox) {
-            (Some(settings), Some(outbox)) => Some(
-                Webhooks::start(
-                    settings,
-                    outbox,
-                    hub.clone(),
-                    &config.push_streams.iter().map(|s| s.name.clone()).collect(),
-                    &config.upstream.user_agent,
-                    &mut tasks,
-                    shutdown.clone(),
-                    metrics.clone(),
+            (Some(settings), Some(outbox)) => {
+                // In a cluster, a stream's webhooks are dispatched by the node holding its
+                // lease; push streams' documents live in Redis, not in the outbox.
+                let shared = cluster.as_ref().map(|node| Shared {
+                    node: node.node().to_owned(),
+                    leases: leases
+                        .into_iter()
+                        .map(|(name, held)| (name, fences(held, &shutdown)))
+                        .collect(),
+                });
+                let push_streams = if cluster.is_some() {
+                    Default::default()
+                } else {
+                    config.push_streams.iter().map(|s| s.name.clone()).collect()
+                };
+                Some(
+                    Webhooks::start(
+                        settings,
+                        outbox,
+                        hub.clone(),
+                        &push_streams,
+                        &config.upstream.user_agent,
+                        &mut tasks,
+                        shutdown.clone(),
+                        metrics.clone(),
+                        shared,
+                    )
+                    .await
+                    .context("cannot start webhooks")?,
                 )
-                .await
-                .context("cannot start webhooks")?,
-            ),
+            }
             _ => None,
         };
         let proxy = proxy(&config, &rate_limits, &metrics, cluster.as_ref(), &shutdown)?;
@@ -336,6 +349,47 @@ impl App {
     }
 }
 
+/// Opens the webhook outbox `store` names.
+async fn open_outbox(store: &WebhookStore) -> anyhow::Result<Arc<dyn Outbox>> {
+    Ok(match store {
+        WebhookStore::Sqlite(path) => Arc::new(
+            SqliteOutbox::open(path)
+                .await
+                .context("cannot start webhooks (`webhooks.database`)")?,
+        ),
+        WebhookStore::Postgres(pg) => Arc::new(
+            PostgresOutbox::open(pg.url.as_str(), pg.connections, &pg.shown().to_string())
+                .await
+                .context("cannot start webhooks (`webhooks.store`)")?,
+        ),
+    })
+}
+
+/// The fence of a lease while this node holds it, for a webhook dispatcher (which knows
+/// nothing of the cluster's poll turns).
+fn fences(
+    mut held: watch::Receiver<Option<Holding>>,
+    shutdown: &CancellationToken,
+) -> watch::Receiver<Option<u64>> {
+    let (sender, fences) = watch::channel(held.borrow_and_update().as_ref().map(|h| h.id));
+    let shutdown = shutdown.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                changed = held.changed() => if changed.is_err() { return },
+            }
+            let fence = held.borrow_and_update().as_ref().map(|h| h.id);
+            sender.send_if_modified(|current| {
+                let changed = *current != fence;
+                *current = fence;
+                changed
+            });
+        }
+    });
+    fences
+}
+
 /// The proxy mode, when `[proxy]` enables it: tokens and the registry of dynamic streams.
 fn proxy(
     config: &Config,
@@ -398,6 +452,9 @@ struct Streams<'a> {
     cluster: Option<Arc<Cluster>>,
     /// The cluster's writers of the push streams.
     writers: HashMap<String, Arc<Writer>>,
+    /// In a cluster with webhooks, each stream's lease on this node (its webhooks are
+    /// dispatched by the holder).
+    leases: HashMap<String, watch::Receiver<Option<Holding>>>,
 }
 
 /// The streams a cluster node follows: those of its hub, and the dynamic streams it serves.
@@ -513,6 +570,7 @@ impl Streams<'_> {
                     }
                 };
                 publish = cluster.writer(stream.clone(), retention, Some(held.clone()));
+                self.leases.insert(settings.name.clone(), held.clone());
                 turns = Some(held);
                 quota = Some(Arc::new(ClusterQuota::new(
                     cluster.store().clone(),
@@ -571,12 +629,12 @@ impl Streams<'_> {
 
     /// Every push stream, continuing from its document stored in `outbox`, if any (in a
     /// cluster, from the cluster's log: the follower loads it).
-    async fn pushed(&mut self, outbox: Option<&SqliteOutbox>) -> anyhow::Result<()> {
+    async fn pushed(&mut self, outbox: Option<&dyn Outbox>) -> anyhow::Result<()> {
         let mut stored = match outbox.filter(|_| self.cluster.is_none()) {
             Some(outbox) => outbox
                 .documents()
                 .await
-                .context("cannot read the stored push documents (`webhooks.database`)")?
+                .context("cannot read the stored push documents (the webhook outbox)")?
                 .into_iter()
                 .map(|d| (d.stream.to_string(), d))
                 .collect(),
@@ -614,6 +672,14 @@ impl Streams<'_> {
             let stream = self.add(stream);
             if let Some(cluster) = &self.cluster {
                 let retention = cluster.retention(settings.history, settings.history_bytes);
+                if self.config.webhooks.is_some() {
+                    // Any node writes a push stream, but one dispatches its webhooks: the
+                    // holder of a lease taken for that alone.
+                    let (held, keeper) =
+                        cluster.keep_lease(&settings.name, retention, &self.shutdown);
+                    self.starting.push(keeper);
+                    self.leases.insert(settings.name.clone(), held);
+                }
                 self.writers.insert(
                     settings.name.clone(),
                     cluster.writer(stream, retention, None),

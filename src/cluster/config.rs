@@ -77,9 +77,6 @@ pub struct RawCluster {
     /// ([default](defaults::TIMEOUT), [bounds](limits::TIMEOUT)).
     #[serde(default, with = "humantime_serde::option")]
     pub timeout: Option<Duration>,
-    /// The id of the one node that delivers webhooks, required with `[webhooks]`: every other
-    /// node leaves them alone (webhooks have no store the nodes share yet).
-    pub webhooks_node: Option<String>,
 }
 
 /// A node's id.
@@ -117,15 +114,6 @@ pub struct ClusterSettings {
     pub probe_interval: Duration,
     /// Command timeout.
     pub timeout: Duration,
-    /// The node that delivers webhooks, if any.
-    pub webhooks_node: Option<NodeId>,
-}
-
-impl ClusterSettings {
-    /// Whether this node delivers the configured webhooks.
-    pub fn delivers_webhooks(&self) -> bool {
-        self.webhooks_node.as_ref() == Some(&self.node_id)
-    }
 }
 
 impl ClusterSettings {
@@ -145,7 +133,6 @@ impl std::fmt::Debug for ClusterSettings {
             .field("key_ttl", &self.key_ttl)
             .field("probe_interval", &self.probe_interval)
             .field("timeout", &self.timeout)
-            .field("webhooks_node", &self.webhooks_node)
             .finish()
     }
 }
@@ -198,17 +185,6 @@ impl RawCluster {
             }
             None => Some(NodeId::generated()),
         };
-        let webhooks_node = match &self.webhooks_node {
-            Some(id) if is_valid_name(id) => Some(NodeId(id.clone())),
-            Some(id) => {
-                problems.push(
-                    "cluster.webhooks_node",
-                    format!("expected a node id as `cluster.node_id` takes, got {id:?}"),
-                );
-                None
-            }
-            None => None,
-        };
         let prefix = self.prefix.as_deref().unwrap_or(defaults::PREFIX);
         if !is_valid_name(prefix) || prefix.len() > limits::PREFIX_MAX {
             problems.push(
@@ -260,7 +236,6 @@ impl RawCluster {
             key_ttl,
             probe_interval,
             timeout,
-            webhooks_node,
         })
     }
 }
@@ -278,7 +253,6 @@ mod tests {
             key_ttl: None,
             probe_interval: None,
             timeout: None,
-            webhooks_node: None,
         }
     }
 

@@ -204,7 +204,7 @@ fn write_description(out: &mut String, config: &Config) -> std::fmt::Result {
     if let Some(c) = &config.cluster {
         writeln!(
             out,
-            "cluster: node {}{} on {} (keys under {}:), leases of {}, probes every {}{}",
+            "cluster: node {}{} on {} (keys under {}:), leases of {}, probes every {}",
             c.node_id.0,
             if c.node_id_generated {
                 " (generated)"
@@ -215,12 +215,6 @@ fn write_description(out: &mut String, config: &Config) -> std::fmt::Result {
             c.prefix,
             fmt_duration(c.lease_ttl),
             fmt_duration(c.probe_interval),
-            match &c.webhooks_node {
-                Some(node) if c.delivers_webhooks() =>
-                    format!(", delivers the webhooks ({})", node.0),
-                Some(node) => format!(", webhooks delivered by {}", node.0),
-                None => String::new(),
-            }
         )?;
     }
     let ws = &config.websocket;
@@ -314,7 +308,7 @@ fn describe_proxy(out: &mut String, p: &ProxySettings) -> std::fmt::Result {
 fn describe_webhooks(out: &mut String, w: &WebhookSettings) -> std::fmt::Result {
     let schedule: Vec<String> = w.schedule.delays.iter().map(|d| fmt_duration(*d)).collect();
     writeln!(out, "webhooks:")?;
-    writeln!(out, "  outbox:     {}", w.database.display())?;
+    writeln!(out, "  outbox:     {}", w.store)?;
     writeln!(
         out,
         "  admin API:  {}",

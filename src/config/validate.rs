@@ -142,16 +142,15 @@ pub fn validate(
         .cluster
         .as_ref()
         .and_then(|c| c.validate(env, &mut problems));
-    if let (Some(cluster), Some(_)) = (&raw.cluster, &raw.webhooks) {
-        // Until webhooks have a store every node shares, one node delivers them all: two
-        // nodes with their own outboxes would deliver every change twice.
-        if cluster.webhooks_node.is_none() {
-            problems.push(
-                "cluster.webhooks_node",
-                "expected the id of the one node that delivers webhooks (set `cluster.node_id` \
-                 to it on that node): in a cluster, [webhooks] run on a single node",
-            );
-        }
+    if let (Some(_), Some(webhooks)) = (&raw.cluster, &webhooks)
+        && !webhooks.store.is_shared()
+    {
+        // Each node would deliver every change from its own file: twice, or more.
+        problems.push(
+            "webhooks.store",
+            "expected a PostgreSQL URL every node shares (postgres://...): in a cluster, \
+             webhooks need a store all nodes reach, not each node's own SQLite file",
+        );
     }
     let websocket = raw.websocket.validate(&mut problems);
     problems.finish(

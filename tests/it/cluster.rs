@@ -701,24 +701,26 @@ async fn a_tokens_connection_limit_holds_across_the_cluster() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn webhooks_are_delivered_once_by_the_node_named_for_them() {
+async fn webhooks_are_delivered_once_by_the_cluster_from_its_shared_store() {
     let upstream = MockUpstream::start(vehicles(0)).await;
     let receiver = Receiver::start(&[crate::webhook::SECRET]).await;
-    let dir = tempfile::tempdir().expect("temp dir");
+    let Some(store) = TestStore::postgres() else {
+        return;
+    };
     let webhooks = format!(
-        "\n[webhooks]\ndatabase = \"{}\"\nallow_private_targets = true\nschedule = [\"0s\", \"100ms\", \"200ms\"]\njitter = 0.0\n[[webhooks.endpoints]]\nid = \"e\"\nurl = \"{}\"\nstreams = [\"board\"]\nmode = \"patch\"\nsecret = \"{}\"\n",
-        dir.path().join("outbox.db").display(),
+        "\n[webhooks]\n{}allow_private_targets = true\nschedule = [\"0s\", \"100ms\", \"200ms\"]\njitter = 0.0\n[[webhooks.endpoints]]\nid = \"e\"\nurl = \"{}\"\nstreams = [\"board\"]\nmode = \"patch\"\nsecret = \"{}\"\n",
+        store.toml(),
         receiver.url(),
         crate::webhook::SECRET
     );
-    // `webhooks_node` goes in [cluster], the last table of `config`.
-    let config = config(&upstream.url(), "1s") + "webhooks_node = \"a\"\n" + &webhooks;
+    let config = config(&upstream.url(), "1s") + &webhooks;
     let Some(mut cluster) = TestCluster::new(&config) else {
         return;
     };
     cluster.start(&["a", "b"]).await;
     let client = reqwest::Client::new();
-    // Pushes through both nodes: node a delivers every change, node b none.
+    // Pushes through both nodes: the node holding the stream's lease dispatches every change
+    // once, whichever node received it.
     for i in 0..10 {
         let node = &cluster.nodes[i % 2];
         let status = client

@@ -2046,23 +2046,22 @@ mod cluster {
     }
 
     #[test]
-    fn webhooks_in_a_cluster_name_the_node_that_delivers_them() {
+    fn webhooks_in_a_cluster_need_a_store_every_node_shares() {
         let webhooks = "\n[webhooks]\ndatabase = \"w.db\"\n[[webhooks.endpoints]]\nid = \"e\"\nurl = \"https://hooks.example.com/x\"\nstreams = [\"a\"]\nsecret = \"whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\"\n";
         assert_rejected(
             "c.toml",
             &format!("{MINIMAL}{webhooks}\n[cluster]\nredis = \"redis://h:1\"\n"),
-            "cluster.webhooks_node",
-            &["single node"],
+            "webhooks.store",
+            &["PostgreSQL", "every node shares"],
         );
         let (_f, config) = load_toml(&format!(
-            "{MINIMAL}{webhooks}\n[cluster]\nredis = \"redis://h:1\"\nnode_id = \"a\"\nwebhooks_node = \"a\"\n"
+            "{MINIMAL}{}\n[cluster]\nredis = \"redis://h:1\"\nnode_id = \"a\"\n",
+            webhooks.replace(
+                "database = \"w.db\"",
+                "store = \"postgres://u:hidden@db.internal/p\""
+            )
         ));
-        assert!(
-            config
-                .expect("valid")
-                .cluster
-                .expect("on")
-                .delivers_webhooks()
-        );
+        let config = config.expect("valid");
+        assert!(config.webhooks.expect("on").store.is_shared());
     }
 }

@@ -18,6 +18,7 @@ mod connections;
 mod failures;
 mod layering;
 mod load;
+mod outbox;
 mod proxy;
 mod push;
 mod replay;

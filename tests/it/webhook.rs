@@ -1,15 +1,13 @@
 //! Webhooks end to end: the real application, a mock upstream that changes, and a receiver that
 //! verifies every delivery with the independent `standardwebhooks` crate.
 
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use patchwire::sinks::webhook::body::Mode;
-use patchwire::sinks::webhook::outbox::sqlite::SqliteOutbox;
 use patchwire::sinks::webhook::outbox::{
-    AttemptOutcome, DeliveryFilter, DeliveryState, EndpointRecord, EndpointStatus, NewChange,
-    Outbox, Source, Target,
+    AttemptOutcome, Claim, DeliveryFilter, DeliveryState, EndpointRecord, EndpointStatus,
+    NewChange, Outbox, Source, Target,
 };
 use patchwire::sinks::webhook::registry::{Endpoint, Registry};
 use patchwire::sinks::webhook::schedule::RetrySchedule;
@@ -28,10 +26,10 @@ const PAD: &str = "a long enough field so that small patches stay smaller than t
 
 /// The `[webhooks]` table of these tests: the outbox in `dir`, private targets allowed, the admin
 /// token, a fast retry schedule without jitter; `own` (TOML lines of more keys) over it.
-pub fn webhooks_toml(dir: &Path, own: &str) -> String {
+pub fn webhooks_toml(store: &TestStore, own: &str) -> String {
     let start = format!(
         r#"
-database = "{}"
+{}
 allow_private_targets = true
 admin_token = "{TOKEN}"
 schedule = ["0s", "100ms", "200ms", "300ms", "400ms"]
@@ -44,7 +42,7 @@ workers = 16
 retention = "1h"
 rotation_overlap = "1h"
 "#,
-        dir.join("outbox.db").display()
+        store.toml()
     );
     format!("[webhooks]\n{}", over(&start, own))
 }
@@ -140,25 +138,25 @@ impl Admin {
 /// `endpoints` configured.
 fn webhooks_app_toml(
     upstream: &MockUpstream,
-    dir: &Path,
+    store: &TestStore,
     endpoints: &[String],
     webhooks: &str,
 ) -> String {
     format!(
         "{}{}{}",
         polled("fleet", &upstream.url()),
-        webhooks_toml(dir, webhooks),
+        webhooks_toml(store, webhooks),
         endpoints.concat()
     )
 }
 
 async fn start(
     upstream: &MockUpstream,
-    dir: &Path,
+    store: &TestStore,
     endpoints: &[String],
     webhooks: &str,
 ) -> TestApp {
-    TestApp::from_toml(&webhooks_app_toml(upstream, dir, endpoints, webhooks)).await
+    TestApp::from_toml(&webhooks_app_toml(upstream, store, endpoints, webhooks)).await
 }
 
 /// Changes the upstream document `n` times, waiting each time until `receiver` has it.
@@ -177,15 +175,13 @@ async fn change_and_wait(upstream: &MockUpstream, receiver: &Receiver, from: i64
     }
 }
 
-#[tokio::test]
-async fn every_change_arrives_signed_in_order_as_patches_or_documents() {
+async fn every_change_arrives_signed_in_order_as_patches_or_documents(store: TestStore) {
     let upstream = MockUpstream::start(json!({"n": 0, "items": [], "pad": PAD})).await;
     let patches = Receiver::start(&[SECRET]).await;
     let documents = Receiver::start(&[SECRET]).await;
-    let dir = tempfile::tempdir().unwrap();
     let app = start(
         &upstream,
-        dir.path(),
+        &store,
         &[
             endpoint("patches", &patches.url(), &["fleet"], Mode::Patch),
             endpoint("documents", &documents.url(), &["fleet"], Mode::Snapshot),
@@ -235,8 +231,7 @@ async fn every_change_arrives_signed_in_order_as_patches_or_documents() {
     app.stop().await;
 }
 
-#[tokio::test]
-async fn failures_timeouts_and_retry_after_are_retried_with_the_same_id() {
+async fn failures_timeouts_and_retry_after_are_retried_with_the_same_id(store: TestStore) {
     let upstream = MockUpstream::start(json!({"n": 0, "items": [], "pad": PAD})).await;
     let receiver = Receiver::start(&[SECRET]).await;
     // Three failures, a hang past the attempt timeout, a 429 asking for 1 s, then success.
@@ -247,10 +242,9 @@ async fn failures_timeouts_and_retry_after_are_retried_with_the_same_id() {
         Reply::Delay(Duration::from_secs(2)),
         Reply::Status(429, Some("1")),
     ]);
-    let dir = tempfile::tempdir().unwrap();
     let app = start(
         &upstream,
-        dir.path(),
+        &store,
         &[endpoint("hook", &receiver.url(), &["fleet"], Mode::Patch)],
         r#"schedule = ["0s", "50ms", "50ms", "50ms", "50ms", "50ms", "50ms"]"#,
     )
@@ -283,15 +277,13 @@ async fn failures_timeouts_and_retry_after_are_retried_with_the_same_id() {
     app.stop().await;
 }
 
-#[tokio::test]
-async fn gone_disables_the_endpoint_until_the_admin_api_re_enables_it() {
+async fn gone_disables_the_endpoint_until_the_admin_api_re_enables_it(store: TestStore) {
     let upstream = MockUpstream::start(json!({"n": 0, "items": [], "pad": PAD})).await;
     let receiver = Receiver::start(&[SECRET]).await;
     receiver.script([Reply::Status(410, None)]);
-    let dir = tempfile::tempdir().unwrap();
     let app = start(
         &upstream,
-        dir.path(),
+        &store,
         &[endpoint("hook", &receiver.url(), &["fleet"], Mode::Patch)],
         "",
     )
@@ -340,16 +332,14 @@ async fn gone_disables_the_endpoint_until_the_admin_api_re_enables_it() {
     app.stop().await;
 }
 
-#[tokio::test]
-async fn a_dead_letter_is_listed_followed_by_a_snapshot_and_replayed_with_its_id() {
+async fn a_dead_letter_is_listed_followed_by_a_snapshot_and_replayed_with_its_id(store: TestStore) {
     let upstream = MockUpstream::start(json!({"n": 0, "items": [], "pad": PAD})).await;
     let receiver = Receiver::start(&[SECRET]).await;
     // Five attempts (the schedule's length), all failing: the first delivery goes dead.
     receiver.script((0..5).map(|_| Reply::Status(500, None)));
-    let dir = tempfile::tempdir().unwrap();
     let app = start(
         &upstream,
-        dir.path(),
+        &store,
         &[endpoint("hook", &receiver.url(), &["fleet"], Mode::Patch)],
         "",
     )
@@ -427,12 +417,10 @@ async fn a_dead_letter_is_listed_followed_by_a_snapshot_and_replayed_with_its_id
     app.stop().await;
 }
 
-#[tokio::test]
-async fn runtime_endpoints_rotate_secrets_and_survive_restarts() {
+async fn runtime_endpoints_rotate_secrets_and_survive_restarts(store: TestStore) {
     let upstream = MockUpstream::start(json!({"n": 0, "items": [], "pad": PAD})).await;
     let receiver = Receiver::start(&[]).await;
-    let dir = tempfile::tempdir().unwrap();
-    let app = start(&upstream, dir.path(), &[], "").await;
+    let app = start(&upstream, &store, &[], "").await;
     let admin = Admin::new(&app);
     let (status, created) = admin
         .call(
@@ -473,7 +461,7 @@ async fn runtime_endpoints_rotate_secrets_and_survive_restarts() {
     app.stop().await;
 
     // Restart on the same database: the endpoint is still there and still delivers.
-    let app = start(&upstream, dir.path(), &[], "").await;
+    let app = start(&upstream, &store, &[], "").await;
     let admin = Admin::new(&app);
     let (status, view) = admin.call("GET", &format!("/{id}"), None).await;
     assert_eq!(status, 200, "{view}");
@@ -485,11 +473,9 @@ async fn runtime_endpoints_rotate_secrets_and_survive_restarts() {
     app.stop().await;
 }
 
-#[tokio::test]
-async fn the_admin_api_checks_its_token_and_its_input() {
+async fn the_admin_api_checks_its_token_and_its_input(store: TestStore) {
     let upstream = MockUpstream::start(json!({"n": 0})).await;
-    let dir = tempfile::tempdir().unwrap();
-    let app = start(&upstream, dir.path(), &[], "allow_private_targets = false").await;
+    let app = start(&upstream, &store, &[], "allow_private_targets = false").await;
     let client = reqwest::Client::new();
     let url = app.url("/admin/webhooks");
     assert_eq!(client.get(&url).send().await.unwrap().status(), 401);
@@ -566,15 +552,13 @@ async fn the_admin_api_checks_its_token_and_its_input() {
     app.stop().await;
 }
 
-#[tokio::test]
-async fn redirects_are_never_followed() {
+async fn redirects_are_never_followed(store: TestStore) {
     let upstream = MockUpstream::start(json!({"n": 0, "items": [], "pad": PAD})).await;
     let receiver = Receiver::start(&[SECRET]).await;
     receiver.script([Reply::Redirect]);
-    let dir = tempfile::tempdir().unwrap();
     let app = start(
         &upstream,
-        dir.path(),
+        &store,
         &[endpoint("hook", &receiver.url(), &["fleet"], Mode::Patch)],
         "",
     )
@@ -591,15 +575,13 @@ async fn redirects_are_never_followed() {
     app.stop().await;
 }
 
-#[tokio::test]
-async fn without_a_token_the_admin_api_is_disabled_and_without_webhooks_absent() {
+async fn without_a_token_the_admin_api_is_disabled_and_without_webhooks_absent(store: TestStore) {
     let upstream = MockUpstream::start(json!({"n": 0})).await;
-    let dir = tempfile::tempdir().unwrap();
     // `[webhooks]` without `admin_token`.
     let app = TestApp::from_toml(&format!(
-        "{}[webhooks]\ndatabase = \"{}\"\n",
+        "{}[webhooks]\n{}",
         polled("fleet", &upstream.url()),
-        dir.path().join("outbox.db").display()
+        store.toml()
     ))
     .await;
     let answer = reqwest::get(app.url("/admin/webhooks")).await.unwrap();
@@ -619,16 +601,14 @@ async fn without_a_token_the_admin_api_is_disabled_and_without_webhooks_absent()
     app.stop().await;
 }
 
-#[tokio::test]
-async fn an_endpoint_failing_for_disable_after_is_disabled() {
+async fn an_endpoint_failing_for_disable_after_is_disabled(store: TestStore) {
     let upstream = MockUpstream::start(json!({"n": 0, "items": [], "pad": PAD})).await;
     let receiver = Receiver::start(&[SECRET]).await;
     receiver.script((0..1000).map(|_| Reply::Status(500, None)));
-    let dir = tempfile::tempdir().unwrap();
     let schedule = serde_json::to_string(&vec!["50ms"; 50]).unwrap();
     let mut config = config_from_toml(&webhooks_app_toml(
         &upstream,
-        dir.path(),
+        &store,
         &[endpoint("hook", &receiver.url(), &["fleet"], Mode::Patch)],
         &format!("schedule = {schedule}"),
     ));
@@ -659,16 +639,14 @@ async fn an_endpoint_failing_for_disable_after_is_disabled() {
     app.stop().await;
 }
 
-#[tokio::test]
-async fn names_resolving_to_private_addresses_are_refused_at_delivery() {
+async fn names_resolving_to_private_addresses_are_refused_at_delivery(store: TestStore) {
     let upstream = MockUpstream::start(json!({"n": 0, "items": [], "pad": PAD})).await;
     let receiver = Receiver::start(&[SECRET]).await;
     // The name passes the (pure) configuration check; the resolver refuses what it resolves to.
     let url = receiver.url().replace("127.0.0.1", "localhost");
-    let dir = tempfile::tempdir().unwrap();
     let app = start(
         &upstream,
-        dir.path(),
+        &store,
         &[endpoint("hook", &url, &["fleet"], Mode::Patch)],
         "allow_private_targets = false",
     )
@@ -723,17 +701,15 @@ async fn names_resolving_to_private_addresses_are_refused_at_delivery() {
     app.stop().await;
 }
 
-#[tokio::test]
-async fn a_slow_endpoint_never_delays_the_others() {
+async fn a_slow_endpoint_never_delays_the_others(store: TestStore) {
     let upstream = MockUpstream::start(json!({"n": 0, "items": [], "pad": PAD})).await;
     let slow = Receiver::start(&[SECRET]).await;
     // Requests are recorded when answered: nothing is recorded for 15 s.
     slow.set_delay(Duration::from_secs(15));
     let fast = Receiver::start(&[SECRET]).await;
-    let dir = tempfile::tempdir().unwrap();
     let app = start(
         &upstream,
-        dir.path(),
+        &store,
         &[
             endpoint("slow", &slow.url(), &["fleet"], Mode::Patch),
             endpoint("fast", &fast.url(), &["fleet"], Mode::Patch),
@@ -754,14 +730,14 @@ async fn a_slow_endpoint_never_delays_the_others() {
 
 /// The worker's attempts started step by step: at most `max_concurrency_per_endpoint` attempts
 /// per endpoint, at most one per (endpoint, stream), at most `workers` overall.
-#[tokio::test]
-async fn start_due_bounds_concurrency_per_pair_endpoint_and_pool() {
+async fn start_due_bounds_concurrency_per_pair_endpoint_and_pool(store: TestStore) {
     // Answers after 15 s: every attempt started stays in flight for the whole test.
     let receiver = Receiver::start(&[SECRET]).await;
     receiver.set_delay(Duration::from_secs(15));
     // (pool, per endpoint, expected in flight) with 2 endpoints x 3 streams = 6 pairs.
     for (workers, per_endpoint, expected) in [(3, 2, 3), (10, 2, 4), (10, 5, 6)] {
-        let (outbox, worker) = two_endpoints_three_streams(&receiver, workers, per_endpoint).await;
+        let (outbox, worker) =
+            two_endpoints_three_streams(&store, &receiver, workers, per_endpoint).await;
         assert_eq!(
             worker.start_due().await.unwrap(),
             expected,
@@ -770,8 +746,11 @@ async fn start_due_bounds_concurrency_per_pair_endpoint_and_pool() {
         assert_eq!(worker.in_flight(), expected);
         // Nothing more while those are in flight.
         assert_eq!(worker.start_due().await.unwrap(), 0);
-        let due = outbox.due(u64::MAX / 4, 100, vec![], vec![]).await.unwrap();
-        assert_eq!(due.len(), 6, "six pairs have a head");
+        // Another worker asking: six pairs have a head, and in a shared store those in
+        // flight are claimed.
+        let due = outbox.due(claim("another", 100)).await.unwrap();
+        let unclaimed = if store.is_shared() { 6 - expected } else { 6 };
+        assert_eq!(due.len(), unclaimed, "{workers} {per_endpoint}");
         assert!(
             due.iter().all(|d| d.seq == 1),
             "only the oldest of each pair is ever due"
@@ -779,7 +758,21 @@ async fn start_due_bounds_concurrency_per_pair_endpoint_and_pool() {
     }
 }
 
+/// A claim of up to `limit` due deliveries by `owner`, as a worker makes it.
+fn claim(owner: &str, limit: usize) -> Claim {
+    Claim {
+        now_ms: u64::MAX / 4,
+        limit,
+        busy: Vec::new(),
+        full: Vec::new(),
+        per_endpoint: 100,
+        owner: Arc::from(owner),
+        hold: Duration::from_secs(60),
+    }
+}
+
 async fn two_endpoints_three_streams(
+    store: &TestStore,
     receiver: &Receiver,
     workers: usize,
     per_endpoint: usize,
@@ -789,7 +782,15 @@ async fn two_endpoints_three_streams(
         workers,
         ..worker_settings()
     };
-    queued(receiver, &["one", "two"], &["a", "b", "c"], 2, settings).await
+    queued(
+        store,
+        receiver,
+        &["one", "two"],
+        &["a", "b", "c"],
+        2,
+        settings,
+    )
+    .await
 }
 
 /// Test-sized worker settings: private targets allowed, nothing disabled for failing.
@@ -803,6 +804,9 @@ fn worker_settings() -> WorkerSettings {
         allow_private: true,
         retention: Duration::from_secs(3600),
         user_agent: "test".into(),
+        owner: Arc::from("test-worker"),
+        claim_timeout: Duration::from_secs(60),
+        poll: None,
     }
 }
 
@@ -810,14 +814,14 @@ fn worker_settings() -> WorkerSettings {
 /// every one of `streams` and has `changes` changes of each queued (a snapshot, then patches),
 /// and a worker over it that no task runs: the test drives it.
 async fn queued(
+    store: &TestStore,
     receiver: &Receiver,
     endpoints: &[&str],
     streams: &[&str],
     changes: u64,
     settings: WorkerSettings,
 ) -> (Arc<dyn Outbox>, Arc<Worker>) {
-    let outbox: Arc<dyn Outbox> =
-        Arc::new(SqliteOutbox::open(Path::new(":memory:")).await.unwrap());
+    let outbox = store.open_fresh().await;
     let registry = Arc::new(Registry::new());
     for id in endpoints {
         let record = EndpointRecord {
@@ -842,7 +846,7 @@ async fn queued(
                 epoch: 1,
                 seq,
                 patch: (seq > 1).then(|| bytes::Bytes::from_static(b"[]")),
-                document: bytes::Bytes::from_static(br#"{"a":1}"#),
+                document: Some(bytes::Bytes::from_static(br#"{"a":1}"#)),
                 at: std::time::SystemTime::now(),
             };
             let targets = endpoints
@@ -852,7 +856,7 @@ async fn queued(
                     mode: Mode::Patch,
                 })
                 .collect();
-            outbox.accept(change, targets, 100).await.unwrap();
+            outbox.accept(change, targets, 100, None).await.unwrap();
         }
     }
     let worker = Worker::new(
@@ -871,8 +875,7 @@ async fn queued(
 /// a real receiver, its outcome recorded, what it means for the endpoint decided. A 2xx is
 /// delivered; a 500 is kept for a retry (due at once on this schedule) that is sent with the
 /// same `webhook-id`; a delivery whose schedule runs out is dead and its pair needs a snapshot.
-#[tokio::test]
-async fn try_step_drives_one_delivery_to_completion() {
+async fn try_step_drives_one_delivery_to_completion(store: TestStore) {
     let receiver = Receiver::start(&[SECRET]).await;
     let settings = WorkerSettings {
         schedule: RetrySchedule {
@@ -883,7 +886,7 @@ async fn try_step_drives_one_delivery_to_completion() {
         ..worker_settings()
     };
     // seq 1 (a snapshot), 2 and 3 (patches) for one pair.
-    let (outbox, worker) = queued(&receiver, &["one"], &["a"], 3, settings).await;
+    let (outbox, worker) = queued(&store, &receiver, &["one"], &["a"], 3, settings).await;
     let step = || async { worker.try_step().await.unwrap().expect("a delivery is due") };
 
     let first = step().await;
@@ -963,13 +966,11 @@ async fn try_step_drives_one_delivery_to_completion() {
 
 /// The admin API reads bodies only after the token was checked from the head, and within
 /// `server.body_timeout`: a body that never arrives gets 408 and the connection is closed.
-#[tokio::test]
-async fn admin_bodies_are_read_after_the_token_and_within_the_deadline() {
+async fn admin_bodies_are_read_after_the_token_and_within_the_deadline(store: TestStore) {
     let upstream = MockUpstream::start(json!({"n": 0})).await;
-    let dir = tempfile::tempdir().unwrap();
     let app = TestApp::from_toml(&format!(
         "[server]\nbody_timeout = \"1s\"\n{}",
-        webhooks_app_toml(&upstream, dir.path(), &[], "")
+        webhooks_app_toml(&upstream, &store, &[], "")
     ))
     .await;
     let head = |token: &str| {
@@ -1001,3 +1002,20 @@ async fn admin_bodies_are_read_after_the_token_and_within_the_deadline() {
     assert!(answer.contains("server.body_timeout"), "{answer}");
     app.stop().await;
 }
+
+crate::on_both_stores!(
+    every_change_arrives_signed_in_order_as_patches_or_documents,
+    failures_timeouts_and_retry_after_are_retried_with_the_same_id,
+    gone_disables_the_endpoint_until_the_admin_api_re_enables_it,
+    a_dead_letter_is_listed_followed_by_a_snapshot_and_replayed_with_its_id,
+    runtime_endpoints_rotate_secrets_and_survive_restarts,
+    the_admin_api_checks_its_token_and_its_input,
+    redirects_are_never_followed,
+    without_a_token_the_admin_api_is_disabled_and_without_webhooks_absent,
+    an_endpoint_failing_for_disable_after_is_disabled,
+    names_resolving_to_private_addresses_are_refused_at_delivery,
+    a_slow_endpoint_never_delays_the_others,
+    start_due_bounds_concurrency_per_pair_endpoint_and_pool,
+    try_step_drives_one_delivery_to_completion,
+    admin_bodies_are_read_after_the_token_and_within_the_deadline,
+);

@@ -45,6 +45,10 @@ pub mod defaults {
     pub const RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
     /// `webhooks.rotation_overlap`.
     pub const ROTATION_OVERLAP: Duration = Duration::from_secs(24 * 3600);
+    /// `webhooks.store_connections`.
+    pub const STORE_CONNECTIONS: u64 = 16;
+    /// `webhooks.claim_timeout` is this many times `webhooks.attempt_timeout` when absent.
+    pub const CLAIM_TIMEOUT_FACTOR: u32 = 2;
     /// `webhooks.endpoints[].mode`.
     pub const MODE: Mode = Mode::Patch;
 }
@@ -81,14 +85,33 @@ pub mod limits {
         (Duration::ZERO, Duration::from_secs(30 * DAY));
     /// Shortest admin token.
     pub const ADMIN_TOKEN_MIN: usize = 16;
+    /// `webhooks.store_connections`.
+    pub const STORE_CONNECTIONS: (u64, u64) = (1, 256);
+    /// `webhooks.claim_timeout`.
+    pub const CLAIM_TIMEOUT: (Duration, Duration) =
+        (Duration::from_secs(1), Duration::from_secs(3600));
 }
 
 /// `[webhooks]`: durable, signed, ordered delivery of changes to registered URLs.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawWebhooks {
+    /// Where the outbox lives: absent or `"sqlite"` for the SQLite file `database`, or a
+    /// PostgreSQL URL (`postgres://user:password@host:port/dbname`, `${VAR}` allowed), which
+    /// the nodes of a cluster share.
+    pub store: Option<String>,
     /// The SQLite outbox file ([default](defaults::DATABASE)); its directory must exist.
+    /// Used only by the SQLite store.
     pub database: Option<String>,
+    /// Connections to PostgreSQL each node keeps at most ([default](defaults::STORE_CONNECTIONS),
+    /// [bounds](limits::STORE_CONNECTIONS)).
+    pub store_connections: Option<u64>,
+    /// How long a node's claim on a delivery holds against the other nodes: a node killed
+    /// mid-attempt leaves its claim, and another node retries the delivery (same `webhook-id`)
+    /// once it expires. More than `attempt_timeout` ([default](defaults::CLAIM_TIMEOUT_FACTOR)
+    /// times it, [bounds](limits::CLAIM_TIMEOUT)).
+    #[serde(default, with = "humantime_serde::option")]
+    pub claim_timeout: Option<Duration>,
     /// Allow targets on private, loopback, link-local and metadata addresses
     /// ([default](defaults::ALLOW_PRIVATE_TARGETS)).
     pub allow_private_targets: Option<bool>,
@@ -159,8 +182,10 @@ pub struct RawWebhookEndpoint {
 /// Webhook delivery: the outbox, the retry policy, the admin API and configured endpoints.
 #[derive(Debug, Clone)]
 pub struct WebhookSettings {
-    /// The SQLite outbox file.
-    pub database: PathBuf,
+    /// Where the outbox lives.
+    pub store: WebhookStore,
+    /// How long a claim on a delivery holds against other nodes (a shared store).
+    pub claim_timeout: Duration,
     /// Whether targets may resolve to private, loopback, link-local or metadata addresses.
     pub allow_private_targets: bool,
     /// The admin API's bearer token; `None` disables the admin API.
@@ -183,6 +208,147 @@ pub struct WebhookSettings {
     pub rotation_overlap: Duration,
     /// Endpoints declared in the configuration.
     pub endpoints: Vec<WebhookEndpointSettings>,
+}
+
+/// Where the outbox lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WebhookStore {
+    /// An SQLite file, owned by this process.
+    Sqlite(PathBuf),
+    /// A PostgreSQL database, which several nodes may share.
+    Postgres(PostgresStore),
+}
+
+impl WebhookStore {
+    /// Whether the nodes of a cluster can share it.
+    pub fn is_shared(&self) -> bool {
+        matches!(self, WebhookStore::Postgres(_))
+    }
+}
+
+impl std::fmt::Display for WebhookStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            WebhookStore::Sqlite(path) => write!(f, "SQLite {}", path.display()),
+            WebhookStore::Postgres(pg) => write!(
+                f,
+                "PostgreSQL {} (up to {} connections)",
+                pg.shown(),
+                pg.connections
+            ),
+        }
+    }
+}
+
+/// A PostgreSQL outbox: its URL (which may hold a password: `Debug` and [`Self::shown`] hide
+/// it) and the pool's size.
+#[derive(Clone, PartialEq, Eq)]
+pub struct PostgresStore {
+    /// `postgres://...` as configured, `${VAR}` resolved.
+    pub url: Url,
+    /// Most connections kept open.
+    pub connections: usize,
+}
+
+impl PostgresStore {
+    /// The URL without userinfo and with query values hidden.
+    pub fn shown(&self) -> crate::redact::Redacted {
+        crate::redact::Redacted::new(&self.url)
+    }
+}
+
+impl std::fmt::Debug for PostgresStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostgresStore")
+            .field("url", &self.shown().to_string())
+            .field("connections", &self.connections)
+            .finish()
+    }
+}
+
+/// What `webhooks.store` may be, for its error messages.
+const STORE_EXPECTED: &str = "expected \"sqlite\" (the file webhooks.database) or a PostgreSQL URL \
+     such as \"postgres://patchwire:${PGPASSWORD}@db.internal:5432/patchwire\"";
+
+/// Validates `webhooks.store` (and `database`, `store_connections`).
+fn store(
+    raw: &RawWebhooks,
+    env: &dyn Fn(&str) -> Option<String>,
+    problems: &mut Problems,
+) -> WebhookStore {
+    let database = raw.database.as_deref().unwrap_or(defaults::DATABASE);
+    if database.trim().is_empty() {
+        problems.push(
+            "webhooks.database",
+            "expected a file path such as \"/var/lib/patchwire/webhooks.db\", got an empty string",
+        );
+    }
+    let connections = usize_of(integer_in(
+        problems,
+        "webhooks.store_connections",
+        raw.store_connections,
+        defaults::STORE_CONNECTIONS,
+        limits::STORE_CONNECTIONS,
+    ));
+    let sqlite = WebhookStore::Sqlite(PathBuf::from(database));
+    let Some(template) = &raw.store else {
+        return sqlite;
+    };
+    let text = match interpolate(template, env) {
+        Ok(text) => text,
+        Err(e) => {
+            problems.push("webhooks.store", format!("the store URL {e}"));
+            return sqlite;
+        }
+    };
+    let text = text.trim();
+    if text == "sqlite" {
+        return sqlite;
+    }
+    // Never echo the URL: it may hold a password. Its scheme and host are safe to name.
+    let url = match Url::parse(text) {
+        Ok(url) => url,
+        Err(e) => {
+            problems.push(
+                "webhooks.store",
+                format!("{STORE_EXPECTED}; got something that is not a URL ({e})"),
+            );
+            return sqlite;
+        }
+    };
+    if !matches!(url.scheme(), "postgres" | "postgresql") {
+        problems.push(
+            "webhooks.store",
+            format!("{STORE_EXPECTED}; got a {}:// URL", url.scheme()),
+        );
+        return sqlite;
+    }
+    if url.host_str().is_none_or(str::is_empty) {
+        problems.push(
+            "webhooks.store",
+            format!("{STORE_EXPECTED}; got a URL without a host"),
+        );
+        return sqlite;
+    }
+    match text.parse::<tokio_postgres::Config>() {
+        Err(e) => {
+            problems.push(
+                "webhooks.store",
+                format!("expected a valid PostgreSQL URL, got one PostgreSQL refuses: {e}"),
+            );
+            sqlite
+        }
+        Ok(config) if config.get_ssl_mode() == tokio_postgres::config::SslMode::Require => {
+            problems.push(
+                "webhooks.store",
+                "expected a connection without TLS (sslmode=disable or prefer): patchwire does \
+                 not speak TLS to PostgreSQL; reach a remote server through a local TLS tunnel \
+                 or pooler",
+            );
+            sqlite
+        }
+        Ok(_) => WebhookStore::Postgres(PostgresStore { url, connections }),
+    }
 }
 
 /// The admin API's bearer token; `Debug` never shows it.
@@ -233,13 +399,7 @@ impl RawWebhooks {
         let allow_private_targets = self
             .allow_private_targets
             .unwrap_or(defaults::ALLOW_PRIVATE_TARGETS);
-        let database = self.database.as_deref().unwrap_or(defaults::DATABASE);
-        if database.trim().is_empty() {
-            problems.push(
-            "webhooks.database",
-            "expected a file path such as \"/var/lib/patchwire/webhooks.db\", got an empty string",
-        );
-        }
+        let store = store(self, env, problems);
         let admin_token =
             self.admin_token
                 .as_deref()
@@ -330,18 +490,39 @@ impl RawWebhooks {
                 Some(endpoint)
             })
             .collect();
+        let attempt_timeout = duration_in(
+            problems,
+            "webhooks.attempt_timeout",
+            self.attempt_timeout,
+            defaults::ATTEMPT_TIMEOUT,
+            limits::ATTEMPT_TIMEOUT,
+        );
+        let claim_timeout = duration_in(
+            problems,
+            "webhooks.claim_timeout",
+            self.claim_timeout,
+            attempt_timeout * defaults::CLAIM_TIMEOUT_FACTOR,
+            limits::CLAIM_TIMEOUT,
+        );
+        if self.claim_timeout.is_some() && claim_timeout <= attempt_timeout {
+            problems.push(
+                "webhooks.claim_timeout",
+                format!(
+                    "expected more than webhooks.attempt_timeout ({}): a claim must outlast the \
+                     attempt it covers, or another node could send the same delivery while it is \
+                     in flight; got \"{}\"",
+                    humantime::format_duration(attempt_timeout),
+                    humantime::format_duration(claim_timeout)
+                ),
+            );
+        }
         WebhookSettings {
-            database: PathBuf::from(database),
+            store,
+            claim_timeout,
             allow_private_targets,
             admin_token,
             schedule,
-            attempt_timeout: duration_in(
-                problems,
-                "webhooks.attempt_timeout",
-                self.attempt_timeout,
-                defaults::ATTEMPT_TIMEOUT,
-                limits::ATTEMPT_TIMEOUT,
-            ),
+            attempt_timeout,
             disable_after: duration_in(
                 problems,
                 "webhooks.disable_after",

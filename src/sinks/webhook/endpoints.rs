@@ -159,6 +159,37 @@ pub async fn reconcile(
     Ok(registry)
 }
 
+/// Reads the endpoints from the outbox every `interval` until `shutdown` (a cluster: other
+/// nodes create, change, disable and delete them).
+pub async fn follow(
+    outbox: Arc<dyn Outbox>,
+    registry: Arc<Registry>,
+    interval: std::time::Duration,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut failing = false;
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = ticker.tick() => {}
+        }
+        match outbox.endpoints().await {
+            Ok(all) => {
+                registry.replace_all(all);
+                failing = false;
+            }
+            Err(error) => {
+                if !failing {
+                    tracing::warn!(%error, "cannot read the webhook endpoints; retrying");
+                }
+                failing = true;
+            }
+        }
+    }
+}
+
 /// The endpoints of the running sink, managed through the admin API: every change is written
 /// to the outbox, then to the registry the dispatchers and the worker read.
 pub struct Endpoints {
@@ -205,10 +236,21 @@ impl Endpoints {
             .ok_or_else(|| AdminError::NotFound(format!("no webhook endpoint {id:?}")))
     }
 
+    /// Marks `id` as owed the current document of each of `streams` (kept in the outbox, so
+    /// whichever node dispatches a stream queues it, even after a restart).
+    async fn owe_snapshot(&self, id: &str, streams: &[String]) -> Result<(), AdminError> {
+        Ok(self
+            .outbox
+            .owe_snapshot(id.to_owned(), streams.to_vec())
+            .await?)
+    }
+
+    /// Asks the dispatchers of this node to queue what is owed now (in a cluster, the nodes
+    /// holding the streams also find it on their own).
     fn request_resync(&self, endpoint: &Endpoint) {
         for stream in &endpoint.record.streams {
             if let Some(route) = self.resync.get(stream) {
-                let _ = route.send(Resync::Endpoint(endpoint.record.id.clone()));
+                let _ = route.send(Resync::Owed);
             }
         }
         self.wake.notify_one();
@@ -262,9 +304,12 @@ impl Endpoints {
         record: EndpointRecord,
         status: EndpointStatus,
     ) -> Result<Arc<Endpoint>, AdminError> {
-        let endpoint = Endpoint::new(record.clone(), status)
+        let mut endpoint = Endpoint::new(record.clone(), status)
             .map_err(|e| AdminError::Invalid(e.to_string()))?;
-        self.outbox.put_endpoint(record).await?;
+        let stored = self.outbox.put_endpoint(record).await?;
+        if stored.revision >= endpoint.status.revision {
+            endpoint.status = stored;
+        }
         Ok(self.registry.put(endpoint))
     }
 
@@ -292,6 +337,7 @@ impl Endpoints {
             source: Source::Api,
             created_ms: unix_ms(SystemTime::now()),
         };
+        self.owe_snapshot(&record.id, &record.streams).await?;
         let endpoint = self.store(record, EndpointStatus::default()).await?;
         self.request_resync(&endpoint);
         Ok((endpoint, secret.expose().to_owned()))
@@ -332,6 +378,10 @@ impl Endpoints {
         }
         let mut status = current.status.clone();
         let mut enabled_now = false;
+        let enabling = changes.disabled == Some(false) && status.disabled.is_some();
+        if enabling || redefines {
+            self.owe_snapshot(id, &record.streams).await?;
+        }
         match changes.disabled {
             Some(true) if status.disabled.is_none() => {
                 let disabled = Disabled {

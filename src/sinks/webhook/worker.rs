@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::deliver::{AttemptError, Sender};
 use super::dispatcher::{Resync, ResyncRoutes};
-use super::outbox::{AttemptOutcome, Delivery, Disabled, Outbox, OutboxError, Recorded};
+use super::outbox::{AttemptOutcome, Claim, Delivery, Disabled, Outbox, OutboxError, Recorded};
 use super::registry::{Endpoint, Registry};
 use super::schedule::RetrySchedule;
 use crate::metrics::{AttemptLabels, AttemptResult, Metrics};
@@ -45,6 +45,13 @@ pub struct WorkerSettings {
     pub retention: Duration,
     /// `User-Agent` of deliveries.
     pub user_agent: String,
+    /// Who claims deliveries (unique per process: a node's id and a random suffix).
+    pub owner: Arc<str>,
+    /// How long a claim holds against other nodes' workers (`webhooks.claim_timeout`).
+    pub claim_timeout: Duration,
+    /// With a store other nodes share: how often to look for due deliveries when nothing
+    /// here woke the worker (other nodes queue deliveries, or leave expired claims).
+    pub poll: Option<Duration>,
 }
 
 #[derive(Default)]
@@ -162,30 +169,47 @@ impl Worker {
             return Ok(Vec::new());
         }
         let now = unix_ms(SystemTime::now());
-        let due = self.outbox.due(now, free, busy, full).await?;
+        let due = self
+            .outbox
+            .due(Claim {
+                now_ms: now,
+                limit: free,
+                busy,
+                full,
+                per_endpoint: self.settings.per_endpoint,
+                owner: self.settings.owner.clone(),
+                hold: self.settings.claim_timeout,
+            })
+            .await?;
         let mut claimed = Vec::with_capacity(due.len());
         for delivery in due {
-            let mut inflight = self.inflight();
-            if inflight.total >= self.settings.workers {
-                break;
+            let taken = {
+                let mut inflight = self.inflight();
+                let per = inflight
+                    .per_endpoint
+                    .get(&delivery.endpoint)
+                    .copied()
+                    .unwrap_or(0);
+                let pair = (delivery.endpoint.clone(), delivery.stream.clone());
+                let room = inflight.total < self.settings.workers
+                    && per < self.settings.per_endpoint
+                    && !inflight.pairs.contains(&pair);
+                if room {
+                    inflight.pairs.insert(pair);
+                    *inflight
+                        .per_endpoint
+                        .entry(delivery.endpoint.clone())
+                        .or_default() += 1;
+                    inflight.total += 1;
+                }
+                room
+            };
+            if taken {
+                claimed.push(delivery);
+            } else if let Err(error) = self.outbox.release(delivery.id).await {
+                // Claimed in a shared store but not taken: any worker may have it at once.
+                tracing::debug!(%error, "cannot release a webhook delivery's claim");
             }
-            let per = inflight
-                .per_endpoint
-                .get(&delivery.endpoint)
-                .copied()
-                .unwrap_or(0);
-            let pair = (delivery.endpoint.clone(), delivery.stream.clone());
-            if per >= self.settings.per_endpoint || inflight.pairs.contains(&pair) {
-                continue;
-            }
-            inflight.pairs.insert(pair);
-            *inflight
-                .per_endpoint
-                .entry(delivery.endpoint.clone())
-                .or_default() += 1;
-            inflight.total += 1;
-            drop(inflight);
-            claimed.push(delivery);
         }
         Ok(claimed)
     }
@@ -231,14 +255,28 @@ impl Worker {
 
     /// One attempt of a claimed delivery: deliver, then settle; its slot is released after both.
     async fn attempt(&self, delivery: Delivery) -> Settled {
-        let settled = match self.registry.get(&delivery.endpoint) {
-            // Deleted meanwhile: its deliveries went with it.
-            None => Settled {
-                delivery,
-                outcome: None,
-                recorded: false,
-                follow_up: FollowUp::Nothing,
-            },
+        let known = match self.registry.get(&delivery.endpoint) {
+            Some(endpoint) => Some(endpoint),
+            // Created on another node since this one last read the endpoints, or deleted.
+            None => self
+                .refresh_endpoints()
+                .await
+                .then(|| self.registry.get(&delivery.endpoint))
+                .flatten(),
+        };
+        let settled = match known {
+            // Deleted meanwhile: its deliveries went with it (or go with it).
+            None => {
+                if let Err(error) = self.outbox.release(delivery.id).await {
+                    tracing::debug!(%error, "cannot release a webhook delivery's claim");
+                }
+                Settled {
+                    delivery,
+                    outcome: None,
+                    recorded: false,
+                    follow_up: FollowUp::Nothing,
+                }
+            }
             Some(endpoint) => {
                 let started = Instant::now();
                 let answer = self.sender.deliver(&endpoint, &delivery).await;
@@ -287,8 +325,10 @@ impl Worker {
         match &follow_up {
             FollowUp::Disable(reason) => self.disable(endpoint, reason.clone(), now_ms).await,
             FollowUp::Resync => {
+                // The outbox forgot the pair's cursor: the stream's dispatcher (here, or on the
+                // node holding the stream) queues the document for it.
                 if let Some(route) = self.resync.get(&delivery.stream) {
-                    let _ = route.send(Resync::Endpoint(delivery.endpoint.clone()));
+                    let _ = route.send(Resync::Owed);
                 }
             }
             FollowUp::Nothing => {}
@@ -373,6 +413,21 @@ impl Worker {
         }
     }
 
+    /// Reads the endpoints again from the outbox (another node may have created or changed
+    /// one); false when the outbox could not be read.
+    async fn refresh_endpoints(&self) -> bool {
+        match self.outbox.endpoints().await {
+            Ok(all) => {
+                self.registry.replace_all(all);
+                true
+            }
+            Err(error) => {
+                tracing::warn!(%error, "cannot read the webhook endpoints");
+                false
+            }
+        }
+    }
+
     /// Runs until `shutdown`: starts due attempts whenever woken, and at the next due time.
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
         let mut next_prune = tokio::time::Instant::now();
@@ -407,6 +462,8 @@ impl Worker {
                     Err(_) => Duration::from_secs(1),
                 },
             };
+            // Other nodes queue deliveries without waking this worker.
+            let wait = self.settings.poll.map_or(wait, |poll| wait.min(poll));
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 _ = self.wake.notified() => {}
