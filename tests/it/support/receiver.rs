@@ -58,9 +58,22 @@ impl Hit {
     }
 }
 
+/// A request as it arrived, before it was answered (a sender killed meanwhile never sees
+/// the answer, and the request may never be recorded as a [`Hit`]).
+#[derive(Debug, Clone)]
+pub struct Arrival {
+    /// When it arrived.
+    pub at: Instant,
+    /// `webhook-id`.
+    pub id: String,
+    /// `User-Agent`: which node sent it.
+    pub user_agent: String,
+}
+
 struct Inner {
     script: VecDeque<Reply>,
     hits: Vec<Hit>,
+    arrivals: Vec<Arrival>,
     secrets: Vec<String>,
     delay: Duration,
 }
@@ -91,10 +104,24 @@ async fn handle(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
+    let header = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned()
+    };
+    let arrival = Arrival {
+        at: Instant::now(),
+        id: header("webhook-id"),
+        user_agent: header("user-agent"),
+    };
     let (reply, secrets, delay) = {
         let mut inner = shared.inner.lock().unwrap();
+        inner.arrivals.push(arrival);
         (inner.script.pop_front(), inner.secrets.clone(), inner.delay)
     };
+    shared.changed.notify_waiters();
     if !delay.is_zero() {
         tokio::time::sleep(delay).await;
     }
@@ -156,6 +183,7 @@ impl Receiver {
         let inner = Arc::new(Mutex::new(Inner {
             script: VecDeque::new(),
             hits: Vec::new(),
+            arrivals: Vec::new(),
             secrets: secrets.iter().map(|s| (*s).to_owned()).collect(),
             delay: Duration::ZERO,
         }));
@@ -205,6 +233,11 @@ impl Receiver {
     /// Every request so far.
     pub fn hits(&self) -> Vec<Hit> {
         self.inner.lock().unwrap().hits.clone()
+    }
+
+    /// Every request as it arrived, answered or not.
+    pub fn arrivals(&self) -> Vec<Arrival> {
+        self.inner.lock().unwrap().arrivals.clone()
     }
 
     /// The requests answered 2xx, in arrival order.
