@@ -240,6 +240,9 @@ async fn run(
                 mode: Mode::Patch,
                 headers: Default::default(),
                 secret: secret.clone(),
+                description: None,
+                metadata: Default::default(),
+                rate_limit: None,
             })
             .collect(),
     };

@@ -8,6 +8,8 @@
 //! - `POST /admin/webhooks/{id}/deliveries/{delivery}/replay`
 //! - `POST /admin/webhooks/{id}/replay` with `{"since": "<RFC 3339 time>"}`: every dead letter
 //!   created since then
+//! - `POST /admin/webhooks/{id}/recover` with `{"since": "<RFC 3339 time>"}`: every delivery
+//!   delivered or dead since then, again, in order
 
 use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
@@ -81,6 +83,7 @@ pub fn router(
             post(replay_one),
         )
         .route("/admin/webhooks/{id}/replay", post(replay_since))
+        .route("/admin/webhooks/{id}/recover", post(recover))
         .with_state(webhooks);
     // Bodies are read within the deadline, and only once the token was checked from the head.
     let limits = BodyLimits {
@@ -141,10 +144,21 @@ fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, Box<Response>> {
     } else {
         body
     };
-    serde_json::from_slice(body).map_err(|e| {
+    let mut reader = serde_json::Deserializer::from_slice(body);
+    serde_path_to_error::deserialize(&mut reader).map_err(|e| {
+        // Name the field at fault (`rate_limit: invalid type ...`) when there is one.
+        let path = e.path().to_string();
+        let at = if path == "." {
+            String::new()
+        } else {
+            format!("{path}: ")
+        };
         Box::new(error_response(
             StatusCode::BAD_REQUEST,
-            format!("expected a JSON object as documented for this endpoint: {e}"),
+            format!(
+                "expected a JSON object as documented for this endpoint: {at}{}",
+                e.inner()
+            ),
         ))
     })
 }
@@ -165,6 +179,9 @@ fn endpoint_json(endpoint: &Endpoint) -> Value {
         // Values may be credentials: names only.
         "headers": r.headers.keys().collect::<Vec<_>>(),
         "source": r.source,
+        "description": r.description,
+        "metadata": r.metadata,
+        "rate_limit": r.rate_limit,
         "created_at": time(r.created_ms),
         "disabled": endpoint.status.disabled.as_ref().map(|d| json!({"at": time(d.at_ms), "reason": d.reason})),
         "failing_since": endpoint.status.failing_since_ms.map(time),
@@ -335,29 +352,57 @@ struct ReplaySince {
     since: String,
 }
 
+/// The `since` of a replay or recovery request: an RFC 3339 time, not in the future.
+fn since_of(body: &[u8]) -> Result<u64, Box<Response>> {
+    let request: ReplaySince = parse(body)?;
+    let since = humantime::parse_rfc3339_weak(request.since.trim()).map_err(|e| {
+        Box::new(error_response(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!(
+                "since: expected an RFC 3339 time such as \"2026-01-31T12:00:00Z\", got {:?} ({e})",
+                request.since
+            ),
+        ))
+    })?;
+    let since = unix_ms(since);
+    if since > unix_ms(std::time::SystemTime::now()) {
+        return Err(Box::new(error_response(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!(
+                "since: expected a time in the past, got {:?} (nothing was created after it yet)",
+                request.since
+            ),
+        )));
+    }
+    Ok(since)
+}
+
 async fn replay_since(
     State(endpoints): State<Arc<Endpoints>>,
     Path(id): Path<String>,
     body: Bytes,
 ) -> Response {
-    let request: ReplaySince = match parse(&body) {
-        Ok(r) => r,
+    let since = match since_of(&body) {
+        Ok(since) => since,
         Err(response) => return *response,
-    };
-    let since = match humantime::parse_rfc3339_weak(request.since.trim()) {
-        Ok(t) => unix_ms(t),
-        Err(e) => {
-            return error_response(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                format!(
-                    "since: expected an RFC 3339 time such as \"2026-01-31T12:00:00Z\", got {:?} ({e})",
-                    request.since
-                ),
-            );
-        }
     };
     match endpoints.replay(&id, Replay::DeadSince(since)).await {
         Ok(n) => (StatusCode::ACCEPTED, axum::Json(json!({ "replayed": n }))).into_response(),
+        Err(e) => failure(e),
+    }
+}
+
+async fn recover(
+    State(endpoints): State<Arc<Endpoints>>,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Response {
+    let since = match since_of(&body) {
+        Ok(since) => since,
+        Err(response) => return *response,
+    };
+    match endpoints.replay(&id, Replay::Since(since)).await {
+        Ok(n) => (StatusCode::ACCEPTED, axum::Json(json!({ "recovered": n }))).into_response(),
         Err(e) => failure(e),
     }
 }

@@ -11,7 +11,7 @@ use patchwire::sinks::webhook::body::Mode;
 use patchwire::sinks::webhook::outbox::postgres::PostgresOutbox;
 use patchwire::sinks::webhook::outbox::{
     AttemptOutcome, Claim, DeliveryFilter, DeliveryState, Disabled, EndpointRecord, NewChange,
-    Outbox, OutboxError, Replay, Source, StoredDocument, Target,
+    Next, Outbox, OutboxError, Replay, Source, StoredDocument, Target,
 };
 use patchwire::wire::ChangeKind;
 
@@ -29,6 +29,9 @@ fn endpoint(id: &str) -> EndpointRecord {
         previous_expires_ms: None,
         source: Source::Api,
         created_ms: 1,
+        description: None,
+        metadata: Default::default(),
+        rate_limit: None,
     }
 }
 
@@ -84,7 +87,7 @@ async fn pending(outbox: &dyn Outbox, id: &str) -> Vec<(ChangeKind, u64, Option<
 /// Records a delivered attempt (which also releases a claim).
 async fn delivered(outbox: &dyn Outbox, id: i64) {
     outbox
-        .record(id, AttemptOutcome::Delivered { status: 200 }, 1)
+        .record(id, AttemptOutcome::Delivered { status: 200 }, 1, None)
         .await
         .unwrap();
 }
@@ -219,7 +222,7 @@ async fn only_the_oldest_pending_delivery_of_a_pair_is_due(store: TestStore) {
         error: "500".into(),
         retry_at_ms: Some(LATER + 1000),
     };
-    let recorded = outbox.record(due[1].id, failed, 7).await.unwrap();
+    let recorded = outbox.record(due[1].id, failed, 7, None).await.unwrap();
     assert_eq!(recorded.status.and_then(|s| s.failing_since_ms), Some(7));
     outbox.release(due[0].id).await.unwrap();
     let again = outbox.due(claim("w", 10)).await.unwrap();
@@ -262,7 +265,7 @@ async fn a_dead_delivery_supersedes_the_patches_that_lacked_its_base(store: Test
         error: "timed out".into(),
         retry_at_ms: None,
     };
-    let recorded = outbox.record(head.id, dead, 10).await.unwrap();
+    let recorded = outbox.record(head.id, dead, 10, None).await.unwrap();
     assert!(recorded.needs_resync);
     assert!(pending(&*outbox, "a").await.is_empty());
     // The pair is owed the document now.
@@ -309,7 +312,13 @@ async fn a_dead_delivery_supersedes_the_patches_that_lacked_its_base(store: Test
         error: "500".into(),
         retry_at_ms: None,
     };
-    assert!(!outbox.record(head.id, dead, 10).await.unwrap().needs_resync);
+    assert!(
+        !outbox
+            .record(head.id, dead, 10, None)
+            .await
+            .unwrap()
+            .needs_resync
+    );
     assert_eq!(
         pending(&*outbox, "a").await,
         [(ChangeKind::Snapshot, 6, None)]
@@ -541,7 +550,83 @@ async fn pairs_needing_a_missing_document_are_owed_it(store: TestStore) {
     assert_eq!(accepted.queued, 0);
 }
 
+/// Recording an attempt can hand the worker its pair's next delivery at once (due, and for a
+/// shared store claimed for it): never one that is not due, never another pair's.
+async fn a_record_hands_over_the_pairs_next_delivery(store: TestStore) {
+    let outbox = store.open_fresh().await;
+    outbox.put_endpoint(endpoint("a")).await.unwrap();
+    for seq in 1..=3 {
+        outbox
+            .accept(
+                change(1, seq, seq > 1),
+                vec![target("a", Mode::Patch)],
+                100,
+                None,
+            )
+            .await
+            .unwrap();
+    }
+    let next = |now_ms| {
+        Some(Next {
+            now_ms,
+            owner: Arc::from("w"),
+            hold: Duration::from_secs(60),
+        })
+    };
+    let head = outbox.due(claim("w", 10)).await.unwrap().remove(0);
+    let recorded = outbox
+        .record(
+            head.id,
+            AttemptOutcome::Delivered { status: 200 },
+            1,
+            next(LATER),
+        )
+        .await
+        .unwrap();
+    let second = recorded.next.expect("the next delivery");
+    assert_eq!((second.seq, second.endpoint.as_str()), (2, "a"));
+    assert!(!second.body.is_empty());
+    if store.is_shared() {
+        assert!(
+            outbox.due(claim("other", 10)).await.unwrap().is_empty(),
+            "handed over claimed"
+        );
+    }
+    // A retry in the future: the same delivery stays the head, nothing is handed over.
+    let failed = AttemptOutcome::Failed {
+        status: Some(500),
+        error: "500".into(),
+        retry_at_ms: Some(LATER + 1),
+    };
+    let recorded = outbox
+        .record(second.id, failed, 2, next(LATER))
+        .await
+        .unwrap();
+    assert!(recorded.next.is_none());
+    // Not yet due at the worker's time: nothing.
+    let third_due = outbox
+        .due(Claim {
+            now_ms: LATER + 2,
+            ..claim("w", 10)
+        })
+        .await
+        .unwrap()
+        .remove(0);
+    assert_eq!(third_due.id, second.id);
+    let recorded = outbox
+        .record(
+            third_due.id,
+            AttemptOutcome::Delivered { status: 200 },
+            3,
+            next(0),
+        )
+        .await
+        .unwrap();
+    assert!(recorded.next.is_none(), "seq 3 is due, but not at time 0");
+}
+
 crate::on_both_stores!(
+    a_record_hands_over_the_pairs_next_delivery,
     first_a_snapshot_then_patches_per_mode,
     only_the_oldest_pending_delivery_of_a_pair_is_due,
     a_dead_delivery_supersedes_the_patches_that_lacked_its_base,

@@ -835,6 +835,9 @@ async fn queued(
             previous_expires_ms: None,
             source: Source::Api,
             created_ms: 0,
+            description: None,
+            metadata: Default::default(),
+            rate_limit: None,
         };
         outbox.put_endpoint(record.clone()).await.unwrap();
         registry.put(Endpoint::new(record, EndpointStatus::default()).unwrap());
@@ -1003,7 +1006,230 @@ async fn admin_bodies_are_read_after_the_token_and_within_the_deadline(store: Te
     app.stop().await;
 }
 
+/// Recovery: everything delivered (or dead) since a time is sent again, in its order, with
+/// the same `webhook-id`s; bad requests are refused with what was expected.
+async fn recovery_sends_everything_since_a_time_again_in_order(store: TestStore) {
+    let upstream = MockUpstream::start(json!({"n": 0, "items": [], "pad": PAD})).await;
+    let receiver = Receiver::start(&[SECRET]).await;
+    let app = start(
+        &upstream,
+        &store,
+        &[endpoint("hook", &receiver.url(), &["fleet"], Mode::Patch)],
+        "",
+    )
+    .await;
+    let admin = Admin::new(&app);
+    let before = time_text(std::time::SystemTime::now() - Duration::from_secs(60));
+    change_and_wait(&upstream, &receiver, 1, 4).await;
+    // The receiver has them; wait until the outbox recorded them all.
+    let deadline = tokio::time::Instant::now() + LONG;
+    loop {
+        let (_, list) = admin
+            .call("GET", "/hook/deliveries?state=pending", None)
+            .await;
+        if list["deliveries"].as_array().is_some_and(Vec::is_empty) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "still pending: {list}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let first: Vec<Hit> = unique(&receiver.accepted());
+    let (status, answer) = admin
+        .call("POST", "/hook/recover", Some(json!({ "since": before })))
+        .await;
+    assert_eq!(status, 202, "{answer}");
+    assert_eq!(answer["recovered"], json!(first.len()), "{answer}");
+    let all = receiver
+        .wait_for(LONG, "everything again", |hits| {
+            hits.len() >= first.len() * 2
+        })
+        .await;
+    let again: Vec<String> = all[first.len()..].iter().map(Hit::id).collect();
+    let ids: Vec<String> = first.iter().map(Hit::id).collect();
+    assert_eq!(again, ids, "the same messages, in the same order");
+    // Nothing since a time after the last one.
+    let now = time_text(std::time::SystemTime::now());
+    let (status, answer) = admin
+        .call("POST", "/hook/recover", Some(json!({ "since": now })))
+        .await;
+    assert_eq!((status, answer["recovered"].clone()), (202, json!(0)));
+    for (path, body, expected, needle) in [
+        (
+            "/hook/recover",
+            json!({"since": "last tuesday"}),
+            422,
+            "RFC 3339",
+        ),
+        (
+            "/hook/recover",
+            json!({"since": "2999-01-01T00:00:00Z"}),
+            422,
+            "in the past",
+        ),
+        ("/hook/recover", json!({}), 400, "since"),
+        (
+            "/hook/recover",
+            json!({"since": before, "x": 1}),
+            400,
+            "unknown field",
+        ),
+        ("/nope/recover", json!({"since": before}), 404, "nope"),
+    ] {
+        let (status, answer) = admin.call("POST", path, Some(body.clone())).await;
+        assert_eq!(status, expected, "{body}: {answer}");
+        assert!(
+            answer["message"]
+                .as_str()
+                .unwrap_or_default()
+                .contains(needle),
+            "{body}: {answer}"
+        );
+    }
+    app.stop().await;
+}
+
+/// `t` as RFC 3339.
+fn time_text(t: std::time::SystemTime) -> String {
+    humantime::format_rfc3339_millis(t).to_string()
+}
+
+const PUSH_TOKEN: &str = "test-push-token-0123456789";
+
+/// The app with the push stream `board` and the polled `fleet`, `[webhooks]` on `store`.
+async fn push_and_webhooks(upstream: &MockUpstream, store: &TestStore, webhooks: &str) -> TestApp {
+    TestApp::from_toml(&format!(
+        "[push]\ntoken = \"{PUSH_TOKEN}\"\n\n[[streams]]\nname = \"board\"\nsource = \"push\"\n\n{}",
+        webhooks_app_toml(upstream, store, &[], webhooks)
+    ))
+    .await
+}
+
+async fn push_board(app: &TestApp, n: u64) {
+    let status = reqwest::Client::new()
+        .post(app.url("/streams/board"))
+        .bearer_auth(PUSH_TOKEN)
+        .json(&json!({"n": n, "pad": PAD}))
+        .send()
+        .await
+        .unwrap()
+        .status();
+    assert_eq!(status, 200);
+}
+
+/// An endpoint's description and metadata are kept and shown; its rate limit spaces its
+/// attempts; each is checked, and the admin API names what is wrong.
+async fn endpoints_carry_a_description_metadata_and_a_rate_limit(store: TestStore) {
+    let upstream = MockUpstream::start(json!({"n": 0})).await;
+    let receiver = Receiver::start(&[SECRET]).await;
+    let app = push_and_webhooks(&upstream, &store, "").await;
+    let admin = Admin::new(&app);
+    let (status, created) = admin
+        .call(
+            "POST",
+            "",
+            Some(json!({
+                "url": receiver.url(), "streams": ["board"], "secret": SECRET,
+                "description": "billing's copy of the board",
+                "metadata": {"team": "billing", "ticket": "OPS-7"},
+                "rate_limit": 5,
+            })),
+        )
+        .await;
+    assert_eq!(status, 201, "{created}");
+    let id = created["id"].as_str().unwrap().to_owned();
+    let (_, shown) = admin.call("GET", &format!("/{id}"), None).await;
+    assert_eq!(shown["description"], "billing's copy of the board");
+    assert_eq!(
+        shown["metadata"],
+        json!({"team": "billing", "ticket": "OPS-7"})
+    );
+    assert_eq!(shown["rate_limit"], 5);
+    // Twelve changes at once: at 5 attempts per second (a burst of 5, then one every
+    // 200 ms) the twelfth cannot start before 1.4 s after the first (less the first
+    // request's own connection set-up, as the receiver times arrivals).
+    for n in 1..=12 {
+        push_board(&app, n).await;
+    }
+    let hits = receiver
+        .wait_for(LONG, "twelve changes", |hits| {
+            hits.iter().any(|h| h.seq() == 12)
+        })
+        .await;
+    let spread = hits.last().unwrap().at - hits[0].at;
+    assert!(
+        spread >= Duration::from_millis(1000),
+        "12 attempts in {spread:?}"
+    );
+    assert_eq!(rebuild(&unique(&hits))["n"], json!(12));
+    // Changed, cleared, and shown so.
+    let (status, changed) = admin
+        .call(
+            "PATCH",
+            &format!("/{id}"),
+            Some(json!({"description": null, "metadata": {"team": "ops"}, "rate_limit": null})),
+        )
+        .await;
+    assert_eq!(status, 200, "{changed}");
+    assert_eq!(changed["description"], Value::Null);
+    assert_eq!(changed["metadata"], json!({"team": "ops"}));
+    assert_eq!(changed["rate_limit"], Value::Null);
+    let many: serde_json::Map<String, Value> =
+        (0..51).map(|i| (format!("k{i}"), json!("v"))).collect();
+    for (body, expected, needle) in [
+        (
+            json!({"description": "x".repeat(1025)}),
+            422,
+            "description: expected at most 1024",
+        ),
+        (
+            json!({"metadata": many}),
+            422,
+            "metadata: expected at most 50 entries",
+        ),
+        (
+            json!({"metadata": {"": "v"}}),
+            422,
+            "metadata.\"\": expected a key of 1 to 64",
+        ),
+        (
+            json!({"metadata": {"k": "v".repeat(1025)}}),
+            422,
+            "metadata.\"k\": expected a value",
+        ),
+        (
+            json!({"rate_limit": 0}),
+            422,
+            "rate_limit: expected attempts per second from 1",
+        ),
+        (
+            json!({"rate_limit": 20000}),
+            422,
+            "rate_limit: expected attempts per second",
+        ),
+        (json!({"rate_limit": "fast"}), 400, "rate_limit"),
+        (json!({"metadata": ["a"]}), 400, "metadata"),
+    ] {
+        let (status, answer) = admin
+            .call("PATCH", &format!("/{id}"), Some(body.clone()))
+            .await;
+        assert_eq!(status, expected, "{body}: {answer}");
+        let message = answer["message"].as_str().unwrap_or_default();
+        assert!(message.contains(needle), "{body}: {message}");
+        let mut create = body.clone();
+        create["url"] = json!(receiver.url());
+        create["streams"] = json!(["board"]);
+        let (status, answer) = admin.call("POST", "", Some(create)).await;
+        assert_eq!(status, expected, "create {body}: {answer}");
+    }
+    app.stop().await;
+}
+
 crate::on_both_stores!(
+    endpoints_carry_a_description_metadata_and_a_rate_limit,
+    recovery_sends_everything_since_a_time_again_in_order,
     every_change_arrives_signed_in_order_as_patches_or_documents,
     failures_timeouts_and_retry_after_are_retried_with_the_same_id,
     gone_disables_the_endpoint_until_the_admin_api_re_enables_it,

@@ -232,3 +232,43 @@ fn bad_stores_and_claim_timeouts_are_refused_with_their_keys() {
         .unwrap();
     assert_eq!(w.claim_timeout.as_secs(), 40);
 }
+
+#[test]
+fn endpoint_options_are_checked_in_the_file() {
+    let found = problems(&format!(
+        "[webhooks]\n[[webhooks.endpoints]]\nid = \"e\"\nurl = \"https://h.example.com/x\"\n\
+         streams = [\"fleet\"]\nsecret = \"{SECRET}\"\ndescription = \"{}\"\nrate_limit = 0\n\
+         [webhooks.endpoints.metadata]\n\"\" = \"v\"\n",
+        "d".repeat(1025)
+    ));
+    for (key, needle) in [
+        (
+            "webhooks.endpoints[0].description",
+            "at most 1024 characters",
+        ),
+        ("webhooks.endpoints[0].rate_limit", "from 1 to 10000"),
+        ("webhooks.endpoints[0].metadata.\"\"", "a key of 1 to 64"),
+    ] {
+        assert!(
+            found.iter().any(|(k, m)| k == key && m.contains(needle)),
+            "{key}: {found:?}"
+        );
+    }
+    let w = load(&format!(
+        "[webhooks]\n[[webhooks.endpoints]]\nid = \"e\"\nurl = \"https://h.example.com/x\"\n\
+         streams = [\"fleet\"]\nsecret = \"{SECRET}\"\ndescription = \"d\"\nrate_limit = 7\n\
+         metadata = {{ team = \"ops\" }}\n"
+    ))
+    .unwrap()
+    .webhooks
+    .unwrap();
+    let e = &w.endpoints[0];
+    assert_eq!(
+        (
+            e.description.as_deref(),
+            e.rate_limit,
+            e.metadata["team"].as_str()
+        ),
+        (Some("d"), Some(7), "ops")
+    );
+}

@@ -90,6 +90,16 @@ pub mod limits {
     /// `webhooks.claim_timeout`.
     pub const CLAIM_TIMEOUT: (Duration, Duration) =
         (Duration::from_secs(1), Duration::from_secs(3600));
+    /// Longest endpoint description, in characters.
+    pub const DESCRIPTION_MAX: usize = 1024;
+    /// Most metadata entries of an endpoint.
+    pub const METADATA_ENTRIES: usize = 50;
+    /// Longest metadata key, in characters.
+    pub const METADATA_KEY_MAX: usize = 64;
+    /// Longest metadata value, in characters.
+    pub const METADATA_VALUE_MAX: usize = 1024;
+    /// An endpoint's `rate_limit`, attempts per second.
+    pub const RATE_LIMIT: (u64, u64) = (1, 10_000);
 }
 
 /// `[webhooks]`: durable, signed, ordered delivery of changes to registered URLs.
@@ -177,6 +187,15 @@ pub struct RawWebhookEndpoint {
     /// The signing secret, `whsec_` + base64 (see [`Secret::parse`]; required here, `${VAR}`
     /// allowed: a file has no creation response to show a generated one in).
     pub secret: String,
+    /// What the endpoint is for, for people (at most
+    /// [`DESCRIPTION_MAX`](limits::DESCRIPTION_MAX) characters).
+    pub description: Option<String>,
+    /// Free-form labels (see [`endpoint_metadata`] for their bounds).
+    #[serde(default)]
+    pub metadata: BTreeMap<String, String>,
+    /// Most attempts started per second ([bounds](limits::RATE_LIMIT)); absent: no limit
+    /// beyond `max_concurrency_per_endpoint`.
+    pub rate_limit: Option<u64>,
 }
 
 /// Webhook delivery: the outbox, the retry policy, the admin API and configured endpoints.
@@ -376,6 +395,12 @@ pub struct WebhookEndpointSettings {
     pub headers: BTreeMap<String, String>,
     /// The signing secret.
     pub secret: Secret,
+    /// What it is for.
+    pub description: Option<String>,
+    /// Free-form labels.
+    pub metadata: BTreeMap<String, String>,
+    /// Most attempts started per second.
+    pub rate_limit: Option<u32>,
 }
 
 /// Headers every delivery sets itself; an endpoint may not override them.
@@ -570,6 +595,72 @@ impl RawWebhooks {
     }
 }
 
+/// Validates an endpoint's description (shared with the admin API).
+pub fn endpoint_description(text: &str) -> Result<(), String> {
+    let chars = text.chars().count();
+    if chars > limits::DESCRIPTION_MAX {
+        return Err(format!(
+            "expected at most {} characters, got {chars}",
+            limits::DESCRIPTION_MAX
+        ));
+    }
+    Ok(())
+}
+
+/// Validates an endpoint's metadata (shared with the admin API): at most
+/// [`METADATA_ENTRIES`](limits::METADATA_ENTRIES) entries, keys of 1 to
+/// [`METADATA_KEY_MAX`](limits::METADATA_KEY_MAX) characters, values of at most
+/// [`METADATA_VALUE_MAX`](limits::METADATA_VALUE_MAX). The error names the key at fault
+/// (`None`: the whole table).
+pub fn endpoint_metadata(
+    metadata: &BTreeMap<String, String>,
+) -> Result<(), (Option<String>, String)> {
+    if metadata.len() > limits::METADATA_ENTRIES {
+        return Err((
+            None,
+            format!(
+                "expected at most {} entries, got {}",
+                limits::METADATA_ENTRIES,
+                metadata.len()
+            ),
+        ));
+    }
+    for (key, value) in metadata {
+        let length = key.chars().count();
+        if length == 0 || length > limits::METADATA_KEY_MAX {
+            return Err((
+                Some(key.clone()),
+                format!(
+                    "expected a key of 1 to {} characters, got {length}",
+                    limits::METADATA_KEY_MAX
+                ),
+            ));
+        }
+        let length = value.chars().count();
+        if length > limits::METADATA_VALUE_MAX {
+            return Err((
+                Some(key.clone()),
+                format!(
+                    "expected a value of at most {} characters, got {length}",
+                    limits::METADATA_VALUE_MAX
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Validates an endpoint's `rate_limit` (shared with the admin API).
+pub fn endpoint_rate_limit(value: u64) -> Result<u32, String> {
+    let (min, max) = limits::RATE_LIMIT;
+    if value < min || value > max {
+        return Err(format!(
+            "expected attempts per second from {min} to {max}, got {value}"
+        ));
+    }
+    u32::try_from(value).map_err(|_| format!("expected at most {max}, got {value}"))
+}
+
 /// Validates an endpoint's headers (shared with the admin API): names and values must be
 /// valid, and none may be one patchwire sets itself.
 pub fn endpoint_headers(headers: &BTreeMap<String, String>) -> Result<(), (String, String)> {
@@ -684,6 +775,27 @@ fn endpoint(
             }
         },
     };
+    if let Some(description) = &raw.description
+        && let Err(message) = endpoint_description(description)
+    {
+        problems.push(format!("{key}.description"), message);
+    }
+    if let Err((entry, message)) = endpoint_metadata(&raw.metadata) {
+        let at = match entry {
+            Some(entry) if entry.is_empty() => format!("{key}.metadata.\"\""),
+            Some(entry) => header_key(&format!("{key}.metadata"), &entry),
+            None => format!("{key}.metadata"),
+        };
+        problems.push(at, message);
+    }
+    let rate_limit = match raw.rate_limit.map(endpoint_rate_limit) {
+        Some(Err(message)) => {
+            problems.push(format!("{key}.rate_limit"), message);
+            None
+        }
+        Some(Ok(limit)) => Some(limit),
+        None => None,
+    };
     let (Some(url), Some(secret)) = (url, secret) else {
         return None;
     };
@@ -697,5 +809,8 @@ fn endpoint(
         mode: raw.mode.unwrap_or(defaults::MODE),
         headers,
         secret,
+        description: raw.description.clone(),
+        metadata: raw.metadata.clone(),
+        rate_limit,
     })
 }

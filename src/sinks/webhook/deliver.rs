@@ -288,6 +288,9 @@ mod tests {
             previous_expires_ms: Some(previous_until_ms),
             source: Source::Api,
             created_ms: 0,
+            description: None,
+            metadata: Default::default(),
+            rate_limit: None,
         };
         Endpoint::new(record, EndpointStatus::default()).unwrap()
     }

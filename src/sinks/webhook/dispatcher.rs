@@ -475,8 +475,30 @@ impl Dispatcher {
                 }
             }
         };
-        let (epoch, top) = self.stream.position();
         let targets = self.registry.targets(self.stream.name());
+        let resuming = cursors.iter().any(|(endpoint, cursor)| {
+            cursor.is_some() && targets.iter().any(|t| &t.endpoint == endpoint)
+        });
+        if resuming && self.stream.snapshot().is_none() {
+            // This node has not loaded the stream from the log yet (it just started): resume
+            // once it has, from its history, rather than send everyone a snapshot then.
+            let mut waiting = self.stream.subscribe(&Resume::Fresh).live;
+            let loaded = async {
+                loop {
+                    match waiting.recv().await {
+                        Ok(StreamEvent::Change(..) | StreamEvent::Reset(_)) => return,
+                        Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+                        Err(broadcast::error::RecvError::Closed) => return,
+                    }
+                }
+            };
+            tokio::select! {
+                _ = shutdown.cancelled() => return None,
+                _ = loaded => {}
+                _ = tokio::time::sleep(Duration::from_secs(10)) => {}
+            }
+        }
+        let (epoch, top) = self.stream.position();
         let oldest = cursors
             .iter()
             .filter(|(endpoint, _)| targets.iter().any(|t| &t.endpoint == endpoint))

@@ -14,7 +14,10 @@ use tokio::sync::Notify;
 use url::Url;
 
 use super::body::Mode;
-use super::config::{WebhookEndpointSettings, WebhookSettings, endpoint_headers};
+use super::config::{
+    WebhookEndpointSettings, WebhookSettings, endpoint_description, endpoint_headers,
+    endpoint_metadata, endpoint_rate_limit,
+};
 use super::dispatcher::{Resync, ResyncRoutes};
 use super::outbox::{
     Delivery, DeliveryFilter, Disabled, EndpointRecord, EndpointStatus, Outbox, OutboxError,
@@ -58,6 +61,22 @@ pub struct NewEndpoint {
     pub headers: BTreeMap<String, String>,
     /// A secret to use (`whsec_...`); generated when absent.
     pub secret: Option<String>,
+    /// What it is for.
+    pub description: Option<String>,
+    /// Free-form labels.
+    #[serde(default)]
+    pub metadata: BTreeMap<String, String>,
+    /// Most attempts started per second.
+    pub rate_limit: Option<u64>,
+}
+
+/// A field that may be set, cleared (`null`) or left alone (absent).
+fn present<'de, D, T>(deserializer: D) -> Result<Option<Option<T>>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: serde::Deserialize<'de>,
+{
+    <Option<T> as serde::Deserialize>::deserialize(deserializer).map(Some)
 }
 
 /// Changes to an endpoint; absent fields stay as they are.
@@ -74,6 +93,14 @@ pub struct EndpointChanges {
     pub headers: Option<BTreeMap<String, String>>,
     /// `true` disables, `false` re-enables (and clears the failure streak).
     pub disabled: Option<bool>,
+    /// New description (`null` clears it).
+    #[serde(default, deserialize_with = "present")]
+    pub description: Option<Option<String>>,
+    /// New labels (replacing all).
+    pub metadata: Option<BTreeMap<String, String>>,
+    /// New rate limit (`null` removes it).
+    #[serde(default, deserialize_with = "present")]
+    pub rate_limit: Option<Option<u64>>,
 }
 
 fn record_of_config(
@@ -99,6 +126,9 @@ fn record_of_config(
         previous_expires_ms,
         source: Source::Config,
         created_ms: existing.map_or(now_ms, |e| e.created_ms),
+        description: settings.description.clone(),
+        metadata: settings.metadata.clone(),
+        rate_limit: settings.rate_limit,
     }
 }
 
@@ -299,6 +329,25 @@ impl Endpoints {
             .map_err(|(name, message)| AdminError::Invalid(format!("headers.{name}: {message}")))
     }
 
+    fn check_description(description: &str) -> Result<(), AdminError> {
+        endpoint_description(description)
+            .map_err(|message| AdminError::Invalid(format!("description: {message}")))
+    }
+
+    fn check_metadata(metadata: &BTreeMap<String, String>) -> Result<(), AdminError> {
+        endpoint_metadata(metadata).map_err(|(key, message)| {
+            AdminError::Invalid(match key {
+                Some(key) => format!("metadata.{key:?}: {message}"),
+                None => format!("metadata: {message}"),
+            })
+        })
+    }
+
+    fn check_rate_limit(rate_limit: u64) -> Result<u32, AdminError> {
+        endpoint_rate_limit(rate_limit)
+            .map_err(|message| AdminError::Invalid(format!("rate_limit: {message}")))
+    }
+
     async fn store(
         &self,
         record: EndpointRecord,
@@ -318,6 +367,11 @@ impl Endpoints {
         let url = self.check_url(&input.url).await?;
         self.check_streams(&input.streams)?;
         Self::check_headers(&input.headers)?;
+        if let Some(description) = &input.description {
+            Self::check_description(description)?;
+        }
+        Self::check_metadata(&input.metadata)?;
+        let rate_limit = input.rate_limit.map(Self::check_rate_limit).transpose()?;
         let secret = match &input.secret {
             Some(text) => {
                 Secret::parse(text).map_err(|e| AdminError::Invalid(format!("secret: {e}")))?
@@ -336,6 +390,9 @@ impl Endpoints {
             previous_expires_ms: None,
             source: Source::Api,
             created_ms: unix_ms(SystemTime::now()),
+            description: input.description,
+            metadata: input.metadata,
+            rate_limit,
         };
         self.owe_snapshot(&record.id, &record.streams).await?;
         let endpoint = self.store(record, EndpointStatus::default()).await?;
@@ -355,7 +412,10 @@ impl Endpoints {
             || changes.streams.is_some()
             || changes.mode.is_some()
             || changes.headers.is_some();
-        if redefines && current.record.source == Source::Config {
+        let describes = changes.description.is_some()
+            || changes.metadata.is_some()
+            || changes.rate_limit.is_some();
+        if (redefines || describes) && current.record.source == Source::Config {
             return Err(AdminError::Conflict(format!(
                 "endpoint {id:?} is declared in the configuration file; change it there (only \
                  \"disabled\" can be changed here)"
@@ -375,6 +435,19 @@ impl Endpoints {
         if let Some(headers) = changes.headers {
             Self::check_headers(&headers)?;
             record.headers = headers;
+        }
+        if let Some(description) = changes.description {
+            if let Some(text) = &description {
+                Self::check_description(text)?;
+            }
+            record.description = description;
+        }
+        if let Some(metadata) = changes.metadata {
+            Self::check_metadata(&metadata)?;
+            record.metadata = metadata;
+        }
+        if let Some(rate_limit) = changes.rate_limit {
+            record.rate_limit = rate_limit.map(Self::check_rate_limit).transpose()?;
         }
         let mut status = current.status.clone();
         let mut enabled_now = false;

@@ -229,6 +229,9 @@ mod tests {
                 previous_expires_ms: None,
                 source: Source::Api,
                 created_ms: 0,
+                description: None,
+                metadata: Default::default(),
+                rate_limit: None,
             },
             status,
         )

@@ -20,7 +20,9 @@ use tokio_util::sync::CancellationToken;
 
 use super::deliver::{AttemptError, Sender};
 use super::dispatcher::{Resync, ResyncRoutes};
-use super::outbox::{AttemptOutcome, Claim, Delivery, Disabled, Outbox, OutboxError, Recorded};
+use super::outbox::{
+    AttemptOutcome, Claim, Delivery, Disabled, Next, Outbox, OutboxError, Recorded,
+};
 use super::registry::{Endpoint, Registry};
 use super::schedule::RetrySchedule;
 use crate::metrics::{AttemptLabels, AttemptResult, Metrics};
@@ -54,6 +56,61 @@ pub struct WorkerSettings {
     pub poll: Option<Duration>,
 }
 
+/// The rate limiters of endpoints with a `rate_limit`, and until when each is out of room.
+#[derive(Default)]
+struct Rates {
+    limiters: HashMap<String, (u32, Arc<governor::DefaultDirectRateLimiter>)>,
+    until: HashMap<String, Instant>,
+}
+
+impl Rates {
+    /// Endpoints out of room now.
+    fn limited(&mut self, now: Instant) -> Vec<String> {
+        self.until.retain(|_, until| *until > now);
+        self.until.keys().cloned().collect()
+    }
+
+    /// Takes room for one attempt to `endpoint` at `limit` per second; false (and the endpoint
+    /// out of room until there is) when there is none.
+    fn take(&mut self, endpoint: &str, limit: u32, now: Instant) -> bool {
+        let Some(per_second) = std::num::NonZeroU32::new(limit) else {
+            return true;
+        };
+        let limiter = match self.limiters.get(endpoint) {
+            Some((at, limiter)) if *at == limit => limiter.clone(),
+            _ => {
+                let limiter = Arc::new(governor::RateLimiter::direct(governor::Quota::per_second(
+                    per_second,
+                )));
+                self.limiters
+                    .insert(endpoint.to_owned(), (limit, limiter.clone()));
+                limiter
+            }
+        };
+        match limiter.check() {
+            Ok(()) => true,
+            Err(not_until) => {
+                let wait = not_until.wait_time_from(governor::clock::Clock::now(
+                    &governor::clock::DefaultClock::default(),
+                ));
+                self.until.insert(
+                    endpoint.to_owned(),
+                    now + wait.max(Duration::from_millis(1)),
+                );
+                false
+            }
+        }
+    }
+
+    /// How long until the first endpoint out of room has room again.
+    fn next(&self, now: Instant) -> Option<Duration> {
+        self.until
+            .values()
+            .map(|until| until.saturating_duration_since(now))
+            .min()
+    }
+}
+
 #[derive(Default)]
 struct InFlight {
     pairs: HashSet<(String, String)>,
@@ -68,6 +125,9 @@ pub struct Worker {
     sender: Sender,
     settings: WorkerSettings,
     inflight: Mutex<InFlight>,
+    rates: Mutex<Rates>,
+    /// Set once the worker stops: attempts in flight finish, none follows them.
+    stopping: std::sync::atomic::AtomicBool,
     wake: Arc<Notify>,
     resync: ResyncRoutes,
     rng: Mutex<StdRng>,
@@ -127,6 +187,8 @@ impl Worker {
             sender,
             settings,
             inflight: Mutex::new(InFlight::default()),
+            rates: Mutex::new(Rates::default()),
+            stopping: std::sync::atomic::AtomicBool::new(false),
             wake,
             resync,
             metrics,
@@ -146,7 +208,12 @@ impl Worker {
     /// Takes up to `limit` due deliveries the pool has room for and reserves their slots
     /// (each must be released once its attempt is settled).
     async fn claim(&self, limit: usize) -> Result<Vec<Delivery>, OutboxError> {
-        let (free, busy, full) = {
+        let limited = self
+            .rates
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .limited(Instant::now());
+        let (free, busy, mut full) = {
             let inflight = self.inflight();
             let free = self
                 .settings
@@ -168,6 +235,7 @@ impl Worker {
         if free == 0 {
             return Ok(Vec::new());
         }
+        full.extend(limited);
         let now = unix_ms(SystemTime::now());
         let due = self
             .outbox
@@ -183,7 +251,19 @@ impl Worker {
             .await?;
         let mut claimed = Vec::with_capacity(due.len());
         for delivery in due {
-            let taken = {
+            // An endpoint's own rate limit (Retry-After is the delivery's next attempt).
+            let rate_limit = self
+                .registry
+                .get(&delivery.endpoint)
+                .and_then(|e| e.record.rate_limit);
+            let room = rate_limit.is_none_or(|limit| {
+                self.rates.lock().unwrap_or_else(|e| e.into_inner()).take(
+                    &delivery.endpoint,
+                    limit,
+                    Instant::now(),
+                )
+            });
+            let taken = room && {
                 let mut inflight = self.inflight();
                 let per = inflight
                     .per_endpoint
@@ -221,7 +301,7 @@ impl Worker {
         for delivery in claimed {
             let worker = self.clone();
             tokio::spawn(async move {
-                worker.attempt(delivery).await;
+                worker.attempt(delivery, true).await;
             });
         }
         Ok(started)
@@ -231,7 +311,7 @@ impl Worker {
     /// (delivered, then settled) and returns what it came to; `None` when nothing is due.
     pub async fn try_step(&self) -> Result<Option<Settled>, OutboxError> {
         match self.claim(1).await?.pop() {
-            Some(delivery) => Ok(Some(self.attempt(delivery).await)),
+            Some(delivery) => Ok(Some(self.attempt(delivery, false).await)),
             None => Ok(None),
         }
     }
@@ -254,7 +334,45 @@ impl Worker {
     }
 
     /// One attempt of a claimed delivery: deliver, then settle; its slot is released after both.
-    async fn attempt(&self, delivery: Delivery) -> Settled {
+    /// With `chain`, the pair's next delivery, when the outbox hands it over with the record
+    /// (due, and claimed for this worker), is attempted next in the same slot: a busy pair
+    /// does not wait for the next claim round. Returns the first attempt's settlement.
+    async fn attempt(&self, delivery: Delivery, chain: bool) -> Settled {
+        let (first, mut next) = self.attempt_one(delivery, chain).await;
+        let mut slot = first.delivery.clone();
+        while let Some(candidate) = next.take() {
+            let stopping = self.stopping.load(std::sync::atomic::Ordering::Relaxed);
+            let room = !stopping
+                && self
+                    .registry
+                    .get(&candidate.endpoint)
+                    .is_some_and(|endpoint| {
+                        endpoint.enabled()
+                            && endpoint.record.rate_limit.is_none_or(|limit| {
+                                self.rates.lock().unwrap_or_else(|e| e.into_inner()).take(
+                                    &candidate.endpoint,
+                                    limit,
+                                    Instant::now(),
+                                )
+                            })
+                    });
+            if !room {
+                if let Err(error) = self.outbox.release(candidate.id).await {
+                    tracing::debug!(%error, "cannot release a webhook delivery's claim");
+                }
+                break;
+            }
+            let (settled, following) = self.attempt_one(candidate, chain).await;
+            slot = settled.delivery;
+            next = following;
+        }
+        self.release(&slot);
+        first
+    }
+
+    /// One attempt: deliver, then settle; the pair's next delivery, if the outbox handed it
+    /// over (only when asked to, and when nothing is to follow up).
+    async fn attempt_one(&self, delivery: Delivery, chain: bool) -> (Settled, Option<Delivery>) {
         let known = match self.registry.get(&delivery.endpoint) {
             Some(endpoint) => Some(endpoint),
             // Created on another node since this one last read the endpoints, or deleted.
@@ -264,18 +382,19 @@ impl Worker {
                 .then(|| self.registry.get(&delivery.endpoint))
                 .flatten(),
         };
-        let settled = match known {
+        match known {
             // Deleted meanwhile: its deliveries went with it (or go with it).
             None => {
                 if let Err(error) = self.outbox.release(delivery.id).await {
                     tracing::debug!(%error, "cannot release a webhook delivery's claim");
                 }
-                Settled {
+                let settled = Settled {
                     delivery,
                     outcome: None,
                     recorded: false,
                     follow_up: FollowUp::Nothing,
-                }
+                };
+                (settled, None)
             }
             Some(endpoint) => {
                 let started = Instant::now();
@@ -283,11 +402,9 @@ impl Worker {
                 self.metrics
                     .webhook_attempt_seconds
                     .observe(started.elapsed().as_secs_f64());
-                self.settle(&endpoint, delivery, answer).await
+                self.settle(&endpoint, delivery, answer, chain).await
             }
-        };
-        self.release(&settled.delivery);
-        settled
+        }
     }
 
     /// Settles an attempt: its outcome decided on the retry schedule, counted, recorded in the
@@ -297,7 +414,8 @@ impl Worker {
         endpoint: &Endpoint,
         delivery: Delivery,
         answer: Result<u16, AttemptError>,
-    ) -> Settled {
+        chain: bool,
+    ) -> (Settled, Option<Delivery>) {
         let now_ms = unix_ms(SystemTime::now());
         let outcome = {
             let mut rng = self.rng.lock().unwrap_or_else(|e| e.into_inner());
@@ -310,14 +428,21 @@ impl Worker {
             )
         };
         self.count(&delivery, &outcome);
-        let Some(recorded) = self.record(&delivery, &outcome, now_ms).await else {
-            return Settled {
+        let next = chain.then(|| Next {
+            now_ms,
+            owner: self.settings.owner.clone(),
+            hold: self.settings.claim_timeout,
+        });
+        let Some(mut recorded) = self.record(&delivery, &outcome, now_ms, next).await else {
+            let settled = Settled {
                 delivery,
                 outcome: Some(outcome),
                 recorded: false,
                 follow_up: FollowUp::Nothing,
             };
+            return (settled, None);
         };
+        let mut next = recorded.next.take();
         if let Some(status) = recorded.status.clone() {
             self.registry.set_status(&delivery.endpoint, status);
         }
@@ -333,12 +458,19 @@ impl Worker {
             }
             FollowUp::Nothing => {}
         }
-        Settled {
+        if follow_up != FollowUp::Nothing
+            && let Some(taken) = next.take()
+            && let Err(error) = self.outbox.release(taken.id).await
+        {
+            tracing::debug!(%error, "cannot release a webhook delivery's claim");
+        }
+        let settled = Settled {
             delivery,
             outcome: Some(outcome),
             recorded: true,
             follow_up,
-        }
+        };
+        (settled, next)
     }
 
     /// Counts an attempt by what it came to; a dead letter is also logged.
@@ -376,11 +508,12 @@ impl Worker {
         delivery: &Delivery,
         outcome: &AttemptOutcome,
         now_ms: u64,
+        next: Option<Next>,
     ) -> Option<Recorded> {
         loop {
             match self
                 .outbox
-                .record(delivery.id, outcome.clone(), now_ms)
+                .record(delivery.id, outcome.clone(), now_ms, next.clone())
                 .await
             {
                 Ok(recorded) => return Some(recorded),
@@ -463,7 +596,18 @@ impl Worker {
                 },
             };
             // Other nodes queue deliveries without waking this worker.
-            let wait = self.settings.poll.map_or(wait, |poll| wait.min(poll));
+            let mut wait = self.settings.poll.map_or(wait, |poll| wait.min(poll));
+            // A due head of an endpoint out of room waits for room, not for nothing.
+            let room_in = self
+                .rates
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .next(Instant::now());
+            if let Some(room_in) = room_in
+                && self.in_flight() == 0
+            {
+                wait = wait.max(room_in);
+            }
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 _ = self.wake.notified() => {}
@@ -471,7 +615,9 @@ impl Worker {
             }
         }
         // Attempts in flight finish (or time out) so their outcomes are recorded; anything cut
-        // short stays pending and is sent again after a restart.
+        // short stays pending and is sent again after a restart. None follows them.
+        self.stopping
+            .store(true, std::sync::atomic::Ordering::Relaxed);
         let deadline = tokio::time::Instant::now() + self.settings.attempt_timeout;
         while self.in_flight() > 0 && tokio::time::Instant::now() < deadline {
             tokio::select! {
@@ -654,6 +800,7 @@ mod tests {
         let hour = Duration::from_secs(3600);
         let recorded = |failing_since_ms: Option<u64>, needs_resync: bool| Recorded {
             needs_resync,
+            next: None,
             status: Some(EndpointStatus {
                 failing_since_ms,
                 ..EndpointStatus::default()

@@ -100,6 +100,16 @@ pub struct EndpointRecord {
     pub source: Source,
     /// When it was created (Unix milliseconds).
     pub created_ms: u64,
+    /// What it is for, for people (shown in the admin API).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    /// Free-form labels, for the people and tools managing it.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub metadata: BTreeMap<String, String>,
+    /// Most attempts started per second (besides `Retry-After` and the concurrency limit);
+    /// `None`: no such limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<u32>,
 }
 
 /// Why and since when an endpoint receives nothing.
@@ -281,6 +291,22 @@ pub struct Recorded {
     pub needs_resync: bool,
     /// The endpoint's status after this attempt (`None` when it was deleted meanwhile).
     pub status: Option<EndpointStatus>,
+    /// The pair's next delivery, claimed for the same worker, when [`Next`] asked for it and
+    /// it is due (with its body).
+    pub next: Option<Delivery>,
+}
+
+/// What [`Outbox::record`] is asked to do besides recording: claim the pair's next delivery
+/// if it is due at `now_ms`, for `owner` for `hold`, so a busy pair goes on at once instead
+/// of waiting for the worker's next claim.
+#[derive(Debug, Clone)]
+pub struct Next {
+    /// Due at this time (Unix milliseconds).
+    pub now_ms: u64,
+    /// Who claims it.
+    pub owner: Arc<str>,
+    /// For how long.
+    pub hold: Duration,
 }
 
 /// Which deliveries to send again.
@@ -290,6 +316,10 @@ pub enum Replay {
     One(i64),
     /// Every dead delivery of the endpoint created at or after this time (Unix milliseconds).
     DeadSince(u64),
+    /// Every delivery of the endpoint that was delivered or dead, created at or after this time
+    /// (Unix milliseconds): a receiver that lost what it got recovers it all, in order (as
+    /// Svix's "recover"). Superseded ones are not: a later snapshot replaced them.
+    Since(u64),
 }
 
 /// What a worker asks of [`Outbox::due`]: due deliveries it may claim.
@@ -512,8 +542,15 @@ pub trait Outbox: Send + Sync {
     fn documents(&self) -> OutboxFuture<Vec<StoredDocument>>;
     /// When the earliest pending head of an enabled endpoint is due (Unix milliseconds).
     fn next_due_ms(&self) -> OutboxFuture<Option<u64>>;
-    /// Records an attempt of delivery `id` made at `now_ms`, and releases its claim.
-    fn record(&self, id: i64, outcome: AttemptOutcome, now_ms: u64) -> OutboxFuture<Recorded>;
+    /// Records an attempt of delivery `id` made at `now_ms`, and releases its claim; with
+    /// `next`, also claims the pair's next delivery if it is due ([`Recorded::next`]).
+    fn record(
+        &self,
+        id: i64,
+        outcome: AttemptOutcome,
+        now_ms: u64,
+        next: Option<Next>,
+    ) -> OutboxFuture<Recorded>;
     /// An endpoint's deliveries, newest first, without bodies.
     fn deliveries(&self, endpoint: String, filter: DeliveryFilter) -> OutboxFuture<Vec<Delivery>>;
     /// Queues the selected deliveries again (same `webhook-id` and body, attempts reset) at the

@@ -33,8 +33,8 @@ use tokio_postgres::types::ToSql;
 
 use super::{
     Accepted, AttemptOutcome, Bodies, Claim, Delivery, DeliveryFilter, DeliveryState, Disabled,
-    EndpointRecord, EndpointStatus, NewChange, Outbox, OutboxError, OutboxFuture, Recorded, Replay,
-    StoredDocument, Target, collapses, int, kind_code, kind_of, state_code, state_of, uint,
+    EndpointRecord, EndpointStatus, NewChange, Next, Outbox, OutboxError, OutboxFuture, Recorded,
+    Replay, StoredDocument, Target, collapses, int, kind_code, kind_of, state_code, state_of, uint,
 };
 use crate::sinks::webhook::body::{self, Cursor, Plan};
 use crate::sinks::webhook::sign::message_id;
@@ -151,29 +151,35 @@ impl From<deadpool_postgres::PoolError> for OutboxError {
 
 /// A delivery from a row of `DELIVERY_COLUMNS` (and `body` after them, when selected).
 fn delivery(row: &tokio_postgres::Row) -> Delivery {
+    delivery_at(row, 0)
+}
+
+/// A delivery from the `DELIVERY_COLUMNS` of a row starting at column `at` (and `body` after
+/// them, when selected).
+fn delivery_at(row: &tokio_postgres::Row, at: usize) -> Delivery {
     Delivery {
-        id: row.get(0),
-        endpoint: row.get(1),
-        stream: row.get(2),
-        msg_id: row.get(3),
-        kind: kind_of(row.get(4)),
-        epoch: uint(row.get(5)),
-        seq: uint(row.get(6)),
-        base_seq: row.get::<_, Option<i64>>(7).map(uint),
-        body: if row.len() > 15 {
-            Bytes::from(row.get::<_, Vec<u8>>(15))
+        id: row.get(at),
+        endpoint: row.get(at + 1),
+        stream: row.get(at + 2),
+        msg_id: row.get(at + 3),
+        kind: kind_of(row.get(at + 4)),
+        epoch: uint(row.get(at + 5)),
+        seq: uint(row.get(at + 6)),
+        base_seq: row.get::<_, Option<i64>>(at + 7).map(uint),
+        body: if row.len() > at + 15 {
+            Bytes::from(row.get::<_, Vec<u8>>(at + 15))
         } else {
             Bytes::new()
         },
-        state: state_of(row.get(8)),
-        attempts: u32::try_from(row.get::<_, i32>(9)).unwrap_or(0),
-        next_attempt_ms: uint(row.get(10)),
-        last_error: row.get(11),
+        state: state_of(row.get(at + 8)),
+        attempts: u32::try_from(row.get::<_, i32>(at + 9)).unwrap_or(0),
+        next_attempt_ms: uint(row.get(at + 10)),
+        last_error: row.get(at + 11),
         last_status: row
-            .get::<_, Option<i32>>(12)
+            .get::<_, Option<i32>>(at + 12)
             .and_then(|s| u16::try_from(s).ok()),
-        created_ms: uint(row.get(13)),
-        finished_ms: row.get::<_, Option<i64>>(14).map(uint),
+        created_ms: uint(row.get(at + 13)),
+        finished_ms: row.get::<_, Option<i64>>(at + 14).map(uint),
     }
 }
 
@@ -235,12 +241,18 @@ struct RecordJob {
     id: i64,
     outcome: AttemptOutcome,
     now_ms: u64,
+    next: Option<Next>,
     reply: oneshot::Sender<Result<Recorded, OutboxError>>,
 }
 
 /// The PostgreSQL outbox. Dropping it lets its tasks finish the queued jobs.
 pub struct PostgresOutbox {
     pool: Pool,
+    /// Connections whose commits do not wait for the disk (`synchronous_commit = off`), for
+    /// claims and releases only: a claim lost to a crash of the database server just lets
+    /// another worker send the delivery again (same `webhook-id`), which at-least-once
+    /// allows; it is never the record of an accepted change or of an answer.
+    claims: Pool,
     writes: mpsc::UnboundedSender<Write>,
     records: mpsc::UnboundedSender<RecordJob>,
 }
@@ -267,20 +279,32 @@ impl PostgresOutbox {
         if config.get_application_name().is_none() {
             config.application_name("patchwire");
         }
-        let manager = Manager::from_config(
-            config,
-            NoTls,
-            ManagerConfig {
-                recycling_method: RecyclingMethod::Fast,
-            },
-        );
-        let pool = Pool::builder(manager)
-            .max_size(connections.max(2))
-            .runtime(Runtime::Tokio1)
-            .wait_timeout(Some(Duration::from_secs(10)))
-            .create_timeout(Some(Duration::from_secs(10)))
-            .build()
-            .map_err(|e| fail(e.to_string()))?;
+        let build = |config: tokio_postgres::Config, size: usize| {
+            let manager = Manager::from_config(
+                config,
+                NoTls,
+                ManagerConfig {
+                    recycling_method: RecyclingMethod::Fast,
+                },
+            );
+            Pool::builder(manager)
+                .max_size(size)
+                .runtime(Runtime::Tokio1)
+                .wait_timeout(Some(Duration::from_secs(10)))
+                .create_timeout(Some(Duration::from_secs(10)))
+                .build()
+                .map_err(|e| fail(e.to_string()))
+        };
+        let mut quick = config.clone();
+        let options = match config.get_options() {
+            Some(options) => format!("{options} -c synchronous_commit=off"),
+            None => "-c synchronous_commit=off".to_owned(),
+        };
+        quick.options(&options);
+        // Most connections go to the batches (accepts, records) and reads; a few to claims.
+        let connections = connections.max(4);
+        let pool = build(config, connections - connections / 4)?;
+        let claims = build(quick, connections / 4)?;
         migrate(&pool).await.map_err(|e| fail(e.to_string()))?;
         let (writes, queue) = mpsc::unbounded_channel();
         tokio::spawn(write_loop(pool.clone(), queue));
@@ -288,6 +312,7 @@ impl PostgresOutbox {
         tokio::spawn(record_loop(pool.clone(), queue));
         Ok(PostgresOutbox {
             pool,
+            claims,
             writes,
             records,
         })
@@ -706,9 +731,19 @@ async fn save_document(
     Ok(())
 }
 
-/// The record task: records every queued outcome in one transaction.
+/// Record batches committing at once: a batch is taken while others commit, so their
+/// commits share the server's flushes.
+const RECORD_BATCHES: usize = 4;
+
+/// The record task: records the queued outcomes in batches, each in one transaction, up to
+/// [`RECORD_BATCHES`] at once (each delivery has one attempt recorded at a time, so batches
+/// never touch the same delivery).
 async fn record_loop(pool: Pool, mut queue: mpsc::UnboundedReceiver<RecordJob>) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(RECORD_BATCHES));
     while let Some(first) = queue.recv().await {
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
+        };
         let mut jobs = vec![first];
         while jobs.len() < BATCH {
             match queue.try_recv() {
@@ -716,19 +751,23 @@ async fn record_loop(pool: Pool, mut queue: mpsc::UnboundedReceiver<RecordJob>) 
                 Err(_) => break,
             }
         }
-        match record_batch(&pool, &jobs).await {
-            Ok(answers) => {
-                for (job, answer) in jobs.into_iter().zip(answers) {
-                    let _ = job.reply.send(Ok(answer));
+        let pool = pool.clone();
+        tokio::spawn(async move {
+            match record_batch(&pool, &jobs).await {
+                Ok(answers) => {
+                    for (job, answer) in jobs.into_iter().zip(answers) {
+                        let _ = job.reply.send(Ok(answer));
+                    }
+                }
+                Err(error) => {
+                    let message = error.to_string();
+                    for job in jobs {
+                        let _ = job.reply.send(Err(OutboxError::Storage(message.clone())));
+                    }
                 }
             }
-            Err(error) => {
-                let message = error.to_string();
-                for job in jobs {
-                    let _ = job.reply.send(Err(OutboxError::Storage(message.clone())));
-                }
-            }
-        }
+            drop(slot);
+        });
     }
 }
 
@@ -877,11 +916,81 @@ async fn record_batch(pool: &Pool, jobs: &[RecordJob]) -> Result<Vec<Recorded>, 
             statuses.insert(row.get::<_, String>(0), status(&row, 1));
         }
     }
+    let nexts = claim_next(&tx, jobs, &endpoint_of).await?;
     tx.commit().await?;
     for (answer, endpoint) in answers.iter_mut().zip(&endpoint_of) {
         answer.status = endpoint.as_ref().and_then(|e| statuses.get(e).cloned());
     }
+    for (i, next) in nexts {
+        answers[i].next = Some(next);
+    }
     Ok(answers)
+}
+
+/// Claims, for each job that asked ([`Next`]), its pair's next delivery when it is due and
+/// free, for the same worker: the record's own transaction sees the head it just finished.
+/// Returns (job index, delivery).
+async fn claim_next(
+    tx: &deadpool_postgres::Transaction<'_>,
+    jobs: &[RecordJob],
+    endpoint_of: &[Option<String>],
+) -> Result<Vec<(usize, Delivery)>, OutboxError> {
+    let mut wanted: Vec<(usize, &Next, String)> = Vec::new();
+    for (i, (job, endpoint)) in jobs.iter().zip(endpoint_of).enumerate() {
+        if let (Some(next), Some(endpoint)) = (&job.next, endpoint) {
+            wanted.push((i, next, endpoint.clone()));
+        }
+    }
+    if wanted.is_empty() {
+        return Ok(Vec::new());
+    }
+    let ids: Vec<i64> = wanted.iter().map(|w| jobs[w.0].id).collect();
+    let owners: Vec<&str> = wanted.iter().map(|w| &*w.1.owner).collect();
+    let holds: Vec<i64> = wanted
+        .iter()
+        .map(|w| int(u64::try_from(w.1.hold.as_millis()).unwrap_or(u64::MAX)))
+        .collect();
+    let dues: Vec<i64> = wanted.iter().map(|w| int(w.1.now_ms)).collect();
+    let statement = tx
+        .prepare_cached(&format!(
+            "WITH now AS (SELECT {DB_NOW} AS ms), \
+             wanted AS (SELECT f.endpoint_id, f.stream, w.owner, w.hold, w.due, w.done \
+                 FROM unnest($1::bigint[], $2::text[], $3::bigint[], $4::bigint[]) \
+                     AS w(done, owner, hold, due) \
+                 JOIN patchwire_deliveries f ON f.id = w.done \
+                 JOIN patchwire_endpoints e ON e.id = f.endpoint_id AND e.disabled_at_ms IS NULL), \
+             heads AS (SELECT h.id, wanted.owner, wanted.hold, wanted.done FROM wanted \
+                 CROSS JOIN LATERAL (SELECT d.id, d.next_attempt_ms, d.claimed_until_ms \
+                     FROM patchwire_deliveries d WHERE d.endpoint_id = wanted.endpoint_id \
+                     AND d.stream = wanted.stream AND d.state = 0 ORDER BY d.id LIMIT 1) AS h \
+                 CROSS JOIN now \
+                 WHERE h.next_attempt_ms <= wanted.due \
+                   AND (h.claimed_until_ms IS NULL OR h.claimed_until_ms < now.ms)), \
+             locked AS (SELECT x.id FROM patchwire_deliveries x \
+                 WHERE x.id IN (SELECT id FROM heads) FOR UPDATE SKIP LOCKED) \
+             UPDATE patchwire_deliveries d SET claimed_by = heads.owner, \
+                 claimed_until_ms = (SELECT ms FROM now) + heads.hold \
+             FROM heads WHERE d.id = heads.id AND d.id IN (SELECT id FROM locked) \
+             RETURNING heads.done, {}, d.body",
+            DELIVERY_COLUMNS
+                .split(", ")
+                .map(|c| format!("d.{c}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ))
+        .await?;
+    let rows = tx
+        .query(&statement, &[&ids, &owners, &holds, &dues])
+        .await?;
+    let mut out = Vec::new();
+    for row in rows {
+        let done: i64 = row.get(0);
+        let Some(w) = wanted.iter().find(|w| jobs[w.0].id == done) else {
+            continue;
+        };
+        out.push((w.0, delivery_at(&row, 1)));
+    }
+    Ok(out)
 }
 
 /// After a dead delivery, the pair's pending deliveries up to the next snapshot lack their
@@ -924,19 +1033,40 @@ async fn supersede_after_gap(
     Ok(true)
 }
 
-/// The due heads of every pair of an enabled endpoint, unclaimed (or whose claim expired),
-/// soonest first: one index probe per pair (`patchwire_deliveries_pending`).
-const DUE_HEADS: &str = "SELECT h.id, h.endpoint_id FROM patchwire_cursors c \
+/// Claims due heads in one statement: the head (oldest pending delivery) of every pair of an
+/// enabled endpoint, due, unclaimed or whose claim expired (in the database's clock), not
+/// among the caller's busy pairs and full endpoints (`$2`, `$3`), soonest first; at most
+/// `$4` in flight per endpoint counting every node's live claims, at most `$5` in all; each
+/// locked with `SKIP LOCKED` (another node claiming it now keeps it) and checked again under
+/// the lock before it is claimed for `$6` until now + `$7`. One index probe per pair
+/// (`patchwire_deliveries_pending`), however long the backlogs.
+const CLAIM: &str = "WITH now AS (SELECT (extract(epoch FROM clock_timestamp()) * 1000)::bigint AS ms), \
+     heads AS (SELECT h.id, h.endpoint_id, h.next_attempt_ms FROM patchwire_cursors c \
      JOIN patchwire_endpoints e ON e.id = c.endpoint_id AND e.disabled_at_ms IS NULL \
      CROSS JOIN LATERAL (SELECT d.id, d.endpoint_id, d.next_attempt_ms, d.claimed_until_ms \
-         FROM patchwire_deliveries d \
-         WHERE d.endpoint_id = c.endpoint_id AND d.stream = c.stream AND d.state = 0 \
-         ORDER BY d.id LIMIT 1) AS h \
+     FROM patchwire_deliveries d \
+     WHERE d.endpoint_id = c.endpoint_id AND d.stream = c.stream AND d.state = 0 \
+     ORDER BY d.id LIMIT 1) AS h \
+     CROSS JOIN now \
      WHERE h.next_attempt_ms <= $1 \
-       AND (h.claimed_until_ms IS NULL OR h.claimed_until_ms < $2) \
-       AND NOT (c.endpoint_id = ANY($3)) \
-       AND NOT ((c.endpoint_id || E'\\x1f' || c.stream) = ANY($4)) \
-     ORDER BY h.next_attempt_ms, h.id LIMIT $5";
+     AND (h.claimed_until_ms IS NULL OR h.claimed_until_ms < now.ms) \
+     AND NOT (c.endpoint_id = ANY($2)) \
+     AND NOT ((c.endpoint_id || E'\\x1f' || c.stream) = ANY($3))), \
+     live AS (SELECT d.endpoint_id, count(*) AS n FROM patchwire_deliveries d CROSS JOIN now \
+     WHERE d.state = 0 AND d.claimed_until_ms >= now.ms \
+     AND d.endpoint_id IN (SELECT endpoint_id FROM heads) \
+     GROUP BY d.endpoint_id), \
+     ranked AS (SELECT heads.id, heads.next_attempt_ms, coalesce(live.n, 0) + row_number() \
+     OVER (PARTITION BY heads.endpoint_id ORDER BY heads.next_attempt_ms, heads.id) AS place \
+     FROM heads LEFT JOIN live ON live.endpoint_id = heads.endpoint_id), \
+     picked AS (SELECT id FROM ranked WHERE place <= $4 ORDER BY next_attempt_ms, id LIMIT $5) \
+     UPDATE patchwire_deliveries SET claimed_by = $6, \
+     claimed_until_ms = (SELECT ms FROM now) + $7 \
+     WHERE id IN (SELECT x.id FROM patchwire_deliveries x \
+     WHERE x.id IN (SELECT id FROM picked) AND x.state = 0 \
+     AND (x.claimed_until_ms IS NULL OR x.claimed_until_ms < (SELECT ms FROM now)) \
+     FOR UPDATE SKIP LOCKED) \
+     RETURNING ";
 
 async fn claim(
     client: &deadpool_postgres::Object,
@@ -945,70 +1075,29 @@ async fn claim(
     if claim.limit == 0 {
         return Ok(Vec::new());
     }
-    let db_now: i64 = client
-        .query_one(&format!("SELECT {DB_NOW}"), &[])
-        .await?
-        .get(0);
     let busy: Vec<String> = claim
         .busy
         .iter()
         .map(|(endpoint, stream)| format!("{endpoint}\u{1f}{stream}"))
         .collect();
-    // A few more candidates than wanted: some endpoints may have no room left.
-    let candidates = int(u64::try_from(claim.limit.saturating_mul(4)).unwrap_or(u64::MAX));
-    let heads = client
-        .query(
-            DUE_HEADS,
-            &[&int(claim.now_ms), &db_now, &claim.full, &busy, &candidates],
-        )
-        .await?;
-    if heads.is_empty() {
-        return Ok(Vec::new());
-    }
-    let endpoints: Vec<String> = heads
-        .iter()
-        .map(|r| r.get::<_, String>(1))
-        .collect::<HashSet<_>>()
-        .into_iter()
-        .collect();
-    // Attempts in flight to these endpoints across every node (claims not yet expired).
-    let mut in_flight: HashMap<String, usize> = HashMap::new();
-    for row in client
-        .query(
-            "SELECT endpoint_id, count(*) FROM patchwire_deliveries \
-             WHERE state = 0 AND claimed_until_ms >= $1 AND endpoint_id = ANY($2) \
-             GROUP BY endpoint_id",
-            &[&db_now, &endpoints],
-        )
-        .await?
-    {
-        let count: i64 = row.get(1);
-        in_flight.insert(row.get(0), usize::try_from(count).unwrap_or(usize::MAX));
-    }
-    let mut picked = Vec::new();
-    for row in &heads {
-        if picked.len() >= claim.limit {
-            break;
-        }
-        let endpoint: String = row.get(1);
-        let count = in_flight.entry(endpoint).or_default();
-        if *count >= claim.per_endpoint.max(1) {
-            continue;
-        }
-        *count += 1;
-        picked.push(row.get::<_, i64>(0));
-    }
+    let per_endpoint = int(u64::try_from(claim.per_endpoint.max(1)).unwrap_or(u64::MAX));
+    let limit = int(u64::try_from(claim.limit).unwrap_or(u64::MAX));
     let hold = int(u64::try_from(claim.hold.as_millis()).unwrap_or(u64::MAX));
+    let statement = client
+        .prepare_cached(&format!("{CLAIM}{DELIVERY_COLUMNS}, body"))
+        .await?;
     let rows = client
         .query(
-            &format!(
-                "UPDATE patchwire_deliveries SET claimed_by = $2, claimed_until_ms = $3 + $4 \
-                 WHERE id IN (SELECT id FROM patchwire_deliveries WHERE id = ANY($1) \
-                     AND state = 0 AND (claimed_until_ms IS NULL OR claimed_until_ms < $3) \
-                     FOR UPDATE SKIP LOCKED) \
-                 RETURNING {DELIVERY_COLUMNS}, body"
-            ),
-            &[&picked, &&*claim.owner, &db_now, &hold],
+            &statement,
+            &[
+                &int(claim.now_ms),
+                &claim.full,
+                &busy,
+                &per_endpoint,
+                &limit,
+                &&*claim.owner,
+                &hold,
+            ],
         )
         .await?;
     let mut out: Vec<Delivery> = rows.iter().map(delivery).collect();
@@ -1207,7 +1296,7 @@ impl Outbox for PostgresOutbox {
     }
 
     fn due(&self, request: Claim) -> OutboxFuture<Vec<Delivery>> {
-        let pool = self.pool.clone();
+        let pool = self.claims.clone();
         Box::pin(async move {
             let client = pool.get().await?;
             claim(&client, request).await
@@ -1215,7 +1304,7 @@ impl Outbox for PostgresOutbox {
     }
 
     fn release(&self, id: i64) -> OutboxFuture<()> {
-        let pool = self.pool.clone();
+        let pool = self.claims.clone();
         Box::pin(async move {
             let client = pool.get().await?;
             client
@@ -1289,7 +1378,13 @@ impl Outbox for PostgresOutbox {
         })
     }
 
-    fn record(&self, id: i64, outcome: AttemptOutcome, now_ms: u64) -> OutboxFuture<Recorded> {
+    fn record(
+        &self,
+        id: i64,
+        outcome: AttemptOutcome,
+        now_ms: u64,
+        next: Option<Next>,
+    ) -> OutboxFuture<Recorded> {
         let (reply, answer) = oneshot::channel();
         let sent = self
             .records
@@ -1297,6 +1392,7 @@ impl Outbox for PostgresOutbox {
                 id,
                 outcome,
                 now_ms,
+                next,
                 reply,
             })
             .is_ok();
@@ -1339,6 +1435,7 @@ impl Outbox for PostgresOutbox {
             let (condition, arg): (&str, i64) = match which {
                 Replay::One(id) => ("id = $3 AND state <> 0", id),
                 Replay::DeadSince(since) => ("state = 2 AND created_ms >= $3", int(since)),
+                Replay::Since(since) => ("state IN (1, 2) AND created_ms >= $3", int(since)),
             };
             let copied = client
                 .execute(

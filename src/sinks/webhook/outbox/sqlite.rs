@@ -18,8 +18,8 @@ use tokio::sync::oneshot;
 
 use super::{
     Accepted, AttemptOutcome, Bodies, Claim, Delivery, DeliveryFilter, Disabled, EndpointRecord,
-    EndpointStatus, NewChange, Outbox, OutboxError, OutboxFuture, Recorded, Replay, StoredDocument,
-    Target, collapses, int, kind_code, kind_of, state_code, state_of, uint,
+    EndpointStatus, NewChange, Next, Outbox, OutboxError, OutboxFuture, Recorded, Replay,
+    StoredDocument, Target, collapses, int, kind_code, kind_of, state_code, state_of, uint,
 };
 use crate::sinks::webhook::body::{self, Cursor, Plan};
 use crate::sinks::webhook::sign::message_id;
@@ -421,6 +421,7 @@ fn record(
     outcome: &AttemptOutcome,
     now: u64,
     revision: &AtomicU64,
+    next: Option<&Next>,
 ) -> Result<Recorded, OutboxError> {
     let Some((endpoint, stream, state)) = conn
         .prepare_cached("SELECT endpoint_id, stream, state FROM deliveries WHERE id = ?1")?
@@ -480,6 +481,21 @@ fn record(
         }
     }
     recorded.status = read_status(conn, &endpoint, revision)?;
+    if let Some(next) = next {
+        // One process: the worker's own bookkeeping holds the pair, nothing is written.
+        let mut statement = conn.prepare_cached(&format!(
+            "{HEADS} WHERE c.endpoint_id = ?1 AND c.stream = ?2 AND d.next_attempt_ms <= ?3"
+        ))?;
+        recorded.next = statement
+            .query_row(params![endpoint, stream, sql(next.now_ms)], delivery)
+            .optional()?;
+        if let Some(d) = &mut recorded.next {
+            d.body = Bytes::from(
+                conn.prepare_cached("SELECT body FROM deliveries WHERE id = ?1")?
+                    .query_row([d.id], |r| r.get::<_, Vec<u8>>(0))?,
+            );
+        }
+    }
     Ok(recorded)
 }
 
@@ -805,9 +821,15 @@ impl Outbox for SqliteOutbox {
         })
     }
 
-    fn record(&self, id: i64, outcome: AttemptOutcome, now_ms: u64) -> OutboxFuture<Recorded> {
+    fn record(
+        &self,
+        id: i64,
+        outcome: AttemptOutcome,
+        now_ms: u64,
+        next: Option<Next>,
+    ) -> OutboxFuture<Recorded> {
         let revision = self.revision.clone();
-        self.call(move |conn| record(conn, id, &outcome, now_ms, &revision))
+        self.call(move |conn| record(conn, id, &outcome, now_ms, &revision, next.as_ref()))
     }
 
     fn deliveries(&self, endpoint: String, filter: DeliveryFilter) -> OutboxFuture<Vec<Delivery>> {
@@ -841,6 +863,13 @@ impl Outbox for SqliteOutbox {
                 Replay::DeadSince(since) => conn
                     .prepare_cached(
                         "SELECT id FROM deliveries WHERE endpoint_id = ?1 AND state = 2 \
+                         AND created_ms >= ?2 ORDER BY id",
+                    )?
+                    .query_map(params![endpoint, sql(since)], |r| r.get(0))?
+                    .collect::<Result<_, _>>()?,
+                Replay::Since(since) => conn
+                    .prepare_cached(
+                        "SELECT id FROM deliveries WHERE endpoint_id = ?1 AND state IN (1, 2) \
                          AND created_ms >= ?2 ORDER BY id",
                     )?
                     .query_map(params![endpoint, sql(since)], |r| r.get(0))?
@@ -883,6 +912,9 @@ mod tests {
             previous_expires_ms: None,
             source: Source::Api,
             created_ms: 1,
+            description: None,
+            metadata: Default::default(),
+            rate_limit: None,
         }
     }
 
