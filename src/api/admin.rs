@@ -8,6 +8,8 @@
 //! - `POST /admin/webhooks/{id}/deliveries/{delivery}/replay`
 //! - `POST /admin/webhooks/{id}/replay` with `{"since": "<RFC 3339 time>"}`: every dead letter
 //!   created since then
+//! - `POST /admin/webhooks/{id}/test`: a signed test delivery, sent now; answers what the
+//!   receiver said
 //! - `POST /admin/webhooks/{id}/recover` with `{"since": "<RFC 3339 time>"}`: every delivery
 //!   delivered or dead since then, again, in order
 
@@ -30,9 +32,12 @@ use super::error_response;
 use crate::sinks::webhook::Webhooks;
 use crate::sinks::webhook::body::event_type;
 use crate::sinks::webhook::config::AdminToken;
-use crate::sinks::webhook::endpoints::{AdminError, EndpointChanges, Endpoints, NewEndpoint};
+use crate::sinks::webhook::endpoints::{
+    AdminError, EndpointChanges, Endpoints, Idempotency, NewEndpoint,
+};
 use crate::sinks::webhook::outbox::{Delivery, DeliveryFilter, DeliveryState, Replay};
 use crate::sinks::webhook::registry::Endpoint;
+use crate::sinks::webhook::sign;
 use crate::time::{rfc3339, unix_ms};
 
 /// Largest admin request body: endpoint definitions and replay requests are small (axum's own
@@ -84,6 +89,7 @@ pub fn router(
         )
         .route("/admin/webhooks/{id}/replay", post(replay_since))
         .route("/admin/webhooks/{id}/recover", post(recover))
+        .route("/admin/webhooks/{id}/test", post(test))
         .with_state(webhooks);
     // Bodies are read within the deadline, and only once the token was checked from the head.
     let limits = BodyLimits {
@@ -213,16 +219,73 @@ async fn list(State(endpoints): State<Arc<Endpoints>>) -> Response {
     axum::Json(json!({ "endpoints": listed })).into_response()
 }
 
-async fn create(State(endpoints): State<Arc<Endpoints>>, body: Bytes) -> Response {
+/// `value` as JSON text with every object's keys sorted: equal for equal requests.
+fn canonical(value: &Value) -> String {
+    match value {
+        Value::Object(map) => {
+            let mut keys: Vec<&String> = map.keys().collect();
+            keys.sort();
+            let fields: Vec<String> = keys
+                .into_iter()
+                .map(|k| format!("{}:{}", Value::String(k.clone()), canonical(&map[k])))
+                .collect();
+            format!("{{{}}}", fields.join(","))
+        }
+        Value::Array(items) => format!(
+            "[{}]",
+            items.iter().map(canonical).collect::<Vec<_>>().join(",")
+        ),
+        other => other.to_string(),
+    }
+}
+
+/// The longest `Idempotency-Key` accepted.
+const IDEMPOTENCY_KEY_MAX: usize = 255;
+
+async fn create(
+    State(endpoints): State<Arc<Endpoints>>,
+    headers: http::HeaderMap,
+    body: Bytes,
+) -> Response {
     let input: NewEndpoint = match parse(&body) {
         Ok(input) => input,
         Err(response) => return *response,
     };
-    match endpoints.create(input).await {
-        Ok((endpoint, secret)) => {
-            let mut view = endpoint_json(&endpoint);
-            view["secret"] = Value::String(secret);
-            (StatusCode::CREATED, axum::Json(view)).into_response()
+    let idempotency = match headers.get("idempotency-key") {
+        None => None,
+        Some(value) => {
+            let key = value.to_str().ok().map(str::trim).unwrap_or_default();
+            if key.is_empty() || key.len() > IDEMPOTENCY_KEY_MAX {
+                return error_response(
+                    StatusCode::BAD_REQUEST,
+                    format!(
+                        "Idempotency-Key: expected 1 to {IDEMPOTENCY_KEY_MAX} visible ASCII \
+                         characters, such as a UUID"
+                    ),
+                );
+            }
+            // The request as JSON, normalized (key order, spacing), so a retry matches.
+            let normalized = serde_json::from_slice::<Value>(&body)
+                .map(|v| canonical(&v))
+                .unwrap_or_default();
+            Some(Idempotency {
+                key: key.to_owned(),
+                request_hash: sign::sha256_hex(normalized.as_bytes()),
+            })
+        }
+    };
+    match endpoints.create(input, idempotency).await {
+        Ok(created) => {
+            let mut view = endpoint_json(&created.endpoint);
+            view["secret"] = Value::String(created.secret);
+            let mut response = (StatusCode::CREATED, axum::Json(view)).into_response();
+            if created.replayed {
+                response.headers_mut().insert(
+                    "idempotent-replayed",
+                    http::HeaderValue::from_static("true"),
+                );
+            }
+            response
         }
         Err(e) => failure(e),
     }
@@ -403,6 +466,32 @@ async fn recover(
     };
     match endpoints.replay(&id, Replay::Since(since)).await {
         Ok(n) => (StatusCode::ACCEPTED, axum::Json(json!({ "recovered": n }))).into_response(),
+        Err(e) => failure(e),
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TestRequest {}
+
+async fn test(
+    State(endpoints): State<Arc<Endpoints>>,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Response {
+    if let Err(response) = parse::<TestRequest>(&body) {
+        return *response;
+    }
+    match endpoints.test(&id).await {
+        Ok((webhook_id, probe)) => axum::Json(json!({
+            "webhook_id": webhook_id,
+            "delivered": probe.error.is_none(),
+            "status": probe.status,
+            "duration_ms": u64::try_from(probe.duration.as_millis()).unwrap_or(u64::MAX),
+            "response": probe.excerpt,
+            "error": probe.error.map(|e| e.to_string()),
+        }))
+        .into_response(),
         Err(e) => failure(e),
     }
 }

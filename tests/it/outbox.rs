@@ -32,6 +32,7 @@ fn endpoint(id: &str) -> EndpointRecord {
         description: None,
         metadata: Default::default(),
         rate_limit: None,
+        request_hash: None,
     }
 }
 

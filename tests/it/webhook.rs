@@ -838,6 +838,7 @@ async fn queued(
             description: None,
             metadata: Default::default(),
             rate_limit: None,
+            request_hash: None,
         };
         outbox.put_endpoint(record.clone()).await.unwrap();
         registry.put(Endpoint::new(record, EndpointStatus::default()).unwrap());
@@ -1227,7 +1228,149 @@ async fn endpoints_carry_a_description_metadata_and_a_rate_limit(store: TestStor
     app.stop().await;
 }
 
+/// A test delivery: signed like any other, sent at once, its answer returned; nothing is
+/// queued. Bad requests and unknown endpoints are refused.
+async fn a_test_delivery_is_signed_sent_at_once_and_its_answer_returned(store: TestStore) {
+    let upstream = MockUpstream::start(json!({"n": 0})).await;
+    let receiver = Receiver::start(&[SECRET]).await;
+    let app = start(
+        &upstream,
+        &store,
+        &[endpoint("hook", &receiver.url(), &["fleet"], Mode::Patch)],
+        "",
+    )
+    .await;
+    let admin = Admin::new(&app);
+    // Let the first snapshot through, so the receiver's next answer is the test's.
+    receiver
+        .wait_for(LONG, "the first snapshot", |h| !h.is_empty())
+        .await;
+    receiver.script([Reply::Body(202, "thanks, got it")]);
+    let (status, answer) = admin.call("POST", "/hook/test", None).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["delivered"], true, "{answer}");
+    assert_eq!(answer["status"], 202, "{answer}");
+    assert_eq!(answer["response"], "thanks, got it", "{answer}");
+    assert!(answer["duration_ms"].is_u64(), "{answer}");
+    let hit = receiver
+        .hits()
+        .into_iter()
+        .find(|h| h.body["type"] == "webhook.test")
+        .expect("the test delivery");
+    assert_eq!(hit.verified_by, [0], "signed with the endpoint's secret");
+    assert_eq!(Some(hit.id().as_str()), answer["webhook_id"].as_str());
+    assert_eq!(hit.body["endpoint"], "hook");
+    // A failing receiver: the answer says so; nothing is retried or listed.
+    receiver.script([Reply::Body(500, "boom")]);
+    let (status, answer) = admin.call("POST", "/hook/test", Some(json!({}))).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(
+        (
+            answer["delivered"].clone(),
+            answer["status"].clone(),
+            answer["response"].clone()
+        ),
+        (json!(false), json!(500), json!("boom"))
+    );
+    assert!(
+        answer["error"].as_str().unwrap().contains("500"),
+        "{answer}"
+    );
+    let (_, list) = admin.call("GET", "/hook/deliveries", None).await;
+    assert!(
+        !list
+            .to_string()
+            .contains(answer["webhook_id"].as_str().unwrap()),
+        "a test is not a delivery: {list}"
+    );
+    for (path, body, expected) in [
+        ("/nope/test", json!({}), 404),
+        ("/hook/test", json!({"payload": 1}), 400),
+        ("/hook/test", json!([1]), 400),
+    ] {
+        let (status, answer) = admin.call("POST", path, Some(body.clone())).await;
+        assert_eq!(status, expected, "{path} {body}: {answer}");
+        assert!(answer["message"].is_string(), "{answer}");
+    }
+    app.stop().await;
+}
+
+/// A create retried with the same `Idempotency-Key` makes one endpoint and answers it again
+/// (its secret too); the key with another request, or a malformed key, is refused.
+async fn a_create_retried_with_its_idempotency_key_makes_one_endpoint(store: TestStore) {
+    let upstream = MockUpstream::start(json!({"n": 0})).await;
+    let receiver = Receiver::start(&[]).await;
+    let app = start(&upstream, &store, &[], "").await;
+    let client = reqwest::Client::new();
+    let create = |key: Option<String>, body: String| {
+        let client = client.clone();
+        let url = app.url("/admin/webhooks");
+        async move {
+            let mut request = client
+                .post(url)
+                .bearer_auth(TOKEN)
+                .header("content-type", "application/json")
+                .body(body);
+            if let Some(key) = key {
+                request = request.header("idempotency-key", key);
+            }
+            let response = request.send().await.unwrap();
+            let status = response.status().as_u16();
+            let replayed = response.headers().contains_key("idempotent-replayed");
+            let body: Value = response.json().await.unwrap_or(Value::Null);
+            (status, replayed, body)
+        }
+    };
+    let body = format!(r#"{{"url": "{}", "streams": ["fleet"]}}"#, receiver.url());
+    let key = Some("4f1c0a2e-7d1b-4c55-9f0e-1b2c3d4e5f60".to_owned());
+    let (status, replayed, first) = create(key.clone(), body.clone()).await;
+    assert_eq!((status, replayed), (201, false), "{first}");
+    // The same request again (spaced differently): the same endpoint, secret and all.
+    let again = format!(
+        r#"{{ "streams" : ["fleet"], "url" : "{}" }}"#,
+        receiver.url()
+    );
+    let (status, replayed, second) = create(key.clone(), again).await;
+    assert_eq!((status, replayed), (201, true), "{second}");
+    assert_eq!(first["id"], second["id"]);
+    assert_eq!(first["secret"], second["secret"]);
+    let (_, listed) = Admin::new(&app).call("GET", "", None).await;
+    assert_eq!(listed["endpoints"].as_array().unwrap().len(), 1, "{listed}");
+    // Another request with the same key.
+    let other = format!(
+        r#"{{"url": "{}", "streams": ["fleet"], "mode": "snapshot"}}"#,
+        receiver.url()
+    );
+    let (status, _, answer) = create(key.clone(), other).await;
+    assert_eq!(status, 422, "{answer}");
+    assert!(
+        answer["message"]
+            .as_str()
+            .unwrap()
+            .contains("Idempotency-Key"),
+        "{answer}"
+    );
+    // Without a key: a new endpoint each time.
+    let (status, _, third) = create(None, body.clone()).await;
+    assert_eq!(status, 201);
+    assert_ne!(third["id"], first["id"]);
+    for bad in [String::new(), "k".repeat(256)] {
+        let (status, _, answer) = create(Some(bad), body.clone()).await;
+        assert_eq!(status, 400, "{answer}");
+        assert!(
+            answer["message"]
+                .as_str()
+                .unwrap()
+                .contains("Idempotency-Key"),
+            "{answer}"
+        );
+    }
+    app.stop().await;
+}
+
 crate::on_both_stores!(
+    a_create_retried_with_its_idempotency_key_makes_one_endpoint,
+    a_test_delivery_is_signed_sent_at_once_and_its_answer_returned,
     endpoints_carry_a_description_metadata_and_a_rate_limit,
     recovery_sends_everything_since_a_time_again_in_order,
     every_change_arrives_signed_in_order_as_patches_or_documents,

@@ -179,6 +179,76 @@ impl Sender {
     }
 }
 
+/// What a test delivery came to (not recorded anywhere: the admin API shows it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Probe {
+    /// The receiver's status, if it answered.
+    pub status: Option<u16>,
+    /// Why it did not succeed, if it did not.
+    pub error: Option<AttemptError>,
+    /// The start of the receiver's answer body (at most [`PROBE_EXCERPT`] bytes, as UTF-8
+    /// with invalid bytes replaced).
+    pub excerpt: String,
+    /// From sending to the answer's body read.
+    pub duration: Duration,
+}
+
+/// The most of a receiver's answer a test delivery shows.
+pub const PROBE_EXCERPT: usize = 1024;
+
+impl Sender {
+    /// Makes one attempt as [`Sender::deliver`] does, and keeps the start of the answer.
+    pub async fn probe(&self, endpoint: &Endpoint, delivery: &Delivery) -> Probe {
+        let started = std::time::Instant::now();
+        let failed = |error: AttemptError| Probe {
+            status: error.status(),
+            error: Some(error),
+            excerpt: String::new(),
+            duration: started.elapsed(),
+        };
+        if let Err(refused) = ssrf::check_url(&endpoint.url, self.allow_private) {
+            return failed(AttemptError::Refused(refused));
+        }
+        let headers = match headers(endpoint, delivery, SystemTime::now()) {
+            Ok(headers) => headers,
+            Err(error) => return failed(error),
+        };
+        let sent = self
+            .client
+            .post(endpoint.url.clone())
+            .headers(headers)
+            .body(delivery.body.clone())
+            .timeout(self.timeout)
+            .send()
+            .await;
+        let mut response = match sent {
+            Ok(response) => response,
+            Err(e) => {
+                return failed(match refusal(&e) {
+                    Some(refused) => AttemptError::Refused(refused),
+                    None => retry(describe(&e, self.timeout)),
+                });
+            }
+        };
+        let status = response.status();
+        let verdict = classify(status, response.headers(), SystemTime::now());
+        let mut body = Vec::new();
+        while body.len() < PROBE_EXCERPT {
+            match response.chunk().await {
+                Ok(Some(chunk)) => body.extend_from_slice(&chunk),
+                _ => break,
+            }
+        }
+        body.truncate(PROBE_EXCERPT);
+        Probe {
+            status: Some(status.as_u16()),
+            error: verdict.err(),
+            excerpt: String::from_utf8_lossy(&body).into_owned(),
+            duration: started.elapsed(),
+        }
+    }
+}
+
 /// The SSRF guard's refusal behind a failed request, if that is why it failed: the guarded
 /// resolver's error travels inside the client's connect error. A name that did not resolve
 /// is not a refusal (DNS failures are often temporary).
@@ -291,6 +361,7 @@ mod tests {
             description: None,
             metadata: Default::default(),
             rate_limit: None,
+            request_hash: None,
         };
         Endpoint::new(record, EndpointStatus::default()).unwrap()
     }

@@ -18,13 +18,14 @@ use super::config::{
     WebhookEndpointSettings, WebhookSettings, endpoint_description, endpoint_headers,
     endpoint_metadata, endpoint_rate_limit,
 };
+use super::deliver::Probe;
 use super::dispatcher::{Resync, ResyncRoutes};
 use super::outbox::{
-    Delivery, DeliveryFilter, Disabled, EndpointRecord, EndpointStatus, Outbox, OutboxError,
-    Replay, Source,
+    Created, Delivery, DeliveryFilter, Disabled, EndpointRecord, EndpointStatus, Outbox,
+    OutboxError, Replay, Source,
 };
 use super::registry::{Endpoint, Registry};
-use super::sign::Secret;
+use super::sign::{Secret, message_id};
 use crate::hub::Hub;
 use crate::ssrf;
 use crate::time::unix_ms;
@@ -129,7 +130,35 @@ fn record_of_config(
         description: settings.description.clone(),
         metadata: settings.metadata.clone(),
         rate_limit: settings.rate_limit,
+        request_hash: None,
     }
+}
+
+/// A create request's `Idempotency-Key`, and the hash of the request it came with.
+#[derive(Debug, Clone)]
+pub struct Idempotency {
+    /// The key, as sent.
+    pub key: String,
+    /// A hash of the request body (its JSON, normalized).
+    pub request_hash: String,
+}
+
+/// The id of the endpoint a create with this `Idempotency-Key` makes: `ep_` + 24 hex digits of
+/// its SHA-256, so a retry, on any node, names the same endpoint.
+pub fn idempotent_id(key: &str) -> String {
+    let digest = super::sign::sha256_hex(format!("patchwire-endpoint\0{key}").as_bytes());
+    format!("ep_{}", &digest[..24])
+}
+
+/// What a create made.
+#[derive(Debug, Clone)]
+pub struct CreatedEndpoint {
+    /// The endpoint.
+    pub endpoint: Arc<Endpoint>,
+    /// Its secret (shown only in a create's answer).
+    pub secret: String,
+    /// A retry with the same `Idempotency-Key` and request: the endpoint the first one made.
+    pub replayed: bool,
 }
 
 /// A random id for an endpoint created through the API: `ep_` + 24 hex digits.
@@ -224,6 +253,8 @@ pub async fn follow(
 /// to the outbox, then to the registry the dispatchers and the worker read.
 pub struct Endpoints {
     outbox: Arc<dyn Outbox>,
+    /// Sends test deliveries (its own client: a test never waits for the worker's pool).
+    tester: super::deliver::Sender,
     registry: Arc<Registry>,
     settings: WebhookSettings,
     hub: Arc<Hub>,
@@ -242,9 +273,11 @@ impl Endpoints {
         hub: Arc<Hub>,
         resync: ResyncRoutes,
         wake: Arc<Notify>,
+        tester: super::deliver::Sender,
     ) -> Self {
         Endpoints {
             outbox,
+            tester,
             registry,
             settings,
             hub,
@@ -363,7 +396,13 @@ impl Endpoints {
     }
 
     /// Creates an endpoint; returns it with its secret (the only time the secret is shown).
-    pub async fn create(&self, input: NewEndpoint) -> Result<(Arc<Endpoint>, String), AdminError> {
+    /// With an `Idempotency-Key`, a retry (on any node) answers the endpoint the first request
+    /// made, and a different request with the same key is refused.
+    pub async fn create(
+        &self,
+        input: NewEndpoint,
+        idempotency: Option<Idempotency>,
+    ) -> Result<CreatedEndpoint, AdminError> {
         let url = self.check_url(&input.url).await?;
         self.check_streams(&input.streams)?;
         Self::check_headers(&input.headers)?;
@@ -378,7 +417,10 @@ impl Endpoints {
             }
             None => Secret::generate(&mut *self.rng.lock().unwrap_or_else(|e| e.into_inner())),
         };
-        let id = endpoint_id(&mut *self.rng.lock().unwrap_or_else(|e| e.into_inner()));
+        let id = match &idempotency {
+            Some(idempotency) => idempotent_id(&idempotency.key),
+            None => endpoint_id(&mut *self.rng.lock().unwrap_or_else(|e| e.into_inner())),
+        };
         let record = EndpointRecord {
             id,
             url: url.to_string(),
@@ -393,11 +435,42 @@ impl Endpoints {
             description: input.description,
             metadata: input.metadata,
             rate_limit,
+            request_hash: idempotency.as_ref().map(|i| i.request_hash.clone()),
         };
+        let endpoint = Endpoint::new(record.clone(), EndpointStatus::default())
+            .map_err(|e| AdminError::Invalid(e.to_string()))?;
         self.owe_snapshot(&record.id, &record.streams).await?;
-        let endpoint = self.store(record, EndpointStatus::default()).await?;
-        self.request_resync(&endpoint);
-        Ok((endpoint, secret.expose().to_owned()))
+        match self.outbox.create_endpoint(record.clone()).await? {
+            Created::New(status) => {
+                let mut endpoint = endpoint;
+                endpoint.status = status;
+                let endpoint = self.registry.put(endpoint);
+                self.request_resync(&endpoint);
+                Ok(CreatedEndpoint {
+                    endpoint,
+                    secret: secret.expose().to_owned(),
+                    replayed: false,
+                })
+            }
+            Created::Existing(existing, status) => {
+                let key = idempotency.map(|i| i.key).unwrap_or_default();
+                if existing.request_hash != record.request_hash {
+                    return Err(AdminError::Invalid(format!(
+                        "Idempotency-Key {key:?} was used by another request (endpoint {:?}); \
+                         use a new key for a new endpoint",
+                        existing.id
+                    )));
+                }
+                let secret = existing.secret.clone();
+                let endpoint = Endpoint::new(*existing, status)
+                    .map_err(|e| AdminError::Invalid(e.to_string()))?;
+                Ok(CreatedEndpoint {
+                    endpoint: self.registry.put(endpoint),
+                    secret,
+                    replayed: true,
+                })
+            }
+        }
     }
 
     /// Changes an endpoint. Endpoints declared in the configuration can only be disabled and
@@ -525,6 +598,44 @@ impl Endpoints {
         ));
         self.store(record, current.status.clone()).await?;
         Ok(secret.expose().to_owned())
+    }
+
+    /// Sends a signed test delivery (`{"type": "webhook.test", ...}`, a new `webhook-id`,
+    /// nothing queued or recorded) to an endpoint, disabled or not, and returns its message
+    /// id and what the receiver answered.
+    pub async fn test(&self, id: &str) -> Result<(String, Probe), AdminError> {
+        let endpoint = self.get(id)?;
+        let now = SystemTime::now();
+        let msg_id = message_id(
+            unix_ms(now),
+            &mut *self.rng.lock().unwrap_or_else(|e| e.into_inner()),
+        );
+        let body = serde_json::json!({
+            "type": "webhook.test",
+            "endpoint": endpoint.record.id,
+            "timestamp": crate::time::rfc3339(now),
+            "data": {"message": "a test delivery from patchwire: no stream changed"},
+        });
+        let delivery = Delivery {
+            id: 0,
+            endpoint: endpoint.record.id.clone(),
+            stream: String::new(),
+            msg_id: msg_id.clone(),
+            kind: crate::wire::ChangeKind::Snapshot,
+            epoch: 0,
+            seq: 0,
+            base_seq: None,
+            body: bytes::Bytes::from(body.to_string()),
+            state: super::outbox::DeliveryState::Pending,
+            attempts: 0,
+            next_attempt_ms: 0,
+            last_error: None,
+            last_status: None,
+            created_ms: unix_ms(now),
+            finished_ms: None,
+        };
+        let probe = self.tester.probe(&endpoint, &delivery).await;
+        Ok((msg_id, probe))
     }
 
     /// An endpoint's deliveries, newest first.

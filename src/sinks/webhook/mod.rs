@@ -176,7 +176,22 @@ impl Webhooks {
             store = %settings.store,
             "webhooks started"
         );
-        let endpoints = Endpoints::new(outbox, registry, settings.clone(), hub, resync, wake);
+        let tester = deliver::Sender::new(
+            settings.attempt_timeout,
+            settings.allow_private_targets,
+            1,
+            user_agent,
+        )
+        .map_err(worker::ClientError::from)?;
+        let endpoints = Endpoints::new(
+            outbox,
+            registry,
+            settings.clone(),
+            hub,
+            resync,
+            wake,
+            tester,
+        );
         Ok(Arc::new(Webhooks {
             endpoints: Arc::new(endpoints),
             committed,

@@ -232,6 +232,7 @@ mod tests {
                 description: None,
                 metadata: Default::default(),
                 rate_limit: None,
+                request_hash: None,
             },
             status,
         )

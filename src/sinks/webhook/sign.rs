@@ -127,6 +127,15 @@ pub fn signature_header<'a>(
         .join(" ")
 }
 
+/// The SHA-256 of `bytes` in lowercase hex.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest as _;
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
 /// A new message id: `msg_` + 26 characters of Crockford base32 (a millisecond timestamp then
 /// randomness, ULID-style, so ids sort roughly by creation).
 pub fn message_id(now_ms: u64, rng: &mut impl RngCore) -> String {

@@ -24,6 +24,8 @@ pub enum Reply {
     Delay(Duration),
     /// 302 to another path of this receiver (which must never be requested).
     Redirect,
+    /// This status with this body.
+    Body(u16, &'static str),
 }
 
 /// One request the receiver got.
@@ -139,6 +141,7 @@ async fn handle(
     let status = match &reply {
         None | Some(Reply::Delay(_)) => 200,
         Some(Reply::Status(code, _)) => *code,
+        Some(Reply::Body(code, _)) => *code,
         Some(Reply::Redirect) => 302,
     };
     // Recorded on arrival, so a hang shows where it happened.
@@ -166,6 +169,9 @@ async fn handle(
         Some(Reply::Delay(d)) => {
             tokio::time::sleep(d).await;
             StatusCode::OK.into_response()
+        }
+        Some(Reply::Body(code, text)) => {
+            (StatusCode::from_u16(code).unwrap(), text).into_response()
         }
         Some(Reply::Redirect) => {
             let mut response = StatusCode::FOUND.into_response();

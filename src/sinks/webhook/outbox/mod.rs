@@ -110,6 +110,19 @@ pub struct EndpointRecord {
     /// `None`: no such limit.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_limit: Option<u32>,
+    /// The hash of the request that created it with an `Idempotency-Key` (its id is derived
+    /// from the key), so a retry with another request is told apart.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_hash: Option<String>,
+}
+
+/// What [`Outbox::create_endpoint`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Created {
+    /// The endpoint is new; its status.
+    New(EndpointStatus),
+    /// An endpoint with that id exists already (unchanged): it, and its status.
+    Existing(Box<EndpointRecord>, EndpointStatus),
 }
 
 /// Why and since when an endpoint receives nothing.
@@ -491,6 +504,9 @@ pub trait Outbox: Send + Sync {
     /// Creates or replaces an endpoint's definition (its status and deliveries are kept);
     /// returns its status, numbered after this write.
     fn put_endpoint(&self, record: EndpointRecord) -> OutboxFuture<EndpointStatus>;
+    /// Stores a new endpoint unless one with its id exists (then returns that one, unchanged):
+    /// atomic, so two nodes creating the same id make one.
+    fn create_endpoint(&self, record: EndpointRecord) -> OutboxFuture<Created>;
     /// Sets or clears an endpoint's disabled status (clearing also clears `failing_since`);
     /// returns the status it then has, `None` when there is no such endpoint.
     fn set_disabled(

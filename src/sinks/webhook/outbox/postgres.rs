@@ -32,9 +32,10 @@ use tokio_postgres::NoTls;
 use tokio_postgres::types::ToSql;
 
 use super::{
-    Accepted, AttemptOutcome, Bodies, Claim, Delivery, DeliveryFilter, DeliveryState, Disabled,
-    EndpointRecord, EndpointStatus, NewChange, Next, Outbox, OutboxError, OutboxFuture, Recorded,
-    Replay, StoredDocument, Target, collapses, int, kind_code, kind_of, state_code, state_of, uint,
+    Accepted, AttemptOutcome, Bodies, Claim, Created, Delivery, DeliveryFilter, DeliveryState,
+    Disabled, EndpointRecord, EndpointStatus, NewChange, Next, Outbox, OutboxError, OutboxFuture,
+    Recorded, Replay, StoredDocument, Target, collapses, int, kind_code, kind_of, state_code,
+    state_of, uint,
 };
 use crate::sinks::webhook::body::{self, Cursor, Plan};
 use crate::sinks::webhook::sign::message_id;
@@ -89,14 +90,12 @@ CREATE TABLE patchwire_deliveries (
     finished_ms bigint,
     claimed_by text,
     claimed_until_ms bigint
-);
+) WITH (fillfactor = 80);
+-- Few indexes, none on the claim columns: a claim (and its release) is then a HOT update,
+-- which touches no index; room is left on each page for it.
 CREATE INDEX patchwire_deliveries_pending
     ON patchwire_deliveries (endpoint_id, stream, id) WHERE state = 0;
 CREATE INDEX patchwire_deliveries_by_endpoint ON patchwire_deliveries (endpoint_id, id);
-CREATE INDEX patchwire_deliveries_finished
-    ON patchwire_deliveries (finished_ms) WHERE state <> 0;
-CREATE INDEX patchwire_deliveries_claimed
-    ON patchwire_deliveries (endpoint_id) WHERE state = 0 AND claimed_until_ms IS NOT NULL;
 -- The current document of each push stream (a single node's: a cluster keeps them in Redis).
 CREATE TABLE patchwire_documents (
     stream text PRIMARY KEY,
@@ -307,7 +306,7 @@ impl PostgresOutbox {
         let claims = build(quick, connections / 4)?;
         migrate(&pool).await.map_err(|e| fail(e.to_string()))?;
         let (writes, queue) = mpsc::unbounded_channel();
-        tokio::spawn(write_loop(pool.clone(), queue));
+        tokio::spawn(write_loop(pool.clone(), queue, Arc::default()));
         let (records, queue) = mpsc::unbounded_channel();
         tokio::spawn(record_loop(pool.clone(), queue));
         Ok(PostgresOutbox {
@@ -354,7 +353,20 @@ async fn migrate(pool: &Pool) -> Result<(), OutboxError> {
 
 /// The accept task: takes every queued write, groups them by stream (keeping their order) and
 /// runs each stream's group in one transaction, the streams in parallel.
-async fn write_loop(pool: Pool, mut queue: mpsc::UnboundedReceiver<Write>) {
+/// Upper bounds of pairs' pending deliveries, per stream, as this process last counted and
+/// then added to them; valid while its accepts carry the same fence (no other dispatcher
+/// wrote the stream meanwhile). Deliveries only leave the pending state elsewhere, so a bound
+/// stays an upper bound: below the backlog limit it proves no collapse is due, and the pair
+/// is not counted again (counting a long backlog is the expensive part of an accept).
+#[derive(Debug, Default)]
+struct Bound {
+    fence: Option<u64>,
+    pending: HashMap<String, usize>,
+}
+
+type Bounds = Arc<std::sync::Mutex<HashMap<String, Bound>>>;
+
+async fn write_loop(pool: Pool, mut queue: mpsc::UnboundedReceiver<Write>, bounds: Bounds) {
     while let Some(first) = queue.recv().await {
         let mut groups: Vec<(String, Vec<Write>)> = Vec::new();
         let mut index: HashMap<String, usize> = HashMap::new();
@@ -374,15 +386,22 @@ async fn write_loop(pool: Pool, mut queue: mpsc::UnboundedReceiver<Write>) {
         }
         let rounds = groups
             .into_iter()
-            .map(|(stream, jobs)| run_writes(&pool, stream, jobs));
+            .map(|(stream, jobs)| run_writes(&pool, stream, jobs, &bounds));
         futures_util::future::join_all(rounds).await;
     }
 }
 
 /// One stream's queued writes, in one transaction.
-async fn run_writes(pool: &Pool, stream: String, jobs: Vec<Write>) {
+async fn run_writes(pool: &Pool, stream: String, jobs: Vec<Write>, bounds: &Bounds) {
     let mut jobs: Vec<Option<Write>> = jobs.into_iter().map(Some).collect();
-    match write_group(pool, &stream, &mut jobs).await {
+    let result = write_group(pool, &stream, &mut jobs, bounds).await;
+    if result.is_err() {
+        bounds
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&stream);
+    }
+    match result {
         Ok(answers) => {
             for (job, answer) in jobs.into_iter().zip(answers) {
                 match (job, answer) {
@@ -436,42 +455,13 @@ async fn write_group(
     pool: &Pool,
     stream: &str,
     jobs: &mut [Option<Write>],
+    bounds: &Bounds,
 ) -> Result<Vec<Answer>, OutboxError> {
-    let mut client = pool.get().await?;
-    let tx = client.transaction().await?;
-    // The stream's accept lock, and its fence.
-    let recorded: i64 = tx
-        .query_one(
-            "INSERT INTO patchwire_fences (stream, fence) VALUES ($1, 0) \
-             ON CONFLICT (stream) DO UPDATE SET fence = patchwire_fences.fence RETURNING fence",
-            &[&stream],
-        )
-        .await?
-        .get(0);
-    let mut fence = uint(recorded);
-    let mut answers: Vec<Option<Answer>> = Vec::with_capacity(jobs.len());
-    for job in jobs.iter() {
-        let refused = match job {
-            Some(Write::Accept {
-                fence: Some(mine), ..
-            }) if *mine < fence => true,
-            Some(Write::Accept {
-                fence: Some(mine), ..
-            }) => {
-                fence = *mine;
-                false
-            }
-            _ => false,
-        };
-        answers.push(refused.then_some(Answer::Fenced));
-    }
-    // Every target named, and which of them still exist (one may have been deleted on another
-    // node after this one's registry listed it: it gets nothing).
+    // Every target named (refused ones too: only the answers differ), and the largest
+    // backlog limit.
     let mut named: Vec<String> = jobs
         .iter()
-        .zip(&answers)
-        .filter(|(_, answer)| answer.is_none())
-        .filter_map(|(job, _)| match job {
+        .filter_map(|job| match job {
             Some(Write::Accept { targets, .. }) => Some(targets.iter().map(|t| t.endpoint.clone())),
             _ => None,
         })
@@ -489,51 +479,106 @@ async fn write_group(
         .max()
         .unwrap_or(1)
         .max(1);
-    let mut existing = HashSet::new();
+    let limit = int(u64::try_from(max_limit).unwrap_or(u64::MAX));
+    // The pairs whose bound cannot prove that this group collapses nothing are counted.
+    let fences: HashSet<Option<u64>> = jobs
+        .iter()
+        .filter_map(|job| match job {
+            Some(Write::Accept { fence, .. }) => Some(*fence),
+            _ => None,
+        })
+        .collect();
+    let group_fence = (fences.len() == 1).then(|| fences.into_iter().next().flatten());
+    let accepts = jobs
+        .iter()
+        .filter(|job| matches!(job, Some(Write::Accept { .. })))
+        .count();
+    let known: HashMap<String, usize> = {
+        let bounds = bounds.lock().unwrap_or_else(|e| e.into_inner());
+        match (bounds.get(stream), group_fence) {
+            (Some(bound), Some(fence)) if bound.fence == fence => named
+                .iter()
+                .filter_map(|e| {
+                    let pending = *bound.pending.get(e)?;
+                    (pending.saturating_add(accepts) < max_limit).then(|| (e.clone(), pending))
+                })
+                .collect(),
+            _ => HashMap::new(),
+        }
+    };
+    let to_count: Vec<&String> = named.iter().filter(|e| !known.contains_key(*e)).collect();
+    let mut client = pool.get().await?;
+    let tx = client.transaction().await?;
+    // Sent together (pipelined), run in this order: the stream's accept lock and its fence;
+    // which targets still exist (one may have been deleted on another node after this one's
+    // registry listed it: it gets nothing); the pairs' cursors, locked (a dead delivery of
+    // one of these pairs waits until this commits); their pending deliveries, counted only up
+    // to the largest backlog limit (a longer backlog collapses anyway).
+    let statements = futures_util::future::try_join4(
+        tx.prepare_cached(
+            "INSERT INTO patchwire_fences (stream, fence) VALUES ($1, 0) \
+             ON CONFLICT (stream) DO UPDATE SET fence = patchwire_fences.fence RETURNING fence",
+        ),
+        tx.prepare_cached("SELECT id FROM patchwire_endpoints WHERE id = ANY($1)"),
+        tx.prepare_cached(
+            "SELECT endpoint_id, epoch, seq FROM patchwire_cursors \
+             WHERE stream = $1 AND endpoint_id = ANY($2) ORDER BY endpoint_id FOR UPDATE",
+        ),
+        tx.prepare_cached(
+            "SELECT e, (SELECT count(*) FROM (SELECT 1 FROM patchwire_deliveries \
+             WHERE endpoint_id = e AND stream = $1 AND state = 0 LIMIT $3) AS p) \
+             FROM unnest($2::text[]) AS e",
+        ),
+    )
+    .await?;
+    let fence_params: [&(dyn ToSql + Sync); 1] = [&stream];
+    let named_params: [&(dyn ToSql + Sync); 1] = [&named];
+    let cursor_params: [&(dyn ToSql + Sync); 2] = [&stream, &named];
+    let count_params: [&(dyn ToSql + Sync); 3] = [&stream, &to_count, &limit];
+    let (fence_rows, existing_rows, cursor_rows, count_rows) = futures_util::future::try_join4(
+        tx.query(&statements.0, &fence_params),
+        tx.query(&statements.1, &named_params),
+        tx.query(&statements.2, &cursor_params),
+        tx.query(&statements.3, &count_params),
+    )
+    .await?;
+    let recorded: i64 = fence_rows
+        .first()
+        .map(|row| row.get(0))
+        .ok_or_else(|| OutboxError::Storage("the stream's fence row is missing".into()))?;
+    let mut fence = uint(recorded);
+    let mut answers: Vec<Option<Answer>> = Vec::with_capacity(jobs.len());
+    for job in jobs.iter() {
+        let refused = match job {
+            Some(Write::Accept {
+                fence: Some(mine), ..
+            }) if *mine < fence => true,
+            Some(Write::Accept {
+                fence: Some(mine), ..
+            }) => {
+                fence = *mine;
+                false
+            }
+            _ => false,
+        };
+        answers.push(refused.then_some(Answer::Fenced));
+    }
+    let existing: HashSet<String> = existing_rows.iter().map(|row| row.get(0)).collect();
     let mut cursors: HashMap<String, Option<Cursor>> = HashMap::new();
-    let mut pending: HashMap<String, usize> = HashMap::new();
-    if !named.is_empty() {
-        for row in tx
-            .query(
-                "SELECT id FROM patchwire_endpoints WHERE id = ANY($1)",
-                &[&named],
-            )
-            .await?
-        {
-            existing.insert(row.get::<_, String>(0));
-        }
-        // Locked: a dead delivery of one of these pairs waits until this commits.
-        for row in tx
-            .query(
-                "SELECT endpoint_id, epoch, seq FROM patchwire_cursors \
-                 WHERE stream = $1 AND endpoint_id = ANY($2) ORDER BY endpoint_id FOR UPDATE",
-                &[&stream, &named],
-            )
-            .await?
-        {
-            let cursor = match (row.get::<_, Option<i64>>(1), row.get::<_, Option<i64>>(2)) {
-                (Some(epoch), Some(seq)) => Some(Cursor {
-                    epoch: uint(epoch),
-                    seq: uint(seq),
-                }),
-                _ => None,
-            };
-            cursors.insert(row.get(0), cursor);
-        }
-        // Counted only up to the largest backlog limit: a longer backlog collapses anyway.
-        let limit = int(u64::try_from(max_limit).unwrap_or(u64::MAX));
-        for row in tx
-            .query(
-                "SELECT e, (SELECT count(*) FROM (SELECT 1 FROM patchwire_deliveries \
-                 WHERE endpoint_id = e AND stream = $1 AND state = 0 LIMIT $3) AS p) \
-                 FROM unnest($2::text[]) AS e",
-                &[&stream, &named, &limit],
-            )
-            .await?
-        {
-            let count: i64 = row.get(1);
-            pending.insert(row.get(0), usize::try_from(count).unwrap_or(usize::MAX));
-        }
+    for row in &cursor_rows {
+        let cursor = match (row.get::<_, Option<i64>>(1), row.get::<_, Option<i64>>(2)) {
+            (Some(epoch), Some(seq)) => Some(Cursor {
+                epoch: uint(epoch),
+                seq: uint(seq),
+            }),
+            _ => None,
+        };
+        cursors.insert(row.get(0), cursor);
+    }
+    let mut pending: HashMap<String, usize> = known;
+    for row in &count_rows {
+        let count: i64 = row.get(1);
+        pending.insert(row.get(0), usize::try_from(count).unwrap_or(usize::MAX));
     }
 
     let now = unix_ms(std::time::SystemTime::now());
@@ -624,13 +669,7 @@ async fn write_group(
         }
     }
 
-    if fence > uint(recorded) {
-        tx.execute(
-            "UPDATE patchwire_fences SET fence = $2 WHERE stream = $1",
-            &[&stream, &int(fence)],
-        )
-        .await?;
-    }
+    // A collapse supersedes the stored pending deliveries first (never this group's rows).
     if !collapsed_stored.is_empty() {
         let endpoints: Vec<&String> = collapsed_stored.keys().collect();
         tx.execute(
@@ -640,25 +679,61 @@ async fn write_group(
         )
         .await?;
     }
+    // The rest in any order: sent together (pipelined).
+    let cursor_endpoints: Vec<&String> = moved.keys().collect();
+    let epochs: Vec<Option<i64>> = moved.values().map(|c| c.map(|c| int(c.epoch))).collect();
+    let seqs: Vec<Option<i64>> = moved.values().map(|c| c.map(|c| int(c.seq))).collect();
+    type Step<'t> =
+        std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), OutboxError>> + Send + 't>>;
+    let mut steps: Vec<Step<'_>> = Vec::new();
+    let fence_now = int(fence);
+    if fence > uint(recorded) {
+        let tx = &tx;
+        steps.push(Box::pin(async move {
+            tx.execute(
+                "UPDATE patchwire_fences SET fence = $2 WHERE stream = $1",
+                &[&stream, &fence_now],
+            )
+            .await?;
+            Ok(())
+        }));
+    }
     if !rows.is_empty() {
-        insert_rows(&tx, stream, &rows, now).await?;
+        steps.push(Box::pin(insert_rows(&tx, stream, &rows, now)));
     }
     if !moved.is_empty() {
-        let endpoints: Vec<&String> = moved.keys().collect();
-        let epochs: Vec<Option<i64>> = moved.values().map(|c| c.map(|c| int(c.epoch))).collect();
-        let seqs: Vec<Option<i64>> = moved.values().map(|c| c.map(|c| int(c.seq))).collect();
-        tx.execute(
-            "INSERT INTO patchwire_cursors (endpoint_id, stream, epoch, seq) \
-             SELECT e, $1, ep, sq FROM unnest($2::text[], $3::bigint[], $4::bigint[]) AS u(e, ep, sq) \
-             ON CONFLICT (endpoint_id, stream) DO UPDATE SET epoch = excluded.epoch, seq = excluded.seq",
-            &[&stream, &endpoints, &epochs, &seqs],
-        )
-        .await?;
+        let tx = &tx;
+        let (cursor_endpoints, epochs, seqs) = (&cursor_endpoints, &epochs, &seqs);
+        steps.push(Box::pin(async move {
+            tx.execute(
+                "INSERT INTO patchwire_cursors (endpoint_id, stream, epoch, seq) \
+                 SELECT e, $1, ep, sq FROM unnest($2::text[], $3::bigint[], $4::bigint[]) \
+                     AS u(e, ep, sq) \
+                 ON CONFLICT (endpoint_id, stream) \
+                 DO UPDATE SET epoch = excluded.epoch, seq = excluded.seq",
+                &[&stream, cursor_endpoints, epochs, seqs],
+            )
+            .await?;
+            Ok(())
+        }));
     }
     if let Some(document) = saved {
-        save_document(&tx, document).await?;
+        steps.push(Box::pin(save_document(&tx, document)));
     }
+    futures_util::future::try_join_all(steps).await?;
     tx.commit().await?;
+    {
+        let mut bounds = bounds.lock().unwrap_or_else(|e| e.into_inner());
+        match group_fence {
+            Some(fence) => {
+                pending.retain(|endpoint, _| existing.contains(endpoint));
+                bounds.insert(stream.to_owned(), Bound { fence, pending });
+            }
+            None => {
+                bounds.remove(stream);
+            }
+        }
+    }
     Ok(answers
         .into_iter()
         .map(|a| a.unwrap_or(Answer::Saved))
@@ -780,7 +855,6 @@ async fn record_batch(pool: &Pool, jobs: &[RecordJob]) -> Result<Vec<Recorded>, 
     let mut answers: Vec<Recorded> = vec![Recorded::default(); jobs.len()];
     // Which endpoint each job's delivery belongs to (none: deleted while in flight).
     let mut endpoint_of: Vec<Option<String>> = vec![None; jobs.len()];
-    let mut succeeded: Vec<String> = Vec::new();
     let mut failed: Vec<(String, i64)> = Vec::new();
 
     let delivered: Vec<(usize, i64, i32, i64)> = jobs
@@ -849,43 +923,11 @@ async fn record_batch(pool: &Pool, jobs: &[RecordJob]) -> Result<Vec<Recorded>, 
         failed.push((endpoint.clone(), int(job.now_ms)));
         endpoint_of[i] = Some(endpoint);
     }
-    if !delivered.is_empty() {
-        let ids: Vec<i64> = delivered.iter().map(|d| d.1).collect();
-        let statuses: Vec<i32> = delivered.iter().map(|d| d.2).collect();
-        let times: Vec<i64> = delivered.iter().map(|d| d.3).collect();
-        let rows = tx
-            .query(
-                "UPDATE patchwire_deliveries d SET attempts = d.attempts + 1, last_status = u.s, \
-                 last_error = NULL, state = CASE WHEN d.state = 0 THEN 1 ELSE d.state END, \
-                 finished_ms = COALESCE(d.finished_ms, u.t), claimed_by = NULL, \
-                 claimed_until_ms = NULL \
-                 FROM unnest($1::bigint[], $2::integer[], $3::bigint[]) AS u(id, s, t) \
-                 WHERE d.id = u.id RETURNING d.id, d.endpoint_id",
-                &[&ids, &statuses, &times],
-            )
-            .await?;
-        let by_id: HashMap<i64, String> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
-        for (i, id, _, _) in &delivered {
-            if let Some(endpoint) = by_id.get(id) {
-                endpoint_of[*i] = Some(endpoint.clone());
-                succeeded.push(endpoint.clone());
-            }
-        }
-    }
-    // Endpoint statuses, locked in id order (two nodes recording for the same endpoints never
-    // wait on each other in a cycle).
-    succeeded.sort();
-    succeeded.dedup();
-    if !succeeded.is_empty() {
-        tx.execute(
-            "UPDATE patchwire_endpoints SET failing_since_ms = NULL, \
-             revision = nextval('patchwire_revisions') \
-             WHERE id IN (SELECT id FROM patchwire_endpoints WHERE id = ANY($1) \
-                          AND failing_since_ms IS NOT NULL ORDER BY id FOR UPDATE)",
-            &[&succeeded],
-        )
-        .await?;
-    }
+    // Failed attempts that asked for the next delivery (after a dead one: its successor).
+    let failed_jobs: Vec<usize> = (0..jobs.len())
+        .filter(|i| matches!(jobs[*i].outcome, AttemptOutcome::Failed { .. }))
+        .collect();
+    let mut nexts = claim_next(&tx, jobs, &endpoint_of, &failed_jobs).await?;
     failed.sort();
     failed.dedup_by(|a, b| a.0 == b.0);
     if !failed.is_empty() {
@@ -900,24 +942,54 @@ async fn record_batch(pool: &Pool, jobs: &[RecordJob]) -> Result<Vec<Recorded>, 
         )
         .await?;
     }
-    let mut touched: Vec<&String> = endpoint_of.iter().flatten().collect();
-    touched.sort();
-    touched.dedup();
-    let mut statuses = HashMap::new();
-    if !touched.is_empty() {
-        for row in tx
-            .query(
-                "SELECT id, disabled_at_ms, disabled_reason, failing_since_ms, revision \
-                 FROM patchwire_endpoints WHERE id = ANY($1)",
-                &[&touched],
-            )
-            .await?
-        {
-            statuses.insert(row.get::<_, String>(0), status(&row, 1));
+    // The delivered ones, each pair's next delivery claimed where asked, and every endpoint's
+    // status: two statements sent together (pipelined), run in order.
+    let ids: Vec<i64> = delivered.iter().map(|d| d.1).collect();
+    let statuses: Vec<i32> = delivered.iter().map(|d| d.2).collect();
+    let times: Vec<i64> = delivered.iter().map(|d| d.3).collect();
+    let asking: Vec<(i64, &Next)> = delivered
+        .iter()
+        .filter_map(|d| jobs[d.0].next.as_ref().map(|n| (d.1, n)))
+        .collect();
+    let asking_ids: Vec<i64> = asking.iter().map(|a| a.0).collect();
+    let owners: Vec<&str> = asking.iter().map(|a| &*a.1.owner).collect();
+    let holds: Vec<i64> = asking
+        .iter()
+        .map(|a| int(u64::try_from(a.1.hold.as_millis()).unwrap_or(u64::MAX)))
+        .collect();
+    let dues: Vec<i64> = asking.iter().map(|a| int(a.1.now_ms)).collect();
+    let all_ids: Vec<i64> = jobs.iter().map(|j| j.id).collect();
+    let failed_endpoints: Vec<&String> = failed.iter().map(|f| &f.0).collect();
+    let finish_text = finish_statement();
+    let (finish, report) =
+        futures_util::future::try_join(tx.prepare_cached(&finish_text), tx.prepare_cached(REPORT))
+            .await?;
+    let finish_params: [&(dyn ToSql + Sync); 7] =
+        [&ids, &statuses, &times, &asking_ids, &owners, &holds, &dues];
+    let report_params: [&(dyn ToSql + Sync); 3] = [&all_ids, &ids, &failed_endpoints];
+    let (finished, reported) = futures_util::future::try_join(
+        tx.query(&finish, &finish_params),
+        tx.query(&report, &report_params),
+    )
+    .await?;
+    tx.commit().await?;
+
+    let by_id: HashMap<i64, usize> = jobs.iter().enumerate().map(|(i, j)| (j.id, i)).collect();
+    for row in &finished {
+        let done: i64 = row.get(0);
+        let Some(&i) = by_id.get(&done) else {
+            continue;
+        };
+        endpoint_of[i] = Some(row.get(1));
+        // Column 2 is the claimed row's `done`; its delivery follows.
+        if row.get::<_, Option<i64>>(3).is_some() {
+            nexts.push((i, delivery_at(row, 3)));
         }
     }
-    let nexts = claim_next(&tx, jobs, &endpoint_of).await?;
-    tx.commit().await?;
+    let statuses: HashMap<String, EndpointStatus> = reported
+        .iter()
+        .map(|row| (row.get::<_, String>(0), status(row, 1)))
+        .collect();
     for (answer, endpoint) in answers.iter_mut().zip(&endpoint_of) {
         answer.status = endpoint.as_ref().and_then(|e| statuses.get(e).cloned());
     }
@@ -927,6 +999,63 @@ async fn record_batch(pool: &Pool, jobs: &[RecordJob]) -> Result<Vec<Recorded>, 
     Ok(answers)
 }
 
+/// Records delivered attempts and, where asked, claims each pair's next delivery (the first
+/// pending one after the finished head) when due and free: one statement. `$1..$3`: the
+/// delivered ids, statuses and times; `$4..$7`: the ids asking, owners, holds and times.
+/// Returns per finished delivery its id, its endpoint, and the next delivery's columns (NULL
+/// when none was claimed).
+fn finish_statement() -> String {
+    let columns = DELIVERY_COLUMNS
+        .split(", ")
+        .map(|c| format!("c.{c}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!(
+        "WITH now AS (SELECT {DB_NOW} AS ms), \
+         done AS (UPDATE patchwire_deliveries d SET attempts = d.attempts + 1, last_status = u.s, \
+             last_error = NULL, state = CASE WHEN d.state = 0 THEN 1 ELSE d.state END, \
+             finished_ms = COALESCE(d.finished_ms, u.t), claimed_by = NULL, \
+             claimed_until_ms = NULL \
+             FROM unnest($1::bigint[], $2::integer[], $3::bigint[]) AS u(id, s, t) \
+             WHERE d.id = u.id RETURNING d.id, d.endpoint_id, d.stream), \
+         wanted AS (SELECT done.id AS done, done.endpoint_id, done.stream, w.owner, w.hold, w.due \
+             FROM done JOIN unnest($4::bigint[], $5::text[], $6::bigint[], $7::bigint[]) \
+                 AS w(id, owner, hold, due) ON w.id = done.id \
+             JOIN patchwire_endpoints e ON e.id = done.endpoint_id AND e.disabled_at_ms IS NULL), \
+         heads AS (SELECT h.id, wanted.done, wanted.owner, wanted.hold FROM wanted \
+             CROSS JOIN LATERAL (SELECT d.id, d.next_attempt_ms, d.claimed_until_ms \
+                 FROM patchwire_deliveries d WHERE d.endpoint_id = wanted.endpoint_id \
+                 AND d.stream = wanted.stream AND d.state = 0 AND d.id > wanted.done \
+                 ORDER BY d.id LIMIT 1) AS h \
+             CROSS JOIN now \
+             WHERE h.next_attempt_ms <= wanted.due \
+               AND (h.claimed_until_ms IS NULL OR h.claimed_until_ms < now.ms)), \
+         claimed AS (UPDATE patchwire_deliveries c SET claimed_by = heads.owner, \
+             claimed_until_ms = (SELECT ms FROM now) + heads.hold \
+             FROM heads WHERE c.id = heads.id \
+             RETURNING heads.done, {columns}, c.body) \
+         SELECT done.id, done.endpoint_id, claimed.* FROM done \
+         LEFT JOIN claimed ON claimed.done = done.id"
+    )
+}
+
+/// Every endpoint of the batch's deliveries (`$1`) with its status after it: those with a
+/// delivered attempt (`$2`) and no failed one (`$3`) are no longer failing. One statement.
+const REPORT: &str = "WITH touched AS (SELECT DISTINCT endpoint_id AS id \
+         FROM patchwire_deliveries WHERE id = ANY($1)), \
+     cleared AS (UPDATE patchwire_endpoints SET failing_since_ms = NULL, \
+         revision = nextval('patchwire_revisions') \
+         WHERE id IN (SELECT x.id FROM patchwire_endpoints x \
+             WHERE x.id IN (SELECT endpoint_id FROM patchwire_deliveries WHERE id = ANY($2)) \
+               AND x.id <> ALL($3) AND x.failing_since_ms IS NOT NULL \
+             ORDER BY x.id FOR UPDATE) \
+         RETURNING id, failing_since_ms, revision) \
+     SELECT e.id, e.disabled_at_ms, e.disabled_reason, \
+         CASE WHEN c.id IS NULL THEN e.failing_since_ms ELSE c.failing_since_ms END, \
+         COALESCE(c.revision, e.revision) \
+     FROM patchwire_endpoints e JOIN touched t ON t.id = e.id \
+     LEFT JOIN cleared c ON c.id = e.id";
+
 /// Claims, for each job that asked ([`Next`]), its pair's next delivery when it is due and
 /// free, for the same worker: the record's own transaction sees the head it just finished.
 /// Returns (job index, delivery).
@@ -934,10 +1063,11 @@ async fn claim_next(
     tx: &deadpool_postgres::Transaction<'_>,
     jobs: &[RecordJob],
     endpoint_of: &[Option<String>],
+    only: &[usize],
 ) -> Result<Vec<(usize, Delivery)>, OutboxError> {
     let mut wanted: Vec<(usize, &Next, String)> = Vec::new();
-    for (i, (job, endpoint)) in jobs.iter().zip(endpoint_of).enumerate() {
-        if let (Some(next), Some(endpoint)) = (&job.next, endpoint) {
+    for &i in only {
+        if let (Some(next), Some(endpoint)) = (&jobs[i].next, &endpoint_of[i]) {
             wanted.push((i, next, endpoint.clone()));
         }
     }
@@ -1035,27 +1165,26 @@ async fn supersede_after_gap(
 
 /// Claims due heads in one statement: the head (oldest pending delivery) of every pair of an
 /// enabled endpoint, due, unclaimed or whose claim expired (in the database's clock), not
-/// among the caller's busy pairs and full endpoints (`$2`, `$3`), soonest first; at most
-/// `$4` in flight per endpoint counting every node's live claims, at most `$5` in all; each
+/// among the caller's full endpoints and busy pairs (`$2`, `$3`), soonest first; at most
+/// `$4` in flight per endpoint counting every node's live claims (only heads are ever
+/// claimed, so those are the claimed heads), at most `$5` in all; each
 /// locked with `SKIP LOCKED` (another node claiming it now keeps it) and checked again under
 /// the lock before it is claimed for `$6` until now + `$7`. One index probe per pair
 /// (`patchwire_deliveries_pending`), however long the backlogs.
 const CLAIM: &str = "WITH now AS (SELECT (extract(epoch FROM clock_timestamp()) * 1000)::bigint AS ms), \
-     heads AS (SELECT h.id, h.endpoint_id, h.next_attempt_ms FROM patchwire_cursors c \
+     every AS (SELECT h.id, h.endpoint_id, c.stream, h.next_attempt_ms, \
+         h.claimed_until_ms >= now.ms AS claimed FROM patchwire_cursors c \
      JOIN patchwire_endpoints e ON e.id = c.endpoint_id AND e.disabled_at_ms IS NULL \
      CROSS JOIN LATERAL (SELECT d.id, d.endpoint_id, d.next_attempt_ms, d.claimed_until_ms \
      FROM patchwire_deliveries d \
      WHERE d.endpoint_id = c.endpoint_id AND d.stream = c.stream AND d.state = 0 \
      ORDER BY d.id LIMIT 1) AS h \
-     CROSS JOIN now \
-     WHERE h.next_attempt_ms <= $1 \
-     AND (h.claimed_until_ms IS NULL OR h.claimed_until_ms < now.ms) \
-     AND NOT (c.endpoint_id = ANY($2)) \
-     AND NOT ((c.endpoint_id || E'\\x1f' || c.stream) = ANY($3))), \
-     live AS (SELECT d.endpoint_id, count(*) AS n FROM patchwire_deliveries d CROSS JOIN now \
-     WHERE d.state = 0 AND d.claimed_until_ms >= now.ms \
-     AND d.endpoint_id IN (SELECT endpoint_id FROM heads) \
-     GROUP BY d.endpoint_id), \
+     CROSS JOIN now), \
+     live AS (SELECT endpoint_id, count(*) AS n FROM every WHERE claimed GROUP BY endpoint_id), \
+     heads AS (SELECT id, endpoint_id, next_attempt_ms FROM every \
+     WHERE next_attempt_ms <= $1 AND claimed IS NOT TRUE \
+     AND NOT (endpoint_id = ANY($2)) \
+     AND NOT ((endpoint_id || E'\\x1f' || stream) = ANY($3))), \
      ranked AS (SELECT heads.id, heads.next_attempt_ms, coalesce(live.n, 0) + row_number() \
      OVER (PARTITION BY heads.endpoint_id ORDER BY heads.next_attempt_ms, heads.id) AS place \
      FROM heads LEFT JOIN live ON live.endpoint_id = heads.endpoint_id), \
@@ -1148,6 +1277,37 @@ impl Outbox for PostgresOutbox {
                 )
                 .await?;
             Ok(status(&row, 0))
+        })
+    }
+
+    fn create_endpoint(&self, record: EndpointRecord) -> OutboxFuture<Created> {
+        let pool = self.pool.clone();
+        Box::pin(async move {
+            let client = pool.get().await?;
+            let definition = serde_json::to_string(&record)
+                .map_err(|e| OutboxError::Storage(format!("cannot encode an endpoint: {e}")))?;
+            // Inserted, or the row that was there (a no-op update returns it, locked).
+            let row = client
+                .query_one(
+                    "INSERT INTO patchwire_endpoints (id, definition) VALUES ($1, $2) \
+                     ON CONFLICT (id) DO UPDATE SET definition = patchwire_endpoints.definition \
+                     RETURNING (xmax = 0) AS inserted, definition, disabled_at_ms, \
+                     disabled_reason, failing_since_ms, revision",
+                    &[&record.id, &definition],
+                )
+                .await?;
+            let status = status(&row, 2);
+            if row.get::<_, bool>(0) {
+                return Ok(Created::New(status));
+            }
+            let stored: String = row.get(1);
+            let existing: EndpointRecord = serde_json::from_str(&stored).map_err(|e| {
+                OutboxError::Storage(format!(
+                    "endpoint {:?} is stored unreadably: {e}",
+                    record.id
+                ))
+            })?;
+            Ok(Created::Existing(Box::new(existing), status))
         })
     }
 

@@ -17,9 +17,9 @@ use rusqlite::{Connection, OptionalExtension, Row, params};
 use tokio::sync::oneshot;
 
 use super::{
-    Accepted, AttemptOutcome, Bodies, Claim, Delivery, DeliveryFilter, Disabled, EndpointRecord,
-    EndpointStatus, NewChange, Next, Outbox, OutboxError, OutboxFuture, Recorded, Replay,
-    StoredDocument, Target, collapses, int, kind_code, kind_of, state_code, state_of, uint,
+    Accepted, AttemptOutcome, Bodies, Claim, Created, Delivery, DeliveryFilter, Disabled,
+    EndpointRecord, EndpointStatus, NewChange, Next, Outbox, OutboxError, OutboxFuture, Recorded,
+    Replay, StoredDocument, Target, collapses, int, kind_code, kind_of, state_code, state_of, uint,
 };
 use crate::sinks::webhook::body::{self, Cursor, Plan};
 use crate::sinks::webhook::sign::message_id;
@@ -674,6 +674,39 @@ impl Outbox for SqliteOutbox {
         })
     }
 
+    fn create_endpoint(&self, record: EndpointRecord) -> OutboxFuture<Created> {
+        let revision = self.revision.clone();
+        self.call(move |conn| {
+            let definition = serde_json::to_string(&record)
+                .map_err(|e| OutboxError::Storage(format!("cannot encode an endpoint: {e}")))?;
+            let inserted = conn
+                .prepare_cached(
+                    "INSERT INTO endpoints (id, definition) VALUES (?1, ?2) \
+                     ON CONFLICT (id) DO NOTHING",
+                )?
+                .execute(params![record.id, definition])?;
+            let existing: String = conn
+                .prepare_cached("SELECT definition FROM endpoints WHERE id = ?1")?
+                .query_row([&record.id], |r| r.get(0))?;
+            let status = read_status(conn, &record.id, &revision)?.ok_or_else(|| {
+                OutboxError::Storage(format!(
+                    "endpoint {:?} vanished as it was stored",
+                    record.id
+                ))
+            })?;
+            if inserted > 0 {
+                return Ok(Created::New(status));
+            }
+            let existing: EndpointRecord = serde_json::from_str(&existing).map_err(|e| {
+                OutboxError::Storage(format!(
+                    "endpoint {:?} is stored unreadably: {e}",
+                    record.id
+                ))
+            })?;
+            Ok(Created::Existing(Box::new(existing), status))
+        })
+    }
+
     fn set_disabled(
         &self,
         id: String,
@@ -915,6 +948,7 @@ mod tests {
             description: None,
             metadata: Default::default(),
             rate_limit: None,
+            request_hash: None,
         }
     }
 
