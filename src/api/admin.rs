@@ -185,6 +185,9 @@ fn endpoint_json(endpoint: &Endpoint) -> Value {
         // Values may be credentials: names only.
         "headers": r.headers.keys().collect::<Vec<_>>(),
         "source": r.source,
+        "signing": endpoint.secret.scheme().as_str(),
+        // Public: receivers of v1a signatures verify with it.
+        "public_key": endpoint.secret.public_key(),
         "description": r.description,
         "metadata": r.metadata,
         "rate_limit": r.rate_limit,
@@ -277,7 +280,10 @@ async fn create(
     match endpoints.create(input, idempotency).await {
         Ok(created) => {
             let mut view = endpoint_json(&created.endpoint);
-            view["secret"] = Value::String(created.secret);
+            // A v1a endpoint's private key is patchwire's alone: receivers need its public key.
+            if created.endpoint.secret.public_key().is_none() {
+                view["secret"] = Value::String(created.secret);
+            }
             let mut response = (StatusCode::CREATED, axum::Json(view)).into_response();
             if created.replayed {
                 response.headers_mut().insert(
@@ -336,7 +342,16 @@ async fn rotate(
         Err(response) => return *response,
     };
     match endpoints.rotate(&id, rotation.secret).await {
-        Ok(secret) => axum::Json(json!({ "secret": secret })).into_response(),
+        Ok(secret) => {
+            let answer = match sign::Secret::parse(&secret)
+                .ok()
+                .and_then(|s| s.public_key())
+            {
+                Some(public_key) => json!({ "public_key": public_key }),
+                None => json!({ "secret": secret }),
+            };
+            axum::Json(answer).into_response()
+        }
         Err(e) => failure(e),
     }
 }

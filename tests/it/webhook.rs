@@ -1368,7 +1368,194 @@ async fn a_create_retried_with_its_idempotency_key_makes_one_endpoint(store: Tes
     app.stop().await;
 }
 
+/// Verifies `v1a` signatures of `hits` with `public_key` (`whpk_...`) in Python's
+/// `cryptography` (OpenSSL's ed25519), an implementation independent of ours (ring); returns
+/// how many verified, or `None` (skip) without it.
+fn verify_v1a_in_python(public_key: &str, hits: &[Hit]) -> Option<usize> {
+    use base64::Engine as _;
+    let ready = std::process::Command::new("python3")
+        .args([
+            "-c",
+            "import cryptography.hazmat.primitives.asymmetric.ed25519",
+        ])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ready {
+        return patchwire_test_data::skip(
+            "Python's cryptography package is missing (pip install cryptography)",
+        );
+    }
+    let messages: Vec<Value> = hits
+        .iter()
+        .map(|h| {
+            let header = |name: &str| h.headers[name].to_str().unwrap().to_owned();
+            json!({
+                "id": header("webhook-id"),
+                "timestamp": header("webhook-timestamp"),
+                "signature": header("webhook-signature"),
+                "body": base64::engine::general_purpose::STANDARD.encode(&h.raw),
+            })
+        })
+        .collect();
+    let script = r#"
+import base64, json, sys
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+key = Ed25519PublicKey.from_public_bytes(base64.b64decode(sys.argv[1].removeprefix("whpk_")))
+verified = 0
+for m in json.load(sys.stdin):
+    signed = (m["id"] + "." + m["timestamp"] + ".").encode() + base64.b64decode(m["body"])
+    for part in m["signature"].split(" "):
+        version, _, signature = part.partition(",")
+        if version != "v1a":
+            continue
+        try:
+            key.verify(base64.b64decode(signature), signed)
+            verified += 1
+            break
+        except InvalidSignature:
+            pass
+print(verified)
+"#;
+    let mut child = std::process::Command::new("python3")
+        .args(["-c", script, public_key])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write as _;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(serde_json::to_string(&messages).unwrap().as_bytes())
+        .unwrap();
+    let output = child.wait_with_output().unwrap();
+    assert!(output.status.success(), "the Python verifier failed");
+    Some(
+        String::from_utf8_lossy(&output.stdout)
+            .trim()
+            .parse()
+            .unwrap(),
+    )
+}
+
+/// An endpoint signing with ed25519 (`v1a`): created through the admin API, its public key
+/// shown (its private key never), every delivery's signature verified by an independent
+/// implementation with that public key; a rotation keeps the scheme; bad keys are refused.
+async fn ed25519_endpoints_sign_v1a_verified_with_their_public_key(store: TestStore) {
+    let upstream = MockUpstream::start(json!({"n": 0, "items": [], "pad": PAD})).await;
+    let receiver = Receiver::start(&[]).await;
+    let app = start(&upstream, &store, &[], "").await;
+    let admin = Admin::new(&app);
+    let (status, created) = admin
+        .call(
+            "POST",
+            "",
+            Some(json!({"url": receiver.url(), "streams": ["fleet"], "signing": "v1a"})),
+        )
+        .await;
+    assert_eq!(status, 201, "{created}");
+    assert_eq!(created["signing"], "v1a");
+    assert!(
+        created.get("secret").is_none(),
+        "the private key is never shown: {created}"
+    );
+    let public_key = created["public_key"].as_str().unwrap().to_owned();
+    assert!(public_key.starts_with("whpk_"), "{public_key}");
+    let id = created["id"].as_str().unwrap().to_owned();
+    change_and_wait_unverified(&upstream, &receiver, 1, 3).await;
+    let hits = receiver.accepted();
+    assert!(hits.iter().all(|h| {
+        h.headers["webhook-signature"]
+            .to_str()
+            .unwrap()
+            .starts_with("v1a,")
+    }));
+    if let Some(verified) = verify_v1a_in_python(&public_key, &hits) {
+        assert_eq!(verified, hits.len(), "every v1a signature verifies");
+        // A tampered body does not.
+        let mut tampered = hits[0].clone();
+        tampered.raw = bytes::Bytes::from_static(b"{}");
+        assert_eq!(verify_v1a_in_python(&public_key, &[tampered]), Some(0));
+    }
+    // Rotation: a new key of the same scheme; during the overlap both sign.
+    let (status, rotated) = admin
+        .call("POST", &format!("/{id}/rotate-secret"), None)
+        .await;
+    assert_eq!(status, 200, "{rotated}");
+    let new_key = rotated["public_key"].as_str().unwrap().to_owned();
+    assert!(
+        rotated.get("secret").is_none() && new_key != public_key,
+        "{rotated}"
+    );
+    let before = receiver.hits().len();
+    change_and_wait_unverified(&upstream, &receiver, 4, 1).await;
+    let last = &receiver.hits()[before..];
+    let header = last[0].headers["webhook-signature"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(header.matches("v1a,").count(), 2, "{header}");
+    if let Some(verified) = verify_v1a_in_python(&new_key, last) {
+        assert_eq!(verified, last.len());
+    }
+    for (body, needle) in [
+        (
+            json!({"url": receiver.url(), "streams": ["fleet"], "secret": "whsk_AAAA"}),
+            "32 bytes",
+        ),
+        (
+            json!({"url": receiver.url(), "streams": ["fleet"], "signing": "v2"}),
+            "signing",
+        ),
+        (
+            json!({"url": receiver.url(), "streams": ["fleet"], "signing": "v1a", "secret": SECRET}),
+            "does not match",
+        ),
+    ] {
+        let (status, answer) = admin.call("POST", "", Some(body.clone())).await;
+        assert!(matches!(status, 400 | 422), "{body}: {status} {answer}");
+        assert!(
+            answer["message"]
+                .as_str()
+                .unwrap_or_default()
+                .contains(needle),
+            "{body}: {answer}"
+        );
+    }
+    app.stop().await;
+}
+
+/// As [`change_and_wait`], for receivers that cannot verify (asymmetric signatures).
+async fn change_and_wait_unverified(
+    upstream: &MockUpstream,
+    receiver: &Receiver,
+    from: i64,
+    n: i64,
+) {
+    for i in from..from + n {
+        upstream.update(|d| {
+            d["n"] = json!(i);
+            d["items"].as_array_mut().unwrap().push(json!({"id": i}));
+        });
+        receiver
+            .wait_for(LONG, &format!("n = {i}"), |hits| {
+                hits.iter()
+                    .any(|h| h.status < 300 && h.body["data"]["n"] == json!(i))
+                    || hits.iter().any(|h| {
+                        h.status < 300
+                            && h.body["data"]
+                                .as_array()
+                                .is_some_and(|ops| ops.iter().any(|op| op["value"] == json!(i)))
+                    })
+            })
+            .await;
+    }
+}
+
 crate::on_both_stores!(
+    ed25519_endpoints_sign_v1a_verified_with_their_public_key,
     a_create_retried_with_its_idempotency_key_makes_one_endpoint,
     a_test_delivery_is_signed_sent_at_once_and_its_answer_returned,
     endpoints_carry_a_description_metadata_and_a_rate_limit,

@@ -25,7 +25,7 @@ use super::outbox::{
     OutboxError, Replay, Source,
 };
 use super::registry::{Endpoint, Registry};
-use super::sign::{Secret, message_id};
+use super::sign::{Scheme, Secret, message_id};
 use crate::hub::Hub;
 use crate::ssrf;
 use crate::time::unix_ms;
@@ -60,8 +60,12 @@ pub struct NewEndpoint {
     /// Extra headers.
     #[serde(default)]
     pub headers: BTreeMap<String, String>,
-    /// A secret to use (`whsec_...`); generated when absent.
+    /// A secret to use (`whsec_...`, or an ed25519 signing key `whsk_...`); generated when
+    /// absent.
     pub secret: Option<String>,
+    /// The signature scheme of a generated secret: `"v1"` (HMAC, the default) or `"v1a"`
+    /// (ed25519: receivers verify with the endpoint's public key).
+    pub signing: Option<Scheme>,
     /// What it is for.
     pub description: Option<String>,
     /// Free-form labels.
@@ -415,8 +419,21 @@ impl Endpoints {
             Some(text) => {
                 Secret::parse(text).map_err(|e| AdminError::Invalid(format!("secret: {e}")))?
             }
-            None => Secret::generate(&mut *self.rng.lock().unwrap_or_else(|e| e.into_inner())),
+            None => Secret::generate_for(
+                input.signing.unwrap_or(Scheme::Symmetric),
+                &mut *self.rng.lock().unwrap_or_else(|e| e.into_inner()),
+            ),
         };
+        if let Some(signing) = input.signing
+            && signing != secret.scheme()
+        {
+            return Err(AdminError::Invalid(format!(
+                "signing: {:?} does not match the secret given, which signs {:?} (whsec_: v1, \
+                 whsk_: v1a); leave one of them out",
+                signing.as_str(),
+                secret.scheme().as_str()
+            )));
+        }
         let id = match &idempotency {
             Some(idempotency) => idempotent_id(&idempotency.key),
             None => endpoint_id(&mut *self.rng.lock().unwrap_or_else(|e| e.into_inner())),
@@ -586,7 +603,11 @@ impl Endpoints {
             Some(text) => {
                 Secret::parse(&text).map_err(|e| AdminError::Invalid(format!("secret: {e}")))?
             }
-            None => Secret::generate(&mut *self.rng.lock().unwrap_or_else(|e| e.into_inner())),
+            // The same scheme as the current one: receivers keep verifying the same way.
+            None => Secret::generate_for(
+                current.secret.scheme(),
+                &mut *self.rng.lock().unwrap_or_else(|e| e.into_inner()),
+            ),
         };
         let mut record = current.record.clone();
         record.previous_secret = Some(std::mem::replace(

@@ -39,6 +39,8 @@ pub struct Hit {
     pub headers: HeaderMap,
     /// Its body, parsed.
     pub body: Value,
+    /// Its body as sent.
+    pub raw: Bytes,
     /// Which of the receiver's secrets verified it (index), if any.
     pub verified_by: Vec<usize>,
     /// The status answered.
@@ -150,6 +152,7 @@ async fn handle(
         path: uri.path().to_owned(),
         headers,
         body: serde_json::from_slice(&body).unwrap_or(Value::Null),
+        raw: body.clone(),
         verified_by,
         status,
     };
