@@ -229,6 +229,7 @@ async fn run(
         workers: 256,
         backlog_limit: 1_000_000,
         retention: Duration::from_secs(3600),
+        attempt_retention: Duration::from_secs(3600),
         rotation_overlap: Duration::from_secs(3600),
         endpoints: (0..endpoint_count)
             .map(|i| WebhookEndpointSettings {

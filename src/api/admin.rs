@@ -5,6 +5,8 @@
 //! - `GET|PATCH|DELETE /admin/webhooks/{id}` (`PATCH {"disabled": false}` re-enables)
 //! - `POST /admin/webhooks/{id}/rotate-secret` (`{"secret": ...}` optional)
 //! - `GET /admin/webhooks/{id}/deliveries?state=&before=&limit=`, `.../dead-letters`
+//! - `GET /admin/webhooks/{id}/attempts?stream=&result=&status=&since=&until=&before=&limit=`:
+//!   the attempt history, newest first (`next_before` pages on)
 //! - `POST /admin/webhooks/{id}/deliveries/{delivery}/replay`
 //! - `POST /admin/webhooks/{id}/replay` with `{"since": "<RFC 3339 time>"}`: every dead letter
 //!   created since then
@@ -35,7 +37,9 @@ use crate::sinks::webhook::config::AdminToken;
 use crate::sinks::webhook::endpoints::{
     AdminError, EndpointChanges, Endpoints, Idempotency, NewEndpoint,
 };
-use crate::sinks::webhook::outbox::{Delivery, DeliveryFilter, DeliveryState, Replay};
+use crate::sinks::webhook::outbox::{
+    AttemptEntry, AttemptFilter, AttemptResult, Delivery, DeliveryFilter, DeliveryState, Replay,
+};
 use crate::sinks::webhook::registry::Endpoint;
 use crate::sinks::webhook::sign;
 use crate::time::{rfc3339, unix_ms};
@@ -83,6 +87,7 @@ pub fn router(
         .route("/admin/webhooks/{id}/rotate-secret", post(rotate))
         .route("/admin/webhooks/{id}/deliveries", get(deliveries))
         .route("/admin/webhooks/{id}/dead-letters", get(dead_letters))
+        .route("/admin/webhooks/{id}/attempts", get(attempts))
         .route(
             "/admin/webhooks/{id}/deliveries/{delivery}/replay",
             post(replay_one),
@@ -414,6 +419,128 @@ async fn dead_letters(
     list_deliveries(&endpoints, &id, query, Some(DeliveryState::Dead)).await
 }
 
+fn attempt_json(a: &AttemptEntry) -> Value {
+    json!({
+        "id": a.id,
+        "delivery": a.delivery,
+        "webhook_id": a.msg_id,
+        "stream": a.stream,
+        "at": time(a.attempt.at_ms),
+        "duration_ms": a.attempt.duration_ms,
+        "result": a.result.as_str(),
+        "status": a.status,
+        "response": a.attempt.response,
+        "error": a.error,
+    })
+}
+
+/// Most attempts on one page of the history, and how many when `limit` is absent.
+const ATTEMPTS_PAGE: (usize, usize) = (1000, 100);
+
+/// The attempt history's query string as a filter (one more than `limit` asked for, to know
+/// whether a next page exists), or the 400 answer naming the parameter at fault.
+fn attempt_filter(pairs: &[(String, String)]) -> Result<AttemptFilter, String> {
+    let mut filter = AttemptFilter {
+        limit: ATTEMPTS_PAGE.1,
+        ..AttemptFilter::default()
+    };
+    let mut seen = std::collections::HashSet::new();
+    let time = |name: &str, value: &str| {
+        humantime::parse_rfc3339_weak(value.trim())
+            .map(unix_ms)
+            .map_err(|e| {
+                format!(
+                    "{name}: expected an RFC 3339 time such as \"2026-01-31T12:00:00Z\", got \
+                     {value:?} ({e})"
+                )
+            })
+    };
+    for (name, value) in pairs {
+        if !seen.insert(name.as_str()) {
+            return Err(format!("{name}: given more than once"));
+        }
+        match name.as_str() {
+            "stream" => filter.stream = Some(value.clone()),
+            "result" => {
+                filter.result = Some(AttemptResult::parse(value).ok_or_else(|| {
+                    format!("result: expected delivered, retrying or dead, got {value:?}")
+                })?);
+            }
+            "status" => {
+                filter.status = Some(
+                    value
+                        .parse::<u16>()
+                        .ok()
+                        .filter(|s| (100..=599).contains(s))
+                        .ok_or_else(|| {
+                            format!(
+                                "status: expected an HTTP status from 100 to 599, got {value:?}"
+                            )
+                        })?,
+                );
+            }
+            "since" => filter.since_ms = Some(time("since", value)?),
+            "until" => filter.until_ms = Some(time("until", value)?),
+            "before" => {
+                filter.before = Some(value.parse::<i64>().ok().filter(|b| *b > 0).ok_or_else(
+                    || {
+                        format!(
+                            "before: expected an attempt id (a positive integer), got {value:?}"
+                        )
+                    },
+                )?);
+            }
+            "limit" => {
+                filter.limit = value
+                    .parse::<usize>()
+                    .ok()
+                    .filter(|l| (1..=ATTEMPTS_PAGE.0).contains(l))
+                    .ok_or_else(|| {
+                        format!(
+                            "limit: expected an integer from 1 to {}, got {value:?}",
+                            ATTEMPTS_PAGE.0
+                        )
+                    })?;
+            }
+            other => {
+                return Err(format!(
+                    "{other}: unknown parameter (expected stream, result, status, since, until, \
+                     before or limit)"
+                ));
+            }
+        }
+    }
+    if let (Some(since), Some(until)) = (filter.since_ms, filter.until_ms)
+        && since >= until
+    {
+        return Err("until: expected a time after since".to_owned());
+    }
+    filter.limit += 1;
+    Ok(filter)
+}
+
+async fn attempts(
+    State(endpoints): State<Arc<Endpoints>>,
+    Path(id): Path<String>,
+    Query(pairs): Query<Vec<(String, String)>>,
+) -> Response {
+    let filter = match attempt_filter(&pairs) {
+        Ok(filter) => filter,
+        Err(message) => return error_response(StatusCode::BAD_REQUEST, message),
+    };
+    let page = filter.limit - 1;
+    match endpoints.attempts(&id, filter).await {
+        Ok(mut list) => {
+            let more = list.len() > page;
+            list.truncate(page);
+            let next = more.then(|| list.last().map(|a| a.id)).flatten();
+            let items: Vec<Value> = list.iter().map(attempt_json).collect();
+            axum::Json(json!({ "attempts": items, "next_before": next })).into_response()
+        }
+        Err(e) => failure(e),
+    }
+}
+
 async fn replay_one(
     State(endpoints): State<Arc<Endpoints>>,
     Path((id, delivery)): Path<(String, i64)>,
@@ -508,5 +635,56 @@ async fn test(
         }))
         .into_response(),
         Err(e) => failure(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pairs(query: &str) -> Vec<(String, String)> {
+        url::form_urlencoded::parse(query.as_bytes())
+            .into_owned()
+            .collect()
+    }
+
+    #[test]
+    fn the_attempt_filter_reads_every_parameter() {
+        let filter = attempt_filter(&pairs(
+            "stream=fleet&result=dead&status=503&since=2026-01-01T00:00:00Z\
+             &until=2026-01-01T00:00:01.5Z&before=42&limit=10",
+        ))
+        .unwrap();
+        assert_eq!(filter.stream.as_deref(), Some("fleet"));
+        assert_eq!(filter.result, Some(AttemptResult::Dead));
+        assert_eq!(filter.status, Some(503));
+        assert_eq!(filter.since_ms, Some(1_767_225_600_000));
+        assert_eq!(filter.until_ms, Some(1_767_225_601_500));
+        assert_eq!(filter.before, Some(42));
+        // One more than asked for: whether a next page exists.
+        assert_eq!(filter.limit, 11);
+        assert_eq!(attempt_filter(&[]).unwrap().limit, ATTEMPTS_PAGE.1 + 1);
+    }
+
+    #[test]
+    fn a_bad_attempt_filter_names_its_parameter() {
+        for (query, named) in [
+            ("since=2026-01-01", "since:"),
+            ("until=soon", "until:"),
+            (
+                "since=2026-01-02T00:00:00Z&until=2026-01-01T00:00:00Z",
+                "until:",
+            ),
+            ("status=99", "status:"),
+            ("status=600", "status:"),
+            ("result=ok", "result:"),
+            ("before=-1", "before:"),
+            ("limit=1001", "limit:"),
+            ("page=2", "page:"),
+            ("limit=1&limit=2", "limit:"),
+        ] {
+            let error = attempt_filter(&pairs(query)).unwrap_err();
+            assert!(error.starts_with(named), "{query}: {error}");
+        }
     }
 }

@@ -10,8 +10,9 @@ use bytes::Bytes;
 use patchwire::sinks::webhook::body::Mode;
 use patchwire::sinks::webhook::outbox::postgres::PostgresOutbox;
 use patchwire::sinks::webhook::outbox::{
-    AttemptOutcome, Claim, DeliveryFilter, DeliveryState, Disabled, EndpointRecord, NewChange,
-    Next, Outbox, OutboxError, Replay, Source, StoredDocument, Target,
+    Attempt, AttemptEntry, AttemptFilter, AttemptOutcome, AttemptResult, Claim, DeliveryFilter,
+    DeliveryState, Disabled, EndpointRecord, NewChange, Next, Outbox, OutboxError, Replay, Source,
+    StoredDocument, Target,
 };
 use patchwire::wire::ChangeKind;
 
@@ -88,7 +89,12 @@ async fn pending(outbox: &dyn Outbox, id: &str) -> Vec<(ChangeKind, u64, Option<
 /// Records a delivered attempt (which also releases a claim).
 async fn delivered(outbox: &dyn Outbox, id: i64) {
     outbox
-        .record(id, AttemptOutcome::Delivered { status: 200 }, 1, None)
+        .record(
+            id,
+            AttemptOutcome::Delivered { status: 200 },
+            Attempt::at(1),
+            None,
+        )
         .await
         .unwrap();
 }
@@ -223,7 +229,10 @@ async fn only_the_oldest_pending_delivery_of_a_pair_is_due(store: TestStore) {
         error: "500".into(),
         retry_at_ms: Some(LATER + 1000),
     };
-    let recorded = outbox.record(due[1].id, failed, 7, None).await.unwrap();
+    let recorded = outbox
+        .record(due[1].id, failed, Attempt::at(7), None)
+        .await
+        .unwrap();
     assert_eq!(recorded.status.and_then(|s| s.failing_since_ms), Some(7));
     outbox.release(due[0].id).await.unwrap();
     let again = outbox.due(claim("w", 10)).await.unwrap();
@@ -266,7 +275,10 @@ async fn a_dead_delivery_supersedes_the_patches_that_lacked_its_base(store: Test
         error: "timed out".into(),
         retry_at_ms: None,
     };
-    let recorded = outbox.record(head.id, dead, 10, None).await.unwrap();
+    let recorded = outbox
+        .record(head.id, dead, Attempt::at(10), None)
+        .await
+        .unwrap();
     assert!(recorded.needs_resync);
     assert!(pending(&*outbox, "a").await.is_empty());
     // The pair is owed the document now.
@@ -315,7 +327,7 @@ async fn a_dead_delivery_supersedes_the_patches_that_lacked_its_base(store: Test
     };
     assert!(
         !outbox
-            .record(head.id, dead, 10, None)
+            .record(head.id, dead, Attempt::at(10), None)
             .await
             .unwrap()
             .needs_resync
@@ -579,7 +591,7 @@ async fn a_record_hands_over_the_pairs_next_delivery(store: TestStore) {
         .record(
             head.id,
             AttemptOutcome::Delivered { status: 200 },
-            1,
+            Attempt::at(1),
             next(LATER),
         )
         .await
@@ -600,7 +612,7 @@ async fn a_record_hands_over_the_pairs_next_delivery(store: TestStore) {
         retry_at_ms: Some(LATER + 1),
     };
     let recorded = outbox
-        .record(second.id, failed, 2, next(LATER))
+        .record(second.id, failed, Attempt::at(2), next(LATER))
         .await
         .unwrap();
     assert!(recorded.next.is_none());
@@ -618,7 +630,7 @@ async fn a_record_hands_over_the_pairs_next_delivery(store: TestStore) {
         .record(
             third_due.id,
             AttemptOutcome::Delivered { status: 200 },
-            3,
+            Attempt::at(3),
             next(0),
         )
         .await
@@ -626,7 +638,204 @@ async fn a_record_hands_over_the_pairs_next_delivery(store: TestStore) {
     assert!(recorded.next.is_none(), "seq 3 is due, but not at time 0");
 }
 
+/// Every recorded attempt is an entry of the history (time, duration, result, status, the
+/// answer's start, the error), listed newest first, filtered by stream, result, status and
+/// time, paged by id; pruning removes old entries only; deleting an endpoint removes its own.
+async fn every_attempt_is_in_the_history(store: TestStore) {
+    let outbox = store.open_fresh().await;
+    let mut other = endpoint("b");
+    other.streams = vec!["s".into(), "t".into()];
+    outbox.put_endpoint(endpoint("a")).await.unwrap();
+    outbox.put_endpoint(other).await.unwrap();
+    let targets = vec![target("a", Mode::Patch), target("b", Mode::Patch)];
+    outbox
+        .accept(change(1, 1, false), targets.clone(), 100, None)
+        .await
+        .unwrap();
+    let mut on_t = change(1, 1, false);
+    on_t.stream = Arc::from("t");
+    outbox
+        .accept(on_t, vec![target("b", Mode::Patch)], 100, None)
+        .await
+        .unwrap();
+    let retrying = AttemptOutcome::Failed {
+        status: Some(503),
+        error: "the receiver answered 503 Service Unavailable".into(),
+        retry_at_ms: Some(0),
+    };
+    let attempt = |at_ms, duration_ms, response: &str| Attempt {
+        at_ms,
+        duration_ms,
+        response: response.into(),
+    };
+    // a/s: fails at 1000, fails without an answer at 2000, delivered at 3000.
+    let head = |endpoint: &'static str, stream: &'static str| {
+        let outbox = outbox.clone();
+        async move {
+            let all = outbox.due(claim("w", 10)).await.unwrap();
+            let found = all
+                .iter()
+                .find(|d| d.endpoint == endpoint && d.stream == stream)
+                .expect("a due delivery")
+                .clone();
+            for d in all {
+                if d.id != found.id {
+                    outbox.release(d.id).await.unwrap();
+                }
+            }
+            found
+        }
+    };
+    let a = head("a", "s").await;
+    outbox
+        .record(a.id, retrying.clone(), attempt(1000, 30, "busy"), None)
+        .await
+        .unwrap();
+    let timed_out = AttemptOutcome::Failed {
+        status: None,
+        error: "no answer within 15s".into(),
+        retry_at_ms: Some(0),
+    };
+    let a2 = head("a", "s").await;
+    assert_eq!(a2.id, a.id, "the same delivery is retried");
+    outbox
+        .record(a.id, timed_out, attempt(2000, 15000, ""), None)
+        .await
+        .unwrap();
+    head("a", "s").await;
+    outbox
+        .record(
+            a.id,
+            AttemptOutcome::Delivered { status: 204 },
+            attempt(3000, 5, "ok"),
+            None,
+        )
+        .await
+        .unwrap();
+    // b/s dead at 4000, b/t delivered at 5000.
+    let b = head("b", "s").await;
+    let dead = AttemptOutcome::Failed {
+        status: Some(500),
+        error: "the receiver answered 500".into(),
+        retry_at_ms: None,
+    };
+    outbox
+        .record(b.id, dead, attempt(4000, 7, "oops"), None)
+        .await
+        .unwrap();
+    let bt = head("b", "t").await;
+    outbox
+        .record(
+            bt.id,
+            AttemptOutcome::Delivered { status: 200 },
+            attempt(5000, 1, ""),
+            None,
+        )
+        .await
+        .unwrap();
+
+    let list = |endpoint: &str, filter: AttemptFilter| {
+        let outbox = outbox.clone();
+        let endpoint = endpoint.to_owned();
+        async move { outbox.attempts(endpoint, filter).await.unwrap() }
+    };
+    let all = |limit| AttemptFilter {
+        limit,
+        ..AttemptFilter::default()
+    };
+    let history = list("a", all(10)).await;
+    assert_eq!(history.len(), 3);
+    let newest = &history[0];
+    assert_eq!(newest.attempt, attempt(3000, 5, "ok"));
+    assert_eq!(
+        (newest.result, newest.status, newest.error.as_deref()),
+        (AttemptResult::Delivered, Some(204), None)
+    );
+    assert_eq!(
+        (
+            newest.delivery,
+            newest.msg_id.as_str(),
+            newest.stream.as_str()
+        ),
+        (a.id, a.msg_id.as_str(), "s")
+    );
+    assert_eq!(
+        (
+            history[1].result,
+            history[1].status,
+            history[1].error.as_deref()
+        ),
+        (AttemptResult::Retrying, None, Some("no answer within 15s"))
+    );
+    assert_eq!(history[1].attempt.duration_ms, 15000);
+    assert_eq!(history[2].attempt, attempt(1000, 30, "busy"));
+    assert_eq!(history[2].status, Some(503));
+    assert!(history[0].id > history[1].id && history[1].id > history[2].id);
+    // Pages: newest first, each below the previous page's last id.
+    let first = list("a", all(2)).await;
+    assert_eq!(
+        first.iter().map(|e| e.id).collect::<Vec<_>>(),
+        [history[0].id, history[1].id]
+    );
+    let rest = list(
+        "a",
+        AttemptFilter {
+            before: Some(first[1].id),
+            ..all(2)
+        },
+    )
+    .await;
+    assert_eq!(
+        rest.iter().map(|e| e.id).collect::<Vec<_>>(),
+        [history[2].id]
+    );
+    // Filters.
+    let results =
+        |entries: Vec<AttemptEntry>| entries.iter().map(|e| e.attempt.at_ms).collect::<Vec<_>>();
+    let retries = AttemptFilter {
+        result: Some(AttemptResult::Retrying),
+        ..all(10)
+    };
+    assert_eq!(results(list("a", retries).await), [2000, 1000]);
+    let status = AttemptFilter {
+        status: Some(503),
+        ..all(10)
+    };
+    assert_eq!(results(list("a", status).await), [1000]);
+    let window = AttemptFilter {
+        since_ms: Some(2000),
+        until_ms: Some(3000),
+        ..all(10)
+    };
+    assert_eq!(results(list("a", window).await), [2000]);
+    assert_eq!(results(list("b", all(10)).await), [5000, 4000]);
+    let on_t = AttemptFilter {
+        stream: Some("t".into()),
+        ..all(10)
+    };
+    assert_eq!(results(list("b", on_t).await), [5000]);
+    let dead_ones = AttemptFilter {
+        result: Some(AttemptResult::Dead),
+        ..all(10)
+    };
+    let dead_list = list("b", dead_ones).await;
+    assert_eq!(results(dead_list.clone()), [4000]);
+    assert_eq!(
+        dead_list[0].error.as_deref(),
+        Some("the receiver answered 500")
+    );
+    // Pruning removes attempts made before the time, of every endpoint, and nothing else.
+    assert_eq!(outbox.prune_attempts(2500).await.unwrap(), 2);
+    assert_eq!(results(list("a", all(10)).await), [3000]);
+    assert_eq!(results(list("b", all(10)).await), [5000, 4000]);
+    // Deleting an endpoint deletes its history.
+    outbox.delete_endpoint("b".into()).await.unwrap();
+    assert!(list("b", all(10)).await.is_empty());
+    assert_eq!(results(list("a", all(10)).await), [3000]);
+}
+
 crate::on_both_stores!(
+    every_attempt_is_in_the_history,
     a_record_hands_over_the_pairs_next_delivery,
     first_a_snapshot_then_patches_per_mode,
     only_the_oldest_pending_delivery_of_a_pair_is_due,

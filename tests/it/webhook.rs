@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use patchwire::sinks::webhook::body::Mode;
 use patchwire::sinks::webhook::outbox::{
-    AttemptOutcome, Claim, DeliveryFilter, DeliveryState, EndpointRecord, EndpointStatus,
-    NewChange, Outbox, Source, Target,
+    AttemptFilter, AttemptOutcome, Claim, DeliveryFilter, DeliveryState, EndpointRecord,
+    EndpointStatus, NewChange, Outbox, Source, Target,
 };
 use patchwire::sinks::webhook::registry::{Endpoint, Registry};
 use patchwire::sinks::webhook::schedule::RetrySchedule;
@@ -803,6 +803,7 @@ fn worker_settings() -> WorkerSettings {
         workers: 16,
         allow_private: true,
         retention: Duration::from_secs(3600),
+        attempt_retention: Duration::from_secs(3600),
         user_agent: "test".into(),
         owner: Arc::from("test-worker"),
         claim_timeout: Duration::from_secs(60),
@@ -1554,7 +1555,213 @@ async fn change_and_wait_unverified(
     }
 }
 
+/// Every attempt is listed by `GET /admin/webhooks/{id}/attempts`, newest first: when, how
+/// long, how it ended, the receiver's status, the start of its answer and the error; filtered
+/// by stream, result, status and time, paged by `before`/`next_before`; bad parameters are
+/// refused naming them, an unknown endpoint is 404.
+async fn every_attempt_is_listed_with_its_answer(store: TestStore) {
+    let upstream = MockUpstream::start(json!({"n": 0})).await;
+    let receiver = Receiver::start(&[SECRET]).await;
+    let long_answer = "x".repeat(5000).leak();
+    // A 500 with a body, a hang past the attempt timeout, a 202 with a long body.
+    receiver.script([
+        Reply::Body(500, "not now"),
+        Reply::Delay(Duration::from_secs(2)),
+        Reply::Body(202, long_answer),
+    ]);
+    let app = start(
+        &upstream,
+        &store,
+        &[endpoint("hook", &receiver.url(), &["fleet"], Mode::Patch)],
+        "",
+    )
+    .await;
+    let admin = Admin::new(&app);
+    let list = |query: &'static str| {
+        let admin = &admin;
+        async move {
+            admin
+                .call("GET", &format!("/hook/attempts{query}"), None)
+                .await
+        }
+    };
+    let deadline = tokio::time::Instant::now() + LONG;
+    let history = loop {
+        let (status, answer) = list("").await;
+        assert_eq!(status, 200, "{answer}");
+        if answer["attempts"].as_array().unwrap().len() >= 3 {
+            break answer["attempts"].as_array().unwrap().clone();
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "three attempts: {answer}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let newest = history.len() - 3;
+    let [delivered, hung, failed] = [0, 1, 2].map(|i| history[newest + i].clone());
+    assert_eq!(delivered["result"], "delivered", "{delivered}");
+    assert_eq!(delivered["status"], 202);
+    assert_eq!(delivered["error"], Value::Null);
+    assert_eq!(
+        delivered["response"].as_str().unwrap().len(),
+        1024,
+        "a bounded excerpt"
+    );
+    assert_eq!(hung["result"], "retrying", "{hung}");
+    assert_eq!(hung["status"], Value::Null);
+    assert!(
+        hung["error"].as_str().unwrap().contains("no answer within"),
+        "{hung}"
+    );
+    assert!(hung["duration_ms"].as_u64().unwrap() >= 400, "{hung}");
+    assert_eq!(failed["result"], "retrying", "{failed}");
+    assert_eq!(
+        (failed["status"].clone(), failed["response"].clone()),
+        (json!(500), json!("not now"))
+    );
+    assert!(
+        failed["error"].as_str().unwrap().contains("500"),
+        "{failed}"
+    );
+    for entry in [&delivered, &hung, &failed] {
+        assert_eq!(entry["stream"], "fleet");
+        assert_eq!(
+            entry["webhook_id"], failed["webhook_id"],
+            "one delivery, retried"
+        );
+        assert!(
+            entry["duration_ms"].is_u64() && entry["at"].is_string(),
+            "{entry}"
+        );
+    }
+    let ids = |answer: &Value| -> Vec<i64> {
+        answer["attempts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a["id"].as_i64().unwrap())
+            .collect()
+    };
+    // Filters.
+    let (_, retrying) = list("?result=retrying").await;
+    assert_eq!(
+        ids(&retrying),
+        [hung["id"].as_i64().unwrap(), failed["id"].as_i64().unwrap()]
+    );
+    let (_, five_hundred) = list("?status=500&stream=fleet").await;
+    assert_eq!(ids(&five_hundred), [failed["id"].as_i64().unwrap()]);
+    let (_, elsewhere) = list("?stream=other").await;
+    assert_eq!(ids(&elsewhere), Vec::<i64>::new());
+    let since = hung["at"].as_str().unwrap().to_owned();
+    let (status, from_hung) = admin
+        .call(
+            "GET",
+            &format!("/hook/attempts?since={since}&until=2999-01-01T00:00:00Z"),
+            None,
+        )
+        .await;
+    assert_eq!(status, 200, "{from_hung}");
+    // The 500 came before the hang (the schedule's 100 ms at least).
+    assert_eq!(
+        ids(&from_hung),
+        [
+            delivered["id"].as_i64().unwrap(),
+            hung["id"].as_i64().unwrap()
+        ]
+    );
+    let (_, before_all) = list("?until=2000-01-01T00:00:00Z").await;
+    assert_eq!(ids(&before_all), Vec::<i64>::new());
+    // Pages of one: each page's next_before leads to the next, the last has none.
+    let mut seen = Vec::new();
+    let mut query = "?limit=1".to_owned();
+    loop {
+        let (status, page) = admin
+            .call("GET", &format!("/hook/attempts{query}"), None)
+            .await;
+        assert_eq!(status, 200, "{page}");
+        let page_ids = ids(&page);
+        assert!(page_ids.len() <= 1, "{page}");
+        seen.extend(page_ids);
+        match page["next_before"].as_i64() {
+            Some(next) => query = format!("?limit=1&before={next}"),
+            None => break,
+        }
+        assert!(seen.len() <= history.len(), "pages never end: {page}");
+    }
+    assert_eq!(seen, ids(&json!({"attempts": history})));
+    // Bad parameters name themselves; an unknown endpoint is 404.
+    for (query, named) in [
+        ("?since=yesterday", "since"),
+        ("?until=2026-13-01T00:00:00Z", "until"),
+        (
+            "?since=2026-02-01T00:00:00Z&until=2026-01-01T00:00:00Z",
+            "until",
+        ),
+        ("?result=failed", "result"),
+        ("?status=abc", "status"),
+        ("?limit=0", "limit"),
+        ("?limit=5000", "limit"),
+        ("?before=x", "before"),
+        ("?colour=red", "colour"),
+        ("?stream=a&stream=b", "stream"),
+    ] {
+        let (status, answer) = list(query).await;
+        assert_eq!(status, 400, "{query}: {answer}");
+        let message = answer["message"].as_str().unwrap();
+        assert!(message.starts_with(named), "{query}: {message}");
+    }
+    let (status, answer) = admin.call("GET", "/nope/attempts", None).await;
+    assert_eq!(status, 404, "{answer}");
+    app.stop().await;
+}
+
+/// The worker prunes the attempt history after `attempt_retention`, independently of the
+/// finished deliveries' `retention`.
+async fn the_worker_prunes_attempts_after_their_retention(store: TestStore) {
+    let receiver = Receiver::start(&[SECRET]).await;
+    let settings = WorkerSettings {
+        // Every attempt is already too old; finished deliveries are kept an hour.
+        attempt_retention: Duration::ZERO,
+        ..worker_settings()
+    };
+    let (outbox, worker) = queued(&store, &receiver, &["one"], &["a"], 2, settings).await;
+    for _ in 0..2 {
+        worker.try_step().await.unwrap().expect("a delivery is due");
+    }
+    let history = || async {
+        outbox
+            .attempts(
+                "one".into(),
+                AttemptFilter {
+                    limit: 10,
+                    ..AttemptFilter::default()
+                },
+            )
+            .await
+            .unwrap()
+    };
+    assert_eq!(history().await.len(), 2);
+    // Made at least a millisecond before the prune's "now".
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    assert_eq!(worker.prune().await, (0, 2));
+    assert!(history().await.is_empty());
+    let kept = outbox
+        .deliveries(
+            "one".into(),
+            DeliveryFilter {
+                limit: 10,
+                ..DeliveryFilter::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(kept.len(), 2, "the deliveries stay for their own retention");
+}
+
 crate::on_both_stores!(
+    the_worker_prunes_attempts_after_their_retention,
+    every_attempt_is_listed_with_its_answer,
     ed25519_endpoints_sign_v1a_verified_with_their_public_key,
     a_create_retried_with_its_idempotency_key_makes_one_endpoint,
     a_test_delivery_is_signed_sent_at_once_and_its_answer_returned,

@@ -43,6 +43,8 @@ pub mod defaults {
     pub const BACKLOG_LIMIT: u64 = 1000;
     /// `webhooks.retention`.
     pub const RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
+    /// `webhooks.attempt_retention`.
+    pub const ATTEMPT_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
     /// `webhooks.rotation_overlap`.
     pub const ROTATION_OVERLAP: Duration = Duration::from_secs(24 * 3600);
     /// `webhooks.store_connections`.
@@ -79,6 +81,9 @@ pub mod limits {
     pub const BACKLOG_LIMIT: (u64, u64) = (1, 1_000_000);
     /// `webhooks.retention`.
     pub const RETENTION: (Duration, Duration) =
+        (Duration::from_secs(60), Duration::from_secs(365 * DAY));
+    /// `webhooks.attempt_retention`.
+    pub const ATTEMPT_RETENTION: (Duration, Duration) =
         (Duration::from_secs(60), Duration::from_secs(365 * DAY));
     /// `webhooks.rotation_overlap`.
     pub const ROTATION_OVERLAP: (Duration, Duration) =
@@ -159,6 +164,10 @@ pub struct RawWebhooks {
     /// replay ([default](defaults::RETENTION), [bounds](limits::RETENTION)).
     #[serde(default, with = "humantime_serde::option")]
     pub retention: Option<Duration>,
+    /// How long the attempt history (`GET /admin/webhooks/{id}/attempts`) keeps an attempt
+    /// ([default](defaults::ATTEMPT_RETENTION), [bounds](limits::ATTEMPT_RETENTION)).
+    #[serde(default, with = "humantime_serde::option")]
+    pub attempt_retention: Option<Duration>,
     /// After a secret rotation, how long the previous secret also signs
     /// ([default](defaults::ROTATION_OVERLAP), [bounds](limits::ROTATION_OVERLAP)).
     #[serde(default, with = "humantime_serde::option")]
@@ -223,6 +232,8 @@ pub struct WebhookSettings {
     pub backlog_limit: usize,
     /// How long finished deliveries are kept.
     pub retention: Duration,
+    /// How long the attempt history keeps an attempt.
+    pub attempt_retention: Duration,
     /// How long a rotated-out secret still signs.
     pub rotation_overlap: Duration,
     /// Endpoints declared in the configuration.
@@ -582,6 +593,13 @@ impl RawWebhooks {
                 self.retention,
                 defaults::RETENTION,
                 limits::RETENTION,
+            ),
+            attempt_retention: duration_in(
+                problems,
+                "webhooks.attempt_retention",
+                self.attempt_retention,
+                defaults::ATTEMPT_RETENTION,
+                limits::ATTEMPT_RETENTION,
             ),
             rotation_overlap: duration_in(
                 problems,

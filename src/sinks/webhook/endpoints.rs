@@ -21,8 +21,8 @@ use super::config::{
 use super::deliver::Probe;
 use super::dispatcher::{Resync, ResyncRoutes};
 use super::outbox::{
-    Created, Delivery, DeliveryFilter, Disabled, EndpointRecord, EndpointStatus, Outbox,
-    OutboxError, Replay, Source,
+    AttemptEntry, AttemptFilter, Created, Delivery, DeliveryFilter, Disabled, EndpointRecord,
+    EndpointStatus, Outbox, OutboxError, Replay, Source,
 };
 use super::registry::{Endpoint, Registry};
 use super::sign::{Scheme, Secret, message_id};
@@ -667,6 +667,16 @@ impl Endpoints {
     ) -> Result<Vec<Delivery>, AdminError> {
         self.get(id)?;
         Ok(self.outbox.deliveries(id.to_owned(), filter).await?)
+    }
+
+    /// An endpoint's attempt history, newest first.
+    pub async fn attempts(
+        &self,
+        id: &str,
+        filter: AttemptFilter,
+    ) -> Result<Vec<AttemptEntry>, AdminError> {
+        self.get(id)?;
+        Ok(self.outbox.attempts(id.to_owned(), filter).await?)
     }
 
     /// Queues deliveries again; returns how many.

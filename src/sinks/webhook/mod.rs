@@ -146,6 +146,7 @@ impl Webhooks {
                 workers: settings.workers,
                 allow_private: settings.allow_private_targets,
                 retention: settings.retention,
+                attempt_retention: settings.attempt_retention,
                 user_agent: user_agent.to_owned(),
                 owner: Arc::from(format!(
                     "{}/{:08x}",

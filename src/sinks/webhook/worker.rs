@@ -21,12 +21,15 @@ use tokio_util::sync::CancellationToken;
 use super::deliver::{AttemptError, Sender};
 use super::dispatcher::{Resync, ResyncRoutes};
 use super::outbox::{
-    AttemptOutcome, Claim, Delivery, Disabled, Next, Outbox, OutboxError, Recorded,
+    Attempt, AttemptOutcome, Claim, Delivery, Disabled, Next, Outbox, OutboxError, Recorded,
 };
 use super::registry::{Endpoint, Registry};
 use super::schedule::RetrySchedule;
 use crate::metrics::{AttemptLabels, AttemptResult, Metrics};
 use crate::time::unix_ms;
+
+/// How often the worker prunes finished deliveries and old attempts (and once at start).
+const PRUNE_EVERY: Duration = Duration::from_secs(3600);
 
 /// How the worker delivers.
 #[derive(Debug, Clone)]
@@ -45,6 +48,8 @@ pub struct WorkerSettings {
     pub allow_private: bool,
     /// How long finished deliveries are kept.
     pub retention: Duration,
+    /// How long the attempt history keeps an attempt.
+    pub attempt_retention: Duration,
     /// `User-Agent` of deliveries.
     pub user_agent: String,
     /// Who claims deliveries (unique per process: a node's id and a random suffix).
@@ -397,26 +402,36 @@ impl Worker {
                 (settled, None)
             }
             Some(endpoint) => {
+                let at_ms = unix_ms(SystemTime::now());
                 let started = Instant::now();
                 let answer = self.sender.deliver(&endpoint, &delivery).await;
+                let took = started.elapsed();
                 self.metrics
                     .webhook_attempt_seconds
-                    .observe(started.elapsed().as_secs_f64());
-                self.settle(&endpoint, delivery, answer, chain).await
+                    .observe(took.as_secs_f64());
+                let attempt = Attempt {
+                    at_ms,
+                    duration_ms: u64::try_from(took.as_millis()).unwrap_or(u64::MAX),
+                    response: answer.excerpt,
+                };
+                self.settle(&endpoint, delivery, answer.result, attempt, chain)
+                    .await
             }
         }
     }
 
     /// Settles an attempt: its outcome decided on the retry schedule, counted, recorded in the
-    /// outbox, the endpoint's status updated, and the follow-up (resync or disable) sent.
+    /// outbox (with its entry of the attempt history), the endpoint's status updated, and the
+    /// follow-up (resync or disable) sent.
     async fn settle(
         &self,
         endpoint: &Endpoint,
         delivery: Delivery,
         answer: Result<u16, AttemptError>,
+        attempt: Attempt,
         chain: bool,
     ) -> (Settled, Option<Delivery>) {
-        let now_ms = unix_ms(SystemTime::now());
+        let now_ms = attempt.ended_ms();
         let outcome = {
             let mut rng = self.rng.lock().unwrap_or_else(|e| e.into_inner());
             outcome_of(
@@ -433,7 +448,7 @@ impl Worker {
             owner: self.settings.owner.clone(),
             hold: self.settings.claim_timeout,
         });
-        let Some(mut recorded) = self.record(&delivery, &outcome, now_ms, next).await else {
+        let Some(mut recorded) = self.record(&delivery, &outcome, attempt, next).await else {
             let settled = Settled {
                 delivery,
                 outcome: Some(outcome),
@@ -507,13 +522,13 @@ impl Worker {
         &self,
         delivery: &Delivery,
         outcome: &AttemptOutcome,
-        now_ms: u64,
+        attempt: Attempt,
         next: Option<Next>,
     ) -> Option<Recorded> {
         loop {
             match self
                 .outbox
-                .record(delivery.id, outcome.clone(), now_ms, next.clone())
+                .record(delivery.id, outcome.clone(), attempt.clone(), next.clone())
                 .await
             {
                 Ok(recorded) => return Some(recorded),
@@ -561,20 +576,48 @@ impl Worker {
         }
     }
 
+    /// Deletes finished deliveries older than `retention` and attempts older than
+    /// `attempt_retention`; returns how many of each.
+    pub async fn prune(&self) -> (usize, usize) {
+        let now = unix_ms(SystemTime::now());
+        let before = |keep: Duration| {
+            now.saturating_sub(u64::try_from(keep.as_millis()).unwrap_or(u64::MAX))
+        };
+        let deliveries = match self.outbox.prune(before(self.settings.retention)).await {
+            Ok(n) => n,
+            Err(error) => {
+                tracing::warn!(%error, "cannot prune webhook deliveries");
+                0
+            }
+        };
+        let attempts = match self
+            .outbox
+            .prune_attempts(before(self.settings.attempt_retention))
+            .await
+        {
+            Ok(n) => n,
+            Err(error) => {
+                tracing::warn!(%error, "cannot prune the webhook attempt history");
+                0
+            }
+        };
+        if deliveries + attempts > 0 {
+            tracing::info!(
+                deliveries,
+                attempts,
+                "pruned finished webhook deliveries and old attempts"
+            );
+        }
+        (deliveries, attempts)
+    }
+
     /// Runs until `shutdown`: starts due attempts whenever woken, and at the next due time.
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
         let mut next_prune = tokio::time::Instant::now();
         loop {
             if tokio::time::Instant::now() >= next_prune {
-                next_prune += Duration::from_secs(3600);
-                let before = unix_ms(SystemTime::now()).saturating_sub(
-                    u64::try_from(self.settings.retention.as_millis()).unwrap_or(u64::MAX),
-                );
-                match self.outbox.prune(before).await {
-                    Ok(0) => {}
-                    Ok(n) => tracing::info!(deliveries = n, "pruned finished webhook deliveries"),
-                    Err(error) => tracing::warn!(%error, "cannot prune webhook deliveries"),
-                }
+                next_prune += PRUNE_EVERY;
+                self.prune().await;
             }
             let wait = match self.start_due().await {
                 Err(OutboxError::Closed) => return,

@@ -297,6 +297,138 @@ pub enum AttemptOutcome {
     },
 }
 
+/// When an attempt was made, how long it took, and the start of the receiver's answer: kept
+/// in the attempt history.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Attempt {
+    /// When it was made (Unix milliseconds).
+    pub at_ms: u64,
+    /// From sending to the answer (or the failure).
+    pub duration_ms: u64,
+    /// The start of the receiver's answer body (at most
+    /// [`EXCERPT`](crate::sinks::webhook::deliver::EXCERPT) bytes; empty without one).
+    pub response: String,
+}
+
+impl Attempt {
+    /// When it ended: the time the delivery's state records (finished, failing since).
+    pub fn ended_ms(&self) -> u64 {
+        self.at_ms.saturating_add(self.duration_ms)
+    }
+
+    /// An attempt made at `at_ms`, of no measured duration or answer (tests, replays).
+    pub fn at(at_ms: u64) -> Attempt {
+        Attempt {
+            at_ms,
+            ..Attempt::default()
+        }
+    }
+}
+
+/// How an attempt ended, as the history lists it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttemptResult {
+    /// A 2xx.
+    Delivered,
+    /// Failed; tried again later.
+    Retrying,
+    /// Failed; the delivery is dead.
+    Dead,
+}
+
+impl AttemptResult {
+    /// The name in the API.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AttemptResult::Delivered => "delivered",
+            AttemptResult::Retrying => "retrying",
+            AttemptResult::Dead => "dead",
+        }
+    }
+
+    /// Parses a name.
+    pub fn parse(text: &str) -> Option<AttemptResult> {
+        match text {
+            "delivered" => Some(AttemptResult::Delivered),
+            "retrying" => Some(AttemptResult::Retrying),
+            "dead" => Some(AttemptResult::Dead),
+            _ => None,
+        }
+    }
+
+    /// The stored code (the databases' format: never renumber).
+    pub fn code(self) -> i16 {
+        match self {
+            AttemptResult::Delivered => 0,
+            AttemptResult::Retrying => 1,
+            AttemptResult::Dead => 2,
+        }
+    }
+
+    /// The result a stored code stands for.
+    pub fn of_code(code: i16) -> AttemptResult {
+        match code {
+            0 => AttemptResult::Delivered,
+            1 => AttemptResult::Retrying,
+            _ => AttemptResult::Dead,
+        }
+    }
+
+    /// What an outcome is.
+    pub fn of(outcome: &AttemptOutcome) -> AttemptResult {
+        match outcome {
+            AttemptOutcome::Delivered { .. } => AttemptResult::Delivered,
+            AttemptOutcome::Failed {
+                retry_at_ms: Some(_),
+                ..
+            } => AttemptResult::Retrying,
+            AttemptOutcome::Failed {
+                retry_at_ms: None, ..
+            } => AttemptResult::Dead,
+        }
+    }
+}
+
+/// One attempt in the history.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AttemptEntry {
+    /// Orders attempts (newest have the highest).
+    pub id: i64,
+    /// The delivery.
+    pub delivery: i64,
+    /// Its `webhook-id`.
+    pub msg_id: String,
+    /// The stream.
+    pub stream: String,
+    /// When, how long, and the answer's start.
+    pub attempt: Attempt,
+    /// How it ended.
+    pub result: AttemptResult,
+    /// The receiver's status, if it answered.
+    pub status: Option<u16>,
+    /// What went wrong, if it failed.
+    pub error: Option<String>,
+}
+
+/// Which attempts to list: filters, then newest first from `before`, at most `limit`.
+#[derive(Debug, Clone, Default)]
+pub struct AttemptFilter {
+    /// Only this stream's.
+    pub stream: Option<String>,
+    /// Only those that ended so.
+    pub result: Option<AttemptResult>,
+    /// Only those the receiver answered with this status.
+    pub status: Option<u16>,
+    /// Made at or after (Unix milliseconds).
+    pub since_ms: Option<u64>,
+    /// Made before (Unix milliseconds).
+    pub until_ms: Option<u64>,
+    /// Only ids below this one (the next page).
+    pub before: Option<i64>,
+    /// At most this many.
+    pub limit: usize,
+}
+
 /// What recording an attempt changed.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Recorded {
@@ -558,15 +690,19 @@ pub trait Outbox: Send + Sync {
     fn documents(&self) -> OutboxFuture<Vec<StoredDocument>>;
     /// When the earliest pending head of an enabled endpoint is due (Unix milliseconds).
     fn next_due_ms(&self) -> OutboxFuture<Option<u64>>;
-    /// Records an attempt of delivery `id` made at `now_ms`, and releases its claim; with
-    /// `next`, also claims the pair's next delivery if it is due ([`Recorded::next`]).
+    /// Records an attempt of delivery `id` (the delivery's state, and an entry of the attempt
+    /// history), and releases its claim; with `next`, also claims the pair's next delivery if
+    /// it is due ([`Recorded::next`]).
     fn record(
         &self,
         id: i64,
         outcome: AttemptOutcome,
-        now_ms: u64,
+        attempt: Attempt,
         next: Option<Next>,
     ) -> OutboxFuture<Recorded>;
+    /// An endpoint's attempt history, newest first ([`Outbox::prune_attempts`] removes old
+    /// entries).
+    fn attempts(&self, endpoint: String, filter: AttemptFilter) -> OutboxFuture<Vec<AttemptEntry>>;
     /// An endpoint's deliveries, newest first, without bodies.
     fn deliveries(&self, endpoint: String, filter: DeliveryFilter) -> OutboxFuture<Vec<Delivery>>;
     /// Queues the selected deliveries again (same `webhook-id` and body, attempts reset) at the
@@ -575,6 +711,9 @@ pub trait Outbox: Send + Sync {
     /// Deletes finished deliveries (delivered, dead, superseded) that finished before
     /// `before_ms`; returns how many.
     fn prune(&self, before_ms: u64) -> OutboxFuture<usize>;
+    /// Deletes the attempt history's entries of attempts made before `before_ms`; returns how
+    /// many.
+    fn prune_attempts(&self, before_ms: u64) -> OutboxFuture<usize>;
 }
 
 #[cfg(test)]

@@ -32,10 +32,10 @@ use tokio_postgres::NoTls;
 use tokio_postgres::types::ToSql;
 
 use super::{
-    Accepted, AttemptOutcome, Bodies, Claim, Created, Delivery, DeliveryFilter, DeliveryState,
-    Disabled, EndpointRecord, EndpointStatus, NewChange, Next, Outbox, OutboxError, OutboxFuture,
-    Recorded, Replay, StoredDocument, Target, collapses, int, kind_code, kind_of, state_code,
-    state_of, uint,
+    Accepted, Attempt, AttemptEntry, AttemptFilter, AttemptOutcome, AttemptResult, Bodies, Claim,
+    Created, Delivery, DeliveryFilter, DeliveryState, Disabled, EndpointRecord, EndpointStatus,
+    NewChange, Next, Outbox, OutboxError, OutboxFuture, Recorded, Replay, StoredDocument, Target,
+    collapses, int, kind_code, kind_of, state_code, state_of, uint,
 };
 use crate::sinks::webhook::body::{self, Cursor, Plan};
 use crate::sinks::webhook::sign::message_id;
@@ -96,6 +96,22 @@ CREATE TABLE patchwire_deliveries (
 CREATE INDEX patchwire_deliveries_pending
     ON patchwire_deliveries (endpoint_id, stream, id) WHERE state = 0;
 CREATE INDEX patchwire_deliveries_by_endpoint ON patchwire_deliveries (endpoint_id, id);
+-- Every attempt, for the history the admin API lists (pruned after webhooks.attempt_retention).
+CREATE TABLE patchwire_attempts (
+    id bigserial PRIMARY KEY,
+    delivery_id bigint NOT NULL,
+    endpoint_id text NOT NULL,
+    stream text NOT NULL,
+    msg_id text NOT NULL,
+    at_ms bigint NOT NULL,
+    duration_ms bigint NOT NULL,
+    result smallint NOT NULL,
+    status integer,
+    error text,
+    response text NOT NULL
+);
+CREATE INDEX patchwire_attempts_by_endpoint ON patchwire_attempts (endpoint_id, id);
+CREATE INDEX patchwire_attempts_at ON patchwire_attempts (at_ms);
 -- The current document of each push stream (a single node's: a cluster keeps them in Redis).
 CREATE TABLE patchwire_documents (
     stream text PRIMARY KEY,
@@ -239,7 +255,7 @@ impl Write {
 struct RecordJob {
     id: i64,
     outcome: AttemptOutcome,
-    now_ms: u64,
+    attempt: Attempt,
     next: Option<Next>,
     reply: oneshot::Sender<Result<Recorded, OutboxError>>,
 }
@@ -862,7 +878,7 @@ async fn record_batch(pool: &Pool, jobs: &[RecordJob]) -> Result<Vec<Recorded>, 
         .enumerate()
         .filter_map(|(i, job)| match &job.outcome {
             AttemptOutcome::Delivered { status } => {
-                Some((i, job.id, i32::from(*status), int(job.now_ms)))
+                Some((i, job.id, i32::from(*status), int(job.attempt.ended_ms())))
             }
             AttemptOutcome::Failed { .. } => None,
         })
@@ -911,16 +927,17 @@ async fn record_batch(pool: &Pool, jobs: &[RecordJob]) -> Result<Vec<Recorded>, 
                      last_error = $3, state = CASE WHEN state = 0 THEN 2 ELSE state END, \
                      finished_ms = COALESCE(finished_ms, $4), claimed_by = NULL, \
                      claimed_until_ms = NULL WHERE id = $1",
-                    &[&job.id, &status, &error, &int(job.now_ms)],
+                    &[&job.id, &status, &error, &int(job.attempt.ended_ms())],
                 )
                 .await?;
                 if state == 0 {
                     answers[i].needs_resync =
-                        supersede_after_gap(&tx, &endpoint, &stream, job.now_ms).await?;
+                        supersede_after_gap(&tx, &endpoint, &stream, job.attempt.ended_ms())
+                            .await?;
                 }
             }
         }
-        failed.push((endpoint.clone(), int(job.now_ms)));
+        failed.push((endpoint.clone(), int(job.attempt.ended_ms())));
         endpoint_of[i] = Some(endpoint);
     }
     // Failed attempts that asked for the next delivery (after a dead one: its successor).
@@ -961,13 +978,42 @@ async fn record_batch(pool: &Pool, jobs: &[RecordJob]) -> Result<Vec<Recorded>, 
     let all_ids: Vec<i64> = jobs.iter().map(|j| j.id).collect();
     let failed_endpoints: Vec<&String> = failed.iter().map(|f| &f.0).collect();
     let finish_text = finish_statement();
-    let (finish, report) =
-        futures_util::future::try_join(tx.prepare_cached(&finish_text), tx.prepare_cached(REPORT))
-            .await?;
+    let (finish, report, history) = futures_util::future::try_join3(
+        tx.prepare_cached(&finish_text),
+        tx.prepare_cached(REPORT),
+        tx.prepare_cached(HISTORY),
+    )
+    .await?;
+    let results: Vec<i16> = jobs
+        .iter()
+        .map(|j| AttemptResult::of(&j.outcome).code())
+        .collect();
+    let codes: Vec<Option<i32>> = jobs
+        .iter()
+        .map(|j| match &j.outcome {
+            AttemptOutcome::Delivered { status } => Some(i32::from(*status)),
+            AttemptOutcome::Failed { status, .. } => status.map(i32::from),
+        })
+        .collect();
+    let errors: Vec<Option<&str>> = jobs
+        .iter()
+        .map(|j| match &j.outcome {
+            AttemptOutcome::Delivered { .. } => None,
+            AttemptOutcome::Failed { error, .. } => Some(error.as_str()),
+        })
+        .collect();
+    let ats: Vec<i64> = jobs.iter().map(|j| int(j.attempt.at_ms)).collect();
+    let durations: Vec<i64> = jobs.iter().map(|j| int(j.attempt.duration_ms)).collect();
+    let responses: Vec<&str> = jobs.iter().map(|j| j.attempt.response.as_str()).collect();
+    let history_params: [&(dyn ToSql + Sync); 7] = [
+        &all_ids, &ats, &durations, &results, &codes, &errors, &responses,
+    ];
+
     let finish_params: [&(dyn ToSql + Sync); 7] =
         [&ids, &statuses, &times, &asking_ids, &owners, &holds, &dues];
     let report_params: [&(dyn ToSql + Sync); 3] = [&all_ids, &ids, &failed_endpoints];
-    let (finished, reported) = futures_util::future::try_join(
+    let (_, finished, reported) = futures_util::future::try_join3(
+        tx.execute(&history, &history_params),
         tx.query(&finish, &finish_params),
         tx.query(&report, &report_params),
     )
@@ -1038,6 +1084,16 @@ fn finish_statement() -> String {
          LEFT JOIN claimed ON claimed.done = done.id"
     )
 }
+
+/// The batch's attempts, into the history (before the deliveries are updated: their endpoint,
+/// stream and id are read from them).
+const HISTORY: &str = "INSERT INTO patchwire_attempts (delivery_id, endpoint_id, stream, msg_id, \
+     at_ms, duration_ms, result, status, error, response) \
+     SELECT d.id, d.endpoint_id, d.stream, d.msg_id, u.at, u.duration, u.result, u.status, \
+         u.error, u.response \
+     FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::smallint[], $5::integer[], \
+         $6::text[], $7::text[]) AS u(id, at, duration, result, status, error, response) \
+     JOIN patchwire_deliveries d ON d.id = u.id";
 
 /// Every endpoint of the batch's deliveries (`$1`) with its status after it: those with a
 /// delivered attempt (`$2`) and no failed one (`$3`) are no longer failing. One statement.
@@ -1363,6 +1419,11 @@ impl Outbox for PostgresOutbox {
                 &[&id],
             )
             .await?;
+            tx.execute(
+                "DELETE FROM patchwire_attempts WHERE endpoint_id = $1",
+                &[&id],
+            )
+            .await?;
             let removed = tx
                 .execute("DELETE FROM patchwire_endpoints WHERE id = $1", &[&id])
                 .await?;
@@ -1542,7 +1603,7 @@ impl Outbox for PostgresOutbox {
         &self,
         id: i64,
         outcome: AttemptOutcome,
-        now_ms: u64,
+        attempt: Attempt,
         next: Option<Next>,
     ) -> OutboxFuture<Recorded> {
         let (reply, answer) = oneshot::channel();
@@ -1551,7 +1612,7 @@ impl Outbox for PostgresOutbox {
             .send(RecordJob {
                 id,
                 outcome,
-                now_ms,
+                attempt,
                 next,
                 reply,
             })
@@ -1561,6 +1622,55 @@ impl Outbox for PostgresOutbox {
                 return Err(OutboxError::Closed);
             }
             answer.await.map_err(|_| OutboxError::Closed)?
+        })
+    }
+
+    fn attempts(&self, endpoint: String, filter: AttemptFilter) -> OutboxFuture<Vec<AttemptEntry>> {
+        let pool = self.pool.clone();
+        Box::pin(async move {
+            let client = pool.get().await?;
+            let result = filter.result.map(AttemptResult::code);
+            let status = filter.status.map(i32::from);
+            let limit = int(u64::try_from(filter.limit).unwrap_or(u64::MAX));
+            let rows = client
+                .query(
+                    "SELECT id, delivery_id, msg_id, stream, at_ms, duration_ms, response, result, \
+                     status, error FROM patchwire_attempts WHERE endpoint_id = $1 \
+                     AND ($2::text IS NULL OR stream = $2) \
+                     AND ($3::smallint IS NULL OR result = $3) \
+                     AND ($4::integer IS NULL OR status = $4) \
+                     AND at_ms >= $5 AND at_ms < $6 AND id < $7 ORDER BY id DESC LIMIT $8",
+                    &[
+                        &endpoint,
+                        &filter.stream,
+                        &result,
+                        &status,
+                        &int(filter.since_ms.unwrap_or(0)),
+                        &int(filter.until_ms.unwrap_or(u64::MAX)),
+                        &filter.before.unwrap_or(i64::MAX),
+                        &limit,
+                    ],
+                )
+                .await?;
+            Ok(rows
+                .iter()
+                .map(|r| AttemptEntry {
+                    id: r.get(0),
+                    delivery: r.get(1),
+                    msg_id: r.get(2),
+                    stream: r.get(3),
+                    attempt: Attempt {
+                        at_ms: uint(r.get(4)),
+                        duration_ms: uint(r.get(5)),
+                        response: r.get(6),
+                    },
+                    result: AttemptResult::of_code(r.get(7)),
+                    status: r
+                        .get::<_, Option<i32>>(8)
+                        .and_then(|s| u16::try_from(s).ok()),
+                    error: r.get(9),
+                })
+                .collect())
         })
     }
 
@@ -1621,6 +1731,20 @@ impl Outbox for PostgresOutbox {
             let removed = client
                 .execute(
                     "DELETE FROM patchwire_deliveries WHERE state <> 0 AND finished_ms < $1",
+                    &[&int(before_ms)],
+                )
+                .await?;
+            Ok(usize::try_from(removed).unwrap_or(usize::MAX))
+        })
+    }
+
+    fn prune_attempts(&self, before_ms: u64) -> OutboxFuture<usize> {
+        let pool = self.pool.clone();
+        Box::pin(async move {
+            let client = pool.get().await?;
+            let removed = client
+                .execute(
+                    "DELETE FROM patchwire_attempts WHERE at_ms < $1",
                     &[&int(before_ms)],
                 )
                 .await?;

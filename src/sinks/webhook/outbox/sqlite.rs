@@ -17,9 +17,10 @@ use rusqlite::{Connection, OptionalExtension, Row, params};
 use tokio::sync::oneshot;
 
 use super::{
-    Accepted, AttemptOutcome, Bodies, Claim, Created, Delivery, DeliveryFilter, Disabled,
-    EndpointRecord, EndpointStatus, NewChange, Next, Outbox, OutboxError, OutboxFuture, Recorded,
-    Replay, StoredDocument, Target, collapses, int, kind_code, kind_of, state_code, state_of, uint,
+    Accepted, Attempt, AttemptEntry, AttemptFilter, AttemptOutcome, AttemptResult, Bodies, Claim,
+    Created, Delivery, DeliveryFilter, Disabled, EndpointRecord, EndpointStatus, NewChange, Next,
+    Outbox, OutboxError, OutboxFuture, Recorded, Replay, StoredDocument, Target, collapses, int,
+    kind_code, kind_of, state_code, state_of, uint,
 };
 use crate::sinks::webhook::body::{self, Cursor, Plan};
 use crate::sinks::webhook::sign::message_id;
@@ -91,6 +92,22 @@ CREATE TABLE IF NOT EXISTS documents (
     document BLOB NOT NULL,
     at_ms INTEGER NOT NULL
 ) WITHOUT ROWID;
+-- Every attempt, for the history the admin API lists (pruned after webhooks.attempt_retention).
+CREATE TABLE IF NOT EXISTS attempts (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    delivery_id INTEGER NOT NULL,
+    endpoint_id TEXT NOT NULL,
+    stream TEXT NOT NULL,
+    msg_id TEXT NOT NULL,
+    at_ms INTEGER NOT NULL,
+    duration_ms INTEGER NOT NULL,
+    result INTEGER NOT NULL,
+    status INTEGER,
+    error TEXT,
+    response TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS attempts_by_endpoint ON attempts (endpoint_id, id);
+CREATE INDEX IF NOT EXISTS attempts_at ON attempts (at_ms);
 -- The highest dispatcher fence that wrote each stream's changes (see Outbox::accept).
 CREATE TABLE IF NOT EXISTS fences (
     stream TEXT PRIMARY KEY,
@@ -419,17 +436,19 @@ fn record(
     conn: &Connection,
     id: i64,
     outcome: &AttemptOutcome,
-    now: u64,
+    attempt: &Attempt,
     revision: &AtomicU64,
     next: Option<&Next>,
 ) -> Result<Recorded, OutboxError> {
-    let Some((endpoint, stream, state)) = conn
-        .prepare_cached("SELECT endpoint_id, stream, state FROM deliveries WHERE id = ?1")?
+    let now = attempt.ended_ms();
+    let Some((endpoint, stream, state, msg_id)) = conn
+        .prepare_cached("SELECT endpoint_id, stream, state, msg_id FROM deliveries WHERE id = ?1")?
         .query_row([id], |r| {
             Ok((
                 r.get::<_, String>(0)?,
                 r.get::<_, String>(1)?,
                 r.get::<_, i64>(2)?,
+                r.get::<_, String>(3)?,
             ))
         })
         .optional()?
@@ -437,6 +456,26 @@ fn record(
         // Deleted with its endpoint while in flight.
         return Ok(Recorded::default());
     };
+    let (status, error) = match outcome {
+        AttemptOutcome::Delivered { status } => (Some(*status), None),
+        AttemptOutcome::Failed { status, error, .. } => (*status, Some(error.as_str())),
+    };
+    conn.prepare_cached(
+        "INSERT INTO attempts (delivery_id, endpoint_id, stream, msg_id, at_ms, duration_ms, \
+         result, status, error, response) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+    )?
+    .execute(params![
+        id,
+        endpoint,
+        stream,
+        msg_id,
+        sql(attempt.at_ms),
+        sql(attempt.duration_ms),
+        AttemptResult::of(outcome).code(),
+        status,
+        error,
+        attempt.response,
+    ])?;
     let mut recorded = Recorded::default();
     match outcome {
         AttemptOutcome::Delivered { status } => {
@@ -740,6 +779,8 @@ impl Outbox for SqliteOutbox {
                 .execute([&id])?;
             conn.prepare_cached("DELETE FROM cursors WHERE endpoint_id = ?1")?
                 .execute([&id])?;
+            conn.prepare_cached("DELETE FROM attempts WHERE endpoint_id = ?1")?
+                .execute([&id])?;
             let removed = conn
                 .prepare_cached("DELETE FROM endpoints WHERE id = ?1")?
                 .execute([&id])?;
@@ -858,11 +899,54 @@ impl Outbox for SqliteOutbox {
         &self,
         id: i64,
         outcome: AttemptOutcome,
-        now_ms: u64,
+        attempt: Attempt,
         next: Option<Next>,
     ) -> OutboxFuture<Recorded> {
         let revision = self.revision.clone();
-        self.call(move |conn| record(conn, id, &outcome, now_ms, &revision, next.as_ref()))
+        self.call(move |conn| record(conn, id, &outcome, &attempt, &revision, next.as_ref()))
+    }
+
+    fn attempts(&self, endpoint: String, filter: AttemptFilter) -> OutboxFuture<Vec<AttemptEntry>> {
+        self.call(move |conn| {
+            let mut statement = conn.prepare_cached(
+                "SELECT id, delivery_id, msg_id, stream, at_ms, duration_ms, response, result, \
+                 status, error FROM attempts WHERE endpoint_id = ?1 \
+                 AND (?2 IS NULL OR stream = ?2) AND (?3 IS NULL OR result = ?3) \
+                 AND (?4 IS NULL OR status = ?4) AND at_ms >= ?5 AND at_ms < ?6 AND id < ?7 \
+                 ORDER BY id DESC LIMIT ?8",
+            )?;
+            let rows = statement.query_map(
+                params![
+                    endpoint,
+                    filter.stream,
+                    filter.result.map(AttemptResult::code),
+                    filter.status,
+                    sql(filter.since_ms.unwrap_or(0)),
+                    sql(filter.until_ms.unwrap_or(u64::MAX)),
+                    filter.before.unwrap_or(i64::MAX),
+                    i64::try_from(filter.limit).unwrap_or(i64::MAX),
+                ],
+                |r| {
+                    Ok(AttemptEntry {
+                        id: r.get(0)?,
+                        delivery: r.get(1)?,
+                        msg_id: r.get(2)?,
+                        stream: r.get(3)?,
+                        attempt: Attempt {
+                            at_ms: unsql(r.get(4)?),
+                            duration_ms: unsql(r.get(5)?),
+                            response: r.get(6)?,
+                        },
+                        result: AttemptResult::of_code(r.get(7)?),
+                        status: r
+                            .get::<_, Option<i64>>(8)?
+                            .and_then(|s| u16::try_from(s).ok()),
+                        error: r.get(9)?,
+                    })
+                },
+            )?;
+            Ok(rows.collect::<Result<Vec<_>, _>>()?)
+        })
     }
 
     fn deliveries(&self, endpoint: String, filter: DeliveryFilter) -> OutboxFuture<Vec<Delivery>> {
@@ -916,6 +1000,14 @@ impl Outbox for SqliteOutbox {
         self.call(move |conn| {
             Ok(conn
                 .prepare_cached("DELETE FROM deliveries WHERE state != 0 AND finished_ms < ?1")?
+                .execute([sql(before_ms)])?)
+        })
+    }
+
+    fn prune_attempts(&self, before_ms: u64) -> OutboxFuture<usize> {
+        self.call(move |conn| {
+            Ok(conn
+                .prepare_cached("DELETE FROM attempts WHERE at_ms < ?1")?
                 .execute([sql(before_ms)])?)
         })
     }
