@@ -35,6 +35,7 @@ use crate::proxy::Proxy;
 use crate::proxy::streams::{ClusterLink, DynamicStreams, Polling};
 use crate::redact::Redacted;
 use crate::sim;
+use crate::sinks::broker::{Brokers, Turns};
 use crate::sinks::webhook::config::WebhookStore;
 use crate::sinks::webhook::outbox::Outbox;
 use crate::sinks::webhook::outbox::postgres::PostgresOutbox;
@@ -46,6 +47,8 @@ use crate::upstream::fetch::Fetcher;
 use crate::upstream::on_demand::{self, Idle, OnDemand};
 use crate::upstream::poller::{Poller, Publish};
 use crate::upstream::ratelimit::{RateLimits, SharedQuota};
+use crate::views::config::ViewsSettings;
+use crate::views::{Budget, StreamViews, Views};
 
 /// The sockets the application serves on, bound before it starts (so tests can bind port 0
 /// and read the address, and so a bad address fails before anything runs).
@@ -135,6 +138,8 @@ impl App {
             starting: Vec::new(),
             cluster: cluster.clone(),
             writers: HashMap::new(),
+            views: Views::new(),
+            budget: Budget::new(config.max_views),
             leases: HashMap::new(),
         };
         if let (Some(settings), Some(listener)) = (config.simulator.clone(), listeners.simulator) {
@@ -161,9 +166,11 @@ impl App {
             snapshots,
             mut starting,
             writers,
+            views,
             leases,
             ..
         } = streams;
+        let views = Arc::new(views);
         let mut tasks = JoinSet::new();
         let webhooks = match (&config.webhooks, outbox) {
             (Some(settings), Some(outbox)) => {
@@ -172,8 +179,8 @@ impl App {
                 let shared = cluster.as_ref().map(|node| Shared {
                     node: node.node().to_owned(),
                     leases: leases
-                        .into_iter()
-                        .map(|(name, held)| (name, fences(held, &shutdown)))
+                        .iter()
+                        .map(|(name, held)| (name.clone(), fences(held.clone(), &shutdown)))
                         .collect(),
                 });
                 let push_streams = if cluster.is_some() {
@@ -198,6 +205,36 @@ impl App {
                 )
             }
             _ => None,
+        };
+        let brokers = if config.broker_sinks.is_empty() {
+            None
+        } else {
+            // In a cluster a stream is published by one node: its lease holder, or for a push
+            // stream without one (one is taken only for webhooks) its rendezvous owner among
+            // the live nodes.
+            let mut turns = Turns::new();
+            if let Some(cluster) = &cluster {
+                for stream in hub.all() {
+                    let (turn, task) = match leases.get(stream.name()) {
+                        Some(held) => cluster.lease_turn(held.clone(), &shutdown),
+                        None => cluster.owner_turn(stream.name(), &shutdown),
+                    };
+                    turns.insert(stream.name().to_owned(), turn);
+                    starting.push(task);
+                }
+            }
+            Some(Arc::new(
+                Brokers::start(
+                    &config.broker_sinks,
+                    &hub,
+                    &turns,
+                    &mut tasks,
+                    shutdown.clone(),
+                    metrics.clone(),
+                )
+                .await
+                .context("cannot start the broker sinks (`sinks`)")?,
+            ))
         };
         let proxy = proxy(&config, &rate_limits, &metrics, cluster.as_ref(), &shutdown)?;
         if let Some(cluster) = &cluster {
@@ -226,6 +263,7 @@ impl App {
 
         let state = Arc::new(AppState {
             hub: hub.clone(),
+            views: views.clone(),
             metrics: metrics.clone(),
             snapshots,
             upstreams,
@@ -238,6 +276,7 @@ impl App {
             }),
             body_timeout: config.server.body_timeout,
             webhooks,
+            brokers,
             admin_token: config.webhooks.as_ref().and_then(|w| w.admin_token.clone()),
             proxy: proxy.clone(),
             cluster: cluster.as_ref().map(|node| ClusterState {
@@ -246,13 +285,19 @@ impl App {
             }),
         });
         let server = &config.server;
-        let subscriptions = Arc::new(Subscriptions::new(
+        let mut subscriptions = Subscriptions::new(
             hub.clone(),
+            views,
             proxy.clone(),
             server.retry_hint,
             server.cors.clone(),
             config.websocket.enabled,
-        ));
+        );
+        if let Some(cluster) = &cluster {
+            subscriptions =
+                subscriptions.after_the_log(cluster.loaded(), cluster.settings().timeout);
+        }
+        let subscriptions = Arc::new(subscriptions);
         let websockets = Arc::new(WebSockets::new(
             config.websocket,
             subscriptions.clone(),
@@ -452,8 +497,12 @@ struct Streams<'a> {
     cluster: Option<Arc<Cluster>>,
     /// The cluster's writers of the push streams.
     writers: HashMap<String, Arc<Writer>>,
-    /// In a cluster with webhooks, each stream's lease on this node (its webhooks are
-    /// dispatched by the holder).
+    /// The views of the streams that have them.
+    views: Views,
+    /// Views at once over every stream.
+    budget: Arc<Budget>,
+    /// In a cluster, the lease of each polled stream (whose holder publishes it to brokers
+    /// and dispatches its webhooks) and, with webhooks, of each push stream (taken for that).
     leases: HashMap<String, watch::Receiver<Option<Holding>>>,
 }
 
@@ -515,6 +564,26 @@ impl Streams<'_> {
         }
     }
 
+    /// Computes the views of `stream` (with `settings`) from its changes; their streams take
+    /// the source's `options`.
+    fn derive_views(
+        &mut self,
+        stream: &Arc<Stream>,
+        settings: Option<&ViewsSettings>,
+        options: StreamOptions,
+    ) {
+        if let Some(settings) = settings {
+            let views = StreamViews::new(
+                stream,
+                settings.clone(),
+                options,
+                self.snapshots.clone(),
+                self.budget.clone(),
+            );
+            self.views.attach(stream, views);
+        }
+    }
+
     /// Adds `stream` to the hub, kept alive like every other.
     fn add(&mut self, stream: Stream) -> Arc<Stream> {
         let stream = self.hub.insert(Arc::new(stream));
@@ -536,11 +605,12 @@ impl Streams<'_> {
             let options = self.options(settings.history, settings.history_bytes, &settings.diff);
             let stream = Stream::new(
                 &settings.name,
-                options,
+                options.clone(),
                 self.snapshots.clone(),
                 self.metrics.clone(),
             );
             let stream = self.add(stream);
+            self.derive_views(&stream, settings.views.as_ref(), options);
             // In a cluster the node holding the stream's lease polls it, through the cluster's
             // log (for an on-demand stream, only nodes with subscribers take the lease).
             let mut publish: Arc<dyn Publish> = stream.clone();
@@ -569,8 +639,8 @@ impl Streams<'_> {
                         lease.held
                     }
                 };
-                publish = cluster.writer(stream.clone(), retention, Some(held.clone()));
                 self.leases.insert(settings.name.clone(), held.clone());
+                publish = cluster.writer(stream.clone(), retention, Some(held.clone()));
                 turns = Some(held);
                 quota = Some(Arc::new(ClusterQuota::new(
                     cluster.store().clone(),
@@ -654,7 +724,7 @@ impl Streams<'_> {
             let stream = match restored {
                 None => Stream::new(
                     &settings.name,
-                    options,
+                    options.clone(),
                     self.snapshots.clone(),
                     self.metrics.clone(),
                 ),
@@ -662,7 +732,7 @@ impl Streams<'_> {
                     tracing::info!(stream = %settings.name, seq = stored.seq, "push stream restored from the webhook database");
                     Stream::restored(
                         &settings.name,
-                        options,
+                        options.clone(),
                         self.snapshots.clone(),
                         self.metrics.clone(),
                         Snapshot::taken_at(stored.epoch, stored.seq, document, stored.at),
@@ -670,6 +740,7 @@ impl Streams<'_> {
                 }
             };
             let stream = self.add(stream);
+            self.derive_views(&stream, settings.views.as_ref(), options);
             if let Some(cluster) = &self.cluster {
                 let retention = cluster.retention(settings.history, settings.history_bytes);
                 if self.config.webhooks.is_some() {

@@ -10,8 +10,9 @@
 //! - [`wire`]: how events are written for subscribers (the bottom layer: pure, it imports
 //!   nothing else): SSE framing, gzip, both dialects' events, the per-event frame cache.
 //! - [`sinks`]: SSE (one subscriber's events in either dialect, for both transports),
-//!   WebSocket (`GET /ws`: many resumable subscriptions per connection) and webhooks (with
-//!   their durable outbox, which also keeps push streams' documents).
+//!   WebSocket (`GET /ws`: many resumable subscriptions per connection), webhooks (with
+//!   their durable outbox, which also keeps push streams' documents) and message brokers
+//!   (NATS JetStream, Redis Streams).
 //! - [`proxy`]: the Streamdata.io-compatible mode: any allowed URL as a dynamic stream.
 //! - [`cluster`]: several nodes on one Redis: one poller per stream (fenced leases), a shared
 //!   log every node follows, cluster-wide ids, quotas and token limits.
@@ -54,4 +55,5 @@ pub mod ssrf;
 pub mod time;
 pub mod upstream;
 pub mod validation;
+pub mod views;
 pub mod wire;

@@ -120,6 +120,15 @@ pub struct AttemptLabels {
     pub result: AttemptResult,
 }
 
+/// Labels for a broker sink's series: the sink and the stream it publishes.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SinkLabels {
+    /// The sink's name.
+    pub sink: String,
+    /// The stream.
+    pub stream: String,
+}
+
 /// What happened to a lease this node held or wanted.
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
 pub enum LeaseEvent {
@@ -184,6 +193,14 @@ pub struct Metrics {
     pub websocket_connections: Gauge,
     /// Open subscriptions on WebSocket connections.
     pub websocket_subscriptions: Gauge,
+    /// Distinct views of each stream computed now.
+    pub views: Family<StreamLabels, Gauge>,
+    /// Changes published to views of each stream (one per view that changed).
+    pub view_changes: Family<StreamLabels, Counter>,
+    /// What the views of each stream hold: their documents and histories, in JSON bytes.
+    pub view_bytes: Family<StreamLabels, Gauge>,
+    /// Views evicted after nobody watched them for their linger period.
+    pub view_evictions: Family<StreamLabels, Counter>,
     /// Messages sent on WebSocket connections (events and answers; pings excluded).
     pub websocket_messages_sent: Counter,
     /// WebSocket subscriptions that fell behind and were resynced with a snapshot.
@@ -196,6 +213,17 @@ pub struct Metrics {
     pub webhook_attempts: Family<AttemptLabels, Counter>,
     /// Duration of webhook attempts (request sent to response read), in seconds.
     pub webhook_attempt_seconds: Histogram,
+    /// Messages sent to a broker (a message sent again after a failure counts again), by
+    /// sink and stream.
+    pub broker_published: Family<SinkLabels, Counter>,
+    /// Messages the broker acknowledged, by sink and stream.
+    pub broker_acknowledged: Family<SinkLabels, Counter>,
+    /// Sequence numbers between the stream's top and the broker's last acknowledged message.
+    pub broker_lag: Family<SinkLabels, Gauge>,
+    /// Snapshots a broker sink published to cover a gap (restart, outage, falling behind).
+    pub broker_resyncs: Family<SinkLabels, Counter>,
+    /// Broker calls that failed (unreachable, timed out, refused).
+    pub broker_errors: Family<SinkLabels, Counter>,
     /// Leases this node holds (streams it polls), in a cluster.
     pub cluster_leases_held: Gauge,
     /// Lease events of this node, by event.
@@ -248,12 +276,21 @@ impl Metrics {
         let proxy_connections = Family::<TokenLabels, Gauge>::default();
         let websocket_connections = Gauge::default();
         let websocket_subscriptions = Gauge::default();
+        let views = Family::<StreamLabels, Gauge>::default();
+        let view_changes = Family::<StreamLabels, Counter>::default();
+        let view_bytes = Family::<StreamLabels, Gauge>::default();
+        let view_evictions = Family::<StreamLabels, Counter>::default();
         let websocket_messages_sent = Counter::default();
         let websocket_resyncs = Counter::default();
         let websocket_refusals = Family::<RefusalLabels, Counter>::default();
         let websocket_closes = Family::<CloseLabels, Counter>::default();
         let webhook_attempts = Family::<AttemptLabels, Counter>::default();
         let webhook_attempt_seconds = Histogram::new(exponential_buckets(0.001, 2.0, 16));
+        let broker_published = Family::<SinkLabels, Counter>::default();
+        let broker_acknowledged = Family::<SinkLabels, Counter>::default();
+        let broker_lag = Family::<SinkLabels, Gauge>::default();
+        let broker_resyncs = Family::<SinkLabels, Counter>::default();
+        let broker_errors = Family::<SinkLabels, Counter>::default();
         let cluster_leases_held = Gauge::default();
         let cluster_lease_changes = Family::<LeaseLabels, Counter>::default();
         let cluster_nodes = Gauge::default();
@@ -367,6 +404,23 @@ impl Metrics {
             "Open subscriptions on WebSocket connections",
             websocket_subscriptions.clone(),
         );
+        registry.register("views", "Distinct views of the stream", views.clone());
+        registry.register(
+            "view_changes",
+            "Changes published to the stream's views",
+            view_changes.clone(),
+        );
+        registry.register_with_unit(
+            "view",
+            "What the stream's views hold (documents and histories, JSON)",
+            prometheus_client::registry::Unit::Bytes,
+            view_bytes.clone(),
+        );
+        registry.register(
+            "view_evictions",
+            "Views evicted after their linger period unwatched",
+            view_evictions.clone(),
+        );
         registry.register(
             "websocket_messages_sent",
             "Messages sent on WebSocket connections (events and answers)",
@@ -397,6 +451,31 @@ impl Metrics {
             "Duration of webhook delivery attempts",
             prometheus_client::registry::Unit::Seconds,
             webhook_attempt_seconds.clone(),
+        );
+        registry.register(
+            "broker_published",
+            "Messages sent to a broker, by sink and stream",
+            broker_published.clone(),
+        );
+        registry.register(
+            "broker_acknowledged",
+            "Messages a broker acknowledged, by sink and stream",
+            broker_acknowledged.clone(),
+        );
+        registry.register(
+            "broker_lag",
+            "Sequence numbers between a stream's top and its broker's last acknowledged message",
+            broker_lag.clone(),
+        );
+        registry.register(
+            "broker_resyncs",
+            "Snapshots a broker sink published to cover a gap",
+            broker_resyncs.clone(),
+        );
+        registry.register(
+            "broker_errors",
+            "Broker calls that failed, by sink and stream",
+            broker_errors.clone(),
         );
         registry.register(
             "cluster_leases_held",
@@ -461,12 +540,21 @@ impl Metrics {
             proxy_connections,
             websocket_connections,
             websocket_subscriptions,
+            views,
+            view_changes,
+            view_bytes,
+            view_evictions,
             websocket_messages_sent,
             websocket_resyncs,
             websocket_refusals,
             websocket_closes,
             webhook_attempts,
             webhook_attempt_seconds,
+            broker_published,
+            broker_acknowledged,
+            broker_lag,
+            broker_resyncs,
+            broker_errors,
             cluster_leases_held,
             cluster_lease_changes,
             cluster_nodes,

@@ -13,6 +13,7 @@ use crate::hub::Stream;
 use crate::proxy::Proxy;
 use crate::redact::Redacted;
 use crate::upstream::poller::{LastOutcome, PollStatus};
+use crate::views::StreamViews;
 
 /// A polled upstream as shown in the listing.
 pub struct PolledUpstream {
@@ -59,7 +60,16 @@ pub async fn list_streams(State(state): State<Arc<AppState>>) -> Response {
     let all = state.hub.all();
     let mut streams: Vec<Value> = all
         .iter()
-        .map(|s| describe_stream(s, state.upstreams.get(s.name())))
+        .map(|s| {
+            let mut shown = describe_stream(s, state.upstreams.get(s.name()));
+            if let (Some(views), Some(object)) = (state.views.of(s.name()), shown.as_object_mut()) {
+                object.insert("views".into(), describe_views(s.name(), views));
+            }
+            if let (Some(brokers), Some(object)) = (&state.brokers, shown.as_object_mut()) {
+                object.insert("sinks".into(), Value::Array(brokers.describe(s.name())));
+            }
+            shown
+        })
         .collect();
     let dynamic = state.proxy.as_deref().map(describe_proxy);
     let Some(cluster) = &state.cluster else {
@@ -110,6 +120,32 @@ fn describe_stream(stream: &Stream, upstream: Option<&PolledUpstream>) -> Value 
         "last_change_at": rfc3339ish(stream.last_change_at()),
         "failing": failure,
         "upstream": upstream.map(PolledUpstream::describe),
+    })
+}
+
+/// A stream's views: what filters may use, the named ones, and those computed now.
+fn describe_views(stream: &str, views: &StreamViews) -> Value {
+    let settings = views.settings();
+    let named: Vec<Value> = settings
+        .named
+        .iter()
+        .map(|(name, spec)| {
+            json!({"name": name, "path": format!("/streams/{stream}@{name}"), "filter": spec.canonical()})
+        })
+        .collect();
+    let active: Vec<Value> = views
+        .list()
+        .into_iter()
+        .map(|(id, filter, subscribers)| {
+            json!({"name": format!("{stream}@{id}"), "filter": filter, "subscribers": subscribers})
+        })
+        .collect();
+    json!({
+        "aliases": views.aliases(),
+        "ad_hoc": settings.ad_hoc,
+        "max_views": settings.max_views,
+        "named": named,
+        "active": active,
     })
 }
 

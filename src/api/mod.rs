@@ -30,6 +30,8 @@ use listing::PolledUpstream;
 pub struct AppState {
     /// The streams.
     pub hub: Arc<Hub>,
+    /// Their views.
+    pub views: Arc<crate::views::Views>,
     /// The metrics.
     pub metrics: Arc<Metrics>,
     /// The current snapshots (their total size is exported at each scrape).
@@ -44,6 +46,8 @@ pub struct AppState {
     pub body_timeout: Duration,
     /// The webhook sink, when `[webhooks]` is configured (served by the admin API).
     pub webhooks: Option<Arc<crate::sinks::webhook::Webhooks>>,
+    /// The broker sinks, when `[[sinks.*]]` are configured (their positions show in `/streams`).
+    pub brokers: Option<Arc<crate::sinks::broker::Brokers>>,
     /// The admin API's bearer token; `None` disables the admin API.
     pub admin_token: Option<crate::sinks::webhook::config::AdminToken>,
     /// The proxy mode (`GET /{upstream URL}`), when `[proxy]` is enabled.
@@ -194,13 +198,19 @@ async fn stream(
     if name.starts_with('~') {
         return proxy::view_json(&state, &name, uri.query(), &headers).await;
     }
-    let Some(stream) = state.hub.get(&name) else {
+    let Some(target) = state.views.target(&state.hub, &name, uri.query()) else {
         return error_response(
             StatusCode::NOT_FOUND,
             format!("no stream named {name:?}; GET /streams lists them"),
         );
     };
-    snapshot_json(&stream, &headers)
+    match target.and_then(|target| target.stream()) {
+        Ok(stream) => snapshot_json(&stream, &headers),
+        Err(error) => error_response(
+            StatusCode::from_u16(error.status()).unwrap_or(StatusCode::BAD_REQUEST),
+            error.to_string(),
+        ),
+    }
 }
 
 /// `GET /streams/{name}` with `Accept: application/json`: the current document once, with an

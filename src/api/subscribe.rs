@@ -18,6 +18,7 @@ use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header};
+use tokio::sync::watch;
 
 use super::proxy::STREAM_HEADER;
 use crate::config::Cors;
@@ -26,6 +27,7 @@ use crate::proxy::target::{TOKEN_PARAM, is_dynamic_path};
 use crate::proxy::{self, Opened, Proxy};
 use crate::sinks::sse::SseOptions;
 use crate::sinks::ws::{self, protocol::Target};
+use crate::views::{ViewError, Views};
 use crate::wire::{self, Dialect};
 
 /// A request as either transport read it: what a subscription decision reads.
@@ -88,10 +90,14 @@ pub enum Upgrade {
 /// What subscription decisions need: the streams, the proxy mode, the SSE and CORS settings.
 pub struct Subscriptions {
     hub: Arc<Hub>,
+    views: Arc<Views>,
     proxy: Option<Arc<Proxy>>,
     retry: Duration,
     cors: Cors,
     websocket: bool,
+    /// In a cluster: whether this node has read the log yet, and how long a subscription
+    /// waits for it.
+    log: Option<(watch::Receiver<bool>, Duration)>,
 }
 
 impl Subscriptions {
@@ -99,6 +105,7 @@ impl Subscriptions {
     /// cross-origin policy of the whole server; `websocket`: whether `GET /ws` upgrades.
     pub fn new(
         hub: Arc<Hub>,
+        views: Arc<Views>,
         proxy: Option<Arc<Proxy>>,
         retry: Duration,
         cors: Cors,
@@ -106,10 +113,32 @@ impl Subscriptions {
     ) -> Self {
         Subscriptions {
             hub,
+            views,
             proxy,
             retry,
             cors,
             websocket,
+            log: None,
+        }
+    }
+
+    /// In a cluster: subscriptions to configured streams wait (at most `at_most`) until
+    /// `loaded`, the node's first catch-up with the log. A node serves HTTP a moment before it
+    /// has read the log; a subscriber resuming in that moment would otherwise find no epoch
+    /// to resume in and get a snapshot instead of the changes it missed.
+    pub fn after_the_log(mut self, loaded: watch::Receiver<bool>, at_most: Duration) -> Self {
+        self.log = Some((loaded, at_most));
+        self
+    }
+
+    /// Waits until the node read the log (or the wait's bound passed: then it serves what it
+    /// has, as a node without Redis does).
+    async fn log_read(&self) {
+        if let Some((loaded, at_most)) = &self.log
+            && !*loaded.borrow()
+        {
+            let mut loaded = loaded.clone();
+            let _ = tokio::time::timeout(*at_most, loaded.wait_for(|l| *l)).await;
         }
     }
 
@@ -208,10 +237,16 @@ impl Subscriptions {
             if name.starts_with('~') {
                 return self.view(&name, request).await;
             }
-            let stream = self.hub.get(&name)?;
             let resume = resume_point(request.headers, last_event_id(request.query).as_deref());
-            let subscription = stream.subscribe(&resume);
-            return Some(self.subscribe(request, subscription, Dialect::Native, None));
+            self.log_read().await;
+            let subscribed = self
+                .views
+                .target(&self.hub, &name, request.query)?
+                .and_then(|target| target.subscribe(&resume));
+            return Some(match subscribed {
+                Ok(subscription) => self.subscribe(request, subscription, Dialect::Native, None),
+                Err(error) => Decision::Answer(self.refused_json(request, &view_refusal(&error))),
+            });
         }
         if get && is_dynamic_path(request.path) && !wants_json(request.headers) {
             return Some(self.dynamic(request).await);
@@ -377,6 +412,15 @@ impl Subscriptions {
     }
 }
 
+/// A view that cannot be had, as a refusal.
+pub fn view_refusal(error: &ViewError) -> wire::Refusal {
+    wire::Refusal {
+        status: error.status(),
+        cause: error.cause(),
+        message: error.to_string(),
+    }
+}
+
 /// WebSocket subscriptions decide as SSE requests do: configured streams by name for anyone,
 /// dynamic streams (by URL or native name) under the proxy's token, host and SSRF rules.
 impl ws::Streams for Subscriptions {
@@ -397,22 +441,33 @@ impl ws::Streams for Subscriptions {
         resume: &Resume,
         token: Option<&str>,
     ) -> Result<ws::Opened, wire::Refusal> {
+        if matches!(target, Target::View { .. })
+            || matches!(target, Target::Stream(name) if !name.starts_with('~'))
+        {
+            self.log_read().await;
+        }
         let dynamic = |opened: Opened| ws::Opened {
             subscription: opened.subscription,
             hold: Some(Box::new(opened.hold)),
         };
-        match target {
-            Target::Stream(name) if !name.starts_with('~') => match self.hub.get(name) {
-                Some(stream) => Ok(ws::Opened {
-                    subscription: stream.subscribe(resume),
-                    hold: None,
-                }),
+        let configured =
+            |name: &str, query: Option<&str>| match self.views.target(&self.hub, name, query) {
+                Some(target) => target
+                    .and_then(|target| target.subscribe(resume))
+                    .map(|subscription| ws::Opened {
+                        subscription,
+                        hold: None,
+                    })
+                    .map_err(|error| view_refusal(&error)),
                 None => Err(wire::Refusal {
                     status: 404,
                     cause: "no-such-stream",
                     message: format!("no stream named {name:?}; GET /streams lists them"),
                 }),
-            },
+            };
+        match target {
+            Target::Stream(name) if !name.starts_with('~') => configured(name, None),
+            Target::View { stream, query } => configured(stream, Some(query)),
             Target::Stream(name) => {
                 let proxy = self
                     .proxy

@@ -73,7 +73,8 @@ pub struct RawCluster {
     /// connection ([default](defaults::PROBE_INTERVAL), [bounds](limits::PROBE_INTERVAL)).
     #[serde(default, with = "humantime_serde::option")]
     pub probe_interval: Option<Duration>,
-    /// How long one Redis command may take before it counts as failed
+    /// How long one Redis command may take before it counts as failed, and how long a node
+    /// that has just started holds a new subscription while it first reads the log
     /// ([default](defaults::TIMEOUT), [bounds](limits::TIMEOUT)).
     #[serde(default, with = "humantime_serde::option")]
     pub timeout: Option<Duration>,

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::StreamExt as _;
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::lease::Releases;
@@ -128,10 +128,14 @@ pub struct Follower {
     pub replicas: Arc<dyn Replicas>,
     /// Lease keepers waiting for releases.
     pub releases: Arc<Releases>,
+    /// Rings the membership loop when another node left, so it reads the live set now.
+    pub left: Arc<Notify>,
     /// How often positions are checked and the pub/sub connection probed.
     pub probe_interval: Duration,
     /// Whether the follower is subscribed and caught up (readiness).
     pub following: watch::Sender<bool>,
+    /// Set once, when the follower first caught up: every stream is then as the log has it.
+    pub loaded: watch::Sender<bool>,
 }
 
 impl Follower {
@@ -173,6 +177,8 @@ impl Follower {
         // the log and announced, and the second copy is ignored.
         self.check_all().await?;
         self.following.send_replace(true);
+        self.loaded
+            .send_if_modified(|loaded| !std::mem::replace(loaded, true));
         tracing::info!("following the cluster's log");
         let mut probe = tokio::time::interval(self.probe_interval);
         probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -227,6 +233,11 @@ impl Follower {
                 }
             }
             Announcement::Released { stream } => self.releases.released(&stream),
+            Announcement::Left { node } => {
+                if *node != *self.node {
+                    self.left.notify_one();
+                }
+            }
         }
         Ok(())
     }

@@ -166,6 +166,17 @@ pub fn next_step(
     }
 }
 
+/// `node`'s place in `ranking` (0: it should hold the lease), counting without `gone`: the
+/// owner that held the lease and let it go free (a live holder renews every step, and only
+/// releases it to hand it to a better-placed node, or as it shuts down). The nodes after a
+/// gone owner move up a place, so the next in line takes the lease as soon as it is free, not
+/// a step later: a failover then costs the lease's TTL plus one poll.
+pub fn place(ranking: &[&str], node: &str, gone: Option<&str>) -> Option<usize> {
+    let rank = ranking.iter().position(|n| *n == node)?;
+    let owner_gone = gone.is_some_and(|g| g != node && ranking.first() == Some(&g));
+    Some(if owner_gone { rank - 1 } else { rank })
+}
+
 impl Keeper {
     /// Renewal period: a third of the TTL, so two renewals may fail before the lease expires.
     fn step(&self) -> Duration {
@@ -186,11 +197,14 @@ impl Keeper {
         let mut renewed = Instant::now();
         let mut free_since: Option<Instant> = None;
         let mut better_since: Option<Instant> = None;
+        // Who held the lease when this node last looked.
+        let mut last_holder: Option<String> = None;
         loop {
             let now = Instant::now();
             let live = self.nodes.borrow().clone();
             let ranking = rendezvous::ranking(&self.stream, &live);
-            let rank = ranking.iter().position(|n| **n == *self.node);
+            let gone = free_since.and(last_holder.as_deref());
+            let rank = place(&ranking, &self.node, gone);
             // Someone should hold it rather than this node: a node ranked above it, or (for a
             // stream polled on demand) any node that wants it when this one does not.
             let better = fence.is_some()
@@ -251,14 +265,20 @@ impl Keeper {
                     better_since = None;
                 }
                 Step::Peek => match self.store.holder(&self.stream).await {
-                    Ok(Some((_, left))) => {
+                    Ok(Some((holder, left))) => {
                         free_since = None;
+                        last_holder = Some(holder);
                         // Look again right after it would expire, or at the next step.
                         wake = now + left.min(step) + Duration::from_millis(5);
                     }
                     Ok(None) => {
                         free_since.get_or_insert(now);
-                        wake = now + (step / 4).max(Duration::from_millis(5));
+                        // Free because its owner let it go: this node may be next (at once).
+                        wake = if place(&ranking, &self.node, last_holder.as_deref()) == Some(0) {
+                            now
+                        } else {
+                            now + (step / 4).max(Duration::from_millis(5))
+                        };
                     }
                     Err(_) => {}
                 },
@@ -278,9 +298,13 @@ impl Keeper {
                             fence = Some(taken);
                             renewed = Instant::now();
                             free_since = None;
+                            last_holder = None;
                             self.held.send_replace(Some(turn(taken, poll, now_ms)));
                         }
-                        Ok(Lease::HeldBy(_)) => free_since = None,
+                        Ok(Lease::HeldBy(holder)) => {
+                            free_since = None;
+                            last_holder = Some(holder);
+                        }
                         Err(error) => {
                             tracing::debug!(stream = %self.stream, %error, "cannot take the lease");
                         }
@@ -325,14 +349,17 @@ impl Keeper {
     }
 }
 
-/// Keeps this node in the live set (a heartbeat every third of `ttl`), publishes the live
-/// nodes and whether Redis answers, and leaves the set on shutdown.
+/// Keeps this node in the live set (a heartbeat every third of `ttl`, and at once when
+/// `left` rings: another node left), publishes the live nodes and whether Redis answers, and
+/// leaves the set on shutdown (which the others hear: their keepers rank without it at once).
+#[allow(clippy::too_many_arguments)]
 pub async fn membership(
     store: Store,
     node: Arc<str>,
     ttl: Duration,
     nodes: watch::Sender<Arc<[String]>>,
     reachable: watch::Sender<bool>,
+    left: Arc<Notify>,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) {
@@ -367,6 +394,7 @@ pub async fn membership(
         tokio::select! {
             () = shutdown.cancelled() => break,
             () = tokio::time::sleep(step) => {}
+            () = left.notified() => {}
         }
     }
     if let Err(error) = store.heartbeat(&node, None).await {
@@ -379,6 +407,20 @@ mod tests {
     use super::*;
 
     const STEP: Duration = Duration::from_millis(100);
+
+    #[test]
+    fn the_nodes_after_an_owner_that_let_its_lease_go_move_up() {
+        let ranking = ["o", "n", "m"];
+        assert_eq!(place(&ranking, "n", None), Some(1));
+        assert_eq!(place(&ranking, "n", Some("o")), Some(0));
+        assert_eq!(place(&ranking, "m", Some("o")), Some(1));
+        // A holder further down the ranking let it go: the owner takes it, nobody moves.
+        assert_eq!(place(&ranking, "m", Some("n")), Some(2));
+        assert_eq!(place(&ranking, "o", Some("n")), Some(0));
+        // The owner itself keeps its place; a node not listed has none.
+        assert_eq!(place(&ranking, "o", Some("o")), Some(0));
+        assert_eq!(place(&ranking, "x", Some("o")), None);
+    }
 
     #[test]
     fn the_owner_takes_a_lease_at_once() {

@@ -1,6 +1,7 @@
 //! What nodes tell each other over pub/sub: a change (written by the publish script, which
-//! alone knows its sequence number), a failure or recovery of a stream's upstream, and a lease
-//! given up. Lines separated by `\n`; the last field (a JSON payload) may hold anything.
+//! alone knows its sequence number), a failure or recovery of a stream's upstream, a lease
+//! given up, and a node leaving. Lines separated by `\n`; the last field (a JSON payload) may
+//! hold anything.
 //!
 //! Pub/sub is only a hint: a lost message is a gap the follower fills from the log.
 
@@ -68,6 +69,12 @@ pub enum Announcement {
         /// The stream.
         stream: String,
     },
+    /// A node left the live set (it shuts down): the others rank streams without it now
+    /// rather than at their next heartbeat, so the next in line takes its leases at once.
+    Left {
+        /// The node.
+        node: String,
+    },
 }
 
 /// Why a message could not be read.
@@ -126,6 +133,9 @@ impl Announcement {
             b"l" => Ok(Announcement::Released {
                 stream: String::from_utf8(fields.rest.to_vec()).map_err(|_| Malformed("stream"))?,
             }),
+            b"n" => Ok(Announcement::Left {
+                node: String::from_utf8(fields.rest.to_vec()).map_err(|_| Malformed("node"))?,
+            }),
             _ => Err(Malformed("type")),
         }
     }
@@ -178,6 +188,22 @@ mod tests {
         );
         // The payload is everything after the sixth line break, line breaks included.
         assert_eq!(&change.payload[..], b"[{\"op\":\"add\"}]\n\n");
+    }
+
+    #[test]
+    fn a_release_and_a_departure_as_the_scripts_write_them() {
+        assert_eq!(
+            Announcement::decode(&Bytes::from_static(b"l\nfleet")),
+            Ok(Announcement::Released {
+                stream: "fleet".into()
+            })
+        );
+        assert_eq!(
+            Announcement::decode(&Bytes::from_static(b"n\nnode-a")),
+            Ok(Announcement::Left {
+                node: "node-a".into()
+            })
+        );
     }
 
     #[test]

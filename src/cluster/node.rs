@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::config::ClusterSettings;
@@ -41,12 +41,16 @@ pub struct Cluster {
     store: Store,
     metrics: Arc<Metrics>,
     releases: Arc<Releases>,
+    /// Rung by the follower when another node left the live set.
+    left: Arc<Notify>,
     nodes: watch::Receiver<Arc<[String]>>,
     nodes_tx: watch::Sender<Arc<[String]>>,
     reachable: watch::Receiver<bool>,
     reachable_tx: watch::Sender<bool>,
     following: watch::Receiver<bool>,
     following_tx: watch::Sender<bool>,
+    loaded: watch::Receiver<bool>,
+    loaded_tx: watch::Sender<bool>,
 }
 
 impl Cluster {
@@ -65,6 +69,7 @@ impl Cluster {
         let (nodes_tx, nodes) = watch::channel(Arc::from(Vec::new()));
         let (reachable_tx, reachable) = watch::channel(false);
         let (following_tx, following) = watch::channel(false);
+        let (loaded_tx, loaded) = watch::channel(false);
         Ok(Cluster {
             node: Arc::from(settings.node_id.0.as_str()),
             settings: settings.clone(),
@@ -72,12 +77,15 @@ impl Cluster {
             store,
             metrics,
             releases: Arc::default(),
+            left: Arc::default(),
             nodes,
             nodes_tx,
             reachable,
             reachable_tx,
             following,
             following_tx,
+            loaded,
+            loaded_tx,
         })
     }
 
@@ -99,6 +107,12 @@ impl Cluster {
     /// Whether this node can serve as a member: Redis answers and the follower is caught up.
     pub fn ready(&self) -> bool {
         *self.reachable.borrow() && *self.following.borrow()
+    }
+
+    /// Becomes true once, when this node first caught up with the log: before, its streams
+    /// may not know the cluster's epoch yet, so a resume there would get a snapshot.
+    pub fn loaded(&self) -> watch::Receiver<bool> {
+        self.loaded.clone()
     }
 
     /// The live nodes, as this node last saw them.
@@ -138,6 +152,7 @@ impl Cluster {
             self.settings.lease_ttl,
             self.nodes_tx.clone(),
             self.reachable_tx.clone(),
+            self.left.clone(),
             self.metrics.clone(),
             shutdown.clone(),
         );
@@ -147,8 +162,10 @@ impl Cluster {
             node: self.node.clone(),
             replicas,
             releases: self.releases.clone(),
+            left: self.left.clone(),
             probe_interval: self.settings.probe_interval,
             following: self.following_tx.clone(),
+            loaded: self.loaded_tx.clone(),
         };
         vec![
             Box::pin(membership),
@@ -239,6 +256,65 @@ impl Cluster {
                 Box::pin(wants.run(retired.clone())),
             ],
         }
+    }
+
+    /// Whether this node publishes `stream` to brokers, following its lease (`held`): a watch
+    /// and the task that keeps it.
+    pub fn lease_turn(
+        &self,
+        mut held: watch::Receiver<Option<Holding>>,
+        shutdown: &CancellationToken,
+    ) -> (watch::Receiver<bool>, Task) {
+        let (turn_tx, turn) = watch::channel(held.borrow().is_some());
+        let shutdown = shutdown.clone();
+        let task: Task = Box::pin(async move {
+            loop {
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    changed = held.changed() => {
+                        if changed.is_err() {
+                            return;
+                        }
+                        let mine = held.borrow_and_update().is_some();
+                        turn_tx.send_if_modified(|t| std::mem::replace(t, mine) != mine);
+                    }
+                }
+            }
+        });
+        (turn, task)
+    }
+
+    /// Whether this node publishes `stream` (a push stream, which has no lease) to brokers:
+    /// while it is the stream's rendezvous owner among the live nodes, as every node computes
+    /// alike. A watch and the task that keeps it.
+    pub fn owner_turn(
+        &self,
+        stream: &str,
+        shutdown: &CancellationToken,
+    ) -> (watch::Receiver<bool>, Task) {
+        let owner = |nodes: &[String], node: &str, stream: &str| {
+            super::rendezvous::ranking(stream, nodes).first() == Some(&node)
+        };
+        let mut nodes = self.nodes.clone();
+        let node = self.node.clone();
+        let stream = stream.to_owned();
+        let (turn_tx, turn) = watch::channel(owner(&nodes.borrow(), &node, &stream));
+        let shutdown = shutdown.clone();
+        let task: Task = Box::pin(async move {
+            loop {
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    changed = nodes.changed() => {
+                        if changed.is_err() {
+                            return;
+                        }
+                        let mine = owner(&nodes.borrow_and_update(), &node, &stream);
+                        turn_tx.send_if_modified(|t| std::mem::replace(t, mine) != mine);
+                    }
+                }
+            }
+        });
+        (turn, task)
     }
 
     /// Forgets what this node kept for a retired dynamic stream.

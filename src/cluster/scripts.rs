@@ -144,12 +144,15 @@ return 0
 ";
 
 /// Records a node as live until now + TTL, forgets nodes whose time ran out, and lists the
-/// live ones. KEYS: nodes. ARGV: node, TTL (ms); an empty TTL removes the node instead.
+/// live ones. KEYS: nodes. ARGV: node, TTL (ms), channel; an empty TTL removes the node
+/// instead and says so on the channel, so the others rank the streams without it at once.
 pub const HEARTBEAT: &str = r"
 local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
 if ARGV[2] == '' then
-  redis.call('ZREM', KEYS[1], ARGV[1])
+  if redis.call('ZREM', KEYS[1], ARGV[1]) == 1 then
+    redis.call('PUBLISH', ARGV[3], 'n\n' .. ARGV[1])
+  end
 else
   redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
 end

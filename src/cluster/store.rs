@@ -440,6 +440,7 @@ impl Store {
             .key(self.keys.nodes())
             .arg(node)
             .arg(ttl)
+            .arg(self.keys.channel())
             .invoke_async(&mut connection)
             .await?)
     }

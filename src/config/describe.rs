@@ -158,6 +158,7 @@ fn write_description(out: &mut String, config: &Config) -> std::fmt::Result {
             "    diff:       a patch larger than {}% of the snapshot is sent as a snapshot",
             st.diff.max_patch_ratio * 100.0
         )?;
+        describe_views(out, &st.name, st.views.as_ref())?;
         if !st.diff.keys.is_empty() {
             let keys: Vec<String> = st
                 .diff
@@ -186,6 +187,7 @@ fn write_description(out: &mut String, config: &Config) -> std::fmt::Result {
                 st.history,
                 fmt_bytes(st.history_bytes)
             )?;
+            describe_views(out, &st.name, st.views.as_ref())?;
         }
     }
     if let Some(push) = &config.push {
@@ -217,6 +219,48 @@ fn write_description(out: &mut String, config: &Config) -> std::fmt::Result {
             fmt_duration(c.probe_interval),
         )?;
     }
+    writeln!(
+        out,
+        "views: at most {} at once over every stream",
+        config.max_views
+    )?;
+    for sink in &config.broker_sinks {
+        use crate::sinks::broker::config::{BrokerKind, shown_url};
+        let (url, detail) = match &sink.kind {
+            BrokerKind::Nats(n) => (
+                shown_url(&n.url),
+                format!(
+                    "JetStream stream {} ({:?}, {} replica(s), max age {}, {} per subject)",
+                    n.jetstream,
+                    n.storage,
+                    n.replicas,
+                    fmt_duration(n.max_age),
+                    n.max_messages_per_subject
+                ),
+            ),
+            BrokerKind::Redis(r) => (shown_url(&r.url), format!("MAXLEN ~ {}", r.maxlen)),
+        };
+        let targets: Vec<String> = sink
+            .streams
+            .iter()
+            .map(|s| format!("{} → {}", s.stream, s.destination))
+            .collect();
+        writeln!(
+            out,
+            "sink {} ({}, {}): {} on {url}, {}; {}",
+            sink.name,
+            sink.kind.as_str(),
+            sink.mode.as_str(),
+            targets.join(", "),
+            detail,
+            format_args!(
+                "up to {} messages ({}) queued per stream, {} in flight",
+                sink.buffer,
+                fmt_bytes(sink.buffer_bytes),
+                sink.batch
+            )
+        )?;
+    }
     let ws = &config.websocket;
     if ws.enabled {
         writeln!(
@@ -231,6 +275,57 @@ fn write_description(out: &mut String, config: &Config) -> std::fmt::Result {
         )?;
     } else {
         writeln!(out, "websocket: off (GET /ws is a 404)")?;
+    }
+    Ok(())
+}
+
+/// A stream's views, one line (and one per named view).
+fn describe_views(
+    out: &mut String,
+    stream: &str,
+    views: Option<&crate::views::config::ViewsSettings>,
+) -> std::fmt::Result {
+    let Some(views) = views else {
+        return writeln!(out, "    views:      none ([streams.filtering] not set)");
+    };
+    let aliases: Vec<String> = views
+        .selector
+        .aliases
+        .iter()
+        .map(|(name, paths)| {
+            let paths: Vec<String> = paths.iter().map(ToString::to_string).collect();
+            format!("{name} ({})", paths.join(" | "))
+        })
+        .collect();
+    writeln!(
+        out,
+        "    views:      entities at /{} keyed by {}; aliases: {}; {}; at most {} at once, \
+         each kept {} after its last subscriber",
+        views.selector.entities.join("/"),
+        views.selector.key.join("/"),
+        if aliases.is_empty() {
+            "none".to_owned()
+        } else {
+            aliases.join(", ")
+        },
+        if views.ad_hoc {
+            "ad hoc views allowed"
+        } else {
+            "only the named views"
+        },
+        views.max_views,
+        fmt_duration(views.linger)
+    )?;
+    for (name, spec) in &views.named {
+        writeln!(
+            out,
+            "      {stream}@{name}: {}",
+            if spec.canonical().is_empty() {
+                "the whole document".to_owned()
+            } else {
+                spec.canonical()
+            }
+        )?;
     }
     Ok(())
 }

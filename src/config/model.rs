@@ -13,6 +13,7 @@ use crate::cluster::config::ClusterSettings;
 use crate::diff::DiffOptions;
 use crate::proxy::config::ProxySettings;
 use crate::sim::SimulatorSettings;
+use crate::sinks::broker::config::BrokerSinkSettings;
 use crate::sinks::webhook::config::WebhookSettings;
 use crate::sinks::ws::WebSocketSettings;
 use crate::upstream::config::{StreamSettings, UpstreamSettings};
@@ -45,6 +46,10 @@ pub struct Config {
     pub cluster: Option<ClusterSettings>,
     /// WebSocket subscriptions (`GET /ws`).
     pub websocket: WebSocketSettings,
+    /// Distinct views at once over every stream (`views.max_total`).
+    pub max_views: usize,
+    /// Message brokers fed with the streams' changes, in file order (NATS sinks first).
+    pub broker_sinks: Vec<BrokerSinkSettings>,
 }
 
 /// Authentication and limits of the push source.
@@ -76,6 +81,8 @@ pub struct PushStreamSettings {
     pub history_bytes: u64,
     /// How changes are computed.
     pub diff: DiffOptions,
+    /// The stream's views, when it has `[streams.filtering]`.
+    pub views: Option<crate::views::config::ViewsSettings>,
 }
 
 /// The subscriber-facing HTTP server.

@@ -15,6 +15,7 @@ use serde::Deserialize;
 use crate::cluster::config::RawCluster;
 use crate::proxy::config::RawProxy;
 use crate::sim::SimulatorConfig;
+use crate::sinks::broker::config::RawSinks;
 use crate::sinks::webhook::config::RawWebhooks;
 use crate::sinks::ws::config::RawWebSocket;
 use crate::upstream::config::{RawStream, RawStreamDefaults, RawUpstream};
@@ -57,6 +58,12 @@ pub struct RawConfig {
     /// WebSocket subscriptions (`[websocket]`, `GET /ws`); on by default.
     #[serde(default)]
     pub websocket: RawWebSocket,
+    /// Bounds on views across every stream (`[views]`).
+    #[serde(default)]
+    pub views: crate::views::config::RawViews,
+    /// Message brokers fed with the streams' changes (`[[sinks.nats]]`, `[[sinks.redis]]`).
+    #[serde(default)]
+    pub sinks: RawSinks,
 }
 
 /// `[push]`: authentication of `POST /streams/{name}` and `PATCH /streams/{name}`.

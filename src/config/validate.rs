@@ -153,6 +153,8 @@ pub fn validate(
         );
     }
     let websocket = raw.websocket.validate(&mut problems);
+    let max_views = raw.views.validate(&mut problems);
+    let broker_sinks = raw.sinks.validate(&stream_names, env, &mut problems);
     problems.finish(
         source,
         Config {
@@ -168,6 +170,8 @@ pub fn validate(
             proxy,
             cluster,
             websocket,
+            max_views,
+            broker_sinks,
         },
     )
 }
@@ -447,12 +451,20 @@ fn push_stream(
         upstream_config::defaults::HISTORY_BYTES,
         upstream_config::limits::HISTORY_BYTES,
     );
+    let views = crate::views::config::validate(
+        key,
+        false,
+        stream.filtering.as_ref(),
+        &stream.views,
+        problems,
+    );
     let diff = stream.diff.validate(&format!("{key}.diff"), problems)?;
     Some(PushStreamSettings {
         name: stream.name.clone(),
         history: usize_of(history),
         history_bytes,
         diff,
+        views,
     })
 }
 
@@ -540,6 +552,8 @@ mod tests {
             diff: Default::default(),
             on_demand: None,
             linger: None,
+            filtering: None,
+            views: Vec::new(),
         }
     }
 

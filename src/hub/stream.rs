@@ -177,6 +177,29 @@ pub enum Diverged {
     Invalid(String),
 }
 
+/// Streams computed from this one (views of it): told of everything that happens to it, in
+/// order, with the documents before and after each change. Called outside the stream's state
+/// lock but one call at a time, in the order of the stream's changes.
+pub trait Derivation: Send + Sync {
+    /// Change `change` made `current` of `previous` (`None` before the first document).
+    fn changed(
+        &self,
+        previous: Option<&Arc<Snapshot>>,
+        current: &Arc<Snapshot>,
+        change: &Arc<Change>,
+    );
+    /// The stream started over from `current` (another epoch, or a reload).
+    fn reset(&self, current: &Arc<Snapshot>);
+    /// The upstream failed.
+    fn failed(&self, failure: &Arc<UpstreamFailure>);
+    /// The upstream answers again.
+    fn recovered(&self, recovery: &Arc<Recovery>);
+    /// A keep-alive was sent to the stream's subscribers.
+    fn kept_alive(&self);
+    /// The stream ended: no change follows.
+    fn closed(&self);
+}
+
 /// What publishing a document did.
 #[derive(Debug)]
 pub enum Publication {
@@ -277,9 +300,15 @@ impl Drop for SubscriberGuard {
             .subscribers
             .get_or_create(&self.stream.labels)
             .dec();
-        self.stream
-            .demand
-            .send_modify(|count| *count = count.saturating_sub(1));
+        let mut last = false;
+        self.stream.demand.send_modify(|count| {
+            *count = count.saturating_sub(1);
+            last = *count == 0;
+        });
+        if last {
+            *self.stream.idle.lock().unwrap_or_else(|e| e.into_inner()) =
+                Some(std::time::Instant::now());
+        }
     }
 }
 
@@ -293,6 +322,9 @@ struct State {
     /// per-event cancellation future of their own.
     live: Option<broadcast::Sender<StreamEvent>>,
     history: VecDeque<Arc<Change>>,
+    /// Every change after this sequence number is in `history` (a resume from an id at or
+    /// after it is exact); it moves up as history is trimmed.
+    floor: u64,
     /// What `history` holds, in bytes (`Change::retained_bytes`, summed when last trimmed).
     history_bytes: u64,
     failure: Option<Arc<UpstreamFailure>>,
@@ -314,6 +346,15 @@ pub struct Stream {
     changes: AtomicU64,
     /// Subscriptions alive: what on-demand pollers watch to start, linger and stop.
     demand: watch::Sender<usize>,
+    /// A view's stream: its changes happen at some of its stream's sequence numbers only.
+    sparse: bool,
+    /// The views computed from this stream, if any.
+    derivation: std::sync::OnceLock<Arc<dyn Derivation>>,
+    /// Taken under the state lock and held across a call of the derivation, so calls follow
+    /// the order of the changes without holding the state lock while views are computed.
+    deriving: Mutex<()>,
+    /// Since when the stream has had no subscription (`None` while it has some).
+    idle: Mutex<Option<std::time::Instant>>,
 }
 
 impl fmt::Debug for Stream {
@@ -356,6 +397,7 @@ impl Stream {
         {
             let mut state = stream.lock();
             state.seq = snapshot.seq;
+            state.floor = snapshot.seq;
             state.last_change_at = Some(snapshot.at);
         }
         stream.snapshots.insert(stream.name.clone(), snapshot);
@@ -383,6 +425,7 @@ impl Stream {
                 seq: 0,
                 live: Some(live),
                 history: VecDeque::new(),
+                floor: 0,
                 history_bytes: 0,
                 failure: None,
                 recovery: None,
@@ -391,7 +434,50 @@ impl Stream {
             publishing: Mutex::new(()),
             changes: AtomicU64::new(0),
             demand: watch::Sender::new(0),
+            sparse: false,
+            derivation: std::sync::OnceLock::new(),
+            deriving: Mutex::new(()),
+            idle: Mutex::new(Some(std::time::Instant::now())),
         }
+    }
+
+    /// A view's stream, named `name`, in `epoch`, starting with `snapshot` (none while its
+    /// source has no document): its changes happen at some of its source's sequence numbers,
+    /// so a view's ids are its source's epoch and sequence numbers. Its subscribers count under
+    /// `labels` (its source's); its changes are counted by the views, not as the source's.
+    pub fn derived(
+        name: &str,
+        options: StreamOptions,
+        snapshots: SnapshotStore,
+        metrics: Arc<Metrics>,
+        labels: StreamLabels,
+        epoch: u64,
+        snapshot: Option<Snapshot>,
+    ) -> Self {
+        let mut stream = match snapshot {
+            Some(snapshot) => Self::restored(name, options, snapshots, metrics, snapshot),
+            None => Self::in_epoch(name, epoch, options, snapshots, metrics),
+        };
+        stream.labels = labels;
+        stream.sparse = true;
+        stream
+    }
+
+    /// Computes streams from this one: `derivation` is told of every change from now on.
+    /// Only one derivation per stream: a second is refused (`false`).
+    pub fn derive(&self, derivation: Arc<dyn Derivation>) -> bool {
+        self.derivation.set(derivation).is_ok()
+    }
+
+    /// The derivation, if any, with its ordering lock: taken while the caller still holds the
+    /// state lock and kept across the call, so derivations see the stream's events in order
+    /// without the state lock held while views are computed.
+    fn handing_over(&self) -> Option<(MutexGuard<'_, ()>, &Arc<dyn Derivation>)> {
+        let derivation = self.derivation.get()?;
+        Some((
+            self.deriving.lock().unwrap_or_else(|e| e.into_inner()),
+            derivation,
+        ))
     }
 
     /// The stream's name.
@@ -466,6 +552,11 @@ impl Stream {
             .map_or(0, broadcast::Sender::receiver_count)
     }
 
+    /// Since when the stream has had no subscription; `None` while it has some.
+    pub fn idle_since(&self) -> Option<std::time::Instant> {
+        *self.idle.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// The number of live subscriptions, watched: it changes as subscribers come and go.
     pub fn demand(&self) -> watch::Receiver<usize> {
         self.demand.subscribe()
@@ -494,6 +585,9 @@ impl Stream {
     /// subscriptions end at once.
     pub fn close(&self) {
         self.lock().live = None;
+        if let Some(derivation) = self.derivation.get() {
+            derivation.closed();
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -603,9 +697,14 @@ impl Stream {
             at,
             frames,
         });
-        {
+        let derive = {
             let mut state = self.lock();
-            if epoch != state.epoch || seq > state.seq + 1 {
+            let next = if self.sparse {
+                seq > state.seq
+            } else {
+                seq <= state.seq + 1
+            };
+            if epoch != state.epoch || !next {
                 return Err(Diverged::NotNext {
                     epoch,
                     seq,
@@ -622,11 +721,16 @@ impl Stream {
             state.history.push_back(change.clone());
             self.trim_history(&mut state);
             let document = snapshot.json.clone();
+            let previous = self.snapshots.get(&self.name);
             self.snapshots.insert(self.name.clone(), snapshot.clone());
             // No receivers is not an error: nobody is listening right now.
             if let Some(live) = &state.live {
                 let _ = live.send(StreamEvent::Change(change.clone(), document));
             }
+            self.handing_over().map(|handover| (handover, previous))
+        };
+        if let Some(((_order, derivation), previous)) = derive {
+            derivation.changed(previous.as_ref(), &snapshot, &change);
         }
         self.count(&change, &snapshot);
         Ok(Some(change))
@@ -709,10 +813,21 @@ impl Stream {
             .into_iter()
             .filter(|c| c.epoch == epoch && c.seq <= seq)
             .collect();
+        // The history given is contiguous up to `seq`: resumes from its first change's base on
+        // are exact.
+        state.floor = state
+            .history
+            .front()
+            .map_or(seq, |first| first.seq.saturating_sub(1));
         self.trim_history(&mut state);
         self.snapshots.insert(self.name.clone(), snapshot.clone());
         if let Some(live) = &state.live {
-            let _ = live.send(StreamEvent::Reset(snapshot));
+            let _ = live.send(StreamEvent::Reset(snapshot.clone()));
+        }
+        let derive = self.handing_over();
+        drop(state);
+        if let Some((_order, derivation)) = derive {
+            derivation.reset(&snapshot);
         }
     }
 
@@ -737,6 +852,11 @@ impl Stream {
     }
 
     fn count(&self, change: &Change, snapshot: &Snapshot) {
+        self.changes.fetch_add(1, Ordering::Relaxed);
+        if self.sparse {
+            // A view's changes are counted by its views (`patchwire_view_*`).
+            return;
+        }
         let labels = ChangeLabels {
             stream: self.labels.stream.clone(),
             kind: change.kind,
@@ -750,7 +870,6 @@ impl Stream {
             .snapshot_bytes
             .get_or_create(&self.labels)
             .inc_by(snapshot.json.len() as u64);
-        self.changes.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Drops the oldest changes until history is within both its count and its byte bound.
@@ -758,7 +877,9 @@ impl Stream {
     /// dialect, plain or deflated) count too. A resume older than what is left gets the current snapshot.
     fn trim_history(&self, state: &mut State) {
         while state.history.len() > self.options.history {
-            state.history.pop_front();
+            if let Some(oldest) = state.history.pop_front() {
+                state.floor = oldest.seq;
+            }
         }
         let mut bytes: u64 = state
             .history
@@ -767,11 +888,19 @@ impl Stream {
             .sum();
         while bytes > self.options.history_bytes {
             match state.history.pop_front() {
-                Some(oldest) => bytes -= oldest.retained_bytes() as u64,
+                Some(oldest) => {
+                    bytes -= oldest.retained_bytes() as u64;
+                    state.floor = oldest.seq;
+                }
                 None => break,
             }
         }
         state.history_bytes = bytes;
+        if self.sparse {
+            // A view's stream counts under its source's labels: its history is measured by
+            // its views (`patchwire_view_bytes`), not in place of its source's.
+            return;
+        }
         self.metrics
             .history_changes
             .get_or_create(&self.labels)
@@ -846,6 +975,11 @@ impl Stream {
         if let Some(live) = &state.live {
             let _ = live.send(StreamEvent::Failure(failure.clone()));
         }
+        let derive = self.handing_over();
+        drop(state);
+        if let Some((_order, derivation)) = derive {
+            derivation.failed(&failure);
+        }
         failure
     }
 
@@ -866,7 +1000,12 @@ impl Stream {
         });
         state.recovery = Some(recovery.clone());
         if let Some(live) = &state.live {
-            let _ = live.send(StreamEvent::Recovered(recovery));
+            let _ = live.send(StreamEvent::Recovered(recovery.clone()));
+        }
+        let derive = self.handing_over();
+        drop(state);
+        if let Some((_order, derivation)) = derive {
+            derivation.recovered(&recovery);
         }
     }
 
@@ -876,6 +1015,9 @@ impl Stream {
             && live.receiver_count() > 0
         {
             let _ = live.send(StreamEvent::KeepAlive);
+        }
+        if let Some(derivation) = self.derivation.get() {
+            derivation.kept_alive();
         }
     }
 
@@ -925,6 +1067,7 @@ impl Stream {
         drop(state);
         self.metrics.subscribers.get_or_create(&self.labels).inc();
         self.demand.send_modify(|count| *count += 1);
+        *self.idle.lock().unwrap_or_else(|e| e.into_inner()) = None;
         Subscription {
             initial,
             live,
@@ -937,19 +1080,13 @@ impl Stream {
     }
 }
 
-/// Index into `history` of the first change after `seq`, if every change after it is there.
+/// Index into `history` of the first change after `seq`, if every change after it is there
+/// (sequence numbers may skip: a view changes at some of its stream's changes only).
 fn replay_start(state: &State, seq: u64) -> Option<usize> {
-    if seq > state.seq {
+    if seq > state.seq || seq < state.floor {
         return None;
     }
-    if seq == state.seq {
-        return Some(state.history.len());
-    }
-    let oldest = state.history.front()?.seq;
-    if seq + 1 < oldest {
-        return None;
-    }
-    usize::try_from(seq + 1 - oldest).ok()
+    Some(state.history.partition_point(|c| c.seq <= seq))
 }
 
 /// Whether a patch can turn `a` into `b`: RFC 6902 cannot replace the root in a way every
@@ -1233,5 +1370,41 @@ mod tests {
         assert!(s.subscribe(&Resume::Fresh).initial.is_empty());
         let next = published(s.publish(json!({"a": 1})));
         assert_eq!((next.seq, next.kind), (2, ChangeKind::Snapshot));
+    }
+
+    /// A view's stream counts its subscribers under its source's labels, but its history is
+    /// its own: committing to it leaves the source's history gauges as the source's.
+    #[test]
+    fn a_derived_stream_leaves_its_sources_history_gauges_alone() {
+        let source = stream(10);
+        source.publish(json!({"entity": [{"id": 1, "pad": "x".repeat(100)}]}));
+        source.publish(json!({"entity": [{"id": 1, "pad": "y".repeat(100)}]}));
+        let view = Stream::derived(
+            "s@v",
+            source.options.clone(),
+            source.snapshots.clone(),
+            source.metrics().clone(),
+            source.labels().clone(),
+            source.epoch(),
+            None,
+        );
+        for (seq, n) in [(1, 1), (2, 2)] {
+            let prepared = match view.prepare(view.snapshot().as_deref(), json!({"n": n})) {
+                Preparation::Change(prepared) => prepared,
+                _ => panic!("a change"),
+            };
+            let committed = view.commit(source.epoch(), seq, SystemTime::now(), prepared);
+            assert!(matches!(committed, Ok(Some(_))));
+        }
+        let (changes, bytes) = source.history_size();
+        let gauges = source.metrics();
+        assert_eq!(
+            gauges.history_changes.get_or_create(source.labels()).get(),
+            changes as i64
+        );
+        assert_eq!(
+            gauges.history_bytes.get_or_create(source.labels()).get(),
+            bytes as i64
+        );
     }
 }

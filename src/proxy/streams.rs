@@ -411,6 +411,7 @@ impl DynamicStreams {
             rate_limit_group: group.clone(),
             diff: settings.diff.clone(),
             on_demand: Some(settings.linger),
+            views: None,
         };
         let entry = Arc::new(Entry {
             stream: stream.clone(),

@@ -23,6 +23,7 @@ use crate::validation::{
     fmt_duration, fraction, header_key, header_name, integer_in, interpolate, is_valid_name,
     references, usize_of,
 };
+use crate::views::config::{RawFiltering, RawView, ViewsSettings};
 
 /// Built-in defaults of the upstream keys, used when neither the file nor the environment sets
 /// them.
@@ -226,6 +227,12 @@ pub struct RawStream {
     /// ([default](defaults::LINGER), [bounds](limits::LINGER)).
     #[serde(default, with = "humantime_serde::option")]
     pub linger: Option<Duration>,
+    /// What views of the stream filter on (`[streams.filtering]`; a `gtfs-rt` stream has a
+    /// default).
+    pub filtering: Option<RawFiltering>,
+    /// Named views (`[[streams.views]]`).
+    #[serde(default)]
+    pub views: Vec<RawView>,
 }
 
 /// Settings shared by all upstream pollers.
@@ -293,6 +300,8 @@ pub struct StreamSettings {
     /// `Some(linger)`: poll only while the stream has subscribers, and for `linger` after the
     /// last one leaves (the snapshot is dropped when polling stops). `None`: poll always.
     pub on_demand: Option<Duration>,
+    /// The stream's views, when it has any.
+    pub views: Option<ViewsSettings>,
 }
 
 impl RawUpstream {
@@ -596,6 +605,13 @@ impl RawStream {
         let format = self.format.unwrap_or(defaults.format);
         let diff =
             format_diff_defaults(format, &self.diff).validate(&format!("{key}.diff"), problems);
+        let views = crate::views::config::validate(
+            key,
+            format == Format::GtfsRt,
+            self.filtering.as_ref(),
+            &self.views,
+            problems,
+        );
         let (Some(url), Some(diff)) = (url, diff) else {
             return None;
         };
@@ -612,6 +628,7 @@ impl RawStream {
             rate_limit_group,
             diff,
             on_demand,
+            views,
         })
     }
 }

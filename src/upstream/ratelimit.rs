@@ -173,6 +173,7 @@ mod tests {
             rate_limit_group: group.into(),
             diff: DiffOptions::default(),
             on_demand: None,
+            views: None,
         }
     }
 

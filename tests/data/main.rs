@@ -7,3 +7,4 @@ mod support;
 mod diff_conformance;
 mod diff_sequences;
 mod real_feeds;
+mod views;

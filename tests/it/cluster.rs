@@ -141,6 +141,50 @@ async fn a_subscriber_moving_to_another_node_resumes_with_exactly_the_missed_pat
     assert!(rebuilt.patches >= 4, "{} patches", rebuilt.patches);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_subscriber_resuming_on_a_node_still_starting_gets_exactly_the_missed_patches() {
+    let upstream = MockUpstream::start(vehicles(0)).await;
+    let Some(mut cluster) = TestCluster::new(&config(&upstream.url(), "100ms")) else {
+        return;
+    };
+    cluster.start(&["a", "b"]).await;
+    let mut first = SseClient::connect(&cluster.node("a").stream_url("fleet"), &[], false).await;
+    let mut rebuilt = Rebuilt::default();
+    upstream.set(vehicles(1));
+    assert!(rebuilt.converge(&mut first, &vehicles(1), SOON).await);
+    drop(first);
+    cluster.node("b").stop();
+    // Changes happen while the subscriber is away.
+    for n in 2..=4 {
+        upstream.set(vehicles(n));
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    // b starts while Redis does not answer: it serves HTTP before it could read the log, as
+    // any node does for a moment when it starts (a subscriber reconnecting at once, or a load
+    // balancer that does not wait for /readyz, lands in that moment).
+    cluster.redis.pause();
+    cluster.node("b").restart();
+    cluster.node("b").live(SOON).await;
+    let url = cluster.node("b").stream_url("fleet");
+    let last_id = rebuilt.last_id.clone();
+    let resuming = tokio::spawn(async move {
+        SseClient::connect(&url, &[("last-event-id", &last_id)], false).await
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    cluster.redis.resume();
+    let mut moved = resuming.await.expect("the subscriber connects");
+    assert!(
+        rebuilt.converge(&mut moved, &vehicles(4), SOON).await,
+        "logs:\n{}",
+        cluster.logs()
+    );
+    assert_eq!(
+        rebuilt.snapshots, 1,
+        "resumed on the starting node without a snapshot"
+    );
+    assert!(rebuilt.patches >= 3, "{} patches", rebuilt.patches);
+}
+
 /// The sequence number of an event id `stream:epoch:seq`.
 fn seq_of(id: &str) -> (u64, u64) {
     let mut parts = id.rsplitn(3, ':');
@@ -291,6 +335,65 @@ async fn killing_the_holder_moves_polling_and_subscribers_see_no_gap() {
             panic!("{problem}; logs:\n{}", cluster.logs());
         }
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn stopping_the_holder_hands_polling_over_at_once() {
+    let upstream = std::sync::Arc::new(MockUpstream::start(vehicles(0)).await);
+    // A step (a third of the TTL) of 2 s: whatever waits for a heartbeat or a step shows.
+    let config =
+        config(&upstream.url(), "100ms").replace(r#"lease_ttl = "1s""#, r#"lease_ttl = "6s""#);
+    let Some(mut cluster) = TestCluster::new(&config) else {
+        return;
+    };
+    cluster.start(&["a", "b"]).await;
+    let (holder_name, holder) = settled_poller(&upstream, &["a", "b"]).await;
+    let other = if holder_name == "a" { "b" } else { "a" };
+    // Stop the holder right after the other node's heartbeat: its next one is a whole step
+    // away, so only the holder's leaving tells it at once that it is next.
+    let client = ::redis::Client::open(cluster.redis.url()).expect("redis url");
+    let connection = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("redis connection");
+    let score = |node: &'static str| {
+        let mut connection = connection.clone();
+        async move {
+            ::redis::cmd("ZSCORE")
+                .arg("t:nodes")
+                .arg(node)
+                .query_async::<Option<f64>>(&mut connection)
+                .await
+                .expect("ZSCORE")
+        }
+    };
+    let before = score(other).await;
+    while score(other).await == before {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let requests_before = upstream.requests();
+    let stopped = std::time::Instant::now();
+    cluster.node(&holder_name).stop();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let taken_over = loop {
+        let received = upstream.received();
+        if let Some(r) = received[requests_before..].iter().find(|r| {
+            r.headers.get("user-agent").and_then(|v| v.to_str().ok()) != Some(holder.as_str())
+        }) {
+            break r.at;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "nobody took over");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    // At once: well within the step (the next poll is due one interval after the holder's
+    // last, so it follows the lease within 100 ms).
+    let gap = taken_over.duration_since(stopped);
+    assert!(
+        gap < Duration::from_millis(800),
+        "the handover took {gap:?}; logs:\n{}",
+        cluster.logs()
+    );
+    drop(connection);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -474,22 +577,30 @@ async fn pushes_to_two_nodes_at_once_are_each_logged_once_in_order() {
     for writer in writers {
         bases.push(writer.await.expect("writer"));
     }
-    // Every accepted patch is in the document once, each writer's in its own order.
-    let answer: Value = client
-        .get(cluster.nodes[0].stream_url("board"))
-        .header("accept", "application/json")
-        .send()
-        .await
-        .expect("json view")
-        .json()
-        .await
-        .expect("json");
-    let items: Vec<String> = answer["items"]
-        .as_array()
-        .expect("items")
-        .iter()
-        .map(|v| v.as_str().unwrap_or_default().to_owned())
-        .collect();
+    // Every accepted patch is in the document once, each writer's in its own order. Node a
+    // follows node b's last pushes through pub/sub, a moment after b answered them.
+    let deadline = tokio::time::Instant::now() + SOON;
+    let (answer, items) = loop {
+        let answer: Value = client
+            .get(cluster.nodes[0].stream_url("board"))
+            .header("accept", "application/json")
+            .send()
+            .await
+            .expect("json view")
+            .json()
+            .await
+            .expect("json");
+        let items: Vec<String> = answer["items"]
+            .as_array()
+            .expect("items")
+            .iter()
+            .map(|v| v.as_str().unwrap_or_default().to_owned())
+            .collect();
+        if items.len() >= 80 || tokio::time::Instant::now() > deadline {
+            break (answer, items);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
     assert_eq!(items.len(), 80, "{items:?}");
     for base in &bases {
         let mine: Vec<&String> = items
@@ -1021,4 +1132,80 @@ fn first_of_each(hits: &[Hit]) -> Vec<Hit> {
         .filter(|h| seen.insert(h.id()))
         .cloned()
         .collect()
+}
+
+/// Vehicles on three lines; `n` moves them.
+fn lined(n: u64) -> Value {
+    json!({"vehicles": (0..12u64).map(|i| json!({"id": i, "line": format!("L{}", (i + n / 3) % 3), "pos": n * 100 + i, "note": "a field long enough that patches stay smaller than the document"})).collect::<Vec<_>>()})
+}
+
+fn line_view(document: &Value, line: &str) -> Value {
+    let kept: Vec<Value> = document["vehicles"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|v| v["line"] == line)
+        .cloned()
+        .collect();
+    json!({ "vehicles": kept })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_node_computes_the_same_view_events_and_a_view_resumes_across_nodes() {
+    let upstream = MockUpstream::start(lined(0)).await;
+    let toml = config(&upstream.url(), "100ms").replace(
+        "[[streams]]\nname = \"board\"",
+        "[streams.filtering]\nentities = \"/vehicles\"\nkey = \"id\"\naliases = { line = \"line\" }\n\n[[streams]]\nname = \"board\"",
+    );
+    assert!(toml.contains("[streams.filtering]"));
+    let Some(mut cluster) = TestCluster::new(&toml) else {
+        return;
+    };
+    cluster.start(&["a", "b"]).await;
+    let view = "fleet?line=L1";
+    let mut on_a = SseClient::connect(&cluster.nodes[0].stream_url(view), &[], false).await;
+    let mut on_b = SseClient::connect(&cluster.nodes[1].stream_url(view), &[], false).await;
+    let (mut rebuilt_a, mut rebuilt_b) = (Rebuilt::default(), Rebuilt::default());
+    for n in 1..=4 {
+        upstream.set(lined(n));
+        let expected = line_view(&lined(n), "L1");
+        assert!(
+            rebuilt_a.converge(&mut on_a, &expected, SOON).await,
+            "node a, {n}"
+        );
+        assert!(
+            rebuilt_b.converge(&mut on_b, &expected, SOON).await,
+            "node b, {n}"
+        );
+        // The same change of the view has the same id on both nodes.
+        assert_eq!(rebuilt_a.last_id, rebuilt_b.last_id);
+    }
+    assert!(
+        rebuilt_a.last_id.starts_with("fleet@~"),
+        "{}",
+        rebuilt_a.last_id
+    );
+    // Node a's subscriber leaves; changes happen; it resumes on node b with what it missed.
+    drop(on_a);
+    for n in 5..=8 {
+        upstream.set(lined(n));
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let mut moved = SseClient::connect(
+        &cluster.nodes[1].stream_url(view),
+        &[("last-event-id", &rebuilt_a.last_id)],
+        false,
+    )
+    .await;
+    // Every change of the view it missed is replayed (each moves L1's vehicles), rather than
+    // one snapshot of the current view.
+    let target = line_view(&lined(8), "L1");
+    let mut replayed = Vec::new();
+    while rebuilt_a.document.as_ref() != Some(&target) {
+        let event = moved.expect(SOON).await;
+        replayed.push(seq_of(&event.id).1);
+        rebuilt_a.apply(&event);
+    }
+    assert_eq!(replayed.len(), 4, "{replayed:?}");
+    assert!(replayed.windows(2).all(|w| w[0] < w[1]), "{replayed:?}");
 }

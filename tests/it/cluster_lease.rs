@@ -46,6 +46,7 @@ async fn node(server: &RedisServer, name: &str, stream: &str, ttl: Duration) -> 
         ttl,
         nodes_tx,
         reachable,
+        Arc::new(Notify::new()),
         std::sync::Arc::new(patchwire::metrics::Metrics::new()),
         shutdown.clone(),
     ));
@@ -143,5 +144,48 @@ async fn a_vanished_holder_is_replaced_after_its_ttl() {
     assert!(
         took >= TTL * 2 / 3 - Duration::from_millis(50),
         "taken over too early: {took:?}"
+    );
+}
+
+#[tokio::test]
+async fn an_owner_that_stops_renewing_is_replaced_as_its_lease_expires() {
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    // A step (a third of the TTL) of 500 ms.
+    let ttl = Duration::from_millis(1500);
+    let a = node(&server, "a", "s", ttl).await;
+    let b = node(&server, "b", "s", ttl).await;
+    let nodes = ["a".to_owned(), "b".to_owned()];
+    let owner_is_a = patchwire::cluster::rendezvous::ranking("s", &nodes)[0] == "a";
+    let (holder, holder_name, other) = if owner_is_a { (a, "a", b) } else { (b, "b", a) };
+    until_held(&holder, ttl * 10).await;
+    // The holder stops renewing but stays listed live, as a node killed between its renewal
+    // and its heartbeat is until its heartbeat runs out: only its lease tells that it is gone.
+    holder.tasks[1].abort();
+    let client = redis::Client::open(server.url()).expect("url");
+    let mut connection = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect");
+    loop {
+        let lease: Option<String> = redis::cmd("GET")
+            .arg("t:{s}:lease")
+            .query_async(&mut connection)
+            .await
+            .expect("GET");
+        if !lease.is_some_and(|l| l.starts_with(&format!("{holder_name} "))) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let expired = Instant::now();
+    let _ = until_held(&other, ttl * 10).await;
+    // The next in line takes it as it expires, not a step (500 ms) later, so a failover takes
+    // the TTL plus one poll, not plus a step.
+    let after = expired.elapsed();
+    assert!(
+        after < Duration::from_millis(250),
+        "taken {after:?} after the lease expired"
     );
 }

@@ -154,6 +154,57 @@ async fn worker_processes_and_source_addresses_add_up() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscribers_spread_over_several_urls_are_reported_per_url() {
+    let app = push_app(None).await;
+    let publish = app.url("/streams/bench");
+    let auth = format!("Authorization: Bearer {TOKEN}");
+    let pid = std::process::id().to_string();
+    let mut extra = publishing(&publish, &auth);
+    // The same server under two URLs (a cluster's nodes in the benchmark), one --pid each and
+    // one more (a cluster's Redis: counted in the total only), subscribers spread round-robin
+    // over worker processes.
+    extra.extend([
+        "--url",
+        &publish,
+        "-n",
+        "91",
+        "--workers",
+        "3",
+        "--pid",
+        &pid,
+        "--pid",
+        &pid,
+        "--pid",
+        &pid,
+    ]);
+    let plan = args(&app, &extra).validate().expect("a valid plan");
+    let exe = load_binary();
+
+    let report = load::run(&plan, Some(&exe))
+        .await
+        .expect("the run completes");
+
+    assert_eq!((report.readers, report.delivered), (91, 455), "{report}");
+    let per_url: Vec<(usize, u64, u64)> = report
+        .targets
+        .iter()
+        .map(|t| (t.readers, t.delivered, t.missing))
+        .collect();
+    assert_eq!(per_url, vec![(46, 230, 0), (45, 225, 0)], "{report}");
+    for target in &report.targets {
+        assert_eq!(
+            target.latency_ms.expect("latencies").count as u64,
+            target.delivered
+        );
+        assert_eq!(target.pid, Some(std::process::id()));
+        assert!(target.cpu_us_per_event.is_some(), "{report}");
+    }
+    let server = report.server.expect("server measurements for --pid");
+    assert_eq!(server.processes.len(), 3);
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stalled_subscribers_do_not_hold_back_the_others() {
     let app = push_app(None).await;
     let publish = app.url("/streams/bench");
@@ -221,7 +272,7 @@ async fn watching_a_polled_stream_checks_order_and_delivery() {
         "id: polled:",
     ];
     let mut args = args(&app, &extra);
-    args.url = Some(app.url("/streams/polled"));
+    args.url = vec![app.url("/streams/polled")];
     let plan = args.validate().expect("a valid plan");
 
     let report = load::run(&plan, None).await.expect("the run completes");

@@ -8,6 +8,7 @@
 mod support;
 
 mod backpressure;
+mod brokers;
 mod cli;
 mod cluster;
 mod cluster_lease;
@@ -29,6 +30,7 @@ mod sim_http;
 mod streaming;
 mod transports;
 mod upstream;
+mod views;
 mod webhook;
 mod webhook_crash;
 mod websocket;

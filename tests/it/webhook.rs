@@ -1782,3 +1782,98 @@ crate::on_both_stores!(
     try_step_drives_one_delivery_to_completion,
     admin_bodies_are_read_after_the_token_and_within_the_deadline,
 );
+
+/// A stream that starts over while its dispatcher is behind (a cluster node reloading its copy
+/// from the log right as changes arrive) gets the document it started over with queued, then
+/// the changes after it as patches. The dispatcher used to queue the stream's current
+/// document instead, a later one, and the outbox then skipped the changes before it as stale.
+#[tokio::test]
+async fn a_reset_queues_the_document_it_started_over_with_and_the_changes_after_it() {
+    use patchwire::hub::{Stream, StreamOptions};
+    use patchwire::sinks::webhook::dispatcher::Dispatcher;
+    use patchwire::sinks::webhook::outbox::sqlite::SqliteOutbox;
+    use patchwire::snapshot::SnapshotStore;
+
+    let outbox: Arc<dyn Outbox> = Arc::new(
+        SqliteOutbox::open(std::path::Path::new(":memory:"))
+            .await
+            .unwrap(),
+    );
+    let registry = Arc::new(Registry::new());
+    let record = EndpointRecord {
+        id: "e".into(),
+        // Nothing is delivered: no worker runs.
+        url: "http://127.0.0.1:9/".into(),
+        streams: vec!["s".to_owned()],
+        mode: Mode::Patch,
+        headers: Default::default(),
+        secret: SECRET.into(),
+        previous_secret: None,
+        previous_expires_ms: None,
+        source: Source::Api,
+        created_ms: 0,
+        description: None,
+        metadata: Default::default(),
+        rate_limit: None,
+        request_hash: None,
+    };
+    outbox.put_endpoint(record.clone()).await.unwrap();
+    registry.put(Endpoint::new(record, EndpointStatus::default()).unwrap());
+    let options = StreamOptions {
+        history: 10,
+        history_bytes: 1 << 20,
+        buffer: 64,
+        diff: Default::default(),
+    };
+    let metrics = Arc::new(patchwire::metrics::Metrics::new());
+    let stream = Arc::new(Stream::new("s", options, SnapshotStore::new(), metrics));
+    let (_requests, requests) = tokio::sync::mpsc::unbounded_channel();
+    let dispatcher = Dispatcher::new(
+        stream.clone(),
+        outbox.clone(),
+        registry,
+        100,
+        Arc::new(tokio::sync::Notify::new()),
+        requests,
+        false,
+    );
+    let committed = dispatcher.committed();
+    let document = |n: u64| json!({"n": n, "pad": PAD});
+    stream.publish(document(1));
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let task = tokio::spawn(dispatcher.run(shutdown.clone()));
+    committed.reached(1, LONG).await.expect("change 1 queued");
+    // The stream starts over at its document, then four changes follow, all before the
+    // dispatcher (on this one-thread runtime) runs again.
+    let current = stream.snapshot().expect("a document");
+    stream.reset(
+        current.epoch,
+        current.seq,
+        current.document.clone(),
+        std::time::SystemTime::now(),
+        Vec::new(),
+    );
+    for n in 2..=5 {
+        stream.publish(document(n));
+    }
+    committed.reached(5, LONG).await.expect("changes queued");
+    let mut queued: Vec<(u64, String)> = outbox
+        .deliveries(
+            "e".into(),
+            DeliveryFilter {
+                state: None,
+                before: None,
+                limit: 100,
+            },
+        )
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|d| (d.seq, format!("{:?}", d.kind)))
+        .collect();
+    queued.reverse();
+    let seqs: Vec<u64> = queued.iter().map(|(seq, _)| *seq).collect();
+    assert_eq!(seqs, vec![1, 2, 3, 4, 5], "{queued:?}");
+    shutdown.cancel();
+    task.await.expect("the dispatcher stops");
+}

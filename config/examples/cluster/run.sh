@@ -11,7 +11,10 @@ here="$(cd "$(dirname "$0")" && pwd)"
 root="$here/../../.."
 cd "$root"
 cargo build --release --quiet
-bin="$root/target/release/patchwire"
+# Where cargo put it: CARGO_TARGET_DIR when set (relative to the workspace), else target/.
+target_dir="${CARGO_TARGET_DIR:-target}"
+case "$target_dir" in /*) ;; *) target_dir="$root/$target_dir" ;; esac
+bin="$target_dir/release/patchwire"
 work="$(mktemp -d)"
 pids=()
 stop() { kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$work"; }

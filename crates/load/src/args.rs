@@ -20,8 +20,10 @@ pub const DEFAULT_TEMPLATE: &str = r#"{"m":"MARK@@K@@;","pad":"@@PAD@@"}"#;
 #[command(name = "patchwire-load", version)]
 pub struct Args {
     /// SSE URL subscribers GET (http only), e.g. http://127.0.0.1:8080/streams/bench.
+    /// Repeatable: subscribers are spread over the URLs round-robin (several nodes of one
+    /// cluster), and the report gives each URL's figures besides the overall ones.
     #[arg(long, required_unless_present = "worker")]
-    pub url: Option<String>,
+    pub url: Vec<String>,
     /// Number of subscribers.
     #[arg(short = 'n', long, default_value_t = 1000)]
     pub subscribers: usize,
@@ -65,6 +67,9 @@ pub struct Args {
     #[arg(long, default_value_t = 0.0)]
     pub stalled_fraction: f64,
     /// Server process ids whose CPU and RSS are measured (repeatable or comma-separated).
+    /// With at least as many PIDs as --url, PID i is taken as URL i's server, and each URL's
+    /// CPU per delivered event is reported; PIDs past the URLs' (e.g. a cluster's Redis) count
+    /// in the total only.
     #[arg(long = "pid", value_delimiter = ',')]
     pub pids: Vec<u32>,
     /// Worker processes holding the subscribers; 0 picks by the file-descriptor limit
@@ -232,8 +237,8 @@ pub enum Mode {
 /// A validated run.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Plan {
-    /// Where subscribers connect.
-    pub endpoint: Endpoint,
+    /// Where subscribers connect (at least one): subscriber `i` to `endpoints[i % len]`.
+    pub endpoints: Vec<Endpoint>,
     /// Extra subscriber headers.
     pub sub_headers: Vec<(String, String)>,
     /// WebSocket mode: the text messages each subscriber sends after the upgrade (empty: SSE).
@@ -282,15 +287,28 @@ fn parse_header(raw: &str) -> Result<(String, String), ArgError> {
 impl Args {
     /// Validates the arguments (no I/O).
     pub fn validate(&self) -> Result<Plan, ArgError> {
-        let url = self.url.as_deref().ok_or_else(|| ArgError::Url {
-            what: "--url",
-            url: String::new(),
-            reason: "required".into(),
-        })?;
-        let endpoint = Endpoint::parse_scheme("--url", url, !self.ws_messages.is_empty())?;
+        if self.url.is_empty() {
+            return Err(ArgError::Url {
+                what: "--url",
+                url: String::new(),
+                reason: "required".into(),
+            });
+        }
+        let endpoints = self
+            .url
+            .iter()
+            .map(|url| Endpoint::parse_scheme("--url", url, !self.ws_messages.is_empty()))
+            .collect::<Result<Vec<_>, _>>()?;
         if self.subscribers == 0 || self.subscribers > 1_000_000 {
             return Err(ArgError::Range(format!(
                 "--subscribers must be 1 to 1,000,000, not {}",
+                self.subscribers
+            )));
+        }
+        if endpoints.len() > self.subscribers {
+            return Err(ArgError::Range(format!(
+                "{} URLs for {} subscribers: every URL needs at least one",
+                endpoints.len(),
                 self.subscribers
             )));
         }
@@ -361,7 +379,7 @@ impl Args {
             )
         };
         Ok(Plan {
-            endpoint,
+            endpoints,
             sub_headers,
             ws_messages: self.ws_messages.clone(),
             subscribers: self.subscribers,
@@ -456,7 +474,8 @@ mod tests {
         .unwrap();
         assert_eq!(plan.subscribers, 100);
         assert_eq!(plan.stalled, 10);
-        assert_eq!(plan.endpoint.path, "/streams/b");
+        assert_eq!(plan.endpoints.len(), 1);
+        assert_eq!(plan.endpoints[0].path, "/streams/b");
         let Mode::Publish(publish) = &plan.mode else {
             panic!("expected a publishing run")
         };
@@ -511,6 +530,36 @@ mod tests {
             refused(&[&publish[..], &["-n", "1", "--stalled-fraction", "0.5"]].concat()),
             ArgError::Range(_)
         ));
+    }
+
+    #[test]
+    fn several_urls() {
+        let plan = args(&[
+            "--url",
+            "http://127.0.0.1:8082/streams/b",
+            "--url",
+            "http://127.0.0.1:8083/streams/b",
+            "--publish-url",
+            "http://127.0.0.1:8080/streams/b",
+            "-n",
+            "3",
+        ])
+        .validate()
+        .unwrap();
+        let ports: Vec<u16> = plan.endpoints.iter().map(|e| e.port).collect();
+        assert_eq!(ports, vec![8080, 8082, 8083]);
+        // Fewer subscribers than URLs would leave a URL unmeasured.
+        let refused = args(&[
+            "--url",
+            "http://127.0.0.1:8082/streams/b",
+            "--publish-url",
+            "http://127.0.0.1:8080/streams/b",
+            "-n",
+            "1",
+        ])
+        .validate()
+        .unwrap_err();
+        assert!(matches!(refused, ArgError::Range(_)), "{refused}");
     }
 
     #[test]

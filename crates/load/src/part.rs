@@ -22,15 +22,26 @@ use super::marker::MarkerScanner;
 use super::sys;
 use super::ws;
 
-/// What one part holds and where it connects.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct PartSpec {
+/// One server subscribers connect to.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Target {
     /// The server's address.
-    pub target: SocketAddr,
+    pub addr: SocketAddr,
     /// The `Host` header.
     pub authority: String,
     /// The path subscribers GET.
     pub path: String,
+}
+
+/// What one part holds and where it connects.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PartSpec {
+    /// The servers, round-robin: subscriber `i` of the whole run connects to
+    /// `targets[i % len]` (at least one).
+    pub targets: Vec<Target>,
+    /// The run-wide index of this part's first subscriber.
+    #[serde(default)]
+    pub first_index: usize,
     /// Extra request headers.
     pub headers: Vec<(String, String)>,
     /// WebSocket mode: the text messages sent after the upgrade (empty: SSE).
@@ -80,6 +91,9 @@ pub struct Ready {
 /// One reader's record.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Receipts {
+    /// Which of the targets it read from.
+    #[serde(default)]
+    pub target: usize,
     /// (mark, monotonic µs) in the order received, from `Start` on.
     pub marks: Vec<(u64, u64)>,
     /// Body bytes on the wire (after the response head) from `Start` on.
@@ -145,6 +159,12 @@ pub async fn run(
     mut commands: mpsc::Receiver<Command>,
     events: mpsc::Sender<PartEvent>,
 ) {
+    if spec.targets.is_empty() {
+        let _ = events
+            .send(PartEvent::Failed("no server to connect to".into()))
+            .await;
+        return;
+    }
     let total = spec.readers + spec.stalled;
     let batch = spec.connect_batch.max(1);
     let timeout = Duration::from_millis(spec.connect_timeout_ms);
@@ -259,8 +279,15 @@ pub async fn run(
     let _ = events.send(PartEvent::Report(report)).await;
 }
 
+impl PartSpec {
+    /// Which target subscriber `index` of this part connects to.
+    pub fn target_of(&self, index: usize) -> usize {
+        (self.first_index + index) % self.targets.len().max(1)
+    }
+}
+
 async fn connect(index: usize, shared: &Shared) -> std::io::Result<TcpStream> {
-    let target = shared.spec.target;
+    let target = shared.spec.targets[shared.spec.target_of(index)].addr;
     let socket = if target.is_ipv4() {
         TcpSocket::new_v4()?
     } else {
@@ -313,7 +340,10 @@ async fn subscriber(
     let mut reader = Reader {
         decoder: BodyDecoder::new(body),
         scanner: MarkerScanner::new(shared.spec.marker.as_bytes()),
-        receipts: Receipts::default(),
+        receipts: Receipts {
+            target: shared.spec.target_of(index),
+            ..Receipts::default()
+        },
         has_last: false,
     };
     if let Err(e) = reader.consume(&leftover, &shared) {
@@ -401,16 +431,13 @@ async fn start(index: usize, shared: &Shared) -> Result<Started, Refused> {
         .await
         .map_err(|e| failed("connect", e))?;
     let websocket = !shared.spec.ws_messages.is_empty();
+    let target = &shared.spec.targets[shared.spec.target_of(index)];
     let request = if websocket {
-        ws::handshake_request(
-            &shared.spec.path,
-            &shared.spec.authority,
-            &shared.spec.headers,
-        )
+        ws::handshake_request(&target.path, &target.authority, &shared.spec.headers)
     } else {
         let mut request = format!(
             "GET {} HTTP/1.1\r\nHost: {}\r\nAccept: text/event-stream\r\nCache-Control: no-cache\r\n",
-            shared.spec.path, shared.spec.authority
+            target.path, target.authority
         );
         for (name, value) in &shared.spec.headers {
             request.push_str(&format!("{name}: {value}\r\n"));

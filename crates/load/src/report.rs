@@ -6,6 +6,42 @@ use serde::Serialize;
 
 use super::stats::Summary;
 
+/// One measured process's CPU over the run.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct ProcessCpu {
+    /// The process.
+    pub pid: u32,
+    /// CPU seconds (user + system) from the first publish to the end of the run.
+    pub cpu_s: f64,
+}
+
+/// What the subscribers of one `--url` received, and what its server cost.
+#[derive(Debug, Clone, Serialize)]
+pub struct TargetReport {
+    /// The URL.
+    pub url: String,
+    /// Reading subscribers connected to it.
+    pub readers: usize,
+    /// (reader, change) pairs delivered.
+    pub delivered: u64,
+    /// (reader, change) pairs missing.
+    pub missing: u64,
+    /// Marks received after a higher one.
+    pub out_of_order: u64,
+    /// Publish-to-receive latency over its (reader, change) pairs, ms.
+    pub latency_ms: Option<Summary>,
+    /// Per change, time until its last reader had it, ms.
+    pub reach_all_ms: Option<Summary>,
+    /// Body bytes on the wire per marked event.
+    pub wire_bytes_per_event: f64,
+    /// Its server's PID, when a `--pid` was given per `--url`.
+    pub pid: Option<u32>,
+    /// That process's CPU seconds over the run.
+    pub cpu_s: Option<f64>,
+    /// That process's CPU per event its subscribers received, µs.
+    pub cpu_us_per_event: Option<f64>,
+}
+
 /// What the server cost, from /proc.
 #[derive(Debug, Clone, Serialize)]
 pub struct ServerReport {
@@ -27,6 +63,8 @@ pub struct ServerReport {
     pub rss_per_idle_subscriber_kib: f64,
     /// end − idle, KiB.
     pub rss_growth_kib: i64,
+    /// Each process's CPU (they add up to `cpu_s`).
+    pub processes: Vec<ProcessCpu>,
 }
 
 /// Everything a run measured.
@@ -91,6 +129,8 @@ pub struct Report {
     pub wire_bytes_per_event: f64,
     /// The server's CPU and memory, given its PIDs.
     pub server: Option<ServerReport>,
+    /// Per `--url`, in the order given.
+    pub targets: Vec<TargetReport>,
 }
 
 impl Report {
@@ -182,6 +222,37 @@ impl fmt::Display for Report {
                 s.rss_growth_kib,
                 s.rss_peak_kib
             )?;
+            if s.processes.len() > 1 {
+                let each: Vec<String> = s
+                    .processes
+                    .iter()
+                    .map(|p| format!("{} {:.2} s", p.pid, p.cpu_s))
+                    .collect();
+                writeln!(f, "  CPU per process: {}", each.join(", "))?;
+            }
+        }
+        if self.targets.len() > 1 {
+            for t in &self.targets {
+                let cpu = match (t.pid, t.cpu_s, t.cpu_us_per_event) {
+                    (Some(pid), Some(cpu_s), per_event) => format!(
+                        "; server {pid}: CPU {cpu_s:.2} s = {} µs per delivered event",
+                        per_event.map_or("n/a".to_owned(), |c| format!("{c:.1}"))
+                    ),
+                    _ => String::new(),
+                };
+                writeln!(
+                    f,
+                    "  {}: {} readers, {} delivered, {} missing, {} out of order, {:.0} B per event{cpu}",
+                    t.url,
+                    t.readers,
+                    t.delivered,
+                    t.missing,
+                    t.out_of_order,
+                    t.wire_bytes_per_event
+                )?;
+                writeln!(f, "    latency ms:   {}", ms(&t.latency_ms))?;
+                writeln!(f, "    reach-all ms: {}", ms(&t.reach_all_ms))?;
+            }
         }
         Ok(())
     }

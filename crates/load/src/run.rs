@@ -15,9 +15,9 @@ use tokio_util::sync::CancellationToken;
 use super::LoadError;
 use super::args::{Mode, Plan, SourceAddrs};
 use super::check::{self, Judged};
-use super::part::{self, Command, PartEvent, PartReport, PartSpec, Ready};
+use super::part::{self, Command, PartEvent, PartReport, PartSpec, Ready, Receipts, Target};
 use super::publish;
-use super::report::{Report, ServerReport};
+use super::report::{ProcessCpu, Report, ServerReport, TargetReport};
 use super::stats::Summary;
 use super::sys;
 
@@ -75,14 +75,24 @@ fn total_rss(pids: &[u32]) -> Result<u64, LoadError> {
     Ok(measure(pids, sys::rss_kib)?.into_iter().sum())
 }
 
-fn total_cpu(pids: &[u32]) -> Result<u64, LoadError> {
-    Ok(measure(pids, sys::cpu_ticks)?.into_iter().sum())
+fn cpu_s(ticks: u64) -> f64 {
+    ticks as f64 / sys::ticks_per_second() as f64
 }
 
 /// Runs a whole measurement. `worker_exe` is the program started (with `--worker`) when
 /// the subscribers do not fit in this process; without it, everything runs in-process.
 pub async fn run(plan: &Plan, worker_exe: Option<&Path>) -> Result<Report, LoadError> {
-    let target = resolve(&plan.endpoint.host, plan.endpoint.port).await?;
+    let mut targets = Vec::with_capacity(plan.endpoints.len());
+    for endpoint in &plan.endpoints {
+        targets.push(Target {
+            addr: resolve(&endpoint.host, endpoint.port).await?,
+            authority: endpoint.authority(),
+            path: endpoint.path.clone(),
+        });
+    }
+    let Some(target) = targets.first().map(|t| t.addr) else {
+        return Err(LoadError::Workers("no --url to connect to".into()));
+    };
     let publish_target = match &plan.mode {
         Mode::Publish(p) => Some(resolve(&p.endpoint.host, p.endpoint.port).await?),
         Mode::Passive { .. } => None,
@@ -118,11 +128,9 @@ pub async fn run(plan: &Plan, worker_exe: Option<&Path>) -> Result<Report, LoadE
             let len = part_sources.len();
             part_sources.rotate_left(offset % len);
         }
-        offset += readers + stalled;
         let spec = PartSpec {
-            target,
-            authority: plan.endpoint.authority(),
-            path: plan.endpoint.path.clone(),
+            targets: targets.clone(),
+            first_index: offset,
             headers: plan.sub_headers.clone(),
             ws_messages: plan.ws_messages.clone(),
             readers,
@@ -132,6 +140,7 @@ pub async fn run(plan: &Plan, worker_exe: Option<&Path>) -> Result<Report, LoadE
             connect_batch: plan.connect_batch,
             connect_timeout_ms: plan.connect_timeout.as_millis() as u64,
         };
+        offset += readers + stalled;
         let handle = match worker_exe {
             Some(exe) if workers > 0 => spawn_worker(exe, i, &spec, events_tx.clone())?,
             _ => spawn_local(i, spec, events_tx.clone()),
@@ -168,7 +177,7 @@ pub async fn run(plan: &Plan, worker_exe: Option<&Path>) -> Result<Report, LoadE
     }
     tokio::time::sleep(plan.settle).await;
     let rss_idle = total_rss(&plan.pids)?;
-    let cpu_start = total_cpu(&plan.pids)?;
+    let cpu_start = measure(&plan.pids, sys::cpu_ticks)?;
     let peak = Arc::new(AtomicU64::new(rss_idle));
     let sampling = CancellationToken::new();
     let sampler = tokio::spawn(sample_rss(
@@ -229,7 +238,7 @@ pub async fn run(plan: &Plan, worker_exe: Option<&Path>) -> Result<Report, LoadE
         }
         (Mode::Publish(_), None) => unreachable!("publish target resolved above"),
     }
-    let cpu_end = total_cpu(&plan.pids)?;
+    let cpu_end = measure(&plan.pids, sys::cpu_ticks)?;
     let rss_end = total_rss(&plan.pids)?;
     sampling.cancel();
     let _ = sampler.await;
@@ -272,6 +281,49 @@ pub async fn run(plan: &Plan, worker_exe: Option<&Path>) -> Result<Report, LoadE
         },
     };
     let mut delivery = check::check(&readers, &judged);
+    // Each process's CPU over the run; with a PID per URL, PID i is URL i's server (PIDs
+    // past the URLs', such as a cluster's Redis, count in the total only).
+    let processes: Vec<ProcessCpu> = plan
+        .pids
+        .iter()
+        .zip(cpu_start.iter().zip(&cpu_end))
+        .map(|(&pid, (start, end))| ProcessCpu {
+            pid,
+            cpu_s: cpu_s(end.saturating_sub(*start)),
+        })
+        .collect();
+    let paired = processes.len() >= plan.endpoints.len();
+    let per_target = plan
+        .endpoints
+        .iter()
+        .enumerate()
+        .map(|(i, endpoint)| {
+            let mine: Vec<Receipts> = readers.iter().filter(|r| r.target == i).cloned().collect();
+            let mut d = check::check(&mine, &judged);
+            let marks: u64 = mine.iter().map(|r| r.marks.len() as u64).sum();
+            let bytes: u64 = mine.iter().map(|r| r.bytes).sum();
+            let process = paired.then(|| processes[i]);
+            TargetReport {
+                url: format!("http://{}{}", endpoint.authority(), endpoint.path),
+                readers: mine.len(),
+                delivered: d.delivered,
+                missing: d.missing,
+                out_of_order: d.out_of_order,
+                latency_ms: Summary::of(&mut d.latencies_us).map(|s| s.scaled(1e-3)),
+                reach_all_ms: Summary::of(&mut d.reach_all_us).map(|s| s.scaled(1e-3)),
+                wire_bytes_per_event: if marks > 0 {
+                    bytes as f64 / marks as f64
+                } else {
+                    0.0
+                },
+                pid: process.map(|p| p.pid),
+                cpu_s: process.map(|p| p.cpu_s),
+                cpu_us_per_event: process
+                    .filter(|_| d.delivered > 0)
+                    .map(|p| p.cpu_s * 1e6 / d.delivered as f64),
+            }
+        })
+        .collect();
     let window_s =
         end_us.saturating_sub(publish_us.first().copied().unwrap_or(start_us)) as f64 / 1e6;
     let bytes: u64 = readers.iter().map(|r| r.bytes).sum();
@@ -280,7 +332,7 @@ pub async fn run(plan: &Plan, worker_exe: Option<&Path>) -> Result<Report, LoadE
     let server = if plan.pids.is_empty() {
         None
     } else {
-        let cpu_s = cpu_end.saturating_sub(cpu_start) as f64 / sys::ticks_per_second() as f64;
+        let cpu_s = processes.iter().map(|p| p.cpu_s).sum::<f64>();
         let connected = (ready.readers + ready.stalled).max(1);
         Some(ServerReport {
             pids: plan.pids.clone(),
@@ -294,6 +346,7 @@ pub async fn run(plan: &Plan, worker_exe: Option<&Path>) -> Result<Report, LoadE
             rss_per_idle_subscriber_kib: rss_idle.saturating_sub(rss_before) as f64
                 / connected as f64,
             rss_growth_kib: rss_end as i64 - rss_idle as i64,
+            processes,
         })
     };
     Ok(Report {
@@ -341,6 +394,7 @@ pub async fn run(plan: &Plan, worker_exe: Option<&Path>) -> Result<Report, LoadE
             0.0
         },
         server,
+        targets: per_target,
     })
 }
 

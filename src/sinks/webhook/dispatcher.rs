@@ -376,6 +376,11 @@ impl Dispatcher {
             // No document yet: the first change will be a snapshot anyway.
             return;
         };
+        self.resync_to(which, &snapshot).await;
+    }
+
+    /// Queues `snapshot` as a whole document for `which`.
+    async fn resync_to(&mut self, which: Resync, snapshot: &Snapshot) {
         let targets = self.registry.targets(self.stream.name());
         let targets = match &which {
             Resync::All => targets,
@@ -391,10 +396,12 @@ impl Dispatcher {
                 }
             },
         };
-        if targets.is_empty() {
+        if targets.is_empty() && which != Resync::All {
+            // Nobody is owed it. (A resync of all still stores a push stream's document and
+            // commits its seq.)
             return;
         }
-        let change = snapshot_change(&self.stream, &snapshot);
+        let change = snapshot_change(&self.stream, snapshot);
         let all = which == Resync::All;
         if self.accept(change, targets, which).await && all {
             // Every endpoint has the document at `snapshot.seq` (or a later one) queued.
@@ -585,9 +592,12 @@ impl Dispatcher {
                             self.resync(Resync::All).await;
                         }
                     }
-                    Ok(StreamEvent::Reset(_)) => {
+                    Ok(StreamEvent::Reset(snapshot)) => {
+                        // The document the stream started over with, not the current one: the
+                        // changes after it are still to come in `live`, and a later document
+                        // queued first would make the outbox drop them as stale.
                         tracing::info!(stream = self.stream.name(), "stream started over; queueing a snapshot");
-                        self.resync(Resync::All).await;
+                        self.resync_to(Resync::All, &snapshot).await;
                     }
                     Ok(_) => {}
                     Err(broadcast::error::RecvError::Lagged(missed)) => {

@@ -18,6 +18,14 @@ pub enum Target {
     Stream(String),
     /// A proxy-mode upstream URL, as `GET /{url}` names it (its query may carry `X-Sd-Header`).
     Url(String),
+    /// A view of a configured stream: `query` as `GET /streams/{stream}?{query}` would say it
+    /// (`view=<name>`, or filters such as `route=Red&fields=…`).
+    View {
+        /// The stream's name.
+        stream: String,
+        /// The view, in the query string's syntax.
+        query: String,
+    },
 }
 
 /// A message from the client.
@@ -57,6 +65,8 @@ struct RawSubscribe {
     id: String,
     stream: Option<String>,
     url: Option<String>,
+    view: Option<String>,
+    filter: Option<String>,
     last_event_id: Option<String>,
 }
 
@@ -131,9 +141,37 @@ pub fn parse(text: &str) -> Result<ClientMessage, Invalid> {
         "subscribe" => {
             let raw: RawSubscribe = serde_json::from_value(value.clone()).map_err(fields)?;
             check_id(&raw.id).map_err(invalid)?;
-            let target = match (raw.stream, raw.url) {
-                (Some(stream), None) if !stream.is_empty() => Target::Stream(stream),
-                (None, Some(url)) if !url.is_empty() => Target::Url(url),
+            let view = match (raw.view, raw.filter) {
+                (None, None) => None,
+                (Some(view), None) => Some(format!(
+                    "view={}",
+                    percent_encoding::utf8_percent_encode(
+                        &view,
+                        percent_encoding::NON_ALPHANUMERIC
+                    )
+                )),
+                (None, Some(filter)) => Some(filter),
+                (Some(_), Some(_)) => {
+                    return Err(invalid(
+                        "subscribe: expected at most one of \"view\" (a configured view's name) \
+                         or \"filter\" (filters as in a query string, e.g. \"route=Red\")"
+                            .into(),
+                    ));
+                }
+            };
+            let target = match (raw.stream, raw.url, view) {
+                (Some(stream), None, None) if !stream.is_empty() => Target::Stream(stream),
+                (Some(stream), None, Some(query)) if !stream.is_empty() => {
+                    Target::View { stream, query }
+                }
+                (None, Some(url), None) if !url.is_empty() => Target::Url(url),
+                (None, Some(_), Some(_)) => {
+                    return Err(invalid(
+                        "subscribe: views are of configured streams (\"stream\"), not of \
+                         proxy-mode URLs"
+                            .into(),
+                    ));
+                }
                 _ => {
                     return Err(invalid(
                         "subscribe: expected exactly one of \"stream\" (a stream's name) or \
@@ -270,9 +308,30 @@ mod tests {
         assert_eq!(both.id.as_deref(), Some("a"));
         assert!(both.message.contains("exactly one"), "{}", both.message);
         assert!(
-            refused(r#"{"type":"subscribe","id":"a","stream":"x","view":"v"}"#)
+            refused(r#"{"type":"subscribe","id":"a","stream":"x","views":"v"}"#)
                 .message
-                .contains("unknown field `view`")
+                .contains("unknown field `views`")
+        );
+        assert_eq!(
+            parse(r#"{"type":"subscribe","id":"a","stream":"x","view":"red line"}"#),
+            Ok(ClientMessage::Subscribe {
+                id: "a".into(),
+                target: Target::View {
+                    stream: "x".into(),
+                    query: "view=red%20line".into()
+                },
+                last_event_id: None,
+            })
+        );
+        assert!(
+            refused(r#"{"type":"subscribe","id":"a","stream":"x","view":"v","filter":"a=1"}"#)
+                .message
+                .contains("at most one")
+        );
+        assert!(
+            refused(r#"{"type":"subscribe","id":"a","url":"http://x/","filter":"a=1"}"#)
+                .message
+                .contains("configured streams")
         );
         assert!(
             refused(r#"{"type":"subscribe","id":"","stream":"x"}"#)

@@ -102,6 +102,29 @@ impl Node {
         }
     }
 
+    /// Waits until `/healthz` answers 200: the process serves HTTP (Redis may not answer yet).
+    pub async fn live(&self, within: Duration) {
+        let deadline = Instant::now() + within;
+        let client = reqwest::Client::new();
+        loop {
+            let answer = client
+                .get(format!("{}/healthz", self.base()))
+                .timeout(Duration::from_secs(1))
+                .send()
+                .await;
+            if matches!(&answer, Ok(r) if r.status() == 200) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "node {} not serving within {within:?}; its log:\n{}",
+                self.name,
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// What `/readyz` answers now.
     pub async fn readyz(&self) -> u16 {
         reqwest::Client::new()

@@ -2,7 +2,9 @@
 //! webhook receiver, raw sockets, pollers outside the app.
 
 pub mod app;
+pub mod brokers;
 pub mod cluster;
+pub mod nats;
 pub mod poller;
 pub mod raw;
 pub mod receiver;

@@ -1,0 +1,828 @@
+//! Broker sinks against real brokers: Debian's `nats-server -js` and `redis-server` on free
+//! loopback ports, read by consumers that know nothing of patchwire's code (a JetStream pull
+//! consumer, `XREAD`, and Python's `nats-py` and `redis-py`).
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use crate::support::brokers::{Line, jetstream_messages, rebuild, redis_entries, redis_len};
+use crate::support::cluster::TestCluster;
+use crate::support::nats::NatsServer;
+use crate::support::redis::RedisServer;
+use crate::support::*;
+
+const TOKEN: &str = "push-token-0123456789";
+
+/// Waits long enough for a broker sink to retry after its broker came back (its backoff
+/// reaches 5 s).
+const RECOVERY: Duration = Duration::from_secs(30);
+
+/// The sinks' TOML: NATS at `nats`, Redis at `redis`, `more` keys in both.
+fn sinks(nats: &str, redis: &str, more: &str) -> String {
+    format!(
+        r#"
+[[sinks.nats]]
+url = "{nats}"
+timeout = "1s"
+{more}
+
+[[sinks.redis]]
+url = "{redis}"
+key = "out:{{stream}}"
+timeout = "1s"
+{more}
+"#
+    )
+}
+
+/// An app with the polled stream `fleet` (at `upstream`) and the push stream `board`.
+fn app_config(upstream: &str, sinks: &str) -> String {
+    format!(
+        r#"
+[push]
+token = "{TOKEN}"
+
+{fleet}
+[[streams]]
+name = "board"
+source = "push"
+history = 1000
+
+{sinks}
+"#,
+        fleet = polled("fleet", upstream),
+    )
+}
+
+async fn push(base: &str, method: reqwest::Method, body: Value) -> u16 {
+    reqwest::Client::new()
+        .request(method, format!("{base}/streams/board"))
+        .bearer_auth(TOKEN)
+        .json(&body)
+        .send()
+        .await
+        .map_or(0, |r| r.status().as_u16())
+}
+
+async fn json_view(base: &str, stream: &str) -> Value {
+    reqwest::Client::new()
+        .get(format!("{base}/streams/{stream}"))
+        .header("accept", "application/json")
+        .send()
+        .await
+        .expect("json view")
+        .json()
+        .await
+        .expect("json")
+}
+
+/// The stream's sink entries in `/streams` on `base`.
+async fn sink_positions(base: &str, stream: &str) -> Vec<Value> {
+    let list: Value = reqwest::get(format!("{base}/streams"))
+        .await
+        .expect("listing")
+        .json()
+        .await
+        .expect("json");
+    list["streams"]
+        .as_array()
+        .expect("streams")
+        .iter()
+        .find(|s| s["name"] == stream)
+        .and_then(|s| s["sinks"].as_array().cloned())
+        .unwrap_or_default()
+}
+
+/// Waits until every sink of `stream` on `base` has the broker acknowledge the stream's top.
+async fn wait_acknowledged(base: &str, stream: &str, within: Duration) -> Vec<Value> {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let list: Value = reqwest::get(format!("{base}/streams"))
+            .await
+            .expect("listing")
+            .json()
+            .await
+            .expect("json");
+        let entry = list["streams"]
+            .as_array()
+            .expect("streams")
+            .iter()
+            .find(|s| s["name"] == stream)
+            .cloned()
+            .expect("the stream");
+        let top = format!("{stream}:{}:{}", entry["epoch"], entry["seq"]);
+        let sinks = entry["sinks"].as_array().cloned().unwrap_or_default();
+        if !sinks.is_empty()
+            && sinks
+                .iter()
+                .all(|s| s["acknowledged"] == json!(top) && s["lag"] == 0)
+        {
+            return sinks;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the sinks of {stream} did not reach {top} within {within:?}: {sinks:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn checked(stream: &str, broker: &str, messages: &[crate::support::brokers::Received]) -> Line {
+    rebuild(stream, messages).unwrap_or_else(|problem| {
+        panic!("{broker}'s line of {stream} is broken: {problem}\n{messages:#?}")
+    })
+}
+
+/// Five vehicles; `n` moves the first (a small patch, never larger than the document).
+fn vehicles(n: u64) -> Value {
+    json!({"vehicles": (0..5u64)
+        .map(|i| json!({"id": format!("v{i}"), "lat": if i == 0 { n } else { i * 100 }}))
+        .collect::<Vec<_>>()})
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consumers_of_both_brokers_rebuild_every_document_in_order() {
+    let Some(nats) = NatsServer::start() else {
+        return;
+    };
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let upstream = MockUpstream::start(vehicles(0)).await;
+    let app = TestApp::from_toml(&app_config(
+        &upstream.url(),
+        &sinks(&nats.url(), &redis.url(), ""),
+    ))
+    .await;
+    let base = app.url("");
+    let base = base.trim_end_matches('/');
+    let mut sse = app.subscribe("board", &[]).await;
+    assert_eq!(
+        push(
+            base,
+            reqwest::Method::POST,
+            json!({"items": [], "note": "x".repeat(200)})
+        )
+        .await,
+        200
+    );
+    for i in 0..150 {
+        assert_eq!(
+            push(
+                base,
+                reqwest::Method::PATCH,
+                json!([{"op": "add", "path": "/items/-", "value": {"n": i}}])
+            )
+            .await,
+            200
+        );
+    }
+    app.wait_for_seq("fleet", 1).await;
+    for n in 1..=5 {
+        upstream.set(vehicles(n));
+        app.wait_for_seq("fleet", n + 1).await;
+    }
+    let board = json_view(base, "board").await;
+    let mut rebuilt = Rebuilt::default();
+    rebuilt.converge(&mut sse, &board, SOON).await;
+
+    for stream in ["board", "fleet"] {
+        let positions = wait_acknowledged(base, stream, SOON).await;
+        assert!(
+            positions.iter().all(|p| p["state"] == "publishing"),
+            "{positions:#?}"
+        );
+        let expected = json_view(base, stream).await;
+        let nats_line = checked(
+            stream,
+            "NATS",
+            &jetstream_messages(&nats.url(), "PATCHWIRE", &format!("patchwire.{stream}")).await,
+        );
+        let redis_line = checked(
+            stream,
+            "Redis",
+            &redis_entries(&redis.url(), &format!("out:{stream}")).await,
+        );
+        for line in [&nats_line, &redis_line] {
+            assert_eq!(line.document.as_ref(), Some(&expected), "{stream}");
+            assert_eq!(line.duplicates, 0);
+            assert_eq!(line.snapshots_after_first, 0, "one snapshot, then patches");
+            let top = app.listing(stream).await["seq"].as_u64().expect("seq");
+            assert_eq!(
+                line.seqs,
+                (1..=top).collect::<Vec<_>>(),
+                "every change once"
+            );
+        }
+    }
+    // Each message names its source; the metrics count what was published and acknowledged.
+    let messages = jetstream_messages(&nats.url(), "PATCHWIRE", "patchwire.fleet").await;
+    assert_eq!(messages[0].header("ce-source"), "/streams/fleet");
+    assert!(messages[0].header("ce-time").ends_with('Z'));
+    let acknowledged = app.metric("patchwire_broker_acknowledged_total").await;
+    assert!(acknowledged >= 2.0 * 157.0, "{acknowledged}");
+    assert_eq!(app.metric("patchwire_broker_lag").await, 0.0);
+    assert_eq!(app.metric("patchwire_broker_resyncs_total").await, 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_streams_are_trimmed_to_about_maxlen() {
+    let Some(nats) = NatsServer::start() else {
+        return;
+    };
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let upstream = MockUpstream::start(vehicles(0)).await;
+    let app = TestApp::from_toml(&app_config(
+        &upstream.url(),
+        &format!(
+            r#"
+[[sinks.nats]]
+url = "{nats}"
+streams = ["board"]
+batch = 16
+max_messages_per_subject = 50
+
+[[sinks.redis]]
+url = "{redis}"
+key = "out:{{stream}}"
+streams = ["board"]
+batch = 16
+maxlen = 20
+"#,
+            nats = nats.url(),
+            redis = redis.url()
+        ),
+    ))
+    .await;
+    let base = app.url("");
+    let base = base.trim_end_matches('/');
+    assert_eq!(
+        push(base, reqwest::Method::POST, json!({"n": 0})).await,
+        200
+    );
+    for n in 1..=250 {
+        assert_eq!(
+            push(base, reqwest::Method::POST, json!({"n": n})).await,
+            200
+        );
+    }
+    wait_acknowledged(base, "board", SOON).await;
+    // Trimming is approximate (whole nodes of at most 100 entries go): well below 250, at
+    // least 20, and the last entry is the last change.
+    let len = redis_len(&redis.url(), "out:board").await;
+    assert!((20..=140).contains(&len), "XLEN {len}");
+    let entries = redis_entries(&redis.url(), "out:board").await;
+    assert_eq!(entries.last().expect("entries").seq(), 251);
+    // JetStream keeps max_messages_per_subject.
+    let messages = jetstream_messages(&nats.url(), "PATCHWIRE", "patchwire.board").await;
+    assert_eq!(messages.len(), 50);
+    assert_eq!(messages.last().expect("messages").seq(), 251);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_down_never_holds_up_subscribers_and_the_sink_resyncs_when_it_is_back() {
+    let Some(mut nats) = NatsServer::start() else {
+        return;
+    };
+    let Some(mut redis) = RedisServer::start() else {
+        return;
+    };
+    let upstream = MockUpstream::start(vehicles(0)).await;
+    let app = TestApp::from_toml(&app_config(
+        &upstream.url(),
+        &sinks(
+            &nats.url(),
+            &redis.url(),
+            "streams = [\"board\"]\nbuffer = 10",
+        ),
+    ))
+    .await;
+    let base = app.url("");
+    let base = base.trim_end_matches('/');
+    let mut sse = app.subscribe("board", &[]).await;
+    let mut rebuilt = Rebuilt::default();
+    // A document larger than any patch, so that every change is published as a patch.
+    assert_eq!(
+        push(
+            base,
+            reqwest::Method::POST,
+            json!({"items": [], "note": "x".repeat(200)})
+        )
+        .await,
+        200
+    );
+    for i in 0..5 {
+        push(
+            base,
+            reqwest::Method::PATCH,
+            json!([{"op": "add", "path": "/items/-", "value": i}]),
+        )
+        .await;
+    }
+    wait_acknowledged(base, "board", SOON).await;
+
+    // Both brokers go away (Redis loses everything: it keeps nothing on disk here).
+    nats.kill();
+    redis.kill();
+    for i in 5..60 {
+        assert_eq!(
+            push(
+                base,
+                reqwest::Method::PATCH,
+                json!([{"op": "add", "path": "/items/-", "value": i}])
+            )
+            .await,
+            200
+        );
+    }
+    // Every push was answered and the subscriber has every change while both brokers are
+    // still down: nothing waited for them.
+    let expected = json_view(base, "board").await;
+    rebuilt.converge(&mut sse, &expected, SOON).await;
+    // Past its buffer the sink is behind; until the broker answers it retries.
+    let positions = sink_positions(base, "board").await;
+    assert!(
+        positions.iter().all(|p| p["state"] == "behind"
+            || p["state"] == "retrying"
+            || p["state"] == "connecting"),
+        "{positions:#?}"
+    );
+    assert!(app.metric("patchwire_broker_errors_total").await >= 1.0);
+
+    nats.restart();
+    redis.restart_empty();
+    wait_acknowledged(base, "board", RECOVERY).await;
+    assert!(app.metric("patchwire_broker_resyncs_total").await >= 2.0);
+    // NATS kept its messages: the line goes on with a snapshot that covers the outage.
+    let nats_line = checked(
+        "board",
+        "NATS",
+        &jetstream_messages(&nats.url(), "PATCHWIRE", "patchwire.board").await,
+    );
+    assert_eq!(nats_line.document.as_ref(), Some(&expected));
+    assert_eq!(nats_line.snapshots_after_first, 1, "{:?}", nats_line.seqs);
+    // Redis came back empty: it starts with the current document.
+    let redis_messages = redis_entries(&redis.url(), "out:board").await;
+    assert!(redis_messages[0].is_snapshot());
+    let redis_line = checked("board", "Redis", &redis_messages);
+    assert_eq!(redis_line.document.as_ref(), Some(&expected));
+    // And it goes on from there.
+    push(
+        base,
+        reqwest::Method::PATCH,
+        json!([{"op": "add", "path": "/items/-", "value": 60}]),
+    )
+    .await;
+    wait_acknowledged(base, "board", SOON).await;
+    let expected = json_view(base, "board").await;
+    let redis_line = checked(
+        "board",
+        "Redis",
+        &redis_entries(&redis.url(), "out:board").await,
+    );
+    assert_eq!(redis_line.document.as_ref(), Some(&expected));
+
+    // Redis loses everything while the sink is idle: the next patch has no base there, so the
+    // sink finds out and starts the key again with the document.
+    redis.restart_empty();
+    push(
+        base,
+        reqwest::Method::PATCH,
+        json!([{"op": "add", "path": "/items/-", "value": 61}]),
+    )
+    .await;
+    wait_acknowledged(base, "board", RECOVERY).await;
+    let expected = json_view(base, "board").await;
+    let redis_messages = redis_entries(&redis.url(), "out:board").await;
+    assert!(redis_messages[0].is_snapshot(), "{redis_messages:#?}");
+    let redis_line = checked("board", "Redis", &redis_messages);
+    assert_eq!(redis_line.document.as_ref(), Some(&expected));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_existing_jetstream_stream_is_verified_and_a_conflict_fails_the_start_clearly() {
+    let Some(nats) = NatsServer::start() else {
+        return;
+    };
+    let client = async_nats::connect(nats.url()).await.expect("connect");
+    let context = async_nats::jetstream::new(client);
+    context
+        .create_stream(async_nats::jetstream::stream::Config {
+            name: "EVENTS".into(),
+            subjects: vec!["other.>".into()],
+            max_age: Duration::from_secs(3600),
+            ..Default::default()
+        })
+        .await
+        .expect("create");
+    let upstream = MockUpstream::start(vehicles(0)).await;
+    let toml = app_config(
+        &upstream.url(),
+        &format!(
+            "[[sinks.nats]]\nurl = \"{}\"\njetstream = \"EVENTS\"\n",
+            nats.url()
+        ),
+    );
+    let config = config_from_toml(&toml);
+    let listeners = patchwire::app::Listeners::bind(&config)
+        .await
+        .expect("bind");
+    let error = match patchwire::app::App::build(
+        config,
+        listeners,
+        tokio_util::sync::CancellationToken::new(),
+    )
+    .await
+    {
+        Ok(_) => panic!("the start should fail"),
+        Err(e) => format!("{e:#}"),
+    };
+    for expected in [
+        "cannot start the broker sinks (`sinks`)",
+        "sink \"nats\"",
+        "the JetStream stream \"EVENTS\" exists with settings that conflict",
+        "max_age is 1h, `max_age` says 7days",
+        "max_messages_per_subject is -1, `max_messages_per_subject` says 100000",
+    ] {
+        assert!(error.contains(expected), "{expected:?} not in: {error}");
+    }
+
+    // The same stream with the sink's limits is adopted, and the sink's subjects are added.
+    let toml = toml.replace(
+        "jetstream = \"EVENTS\"\n",
+        "jetstream = \"EVENTS\"\nmax_age = \"1h\"\nmax_messages_per_subject = 1000\n",
+    );
+    let mut info = context.get_stream("EVENTS").await.expect("stream");
+    let mut config = info.info().await.expect("info").config.clone();
+    config.max_messages_per_subject = 1000;
+    config.max_bytes = 1 << 30;
+    config.duplicate_window = Duration::from_secs(120);
+    context.update_stream(config).await.expect("update");
+    let app = TestApp::from_toml(&toml).await;
+    app.wait_for_seq("fleet", 1).await;
+    let base = app.url("");
+    wait_acknowledged(base.trim_end_matches('/'), "fleet", SOON).await;
+    let mut info = context.get_stream("EVENTS").await.expect("stream");
+    let subjects = info.info().await.expect("info").config.subjects.clone();
+    assert!(
+        subjects.contains(&"patchwire.fleet".to_owned()),
+        "{subjects:?}"
+    );
+}
+
+/// One node of a cluster (the binary, killed with SIGKILL mid-flow) publishing a push stream
+/// to both brokers: after the restart the node resumes from what each broker holds, so every
+/// change arrives once, in order, in the same epoch, with no snapshot to cover a gap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_node_killed_mid_flow_resumes_from_the_brokers_with_no_gap() {
+    let Some(nats) = NatsServer::start() else {
+        return;
+    };
+    let config = format!(
+        r#"
+[server]
+shutdown_grace = "1s"
+
+[[streams]]
+name = "board"
+source = "push"
+history = 10000
+history_bytes = "64 MiB"
+
+[push]
+token = "{TOKEN}"
+
+[[sinks.nats]]
+url = "{nats}"
+timeout = "1s"
+batch = 8
+
+[[sinks.redis]]
+url = "{{redis}}"
+key = "out:{{stream}}"
+timeout = "1s"
+batch = 8
+
+[cluster]
+redis = "{{redis}}"
+prefix = "t"
+lease_ttl = "1s"
+probe_interval = "500ms"
+"#,
+        nats = nats.url()
+    );
+    let Some(mut cluster) = TestCluster::new(&config) else {
+        return;
+    };
+    cluster.start(&["a"]).await;
+    let base = cluster.nodes[0].base();
+    // A document larger than any patch, so that every change is published as a patch.
+    assert_eq!(
+        push(
+            &base,
+            reqwest::Method::POST,
+            json!({"items": [], "note": "x".repeat(200)})
+        )
+        .await,
+        200
+    );
+    let publisher = {
+        let base = base.clone();
+        tokio::spawn(async move {
+            let mut accepted = 0u64;
+            for i in 0..100_000 {
+                let status = push(
+                    &base,
+                    reqwest::Method::PATCH,
+                    json!([{"op": "add", "path": "/items/-", "value": i}]),
+                )
+                .await;
+                if status != 200 {
+                    break;
+                }
+                accepted += 1;
+            }
+            accepted
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    cluster.node("a").kill();
+    let accepted = publisher.await.expect("publisher");
+    assert!(accepted > 5, "only {accepted} pushes before the kill");
+    cluster.node("a").restart();
+    cluster.nodes[0].ready(Duration::from_secs(20)).await;
+    for i in 0..5 {
+        assert_eq!(
+            push(
+                &base,
+                reqwest::Method::PATCH,
+                json!([{"op": "add", "path": "/items/-", "value": format!("after-{i}")}])
+            )
+            .await,
+            200
+        );
+    }
+    let expected = json_view(&base, "board").await;
+    let items = expected["items"].as_array().expect("items").len() as u64;
+    assert!(items >= accepted + 5, "{items} items, {accepted} accepted");
+    let sinks = wait_acknowledged(&base, "board", RECOVERY).await;
+    assert_eq!(sinks.len(), 2);
+    let lines = [
+        (
+            "NATS",
+            jetstream_messages(&nats.url(), "PATCHWIRE", "patchwire.board").await,
+        ),
+        (
+            "Redis",
+            redis_entries(&cluster.redis.url(), "out:board").await,
+        ),
+    ];
+    for (broker, messages) in lines {
+        let line = checked("board", broker, &messages);
+        assert_eq!(line.document.as_ref(), Some(&expected), "{broker}");
+        assert_eq!(
+            line.epochs.len(),
+            1,
+            "{broker}: the epoch survives the kill"
+        );
+        assert_eq!(
+            line.snapshots_after_first, 0,
+            "{broker}: the restart needed no snapshot"
+        );
+        assert_eq!(
+            line.seqs,
+            (1..=items + 1).collect::<Vec<_>>(),
+            "{broker}: every change once, in order"
+        );
+        assert_eq!(line.duplicates, 0, "{broker}: duplicates were removed");
+    }
+}
+
+/// Python's `nats-py` and `redis-py` read the brokers and rebuild the documents with Python's
+/// `jsonpatch`: an implementation that shares nothing with patchwire's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_clients_rebuild_the_documents() {
+    let present = std::process::Command::new("python3")
+        .args(["-c", "import nats, redis, jsonpatch"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !present {
+        let why = "python3 with nats-py, redis and jsonpatch is missing \
+                   (python3 -m pip install nats-py redis jsonpatch)";
+        assert!(!patchwire_test_data::ci(), "CI=true and {why}");
+        eprintln!("SKIP: {why}");
+        return;
+    }
+    let Some(nats) = NatsServer::start() else {
+        return;
+    };
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let upstream = MockUpstream::start(vehicles(0)).await;
+    let app = TestApp::from_toml(&app_config(
+        &upstream.url(),
+        &sinks(&nats.url(), &redis.url(), ""),
+    ))
+    .await;
+    let base = app.url("");
+    let base = base.trim_end_matches('/');
+    push(
+        base,
+        reqwest::Method::POST,
+        json!({"items": [], "é": "ünïcode"}),
+    )
+    .await;
+    for i in 0..40 {
+        push(
+            base,
+            reqwest::Method::PATCH,
+            json!([{"op": "add", "path": "/items/-", "value": {"i": i}}]),
+        )
+        .await;
+    }
+    push(
+        base,
+        reqwest::Method::PATCH,
+        json!([{"op": "remove", "path": "/items/3"}]),
+    )
+    .await;
+    wait_acknowledged(base, "board", SOON).await;
+    let script = r#"
+import asyncio, json, sys
+import jsonpatch, nats, redis
+
+def apply(messages):
+    doc, seen = None, set()
+    for headers, data in messages:
+        if headers["ce-id"] in seen:
+            continue
+        seen.add(headers["ce-id"])
+        if headers["ce-type"] == "stream.snapshot":
+            doc = data
+        else:
+            doc = jsonpatch.apply_patch(doc, data)
+    return doc
+
+async def from_nats(url):
+    nc = await nats.connect(url)
+    js = nc.jetstream()
+    sub = await js.subscribe("patchwire.board", ordered_consumer=True)
+    messages = []
+    while True:
+        try:
+            msg = await sub.next_msg(timeout=1)
+        except nats.errors.TimeoutError:
+            break
+        messages.append((dict(msg.headers or {}), json.loads(msg.data)))
+    await nc.close()
+    return apply(messages)
+
+def from_redis(url):
+    r = redis.Redis.from_url(url)
+    messages, after = [], "0-0"
+    while True:
+        answer = r.xread({"out:board": after}, count=100)
+        if not answer:
+            break
+        for entry_id, fields in answer[0][1]:
+            after = entry_id
+            fields = {k.decode(): v for k, v in fields.items()}
+            data = json.loads(fields.pop("data"))
+            messages.append(({k: v.decode() for k, v in fields.items()}, data))
+    return apply(messages)
+
+print(json.dumps({"nats": asyncio.run(from_nats(sys.argv[1])), "redis": from_redis(sys.argv[2])}))
+"#;
+    let output = tokio::process::Command::new("python3")
+        .args(["-c", script, &nats.url(), &redis.url()])
+        .output()
+        .await
+        .expect("python3 runs");
+    assert!(
+        output.status.success(),
+        "python failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let rebuilt: Value = serde_json::from_slice(&output.stdout).expect("JSON from python");
+    let expected = json_view(base, "board").await;
+    assert_eq!(rebuilt["nats"], expected);
+    assert_eq!(rebuilt["redis"], expected);
+}
+
+/// Two nodes and a polled stream: only the lease holder publishes it (the other shows
+/// `standby`); when the holder is killed, the node that takes the lease reads the broker's
+/// last message back and continues the same line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn only_the_lease_holder_publishes_and_its_successor_continues_the_line() {
+    let Some(nats) = NatsServer::start() else {
+        return;
+    };
+    let upstream = std::sync::Arc::new(MockUpstream::start(vehicles(0)).await);
+    let config = format!(
+        r#"
+[server]
+shutdown_grace = "1s"
+
+[[streams]]
+name = "fleet"
+url = "{upstream}"
+interval = "200ms"
+history = 10000
+
+[[sinks.nats]]
+url = "{nats}"
+timeout = "1s"
+
+[[sinks.redis]]
+url = "{{redis}}"
+key = "out:{{stream}}"
+timeout = "1s"
+
+[cluster]
+redis = "{{redis}}"
+prefix = "t"
+lease_ttl = "1s"
+probe_interval = "500ms"
+"#,
+        upstream = upstream.url(),
+        nats = nats.url()
+    );
+    let Some(mut cluster) = TestCluster::new(&config) else {
+        return;
+    };
+    cluster.start(&["a", "b"]).await;
+    // Which node publishes: the one whose sinks say so, the other standing by.
+    let states = |positions: &[Value]| -> Vec<String> {
+        positions
+            .iter()
+            .map(|p| p["state"].as_str().unwrap_or_default().to_owned())
+            .collect()
+    };
+    let deadline = tokio::time::Instant::now() + SOON;
+    let holder = loop {
+        let a = states(&sink_positions(&cluster.nodes[0].base(), "fleet").await);
+        let b = states(&sink_positions(&cluster.nodes[1].base(), "fleet").await);
+        let publishing = |s: &[String]| s.len() == 2 && s.iter().all(|s| s == "publishing");
+        let standby = |s: &[String]| s.len() == 2 && s.iter().all(|s| s == "standby");
+        if publishing(&a) && standby(&b) {
+            break 0;
+        }
+        if publishing(&b) && standby(&a) {
+            break 1;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "a: {a:?}, b: {b:?}\n{}",
+            cluster.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let other = 1 - holder;
+    for n in 1..=5 {
+        upstream.set(vehicles(n));
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let holder_name = cluster.nodes[holder].name.clone();
+    cluster.node(&holder_name).kill();
+    for n in 6..=10 {
+        upstream.set(vehicles(n));
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let base = cluster.nodes[other].base();
+    let expected = upstream.document();
+    let deadline = tokio::time::Instant::now() + RECOVERY;
+    while json_view(&base, "fleet").await != expected {
+        assert!(tokio::time::Instant::now() < deadline, "{}", cluster.logs());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let positions = wait_acknowledged(&base, "fleet", RECOVERY).await;
+    assert!(
+        positions.iter().all(|p| p["state"] == "publishing"),
+        "{positions:#?}"
+    );
+    let lines = [
+        (
+            "NATS",
+            jetstream_messages(&nats.url(), "PATCHWIRE", "patchwire.fleet").await,
+        ),
+        (
+            "Redis",
+            redis_entries(&cluster.redis.url(), "out:fleet").await,
+        ),
+    ];
+    for (broker, messages) in lines {
+        let line = checked("fleet", broker, &messages);
+        assert_eq!(line.document.as_ref(), Some(&expected), "{broker}");
+        assert_eq!(
+            line.epochs.len(),
+            1,
+            "{broker}: one epoch across the handover"
+        );
+        assert_eq!(line.snapshots_after_first, 0, "{broker}: no gap to cover");
+        assert_eq!(line.duplicates, 0, "{broker}");
+    }
+}
