@@ -157,8 +157,8 @@ impl App {
         let upstreams = streams.polled(&fetcher, &rate_limits);
         // The outbox opens before the push streams exist: it holds their last documents.
         let outbox = match &config.webhooks {
-            Some(settings) => Some(open_outbox(&settings.store).await?),
-            None => None,
+            Some(settings) if runs_webhooks(&config) => Some(open_outbox(&settings.store).await?),
+            _ => None,
         };
         streams.pushed(outbox.as_deref()).await?;
         let Streams {
@@ -174,15 +174,20 @@ impl App {
         let mut tasks = JoinSet::new();
         let webhooks = match (&config.webhooks, outbox) {
             (Some(settings), Some(outbox)) => {
-                // In a cluster, a stream's webhooks are dispatched by the node holding its
-                // lease; push streams' documents live in Redis, not in the outbox.
-                let shared = cluster.as_ref().map(|node| Shared {
-                    node: node.node().to_owned(),
-                    leases: leases
-                        .iter()
-                        .map(|(name, held)| (name.clone(), fences(held.clone(), &shutdown)))
-                        .collect(),
-                });
+                // In a cluster on a shared store, a stream's webhooks are dispatched by the node
+                // holding its lease (on SQLite this node is the only one running them, and
+                // dispatches every stream); push streams' documents live in Redis, not in the
+                // outbox.
+                let shared = cluster
+                    .as_ref()
+                    .filter(|_| settings.store.is_shared())
+                    .map(|node| Shared {
+                        node: node.node().to_owned(),
+                        leases: leases
+                            .iter()
+                            .map(|(name, held)| (name.clone(), fences(held.clone(), &shutdown)))
+                            .collect(),
+                    });
                 let push_streams = if cluster.is_some() {
                     Default::default()
                 } else {
@@ -395,6 +400,18 @@ impl App {
 }
 
 /// Opens the webhook outbox `store` names.
+/// Whether this node runs the configured webhooks: every node does, but in a cluster on an
+/// SQLite store (each node's own file) only the one `cluster.webhooks_node` names.
+fn runs_webhooks(config: &Config) -> bool {
+    match (&config.webhooks, &config.cluster) {
+        (None, _) => false,
+        (Some(_), None) => true,
+        (Some(webhooks), Some(cluster)) => {
+            webhooks.store.is_shared() || cluster.delivers_webhooks()
+        }
+    }
+}
+
 async fn open_outbox(store: &WebhookStore) -> anyhow::Result<Arc<dyn Outbox>> {
     Ok(match store {
         WebhookStore::Sqlite(path) => Arc::new(
@@ -743,7 +760,12 @@ impl Streams<'_> {
             self.derive_views(&stream, settings.views.as_ref(), options);
             if let Some(cluster) = &self.cluster {
                 let retention = cluster.retention(settings.history, settings.history_bytes);
-                if self.config.webhooks.is_some() {
+                if self
+                    .config
+                    .webhooks
+                    .as_ref()
+                    .is_some_and(|w| w.store.is_shared())
+                {
                     // Any node writes a push stream, but one dispatches its webhooks: the
                     // holder of a lease taken for that alone.
                     let (held, keeper) =

@@ -78,6 +78,10 @@ pub struct RawCluster {
     /// ([default](defaults::TIMEOUT), [bounds](limits::TIMEOUT)).
     #[serde(default, with = "humantime_serde::option")]
     pub timeout: Option<Duration>,
+    /// With `[webhooks]` on an SQLite store (each node's own file): the id of the one node
+    /// that delivers them all; every other node leaves them alone. Not with a PostgreSQL
+    /// store, which every node shares and delivers from.
+    pub webhooks_node: Option<String>,
 }
 
 /// A node's id.
@@ -115,6 +119,16 @@ pub struct ClusterSettings {
     pub probe_interval: Duration,
     /// Command timeout.
     pub timeout: Duration,
+    /// The one node that delivers webhooks from its own SQLite store, if any.
+    pub webhooks_node: Option<NodeId>,
+}
+
+impl ClusterSettings {
+    /// Whether this node delivers the configured webhooks when they are on a store of its own
+    /// (SQLite): only the node `webhooks_node` names.
+    pub fn delivers_webhooks(&self) -> bool {
+        self.webhooks_node.as_ref() == Some(&self.node_id)
+    }
 }
 
 impl ClusterSettings {
@@ -134,6 +148,7 @@ impl std::fmt::Debug for ClusterSettings {
             .field("key_ttl", &self.key_ttl)
             .field("probe_interval", &self.probe_interval)
             .field("timeout", &self.timeout)
+            .field("webhooks_node", &self.webhooks_node)
             .finish()
     }
 }
@@ -186,6 +201,17 @@ impl RawCluster {
             }
             None => Some(NodeId::generated()),
         };
+        let webhooks_node = match &self.webhooks_node {
+            Some(id) if is_valid_name(id) => Some(NodeId(id.clone())),
+            Some(id) => {
+                problems.push(
+                    "cluster.webhooks_node",
+                    format!("expected a node id as `cluster.node_id` takes, got {id:?}"),
+                );
+                None
+            }
+            None => None,
+        };
         let prefix = self.prefix.as_deref().unwrap_or(defaults::PREFIX);
         if !is_valid_name(prefix) || prefix.len() > limits::PREFIX_MAX {
             problems.push(
@@ -237,6 +263,7 @@ impl RawCluster {
             key_ttl,
             probe_interval,
             timeout,
+            webhooks_node,
         })
     }
 }
@@ -254,6 +281,7 @@ mod tests {
             key_ttl: None,
             probe_interval: None,
             timeout: None,
+            webhooks_node: None,
         }
     }
 

@@ -206,7 +206,7 @@ fn write_description(out: &mut String, config: &Config) -> std::fmt::Result {
     if let Some(c) = &config.cluster {
         writeln!(
             out,
-            "cluster: node {}{} on {} (keys under {}:), leases of {}, probes every {}",
+            "cluster: node {}{} on {} (keys under {}:), leases of {}, probes every {}{}",
             c.node_id.0,
             if c.node_id_generated {
                 " (generated)"
@@ -217,6 +217,12 @@ fn write_description(out: &mut String, config: &Config) -> std::fmt::Result {
             c.prefix,
             fmt_duration(c.lease_ttl),
             fmt_duration(c.probe_interval),
+            match &c.webhooks_node {
+                Some(node) if c.delivers_webhooks() =>
+                    format!(", delivers the webhooks ({})", node.0),
+                Some(node) => format!(", webhooks delivered by {}", node.0),
+                None => String::new(),
+            }
         )?;
     }
     writeln!(

@@ -811,6 +811,9 @@ async fn a_tokens_connection_limit_holds_across_the_cluster() {
     }
 }
 
+/// With a PostgreSQL store every node shares, no node is named: the holder of a stream's
+/// lease dispatches it, every node's workers deliver, and each change arrives once, in order,
+/// whichever node it was pushed through.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn webhooks_are_delivered_once_by_the_cluster_from_its_shared_store() {
     let upstream = MockUpstream::start(vehicles(0)).await;
@@ -965,6 +968,62 @@ async fn a_node_killed_while_it_publishes_leaves_no_half_written_change() {
     if let Err(problem) = watcher.until(&answer, SOON).await {
         panic!("{problem}; logs:\n{}", cluster.logs());
     }
+}
+
+/// With an SQLite store (each node's own file) a cluster's webhooks are delivered by the one
+/// node `cluster.webhooks_node` names: every change once, in order, whichever node it was
+/// pushed through; the other node sends nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn webhooks_are_delivered_once_by_the_node_named_for_them() {
+    let upstream = MockUpstream::start(vehicles(0)).await;
+    let receiver = Receiver::start(&[crate::webhook::SECRET]).await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let webhooks = format!(
+        "\n[webhooks]\ndatabase = \"{}\"\nallow_private_targets = true\nschedule = [\"0s\", \"100ms\", \"200ms\"]\njitter = 0.0\n[[webhooks.endpoints]]\nid = \"e\"\nurl = \"{}\"\nstreams = [\"board\"]\nmode = \"patch\"\nsecret = \"{}\"\n",
+        dir.path().join("outbox.db").display(),
+        receiver.url(),
+        crate::webhook::SECRET
+    );
+    // `webhooks_node` goes in [cluster], the last table of `config`.
+    let config = config(&upstream.url(), "1s") + "webhooks_node = \"a\"\n" + &webhooks;
+    let Some(mut cluster) = TestCluster::new(&config) else {
+        return;
+    };
+    cluster.start(&["a", "b"]).await;
+    let client = reqwest::Client::new();
+    // Pushes through both nodes: node a delivers every change, node b none.
+    for i in 0..10 {
+        let node = &cluster.nodes[i % 2];
+        let status = client
+            .post(format!("{}/streams/board", node.base()))
+            .bearer_auth("push-token-0123456789")
+            .json(&json!({"n": i, "pad": "a field long enough that patches stay smaller than the document"}))
+            .send()
+            .await
+            .expect("push")
+            .status();
+        assert_eq!(status, 200);
+    }
+    let hits = receiver
+        .wait_for(Duration::from_secs(20), "ten changes", |hits| {
+            hits.iter().any(|h| h.seq() == 10)
+        })
+        .await;
+    let seqs: Vec<u64> = hits.iter().map(|h| h.seq()).collect();
+    assert_eq!(
+        seqs,
+        (1..=10).collect::<Vec<_>>(),
+        "each change once, in order"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(receiver.hits().len(), 10, "and nothing more");
+    assert!(
+        receiver
+            .hits()
+            .iter()
+            .all(|h| h.headers["user-agent"] == "patchwire-node-a"),
+        "all from node a"
+    );
 }
 
 /// Two nodes on one PostgreSQL outbox and one Redis; the node that is delivering is killed
