@@ -283,6 +283,12 @@ impl App {
             webhooks,
             brokers,
             admin_token: config.webhooks.as_ref().and_then(|w| w.admin_token.clone()),
+            webhooks_node: match (&config.cluster, runs_webhooks(&config)) {
+                (Some(cluster), false) if config.webhooks.is_some() => {
+                    cluster.webhooks_node.as_ref().map(|n| n.0.clone())
+                }
+                _ => None,
+            },
             proxy: proxy.clone(),
             cluster: cluster.as_ref().map(|node| ClusterState {
                 node: node.clone(),

@@ -48,12 +48,27 @@ use crate::time::{rfc3339, unix_ms};
 /// default for `Bytes`).
 const MAX_BODY: usize = 2 * 1024 * 1024;
 
-/// The admin routes: real ones when webhooks run with a token, explanations otherwise.
+/// The admin routes: real ones when webhooks run with a token, explanations otherwise (which
+/// node runs them, in a cluster where another one does).
 pub fn router(
     webhooks: Option<Arc<Webhooks>>,
     token: Option<AdminToken>,
+    elsewhere: Option<String>,
     body_timeout: Duration,
 ) -> Router {
+    if let (None, Some(node)) = (&webhooks, elsewhere) {
+        let message = format!(
+            "webhooks run on node {node:?} (cluster.webhooks_node: with an SQLite store one node \
+             delivers them): use that node's admin API"
+        );
+        return Router::new().nest(
+            "/admin",
+            Router::new().fallback(move || {
+                let message = message.clone();
+                async move { error_response(StatusCode::NOT_FOUND, message) }
+            }),
+        );
+    }
     let (webhooks, token) =
         match (webhooks, token) {
             (None, _) => {

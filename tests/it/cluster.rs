@@ -1024,6 +1024,16 @@ async fn webhooks_are_delivered_once_by_the_node_named_for_them() {
             .all(|h| h.headers["user-agent"] == "patchwire-node-a"),
         "all from node a"
     );
+    // Node b's admin API says where the webhooks are.
+    let answer = client
+        .get(format!("{}/admin/webhooks", cluster.nodes[1].base()))
+        .send()
+        .await
+        .expect("admin");
+    assert_eq!(answer.status(), 404);
+    let answer: Value = answer.json().await.expect("a JSON error");
+    let message = answer["message"].as_str().unwrap_or_default();
+    assert!(message.contains("node \"a\""), "{answer}");
 }
 
 /// Two nodes on one PostgreSQL outbox and one Redis; the node that is delivering is killed
