@@ -24,6 +24,7 @@ use crate::api::push::PushAuth;
 use crate::api::server::{ServeOptions, Stall};
 use crate::api::subscribe::Subscriptions;
 use crate::api::{self, AppState, ClusterState};
+use crate::cluster::lease::Holding;
 use crate::cluster::node::Cluster;
 use crate::cluster::quota::ClusterQuota;
 use crate::cluster::replica::Replicas;
@@ -38,9 +39,11 @@ use crate::proxy::streams::{ClusterLink, DynamicStreams, Polling};
 use crate::redact::Redacted;
 use crate::sim;
 use crate::sinks::broker::{Brokers, Turns};
-use crate::sinks::webhook::Webhooks;
-use crate::sinks::webhook::outbox::Outbox as _;
+use crate::sinks::webhook::config::WebhookStore;
+use crate::sinks::webhook::outbox::Outbox;
+use crate::sinks::webhook::outbox::postgres::PostgresOutbox;
 use crate::sinks::webhook::outbox::sqlite::SqliteOutbox;
+use crate::sinks::webhook::{Shared, Webhooks};
 use crate::sinks::ws::WebSockets;
 use crate::snapshot::{Snapshot, SnapshotStore};
 use crate::upstream::fetch::Fetcher;
@@ -164,18 +167,9 @@ impl App {
         );
         let rate_limits = Arc::new(RateLimits::new(&config.upstream, &config.streams));
         let upstreams = streams.polled(&fetcher, &rate_limits);
-        // The outbox opens before the push streams exist: it holds their last documents. In a
-        // cluster only the node named `cluster.webhooks_node` runs webhooks.
-        let delivers_webhooks = config
-            .cluster
-            .as_ref()
-            .is_none_or(|c| c.delivers_webhooks());
+        // The outbox opens before the push streams exist: it holds their last documents.
         let outbox = match &config.webhooks {
-            Some(settings) if delivers_webhooks => Some(Arc::new(
-                SqliteOutbox::open(&settings.database)
-                    .await
-                    .context("cannot start webhooks (`webhooks.database`)")?,
-            )),
+            Some(settings) if runs_webhooks(&config) => Some(open_outbox(&settings.store).await?),
             _ => None,
         };
         streams.pushed(outbox.as_deref()).await?;
@@ -193,27 +187,50 @@ impl App {
         let views = Arc::new(views);
         let mut tasks = JoinSet::new();
         let webhooks = match (&config.webhooks, outbox) {
-            (Some(settings), Some(outbox)) => Some(
-                Webhooks::start(
-                    settings,
-                    outbox,
-                    hub.clone(),
-                    &config.push_streams.iter().map(|s| s.name.clone()).collect(),
-                    &config.upstream.user_agent,
-                    &mut tasks,
-                    shutdown.clone(),
-                    metrics.clone(),
+            (Some(settings), Some(outbox)) => {
+                // In a cluster on a shared store, a stream's webhooks are dispatched by the node
+                // holding its lease (on SQLite this node is the only one running them, and
+                // dispatches every stream); push streams' documents live in Redis, not in the
+                // outbox.
+                let shared = cluster
+                    .as_ref()
+                    .filter(|_| settings.store.is_shared())
+                    .map(|node| Shared {
+                        node: node.node().to_owned(),
+                        leases: leases
+                            .iter()
+                            .map(|(name, held)| (name.clone(), fences(held.clone(), &shutdown)))
+                            .collect(),
+                    });
+                let push_streams = if cluster.is_some() {
+                    Default::default()
+                } else {
+                    config.push_streams.iter().map(|s| s.name.clone()).collect()
+                };
+                Some(
+                    Webhooks::start(
+                        settings,
+                        outbox,
+                        hub.clone(),
+                        &push_streams,
+                        &config.upstream.user_agent,
+                        &mut tasks,
+                        shutdown.clone(),
+                        metrics.clone(),
+                        shared,
+                    )
+                    .await
+                    .context("cannot start webhooks")?,
                 )
-                .await
-                .context("cannot start webhooks")?,
-            ),
+            }
             _ => None,
         };
         let brokers = if config.broker_sinks.is_empty() {
             None
         } else {
             // In a cluster a stream is published by one node: its lease holder, or for a push
-            // stream (no lease) its rendezvous owner among the live nodes.
+            // stream without one (one is taken only for webhooks) its rendezvous owner among
+            // the live nodes.
             let mut turns = Turns::new();
             if let Some(cluster) = &cluster {
                 for stream in hub.all() {
@@ -304,6 +321,12 @@ impl App {
             webhooks,
             brokers,
             admin_token: config.webhooks.as_ref().and_then(|w| w.admin_token.clone()),
+            webhooks_node: match (&config.cluster, runs_webhooks(&config)) {
+                (Some(cluster), false) if config.webhooks.is_some() => {
+                    cluster.webhooks_node.as_ref().map(|n| n.0.clone())
+                }
+                _ => None,
+            },
             proxy: proxy.clone(),
             cluster: cluster.as_ref().map(|node| ClusterState {
                 node: node.clone(),
@@ -422,6 +445,59 @@ impl App {
     }
 }
 
+/// Opens the webhook outbox `store` names.
+/// Whether this node runs the configured webhooks: every node does, but in a cluster on an
+/// SQLite store (each node's own file) only the one `cluster.webhooks_node` names.
+fn runs_webhooks(config: &Config) -> bool {
+    match (&config.webhooks, &config.cluster) {
+        (None, _) => false,
+        (Some(_), None) => true,
+        (Some(webhooks), Some(cluster)) => {
+            webhooks.store.is_shared() || cluster.delivers_webhooks()
+        }
+    }
+}
+
+async fn open_outbox(store: &WebhookStore) -> anyhow::Result<Arc<dyn Outbox>> {
+    Ok(match store {
+        WebhookStore::Sqlite(path) => Arc::new(
+            SqliteOutbox::open(path)
+                .await
+                .context("cannot start webhooks (`webhooks.database`)")?,
+        ),
+        WebhookStore::Postgres(pg) => Arc::new(
+            PostgresOutbox::open(pg.url.as_str(), pg.connections, &pg.shown().to_string())
+                .await
+                .context("cannot start webhooks (`webhooks.store`)")?,
+        ),
+    })
+}
+
+/// The fence of a lease while this node holds it, for a webhook dispatcher (which knows
+/// nothing of the cluster's poll turns).
+fn fences(
+    mut held: watch::Receiver<Option<Holding>>,
+    shutdown: &CancellationToken,
+) -> watch::Receiver<Option<u64>> {
+    let (sender, fences) = watch::channel(held.borrow_and_update().as_ref().map(|h| h.id));
+    let shutdown = shutdown.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                changed = held.changed() => if changed.is_err() { return },
+            }
+            let fence = held.borrow_and_update().as_ref().map(|h| h.id);
+            sender.send_if_modified(|current| {
+                let changed = *current != fence;
+                *current = fence;
+                changed
+            });
+        }
+    });
+    fences
+}
+
 /// The proxy mode, when `[proxy]` enables it: tokens and the registry of dynamic streams.
 fn proxy(
     config: &Config,
@@ -488,8 +564,9 @@ struct Streams<'a> {
     views: Views,
     /// Views at once over every stream.
     budget: Arc<Budget>,
-    /// In a cluster, the lease of each polled stream (whose holder publishes it to brokers).
-    leases: HashMap<String, watch::Receiver<Option<crate::cluster::lease::Holding>>>,
+    /// In a cluster, the lease of each polled stream (whose holder publishes it to brokers
+    /// and dispatches its webhooks) and, with webhooks, of each push stream (taken for that).
+    leases: HashMap<String, watch::Receiver<Option<Holding>>>,
     /// Each configured stream's own token, under which its poller and keep-alive run (a
     /// reload cancels it to stop them).
     running: HashMap<String, CancellationToken>,
@@ -680,12 +757,12 @@ impl Streams<'_> {
 
     /// Every push stream, continuing from its document stored in `outbox`, if any (in a
     /// cluster, from the cluster's log: the follower loads it).
-    async fn pushed(&mut self, outbox: Option<&SqliteOutbox>) -> anyhow::Result<()> {
+    async fn pushed(&mut self, outbox: Option<&dyn Outbox>) -> anyhow::Result<()> {
         let mut stored = match outbox.filter(|_| self.cluster.is_none()) {
             Some(outbox) => outbox
                 .documents()
                 .await
-                .context("cannot read the stored push documents (`webhooks.database`)")?
+                .context("cannot read the stored push documents (the webhook outbox)")?
                 .into_iter()
                 .map(|d| (d.stream.to_string(), d))
                 .collect(),
@@ -724,6 +801,19 @@ impl Streams<'_> {
             self.derive_views(&stream, settings.views.as_ref(), options);
             if let Some(cluster) = &self.cluster {
                 let retention = cluster.retention(settings.history, settings.history_bytes);
+                if self
+                    .config
+                    .webhooks
+                    .as_ref()
+                    .is_some_and(|w| w.store.is_shared())
+                {
+                    // Any node writes a push stream, but one dispatches its webhooks: the
+                    // holder of a lease taken for that alone.
+                    let (held, keeper) =
+                        cluster.keep_lease(&settings.name, retention, &self.shutdown);
+                    self.starting.push(keeper);
+                    self.leases.insert(settings.name.clone(), held);
+                }
                 self.writers.insert(
                     settings.name.clone(),
                     cluster.writer(stream, retention, None),

@@ -53,6 +53,9 @@ pub struct AppState {
     pub brokers: Option<Arc<crate::sinks::broker::Brokers>>,
     /// The admin API's bearer token; `None` disables the admin API.
     pub admin_token: Option<crate::sinks::webhook::config::AdminToken>,
+    /// In a cluster whose webhooks another node runs (an SQLite store): that node's id, which
+    /// the admin API names.
+    pub webhooks_node: Option<String>,
     /// The proxy mode (`GET /{upstream URL}`), when `[proxy]` is enabled.
     pub proxy: Option<Arc<crate::proxy::Proxy>>,
     /// This node's part of a cluster, when `[cluster]` is configured.
@@ -102,6 +105,7 @@ pub fn router(state: Arc<AppState>, cors: &Cors) -> Router {
     let admin = admin::router(
         state.webhooks.clone(),
         state.admin_token.clone(),
+        state.webhooks_node.clone(),
         state.body_timeout,
     );
     let router = Router::new()

@@ -409,7 +409,7 @@ fn describe_proxy(out: &mut String, p: &ProxySettings) -> std::fmt::Result {
 fn describe_webhooks(out: &mut String, w: &WebhookSettings) -> std::fmt::Result {
     let schedule: Vec<String> = w.schedule.delays.iter().map(|d| fmt_duration(*d)).collect();
     writeln!(out, "webhooks:")?;
-    writeln!(out, "  outbox:     {}", w.database.display())?;
+    writeln!(out, "  outbox:     {}", w.store)?;
     writeln!(
         out,
         "  admin API:  {}",

@@ -315,14 +315,14 @@ async fn console_in_chromium_follows_streams_and_lists_webhooks() {
     let alerts =
         MockUpstream::start(json!({"alerts": [{"id": 1, "text": "lift out of service"}]})).await;
     let receiver = Receiver::start(&[SECRET]).await;
-    let dir = tempfile::tempdir().unwrap();
+    let store = TestStore::sqlite();
     let toml = format!(
         "{alerts}on_demand = true\n\n{fleet}\n[streams.filtering]\nentities = \"/vehicles\"\nkey = \"id\"\n\
          aliases = {{ route = \"route\" }}\n\n[[streams.views]]\nname = \"r1\"\nfilter = {{ route = \"R1\" }}\n\n\
          {webhooks}\n{endpoint}\n{proxy}",
         alerts = polled("alerts", &alerts.url()),
         fleet = polled("fleet", &upstream.url()),
-        webhooks = webhooks_toml(dir.path(), ""),
+        webhooks = webhooks_toml(&store, ""),
         endpoint = endpoint("ep-fleet", &receiver.url(), &["fleet"], Mode::Patch),
         proxy = crate::proxy::proxy_toml("", "", ""),
     );

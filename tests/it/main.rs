@@ -20,6 +20,7 @@ mod console;
 mod failures;
 mod layering;
 mod load;
+mod outbox;
 mod poll_now;
 mod proxy;
 mod push;

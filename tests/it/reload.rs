@@ -326,10 +326,11 @@ async fn a_reload_reconciles_webhook_endpoints_and_concurrent_reloads_wait_their
     let first = Receiver::start(&[SECRET]).await;
     let second = Receiver::start(&[SECRET]).await;
     let dir = tempfile::tempdir().unwrap();
+    let store = crate::support::store::TestStore::sqlite();
     let file = |endpoints: &str| {
         format!(
             "{COMMON}\n{}\n{endpoints}\n{}",
-            webhooks_toml(dir.path(), ""),
+            webhooks_toml(&store, ""),
             stream("a", &upstream.url(), "200ms")
         )
     };

@@ -62,6 +62,19 @@ use worker::{Worker, WorkerSettings};
 /// 503 (the dispatcher keeps retrying; see the README's push section).
 pub const COMMIT_WAIT: Duration = Duration::from_secs(10);
 
+/// In a cluster, how often each node reads the endpoints again (others create, change and
+/// disable them), the holder of a stream looks for endpoints owed its document, and an idle
+/// worker looks for deliveries other nodes queued or left behind.
+pub const CLUSTER_POLL: Duration = Duration::from_millis(500);
+
+/// How the sink runs beside other nodes sharing its store (a cluster).
+pub struct Shared {
+    /// This node's id (its workers' claims name it).
+    pub node: String,
+    /// Each stream's lease on this node: its dispatcher runs only while the lease is held.
+    pub leases: HashMap<String, dispatcher::Lease>,
+}
+
 /// Why the webhook sink could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -95,6 +108,7 @@ impl Webhooks {
         tasks: &mut JoinSet<()>,
         shutdown: CancellationToken,
         metrics: Arc<crate::metrics::Metrics>,
+        shared: Option<Shared>,
     ) -> Result<Arc<Webhooks>, StartError> {
         let registry =
             Arc::new(endpoints::reconcile(settings, &*outbox, unix_ms(SystemTime::now())).await?);
@@ -107,7 +121,7 @@ impl Webhooks {
             let (sender, requests) = mpsc::unbounded_channel();
             resync.insert(stream.name().to_owned(), sender);
             let keep_document = push_streams.contains(stream.name());
-            let dispatcher = Dispatcher::new(
+            let mut dispatcher = Dispatcher::new(
                 stream.clone(),
                 outbox.clone(),
                 registry.clone(),
@@ -116,6 +130,9 @@ impl Webhooks {
                 requests,
                 keep_document,
             );
+            if let Some(lease) = shared.as_ref().and_then(|s| s.leases.get(stream.name())) {
+                dispatcher = dispatcher.leased(lease.clone(), CLUSTER_POLL);
+            }
             committed.insert(stream.name().to_owned(), dispatcher.committed());
             dispatchers.push(dispatcher);
         }
@@ -130,7 +147,15 @@ impl Webhooks {
                 workers: settings.workers,
                 allow_private: settings.allow_private_targets,
                 retention: settings.retention,
+                attempt_retention: settings.attempt_retention,
                 user_agent: user_agent.to_owned(),
+                owner: Arc::from(format!(
+                    "{}/{:08x}",
+                    shared.as_ref().map_or("local", |s| s.node.as_str()),
+                    rand::random::<u32>()
+                )),
+                claim_timeout: settings.claim_timeout,
+                poll: shared.as_ref().map(|_| CLUSTER_POLL),
             },
             wake.clone(),
             resync.clone(),
@@ -140,11 +165,26 @@ impl Webhooks {
             tasks.spawn(dispatcher.run(shutdown.clone()));
         }
         tasks.spawn(worker.clone().run(shutdown.clone()));
+        if shared.is_some() {
+            tasks.spawn(endpoints::follow(
+                outbox.clone(),
+                registry.clone(),
+                CLUSTER_POLL,
+                shutdown.clone(),
+            ));
+        }
         tracing::info!(
             endpoints = registry.all().len(),
-            database = %settings.database.display(),
+            store = %settings.store,
             "webhooks started"
         );
+        let tester = deliver::Sender::new(
+            settings.attempt_timeout,
+            settings.allow_private_targets,
+            1,
+            user_agent,
+        )
+        .map_err(worker::ClientError::from)?;
         let endpoints = Endpoints::new(
             outbox.clone(),
             registry,
@@ -152,6 +192,7 @@ impl Webhooks {
             hub,
             resync,
             wake,
+            tester,
         );
         Ok(Arc::new(Webhooks {
             outbox,

@@ -162,6 +162,32 @@ impl Registry {
         }
     }
 
+    /// Brings the registry in line with every endpoint the outbox holds (another node may
+    /// have created, changed or deleted some): each is put as [`Self::put`] does, keeping the
+    /// newer status, and endpoints the outbox no longer has are removed.
+    pub fn replace_all(&self, stored: Vec<(EndpointRecord, EndpointStatus)>) {
+        let mut ids = std::collections::HashSet::new();
+        for (record, status) in stored {
+            ids.insert(record.id.clone());
+            let unchanged = self.get(&record.id).is_some_and(|held| {
+                held.record == record && held.status.revision >= status.revision
+            });
+            if unchanged {
+                continue;
+            }
+            match Endpoint::new(record, status) {
+                Ok(endpoint) => {
+                    self.put(endpoint);
+                }
+                Err(error) => tracing::error!(%error, "skipping a stored webhook endpoint"),
+            }
+        }
+        self.endpoints
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|id, _| ids.contains(id));
+    }
+
     /// Removes an endpoint.
     pub fn remove(&self, id: &str) -> Option<Arc<Endpoint>> {
         self.endpoints
@@ -203,6 +229,10 @@ mod tests {
                 previous_expires_ms: None,
                 source: Source::Api,
                 created_ms: 0,
+                description: None,
+                metadata: Default::default(),
+                rate_limit: None,
+                request_hash: None,
             },
             status,
         )

@@ -13,12 +13,14 @@ pub mod receiver;
 pub mod redis;
 pub mod scripted;
 pub mod sse;
+pub mod store;
 pub mod upstream;
 pub mod ws;
 
 pub use app::{TestApp, config_from_toml, over, polled};
 pub use receiver::{Hit, Receiver, Reply};
 pub use sse::{Rebuilt, SseClient, SseEvent};
+pub use store::TestStore;
 pub use upstream::{Failure, MockUpstream};
 
 use std::time::Duration;
