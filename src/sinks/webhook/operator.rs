@@ -140,10 +140,17 @@ pub struct Operator {
 }
 
 impl Operator {
-    /// Queues `event`, never waiting; a full queue drops it, with a log line.
+    /// Queues `event`, never waiting; a full queue (or a stopped sender) drops it, with a log
+    /// line.
     pub fn notify(&self, event: OperatorEvent) {
-        if let Err(error) = self.queue.try_send(event) {
-            tracing::warn!(event = ?error.into_inner(), "operator event queue full; event dropped");
+        match self.queue.try_send(event) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(event)) => {
+                tracing::warn!(?event, "operator event queue full; event dropped");
+            }
+            Err(mpsc::error::TrySendError::Closed(event)) => {
+                tracing::debug!(?event, "operator events stopped (shutdown); event dropped");
+            }
         }
     }
 
