@@ -231,6 +231,7 @@ async fn run(
         retention: Duration::from_secs(3600),
         attempt_retention: Duration::from_secs(3600),
         rotation_overlap: Duration::from_secs(3600),
+        operator: None,
         endpoints: (0..endpoint_count)
             .map(|i| WebhookEndpointSettings {
                 id: format!("e{i}"),
@@ -243,6 +244,7 @@ async fn run(
                 secret: secret.clone(),
                 description: None,
                 metadata: Default::default(),
+                events: Default::default(),
                 rate_limit: None,
             })
             .collect(),

@@ -210,6 +210,7 @@ fn endpoint_json(endpoint: &Endpoint) -> Value {
         "description": r.description,
         "metadata": r.metadata,
         "rate_limit": r.rate_limit,
+        "events": r.events,
         "created_at": time(r.created_ms),
         "disabled": endpoint.status.disabled.as_ref().map(|d| json!({"at": time(d.at_ms), "reason": d.reason})),
         "failing_since": endpoint.status.failing_since_ms.map(time),

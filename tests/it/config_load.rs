@@ -1876,7 +1876,9 @@ mod default_toml {
             "PATCHWIRE_ADMIN_TOKEN" => "admin-token-0123456789",
             "PATCHWIRE_PROXY_TOKEN" => "proxy-token-0123456789",
             "API_TOKEN" => "api-token",
-            "BILLING_WEBHOOK_SECRET" => "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+            "BILLING_WEBHOOK_SECRET" | "PATCHWIRE_OPERATOR_SECRET" => {
+                "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+            }
             // The Streamdata.io SDK's own test key: base64 of 72 characters.
             "PATCHWIRE_PROXY_SIGNING_SECRET" => {
                 "MmIyMzBlZGMtOGYyNi00OGY2LWI2YTYtZmY1OTFlMzY1NjNiYjNhMzc3NWMtMzMwMC00YmMzLWI0NGYtMmM1ZmU4MDAzMGFh"

@@ -33,6 +33,7 @@ fn endpoint(id: &str) -> EndpointRecord {
         description: None,
         metadata: Default::default(),
         rate_limit: None,
+        events: Default::default(),
         request_hash: None,
     }
 }

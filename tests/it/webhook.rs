@@ -839,6 +839,7 @@ async fn queued(
             description: None,
             metadata: Default::default(),
             rate_limit: None,
+            events: Default::default(),
             request_hash: None,
         };
         outbox.put_endpoint(record.clone()).await.unwrap();
@@ -1759,7 +1760,213 @@ async fn the_worker_prunes_attempts_after_their_retention(store: TestStore) {
     assert_eq!(kept.len(), 2, "the deliveries stay for their own retention");
 }
 
+/// An endpoint chooses the kinds of change it receives: `["snapshots"]` gets every change as
+/// the whole document (whatever its mode), the default gets patches after a first snapshot.
+/// The file and the admin API both check the list and name what is wrong.
+async fn endpoints_choose_the_kinds_of_change_they_receive(store: TestStore) {
+    let upstream = MockUpstream::start(json!({"n": 0, "items": [], "pad": PAD})).await;
+    let patches = Receiver::start(&[SECRET]).await;
+    let documents = Receiver::start(&[SECRET]).await;
+    let snapshots_only = format!(
+        "\n[[webhooks.endpoints]]\nid = \"documents\"\nurl = \"{}\"\nstreams = [\"fleet\"]\n\
+         mode = \"patch\"\nevents = [\"snapshots\"]\nsecret = \"{SECRET}\"\n",
+        documents.url()
+    );
+    let app = start(
+        &upstream,
+        &store,
+        &[
+            endpoint("patches", &patches.url(), &["fleet"], Mode::Patch),
+            snapshots_only,
+        ],
+        "",
+    )
+    .await;
+    change_and_wait(&upstream, &patches, 1, 6).await;
+    let hits = patches.accepted();
+    assert!(
+        hits[1..].iter().any(|h| h.kind() == "stream.patch"),
+        "the default sends patches"
+    );
+    let docs = documents
+        .wait_for(LONG, "the last document", |hits| {
+            hits.last().is_some_and(|h| h.body["data"]["n"] == json!(6))
+        })
+        .await;
+    assert!(
+        docs.iter()
+            .all(|h| h.kind() == "stream.snapshot" && !h.verified_by.is_empty()),
+        "snapshots only: {:?}",
+        docs.iter().map(Hit::kind).collect::<Vec<_>>()
+    );
+    assert!(docs.len() >= 6, "every change whole: {}", docs.len());
+    assert_eq!(rebuild(&docs), upstream.document());
+    let admin = Admin::new(&app);
+    let (_, shown) = admin.call("GET", "/documents", None).await;
+    assert_eq!(shown["events"], json!(["snapshots"]));
+    let (_, shown) = admin.call("GET", "/patches", None).await;
+    assert_eq!(shown["events"], json!(["snapshots", "patches"]));
+    // A configured endpoint's kinds come from the file.
+    let (status, answer) = admin
+        .call(
+            "PATCH",
+            "/documents",
+            Some(json!({"events": ["snapshots", "patches"]})),
+        )
+        .await;
+    assert_eq!(status, 409, "{answer}");
+    // Through the API: created with a list, changed, shown so; bad lists refused.
+    let (status, created) = admin
+        .call(
+            "POST",
+            "",
+            Some(json!({"url": documents.url(), "streams": ["fleet"], "events": ["snapshots"]})),
+        )
+        .await;
+    assert_eq!(status, 201, "{created}");
+    assert_eq!(created["events"], json!(["snapshots"]));
+    let id = created["id"].as_str().unwrap().to_owned();
+    let (status, changed) = admin
+        .call(
+            "PATCH",
+            &format!("/{id}"),
+            Some(json!({"events": ["patches", "snapshots"]})),
+        )
+        .await;
+    assert_eq!(status, 200, "{changed}");
+    assert_eq!(changed["events"], json!(["snapshots", "patches"]));
+    for (events, expected, needle) in [
+        (
+            json!(["snapshots", "errors"]),
+            422,
+            "events[1]: expected one of \"snapshots\", \"patches\", got \"errors\"",
+        ),
+        (
+            json!(["patches"]),
+            422,
+            "events: expected \"snapshots\" with \"patches\"",
+        ),
+        (json!([]), 422, "events: expected at least one of"),
+        (
+            json!(["snapshots", "snapshots"]),
+            422,
+            "events[1]: \"snapshots\" is listed twice",
+        ),
+        (json!("snapshots"), 400, "events"),
+    ] {
+        let (status, answer) = admin
+            .call("PATCH", &format!("/{id}"), Some(json!({"events": events})))
+            .await;
+        assert_eq!(status, expected, "{events}: {answer}");
+        let message = answer["message"].as_str().unwrap_or_default();
+        assert!(message.contains(needle), "{events}: {message}");
+        let (status, answer) = admin
+            .call(
+                "POST",
+                "",
+                Some(json!({"url": documents.url(), "streams": ["fleet"], "events": events})),
+            )
+            .await;
+        assert_eq!(status, expected, "create {events}: {answer}");
+    }
+    app.stop().await;
+}
+
+const OPERATOR_SECRET: &str = "whsec_0xXHqonBMVzu3z/Rlbzy8GzLrlBTZ5PvjXNmZKPqORI=";
+
+/// Waits until the operator has an event of type `kind` (for endpoint `hook`) and returns it.
+async fn operator_event(operator: &Receiver, kind: &str) -> Hit {
+    let hits = operator
+        .wait_for(LONG, kind, |hits| hits.iter().any(|h| h.kind() == kind))
+        .await;
+    hits.into_iter().find(|h| h.kind() == kind).unwrap()
+}
+
+/// Operational events reach `webhooks.operator_url`, signed with `operator_secret` (verified
+/// by the independent library): a dead delivery, the endpoint recovering when the snapshot
+/// after it succeeds, a 410 disabling it, and the admin API re-enabling it.
+async fn operational_events_reach_the_operator_signed(store: TestStore) {
+    let upstream = MockUpstream::start(json!({"n": 0, "items": [], "pad": PAD})).await;
+    let receiver = Receiver::start(&[SECRET]).await;
+    let operator = Receiver::start(&[OPERATOR_SECRET]).await;
+    // The operator fails once: its events are retried.
+    operator.script([Reply::Status(503, None)]);
+    // Five attempts (the schedule's length), all failing: the first delivery goes dead.
+    receiver.script((0..5).map(|_| Reply::Status(500, None)));
+    let app = start(
+        &upstream,
+        &store,
+        &[endpoint("hook", &receiver.url(), &["fleet"], Mode::Patch)],
+        &format!(
+            "operator_url = \"{}\"\noperator_secret = \"{OPERATOR_SECRET}\"\n",
+            operator.url()
+        ),
+    )
+    .await;
+    let dead_id = receiver
+        .wait_for(LONG, "five failures", |h| h.len() >= 5)
+        .await[0]
+        .id();
+    let dead = operator_event(&operator, "delivery.dead").await;
+    assert_eq!(
+        dead.body["data"],
+        json!({"endpoint": "hook", "stream": "fleet", "webhook_id": dead_id,
+               "reason": "the receiver answered 500 Internal Server Error"}),
+        "{}",
+        dead.body
+    );
+    assert!(dead.body["timestamp"].is_string());
+    // The snapshot after the dead letter is delivered: the endpoint recovered.
+    let recovered = operator_event(&operator, "endpoint.recovered").await;
+    assert_eq!(recovered.body["data"]["endpoint"], "hook");
+    assert_eq!(recovered.body["data"]["stream"], "fleet");
+    let snapshot_id = receiver.accepted()[0].id();
+    assert_eq!(recovered.body["data"]["webhook_id"], json!(snapshot_id));
+    // A 410 disables it.
+    receiver.script([Reply::Status(410, None)]);
+    upstream.update(|d| d["n"] = json!(1));
+    let disabled = operator_event(&operator, "endpoint.disabled").await;
+    assert_eq!(disabled.body["data"]["endpoint"], "hook");
+    assert!(
+        disabled.body["data"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("410"),
+        "{}",
+        disabled.body
+    );
+    // Re-enabled through the admin API.
+    let (status, _) = Admin::new(&app)
+        .call("PATCH", "/hook", Some(json!({"disabled": false})))
+        .await;
+    assert_eq!(status, 200);
+    let hits = operator
+        .wait_for(LONG, "the re-enabling", |hits| {
+            hits.iter()
+                .any(|h| h.body["data"]["reason"] == json!("re-enabled through the admin API"))
+        })
+        .await;
+    // Every event signed with the operator's secret (and each type once, retries aside).
+    assert!(hits.iter().all(|h| !h.verified_by.is_empty()), "unsigned");
+    assert_eq!(hits[0].status, 503);
+    assert_eq!(hits[0].id(), hits[1].id(), "a retry keeps its webhook-id");
+    let kinds: Vec<String> = unique(&hits).iter().map(|h| h.kind().to_owned()).collect();
+    assert_eq!(
+        kinds,
+        [
+            "delivery.dead",
+            "endpoint.recovered",
+            "endpoint.disabled",
+            "endpoint.recovered"
+        ],
+        "in order"
+    );
+    app.stop().await;
+}
+
 crate::on_both_stores!(
+    operational_events_reach_the_operator_signed,
+    endpoints_choose_the_kinds_of_change_they_receive,
     the_worker_prunes_attempts_after_their_retention,
     every_attempt_is_listed_with_its_answer,
     ed25519_endpoints_sign_v1a_verified_with_their_public_key,
@@ -1815,6 +2022,7 @@ async fn a_reset_queues_the_document_it_started_over_with_and_the_changes_after_
         description: None,
         metadata: Default::default(),
         rate_limit: None,
+        events: Default::default(),
         request_hash: None,
     };
     outbox.put_endpoint(record.clone()).await.unwrap();

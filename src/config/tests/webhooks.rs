@@ -272,3 +272,101 @@ fn endpoint_options_are_checked_in_the_file() {
         (Some("d"), Some(7), "ops")
     );
 }
+
+#[test]
+fn endpoint_events_are_checked_in_the_file() {
+    let endpoint = |events: &str| {
+        format!(
+            "[webhooks]\n[[webhooks.endpoints]]\nid = \"e\"\nurl = \"https://h.example.com/x\"\n\
+             streams = [\"fleet\"]\nsecret = \"{SECRET}\"\nevents = {events}\n"
+        )
+    };
+    for (events, key, needle) in [
+        (
+            "[\"snapshots\", \"errors\"]",
+            "webhooks.endpoints[0].events[1]",
+            "expected one of \"snapshots\", \"patches\", got \"errors\"",
+        ),
+        (
+            "[\"patches\"]",
+            "webhooks.endpoints[0].events",
+            "expected \"snapshots\" with \"patches\"",
+        ),
+        ("[]", "webhooks.endpoints[0].events", "at least one of"),
+        (
+            "[\"snapshots\", \"snapshots\"]",
+            "webhooks.endpoints[0].events[1]",
+            "listed twice",
+        ),
+    ] {
+        let found = problems(&endpoint(events));
+        assert!(
+            found.iter().any(|(k, m)| k == key && m.contains(needle)),
+            "{events}: {found:?}"
+        );
+    }
+    let w = load(&endpoint("[\"snapshots\"]"))
+        .unwrap()
+        .webhooks
+        .unwrap();
+    assert_eq!(w.endpoints[0].events.names(), vec!["snapshots"]);
+    let w = load(&endpoint("[\"patches\", \"snapshots\"]"))
+        .unwrap()
+        .webhooks
+        .unwrap();
+    assert_eq!(
+        w.endpoints[0].events,
+        crate::sinks::webhook::body::Events::default()
+    );
+}
+
+#[test]
+fn the_operator_url_and_secret_come_together_and_are_checked() {
+    let found = problems("[webhooks]\noperator_url = \"https://ops.example.com/x\"\n");
+    assert!(
+        found
+            .iter()
+            .any(|(k, m)| k == "webhooks.operator_secret"
+                && m.contains("with webhooks.operator_url")),
+        "{found:?}"
+    );
+    let found = problems(&format!("[webhooks]\noperator_secret = \"{SECRET}\"\n"));
+    assert!(
+        found.iter().any(|(k, _)| k == "webhooks.operator_url"),
+        "{found:?}"
+    );
+    let found = problems(&format!(
+        "[webhooks]\noperator_url = \"not a url\"\noperator_secret = \"{SECRET}\"\n"
+    ));
+    assert!(
+        found
+            .iter()
+            .any(|(k, m)| k == "webhooks.operator_url" && m.contains("absolute http or https")),
+        "{found:?}"
+    );
+    let found = problems(
+        "[webhooks]\noperator_url = \"https://ops.example.com/x\"\noperator_secret = \"nope\"\n",
+    );
+    assert!(
+        found
+            .iter()
+            .any(|(k, m)| k == "webhooks.operator_secret" && !m.contains("nope")),
+        "{found:?}"
+    );
+    let w = load(&format!(
+        "[webhooks]\noperator_url = \"https://ops.example.com/x\"\noperator_secret = \"{SECRET}\"\n"
+    ))
+    .unwrap()
+    .webhooks
+    .unwrap();
+    let operator = w.operator.unwrap();
+    assert_eq!(operator.url.as_str(), "https://ops.example.com/x");
+    assert!(
+        load("[webhooks]\n")
+            .unwrap()
+            .webhooks
+            .unwrap()
+            .operator
+            .is_none()
+    );
+}

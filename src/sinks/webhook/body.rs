@@ -39,6 +39,132 @@ impl Mode {
     }
 }
 
+/// Which of a stream's changes an endpoint receives, by the kind of delivery
+/// (`events = ["snapshots", "patches"]`, the default).
+///
+/// Only combinations a receiver can rebuild the document from are valid: `snapshots` alone
+/// sends every change as the whole document (as `mode = "snapshot"` does, whatever the mode);
+/// both send what the mode says. `patches` without `snapshots` is refused: a patch applies
+/// only to the document it follows, which a receiver gets as a snapshot first and after any
+/// gap (a dead delivery, a collapsed backlog, a restart).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Events {
+    /// `stream.snapshot` deliveries.
+    pub snapshots: bool,
+    /// `stream.patch` deliveries.
+    pub patches: bool,
+}
+
+/// The names `events` accepts, in the order they are shown.
+pub const EVENT_NAMES: [&str; 2] = ["snapshots", "patches"];
+
+impl Default for Events {
+    fn default() -> Self {
+        Events {
+            snapshots: true,
+            patches: true,
+        }
+    }
+}
+
+/// Why an `events` list is refused; `at` is the index of the entry at fault, if one is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EventsError {
+    /// The entry at fault (`None`: the whole list).
+    pub at: Option<usize>,
+    /// What was expected.
+    pub message: String,
+}
+
+impl Events {
+    /// Parses a list of names from [`EVENT_NAMES`]: at least one, each once, and `patches`
+    /// only with `snapshots`.
+    pub fn parse<S: AsRef<str>>(names: &[S]) -> Result<Events, EventsError> {
+        let mut events = Events {
+            snapshots: false,
+            patches: false,
+        };
+        for (i, name) in names.iter().enumerate() {
+            let name = name.as_ref();
+            let slot = match name {
+                "snapshots" => &mut events.snapshots,
+                "patches" => &mut events.patches,
+                _ => {
+                    return Err(EventsError {
+                        at: Some(i),
+                        message: format!(
+                            "expected one of {}, got {name:?}",
+                            EVENT_NAMES.map(|n| format!("{n:?}")).join(", ")
+                        ),
+                    });
+                }
+            };
+            if *slot {
+                return Err(EventsError {
+                    at: Some(i),
+                    message: format!("{name:?} is listed twice; name each kind once"),
+                });
+            }
+            *slot = true;
+        }
+        if !events.snapshots && !events.patches {
+            return Err(EventsError {
+                at: None,
+                message: format!(
+                    "expected at least one of {}",
+                    EVENT_NAMES.map(|n| format!("{n:?}")).join(", ")
+                ),
+            });
+        }
+        if events.patches && !events.snapshots {
+            return Err(EventsError {
+                at: None,
+                message: "expected \"snapshots\" with \"patches\": a receiver can apply a patch \
+                          only to the document it follows, which it gets as a snapshot first \
+                          and after any gap; for whole documents only, list \"snapshots\" alone"
+                    .into(),
+            });
+        }
+        Ok(events)
+    }
+
+    /// The names of the kinds received, in [`EVENT_NAMES`] order.
+    pub fn names(self) -> Vec<&'static str> {
+        let mut names = Vec::new();
+        if self.snapshots {
+            names.push("snapshots");
+        }
+        if self.patches {
+            names.push("patches");
+        }
+        names
+    }
+
+    /// Whether these are the default kinds (stored definitions leave them out then).
+    pub fn is_default(&self) -> bool {
+        *self == Events::default()
+    }
+
+    /// How an endpoint with `mode` receives changes under these kinds: without patches,
+    /// every change whole.
+    pub fn mode(self, mode: Mode) -> Mode {
+        if self.patches { mode } else { Mode::Snapshot }
+    }
+}
+
+impl Serialize for Events {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_seq(self.names())
+    }
+}
+
+impl<'de> Deserialize<'de> for Events {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let names = Vec::<String>::deserialize(deserializer)?;
+        Events::parse(&names).map_err(|e| serde::de::Error::custom(e.message))
+    }
+}
+
 /// A delivery's `type`, its webhook event type: `stream.patch` (`data` is a patch from the
 /// document at `base_seq`) or `stream.snapshot` (`data` is the whole document at `seq`).
 pub fn event_type(kind: ChangeKind) -> &'static str {
@@ -144,6 +270,56 @@ mod tests {
     use std::time::{Duration, UNIX_EPOCH};
 
     const P: Mode = Mode::Patch;
+
+    #[test]
+    fn events_accept_the_rebuildable_combinations() {
+        assert_eq!(
+            Events::parse(&["snapshots", "patches"]),
+            Ok(Events::default())
+        );
+        assert_eq!(
+            Events::parse(&["patches", "snapshots"]),
+            Ok(Events::default())
+        );
+        let snapshots = Events::parse(&["snapshots"]).unwrap();
+        assert_eq!(snapshots.names(), vec!["snapshots"]);
+        assert_eq!(snapshots.mode(Mode::Patch), Mode::Snapshot);
+        assert_eq!(Events::default().mode(Mode::Patch), Mode::Patch);
+        assert_eq!(Events::default().mode(Mode::Snapshot), Mode::Snapshot);
+    }
+
+    #[test]
+    fn events_refuse_what_a_receiver_cannot_rebuild_from() {
+        let unknown = Events::parse(&["snapshots", "errors"]).unwrap_err();
+        assert_eq!(unknown.at, Some(1));
+        assert!(
+            unknown.message.contains("\"snapshots\", \"patches\""),
+            "{unknown:?}"
+        );
+        assert_eq!(
+            Events::parse(&["snapshots", "snapshots"]).unwrap_err().at,
+            Some(1)
+        );
+        let empty: [&str; 0] = [];
+        assert_eq!(Events::parse(&empty).unwrap_err().at, None);
+        let patches = Events::parse(&["patches"]).unwrap_err();
+        assert!(
+            patches.message.contains("\"snapshots\" with \"patches\""),
+            "{patches:?}"
+        );
+    }
+
+    #[test]
+    fn events_round_trip_as_a_list_of_names() {
+        let json = serde_json::to_string(&Events::parse(&["snapshots"]).unwrap()).unwrap();
+        assert_eq!(json, r#"["snapshots"]"#);
+        assert_eq!(
+            serde_json::from_str::<Events>(r#"["snapshots","patches"]"#).unwrap(),
+            Events::default()
+        );
+        assert!(serde_json::from_str::<Events>(r#"["patch"]"#).is_err());
+    }
+
     const S: Mode = Mode::Snapshot;
 
     fn at(epoch: u64, seq: u64) -> Option<Cursor> {

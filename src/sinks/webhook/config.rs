@@ -11,7 +11,7 @@ use http::header::HeaderValue;
 use serde::Deserialize;
 use url::Url;
 
-use super::body::Mode;
+use super::body::{Events, Mode};
 use super::schedule::RetrySchedule;
 use super::sign::Secret;
 use crate::ssrf;
@@ -172,6 +172,12 @@ pub struct RawWebhooks {
     /// ([default](defaults::ROTATION_OVERLAP), [bounds](limits::ROTATION_OVERLAP)).
     #[serde(default, with = "humantime_serde::option")]
     pub rotation_overlap: Option<Duration>,
+    /// Where operational events go (`endpoint.disabled`, `delivery.dead`,
+    /// `endpoint.recovered`): an http or https URL (`${VAR}` allowed); absent: nowhere.
+    pub operator_url: Option<String>,
+    /// The secret operational events are signed with (required with `operator_url`; as an
+    /// endpoint's `secret`, `${VAR}` allowed).
+    pub operator_secret: Option<String>,
     /// Endpoints declared in the file (`[[webhooks.endpoints]]`).
     #[serde(default)]
     pub endpoints: Vec<RawWebhookEndpoint>,
@@ -205,6 +211,9 @@ pub struct RawWebhookEndpoint {
     /// Most attempts started per second ([bounds](limits::RATE_LIMIT)); absent: no limit
     /// beyond `max_concurrency_per_endpoint`.
     pub rate_limit: Option<u64>,
+    /// Which kinds of change it receives: `["snapshots", "patches"]` (the default) or
+    /// `["snapshots"]` (every change whole); see [`Events`].
+    pub events: Option<Vec<String>>,
 }
 
 /// Webhook delivery: the outbox, the retry policy, the admin API and configured endpoints.
@@ -236,6 +245,8 @@ pub struct WebhookSettings {
     pub attempt_retention: Duration,
     /// How long a rotated-out secret still signs.
     pub rotation_overlap: Duration,
+    /// Where operational events go, if anywhere.
+    pub operator: Option<OperatorSettings>,
     /// Endpoints declared in the configuration.
     pub endpoints: Vec<WebhookEndpointSettings>,
 }
@@ -412,6 +423,8 @@ pub struct WebhookEndpointSettings {
     pub metadata: BTreeMap<String, String>,
     /// Most attempts started per second.
     pub rate_limit: Option<u32>,
+    /// Which kinds of change it receives.
+    pub events: Events,
 }
 
 /// Headers every delivery sets itself; an endpoint may not override them.
@@ -608,9 +621,89 @@ impl RawWebhooks {
                 defaults::ROTATION_OVERLAP,
                 limits::ROTATION_OVERLAP,
             ),
+            operator: operator(self, allow_private_targets, env, problems),
             endpoints,
         }
     }
+}
+
+/// Where operational events go (`[webhooks] operator_url` and `operator_secret`).
+#[derive(Debug, Clone)]
+pub struct OperatorSettings {
+    /// The operator's URL.
+    pub url: Url,
+    /// The secret events are signed with.
+    pub secret: Secret,
+}
+
+/// Validates `operator_url` and `operator_secret`: both or neither.
+fn operator(
+    raw: &RawWebhooks,
+    allow_private: bool,
+    env: &dyn Fn(&str) -> Option<String>,
+    problems: &mut Problems,
+) -> Option<OperatorSettings> {
+    let (url, secret) = match (&raw.operator_url, &raw.operator_secret) {
+        (None, None) => return None,
+        (Some(url), Some(secret)) => (url, secret),
+        (Some(_), None) => {
+            problems.push(
+                "webhooks.operator_secret",
+                "expected a signing secret (\"whsec_\" + base64, or \"whsk_\" + base64 of an                  ed25519 seed) with webhooks.operator_url",
+            );
+            return None;
+        }
+        (None, Some(_)) => {
+            problems.push(
+                "webhooks.operator_url",
+                "expected the URL operational events are sent to, with webhooks.operator_secret",
+            );
+            return None;
+        }
+    };
+    let url = match interpolate(url, env) {
+        Err(e) => {
+            problems.push("webhooks.operator_url", format!("the URL {e}"));
+            None
+        }
+        Ok(resolved) => match Url::parse(resolved.trim()) {
+            Err(e) => {
+                problems.push(
+                    "webhooks.operator_url",
+                    format!(
+                        "expected an absolute http or https URL such as \
+                         \"https://ops.example.com/patchwire\", got {url:?} ({e})"
+                    ),
+                );
+                None
+            }
+            Ok(url) => match ssrf::check_url(&url, allow_private) {
+                Ok(()) => Some(url),
+                Err(e) => {
+                    problems.push("webhooks.operator_url", e.to_string());
+                    None
+                }
+            },
+        },
+    };
+    let secret = match interpolate(secret, env) {
+        Err(e) => {
+            problems.push("webhooks.operator_secret", format!("the secret {e}"));
+            None
+        }
+        Ok(text) => match Secret::parse(&text) {
+            Ok(secret) => Some(secret),
+            Err(e) => {
+                // Never echo the secret itself.
+                problems.push("webhooks.operator_secret", e.to_string());
+                None
+            }
+        },
+    };
+    Some(OperatorSettings {
+        url: url?,
+        secret: secret?,
+    })
 }
 
 /// Validates an endpoint's description (shared with the admin API).
@@ -814,7 +907,19 @@ fn endpoint(
         Some(Ok(limit)) => Some(limit),
         None => None,
     };
-    let (Some(url), Some(secret)) = (url, secret) else {
+    let events = match raw.events.as_deref().map(Events::parse) {
+        Some(Err(error)) => {
+            let at = match error.at {
+                Some(i) => format!("{key}.events[{i}]"),
+                None => format!("{key}.events"),
+            };
+            problems.push(at, error.message);
+            None
+        }
+        Some(Ok(events)) => Some(events),
+        None => Some(Events::default()),
+    };
+    let (Some(url), Some(secret), Some(events)) = (url, secret, events) else {
         return None;
     };
     if problems.len() != before {
@@ -830,5 +935,6 @@ fn endpoint(
         description: raw.description.clone(),
         metadata: raw.metadata.clone(),
         rate_limit,
+        events,
     })
 }

@@ -369,6 +369,7 @@ mod tests {
             description: None,
             metadata: Default::default(),
             rate_limit: None,
+            events: Default::default(),
             request_hash: None,
         };
         Endpoint::new(record, EndpointStatus::default()).unwrap()

@@ -13,13 +13,14 @@ use rand::rngs::StdRng;
 use tokio::sync::Notify;
 use url::Url;
 
-use super::body::Mode;
+use super::body::{Events, Mode};
 use super::config::{
     WebhookEndpointSettings, WebhookSettings, endpoint_description, endpoint_headers,
     endpoint_metadata, endpoint_rate_limit,
 };
 use super::deliver::Probe;
 use super::dispatcher::{Resync, ResyncRoutes};
+use super::operator::{Operator, OperatorEvent};
 use super::outbox::{
     AttemptEntry, AttemptFilter, Created, Delivery, DeliveryFilter, Disabled, EndpointRecord,
     EndpointStatus, Outbox, OutboxError, Replay, Source,
@@ -73,6 +74,8 @@ pub struct NewEndpoint {
     pub metadata: BTreeMap<String, String>,
     /// Most attempts started per second.
     pub rate_limit: Option<u64>,
+    /// Which kinds of change it receives (default: `["snapshots", "patches"]`).
+    pub events: Option<Vec<String>>,
 }
 
 /// A field that may be set, cleared (`null`) or left alone (absent).
@@ -106,6 +109,8 @@ pub struct EndpointChanges {
     /// New rate limit (`null` removes it).
     #[serde(default, deserialize_with = "present")]
     pub rate_limit: Option<Option<u64>>,
+    /// New kinds of change received.
+    pub events: Option<Vec<String>>,
 }
 
 fn record_of_config(
@@ -134,6 +139,7 @@ fn record_of_config(
         description: settings.description.clone(),
         metadata: settings.metadata.clone(),
         rate_limit: settings.rate_limit,
+        events: settings.events,
         request_hash: None,
     }
 }
@@ -266,6 +272,8 @@ pub struct Endpoints {
     resync: ResyncRoutes,
     wake: Arc<Notify>,
     rng: Mutex<StdRng>,
+    /// Told when an endpoint is disabled or re-enabled here.
+    operator: Option<Operator>,
 }
 
 impl Endpoints {
@@ -289,6 +297,19 @@ impl Endpoints {
             resync,
             wake,
             rng: Mutex::new(StdRng::from_os_rng()),
+            operator: None,
+        }
+    }
+
+    /// Tells `operator` when an endpoint is disabled or re-enabled through the admin API.
+    pub fn with_operator(mut self, operator: Option<Operator>) -> Self {
+        self.operator = operator;
+        self
+    }
+
+    fn notify(&self, event: OperatorEvent) {
+        if let Some(operator) = &self.operator {
+            operator.notify(event);
         }
     }
 
@@ -421,6 +442,15 @@ impl Endpoints {
         })
     }
 
+    fn check_events(events: &[String]) -> Result<Events, AdminError> {
+        Events::parse(events).map_err(|error| {
+            AdminError::Invalid(match error.at {
+                Some(i) => format!("events[{i}]: {}", error.message),
+                None => format!("events: {}", error.message),
+            })
+        })
+    }
+
     fn check_rate_limit(rate_limit: u64) -> Result<u32, AdminError> {
         endpoint_rate_limit(rate_limit)
             .map_err(|message| AdminError::Invalid(format!("rate_limit: {message}")))
@@ -456,6 +486,10 @@ impl Endpoints {
         }
         Self::check_metadata(&input.metadata)?;
         let rate_limit = input.rate_limit.map(Self::check_rate_limit).transpose()?;
+        let events = match &input.events {
+            Some(names) => Self::check_events(names)?,
+            None => Events::default(),
+        };
         let secret = match &input.secret {
             Some(text) => {
                 Secret::parse(text).map_err(|e| AdminError::Invalid(format!("secret: {e}")))?
@@ -493,6 +527,7 @@ impl Endpoints {
             description: input.description,
             metadata: input.metadata,
             rate_limit,
+            events,
             request_hash: idempotency.as_ref().map(|i| i.request_hash.clone()),
         };
         let endpoint = Endpoint::new(record.clone(), EndpointStatus::default())
@@ -542,7 +577,8 @@ impl Endpoints {
         let redefines = changes.url.is_some()
             || changes.streams.is_some()
             || changes.mode.is_some()
-            || changes.headers.is_some();
+            || changes.headers.is_some()
+            || changes.events.is_some();
         let describes = changes.description.is_some()
             || changes.metadata.is_some()
             || changes.rate_limit.is_some();
@@ -562,6 +598,9 @@ impl Endpoints {
         }
         if let Some(mode) = changes.mode {
             record.mode = mode;
+        }
+        if let Some(events) = &changes.events {
+            record.events = Self::check_events(events)?;
         }
         if let Some(headers) = changes.headers {
             Self::check_headers(&headers)?;
@@ -597,6 +636,11 @@ impl Endpoints {
                     .set_disabled(id.to_owned(), Some(disabled))
                     .await?
                     .ok_or_else(|| AdminError::NotFound(format!("no webhook endpoint {id:?}")))?;
+                self.notify(OperatorEvent::EndpointDisabled {
+                    endpoint: id.to_owned(),
+                    delivery: None,
+                    reason: "disabled through the admin API".into(),
+                });
             }
             Some(false) if status.disabled.is_some() => {
                 status = self
@@ -605,6 +649,11 @@ impl Endpoints {
                     .await?
                     .ok_or_else(|| AdminError::NotFound(format!("no webhook endpoint {id:?}")))?;
                 enabled_now = true;
+                self.notify(OperatorEvent::EndpointRecovered {
+                    endpoint: id.to_owned(),
+                    delivery: None,
+                    reason: "re-enabled through the admin API".into(),
+                });
             }
             _ => {}
         }

@@ -19,6 +19,8 @@
 //! - [`dispatcher`]: hub → outbox, and the snapshot that heals every gap.
 //! - [`worker`]: outbox → receivers: claims due deliveries, delivers and settles each
 //!   (`start_due` starts what is due; `try_step` takes one delivery to completion).
+//! - [`operator`]: operational events (an endpoint disabled or recovered, a delivery dead),
+//!   signed and sent to `webhooks.operator_url`, retried in memory.
 //! - [`endpoints`]: configured endpoints reconciled with stored ones at startup, and the
 //!   operations behind the admin API.
 //!
@@ -36,6 +38,7 @@ pub mod config;
 pub mod deliver;
 pub mod dispatcher;
 pub mod endpoints;
+pub mod operator;
 pub mod outbox;
 pub mod registry;
 pub mod schedule;
@@ -136,31 +139,55 @@ impl Webhooks {
             committed.insert(stream.name().to_owned(), dispatcher.committed());
             dispatchers.push(dispatcher);
         }
-        let worker = Arc::new(Worker::new(
-            outbox.clone(),
-            registry.clone(),
-            WorkerSettings {
-                schedule: settings.schedule.clone(),
-                attempt_timeout: settings.attempt_timeout,
-                disable_after: settings.disable_after,
-                per_endpoint: settings.max_concurrency_per_endpoint,
-                workers: settings.workers,
-                allow_private: settings.allow_private_targets,
-                retention: settings.retention,
-                attempt_retention: settings.attempt_retention,
-                user_agent: user_agent.to_owned(),
-                owner: Arc::from(format!(
-                    "{}/{:08x}",
-                    shared.as_ref().map_or("local", |s| s.node.as_str()),
-                    rand::random::<u32>()
-                )),
-                claim_timeout: settings.claim_timeout,
-                poll: shared.as_ref().map(|_| CLUSTER_POLL),
-            },
-            wake.clone(),
-            resync.clone(),
-            metrics,
-        )?);
+        let operator = match &settings.operator {
+            Some(operator) => {
+                let sender = deliver::Sender::new(
+                    settings.attempt_timeout,
+                    settings.allow_private_targets,
+                    1,
+                    user_agent,
+                )
+                .map_err(worker::ClientError::from)?;
+                let (operator, task) = operator::Operator::start(
+                    operator.url.clone(),
+                    operator.secret.clone(),
+                    settings.schedule.clone(),
+                    sender,
+                    shutdown.clone(),
+                );
+                tasks.spawn(task);
+                Some(operator)
+            }
+            None => None,
+        };
+        let worker = Arc::new(
+            Worker::new(
+                outbox.clone(),
+                registry.clone(),
+                WorkerSettings {
+                    schedule: settings.schedule.clone(),
+                    attempt_timeout: settings.attempt_timeout,
+                    disable_after: settings.disable_after,
+                    per_endpoint: settings.max_concurrency_per_endpoint,
+                    workers: settings.workers,
+                    allow_private: settings.allow_private_targets,
+                    retention: settings.retention,
+                    attempt_retention: settings.attempt_retention,
+                    user_agent: user_agent.to_owned(),
+                    owner: Arc::from(format!(
+                        "{}/{:08x}",
+                        shared.as_ref().map_or("local", |s| s.node.as_str()),
+                        rand::random::<u32>()
+                    )),
+                    claim_timeout: settings.claim_timeout,
+                    poll: shared.as_ref().map(|_| CLUSTER_POLL),
+                },
+                wake.clone(),
+                resync.clone(),
+                metrics,
+            )?
+            .with_operator(operator.clone()),
+        );
         for dispatcher in dispatchers {
             tasks.spawn(dispatcher.run(shutdown.clone()));
         }
@@ -193,7 +220,8 @@ impl Webhooks {
             resync,
             wake,
             tester,
-        );
+        )
+        .with_operator(operator);
         Ok(Arc::new(Webhooks {
             outbox,
             endpoints: Arc::new(endpoints),

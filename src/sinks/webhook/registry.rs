@@ -99,9 +99,10 @@ impl Endpoint {
         self.record.streams.iter().any(|s| s == stream)
     }
 
-    /// How it receives changes.
+    /// How it receives changes: its mode, unless its `events` leave patches out (then every
+    /// change whole).
     pub fn mode(&self) -> Mode {
-        self.record.mode
+        self.record.events.mode(self.record.mode)
     }
 }
 
@@ -232,6 +233,7 @@ mod tests {
                 description: None,
                 metadata: Default::default(),
                 rate_limit: None,
+                events: Default::default(),
                 request_hash: None,
             },
             status,

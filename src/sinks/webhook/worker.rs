@@ -20,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::deliver::{AttemptError, Sender};
 use super::dispatcher::{Resync, ResyncRoutes};
+use super::operator::{Operator, OperatorEvent};
 use super::outbox::{
     Attempt, AttemptOutcome, Claim, Delivery, Disabled, Next, Outbox, OutboxError, Recorded,
 };
@@ -137,6 +138,8 @@ pub struct Worker {
     resync: ResyncRoutes,
     rng: Mutex<StdRng>,
     metrics: Arc<Metrics>,
+    /// Told of dead deliveries, disabled and recovered endpoints.
+    operator: Option<Operator>,
 }
 
 /// Why the worker could not be built.
@@ -198,7 +201,21 @@ impl Worker {
             resync,
             metrics,
             rng: Mutex::new(StdRng::from_os_rng()),
+            operator: None,
         })
+    }
+
+    /// Tells `operator` of dead deliveries, disabled endpoints and endpoints whose delivery
+    /// succeeded after failures.
+    pub fn with_operator(mut self, operator: Option<Operator>) -> Self {
+        self.operator = operator;
+        self
+    }
+
+    fn notify(&self, event: OperatorEvent) {
+        if let Some(operator) = &self.operator {
+            operator.notify(event);
+        }
     }
 
     fn inflight(&self) -> std::sync::MutexGuard<'_, InFlight> {
@@ -458,12 +475,42 @@ impl Worker {
             return (settled, None);
         };
         let mut next = recorded.next.take();
+        let failing = self
+            .registry
+            .get(&delivery.endpoint)
+            .is_some_and(|e| e.status.failing_since_ms.is_some());
         if let Some(status) = recorded.status.clone() {
+            if failing
+                && status.failing_since_ms.is_none()
+                && matches!(outcome, AttemptOutcome::Delivered { .. })
+            {
+                self.notify(OperatorEvent::EndpointRecovered {
+                    endpoint: delivery.endpoint.clone(),
+                    delivery: Some((delivery.stream.clone(), delivery.msg_id.clone())),
+                    reason: "a delivery succeeded after failures".into(),
+                });
+            }
             self.registry.set_status(&delivery.endpoint, status);
+        }
+        if let AttemptOutcome::Failed {
+            retry_at_ms: None,
+            error,
+            ..
+        } = &outcome
+        {
+            self.notify(OperatorEvent::DeliveryDead {
+                endpoint: delivery.endpoint.clone(),
+                stream: delivery.stream.clone(),
+                webhook_id: delivery.msg_id.clone(),
+                reason: error.clone(),
+            });
         }
         let follow_up = follow_up(&answer, &recorded, now_ms, self.settings.disable_after);
         match &follow_up {
-            FollowUp::Disable(reason) => self.disable(endpoint, reason.clone(), now_ms).await,
+            FollowUp::Disable(reason) => {
+                self.disable(endpoint, &delivery, reason.clone(), now_ms)
+                    .await
+            }
             FollowUp::Resync => {
                 // The outbox forgot the pair's cursor: the stream's dispatcher (here, or on the
                 // node holding the stream) queues the document for it.
@@ -543,18 +590,32 @@ impl Worker {
         }
     }
 
-    async fn disable(&self, endpoint: &Endpoint, reason: String, now_ms: u64) {
+    async fn disable(&self, endpoint: &Endpoint, delivery: &Delivery, reason: String, now_ms: u64) {
         tracing::warn!(endpoint = %endpoint.record.id, %reason, "webhook endpoint disabled");
         let disabled = Disabled {
             at_ms: now_ms,
-            reason,
+            reason: reason.clone(),
         };
         match self
             .outbox
             .set_disabled(endpoint.record.id.clone(), Some(disabled))
             .await
         {
-            Ok(Some(status)) => self.registry.set_status(&endpoint.record.id, status),
+            Ok(Some(status)) => {
+                // Once: a disable seen by the registry already was announced.
+                let announced = self
+                    .registry
+                    .get(&endpoint.record.id)
+                    .is_some_and(|e| e.status.disabled.is_some());
+                self.registry.set_status(&endpoint.record.id, status);
+                if !announced {
+                    self.notify(OperatorEvent::EndpointDisabled {
+                        endpoint: endpoint.record.id.clone(),
+                        delivery: Some((delivery.stream.clone(), delivery.msg_id.clone())),
+                        reason,
+                    });
+                }
+            }
             // Deleted meanwhile.
             Ok(None) => {}
             Err(error) => tracing::error!(%error, "cannot disable a webhook endpoint"),

@@ -31,7 +31,7 @@ use std::time::{Duration, SystemTime};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
-use crate::sinks::webhook::body::{self, BodyError, Cursor, Mode, Plan};
+use crate::sinks::webhook::body::{self, BodyError, Cursor, Events, Mode, Plan};
 use crate::wire::ChangeKind;
 
 /// A boxed future of an outbox operation (the trait stays object-safe).
@@ -110,6 +110,9 @@ pub struct EndpointRecord {
     /// `None`: no such limit.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_limit: Option<u32>,
+    /// Which kinds of change it receives (left out when the default, both).
+    #[serde(default, skip_serializing_if = "Events::is_default")]
+    pub events: Events,
     /// The hash of the request that created it with an `Idempotency-Key` (its id is derived
     /// from the key), so a retry with another request is told apart.
     #[serde(default, skip_serializing_if = "Option::is_none")]

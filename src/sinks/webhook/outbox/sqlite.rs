@@ -1047,6 +1047,7 @@ mod tests {
             description: None,
             metadata: Default::default(),
             rate_limit: None,
+            events: Default::default(),
             request_hash: None,
         }
     }
