@@ -215,6 +215,7 @@ impl App {
                 Brokers::start(
                     &config.broker_sinks,
                     &hub,
+                    &views,
                     &turns,
                     &mut tasks,
                     shutdown.clone(),
