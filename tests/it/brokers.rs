@@ -1107,3 +1107,190 @@ print(json.dumps({"nats": asyncio.run(from_nats(sys.argv[1], sys.argv[2])), "red
     assert_eq!(rebuilt["nats"], r1);
     assert_eq!(rebuilt["redis"], r1);
 }
+
+/// JetStream's per-subject fence against a real `nats-server -js`: a publisher that did not see
+/// another's messages (a node that lost its lease with a batch in flight) is refused, stores
+/// nothing, and once it has read the subject's last message back it continues after it. Every
+/// message is fenced (a cluster's mode), or the first of each pipelined batch (a single node's).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_publisher_is_fenced_off_the_subject() {
+    use patchwire::sinks::broker::config::{NatsSettings, Storage};
+    use patchwire::sinks::broker::message::{Message, Position};
+    use patchwire::sinks::broker::nats::{Fence, Nats};
+    use patchwire::sinks::broker::{Broker, BrokerError};
+    use patchwire::wire::ChangeKind;
+
+    let Some(nats) = NatsServer::start() else {
+        return;
+    };
+    let settings = NatsSettings {
+        url: nats.url(),
+        jetstream: "FENCE".into(),
+        storage: Storage::Memory,
+        replicas: 1,
+        max_age: Duration::from_secs(3600),
+        max_bytes: 1 << 20,
+        max_messages_per_subject: 1000,
+        duplicate_window: Duration::from_secs(60),
+    };
+    let subjects = vec!["fence.every".to_owned(), "fence.first".to_owned()];
+    // Ids are the JetStream stream's (duplicates are dropped by id across its subjects): each
+    // round publishes its own patchwire stream.
+    let message = |stream: &str, seq: u64, kind: ChangeKind| {
+        Message::new(
+            stream,
+            "/streams/s",
+            1,
+            seq,
+            kind,
+            seq.saturating_sub(1),
+            std::time::UNIX_EPOCH,
+            bytes::Bytes::from(format!("{{\"seq\":{seq}}}")),
+            false,
+        )
+    };
+    let at = |seq| Some(Position { epoch: 1, seq });
+    for (subject, fence, s) in [
+        ("fence.every", Fence::Every, "every"),
+        ("fence.first", Fence::First, "first"),
+    ] {
+        let message = |seq, kind| message(s, seq, kind);
+        let old = Nats::connect(settings.clone(), subjects.clone(), SOON, fence);
+        let new = Nats::connect(settings.clone(), subjects.clone(), SOON, fence);
+        let blind = Nats::connect(settings.clone(), subjects.clone(), SOON, fence);
+        old.prepare().await.expect("prepare");
+        new.prepare().await.expect("prepare");
+        // One that read the subject back empty...
+        assert_eq!(blind.last(subject, s).await.expect("last"), None);
+        // ...while the old holder publishes 1 and 2.
+        assert_eq!(old.last(subject, s).await.expect("last"), None);
+        old.publish(
+            subject,
+            &[
+                message(1, ChangeKind::Snapshot),
+                message(2, ChangeKind::Patch),
+            ],
+        )
+        .await
+        .expect("the first publisher");
+        // The subject is no longer empty: the blind one's document is refused.
+        assert!(
+            matches!(
+                blind
+                    .publish(subject, &[message(5, ChangeKind::Snapshot)])
+                    .await,
+                Err(BrokerError::Overtaken(_))
+            ),
+            "{fence:?}: a publish expecting an empty subject"
+        );
+        // The new holder reads 2 back and continues: 3, 4.
+        assert_eq!(new.last(subject, s).await.expect("last"), at(2));
+        new.publish(
+            subject,
+            &[message(3, ChangeKind::Patch), message(4, ChangeKind::Patch)],
+        )
+        .await
+        .expect("the new holder");
+        // The old holder's late batch (its line had jumped to a snapshot at 6) is refused:
+        // nothing of it lands after 4.
+        let late = [
+            message(6, ChangeKind::Snapshot),
+            message(7, ChangeKind::Patch),
+        ];
+        match old.publish(subject, &late).await {
+            Err(BrokerError::Overtaken(why)) => assert!(why.contains(subject), "{why}"),
+            other => panic!("{fence:?}: the stale batch was not fenced off: {other:?}"),
+        }
+        let stored = jetstream_messages(&nats.url(), "FENCE", subject).await;
+        let seqs: Vec<u64> = stored.iter().map(|m| m.seq()).collect();
+        if fence == Fence::Every {
+            assert_eq!(seqs, [1, 2, 3, 4], "{fence:?}");
+        } else {
+            // Pipelined: only the batch's first message carries the fence, so the rest of a
+            // stale batch may land (what `Fence::Every` is for, in a cluster).
+            assert_eq!(seqs[..4], [1, 2, 3, 4], "{fence:?}");
+        }
+        // Read back, the old publisher continues after the subject's last message.
+        let last = old.last(subject, s).await.expect("last");
+        let next = last.map_or(1, |p| p.seq + 1);
+        old.publish(subject, &[message(next, ChangeKind::Snapshot)])
+            .await
+            .expect("after reading the line back");
+        let stored = jetstream_messages(&nats.url(), "FENCE", subject).await;
+        assert_eq!(stored.last().map(|m| m.seq()), Some(next));
+    }
+}
+
+/// A message over the NATS server's `max_payload` is never published cut or skipped: the sink
+/// retries it, says why in `/streams` and counts it (`patchwire_broker_oversized_total`); once
+/// its queue is past `buffer`, it resyncs with the current document, which goes out when it
+/// fits again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_over_max_payload_is_retried_shown_and_covered_by_a_later_snapshot() {
+    let Some(nats) = NatsServer::start_with("max_payload: 4096\n") else {
+        return;
+    };
+    let config = format!(
+        r#"
+[push]
+token = "{TOKEN}"
+
+[[streams]]
+name = "board"
+source = "push"
+
+[[sinks.nats]]
+url = "{nats}"
+timeout = "1s"
+buffer = 2
+"#,
+        nats = nats.url()
+    );
+    let app = TestApp::from_toml(&config).await;
+    let base = app.url("");
+    let base = base.trim_end_matches('/');
+    let small = json!({"items": [], "note": "x".repeat(100)});
+    assert_eq!(push(base, reqwest::Method::POST, small).await, 200);
+    wait_acknowledged(base, "board", SOON).await;
+    // A change of 6 KB: its patch is over the server's limit.
+    let big = json!([{"op": "add", "path": "/items/-", "value": "y".repeat(6000)}]);
+    assert_eq!(push(base, reqwest::Method::PATCH, big).await, 200);
+    let deadline = tokio::time::Instant::now() + SOON;
+    let sink = loop {
+        let sink = sink_positions(base, "board").await.remove(0);
+        if sink["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("max_payload"))
+        {
+            break sink;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{sink:#}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(
+        sink["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("board:") && e.contains("4096 bytes")),
+        "{sink:#}"
+    );
+    assert!(app.metric("patchwire_broker_oversized_total").await >= 1.0);
+    // The document shrinks again; past `buffer` queued messages the sink resyncs with it.
+    for body in [
+        json!([{"op": "remove", "path": "/items/0"}]),
+        json!([{"op": "replace", "path": "/note", "value": "z"}]),
+        json!([{"op": "add", "path": "/items/-", "value": 1}]),
+    ] {
+        assert_eq!(push(base, reqwest::Method::PATCH, body).await, 200);
+    }
+    let expected = json_view(base, "board").await;
+    let nats_url = nats.url();
+    let line = line_reaching("board", "NATS", &expected, || {
+        jetstream_messages(&nats_url, "PATCHWIRE", "patchwire.board")
+    })
+    .await;
+    assert!(line.snapshots_after_first >= 1, "{line:?}");
+    assert!(
+        !line.seqs.contains(&2),
+        "the oversized change was never published: {line:?}"
+    );
+}

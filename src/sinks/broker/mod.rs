@@ -66,6 +66,15 @@ pub enum BrokerError {
     /// stream with other limits): nothing will work until someone changes one of them.
     #[error("{0}")]
     Conflict(String),
+    /// Another publisher wrote to the destination since this one's last message (JetStream's
+    /// fence refused the publish): read the broker's last message back and resume from it, at
+    /// once.
+    #[error("{0}")]
+    Overtaken(String),
+    /// A message is larger than the broker takes (NATS `max_payload`): retried like an
+    /// outage, counted apart, until the broker's limit is raised or the document shrinks.
+    #[error("{0}")]
+    TooLarge(String),
 }
 
 /// What a broker acknowledged of a batch.
@@ -302,6 +311,12 @@ impl Brokers {
                     nats.clone(),
                     sink.streams.iter().map(|s| s.destination.clone()).collect(),
                     sink.timeout,
+                    // In a cluster two nodes may publish a stream around a handover.
+                    if turns.is_empty() {
+                        nats::Fence::First
+                    } else {
+                        nats::Fence::Every
+                    },
                 )),
                 BrokerKind::Redis(redis) => {
                     Arc::new(redis::RedisStreams::connect(redis, sink.timeout).map_err(
@@ -323,7 +338,7 @@ impl Brokers {
                         message,
                     });
                 }
-                Ok(Err(BrokerError::Unavailable(error))) => {
+                Ok(Err(error)) => {
                     tracing::warn!(sink = %sink.name, %error, "broker unavailable at start; its publishers retry")
                 }
                 Err(_) => {

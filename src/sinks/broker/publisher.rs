@@ -169,10 +169,18 @@ impl Publisher {
     }
 
     fn fail(&self, error: &BrokerError) {
-        self.metrics
-            .broker_errors
-            .get_or_create(&self.labels())
-            .inc();
+        let labels = self.labels();
+        self.metrics.broker_errors.get_or_create(&labels).inc();
+        match error {
+            BrokerError::Overtaken(_) => {
+                self.metrics.broker_overtaken.get_or_create(&labels).inc();
+            }
+            BrokerError::TooLarge(message) => {
+                self.metrics.broker_oversized.get_or_create(&labels).inc();
+                tracing::error!(sink = %self.sink, stream = %self.target.name, %message, "a message is larger than the broker takes");
+            }
+            BrokerError::Unavailable(_) | BrokerError::Conflict(_) => {}
+        }
         let message = error.to_string();
         self.status.update(|s| s.last_error = Some(message));
     }
@@ -318,6 +326,13 @@ impl Publisher {
                                     tracing::error!(sink = %self.sink, stream = %self.target.name, %message, "the broker conflicts with the configuration; this sink stops");
                                     self.status.update(|s| s.state = SinkState::Failed);
                                     return Stop::Failed;
+                                }
+                                if let BrokerError::Overtaken(message) = &error {
+                                    // Another publisher moved the line on: what the broker
+                                    // holds now decides, at once.
+                                    tracing::info!(sink = %self.sink, stream = %self.target.name, %message, "the broker's line moved on; reading it back");
+                                    retry = Some(tokio::time::Instant::now());
+                                    continue;
                                 }
                                 let wait = backoff.next();
                                 tracing::warn!(sink = %self.sink, stream = %self.target.name, %error, retry_in = ?wait, "broker publish failed; the queue waits");
