@@ -359,6 +359,17 @@ impl Brokers {
                 };
                 let feed = match feed {
                     None => continue,
+                    // The configuration named the view by the id the views resolve it to at
+                    // run time (the same rule), so messages and subscriptions agree on it.
+                    Some(Ok(Target::View(_, _, id, _)))
+                        if target.view.as_ref().is_some_and(|v| *v.id != *id) =>
+                    {
+                        return Err(StartError::View {
+                            sink: sink.name.clone(),
+                            view: target.name.clone(),
+                            message: format!("resolves to the view {id:?} at run time"),
+                        });
+                    }
                     Some(Ok(feed)) => feed,
                     Some(Err(error)) => {
                         return Err(StartError::View {
