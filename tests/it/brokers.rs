@@ -723,8 +723,8 @@ print(json.dumps({"nats": asyncio.run(from_nats(sys.argv[1])), "redis": from_red
 
 /// Two nodes and a polled stream: only the lease holder publishes it (the other shows
 /// `standby`); when the holder is killed, the node that takes the lease reads the broker's
-/// last message back and continues the same line; so does a view of the stream (the standby
-/// node keeps the view, so its history reaches the broker's last message).
+/// last message back and continues the same line; so does a view of the stream (the successor
+/// makes the view at the log's position, where the broker's line of the view ends).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn only_the_lease_holder_publishes_and_its_successor_continues_the_line() {
     let Some(nats) = NatsServer::start() else {
