@@ -1133,7 +1133,11 @@ async fn a_stale_publisher_is_fenced_off_the_subject() {
         max_messages_per_subject: 1000,
         duplicate_window: Duration::from_secs(60),
     };
-    let subjects = vec!["fence.every".to_owned(), "fence.first".to_owned()];
+    let subjects = vec![
+        "fence.every".to_owned(),
+        "fence.first".to_owned(),
+        "fence.dup".to_owned(),
+    ];
     // Ids are the JetStream stream's (duplicates are dropped by id across its subjects): each
     // round publishes its own patchwire stream.
     let message = |stream: &str, seq: u64, kind: ChangeKind| {
@@ -1219,6 +1223,39 @@ async fn a_stale_publisher_is_fenced_off_the_subject() {
         let stored = jetstream_messages(&nats.url(), "FENCE", subject).await;
         assert_eq!(stored.last().map(|m| m.seq()), Some(next));
     }
+    // A duplicate is acknowledged with the original's sequence, and the next message is fenced
+    // on it: a publisher that re-sends what the subject holds, after someone else wrote past
+    // it, is refused rather than landing after the other's line.
+    let message = |seq, kind| message("dup", seq, kind);
+    let old = Nats::connect(settings.clone(), subjects.clone(), SOON, Fence::Every);
+    let new = Nats::connect(settings.clone(), subjects.clone(), SOON, Fence::Every);
+    assert_eq!(new.last("fence.dup", "dup").await.expect("last"), None);
+    assert_eq!(old.last("fence.dup", "dup").await.expect("last"), None);
+    old.publish("fence.dup", &[message(1, ChangeKind::Snapshot)])
+        .await
+        .expect("1");
+    assert_eq!(new.last("fence.dup", "dup").await.expect("last"), at(1));
+    old.publish("fence.dup", &[message(5, ChangeKind::Snapshot)])
+        .await
+        .expect("5");
+    // `new` re-sends 1 (JetStream answers it as a duplicate, with 1's sequence), then 2 fenced
+    // on 1: refused, 5 is there.
+    let answer = new
+        .publish(
+            "fence.dup",
+            &[
+                message(1, ChangeKind::Snapshot),
+                message(2, ChangeKind::Patch),
+            ],
+        )
+        .await;
+    assert!(
+        matches!(answer, Err(BrokerError::Overtaken(_))),
+        "{answer:?}"
+    );
+    let stored = jetstream_messages(&nats.url(), "FENCE", "fence.dup").await;
+    let seqs: Vec<u64> = stored.iter().map(|m| m.seq()).collect();
+    assert_eq!(seqs, [1, 5]);
 }
 
 /// A message over the NATS server's `max_payload` is never published cut or skipped: the sink

@@ -311,12 +311,10 @@ impl Nats {
             Ok(ack) => {
                 if ack.duplicate {
                     acked.duplicates += 1;
-                    // A duplicate's sequence is the stored original's, which may not be the
-                    // subject's last: the next fence is unknown until read back.
-                    self.set_fence(subject, None);
-                } else {
-                    self.set_fence(subject, Some(ack.sequence));
                 }
+                // A duplicate's sequence is the stored original's: the next message follows
+                // it, and if anyone wrote after it the fence refuses the next one, as it should.
+                self.set_fence(subject, Some(ack.sequence));
                 Ok(())
             }
             Err(e) => Err(self.refused(subject, message, message.payload.len(), &e)),
