@@ -246,6 +246,7 @@ impl App {
                 Brokers::start(
                     &config.broker_sinks,
                     &hub,
+                    &views,
                     &turns,
                     &mut tasks,
                     shutdown.clone(),

@@ -249,7 +249,7 @@ fn write_description(out: &mut String, config: &Config) -> std::fmt::Result {
         let targets: Vec<String> = sink
             .streams
             .iter()
-            .map(|s| format!("{} → {}", s.stream, s.destination))
+            .map(|s| format!("{} → {}", s.name, s.destination))
             .collect();
         writeln!(
             out,

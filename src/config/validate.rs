@@ -15,6 +15,7 @@ use super::model::{
     Config, Cors, LogFormat, LogSettings, PushSettings, PushStreamSettings, ServerSettings,
 };
 use super::raw::{RawConfig, RawCors, RawLog, RawLogFormat, RawPush, RawServer};
+use crate::sinks::broker::config::Source;
 use crate::upstream::config::{
     self as upstream_config, RawSource, RawStream, StreamDefaults, StreamSettings, UpstreamSettings,
 };
@@ -166,7 +167,23 @@ pub fn validate(
     }
     let websocket = raw.websocket.validate(&mut problems);
     let max_views = raw.views.validate(&mut problems);
-    let broker_sinks = raw.sinks.validate(&stream_names, env, &mut problems);
+    let sources: Vec<Source<'_>> = stream_names
+        .iter()
+        .map(|name| Source {
+            name,
+            views: streams
+                .iter()
+                .find(|s| s.name == *name)
+                .and_then(|s| s.views.as_ref())
+                .or_else(|| {
+                    push_streams
+                        .iter()
+                        .find(|s| s.name == *name)
+                        .and_then(|s| s.views.as_ref())
+                }),
+        })
+        .collect();
+    let broker_sinks = raw.sinks.validate(&sources, env, &mut problems);
     problems.finish(
         source,
         Config {
