@@ -2,6 +2,7 @@
 
 pub mod admin;
 pub mod body;
+pub mod catchup;
 pub mod listing;
 pub mod proxy;
 pub mod push;
@@ -52,6 +53,8 @@ pub struct AppState {
     pub admin_token: Option<crate::sinks::webhook::config::AdminToken>,
     /// The proxy mode (`GET /{upstream URL}`), when `[proxy]` is enabled.
     pub proxy: Option<Arc<crate::proxy::Proxy>>,
+    /// Who may read which stream: the subscription decision, which catch-up reads share.
+    pub subscriptions: Arc<subscribe::Subscriptions>,
     /// This node's part of a cluster, when `[cluster]` is configured.
     pub cluster: Option<ClusterState>,
 }
@@ -89,6 +92,8 @@ pub fn router(state: Arc<AppState>, cors: &Cors) -> Router {
     let router = Router::new()
         .route("/streams", get(listing::list_streams))
         .route("/streams/{name}", get(stream).merge(push))
+        .route("/streams/{name}/changes", get(catchup::changes))
+        .route("/schemas/{file}", get(schema))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
@@ -121,6 +126,9 @@ fn cors_layer(cors: &Cors) -> Option<CorsLayer> {
             .expose_headers([
                 header::ETAG,
                 header::HeaderName::from_static(proxy::STREAM_HEADER),
+                header::HeaderName::from_static(catchup::NEXT_OFFSET),
+                header::HeaderName::from_static(catchup::UP_TO_DATE),
+                header::HeaderName::from_static(catchup::CURSOR),
             ])
             .max_age(Duration::from_secs(3600)),
     )
@@ -163,6 +171,32 @@ async fn readyz(State(state): State<Arc<AppState>>) -> Response {
             "not ready: the cluster's Redis is unreachable or this node is not following its log yet",
         ),
         _ => "ready\n".into_response(),
+    }
+}
+
+/// `GET /schemas/{name}.json`: the JSON Schema of a versioned envelope (`crate::schemas`).
+async fn schema(Path(file): Path<String>) -> Response {
+    let found = file.strip_suffix(".json").and_then(crate::schemas::get);
+    match found {
+        Some(text) => (
+            [
+                (header::CONTENT_TYPE, "application/schema+json"),
+                (header::CACHE_CONTROL, "public, max-age=3600"),
+            ],
+            text,
+        )
+            .into_response(),
+        None => error_response(
+            StatusCode::NOT_FOUND,
+            format!(
+                "no schema {file:?}; the schemas are: {}",
+                crate::schemas::ALL
+                    .iter()
+                    .map(|(name, _)| format!("/schemas/{name}.json"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        ),
     }
 }
 
