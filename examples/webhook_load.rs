@@ -25,7 +25,7 @@ use patchwire::diff::DiffOptions;
 use patchwire::hub::{Hub, Publication, Stream, StreamOptions};
 use patchwire::metrics::Metrics;
 use patchwire::sinks::webhook::Webhooks;
-use patchwire::sinks::webhook::body::Mode;
+use patchwire::sinks::webhook::body::{Format, Mode};
 use patchwire::sinks::webhook::config::{WebhookEndpointSettings, WebhookSettings};
 use patchwire::sinks::webhook::outbox::sqlite::SqliteOutbox;
 use patchwire::sinks::webhook::outbox::{DeliveryFilter, DeliveryState, Outbox};
@@ -139,6 +139,7 @@ async fn run(
                     .expect("a valid URL"),
                 streams: names.clone(),
                 mode: Mode::Patch,
+                format: Format::Json,
                 headers: Default::default(),
                 secret: secret.clone(),
             })

@@ -207,7 +207,7 @@ pub fn page_body(stream: &str, items: &[Item], next: &str, up_to_date: bool) -> 
             out.push(b',');
         }
         out.extend_from_slice(b"{\"kind\":");
-        push_json_string(&mut out, kind_name(item.kind));
+        push_json_string(&mut out, item.kind.as_str());
         out.extend_from_slice(b",\"id\":");
         push_json_string(&mut out, &item.id);
         out.extend_from_slice(b",\"time\":");
@@ -224,13 +224,6 @@ pub fn page_body(stream: &str, items: &[Item], next: &str, up_to_date: bool) -> 
         b",\"up_to_date\":false}"
     });
     out
-}
-
-fn kind_name(kind: ChangeKind) -> &'static str {
-    match kind {
-        ChangeKind::Snapshot => "snapshot",
-        ChangeKind::Patch => "patch",
-    }
 }
 
 fn push_json_string(out: &mut Vec<u8>, text: &str) {

@@ -13,7 +13,7 @@ use rand::rngs::StdRng;
 use tokio::sync::Notify;
 use url::Url;
 
-use super::body::Mode;
+use super::body::{Format, Mode};
 use super::config::{WebhookEndpointSettings, WebhookSettings, endpoint_headers};
 use super::dispatcher::{Resync, ResyncRoutes};
 use super::outbox::{
@@ -53,6 +53,8 @@ pub struct NewEndpoint {
     pub streams: Vec<String>,
     /// `patch` (default) or `snapshot`.
     pub mode: Option<Mode>,
+    /// `json` (default), `cloudevents` or `cloudevents-binary`.
+    pub format: Option<Format>,
     /// Extra headers.
     #[serde(default)]
     pub headers: BTreeMap<String, String>,
@@ -70,6 +72,8 @@ pub struct EndpointChanges {
     pub streams: Option<Vec<String>>,
     /// New mode.
     pub mode: Option<Mode>,
+    /// New format.
+    pub format: Option<Format>,
     /// New extra headers (replacing all).
     pub headers: Option<BTreeMap<String, String>>,
     /// `true` disables, `false` re-enables (and clears the failure streak).
@@ -93,6 +97,7 @@ fn record_of_config(
         url: settings.url.to_string(),
         streams: settings.streams.clone(),
         mode: settings.mode,
+        format: settings.format,
         headers: settings.headers.clone(),
         secret,
         previous_secret,
@@ -285,6 +290,7 @@ impl Endpoints {
             url: url.to_string(),
             streams: input.streams,
             mode: input.mode.unwrap_or(Mode::Patch),
+            format: input.format.unwrap_or_default(),
             headers: input.headers,
             secret: secret.expose().to_owned(),
             previous_secret: None,
@@ -308,6 +314,7 @@ impl Endpoints {
         let redefines = changes.url.is_some()
             || changes.streams.is_some()
             || changes.mode.is_some()
+            || changes.format.is_some()
             || changes.headers.is_some();
         if redefines && current.record.source == Source::Config {
             return Err(AdminError::Conflict(format!(
@@ -325,6 +332,9 @@ impl Endpoints {
         }
         if let Some(mode) = changes.mode {
             record.mode = mode;
+        }
+        if let Some(format) = changes.format {
+            record.format = format;
         }
         if let Some(headers) = changes.headers {
             Self::check_headers(&headers)?;

@@ -188,6 +188,7 @@ impl Registry {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::sinks::webhook::body::Format;
     use crate::sinks::webhook::outbox::{Disabled, Source};
 
     fn endpoint(status: EndpointStatus) -> Endpoint {
@@ -197,6 +198,7 @@ mod tests {
                 url: "https://hooks.example.com/x".into(),
                 streams: vec!["s".into()],
                 mode: Mode::Patch,
+                format: Format::Json,
                 headers: BTreeMap::new(),
                 secret: "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw".into(),
                 previous_secret: None,

@@ -30,7 +30,7 @@ use std::time::SystemTime;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
-use crate::sinks::webhook::body::{self, BodyError, Mode, Plan};
+use crate::sinks::webhook::body::{self, BodyError, Format, Mode, Plan};
 use crate::wire::ChangeKind;
 
 /// A boxed future of an outbox operation (the trait stays object-safe).
@@ -83,6 +83,10 @@ pub struct EndpointRecord {
     pub streams: Vec<String>,
     /// Patches or whole documents.
     pub mode: Mode,
+    /// How deliveries are written (JSON or CloudEvents); absent in definitions stored before
+    /// it existed, which are JSON.
+    #[serde(default)]
+    pub format: Format,
     /// Extra headers sent with every delivery.
     pub headers: BTreeMap<String, String>,
     /// The signing secret, `whsec_...`.
