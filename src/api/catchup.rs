@@ -331,6 +331,7 @@ pub async fn changes(
 /// after the position once it comes, else `204` when the wait is over.
 async fn read(mut open: Open, name: &str, params: &Params, headers: &HeaderMap) -> Response {
     let shared = open.dynamic.is_none();
+    let named: Option<Arc<str>> = open.dynamic.as_ref().map(|(name, _)| name.clone());
     let stream = open.subscription.stream().clone();
     if let After::Id(id) = &params.after
         && id.stream != stream.name()
@@ -364,27 +365,35 @@ async fn read(mut open: Open, name: &str, params: &Params, headers: &HeaderMap) 
             After::Id(id) => after_id(&stream, id, params.limit),
             _ => from_start(&stream, params.limit),
         };
-        let waiting = match answer {
+        let gone = |message: String| {
+            let link = restart_link(name, params.rest.as_deref());
+            let body = serde_json::json!({
+                "schema": schemas::CHANGES_GONE,
+                "status": 410,
+                "message": message,
+                "stream": stream.name(),
+                "snapshot": link,
+            });
+            let mut response = json_response(StatusCode::GONE, body.to_string().into());
+            set(&mut response, header::CACHE_CONTROL, "no-store");
+            finish(&mut response, cursor, named.as_deref());
+            response
+        };
+        // `ahead`: the position is past this node's top (a cluster node a change behind the
+        // one the client read from); a long-poll waits for the node to get there.
+        let (waiting, ahead) = match answer {
             Read::Page(page) => {
                 let mut response = page.respond(stream.name(), shared, headers);
-                finish(&mut response, cursor, &open);
+                finish(&mut response, cursor, named.as_deref());
                 return response;
             }
-            Read::Gone(message) => {
-                let link = restart_link(name, params.rest.as_deref());
-                let body = serde_json::json!({
-                    "schema": schemas::CHANGES_GONE,
-                    "status": 410,
-                    "message": message,
-                    "stream": stream.name(),
-                    "snapshot": link,
-                });
-                let mut response = json_response(StatusCode::GONE, body.to_string().into());
-                set(&mut response, header::CACHE_CONTROL, "no-store");
-                finish(&mut response, cursor, &open);
-                return response;
+            Read::Gone { message, ahead } => {
+                if !(ahead && params.wait.is_some() && tokio::time::Instant::now() < deadline) {
+                    return gone(message);
+                }
+                (None, Some(message))
             }
-            Read::Nothing(next) => next,
+            Read::Nothing(next) => (next, None),
         };
         if params.wait.is_none() {
             if matches!(params.after, After::Now) {
@@ -392,18 +401,21 @@ async fn read(mut open: Open, name: &str, params: &Params, headers: &HeaderMap) 
                 let mut response = page.respond(stream.name(), shared, headers);
                 set(&mut response, header::CACHE_CONTROL, "no-store");
                 response.headers_mut().remove(header::ETAG);
-                finish(&mut response, cursor, &open);
+                finish(&mut response, cursor, named.as_deref());
                 return response;
             }
             if matches!(after, After::Start) {
                 return no_document_yet(&stream);
             }
             let mut response = Page::empty(waiting).respond(stream.name(), shared, headers);
-            finish(&mut response, cursor, &open);
+            finish(&mut response, cursor, named.as_deref());
             return response;
         }
         match tokio::time::timeout_at(deadline, open.subscription.live.recv()).await {
             Err(_) => {
+                if let Some(message) = ahead {
+                    return gone(message);
+                }
                 let mut response = Response::new(Body::empty());
                 *response.status_mut() = StatusCode::NO_CONTENT;
                 set(&mut response, header::CACHE_CONTROL, "no-store");
@@ -411,7 +423,7 @@ async fn read(mut open: Open, name: &str, params: &Params, headers: &HeaderMap) 
                     set(&mut response, NEXT_OFFSET, &next);
                     set(&mut response, UP_TO_DATE, "true");
                 }
-                finish(&mut response, cursor, &open);
+                finish(&mut response, cursor, named.as_deref());
                 return response;
             }
             Ok(Err(RecvError::Closed)) => {
@@ -436,8 +448,13 @@ enum Read {
     /// Nothing after the position yet (its id, to name as the next position; `None` when the
     /// stream has no document yet).
     Nothing(Option<String>),
-    /// History cannot answer exactly; why.
-    Gone(String),
+    /// History cannot answer exactly; why, and whether because the position is past the top.
+    Gone {
+        /// Why, for the client.
+        message: String,
+        /// The position is past the stream's top (same epoch).
+        ahead: bool,
+    },
 }
 
 /// A page of changes, and what it is.
@@ -491,6 +508,7 @@ impl Page {
 fn after_id(stream: &Stream, id: &EventId, limit: usize) -> Read {
     let Some(read) = stream.changes_after(id.epoch, id.seq, limit, MAX_PAGE_BYTES) else {
         let (epoch, top) = stream.position();
+        let ahead = id.epoch == epoch && id.seq > top;
         let why = if id.epoch != epoch {
             format!(
                 "{id} is of epoch {}, the stream is in epoch {epoch} (it started over)",
@@ -501,7 +519,10 @@ fn after_id(stream: &Stream, id: &EventId, limit: usize) -> Read {
         } else {
             format!("{id} is older than the stream's history")
         };
-        return Read::Gone(format!("{why}; start again from the snapshot"));
+        return Read::Gone {
+            message: format!("{why}; start again from the snapshot"),
+            ahead,
+        };
     };
     let Some(last) = read.changes.last() else {
         return Read::Nothing(Some(id.to_string()));
@@ -584,11 +605,11 @@ fn no_document_yet(stream: &Stream) -> Response {
 
 /// The headers every answer of a read carries: the cursor of a long-poll, the dynamic
 /// stream's name.
-fn finish(response: &mut Response, cursor: Option<u64>, open: &Open) {
+fn finish(response: &mut Response, cursor: Option<u64>, dynamic: Option<&str>) {
     if let Some(cursor) = cursor {
         set(response, CURSOR, &cursor.to_string());
     }
-    if let Some((name, _)) = &open.dynamic {
+    if let Some(name) = dynamic {
         set(response, super::proxy::STREAM_HEADER, name);
     }
 }

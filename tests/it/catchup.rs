@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use reqwest::header::HeaderMap;
 use serde_json::{Value, json};
 
+use crate::support::cluster::TestCluster;
 use crate::support::*;
 
 /// A document with a keyed entity array: version `n` moves one item and changes the header.
@@ -34,7 +35,12 @@ impl Answer {
 }
 
 async fn get(app: &TestApp, path: &str, headers: &[(&str, &str)]) -> Answer {
-    let mut request = reqwest::Client::new().get(app.url(path));
+    get_at(&app.url(""), path, headers).await
+}
+
+/// `GET {base}{path}`: on any server (a cluster's node).
+async fn get_at(base: &str, path: &str, headers: &[(&str, &str)]) -> Answer {
+    let mut request = reqwest::Client::new().get(format!("{base}{path}"));
     for (name, value) in headers {
         request = request.header(*name, *value);
     }
@@ -103,7 +109,12 @@ impl Follower {
 
     /// Asks for the next page and applies it (a 200); returns the answer whatever it is.
     async fn page(&mut self, app: &TestApp, extra: &str) -> Answer {
-        let answer = get(app, &self.url(extra), &[]).await;
+        self.page_at(&app.url(""), extra).await
+    }
+
+    /// [`Self::page`] from the server at `base`.
+    async fn page_at(&mut self, base: &str, extra: &str) -> Answer {
+        let answer = get_at(base, &self.url(extra), &[]).await;
         if answer.status == 200 {
             self.apply(&answer);
         }
@@ -721,4 +732,76 @@ async fn an_independent_python_client_follows_the_pages() {
     let result = follow(vec![app.url(""), "doc".into()]).await;
     assert_eq!(result["doc"], document(7));
     app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn any_node_of_a_cluster_answers_from_the_shared_log() {
+    let upstream = MockUpstream::start(document(1)).await;
+    let config = format!(
+        r#"
+[server]
+shutdown_grace = "1s"
+
+[[streams]]
+name = "doc"
+url = "{}"
+interval = "150ms"
+history = 100
+
+[cluster]
+redis = "{{redis}}"
+prefix = "c"
+lease_ttl = "1s"
+probe_interval = "500ms"
+"#,
+        upstream.url()
+    );
+    let Some(mut cluster) = TestCluster::new(&config) else {
+        return;
+    };
+    cluster.start(&["a", "b"]).await;
+    let bases = [cluster.nodes[0].base(), cluster.nodes[1].base()];
+    let mut sse = SseClient::connect(&cluster.nodes[0].stream_url("doc"), &[], false).await;
+    let mut rebuilt = Rebuilt::default();
+    assert!(rebuilt.converge(&mut sse, &document(1), SOON).await);
+
+    // Pages from either node, in turn: the same ids, the same document. A long-poll on a node
+    // a change behind the one the client last read from waits until it has that change.
+    let mut follower = Follower::new("doc", "");
+    let follow = async |follower: &mut Follower, base: &str, target: &str| {
+        let deadline = Instant::now() + SOON;
+        while follower.next.as_deref() != Some(target) {
+            assert!(
+                Instant::now() < deadline,
+                "never reached {target} on {base}"
+            );
+            let answer = follower.page_at(base, "wait=2s").await;
+            assert!(
+                matches!(answer.status, 200 | 204),
+                "{base}: {} {}",
+                answer.status,
+                answer.body
+            );
+        }
+    };
+    follow(&mut follower, &bases[1], &rebuilt.last_id).await;
+    for n in 2..=7 {
+        upstream.set(document(n));
+        assert!(rebuilt.converge(&mut sse, &document(n), SOON).await);
+        follow(&mut follower, &bases[n as usize % 2], &rebuilt.last_id).await;
+        assert_eq!(follower.document, rebuilt.document, "at version {n}");
+    }
+
+    // A node restarted keeps the log's epoch: the client's position continues there.
+    cluster.node("b").stop();
+    cluster.node("b").restart();
+    cluster.node("b").ready(Duration::from_secs(20)).await;
+    upstream.set(document(8));
+    assert!(rebuilt.converge(&mut sse, &document(8), SOON).await);
+    follow(&mut follower, &bases[1], &rebuilt.last_id).await;
+    assert_eq!(follower.document.as_ref(), Some(&document(8)));
+    assert_eq!(
+        follower.snapshots, 1,
+        "one document, then only patches, on both nodes"
+    );
 }
