@@ -479,6 +479,23 @@ async fn runtime_endpoints_rotate_secrets_and_survive_restarts() {
     let (status, view) = admin.call("GET", &format!("/{id}"), None).await;
     assert_eq!(status, 200, "{view}");
     change_and_wait(&upstream, &receiver, 2, 1).await;
+    // The format is part of the definition, shown and changed like the mode.
+    assert_eq!(view["format"], "json");
+    let (status, changed) = admin
+        .call(
+            "PATCH",
+            &format!("/{id}"),
+            Some(json!({"format": "cloudevents-binary"})),
+        )
+        .await;
+    assert_eq!(
+        (status, &changed["format"]),
+        (200, &json!("cloudevents-binary"))
+    );
+    let (status, refused) = admin
+        .call("PATCH", &format!("/{id}"), Some(json!({"format": "xml"})))
+        .await;
+    assert_eq!(status, 400, "{refused}");
     let (status, _) = admin.call("DELETE", &format!("/{id}"), None).await;
     assert_eq!(status, 204);
     let (status, _) = admin.call("GET", &format!("/{id}"), None).await;

@@ -5,7 +5,8 @@
 //! fields; Kafka record headers would be the same list). Besides the required `ce-id`,
 //! `ce-source`, `ce-type` and `ce-specversion` and the optional `ce-time`, patchwire adds the
 //! extension attributes a consumer needs to rebuild the document: `ce-stream`, `ce-epoch`,
-//! `ce-seq` and, for patches, `ce-baseseq` (the sequence number the patch applies to).
+//! `ce-seq` and, for patches, `ce-baseseq` (the sequence number the patch applies to). They
+//! are written by `wire::cloudevents`, as webhook deliveries' CloudEvents are.
 
 use std::time::SystemTime;
 
