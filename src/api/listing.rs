@@ -49,6 +49,9 @@ impl PolledUpstream {
             "last_outcome": outcome,
             "consecutive_failures": report.consecutive_failures,
             "requests": report.upstream_requests,
+            "body_bytes": report.body_bytes,
+            "subscriber_requests": report.subscriber_requests,
+            "subscriber_bytes": report.subscriber_bytes,
             "next_poll_at": time(report.next_poll_due),
         })
     }
@@ -117,6 +120,7 @@ fn describe_stream(stream: &Stream, upstream: Option<&PolledUpstream>) -> Value 
         "seq": stream.seq(),
         "subscribers": stream.subscriber_count(),
         "changes_published": stream.changes_published(),
+        "sent": {"events": stream.delivered().events(), "bytes": stream.delivered().bytes()},
         "last_change_at": rfc3339ish(stream.last_change_at()),
         "failing": failure,
         "upstream": upstream.map(PolledUpstream::describe),

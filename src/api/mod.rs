@@ -3,6 +3,7 @@
 pub mod admin;
 pub mod body;
 pub mod catchup;
+pub mod console;
 pub mod listing;
 pub mod proxy;
 pub mod push;
@@ -99,7 +100,8 @@ pub fn router(state: Arc<AppState>, cors: &Cors) -> Router {
         .route("/metrics", get(metrics))
         .fallback(fallback)
         .with_state(state)
-        .merge(admin);
+        .merge(admin)
+        .merge(console::router());
     match cors_layer(cors) {
         Some(layer) => router.layer(layer),
         None => router,

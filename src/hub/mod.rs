@@ -10,7 +10,7 @@ mod stream;
 
 pub use crate::wire::ChangeKind;
 pub use stream::{
-    Change, ChangesAfter, Derivation, Diverged, EventId, Initial, Preparation, Prepared,
+    Change, ChangesAfter, Delivered, Derivation, Diverged, EventId, Initial, Preparation, Prepared,
     Publication, Recovery, Resume, Stream, StreamEvent, StreamOptions, Subscription,
     UpstreamFailure,
 };

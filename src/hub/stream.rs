@@ -198,6 +198,37 @@ pub trait Derivation: Send + Sync {
     fn kept_alive(&self);
     /// The stream ended: no change follows.
     fn closed(&self);
+    /// Subscribers of the derived streams (the views' own subscribers).
+    fn subscribers(&self) -> usize {
+        0
+    }
+}
+
+/// What was sent to a stream's subscribers: events and their bytes as written (after gzip),
+/// over SSE and WebSocket alike. A view's stream adds to its own and to its source's.
+#[derive(Debug, Default)]
+pub struct Delivered {
+    events: AtomicU64,
+    bytes: AtomicU64,
+}
+
+impl Delivered {
+    /// Counts one event of `bytes` bytes.
+    pub fn add(&self, bytes: usize) {
+        self.events.fetch_add(1, Ordering::Relaxed);
+        self.bytes
+            .fetch_add(u64::try_from(bytes).unwrap_or(u64::MAX), Ordering::Relaxed);
+    }
+
+    /// Events sent so far.
+    pub fn events(&self) -> u64 {
+        self.events.load(Ordering::Relaxed)
+    }
+
+    /// Bytes sent so far.
+    pub fn bytes(&self) -> u64 {
+        self.bytes.load(Ordering::Relaxed)
+    }
 }
 
 /// What publishing a document did.
@@ -355,6 +386,10 @@ pub struct Stream {
     /// Serializes publishers, so a diff is computed outside `state` without racing another.
     publishing: Mutex<()>,
     changes: AtomicU64,
+    /// What its subscribers were sent.
+    delivered: Arc<Delivered>,
+    /// A view's: its source's count, which its sends add to as well.
+    source_delivered: Option<Arc<Delivered>>,
     /// Subscriptions alive: what on-demand pollers watch to start, linger and stop.
     demand: watch::Sender<usize>,
     /// A view's stream: its changes happen at some of its stream's sequence numbers only.
@@ -444,6 +479,8 @@ impl Stream {
             }),
             publishing: Mutex::new(()),
             changes: AtomicU64::new(0),
+            delivered: Arc::default(),
+            source_delivered: None,
             demand: watch::Sender::new(0),
             sparse: false,
             derivation: std::sync::OnceLock::new(),
@@ -472,6 +509,26 @@ impl Stream {
         stream.labels = labels;
         stream.sparse = true;
         stream
+    }
+
+    /// Counts what this (view's) stream sends into `source`'s count too.
+    #[must_use]
+    pub fn delivering_for(mut self, source: &Stream) -> Self {
+        self.source_delivered = Some(source.delivered.clone());
+        self
+    }
+
+    /// Counts one event of `bytes` bytes written to a subscriber.
+    pub fn count_sent(&self, bytes: usize) {
+        self.delivered.add(bytes);
+        if let Some(source) = &self.source_delivered {
+            source.add(bytes);
+        }
+    }
+
+    /// What the subscribers of this stream (and of its views) were sent.
+    pub fn delivered(&self) -> &Delivered {
+        &self.delivered
     }
 
     /// Computes streams from this one: `derivation` is told of every change from now on.
@@ -561,6 +618,12 @@ impl Stream {
             .live
             .as_ref()
             .map_or(0, broadcast::Sender::receiver_count)
+    }
+
+    /// Subscribers of this stream and of its views: who would each poll the upstream without it.
+    pub fn audience(&self) -> usize {
+        let views = self.derivation.get().map_or(0, |d| d.subscribers());
+        self.subscriber_count().saturating_add(views)
     }
 
     /// Since when the stream has had no subscription; `None` while it has some.
@@ -1448,6 +1511,34 @@ mod tests {
         assert!(s.subscribe(&Resume::Fresh).initial.is_empty());
         let next = published(s.publish(json!({"a": 1})));
         assert_eq!((next.seq, next.kind), (2, ChangeKind::Snapshot));
+    }
+
+    /// What a view's subscribers are sent counts as the view's and as its source's; the
+    /// source's own sends stay its own.
+    #[test]
+    fn a_derived_streams_sends_count_for_its_source_too() {
+        let source = stream(10);
+        let view = Stream::derived(
+            "s@v",
+            source.options.clone(),
+            source.snapshots.clone(),
+            source.metrics().clone(),
+            source.labels().clone(),
+            source.epoch(),
+            None,
+        )
+        .delivering_for(&source);
+        view.count_sent(100);
+        view.count_sent(20);
+        source.count_sent(7);
+        assert_eq!(
+            (view.delivered().events(), view.delivered().bytes()),
+            (2, 120)
+        );
+        assert_eq!(
+            (source.delivered().events(), source.delivered().bytes()),
+            (3, 127)
+        );
     }
 
     /// A view's stream counts its subscribers under its source's labels, but its history is

@@ -52,6 +52,11 @@ pub trait Publish: Send + Sync + 'static {
     fn polled<'a>(&'a self, _validators: &'a Validators) -> BoxFuture<'a, ()> {
         Box::pin(std::future::ready(()))
     }
+    /// How many subscribers the stream has now (its views' included): each would send this
+    /// poll's request itself without the proxy. None by default.
+    fn audience(&self) -> usize {
+        0
+    }
 }
 
 /// A stream's poller publishes into it. The diff runs on the blocking pool: a feed of
@@ -82,6 +87,10 @@ impl Publish for Stream {
     fn recovered(&self) -> BoxFuture<'_, ()> {
         self.recover();
         Box::pin(std::future::ready(()))
+    }
+
+    fn audience(&self) -> usize {
+        Stream::audience(self)
     }
 }
 
@@ -156,6 +165,14 @@ pub struct PollReport {
     pub consecutive_failures: u32,
     /// Requests sent upstream since the poller started.
     pub upstream_requests: u64,
+    /// Bytes of the bodies those requests received (decompressed; a 304 has none).
+    pub body_bytes: u64,
+    /// The sum, over this process's requests, of the stream's subscribers at each: the requests
+    /// they would have sent polling the upstream themselves at the stream's interval.
+    pub subscriber_requests: u64,
+    /// The sum, over this process's requests, of subscribers × body bytes: what those requests
+    /// would have downloaded.
+    pub subscriber_bytes: u64,
     /// When the next poll is due.
     pub next_poll_due: Option<SystemTime>,
 }
@@ -410,6 +427,11 @@ where
         };
         let fetch_started = Instant::now();
         let fetched = self.fetcher.fetch(&request, &self.validators).await;
+        let body_bytes = match &fetched {
+            Ok(Fetched::Body { body, .. }) => u64::try_from(body.len()).unwrap_or(u64::MAX),
+            _ => 0,
+        };
+        let audience = u64::try_from(self.publish.audience()).unwrap_or(u64::MAX);
         self.metrics
             .upstream_latency
             .get_or_create(&self.labels)
@@ -466,6 +488,11 @@ where
             r.last_outcome = Some(outcome.clone());
             r.consecutive_failures = failures;
             r.upstream_requests = r.upstream_requests.saturating_add(1);
+            r.body_bytes = r.body_bytes.saturating_add(body_bytes);
+            r.subscriber_requests = r.subscriber_requests.saturating_add(audience);
+            r.subscriber_bytes = r
+                .subscriber_bytes
+                .saturating_add(audience.saturating_mul(body_bytes));
             r.next_poll_due = Some(next_poll_due);
         });
         PollStep {

@@ -279,15 +279,18 @@ impl StreamViews {
         });
         let epoch = current.as_ref().map_or(source_epoch, |c| c.epoch);
         inner.epoch = epoch;
-        let stream = Arc::new(Stream::derived(
-            &format!("{}@{id}", self.source),
-            self.options.clone(),
-            self.snapshots.clone(),
-            self.metrics.clone(),
-            self.labels.clone(),
-            epoch,
-            snapshot,
-        ));
+        let stream = Arc::new(
+            Stream::derived(
+                &format!("{}@{id}", self.source),
+                self.options.clone(),
+                self.snapshots.clone(),
+                self.metrics.clone(),
+                self.labels.clone(),
+                epoch,
+                snapshot,
+            )
+            .delivering_for(source),
+        );
         let indexed = compiled.equalities().next().map(|(alias, values)| {
             let by_value = inner.index.entry(alias.clone()).or_default();
             for value in values {
@@ -656,6 +659,15 @@ impl Derivation for StreamViews {
         for view in inner.views.values() {
             view.stream.close();
         }
+    }
+
+    fn subscribers(&self) -> usize {
+        let inner = self.lock();
+        inner
+            .views
+            .values()
+            .map(|view| view.stream.subscriber_count())
+            .sum()
     }
 }
 

@@ -17,6 +17,7 @@ mod cluster_store;
 mod conditional;
 mod config_load;
 mod connections;
+mod console;
 mod failures;
 mod layering;
 mod load;

@@ -3,6 +3,7 @@
 
 pub mod app;
 pub mod brokers;
+pub mod chromium;
 pub mod cluster;
 pub mod nats;
 pub mod poller;
@@ -20,6 +21,17 @@ pub use sse::{Rebuilt, SseClient, SseEvent};
 pub use upstream::{Failure, MockUpstream};
 
 use std::time::Duration;
+
+/// Skips (prints why and returns `None`) outside CI, fails under `CI=true`: for a test whose
+/// component (a browser, an interpreter) is not installed.
+pub fn skip<T>(why: &str) -> Option<T> {
+    assert!(
+        std::env::var("CI").map_or(true, |v| v != "true"),
+        "CI=true and {why}"
+    );
+    eprintln!("SKIP: {why}");
+    None
+}
 
 /// A generous bound for "soon" in tests: they wait for events, never sleep for fixed times.
 pub const SOON: Duration = Duration::from_secs(5);
