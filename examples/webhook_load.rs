@@ -31,7 +31,7 @@ use patchwire::diff::DiffOptions;
 use patchwire::hub::{Hub, Publication, Stream, StreamOptions};
 use patchwire::metrics::Metrics;
 use patchwire::sinks::webhook::Webhooks;
-use patchwire::sinks::webhook::body::Mode;
+use patchwire::sinks::webhook::body::{Format, Mode};
 use patchwire::sinks::webhook::config::{
     PostgresStore, WebhookEndpointSettings, WebhookSettings, WebhookStore,
 };
@@ -240,6 +240,7 @@ async fn run(
                     .expect("a valid URL"),
                 streams: names.clone(),
                 mode: Mode::Patch,
+                format: Format::Json,
                 headers: Default::default(),
                 secret: secret.clone(),
                 description: None,

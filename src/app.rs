@@ -305,6 +305,20 @@ impl App {
                 shutdown: shutdown.clone(),
             })
         });
+        let server = &config.server;
+        let mut subscriptions = Subscriptions::new(
+            hub.clone(),
+            views.clone(),
+            proxy.clone(),
+            server.retry_hint,
+            server.cors.clone(),
+            config.websocket.enabled,
+        );
+        if let Some(cluster) = &cluster {
+            subscriptions =
+                subscriptions.after_the_log(cluster.loaded(), cluster.settings().timeout);
+        }
+        let subscriptions = Arc::new(subscriptions);
         let state = Arc::new(AppState {
             hub: hub.clone(),
             views: views.clone(),
@@ -329,25 +343,12 @@ impl App {
                 _ => None,
             },
             proxy: proxy.clone(),
+            subscriptions: subscriptions.clone(),
             cluster: cluster.as_ref().map(|node| ClusterState {
                 node: node.clone(),
                 writers,
             }),
         });
-        let server = &config.server;
-        let mut subscriptions = Subscriptions::new(
-            hub.clone(),
-            views,
-            proxy.clone(),
-            server.retry_hint,
-            server.cors.clone(),
-            config.websocket.enabled,
-        );
-        if let Some(cluster) = &cluster {
-            subscriptions =
-                subscriptions.after_the_log(cluster.loaded(), cluster.settings().timeout);
-        }
-        let subscriptions = Arc::new(subscriptions);
         let websockets = Arc::new(WebSockets::new(
             config.websocket,
             subscriptions.clone(),

@@ -201,6 +201,7 @@ fn endpoint_json(endpoint: &Endpoint) -> Value {
         "url": crate::redact::Redacted::new(&endpoint.url),
         "streams": r.streams,
         "mode": r.mode,
+        "format": r.format,
         // Values may be credentials: names only.
         "headers": r.headers.keys().collect::<Vec<_>>(),
         "source": r.source,

@@ -2,6 +2,7 @@
 
 pub mod admin;
 pub mod body;
+pub mod catchup;
 pub mod console;
 pub mod listing;
 pub mod poll;
@@ -58,6 +59,8 @@ pub struct AppState {
     pub webhooks_node: Option<String>,
     /// The proxy mode (`GET /{upstream URL}`), when `[proxy]` is enabled.
     pub proxy: Option<Arc<crate::proxy::Proxy>>,
+    /// Who may read which stream: the subscription decision, which catch-up reads share.
+    pub subscriptions: Arc<subscribe::Subscriptions>,
     /// This node's part of a cluster, when `[cluster]` is configured.
     pub cluster: Option<ClusterState>,
     /// Reloads the configuration file (`POST /admin/reload`), when started from one.
@@ -113,6 +116,8 @@ pub fn router(state: Arc<AppState>, cors: &Cors) -> Router {
         .route("/streams/{name}", get(stream).merge(push))
         .route("/streams/{name}/poll", axum::routing::post(poll::poll_now))
         .route("/admin/reload", axum::routing::post(reload::reload))
+        .route("/streams/{name}/changes", get(catchup::changes))
+        .route("/schemas/{file}", get(schema))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
@@ -146,6 +151,9 @@ fn cors_layer(cors: &Cors) -> Option<CorsLayer> {
             .expose_headers([
                 header::ETAG,
                 header::HeaderName::from_static(proxy::STREAM_HEADER),
+                header::HeaderName::from_static(catchup::NEXT_OFFSET),
+                header::HeaderName::from_static(catchup::UP_TO_DATE),
+                header::HeaderName::from_static(catchup::CURSOR),
             ])
             .max_age(Duration::from_secs(3600)),
     )
@@ -248,6 +256,32 @@ async fn readyz(State(state): State<Arc<AppState>>) -> Response {
     body["message"] = json!(format!("not ready: {}", failed.join(", ")));
     body["failed"] = json!(failed);
     (StatusCode::SERVICE_UNAVAILABLE, axum::Json(body)).into_response()
+}
+
+/// `GET /schemas/{name}.json`: the JSON Schema of a versioned envelope (`crate::schemas`).
+async fn schema(Path(file): Path<String>) -> Response {
+    let found = file.strip_suffix(".json").and_then(crate::schemas::get);
+    match found {
+        Some(text) => (
+            [
+                (header::CONTENT_TYPE, "application/schema+json"),
+                (header::CACHE_CONTROL, "public, max-age=3600"),
+            ],
+            text,
+        )
+            .into_response(),
+        None => error_response(
+            StatusCode::NOT_FOUND,
+            format!(
+                "no schema {file:?}; the schemas are: {}",
+                crate::schemas::ALL
+                    .iter()
+                    .map(|(name, _)| format!("/schemas/{name}.json"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        ),
+    }
 }
 
 async fn healthz() -> &'static str {

@@ -10,8 +10,9 @@ mod stream;
 
 pub use crate::wire::ChangeKind;
 pub use stream::{
-    Change, Delivered, Derivation, Diverged, EventId, Initial, Preparation, Prepared, Publication,
-    Recovery, Resume, Stream, StreamEvent, StreamOptions, Subscription, UpstreamFailure,
+    Change, ChangesAfter, Delivered, Derivation, Diverged, EventId, Initial, Preparation, Prepared,
+    Publication, Recovery, Resume, Stream, StreamEvent, StreamOptions, Subscription,
+    UpstreamFailure,
 };
 
 use std::collections::BTreeMap;

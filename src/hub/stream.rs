@@ -279,6 +279,17 @@ impl FromStr for EventId {
     }
 }
 
+/// A page of changes read from history by [`Stream::changes_after`].
+#[derive(Debug)]
+pub struct ChangesAfter {
+    /// The changes, oldest first.
+    pub changes: Vec<Arc<Change>>,
+    /// The stream's top sequence number when they were read.
+    pub top: u64,
+    /// Whether the page reaches the top (else it was cut by its bounds: more follow).
+    pub complete: bool,
+}
+
 /// Where a new subscriber starts.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Resume {
@@ -1059,6 +1070,42 @@ impl Stream {
         state.history.get(index).filter(|c| c.seq == seq).cloned()
     }
 
+    /// The changes after `seq` of `epoch`, oldest first, at most `max_changes` of them and
+    /// (beyond the first) at most `max_bytes` of payload, read under the state lock: what a
+    /// catch-up page holds. `None` when history cannot answer exactly (another epoch, an id
+    /// older than history's floor, or one from the future): the reader must start again
+    /// from the current document. An empty page means `seq` is the top.
+    pub fn changes_after(
+        &self,
+        epoch: u64,
+        seq: u64,
+        max_changes: usize,
+        max_bytes: usize,
+    ) -> Option<ChangesAfter> {
+        let state = self.lock();
+        if state.epoch != epoch {
+            return None;
+        }
+        let start = replay_start(&state, seq)?;
+        let mut changes = Vec::new();
+        let mut bytes = 0usize;
+        for change in state.history.iter().skip(start) {
+            if changes.len() >= max_changes
+                || (!changes.is_empty() && bytes + change.payload.len() > max_bytes)
+            {
+                break;
+            }
+            bytes += change.payload.len();
+            changes.push(change.clone());
+        }
+        let last = changes.last().map_or(seq, |c| c.seq);
+        Some(ChangesAfter {
+            changes,
+            top: state.seq,
+            complete: last == state.seq,
+        })
+    }
+
     /// The changes history holds now, and their bytes.
     pub fn history_size(&self) -> (usize, u64) {
         let state = self.lock();
@@ -1305,6 +1352,37 @@ mod tests {
         for bad in ["", "x", "s:1", "s:x:1", ":1:2", "s:1:-1", "s:1:2:3x"] {
             assert!(bad.parse::<EventId>().is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn changes_after_pages_history_and_refuses_what_it_cannot_answer() {
+        let s = stream(3);
+        for i in 0..5 {
+            published(s.publish(json!({"n": i, "pad": "x".repeat(40)})));
+        }
+        let epoch = s.epoch();
+        let seqs = |page: &ChangesAfter| page.changes.iter().map(|c| c.seq).collect::<Vec<_>>();
+        let all = s
+            .changes_after(epoch, 2, 10, usize::MAX)
+            .expect("in history");
+        assert_eq!(
+            (seqs(&all), all.top, all.complete),
+            (vec![3, 4, 5], 5, true)
+        );
+        // Cut by count, then by bytes (the first change always fits).
+        let two = s
+            .changes_after(epoch, 2, 2, usize::MAX)
+            .expect("in history");
+        assert_eq!((seqs(&two), two.complete), (vec![3, 4], false));
+        let one = s.changes_after(epoch, 2, 10, 1).expect("in history");
+        assert_eq!((seqs(&one), one.complete), (vec![3], false));
+        // At the top: an empty, complete page.
+        let top = s.changes_after(epoch, 5, 10, usize::MAX).expect("the top");
+        assert!(top.changes.is_empty() && top.complete);
+        // Older than history, from the future, another epoch: no answer.
+        assert!(s.changes_after(epoch, 1, 10, usize::MAX).is_none());
+        assert!(s.changes_after(epoch, 6, 10, usize::MAX).is_none());
+        assert!(s.changes_after(epoch + 1, 3, 10, usize::MAX).is_none());
     }
 
     #[test]

@@ -9,6 +9,7 @@ mod support;
 
 mod backpressure;
 mod brokers;
+mod catchup;
 mod cli;
 mod cluster;
 mod cluster_lease;

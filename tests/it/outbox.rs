@@ -34,6 +34,7 @@ fn endpoint(id: &str) -> EndpointRecord {
         metadata: Default::default(),
         rate_limit: None,
         events: Default::default(),
+        format: Default::default(),
         request_hash: None,
     }
 }

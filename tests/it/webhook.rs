@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use patchwire::sinks::webhook::body::Mode;
+use patchwire::sinks::webhook::body::{Format, Mode};
 use patchwire::sinks::webhook::outbox::{
     AttemptFilter, AttemptOutcome, Claim, DeliveryFilter, DeliveryState, EndpointRecord,
     EndpointStatus, NewChange, Outbox, Source, Target,
@@ -201,6 +201,7 @@ async fn every_change_arrives_signed_in_order_as_patches_or_documents(store: Tes
     let first = &hits[0];
     assert_eq!(first.headers["x-tenant"], "t1");
     assert_eq!(first.headers["content-type"], "application/json");
+    assert_eq!(first.body["schema"], "patchwire.webhook.v1");
     for key in [
         "type",
         "stream",
@@ -466,6 +467,23 @@ async fn runtime_endpoints_rotate_secrets_and_survive_restarts(store: TestStore)
     let (status, view) = admin.call("GET", &format!("/{id}"), None).await;
     assert_eq!(status, 200, "{view}");
     change_and_wait(&upstream, &receiver, 2, 1).await;
+    // The format is part of the definition, shown and changed like the mode.
+    assert_eq!(view["format"], "json");
+    let (status, changed) = admin
+        .call(
+            "PATCH",
+            &format!("/{id}"),
+            Some(json!({"format": "cloudevents-binary"})),
+        )
+        .await;
+    assert_eq!(
+        (status, &changed["format"]),
+        (200, &json!("cloudevents-binary"))
+    );
+    let (status, refused) = admin
+        .call("PATCH", &format!("/{id}"), Some(json!({"format": "xml"})))
+        .await;
+    assert_eq!(status, 400, "{refused}");
     let (status, _) = admin.call("DELETE", &format!("/{id}"), None).await;
     assert_eq!(status, 204);
     let (status, _) = admin.call("GET", &format!("/{id}"), None).await;
@@ -830,6 +848,7 @@ async fn queued(
             url: receiver.url(),
             streams: streams.iter().map(|s| (*s).to_owned()).collect(),
             mode: Mode::Patch,
+            format: Format::Json,
             headers: Default::default(),
             secret: SECRET.into(),
             previous_secret: None,
@@ -2013,6 +2032,7 @@ async fn a_reset_queues_the_document_it_started_over_with_and_the_changes_after_
         url: "http://127.0.0.1:9/".into(),
         streams: vec!["s".to_owned()],
         mode: Mode::Patch,
+        format: Format::Json,
         headers: Default::default(),
         secret: SECRET.into(),
         previous_secret: None,
@@ -2084,4 +2104,168 @@ async fn a_reset_queues_the_document_it_started_over_with_and_the_changes_after_
     assert_eq!(seqs, vec![1, 2, 3, 4, 5], "{queued:?}");
     shutdown.cancel();
     task.await.expect("the dispatcher stops");
+}
+
+/// Reads deliveries with Python's CloudEvents SDK (`cloudevents`, its HTTP binding, both
+/// modes) and checks the JSON ones against the schema the server serves (`jsonschema`): one
+/// JSON line per delivery, `{"event": attributes and data}` or `{"valid": true}`.
+const PYTHON_CLOUDEVENTS: &str = r#"
+import json, sys, urllib.request
+import jsonschema
+from cloudevents.v1.http import from_http
+schema = json.load(urllib.request.urlopen(sys.argv[1] + "/schemas/patchwire.webhook.v1.json"))
+validator = jsonschema.Draft202012Validator(schema, format_checker=jsonschema.FormatChecker())
+for line in sys.stdin:
+    hit = json.loads(line)
+    if hit["format"] == "json":
+        validator.validate(json.loads(hit["body"]))
+        print(json.dumps({"valid": True}))
+    else:
+        event = from_http(hit["headers"], hit["body"].encode())
+        attributes = dict(event.get_attributes())
+        attributes["data"] = event.data
+        print(json.dumps({"event": attributes}))
+"#;
+
+#[tokio::test]
+async fn cloudevents_endpoints_are_read_by_the_cloudevents_sdk() {
+    let probe = std::process::Command::new("python3")
+        .args(["-c", "import cloudevents.v1.http, jsonschema"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status();
+    if !matches!(probe, Ok(status) if status.success()) {
+        patchwire_test_data::skip::<()>(
+            "python3 with `cloudevents` and `jsonschema` is not available (pip install cloudevents jsonschema)",
+        );
+        return;
+    }
+    let upstream = MockUpstream::start(json!({"n": 0, "items": [], "pad": PAD})).await;
+    let structured = Receiver::start(&[SECRET]).await;
+    let binary = Receiver::start(&[SECRET]).await;
+    let plain = Receiver::start(&[SECRET]).await;
+    let store = TestStore::sqlite();
+    let with_format = |id: &str, url: &str, format: &str| {
+        endpoint(id, url, &["fleet"], Mode::Patch).replace(
+            "mode = \"patch\"",
+            &format!("mode = \"patch\"\nformat = \"{format}\""),
+        )
+    };
+    let app = start(
+        &upstream,
+        &store,
+        &[
+            with_format("structured", &structured.url(), "cloudevents"),
+            with_format("binary", &binary.url(), "cloudevents-binary"),
+            with_format("plain", &plain.url(), "json"),
+        ],
+        "",
+    )
+    .await;
+    change_and_wait(&upstream, &plain, 1, 3).await;
+    let plain_hits = unique(&plain.accepted());
+    // The same changes reach the other endpoints (a poll may have caught two versions).
+    let last = plain_hits.last().unwrap().seq().to_string();
+    let reached = |hits: &[Hit]| {
+        hits.iter()
+            .any(|h| h.headers.get("ce-seq").is_some_and(|s| *s == *last) || h.body["seq"] == *last)
+    };
+    let structured_hits = unique(&structured.wait_for(LONG, "the last change", reached).await);
+    let binary_hits = unique(&binary.wait_for(LONG, "the last change", reached).await);
+
+    let mut lines = String::new();
+    for (format, hits) in [
+        ("cloudevents", &structured_hits),
+        ("cloudevents-binary", &binary_hits),
+        ("json", &plain_hits),
+    ] {
+        for hit in hits {
+            assert!(
+                !hit.verified_by.is_empty(),
+                "{format}: signed over the bytes sent"
+            );
+            let headers: serde_json::Map<String, Value> = hit
+                .headers
+                .iter()
+                .map(|(n, v)| (n.as_str().to_owned(), json!(v.to_str().unwrap())))
+                .collect();
+            lines.push_str(
+                &json!({"format": format, "headers": headers, "body": hit.body.to_string()})
+                    .to_string(),
+            );
+            lines.push('\n');
+        }
+    }
+    let mut child = tokio::process::Command::new("python3")
+        .args(["-c", PYTHON_CLOUDEVENTS, &app.url("")])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("python3 starts");
+    {
+        use tokio::io::AsyncWriteExt;
+        let mut stdin = child.stdin.take().unwrap();
+        stdin.write_all(lines.as_bytes()).await.unwrap();
+    }
+    let output = child.wait_with_output().await.expect("python3 ran");
+    assert!(
+        output.status.success(),
+        "the CloudEvents SDK refused a delivery: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let read: Vec<Value> = String::from_utf8(output.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let (structured_read, rest) = read.split_at(structured_hits.len());
+    let (binary_read, plain_read) = rest.split_at(binary_hits.len());
+    assert!(plain_read.iter().all(|r| r["valid"] == true));
+    for (mode, events, hits) in [
+        ("structured", structured_read, &structured_hits),
+        ("binary", binary_read, &binary_hits),
+    ] {
+        let mut document = Value::Null;
+        let mut at = None;
+        for (event, hit) in events.iter().map(|r| &r["event"]).zip(hits.iter()) {
+            let (epoch, seq) = (
+                event["epoch"].as_str().unwrap().parse::<u64>().unwrap(),
+                event["seq"].as_str().unwrap().parse::<u64>().unwrap(),
+            );
+            assert_eq!(event["specversion"], "1.0");
+            assert_eq!(event["id"], format!("fleet:{epoch}:{seq}"), "{mode}");
+            assert_eq!(event["source"], "/streams/fleet");
+            assert!(event["time"].as_str().is_some_and(|t| t.ends_with('Z')));
+            // The webhook id stays the Standard Webhooks one, beside the event's.
+            assert!(hit.id().starts_with("msg_"));
+            match event["type"].as_str().unwrap() {
+                "stream.snapshot" => {
+                    assert_eq!(event["datacontenttype"], "application/json", "{mode}");
+                    document = event["data"].clone();
+                }
+                "stream.patch" => {
+                    assert_eq!(event["datacontenttype"], "application/json-patch+json");
+                    let base: u64 = event["baseseq"].as_str().unwrap().parse().unwrap();
+                    assert_eq!(at, Some((epoch, base)), "{mode}: an unbroken chain");
+                    let patch: json_patch::Patch =
+                        serde_json::from_value(event["data"].clone()).unwrap();
+                    json_patch::patch(&mut document, &patch).unwrap();
+                }
+                other => panic!("{mode}: type {other}"),
+            }
+            at = Some((epoch, seq));
+        }
+        assert_eq!(document, upstream.document(), "{mode}");
+    }
+    assert_eq!(
+        structured_hits[0].headers["content-type"],
+        "application/cloudevents+json"
+    );
+    assert_eq!(
+        binary_hits[1].headers["content-type"],
+        "application/json-patch+json"
+    );
+    app.stop().await;
 }

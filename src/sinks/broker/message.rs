@@ -5,7 +5,8 @@
 //! fields; Kafka record headers would be the same list). Besides the required `ce-id`,
 //! `ce-source`, `ce-type` and `ce-specversion` and the optional `ce-time`, patchwire adds the
 //! extension attributes a consumer needs to rebuild the document: `ce-stream`, `ce-epoch`,
-//! `ce-seq` and, for patches, `ce-baseseq` (the sequence number the patch applies to).
+//! `ce-seq` and, for patches, `ce-baseseq` (the sequence number the patch applies to). They
+//! are written by `wire::cloudevents`, as webhook deliveries' CloudEvents are.
 
 use std::time::SystemTime;
 
@@ -14,10 +15,7 @@ use bytes::Bytes;
 use crate::hub::{EventId, Stream};
 use crate::sinks::webhook::body::{Mode, event_type};
 use crate::time::rfc3339;
-use crate::wire::ChangeKind;
-
-/// The CloudEvents version the attributes follow.
-pub const SPEC_VERSION: &str = "1.0";
+use crate::wire::{ChangeKind, cloudevents};
 
 /// One message for a broker: a change, or the document at a sequence number.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -93,30 +91,24 @@ impl Message {
 
     /// The `content-type` of the payload.
     pub fn content_type(&self) -> &'static str {
-        match self.kind {
-            ChangeKind::Patch => "application/json-patch+json",
-            ChangeKind::Snapshot => "application/json",
-        }
+        cloudevents::content_type(self.kind)
     }
 
     /// The CloudEvents attributes, as `ce-` headers (binary mode) in a fixed order, then
-    /// `content-type`.
+    /// `content-type` (written by `wire::cloudevents`, as webhook deliveries' are).
     pub fn attributes(&self) -> Vec<(&'static str, String)> {
-        let mut attributes = vec![
-            ("ce-specversion", SPEC_VERSION.to_owned()),
-            ("ce-id", self.id.clone()),
-            ("ce-type", event_type(self.kind).to_owned()),
-            ("ce-source", self.source.clone()),
-            ("ce-time", self.time.clone()),
-            ("ce-stream", self.stream.clone()),
-            ("ce-epoch", self.epoch.to_string()),
-            ("ce-seq", self.seq.to_string()),
-        ];
-        if let Some(base) = self.base_seq {
-            attributes.push(("ce-baseseq", base.to_string()));
+        cloudevents::Attributes {
+            id: &self.id,
+            kind_name: event_type(self.kind),
+            source: &self.source,
+            time: &self.time,
+            kind: self.kind,
+            stream: &self.stream,
+            epoch: self.epoch,
+            seq: self.seq,
+            base_seq: self.base_seq,
         }
-        attributes.push(("content-type", self.content_type().to_owned()));
-        attributes
+        .headers()
     }
 
     /// The bytes this message holds while it waits (payload and attributes, roughly).

@@ -11,7 +11,7 @@ use http::header::HeaderValue;
 use serde::Deserialize;
 use url::Url;
 
-use super::body::{Events, Mode};
+use super::body::{Events, Format, Mode};
 use super::schedule::RetrySchedule;
 use super::sign::Secret;
 use crate::ssrf;
@@ -25,7 +25,7 @@ use crate::validation::{
 pub mod defaults {
     use std::time::Duration;
 
-    use crate::sinks::webhook::body::Mode;
+    use crate::sinks::webhook::body::{Format, Mode};
 
     /// `webhooks.database`.
     pub const DATABASE: &str = "patchwire-webhooks.db";
@@ -53,6 +53,8 @@ pub mod defaults {
     pub const CLAIM_TIMEOUT_FACTOR: u32 = 2;
     /// `webhooks.endpoints[].mode`.
     pub const MODE: Mode = Mode::Patch;
+    /// `webhooks.endpoints[].format`.
+    pub const FORMAT: Format = Format::Json;
 }
 
 /// Inclusive bounds of `[webhooks]` keys.
@@ -196,6 +198,9 @@ pub struct RawWebhookEndpoint {
     pub streams: Vec<String>,
     /// `"patch"` or `"snapshot"` ([default](defaults::MODE)).
     pub mode: Option<Mode>,
+    /// `"json"`, `"cloudevents"` (structured) or `"cloudevents-binary"`
+    /// ([default](defaults::FORMAT)).
+    pub format: Option<Format>,
     /// Extra headers sent with every delivery (`${VAR}` allowed in values).
     #[serde(default)]
     pub headers: BTreeMap<String, String>,
@@ -413,6 +418,8 @@ pub struct WebhookEndpointSettings {
     pub streams: Vec<String>,
     /// Patches or whole documents.
     pub mode: Mode,
+    /// JSON or CloudEvents.
+    pub format: Format,
     /// Extra headers, `${VAR}` resolved.
     pub headers: BTreeMap<String, String>,
     /// The signing secret.
@@ -930,6 +937,7 @@ fn endpoint(
         url,
         streams: raw.streams.clone(),
         mode: raw.mode.unwrap_or(defaults::MODE),
+        format: raw.format.unwrap_or(defaults::FORMAT),
         headers,
         secret,
         description: raw.description.clone(),

@@ -7,6 +7,9 @@ use std::time::{Duration, SystemTime};
 
 use http::{HeaderMap, HeaderValue, StatusCode, header};
 
+use bytes::Bytes;
+
+use super::body;
 use super::outbox::Delivery;
 use super::registry::Endpoint;
 use super::sign::signature_header;
@@ -76,14 +79,22 @@ pub fn classify(
     })
 }
 
-/// The headers of an attempt made at `now`: the endpoint's own, the JSON content type, and the
-/// Standard Webhooks `webhook-id`, `webhook-timestamp` and `webhook-signature` (one signature
-/// per secret in use at `now`, so a rotation overlaps).
-pub fn headers(
+/// The request of an attempt made at `now`: the body in the endpoint's format (the stored
+/// JSON, or a CloudEvent of it: `body::render`), and the headers: the endpoint's own, the
+/// content type (and the `ce-` attributes in binary mode), and the Standard Webhooks
+/// `webhook-id`, `webhook-timestamp` and `webhook-signature` over the bytes sent (one
+/// signature per secret in use at `now`, so a rotation overlaps).
+pub fn request(
     endpoint: &Endpoint,
     delivery: &Delivery,
     now: SystemTime,
-) -> Result<HeaderMap, AttemptError> {
+) -> Result<(HeaderMap, Bytes), AttemptError> {
+    let rendered = body::render(endpoint.record.format, &delivery.body).map_err(|e| {
+        retry(format!(
+            "cannot write the delivery as {}: {e}",
+            endpoint.record.format.as_str()
+        ))
+    })?;
     let timestamp = now
         .duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
@@ -91,23 +102,27 @@ pub fn headers(
         endpoint.signing_secrets(unix_ms(now)),
         &delivery.msg_id,
         timestamp,
-        &delivery.body,
+        &rendered.body,
     );
     let mut headers = endpoint.headers.clone();
     headers.insert(
         header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
+        HeaderValue::from_static(rendered.content_type),
     );
+    let attributes = rendered.headers.iter().map(|(n, v)| (*n, v.as_str()));
     for (name, value) in [
         ("webhook-id", delivery.msg_id.as_str()),
         ("webhook-timestamp", &timestamp.to_string()),
         ("webhook-signature", &signature),
-    ] {
+    ]
+    .into_iter()
+    .chain(attributes)
+    {
         let value = HeaderValue::from_str(value)
             .map_err(|_| retry(format!("cannot encode the {name} header")))?;
         headers.insert(name, value);
     }
-    Ok(headers)
+    Ok((headers, rendered.body))
 }
 
 fn retry(message: String) -> AttemptError {
@@ -162,15 +177,15 @@ impl Sender {
         if let Err(refused) = ssrf::check_url(&endpoint.url, self.allow_private) {
             return failed(AttemptError::Refused(refused));
         }
-        let headers = match headers(endpoint, delivery, SystemTime::now()) {
-            Ok(headers) => headers,
+        let (headers, body) = match request(endpoint, delivery, SystemTime::now()) {
+            Ok(request) => request,
             Err(error) => return failed(error),
         };
         let sent = self
             .client
             .post(endpoint.url.clone())
             .headers(headers)
-            .body(delivery.body.clone())
+            .body(body)
             .timeout(self.timeout)
             .send()
             .await;
@@ -310,10 +325,9 @@ async fn excerpt_and_drain(mut response: reqwest::Response) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sinks::webhook::body::Mode;
+    use crate::sinks::webhook::body::{Format, Mode};
     use crate::sinks::webhook::outbox::{DeliveryState, EndpointRecord, EndpointStatus, Source};
     use crate::wire::ChangeKind;
-    use bytes::Bytes;
     use std::collections::BTreeMap;
 
     #[test]
@@ -360,6 +374,7 @@ mod tests {
             url: "https://hooks.example.com/x".into(),
             streams: vec!["s".into()],
             mode: Mode::Patch,
+            format: Format::Json,
             headers: BTreeMap::from([("X-Tenant".to_owned(), "t1".to_owned())]),
             secret: NEW.into(),
             previous_secret: Some(OLD.into()),
@@ -408,12 +423,13 @@ mod tests {
                 .verify(&delivery.body, headers)
                 .is_ok()
         };
-        let overlapping = headers(&endpoint(u64::MAX), &delivery, now).unwrap();
+        let (overlapping, body) = request(&endpoint(u64::MAX), &delivery, now).unwrap();
+        assert_eq!(body, delivery.body, "the JSON format sends the stored body");
         assert!(verifies(&overlapping, NEW) && verifies(&overlapping, OLD));
         assert_eq!(overlapping["webhook-id"], delivery.msg_id.as_str());
         assert_eq!(overlapping[header::CONTENT_TYPE], "application/json");
         assert_eq!(overlapping["x-tenant"], "t1");
-        let rotated = headers(&endpoint(0), &delivery, now).unwrap();
+        let (rotated, _) = request(&endpoint(0), &delivery, now).unwrap();
         assert!(verifies(&rotated, NEW) && !verifies(&rotated, OLD));
     }
 

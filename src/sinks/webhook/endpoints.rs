@@ -13,7 +13,7 @@ use rand::rngs::StdRng;
 use tokio::sync::Notify;
 use url::Url;
 
-use super::body::{Events, Mode};
+use super::body::{Events, Format, Mode};
 use super::config::{
     WebhookEndpointSettings, WebhookSettings, endpoint_description, endpoint_headers,
     endpoint_metadata, endpoint_rate_limit,
@@ -58,6 +58,8 @@ pub struct NewEndpoint {
     pub streams: Vec<String>,
     /// `patch` (default) or `snapshot`.
     pub mode: Option<Mode>,
+    /// `json` (default), `cloudevents` or `cloudevents-binary`.
+    pub format: Option<Format>,
     /// Extra headers.
     #[serde(default)]
     pub headers: BTreeMap<String, String>,
@@ -97,6 +99,8 @@ pub struct EndpointChanges {
     pub streams: Option<Vec<String>>,
     /// New mode.
     pub mode: Option<Mode>,
+    /// New format.
+    pub format: Option<Format>,
     /// New extra headers (replacing all).
     pub headers: Option<BTreeMap<String, String>>,
     /// `true` disables, `false` re-enables (and clears the failure streak).
@@ -130,6 +134,7 @@ fn record_of_config(
         url: settings.url.to_string(),
         streams: settings.streams.clone(),
         mode: settings.mode,
+        format: settings.format,
         headers: settings.headers.clone(),
         secret,
         previous_secret,
@@ -518,6 +523,7 @@ impl Endpoints {
             url: url.to_string(),
             streams: input.streams,
             mode: input.mode.unwrap_or(Mode::Patch),
+            format: input.format.unwrap_or_default(),
             headers: input.headers,
             secret: secret.expose().to_owned(),
             previous_secret: None,
@@ -577,6 +583,7 @@ impl Endpoints {
         let redefines = changes.url.is_some()
             || changes.streams.is_some()
             || changes.mode.is_some()
+            || changes.format.is_some()
             || changes.headers.is_some()
             || changes.events.is_some();
         let describes = changes.description.is_some()
@@ -601,6 +608,9 @@ impl Endpoints {
         }
         if let Some(events) = &changes.events {
             record.events = Self::check_events(events)?;
+        }
+        if let Some(format) = changes.format {
+            record.format = format;
         }
         if let Some(headers) = changes.headers {
             Self::check_headers(&headers)?;

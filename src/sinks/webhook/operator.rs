@@ -178,6 +178,7 @@ impl Operator {
             metadata: BTreeMap::new(),
             rate_limit: None,
             events: Default::default(),
+            format: Default::default(),
             request_hash: None,
         };
         let target = Endpoint::new(record, EndpointStatus::default()).map(Arc::new);

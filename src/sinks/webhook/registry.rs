@@ -215,6 +215,7 @@ impl Registry {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::sinks::webhook::body::Format;
     use crate::sinks::webhook::outbox::{Disabled, Source};
 
     fn endpoint(status: EndpointStatus) -> Endpoint {
@@ -224,6 +225,7 @@ mod tests {
                 url: "https://hooks.example.com/x".into(),
                 streams: vec!["s".into()],
                 mode: Mode::Patch,
+                format: Format::Json,
                 headers: BTreeMap::new(),
                 secret: "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw".into(),
                 previous_secret: None,

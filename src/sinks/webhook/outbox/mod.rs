@@ -31,7 +31,7 @@ use std::time::{Duration, SystemTime};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
-use crate::sinks::webhook::body::{self, BodyError, Cursor, Events, Mode, Plan};
+use crate::sinks::webhook::body::{self, BodyError, Cursor, Events, Format, Mode, Plan};
 use crate::wire::ChangeKind;
 
 /// A boxed future of an outbox operation (the trait stays object-safe).
@@ -88,6 +88,10 @@ pub struct EndpointRecord {
     pub streams: Vec<String>,
     /// Patches or whole documents.
     pub mode: Mode,
+    /// How deliveries are written (JSON or CloudEvents); absent in definitions stored before
+    /// it existed, which are JSON.
+    #[serde(default)]
+    pub format: Format,
     /// Extra headers sent with every delivery.
     pub headers: BTreeMap<String, String>,
     /// The signing secret, `whsec_...`.

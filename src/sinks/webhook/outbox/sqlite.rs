@@ -1025,7 +1025,7 @@ impl Outbox for SqliteOutbox {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sinks::webhook::body::Mode;
+    use crate::sinks::webhook::body::{Format, Mode};
     use crate::sinks::webhook::outbox::{DeliveryState, Source};
     use crate::wire::ChangeKind;
     use std::collections::BTreeMap;
@@ -1038,6 +1038,7 @@ mod tests {
             url: "http://127.0.0.1:1/hook".into(),
             streams: vec!["s".into()],
             mode: Mode::Patch,
+            format: Format::Json,
             headers: BTreeMap::new(),
             secret: "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw".into(),
             previous_secret: None,
