@@ -915,6 +915,10 @@ impl Publish for Retiring {
         self.inner.recovered()
     }
 
+    fn audience(&self) -> usize {
+        self.inner.audience()
+    }
+
     fn polled<'a>(
         &'a self,
         validators: &'a crate::upstream::fetch::Validators,

@@ -484,4 +484,8 @@ impl Publish for Restarting {
     fn recovered(&self) -> BoxFuture<'_, ()> {
         Publish::recovered(&*self.stream)
     }
+
+    fn audience(&self) -> usize {
+        self.stream.audience()
+    }
 }

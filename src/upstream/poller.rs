@@ -54,10 +54,9 @@ pub trait Publish: Send + Sync + 'static {
         Box::pin(std::future::ready(()))
     }
     /// How many subscribers the stream has now (its views' included): each would send this
-    /// poll's request itself without the proxy. None by default.
-    fn audience(&self) -> usize {
-        0
-    }
+    /// poll's request itself without the proxy. No default: a wrapper that forgot to forward
+    /// it would count no one.
+    fn audience(&self) -> usize;
 }
 
 /// A stream's poller publishes into it. The diff runs on the blocking pool: a feed of

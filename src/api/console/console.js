@@ -263,6 +263,8 @@
     if (unique.includes(chosen)) select.value = chosen;
   }
 
+  const PAUSED = "Paused while this page is hidden";
+
   async function refresh() {
     refreshTimer = null;
     try {
@@ -273,11 +275,13 @@
       renderSaved();
       renderProxyAndCluster();
       renderInspectorChoices();
-      setConnection("Live", "updated " + new Date().toLocaleTimeString());
+      if (!document.hidden) setConnection("Live", "updated " + new Date().toLocaleTimeString());
     } catch (error) {
-      setConnection("Cannot reach the server: " + error.message);
+      if (!document.hidden) setConnection("Cannot reach the server: " + error.message);
     }
-    if (!document.hidden) refreshTimer = setTimeout(refresh, REFRESH_MS);
+    // A request in flight when the page was hidden must not say "Live" or ask again.
+    if (document.hidden) setConnection(PAUSED);
+    else refreshTimer = setTimeout(refresh, REFRESH_MS);
   }
 
   /** The live region says what changed (live, failing, paused), not every refresh. */
@@ -763,7 +767,7 @@
     }
     // What happened meanwhile is not a rate of the time shown: the chart starts again.
     samples.length = 0;
-    setConnection("Paused while this page is hidden");
+    setConnection(PAUSED);
   }
   function resume() {
     if (!refreshTimer) refresh();
@@ -779,7 +783,7 @@
   // ---- start -----------------------------------------------------------------------------------
 
   if (token) { $("admin-token").value = token; $("remember-token").checked = true; }
-  if (!document.hidden) refresh(); else setConnection("Paused while this page is hidden");
+  if (!document.hidden) refresh(); else setConnection(PAUSED);
   probeWebhooks().then((available) => { if (available && token && !document.hidden) loadEndpoints(); });
   const wanted = new URLSearchParams(location.hash.slice(1)).get("follow");
   if (wanted) follow(wanted);

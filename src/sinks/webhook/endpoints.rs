@@ -352,6 +352,10 @@ impl Endpoints {
             changed.push(endpoint.record.id.clone());
             let endpoint = self.registry.put((*endpoint).clone());
             if redefined {
+                // Owed in the outbox first: the dispatcher queues what the outbox says is owed.
+                self.outbox
+                    .owe_snapshot(endpoint.record.id.clone(), endpoint.record.streams.clone())
+                    .await?;
                 self.request_resync(&endpoint);
             }
         }

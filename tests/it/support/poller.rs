@@ -99,6 +99,10 @@ impl Publish for Recorder {
             .push(Event::Recovered);
         Box::pin(std::future::ready(()))
     }
+
+    fn audience(&self) -> usize {
+        0
+    }
 }
 
 pub fn rate(per_second: u32, burst: u32) -> RateLimit {
