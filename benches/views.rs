@@ -232,7 +232,7 @@ impl Setup {
         let mut subscriptions = Vec::new();
         let mut held_views = None;
         if let Some(queries) = queries {
-            let mut views = Views::new();
+            let views = Views::new();
             views.attach(
                 &stream,
                 StreamViews::new(
@@ -243,7 +243,7 @@ impl Setup {
                     Budget::new(configured.max_views),
                 ),
             );
-            held_views = views.of(NAME).cloned();
+            held_views = views.of(NAME);
             for query in queries {
                 let target = match views.target(&hub, NAME, Some(query)) {
                     Some(Ok(target @ Target::View(..))) => target,

@@ -31,7 +31,7 @@ use futures_util::StreamExt as _;
 use patchwire::diff::DiffOptions;
 use patchwire::hub::{Hub, Publication, Stream, StreamOptions};
 use patchwire::metrics::Metrics;
-use patchwire::sinks::broker::config::{BrokerKind, BrokerSinkSettings, RawSinks};
+use patchwire::sinks::broker::config::{BrokerKind, BrokerSinkSettings, RawSinks, Source};
 use patchwire::sinks::broker::{Brokers, Turns};
 use patchwire::snapshot::SnapshotStore;
 use patchwire::validation::Problems;
@@ -79,8 +79,11 @@ fn sink(kind: &str, url: &str, names: &[String]) -> anyhow::Result<BrokerSinkSet
     };
     let raw: RawSinks = toml::from_str(&text)?;
     let mut problems = Problems::default();
-    let names: Vec<&str> = names.iter().map(String::as_str).collect();
-    let mut sinks = raw.validate(&names, &|_| None, &mut problems);
+    let sources: Vec<Source<'_>> = names
+        .iter()
+        .map(|name| Source { name, views: None })
+        .collect();
+    let mut sinks = raw.validate(&sources, &|_| None, &mut problems);
     problems.finish(None, ())?;
     sinks
         .pop()
@@ -225,6 +228,7 @@ async fn run(
     let brokers = Brokers::start(
         std::slice::from_ref(&sink),
         &hub,
+        &patchwire::views::Views::new(),
         &Turns::new(),
         &mut tasks,
         shutdown.clone(),

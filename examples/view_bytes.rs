@@ -302,7 +302,7 @@ fn measure(name: &str, dir: &Path) -> Result<Report, String> {
         snapshots.clone(),
         Arc::new(Metrics::new()),
     )));
-    let mut views = Views::new();
+    let views = Views::new();
     views.attach(
         &stream,
         StreamViews::new(

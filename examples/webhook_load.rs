@@ -1,17 +1,23 @@
-//! Webhook delivery throughput and latency with the durable SQLite outbox, to a fast receiver
-//! on 127.0.0.1.
+//! Webhook delivery throughput and latency with a durable outbox, to a fast receiver on
+//! 127.0.0.1.
 //!
 //! ```text
 //! cargo run --release --example webhook_load                       # defaults below
-//! cargo run --release --example webhook_load -- RATE SECONDS STREAMS ENDPOINTS
+//! cargo run --release --example webhook_load -- RATE SECONDS STREAMS ENDPOINTS [STORE]
 //! ```
+//!
+//! `STORE` is `sqlite` (the default: a temporary file with `synchronous = FULL`), `postgres` (a
+//! throwaway PostgreSQL server from the system's binaries, `initdb` into a temporary directory,
+//! with its durable defaults: `fsync` and `synchronous_commit` on), a `postgres://` URL (an
+//! empty database of your own), or `both`: SQLite, then PostgreSQL, in the same run, and a
+//! table of the two.
 //!
 //! Publishes `RATE` changes per second (spread over `STREAMS` streams) for `SECONDS` seconds;
 //! every endpoint subscribes to every stream, so each change is `ENDPOINTS` deliveries. Prints
 //! deliveries per second (from the first publish to the last delivery received) and the
 //! latency from `Stream::publish` to the receiver's handler, p50/p99/max. A rate of 0 publishes
-//! as fast as possible (a backlog; latency then measures queueing). The outbox is a temporary
-//! file with `synchronous = FULL`. Traffic stays on 127.0.0.1; the run ends by itself.
+//! as fast as possible (a backlog; latency then measures queueing). Traffic stays on
+//! 127.0.0.1; the run ends by itself.
 
 mod support;
 
@@ -25,8 +31,11 @@ use patchwire::diff::DiffOptions;
 use patchwire::hub::{Hub, Publication, Stream, StreamOptions};
 use patchwire::metrics::Metrics;
 use patchwire::sinks::webhook::Webhooks;
-use patchwire::sinks::webhook::body::Mode;
-use patchwire::sinks::webhook::config::{WebhookEndpointSettings, WebhookSettings};
+use patchwire::sinks::webhook::body::{Format, Mode};
+use patchwire::sinks::webhook::config::{
+    PostgresStore, WebhookEndpointSettings, WebhookSettings, WebhookStore,
+};
+use patchwire::sinks::webhook::outbox::postgres::PostgresOutbox;
 use patchwire::sinks::webhook::outbox::sqlite::SqliteOutbox;
 use patchwire::sinks::webhook::outbox::{DeliveryFilter, DeliveryState, Outbox};
 use patchwire::sinks::webhook::schedule::RetrySchedule;
@@ -37,7 +46,37 @@ use serde_json::json;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use patchwire_test_data::postgres::{Durability, TempPostgres};
 use support::{arg, percentile};
+
+/// Which outbox a run measures.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Store {
+    Sqlite,
+    /// A throwaway server.
+    Postgres,
+    /// A database of the user's.
+    PostgresAt(String),
+}
+
+impl Store {
+    fn name(&self) -> &'static str {
+        match self {
+            Store::Sqlite => "SQLite",
+            Store::Postgres | Store::PostgresAt(_) => "PostgreSQL",
+        }
+    }
+}
+
+/// What one run measured.
+struct Measured {
+    store: &'static str,
+    delivered: u64,
+    expected: u64,
+    per_second: f64,
+    p50: Duration,
+    p99: Duration,
+}
 
 type Arrivals = Arc<Mutex<HashMap<(String, u64), Vec<Instant>>>>;
 
@@ -70,6 +109,21 @@ fn main() -> ExitCode {
             arg(&args, 3, 8)?,
         ))
     })();
+    let stores = match args.get(4).map(String::as_str) {
+        None | Some("sqlite") => vec![Store::Sqlite],
+        Some("postgres") => vec![Store::Postgres],
+        Some("both") => vec![Store::Sqlite, Store::Postgres],
+        Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
+            vec![Store::PostgresAt(url.to_owned())]
+        }
+        Some(other) => {
+            eprintln!(
+                "webhook_load: expected STORE to be sqlite, postgres, both or a postgres:// URL, \
+                 got {other:?}"
+            );
+            return ExitCode::FAILURE;
+        }
+    };
     let (rate, seconds, streams, endpoints) = match parsed {
         Ok(p) if p.2 > 0 && p.3 > 0 && p.1 > 0 => p,
         Ok(_) => {
@@ -85,7 +139,42 @@ fn main() -> ExitCode {
         .with_env_filter(tracing_subscriber::EnvFilter::new("warn"))
         .with_writer(std::io::stderr)
         .init();
-    support::run("webhook_load", run(rate, seconds, streams, endpoints))
+    support::run("webhook_load", async move {
+        let mut table = Vec::new();
+        for store in stores {
+            // A throwaway server lives for its run only.
+            let server = match store {
+                Store::Postgres => Some(
+                    TempPostgres::start(Durability::Durable)
+                        .ok_or_else(|| anyhow::anyhow!("PostgreSQL is not installed"))?,
+                ),
+                _ => None,
+            };
+            let url = match (&store, &server) {
+                (Store::PostgresAt(url), _) => Some(url.clone()),
+                (_, Some(server)) => Some(server.url()),
+                _ => None,
+            };
+            table.push(run(rate, seconds, streams, endpoints, store.name(), url).await?);
+        }
+        if table.len() > 1 {
+            println!();
+            println!("| store | deliveries | delivered/s | p50 | p99 |");
+            println!("| --- | --- | --- | --- | --- |");
+            for m in &table {
+                println!(
+                    "| {} | {} of {} | {:.0} | {:.1} ms | {:.1} ms |",
+                    m.store,
+                    m.delivered,
+                    m.expected,
+                    m.per_second,
+                    m.p50.as_secs_f64() * 1e3,
+                    m.p99.as_secs_f64() * 1e3
+                );
+            }
+        }
+        Ok(())
+    })
 }
 
 async fn run(
@@ -93,7 +182,9 @@ async fn run(
     seconds: u64,
     stream_count: u64,
     endpoint_count: u64,
-) -> anyhow::Result<()> {
+    store_name: &'static str,
+    postgres: Option<String>,
+) -> anyhow::Result<Measured> {
     let arrivals: Arrivals = Arc::default();
     let (addr, stop) = support::receiver(arrivals.clone(), receive).await?;
 
@@ -119,8 +210,16 @@ async fn run(
         .collect();
     let dir = tempfile::tempdir()?;
     let secret = Secret::parse("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw")?;
+    let store = match &postgres {
+        None => WebhookStore::Sqlite(dir.path().join("outbox.db")),
+        Some(url) => WebhookStore::Postgres(PostgresStore {
+            url: url.parse()?,
+            connections: 16,
+        }),
+    };
     let settings = WebhookSettings {
-        database: dir.path().join("outbox.db"),
+        store: store.clone(),
+        claim_timeout: Duration::from_secs(30),
         allow_private_targets: true,
         admin_token: None,
         schedule: RetrySchedule::default(),
@@ -130,7 +229,9 @@ async fn run(
         workers: 256,
         backlog_limit: 1_000_000,
         retention: Duration::from_secs(3600),
+        attempt_retention: Duration::from_secs(3600),
         rotation_overlap: Duration::from_secs(3600),
+        operator: None,
         endpoints: (0..endpoint_count)
             .map(|i| WebhookEndpointSettings {
                 id: format!("e{i}"),
@@ -139,12 +240,23 @@ async fn run(
                     .expect("a valid URL"),
                 streams: names.clone(),
                 mode: Mode::Patch,
+                format: Format::Json,
                 headers: Default::default(),
                 secret: secret.clone(),
+                description: None,
+                metadata: Default::default(),
+                events: Default::default(),
+                rate_limit: None,
             })
             .collect(),
     };
-    let outbox = Arc::new(SqliteOutbox::open(&settings.database).await?);
+    let outbox: Arc<dyn Outbox> = match (&store, &postgres) {
+        (WebhookStore::Sqlite(path), _) => Arc::new(SqliteOutbox::open(path).await?),
+        (_, Some(url)) => {
+            Arc::new(PostgresOutbox::open(url, 16, "the benchmark's database").await?)
+        }
+        (_, None) => anyhow::bail!("no PostgreSQL URL"),
+    };
     let mut tasks = JoinSet::new();
     let shutdown = CancellationToken::new();
     Webhooks::start(
@@ -156,6 +268,7 @@ async fn run(
         &mut tasks,
         shutdown.clone(),
         Arc::new(patchwire::metrics::Metrics::new()),
+        None,
     )
     .await?;
 
@@ -216,8 +329,8 @@ async fn run(
     }
     latencies.sort();
     println!(
-        "streams {stream_count}, endpoints {endpoint_count} (every endpoint on every stream), \
-         rate {} changes/s for {seconds} s",
+        "{store_name}: streams {stream_count}, endpoints {endpoint_count} (every endpoint on every \
+         stream), rate {} changes/s for {seconds} s",
         if rate == 0 {
             "max".to_owned()
         } else {
@@ -281,5 +394,12 @@ async fn run(
         }
         anyhow::bail!("only {last_count} of {expected} deliveries arrived");
     }
-    Ok(())
+    Ok(Measured {
+        store: store_name,
+        delivered: last_count,
+        expected,
+        per_second: last_count as f64 / last_arrival.as_secs_f64(),
+        p50: percentile(&latencies, 0.50),
+        p99: percentile(&latencies, 0.99),
+    })
 }

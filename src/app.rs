@@ -1,5 +1,8 @@
 //! Wiring only: [`App::build`] makes every part from a validated [`Config`], [`App::run`] runs
-//! them until shutdown ([`run`] does both).
+//! them until shutdown ([`run`] does both). [`reload`] applies the configuration file again
+//! while running.
+
+pub mod reload;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -16,11 +19,12 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::api::listing::PolledUpstream;
+use crate::api::listing::{PolledUpstream, PolledUpstreams};
 use crate::api::push::PushAuth;
 use crate::api::server::{ServeOptions, Stall};
 use crate::api::subscribe::Subscriptions;
 use crate::api::{self, AppState, ClusterState};
+use crate::cluster::lease::Holding;
 use crate::cluster::node::Cluster;
 use crate::cluster::quota::ClusterQuota;
 use crate::cluster::replica::Replicas;
@@ -35,9 +39,11 @@ use crate::proxy::streams::{ClusterLink, DynamicStreams, Polling};
 use crate::redact::Redacted;
 use crate::sim;
 use crate::sinks::broker::{Brokers, Turns};
-use crate::sinks::webhook::Webhooks;
-use crate::sinks::webhook::outbox::Outbox as _;
+use crate::sinks::webhook::config::WebhookStore;
+use crate::sinks::webhook::outbox::Outbox;
+use crate::sinks::webhook::outbox::postgres::PostgresOutbox;
 use crate::sinks::webhook::outbox::sqlite::SqliteOutbox;
+use crate::sinks::webhook::{Shared, Webhooks};
 use crate::sinks::ws::WebSockets;
 use crate::snapshot::{Snapshot, SnapshotStore};
 use crate::upstream::fetch::Fetcher;
@@ -106,9 +112,17 @@ pub struct App {
     listen: SocketAddr,
     streams: usize,
     shutdown: CancellationToken,
+    reloader: Option<Arc<reload::Reloader>>,
 }
 
 impl App {
+    /// What reloads the configuration file (`SIGHUP`), when the application was built from one.
+    pub fn reloader(&self) -> Option<Arc<dyn crate::api::reload::Reload>> {
+        self.reloader
+            .clone()
+            .map(|r| r as Arc<dyn crate::api::reload::Reload>)
+    }
+
     /// Builds every part from `config`: the streams and their pollers, the push streams (with
     /// their stored documents), the webhook sink, the proxy mode and the routes. Fails on what
     /// only building can find (the HTTP clients, the webhook database).
@@ -138,6 +152,7 @@ impl App {
             views: Views::new(),
             budget: Budget::new(config.max_views),
             leases: HashMap::new(),
+            running: HashMap::new(),
         };
         if let (Some(settings), Some(listener)) = (config.simulator.clone(), listeners.simulator) {
             let shutdown = shutdown.clone();
@@ -152,18 +167,9 @@ impl App {
         );
         let rate_limits = Arc::new(RateLimits::new(&config.upstream, &config.streams));
         let upstreams = streams.polled(&fetcher, &rate_limits);
-        // The outbox opens before the push streams exist: it holds their last documents. In a
-        // cluster only the node named `cluster.webhooks_node` runs webhooks.
-        let delivers_webhooks = config
-            .cluster
-            .as_ref()
-            .is_none_or(|c| c.delivers_webhooks());
+        // The outbox opens before the push streams exist: it holds their last documents.
         let outbox = match &config.webhooks {
-            Some(settings) if delivers_webhooks => Some(Arc::new(
-                SqliteOutbox::open(&settings.database)
-                    .await
-                    .context("cannot start webhooks (`webhooks.database`)")?,
-            )),
+            Some(settings) if runs_webhooks(&config) => Some(open_outbox(&settings.store).await?),
             _ => None,
         };
         streams.pushed(outbox.as_deref()).await?;
@@ -174,32 +180,57 @@ impl App {
             writers,
             views,
             leases,
+            running,
+            budget,
             ..
         } = streams;
         let views = Arc::new(views);
         let mut tasks = JoinSet::new();
         let webhooks = match (&config.webhooks, outbox) {
-            (Some(settings), Some(outbox)) => Some(
-                Webhooks::start(
-                    settings,
-                    outbox,
-                    hub.clone(),
-                    &config.push_streams.iter().map(|s| s.name.clone()).collect(),
-                    &config.upstream.user_agent,
-                    &mut tasks,
-                    shutdown.clone(),
-                    metrics.clone(),
+            (Some(settings), Some(outbox)) => {
+                // In a cluster on a shared store, a stream's webhooks are dispatched by the node
+                // holding its lease (on SQLite this node is the only one running them, and
+                // dispatches every stream); push streams' documents live in Redis, not in the
+                // outbox.
+                let shared = cluster
+                    .as_ref()
+                    .filter(|_| settings.store.is_shared())
+                    .map(|node| Shared {
+                        node: node.node().to_owned(),
+                        leases: leases
+                            .iter()
+                            .map(|(name, held)| (name.clone(), fences(held.clone(), &shutdown)))
+                            .collect(),
+                    });
+                let push_streams = if cluster.is_some() {
+                    Default::default()
+                } else {
+                    config.push_streams.iter().map(|s| s.name.clone()).collect()
+                };
+                Some(
+                    Webhooks::start(
+                        settings,
+                        outbox,
+                        hub.clone(),
+                        &push_streams,
+                        &config.upstream.user_agent,
+                        &mut tasks,
+                        shutdown.clone(),
+                        metrics.clone(),
+                        shared,
+                    )
+                    .await
+                    .context("cannot start webhooks")?,
                 )
-                .await
-                .context("cannot start webhooks")?,
-            ),
+            }
             _ => None,
         };
         let brokers = if config.broker_sinks.is_empty() {
             None
         } else {
             // In a cluster a stream is published by one node: its lease holder, or for a push
-            // stream (no lease) its rendezvous owner among the live nodes.
+            // stream without one (one is taken only for webhooks) its rendezvous owner among
+            // the live nodes.
             let mut turns = Turns::new();
             if let Some(cluster) = &cluster {
                 for stream in hub.all() {
@@ -215,6 +246,7 @@ impl App {
                 Brokers::start(
                     &config.broker_sinks,
                     &hub,
+                    &views,
                     &turns,
                     &mut tasks,
                     shutdown.clone(),
@@ -249,33 +281,34 @@ impl App {
             }
         }
 
-        let state = Arc::new(AppState {
-            hub: hub.clone(),
-            views: views.clone(),
-            metrics: metrics.clone(),
-            snapshots,
-            upstreams,
-            push: config.push.as_ref().map(|push| PushAuth {
+        let push = Arc::new(std::sync::RwLock::new(config.push.as_ref().map(|push| {
+            Arc::new(PushAuth {
                 token: push.token.clone(),
                 streams: config.push_streams.iter().map(|s| s.name.clone()).collect(),
-            }),
-            push_max_body: config.push.as_ref().map_or(0, |p| {
-                usize::try_from(p.max_body_bytes).unwrap_or(usize::MAX)
-            }),
-            body_timeout: config.server.body_timeout,
-            webhooks,
-            brokers,
-            admin_token: config.webhooks.as_ref().and_then(|w| w.admin_token.clone()),
-            proxy: proxy.clone(),
-            cluster: cluster.as_ref().map(|node| ClusterState {
-                node: node.clone(),
-                writers,
-            }),
+            })
+        })));
+        let reloader = config.source.clone().map(|path| {
+            Arc::new(reload::Reloader {
+                path,
+                current: tokio::sync::Mutex::new(config.clone()),
+                running: std::sync::Mutex::new(running),
+                hub: hub.clone(),
+                views: views.clone(),
+                budget,
+                snapshots: snapshots.clone(),
+                metrics: metrics.clone(),
+                fetcher: fetcher.clone(),
+                rate_limits: rate_limits.clone(),
+                upstreams: upstreams.clone(),
+                push: push.clone(),
+                webhooks: webhooks.clone(),
+                shutdown: shutdown.clone(),
+            })
         });
         let server = &config.server;
         let mut subscriptions = Subscriptions::new(
             hub.clone(),
-            views,
+            views.clone(),
             proxy.clone(),
             server.retry_hint,
             server.cors.clone(),
@@ -286,6 +319,36 @@ impl App {
                 subscriptions.after_the_log(cluster.loaded(), cluster.settings().timeout);
         }
         let subscriptions = Arc::new(subscriptions);
+        let state = Arc::new(AppState {
+            hub: hub.clone(),
+            views: views.clone(),
+            metrics: metrics.clone(),
+            snapshots,
+            upstreams: upstreams.clone(),
+            push,
+            reload: reloader
+                .clone()
+                .map(|r| r as Arc<dyn crate::api::reload::Reload>),
+            push_max_body: config.push.as_ref().map_or(0, |p| {
+                usize::try_from(p.max_body_bytes).unwrap_or(usize::MAX)
+            }),
+            body_timeout: config.server.body_timeout,
+            webhooks,
+            brokers,
+            admin_token: config.webhooks.as_ref().and_then(|w| w.admin_token.clone()),
+            webhooks_node: match (&config.cluster, runs_webhooks(&config)) {
+                (Some(cluster), false) if config.webhooks.is_some() => {
+                    cluster.webhooks_node.as_ref().map(|n| n.0.clone())
+                }
+                _ => None,
+            },
+            proxy: proxy.clone(),
+            subscriptions: subscriptions.clone(),
+            cluster: cluster.as_ref().map(|node| ClusterState {
+                node: node.clone(),
+                writers,
+            }),
+        });
         let websockets = Arc::new(WebSockets::new(
             config.websocket,
             subscriptions.clone(),
@@ -314,6 +377,7 @@ impl App {
             tasks,
             streams: config.streams.len() + config.push_streams.len(),
             shutdown,
+            reloader,
         })
     }
 
@@ -335,6 +399,7 @@ impl App {
             listen,
             streams,
             shutdown,
+            reloader: _,
         } = self;
         for task in starting {
             tasks.spawn(task);
@@ -380,6 +445,59 @@ impl App {
         tracing::info!("patchwire stopped");
         Ok(())
     }
+}
+
+/// Opens the webhook outbox `store` names.
+/// Whether this node runs the configured webhooks: every node does, but in a cluster on an
+/// SQLite store (each node's own file) only the one `cluster.webhooks_node` names.
+fn runs_webhooks(config: &Config) -> bool {
+    match (&config.webhooks, &config.cluster) {
+        (None, _) => false,
+        (Some(_), None) => true,
+        (Some(webhooks), Some(cluster)) => {
+            webhooks.store.is_shared() || cluster.delivers_webhooks()
+        }
+    }
+}
+
+async fn open_outbox(store: &WebhookStore) -> anyhow::Result<Arc<dyn Outbox>> {
+    Ok(match store {
+        WebhookStore::Sqlite(path) => Arc::new(
+            SqliteOutbox::open(path)
+                .await
+                .context("cannot start webhooks (`webhooks.database`)")?,
+        ),
+        WebhookStore::Postgres(pg) => Arc::new(
+            PostgresOutbox::open(pg.url.as_str(), pg.connections, &pg.shown().to_string())
+                .await
+                .context("cannot start webhooks (`webhooks.store`)")?,
+        ),
+    })
+}
+
+/// The fence of a lease while this node holds it, for a webhook dispatcher (which knows
+/// nothing of the cluster's poll turns).
+fn fences(
+    mut held: watch::Receiver<Option<Holding>>,
+    shutdown: &CancellationToken,
+) -> watch::Receiver<Option<u64>> {
+    let (sender, fences) = watch::channel(held.borrow_and_update().as_ref().map(|h| h.id));
+    let shutdown = shutdown.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                changed = held.changed() => if changed.is_err() { return },
+            }
+            let fence = held.borrow_and_update().as_ref().map(|h| h.id);
+            sender.send_if_modified(|current| {
+                let changed = *current != fence;
+                *current = fence;
+                changed
+            });
+        }
+    });
+    fences
 }
 
 /// The proxy mode, when `[proxy]` enables it: tokens and the registry of dynamic streams.
@@ -448,8 +566,12 @@ struct Streams<'a> {
     views: Views,
     /// Views at once over every stream.
     budget: Arc<Budget>,
-    /// In a cluster, the lease of each polled stream (whose holder publishes it to brokers).
-    leases: HashMap<String, watch::Receiver<Option<crate::cluster::lease::Holding>>>,
+    /// In a cluster, the lease of each polled stream (whose holder publishes it to brokers
+    /// and dispatches its webhooks) and, with webhooks, of each push stream (taken for that).
+    leases: HashMap<String, watch::Receiver<Option<Holding>>>,
+    /// Each configured stream's own token, under which its poller and keep-alive run (a
+    /// reload cancels it to stop them).
+    running: HashMap<String, CancellationToken>,
 }
 
 /// The streams a cluster node follows: those of its hub, and the dynamic streams it serves.
@@ -530,12 +652,14 @@ impl Streams<'_> {
         }
     }
 
-    /// Adds `stream` to the hub, kept alive like every other.
+    /// Adds `stream` to the hub, kept alive like every other, under its own token.
     fn add(&mut self, stream: Stream) -> Arc<Stream> {
         let stream = self.hub.insert(Arc::new(stream));
+        let token = self.shutdown.child_token();
         let keepalive = self.config.server.keepalive;
-        let ticking = keep_alive(stream.clone(), keepalive, self.shutdown.clone());
+        let ticking = keep_alive(stream.clone(), keepalive, token.clone());
         self.starting.push(Box::pin(ticking));
+        self.running.insert(stream.name().to_owned(), token);
         stream
     }
 
@@ -545,8 +669,8 @@ impl Streams<'_> {
         &mut self,
         fetcher: &Arc<Fetcher>,
         rate_limits: &Arc<RateLimits>,
-    ) -> HashMap<String, PolledUpstream> {
-        let mut upstreams = HashMap::new();
+    ) -> Arc<PolledUpstreams> {
+        let upstreams = Arc::new(PolledUpstreams::default());
         for settings in &self.config.streams {
             let options = self.options(settings.history, settings.history_bytes, &settings.diff);
             let stream = Stream::new(
@@ -559,7 +683,16 @@ impl Streams<'_> {
             self.derive_views(&stream, settings.views.as_ref(), options);
             // In a cluster the node holding the stream's lease polls it, through the cluster's
             // log (for an on-demand stream, only nodes with subscribers take the lease).
-            let mut publish: Arc<dyn Publish> = stream.clone();
+            // A reload that stops this poller also stops what it was about to publish.
+            let token = self
+                .running
+                .get(&settings.name)
+                .cloned()
+                .unwrap_or_else(|| self.shutdown.child_token());
+            let mut publish: Arc<dyn Publish> = Arc::new(Retiring {
+                inner: stream.clone(),
+                token: token.clone(),
+            });
             let mut turns = None;
             let mut quota: Option<Arc<dyn SharedQuota>> = None;
             if let Some(cluster) = self.cluster.clone() {
@@ -615,42 +748,23 @@ impl Streams<'_> {
                     interval: settings.interval,
                     on_demand: settings.on_demand,
                     status: poller.status(),
+                    control: poller.control(),
                 },
             );
-            let shutdown = self.shutdown.clone();
-            match settings.on_demand {
-                None => self.starting.push(Box::pin(poller.run(shutdown))),
-                Some(linger) => {
-                    let idle_stream = stream.clone();
-                    let options = OnDemand {
-                        linger,
-                        period: None,
-                        keepalive: None,
-                    };
-                    // Idle: drop the document (it would go stale) and poll afresh on demand.
-                    let run = on_demand::run(poller, stream, options, shutdown, move |p| {
-                        tracing::info!(stream = %idle_stream.name(), "no subscribers: polling paused");
-                        idle_stream.forget();
-                        p.reset();
-                        Idle::Pause
-                    });
-                    self.starting.push(Box::pin(async move {
-                        run.await;
-                    }));
-                }
-            }
+            self.starting
+                .push(poll_task(settings, poller, stream, token));
         }
         upstreams
     }
 
     /// Every push stream, continuing from its document stored in `outbox`, if any (in a
     /// cluster, from the cluster's log: the follower loads it).
-    async fn pushed(&mut self, outbox: Option<&SqliteOutbox>) -> anyhow::Result<()> {
+    async fn pushed(&mut self, outbox: Option<&dyn Outbox>) -> anyhow::Result<()> {
         let mut stored = match outbox.filter(|_| self.cluster.is_none()) {
             Some(outbox) => outbox
                 .documents()
                 .await
-                .context("cannot read the stored push documents (`webhooks.database`)")?
+                .context("cannot read the stored push documents (the webhook outbox)")?
                 .into_iter()
                 .map(|d| (d.stream.to_string(), d))
                 .collect(),
@@ -689,6 +803,19 @@ impl Streams<'_> {
             self.derive_views(&stream, settings.views.as_ref(), options);
             if let Some(cluster) = &self.cluster {
                 let retention = cluster.retention(settings.history, settings.history_bytes);
+                if self
+                    .config
+                    .webhooks
+                    .as_ref()
+                    .is_some_and(|w| w.store.is_shared())
+                {
+                    // Any node writes a push stream, but one dispatches its webhooks: the
+                    // holder of a lease taken for that alone.
+                    let (held, keeper) =
+                        cluster.keep_lease(&settings.name, retention, &self.shutdown);
+                    self.starting.push(keeper);
+                    self.leases.insert(settings.name.clone(), held);
+                }
                 self.writers.insert(
                     settings.name.clone(),
                     cluster.writer(stream, retention, None),
@@ -715,5 +842,83 @@ async fn keep_alive(stream: Arc<Stream>, interval: Duration, shutdown: Cancellat
             _ = shutdown.cancelled() => return,
             _ = ticker.tick() => stream.keep_alive(),
         }
+    }
+}
+
+/// The task that polls `stream` with `poller` until `token` is cancelled: always, or, for an
+/// on-demand stream, while it has subscribers (plus its linger).
+fn poll_task(
+    settings: &crate::upstream::config::StreamSettings,
+    poller: Poller,
+    stream: Arc<Stream>,
+    token: CancellationToken,
+) -> Task {
+    match settings.on_demand {
+        None => Box::pin(poller.run(token)),
+        Some(linger) => {
+            let idle_stream = stream.clone();
+            let options = OnDemand {
+                linger,
+                period: None,
+                keepalive: None,
+            };
+            // Idle: drop the document (it would go stale) and poll afresh on demand.
+            let run = on_demand::run(poller, stream, options, token, move |p| {
+                tracing::info!(stream = %idle_stream.name(), "no subscribers: polling paused");
+                idle_stream.forget();
+                p.reset();
+                Idle::Pause
+            });
+            Box::pin(async move {
+                run.await;
+            })
+        }
+    }
+}
+
+/// A poller's publisher that publishes nothing once `token` is cancelled: a reload that
+/// stopped the poller (to start the stream over) must not see a document the old poller
+/// fetched land after the new one's.
+pub(crate) struct Retiring {
+    pub(crate) inner: Arc<dyn Publish>,
+    pub(crate) token: CancellationToken,
+}
+
+impl Publish for Retiring {
+    fn document(
+        self: Arc<Self>,
+        doc: Value,
+    ) -> futures_util::future::BoxFuture<'static, crate::upstream::poller::PublishResult> {
+        if self.token.is_cancelled() {
+            return Box::pin(std::future::ready(
+                crate::upstream::poller::PublishResult::Unchanged,
+            ));
+        }
+        Arc::clone(&self.inner).document(doc)
+    }
+
+    fn failure<'a>(
+        &'a self,
+        error: &'a crate::upstream::fetch::FetchError,
+        retry_in: Duration,
+    ) -> futures_util::future::BoxFuture<'a, ()> {
+        if self.token.is_cancelled() {
+            return Box::pin(std::future::ready(()));
+        }
+        self.inner.failure(error, retry_in)
+    }
+
+    fn recovered(&self) -> futures_util::future::BoxFuture<'_, ()> {
+        if self.token.is_cancelled() {
+            return Box::pin(std::future::ready(()));
+        }
+        self.inner.recovered()
+    }
+
+    fn polled<'a>(
+        &'a self,
+        validators: &'a crate::upstream::fetch::Validators,
+    ) -> futures_util::future::BoxFuture<'a, ()> {
+        self.inner.polled(validators)
     }
 }

@@ -16,15 +16,17 @@
 //! - [`proxy`]: the Streamdata.io-compatible mode: any allowed URL as a dynamic stream.
 //! - [`cluster`]: several nodes on one Redis: one poller per stream (fenced leases), a shared
 //!   log every node follows, cluster-wide ids, quotas and token limits.
-//! - [`api`]: what a subscription request is (one decision for both transports), the accept
-//!   loop (the direct HTTP/1 path and hyper) and the HTTP routes (streams, push, admin, health,
-//!   metrics).
+//! - [`api`]: what a subscription request is (one decision for both transports, which
+//!   catch-up reads share), the accept loop (the direct HTTP/1 path and hyper) and the HTTP
+//!   routes (streams, catch-up, push, admin, health, metrics, schemas).
 //! - [`app`]: wiring: builds everything from a validated configuration, then runs it.
 //! - [`metrics`]: Prometheus metrics owned by the application.
 //! - [`sim`]: the simulated fleet feed used by the default configuration, tests and benchmarks.
 //! - [`redact`]: the one way a URL is shown (logs, errors, listings), without its secrets.
 //! - [`ssrf`]: which outbound addresses are refused, and the resolver that enforces it.
 //! - [`time`]: how times are written: Unix milliseconds and RFC 3339.
+//! - [`schemas`]: the JSON Schemas of the versioned envelopes (catch-up pages, webhook
+//!   bodies), served at `/schemas/{name}.json`.
 //! - [`validation`]: problems at key paths and the checks every configuration section shares;
 //!   it imports nothing of the crate, so components validate their sections without `config`.
 
@@ -48,6 +50,7 @@ pub mod hub;
 pub mod metrics;
 pub mod proxy;
 pub mod redact;
+pub mod schemas;
 pub mod sim;
 pub mod sinks;
 pub mod snapshot;

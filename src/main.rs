@@ -122,10 +122,7 @@ fn serve(config: Config, mode: Mode) -> ExitCode {
         let shutdown = CancellationToken::new();
         tokio::spawn(stop_on_signal(shutdown.clone()));
         let result = match mode {
-            Mode::Proxy => match patchwire::app::Listeners::bind(&config).await {
-                Ok(listeners) => patchwire::app::run(config, listeners, shutdown).await,
-                Err(error) => Err(error),
-            },
+            Mode::Proxy => proxy(config, shutdown).await,
             Mode::SimulatorOnly => simulate(config, shutdown).await,
         };
         match result {
@@ -159,6 +156,55 @@ async fn simulate(config: Config, shutdown: CancellationToken) -> anyhow::Result
         })?;
     patchwire::sim::serve(listener, settings, shutdown).await?;
     Ok(())
+}
+
+/// Builds the application, reloads its configuration on SIGHUP, and runs it.
+async fn proxy(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let listeners = patchwire::app::Listeners::bind(&config).await?;
+    let app = patchwire::app::App::build(config, listeners, shutdown.clone()).await?;
+    if let Some(reloader) = app.reloader() {
+        reload_on_hangup(reloader, shutdown);
+    }
+    app.run().await
+}
+
+/// Reloads the configuration file at every SIGHUP (the answer goes to the log), until
+/// `shutdown`.
+#[cfg(unix)]
+fn reload_on_hangup(
+    reloader: std::sync::Arc<dyn patchwire::api::reload::Reload>,
+    shutdown: CancellationToken,
+) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hangups = match signal(SignalKind::hangup()) {
+        Ok(hangups) => hangups,
+        Err(error) => {
+            tracing::error!(%error, "cannot listen for SIGHUP: reload with POST /admin/reload");
+            return;
+        }
+    };
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                received = hangups.recv() => {
+                    if received.is_none() {
+                        return;
+                    }
+                    tracing::info!("SIGHUP: reloading the configuration");
+                    let answer = reloader.reload().await;
+                    tracing::info!(status = answer.status.as_u16(), answer = %answer.body, "SIGHUP: reload answered");
+                }
+            }
+        }
+    });
+}
+
+#[cfg(not(unix))]
+fn reload_on_hangup(
+    _reloader: std::sync::Arc<dyn patchwire::api::reload::Reload>,
+    _shutdown: CancellationToken,
+) {
 }
 
 /// Cancels `shutdown` on Ctrl-C or SIGTERM.

@@ -224,6 +224,12 @@ pub struct Metrics {
     pub broker_resyncs: Family<SinkLabels, Counter>,
     /// Broker calls that failed (unreachable, timed out, refused).
     pub broker_errors: Family<SinkLabels, Counter>,
+    /// Publishes a broker refused because another publisher wrote to the destination first
+    /// (JetStream's per-subject fence).
+    pub broker_overtaken: Family<SinkLabels, Counter>,
+    /// Publishes refused because a message is larger than the broker takes (NATS
+    /// `max_payload`).
+    pub broker_oversized: Family<SinkLabels, Counter>,
     /// Leases this node holds (streams it polls), in a cluster.
     pub cluster_leases_held: Gauge,
     /// Lease events of this node, by event.
@@ -291,6 +297,8 @@ impl Metrics {
         let broker_lag = Family::<SinkLabels, Gauge>::default();
         let broker_resyncs = Family::<SinkLabels, Counter>::default();
         let broker_errors = Family::<SinkLabels, Counter>::default();
+        let broker_overtaken = Family::<SinkLabels, Counter>::default();
+        let broker_oversized = Family::<SinkLabels, Counter>::default();
         let cluster_leases_held = Gauge::default();
         let cluster_lease_changes = Family::<LeaseLabels, Counter>::default();
         let cluster_nodes = Gauge::default();
@@ -478,6 +486,16 @@ impl Metrics {
             broker_errors.clone(),
         );
         registry.register(
+            "broker_overtaken",
+            "Publishes refused because another publisher wrote to the subject first (JetStream fence)",
+            broker_overtaken.clone(),
+        );
+        registry.register(
+            "broker_oversized",
+            "Publishes refused because a message is over the broker's max_payload",
+            broker_oversized.clone(),
+        );
+        registry.register(
             "cluster_leases_held",
             "Streams this node polls (holds the lease of), in a cluster",
             cluster_leases_held.clone(),
@@ -555,6 +573,8 @@ impl Metrics {
             broker_lag,
             broker_resyncs,
             broker_errors,
+            broker_overtaken,
+            broker_oversized,
             cluster_leases_held,
             cluster_lease_changes,
             cluster_nodes,

@@ -5,9 +5,15 @@
 //! - `GET|PATCH|DELETE /admin/webhooks/{id}` (`PATCH {"disabled": false}` re-enables)
 //! - `POST /admin/webhooks/{id}/rotate-secret` (`{"secret": ...}` optional)
 //! - `GET /admin/webhooks/{id}/deliveries?state=&before=&limit=`, `.../dead-letters`
+//! - `GET /admin/webhooks/{id}/attempts?stream=&result=&status=&since=&until=&before=&limit=`:
+//!   the attempt history, newest first (`next_before` pages on)
 //! - `POST /admin/webhooks/{id}/deliveries/{delivery}/replay`
 //! - `POST /admin/webhooks/{id}/replay` with `{"since": "<RFC 3339 time>"}`: every dead letter
 //!   created since then
+//! - `POST /admin/webhooks/{id}/test`: a signed test delivery, sent now; answers what the
+//!   receiver said
+//! - `POST /admin/webhooks/{id}/recover` with `{"since": "<RFC 3339 time>"}`: every delivery
+//!   delivered or dead since then, again, in order
 
 use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
@@ -28,45 +34,64 @@ use super::error_response;
 use crate::sinks::webhook::Webhooks;
 use crate::sinks::webhook::body::event_type;
 use crate::sinks::webhook::config::AdminToken;
-use crate::sinks::webhook::endpoints::{AdminError, EndpointChanges, Endpoints, NewEndpoint};
-use crate::sinks::webhook::outbox::{Delivery, DeliveryFilter, DeliveryState, Replay};
+use crate::sinks::webhook::endpoints::{
+    AdminError, EndpointChanges, Endpoints, Idempotency, NewEndpoint,
+};
+use crate::sinks::webhook::outbox::{
+    AttemptEntry, AttemptFilter, AttemptResult, Delivery, DeliveryFilter, DeliveryState, Replay,
+};
 use crate::sinks::webhook::registry::Endpoint;
+use crate::sinks::webhook::sign;
 use crate::time::{rfc3339, unix_ms};
 
 /// Largest admin request body: endpoint definitions and replay requests are small (axum's own
 /// default for `Bytes`).
 const MAX_BODY: usize = 2 * 1024 * 1024;
 
-/// The admin routes: real ones when webhooks run with a token, explanations otherwise.
+/// The admin routes: real ones when webhooks run with a token, explanations otherwise (which
+/// node runs them, in a cluster where another one does).
 pub fn router(
     webhooks: Option<Arc<Webhooks>>,
     token: Option<AdminToken>,
+    elsewhere: Option<String>,
     body_timeout: Duration,
 ) -> Router {
-    let (webhooks, token) =
-        match (webhooks, token) {
-            (None, _) => {
-                return Router::new().nest("/admin", Router::new().fallback(|| async {
-                error_response(
-                    StatusCode::NOT_FOUND,
-                    "webhooks are not configured: add a [webhooks] table to enable them and \
-                     their admin API",
-                )
-            }));
-            }
-            (Some(_), None) => {
-                return Router::new().nest(
-                    "/admin",
-                    Router::new().fallback(|| async {
-                        error_response(
-                            StatusCode::FORBIDDEN,
-                            "the admin API is disabled: set webhooks.admin_token to enable it",
-                        )
-                    }),
-                );
-            }
-            (Some(w), Some(t)) => (w.endpoints().clone(), Arc::new(t)),
+    // The explanations answer under `/admin/webhooks` only: `/admin/reload` is its own route.
+    let explain = |message: String, status: StatusCode| {
+        let answer = move || {
+            let message = message.clone();
+            async move { error_response(status, message) }
         };
+        Router::new()
+            .route("/admin/webhooks", axum::routing::any(answer.clone()))
+            .route("/admin/webhooks/{*rest}", axum::routing::any(answer))
+    };
+    if let (None, Some(node)) = (&webhooks, elsewhere) {
+        return explain(
+            format!(
+                "webhooks run on node {node:?} (cluster.webhooks_node: with an SQLite store one \
+                 node delivers them): use that node's admin API"
+            ),
+            StatusCode::NOT_FOUND,
+        );
+    }
+    let (webhooks, token) = match (webhooks, token) {
+        (None, _) => {
+            return explain(
+                "webhooks are not configured: add a [webhooks] table to enable them and their \
+                 admin API"
+                    .to_owned(),
+                StatusCode::NOT_FOUND,
+            );
+        }
+        (Some(_), None) => {
+            return explain(
+                "the admin API is disabled: set webhooks.admin_token to enable it".to_owned(),
+                StatusCode::FORBIDDEN,
+            );
+        }
+        (Some(w), Some(t)) => (w.endpoints().clone(), Arc::new(t)),
+    };
     let routes = Router::new()
         .route("/admin/webhooks", get(list).post(create))
         .route(
@@ -76,11 +101,14 @@ pub fn router(
         .route("/admin/webhooks/{id}/rotate-secret", post(rotate))
         .route("/admin/webhooks/{id}/deliveries", get(deliveries))
         .route("/admin/webhooks/{id}/dead-letters", get(dead_letters))
+        .route("/admin/webhooks/{id}/attempts", get(attempts))
         .route(
             "/admin/webhooks/{id}/deliveries/{delivery}/replay",
             post(replay_one),
         )
         .route("/admin/webhooks/{id}/replay", post(replay_since))
+        .route("/admin/webhooks/{id}/recover", post(recover))
+        .route("/admin/webhooks/{id}/test", post(test))
         .with_state(webhooks);
     // Bodies are read within the deadline, and only once the token was checked from the head.
     let limits = BodyLimits {
@@ -141,10 +169,21 @@ fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, Box<Response>> {
     } else {
         body
     };
-    serde_json::from_slice(body).map_err(|e| {
+    let mut reader = serde_json::Deserializer::from_slice(body);
+    serde_path_to_error::deserialize(&mut reader).map_err(|e| {
+        // Name the field at fault (`rate_limit: invalid type ...`) when there is one.
+        let path = e.path().to_string();
+        let at = if path == "." {
+            String::new()
+        } else {
+            format!("{path}: ")
+        };
         Box::new(error_response(
             StatusCode::BAD_REQUEST,
-            format!("expected a JSON object as documented for this endpoint: {e}"),
+            format!(
+                "expected a JSON object as documented for this endpoint: {at}{}",
+                e.inner()
+            ),
         ))
     })
 }
@@ -162,9 +201,17 @@ fn endpoint_json(endpoint: &Endpoint) -> Value {
         "url": crate::redact::Redacted::new(&endpoint.url),
         "streams": r.streams,
         "mode": r.mode,
+        "format": r.format,
         // Values may be credentials: names only.
         "headers": r.headers.keys().collect::<Vec<_>>(),
         "source": r.source,
+        "signing": endpoint.secret.scheme().as_str(),
+        // Public: receivers of v1a signatures verify with it.
+        "public_key": endpoint.secret.public_key(),
+        "description": r.description,
+        "metadata": r.metadata,
+        "rate_limit": r.rate_limit,
+        "events": r.events,
         "created_at": time(r.created_ms),
         "disabled": endpoint.status.disabled.as_ref().map(|d| json!({"at": time(d.at_ms), "reason": d.reason})),
         "failing_since": endpoint.status.failing_since_ms.map(time),
@@ -196,16 +243,76 @@ async fn list(State(endpoints): State<Arc<Endpoints>>) -> Response {
     axum::Json(json!({ "endpoints": listed })).into_response()
 }
 
-async fn create(State(endpoints): State<Arc<Endpoints>>, body: Bytes) -> Response {
+/// `value` as JSON text with every object's keys sorted: equal for equal requests.
+fn canonical(value: &Value) -> String {
+    match value {
+        Value::Object(map) => {
+            let mut keys: Vec<&String> = map.keys().collect();
+            keys.sort();
+            let fields: Vec<String> = keys
+                .into_iter()
+                .map(|k| format!("{}:{}", Value::String(k.clone()), canonical(&map[k])))
+                .collect();
+            format!("{{{}}}", fields.join(","))
+        }
+        Value::Array(items) => format!(
+            "[{}]",
+            items.iter().map(canonical).collect::<Vec<_>>().join(",")
+        ),
+        other => other.to_string(),
+    }
+}
+
+/// The longest `Idempotency-Key` accepted.
+const IDEMPOTENCY_KEY_MAX: usize = 255;
+
+async fn create(
+    State(endpoints): State<Arc<Endpoints>>,
+    headers: http::HeaderMap,
+    body: Bytes,
+) -> Response {
     let input: NewEndpoint = match parse(&body) {
         Ok(input) => input,
         Err(response) => return *response,
     };
-    match endpoints.create(input).await {
-        Ok((endpoint, secret)) => {
-            let mut view = endpoint_json(&endpoint);
-            view["secret"] = Value::String(secret);
-            (StatusCode::CREATED, axum::Json(view)).into_response()
+    let idempotency = match headers.get("idempotency-key") {
+        None => None,
+        Some(value) => {
+            let key = value.to_str().ok().map(str::trim).unwrap_or_default();
+            if key.is_empty() || key.len() > IDEMPOTENCY_KEY_MAX {
+                return error_response(
+                    StatusCode::BAD_REQUEST,
+                    format!(
+                        "Idempotency-Key: expected 1 to {IDEMPOTENCY_KEY_MAX} visible ASCII \
+                         characters, such as a UUID"
+                    ),
+                );
+            }
+            // The request as JSON, normalized (key order, spacing), so a retry matches.
+            let normalized = serde_json::from_slice::<Value>(&body)
+                .map(|v| canonical(&v))
+                .unwrap_or_default();
+            Some(Idempotency {
+                key: key.to_owned(),
+                request_hash: sign::sha256_hex(normalized.as_bytes()),
+            })
+        }
+    };
+    match endpoints.create(input, idempotency).await {
+        Ok(created) => {
+            let mut view = endpoint_json(&created.endpoint);
+            // A v1a endpoint's private key is patchwire's alone: receivers need its public key.
+            if created.endpoint.secret.public_key().is_none() {
+                view["secret"] = Value::String(created.secret);
+            }
+            let mut response = (StatusCode::CREATED, axum::Json(view)).into_response();
+            if created.replayed {
+                response.headers_mut().insert(
+                    "idempotent-replayed",
+                    http::HeaderValue::from_static("true"),
+                );
+            }
+            response
         }
         Err(e) => failure(e),
     }
@@ -256,7 +363,16 @@ async fn rotate(
         Err(response) => return *response,
     };
     match endpoints.rotate(&id, rotation.secret).await {
-        Ok(secret) => axum::Json(json!({ "secret": secret })).into_response(),
+        Ok(secret) => {
+            let answer = match sign::Secret::parse(&secret)
+                .ok()
+                .and_then(|s| s.public_key())
+            {
+                Some(public_key) => json!({ "public_key": public_key }),
+                None => json!({ "secret": secret }),
+            };
+            axum::Json(answer).into_response()
+        }
         Err(e) => failure(e),
     }
 }
@@ -319,6 +435,128 @@ async fn dead_letters(
     list_deliveries(&endpoints, &id, query, Some(DeliveryState::Dead)).await
 }
 
+fn attempt_json(a: &AttemptEntry) -> Value {
+    json!({
+        "id": a.id,
+        "delivery": a.delivery,
+        "webhook_id": a.msg_id,
+        "stream": a.stream,
+        "at": time(a.attempt.at_ms),
+        "duration_ms": a.attempt.duration_ms,
+        "result": a.result.as_str(),
+        "status": a.status,
+        "response": a.attempt.response,
+        "error": a.error,
+    })
+}
+
+/// Most attempts on one page of the history, and how many when `limit` is absent.
+const ATTEMPTS_PAGE: (usize, usize) = (1000, 100);
+
+/// The attempt history's query string as a filter (one more than `limit` asked for, to know
+/// whether a next page exists), or the 400 answer naming the parameter at fault.
+fn attempt_filter(pairs: &[(String, String)]) -> Result<AttemptFilter, String> {
+    let mut filter = AttemptFilter {
+        limit: ATTEMPTS_PAGE.1,
+        ..AttemptFilter::default()
+    };
+    let mut seen = std::collections::HashSet::new();
+    let time = |name: &str, value: &str| {
+        humantime::parse_rfc3339_weak(value.trim())
+            .map(unix_ms)
+            .map_err(|e| {
+                format!(
+                    "{name}: expected an RFC 3339 time such as \"2026-01-31T12:00:00Z\", got \
+                     {value:?} ({e})"
+                )
+            })
+    };
+    for (name, value) in pairs {
+        if !seen.insert(name.as_str()) {
+            return Err(format!("{name}: given more than once"));
+        }
+        match name.as_str() {
+            "stream" => filter.stream = Some(value.clone()),
+            "result" => {
+                filter.result = Some(AttemptResult::parse(value).ok_or_else(|| {
+                    format!("result: expected delivered, retrying or dead, got {value:?}")
+                })?);
+            }
+            "status" => {
+                filter.status = Some(
+                    value
+                        .parse::<u16>()
+                        .ok()
+                        .filter(|s| (100..=599).contains(s))
+                        .ok_or_else(|| {
+                            format!(
+                                "status: expected an HTTP status from 100 to 599, got {value:?}"
+                            )
+                        })?,
+                );
+            }
+            "since" => filter.since_ms = Some(time("since", value)?),
+            "until" => filter.until_ms = Some(time("until", value)?),
+            "before" => {
+                filter.before = Some(value.parse::<i64>().ok().filter(|b| *b > 0).ok_or_else(
+                    || {
+                        format!(
+                            "before: expected an attempt id (a positive integer), got {value:?}"
+                        )
+                    },
+                )?);
+            }
+            "limit" => {
+                filter.limit = value
+                    .parse::<usize>()
+                    .ok()
+                    .filter(|l| (1..=ATTEMPTS_PAGE.0).contains(l))
+                    .ok_or_else(|| {
+                        format!(
+                            "limit: expected an integer from 1 to {}, got {value:?}",
+                            ATTEMPTS_PAGE.0
+                        )
+                    })?;
+            }
+            other => {
+                return Err(format!(
+                    "{other}: unknown parameter (expected stream, result, status, since, until, \
+                     before or limit)"
+                ));
+            }
+        }
+    }
+    if let (Some(since), Some(until)) = (filter.since_ms, filter.until_ms)
+        && since >= until
+    {
+        return Err("until: expected a time after since".to_owned());
+    }
+    filter.limit += 1;
+    Ok(filter)
+}
+
+async fn attempts(
+    State(endpoints): State<Arc<Endpoints>>,
+    Path(id): Path<String>,
+    Query(pairs): Query<Vec<(String, String)>>,
+) -> Response {
+    let filter = match attempt_filter(&pairs) {
+        Ok(filter) => filter,
+        Err(message) => return error_response(StatusCode::BAD_REQUEST, message),
+    };
+    let page = filter.limit - 1;
+    match endpoints.attempts(&id, filter).await {
+        Ok(mut list) => {
+            let more = list.len() > page;
+            list.truncate(page);
+            let next = more.then(|| list.last().map(|a| a.id)).flatten();
+            let items: Vec<Value> = list.iter().map(attempt_json).collect();
+            axum::Json(json!({ "attempts": items, "next_before": next })).into_response()
+        }
+        Err(e) => failure(e),
+    }
+}
+
 async fn replay_one(
     State(endpoints): State<Arc<Endpoints>>,
     Path((id, delivery)): Path<(String, i64)>,
@@ -335,29 +573,134 @@ struct ReplaySince {
     since: String,
 }
 
+/// The `since` of a replay or recovery request: an RFC 3339 time, not in the future.
+fn since_of(body: &[u8]) -> Result<u64, Box<Response>> {
+    let request: ReplaySince = parse(body)?;
+    let since = humantime::parse_rfc3339_weak(request.since.trim()).map_err(|e| {
+        Box::new(error_response(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!(
+                "since: expected an RFC 3339 time such as \"2026-01-31T12:00:00Z\", got {:?} ({e})",
+                request.since
+            ),
+        ))
+    })?;
+    let since = unix_ms(since);
+    if since > unix_ms(std::time::SystemTime::now()) {
+        return Err(Box::new(error_response(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!(
+                "since: expected a time in the past, got {:?} (nothing was created after it yet)",
+                request.since
+            ),
+        )));
+    }
+    Ok(since)
+}
+
 async fn replay_since(
     State(endpoints): State<Arc<Endpoints>>,
     Path(id): Path<String>,
     body: Bytes,
 ) -> Response {
-    let request: ReplaySince = match parse(&body) {
-        Ok(r) => r,
+    let since = match since_of(&body) {
+        Ok(since) => since,
         Err(response) => return *response,
-    };
-    let since = match humantime::parse_rfc3339_weak(request.since.trim()) {
-        Ok(t) => unix_ms(t),
-        Err(e) => {
-            return error_response(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                format!(
-                    "since: expected an RFC 3339 time such as \"2026-01-31T12:00:00Z\", got {:?} ({e})",
-                    request.since
-                ),
-            );
-        }
     };
     match endpoints.replay(&id, Replay::DeadSince(since)).await {
         Ok(n) => (StatusCode::ACCEPTED, axum::Json(json!({ "replayed": n }))).into_response(),
         Err(e) => failure(e),
+    }
+}
+
+async fn recover(
+    State(endpoints): State<Arc<Endpoints>>,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Response {
+    let since = match since_of(&body) {
+        Ok(since) => since,
+        Err(response) => return *response,
+    };
+    match endpoints.replay(&id, Replay::Since(since)).await {
+        Ok(n) => (StatusCode::ACCEPTED, axum::Json(json!({ "recovered": n }))).into_response(),
+        Err(e) => failure(e),
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TestRequest {}
+
+async fn test(
+    State(endpoints): State<Arc<Endpoints>>,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Response {
+    if let Err(response) = parse::<TestRequest>(&body) {
+        return *response;
+    }
+    match endpoints.test(&id).await {
+        Ok((webhook_id, probe)) => axum::Json(json!({
+            "webhook_id": webhook_id,
+            "delivered": probe.error.is_none(),
+            "status": probe.status,
+            "duration_ms": u64::try_from(probe.duration.as_millis()).unwrap_or(u64::MAX),
+            "response": probe.excerpt,
+            "error": probe.error.map(|e| e.to_string()),
+        }))
+        .into_response(),
+        Err(e) => failure(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pairs(query: &str) -> Vec<(String, String)> {
+        url::form_urlencoded::parse(query.as_bytes())
+            .into_owned()
+            .collect()
+    }
+
+    #[test]
+    fn the_attempt_filter_reads_every_parameter() {
+        let filter = attempt_filter(&pairs(
+            "stream=fleet&result=dead&status=503&since=2026-01-01T00:00:00Z\
+             &until=2026-01-01T00:00:01.5Z&before=42&limit=10",
+        ))
+        .unwrap();
+        assert_eq!(filter.stream.as_deref(), Some("fleet"));
+        assert_eq!(filter.result, Some(AttemptResult::Dead));
+        assert_eq!(filter.status, Some(503));
+        assert_eq!(filter.since_ms, Some(1_767_225_600_000));
+        assert_eq!(filter.until_ms, Some(1_767_225_601_500));
+        assert_eq!(filter.before, Some(42));
+        // One more than asked for: whether a next page exists.
+        assert_eq!(filter.limit, 11);
+        assert_eq!(attempt_filter(&[]).unwrap().limit, ATTEMPTS_PAGE.1 + 1);
+    }
+
+    #[test]
+    fn a_bad_attempt_filter_names_its_parameter() {
+        for (query, named) in [
+            ("since=2026-01-01", "since:"),
+            ("until=soon", "until:"),
+            (
+                "since=2026-01-02T00:00:00Z&until=2026-01-01T00:00:00Z",
+                "until:",
+            ),
+            ("status=99", "status:"),
+            ("status=600", "status:"),
+            ("result=ok", "result:"),
+            ("before=-1", "before:"),
+            ("limit=1001", "limit:"),
+            ("page=2", "page:"),
+            ("limit=1&limit=2", "limit:"),
+        ] {
+            let error = attempt_filter(&pairs(query)).unwrap_err();
+            assert!(error.starts_with(named), "{query}: {error}");
+        }
     }
 }

@@ -1,7 +1,8 @@
 //! `GET /streams`: every stream, its upstream and its last polls, and the proxy mode's
 //! dynamic streams (counted, never named by URL: URLs may carry credentials).
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, PoisonError, RwLock};
 use std::time::{Duration, SystemTime};
 
 use axum::extract::State;
@@ -12,7 +13,7 @@ use super::AppState;
 use crate::hub::Stream;
 use crate::proxy::Proxy;
 use crate::redact::Redacted;
-use crate::upstream::poller::{LastOutcome, PollStatus};
+use crate::upstream::poller::{LastOutcome, PollControl, PollStatus};
 use crate::views::StreamViews;
 
 /// A polled upstream as shown in the listing.
@@ -25,6 +26,44 @@ pub struct PolledUpstream {
     pub on_demand: Option<Duration>,
     /// Its poller's last polls.
     pub status: Arc<PollStatus>,
+    /// Asks its poller to poll now (`POST /streams/{name}/poll`).
+    pub control: Arc<PollControl>,
+}
+
+/// The polled streams' upstreams by stream name: changed by a configuration reload.
+#[derive(Default)]
+pub struct PolledUpstreams {
+    by_stream: RwLock<HashMap<String, Arc<PolledUpstream>>>,
+}
+
+impl PolledUpstreams {
+    /// The upstream of stream `name`, if it is polled.
+    pub fn get(&self, name: &str) -> Option<Arc<PolledUpstream>> {
+        self.read().get(name).cloned()
+    }
+
+    /// Sets (or replaces) the upstream of stream `name`.
+    pub fn insert(&self, name: String, upstream: PolledUpstream) {
+        self.by_stream
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(name, Arc::new(upstream));
+    }
+
+    /// Forgets the upstream of stream `name` (removed, or no longer polled).
+    pub fn remove(&self, name: &str) {
+        self.by_stream
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(name);
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<String, Arc<PolledUpstream>>> {
+        // Writers only insert or remove whole entries: a poisoned map is still consistent.
+        self.by_stream
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
 }
 
 impl PolledUpstream {
@@ -49,6 +88,9 @@ impl PolledUpstream {
             "last_outcome": outcome,
             "consecutive_failures": report.consecutive_failures,
             "requests": report.upstream_requests,
+            "body_bytes": report.body_bytes,
+            "subscriber_requests": report.subscriber_requests,
+            "subscriber_bytes": report.subscriber_bytes,
             "next_poll_at": time(report.next_poll_due),
         })
     }
@@ -61,9 +103,9 @@ pub async fn list_streams(State(state): State<Arc<AppState>>) -> Response {
     let mut streams: Vec<Value> = all
         .iter()
         .map(|s| {
-            let mut shown = describe_stream(s, state.upstreams.get(s.name()));
+            let mut shown = describe_stream(s, state.upstreams.get(s.name()).as_deref());
             if let (Some(views), Some(object)) = (state.views.of(s.name()), shown.as_object_mut()) {
-                object.insert("views".into(), describe_views(s.name(), views));
+                object.insert("views".into(), describe_views(s.name(), &views));
             }
             if let (Some(brokers), Some(object)) = (&state.brokers, shown.as_object_mut()) {
                 object.insert("sinks".into(), Value::Array(brokers.describe(s.name())));
@@ -78,7 +120,7 @@ pub async fn list_streams(State(state): State<Arc<AppState>>) -> Response {
     let node = &cluster.node;
     // Who polls: read from Redis now (the lease is the truth; a stale local view is not).
     for (stream, shown) in all.iter().zip(&mut streams) {
-        if !state.upstreams.contains_key(stream.name()) {
+        if state.upstreams.get(stream.name()).is_none() {
             continue;
         }
         let holder = match node.store().holder(stream.name()).await {
@@ -117,6 +159,7 @@ fn describe_stream(stream: &Stream, upstream: Option<&PolledUpstream>) -> Value 
         "seq": stream.seq(),
         "subscribers": stream.subscriber_count(),
         "changes_published": stream.changes_published(),
+        "sent": {"events": stream.delivered().events(), "bytes": stream.delivered().bytes()},
         "last_change_at": rfc3339ish(stream.last_change_at()),
         "failing": failure,
         "upstream": upstream.map(PolledUpstream::describe),

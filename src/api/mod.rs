@@ -2,9 +2,13 @@
 
 pub mod admin;
 pub mod body;
+pub mod catchup;
+pub mod console;
 pub mod listing;
+pub mod poll;
 pub mod proxy;
 pub mod push;
+pub mod reload;
 pub mod server;
 pub mod subscribe;
 
@@ -24,7 +28,7 @@ use tower_http::cors::{AllowOrigin, CorsLayer};
 use crate::config::Cors;
 use crate::hub::{Hub, Stream};
 use crate::metrics::Metrics;
-use listing::PolledUpstream;
+use listing::PolledUpstreams;
 
 /// What every handler can reach.
 pub struct AppState {
@@ -36,10 +40,10 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// The current snapshots (their total size is exported at each scrape).
     pub snapshots: crate::snapshot::SnapshotStore,
-    /// Upstream status per stream name.
-    pub upstreams: HashMap<String, PolledUpstream>,
-    /// The push source, when configured.
-    pub push: Option<push::PushAuth>,
+    /// Upstream status per stream name (changed by a configuration reload).
+    pub upstreams: Arc<PolledUpstreams>,
+    /// The push source, when configured (changed by a configuration reload).
+    pub push: Arc<std::sync::RwLock<Option<Arc<push::PushAuth>>>>,
     /// Largest pushed body accepted, in bytes.
     pub push_max_body: usize,
     /// How long a request body may take to arrive (`server.body_timeout`).
@@ -50,10 +54,17 @@ pub struct AppState {
     pub brokers: Option<Arc<crate::sinks::broker::Brokers>>,
     /// The admin API's bearer token; `None` disables the admin API.
     pub admin_token: Option<crate::sinks::webhook::config::AdminToken>,
+    /// In a cluster whose webhooks another node runs (an SQLite store): that node's id, which
+    /// the admin API names.
+    pub webhooks_node: Option<String>,
     /// The proxy mode (`GET /{upstream URL}`), when `[proxy]` is enabled.
     pub proxy: Option<Arc<crate::proxy::Proxy>>,
+    /// Who may read which stream: the subscription decision, which catch-up reads share.
+    pub subscriptions: Arc<subscribe::Subscriptions>,
     /// This node's part of a cluster, when `[cluster]` is configured.
     pub cluster: Option<ClusterState>,
+    /// Reloads the configuration file (`POST /admin/reload`), when started from one.
+    pub reload: Option<Arc<dyn reload::Reload>>,
 }
 
 /// What the routes need of the cluster.
@@ -65,6 +76,19 @@ pub struct ClusterState {
 }
 
 impl AppState {
+    /// The push source's token and streams now.
+    pub fn push_auth(&self) -> Option<Arc<push::PushAuth>> {
+        self.push
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// The push token now, if the push source is configured.
+    pub fn push_token(&self) -> Option<String> {
+        self.push_auth().map(|p| p.token.clone())
+    }
+
     /// The cluster's writer of push stream `name`, in a cluster.
     pub fn cluster_writer(&self, name: &str) -> Option<&Arc<crate::cluster::writer::Writer>> {
         self.cluster.as_ref()?.writers.get(name)
@@ -84,17 +108,23 @@ pub fn router(state: Arc<AppState>, cors: &Cors) -> Router {
     let admin = admin::router(
         state.webhooks.clone(),
         state.admin_token.clone(),
+        state.webhooks_node.clone(),
         state.body_timeout,
     );
     let router = Router::new()
         .route("/streams", get(listing::list_streams))
         .route("/streams/{name}", get(stream).merge(push))
+        .route("/streams/{name}/poll", axum::routing::post(poll::poll_now))
+        .route("/admin/reload", axum::routing::post(reload::reload))
+        .route("/streams/{name}/changes", get(catchup::changes))
+        .route("/schemas/{file}", get(schema))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .fallback(fallback)
         .with_state(state)
-        .merge(admin);
+        .merge(admin)
+        .merge(console::router());
     match cors_layer(cors) {
         Some(layer) => router.layer(layer),
         None => router,
@@ -121,6 +151,9 @@ fn cors_layer(cors: &Cors) -> Option<CorsLayer> {
             .expose_headers([
                 header::ETAG,
                 header::HeaderName::from_static(proxy::STREAM_HEADER),
+                header::HeaderName::from_static(catchup::NEXT_OFFSET),
+                header::HeaderName::from_static(catchup::UP_TO_DATE),
+                header::HeaderName::from_static(catchup::CURSOR),
             ])
             .max_age(Duration::from_secs(3600)),
     )
@@ -153,16 +186,101 @@ async fn fallback(
     )
 }
 
-/// Readiness: a single node is ready once it serves; a cluster node once Redis answers and it
-/// follows the log (a load balancer then stops sending it new subscribers while Redis is
-/// unreachable; those it has keep their last documents). `/healthz` stays liveness.
+/// How long `/readyz` waits for each backing service.
+const READY_CHECK_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Readiness: `200` once the node serves (this answer comes through its listener) and every
+/// backing service it is configured with answers: in a cluster Redis (`PING`, and the node
+/// follows the log), with webhooks the outbox (a trivial query). Otherwise `503`, the body
+/// naming what failed. Broker sinks are reported but never make the node unready: a broker
+/// that is down holds up neither subscribers nor webhooks (its publishers queue and resync),
+/// so taking the node out of a load balancer for it would only drop subscribers. `/healthz`
+/// stays liveness.
 async fn readyz(State(state): State<Arc<AppState>>) -> Response {
-    match &state.cluster {
-        Some(cluster) if !cluster.node.ready() => error_response(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "not ready: the cluster's Redis is unreachable or this node is not following its log yet",
+    let mut checks = serde_json::Map::new();
+    let mut failed = Vec::new();
+    if let Some(cluster) = &state.cluster {
+        // The node's own view first (its heartbeat and follower); a PING then shows Redis
+        // answers now, not only at the last heartbeat.
+        let check = if cluster.node.ready() {
+            match tokio::time::timeout(READY_CHECK_TIMEOUT, cluster.node.store().ping()).await {
+                Ok(Ok(_)) => json!({"ok": true}),
+                Ok(Err(error)) => {
+                    json!({"ok": false, "error": format!("Redis did not answer PING: {error}")})
+                }
+                Err(_) => {
+                    json!({"ok": false, "error": format!("Redis did not answer PING within {READY_CHECK_TIMEOUT:?}")})
+                }
+            }
+        } else {
+            json!({"ok": false, "error": "the cluster's Redis is unreachable, or this node is not following its log yet"})
+        };
+        if check["ok"] != true {
+            failed.push("redis");
+        }
+        checks.insert("redis".into(), check);
+    }
+    if let Some(webhooks) = &state.webhooks {
+        let answer = tokio::time::timeout(READY_CHECK_TIMEOUT, webhooks.outbox().check()).await;
+        let check = match answer {
+            Ok(Ok(())) => json!({"ok": true}),
+            Ok(Err(error)) => {
+                json!({"ok": false, "error": format!("the webhook outbox failed a trivial query: {error}")})
+            }
+            Err(_) => {
+                json!({"ok": false, "error": format!("the webhook outbox did not answer within {READY_CHECK_TIMEOUT:?}")})
+            }
+        };
+        if check["ok"] != true {
+            failed.push("webhook-outbox");
+        }
+        checks.insert("webhook_outbox".into(), check);
+    }
+    if let Some(brokers) = &state.brokers {
+        let sinks: Vec<Value> = brokers
+            .statuses()
+            .iter()
+            .map(|s| json!({"sink": s.sink, "stream": s.stream, "state": s.state().as_str()}))
+            .collect();
+        checks.insert(
+            "brokers".into(),
+            json!({"ok": true, "affects_readiness": false, "sinks": sinks}),
+        );
+    }
+    let ready = failed.is_empty();
+    let mut body = json!({"ready": ready, "checks": checks});
+    if ready {
+        return axum::Json(body).into_response();
+    }
+    body["status"] = json!(503);
+    body["message"] = json!(format!("not ready: {}", failed.join(", ")));
+    body["failed"] = json!(failed);
+    (StatusCode::SERVICE_UNAVAILABLE, axum::Json(body)).into_response()
+}
+
+/// `GET /schemas/{name}.json`: the JSON Schema of a versioned envelope (`crate::schemas`).
+async fn schema(Path(file): Path<String>) -> Response {
+    let found = file.strip_suffix(".json").and_then(crate::schemas::get);
+    match found {
+        Some(text) => (
+            [
+                (header::CONTENT_TYPE, "application/schema+json"),
+                (header::CACHE_CONTROL, "public, max-age=3600"),
+            ],
+            text,
+        )
+            .into_response(),
+        None => error_response(
+            StatusCode::NOT_FOUND,
+            format!(
+                "no schema {file:?}; the schemas are: {}",
+                crate::schemas::ALL
+                    .iter()
+                    .map(|(name, _)| format!("/schemas/{name}.json"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
         ),
-        _ => "ready\n".into_response(),
     }
 }
 

@@ -77,7 +77,7 @@ impl IntoResponse for Refusal {
 
 /// The stream to push into.
 fn authorize(state: &AppState, name: &str, headers: &HeaderMap) -> Result<Arc<Stream>, Refusal> {
-    let push = state.push.as_ref().ok_or(Refusal::Disabled)?;
+    let push = state.push_auth().ok_or(Refusal::Disabled)?;
     let presented = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())

@@ -51,6 +51,15 @@ pub enum Decision {
     Answer(Answer),
 }
 
+/// A stream opened for a request, as its SSE subscription would be.
+pub struct Open {
+    /// The subscription (its initial events and live receiver).
+    pub subscription: Subscription,
+    /// For a dynamic stream: its name and what the request holds while it lasts (the
+    /// token's connection slot, the poll-period claim).
+    pub dynamic: Option<(Arc<str>, Box<dyn Send>)>,
+}
+
 /// A subscription to serve.
 pub struct Subscribe {
     /// The response headers, in order.
@@ -234,18 +243,15 @@ impl Subscriptions {
             let name = percent_encoding::percent_decode_str(raw)
                 .decode_utf8()
                 .ok()?;
-            if name.starts_with('~') {
-                return self.view(&name, request).await;
-            }
             let resume = resume_point(request.headers, last_event_id(request.query).as_deref());
-            self.log_read().await;
-            let subscribed = self
-                .views
-                .target(&self.hub, &name, request.query)?
-                .and_then(|target| target.subscribe(&resume));
-            return Some(match subscribed {
-                Ok(subscription) => self.subscribe(request, subscription, Dialect::Native, None),
-                Err(error) => Decision::Answer(self.refused_json(request, &view_refusal(&error))),
+            let opened = self
+                .open(&name, request.query, request.headers, &resume)
+                .await?;
+            return Some(match opened {
+                Ok(open) => {
+                    self.subscribe(request, open.subscription, Dialect::Native, open.dynamic)
+                }
+                Err(refusal) => Decision::Answer(self.refused_json(request, &refusal)),
             });
         }
         if get && is_dynamic_path(request.path) && !wants_json(request.headers) {
@@ -254,20 +260,45 @@ impl Subscriptions {
         None
     }
 
-    /// `GET /streams/~{id}`: a dynamic stream in patchwire's own dialect, under the same token
-    /// rules as its URL. Without the proxy mode, the router answers.
-    async fn view(&self, name: &str, request: &Request<'_>) -> Option<Decision> {
-        let proxy = self.proxy.as_ref()?;
-        let token = query_token(request.query);
-        let resume = resume_point(request.headers, last_event_id(request.query).as_deref());
+    /// Subscribes to the stream `/streams/{name}?{query}` names, in patchwire's own dialect,
+    /// from `resume`: a configured stream or one of its views (after the cluster's log was
+    /// read), or a dynamic stream's native view `~{id}` under the same token rules as its URL
+    /// (`X-Sd-Token` in `query` or `headers`). The one decision of who may read which stream,
+    /// for SSE subscriptions and catch-up reads alike. `None`: no such stream (or `~{id}`
+    /// without the proxy mode): the router answers.
+    pub async fn open(
+        &self,
+        name: &str,
+        query: Option<&str>,
+        headers: &HeaderMap,
+        resume: &Resume,
+    ) -> Option<Result<Open, wire::Refusal>> {
+        if name.starts_with('~') {
+            let proxy = self.proxy.as_ref()?;
+            let token = query_token(query);
+            return Some(
+                proxy
+                    .view(name, resume, token.as_deref(), headers)
+                    .await
+                    .map(|opened| Open {
+                        subscription: opened.subscription,
+                        dynamic: Some((opened.stream, Box::new(opened.hold) as Box<dyn Send>)),
+                    })
+                    .map_err(|refusal| refusal.to_wire()),
+            );
+        }
+        self.log_read().await;
+        let subscribed = self
+            .views
+            .target(&self.hub, name, query)?
+            .and_then(|target| target.subscribe(resume));
         Some(
-            match proxy
-                .view(name, &resume, token.as_deref(), request.headers)
-                .await
-            {
-                Ok(opened) => self.opened(request, opened, Dialect::Native),
-                Err(refusal) => Decision::Answer(self.refused_json(request, &refusal.to_wire())),
-            },
+            subscribed
+                .map(|subscription| Open {
+                    subscription,
+                    dynamic: None,
+                })
+                .map_err(|error| view_refusal(&error)),
         )
     }
 

@@ -78,8 +78,9 @@ pub struct RawCluster {
     /// ([default](defaults::TIMEOUT), [bounds](limits::TIMEOUT)).
     #[serde(default, with = "humantime_serde::option")]
     pub timeout: Option<Duration>,
-    /// The id of the one node that delivers webhooks, required with `[webhooks]`: every other
-    /// node leaves them alone (webhooks have no store the nodes share yet).
+    /// With `[webhooks]` on an SQLite store (each node's own file): the id of the one node
+    /// that delivers them all; every other node leaves them alone. Not with a PostgreSQL
+    /// store, which every node shares and delivers from.
     pub webhooks_node: Option<String>,
 }
 
@@ -118,12 +119,13 @@ pub struct ClusterSettings {
     pub probe_interval: Duration,
     /// Command timeout.
     pub timeout: Duration,
-    /// The node that delivers webhooks, if any.
+    /// The one node that delivers webhooks from its own SQLite store, if any.
     pub webhooks_node: Option<NodeId>,
 }
 
 impl ClusterSettings {
-    /// Whether this node delivers the configured webhooks.
+    /// Whether this node delivers the configured webhooks when they are on a store of its own
+    /// (SQLite): only the node `webhooks_node` names.
     pub fn delivers_webhooks(&self) -> bool {
         self.webhooks_node.as_ref() == Some(&self.node_id)
     }

@@ -351,6 +351,10 @@ impl Publish for Writer {
         Box::pin(self.health(None))
     }
 
+    fn audience(&self) -> usize {
+        self.stream.audience()
+    }
+
     fn polled<'a>(&'a self, validators: &'a Validators) -> BoxFuture<'a, ()> {
         Box::pin(async move {
             let Ok(Some(fence)) = self.fence::<()>() else {

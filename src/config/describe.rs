@@ -249,7 +249,7 @@ fn write_description(out: &mut String, config: &Config) -> std::fmt::Result {
         let targets: Vec<String> = sink
             .streams
             .iter()
-            .map(|s| format!("{} → {}", s.stream, s.destination))
+            .map(|s| format!("{} → {}", s.name, s.destination))
             .collect();
         writeln!(
             out,
@@ -409,7 +409,7 @@ fn describe_proxy(out: &mut String, p: &ProxySettings) -> std::fmt::Result {
 fn describe_webhooks(out: &mut String, w: &WebhookSettings) -> std::fmt::Result {
     let schedule: Vec<String> = w.schedule.delays.iter().map(|d| fmt_duration(*d)).collect();
     writeln!(out, "webhooks:")?;
-    writeln!(out, "  outbox:     {}", w.database.display())?;
+    writeln!(out, "  outbox:     {}", w.store)?;
     writeln!(
         out,
         "  admin API:  {}",

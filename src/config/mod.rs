@@ -13,6 +13,7 @@
 //! `[push]`) and what spans sections (stream names, push streams, listeners that overlap).
 //! `config/default.toml` documents every key with its default; a test holds it to the code.
 
+pub mod changes;
 mod de;
 mod describe;
 mod load;

@@ -15,6 +15,7 @@ use super::model::{
     Config, Cors, LogFormat, LogSettings, PushSettings, PushStreamSettings, ServerSettings,
 };
 use super::raw::{RawConfig, RawCors, RawLog, RawLogFormat, RawPush, RawServer};
+use crate::sinks::broker::config::Source;
 use crate::upstream::config::{
     self as upstream_config, RawSource, RawStream, StreamDefaults, StreamSettings, UpstreamSettings,
 };
@@ -142,20 +143,47 @@ pub fn validate(
         .cluster
         .as_ref()
         .and_then(|c| c.validate(env, &mut problems));
-    if let (Some(cluster), Some(_)) = (&raw.cluster, &raw.webhooks) {
-        // Until webhooks have a store every node shares, one node delivers them all: two
-        // nodes with their own outboxes would deliver every change twice.
-        if cluster.webhooks_node.is_none() {
-            problems.push(
+    if let (Some(cluster), Some(webhooks)) = (&raw.cluster, &webhooks) {
+        match (webhooks.store.is_shared(), &cluster.webhooks_node) {
+            // Every node dispatches the streams it holds and delivers from the shared store.
+            (true, None) => {}
+            (true, Some(node)) => problems.push(
+                "cluster.webhooks_node",
+                format!(
+                    "expected no webhooks node with a PostgreSQL `webhooks.store` (every node \
+                     shares it and delivers), got {node:?}: remove the key, or use an SQLite \
+                     store delivered by that one node"
+                ),
+            ),
+            // Each node would deliver every change from its own file: one node does.
+            (false, Some(_)) => {}
+            (false, None) => problems.push(
                 "cluster.webhooks_node",
                 "expected the id of the one node that delivers webhooks (set `cluster.node_id` \
-                 to it on that node): in a cluster, [webhooks] run on a single node",
-            );
+                 to it on that node): in a cluster, webhooks on an SQLite store run on a single \
+                 node; with a PostgreSQL `webhooks.store` every node shares, they run on all",
+            ),
         }
     }
     let websocket = raw.websocket.validate(&mut problems);
     let max_views = raw.views.validate(&mut problems);
-    let broker_sinks = raw.sinks.validate(&stream_names, env, &mut problems);
+    let sources: Vec<Source<'_>> = stream_names
+        .iter()
+        .map(|name| Source {
+            name,
+            views: streams
+                .iter()
+                .find(|s| s.name == *name)
+                .and_then(|s| s.views.as_ref())
+                .or_else(|| {
+                    push_streams
+                        .iter()
+                        .find(|s| s.name == *name)
+                        .and_then(|s| s.views.as_ref())
+                }),
+        })
+        .collect();
+    let broker_sinks = raw.sinks.validate(&sources, env, &mut problems);
     problems.finish(
         source,
         Config {

@@ -14,9 +14,9 @@ mod stream;
 
 pub use crate::wire::ChangeKind;
 pub use stream::{
-    Change, Derivation, Diverged, EventId, Initial, Materialize, Preparation, Prepared,
-    Publication, Recovery, Resume, Stream, StreamEvent, StreamOptions, Subscription,
-    UpstreamFailure,
+    Change, ChangesAfter, Delivered, Derivation, Diverged, EventId, Initial, Materialize,
+    Preparation, Prepared, Publication, Recovery, Resume, Stream, StreamEvent, StreamOptions,
+    Subscription, UpstreamFailure,
 };
 
 use std::collections::BTreeMap;
@@ -50,6 +50,13 @@ impl Hub {
     pub fn all(&self) -> Vec<Arc<Stream>> {
         let streams = self.streams.read().unwrap_or_else(|e| e.into_inner());
         streams.values().cloned().collect()
+    }
+
+    /// Takes stream `name` out of the hub (a reload removed it); returns it, for its caller
+    /// to end.
+    pub fn remove(&self, name: &str) -> Option<Arc<Stream>> {
+        let mut streams = self.streams.write().unwrap_or_else(|e| e.into_inner());
+        streams.remove(name)
     }
 
     /// Ends every stream's subscriptions (used at shutdown).

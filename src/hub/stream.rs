@@ -199,6 +199,37 @@ pub trait Derivation: Send + Sync {
     fn kept_alive(&self);
     /// The stream ended: no change follows.
     fn closed(&self);
+    /// Subscribers of the derived streams (the views' own subscribers).
+    fn subscribers(&self) -> usize {
+        0
+    }
+}
+
+/// What was sent to a stream's subscribers: events and their bytes as written (after gzip),
+/// over SSE and WebSocket alike. A view's stream adds to its own and to its source's.
+#[derive(Debug, Default)]
+pub struct Delivered {
+    events: AtomicU64,
+    bytes: AtomicU64,
+}
+
+impl Delivered {
+    /// Counts one event of `bytes` bytes.
+    pub fn add(&self, bytes: usize) {
+        self.events.fetch_add(1, Ordering::Relaxed);
+        self.bytes
+            .fetch_add(u64::try_from(bytes).unwrap_or(u64::MAX), Ordering::Relaxed);
+    }
+
+    /// Events sent so far.
+    pub fn events(&self) -> u64 {
+        self.events.load(Ordering::Relaxed)
+    }
+
+    /// Bytes sent so far.
+    pub fn bytes(&self) -> u64 {
+        self.bytes.load(Ordering::Relaxed)
+    }
 }
 
 /// Builds a lazily kept stream's current document when someone needs it: a view keeps its
@@ -255,6 +286,17 @@ impl FromStr for EventId {
             seq,
         })
     }
+}
+
+/// A page of changes read from history by [`Stream::changes_after`].
+#[derive(Debug)]
+pub struct ChangesAfter {
+    /// The changes, oldest first.
+    pub changes: Vec<Arc<Change>>,
+    /// The stream's top sequence number when they were read.
+    pub top: u64,
+    /// Whether the page reaches the top (else it was cut by its bounds: more follow).
+    pub complete: bool,
 }
 
 /// Where a new subscriber starts.
@@ -351,7 +393,8 @@ struct State {
 /// One stream of changes.
 pub struct Stream {
     name: Arc<str>,
-    options: StreamOptions,
+    /// Changed only by a configuration reload ([`Stream::restart`]).
+    options: std::sync::RwLock<StreamOptions>,
     snapshots: SnapshotStore,
     metrics: Arc<Metrics>,
     labels: StreamLabels,
@@ -359,12 +402,17 @@ pub struct Stream {
     /// Serializes publishers, so a diff is computed outside `state` without racing another.
     publishing: Mutex<()>,
     changes: AtomicU64,
+    /// What its subscribers were sent.
+    delivered: Arc<Delivered>,
+    /// A view's: its source's count, which its sends add to as well.
+    source_delivered: Option<Arc<Delivered>>,
     /// Subscriptions alive: what on-demand pollers watch to start, linger and stop.
     demand: watch::Sender<usize>,
     /// A view's stream: its changes happen at some of its stream's sequence numbers only.
     sparse: bool,
     /// The views computed from this stream, if any.
-    derivation: std::sync::OnceLock<Arc<dyn Derivation>>,
+    /// Replaced only by a configuration reload ([`Stream::rederive`]).
+    derivation: std::sync::RwLock<Option<Arc<dyn Derivation>>>,
     /// Taken under the state lock and held across a call of the derivation, so calls follow
     /// the order of the changes without holding the state lock while views are computed.
     deriving: Mutex<()>,
@@ -434,7 +482,7 @@ impl Stream {
             labels: StreamLabels {
                 stream: name.to_owned(),
             },
-            options,
+            options: std::sync::RwLock::new(options),
             snapshots,
             metrics,
             state: Mutex::new(State {
@@ -452,9 +500,11 @@ impl Stream {
             }),
             publishing: Mutex::new(()),
             changes: AtomicU64::new(0),
+            delivered: Arc::default(),
+            source_delivered: None,
             demand: watch::Sender::new(0),
             sparse: false,
-            derivation: std::sync::OnceLock::new(),
+            derivation: std::sync::RwLock::new(None),
             deriving: Mutex::new(()),
             idle: Mutex::new(Some(std::time::Instant::now())),
             materializer: None,
@@ -511,17 +561,98 @@ impl Stream {
         stream
     }
 
+    /// Counts what this (view's) stream sends into `source`'s count too.
+    #[must_use]
+    pub fn delivering_for(mut self, source: &Stream) -> Self {
+        self.source_delivered = Some(source.delivered.clone());
+        self
+    }
+
+    /// Counts one event of `bytes` bytes written to a subscriber.
+    pub fn count_sent(&self, bytes: usize) {
+        self.delivered.add(bytes);
+        if let Some(source) = &self.source_delivered {
+            source.add(bytes);
+        }
+    }
+
+    /// What the subscribers of this stream (and of its views) were sent.
+    pub fn delivered(&self) -> &Delivered {
+        &self.delivered
+    }
+
     /// Computes streams from this one: `derivation` is told of every change from now on.
     /// Only one derivation per stream: a second is refused (`false`).
     pub fn derive(&self, derivation: Arc<dyn Derivation>) -> bool {
-        self.derivation.set(derivation).is_ok()
+        let mut current = self
+            .derivation
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if current.is_some() {
+            return false;
+        }
+        *current = Some(derivation);
+        true
+    }
+
+    /// Replaces the derivation (a reload changed the stream's views); returns the one it
+    /// replaces, which its caller closes. Waits for a call of the old one in progress, so the
+    /// new one sees every event after the old one's last.
+    pub fn rederive(&self, derivation: Option<Arc<dyn Derivation>>) -> Option<Arc<dyn Derivation>> {
+        let _order = self.deriving.lock().unwrap_or_else(|e| e.into_inner());
+        let mut current = self
+            .derivation
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        std::mem::replace(&mut *current, derivation)
+    }
+
+    fn derivation(&self) -> Option<Arc<dyn Derivation>> {
+        self.derivation
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// How the stream keeps and computes its changes now.
+    pub fn options(&self) -> StreamOptions {
+        self.options
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Changes how the stream keeps and computes its changes from its next change on (a
+    /// reload, for a stream that has no document to start over from).
+    pub fn set_options(&self, options: StreamOptions) {
+        *self
+            .options
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = options;
+    }
+
+    /// Starts the stream over with `options` (a reload changed its history bounds or diff)
+    /// from `document`, in a new epoch: every subscriber is sent the document whole (as a
+    /// `Reset`), resumes from ids of earlier epochs get it too, and a failure is cleared (its
+    /// subscribers told it is over). The sequence starts again at 1.
+    pub fn restart(&self, options: StreamOptions, document: Value) {
+        self.set_options(options);
+        self.recover();
+        let _publishing = self.publishing.lock().unwrap_or_else(|e| e.into_inner());
+        let now = SystemTime::now();
+        let millis = now
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        // A later epoch than the current one even if the clock went back.
+        let epoch = millis.max(self.epoch().saturating_add(1));
+        self.reset(epoch, 1, document, now, Vec::new());
     }
 
     /// The derivation, if any, with its ordering lock: taken while the caller still holds the
     /// state lock and kept across the call, so derivations see the stream's events in order
     /// without the state lock held while views are computed.
-    fn handing_over(&self) -> Option<(MutexGuard<'_, ()>, &Arc<dyn Derivation>)> {
-        let derivation = self.derivation.get()?;
+    fn handing_over(&self) -> Option<(MutexGuard<'_, ()>, Arc<dyn Derivation>)> {
+        let derivation = self.derivation()?;
         Some((
             self.deriving.lock().unwrap_or_else(|e| e.into_inner()),
             derivation,
@@ -603,6 +734,12 @@ impl Stream {
             .map_or(0, broadcast::Sender::receiver_count)
     }
 
+    /// Subscribers of this stream and of its views: who would each poll the upstream without it.
+    pub fn audience(&self) -> usize {
+        let views = self.derivation().map_or(0, |d| d.subscribers());
+        self.subscriber_count().saturating_add(views)
+    }
+
     /// Since when the stream has had no subscription; `None` while it has some.
     pub fn idle_since(&self) -> Option<std::time::Instant> {
         *self.idle.lock().unwrap_or_else(|e| e.into_inner())
@@ -636,7 +773,7 @@ impl Stream {
     /// subscriptions end at once.
     pub fn close(&self) {
         self.lock().live = None;
-        if let Some(derivation) = self.derivation.get() {
+        if let Some(derivation) = self.derivation() {
             derivation.closed();
         }
     }
@@ -691,7 +828,8 @@ impl Stream {
         // The patch is written as JSON straight from the two documents: it is only ever sent.
         let patch = match previous {
             Some(previous) if same_kind(&previous.document, &document) => {
-                let patch = diff::diff_json(&previous.document, &document, &self.options.diff);
+                let options = self.options.read().unwrap_or_else(|e| e.into_inner());
+                let patch = diff::diff_json(&previous.document, &document, &options.diff);
                 if patch.operations == 0 {
                     return Preparation::Unchanged;
                 }
@@ -704,7 +842,13 @@ impl Stream {
         };
         let json = snapshot::to_json(&document);
         let (kind, payload) = match patch {
-            Some(patch) if !diff::prefer_snapshot(patch.len(), json.len(), &self.options.diff) => {
+            Some(patch)
+                if !diff::prefer_snapshot(
+                    patch.len(),
+                    json.len(),
+                    &self.options.read().unwrap_or_else(|e| e.into_inner()).diff,
+                ) =>
+            {
                 (ChangeKind::Patch, Bytes::from(patch))
             }
             _ => (ChangeKind::Snapshot, json.clone()),
@@ -1005,10 +1149,14 @@ impl Stream {
             state.history.len().saturating_sub(RECOUNT_NEWEST)
         };
         recount(state, from);
-        while state.history.len() > self.options.history {
+        let (history, history_bytes) = {
+            let options = self.options.read().unwrap_or_else(|e| e.into_inner());
+            (options.history, options.history_bytes)
+        };
+        while state.history.len() > history {
             pop_history(state);
         }
-        while state.history_bytes > self.options.history_bytes {
+        while state.history_bytes > history_bytes {
             if !pop_history(state) {
                 break;
             }
@@ -1037,6 +1185,42 @@ impl Stream {
         let oldest = state.history.front()?.seq;
         let index = usize::try_from(seq.checked_sub(oldest)?).ok()?;
         state.history.get(index).filter(|c| c.seq == seq).cloned()
+    }
+
+    /// The changes after `seq` of `epoch`, oldest first, at most `max_changes` of them and
+    /// (beyond the first) at most `max_bytes` of payload, read under the state lock: what a
+    /// catch-up page holds. `None` when history cannot answer exactly (another epoch, an id
+    /// older than history's floor, or one from the future): the reader must start again
+    /// from the current document. An empty page means `seq` is the top.
+    pub fn changes_after(
+        &self,
+        epoch: u64,
+        seq: u64,
+        max_changes: usize,
+        max_bytes: usize,
+    ) -> Option<ChangesAfter> {
+        let state = self.lock();
+        if state.epoch != epoch {
+            return None;
+        }
+        let start = replay_start(&state, seq)?;
+        let mut changes = Vec::new();
+        let mut bytes = 0usize;
+        for change in state.history.iter().skip(start) {
+            if changes.len() >= max_changes
+                || (!changes.is_empty() && bytes + change.payload.len() > max_bytes)
+            {
+                break;
+            }
+            bytes += change.payload.len();
+            changes.push(change.clone());
+        }
+        let last = changes.last().map_or(seq, |c| c.seq);
+        Some(ChangesAfter {
+            changes,
+            top: state.seq,
+            complete: last == state.seq,
+        })
     }
 
     /// The changes history holds now, and their bytes.
@@ -1133,7 +1317,7 @@ impl Stream {
         {
             let _ = live.send(StreamEvent::KeepAlive);
         }
-        if let Some(derivation) = self.derivation.get() {
+        if let Some(derivation) = self.derivation() {
             derivation.kept_alive();
         }
     }
@@ -1340,6 +1524,37 @@ mod tests {
     }
 
     #[test]
+    fn changes_after_pages_history_and_refuses_what_it_cannot_answer() {
+        let s = stream(3);
+        for i in 0..5 {
+            published(s.publish(json!({"n": i, "pad": "x".repeat(40)})));
+        }
+        let epoch = s.epoch();
+        let seqs = |page: &ChangesAfter| page.changes.iter().map(|c| c.seq).collect::<Vec<_>>();
+        let all = s
+            .changes_after(epoch, 2, 10, usize::MAX)
+            .expect("in history");
+        assert_eq!(
+            (seqs(&all), all.top, all.complete),
+            (vec![3, 4, 5], 5, true)
+        );
+        // Cut by count, then by bytes (the first change always fits).
+        let two = s
+            .changes_after(epoch, 2, 2, usize::MAX)
+            .expect("in history");
+        assert_eq!((seqs(&two), two.complete), (vec![3, 4], false));
+        let one = s.changes_after(epoch, 2, 10, 1).expect("in history");
+        assert_eq!((seqs(&one), one.complete), (vec![3], false));
+        // At the top: an empty, complete page.
+        let top = s.changes_after(epoch, 5, 10, usize::MAX).expect("the top");
+        assert!(top.changes.is_empty() && top.complete);
+        // Older than history, from the future, another epoch: no answer.
+        assert!(s.changes_after(epoch, 1, 10, usize::MAX).is_none());
+        assert!(s.changes_after(epoch, 6, 10, usize::MAX).is_none());
+        assert!(s.changes_after(epoch + 1, 3, 10, usize::MAX).is_none());
+    }
+
+    #[test]
     fn resume_replays_exactly_the_missed_changes() {
         let s = stream(3);
         for i in 0..5 {
@@ -1541,6 +1756,34 @@ mod tests {
         assert_eq!((next.seq, next.kind), (2, ChangeKind::Snapshot));
     }
 
+    /// What a view's subscribers are sent counts as the view's and as its source's; the
+    /// source's own sends stay its own.
+    #[test]
+    fn a_derived_streams_sends_count_for_its_source_too() {
+        let source = stream(10);
+        let view = Stream::derived(
+            "s@v",
+            source.options(),
+            source.snapshots.clone(),
+            source.metrics().clone(),
+            source.labels().clone(),
+            source.epoch(),
+            None,
+        )
+        .delivering_for(&source);
+        view.count_sent(100);
+        view.count_sent(20);
+        source.count_sent(7);
+        assert_eq!(
+            (view.delivered().events(), view.delivered().bytes()),
+            (2, 120)
+        );
+        assert_eq!(
+            (source.delivered().events(), source.delivered().bytes()),
+            (3, 127)
+        );
+    }
+
     /// A view's stream counts its subscribers under its source's labels, but its history is
     /// its own: committing to it leaves the source's history gauges as the source's.
     #[test]
@@ -1550,7 +1793,7 @@ mod tests {
         source.publish(json!({"entity": [{"id": 1, "pad": "y".repeat(100)}]}));
         let view = Stream::derived(
             "s@v",
-            source.options.clone(),
+            source.options(),
             source.snapshots.clone(),
             source.metrics().clone(),
             source.labels().clone(),

@@ -11,7 +11,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::poller::Poller;
+use super::poller::{Instruction, Poller};
 use crate::hub::Stream;
 
 /// What happens once a stream has had no subscriber for the whole linger period.
@@ -65,6 +65,7 @@ pub async fn run(
         let mut due = Instant::now();
         let mut last_start: Option<Instant> = None;
         let mut idle_since: Option<Instant> = None;
+        let control = poller.control();
         loop {
             let linger_end = idle_since.map(|since| since + options.linger);
             tokio::select! {
@@ -99,6 +100,11 @@ pub async fn run(
                     }
                 }
                 () = tick(keepalive.as_mut()) => stream.keep_alive(),
+                instruction = control.instructed() => match instruction {
+                    Instruction::Reconfigure => due = poller.reconfigure(due),
+                    // Polled at once, below (the next iteration's wait is over now).
+                    Instruction::PollNow => due = Instant::now(),
+                },
                 () = tokio::time::sleep_until(due) => {
                     last_start = Some(Instant::now());
                     let step = tokio::select! {

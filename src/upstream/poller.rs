@@ -6,6 +6,7 @@
 //! is reported to the hub, and is retried with backoff; the first success after failures
 //! reports the recovery and then the document.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
@@ -13,7 +14,7 @@ use bytes::Bytes;
 use futures_util::future::BoxFuture;
 use governor::clock::{Clock, DefaultClock};
 use serde_json::Value;
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -52,6 +53,11 @@ pub trait Publish: Send + Sync + 'static {
     fn polled<'a>(&'a self, _validators: &'a Validators) -> BoxFuture<'a, ()> {
         Box::pin(std::future::ready(()))
     }
+    /// How many subscribers the stream has now (its views' included): each would send this
+    /// poll's request itself without the proxy. None by default.
+    fn audience(&self) -> usize {
+        0
+    }
 }
 
 /// A stream's poller publishes into it. The diff runs on the blocking pool: a feed of
@@ -82,6 +88,10 @@ impl Publish for Stream {
     fn recovered(&self) -> BoxFuture<'_, ()> {
         self.recover();
         Box::pin(std::future::ready(()))
+    }
+
+    fn audience(&self) -> usize {
+        Stream::audience(self)
     }
 }
 
@@ -156,6 +166,14 @@ pub struct PollReport {
     pub consecutive_failures: u32,
     /// Requests sent upstream since the poller started.
     pub upstream_requests: u64,
+    /// Bytes of the bodies those requests received (decompressed; a 304 has none).
+    pub body_bytes: u64,
+    /// The sum, over this process's requests, of the stream's subscribers at each: the requests
+    /// they would have sent polling the upstream themselves at the stream's interval.
+    pub subscriber_requests: u64,
+    /// The sum, over this process's requests, of subscribers × body bytes: what those requests
+    /// would have downloaded.
+    pub subscriber_bytes: u64,
     /// When the next poll is due.
     pub next_poll_due: Option<SystemTime>,
 }
@@ -179,6 +197,81 @@ impl PollStatus {
     fn lock(&self) -> std::sync::MutexGuard<'_, PollReport> {
         // Updates are single assignments; a panic cannot leave the report half-written.
         self.report.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// What others may ask of a running poller: poll now (`POST /streams/{name}/poll`), or take
+/// new settings (a configuration reload). Both are stored until the poller's loop takes them,
+/// so an ask made while it polls or waits is never lost.
+pub struct PollControl<C: Clock = DefaultClock> {
+    poke: Notify,
+    /// A poll asked for already took its token from the group's limiter: the next poll does
+    /// not take another (it would wait a whole period for a quota of one per period).
+    prepaid: AtomicBool,
+    reconfigured: Notify,
+    pending: Mutex<Option<Reconfiguration<C>>>,
+    limiter: Mutex<Arc<GroupLimiter<C>>>,
+}
+
+/// New settings for a running poller, with its group's limiter (the group may have changed).
+struct Reconfiguration<C: Clock> {
+    settings: Arc<StreamSettings>,
+    limiter: Arc<GroupLimiter<C>>,
+}
+
+/// What a poller's loop was asked (see [`PollControl::instructed`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Instruction {
+    /// Poll now.
+    PollNow,
+    /// New settings wait: apply them with [`Poller::reconfigure`].
+    Reconfigure,
+}
+
+impl<C: Clock> PollControl<C> {
+    fn new(limiter: Arc<GroupLimiter<C>>) -> Self {
+        PollControl {
+            poke: Notify::new(),
+            prepaid: AtomicBool::new(false),
+            reconfigured: Notify::new(),
+            pending: Mutex::new(None),
+            limiter: Mutex::new(limiter),
+        }
+    }
+
+    /// Asks for a poll now, within the group's rate limit: `Err(wait)` when the limit forbids
+    /// a request now (`wait` until it would allow one); `Ok` when the poll is scheduled (it
+    /// starts as soon as the poller is between polls).
+    pub fn poll_now(&self) -> Result<(), Duration> {
+        let limiter = self
+            .limiter
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        limiter
+            .check()
+            .map_err(|not_until| not_until.wait_time_from(limiter.clock().now()))?;
+        self.prepaid.store(true, Ordering::SeqCst);
+        self.poke.notify_one();
+        Ok(())
+    }
+
+    /// Resolves when someone asked the poller something; asks made before the call are kept,
+    /// so a poller's loop that selects on this between polls misses none.
+    pub async fn instructed(&self) -> Instruction {
+        tokio::select! {
+            biased;
+            () = self.reconfigured.notified() => Instruction::Reconfigure,
+            () = self.poke.notified() => Instruction::PollNow,
+        }
+    }
+
+    /// Hands the poller new settings (and its group's limiter), applied between polls.
+    pub fn reconfigure(&self, settings: Arc<StreamSettings>, limiter: Arc<GroupLimiter<C>>) {
+        *self.limiter.lock().unwrap_or_else(PoisonError::into_inner) = limiter.clone();
+        *self.pending.lock().unwrap_or_else(PoisonError::into_inner) =
+            Some(Reconfiguration { settings, limiter });
+        self.reconfigured.notify_one();
     }
 }
 
@@ -222,6 +315,10 @@ pub struct Poller<C: Clock = DefaultClock> {
     turns: Option<watch::Receiver<Option<Turn>>>,
     /// The turn being polled.
     turn: Option<u64>,
+    /// When the last poll started (a shorter interval set meanwhile counts from it).
+    last_started: Option<Instant>,
+    /// Poll now, new settings.
+    control: Arc<PollControl<C>>,
 }
 
 impl<C> Poller<C>
@@ -238,6 +335,8 @@ where
         backoff: BackoffSettings,
     ) -> Self {
         Poller {
+            control: Arc::new(PollControl::new(limiter.clone())),
+            last_started: None,
             url: Redacted::new(&settings.url),
             labels: StreamLabels {
                 stream: settings.name.clone(),
@@ -337,6 +436,43 @@ where
         Arc::clone(&self.status)
     }
 
+    /// The handle through which others ask this poller to poll now or take new settings.
+    pub fn control(&self) -> Arc<PollControl<C>> {
+        Arc::clone(&self.control)
+    }
+
+    /// Applies the settings handed to [`PollControl::reconfigure`], if any, and returns when
+    /// the next poll is now due, given it was due at `due`: a new interval counts from the
+    /// last poll's start (unless the poller is backing off after failures). New headers or a
+    /// new URL forget the validators, so the next poll is unconditional.
+    pub fn reconfigure(&mut self, due: Instant) -> Instant {
+        let Some(next) = self
+            .control
+            .pending
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+        else {
+            return due;
+        };
+        let old = std::mem::replace(&mut self.settings, next.settings);
+        self.limiter = next.limiter;
+        if old.headers != self.settings.headers || old.url != self.settings.url {
+            self.validators = Validators::default();
+            self.last_body = None;
+        }
+        self.url = Redacted::new(&self.settings.url);
+        tracing::info!(stream = %self.settings.name, interval = ?self.settings.interval, "poller reconfigured");
+        match self.last_started {
+            Some(started) if self.consecutive_failures == 0 => {
+                let due = later(started, self.settings.interval);
+                self.next_due = Some(due);
+                due
+            }
+            _ => due,
+        }
+    }
+
     /// Changes the time between polls from the next poll on (dynamic streams poll as often as
     /// their most demanding subscriber may ask).
     pub fn set_interval(&mut self, interval: Duration) {
@@ -360,19 +496,32 @@ where
     /// request in flight, or a sleep.
     pub async fn run(mut self, shutdown: CancellationToken) {
         tracing::info!(stream = %self.settings.name, url = %self.url, interval = ?self.settings.interval, "polling");
+        let control = self.control();
+        // The first poll starts at once; then each waits for its tick, a poll asked for, new
+        // settings or a change of turn.
+        let mut due: Option<Instant> = None;
         loop {
+            if let Some(at) = due {
+                tokio::select! {
+                    biased;
+                    () = shutdown.cancelled() => break,
+                    instruction = control.instructed() => {
+                        if instruction == Instruction::Reconfigure {
+                            due = Some(self.reconfigure(at));
+                            continue;
+                        }
+                    }
+                    () = tokio::time::sleep_until(at) => {}
+                    // A turn that begins (or ends) is acted on now, not at the next tick.
+                    () = self.turn_changed() => {}
+                }
+            }
             let step = tokio::select! {
                 biased;
                 () = shutdown.cancelled() => break,
                 step = self.poll_once() => step,
             };
-            tokio::select! {
-                biased;
-                () = shutdown.cancelled() => break,
-                () = tokio::time::sleep_until(step.next_due) => {}
-                // A turn that begins (or ends) is acted on now, not at the next tick.
-                () = self.turn_changed() => {}
-            }
+            due = Some(step.next_due);
         }
         tracing::debug!(stream = %self.settings.name, "poller stopped");
     }
@@ -389,6 +538,7 @@ where
                 next_due,
             };
         }
+        self.last_started = Some(started);
         let interval = self.settings.interval;
         // Anchor the schedule on the tick this poll was due at, so it does not drift by the
         // few milliseconds between waking and starting; a late start re-anchors.
@@ -410,6 +560,11 @@ where
         };
         let fetch_started = Instant::now();
         let fetched = self.fetcher.fetch(&request, &self.validators).await;
+        let body_bytes = match &fetched {
+            Ok(Fetched::Body { body, .. }) => u64::try_from(body.len()).unwrap_or(u64::MAX),
+            _ => 0,
+        };
+        let audience = u64::try_from(self.publish.audience()).unwrap_or(u64::MAX);
         self.metrics
             .upstream_latency
             .get_or_create(&self.labels)
@@ -466,6 +621,11 @@ where
             r.last_outcome = Some(outcome.clone());
             r.consecutive_failures = failures;
             r.upstream_requests = r.upstream_requests.saturating_add(1);
+            r.body_bytes = r.body_bytes.saturating_add(body_bytes);
+            r.subscriber_requests = r.subscriber_requests.saturating_add(audience);
+            r.subscriber_bytes = r
+                .subscriber_bytes
+                .saturating_add(audience.saturating_mul(body_bytes));
             r.next_poll_due = Some(next_poll_due);
         });
         PollStep {
@@ -541,18 +701,22 @@ where
     }
 
     async fn wait_for_quota(&self) {
-        loop {
-            match self.limiter.check() {
-                Ok(()) => break,
-                Err(not_until) => {
-                    let wait = not_until.wait_time_from(self.limiter.clock().now());
-                    tracing::debug!(
-                        stream = %self.settings.name,
-                        group = %self.settings.rate_limit_group,
-                        wait = ?wait,
-                        "waiting for the rate limit"
-                    );
-                    tokio::time::sleep(wait).await;
+        // A poll asked for now took its token when it was asked.
+        let prepaid = self.control.prepaid.swap(false, Ordering::SeqCst);
+        if !prepaid {
+            loop {
+                match self.limiter.check() {
+                    Ok(()) => break,
+                    Err(not_until) => {
+                        let wait = not_until.wait_time_from(self.limiter.clock().now());
+                        tracing::debug!(
+                            stream = %self.settings.name,
+                            group = %self.settings.rate_limit_group,
+                            wait = ?wait,
+                            "waiting for the rate limit"
+                        );
+                        tokio::time::sleep(wait).await;
+                    }
                 }
             }
         }

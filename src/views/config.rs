@@ -9,7 +9,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use super::select::{Selector, tokens};
-use super::spec::{ViewError, ViewSpec, parse_expression, parse_fields, split_values};
+use super::spec::{Asked, ViewError, ViewSpec, list, parse_expression, parse_fields, split_values};
 use crate::diff::{KeyPath, PathPattern};
 use crate::validation::{Problems, duration_in, integer_in, is_valid_name, usize_of};
 
@@ -157,6 +157,38 @@ pub struct ViewsSettings {
     pub linger: Duration,
     /// The named views, by name.
     pub named: BTreeMap<String, ViewSpec>,
+}
+
+impl ViewsSettings {
+    /// The view `asked` names among these settings: its id (the configured name, or `~` and a
+    /// hash of the ad hoc spec's canonical form; an ad hoc spec equal to a named view's is that
+    /// view) and spec; `None` for the whole stream. What `StreamViews::resolve` answers at run
+    /// time, known from the configuration alone (a broker sink's view is named at start).
+    pub fn resolve(&self, asked: Asked) -> Result<Option<(String, ViewSpec)>, ViewError> {
+        match asked {
+            Asked::Whole => Ok(None),
+            Asked::Named(name) => match self.named.get(&name) {
+                Some(spec) => Ok(Some((name, spec.clone()))),
+                None => Err(ViewError::UnknownView {
+                    name,
+                    known: list(self.named.keys()),
+                }),
+            },
+            Asked::AdHoc(spec) => {
+                let canonical = spec.canonical();
+                if let Some((name, _)) = self.named.iter().find(|(_, s)| s.canonical() == canonical)
+                {
+                    return Ok(Some((name.clone(), spec)));
+                }
+                if !self.ad_hoc {
+                    return Err(ViewError::AdHocRefused {
+                        known: list(self.named.keys()),
+                    });
+                }
+                Ok(Some((spec.ad_hoc_name(), spec)))
+            }
+        }
+    }
 }
 
 impl RawViews {

@@ -20,16 +20,16 @@ pub mod set;
 pub mod spec;
 
 use std::collections::{BTreeSet, HashMap};
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError, RwLock};
 
 use crate::hub::{Hub, Resume, Stream, Subscription};
 pub use set::{Budget, StreamViews};
 pub use spec::{Asked, ViewError};
 
-/// The views of every stream that has them.
+/// The views of every stream that has them (changed by a configuration reload).
 #[derive(Default)]
 pub struct Views {
-    streams: HashMap<String, Arc<StreamViews>>,
+    streams: RwLock<HashMap<String, Arc<StreamViews>>>,
 }
 
 /// What a request for a stream's document or events names.
@@ -47,16 +47,46 @@ impl Views {
     }
 
     /// Derives `views` from `stream` from now on.
-    pub fn attach(&mut self, stream: &Arc<Stream>, views: StreamViews) {
+    pub fn attach(&self, stream: &Arc<Stream>, views: StreamViews) {
         let views = Arc::new(views);
         if stream.derive(views.clone()) {
-            self.streams.insert(stream.name().to_owned(), views);
+            self.write().insert(stream.name().to_owned(), views);
         }
     }
 
+    /// Replaces the views of `stream` with `views` (none: the stream has no views any more),
+    /// a reload having changed them: the old views' streams end, their subscribers come back
+    /// to the new ones.
+    pub fn replace(&self, stream: &Arc<Stream>, views: Option<StreamViews>) {
+        let views = views.map(Arc::new);
+        let derivation = views.clone().map(|v| v as Arc<dyn crate::hub::Derivation>);
+        let old = stream.rederive(derivation);
+        match views {
+            Some(views) => self.write().insert(stream.name().to_owned(), views),
+            None => self.write().remove(stream.name()),
+        };
+        if let Some(old) = old {
+            old.closed();
+        }
+    }
+
+    /// Forgets the views of stream `name` (a reload removed the stream; ending it ended them).
+    pub fn forget(&self, name: &str) {
+        self.write().remove(name);
+    }
+
     /// The views of stream `name`, if it has any.
-    pub fn of(&self, name: &str) -> Option<&Arc<StreamViews>> {
-        self.streams.get(name)
+    pub fn of(&self, name: &str) -> Option<Arc<StreamViews>> {
+        self.read().get(name).cloned()
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<String, Arc<StreamViews>>> {
+        // Writers replace whole entries: a poisoned map is still consistent.
+        self.streams.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<String, Arc<StreamViews>>> {
+        self.streams.write().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// What `name` (a stream, or `stream@view`) with `query` asks for, among `hub`'s streams.
@@ -72,7 +102,7 @@ impl Views {
         }
         let (source, id) = name.split_once('@')?;
         let stream = hub.get(source)?;
-        let Some(views) = self.streams.get(source) else {
+        let Some(views) = self.of(source) else {
             return Some(Err(ViewError::NoViews(source.to_owned())));
         };
         if let Err(error) = spec::parse_query(query, &BTreeSet::new()).and_then(|asked| match asked
@@ -89,13 +119,13 @@ impl Views {
         Some(
             views
                 .by_id(id)
-                .map(|(id, spec)| Target::View(stream, views.clone(), id, spec)),
+                .map(|(id, spec)| Target::View(stream, views, id, spec)),
         )
     }
 
     /// What `query` asks of `stream`: the stream itself or one of its views.
     fn asked(&self, stream: Arc<Stream>, query: Option<&str>) -> Result<Target, ViewError> {
-        let Some(views) = self.streams.get(stream.name()) else {
+        let Some(views) = self.of(stream.name()) else {
             // A stream without views ignores parameters it does not know, but a view asked of
             // it is refused rather than silently served whole.
             if let Some(query) = query {
@@ -111,7 +141,7 @@ impl Views {
         let asked = spec::parse_query(query, &views.aliases())?;
         Ok(match views.resolve(asked)? {
             None => Target::Whole(stream),
-            Some((id, spec)) => Target::View(stream, views.clone(), id, spec),
+            Some((id, spec)) => Target::View(stream, views, id, spec),
         })
     }
 }

@@ -357,17 +357,20 @@ impl StreamViews {
         let document = ViewDocument::new();
         let mut view = View {
             compiled,
-            stream: Arc::new(Stream::lazy(
-                &format!("{}@{id}", self.source),
-                self.options.clone(),
-                self.snapshots.clone(),
-                self.metrics.clone(),
-                self.labels.clone(),
-                current.as_ref().map_or(source_epoch, |c| c.epoch),
-                current.as_ref().map_or(0, |c| c.seq),
-                current.as_ref().map(|c| c.at),
-                document.clone(),
-            )),
+            stream: Arc::new(
+                Stream::lazy(
+                    &format!("{}@{id}", self.source),
+                    self.options.clone(),
+                    self.snapshots.clone(),
+                    self.metrics.clone(),
+                    self.labels.clone(),
+                    current.as_ref().map_or(source_epoch, |c| c.epoch),
+                    current.as_ref().map_or(0, |c| c.seq),
+                    current.as_ref().map(|c| c.at),
+                    document.clone(),
+                )
+                .delivering_for(source),
+            ),
             document,
             members: HashSet::new(),
             indexed: None,
@@ -1093,6 +1096,15 @@ impl Derivation for StreamViews {
         for view in inner.views.values() {
             view.stream.close();
         }
+    }
+
+    fn subscribers(&self) -> usize {
+        let inner = self.lock();
+        inner
+            .views
+            .values()
+            .map(|view| view.stream.subscriber_count())
+            .sum()
     }
 }
 

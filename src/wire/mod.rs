@@ -3,10 +3,12 @@
 //! The bottom layer, as mini-redis's `frame.rs` is: the hub, the snapshot store, the sinks and
 //! the routes use it, and it uses nothing else from the crate. [`sse`] frames events,
 //! [`gzip`] deflates each frame once for every gzip subscriber, [`native`] and [`streamdata`]
-//! write the two SSE dialects' events, [`websocket`] the WebSocket messages. A change (a snapshot, a failure, a recovery) carries its
+//! write the two SSE dialects' events, [`websocket`] the WebSocket messages, [`cloudevents`]
+//! a change as a CloudEvent (broker messages, webhook deliveries). A change (a snapshot, a failure, a recovery) carries its
 //! data and one [`Frames`] cache: the SSE sink frames it there once, on first use, and every
 //! subscriber shares the bytes.
 
+pub mod cloudevents;
 mod frames;
 pub mod gzip;
 pub mod native;

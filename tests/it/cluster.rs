@@ -637,6 +637,15 @@ async fn without_redis_a_node_keeps_its_subscribers_and_is_not_ready_until_it_re
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // The answer names what failed.
+    let body: serde_json::Value = reqwest::get(format!("{}/readyz", cluster.nodes[0].base()))
+        .await
+        .expect("readyz")
+        .json()
+        .await
+        .expect("readyz answers JSON");
+    assert_eq!(body["failed"], serde_json::json!(["redis"]), "{body}");
+    assert_eq!(body["checks"]["redis"]["ok"], false, "{body}");
     let health = reqwest::get(format!("{}/healthz", cluster.nodes[0].base()))
         .await
         .expect("healthz")
@@ -811,25 +820,30 @@ async fn a_tokens_connection_limit_holds_across_the_cluster() {
     }
 }
 
+/// With a PostgreSQL store every node shares, no node is named: the holder of a stream's
+/// lease dispatches it, every node's workers deliver, and each change arrives once, in order,
+/// whichever node it was pushed through.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn webhooks_are_delivered_once_by_the_node_named_for_them() {
+async fn webhooks_are_delivered_once_by_the_cluster_from_its_shared_store() {
     let upstream = MockUpstream::start(vehicles(0)).await;
     let receiver = Receiver::start(&[crate::webhook::SECRET]).await;
-    let dir = tempfile::tempdir().expect("temp dir");
+    let Some(store) = TestStore::postgres() else {
+        return;
+    };
     let webhooks = format!(
-        "\n[webhooks]\ndatabase = \"{}\"\nallow_private_targets = true\nschedule = [\"0s\", \"100ms\", \"200ms\"]\njitter = 0.0\n[[webhooks.endpoints]]\nid = \"e\"\nurl = \"{}\"\nstreams = [\"board\"]\nmode = \"patch\"\nsecret = \"{}\"\n",
-        dir.path().join("outbox.db").display(),
+        "\n[webhooks]\n{}allow_private_targets = true\nschedule = [\"0s\", \"100ms\", \"200ms\"]\njitter = 0.0\n[[webhooks.endpoints]]\nid = \"e\"\nurl = \"{}\"\nstreams = [\"board\"]\nmode = \"patch\"\nsecret = \"{}\"\n",
+        store.toml(),
         receiver.url(),
         crate::webhook::SECRET
     );
-    // `webhooks_node` goes in [cluster], the last table of `config`.
-    let config = config(&upstream.url(), "1s") + "webhooks_node = \"a\"\n" + &webhooks;
+    let config = config(&upstream.url(), "1s") + &webhooks;
     let Some(mut cluster) = TestCluster::new(&config) else {
         return;
     };
     cluster.start(&["a", "b"]).await;
     let client = reqwest::Client::new();
-    // Pushes through both nodes: node a delivers every change, node b none.
+    // Pushes through both nodes: the node holding the stream's lease dispatches every change
+    // once, whichever node received it.
     for i in 0..10 {
         let node = &cluster.nodes[i % 2];
         let status = client
@@ -963,6 +977,239 @@ async fn a_node_killed_while_it_publishes_leaves_no_half_written_change() {
     if let Err(problem) = watcher.until(&answer, SOON).await {
         panic!("{problem}; logs:\n{}", cluster.logs());
     }
+}
+
+/// With an SQLite store (each node's own file) a cluster's webhooks are delivered by the one
+/// node `cluster.webhooks_node` names: every change once, in order, whichever node it was
+/// pushed through; the other node sends nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn webhooks_are_delivered_once_by_the_node_named_for_them() {
+    let upstream = MockUpstream::start(vehicles(0)).await;
+    let receiver = Receiver::start(&[crate::webhook::SECRET]).await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let webhooks = format!(
+        "\n[webhooks]\ndatabase = \"{}\"\nallow_private_targets = true\nschedule = [\"0s\", \"100ms\", \"200ms\"]\njitter = 0.0\n[[webhooks.endpoints]]\nid = \"e\"\nurl = \"{}\"\nstreams = [\"board\"]\nmode = \"patch\"\nsecret = \"{}\"\n",
+        dir.path().join("outbox.db").display(),
+        receiver.url(),
+        crate::webhook::SECRET
+    );
+    // `webhooks_node` goes in [cluster], the last table of `config`.
+    let config = config(&upstream.url(), "1s") + "webhooks_node = \"a\"\n" + &webhooks;
+    let Some(mut cluster) = TestCluster::new(&config) else {
+        return;
+    };
+    cluster.start(&["a", "b"]).await;
+    let client = reqwest::Client::new();
+    // Pushes through both nodes: node a delivers every change, node b none.
+    for i in 0..10 {
+        let node = &cluster.nodes[i % 2];
+        let status = client
+            .post(format!("{}/streams/board", node.base()))
+            .bearer_auth("push-token-0123456789")
+            .json(&json!({"n": i, "pad": "a field long enough that patches stay smaller than the document"}))
+            .send()
+            .await
+            .expect("push")
+            .status();
+        assert_eq!(status, 200);
+    }
+    let hits = receiver
+        .wait_for(Duration::from_secs(20), "ten changes", |hits| {
+            hits.iter().any(|h| h.seq() == 10)
+        })
+        .await;
+    let seqs: Vec<u64> = hits.iter().map(|h| h.seq()).collect();
+    assert_eq!(
+        seqs,
+        (1..=10).collect::<Vec<_>>(),
+        "each change once, in order"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(receiver.hits().len(), 10, "and nothing more");
+    assert!(
+        receiver
+            .hits()
+            .iter()
+            .all(|h| h.headers["user-agent"] == "patchwire-node-a"),
+        "all from node a"
+    );
+    // Node b's admin API says where the webhooks are.
+    let answer = client
+        .get(format!("{}/admin/webhooks", cluster.nodes[1].base()))
+        .send()
+        .await
+        .expect("admin");
+    assert_eq!(answer.status(), 404);
+    let answer: Value = answer.json().await.expect("a JSON error");
+    let message = answer["message"].as_str().unwrap_or_default();
+    assert!(message.contains("node \"a\""), "{answer}");
+}
+
+/// Two nodes on one PostgreSQL outbox and one Redis; the node that is delivering is killed
+/// with SIGKILL in the middle of a delivery. The other node takes over the streams' dispatch
+/// (their leases) and, once the dead node's claim expires, the delivery it held, with the same
+/// `webhook-id`. Every accepted change of both streams (a push stream and a polled one)
+/// arrives, each once (bar retries of the same message), in order, its chain of patches
+/// verified and every signature checked by the independent `standardwebhooks` crate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_node_killed_mid_delivery_loses_no_webhook_and_keeps_the_order() {
+    use crate::webhook::{SECRET, rebuild};
+    let upstream = MockUpstream::start(vehicles(0)).await;
+    let receiver = Receiver::start(&[SECRET]).await;
+    // Slow enough that a delivery is always in flight.
+    receiver.set_delay(Duration::from_millis(300));
+    let Some(store) = TestStore::postgres() else {
+        return;
+    };
+    let webhooks = format!(
+        r#"
+[webhooks]
+{}allow_private_targets = true
+schedule = ["0s", "100ms", "200ms", "400ms", "800ms", "1s", "1s", "1s", "1s", "1s", "1s", "1s"]
+jitter = 0.0
+attempt_timeout = "1s"
+claim_timeout = "2s"
+[[webhooks.endpoints]]
+id = "e"
+url = "{}"
+streams = ["board", "fleet"]
+mode = "patch"
+secret = "{SECRET}"
+"#,
+        store.toml(),
+        receiver.url(),
+    );
+    let config = config(&upstream.url(), "250ms") + &webhooks;
+    let Some(mut cluster) = TestCluster::new(&config) else {
+        return;
+    };
+    cluster.start(&["a", "b"]).await;
+    let client = reqwest::Client::new();
+    let bases: Vec<String> = cluster.nodes.iter().map(|n| n.base()).collect();
+    let push = |node: usize, n: u64| {
+        let url = format!("{}/streams/board", bases[node]);
+        let client = client.clone();
+        async move {
+            client
+                .post(url)
+                .bearer_auth("push-token-0123456789")
+                .json(&json!({"n": n, "pad": "a field long enough that patches stay smaller than the document"}))
+                .send()
+                .await
+                .expect("push")
+                .status()
+                .as_u16()
+        }
+    };
+    // Changes through both nodes, and polls of the upstream by whichever node holds `fleet`.
+    for n in 1..=8u64 {
+        assert_eq!(push((n % 2) as usize, n).await, 200);
+        if n % 2 == 0 {
+            upstream.set(vehicles(n));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Kill the node whose delivery just arrived (it is in flight for 300 ms).
+    let seen = receiver.arrivals().len();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let victim = loop {
+        let arrivals = receiver.arrivals();
+        if let Some(last) = arrivals.get(seen..).and_then(<[_]>::last) {
+            break last.clone();
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no delivery in flight; logs:\n{}",
+            cluster.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    let name = victim
+        .user_agent
+        .strip_prefix("patchwire-node-")
+        .unwrap_or_else(|| panic!("a delivery from an unknown sender: {victim:?}"))
+        .to_owned();
+    cluster.node(&name).kill();
+    let survivor = usize::from(name == "a");
+    // More changes through the survivor, which takes the dead node's leases.
+    for n in 9..=16u64 {
+        assert_eq!(push(survivor, n).await, 200);
+        if n % 2 == 0 {
+            upstream.set(vehicles(n));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let fleet_done = upstream.document();
+    let hits = receiver
+        .wait_for(
+            Duration::from_secs(40),
+            "every change of both streams",
+            |hits| {
+                let ok: Vec<Hit> = hits.iter().filter(|h| h.status < 300).cloned().collect();
+                let board = of_stream(&ok, "board");
+                let fleet = of_stream(&ok, "fleet");
+                board.iter().any(|h| h.seq() == 16)
+                    && !fleet.is_empty()
+                    && rebuild(&first_of_each(&fleet)) == fleet_done
+            },
+        )
+        .await;
+    let accepted: Vec<Hit> = hits.into_iter().filter(|h| h.status < 300).collect();
+    let logs = cluster.logs();
+    for (stream, last) in [("board", json!({"n": 16})), ("fleet", fleet_done.clone())] {
+        let delivered = first_of_each(&of_stream(&accepted, stream));
+        // In order, each patch on the document the receiver holds, every signature verified.
+        let document = rebuild(&delivered);
+        if stream == "board" {
+            assert_eq!(document["n"], last["n"], "{stream}; logs:\n{logs}");
+            // Every accepted push arrived, in order, as one message each.
+            let seqs: Vec<u64> = delivered.iter().map(Hit::seq).collect();
+            assert_eq!(
+                seqs,
+                (1..=16).collect::<Vec<_>>(),
+                "board: every change once, in order; logs:\n{logs}"
+            );
+        } else {
+            assert_eq!(document, last, "{stream}; logs:\n{logs}");
+            let seqs: Vec<u64> = delivered.iter().map(Hit::seq).collect();
+            assert!(
+                seqs.windows(2).all(|w| w[0] < w[1]),
+                "fleet in order: {seqs:?}"
+            );
+        }
+    }
+    // The delivery the dead node had in flight was sent again by the survivor, same id.
+    let retried = accepted
+        .iter()
+        .find(|h| h.id() == victim.id && h.headers["user-agent"] != victim.user_agent.as_str());
+    let retried = retried.unwrap_or_else(|| {
+        panic!(
+            "the survivor never sent {} (in flight on {name} when it was killed); logs:\n{logs}",
+            victim.id
+        )
+    });
+    assert!(
+        retried.at.duration_since(victim.at) >= Duration::from_secs(1),
+        "taken over before the claim could expire: {:?}",
+        retried.at.duration_since(victim.at)
+    );
+}
+
+/// The hits of `stream`.
+fn of_stream(hits: &[Hit], stream: &str) -> Vec<Hit> {
+    hits.iter()
+        .filter(|h| h.body["stream"] == stream)
+        .cloned()
+        .collect()
+}
+
+/// The first accepted delivery of each message (retries of the same `webhook-id` dropped).
+fn first_of_each(hits: &[Hit]) -> Vec<Hit> {
+    let mut seen = BTreeSet::new();
+    hits.iter()
+        .filter(|h| seen.insert(h.id()))
+        .cloned()
+        .collect()
 }
 
 /// Vehicles on three lines; `n` moves them.

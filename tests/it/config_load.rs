@@ -1876,7 +1876,9 @@ mod default_toml {
             "PATCHWIRE_ADMIN_TOKEN" => "admin-token-0123456789",
             "PATCHWIRE_PROXY_TOKEN" => "proxy-token-0123456789",
             "API_TOKEN" => "api-token",
-            "BILLING_WEBHOOK_SECRET" => "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+            "BILLING_WEBHOOK_SECRET" | "PATCHWIRE_OPERATOR_SECRET" => {
+                "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+            }
             // The Streamdata.io SDK's own test key: base64 of 72 characters.
             "PATCHWIRE_PROXY_SIGNING_SECRET" => {
                 "MmIyMzBlZGMtOGYyNi00OGY2LWI2YTYtZmY1OTFlMzY1NjNiYjNhMzc3NWMtMzMwMC00YmMzLWI0NGYtMmM1ZmU4MDAzMGFh"
@@ -2046,23 +2048,55 @@ mod cluster {
     }
 
     #[test]
-    fn webhooks_in_a_cluster_name_the_node_that_delivers_them() {
+    fn webhooks_in_a_cluster_share_postgres_or_name_the_one_node_of_an_sqlite_store() {
         let webhooks = "\n[webhooks]\ndatabase = \"w.db\"\n[[webhooks.endpoints]]\nid = \"e\"\nurl = \"https://hooks.example.com/x\"\nstreams = [\"a\"]\nsecret = \"whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\"\n";
+        let shared = webhooks.replace(
+            "database = \"w.db\"",
+            "store = \"postgres://u:hidden@db.internal/p\"",
+        );
+        // SQLite: one node, named.
         assert_rejected(
             "c.toml",
             &format!("{MINIMAL}{webhooks}\n[cluster]\nredis = \"redis://h:1\"\n"),
             "cluster.webhooks_node",
-            &["single node"],
+            &["single node", "PostgreSQL"],
         );
+        assert_rejected(
+            "c.toml",
+            &format!(
+                "{MINIMAL}{webhooks}\n[cluster]\nredis = \"redis://h:1\"\nwebhooks_node = \"a b\"\n"
+            ),
+            "cluster.webhooks_node",
+            &["\"a b\""],
+        );
+        for (node, delivers) in [("a", true), ("b", false)] {
+            let (_f, config) = load_toml(&format!(
+                "{MINIMAL}{webhooks}\n[cluster]\nredis = \"redis://h:1\"\nnode_id = \"{node}\"\nwebhooks_node = \"a\"\n"
+            ));
+            let config = config.expect("valid");
+            let cluster = config.cluster.as_ref().expect("on");
+            assert_eq!(cluster.delivers_webhooks(), delivers, "{node}");
+            let shown = describe(&config);
+            let expected = if delivers {
+                "delivers the webhooks (a)"
+            } else {
+                "webhooks delivered by a"
+            };
+            assert!(shown.contains(expected), "{shown}");
+        }
+        // PostgreSQL: every node, none named.
         let (_f, config) = load_toml(&format!(
-            "{MINIMAL}{webhooks}\n[cluster]\nredis = \"redis://h:1\"\nnode_id = \"a\"\nwebhooks_node = \"a\"\n"
+            "{MINIMAL}{shared}\n[cluster]\nredis = \"redis://h:1\"\nnode_id = \"a\"\n"
         ));
-        assert!(
-            config
-                .expect("valid")
-                .cluster
-                .expect("on")
-                .delivers_webhooks()
+        let config = config.expect("valid");
+        assert!(config.webhooks.expect("on").store.is_shared());
+        assert_rejected(
+            "c.toml",
+            &format!(
+                "{MINIMAL}{shared}\n[cluster]\nredis = \"redis://h:1\"\nwebhooks_node = \"a\"\n"
+            ),
+            "cluster.webhooks_node",
+            &["PostgreSQL", "every node"],
         );
     }
 }

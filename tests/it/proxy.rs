@@ -803,6 +803,49 @@ async fn the_native_view_of_a_dynamic_stream_needs_a_token_and_uses_native_names
 }
 
 #[tokio::test]
+async fn catch_up_of_a_dynamic_stream_takes_the_same_tokens_and_stays_private() {
+    let api = MockUpstream::per_caller().await;
+    let app = TestApp::from_toml(&proxy_toml("", "", "")).await;
+    let mut client = open(&app, &dynamic_path(&api, "/catchup", ""), &[]).await;
+    client.expect(SOON).await;
+    let name = client.headers["x-patchwire-stream"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let changes = app.url(&format!("/streams/{name}/changes"));
+    // Without a token, or with an unknown one: the SSE subscription's refusals.
+    let missing = reqwest::get(&changes).await.unwrap();
+    assert_eq!(missing.status(), 401);
+    let unknown = reqwest::get(format!("{changes}?X-Sd-Token=not-a-token-0123456789"))
+        .await
+        .unwrap();
+    assert_eq!(unknown.status(), 401);
+    // With it (here as the header): pages, which no shared cache may keep.
+    let page = reqwest::Client::new()
+        .get(&changes)
+        .header("x-sd-token", TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(page.status(), 200);
+    assert_eq!(page.headers()["cache-control"], "private, max-age=1");
+    assert_eq!(page.headers()["x-patchwire-stream"], name.as_str());
+    let body: Value = page.json().await.unwrap();
+    assert_eq!(body["stream"], name.as_str());
+    assert_eq!(
+        body["changes"][0]["payload"],
+        caller_document("anonymous", 0)
+    );
+    // Where to start again never repeats the token.
+    let gone = reqwest::get(format!("{changes}?X-Sd-Token={TOKEN}&after={name}:1:1"))
+        .await
+        .unwrap();
+    assert_eq!(gone.status(), 410);
+    let body: Value = gone.json().await.unwrap();
+    assert_eq!(body["snapshot"], format!("/streams/{name}/changes"));
+}
+
+#[tokio::test]
 async fn proxy_mode_is_off_unless_enabled() {
     let api = MockUpstream::per_caller().await;
     // No [proxy] table; a file names at least one stream then, and a push stream polls nothing.

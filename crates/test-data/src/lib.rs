@@ -7,6 +7,8 @@
 //! A crate rather than a module because both binaries (`tests/it`, `tests/data`) read the same
 //! sequences, and Cargo shares code between test targets only through a library.
 
+pub mod postgres;
+
 use std::path::{Path, PathBuf};
 
 use serde_json::Value;

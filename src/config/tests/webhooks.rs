@@ -29,7 +29,11 @@ fn problems(webhooks: &str) -> Vec<(String, String)> {
 fn no_table_means_no_webhooks_and_an_empty_table_gets_every_default() {
     assert!(load("").unwrap().webhooks.is_none());
     let w = load("[webhooks]").unwrap().webhooks.unwrap();
-    assert_eq!(w.database.to_str(), Some(defaults::DATABASE));
+    assert_eq!(
+        w.store,
+        crate::sinks::webhook::config::WebhookStore::Sqlite(defaults::DATABASE.into())
+    );
+    assert_eq!(w.claim_timeout.as_secs(), 30);
     assert!(!w.allow_private_targets);
     assert!(w.admin_token.is_none());
     assert_eq!(w.schedule.delays.len(), 8);
@@ -152,5 +156,217 @@ fn private_targets_can_be_allowed_and_ids_must_be_unique() {
             .iter()
             .any(|(k, m)| k == "webhooks.admin_token" && !m.contains("short")),
         "{found:?}"
+    );
+}
+
+#[test]
+fn the_store_is_sqlite_or_a_postgres_url_whose_password_is_never_shown() {
+    use crate::sinks::webhook::config::WebhookStore;
+    let w = load("[webhooks]\nstore = \"sqlite\"\ndatabase = \"/tmp/o.db\"")
+        .unwrap()
+        .webhooks
+        .unwrap();
+    assert_eq!(w.store, WebhookStore::Sqlite("/tmp/o.db".into()));
+    let w = load(
+        "[webhooks]\nstore = \"postgres://patchwire:s3cret-pw@db.internal:5433/hooks\"\n\
+         store_connections = 4\nclaim_timeout = \"40s\"",
+    )
+    .unwrap()
+    .webhooks
+    .unwrap();
+    match &w.store {
+        WebhookStore::Postgres(pg) => {
+            assert_eq!(pg.connections, 4);
+            assert_eq!(pg.url.password(), Some("s3cret-pw"));
+        }
+        other => panic!("expected PostgreSQL, got {other:?}"),
+    }
+    assert_eq!(w.claim_timeout.as_secs(), 40);
+    let shown = format!("{w:?} {}", w.store);
+    assert!(!shown.contains("s3cret-pw"), "{shown}");
+    assert!(shown.contains("db.internal:5433/hooks"), "{shown}");
+}
+
+#[test]
+fn bad_stores_and_claim_timeouts_are_refused_with_their_keys() {
+    for (store, needle) in [
+        ("mysql://db/x", "got a mysql:// URL"),
+        ("postgres:///hooks", "without a host"),
+        ("not a url", "not a URL"),
+        (
+            "postgres://db.internal/hooks?sslmode=require",
+            "without TLS",
+        ),
+        (
+            "postgres://db.internal/hooks?nonsense=1",
+            "PostgreSQL refuses",
+        ),
+    ] {
+        let found = problems(&format!("[webhooks]\nstore = \"{store}\""));
+        assert!(
+            found
+                .iter()
+                .any(|(key, message)| key == "webhooks.store" && message.contains(needle)),
+            "{store}: {found:?}"
+        );
+    }
+    let found = problems("[webhooks]\nattempt_timeout = \"10s\"\nclaim_timeout = \"10s\"");
+    assert!(
+        found
+            .iter()
+            .any(|(key, message)| key == "webhooks.claim_timeout"
+                && message.contains("more than webhooks.attempt_timeout")),
+        "{found:?}"
+    );
+    let found = problems("[webhooks]\nstore_connections = 0");
+    assert!(
+        found
+            .iter()
+            .any(|(key, _)| key == "webhooks.store_connections"),
+        "{found:?}"
+    );
+    // Absent: twice the attempt timeout.
+    let w = load("[webhooks]\nattempt_timeout = \"20s\"")
+        .unwrap()
+        .webhooks
+        .unwrap();
+    assert_eq!(w.claim_timeout.as_secs(), 40);
+}
+
+#[test]
+fn endpoint_options_are_checked_in_the_file() {
+    let found = problems(&format!(
+        "[webhooks]\n[[webhooks.endpoints]]\nid = \"e\"\nurl = \"https://h.example.com/x\"\n\
+         streams = [\"fleet\"]\nsecret = \"{SECRET}\"\ndescription = \"{}\"\nrate_limit = 0\n\
+         [webhooks.endpoints.metadata]\n\"\" = \"v\"\n",
+        "d".repeat(1025)
+    ));
+    for (key, needle) in [
+        (
+            "webhooks.endpoints[0].description",
+            "at most 1024 characters",
+        ),
+        ("webhooks.endpoints[0].rate_limit", "from 1 to 10000"),
+        ("webhooks.endpoints[0].metadata.\"\"", "a key of 1 to 64"),
+    ] {
+        assert!(
+            found.iter().any(|(k, m)| k == key && m.contains(needle)),
+            "{key}: {found:?}"
+        );
+    }
+    let w = load(&format!(
+        "[webhooks]\n[[webhooks.endpoints]]\nid = \"e\"\nurl = \"https://h.example.com/x\"\n\
+         streams = [\"fleet\"]\nsecret = \"{SECRET}\"\ndescription = \"d\"\nrate_limit = 7\n\
+         metadata = {{ team = \"ops\" }}\n"
+    ))
+    .unwrap()
+    .webhooks
+    .unwrap();
+    let e = &w.endpoints[0];
+    assert_eq!(
+        (
+            e.description.as_deref(),
+            e.rate_limit,
+            e.metadata["team"].as_str()
+        ),
+        (Some("d"), Some(7), "ops")
+    );
+}
+
+#[test]
+fn endpoint_events_are_checked_in_the_file() {
+    let endpoint = |events: &str| {
+        format!(
+            "[webhooks]\n[[webhooks.endpoints]]\nid = \"e\"\nurl = \"https://h.example.com/x\"\n\
+             streams = [\"fleet\"]\nsecret = \"{SECRET}\"\nevents = {events}\n"
+        )
+    };
+    for (events, key, needle) in [
+        (
+            "[\"snapshots\", \"errors\"]",
+            "webhooks.endpoints[0].events[1]",
+            "expected one of \"snapshots\", \"patches\", got \"errors\"",
+        ),
+        (
+            "[\"patches\"]",
+            "webhooks.endpoints[0].events",
+            "expected \"snapshots\" with \"patches\"",
+        ),
+        ("[]", "webhooks.endpoints[0].events", "at least one of"),
+        (
+            "[\"snapshots\", \"snapshots\"]",
+            "webhooks.endpoints[0].events[1]",
+            "listed twice",
+        ),
+    ] {
+        let found = problems(&endpoint(events));
+        assert!(
+            found.iter().any(|(k, m)| k == key && m.contains(needle)),
+            "{events}: {found:?}"
+        );
+    }
+    let w = load(&endpoint("[\"snapshots\"]"))
+        .unwrap()
+        .webhooks
+        .unwrap();
+    assert_eq!(w.endpoints[0].events.names(), vec!["snapshots"]);
+    let w = load(&endpoint("[\"patches\", \"snapshots\"]"))
+        .unwrap()
+        .webhooks
+        .unwrap();
+    assert_eq!(
+        w.endpoints[0].events,
+        crate::sinks::webhook::body::Events::default()
+    );
+}
+
+#[test]
+fn the_operator_url_and_secret_come_together_and_are_checked() {
+    let found = problems("[webhooks]\noperator_url = \"https://ops.example.com/x\"\n");
+    assert!(
+        found
+            .iter()
+            .any(|(k, m)| k == "webhooks.operator_secret"
+                && m.contains("with webhooks.operator_url")),
+        "{found:?}"
+    );
+    let found = problems(&format!("[webhooks]\noperator_secret = \"{SECRET}\"\n"));
+    assert!(
+        found.iter().any(|(k, _)| k == "webhooks.operator_url"),
+        "{found:?}"
+    );
+    let found = problems(&format!(
+        "[webhooks]\noperator_url = \"not a url\"\noperator_secret = \"{SECRET}\"\n"
+    ));
+    assert!(
+        found
+            .iter()
+            .any(|(k, m)| k == "webhooks.operator_url" && m.contains("absolute http or https")),
+        "{found:?}"
+    );
+    let found = problems(
+        "[webhooks]\noperator_url = \"https://ops.example.com/x\"\noperator_secret = \"nope\"\n",
+    );
+    assert!(
+        found
+            .iter()
+            .any(|(k, m)| k == "webhooks.operator_secret" && !m.contains("nope")),
+        "{found:?}"
+    );
+    let w = load(&format!(
+        "[webhooks]\noperator_url = \"https://ops.example.com/x\"\noperator_secret = \"{SECRET}\"\n"
+    ))
+    .unwrap()
+    .webhooks
+    .unwrap();
+    let operator = w.operator.unwrap();
+    assert_eq!(operator.url.as_str(), "https://ops.example.com/x");
+    assert!(
+        load("[webhooks]\n")
+            .unwrap()
+            .webhooks
+            .unwrap()
+            .operator
+            .is_none()
     );
 }

@@ -19,9 +19,14 @@ use crate::validation::{
     NAME_EXPECTED, Problems, bytes_in, duration_in, integer_in, interpolate, is_valid_name,
     usize_of,
 };
+use crate::views::config::ViewsSettings;
+use crate::views::spec::{Asked, parse_query};
 
 /// The placeholder of templates, replaced by the stream's name.
 pub const STREAM_PLACEHOLDER: &str = "{stream}";
+/// The placeholder of views' templates, replaced by the view's id (its configured name, or
+/// `~` and 12 hex digits for an ad hoc view).
+pub const VIEW_PLACEHOLDER: &str = "{view}";
 
 /// Built-in defaults of the broker sinks' keys.
 pub mod defaults {
@@ -33,6 +38,10 @@ pub mod defaults {
     pub const SUBJECT: &str = "patchwire.{stream}";
     /// `sinks.redis[].key`.
     pub const KEY: &str = "patchwire:{stream}";
+    /// `sinks.nats[].view_subject`.
+    pub const VIEW_SUBJECT: &str = "patchwire.{stream}.{view}";
+    /// `sinks.redis[].view_key`.
+    pub const VIEW_KEY: &str = "patchwire:{stream}@{view}";
     /// `sinks.*[].source`.
     pub const SOURCE: &str = "/streams/{stream}";
     /// `sinks.*[].mode`.
@@ -121,10 +130,14 @@ pub struct RawNatsSink {
     pub name: Option<String>,
     /// The NATS server, `nats://[user:password@]host:port` or `tls://…` (`${VAR}` allowed).
     pub url: String,
-    /// Names of the streams published (default: every configured stream).
+    /// The streams published (default: every configured stream): a stream's name, a named
+    /// view (`fleet@r1`) or an ad hoc view (`fleet?route=R1,R2&fields=position`).
     pub streams: Option<Vec<String>>,
     /// Each stream's subject; `{stream}` is its name ([default](defaults::SUBJECT)).
     pub subject: Option<String>,
+    /// Each view's subject; `{stream}` is its stream's name, `{view}` its id
+    /// ([default](defaults::VIEW_SUBJECT)).
+    pub view_subject: Option<String>,
     /// `"patch"` (a snapshot first and after gaps, then patches) or `"snapshot"` (the whole
     /// document every time) ([default](defaults::MODE)).
     pub mode: Option<Mode>,
@@ -175,10 +188,14 @@ pub struct RawRedisSink {
     /// The Redis server, `redis://[user:password@]host:port[/db]` or `rediss://…` (`${VAR}`
     /// allowed).
     pub url: String,
-    /// Names of the streams published (default: every configured stream).
+    /// The streams published (default: every configured stream): a stream's name, a named
+    /// view (`fleet@r1`) or an ad hoc view (`fleet?route=R1,R2&fields=position`).
     pub streams: Option<Vec<String>>,
     /// Each stream's Redis key; `{stream}` is its name ([default](defaults::KEY)).
     pub key: Option<String>,
+    /// Each view's Redis key; `{stream}` is its stream's name, `{view}` its id
+    /// ([default](defaults::VIEW_KEY)).
+    pub view_key: Option<String>,
     /// `"patch"` or `"snapshot"` ([default](defaults::MODE)).
     pub mode: Option<Mode>,
     /// The CloudEvents `source`; `{stream}` is the stream's name ([default](defaults::SOURCE)).
@@ -221,15 +238,30 @@ pub struct BrokerSinkSettings {
     pub kind: BrokerKind,
 }
 
-/// One stream a sink publishes.
+/// One stream (or view of a stream) a sink publishes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SinkStream {
-    /// The stream's name.
+    /// The stream's name (a view's source stream).
     pub stream: String,
+    /// What is published: the stream's name, or a view's, `{stream}@{view}` (its messages'
+    /// `ce-stream`, and the stream of their ids).
+    pub name: String,
+    /// The view, if one is published.
+    pub view: Option<SinkView>,
     /// Its subject (NATS) or key (Redis).
     pub destination: String,
     /// Its CloudEvents `source`.
     pub source: String,
+}
+
+/// A view a sink publishes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SinkView {
+    /// Its id: a configured name, or `~` and 12 hex digits for an ad hoc view.
+    pub id: String,
+    /// For an ad hoc view, its filter as written (a query string), resolved again at start as
+    /// a subscription's is.
+    pub query: Option<String>,
 }
 
 /// The broker of a sink.
@@ -318,10 +350,105 @@ pub fn render(template: &str, stream: &str) -> String {
     template.replace(STREAM_PLACEHOLDER, stream)
 }
 
+/// `template` with `{stream}` replaced by `stream` and `{view}` by `view`.
+pub fn render_view(template: &str, stream: &str, view: &str) -> String {
+    template
+        .replace(STREAM_PLACEHOLDER, stream)
+        .replace(VIEW_PLACEHOLDER, view)
+}
+
+/// What a sink publishes under: the stream's name, or its view's `{stream}@{view}`.
+fn published_name(stream: &str, view: Option<&SinkView>) -> String {
+    match view {
+        None => stream.to_owned(),
+        Some(view) => format!("{stream}@{}", view.id),
+    }
+}
+
+/// A configured stream, and its views' settings if it has views.
+#[derive(Debug, Clone, Copy)]
+pub struct Source<'a> {
+    /// The stream's name.
+    pub name: &'a str,
+    /// Its views, when it has `[streams.filtering]` (or is a `gtfs-rt` stream).
+    pub views: Option<&'a ViewsSettings>,
+}
+
+/// Reads one entry of a sink's `streams`: a stream's name, `stream@view` (a named view) or
+/// `stream?filter` (an ad hoc view, as a subscription's query string); `Err` says what was
+/// expected.
+pub fn resolve_entry(
+    entry: &str,
+    streams: &[Source<'_>],
+) -> Result<(String, Option<SinkView>), String> {
+    // A filter may hold `@` (`where=@.speed > 10`): only what precedes `?` names.
+    let (head, query) = match entry.split_once('?') {
+        Some((head, query)) => (head, Some(query)),
+        None => (entry, None),
+    };
+    let (stream_name, view) = match (query, head.split_once('@')) {
+        (Some(query), None) => (head, Some((None, Some(query)))),
+        (None, Some((stream, view))) => (stream, Some((Some(view), None))),
+        (None, None) => (head, None),
+        (Some(_), Some(_)) => {
+            return Err(format!(
+                "expected a stream, `stream@view` or `stream?filter`, got {entry:?} (a view is \
+                 named or described by its filter, not both)"
+            ));
+        }
+    };
+    let Some(source) = streams.iter().find(|s| s.name == stream_name) else {
+        let names: Vec<&str> = streams.iter().map(|s| s.name).collect();
+        return Err(format!(
+            "expected the name of a configured stream ({}), optionally with `@view` or \
+             `?filter`, got {entry:?}",
+            names.join(", ")
+        ));
+    };
+    let Some((named, query)) = view else {
+        return Ok((stream_name.to_owned(), None));
+    };
+    let Some(views) = source.views else {
+        return Err(format!(
+            "{entry:?} names a view, but stream {stream_name:?} has no views (they need \
+             [streams.filtering] in its configuration)"
+        ));
+    };
+    let asked = match (named, query) {
+        (Some(name), _) if name.starts_with('~') => {
+            return Err(format!(
+                "{entry:?} names an ad hoc view by its id; write its filter instead, e.g. \
+                 \"{stream_name}?route=R1\" (ids are derived from filters)"
+            ));
+        }
+        (Some(name), _) => Asked::Named(name.to_owned()),
+        (None, query) => parse_query(query, &views.selector.alias_names())
+            .map_err(|e| format!("{entry:?}: {e}"))?,
+    };
+    if matches!(asked, Asked::Whole) {
+        return Err(format!(
+            "{entry:?} has no filter after `?`; write the stream's name alone to publish it whole"
+        ));
+    }
+    match views.resolve(asked) {
+        Ok(Some((id, _))) => Ok((
+            stream_name.to_owned(),
+            Some(SinkView {
+                query: query.map(str::to_owned).filter(|_| id.starts_with('~')),
+                id,
+            }),
+        )),
+        Ok(None) => Err(format!("{entry:?} has no filter")),
+        Err(e) => Err(format!("{entry:?}: {e}")),
+    }
+}
+
 /// Whether `subject` is a NATS subject a message can be published to: dot-separated tokens,
-/// none empty, no wildcard (`*`, `>`) and no whitespace or control character.
+/// none empty, no wildcard (`*`, `>`), no whitespace or control character, and not one of the
+/// server's own (`$JS.…`, `$SYS.…`: a leading `$`).
 pub fn is_publish_subject(subject: &str) -> bool {
     !subject.is_empty()
+        && !subject.starts_with('$')
         && subject.split('.').all(|token| {
             !token.is_empty()
                 && token != "*"
@@ -348,6 +475,7 @@ struct Common<'a> {
     url: &'a str,
     streams: Option<&'a [String]>,
     destination: Option<&'a str>,
+    view_destination: Option<&'a str>,
     mode: Option<Mode>,
     source: Option<&'a str>,
     buffer: Option<u64>,
@@ -375,6 +503,9 @@ struct UrlRule {
     /// The destination's key and default.
     destination_key: &'static str,
     destination_default: &'static str,
+    /// Views' destination's key and default.
+    view_destination_key: &'static str,
+    view_destination_default: &'static str,
     /// Checks one rendered destination; `Err` says what was expected.
     check_destination: fn(&str) -> Result<(), String>,
 }
@@ -384,7 +515,7 @@ fn common(
     kind: &str,
     raw: Common<'_>,
     rule: &UrlRule,
-    streams: &[&str],
+    streams: &[Source<'_>],
     env: &dyn Fn(&str) -> Option<String>,
     problems: &mut Problems,
 ) -> Validated {
@@ -421,8 +552,10 @@ fn common(
             text
         }
     };
-    let selected: Vec<String> = match raw.streams {
-        None => streams.iter().map(|s| (*s).to_owned()).collect(),
+    let names: Vec<&str> = streams.iter().map(|s| s.name).collect();
+    // Each entry: the source stream and the view, if one.
+    let selected: Vec<(String, Option<SinkView>)> = match raw.streams {
+        None => names.iter().map(|s| ((*s).to_owned(), None)).collect(),
         Some(list) => {
             if list.is_empty() {
                 problems.push(
@@ -431,37 +564,56 @@ fn common(
                      publish every stream)",
                 );
             }
-            for (j, name) in list.iter().enumerate() {
-                if let Some(first) = list[..j].iter().position(|s| s == name) {
-                    problems.push(
-                        format!("{key}.streams[{j}]"),
-                        format!(
-                            "{name:?} is already listed at streams[{first}]; name each stream once"
-                        ),
-                    );
-                } else if !streams.contains(&name.as_str()) {
-                    problems.push(
-                        format!("{key}.streams[{j}]"),
-                        format!(
-                            "expected the name of a configured stream ({}), got {name:?}",
-                            streams.join(", ")
-                        ),
-                    );
+            let mut chosen: Vec<(String, Option<SinkView>)> = Vec::new();
+            let mut seen_names: Vec<(String, usize)> = Vec::new();
+            for (j, entry) in list.iter().enumerate() {
+                match resolve_entry(entry, streams) {
+                    Err(expected) => problems.push(format!("{key}.streams[{j}]"), expected),
+                    Ok((stream, view)) => {
+                        let name = published_name(&stream, view.as_ref());
+                        if let Some((_, first)) = seen_names.iter().find(|(n, _)| *n == name) {
+                            problems.push(
+                                format!("{key}.streams[{j}]"),
+                                format!(
+                                    "{entry:?} is {name:?}, already listed at streams[{first}]; \
+                                     name each stream or view once"
+                                ),
+                            );
+                        } else {
+                            seen_names.push((name, j));
+                            chosen.push((stream, view));
+                        }
+                    }
                 }
             }
-            list.to_vec()
+            chosen
         }
     };
     let destination = raw.destination.unwrap_or(rule.destination_default);
     let destination_key = format!("{key}.{}", rule.destination_key);
-    if selected.len() > 1 && !destination.contains(STREAM_PLACEHOLDER) {
+    let view_destination = raw
+        .view_destination
+        .unwrap_or(rule.view_destination_default);
+    let view_destination_key = format!("{key}.{}", rule.view_destination_key);
+    let whole = selected.iter().filter(|(_, v)| v.is_none()).count();
+    let views = selected.len() - whole;
+    if whole > 1 && !destination.contains(STREAM_PLACEHOLDER) {
         problems.push(
             destination_key.clone(),
             format!(
                 "expected a template holding {STREAM_PLACEHOLDER} (each stream needs its own, \
                  so that the last message of a stream can be read back), got {destination:?} \
-                 for {} streams",
-                selected.len()
+                 for {whole} streams"
+            ),
+        );
+    }
+    if views > 1 && !view_destination.contains(VIEW_PLACEHOLDER) {
+        problems.push(
+            view_destination_key.clone(),
+            format!(
+                "expected a template holding {VIEW_PLACEHOLDER} (each view needs its own, so \
+                 that the last message of a view can be read back), got {view_destination:?} \
+                 for {views} views"
             ),
         );
     }
@@ -477,23 +629,32 @@ fn common(
     }
     let mut seen = HashSet::new();
     let mut sink_streams = Vec::new();
-    for stream in &selected {
-        let rendered = render(destination, stream);
+    for (stream, view) in selected {
+        let name = published_name(&stream, view.as_ref());
+        let (rendered, at_key) = match &view {
+            None => (render(destination, &stream), &destination_key),
+            Some(view) => (
+                render_view(view_destination, &stream, &view.id),
+                &view_destination_key,
+            ),
+        };
         if let Err(expected) = (rule.check_destination)(&rendered) {
             problems.push(
-                destination_key.clone(),
-                format!("{expected}, got {rendered:?} for stream {stream:?}"),
+                at_key.clone(),
+                format!("{expected}, got {rendered:?} for {name:?}"),
             );
         } else if !seen.insert(rendered.clone()) {
             problems.push(
-                destination_key.clone(),
-                format!("two streams would share {rendered:?}; each needs its own"),
+                at_key.clone(),
+                format!("two streams or views would share {rendered:?}; each needs its own"),
             );
         }
         sink_streams.push(SinkStream {
-            stream: stream.clone(),
+            source: render(source, &name),
+            stream,
+            name,
+            view,
             destination: rendered,
-            source: render(source, stream),
         });
     }
     Validated {
@@ -557,6 +718,8 @@ const NATS_RULE: UrlRule = UrlRule {
     example: "nats://127.0.0.1:4222",
     destination_key: "subject",
     destination_default: defaults::SUBJECT,
+    view_destination_key: "view_subject",
+    view_destination_default: defaults::VIEW_SUBJECT,
     check_destination: check_subject,
 };
 
@@ -565,6 +728,8 @@ const REDIS_RULE: UrlRule = UrlRule {
     example: "redis://127.0.0.1:6379",
     destination_key: "key",
     destination_default: defaults::KEY,
+    view_destination_key: "view_key",
+    view_destination_default: defaults::VIEW_KEY,
     check_destination: check_key,
 };
 
@@ -572,7 +737,7 @@ impl RawSinks {
     /// Validates every broker sink; `streams` are the configured streams' names.
     pub fn validate(
         &self,
-        streams: &[&str],
+        streams: &[Source<'_>],
         env: &dyn Fn(&str) -> Option<String>,
         problems: &mut Problems,
     ) -> Vec<BrokerSinkSettings> {
@@ -627,7 +792,7 @@ impl RawNatsSink {
     fn validate(
         &self,
         key: &str,
-        streams: &[&str],
+        streams: &[Source<'_>],
         env: &dyn Fn(&str) -> Option<String>,
         problems: &mut Problems,
     ) -> BrokerSinkSettings {
@@ -639,6 +804,7 @@ impl RawNatsSink {
                 url: &self.url,
                 streams: self.streams.as_deref(),
                 destination: self.subject.as_deref(),
+                view_destination: self.view_subject.as_deref(),
                 mode: self.mode,
                 source: self.source.as_deref(),
                 buffer: self.buffer,
@@ -730,7 +896,7 @@ impl RawRedisSink {
     fn validate(
         &self,
         key: &str,
-        streams: &[&str],
+        streams: &[Source<'_>],
         env: &dyn Fn(&str) -> Option<String>,
         problems: &mut Problems,
     ) -> BrokerSinkSettings {
@@ -742,6 +908,7 @@ impl RawRedisSink {
                 url: &self.url,
                 streams: self.streams.as_deref(),
                 destination: self.key.as_deref(),
+                view_destination: self.view_key.as_deref(),
                 mode: self.mode,
                 source: self.source.as_deref(),
                 buffer: self.buffer,
@@ -785,10 +952,50 @@ mod tests {
         None
     }
 
+    /// The views of `fleet`: aliases `route` and `status`, a named view `r1` (route R1),
+    /// ad hoc views allowed.
+    fn fleet_views() -> ViewsSettings {
+        let raw: crate::upstream::config::RawStream = toml::from_str(
+            r#"
+name = "fleet"
+url = "http://127.0.0.1:1/"
+[filtering]
+entities = "/vehicles"
+key = "id"
+aliases = { route = "route", status = "status" }
+[[views]]
+name = "r1"
+filter = { route = "R1" }
+"#,
+        )
+        .unwrap();
+        let mut problems = Problems::default();
+        let views = crate::views::config::validate(
+            "streams[0]",
+            false,
+            raw.filtering.as_ref(),
+            &raw.views,
+            &mut problems,
+        );
+        assert!(problems.is_empty());
+        views.unwrap()
+    }
+
     fn validate(toml_text: &str) -> (Vec<BrokerSinkSettings>, Vec<String>) {
         let raw: RawSinks = toml::from_str(toml_text).unwrap();
         let mut problems = Problems::default();
-        let sinks = raw.validate(&["fleet", "prices"], &no_env, &mut problems);
+        let views = fleet_views();
+        let sources = [
+            Source {
+                name: "fleet",
+                views: Some(&views),
+            },
+            Source {
+                name: "prices",
+                views: None,
+            },
+        ];
+        let sinks = raw.validate(&sources, &no_env, &mut problems);
         let messages = match problems.finish(None, ()) {
             Ok(()) => Vec::new(),
             Err(e) => e.problems.iter().map(ToString::to_string).collect(),
@@ -807,6 +1014,8 @@ mod tests {
             sinks[0].streams[1],
             SinkStream {
                 stream: "prices".into(),
+                name: "prices".into(),
+                view: None,
                 destination: "patchwire.prices".into(),
                 source: "/streams/prices".into()
             }
@@ -843,8 +1052,8 @@ buffer = 0
             "`sinks.nats[0].subject`: expected a template holding {stream}",
             "`sinks.nats[0].jetstream`: expected a JetStream stream name",
             "`sinks.nats[0].duplicate_window`: expected at most max_age (1h)",
-            "`sinks.nats[1].streams[1]`: expected the name of a configured stream (fleet, prices), got \"nope\"",
-            "`sinks.nats[1].streams[2]`: \"fleet\" is already listed at streams[0]",
+            "`sinks.nats[1].streams[1]`: expected the name of a configured stream (fleet, prices), optionally with `@view` or `?filter`, got \"nope\"",
+            "`sinks.nats[1].streams[2]`: \"fleet\" is \"fleet\", already listed at streams[0]",
             "`sinks.nats[1].subject`: expected a NATS subject",
             "`sinks.nats[1].name`: expected a unique name, but \"nats\" is also sinks.nats[0]'s",
             "`sinks.redis[0].name`: expected a unique name",
@@ -867,11 +1076,93 @@ buffer = 0
     }
 
     #[test]
+    fn views_are_published_on_their_own_subjects_and_keys() {
+        let (sinks, problems) = validate(
+            r#"
+[[nats]]
+url = "nats://127.0.0.1:4222"
+streams = ["fleet", "fleet@r1", "fleet?status=STOPPED_AT&route=R2,R3"]
+[[redis]]
+url = "redis://127.0.0.1"
+streams = ["fleet?route=R1"]
+"#,
+        );
+        assert!(problems.is_empty(), "{problems:?}");
+        let nats = &sinks[0].streams;
+        assert_eq!(nats[0].destination, "patchwire.fleet");
+        assert_eq!(
+            nats[1],
+            SinkStream {
+                stream: "fleet".into(),
+                name: "fleet@r1".into(),
+                view: Some(SinkView {
+                    id: "r1".into(),
+                    query: None
+                }),
+                destination: "patchwire.fleet.r1".into(),
+                source: "/streams/fleet@r1".into(),
+            }
+        );
+        let ad_hoc = nats[2].view.as_ref().unwrap();
+        assert!(
+            ad_hoc.id.starts_with('~') && ad_hoc.id.len() == 13,
+            "{ad_hoc:?}"
+        );
+        assert_eq!(
+            ad_hoc.query.as_deref(),
+            Some("status=STOPPED_AT&route=R2,R3")
+        );
+        assert_eq!(
+            nats[2].destination,
+            format!("patchwire.fleet.{}", ad_hoc.id)
+        );
+        assert_eq!(nats[2].name, format!("fleet@{}", ad_hoc.id));
+        // A filter equal to a named view's is that view.
+        let redis = &sinks[1].streams[0];
+        assert_eq!(redis.name, "fleet@r1");
+        assert_eq!(redis.destination, "patchwire:fleet@r1");
+        assert_eq!(redis.view.as_ref().unwrap().query, None);
+    }
+
+    #[test]
+    fn views_that_cannot_be_had_are_refused_at_their_entry() {
+        let (_, problems) = validate(
+            r#"
+[[nats]]
+url = "nats://127.0.0.1:4222"
+streams = ["fleet@nope", "prices@x", "fleet?line=1", "fleet@~0123456789ab", "fleet@r1?route=R1", "fleet?route=R1", "fleet?where=@.speed%20>", "fleet?route=R2"]
+view_subject = "views.{stream}"
+"#,
+        );
+        let all = problems.join("\n");
+        for expected in [
+            "`sinks.nats[0].streams[0]`: \"fleet@nope\": no view named `nope` on this stream; its views are: r1",
+            "`sinks.nats[0].streams[1]`: \"prices@x\" names a view, but stream \"prices\" has no views",
+            "`sinks.nats[0].streams[2]`: \"fleet?line=1\": unknown filter `line`; this stream's aliases are: route, status",
+            "`sinks.nats[0].streams[3]`: \"fleet@~0123456789ab\" names an ad hoc view by its id",
+            "`sinks.nats[0].streams[4]`: expected a stream, `stream@view` or `stream?filter`",
+            "`sinks.nats[0].streams[6]`: \"fleet?where=@.speed%20>\": `where` is not an RFC 9535 filter expression",
+            "`sinks.nats[0].view_subject`: expected a template holding {view}",
+        ] {
+            assert!(all.contains(expected), "missing {expected:?} in:\n{all}");
+        }
+        let (_, problems) = validate(
+            "[[nats]]\nurl = \"nats://127.0.0.1:4222\"\nstreams = [\"fleet@r1\"]\nview_subject = \"$JS.{view}\"\n",
+        );
+        assert!(
+            problems
+                .join("\n")
+                .contains("`sinks.nats[0].view_subject`: expected a NATS subject"),
+            "{problems:?}"
+        );
+    }
+
+    #[test]
     fn subjects_and_stream_names() {
         for ok in ["a", "a.b", "patchwire.fleet-1", "a.b_c"] {
             assert!(is_publish_subject(ok), "{ok}");
         }
-        for bad in ["", "a..b", ".a", "a.", "a.*", "a.>", "a b", "a.b*"] {
+        for bad in ["", "a..b", ".a", "a.", "a.*", "a.>", "a b", "a.b*", "$JS.x"] {
             assert!(!is_publish_subject(bad), "{bad}");
         }
         assert!(is_jetstream_name("PATCHWIRE"));

@@ -5,19 +5,17 @@
 //! fields; Kafka record headers would be the same list). Besides the required `ce-id`,
 //! `ce-source`, `ce-type` and `ce-specversion` and the optional `ce-time`, patchwire adds the
 //! extension attributes a consumer needs to rebuild the document: `ce-stream`, `ce-epoch`,
-//! `ce-seq` and, for patches, `ce-baseseq` (the sequence number the patch applies to).
+//! `ce-seq` and, for patches, `ce-baseseq` (the sequence number the patch applies to). They
+//! are written by `wire::cloudevents`, as webhook deliveries' CloudEvents are.
 
 use std::time::SystemTime;
 
 use bytes::Bytes;
 
 use crate::hub::{EventId, Stream};
-use crate::sinks::webhook::body::{Cursor, Mode, Plan, event_type, plan};
+use crate::sinks::webhook::body::{Mode, event_type};
 use crate::time::rfc3339;
-use crate::wire::ChangeKind;
-
-/// The CloudEvents version the attributes follow.
-pub const SPEC_VERSION: &str = "1.0";
+use crate::wire::{ChangeKind, cloudevents};
 
 /// One message for a broker: a change, or the document at a sequence number.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -32,7 +30,9 @@ pub struct Message {
     pub epoch: u64,
     /// The change's sequence number.
     pub seq: u64,
-    /// For a patch, the sequence number of the document it applies to (`seq - 1`).
+    /// For a patch, the sequence number of the document it applies to: `seq - 1` for a
+    /// stream; for a view, which changes at some of its stream's sequence numbers only, the
+    /// view's previous change.
     pub base_seq: Option<u64>,
     /// The CloudEvents `source`.
     pub source: String,
@@ -45,7 +45,8 @@ pub struct Message {
 }
 
 impl Message {
-    /// The message for change `seq` of `epoch`, published `at`.
+    /// The message for change `seq` of `epoch`, published `at`; a patch applies to the
+    /// document at `base` (ignored for a snapshot).
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         stream: &str,
@@ -53,6 +54,7 @@ impl Message {
         epoch: u64,
         seq: u64,
         kind: ChangeKind,
+        base: u64,
         at: SystemTime,
         payload: Bytes,
         resync: bool,
@@ -69,7 +71,7 @@ impl Message {
             epoch,
             seq,
             base_seq: match kind {
-                ChangeKind::Patch => Some(seq.saturating_sub(1)),
+                ChangeKind::Patch => Some(base),
                 ChangeKind::Snapshot => None,
             },
             source: source.to_owned(),
@@ -89,30 +91,24 @@ impl Message {
 
     /// The `content-type` of the payload.
     pub fn content_type(&self) -> &'static str {
-        match self.kind {
-            ChangeKind::Patch => "application/json-patch+json",
-            ChangeKind::Snapshot => "application/json",
-        }
+        cloudevents::content_type(self.kind)
     }
 
     /// The CloudEvents attributes, as `ce-` headers (binary mode) in a fixed order, then
-    /// `content-type`.
+    /// `content-type` (written by `wire::cloudevents`, as webhook deliveries' are).
     pub fn attributes(&self) -> Vec<(&'static str, String)> {
-        let mut attributes = vec![
-            ("ce-specversion", SPEC_VERSION.to_owned()),
-            ("ce-id", self.id.clone()),
-            ("ce-type", event_type(self.kind).to_owned()),
-            ("ce-source", self.source.clone()),
-            ("ce-time", self.time.clone()),
-            ("ce-stream", self.stream.clone()),
-            ("ce-epoch", self.epoch.to_string()),
-            ("ce-seq", self.seq.to_string()),
-        ];
-        if let Some(base) = self.base_seq {
-            attributes.push(("ce-baseseq", base.to_string()));
+        cloudevents::Attributes {
+            id: &self.id,
+            kind_name: event_type(self.kind),
+            source: &self.source,
+            time: &self.time,
+            kind: self.kind,
+            stream: &self.stream,
+            epoch: self.epoch,
+            seq: self.seq,
+            base_seq: self.base_seq,
         }
-        attributes.push(("content-type", self.content_type().to_owned()));
-        attributes
+        .headers()
     }
 
     /// The bytes this message holds while it waits (payload and attributes, roughly).
@@ -164,18 +160,24 @@ pub enum Next {
     Document,
 }
 
-/// Decides how change `(epoch, seq)` continues a line ending at `last`: the webhooks' rule
-/// ([`plan`]), so a consumer never sees a patch whose base it lacks.
-pub fn next(last: Option<Position>, epoch: u64, seq: u64, kind: ChangeKind, mode: Mode) -> Next {
-    let cursor = last.map(|p| Cursor {
-        epoch: p.epoch,
-        seq: p.seq,
-    });
-    match plan(cursor, epoch, seq, kind == ChangeKind::Patch, mode) {
-        Plan::Skip => Next::Skip,
-        Plan::Patch { .. } => Next::Change,
-        Plan::Snapshot if kind == ChangeKind::Snapshot => Next::Change,
-        Plan::Snapshot => Next::Document,
+/// Decides how change `(epoch, seq)`, a patch of the document at `base` when it is one (and
+/// known), continues a line ending at `last`: the webhooks' rule
+/// ([`plan`](crate::sinks::webhook::body::plan), which a test holds this to) with the base said
+/// rather than taken to be `seq - 1`, since a view changes at some of its stream's sequence
+/// numbers only. A consumer never sees a patch whose base it lacks.
+pub fn next(
+    last: Option<Position>,
+    epoch: u64,
+    seq: u64,
+    base: Option<u64>,
+    kind: ChangeKind,
+    mode: Mode,
+) -> Next {
+    match last {
+        Some(l) if l.epoch == epoch && l.seq >= seq => Next::Skip,
+        _ if kind == ChangeKind::Snapshot => Next::Change,
+        Some(l) if mode == Mode::Patch && l.epoch == epoch && base == Some(l.seq) => Next::Change,
+        _ => Next::Document,
     }
 }
 
@@ -218,6 +220,7 @@ mod tests {
             9,
             5,
             ChangeKind::Patch,
+            4,
             t,
             Bytes::from_static(b"[]"),
             false,
@@ -243,6 +246,7 @@ mod tests {
             9,
             6,
             ChangeKind::Snapshot,
+            0,
             t,
             Bytes::new(),
             true,
@@ -265,14 +269,20 @@ mod tests {
     fn a_line_continues_only_from_its_end() {
         use ChangeKind::{Patch, Snapshot};
         let p = Mode::Patch;
-        assert_eq!(next(at(7, 4), 7, 5, Patch, p), Next::Change);
-        assert_eq!(next(at(7, 5), 7, 5, Patch, p), Next::Skip);
-        assert_eq!(next(at(7, 9), 7, 5, Snapshot, p), Next::Skip);
-        assert_eq!(next(at(7, 3), 7, 5, Patch, p), Next::Document);
-        assert_eq!(next(None, 7, 5, Patch, p), Next::Document);
-        assert_eq!(next(at(6, 40), 7, 5, Patch, p), Next::Document);
-        assert_eq!(next(at(6, 40), 7, 5, Snapshot, p), Next::Change);
-        assert_eq!(next(at(7, 4), 7, 5, Patch, Mode::Snapshot), Next::Document);
+        assert_eq!(next(at(7, 4), 7, 5, Some(4), Patch, p), Next::Change);
+        assert_eq!(next(at(7, 5), 7, 5, Some(4), Patch, p), Next::Skip);
+        assert_eq!(next(at(7, 9), 7, 5, Some(0), Snapshot, p), Next::Skip);
+        assert_eq!(next(at(7, 3), 7, 5, Some(4), Patch, p), Next::Document);
+        assert_eq!(next(None, 7, 5, Some(4), Patch, p), Next::Document);
+        assert_eq!(next(at(6, 40), 7, 5, Some(4), Patch, p), Next::Document);
+        assert_eq!(next(at(6, 40), 7, 5, Some(0), Snapshot, p), Next::Change);
+        assert_eq!(
+            next(at(7, 4), 7, 5, Some(4), Patch, Mode::Snapshot),
+            Next::Document
+        );
+        // A view's patch at 9 applies to its change at 5.
+        assert_eq!(next(at(7, 5), 7, 9, Some(5), Patch, p), Next::Change);
+        assert_eq!(next(at(7, 8), 7, 9, Some(5), Patch, p), Next::Document);
     }
 
     proptest! {
@@ -285,21 +295,46 @@ mod tests {
             seq in 1u64..10,
             patch in any::<bool>(),
             snapshots in any::<bool>(),
+            gap in 1u64..4,
         ) {
+            let base = seq.saturating_sub(gap);
             let last = last.map(|(epoch, seq)| Position { epoch, seq });
             let kind = if patch { ChangeKind::Patch } else { ChangeKind::Snapshot };
             let mode = if snapshots { Mode::Snapshot } else { Mode::Patch };
             let t = UNIX_EPOCH;
-            let message = match next(last, epoch, seq, kind, mode) {
+            let message = match next(last, epoch, seq, Some(base), kind, mode) {
                 Next::Skip => {
                     prop_assert!(last.is_some_and(|l| l.epoch == epoch && l.seq >= seq));
                     return Ok(());
                 }
-                Next::Change => Message::new("s", "s", epoch, seq, kind, t, Bytes::new(), false),
-                Next::Document => Message::new("s", "s", epoch, seq, ChangeKind::Snapshot, t, Bytes::new(), true),
+                Next::Change => Message::new("s", "s", epoch, seq, kind, base, t, Bytes::new(), false),
+                Next::Document => Message::new("s", "s", epoch, seq, ChangeKind::Snapshot, 0, t, Bytes::new(), true),
             };
             prop_assert!(continues(last, &message));
             prop_assert!(!(snapshots && message.kind == ChangeKind::Patch));
+        }
+
+        /// For a stream (every patch applies to `seq - 1`) the rule is the webhooks' own.
+        #[test]
+        fn a_streams_line_follows_the_webhooks_plan(
+            last in proptest::option::of((0u64..3, 0u64..8)),
+            epoch in 0u64..3,
+            seq in 1u64..10,
+            patch in any::<bool>(),
+            snapshots in any::<bool>(),
+        ) {
+            use crate::sinks::webhook::body::{Cursor, Plan, plan};
+            let kind = if patch { ChangeKind::Patch } else { ChangeKind::Snapshot };
+            let mode = if snapshots { Mode::Snapshot } else { Mode::Patch };
+            let cursor = last.map(|(epoch, seq)| Cursor { epoch, seq });
+            let expected = match plan(cursor, epoch, seq, patch, mode) {
+                Plan::Skip => Next::Skip,
+                Plan::Patch { .. } => Next::Change,
+                Plan::Snapshot if !patch => Next::Change,
+                Plan::Snapshot => Next::Document,
+            };
+            let last = last.map(|(epoch, seq)| Position { epoch, seq });
+            prop_assert_eq!(next(last, epoch, seq, Some(seq - 1), kind, mode), expected);
         }
     }
 }

@@ -51,6 +51,7 @@ use self::message::{Message, Position};
 use self::publisher::Publisher;
 use crate::hub::Hub;
 use crate::metrics::Metrics;
+use crate::views::{Target, Views};
 
 /// What a broker operation resolves to.
 pub type BrokerFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, BrokerError>> + Send + 'a>>;
@@ -65,6 +66,15 @@ pub enum BrokerError {
     /// stream with other limits): nothing will work until someone changes one of them.
     #[error("{0}")]
     Conflict(String),
+    /// Another publisher wrote to the destination since this one's last message (JetStream's
+    /// fence refused the publish): read the broker's last message back and resume from it, at
+    /// once.
+    #[error("{0}")]
+    Overtaken(String),
+    /// A message is larger than the broker takes (NATS `max_payload`): retried like an
+    /// outage, counted apart, until the broker's limit is raised or the document shrinks.
+    #[error("{0}")]
+    TooLarge(String),
 }
 
 /// What a broker acknowledged of a batch.
@@ -137,7 +147,8 @@ pub enum SinkState {
 }
 
 impl SinkState {
-    fn as_str(self) -> &'static str {
+    /// The state as `/streams` and `/readyz` show it.
+    pub fn as_str(self) -> &'static str {
         match self {
             SinkState::Standby => "standby",
             SinkState::Connecting => "connecting",
@@ -156,8 +167,10 @@ pub struct SinkStatus {
     pub sink: String,
     /// `"nats"` or `"redis"`.
     pub kind: &'static str,
-    /// The stream.
+    /// What is published: the stream, or a view's `{stream}@{view}`.
     pub stream: String,
+    /// The view's id, when a view is published.
+    pub view: Option<String>,
     /// Its subject or key.
     pub destination: String,
     inner: Mutex<StatusInner>,
@@ -175,11 +188,18 @@ struct StatusInner {
 }
 
 impl SinkStatus {
-    fn new(sink: &str, kind: &'static str, stream: &str, destination: &str) -> Self {
+    fn new(
+        sink: &str,
+        kind: &'static str,
+        stream: &str,
+        view: Option<&str>,
+        destination: &str,
+    ) -> Self {
         SinkStatus {
             sink: sink.to_owned(),
             kind,
             stream: stream.to_owned(),
+            view: view.map(str::to_owned),
             destination: destination.to_owned(),
             inner: Mutex::new(StatusInner {
                 state: SinkState::Connecting,
@@ -219,6 +239,7 @@ impl SinkStatus {
         json!({
             "sink": self.sink,
             "kind": self.kind,
+            "view": self.view,
             "destination": self.destination,
             "state": inner.state.as_str(),
             "acknowledged": inner.acknowledged.map(|p| p.event_id(&self.stream)),
@@ -242,6 +263,16 @@ pub enum StartError {
         /// What conflicts.
         message: String,
     },
+    /// A sink's view could not be had (its stream's views differ from the configuration's).
+    #[error("sink {sink:?}: view {view:?}: {message}")]
+    View {
+        /// The sink.
+        sink: String,
+        /// The view, `{stream}@{view}`.
+        view: String,
+        /// Why.
+        message: String,
+    },
     /// A sink's client could not be built from its URL.
     #[error("sink {sink:?}: {message}")]
     Client {
@@ -263,10 +294,12 @@ pub struct Brokers {
 impl Brokers {
     /// Connects every sink's broker, prepares it (within the sink's timeout: a broker that is
     /// down does not hold the start up, but a conflict found now fails it), and spawns one
-    /// publisher per sink and stream into `tasks`.
+    /// publisher per sink and stream (or view, among `views`) into `tasks`.
+    #[allow(clippy::too_many_arguments)]
     pub async fn start(
         settings: &[BrokerSinkSettings],
         hub: &Hub,
+        views: &Views,
         turns: &Turns,
         tasks: &mut JoinSet<()>,
         shutdown: CancellationToken,
@@ -279,6 +312,12 @@ impl Brokers {
                     nats.clone(),
                     sink.streams.iter().map(|s| s.destination.clone()).collect(),
                     sink.timeout,
+                    // In a cluster two nodes may publish a stream around a handover.
+                    if turns.is_empty() {
+                        nats::Fence::First
+                    } else {
+                        nats::Fence::Every
+                    },
                 )),
                 BrokerKind::Redis(redis) => {
                     Arc::new(redis::RedisStreams::connect(redis, sink.timeout).map_err(
@@ -300,7 +339,7 @@ impl Brokers {
                         message,
                     });
                 }
-                Ok(Err(BrokerError::Unavailable(error))) => {
+                Ok(Err(error)) => {
                     tracing::warn!(sink = %sink.name, %error, "broker unavailable at start; its publishers retry")
                 }
                 Err(_) => {
@@ -308,19 +347,50 @@ impl Brokers {
                 }
             }
             for target in &sink.streams {
-                let Some(stream) = hub.get(&target.stream) else {
-                    continue;
+                let feed = match &target.view {
+                    None => hub
+                        .get(&target.stream)
+                        .map(|stream| Ok(Target::Whole(stream))),
+                    // Resolved as a subscription's request is, to the view the configuration
+                    // named (validation resolved the same id).
+                    Some(view) => match &view.query {
+                        Some(query) => views.target(hub, &target.stream, Some(query)),
+                        None => views.target(hub, &target.name, None),
+                    },
+                };
+                let feed = match feed {
+                    None => continue,
+                    // The configuration named the view by the id the views resolve it to at
+                    // run time (the same rule), so messages and subscriptions agree on it.
+                    Some(Ok(Target::View(_, _, id, _)))
+                        if target.view.as_ref().is_some_and(|v| *v.id != *id) =>
+                    {
+                        return Err(StartError::View {
+                            sink: sink.name.clone(),
+                            view: target.name.clone(),
+                            message: format!("resolves to the view {id:?} at run time"),
+                        });
+                    }
+                    Some(Ok(feed)) => feed,
+                    Some(Err(error)) => {
+                        return Err(StartError::View {
+                            sink: sink.name.clone(),
+                            view: target.name.clone(),
+                            message: error.to_string(),
+                        });
+                    }
                 };
                 let status = Arc::new(SinkStatus::new(
                     &sink.name,
                     sink.kind.as_str(),
-                    &target.stream,
+                    &target.name,
+                    target.view.as_ref().map(|v| v.id.as_str()),
                     &target.destination,
                 ));
                 statuses.push(status.clone());
                 let publisher = Publisher {
                     broker: prepared.clone(),
-                    stream,
+                    feed,
                     target: target.clone(),
                     sink: sink.name.clone(),
                     mode: sink.mode,
@@ -338,11 +408,15 @@ impl Brokers {
         Ok(Brokers { statuses })
     }
 
-    /// The publishers of `stream`, as `/streams` shows them.
+    /// The publishers of `stream` and of its views, as `/streams` shows them.
     pub fn describe(&self, stream: &str) -> Vec<Value> {
         self.statuses
             .iter()
-            .filter(|s| s.stream == stream)
+            .filter(|s| {
+                s.stream
+                    .strip_prefix(stream)
+                    .is_some_and(|rest| rest.is_empty() || rest.starts_with('@'))
+            })
             .map(|s| s.describe())
             .collect()
     }

@@ -2,7 +2,18 @@
 //! verified) at start; `Nats-Msg-Id` is the event id, so JetStream drops a message published
 //! twice within its duplicate window; the last message of a subject is read back with a
 //! direct get.
+//!
+//! **The fence.** Each publish says which message it follows on its subject
+//! (`Nats-Expected-Last-Subject-Sequence`: the JetStream sequence of the subject's last
+//! message, as read back or acknowledged), and JetStream refuses it if another publisher wrote
+//! to the subject since: two nodes around a cluster handover can never interleave their lines.
+//! A refused publish is [`BrokerError::Overtaken`]: the publisher reads the last message back
+//! and resumes from it. In a cluster ([`Fence::Every`]) every message is fenced, so a batch is
+//! sent one message at a time (the next one's fence is the previous one's acknowledgement);
+//! on a single node ([`Fence::First`]) only the first message of each batch is, and the rest
+//! are pipelined.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use async_nats::HeaderMap;
@@ -20,6 +31,21 @@ use super::{Acked, Broker, BrokerError, BrokerFuture};
 /// The header JetStream removes duplicates by.
 pub const MSG_ID: &str = "Nats-Msg-Id";
 
+/// The header that makes JetStream store a message only if the subject's last message has this
+/// stream sequence (`0`: the subject holds none).
+pub const EXPECTED_LAST_SUBJECT_SEQUENCE: &str = "Nats-Expected-Last-Subject-Sequence";
+
+/// Which messages of a batch are fenced (see the module's documentation).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fence {
+    /// The first of each batch; the rest are pipelined (one publisher per subject: a single
+    /// node).
+    First,
+    /// Every message, one at a time (a cluster, where a handover may leave a second publisher
+    /// with a batch in flight).
+    Every,
+}
+
 /// A NATS JetStream broker.
 pub struct Nats {
     settings: NatsSettings,
@@ -29,6 +55,10 @@ pub struct Nats {
     context: OnceCell<Context>,
     /// Whether the stream answers direct gets (set when it was created or verified).
     direct: std::sync::atomic::AtomicBool,
+    fence: Fence,
+    /// Per subject, the JetStream sequence of its last message as last read back or
+    /// acknowledged: the next publish's fence.
+    last: std::sync::Mutex<HashMap<String, u64>>,
 }
 
 fn unavailable(what: &str, error: impl std::fmt::Display) -> BrokerError {
@@ -36,15 +66,42 @@ fn unavailable(what: &str, error: impl std::fmt::Display) -> BrokerError {
 }
 
 impl Nats {
-    /// A broker on `settings`' server for `subjects`; the connection is made on first use.
-    pub fn connect(settings: NatsSettings, subjects: Vec<String>, timeout: Duration) -> Nats {
+    /// A broker on `settings`' server for `subjects`, fencing publishes as `fence` says; the
+    /// connection is made on first use.
+    pub fn connect(
+        settings: NatsSettings,
+        subjects: Vec<String>,
+        timeout: Duration,
+        fence: Fence,
+    ) -> Nats {
         Nats {
             settings,
             subjects,
             timeout,
             context: OnceCell::new(),
             direct: std::sync::atomic::AtomicBool::new(false),
+            fence,
+            last: std::sync::Mutex::new(HashMap::new()),
         }
+    }
+
+    fn fence_of(&self, subject: &str) -> Option<u64> {
+        self.last
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(subject)
+            .copied()
+    }
+
+    fn set_fence(&self, subject: &str, sequence: Option<u64>) {
+        let mut last = self
+            .last
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match sequence {
+            Some(sequence) => last.insert(subject.to_owned(), sequence),
+            None => last.remove(subject),
+        };
     }
 
     async fn context(&self) -> Result<&Context, BrokerError> {
@@ -166,18 +223,23 @@ impl Nats {
         let message = if self.direct.load(std::sync::atomic::Ordering::Relaxed) {
             match handle.direct_get_last_for_subject(subject).await {
                 Ok(message) => message,
-                Err(e) if matches!(e.kind(), DirectGetErrorKind::NotFound) => return Ok(None),
+                Err(e) if matches!(e.kind(), DirectGetErrorKind::NotFound) => {
+                    self.set_fence(subject, Some(0));
+                    return Ok(None);
+                }
                 Err(e) => return Err(self.gone(subject, e).await),
             }
         } else {
             match handle.get_last_raw_message_by_subject(subject).await {
                 Ok(message) => message,
                 Err(e) if matches!(e.kind(), LastRawMessageErrorKind::NoMessageFound) => {
+                    self.set_fence(subject, Some(0));
                     return Ok(None);
                 }
                 Err(e) => return Err(self.gone(subject, e).await),
             }
         };
+        self.set_fence(subject, Some(message.sequence));
         let id = message
             .headers
             .get("ce-id")
@@ -205,28 +267,96 @@ impl Nats {
 
     async fn publish_all(&self, subject: &str, messages: &[Message]) -> Result<Acked, BrokerError> {
         let context = self.context().await?;
+        let mut acked = Acked::default();
         let mut pending = Vec::with_capacity(messages.len());
-        for message in messages {
+        for (i, message) in messages.iter().enumerate() {
             let mut headers = HeaderMap::new();
             headers.insert(MSG_ID, message.id.as_str());
             for (name, value) in message.attributes() {
                 headers.insert(name, value.as_str());
             }
+            let fenced = i == 0 || self.fence == Fence::Every;
+            if fenced && let Some(expected) = self.fence_of(subject) {
+                headers.insert(
+                    EXPECTED_LAST_SUBJECT_SEQUENCE,
+                    expected.to_string().as_str(),
+                );
+            }
+            let size = message.payload.len();
             let ack = context
                 .publish_with_headers(subject.to_owned(), headers, message.payload.clone())
                 .await
-                .map_err(|e| unavailable(&format!("publish {}", message.id), e))?;
-            pending.push(ack);
-        }
-        let mut acked = Acked::default();
-        for ack in pending {
-            let ack = ack.await.map_err(|e| unavailable("acknowledgement", e))?;
-            if ack.duplicate {
-                acked.duplicates += 1;
+                .map_err(|e| self.refused(subject, message, size, &e))?;
+            if self.fence == Fence::Every {
+                self.settle(subject, message, ack.await, &mut acked)?;
+            } else {
+                pending.push((message, ack));
             }
+        }
+        for (message, ack) in pending {
+            self.settle(subject, message, ack.await, &mut acked)?;
         }
         Ok(acked)
     }
+
+    /// Records what JetStream answered for `message`: its sequence is the next fence.
+    fn settle(
+        &self,
+        subject: &str,
+        message: &Message,
+        answer: Result<jetstream::publish::PublishAck, jetstream::context::PublishError>,
+        acked: &mut Acked,
+    ) -> Result<(), BrokerError> {
+        match answer {
+            Ok(ack) => {
+                if ack.duplicate {
+                    acked.duplicates += 1;
+                }
+                // A duplicate's sequence is the stored original's: the next message follows
+                // it, and if anyone wrote after it the fence refuses the next one, as it should.
+                self.set_fence(subject, Some(ack.sequence));
+                Ok(())
+            }
+            Err(e) => Err(self.refused(subject, message, message.payload.len(), &e)),
+        }
+    }
+
+    /// The error of a publish JetStream or the client refused.
+    fn refused(
+        &self,
+        subject: &str,
+        message: &Message,
+        size: usize,
+        error: &jetstream::context::PublishError,
+    ) -> BrokerError {
+        use jetstream::context::PublishErrorKind;
+        match error.kind() {
+            PublishErrorKind::WrongLastSequence => {
+                self.set_fence(subject, None);
+                BrokerError::Overtaken(format!(
+                    "NATS: another publisher wrote to {subject} before {}: resuming from the \
+                     subject's last message",
+                    message.id
+                ))
+            }
+            PublishErrorKind::MaxPayloadExceeded => BrokerError::TooLarge(format!(
+                "NATS: {} ({size} bytes of payload, with its headers) is over the server's \
+                 max_payload ({}); it is retried until the server's max_payload is raised or \
+                 the document shrinks",
+                message.id,
+                context_max_payload(self.context.get())
+            )),
+            _ => unavailable(&format!("publish {}", message.id), error),
+        }
+    }
+}
+
+/// The server's `max_payload` as the client knows it, for messages.
+fn context_max_payload(context: Option<&Context>) -> String {
+    context.map_or_else(
+        || "unknown".to_owned(),
+        |c| format!("{} bytes", c.client().server_info().max_payload),
+    )
 }
 
 impl Broker for Nats {
@@ -358,6 +488,7 @@ mod tests {
             },
             vec!["patchwire.fleet".into()],
             Duration::from_secs(1),
+            Fence::First,
         );
         let wanted = nats.stream_config();
         assert!(conflicts(&wanted, &wanted).is_empty());

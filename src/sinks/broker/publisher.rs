@@ -13,10 +13,11 @@ use tokio_util::sync::CancellationToken;
 use super::config::SinkStream;
 use super::message::{Message, Next, Position, continues, lag, next};
 use super::{Acked, BrokerError, BrokerFuture, Prepared, SinkState, SinkStatus};
-use crate::hub::{Change, Initial, Resume, Stream, StreamEvent};
+use crate::hub::{Change, Initial, Resume, Stream, StreamEvent, Subscription};
 use crate::metrics::{Metrics, SinkLabels};
 use crate::sinks::webhook::body::Mode;
 use crate::snapshot::Snapshot;
+use crate::views::{Target, ViewError};
 use crate::wire::ChangeKind;
 
 /// The first wait after a broker failure; it doubles up to [`RETRY_MAX`].
@@ -28,8 +29,9 @@ pub const RETRY_MAX: Duration = Duration::from_secs(5);
 pub struct Publisher {
     /// The sink's broker.
     pub broker: Arc<Prepared>,
-    /// The stream.
-    pub stream: Arc<Stream>,
+    /// What is published: a stream, or one of its views (subscribed to like any subscriber,
+    /// which keeps the view alive while the publisher follows it).
+    pub feed: Target,
     /// Its destination and source.
     pub target: SinkStream,
     /// The sink's name.
@@ -67,6 +69,18 @@ struct Queue {
     bytes: u64,
     /// The position of the last message queued (or, with none, of the last acknowledged).
     end: Option<Position>,
+    /// Where the subscription is in the hub's stream: the document the next live change
+    /// applies to (a view's changes are sparse, so its base is not always `seq - 1`).
+    at: Option<Position>,
+    /// The stream followed (a view's own stream), once subscribed.
+    stream: Option<Arc<Stream>>,
+}
+
+/// The base of `change` when the subscription was at `at`: `None` when unknown (another
+/// epoch), and the change then goes out as the document after it.
+fn base_of(at: Option<Position>, change: &Change) -> Option<u64> {
+    at.filter(|at| at.epoch == change.epoch && at.seq < change.seq)
+        .map(|at| at.seq)
 }
 
 /// A batch in flight: how many messages of the queue's front, and what the broker answered.
@@ -121,7 +135,7 @@ impl Publisher {
     fn labels(&self) -> SinkLabels {
         SinkLabels {
             sink: self.sink.clone(),
-            stream: self.target.stream.clone(),
+            stream: self.target.name.clone(),
         }
     }
 
@@ -144,7 +158,7 @@ impl Publisher {
             match self.follow(&shutdown).await {
                 Stop::Shutdown => return,
                 Stop::Turn => {
-                    tracing::info!(sink = %self.sink, stream = %self.target.stream, "another node publishes the stream now");
+                    tracing::info!(sink = %self.sink, stream = %self.target.name, "another node publishes the stream now");
                 }
                 Stop::Failed => {
                     shutdown.cancelled().await;
@@ -155,10 +169,18 @@ impl Publisher {
     }
 
     fn fail(&self, error: &BrokerError) {
-        self.metrics
-            .broker_errors
-            .get_or_create(&self.labels())
-            .inc();
+        let labels = self.labels();
+        self.metrics.broker_errors.get_or_create(&labels).inc();
+        match error {
+            BrokerError::Overtaken(_) => {
+                self.metrics.broker_overtaken.get_or_create(&labels).inc();
+            }
+            BrokerError::TooLarge(message) => {
+                self.metrics.broker_oversized.get_or_create(&labels).inc();
+                tracing::error!(sink = %self.sink, stream = %self.target.name, %message, "a message is larger than the broker takes");
+            }
+            BrokerError::Unavailable(_) | BrokerError::Conflict(_) => {}
+        }
         let message = error.to_string();
         self.status.update(|s| s.last_error = Some(message));
     }
@@ -169,7 +191,7 @@ impl Publisher {
         let attempt = async {
             let broker = self.broker.get().await?;
             broker
-                .last(&self.target.destination, &self.target.stream)
+                .last(&self.target.destination, &self.target.name)
                 .await
         };
         let error = match tokio::time::timeout(self.timeout, attempt).await {
@@ -182,7 +204,7 @@ impl Publisher {
         };
         self.fail(&error);
         if let BrokerError::Conflict(message) = &error {
-            tracing::error!(sink = %self.sink, stream = %self.target.stream, %message, "the broker conflicts with the configuration; this sink stops");
+            tracing::error!(sink = %self.sink, stream = %self.target.name, %message, "the broker conflicts with the configuration; this sink stops");
             self.status.update(|s| s.state = SinkState::Failed);
             return Err(Err(Stop::Failed));
         }
@@ -202,7 +224,7 @@ impl Publisher {
                 Err(Ok(error)) => error,
             };
             let wait = backoff.next();
-            tracing::debug!(sink = %self.sink, stream = %self.target.stream, %error, retry_in = ?wait, "cannot read the broker's last message");
+            tracing::debug!(sink = %self.sink, stream = %self.target.name, %error, retry_in = ?wait, "cannot read the broker's last message");
             tokio::select! {
                 () = shutdown.cancelled() => return Err(Stop::Shutdown),
                 () = turn_ends(&mut self.turn) => return Err(Stop::Turn),
@@ -239,13 +261,21 @@ impl Publisher {
                 messages: VecDeque::new(),
                 bytes: 0,
                 end: last,
+                at: None,
+                stream: None,
             };
             let mut acknowledged = last;
             self.status.update(|s| {
                 s.state = SinkState::Publishing;
                 s.acknowledged = last;
             });
-            let mut live = self.subscribe_after(&mut queue, had_position);
+            let mut live = match self.subscribe_after(&mut queue, had_position) {
+                Ok(live) => live,
+                Err(error) => match self.refused(shutdown, &mut backoff, &error).await {
+                    Some(stop) => return stop,
+                    None => continue 'resume,
+                },
+            };
             self.show(&queue, acknowledged);
             let mut inflight: Option<InFlight> = None;
             // Set when the broker failed: the next attempt is due then.
@@ -256,7 +286,7 @@ impl Publisher {
                 if queue.messages.len() > 1
                     && (queue.messages.len() > self.buffer || queue.bytes > self.buffer_bytes)
                 {
-                    tracing::warn!(sink = %self.sink, stream = %self.target.stream, queued = queue.messages.len(), "broker sink queue full; marked behind, a snapshot follows once the broker answers");
+                    tracing::warn!(sink = %self.sink, stream = %self.target.name, queued = queue.messages.len(), "broker sink queue full; marked behind, a snapshot follows once the broker answers");
                     behind = true;
                     continue 'resume;
                 }
@@ -286,19 +316,26 @@ impl Publisher {
                                     s.state = SinkState::Publishing;
                                 });
                                 if acked.duplicates > 0 {
-                                    tracing::debug!(sink = %self.sink, stream = %self.target.stream, duplicates = acked.duplicates, "the broker already held some messages");
+                                    tracing::debug!(sink = %self.sink, stream = %self.target.name, duplicates = acked.duplicates, "the broker already held some messages");
                                 }
                                 self.show(&queue, acknowledged);
                             }
                             Err(error) => {
                                 self.fail(&error);
                                 if let BrokerError::Conflict(message) = &error {
-                                    tracing::error!(sink = %self.sink, stream = %self.target.stream, %message, "the broker conflicts with the configuration; this sink stops");
+                                    tracing::error!(sink = %self.sink, stream = %self.target.name, %message, "the broker conflicts with the configuration; this sink stops");
                                     self.status.update(|s| s.state = SinkState::Failed);
                                     return Stop::Failed;
                                 }
+                                if let BrokerError::Overtaken(message) = &error {
+                                    // Another publisher moved the line on: what the broker
+                                    // holds now decides, at once.
+                                    tracing::info!(sink = %self.sink, stream = %self.target.name, %message, "the broker's line moved on; reading it back");
+                                    retry = Some(tokio::time::Instant::now());
+                                    continue;
+                                }
                                 let wait = backoff.next();
-                                tracing::warn!(sink = %self.sink, stream = %self.target.stream, %error, retry_in = ?wait, "broker publish failed; the queue waits");
+                                tracing::warn!(sink = %self.sink, stream = %self.target.name, %error, retry_in = ?wait, "broker publish failed; the queue waits");
                                 self.status.update(|s| s.state = SinkState::Retrying);
                                 retry = Some(tokio::time::Instant::now() + wait);
                             }
@@ -314,7 +351,7 @@ impl Publisher {
                             Err(Err(stop)) => return stop,
                             Err(Ok(error)) => {
                                 let wait = backoff.next();
-                                tracing::debug!(sink = %self.sink, stream = %self.target.stream, %error, retry_in = ?wait, "the broker still fails");
+                                tracing::debug!(sink = %self.sink, stream = %self.target.name, %error, retry_in = ?wait, "the broker still fails");
                                 retry = Some(tokio::time::Instant::now() + wait);
                                 continue;
                             }
@@ -331,7 +368,7 @@ impl Publisher {
                             None => queue.end == last,
                         };
                         if !whole {
-                            tracing::info!(sink = %self.sink, stream = %self.target.stream, "the broker's line does not continue with the queue; resuming from what it holds");
+                            tracing::info!(sink = %self.sink, stream = %self.target.name, "the broker's line does not continue with the queue; resuming from what it holds");
                             continue 'resume;
                         }
                         acknowledged = last;
@@ -341,21 +378,29 @@ impl Publisher {
                         });
                         self.show(&queue, acknowledged);
                     }
-                    event = live.recv() => match event {
+                    event = live.live.recv() => match event {
                         Ok(StreamEvent::Change(change, document)) => {
-                            self.queue_change(&mut queue, &change, Some(&document));
+                            let base = base_of(queue.at, &change);
+                            queue.at = Some(Position { epoch: change.epoch, seq: change.seq });
+                            self.queue_change(&mut queue, &change, base, Some(&document));
                             self.show(&queue, acknowledged);
                         }
                         Ok(StreamEvent::Reset(_)) => {
                             // The stream started over (a cluster node reloaded it from the
                             // log, or the log began a new epoch): continue the line from the
                             // hub's history when it reaches, else with its document.
-                            live = self.subscribe_after(&mut queue, true);
+                            live = match self.subscribe_after(&mut queue, true) {
+                                Ok(live) => live,
+                                Err(error) => match self.refused(shutdown, &mut backoff, &error).await {
+                                    Some(stop) => return stop,
+                                    None => continue 'resume,
+                                },
+                            };
                             self.show(&queue, acknowledged);
                         }
                         Ok(_) => {}
                         Err(broadcast::error::RecvError::Lagged(missed)) => {
-                            tracing::warn!(sink = %self.sink, stream = %self.target.stream, missed, "broker sink fell behind the stream; resuming from the broker's last message");
+                            tracing::warn!(sink = %self.sink, stream = %self.target.name, missed, "broker sink fell behind the stream; resuming from the broker's last message");
                             behind = true;
                             continue 'resume;
                         }
@@ -364,6 +409,15 @@ impl Publisher {
                             // timeout, then stop.
                             if let Some(inflight) = inflight.take() {
                                 let _ = tokio::time::timeout(self.timeout, inflight).await;
+                            }
+                            if matches!(self.feed, Target::View(..)) {
+                                // A view also ends when it is evicted or its source starts
+                                // over without it; unless this is the shutdown, follow it
+                                // again (from the broker's word).
+                                tokio::select! {
+                                    () = shutdown.cancelled() => return Stop::Shutdown,
+                                    () = tokio::time::sleep(RETRY_MIN) => continue 'resume,
+                                }
                             }
                             shutdown.cancelled().await;
                             return Stop::Shutdown;
@@ -376,13 +430,15 @@ impl Publisher {
 
     /// Subscribes to the stream after the end of the queue's line and queues what the hub
     /// gives first: exactly the missed changes from history, or the current document (also
-    /// when the replay would not fit the queue). `resync`: a document covers a gap.
-    fn subscribe_after(&self, queue: &mut Queue, resync: bool) -> broadcast::Receiver<StreamEvent> {
+    /// when the replay would not fit the queue). `resync`: a document covers a gap. The
+    /// subscription is kept whole while the publisher follows it: a view with a subscriber is
+    /// never evicted.
+    fn subscribe_after(&self, queue: &mut Queue, resync: bool) -> Result<Subscription, ViewError> {
         let resume = match queue.end {
-            Some(position) => Resume::After(position.event_id(&self.target.stream)),
+            Some(position) => Resume::After(position.event_id(&self.target.name)),
             None => Resume::Fresh,
         };
-        let mut subscription = self.stream.subscribe(&resume);
+        let mut subscription = self.feed.subscribe(&resume)?;
         let (replay, replay_bytes) = subscription
             .initial
             .iter()
@@ -394,16 +450,58 @@ impl Publisher {
         if replay > self.buffer || replay_bytes > self.buffer_bytes {
             // More than the queue may hold: the current document instead.
             drop(subscription);
-            subscription = self.stream.subscribe(&Resume::Fresh);
+            subscription = self.feed.subscribe(&Resume::Fresh)?;
         }
-        for initial in subscription.initial {
+        queue.stream = Some(subscription.stream().clone());
+        // A replay starts right after the line's end: its first change applies to it.
+        let mut at = queue.end;
+        for initial in std::mem::take(&mut subscription.initial) {
             match initial {
-                Initial::Snapshot(snapshot) => self.queue_snapshot(queue, &snapshot, resync),
-                Initial::Change(change) => self.queue_change(queue, &change, None),
+                Initial::Snapshot(snapshot) => {
+                    self.queue_snapshot(queue, &snapshot, resync);
+                    at = Some(Position {
+                        epoch: snapshot.epoch,
+                        seq: snapshot.seq,
+                    });
+                }
+                Initial::Change(change) => {
+                    let base = base_of(at, &change);
+                    at = Some(Position {
+                        epoch: change.epoch,
+                        seq: change.seq,
+                    });
+                    self.queue_change(queue, &change, base, None);
+                }
                 Initial::Failure(_) => {}
             }
         }
-        subscription.live
+        queue.at = Some(Position {
+            epoch: subscription.epoch,
+            seq: subscription.seq,
+        });
+        Ok(subscription)
+    }
+
+    /// A view that cannot be subscribed to now (too many views): shown, then retried after
+    /// the backoff. `Some`: stop following.
+    async fn refused(
+        &mut self,
+        shutdown: &CancellationToken,
+        backoff: &mut Backoff,
+        error: &ViewError,
+    ) -> Option<Stop> {
+        let wait = backoff.next();
+        tracing::warn!(sink = %self.sink, stream = %self.target.name, %error, retry_in = ?wait, "cannot subscribe to the view");
+        let message = error.to_string();
+        self.status.update(|s| {
+            s.last_error = Some(message);
+            s.state = SinkState::Retrying;
+        });
+        tokio::select! {
+            () = shutdown.cancelled() => Some(Stop::Shutdown),
+            () = turn_ends(&mut self.turn) => Some(Stop::Turn),
+            () = tokio::time::sleep(wait) => None,
+        }
     }
 
     /// Publishes the front of the queue (up to a batch).
@@ -435,7 +533,10 @@ impl Publisher {
     }
 
     fn show(&self, queue: &Queue, acknowledged: Option<Position>) {
-        let lag = lag(&self.stream, acknowledged);
+        let lag = queue
+            .stream
+            .as_ref()
+            .map_or(0, |stream| lag(stream, acknowledged));
         self.metrics
             .broker_lag
             .get_or_create(&self.labels())
@@ -465,6 +566,7 @@ impl Publisher {
             queue.end,
             snapshot.epoch,
             snapshot.seq,
+            None,
             ChangeKind::Snapshot,
             self.mode,
         ) == Next::Skip
@@ -472,11 +574,12 @@ impl Publisher {
             return;
         }
         let message = Message::new(
-            &self.target.stream,
+            &self.target.name,
             &self.target.source,
             snapshot.epoch,
             snapshot.seq,
             ChangeKind::Snapshot,
+            0,
             snapshot.at,
             snapshot.json.clone(),
             resync,
@@ -484,19 +587,34 @@ impl Publisher {
         self.push(queue, message);
     }
 
-    /// Queues `change` as it continues the line: as it is, or as the document after it
-    /// (`document`, carried by live changes; history's changes carry none, and the stream's
-    /// current document, at least as new, stands in for it).
-    fn queue_change(&self, queue: &mut Queue, change: &Change, document: Option<&Bytes>) {
-        match next(queue.end, change.epoch, change.seq, change.kind, self.mode) {
+    /// Queues `change` (a patch of the document at `base`, when known) as it continues the
+    /// line: as it is, or as the document after it (`document`, carried by live changes;
+    /// history's changes carry none, and the stream's current document, at least as new, stands
+    /// in for it).
+    fn queue_change(
+        &self,
+        queue: &mut Queue,
+        change: &Change,
+        base: Option<u64>,
+        document: Option<&Bytes>,
+    ) {
+        match next(
+            queue.end,
+            change.epoch,
+            change.seq,
+            base,
+            change.kind,
+            self.mode,
+        ) {
             Next::Skip => {}
             Next::Change => {
                 let message = Message::new(
-                    &self.target.stream,
+                    &self.target.name,
                     &self.target.source,
                     change.epoch,
                     change.seq,
                     change.kind,
+                    base.unwrap_or(0),
                     change.at,
                     change.payload.clone(),
                     false,
@@ -508,11 +626,12 @@ impl Publisher {
                 match document {
                     Some(document) => {
                         let message = Message::new(
-                            &self.target.stream,
+                            &self.target.name,
                             &self.target.source,
                             change.epoch,
                             change.seq,
                             ChangeKind::Snapshot,
+                            0,
                             change.at,
                             document.clone(),
                             resync,
@@ -520,7 +639,7 @@ impl Publisher {
                         self.push(queue, message);
                     }
                     None => {
-                        if let Some(snapshot) = self.stream.snapshot() {
+                        if let Some(snapshot) = queue.stream.as_ref().and_then(|s| s.snapshot()) {
                             self.queue_snapshot(queue, &snapshot, resync);
                         }
                     }
@@ -604,12 +723,14 @@ mod tests {
             SnapshotStore::new(),
             Arc::new(Metrics::new()),
         ));
-        let status = Arc::new(SinkStatus::new("fake", "fake", "s", "s"));
+        let status = Arc::new(SinkStatus::new("fake", "fake", "s", None, "s"));
         let publisher = Publisher {
             broker: Arc::new(Prepared::new(fake.clone())),
-            stream: stream.clone(),
+            feed: Target::Whole(stream.clone()),
             target: SinkStream {
                 stream: "s".into(),
+                name: "s".into(),
+                view: None,
                 destination: "s".into(),
                 source: "/streams/s".into(),
             },
@@ -720,7 +841,7 @@ mod tests {
         }
         let (_, _, _, mut again) = setup(100);
         again.broker = Arc::new(Prepared::new(fake.clone()));
-        again.stream = stream.clone();
+        again.feed = Target::Whole(stream.clone());
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(again.run(shutdown.clone()));
         until("every change", || {

@@ -170,20 +170,25 @@ impl Writer {
         self.done && self.pending.is_empty()
     }
 
-    fn push(&mut self, event: &Frame) {
-        match &mut self.gzip {
+    /// Queues `event`; the bytes it costs on the wire.
+    fn push(&mut self, event: &Frame) -> usize {
+        let bytes = match &mut self.gzip {
             Some(trailer) => {
                 let deflated = event.deflated();
                 trailer.add(deflated);
-                self.pending.push_back(deflated.bytes.clone());
+                deflated.bytes.clone()
             }
-            None => self.pending.push_back(event.plain().clone()),
-        }
+            None => event.plain().clone(),
+        };
+        let len = bytes.len();
+        self.pending.push_back(bytes);
+        len
     }
 
     fn push_counted(&mut self, event: &Frame) {
-        self.push(event);
+        let len = self.push(event);
         self.sent.inc();
+        self.stream.count_sent(len);
     }
 
     fn push_snapshot(&mut self, snapshot: &Snapshot) {
@@ -298,7 +303,9 @@ impl Writer {
             Ok(StreamEvent::Recovered(recovery)) => self.push_recovery(&recovery),
             // WebSocket connections ping instead.
             Ok(StreamEvent::KeepAlive) if self.dialect == Dialect::WebSocket => {}
-            Ok(StreamEvent::KeepAlive) => self.push(&wire::sse::KEEP_ALIVE),
+            Ok(StreamEvent::KeepAlive) => {
+                self.push(&wire::sse::KEEP_ALIVE);
+            }
             Err(RecvError::Lagged(_)) => {
                 self.resyncs.inc();
                 self.lagged += 1;

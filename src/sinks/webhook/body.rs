@@ -7,8 +7,10 @@ use std::time::SystemTime;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
+use crate::hub::EventId;
+use crate::schemas;
 use crate::time::rfc3339;
-use crate::wire::ChangeKind;
+use crate::wire::{ChangeKind, cloudevents};
 
 /// How an endpoint receives a stream's changes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -36,6 +38,132 @@ impl Mode {
             "snapshot" => Some(Mode::Snapshot),
             _ => None,
         }
+    }
+}
+
+/// Which of a stream's changes an endpoint receives, by the kind of delivery
+/// (`events = ["snapshots", "patches"]`, the default).
+///
+/// Only combinations a receiver can rebuild the document from are valid: `snapshots` alone
+/// sends every change as the whole document (as `mode = "snapshot"` does, whatever the mode);
+/// both send what the mode says. `patches` without `snapshots` is refused: a patch applies
+/// only to the document it follows, which a receiver gets as a snapshot first and after any
+/// gap (a dead delivery, a collapsed backlog, a restart).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Events {
+    /// `stream.snapshot` deliveries.
+    pub snapshots: bool,
+    /// `stream.patch` deliveries.
+    pub patches: bool,
+}
+
+/// The names `events` accepts, in the order they are shown.
+pub const EVENT_NAMES: [&str; 2] = ["snapshots", "patches"];
+
+impl Default for Events {
+    fn default() -> Self {
+        Events {
+            snapshots: true,
+            patches: true,
+        }
+    }
+}
+
+/// Why an `events` list is refused; `at` is the index of the entry at fault, if one is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EventsError {
+    /// The entry at fault (`None`: the whole list).
+    pub at: Option<usize>,
+    /// What was expected.
+    pub message: String,
+}
+
+impl Events {
+    /// Parses a list of names from [`EVENT_NAMES`]: at least one, each once, and `patches`
+    /// only with `snapshots`.
+    pub fn parse<S: AsRef<str>>(names: &[S]) -> Result<Events, EventsError> {
+        let mut events = Events {
+            snapshots: false,
+            patches: false,
+        };
+        for (i, name) in names.iter().enumerate() {
+            let name = name.as_ref();
+            let slot = match name {
+                "snapshots" => &mut events.snapshots,
+                "patches" => &mut events.patches,
+                _ => {
+                    return Err(EventsError {
+                        at: Some(i),
+                        message: format!(
+                            "expected one of {}, got {name:?}",
+                            EVENT_NAMES.map(|n| format!("{n:?}")).join(", ")
+                        ),
+                    });
+                }
+            };
+            if *slot {
+                return Err(EventsError {
+                    at: Some(i),
+                    message: format!("{name:?} is listed twice; name each kind once"),
+                });
+            }
+            *slot = true;
+        }
+        if !events.snapshots && !events.patches {
+            return Err(EventsError {
+                at: None,
+                message: format!(
+                    "expected at least one of {}",
+                    EVENT_NAMES.map(|n| format!("{n:?}")).join(", ")
+                ),
+            });
+        }
+        if events.patches && !events.snapshots {
+            return Err(EventsError {
+                at: None,
+                message: "expected \"snapshots\" with \"patches\": a receiver can apply a patch \
+                          only to the document it follows, which it gets as a snapshot first \
+                          and after any gap; for whole documents only, list \"snapshots\" alone"
+                    .into(),
+            });
+        }
+        Ok(events)
+    }
+
+    /// The names of the kinds received, in [`EVENT_NAMES`] order.
+    pub fn names(self) -> Vec<&'static str> {
+        let mut names = Vec::new();
+        if self.snapshots {
+            names.push("snapshots");
+        }
+        if self.patches {
+            names.push("patches");
+        }
+        names
+    }
+
+    /// Whether these are the default kinds (stored definitions leave them out then).
+    pub fn is_default(&self) -> bool {
+        *self == Events::default()
+    }
+
+    /// How an endpoint with `mode` receives changes under these kinds: without patches,
+    /// every change whole.
+    pub fn mode(self, mode: Mode) -> Mode {
+        if self.patches { mode } else { Mode::Snapshot }
+    }
+}
+
+impl Serialize for Events {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_seq(self.names())
+    }
+}
+
+impl<'de> Deserialize<'de> for Events {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let names = Vec::<String>::deserialize(deserializer)?;
+        Events::parse(&names).map_err(|e| serde::de::Error::custom(e.message))
     }
 }
 
@@ -89,6 +217,8 @@ pub fn plan(cursor: Option<Cursor>, epoch: u64, seq: u64, is_patch: bool, mode: 
 /// The JSON body of a delivery.
 #[derive(Debug, Serialize)]
 struct BodyJson<'a> {
+    /// The envelope's name and major version (`schemas::WEBHOOK`).
+    schema: &'static str,
     #[serde(rename = "type")]
     kind: &'static str,
     stream: &'a str,
@@ -104,7 +234,8 @@ struct BodyJson<'a> {
 #[error("the change's data is not valid JSON: {0}")]
 pub struct BodyError(#[from] serde_json::Error);
 
-/// Encodes `{"type", "stream", "epoch", "seq", "base_seq", "timestamp", "data"}`; `data` is
+/// Encodes `{"schema", "type", "stream", "epoch", "seq", "base_seq", "timestamp", "data"}`
+/// (`schema` is `patchwire.webhook.v1`, [`schemas::WEBHOOK`]); `data` is
 /// already-serialized JSON (a patch or a document), embedded without re-parsing its values.
 pub fn encode(
     kind: ChangeKind,
@@ -122,6 +253,7 @@ pub fn encode(
     })?;
     let raw: &RawValue = serde_json::from_str(text)?;
     let body = BodyJson {
+        schema: schemas::WEBHOOK,
         kind: event_type(kind),
         stream,
         epoch,
@@ -136,6 +268,112 @@ pub fn encode(
     Ok(serde_json::to_vec(&body)?)
 }
 
+/// How an endpoint's deliveries are written.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Format {
+    /// The JSON body (`patchwire.webhook.v1`), `application/json`.
+    #[default]
+    Json,
+    /// A CloudEvent 1.0 in structured mode: `application/cloudevents+json`, the change's
+    /// `data` under `data`.
+    Cloudevents,
+    /// A CloudEvent 1.0 in binary mode: the attributes as `ce-` headers, the body the change's
+    /// `data` alone (`application/json-patch+json` or `application/json`).
+    CloudeventsBinary,
+}
+
+impl Format {
+    /// `"json"`, `"cloudevents"` or `"cloudevents-binary"`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Format::Json => "json",
+            Format::Cloudevents => "cloudevents",
+            Format::CloudeventsBinary => "cloudevents-binary",
+        }
+    }
+}
+
+/// A delivery as sent to an endpoint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rendered {
+    /// Its `content-type`.
+    pub content_type: &'static str,
+    /// Headers besides it (the `ce-` attributes in binary mode).
+    pub headers: Vec<(&'static str, String)>,
+    /// The bytes sent (and signed).
+    pub body: bytes::Bytes,
+}
+
+/// What [`render`] reads back of a stored body.
+#[derive(Debug, Deserialize)]
+struct Stored<'a> {
+    #[serde(rename = "type")]
+    kind: &'a str,
+    #[serde(borrow)]
+    stream: std::borrow::Cow<'a, str>,
+    epoch: u64,
+    seq: u64,
+    base_seq: Option<u64>,
+    timestamp: &'a str,
+    #[serde(borrow)]
+    data: &'a RawValue,
+}
+
+/// A stored delivery body (what [`encode`] wrote) as `format` sends it: as it is, or as a
+/// CloudEvent whose `id` is the event id, `source` `/streams/{stream}`, `type` the body's
+/// `type`, `time` its `timestamp`, and whose data is the body's `data`. The same stored
+/// bytes always render to the same bytes, so every retry sends (and signs) the same request.
+pub fn render(format: Format, stored: &bytes::Bytes) -> Result<Rendered, BodyError> {
+    if format == Format::Json {
+        return Ok(Rendered {
+            content_type: "application/json",
+            headers: Vec::new(),
+            body: stored.clone(),
+        });
+    }
+    let body: Stored<'_> = serde_json::from_slice(stored)?;
+    let kind = match body.kind {
+        "stream.patch" => ChangeKind::Patch,
+        _ => ChangeKind::Snapshot,
+    };
+    let id = EventId {
+        stream: body.stream.to_string(),
+        epoch: body.epoch,
+        seq: body.seq,
+    }
+    .to_string();
+    let source = format!("/streams/{}", body.stream);
+    let attributes = cloudevents::Attributes {
+        id: &id,
+        kind_name: event_type(kind),
+        source: &source,
+        time: body.timestamp,
+        kind,
+        stream: &body.stream,
+        epoch: body.epoch,
+        seq: body.seq,
+        base_seq: body.base_seq,
+    };
+    let data = body.data.get().as_bytes();
+    Ok(match format {
+        Format::Cloudevents => Rendered {
+            content_type: cloudevents::STRUCTURED_CONTENT_TYPE,
+            headers: Vec::new(),
+            body: attributes.structured(data).into(),
+        },
+        _ => {
+            let mut headers = attributes.headers();
+            headers.retain(|(name, _)| *name != "content-type");
+            Rendered {
+                content_type: cloudevents::content_type(kind),
+                headers,
+                body: bytes::Bytes::copy_from_slice(data),
+            }
+        }
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -144,6 +382,56 @@ mod tests {
     use std::time::{Duration, UNIX_EPOCH};
 
     const P: Mode = Mode::Patch;
+
+    #[test]
+    fn events_accept_the_rebuildable_combinations() {
+        assert_eq!(
+            Events::parse(&["snapshots", "patches"]),
+            Ok(Events::default())
+        );
+        assert_eq!(
+            Events::parse(&["patches", "snapshots"]),
+            Ok(Events::default())
+        );
+        let snapshots = Events::parse(&["snapshots"]).unwrap();
+        assert_eq!(snapshots.names(), vec!["snapshots"]);
+        assert_eq!(snapshots.mode(Mode::Patch), Mode::Snapshot);
+        assert_eq!(Events::default().mode(Mode::Patch), Mode::Patch);
+        assert_eq!(Events::default().mode(Mode::Snapshot), Mode::Snapshot);
+    }
+
+    #[test]
+    fn events_refuse_what_a_receiver_cannot_rebuild_from() {
+        let unknown = Events::parse(&["snapshots", "errors"]).unwrap_err();
+        assert_eq!(unknown.at, Some(1));
+        assert!(
+            unknown.message.contains("\"snapshots\", \"patches\""),
+            "{unknown:?}"
+        );
+        assert_eq!(
+            Events::parse(&["snapshots", "snapshots"]).unwrap_err().at,
+            Some(1)
+        );
+        let empty: [&str; 0] = [];
+        assert_eq!(Events::parse(&empty).unwrap_err().at, None);
+        let patches = Events::parse(&["patches"]).unwrap_err();
+        assert!(
+            patches.message.contains("\"snapshots\" with \"patches\""),
+            "{patches:?}"
+        );
+    }
+
+    #[test]
+    fn events_round_trip_as_a_list_of_names() {
+        let json = serde_json::to_string(&Events::parse(&["snapshots"]).unwrap()).unwrap();
+        assert_eq!(json, r#"["snapshots"]"#);
+        assert_eq!(
+            serde_json::from_str::<Events>(r#"["snapshots","patches"]"#).unwrap(),
+            Events::default()
+        );
+        assert!(serde_json::from_str::<Events>(r#"["patch"]"#).is_err());
+    }
+
     const S: Mode = Mode::Snapshot;
 
     fn at(epoch: u64, seq: u64) -> Option<Cursor> {
@@ -181,7 +469,8 @@ mod tests {
         let v: Value = serde_json::from_slice(&body).unwrap();
         assert_eq!(
             v,
-            json!({"type": "stream.patch", "stream": "fleet", "epoch": 9, "seq": 5, "base_seq": 4,
+            json!({"schema": "patchwire.webhook.v1", "type": "stream.patch", "stream": "fleet",
+                   "epoch": 9, "seq": 5, "base_seq": 4,
                    "timestamp": "2021-02-25T15:02:10.123Z", "data": [{"op": "remove", "path": "/a"}]})
         );
         let body = encode(
@@ -200,6 +489,52 @@ mod tests {
         assert_eq!(v["data"], json!({"a": 1}));
         assert!(encode(ChangeKind::Snapshot, "s", 1, 1, None, t, b"{nope").is_err());
         assert!(encode(ChangeKind::Snapshot, "s", 1, 1, None, t, b"\xff").is_err());
+    }
+
+    #[test]
+    fn bodies_render_as_json_or_cloudevents() {
+        let t = UNIX_EPOCH + Duration::from_millis(1_614_265_330_123);
+        let stored = bytes::Bytes::from(
+            encode(
+                ChangeKind::Patch,
+                "fleet",
+                9,
+                5,
+                Some(4),
+                t,
+                br#"[{"op":"remove","path":"/a"}]"#,
+            )
+            .unwrap(),
+        );
+        let json = render(Format::Json, &stored).unwrap();
+        assert_eq!(
+            (json.content_type, &json.body),
+            ("application/json", &stored)
+        );
+        let structured = render(Format::Cloudevents, &stored).unwrap();
+        assert_eq!(structured.content_type, "application/cloudevents+json");
+        let event: Value = serde_json::from_slice(&structured.body).unwrap();
+        assert_eq!(
+            event,
+            json!({"specversion": "1.0", "id": "fleet:9:5", "type": "stream.patch",
+                   "source": "/streams/fleet", "time": "2021-02-25T15:02:10.123Z",
+                   "stream": "fleet", "epoch": "9", "seq": "5", "baseseq": "4",
+                   "datacontenttype": "application/json-patch+json",
+                   "data": [{"op": "remove", "path": "/a"}]})
+        );
+        let binary = render(Format::CloudeventsBinary, &stored).unwrap();
+        assert_eq!(binary.content_type, "application/json-patch+json");
+        assert_eq!(&binary.body[..], br#"[{"op":"remove","path":"/a"}]"#);
+        assert!(binary.headers.contains(&("ce-id", "fleet:9:5".to_owned())));
+        assert!(
+            binary
+                .headers
+                .iter()
+                .all(|(name, _)| name.starts_with("ce-"))
+        );
+        // Rendering is a function of the stored bytes: every retry sends the same request.
+        assert_eq!(render(Format::Cloudevents, &stored).unwrap(), structured);
+        assert!(render(Format::Cloudevents, &bytes::Bytes::from_static(b"{}")).is_err());
     }
 
     proptest! {

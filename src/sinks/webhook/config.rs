@@ -11,7 +11,7 @@ use http::header::HeaderValue;
 use serde::Deserialize;
 use url::Url;
 
-use super::body::Mode;
+use super::body::{Events, Format, Mode};
 use super::schedule::RetrySchedule;
 use super::sign::Secret;
 use crate::ssrf;
@@ -25,7 +25,7 @@ use crate::validation::{
 pub mod defaults {
     use std::time::Duration;
 
-    use crate::sinks::webhook::body::Mode;
+    use crate::sinks::webhook::body::{Format, Mode};
 
     /// `webhooks.database`.
     pub const DATABASE: &str = "patchwire-webhooks.db";
@@ -43,10 +43,18 @@ pub mod defaults {
     pub const BACKLOG_LIMIT: u64 = 1000;
     /// `webhooks.retention`.
     pub const RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
+    /// `webhooks.attempt_retention`.
+    pub const ATTEMPT_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
     /// `webhooks.rotation_overlap`.
     pub const ROTATION_OVERLAP: Duration = Duration::from_secs(24 * 3600);
+    /// `webhooks.store_connections`.
+    pub const STORE_CONNECTIONS: u64 = 16;
+    /// `webhooks.claim_timeout` is this many times `webhooks.attempt_timeout` when absent.
+    pub const CLAIM_TIMEOUT_FACTOR: u32 = 2;
     /// `webhooks.endpoints[].mode`.
     pub const MODE: Mode = Mode::Patch;
+    /// `webhooks.endpoints[].format`.
+    pub const FORMAT: Format = Format::Json;
 }
 
 /// Inclusive bounds of `[webhooks]` keys.
@@ -76,19 +84,51 @@ pub mod limits {
     /// `webhooks.retention`.
     pub const RETENTION: (Duration, Duration) =
         (Duration::from_secs(60), Duration::from_secs(365 * DAY));
+    /// `webhooks.attempt_retention`.
+    pub const ATTEMPT_RETENTION: (Duration, Duration) =
+        (Duration::from_secs(60), Duration::from_secs(365 * DAY));
     /// `webhooks.rotation_overlap`.
     pub const ROTATION_OVERLAP: (Duration, Duration) =
         (Duration::ZERO, Duration::from_secs(30 * DAY));
     /// Shortest admin token.
     pub const ADMIN_TOKEN_MIN: usize = 16;
+    /// `webhooks.store_connections`.
+    pub const STORE_CONNECTIONS: (u64, u64) = (1, 256);
+    /// `webhooks.claim_timeout`.
+    pub const CLAIM_TIMEOUT: (Duration, Duration) =
+        (Duration::from_secs(1), Duration::from_secs(3600));
+    /// Longest endpoint description, in characters.
+    pub const DESCRIPTION_MAX: usize = 1024;
+    /// Most metadata entries of an endpoint.
+    pub const METADATA_ENTRIES: usize = 50;
+    /// Longest metadata key, in characters.
+    pub const METADATA_KEY_MAX: usize = 64;
+    /// Longest metadata value, in characters.
+    pub const METADATA_VALUE_MAX: usize = 1024;
+    /// An endpoint's `rate_limit`, attempts per second.
+    pub const RATE_LIMIT: (u64, u64) = (1, 10_000);
 }
 
 /// `[webhooks]`: durable, signed, ordered delivery of changes to registered URLs.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawWebhooks {
+    /// Where the outbox lives: absent or `"sqlite"` for the SQLite file `database`, or a
+    /// PostgreSQL URL (`postgres://user:password@host:port/dbname`, `${VAR}` allowed), which
+    /// the nodes of a cluster share.
+    pub store: Option<String>,
     /// The SQLite outbox file ([default](defaults::DATABASE)); its directory must exist.
+    /// Used only by the SQLite store.
     pub database: Option<String>,
+    /// Connections to PostgreSQL each node keeps at most ([default](defaults::STORE_CONNECTIONS),
+    /// [bounds](limits::STORE_CONNECTIONS)).
+    pub store_connections: Option<u64>,
+    /// How long a node's claim on a delivery holds against the other nodes: a node killed
+    /// mid-attempt leaves its claim, and another node retries the delivery (same `webhook-id`)
+    /// once it expires. More than `attempt_timeout` ([default](defaults::CLAIM_TIMEOUT_FACTOR)
+    /// times it, [bounds](limits::CLAIM_TIMEOUT)).
+    #[serde(default, with = "humantime_serde::option")]
+    pub claim_timeout: Option<Duration>,
     /// Allow targets on private, loopback, link-local and metadata addresses
     /// ([default](defaults::ALLOW_PRIVATE_TARGETS)).
     pub allow_private_targets: Option<bool>,
@@ -126,10 +166,20 @@ pub struct RawWebhooks {
     /// replay ([default](defaults::RETENTION), [bounds](limits::RETENTION)).
     #[serde(default, with = "humantime_serde::option")]
     pub retention: Option<Duration>,
+    /// How long the attempt history (`GET /admin/webhooks/{id}/attempts`) keeps an attempt
+    /// ([default](defaults::ATTEMPT_RETENTION), [bounds](limits::ATTEMPT_RETENTION)).
+    #[serde(default, with = "humantime_serde::option")]
+    pub attempt_retention: Option<Duration>,
     /// After a secret rotation, how long the previous secret also signs
     /// ([default](defaults::ROTATION_OVERLAP), [bounds](limits::ROTATION_OVERLAP)).
     #[serde(default, with = "humantime_serde::option")]
     pub rotation_overlap: Option<Duration>,
+    /// Where operational events go (`endpoint.disabled`, `delivery.dead`,
+    /// `endpoint.recovered`): an http or https URL (`${VAR}` allowed); absent: nowhere.
+    pub operator_url: Option<String>,
+    /// The secret operational events are signed with (required with `operator_url`; as an
+    /// endpoint's `secret`, `${VAR}` allowed).
+    pub operator_secret: Option<String>,
     /// Endpoints declared in the file (`[[webhooks.endpoints]]`).
     #[serde(default)]
     pub endpoints: Vec<RawWebhookEndpoint>,
@@ -148,19 +198,36 @@ pub struct RawWebhookEndpoint {
     pub streams: Vec<String>,
     /// `"patch"` or `"snapshot"` ([default](defaults::MODE)).
     pub mode: Option<Mode>,
+    /// `"json"`, `"cloudevents"` (structured) or `"cloudevents-binary"`
+    /// ([default](defaults::FORMAT)).
+    pub format: Option<Format>,
     /// Extra headers sent with every delivery (`${VAR}` allowed in values).
     #[serde(default)]
     pub headers: BTreeMap<String, String>,
     /// The signing secret, `whsec_` + base64 (see [`Secret::parse`]; required here, `${VAR}`
     /// allowed: a file has no creation response to show a generated one in).
     pub secret: String,
+    /// What the endpoint is for, for people (at most
+    /// [`DESCRIPTION_MAX`](limits::DESCRIPTION_MAX) characters).
+    pub description: Option<String>,
+    /// Free-form labels (see [`endpoint_metadata`] for their bounds).
+    #[serde(default)]
+    pub metadata: BTreeMap<String, String>,
+    /// Most attempts started per second ([bounds](limits::RATE_LIMIT)); absent: no limit
+    /// beyond `max_concurrency_per_endpoint`.
+    pub rate_limit: Option<u64>,
+    /// Which kinds of change it receives: `["snapshots", "patches"]` (the default) or
+    /// `["snapshots"]` (every change whole); see [`Events`].
+    pub events: Option<Vec<String>>,
 }
 
 /// Webhook delivery: the outbox, the retry policy, the admin API and configured endpoints.
 #[derive(Debug, Clone)]
 pub struct WebhookSettings {
-    /// The SQLite outbox file.
-    pub database: PathBuf,
+    /// Where the outbox lives.
+    pub store: WebhookStore,
+    /// How long a claim on a delivery holds against other nodes (a shared store).
+    pub claim_timeout: Duration,
     /// Whether targets may resolve to private, loopback, link-local or metadata addresses.
     pub allow_private_targets: bool,
     /// The admin API's bearer token; `None` disables the admin API.
@@ -179,10 +246,155 @@ pub struct WebhookSettings {
     pub backlog_limit: usize,
     /// How long finished deliveries are kept.
     pub retention: Duration,
+    /// How long the attempt history keeps an attempt.
+    pub attempt_retention: Duration,
     /// How long a rotated-out secret still signs.
     pub rotation_overlap: Duration,
+    /// Where operational events go, if anywhere.
+    pub operator: Option<OperatorSettings>,
     /// Endpoints declared in the configuration.
     pub endpoints: Vec<WebhookEndpointSettings>,
+}
+
+/// Where the outbox lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WebhookStore {
+    /// An SQLite file, owned by this process.
+    Sqlite(PathBuf),
+    /// A PostgreSQL database, which several nodes may share.
+    Postgres(PostgresStore),
+}
+
+impl WebhookStore {
+    /// Whether the nodes of a cluster can share it.
+    pub fn is_shared(&self) -> bool {
+        matches!(self, WebhookStore::Postgres(_))
+    }
+}
+
+impl std::fmt::Display for WebhookStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            WebhookStore::Sqlite(path) => write!(f, "SQLite {}", path.display()),
+            WebhookStore::Postgres(pg) => write!(
+                f,
+                "PostgreSQL {} (up to {} connections)",
+                pg.shown(),
+                pg.connections
+            ),
+        }
+    }
+}
+
+/// A PostgreSQL outbox: its URL (which may hold a password: `Debug` and [`Self::shown`] hide
+/// it) and the pool's size.
+#[derive(Clone, PartialEq, Eq)]
+pub struct PostgresStore {
+    /// `postgres://...` as configured, `${VAR}` resolved.
+    pub url: Url,
+    /// Most connections kept open.
+    pub connections: usize,
+}
+
+impl PostgresStore {
+    /// The URL without userinfo and with query values hidden.
+    pub fn shown(&self) -> crate::redact::Redacted {
+        crate::redact::Redacted::new(&self.url)
+    }
+}
+
+impl std::fmt::Debug for PostgresStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostgresStore")
+            .field("url", &self.shown().to_string())
+            .field("connections", &self.connections)
+            .finish()
+    }
+}
+
+/// What `webhooks.store` may be, for its error messages.
+const STORE_EXPECTED: &str = "expected \"sqlite\" (the file webhooks.database) or a PostgreSQL URL \
+     such as \"postgres://patchwire:${PGPASSWORD}@db.internal:5432/patchwire\"";
+
+/// Validates `webhooks.store` (and `database`, `store_connections`).
+fn store(
+    raw: &RawWebhooks,
+    env: &dyn Fn(&str) -> Option<String>,
+    problems: &mut Problems,
+) -> WebhookStore {
+    let database = raw.database.as_deref().unwrap_or(defaults::DATABASE);
+    if database.trim().is_empty() {
+        problems.push(
+            "webhooks.database",
+            "expected a file path such as \"/var/lib/patchwire/webhooks.db\", got an empty string",
+        );
+    }
+    let connections = usize_of(integer_in(
+        problems,
+        "webhooks.store_connections",
+        raw.store_connections,
+        defaults::STORE_CONNECTIONS,
+        limits::STORE_CONNECTIONS,
+    ));
+    let sqlite = WebhookStore::Sqlite(PathBuf::from(database));
+    let Some(template) = &raw.store else {
+        return sqlite;
+    };
+    let text = match interpolate(template, env) {
+        Ok(text) => text,
+        Err(e) => {
+            problems.push("webhooks.store", format!("the store URL {e}"));
+            return sqlite;
+        }
+    };
+    let text = text.trim();
+    if text == "sqlite" {
+        return sqlite;
+    }
+    // Never echo the URL: it may hold a password. Its scheme and host are safe to name.
+    let url = match Url::parse(text) {
+        Ok(url) => url,
+        Err(e) => {
+            problems.push(
+                "webhooks.store",
+                format!("{STORE_EXPECTED}; got something that is not a URL ({e})"),
+            );
+            return sqlite;
+        }
+    };
+    if !matches!(url.scheme(), "postgres" | "postgresql") {
+        problems.push(
+            "webhooks.store",
+            format!("{STORE_EXPECTED}; got a {}:// URL", url.scheme()),
+        );
+        return sqlite;
+    }
+    if url.host_str().is_none_or(str::is_empty) {
+        problems.push(
+            "webhooks.store",
+            format!("{STORE_EXPECTED}; got a URL without a host"),
+        );
+        return sqlite;
+    }
+    match text.parse::<tokio_postgres::Config>() {
+        Err(e) => {
+            problems.push(
+                "webhooks.store",
+                format!("expected a valid PostgreSQL URL, got one PostgreSQL refuses: {e}"),
+            );
+            sqlite
+        }
+        Ok(config) if config.get_ssl_mode() == tokio_postgres::config::SslMode::Require => {
+            problems.push(
+                "webhooks.store",
+                "expected a connection without TLS (sslmode=disable or prefer): patchwire does \
+                 not speak TLS to PostgreSQL; reach a remote server through a local TLS tunnel \
+                 or pooler",
+            );
+            sqlite
+        }
+        Ok(_) => WebhookStore::Postgres(PostgresStore { url, connections }),
+    }
 }
 
 /// The admin API's bearer token; `Debug` never shows it.
@@ -206,10 +418,20 @@ pub struct WebhookEndpointSettings {
     pub streams: Vec<String>,
     /// Patches or whole documents.
     pub mode: Mode,
+    /// JSON or CloudEvents.
+    pub format: Format,
     /// Extra headers, `${VAR}` resolved.
     pub headers: BTreeMap<String, String>,
     /// The signing secret.
     pub secret: Secret,
+    /// What it is for.
+    pub description: Option<String>,
+    /// Free-form labels.
+    pub metadata: BTreeMap<String, String>,
+    /// Most attempts started per second.
+    pub rate_limit: Option<u32>,
+    /// Which kinds of change it receives.
+    pub events: Events,
 }
 
 /// Headers every delivery sets itself; an endpoint may not override them.
@@ -233,13 +455,7 @@ impl RawWebhooks {
         let allow_private_targets = self
             .allow_private_targets
             .unwrap_or(defaults::ALLOW_PRIVATE_TARGETS);
-        let database = self.database.as_deref().unwrap_or(defaults::DATABASE);
-        if database.trim().is_empty() {
-            problems.push(
-            "webhooks.database",
-            "expected a file path such as \"/var/lib/patchwire/webhooks.db\", got an empty string",
-        );
-        }
+        let store = store(self, env, problems);
         let admin_token =
             self.admin_token
                 .as_deref()
@@ -330,18 +546,39 @@ impl RawWebhooks {
                 Some(endpoint)
             })
             .collect();
+        let attempt_timeout = duration_in(
+            problems,
+            "webhooks.attempt_timeout",
+            self.attempt_timeout,
+            defaults::ATTEMPT_TIMEOUT,
+            limits::ATTEMPT_TIMEOUT,
+        );
+        let claim_timeout = duration_in(
+            problems,
+            "webhooks.claim_timeout",
+            self.claim_timeout,
+            attempt_timeout * defaults::CLAIM_TIMEOUT_FACTOR,
+            limits::CLAIM_TIMEOUT,
+        );
+        if self.claim_timeout.is_some() && claim_timeout <= attempt_timeout {
+            problems.push(
+                "webhooks.claim_timeout",
+                format!(
+                    "expected more than webhooks.attempt_timeout ({}): a claim must outlast the \
+                     attempt it covers, or another node could send the same delivery while it is \
+                     in flight; got \"{}\"",
+                    humantime::format_duration(attempt_timeout),
+                    humantime::format_duration(claim_timeout)
+                ),
+            );
+        }
         WebhookSettings {
-            database: PathBuf::from(database),
+            store,
+            claim_timeout,
             allow_private_targets,
             admin_token,
             schedule,
-            attempt_timeout: duration_in(
-                problems,
-                "webhooks.attempt_timeout",
-                self.attempt_timeout,
-                defaults::ATTEMPT_TIMEOUT,
-                limits::ATTEMPT_TIMEOUT,
-            ),
+            attempt_timeout,
             disable_after: duration_in(
                 problems,
                 "webhooks.disable_after",
@@ -377,6 +614,13 @@ impl RawWebhooks {
                 defaults::RETENTION,
                 limits::RETENTION,
             ),
+            attempt_retention: duration_in(
+                problems,
+                "webhooks.attempt_retention",
+                self.attempt_retention,
+                defaults::ATTEMPT_RETENTION,
+                limits::ATTEMPT_RETENTION,
+            ),
             rotation_overlap: duration_in(
                 problems,
                 "webhooks.rotation_overlap",
@@ -384,9 +628,155 @@ impl RawWebhooks {
                 defaults::ROTATION_OVERLAP,
                 limits::ROTATION_OVERLAP,
             ),
+            operator: operator(self, allow_private_targets, env, problems),
             endpoints,
         }
     }
+}
+
+/// Where operational events go (`[webhooks] operator_url` and `operator_secret`).
+#[derive(Debug, Clone)]
+pub struct OperatorSettings {
+    /// The operator's URL.
+    pub url: Url,
+    /// The secret events are signed with.
+    pub secret: Secret,
+}
+
+/// Validates `operator_url` and `operator_secret`: both or neither.
+fn operator(
+    raw: &RawWebhooks,
+    allow_private: bool,
+    env: &dyn Fn(&str) -> Option<String>,
+    problems: &mut Problems,
+) -> Option<OperatorSettings> {
+    let (url, secret) = match (&raw.operator_url, &raw.operator_secret) {
+        (None, None) => return None,
+        (Some(url), Some(secret)) => (url, secret),
+        (Some(_), None) => {
+            problems.push(
+                "webhooks.operator_secret",
+                "expected a signing secret (\"whsec_\" + base64, or \"whsk_\" + base64 of an                  ed25519 seed) with webhooks.operator_url",
+            );
+            return None;
+        }
+        (None, Some(_)) => {
+            problems.push(
+                "webhooks.operator_url",
+                "expected the URL operational events are sent to, with webhooks.operator_secret",
+            );
+            return None;
+        }
+    };
+    let url = match interpolate(url, env) {
+        Err(e) => {
+            problems.push("webhooks.operator_url", format!("the URL {e}"));
+            None
+        }
+        Ok(resolved) => match Url::parse(resolved.trim()) {
+            Err(e) => {
+                problems.push(
+                    "webhooks.operator_url",
+                    format!(
+                        "expected an absolute http or https URL such as \
+                         \"https://ops.example.com/patchwire\", got {url:?} ({e})"
+                    ),
+                );
+                None
+            }
+            Ok(url) => match ssrf::check_url(&url, allow_private) {
+                Ok(()) => Some(url),
+                Err(e) => {
+                    problems.push("webhooks.operator_url", e.to_string());
+                    None
+                }
+            },
+        },
+    };
+    let secret = match interpolate(secret, env) {
+        Err(e) => {
+            problems.push("webhooks.operator_secret", format!("the secret {e}"));
+            None
+        }
+        Ok(text) => match Secret::parse(&text) {
+            Ok(secret) => Some(secret),
+            Err(e) => {
+                // Never echo the secret itself.
+                problems.push("webhooks.operator_secret", e.to_string());
+                None
+            }
+        },
+    };
+    Some(OperatorSettings {
+        url: url?,
+        secret: secret?,
+    })
+}
+
+/// Validates an endpoint's description (shared with the admin API).
+pub fn endpoint_description(text: &str) -> Result<(), String> {
+    let chars = text.chars().count();
+    if chars > limits::DESCRIPTION_MAX {
+        return Err(format!(
+            "expected at most {} characters, got {chars}",
+            limits::DESCRIPTION_MAX
+        ));
+    }
+    Ok(())
+}
+
+/// Validates an endpoint's metadata (shared with the admin API): at most
+/// [`METADATA_ENTRIES`](limits::METADATA_ENTRIES) entries, keys of 1 to
+/// [`METADATA_KEY_MAX`](limits::METADATA_KEY_MAX) characters, values of at most
+/// [`METADATA_VALUE_MAX`](limits::METADATA_VALUE_MAX). The error names the key at fault
+/// (`None`: the whole table).
+pub fn endpoint_metadata(
+    metadata: &BTreeMap<String, String>,
+) -> Result<(), (Option<String>, String)> {
+    if metadata.len() > limits::METADATA_ENTRIES {
+        return Err((
+            None,
+            format!(
+                "expected at most {} entries, got {}",
+                limits::METADATA_ENTRIES,
+                metadata.len()
+            ),
+        ));
+    }
+    for (key, value) in metadata {
+        let length = key.chars().count();
+        if length == 0 || length > limits::METADATA_KEY_MAX {
+            return Err((
+                Some(key.clone()),
+                format!(
+                    "expected a key of 1 to {} characters, got {length}",
+                    limits::METADATA_KEY_MAX
+                ),
+            ));
+        }
+        let length = value.chars().count();
+        if length > limits::METADATA_VALUE_MAX {
+            return Err((
+                Some(key.clone()),
+                format!(
+                    "expected a value of at most {} characters, got {length}",
+                    limits::METADATA_VALUE_MAX
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Validates an endpoint's `rate_limit` (shared with the admin API).
+pub fn endpoint_rate_limit(value: u64) -> Result<u32, String> {
+    let (min, max) = limits::RATE_LIMIT;
+    if value < min || value > max {
+        return Err(format!(
+            "expected attempts per second from {min} to {max}, got {value}"
+        ));
+    }
+    u32::try_from(value).map_err(|_| format!("expected at most {max}, got {value}"))
 }
 
 /// Validates an endpoint's headers (shared with the admin API): names and values must be
@@ -503,7 +893,40 @@ fn endpoint(
             }
         },
     };
-    let (Some(url), Some(secret)) = (url, secret) else {
+    if let Some(description) = &raw.description
+        && let Err(message) = endpoint_description(description)
+    {
+        problems.push(format!("{key}.description"), message);
+    }
+    if let Err((entry, message)) = endpoint_metadata(&raw.metadata) {
+        let at = match entry {
+            Some(entry) if entry.is_empty() => format!("{key}.metadata.\"\""),
+            Some(entry) => header_key(&format!("{key}.metadata"), &entry),
+            None => format!("{key}.metadata"),
+        };
+        problems.push(at, message);
+    }
+    let rate_limit = match raw.rate_limit.map(endpoint_rate_limit) {
+        Some(Err(message)) => {
+            problems.push(format!("{key}.rate_limit"), message);
+            None
+        }
+        Some(Ok(limit)) => Some(limit),
+        None => None,
+    };
+    let events = match raw.events.as_deref().map(Events::parse) {
+        Some(Err(error)) => {
+            let at = match error.at {
+                Some(i) => format!("{key}.events[{i}]"),
+                None => format!("{key}.events"),
+            };
+            problems.push(at, error.message);
+            None
+        }
+        Some(Ok(events)) => Some(events),
+        None => Some(Events::default()),
+    };
+    let (Some(url), Some(secret), Some(events)) = (url, secret, events) else {
         return None;
     };
     if problems.len() != before {
@@ -514,7 +937,12 @@ fn endpoint(
         url,
         streams: raw.streams.clone(),
         mode: raw.mode.unwrap_or(defaults::MODE),
+        format: raw.format.unwrap_or(defaults::FORMAT),
         headers,
         secret,
+        description: raw.description.clone(),
+        metadata: raw.metadata.clone(),
+        rate_limit,
+        events,
     })
 }

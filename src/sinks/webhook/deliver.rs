@@ -7,6 +7,9 @@ use std::time::{Duration, SystemTime};
 
 use http::{HeaderMap, HeaderValue, StatusCode, header};
 
+use bytes::Bytes;
+
+use super::body;
 use super::outbox::Delivery;
 use super::registry::Endpoint;
 use super::sign::signature_header;
@@ -76,14 +79,22 @@ pub fn classify(
     })
 }
 
-/// The headers of an attempt made at `now`: the endpoint's own, the JSON content type, and the
-/// Standard Webhooks `webhook-id`, `webhook-timestamp` and `webhook-signature` (one signature
-/// per secret in use at `now`, so a rotation overlaps).
-pub fn headers(
+/// The request of an attempt made at `now`: the body in the endpoint's format (the stored
+/// JSON, or a CloudEvent of it: `body::render`), and the headers: the endpoint's own, the
+/// content type (and the `ce-` attributes in binary mode), and the Standard Webhooks
+/// `webhook-id`, `webhook-timestamp` and `webhook-signature` over the bytes sent (one
+/// signature per secret in use at `now`, so a rotation overlaps).
+pub fn request(
     endpoint: &Endpoint,
     delivery: &Delivery,
     now: SystemTime,
-) -> Result<HeaderMap, AttemptError> {
+) -> Result<(HeaderMap, Bytes), AttemptError> {
+    let rendered = body::render(endpoint.record.format, &delivery.body).map_err(|e| {
+        retry(format!(
+            "cannot write the delivery as {}: {e}",
+            endpoint.record.format.as_str()
+        ))
+    })?;
     let timestamp = now
         .duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
@@ -91,23 +102,27 @@ pub fn headers(
         endpoint.signing_secrets(unix_ms(now)),
         &delivery.msg_id,
         timestamp,
-        &delivery.body,
+        &rendered.body,
     );
     let mut headers = endpoint.headers.clone();
     headers.insert(
         header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
+        HeaderValue::from_static(rendered.content_type),
     );
+    let attributes = rendered.headers.iter().map(|(n, v)| (*n, v.as_str()));
     for (name, value) in [
         ("webhook-id", delivery.msg_id.as_str()),
         ("webhook-timestamp", &timestamp.to_string()),
         ("webhook-signature", &signature),
-    ] {
+    ]
+    .into_iter()
+    .chain(attributes)
+    {
         let value = HeaderValue::from_str(value)
             .map_err(|_| retry(format!("cannot encode the {name} header")))?;
         headers.insert(name, value);
     }
-    Ok(headers)
+    Ok((headers, rendered.body))
 }
 
 fn retry(message: String) -> AttemptError {
@@ -152,31 +167,102 @@ impl Sender {
     }
 
     /// Makes one attempt: the target checked, the request signed now and sent, the answer
-    /// classified. `Ok` carries the receiver's 2xx status.
-    pub async fn deliver(
-        &self,
-        endpoint: &Endpoint,
-        delivery: &Delivery,
-    ) -> Result<u16, AttemptError> {
-        ssrf::check_url(&endpoint.url, self.allow_private).map_err(AttemptError::Refused)?;
-        let headers = headers(endpoint, delivery, SystemTime::now())?;
-        let response = self
+    /// classified and the start of its body kept. The answer's `result` carries the
+    /// receiver's 2xx status.
+    pub async fn deliver(&self, endpoint: &Endpoint, delivery: &Delivery) -> Answer {
+        let failed = |error: AttemptError| Answer {
+            result: Err(error),
+            excerpt: String::new(),
+        };
+        if let Err(refused) = ssrf::check_url(&endpoint.url, self.allow_private) {
+            return failed(AttemptError::Refused(refused));
+        }
+        let (headers, body) = match request(endpoint, delivery, SystemTime::now()) {
+            Ok(request) => request,
+            Err(error) => return failed(error),
+        };
+        let sent = self
             .client
             .post(endpoint.url.clone())
             .headers(headers)
-            .body(delivery.body.clone())
+            .body(body)
             .timeout(self.timeout)
             .send()
-            .await
-            .map_err(|e| match refusal(&e) {
-                Some(refused) => AttemptError::Refused(refused),
-                None => retry(describe(&e, self.timeout)),
-            })?;
+            .await;
+        let response = match sent {
+            Ok(response) => response,
+            Err(e) => {
+                return failed(match refusal(&e) {
+                    Some(refused) => AttemptError::Refused(refused),
+                    None => retry(describe(&e, self.timeout)),
+                });
+            }
+        };
         let status = response.status();
         let verdict = classify(status, response.headers(), SystemTime::now());
-        drain(response).await;
-        verdict.map(|()| status.as_u16())
+        let excerpt = excerpt_and_drain(response).await;
+        Answer {
+            result: verdict.map(|()| status.as_u16()),
+            excerpt,
+        }
     }
+}
+
+/// What a receiver answered one attempt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Answer {
+    /// The receiver's 2xx status, or why the attempt failed.
+    pub result: Result<u16, AttemptError>,
+    /// The start of the receiver's answer body (at most [`EXCERPT`] bytes, as UTF-8 with
+    /// invalid bytes replaced; empty without an answer).
+    pub excerpt: String,
+}
+
+impl Answer {
+    /// The receiver's status, if it answered.
+    pub fn status(&self) -> Option<u16> {
+        match &self.result {
+            Ok(status) => Some(*status),
+            Err(error) => error.status(),
+        }
+    }
+}
+
+/// What a test delivery came to (not recorded anywhere: the admin API shows it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Probe {
+    /// The receiver's status, if it answered.
+    pub status: Option<u16>,
+    /// Why it did not succeed, if it did not.
+    pub error: Option<AttemptError>,
+    /// The start of the receiver's answer body (see [`Answer::excerpt`]).
+    pub excerpt: String,
+    /// From sending to the answer's body read.
+    pub duration: Duration,
+}
+
+/// The most of a receiver's answer body an attempt keeps (the attempt history, a test
+/// delivery's result).
+pub const EXCERPT: usize = 1024;
+
+impl Sender {
+    /// Makes one attempt as [`Sender::deliver`] does, and times it.
+    pub async fn probe(&self, endpoint: &Endpoint, delivery: &Delivery) -> Probe {
+        let started = std::time::Instant::now();
+        let answer = self.deliver(endpoint, delivery).await;
+        Probe {
+            status: answer.status(),
+            error: answer.result.err(),
+            excerpt: answer.excerpt,
+            duration: started.elapsed(),
+        }
+    }
+}
+
+/// The first [`EXCERPT`] bytes of `body` as text: invalid UTF-8 (a character cut at the
+/// bound included) replaced.
+pub fn excerpt(body: &[u8]) -> String {
+    String::from_utf8_lossy(&body[..body.len().min(EXCERPT)]).into_owned()
 }
 
 /// The SSRF guard's refusal behind a failed request, if that is why it failed: the guarded
@@ -218,24 +304,30 @@ fn describe(error: &reqwest::Error, timeout: Duration) -> String {
     text
 }
 
-/// Reads (and discards) up to 64 KiB of the answer so the connection can be reused.
-async fn drain(mut response: reqwest::Response) {
+/// Keeps the start of the answer's body ([`excerpt`]) and reads (and discards) the rest, up
+/// to 64 KiB in all, so the connection can be reused.
+async fn excerpt_and_drain(mut response: reqwest::Response) -> String {
+    let mut start = Vec::new();
     let mut read = 0usize;
     while let Ok(Some(chunk)) = response.chunk().await {
+        if start.len() < EXCERPT {
+            let room = EXCERPT - start.len();
+            start.extend_from_slice(&chunk[..chunk.len().min(room)]);
+        }
         read += chunk.len();
         if read > 64 * 1024 {
             break;
         }
     }
+    excerpt(&start)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sinks::webhook::body::Mode;
+    use crate::sinks::webhook::body::{Format, Mode};
     use crate::sinks::webhook::outbox::{DeliveryState, EndpointRecord, EndpointStatus, Source};
     use crate::wire::ChangeKind;
-    use bytes::Bytes;
     use std::collections::BTreeMap;
 
     #[test]
@@ -282,12 +374,18 @@ mod tests {
             url: "https://hooks.example.com/x".into(),
             streams: vec!["s".into()],
             mode: Mode::Patch,
+            format: Format::Json,
             headers: BTreeMap::from([("X-Tenant".to_owned(), "t1".to_owned())]),
             secret: NEW.into(),
             previous_secret: Some(OLD.into()),
             previous_expires_ms: Some(previous_until_ms),
             source: Source::Api,
             created_ms: 0,
+            description: None,
+            metadata: Default::default(),
+            rate_limit: None,
+            events: Default::default(),
+            request_hash: None,
         };
         Endpoint::new(record, EndpointStatus::default()).unwrap()
     }
@@ -325,12 +423,39 @@ mod tests {
                 .verify(&delivery.body, headers)
                 .is_ok()
         };
-        let overlapping = headers(&endpoint(u64::MAX), &delivery, now).unwrap();
+        let (overlapping, body) = request(&endpoint(u64::MAX), &delivery, now).unwrap();
+        assert_eq!(body, delivery.body, "the JSON format sends the stored body");
         assert!(verifies(&overlapping, NEW) && verifies(&overlapping, OLD));
         assert_eq!(overlapping["webhook-id"], delivery.msg_id.as_str());
         assert_eq!(overlapping[header::CONTENT_TYPE], "application/json");
         assert_eq!(overlapping["x-tenant"], "t1");
-        let rotated = headers(&endpoint(0), &delivery, now).unwrap();
+        let (rotated, _) = request(&endpoint(0), &delivery, now).unwrap();
         assert!(verifies(&rotated, NEW) && !verifies(&rotated, OLD));
+    }
+
+    proptest::proptest! {
+        /// An excerpt is the body's start, never longer than the bound and valid text; a
+        /// character cut at the bound is replaced, never split.
+        #[test]
+        fn excerpts_are_bounded_text(body in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..3000)) {
+            let text = excerpt(&body);
+            let kept = &body[..body.len().min(EXCERPT)];
+            // Every kept byte is at most one character (itself, or part of one, or U+FFFD).
+            proptest::prop_assert!(text.chars().count() <= EXCERPT);
+            if let Ok(valid) = std::str::from_utf8(kept) {
+                proptest::prop_assert_eq!(text.as_str(), valid);
+            }
+        }
+    }
+
+    #[test]
+    fn an_excerpt_of_text_is_its_first_kilobyte() {
+        let body = "é".repeat(EXCERPT);
+        let text = excerpt(body.as_bytes());
+        assert_eq!(text, "é".repeat(EXCERPT / 2));
+        assert_eq!(excerpt(b"not found"), "not found");
+        // A character cut by the bound is replaced.
+        let cut = format!("a{}", "é".repeat(EXCERPT));
+        assert!(excerpt(cut.as_bytes()).ends_with('\u{FFFD}'));
     }
 }

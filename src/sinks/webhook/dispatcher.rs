@@ -1,6 +1,15 @@
 //! One dispatcher per stream: subscribes to the hub and accepts every change into the outbox
 //! for the endpoints that want it, in one transaction per change.
 //!
+//! On a single node the dispatcher always runs, unfenced. In a cluster it runs only while this
+//! node holds the stream's lease, and every accept carries the lease's fence: once a successor
+//! has written, the outbox refuses the old holder ([`OutboxError::Fenced`]) and its dispatcher
+//! stops. A dispatcher that starts (or takes over) resumes from the endpoints' cursors in the
+//! outbox: the changes after the oldest cursor are replayed from the stream's history (patches
+//! where a pair's queue ends right before them; pairs that would need a document history does
+//! not keep are owed one, and get the current document), so a failover loses nothing and
+//! queues nothing twice.
+//!
 //! A receiver that lagged behind the hub, a dead delivery, an endpoint that was just created or
 //! re-enabled, or an outbox that failed to store a change: each is healed the same way, by
 //! queueing the stream's current document as a snapshot for the affected endpoints. The
@@ -21,7 +30,9 @@ use futures_util::stream::FuturesOrdered;
 use tokio::sync::{Notify, broadcast, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
-use super::outbox::{Accepted, NewChange, Outbox, OutboxFuture, StoredDocument, Target};
+use super::outbox::{
+    Accepted, NewChange, Outbox, OutboxError, OutboxFuture, StoredDocument, Target,
+};
 use super::registry::Registry;
 use crate::hub::{Change, ChangeKind, Initial, Resume, Stream, StreamEvent, Subscription};
 use crate::snapshot::Snapshot;
@@ -29,10 +40,23 @@ use crate::snapshot::Snapshot;
 /// A request to queue the stream's current document for some endpoints.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Resync {
-    /// For one endpoint.
-    Endpoint(String),
+    /// For the endpoints the outbox says are owed it ([`Outbox::owed`]: marked by
+    /// [`Outbox::owe_snapshot`], or left without a cursor by a dead delivery).
+    Owed,
     /// For every endpoint subscribed to the stream.
     All,
+}
+
+/// Which node may dispatch a stream: the fence of this node's lease on it, `None` while
+/// another node holds it.
+pub type Lease = watch::Receiver<Option<u64>>;
+
+/// Why a dispatcher stopped dispatching.
+enum Stop {
+    /// Shutdown, or the stream closed.
+    Done,
+    /// The lease moved to another node (or a successor already wrote): wait for it again.
+    Lost,
 }
 
 /// Where resync requests for a stream go (its dispatcher), by stream name.
@@ -47,11 +71,21 @@ pub struct Dispatcher {
     wake: Arc<Notify>,
     requests: mpsc::UnboundedReceiver<Resync>,
     /// Taken when the dispatcher is built, so no change published after `Webhooks::start`
-    /// returns can be missed.
+    /// returns can be missed (a single node; in a cluster the dispatcher resumes from the
+    /// outbox's cursors whenever it takes the lease).
     subscription: Option<Subscription>,
     /// Set when storing failed: a snapshot is queued once storing works again, so a quiet
     /// stream still ends at its current document.
-    owed: Option<Resync>,
+    retry: Option<Resync>,
+    /// In a cluster, the stream's lease: dispatch only while it is held, with its fence.
+    lease: Option<Lease>,
+    /// The fence of the current accepts (`None`: unfenced, a single node).
+    fence: Option<u64>,
+    /// Set when the outbox refused an accept for a newer fence.
+    fenced: bool,
+    /// How often to look for pairs owed a snapshot (a shared store, where other nodes mark
+    /// them); `None`: only when asked.
+    owed_poll: Option<Duration>,
     /// Store the stream's current document too (a push stream).
     keep_document: bool,
     /// Up to which `seq` everything is committed.
@@ -97,6 +131,10 @@ struct Batch {
     collapsed: usize,
     /// The first failure, if any job failed.
     error: Option<String>,
+    /// Pairs owed a document the replayed changes did not carry.
+    owed: usize,
+    /// A newer dispatcher wrote first.
+    fenced: bool,
 }
 
 /// A submitted batch, resolving once its transaction(s) committed.
@@ -109,23 +147,25 @@ fn snapshot_change(stream: &Stream, snapshot: &Snapshot) -> NewChange {
         epoch: snapshot.epoch,
         seq: snapshot.seq,
         patch: None,
-        document: snapshot.json.clone(),
+        document: Some(snapshot.json.clone()),
         at: snapshot.at,
     }
 }
 
-/// A published change, `document` being the JSON of the document after it (carried by the
-/// live event: history keeps no documents).
-fn new_change(change: &Change, document: &Bytes) -> NewChange {
+/// A published change, `document` being the JSON of the document after it: carried by the
+/// live event, absent for a patch replayed from history (which keeps no documents; a
+/// snapshot's payload is its document).
+fn new_change(change: &Change, document: Option<&Bytes>) -> NewChange {
+    let (patch, document) = match change.kind {
+        ChangeKind::Patch => (Some(change.payload.clone()), document.cloned()),
+        ChangeKind::Snapshot => (None, Some(change.payload.clone())),
+    };
     NewChange {
         stream: change.stream.clone(),
         epoch: change.epoch,
         seq: change.seq,
-        patch: match change.kind {
-            ChangeKind::Patch => Some(change.payload.clone()),
-            ChangeKind::Snapshot => None,
-        },
-        document: document.clone(),
+        patch,
+        document,
         at: change.at,
     }
 }
@@ -152,10 +192,24 @@ impl Dispatcher {
             backlog_limit,
             wake,
             requests,
-            owed: None,
+            retry: None,
             keep_document,
             committed: watch::Sender::new(0),
+            lease: None,
+            fence: None,
+            fenced: false,
+            owed_poll: None,
         }
+    }
+
+    /// Dispatches only while `lease` says this node holds the stream's lease, fenced by it,
+    /// and looks for pairs owed a snapshot every `owed_poll` meanwhile (a cluster).
+    pub fn leased(mut self, lease: Lease, owed_poll: Duration) -> Self {
+        // Each term starts from the outbox's cursors, not from when the dispatcher was built.
+        self.subscription = None;
+        self.lease = Some(lease);
+        self.owed_poll = Some(owed_poll);
+        self
     }
 
     /// Watches the highest sequence number up to which every change of the stream is
@@ -175,15 +229,14 @@ impl Dispatcher {
     }
 
     fn save(&self, change: &NewChange) -> Option<OutboxFuture<()>> {
-        self.keep_document.then(|| {
-            self.outbox.save_document(StoredDocument {
-                stream: change.stream.clone(),
-                epoch: change.epoch,
-                seq: change.seq,
-                document: change.document.clone(),
-                at: change.at,
-            })
-        })
+        let document = change.document.clone().filter(|_| self.keep_document)?;
+        Some(self.outbox.save_document(StoredDocument {
+            stream: change.stream.clone(),
+            epoch: change.epoch,
+            seq: change.seq,
+            document,
+            at: change.at,
+        }))
     }
 
     /// Queues `change` for `targets` (and stores it as the document, for a push stream);
@@ -195,8 +248,10 @@ impl Dispatcher {
         on_failure: Resync,
     ) -> bool {
         let saved = self.save(&change);
-        let queued =
-            (!targets.is_empty()).then(|| self.outbox.accept(change, targets, self.backlog_limit));
+        let queued = (!targets.is_empty()).then(|| {
+            self.outbox
+                .accept(change, targets, self.backlog_limit, self.fence)
+        });
         let saved = match saved {
             Some(saved) => saved.await,
             None => Ok(()),
@@ -219,9 +274,13 @@ impl Dispatcher {
                 }
                 true
             }
+            Err(OutboxError::Fenced) => {
+                self.fenced = true;
+                false
+            }
             Err(error) => {
                 tracing::error!(stream = self.stream.name(), %error, "cannot queue a webhook delivery; a snapshot will follow");
-                self.owed = Some(match (self.owed.take(), on_failure) {
+                self.retry = Some(match (self.retry.take(), on_failure) {
                     (Some(Resync::All), _) | (_, Resync::All) => Resync::All,
                     (_, one) => one,
                 });
@@ -235,21 +294,25 @@ impl Dispatcher {
     /// a snapshot for the pairs it missed, so the chain never breaks. The jobs are queued at
     /// once (the outbox keeps call order), so the dispatcher submits the next batch while
     /// this one commits, and they share the outbox's transactions (and fsyncs).
-    fn submit(&self, changes: &[(Arc<Change>, Bytes)]) -> Option<Pending> {
+    fn submit(&self, changes: &[(Arc<Change>, Option<Bytes>)]) -> Option<Pending> {
         let (last, last_document) = changes.last()?;
         let pending: Vec<_> = changes
             .iter()
             .filter_map(|(change, document)| {
                 let targets = self.registry.targets(&change.stream);
                 (!targets.is_empty()).then(|| {
-                    self.outbox
-                        .accept(new_change(change, document), targets, self.backlog_limit)
+                    self.outbox.accept(
+                        new_change(change, document.as_ref()),
+                        targets,
+                        self.backlog_limit,
+                        self.fence,
+                    )
                 })
             })
             .collect();
         // After the deliveries: the document is stored in the same transaction as (or a later
         // one than) the last change's deliveries.
-        let saved = self.save(&new_change(last, last_document));
+        let saved = self.save(&new_change(last, last_document.as_ref()));
         let seq = last.seq;
         Some(Box::pin(async move {
             let mut batch = Batch {
@@ -261,7 +324,9 @@ impl Dispatcher {
                     Ok(accepted) => {
                         batch.queued += accepted.queued;
                         batch.collapsed += accepted.collapsed;
+                        batch.owed += accepted.owed;
                     }
+                    Err(OutboxError::Fenced) => batch.fenced = true,
                     Err(error) => {
                         batch.error.get_or_insert(error.to_string());
                     }
@@ -279,6 +344,10 @@ impl Dispatcher {
     /// Acts on a committed batch: everything up to its `seq` is committed, or a snapshot is
     /// owed.
     fn settle(&mut self, batch: Batch) {
+        if batch.fenced {
+            self.fenced = true;
+            return;
+        }
         if batch.collapsed > 0 {
             tracing::info!(
                 stream = self.stream.name(),
@@ -289,9 +358,13 @@ impl Dispatcher {
         match batch.error {
             Some(error) => {
                 tracing::error!(stream = self.stream.name(), %error, "cannot queue a webhook delivery; a snapshot will follow");
-                self.owed = Some(Resync::All);
+                self.retry = Some(Resync::All);
             }
             None => self.commit(batch.seq),
+        }
+        if batch.owed > 0 {
+            // Pairs whose replayed change needed a document: the current one follows.
+            self.retry.get_or_insert(Resync::Owed);
         }
         if batch.queued > 0 {
             self.wake.notify_one();
@@ -311,8 +384,23 @@ impl Dispatcher {
         let targets = self.registry.targets(self.stream.name());
         let targets = match &which {
             Resync::All => targets,
-            Resync::Endpoint(id) => targets.into_iter().filter(|t| &t.endpoint == id).collect(),
+            Resync::Owed => match self.outbox.owed(self.stream.name().to_owned()).await {
+                Ok(owed) => targets
+                    .into_iter()
+                    .filter(|t| owed.contains(&t.endpoint))
+                    .collect(),
+                Err(error) => {
+                    tracing::warn!(stream = self.stream.name(), %error, "cannot read which webhook endpoints are owed a snapshot");
+                    self.retry.get_or_insert(Resync::Owed);
+                    return;
+                }
+            },
         };
+        if targets.is_empty() && which != Resync::All {
+            // Nobody is owed it. (A resync of all still stores a push stream's document and
+            // commits its seq.)
+            return;
+        }
         let change = snapshot_change(&self.stream, snapshot);
         let all = which == Resync::All;
         if self.accept(change, targets, which).await && all {
@@ -321,38 +409,174 @@ impl Dispatcher {
         }
     }
 
-    /// Runs until `shutdown` or the stream closes.
+    /// Runs until `shutdown` or the stream closes: dispatches the stream's changes, in a
+    /// cluster whenever this node holds its lease.
     pub async fn run(mut self, shutdown: CancellationToken) {
-        let Some(subscription) = self.subscription.take() else {
-            return;
-        };
-        let mut live = subscription.live;
-        for initial in subscription.initial {
-            if let Initial::Snapshot(snapshot) = initial {
-                let change = snapshot_change(&self.stream, &snapshot);
-                let targets = self.registry.targets(self.stream.name());
-                if self.accept(change, targets, Resync::All).await {
-                    self.commit(snapshot.seq);
+        loop {
+            let subscription = match self.lease.clone() {
+                None => match self.subscription.take() {
+                    Some(subscription) => subscription,
+                    None => return,
+                },
+                Some(mut lease) => {
+                    let fence = tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        held = lease.wait_for(Option::is_some) => match held {
+                            Ok(fence) => *fence,
+                            Err(_) => return,
+                        },
+                    };
+                    self.fence = fence;
+                    self.fenced = false;
+                    tracing::info!(
+                        stream = self.stream.name(),
+                        ?fence,
+                        "dispatching the stream's webhooks"
+                    );
+                    match self.resume(&shutdown).await {
+                        Some(subscription) => subscription,
+                        None => return,
+                    }
                 }
+            };
+            match self.dispatch(subscription, &shutdown).await {
+                Stop::Done => return,
+                Stop::Lost => {
+                    tracing::info!(
+                        stream = self.stream.name(),
+                        "another node dispatches the stream's webhooks now"
+                    );
+                    // Requests made meanwhile are the holder's to serve (it polls the owed
+                    // pairs); pending retries too.
+                    while self.requests.try_recv().is_ok() {}
+                    self.retry = None;
+                    if let Some(lease) = &mut self.lease {
+                        // Wait for the lease to change before trying again (a refusal by the
+                        // outbox means a successor wrote, whatever the watch says yet).
+                        let current = *lease.borrow_and_update();
+                        if current.is_some() && current == self.fence {
+                            tokio::select! {
+                                _ = shutdown.cancelled() => return,
+                                changed = lease.changed() => if changed.is_err() { return },
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Where a new term starts: after the oldest cursor of the stream's endpoints in the
+    /// stream's current epoch (the changes after it come from history, or a snapshot when
+    /// history no longer has them all); from the current document when no endpoint has one.
+    async fn resume(&mut self, shutdown: &CancellationToken) -> Option<Subscription> {
+        let cursors = loop {
+            match self.outbox.cursors(self.stream.name().to_owned()).await {
+                Ok(cursors) => break cursors,
+                Err(error) => {
+                    tracing::warn!(stream = self.stream.name(), %error, "cannot read the webhook cursors; retrying");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return None,
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    }
+                }
+            }
+        };
+        let targets = self.registry.targets(self.stream.name());
+        let resuming = cursors.iter().any(|(endpoint, cursor)| {
+            cursor.is_some() && targets.iter().any(|t| &t.endpoint == endpoint)
+        });
+        if resuming && self.stream.snapshot().is_none() {
+            // This node has not loaded the stream from the log yet (it just started): resume
+            // once it has, from its history, rather than send everyone a snapshot then.
+            let mut waiting = self.stream.subscribe(&Resume::Fresh).live;
+            let loaded = async {
+                loop {
+                    match waiting.recv().await {
+                        Ok(StreamEvent::Change(..) | StreamEvent::Reset(_)) => return,
+                        Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+                        Err(broadcast::error::RecvError::Closed) => return,
+                    }
+                }
+            };
+            tokio::select! {
+                _ = shutdown.cancelled() => return None,
+                _ = loaded => {}
+                _ = tokio::time::sleep(Duration::from_secs(10)) => {}
+            }
+        }
+        let (epoch, top) = self.stream.position();
+        let oldest = cursors
+            .iter()
+            .filter(|(endpoint, _)| targets.iter().any(|t| &t.endpoint == endpoint))
+            .filter_map(|(_, cursor)| *cursor)
+            .filter(|c| c.epoch == epoch && c.seq <= top)
+            .map(|c| c.seq)
+            .min();
+        let resume = match oldest {
+            Some(seq) => Resume::After(self.stream.event_id_in(epoch, seq).to_string()),
+            None => Resume::Fresh,
+        };
+        // Pairs without a cursor (or owed one) get the current document after the replay.
+        self.retry = Some(Resync::Owed);
+        Some(self.stream.subscribe(&resume))
+    }
+
+    /// Dispatches one term: the subscription's initial events, then live ones, until shutdown,
+    /// the stream's end, or the loss of the lease.
+    async fn dispatch(&mut self, subscription: Subscription, shutdown: &CancellationToken) -> Stop {
+        let mut live = subscription.live;
+        let mut replayed = Vec::new();
+        for initial in subscription.initial {
+            match initial {
+                Initial::Snapshot(snapshot) => {
+                    let change = snapshot_change(&self.stream, &snapshot);
+                    let targets = self.registry.targets(self.stream.name());
+                    if self.accept(change, targets, Resync::All).await {
+                        self.commit(snapshot.seq);
+                    }
+                }
+                Initial::Change(change) => replayed.push((change, None)),
+                Initial::Failure(_) => {}
             }
         }
         // Batches submitted and not yet committed, oldest first.
         let mut inflight = FuturesOrdered::new();
+        inflight.extend(self.submit(&replayed));
+        drop(replayed);
         let mut retry = tokio::time::interval(Duration::from_secs(1));
         retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut owed_poll =
+            tokio::time::interval(self.owed_poll.unwrap_or(Duration::from_secs(3600)));
+        owed_poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut lease = self.lease.clone();
         loop {
+            if self.fenced {
+                return Stop::Lost;
+            }
             tokio::select! {
-                _ = shutdown.cancelled() => return,
+                _ = shutdown.cancelled() => return Stop::Done,
+                changed = async {
+                    match lease.as_mut() {
+                        Some(lease) => lease.changed().await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    let held = lease.as_ref().and_then(|l| *l.borrow());
+                    if changed.is_err() || held.is_none() || held != self.fence {
+                        return Stop::Lost;
+                    }
+                }
                 event = live.recv() => match event {
                     Ok(StreamEvent::Change(change, document)) => {
-                        let mut changes = vec![(change, document)];
+                        let mut changes = vec![(change, Some(document))];
                         let mut lagged = false;
                         // Whatever else is waiting goes to the outbox together: the jobs queue in
                         // order and share transactions (and fsyncs).
                         while changes.len() < 256 {
                             match live.try_recv() {
                                 Ok(StreamEvent::Change(next, document)) => {
-                                    changes.push((next, document));
+                                    changes.push((next, Some(document)));
                                 }
                                 Ok(_) => {}
                                 Err(broadcast::error::TryRecvError::Lagged(_)) => {
@@ -380,13 +604,14 @@ impl Dispatcher {
                         tracing::warn!(stream = self.stream.name(), missed, "webhook dispatcher lagged; queueing a snapshot");
                         self.resync(Resync::All).await;
                     }
-                    Err(broadcast::error::RecvError::Closed) => return,
+                    Err(broadcast::error::RecvError::Closed) => return Stop::Done,
                 },
                 Some(batch) = inflight.next(), if !inflight.is_empty() => self.settle(batch),
                 Some(request) = self.requests.recv() => self.resync(request).await,
-                _ = retry.tick(), if self.owed.is_some() => {
-                    if let Some(owed) = self.owed.take() {
-                        self.resync(owed).await;
+                _ = owed_poll.tick(), if self.owed_poll.is_some() => self.resync(Resync::Owed).await,
+                _ = retry.tick(), if self.retry.is_some() && inflight.is_empty() => {
+                    if let Some(retry) = self.retry.take() {
+                        self.resync(retry).await;
                     }
                 }
             }

@@ -13,15 +13,20 @@ use rand::rngs::StdRng;
 use tokio::sync::Notify;
 use url::Url;
 
-use super::body::Mode;
-use super::config::{WebhookEndpointSettings, WebhookSettings, endpoint_headers};
+use super::body::{Events, Format, Mode};
+use super::config::{
+    WebhookEndpointSettings, WebhookSettings, endpoint_description, endpoint_headers,
+    endpoint_metadata, endpoint_rate_limit,
+};
+use super::deliver::Probe;
 use super::dispatcher::{Resync, ResyncRoutes};
+use super::operator::{Operator, OperatorEvent};
 use super::outbox::{
-    Delivery, DeliveryFilter, Disabled, EndpointRecord, EndpointStatus, Outbox, OutboxError,
-    Replay, Source,
+    AttemptEntry, AttemptFilter, Created, Delivery, DeliveryFilter, Disabled, EndpointRecord,
+    EndpointStatus, Outbox, OutboxError, Replay, Source,
 };
 use super::registry::{Endpoint, Registry};
-use super::sign::Secret;
+use super::sign::{Scheme, Secret, message_id};
 use crate::hub::Hub;
 use crate::ssrf;
 use crate::time::unix_ms;
@@ -53,11 +58,35 @@ pub struct NewEndpoint {
     pub streams: Vec<String>,
     /// `patch` (default) or `snapshot`.
     pub mode: Option<Mode>,
+    /// `json` (default), `cloudevents` or `cloudevents-binary`.
+    pub format: Option<Format>,
     /// Extra headers.
     #[serde(default)]
     pub headers: BTreeMap<String, String>,
-    /// A secret to use (`whsec_...`); generated when absent.
+    /// A secret to use (`whsec_...`, or an ed25519 signing key `whsk_...`); generated when
+    /// absent.
     pub secret: Option<String>,
+    /// The signature scheme of a generated secret: `"v1"` (HMAC, the default) or `"v1a"`
+    /// (ed25519: receivers verify with the endpoint's public key).
+    pub signing: Option<Scheme>,
+    /// What it is for.
+    pub description: Option<String>,
+    /// Free-form labels.
+    #[serde(default)]
+    pub metadata: BTreeMap<String, String>,
+    /// Most attempts started per second.
+    pub rate_limit: Option<u64>,
+    /// Which kinds of change it receives (default: `["snapshots", "patches"]`).
+    pub events: Option<Vec<String>>,
+}
+
+/// A field that may be set, cleared (`null`) or left alone (absent).
+fn present<'de, D, T>(deserializer: D) -> Result<Option<Option<T>>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: serde::Deserialize<'de>,
+{
+    <Option<T> as serde::Deserialize>::deserialize(deserializer).map(Some)
 }
 
 /// Changes to an endpoint; absent fields stay as they are.
@@ -70,10 +99,22 @@ pub struct EndpointChanges {
     pub streams: Option<Vec<String>>,
     /// New mode.
     pub mode: Option<Mode>,
+    /// New format.
+    pub format: Option<Format>,
     /// New extra headers (replacing all).
     pub headers: Option<BTreeMap<String, String>>,
     /// `true` disables, `false` re-enables (and clears the failure streak).
     pub disabled: Option<bool>,
+    /// New description (`null` clears it).
+    #[serde(default, deserialize_with = "present")]
+    pub description: Option<Option<String>>,
+    /// New labels (replacing all).
+    pub metadata: Option<BTreeMap<String, String>>,
+    /// New rate limit (`null` removes it).
+    #[serde(default, deserialize_with = "present")]
+    pub rate_limit: Option<Option<u64>>,
+    /// New kinds of change received.
+    pub events: Option<Vec<String>>,
 }
 
 fn record_of_config(
@@ -93,13 +134,46 @@ fn record_of_config(
         url: settings.url.to_string(),
         streams: settings.streams.clone(),
         mode: settings.mode,
+        format: settings.format,
         headers: settings.headers.clone(),
         secret,
         previous_secret,
         previous_expires_ms,
         source: Source::Config,
         created_ms: existing.map_or(now_ms, |e| e.created_ms),
+        description: settings.description.clone(),
+        metadata: settings.metadata.clone(),
+        rate_limit: settings.rate_limit,
+        events: settings.events,
+        request_hash: None,
     }
+}
+
+/// A create request's `Idempotency-Key`, and the hash of the request it came with.
+#[derive(Debug, Clone)]
+pub struct Idempotency {
+    /// The key, as sent.
+    pub key: String,
+    /// A hash of the request body (its JSON, normalized).
+    pub request_hash: String,
+}
+
+/// The id of the endpoint a create with this `Idempotency-Key` makes: `ep_` + 24 hex digits of
+/// its SHA-256, so a retry, on any node, names the same endpoint.
+pub fn idempotent_id(key: &str) -> String {
+    let digest = super::sign::sha256_hex(format!("patchwire-endpoint\0{key}").as_bytes());
+    format!("ep_{}", &digest[..24])
+}
+
+/// What a create made.
+#[derive(Debug, Clone)]
+pub struct CreatedEndpoint {
+    /// The endpoint.
+    pub endpoint: Arc<Endpoint>,
+    /// Its secret (shown only in a create's answer).
+    pub secret: String,
+    /// A retry with the same `Idempotency-Key` and request: the endpoint the first one made.
+    pub replayed: bool,
 }
 
 /// A random id for an endpoint created through the API: `ep_` + 24 hex digits.
@@ -159,16 +233,52 @@ pub async fn reconcile(
     Ok(registry)
 }
 
+/// Reads the endpoints from the outbox every `interval` until `shutdown` (a cluster: other
+/// nodes create, change, disable and delete them).
+pub async fn follow(
+    outbox: Arc<dyn Outbox>,
+    registry: Arc<Registry>,
+    interval: std::time::Duration,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut failing = false;
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = ticker.tick() => {}
+        }
+        match outbox.endpoints().await {
+            Ok(all) => {
+                registry.replace_all(all);
+                failing = false;
+            }
+            Err(error) => {
+                if !failing {
+                    tracing::warn!(%error, "cannot read the webhook endpoints; retrying");
+                }
+                failing = true;
+            }
+        }
+    }
+}
+
 /// The endpoints of the running sink, managed through the admin API: every change is written
 /// to the outbox, then to the registry the dispatchers and the worker read.
 pub struct Endpoints {
     outbox: Arc<dyn Outbox>,
+    /// Sends test deliveries (its own client: a test never waits for the worker's pool).
+    tester: super::deliver::Sender,
     registry: Arc<Registry>,
-    settings: WebhookSettings,
+    /// Its configured endpoints change with a configuration reload.
+    settings: std::sync::RwLock<WebhookSettings>,
     hub: Arc<Hub>,
     resync: ResyncRoutes,
     wake: Arc<Notify>,
     rng: Mutex<StdRng>,
+    /// Told when an endpoint is disabled or re-enabled here.
+    operator: Option<Operator>,
 }
 
 impl Endpoints {
@@ -181,16 +291,71 @@ impl Endpoints {
         hub: Arc<Hub>,
         resync: ResyncRoutes,
         wake: Arc<Notify>,
+        tester: super::deliver::Sender,
     ) -> Self {
         Endpoints {
             outbox,
+            tester,
             registry,
-            settings,
+            settings: std::sync::RwLock::new(settings),
             hub,
             resync,
             wake,
             rng: Mutex::new(StdRng::from_os_rng()),
+            operator: None,
         }
+    }
+
+    /// Tells `operator` when an endpoint is disabled or re-enabled through the admin API.
+    pub fn with_operator(mut self, operator: Option<Operator>) -> Self {
+        self.operator = operator;
+        self
+    }
+
+    fn notify(&self, event: OperatorEvent) {
+        if let Some(operator) = &self.operator {
+            operator.notify(event);
+        }
+    }
+
+    fn settings(&self) -> WebhookSettings {
+        self.settings
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Reconciles the configured endpoints with `settings`' (a configuration reload), as at
+    /// start ([`reconcile`]): new and changed ones are stored (a changed secret starts a
+    /// rotation), removed ones disabled with their deliveries kept. Endpoints that are new, or
+    /// whose definition changed, are resynced (their next delivery is a snapshot). Returns
+    /// the ids of the endpoints whose definition or state changed.
+    pub async fn reload_configured(
+        &self,
+        settings: &WebhookSettings,
+    ) -> Result<Vec<String>, OutboxError> {
+        let fresh = reconcile(settings, &*self.outbox, unix_ms(SystemTime::now())).await?;
+        *self
+            .settings
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = settings.clone();
+        let mut changed = Vec::new();
+        for endpoint in fresh.all() {
+            let current = self.registry.get(&endpoint.record.id);
+            let redefined = current.as_ref().is_none_or(|c| c.record != endpoint.record);
+            let disabled = current
+                .as_ref()
+                .is_some_and(|c| c.status.disabled.is_some() != endpoint.status.disabled.is_some());
+            if !redefined && !disabled {
+                continue;
+            }
+            changed.push(endpoint.record.id.clone());
+            let endpoint = self.registry.put((*endpoint).clone());
+            if redefined {
+                self.request_resync(&endpoint);
+            }
+        }
+        Ok(changed)
     }
 
     /// Every endpoint, ordered by id.
@@ -205,10 +370,21 @@ impl Endpoints {
             .ok_or_else(|| AdminError::NotFound(format!("no webhook endpoint {id:?}")))
     }
 
+    /// Marks `id` as owed the current document of each of `streams` (kept in the outbox, so
+    /// whichever node dispatches a stream queues it, even after a restart).
+    async fn owe_snapshot(&self, id: &str, streams: &[String]) -> Result<(), AdminError> {
+        Ok(self
+            .outbox
+            .owe_snapshot(id.to_owned(), streams.to_vec())
+            .await?)
+    }
+
+    /// Asks the dispatchers of this node to queue what is owed now (in a cluster, the nodes
+    /// holding the streams also find it on their own).
     fn request_resync(&self, endpoint: &Endpoint) {
         for stream in &endpoint.record.streams {
             if let Some(route) = self.resync.get(stream) {
-                let _ = route.send(Resync::Endpoint(endpoint.record.id.clone()));
+                let _ = route.send(Resync::Owed);
             }
         }
         self.wake.notify_one();
@@ -221,7 +397,7 @@ impl Endpoints {
                  \"https://hooks.example.com/patchwire\", got {url:?} ({e})"
             ))
         })?;
-        ssrf::check_target(&parsed, self.settings.allow_private_targets)
+        ssrf::check_target(&parsed, self.settings().allow_private_targets)
             .await
             .map_err(|e| AdminError::Invalid(format!("url: {e}")))?;
         Ok(parsed)
@@ -257,44 +433,143 @@ impl Endpoints {
             .map_err(|(name, message)| AdminError::Invalid(format!("headers.{name}: {message}")))
     }
 
+    fn check_description(description: &str) -> Result<(), AdminError> {
+        endpoint_description(description)
+            .map_err(|message| AdminError::Invalid(format!("description: {message}")))
+    }
+
+    fn check_metadata(metadata: &BTreeMap<String, String>) -> Result<(), AdminError> {
+        endpoint_metadata(metadata).map_err(|(key, message)| {
+            AdminError::Invalid(match key {
+                Some(key) => format!("metadata.{key:?}: {message}"),
+                None => format!("metadata: {message}"),
+            })
+        })
+    }
+
+    fn check_events(events: &[String]) -> Result<Events, AdminError> {
+        Events::parse(events).map_err(|error| {
+            AdminError::Invalid(match error.at {
+                Some(i) => format!("events[{i}]: {}", error.message),
+                None => format!("events: {}", error.message),
+            })
+        })
+    }
+
+    fn check_rate_limit(rate_limit: u64) -> Result<u32, AdminError> {
+        endpoint_rate_limit(rate_limit)
+            .map_err(|message| AdminError::Invalid(format!("rate_limit: {message}")))
+    }
+
     async fn store(
         &self,
         record: EndpointRecord,
         status: EndpointStatus,
     ) -> Result<Arc<Endpoint>, AdminError> {
-        let endpoint = Endpoint::new(record.clone(), status)
+        let mut endpoint = Endpoint::new(record.clone(), status)
             .map_err(|e| AdminError::Invalid(e.to_string()))?;
-        self.outbox.put_endpoint(record).await?;
+        let stored = self.outbox.put_endpoint(record).await?;
+        if stored.revision >= endpoint.status.revision {
+            endpoint.status = stored;
+        }
         Ok(self.registry.put(endpoint))
     }
 
     /// Creates an endpoint; returns it with its secret (the only time the secret is shown).
-    pub async fn create(&self, input: NewEndpoint) -> Result<(Arc<Endpoint>, String), AdminError> {
+    /// With an `Idempotency-Key`, a retry (on any node) answers the endpoint the first request
+    /// made, and a different request with the same key is refused.
+    pub async fn create(
+        &self,
+        input: NewEndpoint,
+        idempotency: Option<Idempotency>,
+    ) -> Result<CreatedEndpoint, AdminError> {
         let url = self.check_url(&input.url).await?;
         self.check_streams(&input.streams)?;
         Self::check_headers(&input.headers)?;
+        if let Some(description) = &input.description {
+            Self::check_description(description)?;
+        }
+        Self::check_metadata(&input.metadata)?;
+        let rate_limit = input.rate_limit.map(Self::check_rate_limit).transpose()?;
+        let events = match &input.events {
+            Some(names) => Self::check_events(names)?,
+            None => Events::default(),
+        };
         let secret = match &input.secret {
             Some(text) => {
                 Secret::parse(text).map_err(|e| AdminError::Invalid(format!("secret: {e}")))?
             }
-            None => Secret::generate(&mut *self.rng.lock().unwrap_or_else(|e| e.into_inner())),
+            None => Secret::generate_for(
+                input.signing.unwrap_or(Scheme::Symmetric),
+                &mut *self.rng.lock().unwrap_or_else(|e| e.into_inner()),
+            ),
         };
-        let id = endpoint_id(&mut *self.rng.lock().unwrap_or_else(|e| e.into_inner()));
+        if let Some(signing) = input.signing
+            && signing != secret.scheme()
+        {
+            return Err(AdminError::Invalid(format!(
+                "signing: {:?} does not match the secret given, which signs {:?} (whsec_: v1, \
+                 whsk_: v1a); leave one of them out",
+                signing.as_str(),
+                secret.scheme().as_str()
+            )));
+        }
+        let id = match &idempotency {
+            Some(idempotency) => idempotent_id(&idempotency.key),
+            None => endpoint_id(&mut *self.rng.lock().unwrap_or_else(|e| e.into_inner())),
+        };
         let record = EndpointRecord {
             id,
             url: url.to_string(),
             streams: input.streams,
             mode: input.mode.unwrap_or(Mode::Patch),
+            format: input.format.unwrap_or_default(),
             headers: input.headers,
             secret: secret.expose().to_owned(),
             previous_secret: None,
             previous_expires_ms: None,
             source: Source::Api,
             created_ms: unix_ms(SystemTime::now()),
+            description: input.description,
+            metadata: input.metadata,
+            rate_limit,
+            events,
+            request_hash: idempotency.as_ref().map(|i| i.request_hash.clone()),
         };
-        let endpoint = self.store(record, EndpointStatus::default()).await?;
-        self.request_resync(&endpoint);
-        Ok((endpoint, secret.expose().to_owned()))
+        let endpoint = Endpoint::new(record.clone(), EndpointStatus::default())
+            .map_err(|e| AdminError::Invalid(e.to_string()))?;
+        self.owe_snapshot(&record.id, &record.streams).await?;
+        match self.outbox.create_endpoint(record.clone()).await? {
+            Created::New(status) => {
+                let mut endpoint = endpoint;
+                endpoint.status = status;
+                let endpoint = self.registry.put(endpoint);
+                self.request_resync(&endpoint);
+                Ok(CreatedEndpoint {
+                    endpoint,
+                    secret: secret.expose().to_owned(),
+                    replayed: false,
+                })
+            }
+            Created::Existing(existing, status) => {
+                let key = idempotency.map(|i| i.key).unwrap_or_default();
+                if existing.request_hash != record.request_hash {
+                    return Err(AdminError::Invalid(format!(
+                        "Idempotency-Key {key:?} was used by another request (endpoint {:?}); \
+                         use a new key for a new endpoint",
+                        existing.id
+                    )));
+                }
+                let secret = existing.secret.clone();
+                let endpoint = Endpoint::new(*existing, status)
+                    .map_err(|e| AdminError::Invalid(e.to_string()))?;
+                Ok(CreatedEndpoint {
+                    endpoint: self.registry.put(endpoint),
+                    secret,
+                    replayed: true,
+                })
+            }
+        }
     }
 
     /// Changes an endpoint. Endpoints declared in the configuration can only be disabled and
@@ -308,8 +583,13 @@ impl Endpoints {
         let redefines = changes.url.is_some()
             || changes.streams.is_some()
             || changes.mode.is_some()
-            || changes.headers.is_some();
-        if redefines && current.record.source == Source::Config {
+            || changes.format.is_some()
+            || changes.headers.is_some()
+            || changes.events.is_some();
+        let describes = changes.description.is_some()
+            || changes.metadata.is_some()
+            || changes.rate_limit.is_some();
+        if (redefines || describes) && current.record.source == Source::Config {
             return Err(AdminError::Conflict(format!(
                 "endpoint {id:?} is declared in the configuration file; change it there (only \
                  \"disabled\" can be changed here)"
@@ -326,12 +606,35 @@ impl Endpoints {
         if let Some(mode) = changes.mode {
             record.mode = mode;
         }
+        if let Some(events) = &changes.events {
+            record.events = Self::check_events(events)?;
+        }
+        if let Some(format) = changes.format {
+            record.format = format;
+        }
         if let Some(headers) = changes.headers {
             Self::check_headers(&headers)?;
             record.headers = headers;
         }
+        if let Some(description) = changes.description {
+            if let Some(text) = &description {
+                Self::check_description(text)?;
+            }
+            record.description = description;
+        }
+        if let Some(metadata) = changes.metadata {
+            Self::check_metadata(&metadata)?;
+            record.metadata = metadata;
+        }
+        if let Some(rate_limit) = changes.rate_limit {
+            record.rate_limit = rate_limit.map(Self::check_rate_limit).transpose()?;
+        }
         let mut status = current.status.clone();
         let mut enabled_now = false;
+        let enabling = changes.disabled == Some(false) && status.disabled.is_some();
+        if enabling || redefines {
+            self.owe_snapshot(id, &record.streams).await?;
+        }
         match changes.disabled {
             Some(true) if status.disabled.is_none() => {
                 let disabled = Disabled {
@@ -343,6 +646,11 @@ impl Endpoints {
                     .set_disabled(id.to_owned(), Some(disabled))
                     .await?
                     .ok_or_else(|| AdminError::NotFound(format!("no webhook endpoint {id:?}")))?;
+                self.notify(OperatorEvent::EndpointDisabled {
+                    endpoint: id.to_owned(),
+                    delivery: None,
+                    reason: "disabled through the admin API".into(),
+                });
             }
             Some(false) if status.disabled.is_some() => {
                 status = self
@@ -351,6 +659,11 @@ impl Endpoints {
                     .await?
                     .ok_or_else(|| AdminError::NotFound(format!("no webhook endpoint {id:?}")))?;
                 enabled_now = true;
+                self.notify(OperatorEvent::EndpointRecovered {
+                    endpoint: id.to_owned(),
+                    delivery: None,
+                    reason: "re-enabled through the admin API".into(),
+                });
             }
             _ => {}
         }
@@ -365,7 +678,7 @@ impl Endpoints {
     pub async fn delete(&self, id: &str) -> Result<(), AdminError> {
         let current = self.get(id)?;
         if current.record.source == Source::Config
-            && self.settings.endpoints.iter().any(|e| e.id == id)
+            && self.settings().endpoints.iter().any(|e| e.id == id)
         {
             return Err(AdminError::Conflict(format!(
                 "endpoint {id:?} is declared in the configuration file; remove it there"
@@ -390,7 +703,11 @@ impl Endpoints {
             Some(text) => {
                 Secret::parse(&text).map_err(|e| AdminError::Invalid(format!("secret: {e}")))?
             }
-            None => Secret::generate(&mut *self.rng.lock().unwrap_or_else(|e| e.into_inner())),
+            // The same scheme as the current one: receivers keep verifying the same way.
+            None => Secret::generate_for(
+                current.secret.scheme(),
+                &mut *self.rng.lock().unwrap_or_else(|e| e.into_inner()),
+            ),
         };
         let mut record = current.record.clone();
         record.previous_secret = Some(std::mem::replace(
@@ -398,10 +715,48 @@ impl Endpoints {
             secret.expose().to_owned(),
         ));
         record.previous_expires_ms = Some(unix_ms(SystemTime::now()).saturating_add(
-            u64::try_from(self.settings.rotation_overlap.as_millis()).unwrap_or(u64::MAX),
+            u64::try_from(self.settings().rotation_overlap.as_millis()).unwrap_or(u64::MAX),
         ));
         self.store(record, current.status.clone()).await?;
         Ok(secret.expose().to_owned())
+    }
+
+    /// Sends a signed test delivery (`{"type": "webhook.test", ...}`, a new `webhook-id`,
+    /// nothing queued or recorded) to an endpoint, disabled or not, and returns its message
+    /// id and what the receiver answered.
+    pub async fn test(&self, id: &str) -> Result<(String, Probe), AdminError> {
+        let endpoint = self.get(id)?;
+        let now = SystemTime::now();
+        let msg_id = message_id(
+            unix_ms(now),
+            &mut *self.rng.lock().unwrap_or_else(|e| e.into_inner()),
+        );
+        let body = serde_json::json!({
+            "type": "webhook.test",
+            "endpoint": endpoint.record.id,
+            "timestamp": crate::time::rfc3339(now),
+            "data": {"message": "a test delivery from patchwire: no stream changed"},
+        });
+        let delivery = Delivery {
+            id: 0,
+            endpoint: endpoint.record.id.clone(),
+            stream: String::new(),
+            msg_id: msg_id.clone(),
+            kind: crate::wire::ChangeKind::Snapshot,
+            epoch: 0,
+            seq: 0,
+            base_seq: None,
+            body: bytes::Bytes::from(body.to_string()),
+            state: super::outbox::DeliveryState::Pending,
+            attempts: 0,
+            next_attempt_ms: 0,
+            last_error: None,
+            last_status: None,
+            created_ms: unix_ms(now),
+            finished_ms: None,
+        };
+        let probe = self.tester.probe(&endpoint, &delivery).await;
+        Ok((msg_id, probe))
     }
 
     /// An endpoint's deliveries, newest first.
@@ -412,6 +767,16 @@ impl Endpoints {
     ) -> Result<Vec<Delivery>, AdminError> {
         self.get(id)?;
         Ok(self.outbox.deliveries(id.to_owned(), filter).await?)
+    }
+
+    /// An endpoint's attempt history, newest first.
+    pub async fn attempts(
+        &self,
+        id: &str,
+        filter: AttemptFilter,
+    ) -> Result<Vec<AttemptEntry>, AdminError> {
+        self.get(id)?;
+        Ok(self.outbox.attempts(id.to_owned(), filter).await?)
     }
 
     /// Queues deliveries again; returns how many.

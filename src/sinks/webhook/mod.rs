@@ -19,6 +19,8 @@
 //! - [`dispatcher`]: hub → outbox, and the snapshot that heals every gap.
 //! - [`worker`]: outbox → receivers: claims due deliveries, delivers and settles each
 //!   (`start_due` starts what is due; `try_step` takes one delivery to completion).
+//! - [`operator`]: operational events (an endpoint disabled or recovered, a delivery dead),
+//!   signed and sent to `webhooks.operator_url`, retried in memory.
 //! - [`endpoints`]: configured endpoints reconciled with stored ones at startup, and the
 //!   operations behind the admin API.
 //!
@@ -36,6 +38,7 @@ pub mod config;
 pub mod deliver;
 pub mod dispatcher;
 pub mod endpoints;
+pub mod operator;
 pub mod outbox;
 pub mod registry;
 pub mod schedule;
@@ -62,6 +65,19 @@ use worker::{Worker, WorkerSettings};
 /// 503 (the dispatcher keeps retrying; see the README's push section).
 pub const COMMIT_WAIT: Duration = Duration::from_secs(10);
 
+/// In a cluster, how often each node reads the endpoints again (others create, change and
+/// disable them), the holder of a stream looks for endpoints owed its document, and an idle
+/// worker looks for deliveries other nodes queued or left behind.
+pub const CLUSTER_POLL: Duration = Duration::from_millis(500);
+
+/// How the sink runs beside other nodes sharing its store (a cluster).
+pub struct Shared {
+    /// This node's id (its workers' claims name it).
+    pub node: String,
+    /// Each stream's lease on this node: its dispatcher runs only while the lease is held.
+    pub leases: HashMap<String, dispatcher::Lease>,
+}
+
 /// Why the webhook sink could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -75,6 +91,7 @@ pub enum StartError {
 
 /// The webhook sink.
 pub struct Webhooks {
+    outbox: Arc<dyn Outbox>,
     endpoints: Arc<Endpoints>,
     committed: HashMap<String, Committed>,
     worker: Arc<Worker>,
@@ -94,6 +111,7 @@ impl Webhooks {
         tasks: &mut JoinSet<()>,
         shutdown: CancellationToken,
         metrics: Arc<crate::metrics::Metrics>,
+        shared: Option<Shared>,
     ) -> Result<Arc<Webhooks>, StartError> {
         let registry =
             Arc::new(endpoints::reconcile(settings, &*outbox, unix_ms(SystemTime::now())).await?);
@@ -106,7 +124,7 @@ impl Webhooks {
             let (sender, requests) = mpsc::unbounded_channel();
             resync.insert(stream.name().to_owned(), sender);
             let keep_document = push_streams.contains(stream.name());
-            let dispatcher = Dispatcher::new(
+            let mut dispatcher = Dispatcher::new(
                 stream.clone(),
                 outbox.clone(),
                 registry.clone(),
@@ -115,37 +133,97 @@ impl Webhooks {
                 requests,
                 keep_document,
             );
+            if let Some(lease) = shared.as_ref().and_then(|s| s.leases.get(stream.name())) {
+                dispatcher = dispatcher.leased(lease.clone(), CLUSTER_POLL);
+            }
             committed.insert(stream.name().to_owned(), dispatcher.committed());
             dispatchers.push(dispatcher);
         }
-        let worker = Arc::new(Worker::new(
-            outbox.clone(),
-            registry.clone(),
-            WorkerSettings {
-                schedule: settings.schedule.clone(),
-                attempt_timeout: settings.attempt_timeout,
-                disable_after: settings.disable_after,
-                per_endpoint: settings.max_concurrency_per_endpoint,
-                workers: settings.workers,
-                allow_private: settings.allow_private_targets,
-                retention: settings.retention,
-                user_agent: user_agent.to_owned(),
-            },
-            wake.clone(),
-            resync.clone(),
-            metrics,
-        )?);
+        let operator = match &settings.operator {
+            Some(operator) => {
+                let sender = deliver::Sender::new(
+                    settings.attempt_timeout,
+                    settings.allow_private_targets,
+                    1,
+                    user_agent,
+                )
+                .map_err(worker::ClientError::from)?;
+                let (operator, task) = operator::Operator::start(
+                    operator.url.clone(),
+                    operator.secret.clone(),
+                    settings.schedule.clone(),
+                    sender,
+                    shutdown.clone(),
+                );
+                tasks.spawn(task);
+                Some(operator)
+            }
+            None => None,
+        };
+        let worker = Arc::new(
+            Worker::new(
+                outbox.clone(),
+                registry.clone(),
+                WorkerSettings {
+                    schedule: settings.schedule.clone(),
+                    attempt_timeout: settings.attempt_timeout,
+                    disable_after: settings.disable_after,
+                    per_endpoint: settings.max_concurrency_per_endpoint,
+                    workers: settings.workers,
+                    allow_private: settings.allow_private_targets,
+                    retention: settings.retention,
+                    attempt_retention: settings.attempt_retention,
+                    user_agent: user_agent.to_owned(),
+                    owner: Arc::from(format!(
+                        "{}/{:08x}",
+                        shared.as_ref().map_or("local", |s| s.node.as_str()),
+                        rand::random::<u32>()
+                    )),
+                    claim_timeout: settings.claim_timeout,
+                    poll: shared.as_ref().map(|_| CLUSTER_POLL),
+                },
+                wake.clone(),
+                resync.clone(),
+                metrics,
+            )?
+            .with_operator(operator.clone()),
+        );
         for dispatcher in dispatchers {
             tasks.spawn(dispatcher.run(shutdown.clone()));
         }
         tasks.spawn(worker.clone().run(shutdown.clone()));
+        if shared.is_some() {
+            tasks.spawn(endpoints::follow(
+                outbox.clone(),
+                registry.clone(),
+                CLUSTER_POLL,
+                shutdown.clone(),
+            ));
+        }
         tracing::info!(
             endpoints = registry.all().len(),
-            database = %settings.database.display(),
+            store = %settings.store,
             "webhooks started"
         );
-        let endpoints = Endpoints::new(outbox, registry, settings.clone(), hub, resync, wake);
+        let tester = deliver::Sender::new(
+            settings.attempt_timeout,
+            settings.allow_private_targets,
+            1,
+            user_agent,
+        )
+        .map_err(worker::ClientError::from)?;
+        let endpoints = Endpoints::new(
+            outbox.clone(),
+            registry,
+            settings.clone(),
+            hub,
+            resync,
+            wake,
+            tester,
+        )
+        .with_operator(operator);
         Ok(Arc::new(Webhooks {
+            outbox,
             endpoints: Arc::new(endpoints),
             committed,
             worker,
@@ -160,6 +238,11 @@ impl Webhooks {
             Some(committed) => committed.reached(seq, COMMIT_WAIT).await,
             None => Ok(()),
         }
+    }
+
+    /// The outbox (`/readyz` asks it a trivial query).
+    pub fn outbox(&self) -> &Arc<dyn Outbox> {
+        &self.outbox
     }
 
     /// The endpoints, as the admin API manages them.

@@ -99,9 +99,10 @@ impl Endpoint {
         self.record.streams.iter().any(|s| s == stream)
     }
 
-    /// How it receives changes.
+    /// How it receives changes: its mode, unless its `events` leave patches out (then every
+    /// change whole).
     pub fn mode(&self) -> Mode {
-        self.record.mode
+        self.record.events.mode(self.record.mode)
     }
 }
 
@@ -162,6 +163,32 @@ impl Registry {
         }
     }
 
+    /// Brings the registry in line with every endpoint the outbox holds (another node may
+    /// have created, changed or deleted some): each is put as [`Self::put`] does, keeping the
+    /// newer status, and endpoints the outbox no longer has are removed.
+    pub fn replace_all(&self, stored: Vec<(EndpointRecord, EndpointStatus)>) {
+        let mut ids = std::collections::HashSet::new();
+        for (record, status) in stored {
+            ids.insert(record.id.clone());
+            let unchanged = self.get(&record.id).is_some_and(|held| {
+                held.record == record && held.status.revision >= status.revision
+            });
+            if unchanged {
+                continue;
+            }
+            match Endpoint::new(record, status) {
+                Ok(endpoint) => {
+                    self.put(endpoint);
+                }
+                Err(error) => tracing::error!(%error, "skipping a stored webhook endpoint"),
+            }
+        }
+        self.endpoints
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|id, _| ids.contains(id));
+    }
+
     /// Removes an endpoint.
     pub fn remove(&self, id: &str) -> Option<Arc<Endpoint>> {
         self.endpoints
@@ -188,6 +215,7 @@ impl Registry {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::sinks::webhook::body::Format;
     use crate::sinks::webhook::outbox::{Disabled, Source};
 
     fn endpoint(status: EndpointStatus) -> Endpoint {
@@ -197,12 +225,18 @@ mod tests {
                 url: "https://hooks.example.com/x".into(),
                 streams: vec!["s".into()],
                 mode: Mode::Patch,
+                format: Format::Json,
                 headers: BTreeMap::new(),
                 secret: "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw".into(),
                 previous_secret: None,
                 previous_expires_ms: None,
                 source: Source::Api,
                 created_ms: 0,
+                description: None,
+                metadata: Default::default(),
+                rate_limit: None,
+                events: Default::default(),
+                request_hash: None,
             },
             status,
         )

@@ -1,5 +1,7 @@
 //! Standard Webhooks signing: `webhook-signature: v1,<base64 HMAC-SHA256(id.timestamp.body)>`,
-//! keyed with the secret's decoded bytes. Pure functions, tested against the published vector.
+//! keyed with a `whsec_` secret's decoded bytes, or, for a `whsk_` secret (an ed25519 seed),
+//! the asymmetric `v1a,<base64 ed25519 signature of id.timestamp.body>`, which receivers
+//! verify with the public key (`whpk_`). Pure functions, tested against the published vectors.
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
@@ -7,8 +9,15 @@ use hmac::{Hmac, Mac};
 use rand::RngCore;
 use sha2::Sha256;
 
-/// The prefix of every secret: `whsec_` followed by the base64 of the key bytes.
+/// The prefix of every symmetric secret: `whsec_` followed by the base64 of the key bytes.
 pub const SECRET_PREFIX: &str = "whsec_";
+/// The prefix of an asymmetric signing key: `whsk_` followed by the base64 of a 32-byte
+/// ed25519 seed.
+pub const SIGNING_KEY_PREFIX: &str = "whsk_";
+/// The prefix of an asymmetric public key: `whpk_` followed by the base64 of its 32 bytes.
+pub const PUBLIC_KEY_PREFIX: &str = "whpk_";
+/// Bytes of an ed25519 seed.
+pub const SEED_BYTES: usize = 32;
 /// Key bytes in a generated secret (Svix uses 24; the spec asks for 24 to 64).
 pub const GENERATED_KEY_BYTES: usize = 32;
 /// Shortest key accepted from a user (the spec's lower bound).
@@ -29,13 +38,41 @@ pub enum SecretError {
         "expected a secret whose base64 decodes to {MIN_KEY_BYTES} to {MAX_KEY_BYTES} bytes, got {0} bytes"
     )]
     Length(usize),
+    /// A `whsk_` key that is not the base64 of a 32-byte ed25519 seed.
+    #[error(
+        "expected an ed25519 signing key \"whsk_<base64 of 32 bytes>\", got {0} bytes after the prefix"
+    )]
+    Seed(usize),
 }
 
-/// A signing secret: its text (`whsec_...`) and its decoded key. `Debug` hides both.
+/// How a secret signs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum Scheme {
+    /// `v1`: HMAC-SHA256 with a shared secret (`whsec_`).
+    #[serde(rename = "v1")]
+    Symmetric,
+    /// `v1a`: ed25519 with a private key (`whsk_`); receivers hold only the public key.
+    #[serde(rename = "v1a")]
+    Asymmetric,
+}
+
+impl Scheme {
+    /// `"v1"` or `"v1a"`, as signatures are versioned.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scheme::Symmetric => "v1",
+            Scheme::Asymmetric => "v1a",
+        }
+    }
+}
+
+/// A signing secret: its text (`whsec_...` or `whsk_...`) and its decoded key. `Debug` hides
+/// both.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Secret {
     text: String,
     key: Vec<u8>,
+    scheme: Scheme,
 }
 
 impl std::fmt::Debug for Secret {
@@ -45,8 +82,12 @@ impl std::fmt::Debug for Secret {
 }
 
 impl Secret {
-    /// Parses `whsec_<base64>` (the prefix is optional, as in the reference libraries).
+    /// Parses `whsec_<base64>` (the prefix is optional, as in the reference libraries), or an
+    /// ed25519 signing key `whsk_<base64 of a 32-byte seed>`.
     pub fn parse(text: &str) -> Result<Secret, SecretError> {
+        if let Some(encoded) = text.trim().strip_prefix(SIGNING_KEY_PREFIX) {
+            return Secret::signing_key(encoded);
+        }
         let encoded = text.strip_prefix(SECRET_PREFIX).unwrap_or(text);
         let key = STANDARD
             .decode(encoded.trim())
@@ -57,11 +98,30 @@ impl Secret {
         Ok(Secret {
             text: format!("{SECRET_PREFIX}{}", STANDARD.encode(&key)),
             key,
+            scheme: Scheme::Symmetric,
+        })
+    }
+
+    /// An ed25519 signing key from the base64 of its seed.
+    fn signing_key(encoded: &str) -> Result<Secret, SecretError> {
+        let seed = STANDARD
+            .decode(encoded.trim())
+            .map_err(|_| SecretError::NotBase64)?;
+        if seed.len() != SEED_BYTES {
+            return Err(SecretError::Seed(seed.len()));
+        }
+        Ok(Secret {
+            text: format!("{SIGNING_KEY_PREFIX}{}", STANDARD.encode(&seed)),
+            key: seed,
+            scheme: Scheme::Asymmetric,
         })
     }
 
     /// Parses a secret without the length bounds (for stored secrets and published vectors).
     pub fn parse_any_length(text: &str) -> Result<Secret, SecretError> {
+        if let Some(encoded) = text.trim().strip_prefix(SIGNING_KEY_PREFIX) {
+            return Secret::signing_key(encoded);
+        }
         let encoded = text.strip_prefix(SECRET_PREFIX).unwrap_or(text);
         let key = STANDARD
             .decode(encoded.trim())
@@ -72,6 +132,7 @@ impl Secret {
         Ok(Secret {
             text: format!("{SECRET_PREFIX}{}", STANDARD.encode(&key)),
             key,
+            scheme: Scheme::Symmetric,
         })
     }
 
@@ -82,6 +143,48 @@ impl Secret {
         Secret {
             text: format!("{SECRET_PREFIX}{}", STANDARD.encode(&key)),
             key,
+            scheme: Scheme::Symmetric,
+        }
+    }
+
+    /// A new random secret of `scheme`.
+    pub fn generate_for(scheme: Scheme, rng: &mut impl RngCore) -> Secret {
+        match scheme {
+            Scheme::Symmetric => Secret::generate(rng),
+            Scheme::Asymmetric => {
+                let mut seed = vec![0u8; SEED_BYTES];
+                rng.fill_bytes(&mut seed);
+                Secret {
+                    text: format!("{SIGNING_KEY_PREFIX}{}", STANDARD.encode(&seed)),
+                    key: seed,
+                    scheme: Scheme::Asymmetric,
+                }
+            }
+        }
+    }
+
+    /// How it signs.
+    pub fn scheme(&self) -> Scheme {
+        self.scheme
+    }
+
+    /// The public key receivers verify `v1a` signatures with (`whpk_<base64>`); `None` for a
+    /// symmetric secret, which has none to show.
+    pub fn public_key(&self) -> Option<String> {
+        let pair = self.key_pair()?;
+        Some(format!(
+            "{PUBLIC_KEY_PREFIX}{}",
+            STANDARD.encode(ring::signature::KeyPair::public_key(&pair).as_ref())
+        ))
+    }
+
+    fn key_pair(&self) -> Option<ring::signature::Ed25519KeyPair> {
+        match self.scheme {
+            Scheme::Symmetric => None,
+            // A 32-byte seed (checked when parsed or generated) always makes a key pair.
+            Scheme::Asymmetric => {
+                ring::signature::Ed25519KeyPair::from_seed_unchecked(&self.key).ok()
+            }
         }
     }
 
@@ -90,8 +193,22 @@ impl Secret {
         &self.text
     }
 
-    /// `v1,<base64 HMAC-SHA256(key, "{id}.{timestamp}.{body}")>`.
+    /// `v1,<base64 HMAC-SHA256(key, "{id}.{timestamp}.{body}")>`, or for a signing key
+    /// `v1a,<base64 ed25519 signature of "{id}.{timestamp}.{body}">`.
     pub fn sign(&self, id: &str, timestamp: i64, body: &[u8]) -> String {
+        if self.scheme == Scheme::Asymmetric {
+            let mut signed = Vec::with_capacity(id.len() + body.len() + 24);
+            signed.extend_from_slice(id.as_bytes());
+            signed.push(b'.');
+            signed.extend_from_slice(timestamp.to_string().as_bytes());
+            signed.push(b'.');
+            signed.extend_from_slice(body);
+            return match self.key_pair() {
+                Some(pair) => format!("v1a,{}", STANDARD.encode(pair.sign(&signed).as_ref())),
+                // Not reachable with a checked seed; an empty signature verifies nowhere.
+                None => "v1a,".to_owned(),
+            };
+        }
         // A key of any length is valid for HMAC, so this cannot fail.
         let mut mac = match Hmac::<Sha256>::new_from_slice(&self.key) {
             Ok(mac) => mac,
@@ -125,6 +242,15 @@ pub fn signature_header<'a>(
         .map(|s| s.sign(id, timestamp, body))
         .collect::<Vec<_>>()
         .join(" ")
+}
+
+/// The SHA-256 of `bytes` in lowercase hex.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest as _;
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// A new message id: `msg_` + 26 characters of Crockford base32 (a millisecond timestamp then
@@ -215,6 +341,43 @@ mod tests {
         assert!(a.starts_with("msg_"));
         assert!(a < b);
         assert_ne!(message_id(1_000, &mut rng), message_id(1_000, &mut rng));
+    }
+
+    /// The reference library's asymmetric vector (Standard Webhooks' Go library test): a
+    /// `whsk_` seed signs `v1a`, and the public key derived from it is the one receivers use.
+    #[test]
+    fn ed25519_keys_sign_v1a_as_the_reference_does() {
+        let key = Secret::parse("whsk_VEVTVFNJR05JTkdLRVlET05PVFVTRVRISVNGT1JBTlk=").unwrap();
+        assert_eq!(key.scheme(), Scheme::Asymmetric);
+        assert_eq!(
+            key.sign(
+                "msg_p5jXN8AQM9LWM0D4loKWxJek",
+                1_614_265_330,
+                br#"{"test": 2432232314}"#
+            ),
+            "v1a,tQ9V2XOqn7jL/DQenEFpqIugdBVtiMmER5mhSkXBNwM0mkATuDe6KYYUuxqtaiHeYGb7KaaBRdM5WqyeFiL8Ag=="
+        );
+        let public = key.public_key().unwrap();
+        assert!(public.starts_with(PUBLIC_KEY_PREFIX));
+        assert_eq!(
+            STANDARD
+                .decode(&public[PUBLIC_KEY_PREFIX.len()..])
+                .unwrap()
+                .len(),
+            32
+        );
+        // A symmetric secret has no public key; a seed must be 32 bytes.
+        assert!(
+            Secret::parse("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw")
+                .unwrap()
+                .public_key()
+                .is_none()
+        );
+        assert_eq!(Secret::parse("whsk_AAAA").err(), Some(SecretError::Seed(3)));
+        assert_eq!(Secret::parse("whsk_!!").err(), Some(SecretError::NotBase64));
+        let generated = Secret::generate_for(Scheme::Asymmetric, &mut StdRng::seed_from_u64(1));
+        assert!(generated.expose().starts_with(SIGNING_KEY_PREFIX));
+        assert_eq!(Secret::parse(generated.expose()).unwrap(), generated);
     }
 
     proptest! {

@@ -20,11 +20,17 @@ use tokio_util::sync::CancellationToken;
 
 use super::deliver::{AttemptError, Sender};
 use super::dispatcher::{Resync, ResyncRoutes};
-use super::outbox::{AttemptOutcome, Delivery, Disabled, Outbox, OutboxError, Recorded};
+use super::operator::{Operator, OperatorEvent};
+use super::outbox::{
+    Attempt, AttemptOutcome, Claim, Delivery, Disabled, Next, Outbox, OutboxError, Recorded,
+};
 use super::registry::{Endpoint, Registry};
 use super::schedule::RetrySchedule;
 use crate::metrics::{AttemptLabels, AttemptResult, Metrics};
 use crate::time::unix_ms;
+
+/// How often the worker prunes finished deliveries and old attempts (and once at start).
+const PRUNE_EVERY: Duration = Duration::from_secs(3600);
 
 /// How the worker delivers.
 #[derive(Debug, Clone)]
@@ -43,8 +49,72 @@ pub struct WorkerSettings {
     pub allow_private: bool,
     /// How long finished deliveries are kept.
     pub retention: Duration,
+    /// How long the attempt history keeps an attempt.
+    pub attempt_retention: Duration,
     /// `User-Agent` of deliveries.
     pub user_agent: String,
+    /// Who claims deliveries (unique per process: a node's id and a random suffix).
+    pub owner: Arc<str>,
+    /// How long a claim holds against other nodes' workers (`webhooks.claim_timeout`).
+    pub claim_timeout: Duration,
+    /// With a store other nodes share: how often to look for due deliveries when nothing
+    /// here woke the worker (other nodes queue deliveries, or leave expired claims).
+    pub poll: Option<Duration>,
+}
+
+/// The rate limiters of endpoints with a `rate_limit`, and until when each is out of room.
+#[derive(Default)]
+struct Rates {
+    limiters: HashMap<String, (u32, Arc<governor::DefaultDirectRateLimiter>)>,
+    until: HashMap<String, Instant>,
+}
+
+impl Rates {
+    /// Endpoints out of room now.
+    fn limited(&mut self, now: Instant) -> Vec<String> {
+        self.until.retain(|_, until| *until > now);
+        self.until.keys().cloned().collect()
+    }
+
+    /// Takes room for one attempt to `endpoint` at `limit` per second; false (and the endpoint
+    /// out of room until there is) when there is none.
+    fn take(&mut self, endpoint: &str, limit: u32, now: Instant) -> bool {
+        let Some(per_second) = std::num::NonZeroU32::new(limit) else {
+            return true;
+        };
+        let limiter = match self.limiters.get(endpoint) {
+            Some((at, limiter)) if *at == limit => limiter.clone(),
+            _ => {
+                let limiter = Arc::new(governor::RateLimiter::direct(governor::Quota::per_second(
+                    per_second,
+                )));
+                self.limiters
+                    .insert(endpoint.to_owned(), (limit, limiter.clone()));
+                limiter
+            }
+        };
+        match limiter.check() {
+            Ok(()) => true,
+            Err(not_until) => {
+                let wait = not_until.wait_time_from(governor::clock::Clock::now(
+                    &governor::clock::DefaultClock::default(),
+                ));
+                self.until.insert(
+                    endpoint.to_owned(),
+                    now + wait.max(Duration::from_millis(1)),
+                );
+                false
+            }
+        }
+    }
+
+    /// How long until the first endpoint out of room has room again.
+    fn next(&self, now: Instant) -> Option<Duration> {
+        self.until
+            .values()
+            .map(|until| until.saturating_duration_since(now))
+            .min()
+    }
 }
 
 #[derive(Default)]
@@ -61,10 +131,15 @@ pub struct Worker {
     sender: Sender,
     settings: WorkerSettings,
     inflight: Mutex<InFlight>,
+    rates: Mutex<Rates>,
+    /// Set once the worker stops: attempts in flight finish, none follows them.
+    stopping: std::sync::atomic::AtomicBool,
     wake: Arc<Notify>,
     resync: ResyncRoutes,
     rng: Mutex<StdRng>,
     metrics: Arc<Metrics>,
+    /// Told of dead deliveries, disabled and recovered endpoints.
+    operator: Option<Operator>,
 }
 
 /// Why the worker could not be built.
@@ -120,11 +195,27 @@ impl Worker {
             sender,
             settings,
             inflight: Mutex::new(InFlight::default()),
+            rates: Mutex::new(Rates::default()),
+            stopping: std::sync::atomic::AtomicBool::new(false),
             wake,
             resync,
             metrics,
             rng: Mutex::new(StdRng::from_os_rng()),
+            operator: None,
         })
+    }
+
+    /// Tells `operator` of dead deliveries, disabled endpoints and endpoints whose delivery
+    /// succeeded after failures.
+    pub fn with_operator(mut self, operator: Option<Operator>) -> Self {
+        self.operator = operator;
+        self
+    }
+
+    fn notify(&self, event: OperatorEvent) {
+        if let Some(operator) = &self.operator {
+            operator.notify(event);
+        }
     }
 
     fn inflight(&self) -> std::sync::MutexGuard<'_, InFlight> {
@@ -139,7 +230,12 @@ impl Worker {
     /// Takes up to `limit` due deliveries the pool has room for and reserves their slots
     /// (each must be released once its attempt is settled).
     async fn claim(&self, limit: usize) -> Result<Vec<Delivery>, OutboxError> {
-        let (free, busy, full) = {
+        let limited = self
+            .rates
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .limited(Instant::now());
+        let (free, busy, mut full) = {
             let inflight = self.inflight();
             let free = self
                 .settings
@@ -161,31 +257,61 @@ impl Worker {
         if free == 0 {
             return Ok(Vec::new());
         }
+        full.extend(limited);
         let now = unix_ms(SystemTime::now());
-        let due = self.outbox.due(now, free, busy, full).await?;
+        let due = self
+            .outbox
+            .due(Claim {
+                now_ms: now,
+                limit: free,
+                busy,
+                full,
+                per_endpoint: self.settings.per_endpoint,
+                owner: self.settings.owner.clone(),
+                hold: self.settings.claim_timeout,
+            })
+            .await?;
         let mut claimed = Vec::with_capacity(due.len());
         for delivery in due {
-            let mut inflight = self.inflight();
-            if inflight.total >= self.settings.workers {
-                break;
-            }
-            let per = inflight
-                .per_endpoint
+            // An endpoint's own rate limit (Retry-After is the delivery's next attempt).
+            let rate_limit = self
+                .registry
                 .get(&delivery.endpoint)
-                .copied()
-                .unwrap_or(0);
-            let pair = (delivery.endpoint.clone(), delivery.stream.clone());
-            if per >= self.settings.per_endpoint || inflight.pairs.contains(&pair) {
-                continue;
+                .and_then(|e| e.record.rate_limit);
+            let room = rate_limit.is_none_or(|limit| {
+                self.rates.lock().unwrap_or_else(|e| e.into_inner()).take(
+                    &delivery.endpoint,
+                    limit,
+                    Instant::now(),
+                )
+            });
+            let taken = room && {
+                let mut inflight = self.inflight();
+                let per = inflight
+                    .per_endpoint
+                    .get(&delivery.endpoint)
+                    .copied()
+                    .unwrap_or(0);
+                let pair = (delivery.endpoint.clone(), delivery.stream.clone());
+                let room = inflight.total < self.settings.workers
+                    && per < self.settings.per_endpoint
+                    && !inflight.pairs.contains(&pair);
+                if room {
+                    inflight.pairs.insert(pair);
+                    *inflight
+                        .per_endpoint
+                        .entry(delivery.endpoint.clone())
+                        .or_default() += 1;
+                    inflight.total += 1;
+                }
+                room
+            };
+            if taken {
+                claimed.push(delivery);
+            } else if let Err(error) = self.outbox.release(delivery.id).await {
+                // Claimed in a shared store but not taken: any worker may have it at once.
+                tracing::debug!(%error, "cannot release a webhook delivery's claim");
             }
-            inflight.pairs.insert(pair);
-            *inflight
-                .per_endpoint
-                .entry(delivery.endpoint.clone())
-                .or_default() += 1;
-            inflight.total += 1;
-            drop(inflight);
-            claimed.push(delivery);
         }
         Ok(claimed)
     }
@@ -197,7 +323,7 @@ impl Worker {
         for delivery in claimed {
             let worker = self.clone();
             tokio::spawn(async move {
-                worker.attempt(delivery).await;
+                worker.attempt(delivery, true).await;
             });
         }
         Ok(started)
@@ -207,7 +333,7 @@ impl Worker {
     /// (delivered, then settled) and returns what it came to; `None` when nothing is due.
     pub async fn try_step(&self) -> Result<Option<Settled>, OutboxError> {
         match self.claim(1).await?.pop() {
-            Some(delivery) => Ok(Some(self.attempt(delivery).await)),
+            Some(delivery) => Ok(Some(self.attempt(delivery, false).await)),
             None => Ok(None),
         }
     }
@@ -230,37 +356,99 @@ impl Worker {
     }
 
     /// One attempt of a claimed delivery: deliver, then settle; its slot is released after both.
-    async fn attempt(&self, delivery: Delivery) -> Settled {
-        let settled = match self.registry.get(&delivery.endpoint) {
-            // Deleted meanwhile: its deliveries went with it.
-            None => Settled {
-                delivery,
-                outcome: None,
-                recorded: false,
-                follow_up: FollowUp::Nothing,
-            },
+    /// With `chain`, the pair's next delivery, when the outbox hands it over with the record
+    /// (due, and claimed for this worker), is attempted next in the same slot: a busy pair
+    /// does not wait for the next claim round. Returns the first attempt's settlement.
+    async fn attempt(&self, delivery: Delivery, chain: bool) -> Settled {
+        let (first, mut next) = self.attempt_one(delivery, chain).await;
+        let mut slot = first.delivery.clone();
+        while let Some(candidate) = next.take() {
+            let stopping = self.stopping.load(std::sync::atomic::Ordering::Relaxed);
+            let room = !stopping
+                && self
+                    .registry
+                    .get(&candidate.endpoint)
+                    .is_some_and(|endpoint| {
+                        endpoint.enabled()
+                            && endpoint.record.rate_limit.is_none_or(|limit| {
+                                self.rates.lock().unwrap_or_else(|e| e.into_inner()).take(
+                                    &candidate.endpoint,
+                                    limit,
+                                    Instant::now(),
+                                )
+                            })
+                    });
+            if !room {
+                if let Err(error) = self.outbox.release(candidate.id).await {
+                    tracing::debug!(%error, "cannot release a webhook delivery's claim");
+                }
+                break;
+            }
+            let (settled, following) = self.attempt_one(candidate, chain).await;
+            slot = settled.delivery;
+            next = following;
+        }
+        self.release(&slot);
+        first
+    }
+
+    /// One attempt: deliver, then settle; the pair's next delivery, if the outbox handed it
+    /// over (only when asked to, and when nothing is to follow up).
+    async fn attempt_one(&self, delivery: Delivery, chain: bool) -> (Settled, Option<Delivery>) {
+        let known = match self.registry.get(&delivery.endpoint) {
+            Some(endpoint) => Some(endpoint),
+            // Created on another node since this one last read the endpoints, or deleted.
+            None => self
+                .refresh_endpoints()
+                .await
+                .then(|| self.registry.get(&delivery.endpoint))
+                .flatten(),
+        };
+        match known {
+            // Deleted meanwhile: its deliveries went with it (or go with it).
+            None => {
+                if let Err(error) = self.outbox.release(delivery.id).await {
+                    tracing::debug!(%error, "cannot release a webhook delivery's claim");
+                }
+                let settled = Settled {
+                    delivery,
+                    outcome: None,
+                    recorded: false,
+                    follow_up: FollowUp::Nothing,
+                };
+                (settled, None)
+            }
             Some(endpoint) => {
+                let at_ms = unix_ms(SystemTime::now());
                 let started = Instant::now();
                 let answer = self.sender.deliver(&endpoint, &delivery).await;
+                let took = started.elapsed();
                 self.metrics
                     .webhook_attempt_seconds
-                    .observe(started.elapsed().as_secs_f64());
-                self.settle(&endpoint, delivery, answer).await
+                    .observe(took.as_secs_f64());
+                let attempt = Attempt {
+                    at_ms,
+                    duration_ms: u64::try_from(took.as_millis()).unwrap_or(u64::MAX),
+                    response: answer.excerpt,
+                };
+                self.settle(&endpoint, delivery, answer.result, attempt, chain)
+                    .await
             }
-        };
-        self.release(&settled.delivery);
-        settled
+        }
     }
 
     /// Settles an attempt: its outcome decided on the retry schedule, counted, recorded in the
-    /// outbox, the endpoint's status updated, and the follow-up (resync or disable) sent.
+    /// outbox (with its entry of the attempt history), the endpoint's status updated, and the
+    /// follow-up (resync or disable) sent.
     async fn settle(
         &self,
         endpoint: &Endpoint,
         delivery: Delivery,
         answer: Result<u16, AttemptError>,
-    ) -> Settled {
-        let now_ms = unix_ms(SystemTime::now());
+        attempt: Attempt,
+        chain: bool,
+    ) -> (Settled, Option<Delivery>) {
+        let now_ms = attempt.ended_ms();
         let outcome = {
             let mut rng = self.rng.lock().unwrap_or_else(|e| e.into_inner());
             outcome_of(
@@ -272,33 +460,79 @@ impl Worker {
             )
         };
         self.count(&delivery, &outcome);
-        let Some(recorded) = self.record(&delivery, &outcome, now_ms).await else {
-            return Settled {
+        let next = chain.then(|| Next {
+            now_ms,
+            owner: self.settings.owner.clone(),
+            hold: self.settings.claim_timeout,
+        });
+        let Some(mut recorded) = self.record(&delivery, &outcome, attempt, next).await else {
+            let settled = Settled {
                 delivery,
                 outcome: Some(outcome),
                 recorded: false,
                 follow_up: FollowUp::Nothing,
             };
+            return (settled, None);
         };
+        let mut next = recorded.next.take();
+        let failing = self
+            .registry
+            .get(&delivery.endpoint)
+            .is_some_and(|e| e.status.failing_since_ms.is_some());
         if let Some(status) = recorded.status.clone() {
+            if failing
+                && status.failing_since_ms.is_none()
+                && matches!(outcome, AttemptOutcome::Delivered { .. })
+            {
+                self.notify(OperatorEvent::EndpointRecovered {
+                    endpoint: delivery.endpoint.clone(),
+                    delivery: Some((delivery.stream.clone(), delivery.msg_id.clone())),
+                    reason: "a delivery succeeded after failures".into(),
+                });
+            }
             self.registry.set_status(&delivery.endpoint, status);
+        }
+        if let AttemptOutcome::Failed {
+            retry_at_ms: None,
+            error,
+            ..
+        } = &outcome
+        {
+            self.notify(OperatorEvent::DeliveryDead {
+                endpoint: delivery.endpoint.clone(),
+                stream: delivery.stream.clone(),
+                webhook_id: delivery.msg_id.clone(),
+                reason: error.clone(),
+            });
         }
         let follow_up = follow_up(&answer, &recorded, now_ms, self.settings.disable_after);
         match &follow_up {
-            FollowUp::Disable(reason) => self.disable(endpoint, reason.clone(), now_ms).await,
+            FollowUp::Disable(reason) => {
+                self.disable(endpoint, &delivery, reason.clone(), now_ms)
+                    .await
+            }
             FollowUp::Resync => {
+                // The outbox forgot the pair's cursor: the stream's dispatcher (here, or on the
+                // node holding the stream) queues the document for it.
                 if let Some(route) = self.resync.get(&delivery.stream) {
-                    let _ = route.send(Resync::Endpoint(delivery.endpoint.clone()));
+                    let _ = route.send(Resync::Owed);
                 }
             }
             FollowUp::Nothing => {}
         }
-        Settled {
+        if follow_up != FollowUp::Nothing
+            && let Some(taken) = next.take()
+            && let Err(error) = self.outbox.release(taken.id).await
+        {
+            tracing::debug!(%error, "cannot release a webhook delivery's claim");
+        }
+        let settled = Settled {
             delivery,
             outcome: Some(outcome),
             recorded: true,
             follow_up,
-        }
+        };
+        (settled, next)
     }
 
     /// Counts an attempt by what it came to; a dead letter is also logged.
@@ -335,12 +569,13 @@ impl Worker {
         &self,
         delivery: &Delivery,
         outcome: &AttemptOutcome,
-        now_ms: u64,
+        attempt: Attempt,
+        next: Option<Next>,
     ) -> Option<Recorded> {
         loop {
             match self
                 .outbox
-                .record(delivery.id, outcome.clone(), now_ms)
+                .record(delivery.id, outcome.clone(), attempt.clone(), next.clone())
                 .await
             {
                 Ok(recorded) => return Some(recorded),
@@ -355,22 +590,86 @@ impl Worker {
         }
     }
 
-    async fn disable(&self, endpoint: &Endpoint, reason: String, now_ms: u64) {
+    async fn disable(&self, endpoint: &Endpoint, delivery: &Delivery, reason: String, now_ms: u64) {
         tracing::warn!(endpoint = %endpoint.record.id, %reason, "webhook endpoint disabled");
         let disabled = Disabled {
             at_ms: now_ms,
-            reason,
+            reason: reason.clone(),
         };
         match self
             .outbox
             .set_disabled(endpoint.record.id.clone(), Some(disabled))
             .await
         {
-            Ok(Some(status)) => self.registry.set_status(&endpoint.record.id, status),
+            Ok(Some(status)) => {
+                // Once: a disable seen by the registry already was announced.
+                let announced = self
+                    .registry
+                    .get(&endpoint.record.id)
+                    .is_some_and(|e| e.status.disabled.is_some());
+                self.registry.set_status(&endpoint.record.id, status);
+                if !announced {
+                    self.notify(OperatorEvent::EndpointDisabled {
+                        endpoint: endpoint.record.id.clone(),
+                        delivery: Some((delivery.stream.clone(), delivery.msg_id.clone())),
+                        reason,
+                    });
+                }
+            }
             // Deleted meanwhile.
             Ok(None) => {}
             Err(error) => tracing::error!(%error, "cannot disable a webhook endpoint"),
         }
+    }
+
+    /// Reads the endpoints again from the outbox (another node may have created or changed
+    /// one); false when the outbox could not be read.
+    async fn refresh_endpoints(&self) -> bool {
+        match self.outbox.endpoints().await {
+            Ok(all) => {
+                self.registry.replace_all(all);
+                true
+            }
+            Err(error) => {
+                tracing::warn!(%error, "cannot read the webhook endpoints");
+                false
+            }
+        }
+    }
+
+    /// Deletes finished deliveries older than `retention` and attempts older than
+    /// `attempt_retention`; returns how many of each.
+    pub async fn prune(&self) -> (usize, usize) {
+        let now = unix_ms(SystemTime::now());
+        let before = |keep: Duration| {
+            now.saturating_sub(u64::try_from(keep.as_millis()).unwrap_or(u64::MAX))
+        };
+        let deliveries = match self.outbox.prune(before(self.settings.retention)).await {
+            Ok(n) => n,
+            Err(error) => {
+                tracing::warn!(%error, "cannot prune webhook deliveries");
+                0
+            }
+        };
+        let attempts = match self
+            .outbox
+            .prune_attempts(before(self.settings.attempt_retention))
+            .await
+        {
+            Ok(n) => n,
+            Err(error) => {
+                tracing::warn!(%error, "cannot prune the webhook attempt history");
+                0
+            }
+        };
+        if deliveries + attempts > 0 {
+            tracing::info!(
+                deliveries,
+                attempts,
+                "pruned finished webhook deliveries and old attempts"
+            );
+        }
+        (deliveries, attempts)
     }
 
     /// Runs until `shutdown`: starts due attempts whenever woken, and at the next due time.
@@ -378,15 +677,8 @@ impl Worker {
         let mut next_prune = tokio::time::Instant::now();
         loop {
             if tokio::time::Instant::now() >= next_prune {
-                next_prune += Duration::from_secs(3600);
-                let before = unix_ms(SystemTime::now()).saturating_sub(
-                    u64::try_from(self.settings.retention.as_millis()).unwrap_or(u64::MAX),
-                );
-                match self.outbox.prune(before).await {
-                    Ok(0) => {}
-                    Ok(n) => tracing::info!(deliveries = n, "pruned finished webhook deliveries"),
-                    Err(error) => tracing::warn!(%error, "cannot prune webhook deliveries"),
-                }
+                next_prune += PRUNE_EVERY;
+                self.prune().await;
             }
             let wait = match self.start_due().await {
                 Err(OutboxError::Closed) => return,
@@ -407,6 +699,19 @@ impl Worker {
                     Err(_) => Duration::from_secs(1),
                 },
             };
+            // Other nodes queue deliveries without waking this worker.
+            let mut wait = self.settings.poll.map_or(wait, |poll| wait.min(poll));
+            // A due head of an endpoint out of room waits for room, not for nothing.
+            let room_in = self
+                .rates
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .next(Instant::now());
+            if let Some(room_in) = room_in
+                && self.in_flight() == 0
+            {
+                wait = wait.max(room_in);
+            }
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 _ = self.wake.notified() => {}
@@ -414,7 +719,9 @@ impl Worker {
             }
         }
         // Attempts in flight finish (or time out) so their outcomes are recorded; anything cut
-        // short stays pending and is sent again after a restart.
+        // short stays pending and is sent again after a restart. None follows them.
+        self.stopping
+            .store(true, std::sync::atomic::Ordering::Relaxed);
         let deadline = tokio::time::Instant::now() + self.settings.attempt_timeout;
         while self.in_flight() > 0 && tokio::time::Instant::now() < deadline {
             tokio::select! {
@@ -597,6 +904,7 @@ mod tests {
         let hour = Duration::from_secs(3600);
         let recorded = |failing_since_ms: Option<u64>, needs_resync: bool| Recorded {
             needs_resync,
+            next: None,
             status: Some(EndpointStatus {
                 failing_since_ms,
                 ..EndpointStatus::default()

@@ -12,11 +12,19 @@ pub struct NatsServer {
     child: Option<Child>,
     port: u16,
     dir: TempDir,
+    /// A configuration file passed with `-c`, if any.
+    config: Option<std::path::PathBuf>,
 }
 
 impl NatsServer {
     /// Starts a server, or `None` (skip) when `nats-server` is missing.
     pub fn start() -> Option<NatsServer> {
+        NatsServer::start_with("")
+    }
+
+    /// Starts a server with `config` (nats-server's configuration syntax, e.g.
+    /// `max_payload: 2048`) besides the usual flags, or `None` (skip) when it is missing.
+    pub fn start_with(config: &str) -> Option<NatsServer> {
         if Command::new("nats-server")
             .arg("--version")
             .stdout(Stdio::null())
@@ -33,10 +41,16 @@ impl NatsServer {
             return None;
         }
         let dir = tempfile::tempdir().expect("temp dir for nats");
+        let config = (!config.is_empty()).then(|| {
+            let path = dir.path().join("nats.conf");
+            std::fs::write(&path, config).expect("writing nats.conf");
+            path
+        });
         let mut server = NatsServer {
             child: None,
             port: super::free_port(),
             dir,
+            config,
         };
         server.spawn();
         Some(server)
@@ -67,7 +81,11 @@ impl NatsServer {
     }
 
     fn spawn(&mut self) {
-        let child = Command::new("nats-server")
+        let mut command = Command::new("nats-server");
+        if let Some(config) = &self.config {
+            command.arg("-c").arg(config);
+        }
+        let child = command
             .args(["-js", "-a", "127.0.0.1", "-p"])
             .arg(self.port.to_string())
             .arg("-sd")

@@ -24,6 +24,8 @@ pub enum Reply {
     Delay(Duration),
     /// 302 to another path of this receiver (which must never be requested).
     Redirect,
+    /// This status with this body.
+    Body(u16, &'static str),
 }
 
 /// One request the receiver got.
@@ -37,6 +39,8 @@ pub struct Hit {
     pub headers: HeaderMap,
     /// Its body, parsed.
     pub body: Value,
+    /// Its body as sent.
+    pub raw: Bytes,
     /// Which of the receiver's secrets verified it (index), if any.
     pub verified_by: Vec<usize>,
     /// The status answered.
@@ -58,9 +62,22 @@ impl Hit {
     }
 }
 
+/// A request as it arrived, before it was answered (a sender killed meanwhile never sees
+/// the answer, and the request may never be recorded as a [`Hit`]).
+#[derive(Debug, Clone)]
+pub struct Arrival {
+    /// When it arrived.
+    pub at: Instant,
+    /// `webhook-id`.
+    pub id: String,
+    /// `User-Agent`: which node sent it.
+    pub user_agent: String,
+}
+
 struct Inner {
     script: VecDeque<Reply>,
     hits: Vec<Hit>,
+    arrivals: Vec<Arrival>,
     secrets: Vec<String>,
     delay: Duration,
 }
@@ -91,10 +108,24 @@ async fn handle(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
+    let header = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned()
+    };
+    let arrival = Arrival {
+        at: Instant::now(),
+        id: header("webhook-id"),
+        user_agent: header("user-agent"),
+    };
     let (reply, secrets, delay) = {
         let mut inner = shared.inner.lock().unwrap();
+        inner.arrivals.push(arrival);
         (inner.script.pop_front(), inner.secrets.clone(), inner.delay)
     };
+    shared.changed.notify_waiters();
     if !delay.is_zero() {
         tokio::time::sleep(delay).await;
     }
@@ -112,6 +143,7 @@ async fn handle(
     let status = match &reply {
         None | Some(Reply::Delay(_)) => 200,
         Some(Reply::Status(code, _)) => *code,
+        Some(Reply::Body(code, _)) => *code,
         Some(Reply::Redirect) => 302,
     };
     // Recorded on arrival, so a hang shows where it happened.
@@ -120,6 +152,7 @@ async fn handle(
         path: uri.path().to_owned(),
         headers,
         body: serde_json::from_slice(&body).unwrap_or(Value::Null),
+        raw: body.clone(),
         verified_by,
         status,
     };
@@ -140,6 +173,9 @@ async fn handle(
             tokio::time::sleep(d).await;
             StatusCode::OK.into_response()
         }
+        Some(Reply::Body(code, text)) => {
+            (StatusCode::from_u16(code).unwrap(), text).into_response()
+        }
         Some(Reply::Redirect) => {
             let mut response = StatusCode::FOUND.into_response();
             response
@@ -156,6 +192,7 @@ impl Receiver {
         let inner = Arc::new(Mutex::new(Inner {
             script: VecDeque::new(),
             hits: Vec::new(),
+            arrivals: Vec::new(),
             secrets: secrets.iter().map(|s| (*s).to_owned()).collect(),
             delay: Duration::ZERO,
         }));
@@ -205,6 +242,11 @@ impl Receiver {
     /// Every request so far.
     pub fn hits(&self) -> Vec<Hit> {
         self.inner.lock().unwrap().hits.clone()
+    }
+
+    /// Every request as it arrived, answered or not.
+    pub fn arrivals(&self) -> Vec<Arrival> {
+        self.inner.lock().unwrap().arrivals.clone()
     }
 
     /// The requests answered 2xx, in arrival order.

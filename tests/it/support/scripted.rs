@@ -6,13 +6,12 @@
 use std::process::Stdio;
 use std::time::Duration;
 
-use futures_util::{SinkExt as _, StreamExt as _};
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader, Lines};
-use tokio::net::TcpStream;
 use tokio::process::{Child, ChildStdin, ChildStdout};
-use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+use super::chromium::Chromium;
+use super::skip;
 
 /// How long one command may take.
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(20);
@@ -21,7 +20,7 @@ const COMMAND_TIMEOUT: Duration = Duration::from_secs(20);
 pub enum Scripted {
     /// Python `websockets`.
     Python(Box<Python>),
-    /// A headless Chromium page.
+    /// A headless Chromium page running `ws_client.js`.
     Chromium(Box<Chromium>),
 }
 
@@ -33,16 +32,6 @@ pub struct Python {
     stdin: ChildStdin,
     /// Replies come from here.
     stdout: Lines<BufReader<ChildStdout>>,
-}
-
-/// Skips (prints why and returns `None`) outside CI, fails under `CI=true`.
-fn skip<T>(why: &str) -> Option<T> {
-    assert!(
-        std::env::var("CI").map_or(true, |v| v != "true"),
-        "CI=true and {why}"
-    );
-    eprintln!("SKIP: {why}");
-    None
 }
 
 impl Scripted {
@@ -79,9 +68,9 @@ impl Scripted {
 
     /// Headless Chromium, or `None` (skipped) when it is not installed.
     pub async fn chromium() -> Option<Scripted> {
-        Chromium::launch()
-            .await
-            .map(|c| Scripted::Chromium(Box::new(c)))
+        let mut chromium = Chromium::launch().await?;
+        chromium.evaluate(include_str!("ws_client.js")).await;
+        Some(Scripted::Chromium(Box::new(chromium)))
     }
 
     /// Runs one command; panics with the client's error if it failed.
@@ -110,7 +99,11 @@ impl Scripted {
                     .expect("the Python client exited");
                 serde_json::from_str(&line).unwrap()
             }
-            Scripted::Chromium(chromium) => chromium.handle(command).await,
+            Scripted::Chromium(chromium) => {
+                chromium
+                    .evaluate(format!("patchwireClient.handle({command})"))
+                    .await
+            }
         }
     }
 
@@ -152,151 +145,6 @@ impl Scripted {
                 let _ = tokio::time::timeout(Duration::from_secs(5), child.wait()).await;
             }
             Scripted::Chromium(chromium) => chromium.close().await,
-        }
-    }
-}
-
-type Cdp = WebSocketStream<MaybeTlsStream<TcpStream>>;
-
-/// Headless Chromium on a fresh profile, loopback only, driven over the DevTools protocol.
-pub struct Chromium {
-    _child: Child,
-    _profile: tempfile::TempDir,
-    cdp: Cdp,
-    session: String,
-    next_id: u64,
-}
-
-impl Chromium {
-    async fn launch() -> Option<Chromium> {
-        let binary = ["/usr/bin/chromium", "/usr/bin/chromium-browser"]
-            .into_iter()
-            .find(|path| std::path::Path::new(path).exists());
-        let Some(binary) = binary else {
-            return skip("Chromium is not installed (apt-get install chromium)");
-        };
-        let profile = tempfile::tempdir().unwrap();
-        let mut child = tokio::process::Command::new(binary)
-            .args([
-                "--headless",
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-                "--no-first-run",
-                "--disable-dev-shm-usage",
-                // Nothing but the loopback is reachable.
-                "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
-                "--remote-debugging-address=127.0.0.1",
-                "--remote-debugging-port=0",
-            ])
-            .arg(format!("--user-data-dir={}", profile.path().display()))
-            .arg("about:blank")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("chromium starts");
-        let mut stderr = BufReader::new(child.stderr.take().unwrap()).lines();
-        let endpoint = tokio::time::timeout(Duration::from_secs(30), async {
-            while let Ok(Some(line)) = stderr.next_line().await {
-                if let Some(url) = line.strip_prefix("DevTools listening on ") {
-                    return Some(url.trim().to_owned());
-                }
-            }
-            None
-        })
-        .await
-        .ok()
-        .flatten()
-        .expect("chromium prints its DevTools endpoint");
-        // Keep draining its log so it never blocks on a full pipe.
-        tokio::spawn(async move { while let Ok(Some(_)) = stderr.next_line().await {} });
-        let (cdp, _) = tokio_tungstenite::connect_async(endpoint.as_str())
-            .await
-            .expect("the DevTools endpoint accepts");
-        let mut chromium = Chromium {
-            _child: child,
-            _profile: profile,
-            cdp,
-            session: String::new(),
-            next_id: 0,
-        };
-        let target = chromium
-            .call("Target.createTarget", json!({"url": "about:blank"}))
-            .await;
-        let attached = chromium
-            .call(
-                "Target.attachToTarget",
-                json!({"targetId": target["targetId"], "flatten": true}),
-            )
-            .await;
-        chromium.session = attached["sessionId"].as_str().unwrap().to_owned();
-        chromium
-            .evaluate(include_str!("ws_client.js").to_owned())
-            .await;
-        Some(chromium)
-    }
-
-    /// Calls a DevTools method (on the page once attached); its result.
-    async fn call(&mut self, method: &str, params: Value) -> Value {
-        self.next_id += 1;
-        let id = self.next_id;
-        let mut call = json!({"id": id, "method": method, "params": params});
-        if !self.session.is_empty() {
-            call["sessionId"] = Value::from(self.session.clone());
-        }
-        self.cdp
-            .send(Message::Text(call.to_string().into()))
-            .await
-            .unwrap();
-        loop {
-            let Some(Ok(Message::Text(text))) = self.cdp.next().await else {
-                panic!("the DevTools connection ended");
-            };
-            let reply: Value = serde_json::from_str(&text).unwrap();
-            if reply["id"] == id {
-                if let Some(error) = reply.get("error") {
-                    panic!("{method} failed: {error}");
-                }
-                return reply["result"].clone();
-            }
-        }
-    }
-
-    /// Evaluates `expression` in the page, awaiting a promise; its value.
-    async fn evaluate(&mut self, expression: String) -> Value {
-        let result = self
-            .call(
-                "Runtime.evaluate",
-                json!({"expression": expression, "awaitPromise": true, "returnByValue": true}),
-            )
-            .await;
-        if let Some(exception) = result.get("exceptionDetails") {
-            panic!("the page threw: {exception}");
-        }
-        result["result"]["value"].clone()
-    }
-
-    async fn handle(&mut self, command: &Value) -> Value {
-        self.evaluate(format!("patchwireClient.handle({command})"))
-            .await
-    }
-
-    async fn close(mut self) {
-        let close = json!({"id": 0, "method": "Browser.close"});
-        if self
-            .cdp
-            .send(Message::Text(close.to_string().into()))
-            .await
-            .is_ok()
-        {
-            let _ = tokio::time::timeout(Duration::from_secs(5), async {
-                while let Some(Ok(_)) = self.cdp.next().await {}
-            })
-            .await;
         }
     }
 }

@@ -182,3 +182,114 @@ async fn shutdown_interrupts_the_wait_for_the_rate_limit() {
     assert_stops_promptly(task, &shutdown).await;
     assert_eq!(mock.requests(), 0, "no request beyond the quota");
 }
+
+/// A stream `name` of a scripted upstream polled every hour.
+fn hourly(name: &str) -> String {
+    stream(name, "http://upstream.test/feed", "interval = \"1h\"")
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_poll_asked_for_starts_at_once_and_the_schedule_goes_on() {
+    let upstream = ScriptedUpstream::new(Duration::ZERO, &json!({"v": 1}));
+    let h = paused_harness(
+        &hourly("s"),
+        Arc::clone(&upstream),
+        tokio_limiter(rate(1000, 1000)),
+    );
+    let control = h.poller.control();
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(h.poller.run(shutdown.clone()));
+    upstream.wait_for_requests(1).await;
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    let asked = Instant::now();
+    control.poll_now().expect("the quota allows it");
+    upstream.wait_for_requests(2).await;
+    assert_eq!(upstream.starts()[1], asked, "polled when asked");
+    // The hourly schedule goes on from the poll asked for.
+    tokio::time::sleep(Duration::from_secs(3601)).await;
+    let starts = upstream.starts();
+    assert_eq!(starts.len(), 3);
+    assert_eq!(starts[2], asked + Duration::from_secs(3600));
+    shutdown.cancel();
+    task.await.expect("poller task ends cleanly");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_poll_asked_for_is_refused_past_the_quota_and_takes_no_second_token() {
+    let upstream = ScriptedUpstream::new(Duration::ZERO, &json!({"v": 1}));
+    // One request a second, no burst.
+    let h = paused_harness(
+        &hourly("s"),
+        Arc::clone(&upstream),
+        tokio_limiter(rate(1, 1)),
+    );
+    let control = h.poller.control();
+    let shutdown = CancellationToken::new();
+    let started = Instant::now();
+    let task = tokio::spawn(h.poller.run(shutdown.clone()));
+    upstream.wait_for_requests(1).await;
+    let wait = control
+        .poll_now()
+        .expect_err("the first poll took the quota");
+    // governor counts in nanoseconds of its own clock: within a millisecond of a second.
+    assert!(
+        wait > Duration::from_millis(998) && wait <= Duration::from_secs(1),
+        "{wait:?}"
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    control.poll_now().expect("a second later it allows one");
+    upstream.wait_for_requests(2).await;
+    // The ask took the token: the poll did not wait for another one (a second more).
+    let second = upstream.starts()[1] - started;
+    assert!(second < Duration::from_millis(1010), "{second:?}");
+    assert!(control.poll_now().is_err(), "and the quota is spent again");
+    shutdown.cancel();
+    task.await.expect("poller task ends cleanly");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_new_interval_applies_from_the_last_poll() {
+    let upstream = ScriptedUpstream::new(Duration::ZERO, &json!({"v": 1}));
+    let h = paused_harness(
+        &hourly("s"),
+        Arc::clone(&upstream),
+        tokio_limiter(rate(1000, 1000)),
+    );
+    let control = h.poller.control();
+    let mut settings = patchwire::config::validate(
+        patchwire::config::parse_raw(
+            &crate::support::over(
+                "",
+                &stream("s", "http://upstream.test/feed", "interval = \"5s\""),
+            ),
+            patchwire::config::FileKind::Toml,
+            None,
+            Vec::new(),
+        )
+        .expect("parses"),
+        None,
+        &|_| None,
+    )
+    .expect("valid");
+    let shutdown = CancellationToken::new();
+    let started = Instant::now();
+    let task = tokio::spawn(h.poller.run(shutdown.clone()));
+    upstream.wait_for_requests(1).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    control.reconfigure(
+        Arc::new(settings.streams.remove(0)),
+        tokio_limiter(rate(1000, 1000)),
+    );
+    upstream.wait_for_requests(3).await;
+    let starts: Vec<Duration> = upstream.starts().iter().map(|s| *s - started).collect();
+    assert_eq!(
+        starts,
+        [
+            Duration::ZERO,
+            Duration::from_secs(5),
+            Duration::from_secs(10)
+        ]
+    );
+    shutdown.cancel();
+    task.await.expect("poller task ends cleanly");
+}

@@ -19,18 +19,19 @@
 //!   oldest pending delivery of each pair), and a patch is only queued right after the delivery
 //!   holding its base (see [`super::body::plan`]).
 
+pub mod postgres;
 pub mod sqlite;
 
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
-use crate::sinks::webhook::body::{self, BodyError, Mode, Plan};
+use crate::sinks::webhook::body::{self, BodyError, Cursor, Events, Format, Mode, Plan};
 use crate::wire::ChangeKind;
 
 /// A boxed future of an outbox operation (the trait stays object-safe).
@@ -54,6 +55,10 @@ pub enum OutboxError {
     /// The outbox thread has stopped.
     #[error("the webhook outbox has stopped")]
     Closed,
+    /// A newer dispatcher of the stream has written to the outbox (its lease passed to
+    /// another node): this one must stop, nothing was written.
+    #[error("another node now dispatches the stream's webhooks")]
+    Fenced,
 }
 
 impl From<BodyError> for OutboxError {
@@ -83,6 +88,10 @@ pub struct EndpointRecord {
     pub streams: Vec<String>,
     /// Patches or whole documents.
     pub mode: Mode,
+    /// How deliveries are written (JSON or CloudEvents); absent in definitions stored before
+    /// it existed, which are JSON.
+    #[serde(default)]
+    pub format: Format,
     /// Extra headers sent with every delivery.
     pub headers: BTreeMap<String, String>,
     /// The signing secret, `whsec_...`.
@@ -95,6 +104,32 @@ pub struct EndpointRecord {
     pub source: Source,
     /// When it was created (Unix milliseconds).
     pub created_ms: u64,
+    /// What it is for, for people (shown in the admin API).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    /// Free-form labels, for the people and tools managing it.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub metadata: BTreeMap<String, String>,
+    /// Most attempts started per second (besides `Retry-After` and the concurrency limit);
+    /// `None`: no such limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<u32>,
+    /// Which kinds of change it receives (left out when the default, both).
+    #[serde(default, skip_serializing_if = "Events::is_default")]
+    pub events: Events,
+    /// The hash of the request that created it with an `Idempotency-Key` (its id is derived
+    /// from the key), so a retry with another request is told apart.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_hash: Option<String>,
+}
+
+/// What [`Outbox::create_endpoint`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Created {
+    /// The endpoint is new; its status.
+    New(EndpointStatus),
+    /// An endpoint with that id exists already (unchanged): it, and its status.
+    Existing(Box<EndpointRecord>, EndpointStatus),
 }
 
 /// Why and since when an endpoint receives nothing.
@@ -205,8 +240,11 @@ pub struct NewChange {
     /// The RFC 6902 patch from `seq - 1`, when the hub published a patch; `None` for a
     /// snapshot (or a resync), which every endpoint gets as a document.
     pub patch: Option<Bytes>,
-    /// The whole document at `seq`.
-    pub document: Bytes,
+    /// The whole document at `seq`; `None` for a patch replayed from history (history keeps
+    /// no documents). A target that would need the document then gets nothing for this
+    /// change and its cursor is forgotten ([`Accepted::owed`]): the dispatcher queues the
+    /// current document for it afterwards.
+    pub document: Option<Bytes>,
     /// When the change was published.
     pub at: SystemTime,
 }
@@ -242,6 +280,9 @@ pub struct Accepted {
     pub queued: usize,
     /// Pairs whose backlog was collapsed into the queued snapshot.
     pub collapsed: usize,
+    /// Pairs that needed the document, which the change did not carry: their cursor is
+    /// forgotten and they are owed the current document ([`Outbox::owed`]).
+    pub owed: usize,
 }
 
 /// The result of one attempt.
@@ -263,6 +304,138 @@ pub enum AttemptOutcome {
     },
 }
 
+/// When an attempt was made, how long it took, and the start of the receiver's answer: kept
+/// in the attempt history.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Attempt {
+    /// When it was made (Unix milliseconds).
+    pub at_ms: u64,
+    /// From sending to the answer (or the failure).
+    pub duration_ms: u64,
+    /// The start of the receiver's answer body (at most
+    /// [`EXCERPT`](crate::sinks::webhook::deliver::EXCERPT) bytes; empty without one).
+    pub response: String,
+}
+
+impl Attempt {
+    /// When it ended: the time the delivery's state records (finished, failing since).
+    pub fn ended_ms(&self) -> u64 {
+        self.at_ms.saturating_add(self.duration_ms)
+    }
+
+    /// An attempt made at `at_ms`, of no measured duration or answer (tests, replays).
+    pub fn at(at_ms: u64) -> Attempt {
+        Attempt {
+            at_ms,
+            ..Attempt::default()
+        }
+    }
+}
+
+/// How an attempt ended, as the history lists it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttemptResult {
+    /// A 2xx.
+    Delivered,
+    /// Failed; tried again later.
+    Retrying,
+    /// Failed; the delivery is dead.
+    Dead,
+}
+
+impl AttemptResult {
+    /// The name in the API.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AttemptResult::Delivered => "delivered",
+            AttemptResult::Retrying => "retrying",
+            AttemptResult::Dead => "dead",
+        }
+    }
+
+    /// Parses a name.
+    pub fn parse(text: &str) -> Option<AttemptResult> {
+        match text {
+            "delivered" => Some(AttemptResult::Delivered),
+            "retrying" => Some(AttemptResult::Retrying),
+            "dead" => Some(AttemptResult::Dead),
+            _ => None,
+        }
+    }
+
+    /// The stored code (the databases' format: never renumber).
+    pub fn code(self) -> i16 {
+        match self {
+            AttemptResult::Delivered => 0,
+            AttemptResult::Retrying => 1,
+            AttemptResult::Dead => 2,
+        }
+    }
+
+    /// The result a stored code stands for.
+    pub fn of_code(code: i16) -> AttemptResult {
+        match code {
+            0 => AttemptResult::Delivered,
+            1 => AttemptResult::Retrying,
+            _ => AttemptResult::Dead,
+        }
+    }
+
+    /// What an outcome is.
+    pub fn of(outcome: &AttemptOutcome) -> AttemptResult {
+        match outcome {
+            AttemptOutcome::Delivered { .. } => AttemptResult::Delivered,
+            AttemptOutcome::Failed {
+                retry_at_ms: Some(_),
+                ..
+            } => AttemptResult::Retrying,
+            AttemptOutcome::Failed {
+                retry_at_ms: None, ..
+            } => AttemptResult::Dead,
+        }
+    }
+}
+
+/// One attempt in the history.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AttemptEntry {
+    /// Orders attempts (newest have the highest).
+    pub id: i64,
+    /// The delivery.
+    pub delivery: i64,
+    /// Its `webhook-id`.
+    pub msg_id: String,
+    /// The stream.
+    pub stream: String,
+    /// When, how long, and the answer's start.
+    pub attempt: Attempt,
+    /// How it ended.
+    pub result: AttemptResult,
+    /// The receiver's status, if it answered.
+    pub status: Option<u16>,
+    /// What went wrong, if it failed.
+    pub error: Option<String>,
+}
+
+/// Which attempts to list: filters, then newest first from `before`, at most `limit`.
+#[derive(Debug, Clone, Default)]
+pub struct AttemptFilter {
+    /// Only this stream's.
+    pub stream: Option<String>,
+    /// Only those that ended so.
+    pub result: Option<AttemptResult>,
+    /// Only those the receiver answered with this status.
+    pub status: Option<u16>,
+    /// Made at or after (Unix milliseconds).
+    pub since_ms: Option<u64>,
+    /// Made before (Unix milliseconds).
+    pub until_ms: Option<u64>,
+    /// Only ids below this one (the next page).
+    pub before: Option<i64>,
+    /// At most this many.
+    pub limit: usize,
+}
+
 /// What recording an attempt changed.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Recorded {
@@ -270,6 +443,22 @@ pub struct Recorded {
     pub needs_resync: bool,
     /// The endpoint's status after this attempt (`None` when it was deleted meanwhile).
     pub status: Option<EndpointStatus>,
+    /// The pair's next delivery, claimed for the same worker, when [`Next`] asked for it and
+    /// it is due (with its body).
+    pub next: Option<Delivery>,
+}
+
+/// What [`Outbox::record`] is asked to do besides recording: claim the pair's next delivery
+/// if it is due at `now_ms`, for `owner` for `hold`, so a busy pair goes on at once instead
+/// of waiting for the worker's next claim.
+#[derive(Debug, Clone)]
+pub struct Next {
+    /// Due at this time (Unix milliseconds).
+    pub now_ms: u64,
+    /// Who claims it.
+    pub owner: Arc<str>,
+    /// For how long.
+    pub hold: Duration,
 }
 
 /// Which deliveries to send again.
@@ -279,6 +468,30 @@ pub enum Replay {
     One(i64),
     /// Every dead delivery of the endpoint created at or after this time (Unix milliseconds).
     DeadSince(u64),
+    /// Every delivery of the endpoint that was delivered or dead, created at or after this time
+    /// (Unix milliseconds): a receiver that lost what it got recovers it all, in order (as
+    /// Svix's "recover"). Superseded ones are not: a later snapshot replaced them.
+    Since(u64),
+}
+
+/// What a worker asks of [`Outbox::due`]: due deliveries it may claim.
+#[derive(Debug, Clone)]
+pub struct Claim {
+    /// The time due dates are compared with (Unix milliseconds).
+    pub now_ms: u64,
+    /// At most this many.
+    pub limit: usize,
+    /// Pairs this worker has in flight (skipped).
+    pub busy: Vec<(String, String)>,
+    /// Endpoints at this worker's concurrency limit (skipped).
+    pub full: Vec<String>,
+    /// Attempts in flight at once to one endpoint, across every worker sharing the store.
+    pub per_endpoint: usize,
+    /// Who claims (the node's id): claims of a node that restarts are released at once.
+    pub owner: Arc<str>,
+    /// How long a claim holds its pair against other workers: a node killed mid-attempt
+    /// leaves its claim, which another worker takes over after this.
+    pub hold: Duration,
 }
 
 /// A filter for listing deliveries.
@@ -292,11 +505,63 @@ pub struct DeliveryFilter {
     pub limit: usize,
 }
 
+/// The stored code of a delivery state: the databases' format, never renumber.
+pub fn state_code(state: DeliveryState) -> i16 {
+    match state {
+        DeliveryState::Pending => 0,
+        DeliveryState::Delivered => 1,
+        DeliveryState::Dead => 2,
+        DeliveryState::Superseded => 3,
+    }
+}
+
+/// The state a stored code stands for.
+pub fn state_of(code: i16) -> DeliveryState {
+    match code {
+        0 => DeliveryState::Pending,
+        1 => DeliveryState::Delivered,
+        2 => DeliveryState::Dead,
+        _ => DeliveryState::Superseded,
+    }
+}
+
+/// The stored code of a change kind: the databases' format, never renumber.
+pub fn kind_code(kind: ChangeKind) -> i16 {
+    match kind {
+        ChangeKind::Patch => 0,
+        ChangeKind::Snapshot => 1,
+    }
+}
+
+/// The kind a stored code stands for.
+pub fn kind_of(code: i16) -> ChangeKind {
+    if code == 0 {
+        ChangeKind::Patch
+    } else {
+        ChangeKind::Snapshot
+    }
+}
+
+/// A count, time or sequence number as a database integer (signed). Every value stored (times
+/// in ms, epochs, sequence numbers) is far below `i64::MAX`; saturating keeps an absurd one
+/// from wrapping.
+pub fn int(value: u64) -> i64 {
+    i64::try_from(value).unwrap_or(i64::MAX)
+}
+
+/// A database integer as a count, time or sequence number (a negative one, never stored, as 0).
+pub fn uint(value: i64) -> u64 {
+    u64::try_from(value).unwrap_or(0)
+}
+
 /// Whether a pair already holding `pending` deliveries has them superseded by the one being
 /// queued: its backlog reached `webhooks.backlog_limit` (a limit of 0 counts as 1).
 pub fn collapses(pending: usize, backlog_limit: usize) -> bool {
     pending >= backlog_limit.max(1)
 }
+
+/// A delivery's kind, the sequence number a patch applies to, and its body.
+pub type Planned<'a> = (ChangeKind, Option<u64>, &'a [u8]);
 
 /// The bodies of one change's deliveries, each kind encoded at most once however many targets
 /// get it. Every implementation of [`Outbox::accept`] builds its rows with it, so they all
@@ -320,11 +585,12 @@ impl<'a> Bodies<'a> {
     /// The kind, `base_seq` and body of the delivery a target gets under `plan` (never
     /// [`Plan::Skip`]); a collapsed backlog is always followed by a snapshot, since the patch's
     /// base was superseded with it.
+    /// `None` when the target needs the document and the change does not carry it.
     pub fn delivery(
         &mut self,
         plan: Plan,
         collapse: bool,
-    ) -> Result<(ChangeKind, Option<u64>, &[u8]), BodyError> {
+    ) -> Result<Option<Planned<'_>>, BodyError> {
         let change = self.change;
         match (plan, &change.patch) {
             (Plan::Patch { base_seq }, Some(patch)) if !collapse => {
@@ -339,13 +605,16 @@ impl<'a> Bodies<'a> {
                         patch,
                     )?);
                 }
-                Ok((
+                Ok(Some((
                     ChangeKind::Patch,
                     Some(base_seq),
                     self.patch.as_deref().unwrap_or_default(),
-                ))
+                )))
             }
             _ => {
+                let Some(document) = &change.document else {
+                    return Ok(None);
+                };
                 if self.snapshot.is_none() {
                     self.snapshot = Some(body::encode(
                         ChangeKind::Snapshot,
@@ -354,14 +623,14 @@ impl<'a> Bodies<'a> {
                         change.seq,
                         None,
                         change.at,
-                        &change.document,
+                        document,
                     )?);
                 }
-                Ok((
+                Ok(Some((
                     ChangeKind::Snapshot,
                     None,
                     self.snapshot.as_deref().unwrap_or_default(),
-                ))
+                )))
             }
         }
     }
@@ -371,8 +640,12 @@ impl<'a> Bodies<'a> {
 pub trait Outbox: Send + Sync {
     /// Every endpoint with its status.
     fn endpoints(&self) -> OutboxFuture<Vec<(EndpointRecord, EndpointStatus)>>;
-    /// Creates or replaces an endpoint's definition (its status and deliveries are kept).
-    fn put_endpoint(&self, record: EndpointRecord) -> OutboxFuture<()>;
+    /// Creates or replaces an endpoint's definition (its status and deliveries are kept);
+    /// returns its status, numbered after this write.
+    fn put_endpoint(&self, record: EndpointRecord) -> OutboxFuture<EndpointStatus>;
+    /// Stores a new endpoint unless one with its id exists (then returns that one, unchanged):
+    /// atomic, so two nodes creating the same id make one.
+    fn create_endpoint(&self, record: EndpointRecord) -> OutboxFuture<Created>;
     /// Sets or clears an endpoint's disabled status (clearing also clears `failing_since`);
     /// returns the status it then has, `None` when there is no such endpoint.
     fn set_disabled(
@@ -387,23 +660,36 @@ pub trait Outbox: Send + Sync {
     /// A pair holding `backlog_limit` pending deliveries has them superseded by one snapshot.
     /// Calls take effect in the order they were made, even when their futures are awaited
     /// later (the dispatcher submits consecutive changes before awaiting them).
+    ///
+    /// `fence` is the dispatcher's lease (`None` on a single node): once a change was
+    /// accepted with a fence, one with a lower fence is refused ([`OutboxError::Fenced`]),
+    /// so a dispatcher that lost its lease cannot write after its successor. Accepting is
+    /// idempotent per (endpoint, stream, epoch, seq): a pair whose cursor already holds the
+    /// change skips it, so two dispatchers overlapping in a handover never queue it twice.
     fn accept(
         &self,
         change: NewChange,
         targets: Vec<Target>,
         backlog_limit: usize,
+        fence: Option<u64>,
     ) -> OutboxFuture<Accepted>;
-    /// The oldest pending delivery of each (endpoint, stream) pair of an enabled endpoint whose
-    /// next attempt is due at `now_ms`, soonest first, at most `limit`, skipping `busy` pairs
-    /// and the endpoints in `full` (at their concurrency limit), so a saturated endpoint's
-    /// heads never crowd out the others'.
-    fn due(
-        &self,
-        now_ms: u64,
-        limit: usize,
-        busy: Vec<(String, String)>,
-        full: Vec<String>,
-    ) -> OutboxFuture<Vec<Delivery>>;
+    /// Each target's cursor on `stream` (`None`: no cursor, or forgotten after a gap).
+    fn cursors(&self, stream: String) -> OutboxFuture<Vec<(String, Option<Cursor>)>>;
+    /// The endpoints owed the document of `stream`: their cursor was forgotten (a dead
+    /// delivery with nothing after it, a change replayed without its document) or marked by
+    /// [`Outbox::owe_snapshot`]. The stream's dispatcher queues the current document for them.
+    fn owed(&self, stream: String) -> OutboxFuture<Vec<String>>;
+    /// Marks `endpoint` as owed the current document of each of `streams` (created,
+    /// re-enabled or redefined: whichever node dispatches a stream then queues it).
+    fn owe_snapshot(&self, endpoint: String, streams: Vec<String>) -> OutboxFuture<()>;
+    /// Claims the oldest pending delivery of each (endpoint, stream) pair of an enabled
+    /// endpoint whose next attempt is due, soonest first, at most `limit`, skipping `busy`
+    /// pairs, the endpoints in `full` and pairs another worker holds, so a saturated
+    /// endpoint's heads never crowd out the others'. A claim holds its pair until the attempt
+    /// is recorded ([`Outbox::record`]) or released, or for `hold` at most.
+    fn due(&self, claim: Claim) -> OutboxFuture<Vec<Delivery>>;
+    /// Releases the claim on delivery `id` without recording an attempt.
+    fn release(&self, id: i64) -> OutboxFuture<()>;
     /// Stores a stream's current document, unless a newer one of the same epoch is stored.
     /// Takes effect in call order with [`Outbox::accept`] (same queue, same transactions).
     fn save_document(&self, document: StoredDocument) -> OutboxFuture<()>;
@@ -411,8 +697,19 @@ pub trait Outbox: Send + Sync {
     fn documents(&self) -> OutboxFuture<Vec<StoredDocument>>;
     /// When the earliest pending head of an enabled endpoint is due (Unix milliseconds).
     fn next_due_ms(&self) -> OutboxFuture<Option<u64>>;
-    /// Records an attempt of delivery `id` made at `now_ms`.
-    fn record(&self, id: i64, outcome: AttemptOutcome, now_ms: u64) -> OutboxFuture<Recorded>;
+    /// Records an attempt of delivery `id` (the delivery's state, and an entry of the attempt
+    /// history), and releases its claim; with `next`, also claims the pair's next delivery if
+    /// it is due ([`Recorded::next`]).
+    fn record(
+        &self,
+        id: i64,
+        outcome: AttemptOutcome,
+        attempt: Attempt,
+        next: Option<Next>,
+    ) -> OutboxFuture<Recorded>;
+    /// An endpoint's attempt history, newest first ([`Outbox::prune_attempts`] removes old
+    /// entries).
+    fn attempts(&self, endpoint: String, filter: AttemptFilter) -> OutboxFuture<Vec<AttemptEntry>>;
     /// An endpoint's deliveries, newest first, without bodies.
     fn deliveries(&self, endpoint: String, filter: DeliveryFilter) -> OutboxFuture<Vec<Delivery>>;
     /// Queues the selected deliveries again (same `webhook-id` and body, attempts reset) at the
@@ -421,6 +718,11 @@ pub trait Outbox: Send + Sync {
     /// Deletes finished deliveries (delivered, dead, superseded) that finished before
     /// `before_ms`; returns how many.
     fn prune(&self, before_ms: u64) -> OutboxFuture<usize>;
+    /// Answers a trivial query: the store is open and its queue moves (`/readyz`).
+    fn check(&self) -> OutboxFuture<()>;
+    /// Deletes the attempt history's entries of attempts made before `before_ms`; returns how
+    /// many.
+    fn prune_attempts(&self, before_ms: u64) -> OutboxFuture<usize>;
 }
 
 #[cfg(test)]
@@ -434,7 +736,7 @@ mod tests {
             epoch: 3,
             seq: 8,
             patch: patch.then(|| Bytes::from_static(br#"[{"op":"add","path":"/n","value":8}]"#)),
-            document: Bytes::from_static(br#"{"n":8}"#),
+            document: Some(Bytes::from_static(br#"{"n":8}"#)),
             at: std::time::UNIX_EPOCH,
         }
     }
@@ -449,20 +751,38 @@ mod tests {
     fn bodies_follow_the_plan_and_a_collapse_ends_in_a_snapshot() {
         let change = change(true);
         let mut bodies = Bodies::new(&change);
-        let (kind, base, body) = bodies.delivery(Plan::Patch { base_seq: 7 }, false).unwrap();
+        let (kind, base, body) = bodies
+            .delivery(Plan::Patch { base_seq: 7 }, false)
+            .unwrap()
+            .unwrap();
         assert_eq!((kind, base), (ChangeKind::Patch, Some(7)));
         assert_eq!(json(body)["data"][0]["op"], "add");
-        let (kind, base, body) = bodies.delivery(Plan::Patch { base_seq: 7 }, true).unwrap();
+        let (kind, base, body) = bodies
+            .delivery(Plan::Patch { base_seq: 7 }, true)
+            .unwrap()
+            .unwrap();
         assert_eq!((kind, base), (ChangeKind::Snapshot, None));
         assert_eq!(json(body)["data"]["n"], 8);
-        let (kind, _, _) = bodies.delivery(Plan::Snapshot, false).unwrap();
+        let (kind, _, _) = bodies.delivery(Plan::Snapshot, false).unwrap().unwrap();
         assert_eq!(kind, ChangeKind::Snapshot);
         // A change the hub published as a snapshot has no patch to send.
         let change = self::change(false);
         let (kind, _, _) = Bodies::new(&change)
             .delivery(Plan::Patch { base_seq: 7 }, false)
+            .unwrap()
             .unwrap();
         assert_eq!(kind, ChangeKind::Snapshot);
+        // A patch replayed from history carries no document: a snapshot cannot be made.
+        let mut replayed = self::change(true);
+        replayed.document = None;
+        let mut bodies = Bodies::new(&replayed);
+        assert!(bodies.delivery(Plan::Snapshot, false).unwrap().is_none());
+        assert!(
+            bodies
+                .delivery(Plan::Patch { base_seq: 7 }, false)
+                .unwrap()
+                .is_some()
+        );
     }
 
     #[test]

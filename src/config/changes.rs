@@ -1,0 +1,528 @@
+//! What a configuration reload changes: the running configuration against the file loaded
+//! again, stream by stream and section by section (pure: no I/O). The application applies
+//! what it can live and refuses the reload when a section that cannot change while running
+//! did ([`Changes::needs_restart`]).
+//!
+//! Per polled stream: `interval`, `headers`, `timeout`, `max_body` and `rate_limit_group`
+//! apply to the running poller between two polls (the stream keeps its subscribers, epoch and
+//! history). `url`, `format`, `diff`, `history`, `history_bytes`, `on_demand`/`linger`, the
+//! views (`[streams.filtering]`, `[[streams.views]]`) and a change of source (polled ↔ push)
+//! restart the stream: a new poller, and its first document goes to every subscriber as a
+//! snapshot in a new epoch. Per push stream: `diff`, `history`, `history_bytes` and the views
+//! restart it in place the same way at its next push.
+
+use std::fmt::Debug;
+
+use super::model::{Config, PushStreamSettings};
+use crate::upstream::config::StreamSettings;
+
+/// What happens to one stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StreamChange {
+    /// Nothing of it changed.
+    Unchanged,
+    /// These fields changed and apply to the running stream.
+    Updated(Vec<&'static str>),
+    /// These fields changed and the stream starts over (a new epoch).
+    Restarted(Vec<&'static str>),
+    /// It is gone from the file: its subscribers get an `error` event, then the stream ends.
+    Removed,
+    /// It is new in the file.
+    Added,
+}
+
+impl StreamChange {
+    /// Its name in the reload's answer and log.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            StreamChange::Unchanged => "unchanged",
+            StreamChange::Updated(_) => "updated",
+            StreamChange::Restarted(_) => "restarted",
+            StreamChange::Removed => "removed",
+            StreamChange::Added => "added",
+        }
+    }
+
+    /// The fields behind an update or a restart.
+    pub fn fields(&self) -> &[&'static str] {
+        match self {
+            StreamChange::Updated(fields) | StreamChange::Restarted(fields) => fields,
+            _ => &[],
+        }
+    }
+}
+
+/// A section (or key) that differs but cannot change while the process runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NeedsRestart {
+    /// The section or key, as in the file (`server`, `cluster`, `sinks`, …).
+    pub section: String,
+    /// Why it needs a restart.
+    pub why: String,
+}
+
+/// Everything a reload changes.
+#[derive(Debug, Clone, Default)]
+pub struct Changes {
+    /// Every stream of either configuration: the new file's in its order, then the removed.
+    pub streams: Vec<(String, StreamChange)>,
+    /// Whether the push source's token changed (applied live).
+    pub push_token: bool,
+    /// Whether `[[webhooks.endpoints]]` changed (reconciled live, as at start).
+    pub webhook_endpoints: bool,
+    /// What differs and cannot change live: a reload with any is refused.
+    pub needs_restart: Vec<NeedsRestart>,
+}
+
+impl Changes {
+    /// Whether anything at all differs.
+    pub fn any(&self) -> bool {
+        self.push_token
+            || self.webhook_endpoints
+            || !self.needs_restart.is_empty()
+            || self
+                .streams
+                .iter()
+                .any(|(_, c)| *c != StreamChange::Unchanged)
+    }
+}
+
+/// Whether two values are the same configuration. Settings compare by their `Debug` form:
+/// validated settings hold no hash maps (their `Debug` is deterministic) and many hold types
+/// without `PartialEq` (URLs, header maps, patterns); secrets that `Debug` hides are compared
+/// separately by the callers.
+fn same<T: Debug>(a: &T, b: &T) -> bool {
+    format!("{a:?}") == format!("{b:?}")
+}
+
+/// One stream as either configuration has it.
+enum Source<'a> {
+    Polled(&'a StreamSettings),
+    Pushed(&'a PushStreamSettings),
+}
+
+fn find<'a>(config: &'a Config, name: &str) -> Option<Source<'a>> {
+    config
+        .streams
+        .iter()
+        .find(|s| s.name == name)
+        .map(Source::Polled)
+        .or_else(|| {
+            config
+                .push_streams
+                .iter()
+                .find(|s| s.name == name)
+                .map(Source::Pushed)
+        })
+}
+
+/// What changes for a polled stream.
+fn polled(old: &StreamSettings, new: &StreamSettings) -> StreamChange {
+    let mut restart = Vec::new();
+    let mut live = Vec::new();
+    let mut check = |differs: bool, field: &'static str, is_live: bool| {
+        if differs {
+            if is_live {
+                live.push(field);
+            } else {
+                restart.push(field);
+            }
+        }
+    };
+    check(old.url != new.url, "url", false);
+    check(!same(&old.format, &new.format), "format", false);
+    check(!same(&old.diff, &new.diff), "diff", false);
+    check(old.history != new.history, "history", false);
+    check(
+        old.history_bytes != new.history_bytes,
+        "history_bytes",
+        false,
+    );
+    check(old.on_demand != new.on_demand, "on_demand", false);
+    check(!same(&old.views, &new.views), "views", false);
+    check(old.interval != new.interval, "interval", true);
+    check(old.headers != new.headers, "headers", true);
+    check(old.timeout != new.timeout, "timeout", true);
+    check(old.max_body_bytes != new.max_body_bytes, "max_body", true);
+    check(
+        old.rate_limit_group != new.rate_limit_group,
+        "rate_limit_group",
+        true,
+    );
+    if !restart.is_empty() {
+        restart.extend(live);
+        StreamChange::Restarted(restart)
+    } else if !live.is_empty() {
+        StreamChange::Updated(live)
+    } else {
+        StreamChange::Unchanged
+    }
+}
+
+/// What changes for a push stream.
+fn pushed(old: &PushStreamSettings, new: &PushStreamSettings) -> StreamChange {
+    let mut restart = Vec::new();
+    if !same(&old.diff, &new.diff) {
+        restart.push("diff");
+    }
+    if old.history != new.history {
+        restart.push("history");
+    }
+    if old.history_bytes != new.history_bytes {
+        restart.push("history_bytes");
+    }
+    if !same(&old.views, &new.views) {
+        restart.push("views");
+    }
+    if restart.is_empty() {
+        StreamChange::Unchanged
+    } else {
+        StreamChange::Restarted(restart)
+    }
+}
+
+/// Compares the running configuration `old` with `new` (both validated).
+pub fn changes(old: &Config, new: &Config) -> Changes {
+    let mut streams = Vec::new();
+    let names = new
+        .streams
+        .iter()
+        .map(|s| s.name.as_str())
+        .chain(new.push_streams.iter().map(|s| s.name.as_str()));
+    for name in names {
+        let change = match (find(old, name), find(new, name)) {
+            (None, _) => StreamChange::Added,
+            (Some(Source::Polled(a)), Some(Source::Polled(b))) => polled(a, b),
+            (Some(Source::Pushed(a)), Some(Source::Pushed(b))) => pushed(a, b),
+            _ => StreamChange::Restarted(vec!["source"]),
+        };
+        streams.push((name.to_owned(), change));
+    }
+    let old_names = old
+        .streams
+        .iter()
+        .map(|s| s.name.as_str())
+        .chain(old.push_streams.iter().map(|s| s.name.as_str()));
+    for name in old_names {
+        if find(new, name).is_none() {
+            streams.push((name.to_owned(), StreamChange::Removed));
+        }
+    }
+    let mut changes = Changes {
+        streams,
+        push_token: old.push.as_ref().map(|p| &p.token) != new.push.as_ref().map(|p| &p.token),
+        webhook_endpoints: !same(
+            &old.webhooks.as_ref().map(|w| &w.endpoints),
+            &new.webhooks.as_ref().map(|w| &w.endpoints),
+        ) || endpoint_secrets(old) != endpoint_secrets(new),
+        needs_restart: Vec::new(),
+    };
+    sections(old, new, &mut changes);
+    changes
+}
+
+/// The configured endpoints' secrets (hidden by `Debug`), by id.
+fn endpoint_secrets(config: &Config) -> Vec<(String, String)> {
+    config
+        .webhooks
+        .iter()
+        .flat_map(|w| &w.endpoints)
+        .map(|e| (e.id.clone(), e.secret.expose().to_owned()))
+        .collect()
+}
+
+/// The sections that cannot change while running, compared.
+fn sections(old: &Config, new: &Config, changes: &mut Changes) {
+    let mut needs = |section: &str, differs: bool, why: &str| {
+        if differs {
+            changes.needs_restart.push(NeedsRestart {
+                section: section.to_owned(),
+                why: why.to_owned(),
+            });
+        }
+    };
+    needs(
+        "server",
+        !same(&old.server, &new.server),
+        "the listener and its connection settings are set when the server starts",
+    );
+    needs(
+        "log",
+        !same(&old.log, &new.log),
+        "logging is set up once, at start",
+    );
+    needs(
+        "upstream",
+        !same(&old.upstream, &new.upstream),
+        "the HTTP client, the backoff and the rate-limit groups are shared by every poller",
+    );
+    needs(
+        "simulator",
+        !same(&old.simulator, &new.simulator),
+        "the simulator's listener starts with the process",
+    );
+    needs(
+        "proxy",
+        !same(&old.proxy, &new.proxy) || proxy_secrets(old) != proxy_secrets(new),
+        "the proxy mode's tokens, limits and dynamic streams are built at start",
+    );
+    needs(
+        "cluster",
+        !same(&old.cluster, &new.cluster)
+            || old.cluster.as_ref().map(|c| &c.redis) != new.cluster.as_ref().map(|c| &c.redis),
+        "a node joins its cluster at start",
+    );
+    needs(
+        "websocket",
+        !same(&old.websocket, &new.websocket),
+        "WebSocket settings are read when the server starts",
+    );
+    needs(
+        "views.max_total",
+        old.max_views != new.max_views,
+        "the views' total bound is shared by every stream",
+    );
+    needs(
+        "sinks",
+        !same(&old.broker_sinks, &new.broker_sinks) || broker_urls(old) != broker_urls(new),
+        "broker sinks connect and start their publishers at start",
+    );
+    needs(
+        "push.max_body",
+        old.push.as_ref().map(|p| p.max_body_bytes) != new.push.as_ref().map(|p| p.max_body_bytes),
+        "the push routes' body limit is set when the server starts",
+    );
+    let without_endpoints = |c: &Config| {
+        c.webhooks.as_ref().map(|w| {
+            let mut w = w.clone();
+            w.endpoints.clear();
+            w.admin_token = None;
+            w
+        })
+    };
+    needs(
+        "webhooks",
+        !same(&without_endpoints(old), &without_endpoints(new))
+            || old
+                .webhooks
+                .as_ref()
+                .and_then(|w| w.admin_token.as_ref())
+                .map(|t| &t.0)
+                != new
+                    .webhooks
+                    .as_ref()
+                    .and_then(|w| w.admin_token.as_ref())
+                    .map(|t| &t.0),
+        "the outbox, the worker and the admin token are set up at start (endpoints reload live)",
+    );
+    let streams_change = changes.streams.iter().any(|(_, c)| {
+        matches!(
+            c,
+            StreamChange::Added | StreamChange::Removed | StreamChange::Restarted(_)
+        )
+    });
+    if new.cluster.is_some() && streams_change {
+        let names: Vec<&str> = changes
+            .streams
+            .iter()
+            .filter(|(_, c)| {
+                matches!(
+                    c,
+                    StreamChange::Added | StreamChange::Removed | StreamChange::Restarted(_)
+                )
+            })
+            .map(|(n, _)| n.as_str())
+            .collect();
+        changes.needs_restart.push(NeedsRestart {
+            section: "streams".to_owned(),
+            why: format!(
+                "in a cluster, streams are added, removed or started over by restarting the \
+                 nodes (their leases and logs are in Redis): {}",
+                names.join(", ")
+            ),
+        });
+    }
+    let new_dispatchers: Vec<&str> = changes
+        .streams
+        .iter()
+        .filter(|(_, c)| *c == StreamChange::Added || c.fields().contains(&"source"))
+        .map(|(n, _)| n.as_str())
+        .collect();
+    if !new_dispatchers.is_empty() && new.webhooks.is_some() {
+        changes.needs_restart.push(NeedsRestart {
+            section: "streams".to_owned(),
+            why: format!(
+                "webhooks start one dispatcher per stream at start (a push stream's also \
+                 stores its documents), so a new stream or a change of source needs a \
+                 restart: {}",
+                new_dispatchers.join(", ")
+            ),
+        });
+    }
+    let added: Vec<&str> = changes
+        .streams
+        .iter()
+        .filter(|(_, c)| *c == StreamChange::Added)
+        .map(|(n, _)| n.as_str())
+        .collect();
+    if !added.is_empty() && !new.broker_sinks.is_empty() {
+        changes.needs_restart.push(NeedsRestart {
+            section: "streams".to_owned(),
+            why: format!(
+                "broker sinks start their publishers at start, so a new stream needs a \
+                 restart to be published: {}",
+                added.join(", ")
+            ),
+        });
+    }
+}
+
+/// The proxy tokens' secrets (hidden by `Debug`).
+fn proxy_secrets(config: &Config) -> Vec<String> {
+    config
+        .proxy
+        .iter()
+        .flat_map(|p| &p.tokens)
+        .map(|t| {
+            let key = t
+                .signing_key
+                .as_ref()
+                .map(|k| format!("{}{}", k.beacon, k.key));
+            format!("{}\n{}", t.token, key.unwrap_or_default())
+        })
+        .collect()
+}
+
+/// The broker sinks' URLs, credentials included (hidden by `Debug`).
+fn broker_urls(config: &Config) -> Vec<String> {
+    config
+        .broker_sinks
+        .iter()
+        .map(|s| match &s.kind {
+            crate::sinks::broker::config::BrokerKind::Nats(nats) => nats.url.clone(),
+            crate::sinks::broker::config::BrokerKind::Redis(redis) => redis.url.clone(),
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{FileKind, parse_raw, validate};
+
+    fn config(toml: &str) -> Config {
+        let raw = parse_raw(toml, FileKind::Toml, None, Vec::new()).expect("parses");
+        validate(raw, None, &|_| None).expect("valid")
+    }
+
+    fn streams(toml: &str) -> Config {
+        config(&format!(
+            "[push]\ntoken = \"push-token-0123456789\"\n{toml}"
+        ))
+    }
+
+    const A: &str = "[[streams]]\nname = \"a\"\nurl = \"http://up.test/a\"\n";
+
+    fn change(old: &str, new: &str, name: &str) -> StreamChange {
+        changes(&streams(old), &streams(new))
+            .streams
+            .into_iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, c)| c)
+            .expect("the stream is listed")
+    }
+
+    #[test]
+    fn the_same_file_changes_nothing() {
+        let c = changes(&streams(A), &streams(A));
+        assert!(!c.any(), "{c:?}");
+        assert_eq!(c.streams, [("a".to_owned(), StreamChange::Unchanged)]);
+    }
+
+    #[test]
+    fn poll_settings_apply_live_and_the_rest_restarts() {
+        let with = |keys: &str| format!("{A}{keys}\n");
+        assert_eq!(
+            change(A, &with("interval = \"7s\"\ntimeout = \"3s\""), "a"),
+            StreamChange::Updated(vec!["interval", "timeout"])
+        );
+        assert_eq!(
+            change(A, &with("headers = { X-Key = \"v\" }"), "a"),
+            StreamChange::Updated(vec!["headers"])
+        );
+        assert_eq!(
+            change(
+                A,
+                "[[streams]]\nname = \"a\"\nurl = \"http://up.test/b\"\ninterval = \"7s\"\n",
+                "a"
+            ),
+            StreamChange::Restarted(vec!["url", "interval"])
+        );
+        assert_eq!(
+            change(A, &with("history = 5"), "a"),
+            StreamChange::Restarted(vec!["history"])
+        );
+        assert_eq!(
+            change(A, &with("[streams.diff]\nallow_move = true"), "a"),
+            StreamChange::Restarted(vec!["diff"])
+        );
+        assert_eq!(
+            change(
+                A,
+                &with(
+                    "[streams.filtering]\nentities = \"/v\"\nkey = \"id\"\naliases = { r = \"r\" }"
+                ),
+                "a"
+            ),
+            StreamChange::Restarted(vec!["views"])
+        );
+    }
+
+    #[test]
+    fn streams_come_go_and_change_source() {
+        let b = "[[streams]]\nname = \"b\"\nsource = \"push\"\n";
+        let c = changes(&streams(A), &streams(b));
+        assert_eq!(
+            c.streams,
+            [
+                ("b".to_owned(), StreamChange::Added),
+                ("a".to_owned(), StreamChange::Removed)
+            ]
+        );
+        assert!(c.needs_restart.is_empty(), "{c:?}");
+        let a_pushed = "[[streams]]\nname = \"a\"\nsource = \"push\"\n";
+        assert_eq!(
+            change(A, a_pushed, "a"),
+            StreamChange::Restarted(vec!["source"])
+        );
+    }
+
+    #[test]
+    fn sections_that_cannot_change_live_are_named() {
+        let old = streams(A);
+        let new = streams(&format!(
+            "[server]\nkeepalive = \"3s\"\n[upstream]\nuser_agent = \"x\"\n{A}"
+        ));
+        let c = changes(&old, &new);
+        let sections: Vec<&str> = c.needs_restart.iter().map(|n| n.section.as_str()).collect();
+        assert_eq!(sections, ["server", "upstream"]);
+        // The push token applies live.
+        let new = config(&format!(
+            "[push]\ntoken = \"another-token-0123456789\"\n{A}"
+        ));
+        let c = changes(&old, &new);
+        assert!(c.push_token && c.needs_restart.is_empty(), "{c:?}");
+    }
+
+    #[test]
+    fn with_webhooks_a_new_stream_needs_a_restart() {
+        let hooks = "[webhooks]\ndatabase = \"/tmp/x.db\"\n";
+        let old = streams(&format!("{hooks}{A}"));
+        let new = streams(&format!(
+            "{hooks}{A}[[streams]]\nname = \"b\"\nurl = \"http://up.test/b\"\n"
+        ));
+        let c = changes(&old, &new);
+        assert_eq!(c.needs_restart.len(), 1, "{c:?}");
+        assert!(c.needs_restart[0].why.contains("b"), "{c:?}");
+    }
+}
