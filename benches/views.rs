@@ -208,6 +208,8 @@ struct Setup {
     label: String,
     stream: Arc<Stream>,
     subscriptions: Vec<Subscription>,
+    /// The stream's views, if any.
+    views: Option<Arc<StreamViews>>,
     /// The poll the stream holds now.
     at: usize,
 }
@@ -228,6 +230,7 @@ impl Setup {
             Arc::new(Metrics::new()),
         )));
         let mut subscriptions = Vec::new();
+        let mut held_views = None;
         if let Some(queries) = queries {
             let views = Views::new();
             views.attach(
@@ -240,6 +243,7 @@ impl Setup {
                     Budget::new(configured.max_views),
                 ),
             );
+            held_views = views.of(NAME);
             for query in queries {
                 let target = match views.target(&hub, NAME, Some(query)) {
                     Some(Ok(target @ Target::View(..))) => target,
@@ -259,6 +263,7 @@ impl Setup {
             label,
             stream,
             subscriptions,
+            views: held_views,
             at: 0,
         }
     }
@@ -390,16 +395,17 @@ fn interleaved(documents: &[Value], configured: &Configured, diff_options: &Diff
         );
         println!();
         println!(
-            "| views | entities in them (last poll; the source has {}) | publish ms | × 0 views | × diff alone |",
+            "| views | entities in them (last poll; the source has {}) | publish ms | × 0 views | × diff alone | view changes derived / rebuilt whole |",
             documents[documents.len() - 1]["entity"]
                 .as_array()
                 .map_or(0, Vec::len)
         );
-        println!("|---|---|---|---|---|");
+        println!("|---|---|---|---|---|---|");
         for (setup, times) in setups.iter().zip(&times) {
             let m = median(times.clone());
+            let (derived, rebuilt) = setup.views.as_ref().map_or((0, 0), |v| v.derivations());
             println!(
-                "| {} | {} | {m:.2} | {:.2} | {:.2} |",
+                "| {} | {} | {m:.2} | {:.2} | {:.2} | {derived} / {rebuilt} |",
                 setup.label,
                 setup.held(),
                 m / base,

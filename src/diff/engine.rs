@@ -86,6 +86,63 @@ pub(crate) fn diff_containers_json(
     })
 }
 
+/// The operations turning `old` into `new`, two values found at `prefix` in a document,
+/// computed as [`diff_containers_json`] computes them there (key and ignore patterns match
+/// the whole path), written with pointers relative to `prefix` (see [`super::RelativePatch`]).
+pub(crate) fn diff_json_at<'v>(
+    old: &'v Value,
+    new: &'v Value,
+    prefix: &[super::At<'v>],
+    options: &DiffOptions,
+) -> super::RelativePatch {
+    let mut walk = Walk {
+        options,
+        path: Vec::with_capacity(prefix.len() + 8),
+        ops: Vec::new(),
+        op_steps: Vec::new(),
+        op_lens: Vec::new(),
+        walked: 0,
+    };
+    let mut live = Live {
+        keys: mask(options.keys.len()),
+        ignore: mask(options.ignore.len()),
+        depth: 0,
+    };
+    for at in prefix {
+        match *at {
+            super::At::Key(key) => {
+                live = walk.descend_key(live, key);
+                walk.path.push(Step::Key(key));
+            }
+            super::At::Index(index) => {
+                live = walk.descend_index(live, index);
+                walk.path.push(Step::Index(index));
+            }
+        }
+    }
+    walk.value(old, new, live);
+    let mut out = super::RelativePatch {
+        json: Vec::with_capacity(64 * walk.ops.len()),
+        pointers: Vec::with_capacity(walk.ops.len()),
+        operations: walk.ops.len(),
+        only_ignored: true,
+    };
+    for (i, op) in walk.ops.iter().enumerate() {
+        if i > 0 {
+            out.json.push(b',');
+        }
+        let pointers = &mut out.pointers;
+        out.only_ignored &= op.write_json_from(
+            &walk.op_steps,
+            prefix.len(),
+            options,
+            &mut out.json,
+            &mut |at| pointers.push(at),
+        );
+    }
+    out
+}
+
 /// Walks `old` and `new` and hands the operations found (with the steps their paths index)
 /// to `finish`.
 fn walk<R>(
@@ -218,10 +275,30 @@ impl Op<'_> {
     /// Appends this operation's compact JSON (as `serde_json` writes [`Op::write_out`]'s
     /// result) to `out`; returns whether it lies under an ignored path.
     fn write_json(&self, steps: &[Step<'_>], options: &DiffOptions, out: &mut Vec<u8>) -> bool {
+        self.write_json_from(steps, 0, options, out, &mut |_| {})
+    }
+
+    /// [`Op::write_json`] with each pointer written without its first `skip` steps (which
+    /// still count for the ignore patterns); `mark` is told where each pointer's text begins
+    /// in `out` (just after its opening quote), so a prefix can be spliced in later.
+    fn write_json_from(
+        &self,
+        steps: &[Step<'_>],
+        skip: usize,
+        options: &DiffOptions,
+        out: &mut Vec<u8>,
+        mark: &mut impl FnMut(usize),
+    ) -> bool {
         let ignored = |p: &PointerBuf| super::is_ignored(p, options);
         // Writing JSON into a Vec cannot fail.
-        let string = |out: &mut Vec<u8>, s: &str| {
-            let _ = serde_json::to_writer(&mut *out, s);
+        let mut string = |out: &mut Vec<u8>, range: &Range<usize>| {
+            mark(out.len() + 1);
+            if skip == 0 {
+                let _ = serde_json::to_writer(&mut *out, pointer(&steps[range.clone()]).as_str());
+            } else {
+                let relative = pointer(&steps[range.start + skip..range.end]);
+                let _ = serde_json::to_writer(&mut *out, relative.as_str());
+            }
         };
         let pointer = |range: &Range<usize>| pointer(&steps[range.clone()]);
         match self {
@@ -231,29 +308,26 @@ impl Op<'_> {
                 } else {
                     b"{\"op\":\"replace\",\"path\":"
                 };
-                let path = pointer(path);
                 out.extend_from_slice(name);
-                string(out, path.as_str());
+                string(out, path);
                 out.extend_from_slice(b",\"value\":");
                 let _ = serde_json::to_writer(&mut *out, *value);
                 out.push(b'}');
-                ignored(&path)
+                ignored(&pointer(path))
             }
             Op::Remove { path } => {
-                let path = pointer(path);
                 out.extend_from_slice(b"{\"op\":\"remove\",\"path\":");
-                string(out, path.as_str());
+                string(out, path);
                 out.push(b'}');
-                ignored(&path)
+                ignored(&pointer(path))
             }
             Op::Move { from, path } => {
-                let (from, path) = (pointer(from), pointer(path));
                 out.extend_from_slice(b"{\"op\":\"move\",\"from\":");
-                string(out, from.as_str());
+                string(out, from);
                 out.extend_from_slice(b",\"path\":");
-                string(out, path.as_str());
+                string(out, path);
                 out.push(b'}');
-                ignored(&from) && ignored(&path)
+                ignored(&pointer(from)) && ignored(&pointer(path))
             }
         }
     }

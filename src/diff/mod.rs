@@ -231,6 +231,49 @@ pub fn diff_json(old: &Value, new: &Value, options: &DiffOptions) -> PatchJson {
     }
 }
 
+/// The length of `value`'s compact JSON, without writing it.
+pub fn json_len(value: &Value) -> usize {
+    size::value_len(value, usize::MAX).unwrap_or(usize::MAX)
+}
+
+/// One step of the path to the values [`diff_json_at`] compares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum At<'a> {
+    /// An object's member.
+    Key(&'a str),
+    /// An array's element.
+    Index(usize),
+}
+
+/// The operations between two values found at some path of a document, with pointers relative
+/// to that path: what a view splices under its own index of an entity.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RelativePatch {
+    /// The operations' compact JSON, separated by commas, without the enclosing brackets.
+    /// Each pointer is relative (`""` for the values themselves).
+    pub json: Vec<u8>,
+    /// Where each pointer's text begins in `json` (just after its opening quote), in order:
+    /// inserting a JSON-escaped pointer there re-roots the operation.
+    pub pointers: Vec<usize>,
+    /// How many operations there are.
+    pub operations: usize,
+    /// Every operation lies at or below an ignored path (the whole path counts).
+    pub only_ignored: bool,
+}
+
+/// [`diff_json`] of `old` and `new` as found at `prefix` in a document: the same operations
+/// the diff of the whole documents makes there (key and ignore patterns match the whole path),
+/// with pointers relative to `prefix`. A change of kind, or of a scalar, is one `replace` of
+/// `""`.
+pub fn diff_json_at<'v>(
+    old: &'v Value,
+    new: &'v Value,
+    prefix: &[At<'v>],
+    options: &DiffOptions,
+) -> RelativePatch {
+    engine::diff_json_at(old, new, prefix, options)
+}
+
 /// True when `patch` replaces the whole document (see [`diff`]): send a snapshot instead.
 pub fn is_root_replace(patch: &Patch) -> bool {
     patch.0.iter().any(|op| op.path().is_root())

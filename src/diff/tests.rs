@@ -736,3 +736,42 @@ mod bounded_apply {
         assert!(apply_bounded(&mut doc, &one, 3 * COPY_WORK - 1).is_err());
     }
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(512))]
+
+    /// `diff_json_at`: its operations, re-rooted under any index of the array they were
+    /// computed at, turn that element from `a` into `b`; ignored-only is decided on the whole
+    /// path; and the operations are `diff_json`'s of the two values where they sit.
+    #[test]
+    fn relative_patches_splice_under_any_index(
+        a in arb_json(), b in arb_json(), o in arb_options(),
+        index in 0usize..3, ignore in any::<bool>(),
+    ) {
+        let mut o = o;
+        if ignore {
+            o.ignore = vec![PathPattern::parse("/entity/*/x").unwrap()];
+        }
+        let relative = super::diff_json_at(&a, &b, &[super::At::Key("entity"), super::At::Index(0)], &o);
+        let prefix = format!("/entity/{index}");
+        let mut json = b"[".to_vec();
+        let mut copied = 0;
+        for &at in &relative.pointers {
+            json.extend_from_slice(&relative.json[copied..at]);
+            json.extend_from_slice(prefix.as_bytes());
+            copied = at;
+        }
+        json.extend_from_slice(&relative.json[copied..]);
+        json.push(b']');
+        let patch: Patch = serde_json::from_slice(&json).unwrap();
+        prop_assert_eq!(patch.0.len(), relative.operations);
+        let mut others: Vec<Value> = (0..3).map(|i| json!({"other": i})).collect();
+        others[index] = a.clone();
+        let mut doc = json!({"entity": others.clone()});
+        let applied = apply(&mut doc, &patch);
+        prop_assert!(applied.is_ok(), "{:?} for {}", applied, String::from_utf8_lossy(&json));
+        others[index] = b.clone();
+        prop_assert_eq!(&doc, &json!({"entity": others}));
+        prop_assert_eq!(relative.only_ignored, super::only_ignored(&patch, &o));
+    }
+}

@@ -5,14 +5,18 @@
 //! result into one `Change` serialized once, and sends an `Arc` of it to every subscriber.
 //! Subscribing takes the current snapshot (or the missed changes, when resuming) and a receiver
 //! under the same lock the publisher holds, so no change falls between the two.
+//!
+//! A view's stream is kept lazily ([`Stream::lazy`]): its changes are computed by its views
+//! and appended as they are, and its document is built by a [`Materialize`] only when someone
+//! needs it (a new subscriber, the JSON endpoint, a resync).
 
 mod stream;
 
 pub use crate::wire::ChangeKind;
 pub use stream::{
-    Change, ChangesAfter, Delivered, Derivation, Diverged, EventId, Initial, Preparation, Prepared,
-    Publication, Recovery, Resume, Stream, StreamEvent, StreamOptions, Subscription,
-    UpstreamFailure,
+    Change, ChangesAfter, Delivered, Derivation, Diverged, EventId, Initial, Materialize,
+    Preparation, Prepared, Publication, Recovery, Resume, Stream, StreamEvent, StreamOptions,
+    Subscription, UpstreamFailure,
 };
 
 use std::collections::BTreeMap;

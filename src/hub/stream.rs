@@ -118,7 +118,8 @@ pub struct Recovery {
 pub enum StreamEvent {
     /// A new change, with the JSON of the document after it (for sinks that send whole
     /// documents). The document is held only until every receiver has seen the event, never by
-    /// history.
+    /// history. Empty for a lazily kept stream's patch (a view's: its subscribers are SSE and
+    /// WebSocket sinks, which never read it; see [`Stream::lazy`]).
     Change(Arc<Change>, Bytes),
     /// The upstream failed; the last good document stays current.
     Failure(Arc<UpstreamFailure>),
@@ -229,6 +230,14 @@ impl Delivered {
     pub fn bytes(&self) -> u64 {
         self.bytes.load(Ordering::Relaxed)
     }
+}
+
+/// Builds a lazily kept stream's current document when someone needs it: a view keeps its
+/// changes (patches), and its document's tree and JSON are built only for a new subscriber,
+/// the JSON endpoint or a resync, not on every change.
+pub trait Materialize: Send + Sync {
+    /// The document at the stream's top (`None` before any), built now if it is not yet.
+    fn current(&self) -> Option<Arc<Snapshot>>;
 }
 
 /// What publishing a document did.
@@ -367,8 +376,14 @@ struct State {
     /// Every change after this sequence number is in `history` (a resume from an id at or
     /// after it is exact); it moves up as history is trimmed.
     floor: u64,
-    /// What `history` holds, in bytes (`Change::retained_bytes`, summed when last trimmed).
+    /// What `history` holds, in bytes: the sum of `counted`, kept as a running total.
     history_bytes: u64,
+    /// Each history entry's `Change::retained_bytes` when last counted (parallel to
+    /// `history`): frames are built after a change is committed, so entries are recounted
+    /// (the newest few on every commit, all of them once per `history.len()` commits).
+    counted: VecDeque<u64>,
+    /// Commits since every entry was last recounted.
+    since_recount: usize,
     failure: Option<Arc<UpstreamFailure>>,
     /// The last recovery, for subscribers that lagged past its event.
     recovery: Option<Arc<Recovery>>,
@@ -403,6 +418,8 @@ pub struct Stream {
     deriving: Mutex<()>,
     /// Since when the stream has had no subscription (`None` while it has some).
     idle: Mutex<Option<std::time::Instant>>,
+    /// Where a lazily kept stream's document comes from (it is not in the snapshot store).
+    materializer: Option<Arc<dyn Materialize>>,
 }
 
 impl fmt::Debug for Stream {
@@ -475,6 +492,8 @@ impl Stream {
                 history: VecDeque::new(),
                 floor: 0,
                 history_bytes: 0,
+                counted: VecDeque::new(),
+                since_recount: 0,
                 failure: None,
                 recovery: None,
                 last_change_at: None,
@@ -488,6 +507,7 @@ impl Stream {
             derivation: std::sync::RwLock::new(None),
             deriving: Mutex::new(()),
             idle: Mutex::new(Some(std::time::Instant::now())),
+            materializer: None,
         }
     }
 
@@ -510,6 +530,34 @@ impl Stream {
         };
         stream.labels = labels;
         stream.sparse = true;
+        stream
+    }
+
+    /// A view's stream kept lazily: like [`Self::derived`], but its document is not stored:
+    /// `materializer` builds it when someone needs it, and its changes are appended with
+    /// [`Self::append`]. It starts at `seq` of `epoch` (0: no document yet).
+    #[allow(clippy::too_many_arguments)]
+    pub fn lazy(
+        name: &str,
+        options: StreamOptions,
+        snapshots: SnapshotStore,
+        metrics: Arc<Metrics>,
+        labels: StreamLabels,
+        epoch: u64,
+        seq: u64,
+        at: Option<SystemTime>,
+        materializer: Arc<dyn Materialize>,
+    ) -> Self {
+        let mut stream = Self::in_epoch(name, epoch, options, snapshots, metrics);
+        {
+            let state = stream.state.get_mut().unwrap_or_else(|e| e.into_inner());
+            state.seq = seq;
+            state.floor = seq;
+            state.last_change_at = at;
+        }
+        stream.labels = labels;
+        stream.sparse = true;
+        stream.materializer = Some(materializer);
         stream
     }
 
@@ -647,7 +695,10 @@ impl Stream {
 
     /// The current document, if the stream has one.
     pub fn snapshot(&self) -> Option<Arc<Snapshot>> {
-        self.snapshots.get(&self.name)
+        match &self.materializer {
+            Some(materializer) => materializer.current(),
+            None => self.snapshots.get(&self.name),
+        }
     }
 
     /// The current sequence number (0 before the first document).
@@ -841,6 +892,46 @@ impl Stream {
             at,
             frames,
         });
+        self.append_change(change, Some(snapshot))
+    }
+
+    /// Appends a change computed elsewhere to a lazily kept stream (see [`Self::lazy`]): the
+    /// patch `payload`, or for a snapshot change the document after it, `snapshot` (whose
+    /// frames the change shares). Same rules as [`Self::commit`]; the document itself stays
+    /// with the stream's materializer, and live subscribers are sent the change without it
+    /// (a view's subscribers are SSE and WebSocket sinks, which never read it).
+    pub fn append(
+        &self,
+        epoch: u64,
+        seq: u64,
+        at: SystemTime,
+        payload: Bytes,
+        snapshot: Option<Arc<Snapshot>>,
+    ) -> Result<Option<Arc<Change>>, Diverged> {
+        let (kind, frames) = match &snapshot {
+            Some(snapshot) => (ChangeKind::Snapshot, snapshot.frames.clone()),
+            None => (ChangeKind::Patch, Arc::default()),
+        };
+        let change = Arc::new(Change {
+            stream: self.name.clone(),
+            epoch,
+            seq,
+            kind,
+            payload,
+            at,
+            frames,
+        });
+        self.append_change(change, snapshot)
+    }
+
+    /// Appends `change` (with the document after it, unless the stream is kept lazily) and
+    /// fans it out: history, the current snapshot, every subscriber, the derivation.
+    fn append_change(
+        &self,
+        change: Arc<Change>,
+        snapshot: Option<Arc<Snapshot>>,
+    ) -> Result<Option<Arc<Change>>, Diverged> {
+        let (epoch, seq, at) = (change.epoch, change.seq, change.at);
         let derive = {
             let mut state = self.lock();
             let next = if self.sparse {
@@ -862,21 +953,34 @@ impl Stream {
             state.seq = seq;
             state.failure = None;
             state.last_change_at = Some(at);
-            state.history.push_back(change.clone());
+            push_history(&mut state, change.clone());
             self.trim_history(&mut state);
-            let document = snapshot.json.clone();
-            let previous = self.snapshots.get(&self.name);
-            self.snapshots.insert(self.name.clone(), snapshot.clone());
+            let document = snapshot
+                .as_ref()
+                .map_or_else(Bytes::new, |s| s.json.clone());
+            let previous = match (&snapshot, &self.materializer) {
+                (Some(snapshot), None) => {
+                    let previous = self.snapshots.get(&self.name);
+                    self.snapshots.insert(self.name.clone(), snapshot.clone());
+                    previous
+                }
+                _ => None,
+            };
             // No receivers is not an error: nobody is listening right now.
             if let Some(live) = &state.live {
                 let _ = live.send(StreamEvent::Change(change.clone(), document));
             }
-            self.handing_over().map(|handover| (handover, previous))
+            match &snapshot {
+                Some(snapshot) if self.materializer.is_none() => self
+                    .handing_over()
+                    .map(|handover| (handover, previous, snapshot.clone())),
+                _ => None,
+            }
         };
-        if let Some(((_order, derivation), previous)) = derive {
+        if let Some(((_order, derivation), previous, snapshot)) = derive {
             derivation.changed(previous.as_ref(), &snapshot, &change);
         }
-        self.count(&change, &snapshot);
+        self.count(&change, snapshot.as_ref().map_or(0, |s| s.json.len()));
         Ok(Some(change))
     }
 
@@ -949,14 +1053,26 @@ impl Stream {
         history: Vec<Arc<Change>>,
     ) {
         let snapshot = Arc::new(Snapshot::taken_at(epoch, seq, document, at));
+        self.reset_to(snapshot, history);
+    }
+
+    /// [`Self::reset`] to a snapshot already built (a lazily kept stream's materializer holds
+    /// the same one).
+    pub fn reset_to(&self, snapshot: Arc<Snapshot>, history: Vec<Arc<Change>>) {
+        let (epoch, seq, at) = (snapshot.epoch, snapshot.seq, snapshot.at);
         let mut state = self.lock();
         state.epoch = epoch;
         state.seq = seq;
         state.last_change_at = Some(at);
-        state.history = history
+        state.history.clear();
+        state.counted.clear();
+        state.history_bytes = 0;
+        for change in history
             .into_iter()
             .filter(|c| c.epoch == epoch && c.seq <= seq)
-            .collect();
+        {
+            push_history(&mut state, change);
+        }
         // The history given is contiguous up to `seq`: resumes from its first change's base on
         // are exact.
         state.floor = state
@@ -964,7 +1080,9 @@ impl Stream {
             .front()
             .map_or(seq, |first| first.seq.saturating_sub(1));
         self.trim_history(&mut state);
-        self.snapshots.insert(self.name.clone(), snapshot.clone());
+        if self.materializer.is_none() {
+            self.snapshots.insert(self.name.clone(), snapshot.clone());
+        }
         if let Some(live) = &state.live {
             let _ = live.send(StreamEvent::Reset(snapshot.clone()));
         }
@@ -995,7 +1113,7 @@ impl Stream {
         })
     }
 
-    fn count(&self, change: &Change, snapshot: &Snapshot) {
+    fn count(&self, change: &Change, snapshot_bytes: usize) {
         self.changes.fetch_add(1, Ordering::Relaxed);
         if self.sparse {
             // A view's changes are counted by its views (`patchwire_view_*`).
@@ -1013,37 +1131,36 @@ impl Stream {
         self.metrics
             .snapshot_bytes
             .get_or_create(&self.labels)
-            .inc_by(snapshot.json.len() as u64);
+            .inc_by(snapshot_bytes as u64);
     }
 
     /// Drops the oldest changes until history is within both its count and its byte bound.
-    /// The bytes are summed afresh each time: frames built since (by the SSE sink, in either
-    /// dialect, plain or deflated) count too. A resume older than what is left gets the current snapshot.
+    /// The bytes are a running total (O(1) amortized per commit, not a sum over history):
+    /// frames the sinks build after a commit count too, so the newest [`RECOUNT_NEWEST`]
+    /// entries are recounted on every commit (that is where frames get built, as a change is
+    /// sent) and every entry once per `history.len()` commits (frames of older changes, built
+    /// for subscribers resuming). A resume older than what is left gets the current snapshot.
     fn trim_history(&self, state: &mut State) {
+        state.since_recount += 1;
+        let from = if state.since_recount >= state.history.len() {
+            state.since_recount = 0;
+            0
+        } else {
+            state.history.len().saturating_sub(RECOUNT_NEWEST)
+        };
+        recount(state, from);
         let (history, history_bytes) = {
             let options = self.options.read().unwrap_or_else(|e| e.into_inner());
             (options.history, options.history_bytes)
         };
         while state.history.len() > history {
-            if let Some(oldest) = state.history.pop_front() {
-                state.floor = oldest.seq;
+            pop_history(state);
+        }
+        while state.history_bytes > history_bytes {
+            if !pop_history(state) {
+                break;
             }
         }
-        let mut bytes: u64 = state
-            .history
-            .iter()
-            .map(|c| c.retained_bytes() as u64)
-            .sum();
-        while bytes > history_bytes {
-            match state.history.pop_front() {
-                Some(oldest) => {
-                    bytes -= oldest.retained_bytes() as u64;
-                    state.floor = oldest.seq;
-                }
-                None => break,
-            }
-        }
-        state.history_bytes = bytes;
         if self.sparse {
             // A view's stream counts under its source's labels: its history is measured by
             // its views (`patchwire_view_bytes`), not in place of its source's.
@@ -1056,7 +1173,7 @@ impl Stream {
         self.metrics
             .history_bytes
             .get_or_create(&self.labels)
-            .set(i64::try_from(bytes).unwrap_or(i64::MAX));
+            .set(i64::try_from(state.history_bytes).unwrap_or(i64::MAX));
     }
 
     /// Change `seq` of `epoch`, if history still holds it.
@@ -1210,13 +1327,29 @@ impl Stream {
     /// otherwise (too old, another epoch, malformed, from the future) the subscriber starts
     /// from the current snapshot.
     pub fn subscribe(self: &Arc<Self>, resume: &Resume) -> Subscription {
-        let state = self.lock();
+        let (state, snapshot) = match &self.materializer {
+            None => {
+                let state = self.lock();
+                let snapshot = self.snapshots.get(&self.name);
+                (state, snapshot)
+            }
+            // The document is built outside the state lock (its changes are appended under
+            // the materializer's lock, which is taken before the state lock), then checked to
+            // be the top's: a change appended in between builds it again.
+            Some(materializer) => loop {
+                let snapshot = materializer.current();
+                let state = self.lock();
+                match &snapshot {
+                    Some(s) if (s.epoch, s.seq) != (state.epoch, state.seq) => continue,
+                    _ => break (state, snapshot),
+                }
+            },
+        };
         let live = match &state.live {
             Some(live) => live.subscribe(),
             // Closed: a receiver whose sender is already gone ends at once.
             None => broadcast::channel(1).1,
         };
-        let snapshot = self.snapshots.get(&self.name);
         let mut initial = Vec::new();
 
         let replay_from = match resume {
@@ -1261,6 +1394,42 @@ impl Stream {
                 stream: self.clone(),
             },
         }
+    }
+}
+
+/// History entries recounted on every commit (see [`Stream::trim_history`]).
+const RECOUNT_NEWEST: usize = 4;
+
+/// Appends `change` to history, counting its bytes.
+fn push_history(state: &mut State, change: Arc<Change>) {
+    let bytes = change.retained_bytes() as u64;
+    state.history.push_back(change);
+    state.counted.push_back(bytes);
+    state.history_bytes += bytes;
+}
+
+/// Drops the oldest change from history (`false`: history is empty).
+fn pop_history(state: &mut State) -> bool {
+    let Some(oldest) = state.history.pop_front() else {
+        return false;
+    };
+    let bytes = state.counted.pop_front().unwrap_or(0);
+    state.history_bytes = state.history_bytes.saturating_sub(bytes);
+    state.floor = oldest.seq;
+    true
+}
+
+/// Recounts history's entries from index `from` on (frames built since they were counted).
+fn recount(state: &mut State, from: usize) {
+    for (change, counted) in state
+        .history
+        .iter()
+        .zip(state.counted.iter_mut())
+        .skip(from)
+    {
+        let now = change.retained_bytes() as u64;
+        state.history_bytes = state.history_bytes - *counted + now;
+        *counted = now;
     }
 }
 

@@ -6,6 +6,7 @@
 //! - [`select`]: how a view selects and projects (pure).
 //! - [`config`]: `[streams.filtering]`, `[[streams.views]]`, `[views]`.
 //! - [`set`]: the views of one stream, derived incrementally from its changes.
+//! - [`document`]: a view's document, built only when someone needs it.
 //!
 //! A view of stream `s` is named `s@{view}` (`view` a configured name, or `~` and 12 hex
 //! digits of the ad hoc spec's canonical form): its event ids are `s@{view}:{epoch}:{seq}`
@@ -13,6 +14,7 @@
 //! every node of a cluster computes the same ids from the same log.
 
 pub mod config;
+pub mod document;
 pub mod select;
 pub mod set;
 pub mod spec;

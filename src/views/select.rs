@@ -135,6 +135,16 @@ impl Compiled {
         self.spec.equals.iter()
     }
 
+    /// Whether the view keeps only some fields of each entity.
+    pub fn projects(&self) -> bool {
+        self.fields.is_some()
+    }
+
+    /// The paths the view keeps of each entity (the key's included), if it projects.
+    pub fn fields(&self) -> Option<&[Vec<String>]> {
+        self.fields.as_deref()
+    }
+
     /// What the view keeps of `entity`: its fields, or the whole entity without `fields`.
     pub fn project(&self, entity: &Value) -> Value {
         let Some(fields) = &self.fields else {

@@ -1,0 +1,151 @@
+//! A view's document, kept lazily: the patches since it was last built, built into a
+//! [`Snapshot`] (tree and JSON) only when someone needs it (a new subscriber, the JSON endpoint,
+//! a resync), so a change costs a view what changed in it, not its whole document.
+
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::SystemTime;
+
+use bytes::Bytes;
+use serde_json::Value;
+
+use crate::diff;
+use crate::hub::Materialize;
+use crate::snapshot::Snapshot;
+
+/// Patches are applied to the base once they weigh this much, or the document's JSON if more:
+/// applying costs about what writing them did, so this is O(1) amortized per patch byte and
+/// bounds what a view nobody reads holds.
+const MIN_PENDING_BYTES: usize = 64 * 1024;
+
+/// A view's document: shared by the view (which appends its changes under its lock) and its
+/// stream (which asks it for the current snapshot).
+#[derive(Default)]
+pub struct ViewDocument {
+    state: Mutex<State>,
+}
+
+#[derive(Default)]
+pub(super) struct State {
+    epoch: u64,
+    seq: u64,
+    at: Option<SystemTime>,
+    /// The document as of the last patch applied (`None` before any document).
+    base: Option<Value>,
+    /// Patches after `base`, oldest first.
+    pending: Vec<Bytes>,
+    pending_bytes: usize,
+    /// The snapshot at `seq`, once built (cleared by every change).
+    built: Option<Arc<Snapshot>>,
+    /// The length of the current document's JSON, kept by the view as it changes.
+    pub(super) json_len: usize,
+}
+
+impl ViewDocument {
+    /// No document yet.
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+
+    /// Locked: the view appends a change to its stream and records it here under this lock,
+    /// so whoever builds the document sees it at the stream's top.
+    pub(super) fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl State {
+    /// Starts over from `snapshot`.
+    pub(super) fn reset(&mut self, snapshot: &Arc<Snapshot>) {
+        self.epoch = snapshot.epoch;
+        self.seq = snapshot.seq;
+        self.at = Some(snapshot.at);
+        self.base = Some(snapshot.document.clone());
+        self.pending.clear();
+        self.pending_bytes = 0;
+        self.json_len = snapshot.json.len();
+        self.built = Some(snapshot.clone());
+    }
+
+    /// `patch` (RFC 6902 JSON) is the change at `seq` of `epoch`, and `json_len` the length of
+    /// the document's JSON after it.
+    pub(super) fn patched(
+        &mut self,
+        epoch: u64,
+        seq: u64,
+        at: SystemTime,
+        patch: Bytes,
+        json_len: usize,
+    ) {
+        self.epoch = epoch;
+        self.seq = seq;
+        self.at = Some(at);
+        self.pending_bytes += patch.len();
+        self.pending.push(patch);
+        self.json_len = json_len;
+        self.built = None;
+        if self.pending_bytes > MIN_PENDING_BYTES.max(json_len) {
+            self.apply_pending();
+        }
+    }
+
+    /// The document after `patch` would be applied at `seq` of `epoch`, built now (a view
+    /// publishing a snapshot change instead of a large patch); the state is not changed.
+    pub(super) fn with_patch(
+        &mut self,
+        epoch: u64,
+        seq: u64,
+        at: SystemTime,
+        patch: &[u8],
+    ) -> Option<Arc<Snapshot>> {
+        self.apply_pending();
+        let mut document = self.base.clone()?;
+        apply(&mut document, patch);
+        Some(Arc::new(Snapshot::taken_at(epoch, seq, document, at)))
+    }
+
+    /// The current snapshot, built if it is not yet.
+    pub(super) fn current(&mut self) -> Option<Arc<Snapshot>> {
+        if let Some(built) = &self.built {
+            return Some(built.clone());
+        }
+        self.apply_pending();
+        let base = self.base.as_ref()?;
+        let snapshot = Arc::new(Snapshot::taken_at(
+            self.epoch,
+            self.seq,
+            base.clone(),
+            self.at.unwrap_or(SystemTime::UNIX_EPOCH),
+        ));
+        self.json_len = snapshot.json.len();
+        self.built = Some(snapshot.clone());
+        Some(snapshot)
+    }
+
+    fn apply_pending(&mut self) {
+        let pending = std::mem::take(&mut self.pending);
+        self.pending_bytes = 0;
+        if let Some(base) = &mut self.base {
+            for patch in &pending {
+                apply(base, patch);
+            }
+        }
+    }
+}
+
+/// Applies a patch the view wrote itself to the document it was written for. It cannot fail;
+/// if it ever did, the fault is logged and the document left as the patch's valid prefix made
+/// it (the property tests check every view against an independent evaluation).
+fn apply(document: &mut Value, patch: &[u8]) {
+    let result = serde_json::from_slice::<diff::Patch>(patch)
+        .map_err(|e| e.to_string())
+        .and_then(|patch| diff::apply(document, &patch).map_err(|e| e.to_string()));
+    if let Err(error) = result {
+        tracing::error!(%error, "a view's own patch does not apply to its document");
+    }
+}
+
+impl Materialize for ViewDocument {
+    fn current(&self) -> Option<Arc<Snapshot>> {
+        self.lock().current()
+    }
+}
