@@ -271,6 +271,7 @@ impl App {
                 node: node.clone(),
                 writers,
             }),
+            contracts: Arc::new(crate::contracts::Surface::of(&config)),
         });
         let server = &config.server;
         let mut subscriptions = Subscriptions::new(

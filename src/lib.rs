@@ -43,6 +43,7 @@ pub mod api;
 pub mod app;
 pub mod cluster;
 pub mod config;
+pub mod contracts;
 pub mod diff;
 pub mod hub;
 pub mod metrics;

@@ -54,6 +54,8 @@ pub struct AppState {
     pub proxy: Option<Arc<crate::proxy::Proxy>>,
     /// This node's part of a cluster, when `[cluster]` is configured.
     pub cluster: Option<ClusterState>,
+    /// What the configuration exposes, for `/asyncapi.json` and `/openapi.json`.
+    pub contracts: Arc<crate::contracts::Surface>,
 }
 
 /// What the routes need of the cluster.
@@ -92,6 +94,8 @@ pub fn router(state: Arc<AppState>, cors: &Cors) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        .route("/asyncapi.json", get(asyncapi))
+        .route("/openapi.json", get(openapi))
         .fallback(fallback)
         .with_state(state)
         .merge(admin);
@@ -164,6 +168,17 @@ async fn readyz(State(state): State<Arc<AppState>>) -> Response {
         ),
         _ => "ready\n".into_response(),
     }
+}
+
+/// The AsyncAPI 3.0 document of the streams, their document schemas inferred from the current
+/// documents where the configuration names no schema.
+async fn asyncapi(State(state): State<Arc<AppState>>) -> Response {
+    axum::Json(state.contracts.asyncapi(&state.hub)).into_response()
+}
+
+/// The OpenAPI 3.1 document of the HTTP endpoints.
+async fn openapi(State(state): State<Arc<AppState>>) -> Response {
+    axum::Json(state.contracts.openapi(&state.hub)).into_response()
 }
 
 async fn healthz() -> &'static str {
