@@ -77,9 +77,11 @@ impl AppState {
 pub fn router(state: Arc<AppState>, cors: &Cors) -> Router {
     // The push methods authorize from the head before their body extractor runs; the limit is
     // enforced by `push::PushBody` itself.
+    // `route_layer`: the head check runs for POST and PATCH only, so another method is a 405
+    // with `Allow`, not a 401.
     let push = axum::routing::post(push::post_document)
         .patch(push::patch_document)
-        .layer(axum::middleware::from_fn_with_state(
+        .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             push::authorize_head,
         ));
@@ -96,9 +98,15 @@ pub fn router(state: Arc<AppState>, cors: &Cors) -> Router {
         .route("/metrics", get(metrics))
         .route("/asyncapi.json", get(asyncapi))
         .route("/openapi.json", get(openapi))
-        .fallback(fallback)
-        .with_state(state)
-        .merge(admin);
+        .fallback(fallback);
+    // `GET /ws` upgrades before the router (`subscribe::Subscriptions::upgrade`); what reaches
+    // it is a `HEAD` (a 426 as a `GET` without an upgrade is) or another method (a 405).
+    let router = if state.contracts.websocket {
+        router.route("/ws", get(websocket_without_upgrade))
+    } else {
+        router
+    };
+    let router = router.with_state(state).merge(admin);
     match cors_layer(cors) {
         Some(layer) => router.layer(layer),
         None => router,
@@ -179,6 +187,21 @@ async fn asyncapi(State(state): State<Arc<AppState>>) -> Response {
 /// The OpenAPI 3.1 document of the HTTP endpoints.
 async fn openapi(State(state): State<Arc<AppState>>) -> Response {
     axum::Json(state.contracts.openapi(&state.hub)).into_response()
+}
+
+/// `HEAD /ws`: what `GET /ws` without an upgrade is answered (the handshake's refusal).
+async fn websocket_without_upgrade() -> Response {
+    let mut response = error_response(
+        StatusCode::UPGRADE_REQUIRED,
+        "GET /ws upgrades to a WebSocket: send Upgrade: websocket and Sec-WebSocket-Version: 13",
+    );
+    let headers = response.headers_mut();
+    headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    headers.insert(
+        header::SEC_WEBSOCKET_VERSION,
+        HeaderValue::from_static("13"),
+    );
+    response
 }
 
 async fn healthz() -> &'static str {

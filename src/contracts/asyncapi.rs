@@ -104,7 +104,7 @@ impl Document {
         }
         for sink in &surface.brokers {
             self.servers.insert(
-                format!("{}-{}", sink.kind, sink.name),
+                format!("sink-{}", sink.name),
                 json!({"host": sink.host, "protocol": sink.kind, "description": format!("The broker of sink {:?}.", sink.name)}),
             );
         }
@@ -368,7 +368,7 @@ impl Document {
 
     /// A broker sink's subjects (NATS) or keys (Redis), one channel per stream.
     fn broker_channels(&mut self, surface: &Surface, sink: &super::BrokerSurface) {
-        let server = format!("{}-{}", sink.kind, sink.name);
+        let server = format!("sink-{}", sink.name);
         for (stream, destination) in &sink.streams {
             let allow_move = surface
                 .streams

@@ -253,6 +253,12 @@ impl DocumentSchemas {
         }
     }
 
+    /// The component schema name of any view of `stream` (ad hoc ones included): the stream's
+    /// shape, requiring nothing, since `fields` may drop any field of an entity.
+    pub fn any_view(stream: &str) -> String {
+        format!("{stream}.views.document")
+    }
+
     /// The component schemas of every stream's and named view's documents. A view's documents
     /// have its stream's shape, but a view that projects `fields` keeps only some of each
     /// entity's: its schema requires nothing.
@@ -263,6 +269,12 @@ impl DocumentSchemas {
                 continue;
             };
             out.insert(Self::name(&stream.name, None), schema.clone());
+            if !stream.views.is_empty() || !stream.aliases.is_empty() {
+                out.insert(
+                    Self::any_view(&stream.name),
+                    infer::without_required(schema),
+                );
+            }
             for (view, projects) in &stream.views {
                 let schema = if *projects {
                     infer::without_required(schema)

@@ -17,12 +17,12 @@ pub fn document(surface: &Surface, documents: &DocumentSchemas) -> Value {
     for stream in &surface.streams {
         paths.insert(
             format!("/streams/{}", stream.name),
-            stream_path(stream, None),
+            stream_path(stream, None, surface.push),
         );
         for view in stream.views.keys() {
             paths.insert(
                 format!("/streams/{}@{view}", stream.name),
-                stream_path(stream, Some(view)),
+                stream_path(stream, Some(view), surface.push),
             );
         }
     }
@@ -118,24 +118,32 @@ fn operation_id(prefix: &str, stream: &str, view: Option<&str>) -> String {
     format!("{prefix}:{name}")
 }
 
-fn stream_path(stream: &super::StreamSurface, view: Option<&str>) -> Value {
-    let document = reference(&DocumentSchemas::name(&stream.name, view));
+fn stream_path(stream: &super::StreamSurface, view: Option<&str>, surface_push: bool) -> Value {
+    let has_views = !stream.views.is_empty() || !stream.aliases.is_empty();
+    // The JSON view of a stream with views may be a view's (`?view=`, `?fields=`...), whose
+    // entities may lack fields the stream's have.
+    let document = match view {
+        None if has_views => json!({"anyOf": [
+            reference(&DocumentSchemas::name(&stream.name, None)),
+            reference(&DocumentSchemas::any_view(&stream.name)),
+        ]}),
+        _ => reference(&DocumentSchemas::name(&stream.name, view)),
+    };
     let mut parameters = vec![
         json!({"name": "lastEventId", "in": "query", "required": false, "schema": {"type": "string"}, "description": "Resume after this event id (SSE), for clients that cannot set Last-Event-ID."}),
         json!({"name": "Last-Event-ID", "in": "header", "required": false, "schema": {"type": "string"}, "description": "Resume after this event id (SSE)."}),
         json!({"name": "If-None-Match", "in": "header", "required": false, "schema": {"type": "string"}, "description": "The JSON view's ETag: 304 while the document is that version."}),
     ];
-    let has_views = !stream.views.is_empty() || !stream.aliases.is_empty();
     if view.is_none() && has_views {
         if !stream.views.is_empty() {
             parameters.push(json!({"name": "view", "in": "query", "required": false, "schema": {"type": "string", "examples": stream.views.keys().collect::<Vec<_>>()}, "description": "A named view of the stream."}));
         }
         if stream.ad_hoc_views {
             for alias in &stream.aliases {
-                parameters.push(json!({"name": alias, "in": "query", "required": false, "schema": {"type": "string"}, "description": "An ad hoc view: entities whose alias has one of these comma-separated values."}));
+                parameters.push(json!({"name": alias, "in": "query", "required": false, "schema": {"type": "string", "minLength": 1}, "description": "An ad hoc view: entities whose alias has one of these comma-separated values."}));
             }
-            parameters.push(json!({"name": "where", "in": "query", "required": false, "schema": {"type": "string"}, "description": "An ad hoc view: an RFC 9535 filter expression evaluated on each entity (@)."}));
-            parameters.push(json!({"name": "fields", "in": "query", "required": false, "schema": {"type": "string"}, "description": "An ad hoc view: the JSON Pointers kept of each entity, comma-separated."}));
+            parameters.push(json!({"name": "where", "in": "query", "required": false, "schema": {"type": "string", "minLength": 1}, "description": "An ad hoc view: an RFC 9535 filter expression evaluated on each entity (@)."}));
+            parameters.push(json!({"name": "fields", "in": "query", "required": false, "schema": {"type": "string", "minLength": 1}, "description": "An ad hoc view: the JSON Pointers kept of each entity, comma-separated."}));
         }
     }
     let channel = match view {
@@ -188,41 +196,70 @@ fn stream_path(stream: &super::StreamSurface, view: Option<&str>) -> Value {
             "responses": responses,
         }),
     );
-    if view.is_none() && stream.source == Source::Push {
-        let push_responses = |extra: &[(&str, &str)]| {
-            let mut responses = Map::new();
+    // `POST`/`PATCH /streams/{name}` are routed for every name: a push stream takes the
+    // document, any other path refuses it (from the request head, before any body is read).
+    let pushable = view.is_none() && stream.source == Source::Push;
+    let push_responses = |extra: &[(&str, &str)]| {
+        let mut responses = Map::new();
+        if pushable {
             responses.insert("200".into(), json!({"description": "Published (or nothing changed), and durable where webhooks are configured.", "content": {"application/json": {"schema": reference("PushResult")}}}));
             responses.insert("400".into(), response_ref("BadRequest"));
+        }
+        if surface_push {
             responses.insert("401".into(), response_ref("Unauthorized"));
+        } else {
+            responses.insert(
+                "403".into(),
+                problem("The push source is disabled (no [push] table)."),
+            );
+        }
+        if pushable {
             responses.insert("408".into(), response_ref("Timeout"));
             responses.insert("413".into(), response_ref("TooLarge"));
             for (status, description) in extra {
                 responses.insert((*status).into(), problem(description));
             }
             responses.insert("503".into(), response_ref("Unavailable"));
-            Value::Object(responses)
-        };
-        path.insert(
-            "post".into(),
-            json!({
-                "operationId": operation_id("pushDocument", &stream.name, None),
-                "summary": "Publish a whole new document.",
-                "security": [{"pushToken": []}],
-                "requestBody": {"required": true, "content": {"application/json": {"schema": {}}}},
-                "responses": push_responses(&[("409", "Other publishers kept winning (a cluster).")]),
-            }),
-        );
-        path.insert(
-            "patch".into(),
-            json!({
-                "operationId": operation_id("patchDocument", &stream.name, None),
-                "summary": "Apply an RFC 6902 patch to the current document, atomically.",
-                "security": [{"pushToken": []}],
-                "requestBody": {"required": true, "content": {"application/json-patch+json": {"schema": reference("PatchRequest")}, "application/json": {"schema": reference("PatchRequest")}}},
-                "responses": push_responses(&[("409", "No document yet, or other publishers kept winning (a cluster)."), ("422", "An operation failed; nothing was published.")]),
-            }),
-        );
-    }
+        } else if view.is_some() {
+            responses.insert(
+                "404".into(),
+                problem("A view is not a stream: only push streams accept documents."),
+            );
+        } else {
+            responses.insert("409".into(), problem("This stream is polled from its upstream: only streams with source = \"push\" accept documents."));
+        }
+        Value::Object(responses)
+    };
+    let security = if surface_push {
+        json!([{"pushToken": []}])
+    } else {
+        json!([])
+    };
+    let refused = if pushable {
+        ""
+    } else {
+        " Refused here: only push streams accept documents."
+    };
+    path.insert(
+        "post".into(),
+        json!({
+            "operationId": operation_id("pushDocument", &stream.name, view),
+            "summary": format!("Publish a whole new document.{refused}"),
+            "security": security,
+            "requestBody": {"required": true, "content": {"application/json": {"schema": {}}}},
+            "responses": push_responses(&[("409", "Other publishers kept winning (a cluster).")]),
+        }),
+    );
+    path.insert(
+        "patch".into(),
+        json!({
+            "operationId": operation_id("patchDocument", &stream.name, view),
+            "summary": format!("Apply an RFC 6902 patch to the current document, atomically.{refused}"),
+            "security": security,
+            "requestBody": {"required": true, "content": {"application/json-patch+json": {"schema": reference("PatchRequest")}, "application/json": {"schema": reference("PatchRequest")}}},
+            "responses": push_responses(&[("409", "No document yet, or other publishers kept winning (a cluster)."), ("422", "An operation failed; nothing was published.")]),
+        }),
+    );
     Value::Object(path)
 }
 

@@ -99,21 +99,31 @@ pub fn patch(allow_move: bool) -> Value {
 }
 
 /// What `PATCH /streams/{name}` accepts: any RFC 6902 operation (`copy` and `test` included)
-/// whose paths are JSON Pointers, the root included.
+/// with the members it needs, paths being JSON Pointers (the root included); other members are
+/// ignored, as RFC 6902 says.
 fn patch_request() -> Value {
     let any_pointer = json!({"type": "string", "pattern": "^(/([^/~]|~[01])*)*$"});
+    let op = |names: &[&str], members: &[&str]| {
+        let mut properties = Map::new();
+        properties.insert("op".into(), json!({"enum": names}));
+        for member in members {
+            let schema = match *member {
+                "value" => json!({}),
+                _ => any_pointer.clone(),
+            };
+            properties.insert((*member).into(), schema);
+        }
+        let mut required = vec!["op"];
+        required.extend_from_slice(members);
+        json!({"type": "object", "properties": properties, "required": required})
+    };
     json!({
         "type": "array",
-        "items": {
-            "type": "object",
-            "properties": {
-                "op": {"enum": ["add", "remove", "replace", "move", "copy", "test"]},
-                "path": any_pointer,
-                "from": any_pointer,
-                "value": {},
-            },
-            "required": ["op", "path"],
-        },
+        "items": {"oneOf": [
+            op(&["add", "replace", "test"], &["path", "value"]),
+            op(&["remove"], &["path"]),
+            op(&["move", "copy"], &["from", "path"]),
+        ]},
         "description": "An RFC 6902 JSON Patch, applied atomically to the current document."
     })
 }
