@@ -16,6 +16,7 @@ mod cluster_store;
 mod conditional;
 mod config_load;
 mod connections;
+mod contracts;
 mod failures;
 mod layering;
 mod load;
