@@ -19,6 +19,8 @@
 //! - [`api`]: what a subscription request is (one decision for both transports), the accept
 //!   loop (the direct HTTP/1 path and hyper) and the HTTP routes (streams, push, admin, health,
 //!   metrics).
+//! - [`contracts`]: the AsyncAPI and OpenAPI documents generated from the configuration, their
+//!   shared schemas, and document schemas inferred from documents.
 //! - [`app`]: wiring: builds everything from a validated configuration, then runs it.
 //! - [`metrics`]: Prometheus metrics owned by the application.
 //! - [`sim`]: the simulated fleet feed used by the default configuration, tests and benchmarks.

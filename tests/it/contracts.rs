@@ -664,3 +664,49 @@ secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
     eprintln!("{shown}");
     app.stop().await;
 }
+
+/// The GTFS-realtime projection's schema (what `/asyncapi.json` says of a `gtfs-rt` stream)
+/// validates the projections of MBTA's real feeds: vehicle positions, trip updates, alerts.
+#[test]
+fn the_gtfs_rt_projection_schema_validates_real_feeds() {
+    let Some(()) = python_module("jsonschema", "jsonschema") else {
+        return;
+    };
+    let mut instances = Vec::new();
+    for sequence in patchwire_test_data::GTFS_RT_SEQUENCES {
+        let Some(bodies) = patchwire_test_data::gtfs_rt_bodies(sequence) else {
+            return;
+        };
+        // A few polls of each: the first, one in the middle, the last.
+        let picks = [0, bodies.len() / 2, bodies.len() - 1];
+        for i in picks {
+            let (name, body) = &bodies[i];
+            let projected = patchwire::upstream::decode::gtfs_rt::decode(body)
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
+            instances.push(projected);
+        }
+    }
+    let schema = patchwire::upstream::decode::gtfs_rt::projection_schema();
+    let dir = tempfile::tempdir().unwrap();
+    let checks = dir.path().join("checks.json");
+    std::fs::write(
+        &checks,
+        serde_json::to_vec(&json!({
+            "components": {"projection": schema},
+            "checks": [{"schema": "projection", "instances": instances}],
+        }))
+        .unwrap(),
+    )
+    .unwrap();
+    let output = Command::new("python3")
+        .arg(tools_dir().join("validate_instances.py"))
+        .arg(&checks)
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", show(&output));
+    assert!(
+        show(&output).contains("projection: 9 instances checked"),
+        "{}",
+        show(&output)
+    );
+}
