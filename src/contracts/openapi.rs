@@ -408,7 +408,7 @@ fn admin(paths: &mut Map<String, Value>, enabled: bool, ids: &[String], surface:
     let list_query = vec![
         json!({"name": "state", "in": "query", "required": false, "schema": {"enum": ["pending", "delivered", "dead", "superseded"]}}),
         json!({"name": "before", "in": "query", "required": false, "schema": {"type": "integer", "format": "int64"}, "description": "Only deliveries with a smaller id (next_before of the previous page)."}),
-        json!({"name": "limit", "in": "query", "required": false, "schema": {"type": "integer", "minimum": 0}, "description": "At most this many (clamped to 1..=1000; default 100)."}),
+        json!({"name": "limit", "in": "query", "required": false, "schema": {"type": "integer", "minimum": 0, "maximum": usize::MAX}, "description": "At most this many (clamped to 1..=1000; default 100)."}),
     ];
     let write_errors = ["400", "404", "408", "409", "413", "422", "503"];
     paths.insert("/admin/webhooks".into(), json!({
