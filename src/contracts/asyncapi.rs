@@ -34,6 +34,7 @@ pub fn document(surface: &Surface, documents: &DocumentSchemas) -> Value {
     }
     if surface.proxy {
         doc.streamdata_channel();
+        doc.dynamic_native_channel();
     }
     if surface.websocket {
         doc.websocket_channel(surface);
@@ -305,6 +306,65 @@ impl Document {
                 ],
                 "bindings": {"http": {"method": "GET", "bindingVersion": HTTP_BINDING}},
                 "messages": messages,
+                "x-sse": {"transport": "text/event-stream"},
+            }),
+        );
+    }
+
+    /// `GET /streams/~{id}`: a dynamic stream in patchwire's own dialect.
+    fn dynamic_native_channel(&mut self) {
+        let channel = "proxy.native";
+        let mut messages = Map::new();
+        messages.insert(
+            "snapshot".into(),
+            sse_message("snapshot", "The whole document.", json!({})),
+        );
+        messages.insert(
+            "patch".into(),
+            sse_message(
+                "patch",
+                "An RFC 6902 patch (add, remove, replace).",
+                reference("Patch"),
+            ),
+        );
+        messages.insert(
+            "error".into(),
+            json!({"$ref": "#/components/messages/error"}),
+        );
+        messages.insert(
+            "recovered".into(),
+            json!({"$ref": "#/components/messages/recovered"}),
+        );
+        messages.insert(
+            "keepAlive".into(),
+            json!({"$ref": "#/components/messages/keepAlive"}),
+        );
+        let names: Vec<Value> = messages
+            .keys()
+            .map(|m| channel_message(channel, m))
+            .collect();
+        self.channels.insert(
+            channel.into(),
+            json!({
+                "address": "/streams/~{id}",
+                "description": "A dynamic stream of the proxy mode (named by the X-Patchwire-Stream header of its URL's answer) in patchwire's own dialect.",
+                "parameters": {"id": {"description": "The dynamic stream's name without its leading ~."}},
+                "servers": [server_ref("http")],
+                "messages": messages,
+                "x-sse": {"dialect": "patchwire", "contentType": "text/event-stream"},
+            }),
+        );
+        self.add_operation(
+            "proxy.native.sse".into(),
+            json!({
+                "action": "send",
+                "channel": {"$ref": "#/channels/proxy.native"},
+                "security": [
+                    {"$ref": "#/components/securitySchemes/proxyTokenQuery"},
+                    {"$ref": "#/components/securitySchemes/proxyTokenHeader"},
+                ],
+                "bindings": {"http": {"method": "GET", "bindingVersion": HTTP_BINDING}},
+                "messages": names,
                 "x-sse": {"transport": "text/event-stream"},
             }),
         );

@@ -54,6 +54,7 @@ pub fn document(surface: &Surface, documents: &DocumentSchemas) -> Value {
     }
     if surface.proxy {
         paths.insert("/{target}".into(), proxy());
+        paths.insert("/streams/~{id}".into(), dynamic_native(surface.push));
     }
     let mut components = Map::new();
     let mut all_schemas = schemas::shared();
@@ -304,19 +305,102 @@ fn websocket() -> Value {
     }})
 }
 
+/// The proxy mode's refusals and upstream failures, as its JSON answers give them.
+fn proxy_errors(responses: &mut Map<String, Value>) {
+    for (status, description) in [
+        (
+            "400",
+            "invalid-target: not an http(s) URL, or a malformed X-Sd-Header.",
+        ),
+        (
+            "401",
+            "token-missing, token-unknown, or a signature missing, invalid or expired.",
+        ),
+        (
+            "403",
+            "host-not-allowed, address-forbidden, host-unresolvable.",
+        ),
+        (
+            "404",
+            "Not a proxy path, no such dynamic stream, or the proxy mode is disabled.",
+        ),
+        (
+            "429",
+            "too-many-connections, rate-limited (the token's limits).",
+        ),
+        (
+            "502",
+            "The upstream failed (upstream-status, upstream-unavailable, upstream-invalid, redirect-refused).",
+        ),
+        (
+            "503",
+            "too-many-streams, out-of-memory, evicted, or no document yet.",
+        ),
+        ("504", "upstream-timeout, or no first document in time."),
+    ] {
+        responses.insert(status.into(), problem(description));
+    }
+}
+
 fn proxy() -> Value {
+    let mut responses = Map::new();
+    responses.insert("200".into(), json!({"description": "The event stream, or with Accept: application/json the current document.", "content": {"text/event-stream": {"schema": {"type": "string"}, "x-asyncapi-channel": "proxy"}, "application/json": {"schema": {}}}}));
+    proxy_errors(&mut responses);
     json!({"get": {
         "operationId": "proxyStream",
-        "summary": "The proxy mode: the stream of an allowed upstream URL in Streamdata.io's dialect; refusals are error events on a 200 (see /asyncapi.json, channel proxy).",
+        "summary": "The proxy mode: the stream of an allowed upstream URL in Streamdata.io's dialect; over SSE, refusals are error events on a 200 (see /asyncapi.json, channel proxy).",
         "parameters": [
             {"name": "target", "in": "path", "required": true, "schema": {"type": "string"}, "description": "The upstream URL (percent-encoded as one segment)."},
             {"name": "X-Sd-Token", "in": "query", "required": false, "schema": {"type": "string"}},
         ],
         "security": [{"proxyTokenQuery": []}, {"proxyTokenHeader": []}],
-        "responses": {
-            "200": {"description": "The event stream, or with Accept: application/json the current document.", "content": {"text/event-stream": {"schema": {"type": "string"}, "x-asyncapi-channel": "proxy"}, "application/json": {"schema": {}}}},
-            "404": problem("Not a proxy path."),
-        },
+        "responses": responses,
+    }})
+}
+
+/// `GET /streams/~{id}`: a dynamic stream in patchwire's own dialect.
+fn dynamic_native(push: bool) -> Value {
+    let mut responses = Map::new();
+    responses.insert("200".into(), json!({"description": "The event stream in patchwire's dialect, or with Accept: application/json the current document.", "content": {"text/event-stream": {"schema": {"type": "string"}, "x-asyncapi-channel": "proxy.native"}, "application/json": {"schema": {}}}}));
+    responses.insert(
+        "304".into(),
+        json!({"description": "If-None-Match names the current version."}),
+    );
+    proxy_errors(&mut responses);
+    // `POST`/`PATCH /streams/{name}` are routed here too, and refused: a dynamic stream is
+    // not a push stream.
+    let refused = |id: &str| {
+        let mut responses = Map::new();
+        if push {
+            responses.insert("401".into(), response_ref("Unauthorized"));
+        } else {
+            responses.insert(
+                "403".into(),
+                problem("The push source is disabled (no [push] table)."),
+            );
+        }
+        responses.insert("404".into(), problem("Only push streams accept documents."));
+        let security = if push {
+            json!([{"pushToken": []}])
+        } else {
+            json!([])
+        };
+        json!({"operationId": id, "summary": "Refused: only push streams accept documents.", "security": security, "responses": responses})
+    };
+    json!({
+        "parameters": [
+            {"name": "id", "in": "path", "required": true, "schema": {"type": "string"}, "description": "The stream's name without its leading ~."},
+        ],
+        "post": refused("pushDocument:dynamic"),
+        "patch": refused("patchDocument:dynamic"),
+        "get": {
+        "operationId": "dynamicStream",
+        "summary": "A dynamic stream (named by the X-Patchwire-Stream header of its URL's answer) in patchwire's own dialect.",
+        "parameters": [
+            {"name": "X-Sd-Token", "in": "query", "required": false, "schema": {"type": "string"}},
+        ],
+        "security": [{"proxyTokenQuery": []}, {"proxyTokenHeader": []}],
+        "responses": responses,
     }})
 }
 

@@ -236,7 +236,7 @@ pub struct RawStream {
     /// A JSON Schema file describing the stream's documents (relative to the configuration
     /// file), served in `/asyncapi.json` and `/openapi.json`; without it the schema is inferred
     /// from the current document (`gtfs-rt`: the projection's schema). Read and checked by
-    /// [`crate::contracts::config::document_schema`].
+    /// [`crate::validation::schema_file::document_schema`].
     pub schema: Option<String>,
 }
 

@@ -562,6 +562,9 @@ checks.positive_data_acceptance.enabled = false
 [[operations]]
 include-operation-id = "websocket"
 checks.positive_data_acceptance.enabled = false
+
+[auth.openapi.proxyTokenQuery]
+api_key = "proxy-token-0123456789"
 "#;
 
 /// Schemathesis generates inputs for every operation of `/openapi.json` (valid and invalid
@@ -578,6 +581,8 @@ checks.positive_data_acceptance.enabled = false
 ///   OpenAPI cannot require; without them it is a 426).
 /// - SSE: every request asks for `Accept: application/json`, since an event stream never ends
 ///   (its events are the AsyncAPI document's, checked above).
+/// - The proxy mode allows only 127.0.0.1, which its SSRF guard refuses (no
+///   `allow_private`): generated targets never reach a network.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn schemathesis_finds_nothing_against_a_live_server() {
     let found = Command::new("schemathesis").arg("--version").output();
@@ -611,6 +616,13 @@ fields = ["position"]
 [[streams]]
 name = "prices"
 source = "push"
+
+[proxy]
+enabled = true
+allowed_hosts = ["127.0.0.1"]
+[[proxy.tokens]]
+name = "web"
+token = "proxy-token-0123456789"
 
 [webhooks]
 database = "{}"
