@@ -348,6 +348,7 @@ impl App {
                 node: node.clone(),
                 writers,
             }),
+            contracts: Arc::new(crate::contracts::Surface::of(&config)),
         });
         let websockets = Arc::new(WebSockets::new(
             config.websocket,

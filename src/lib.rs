@@ -19,6 +19,8 @@
 //! - [`api`]: what a subscription request is (one decision for both transports, which
 //!   catch-up reads share), the accept loop (the direct HTTP/1 path and hyper) and the HTTP
 //!   routes (streams, catch-up, push, admin, health, metrics, schemas).
+//! - [`contracts`]: the AsyncAPI and OpenAPI documents generated from the configuration, their
+//!   shared schemas, and document schemas inferred from documents.
 //! - [`app`]: wiring: builds everything from a validated configuration, then runs it.
 //! - [`metrics`]: Prometheus metrics owned by the application.
 //! - [`sim`]: the simulated fleet feed used by the default configuration, tests and benchmarks.
@@ -45,6 +47,7 @@ pub mod api;
 pub mod app;
 pub mod cluster;
 pub mod config;
+pub mod contracts;
 pub mod diff;
 pub mod hub;
 pub mod metrics;

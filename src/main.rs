@@ -35,6 +35,11 @@ enum Command {
     Check(ConfigFile),
     /// Serve only the simulated feeds of a configuration's `[simulator]` table.
     Simulate(ConfigFile),
+    /// Print the AsyncAPI 3.0 document of a configuration's streams (JSON) and exit; document
+    /// schemas come from the streams' `schema` files (and, for `gtfs-rt`, the projection).
+    Asyncapi(ConfigFile),
+    /// Print the OpenAPI 3.1 document of a configuration's HTTP endpoints (JSON) and exit.
+    Openapi(ConfigFile),
 }
 
 #[derive(Debug, clap::Args)]
@@ -63,6 +68,38 @@ fn main() -> ExitCode {
             Some(config) => serve(config, Mode::SimulatorOnly),
             None => ExitCode::from(2),
         },
+        Command::Asyncapi(ConfigFile { config }) => contract(&config, Contract::AsyncApi),
+        Command::Openapi(ConfigFile { config }) => contract(&config, Contract::OpenApi),
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Contract {
+    AsyncApi,
+    OpenApi,
+}
+
+/// Prints a configuration's contract (pretty JSON) to stdout.
+fn contract(path: &Path, which: Contract) -> ExitCode {
+    use patchwire::contracts::{Surface, asyncapi, openapi};
+    let Some(config) = load(path) else {
+        return ExitCode::from(2);
+    };
+    let surface = Surface::of(&config);
+    let schemas = surface.static_schemas();
+    let document = match which {
+        Contract::AsyncApi => asyncapi::document(&surface, &schemas),
+        Contract::OpenApi => openapi::document(&surface, &schemas),
+    };
+    match serde_json::to_string_pretty(&document) {
+        Ok(text) => {
+            println!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("error: cannot write the document: {error}");
+            ExitCode::FAILURE
+        }
     }
 }
 

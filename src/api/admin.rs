@@ -20,6 +20,7 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use axum::Router;
 use axum::body::Bytes;
+use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{Path, Query, Request, State};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -188,6 +189,70 @@ fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, Box<Response>> {
     })
 }
 
+/// A path parameter, or the JSON 400 naming what is wrong (axum's own answer is plain text).
+fn path<T>(extracted: Result<Path<T>, PathRejection>) -> Result<T, Box<Response>> {
+    extracted.map(|Path(value)| value).map_err(|rejection| {
+        Box::new(error_response(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "expected the path documented for this endpoint: {}",
+                rejection.body_text()
+            ),
+        ))
+    })
+}
+
+/// The query string, or the JSON 400 naming what is wrong.
+fn query<T>(extracted: Result<Query<T>, QueryRejection>) -> Result<T, Box<Response>> {
+    extracted.map(|Query(value)| value).map_err(|rejection| {
+        Box::new(error_response(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "expected the query parameters state, before and limit: {}",
+                rejection.body_text()
+            ),
+        ))
+    })
+}
+
+/// An RFC 3339 time as Unix milliseconds. `humantime` reads UTC times from 1970 only; a
+/// numeric offset (`+02:00`) is applied here, and a time before 1970 (RFC 3339 allows years
+/// from 0000) is before every dead letter, so it reads as 0 once shown to be well-formed.
+fn parse_since(text: &str) -> Result<u64, String> {
+    let (local, offset_ms) = match text
+        .len()
+        .checked_sub(6)
+        .and_then(|at| Some((at, text.get(at..)?)))
+    {
+        Some((at, tail))
+            if matches!(tail.as_bytes(), [b'+' | b'-', h1, h2, b':', m1, m2]
+                if [h1, h2, m1, m2].iter().all(|b| b.is_ascii_digit())) =>
+        {
+            let digits = |range: std::ops::Range<usize>| tail[range].parse::<i64>().unwrap_or(0);
+            let (hours, minutes) = (digits(1..3), digits(4..6));
+            if hours > 23 || minutes > 59 {
+                return Err(format!("the offset {tail} is out of range"));
+            }
+            let sign = if tail.starts_with('-') { -1 } else { 1 };
+            (&text[..at], sign * (hours * 3600 + minutes * 60) * 1000)
+        }
+        _ => (text, 0),
+    };
+    let year = local
+        .get(..4)
+        .filter(|year| year.bytes().all(|b| b.is_ascii_digit()))
+        .and_then(|year| year.parse::<u16>().ok());
+    let local_ms = match (year, local.get(4..)) {
+        (Some(year), Some(rest)) if year < 1970 => {
+            humantime::parse_rfc3339_weak(&format!("1971{rest}")).map_err(|e| e.to_string())?;
+            return Ok(0);
+        }
+        _ => humantime::parse_rfc3339_weak(local).map_err(|e| e.to_string())?,
+    };
+    let utc = i64::try_from(unix_ms(local_ms)).unwrap_or(i64::MAX) - offset_ms;
+    Ok(u64::try_from(utc).unwrap_or(0))
+}
+
 fn time(ms: u64) -> String {
     rfc3339(UNIX_EPOCH + Duration::from_millis(ms))
 }
@@ -318,7 +383,14 @@ async fn create(
     }
 }
 
-async fn show(State(endpoints): State<Arc<Endpoints>>, Path(id): Path<String>) -> Response {
+async fn show(
+    State(endpoints): State<Arc<Endpoints>>,
+    id: Result<Path<String>, PathRejection>,
+) -> Response {
+    let id = match path(id) {
+        Ok(id) => id,
+        Err(response) => return *response,
+    };
     match endpoints.get(&id) {
         Ok(endpoint) => axum::Json(endpoint_json(&endpoint)).into_response(),
         Err(e) => failure(e),
@@ -327,9 +399,13 @@ async fn show(State(endpoints): State<Arc<Endpoints>>, Path(id): Path<String>) -
 
 async fn update(
     State(endpoints): State<Arc<Endpoints>>,
-    Path(id): Path<String>,
+    id: Result<Path<String>, PathRejection>,
     body: Bytes,
 ) -> Response {
+    let id = match path(id) {
+        Ok(id) => id,
+        Err(response) => return *response,
+    };
     let changes: EndpointChanges = match parse(&body) {
         Ok(changes) => changes,
         Err(response) => return *response,
@@ -340,7 +416,14 @@ async fn update(
     }
 }
 
-async fn remove(State(endpoints): State<Arc<Endpoints>>, Path(id): Path<String>) -> Response {
+async fn remove(
+    State(endpoints): State<Arc<Endpoints>>,
+    id: Result<Path<String>, PathRejection>,
+) -> Response {
+    let id = match path(id) {
+        Ok(id) => id,
+        Err(response) => return *response,
+    };
     match endpoints.delete(&id).await {
         Ok(()) => StatusCode::NO_CONTENT.into_response(),
         Err(e) => failure(e),
@@ -355,9 +438,13 @@ struct Rotation {
 
 async fn rotate(
     State(endpoints): State<Arc<Endpoints>>,
-    Path(id): Path<String>,
+    id: Result<Path<String>, PathRejection>,
     body: Bytes,
 ) -> Response {
+    let id = match path(id) {
+        Ok(id) => id,
+        Err(response) => return *response,
+    };
     let rotation: Rotation = match parse(&body) {
         Ok(r) => r,
         Err(response) => return *response,
@@ -421,18 +508,26 @@ async fn list_deliveries(
 
 async fn deliveries(
     State(endpoints): State<Arc<Endpoints>>,
-    Path(id): Path<String>,
-    Query(query): Query<ListQuery>,
+    id: Result<Path<String>, PathRejection>,
+    listed: Result<Query<ListQuery>, QueryRejection>,
 ) -> Response {
-    list_deliveries(&endpoints, &id, query, None).await
+    let (id, listed) = match (path(id), query(listed)) {
+        (Ok(id), Ok(listed)) => (id, listed),
+        (Err(response), _) | (_, Err(response)) => return *response,
+    };
+    list_deliveries(&endpoints, &id, listed, None).await
 }
 
 async fn dead_letters(
     State(endpoints): State<Arc<Endpoints>>,
-    Path(id): Path<String>,
-    Query(query): Query<ListQuery>,
+    id: Result<Path<String>, PathRejection>,
+    listed: Result<Query<ListQuery>, QueryRejection>,
 ) -> Response {
-    list_deliveries(&endpoints, &id, query, Some(DeliveryState::Dead)).await
+    let (id, listed) = match (path(id), query(listed)) {
+        (Ok(id), Ok(listed)) => (id, listed),
+        (Err(response), _) | (_, Err(response)) => return *response,
+    };
+    list_deliveries(&endpoints, &id, listed, Some(DeliveryState::Dead)).await
 }
 
 fn attempt_json(a: &AttemptEntry) -> Value {
@@ -559,8 +654,12 @@ async fn attempts(
 
 async fn replay_one(
     State(endpoints): State<Arc<Endpoints>>,
-    Path((id, delivery)): Path<(String, i64)>,
+    ids: Result<Path<(String, i64)>, PathRejection>,
 ) -> Response {
+    let (id, delivery) = match path(ids) {
+        Ok(ids) => ids,
+        Err(response) => return *response,
+    };
     match endpoints.replay(&id, Replay::One(delivery)).await {
         Ok(n) => (StatusCode::ACCEPTED, axum::Json(json!({ "replayed": n }))).into_response(),
         Err(e) => failure(e),
@@ -576,7 +675,7 @@ struct ReplaySince {
 /// The `since` of a replay or recovery request: an RFC 3339 time, not in the future.
 fn since_of(body: &[u8]) -> Result<u64, Box<Response>> {
     let request: ReplaySince = parse(body)?;
-    let since = humantime::parse_rfc3339_weak(request.since.trim()).map_err(|e| {
+    let since = parse_since(request.since.trim()).map_err(|e| {
         Box::new(error_response(
             StatusCode::UNPROCESSABLE_ENTITY,
             format!(
@@ -585,7 +684,6 @@ fn since_of(body: &[u8]) -> Result<u64, Box<Response>> {
             ),
         ))
     })?;
-    let since = unix_ms(since);
     if since > unix_ms(std::time::SystemTime::now()) {
         return Err(Box::new(error_response(
             StatusCode::UNPROCESSABLE_ENTITY,
@@ -600,9 +698,13 @@ fn since_of(body: &[u8]) -> Result<u64, Box<Response>> {
 
 async fn replay_since(
     State(endpoints): State<Arc<Endpoints>>,
-    Path(id): Path<String>,
+    id: Result<Path<String>, PathRejection>,
     body: Bytes,
 ) -> Response {
+    let id = match path(id) {
+        Ok(id) => id,
+        Err(response) => return *response,
+    };
     let since = match since_of(&body) {
         Ok(since) => since,
         Err(response) => return *response,
@@ -702,5 +804,17 @@ mod tests {
             let error = attempt_filter(&pairs(query)).unwrap_err();
             assert!(error.starts_with(named), "{query}: {error}");
         }
+    }
+
+    #[test]
+    fn since_reads_every_rfc_3339_time() {
+        assert_eq!(parse_since("1970-01-01T00:00:01Z"), Ok(1000));
+        assert_eq!(parse_since("1970-01-01T02:00:01+02:00"), Ok(1000));
+        assert_eq!(parse_since("1970-01-01T00:00:01.5-00:30"), Ok(1_801_500));
+        assert_eq!(parse_since("0855-10-26T02:25:38.276190-10:47"), Ok(0));
+        assert_eq!(parse_since("1970-01-01T00:30:00+01:00"), Ok(0));
+        assert!(parse_since("0855-13-26T02:25:38Z").is_err());
+        assert!(parse_since("2026-01-01T00:00:00+24:00").is_err());
+        assert!(parse_since("yesterday").is_err());
     }
 }

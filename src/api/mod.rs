@@ -65,6 +65,8 @@ pub struct AppState {
     pub cluster: Option<ClusterState>,
     /// Reloads the configuration file (`POST /admin/reload`), when started from one.
     pub reload: Option<Arc<dyn reload::Reload>>,
+    /// What the configuration exposes, for `/asyncapi.json` and `/openapi.json`.
+    pub contracts: Arc<crate::contracts::Surface>,
 }
 
 /// What the routes need of the cluster.
@@ -99,9 +101,11 @@ impl AppState {
 pub fn router(state: Arc<AppState>, cors: &Cors) -> Router {
     // The push methods authorize from the head before their body extractor runs; the limit is
     // enforced by `push::PushBody` itself.
+    // `route_layer`: the head check runs for POST and PATCH only, so another method is a 405
+    // with `Allow`, not a 401.
     let push = axum::routing::post(push::post_document)
         .patch(push::patch_document)
-        .layer(axum::middleware::from_fn_with_state(
+        .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             push::authorize_head,
         ));
@@ -121,7 +125,17 @@ pub fn router(state: Arc<AppState>, cors: &Cors) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
-        .fallback(fallback)
+        .route("/asyncapi.json", get(asyncapi))
+        .route("/openapi.json", get(openapi))
+        .fallback(fallback);
+    // `GET /ws` upgrades before the router (`subscribe::Subscriptions::upgrade`); what reaches
+    // it is a `HEAD` (a 426 as a `GET` without an upgrade is) or another method (a 405).
+    let router = if state.contracts.websocket {
+        router.route("/ws", get(websocket_without_upgrade))
+    } else {
+        router
+    };
+    let router = router
         .with_state(state)
         .merge(admin)
         .merge(console::router());
@@ -282,6 +296,32 @@ async fn schema(Path(file): Path<String>) -> Response {
             ),
         ),
     }
+}
+
+/// The AsyncAPI 3.0 document of the streams, their document schemas inferred from the current
+/// documents where the configuration names no schema.
+async fn asyncapi(State(state): State<Arc<AppState>>) -> Response {
+    axum::Json(state.contracts.asyncapi(&state.hub)).into_response()
+}
+
+/// The OpenAPI 3.1 document of the HTTP endpoints.
+async fn openapi(State(state): State<Arc<AppState>>) -> Response {
+    axum::Json(state.contracts.openapi(&state.hub)).into_response()
+}
+
+/// `HEAD /ws`: what `GET /ws` without an upgrade is answered (the handshake's refusal).
+async fn websocket_without_upgrade() -> Response {
+    let mut response = error_response(
+        StatusCode::UPGRADE_REQUIRED,
+        "GET /ws upgrades to a WebSocket: send Upgrade: websocket and Sec-WebSocket-Version: 13",
+    );
+    let headers = response.headers_mut();
+    headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    headers.insert(
+        header::SEC_WEBSOCKET_VERSION,
+        HeaderValue::from_static("13"),
+    );
+    response
 }
 
 async fn healthz() -> &'static str {

@@ -50,6 +50,9 @@ pub struct Config {
     pub max_views: usize,
     /// Message brokers fed with the streams' changes, in file order (NATS sinks first).
     pub broker_sinks: Vec<BrokerSinkSettings>,
+    /// The document schemas streams name with `schema`, by stream name.
+    pub document_schemas:
+        std::collections::BTreeMap<String, crate::validation::schema_file::DocumentSchema>,
 }
 
 /// Authentication and limits of the push source.

@@ -1,10 +1,12 @@
 //! Pure validation of the whole file: [`RawConfig`] in, [`Config`] or every problem out. Each
 //! component's section is validated by the component; this calls them, validates the sections
 //! the application owns (`[server]`, `[log]`, `[push]`) and what spans sections (stream names,
-//! push streams, overlapping listeners). No I/O; the environment is read only through the
-//! `env` lookup passed in (for `${VAR}` references).
+//! push streams, overlapping listeners). No I/O but one: the schema files streams name
+//! (`schema`) are read here, so that a missing or malformed one is reported with every other
+//! problem; the environment is read only through the `env` lookup passed in (for `${VAR}`
+//! references).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::path::Path;
 
@@ -19,6 +21,7 @@ use crate::sinks::broker::config::Source;
 use crate::upstream::config::{
     self as upstream_config, RawSource, RawStream, StreamDefaults, StreamSettings, UpstreamSettings,
 };
+use crate::validation::schema_file::DocumentSchema;
 use crate::validation::{
     ConfigError, NAME_EXPECTED, Problems, bytes_in, duration_in, integer_in, interpolate,
     is_valid_name, socket_address, usize_of,
@@ -184,6 +187,7 @@ pub fn validate(
         })
         .collect();
     let broker_sinks = raw.sinks.validate(&sources, env, &mut problems);
+    let document_schemas = document_schemas(&raw.streams, source, &mut problems);
     problems.finish(
         source,
         Config {
@@ -201,8 +205,29 @@ pub fn validate(
             websocket,
             max_views,
             broker_sinks,
+            document_schemas,
         },
     )
+}
+
+/// The schema files `[[streams]]` entries name (`schema`), read relative to the configuration
+/// file's directory (the working directory for a configuration without a file).
+fn document_schemas(
+    raw: &[RawStream],
+    source: Option<&Path>,
+    problems: &mut Problems,
+) -> BTreeMap<String, DocumentSchema> {
+    let base = source.and_then(Path::parent);
+    raw.iter()
+        .enumerate()
+        .filter_map(|(i, stream)| {
+            let written = stream.schema.as_deref()?;
+            let key = format!("streams[{i}].schema");
+            let schema =
+                crate::validation::schema_file::document_schema(problems, &key, base, written)?;
+            Some((stream.name.clone(), schema))
+        })
+        .collect()
 }
 
 /// True when both sockets could not be bound at once: same fixed port, and the same IP or an
@@ -583,6 +608,7 @@ mod tests {
             linger: None,
             filtering: None,
             views: Vec::new(),
+            schema: None,
         }
     }
 

@@ -233,6 +233,11 @@ pub struct RawStream {
     /// Named views (`[[streams.views]]`).
     #[serde(default)]
     pub views: Vec<RawView>,
+    /// A JSON Schema file describing the stream's documents (relative to the configuration
+    /// file), served in `/asyncapi.json` and `/openapi.json`; without it the schema is inferred
+    /// from the current document (`gtfs-rt`: the projection's schema). Read and checked by
+    /// [`crate::validation::schema_file::document_schema`].
+    pub schema: Option<String>,
 }
 
 /// Settings shared by all upstream pollers.

@@ -1,6 +1,7 @@
 //! The vocabulary every configuration section is validated in: problems recorded at their key
 //! path, the checks the sections share (durations, sizes, counts and fractions within bounds,
-//! names, header names, socket addresses), and `${VAR}` interpolation.
+//! names, header names, socket addresses), `${VAR}` interpolation, and the JSON Schema files
+//! a stream's `schema` key names (`schema_file`: read and checked where they are named).
 //!
 //! This is the bottom layer of configuration: it imports nothing from the crate, so that each
 //! component validates its own section beside its code (`diff`, `sim`, `upstream`, `proxy`,
@@ -10,6 +11,7 @@
 mod checks;
 pub mod interpolate;
 mod problems;
+pub mod schema_file;
 
 pub use checks::{
     BYTES_EXPECTED, DURATION_EXPECTED, HEADER_VALUE_EXPECTED, MANAGED_HEADERS, NAME_EXPECTED,

@@ -1905,7 +1905,9 @@ mod default_toml {
     /// `text` validated under `context`, as `{:#?}` lines.
     fn validated(text: &str, context: Vec<(String, String)>) -> Result<Vec<String>, String> {
         let raw = parse_raw(text, FileKind::Toml, None, context).map_err(|e| e.to_string())?;
-        let config = validate(raw, None, &example_env).map_err(|e| e.to_string())?;
+        // As loaded from its place, so that its example `schema` file is found beside it.
+        let source = Path::new("config/default.toml");
+        let config = validate(raw, Some(source), &example_env).map_err(|e| e.to_string())?;
         Ok(format!("{config:#?}").lines().map(str::to_owned).collect())
     }
 

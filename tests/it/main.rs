@@ -18,6 +18,7 @@ mod conditional;
 mod config_load;
 mod connections;
 mod console;
+mod contracts;
 mod failures;
 mod layering;
 mod load;

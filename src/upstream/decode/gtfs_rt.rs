@@ -698,6 +698,119 @@ fn replacement_stop(r: ReplacementStop) -> Value {
     out.into()
 }
 
+/// The JSON Schema of the projection [`project`] writes: the feed's structure (header,
+/// entities and their members, with the fields this module writes and their types), so that
+/// `/asyncapi.json` describes a `gtfs-rt` stream's documents without inferring them. Members
+/// the schema does not detail (shapes, stops, trip modifications, an alert's texts) are
+/// objects; every object allows further fields (a newer spec's, once the bindings have them).
+pub fn projection_schema() -> Value {
+    use serde_json::json;
+    // 64-bit integers beyond 2^53 are decimal strings; enums are names, or numbers the
+    // bindings cannot name; floats may be "NaN", "Infinity" or "-Infinity".
+    let uint64 = json!({"type": ["integer", "string"]});
+    let float = json!({"type": ["number", "string"]});
+    let enumeration = json!({"type": ["string", "integer"]});
+    let string = json!({"type": "string"});
+    let integer = json!({"type": "integer"});
+    let object = |properties: Value, required: &[&str]| {
+        let mut schema = json!({"type": "object", "properties": properties});
+        if !required.is_empty() {
+            schema["required"] = json!(required);
+        }
+        schema
+    };
+    let array = |items: Value| json!({"type": "array", "minItems": 1, "items": items});
+    let trip = object(
+        json!({
+            "trip_id": string, "route_id": string, "direction_id": integer,
+            "start_time": string, "start_date": string, "schedule_relationship": enumeration,
+            "modified_trip": {"type": "object"},
+        }),
+        &[],
+    );
+    let vehicle_descriptor = object(
+        json!({"id": string, "label": string, "license_plate": string, "wheelchair_accessible": enumeration}),
+        &[],
+    );
+    let stop_time_event = object(
+        json!({"delay": integer, "time": uint64, "uncertainty": integer, "scheduled_time": uint64}),
+        &[],
+    );
+    let stop_time_update = object(
+        json!({
+            "stop_sequence": integer, "stop_id": string,
+            "arrival": stop_time_event, "departure": stop_time_event,
+            "departure_occupancy_status": enumeration, "schedule_relationship": enumeration,
+            "stop_time_properties": {"type": "object"},
+        }),
+        &[],
+    );
+    let trip_update = object(
+        json!({
+            "trip": trip, "vehicle": vehicle_descriptor,
+            "stop_time_update": array(stop_time_update), "timestamp": uint64,
+            "delay": integer, "trip_properties": {"type": "object"},
+        }),
+        &["trip"],
+    );
+    let position = object(
+        json!({"latitude": float, "longitude": float, "bearing": float, "odometer": float, "speed": float}),
+        &["latitude", "longitude"],
+    );
+    let vehicle = object(
+        json!({
+            "trip": trip, "vehicle": vehicle_descriptor, "position": position,
+            "current_stop_sequence": integer, "stop_id": string, "current_status": enumeration,
+            "timestamp": uint64, "congestion_level": enumeration,
+            "occupancy_status": enumeration, "occupancy_percentage": integer,
+            "multi_carriage_details": array(json!({"type": "object"})),
+        }),
+        &[],
+    );
+    let informed_entity = object(
+        json!({
+            "agency_id": string, "route_id": string, "route_type": integer, "trip": trip,
+            "stop_id": string, "direction_id": integer,
+        }),
+        &[],
+    );
+    let alert = object(
+        json!({
+            "active_period": array(object(json!({"start": uint64, "end": uint64}), &[])),
+            "informed_entity": array(informed_entity),
+            "cause": enumeration, "effect": enumeration, "severity_level": enumeration,
+            "url": {"type": "object"}, "header_text": {"type": "object"},
+            "description_text": {"type": "object"},
+        }),
+        &[],
+    );
+    let entity = object(
+        json!({
+            "id": string, "is_deleted": {"type": "boolean"},
+            "trip_update": trip_update, "vehicle": vehicle, "alert": alert,
+            "shape": {"type": "object"}, "stop": {"type": "object"},
+            "trip_modifications": {"type": "object"},
+        }),
+        &["id"],
+    );
+    let header = object(
+        json!({
+            "gtfs_realtime_version": string, "incrementality": enumeration,
+            "timestamp": uint64, "feed_version": string,
+        }),
+        &["gtfs_realtime_version"],
+    );
+    let mut schema = object(
+        json!({"header": header, "entity": array(entity)}),
+        &["header"],
+    );
+    schema["description"] = json!(
+        "A GTFS-realtime FeedMessage as patchwire's JSON projection: the proto's field names, \
+         enums by name, unset fields omitted, 64-bit integers beyond 2^53 as strings."
+    );
+    schema
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,0 +1,574 @@
+//! The OpenAPI 3.1 document of a [`Surface`]: every HTTP endpoint the configuration serves.
+//!
+//! A stream is one path per configured stream and named view (`/streams/fleet`,
+//! `/streams/fleet@r1`), so that each answers with its own document schema. Its
+//! `text/event-stream` answer is described as far as OpenAPI 3.1 can (a string; the events are
+//! in the AsyncAPI document, `/asyncapi.json`, linked by `x-asyncapi-channel`).
+
+use serde_json::{Map, Value, json};
+
+use super::schemas::{self, reference};
+use super::{DocumentSchemas, Source, Surface};
+
+/// The OpenAPI 3.1 document of `surface` with its streams' `documents`.
+pub fn document(surface: &Surface, documents: &DocumentSchemas) -> Value {
+    let mut paths = Map::new();
+    paths.insert("/streams".into(), listing());
+    for stream in &surface.streams {
+        paths.insert(
+            format!("/streams/{}", stream.name),
+            stream_path(stream, None, surface.push),
+        );
+        for view in stream.views.keys() {
+            paths.insert(
+                format!("/streams/{}@{view}", stream.name),
+                stream_path(stream, Some(view), surface.push),
+            );
+        }
+    }
+    // The catch-up operation (`GET /streams/{name}/changes`) adds its paths here, one per
+    // stream and named view as above.
+    paths.insert(
+        "/healthz".into(),
+        plain_get("healthz", "Liveness: `ok`.", &[]),
+    );
+    paths.insert(
+        "/readyz".into(),
+        plain_get(
+            "readyz",
+            "Readiness: `ready`, or 503 while a cluster node cannot reach Redis or has not caught up with its log.",
+            &["503"],
+        ),
+    );
+    paths.insert("/metrics".into(), metrics());
+    paths.insert("/asyncapi.json".into(), contract("asyncapi", "The AsyncAPI 3.0 document of this deployment's streams (document schemas inferred from the current documents)."));
+    paths.insert(
+        "/openapi.json".into(),
+        contract("openapi", "This document."),
+    );
+    if surface.websocket {
+        paths.insert("/ws".into(), websocket());
+    }
+    if let Some(webhooks) = &surface.webhooks {
+        admin(&mut paths, webhooks.admin, &webhooks.endpoints, surface);
+    }
+    if surface.proxy {
+        paths.insert("/{target}".into(), proxy());
+        paths.insert("/streams/~{id}".into(), dynamic_native(surface.push));
+    }
+    let mut components = Map::new();
+    let mut all_schemas = schemas::shared();
+    all_schemas.extend(documents.components(surface));
+    components.insert("schemas".into(), Value::Object(all_schemas));
+    components.insert("responses".into(), shared_responses());
+    components.insert("securitySchemes".into(), security_schemes(surface));
+    json!({
+        "openapi": "3.1.0",
+        "info": {
+            "title": "patchwire",
+            "version": env!("CARGO_PKG_VERSION"),
+            "description": "The HTTP endpoints of this patchwire deployment, generated from its configuration. Streams answer text/event-stream (described in /asyncapi.json) or, with Accept: application/json, their current document.",
+        },
+        "servers": [{"url": format!("http://{}", surface.listen)}],
+        "paths": paths,
+        "components": components,
+    })
+}
+
+fn problem(description: &str) -> Value {
+    json!({"description": description, "content": {"application/json": {"schema": reference("Problem")}}})
+}
+
+fn shared_responses() -> Value {
+    json!({
+        "BadRequest": problem("The request is malformed; the message says what was expected."),
+        "Unauthorized": problem("A missing or wrong bearer token."),
+        "NotFound": problem("No such resource."),
+        "Timeout": problem("The body did not arrive within server.body_timeout."),
+        "TooLarge": problem("The body is larger than allowed."),
+        "Unavailable": problem("Not available now; retry."),
+    })
+}
+
+fn response_ref(name: &str) -> Value {
+    json!({"$ref": format!("#/components/responses/{name}")})
+}
+
+fn listing() -> Value {
+    json!({"get": {
+        "operationId": "listStreams",
+        "summary": "Every stream: sequence, subscribers, upstream state, views, sinks; the proxy mode's dynamic streams counted; the cluster's nodes.",
+        "responses": {"200": {"description": "The listing.", "content": {"application/json": {"schema": {
+            "type": "object",
+            "properties": {
+                "streams": {"type": "array", "items": {"type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]}},
+                "dynamic": {"type": ["object", "null"]},
+                "cluster": {"type": "object"},
+            },
+            "required": ["streams", "dynamic"],
+        }}}}},
+    }})
+}
+
+/// An operation id made of `prefix` and a stream's (or view's) name.
+fn operation_id(prefix: &str, stream: &str, view: Option<&str>) -> String {
+    let name = match view {
+        None => stream.to_owned(),
+        Some(view) => format!("{stream}@{view}"),
+    };
+    format!("{prefix}:{name}")
+}
+
+fn stream_path(stream: &super::StreamSurface, view: Option<&str>, surface_push: bool) -> Value {
+    let has_views = !stream.views.is_empty() || !stream.aliases.is_empty();
+    // The JSON view of a stream with views may be a view's (`?view=`, `?fields=`...), whose
+    // entities may lack fields the stream's have.
+    let document = match view {
+        None if has_views => json!({"anyOf": [
+            reference(&DocumentSchemas::name(&stream.name, None)),
+            reference(&DocumentSchemas::any_view(&stream.name)),
+        ]}),
+        _ => reference(&DocumentSchemas::name(&stream.name, view)),
+    };
+    let mut parameters = vec![
+        json!({"name": "lastEventId", "in": "query", "required": false, "schema": {"type": "string"}, "description": "Resume after this event id (SSE), for clients that cannot set Last-Event-ID."}),
+        json!({"name": "Last-Event-ID", "in": "header", "required": false, "schema": {"type": "string"}, "description": "Resume after this event id (SSE)."}),
+        json!({"name": "If-None-Match", "in": "header", "required": false, "schema": {"type": "string"}, "description": "The JSON view's ETag: 304 while the document is that version."}),
+    ];
+    if view.is_none() && has_views {
+        if !stream.views.is_empty() {
+            parameters.push(json!({"name": "view", "in": "query", "required": false, "schema": {"type": "string", "examples": stream.views.keys().collect::<Vec<_>>()}, "description": "A named view of the stream."}));
+        }
+        if stream.ad_hoc_views {
+            for alias in &stream.aliases {
+                parameters.push(json!({"name": alias, "in": "query", "required": false, "schema": {"type": "string", "minLength": 1}, "description": "An ad hoc view: entities whose alias has one of these comma-separated values."}));
+            }
+            parameters.push(json!({"name": "where", "in": "query", "required": false, "schema": {"type": "string", "minLength": 1}, "description": "An ad hoc view: an RFC 9535 filter expression evaluated on each entity (@)."}));
+            parameters.push(json!({"name": "fields", "in": "query", "required": false, "schema": {"type": "string", "minLength": 1}, "description": "An ad hoc view: the JSON Pointers kept of each entity, comma-separated."}));
+        }
+    }
+    let channel = match view {
+        None => stream.name.clone(),
+        Some(view) => format!("{}.views.{view}", stream.name),
+    };
+    let mut responses = Map::new();
+    responses.insert(
+        "200".into(),
+        json!({
+            "description": "With Accept: application/json, the current document (ETag \"{epoch}-{seq}\"); otherwise the Server-Sent Events stream: a snapshot, then patches (see /asyncapi.json).",
+            "headers": {"ETag": {"schema": {"type": "string"}, "description": "JSON view only."}},
+            "content": {
+                "application/json": {"schema": document},
+                "text/event-stream": {"schema": {"type": "string"}, "x-asyncapi-channel": channel},
+            },
+        }),
+    );
+    responses.insert(
+        "304".into(),
+        json!({"description": "If-None-Match names the current version."}),
+    );
+    if has_views {
+        responses.insert(
+            "400".into(),
+            problem(
+                "A bad filter, named view or event id parameter: the message says which and why.",
+            ),
+        );
+        responses.insert(
+            "404".into(),
+            problem("No such named view; the message lists them."),
+        );
+        responses.insert("429".into(), problem("The stream (max_views) or the server (views.max_total) has as many views as allowed."));
+    }
+    responses.insert(
+        "503".into(),
+        problem("The stream has no document yet (Retry-After: 1)."),
+    );
+    let mut path = Map::new();
+    path.insert(
+        "get".into(),
+        json!({
+            "operationId": operation_id("getStream", &stream.name, view),
+            "summary": match view {
+                None => format!("Stream {:?}: Server-Sent Events, or the current document as JSON.", stream.name),
+                Some(view) => format!("The named view {view:?} of stream {:?}.", stream.name),
+            },
+            "parameters": parameters,
+            "responses": responses,
+        }),
+    );
+    // `POST`/`PATCH /streams/{name}` are routed for every name: a push stream takes the
+    // document, any other path refuses it (from the request head, before any body is read).
+    let pushable = view.is_none() && stream.source == Source::Push;
+    let push_responses = |extra: &[(&str, &str)]| {
+        let mut responses = Map::new();
+        if pushable {
+            responses.insert("200".into(), json!({"description": "Published (or nothing changed), and durable where webhooks are configured.", "content": {"application/json": {"schema": reference("PushResult")}}}));
+            responses.insert("400".into(), response_ref("BadRequest"));
+        }
+        if surface_push {
+            responses.insert("401".into(), response_ref("Unauthorized"));
+        } else {
+            responses.insert(
+                "403".into(),
+                problem("The push source is disabled (no [push] table)."),
+            );
+        }
+        if pushable {
+            responses.insert("408".into(), response_ref("Timeout"));
+            responses.insert("413".into(), response_ref("TooLarge"));
+            for (status, description) in extra {
+                responses.insert((*status).into(), problem(description));
+            }
+            responses.insert("503".into(), response_ref("Unavailable"));
+        } else if view.is_some() {
+            responses.insert(
+                "404".into(),
+                problem("A view is not a stream: only push streams accept documents."),
+            );
+        } else {
+            responses.insert("409".into(), problem("This stream is polled from its upstream: only streams with source = \"push\" accept documents."));
+        }
+        Value::Object(responses)
+    };
+    let security = if surface_push {
+        json!([{"pushToken": []}])
+    } else {
+        json!([])
+    };
+    let refused = if pushable {
+        ""
+    } else {
+        " Refused here: only push streams accept documents."
+    };
+    path.insert(
+        "post".into(),
+        json!({
+            "operationId": operation_id("pushDocument", &stream.name, view),
+            "summary": format!("Publish a whole new document.{refused}"),
+            "security": security,
+            "requestBody": {"required": true, "content": {"application/json": {"schema": {}}}},
+            "responses": push_responses(&[("409", "Other publishers kept winning (a cluster).")]),
+        }),
+    );
+    path.insert(
+        "patch".into(),
+        json!({
+            "operationId": operation_id("patchDocument", &stream.name, view),
+            "summary": format!("Apply an RFC 6902 patch to the current document, atomically.{refused}"),
+            "security": security,
+            "requestBody": {"required": true, "content": {"application/json-patch+json": {"schema": reference("PatchRequest")}, "application/json": {"schema": reference("PatchRequest")}}},
+            "responses": push_responses(&[("409", "No document yet, or other publishers kept winning (a cluster)."), ("422", "An operation failed; nothing was published.")]),
+        }),
+    );
+    Value::Object(path)
+}
+
+fn plain_get(id: &str, summary: &str, extra: &[&str]) -> Value {
+    let mut responses = Map::new();
+    responses.insert("200".into(), json!({"description": "OK", "content": {"text/plain; charset=utf-8": {"schema": {"type": "string"}}}}));
+    for status in extra {
+        responses.insert((*status).into(), response_ref("Unavailable"));
+    }
+    json!({"get": {"operationId": id, "summary": summary, "responses": responses}})
+}
+
+fn metrics() -> Value {
+    json!({"get": {
+        "operationId": "metrics",
+        "summary": "Prometheus / OpenMetrics text.",
+        "responses": {"200": {"description": "The metrics.", "content": {"application/openmetrics-text; version=1.0.0; charset=utf-8": {"schema": {"type": "string"}}}}},
+    }})
+}
+
+fn contract(id: &str, summary: &str) -> Value {
+    json!({"get": {
+        "operationId": id,
+        "summary": summary,
+        "responses": {"200": {"description": "The document.", "content": {"application/json": {"schema": {"type": "object"}}}}},
+    }})
+}
+
+fn websocket() -> Value {
+    json!({"get": {
+        "operationId": "websocket",
+        "summary": "Upgrade to a WebSocket carrying many subscriptions (see /asyncapi.json, channel websocket).",
+        "parameters": [
+            {"name": "X-Sd-Token", "in": "query", "required": false, "schema": {"type": "string"}, "description": "A proxy-mode application token, for dynamic streams."},
+        ],
+        "responses": {
+            "101": {"description": "Switching to the WebSocket protocol."},
+            "400": problem("A malformed WebSocket handshake."),
+            "403": problem("This Origin may not open a WebSocket here (server.cors.allow_origins)."),
+            "426": problem("Not a WebSocket upgrade request (Upgrade: websocket, Sec-WebSocket-Version: 13)."),
+        },
+    }})
+}
+
+/// The proxy mode's refusals and upstream failures, as its JSON answers give them.
+fn proxy_errors(responses: &mut Map<String, Value>) {
+    for (status, description) in [
+        (
+            "400",
+            "invalid-target: not an http(s) URL, or a malformed X-Sd-Header.",
+        ),
+        (
+            "401",
+            "token-missing, token-unknown, or a signature missing, invalid or expired.",
+        ),
+        (
+            "403",
+            "host-not-allowed, address-forbidden, host-unresolvable.",
+        ),
+        (
+            "404",
+            "Not a proxy path, no such dynamic stream, or the proxy mode is disabled.",
+        ),
+        (
+            "429",
+            "too-many-connections, rate-limited (the token's limits).",
+        ),
+        (
+            "502",
+            "The upstream failed (upstream-status, upstream-unavailable, upstream-invalid, redirect-refused).",
+        ),
+        (
+            "503",
+            "too-many-streams, out-of-memory, evicted, or no document yet.",
+        ),
+        ("504", "upstream-timeout, or no first document in time."),
+    ] {
+        responses.insert(status.into(), problem(description));
+    }
+}
+
+fn proxy() -> Value {
+    let mut responses = Map::new();
+    responses.insert("200".into(), json!({"description": "The event stream, or with Accept: application/json the current document.", "content": {"text/event-stream": {"schema": {"type": "string"}, "x-asyncapi-channel": "proxy"}, "application/json": {"schema": {}}}}));
+    proxy_errors(&mut responses);
+    json!({"get": {
+        "operationId": "proxyStream",
+        "summary": "The proxy mode: the stream of an allowed upstream URL in Streamdata.io's dialect; over SSE, refusals are error events on a 200 (see /asyncapi.json, channel proxy).",
+        "parameters": [
+            {"name": "target", "in": "path", "required": true, "schema": {"type": "string"}, "description": "The upstream URL (percent-encoded as one segment)."},
+            {"name": "X-Sd-Token", "in": "query", "required": false, "schema": {"type": "string"}},
+        ],
+        "security": [{"proxyTokenQuery": []}, {"proxyTokenHeader": []}],
+        "responses": responses,
+    }})
+}
+
+/// `GET /streams/~{id}`: a dynamic stream in patchwire's own dialect.
+fn dynamic_native(push: bool) -> Value {
+    let mut responses = Map::new();
+    responses.insert("200".into(), json!({"description": "The event stream in patchwire's dialect, or with Accept: application/json the current document.", "content": {"text/event-stream": {"schema": {"type": "string"}, "x-asyncapi-channel": "proxy.native"}, "application/json": {"schema": {}}}}));
+    responses.insert(
+        "304".into(),
+        json!({"description": "If-None-Match names the current version."}),
+    );
+    proxy_errors(&mut responses);
+    // `POST`/`PATCH /streams/{name}` are routed here too, and refused: a dynamic stream is
+    // not a push stream.
+    let refused = |id: &str| {
+        let mut responses = Map::new();
+        if push {
+            responses.insert("401".into(), response_ref("Unauthorized"));
+        } else {
+            responses.insert(
+                "403".into(),
+                problem("The push source is disabled (no [push] table)."),
+            );
+        }
+        responses.insert("404".into(), problem("Only push streams accept documents."));
+        let security = if push {
+            json!([{"pushToken": []}])
+        } else {
+            json!([])
+        };
+        json!({"operationId": id, "summary": "Refused: only push streams accept documents.", "security": security, "responses": responses})
+    };
+    json!({
+        "parameters": [
+            {"name": "id", "in": "path", "required": true, "schema": {"type": "string"}, "description": "The stream's name without its leading ~."},
+        ],
+        "post": refused("pushDocument:dynamic"),
+        "patch": refused("patchDocument:dynamic"),
+        "get": {
+        "operationId": "dynamicStream",
+        "summary": "A dynamic stream (named by the X-Patchwire-Stream header of its URL's answer) in patchwire's own dialect.",
+        "parameters": [
+            {"name": "X-Sd-Token", "in": "query", "required": false, "schema": {"type": "string"}},
+        ],
+        "security": [{"proxyTokenQuery": []}, {"proxyTokenHeader": []}],
+        "responses": responses,
+    }})
+}
+
+/// The admin API (`/admin/webhooks`): with a token, every route; without, each answers 403.
+fn admin(paths: &mut Map<String, Value>, enabled: bool, ids: &[String], surface: &Surface) {
+    if !enabled {
+        paths.insert(
+            "/admin/webhooks".into(),
+            json!({"get": {"operationId": "listWebhooks", "summary": "The admin API is disabled (webhooks.admin_token is not set).", "responses": {"403": problem("The admin API is disabled.")}}}),
+        );
+        return;
+    }
+    let stream_names: Vec<&str> = surface.streams.iter().map(|s| s.name.as_str()).collect();
+    let endpoint = json!({
+        "type": "object",
+        "properties": {
+            "id": {"type": "string"}, "url": {"type": "string"},
+            "streams": {"type": "array", "items": {"type": "string"}},
+            "mode": {"enum": ["patch", "snapshot"]},
+            "headers": {"type": "array", "items": {"type": "string"}},
+            "source": {"type": "string"},
+            "created_at": {"type": "string"},
+            "disabled": {"type": ["object", "null"]},
+            "failing_since": {"type": ["string", "null"]},
+            "previous_secret_until": {"type": ["string", "null"]},
+            "secret": {"type": "string"},
+        },
+        "required": ["id", "url", "streams", "mode"],
+    });
+    let delivery_list = json!({
+        "type": "object",
+        "properties": {"deliveries": {"type": "array", "items": {"type": "object"}}, "next_before": {"type": ["integer", "null"]}},
+        "required": ["deliveries", "next_before"],
+    });
+    let replayed = json!({"type": "object", "properties": {"replayed": {"type": "integer"}}, "required": ["replayed"]});
+    let id_param = json!({"name": "id", "in": "path", "required": true, "schema": {"type": "string", "examples": ids}});
+    let json_body = |schema: Value, required: bool| json!({"required": required, "content": {"application/json": {"schema": schema}}});
+    let ok = |status: &str, description: &str, schema: Value| {
+        let mut responses = Map::new();
+        if schema.is_null() {
+            responses.insert(status.into(), json!({"description": description}));
+        } else {
+            responses.insert(status.into(), json!({"description": description, "content": {"application/json": {"schema": schema}}}));
+        }
+        responses
+    };
+    let common = |mut responses: Map<String, Value>, errors: &[&str]| {
+        responses.insert("401".into(), response_ref("Unauthorized"));
+        for status in errors {
+            let name = match *status {
+                "400" => "BadRequest",
+                "404" => "NotFound",
+                "408" => "Timeout",
+                "413" => "TooLarge",
+                "409" | "422" => {
+                    responses.insert((*status).into(), problem("The request conflicts with the endpoint's state, or a value is invalid; the message says which."));
+                    continue;
+                }
+                _ => "Unavailable",
+            };
+            responses.insert((*status).into(), response_ref(name));
+        }
+        Value::Object(responses)
+    };
+    let security = json!([{"adminToken": []}]);
+    let new_endpoint = json!({
+        "type": "object",
+        "properties": {
+            "url": {"type": "string"},
+            "streams": {"type": "array", "items": {"enum": stream_names}},
+            "mode": {"enum": ["patch", "snapshot"]},
+            "headers": {"type": "object", "additionalProperties": {"type": "string"}},
+            "secret": {"type": "string"},
+        },
+        "required": ["url", "streams"],
+        "additionalProperties": false,
+    });
+    let changes = json!({
+        "type": "object",
+        "properties": {
+            "url": {"type": "string"},
+            "streams": {"type": "array", "items": {"enum": stream_names}},
+            "mode": {"enum": ["patch", "snapshot"]},
+            "headers": {"type": "object", "additionalProperties": {"type": "string"}},
+            "disabled": {"type": "boolean"},
+        },
+        "additionalProperties": false,
+    });
+    let list_query = vec![
+        json!({"name": "state", "in": "query", "required": false, "schema": {"enum": ["pending", "delivered", "dead", "superseded"]}}),
+        json!({"name": "before", "in": "query", "required": false, "schema": {"type": "integer", "format": "int64"}, "description": "Only deliveries with a smaller id (next_before of the previous page)."}),
+        json!({"name": "limit", "in": "query", "required": false, "schema": {"type": "integer", "minimum": 0, "maximum": usize::MAX}, "description": "At most this many (clamped to 1..=1000; default 100)."}),
+    ];
+    let write_errors = ["400", "404", "408", "409", "413", "422", "503"];
+    paths.insert("/admin/webhooks".into(), json!({
+        "get": {"operationId": "listWebhooks", "security": security, "responses": common(ok("200", "Every endpoint (never a secret).", json!({"type": "object", "properties": {"endpoints": {"type": "array", "items": endpoint}}, "required": ["endpoints"]})), &[])},
+        "post": {"operationId": "createWebhook", "security": security, "requestBody": json_body(new_endpoint, true), "responses": common(ok("201", "Created; the answer shows the secret, this once.", endpoint.clone()), &["400", "408", "409", "413", "422", "503"])},
+    }));
+    paths.insert("/admin/webhooks/{id}".into(), json!({
+        "parameters": [id_param],
+        "get": {"operationId": "showWebhook", "security": security, "responses": common(ok("200", "The endpoint.", endpoint.clone()), &["404"])},
+        "patch": {"operationId": "updateWebhook", "security": security, "requestBody": json_body(changes, true), "responses": common(ok("200", "The endpoint as changed.", endpoint.clone()), &write_errors)},
+        "delete": {"operationId": "deleteWebhook", "security": security, "responses": common(ok("204", "Deleted.", Value::Null), &["404", "409", "503"])},
+    }));
+    paths.insert("/admin/webhooks/{id}/rotate-secret".into(), json!({
+        "parameters": [id_param],
+        "post": {"operationId": "rotateWebhookSecret", "security": security,
+                 "requestBody": json_body(json!({"type": "object", "properties": {"secret": {"type": "string"}}, "additionalProperties": false}), false),
+                 "responses": common(ok("200", "The new secret; the previous one keeps signing for rotation_overlap.", json!({"type": "object", "properties": {"secret": {"type": "string"}}, "required": ["secret"]})), &write_errors)},
+    }));
+    for (suffix, id, summary) in [
+        (
+            "deliveries",
+            "listWebhookDeliveries",
+            "Deliveries, newest first, with attempts and last error.",
+        ),
+        (
+            "dead-letters",
+            "listWebhookDeadLetters",
+            "Dead deliveries, newest first.",
+        ),
+    ] {
+        let mut parameters = list_query.clone();
+        if suffix == "dead-letters" {
+            parameters.remove(0);
+        }
+        paths.insert(format!("/admin/webhooks/{{id}}/{suffix}"), json!({
+            "parameters": [id_param],
+            "get": {"operationId": id, "summary": summary, "security": security, "parameters": parameters,
+                    "responses": common(ok("200", "A page.", delivery_list.clone()), &["400", "404", "503"])},
+        }));
+    }
+    paths.insert("/admin/webhooks/{id}/deliveries/{delivery}/replay".into(), json!({
+        "parameters": [id_param, {"name": "delivery", "in": "path", "required": true, "schema": {"type": "integer", "format": "int64"}}],
+        "post": {"operationId": "replayWebhookDelivery", "security": security,
+                 "responses": common(ok("202", "Queued again (same webhook-id).", replayed.clone()), &["400", "404", "409", "503"])},
+    }));
+    paths.insert("/admin/webhooks/{id}/replay".into(), json!({
+        "parameters": [id_param],
+        "post": {"operationId": "replayWebhookDeadLetters", "security": security,
+                 "requestBody": json_body(json!({"type": "object", "properties": {"since": {"type": "string", "format": "date-time"}}, "required": ["since"], "additionalProperties": false}), true),
+                 "responses": common(ok("202", "Every dead letter since then, queued again.", replayed), &write_errors)},
+    }));
+}
+
+fn security_schemes(surface: &Surface) -> Value {
+    let mut schemes = Map::new();
+    if surface.push {
+        schemes.insert(
+            "pushToken".into(),
+            json!({"type": "http", "scheme": "bearer", "description": "push.token"}),
+        );
+    }
+    if surface.webhooks.as_ref().is_some_and(|w| w.admin) {
+        schemes.insert(
+            "adminToken".into(),
+            json!({"type": "http", "scheme": "bearer", "description": "webhooks.admin_token"}),
+        );
+    }
+    if surface.proxy {
+        schemes.insert(
+            "proxyTokenQuery".into(),
+            json!({"type": "apiKey", "name": "X-Sd-Token", "in": "query"}),
+        );
+        schemes.insert(
+            "proxyTokenHeader".into(),
+            json!({"type": "apiKey", "name": "X-Sd-Token", "in": "header"}),
+        );
+    }
+    Value::Object(schemes)
+}
