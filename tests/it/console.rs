@@ -14,8 +14,12 @@ use crate::webhook::{SECRET, TOKEN, endpoint, webhooks_toml};
 const LONG: Duration = Duration::from_secs(20);
 
 /// Long enough that the hub publishes patches rather than whole documents.
+/// Views included: a view's change here (one vehicle leaving, one joining, the header) is about
+/// 350 bytes of patch, and a view that small must still be larger than its patch.
 const PAD: &str = "a long enough note so that small patches stay smaller than the document, \
-                   which is when the hub publishes a patch rather than the whole document";
+                   which is when the hub publishes a patch rather than the whole document; \
+                   views too, whose documents hold only some of the vehicles but all of this \
+                   header, so the note is long enough for a view's patch as well";
 
 /// A fleet whose vehicles move, one leaving and one joining at every tick, with a key that
 /// needs escaping in a JSON Pointer.
@@ -171,9 +175,10 @@ async fn listing_counts_the_requests_and_bytes_subscribers_were_saved() {
         upstream.set(fleet(tick));
         app.wait_for_seq("fleet", tick).await;
     }
-    for client in [&mut a, &mut b, &mut c] {
+    for (n, client) in [&mut a, &mut b, &mut c].into_iter().enumerate() {
         for _ in 2..=3 {
-            assert_eq!(client.expect(SOON).await.event, "patch");
+            let e = client.expect(SOON).await;
+            assert_eq!(e.event, "patch", "client {n}: {e:?}");
         }
     }
     let after = app.listing("fleet").await;
