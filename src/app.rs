@@ -287,6 +287,7 @@ impl App {
                 streams: config.push_streams.iter().map(|s| s.name.clone()).collect(),
             })
         })));
+        let contracts = Arc::new(crate::contracts::Current::of(&config));
         let reloader = config.source.clone().map(|path| {
             Arc::new(reload::Reloader {
                 path,
@@ -302,6 +303,7 @@ impl App {
                 upstreams: upstreams.clone(),
                 push: push.clone(),
                 webhooks: webhooks.clone(),
+                contracts: contracts.clone(),
                 shutdown: shutdown.clone(),
             })
         });
@@ -348,7 +350,7 @@ impl App {
                 node: node.clone(),
                 writers,
             }),
-            contracts: Arc::new(crate::contracts::Surface::of(&config)),
+            contracts: contracts.clone(),
         });
         let websockets = Arc::new(WebSockets::new(
             config.websocket,

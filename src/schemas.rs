@@ -14,8 +14,11 @@ pub const CHANGES_GONE: &str = "patchwire.changes-gone.v1";
 /// A webhook delivery's JSON body.
 pub const WEBHOOK: &str = "patchwire.webhook.v1";
 
+/// An operational event POSTed to `webhooks.operator_url`.
+pub const OPERATOR: &str = "patchwire.operator.v1";
+
 /// Every schema, by name, with its text.
-pub const ALL: [(&str, &str); 3] = [
+pub const ALL: [(&str, &str); 4] = [
     (
         CHANGES,
         include_str!("../schemas/patchwire.changes.v1.json"),
@@ -27,6 +30,10 @@ pub const ALL: [(&str, &str); 3] = [
     (
         WEBHOOK,
         include_str!("../schemas/patchwire.webhook.v1.json"),
+    ),
+    (
+        OPERATOR,
+        include_str!("../schemas/patchwire.operator.v1.json"),
     ),
 ];
 

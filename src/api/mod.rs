@@ -65,8 +65,9 @@ pub struct AppState {
     pub cluster: Option<ClusterState>,
     /// Reloads the configuration file (`POST /admin/reload`), when started from one.
     pub reload: Option<Arc<dyn reload::Reload>>,
-    /// What the configuration exposes, for `/asyncapi.json` and `/openapi.json`.
-    pub contracts: Arc<crate::contracts::Surface>,
+    /// What the configuration exposes, for `/asyncapi.json` and `/openapi.json` (replaced by a
+    /// configuration reload).
+    pub contracts: Arc<crate::contracts::Current>,
 }
 
 /// What the routes need of the cluster.
@@ -130,7 +131,7 @@ pub fn router(state: Arc<AppState>, cors: &Cors) -> Router {
         .fallback(fallback);
     // `GET /ws` upgrades before the router (`subscribe::Subscriptions::upgrade`); what reaches
     // it is a `HEAD` (a 426 as a `GET` without an upgrade is) or another method (a 405).
-    let router = if state.contracts.websocket {
+    let router = if state.contracts.get().websocket {
         router.route("/ws", get(websocket_without_upgrade))
     } else {
         router
@@ -301,12 +302,12 @@ async fn schema(Path(file): Path<String>) -> Response {
 /// The AsyncAPI 3.0 document of the streams, their document schemas inferred from the current
 /// documents where the configuration names no schema.
 async fn asyncapi(State(state): State<Arc<AppState>>) -> Response {
-    axum::Json(state.contracts.asyncapi(&state.hub)).into_response()
+    axum::Json(state.contracts.get().asyncapi(&state.hub)).into_response()
 }
 
 /// The OpenAPI 3.1 document of the HTTP endpoints.
 async fn openapi(State(state): State<Arc<AppState>>) -> Response {
-    axum::Json(state.contracts.openapi(&state.hub)).into_response()
+    axum::Json(state.contracts.get().openapi(&state.hub)).into_response()
 }
 
 /// `HEAD /ws`: what `GET /ws` without an upgrade is answered (the handshake's refusal).

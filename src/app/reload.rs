@@ -54,6 +54,8 @@ pub struct Reloader {
     pub(super) upstreams: Arc<PolledUpstreams>,
     pub(super) push: Arc<RwLock<Option<Arc<PushAuth>>>>,
     pub(super) webhooks: Option<Arc<Webhooks>>,
+    /// What `/asyncapi.json` and `/openapi.json` describe: the applied file's.
+    pub(super) contracts: Arc<crate::contracts::Current>,
     pub(super) shutdown: CancellationToken,
 }
 
@@ -150,6 +152,7 @@ impl Reloader {
             changed = changes.any(),
             "configuration reloaded"
         );
+        self.contracts.replace(&new);
         *current = new;
         let mut body = json!({
             "reloaded": true,

@@ -31,6 +31,13 @@ pub fn document(surface: &Surface, documents: &DocumentSchemas) -> Value {
         if surface.webhooks.is_some() {
             doc.webhook_channel(&stream.name, patch);
         }
+        doc.catchup_channel(stream, None, patch);
+        for view in stream.views.keys() {
+            doc.catchup_channel(stream, Some(view), patch);
+        }
+    }
+    if surface.webhooks.as_ref().is_some_and(|w| w.operator) {
+        doc.operator_channel();
     }
     if surface.proxy {
         doc.streamdata_channel();
@@ -42,8 +49,6 @@ pub fn document(surface: &Surface, documents: &DocumentSchemas) -> Value {
     for sink in &surface.brokers {
         doc.broker_channels(surface, sink);
     }
-    // The catch-up operation (`GET /streams/{name}/changes`) adds its channels and operations
-    // here, beside the SSE ones, and its envelope's schema to `schemas::shared`.
     let mut components = Map::new();
     let mut all_schemas = schemas::shared();
     all_schemas.extend(documents.components(surface));
@@ -239,24 +244,61 @@ impl Document {
     /// Webhook deliveries of a stream: a signed POST to each endpoint's URL.
     fn webhook_channel(&mut self, stream: &str, patch: &str) {
         let channel = format!("{stream}.webhook");
-        let body = schemas::webhook_body(
-            reference(&DocumentSchemas::name(stream, None)),
-            reference(patch),
+        let document = reference(&DocumentSchemas::name(stream, None));
+        let body = schemas::webhook_body(document.clone(), reference(patch));
+        let signed = standard_webhooks_headers(&[]);
+        let mut structured = broker_message(
+            "stream.snapshot",
+            "application/cloudevents+json",
+            Value::Null,
         );
+        structured["name"] = json!("webhookCloudEvent");
+        structured["summary"] = json!(
+            "format = \"cloudevents\": a CloudEvent 1.0 in structured mode, the attributes of the binary mode's ce- headers (without the prefix) beside data."
+        );
+        structured["headers"] = signed.clone();
+        structured["payload"] = schemas::cloudevent_structured(document.clone(), reference(patch));
+        let ce = broker_message("stream.snapshot", "application/json", Value::Null);
+        let mut binary_headers = standard_webhooks_headers(&[
+            "ce-id",
+            "ce-type",
+            "ce-source",
+            "ce-time",
+            "ce-specversion",
+        ]);
+        if let (Some(all), Some(ce)) = (
+            binary_headers["properties"].as_object_mut(),
+            ce["headers"]["properties"].as_object(),
+        ) {
+            for (name, schema) in ce {
+                all.insert(name.clone(), schema.clone());
+            }
+            all.insert(
+                "ce-type".into(),
+                json!({"enum": ["stream.snapshot", "stream.patch"]}),
+            );
+        }
         self.channels.insert(
             channel.clone(),
             json!({
                 "address": null,
-                "description": format!("Webhook deliveries of stream {stream:?}: a POST to each endpoint's own URL, signed with Standard Webhooks."),
+                "description": format!("Webhook deliveries of stream {stream:?}: a POST to each endpoint's own URL, signed with Standard Webhooks (webhook-signature: v1,<HMAC-SHA256> with a symmetric secret, v1a,<Ed25519> with an Ed25519 key: the endpoint's signing, its public_key in the admin API). The endpoint's format decides the body: json (patchwire.webhook.v1), cloudevents (structured) or cloudevents-binary; its events (snapshots, patches) and mode which changes it receives."),
                 "messages": {
                     "delivery": {
                         "name": "webhookDelivery",
+                        "summary": "format = \"json\" (the default): the patchwire.webhook.v1 envelope.",
                         "contentType": "application/json",
-                        "headers": {"type": "object", "properties": {
-                            "webhook-id": {"type": "string"}, "webhook-timestamp": {"type": "string"}, "webhook-signature": {"type": "string"}},
-                            "required": ["webhook-id", "webhook-timestamp", "webhook-signature"]},
+                        "headers": signed,
                         "payload": body,
                         "bindings": {"http": {"headers": {"type": "object"}, "bindingVersion": HTTP_BINDING}},
+                    },
+                    "cloudevent": structured,
+                    "cloudeventBinary": {
+                        "name": "webhookCloudEventBinary",
+                        "summary": "format = \"cloudevents-binary\": a CloudEvent 1.0 in binary mode, the attributes as ce- headers, the body the change's data alone: the document (application/json) or the patch (application/json-patch+json).",
+                        "contentType": "application/json",
+                        "headers": binary_headers,
+                        "payload": {"oneOf": [document, reference(patch)]},
                     },
                 },
             }),
@@ -267,7 +309,112 @@ impl Document {
                 "action": "send",
                 "channel": {"$ref": format!("#/channels/{}", escape(&channel))},
                 "bindings": {"http": {"method": "POST", "bindingVersion": HTTP_BINDING}},
-                "messages": [channel_message(&channel, "delivery")],
+                "messages": [
+                    channel_message(&channel, "delivery"),
+                    channel_message(&channel, "cloudevent"),
+                    channel_message(&channel, "cloudeventBinary"),
+                ],
+            }),
+        );
+    }
+
+    /// Operational events POSTed to `webhooks.operator_url`.
+    fn operator_channel(&mut self) {
+        let channel = "webhooks.operator";
+        self.channels.insert(
+            channel.into(),
+            json!({
+                "address": null,
+                "description": "Operational events for the people running patchwire (endpoint.disabled, delivery.dead, endpoint.recovered): a POST to webhooks.operator_url, signed with Standard Webhooks by webhooks.operator_secret; kept in memory, in order, retried on the webhooks' schedule.",
+                "messages": {
+                    "event": {
+                        "name": "operatorEvent",
+                        "contentType": "application/json",
+                        "headers": standard_webhooks_headers(&[]),
+                        "payload": reference(crate::schemas::OPERATOR),
+                    },
+                },
+            }),
+        );
+        self.add_operation(
+            "webhooks.operator".into(),
+            json!({
+                "action": "send",
+                "channel": {"$ref": format!("#/channels/{}", escape(channel))},
+                "bindings": {"http": {"method": "POST", "bindingVersion": HTTP_BINDING}},
+                "messages": [channel_message(channel, "event")],
+            }),
+        );
+    }
+
+    /// `GET /streams/{name}/changes` (or a named view's): catch-up over plain HTTP, a page of
+    /// changes (`patchwire.changes.v1`) per request, or a `410` (`patchwire.changes-gone.v1`).
+    fn catchup_channel(&mut self, stream: &super::StreamSurface, view: Option<&str>, patch: &str) {
+        let (channel, address, document) = match view {
+            None => (
+                format!("{}.changes", stream.name),
+                format!("/streams/{}/changes", stream.name),
+                if stream.views.is_empty() && stream.aliases.is_empty() {
+                    reference(&DocumentSchemas::name(&stream.name, None))
+                } else {
+                    json!({"anyOf": [
+                        reference(&DocumentSchemas::name(&stream.name, None)),
+                        reference(&DocumentSchemas::any_view(&stream.name)),
+                    ]})
+                },
+            ),
+            Some(view) => (
+                format!("{}.views.{view}.changes", stream.name),
+                format!("/streams/{}@{view}/changes", stream.name),
+                reference(&DocumentSchemas::name(&stream.name, Some(view))),
+            ),
+        };
+        let headers = json!({"type": "object", "properties": {
+            "Stream-Next-Offset": {"type": "string", "description": "The event id to pass as after next."},
+            "Stream-Up-To-Date": {"const": "true"},
+            "Stream-Cursor": {"type": "string", "description": "Long-polls: echo it as cursor."},
+            "ETag": {"type": "string"},
+            "Cache-Control": {"type": "string"},
+        }});
+        let query = json!({"type": "object", "properties": {
+            "after": {"type": "string", "description": "An event id of this stream or view, or now."},
+            "wait": {"type": "string", "description": "Long-poll up to this long (at most 60s); 204 when nothing came."},
+            "limit": {"type": "integer", "minimum": 1, "maximum": 100},
+            "cursor": {"type": "integer", "minimum": 0},
+        }});
+        self.channels.insert(
+            channel.clone(),
+            json!({
+                "address": address,
+                "description": "Catch-up over plain HTTP: each GET answers the changes after `after` as one JSON page (a snapshot first without `after`), for clients that cannot hold a connection; cacheable, long-polls with `wait`. The same operation is in /openapi.json.",
+                "servers": [server_ref("http")],
+                "messages": {
+                    "page": {
+                        "name": "changes",
+                        "summary": "200: a page (patchwire.changes.v1, served at /schemas/patchwire.changes.v1.json), each patch as this stream sends them.",
+                        "contentType": "application/json",
+                        "headers": headers,
+                        "payload": schemas::catchup_page(patch, document),
+                        "bindings": {"http": {"statusCode": 200, "bindingVersion": HTTP_BINDING}},
+                    },
+                    "gone": {
+                        "name": "changesGone",
+                        "summary": "410: history cannot answer this position exactly; start again from snapshot.",
+                        "contentType": "application/json",
+                        "payload": reference(crate::schemas::CHANGES_GONE),
+                        "bindings": {"http": {"statusCode": 410, "bindingVersion": HTTP_BINDING}},
+                    },
+                },
+                "bindings": {"http": {"query": query, "bindingVersion": HTTP_BINDING}},
+            }),
+        );
+        self.add_operation(
+            channel.clone(),
+            json!({
+                "action": "send",
+                "channel": {"$ref": format!("#/channels/{}", escape(&channel))},
+                "bindings": {"http": {"method": "GET", "bindingVersion": HTTP_BINDING}},
+                "messages": [channel_message(&channel, "page"), channel_message(&channel, "gone")],
             }),
         );
     }
@@ -487,6 +634,21 @@ fn sse_message(event: &str, summary: &str, payload: Value) -> Value {
         "payload": payload,
         "headers": {"type": "object", "properties": {"id": reference("EventId")}, "description": "The SSE fields besides data: id (the event id)."},
         "x-sse": {"event": event},
+    })
+}
+
+/// The Standard Webhooks headers of a signed POST, and `required` besides them.
+fn standard_webhooks_headers(required: &[&str]) -> Value {
+    let mut all = vec!["webhook-id", "webhook-timestamp", "webhook-signature"];
+    all.extend_from_slice(required);
+    json!({
+        "type": "object",
+        "properties": {
+            "webhook-id": {"type": "string", "description": "The delivery's id, the same on every retry."},
+            "webhook-timestamp": {"type": "string", "pattern": "^[0-9]+$", "description": "Unix seconds when this attempt was signed."},
+            "webhook-signature": {"type": "string", "pattern": "^(v1,|v1a,)", "description": "Space-separated signatures of `{webhook-id}.{webhook-timestamp}.{body}`: v1,<base64 HMAC-SHA256> with a symmetric secret, v1a,<base64 Ed25519> with an Ed25519 key (verify with the endpoint's public_key); during a rotation, one per secret."},
+        },
+        "required": all,
     })
 }
 

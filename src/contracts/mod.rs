@@ -33,6 +33,41 @@ use crate::sinks::webhook::body::Mode;
 use crate::upstream::decode::Format;
 use crate::views::config::ViewsSettings;
 
+/// The [`Surface`] a running server describes now: taken at start, replaced by each successful
+/// configuration reload (`SIGHUP`, `POST /admin/reload`), so the served documents follow the
+/// file.
+#[derive(Debug)]
+pub struct Current(std::sync::RwLock<std::sync::Arc<Surface>>);
+
+impl Current {
+    /// The surface of `config`.
+    pub fn of(config: &Config) -> Current {
+        Current(std::sync::RwLock::new(std::sync::Arc::new(Surface::of(
+            config,
+        ))))
+    }
+
+    /// The surface now.
+    pub fn get(&self) -> std::sync::Arc<Surface> {
+        self.0
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Describes `config` from now on (after it was applied). Whether `GET /ws` upgrades is
+    /// decided when the server starts, so it is kept.
+    pub fn replace(&self, config: &Config) {
+        let mut surface = Surface::of(config);
+        let mut current = self
+            .0
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        surface.websocket = current.websocket;
+        *current = std::sync::Arc::new(surface);
+    }
+}
+
 /// What a configuration exposes, as the contracts describe it.
 #[derive(Debug, Clone)]
 pub struct Surface {
@@ -87,6 +122,8 @@ pub struct WebhooksSurface {
     pub admin: bool,
     /// The configured endpoints' ids (examples of the admin API's `{id}`).
     pub endpoints: Vec<String>,
+    /// Whether operational events go to `operator_url`.
+    pub operator: bool,
 }
 
 /// One broker sink.
@@ -173,6 +210,7 @@ impl Surface {
             webhooks: config.webhooks.as_ref().map(|w| WebhooksSurface {
                 admin: w.admin_token.is_some(),
                 endpoints: w.endpoints.iter().map(|e| e.id.clone()).collect(),
+                operator: w.operator.is_some(),
             }),
             proxy: config.proxy.is_some(),
             websocket: config.websocket.enabled,

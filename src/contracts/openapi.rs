@@ -26,20 +26,29 @@ pub fn document(surface: &Surface, documents: &DocumentSchemas) -> Value {
             );
         }
     }
-    // The catch-up operation (`GET /streams/{name}/changes`) adds its paths here, one per
-    // stream and named view as above.
+    // Catch-up over plain HTTP, one path per stream and named view as above.
+    for stream in &surface.streams {
+        paths.insert(
+            format!("/streams/{}/changes", stream.name),
+            catchup_path(stream, None),
+        );
+        for view in stream.views.keys() {
+            paths.insert(
+                format!("/streams/{}@{view}/changes", stream.name),
+                catchup_path(stream, Some(view)),
+            );
+        }
+    }
+    // `POST /streams/{name}/poll`, routed for every name.
+    paths.insert("/streams/{name}/poll".into(), poll_now(surface));
+    paths.insert("/admin/reload".into(), reload(surface));
+    paths.insert("/schemas/{file}".into(), served_schemas());
     paths.insert(
         "/healthz".into(),
         plain_get("healthz", "Liveness: `ok`.", &[]),
     );
-    paths.insert(
-        "/readyz".into(),
-        plain_get(
-            "readyz",
-            "Readiness: `ready`, or 503 while a cluster node cannot reach Redis or has not caught up with its log.",
-            &["503"],
-        ),
-    );
+    paths.insert("/readyz".into(), readyz());
+    console(&mut paths);
     paths.insert("/metrics".into(), metrics());
     paths.insert("/asyncapi.json".into(), contract("asyncapi", "The AsyncAPI 3.0 document of this deployment's streams (document schemas inferred from the current documents)."));
     paths.insert(
@@ -101,7 +110,25 @@ fn listing() -> Value {
         "responses": {"200": {"description": "The listing.", "content": {"application/json": {"schema": {
             "type": "object",
             "properties": {
-                "streams": {"type": "array", "items": {"type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]}},
+                "streams": {"type": "array", "items": {"type": "object", "properties": {
+                    "name": {"type": "string"},
+                    "path": {"type": "string"},
+                    "epoch": {"type": "integer", "minimum": 0},
+                    "seq": {"type": "integer", "minimum": 0},
+                    "subscribers": {"type": "integer", "minimum": 0},
+                    "changes_published": {"type": "integer", "minimum": 0},
+                    "sent": {"type": "object", "properties": {"events": {"type": "integer", "minimum": 0}, "bytes": {"type": "integer", "minimum": 0}}, "required": ["events", "bytes"], "description": "Written to its subscribers and its views', over SSE and WebSocket, after gzip; keep-alives excluded."},
+                    "failing": {"type": ["object", "null"]},
+                    "upstream": {"type": ["object", "null"], "properties": {
+                        "url": {"type": "string"},
+                        "interval_ms": {"type": "integer", "minimum": 0},
+                        "requests": {"type": "integer", "minimum": 0},
+                        "body_bytes": {"type": "integer", "minimum": 0, "description": "The bodies its requests received, decompressed."},
+                        "subscriber_requests": {"type": "integer", "minimum": 0, "description": "The requests its subscribers would have sent polling the upstream themselves."},
+                        "subscriber_bytes": {"type": "integer", "minimum": 0, "description": "What those requests would have downloaded."},
+                        "consecutive_failures": {"type": "integer", "minimum": 0},
+                    }},
+                }, "required": ["name", "seq", "subscribers", "sent"]}},
                 "dynamic": {"type": ["object", "null"]},
                 "cluster": {"type": "object"},
             },
@@ -264,6 +291,229 @@ fn stream_path(stream: &super::StreamSurface, view: Option<&str>, surface_push: 
     Value::Object(path)
 }
 
+/// `GET /streams/{name}/changes` (or a named view's `/streams/{name}@{view}/changes`): a page
+/// of changes (`patchwire.changes.v1`) with this stream's patch and document schemas.
+fn catchup_path(stream: &super::StreamSurface, view: Option<&str>) -> Value {
+    let has_views = !stream.views.is_empty() || !stream.aliases.is_empty();
+    let document = match view {
+        None if has_views => json!({"anyOf": [
+            reference(&DocumentSchemas::name(&stream.name, None)),
+            reference(&DocumentSchemas::any_view(&stream.name)),
+        ]}),
+        _ => reference(&DocumentSchemas::name(&stream.name, view)),
+    };
+    let page = schemas::catchup_page(schemas::patch_name(stream.allow_move), document);
+    let mut parameters = vec![
+        json!({"name": "after", "in": "query", "required": false, "schema": {"type": "string", "minLength": 1}, "description": "The position to read after: an event id `{stream}:{epoch}:{seq}` of this stream or view (Stream-Next-Offset, an SSE event's id), or `now` (only what comes next). Without it, the current document first."}),
+        json!({"name": "wait", "in": "query", "required": false, "schema": {"type": "string", "pattern": "^[0-9]+(ms|s)$"}, "description": "Long-poll: wait up to this long (at most 60s; 30s, 500ms) for a change when there is none after the position; 204 when none came."}),
+        json!({"name": "limit", "in": "query", "required": false, "schema": {"type": "integer", "minimum": 1, "maximum": 100}, "description": "Most changes in the page (default 100; a page also stops at 1 MiB)."}),
+        json!({"name": "cursor", "in": "query", "required": false, "schema": {"type": "integer", "minimum": 0}, "description": "The last Stream-Cursor header, echoed back on long-polls (against CDN cache loops)."}),
+        json!({"name": "If-None-Match", "in": "header", "required": false, "schema": {"type": "string"}, "description": "A page's ETag: 304 while the page is the same."}),
+    ];
+    if view.is_none() && has_views {
+        if !stream.views.is_empty() {
+            parameters.push(json!({"name": "view", "in": "query", "required": false, "schema": {"type": "string", "examples": stream.views.keys().collect::<Vec<_>>()}, "description": "A named view of the stream."}));
+        }
+        if stream.ad_hoc_views {
+            for alias in &stream.aliases {
+                parameters.push(json!({"name": alias, "in": "query", "required": false, "schema": {"type": "string", "minLength": 1}, "description": "An ad hoc view: entities whose alias has one of these comma-separated values."}));
+            }
+            parameters.push(json!({"name": "where", "in": "query", "required": false, "schema": {"type": "string", "minLength": 1}, "description": "An ad hoc view: an RFC 9535 filter expression evaluated on each entity (@)."}));
+            parameters.push(json!({"name": "fields", "in": "query", "required": false, "schema": {"type": "string", "minLength": 1}, "description": "An ad hoc view: the JSON Pointers kept of each entity, comma-separated."}));
+        }
+    }
+    let string = json!({"type": "string"});
+    let position_headers = json!({
+        "Stream-Next-Offset": {"schema": string, "description": "The event id to pass as `after` next."},
+        "Stream-Up-To-Date": {"schema": {"const": "true"}, "description": "Present when the answer reaches the current document."},
+        "Stream-Cursor": {"schema": {"type": "string", "pattern": "^[0-9]+$"}, "description": "Long-polls only: echo it as `cursor`."},
+        "Cache-Control": {"schema": string, "description": "A completed range: public, max-age=31536000, immutable; a page reaching the top: max-age=1; never stored: no-store (after=now, a timeout)."},
+    });
+    let mut page_headers = position_headers.clone();
+    if let Some(headers) = page_headers.as_object_mut() {
+        headers.insert(
+            "ETag".into(),
+            json!({"schema": string, "description": "Names the page."}),
+        );
+    }
+    let mut responses = Map::new();
+    responses.insert("200".into(), json!({"description": "A page of changes, oldest first: a snapshot (the whole document) or patches, each with its event id.", "headers": page_headers, "content": {"application/json": {"schema": page}}}));
+    responses.insert("204".into(), json!({"description": "A long-poll's wait ended without a change.", "headers": position_headers}));
+    responses.insert(
+        "304".into(),
+        json!({"description": "If-None-Match names this page."}),
+    );
+    responses.insert("400".into(), problem("A malformed `after`, `wait`, `limit` or `cursor` (or one given twice), an event id of another stream, or a bad filter: the message says which."));
+    if has_views {
+        responses.insert(
+            "404".into(),
+            problem("No such named view; the message lists them."),
+        );
+        responses.insert("429".into(), problem("The stream (max_views) or the server (views.max_total) has as many views as allowed."));
+    }
+    responses.insert("410".into(), json!({"description": "History cannot answer this position exactly (older than the stream's history, another epoch, ahead of this node): start again from `snapshot`.", "content": {"application/json": {"schema": reference(crate::schemas::CHANGES_GONE)}}}));
+    responses.insert(
+        "503".into(),
+        problem("The stream has no document yet, or ended (Retry-After: 1)."),
+    );
+    json!({"get": {
+        "operationId": operation_id("catchUp", &stream.name, view),
+        "summary": match view {
+            None => format!("Catch-up for stream {:?}: the changes after a position, as one JSON page (long-poll with wait).", stream.name),
+            Some(view) => format!("Catch-up for the named view {view:?} of stream {:?}.", stream.name),
+        },
+        "parameters": parameters,
+        "responses": responses,
+    }})
+}
+
+/// A bearer-token refusal: `403` when no token is configured, else `401`.
+fn refusals(responses: &mut Map<String, Value>, configured: bool, disabled: &str) {
+    if configured {
+        responses.insert("401".into(), response_ref("Unauthorized"));
+    } else {
+        responses.insert("403".into(), problem(disabled));
+    }
+}
+
+fn poll_now(surface: &Surface) -> Value {
+    let admin = surface.webhooks.as_ref().is_some_and(|w| w.admin);
+    let mut security = Vec::new();
+    if surface.push {
+        security.push(json!({"pushToken": []}));
+    }
+    if admin {
+        security.push(json!({"adminToken": []}));
+    }
+    let mut responses = Map::new();
+    responses.insert("202".into(), json!({"description": "A poll is scheduled now.", "content": {"application/json": {"schema": {"type": "object", "properties": {"stream": {"type": "string"}, "poll": {"const": "scheduled"}}, "required": ["stream", "poll"]}}}}));
+    refusals(
+        &mut responses,
+        surface.push || admin,
+        "Polling on request is disabled: it needs the [push] token or webhooks.admin_token.",
+    );
+    responses.insert("404".into(), response_ref("NotFound"));
+    responses.insert(
+        "409".into(),
+        problem("The stream is pushed (nothing to poll), or polled on demand without subscribers."),
+    );
+    responses.insert("429".into(), json!({"description": "The upstream's rate limit allows no request now.", "headers": {"Retry-After": {"schema": {"type": "string"}, "description": "Whole seconds."}}, "content": {"application/json": {"schema": reference("Problem")}}}));
+    let names: Vec<&str> = surface.streams.iter().map(|s| s.name.as_str()).collect();
+    json!({"post": {
+        "operationId": "pollNow",
+        "summary": "Poll a polled stream's upstream now instead of at its next tick, within its rate limit.",
+        "parameters": [{"name": "name", "in": "path", "required": true, "schema": {"type": "string", "examples": names}}],
+        "security": Value::Array(security),
+        "responses": responses,
+    }})
+}
+
+fn reload(surface: &Surface) -> Value {
+    let admin = surface.webhooks.as_ref().is_some_and(|w| w.admin);
+    let mut responses = Map::new();
+    let answer = json!({"type": "object", "properties": {"reloaded": {"type": "boolean"}}, "required": ["reloaded"]});
+    responses.insert("200".into(), json!({"description": "Applied: what changed per stream, the push token, the webhook endpoints.", "content": {"application/json": {"schema": answer}}}));
+    responses.insert(
+        "400".into(),
+        problem("The server was not started from a configuration file."),
+    );
+    refusals(
+        &mut responses,
+        admin,
+        "Reloading over HTTP is disabled (webhooks.admin_token is not set; SIGHUP reloads).",
+    );
+    responses.insert("409".into(), json!({"description": "Nothing changed: a section that cannot change while running differs (needs_restart).", "content": {"application/json": {"schema": answer}}}));
+    responses.insert("422".into(), json!({"description": "Nothing changed: the file is invalid (problems).", "content": {"application/json": {"schema": answer}}}));
+    let security = if admin {
+        json!([{"adminToken": []}])
+    } else {
+        json!([])
+    };
+    json!({"post": {
+        "operationId": "reloadConfiguration",
+        "summary": "Load the configuration file again and apply it, or refuse it changing nothing (as SIGHUP does).",
+        "security": security,
+        "responses": responses,
+    }})
+}
+
+fn served_schemas() -> Value {
+    let files: Vec<String> = crate::schemas::ALL
+        .iter()
+        .map(|(name, _)| format!("{name}.json"))
+        .collect();
+    json!({"get": {
+        "operationId": "getSchema",
+        "summary": "The JSON Schema (2020-12) of a versioned envelope, named by its `schema` member; the same schemas are components of this document.",
+        "parameters": [{"name": "file", "in": "path", "required": true, "schema": {"type": "string", "examples": files}}],
+        "responses": {
+            "200": {"description": "The schema.", "headers": {"Cache-Control": {"schema": {"type": "string"}}}, "content": {"application/schema+json": {"schema": {"type": "object"}}}},
+            "404": problem("No such schema; the message lists them."),
+        },
+    }})
+}
+
+fn readyz() -> Value {
+    let body = json!({
+        "type": "object",
+        "properties": {
+            "ready": {"type": "boolean"},
+            "checks": {"type": "object", "description": "Per backing service (redis, webhook_outbox): {ok, error}; brokers: each publisher's state (never makes the node unready)."},
+            "failed": {"type": "array", "items": {"type": "string"}},
+            "message": {"type": "string"},
+        },
+        "required": ["ready", "checks"],
+    });
+    json!({"get": {
+        "operationId": "readyz",
+        "summary": "Readiness: every backing service the node is configured with answers (each checked within 1 s).",
+        "responses": {
+            "200": {"description": "Ready.", "content": {"application/json": {"schema": body}}},
+            "503": {"description": "Not ready: `failed` names what did not answer.", "content": {"application/json": {"schema": body}}},
+        },
+    }})
+}
+
+/// The console: `GET /` and its files.
+fn console(paths: &mut Map<String, Value>) {
+    for (path, id, content_type, summary) in [
+        (
+            "/",
+            "console",
+            "text/html; charset=utf-8",
+            "The console: a page showing the streams, their savings and webhooks (reads /streams).",
+        ),
+        (
+            "/console/console.js",
+            "consoleScript",
+            "text/javascript; charset=utf-8",
+            "The console's script.",
+        ),
+        (
+            "/console/console.css",
+            "consoleStyle",
+            "text/css; charset=utf-8",
+            "The console's style sheet.",
+        ),
+        (
+            "/console/icon.svg",
+            "consoleIcon",
+            "image/svg+xml",
+            "The console's icon.",
+        ),
+    ] {
+        paths.insert(path.into(), json!({"get": {
+            "operationId": id,
+            "summary": summary,
+            "parameters": [{"name": "If-None-Match", "in": "header", "required": false, "schema": {"type": "string"}}],
+            "responses": {
+                "200": {"description": "The file (ETag names its bytes).", "headers": {"ETag": {"schema": {"type": "string"}}}, "content": {content_type: {"schema": {"type": "string"}}}},
+                "304": {"description": "If-None-Match names this file."},
+            },
+        }}));
+    }
+}
+
 fn plain_get(id: &str, summary: &str, extra: &[&str]) -> Value {
     let mut responses = Map::new();
     responses.insert("200".into(), json!({"description": "OK", "content": {"text/plain; charset=utf-8": {"schema": {"type": "string"}}}}));
@@ -420,15 +670,22 @@ fn admin(paths: &mut Map<String, Value>, enabled: bool, ids: &[String], surface:
             "id": {"type": "string"}, "url": {"type": "string"},
             "streams": {"type": "array", "items": {"type": "string"}},
             "mode": {"enum": ["patch", "snapshot"]},
+            "format": {"enum": ["json", "cloudevents", "cloudevents-binary"]},
             "headers": {"type": "array", "items": {"type": "string"}},
             "source": {"type": "string"},
+            "signing": {"enum": ["v1", "v1a"]},
+            "public_key": {"type": ["string", "null"], "description": "v1a: the Ed25519 public key receivers verify with (whpk_...)."},
+            "description": {"type": ["string", "null"]},
+            "metadata": {"type": "object", "additionalProperties": {"type": "string"}},
+            "rate_limit": {"type": ["integer", "null"], "minimum": 1},
+            "events": {"type": "array", "items": {"enum": ["snapshots", "patches"]}},
             "created_at": {"type": "string"},
             "disabled": {"type": ["object", "null"]},
             "failing_since": {"type": ["string", "null"]},
             "previous_secret_until": {"type": ["string", "null"]},
             "secret": {"type": "string"},
         },
-        "required": ["id", "url", "streams", "mode"],
+        "required": ["id", "url", "streams", "mode", "format", "signing"],
     });
     let delivery_list = json!({
         "type": "object",
@@ -472,8 +729,14 @@ fn admin(paths: &mut Map<String, Value>, enabled: bool, ids: &[String], surface:
             "url": {"type": "string"},
             "streams": {"type": "array", "items": {"enum": stream_names}},
             "mode": {"enum": ["patch", "snapshot"]},
+            "format": {"enum": ["json", "cloudevents", "cloudevents-binary"]},
             "headers": {"type": "object", "additionalProperties": {"type": "string"}},
             "secret": {"type": "string"},
+            "signing": {"enum": ["v1", "v1a"]},
+            "description": {"type": "string"},
+            "metadata": {"type": "object", "additionalProperties": {"type": "string"}},
+            "rate_limit": {"type": "integer", "minimum": 1, "description": "Most deliveries per second."},
+            "events": {"type": "array", "items": {"enum": ["snapshots", "patches"]}},
         },
         "required": ["url", "streams"],
         "additionalProperties": false,
@@ -484,8 +747,13 @@ fn admin(paths: &mut Map<String, Value>, enabled: bool, ids: &[String], surface:
             "url": {"type": "string"},
             "streams": {"type": "array", "items": {"enum": stream_names}},
             "mode": {"enum": ["patch", "snapshot"]},
+            "format": {"enum": ["json", "cloudevents", "cloudevents-binary"]},
             "headers": {"type": "object", "additionalProperties": {"type": "string"}},
             "disabled": {"type": "boolean"},
+            "description": {"type": ["string", "null"]},
+            "metadata": {"type": "object", "additionalProperties": {"type": "string"}},
+            "rate_limit": {"type": ["integer", "null"], "minimum": 1},
+            "events": {"type": "array", "items": {"enum": ["snapshots", "patches"]}},
         },
         "additionalProperties": false,
     });
@@ -497,7 +765,9 @@ fn admin(paths: &mut Map<String, Value>, enabled: bool, ids: &[String], surface:
     let write_errors = ["400", "404", "408", "409", "413", "422", "503"];
     paths.insert("/admin/webhooks".into(), json!({
         "get": {"operationId": "listWebhooks", "security": security, "responses": common(ok("200", "Every endpoint (never a secret).", json!({"type": "object", "properties": {"endpoints": {"type": "array", "items": endpoint}}, "required": ["endpoints"]})), &[])},
-        "post": {"operationId": "createWebhook", "security": security, "requestBody": json_body(new_endpoint, true), "responses": common(ok("201", "Created; the answer shows the secret, this once.", endpoint.clone()), &["400", "408", "409", "413", "422", "503"])},
+        "post": {"operationId": "createWebhook", "security": security,
+                 "parameters": [{"name": "Idempotency-Key", "in": "header", "required": false, "schema": {"type": "string", "minLength": 1, "maxLength": 255}, "description": "A retry with the same key and body answers the endpoint first created (Idempotent-Replayed: true)."}],
+                 "requestBody": json_body(new_endpoint, true), "responses": common(ok("201", "Created; the answer shows the secret, this once.", endpoint.clone()), &["400", "408", "409", "413", "422", "503"])},
     }));
     paths.insert("/admin/webhooks/{id}".into(), json!({
         "parameters": [id_param],
@@ -509,7 +779,7 @@ fn admin(paths: &mut Map<String, Value>, enabled: bool, ids: &[String], surface:
         "parameters": [id_param],
         "post": {"operationId": "rotateWebhookSecret", "security": security,
                  "requestBody": json_body(json!({"type": "object", "properties": {"secret": {"type": "string"}}, "additionalProperties": false}), false),
-                 "responses": common(ok("200", "The new secret; the previous one keeps signing for rotation_overlap.", json!({"type": "object", "properties": {"secret": {"type": "string"}}, "required": ["secret"]})), &write_errors)},
+                 "responses": common(ok("200", "The new secret (v1a: its public key); the previous one keeps signing for rotation_overlap.", json!({"type": "object", "properties": {"secret": {"type": "string"}, "public_key": {"type": "string"}}, "minProperties": 1})), &write_errors)},
     }));
     for (suffix, id, summary) in [
         (
@@ -543,6 +813,45 @@ fn admin(paths: &mut Map<String, Value>, enabled: bool, ids: &[String], surface:
         "post": {"operationId": "replayWebhookDeadLetters", "security": security,
                  "requestBody": json_body(json!({"type": "object", "properties": {"since": {"type": "string", "format": "date-time"}}, "required": ["since"], "additionalProperties": false}), true),
                  "responses": common(ok("202", "Every dead letter since then, queued again.", replayed), &write_errors)},
+    }));
+    paths.insert("/admin/webhooks/{id}/recover".into(), json!({
+        "parameters": [id_param],
+        "post": {"operationId": "recoverWebhook", "security": security,
+                 "summary": "Queue again every delivery since a time, delivered or not (after the receiver lost data).",
+                 "requestBody": json_body(json!({"type": "object", "properties": {"since": {"type": "string", "format": "date-time"}}, "required": ["since"], "additionalProperties": false}), true),
+                 "responses": common(ok("202", "Queued again.", json!({"type": "object", "properties": {"recovered": {"type": "integer"}}, "required": ["recovered"]})), &write_errors)},
+    }));
+    paths.insert("/admin/webhooks/{id}/test".into(), json!({
+        "parameters": [id_param],
+        "post": {"operationId": "testWebhook", "security": security,
+                 "summary": "Send a signed test delivery (type webhook.test) now and say how the receiver answered; nothing is queued.",
+                 "requestBody": json_body(json!({"type": "object", "additionalProperties": false}), false),
+                 "responses": common(ok("200", "What the receiver answered.", json!({"type": "object", "properties": {
+                     "webhook_id": {"type": "string"}, "delivered": {"type": "boolean"},
+                     "status": {"type": ["integer", "null"]}, "duration_ms": {"type": "integer", "minimum": 0},
+                     "response": {"type": ["string", "null"]}, "error": {"type": ["string", "null"]},
+                 }, "required": ["webhook_id", "delivered"]})), &["400", "404", "409", "503"])},
+    }));
+    let attempt = json!({"type": "object", "properties": {
+        "id": {"type": "integer"}, "delivery": {"type": "integer"}, "webhook_id": {"type": "string"},
+        "stream": {"type": "string"}, "at": {"type": "string"}, "duration_ms": {"type": "integer"},
+        "result": {"enum": ["delivered", "retrying", "dead"]}, "status": {"type": ["integer", "null"]},
+        "response": {"type": ["string", "null"]}, "error": {"type": ["string", "null"]},
+    }, "required": ["id", "delivery", "stream", "at", "result"]});
+    paths.insert("/admin/webhooks/{id}/attempts".into(), json!({
+        "parameters": [id_param],
+        "get": {"operationId": "listWebhookAttempts", "security": security,
+                "summary": "Every delivery attempt, newest first: when, how long, the receiver's status and answer.",
+                "parameters": [
+                    {"name": "stream", "in": "query", "required": false, "schema": {"type": "string"}},
+                    {"name": "result", "in": "query", "required": false, "schema": {"enum": ["delivered", "retrying", "dead"]}},
+                    {"name": "status", "in": "query", "required": false, "schema": {"type": "integer", "minimum": 100, "maximum": 599}},
+                    {"name": "since", "in": "query", "required": false, "schema": {"type": "string", "format": "date-time"}},
+                    {"name": "until", "in": "query", "required": false, "schema": {"type": "string", "format": "date-time"}, "description": "After since."},
+                    {"name": "before", "in": "query", "required": false, "schema": {"type": "integer", "minimum": 1}, "description": "Only attempts with a smaller id (next_before of the previous page)."},
+                    {"name": "limit", "in": "query", "required": false, "schema": {"type": "integer", "minimum": 1, "maximum": 1000}, "description": "Default 100."},
+                ],
+                "responses": common(ok("200", "A page.", json!({"type": "object", "properties": {"attempts": {"type": "array", "items": attempt}, "next_before": {"type": ["integer", "null"]}}, "required": ["attempts", "next_before"]})), &["400", "404", "503"])},
     }));
 }
 

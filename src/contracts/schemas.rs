@@ -36,10 +36,102 @@ pub fn shared() -> Map<String, Value> {
     schemas.insert("PushResult".into(), push_result());
     schemas.insert("WebSocketClientMessage".into(), ws_client_message());
     schemas.insert("WebSocketControlMessage".into(), ws_control_message());
-    // The versioned envelopes (catch-up pages, and webhook bodies once versioned) add their
-    // schemas here, under their own names, so that both documents and `/schemas/{name}.json`
-    // serve the same text.
+    schemas.extend(envelopes());
     schemas
+}
+
+/// The versioned envelopes served at `/schemas/{name}.json` ([`crate::schemas::ALL`]), as
+/// components named after them (`patchwire.changes.v1`), each of their `$defs` as a component
+/// `{name}.{def}`: the same schemas, not copies, only without `$schema` and `$id` (both
+/// documents have their own dialect and base) and with their `#/$defs/` references pointing to
+/// those components. `unevaluatedProperties: true` (2020-12 only, and a no-op) is dropped, so
+/// that AsyncAPI's draft-07 dialect reads them as written.
+pub fn envelopes() -> Map<String, Value> {
+    let mut out = Map::new();
+    for (name, text) in crate::schemas::ALL {
+        // The files are compiled in and checked by `schemas::tests`; a file that is not JSON
+        // would be a build of patchwire that cannot describe it, so it is left out, not a panic.
+        let Ok(Value::Object(mut schema)) = serde_json::from_str::<Value>(text) else {
+            continue;
+        };
+        schema.remove("$schema");
+        schema.remove("$id");
+        let defs = schema.remove("$defs");
+        let mut schema = Value::Object(schema);
+        relink(&mut schema, name);
+        out.insert(name.to_owned(), schema);
+        if let Some(Value::Object(defs)) = defs {
+            for (def, mut schema) in defs {
+                relink(&mut schema, name);
+                out.insert(format!("{name}.{def}"), schema);
+            }
+        }
+    }
+    out
+}
+
+/// Points `#/$defs/{def}` references of envelope `name` at its components.
+fn relink(schema: &mut Value, name: &str) {
+    match schema {
+        Value::Object(object) => {
+            object.remove("unevaluatedProperties");
+            if let Some(Value::String(target)) = object.get_mut("$ref")
+                && let Some(def) = target.strip_prefix("#/$defs/")
+            {
+                *target = format!("#/components/schemas/{name}.{def}");
+            }
+            for value in object.values_mut() {
+                relink(value, name);
+            }
+        }
+        Value::Array(items) => items.iter_mut().for_each(|v| relink(v, name)),
+        _ => {}
+    }
+}
+
+/// A webhook delivery as a structured-mode CloudEvent (`format = "cloudevents"`): the
+/// attributes, patchwire's extensions (`stream`, `epoch`, `seq`, `baseseq` for a patch) and
+/// `data`, the document or the patch.
+pub fn cloudevent_structured(document: Value, patch: Value) -> Value {
+    let event = |kind: &str, content_type: &str, data: Value| {
+        json!({
+            "type": "object",
+            "properties": {
+                "specversion": {"const": "1.0"},
+                "id": reference("EventId"),
+                "type": {"const": kind},
+                "source": {"type": "string", "pattern": "^/streams/"},
+                "time": {"type": "string", "format": "date-time"},
+                "stream": {"type": "string"},
+                "epoch": {"type": "string", "pattern": "^[0-9]+$"},
+                "seq": {"type": "string", "pattern": "^[0-9]+$"},
+                "baseseq": {"type": "string", "pattern": "^[0-9]+$"},
+                "datacontenttype": {"const": content_type},
+                "data": data,
+            },
+            "required": ["specversion", "id", "type", "source", "time", "datacontenttype", "data"],
+        })
+    };
+    json!({"oneOf": [
+        event("stream.snapshot", "application/json", document),
+        event("stream.patch", "application/json-patch+json", patch),
+    ]})
+}
+
+/// A catch-up page (`patchwire.changes.v1`) of a stream whose patches are `patch` (a component
+/// name, [`patch_name`]) and whose snapshots are `document` (a schema): the served envelope,
+/// with each change's payload held to what this stream sends.
+pub fn catchup_page(patch: &str, document: Value) -> Value {
+    json!({
+        "allOf": [
+            reference(crate::schemas::CHANGES),
+            {"properties": {"changes": {"items": {
+                "if": {"properties": {"kind": {"const": "patch"}}, "required": ["kind"]},
+                "then": {"properties": {"payload": reference(patch)}},
+                "else": {"properties": {"payload": document}},
+            }}}},
+        ],
+    })
 }
 
 fn pointer() -> Value {
@@ -266,6 +358,7 @@ pub fn webhook_body(document: Value, patch: Value) -> Value {
         json!({
             "type": "object",
             "properties": {
+                "schema": {"const": crate::schemas::WEBHOOK},
                 "type": {"const": kind},
                 "stream": {"type": "string"},
                 "epoch": {"type": "integer", "minimum": 0},
@@ -274,8 +367,7 @@ pub fn webhook_body(document: Value, patch: Value) -> Value {
                 "timestamp": {"type": "string", "format": "date-time"},
                 "data": data,
             },
-            "required": ["type", "stream", "epoch", "seq", "base_seq", "timestamp", "data"],
-            "additionalProperties": false,
+            "required": ["schema", "type", "stream", "epoch", "seq", "base_seq", "timestamp", "data"],
         })
     };
     json!({

@@ -12,7 +12,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use tempfile::TempDir;
 
-use crate::support::{Rebuilt, Receiver, SseClient, TestApp, free_port};
+use crate::support::{BASE, Rebuilt, Receiver, SseClient, TestApp, free_port, over};
 
 fn repo() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -157,11 +157,14 @@ source = "push"
 [webhooks]
 database = "outbox.db"
 admin_token = "admin-token-0123456789"
+operator_url = "https://ops.example.com/patchwire"
+operator_secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 [[webhooks.endpoints]]
 id = "billing"
 url = "https://hooks.example.com/patchwire"
 streams = ["prices"]
 secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+format = "cloudevents-binary"
 
 [proxy]
 enabled = true
@@ -263,6 +266,10 @@ fn every_shipped_configuration_gives_an_asyncapi_document_the_asyncapi_parser_ac
         "websocket",
         "sink-nats.fleet",
         "sink-redis.prices",
+        "fleet.changes",
+        "fleet.views.r1.changes",
+        "prices.changes",
+        "webhooks.operator",
     ] {
         assert!(
             channels.contains_key(channel),
@@ -271,7 +278,27 @@ fn every_shipped_configuration_gives_an_asyncapi_document_the_asyncapi_parser_ac
         );
     }
     assert_eq!(channels["fleet.views.r1"]["address"], "/streams/fleet@r1");
+    assert_eq!(
+        channels["fleet.views.r1.changes"]["address"],
+        "/streams/fleet@r1/changes"
+    );
+    let webhook: Vec<&String> = channels["prices.webhook"]["messages"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .collect();
+    assert_eq!(webhook, ["delivery", "cloudevent", "cloudeventBinary"]);
     let schemas = &doc["components"]["schemas"];
+    // The served envelopes are components under their own names, their `$defs` beside them.
+    for (name, text) in patchwire::schemas::ALL {
+        let served: Value = serde_json::from_str(text).unwrap();
+        assert_eq!(schemas[name]["title"], served["title"], "{name}");
+        assert_eq!(schemas[name]["required"], served["required"], "{name}");
+    }
+    assert_eq!(
+        schemas["patchwire.changes.v1"]["properties"]["changes"]["items"]["$ref"],
+        "#/components/schemas/patchwire.changes.v1.change"
+    );
     assert_eq!(
         schemas["fleet.document"]["properties"]["vehicles"]["items"]["required"][0],
         "id"
@@ -322,6 +349,30 @@ fn every_shipped_configuration_gives_a_valid_openapi_document() {
         .output()
         .unwrap();
     assert!(output.status.success(), "{}", show(&output));
+    // The everything file: catch-up per stream and named view, polling on request, reload,
+    // the served schemas, the console, every admin route.
+    let doc: Value =
+        serde_json::from_slice(&std::fs::read(files.last().unwrap()).unwrap()).unwrap();
+    for (path, method) in [
+        ("/streams/fleet/changes", "get"),
+        ("/streams/fleet@r1/changes", "get"),
+        ("/streams/prices/changes", "get"),
+        ("/streams/{name}/poll", "post"),
+        ("/admin/reload", "post"),
+        ("/schemas/{file}", "get"),
+        ("/", "get"),
+        ("/console/console.js", "get"),
+        ("/admin/webhooks/{id}/test", "post"),
+        ("/admin/webhooks/{id}/recover", "post"),
+        ("/admin/webhooks/{id}/attempts", "get"),
+    ] {
+        assert!(doc["paths"][path][method].is_object(), "no {method} {path}");
+    }
+    assert_eq!(
+        doc["paths"]["/streams/fleet/changes"]["get"]["responses"]["410"]["content"]["application/json"]
+            ["schema"]["$ref"],
+        "#/components/schemas/patchwire.changes-gone.v1"
+    );
 }
 
 #[test]
@@ -563,6 +614,19 @@ checks.positive_data_acceptance.enabled = false
 include-operation-id = "websocket"
 checks.positive_data_acceptance.enabled = false
 
+[[operations]]
+include-operation-id-regex = "^catchUp:"
+checks.positive_data_acceptance.enabled = false
+parameters = { "query.wait" = "1s" }
+
+[[operations]]
+include-operation-id = "listWebhookAttempts"
+checks.positive_data_acceptance.enabled = false
+
+[[operations]]
+include-operation-id-regex = "^(recoverWebhook|replayWebhookDeadLetters)$"
+checks.positive_data_acceptance.enabled = false
+
 [auth.openapi.proxyTokenQuery]
 api_key = "proxy-token-0123456789"
 "#;
@@ -579,6 +643,12 @@ api_key = "proxy-token-0123456789"
 ///   Schema does not describe; they are 400s with the reason), for `PATCH` (a well-formed patch
 ///   may not apply to the current document: 422), and for `GET /ws` (an upgrade needs headers
 ///   OpenAPI cannot require; without them it is a 426).
+/// - `positive_data_acceptance` for catch-up: `after` is an event id of the stream (or `now`),
+///   which a JSON Schema cannot tie to the stream; and `wait` is fixed to `1s`, so that a
+///   long-poll never outlasts the request timeout (a pattern cannot bound a duration).
+/// - `positive_data_acceptance` for the attempt history (`until` must be after `since`) and
+///   for recovery and dead-letter replay (`since` must be in the past): relations to each other
+///   and to the clock that a JSON Schema cannot state; both are 4xx answers naming the field.
 /// - SSE: every request asks for `Accept: application/json`, since an event stream never ends
 ///   (its events are the AsyncAPI document's, checked above).
 /// - The proxy mode allows only 127.0.0.1, which its SSRF guard refuses (no
@@ -593,7 +663,7 @@ async fn schemathesis_finds_nothing_against_a_live_server() {
     let receiver = Receiver::start(&["whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"]).await;
     let (url, sim) = simulator(20);
     let dir = tempfile::tempdir().unwrap();
-    let app = TestApp::from_toml(&format!(
+    let toml = format!(
         r#"{sim}
 [push]
 token = "push-token-0123456789"
@@ -636,8 +706,12 @@ secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 "#,
         dir.path().join("outbox.db").display(),
         receiver.url(),
-    ))
-    .await;
+    );
+    // From a file, so that `POST /admin/reload` reloads it (unchanged: a 200).
+    let file = dir.path().join("patchwire.toml");
+    std::fs::write(&file, over(BASE, &toml)).unwrap();
+    let app =
+        TestApp::spawn(patchwire::config::load(&file).unwrap_or_else(|e| panic!("{e}"))).await;
     first_document(&app, "fleet").await;
     let config = dir.path().join("schemathesis.toml");
     std::fs::write(&config, SCHEMATHESIS_TOML).unwrap();

@@ -388,3 +388,47 @@ async fn a_reload_reconciles_webhook_endpoints_and_concurrent_reloads_wait_their
         "{shown}"
     );
 }
+
+/// The contracts describe the configuration in force: a stream a reload adds has its channel
+/// in `/asyncapi.json` and its paths in `/openapi.json`, and one it removes has neither.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_contracts_follow_a_reload() {
+    let upstream = MockUpstream::start(doc("a", 1)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let url = upstream.url();
+    let process = Process::start(
+        dir.path(),
+        &format!("{COMMON}\n{}", stream("a", &url, "200ms")),
+    )
+    .await;
+    let contracts = |process: &Process| {
+        let asyncapi = process.url("/asyncapi.json");
+        let openapi = process.url("/openapi.json");
+        async move {
+            let asyncapi: Value = reqwest::get(asyncapi).await.unwrap().json().await.unwrap();
+            let openapi: Value = reqwest::get(openapi).await.unwrap().json().await.unwrap();
+            (asyncapi, openapi)
+        }
+    };
+    let (asyncapi, openapi) = contracts(&process).await;
+    assert!(asyncapi["channels"]["a"].is_object(), "{asyncapi}");
+    assert!(asyncapi["channels"]["b"].is_null());
+    assert!(openapi["paths"]["/streams/b"].is_null());
+
+    process.rewrite(&format!("{COMMON}\n{}", stream("b", &url, "200ms")));
+    process.hangup();
+    process.logged("configuration reloaded", SOON).await;
+    let (asyncapi, openapi) = contracts(&process).await;
+    assert!(asyncapi["channels"]["b"].is_object(), "{asyncapi}");
+    assert!(asyncapi["channels"]["b.changes"].is_object(), "{asyncapi}");
+    assert!(asyncapi["channels"]["a"].is_null(), "a was removed");
+    assert!(
+        openapi["paths"]["/streams/b"]["get"].is_object(),
+        "{openapi}"
+    );
+    assert!(
+        openapi["paths"]["/streams/b/changes"]["get"].is_object(),
+        "{openapi}"
+    );
+    assert!(openapi["paths"]["/streams/a"].is_null(), "a was removed");
+}

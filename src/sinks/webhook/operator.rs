@@ -76,6 +76,7 @@ struct Data<'a> {
 
 #[derive(Serialize)]
 struct EventJson<'a> {
+    schema: &'static str,
     #[serde(rename = "type")]
     kind: &'static str,
     timestamp: String,
@@ -92,8 +93,9 @@ impl OperatorEvent {
         }
     }
 
-    /// The body: `{"type", "timestamp", "data": {"endpoint", "stream", "webhook_id",
-    /// "reason"}}` (`stream` and `webhook_id` `null` when no delivery is involved).
+    /// The body (`patchwire.operator.v1`): `{"schema", "type", "timestamp", "data":
+    /// {"endpoint", "stream", "webhook_id", "reason"}}` (`stream` and `webhook_id` `null` when
+    /// no delivery is involved).
     pub fn body(&self, at: SystemTime) -> Vec<u8> {
         let data = match self {
             OperatorEvent::EndpointDisabled {
@@ -124,6 +126,7 @@ impl OperatorEvent {
             },
         };
         let json = EventJson {
+            schema: crate::schemas::OPERATOR,
             kind: self.kind(),
             timestamp: rfc3339(at),
             data,
@@ -274,7 +277,7 @@ mod tests {
         let body: Value = serde_json::from_slice(&dead.body(at)).unwrap();
         assert_eq!(
             body,
-            json!({"type": "delivery.dead", "timestamp": "2023-11-14T22:13:20.000Z",
+            json!({"schema": "patchwire.operator.v1", "type": "delivery.dead", "timestamp": "2023-11-14T22:13:20.000Z",
                    "data": {"endpoint": "e", "stream": "fleet", "webhook_id": "msg_1",
                             "reason": "the receiver answered 500"}})
         );

@@ -17,7 +17,7 @@ use super::sse::SseClient;
 /// Test-sized settings under every test's own TOML: port 0, short timeouts and grace, a fast
 /// retry schedule without jitter, a rate limit that never waits, polls every 100 ms (the
 /// shortest a file may ask for).
-const BASE: &str = r#"
+pub const BASE: &str = r#"
 [server]
 listen = "127.0.0.1:0"
 retry = "500ms"

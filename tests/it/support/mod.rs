@@ -17,7 +17,7 @@ pub mod store;
 pub mod upstream;
 pub mod ws;
 
-pub use app::{TestApp, config_from_toml, over, polled};
+pub use app::{BASE, TestApp, config_from_toml, over, polled};
 pub use receiver::{Hit, Receiver, Reply};
 pub use sse::{Rebuilt, SseClient, SseEvent};
 pub use store::TestStore;
