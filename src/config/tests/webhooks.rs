@@ -57,7 +57,7 @@ id = "billing"
 url = "https://hooks.example.com/patchwire"
 streams = ["fleet"]
 mode = "snapshot"
-secret = "{SECRET}"
+secret = "${SECRET}"
 headers = { X-Tenant = "t1" }
 "#,
     )
