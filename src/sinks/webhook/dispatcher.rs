@@ -624,9 +624,18 @@ impl Dispatcher {
             Resume::After(_) => oldest.map(|seq| (epoch, seq)),
             _ => None,
         };
-        let subscription = self.follow(&resume);
+        // A view that cannot be had now (too many views) is retried, never given up on.
+        let subscription = loop {
+            if let Some(subscription) = self.follow(&resume) {
+                break subscription;
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return None,
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+        };
         self.held = None;
-        subscription
+        Some(subscription)
     }
 
     /// Dispatches one term: the subscription's initial events, then live ones, until shutdown,
