@@ -239,6 +239,7 @@ async fn run(
                     .parse()
                     .expect("a valid URL"),
                 streams: names.clone(),
+                views: Vec::new(),
                 mode: Mode::Patch,
                 format: Format::Json,
                 headers: Default::default(),
@@ -263,6 +264,7 @@ async fn run(
         &settings,
         outbox.clone(),
         hub.clone(),
+        &patchwire::views::Views::new(),
         &Default::default(),
         "patchwire-load",
         &mut tasks,

@@ -212,6 +212,7 @@ impl App {
                         settings,
                         outbox,
                         hub.clone(),
+                        &views,
                         &push_streams,
                         &config.upstream.user_agent,
                         &mut tasks,

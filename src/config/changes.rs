@@ -359,6 +359,30 @@ fn sections(old: &Config, new: &Config, changes: &mut Changes) {
             ),
         });
     }
+    let endpoint_views = |config: &Config| -> std::collections::BTreeSet<String> {
+        config
+            .webhooks
+            .iter()
+            .flat_map(|w| &w.endpoints)
+            .flat_map(|e| &e.views)
+            .map(|v| v.name.clone())
+            .collect()
+    };
+    let (old_views, new_views) = (endpoint_views(old), endpoint_views(new));
+    if old_views != new_views {
+        let differ: Vec<&str> = old_views
+            .symmetric_difference(&new_views)
+            .map(String::as_str)
+            .collect();
+        changes.needs_restart.push(NeedsRestart {
+            section: "webhooks".to_owned(),
+            why: format!(
+                "webhooks start one dispatcher per view their endpoints receive at start, so \
+                 a view an endpoint starts or stops receiving needs a restart: {}",
+                differ.join(", ")
+            ),
+        });
+    }
     let added: Vec<&str> = changes
         .streams
         .iter()
@@ -524,5 +548,26 @@ mod tests {
         let c = changes(&old, &new);
         assert_eq!(c.needs_restart.len(), 1, "{c:?}");
         assert!(c.needs_restart[0].why.contains("b"), "{c:?}");
+    }
+
+    #[test]
+    fn a_view_an_endpoint_starts_receiving_needs_a_restart() {
+        let fleet = "[[streams]]\nname = \"a\"\nurl = \"http://up.test/a\"\n\
+                     [streams.filtering]\nentities = \"/vehicles\"\nkey = \"id\"\n\
+                     aliases = { route = \"route\" }\n";
+        let hooks = |streams: &str| {
+            format!(
+                "{fleet}[webhooks]\ndatabase = \"/tmp/x.db\"\n[[webhooks.endpoints]]\nid = \"e\"\n\
+                 url = \"https://hooks.example.com/e\"\nsecret = \"whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\"\n\
+                 streams = {streams}\n"
+            )
+        };
+        let whole = streams(&hooks(r#"["a"]"#));
+        let view = streams(&hooks(r#"["a", "a?route=R1"]"#));
+        let c = changes(&whole, &view);
+        assert_eq!(c.needs_restart.len(), 1, "{c:?}");
+        assert_eq!(c.needs_restart[0].section, "webhooks", "{c:?}");
+        assert!(c.needs_restart[0].why.contains("a@~"), "{c:?}");
+        assert!(changes(&view, &view).needs_restart.is_empty());
     }
 }

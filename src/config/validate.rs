@@ -134,10 +134,26 @@ pub fn validate(
     );
     let push = push(raw.push.as_ref(), &push_streams, env, &mut problems);
     let stream_names: Vec<&str> = raw.streams.iter().map(|s| s.name.as_str()).collect();
+    let sources: Vec<Source<'_>> = stream_names
+        .iter()
+        .map(|name| Source {
+            name,
+            views: streams
+                .iter()
+                .find(|s| s.name == *name)
+                .and_then(|s| s.views.as_ref())
+                .or_else(|| {
+                    push_streams
+                        .iter()
+                        .find(|s| s.name == *name)
+                        .and_then(|s| s.views.as_ref())
+                }),
+        })
+        .collect();
     let webhooks = raw
         .webhooks
         .as_ref()
-        .map(|w| w.validate(&stream_names, env, &mut problems));
+        .map(|w| w.validate(&sources, env, &mut problems));
     let proxy = raw
         .proxy
         .as_ref()
@@ -170,22 +186,6 @@ pub fn validate(
     }
     let websocket = raw.websocket.validate(&mut problems);
     let max_views = raw.views.validate(&mut problems);
-    let sources: Vec<Source<'_>> = stream_names
-        .iter()
-        .map(|name| Source {
-            name,
-            views: streams
-                .iter()
-                .find(|s| s.name == *name)
-                .and_then(|s| s.views.as_ref())
-                .or_else(|| {
-                    push_streams
-                        .iter()
-                        .find(|s| s.name == *name)
-                        .and_then(|s| s.views.as_ref())
-                }),
-        })
-        .collect();
     let broker_sinks = raw.sinks.validate(&sources, env, &mut problems);
     let document_schemas = document_schemas(&raw.streams, source, &mut problems);
     problems.finish(

@@ -38,6 +38,7 @@ mod upstream;
 mod views;
 mod webhook;
 mod webhook_crash;
+mod webhook_views;
 mod websocket;
 mod websocket_clients;
 mod wire;

@@ -44,6 +44,7 @@ fn change(epoch: u64, seq: u64, patch: bool) -> NewChange {
         stream: Arc::from("s"),
         epoch,
         seq,
+        base: None,
         patch: patch.then(|| Bytes::from_static(br#"[{"op":"add","path":"/n","value":1}]"#)),
         document: Some(Bytes::from(format!(r#"{{"n":{seq}}}"#))),
         at: SystemTime::now(),

@@ -870,6 +870,7 @@ async fn queued(
                 stream: Arc::from(*stream),
                 epoch: 1,
                 seq,
+                base: None,
                 patch: (seq > 1).then(|| bytes::Bytes::from_static(b"[]")),
                 document: Some(bytes::Bytes::from_static(br#"{"a":1}"#)),
                 at: std::time::SystemTime::now(),

@@ -370,3 +370,82 @@ fn the_operator_url_and_secret_come_together_and_are_checked() {
             .is_none()
     );
 }
+
+/// `fleet` with views (a named `r1`, ad hoc allowed) and a stream `prices` without.
+const VIEWS: &str = r#"[streams.filtering]
+entities = "/vehicles"
+key = "id"
+aliases = { route = "route" }
+
+[[streams.views]]
+name = "r1"
+filter = { route = "R1" }
+
+[[streams]]
+name = "prices"
+url = "http://127.0.0.1:8081/feeds/prices"
+
+"#;
+
+#[test]
+fn endpoints_may_receive_views_named_or_by_their_filter() {
+    let w = load(&format!(
+        r#"{VIEWS}[webhooks]
+
+[[webhooks.endpoints]]
+id = "depot"
+url = "https://hooks.example.com/depot"
+secret = "{SECRET}"
+streams = ["fleet@r1", "fleet?route=R2", "prices"]
+"#
+    ))
+    .unwrap()
+    .webhooks
+    .unwrap();
+    let endpoint = &w.endpoints[0];
+    assert_eq!(endpoint.streams[0], "fleet@r1");
+    assert!(
+        endpoint.streams[1].starts_with("fleet@~"),
+        "{:?}",
+        endpoint.streams
+    );
+    assert_eq!(endpoint.streams[2], "prices");
+    let views: Vec<_> = endpoint
+        .views
+        .iter()
+        .map(|v| (v.name.as_str(), v.source.as_str(), v.query.as_deref()))
+        .collect();
+    assert_eq!(
+        views,
+        [
+            ("fleet@r1", "fleet", None),
+            (endpoint.streams[1].as_str(), "fleet", Some("route=R2")),
+        ]
+    );
+}
+
+#[test]
+fn views_that_cannot_be_had_are_refused_at_their_entry() {
+    let found = problems(&format!(
+        r#"{VIEWS}[webhooks]
+
+[[webhooks.endpoints]]
+id = "depot"
+url = "https://hooks.example.com/depot"
+secret = "{SECRET}"
+streams = ["fleet@nope", "prices@x", "fleet?line=1", "fleet?route=R1", "fleet@r1", "nowhere"]
+"#
+    ));
+    let found: Vec<String> = found.iter().map(|(k, m)| format!("{k}: {m}")).collect();
+    let all = found.join("\n");
+    for expected in [
+        "webhooks.endpoints[0].streams[0]: \"fleet@nope\": no view named `nope` on this stream; its views are: r1",
+        "webhooks.endpoints[0].streams[1]: \"prices@x\" names a view, but stream \"prices\" has no views",
+        "webhooks.endpoints[0].streams[2]: \"fleet?line=1\": unknown filter `line`",
+        // A filter equal to a named view's is that view.
+        "webhooks.endpoints[0].streams[4]: \"fleet@r1\" is \"fleet@r1\", already listed at streams[3]",
+        "webhooks.endpoints[0].streams[5]: expected the name of a configured stream (fleet, prices)",
+    ] {
+        assert!(all.contains(expected), "missing {expected:?} in:\n{all}");
+    }
+}

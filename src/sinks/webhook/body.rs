@@ -205,9 +205,23 @@ pub enum Plan {
 /// `is_patch` is false when the hub itself published a snapshot (first document, root type
 /// change, or a patch larger than the document).
 pub fn plan(cursor: Option<Cursor>, epoch: u64, seq: u64, is_patch: bool, mode: Mode) -> Plan {
+    plan_after(cursor, epoch, seq, seq.saturating_sub(1), is_patch, mode)
+}
+
+/// [`plan`] for a change whose patch applies to the document at `base` (`seq - 1` for a
+/// stream; for a view, which changes at some of its source's sequence numbers only, the
+/// view's previous change).
+pub fn plan_after(
+    cursor: Option<Cursor>,
+    epoch: u64,
+    seq: u64,
+    base: u64,
+    is_patch: bool,
+    mode: Mode,
+) -> Plan {
     match cursor {
         Some(c) if c.epoch == epoch && c.seq >= seq => Plan::Skip,
-        Some(c) if mode == Mode::Patch && is_patch && c.epoch == epoch && c.seq + 1 == seq => {
+        Some(c) if mode == Mode::Patch && is_patch && c.epoch == epoch && c.seq == base => {
             Plan::Patch { base_seq: c.seq }
         }
         _ => Plan::Snapshot,

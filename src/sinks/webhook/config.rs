@@ -14,6 +14,7 @@ use url::Url;
 use super::body::{Events, Format, Mode};
 use super::schedule::RetrySchedule;
 use super::sign::Secret;
+use crate::sinks::broker::config::{Source, resolve_entry};
 use crate::ssrf;
 use crate::validation::{
     HEADER_VALUE_EXPECTED, MANAGED_HEADERS, NAME_EXPECTED, Problems, duration_in, fraction,
@@ -407,6 +408,64 @@ impl std::fmt::Debug for AdminToken {
     }
 }
 
+/// A view an endpoint receives (one of its `streams`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WebhookView {
+    /// What its deliveries are under: `{stream}@{view}`.
+    pub name: String,
+    /// The source stream.
+    pub source: String,
+    /// For an ad hoc view, its filter as written (a query string), resolved again at start
+    /// as a subscription's is.
+    pub query: Option<String>,
+}
+
+/// Reads an endpoint's `streams` (a stream's name, `stream@view` or `stream?filter`, as a
+/// broker sink's, with the same checks and messages) against the configured `streams`: the
+/// names the deliveries are under (a view's `{stream}@{view}`), the views among them, and,
+/// per refused entry, its index and what was expected.
+pub fn resolve_streams(
+    entries: &[String],
+    streams: &[Source<'_>],
+) -> (Vec<String>, Vec<WebhookView>, Vec<(usize, String)>) {
+    let mut names: Vec<String> = Vec::new();
+    // Each name listed, with the index of its entry.
+    let mut seen: Vec<(String, usize)> = Vec::new();
+    let mut views = Vec::new();
+    let mut refused = Vec::new();
+    for (j, entry) in entries.iter().enumerate() {
+        match resolve_entry(entry, streams) {
+            Err(expected) => refused.push((j, expected)),
+            Ok((source, view)) => {
+                let name = match &view {
+                    Some(view) => format!("{source}@{}", view.id),
+                    None => source.clone(),
+                };
+                if let Some((_, first)) = seen.iter().find(|(n, _)| *n == name) {
+                    refused.push((
+                        j,
+                        format!(
+                            "{entry:?} is {name:?}, already listed at streams[{first}]; name each \
+                             stream or view once"
+                        ),
+                    ));
+                    continue;
+                }
+                seen.push((name.clone(), j));
+                if let Some(view) = view {
+                    views.push(WebhookView {
+                        name: name.clone(),
+                        source,
+                        query: view.query,
+                    });
+                }
+                names.push(name);
+            }
+        }
+    }
+    (names, views, refused)
+}
+
 /// One endpoint declared in the configuration.
 #[derive(Debug, Clone)]
 pub struct WebhookEndpointSettings {
@@ -414,8 +473,12 @@ pub struct WebhookEndpointSettings {
     pub id: String,
     /// The target URL.
     pub url: Url,
-    /// The streams it receives (all configured).
+    /// The streams it receives (all configured): a stream's name, or a view's,
+    /// `{stream}@{view}` (`view` a configured name, or `~` and 12 hex digits for an ad hoc
+    /// view written as its filter).
     pub streams: Vec<String>,
+    /// The views among `streams`, to follow.
+    pub views: Vec<WebhookView>,
     /// Patches or whole documents.
     pub mode: Mode,
     /// JSON or CloudEvents.
@@ -448,7 +511,7 @@ impl RawWebhooks {
     /// endpoints may name.
     pub fn validate(
         &self,
-        streams: &[&str],
+        streams: &[Source<'_>],
         env: &dyn Fn(&str) -> Option<String>,
         problems: &mut Problems,
     ) -> WebhookSettings {
@@ -804,7 +867,7 @@ pub fn endpoint_headers(headers: &BTreeMap<String, String>) -> Result<(), (Strin
 fn endpoint(
     key: &str,
     raw: &RawWebhookEndpoint,
-    streams: &[&str],
+    streams: &[Source<'_>],
     allow_private: bool,
     env: &dyn Fn(&str) -> Option<String>,
     problems: &mut Problems,
@@ -848,21 +911,9 @@ fn endpoint(
             "expected at least one stream name from [[streams]]",
         );
     }
-    for (j, name) in raw.streams.iter().enumerate() {
-        if let Some(first) = raw.streams[..j].iter().position(|s| s == name) {
-            problems.push(
-                format!("{key}.streams[{j}]"),
-                format!("{name:?} is already listed at streams[{first}]; name each stream once"),
-            );
-        } else if !streams.contains(&name.as_str()) {
-            problems.push(
-                format!("{key}.streams[{j}]"),
-                format!(
-                    "expected the name of a configured stream ({}), got {name:?}",
-                    streams.join(", ")
-                ),
-            );
-        }
+    let (stream_names, views, refused) = resolve_streams(&raw.streams, streams);
+    for (j, expected) in refused {
+        problems.push(format!("{key}.streams[{j}]"), expected);
     }
     let mut headers = BTreeMap::new();
     for (name, template) in &raw.headers {
@@ -935,7 +986,8 @@ fn endpoint(
     Some(WebhookEndpointSettings {
         id: raw.id.clone(),
         url,
-        streams: raw.streams.clone(),
+        streams: stream_names,
+        views,
         mode: raw.mode.unwrap_or(defaults::MODE),
         format: raw.format.unwrap_or(defaults::FORMAT),
         headers,

@@ -36,6 +36,7 @@ use super::outbox::{
 use super::registry::Registry;
 use crate::hub::{Change, ChangeKind, Initial, Resume, Stream, StreamEvent, Subscription};
 use crate::snapshot::Snapshot;
+use crate::views::Target as Feed;
 
 /// A request to queue the stream's current document for some endpoints.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -57,6 +58,9 @@ enum Stop {
     Done,
     /// The lease moved to another node (or a successor already wrote): wait for it again.
     Lost,
+    /// A view's stream ended (evicted, or its source started over without it): follow the
+    /// view again.
+    Ended,
 }
 
 /// Where resync requests for a stream go (its dispatcher), by stream name.
@@ -90,6 +94,16 @@ pub struct Dispatcher {
     keep_document: bool,
     /// Up to which `seq` everything is committed.
     committed: watch::Sender<u64>,
+    /// The view followed, when the dispatcher serves a view rather than a stream: subscribed
+    /// to through it (a view with a subscriber is never evicted), and followed again when
+    /// its stream ends.
+    feed: Option<Feed>,
+    /// Where the dispatcher's line is in a view's stream: the view's last change received, so
+    /// the next one's patch is known to apply to it (a view's changes are sparse). `None`:
+    /// unknown (after a lag), so the next change reaches its endpoints as a document.
+    at: Option<(u64, u64)>,
+    /// A view's subscription held while a term starts, so the view is not evicted meanwhile.
+    held: Option<Subscription>,
 }
 
 /// Up to which sequence number a stream's changes are committed to the outbox: every
@@ -146,6 +160,7 @@ fn snapshot_change(stream: &Stream, snapshot: &Snapshot) -> NewChange {
         stream: Arc::from(stream.name()),
         epoch: snapshot.epoch,
         seq: snapshot.seq,
+        base: None,
         patch: None,
         document: Some(snapshot.json.clone()),
         at: snapshot.at,
@@ -155,7 +170,7 @@ fn snapshot_change(stream: &Stream, snapshot: &Snapshot) -> NewChange {
 /// A published change, `document` being the JSON of the document after it: carried by the
 /// live event, absent for a patch replayed from history (which keeps no documents; a
 /// snapshot's payload is its document).
-fn new_change(change: &Change, document: Option<&Bytes>) -> NewChange {
+fn new_change(change: &Change, document: Option<&Bytes>, base: Option<u64>) -> NewChange {
     let (patch, document) = match change.kind {
         ChangeKind::Patch => (Some(change.payload.clone()), document.cloned()),
         ChangeKind::Snapshot => (None, Some(change.payload.clone())),
@@ -164,6 +179,7 @@ fn new_change(change: &Change, document: Option<&Bytes>) -> NewChange {
         stream: change.stream.clone(),
         epoch: change.epoch,
         seq: change.seq,
+        base,
         patch,
         document,
         at: change.at,
@@ -199,6 +215,67 @@ impl Dispatcher {
             fence: None,
             fenced: false,
             owed_poll: None,
+            feed: None,
+            at: None,
+            held: None,
+        }
+    }
+
+    /// A dispatcher for a view (`feed`, a [`Feed::View`]) whose stream is `stream`: its
+    /// endpoints receive the view's document and changes under the view's name
+    /// (`{stream}@{view}`), and it keeps its subscription so the view is never evicted.
+    pub fn view(
+        feed: Feed,
+        stream: Arc<Stream>,
+        outbox: Arc<dyn Outbox>,
+        registry: Arc<Registry>,
+        backlog_limit: usize,
+        wake: Arc<Notify>,
+        requests: mpsc::UnboundedReceiver<Resync>,
+    ) -> Self {
+        let mut dispatcher = Dispatcher::new(
+            stream,
+            outbox,
+            registry,
+            backlog_limit,
+            wake,
+            requests,
+            false,
+        );
+        // Subscribed through the view, which counts the subscriber under its lock.
+        dispatcher.subscription = feed.subscribe(&Resume::Fresh).ok();
+        dispatcher.feed = Some(feed);
+        dispatcher
+    }
+
+    /// The sequence number a view's `change` applies to (see [`NewChange::base`]): the view's
+    /// previous change when known, else the change itself, which no endpoint's queue ends
+    /// before (it gets a document). `None` for a stream: `seq - 1`.
+    fn base_of(&mut self, change: &Change) -> Option<u64> {
+        self.feed.as_ref()?;
+        let base = self
+            .at
+            .filter(|(epoch, seq)| *epoch == change.epoch && *seq < change.seq)
+            .map_or(change.seq, |(_, seq)| seq);
+        self.at = Some((change.epoch, change.seq));
+        Some(base)
+    }
+
+    /// Subscribes to the stream (a view through its feed, refreshing the view's stream, which
+    /// an eviction replaced) from `resume`.
+    fn follow(&mut self, resume: &Resume) -> Option<Subscription> {
+        let Some(feed) = &self.feed else {
+            return Some(self.stream.subscribe(resume));
+        };
+        match feed.subscribe(resume) {
+            Ok(subscription) => {
+                self.stream = subscription.stream().clone();
+                Some(subscription)
+            }
+            Err(error) => {
+                tracing::warn!(stream = self.stream.name(), %error, "cannot follow the view for its webhooks; retrying");
+                None
+            }
         }
     }
 
@@ -294,25 +371,24 @@ impl Dispatcher {
     /// a snapshot for the pairs it missed, so the chain never breaks. The jobs are queued at
     /// once (the outbox keeps call order), so the dispatcher submits the next batch while
     /// this one commits, and they share the outbox's transactions (and fsyncs).
-    fn submit(&self, changes: &[(Arc<Change>, Option<Bytes>)]) -> Option<Pending> {
+    fn submit(&mut self, changes: &[(Arc<Change>, Option<Bytes>)]) -> Option<Pending> {
         let (last, last_document) = changes.last()?;
-        let pending: Vec<_> = changes
-            .iter()
-            .filter_map(|(change, document)| {
-                let targets = self.registry.targets(&change.stream);
-                (!targets.is_empty()).then(|| {
-                    self.outbox.accept(
-                        new_change(change, document.as_ref()),
-                        targets,
-                        self.backlog_limit,
-                        self.fence,
-                    )
-                })
-            })
-            .collect();
+        let mut pending = Vec::new();
+        for (change, document) in changes {
+            let base = self.base_of(change);
+            let targets = self.registry.targets(&change.stream);
+            if !targets.is_empty() {
+                pending.push(self.outbox.accept(
+                    new_change(change, document.as_ref(), base),
+                    targets,
+                    self.backlog_limit,
+                    self.fence,
+                ));
+            }
+        }
         // After the deliveries: the document is stored in the same transaction as (or a later
         // one than) the last change's deliveries.
-        let saved = self.save(&new_change(last, last_document.as_ref()));
+        let saved = self.save(&new_change(last, last_document.as_ref(), None));
         let seq = last.seq;
         Some(Box::pin(async move {
             let mut batch = Batch {
@@ -416,6 +492,10 @@ impl Dispatcher {
             let subscription = match self.lease.clone() {
                 None => match self.subscription.take() {
                     Some(subscription) => subscription,
+                    None if self.feed.is_some() => match self.resume(&shutdown).await {
+                        Some(subscription) => subscription,
+                        None => return,
+                    },
                     None => return,
                 },
                 Some(mut lease) => {
@@ -441,6 +521,13 @@ impl Dispatcher {
             };
             match self.dispatch(subscription, &shutdown).await {
                 Stop::Done => return,
+                Stop::Ended => {
+                    // Follow the view again once it can be had (from the outbox's cursors).
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    }
+                }
                 Stop::Lost => {
                     tracing::info!(
                         stream = self.stream.name(),
@@ -470,6 +557,20 @@ impl Dispatcher {
     /// stream's current epoch (the changes after it come from history, or a snapshot when
     /// history no longer has them all); from the current document when no endpoint has one.
     async fn resume(&mut self, shutdown: &CancellationToken) -> Option<Subscription> {
+        if self.feed.is_some() {
+            // The view's current stream (a new one if it was evicted), subscribed to while
+            // the cursors are read, so it stays.
+            loop {
+                if let Some(held) = self.follow(&Resume::Fresh) {
+                    self.held = Some(held);
+                    break;
+                }
+                tokio::select! {
+                    _ = shutdown.cancelled() => return None,
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+            }
+        }
         let cursors = loop {
             match self.outbox.cursors(self.stream.name().to_owned()).await {
                 Ok(cursors) => break cursors,
@@ -519,7 +620,22 @@ impl Dispatcher {
         };
         // Pairs without a cursor (or owed one) get the current document after the replay.
         self.retry = Some(Resync::Owed);
-        Some(self.stream.subscribe(&resume))
+        self.at = match &resume {
+            Resume::After(_) => oldest.map(|seq| (epoch, seq)),
+            _ => None,
+        };
+        // A view that cannot be had now (too many views) is retried, never given up on.
+        let subscription = loop {
+            if let Some(subscription) = self.follow(&resume) {
+                break subscription;
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return None,
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+        };
+        self.held = None;
+        Some(subscription)
     }
 
     /// Dispatches one term: the subscription's initial events, then live ones, until shutdown,
@@ -530,6 +646,7 @@ impl Dispatcher {
         for initial in subscription.initial {
             match initial {
                 Initial::Snapshot(snapshot) => {
+                    self.at = Some((snapshot.epoch, snapshot.seq));
                     let change = snapshot_change(&self.stream, &snapshot);
                     let targets = self.registry.targets(self.stream.name());
                     if self.accept(change, targets, Resync::All).await {
@@ -588,6 +705,7 @@ impl Dispatcher {
                         }
                         inflight.extend(self.submit(&changes));
                         if lagged {
+                            self.at = None;
                             tracing::warn!(stream = self.stream.name(), "webhook dispatcher lagged; queueing a snapshot");
                             self.resync(Resync::All).await;
                         }
@@ -597,12 +715,18 @@ impl Dispatcher {
                         // changes after it are still to come in `live`, and a later document
                         // queued first would make the outbox drop them as stale.
                         tracing::info!(stream = self.stream.name(), "stream started over; queueing a snapshot");
+                        self.at = Some((snapshot.epoch, snapshot.seq));
                         self.resync_to(Resync::All, &snapshot).await;
                     }
                     Ok(_) => {}
                     Err(broadcast::error::RecvError::Lagged(missed)) => {
+                        self.at = None;
                         tracing::warn!(stream = self.stream.name(), missed, "webhook dispatcher lagged; queueing a snapshot");
                         self.resync(Resync::All).await;
+                    }
+                    Err(broadcast::error::RecvError::Closed) if self.feed.is_some() => {
+                        tracing::info!(stream = self.stream.name(), "the view ended; following it again");
+                        return Stop::Ended;
                     }
                     Err(broadcast::error::RecvError::Closed) => return Stop::Done,
                 },

@@ -420,6 +420,13 @@ impl Endpoints {
                      stream once"
                 )));
             }
+            if self.hub.get(name).is_none() && (name.contains('@') || name.contains('?')) {
+                return Err(AdminError::Invalid(format!(
+                    "streams[{j}]: {name:?} names a view; views are received by endpoints \
+                     declared in the configuration ([[webhooks.endpoints]]), the admin API \
+                     takes names of configured streams"
+                )));
+            }
             if self.hub.get(name).is_none() {
                 let known: Vec<String> =
                     self.hub.all().iter().map(|s| s.name().to_owned()).collect();

@@ -56,6 +56,7 @@ use tokio_util::sync::CancellationToken;
 use self::config::WebhookSettings;
 use crate::hub::Hub;
 use crate::time::unix_ms;
+use crate::views::Views;
 use dispatcher::{Committed, Dispatcher, NotCommitted, ResyncRoutes};
 use endpoints::Endpoints;
 use outbox::{Outbox, OutboxError};
@@ -106,6 +107,7 @@ impl Webhooks {
         settings: &WebhookSettings,
         outbox: Arc<dyn Outbox>,
         hub: Arc<Hub>,
+        views: &Views,
         push_streams: &HashSet<String>,
         user_agent: &str,
         tasks: &mut JoinSet<()>,
@@ -137,6 +139,51 @@ impl Webhooks {
                 dispatcher = dispatcher.leased(lease.clone(), CLUSTER_POLL);
             }
             committed.insert(stream.name().to_owned(), dispatcher.committed());
+            dispatchers.push(dispatcher);
+        }
+        // The views endpoints receive: each its own dispatcher, on the view's stream, run by
+        // the node holding the source stream's lease (a view has none of its own).
+        let mut followed = HashSet::new();
+        for view in settings.endpoints.iter().flat_map(|e| &e.views) {
+            if !followed.insert(view.name.clone()) {
+                continue;
+            }
+            let target = match &view.query {
+                Some(query) => views.target(&hub, &view.source, Some(query)),
+                None => views.target(&hub, &view.name, None),
+            };
+            let target = match target {
+                Some(Ok(target)) => target,
+                Some(Err(error)) => {
+                    tracing::error!(view = %view.name, %error, "cannot follow the view for its webhooks");
+                    continue;
+                }
+                None => {
+                    tracing::error!(view = %view.name, "cannot follow the view for its webhooks: its stream does not exist");
+                    continue;
+                }
+            };
+            let stream = match target.stream() {
+                Ok(stream) => stream,
+                Err(error) => {
+                    tracing::error!(view = %view.name, %error, "cannot follow the view for its webhooks");
+                    continue;
+                }
+            };
+            let (sender, requests) = mpsc::unbounded_channel();
+            resync.insert(view.name.clone(), sender);
+            let mut dispatcher = Dispatcher::view(
+                target,
+                stream,
+                outbox.clone(),
+                registry.clone(),
+                settings.backlog_limit,
+                wake.clone(),
+                requests,
+            );
+            if let Some(lease) = shared.as_ref().and_then(|s| s.leases.get(&view.source)) {
+                dispatcher = dispatcher.leased(lease.clone(), CLUSTER_POLL);
+            }
             dispatchers.push(dispatcher);
         }
         let operator = match &settings.operator {

@@ -237,7 +237,11 @@ pub struct NewChange {
     pub epoch: u64,
     /// The change's sequence number.
     pub seq: u64,
-    /// The RFC 6902 patch from `seq - 1`, when the hub published a patch; `None` for a
+    /// The sequence number `patch` applies to, when it is not `seq - 1`: a view's changes are
+    /// sparse (it changes at some of its source's sequence numbers only), so its patch follows
+    /// the view's previous change. `None`: `seq - 1`.
+    pub base: Option<u64>,
+    /// The RFC 6902 patch from `base`, when the hub published a patch; `None` for a
     /// snapshot (or a resync), which every endpoint gets as a document.
     pub patch: Option<Bytes>,
     /// The whole document at `seq`; `None` for a patch replayed from history (history keeps
@@ -735,6 +739,7 @@ mod tests {
             stream: Arc::from("s"),
             epoch: 3,
             seq: 8,
+            base: None,
             patch: patch.then(|| Bytes::from_static(br#"[{"op":"add","path":"/n","value":8}]"#)),
             document: Some(Bytes::from_static(br#"{"n":8}"#)),
             at: std::time::UNIX_EPOCH,

@@ -629,10 +629,11 @@ async fn write_group(
                         continue;
                     }
                     let cursor = cursors.get(&target.endpoint).copied().flatten();
-                    let plan = body::plan(
+                    let plan = body::plan_after(
                         cursor,
                         change.epoch,
                         change.seq,
+                        change.base.unwrap_or(change.seq.saturating_sub(1)),
                         change.patch.is_some(),
                         target.mode,
                     );

@@ -369,10 +369,11 @@ fn accept(
             })
             .optional()?
             .flatten();
-        let plan = body::plan(
+        let plan = body::plan_after(
             cursor,
             change.epoch,
             change.seq,
+            change.base.unwrap_or(change.seq.saturating_sub(1)),
             change.patch.is_some(),
             target.mode,
         );
@@ -1064,6 +1065,7 @@ mod tests {
                 stream: Arc::from("s"),
                 epoch: 1,
                 seq: 1,
+                base: None,
                 patch: None,
                 document: Some(Bytes::from_static(b"{}")),
                 at: SystemTime::now(),
