@@ -256,7 +256,14 @@ impl App {
                 .context("cannot start the broker sinks (`sinks`)")?,
             ))
         };
-        let proxy = proxy(&config, &rate_limits, &metrics, cluster.as_ref(), &shutdown)?;
+        let proxy = proxy(
+            &config,
+            &rate_limits,
+            &metrics,
+            cluster.as_ref(),
+            &budget,
+            &shutdown,
+        )?;
         if let Some(cluster) = &cluster {
             let history = config
                 .streams
@@ -507,6 +514,7 @@ fn proxy(
     rate_limits: &Arc<RateLimits>,
     metrics: &Arc<Metrics>,
     cluster: Option<&Arc<Cluster>>,
+    budget: &Arc<Budget>,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<Option<Arc<Proxy>>> {
     let Some(settings) = &config.proxy else {
@@ -530,6 +538,7 @@ fn proxy(
                 metrics.clone(),
             )),
         }),
+        budget.clone(),
         shutdown.clone(),
     )
     .context("cannot start the proxy mode's HTTP client")?;
