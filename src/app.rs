@@ -257,7 +257,14 @@ impl App {
                 .context("cannot start the broker sinks (`sinks`)")?,
             ))
         };
-        let proxy = proxy(&config, &rate_limits, &metrics, cluster.as_ref(), &shutdown)?;
+        let proxy = proxy(
+            &config,
+            &rate_limits,
+            &metrics,
+            cluster.as_ref(),
+            &budget,
+            &shutdown,
+        )?;
         if let Some(cluster) = &cluster {
             let history = config
                 .streams
@@ -510,6 +517,7 @@ fn proxy(
     rate_limits: &Arc<RateLimits>,
     metrics: &Arc<Metrics>,
     cluster: Option<&Arc<Cluster>>,
+    budget: &Arc<Budget>,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<Option<Arc<Proxy>>> {
     let Some(settings) = &config.proxy else {
@@ -533,6 +541,7 @@ fn proxy(
                 metrics.clone(),
             )),
         }),
+        budget.clone(),
         shutdown.clone(),
     )
     .context("cannot start the proxy mode's HTTP client")?;

@@ -14,7 +14,7 @@ mod stream;
 
 pub use crate::wire::ChangeKind;
 pub use stream::{
-    Change, ChangesAfter, Delivered, Derivation, Diverged, EventId, Initial, Materialize,
+    Change, ChangesAfter, Delivered, Demand, Derivation, Diverged, EventId, Initial, Materialize,
     Preparation, Prepared, Publication, Recovery, Resume, Stream, StreamEvent, StreamOptions,
     Subscription, UpstreamFailure,
 };

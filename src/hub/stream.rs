@@ -339,6 +339,26 @@ impl Subscription {
     }
 }
 
+/// Demand for a stream from outside its own subscriptions (a subscriber of one of its views,
+/// whose poller only watches the stream's demand); withdrawn when dropped.
+pub struct Demand {
+    stream: Arc<Stream>,
+}
+
+impl Drop for Demand {
+    fn drop(&mut self) {
+        let mut last = false;
+        self.stream.demand.send_modify(|count| {
+            *count = count.saturating_sub(1);
+            last = *count == 0;
+        });
+        if last {
+            *self.stream.idle.lock().unwrap_or_else(|e| e.into_inner()) =
+                Some(std::time::Instant::now());
+        }
+    }
+}
+
 /// Keeps the subscriber gauge right however a subscription ends.
 struct SubscriberGuard {
     stream: Arc<Stream>,
@@ -738,6 +758,16 @@ impl Stream {
     pub fn audience(&self) -> usize {
         let views = self.derivation().map_or(0, |d| d.subscribers());
         self.subscriber_count().saturating_add(views)
+    }
+
+    /// Counts as one more subscription in the stream's demand (what on-demand pollers watch)
+    /// until the returned guard is dropped, without subscribing.
+    pub fn hold_demand(self: &Arc<Self>) -> Demand {
+        self.demand.send_modify(|count| *count += 1);
+        *self.idle.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        Demand {
+            stream: self.clone(),
+        }
     }
 
     /// Since when the stream has had no subscription; `None` while it has some.

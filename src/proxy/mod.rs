@@ -29,9 +29,13 @@ use crate::cluster::tokens::SharedTokens;
 use crate::hub::{Resume, Subscription};
 use crate::metrics::{Metrics, RefusalLabels};
 use crate::ssrf;
+use crate::views::select::{Selector, tokens};
+use crate::views::spec::{ViewSpec, parse_expression, parse_fields};
 use signature::{SignatureError, Signed};
-use streams::{Claim, DynamicStreams};
-use target::{TOKEN_PARAM, TargetError};
+use streams::{Claim, DynamicStreams, ViewRequest};
+use target::{
+    ENTITIES_PARAM, FIELDS_PARAM, KEY_PARAM, TOKEN_PARAM, TargetError, ViewParams, WHERE_PARAM,
+};
 use tokens::{Admission, Token, Tokens};
 
 /// Why a dynamic stream request is refused. Streamdata.io clients get it as an SSE `error`
@@ -115,6 +119,17 @@ pub enum Refusal {
         /// Why.
         error: SignatureError,
     },
+    /// A view parameter that cannot be used.
+    #[error("{param}: {message}")]
+    ViewParam {
+        /// The parameter (query parameter or header).
+        param: &'static str,
+        /// What is wrong with it.
+        message: String,
+    },
+    /// A view that cannot be had (its expression, its fields, or the views' bounds).
+    #[error("{0}")]
+    View(crate::views::ViewError),
     /// A native view of a dynamic stream that does not exist (any more).
     #[error("no dynamic stream named {0:?} (it may have been evicted)")]
     NoSuchStream(String),
@@ -125,7 +140,8 @@ impl Refusal {
     pub fn status(&self) -> u16 {
         match self {
             Refusal::Disabled | Refusal::NoSuchStream(_) => 404,
-            Refusal::Target(_) => 400,
+            Refusal::Target(_) | Refusal::ViewParam { .. } => 400,
+            Refusal::View(error) => error.status(),
             Refusal::TokenMissing
             | Refusal::TokenUnknown
             | Refusal::SignatureMissing { .. }
@@ -153,6 +169,8 @@ impl Refusal {
             Refusal::Disabled => "proxy-disabled",
             Refusal::NoSuchStream(_) => "no-such-stream",
             Refusal::Target(_) => "invalid-target",
+            Refusal::ViewParam { .. } => "bad-view",
+            Refusal::View(error) => error.cause(),
             Refusal::TokenMissing => "token-missing",
             Refusal::TokenUnknown => "token-unknown",
             Refusal::SignatureMissing { .. } => "signature-missing",
@@ -269,7 +287,9 @@ impl Proxy {
         headers: &HeaderMap,
         resume: &Resume,
     ) -> Result<Opened, Refusal> {
-        let target = target::parse(path, query)?;
+        let mut target = target::parse(path, query)?;
+        target.view.or_headers(headers);
+        let view = view_request(&target.view)?;
         let presented = target.token.as_deref().or_else(|| header_token(headers));
         // Before admission: a refused signature takes no connection slot nor rate.
         self.check_signature(self.tokens.find(presented)?, target.signed.as_ref())?;
@@ -277,7 +297,8 @@ impl Proxy {
         let host = target.url.host_str().unwrap_or_default();
         let period = admission.token().period_for(&self.settings, host)?;
         ssrf::check_url(&target.url, self.settings.allow_private).map_err(Refusal::Forbidden)?;
-        let (subscription, stream, claim) = self.streams.open(&target, period, resume).await?;
+        let (subscription, stream, claim) =
+            self.streams.open(&target, view, period, resume).await?;
         Ok(Opened::new(subscription, stream, admission, claim))
     }
 
@@ -370,6 +391,67 @@ impl Proxy {
             })
             .inc();
     }
+}
+
+/// The view `params` ask for, if any: `X-Sd-Where` (an RFC 9535 filter expression over each
+/// entity) and `X-Sd-Fields` (the fields kept of each), of the entities in the array at
+/// `X-Sd-Entities` (a JSON Pointer, the document itself by default) identified by `X-Sd-Key`
+/// (a JSON Pointer inside an entity, `/id` by default).
+fn view_request(params: &ViewParams) -> Result<Option<ViewRequest>, Refusal> {
+    if params.is_empty() {
+        return Ok(None);
+    }
+    let refused = |param: &'static str, message: String| Refusal::ViewParam { param, message };
+    let with_param = |param: &'static str| {
+        move |error: crate::views::ViewError| refused(param, error.to_string())
+    };
+    let expression = match params.get(WHERE_PARAM) {
+        Some(expression) => Some(parse_expression(expression).map_err(with_param(WHERE_PARAM))?),
+        None => None,
+    };
+    let fields = match params.get(FIELDS_PARAM) {
+        Some(fields) => Some(parse_fields(fields).map_err(with_param(FIELDS_PARAM))?),
+        None => None,
+    };
+    if expression.is_none() && fields.is_none() {
+        return Err(refused(
+            WHERE_PARAM,
+            "X-Sd-Entities and X-Sd-Key say where a view's entities are; the view itself is \
+             X-Sd-Where (a filter expression) and/or X-Sd-Fields (fields to keep)"
+                .to_owned(),
+        ));
+    }
+    let pointer = |param: &'static str, default: &str| {
+        let value = params.get(param).unwrap_or(default);
+        if value.is_empty() || value.starts_with('/') {
+            Ok(tokens(value))
+        } else {
+            Err(refused(
+                param,
+                format!("expected a JSON Pointer (e.g. /items), got {value:?}"),
+            ))
+        }
+    };
+    let entities = pointer(ENTITIES_PARAM, "")?;
+    let key = pointer(KEY_PARAM, "/id")?;
+    if key.is_empty() {
+        return Err(refused(
+            KEY_PARAM,
+            "expected the JSON Pointer of a field inside each entity (e.g. /id), got the entity itself".to_owned(),
+        ));
+    }
+    Ok(Some(ViewRequest {
+        selector: Selector {
+            entities,
+            key,
+            aliases: Default::default(),
+        },
+        spec: ViewSpec {
+            equals: Default::default(),
+            expression,
+            fields,
+        },
+    }))
 }
 
 /// The `X-Sd-Token` request header.

@@ -13,7 +13,7 @@
 //!   subscribers are told why.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, Weak};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError, RwLock, Weak};
 use std::time::{Duration, Instant};
 
 use http::HeaderMap;
@@ -28,7 +28,7 @@ use super::config::{HostPattern, ProxySettings};
 use super::target::Target;
 use crate::cluster::node::Cluster;
 use crate::cluster::store::Retention;
-use crate::hub::{Resume, Stream, StreamOptions, Subscription};
+use crate::hub::{Demand, Resume, Stream, StreamOptions, Subscription};
 use crate::metrics::{EvictionCause, EvictionLabels, Metrics};
 use crate::snapshot::SnapshotStore;
 use crate::ssrf::{self, GuardedResolver};
@@ -38,6 +38,18 @@ use crate::upstream::fetch::{FetchError, Fetcher, redirect_policy};
 use crate::upstream::on_demand::{self, Idle, OnDemand};
 use crate::upstream::poller::Poller;
 use crate::upstream::ratelimit::{RateLimits, SharedQuota};
+use crate::views::config::{ViewsSettings, defaults as view_defaults};
+use crate::views::select::Selector;
+use crate::views::spec::ViewSpec;
+use crate::views::{Asked, Budget, StreamViews};
+
+/// A view of a dynamic stream, as a request asks for it: where the entities are, and the view.
+pub struct ViewRequest {
+    /// The entity array and key (`X-Sd-Entities`, `X-Sd-Key`).
+    pub selector: Selector,
+    /// What the view keeps (`X-Sd-Where`, `X-Sd-Fields`).
+    pub spec: ViewSpec,
+}
 
 /// One dynamic stream.
 struct Entry {
@@ -51,6 +63,9 @@ struct Entry {
     idle_since: Mutex<Option<Instant>>,
     /// Stops the poller when the stream is evicted by something other than its own linger.
     stop: CancellationToken,
+    /// The stream's views, made when the first is asked for; their entity selector is the one
+    /// that request gave (one derivation per stream).
+    views: OnceLock<Arc<StreamViews>>,
 }
 
 impl Entry {
@@ -76,6 +91,7 @@ impl Entry {
         Claim {
             entry: self.clone(),
             period,
+            _demand: None,
         }
     }
 
@@ -112,6 +128,8 @@ impl Entry {
 pub struct Claim {
     entry: Arc<Entry>,
     period: Duration,
+    /// A view's subscriber's demand for the source stream (its poller watches only that).
+    _demand: Option<Demand>,
 }
 
 impl Drop for Claim {
@@ -156,6 +174,8 @@ pub struct DynamicStreams {
     /// by one of those whose subscribers want them.
     cluster: Option<ClusterLink>,
     entries: Mutex<HashMap<Arc<str>, Arc<Entry>>>,
+    /// Every view's share of `views.max_total`, with the configured streams'.
+    budget: Arc<Budget>,
     shutdown: CancellationToken,
     tasks: TaskTracker,
     me: Weak<DynamicStreams>,
@@ -170,6 +190,7 @@ impl DynamicStreams {
         rate_limits: Arc<RateLimits>,
         metrics: Arc<Metrics>,
         cluster: Option<ClusterLink>,
+        budget: Arc<Budget>,
         shutdown: CancellationToken,
     ) -> Result<Arc<DynamicStreams>, FetchError> {
         let Polling {
@@ -200,6 +221,7 @@ impl DynamicStreams {
             key: RwLock::new(cluster.is_none().then(rand::random)),
             cluster,
             entries: Mutex::new(HashMap::new()),
+            budget,
             shutdown,
             tasks: TaskTracker::new(),
             me: me.clone(),
@@ -292,11 +314,13 @@ impl DynamicStreams {
         Ok(Arc::from(name))
     }
 
-    /// Subscribes to the stream of `target` (creating it if needed) from `resume`, asking for
-    /// polls every `period`. A new stream's host is resolved and checked first.
+    /// Subscribes to the stream of `target` (creating it if needed), or to `view` of it,
+    /// from `resume`, asking for polls every `period`. A new stream's host is resolved and
+    /// checked first. A view shares its source's poller: it is derived from its changes.
     pub async fn open(
         &self,
         target: &Target,
+        view: Option<ViewRequest>,
         period: Duration,
         resume: &Resume,
     ) -> Result<(Subscription, Arc<str>, Claim), Refusal> {
@@ -324,13 +348,78 @@ impl DynamicStreams {
                 entry
             }
         };
-        let claim = entry.claim(period);
-        let subscription = entry.stream.subscribe(resume);
+        let mut claim = entry.claim(period);
+        let (subscription, name) = match view {
+            None => (entry.stream.subscribe(resume), name),
+            Some(view) => {
+                let subscription = self.subscribe_view(&entry, view, resume)?;
+                claim._demand = Some(entry.stream.hold_demand());
+                let name = Arc::from(subscription.stream().name());
+                (subscription, name)
+            }
+        };
         Ok((subscription, name, claim))
     }
 
-    /// Subscribes to the existing stream `name` (the native view), from `resume`; `period`
-    /// gives the subscriber's poll period for the stream's host, or refuses it.
+    /// Subscribes to `view` of `entry`'s stream (its views made on the first view asked).
+    fn subscribe_view(
+        &self,
+        entry: &Entry,
+        view: ViewRequest,
+        resume: &Resume,
+    ) -> Result<Subscription, Refusal> {
+        let stream = &entry.stream;
+        let views = entry.views.get_or_init(|| {
+            let settings = &self.settings;
+            let views = Arc::new(StreamViews::new(
+                stream,
+                ViewsSettings {
+                    selector: view.selector.clone(),
+                    ad_hoc: true,
+                    max_views: usize::try_from(view_defaults::MAX_VIEWS).unwrap_or(usize::MAX),
+                    linger: view_defaults::LINGER.min(settings.linger),
+                    named: BTreeMap::new(),
+                },
+                StreamOptions {
+                    history: settings.history,
+                    history_bytes: settings.history_bytes,
+                    buffer: self.buffer,
+                    diff: settings.diff.clone(),
+                },
+                self.snapshots.clone(),
+                self.budget.clone(),
+            ));
+            stream.derive(views.clone());
+            views
+        });
+        let selector = &views.settings().selector;
+        if selector.entities != view.selector.entities || selector.key != view.selector.key {
+            return Err(Refusal::ViewParam {
+                param: "X-Sd-Entities",
+                message: format!(
+                    "this stream's views already select entities at {:?} keyed by {:?} \
+                     (X-Sd-Entities, X-Sd-Key): ask with the same, or leave both out",
+                    pointer(&selector.entities),
+                    pointer(&selector.key),
+                ),
+            });
+        }
+        let view_error = |error: crate::views::ViewError| Refusal::View(error);
+        let (id, spec) = views
+            .resolve(Asked::AdHoc(view.spec))
+            .map_err(view_error)?
+            .ok_or_else(|| Refusal::ViewParam {
+                param: "X-Sd-Where",
+                message: "no view asked".to_owned(),
+            })?;
+        views
+            .subscribe(stream, id, spec, resume)
+            .map_err(view_error)
+    }
+
+    /// Subscribes to the existing stream `name` (the native view), or to its view
+    /// `name@~{view}` while that view exists, from `resume`; `period` gives the subscriber's
+    /// poll period for the stream's host, or refuses it.
     pub fn view(
         &self,
         name: &str,
@@ -338,12 +427,23 @@ impl DynamicStreams {
         period: impl FnOnce(&str) -> Result<Duration, Refusal>,
     ) -> Result<(Subscription, Arc<str>, Claim), Refusal> {
         let entries = self.lock();
-        let (name, entry) = entries
-            .get_key_value(name)
-            .ok_or_else(|| Refusal::NoSuchStream(name.to_owned()))?;
-        let claim = entry.claim(period(&entry.host)?);
-        let subscription = entry.stream.subscribe(resume);
-        Ok((subscription, name.clone(), claim))
+        let missing = || Refusal::NoSuchStream(name.to_owned());
+        let Some((source, view)) = name.split_once('@') else {
+            let (name, entry) = entries.get_key_value(name).ok_or_else(missing)?;
+            let claim = entry.claim(period(&entry.host)?);
+            let subscription = entry.stream.subscribe(resume);
+            return Ok((subscription, name.clone(), claim));
+        };
+        // A view of the stream (`~{id}@~{view}`), as long as the view exists.
+        let entry = entries.get(source).ok_or_else(missing)?;
+        let views = entry.views.get().ok_or_else(missing)?;
+        let (id, spec) = views.by_id(view).map_err(|_| missing())?;
+        let mut claim = entry.claim(period(&entry.host)?);
+        let subscription = views
+            .subscribe(&entry.stream, id, spec, resume)
+            .map_err(Refusal::View)?;
+        claim._demand = Some(entry.stream.hold_demand());
+        Ok((subscription, Arc::from(name), claim))
     }
 
     /// Makes room for one more stream by evicting idle ones, or refuses.
@@ -420,6 +520,7 @@ impl DynamicStreams {
             period: watch::Sender::new(period),
             idle_since: Mutex::new(None),
             stop: self.shutdown.child_token(),
+            views: OnceLock::new(),
         });
         tracing::info!(stream = %name, host = %entry.host, ?period, "dynamic stream created");
         let mut options = OnDemand {
@@ -536,6 +637,9 @@ impl DynamicStreams {
         let name = entry.stream.name();
         tracing::info!(stream = %name, host = %entry.host, ?cause, "dynamic stream evicted");
         entry.stop.cancel();
+        if let Some(views) = entry.views.get() {
+            crate::hub::Derivation::closed(views.as_ref());
+        }
         match end {
             Some((status, why, message)) => entry.stream.end(status, why, message),
             None => entry.stream.close(),
@@ -559,10 +663,21 @@ impl DynamicStreams {
         let entries: Vec<Arc<Entry>> = self.lock().values().cloned().collect();
         for entry in entries {
             entry.stop.cancel();
+            if let Some(views) = entry.views.get() {
+                crate::hub::Derivation::closed(views.as_ref());
+            }
             entry.stream.close();
         }
         self.tasks.close();
     }
+}
+
+/// JSON Pointer `tokens`, written.
+fn pointer(tokens: &[String]) -> String {
+    tokens
+        .iter()
+        .map(|t| format!("/{}", t.replace('~', "~0").replace('/', "~1")))
+        .collect()
 }
 
 /// Ends the streams whose snapshots the memory bound evicted, outside any stream's lock.
@@ -626,6 +741,7 @@ mod tests {
             period: watch::Sender::new(Duration::from_secs(5)),
             idle_since: Mutex::new(None),
             stop: CancellationToken::new(),
+            views: OnceLock::new(),
         })
     }
 

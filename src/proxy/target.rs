@@ -16,6 +16,52 @@ use super::signature::{SIGNATURE_PARAM, Signed, TIMESTAMP_PARAM};
 pub const TOKEN_PARAM: &str = "X-Sd-Token";
 /// The repeatable query parameter carrying a header to send upstream, as `Name: value`.
 pub const HEADER_PARAM: &str = "X-Sd-Header";
+/// The view's RFC 9535 filter expression over each entity (query parameter or header).
+pub const WHERE_PARAM: &str = "X-Sd-Where";
+/// The view's fields of each entity, comma-separated JSON Pointers (query parameter or header).
+pub const FIELDS_PARAM: &str = "X-Sd-Fields";
+/// The JSON Pointer of the entity array views select from (query parameter or header).
+pub const ENTITIES_PARAM: &str = "X-Sd-Entities";
+/// The JSON Pointer, inside an entity, of the field that identifies it (query parameter or
+/// header).
+pub const KEY_PARAM: &str = "X-Sd-Key";
+/// The view parameters, in the order [`ViewParams::get`] takes.
+pub const VIEW_PARAMS: [&str; 4] = [WHERE_PARAM, FIELDS_PARAM, ENTITIES_PARAM, KEY_PARAM];
+
+/// A view of the dynamic stream, as asked (`X-Sd-Where`, `X-Sd-Fields`, `X-Sd-Entities`,
+/// `X-Sd-Key`): never sent upstream, never part of the stream's identity.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ViewParams {
+    /// `X-Sd-Where`, `X-Sd-Fields`, `X-Sd-Entities`, `X-Sd-Key`, decoded.
+    pub values: [Option<String>; 4],
+}
+
+impl ViewParams {
+    /// The value of parameter `name` (one of [`VIEW_PARAMS`]).
+    pub fn get(&self, name: &str) -> Option<&str> {
+        let i = VIEW_PARAMS
+            .iter()
+            .position(|p| p.eq_ignore_ascii_case(name))?;
+        self.values[i].as_deref()
+    }
+
+    /// Whether a view is asked for.
+    pub fn is_empty(&self) -> bool {
+        self.values.iter().all(Option::is_none)
+    }
+
+    /// Fills what the query string did not give from the request's headers of the same names.
+    pub fn or_headers(&mut self, headers: &http::HeaderMap) {
+        for (value, name) in self.values.iter_mut().zip(VIEW_PARAMS) {
+            if value.is_none() {
+                *value = headers
+                    .get(name)
+                    .and_then(|v| v.to_str().ok())
+                    .map(|v| v.trim().to_owned());
+            }
+        }
+    }
+}
 
 /// Headers a client may not set upstream: the HTTP client manages them, or they would let a
 /// client defeat the shared poller's conditional requests.
@@ -53,6 +99,8 @@ pub struct Target {
     /// The Streamdata.io signature (`X-Auth-Sd-Ts`, `X-Auth-Sd-S`), if either was sent; a
     /// missing half is empty (and fails verification).
     pub signed: Option<Signed>,
+    /// The view asked for in the query string (the request's headers may add to it).
+    pub view: ViewParams,
 }
 
 /// Why a request target is not a stream the proxy can open.
@@ -124,6 +172,7 @@ pub fn parse(path: &str, query: Option<&str>) -> Result<Target, TargetError> {
     let mut headers = Vec::new();
     let mut token = None;
     let (mut timestamp, mut signature) = (None, None);
+    let mut view = ViewParams::default();
     for pair in inner_query
         .as_deref()
         .into_iter()
@@ -137,6 +186,11 @@ pub fn parse(path: &str, query: Option<&str>) -> Result<Target, TargetError> {
             token = Some(form_decode(raw_value)).filter(|t| !t.is_empty());
         } else if name.eq_ignore_ascii_case(HEADER_PARAM) {
             headers.push(forwarded_header(&form_decode(raw_value))?);
+        } else if let Some(i) = VIEW_PARAMS
+            .iter()
+            .position(|p| name.eq_ignore_ascii_case(p))
+        {
+            view.values[i] = Some(form_decode(raw_value));
         } else if name.eq_ignore_ascii_case(TIMESTAMP_PARAM) {
             timestamp = Some(percent_decode(raw_value).unwrap_or_default());
         } else if name.eq_ignore_ascii_case(SIGNATURE_PARAM) {
@@ -174,6 +228,7 @@ pub fn parse(path: &str, query: Option<&str>) -> Result<Target, TargetError> {
         headers,
         token,
         signed,
+        view,
     })
 }
 
@@ -381,6 +436,37 @@ mod tests {
         assert!(err.to_string().contains("managed by the proxy"), "{err}");
         let err = parse("/http://x.example/", Some("X-Sd-Header=A%3A%20x%0Ay")).unwrap_err();
         assert!(err.to_string().contains("visible characters"), "{err}");
+    }
+
+    #[test]
+    fn view_parameters_are_taken_out_of_the_upstream_url() {
+        let t = ok(
+            "/https://api.example.com/v1/prices",
+            Some(
+                "a=1&X-Sd-Where=%40.price+%3E+2&x-sd-fields=id,price&X-Sd-Entities=/items&X-Sd-Key=/id&b=2",
+            ),
+        );
+        assert_eq!(t.url.as_str(), "https://api.example.com/v1/prices?a=1&b=2");
+        assert_eq!(t.view.get(WHERE_PARAM), Some("@.price > 2"));
+        assert_eq!(t.view.get(FIELDS_PARAM), Some("id,price"));
+        assert_eq!(t.view.get(ENTITIES_PARAM), Some("/items"));
+        assert_eq!(t.view.get(KEY_PARAM), Some("/id"));
+        let plain = ok("/https://api.example.com/v1/prices", Some("a=1&b=2"));
+        assert!(plain.view.is_empty());
+        assert_eq!(
+            plain.url, t.url,
+            "a view is not part of the upstream's identity"
+        );
+        let mut headers = http::HeaderMap::new();
+        headers.insert("x-sd-fields", http::HeaderValue::from_static("name"));
+        headers.insert("x-sd-where", http::HeaderValue::from_static("@.a == 1"));
+        let mut view = t.view.clone();
+        view.or_headers(&headers);
+        assert_eq!(view.get(FIELDS_PARAM), Some("id,price"), "the query's wins");
+        let mut view = plain.view;
+        view.or_headers(&headers);
+        assert_eq!(view.get(FIELDS_PARAM), Some("name"));
+        assert_eq!(view.get(WHERE_PARAM), Some("@.a == 1"));
     }
 
     #[test]

@@ -1092,10 +1092,17 @@ impl Derivation for StreamViews {
     }
 
     fn closed(&self) {
-        let inner = self.lock();
-        for view in inner.views.values() {
+        // The views end with their source: their share of `views.max_total` and their
+        // snapshots are given back (a dynamic stream's views are closed on every eviction).
+        let mut inner = self.lock();
+        for (_, view) in inner.views.drain() {
             view.stream.close();
+            self.snapshots.remove(view.stream.name());
+            self.budget.give_back();
         }
+        inner.index.clear();
+        inner.scans.clear();
+        self.metrics.views.get_or_create(&self.labels).set(0);
     }
 
     fn subscribers(&self) -> usize {
@@ -1431,6 +1438,47 @@ mod tests {
         ));
         assert!(stream.derive(views.clone()));
         (stream, views)
+    }
+
+    #[test]
+    fn closed_views_give_their_share_of_the_budget_back() {
+        let snapshots = SnapshotStore::new();
+        let budget = Budget::new(2);
+        let make = || {
+            let stream = Arc::new(Stream::new(
+                "s",
+                options(),
+                snapshots.clone(),
+                Arc::new(Metrics::new()),
+            ));
+            let views = Arc::new(StreamViews::new(
+                &stream,
+                settings(std::time::Duration::from_secs(60), 10),
+                options(),
+                snapshots.clone(),
+                budget.clone(),
+            ));
+            assert!(stream.derive(views.clone()));
+            (stream, views)
+        };
+        let ask = |views: &StreamViews, stream: &Stream, route: &str| {
+            let asked =
+                crate::views::spec::parse_query(Some(&format!("route={route}")), &views.aliases())
+                    .unwrap();
+            let (id, spec) = views.resolve(asked).unwrap().unwrap();
+            views.stream(stream, id, spec)
+        };
+        let (stream, views) = make();
+        ask(&views, &stream, "a").unwrap();
+        ask(&views, &stream, "b").unwrap();
+        assert!(
+            matches!(ask(&views, &stream, "c"), Err(ViewError::TooMany { .. })),
+            "the budget of 2 is spent"
+        );
+        Derivation::closed(views.as_ref());
+        let (stream, views) = make();
+        ask(&views, &stream, "a").unwrap();
+        ask(&views, &stream, "b").expect("the closed views gave their share back");
     }
 
     /// A filter as the test writes it: evaluated here, independently of the views' code.

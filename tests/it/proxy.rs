@@ -1171,3 +1171,213 @@ async fn streamdata_events_are_ascii_by_default_and_raw_utf8_when_turned_off() {
         );
     }
 }
+
+/// A view of `/prices` in the proxy's parameters: prices above 110 euros, their id and price.
+const VIEW_QUERY: &str =
+    "X-Sd-Entities=%2Fprices&X-Sd-Key=%2Fid&X-Sd-Where=%40.eur%20%3E%20110&X-Sd-Fields=id,eur";
+
+/// What [`VIEW_QUERY`] keeps of [`caller_document`], evaluated here by hand.
+fn expected_view(version: u64) -> Value {
+    let mut doc = caller_document("anonymous", version);
+    let kept: Vec<Value> = doc["prices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["eur"].as_u64().unwrap() > 110)
+        .map(|p| serde_json::json!({"id": p["id"], "eur": p["eur"]}))
+        .collect();
+    assert!(
+        !kept.is_empty() && kept.len() < 21,
+        "the view filters something"
+    );
+    doc["prices"] = Value::Array(kept);
+    doc
+}
+
+/// Reads `client`'s events into `doc` until it equals `expected` (or the wait times out).
+async fn rebuild_until(client: &mut SseClient, doc: &mut Rebuilt, expected: &Value) {
+    while doc.document.as_ref() != Some(expected) {
+        let event = client.expect(SOON).await;
+        if matches!(event.event.as_str(), "data" | "snapshot" | "patch") {
+            doc.apply(&event);
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_view_of_a_dynamic_stream_shares_its_poller_and_never_reaches_the_upstream() {
+    let api = MockUpstream::per_caller().await;
+    let app = TestApp::from_toml(&proxy_toml("", "", "")).await;
+    let plain = dynamic_path(&api, "/v1/prices", "currency=eur");
+    let viewed = dynamic_path(&api, "/v1/prices", &format!("currency=eur&{VIEW_QUERY}"));
+
+    let mut a = open(&app, &plain, &[]).await;
+    let mut b = open(&app, &viewed, &[]).await;
+    // The parameters as headers: another view (only the ids), of the same stream.
+    let mut c = open(
+        &app,
+        &plain,
+        &[("x-sd-entities", "/prices"), ("x-sd-fields", "id")],
+    )
+    .await;
+    let name = |client: &SseClient| {
+        client.headers["x-patchwire-stream"]
+            .to_str()
+            .unwrap()
+            .to_owned()
+    };
+    let source = name(&a);
+    let (view, other_view) = (name(&b), name(&c));
+    assert!(
+        view.starts_with(&format!("{source}@~")),
+        "{view} of {source}"
+    );
+    assert!(
+        other_view.starts_with(&format!("{source}@~")),
+        "{other_view}"
+    );
+    assert_ne!(view, other_view);
+
+    let only_ids = |version| {
+        let mut doc = caller_document("anonymous", version);
+        for price in doc["prices"].as_array_mut().unwrap() {
+            *price = serde_json::json!({"id": price["id"]});
+        }
+        doc
+    };
+    let mut docs = [Rebuilt::default(), Rebuilt::default(), Rebuilt::default()];
+    for version in [0, 1, 2] {
+        api.set_version(version);
+        rebuild_until(&mut a, &mut docs[0], &caller_document("anonymous", version)).await;
+        rebuild_until(&mut b, &mut docs[1], &expected_view(version)).await;
+        rebuild_until(&mut c, &mut docs[2], &only_ids(version)).await;
+    }
+    assert!(docs[1].patches >= 1, "the view was patched");
+
+    // Its document over JSON is the same.
+    let json: Value = reqwest::Client::new()
+        .get(app.url(&viewed))
+        .header("accept", "application/json")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(json, expected_view(2));
+
+    let listing: Value = reqwest::get(app.url("/streams"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        listing["dynamic"]["streams"], 1,
+        "one source stream: {listing}"
+    );
+    // One poller, asked without the view's parameters.
+    let requests = api.received();
+    assert!(requests.len() >= 3);
+    for request in &requests {
+        assert_eq!(request.uri, "/v1/prices?currency=eur", "{request:?}");
+        assert!(
+            request
+                .headers
+                .keys()
+                .all(|h| !h.as_str().starts_with("x-sd-")),
+            "{request:?}"
+        );
+    }
+    for pair in requests.windows(2) {
+        let gap = pair[1].at.duration_since(pair[0].at);
+        assert!(gap >= Duration::from_millis(60), "two polls {gap:?} apart");
+    }
+}
+
+#[tokio::test]
+async fn a_view_of_a_dynamic_stream_resumes_from_its_last_event_id() {
+    let api = MockUpstream::per_caller().await;
+    let app = TestApp::from_toml(&proxy_toml("", "", "")).await;
+    let viewed = dynamic_path(&api, "/resume", VIEW_QUERY);
+    // The plain stream keeps the source alive while the view's subscriber is away.
+    let mut plain = open(&app, &dynamic_path(&api, "/resume", ""), &[]).await;
+    plain.expect(SOON).await;
+    let mut client = open(&app, &viewed, &[]).await;
+    let view = client.headers["x-patchwire-stream"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let mut doc = Rebuilt::default();
+    rebuild_until(&mut client, &mut doc, &expected_view(0)).await;
+    api.set_version(1);
+    rebuild_until(&mut client, &mut doc, &expected_view(1)).await;
+    drop(client);
+
+    api.set_version(2);
+    let native = format!("/streams/{view}?X-Sd-Token={TOKEN}");
+    let mut resumed = open(&app, &native, &[("last-event-id", &doc.last_id)]).await;
+    assert_eq!(resumed.status, 200);
+    let first = resumed.expect(SOON).await;
+    assert_eq!(first.event, "patch", "a resumed view is patched: {first:?}");
+    doc.apply(&first);
+    rebuild_until(&mut resumed, &mut doc, &expected_view(2)).await;
+    assert_eq!(doc.snapshots, 1, "one snapshot in all");
+
+    let missing = reqwest::get(app.url(&format!("/streams/{view}0?X-Sd-Token={TOKEN}")))
+        .await
+        .unwrap();
+    assert_eq!(missing.status(), 404);
+}
+
+#[tokio::test]
+async fn bad_view_parameters_are_refused_naming_the_parameter() {
+    let api = MockUpstream::per_caller().await;
+    let app = TestApp::from_toml(&proxy_toml("", "", "")).await;
+    for (query, param) in [
+        ("X-Sd-Where=%40.eur%20%3E%3E%201", "X-Sd-Where"),
+        ("X-Sd-Fields=%2F", "X-Sd-Fields"),
+        (
+            "X-Sd-Where=%40.eur%3E1&X-Sd-Entities=prices",
+            "X-Sd-Entities",
+        ),
+        ("X-Sd-Where=%40.eur%3E1&X-Sd-Key=", "X-Sd-Key"),
+        ("X-Sd-Entities=%2Fprices", "X-Sd-Where"),
+    ] {
+        let path = dynamic_path(&api, "/bad", query);
+        let error = refused(&app, &path, &[], 400, "bad-view").await;
+        let message = error["message"].as_str().unwrap();
+        assert!(message.starts_with(param), "{query}: {message}");
+        let json = reqwest::Client::new()
+            .get(app.url(&path))
+            .header("accept", "application/json")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(json.status(), 400, "{query}");
+    }
+    // A header counts as the parameter.
+    let path = dynamic_path(&api, "/bad", "");
+    let error = refused(&app, &path, &[("x-sd-where", "@.eur >")], 400, "bad-view").await;
+    assert!(error["message"].as_str().unwrap().starts_with("X-Sd-Where"));
+    // Views of one stream share where its entities are.
+    let mut first = open(&app, &dynamic_path(&api, "/bad", VIEW_QUERY), &[]).await;
+    first.expect(SOON).await;
+    let other = dynamic_path(
+        &api,
+        "/bad",
+        "X-Sd-Entities=%2Fprices&X-Sd-Key=%2Feur&X-Sd-Fields=eur",
+    );
+    let error = refused(&app, &other, &[], 400, "bad-view").await;
+    assert!(
+        error["message"].as_str().unwrap().contains("/prices"),
+        "{error}"
+    );
+    assert_eq!(
+        api.received()
+            .iter()
+            .filter(|r| r.uri.contains("X-Sd"))
+            .count(),
+        0
+    );
+}

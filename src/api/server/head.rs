@@ -4,20 +4,24 @@
 use bytes::{BufMut, BytesMut};
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 
-use crate::proxy::target::TOKEN_PARAM;
+use crate::proxy::target::{ENTITIES_PARAM, FIELDS_PARAM, KEY_PARAM, TOKEN_PARAM, WHERE_PARAM};
 
 /// Headers a request head may have for the direct path to consider it (more go to hyper).
 const MAX_HEADERS: usize = 48;
 
 /// The request headers a subscription or WebSocket handshake decision reads; the direct path
 /// keeps only these.
-const KEPT: [&str; 11] = [
+const KEPT: [&str; 15] = [
     "accept",
     "accept-encoding",
     "origin",
     "host",
     "last-event-id",
     TOKEN_PARAM,
+    WHERE_PARAM,
+    FIELDS_PARAM,
+    ENTITIES_PARAM,
+    KEY_PARAM,
     "upgrade",
     "connection",
     "sec-websocket-key",
