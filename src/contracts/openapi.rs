@@ -64,6 +64,7 @@ pub fn document(surface: &Surface, documents: &DocumentSchemas) -> Value {
     if surface.proxy {
         paths.insert("/{target}".into(), proxy());
         paths.insert("/streams/~{id}".into(), dynamic_native(surface.push));
+        paths.insert("/streams/~{id}/changes".into(), dynamic_catchup());
     }
     let mut components = Map::new();
     let mut all_schemas = schemas::shared();
@@ -560,7 +561,7 @@ fn proxy_errors(responses: &mut Map<String, Value>) {
     for (status, description) in [
         (
             "400",
-            "invalid-target: not an http(s) URL, or a malformed X-Sd-Header.",
+            "invalid-target: not an http(s) URL, or a malformed X-Sd-Header; bad-view: a malformed X-Sd-Where, X-Sd-Fields, X-Sd-Entities or X-Sd-Key (named in the message).",
         ),
         (
             "401",
@@ -601,6 +602,46 @@ fn proxy() -> Value {
         "summary": "The proxy mode: the stream of an allowed upstream URL in Streamdata.io's dialect; over SSE, refusals are error events on a 200 (see /asyncapi.json, channel proxy).",
         "parameters": [
             {"name": "target", "in": "path", "required": true, "schema": {"type": "string"}, "description": "The upstream URL (percent-encoded as one segment)."},
+            {"name": "X-Sd-Token", "in": "query", "required": false, "schema": {"type": "string"}},
+            {"name": "X-Sd-Where", "in": "query", "required": false, "schema": {"type": "string", "minLength": 1}, "description": "A view: an RFC 9535 filter expression evaluated on each entity (@); never sent upstream. Also a header."},
+            {"name": "X-Sd-Fields", "in": "query", "required": false, "schema": {"type": "string", "minLength": 1}, "description": "A view: the JSON Pointers kept of each entity, comma-separated. Also a header."},
+            {"name": "X-Sd-Entities", "in": "query", "required": false, "schema": {"type": "string"}, "description": "A view: the JSON Pointer of the entity array (default: the document is the array). Also a header."},
+            {"name": "X-Sd-Key", "in": "query", "required": false, "schema": {"type": "string"}, "description": "A view: the JSON Pointer of each entity's identity (default /id). Also a header."},
+        ],
+        "security": [{"proxyTokenQuery": []}, {"proxyTokenHeader": []}],
+        "responses": responses,
+    }})
+}
+
+/// `GET /streams/~{id}/changes`: catch-up of a dynamic stream, read with the tokens of its SSE
+/// subscription; its documents are whatever its upstream answers, so their schema is open.
+fn dynamic_catchup() -> Value {
+    let string = json!({"type": "string"});
+    let position_headers = json!({
+        "Stream-Next-Offset": {"schema": string, "description": "The event id to pass as `after` next."},
+        "Stream-Up-To-Date": {"schema": {"const": "true"}, "description": "Present when the answer reaches the current document."},
+        "Stream-Cursor": {"schema": {"type": "string", "pattern": "^[0-9]+$"}, "description": "Long-polls only: echo it as `cursor`."},
+        "Cache-Control": {"schema": string, "description": "private (a dynamic stream is read with a token): a completed range max-age=31536000, immutable; a page reaching the top max-age=1; no-store for after=now and timeouts."},
+    });
+    let mut responses = Map::new();
+    responses.insert("200".into(), json!({"description": "A page of changes, oldest first.", "headers": position_headers, "content": {"application/json": {"schema": schemas::catchup_page(schemas::patch_name(true), json!({}))}}}));
+    responses.insert("204".into(), json!({"description": "A long-poll's wait ended without a change.", "headers": position_headers}));
+    responses.insert(
+        "304".into(),
+        json!({"description": "If-None-Match names this page."}),
+    );
+    responses.insert("410".into(), json!({"description": "History cannot answer this position exactly: start again from `snapshot`.", "content": {"application/json": {"schema": reference(crate::schemas::CHANGES_GONE)}}}));
+    proxy_errors(&mut responses);
+    responses.insert("400".into(), problem("A malformed `after`, `wait`, `limit` or `cursor` (or one given twice), or an event id of another stream: the message says which."));
+    json!({"get": {
+        "operationId": "catchUp:~dynamic",
+        "summary": "Catch-up for a dynamic stream (the proxy mode): the changes after a position, as one JSON page (long-poll with wait).",
+        "parameters": [
+            {"name": "id", "in": "path", "required": true, "schema": {"type": "string"}, "description": "The stream's name without its leading ~."},
+            {"name": "after", "in": "query", "required": false, "schema": {"type": "string", "minLength": 1}, "description": "The position to read after: an event id of this stream, or `now`. Without it, the current document first."},
+            {"name": "wait", "in": "query", "required": false, "schema": {"type": "string", "pattern": "^[0-9]+(ms|s)$"}, "description": "Long-poll: wait up to this long (at most 60s) for a change; 204 when none came."},
+            {"name": "limit", "in": "query", "required": false, "schema": {"type": "integer", "minimum": 1, "maximum": 100}},
+            {"name": "cursor", "in": "query", "required": false, "schema": {"type": "integer", "minimum": 0}},
             {"name": "X-Sd-Token", "in": "query", "required": false, "schema": {"type": "string"}},
         ],
         "security": [{"proxyTokenQuery": []}, {"proxyTokenHeader": []}],

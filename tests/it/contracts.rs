@@ -349,8 +349,8 @@ fn every_shipped_configuration_gives_a_valid_openapi_document() {
         .output()
         .unwrap();
     assert!(output.status.success(), "{}", show(&output));
-    // The everything file: catch-up per stream and named view, polling on request, reload,
-    // the served schemas, the console, every admin route.
+    // The everything file: catch-up per stream, named view and dynamic stream, polling on
+    // request, reload, the served schemas, the console, every admin route.
     let doc: Value =
         serde_json::from_slice(&std::fs::read(files.last().unwrap()).unwrap()).unwrap();
     for (path, method) in [
@@ -365,6 +365,7 @@ fn every_shipped_configuration_gives_a_valid_openapi_document() {
         ("/admin/webhooks/{id}/test", "post"),
         ("/admin/webhooks/{id}/recover", "post"),
         ("/admin/webhooks/{id}/attempts", "get"),
+        ("/streams/~{id}/changes", "get"),
     ] {
         assert!(doc["paths"][path][method].is_object(), "no {method} {path}");
     }
@@ -615,6 +616,10 @@ include-operation-id = "websocket"
 checks.positive_data_acceptance.enabled = false
 
 [[operations]]
+include-operation-id = "proxyStream"
+checks.positive_data_acceptance.enabled = false
+
+[[operations]]
 include-operation-id-regex = "^catchUp:"
 checks.positive_data_acceptance.enabled = false
 parameters = { "query.wait" = "1s" }
@@ -641,8 +646,9 @@ api_key = "proxy-token-0123456789"
 /// - `positive_data_acceptance` (schema-valid input must be accepted) for stream GETs (alias
 ///   values, `where` and `fields` have grammars, RFC 9535 and JSON Pointer lists, that a JSON
 ///   Schema does not describe; they are 400s with the reason), for `PATCH` (a well-formed patch
-///   may not apply to the current document: 422), and for `GET /ws` (an upgrade needs headers
-///   OpenAPI cannot require; without them it is a 426).
+///   may not apply to the current document: 422), for `GET /ws` (an upgrade needs headers
+///   OpenAPI cannot require; without them it is a 426), and for the proxy's `GET /{target}`
+///   (its `X-Sd-Where`/`X-Sd-Fields` views have the same grammars).
 /// - `positive_data_acceptance` for catch-up: `after` is an event id of the stream (or `now`),
 ///   which a JSON Schema cannot tie to the stream; and `wait` is fixed to `1s`, so that a
 ///   long-poll never outlasts the request timeout (a pattern cannot bound a duration).
