@@ -184,6 +184,17 @@ pub fn validate(
             ),
         }
     }
+    if let (Some(cluster), None) = (&raw.cluster, &raw.webhooks)
+        && let Some(node) = &cluster.webhooks_node
+    {
+        problems.push(
+            "cluster.webhooks_node",
+            format!(
+                "expected no webhooks node without a [webhooks] table (there are no webhooks to \
+                 deliver), got {node:?}: remove the key, or add the [webhooks] table"
+            ),
+        );
+    }
     let websocket = raw.websocket.validate(&mut problems);
     let max_views = raw.views.validate(&mut problems);
     let broker_sinks = raw.sinks.validate(&sources, env, &mut problems);

@@ -2100,5 +2100,12 @@ mod cluster {
             "cluster.webhooks_node",
             &["PostgreSQL", "every node"],
         );
+        // Without webhooks the key names nothing: refused, not ignored.
+        assert_rejected(
+            "c.toml",
+            &format!("{MINIMAL}\n[cluster]\nredis = \"redis://h:1\"\nwebhooks_node = \"a\"\n"),
+            "cluster.webhooks_node",
+            &["[webhooks]"],
+        );
     }
 }
