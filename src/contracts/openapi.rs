@@ -147,34 +147,53 @@ fn operation_id(prefix: &str, stream: &str, view: Option<&str>) -> String {
     format!("{prefix}:{name}")
 }
 
-fn stream_path(stream: &super::StreamSurface, view: Option<&str>, surface_push: bool) -> Value {
-    let has_views = !stream.views.is_empty() || !stream.aliases.is_empty();
-    // The JSON view of a stream with views may be a view's (`?view=`, `?fields=`...), whose
-    // entities may lack fields the stream's have.
-    let document = match view {
-        None if has_views => json!({"anyOf": [
+/// Whether a stream has views (named, or ad hoc over its aliases).
+fn has_views(stream: &super::StreamSurface) -> bool {
+    !stream.views.is_empty() || !stream.aliases.is_empty()
+}
+
+/// The schema of what a stream's (or a named view's) path answers as its document: a stream
+/// with views may answer a view's (`?view=`, `?fields=`...), whose entities may lack fields
+/// the stream's have.
+fn document_schema(stream: &super::StreamSurface, view: Option<&str>) -> Value {
+    match view {
+        None if has_views(stream) => json!({"anyOf": [
             reference(&DocumentSchemas::name(&stream.name, None)),
             reference(&DocumentSchemas::any_view(&stream.name)),
         ]}),
         _ => reference(&DocumentSchemas::name(&stream.name, view)),
-    };
+    }
+}
+
+/// The query parameters that ask a stream's path for a view: `view=` and, where ad hoc views
+/// are allowed, its aliases, `where` and `fields` (none on a named view's own path).
+fn view_parameters(stream: &super::StreamSurface, view: Option<&str>) -> Vec<Value> {
+    let mut parameters = Vec::new();
+    if view.is_some() || !has_views(stream) {
+        return parameters;
+    }
+    if !stream.views.is_empty() {
+        parameters.push(json!({"name": "view", "in": "query", "required": false, "schema": {"type": "string", "examples": stream.views.keys().collect::<Vec<_>>()}, "description": "A named view of the stream."}));
+    }
+    if stream.ad_hoc_views {
+        for alias in &stream.aliases {
+            parameters.push(json!({"name": alias, "in": "query", "required": false, "schema": {"type": "string", "minLength": 1}, "description": "An ad hoc view: entities whose alias has one of these comma-separated values."}));
+        }
+        parameters.push(json!({"name": "where", "in": "query", "required": false, "schema": {"type": "string", "minLength": 1}, "description": "An ad hoc view: an RFC 9535 filter expression evaluated on each entity (@)."}));
+        parameters.push(json!({"name": "fields", "in": "query", "required": false, "schema": {"type": "string", "minLength": 1}, "description": "An ad hoc view: the JSON Pointers kept of each entity, comma-separated."}));
+    }
+    parameters
+}
+
+fn stream_path(stream: &super::StreamSurface, view: Option<&str>, surface_push: bool) -> Value {
+    let has_views = has_views(stream);
+    let document = document_schema(stream, view);
     let mut parameters = vec![
         json!({"name": "lastEventId", "in": "query", "required": false, "schema": {"type": "string"}, "description": "Resume after this event id (SSE), for clients that cannot set Last-Event-ID."}),
         json!({"name": "Last-Event-ID", "in": "header", "required": false, "schema": {"type": "string"}, "description": "Resume after this event id (SSE)."}),
         json!({"name": "If-None-Match", "in": "header", "required": false, "schema": {"type": "string"}, "description": "The JSON view's ETag: 304 while the document is that version."}),
     ];
-    if view.is_none() && has_views {
-        if !stream.views.is_empty() {
-            parameters.push(json!({"name": "view", "in": "query", "required": false, "schema": {"type": "string", "examples": stream.views.keys().collect::<Vec<_>>()}, "description": "A named view of the stream."}));
-        }
-        if stream.ad_hoc_views {
-            for alias in &stream.aliases {
-                parameters.push(json!({"name": alias, "in": "query", "required": false, "schema": {"type": "string", "minLength": 1}, "description": "An ad hoc view: entities whose alias has one of these comma-separated values."}));
-            }
-            parameters.push(json!({"name": "where", "in": "query", "required": false, "schema": {"type": "string", "minLength": 1}, "description": "An ad hoc view: an RFC 9535 filter expression evaluated on each entity (@)."}));
-            parameters.push(json!({"name": "fields", "in": "query", "required": false, "schema": {"type": "string", "minLength": 1}, "description": "An ad hoc view: the JSON Pointers kept of each entity, comma-separated."}));
-        }
-    }
+    parameters.extend(view_parameters(stream, view));
     let channel = match view {
         None => stream.name.clone(),
         Some(view) => format!("{}.views.{view}", stream.name),
@@ -295,40 +314,59 @@ fn stream_path(stream: &super::StreamSurface, view: Option<&str>, surface_push: 
 /// `GET /streams/{name}/changes` (or a named view's `/streams/{name}@{view}/changes`): a page
 /// of changes (`patchwire.changes.v1`) with this stream's patch and document schemas.
 fn catchup_path(stream: &super::StreamSurface, view: Option<&str>) -> Value {
-    let has_views = !stream.views.is_empty() || !stream.aliases.is_empty();
-    let document = match view {
-        None if has_views => json!({"anyOf": [
-            reference(&DocumentSchemas::name(&stream.name, None)),
-            reference(&DocumentSchemas::any_view(&stream.name)),
-        ]}),
-        _ => reference(&DocumentSchemas::name(&stream.name, view)),
-    };
-    let page = schemas::catchup_page(schemas::patch_name(stream.allow_move), document);
-    let mut parameters = vec![
-        json!({"name": "after", "in": "query", "required": false, "schema": {"type": "string", "minLength": 1}, "description": "The position to read after: an event id `{stream}:{epoch}:{seq}` of this stream or view (Stream-Next-Offset, an SSE event's id), or `now` (only what comes next). Without it, the current document first."}),
+    let page = schemas::catchup_page(
+        schemas::patch_name(stream.allow_move),
+        document_schema(stream, view),
+    );
+    let mut parameters = catchup_parameters(
+        "an event id `{stream}:{epoch}:{seq}` of this stream or view (Stream-Next-Offset, an SSE event's id)",
+    );
+    parameters.extend(view_parameters(stream, view));
+    let mut responses = catchup_responses(page);
+    responses.insert("400".into(), problem("A malformed `after`, `wait`, `limit` or `cursor` (or one given twice), an event id of another stream, or a bad filter: the message says which."));
+    if has_views(stream) {
+        responses.insert(
+            "404".into(),
+            problem("No such named view; the message lists them."),
+        );
+        responses.insert("429".into(), problem("The stream (max_views) or the server (views.max_total) has as many views as allowed."));
+    }
+    responses.insert(
+        "503".into(),
+        problem("The stream has no document yet, or ended (Retry-After: 1)."),
+    );
+    json!({"get": {
+        "operationId": operation_id("catchUp", &stream.name, view),
+        "summary": match view {
+            None => format!("Catch-up for stream {:?}: the changes after a position, as one JSON page (long-poll with wait).", stream.name),
+            Some(view) => format!("Catch-up for the named view {view:?} of stream {:?}.", stream.name),
+        },
+        "parameters": parameters,
+        "responses": responses,
+    }})
+}
+
+/// The parameters of every catch-up path: `after` (`position` says what it is there),
+/// `wait`, `limit`, `cursor` and `If-None-Match`.
+fn catchup_parameters(position: &str) -> Vec<Value> {
+    vec![
+        json!({"name": "after", "in": "query", "required": false, "schema": {"type": "string", "minLength": 1}, "description": format!("The position to read after: {position}, or `now` (only what comes next). Without it, the current document first.")}),
         json!({"name": "wait", "in": "query", "required": false, "schema": {"type": "string", "pattern": "^[0-9]+(ms|s)$"}, "description": "Long-poll: wait up to this long (at most 60s; 30s, 500ms) for a change when there is none after the position; 204 when none came."}),
         json!({"name": "limit", "in": "query", "required": false, "schema": {"type": "integer", "minimum": 1, "maximum": 100}, "description": "Most changes in the page (default 100; a page also stops at 1 MiB)."}),
         json!({"name": "cursor", "in": "query", "required": false, "schema": {"type": "integer", "minimum": 0}, "description": "The last Stream-Cursor header, echoed back on long-polls (against CDN cache loops)."}),
         json!({"name": "If-None-Match", "in": "header", "required": false, "schema": {"type": "string"}, "description": "A page's ETag: 304 while the page is the same."}),
-    ];
-    if view.is_none() && has_views {
-        if !stream.views.is_empty() {
-            parameters.push(json!({"name": "view", "in": "query", "required": false, "schema": {"type": "string", "examples": stream.views.keys().collect::<Vec<_>>()}, "description": "A named view of the stream."}));
-        }
-        if stream.ad_hoc_views {
-            for alias in &stream.aliases {
-                parameters.push(json!({"name": alias, "in": "query", "required": false, "schema": {"type": "string", "minLength": 1}, "description": "An ad hoc view: entities whose alias has one of these comma-separated values."}));
-            }
-            parameters.push(json!({"name": "where", "in": "query", "required": false, "schema": {"type": "string", "minLength": 1}, "description": "An ad hoc view: an RFC 9535 filter expression evaluated on each entity (@)."}));
-            parameters.push(json!({"name": "fields", "in": "query", "required": false, "schema": {"type": "string", "minLength": 1}, "description": "An ad hoc view: the JSON Pointers kept of each entity, comma-separated."}));
-        }
-    }
+    ]
+}
+
+/// The answers every catch-up path gives: a `page`, a long-poll's timeout, 304 and 410, with
+/// the position headers.
+fn catchup_responses(page: Value) -> Map<String, Value> {
     let string = json!({"type": "string"});
     let position_headers = json!({
         "Stream-Next-Offset": {"schema": string, "description": "The event id to pass as `after` next."},
         "Stream-Up-To-Date": {"schema": {"const": "true"}, "description": "Present when the answer reaches the current document."},
         "Stream-Cursor": {"schema": {"type": "string", "pattern": "^[0-9]+$"}, "description": "Long-polls only: echo it as `cursor`."},
-        "Cache-Control": {"schema": string, "description": "A completed range: public, max-age=31536000, immutable; a page reaching the top: max-age=1; never stored: no-store (after=now, a timeout)."},
+        "Cache-Control": {"schema": string, "description": "A completed range: public (private for a dynamic stream), max-age=31536000, immutable; a page reaching the top: max-age=1; never stored: no-store (after=now, a timeout)."},
     });
     let mut page_headers = position_headers.clone();
     if let Some(headers) = page_headers.as_object_mut() {
@@ -344,28 +382,8 @@ fn catchup_path(stream: &super::StreamSurface, view: Option<&str>) -> Value {
         "304".into(),
         json!({"description": "If-None-Match names this page."}),
     );
-    responses.insert("400".into(), problem("A malformed `after`, `wait`, `limit` or `cursor` (or one given twice), an event id of another stream, or a bad filter: the message says which."));
-    if has_views {
-        responses.insert(
-            "404".into(),
-            problem("No such named view; the message lists them."),
-        );
-        responses.insert("429".into(), problem("The stream (max_views) or the server (views.max_total) has as many views as allowed."));
-    }
     responses.insert("410".into(), json!({"description": "History cannot answer this position exactly (older than the stream's history, another epoch, ahead of this node): start again from `snapshot`.", "content": {"application/json": {"schema": reference(crate::schemas::CHANGES_GONE)}}}));
-    responses.insert(
-        "503".into(),
-        problem("The stream has no document yet, or ended (Retry-After: 1)."),
-    );
-    json!({"get": {
-        "operationId": operation_id("catchUp", &stream.name, view),
-        "summary": match view {
-            None => format!("Catch-up for stream {:?}: the changes after a position, as one JSON page (long-poll with wait).", stream.name),
-            Some(view) => format!("Catch-up for the named view {view:?} of stream {:?}.", stream.name),
-        },
-        "parameters": parameters,
-        "responses": responses,
-    }})
+    responses
 }
 
 /// A bearer-token refusal: `403` when no token is configured, else `401`.
@@ -616,34 +634,19 @@ fn proxy() -> Value {
 /// `GET /streams/~{id}/changes`: catch-up of a dynamic stream, read with the tokens of its SSE
 /// subscription; its documents are whatever its upstream answers, so their schema is open.
 fn dynamic_catchup() -> Value {
-    let string = json!({"type": "string"});
-    let position_headers = json!({
-        "Stream-Next-Offset": {"schema": string, "description": "The event id to pass as `after` next."},
-        "Stream-Up-To-Date": {"schema": {"const": "true"}, "description": "Present when the answer reaches the current document."},
-        "Stream-Cursor": {"schema": {"type": "string", "pattern": "^[0-9]+$"}, "description": "Long-polls only: echo it as `cursor`."},
-        "Cache-Control": {"schema": string, "description": "private (a dynamic stream is read with a token): a completed range max-age=31536000, immutable; a page reaching the top max-age=1; no-store for after=now and timeouts."},
-    });
-    let mut responses = Map::new();
-    responses.insert("200".into(), json!({"description": "A page of changes, oldest first.", "headers": position_headers, "content": {"application/json": {"schema": schemas::catchup_page(schemas::patch_name(true), json!({}))}}}));
-    responses.insert("204".into(), json!({"description": "A long-poll's wait ended without a change.", "headers": position_headers}));
-    responses.insert(
-        "304".into(),
-        json!({"description": "If-None-Match names this page."}),
-    );
-    responses.insert("410".into(), json!({"description": "History cannot answer this position exactly: start again from `snapshot`.", "content": {"application/json": {"schema": reference(crate::schemas::CHANGES_GONE)}}}));
+    let mut responses =
+        catchup_responses(schemas::catchup_page(schemas::patch_name(true), json!({})));
     proxy_errors(&mut responses);
     responses.insert("400".into(), problem("A malformed `after`, `wait`, `limit` or `cursor` (or one given twice), or an event id of another stream: the message says which."));
+    let mut parameters = vec![
+        json!({"name": "id", "in": "path", "required": true, "schema": {"type": "string"}, "description": "The stream's name without its leading ~."}),
+        json!({"name": "X-Sd-Token", "in": "query", "required": false, "schema": {"type": "string"}}),
+    ];
+    parameters.extend(catchup_parameters("an event id of this stream"));
     json!({"get": {
         "operationId": "catchUp:~dynamic",
         "summary": "Catch-up for a dynamic stream (the proxy mode): the changes after a position, as one JSON page (long-poll with wait).",
-        "parameters": [
-            {"name": "id", "in": "path", "required": true, "schema": {"type": "string"}, "description": "The stream's name without its leading ~."},
-            {"name": "after", "in": "query", "required": false, "schema": {"type": "string", "minLength": 1}, "description": "The position to read after: an event id of this stream, or `now`. Without it, the current document first."},
-            {"name": "wait", "in": "query", "required": false, "schema": {"type": "string", "pattern": "^[0-9]+(ms|s)$"}, "description": "Long-poll: wait up to this long (at most 60s) for a change; 204 when none came."},
-            {"name": "limit", "in": "query", "required": false, "schema": {"type": "integer", "minimum": 1, "maximum": 100}},
-            {"name": "cursor", "in": "query", "required": false, "schema": {"type": "integer", "minimum": 0}},
-            {"name": "X-Sd-Token", "in": "query", "required": false, "schema": {"type": "string"}},
-        ],
+        "parameters": parameters,
         "security": [{"proxyTokenQuery": []}, {"proxyTokenHeader": []}],
         "responses": responses,
     }})
