@@ -412,6 +412,7 @@ impl App {
             shutdown,
             reloader: _,
         } = self;
+        api::server::fit_open_files(serve.max_connections);
         for task in starting {
             tasks.spawn(task);
         }
