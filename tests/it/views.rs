@@ -270,6 +270,30 @@ async fn bad_filters_are_refused_with_what_is_wrong() {
     let (status, message) = refused("/streams/fleet@nope").await;
     assert_eq!(status, 404);
     assert!(message.contains("its views are: r2"), "{message}");
+    // A configured view is asked for alone: filters besides it are refused, not ignored.
+    for path in [
+        "/streams/fleet?view=r2&route=R1",
+        "/streams/fleet?view=r2&fields=speed",
+        "/streams/fleet@r2?route=R1",
+        "/streams/fleet@r2?where=@.speed%3E1",
+        "/streams/fleet@r2?view=r2",
+    ] {
+        let (status, message) = refused(path).await;
+        assert_eq!(status, 400, "{path}: {message}");
+        assert!(
+            message.contains("is a configured view"),
+            "{path}: {message}"
+        );
+    }
+    let (status, message) = refused("/streams/fleet@r2?line=R1").await;
+    assert_eq!(
+        (status, message.contains("unknown filter `line`")),
+        (400, true),
+        "{message}"
+    );
+    let resumed = app.subscribe("fleet@r2?lastEventId=x", &[]).await;
+    assert_eq!(resumed.status, 200, "a view's own parameters are kept");
+    drop(resumed);
     // A stream without views ignores parameters it does not know...
     let ignored = app.subscribe("plain?route=R1", &[]).await;
     assert_eq!(ignored.status, 200);
