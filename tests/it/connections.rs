@@ -167,6 +167,8 @@ async fn the_open_file_limit_is_raised_for_max_connections_or_reported() {
         raised.log()
     );
     assert!(!raised.log().contains("open-file limit is below"));
+    // Its log goes to a file, not a terminal: plain text, no colour escapes.
+    assert!(!raised.log().contains('\u{1b}'), "{}", raised.log());
     drop(raised);
 
     let dir = tempfile::tempdir().expect("temp dir");
