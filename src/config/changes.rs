@@ -10,6 +10,12 @@
 //! restart the stream: a new poller, and its first document goes to every subscriber as a
 //! snapshot in a new epoch. Per push stream: `diff`, `history`, `history_bytes` and the views
 //! restart it in place the same way at its next push.
+//!
+//! In a cluster a stream's log is shared: what it holds depends on the stream's *content
+//! settings* (its kind, and a polled stream's `url` and `format`, and the diff options), which
+//! [`fingerprint`] sums up. A restart that changes them starts the log over in a new epoch,
+//! once, for the cluster; a restart that changes only how this node keeps the stream
+//! (history, views, `on_demand`) applies to this node's copy and keeps the epoch.
 
 use std::fmt::Debug;
 
@@ -181,6 +187,29 @@ fn pushed(old: &PushStreamSettings, new: &PushStreamSettings) -> StreamChange {
     }
 }
 
+/// The fields of a restart that change what a stream's log holds ([`fingerprint`]'s).
+pub const CONTENT_FIELDS: [&str; 4] = ["source", "url", "format", "diff"];
+
+/// Whether `change` (a restart) changes what the stream's log holds.
+pub fn changes_content(change: &StreamChange) -> bool {
+    change.fields().iter().any(|f| CONTENT_FIELDS.contains(f))
+}
+
+/// The fingerprint of stream `name`'s content settings in `config` (hex, 32 digits), `None`
+/// when it has no such stream: in a cluster each node records it with the stream's log, and
+/// the log is written from one configuration at a time. Settings are summed up by their
+/// `Debug` form, as [`changes`] compares them (a version that prints them differently counts
+/// as a change: the log starts over once).
+pub fn fingerprint(config: &Config, name: &str) -> Option<String> {
+    use sha2::{Digest, Sha256};
+    let content = match find(config, name)? {
+        Source::Polled(s) => format!("polled\n{}\n{:?}\n{:?}", s.url.as_str(), s.format, s.diff),
+        Source::Pushed(s) => format!("push\n{:?}", s.diff),
+    };
+    let digest = Sha256::digest(content.as_bytes());
+    Some(digest[..16].iter().map(|b| format!("{b:02x}")).collect())
+}
+
 /// Compares the running configuration `old` with `new` (both validated).
 pub fn changes(old: &Config, new: &Config) -> Changes {
     let mut streams = Vec::new();
@@ -315,30 +344,35 @@ fn sections(old: &Config, new: &Config, changes: &mut Changes) {
                     .map(|t| &t.0),
         "the outbox, the worker and the admin token are set up at start (endpoints reload live)",
     );
-    let streams_change = changes.streams.iter().any(|(_, c)| {
-        matches!(
-            c,
-            StreamChange::Added | StreamChange::Removed | StreamChange::Restarted(_)
-        )
-    });
-    if new.cluster.is_some() && streams_change {
-        let names: Vec<&str> = changes
-            .streams
-            .iter()
-            .filter(|(_, c)| {
-                matches!(
-                    c,
-                    StreamChange::Added | StreamChange::Removed | StreamChange::Restarted(_)
-                )
-            })
-            .map(|(n, _)| n.as_str())
-            .collect();
+    // Webhook dispatchers and broker publishers follow each stream's lease in a cluster;
+    // they start with the node, so a lease that comes, goes or is taken anew (a restart that
+    // changes how the stream is polled) needs them restarted.
+    let relies_on_leases = new.cluster.is_some()
+        && (new.webhooks.is_some()
+            || !new.broker_sinks.is_empty()
+            || old.webhooks.is_some()
+            || !old.broker_sinks.is_empty());
+    let new_leases: Vec<&str> = changes
+        .streams
+        .iter()
+        .filter(|(_, c)| match c {
+            StreamChange::Added | StreamChange::Removed => true,
+            StreamChange::Restarted(fields) => {
+                fields.contains(&"source") || fields.contains(&"on_demand")
+            }
+            _ => false,
+        })
+        .map(|(n, _)| n.as_str())
+        .collect();
+    if relies_on_leases && !new_leases.is_empty() {
         changes.needs_restart.push(NeedsRestart {
             section: "streams".to_owned(),
             why: format!(
-                "in a cluster, streams are added, removed or started over by restarting the \
-                 nodes (their leases and logs are in Redis): {}",
-                names.join(", ")
+                "in a cluster, webhooks and broker sinks follow each stream's lease, taken as \
+                 they start, so a stream added, removed, or changing its source or \
+                 `on_demand` needs the nodes restarted while `[webhooks]` or `[[sinks]]` are \
+                 configured: {}",
+                new_leases.join(", ")
             ),
         });
     }
