@@ -276,7 +276,16 @@ impl Writer {
                 },
             };
         }
-        // A new epoch: the local copy starts over from this change.
+        // A new epoch. The follower may have loaded it from the log already (its announcement
+        // came first): then subscribers have it, and starting over again would send them the
+        // same snapshot twice.
+        if replica::position(&self.stream).is_some_and(|(e, s)| e == epoch && s >= seq) {
+            return match self.stream.change_at(epoch, seq) {
+                Some(change) => Publication::Published(change),
+                None => Publication::Unchanged,
+            };
+        }
+        // The local copy starts over from this change.
         let change = LoggedChange {
             epoch,
             seq,
