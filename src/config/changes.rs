@@ -572,6 +572,83 @@ mod tests {
         assert!(c.push_token && c.needs_restart.is_empty(), "{c:?}");
     }
 
+    const CLUSTER: &str = "[cluster]\nredis = \"redis://127.0.0.1:6379\"\nnode_id = \"n1\"\n";
+
+    #[test]
+    fn in_a_cluster_streams_come_go_and_restart_live() {
+        let b = "[[streams]]\nname = \"b\"\nurl = \"http://up.test/b\"\n";
+        let old = streams(&format!("{A}{CLUSTER}"));
+        for new in [
+            format!("{A}{b}{CLUSTER}"),
+            format!("{b}{CLUSTER}"),
+            format!("[[streams]]\nname = \"a\"\nurl = \"http://up.test/moved\"\n{CLUSTER}"),
+            format!("[[streams]]\nname = \"a\"\nsource = \"push\"\n{CLUSTER}"),
+        ] {
+            let c = changes(&old, &streams(&new));
+            assert!(c.any() && c.needs_restart.is_empty(), "{new}: {c:?}");
+        }
+    }
+
+    #[test]
+    fn in_a_cluster_with_broker_sinks_a_stream_that_takes_a_lease_anew_needs_a_restart() {
+        let sinks = "[[sinks.redis]]\nurl = \"redis://127.0.0.1:6379\"\nkey = \"out:{stream}\"\n";
+        let b = "[[streams]]\nname = \"b\"\nurl = \"http://up.test/b\"\n";
+        let old = streams(&format!("{A}{b}{CLUSTER}{sinks}"));
+        let leases = |c: &Changes| -> Vec<String> {
+            c.needs_restart
+                .iter()
+                .filter(|n| n.section == "streams")
+                .map(|n| n.why.clone())
+                .collect()
+        };
+        let removed = changes(&old, &streams(&format!("{A}{CLUSTER}{sinks}")));
+        let why = leases(&removed);
+        assert!(why.len() == 1 && why[0].ends_with(": b"), "{removed:?}");
+        let on_demand = format!("{A}on_demand = true\n{b}{CLUSTER}{sinks}");
+        let why = leases(&changes(&old, &streams(&on_demand)));
+        assert!(
+            why.len() == 1 && why[0].ends_with(": a"),
+            "a new kind of lease: {why:?}"
+        );
+        // A new URL keeps the lease (and the publishers following it).
+        let moved = format!(
+            "[[streams]]\nname = \"a\"\nurl = \"http://up.test/moved\"\n{b}{CLUSTER}{sinks}"
+        );
+        let c = changes(&old, &streams(&moved));
+        assert!(c.needs_restart.is_empty(), "{c:?}");
+    }
+
+    #[test]
+    fn the_fingerprint_follows_what_the_log_holds() {
+        let base = streams(A);
+        let of = |toml: &str| fingerprint(&streams(toml), "a").expect("a stream");
+        let same = of(A);
+        assert_eq!(same.len(), 32);
+        assert_eq!(fingerprint(&base, "a").as_deref(), Some(same.as_str()));
+        assert_eq!(fingerprint(&base, "nope"), None);
+        // How this node keeps or polls the stream does not change what the log holds.
+        for kept in [
+            "history = 5",
+            "interval = \"9s\"",
+            "headers = { X-Key = \"v\" }",
+        ] {
+            assert_eq!(of(&format!("{A}{kept}\n")), same, "{kept}");
+        }
+        // Its source does.
+        for moved in [
+            "[[streams]]\nname = \"a\"\nurl = \"http://up.test/b\"\n".to_owned(),
+            "[[streams]]\nname = \"a\"\nsource = \"push\"\n".to_owned(),
+            format!("{A}format = \"gtfs-rt\"\n"),
+            format!("{A}[streams.diff]\nallow_move = true\n"),
+        ] {
+            assert_ne!(of(&moved), same, "{moved}");
+        }
+        for field in CONTENT_FIELDS {
+            assert!(changes_content(&StreamChange::Restarted(vec![field])));
+        }
+        assert!(!changes_content(&StreamChange::Restarted(vec!["history"])));
+    }
+
     #[test]
     fn with_webhooks_a_new_stream_needs_a_restart() {
         let hooks = "[webhooks]\ndatabase = \"/tmp/x.db\"\n";

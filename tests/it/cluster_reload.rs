@@ -39,6 +39,9 @@ max = "500ms"
 per_second = 1000
 burst = 1000
 
+[push]
+token = "push-token-0123456789"
+
 {streams}
 
 [cluster]
@@ -127,7 +130,7 @@ async fn nodes_reloaded_one_at_a_time_add_and_remove_a_stream() {
 
     // Added: a first, then b, seconds apart.
     let with_fresh = config(&format!(
-        "{}{}",
+        "{}{}[[streams]]\nname = \"board\"\nsource = \"push\"\n",
         stream("kept", &kept.url()),
         stream("fresh", &fresh.url())
     ));
@@ -137,6 +140,10 @@ async fn nodes_reloaded_one_at_a_time_add_and_remove_a_stream() {
     let first = next_event(&mut fresh_a).await;
     assert_eq!(first.event, "snapshot", "{first:?}");
     assert_eq!(first.json(), doc("fresh", 1));
+    let answer = reqwest::get(cluster.nodes[1].stream_url("board"))
+        .await
+        .expect("GET");
+    assert_eq!(answer.status(), 404, "b serves only what its file had");
     tokio::time::sleep(Duration::from_secs(1)).await;
     cluster.nodes[1].reload(SOON).await;
     let mut fresh_b = SseClient::connect(&cluster.nodes[1].stream_url("fresh"), &[], false).await;
@@ -144,6 +151,30 @@ async fn nodes_reloaded_one_at_a_time_add_and_remove_a_stream() {
     assert_eq!(first_b.event, "snapshot", "{first_b:?}");
     assert_eq!(first_b.json(), doc("fresh", 1));
     assert_eq!(first_b.id, first.id, "both nodes serve the one log");
+
+    // The push stream added is written through the log by either node.
+    let client = reqwest::Client::new();
+    let push = |node: usize, body: Value| {
+        client
+            .post(cluster.nodes[node].stream_url("board"))
+            .bearer_auth("push-token-0123456789")
+            .json(&body)
+            .send()
+    };
+    let mut board_a = SseClient::connect(&cluster.nodes[0].stream_url("board"), &[], false).await;
+    let mut board_b = SseClient::connect(&cluster.nodes[1].stream_url("board"), &[], false).await;
+    let answer = push(0, doc("board", 1)).await.expect("push");
+    assert!(answer.status().is_success(), "{}", answer.status());
+    let answer = push(1, doc("board", 2)).await.expect("push");
+    assert!(answer.status().is_success(), "{}", answer.status());
+    for client in [&mut board_a, &mut board_b] {
+        let mut rebuilt = Rebuilt::default();
+        assert!(
+            rebuilt.converge(client, &doc("board", 2), SOON).await,
+            "logs:\n{}",
+            cluster.logs()
+        );
+    }
 
     // Subscribers on both nodes get the same changes, polled by one node.
     fresh.set(doc("fresh", 2));
