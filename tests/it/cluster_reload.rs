@@ -329,4 +329,54 @@ async fn a_new_source_starts_the_log_over_once_and_nodes_not_reloaded_stand_by()
     tokio::time::sleep(Duration::from_secs(1)).await;
     polled_by_one_node(&new, Duration::from_secs(2), &|| cluster.logs()).await;
     assert_eq!(old.requests(), old_polls, "nobody polls the old source");
+
+    // Moved again, the lease holder reloaded first this time: it gives up the old source at
+    // once and starts the new one over, the other node stands by until reloaded.
+    let third = MockUpstream::start(doc("third", 1)).await;
+    let holder = pollers(&new).last().cloned().expect("polled");
+    let (first, later) = if holder.ends_with("-a") {
+        (0, 1)
+    } else {
+        (1, 0)
+    };
+    cluster.rewrite(&config(&stream("moved", &third.url())));
+    cluster.nodes[first].reload(SOON).await;
+    for client in [&mut reloaded, &mut not_yet] {
+        let mut rebuilt = Rebuilt::default();
+        assert!(
+            rebuilt.converge(client, &doc("third", 1), SOON).await,
+            "logs:\n{}",
+            cluster.logs()
+        );
+        assert!(epoch(&rebuilt.last_id) > restarted_epoch);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let new_polls = new.requests();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        new.requests(),
+        new_polls,
+        "nobody polls the previous source"
+    );
+    assert!(
+        pollers(&third)
+            .iter()
+            .all(|ua| *ua == cluster.nodes[first].user_agent()),
+        "only the reloaded node polls the new source: {:?}",
+        pollers(&third)
+    );
+    cluster.nodes[later].reload(SOON).await;
+    third.set(doc("third", 2));
+    for client in [&mut reloaded, &mut not_yet] {
+        let mut rebuilt = Rebuilt {
+            document: Some(doc("third", 1)),
+            ..Rebuilt::default()
+        };
+        assert!(
+            rebuilt.converge(client, &doc("third", 2), SOON).await,
+            "logs:\n{}",
+            cluster.logs()
+        );
+        assert_eq!(rebuilt.snapshots, 0, "no second start-over");
+    }
 }
