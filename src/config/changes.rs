@@ -649,6 +649,39 @@ mod tests {
         assert!(!changes_content(&StreamChange::Restarted(vec!["history"])));
     }
 
+    /// A polled stream `a` with these settings.
+    fn polled_a(path: u8, allow_move: bool, history: usize, interval: u64) -> Config {
+        streams(&format!(
+            "[[streams]]\nname = \"a\"\nurl = \"http://up.test/{path}\"\nhistory = {history}\n\
+             interval = \"{interval}s\"\n[streams.diff]\nallow_move = {allow_move}\n"
+        ))
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+        /// The fingerprint differs exactly when the reload's change names a content field: the
+        /// log starts over in a cluster exactly when the stream's content settings changed.
+        #[test]
+        fn the_fingerprint_changes_with_the_content_fields_only(
+            old in (0u8..3, proptest::bool::ANY, 1usize..4, 1u64..4),
+            new in (0u8..3, proptest::bool::ANY, 1usize..4, 1u64..4),
+        ) {
+            let old = polled_a(old.0, old.1, old.2, old.3);
+            let new = polled_a(new.0, new.1, new.2, new.3);
+            let change = changes(&old, &new)
+                .streams
+                .into_iter()
+                .find(|(n, _)| n == "a")
+                .map(|(_, c)| c)
+                .expect("listed");
+            proptest::prop_assert_eq!(
+                changes_content(&change),
+                fingerprint(&old, "a") != fingerprint(&new, "a"),
+                "{:?}", change
+            );
+        }
+    }
+
     #[test]
     fn with_webhooks_a_new_stream_needs_a_restart() {
         let hooks = "[webhooks]\ndatabase = \"/tmp/x.db\"\n";
