@@ -2,7 +2,7 @@
 //! loaded again exactly as at start, validated, compared with the running configuration
 //! ([`config::changes`]), and applied stream by stream, or refused changing nothing.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Duration;
@@ -11,6 +11,7 @@ use futures_util::future::BoxFuture;
 use http::StatusCode;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use super::{Retiring, keep_alive, poll_task};
 use crate::api::listing::{PolledUpstream, PolledUpstreams};
@@ -22,6 +23,7 @@ use crate::diff::DiffOptions;
 use crate::hub::{Hub, Stream, StreamOptions};
 use crate::metrics::Metrics;
 use crate::redact::Redacted;
+use crate::sinks::broker::{Brokers, Turns};
 use crate::sinks::webhook::Webhooks;
 use crate::snapshot::SnapshotStore;
 use crate::upstream::config::StreamSettings;
@@ -56,6 +58,10 @@ pub struct Reloader {
     pub(super) webhooks: Option<Arc<Webhooks>>,
     /// What `/asyncapi.json` and `/openapi.json` describe: the applied file's.
     pub(super) contracts: Arc<crate::contracts::Current>,
+    /// The broker sinks, reconciled with the file's `[[sinks.*]]` and streams.
+    pub(super) brokers: Arc<Brokers>,
+    /// Where every task a reload starts runs (the application's: shutdown waits for them).
+    pub(super) tasks: TaskTracker,
     pub(super) shutdown: CancellationToken,
 }
 
@@ -142,6 +148,7 @@ impl Reloader {
             );
         }
         let endpoints = self.apply(&current, &new, &changes).await;
+        let sinks = self.reload_sinks(&current, &new, &changes).await;
         for (name, change) in &changes.streams {
             if *change != StreamChange::Unchanged {
                 tracing::info!(stream = %name, change = change.as_str(), fields = ?change.fields(), "configuration reload");
@@ -161,6 +168,9 @@ impl Reloader {
             "push_token": if changes.push_token { "updated" } else { "unchanged" },
             "needs_restart": [],
         });
+        if let Some(sinks) = sinks {
+            body["sinks"] = sinks;
+        }
         match endpoints {
             Some(Ok(ids)) => body["webhook_endpoints"] = json!({"updated": ids}),
             Some(Err(error)) => {
@@ -218,6 +228,31 @@ impl Reloader {
         )
     }
 
+    /// Reconciles the broker sinks with `new` (after its streams were applied): returns what
+    /// each sink did, when any sink is or was configured. A broker that cannot be reached does
+    /// not hold the reload up past the sink's timeout; the reload applies and the sink's
+    /// publishers retry, as at start, showing the error in `/streams` and `/readyz`.
+    async fn reload_sinks(&self, old: &Config, new: &Config, changes: &Changes) -> Option<Value> {
+        if old.broker_sinks.is_empty() && new.broker_sinks.is_empty() {
+            return None;
+        }
+        // A stream whose views were replaced: its views' publishers follow the new ones.
+        let replaced: HashSet<String> = changes
+            .streams
+            .iter()
+            .filter(|(_, c)| c.fields().iter().any(|f| *f == "views" || *f == "source"))
+            .map(|(name, _)| name.clone())
+            .collect();
+        // A single node publishes every stream (a cluster's sinks change by a restart, see
+        // `config::changes`).
+        let turns = Turns::new();
+        let sinks = self
+            .brokers
+            .reload(&new.broker_sinks, &self.hub, &self.views, &turns, &replaced)
+            .await;
+        Some(Value::Array(sinks.iter().map(|s| s.describe()).collect()))
+    }
+
     fn options(
         &self,
         history: usize,
@@ -273,7 +308,8 @@ impl Reloader {
     }
 
     fn keep_alive(&self, stream: &Arc<Stream>, keepalive: Duration, token: &CancellationToken) {
-        tokio::spawn(keep_alive(stream.clone(), keepalive, token.clone()));
+        self.tasks
+            .spawn(keep_alive(stream.clone(), keepalive, token.clone()));
     }
 
     /// The views of `stream` as `settings` configure them (none without settings).
@@ -378,7 +414,7 @@ impl Reloader {
                 control: poller.control(),
             },
         );
-        tokio::spawn(poll_task(settings, poller, stream, token));
+        self.tasks.spawn(poll_task(settings, poller, stream, token));
     }
 
     /// Ends stream `name`: its subscribers get an `error` event saying it was removed, then

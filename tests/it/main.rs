@@ -9,6 +9,7 @@ mod support;
 
 mod backpressure;
 mod brokers;
+mod brokers_reload;
 mod catchup;
 mod cli;
 mod cluster;
