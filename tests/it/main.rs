@@ -15,6 +15,7 @@ mod cli;
 mod cluster;
 mod cluster_lease;
 mod cluster_store;
+mod compression;
 mod conditional;
 mod config_load;
 mod connections;
