@@ -16,9 +16,14 @@ use crate::support::*;
 
 const TOKEN: &str = "push-token-0123456789";
 
-/// The push streams `names` (`board` with a view of its red items), the push token, and
-/// `sinks`.
+/// The push streams `names` (`board` with a view `red` of its red items), the push token,
+/// and `sinks`.
 fn config(names: &[&str], sinks: &str) -> String {
+    config_with(names, sinks, "red")
+}
+
+/// [`config`], the view `red` keeping the items of `color`.
+fn config_with(names: &[&str], sinks: &str, color: &str) -> String {
     let mut toml =
         format!("[server]\nshutdown_grace = \"1s\"\n\n[push]\ntoken = \"{TOKEN}\"\n\n{sinks}\n");
     for name in names {
@@ -26,11 +31,11 @@ fn config(names: &[&str], sinks: &str) -> String {
             "[[streams]]\nname = \"{name}\"\nsource = \"push\"\nhistory = 1000\n"
         ));
         if *name == "board" {
-            toml.push_str(
+            toml.push_str(&format!(
                 "[streams.filtering]\nentities = \"/items\"\nkey = \"i\"\n\
-                 aliases = { color = \"color\" }\n\
-                 [[streams.views]]\nname = \"red\"\nfilter = { color = \"red\" }\n",
-            );
+                 aliases = {{ color = \"color\" }}\n\
+                 [[streams.views]]\nname = \"red\"\nfilter = {{ color = \"{color}\" }}\n",
+            ));
         }
     }
     toml
@@ -423,10 +428,11 @@ async fn reloads_add_change_and_remove_sinks_and_streams_and_consumers_rebuild_e
     settled(&process, "board", &["r", "n"]).await;
 }
 
-/// Removing every sink stops them all; the view they published is released (no subscriber
-/// left: `/streams` shows none on it).
+/// A view's filter changed: its publisher follows the new view. Then removing every sink stops
+/// them all, and the view they published is released (no subscriber left: `/streams` shows
+/// none on it).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn removing_every_sink_stops_the_publishers_and_releases_their_views() {
+async fn a_replaced_view_is_followed_and_removing_every_sink_releases_it() {
     let Some(redis) = RedisServer::start() else {
         return;
     };
@@ -456,6 +462,32 @@ async fn removing_every_sink_stops_the_publishers_and_releases_their_views() {
         1,
         "the sink follows the view"
     );
+
+    // The view's filter changes: the stream's views are replaced, and the sink's publisher of
+    // the view starts again on the new one (its other publisher is untouched).
+    process.rewrite(&config_with(&["board"], &sinks, "blue"));
+    let answer = hangup(&process).await;
+    assert_eq!(answer["reloaded"], true, "{answer}");
+    let r = sink_answer(&answer, "r");
+    assert_eq!(r["stopped"], json!(["board@red"]), "{answer}");
+    assert_eq!(r["started"], json!(["board@red"]), "{answer}");
+    add_item(&process, "board", 1).await;
+    add_item(&process, "board", 3).await;
+    settled(&process, "board@red", &["r"]).await;
+    let blue = document(&process, "/streams/board@red").await;
+    assert_eq!(
+        from_redis(&redis, "k:board@red", "board@red")
+            .await
+            .document,
+        Some(blue.clone()),
+        "the consumer rebuilds the new view"
+    );
+    assert_eq!(blue["items"].as_array().map(Vec::len), Some(2), "{blue}");
+    assert_eq!(
+        watching(&listing(&process).await),
+        1,
+        "the sink follows the new view"
+    );
     process.rewrite(&config(&["board"], ""));
     let answer = hangup(&process).await;
     assert_eq!(answer["reloaded"], true, "{answer}");
@@ -470,7 +502,7 @@ async fn removing_every_sink_stops_the_publishers_and_releases_their_views() {
         .unwrap();
     assert!(ready["checks"].get("brokers").is_none(), "{ready}");
     let entries_before = redis_entries(&redis.url(), "k:board").await.len();
-    add_item(&process, "board", 1).await;
+    add_item(&process, "board", 5).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(
         redis_entries(&redis.url(), "k:board").await.len(),
