@@ -305,7 +305,8 @@ pub struct Brokers {
     tasks: TaskTracker,
     shutdown: CancellationToken,
     metrics: Arc<Metrics>,
-    /// How NATS publishes are fenced (every one in a cluster).
+    /// How NATS publishes are fenced: every one in a cluster (where every publisher needs its
+    /// stream's turn).
     fence: nats::Fence,
 }
 
@@ -724,6 +725,17 @@ impl Brokers {
                     continue;
                 }
                 let turn = turns.get(&target.stream).cloned();
+                if self.fence == nats::Fence::Every && turn.is_none() {
+                    // In a cluster a publisher without its stream's turn would publish beside
+                    // the node whose turn it is.
+                    let error = format!(
+                        "{}: in a cluster a publisher starts only with its stream's turn",
+                        target.name
+                    );
+                    tracing::error!(sink = %sink.name, %error, "broker sink publisher not started (configuration reload)");
+                    answer.errors.push(error);
+                    continue;
+                }
                 match self.publisher(sink, &running.broker, target, hub, views, turn) {
                     Ok(Some(publisher)) => {
                         answer.started.push(target.name.clone());
@@ -803,5 +815,48 @@ impl Brokers {
             .read()
             .unwrap_or_else(PoisonError::into_inner)
             .clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{FileKind, parse_raw, validate};
+
+    /// The validated sinks of a file with the push streams `a` and `b` and `sinks`.
+    fn sinks(sinks: &str) -> Vec<BrokerSinkSettings> {
+        let toml = format!(
+            "[push]\ntoken = \"push-token-0123456789\"\n\
+             [[streams]]\nname = \"a\"\nsource = \"push\"\n\
+             [[streams]]\nname = \"b\"\nsource = \"push\"\n{sinks}"
+        );
+        let raw = parse_raw(&toml, FileKind::Toml, None, Vec::new()).expect("parses");
+        validate(raw, None, &|_| None).expect("valid").broker_sinks
+    }
+
+    fn key(toml: &str) -> String {
+        broker_key(&sinks(toml)[0])
+    }
+
+    #[test]
+    fn a_sink_starts_again_only_when_its_broker_or_publishing_settings_change() {
+        let redis = "[[sinks.redis]]\nurl = \"redis://127.0.0.1:6379\"\n";
+        // Its streams and keys are its publishers' own: the broker stays.
+        assert_eq!(key(redis), key(&format!("{redis}streams = [\"a\"]\n")));
+        assert_eq!(key(redis), key(&format!("{redis}key = \"k:{{stream}}\"\n")));
+        // The URL, its credentials (hidden by `Debug`) included, and what publishing does.
+        assert_ne!(
+            key(redis),
+            key("[[sinks.redis]]\nurl = \"redis://:secret@127.0.0.1:6379\"\n")
+        );
+        assert_ne!(key(redis), key(&format!("{redis}batch = 7\n")));
+        assert_ne!(key(redis), key(&format!("{redis}timeout = \"2s\"\n")));
+        // A NATS sink's JetStream stream is made to take its subjects when it starts.
+        let nats = "[[sinks.nats]]\nurl = \"nats://127.0.0.1:4222\"\n";
+        assert_ne!(key(nats), key(&format!("{nats}streams = [\"a\"]\n")));
+        assert_eq!(
+            key(&format!("{nats}streams = [\"a\", \"b\"]\n")),
+            key(&format!("{nats}streams = [\"b\", \"a\"]\n"))
+        );
     }
 }
