@@ -51,7 +51,7 @@ impl Asset {
     fn tags(&self) -> &(String, String) {
         self.tags.get_or_init(|| {
             let plain = etag(self.body);
-            let gzip = format!("{}-gzip\"", plain.trim_end_matches('"'));
+            let gzip = format!("{}+gzip\"", plain.trim_end_matches('"'));
             (plain, gzip)
         })
     }
@@ -182,7 +182,7 @@ mod tests {
             );
             let (plain, gzip) = asset.tags();
             assert_ne!(plain, gzip);
-            assert!(gzip.starts_with('"') && gzip.ends_with("-gzip\""), "{gzip}");
+            assert!(gzip.starts_with('"') && gzip.ends_with("+gzip\""), "{gzip}");
         }
     }
 }
