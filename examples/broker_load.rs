@@ -36,7 +36,6 @@ use patchwire::sinks::broker::{Brokers, Turns};
 use patchwire::snapshot::SnapshotStore;
 use patchwire::validation::Problems;
 use serde_json::json;
-use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use support::{arg, percentile};
@@ -224,13 +223,14 @@ async fn run(
         tokio::spawn(async move { consume(&sink, arrivals, stop).await })
     };
     let shutdown = CancellationToken::new();
-    let mut tasks = JoinSet::new();
+    let tasks = tokio_util::task::TaskTracker::new();
     let brokers = Brokers::start(
         std::slice::from_ref(&sink),
         &hub,
         &patchwire::views::Views::new(),
+        false,
         &Turns::new(),
-        &mut tasks,
+        tasks.clone(),
         shutdown.clone(),
         metrics.clone(),
     )
@@ -346,7 +346,8 @@ async fn run(
     );
     shutdown.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(10), async {
-        while tasks.join_next().await.is_some() {}
+        tasks.close();
+        tasks.wait().await;
     })
     .await;
     if latencies.len() < published.len() {

@@ -18,6 +18,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::api::listing::{PolledUpstream, PolledUpstreams};
 use crate::api::push::PushAuth;
@@ -108,6 +109,9 @@ pub struct App {
     /// Tasks already running (the webhook sink's, started as it was built); `run` adds its own
     /// and waits for all of them at shutdown.
     tasks: JoinSet<()>,
+    /// Tasks started after building (the broker sinks' publishers, and the pollers,
+    /// keep-alives and publishers a reload starts): `run` waits for them too at shutdown.
+    tracker: TaskTracker,
     /// Where the server listens, for the log.
     listen: SocketAddr,
     streams: usize,
@@ -229,14 +233,15 @@ impl App {
             }
             _ => None,
         };
-        let brokers = if config.broker_sinks.is_empty() {
-            None
-        } else {
+        // Everything started after this point (broker publishers, and whatever a reload
+        // starts) is tracked here; `run` waits for it at shutdown.
+        let tracker = TaskTracker::new();
+        let brokers = {
             // In a cluster a stream is published by one node: its lease holder, or for a push
             // stream without one (one is taken only for webhooks) its rendezvous owner among
             // the live nodes.
             let mut turns = Turns::new();
-            if let Some(cluster) = &cluster {
+            if let Some(cluster) = cluster.as_ref().filter(|_| !config.broker_sinks.is_empty()) {
                 for stream in hub.all() {
                     let (turn, task) = match leases.get(stream.name()) {
                         Some(held) => cluster.lease_turn(held.clone(), &shutdown),
@@ -246,19 +251,20 @@ impl App {
                     starting.push(task);
                 }
             }
-            Some(Arc::new(
+            Arc::new(
                 Brokers::start(
                     &config.broker_sinks,
                     &hub,
                     &views,
+                    cluster.is_some(),
                     &turns,
-                    &mut tasks,
+                    tracker.clone(),
                     shutdown.clone(),
                     metrics.clone(),
                 )
                 .await
                 .context("cannot start the broker sinks (`sinks`)")?,
-            ))
+            )
         };
         let proxy = proxy(
             &config,
@@ -320,6 +326,8 @@ impl App {
                     writers: writers.clone(),
                     streams: std::sync::Mutex::new(clustered),
                 }),
+                brokers: brokers.clone(),
+                tasks: tracker.clone(),
                 shutdown: shutdown.clone(),
             })
         });
@@ -394,6 +402,7 @@ impl App {
             proxy,
             starting,
             tasks,
+            tracker,
             streams: config.streams.len() + config.push_streams.len(),
             shutdown,
             reloader,
@@ -415,6 +424,7 @@ impl App {
             proxy,
             starting,
             mut tasks,
+            tracker,
             listen,
             streams,
             shutdown,
@@ -456,6 +466,10 @@ impl App {
         hub.close_all();
         let drained = tokio::time::timeout(serve.shutdown_grace, async {
             while tasks.join_next().await.is_some() {}
+            // What a late reload starts runs under the cancelled shutdown token and ends at
+            // once; closing lets `wait` resolve once nothing tracked runs.
+            tracker.close();
+            tracker.wait().await;
         })
         .await;
         if drained.is_err() {

@@ -479,23 +479,38 @@ impl Page {
         }
     }
 
+    /// The page as a response: gzip-compressed when the client accepts it, with a tag of its
+    /// own (a strong tag names one byte sequence; either tag revalidates, since both name the
+    /// same page) and `Vary: Accept-Encoding`, so a shared cache keeps the two apart.
     fn respond(self, stream: &str, shared: bool, headers: &HeaderMap) -> Response {
-        let mut response = if if_none_match(headers, &self.etag) {
+        let gzip = super::subscribe::accepts_gzip(headers);
+        let gzip_etag = gzip_tag(&self.etag);
+        let etag = if gzip { &gzip_etag } else { &self.etag };
+        let mut response = if if_none_match(headers, &self.etag)
+            || if_none_match(headers, &gzip_etag)
+        {
             let mut response = Response::new(Body::empty());
             *response.status_mut() = StatusCode::NOT_MODIFIED;
             response
         } else {
-            json_response(
-                StatusCode::OK,
-                page_body(stream, &self.items, &self.next, self.up_to_date).into(),
-            )
+            let body = page_body(stream, &self.items, &self.next, self.up_to_date);
+            if gzip {
+                let mut response = json_response(StatusCode::OK, crate::wire::gzip::member(&body));
+                set(&mut response, header::CONTENT_ENCODING, "gzip");
+                response
+            } else {
+                json_response(StatusCode::OK, body.into())
+            }
         };
+        response
+            .headers_mut()
+            .append(header::VARY, HeaderValue::from_static("accept-encoding"));
         set(
             &mut response,
             header::CACHE_CONTROL,
             &cache_control(self.freshness, shared),
         );
-        set(&mut response, header::ETAG, &self.etag);
+        set(&mut response, header::ETAG, etag);
         set(&mut response, NEXT_OFFSET, &self.next);
         if self.up_to_date {
             set(&mut response, UP_TO_DATE, "true");
@@ -611,6 +626,14 @@ fn finish(response: &mut Response, cursor: Option<u64>, dynamic: Option<&str>) {
     }
     if let Some(name) = dynamic {
         set(response, super::proxy::STREAM_HEADER, name);
+    }
+}
+
+/// The tag of a page's gzip representation: its plain tag's value with `+gzip`.
+fn gzip_tag(etag: &str) -> String {
+    match etag.strip_suffix('"') {
+        Some(open) => format!("{open}+gzip\""),
+        None => format!("{etag}+gzip"),
     }
 }
 

@@ -107,8 +107,11 @@ pub async fn list_streams(State(state): State<Arc<AppState>>) -> Response {
             if let (Some(views), Some(object)) = (state.views.of(s.name()), shown.as_object_mut()) {
                 object.insert("views".into(), describe_views(s.name(), &views));
             }
-            if let (Some(brokers), Some(object)) = (&state.brokers, shown.as_object_mut()) {
-                object.insert("sinks".into(), Value::Array(brokers.describe(s.name())));
+            if let Some(object) = shown.as_object_mut().filter(|_| !state.brokers.is_empty()) {
+                object.insert(
+                    "sinks".into(),
+                    Value::Array(state.brokers.describe(s.name())),
+                );
             }
             shown
         })

@@ -50,8 +50,9 @@ pub struct AppState {
     pub body_timeout: Duration,
     /// The webhook sink, when `[webhooks]` is configured (served by the admin API).
     pub webhooks: Option<Arc<crate::sinks::webhook::Webhooks>>,
-    /// The broker sinks, when `[[sinks.*]]` are configured (their positions show in `/streams`).
-    pub brokers: Option<Arc<crate::sinks::broker::Brokers>>,
+    /// The broker sinks (none configured: empty); their positions show in `/streams` when any
+    /// is configured, and a reload changes them.
+    pub brokers: Arc<crate::sinks::broker::Brokers>,
     /// The admin API's bearer token; `None` disables the admin API.
     pub admin_token: Option<crate::sinks::webhook::config::AdminToken>,
     /// In a cluster whose webhooks another node runs (an SQLite store): that node's id, which
@@ -258,8 +259,9 @@ async fn readyz(State(state): State<Arc<AppState>>) -> Response {
         }
         checks.insert("webhook_outbox".into(), check);
     }
-    if let Some(brokers) = &state.brokers {
-        let sinks: Vec<Value> = brokers
+    if !state.brokers.is_empty() {
+        let sinks: Vec<Value> = state
+            .brokers
             .statuses()
             .iter()
             .map(|s| json!({"sink": s.sink, "stream": s.stream, "state": s.state().as_str()}))

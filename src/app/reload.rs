@@ -2,7 +2,7 @@
 //! loaded again exactly as at start, validated, compared with the running configuration
 //! ([`config::changes`]), and applied stream by stream, or refused changing nothing.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Duration;
@@ -12,6 +12,7 @@ use http::StatusCode;
 use serde_json::{Value, json};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use super::{
     Clustered, Retiring, Writers, cluster_quota, fingerprint, keep_alive, poll_task, polled_lease,
@@ -27,6 +28,7 @@ use crate::diff::DiffOptions;
 use crate::hub::{Hub, Stream, StreamOptions};
 use crate::metrics::Metrics;
 use crate::redact::Redacted;
+use crate::sinks::broker::{Brokers, Turns};
 use crate::sinks::webhook::Webhooks;
 use crate::snapshot::SnapshotStore;
 use crate::upstream::config::StreamSettings;
@@ -63,6 +65,10 @@ pub struct Reloader {
     pub(super) contracts: Arc<crate::contracts::Current>,
     /// This node's part of a cluster, when `[cluster]` is configured.
     pub(super) cluster: Option<InCluster>,
+    /// The broker sinks, reconciled with the file's `[[sinks.*]]` and streams.
+    pub(super) brokers: Arc<Brokers>,
+    /// Where every task a reload starts runs (the application's: shutdown waits for them).
+    pub(super) tasks: TaskTracker,
     pub(super) shutdown: CancellationToken,
 }
 
@@ -188,6 +194,7 @@ impl Reloader {
             );
         }
         let endpoints = self.apply(&current, &new, &changes).await;
+        let sinks = self.reload_sinks(&current, &new, &changes).await;
         for (name, change) in &changes.streams {
             if *change != StreamChange::Unchanged {
                 tracing::info!(stream = %name, change = change.as_str(), fields = ?change.fields(), "configuration reload");
@@ -207,6 +214,9 @@ impl Reloader {
             "push_token": if changes.push_token { "updated" } else { "unchanged" },
             "needs_restart": [],
         });
+        if let Some(sinks) = sinks {
+            body["sinks"] = sinks;
+        }
         match endpoints {
             Some(Ok(ids)) => body["webhook_endpoints"] = json!({"updated": ids}),
             Some(Err(error)) => {
@@ -264,6 +274,31 @@ impl Reloader {
         )
     }
 
+    /// Reconciles the broker sinks with `new` (after its streams were applied): returns what
+    /// each sink did, when any sink is or was configured. A broker that cannot be reached does
+    /// not hold the reload up past the sink's timeout; the reload applies and the sink's
+    /// publishers retry, as at start, showing the error in `/streams` and `/readyz`.
+    async fn reload_sinks(&self, old: &Config, new: &Config, changes: &Changes) -> Option<Value> {
+        if old.broker_sinks.is_empty() && new.broker_sinks.is_empty() {
+            return None;
+        }
+        // A stream whose views were replaced: its views' publishers follow the new ones.
+        let replaced: HashSet<String> = changes
+            .streams
+            .iter()
+            .filter(|(_, c)| c.fields().iter().any(|f| *f == "views" || *f == "source"))
+            .map(|(name, _)| name.clone())
+            .collect();
+        // A single node publishes every stream (a cluster's sinks change by a restart, see
+        // `config::changes`).
+        let turns = Turns::new();
+        let sinks = self
+            .brokers
+            .reload(&new.broker_sinks, &self.hub, &self.views, &turns, &replaced)
+            .await;
+        Some(Value::Array(sinks.iter().map(|s| s.describe()).collect()))
+    }
+
     fn options(
         &self,
         history: usize,
@@ -319,7 +354,8 @@ impl Reloader {
     }
 
     fn keep_alive(&self, stream: &Arc<Stream>, keepalive: Duration, token: &CancellationToken) {
-        tokio::spawn(keep_alive(stream.clone(), keepalive, token.clone()));
+        self.tasks
+            .spawn(keep_alive(stream.clone(), keepalive, token.clone()));
     }
 
     /// The views of `stream` as `settings` configure them (none without settings).
@@ -444,7 +480,8 @@ impl Reloader {
                 );
             }
             let retention = node.retention(settings.history, settings.history_bytes);
-            tokio::spawn(node.claim(&name, fingerprint.clone(), retention, &token));
+            self.tasks
+                .spawn(node.claim(&name, fingerprint.clone(), retention, &token));
             let held = match clustered.get(&name).and_then(|c| c.held.clone()) {
                 Some(held) => held,
                 None => {
@@ -453,7 +490,7 @@ impl Reloader {
                     let (held, tasks) =
                         polled_lease(node, settings, stream, retention, watched, &lease);
                     for task in tasks {
-                        tokio::spawn(task);
+                        self.tasks.spawn(task);
                     }
                     clustered.insert(
                         name.clone(),
@@ -485,7 +522,8 @@ impl Reloader {
                 );
             }
             let retention = node.retention(settings.history, settings.history_bytes);
-            tokio::spawn(node.claim(&name, fingerprint.clone(), retention, &token));
+            self.tasks
+                .spawn(node.claim(&name, fingerprint.clone(), retention, &token));
             if !clustered.contains_key(&name) {
                 // A push stream takes a lease only for webhooks, which a change of source in
                 // a cluster refuses (`config::changes`): none here.
@@ -561,7 +599,7 @@ impl Reloader {
                 control: poller.control(),
             },
         );
-        tokio::spawn(poll_task(settings, poller, stream, token));
+        self.tasks.spawn(poll_task(settings, poller, stream, token));
     }
 
     /// Ends stream `name`: its subscribers get an `error` event saying it was removed, then
@@ -636,13 +674,14 @@ impl Reloader {
                     let retention = node.retention(settings.history, settings.history_bytes);
                     let fingerprint = fingerprint(new, name);
                     self.load_from_log(node, &stream, settings.history);
-                    tokio::spawn(node.claim(name, fingerprint.clone(), retention, &token));
+                    self.tasks
+                        .spawn(node.claim(name, fingerprint.clone(), retention, &token));
                     let (config, watched) = watch::channel(Some(fingerprint.clone()));
                     let lease = self.shutdown.child_token();
                     let (held, tasks) =
                         polled_lease(node, settings, &stream, retention, watched, &lease);
                     for task in tasks {
-                        tokio::spawn(task);
+                        self.tasks.spawn(task);
                     }
                     cluster
                         .streams
@@ -679,7 +718,8 @@ impl Reloader {
                 let retention = node.retention(settings.history, settings.history_bytes);
                 let fingerprint = fingerprint(new, name);
                 self.load_from_log(node, &stream, settings.history);
-                tokio::spawn(node.claim(name, fingerprint.clone(), retention, &token));
+                self.tasks
+                    .spawn(node.claim(name, fingerprint.clone(), retention, &token));
                 let (config, _) = watch::channel(Some(fingerprint.clone()));
                 cluster
                     .streams
@@ -710,7 +750,7 @@ impl Reloader {
     fn load_from_log(&self, node: &Cluster, stream: &Arc<Stream>, history: usize) {
         let catchup = node.catchup(history);
         let stream = stream.clone();
-        tokio::spawn(async move {
+        self.tasks.spawn(async move {
             if let Err(error) = catchup.reload(&stream).await {
                 tracing::debug!(stream = stream.name(), %error, "cannot load the stream from the log yet; the follower will");
             }

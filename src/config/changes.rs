@@ -16,6 +16,10 @@
 //! [`fingerprint`] sums up. A restart that changes them starts the log over in a new epoch,
 //! once, for the cluster; a restart that changes only how this node keeps the stream
 //! (history, views, `on_demand`) applies to this node's copy and keeps the epoch.
+//!
+//! Broker sinks apply live on a single node: a sink added, removed or changed, and the
+//! streams a sink publishes as streams come and go (see `sinks::broker::Brokers::reload`). In
+//! a cluster they need a restart (as do new streams when sinks are configured).
 
 use std::fmt::Debug;
 
@@ -76,6 +80,10 @@ pub struct Changes {
     pub push_token: bool,
     /// Whether `[[webhooks.endpoints]]` changed (reconciled live, as at start).
     pub webhook_endpoints: bool,
+    /// Whether the broker sinks (`[[sinks.nats]]`, `[[sinks.redis]]`) changed, what they
+    /// publish included (applied live on a single node: only the sinks and publishers that
+    /// changed start again).
+    pub broker_sinks: bool,
     /// What differs and cannot change live: a reload with any is refused.
     pub needs_restart: Vec<NeedsRestart>,
 }
@@ -85,6 +93,7 @@ impl Changes {
     pub fn any(&self) -> bool {
         self.push_token
             || self.webhook_endpoints
+            || self.broker_sinks
             || !self.needs_restart.is_empty()
             || self
                 .streams
@@ -244,6 +253,8 @@ pub fn changes(old: &Config, new: &Config) -> Changes {
             &old.webhooks.as_ref().map(|w| &w.endpoints),
             &new.webhooks.as_ref().map(|w| &w.endpoints),
         ) || endpoint_secrets(old) != endpoint_secrets(new),
+        broker_sinks: !same(&old.broker_sinks, &new.broker_sinks)
+            || broker_urls(old) != broker_urls(new),
         needs_restart: Vec::new(),
     };
     sections(old, new, &mut changes);
@@ -262,6 +273,7 @@ fn endpoint_secrets(config: &Config) -> Vec<(String, String)> {
 
 /// The sections that cannot change while running, compared.
 fn sections(old: &Config, new: &Config, changes: &mut Changes) {
+    let broker_sinks = changes.broker_sinks;
     let mut needs = |section: &str, differs: bool, why: &str| {
         if differs {
             changes.needs_restart.push(NeedsRestart {
@@ -313,8 +325,9 @@ fn sections(old: &Config, new: &Config, changes: &mut Changes) {
     );
     needs(
         "sinks",
-        !same(&old.broker_sinks, &new.broker_sinks) || broker_urls(old) != broker_urls(new),
-        "broker sinks connect and start their publishers at start",
+        new.cluster.is_some() && broker_sinks,
+        "in a cluster, broker sinks change by restarting the nodes (each stream's publisher \
+         follows its lease or owner, taken at start)",
     );
     needs(
         "push.max_body",
@@ -423,12 +436,12 @@ fn sections(old: &Config, new: &Config, changes: &mut Changes) {
         .filter(|(_, c)| *c == StreamChange::Added)
         .map(|(n, _)| n.as_str())
         .collect();
-    if !added.is_empty() && !new.broker_sinks.is_empty() {
+    if !added.is_empty() && !new.broker_sinks.is_empty() && new.cluster.is_some() {
         changes.needs_restart.push(NeedsRestart {
             section: "streams".to_owned(),
             why: format!(
-                "broker sinks start their publishers at start, so a new stream needs a \
-                 restart to be published: {}",
+                "in a cluster, broker sinks start a stream's publisher with its lease or owner \
+                 at start, so a new stream needs a restart to be published: {}",
                 added.join(", ")
             ),
         });
@@ -713,5 +726,53 @@ mod tests {
         assert_eq!(c.needs_restart[0].section, "webhooks", "{c:?}");
         assert!(c.needs_restart[0].why.contains("a@~"), "{c:?}");
         assert!(changes(&view, &view).needs_restart.is_empty());
+    }
+
+    const NATS: &str = "[[sinks.nats]]\nurl = \"nats://127.0.0.1:4222\"\n";
+    const B: &str = "[[streams]]\nname = \"b\"\nurl = \"http://up.test/b\"\n";
+
+    #[test]
+    fn broker_sinks_and_new_streams_with_sinks_apply_live_on_a_single_node() {
+        let old = streams(&format!("{A}{NATS}"));
+        // A stream added while a sink publishes every stream.
+        let c = changes(&old, &streams(&format!("{A}{B}{NATS}")));
+        assert!(c.needs_restart.is_empty(), "{c:?}");
+        assert!(c.broker_sinks, "the sink now publishes b too: {c:?}");
+        // A sink's settings, then a sink added, then every sink removed.
+        let c = changes(&old, &streams(&format!("{A}{NATS}timeout = \"3s\"\n")));
+        assert!(c.broker_sinks && c.needs_restart.is_empty(), "{c:?}");
+        let redis = "[[sinks.redis]]\nurl = \"redis://127.0.0.1:6379\"\n";
+        let c = changes(&old, &streams(&format!("{A}{NATS}{redis}")));
+        assert!(c.broker_sinks && c.needs_restart.is_empty(), "{c:?}");
+        let c = changes(&old, &streams(A));
+        assert!(c.broker_sinks && c.needs_restart.is_empty(), "{c:?}");
+        // Only the credentials in the URL (hidden by `Debug`) differ.
+        let c = changes(
+            &old,
+            &streams(&format!(
+                "{A}[[sinks.nats]]\nurl = \"nats://user:secret@127.0.0.1:4222\"\n"
+            )),
+        );
+        assert!(c.broker_sinks, "{c:?}");
+        assert!(!changes(&old, &old).any());
+    }
+
+    #[test]
+    fn in_a_cluster_broker_sinks_and_new_streams_with_sinks_need_a_restart() {
+        let cluster = "[cluster]\nredis = \"redis://127.0.0.1:6379\"\nnode_id = \"n1\"\n";
+        let old = streams(&format!("{cluster}{A}{NATS}"));
+        let c = changes(
+            &old,
+            &streams(&format!("{cluster}{A}{NATS}timeout = \"3s\"\n")),
+        );
+        let sections: Vec<&str> = c.needs_restart.iter().map(|n| n.section.as_str()).collect();
+        assert_eq!(sections, ["sinks"], "{c:?}");
+        let c = changes(&old, &streams(&format!("{cluster}{A}{B}{NATS}")));
+        let broker = c
+            .needs_restart
+            .iter()
+            .find(|n| n.section == "streams" && n.why.contains("broker sinks"))
+            .unwrap_or_else(|| panic!("{c:?}"));
+        assert!(broker.why.ends_with(": b"), "{c:?}");
     }
 }

@@ -431,7 +431,7 @@ fn reload(surface: &Surface) -> Value {
     let admin = surface.webhooks.as_ref().is_some_and(|w| w.admin);
     let mut responses = Map::new();
     let answer = json!({"type": "object", "properties": {"reloaded": {"type": "boolean"}}, "required": ["reloaded"]});
-    responses.insert("200".into(), json!({"description": "Applied: what changed per stream, the push token, the webhook endpoints.", "content": {"application/json": {"schema": answer}}}));
+    responses.insert("200".into(), json!({"description": "Applied: what changed per stream, the push token, the webhook endpoints, the broker sinks (sinks: per sink its change, the streams and views started and stopped, errors).", "content": {"application/json": {"schema": answer}}}));
     responses.insert(
         "400".into(),
         problem("The server was not started from a configuration file."),

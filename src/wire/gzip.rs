@@ -1,4 +1,4 @@
-//! The shared gzip encoding of SSE events (pure).
+//! The shared gzip encoding of SSE events, and of whole responses ([`member`]) (pure).
 //!
 //! For clients that accept gzip, each event is deflated once, independently of the others, as
 //! a run of non-final deflate blocks ending on a byte boundary (a sync flush). Such runs
@@ -78,6 +78,20 @@ fn deflate_sync(compressor: &mut Compress, data: &[u8]) -> Vec<u8> {
 /// The fixed 10-byte gzip header (deflate, no name, no mtime, unknown OS).
 pub const GZIP_HEADER: [u8; 10] = [0x1f, 0x8b, 0x08, 0, 0, 0, 0, 0, 0, 0xff];
 
+/// `data` as one whole gzip member (header, the deflated data, trailer), for a response
+/// compressed whole: made of the same parts as a subscriber's gzip body.
+pub fn member(data: &[u8]) -> Bytes {
+    let deflated = Deflated::new(data);
+    let mut trailer = GzipTrailer::default();
+    trailer.add(&deflated);
+    let trailer = trailer.finish();
+    let mut out = BytesMut::with_capacity(GZIP_HEADER.len() + deflated.bytes.len() + trailer.len());
+    out.put_slice(&GZIP_HEADER);
+    out.put_slice(&deflated.bytes);
+    out.put_slice(&trailer);
+    out.freeze()
+}
+
 /// What a gzip subscriber needs to close its body: the CRC-32 and length of all it was sent.
 #[derive(Debug, Clone, Default)]
 pub struct GzipTrailer {
@@ -154,6 +168,13 @@ mod tests {
     }
 
     proptest! {
+        #[test]
+        fn a_member_is_one_whole_gzip_body(data in proptest::collection::vec(any::<u8>(), 0..5000)) {
+            let mut out = Vec::new();
+            GzDecoder::new(&member(&data)[..]).read_to_end(&mut out).unwrap();
+            prop_assert_eq!(out, data);
+        }
+
         #[test]
         fn gzip_round_trips(chunks in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..300), 0..8)) {
             let mut body = vec![Bytes::from_static(&GZIP_HEADER)];

@@ -9,12 +9,14 @@ mod support;
 
 mod backpressure;
 mod brokers;
+mod brokers_reload;
 mod catchup;
 mod cli;
 mod cluster;
 mod cluster_lease;
 mod cluster_reload;
 mod cluster_store;
+mod compression;
 mod conditional;
 mod config_load;
 mod connections;

@@ -85,3 +85,71 @@ async fn shutdown_with_a_hanging_poll_and_a_client_that_never_reads_still_return
     assert!(took < Duration::from_secs(4), "shutdown took {took:?}");
     client.end(SOON).await.expect("the stream ends cleanly");
 }
+
+/// Streams added by a reload are the application's like any other: at SIGTERM the real binary
+/// stops their pollers (one polling fast, one with a poll hanging on its upstream) and waits
+/// for them, exits 0 well within its grace period, and their upstreams see no poll after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pollers_a_reload_started_stop_at_shutdown() {
+    use crate::support::process::Process;
+
+    let first = MockUpstream::start(json!({"n": 0})).await;
+    let fast = MockUpstream::start(json!({"n": 0})).await;
+    let hanging = MockUpstream::start(json!({"n": 0})).await;
+    let dir = tempfile::tempdir().unwrap();
+    let stream = |name: &str, url: &str| {
+        format!(
+            "[[streams]]\nname = \"{name}\"\nurl = \"{url}\"\ninterval = \"100ms\"\ntimeout = \"30s\"\n"
+        )
+    };
+    let common = "[server]\nshutdown_grace = \"5s\"\n[upstream.default_rate_limit]\nper_second = 1000\nburst = 1000\n";
+    let mut process = Process::start(
+        dir.path(),
+        &format!("{common}{}", stream("first", &first.url())),
+    )
+    .await;
+    process.rewrite(&format!(
+        "{common}{}{}{}",
+        stream("first", &first.url()),
+        stream("fast", &fast.url()),
+        stream("hanging", &hanging.url())
+    ));
+    hanging.fail(Failure::Hang(Duration::from_secs(60)));
+    process.hangup();
+    process.logged("configuration reloaded", SOON).await;
+    fast.wait_for_requests(3, SOON).await;
+    let deadline = tokio::time::Instant::now() + SOON;
+    while !hanging.received().iter().any(|r| r.failed) {
+        assert!(tokio::time::Instant::now() < deadline, "no poll hung");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    let (status, took) = process.terminate(Duration::from_secs(10)).await;
+    assert!(
+        status.success(),
+        "exit status {status:?}; log:\n{}",
+        process.log()
+    );
+    assert!(
+        took < Duration::from_secs(3),
+        "shutdown took {took:?} (the grace period is 5 s)"
+    );
+    let log = process.log();
+    assert!(log.contains("patchwire stopped"), "{log}");
+    assert!(
+        !log.contains("did not stop within the grace period"),
+        "every task stopped by itself: {log}"
+    );
+    let (fast_polls, hanging_polls) = (fast.requests(), hanging.requests());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        fast.requests(),
+        fast_polls,
+        "a poll after the process exited"
+    );
+    assert_eq!(
+        hanging.requests(),
+        hanging_polls,
+        "a poll after the process exited"
+    );
+}

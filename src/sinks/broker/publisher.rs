@@ -294,7 +294,10 @@ impl Publisher {
                     inflight = Some(self.send(&queue));
                 }
                 tokio::select! {
-                    () = shutdown.cancelled() => return Stop::Shutdown,
+                    () = shutdown.cancelled() => {
+                        self.finish(inflight.take()).await;
+                        return Stop::Shutdown;
+                    }
                     () = turn_ends(&mut self.turn) => return Stop::Turn,
                     answer = in_flight(&mut inflight), if inflight.is_some() => {
                         inflight = None;
@@ -424,6 +427,31 @@ impl Publisher {
                         }
                     },
                 }
+            }
+        }
+    }
+
+    /// Stopping (shutdown, or a reload that removed or changed the sink): the batch in flight
+    /// gets the sink's timeout to be acknowledged, else it is abandoned, with a log line either
+    /// way. Each message reaches the broker whole or not at all, so nothing is half written;
+    /// whoever publishes the stream next reads the broker's last message back.
+    async fn finish(&self, inflight: Option<InFlight>) {
+        let Some(inflight) = inflight else {
+            return;
+        };
+        match tokio::time::timeout(self.timeout, inflight).await {
+            Ok(Ok((count, _))) => {
+                self.metrics
+                    .broker_acknowledged
+                    .get_or_create(&self.labels())
+                    .inc_by(count as u64);
+                tracing::info!(sink = %self.sink, stream = %self.target.name, count, "stopping: the batch in flight was acknowledged");
+            }
+            Ok(Err(error)) => {
+                tracing::warn!(sink = %self.sink, stream = %self.target.name, %error, "stopping: the batch in flight failed and is abandoned; the next publisher resumes from the broker's last message");
+            }
+            Err(_) => {
+                tracing::warn!(sink = %self.sink, stream = %self.target.name, "stopping: the batch in flight was not acknowledged in time and is abandoned; the next publisher resumes from the broker's last message");
             }
         }
     }

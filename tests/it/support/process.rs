@@ -120,6 +120,30 @@ impl Process {
         assert!(status.success(), "kill -HUP failed");
     }
 
+    /// Sends SIGTERM and waits up to `within` for the process to exit; returns its status and
+    /// how long it took.
+    pub async fn terminate(&mut self, within: Duration) -> (std::process::ExitStatus, Duration) {
+        let child = self.child.as_mut().expect("running");
+        let started = Instant::now();
+        let status = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(status.success(), "kill -TERM failed");
+        loop {
+            if let Some(status) = child.try_wait().expect("wait for patchwire") {
+                self.child = None;
+                return (status, started.elapsed());
+            }
+            assert!(
+                started.elapsed() < within,
+                "patchwire did not exit within {within:?} of SIGTERM; its log:\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     /// What it logged so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
