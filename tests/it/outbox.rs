@@ -1352,3 +1352,80 @@ async fn concurrent_accepts_from_two_processes_queue_each_change_once() {
     }
     assert_eq!(seqs.last(), Some(&50));
 }
+
+/// Two nodes on one PostgreSQL database: the same status change made by both stores one
+/// operational event (whichever commits second sees the change made), concurrent notes of one
+/// key store one, and the head claimed by one node is not handed to the other until its
+/// claim is recorded or expires.
+#[tokio::test]
+async fn operator_events_are_recorded_once_across_nodes() {
+    let Some(store) = TestStore::postgres() else {
+        return;
+    };
+    let url = store.fresh_database().await.unwrap();
+    let first: Arc<dyn Outbox> = Arc::new(PostgresOutbox::open(&url, 4, "first").await.unwrap());
+    let second: Arc<dyn Outbox> = Arc::new(PostgresOutbox::open(&url, 4, "second").await.unwrap());
+    first.put_endpoint(endpoint("a")).await.unwrap();
+    let off = |at_ms| Disabled {
+        at_ms,
+        reason: "every attempt failed".into(),
+    };
+    // Both nodes disable the endpoint at once, each with its own note (their own times).
+    let (one, two) = tokio::join!(
+        first.set_disabled_noted("a".into(), Some(off(1)), Some(note("disabled-on-first"))),
+        second.set_disabled_noted("a".into(), Some(off(2)), Some(note("disabled-on-second"))),
+    );
+    assert!(one.unwrap().unwrap().disabled.is_some());
+    assert!(two.unwrap().unwrap().disabled.is_some());
+    // Both store the same key at once.
+    let (one, two) = tokio::join!(first.note(note("same")), second.note(note("same")));
+    assert_eq!(
+        [one.unwrap(), two.unwrap()].iter().filter(|s| **s).count(),
+        1
+    );
+    let hold = Duration::from_millis(800);
+    let OperatorHead::Due(head) = first
+        .operator_head(LATER, Arc::from("node-a"), hold)
+        .await
+        .unwrap()
+    else {
+        panic!("the first event is due");
+    };
+    // Held by node-a: node-b waits.
+    assert!(matches!(
+        second
+            .operator_head(LATER, Arc::from("node-b"), hold)
+            .await
+            .unwrap(),
+        OperatorHead::Later(_)
+    ));
+    // Node-a dies holding it: after the claim expires node-b sends the same event.
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let OperatorHead::Due(again) = second
+        .operator_head(LATER, Arc::from("node-b"), hold)
+        .await
+        .unwrap()
+    else {
+        panic!("the expired claim is taken over");
+    };
+    assert_eq!((again.id, &again.msg_id), (head.id, &head.msg_id));
+    let mut sent = Vec::new();
+    let mut next = Some(again);
+    while let Some(event) = next.take() {
+        sent.push(event.msg_id.clone());
+        second
+            .operator_record(event.id, AttemptOutcome::Delivered { status: 200 }, 3)
+            .await
+            .unwrap();
+        if let OperatorHead::Due(event) = first
+            .operator_head(LATER, Arc::from("node-a"), hold)
+            .await
+            .unwrap()
+        {
+            next = Some(event);
+        }
+    }
+    assert_eq!(sent.len(), 2, "one disable, one note of the key: {sent:?}");
+    assert!(sent[0].starts_with("msg_disabled-on-"), "{sent:?}");
+    assert_eq!(sent[1], "msg_same");
+}

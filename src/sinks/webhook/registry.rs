@@ -197,6 +197,17 @@ impl Registry {
             .remove(id)
     }
 
+    /// The enabled endpoints subscribed to `stream` whose `events` list `kind`'s deliveries.
+    pub fn notice_targets(&self, stream: &str, kind: NoticeKind) -> Vec<String> {
+        self.endpoints
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .filter(|e| e.enabled() && e.wants(stream) && e.record.events.wants(kind))
+            .map(|e| e.record.id.clone())
+            .collect()
+    }
+
     /// The enabled endpoints subscribed to `stream` that receive its changes, as outbox
     /// targets.
     pub fn targets(&self, stream: &str) -> Vec<Target> {
@@ -209,19 +220,6 @@ impl Registry {
                 endpoint: e.record.id.clone(),
                 mode: e.mode(),
             })
-            .collect()
-    }
-}
-
-impl Registry {
-    /// The enabled endpoints subscribed to `stream` whose `events` list `kind`'s deliveries.
-    pub fn notice_targets(&self, stream: &str, kind: NoticeKind) -> Vec<String> {
-        self.endpoints
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .values()
-            .filter(|e| e.enabled() && e.wants(stream) && e.record.events.wants(kind))
-            .map(|e| e.record.id.clone())
             .collect()
     }
 }

@@ -1669,7 +1669,8 @@ impl Outbox for PostgresOutbox {
         Box::pin(async move {
             let mut client = pool.get().await?;
             let tx = client.transaction().await?;
-            // The head, locked: a node claiming it meanwhile keeps it (this one looks later).
+            // The head, locked (waiting for a node claiming it now, never skipping it: the
+            // events go in order); then held by that node's claim, so this one looks later.
             let Some(row) = tx
                 .query_opt(
                     &format!(
@@ -1677,7 +1678,7 @@ impl Outbox for PostgresOutbox {
                          claimed_until_ms >= {DB_NOW} AS held, \
                          claimed_until_ms - {DB_NOW} AS left_ms \
                          FROM patchwire_operator_events WHERE state = 0 ORDER BY id LIMIT 1 \
-                         FOR UPDATE SKIP LOCKED"
+                         FOR UPDATE"
                     ),
                     &[],
                 )
