@@ -18,6 +18,11 @@
 //! - Per (endpoint, stream), deliveries are sent oldest first ([`Outbox::due`] returns only the
 //!   oldest pending delivery of each pair), and a patch is only queued right after the delivery
 //!   holding its base (see [`super::body::plan`]).
+//! - Notices (a stream's upstream failing, recovering: [`Outbox::notice`]) share their pair's
+//!   queue with its changes but are not changes: they move no cursor, a dead delivery's gap or
+//!   a collapsed backlog supersedes only changes, and a dead notice leaves no gap.
+//! - Operational events are stored once per key, in the transaction of what causes them, and
+//!   handed out one at a time, oldest first ([`Outbox::operator_head`]).
 
 pub mod postgres;
 pub mod sqlite;
