@@ -230,16 +230,43 @@ const OPERATOR_SECRET: &str = "whsec_0xXHqonBMVzu3z/Rlbzy8GzLrlBTZ5PvjXNmZKPqORI
 
 /// Every stored operational event: webhook-id → (state, attempts); none while the process
 /// has not made its schema yet.
-fn operator_events(db: &Path) -> BTreeMap<String, (i64, i64)> {
-    let conn = rusqlite::Connection::open(db).unwrap();
-    let Ok(mut statement) = conn.prepare("SELECT msg_id, state, attempts FROM operator_events")
+async fn operator_events(store: &TestStore) -> BTreeMap<String, (i64, i64)> {
+    let Some(url) = store.postgres_url() else {
+        let path = store.sqlite_path();
+        if !path.exists() {
+            return BTreeMap::new();
+        }
+        let conn = rusqlite::Connection::open(path).unwrap();
+        let Ok(mut statement) = conn.prepare("SELECT msg_id, state, attempts FROM operator_events")
+        else {
+            return BTreeMap::new();
+        };
+        return statement
+            .query_map([], |r| Ok((r.get::<_, String>(0)?, (r.get(1)?, r.get(2)?))))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+    };
+    let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let Ok(rows) = client
+        .query(
+            "SELECT msg_id, state, attempts FROM patchwire_operator_events",
+            &[],
+        )
+        .await
     else {
         return BTreeMap::new();
     };
-    statement
-        .query_map([], |r| Ok((r.get::<_, String>(0)?, (r.get(1)?, r.get(2)?))))
-        .unwrap()
-        .map(Result::unwrap)
+    rows.iter()
+        .map(|r| {
+            (
+                r.get::<_, String>(0),
+                (i64::from(r.get::<_, i16>(1)), i64::from(r.get::<_, i32>(2))),
+            )
+        })
         .collect()
 }
 
@@ -247,8 +274,7 @@ fn operator_events(db: &Path) -> BTreeMap<String, (i64, i64)> {
 /// 410) while the operator URL is down; the process is killed, restarted on the same
 /// database, and the operator comes up: the event arrives exactly once by `webhook-id`,
 /// signed (verified by the independent library), the same message as stored before the kill.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigkill_keeps_an_undelivered_operator_event() {
+async fn sigkill_keeps_an_undelivered_operator_event(store: TestStore) {
     let upstream = Arc::new(MockUpstream::start(json!({"n": 0, "pad": PAD})).await);
     let receiver = Receiver::start(&[SECRET]).await;
     receiver.script([Reply::Status(410, None)]);
@@ -258,7 +284,6 @@ async fn sigkill_keeps_an_undelivered_operator_event() {
         .local_addr()
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("outbox.db");
     let config = dir.path().join("patchwire.toml");
     std::fs::write(
         &config,
@@ -276,8 +301,7 @@ url = "{upstream}"
 interval = "100ms"
 
 [webhooks]
-database = "{db}"
-allow_private_targets = true
+{store}allow_private_targets = true
 schedule = ["0s", "200ms", "500ms", "1s", "1s", "1s", "1s", "1s", "1s", "1s", "1s", "1s", "1s", "1s", "1s", "1s", "1s", "1s", "1s", "1s"]
 jitter = 0.0
 attempt_timeout = "2s"
@@ -291,7 +315,7 @@ streams = ["fleet"]
 secret = "{SECRET}"
 "#,
             upstream = upstream.url(),
-            db = db.display(),
+            store = store.toml(),
             receiver = receiver.url(),
         ),
     )
@@ -300,11 +324,7 @@ secret = "{SECRET}"
     // The event is stored, and its first attempts failed (nothing listens).
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     let stored = loop {
-        let events = if db.exists() {
-            operator_events(&db)
-        } else {
-            BTreeMap::new()
-        };
+        let events = operator_events(&store).await;
         if events.values().any(|(_, attempts)| *attempts >= 2) {
             break events;
         }
@@ -352,7 +372,7 @@ secret = "{SECRET}"
     );
     // Recorded as delivered.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while operator_events(&db).get(stored_id).map(|e| e.0) != Some(1) {
+    while operator_events(&store).await.get(stored_id).map(|e| e.0) != Some(1) {
         assert!(
             tokio::time::Instant::now() < deadline,
             "not recorded as delivered"
@@ -360,6 +380,8 @@ secret = "{SECRET}"
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+crate::on_both_stores!(sigkill_keeps_an_undelivered_operator_event);
 
 const PUSH_TOKEN: &str = "crash-push-token-0123456789";
 
