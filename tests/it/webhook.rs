@@ -1908,6 +1908,7 @@ async fn upstream_failures_and_recoveries_reach_the_endpoints_that_list_them(sto
     let watch = Receiver::start(&[SECRET]).await;
     let plain = Receiver::start(&[SECRET]).await;
     let alarm = Receiver::start(&[SECRET]).await;
+    let cloud = Receiver::start(&[SECRET]).await;
     let with_events = |id: &str, url: &str, events: &str| {
         format!(
             "\n[[webhooks.endpoints]]\nid = \"{id}\"\nurl = \"{url}\"\nstreams = [\"fleet\"]\n\
@@ -1915,7 +1916,7 @@ async fn upstream_failures_and_recoveries_reach_the_endpoints_that_list_them(sto
         )
     };
     let app = TestApp::from_toml(&format!(
-        "[[streams]]\nname = \"fleet\"\nurl = \"{}\"\ninterval = \"100ms\"\n{}{}{}{}",
+        "[[streams]]\nname = \"fleet\"\nurl = \"{}\"\ninterval = \"100ms\"\n{}{}{}{}{}format = \"cloudevents\"\n",
         upstream.url(),
         webhooks_toml(&store, ""),
         with_events(
@@ -1925,6 +1926,11 @@ async fn upstream_failures_and_recoveries_reach_the_endpoints_that_list_them(sto
         ),
         endpoint("plain", &plain.url(), &["fleet"], Mode::Patch),
         with_events("alarm", &alarm.url(), r#"["errors"]"#),
+        with_events(
+            "cloud",
+            &cloud.url(),
+            r#"["snapshots", "errors", "recoveries"]"#
+        ),
     ))
     .await;
     change_and_wait(&upstream, &watch, 1, 1).await;
@@ -2015,6 +2021,25 @@ async fn upstream_failures_and_recoveries_reach_the_endpoints_that_list_them(sto
         "errors only"
     );
     assert!(!alarms[0].verified_by.is_empty());
+    // As CloudEvents (structured): their own type, an id that is not a change's, the data.
+    let events = cloud
+        .wait_for(LONG, "the CloudEvents error and recovery", |hits| {
+            hits.iter().any(|h| h.kind() == "stream.recovered")
+        })
+        .await;
+    let error = events.iter().find(|h| h.kind() == "stream.error").unwrap();
+    assert_eq!(
+        error.headers["content-type"],
+        "application/cloudevents+json"
+    );
+    assert_eq!(error.body["specversion"], "1.0");
+    assert_eq!(error.body["data"]["status"], 500);
+    let id = error.body["id"].as_str().unwrap();
+    assert!(
+        id.starts_with(&format!("fleet:{}:{}/stream.error/", before.0, before.1)),
+        "{id}"
+    );
+    assert!(events.iter().all(|h| !h.verified_by.is_empty()));
     app.stop().await;
 }
 
