@@ -108,10 +108,11 @@ pub struct Dispatcher {
     at: Option<(u64, u64)>,
     /// A view's subscription held while a term starts, so the view is not evicted meanwhile.
     held: Option<Subscription>,
-    /// Whether the stream's upstream is failing, as the endpoints were last told: a
-    /// `stream.error` is queued on the transition to failing, a `stream.recovered` on the
-    /// transition back, never one per failed poll.
-    failing: bool,
+    /// The run of failures the endpoints were last told of (when it began, how many polls
+    /// failed so far), `None` while the upstream answers: a `stream.error` is queued on the
+    /// transition to failing, a `stream.recovered` on the transition back, never one per
+    /// failed poll.
+    failing: Option<(std::time::SystemTime, u32)>,
 }
 
 /// Up to which sequence number a stream's changes are committed to the outbox: every
@@ -228,7 +229,7 @@ impl Dispatcher {
             feed: None,
             at: None,
             held: None,
-            failing: false,
+            failing: None,
         }
     }
 
@@ -468,7 +469,11 @@ impl Dispatcher {
     /// A failed poll: a `stream.error` when the stream was not failing (a changed cause
     /// while it keeps failing is no new error: the recovery closes the run).
     fn failed(&mut self, failure: &UpstreamFailure) -> Option<Pending> {
-        if std::mem::replace(&mut self.failing, true) {
+        if self
+            .failing
+            .replace((failure.since, failure.failures))
+            .is_some()
+        {
             return None;
         }
         let data = body::error_data(
@@ -493,9 +498,8 @@ impl Dispatcher {
 
     /// The upstream answers again: a `stream.recovered` when the stream was failing.
     fn recovered(&mut self, recovery: &Recovery) -> Option<Pending> {
-        if !std::mem::replace(&mut self.failing, false) {
-            return None;
-        }
+        // Told only if the endpoints were told of the failures.
+        self.failing.take()?;
         let data = body::recovery_data(
             self.stream.name(),
             recovery.epoch,
@@ -513,6 +517,19 @@ impl Dispatcher {
         )
     }
 
+    /// After a lag (events were missed): a failure or a recovery missed is told now, from the
+    /// stream's state (a recovery missed is told with what the last failure seen said).
+    fn caught_up(&mut self) -> Option<Pending> {
+        if let Some(failure) = self.stream.failure() {
+            return self.failed(&failure);
+        }
+        let (since, failures) = self.failing.take()?;
+        let (epoch, seq) = self.stream.position();
+        let at = std::time::SystemTime::now();
+        let data = body::recovery_data(self.stream.name(), epoch, seq, since, failures, at);
+        self.notify(NoticeKind::Recovery, epoch, seq, data, at)
+    }
+
     /// Acts on a committed batch: everything up to its `seq` is committed, or a snapshot is
     /// owed.
     fn settle(&mut self, batch: Batch) {
@@ -525,7 +542,7 @@ impl Dispatcher {
                 tracing::error!(stream = self.stream.name(), ?kind, %error, "cannot queue a webhook notice");
                 // An error not stored is queued again at the next failed poll.
                 if kind == NoticeKind::Error {
-                    self.failing = false;
+                    self.failing = None;
                 }
             }
             if batch.queued > 0 {
@@ -834,10 +851,7 @@ impl Dispatcher {
                             self.at = None;
                             tracing::warn!(stream = self.stream.name(), "webhook dispatcher lagged; queueing a snapshot");
                             self.resync(Resync::All).await;
-                            // A failure missed in the lag is told now.
-                            if let Some(failure) = self.stream.failure() {
-                                inflight.extend(self.failed(&failure));
-                            }
+                            inflight.extend(self.caught_up());
                         }
                     }
                     Ok(StreamEvent::Reset(snapshot)) => {
@@ -855,9 +869,7 @@ impl Dispatcher {
                         self.at = None;
                         tracing::warn!(stream = self.stream.name(), missed, "webhook dispatcher lagged; queueing a snapshot");
                         self.resync(Resync::All).await;
-                        if let Some(failure) = self.stream.failure() {
-                            inflight.extend(self.failed(&failure));
-                        }
+                        inflight.extend(self.caught_up());
                     }
                     Err(broadcast::error::RecvError::Closed) if self.feed.is_some() => {
                         tracing::info!(stream = self.stream.name(), "the view ended; following it again");
