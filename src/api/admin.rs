@@ -33,7 +33,6 @@ use serde_json::{Value, json};
 use super::body::{self, BodyLimits};
 use super::error_response;
 use crate::sinks::webhook::Webhooks;
-use crate::sinks::webhook::body::event_type;
 use crate::sinks::webhook::config::AdminToken;
 use crate::sinks::webhook::endpoints::{
     AdminError, EndpointChanges, Endpoints, Idempotency, NewEndpoint,
@@ -289,7 +288,7 @@ fn delivery_json(d: &Delivery) -> Value {
         "id": d.id,
         "webhook_id": d.msg_id,
         "stream": d.stream,
-        "type": event_type(d.kind),
+        "type": d.kind.event_type(),
         "epoch": d.epoch,
         "seq": d.seq,
         "base_seq": d.base_seq,

@@ -275,14 +275,14 @@ impl Document {
             }
             all.insert(
                 "ce-type".into(),
-                json!({"enum": ["stream.snapshot", "stream.patch"]}),
+                json!({"enum": ["stream.snapshot", "stream.patch", "stream.error", "stream.recovered"]}),
             );
         }
         self.channels.insert(
             channel.clone(),
             json!({
                 "address": null,
-                "description": format!("Webhook deliveries of stream {stream:?}: a POST to each endpoint's own URL, signed with Standard Webhooks (webhook-signature: v1,<HMAC-SHA256> with a symmetric secret, v1a,<Ed25519> with an Ed25519 key: the endpoint's signing, its public_key in the admin API). The endpoint's format decides the body: json (patchwire.webhook.v1), cloudevents (structured) or cloudevents-binary; its events (snapshots, patches) and mode which changes it receives."),
+                "description": format!("Webhook deliveries of stream {stream:?}: a POST to each endpoint's own URL, signed with Standard Webhooks (webhook-signature: v1,<HMAC-SHA256> with a symmetric secret, v1a,<Ed25519> with an Ed25519 key: the endpoint's signing, its public_key in the admin API). The endpoint's format decides the body: json (patchwire.webhook.v1), cloudevents (structured) or cloudevents-binary; its events (snapshots, patches, errors, recoveries) and mode which changes it receives, and whether it hears of the upstream failing (stream.error, once per run of failures) and answering again (stream.recovered), in order with the changes."),
                 "messages": {
                     "delivery": {
                         "name": "webhookDelivery",
@@ -295,10 +295,15 @@ impl Document {
                     "cloudevent": structured,
                     "cloudeventBinary": {
                         "name": "webhookCloudEventBinary",
-                        "summary": "format = \"cloudevents-binary\": a CloudEvent 1.0 in binary mode, the attributes as ce- headers, the body the change's data alone: the document (application/json) or the patch (application/json-patch+json).",
+                        "summary": "format = \"cloudevents-binary\": a CloudEvent 1.0 in binary mode, the attributes as ce- headers, the body the delivery's data alone: the document (application/json), the patch (application/json-patch+json), or a notice's data (application/json).",
                         "contentType": "application/json",
                         "headers": binary_headers,
-                        "payload": {"oneOf": [document, reference(patch)]},
+                        "payload": {"oneOf": [
+                            document,
+                            reference(patch),
+                            reference(&format!("{}.error", crate::schemas::WEBHOOK)),
+                            reference(&format!("{}.recovery", crate::schemas::WEBHOOK)),
+                        ]},
                     },
                 },
             }),
@@ -325,7 +330,7 @@ impl Document {
             channel.into(),
             json!({
                 "address": null,
-                "description": "Operational events for the people running patchwire (endpoint.disabled, delivery.dead, endpoint.recovered): a POST to webhooks.operator_url, signed with Standard Webhooks by webhooks.operator_secret; kept in memory, in order, retried on the webhooks' schedule.",
+                "description": "Operational events for the people running patchwire (endpoint.disabled, delivery.dead, endpoint.recovered): a POST to webhooks.operator_url, signed with Standard Webhooks by webhooks.operator_secret; stored in the webhook outbox when they happen (once, however many nodes see them), sent in order, retried on the webhooks' schedule, surviving restarts (same webhook-id).",
                 "messages": {
                     "event": {
                         "name": "operatorEvent",

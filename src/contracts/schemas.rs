@@ -112,9 +112,27 @@ pub fn cloudevent_structured(document: Value, patch: Value) -> Value {
             "required": ["specversion", "id", "type", "source", "time", "datacontenttype", "data"],
         })
     };
+    let envelope = crate::schemas::WEBHOOK;
+    let mut error = event(
+        "stream.error",
+        "application/json",
+        reference(&format!("{envelope}.error")),
+    );
+    let mut recovered = event(
+        "stream.recovered",
+        "application/json",
+        reference(&format!("{envelope}.recovery")),
+    );
+    // A notice names the last good event, which a change already has as its id: its own id
+    // is `{event id}/{type}/{time}`.
+    for notice in [&mut error, &mut recovered] {
+        notice["properties"]["id"] = json!({"type": "string", "minLength": 1});
+    }
     json!({"oneOf": [
         event("stream.snapshot", "application/json", document),
         event("stream.patch", "application/json-patch+json", patch),
+        error,
+        recovered,
     ]})
 }
 
@@ -370,11 +388,14 @@ pub fn webhook_body(document: Value, patch: Value) -> Value {
             "required": ["schema", "type", "stream", "epoch", "seq", "base_seq", "timestamp", "data"],
         })
     };
+    let envelope = crate::schemas::WEBHOOK;
     json!({
         "oneOf": [
             common("stream.snapshot", json!({"type": "null"}), document),
             common("stream.patch", json!({"type": "integer", "minimum": 0}), patch),
+            common("stream.error", json!({"type": "null"}), reference(&format!("{envelope}.error"))),
+            common("stream.recovered", json!({"type": "null"}), reference(&format!("{envelope}.recovery"))),
         ],
-        "description": "A signed webhook delivery (Standard Webhooks headers webhook-id, webhook-timestamp, webhook-signature). Apply a patch only if (epoch, base_seq) is the (epoch, seq) held.",
+        "description": "A signed webhook delivery (Standard Webhooks headers webhook-id, webhook-timestamp, webhook-signature). Apply a patch only if (epoch, base_seq) is the (epoch, seq) held. stream.error and stream.recovered go to endpoints whose events list errors and recoveries: one when the upstream starts failing, one when it answers again.",
     })
 }

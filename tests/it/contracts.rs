@@ -802,3 +802,77 @@ fn the_gtfs_rt_projection_schema_validates_real_feeds() {
         show(&output)
     );
 }
+
+/// The served webhook envelope (`patchwire.webhook.v1`, as its components) describes and
+/// validates every kind of delivery: changes, and the notices `stream.error` and
+/// `stream.recovered` (before the first document too); a notice without its failure's
+/// status, or with a type it does not know, is refused.
+#[test]
+fn the_webhook_envelope_validates_changes_errors_and_recoveries() {
+    use patchwire::sinks::webhook::body::{
+        NoticeKind, encode, encode_notice, error_data, recovery_data,
+    };
+    use patchwire::wire::ChangeKind;
+    let Some(()) = python_module("jsonschema", "jsonschema") else {
+        return;
+    };
+    let t = std::time::UNIX_EPOCH + Duration::from_millis(1_700_000_000_123);
+    let json = |bytes: Vec<u8>| serde_json::from_slice::<Value>(&bytes).unwrap();
+    let error = error_data(
+        "fleet",
+        2,
+        7,
+        502,
+        "connect",
+        "cannot reach the upstream",
+        t,
+        t,
+        1500,
+    );
+    let early = error_data("fleet", 2, 0, 504, "timeout", "timed out", t, t, 1000);
+    let valid = vec![
+        json(encode(ChangeKind::Snapshot, "fleet", 2, 7, None, t, br#"{"a":1}"#).unwrap()),
+        json(encode(ChangeKind::Patch, "fleet", 2, 8, Some(7), t, br#"[]"#).unwrap()),
+        json(encode_notice(NoticeKind::Error, "fleet", 2, 7, t, &error)),
+        json(encode_notice(NoticeKind::Error, "fleet", 2, 0, t, &early)),
+        json(encode_notice(
+            NoticeKind::Recovery,
+            "fleet",
+            2,
+            7,
+            t,
+            &recovery_data("fleet", 2, 7, t, 4, t),
+        )),
+    ];
+    let mut no_status = valid[2].clone();
+    no_status["data"].as_object_mut().unwrap().remove("status");
+    let mut unknown = valid[4].clone();
+    unknown["type"] = json!("stream.gone");
+    let mut recovery_as_error = valid[4].clone();
+    recovery_as_error["type"] = json!("stream.error");
+    let components = Value::Object(patchwire::contracts::schemas::envelopes());
+    let run = |instances: Vec<Value>| {
+        let dir = tempfile::tempdir().unwrap();
+        let checks = dir.path().join("checks.json");
+        std::fs::write(
+            &checks,
+            serde_json::to_vec(&json!({
+                "components": components,
+                "checks": [{"schema": "patchwire.webhook.v1", "instances": instances}],
+            }))
+            .unwrap(),
+        )
+        .unwrap();
+        Command::new("python3")
+            .arg(tools_dir().join("validate_instances.py"))
+            .arg(&checks)
+            .output()
+            .unwrap()
+    };
+    let output = run(valid);
+    assert!(output.status.success(), "{}", show(&output));
+    for bad in [no_status, unknown, recovery_as_error] {
+        let output = run(vec![bad.clone()]);
+        assert!(!output.status.success(), "accepted: {bad}");
+    }
+}

@@ -7,12 +7,13 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
-use patchwire::sinks::webhook::body::Mode;
+use patchwire::sinks::webhook::body::{DeliveryKind, Mode, NoticeKind};
 use patchwire::sinks::webhook::outbox::postgres::PostgresOutbox;
+use patchwire::sinks::webhook::outbox::sqlite::SqliteOutbox;
 use patchwire::sinks::webhook::outbox::{
     Attempt, AttemptEntry, AttemptFilter, AttemptOutcome, AttemptResult, Claim, DeliveryFilter,
-    DeliveryState, Disabled, EndpointRecord, NewChange, Next, Outbox, OutboxError, Replay, Source,
-    StoredDocument, Target,
+    DeliveryState, Disabled, EndpointRecord, NewChange, NewNotice, Next, Notes, OperatorHead,
+    OperatorNote, Outbox, OutboxError, Replay, Source, StoredDocument, Target,
 };
 use patchwire::wire::ChangeKind;
 
@@ -86,7 +87,48 @@ async fn pending(outbox: &dyn Outbox, id: &str) -> Vec<(ChangeKind, u64, Option<
         .await
         .unwrap();
     all.reverse();
-    all.iter().map(|d| (d.kind, d.seq, d.base_seq)).collect()
+    all.iter()
+        .filter_map(|d| match d.kind {
+            DeliveryKind::Change(kind) => Some((kind, d.seq, d.base_seq)),
+            DeliveryKind::Notice(_) => None,
+        })
+        .collect()
+}
+
+/// Every pending delivery of an endpoint, changes and notices, oldest first.
+async fn queue(outbox: &dyn Outbox, id: &str) -> Vec<(DeliveryKind, u64)> {
+    let mut all = outbox
+        .deliveries(
+            id.into(),
+            DeliveryFilter {
+                state: Some(DeliveryState::Pending),
+                before: None,
+                limit: 1000,
+            },
+        )
+        .await
+        .unwrap();
+    all.reverse();
+    all.iter().map(|d| (d.kind, d.seq)).collect()
+}
+
+fn notice(kind: NoticeKind, seq: u64) -> NewNotice {
+    NewNotice {
+        stream: Arc::from("s"),
+        kind,
+        epoch: 1,
+        seq,
+        body: Bytes::from(format!(r#"{{"notice":{seq}}}"#)),
+    }
+}
+
+fn note(key: &str) -> OperatorNote {
+    OperatorNote {
+        key: key.into(),
+        msg_id: format!("msg_{key}"),
+        body: Bytes::from(format!(r#"{{"key":"{key}"}}"#)),
+        at_ms: 5,
+    }
 }
 
 /// Records a delivered attempt (which also releases a claim).
@@ -837,7 +879,367 @@ async fn every_attempt_is_in_the_history(store: TestStore) {
     assert_eq!(results(list("a", all(10)).await), [3000]);
 }
 
+/// Notices (errors, recoveries) queue on the pair's queue after the changes before them, move
+/// no cursor (the next patch still follows its base), are delivered in order, never
+/// superseded by a collapse or a dead delivery, and a dead notice leaves no gap.
+async fn notices_queue_in_order_with_changes(store: TestStore) {
+    let outbox = store.open_fresh().await;
+    outbox.put_endpoint(endpoint("a")).await.unwrap();
+    outbox.put_endpoint(endpoint("quiet")).await.unwrap();
+    let targets = vec![target("a", Mode::Patch)];
+    // A notice to a pair that never had a change: its queue is made (and it is owed the
+    // document it never got).
+    let queued = outbox
+        .notice(notice(NoticeKind::Error, 0), vec!["quiet".into()], None)
+        .await
+        .unwrap();
+    assert_eq!(queued, 1);
+    assert_eq!(queue(&*outbox, "quiet").await, [(DeliveryKind::ERROR, 0)]);
+    for seq in 1..=2 {
+        outbox
+            .accept(change(1, seq, seq > 1), targets.clone(), 100, None)
+            .await
+            .unwrap();
+    }
+    // Queued without awaiting in between: call order is queue order.
+    let error = outbox.notice(
+        notice(NoticeKind::Error, 2),
+        vec!["a".into(), "gone".into()],
+        None,
+    );
+    let third = outbox.accept(change(1, 3, true), targets.clone(), 100, None);
+    let recovery = outbox.notice(notice(NoticeKind::Recovery, 3), vec!["a".into()], None);
+    assert_eq!(error.await.unwrap(), 1, "a deleted endpoint gets nothing");
+    third.await.unwrap();
+    recovery.await.unwrap();
+    assert_eq!(
+        queue(&*outbox, "a").await,
+        [
+            (DeliveryKind::SNAPSHOT, 1),
+            (DeliveryKind::PATCH, 2),
+            (DeliveryKind::ERROR, 2),
+            (DeliveryKind::PATCH, 3),
+            (DeliveryKind::RECOVERY, 3),
+        ]
+    );
+    // Delivered head by head in that order; a dead notice supersedes nothing.
+    let mut sent = Vec::new();
+    for _ in 0..5 {
+        let head = outbox
+            .due(claim("w", 10))
+            .await
+            .unwrap()
+            .into_iter()
+            .find(|d| d.endpoint == "a")
+            .unwrap();
+        sent.push(head.kind);
+        if head.kind == DeliveryKind::ERROR {
+            assert_eq!(&head.body[..], br#"{"notice":2}"#);
+            let dead = AttemptOutcome::Failed {
+                status: Some(500),
+                error: "500".into(),
+                retry_at_ms: None,
+            };
+            let recorded = outbox
+                .record(head.id, dead, Attempt::at(10), None)
+                .await
+                .unwrap();
+            assert!(!recorded.needs_resync, "a dead notice leaves no gap");
+        } else {
+            delivered(&*outbox, head.id).await;
+        }
+    }
+    assert_eq!(
+        sent,
+        [
+            DeliveryKind::SNAPSHOT,
+            DeliveryKind::PATCH,
+            DeliveryKind::ERROR,
+            DeliveryKind::PATCH,
+            DeliveryKind::RECOVERY
+        ]
+    );
+    // A backlog collapse supersedes the changes, never the notices.
+    outbox
+        .notice(notice(NoticeKind::Error, 3), vec!["a".into()], None)
+        .await
+        .unwrap();
+    for seq in 4..=6 {
+        outbox
+            .accept(change(1, seq, true), targets.clone(), 2, None)
+            .await
+            .unwrap();
+    }
+    assert_eq!(
+        queue(&*outbox, "a").await,
+        [(DeliveryKind::ERROR, 3), (DeliveryKind::SNAPSHOT, 6)]
+    );
+    // Fenced as accepts are.
+    outbox
+        .accept(change(1, 7, true), targets.clone(), 100, Some(5))
+        .await
+        .unwrap();
+    assert!(matches!(
+        outbox
+            .notice(notice(NoticeKind::Recovery, 7), vec!["a".into()], Some(4))
+            .await,
+        Err(OutboxError::Fenced)
+    ));
+}
+
+/// Operational events are stored once per key, with the record or status change causing
+/// them (a recovery only when the record ends the failures; a disable or re-enable only when
+/// the status changes), and handed out one at a time, oldest first, retried when due.
+async fn operator_events_are_stored_once_and_sent_in_order(store: TestStore) {
+    let outbox = store.open_fresh().await;
+    outbox.put_endpoint(endpoint("a")).await.unwrap();
+    let owner: Arc<str> = Arc::from("n1");
+    let hold = Duration::from_secs(60);
+    assert_eq!(
+        outbox
+            .operator_head(LATER, owner.clone(), hold)
+            .await
+            .unwrap(),
+        OperatorHead::Empty
+    );
+    assert!(outbox.note(note("first")).await.unwrap());
+    assert!(!outbox.note(note("first")).await.unwrap(), "once per key");
+    // Disabling stores its event; disabling again (another node, another attempt) does not.
+    let off = || Disabled {
+        at_ms: 7,
+        reason: "gone".into(),
+    };
+    outbox
+        .set_disabled_noted("a".into(), Some(off()), Some(note("disabled-1")))
+        .await
+        .unwrap();
+    outbox
+        .set_disabled_noted("a".into(), Some(off()), Some(note("disabled-2")))
+        .await
+        .unwrap();
+    outbox
+        .set_disabled_noted("a".into(), None, Some(note("enabled")))
+        .await
+        .unwrap();
+    // A dead delivery's event is stored with its record; a recovery only if the record ends
+    // the endpoint's failures.
+    outbox
+        .accept(
+            change(1, 1, false),
+            vec![target("a", Mode::Patch)],
+            100,
+            None,
+        )
+        .await
+        .unwrap();
+    outbox
+        .accept(
+            change(1, 2, false),
+            vec![target("a", Mode::Patch)],
+            100,
+            None,
+        )
+        .await
+        .unwrap();
+    let head = outbox.due(claim("w", 1)).await.unwrap().remove(0);
+    let dead = AttemptOutcome::Failed {
+        status: Some(500),
+        error: "500".into(),
+        retry_at_ms: None,
+    };
+    outbox
+        .record_noted(
+            head.id,
+            dead,
+            Attempt::at(10),
+            None,
+            Notes {
+                always: vec![note("dead")],
+                if_recovered: Some(note("not-recovered")),
+            },
+        )
+        .await
+        .unwrap();
+    let head = outbox.due(claim("w", 1)).await.unwrap().remove(0);
+    outbox
+        .record_noted(
+            head.id,
+            AttemptOutcome::Delivered { status: 200 },
+            Attempt::at(11),
+            None,
+            Notes {
+                always: Vec::new(),
+                if_recovered: Some(note("recovered")),
+            },
+        )
+        .await
+        .unwrap();
+    // A delivery to an endpoint that was not failing stores no recovery.
+    outbox
+        .accept(
+            change(1, 3, false),
+            vec![target("a", Mode::Patch)],
+            100,
+            None,
+        )
+        .await
+        .unwrap();
+    let head = outbox.due(claim("w", 1)).await.unwrap().remove(0);
+    outbox
+        .record_noted(
+            head.id,
+            AttemptOutcome::Delivered { status: 200 },
+            Attempt::at(12),
+            None,
+            Notes {
+                always: Vec::new(),
+                if_recovered: Some(note("recovered-again")),
+            },
+        )
+        .await
+        .unwrap();
+
+    let mut sent = Vec::new();
+    let mut retried = false;
+    loop {
+        match outbox
+            .operator_head(LATER, owner.clone(), hold)
+            .await
+            .unwrap()
+        {
+            OperatorHead::Empty => break,
+            OperatorHead::Later(at) => panic!("nothing should wait (until {at})"),
+            OperatorHead::Due(event) => {
+                if !retried {
+                    // The first attempt fails: retried when due, before anything after it.
+                    retried = true;
+                    outbox
+                        .operator_record(
+                            event.id,
+                            AttemptOutcome::Failed {
+                                status: Some(503),
+                                error: "503".into(),
+                                retry_at_ms: Some(LATER + 1),
+                            },
+                            1,
+                        )
+                        .await
+                        .unwrap();
+                    assert!(matches!(
+                        outbox.operator_head(LATER, owner.clone(), hold).await.unwrap(),
+                        OperatorHead::Later(at) if at == LATER + 1
+                    ));
+                    let again = outbox
+                        .operator_head(LATER + 1, owner.clone(), hold)
+                        .await
+                        .unwrap();
+                    let OperatorHead::Due(again) = again else {
+                        panic!("the retry is due: {again:?}");
+                    };
+                    assert_eq!((again.id, again.attempts), (event.id, 1));
+                    assert_eq!(again.msg_id, event.msg_id, "same webhook-id");
+                }
+                sent.push(event.msg_id.clone());
+                outbox
+                    .operator_record(event.id, AttemptOutcome::Delivered { status: 204 }, 2)
+                    .await
+                    .unwrap();
+            }
+        }
+    }
+    assert_eq!(
+        sent,
+        [
+            "msg_first",
+            "msg_disabled-1",
+            "msg_enabled",
+            "msg_dead",
+            "msg_recovered"
+        ]
+    );
+    // Delivered events are pruned with finished deliveries.
+    assert!(outbox.prune(u64::MAX / 2).await.unwrap() >= 5);
+}
+
+/// A database made by the previous version (schema 1, no operational events) opens: its
+/// endpoints and deliveries are kept, and events can be stored.
+async fn an_old_schema_database_is_upgraded(store: TestStore) {
+    match store.fresh_database().await {
+        None => {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("outbox.db");
+            {
+                let outbox = SqliteOutbox::open(&path).await.unwrap();
+                outbox.put_endpoint(endpoint("a")).await.unwrap();
+                outbox
+                    .accept(
+                        change(1, 1, false),
+                        vec![target("a", Mode::Patch)],
+                        100,
+                        None,
+                    )
+                    .await
+                    .unwrap();
+            }
+            {
+                // Back to version 1, as the previous patchwire left it.
+                let conn = rusqlite::Connection::open(&path).unwrap();
+                conn.execute_batch("DROP TABLE operator_events; PRAGMA user_version = 1;")
+                    .unwrap();
+            }
+            let outbox = SqliteOutbox::open(&path).await.unwrap();
+            assert_eq!(pending(&outbox, "a").await.len(), 1);
+            assert!(outbox.note(note("after")).await.unwrap());
+            let version: i64 = rusqlite::Connection::open(&path)
+                .unwrap()
+                .query_row("PRAGMA user_version", [], |r| r.get(0))
+                .unwrap();
+            assert_eq!(version, 2);
+        }
+        Some(url) => {
+            {
+                let outbox = PostgresOutbox::open(&url, 4, "test").await.unwrap();
+                outbox.put_endpoint(endpoint("a")).await.unwrap();
+                outbox
+                    .accept(
+                        change(1, 1, false),
+                        vec![target("a", Mode::Patch)],
+                        100,
+                        None,
+                    )
+                    .await
+                    .unwrap();
+            }
+            let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+                .await
+                .unwrap();
+            tokio::spawn(connection);
+            client
+                .batch_execute(
+                    "DROP TABLE patchwire_operator_events; \
+                     DELETE FROM patchwire_schema WHERE version = 2; \
+                     INSERT INTO patchwire_schema (version) SELECT 1 \
+                     WHERE NOT EXISTS (SELECT 1 FROM patchwire_schema)",
+                )
+                .await
+                .unwrap();
+            let outbox = PostgresOutbox::open(&url, 4, "test").await.unwrap();
+            assert_eq!(pending(&outbox, "a").await.len(), 1);
+            assert!(outbox.note(note("after")).await.unwrap());
+            let version: i32 = client
+                .query_one("SELECT max(version) FROM patchwire_schema", &[])
+                .await
+                .unwrap()
+                .get(0);
+            assert_eq!(version, 2);
+        }
+    }
+}
+
 crate::on_both_stores!(
+    notices_queue_in_order_with_changes,
+    operator_events_are_stored_once_and_sent_in_order,
+    an_old_schema_database_is_upgraded,
     every_attempt_is_in_the_history,
     a_record_hands_over_the_pairs_next_delivery,
     first_a_snapshot_then_patches_per_mode,
@@ -949,4 +1351,81 @@ async fn concurrent_accepts_from_two_processes_queue_each_change_once() {
         }
     }
     assert_eq!(seqs.last(), Some(&50));
+}
+
+/// Two nodes on one PostgreSQL database: the same status change made by both stores one
+/// operational event (whichever commits second sees the change made), concurrent notes of one
+/// key store one, and the head claimed by one node is not handed to the other until its
+/// claim is recorded or expires.
+#[tokio::test]
+async fn operator_events_are_recorded_once_across_nodes() {
+    let Some(store) = TestStore::postgres() else {
+        return;
+    };
+    let url = store.fresh_database().await.unwrap();
+    let first: Arc<dyn Outbox> = Arc::new(PostgresOutbox::open(&url, 4, "first").await.unwrap());
+    let second: Arc<dyn Outbox> = Arc::new(PostgresOutbox::open(&url, 4, "second").await.unwrap());
+    first.put_endpoint(endpoint("a")).await.unwrap();
+    let off = |at_ms| Disabled {
+        at_ms,
+        reason: "every attempt failed".into(),
+    };
+    // Both nodes disable the endpoint at once, each with its own note (their own times).
+    let (one, two) = tokio::join!(
+        first.set_disabled_noted("a".into(), Some(off(1)), Some(note("disabled-on-first"))),
+        second.set_disabled_noted("a".into(), Some(off(2)), Some(note("disabled-on-second"))),
+    );
+    assert!(one.unwrap().unwrap().disabled.is_some());
+    assert!(two.unwrap().unwrap().disabled.is_some());
+    // Both store the same key at once.
+    let (one, two) = tokio::join!(first.note(note("same")), second.note(note("same")));
+    assert_eq!(
+        [one.unwrap(), two.unwrap()].iter().filter(|s| **s).count(),
+        1
+    );
+    let hold = Duration::from_millis(800);
+    let OperatorHead::Due(head) = first
+        .operator_head(LATER, Arc::from("node-a"), hold)
+        .await
+        .unwrap()
+    else {
+        panic!("the first event is due");
+    };
+    // Held by node-a: node-b waits.
+    assert!(matches!(
+        second
+            .operator_head(LATER, Arc::from("node-b"), hold)
+            .await
+            .unwrap(),
+        OperatorHead::Later(_)
+    ));
+    // Node-a dies holding it: after the claim expires node-b sends the same event.
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let OperatorHead::Due(again) = second
+        .operator_head(LATER, Arc::from("node-b"), hold)
+        .await
+        .unwrap()
+    else {
+        panic!("the expired claim is taken over");
+    };
+    assert_eq!((again.id, &again.msg_id), (head.id, &head.msg_id));
+    let mut sent = Vec::new();
+    let mut next = Some(again);
+    while let Some(event) = next.take() {
+        sent.push(event.msg_id.clone());
+        second
+            .operator_record(event.id, AttemptOutcome::Delivered { status: 200 }, 3)
+            .await
+            .unwrap();
+        if let OperatorHead::Due(event) = first
+            .operator_head(LATER, Arc::from("node-a"), hold)
+            .await
+            .unwrap()
+        {
+            next = Some(event);
+        }
+    }
+    assert_eq!(sent.len(), 2, "one disable, one note of the key: {sent:?}");
+    assert!(sent[0].starts_with("msg_disabled-on-"), "{sent:?}");
+    assert_eq!(sent[1], "msg_same");
 }

@@ -1857,9 +1857,14 @@ async fn endpoints_choose_the_kinds_of_change_they_receive(store: TestStore) {
     assert_eq!(changed["events"], json!(["snapshots", "patches"]));
     for (events, expected, needle) in [
         (
-            json!(["snapshots", "errors"]),
+            json!(["snapshots", "error"]),
             422,
-            "events[1]: expected one of \"snapshots\", \"patches\", got \"errors\"",
+            "events[1]: expected one of \"snapshots\", \"patches\", \"errors\", \"recoveries\", got \"error\"",
+        ),
+        (
+            json!(["errors", "errors"]),
+            422,
+            "events[1]: \"errors\" is listed twice",
         ),
         (
             json!(["patches"]),
@@ -1889,6 +1894,152 @@ async fn endpoints_choose_the_kinds_of_change_they_receive(store: TestStore) {
             .await;
         assert_eq!(status, expected, "create {events}: {answer}");
     }
+    app.stop().await;
+}
+
+/// An upstream that fails then recovers: an endpoint listing `errors` and `recoveries` gets
+/// one `stream.error` when the stream starts failing (not one per failed poll, not one for a
+/// changed cause) and one `stream.recovered` when it answers again, in order with the
+/// stream's changes on the same queue, signed (verified by the independent library); an
+/// endpoint without them never gets either; an endpoint listing only `errors` gets nothing
+/// else.
+async fn upstream_failures_and_recoveries_reach_the_endpoints_that_list_them(store: TestStore) {
+    let upstream = MockUpstream::start(json!({"n": 0, "items": [], "pad": PAD})).await;
+    let watch = Receiver::start(&[SECRET]).await;
+    let plain = Receiver::start(&[SECRET]).await;
+    let alarm = Receiver::start(&[SECRET]).await;
+    let cloud = Receiver::start(&[SECRET]).await;
+    let with_events = |id: &str, url: &str, events: &str| {
+        format!(
+            "\n[[webhooks.endpoints]]\nid = \"{id}\"\nurl = \"{url}\"\nstreams = [\"fleet\"]\n\
+             events = {events}\nsecret = \"{SECRET}\"\n"
+        )
+    };
+    let app = TestApp::from_toml(&format!(
+        "[[streams]]\nname = \"fleet\"\nurl = \"{}\"\ninterval = \"100ms\"\n{}{}{}{}{}format = \"cloudevents\"\n",
+        upstream.url(),
+        webhooks_toml(&store, ""),
+        with_events(
+            "watch",
+            &watch.url(),
+            r#"["snapshots", "patches", "errors", "recoveries"]"#
+        ),
+        endpoint("plain", &plain.url(), &["fleet"], Mode::Patch),
+        with_events("alarm", &alarm.url(), r#"["errors"]"#),
+        with_events(
+            "cloud",
+            &cloud.url(),
+            r#"["snapshots", "errors", "recoveries"]"#
+        ),
+    ))
+    .await;
+    change_and_wait(&upstream, &watch, 1, 1).await;
+    let before = unique(&watch.accepted())
+        .last()
+        .map(|h| (h.body["epoch"].as_u64().unwrap(), h.seq()))
+        .unwrap();
+    // Failing: one error, however many polls fail, whatever their cause.
+    upstream.fail(Failure::Status(500, None));
+    let hits = watch
+        .wait_for(LONG, "the error", |hits| {
+            hits.iter().any(|h| h.kind() == "stream.error")
+        })
+        .await;
+    let error = hits.iter().find(|h| h.kind() == "stream.error").unwrap();
+    assert_eq!(error.body["data"]["status"], 500, "{}", error.body);
+    assert_eq!(
+        error.body["data"]["last_event_id"],
+        json!(format!("fleet:{}:{}", before.0, before.1))
+    );
+    assert_eq!(
+        (error.body["epoch"].as_u64(), error.body["seq"].as_u64()),
+        (Some(before.0), Some(before.1))
+    );
+    assert_eq!(error.body["schema"], "patchwire.webhook.v1");
+    let polls = upstream.requests();
+    upstream
+        .wait_for_requests(polls + 3, Duration::from_secs(20))
+        .await;
+    upstream.fail(Failure::Status(503, None));
+    let polls = upstream.requests();
+    upstream
+        .wait_for_requests(polls + 2, Duration::from_secs(20))
+        .await;
+    // Recovering, with a change: the recovery comes before it.
+    upstream.update(|d| d["n"] = json!(2));
+    upstream.recover();
+    let hits = watch
+        .wait_for(LONG, "the recovery and n = 2", |hits| {
+            let changes: Vec<Hit> = unique(hits)
+                .into_iter()
+                .filter(|h| h.kind() == "stream.snapshot" || h.kind() == "stream.patch")
+                .collect();
+            hits.iter().any(|h| h.kind() == "stream.recovered")
+                && !changes.is_empty()
+                && rebuild(&changes)["n"] == json!(2)
+        })
+        .await;
+    let hits = unique(&hits);
+    assert!(hits.iter().all(|h| !h.verified_by.is_empty()), "unsigned");
+    let kinds: Vec<&str> = hits.iter().map(Hit::kind).collect();
+    let errors = kinds.iter().filter(|k| **k == "stream.error").count();
+    let recoveries = kinds.iter().filter(|k| **k == "stream.recovered").count();
+    assert_eq!((errors, recoveries), (1, 1), "{kinds:?}");
+    let at = |kind: &str| kinds.iter().position(|k| *k == kind).unwrap();
+    assert!(at("stream.error") < at("stream.recovered"), "{kinds:?}");
+    let recovered = &hits[at("stream.recovered")];
+    assert_eq!(
+        recovered.body["data"]["last_event_id"],
+        json!(format!("fleet:{}:{}", before.0, before.1)),
+        "recovered at the last good document"
+    );
+    assert!(recovered.body["data"]["failures"].as_u64().unwrap() >= 5);
+    // The change after the recovery follows it on the queue.
+    let last = hits.last().unwrap();
+    assert!(
+        last.seq() > before.1 && last.kind() != "stream.recovered",
+        "{kinds:?}"
+    );
+    // The endpoint with the default kinds never heard of it; the one listing only errors
+    // got the error alone.
+    change_and_wait(&upstream, &plain, 3, 1).await;
+    let plain_kinds: Vec<String> = plain
+        .accepted()
+        .iter()
+        .map(|h| h.kind().to_owned())
+        .collect();
+    assert!(
+        plain_kinds
+            .iter()
+            .all(|k| k == "stream.snapshot" || k == "stream.patch"),
+        "{plain_kinds:?}"
+    );
+    let alarms = unique(&alarm.accepted());
+    assert_eq!(
+        alarms.iter().map(Hit::kind).collect::<Vec<_>>(),
+        ["stream.error"],
+        "errors only"
+    );
+    assert!(!alarms[0].verified_by.is_empty());
+    // As CloudEvents (structured): their own type, an id that is not a change's, the data.
+    let events = cloud
+        .wait_for(LONG, "the CloudEvents error and recovery", |hits| {
+            hits.iter().any(|h| h.kind() == "stream.recovered")
+        })
+        .await;
+    let error = events.iter().find(|h| h.kind() == "stream.error").unwrap();
+    assert_eq!(
+        error.headers["content-type"],
+        "application/cloudevents+json"
+    );
+    assert_eq!(error.body["specversion"], "1.0");
+    assert_eq!(error.body["data"]["status"], 500);
+    let id = error.body["id"].as_str().unwrap();
+    assert!(
+        id.starts_with(&format!("fleet:{}:{}/stream.error/", before.0, before.1)),
+        "{id}"
+    );
+    assert!(events.iter().all(|h| !h.verified_by.is_empty()));
     app.stop().await;
 }
 
@@ -1985,6 +2136,7 @@ async fn operational_events_reach_the_operator_signed(store: TestStore) {
 }
 
 crate::on_both_stores!(
+    upstream_failures_and_recoveries_reach_the_endpoints_that_list_them,
     operational_events_reach_the_operator_signed,
     endpoints_choose_the_kinds_of_change_they_receive,
     the_worker_prunes_attempts_after_their_retention,

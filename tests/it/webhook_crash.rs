@@ -226,6 +226,163 @@ secret = "{SECRET}"
     assert!(unique.iter().all(|h| !h.verified_by.is_empty()));
 }
 
+const OPERATOR_SECRET: &str = "whsec_0xXHqonBMVzu3z/Rlbzy8GzLrlBTZ5PvjXNmZKPqORI=";
+
+/// Every stored operational event: webhook-id → (state, attempts); none while the process
+/// has not made its schema yet.
+async fn operator_events(store: &TestStore) -> BTreeMap<String, (i64, i64)> {
+    let Some(url) = store.postgres_url() else {
+        let path = store.sqlite_path();
+        if !path.exists() {
+            return BTreeMap::new();
+        }
+        let conn = rusqlite::Connection::open(path).unwrap();
+        let Ok(mut statement) = conn.prepare("SELECT msg_id, state, attempts FROM operator_events")
+        else {
+            return BTreeMap::new();
+        };
+        return statement
+            .query_map([], |r| Ok((r.get::<_, String>(0)?, (r.get(1)?, r.get(2)?))))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+    };
+    let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let Ok(rows) = client
+        .query(
+            "SELECT msg_id, state, attempts FROM patchwire_operator_events",
+            &[],
+        )
+        .await
+    else {
+        return BTreeMap::new();
+    };
+    rows.iter()
+        .map(|r| {
+            (
+                r.get::<_, String>(0),
+                (i64::from(r.get::<_, i16>(1)), i64::from(r.get::<_, i32>(2))),
+            )
+        })
+        .collect()
+}
+
+/// An operational event survives a SIGKILL: an endpoint is disabled (its receiver answers
+/// 410) while the operator URL is down; the process is killed, restarted on the same
+/// database, and the operator comes up: the event arrives exactly once by `webhook-id`,
+/// signed (verified by the independent library), the same message as stored before the kill.
+async fn sigkill_keeps_an_undelivered_operator_event(store: TestStore) {
+    let upstream = Arc::new(MockUpstream::start(json!({"n": 0, "pad": PAD})).await);
+    let receiver = Receiver::start(&[SECRET]).await;
+    receiver.script([Reply::Status(410, None)]);
+    // The operator's address, with nothing listening yet: the operator is down.
+    let operator_addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("patchwire.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"[server]
+listen = "127.0.0.1:0"
+shutdown_grace = "1s"
+
+[log]
+level = "warn"
+
+[[streams]]
+name = "fleet"
+url = "{upstream}"
+interval = "100ms"
+
+[webhooks]
+{store}allow_private_targets = true
+schedule = ["0s", "200ms", "500ms", "1s", "1s", "1s", "1s", "1s", "1s", "1s", "1s", "1s", "1s", "1s", "1s", "1s", "1s", "1s", "1s", "1s"]
+jitter = 0.0
+attempt_timeout = "2s"
+operator_url = "http://{operator_addr}/ops"
+operator_secret = "{OPERATOR_SECRET}"
+
+[[webhooks.endpoints]]
+id = "gone"
+url = "{receiver}"
+streams = ["fleet"]
+secret = "{SECRET}"
+"#,
+            upstream = upstream.url(),
+            store = store.toml(),
+            receiver = receiver.url(),
+        ),
+    )
+    .unwrap();
+    let mut first = Killed(spawn_binary(&config, &dir.path().join("first.log")));
+    // The event is stored, and its first attempts failed (nothing listens).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let stored = loop {
+        let events = operator_events(&store).await;
+        if events.values().any(|(_, attempts)| *attempts >= 2) {
+            break events;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no operator event stored and tried: {events:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(stored.len(), 1, "{stored:?}");
+    let (stored_id, (state, _)) = stored.iter().next().unwrap();
+    assert_eq!(*state, 0, "not delivered before the kill");
+    sigkill(&mut first.0);
+
+    let _second = Killed(spawn_binary(&config, &dir.path().join("second.log")));
+    let operator = Receiver::start_at(operator_addr, &[OPERATOR_SECRET]).await;
+    operator
+        .wait_for(
+            Duration::from_secs(30),
+            "the endpoint.disabled event",
+            |hits| hits.iter().any(|h| h.kind() == "endpoint.disabled"),
+        )
+        .await;
+    // Give a duplicate time to show up.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let hits = operator.hits();
+    let ids: BTreeSet<String> = hits.iter().map(Hit::id).collect();
+    assert_eq!(
+        ids.iter().collect::<Vec<_>>(),
+        [stored_id],
+        "exactly once, as stored before the kill: {:?}",
+        hits.iter().map(|h| h.body.clone()).collect::<Vec<_>>()
+    );
+    assert!(hits.iter().all(|h| !h.verified_by.is_empty()), "unsigned");
+    let event = &hits[0];
+    assert_eq!(event.body["schema"], "patchwire.operator.v1");
+    assert_eq!(event.body["data"]["endpoint"], "gone");
+    assert!(
+        event.body["data"]["reason"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("410"),
+        "{}",
+        event.body
+    );
+    // Recorded as delivered.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while operator_events(&store).await.get(stored_id).map(|e| e.0) != Some(1) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not recorded as delivered"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+crate::on_both_stores!(sigkill_keeps_an_undelivered_operator_event);
+
 const PUSH_TOKEN: &str = "crash-push-token-0123456789";
 
 /// Kills the process if the test fails before it does.

@@ -283,9 +283,14 @@ fn endpoint_events_are_checked_in_the_file() {
     };
     for (events, key, needle) in [
         (
-            "[\"snapshots\", \"errors\"]",
+            "[\"snapshots\", \"error\"]",
             "webhooks.endpoints[0].events[1]",
-            "expected one of \"snapshots\", \"patches\", got \"errors\"",
+            "expected one of \"snapshots\", \"patches\", \"errors\", \"recoveries\", got \"error\"",
+        ),
+        (
+            "[\"errors\", \"recoveries\", \"errors\"]",
+            "webhooks.endpoints[0].events[2]",
+            "listed twice",
         ),
         (
             "[\"patches\"]",
@@ -310,6 +315,18 @@ fn endpoint_events_are_checked_in_the_file() {
         .webhooks
         .unwrap();
     assert_eq!(w.endpoints[0].events.names(), vec!["snapshots"]);
+    // Errors and recoveries, with the changes or alone (an endpoint watching the upstream).
+    let w = load(&endpoint("[\"recoveries\", \"snapshots\", \"errors\"]"))
+        .unwrap()
+        .webhooks
+        .unwrap();
+    assert_eq!(
+        w.endpoints[0].events.names(),
+        vec!["snapshots", "errors", "recoveries"]
+    );
+    let w = load(&endpoint("[\"errors\"]")).unwrap().webhooks.unwrap();
+    assert!(!w.endpoints[0].events.changes());
+    assert!(w.endpoints[0].events.errors && !w.endpoints[0].events.recoveries);
     let w = load(&endpoint("[\"patches\", \"snapshots\"]"))
         .unwrap()
         .webhooks

@@ -41,30 +41,38 @@ impl Mode {
     }
 }
 
-/// Which of a stream's changes an endpoint receives, by the kind of delivery
-/// (`events = ["snapshots", "patches"]`, the default).
+/// What an endpoint receives of a stream, by the kind of delivery (`events = ["snapshots",
+/// "patches"]`, the default; `"errors"` and `"recoveries"` add the stream's upstream failures
+/// and recoveries).
 ///
-/// Only combinations a receiver can rebuild the document from are valid: `snapshots` alone
+/// Only change kinds a receiver can rebuild the document from are valid: `snapshots` alone
 /// sends every change as the whole document (as `mode = "snapshot"` does, whatever the mode);
-/// both send what the mode says. `patches` without `snapshots` is refused: a patch applies
-/// only to the document it follows, which a receiver gets as a snapshot first and after any
-/// gap (a dead delivery, a collapsed backlog, a restart).
+/// both send what the mode says; neither sends no changes at all (an endpoint that only
+/// watches the upstream: `["errors", "recoveries"]`). `patches` without `snapshots` is
+/// refused: a patch applies only to the document it follows, which a receiver gets as a
+/// snapshot first and after any gap (a dead delivery, a collapsed backlog, a restart).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Events {
     /// `stream.snapshot` deliveries.
     pub snapshots: bool,
     /// `stream.patch` deliveries.
     pub patches: bool,
+    /// `stream.error` deliveries: the upstream started failing.
+    pub errors: bool,
+    /// `stream.recovered` deliveries: the upstream answers again after failing.
+    pub recoveries: bool,
 }
 
 /// The names `events` accepts, in the order they are shown.
-pub const EVENT_NAMES: [&str; 2] = ["snapshots", "patches"];
+pub const EVENT_NAMES: [&str; 4] = ["snapshots", "patches", "errors", "recoveries"];
 
 impl Default for Events {
     fn default() -> Self {
         Events {
             snapshots: true,
             patches: true,
+            errors: false,
+            recoveries: false,
         }
     }
 }
@@ -85,12 +93,16 @@ impl Events {
         let mut events = Events {
             snapshots: false,
             patches: false,
+            errors: false,
+            recoveries: false,
         };
         for (i, name) in names.iter().enumerate() {
             let name = name.as_ref();
             let slot = match name {
                 "snapshots" => &mut events.snapshots,
                 "patches" => &mut events.patches,
+                "errors" => &mut events.errors,
+                "recoveries" => &mut events.recoveries,
                 _ => {
                     return Err(EventsError {
                         at: Some(i),
@@ -109,7 +121,7 @@ impl Events {
             }
             *slot = true;
         }
-        if !events.snapshots && !events.patches {
+        if names.is_empty() {
             return Err(EventsError {
                 at: None,
                 message: format!(
@@ -133,11 +145,15 @@ impl Events {
     /// The names of the kinds received, in [`EVENT_NAMES`] order.
     pub fn names(self) -> Vec<&'static str> {
         let mut names = Vec::new();
-        if self.snapshots {
-            names.push("snapshots");
-        }
-        if self.patches {
-            names.push("patches");
+        for (on, name) in [
+            (self.snapshots, "snapshots"),
+            (self.patches, "patches"),
+            (self.errors, "errors"),
+            (self.recoveries, "recoveries"),
+        ] {
+            if on {
+                names.push(name);
+            }
         }
         names
     }
@@ -145,6 +161,19 @@ impl Events {
     /// Whether these are the default kinds (stored definitions leave them out then).
     pub fn is_default(&self) -> bool {
         *self == Events::default()
+    }
+
+    /// Whether the stream's changes are delivered at all (`snapshots` listed).
+    pub fn changes(self) -> bool {
+        self.snapshots
+    }
+
+    /// Whether deliveries of `kind` are made.
+    pub fn wants(self, kind: NoticeKind) -> bool {
+        match kind {
+            NoticeKind::Error => self.errors,
+            NoticeKind::Recovery => self.recoveries,
+        }
     }
 
     /// How an endpoint with `mode` receives changes under these kinds: without patches,
@@ -167,8 +196,64 @@ impl<'de> Deserialize<'de> for Events {
     }
 }
 
+/// A delivery that is not a change: what happened to the stream's upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum NoticeKind {
+    /// `stream.error`: the upstream started failing (the last good document stays current).
+    Error,
+    /// `stream.recovered`: the upstream answers again after failing.
+    Recovery,
+}
+
+/// What a delivery carries: a change (patch or snapshot) or a notice (error or recovery).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DeliveryKind {
+    /// A change.
+    Change(ChangeKind),
+    /// Not a change.
+    Notice(NoticeKind),
+}
+
+impl DeliveryKind {
+    /// An RFC 6902 patch.
+    pub const PATCH: DeliveryKind = DeliveryKind::Change(ChangeKind::Patch);
+    /// The whole document.
+    pub const SNAPSHOT: DeliveryKind = DeliveryKind::Change(ChangeKind::Snapshot);
+    /// The upstream started failing.
+    pub const ERROR: DeliveryKind = DeliveryKind::Notice(NoticeKind::Error);
+    /// The upstream recovered.
+    pub const RECOVERY: DeliveryKind = DeliveryKind::Notice(NoticeKind::Recovery);
+
+    /// Its webhook event type (the body's `type`, a CloudEvent's `type`).
+    pub fn event_type(self) -> &'static str {
+        match self {
+            DeliveryKind::Change(kind) => event_type(kind),
+            DeliveryKind::Notice(NoticeKind::Error) => "stream.error",
+            DeliveryKind::Notice(NoticeKind::Recovery) => "stream.recovered",
+        }
+    }
+
+    /// The kind a webhook event type names.
+    pub fn of_event_type(name: &str) -> Option<DeliveryKind> {
+        match name {
+            "stream.patch" => Some(DeliveryKind::PATCH),
+            "stream.snapshot" => Some(DeliveryKind::SNAPSHOT),
+            "stream.error" => Some(DeliveryKind::ERROR),
+            "stream.recovered" => Some(DeliveryKind::RECOVERY),
+            _ => None,
+        }
+    }
+}
+
+impl From<ChangeKind> for DeliveryKind {
+    fn from(kind: ChangeKind) -> Self {
+        DeliveryKind::Change(kind)
+    }
+}
+
 /// A delivery's `type`, its webhook event type: `stream.patch` (`data` is a patch from the
-/// document at `base_seq`) or `stream.snapshot` (`data` is the whole document at `seq`).
+/// document at `base_seq`) or `stream.snapshot` (`data` is the whole document at `seq`); see
+/// [`DeliveryKind::event_type`] for the notices.
 pub fn event_type(kind: ChangeKind) -> &'static str {
     match kind {
         ChangeKind::Patch => "stream.patch",
@@ -282,6 +367,91 @@ pub fn encode(
     Ok(serde_json::to_vec(&body)?)
 }
 
+/// The `data` of a `stream.error` delivery: the failure as the SSE `error` event tells it
+/// (`status`, `cause`, `message`), when (`timestamp`, and `since`: the first failure of the
+/// run), when the next poll is due (`retry_in_ms`) and the stream's last good event
+/// (`last_event_id`, `null` before its first document).
+#[allow(clippy::too_many_arguments)]
+pub fn error_data(
+    stream: &str,
+    epoch: u64,
+    seq: u64,
+    status: u16,
+    cause: &str,
+    message: &str,
+    at: SystemTime,
+    since: SystemTime,
+    retry_in_ms: u64,
+) -> serde_json::Value {
+    serde_json::json!({
+        "status": status,
+        "cause": cause,
+        "message": message,
+        "timestamp": rfc3339(at),
+        "since": rfc3339(since),
+        "retry_in_ms": retry_in_ms,
+        "last_event_id": last_event_id(stream, epoch, seq),
+    })
+}
+
+/// The `data` of a `stream.recovered` delivery: when the failures began (`since`), how many
+/// polls failed (`failures`), when the upstream answered again (`timestamp`), and the event
+/// the stream recovered at (`last_event_id`: its document then, which the next change, if
+/// any, follows on the same queue).
+pub fn recovery_data(
+    stream: &str,
+    epoch: u64,
+    seq: u64,
+    since: SystemTime,
+    failures: u32,
+    at: SystemTime,
+) -> serde_json::Value {
+    serde_json::json!({
+        "since": rfc3339(since),
+        "failures": failures,
+        "timestamp": rfc3339(at),
+        "last_event_id": last_event_id(stream, epoch, seq),
+    })
+}
+
+/// `{stream}:{epoch}:{seq}`, or `null` before the stream's first document.
+fn last_event_id(stream: &str, epoch: u64, seq: u64) -> serde_json::Value {
+    if seq == 0 {
+        return serde_json::Value::Null;
+    }
+    EventId {
+        stream: stream.to_owned(),
+        epoch,
+        seq,
+    }
+    .to_string()
+    .into()
+}
+
+/// Encodes a notice under the same envelope as a change (`base_seq` always `null`; `epoch`
+/// and `seq` name the stream's last good document, `seq` 0 before the first one).
+pub fn encode_notice(
+    kind: NoticeKind,
+    stream: &str,
+    epoch: u64,
+    seq: u64,
+    at: SystemTime,
+    data: &serde_json::Value,
+) -> Vec<u8> {
+    let body = serde_json::json!({
+        "schema": schemas::WEBHOOK,
+        "type": DeliveryKind::Notice(kind).event_type(),
+        "stream": stream,
+        "epoch": epoch,
+        "seq": seq,
+        "base_seq": null,
+        "timestamp": rfc3339(at),
+        "data": data,
+    });
+    // A JSON value of strings and numbers: serializing cannot fail.
+    serde_json::to_vec(&body).unwrap_or_default()
+}
+
 /// How an endpoint's deliveries are written.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -347,20 +517,26 @@ pub fn render(format: Format, stored: &bytes::Bytes) -> Result<Rendered, BodyErr
         });
     }
     let body: Stored<'_> = serde_json::from_slice(stored)?;
-    let kind = match body.kind {
-        "stream.patch" => ChangeKind::Patch,
-        _ => ChangeKind::Snapshot,
-    };
-    let id = EventId {
+    let delivery_kind = DeliveryKind::of_event_type(body.kind).unwrap_or(DeliveryKind::SNAPSHOT);
+    let mut id = EventId {
         stream: body.stream.to_string(),
         epoch: body.epoch,
         seq: body.seq,
     }
     .to_string();
+    // A change's id is its event id; a notice names the last good event, which a change
+    // already has as its id: it gets its own (CloudEvents ids are unique per source).
+    let kind = match delivery_kind {
+        DeliveryKind::Change(kind) => kind,
+        DeliveryKind::Notice(_) => {
+            id = format!("{id}/{}/{}", delivery_kind.event_type(), body.timestamp);
+            ChangeKind::Snapshot
+        }
+    };
     let source = format!("/streams/{}", body.stream);
     let attributes = cloudevents::Attributes {
         id: &id,
-        kind_name: event_type(kind),
+        kind_name: delivery_kind.event_type(),
         source: &source,
         time: body.timestamp,
         kind,
@@ -416,12 +592,16 @@ mod tests {
 
     #[test]
     fn events_refuse_what_a_receiver_cannot_rebuild_from() {
-        let unknown = Events::parse(&["snapshots", "errors"]).unwrap_err();
+        let unknown = Events::parse(&["snapshots", "error"]).unwrap_err();
         assert_eq!(unknown.at, Some(1));
         assert!(
-            unknown.message.contains("\"snapshots\", \"patches\""),
+            unknown
+                .message
+                .contains("\"snapshots\", \"patches\", \"errors\", \"recoveries\""),
             "{unknown:?}"
         );
+        let patches = Events::parse(&["patches", "errors"]).unwrap_err();
+        assert_eq!(patches.at, None);
         assert_eq!(
             Events::parse(&["snapshots", "snapshots"]).unwrap_err().at,
             Some(1)
@@ -433,6 +613,71 @@ mod tests {
             patches.message.contains("\"snapshots\" with \"patches\""),
             "{patches:?}"
         );
+    }
+
+    #[test]
+    fn errors_and_recoveries_come_with_the_changes_or_alone() {
+        let all = Events::parse(&["snapshots", "patches", "errors", "recoveries"]).unwrap();
+        assert!(all.changes() && all.wants(NoticeKind::Error) && all.wants(NoticeKind::Recovery));
+        assert!(!Events::default().wants(NoticeKind::Error));
+        assert!(!Events::default().wants(NoticeKind::Recovery));
+        let watching = Events::parse(&["errors", "recoveries"]).unwrap();
+        assert!(!watching.changes());
+        assert_eq!(watching.names(), vec!["errors", "recoveries"]);
+        let json = serde_json::to_string(&watching).unwrap();
+        assert_eq!(serde_json::from_str::<Events>(&json).unwrap(), watching);
+    }
+
+    #[test]
+    fn notices_carry_the_failure_and_the_last_good_event() {
+        let t = UNIX_EPOCH + Duration::from_millis(1_614_265_330_123);
+        let since = UNIX_EPOCH + Duration::from_millis(1_614_265_320_000);
+        let data = error_data(
+            "fleet",
+            9,
+            5,
+            502,
+            "status",
+            "the upstream answered 502",
+            t,
+            since,
+            2000,
+        );
+        let body = encode_notice(NoticeKind::Error, "fleet", 9, 5, t, &data);
+        let v: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(
+            v,
+            json!({"schema": "patchwire.webhook.v1", "type": "stream.error", "stream": "fleet",
+                   "epoch": 9, "seq": 5, "base_seq": null, "timestamp": "2021-02-25T15:02:10.123Z",
+                   "data": {"status": 502, "cause": "status", "message": "the upstream answered 502",
+                            "timestamp": "2021-02-25T15:02:10.123Z",
+                            "since": "2021-02-25T15:02:00.000Z", "retry_in_ms": 2000,
+                            "last_event_id": "fleet:9:5"}})
+        );
+        // Before the first document there is no last good event.
+        let data = recovery_data("fleet", 9, 0, since, 3, t);
+        assert_eq!(data["last_event_id"], Value::Null);
+        assert_eq!(data["failures"], 3);
+        let body = bytes::Bytes::from(encode_notice(NoticeKind::Recovery, "fleet", 9, 0, t, &data));
+        let v: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["type"], "stream.recovered");
+        // As CloudEvents: their own type, an id of their own, JSON data.
+        let structured = render(Format::Cloudevents, &body).unwrap();
+        let event: Value = serde_json::from_slice(&structured.body).unwrap();
+        assert_eq!(event["type"], "stream.recovered");
+        assert_eq!(
+            event["id"],
+            "fleet:9:0/stream.recovered/2021-02-25T15:02:10.123Z"
+        );
+        assert_eq!(event["datacontenttype"], "application/json");
+        assert_eq!(event["data"]["failures"], 3);
+        let binary = render(Format::CloudeventsBinary, &body).unwrap();
+        assert!(
+            binary
+                .headers
+                .contains(&("ce-type", "stream.recovered".to_owned()))
+        );
+        assert_eq!(binary.content_type, "application/json");
     }
 
     #[test]

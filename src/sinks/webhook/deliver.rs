@@ -396,7 +396,7 @@ mod tests {
             endpoint: "e".into(),
             stream: "s".into(),
             msg_id: "msg_2KWPBgLlAfxdpx2AI54pPJ85f4W".into(),
-            kind: ChangeKind::Snapshot,
+            kind: ChangeKind::Snapshot.into(),
             epoch: 1,
             seq: 1,
             base_seq: None,

@@ -30,11 +30,15 @@ use futures_util::stream::FuturesOrdered;
 use tokio::sync::{Notify, broadcast, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
+use super::body::{self, NoticeKind};
 use super::outbox::{
-    Accepted, NewChange, Outbox, OutboxError, OutboxFuture, StoredDocument, Target,
+    Accepted, NewChange, NewNotice, Outbox, OutboxError, OutboxFuture, StoredDocument, Target,
 };
 use super::registry::Registry;
-use crate::hub::{Change, ChangeKind, Initial, Resume, Stream, StreamEvent, Subscription};
+use crate::hub::{
+    Change, ChangeKind, Initial, Recovery, Resume, Stream, StreamEvent, Subscription,
+    UpstreamFailure,
+};
 use crate::snapshot::Snapshot;
 use crate::views::Target as Feed;
 
@@ -104,6 +108,11 @@ pub struct Dispatcher {
     at: Option<(u64, u64)>,
     /// A view's subscription held while a term starts, so the view is not evicted meanwhile.
     held: Option<Subscription>,
+    /// The run of failures the endpoints were last told of (when it began, how many polls
+    /// failed so far), `None` while the upstream answers: a `stream.error` is queued on the
+    /// transition to failing, a `stream.recovered` on the transition back, never one per
+    /// failed poll.
+    failing: Option<(std::time::SystemTime, u32)>,
 }
 
 /// Up to which sequence number a stream's changes are committed to the outbox: every
@@ -149,6 +158,8 @@ struct Batch {
     owed: usize,
     /// A newer dispatcher wrote first.
     fenced: bool,
+    /// A notice's kind, when the batch was one (its failure is not healed by a snapshot).
+    notice: Option<NoticeKind>,
 }
 
 /// A submitted batch, resolving once its transaction(s) committed.
@@ -218,6 +229,7 @@ impl Dispatcher {
             feed: None,
             at: None,
             held: None,
+            failing: None,
         }
     }
 
@@ -417,11 +429,125 @@ impl Dispatcher {
         }))
     }
 
+    /// Queues a notice for the endpoints that list its kind, after every change submitted
+    /// before it (the outbox keeps call order).
+    fn notify(
+        &mut self,
+        kind: NoticeKind,
+        epoch: u64,
+        seq: u64,
+        data: serde_json::Value,
+        at: std::time::SystemTime,
+    ) -> Option<Pending> {
+        let targets = self.registry.notice_targets(self.stream.name(), kind);
+        if targets.is_empty() {
+            return None;
+        }
+        let name = self.stream.name();
+        let notice = NewNotice {
+            stream: Arc::from(name),
+            kind,
+            epoch,
+            seq,
+            body: Bytes::from(body::encode_notice(kind, name, epoch, seq, at, &data)),
+        };
+        let queued = self.outbox.notice(notice, targets, self.fence);
+        Some(Box::pin(async move {
+            let mut batch = Batch {
+                notice: Some(kind),
+                ..Batch::default()
+            };
+            match queued.await {
+                Ok(queued) => batch.queued = queued,
+                Err(OutboxError::Fenced) => batch.fenced = true,
+                Err(error) => batch.error = Some(error.to_string()),
+            }
+            batch
+        }))
+    }
+
+    /// A failed poll: a `stream.error` when the stream was not failing (a changed cause
+    /// while it keeps failing is no new error: the recovery closes the run).
+    fn failed(&mut self, failure: &UpstreamFailure) -> Option<Pending> {
+        if self
+            .failing
+            .replace((failure.since, failure.failures))
+            .is_some()
+        {
+            return None;
+        }
+        let data = body::error_data(
+            self.stream.name(),
+            failure.epoch,
+            failure.seq,
+            failure.status,
+            failure.cause,
+            &failure.message,
+            failure.at,
+            failure.since,
+            u64::try_from(failure.retry_in.as_millis()).unwrap_or(u64::MAX),
+        );
+        self.notify(
+            NoticeKind::Error,
+            failure.epoch,
+            failure.seq,
+            data,
+            failure.at,
+        )
+    }
+
+    /// The upstream answers again: a `stream.recovered` when the stream was failing.
+    fn recovered(&mut self, recovery: &Recovery) -> Option<Pending> {
+        // Told only if the endpoints were told of the failures.
+        self.failing.take()?;
+        let data = body::recovery_data(
+            self.stream.name(),
+            recovery.epoch,
+            recovery.seq,
+            recovery.since,
+            recovery.failures,
+            recovery.at,
+        );
+        self.notify(
+            NoticeKind::Recovery,
+            recovery.epoch,
+            recovery.seq,
+            data,
+            recovery.at,
+        )
+    }
+
+    /// After a lag (events were missed): a failure or a recovery missed is told now, from the
+    /// stream's state (a recovery missed is told with what the last failure seen said).
+    fn caught_up(&mut self) -> Option<Pending> {
+        if let Some(failure) = self.stream.failure() {
+            return self.failed(&failure);
+        }
+        let (since, failures) = self.failing.take()?;
+        let (epoch, seq) = self.stream.position();
+        let at = std::time::SystemTime::now();
+        let data = body::recovery_data(self.stream.name(), epoch, seq, since, failures, at);
+        self.notify(NoticeKind::Recovery, epoch, seq, data, at)
+    }
+
     /// Acts on a committed batch: everything up to its `seq` is committed, or a snapshot is
     /// owed.
     fn settle(&mut self, batch: Batch) {
         if batch.fenced {
             self.fenced = true;
+            return;
+        }
+        if let Some(kind) = batch.notice {
+            if let Some(error) = batch.error {
+                tracing::error!(stream = self.stream.name(), ?kind, %error, "cannot queue a webhook notice");
+                // An error not stored is queued again at the next failed poll.
+                if kind == NoticeKind::Error {
+                    self.failing = None;
+                }
+            }
+            if batch.queued > 0 {
+                self.wake.notify_one();
+            }
             return;
         }
         if batch.collapsed > 0 {
@@ -643,6 +769,7 @@ impl Dispatcher {
     async fn dispatch(&mut self, subscription: Subscription, shutdown: &CancellationToken) -> Stop {
         let mut live = subscription.live;
         let mut replayed = Vec::new();
+        let mut failing = None;
         for initial in subscription.initial {
             match initial {
                 Initial::Snapshot(snapshot) => {
@@ -654,13 +781,18 @@ impl Dispatcher {
                     }
                 }
                 Initial::Change(change) => replayed.push((change, None)),
-                Initial::Failure(_) => {}
+                Initial::Failure(failure) => failing = Some(failure),
             }
         }
         // Batches submitted and not yet committed, oldest first.
         let mut inflight = FuturesOrdered::new();
         inflight.extend(self.submit(&replayed));
         drop(replayed);
+        // The stream is failing as this term starts: its endpoints hear of it (once per run
+        // of failures this dispatcher sees).
+        if let Some(failure) = failing {
+            inflight.extend(self.failed(&failure));
+        }
         let mut retry = tokio::time::interval(Duration::from_secs(1));
         retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut owed_poll =
@@ -688,12 +820,18 @@ impl Dispatcher {
                     Ok(StreamEvent::Change(change, document)) => {
                         let mut changes = vec![(change, Some(document))];
                         let mut lagged = false;
+                        let mut after = None;
                         // Whatever else is waiting goes to the outbox together: the jobs queue in
-                        // order and share transactions (and fsyncs).
+                        // order and share transactions (and fsyncs). A failure or recovery
+                        // ends the batch: it is queued after the changes before it.
                         while changes.len() < 256 {
                             match live.try_recv() {
                                 Ok(StreamEvent::Change(next, document)) => {
                                     changes.push((next, Some(document)));
+                                }
+                                Ok(event @ (StreamEvent::Failure(_) | StreamEvent::Recovered(_))) => {
+                                    after = Some(event);
+                                    break;
                                 }
                                 Ok(_) => {}
                                 Err(broadcast::error::TryRecvError::Lagged(_)) => {
@@ -704,10 +842,16 @@ impl Dispatcher {
                             }
                         }
                         inflight.extend(self.submit(&changes));
+                        match after {
+                            Some(StreamEvent::Failure(failure)) => inflight.extend(self.failed(&failure)),
+                            Some(StreamEvent::Recovered(recovery)) => inflight.extend(self.recovered(&recovery)),
+                            _ => {}
+                        }
                         if lagged {
                             self.at = None;
                             tracing::warn!(stream = self.stream.name(), "webhook dispatcher lagged; queueing a snapshot");
                             self.resync(Resync::All).await;
+                            inflight.extend(self.caught_up());
                         }
                     }
                     Ok(StreamEvent::Reset(snapshot)) => {
@@ -718,11 +862,14 @@ impl Dispatcher {
                         self.at = Some((snapshot.epoch, snapshot.seq));
                         self.resync_to(Resync::All, &snapshot).await;
                     }
+                    Ok(StreamEvent::Failure(failure)) => inflight.extend(self.failed(&failure)),
+                    Ok(StreamEvent::Recovered(recovery)) => inflight.extend(self.recovered(&recovery)),
                     Ok(_) => {}
                     Err(broadcast::error::RecvError::Lagged(missed)) => {
                         self.at = None;
                         tracing::warn!(stream = self.stream.name(), missed, "webhook dispatcher lagged; queueing a snapshot");
                         self.resync(Resync::All).await;
+                        inflight.extend(self.caught_up());
                     }
                     Err(broadcast::error::RecvError::Closed) if self.feed.is_some() => {
                         tracing::info!(stream = self.stream.name(), "the view ended; following it again");

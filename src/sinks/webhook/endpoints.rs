@@ -23,7 +23,7 @@ use super::dispatcher::{Resync, ResyncRoutes};
 use super::operator::{Operator, OperatorEvent};
 use super::outbox::{
     AttemptEntry, AttemptFilter, Created, Delivery, DeliveryFilter, Disabled, EndpointRecord,
-    EndpointStatus, Outbox, OutboxError, Replay, Source,
+    EndpointStatus, OperatorNote, Outbox, OutboxError, Replay, Source,
 };
 use super::registry::{Endpoint, Registry};
 use super::sign::{Scheme, Secret, message_id};
@@ -312,9 +312,18 @@ impl Endpoints {
         self
     }
 
-    fn notify(&self, event: OperatorEvent) {
+    /// `event` as a note to store with the status change causing it, keyed by the endpoint
+    /// and the time (`None` without an operator URL).
+    fn note(&self, event: &OperatorEvent, endpoint: &str, at_ms: u64) -> Option<OperatorNote> {
+        self.operator
+            .as_ref()
+            .map(|operator| operator.note(event, format!("{endpoint}:{at_ms}")))
+    }
+
+    /// Wakes the operator events' sender.
+    fn noted(&self) {
         if let Some(operator) = &self.operator {
-            operator.notify(event);
+            operator.stored();
         }
     }
 
@@ -652,29 +661,33 @@ impl Endpoints {
                     at_ms: unix_ms(SystemTime::now()),
                     reason: "disabled through the admin API".into(),
                 };
-                status = self
-                    .outbox
-                    .set_disabled(id.to_owned(), Some(disabled))
-                    .await?
-                    .ok_or_else(|| AdminError::NotFound(format!("no webhook endpoint {id:?}")))?;
-                self.notify(OperatorEvent::EndpointDisabled {
+                let event = OperatorEvent::EndpointDisabled {
                     endpoint: id.to_owned(),
                     delivery: None,
                     reason: "disabled through the admin API".into(),
-                });
-            }
-            Some(false) if status.disabled.is_some() => {
+                };
+                let note = self.note(&event, id, disabled.at_ms);
                 status = self
                     .outbox
-                    .set_disabled(id.to_owned(), None)
+                    .set_disabled_noted(id.to_owned(), Some(disabled), note)
                     .await?
                     .ok_or_else(|| AdminError::NotFound(format!("no webhook endpoint {id:?}")))?;
-                enabled_now = true;
-                self.notify(OperatorEvent::EndpointRecovered {
+                self.noted();
+            }
+            Some(false) if status.disabled.is_some() => {
+                let event = OperatorEvent::EndpointRecovered {
                     endpoint: id.to_owned(),
                     delivery: None,
                     reason: "re-enabled through the admin API".into(),
-                });
+                };
+                let note = self.note(&event, id, unix_ms(SystemTime::now()));
+                status = self
+                    .outbox
+                    .set_disabled_noted(id.to_owned(), None, note)
+                    .await?
+                    .ok_or_else(|| AdminError::NotFound(format!("no webhook endpoint {id:?}")))?;
+                enabled_now = true;
+                self.noted();
             }
             _ => {}
         }
@@ -753,7 +766,7 @@ impl Endpoints {
             endpoint: endpoint.record.id.clone(),
             stream: String::new(),
             msg_id: msg_id.clone(),
-            kind: crate::wire::ChangeKind::Snapshot,
+            kind: super::body::DeliveryKind::SNAPSHOT,
             epoch: 0,
             seq: 0,
             base_seq: None,

@@ -2,7 +2,9 @@
 //! signed (Standard Webhooks), in order per (endpoint, stream), at least once across restarts.
 //!
 //! Flow: hub → [`dispatcher`] (one per stream; accepts each change into the durable
-//! [`outbox`] for every subscribed endpoint, in one transaction) → [`worker`] (a shared
+//! [`outbox`] for every subscribed endpoint, in one transaction, and the upstream's failures
+//! and recoveries, as `stream.error` and `stream.recovered`, for the endpoints listing
+//! `errors` and `recoveries`) → [`worker`] (a shared
 //! pool; sends the oldest pending delivery of each (endpoint, stream) pair) → receiver.
 //!
 //! Modules, each importing only those above it:
@@ -20,7 +22,7 @@
 //! - [`worker`]: outbox → receivers: claims due deliveries, delivers and settles each
 //!   (`start_due` starts what is due; `try_step` takes one delivery to completion).
 //! - [`operator`]: operational events (an endpoint disabled or recovered, a delivery dead),
-//!   signed and sent to `webhooks.operator_url`, retried in memory.
+//!   stored in the outbox when they happen, signed and sent to `webhooks.operator_url`.
 //! - [`endpoints`]: configured endpoints reconciled with stored ones at startup, and the
 //!   operations behind the admin API.
 //!
@@ -200,6 +202,12 @@ impl Webhooks {
                     operator.secret.clone(),
                     settings.schedule.clone(),
                     sender,
+                    outbox.clone(),
+                    Arc::from(format!(
+                        "{}/operator/{:08x}",
+                        shared.as_ref().map_or("local", |s| s.node.as_str()),
+                        rand::random::<u32>()
+                    )),
                     shutdown.clone(),
                 );
                 tasks.spawn(task);

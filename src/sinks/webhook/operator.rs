@@ -2,34 +2,45 @@
 //! dead, an endpoint recovered, POSTed to `webhooks.operator_url`, signed the Standard
 //! Webhooks way with `webhooks.operator_secret`.
 //!
-//! The events are kept in memory, not in the outbox: each is sent in order, retried on the
-//! webhooks' schedule (`Retry-After` honoured) until delivered or the schedule is exhausted
-//! (then logged). A restart loses the events not yet delivered; what they report stays in
-//! the outbox (the endpoint's status, its dead letters, the attempt history).
+//! The events are durable: each is stored in the outbox when it happens, in the transaction
+//! that makes it happen (the attempt's record that kills a delivery or ends an endpoint's
+//! failures, the status change that disables or re-enables it), once per key, so a node that
+//! repeats the change (another node of a cluster, a retry after a crash) stores nothing more.
+//! One sending task per node claims the oldest undelivered event ([`Outbox::operator_head`]),
+//! sends it, and records the answer; retried on the webhooks' schedule (`Retry-After`
+//! honoured) until delivered or the schedule is exhausted (then it is dead, and logged). A
+//! restart, or a SIGKILL, resends what was not recorded as delivered, with the same
+//! `webhook-id`.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use bytes::Bytes;
 use rand::SeedableRng as _;
 use rand::rngs::StdRng;
 use serde::Serialize;
-use tokio::sync::mpsc;
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use url::Url;
 
-use super::body::Mode;
+use super::body::{DeliveryKind, Mode};
 use super::deliver::{AttemptError, Sender};
-use super::outbox::{Delivery, DeliveryState, EndpointRecord, EndpointStatus, Source};
+use super::outbox::{
+    AttemptOutcome, Delivery, DeliveryState, EndpointRecord, EndpointStatus, OperatorHead,
+    OperatorNote, Outbox, Source,
+};
 use super::registry::Endpoint;
 use super::schedule::RetrySchedule;
 use super::sign::{Secret, message_id};
 use crate::time::{rfc3339, unix_ms};
 
-/// How many events wait at most; beyond, new ones are logged and dropped (a receiver down for
-/// long while thousands of deliveries die).
-pub const QUEUE: usize = 10_000;
+/// How long a node's claim on the head event holds against other nodes (a node killed
+/// mid-attempt leaves it; another sends it again after this).
+const HOLD: Duration = Duration::from_secs(30);
+
+/// How often the sender looks for events when nothing woke it (stored by another node, or a
+/// claim that expired).
+const POLL: Duration = Duration::from_secs(1);
 
 /// One operational event.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -136,36 +147,52 @@ impl OperatorEvent {
     }
 }
 
-/// Where operational events go: a handle that queues them for the sending task.
+/// Where operational events go: makes the notes the outbox stores (with the changes that
+/// cause them), and wakes the sending task once they are stored.
 #[derive(Debug, Clone)]
 pub struct Operator {
-    queue: mpsc::Sender<OperatorEvent>,
+    wake: Arc<Notify>,
+    rng: Arc<Mutex<StdRng>>,
 }
 
 impl Operator {
-    /// Queues `event`, never waiting; a full queue (or a stopped sender) drops it, with a log
-    /// line.
-    pub fn notify(&self, event: OperatorEvent) {
-        match self.queue.try_send(event) {
-            Ok(()) => {}
-            Err(mpsc::error::TrySendError::Full(event)) => {
-                tracing::warn!(?event, "operator event queue full; event dropped");
-            }
-            Err(mpsc::error::TrySendError::Closed(event)) => {
-                tracing::debug!(?event, "operator events stopped (shutdown); event dropped");
-            }
+    /// `event`, happening now, as a note stored once per `key` (what makes it unique: the
+    /// dead delivery and its attempt; the endpoint and the run of failures it ends).
+    pub fn note(&self, event: &OperatorEvent, key: String) -> OperatorNote {
+        let now = SystemTime::now();
+        let at_ms = unix_ms(now);
+        let msg_id = {
+            let mut rng = self.rng.lock().unwrap_or_else(|e| e.into_inner());
+            message_id(at_ms, &mut *rng)
+        };
+        OperatorNote {
+            key: format!("{}:{key}", event.kind()),
+            msg_id,
+            body: event.body(now).into(),
+            at_ms,
         }
     }
 
-    /// An operator receiving at `url`, signed with `secret`, and the task that sends to it.
+    /// Tells the sending task an event was stored.
+    pub fn stored(&self) {
+        self.wake.notify_one();
+    }
+
+    /// An operator receiving at `url`, signed with `secret`, and the task that sends the
+    /// events `outbox` holds to it; `owner` names this node's claims.
     pub fn start(
         url: Url,
         secret: Secret,
         schedule: RetrySchedule,
         sender: Sender,
+        outbox: Arc<dyn Outbox>,
+        owner: Arc<str>,
         shutdown: CancellationToken,
     ) -> (Operator, impl std::future::Future<Output = ()> + Send) {
-        let (queue, events) = mpsc::channel(QUEUE);
+        let operator = Operator {
+            wake: Arc::new(Notify::new()),
+            rng: Arc::new(Mutex::new(StdRng::from_os_rng())),
+        };
         let record = EndpointRecord {
             id: "operator".into(),
             url: url.to_string(),
@@ -185,76 +212,133 @@ impl Operator {
             request_hash: None,
         };
         let target = Endpoint::new(record, EndpointStatus::default()).map(Arc::new);
+        let wake = operator.wake.clone();
         let task = async move {
             match target {
-                Ok(target) => send_all(events, &target, &schedule, &sender, shutdown).await,
+                Ok(target) => {
+                    let sending = Sending {
+                        outbox,
+                        target,
+                        schedule,
+                        sender,
+                        owner,
+                        wake,
+                    };
+                    sending.run(shutdown).await;
+                }
                 Err(error) => tracing::error!(%error, "cannot send operator events"),
             }
         };
-        (Operator { queue }, task)
+        (operator, task)
     }
 }
 
-/// Sends each event in turn, retrying on `schedule`, until shutdown.
-async fn send_all(
-    mut events: mpsc::Receiver<OperatorEvent>,
-    target: &Endpoint,
-    schedule: &RetrySchedule,
-    sender: &Sender,
-    shutdown: CancellationToken,
-) {
-    let mut rng = StdRng::from_os_rng();
-    loop {
-        let event = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            event = events.recv() => match event {
-                Some(event) => event,
-                None => return,
-            },
-        };
-        let now = SystemTime::now();
-        let delivery = Delivery {
-            id: 0,
-            endpoint: target.record.id.clone(),
-            stream: String::new(),
-            msg_id: message_id(unix_ms(now), &mut rng),
-            kind: crate::wire::ChangeKind::Snapshot,
-            epoch: 0,
-            seq: 0,
-            base_seq: None,
-            body: Bytes::from(event.body(now)),
-            state: DeliveryState::Pending,
-            attempts: 0,
-            next_attempt_ms: 0,
-            last_error: None,
-            last_status: None,
-            created_ms: unix_ms(now),
-            finished_ms: None,
-        };
-        let mut attempts = 0;
+/// The sending task's parts.
+struct Sending {
+    outbox: Arc<dyn Outbox>,
+    target: Arc<Endpoint>,
+    schedule: RetrySchedule,
+    sender: Sender,
+    owner: Arc<str>,
+    wake: Arc<Notify>,
+}
+
+impl Sending {
+    /// Sends the stored events in order until shutdown: one attempt of the head at a time.
+    async fn run(&self, shutdown: CancellationToken) {
+        let mut rng = StdRng::from_os_rng();
         loop {
-            let answer = sender.deliver(target, &delivery).await;
-            let retry_after = match answer.result {
-                Ok(_) => break,
-                Err(AttemptError::Retry { retry_after, .. }) => retry_after,
-                Err(error) => {
-                    tracing::error!(kind = event.kind(), %error, "operator event not delivered");
-                    break;
+            let now_ms = unix_ms(SystemTime::now());
+            let wait = match self
+                .outbox
+                .operator_head(now_ms, self.owner.clone(), HOLD)
+                .await
+            {
+                Ok(OperatorHead::Due(head)) => {
+                    self.attempt(head, &mut rng).await;
+                    continue;
                 }
-            };
-            attempts += 1;
-            let Some(delay) = schedule.next_delay(attempts, retry_after, &mut rng) else {
-                tracing::error!(
-                    kind = event.kind(),
-                    attempts,
-                    "operator event not delivered; its retries are exhausted"
-                );
-                break;
+                Ok(OperatorHead::Later(at_ms)) => {
+                    Duration::from_millis(at_ms.saturating_sub(now_ms))
+                        .clamp(Duration::from_millis(10), POLL)
+                }
+                Ok(OperatorHead::Empty) => POLL,
+                Err(error) => {
+                    tracing::warn!(%error, "cannot read the stored operator events; retrying");
+                    POLL
+                }
             };
             tokio::select! {
                 _ = shutdown.cancelled() => return,
-                _ = tokio::time::sleep(delay.max(Duration::from_millis(10))) => {}
+                _ = self.wake.notified() => {}
+                _ = tokio::time::sleep(wait) => {}
             }
+        }
+    }
+
+    /// One attempt of `head`, recorded (delivered, retried on the schedule, or dead).
+    async fn attempt(&self, head: super::outbox::OperatorDelivery, rng: &mut StdRng) {
+        let delivery = Delivery {
+            id: head.id,
+            endpoint: self.target.record.id.clone(),
+            stream: String::new(),
+            msg_id: head.msg_id,
+            kind: DeliveryKind::SNAPSHOT,
+            epoch: 0,
+            seq: 0,
+            base_seq: None,
+            body: head.body,
+            state: DeliveryState::Pending,
+            attempts: head.attempts,
+            next_attempt_ms: head.next_attempt_ms,
+            last_error: None,
+            last_status: None,
+            created_ms: head.created_ms,
+            finished_ms: None,
+        };
+        let answer = self.sender.deliver(&self.target, &delivery).await;
+        let at_ms = unix_ms(SystemTime::now());
+        let outcome = match answer.result {
+            Ok(status) => AttemptOutcome::Delivered { status },
+            Err(AttemptError::Retry {
+                retry_after,
+                status,
+                message,
+            }) => {
+                let attempts = head.attempts.saturating_add(1);
+                let retry_at_ms = self
+                    .schedule
+                    .next_delay(attempts, retry_after, rng)
+                    .map(|delay| at_ms + u64::try_from(delay.as_millis()).unwrap_or(u64::MAX));
+                if retry_at_ms.is_none() {
+                    tracing::error!(msg_id = %delivery.msg_id, attempts, "operator event not delivered; its retries are exhausted");
+                }
+                AttemptOutcome::Failed {
+                    status,
+                    error: message,
+                    retry_at_ms,
+                }
+            }
+            Err(error) => {
+                tracing::error!(msg_id = %delivery.msg_id, %error, "operator event not delivered");
+                AttemptOutcome::Failed {
+                    status: None,
+                    error: error.to_string(),
+                    retry_at_ms: None,
+                }
+            }
+        };
+        while let Err(error) = self
+            .outbox
+            .operator_record(head.id, outcome.clone(), at_ms)
+            .await
+        {
+            if matches!(error, super::outbox::OutboxError::Closed) {
+                return;
+            }
+            // Not recorded: retried, or sent again after a restart (same webhook-id).
+            tracing::error!(%error, "cannot record an operator event's attempt; retrying");
+            tokio::time::sleep(POLL).await;
         }
     }
 }

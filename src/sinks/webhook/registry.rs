@@ -7,7 +7,7 @@ use std::sync::{Arc, RwLock};
 use http::{HeaderMap, HeaderName, HeaderValue};
 use url::Url;
 
-use super::body::Mode;
+use super::body::{Mode, NoticeKind};
 use super::outbox::{EndpointRecord, EndpointStatus, Target};
 use super::sign::Secret;
 
@@ -197,13 +197,25 @@ impl Registry {
             .remove(id)
     }
 
-    /// The enabled endpoints subscribed to `stream`, as outbox targets.
+    /// The enabled endpoints subscribed to `stream` whose `events` list `kind`'s deliveries.
+    pub fn notice_targets(&self, stream: &str, kind: NoticeKind) -> Vec<String> {
+        self.endpoints
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .filter(|e| e.enabled() && e.wants(stream) && e.record.events.wants(kind))
+            .map(|e| e.record.id.clone())
+            .collect()
+    }
+
+    /// The enabled endpoints subscribed to `stream` that receive its changes, as outbox
+    /// targets.
     pub fn targets(&self, stream: &str) -> Vec<Target> {
         self.endpoints
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .values()
-            .filter(|e| e.enabled() && e.wants(stream))
+            .filter(|e| e.enabled() && e.wants(stream) && e.record.events.changes())
             .map(|e| Target {
                 endpoint: e.record.id.clone(),
                 mode: e.mode(),

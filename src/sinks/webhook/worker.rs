@@ -22,7 +22,7 @@ use super::deliver::{AttemptError, Sender};
 use super::dispatcher::{Resync, ResyncRoutes};
 use super::operator::{Operator, OperatorEvent};
 use super::outbox::{
-    Attempt, AttemptOutcome, Claim, Delivery, Disabled, Next, Outbox, OutboxError, Recorded,
+    Attempt, AttemptOutcome, Claim, Delivery, Disabled, Next, Notes, Outbox, OutboxError, Recorded,
 };
 use super::registry::{Endpoint, Registry};
 use super::schedule::RetrySchedule;
@@ -212,9 +212,56 @@ impl Worker {
         self
     }
 
-    fn notify(&self, event: OperatorEvent) {
-        if let Some(operator) = &self.operator {
-            operator.notify(event);
+    /// The operational events an attempt's record stores with it: a dead delivery's, and
+    /// the endpoint's recovery (stored only if the record ends its failures).
+    fn notes(&self, delivery: &Delivery, outcome: &AttemptOutcome) -> Notes {
+        let Some(operator) = &self.operator else {
+            return Notes::default();
+        };
+        match outcome {
+            AttemptOutcome::Delivered { .. } => {
+                // Keyed by the run of failures it ends, as this node knows it: two nodes
+                // ending the same run store one event (and only a record that clears the
+                // failures stores any).
+                let since = self
+                    .registry
+                    .get(&delivery.endpoint)
+                    .and_then(|e| e.status.failing_since_ms);
+                let Some(since) = since else {
+                    return Notes::default();
+                };
+                let event = OperatorEvent::EndpointRecovered {
+                    endpoint: delivery.endpoint.clone(),
+                    delivery: Some((delivery.stream.clone(), delivery.msg_id.clone())),
+                    reason: "a delivery succeeded after failures".into(),
+                };
+                Notes {
+                    always: Vec::new(),
+                    if_recovered: Some(
+                        operator.note(&event, format!("{}:{since}", delivery.endpoint)),
+                    ),
+                }
+            }
+            AttemptOutcome::Failed {
+                retry_at_ms: None,
+                error,
+                ..
+            } => {
+                let event = OperatorEvent::DeliveryDead {
+                    endpoint: delivery.endpoint.clone(),
+                    stream: delivery.stream.clone(),
+                    webhook_id: delivery.msg_id.clone(),
+                    reason: error.clone(),
+                };
+                Notes {
+                    always: vec![operator.note(
+                        &event,
+                        format!("{}:{}", delivery.id, delivery.attempts.saturating_add(1)),
+                    )],
+                    if_recovered: None,
+                }
+            }
+            AttemptOutcome::Failed { .. } => Notes::default(),
         }
     }
 
@@ -465,7 +512,10 @@ impl Worker {
             owner: self.settings.owner.clone(),
             hold: self.settings.claim_timeout,
         });
-        let Some(mut recorded) = self.record(&delivery, &outcome, attempt, next).await else {
+        let notes = self.notes(&delivery, &outcome);
+        let noted = notes != Notes::default();
+        let Some(mut recorded) = self.record(&delivery, &outcome, attempt, next, notes).await
+        else {
             let settled = Settled {
                 delivery,
                 outcome: Some(outcome),
@@ -475,35 +525,11 @@ impl Worker {
             return (settled, None);
         };
         let mut next = recorded.next.take();
-        let failing = self
-            .registry
-            .get(&delivery.endpoint)
-            .is_some_and(|e| e.status.failing_since_ms.is_some());
-        if let Some(status) = recorded.status.clone() {
-            if failing
-                && status.failing_since_ms.is_none()
-                && matches!(outcome, AttemptOutcome::Delivered { .. })
-            {
-                self.notify(OperatorEvent::EndpointRecovered {
-                    endpoint: delivery.endpoint.clone(),
-                    delivery: Some((delivery.stream.clone(), delivery.msg_id.clone())),
-                    reason: "a delivery succeeded after failures".into(),
-                });
-            }
-            self.registry.set_status(&delivery.endpoint, status);
+        if noted && let Some(operator) = &self.operator {
+            operator.stored();
         }
-        if let AttemptOutcome::Failed {
-            retry_at_ms: None,
-            error,
-            ..
-        } = &outcome
-        {
-            self.notify(OperatorEvent::DeliveryDead {
-                endpoint: delivery.endpoint.clone(),
-                stream: delivery.stream.clone(),
-                webhook_id: delivery.msg_id.clone(),
-                reason: error.clone(),
-            });
+        if let Some(status) = recorded.status.clone() {
+            self.registry.set_status(&delivery.endpoint, status);
         }
         let follow_up = follow_up(&answer, &recorded, now_ms, self.settings.disable_after);
         match &follow_up {
@@ -571,11 +597,18 @@ impl Worker {
         outcome: &AttemptOutcome,
         attempt: Attempt,
         next: Option<Next>,
+        notes: Notes,
     ) -> Option<Recorded> {
         loop {
             match self
                 .outbox
-                .record(delivery.id, outcome.clone(), attempt.clone(), next.clone())
+                .record_noted(
+                    delivery.id,
+                    outcome.clone(),
+                    attempt.clone(),
+                    next.clone(),
+                    notes.clone(),
+                )
                 .await
             {
                 Ok(recorded) => return Some(recorded),
@@ -596,24 +629,25 @@ impl Worker {
             at_ms: now_ms,
             reason: reason.clone(),
         };
+        // Stored only if this disables the endpoint (not when another attempt, or another
+        // node, already did).
+        let note = self.operator.as_ref().map(|operator| {
+            let event = OperatorEvent::EndpointDisabled {
+                endpoint: endpoint.record.id.clone(),
+                delivery: Some((delivery.stream.clone(), delivery.msg_id.clone())),
+                reason,
+            };
+            operator.note(&event, format!("{}:{now_ms}", endpoint.record.id))
+        });
         match self
             .outbox
-            .set_disabled(endpoint.record.id.clone(), Some(disabled))
+            .set_disabled_noted(endpoint.record.id.clone(), Some(disabled), note)
             .await
         {
             Ok(Some(status)) => {
-                // Once: a disable seen by the registry already was announced.
-                let announced = self
-                    .registry
-                    .get(&endpoint.record.id)
-                    .is_some_and(|e| e.status.disabled.is_some());
                 self.registry.set_status(&endpoint.record.id, status);
-                if !announced {
-                    self.notify(OperatorEvent::EndpointDisabled {
-                        endpoint: endpoint.record.id.clone(),
-                        delivery: Some((delivery.stream.clone(), delivery.msg_id.clone())),
-                        reason,
-                    });
+                if let Some(operator) = &self.operator {
+                    operator.stored();
                 }
             }
             // Deleted meanwhile.

@@ -189,6 +189,18 @@ async fn handle(
 impl Receiver {
     /// Starts a receiver that verifies with `secrets` (more can be added later).
     pub async fn start(secrets: &[&str]) -> Receiver {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Receiver::listen(listener, secrets)
+    }
+
+    /// A receiver at `addr` (an address a test reserved while nothing listened there: the
+    /// receiver "comes up").
+    pub async fn start_at(addr: std::net::SocketAddr, secrets: &[&str]) -> Receiver {
+        let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+        Receiver::listen(listener, secrets)
+    }
+
+    fn listen(listener: tokio::net::TcpListener, secrets: &[&str]) -> Receiver {
         let inner = Arc::new(Mutex::new(Inner {
             script: VecDeque::new(),
             hits: Vec::new(),
@@ -197,7 +209,6 @@ impl Receiver {
             delay: Duration::ZERO,
         }));
         let changed = Arc::new(Notify::new());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let stop = CancellationToken::new();
         let app = Router::new().fallback(handle).with_state(Shared {

@@ -69,6 +69,16 @@ impl TestStore {
         Some(format!("{}/{name}", pg.url().trim_end_matches("/postgres")))
     }
 
+    /// The PostgreSQL server's URL (the database `toml` names); `None` for SQLite.
+    pub fn postgres_url(&self) -> Option<String> {
+        self.postgres.as_ref().map(|pg| pg.url())
+    }
+
+    /// Where an SQLite store's file is (what `toml` names).
+    pub fn sqlite_path(&self) -> std::path::PathBuf {
+        self.dir.path().join("outbox.db")
+    }
+
     /// Whether other processes could share it (claims are then written to the store).
     pub fn is_shared(&self) -> bool {
         self.postgres.is_some()

@@ -18,6 +18,11 @@
 //! - Per (endpoint, stream), deliveries are sent oldest first ([`Outbox::due`] returns only the
 //!   oldest pending delivery of each pair), and a patch is only queued right after the delivery
 //!   holding its base (see [`super::body::plan`]).
+//! - Notices (a stream's upstream failing, recovering: [`Outbox::notice`]) share their pair's
+//!   queue with its changes but are not changes: they move no cursor, a dead delivery's gap or
+//!   a collapsed backlog supersedes only changes, and a dead notice leaves no gap.
+//! - Operational events are stored once per key, in the transaction of what causes them, and
+//!   handed out one at a time, oldest first ([`Outbox::operator_head`]).
 
 pub mod postgres;
 pub mod sqlite;
@@ -31,7 +36,9 @@ use std::time::{Duration, SystemTime};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
-use crate::sinks::webhook::body::{self, BodyError, Cursor, Events, Format, Mode, Plan};
+use crate::sinks::webhook::body::{
+    self, BodyError, Cursor, DeliveryKind, Events, Format, Mode, NoticeKind, Plan,
+};
 use crate::wire::ChangeKind;
 
 /// A boxed future of an outbox operation (the trait stays object-safe).
@@ -202,11 +209,11 @@ pub struct Delivery {
     pub stream: String,
     /// `webhook-id`: the same for every attempt and every replay of this message.
     pub msg_id: String,
-    /// Patch or snapshot.
-    pub kind: ChangeKind,
+    /// Patch or snapshot, error or recovery.
+    pub kind: DeliveryKind,
     /// The stream's epoch.
     pub epoch: u64,
-    /// The change's sequence number.
+    /// The change's sequence number (for a notice, the stream's last good document's).
     pub seq: u64,
     /// For patches, the sequence number they apply to.
     pub base_seq: Option<u64>,
@@ -529,21 +536,99 @@ pub fn state_of(code: i16) -> DeliveryState {
     }
 }
 
-/// The stored code of a change kind: the databases' format, never renumber.
-pub fn kind_code(kind: ChangeKind) -> i16 {
+/// The stored code of a delivery kind: the databases' format, never renumber. Changes are
+/// below [`FIRST_NOTICE_CODE`]: what a dead delivery supersedes, what a backlog collapses and
+/// counts, is only ever changes.
+pub fn kind_code(kind: DeliveryKind) -> i16 {
     match kind {
-        ChangeKind::Patch => 0,
-        ChangeKind::Snapshot => 1,
+        DeliveryKind::Change(ChangeKind::Patch) => 0,
+        DeliveryKind::Change(ChangeKind::Snapshot) => 1,
+        DeliveryKind::Notice(NoticeKind::Error) => 2,
+        DeliveryKind::Notice(NoticeKind::Recovery) => 3,
     }
 }
 
+/// The lowest stored code of a notice (error, recovery).
+pub const FIRST_NOTICE_CODE: i16 = 2;
+
 /// The kind a stored code stands for.
-pub fn kind_of(code: i16) -> ChangeKind {
-    if code == 0 {
-        ChangeKind::Patch
-    } else {
-        ChangeKind::Snapshot
+pub fn kind_of(code: i16) -> DeliveryKind {
+    match code {
+        0 => DeliveryKind::PATCH,
+        2 => DeliveryKind::ERROR,
+        3 => DeliveryKind::RECOVERY,
+        _ => DeliveryKind::SNAPSHOT,
     }
+}
+
+/// A notice to queue for endpoints: the stream's upstream started failing, or recovered.
+/// Queued on each target's (endpoint, stream) queue after the changes accepted before it;
+/// it moves no cursor (a patch still follows the change it applies to).
+#[derive(Debug, Clone)]
+pub struct NewNotice {
+    /// The stream.
+    pub stream: Arc<str>,
+    /// Error or recovery.
+    pub kind: NoticeKind,
+    /// The stream's epoch.
+    pub epoch: u64,
+    /// The stream's last good document's sequence number (0 before the first).
+    pub seq: u64,
+    /// The body ([`body::encode_notice`]).
+    pub body: Bytes,
+}
+
+/// An operational event to store for `webhooks.operator_url`: stored once per `key` (a
+/// second store of the same key, by another node or after a crash, is a no-op), delivered
+/// in the order stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OperatorNote {
+    /// What makes the event unique (e.g. `delivery.dead:{msg_id}:{attempt}`).
+    pub key: String,
+    /// Its `webhook-id`.
+    pub msg_id: String,
+    /// The signed body.
+    pub body: Bytes,
+    /// When it happened (Unix milliseconds).
+    pub at_ms: u64,
+}
+
+/// The operational events an attempt's record stores with it, in its transaction.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Notes {
+    /// Stored with the record (a delivery gone dead).
+    pub always: Vec<OperatorNote>,
+    /// Stored only if this record ends the endpoint's failures (`failing_since` cleared):
+    /// `endpoint.recovered`.
+    pub if_recovered: Option<OperatorNote>,
+}
+
+/// A stored operational event, claimed for sending.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OperatorDelivery {
+    /// Row id: orders events.
+    pub id: i64,
+    /// Its `webhook-id`.
+    pub msg_id: String,
+    /// The signed body.
+    pub body: Bytes,
+    /// Attempts made so far.
+    pub attempts: u32,
+    /// When it is due (Unix milliseconds).
+    pub next_attempt_ms: u64,
+    /// When it was stored (Unix milliseconds).
+    pub created_ms: u64,
+}
+
+/// What [`Outbox::operator_head`] found: the oldest undelivered operational event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OperatorHead {
+    /// None waits.
+    Empty,
+    /// It is not due yet, or another node holds it: look again at this time at the latest.
+    Later(u64),
+    /// Claimed for the caller.
+    Due(OperatorDelivery),
 }
 
 /// A count, time or sequence number as a database integer (signed). Every value stored (times
@@ -565,7 +650,7 @@ pub fn collapses(pending: usize, backlog_limit: usize) -> bool {
 }
 
 /// A delivery's kind, the sequence number a patch applies to, and its body.
-pub type Planned<'a> = (ChangeKind, Option<u64>, &'a [u8]);
+pub type Planned<'a> = (DeliveryKind, Option<u64>, &'a [u8]);
 
 /// The bodies of one change's deliveries, each kind encoded at most once however many targets
 /// get it. Every implementation of [`Outbox::accept`] builds its rows with it, so they all
@@ -610,7 +695,7 @@ impl<'a> Bodies<'a> {
                     )?);
                 }
                 Ok(Some((
-                    ChangeKind::Patch,
+                    DeliveryKind::PATCH,
                     Some(base_seq),
                     self.patch.as_deref().unwrap_or_default(),
                 )))
@@ -631,7 +716,7 @@ impl<'a> Bodies<'a> {
                     )?);
                 }
                 Ok(Some((
-                    ChangeKind::Snapshot,
+                    DeliveryKind::SNAPSHOT,
                     None,
                     self.snapshot.as_deref().unwrap_or_default(),
                 )))
@@ -656,6 +741,16 @@ pub trait Outbox: Send + Sync {
         &self,
         id: String,
         disabled: Option<Disabled>,
+    ) -> OutboxFuture<Option<EndpointStatus>> {
+        self.set_disabled_noted(id, disabled, None)
+    }
+    /// [`Outbox::set_disabled`], storing `note` in the same transaction when the endpoint's
+    /// disabled status changed (enabled to disabled, or back).
+    fn set_disabled_noted(
+        &self,
+        id: String,
+        disabled: Option<Disabled>,
+        note: Option<OperatorNote>,
     ) -> OutboxFuture<Option<EndpointStatus>>;
     /// Removes an endpoint with its cursors and deliveries; false when there was none.
     fn delete_endpoint(&self, id: String) -> OutboxFuture<bool>;
@@ -677,6 +772,16 @@ pub trait Outbox: Send + Sync {
         backlog_limit: usize,
         fence: Option<u64>,
     ) -> OutboxFuture<Accepted>;
+    /// Queues `notice` for each of `targets` (endpoint ids) on their queues of the notice's
+    /// stream, after every change accepted before it (calls take effect in call order, as
+    /// [`Outbox::accept`]'s do, fenced the same way); cursors are not moved. Deleted endpoints
+    /// get nothing. Returns how many were queued.
+    fn notice(
+        &self,
+        notice: NewNotice,
+        targets: Vec<String>,
+        fence: Option<u64>,
+    ) -> OutboxFuture<usize>;
     /// Each target's cursor on `stream` (`None`: no cursor, or forgotten after a gap).
     fn cursors(&self, stream: String) -> OutboxFuture<Vec<(String, Option<Cursor>)>>;
     /// The endpoints owed the document of `stream`: their cursor was forgotten (a dead
@@ -710,7 +815,32 @@ pub trait Outbox: Send + Sync {
         outcome: AttemptOutcome,
         attempt: Attempt,
         next: Option<Next>,
+    ) -> OutboxFuture<Recorded> {
+        self.record_noted(id, outcome, attempt, next, Notes::default())
+    }
+    /// [`Outbox::record`], storing the operational events `notes` in the same transaction.
+    fn record_noted(
+        &self,
+        id: i64,
+        outcome: AttemptOutcome,
+        attempt: Attempt,
+        next: Option<Next>,
+        notes: Notes,
     ) -> OutboxFuture<Recorded>;
+    /// Stores an operational event unless one with its key is stored (true when stored now).
+    fn note(&self, note: OperatorNote) -> OutboxFuture<bool>;
+    /// Claims the oldest undelivered operational event for `owner` for `hold` if it is due at
+    /// `now_ms` and no live claim holds it: events are sent one at a time, in order, by
+    /// whichever node claims the head.
+    fn operator_head(
+        &self,
+        now_ms: u64,
+        owner: Arc<str>,
+        hold: Duration,
+    ) -> OutboxFuture<OperatorHead>;
+    /// Records an attempt of operational event `id`: delivered, retried at `retry_at_ms`, or
+    /// given up (dead); releases its claim.
+    fn operator_record(&self, id: i64, outcome: AttemptOutcome, at_ms: u64) -> OutboxFuture<()>;
     /// An endpoint's attempt history, newest first ([`Outbox::prune_attempts`] removes old
     /// entries).
     fn attempts(&self, endpoint: String, filter: AttemptFilter) -> OutboxFuture<Vec<AttemptEntry>>;
@@ -719,8 +849,8 @@ pub trait Outbox: Send + Sync {
     /// Queues the selected deliveries again (same `webhook-id` and body, attempts reset) at the
     /// end of their pairs' queues, in their original order; returns how many.
     fn replay(&self, endpoint: String, which: Replay, now_ms: u64) -> OutboxFuture<usize>;
-    /// Deletes finished deliveries (delivered, dead, superseded) that finished before
-    /// `before_ms`; returns how many.
+    /// Deletes finished deliveries (delivered, dead, superseded) and finished operational
+    /// events that finished before `before_ms`; returns how many.
     fn prune(&self, before_ms: u64) -> OutboxFuture<usize>;
     /// Answers a trivial query: the store is open and its queue moves (`/readyz`).
     fn check(&self) -> OutboxFuture<()>;
@@ -760,23 +890,23 @@ mod tests {
             .delivery(Plan::Patch { base_seq: 7 }, false)
             .unwrap()
             .unwrap();
-        assert_eq!((kind, base), (ChangeKind::Patch, Some(7)));
+        assert_eq!((kind, base), (DeliveryKind::PATCH, Some(7)));
         assert_eq!(json(body)["data"][0]["op"], "add");
         let (kind, base, body) = bodies
             .delivery(Plan::Patch { base_seq: 7 }, true)
             .unwrap()
             .unwrap();
-        assert_eq!((kind, base), (ChangeKind::Snapshot, None));
+        assert_eq!((kind, base), (DeliveryKind::SNAPSHOT, None));
         assert_eq!(json(body)["data"]["n"], 8);
         let (kind, _, _) = bodies.delivery(Plan::Snapshot, false).unwrap().unwrap();
-        assert_eq!(kind, ChangeKind::Snapshot);
+        assert_eq!(kind, DeliveryKind::SNAPSHOT);
         // A change the hub published as a snapshot has no patch to send.
         let change = self::change(false);
         let (kind, _, _) = Bodies::new(&change)
             .delivery(Plan::Patch { base_seq: 7 }, false)
             .unwrap()
             .unwrap();
-        assert_eq!(kind, ChangeKind::Snapshot);
+        assert_eq!(kind, DeliveryKind::SNAPSHOT);
         // A patch replayed from history carries no document: a snapshot cannot be made.
         let mut replayed = self::change(true);
         replayed.document = None;

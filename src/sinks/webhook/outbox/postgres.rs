@@ -34,9 +34,11 @@ use tokio_postgres::types::ToSql;
 use super::{
     Accepted, Attempt, AttemptEntry, AttemptFilter, AttemptOutcome, AttemptResult, Bodies, Claim,
     Created, Delivery, DeliveryFilter, DeliveryState, Disabled, EndpointRecord, EndpointStatus,
-    NewChange, Next, Outbox, OutboxError, OutboxFuture, Recorded, Replay, StoredDocument, Target,
+    FIRST_NOTICE_CODE, NewChange, NewNotice, Next, Notes, OperatorDelivery, OperatorHead,
+    OperatorNote, Outbox, OutboxError, OutboxFuture, Recorded, Replay, StoredDocument, Target,
     collapses, int, kind_code, kind_of, state_code, state_of, uint,
 };
+use crate::sinks::webhook::body::DeliveryKind;
 use crate::sinks::webhook::body::{self, Cursor, Plan};
 use crate::sinks::webhook::sign::message_id;
 use crate::time::unix_ms;
@@ -45,7 +47,7 @@ use crate::time::unix_ms;
 const BATCH: usize = 1024;
 
 /// The schema version this code writes; a database with a newer one is refused.
-const SCHEMA_VERSION: i32 = 1;
+const SCHEMA_VERSION: i32 = 2;
 
 /// Serializes schema migrations of nodes starting at once (`pg_advisory_xact_lock`).
 const MIGRATION_LOCK: i64 = 0x7061_7463_6877_6972; // "patchwir"
@@ -126,6 +128,28 @@ CREATE TABLE patchwire_fences (
     stream text PRIMARY KEY,
     fence bigint NOT NULL
 );
+";
+
+/// Version 2: operational events for `webhooks.operator_url`, stored once per key when they
+/// happen and sent in order by whichever node claims the head (state: 0 pending, 1 delivered,
+/// 2 dead). Deliveries gained the notice kinds (2 error, 3 recovery) in the same version: a
+/// version-1 patchwire would read them as snapshots, so it refuses this database.
+const SCHEMA_V2: &str = "
+CREATE TABLE patchwire_operator_events (
+    id bigserial PRIMARY KEY,
+    key text NOT NULL UNIQUE,
+    msg_id text NOT NULL,
+    body bytea NOT NULL,
+    state smallint NOT NULL DEFAULT 0,
+    attempts integer NOT NULL DEFAULT 0,
+    next_attempt_ms bigint NOT NULL,
+    last_error text,
+    created_ms bigint NOT NULL,
+    finished_ms bigint,
+    claimed_by text,
+    claimed_until_ms bigint
+);
+CREATE INDEX patchwire_operator_events_pending ON patchwire_operator_events (id) WHERE state = 0;
 ";
 
 /// The database's clock in Unix milliseconds: claims are timed by it, so the nodes' clocks
@@ -224,6 +248,12 @@ enum Write {
         document: StoredDocument,
         reply: oneshot::Sender<Result<(), OutboxError>>,
     },
+    Notice {
+        notice: NewNotice,
+        targets: Vec<String>,
+        fence: Option<u64>,
+        reply: oneshot::Sender<Result<usize, OutboxError>>,
+    },
 }
 
 impl Write {
@@ -231,6 +261,7 @@ impl Write {
         match self {
             Write::Accept { change, .. } => &change.stream,
             Write::Save { document, .. } => &document.stream,
+            Write::Notice { notice, .. } => &notice.stream,
         }
     }
 
@@ -247,6 +278,9 @@ impl Write {
             Write::Save { reply, .. } => {
                 let _ = reply.send(Err(error));
             }
+            Write::Notice { reply, .. } => {
+                let _ = reply.send(Err(error));
+            }
         }
     }
 }
@@ -257,6 +291,7 @@ struct RecordJob {
     outcome: AttemptOutcome,
     attempt: Attempt,
     next: Option<Next>,
+    notes: Notes,
     reply: oneshot::Sender<Result<Recorded, OutboxError>>,
 }
 
@@ -347,8 +382,11 @@ async fn migrate(pool: &Pool) -> Result<(), OutboxError> {
         .await?
         .get(0);
     match version {
-        None => {
-            tx.batch_execute(SCHEMA_V1).await?;
+        None | Some(1) => {
+            if version.is_none() {
+                tx.batch_execute(SCHEMA_V1).await?;
+            }
+            tx.batch_execute(SCHEMA_V2).await?;
             tx.execute(
                 "INSERT INTO patchwire_schema (version) VALUES ($1)",
                 &[&SCHEMA_VERSION],
@@ -427,6 +465,9 @@ async fn run_writes(pool: &Pool, stream: String, jobs: Vec<Write>, bounds: &Boun
                     (Some(Write::Save { reply, .. }), Answer::Saved) => {
                         let _ = reply.send(Ok(()));
                     }
+                    (Some(Write::Notice { reply, .. }), Answer::Noticed(queued)) => {
+                        let _ = reply.send(Ok(queued));
+                    }
                     (Some(job), Answer::Fenced) => job.fail(&OutboxError::Fenced),
                     (Some(job), _) => job.fail(&OutboxError::Storage(
                         "internal error: a write got another job's answer".into(),
@@ -447,6 +488,7 @@ async fn run_writes(pool: &Pool, stream: String, jobs: Vec<Write>, bounds: &Boun
 enum Answer {
     Accepted(Accepted),
     Saved,
+    Noticed(usize),
     Fenced,
 }
 
@@ -478,7 +520,13 @@ async fn write_group(
     let mut named: Vec<String> = jobs
         .iter()
         .filter_map(|job| match job {
-            Some(Write::Accept { targets, .. }) => Some(targets.iter().map(|t| t.endpoint.clone())),
+            Some(Write::Accept { targets, .. }) => Some(
+                targets
+                    .iter()
+                    .map(|t| t.endpoint.clone())
+                    .collect::<Vec<_>>(),
+            ),
+            Some(Write::Notice { targets, .. }) => Some(targets.clone()),
             _ => None,
         })
         .flatten()
@@ -500,7 +548,7 @@ async fn write_group(
     let fences: HashSet<Option<u64>> = jobs
         .iter()
         .filter_map(|job| match job {
-            Some(Write::Accept { fence, .. }) => Some(*fence),
+            Some(Write::Accept { fence, .. } | Write::Notice { fence, .. }) => Some(*fence),
             _ => None,
         })
         .collect();
@@ -542,7 +590,7 @@ async fn write_group(
         ),
         tx.prepare_cached(
             "SELECT e, (SELECT count(*) FROM (SELECT 1 FROM patchwire_deliveries \
-             WHERE endpoint_id = e AND stream = $1 AND state = 0 LIMIT $3) AS p) \
+             WHERE endpoint_id = e AND stream = $1 AND state = 0 AND kind < 2 LIMIT $3) AS p) \
              FROM unnest($2::text[]) AS e",
         ),
     )
@@ -566,12 +614,22 @@ async fn write_group(
     let mut answers: Vec<Option<Answer>> = Vec::with_capacity(jobs.len());
     for job in jobs.iter() {
         let refused = match job {
-            Some(Write::Accept {
-                fence: Some(mine), ..
-            }) if *mine < fence => true,
-            Some(Write::Accept {
-                fence: Some(mine), ..
-            }) => {
+            Some(
+                Write::Accept {
+                    fence: Some(mine), ..
+                }
+                | Write::Notice {
+                    fence: Some(mine), ..
+                },
+            ) if *mine < fence => true,
+            Some(
+                Write::Accept {
+                    fence: Some(mine), ..
+                }
+                | Write::Notice {
+                    fence: Some(mine), ..
+                },
+            ) => {
                 fence = *mine;
                 false
             }
@@ -604,6 +662,9 @@ async fn write_group(
     let mut collapsed_stored: BTreeMap<String, ()> = BTreeMap::new();
     let mut moved: BTreeMap<String, Option<Cursor>> = BTreeMap::new();
     let mut saved: Option<&StoredDocument> = None;
+    // Pairs a notice is queued for: their cursor row is made if missing (the worker scans
+    // pairs by it), never moved.
+    let mut noticed: BTreeMap<String, ()> = BTreeMap::new();
     for (job, answer) in jobs.iter().zip(answers.iter_mut()) {
         if answer.is_some() {
             continue;
@@ -615,6 +676,30 @@ async fn write_group(
                     saved = Some(document);
                 }
                 *answer = Some(Answer::Saved);
+            }
+            Some(Write::Notice {
+                notice, targets, ..
+            }) => {
+                let mut queued = 0;
+                for endpoint in targets {
+                    if !existing.contains(endpoint) {
+                        continue;
+                    }
+                    rows.push(Row {
+                        endpoint: endpoint.clone(),
+                        msg_id: message_id(now, &mut rng),
+                        kind: kind_code(DeliveryKind::Notice(notice.kind)),
+                        epoch: int(notice.epoch),
+                        seq: int(notice.seq),
+                        base_seq: None,
+                        body: notice.body.to_vec(),
+                        state: 0,
+                        finished_ms: None,
+                    });
+                    noticed.insert(endpoint.clone(), ());
+                    queued += 1;
+                }
+                *answer = Some(Answer::Noticed(queued));
             }
             Some(Write::Accept {
                 change,
@@ -644,10 +729,11 @@ async fn write_group(
                     let collapse = collapses(*count, *backlog_limit);
                     if collapse {
                         collapsed_stored.insert(target.endpoint.clone(), ());
-                        for row in rows
-                            .iter_mut()
-                            .filter(|r| r.endpoint == target.endpoint && r.state == 0)
-                        {
+                        for row in rows.iter_mut().filter(|r| {
+                            r.endpoint == target.endpoint
+                                && r.state == 0
+                                && r.kind < FIRST_NOTICE_CODE
+                        }) {
                             row.state = state_code(DeliveryState::Superseded);
                             row.finished_ms = Some(int(now));
                         }
@@ -691,13 +777,14 @@ async fn write_group(
         let endpoints: Vec<&String> = collapsed_stored.keys().collect();
         tx.execute(
             "UPDATE patchwire_deliveries SET state = 3, finished_ms = $3 \
-             WHERE stream = $1 AND endpoint_id = ANY($2) AND state = 0",
+             WHERE stream = $1 AND endpoint_id = ANY($2) AND state = 0 AND kind < 2",
             &[&stream, &endpoints, &int(now)],
         )
         .await?;
     }
     // The rest in any order: sent together (pipelined).
     let cursor_endpoints: Vec<&String> = moved.keys().collect();
+    let noticed: Vec<&String> = noticed.keys().collect();
     let epochs: Vec<Option<i64>> = moved.values().map(|c| c.map(|c| int(c.epoch))).collect();
     let seqs: Vec<Option<i64>> = moved.values().map(|c| c.map(|c| int(c.seq))).collect();
     type Step<'t> =
@@ -729,6 +816,20 @@ async fn write_group(
                  ON CONFLICT (endpoint_id, stream) \
                  DO UPDATE SET epoch = excluded.epoch, seq = excluded.seq",
                 &[&stream, cursor_endpoints, epochs, seqs],
+            )
+            .await?;
+            Ok(())
+        }));
+    }
+    if !noticed.is_empty() {
+        let tx = &tx;
+        let noticed = &noticed;
+        steps.push(Box::pin(async move {
+            tx.execute(
+                "INSERT INTO patchwire_cursors (endpoint_id, stream, epoch, seq) \
+                 SELECT e, $1, NULL, NULL FROM unnest($2::text[]) AS e \
+                 ON CONFLICT (endpoint_id, stream) DO NOTHING",
+                &[&stream, noticed],
             )
             .await?;
             Ok(())
@@ -895,14 +996,15 @@ async fn record_batch(pool: &Pool, jobs: &[RecordJob]) -> Result<Vec<Recorded>, 
         };
         let Some(row) = tx
             .query_opt(
-                "SELECT endpoint_id, stream, state FROM patchwire_deliveries WHERE id = $1",
+                "SELECT endpoint_id, stream, state, kind FROM patchwire_deliveries WHERE id = $1",
                 &[&job.id],
             )
             .await?
         else {
             continue;
         };
-        let (endpoint, stream, state): (String, String, i16) = (row.get(0), row.get(1), row.get(2));
+        let (endpoint, stream, state, kind): (String, String, i16, i16) =
+            (row.get(0), row.get(1), row.get(2), row.get(3));
         let status = status.map(i32::from);
         match retry_at_ms {
             Some(at) => {
@@ -931,7 +1033,8 @@ async fn record_batch(pool: &Pool, jobs: &[RecordJob]) -> Result<Vec<Recorded>, 
                     &[&job.id, &status, &error, &int(job.attempt.ended_ms())],
                 )
                 .await?;
-                if state == 0 {
+                // A dead notice leaves no gap: no change lacks its base.
+                if state == 0 && kind < FIRST_NOTICE_CODE {
                     answers[i].needs_resync =
                         supersede_after_gap(&tx, &endpoint, &stream, job.attempt.ended_ms())
                             .await?;
@@ -1019,6 +1122,29 @@ async fn record_batch(pool: &Pool, jobs: &[RecordJob]) -> Result<Vec<Recorded>, 
         tx.query(&report, &report_params),
     )
     .await?;
+    // The operational events, in the same transaction: a dead delivery's always, an
+    // endpoint's recovery only if this batch cleared its failures.
+    let cleared: HashSet<String> = reported
+        .iter()
+        .filter(|row| row.get::<_, bool>(5))
+        .map(|row| row.get::<_, String>(0))
+        .collect();
+    let finished_endpoint: HashMap<i64, String> = finished
+        .iter()
+        .map(|row| (row.get::<_, i64>(0), row.get::<_, String>(1)))
+        .collect();
+    let mut notes: Vec<&OperatorNote> = Vec::new();
+    for job in jobs {
+        notes.extend(&job.notes.always);
+        if let Some(note) = &job.notes.if_recovered
+            && finished_endpoint
+                .get(&job.id)
+                .is_some_and(|endpoint| cleared.contains(endpoint))
+        {
+            notes.push(note);
+        }
+    }
+    insert_notes(&tx, &notes).await?;
     tx.commit().await?;
 
     let by_id: HashMap<i64, usize> = jobs.iter().enumerate().map(|(i, j)| (j.id, i)).collect();
@@ -1109,7 +1235,7 @@ const REPORT: &str = "WITH touched AS (SELECT DISTINCT endpoint_id AS id \
          RETURNING id, failing_since_ms, revision) \
      SELECT e.id, e.disabled_at_ms, e.disabled_reason, \
          CASE WHEN c.id IS NULL THEN e.failing_since_ms ELSE c.failing_since_ms END, \
-         COALESCE(c.revision, e.revision) \
+         COALESCE(c.revision, e.revision), c.id IS NOT NULL \
      FROM patchwire_endpoints e JOIN touched t ON t.id = e.id \
      LEFT JOIN cleared c ON c.id = e.id";
 
@@ -1180,6 +1306,22 @@ async fn claim_next(
     Ok(out)
 }
 
+/// Stores operational events, each unless its key is stored (in the caller's transaction).
+async fn insert_notes(
+    tx: &deadpool_postgres::Transaction<'_>,
+    notes: &[&OperatorNote],
+) -> Result<(), OutboxError> {
+    for note in notes {
+        tx.execute(
+            "INSERT INTO patchwire_operator_events (key, msg_id, body, next_attempt_ms, \
+             created_ms) VALUES ($1, $2, $3, $4, $4) ON CONFLICT (key) DO NOTHING",
+            &[&note.key, &note.msg_id, &&note.body[..], &int(note.at_ms)],
+        )
+        .await?;
+    }
+    Ok(())
+}
+
 /// After a dead delivery, the pair's pending deliveries up to the next snapshot lack their
 /// base: they are superseded. Without a pending snapshot the cursor is forgotten (the next
 /// change is a snapshot, and the pair is owed one now): returns true.
@@ -1199,7 +1341,7 @@ async fn supersede_after_gap(
         .get(0);
     tx.execute(
         "UPDATE patchwire_deliveries SET state = 3, finished_ms = $3 \
-         WHERE endpoint_id = $1 AND stream = $2 AND state = 0 AND id < $4",
+         WHERE endpoint_id = $1 AND stream = $2 AND state = 0 AND id < $4 AND kind < 2",
         &[
             &endpoint,
             &stream,
@@ -1368,40 +1510,59 @@ impl Outbox for PostgresOutbox {
         })
     }
 
-    fn set_disabled(
+    fn set_disabled_noted(
         &self,
         id: String,
         disabled: Option<Disabled>,
+        note: Option<OperatorNote>,
     ) -> OutboxFuture<Option<EndpointStatus>> {
         let pool = self.pool.clone();
         Box::pin(async move {
-            let client = pool.get().await?;
-            let row = match disabled {
+            let mut client = pool.get().await?;
+            let tx = client.transaction().await?;
+            // Locked, so of two nodes changing the status at once, one sees the other's change
+            // (and stores no second event).
+            let Some(was) = tx
+                .query_opt(
+                    "SELECT disabled_at_ms IS NOT NULL FROM patchwire_endpoints WHERE id = $1 \
+                     FOR UPDATE",
+                    &[&id],
+                )
+                .await?
+            else {
+                return Ok(None);
+            };
+            let was_disabled: bool = was.get(0);
+            let row = match &disabled {
                 Some(d) => {
-                    client
-                        .query_opt(
-                            "UPDATE patchwire_endpoints SET disabled_at_ms = $2, \
-                             disabled_reason = $3, revision = nextval('patchwire_revisions') \
-                             WHERE id = $1 RETURNING disabled_at_ms, disabled_reason, \
-                             failing_since_ms, revision",
-                            &[&id, &int(d.at_ms), &d.reason],
-                        )
-                        .await?
+                    tx.query_one(
+                        "UPDATE patchwire_endpoints SET disabled_at_ms = $2, \
+                         disabled_reason = $3, revision = nextval('patchwire_revisions') \
+                         WHERE id = $1 RETURNING disabled_at_ms, disabled_reason, \
+                         failing_since_ms, revision",
+                        &[&id, &int(d.at_ms), &d.reason],
+                    )
+                    .await?
                 }
                 None => {
-                    client
-                        .query_opt(
-                            "UPDATE patchwire_endpoints SET disabled_at_ms = NULL, \
-                             disabled_reason = NULL, failing_since_ms = NULL, \
-                             revision = nextval('patchwire_revisions') WHERE id = $1 \
-                             RETURNING disabled_at_ms, disabled_reason, failing_since_ms, \
-                             revision",
-                            &[&id],
-                        )
-                        .await?
+                    tx.query_one(
+                        "UPDATE patchwire_endpoints SET disabled_at_ms = NULL, \
+                         disabled_reason = NULL, failing_since_ms = NULL, \
+                         revision = nextval('patchwire_revisions') WHERE id = $1 \
+                         RETURNING disabled_at_ms, disabled_reason, failing_since_ms, \
+                         revision",
+                        &[&id],
+                    )
+                    .await?
                 }
             };
-            Ok(row.map(|row| status(&row, 0)))
+            if let Some(note) = &note
+                && was_disabled != disabled.is_some()
+            {
+                insert_notes(&tx, &[note]).await?;
+            }
+            tx.commit().await?;
+            Ok(Some(status(&row, 0)))
         })
     }
 
@@ -1456,6 +1617,164 @@ impl Outbox for PostgresOutbox {
                 return Err(OutboxError::Closed);
             }
             answer.await.map_err(|_| OutboxError::Closed)?
+        })
+    }
+
+    fn notice(
+        &self,
+        notice: NewNotice,
+        targets: Vec<String>,
+        fence: Option<u64>,
+    ) -> OutboxFuture<usize> {
+        let (reply, answer) = oneshot::channel();
+        let sent = self
+            .writes
+            .send(Write::Notice {
+                notice,
+                targets,
+                fence,
+                reply,
+            })
+            .is_ok();
+        Box::pin(async move {
+            if !sent {
+                return Err(OutboxError::Closed);
+            }
+            answer.await.map_err(|_| OutboxError::Closed)?
+        })
+    }
+
+    fn note(&self, note: OperatorNote) -> OutboxFuture<bool> {
+        let pool = self.pool.clone();
+        Box::pin(async move {
+            let client = pool.get().await?;
+            let stored = client
+                .execute(
+                    "INSERT INTO patchwire_operator_events (key, msg_id, body, next_attempt_ms, \
+                     created_ms) VALUES ($1, $2, $3, $4, $4) ON CONFLICT (key) DO NOTHING",
+                    &[&note.key, &note.msg_id, &&note.body[..], &int(note.at_ms)],
+                )
+                .await?;
+            Ok(stored > 0)
+        })
+    }
+
+    fn operator_head(
+        &self,
+        now_ms: u64,
+        owner: Arc<str>,
+        hold: Duration,
+    ) -> OutboxFuture<OperatorHead> {
+        let pool = self.pool.clone();
+        Box::pin(async move {
+            let mut client = pool.get().await?;
+            let tx = client.transaction().await?;
+            // The head, locked (waiting for a node claiming it now, never skipping it: the
+            // events go in order); then held by that node's claim, so this one looks later.
+            let Some(row) = tx
+                .query_opt(
+                    &format!(
+                        "SELECT id, msg_id, body, attempts, next_attempt_ms, created_ms, \
+                         claimed_until_ms >= {DB_NOW} AS held, \
+                         claimed_until_ms - {DB_NOW} AS left_ms \
+                         FROM patchwire_operator_events WHERE state = 0 ORDER BY id LIMIT 1 \
+                         FOR UPDATE"
+                    ),
+                    &[],
+                )
+                .await?
+            else {
+                let waiting = tx
+                    .query_one(
+                        "SELECT EXISTS (SELECT 1 FROM patchwire_operator_events WHERE state = 0)",
+                        &[],
+                    )
+                    .await?;
+                tx.commit().await?;
+                let waiting: bool = waiting.get(0);
+                return Ok(if waiting {
+                    OperatorHead::Later(now_ms + 1_000)
+                } else {
+                    OperatorHead::Empty
+                });
+            };
+            let head = OperatorDelivery {
+                id: row.get(0),
+                msg_id: row.get(1),
+                body: Bytes::from(row.get::<_, Vec<u8>>(2)),
+                attempts: u32::try_from(row.get::<_, i32>(3)).unwrap_or(0),
+                next_attempt_ms: uint(row.get(4)),
+                created_ms: uint(row.get(5)),
+            };
+            let held = row.get::<_, Option<bool>>(6).unwrap_or(false);
+            if held {
+                let left = uint(row.get::<_, Option<i64>>(7).unwrap_or(0));
+                tx.commit().await?;
+                return Ok(OperatorHead::Later(now_ms + left.max(1)));
+            }
+            if head.next_attempt_ms > now_ms {
+                tx.commit().await?;
+                return Ok(OperatorHead::Later(head.next_attempt_ms));
+            }
+            let hold = int(u64::try_from(hold.as_millis()).unwrap_or(u64::MAX));
+            tx.execute(
+                &format!(
+                    "UPDATE patchwire_operator_events SET claimed_by = $2, \
+                     claimed_until_ms = {DB_NOW} + $3 WHERE id = $1"
+                ),
+                &[&head.id, &&*owner, &hold],
+            )
+            .await?;
+            tx.commit().await?;
+            Ok(OperatorHead::Due(head))
+        })
+    }
+
+    fn operator_record(&self, id: i64, outcome: AttemptOutcome, at_ms: u64) -> OutboxFuture<()> {
+        let pool = self.pool.clone();
+        Box::pin(async move {
+            let client = pool.get().await?;
+            match outcome {
+                AttemptOutcome::Delivered { .. } => {
+                    client
+                        .execute(
+                            "UPDATE patchwire_operator_events SET state = 1, \
+                             attempts = attempts + 1, last_error = NULL, finished_ms = $2, \
+                             claimed_by = NULL, claimed_until_ms = NULL WHERE id = $1",
+                            &[&id, &int(at_ms)],
+                        )
+                        .await?
+                }
+                AttemptOutcome::Failed {
+                    error,
+                    retry_at_ms: Some(retry),
+                    ..
+                } => {
+                    client
+                        .execute(
+                            "UPDATE patchwire_operator_events SET attempts = attempts + 1, \
+                             last_error = $2, next_attempt_ms = $3, claimed_by = NULL, \
+                             claimed_until_ms = NULL WHERE id = $1",
+                            &[&id, &error, &int(retry)],
+                        )
+                        .await?
+                }
+                AttemptOutcome::Failed {
+                    error,
+                    retry_at_ms: None,
+                    ..
+                } => {
+                    client
+                        .execute(
+                            "UPDATE patchwire_operator_events SET state = 2, \
+                             attempts = attempts + 1, last_error = $2, finished_ms = $3, \
+                             claimed_by = NULL, claimed_until_ms = NULL WHERE id = $1",
+                            &[&id, &error, &int(at_ms)],
+                        )
+                        .await?
+                }
+            };
+            Ok(())
         })
     }
 
@@ -1600,12 +1919,13 @@ impl Outbox for PostgresOutbox {
         })
     }
 
-    fn record(
+    fn record_noted(
         &self,
         id: i64,
         outcome: AttemptOutcome,
         attempt: Attempt,
         next: Option<Next>,
+        notes: Notes,
     ) -> OutboxFuture<Recorded> {
         let (reply, answer) = oneshot::channel();
         let sent = self
@@ -1615,6 +1935,7 @@ impl Outbox for PostgresOutbox {
                 outcome,
                 attempt,
                 next,
+                notes,
                 reply,
             })
             .is_ok();
@@ -1735,7 +2056,13 @@ impl Outbox for PostgresOutbox {
                     &[&int(before_ms)],
                 )
                 .await?;
-            Ok(usize::try_from(removed).unwrap_or(usize::MAX))
+            let events = client
+                .execute(
+                    "DELETE FROM patchwire_operator_events WHERE state <> 0 AND finished_ms < $1",
+                    &[&int(before_ms)],
+                )
+                .await?;
+            Ok(usize::try_from(removed + events).unwrap_or(usize::MAX))
         })
     }
 

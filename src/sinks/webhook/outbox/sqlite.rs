@@ -18,10 +18,12 @@ use tokio::sync::oneshot;
 
 use super::{
     Accepted, Attempt, AttemptEntry, AttemptFilter, AttemptOutcome, AttemptResult, Bodies, Claim,
-    Created, Delivery, DeliveryFilter, Disabled, EndpointRecord, EndpointStatus, NewChange, Next,
-    Outbox, OutboxError, OutboxFuture, Recorded, Replay, StoredDocument, Target, collapses, int,
-    kind_code, kind_of, state_code, state_of, uint,
+    Created, Delivery, DeliveryFilter, Disabled, EndpointRecord, EndpointStatus, NewChange,
+    NewNotice, Next, Notes, OperatorDelivery, OperatorHead, OperatorNote, Outbox, OutboxError,
+    OutboxFuture, Recorded, Replay, StoredDocument, Target, collapses, int, kind_code, kind_of,
+    state_code, state_of, uint,
 };
+use crate::sinks::webhook::body::DeliveryKind;
 use crate::sinks::webhook::body::{self, Cursor, Plan};
 use crate::sinks::webhook::sign::message_id;
 use crate::time::unix_ms;
@@ -113,8 +115,28 @@ CREATE TABLE IF NOT EXISTS fences (
     stream TEXT PRIMARY KEY,
     fence INTEGER NOT NULL
 ) WITHOUT ROWID;
-PRAGMA user_version = 1;
+-- Version 2: operational events for webhooks.operator_url, stored when they happen and sent
+-- in order (state: 0 pending, 1 delivered, 2 dead), each once per key. Deliveries gained the
+-- notice kinds (2 error, 3 recovery) in the same version: a version-1 patchwire would read
+-- them as snapshots, so it refuses this file.
+CREATE TABLE IF NOT EXISTS operator_events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    key TEXT NOT NULL UNIQUE,
+    msg_id TEXT NOT NULL,
+    body BLOB NOT NULL,
+    state INTEGER NOT NULL DEFAULT 0,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt_ms INTEGER NOT NULL,
+    last_error TEXT,
+    created_ms INTEGER NOT NULL,
+    finished_ms INTEGER
+);
+CREATE INDEX IF NOT EXISTS operator_events_pending ON operator_events (id) WHERE state = 0;
+PRAGMA user_version = 2;
 ";
+
+/// The schema version this code writes (version 1 files are upgraded when opened).
+const SCHEMA_VERSION: i64 = 2;
 
 const PENDING: i64 = 0;
 
@@ -238,10 +260,10 @@ fn connect(path: &Path) -> Result<Connection, OutboxError> {
     let version: i64 = conn
         .query_row("PRAGMA user_version", [], |r| r.get(0))
         .map_err(|e| fail(e.to_string()))?;
-    if version > 1 {
+    if version > SCHEMA_VERSION {
         return Err(fail(format!(
-            "the database has schema version {version}, newer than this patchwire (1); \
-             use a newer patchwire or another file"
+            "the database has schema version {version}, newer than this patchwire \
+             ({SCHEMA_VERSION}); use a newer patchwire or another file"
         )));
     }
     conn.execute_batch(SCHEMA)
@@ -382,7 +404,8 @@ fn accept(
         }
         let pending: i64 = conn
             .prepare_cached(
-                "SELECT COUNT(*) FROM deliveries WHERE endpoint_id = ?1 AND stream = ?2 AND state = 0",
+                "SELECT COUNT(*) FROM deliveries WHERE endpoint_id = ?1 AND stream = ?2 AND state = 0 \
+                 AND kind < 2",
             )?
             .query_row(params![target.endpoint, stream], |r| r.get(0))?;
         let collapse = collapses(
@@ -390,9 +413,10 @@ fn accept(
             backlog_limit,
         );
         if collapse {
+            // Changes only: a notice never lacks a base, and says what no snapshot says.
             conn.prepare_cached(
                 "UPDATE deliveries SET state = 3, finished_ms = ?3 \
-                 WHERE endpoint_id = ?1 AND stream = ?2 AND state = 0",
+                 WHERE endpoint_id = ?1 AND stream = ?2 AND state = 0 AND kind < 2",
             )?
             .execute(params![target.endpoint, stream, sql(now)])?;
             accepted.collapsed += 1;
@@ -433,6 +457,68 @@ fn accept(
     Ok(accepted)
 }
 
+/// Queues a notice for its targets: after what each pair has queued, no cursor moved. A pair
+/// without a cursor row gets one (forgotten: it is owed a document it never got), so the
+/// worker finds its queue.
+fn notice(
+    conn: &Connection,
+    notice: &NewNotice,
+    targets: &[String],
+    fence: Option<u64>,
+) -> Result<usize, OutboxError> {
+    check_fence(conn, &notice.stream, fence)?;
+    let now = unix_ms(std::time::SystemTime::now());
+    let mut rng = rand::rng();
+    let stream: &str = &notice.stream;
+    let mut queued = 0;
+    for endpoint in targets {
+        let exists = conn
+            .prepare_cached("SELECT 1 FROM endpoints WHERE id = ?1")?
+            .exists([endpoint])?;
+        if !exists {
+            continue;
+        }
+        conn.prepare_cached(
+            "INSERT INTO cursors (endpoint_id, stream, epoch, seq) VALUES (?1, ?2, NULL, NULL) \
+             ON CONFLICT (endpoint_id, stream) DO NOTHING",
+        )?
+        .execute(params![endpoint, stream])?;
+        conn.prepare_cached(
+            "INSERT INTO deliveries (endpoint_id, stream, msg_id, kind, epoch, seq, base_seq, \
+             body, state, attempts, next_attempt_ms, created_ms) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, NULL, ?7, 0, 0, ?8, ?8)",
+        )?
+        .execute(params![
+            endpoint,
+            stream,
+            message_id(now, &mut rng),
+            kind_code(DeliveryKind::Notice(notice.kind)),
+            sql(notice.epoch),
+            sql(notice.seq),
+            &notice.body[..],
+            sql(now),
+        ])?;
+        queued += 1;
+    }
+    Ok(queued)
+}
+
+/// Stores an operational event unless its key is stored; true when stored now.
+fn note(conn: &Connection, note: &OperatorNote) -> Result<bool, OutboxError> {
+    let stored = conn
+        .prepare_cached(
+            "INSERT INTO operator_events (key, msg_id, body, state, attempts, next_attempt_ms, \
+             created_ms) VALUES (?1, ?2, ?3, 0, 0, ?4, ?4) ON CONFLICT (key) DO NOTHING",
+        )?
+        .execute(params![
+            note.key,
+            note.msg_id,
+            &note.body[..],
+            sql(note.at_ms)
+        ])?;
+    Ok(stored > 0)
+}
+
 fn record(
     conn: &Connection,
     id: i64,
@@ -440,16 +526,20 @@ fn record(
     attempt: &Attempt,
     revision: &AtomicU64,
     next: Option<&Next>,
+    notes: &Notes,
 ) -> Result<Recorded, OutboxError> {
     let now = attempt.ended_ms();
-    let Some((endpoint, stream, state, msg_id)) = conn
-        .prepare_cached("SELECT endpoint_id, stream, state, msg_id FROM deliveries WHERE id = ?1")?
+    let Some((endpoint, stream, state, msg_id, kind)) = conn
+        .prepare_cached(
+            "SELECT endpoint_id, stream, state, msg_id, kind FROM deliveries WHERE id = ?1",
+        )?
         .query_row([id], |r| {
             Ok((
                 r.get::<_, String>(0)?,
                 r.get::<_, String>(1)?,
                 r.get::<_, i64>(2)?,
                 r.get::<_, String>(3)?,
+                r.get::<_, i16>(4)?,
             ))
         })
         .optional()?
@@ -486,8 +576,13 @@ fn record(
                  finished_ms = COALESCE(finished_ms, ?3) WHERE id = ?1",
             )?
             .execute(params![id, status, sql(now)])?;
-            conn.prepare_cached("UPDATE endpoints SET failing_since_ms = NULL WHERE id = ?1 AND failing_since_ms IS NOT NULL")?
+            let recovered = conn.prepare_cached("UPDATE endpoints SET failing_since_ms = NULL WHERE id = ?1 AND failing_since_ms IS NOT NULL")?
                 .execute([&endpoint])?;
+            if recovered > 0
+                && let Some(recovery) = &notes.if_recovered
+            {
+                note(conn, recovery)?;
+            }
         }
         AttemptOutcome::Failed {
             status,
@@ -509,7 +604,8 @@ fn record(
                          finished_ms = COALESCE(finished_ms, ?4) WHERE id = ?1",
                     )?
                     .execute(params![id, status, error, sql(now)])?;
-                    if state == PENDING {
+                    // A dead notice leaves no gap: no change lacks its base.
+                    if state == PENDING && kind < super::FIRST_NOTICE_CODE {
                         recorded.needs_resync = supersede_after_gap(conn, &endpoint, &stream, now)?;
                     }
                 }
@@ -519,6 +615,9 @@ fn record(
             )?
             .execute(params![endpoint, sql(now)])?;
         }
+    }
+    for event in &notes.always {
+        note(conn, event)?;
     }
     recorded.status = read_status(conn, &endpoint, revision)?;
     if let Some(next) = next {
@@ -573,7 +672,7 @@ fn supersede_after_gap(
         .query_row(params![endpoint, stream], |r| r.get(0))?;
     conn.prepare_cached(
         "UPDATE deliveries SET state = 3, finished_ms = ?3 WHERE endpoint_id = ?1 AND stream = ?2 \
-         AND state = 0 AND id < ?4",
+         AND state = 0 AND id < ?4 AND kind < 2",
     )?
     .execute(params![
         endpoint,
@@ -754,13 +853,23 @@ impl Outbox for SqliteOutbox {
         })
     }
 
-    fn set_disabled(
+    fn set_disabled_noted(
         &self,
         id: String,
         disabled: Option<Disabled>,
+        event: Option<OperatorNote>,
     ) -> OutboxFuture<Option<EndpointStatus>> {
         let revision = self.revision.clone();
         self.call(move |conn| {
+            let was_disabled = conn
+                .prepare_cached("SELECT disabled_at_ms IS NOT NULL FROM endpoints WHERE id = ?1")?
+                .query_row([&id], |r| r.get::<_, bool>(0))
+                .optional()?;
+            if let (Some(was), Some(event)) = (was_disabled, &event)
+                && was != disabled.is_some()
+            {
+                note(conn, event)?;
+            }
             let changed = match disabled {
                 Some(d) => conn
                     .prepare_cached(
@@ -903,15 +1012,107 @@ impl Outbox for SqliteOutbox {
         })
     }
 
-    fn record(
+    fn record_noted(
         &self,
         id: i64,
         outcome: AttemptOutcome,
         attempt: Attempt,
         next: Option<Next>,
+        notes: Notes,
     ) -> OutboxFuture<Recorded> {
         let revision = self.revision.clone();
-        self.call(move |conn| record(conn, id, &outcome, &attempt, &revision, next.as_ref()))
+        self.call(move |conn| {
+            record(
+                conn,
+                id,
+                &outcome,
+                &attempt,
+                &revision,
+                next.as_ref(),
+                &notes,
+            )
+        })
+    }
+
+    fn notice(
+        &self,
+        notice: NewNotice,
+        targets: Vec<String>,
+        fence: Option<u64>,
+    ) -> OutboxFuture<usize> {
+        self.call(move |conn| self::notice(conn, &notice, &targets, fence))
+    }
+
+    fn note(&self, event: OperatorNote) -> OutboxFuture<bool> {
+        self.call(move |conn| note(conn, &event))
+    }
+
+    /// One process owns the file and runs one sender: the head is the caller's.
+    fn operator_head(
+        &self,
+        now_ms: u64,
+        _owner: Arc<str>,
+        _hold: Duration,
+    ) -> OutboxFuture<OperatorHead> {
+        self.call(move |conn| {
+            let head = conn
+                .prepare_cached(
+                    "SELECT id, msg_id, body, attempts, next_attempt_ms, created_ms \
+                     FROM operator_events WHERE state = 0 ORDER BY id LIMIT 1",
+                )?
+                .query_row([], |r| {
+                    Ok(OperatorDelivery {
+                        id: r.get(0)?,
+                        msg_id: r.get(1)?,
+                        body: Bytes::from(r.get::<_, Vec<u8>>(2)?),
+                        attempts: u32::try_from(r.get::<_, i64>(3)?).unwrap_or(u32::MAX),
+                        next_attempt_ms: unsql(r.get(4)?),
+                        created_ms: unsql(r.get(5)?),
+                    })
+                })
+                .optional()?;
+            Ok(match head {
+                None => OperatorHead::Empty,
+                Some(head) if head.next_attempt_ms > now_ms => {
+                    OperatorHead::Later(head.next_attempt_ms)
+                }
+                Some(head) => OperatorHead::Due(head),
+            })
+        })
+    }
+
+    fn operator_record(&self, id: i64, outcome: AttemptOutcome, at_ms: u64) -> OutboxFuture<()> {
+        self.call(move |conn| {
+            match outcome {
+                AttemptOutcome::Delivered { .. } => conn
+                    .prepare_cached(
+                        "UPDATE operator_events SET state = 1, attempts = attempts + 1, \
+                         last_error = NULL, finished_ms = ?2 WHERE id = ?1",
+                    )?
+                    .execute(params![id, sql(at_ms)])?,
+                AttemptOutcome::Failed {
+                    error,
+                    retry_at_ms: Some(retry),
+                    ..
+                } => conn
+                    .prepare_cached(
+                        "UPDATE operator_events SET attempts = attempts + 1, last_error = ?2, \
+                         next_attempt_ms = ?3 WHERE id = ?1",
+                    )?
+                    .execute(params![id, error, sql(retry)])?,
+                AttemptOutcome::Failed {
+                    error,
+                    retry_at_ms: None,
+                    ..
+                } => conn
+                    .prepare_cached(
+                        "UPDATE operator_events SET state = 2, attempts = attempts + 1, \
+                         last_error = ?2, finished_ms = ?3 WHERE id = ?1",
+                    )?
+                    .execute(params![id, error, sql(at_ms)])?,
+            };
+            Ok(())
+        })
     }
 
     fn attempts(&self, endpoint: String, filter: AttemptFilter) -> OutboxFuture<Vec<AttemptEntry>> {
@@ -1006,9 +1207,15 @@ impl Outbox for SqliteOutbox {
 
     fn prune(&self, before_ms: u64) -> OutboxFuture<usize> {
         self.call(move |conn| {
-            Ok(conn
+            let deliveries = conn
                 .prepare_cached("DELETE FROM deliveries WHERE state != 0 AND finished_ms < ?1")?
-                .execute([sql(before_ms)])?)
+                .execute([sql(before_ms)])?;
+            let events = conn
+                .prepare_cached(
+                    "DELETE FROM operator_events WHERE state != 0 AND finished_ms < ?1",
+                )?
+                .execute([sql(before_ms)])?;
+            Ok(deliveries + events)
         })
     }
 
@@ -1028,7 +1235,6 @@ mod tests {
     use super::*;
     use crate::sinks::webhook::body::{Format, Mode};
     use crate::sinks::webhook::outbox::{DeliveryState, Source};
-    use crate::wire::ChangeKind;
     use std::collections::BTreeMap;
     use std::sync::Arc;
     use std::time::SystemTime;
@@ -1096,7 +1302,7 @@ mod tests {
             .unwrap();
         assert_eq!(
             pending.iter().map(|d| (d.kind, d.seq)).collect::<Vec<_>>(),
-            [(ChangeKind::Snapshot, 1)]
+            [(DeliveryKind::SNAPSHOT, 1)]
         );
         let mode: String = {
             let conn = Connection::open(&path).unwrap();
