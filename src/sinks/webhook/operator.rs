@@ -183,6 +183,7 @@ impl Operator {
             events: Default::default(),
             format: Default::default(),
             request_hash: None,
+            view_filters: Default::default(),
         };
         let target = Endpoint::new(record, EndpointStatus::default()).map(Arc::new);
         let task = async move {
