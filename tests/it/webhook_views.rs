@@ -309,3 +309,34 @@ async fn admin_api_endpoints_receive_views(store: TestStore) {
 }
 
 crate::on_both_stores!(admin_api_endpoints_receive_views);
+
+/// An ad hoc view an endpoint created through the admin API receives is followed again after a
+/// restart: its id cannot be turned back into its filter, so the endpoint's definition keeps
+/// the filter as written.
+async fn an_admin_api_view_is_followed_again_after_a_restart(store: TestStore) {
+    let upstream = MockUpstream::start(fleet(1, 1)).await;
+    let receiver = Receiver::start(&[SECRET]).await;
+    let toml = app_toml(&upstream, &store, &[]);
+    let app = TestApp::from_toml(&toml).await;
+    app.wait_for_seq("fleet", 1).await;
+    let (status, body) = Admin::new(&app)
+        .call(
+            "POST",
+            "",
+            Some(json!({"url": receiver.url(), "streams": ["fleet?route=R2"], "secret": SECRET})),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    converge(&app, &receiver, "fleet?route=R2", 1).await;
+    app.stop().await;
+
+    let app = TestApp::from_toml(&toml).await;
+    app.wait_for_seq("fleet", 1).await;
+    upstream.set(fleet(1, 2));
+    converge(&app, &receiver, "fleet?route=R2", 2).await;
+    let active = active_views(&app).await;
+    assert_eq!(active.values().sum::<u64>(), 1, "followed: {active:?}");
+    app.stop().await;
+}
+
+crate::on_both_stores!(an_admin_api_view_is_followed_again_after_a_restart);
