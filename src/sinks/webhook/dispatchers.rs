@@ -174,6 +174,21 @@ impl Dispatchers {
         Ok(())
     }
 
+    /// Starts the dispatchers of `streams` (each with whether it keeps its documents and its
+    /// lease, as [`Dispatchers::start_stream`] takes them), then those of the views endpoints
+    /// receive: the sink starting.
+    pub async fn start_all(&self, streams: Vec<(Arc<Stream>, bool, Option<Lease>)>) {
+        let _changing = self.changing.lock().await;
+        for (stream, keep_document, fence) in streams {
+            let name = stream.name().to_owned();
+            self.stop(&name).await;
+            if let Err(error) = self.launch_stream(stream, keep_document, fence) {
+                tracing::error!(stream = %name, %error, "cannot dispatch the stream's webhooks");
+            }
+        }
+        self.reconcile(&[]).await;
+    }
+
     /// Starts `stream`'s dispatcher (none runs for it).
     fn launch_stream(
         &self,
@@ -273,6 +288,10 @@ impl Dispatchers {
 
     async fn reconcile(&self, restarted: &[&str]) {
         let wanted = self.wanted();
+        self.refused
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .retain(|name| wanted.contains_key(name));
         let stale: Vec<String> = self
             .lock()
             .iter()

@@ -141,21 +141,21 @@ impl Webhooks {
             shared.as_ref().map(|_| CLUSTER_POLL),
             shutdown.clone(),
         ));
-        for stream in hub.all() {
-            let keep_document = push_streams.contains(stream.name());
-            let lease = shared
-                .as_ref()
-                .and_then(|s| s.leases.get(stream.name()).cloned());
-            if let Err(error) = dispatchers
-                .start_stream(stream.clone(), keep_document, lease)
-                .await
-            {
-                tracing::error!(stream = stream.name(), %error, "cannot dispatch the stream's webhooks");
-            }
-        }
-        // The views endpoints receive: each its own dispatcher, on the view's stream, run by
-        // the node holding the source stream's lease (a view has none of its own).
-        dispatchers.reconcile_views(&[]).await;
+        // One dispatcher per stream, then one per view endpoints receive: each on the view's
+        // stream, run by the node holding the source stream's lease (a view has none of its
+        // own).
+        let streams = hub
+            .all()
+            .into_iter()
+            .map(|stream| {
+                let keep_document = push_streams.contains(stream.name());
+                let lease = shared
+                    .as_ref()
+                    .and_then(|s| s.leases.get(stream.name()).cloned());
+                (stream, keep_document, lease)
+            })
+            .collect();
+        dispatchers.start_all(streams).await;
         let resync = dispatchers.routes();
         let operator = match &settings.operator {
             Some(operator) => {
