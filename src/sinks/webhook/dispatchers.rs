@@ -414,3 +414,108 @@ impl Dispatchers {
         self.tracker.wait().await;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::diff::DiffOptions;
+    use crate::hub::StreamOptions;
+    use crate::metrics::Metrics;
+    use crate::sinks::webhook::outbox::sqlite::SqliteOutbox;
+    use crate::snapshot::SnapshotStore;
+
+    fn stream(name: &str) -> Arc<Stream> {
+        Arc::new(Stream::new(
+            name,
+            StreamOptions {
+                history: 10,
+                history_bytes: u64::MAX,
+                buffer: 64,
+                diff: DiffOptions::default(),
+            },
+            SnapshotStore::new(),
+            Arc::new(Metrics::new()),
+        ))
+    }
+
+    async fn dispatchers(shared: Option<Duration>, shutdown: &CancellationToken) -> Dispatchers {
+        let outbox: Arc<dyn Outbox> = Arc::new(
+            SqliteOutbox::open(Path::new(":memory:"))
+                .await
+                .expect("an in-memory outbox"),
+        );
+        Dispatchers::new(
+            outbox,
+            Arc::new(Registry::new()),
+            100,
+            Arc::new(Notify::new()),
+            Arc::new(Hub::new()),
+            Arc::new(Views::new()),
+            shared,
+            shutdown.clone(),
+        )
+    }
+
+    #[tokio::test]
+    async fn a_stream_dispatcher_starts_is_replaced_and_stops() {
+        let shutdown = CancellationToken::new();
+        let dispatchers = dispatchers(None, &shutdown).await;
+        let s = stream("s");
+        dispatchers
+            .start_stream(s.clone(), false, None)
+            .await
+            .expect("started");
+        assert_eq!(dispatchers.names(), ["s"]);
+        assert!(dispatchers.committed("s").is_some());
+        let first = dispatchers.routes().get("s").expect("a route");
+        // Replaced (a change of source): one dispatcher still, with a new route.
+        dispatchers
+            .start_stream(s.clone(), true, None)
+            .await
+            .expect("replaced");
+        assert_eq!(dispatchers.names(), ["s"]);
+        let second = dispatchers.routes().get("s").expect("a route");
+        assert!(!first.same_channel(&second));
+        assert!(first.is_closed(), "the first dispatcher returned");
+        dispatchers.stop_stream("s").await;
+        assert!(dispatchers.names().is_empty());
+        assert!(dispatchers.committed("s").is_none());
+        assert!(dispatchers.routes().get("s").is_none());
+        assert!(second.is_closed(), "the second dispatcher returned");
+    }
+
+    #[tokio::test]
+    async fn on_a_shared_store_a_stream_needs_its_fence_and_nothing_starts_at_shutdown() {
+        let shutdown = CancellationToken::new();
+        let shared = dispatchers(Some(Duration::from_millis(500)), &shutdown).await;
+        assert_eq!(
+            shared.start_stream(stream("s"), false, None).await,
+            Err(NotStarted::NoFence("s".into()))
+        );
+        assert!(shared.names().is_empty());
+        let (_holder, fence) = tokio::sync::watch::channel(None);
+        shared
+            .start_stream(stream("s"), false, Some(fence))
+            .await
+            .expect("started under its lease");
+        assert_eq!(shared.names(), ["s"]);
+
+        let alone = Arc::new(dispatchers(None, &shutdown).await);
+        let run = tokio::spawn(alone.clone().run(Duration::from_secs(1), shutdown.clone()));
+        alone
+            .start_stream(stream("t"), false, None)
+            .await
+            .expect("started");
+        shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(5), run)
+            .await
+            .expect("shutdown waits for the dispatchers, which stop")
+            .expect("no panic");
+        assert_eq!(
+            alone.start_stream(stream("u"), false, None).await,
+            Err(NotStarted::ShuttingDown)
+        );
+    }
+}
