@@ -295,10 +295,6 @@ impl Webhooks {
         self.dispatchers.reconcile_views(restarted).await;
     }
 
-    /// The names (streams and views) whose dispatchers run on this node, sorted.
-    pub fn dispatching(&self) -> Vec<String> {
-        self.dispatchers.names()
-    }
 
     /// The outbox (`/readyz` asks it a trivial query).
     pub fn outbox(&self) -> &Arc<dyn Outbox> {
