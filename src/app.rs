@@ -153,6 +153,7 @@ impl App {
             budget: Budget::new(config.max_views),
             leases: HashMap::new(),
             running: HashMap::new(),
+            clustered: HashMap::new(),
         };
         if let (Some(settings), Some(listener)) = (config.simulator.clone(), listeners.simulator) {
             let shutdown = shutdown.clone();
@@ -182,8 +183,10 @@ impl App {
             leases,
             running,
             budget,
+            clustered,
             ..
         } = streams;
+        let writers: Writers = Arc::new(std::sync::RwLock::new(writers));
         let views = Arc::new(views);
         let mut tasks = JoinSet::new();
         let webhooks = match (&config.webhooks, outbox) {
@@ -312,6 +315,11 @@ impl App {
                 push: push.clone(),
                 webhooks: webhooks.clone(),
                 contracts: contracts.clone(),
+                cluster: cluster.as_ref().map(|node| reload::InCluster {
+                    node: node.clone(),
+                    writers: writers.clone(),
+                    streams: std::sync::Mutex::new(clustered),
+                }),
                 shutdown: shutdown.clone(),
             })
         });
@@ -356,7 +364,7 @@ impl App {
             subscriptions: subscriptions.clone(),
             cluster: cluster.as_ref().map(|node| ClusterState {
                 node: node.clone(),
-                writers,
+                writers: writers.clone(),
             }),
             contracts: contracts.clone(),
         });
@@ -412,6 +420,7 @@ impl App {
             shutdown,
             reloader: _,
         } = self;
+        api::server::fit_open_files(serve.max_connections);
         for task in starting {
             tasks.spawn(task);
         }
@@ -585,6 +594,77 @@ struct Streams<'a> {
     /// Each configured stream's own token, under which its poller and keep-alive run (a
     /// reload cancels it to stop them).
     running: HashMap<String, CancellationToken>,
+    /// In a cluster, each configured stream's part in it, which a reload changes.
+    clustered: HashMap<String, Clustered>,
+}
+
+/// The cluster's writers of the push streams, by name (a reload adds and removes them).
+pub(crate) type Writers = Arc<std::sync::RwLock<HashMap<String, Arc<Writer>>>>;
+
+/// A configured stream's part in a cluster, on this node.
+pub(crate) struct Clustered {
+    /// The fingerprint of this node's configuration of the stream
+    /// ([`crate::config::changes::fingerprint`]): its lease keeper takes the lease only while
+    /// the stream's log belongs to it. A reload sends the new one.
+    pub(crate) config: watch::Sender<Option<Arc<str>>>,
+    /// The stream's lease, if it has one (a polled stream; a push stream with webhooks on a
+    /// shared outbox).
+    pub(crate) held: Option<watch::Receiver<Option<Holding>>>,
+    /// The lease keeper's token: cancelled when the stream is removed (or its lease taken
+    /// anew), so the keeper gives the lease up.
+    pub(crate) lease: CancellationToken,
+}
+
+/// The fingerprint of stream `name`'s content settings in `config`.
+pub(crate) fn fingerprint(config: &Config, name: &str) -> Arc<str> {
+    Arc::from(crate::config::changes::fingerprint(config, name).unwrap_or_default())
+}
+
+/// The lease of a polled stream in a cluster, taken while this node runs `config` (the
+/// fingerprint of its configuration of the stream) until `lease` is cancelled: the watch
+/// and the tasks that keep it.
+pub(crate) fn polled_lease(
+    cluster: &Cluster,
+    settings: &crate::upstream::config::StreamSettings,
+    stream: &Arc<Stream>,
+    retention: crate::cluster::store::Retention,
+    config: watch::Receiver<Option<Arc<str>>>,
+    lease: &CancellationToken,
+) -> (watch::Receiver<Option<Holding>>, Vec<Task>) {
+    match settings.on_demand {
+        None => {
+            let (held, keeper) = cluster.keep_lease(&settings.name, retention, config, lease);
+            (held, vec![keeper])
+        }
+        Some(_) => {
+            let (_, period) = watch::channel(settings.interval);
+            // `lease` stands for the node's shutdown too: a configured stream retired here
+            // never deletes its log (other nodes may still run it; its keys expire).
+            let held = cluster.on_demand(
+                stream,
+                retention,
+                stream.demand(),
+                period,
+                config,
+                lease,
+                lease,
+            );
+            (held.held, held.tasks)
+        }
+    }
+}
+
+/// The cluster's quota of a polled stream's rate limits.
+pub(crate) fn cluster_quota(
+    cluster: &Cluster,
+    rate_limits: &Arc<RateLimits>,
+    metrics: &Arc<Metrics>,
+) -> Arc<dyn SharedQuota> {
+    Arc::new(ClusterQuota::new(
+        cluster.store().clone(),
+        rate_limits.clone(),
+        metrics.clone(),
+    ))
 }
 
 /// The streams a cluster node follows: those of its hub, and the dynamic streams it serves.
@@ -710,35 +790,35 @@ impl Streams<'_> {
             let mut quota: Option<Arc<dyn SharedQuota>> = None;
             if let Some(cluster) = self.cluster.clone() {
                 let retention = cluster.retention(settings.history, settings.history_bytes);
-                let held = match settings.on_demand {
-                    None => {
-                        let (held, keeper) =
-                            cluster.keep_lease(&settings.name, retention, &self.shutdown);
-                        self.starting.push(keeper);
-                        held
-                    }
-                    Some(_) => {
-                        let (_, period) = watch::channel(settings.interval);
-                        let lease = cluster.on_demand(
-                            &stream,
-                            retention,
-                            stream.demand(),
-                            period,
-                            &self.shutdown,
-                            &self.shutdown,
-                        );
-                        self.starting.extend(lease.tasks);
-                        lease.held
-                    }
-                };
+                let fingerprint = fingerprint(self.config, &settings.name);
+                let (config, watched) = watch::channel(Some(fingerprint.clone()));
+                let lease = self.shutdown.child_token();
+                self.starting.push(cluster.claim(
+                    &settings.name,
+                    fingerprint.clone(),
+                    retention,
+                    &token,
+                ));
+                let (held, tasks) =
+                    polled_lease(&cluster, settings, &stream, retention, watched, &lease);
+                self.starting.extend(tasks);
                 self.leases.insert(settings.name.clone(), held.clone());
-                publish = cluster.writer(stream.clone(), retention, Some(held.clone()));
+                publish = cluster.writer(
+                    stream.clone(),
+                    retention,
+                    Some(held.clone()),
+                    Some(fingerprint),
+                );
+                self.clustered.insert(
+                    settings.name.clone(),
+                    Clustered {
+                        config,
+                        held: Some(held.clone()),
+                        lease,
+                    },
+                );
                 turns = Some(held);
-                quota = Some(Arc::new(ClusterQuota::new(
-                    cluster.store().clone(),
-                    rate_limits.clone(),
-                    self.metrics.clone(),
-                )));
+                quota = Some(cluster_quota(&cluster, rate_limits, &self.metrics));
             }
             let mut poller = Poller::new(
                 Arc::new(settings.clone()),
@@ -814,8 +894,20 @@ impl Streams<'_> {
             };
             let stream = self.add(stream);
             self.derive_views(&stream, settings.views.as_ref(), options);
-            if let Some(cluster) = &self.cluster {
+            if let Some(cluster) = self.cluster.clone() {
                 let retention = cluster.retention(settings.history, settings.history_bytes);
+                let fingerprint = fingerprint(self.config, &settings.name);
+                let (config, watched) = watch::channel(Some(fingerprint.clone()));
+                let lease = self.shutdown.child_token();
+                if let Some(token) = self.running.get(&settings.name) {
+                    self.starting.push(cluster.claim(
+                        &settings.name,
+                        fingerprint.clone(),
+                        retention,
+                        token,
+                    ));
+                }
+                let mut held = None;
                 if self
                     .config
                     .webhooks
@@ -824,14 +916,23 @@ impl Streams<'_> {
                 {
                     // Any node writes a push stream, but one dispatches its webhooks: the
                     // holder of a lease taken for that alone.
-                    let (held, keeper) =
-                        cluster.keep_lease(&settings.name, retention, &self.shutdown);
+                    let (watch, keeper) =
+                        cluster.keep_lease(&settings.name, retention, watched, &lease);
                     self.starting.push(keeper);
-                    self.leases.insert(settings.name.clone(), held);
+                    self.leases.insert(settings.name.clone(), watch.clone());
+                    held = Some(watch);
                 }
                 self.writers.insert(
                     settings.name.clone(),
-                    cluster.writer(stream, retention, None),
+                    cluster.writer(stream, retention, None, Some(fingerprint)),
+                );
+                self.clustered.insert(
+                    settings.name.clone(),
+                    Clustered {
+                        config,
+                        held,
+                        lease,
+                    },
                 );
             }
         }

@@ -74,8 +74,9 @@ pub struct AppState {
 pub struct ClusterState {
     /// This node's membership.
     pub node: Arc<crate::cluster::node::Cluster>,
-    /// The writers of the push streams: a push goes through the cluster's log.
-    pub writers: HashMap<String, Arc<crate::cluster::writer::Writer>>,
+    /// The writers of the push streams: a push goes through the cluster's log (a reload
+    /// adds, replaces and removes them).
+    pub writers: Arc<std::sync::RwLock<HashMap<String, Arc<crate::cluster::writer::Writer>>>>,
 }
 
 impl AppState {
@@ -93,8 +94,14 @@ impl AppState {
     }
 
     /// The cluster's writer of push stream `name`, in a cluster.
-    pub fn cluster_writer(&self, name: &str) -> Option<&Arc<crate::cluster::writer::Writer>> {
-        self.cluster.as_ref()?.writers.get(name)
+    pub fn cluster_writer(&self, name: &str) -> Option<Arc<crate::cluster::writer::Writer>> {
+        self.cluster
+            .as_ref()?
+            .writers
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(name)
+            .cloned()
     }
 }
 

@@ -326,6 +326,18 @@ fn cluster_refusal<E>(error: WriteError<E>, refused: impl FnOnce(E) -> Response)
             tracing::warn!(%error, "a push could not reach the cluster's log");
             unreachable_refusal()
         }
+        WriteError::Stale => {
+            let mut response = error_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "another node of the cluster was reloaded with another configuration of this \
+                 stream, and this one not yet: nothing was published; retry (or push to a \
+                 reloaded node)",
+            );
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            response
+        }
         WriteError::Contended | WriteError::Fenced => {
             let mut response = error_response(
                 StatusCode::CONFLICT,

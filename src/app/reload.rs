@@ -10,12 +10,17 @@ use std::time::Duration;
 use futures_util::future::BoxFuture;
 use http::StatusCode;
 use serde_json::{Value, json};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use super::{Retiring, keep_alive, poll_task};
+use super::{
+    Clustered, Retiring, Writers, cluster_quota, fingerprint, keep_alive, poll_task, polled_lease,
+};
 use crate::api::listing::{PolledUpstream, PolledUpstreams};
 use crate::api::push::PushAuth;
 use crate::api::reload::{Reload, ReloadAnswer};
+use crate::cluster::lease::Holding;
+use crate::cluster::node::{Cluster, Task};
 use crate::config::changes::{self, Changes, StreamChange};
 use crate::config::{self, Config, PushStreamSettings};
 use crate::diff::DiffOptions;
@@ -56,7 +61,48 @@ pub struct Reloader {
     pub(super) webhooks: Option<Arc<Webhooks>>,
     /// What `/asyncapi.json` and `/openapi.json` describe: the applied file's.
     pub(super) contracts: Arc<crate::contracts::Current>,
+    /// This node's part of a cluster, when `[cluster]` is configured.
+    pub(super) cluster: Option<InCluster>,
     pub(super) shutdown: CancellationToken,
+}
+
+/// What a reload changes of this node's part in a cluster.
+pub(crate) struct InCluster {
+    pub(crate) node: Arc<Cluster>,
+    /// The push streams' writers, which the push routes read.
+    pub(crate) writers: Writers,
+    /// Each configured stream's part in the cluster.
+    pub(crate) streams: Mutex<HashMap<String, Clustered>>,
+}
+
+impl Reloader {
+    /// In a cluster, the lease of configured stream `name` (a polled stream's; a push
+    /// stream's with webhooks on a shared outbox) as this node keeps it now, including a
+    /// stream a reload added: what a webhook dispatcher follows (`fences`).
+    pub fn lease(&self, name: &str) -> Option<watch::Receiver<Option<Holding>>> {
+        let cluster = self.cluster.as_ref()?;
+        let streams = cluster
+            .streams
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        streams.get(name)?.held.clone()
+    }
+
+    /// In a cluster, whether this node publishes configured stream `name` to brokers: its
+    /// lease holder's turn, or for a push stream without a lease its rendezvous owner's, as
+    /// at start (a watch and the task that keeps it, to run until `shutdown`).
+    pub fn broker_turn(
+        &self,
+        name: &str,
+        shutdown: &CancellationToken,
+    ) -> Option<(watch::Receiver<bool>, Task)> {
+        let cluster = self.cluster.as_ref()?;
+        self.hub.get(name)?;
+        Some(match self.lease(name) {
+            Some(held) => cluster.node.lease_turn(held, shutdown),
+            None => cluster.node.owner_turn(name, shutdown),
+        })
+    }
 }
 
 impl Reload for Reloader {
@@ -250,11 +296,20 @@ impl Reloader {
         let (Some(webhooks), Some(stream)) = (&self.webhooks, self.hub.get(name)) else {
             return;
         };
-        // Reloads that add streams or change their source are refused in a cluster, where
-        // a stream's documents live in Redis and its dispatcher runs under its lease.
+        // In a cluster a stream's documents live in Redis and, on a shared store, its
+        // dispatcher runs under its lease's fence. (With `[webhooks]` a cluster's reload that
+        // adds a stream or changes its source is refused today: `config::changes`.)
         let keep_document =
             new.cluster.is_none() && new.push_streams.iter().any(|s| s.name == name);
-        if let Err(error) = webhooks.start_dispatcher(stream, keep_document, None).await {
+        let shared = new.webhooks.as_ref().is_some_and(|w| w.store.is_shared());
+        let fence = self
+            .lease(name)
+            .filter(|_| shared)
+            .map(|held| super::fences(held, &self.shutdown));
+        if let Err(error) = webhooks
+            .start_dispatcher(stream, keep_document, fence)
+            .await
+        {
             tracing::error!(stream = %name, %error, "cannot dispatch the stream's webhooks");
         }
     }
@@ -338,10 +393,14 @@ impl Reloader {
     /// Starts stream `name` over with its new settings, keeping its subscribers: a polled
     /// stream gets a new poller whose first document is sent to every subscriber as a
     /// snapshot in a new epoch; a push stream starts over at once from its current document.
+    /// In a cluster see [`Self::restart_in_cluster`].
     fn restart(&self, name: &str, new: &Config, fields: &[&'static str]) {
         let Some(stream) = self.hub.get(name) else {
             return;
         };
+        if let Some(cluster) = &self.cluster {
+            return self.restart_in_cluster(cluster, &stream, new, fields);
+        }
         let buffer = self.buffer(&stream);
         let token = self.stop_tasks(name);
         self.keep_alive(&stream, new.server.keepalive, &token);
@@ -362,7 +421,7 @@ impl Reloader {
                 stream: stream.clone(),
                 options: Mutex::new(Some(options)),
             });
-            self.start_poller(settings, stream, publish, token, new);
+            self.start_poller(settings, stream, publish, None, token, new);
         } else if let Some(settings) = new.push_streams.iter().find(|s| s.name == name) {
             self.upstreams.remove(name);
             let options = self.push_options(settings, buffer);
@@ -379,6 +438,129 @@ impl Reloader {
         }
     }
 
+    /// Starts stream `name` over in a cluster, keeping its subscribers. Its log is shared, so
+    /// this node does not start it over by itself: its new settings apply to its copy (history
+    /// bounds, diff options, views), its poller and writer are built again with them, and its
+    /// claim of the log for its configuration (the fingerprint of the stream's content
+    /// settings) goes to Redis. When the content settings changed, that claim ends the log
+    /// written from the previous ones: the lease holder running the new configuration writes
+    /// the first document of the new source as a snapshot in a new epoch, once, which every
+    /// node's follower loads (its subscribers get it whole), and nodes still running the
+    /// previous configuration stand by (neither take the lease nor write) until reloaded.
+    /// Otherwise the epoch goes on. The lease keeper is kept (webhooks and brokers follow its
+    /// watch), told the new fingerprint; a change of `on_demand` or of source takes the lease
+    /// anew.
+    fn restart_in_cluster(
+        &self,
+        cluster: &InCluster,
+        stream: &Arc<Stream>,
+        new: &Config,
+        fields: &[&'static str],
+    ) {
+        let name = stream.name().to_owned();
+        let buffer = self.buffer(stream);
+        let token = self.stop_tasks(&name);
+        self.keep_alive(stream, new.server.keepalive, &token);
+        let fingerprint = fingerprint(new, &name);
+        let node = &cluster.node;
+        let mut clustered = cluster
+            .streams
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let retake = fields.contains(&"on_demand") || fields.contains(&"source");
+        if retake && let Some(old) = clustered.remove(&name) {
+            old.lease.cancel();
+        }
+        if let Some(kept) = clustered.get(&name) {
+            kept.config.send_replace(Some(fingerprint.clone()));
+        }
+        if let Some(settings) = new.streams.iter().find(|s| s.name == name) {
+            cluster
+                .writers
+                .write()
+                .unwrap_or_else(PoisonError::into_inner)
+                .remove(&name);
+            let options = self.options(
+                settings.history,
+                settings.history_bytes,
+                &settings.diff,
+                buffer,
+            );
+            stream.set_options(options.clone());
+            if fields.contains(&"views") || fields.contains(&"source") {
+                self.views.replace(
+                    stream,
+                    self.views_of(stream, settings.views.as_ref(), &options),
+                );
+            }
+            let retention = node.retention(settings.history, settings.history_bytes);
+            tokio::spawn(node.claim(&name, fingerprint.clone(), retention, &token));
+            let held = match clustered.get(&name).and_then(|c| c.held.clone()) {
+                Some(held) => held,
+                None => {
+                    let (config, watched) = watch::channel(Some(fingerprint.clone()));
+                    let lease = self.shutdown.child_token();
+                    let (held, tasks) =
+                        polled_lease(node, settings, stream, retention, watched, &lease);
+                    for task in tasks {
+                        tokio::spawn(task);
+                    }
+                    clustered.insert(
+                        name.clone(),
+                        Clustered {
+                            config,
+                            held: Some(held.clone()),
+                            lease,
+                        },
+                    );
+                    held
+                }
+            };
+            drop(clustered);
+            let writer = node.writer(
+                stream.clone(),
+                retention,
+                Some(held.clone()),
+                Some(fingerprint),
+            );
+            self.start_poller(settings, stream.clone(), writer, Some(held), token, new);
+        } else if let Some(settings) = new.push_streams.iter().find(|s| s.name == name) {
+            self.upstreams.remove(&name);
+            let options = self.push_options(settings, buffer);
+            stream.set_options(options.clone());
+            if fields.contains(&"views") || fields.contains(&"source") {
+                self.views.replace(
+                    stream,
+                    self.views_of(stream, settings.views.as_ref(), &options),
+                );
+            }
+            let retention = node.retention(settings.history, settings.history_bytes);
+            tokio::spawn(node.claim(&name, fingerprint.clone(), retention, &token));
+            if !clustered.contains_key(&name) {
+                // A push stream takes a lease only for webhooks, which a change of source in
+                // a cluster refuses (`config::changes`): none here.
+                let (config, _) = watch::channel(Some(fingerprint.clone()));
+                clustered.insert(
+                    name.clone(),
+                    Clustered {
+                        config,
+                        held: None,
+                        lease: self.shutdown.child_token(),
+                    },
+                );
+            }
+            drop(clustered);
+            cluster
+                .writers
+                .write()
+                .unwrap_or_else(PoisonError::into_inner)
+                .insert(
+                    name,
+                    node.writer(stream.clone(), retention, None, Some(fingerprint)),
+                );
+        }
+    }
+
     fn push_options(&self, settings: &PushStreamSettings, buffer: usize) -> StreamOptions {
         self.options(
             settings.history,
@@ -388,12 +570,15 @@ impl Reloader {
         )
     }
 
-    /// Builds and starts the poller of `stream` under `token`, publishing through `publish`.
+    /// Builds and starts the poller of `stream` under `token`, publishing through `publish`;
+    /// in a cluster it polls in the turns `held` gives (while this node holds the lease),
+    /// within the cluster's rate limits.
     fn start_poller(
         &self,
         settings: &StreamSettings,
         stream: Arc<Stream>,
         publish: Arc<dyn Publish>,
+        held: Option<watch::Receiver<Option<Holding>>>,
         token: CancellationToken,
         config: &Config,
     ) {
@@ -401,7 +586,7 @@ impl Reloader {
             inner: publish,
             token: token.clone(),
         });
-        let poller = Poller::new(
+        let mut poller = Poller::new(
             Arc::new(settings.clone()),
             self.fetcher.clone(),
             self.rate_limits.limiter(&settings.rate_limit_group),
@@ -409,6 +594,13 @@ impl Reloader {
             publish,
             config.upstream.backoff,
         );
+        if let (Some(held), Some(cluster)) = (held, &self.cluster) {
+            poller = poller.taking_turns(held).sharing_quota(cluster_quota(
+                &cluster.node,
+                &self.rate_limits,
+                &self.metrics,
+            ));
+        }
         self.upstreams.insert(
             settings.name.clone(),
             PolledUpstream {
@@ -423,8 +615,27 @@ impl Reloader {
     }
 
     /// Ends stream `name`: its subscribers get an `error` event saying it was removed, then
-    /// its subscriptions end.
+    /// its subscriptions end. In a cluster this node stops following and writing it and gives
+    /// its lease up (a node not reloaded yet may take it and go on polling it); its keys stay
+    /// in Redis for the nodes that still run it and expire `cluster.key_ttl` after the last
+    /// write or poll.
     fn remove(&self, name: &str) {
+        if let Some(cluster) = &self.cluster {
+            if let Some(clustered) = cluster
+                .streams
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .remove(name)
+            {
+                clustered.lease.cancel();
+            }
+            cluster
+                .writers
+                .write()
+                .unwrap_or_else(PoisonError::into_inner)
+                .remove(name);
+            cluster.node.forget(name);
+        }
         if let Some(token) = self
             .running
             .lock()
@@ -446,7 +657,9 @@ impl Reloader {
         }
     }
 
-    /// Starts stream `name`, new in `new`, as at start.
+    /// Starts stream `name`, new in `new`, as at start. In a cluster this node loads it from
+    /// the log (another node may run it already), claims the log for its configuration,
+    /// competes for its lease (a polled stream) and writes it through the log.
     fn add(&self, name: &str, new: &Config) {
         let buffer = new.server.subscriber_buffer;
         let token = self.shutdown.child_token();
@@ -466,7 +679,42 @@ impl Reloader {
             if let Some(views) = self.views_of(&stream, settings.views.as_ref(), &options) {
                 self.views.attach(&stream, views);
             }
-            self.start_poller(settings, stream.clone(), stream, token, new);
+            match &self.cluster {
+                None => self.start_poller(settings, stream.clone(), stream, None, token, new),
+                Some(cluster) => {
+                    let node = &cluster.node;
+                    let retention = node.retention(settings.history, settings.history_bytes);
+                    let fingerprint = fingerprint(new, name);
+                    self.load_from_log(node, &stream, settings.history);
+                    tokio::spawn(node.claim(name, fingerprint.clone(), retention, &token));
+                    let (config, watched) = watch::channel(Some(fingerprint.clone()));
+                    let lease = self.shutdown.child_token();
+                    let (held, tasks) =
+                        polled_lease(node, settings, &stream, retention, watched, &lease);
+                    for task in tasks {
+                        tokio::spawn(task);
+                    }
+                    cluster
+                        .streams
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .insert(
+                            name.to_owned(),
+                            Clustered {
+                                config,
+                                held: Some(held.clone()),
+                                lease,
+                            },
+                        );
+                    let writer = node.writer(
+                        stream.clone(),
+                        retention,
+                        Some(held.clone()),
+                        Some(fingerprint),
+                    );
+                    self.start_poller(settings, stream, writer, Some(held), token, new);
+                }
+            }
         } else if let Some(settings) = new.push_streams.iter().find(|s| s.name == name) {
             let options = self.push_options(settings, buffer);
             let stream = self.insert(name, options.clone());
@@ -474,7 +722,49 @@ impl Reloader {
             if let Some(views) = self.views_of(&stream, settings.views.as_ref(), &options) {
                 self.views.attach(&stream, views);
             }
+            if let Some(cluster) = &self.cluster {
+                // Any node writes a push stream; with webhooks it would take a lease for them,
+                // which a reload in a cluster refuses (`config::changes`): none here.
+                let node = &cluster.node;
+                let retention = node.retention(settings.history, settings.history_bytes);
+                let fingerprint = fingerprint(new, name);
+                self.load_from_log(node, &stream, settings.history);
+                tokio::spawn(node.claim(name, fingerprint.clone(), retention, &token));
+                let (config, _) = watch::channel(Some(fingerprint.clone()));
+                cluster
+                    .streams
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .insert(
+                        name.to_owned(),
+                        Clustered {
+                            config,
+                            held: None,
+                            lease: self.shutdown.child_token(),
+                        },
+                    );
+                cluster
+                    .writers
+                    .write()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .insert(
+                        name.to_owned(),
+                        node.writer(stream, retention, None, Some(fingerprint)),
+                    );
+            }
         }
+    }
+
+    /// Loads a stream new on this node from the cluster's log, where other nodes may have
+    /// written it already (the follower keeps it up to date from then on).
+    fn load_from_log(&self, node: &Cluster, stream: &Arc<Stream>, history: usize) {
+        let catchup = node.catchup(history);
+        let stream = stream.clone();
+        tokio::spawn(async move {
+            if let Err(error) = catchup.reload(&stream).await {
+                tracing::debug!(stream = stream.name(), %error, "cannot load the stream from the log yet; the follower will");
+            }
+        });
     }
 
     fn insert(&self, name: &str, options: StreamOptions) -> Arc<Stream> {

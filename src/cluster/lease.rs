@@ -95,6 +95,10 @@ pub struct Keeper {
     pub taking: Taking,
     /// The node's shutdown (the keeper's own token may end sooner: a stream retired).
     pub node_shutdown: CancellationToken,
+    /// The fingerprint of this node's configuration of the stream (`None`: a dynamic
+    /// stream), changed by a reload: the keeper takes the lease only while the stream's log
+    /// belongs to it, and hands it only to a node that runs it too.
+    pub config: watch::Receiver<Option<Arc<str>>>,
 }
 
 /// Which nodes a stream's lease goes to.
@@ -178,6 +182,22 @@ pub fn place(ranking: &[&str], node: &str, gone: Option<&str>) -> Option<usize> 
 }
 
 impl Keeper {
+    /// Whether the lease may go to `to`: it runs the configuration the stream's log belongs
+    /// to (always, for a dynamic stream; never when Redis does not say).
+    async fn may_hand_to(&self, to: Option<&str>) -> bool {
+        let Some(to) = to else { return false };
+        if self.config.borrow().is_none() {
+            return true;
+        }
+        match self.store.runs_config_of(&self.stream, to).await {
+            Ok(runs) => runs,
+            Err(error) => {
+                tracing::debug!(stream = %self.stream, %error, "cannot tell which configuration the better-placed node runs; keeping the lease");
+                false
+            }
+        }
+    }
+
     /// Renewal period: a third of the TTL, so two renewals may fail before the lease expires.
     fn step(&self) -> Duration {
         (self.ttl / 3).max(Duration::from_millis(10))
@@ -199,6 +219,8 @@ impl Keeper {
         let mut better_since: Option<Instant> = None;
         // Who held the lease when this node last looked.
         let mut last_holder: Option<String> = None;
+        // Refused for running another configuration than the log's (said once).
+        let mut standing_by = false;
         loop {
             let now = Instant::now();
             let live = self.nodes.borrow().clone();
@@ -254,6 +276,11 @@ impl Keeper {
                         count(&self.metrics, LeaseEvent::Lost);
                     }
                 }
+                Step::HandOver if !self.may_hand_to(ranking.first().copied()).await => {
+                    // The better-placed node runs another configuration of the stream (not
+                    // reloaded yet): it could not take the lease, so keep it.
+                    better_since = None;
+                }
                 Step::HandOver => {
                     let held = fence.take().unwrap_or(0);
                     self.held.send_replace(None);
@@ -283,9 +310,16 @@ impl Keeper {
                     Err(_) => {}
                 },
                 Step::Acquire => {
+                    let config = self.config.borrow().clone();
                     match self
                         .store
-                        .acquire(&self.stream, &self.node, self.ttl, &self.retention)
+                        .acquire(
+                            &self.stream,
+                            &self.node,
+                            self.ttl,
+                            &self.retention,
+                            config.as_deref(),
+                        )
                         .await
                     {
                         Ok(Lease::Held {
@@ -304,6 +338,12 @@ impl Keeper {
                         Ok(Lease::HeldBy(holder)) => {
                             free_since = None;
                             last_holder = Some(holder);
+                            standing_by = false;
+                        }
+                        Ok(Lease::OtherConfig) => {
+                            if !std::mem::replace(&mut standing_by, true) {
+                                tracing::warn!(stream = %self.stream, "another node loaded another configuration of this stream: this node stands by (neither polls nor writes it) until it is reloaded with the same");
+                            }
                         }
                         Err(error) => {
                             tracing::debug!(stream = %self.stream, %error, "cannot take the lease");
@@ -316,6 +356,9 @@ impl Keeper {
                 () = shutdown.cancelled() => break,
                 () = tokio::time::sleep_until(wake) => {}
                 _ = self.nodes.changed() => {}
+                () = changed(&mut self.config) => {
+                    standing_by = false;
+                }
                 () = self.released.notified() => {
                     free_since.get_or_insert(Instant::now());
                 }
@@ -346,6 +389,13 @@ impl Keeper {
                 }
             }
         }
+    }
+}
+
+/// Returns when `config` changes; never once its sender is gone (nothing will change it).
+async fn changed(config: &mut watch::Receiver<Option<Arc<str>>>) {
+    if config.changed().await.is_err() {
+        std::future::pending::<()>().await;
     }
 }
 

@@ -15,7 +15,7 @@ use super::follow::{Catchup, Follower};
 use super::keys::Keys;
 use super::lease::{self, Holding, Keeper, Releases, Taking};
 use super::replica::Replicas;
-use super::store::{Retention, Store, StoreError};
+use super::store::{Claimed, Retention, Store, StoreError};
 use super::writer::Writer;
 use crate::hub::Stream;
 use crate::metrics::Metrics;
@@ -173,12 +173,15 @@ impl Cluster {
         ]
     }
 
-    /// Keeps `stream`'s lease (the task to run); the watch says whether this node holds it.
+    /// Keeps `stream`'s lease (the task to run, until `retired`: the stream removed, or the
+    /// node's shutdown) for this node's configuration of it (`config`, which a reload
+    /// changes); the watch says whether this node holds it.
     pub fn keep_lease(
         &self,
         stream: &str,
         retention: Retention,
-        shutdown: &CancellationToken,
+        config: watch::Receiver<Option<Arc<str>>>,
+        retired: &CancellationToken,
     ) -> (watch::Receiver<Option<Holding>>, Task) {
         let (held_tx, held) = watch::channel(None);
         let keeper = Keeper {
@@ -192,9 +195,46 @@ impl Cluster {
             held: held_tx,
             metrics: self.metrics.clone(),
             taking: Taking::Always,
-            node_shutdown: shutdown.clone(),
+            node_shutdown: retired.clone(),
+            config,
         };
-        (held, Box::pin(keeper.run(shutdown.clone())))
+        (held, Box::pin(keeper.run(retired.clone())))
+    }
+
+    /// Claims `stream`'s log for this node's configuration of it (its fingerprint `config`),
+    /// as the node loads it (see [`super::scripts::CLAIM`]): the task retries until Redis
+    /// answers or `retired`.
+    pub fn claim(
+        &self,
+        stream: &str,
+        config: Arc<str>,
+        retention: Retention,
+        retired: &CancellationToken,
+    ) -> Task {
+        let store = self.store.clone();
+        let node = self.node.clone();
+        let stream = stream.to_owned();
+        let retired = retired.clone();
+        Box::pin(async move {
+            let mut delay = Duration::from_millis(50);
+            loop {
+                match store.claim(&stream, &node, &config, &retention).await {
+                    Ok(Claimed::Claimed) => {
+                        tracing::info!(stream = %stream, "the stream's log now follows this node's configuration of it: it starts over in a new epoch; nodes with the previous one stand by until reloaded");
+                        return;
+                    }
+                    Ok(Claimed::Same | Claimed::Recorded) => return,
+                    Err(error) => {
+                        tracing::debug!(stream = %stream, %error, retry_in = ?delay, "cannot claim the stream's log for this configuration yet");
+                    }
+                }
+                tokio::select! {
+                    () = retired.cancelled() => return,
+                    () = tokio::time::sleep(delay) => {}
+                }
+                delay = (delay * 2).min(Duration::from_secs(2));
+            }
+        })
     }
 
     /// A stream polled only while subscribers want it (a dynamic stream of the proxy mode):
@@ -202,12 +242,16 @@ impl Cluster {
     /// above zero, each asking for polls every `period`; the lease, which only nodes that want
     /// the stream take; and the shortest period any node asks for, which the poller follows.
     /// The tasks end with `retired` (the stream retired here) or `shutdown` (the node).
+    /// `config` is the fingerprint of this node's configuration of a configured stream
+    /// (`None` for a dynamic stream).
+    #[allow(clippy::too_many_arguments)]
     pub fn on_demand(
         &self,
         local_copy: &Arc<Stream>,
         retention: Retention,
         local: watch::Receiver<usize>,
         period: watch::Receiver<Duration>,
+        config: watch::Receiver<Option<Arc<str>>>,
         retired: &CancellationToken,
         shutdown: &CancellationToken,
     ) -> OnDemandLease {
@@ -235,6 +279,7 @@ impl Cluster {
             metrics: self.metrics.clone(),
             taking: Taking::OnDemand,
             node_shutdown: shutdown.clone(),
+            config,
         };
         let wants = demand::Wants {
             store: self.store.clone(),
@@ -322,12 +367,15 @@ impl Cluster {
         self.releases.forget(stream);
     }
 
-    /// The writer of `stream` on this node: fenced by `lease` for a polled stream.
+    /// The writer of `stream` on this node: fenced by `lease` for a polled stream; `config`
+    /// the fingerprint of this node's configuration of a configured stream (its appends are
+    /// refused while the log belongs to another).
     pub fn writer(
         &self,
         stream: Arc<Stream>,
         retention: Retention,
         lease: Option<watch::Receiver<Option<Holding>>>,
+        config: Option<Arc<str>>,
     ) -> Arc<Writer> {
         Arc::new(Writer::new(
             stream,
@@ -335,6 +383,7 @@ impl Cluster {
             self.node.clone(),
             retention,
             lease,
+            config,
         ))
     }
 }

@@ -37,6 +37,13 @@ pub fn apply(stream: &Stream, change: &LoggedChange) -> Result<(), Diverged> {
 /// Replaces the local copy with the log's state: the stored document with the changes after
 /// it applied, and the changes history keeps for resuming subscribers.
 pub fn reset(stream: &Stream, loaded: &Loaded) -> Result<(), Diverged> {
+    // The local copy may have reached this point meanwhile (this node's writer started the
+    // epoch while the follower was loading it): subscribers have it, and starting over would
+    // send them the same snapshot twice, or take them back.
+    if position(stream).is_some_and(|(epoch, seq)| epoch == loaded.epoch && seq >= loaded.seq) {
+        health(stream, loaded.failure.as_ref());
+        return Ok(());
+    }
     let stored = loaded
         .document
         .as_ref()

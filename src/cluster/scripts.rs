@@ -10,10 +10,12 @@
 /// checkpoint), 8 history (changes kept), 9 history bytes, 10 TTL of the stream's keys (ms),
 /// 11 channel, 12 stream name, 13 the epoch to start if there is none (or on reset), 14 `1`
 /// to start a new epoch even though one exists (a writer that cannot rebuild the log's
-/// document).
+/// document), 15 the fingerprint of the writer's configuration of the stream (empty: none,
+/// a dynamic stream).
 ///
 /// Returns `{status, epoch, seq, pending}`: `ok` with the new sequence number and the patch
-/// bytes logged since the last stored document; `fenced` when a newer lease exists;
+/// bytes logged since the last stored document; `fenced` when a newer lease exists; `stale`
+/// when the log was claimed for another configuration of the stream (see [`CLAIM`]);
 /// `conflict` with the current epoch and top when the caller's base is not the top.
 pub const PUBLISH: &str = r"
 local meta, log, snap = KEYS[1], KEYS[2], KEYS[3]
@@ -21,6 +23,14 @@ local fence = tonumber(ARGV[1])
 if fence ~= 0 then
   local current = tonumber(redis.call('HGET', meta, 'fence') or '0')
   if current ~= fence then return {'fenced', '0', 0, 0} end
+end
+if ARGV[15] ~= '' then
+  local config = redis.call('HGET', meta, 'config')
+  if not config then
+    redis.call('HSET', meta, 'config', ARGV[15])
+  elseif config ~= ARGV[15] then
+    return {'stale', '0', 0, 0}
+  end
 end
 local epoch = redis.call('HGET', meta, 'epoch')
 local seq = tonumber(redis.call('HGET', meta, 'seq') or '0')
@@ -95,23 +105,37 @@ local entries = redis.call('XRANGE', log, from .. '-0', '+')
 return {fields, document, entries}
 ";
 
-/// Takes a stream's lease if it is free (or renews it if the caller holds it).
+/// Takes a stream's lease if it is free (or renews it if the caller holds it), unless the
+/// stream's log was claimed for another configuration than the caller's.
 ///
-/// KEYS: lease, meta. ARGV: 1 node, 2 lease TTL (ms), 3 TTL of the stream's keys (ms).
+/// KEYS: lease, meta. ARGV: 1 node, 2 lease TTL (ms), 3 TTL of the stream's keys (ms), 4 the
+/// fingerprint of the caller's configuration of the stream (empty: none, a dynamic stream),
+/// recorded as the node's (`cfg:{node}`) so a holder hands the lease only to a node that
+/// runs the log's configuration; the first taker of a stream without one records it.
 ///
 /// Returns `{1, fence, now, meta}` when the caller holds the lease (fences only grow: the
-/// first is the time in ms, so a stream whose keys expired never reuses an old fence), else
-/// `{0, holder, now}`.
+/// first is the time in ms, so a stream whose keys expired never reuses an old fence),
+/// `{0, holder, now}` when another node holds it, `{2, '', now}` when the log belongs to
+/// another configuration.
 pub const ACQUIRE: &str = r"
 local lease, meta = KEYS[1], KEYS[2]
 local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
+local config = redis.call('HGET', meta, 'config')
+if ARGV[4] ~= '' then
+  redis.call('HSET', meta, 'cfg:' .. ARGV[1], ARGV[4])
+  if redis.call('PTTL', meta) < 0 then redis.call('PEXPIRE', meta, ARGV[3]) end
+  if config and config ~= ARGV[4] then return {2, '', now} end
+end
 local current = redis.call('GET', lease)
 if current then
   local holder, fence = string.match(current, '^(.*) (%d+)$')
   if holder ~= ARGV[1] then return {0, holder or '', now} end
   redis.call('PEXPIRE', lease, ARGV[2])
   return {1, fence, now, redis.call('HGETALL', meta)}
+end
+if ARGV[4] ~= '' and not config then
+  redis.call('HSET', meta, 'config', ARGV[4])
 end
 if not redis.call('HGET', meta, 'fence') then
   redis.call('HSET', meta, 'fence', now)
@@ -120,6 +144,40 @@ local fence = redis.call('HINCRBY', meta, 'fence', 1)
 redis.call('SET', lease, ARGV[1] .. ' ' .. fence, 'PX', ARGV[2])
 redis.call('PEXPIRE', meta, ARGV[3])
 return {1, tostring(fence), now, redis.call('HGETALL', meta)}
+";
+
+/// Claims a stream's log for a configuration of the stream, as a node loads it (at start and
+/// at each reload): the log's content depends on the stream's source (its kind, URL, format
+/// and diff options), so one configuration writes it at a time, the last one loaded.
+///
+/// KEYS: meta, lease, log, snap. ARGV: 1 the configuration's fingerprint, 2 node, 3 TTL of
+/// the stream's keys (ms), 4 channel, 5 stream.
+///
+/// Records the fingerprint as the node's (`cfg:{node}`). When the log has no configuration
+/// yet (a new stream, or keys of an earlier version) the fingerprint is recorded and the log
+/// kept. When it has another, the log written from that configuration ends: its epoch, log,
+/// document and poll state go (the next write starts a new epoch with a snapshot, which
+/// every node's follower loads), the fence moves on (the holder's poll records and health
+/// writes are refused) and the lease is freed and the release announced (its holder stops,
+/// nodes running this configuration take it). Nodes with another fingerprint then neither
+/// take the lease nor append ([`ACQUIRE`], [`PUBLISH`]) until they load this one.
+///
+/// Returns `same`, `recorded` or `claimed`.
+pub const CLAIM: &str = r"
+local meta, lease, log, snap = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local fingerprint = ARGV[1]
+redis.call('HSET', meta, 'cfg:' .. ARGV[2], fingerprint)
+if redis.call('PTTL', meta) < 0 then redis.call('PEXPIRE', meta, ARGV[3]) end
+local config = redis.call('HGET', meta, 'config')
+if config == fingerprint then return 'same' end
+redis.call('HSET', meta, 'config', fingerprint)
+if not config then return 'recorded' end
+redis.call('HDEL', meta, 'epoch', 'seq', 'snap_seq', 'pending', 'log_bytes', 'at', 'failure',
+  'etag', 'last_modified', 'last_poll')
+if redis.call('HEXISTS', meta, 'fence') == 1 then redis.call('HINCRBY', meta, 'fence', 1) end
+redis.call('DEL', log, snap, lease)
+redis.call('PUBLISH', ARGV[4], 'l\n' .. ARGV[5])
+return 'claimed'
 ";
 
 /// Extends a lease the caller holds with this fence. KEYS: lease. ARGV: node, fence, TTL

@@ -59,6 +59,9 @@ pub struct Append<'a> {
     /// Start a new epoch even though one exists (a writer that cannot rebuild the log's
     /// document: subscribers then get a snapshot, never a patch of a broken log).
     pub reset: bool,
+    /// The fingerprint of the writer's configuration of the stream (`None`: a dynamic
+    /// stream): refused when the log was claimed for another ([`Store::claim`]).
+    pub config: Option<&'a str>,
 }
 
 /// What became of an append.
@@ -75,6 +78,9 @@ pub enum Appended {
     },
     /// A newer lease exists: the caller no longer polls this stream.
     Fenced,
+    /// The log was claimed for another configuration of the stream (another node loaded
+    /// it): this node writes it again once it loads the same.
+    Stale,
     /// The log's top is not the caller's base: it must catch up and try again.
     Conflict {
         /// The current epoch (`None`: the stream has none).
@@ -129,6 +135,21 @@ pub enum Lease {
     },
     /// Another node holds it.
     HeldBy(String),
+    /// The stream's log was claimed for another configuration of the stream than the
+    /// caller's: it stands by until it loads the same.
+    OtherConfig,
+}
+
+/// What a node's claim of a stream's log for its configuration did ([`Store::claim`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Claimed {
+    /// The log already belonged to this configuration.
+    Same,
+    /// The log had no configuration yet: it is this one's now, its epoch kept.
+    Recorded,
+    /// The log belonged to another configuration: it ended, the next write starts a new
+    /// epoch, the lease was freed.
+    Claimed,
 }
 
 /// Typed access to the cluster's keys.
@@ -139,6 +160,7 @@ pub struct Store {
     publish: Script,
     load: Script,
     acquire: Script,
+    claim: Script,
     renew: Script,
     release: Script,
     heartbeat: Script,
@@ -166,6 +188,7 @@ impl Store {
             publish: Script::new(scripts::PUBLISH),
             load: Script::new(scripts::LOAD),
             acquire: Script::new(scripts::ACQUIRE),
+            claim: Script::new(scripts::CLAIM),
             renew: Script::new(scripts::RENEW),
             release: Script::new(scripts::RELEASE),
             heartbeat: Script::new(scripts::HEARTBEAT),
@@ -225,6 +248,7 @@ impl Store {
             .arg(stream)
             .arg(change.new_epoch)
             .arg(if change.reset { "1" } else { "0" })
+            .arg(change.config.unwrap_or_default())
             .invoke_async(&mut connection)
             .await?;
         let epoch: u64 = epoch.parse().map_err(|_| StoreError::Reply("epoch"))?;
@@ -235,6 +259,7 @@ impl Store {
                 pending,
             },
             "fenced" => Appended::Fenced,
+            "stale" => Appended::Stale,
             "conflict" => Appended::Conflict {
                 epoch: (epoch != 0).then_some(epoch),
                 seq,
@@ -319,13 +344,15 @@ impl Store {
             .collect())
     }
 
-    /// Takes (or renews) `stream`'s lease for `node`.
+    /// Takes (or renews) `stream`'s lease for `node`, running the configuration of the stream
+    /// whose fingerprint is `config` (`None`: a dynamic stream).
     pub async fn acquire(
         &self,
         stream: &str,
         node: &str,
         ttl: Duration,
         retention: &Retention,
+        config: Option<&str>,
     ) -> Result<Lease, StoreError> {
         let keys = self.stream_keys(stream);
         let mut connection = self.connection.clone();
@@ -336,13 +363,21 @@ impl Store {
             .arg(node)
             .arg(millis(ttl))
             .arg(millis(retention.ttl))
+            .arg(config.unwrap_or_default())
             .invoke_async(&mut connection)
             .await?;
         let Value::Array(parts) = reply else {
             return Err(StoreError::Reply("acquire"));
         };
         let mut parts = parts.into_iter();
-        let held = matches!(parts.next(), Some(Value::Int(1)));
+        let (held, other_config) = match parts.next() {
+            Some(Value::Int(1)) => (true, false),
+            Some(Value::Int(2)) => (false, true),
+            _ => (false, false),
+        };
+        if other_config {
+            return Ok(Lease::OtherConfig);
+        }
         let who = text(parts.next()).ok_or(StoreError::Reply("acquire holder"))?;
         let now_ms = match parts.next() {
             Some(Value::Int(n)) => u64::try_from(n).unwrap_or(0),
@@ -372,6 +407,52 @@ impl Store {
                 polls: number(&meta, "polls").unwrap_or(0),
             },
         })
+    }
+
+    /// Claims `stream`'s log for the configuration whose fingerprint is `config`, as `node`
+    /// loads it (see [`scripts::CLAIM`]).
+    pub async fn claim(
+        &self,
+        stream: &str,
+        node: &str,
+        config: &str,
+        retention: &Retention,
+    ) -> Result<Claimed, StoreError> {
+        let keys = self.stream_keys(stream);
+        let mut connection = self.connection.clone();
+        let claimed: String = self
+            .claim
+            .key(&keys.meta)
+            .key(&keys.lease)
+            .key(&keys.log)
+            .key(&keys.snap)
+            .arg(config)
+            .arg(node)
+            .arg(millis(retention.ttl))
+            .arg(self.keys.channel())
+            .arg(stream)
+            .invoke_async(&mut connection)
+            .await?;
+        match claimed.as_str() {
+            "same" => Ok(Claimed::Same),
+            "recorded" => Ok(Claimed::Recorded),
+            "claimed" => Ok(Claimed::Claimed),
+            _ => Err(StoreError::Reply("claim")),
+        }
+    }
+
+    /// Whether `node` last loaded the configuration `stream`'s log belongs to (a node that
+    /// recorded none, or another, does not: a holder keeps the lease rather than hand it
+    /// there). `true` when the log records no configuration.
+    pub async fn runs_config_of(&self, stream: &str, node: &str) -> Result<bool, StoreError> {
+        let mut connection = self.connection.clone();
+        let (config, nodes): (Option<String>, Option<String>) = redis::cmd("HMGET")
+            .arg(self.stream_keys(stream).meta)
+            .arg("config")
+            .arg(format!("cfg:{node}"))
+            .query_async(&mut connection)
+            .await?;
+        Ok(config.is_none() || config == nodes)
     }
 
     /// Who holds `stream`'s lease and for how much longer, `None` when it is free.

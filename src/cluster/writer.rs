@@ -39,6 +39,12 @@ pub enum WriteError<E> {
     /// This node no longer holds the stream's lease.
     #[error("this node no longer polls the stream")]
     Fenced,
+    /// The stream's log belongs to another configuration of the stream, loaded by another
+    /// node: this node writes it again once reloaded with the same.
+    #[error(
+        "another node runs another configuration of this stream; this node writes it again once reloaded with the same"
+    )]
+    Stale,
     /// Redis could not be reached.
     #[error("the cluster's log is unreachable: {0}")]
     Unavailable(#[from] StoreError),
@@ -76,6 +82,8 @@ pub struct Writer {
     retention: Retention,
     /// The lease, for a polled stream (`None`: a push stream, any node writes).
     lease: Option<watch::Receiver<Option<Holding>>>,
+    /// The fingerprint of this node's configuration of the stream (`None`: a dynamic stream).
+    config: Option<Arc<str>>,
     /// One write of this stream at a time on this node.
     progress: Mutex<Progress>,
 }
@@ -88,6 +96,7 @@ impl Writer {
         node: Arc<str>,
         retention: Retention,
         lease: Option<watch::Receiver<Option<Holding>>>,
+        config: Option<Arc<str>>,
     ) -> Self {
         Writer {
             stream,
@@ -95,6 +104,7 @@ impl Writer {
             node,
             retention,
             lease,
+            config,
             progress: Mutex::default(),
         }
     }
@@ -192,6 +202,7 @@ impl Writer {
                 document: checkpoint.then_some(&prepared.json[..]),
                 new_epoch: at_ms,
                 reset: progress.broken,
+                config: self.config.as_deref(),
             };
             match self
                 .catchup
@@ -214,6 +225,7 @@ impl Writer {
                     return Ok(self.commit(known, epoch, seq, at, prepared));
                 }
                 Appended::Fenced => return Err(WriteError::Fenced),
+                Appended::Stale => return Err(WriteError::Stale),
                 Appended::Conflict { epoch, seq } => {
                     self.catchup
                         .metrics
@@ -264,7 +276,16 @@ impl Writer {
                 },
             };
         }
-        // A new epoch: the local copy starts over from this change.
+        // A new epoch. The follower may have loaded it from the log already (its announcement
+        // came first): then subscribers have it, and starting over again would send them the
+        // same snapshot twice.
+        if replica::position(&self.stream).is_some_and(|(e, s)| e == epoch && s >= seq) {
+            return match self.stream.change_at(epoch, seq) {
+                Some(change) => Publication::Published(change),
+                None => Publication::Unchanged,
+            };
+        }
+        // The local copy starts over from this change.
         let change = LoggedChange {
             epoch,
             seq,

@@ -10,6 +10,12 @@
 //! restart the stream: a new poller, and its first document goes to every subscriber as a
 //! snapshot in a new epoch. Per push stream: `diff`, `history`, `history_bytes` and the views
 //! restart it in place the same way at its next push.
+//!
+//! In a cluster a stream's log is shared: what it holds depends on the stream's *content
+//! settings* (its kind, and a polled stream's `url` and `format`, and the diff options), which
+//! [`fingerprint`] sums up. A restart that changes them starts the log over in a new epoch,
+//! once, for the cluster; a restart that changes only how this node keeps the stream
+//! (history, views, `on_demand`) applies to this node's copy and keeps the epoch.
 
 use std::fmt::Debug;
 
@@ -181,6 +187,29 @@ fn pushed(old: &PushStreamSettings, new: &PushStreamSettings) -> StreamChange {
     }
 }
 
+/// The fields of a restart that change what a stream's log holds ([`fingerprint`]'s).
+pub const CONTENT_FIELDS: [&str; 4] = ["source", "url", "format", "diff"];
+
+/// Whether `change` (a restart) changes what the stream's log holds.
+pub fn changes_content(change: &StreamChange) -> bool {
+    change.fields().iter().any(|f| CONTENT_FIELDS.contains(f))
+}
+
+/// The fingerprint of stream `name`'s content settings in `config` (hex, 32 digits), `None`
+/// when it has no such stream: in a cluster each node records it with the stream's log, and
+/// the log is written from one configuration at a time. Settings are summed up by their
+/// `Debug` form, as [`changes`] compares them (a version that prints them differently counts
+/// as a change: the log starts over once).
+pub fn fingerprint(config: &Config, name: &str) -> Option<String> {
+    use sha2::{Digest, Sha256};
+    let content = match find(config, name)? {
+        Source::Polled(s) => format!("polled\n{}\n{:?}\n{:?}", s.url.as_str(), s.format, s.diff),
+        Source::Pushed(s) => format!("push\n{:?}", s.diff),
+    };
+    let digest = Sha256::digest(content.as_bytes());
+    Some(digest[..16].iter().map(|b| format!("{b:02x}")).collect())
+}
+
 /// Compares the running configuration `old` with `new` (both validated).
 pub fn changes(old: &Config, new: &Config) -> Changes {
     let mut streams = Vec::new();
@@ -315,30 +344,35 @@ fn sections(old: &Config, new: &Config, changes: &mut Changes) {
                     .map(|t| &t.0),
         "the outbox, the worker and the admin token are set up at start (endpoints reload live)",
     );
-    let streams_change = changes.streams.iter().any(|(_, c)| {
-        matches!(
-            c,
-            StreamChange::Added | StreamChange::Removed | StreamChange::Restarted(_)
-        )
-    });
-    if new.cluster.is_some() && streams_change {
-        let names: Vec<&str> = changes
-            .streams
-            .iter()
-            .filter(|(_, c)| {
-                matches!(
-                    c,
-                    StreamChange::Added | StreamChange::Removed | StreamChange::Restarted(_)
-                )
-            })
-            .map(|(n, _)| n.as_str())
-            .collect();
+    // Webhook dispatchers and broker publishers follow each stream's lease in a cluster;
+    // they start with the node, so a lease that comes, goes or is taken anew (a restart that
+    // changes how the stream is polled) needs them restarted.
+    let relies_on_leases = new.cluster.is_some()
+        && (new.webhooks.is_some()
+            || !new.broker_sinks.is_empty()
+            || old.webhooks.is_some()
+            || !old.broker_sinks.is_empty());
+    let new_leases: Vec<&str> = changes
+        .streams
+        .iter()
+        .filter(|(_, c)| match c {
+            StreamChange::Added | StreamChange::Removed => true,
+            StreamChange::Restarted(fields) => {
+                fields.contains(&"source") || fields.contains(&"on_demand")
+            }
+            _ => false,
+        })
+        .map(|(n, _)| n.as_str())
+        .collect();
+    if relies_on_leases && !new_leases.is_empty() {
         changes.needs_restart.push(NeedsRestart {
             section: "streams".to_owned(),
             why: format!(
-                "in a cluster, streams are added, removed or started over by restarting the \
-                 nodes (their leases and logs are in Redis): {}",
-                names.join(", ")
+                "in a cluster, webhooks and broker sinks follow each stream's lease, taken as \
+                 they start, so a stream added, removed, or changing its source or \
+                 `on_demand` needs the nodes restarted while `[webhooks]` or `[[sinks]]` are \
+                 configured: {}",
+                new_leases.join(", ")
             ),
         });
     }
@@ -495,6 +529,116 @@ mod tests {
         ));
         let c = changes(&old, &new);
         assert!(c.push_token && c.needs_restart.is_empty(), "{c:?}");
+    }
+
+    const CLUSTER: &str = "[cluster]\nredis = \"redis://127.0.0.1:6379\"\nnode_id = \"n1\"\n";
+
+    #[test]
+    fn in_a_cluster_streams_come_go_and_restart_live() {
+        let b = "[[streams]]\nname = \"b\"\nurl = \"http://up.test/b\"\n";
+        let old = streams(&format!("{A}{CLUSTER}"));
+        for new in [
+            format!("{A}{b}{CLUSTER}"),
+            format!("{b}{CLUSTER}"),
+            format!("[[streams]]\nname = \"a\"\nurl = \"http://up.test/moved\"\n{CLUSTER}"),
+            format!("[[streams]]\nname = \"a\"\nsource = \"push\"\n{CLUSTER}"),
+        ] {
+            let c = changes(&old, &streams(&new));
+            assert!(c.any() && c.needs_restart.is_empty(), "{new}: {c:?}");
+        }
+    }
+
+    #[test]
+    fn in_a_cluster_with_broker_sinks_a_stream_that_takes_a_lease_anew_needs_a_restart() {
+        let sinks = "[[sinks.redis]]\nurl = \"redis://127.0.0.1:6379\"\nkey = \"out:{stream}\"\n";
+        let b = "[[streams]]\nname = \"b\"\nurl = \"http://up.test/b\"\n";
+        let old = streams(&format!("{A}{b}{CLUSTER}{sinks}"));
+        let leases = |c: &Changes| -> Vec<String> {
+            c.needs_restart
+                .iter()
+                .filter(|n| n.section == "streams")
+                .map(|n| n.why.clone())
+                .collect()
+        };
+        let removed = changes(&old, &streams(&format!("{A}{CLUSTER}{sinks}")));
+        let why = leases(&removed);
+        assert!(why.len() == 1 && why[0].ends_with(": b"), "{removed:?}");
+        let on_demand = format!("{A}on_demand = true\n{b}{CLUSTER}{sinks}");
+        let why = leases(&changes(&old, &streams(&on_demand)));
+        assert!(
+            why.len() == 1 && why[0].ends_with(": a"),
+            "a new kind of lease: {why:?}"
+        );
+        // A new URL keeps the lease (and the publishers following it).
+        let moved = format!(
+            "[[streams]]\nname = \"a\"\nurl = \"http://up.test/moved\"\n{b}{CLUSTER}{sinks}"
+        );
+        let c = changes(&old, &streams(&moved));
+        assert!(c.needs_restart.is_empty(), "{c:?}");
+    }
+
+    #[test]
+    fn the_fingerprint_follows_what_the_log_holds() {
+        let base = streams(A);
+        let of = |toml: &str| fingerprint(&streams(toml), "a").expect("a stream");
+        let same = of(A);
+        assert_eq!(same.len(), 32);
+        assert_eq!(fingerprint(&base, "a").as_deref(), Some(same.as_str()));
+        assert_eq!(fingerprint(&base, "nope"), None);
+        // How this node keeps or polls the stream does not change what the log holds.
+        for kept in [
+            "history = 5",
+            "interval = \"9s\"",
+            "headers = { X-Key = \"v\" }",
+        ] {
+            assert_eq!(of(&format!("{A}{kept}\n")), same, "{kept}");
+        }
+        // Its source does.
+        for moved in [
+            "[[streams]]\nname = \"a\"\nurl = \"http://up.test/b\"\n".to_owned(),
+            "[[streams]]\nname = \"a\"\nsource = \"push\"\n".to_owned(),
+            format!("{A}format = \"gtfs-rt\"\n"),
+            format!("{A}[streams.diff]\nallow_move = true\n"),
+        ] {
+            assert_ne!(of(&moved), same, "{moved}");
+        }
+        for field in CONTENT_FIELDS {
+            assert!(changes_content(&StreamChange::Restarted(vec![field])));
+        }
+        assert!(!changes_content(&StreamChange::Restarted(vec!["history"])));
+    }
+
+    /// A polled stream `a` with these settings.
+    fn polled_a(path: u8, allow_move: bool, history: usize, interval: u64) -> Config {
+        streams(&format!(
+            "[[streams]]\nname = \"a\"\nurl = \"http://up.test/{path}\"\nhistory = {history}\n\
+             interval = \"{interval}s\"\n[streams.diff]\nallow_move = {allow_move}\n"
+        ))
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+        /// The fingerprint differs exactly when the reload's change names a content field: the
+        /// log starts over in a cluster exactly when the stream's content settings changed.
+        #[test]
+        fn the_fingerprint_changes_with_the_content_fields_only(
+            old in (0u8..3, proptest::bool::ANY, 1usize..4, 1u64..4),
+            new in (0u8..3, proptest::bool::ANY, 1usize..4, 1u64..4),
+        ) {
+            let old = polled_a(old.0, old.1, old.2, old.3);
+            let new = polled_a(new.0, new.1, new.2, new.3);
+            let change = changes(&old, &new)
+                .streams
+                .into_iter()
+                .find(|(n, _)| n == "a")
+                .map(|(_, c)| c)
+                .expect("listed");
+            proptest::prop_assert_eq!(
+                changes_content(&change),
+                fingerprint(&old, "a") != fingerprint(&new, "a"),
+                "{:?}", change
+            );
+        }
     }
 
     #[test]

@@ -552,6 +552,7 @@ impl DynamicStreams {
                     retention,
                     stream.demand(),
                     entry.period.subscribe(),
+                    tokio::sync::watch::channel(None).1,
                     &entry.stop,
                     &self.shutdown,
                 );
@@ -562,7 +563,7 @@ impl DynamicStreams {
                 let writer =
                     cluster
                         .node
-                        .writer(stream.clone(), retention, Some(lease.held.clone()));
+                        .writer(stream.clone(), retention, Some(lease.held.clone()), None);
                 Poller::new(
                     Arc::new(poll),
                     self.fetcher.clone(),

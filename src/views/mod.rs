@@ -19,7 +19,7 @@ pub mod select;
 pub mod set;
 pub mod spec;
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::sync::{Arc, PoisonError, RwLock};
 
 use crate::hub::{Hub, Resume, Stream, Subscription};
@@ -105,16 +105,12 @@ impl Views {
         let Some(views) = self.of(source) else {
             return Some(Err(ViewError::NoViews(source.to_owned())));
         };
-        if let Err(error) = spec::parse_query(query, &BTreeSet::new()).and_then(|asked| match asked
-        {
-            Asked::Whole => Ok(()),
-            // `stream@view?route=…`: one view at a time.
-            _ => Err(ViewError::Repeated("view".to_owned())),
-        }) {
-            // Only the subscription's own parameters may follow a view's name.
-            if !matches!(error, ViewError::UnknownAlias { .. }) {
-                return Some(Err(error));
-            }
+        // Only the subscription's own parameters (a resume id, a token) may follow a view's
+        // name: `stream@view?route=…` is one view at a time, refused rather than half obeyed.
+        match spec::parse_query(query, &views.aliases()) {
+            Ok(Asked::Whole) => {}
+            Ok(_) => return Some(Err(ViewError::Combined(format!("`{name}`")))),
+            Err(error) => return Some(Err(error)),
         }
         Some(
             views

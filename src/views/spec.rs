@@ -84,6 +84,11 @@ pub enum ViewError {
     /// A parameter given twice.
     #[error("`{0}` is given twice; give each filter once (values separated by commas)")]
     Repeated(String),
+    /// A configured view asked for with filters, `where`, `fields` or another view besides.
+    #[error(
+        "{0} is a configured view: it takes no filter, `where`, `fields` or other `view` besides; ask for the view alone, or for an ad hoc view with filters alone"
+    )]
+    Combined(String),
     /// This stream has no views.
     #[error(
         "stream `{0}` has no views: `view`, `where` and `fields` need [streams.filtering] in its configuration"
@@ -178,6 +183,9 @@ pub fn parse_query(query: Option<&str>, aliases: &BTreeSet<String>) -> Result<As
         }
     }
     if let Some(name) = named {
+        if !equals.is_empty() || expression.is_some() || fields.is_some() {
+            return Err(ViewError::Combined(format!("`view={name}`")));
+        }
         return Ok(Asked::Named(name));
     }
     if equals.is_empty() && expression.is_none() && fields.is_none() {
@@ -338,6 +346,21 @@ mod tests {
             parse_query(Some("view=red&lastEventId=x"), &aliases()),
             Ok(Asked::Named(name)) if name == "red"
         ));
+    }
+
+    #[test]
+    fn a_named_view_takes_no_filter_besides() {
+        for query in [
+            "view=red&route=Red",
+            "route=Red&view=red",
+            "view=red&where=@.a",
+            "view=red&fields=a",
+        ] {
+            assert!(
+                matches!(parse_query(Some(query), &aliases()), Err(ViewError::Combined(v)) if v == "`view=red`"),
+                "{query}"
+            );
+        }
     }
 
     #[test]

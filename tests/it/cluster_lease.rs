@@ -63,6 +63,7 @@ async fn node(server: &RedisServer, name: &str, stream: &str, ttl: Duration) -> 
         metrics: std::sync::Arc::new(patchwire::metrics::Metrics::new()),
         taking: lease::Taking::Always,
         node_shutdown: shutdown.clone(),
+        config: watch::channel(None).1,
     };
     let keeper = tokio::spawn(keeper.run(shutdown.clone()));
     Node {

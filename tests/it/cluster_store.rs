@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use patchwire::cluster::keys::Keys;
-use patchwire::cluster::store::{Append, Appended, Lease, Retention, Store};
+use patchwire::cluster::store::{Append, Appended, Claimed, Lease, Retention, Store};
 use patchwire::wire::ChangeKind as Kind;
 
 use crate::support::redis::RedisServer;
@@ -35,6 +35,7 @@ fn snapshot(epoch: Option<u64>, base: u64, doc: &[u8]) -> Append<'_> {
         document: None,
         new_epoch: 77,
         reset: false,
+        config: None,
     }
 }
 
@@ -49,6 +50,7 @@ fn patch(epoch: u64, base: u64, patch: &[u8]) -> Append<'_> {
         document: None,
         new_epoch: 0,
         reset: false,
+        config: None,
     }
 }
 
@@ -199,6 +201,108 @@ async fn the_log_is_trimmed_but_never_past_the_stored_document() {
     assert_eq!(seqs, [15]);
 }
 
+/// Stream `s`'s epoch and top.
+async fn position(store: &Store) -> Option<(u64, u64)> {
+    store.positions(&["s"]).await.expect("positions")[0]
+}
+
+/// A node reloaded with other content settings claims the log: the log of the previous
+/// configuration ends, its holder is fenced and its lease freed, nodes still running the
+/// previous configuration neither take the lease nor append, and the new configuration's
+/// first write starts a new epoch with a snapshot.
+#[tokio::test]
+async fn a_claim_for_another_configuration_ends_the_log_and_stands_the_others_by() {
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    let store = store(&server).await;
+    let ttl = Duration::from_secs(10);
+    // A log from before configurations were recorded: the first claim keeps it.
+    let mut first = snapshot(None, 0, b"{\"v\":1}");
+    assert!(matches!(
+        store.append("s", &first, &RETAIN).await.expect("append"),
+        Appended::Ok { .. }
+    ));
+    assert_eq!(
+        store.claim("s", "a", "old", &RETAIN).await.expect("claim"),
+        Claimed::Recorded
+    );
+    assert_eq!(
+        store.claim("s", "b", "old", &RETAIN).await.expect("claim"),
+        Claimed::Same
+    );
+    let Lease::Held { fence: old, .. } = store
+        .acquire("s", "a", ttl, &RETAIN, Some("old"))
+        .await
+        .expect("acquire")
+    else {
+        panic!("a free lease is taken");
+    };
+    assert_eq!(position(&store).await, Some((77, 1)));
+    assert!(store.runs_config_of("s", "b").await.expect("configs"));
+
+    // b is reloaded with a new source.
+    assert_eq!(
+        store.claim("s", "b", "new", &RETAIN).await.expect("claim"),
+        Claimed::Claimed
+    );
+    assert_eq!(position(&store).await, None, "the old log ended");
+    assert_eq!(store.holder("s").await.expect("holder"), None);
+    assert!(!store.renew("s", "a", old, ttl).await.expect("renew"));
+    // a, not reloaded, can neither take the lease nor write the old source.
+    assert_eq!(
+        store
+            .acquire("s", "a", ttl, &RETAIN, Some("old"))
+            .await
+            .expect("acquire"),
+        Lease::OtherConfig
+    );
+    first.config = Some("old");
+    first.new_epoch = 90;
+    assert_eq!(
+        store.append("s", &first, &RETAIN).await.expect("append"),
+        Appended::Stale
+    );
+    let mut fenced = first;
+    fenced.config = Some("new");
+    fenced.fence = Some(old);
+    assert_eq!(
+        store.append("s", &fenced, &RETAIN).await.expect("append"),
+        Appended::Fenced
+    );
+    assert!(!store.runs_config_of("s", "a").await.expect("configs"));
+    assert!(store.runs_config_of("s", "b").await.expect("configs"));
+    // b takes the lease and starts the new epoch with a snapshot.
+    let Lease::Held { fence, poll, .. } = store
+        .acquire("s", "b", ttl, &RETAIN, Some("new"))
+        .await
+        .expect("acquire")
+    else {
+        panic!("the freed lease is taken by the new configuration");
+    };
+    assert!(fence > old);
+    assert_eq!(poll.etag, None);
+    let mut fresh = snapshot(None, 0, b"{\"v\":2}");
+    fresh.fence = Some(fence);
+    fresh.config = Some("new");
+    fresh.new_epoch = 90;
+    assert!(matches!(
+        store.append("s", &fresh, &RETAIN).await.expect("append"),
+        Appended::Ok {
+            epoch: 90,
+            seq: 1,
+            ..
+        }
+    ));
+    // a is reloaded too: its claim changes nothing, and it may hold the lease again.
+    assert_eq!(
+        store.claim("s", "a", "new", &RETAIN).await.expect("claim"),
+        Claimed::Same
+    );
+    assert!(store.runs_config_of("s", "a").await.expect("configs"));
+    assert_eq!(position(&store).await, Some((90, 1)));
+}
+
 #[tokio::test]
 async fn a_fence_stops_a_holder_that_lost_its_lease() {
     let Some(server) = RedisServer::start() else {
@@ -208,7 +312,7 @@ async fn a_fence_stops_a_holder_that_lost_its_lease() {
     let ttl = Duration::from_millis(300);
 
     let Lease::Held { fence: old, .. } = store
-        .acquire("s", "a", ttl, &RETAIN)
+        .acquire("s", "a", ttl, &RETAIN, None)
         .await
         .expect("acquire")
     else {
@@ -216,7 +320,7 @@ async fn a_fence_stops_a_holder_that_lost_its_lease() {
     };
     assert_eq!(
         store
-            .acquire("s", "b", ttl, &RETAIN)
+            .acquire("s", "b", ttl, &RETAIN, None)
             .await
             .expect("acquire"),
         Lease::HeldBy("a".into())
@@ -231,7 +335,7 @@ async fn a_fence_stops_a_holder_that_lost_its_lease() {
     // a pauses past its TTL; b takes over with a newer fence.
     tokio::time::sleep(ttl + Duration::from_millis(100)).await;
     let Lease::Held { fence: new, .. } = store
-        .acquire("s", "b", ttl, &RETAIN)
+        .acquire("s", "b", ttl, &RETAIN, None)
         .await
         .expect("acquire")
     else {
@@ -278,7 +382,7 @@ async fn the_next_holder_inherits_the_poll_state() {
     let store = store(&server).await;
     let ttl = Duration::from_secs(10);
     let Lease::Held { fence, poll, .. } = store
-        .acquire("s", "a", ttl, &RETAIN)
+        .acquire("s", "a", ttl, &RETAIN, None)
         .await
         .expect("acquire")
     else {
@@ -298,7 +402,7 @@ async fn the_next_holder_inherits_the_poll_state() {
         .expect("not fenced");
     assert!(store.release("s", "a", fence).await.expect("release"));
     let Lease::Held { poll, now_ms, .. } = store
-        .acquire("s", "b", ttl, &RETAIN)
+        .acquire("s", "b", ttl, &RETAIN, None)
         .await
         .expect("acquire")
     else {

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use serde_json::json;
 
+use crate::support::process::Process;
 use crate::support::raw::RawConnection;
 use crate::support::*;
 
@@ -127,4 +128,57 @@ async fn past_max_connections_new_connections_get_503_and_open_ones_are_served()
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     app.stop().await;
+}
+
+/// The soft and hard open-file limits of process `pid`, from `/proc/{pid}/limits`.
+fn open_files_of(pid: u32) -> (String, String) {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).expect("/proc limits");
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .expect("a Max open files line");
+    let mut fields = line["Max open files".len()..].split_whitespace();
+    let soft = fields.next().expect("soft").to_owned();
+    let hard = fields.next().expect("hard").to_owned();
+    (soft, hard)
+}
+
+/// Every connection is a file descriptor: a soft limit below `server.max_connections` is
+/// raised at start as far as the hard limit allows, and a hard limit too low is reported.
+#[tokio::test]
+async fn the_open_file_limit_is_raised_for_max_connections_or_reported() {
+    let (hard_here, _) = open_files_of(std::process::id());
+    let hard_here: u64 = hard_here.parse().unwrap_or(u64::MAX);
+    if hard_here < 8192 {
+        eprintln!("skipped: this process's hard open-file limit is {hard_here}, under 8192");
+        return;
+    }
+    let upstream = MockUpstream::start(json!({"n": 1})).await;
+    let toml = format!(
+        "[server]\nmax_connections = 5000\n{}",
+        polled("s", &upstream.url())
+    );
+    let dir = tempfile::tempdir().expect("temp dir");
+    let raised = Process::start_with_open_files(dir.path(), &toml, Some((1024, 8192))).await;
+    assert_eq!(
+        open_files_of(raised.pid()),
+        ("5256".to_owned(), "8192".to_owned()),
+        "max_connections plus 256 reserved, the hard limit kept; log:\n{}",
+        raised.log()
+    );
+    assert!(!raised.log().contains("open-file limit is below"));
+    // Its log goes to a file, not a terminal: plain text, no colour escapes.
+    assert!(!raised.log().contains('\u{1b}'), "{}", raised.log());
+    drop(raised);
+
+    let dir = tempfile::tempdir().expect("temp dir");
+    let short = Process::start_with_open_files(dir.path(), &toml, Some((1024, 2048))).await;
+    assert_eq!(
+        open_files_of(short.pid()),
+        ("2048".to_owned(), "2048".to_owned())
+    );
+    short
+        .logged("open-file limit is below", Duration::from_secs(5))
+        .await;
+    assert!(short.log().contains("1792 connections"), "{}", short.log());
 }

@@ -13,6 +13,7 @@ mod catchup;
 mod cli;
 mod cluster;
 mod cluster_lease;
+mod cluster_reload;
 mod cluster_store;
 mod conditional;
 mod config_load;

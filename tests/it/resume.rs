@@ -40,6 +40,8 @@ async fn resubscribe(app: &TestApp, id: &str, via: Via) -> SseClient {
 async fn missed_patches_are_replayed(via: Via) {
     let upstream = MockUpstream::start(document(1)).await;
     let app = TestApp::from_toml(&polled("doc", &upstream.url())).await;
+    // The first poll must have read document 1 (seq 1) before document 2 is set.
+    app.wait_for_seq("doc", 1).await;
     let mut client = app.subscribe("doc", &[]).await;
     let mut rebuilt = Rebuilt::default();
     for n in 2..=4 {

@@ -58,8 +58,13 @@ fn route(route: &'static str) -> impl Fn(&Value) -> bool {
 }
 
 fn config(url: &str, extra: &str) -> String {
+    config_lingering(url, "1s", extra)
+}
+
+/// [`config`] with idle views kept for `linger`.
+fn config_lingering(url: &str, linger: &str, extra: &str) -> String {
     format!(
-        "{}\n[streams.filtering]\nentities = \"/vehicles\"\nkey = \"id\"\naliases = {{ route = \"route\", status = \"status\" }}\nlinger = \"1s\"\nmax_views = 8\n\n[[streams.views]]\nname = \"r2\"\nfilter = {{ route = \"R2\" }}\n{extra}",
+        "{}\n[streams.filtering]\nentities = \"/vehicles\"\nkey = \"id\"\naliases = {{ route = \"route\", status = \"status\" }}\nlinger = \"{linger}\"\nmax_views = 8\n\n[[streams.views]]\nname = \"r2\"\nfilter = {{ route = \"R2\" }}\n{extra}",
         polled("fleet", url)
     )
 }
@@ -143,7 +148,9 @@ async fn view_subscribers_rebuild_exactly_the_filtered_document() {
 #[tokio::test]
 async fn a_view_resumes_exactly_and_polls_with_its_own_etag() {
     let upstream = MockUpstream::start(fleet(1)).await;
-    let app = TestApp::from_toml(&config(&upstream.url(), "")).await;
+    // The view has no subscriber while the three changes are made: it must outlive them
+    // however slow the machine is (an evicted view's resume is a snapshot, tested elsewhere).
+    let app = TestApp::from_toml(&config_lingering(&upstream.url(), "60s", "")).await;
     app.wait_for_seq("fleet", 1).await;
     let mut client = app.subscribe("fleet?route=R1", &[]).await;
     let mut rebuilt = Rebuilt::default();
@@ -263,6 +270,30 @@ async fn bad_filters_are_refused_with_what_is_wrong() {
     let (status, message) = refused("/streams/fleet@nope").await;
     assert_eq!(status, 404);
     assert!(message.contains("its views are: r2"), "{message}");
+    // A configured view is asked for alone: filters besides it are refused, not ignored.
+    for path in [
+        "/streams/fleet?view=r2&route=R1",
+        "/streams/fleet?view=r2&fields=speed",
+        "/streams/fleet@r2?route=R1",
+        "/streams/fleet@r2?where=@.speed%3E1",
+        "/streams/fleet@r2?view=r2",
+    ] {
+        let (status, message) = refused(path).await;
+        assert_eq!(status, 400, "{path}: {message}");
+        assert!(
+            message.contains("is a configured view"),
+            "{path}: {message}"
+        );
+    }
+    let (status, message) = refused("/streams/fleet@r2?line=R1").await;
+    assert_eq!(
+        (status, message.contains("unknown filter `line`")),
+        (400, true),
+        "{message}"
+    );
+    let resumed = app.subscribe("fleet@r2?lastEventId=x", &[]).await;
+    assert_eq!(resumed.status, 200, "a view's own parameters are kept");
+    drop(resumed);
     // A stream without views ignores parameters it does not know...
     let ignored = app.subscribe("plain?route=R1", &[]).await;
     assert_eq!(ignored.status, 200);

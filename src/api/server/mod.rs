@@ -14,6 +14,7 @@
 //! once per interval instead of once per error.
 
 mod direct;
+mod files;
 mod head;
 mod idle;
 mod rewind;
@@ -43,6 +44,7 @@ use tower::Service;
 use super::subscribe::{self, Decision, Subscriptions, Upgrade};
 use crate::sinks::sse;
 use crate::sinks::ws::WebSockets;
+pub use files::fit as fit_open_files;
 use head::{Head, parse_head};
 use idle::{Activity, InFlight};
 use rewind::Rewind;

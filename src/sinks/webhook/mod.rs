@@ -295,7 +295,6 @@ impl Webhooks {
         self.dispatchers.reconcile_views(restarted).await;
     }
 
-
     /// The outbox (`/readyz` asks it a trivial query).
     pub fn outbox(&self) -> &Arc<dyn Outbox> {
         &self.outbox

@@ -192,6 +192,32 @@ impl Node {
         self.signal("-CONT");
     }
 
+    /// Reloads the node's configuration file (`SIGHUP`) and waits until it says it did;
+    /// fails the test if it refused the file.
+    pub async fn reload(&self, within: Duration) {
+        const DONE: &str = "configuration reloaded";
+        const REFUSED: &str = "configuration reload refused";
+        let count = |text: &str| self.log().matches(text).count();
+        let (done, refused) = (count(DONE), count(REFUSED));
+        self.signal("-HUP");
+        let deadline = Instant::now() + within;
+        while count(DONE) == done {
+            assert!(
+                count(REFUSED) == refused,
+                "node {} refused the configuration; its log:\n{}",
+                self.name,
+                self.log()
+            );
+            assert!(
+                Instant::now() < deadline,
+                "node {} did not reload within {within:?}; its log:\n{}",
+                self.name,
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Starts the node again (same id, same port).
     pub fn restart(&mut self) {
         assert!(self.child.is_none(), "stop or kill the node first");
@@ -256,6 +282,13 @@ impl TestCluster {
             .iter_mut()
             .find(|n| n.name == name)
             .expect("a node of that name")
+    }
+
+    /// Writes the shared configuration file again (`{redis}` stands for the Redis URL); each
+    /// node reads it when reloaded.
+    pub fn rewrite(&self, config: &str) {
+        std::fs::write(&self.config, config.replace("{redis}", &self.redis.url()))
+            .expect("config file");
     }
 
     /// Every node's log, for failure messages.

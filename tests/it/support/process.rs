@@ -21,11 +21,40 @@ impl Process {
     /// Writes `toml` to `config.toml` in `dir` and starts the binary on it; returns once it
     /// serves (`/healthz`).
     pub async fn start(dir: &Path, toml: &str) -> Process {
+        Process::start_with_open_files(dir, toml, None).await
+    }
+
+    /// [`Process::start`] with the open-file limit (`RLIMIT_NOFILE`, soft and hard) set for the
+    /// process, as `ulimit -n` would.
+    pub async fn start_with_open_files(
+        dir: &Path,
+        toml: &str,
+        open_files: Option<(u64, u64)>,
+    ) -> Process {
         let config = dir.join("config.toml");
         std::fs::write(&config, toml).expect("write the configuration");
         let port = super::free_port();
         let log = dir.join("patchwire.log");
-        let child = Command::new(env!("CARGO_BIN_EXE_patchwire"))
+        let mut command = Command::new(env!("CARGO_BIN_EXE_patchwire"));
+        if let Some((soft, hard)) = open_files {
+            use std::os::unix::process::CommandExt as _;
+            let limit = libc::rlimit {
+                rlim_cur: soft as libc::rlim_t,
+                rlim_max: hard as libc::rlim_t,
+            };
+            // SAFETY: `setrlimit` is async-signal-safe and touches only the child, between fork
+            // and exec; `limit` is a plain value moved into the closure.
+            unsafe {
+                command.pre_exec(move || {
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) == 0 {
+                        Ok(())
+                    } else {
+                        Err(std::io::Error::last_os_error())
+                    }
+                });
+            }
+        }
+        let child = command
             .args(["run", "--config"])
             .arg(&config)
             .env_remove("RUST_LOG")
@@ -69,6 +98,11 @@ impl Process {
     /// `http://127.0.0.1:{port}{path}`.
     pub fn url(&self, path: &str) -> String {
         format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
     }
 
     /// Replaces the configuration file with `toml` (the process reads it at its next reload).
