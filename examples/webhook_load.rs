@@ -264,7 +264,7 @@ async fn run(
         &settings,
         outbox.clone(),
         hub.clone(),
-        &patchwire::views::Views::new(),
+        Arc::new(patchwire::views::Views::new()),
         &Default::default(),
         "patchwire-load",
         &mut tasks,

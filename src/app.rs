@@ -219,7 +219,7 @@ impl App {
                         settings,
                         outbox,
                         hub.clone(),
-                        &views,
+                        views.clone(),
                         &push_streams,
                         &config.upstream.user_agent,
                         &mut tasks,

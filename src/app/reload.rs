@@ -235,6 +235,9 @@ impl Reloader {
         new: &Config,
         changes: &Changes,
     ) -> Option<Result<Vec<String>, String>> {
+        // Streams whose views or source changed: the views of them endpoints receive are
+        // followed anew.
+        let mut views_restarted = Vec::new();
         for (name, change) in &changes.streams {
             match change {
                 StreamChange::Unchanged => {}
@@ -243,9 +246,28 @@ impl Reloader {
                         self.update_polled(settings);
                     }
                 }
-                StreamChange::Restarted(fields) => self.restart(name, new, fields),
-                StreamChange::Removed => self.remove(name),
-                StreamChange::Added => self.add(name, new),
+                StreamChange::Restarted(fields) => {
+                    self.restart(name, new, fields);
+                    if fields.contains(&"source") {
+                        // A push stream's dispatcher stores its documents, a polled one's
+                        // does not: the dispatcher is replaced. (Other restarts keep it: the
+                        // stream starting over sends every endpoint its new document.)
+                        self.dispatch(name, new).await;
+                    }
+                    if fields.contains(&"views") || fields.contains(&"source") {
+                        views_restarted.push(name.as_str());
+                    }
+                }
+                StreamChange::Removed => {
+                    self.remove(name);
+                    if let Some(webhooks) = &self.webhooks {
+                        webhooks.stop_dispatcher(name).await;
+                    }
+                }
+                StreamChange::Added => {
+                    self.add(name, new);
+                    self.dispatch(name, new).await;
+                }
             }
         }
         let push = new.push.as_ref().map(|push| {
@@ -255,23 +277,51 @@ impl Reloader {
             })
         });
         *self.push.write().unwrap_or_else(PoisonError::into_inner) = push;
-        if !changes.webhook_endpoints {
-            return None;
-        }
         let (Some(webhooks), Some(settings)) = (&self.webhooks, &new.webhooks) else {
             return None;
         };
         let _ = old;
-        Some(
-            webhooks
-                .endpoints()
-                .reload_configured(settings)
-                .await
-                .map_err(|e| {
-                    tracing::error!(%e, "reconciling the webhook endpoints failed");
-                    format!("reconciling the webhook endpoints failed: {e}")
-                }),
-        )
+        let reconciled = if changes.webhook_endpoints {
+            Some(
+                webhooks
+                    .endpoints()
+                    .reload_configured(settings)
+                    .await
+                    .map_err(|e| {
+                        tracing::error!(%e, "reconciling the webhook endpoints failed");
+                        format!("reconciling the webhook endpoints failed: {e}")
+                    }),
+            )
+        } else {
+            None
+        };
+        // Views endpoints start or stop receiving, and those of restarted streams.
+        webhooks.follow_views(&views_restarted).await;
+        reconciled
+    }
+
+    /// Starts the webhook dispatcher of stream `name` (added, or its source changed),
+    /// replacing the one it had; a push stream's stores its documents.
+    async fn dispatch(&self, name: &str, new: &Config) {
+        let (Some(webhooks), Some(stream)) = (&self.webhooks, self.hub.get(name)) else {
+            return;
+        };
+        // In a cluster a stream's documents live in Redis and, on a shared store, its
+        // dispatcher runs under its lease's fence. (With `[webhooks]` a cluster's reload that
+        // adds a stream or changes its source is refused today: `config::changes`.)
+        let keep_document =
+            new.cluster.is_none() && new.push_streams.iter().any(|s| s.name == name);
+        let shared = new.webhooks.as_ref().is_some_and(|w| w.store.is_shared());
+        let fence = self
+            .lease(name)
+            .filter(|_| shared)
+            .map(|held| super::fences(held, &self.shutdown));
+        if let Err(error) = webhooks
+            .start_dispatcher(stream, keep_document, fence)
+            .await
+        {
+            tracing::error!(stream = %name, %error, "cannot dispatch the stream's webhooks");
+        }
     }
 
     /// Reconciles the broker sinks with `new` (after its streams were applied): returns what

@@ -389,47 +389,6 @@ fn sections(old: &Config, new: &Config, changes: &mut Changes) {
             ),
         });
     }
-    let new_dispatchers: Vec<&str> = changes
-        .streams
-        .iter()
-        .filter(|(_, c)| *c == StreamChange::Added || c.fields().contains(&"source"))
-        .map(|(n, _)| n.as_str())
-        .collect();
-    if !new_dispatchers.is_empty() && new.webhooks.is_some() {
-        changes.needs_restart.push(NeedsRestart {
-            section: "streams".to_owned(),
-            why: format!(
-                "webhooks start one dispatcher per stream at start (a push stream's also \
-                 stores its documents), so a new stream or a change of source needs a \
-                 restart: {}",
-                new_dispatchers.join(", ")
-            ),
-        });
-    }
-    let endpoint_views = |config: &Config| -> std::collections::BTreeSet<String> {
-        config
-            .webhooks
-            .iter()
-            .flat_map(|w| &w.endpoints)
-            .flat_map(|e| &e.views)
-            .map(|v| v.name.clone())
-            .collect()
-    };
-    let (old_views, new_views) = (endpoint_views(old), endpoint_views(new));
-    if old_views != new_views {
-        let differ: Vec<&str> = old_views
-            .symmetric_difference(&new_views)
-            .map(String::as_str)
-            .collect();
-        changes.needs_restart.push(NeedsRestart {
-            section: "webhooks".to_owned(),
-            why: format!(
-                "webhooks start one dispatcher per view their endpoints receive at start, so \
-                 a view an endpoint starts or stops receiving needs a restart: {}",
-                differ.join(", ")
-            ),
-        });
-    }
     let added: Vec<&str> = changes
         .streams
         .iter()
@@ -696,19 +655,16 @@ mod tests {
     }
 
     #[test]
-    fn with_webhooks_a_new_stream_needs_a_restart() {
+    fn with_webhooks_a_new_stream_and_an_endpoint_starting_to_receive_a_view_apply_live() {
         let hooks = "[webhooks]\ndatabase = \"/tmp/x.db\"\n";
         let old = streams(&format!("{hooks}{A}"));
         let new = streams(&format!(
             "{hooks}{A}[[streams]]\nname = \"b\"\nurl = \"http://up.test/b\"\n"
         ));
         let c = changes(&old, &new);
-        assert_eq!(c.needs_restart.len(), 1, "{c:?}");
-        assert!(c.needs_restart[0].why.contains("b"), "{c:?}");
-    }
+        assert!(c.needs_restart.is_empty(), "{c:?}");
+        assert_eq!(c.streams[1], ("b".to_owned(), StreamChange::Added));
 
-    #[test]
-    fn a_view_an_endpoint_starts_receiving_needs_a_restart() {
         let fleet = "[[streams]]\nname = \"a\"\nurl = \"http://up.test/a\"\n\
                      [streams.filtering]\nentities = \"/vehicles\"\nkey = \"id\"\n\
                      aliases = { route = \"route\" }\n";
@@ -722,10 +678,8 @@ mod tests {
         let whole = streams(&hooks(r#"["a"]"#));
         let view = streams(&hooks(r#"["a", "a?route=R1"]"#));
         let c = changes(&whole, &view);
-        assert_eq!(c.needs_restart.len(), 1, "{c:?}");
-        assert_eq!(c.needs_restart[0].section, "webhooks", "{c:?}");
-        assert!(c.needs_restart[0].why.contains("a@~"), "{c:?}");
-        assert!(changes(&view, &view).needs_restart.is_empty());
+        assert!(c.needs_restart.is_empty(), "{c:?}");
+        assert!(c.webhook_endpoints, "{c:?}");
     }
 
     const NATS: &str = "[[sinks.nats]]\nurl = \"nats://127.0.0.1:4222\"\n";

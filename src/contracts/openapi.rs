@@ -707,7 +707,21 @@ fn admin(paths: &mut Map<String, Value>, enabled: bool, ids: &[String], surface:
         );
         return;
     }
-    let stream_names: Vec<&str> = surface.streams.iter().map(|s| s.name.as_str()).collect();
+    // What an endpoint may receive: a stream, or one of its named views (`stream@view`). An
+    // ad hoc view written as its filter (`stream?route=R1`) is taken too, but no schema can
+    // tell a valid filter, so the enum lists the names only (the description says so).
+    let stream_names: Vec<String> = surface
+        .streams
+        .iter()
+        .flat_map(|s| {
+            std::iter::once(s.name.clone())
+                .chain(s.views.keys().map(move |view| format!("{}@{view}", s.name)))
+        })
+        .collect();
+    let streams_description = "Streams and views it receives: a configured stream's name, \
+        `stream@view` (a named view), or `stream?filter` (an ad hoc view, as a subscription's \
+        query string, where the stream allows them); a view is validated as in the \
+        configuration file, an invalid one is a 422 naming the entry.";
     let endpoint = json!({
         "type": "object",
         "properties": {
@@ -771,7 +785,7 @@ fn admin(paths: &mut Map<String, Value>, enabled: bool, ids: &[String], surface:
         "type": "object",
         "properties": {
             "url": {"type": "string"},
-            "streams": {"type": "array", "items": {"enum": stream_names}},
+            "streams": {"type": "array", "items": {"enum": stream_names}, "description": streams_description},
             "mode": {"enum": ["patch", "snapshot"]},
             "format": {"enum": ["json", "cloudevents", "cloudevents-binary"]},
             "headers": {"type": "object", "additionalProperties": {"type": "string"}},
@@ -789,7 +803,7 @@ fn admin(paths: &mut Map<String, Value>, enabled: bool, ids: &[String], surface:
         "type": "object",
         "properties": {
             "url": {"type": "string"},
-            "streams": {"type": "array", "items": {"enum": stream_names}},
+            "streams": {"type": "array", "items": {"enum": stream_names}, "description": streams_description},
             "mode": {"enum": ["patch", "snapshot"]},
             "format": {"enum": ["json", "cloudevents", "cloudevents-binary"]},
             "headers": {"type": "object", "additionalProperties": {"type": "string"}},

@@ -1287,3 +1287,145 @@ async fn every_node_computes_the_same_view_events_and_a_view_resumes_across_node
     assert_eq!(replayed.len(), 4, "{replayed:?}");
     assert!(replayed.windows(2).all(|w| w[0] < w[1]), "{replayed:?}");
 }
+
+/// Two nodes on one PostgreSQL outbox and one Redis; an endpoint created through the admin API
+/// receives a view (`fleet?line=L1`), which the node holding `fleet`'s lease dispatches under
+/// that lease. That node is killed with SIGKILL while deliveries are in flight: the survivor
+/// takes the lease and the view's dispatch. Every view change the receiver accepted came in
+/// order, each patch on the document it held, every signature checked by the independent
+/// `standardwebhooks` crate, and the document it rebuilds is the view the survivor serves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_view_endpoint_from_the_admin_api_survives_the_kill_of_its_dispatching_node() {
+    use crate::webhook::{SECRET, rebuild};
+    let upstream = MockUpstream::start(lined(0)).await;
+    let receiver = Receiver::start(&[SECRET]).await;
+    receiver.set_delay(Duration::from_millis(200));
+    let Some(store) = TestStore::postgres() else {
+        return;
+    };
+    let webhooks = format!(
+        r#"
+[webhooks]
+{}allow_private_targets = true
+admin_token = "admin-token-0123456789"
+schedule = ["0s", "100ms", "200ms", "400ms", "800ms", "1s", "1s", "1s", "1s", "1s", "1s", "1s"]
+jitter = 0.0
+attempt_timeout = "1s"
+claim_timeout = "2s"
+"#,
+        store.toml(),
+    );
+    let config = config(&upstream.url(), "250ms").replace(
+        "[[streams]]\nname = \"board\"",
+        "[streams.filtering]\nentities = \"/vehicles\"\nkey = \"id\"\naliases = { line = \"line\" }\nlinger = \"1s\"\n\n[[streams]]\nname = \"board\"",
+    ) + &webhooks;
+    assert!(config.contains("[streams.filtering]"));
+    let Some(mut cluster) = TestCluster::new(&config) else {
+        return;
+    };
+    cluster.start(&["a", "b"]).await;
+    let client = reqwest::Client::new();
+    let bases: Vec<String> = cluster.nodes.iter().map(|n| n.base()).collect();
+    let view = "fleet?line=L1";
+
+    // Created on node a, whichever node holds the stream: the holder follows the view.
+    let created: Value = client
+        .post(format!("{}/admin/webhooks", bases[0]))
+        .bearer_auth("admin-token-0123456789")
+        .json(&json!({"url": receiver.url(), "streams": [view], "secret": SECRET}))
+        .send()
+        .await
+        .expect("create")
+        .json()
+        .await
+        .expect("JSON");
+    let name = created["streams"][0]
+        .as_str()
+        .unwrap_or_else(|| panic!("no view in {created}"))
+        .to_owned();
+    assert!(name.starts_with("fleet@~"), "{created}");
+    let of_view = |hits: &[Hit]| -> Vec<Hit> {
+        first_of_each(
+            &hits
+                .iter()
+                .filter(|h| h.status < 300 && h.body["stream"] == name.as_str())
+                .cloned()
+                .collect::<Vec<_>>(),
+        )
+    };
+    receiver
+        .wait_for(Duration::from_secs(20), "the view's document", |hits| {
+            !of_view(hits).is_empty()
+        })
+        .await;
+    for n in 1..=6u64 {
+        upstream.set(lined(n));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+
+    // Kill the node dispatching `fleet` and its view, deliveries in flight.
+    let listing: Value = client
+        .get(format!("{}/streams", bases[0]))
+        .send()
+        .await
+        .expect("listing")
+        .json()
+        .await
+        .expect("JSON");
+    let holder = listing["streams"]
+        .as_array()
+        .and_then(|s| s.iter().find(|s| s["name"] == "fleet"))
+        .and_then(|s| s["lease"]["node"].as_str())
+        .unwrap_or_else(|| panic!("nobody holds fleet: {listing}"))
+        .to_owned();
+    cluster.node(&holder).kill();
+    let survivor = usize::from(holder == "a");
+    for n in 7..=12u64 {
+        upstream.set(lined(n));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let served = || {
+        let url = format!("{}/streams/{view}", bases[survivor]);
+        let client = client.clone();
+        async move {
+            client
+                .get(url)
+                .header("accept", "application/json")
+                .send()
+                .await
+                .expect("the view")
+                .json::<Value>()
+                .await
+                .expect("JSON")
+        }
+    };
+    let expected = line_view(&lined(12), "L1");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(40);
+    loop {
+        let delivered = of_view(&receiver.hits());
+        let rebuilt = rebuild(&delivered);
+        if rebuilt == expected {
+            assert_eq!(served().await, rebuilt, "the view the survivor serves");
+            let seqs: Vec<u64> = delivered.iter().map(Hit::seq).collect();
+            assert!(seqs.windows(2).all(|w| w[0] < w[1]), "in order: {seqs:?}");
+            assert!(
+                delivered.iter().any(|h| h.kind() == "stream.patch"),
+                "the view's changes came as patches"
+            );
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the receiver never rebuilt the view: {rebuilt} != {expected}; logs:\n{}",
+            cluster.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Every delivery the receiver accepted is a change of the view, in one chain.
+    let accepted: Vec<Hit> = receiver
+        .hits()
+        .into_iter()
+        .filter(|h| h.status < 300)
+        .collect();
+    assert!(accepted.iter().all(|h| h.body["stream"] == name.as_str()));
+}

@@ -37,6 +37,7 @@ fn endpoint(id: &str) -> EndpointRecord {
         events: Default::default(),
         format: Default::default(),
         request_hash: None,
+        view_filters: Default::default(),
     }
 }
 

@@ -1,6 +1,8 @@
 //! Reloading the configuration of a running `patchwire` process: `SIGHUP` and
 //! `POST /admin/reload`, with subscribers connected.
 
+use std::time::Duration;
+
 use serde_json::{Value, json};
 
 use crate::support::process::Process;
@@ -431,4 +433,207 @@ async fn the_contracts_follow_a_reload() {
         "{openapi}"
     );
     assert!(openapi["paths"]["/streams/a"].is_null(), "a was removed");
+}
+
+/// Vehicle `x` on route R1 at `r1`, `y` on R2 at `r2`, and a note large enough that a
+/// one-field change is a patch.
+fn vehicles(r1: u64, r2: u64) -> Value {
+    json!({"note": "n".repeat(300), "vehicles": [
+        {"id": "x", "route": "R1", "speed": r1},
+        {"id": "y", "route": "R2", "speed": r2},
+    ]})
+}
+
+/// The accepted deliveries of `stream`, each message once, in arrival order.
+fn delivered(receiver: &Receiver, stream: &str) -> Vec<Hit> {
+    let mut seen = std::collections::HashSet::new();
+    receiver
+        .accepted()
+        .into_iter()
+        .filter(|h| h.body["stream"] == stream && seen.insert(h.id()))
+        .collect()
+}
+
+/// Waits until `receiver` rebuilds `expected` from `stream`'s deliveries (every signature
+/// verified, every patch on the document held).
+async fn rebuilds(receiver: &Receiver, stream: &str, expected: &Value) -> Vec<Hit> {
+    let deadline = tokio::time::Instant::now() + SOON * 2;
+    loop {
+        let hits = delivered(receiver, stream);
+        if !hits.is_empty() && crate::webhook::rebuild(&hits) == *expected {
+            return hits;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{stream}: never rebuilt {expected}; got {:?}",
+            hits.iter()
+                .map(|h| (h.kind().to_owned(), h.body["epoch"].clone(), h.seq()))
+                .collect::<Vec<_>>()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// With `[webhooks]`, what used to need a restart applies live: a stream the file adds gets a
+/// dispatcher (its endpoint receives the snapshot, then patches); a view an endpoint starts
+/// receiving gets one (and is released when it stops); a stream whose source changes (polled
+/// to push) starts over with a fresh snapshot and its pushes are delivered; a removed stream's
+/// dispatcher stops, and its deliveries already queued still arrive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_starts_and_stops_webhook_dispatchers() {
+    use crate::webhook::{SECRET, TOKEN, endpoint, webhooks_toml};
+    use patchwire::sinks::webhook::body::Mode;
+
+    let up_a = MockUpstream::start(vehicles(1, 1)).await;
+    let up_b = MockUpstream::start(doc("b", 1)).await;
+    let receiver = Receiver::start(&[SECRET]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let store = crate::support::store::TestStore::sqlite();
+    let a = format!(
+        "{}[streams.filtering]\nentities = \"/vehicles\"\nkey = \"id\"\n\
+         aliases = {{ route = \"route\" }}\nlinger = \"1s\"\n",
+        stream("a", &up_a.url(), "100ms")
+    );
+    let polled_b = stream("b", &up_b.url(), "100ms");
+    let pushed_b = "[[streams]]\nname = \"b\"\nsource = \"push\"\n".to_owned();
+    let file = |streams: &[&str], b: Option<&str>| {
+        format!(
+            "{COMMON}\n[push]\ntoken = \"push-token-0123456789\"\n{}\n{}\n{a}{}",
+            webhooks_toml(&store, ""),
+            endpoint("one", &receiver.url(), streams, Mode::Patch),
+            b.unwrap_or_default()
+        )
+    };
+    let process = Process::start(dir.path(), &file(&["a"], None)).await;
+    rebuilds(&receiver, "a", &vehicles(1, 1)).await;
+
+    // A new stream, and the endpoint receiving it: applied live, snapshot then patches.
+    process.rewrite(&file(&["a", "b"], Some(&polled_b)));
+    let (status, body) = reload(&process, Some(TOKEN)).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["needs_restart"], json!([]), "{body}");
+    assert_eq!(
+        body["streams"][1],
+        json!({"stream": "b", "change": "added"})
+    );
+    rebuilds(&receiver, "b", &doc("b", 1)).await;
+    up_b.set(doc("b", 2));
+    let hits = rebuilds(&receiver, "b", &doc("b", 2)).await;
+    assert_eq!(
+        hits.iter().map(Hit::kind).collect::<Vec<_>>(),
+        ["stream.snapshot", "stream.patch"]
+    );
+
+    // The endpoint starts receiving a view: it gets the view's document, then its changes.
+    process.rewrite(&file(&["a", "b", "a?route=R1"], Some(&polled_b)));
+    let (status, body) = reload(&process, Some(TOKEN)).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        body["webhook_endpoints"]["updated"],
+        json!(["one"]),
+        "{body}"
+    );
+    let view_of = |speed: u64| json!({"note": "n".repeat(300), "vehicles": [{"id": "x", "route": "R1", "speed": speed}]});
+    let view = loop {
+        let named = receiver.accepted().into_iter().find_map(|h| {
+            h.body["stream"]
+                .as_str()
+                .filter(|s| s.starts_with("a@~"))
+                .map(str::to_owned)
+        });
+        if let Some(named) = named {
+            break named;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    rebuilds(&receiver, &view, &view_of(1)).await;
+    up_a.set(vehicles(2, 1));
+    let hits = rebuilds(&receiver, &view, &view_of(2)).await;
+    assert_eq!(hits.last().unwrap().kind(), "stream.patch");
+    let subscribers = |listing: &Value| -> Option<u64> {
+        listed(listing, "a")?["views"]["active"]
+            .as_array()?
+            .iter()
+            .find(|v| v["name"] == view.as_str())?["subscribers"]
+            .as_u64()
+    };
+    assert_eq!(subscribers(&listing(&process).await), Some(1));
+
+    // It stops receiving it: the view's dispatcher stops and the view is released.
+    process.rewrite(&file(&["a", "b"], Some(&polled_b)));
+    let (status, body) = reload(&process, Some(TOKEN)).await;
+    assert_eq!(status, 200, "{body}");
+    let deadline = tokio::time::Instant::now() + SOON;
+    while subscribers(&listing(&process).await).is_some_and(|n| n > 0) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the view was never released"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // `b` becomes a push stream: it starts over (a new epoch, a snapshot to the endpoint),
+    // and what is pushed is delivered.
+    process.rewrite(&file(&["a", "b"], Some(&pushed_b)));
+    let (status, body) = reload(&process, Some(TOKEN)).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        body["streams"][1],
+        json!({"stream": "b", "change": "restarted", "fields": ["source"]})
+    );
+    let push = |document: Value| {
+        let url = process.url("/streams/b");
+        async move {
+            reqwest::Client::new()
+                .post(url)
+                .bearer_auth("push-token-0123456789")
+                .json(&document)
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    };
+    assert_eq!(push(doc("b", 3)).await, 200);
+    let hits = rebuilds(&receiver, "b", &doc("b", 3)).await;
+    let epochs: Vec<u64> = hits
+        .iter()
+        .map(|h| h.body["epoch"].as_u64().unwrap())
+        .collect();
+    let first_new = epochs
+        .iter()
+        .position(|e| *e != epochs[0])
+        .expect("a new epoch");
+    assert_eq!(hits[first_new].kind(), "stream.snapshot", "{epochs:?}");
+
+    // A change queued while the receiver fails, then `b` is removed: its dispatcher stops,
+    // and the queued delivery still arrives once the receiver answers.
+    receiver.script([
+        Reply::Status(503, None),
+        Reply::Status(503, None),
+        Reply::Status(503, None),
+    ]);
+    let failed = receiver.hits().len();
+    assert_eq!(push(doc("b", 4)).await, 200);
+    let deadline = tokio::time::Instant::now() + SOON;
+    while receiver.hits().len() == failed {
+        assert!(tokio::time::Instant::now() < deadline, "no attempt");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    process.rewrite(&file(&["a"], None));
+    let (status, body) = reload(&process, Some(TOKEN)).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        body["streams"][1],
+        json!({"stream": "b", "change": "removed"})
+    );
+    rebuilds(&receiver, "b", &doc("b", 4)).await;
+    assert!(
+        receiver.hits()[failed..].iter().any(|h| h.status == 503),
+        "the delivery was pending during the reload"
+    );
+    // `a` goes on.
+    up_a.set(vehicles(3, 1));
+    rebuilds(&receiver, "a", &vehicles(3, 1)).await;
 }

@@ -539,7 +539,7 @@ async fn the_admin_api_checks_its_token_and_its_input(store: TestStore) {
         ),
         (
             json!({"url": "http://203.0.113.5/x", "streams": ["nope"]}),
-            "configured streams",
+            "configured stream",
         ),
         (
             json!({"url": "http://203.0.113.5/x", "streams": []}),
@@ -860,6 +860,7 @@ async fn queued(
             rate_limit: None,
             events: Default::default(),
             request_hash: None,
+            view_filters: Default::default(),
         };
         outbox.put_endpoint(record.clone()).await.unwrap();
         registry.put(Endpoint::new(record, EndpointStatus::default()).unwrap());
@@ -2197,6 +2198,7 @@ async fn a_reset_queues_the_document_it_started_over_with_and_the_changes_after_
         rate_limit: None,
         events: Default::default(),
         request_hash: None,
+        view_filters: Default::default(),
     };
     outbox.put_endpoint(record.clone()).await.unwrap();
     registry.put(Endpoint::new(record, EndpointStatus::default()).unwrap());

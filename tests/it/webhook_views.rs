@@ -1,8 +1,8 @@
 //! Webhook endpoints receiving a view (`fleet@r1`, or an ad hoc filter `fleet?route=R2`)
 //! rather than the whole stream: they get only the view's changes, as patches chained on the
 //! view's previous change (a view's sequence numbers are its source's, so they are sparse), their
-//! receivers rebuild exactly the view's document, the view is not evicted while they follow it,
-//! and the admin API says what it takes.
+//! receivers rebuild exactly the view's document, the view is not evicted while they follow it;
+//! endpoints created through the admin API receive views too, validated as the file's are.
 
 use std::time::Duration;
 
@@ -141,20 +141,202 @@ async fn endpoints_on_views_receive_only_the_views_changes(store: TestStore) {
     }
     assert_eq!(app.metric("patchwire_view_evictions_total").await, 0.0);
 
-    // The admin API names the problem.
-    let admin = Admin::new(&app);
-    for streams in [json!(["fleet@r1"]), json!(["fleet?route=R1"])] {
-        let (status, body) = admin
-            .call(
-                "POST",
-                "",
-                Some(json!({"url": named.url(), "streams": streams})),
-            )
-            .await;
-        assert_eq!(status, 422, "{body}");
-        assert!(body.to_string().contains("names a view"), "{body}");
-    }
     app.stop().await;
 }
 
 crate::on_both_stores!(endpoints_on_views_receive_only_the_views_changes);
+
+/// The views computed now of `fleet` (`/streams`' `active` list): name → subscribers.
+async fn active_views(app: &TestApp) -> std::collections::BTreeMap<String, u64> {
+    let listing: Value = reqwest::get(app.url("/streams"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    listing["streams"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["name"] == "fleet")
+        .flat_map(|s| s["views"]["active"].as_array().cloned().unwrap_or_default())
+        .map(|v| {
+            (
+                v["name"].as_str().unwrap().to_owned(),
+                v["subscribers"].as_u64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// The admin API takes views as the file does: `fleet@r1` and `fleet?route=R2` start their
+/// dispatchers at once (the endpoint gets the view's document, then its changes only, and the
+/// view stays past its linger), a bad view is a `422` naming the entry, changing an endpoint's
+/// streams starts and stops views, and deleting the last endpoint on a view stops its
+/// dispatcher and releases the view (evicted after its linger).
+async fn admin_api_endpoints_receive_views(store: TestStore) {
+    let upstream = MockUpstream::start(fleet(1, 1)).await;
+    let named = Receiver::start(&[SECRET]).await;
+    let ad_hoc = Receiver::start(&[SECRET]).await;
+    let app = TestApp::from_toml(&app_toml(&upstream, &store, &[])).await;
+    app.wait_for_seq("fleet", 1).await;
+    let admin = Admin::new(&app);
+
+    // Bad views: refused naming the entry and what was expected, nothing created.
+    for (streams, expected) in [
+        (json!(["fleet@nope"]), "streams[0]"),
+        (json!(["fleet?colour=red"]), "streams[0]"),
+        (json!(["fleet", "fleet@~0123456789ab"]), "streams[1]"),
+        (json!(["fleet@r1", "fleet?route=R1"]), "already listed"),
+        (json!(["nope@r1"]), "configured stream"),
+    ] {
+        let (status, body) = admin
+            .call(
+                "POST",
+                "",
+                Some(json!({"url": named.url(), "streams": streams, "secret": SECRET})),
+            )
+            .await;
+        assert_eq!(status, 422, "{streams}: {body}");
+        assert!(
+            body.to_string().contains(expected),
+            "{streams}: {expected:?} in {body}"
+        );
+    }
+    let (_, listed) = admin.call("GET", "", None).await;
+    assert_eq!(listed["endpoints"], json!([]), "{listed}");
+
+    let create = |url: String, streams: Value| {
+        let admin = &admin;
+        async move {
+            let (status, body) = admin
+                .call(
+                    "POST",
+                    "",
+                    Some(json!({"url": url, "streams": streams, "secret": SECRET})),
+                )
+                .await;
+            assert_eq!(status, 201, "{body}");
+            body
+        }
+    };
+    let first = create(named.url(), json!(["fleet@r1"])).await;
+    let second = create(ad_hoc.url(), json!(["fleet?route=R2"])).await;
+    let ad_hoc_name = second["streams"][0].as_str().unwrap().to_owned();
+    assert!(ad_hoc_name.starts_with("fleet@~"), "{second}");
+    converge(&app, &named, "fleet@r1", 1).await;
+    converge(&app, &ad_hoc, "fleet?route=R2", 1).await;
+    assert_eq!(unique(&named)[0].kind(), "stream.snapshot");
+    assert_eq!(unique(&named)[0].body["stream"], "fleet@r1");
+    assert_eq!(unique(&ad_hoc)[0].body["stream"], ad_hoc_name.as_str());
+
+    // Changes to each route, with waits longer than the linger: both views stay, each
+    // endpoint gets its view's changes only, as patches.
+    for step in 1..=4u64 {
+        let (r1, r2) = (1 + step.div_ceil(2), 1 + step / 2);
+        upstream.set(fleet(r1, r2));
+        converge(&app, &named, "fleet@r1", r1).await;
+        converge(&app, &ad_hoc, "fleet?route=R2", r2).await;
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+    }
+    for (receiver, stream) in [(&named, "fleet@r1"), (&ad_hoc, ad_hoc_name.as_str())] {
+        let hits = unique(receiver);
+        assert_eq!(hits.len(), 3, "{stream}: a snapshot and two patches");
+        assert!(
+            hits[1..]
+                .iter()
+                .all(|h| h.kind() == "stream.patch" && h.body["stream"] == stream),
+            "{stream}"
+        );
+    }
+    assert_eq!(app.metric("patchwire_view_evictions_total").await, 0.0);
+    let active = active_views(&app).await;
+    assert!(active.get(&ad_hoc_name) >= Some(&1), "{active:?}");
+
+    // The first endpoint moves from the named view to the ad hoc one and the whole stream:
+    // it is owed both documents; the named view, followed by no one now, is released.
+    let id = first["id"].as_str().unwrap().to_owned();
+    let (status, body) = admin
+        .call(
+            "PATCH",
+            &format!("/{id}"),
+            Some(json!({"streams": ["fleet", "fleet?route=R2"]})),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["streams"], json!(["fleet", ad_hoc_name]), "{body}");
+    named
+        .wait_for(
+            LONG,
+            "the ad hoc view's and the stream's documents",
+            |hits| {
+                hits.iter()
+                    .any(|h| h.body["stream"] == ad_hoc_name.as_str())
+                    && hits.iter().any(|h| h.body["stream"] == "fleet")
+            },
+        )
+        .await;
+
+    // Deleting the last endpoints on the ad hoc view stops its dispatcher: the view has no
+    // subscriber left (nor has the named one since the change), and is evicted at the next
+    // change after its linger.
+    for id in [id.as_str(), second["id"].as_str().unwrap()] {
+        let (status, body) = admin.call("DELETE", &format!("/{id}"), None).await;
+        assert_eq!(status, 204, "{body}");
+    }
+    let deadline = tokio::time::Instant::now() + LONG;
+    loop {
+        let active = active_views(&app).await;
+        if active.values().all(|subscribers| *subscribers == 0) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the views were never released: {active:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let before = ad_hoc.hits().len();
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    upstream.set(fleet(9, 9));
+    app.wait_for_seq("fleet", 6).await;
+    let active = active_views(&app).await;
+    assert!(active.is_empty(), "evicted after their linger: {active:?}");
+    assert_eq!(app.metric("patchwire_view_evictions_total").await, 2.0);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(ad_hoc.hits().len(), before, "nothing after the delete");
+    app.stop().await;
+}
+
+crate::on_both_stores!(admin_api_endpoints_receive_views);
+
+/// An ad hoc view an endpoint created through the admin API receives is followed again after a
+/// restart: its id cannot be turned back into its filter, so the endpoint's definition keeps
+/// the filter as written.
+async fn an_admin_api_view_is_followed_again_after_a_restart(store: TestStore) {
+    let upstream = MockUpstream::start(fleet(1, 1)).await;
+    let receiver = Receiver::start(&[SECRET]).await;
+    let toml = app_toml(&upstream, &store, &[]);
+    let app = TestApp::from_toml(&toml).await;
+    app.wait_for_seq("fleet", 1).await;
+    let (status, body) = Admin::new(&app)
+        .call(
+            "POST",
+            "",
+            Some(json!({"url": receiver.url(), "streams": ["fleet?route=R2"], "secret": SECRET})),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    converge(&app, &receiver, "fleet?route=R2", 1).await;
+    app.stop().await;
+
+    let app = TestApp::from_toml(&toml).await;
+    app.wait_for_seq("fleet", 1).await;
+    upstream.set(fleet(1, 2));
+    converge(&app, &receiver, "fleet?route=R2", 2).await;
+    let active = active_views(&app).await;
+    assert_eq!(active.values().sum::<u64>(), 1, "followed: {active:?}");
+    app.stop().await;
+}
+
+crate::on_both_stores!(an_admin_api_view_is_followed_again_after_a_restart);

@@ -460,7 +460,7 @@ streams = ["fleet@nope", "prices@x", "fleet?line=1", "fleet?route=R1", "fleet@r1
         "webhooks.endpoints[0].streams[1]: \"prices@x\" names a view, but stream \"prices\" has no views",
         "webhooks.endpoints[0].streams[2]: \"fleet?line=1\": unknown filter `line`",
         // A filter equal to a named view's is that view.
-        "webhooks.endpoints[0].streams[4]: \"fleet@r1\" is \"fleet@r1\", already listed at streams[3]",
+        "webhooks.endpoints[0].streams[4]: \"fleet@r1\" is already listed at streams[3]",
         "webhooks.endpoints[0].streams[5]: expected the name of a configured stream (fleet, prices)",
     ] {
         assert!(all.contains(expected), "missing {expected:?} in:\n{all}");

@@ -442,11 +442,16 @@ pub fn resolve_streams(
                     None => source.clone(),
                 };
                 if let Some((_, first)) = seen.iter().find(|(n, _)| *n == name) {
+                    let what = if *entry == name {
+                        format!("{entry:?} is")
+                    } else {
+                        format!("{entry:?} is {name:?},")
+                    };
                     refused.push((
                         j,
                         format!(
-                            "{entry:?} is {name:?}, already listed at streams[{first}]; name each \
-                             stream or view once"
+                            "{what} already listed at streams[{first}]; name each stream or \
+                             view once"
                         ),
                     ));
                     continue;

@@ -386,6 +386,7 @@ mod tests {
             rate_limit: None,
             events: Default::default(),
             request_hash: None,
+            view_filters: Default::default(),
         };
         Endpoint::new(record, EndpointStatus::default()).unwrap()
     }

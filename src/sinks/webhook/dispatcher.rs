@@ -20,7 +20,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -67,8 +67,43 @@ enum Stop {
     Ended,
 }
 
-/// Where resync requests for a stream go (its dispatcher), by stream name.
-pub type ResyncRoutes = HashMap<String, mpsc::UnboundedSender<Resync>>;
+/// Where resync requests for a stream go (its dispatcher), by stream name; shared by the
+/// worker, the admin API and the dispatchers' lifecycle, which adds and removes routes as
+/// dispatchers start and stop while running.
+#[derive(Debug, Clone, Default)]
+pub struct ResyncRoutes(Arc<RwLock<HashMap<String, mpsc::UnboundedSender<Resync>>>>);
+
+impl ResyncRoutes {
+    /// No routes.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Routes `stream`'s requests to `sender` (replacing any route it had).
+    pub fn insert(&self, stream: String, sender: mpsc::UnboundedSender<Resync>) {
+        self.0
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(stream, sender);
+    }
+
+    /// Removes `stream`'s route (its dispatcher stopped).
+    pub fn remove(&self, stream: &str) {
+        self.0
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(stream);
+    }
+
+    /// Where `stream`'s requests go, if its dispatcher runs on this node.
+    pub fn get(&self, stream: &str) -> Option<mpsc::UnboundedSender<Resync>> {
+        self.0
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(stream)
+            .cloned()
+    }
+}
 
 /// Accepts one stream's changes into the outbox.
 pub struct Dispatcher {

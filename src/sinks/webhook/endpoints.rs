@@ -16,10 +16,11 @@ use url::Url;
 use super::body::{Events, Format, Mode};
 use super::config::{
     WebhookEndpointSettings, WebhookSettings, endpoint_description, endpoint_headers,
-    endpoint_metadata, endpoint_rate_limit,
+    endpoint_metadata, endpoint_rate_limit, resolve_streams,
 };
 use super::deliver::Probe;
 use super::dispatcher::{Resync, ResyncRoutes};
+use super::dispatchers::Dispatchers;
 use super::operator::{Operator, OperatorEvent};
 use super::outbox::{
     AttemptEntry, AttemptFilter, Created, Delivery, DeliveryFilter, Disabled, EndpointRecord,
@@ -28,6 +29,7 @@ use super::outbox::{
 use super::registry::{Endpoint, Registry};
 use super::sign::{Scheme, Secret, message_id};
 use crate::hub::Hub;
+use crate::sinks::broker::config::Source as BrokerSource;
 use crate::ssrf;
 use crate::time::unix_ms;
 
@@ -146,6 +148,11 @@ fn record_of_config(
         rate_limit: settings.rate_limit,
         events: settings.events,
         request_hash: None,
+        view_filters: settings
+            .views
+            .iter()
+            .filter_map(|v| Some((v.name.clone(), v.query.clone()?)))
+            .collect(),
     }
 }
 
@@ -174,6 +181,14 @@ pub struct CreatedEndpoint {
     pub secret: String,
     /// A retry with the same `Idempotency-Key` and request: the endpoint the first one made.
     pub replayed: bool,
+}
+
+/// An endpoint's `streams` as the admin API resolved them.
+struct Resolved {
+    /// The names its deliveries are under.
+    names: Vec<String>,
+    /// Each ad hoc view's filter, by the view's name.
+    view_filters: BTreeMap<String, String>,
 }
 
 /// A random id for an endpoint created through the API: `ep_` + 24 hex digits.
@@ -275,6 +290,8 @@ pub struct Endpoints {
     settings: std::sync::RwLock<WebhookSettings>,
     hub: Arc<Hub>,
     resync: ResyncRoutes,
+    /// Started and stopped as endpoints start and stop receiving views.
+    dispatchers: Arc<Dispatchers>,
     wake: Arc<Notify>,
     rng: Mutex<StdRng>,
     /// Told when an endpoint is disabled or re-enabled here.
@@ -282,14 +299,15 @@ pub struct Endpoints {
 }
 
 impl Endpoints {
-    /// Manages the endpoints in `registry` (and `outbox`); `resync` reaches each stream's
-    /// dispatcher and `wake` the worker.
+    /// Manages the endpoints in `registry` (and `outbox`); `dispatchers` are this node's
+    /// (requests for a snapshot reach them; views are followed as endpoints receive them) and
+    /// `wake` wakes the worker.
     pub fn new(
         outbox: Arc<dyn Outbox>,
         registry: Arc<Registry>,
         settings: WebhookSettings,
         hub: Arc<Hub>,
-        resync: ResyncRoutes,
+        dispatchers: Arc<Dispatchers>,
         wake: Arc<Notify>,
         tester: super::deliver::Sender,
     ) -> Self {
@@ -299,7 +317,8 @@ impl Endpoints {
             registry,
             settings: std::sync::RwLock::new(settings),
             hub,
-            resync,
+            resync: dispatchers.routes(),
+            dispatchers,
             wake,
             rng: Mutex::new(StdRng::from_os_rng()),
             operator: None,
@@ -368,6 +387,8 @@ impl Endpoints {
                 self.request_resync(&endpoint);
             }
         }
+        // Views endpoints start or stop receiving, from the file as from the admin API.
+        self.dispatchers.reconcile_views(&[]).await;
         Ok(changed)
     }
 
@@ -416,36 +437,39 @@ impl Endpoints {
         Ok(parsed)
     }
 
-    fn check_streams(&self, streams: &[String]) -> Result<(), AdminError> {
+    /// Reads `streams` as the configuration's endpoints are read ([`resolve_streams`]): each
+    /// a configured stream's name, `stream@view` or `stream?filter`. Returns the names the
+    /// deliveries are under (a view's `{stream}@{view}`) and each ad hoc view's filter.
+    fn check_streams(&self, streams: &[String]) -> Result<Resolved, AdminError> {
         if streams.is_empty() {
             return Err(AdminError::Invalid(
                 "streams: expected at least one stream name (GET /streams lists them)".into(),
             ));
         }
-        for (j, name) in streams.iter().enumerate() {
-            if let Some(first) = streams[..j].iter().position(|s| s == name) {
-                return Err(AdminError::Invalid(format!(
-                    "streams[{j}]: {name:?} is already listed at streams[{first}]; name each \
-                     stream once"
-                )));
-            }
-            if self.hub.get(name).is_none() && (name.contains('@') || name.contains('?')) {
-                return Err(AdminError::Invalid(format!(
-                    "streams[{j}]: {name:?} names a view; views are received by endpoints \
-                     declared in the configuration ([[webhooks.endpoints]]), the admin API \
-                     takes names of configured streams"
-                )));
-            }
-            if self.hub.get(name).is_none() {
-                let known: Vec<String> =
-                    self.hub.all().iter().map(|s| s.name().to_owned()).collect();
-                return Err(AdminError::Invalid(format!(
-                    "streams: expected names of configured streams ({}), got {name:?}",
-                    known.join(", ")
-                )));
-            }
+        let hub_streams = self.hub.all();
+        let views: Vec<_> = hub_streams
+            .iter()
+            .map(|s| self.dispatchers.views().of(s.name()))
+            .collect();
+        let sources: Vec<BrokerSource<'_>> = hub_streams
+            .iter()
+            .zip(&views)
+            .map(|(stream, views)| BrokerSource {
+                name: stream.name(),
+                views: views.as_deref().map(|v| v.settings()),
+            })
+            .collect();
+        let (names, views, refused) = resolve_streams(streams, &sources);
+        if let Some((j, expected)) = refused.into_iter().next() {
+            return Err(AdminError::Invalid(format!("streams[{j}]: {expected}")));
         }
-        Ok(())
+        Ok(Resolved {
+            names,
+            view_filters: views
+                .into_iter()
+                .filter_map(|v| Some((v.name, v.query?)))
+                .collect(),
+        })
     }
 
     fn check_headers(headers: &BTreeMap<String, String>) -> Result<(), AdminError> {
@@ -504,7 +528,7 @@ impl Endpoints {
         idempotency: Option<Idempotency>,
     ) -> Result<CreatedEndpoint, AdminError> {
         let url = self.check_url(&input.url).await?;
-        self.check_streams(&input.streams)?;
+        let streams = self.check_streams(&input.streams)?;
         Self::check_headers(&input.headers)?;
         if let Some(description) = &input.description {
             Self::check_description(description)?;
@@ -541,7 +565,7 @@ impl Endpoints {
         let record = EndpointRecord {
             id,
             url: url.to_string(),
-            streams: input.streams,
+            streams: streams.names,
             mode: input.mode.unwrap_or(Mode::Patch),
             format: input.format.unwrap_or_default(),
             headers: input.headers,
@@ -555,6 +579,7 @@ impl Endpoints {
             rate_limit,
             events,
             request_hash: idempotency.as_ref().map(|i| i.request_hash.clone()),
+            view_filters: streams.view_filters,
         };
         let endpoint = Endpoint::new(record.clone(), EndpointStatus::default())
             .map_err(|e| AdminError::Invalid(e.to_string()))?;
@@ -565,6 +590,7 @@ impl Endpoints {
                 endpoint.status = status;
                 let endpoint = self.registry.put(endpoint);
                 self.request_resync(&endpoint);
+                self.dispatchers.reconcile_views(&[]).await;
                 Ok(CreatedEndpoint {
                     endpoint,
                     secret: secret.expose().to_owned(),
@@ -619,9 +645,10 @@ impl Endpoints {
         if let Some(url) = &changes.url {
             record.url = self.check_url(url).await?.to_string();
         }
-        if let Some(streams) = changes.streams {
-            self.check_streams(&streams)?;
-            record.streams = streams;
+        if let Some(streams) = &changes.streams {
+            let streams = self.check_streams(streams)?;
+            record.streams = streams.names;
+            record.view_filters = streams.view_filters;
         }
         if let Some(mode) = changes.mode {
             record.mode = mode;
@@ -695,6 +722,10 @@ impl Endpoints {
         if enabled_now || redefines {
             self.request_resync(&endpoint);
         }
+        if changes.streams.is_some() || changes.disabled.is_some() {
+            // Views it starts or stops receiving (or all of its views, disabled or back).
+            self.dispatchers.reconcile_views(&[]).await;
+        }
         Ok(endpoint)
     }
 
@@ -710,6 +741,8 @@ impl Endpoints {
         }
         self.outbox.delete_endpoint(id.to_owned()).await?;
         self.registry.remove(id);
+        // The views only it received are released.
+        self.dispatchers.reconcile_views(&[]).await;
         Ok(())
     }
 

@@ -19,6 +19,8 @@
 //! - [`deliver`]: one attempt: the signed request and what the answer means (pure), and
 //!   sending it.
 //! - [`dispatcher`]: hub → outbox, and the snapshot that heals every gap.
+//! - [`dispatchers`]: the dispatchers running now, started and stopped as streams come and go
+//!   (a reload) and as endpoints start and stop receiving views (the file or the admin API).
 //! - [`worker`]: outbox → receivers: claims due deliveries, delivers and settles each
 //!   (`start_due` starts what is due; `try_step` takes one delivery to completion).
 //! - [`operator`]: operational events (an endpoint disabled or recovered, a delivery dead),
@@ -26,7 +28,8 @@
 //! - [`endpoints`]: configured endpoints reconciled with stored ones at startup, and the
 //!   operations behind the admin API.
 //!
-//! [`Webhooks`] is the running sink: it starts the dispatchers and the worker, tells a push
+//! [`Webhooks`] is the running sink: it starts the dispatchers (and, while running, those of
+//! streams a reload adds or changes the source of) and the worker, tells a push
 //! when its change is committed, and holds the [`endpoints::Endpoints`] the admin API manages.
 //!
 //! Invariants: a patch is only queued right after the delivery holding its base
@@ -39,6 +42,7 @@ pub mod body;
 pub mod config;
 pub mod deliver;
 pub mod dispatcher;
+pub mod dispatchers;
 pub mod endpoints;
 pub mod operator;
 pub mod outbox;
@@ -51,15 +55,18 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::Notify;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use self::config::WebhookSettings;
-use crate::hub::Hub;
+use crate::hub::{Hub, Stream};
 use crate::time::unix_ms;
 use crate::views::Views;
-use dispatcher::{Committed, Dispatcher, NotCommitted, ResyncRoutes};
+pub use dispatcher::Lease;
+use dispatcher::NotCommitted;
+use dispatchers::Dispatchers;
+pub use dispatchers::NotStarted;
 use endpoints::Endpoints;
 use outbox::{Outbox, OutboxError};
 use worker::{Worker, WorkerSettings};
@@ -72,6 +79,11 @@ pub const COMMIT_WAIT: Duration = Duration::from_secs(10);
 /// disable them), the holder of a stream looks for endpoints owed its document, and an idle
 /// worker looks for deliveries other nodes queued or left behind.
 pub const CLUSTER_POLL: Duration = Duration::from_millis(500);
+
+/// On a node of its own, how often the views endpoints receive are checked besides every
+/// change through the admin API or a reload (the worker disables failing endpoints, whose
+/// views are then released).
+pub const VIEWS_CHECK: Duration = Duration::from_secs(5);
 
 /// How the sink runs beside other nodes sharing its store (a cluster).
 pub struct Shared {
@@ -96,7 +108,7 @@ pub enum StartError {
 pub struct Webhooks {
     outbox: Arc<dyn Outbox>,
     endpoints: Arc<Endpoints>,
-    committed: HashMap<String, Committed>,
+    dispatchers: Arc<Dispatchers>,
     worker: Arc<Worker>,
 }
 
@@ -109,7 +121,7 @@ impl Webhooks {
         settings: &WebhookSettings,
         outbox: Arc<dyn Outbox>,
         hub: Arc<Hub>,
-        views: &Views,
+        views: Arc<Views>,
         push_streams: &HashSet<String>,
         user_agent: &str,
         tasks: &mut JoinSet<()>,
@@ -121,73 +133,32 @@ impl Webhooks {
             Arc::new(endpoints::reconcile(settings, &*outbox, unix_ms(SystemTime::now())).await?);
 
         let wake = Arc::new(Notify::new());
-        let mut resync = ResyncRoutes::new();
-        let mut dispatchers = Vec::new();
-        let mut committed = HashMap::new();
-        for stream in hub.all() {
-            let (sender, requests) = mpsc::unbounded_channel();
-            resync.insert(stream.name().to_owned(), sender);
-            let keep_document = push_streams.contains(stream.name());
-            let mut dispatcher = Dispatcher::new(
-                stream.clone(),
-                outbox.clone(),
-                registry.clone(),
-                settings.backlog_limit,
-                wake.clone(),
-                requests,
-                keep_document,
-            );
-            if let Some(lease) = shared.as_ref().and_then(|s| s.leases.get(stream.name())) {
-                dispatcher = dispatcher.leased(lease.clone(), CLUSTER_POLL);
-            }
-            committed.insert(stream.name().to_owned(), dispatcher.committed());
-            dispatchers.push(dispatcher);
-        }
-        // The views endpoints receive: each its own dispatcher, on the view's stream, run by
-        // the node holding the source stream's lease (a view has none of its own).
-        let mut followed = HashSet::new();
-        for view in settings.endpoints.iter().flat_map(|e| &e.views) {
-            if !followed.insert(view.name.clone()) {
-                continue;
-            }
-            let target = match &view.query {
-                Some(query) => views.target(&hub, &view.source, Some(query)),
-                None => views.target(&hub, &view.name, None),
-            };
-            let target = match target {
-                Some(Ok(target)) => target,
-                Some(Err(error)) => {
-                    tracing::error!(view = %view.name, %error, "cannot follow the view for its webhooks");
-                    continue;
-                }
-                None => {
-                    tracing::error!(view = %view.name, "cannot follow the view for its webhooks: its stream does not exist");
-                    continue;
-                }
-            };
-            let stream = match target.stream() {
-                Ok(stream) => stream,
-                Err(error) => {
-                    tracing::error!(view = %view.name, %error, "cannot follow the view for its webhooks");
-                    continue;
-                }
-            };
-            let (sender, requests) = mpsc::unbounded_channel();
-            resync.insert(view.name.clone(), sender);
-            let mut dispatcher = Dispatcher::view(
-                target,
-                stream,
-                outbox.clone(),
-                registry.clone(),
-                settings.backlog_limit,
-                wake.clone(),
-                requests,
-            );
-            if let Some(lease) = shared.as_ref().and_then(|s| s.leases.get(&view.source)) {
-                dispatcher = dispatcher.leased(lease.clone(), CLUSTER_POLL);
-            }
-            dispatchers.push(dispatcher);
-        }
+        let dispatchers = Arc::new(Dispatchers::new(
+            outbox.clone(),
+            registry.clone(),
+            settings.backlog_limit,
+            wake.clone(),
+            hub.clone(),
+            views,
+            shared.as_ref().map(|_| CLUSTER_POLL),
+            shutdown.clone(),
+        ));
+        // One dispatcher per stream, then one per view endpoints receive: each on the view's
+        // stream, run by the node holding the source stream's lease (a view has none of its
+        // own).
+        let streams = hub
+            .all()
+            .into_iter()
+            .map(|stream| {
+                let keep_document = push_streams.contains(stream.name());
+                let lease = shared
+                    .as_ref()
+                    .and_then(|s| s.leases.get(stream.name()).cloned());
+                (stream, keep_document, lease)
+            })
+            .collect();
+        dispatchers.start_all(streams).await;
+        let resync = dispatchers.routes();
         let operator = match &settings.operator {
             Some(operator) => {
                 let sender = deliver::Sender::new(
@@ -243,9 +214,16 @@ impl Webhooks {
             )?
             .with_operator(operator.clone()),
         );
-        for dispatcher in dispatchers {
-            tasks.spawn(dispatcher.run(shutdown.clone()));
-        }
+        // Follows the endpoints' views as they change, and at shutdown waits for every
+        // dispatcher.
+        tasks.spawn(dispatchers.clone().run(
+            if shared.is_some() {
+                CLUSTER_POLL
+            } else {
+                VIEWS_CHECK
+            },
+            shutdown.clone(),
+        ));
         tasks.spawn(worker.clone().run(shutdown.clone()));
         if shared.is_some() {
             tasks.spawn(endpoints::follow(
@@ -272,7 +250,7 @@ impl Webhooks {
             registry,
             settings.clone(),
             hub,
-            resync,
+            dispatchers.clone(),
             wake,
             tester,
         )
@@ -280,7 +258,7 @@ impl Webhooks {
         Ok(Arc::new(Webhooks {
             outbox,
             endpoints: Arc::new(endpoints),
-            committed,
+            dispatchers,
             worker,
         }))
     }
@@ -289,10 +267,40 @@ impl Webhooks {
     /// deliveries queued for every enabled endpoint, a push stream's document stored), at
     /// most [`COMMIT_WAIT`]. A stream the sink does not know has nothing to wait for.
     pub async fn committed(&self, stream: &str, seq: u64) -> Result<(), NotCommitted> {
-        match self.committed.get(stream) {
+        match self.dispatchers.committed(stream) {
             Some(committed) => committed.reached(seq, COMMIT_WAIT).await,
             None => Ok(()),
         }
+    }
+
+    /// Starts the dispatcher of `stream`, added to the hub while running (or whose source
+    /// changed: the running one is replaced), and follows again the views of it endpoints
+    /// receive. `keep_document`: a push stream outside a cluster (its documents are stored
+    /// with its changes). `fence`: the stream's lease on this node, which a shared store
+    /// requires (dispatch only while it is held, every write fenced by it); `None` on a store
+    /// of this node's own.
+    pub async fn start_dispatcher(
+        &self,
+        stream: Arc<Stream>,
+        keep_document: bool,
+        fence: Option<Lease>,
+    ) -> Result<(), NotStarted> {
+        self.dispatchers
+            .start_stream(stream, keep_document, fence)
+            .await
+    }
+
+    /// Stops the dispatcher of stream `name` (removed while running) and of its views, and
+    /// waits for them. Deliveries already queued stay and are delivered; nothing new is.
+    pub async fn stop_dispatcher(&self, name: &str) {
+        self.dispatchers.stop_stream(name).await;
+    }
+
+    /// Follows exactly the views enabled endpoints receive (starting and stopping their
+    /// dispatchers); the views of the streams in `restarted` (a reload changed their views or
+    /// source) are followed anew.
+    pub async fn follow_views(&self, restarted: &[&str]) {
+        self.dispatchers.reconcile_views(restarted).await;
     }
 
     /// The outbox (`/readyz` asks it a trivial query).

@@ -210,6 +210,7 @@ impl Operator {
             events: Default::default(),
             format: Default::default(),
             request_hash: None,
+            view_filters: Default::default(),
         };
         let target = Endpoint::new(record, EndpointStatus::default()).map(Arc::new);
         let wake = operator.wake.clone();

@@ -128,6 +128,12 @@ pub struct EndpointRecord {
     /// from the key), so a retry with another request is told apart.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub request_hash: Option<String>,
+    /// For each ad hoc view among `streams` (`{stream}@~…`), its filter as written
+    /// (`route=R1`): an ad hoc view's id cannot be turned back into its filter, and the view
+    /// is followed again from it after a restart (stored in the definition's JSON, so older
+    /// definitions read as none).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub view_filters: BTreeMap<String, String>,
 }
 
 /// What [`Outbox::create_endpoint`] found.

@@ -1257,6 +1257,7 @@ mod tests {
             rate_limit: None,
             events: Default::default(),
             request_hash: None,
+            view_filters: Default::default(),
         }
     }
 
