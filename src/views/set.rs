@@ -246,27 +246,10 @@ impl StreamViews {
     /// The view `asked` names: its id (the configured name, or `~` and a hash of the ad hoc
     /// spec's canonical form) and spec. `None` for the whole stream.
     pub fn resolve(&self, asked: Asked) -> Result<Option<(Arc<str>, ViewSpec)>, ViewError> {
-        match asked {
-            Asked::Whole => Ok(None),
-            Asked::Named(name) => match self.settings.named.get(&name) {
-                Some(spec) => Ok(Some((Arc::from(name.as_str()), spec.clone()))),
-                None => Err(ViewError::UnknownView {
-                    name,
-                    known: list(self.settings.named.keys()),
-                }),
-            },
-            Asked::AdHoc(spec) => {
-                if let Some(name) = self.named_canonical.get(&spec.canonical()) {
-                    return Ok(Some((Arc::from(name.as_str()), spec)));
-                }
-                if !self.settings.ad_hoc {
-                    return Err(ViewError::AdHocRefused {
-                        known: list(self.settings.named.keys()),
-                    });
-                }
-                Ok(Some((Arc::from(spec.ad_hoc_name()), spec)))
-            }
-        }
+        let resolved = self.settings.resolve_with(asked, |canonical| {
+            self.named_canonical.get(canonical).map(String::as_str)
+        })?;
+        Ok(resolved.map(|(id, spec)| (Arc::from(id), spec)))
     }
 
     /// The view named `id` (a configured name, or the `~…` id of an ad hoc view that exists
