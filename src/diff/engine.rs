@@ -953,7 +953,7 @@ fn index_unique<K: Hash + Eq + Copy>(ids: &[K]) -> Option<HashMap<K, usize>> {
 }
 
 /// Marks a longest strictly increasing subsequence of `seq` (patience sorting, O(n log n)).
-fn increasing_subsequence(seq: &[usize]) -> Vec<bool> {
+pub(crate) fn increasing_subsequence(seq: &[usize]) -> Vec<bool> {
     // tails[l] = index in seq of the smallest tail of an increasing run of length l + 1.
     let mut tails: Vec<usize> = Vec::new();
     let mut prev: Vec<Option<usize>> = vec![None; seq.len()];

@@ -23,6 +23,7 @@ use serde_json::Value;
 
 use crate::validation::Problems;
 
+pub(crate) use engine::increasing_subsequence;
 pub use json_patch::{Patch, PatchOperation};
 pub use pattern::{KeyPath, PathPattern, Segment};
 

@@ -165,6 +165,21 @@ impl ViewsSettings {
     /// view) and spec; `None` for the whole stream. What `StreamViews::resolve` answers at run
     /// time, known from the configuration alone (a broker sink's view is named at start).
     pub fn resolve(&self, asked: Asked) -> Result<Option<(String, ViewSpec)>, ViewError> {
+        self.resolve_with(asked, |canonical| {
+            self.named
+                .iter()
+                .find(|(_, spec)| spec.canonical() == canonical)
+                .map(|(name, _)| name.as_str())
+        })
+    }
+
+    /// [`ViewsSettings::resolve`], with `named_as` answering which named view an ad hoc
+    /// spec's canonical form is (the one rule, for callers that keep an index of them).
+    pub fn resolve_with<'a>(
+        &'a self,
+        asked: Asked,
+        named_as: impl FnOnce(&str) -> Option<&'a str>,
+    ) -> Result<Option<(String, ViewSpec)>, ViewError> {
         match asked {
             Asked::Whole => Ok(None),
             Asked::Named(name) => match self.named.get(&name) {
@@ -175,10 +190,8 @@ impl ViewsSettings {
                 }),
             },
             Asked::AdHoc(spec) => {
-                let canonical = spec.canonical();
-                if let Some((name, _)) = self.named.iter().find(|(_, s)| s.canonical() == canonical)
-                {
-                    return Ok(Some((name.clone(), spec)));
+                if let Some(name) = named_as(&spec.canonical()) {
+                    return Ok(Some((name.to_owned(), spec)));
                 }
                 if !self.ad_hoc {
                     return Err(ViewError::AdHocRefused {

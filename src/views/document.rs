@@ -12,9 +12,9 @@ use crate::diff;
 use crate::hub::Materialize;
 use crate::snapshot::Snapshot;
 
-/// Patches are applied to the base once they weigh this much, or the document's JSON if more:
-/// applying costs about what writing them did, so this is O(1) amortized per patch byte and
-/// bounds what a view nobody reads holds.
+/// Once the patches since the base weigh this much, or the document's JSON if more, the base is
+/// brought up to date (rebuilt from the source, or the patches applied): this bounds what a
+/// view nobody reads holds, and rebuilding (O(document)) costs at most what the patches weigh.
 const MIN_PENDING_BYTES: usize = 64 * 1024;
 
 /// A view's document: shared by the view (which appends its changes under its lock) and its
@@ -67,7 +67,8 @@ impl State {
     }
 
     /// `patch` (RFC 6902 JSON) is the change at `seq` of `epoch`, and `json_len` the length of
-    /// the document's JSON after it.
+    /// the document's JSON after it. The caller brings the base up to date when
+    /// [`State::heavy`] says so.
     pub(super) fn patched(
         &mut self,
         epoch: u64,
@@ -83,24 +84,20 @@ impl State {
         self.pending.push(patch);
         self.json_len = json_len;
         self.built = None;
-        if self.pending_bytes > MIN_PENDING_BYTES.max(json_len) {
-            self.apply_pending();
-        }
     }
 
-    /// The document after `patch` would be applied at `seq` of `epoch`, built now (a view
-    /// publishing a snapshot change instead of a large patch); the state is not changed.
-    pub(super) fn with_patch(
-        &mut self,
-        epoch: u64,
-        seq: u64,
-        at: SystemTime,
-        patch: &[u8],
-    ) -> Option<Arc<Snapshot>> {
-        self.apply_pending();
-        let mut document = self.base.clone()?;
-        apply(&mut document, patch);
-        Some(Arc::new(Snapshot::taken_at(epoch, seq, document, at)))
+    /// Whether the patches since the base weigh enough that the base should be rebuilt
+    /// ([`State::rebase`]).
+    pub(super) fn heavy(&self) -> bool {
+        self.pending_bytes > MIN_PENDING_BYTES.max(self.json_len)
+    }
+
+    /// `document` is the document now (at the last patch), built by the view from its source:
+    /// it replaces the base and the patches since.
+    pub(super) fn rebase(&mut self, document: Value) {
+        self.base = Some(document);
+        self.pending.clear();
+        self.pending_bytes = 0;
     }
 
     /// The current snapshot, built if it is not yet.

@@ -106,6 +106,8 @@ struct Inner {
     /// The source's document outside its entities at its epoch and sequence number, as last
     /// derived (what views that published then hold).
     rest: Option<(u64, u64, Arc<Value>)>,
+    /// The bytes the views hold, the sum of their [`View::measured`].
+    bytes: u64,
 }
 
 struct View {
@@ -134,6 +136,9 @@ struct View {
     stale: HashMap<Arc<str>, Arc<Value>>,
     /// The length of the view's document's JSON.
     json_len: usize,
+    /// The bytes the view held when last measured (after its last change): its document's
+    /// JSON and its history.
+    measured: u64,
 }
 
 /// An entity a change touches in a view: its key, whether the view held it, whether it does.
@@ -214,6 +219,7 @@ impl StreamViews {
                 scans: Vec::new(),
                 projections: Vec::new(),
                 rest: None,
+                bytes: 0,
             }),
         }
     }
@@ -240,27 +246,10 @@ impl StreamViews {
     /// The view `asked` names: its id (the configured name, or `~` and a hash of the ad hoc
     /// spec's canonical form) and spec. `None` for the whole stream.
     pub fn resolve(&self, asked: Asked) -> Result<Option<(Arc<str>, ViewSpec)>, ViewError> {
-        match asked {
-            Asked::Whole => Ok(None),
-            Asked::Named(name) => match self.settings.named.get(&name) {
-                Some(spec) => Ok(Some((Arc::from(name.as_str()), spec.clone()))),
-                None => Err(ViewError::UnknownView {
-                    name,
-                    known: list(self.settings.named.keys()),
-                }),
-            },
-            Asked::AdHoc(spec) => {
-                if let Some(name) = self.named_canonical.get(&spec.canonical()) {
-                    return Ok(Some((Arc::from(name.as_str()), spec)));
-                }
-                if !self.settings.ad_hoc {
-                    return Err(ViewError::AdHocRefused {
-                        known: list(self.settings.named.keys()),
-                    });
-                }
-                Ok(Some((Arc::from(spec.ad_hoc_name()), spec)))
-            }
-        }
+        let resolved = self.settings.resolve_with(asked, |canonical| {
+            self.named_canonical.get(canonical).map(String::as_str)
+        })?;
+        Ok(resolved.map(|(id, spec)| (Arc::from(id), spec)))
     }
 
     /// The view named `id` (a configured name, or the `~…` id of an ad hoc view that exists
@@ -381,6 +370,7 @@ impl StreamViews {
             rest_len: 0,
             stale: HashMap::new(),
             json_len: 0,
+            measured: 0,
         };
         if let Some(current) = &current {
             let groups = self.groups(&current.document);
@@ -417,7 +407,8 @@ impl StreamViews {
             inner.scans.push(id.clone());
         }
         let out = f(&view.stream);
-        inner.views.insert(id, view);
+        inner.views.insert(id.clone(), view);
+        inner.remeasure(&id);
         self.metrics
             .views
             .get_or_create(&self.labels)
@@ -591,6 +582,7 @@ impl StreamViews {
         &self,
         view: &mut View,
         touched: &[Touched],
+        reorder: bool,
         deltas: &mut Deltas<'_>,
         change: &Change,
     ) -> Option<bool> {
@@ -610,6 +602,23 @@ impl StreamViews {
         }
         let before = deltas.before;
         let after = deltas.after;
+        // The source reordered its entities: those of the view that are no longer in the
+        // source's relative order leave and enter again at their new index.
+        let moved = if reorder {
+            let moved = misplaced(view, &entries, after)?;
+            if !moved.is_empty() {
+                let seen: HashSet<&str> = entries.iter().map(|(k, _, _)| &**k).collect();
+                let untouched: Vec<Touched> = moved
+                    .iter()
+                    .filter(|k| !seen.contains(&***k))
+                    .map(|k| (k.clone(), true, true))
+                    .collect();
+                entries.extend(untouched);
+            }
+            moved
+        } else {
+            HashSet::new()
+        };
         let mut json = Vec::with_capacity(256);
         json.push(b'[');
         let mut operations = 0usize;
@@ -623,7 +632,7 @@ impl StreamViews {
         // Removals, highest index first, so each index holds as the previous ones applied.
         let mut leaving: Vec<(usize, &Arc<str>)> = entries
             .iter()
-            .filter(|(_, was, now)| *was && !*now)
+            .filter(|(key, was, now)| *was && (!*now || moved.contains(key)))
             .map(|(key, _, _)| {
                 let at = before.position(key);
                 (view.order.partition_point(|k| before.position(k) < at), key)
@@ -651,7 +660,7 @@ impl StreamViews {
         // Insertions, lowest final index first.
         let mut entering: Vec<(usize, &Arc<str>)> = entries
             .iter()
-            .filter(|(_, was, now)| !*was && *now)
+            .filter(|(key, was, now)| *now && (!*was || moved.contains(key)))
             .map(|(key, _, _)| (after.position(key), key))
             .collect();
         entering.sort_unstable();
@@ -672,7 +681,7 @@ impl StreamViews {
         // Changes inside entities that stay, at their final index.
         let mut staying: Vec<(usize, &Arc<str>)> = entries
             .iter()
-            .filter(|(_, was, now)| *was && *now)
+            .filter(|(key, was, now)| *was && *now && !moved.contains(key))
             .map(|(key, _, _)| (after.position(key), key))
             .collect();
         staying.sort_unstable();
@@ -740,11 +749,17 @@ impl StreamViews {
         let document = view.document.clone();
         let mut held = document.lock();
         let appended = if diff::prefer_snapshot(payload.len(), json_len, &self.options.diff) {
-            let Some(snapshot) = held.with_patch(change.epoch, change.seq, change.at, &payload)
-            else {
-                view.synced = false;
-                return None;
-            };
+            // After this change the view shows every entity it keeps and the rest as the
+            // source has them now (entities it showed older ride along): its document is built
+            // from the source's, not from its own and the patch.
+            let (document, _order) =
+                self.build(&view.compiled, &view.members, deltas.current, after);
+            let snapshot = Arc::new(Snapshot::taken_at(
+                change.epoch,
+                change.seq,
+                document,
+                change.at,
+            ));
             json_len = snapshot.json.len();
             let result = view.stream.append(
                 change.epoch,
@@ -763,6 +778,12 @@ impl StreamViews {
                     .append(change.epoch, change.seq, change.at, payload.clone(), None);
             if matches!(result, Ok(Some(_))) {
                 held.patched(change.epoch, change.seq, change.at, payload, json_len);
+                if held.heavy() {
+                    // As above: the source's document has the view's as it is now.
+                    let (document, _order) =
+                        self.build(&view.compiled, &view.members, deltas.current, after);
+                    held.rebase(document);
+                }
             }
             result
         };
@@ -838,6 +859,10 @@ impl StreamViews {
             }
         }
         inner.epoch = current.epoch;
+        let ids: Vec<Arc<str>> = inner.views.keys().cloned().collect();
+        for id in &ids {
+            inner.remeasure(id);
+        }
     }
 
     /// Evicts the views nobody watched for their linger period.
@@ -853,6 +878,7 @@ impl StreamViews {
         }
         for id in evicted {
             if let Some(view) = inner.views.remove(&id) {
+                inner.bytes = inner.bytes.saturating_sub(view.measured);
                 match &view.indexed {
                     Some(alias) => {
                         if let Some(by_value) = inner.index.get_mut(alias) {
@@ -880,17 +906,13 @@ impl StreamViews {
             .set(inner.views.len() as i64);
     }
 
-    /// Updates the bytes the views hold.
+    /// Sets the gauge of the bytes the views hold (each view measured after its own changes,
+    /// not every view after every change).
     fn measure(&self, inner: &Inner) {
-        let bytes: u64 = inner
-            .views
-            .values()
-            .map(|view| view.json_len as u64 + view.stream.history_size().1)
-            .sum();
         self.metrics
             .view_bytes
             .get_or_create(&self.labels)
-            .set(i64::try_from(bytes).unwrap_or(i64::MAX));
+            .set(i64::try_from(inner.bytes).unwrap_or(i64::MAX));
     }
 
     /// The views an entity with these versions may concern: those indexed under its alias
@@ -945,7 +967,7 @@ impl Derivation for StreamViews {
         let rest_cur = self.rest_at(&mut inner, current);
         let rest_patch = Arc::new(diff::diff_json(&rest_prev, &rest_cur, &self.options.diff));
         let reorder = reordered(&before, &after);
-        let incremental = self.incremental && before.unique && after.unique && !reorder;
+        let incremental = self.incremental && before.unique && after.unique;
         let everything = (rest_patch.operations > 0 && !rest_patch.only_ignored) || reorder;
         // View → the entities it lost, gained or holds that changed: (key, was, is).
         let mut affected: HashMap<Arc<str>, Vec<Touched>> = if everything {
@@ -1016,6 +1038,7 @@ impl Derivation for StreamViews {
             return;
         }
         let mut deltas = Deltas {
+            current: &current.document,
             before: &before,
             after: &after,
             options: &self.options.diff,
@@ -1043,18 +1066,21 @@ impl Derivation for StreamViews {
             let Some(view) = inner.views.get_mut(id) else {
                 continue;
             };
-            if incremental
+            let published = if incremental
                 && view.synced
-                && self
-                    .publish_derived(view, touched, &mut deltas, change)
-                    .is_some()
+                && let Some(published) =
+                    self.publish_derived(view, touched, reorder, &mut deltas, change)
             {
                 self.derived.fetch_add(1, Ordering::Relaxed);
-                continue;
+                published
+            } else {
+                self.rebuilt.fetch_add(1, Ordering::Relaxed);
+                let built = self.build(&view.compiled, &view.members, &current.document, &after);
+                self.publish_rebuilt(view, built, &rest_cur, after.unique, change)
+            };
+            if published {
+                inner.remeasure(id);
             }
-            self.rebuilt.fetch_add(1, Ordering::Relaxed);
-            let built = self.build(&view.compiled, &view.members, &current.document, &after);
-            self.publish_rebuilt(view, built, &rest_cur, after.unique, change);
         }
         self.measure(&inner);
     }
@@ -1102,7 +1128,9 @@ impl Derivation for StreamViews {
         }
         inner.index.clear();
         inner.scans.clear();
+        inner.bytes = 0;
         self.metrics.views.get_or_create(&self.labels).set(0);
+        self.metrics.view_bytes.get_or_create(&self.labels).set(0);
     }
 
     fn subscribers(&self) -> usize {
@@ -1112,6 +1140,18 @@ impl Derivation for StreamViews {
             .values()
             .map(|view| view.stream.subscriber_count())
             .sum()
+    }
+}
+
+impl Inner {
+    /// Measures view `id` again (after a change of it): what it holds now replaces what it
+    /// held in [`Inner::bytes`].
+    fn remeasure(&mut self, id: &str) {
+        if let Some(view) = self.views.get_mut(id) {
+            let now = view.json_len as u64 + view.stream.history_size().1;
+            let was = std::mem::replace(&mut view.measured, now);
+            self.bytes = self.bytes.saturating_sub(was) + now;
+        }
     }
 }
 
@@ -1140,6 +1180,8 @@ struct Delta {
 /// What one source change does to its entities, computed once and shared by every view it
 /// touches (per projection).
 struct Deltas<'a> {
+    /// The source's document after the change.
+    current: &'a Value,
     before: &'a Groups<'a>,
     after: &'a Groups<'a>,
     options: &'a diff::DiffOptions,
@@ -1349,8 +1391,44 @@ fn incremental_safe(entities: &[String], options: &diff::DiffOptions) -> bool {
             .all(|p| !reaches(p) || (p.segments().len() > depth + 1 && index_blind(p)))
 }
 
-/// Whether entities present in both documents changed their relative order (a view keeps the
-/// source's order, so every view is rebuilt).
+/// The entities `view` keeps through a reordering change (`entries`: those it touches) that
+/// are out of the source's new relative order, the fewest that leave the rest in order (they
+/// leave and enter again at their new index, as the whole stream's diff does without moves).
+/// `None` when an entity the view keeps is not in the source any more (the view is rebuilt).
+fn misplaced(view: &View, entries: &[Touched], after: &Groups<'_>) -> Option<HashSet<Arc<str>>> {
+    let leaving: HashSet<&str> = entries
+        .iter()
+        .filter(|(_, was, now)| *was && !*now)
+        .map(|(key, _, _)| &**key)
+        .collect();
+    let kept: Vec<&Arc<str>> = view
+        .order
+        .iter()
+        .filter(|key| !leaving.contains(&***key))
+        .collect();
+    let mut positions = Vec::with_capacity(kept.len());
+    for key in &kept {
+        let at = after.position(key);
+        if at == usize::MAX {
+            return None;
+        }
+        positions.push(at);
+    }
+    if positions.is_sorted() {
+        return Some(HashSet::new());
+    }
+    let in_order = diff::increasing_subsequence(&positions);
+    Some(
+        kept.into_iter()
+            .zip(in_order)
+            .filter(|(_, stays)| !stays)
+            .map(|(key, _)| key.clone())
+            .collect(),
+    )
+}
+
+/// Whether entities present in both documents changed their relative order (every view is
+/// looked at: its own entities may have).
 fn reordered(before: &Groups<'_>, after: &Groups<'_>) -> bool {
     let order = |groups: &Groups<'_>, other: &Groups<'_>| {
         let mut keyed: Vec<(usize, &Arc<str>)> = groups
