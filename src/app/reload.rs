@@ -248,10 +248,11 @@ impl Reloader {
                 }
                 StreamChange::Restarted(fields) => {
                     self.restart(name, new, fields);
-                    if fields.contains(&"source") {
+                    if fields.contains(&"source") || self.retakes_lease(fields) {
                         // A push stream's dispatcher stores its documents, a polled one's
-                        // does not: the dispatcher is replaced. (Other restarts keep it: the
-                        // stream starting over sends every endpoint its new document.)
+                        // does not, and in a cluster a lease taken anew is a new fence: the
+                        // dispatcher is replaced. (Other restarts keep it: the stream
+                        // starting over sends every endpoint its new document.)
                         self.dispatch(name, new).await;
                     }
                     if fields.contains(&"views") || fields.contains(&"source") {
@@ -307,8 +308,9 @@ impl Reloader {
             return;
         };
         // In a cluster a stream's documents live in Redis and, on a shared store, its
-        // dispatcher runs under its lease's fence. (With `[webhooks]` a cluster's reload that
-        // adds a stream or changes its source is refused today: `config::changes`.)
+        // dispatcher runs under its lease's fence (every stream has one then, a push stream's
+        // taken for its webhooks alone), so the node holding the lease dispatches. On SQLite
+        // only `cluster.webhooks_node` runs webhooks, every stream's, unfenced.
         let keep_document =
             new.cluster.is_none() && new.push_streams.iter().any(|s| s.name == name);
         let shared = new.webhooks.as_ref().is_some_and(|w| w.store.is_shared());
@@ -339,13 +341,41 @@ impl Reloader {
             .filter(|(_, c)| c.fields().iter().any(|f| *f == "views" || *f == "source"))
             .map(|(name, _)| name.clone())
             .collect();
-        // A single node publishes every stream (a cluster's sinks change by a restart, see
-        // `config::changes`).
-        let turns = Turns::new();
+        // A single node publishes every stream. In a cluster a publisher starts only with its
+        // stream's turn, as at start: every published stream's turn is taken; those no
+        // publisher starts with end when dropped here. A stream whose lease was taken anew
+        // has a new turn: its publishers start again with it.
+        let mut turns = Turns::new();
+        let mut retaken = HashSet::new();
+        if self.cluster.is_some() {
+            for target in new.broker_sinks.iter().flat_map(|s| &s.streams) {
+                if turns.contains_key(&target.stream) {
+                    continue;
+                }
+                if let Some((turn, task)) = self.broker_turn(&target.stream, &self.shutdown) {
+                    self.tasks.spawn(task);
+                    turns.insert(target.stream.clone(), turn);
+                }
+            }
+            retaken = changes
+                .streams
+                .iter()
+                .filter(|(_, c)| self.retakes_lease(c.fields()))
+                .map(|(name, _)| name.clone())
+                .collect();
+        }
         let sinks = self
             .brokers
-            .reload(&new.broker_sinks, &self.hub, &self.views, &turns, &replaced)
+            .reload(
+                &new.broker_sinks,
+                &self.hub,
+                &self.views,
+                &turns,
+                &replaced,
+                &retaken,
+            )
             .await;
+        drop(turns);
         Some(Value::Array(sinks.iter().map(|s| s.describe()).collect()))
     }
 
@@ -362,6 +392,33 @@ impl Reloader {
             buffer,
             diff: diff.clone(),
         }
+    }
+
+    /// Whether a restart changing `fields` takes the stream's lease anew (in a cluster: a
+    /// change of source or of `on_demand`), so what follows the lease (its webhook
+    /// dispatcher's fence, its broker publishers' turn) starts again with the new one.
+    fn retakes_lease(&self, fields: &[&'static str]) -> bool {
+        self.cluster.is_some() && (fields.contains(&"source") || fields.contains(&"on_demand"))
+    }
+
+    /// In a cluster with webhooks on a shared store, the lease push stream `name` takes for
+    /// its webhooks alone (any node writes it; the holder dispatches), as at start: the watch
+    /// of it, its keeper spawned until `lease` is cancelled.
+    fn push_lease(
+        &self,
+        node: &Cluster,
+        name: &str,
+        retention: crate::cluster::store::Retention,
+        config: watch::Receiver<Option<Arc<str>>>,
+        lease: &CancellationToken,
+        new: &Config,
+    ) -> Option<watch::Receiver<Option<Holding>>> {
+        if !new.webhooks.as_ref().is_some_and(|w| w.store.is_shared()) {
+            return None;
+        }
+        let (held, keeper) = node.keep_lease(name, retention, config, lease);
+        self.tasks.spawn(keeper);
+        Some(held)
     }
 
     fn buffer(&self, stream: &Stream) -> usize {
@@ -575,15 +632,16 @@ impl Reloader {
             self.tasks
                 .spawn(node.claim(&name, fingerprint.clone(), retention, &token));
             if !clustered.contains_key(&name) {
-                // A push stream takes a lease only for webhooks, which a change of source in
-                // a cluster refuses (`config::changes`): none here.
-                let (config, _) = watch::channel(Some(fingerprint.clone()));
+                // A stream polled until now: a push stream takes a lease only for webhooks.
+                let (config, watched) = watch::channel(Some(fingerprint.clone()));
+                let lease = self.shutdown.child_token();
+                let held = self.push_lease(node, &name, retention, watched, &lease, new);
                 clustered.insert(
                     name.clone(),
                     Clustered {
                         config,
-                        held: None,
-                        lease: self.shutdown.child_token(),
+                        held,
+                        lease,
                     },
                 );
             }
@@ -762,15 +820,17 @@ impl Reloader {
                 self.views.attach(&stream, views);
             }
             if let Some(cluster) = &self.cluster {
-                // Any node writes a push stream; with webhooks it would take a lease for them,
-                // which a reload in a cluster refuses (`config::changes`): none here.
+                // Any node writes a push stream; with webhooks on a shared store it takes a
+                // lease for them, whose holder dispatches them.
                 let node = &cluster.node;
                 let retention = node.retention(settings.history, settings.history_bytes);
                 let fingerprint = fingerprint(new, name);
                 self.load_from_log(node, &stream, settings.history);
                 self.tasks
                     .spawn(node.claim(name, fingerprint.clone(), retention, &token));
-                let (config, _) = watch::channel(Some(fingerprint.clone()));
+                let (config, watched) = watch::channel(Some(fingerprint.clone()));
+                let lease = self.shutdown.child_token();
+                let held = self.push_lease(node, name, retention, watched, &lease, new);
                 cluster
                     .streams
                     .lock()
@@ -779,8 +839,8 @@ impl Reloader {
                         name.to_owned(),
                         Clustered {
                             config,
-                            held: None,
-                            lease: self.shutdown.child_token(),
+                            held,
+                            lease,
                         },
                     );
                 cluster

@@ -304,7 +304,8 @@ impl Cluster {
     }
 
     /// Whether this node publishes `stream` to brokers, following its lease (`held`): a watch
-    /// and the task that keeps it.
+    /// and the task that keeps it (until `shutdown`, the lease's end, or the watch's last
+    /// receiver dropped).
     pub fn lease_turn(
         &self,
         mut held: watch::Receiver<Option<Holding>>,
@@ -316,6 +317,9 @@ impl Cluster {
             loop {
                 tokio::select! {
                     () = shutdown.cancelled() => return,
+                    // Nobody follows the turn any more (its publisher stopped, or a reload
+                    // asked for it and started none).
+                    () = turn_tx.closed() => return,
                     changed = held.changed() => {
                         if changed.is_err() {
                             return;
@@ -349,6 +353,7 @@ impl Cluster {
             loop {
                 tokio::select! {
                     () = shutdown.cancelled() => return,
+                    () = turn_tx.closed() => return,
                     changed = nodes.changed() => {
                         if changed.is_err() {
                             return;

@@ -273,7 +273,6 @@ fn endpoint_secrets(config: &Config) -> Vec<(String, String)> {
 
 /// The sections that cannot change while running, compared.
 fn sections(old: &Config, new: &Config, changes: &mut Changes) {
-    let broker_sinks = changes.broker_sinks;
     let mut needs = |section: &str, differs: bool, why: &str| {
         if differs {
             changes.needs_restart.push(NeedsRestart {
@@ -324,12 +323,6 @@ fn sections(old: &Config, new: &Config, changes: &mut Changes) {
         "the views' total bound is shared by every stream",
     );
     needs(
-        "sinks",
-        new.cluster.is_some() && broker_sinks,
-        "in a cluster, broker sinks change by restarting the nodes (each stream's publisher \
-         follows its lease or owner, taken at start)",
-    );
-    needs(
         "push.max_body",
         old.push.as_ref().map(|p| p.max_body_bytes) != new.push.as_ref().map(|p| p.max_body_bytes),
         "the push routes' body limit is set when the server starts",
@@ -357,54 +350,6 @@ fn sections(old: &Config, new: &Config, changes: &mut Changes) {
                     .map(|t| &t.0),
         "the outbox, the worker and the admin token are set up at start (endpoints reload live)",
     );
-    // Webhook dispatchers and broker publishers follow each stream's lease in a cluster;
-    // they start with the node, so a lease that comes, goes or is taken anew (a restart that
-    // changes how the stream is polled) needs them restarted.
-    let relies_on_leases = new.cluster.is_some()
-        && (new.webhooks.is_some()
-            || !new.broker_sinks.is_empty()
-            || old.webhooks.is_some()
-            || !old.broker_sinks.is_empty());
-    let new_leases: Vec<&str> = changes
-        .streams
-        .iter()
-        .filter(|(_, c)| match c {
-            StreamChange::Added | StreamChange::Removed => true,
-            StreamChange::Restarted(fields) => {
-                fields.contains(&"source") || fields.contains(&"on_demand")
-            }
-            _ => false,
-        })
-        .map(|(n, _)| n.as_str())
-        .collect();
-    if relies_on_leases && !new_leases.is_empty() {
-        changes.needs_restart.push(NeedsRestart {
-            section: "streams".to_owned(),
-            why: format!(
-                "in a cluster, webhooks and broker sinks follow each stream's lease, taken as \
-                 they start, so a stream added, removed, or changing its source or \
-                 `on_demand` needs the nodes restarted while `[webhooks]` or `[[sinks]]` are \
-                 configured: {}",
-                new_leases.join(", ")
-            ),
-        });
-    }
-    let added: Vec<&str> = changes
-        .streams
-        .iter()
-        .filter(|(_, c)| *c == StreamChange::Added)
-        .map(|(n, _)| n.as_str())
-        .collect();
-    if !added.is_empty() && !new.broker_sinks.is_empty() && new.cluster.is_some() {
-        changes.needs_restart.push(NeedsRestart {
-            section: "streams".to_owned(),
-            why: format!(
-                "in a cluster, broker sinks start a stream's publisher with its lease or owner \
-                 at start, so a new stream needs a restart to be published: {}",
-                added.join(", ")
-            ),
-        });
-    }
 }
 
 /// The proxy tokens' secrets (hidden by `Debug`).
@@ -562,32 +507,35 @@ mod tests {
     }
 
     #[test]
-    fn in_a_cluster_with_broker_sinks_a_stream_that_takes_a_lease_anew_needs_a_restart() {
+    fn in_a_cluster_with_webhooks_and_broker_sinks_leases_taken_anew_and_sinks_apply_live() {
         let sinks = "[[sinks.redis]]\nurl = \"redis://127.0.0.1:6379\"\nkey = \"out:{stream}\"\n";
+        let hooks = "[webhooks]\nstore = \"postgres://patchwire@127.0.0.1:5432/patchwire\"\n";
         let b = "[[streams]]\nname = \"b\"\nurl = \"http://up.test/b\"\n";
-        let old = streams(&format!("{A}{b}{CLUSTER}{sinks}"));
-        let leases = |c: &Changes| -> Vec<String> {
-            c.needs_restart
-                .iter()
-                .filter(|n| n.section == "streams")
-                .map(|n| n.why.clone())
-                .collect()
-        };
-        let removed = changes(&old, &streams(&format!("{A}{CLUSTER}{sinks}")));
-        let why = leases(&removed);
-        assert!(why.len() == 1 && why[0].ends_with(": b"), "{removed:?}");
-        let on_demand = format!("{A}on_demand = true\n{b}{CLUSTER}{sinks}");
-        let why = leases(&changes(&old, &streams(&on_demand)));
-        assert!(
-            why.len() == 1 && why[0].ends_with(": a"),
-            "a new kind of lease: {why:?}"
+        let old = streams(&format!("{A}{b}{CLUSTER}{sinks}{hooks}"));
+        // A stream removed, added, taking its lease anew (on demand, a new source), or moved;
+        // a sink's settings changed, a sink removed.
+        for new in [
+            format!("{A}{CLUSTER}{sinks}{hooks}"),
+            format!("{A}{b}[[streams]]\nname = \"c\"\nsource = \"push\"\n{CLUSTER}{sinks}{hooks}"),
+            format!("{A}on_demand = true\n{b}{CLUSTER}{sinks}{hooks}"),
+            format!("[[streams]]\nname = \"a\"\nsource = \"push\"\n{b}{CLUSTER}{sinks}{hooks}"),
+            format!(
+                "[[streams]]\nname = \"a\"\nurl = \"http://up.test/moved\"\n{b}{CLUSTER}{sinks}{hooks}"
+            ),
+            format!("{A}{b}{CLUSTER}{sinks}timeout = \"3s\"\n{hooks}"),
+            format!("{A}{b}{CLUSTER}{hooks}"),
+        ] {
+            let c = changes(&old, &streams(&new));
+            assert!(c.any() && c.needs_restart.is_empty(), "{new}: {c:?}");
+        }
+        // The outbox is still set up at start.
+        let elsewhere = "[webhooks]\nstore = \"postgres://patchwire@127.0.0.1:5432/other\"\n";
+        let c = changes(
+            &old,
+            &streams(&format!("{A}{b}{CLUSTER}{sinks}{elsewhere}")),
         );
-        // A new URL keeps the lease (and the publishers following it).
-        let moved = format!(
-            "[[streams]]\nname = \"a\"\nurl = \"http://up.test/moved\"\n{b}{CLUSTER}{sinks}"
-        );
-        let c = changes(&old, &streams(&moved));
-        assert!(c.needs_restart.is_empty(), "{c:?}");
+        let sections: Vec<&str> = c.needs_restart.iter().map(|n| n.section.as_str()).collect();
+        assert_eq!(sections, ["webhooks"], "{c:?}");
     }
 
     #[test]
@@ -712,21 +660,15 @@ mod tests {
     }
 
     #[test]
-    fn in_a_cluster_broker_sinks_and_new_streams_with_sinks_need_a_restart() {
-        let cluster = "[cluster]\nredis = \"redis://127.0.0.1:6379\"\nnode_id = \"n1\"\n";
-        let old = streams(&format!("{cluster}{A}{NATS}"));
+    fn in_a_cluster_broker_sinks_and_new_streams_with_sinks_apply_live() {
+        let old = streams(&format!("{CLUSTER}{A}{NATS}"));
         let c = changes(
             &old,
-            &streams(&format!("{cluster}{A}{NATS}timeout = \"3s\"\n")),
+            &streams(&format!("{CLUSTER}{A}{NATS}timeout = \"3s\"\n")),
         );
-        let sections: Vec<&str> = c.needs_restart.iter().map(|n| n.section.as_str()).collect();
-        assert_eq!(sections, ["sinks"], "{c:?}");
-        let c = changes(&old, &streams(&format!("{cluster}{A}{B}{NATS}")));
-        let broker = c
-            .needs_restart
-            .iter()
-            .find(|n| n.section == "streams" && n.why.contains("broker sinks"))
-            .unwrap_or_else(|| panic!("{c:?}"));
-        assert!(broker.why.ends_with(": b"), "{c:?}");
+        assert!(c.broker_sinks && c.needs_restart.is_empty(), "{c:?}");
+        let c = changes(&old, &streams(&format!("{CLUSTER}{A}{B}{NATS}")));
+        assert!(c.broker_sinks && c.needs_restart.is_empty(), "{c:?}");
+        assert_eq!(c.streams[1], ("b".to_owned(), StreamChange::Added));
     }
 }

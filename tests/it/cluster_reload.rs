@@ -380,3 +380,211 @@ async fn a_new_source_starts_the_log_over_once_and_nodes_not_reloaded_stand_by()
         assert_eq!(rebuilt.snapshots, 0, "no second start-over");
     }
 }
+
+/// The accepted deliveries of `stream`, in arrival order.
+fn accepted_of(
+    hits: &[crate::support::receiver::Hit],
+    stream: &str,
+) -> Vec<crate::support::receiver::Hit> {
+    hits.iter()
+        .filter(|h| h.status < 300 && h.body["stream"] == stream)
+        .cloned()
+        .collect()
+}
+
+/// Two nodes on one PostgreSQL outbox, both reloaded with a stream added and an endpoint now
+/// receiving it: the node holding the new stream's lease dispatches it, so the endpoint gets
+/// its snapshot and then its patches exactly once each, in order, in one epoch, every
+/// signature verified by the independent `standardwebhooks` crate. Both reloaded with the
+/// stream removed: nothing more of it is delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stream_added_by_reloading_both_nodes_is_delivered_once_to_its_webhooks() {
+    use crate::webhook::{SECRET, rebuild};
+    let kept = MockUpstream::start(doc("kept", 1)).await;
+    let fresh = MockUpstream::start(doc("fresh", 1)).await;
+    let receiver = Receiver::start(&[SECRET]).await;
+    let Some(store) = TestStore::postgres() else {
+        return;
+    };
+    let webhooks = |streams: &str| {
+        format!(
+            r#"
+[webhooks]
+{}allow_private_targets = true
+schedule = ["0s", "100ms", "200ms", "400ms", "800ms", "1s"]
+jitter = 0.0
+[[webhooks.endpoints]]
+id = "e"
+url = "{}"
+streams = {streams}
+mode = "patch"
+secret = "{SECRET}"
+"#,
+            store.toml(),
+            receiver.url(),
+        )
+    };
+    let before = config(&stream("kept", &kept.url())) + &webhooks(r#"["kept"]"#);
+    let Some(mut cluster) = TestCluster::new(&before) else {
+        return;
+    };
+    cluster.start(&["a", "b"]).await;
+    let with_fresh = config(&format!(
+        "{}{}[[streams]]\nname = \"board\"\nsource = \"push\"\n",
+        stream("kept", &kept.url()),
+        stream("fresh", &fresh.url())
+    )) + &webhooks(r#"["kept", "fresh", "board"]"#);
+    cluster.rewrite(&with_fresh);
+    cluster.nodes[0].reload(SOON).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    cluster.nodes[1].reload(SOON).await;
+    // A push stream takes a lease for its webhooks: pushed through either node, its holder
+    // dispatches it.
+    let client = reqwest::Client::new();
+    for v in 2..=6u64 {
+        fresh.set(doc("fresh", v));
+        let node = &cluster.nodes[(v % 2) as usize];
+        let status = client
+            .post(node.stream_url("board"))
+            .bearer_auth("push-token-0123456789")
+            .json(&doc("board", v))
+            .send()
+            .await
+            .expect("push")
+            .status();
+        assert_eq!(status, 200, "{}", cluster.logs());
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let done = fresh.document();
+    let hits = receiver
+        .wait_for(SOON, "the new streams' last documents", |hits| {
+            let fresh = accepted_of(hits, "fresh");
+            let board = accepted_of(hits, "board");
+            !fresh.is_empty()
+                && rebuild(&fresh) == done
+                && !board.is_empty()
+                && rebuild(&board) == doc("board", 6)
+        })
+        .await;
+    let board = accepted_of(&hits, "board");
+    let seqs: Vec<u64> = board.iter().map(|h| h.seq()).collect();
+    assert_eq!(
+        seqs,
+        [1, 2, 3, 4, 5],
+        "every push once, in order; logs:\n{}",
+        cluster.logs()
+    );
+    let logs = cluster.logs();
+    let delivered = accepted_of(&hits, "fresh");
+    assert_eq!(delivered[0].kind(), "stream.snapshot", "{logs}");
+    let ids: BTreeSet<String> = delivered.iter().map(|h| h.id()).collect();
+    assert_eq!(
+        ids.len(),
+        delivered.len(),
+        "each message once; logs:\n{logs}"
+    );
+    let epochs: BTreeSet<u64> = delivered
+        .iter()
+        .map(|h| h.body["epoch"].as_u64().unwrap_or_default())
+        .collect();
+    assert_eq!(epochs.len(), 1, "one epoch; logs:\n{logs}");
+    let seqs: Vec<u64> = delivered.iter().map(|h| h.seq()).collect();
+    assert!(
+        seqs.windows(2).all(|w| w[0] + 1 == w[1]),
+        "every change once, in order: {seqs:?}; logs:\n{logs}"
+    );
+    assert!(
+        delivered.iter().skip(1).all(|h| h.kind() == "stream.patch"),
+        "a snapshot then patches: {:?}",
+        delivered
+            .iter()
+            .map(|h| h.kind().to_owned())
+            .collect::<Vec<_>>()
+    );
+
+    // Removed on both nodes: nothing more of it is dispatched.
+    let without = config(&stream("kept", &kept.url())) + &webhooks(r#"["kept"]"#);
+    cluster.rewrite(&without);
+    cluster.nodes[0].reload(SOON).await;
+    cluster.nodes[1].reload(SOON).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let settled = accepted_of(&receiver.hits(), "fresh").len();
+    for v in 7..=9 {
+        fresh.set(doc("fresh", v));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        accepted_of(&receiver.hits(), "fresh").len(),
+        settled,
+        "a removed stream is no longer delivered; logs:\n{}",
+        cluster.logs()
+    );
+}
+
+/// Two nodes with a Redis broker sink publishing every stream, both reloaded with a stream
+/// added: its line is published by one node at a time, in one epoch without duplicates, and
+/// the independent consumer rebuilds its document. Removed on both: its line stops.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stream_added_by_reloading_both_nodes_is_published_once_to_brokers() {
+    use crate::support::brokers::{rebuild, redis_entries};
+    let kept = MockUpstream::start(doc("kept", 1)).await;
+    let fresh = MockUpstream::start(doc("fresh", 1)).await;
+    let sink = "\n[[sinks.redis]]\nurl = \"{redis}\"\nkey = \"out:{stream}\"\ntimeout = \"1s\"\n";
+    let before = config(&stream("kept", &kept.url())) + sink;
+    let Some(mut cluster) = TestCluster::new(&before) else {
+        return;
+    };
+    cluster.start(&["a", "b"]).await;
+    let with_fresh = config(&format!(
+        "{}{}",
+        stream("kept", &kept.url()),
+        stream("fresh", &fresh.url())
+    )) + sink;
+    cluster.rewrite(&with_fresh);
+    cluster.nodes[0].reload(SOON).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    cluster.nodes[1].reload(SOON).await;
+    for v in 2..=6 {
+        fresh.set(doc("fresh", v));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let done = fresh.document();
+    let url = cluster.redis.url();
+    let deadline = tokio::time::Instant::now() + SOON;
+    let (messages, line) = loop {
+        let messages = redis_entries(&url, "out:fresh").await;
+        let line = match rebuild("fresh", &messages) {
+            Ok(line) if line.document.as_ref() == Some(&done) => break (messages, line),
+            other => other,
+        };
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the new stream's line never reached {done}: {line:?}; logs:\n{}",
+            cluster.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(line.epochs.len(), 1, "one epoch: {messages:#?}");
+    assert_eq!(line.duplicates, 0, "published once: {messages:#?}");
+    assert_eq!(line.snapshots_after_first, 0, "{messages:#?}");
+
+    // Removed on both nodes: its line stops.
+    let without = config(&stream("kept", &kept.url())) + sink;
+    cluster.rewrite(&without);
+    cluster.nodes[0].reload(SOON).await;
+    cluster.nodes[1].reload(SOON).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let settled = redis_entries(&url, "out:fresh").await.len();
+    for v in 7..=9 {
+        fresh.set(doc("fresh", v));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        redis_entries(&url, "out:fresh").await.len(),
+        settled,
+        "a removed stream is no longer published; logs:\n{}",
+        cluster.logs()
+    );
+}

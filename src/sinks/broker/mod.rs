@@ -592,9 +592,10 @@ impl Brokers {
     /// (within its timeout, without holding the reload up longer) and starts; for the others,
     /// the publishers of streams and views gone (or changed) stop and those of new ones start,
     /// the rest keep running untouched. `replaced` names the streams whose views the reload
-    /// replaced: their views' publishers start again on the new views. The streams of the hub
-    /// must already be the new configuration's. `turns`: the [`Turn`] of each stream, in a
-    /// cluster.
+    /// replaced: their views' publishers start again on the new views; `retaken` names the
+    /// streams whose turn the reload replaced (in a cluster, a lease taken anew): all their
+    /// publishers start again with the new turn. The streams of the hub must already be the
+    /// new configuration's. `turns`: the [`Turn`] of each stream, in a cluster.
     pub async fn reload(
         &self,
         settings: &[BrokerSinkSettings],
@@ -602,6 +603,7 @@ impl Brokers {
         views: &Views,
         turns: &Turns,
         replaced: &HashSet<String>,
+        retaken: &HashSet<String>,
     ) -> Vec<SinkReload> {
         let mut sinks = self.sinks.lock().await;
         let mut old: Vec<RunningSink> = std::mem::take(&mut *sinks);
@@ -622,7 +624,8 @@ impl Brokers {
                             .any(|t| format!("{t:?}") == format!("{:?}", publisher.target));
                         let view_replaced = publisher.target.view.is_some()
                             && replaced.contains(&publisher.target.stream);
-                        if same && !view_replaced {
+                        let turn_replaced = retaken.contains(&publisher.target.stream);
+                        if same && !view_replaced && !turn_replaced {
                             sink.publishers.push(publisher);
                         } else {
                             stopped.push(publisher.target.name.clone());
