@@ -56,11 +56,13 @@ fn write_description(out: &mut String, config: &Config) -> std::fmt::Result {
     )?;
     writeln!(
         out,
-        "  header timeout {}, idle timeout {}, body timeout {}, at most {} connections",
+        "  header timeout {}, idle timeout {}, body timeout {}, at most {} connections, \
+         gzip level {}",
         fmt_duration(s.header_timeout),
         fmt_duration(s.idle_timeout),
         fmt_duration(s.body_timeout),
-        s.max_connections
+        s.max_connections,
+        s.gzip_level.get()
     )?;
     writeln!(out, "  CORS: {cors}")?;
     let format = match config.log.format {
