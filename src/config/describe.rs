@@ -383,6 +383,12 @@ fn describe_proxy(out: &mut String, p: &ProxySettings) -> std::fmt::Result {
         p.history,
         fmt_bytes(p.history_bytes)
     )?;
+    writeln!(
+        out,
+        "  views:      at most {} per stream, kept {} after their last subscriber",
+        p.max_views_per_stream,
+        fmt_duration(p.view_linger)
+    )?;
     for t in &p.tokens {
         let mut line = format!(
             "  token {:?} (value hidden): {} connections, {}/s, burst {}, hosts: {}",
