@@ -139,7 +139,7 @@ fn sse_framing(c: &mut Criterion) {
         });
         let event = wire::sse::event(Some("bench:1700000000000:7"), "patch", payload);
         group.bench_with_input(BenchmarkId::new("deflate", name), &event, |b, e| {
-            b.iter(|| wire::gzip::Deflated::new(e));
+            b.iter(|| wire::gzip::Deflated::new(e, wire::gzip::Level::DEFAULT));
         });
     }
     group.finish();

@@ -250,7 +250,10 @@ fn measure(
             Publication::Published(change) => {
                 let frame = sse::change_frame(&change, Dialect::Native);
                 m.sse += frame.plain().len();
-                m.sse_gzip += frame.deflated().bytes.len();
+                m.sse_gzip += frame
+                    .deflated(patchwire::wire::gzip::Level::DEFAULT)
+                    .bytes
+                    .len();
                 match change.kind {
                     ChangeKind::Patch => m.patches += 1,
                     ChangeKind::Snapshot => m.snapshots += 1,

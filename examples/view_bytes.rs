@@ -14,8 +14,9 @@
 //! resolved by `views::Views::target` as a request is) and one for the whole stream. Each poll
 //! is decoded and published in process; every event each subscriber is sent is counted as it
 //! goes on the wire in patchwire's SSE dialect: plain, and gzip (each event deflated once, as
-//! the SSE sink does, plus the gzip header and the end of the stream: final block and
-//! trailer). The first event is the view's snapshot, then its patches; keep-alives and the
+//! the SSE sink does at the default `server.gzip_level`, plus the gzip header and the end of
+//! the stream: final block and trailer; then a table of every level 1 to 9 with the CPU to
+//! deflate all the events once at it). The first event is the view's snapshot, then its patches; keep-alives and the
 //! `retry:` line are left out. Polling columns add up every poll's protobuf body, plain and
 //! gzip-compressed (flate2 level 6, as a CDN would).
 //!
@@ -31,8 +32,8 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
+use flate2::Compression;
 use flate2::write::{DeflateEncoder, GzEncoder};
-use flate2::{Compress, Compression, FlushCompress};
 use patchwire::config::{self, FileKind};
 use patchwire::hub::{
     ChangeKind, Hub, Initial, Resume, Stream, StreamEvent, StreamOptions, Subscription,
@@ -43,7 +44,7 @@ use patchwire::snapshot::SnapshotStore;
 use patchwire::upstream::decode::{Format, decode};
 use patchwire::views::{Budget, StreamViews, Target, Views};
 use patchwire::wire::Dialect;
-use patchwire::wire::gzip::GZIP_HEADER;
+use patchwire::wire::gzip::{Deflated, GZIP_HEADER, Level};
 use percent_encoding::{NON_ALPHANUMERIC, utf8_percent_encode};
 use serde_json::Value;
 use tokio::sync::broadcast::error::TryRecvError;
@@ -102,8 +103,8 @@ struct Received {
     snapshots: usize,
     plain: usize,
     gzip: usize,
-    /// Not what the server sends, for comparison: each event deflated on its own at level 6
-    /// (the server uses level 1, `Compression::fast`)...
+    /// For comparison: each event deflated on its own at level 6 (the server's default
+    /// `server.gzip_level`; the `gzip` column is at `Level::DEFAULT`)...
     gzip_level6: usize,
     /// ... and one deflate stream per subscriber at level 6, flushed after each event (each
     /// event compressed against the ones before it: a compressor per subscriber).
@@ -111,6 +112,8 @@ struct Received {
     stream: DeflateEncoder<Vec<u8>>,
     /// The events' frames.
     frames: Vec<Bytes>,
+    /// SSE gzip at each `server.gzip_level` (index 0: level 1), the server's way.
+    by_level: [usize; 9],
 }
 
 impl Default for Received {
@@ -125,6 +128,7 @@ impl Default for Received {
             gzip_stream: overhead,
             stream: DeflateEncoder::new(Vec::new(), LEVEL_6),
             frames: Vec::new(),
+            by_level: [overhead; 9],
         }
     }
 }
@@ -143,7 +147,7 @@ impl Received {
         let plain = frame.plain();
         self.frames.push(plain.clone());
         self.plain += plain.len();
-        self.gzip += frame.deflated().bytes.len();
+        self.gzip += frame.deflated(Level::DEFAULT).bytes.len();
         self.gzip_level6 += deflated_len(&mut DeflateEncoder::new(Vec::new(), LEVEL_6), plain);
         self.gzip_stream += deflated_len(&mut self.stream, plain);
         match kind {
@@ -194,35 +198,19 @@ impl Follower {
     }
 }
 
-/// The time to deflate `events` once each, as the server does (one compressor, reset before
-/// each event, sync flush), at `level`; the smallest of five runs.
-fn deflate_time(events: &[Bytes], level: Compression) -> Duration {
-    let mut compressor = Compress::new(level, false);
+/// Every `server.gzip_level`, 1 to 9.
+fn levels() -> impl Iterator<Item = Level> {
+    Level::RANGE.filter_map(Level::new)
+}
+
+/// The time to deflate `events` once each as the server does (`Deflated::new`: a reset
+/// compressor per thread, sync flush, CRC-32), at `level`; the smallest of five runs.
+fn deflate_time(events: &[Bytes], level: Level) -> Duration {
     let mut best = Duration::MAX;
     for _ in 0..5 {
         let started = Instant::now();
         for event in events {
-            compressor.reset();
-            let mut out = Vec::with_capacity(event.len() / 2 + 64);
-            let mut input = &event[..];
-            loop {
-                if out.capacity() - out.len() < 64 {
-                    out.reserve(out.capacity().max(64));
-                }
-                let before = compressor.total_in();
-                if compressor
-                    .compress_vec(input, &mut out, FlushCompress::Sync)
-                    .is_err()
-                {
-                    break;
-                }
-                let consumed = (compressor.total_in() - before) as usize;
-                input = &input[consumed.min(input.len())..];
-                if input.is_empty() && out.len() < out.capacity() {
-                    break;
-                }
-            }
-            std::hint::black_box(out);
+            std::hint::black_box(Deflated::new(event, level));
         }
         best = best.min(started.elapsed());
     }
@@ -389,9 +377,15 @@ fn measure(name: &str, dir: &Path) -> Result<Report, String> {
     }
     // Each view's subscriber got each of the view's events: every event is distinct.
     for follower in &mut report.followers {
-        report
-            .events
-            .extend(std::mem::take(&mut follower.received.frames));
+        let received = &mut follower.received;
+        for (level, total) in levels().zip(&mut received.by_level) {
+            *total += received
+                .frames
+                .iter()
+                .map(|frame| Deflated::new(frame, level).bytes.len())
+                .sum::<usize>();
+        }
+        report.events.extend(std::mem::take(&mut received.frames));
     }
     Ok(report)
 }
@@ -477,18 +471,50 @@ impl Report {
         }
         println!();
         let bytes: usize = self.events.iter().map(Bytes::len).sum();
-        let fast = deflate_time(&self.events, Compression::fast());
-        let level6 = deflate_time(&self.events, LEVEL_6);
         println!(
-            "Deflating every event once (the {} events of all the views above and the whole \
-             stream, {}), as the server does (a reset compressor, sync flush), best of 5: \
-             level 1 (the server's) {:.1} ms, level 6 {:.1} ms ({:.2}×).",
+            "By `server.gzip_level` (the server's default: {}): SSE gzip of the median one-route \
+             subscriber and of the whole stream, and the CPU to deflate every event once (the {} \
+             events of all the views above and the whole stream, {}), as the server does, best \
+             of 5. Each level's time includes building its compressor once.",
+            Level::DEFAULT.get(),
             self.events.len(),
             kib(bytes as f64),
-            fast.as_secs_f64() * 1e3,
-            level6.as_secs_f64() * 1e3,
-            level6.as_secs_f64() / fast.as_secs_f64(),
         );
+        println!();
+        println!(
+            "| level | median route SSE gzip | **protobuf gzip ÷** | whole stream SSE gzip | ÷ | \
+             deflate CPU, all events | × level 1 | per poll |"
+        );
+        println!("|---|---|---|---|---|---|---|---|");
+        let mut first = None;
+        for level in levels() {
+            let index = level.get() as usize - 1;
+            let routes: Vec<f64> = self
+                .followers
+                .iter()
+                .filter(|f| f.route.is_some())
+                .map(|f| f.received.by_level[index] as f64)
+                .collect();
+            let route = median(routes);
+            let whole = self
+                .followers
+                .iter()
+                .find(|f| f.route.is_none())
+                .map_or(0.0, |f| f.received.by_level[index] as f64);
+            let time = deflate_time(&self.events, level).as_secs_f64();
+            let base = *first.get_or_insert(time);
+            println!(
+                "| {} | {} | **{:.1}×** | {} | {:.1}× | {:.1} ms | {:.2}× | {:.2} ms |",
+                level.get(),
+                kib(route),
+                gz / route,
+                kib(whole),
+                gz / whole,
+                time * 1e3,
+                time / base,
+                time * 1e3 / polls,
+            );
+        }
         println!();
     }
 }

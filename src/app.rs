@@ -339,7 +339,8 @@ impl App {
             server.retry_hint,
             server.cors.clone(),
             config.websocket.enabled,
-        );
+        )
+        .with_gzip_level(server.gzip_level);
         if let Some(cluster) = &cluster {
             subscriptions =
                 subscriptions.after_the_log(cluster.loaded(), cluster.settings().timeout);

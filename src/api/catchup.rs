@@ -324,12 +324,25 @@ pub async fn changes(
         }
         Some(Ok(open)) => open,
     };
-    read(open, &name, &params, &headers).await
+    read(
+        open,
+        &name,
+        &params,
+        &headers,
+        state.subscriptions.gzip_level(),
+    )
+    .await
 }
 
 /// Answers a read of `open`'s stream: a page from history, or (with `wait`) the first change
 /// after the position once it comes, else `204` when the wait is over.
-async fn read(mut open: Open, name: &str, params: &Params, headers: &HeaderMap) -> Response {
+async fn read(
+    mut open: Open,
+    name: &str,
+    params: &Params,
+    headers: &HeaderMap,
+    level: crate::wire::gzip::Level,
+) -> Response {
     let shared = open.dynamic.is_none();
     let named: Option<Arc<str>> = open.dynamic.as_ref().map(|(name, _)| name.clone());
     let stream = open.subscription.stream().clone();
@@ -383,7 +396,7 @@ async fn read(mut open: Open, name: &str, params: &Params, headers: &HeaderMap) 
         // one the client read from); a long-poll waits for the node to get there.
         let (waiting, ahead) = match answer {
             Read::Page(page) => {
-                let mut response = page.respond(stream.name(), shared, headers);
+                let mut response = page.respond(stream.name(), shared, headers, level);
                 finish(&mut response, cursor, named.as_deref());
                 return response;
             }
@@ -398,7 +411,7 @@ async fn read(mut open: Open, name: &str, params: &Params, headers: &HeaderMap) 
         if params.wait.is_none() {
             if matches!(params.after, After::Now) {
                 let page = Page::empty(waiting);
-                let mut response = page.respond(stream.name(), shared, headers);
+                let mut response = page.respond(stream.name(), shared, headers, level);
                 set(&mut response, header::CACHE_CONTROL, "no-store");
                 response.headers_mut().remove(header::ETAG);
                 finish(&mut response, cursor, named.as_deref());
@@ -407,7 +420,7 @@ async fn read(mut open: Open, name: &str, params: &Params, headers: &HeaderMap) 
             if matches!(after, After::Start) {
                 return no_document_yet(&stream);
             }
-            let mut response = Page::empty(waiting).respond(stream.name(), shared, headers);
+            let mut response = Page::empty(waiting).respond(stream.name(), shared, headers, level);
             finish(&mut response, cursor, named.as_deref());
             return response;
         }
@@ -482,26 +495,32 @@ impl Page {
     /// The page as a response: gzip-compressed when the client accepts it, with a tag of its
     /// own (a strong tag names one byte sequence; either tag revalidates, since both name the
     /// same page) and `Vary: Accept-Encoding`, so a shared cache keeps the two apart.
-    fn respond(self, stream: &str, shared: bool, headers: &HeaderMap) -> Response {
+    fn respond(
+        self,
+        stream: &str,
+        shared: bool,
+        headers: &HeaderMap,
+        level: crate::wire::gzip::Level,
+    ) -> Response {
         let gzip = super::subscribe::accepts_gzip(headers);
         let gzip_etag = gzip_tag(&self.etag);
         let etag = if gzip { &gzip_etag } else { &self.etag };
-        let mut response = if if_none_match(headers, &self.etag)
-            || if_none_match(headers, &gzip_etag)
-        {
-            let mut response = Response::new(Body::empty());
-            *response.status_mut() = StatusCode::NOT_MODIFIED;
-            response
-        } else {
-            let body = page_body(stream, &self.items, &self.next, self.up_to_date);
-            if gzip {
-                let mut response = json_response(StatusCode::OK, crate::wire::gzip::member(&body));
-                set(&mut response, header::CONTENT_ENCODING, "gzip");
+        let mut response =
+            if if_none_match(headers, &self.etag) || if_none_match(headers, &gzip_etag) {
+                let mut response = Response::new(Body::empty());
+                *response.status_mut() = StatusCode::NOT_MODIFIED;
                 response
             } else {
-                json_response(StatusCode::OK, body.into())
-            }
-        };
+                let body = page_body(stream, &self.items, &self.next, self.up_to_date);
+                if gzip {
+                    let mut response =
+                        json_response(StatusCode::OK, crate::wire::gzip::member(&body, level));
+                    set(&mut response, header::CONTENT_ENCODING, "gzip");
+                    response
+                } else {
+                    json_response(StatusCode::OK, body.into())
+                }
+            };
         response
             .headers_mut()
             .append(header::VARY, HeaderValue::from_static("accept-encoding"));

@@ -373,7 +373,7 @@ async fn stream(
         );
     };
     match target.and_then(|target| target.stream()) {
-        Ok(stream) => snapshot_json(&stream, &headers),
+        Ok(stream) => snapshot_json(&stream, &headers, state.subscriptions.gzip_level()),
         Err(error) => error_response(
             StatusCode::from_u16(error.status()).unwrap_or(StatusCode::BAD_REQUEST),
             error.to_string(),
@@ -383,8 +383,12 @@ async fn stream(
 
 /// `GET /streams/{name}` with `Accept: application/json`: the current document once, with an
 /// `ETag` naming its epoch and sequence, so polling clients cost the upstream nothing; gzip
-/// for clients that accept it (compressed once per snapshot).
-pub(crate) fn snapshot_json(stream: &Stream, headers: &HeaderMap) -> Response {
+/// for clients that accept it (compressed once per snapshot, at `level`: `server.gzip_level`).
+pub(crate) fn snapshot_json(
+    stream: &Stream,
+    headers: &HeaderMap,
+    level: crate::wire::gzip::Level,
+) -> Response {
     let Some(snapshot) = stream.snapshot() else {
         let mut response = error_response(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -418,7 +422,7 @@ pub(crate) fn snapshot_json(stream: &Stream, headers: &HeaderMap) -> Response {
     }
     let body = if gzip {
         builder = builder.header(header::CONTENT_ENCODING, "gzip");
-        snapshot.json_gzip().clone()
+        snapshot.json_gzip(level).clone()
     } else {
         snapshot.json.clone()
     };

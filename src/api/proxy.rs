@@ -32,7 +32,7 @@ pub async fn dynamic_json(state: Arc<AppState>, uri: Uri, headers: HeaderMap) ->
     };
     // The first poll of a new stream may wait for its rate limit and take its timeout.
     let wait = proxy.settings().timeout * 2 + Duration::from_secs(1);
-    snapshot_once(opened, &headers, wait).await
+    snapshot_once(opened, &headers, wait, state.subscriptions.gzip_level()).await
 }
 
 /// `GET /streams/~{id}` with `Accept: application/json` (or without the proxy mode): a
@@ -54,7 +54,11 @@ pub async fn view_json(
         Ok(opened) => opened,
         Err(refusal) => return refusal_status(&refusal),
     };
-    let response = snapshot_json(opened.subscription.stream(), headers);
+    let response = snapshot_json(
+        opened.subscription.stream(),
+        headers,
+        state.subscriptions.gzip_level(),
+    );
     naming_stream(response, &opened.stream)
 }
 
@@ -79,7 +83,12 @@ fn refusal_status(refusal: &Refusal) -> Response {
 }
 /// Snapshot-only mode: the current document once, waiting up to `wait` for a new stream's
 /// first poll. The subscription is dropped afterwards and the stream lingers.
-async fn snapshot_once(opened: Opened, headers: &HeaderMap, wait: Duration) -> Response {
+async fn snapshot_once(
+    opened: Opened,
+    headers: &HeaderMap,
+    wait: Duration,
+    level: crate::wire::gzip::Level,
+) -> Response {
     let Opened {
         mut subscription,
         hold: _hold,
@@ -89,7 +98,7 @@ async fn snapshot_once(opened: Opened, headers: &HeaderMap, wait: Duration) -> R
     let deadline = tokio::time::Instant::now() + wait;
     loop {
         if stream.snapshot().is_some() {
-            return naming_stream(snapshot_json(&stream, headers), &name);
+            return naming_stream(snapshot_json(&stream, headers, level), &name);
         }
         if let Some(failure) = stream.failure() {
             let status = StatusCode::from_u16(failure.status).unwrap_or(StatusCode::BAD_GATEWAY);

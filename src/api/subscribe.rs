@@ -28,7 +28,7 @@ use crate::proxy::{self, Opened, Proxy};
 use crate::sinks::sse::SseOptions;
 use crate::sinks::ws::{self, protocol::Target};
 use crate::views::{ViewError, Views};
-use crate::wire::{self, Dialect};
+use crate::wire::{self, Dialect, gzip};
 
 /// A request as either transport read it: what a subscription decision reads.
 #[derive(Debug, Clone, Copy)]
@@ -102,6 +102,7 @@ pub struct Subscriptions {
     views: Arc<Views>,
     proxy: Option<Arc<Proxy>>,
     retry: Duration,
+    gzip_level: gzip::Level,
     cors: Cors,
     websocket: bool,
     /// In a cluster: whether this node has read the log yet, and how long a subscription
@@ -125,10 +126,23 @@ impl Subscriptions {
             views,
             proxy,
             retry,
+            gzip_level: gzip::Level::DEFAULT,
             cors,
             websocket,
             log: None,
         }
+    }
+
+    /// Deflate events, snapshots and catch-up pages at `level` (`server.gzip_level`; by
+    /// default [`gzip::Level::DEFAULT`]).
+    pub fn with_gzip_level(mut self, level: gzip::Level) -> Self {
+        self.gzip_level = level;
+        self
+    }
+
+    /// The level events, snapshots and catch-up pages are deflated at.
+    pub fn gzip_level(&self) -> gzip::Level {
+        self.gzip_level
     }
 
     /// In a cluster: subscriptions to configured streams wait (at most `at_most`) until
@@ -343,7 +357,7 @@ impl Subscriptions {
     ) -> Decision {
         let options = SseOptions {
             retry: self.retry,
-            gzip: accepts_gzip(request.headers),
+            gzip: accepts_gzip(request.headers).then_some(self.gzip_level),
             dialect,
         };
         let mut headers = vec![
@@ -358,7 +372,7 @@ impl Subscriptions {
                 HeaderValue::from_static("no"),
             ),
         ];
-        if options.gzip {
+        if options.gzip.is_some() {
             headers.push((header::CONTENT_ENCODING, HeaderValue::from_static("gzip")));
         }
         let hold = dynamic.map(|(name, hold)| {

@@ -56,11 +56,13 @@ fn write_description(out: &mut String, config: &Config) -> std::fmt::Result {
     )?;
     writeln!(
         out,
-        "  header timeout {}, idle timeout {}, body timeout {}, at most {} connections",
+        "  header timeout {}, idle timeout {}, body timeout {}, at most {} connections, \
+         gzip level {}",
         fmt_duration(s.header_timeout),
         fmt_duration(s.idle_timeout),
         fmt_duration(s.body_timeout),
-        s.max_connections
+        s.max_connections,
+        s.gzip_level.get()
     )?;
     writeln!(out, "  CORS: {cors}")?;
     let format = match config.log.format {
@@ -380,6 +382,12 @@ fn describe_proxy(out: &mut String, p: &ProxySettings) -> std::fmt::Result {
         fmt_bytes(p.max_body_bytes),
         p.history,
         fmt_bytes(p.history_bytes)
+    )?;
+    writeln!(
+        out,
+        "  views:      at most {} per stream, kept {} after their last subscriber",
+        p.max_views_per_stream,
+        fmt_duration(p.view_linger)
     )?;
     for t in &p.tokens {
         let mut line = format!(

@@ -112,6 +112,8 @@ pub struct ServerSettings {
     pub body_timeout: Duration,
     /// Open connections past which new ones are refused (HTTP/1 503, then closed).
     pub max_connections: usize,
+    /// The deflate level of gzip responses (SSE events, JSON snapshots, catch-up pages).
+    pub gzip_level: crate::wire::gzip::Level,
     /// Cross-origin access for browsers.
     pub cors: Cors,
 }

@@ -121,6 +121,9 @@ pub struct RawServer {
     /// Open connections past which new ones are refused
     /// ([default](super::defaults::MAX_CONNECTIONS), [bounds](super::limits::MAX_CONNECTIONS)).
     pub max_connections: Option<u64>,
+    /// The deflate level of gzip responses: SSE events, JSON snapshots, catch-up pages
+    /// ([default](super::defaults::GZIP_LEVEL), [bounds](super::limits::GZIP_LEVEL)).
+    pub gzip_level: Option<u64>,
     /// Cross-origin access for browsers (`[server.cors]`).
     pub cors: Option<RawCors>,
 }

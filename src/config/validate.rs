@@ -56,6 +56,8 @@ pub mod defaults {
     pub const BODY_TIMEOUT: Duration = Duration::from_secs(30);
     /// `server.max_connections`.
     pub const MAX_CONNECTIONS: u64 = 10_000;
+    /// `server.gzip_level` (BENCHMARKS.md, "gzip level": why 6).
+    pub const GZIP_LEVEL: crate::wire::gzip::Level = crate::wire::gzip::Level::DEFAULT;
     /// `server.cors.allow_origins`: any origin.
     pub const CORS: Cors = Cors::AnyOrigin;
     /// `log.format`.
@@ -90,6 +92,11 @@ pub mod limits {
     pub const MAX_CONNECTIONS: (u64, u64) = (1, 1_000_000);
     /// `server.subscriber_buffer`.
     pub const SUBSCRIBER_BUFFER: (u64, u64) = (1, 65_536);
+    /// `server.gzip_level`: deflate's levels (0, stored, would make gzip bigger than plain).
+    pub const GZIP_LEVEL: (u64, u64) = (
+        *crate::wire::gzip::Level::RANGE.start() as u64,
+        *crate::wire::gzip::Level::RANGE.end() as u64,
+    );
     /// Shortest `push.token`, in characters.
     pub const PUSH_TOKEN_MIN_CHARS: usize = 16;
 }
@@ -276,6 +283,13 @@ fn server(raw: &RawServer, problems: &mut Problems) -> ServerSettings {
         defaults::MAX_CONNECTIONS,
         limits::MAX_CONNECTIONS,
     );
+    let gzip_level = integer_in(
+        problems,
+        "server.gzip_level",
+        raw.gzip_level,
+        u64::from(defaults::GZIP_LEVEL.get()),
+        limits::GZIP_LEVEL,
+    );
     ServerSettings {
         listen,
         keepalive: duration_in(
@@ -329,6 +343,10 @@ fn server(raw: &RawServer, problems: &mut Problems) -> ServerSettings {
             limits::BODY_TIMEOUT,
         ),
         max_connections: usize_of(max_connections),
+        gzip_level: u32::try_from(gzip_level)
+            .ok()
+            .and_then(crate::wire::gzip::Level::new)
+            .unwrap_or(defaults::GZIP_LEVEL),
         cors: cors(raw.cors.as_ref(), problems),
     }
 }

@@ -40,6 +40,10 @@ pub mod defaults {
     pub const MAX_STREAMS: u64 = 1000;
     /// `proxy.max_memory`, in bytes.
     pub const MAX_MEMORY: u64 = 256 * 1024 * 1024;
+    /// `proxy.max_views_per_stream`: as a configured stream's `streams.filtering.max_views`.
+    pub const MAX_VIEWS_PER_STREAM: u64 = crate::views::config::defaults::MAX_VIEWS;
+    /// `proxy.view_linger`, at most: the default is this or `proxy.linger`, the smaller.
+    pub const VIEW_LINGER: Duration = crate::views::config::defaults::LINGER;
     /// `proxy.max_body`, in bytes.
     pub const MAX_BODY: u64 = 8 * 1024 * 1024;
     /// `proxy.history`.
@@ -84,6 +88,10 @@ pub mod limits {
     pub const MAX_STREAMS: (u64, u64) = (1, 1_000_000);
     /// `proxy.max_memory`, in bytes.
     pub const MAX_MEMORY: (u64, u64) = (1 << 20, 64 << 30);
+    /// `proxy.max_views_per_stream`: as `streams.filtering.max_views`.
+    pub const MAX_VIEWS_PER_STREAM: (u64, u64) = crate::views::config::limits::MAX_VIEWS;
+    /// `proxy.view_linger`: as `proxy.linger` (its default may be 0s).
+    pub const VIEW_LINGER: (Duration, Duration) = LINGER;
     /// `proxy.max_body`, in bytes.
     pub const MAX_BODY: (u64, u64) = stream::MAX_BODY;
     /// `proxy.history`.
@@ -139,6 +147,13 @@ pub struct RawProxy {
     /// Most snapshot bytes held by dynamic streams together ([default](defaults::MAX_MEMORY),
     /// [bounds](limits::MAX_MEMORY)).
     pub max_memory: Option<ByteSize>,
+    /// Most distinct views of one dynamic stream at once
+    /// ([default](defaults::MAX_VIEWS_PER_STREAM), [bounds](limits::MAX_VIEWS_PER_STREAM)).
+    pub max_views_per_stream: Option<u64>,
+    /// How long a view of a dynamic stream is kept after its last subscriber left (default:
+    /// [`defaults::VIEW_LINGER`] or `proxy.linger`, the smaller; [bounds](limits::VIEW_LINGER)).
+    #[serde(default, with = "humantime_serde::option")]
+    pub view_linger: Option<Duration>,
     /// Largest upstream body accepted ([default](defaults::MAX_BODY), [bounds](limits::MAX_BODY)).
     pub max_body: Option<ByteSize>,
     /// Recent changes kept per dynamic stream ([default](defaults::HISTORY),
@@ -235,6 +250,10 @@ pub struct ProxySettings {
     pub max_streams: usize,
     /// Most snapshot bytes held by dynamic streams together.
     pub max_memory: u64,
+    /// Most distinct views of one dynamic stream at once (answered 429 past it).
+    pub max_views_per_stream: usize,
+    /// How long a view of a dynamic stream is kept after its last subscriber left.
+    pub view_linger: Duration,
     /// Timeout of one upstream request.
     pub timeout: Duration,
     /// Largest upstream body accepted, in bytes.
@@ -540,6 +559,20 @@ impl RawProxy {
             defaults::MAX_STREAMS,
             limits::MAX_STREAMS,
         );
+        let max_views_per_stream = integer_in(
+            problems,
+            "proxy.max_views_per_stream",
+            self.max_views_per_stream,
+            defaults::MAX_VIEWS_PER_STREAM,
+            limits::MAX_VIEWS_PER_STREAM,
+        );
+        let view_linger = duration_in(
+            problems,
+            "proxy.view_linger",
+            self.view_linger,
+            defaults::VIEW_LINGER.min(linger),
+            limits::VIEW_LINGER,
+        );
         let max_memory = bytes_in(
             problems,
             "proxy.max_memory",
@@ -691,6 +724,8 @@ impl RawProxy {
             keepalive,
             max_streams: usize_of(max_streams),
             max_memory,
+            max_views_per_stream: usize_of(max_views_per_stream),
+            view_linger,
             timeout,
             max_body_bytes,
             history: usize_of(history),

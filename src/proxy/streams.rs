@@ -38,7 +38,7 @@ use crate::upstream::fetch::{FetchError, Fetcher, redirect_policy};
 use crate::upstream::on_demand::{self, Idle, OnDemand};
 use crate::upstream::poller::Poller;
 use crate::upstream::ratelimit::{RateLimits, SharedQuota};
-use crate::views::config::{ViewsSettings, defaults as view_defaults};
+use crate::views::config::ViewsSettings;
 use crate::views::select::Selector;
 use crate::views::spec::ViewSpec;
 use crate::views::{Asked, Budget, StreamViews};
@@ -376,8 +376,8 @@ impl DynamicStreams {
                 ViewsSettings {
                     selector: view.selector.clone(),
                     ad_hoc: true,
-                    max_views: usize::try_from(view_defaults::MAX_VIEWS).unwrap_or(usize::MAX),
-                    linger: view_defaults::LINGER.min(settings.linger),
+                    max_views: settings.max_views_per_stream,
+                    linger: settings.view_linger,
                     named: BTreeMap::new(),
                 },
                 StreamOptions {

@@ -237,6 +237,8 @@ mod tests {
             keepalive: Duration::from_secs(10),
             max_streams: 10,
             max_memory: 1 << 20,
+            max_views_per_stream: 1000,
+            view_linger: Duration::from_secs(30),
             timeout: Duration::from_secs(5),
             max_body_bytes: 1 << 20,
             history: 8,

@@ -89,21 +89,11 @@ impl Snapshot {
         }
     }
 
-    /// `json` as a gzip member, compressed once per snapshot whatever the number of readers.
-    pub fn json_gzip(&self) -> &Bytes {
-        self.gzip.get_or_init(|| {
-            use std::io::Write as _;
-            let mut encoder = flate2::write::GzEncoder::new(
-                Vec::with_capacity(self.json.len() / 4 + 64),
-                flate2::Compression::default(),
-            );
-            // Writing into a `Vec` cannot fail.
-            let compressed = encoder
-                .write_all(&self.json)
-                .and_then(|()| encoder.finish())
-                .unwrap_or_default();
-            Bytes::from(compressed)
-        })
+    /// `json` as a gzip member, compressed once per snapshot whatever the number of readers,
+    /// at `level` (a server uses one, `server.gzip_level`: the first call's is every call's).
+    pub fn json_gzip(&self, level: crate::wire::gzip::Level) -> &Bytes {
+        self.gzip
+            .get_or_init(|| crate::wire::gzip::member(&self.json, level))
     }
 }
 

@@ -4,7 +4,7 @@ use std::sync::OnceLock;
 
 use bytes::Bytes;
 
-use super::gzip::Deflated;
+use super::gzip::{Deflated, Level};
 
 /// One event as sent: its SSE bytes, and (built on first use) their deflated form for gzip
 /// subscribers; shared by every subscriber.
@@ -33,9 +33,11 @@ impl Frame {
         self.plain.len() + self.deflated.get().map_or(0, |d| d.bytes.len())
     }
 
-    /// The framed event deflated for gzip subscribers (computed once).
-    pub fn deflated(&self) -> &Deflated {
-        self.deflated.get_or_init(|| Deflated::new(&self.plain))
+    /// The framed event deflated for gzip subscribers (computed once, at `level`: a server
+    /// deflates at one level, `server.gzip_level`, so the first call's level is every call's).
+    pub fn deflated(&self, level: Level) -> &Deflated {
+        self.deflated
+            .get_or_init(|| Deflated::new(&self.plain, level))
     }
 }
 
@@ -103,7 +105,11 @@ mod tests {
         assert_eq!(frames.retained_bytes(), 24);
         frames.websocket(|| Bytes::from_static(b"{}"));
         assert_eq!(frames.retained_bytes(), 26);
-        let deflated = frames.native(|| unreachable!()).deflated().bytes.len();
+        let deflated = frames
+            .native(|| unreachable!())
+            .deflated(Level::FAST)
+            .bytes
+            .len();
         assert_eq!(frames.retained_bytes(), 26 + deflated);
     }
 }

@@ -12,6 +12,37 @@ use std::cell::RefCell;
 use bytes::{BufMut, Bytes, BytesMut};
 use flate2::{Compress, Compression, FlushCompress};
 
+/// A deflate compression level, 1 (fastest) to 9 (smallest): `server.gzip_level`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Level(u32);
+
+impl Level {
+    /// The fastest level.
+    pub const FAST: Level = Level(1);
+    /// The smallest output.
+    pub const BEST: Level = Level(9);
+    /// `server.gzip_level`'s default (chosen by measurement: BENCHMARKS.md, "gzip level").
+    pub const DEFAULT: Level = Level(6);
+    /// The accepted levels.
+    pub const RANGE: std::ops::RangeInclusive<u32> = 1..=9;
+
+    /// `level`, if within [`Level::RANGE`].
+    pub fn new(level: u32) -> Option<Level> {
+        Self::RANGE.contains(&level).then_some(Level(level))
+    }
+
+    /// The level as a number.
+    pub fn get(self) -> u32 {
+        self.0
+    }
+}
+
+impl Default for Level {
+    fn default() -> Self {
+        Level::DEFAULT
+    }
+}
+
 /// A chunk of a gzip member's deflate stream: one event's bytes, with what the trailer needs.
 #[derive(Debug, Clone)]
 pub struct Deflated {
@@ -22,13 +53,23 @@ pub struct Deflated {
 }
 
 impl Deflated {
-    /// Deflates `data` on its own (no reference to earlier chunks).
-    pub fn new(data: &[u8]) -> Self {
+    /// Deflates `data` at `level` on its own (no reference to earlier chunks).
+    pub fn new(data: &[u8], level: Level) -> Self {
         let bytes = COMPRESSOR.with(|compressor| {
             let mut compressor = compressor.borrow_mut();
-            // A reset compressor has no history: this chunk references nothing before it.
-            compressor.reset();
-            deflate_sync(&mut compressor, data)
+            let compressor = match &mut *compressor {
+                Some((built, compressor)) if *built == level => {
+                    // A reset compressor has no history: this chunk references nothing before it.
+                    compressor.reset();
+                    compressor
+                }
+                slot => {
+                    let (_, compressor) =
+                        slot.insert((level, Compress::new(Compression::new(level.get()), false)));
+                    compressor
+                }
+            };
+            deflate_sync(compressor, data)
         });
         let mut crc = crc32fast::Hasher::new();
         crc.update(data);
@@ -43,8 +84,9 @@ impl Deflated {
 
 thread_local! {
     /// One raw-deflate compressor per thread, reset for every event: building one costs far
-    /// more than compressing a small patch.
-    static COMPRESSOR: RefCell<Compress> = RefCell::new(Compress::new(Compression::fast(), false));
+    /// more than compressing a small patch. Rebuilt only when asked for another level (one
+    /// server uses one level; tests may run servers with different ones on a thread).
+    static COMPRESSOR: RefCell<Option<(Level, Compress)>> = const { RefCell::new(None) };
 }
 
 /// Compresses all of `data` and ends with a sync flush: non-final blocks ending on a byte
@@ -78,10 +120,10 @@ fn deflate_sync(compressor: &mut Compress, data: &[u8]) -> Vec<u8> {
 /// The fixed 10-byte gzip header (deflate, no name, no mtime, unknown OS).
 pub const GZIP_HEADER: [u8; 10] = [0x1f, 0x8b, 0x08, 0, 0, 0, 0, 0, 0, 0xff];
 
-/// `data` as one whole gzip member (header, the deflated data, trailer), for a response
-/// compressed whole: made of the same parts as a subscriber's gzip body.
-pub fn member(data: &[u8]) -> Bytes {
-    let deflated = Deflated::new(data);
+/// `data` as one whole gzip member (header, the deflated data at `level`, trailer), for a
+/// response compressed whole: made of the same parts as a subscriber's gzip body.
+pub fn member(data: &[u8], level: Level) -> Bytes {
+    let deflated = Deflated::new(data, level);
     let mut trailer = GzipTrailer::default();
     trailer.add(&deflated);
     let trailer = trailer.finish();
@@ -147,8 +189,8 @@ mod tests {
         let mut trailer = GzipTrailer::default();
         let mut plain = Vec::new();
         for e in &events {
-            body.push(e.deflated().bytes.clone());
-            trailer.add(e.deflated());
+            body.push(e.deflated(Level::FAST).bytes.clone());
+            trailer.add(e.deflated(Level::FAST));
             plain.extend_from_slice(e.plain());
         }
         body.push(trailer.finish());
@@ -160,28 +202,51 @@ mod tests {
         // A client reads each event as soon as it arrives, long before the trailer.
         let e = Frame::new(sse::event(Some("s:1:1"), "snapshot", b"{\"a\":1}"));
         let mut data = GZIP_HEADER.to_vec();
-        data.extend_from_slice(&e.deflated().bytes);
+        data.extend_from_slice(&e.deflated(Level::FAST).bytes);
         let mut decoder = flate2::write::GzDecoder::new(Vec::new());
         decoder.write_all(&data).unwrap();
         decoder.flush().unwrap();
         assert_eq!(decoder.get_ref().as_slice(), &e.plain()[..]);
     }
 
+    #[test]
+    fn levels_are_one_to_nine() {
+        assert_eq!(Level::new(0), None);
+        assert_eq!(Level::new(10), None);
+        assert_eq!(Level::new(1), Some(Level::FAST));
+        assert_eq!(Level::new(9), Some(Level::BEST));
+        assert!(Level::RANGE.contains(&Level::DEFAULT.get()));
+    }
+
+    #[test]
+    fn a_higher_level_is_smaller_on_repetitive_events_and_decodes_the_same() {
+        let data = br#"{"entity":[{"id":"1","route":"Red"},{"id":"2","route":"Red"},{"id":"3","route":"Red"}]}"#.repeat(20);
+        let fast = member(&data, Level::FAST);
+        let best = member(&data, Level::BEST);
+        assert!(best.len() <= fast.len(), "{} > {}", best.len(), fast.len());
+        for body in [fast, best] {
+            let mut out = Vec::new();
+            GzDecoder::new(&body[..]).read_to_end(&mut out).unwrap();
+            assert_eq!(out, data);
+        }
+    }
+
     proptest! {
         #[test]
-        fn a_member_is_one_whole_gzip_body(data in proptest::collection::vec(any::<u8>(), 0..5000)) {
+        fn a_member_is_one_whole_gzip_body(data in proptest::collection::vec(any::<u8>(), 0..5000), level in Level::RANGE) {
             let mut out = Vec::new();
-            GzDecoder::new(&member(&data)[..]).read_to_end(&mut out).unwrap();
+            GzDecoder::new(&member(&data, Level::new(level).unwrap())[..]).read_to_end(&mut out).unwrap();
             prop_assert_eq!(out, data);
         }
 
         #[test]
-        fn gzip_round_trips(chunks in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..300), 0..8)) {
+        fn gzip_round_trips(chunks in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..300), 0..8), level in Level::RANGE) {
+            let level = Level::new(level).unwrap();
             let mut body = vec![Bytes::from_static(&GZIP_HEADER)];
             let mut trailer = GzipTrailer::default();
             let mut plain = Vec::new();
             for c in &chunks {
-                let d = Deflated::new(c);
+                let d = Deflated::new(c, level);
                 trailer.add(&d);
                 body.push(d.bytes.clone());
                 plain.extend_from_slice(c);

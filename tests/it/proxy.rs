@@ -1385,3 +1385,60 @@ async fn bad_view_parameters_are_refused_naming_the_parameter() {
         0
     );
 }
+
+#[tokio::test]
+async fn a_dynamic_streams_views_are_bounded_and_linger_as_configured() {
+    let api = MockUpstream::per_caller().await;
+    let app = TestApp::from_toml(&proxy_toml(
+        "linger = \"1m\"\nmax_views_per_stream = 1\nview_linger = \"1s\"",
+        "",
+        "",
+    ))
+    .await;
+    let first = dynamic_path(&api, "/bounded", VIEW_QUERY);
+    let second = dynamic_path(
+        &api,
+        "/bounded",
+        "X-Sd-Entities=%2Fprices&X-Sd-Key=%2Fid&X-Sd-Fields=id",
+    );
+    let mut client = open(&app, &first, &[]).await;
+    client.expect(SOON).await;
+    // One view per stream: another is refused with views' own message.
+    let error = refused(&app, &second, &[], 429, "too-many-views").await;
+    assert!(
+        error["message"]
+            .as_str()
+            .unwrap()
+            .contains("at most 1 in this stream"),
+        "{error}"
+    );
+    // The same view is not another one.
+    let mut again = open(&app, &first, &[]).await;
+    again.expect(SOON).await;
+    drop(again);
+    let left = std::time::Instant::now();
+    drop(client);
+    // Once its subscribers left, the view lingers (view_linger), then is evicted, making
+    // room for another.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let mut other = open(&app, &second, &[]).await;
+        let event = other.expect(SOON).await;
+        if event.event != "error" {
+            // Kept at least view_linger after its last subscriber left (the server saw it
+            // leave after the client did).
+            assert!(
+                left.elapsed() >= Duration::from_secs(1),
+                "evicted after {:?}, before view_linger",
+                left.elapsed()
+            );
+            break;
+        }
+        assert!(event.data.contains("too-many-views"), "{event:?}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the view was never evicted"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

@@ -136,6 +136,174 @@ async fn gzip_subscribers_rebuild_the_same_document() {
     app.stop().await;
 }
 
+/// A raw SSE body (reqwest decodes nothing), gzip-decoded here when it is gzip.
+struct RawBody {
+    response: reqwest::Response,
+    raw: Vec<u8>,
+    gzip: Option<flate2::write::GzDecoder<Vec<u8>>>,
+}
+
+impl RawBody {
+    async fn open(url: &str, gzip: bool) -> RawBody {
+        let http = reqwest::Client::builder().gzip(false).build().unwrap();
+        let mut request = http.get(url).header("accept", "text/event-stream");
+        if gzip {
+            request = request.header("accept-encoding", "gzip");
+        }
+        let response = request.send().await.unwrap();
+        assert_eq!(response.status(), 200);
+        assert_eq!(
+            response
+                .headers()
+                .get("content-encoding")
+                .map(|v| v.to_str().unwrap()),
+            gzip.then_some("gzip")
+        );
+        RawBody {
+            response,
+            raw: Vec::new(),
+            gzip: gzip.then(|| flate2::write::GzDecoder::new(Vec::new())),
+        }
+    }
+
+    /// The events as sent (each ends with a blank line), decoded.
+    fn plain(&self) -> &[u8] {
+        match &self.gzip {
+            Some(decoder) => decoder.get_ref(),
+            None => &self.raw,
+        }
+    }
+
+    fn frames(&self) -> Vec<Vec<u8>> {
+        let plain = self.plain();
+        let mut frames = Vec::new();
+        let mut start = 0;
+        for end in 1..plain.len() {
+            if plain[end - 1] == b'\n' && plain[end] == b'\n' {
+                frames.push(plain[start..=end].to_vec());
+                start = end + 1;
+            }
+        }
+        frames
+    }
+
+    /// Reads until at least `n` whole events arrived.
+    async fn until(&mut self, n: usize) -> Vec<Vec<u8>> {
+        use std::io::Write as _;
+        while self.frames().len() < n {
+            let chunk = tokio::time::timeout(SOON, self.response.chunk())
+                .await
+                .unwrap_or_else(|_| {
+                    panic!(
+                        "{n} events did not arrive: {}",
+                        String::from_utf8_lossy(self.plain())
+                    )
+                })
+                .unwrap()
+                .expect("the stream stays open");
+            self.raw.extend_from_slice(&chunk);
+            if let Some(decoder) = &mut self.gzip {
+                decoder.write_all(&chunk).unwrap();
+                decoder.flush().unwrap();
+            }
+        }
+        self.frames()
+    }
+}
+
+#[tokio::test]
+async fn gzip_subscribers_decode_the_same_events_at_a_non_default_level() {
+    use patchwire::wire::gzip::{Deflated, GZIP_HEADER, Level};
+    let level = Level::BEST;
+    assert_ne!(
+        level,
+        Level::DEFAULT,
+        "the test is of a level other than the default"
+    );
+    let upstream = MockUpstream::start(initial_document()).await;
+    let toml = format!(
+        "{}[server]\ngzip_level = {}\nkeepalive = \"10m\"\n",
+        polled("doc", &upstream.url()),
+        level.get()
+    );
+    let app = TestApp::from_toml(&toml).await;
+    let url = app.url("/streams/doc");
+    let mut plain = RawBody::open(&url, false).await;
+    let mut gzip = RawBody::open(&url, true).await;
+    // `retry:` then the snapshot.
+    plain.until(2).await;
+    gzip.until(2).await;
+    let mut rng = StdRng::seed_from_u64(14);
+    let mut next_id = 0;
+    for round in 0..5 {
+        upstream.update(|doc| {
+            mutate(doc, &mut rng, &mut next_id);
+            // A change whatever the random edit did.
+            doc["header"]["timestamp"] = json!(2000 + round);
+        });
+        // Each change is published before the next (whatever the poll timing).
+        plain.until(3 + round).await;
+        gzip.until(3 + round).await;
+    }
+    let sent = plain.until(7).await;
+    let decoded = gzip.until(7).await;
+    assert_eq!(
+        decoded[..7],
+        sent[..7],
+        "the gzip subscriber decodes the plain subscriber's events"
+    );
+    // On the wire: the header, then each event deflated on its own at the configured level.
+    let mut expected = GZIP_HEADER.to_vec();
+    for frame in &sent[..7] {
+        expected.extend_from_slice(&Deflated::new(frame, level).bytes);
+    }
+    assert!(
+        gzip.raw.starts_with(&expected),
+        "the events are deflated at level {}",
+        level.get()
+    );
+    assert_ne!(
+        expected[GZIP_HEADER.len()..],
+        sent[..7]
+            .iter()
+            .flat_map(|frame| Deflated::new(frame, Level::FAST).bytes.to_vec())
+            .collect::<Vec<u8>>(),
+        "levels 1 and 9 differ on these events, so the level is what the check sees"
+    );
+
+    // The JSON view's gzip is the snapshot deflated at the same level.
+    let http = reqwest::Client::builder().gzip(false).build().unwrap();
+    let json = |gzip: bool| {
+        let mut request = http.get(&url).header("accept", "application/json");
+        if gzip {
+            request = request.header("accept-encoding", "gzip");
+        }
+        request.send()
+    };
+    let mut tries = 0;
+    let (plain_json, gzip_json) = loop {
+        tries += 1;
+        assert!(tries < 20, "the snapshot kept changing");
+        let a = json(false).await.unwrap();
+        let (tag, body) = (a.headers()["etag"].clone(), a.bytes().await.unwrap());
+        let b = json(true).await.unwrap();
+        assert_eq!(b.headers()["content-encoding"], "gzip");
+        let gzip_tag = b.headers()["etag"].to_str().unwrap().to_owned();
+        let gzip_body = b.bytes().await.unwrap();
+        // The same snapshot both times (no poll in between).
+        if gzip_tag == format!("{}+gzip\"", tag.to_str().unwrap().trim_end_matches('"')) {
+            break (body, gzip_body);
+        }
+    };
+    assert_eq!(
+        gzip_json,
+        patchwire::wire::gzip::member(&plain_json, level),
+        "the JSON snapshot is deflated at level {}",
+        level.get()
+    );
+    app.stop().await;
+}
+
 #[tokio::test]
 async fn event_ids_name_stream_epoch_and_sequence() {
     let upstream = MockUpstream::start(json!({"n": 0, "pad": "x".repeat(200)})).await;

@@ -58,7 +58,7 @@ impl Asset {
 
     fn gzip(&self) -> Bytes {
         self.gzip
-            .get_or_init(|| crate::wire::gzip::member(self.body))
+            .get_or_init(|| crate::wire::gzip::member(self.body, crate::wire::gzip::Level::BEST))
             .clone()
     }
 }

@@ -276,3 +276,43 @@ fn bounds_of_the_global_keys() {
     has(&found, "proxy.max_body", "1.0 KiB to 1.0 GiB");
     has(&found, "proxy.history", "1 to 100000");
 }
+
+#[test]
+fn view_bounds_default_to_a_configured_streams_and_the_stream_linger() {
+    let proxy = load(ENABLED).unwrap().proxy.unwrap();
+    assert_eq!(proxy.max_views_per_stream, 1000);
+    // 5 minutes or proxy.linger (30 s by default), the smaller.
+    assert_eq!(proxy.view_linger, defaults::LINGER);
+    let text = ENABLED.replace("enabled = true\n", "enabled = true\nlinger = \"1h\"\n");
+    assert_eq!(
+        load(&text).unwrap().proxy.unwrap().view_linger,
+        Duration::from_secs(300)
+    );
+    let text = ENABLED.replace(
+        "enabled = true\n",
+        "enabled = true\nmax_views_per_stream = 2\nview_linger = \"2h\"\n",
+    );
+    let proxy = load(&text).unwrap().proxy.unwrap();
+    assert_eq!(proxy.max_views_per_stream, 2);
+    assert_eq!(proxy.view_linger, Duration::from_secs(7200));
+}
+
+#[test]
+fn view_bounds_out_of_range_are_refused_naming_the_key() {
+    for (keys, key, needle) in [
+        (
+            "max_views_per_stream = 0",
+            "proxy.max_views_per_stream",
+            "expected an integer from 1 to 100000, got 0",
+        ),
+        (
+            "max_views_per_stream = 100001",
+            "proxy.max_views_per_stream",
+            "expected an integer from 1 to 100000, got 100001",
+        ),
+        ("view_linger = \"2days\"", "proxy.view_linger", "expected"),
+    ] {
+        let text = ENABLED.replace("enabled = true\n", &format!("enabled = true\n{keys}\n"));
+        has(&problems(&text), key, needle);
+    }
+}

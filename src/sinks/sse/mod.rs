@@ -31,8 +31,9 @@ use crate::wire::{self, Dialect, Frame, streamdata};
 pub struct SseOptions {
     /// The `retry:` hint sent first.
     pub retry: Duration,
-    /// Compress with gzip (the client sent `Accept-Encoding: gzip`).
-    pub gzip: bool,
+    /// Compress with gzip at this level (the client sent `Accept-Encoding: gzip`; the level
+    /// is `server.gzip_level`).
+    pub gzip: Option<gzip::Level>,
     /// Which event names and error shape the client expects.
     pub dialect: Dialect,
 }
@@ -103,7 +104,7 @@ pub(crate) struct Writer {
     /// epoch, or at or before it, are never sent.
     epoch: u64,
     seq: u64,
-    gzip: Option<GzipTrailer>,
+    gzip: Option<(GzipTrailer, gzip::Level)>,
     sent: Counter,
     resyncs: Counter,
     dialect: Dialect,
@@ -126,7 +127,7 @@ impl Writer {
             seq: subscription.seq,
             stream,
             pending: VecDeque::new(),
-            gzip: options.gzip.then(GzipTrailer::default),
+            gzip: options.gzip.map(|level| (GzipTrailer::default(), level)),
             sent: metrics.events_sent.get_or_create(&labels).clone(),
             resyncs: metrics.resyncs.get_or_create(&labels).clone(),
             dialect: options.dialect,
@@ -135,7 +136,7 @@ impl Writer {
             lagged: 0,
             subscription,
         };
-        if options.gzip {
+        if options.gzip.is_some() {
             writer
                 .pending
                 .push_back(Bytes::from_static(&gzip::GZIP_HEADER));
@@ -173,8 +174,8 @@ impl Writer {
     /// Queues `event`; the bytes it costs on the wire.
     fn push(&mut self, event: &Frame) -> usize {
         let bytes = match &mut self.gzip {
-            Some(trailer) => {
-                let deflated = event.deflated();
+            Some((trailer, level)) => {
+                let deflated = event.deflated(*level);
                 trailer.add(deflated);
                 deflated.bytes.clone()
             }
@@ -328,7 +329,7 @@ impl Writer {
 
     fn finish(&mut self) {
         self.done = true;
-        if let Some(trailer) = self.gzip.take() {
+        if let Some((trailer, _)) = self.gzip.take() {
             self.pending.push_back(trailer.finish());
         }
     }
@@ -385,7 +386,7 @@ mod tests {
     fn writer(s: &Arc<Stream>, dialect: Dialect) -> Writer {
         let options = SseOptions {
             retry: Duration::from_secs(1),
-            gzip: false,
+            gzip: None,
             dialect,
         };
         Writer::new(s.subscribe(&Resume::Fresh), options)

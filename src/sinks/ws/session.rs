@@ -458,7 +458,7 @@ where
         self.send_text(protocol::subscribed(&id, &stream)).await?;
         let options = SseOptions {
             retry: Duration::ZERO,
-            gzip: false,
+            gzip: None,
             dialect: Dialect::WebSocket,
         };
         let writer = Writer::new(opened.subscription, options);
