@@ -954,6 +954,28 @@ impl Stream {
         self.append_change(change, snapshot)
     }
 
+    /// Appends a snapshot change to a lazily kept stream (see [`Self::lazy`]) whose document
+    /// only its compact JSON, `json`, gives here: the stream's materializer builds the tree
+    /// when someone needs it. Same rules as [`Self::append`].
+    pub fn append_snapshot_json(
+        &self,
+        epoch: u64,
+        seq: u64,
+        at: SystemTime,
+        json: Bytes,
+    ) -> Result<Option<Arc<Change>>, Diverged> {
+        let change = Arc::new(Change {
+            stream: self.name.clone(),
+            epoch,
+            seq,
+            kind: ChangeKind::Snapshot,
+            payload: json,
+            at,
+            frames: Arc::default(),
+        });
+        self.append_change(change, None)
+    }
+
     /// Appends `change` (with the document after it, unless the stream is kept lazily) and
     /// fans it out: history, the current snapshot, every subscriber, the derivation.
     fn append_change(
@@ -985,9 +1007,12 @@ impl Stream {
             state.last_change_at = Some(at);
             push_history(&mut state, change.clone());
             self.trim_history(&mut state);
-            let document = snapshot
-                .as_ref()
-                .map_or_else(Bytes::new, |s| s.json.clone());
+            let document = match (&snapshot, change.kind) {
+                (Some(snapshot), _) => snapshot.json.clone(),
+                // A lazily kept stream's snapshot change, given by its JSON alone.
+                (None, ChangeKind::Snapshot) => change.payload.clone(),
+                (None, ChangeKind::Patch) => Bytes::new(),
+            };
             let previous = match (&snapshot, &self.materializer) {
                 (Some(snapshot), None) => {
                     let previous = self.snapshots.get(&self.name);
@@ -1010,7 +1035,12 @@ impl Stream {
         if let Some(((_order, derivation), previous, snapshot)) = derive {
             derivation.changed(previous.as_ref(), &snapshot, &change);
         }
-        self.count(&change, snapshot.as_ref().map_or(0, |s| s.json.len()));
+        let snapshot_bytes = match (&snapshot, change.kind) {
+            (Some(snapshot), _) => snapshot.json.len(),
+            (None, ChangeKind::Snapshot) => change.payload.len(),
+            (None, ChangeKind::Patch) => 0,
+        };
+        self.count(&change, snapshot_bytes);
         Ok(Some(change))
     }
 

@@ -29,8 +29,8 @@ pub(super) struct State {
     epoch: u64,
     seq: u64,
     at: Option<SystemTime>,
-    /// The document as of the last patch applied (`None` before any document).
-    base: Option<Value>,
+    /// The document as of the last patch applied.
+    base: Base,
     /// Patches after `base`, oldest first.
     pending: Vec<Bytes>,
     pending_bytes: usize,
@@ -38,6 +38,22 @@ pub(super) struct State {
     built: Option<Arc<Snapshot>>,
     /// The length of the current document's JSON, kept by the view as it changes.
     pub(super) json_len: usize,
+}
+
+/// The document a view's patches apply to, kept as it came: most views that start over are
+/// not read before their next change, so neither is a tree copied nor JSON parsed until
+/// someone needs the document.
+#[derive(Default)]
+enum Base {
+    /// No document yet.
+    #[default]
+    None,
+    /// A tree (patches applied to it, or built by the view).
+    Tree(Value),
+    /// The document of a snapshot the view started over from (shared, not copied).
+    Snapshot(Arc<Snapshot>),
+    /// The document's compact JSON, as the view wrote it.
+    Json(Bytes),
 }
 
 impl ViewDocument {
@@ -59,11 +75,24 @@ impl State {
         self.epoch = snapshot.epoch;
         self.seq = snapshot.seq;
         self.at = Some(snapshot.at);
-        self.base = Some(snapshot.document.clone());
+        self.base = Base::Snapshot(snapshot.clone());
         self.pending.clear();
         self.pending_bytes = 0;
         self.json_len = snapshot.json.len();
         self.built = Some(snapshot.clone());
+    }
+
+    /// Starts over from the document whose compact JSON is `json`, at `seq` of `epoch`: the
+    /// tree is parsed from it when someone needs the document.
+    pub(super) fn reset_json(&mut self, epoch: u64, seq: u64, at: SystemTime, json: Bytes) {
+        self.epoch = epoch;
+        self.seq = seq;
+        self.at = Some(at);
+        self.json_len = json.len();
+        self.base = Base::Json(json);
+        self.pending.clear();
+        self.pending_bytes = 0;
+        self.built = None;
     }
 
     /// `patch` (RFC 6902 JSON) is the change at `seq` of `epoch`, and `json_len` the length of
@@ -87,7 +116,7 @@ impl State {
     }
 
     /// Whether the patches since the base weigh enough that the base should be rebuilt
-    /// ([`State::rebase`]).
+    /// ([`State::rebase`], [`State::rebase_json`]).
     pub(super) fn heavy(&self) -> bool {
         self.pending_bytes > MIN_PENDING_BYTES.max(self.json_len)
     }
@@ -95,7 +124,14 @@ impl State {
     /// `document` is the document now (at the last patch), built by the view from its source:
     /// it replaces the base and the patches since.
     pub(super) fn rebase(&mut self, document: Value) {
-        self.base = Some(document);
+        self.base = Base::Tree(document);
+        self.pending.clear();
+        self.pending_bytes = 0;
+    }
+
+    /// As [`State::rebase`], with the document's compact JSON.
+    pub(super) fn rebase_json(&mut self, json: Bytes) {
+        self.base = Base::Json(json);
         self.pending.clear();
         self.pending_bytes = 0;
     }
@@ -105,14 +141,22 @@ impl State {
         if let Some(built) = &self.built {
             return Some(built.clone());
         }
-        self.apply_pending();
-        let base = self.base.as_ref()?;
-        let snapshot = Arc::new(Snapshot::taken_at(
-            self.epoch,
-            self.seq,
-            base.clone(),
-            self.at.unwrap_or(SystemTime::UNIX_EPOCH),
-        ));
+        let at = self.at.unwrap_or(SystemTime::UNIX_EPOCH);
+        let snapshot = if let (Base::Json(json), true) = (&self.base, self.pending.is_empty()) {
+            // The JSON is the document's: parsed once, not written again.
+            let document = parse(json);
+            Snapshot::with_json(self.epoch, self.seq, document, json.clone(), at)
+        } else {
+            self.apply_pending();
+            let document = match &self.base {
+                Base::None => return None,
+                Base::Tree(tree) => tree.clone(),
+                Base::Snapshot(snapshot) => snapshot.document.clone(),
+                Base::Json(json) => parse(json),
+            };
+            Snapshot::taken_at(self.epoch, self.seq, document, at)
+        };
+        let snapshot = Arc::new(snapshot);
         self.json_len = snapshot.json.len();
         self.built = Some(snapshot.clone());
         Some(snapshot)
@@ -121,12 +165,30 @@ impl State {
     fn apply_pending(&mut self) {
         let pending = std::mem::take(&mut self.pending);
         self.pending_bytes = 0;
-        if let Some(base) = &mut self.base {
-            for patch in &pending {
-                apply(base, patch);
-            }
+        if pending.is_empty() {
+            return;
         }
+        let mut base = match std::mem::take(&mut self.base) {
+            Base::None => return,
+            Base::Tree(tree) => tree,
+            Base::Snapshot(snapshot) => snapshot.document.clone(),
+            Base::Json(json) => parse(&json),
+        };
+        for patch in &pending {
+            apply(&mut base, patch);
+        }
+        self.base = Base::Tree(base);
     }
+}
+
+/// Parses JSON the view wrote itself. It cannot fail; if it ever did, the fault is logged and
+/// the document is `null` (the property tests check every view against an independent
+/// evaluation).
+fn parse(json: &[u8]) -> Value {
+    serde_json::from_slice(json).unwrap_or_else(|error| {
+        tracing::error!(%error, "a view's own document does not parse");
+        Value::Null
+    })
 }
 
 /// Applies a patch the view wrote itself to the document it was written for. It cannot fail;

@@ -77,6 +77,8 @@ pub struct StreamViews {
     snapshots: SnapshotStore,
     metrics: Arc<Metrics>,
     labels: StreamLabels,
+    /// The source's `view_changes` counter, looked up once (it is counted per view change).
+    view_changes: prometheus_client::metrics::counter::Counter,
     budget: Arc<Budget>,
     /// Whether a view's patch can be made of its entities' own diffs: no key or ignore pattern
     /// tells one entity's index from another's, or covers whole entities (else every touched
@@ -209,6 +211,11 @@ impl StreamViews {
             named_canonical,
             options,
             snapshots,
+            view_changes: source
+                .metrics()
+                .view_changes
+                .get_or_create(source.labels())
+                .clone(),
             metrics: source.metrics().clone(),
             labels: source.labels().clone(),
             budget,
@@ -561,7 +568,7 @@ impl StreamViews {
                 held.reset(&snapshot);
                 drop(held);
                 view.sync(order, rest.clone(), json_len, unique);
-                self.metrics.view_changes.get_or_create(&self.labels).inc();
+                self.view_changes.inc();
                 true
             }
             Ok(None) => false,
@@ -686,6 +693,7 @@ impl StreamViews {
             .collect();
         staying.sort_unstable();
         let mut changed_here: Vec<&Arc<str>> = Vec::new();
+        let mut prefix = Vec::with_capacity(self.entities_pointer.len() + 8);
         for (at, key) in staying {
             let index = view.order.partition_point(|k| after.position(k) < at);
             if view.order.get(index) != Some(key) {
@@ -704,11 +712,8 @@ impl StreamViews {
                 continue;
             }
             separate(&mut json);
-            let prefix = {
-                let mut prefix = Vec::with_capacity(self.entities_pointer.len() + 8);
-                self.entity_pointer(&mut prefix, index);
-                prefix
-            };
+            prefix.clear();
+            self.entity_pointer(&mut prefix, index);
             let mut copied = 0;
             for &at in &delta.patch.pointers {
                 json.extend_from_slice(&delta.patch.json[copied..at]);
@@ -750,28 +755,47 @@ impl StreamViews {
         let mut held = document.lock();
         let appended = if diff::prefer_snapshot(payload.len(), json_len, &self.options.diff) {
             // After this change the view shows every entity it keeps and the rest as the
-            // source has them now (entities it showed older ride along): its document is built
-            // from the source's, not from its own and the patch.
-            let (document, _order) =
-                self.build(&view.compiled, &view.members, deltas.current, after);
-            let snapshot = Arc::new(Snapshot::taken_at(
-                change.epoch,
-                change.seq,
-                document,
-                change.at,
-            ));
-            json_len = snapshot.json.len();
-            let result = view.stream.append(
-                change.epoch,
-                change.seq,
-                change.at,
-                snapshot.json.clone(),
-                Some(snapshot.clone()),
-            );
-            if matches!(result, Ok(Some(_))) {
-                held.reset(&snapshot);
+            // source has them now (entities it showed older ride along): its document's JSON
+            // is spliced from the entities' JSON, written once per change and projection for
+            // every view that shows them, into the rest's; no tree is built until someone
+            // needs the document.
+            match deltas.snapshot_json(&view.order, view) {
+                Some(json) => {
+                    json_len = json.len();
+                    let result = view.stream.append_snapshot_json(
+                        change.epoch,
+                        change.seq,
+                        change.at,
+                        json.clone(),
+                    );
+                    if matches!(result, Ok(Some(_))) {
+                        held.reset_json(change.epoch, change.seq, change.at, json);
+                    }
+                    result
+                }
+                None => {
+                    let (document, _order) =
+                        self.build(&view.compiled, &view.members, deltas.current, after);
+                    let snapshot = Arc::new(Snapshot::taken_at(
+                        change.epoch,
+                        change.seq,
+                        document,
+                        change.at,
+                    ));
+                    json_len = snapshot.json.len();
+                    let result = view.stream.append(
+                        change.epoch,
+                        change.seq,
+                        change.at,
+                        snapshot.json.clone(),
+                        Some(snapshot.clone()),
+                    );
+                    if matches!(result, Ok(Some(_))) {
+                        held.reset(&snapshot);
+                    }
+                    result
+                }
             }
-            result
         } else {
             let result =
                 view.stream
@@ -780,9 +804,14 @@ impl StreamViews {
                 held.patched(change.epoch, change.seq, change.at, payload, json_len);
                 if held.heavy() {
                     // As above: the source's document has the view's as it is now.
-                    let (document, _order) =
-                        self.build(&view.compiled, &view.members, deltas.current, after);
-                    held.rebase(document);
+                    match deltas.snapshot_json(&view.order, view) {
+                        Some(json) => held.rebase_json(json),
+                        None => {
+                            let (document, _order) =
+                                self.build(&view.compiled, &view.members, deltas.current, after);
+                            held.rebase(document);
+                        }
+                    }
                 }
             }
             result
@@ -794,7 +823,7 @@ impl StreamViews {
                 view.rest = deltas.rest_cur.clone();
                 view.rest_len = deltas.rest_len;
                 view.stale.clear();
-                self.metrics.view_changes.get_or_create(&self.labels).inc();
+                self.view_changes.inc();
                 Some(true)
             }
             Ok(None) => {
@@ -1058,6 +1087,8 @@ impl Derivation for StreamViews {
             rest_patch,
             rest_len: diff::json_len(&rest_cur),
             rests: HashMap::new(),
+            template: None,
+            selector: &self.settings.selector,
         };
         // In the order of the views' ids, so every node computes the same events.
         let mut affected: Vec<_> = affected.into_iter().collect();
@@ -1202,7 +1233,15 @@ struct Deltas<'a> {
     rest_len: usize,
     /// The rest's diff from older rests views still show, by the rest's address.
     rests: HashMap<usize, Arc<diff::PatchJson>>,
+    /// The JSON of the current rest with the entities' place marked (the JSON, and where the
+    /// entities go), once asked; `None` inside when there is no entity array.
+    template: Option<Option<(Vec<u8>, usize, usize)>>,
+    /// The entity selector, to mark the entities' place in the rest.
+    selector: &'a super::select::Selector,
 }
+
+/// Stands in the rest's JSON for a view's entities while its snapshot's JSON is spliced.
+const ENTITIES_MARK: &str = "\u{1}patchwire:view-entities\u{1}";
 
 impl Deltas<'_> {
     /// The change of the entity with `key` in `view`'s projection.
@@ -1290,6 +1329,53 @@ impl Deltas<'_> {
         let old = Arc::new(before.entity(key)?.clone());
         self.old_versions.insert(key.clone(), old.clone());
         Some(old)
+    }
+
+    /// The JSON of `view`'s document after the change, whose entities are those with the keys
+    /// `order`, in that order: the current rest's JSON with the entities' (projected) JSON in
+    /// place of its empty entity array. `None` when the source has no entity array (the caller
+    /// serializes the document).
+    fn snapshot_json(&mut self, order: &[Arc<str>], view: &View) -> Option<Bytes> {
+        if self.template.is_none() {
+            let marked = self.selector.replace_entities(
+                &self.rest_cur,
+                Value::Array(vec![Value::String(ENTITIES_MARK.to_owned())]),
+            );
+            let json = serde_json::to_vec(&marked).unwrap_or_default();
+            let mark =
+                serde_json::to_vec(&Value::String(ENTITIES_MARK.to_owned())).unwrap_or_default();
+            let mut found = json
+                .windows(mark.len())
+                .enumerate()
+                .filter(|(_, w)| *w == mark.as_slice())
+                .map(|(i, _)| i);
+            // Exactly once, else the rest holds the mark itself and the caller serializes.
+            let template = match (found.next(), found.next()) {
+                (Some(at), None) if self.selector.entities(self.current).is_some() => {
+                    Some((json, at, at + mark.len()))
+                }
+                _ => None,
+            };
+            self.template = Some(template);
+        }
+        if !matches!(self.template, Some(Some(_))) {
+            return None;
+        }
+        let entities: Vec<Arc<Vec<u8>>> = order.iter().map(|k| self.added(k, view)).collect();
+        let Some(Some((json, start, end))) = &self.template else {
+            return None;
+        };
+        let len = json.len() + entities.iter().map(|e| e.len() + 1).sum::<usize>();
+        let mut out = Vec::with_capacity(len);
+        out.extend_from_slice(&json[..*start]);
+        for (i, entity) in entities.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            out.extend_from_slice(entity);
+        }
+        out.extend_from_slice(&json[*end..]);
+        Some(Bytes::from(out))
     }
 
     /// The diff of the rest of the document from `shown` (what a view shows) to the current.
