@@ -377,6 +377,7 @@ impl DynamicStreams {
                     selector: view.selector.clone(),
                     ad_hoc: true,
                     max_views: settings.max_views_per_stream,
+                    max_views_key: "this stream (proxy.max_views_per_stream)",
                     linger: settings.view_linger,
                     named: BTreeMap::new(),
                 },

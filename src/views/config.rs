@@ -153,6 +153,8 @@ pub struct ViewsSettings {
     pub ad_hoc: bool,
     /// Distinct views at once.
     pub max_views: usize,
+    /// The setting `max_views` comes from, named when a subscription is refused at the bound.
+    pub max_views_key: &'static str,
     /// How long an unwatched view is kept.
     pub linger: Duration,
     /// The named views, by name.
@@ -361,6 +363,7 @@ pub fn validate(
         selector,
         ad_hoc: filtering.ad_hoc.unwrap_or(defaults::AD_HOC),
         max_views,
+        max_views_key: "this stream (its filtering.max_views)",
         linger,
         named,
     })

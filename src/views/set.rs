@@ -338,7 +338,7 @@ impl StreamViews {
         if inner.views.len() >= self.settings.max_views {
             return Err(ViewError::TooMany {
                 max: self.settings.max_views,
-                scope: "this stream",
+                scope: self.settings.max_views_key,
             });
         }
         if !self.budget.take() {
@@ -1576,6 +1576,7 @@ mod tests {
             },
             ad_hoc: true,
             max_views,
+            max_views_key: "this stream",
             linger,
             named: BTreeMap::new(),
         }

@@ -1409,7 +1409,7 @@ async fn a_dynamic_streams_views_are_bounded_and_linger_as_configured() {
         error["message"]
             .as_str()
             .unwrap()
-            .contains("at most 1 in this stream"),
+            .contains("at most 1 in this stream (proxy.max_views_per_stream)"),
         "{error}"
     );
     // The same view is not another one.

@@ -314,7 +314,10 @@ async fn bad_filters_are_refused_with_what_is_wrong() {
     }
     let (status, message) = refused("/streams/fleet?where=@.speed%20%3E%20100").await;
     assert_eq!(status, 429);
-    assert!(message.contains("at most 8 in this stream"), "{message}");
+    assert!(
+        message.contains("at most 8 in this stream (its filtering.max_views)"),
+        "{message}"
+    );
     drop(held);
     tokio::time::sleep(Duration::from_millis(1500)).await;
     // Eviction happens at the next change (or view creation).
