@@ -159,18 +159,7 @@ impl Document {
                 reference(patch),
             ),
         );
-        messages.insert(
-            "error".into(),
-            json!({"$ref": "#/components/messages/error"}),
-        );
-        messages.insert(
-            "recovered".into(),
-            json!({"$ref": "#/components/messages/recovered"}),
-        );
-        messages.insert(
-            "keepAlive".into(),
-            json!({"$ref": "#/components/messages/keepAlive"}),
-        );
+        shared_sse_messages(&mut messages);
         let mut query = Map::new();
         query.insert("lastEventId".into(), json!({"type": "string", "description": "Resume after this event id, for clients that cannot set Last-Event-ID."}));
         if view.is_none() && settings.ad_hoc_views {
@@ -479,18 +468,7 @@ impl Document {
                 reference("Patch"),
             ),
         );
-        messages.insert(
-            "error".into(),
-            json!({"$ref": "#/components/messages/error"}),
-        );
-        messages.insert(
-            "recovered".into(),
-            json!({"$ref": "#/components/messages/recovered"}),
-        );
-        messages.insert(
-            "keepAlive".into(),
-            json!({"$ref": "#/components/messages/keepAlive"}),
-        );
+        shared_sse_messages(&mut messages);
         let names: Vec<Value> = messages
             .keys()
             .map(|m| channel_message(channel, m))
@@ -726,4 +704,15 @@ fn security_schemes(surface: &Surface) -> Value {
         schemes.insert("proxyTokenHeader".into(), json!({"type": "httpApiKey", "name": "X-Sd-Token", "in": "header", "description": "A [[proxy.tokens]] application token."}));
     }
     Value::Object(schemes)
+}
+
+/// The SSE messages every subscription channel shares (`error`, `recovered`, keep-alives), as
+/// references to their one definition in the components.
+fn shared_sse_messages(messages: &mut Map<String, Value>) {
+    for name in ["error", "recovered", "keepAlive"] {
+        messages.insert(
+            name.into(),
+            json!({"$ref": format!("#/components/messages/{name}")}),
+        );
+    }
 }

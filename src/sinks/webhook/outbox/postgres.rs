@@ -1612,12 +1612,7 @@ impl Outbox for PostgresOutbox {
                 reply,
             })
             .is_ok();
-        Box::pin(async move {
-            if !sent {
-                return Err(OutboxError::Closed);
-            }
-            answer.await.map_err(|_| OutboxError::Closed)?
-        })
+        answered(sent, answer)
     }
 
     fn notice(
@@ -1636,12 +1631,7 @@ impl Outbox for PostgresOutbox {
                 reply,
             })
             .is_ok();
-        Box::pin(async move {
-            if !sent {
-                return Err(OutboxError::Closed);
-            }
-            answer.await.map_err(|_| OutboxError::Closed)?
-        })
+        answered(sent, answer)
     }
 
     fn note(&self, note: OperatorNote) -> OutboxFuture<bool> {
@@ -1862,12 +1852,7 @@ impl Outbox for PostgresOutbox {
     fn save_document(&self, document: StoredDocument) -> OutboxFuture<()> {
         let (reply, answer) = oneshot::channel();
         let sent = self.writes.send(Write::Save { document, reply }).is_ok();
-        Box::pin(async move {
-            if !sent {
-                return Err(OutboxError::Closed);
-            }
-            answer.await.map_err(|_| OutboxError::Closed)?
-        })
+        answered(sent, answer)
     }
 
     fn documents(&self) -> OutboxFuture<Vec<StoredDocument>> {
@@ -1939,12 +1924,7 @@ impl Outbox for PostgresOutbox {
                 reply,
             })
             .is_ok();
-        Box::pin(async move {
-            if !sent {
-                return Err(OutboxError::Closed);
-            }
-            answer.await.map_err(|_| OutboxError::Closed)?
-        })
+        answered(sent, answer)
     }
 
     fn attempts(&self, endpoint: String, filter: AttemptFilter) -> OutboxFuture<Vec<AttemptEntry>> {
@@ -2088,4 +2068,18 @@ impl Outbox for PostgresOutbox {
             Ok(usize::try_from(removed).unwrap_or(usize::MAX))
         })
     }
+}
+
+/// The answer to a job sent to a writer task (`sent`: whether the task took it); a task gone
+/// is the outbox closed.
+fn answered<T: Send + 'static>(
+    sent: bool,
+    answer: oneshot::Receiver<Result<T, OutboxError>>,
+) -> OutboxFuture<T> {
+    Box::pin(async move {
+        if !sent {
+            return Err(OutboxError::Closed);
+        }
+        answer.await.map_err(|_| OutboxError::Closed)?
+    })
 }
