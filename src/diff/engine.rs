@@ -44,7 +44,7 @@ pub(crate) fn diff_containers(
     new: &Value,
     options: &DiffOptions,
 ) -> Vec<PatchOperation> {
-    walk(old, new, options, |ops, steps| {
+    walk(old, new, options, None, |ops, steps, _| {
         let written: Vec<PatchOperation> = ops.iter().map(|op| op.write_out(steps)).collect();
         debug_assert!(
             ops.iter().zip(&written).all(|(op, written)| {
@@ -65,24 +65,100 @@ pub(crate) fn diff_containers_json(
     new: &Value,
     options: &DiffOptions,
 ) -> super::PatchJson {
-    walk(old, new, options, |ops, steps| {
+    diff_containers_split(old, new, options, None).0
+}
+
+/// [`diff_containers_json`], and when `split` names an array of entities (object keys from the
+/// root) that the walk compared by identity, how it compared each of its elements: the
+/// operations found inside each one, relative to it, as [`diff_json_at`] gives them there.
+/// They are cut from the patch's own JSON: each entity is diffed once for the whole document
+/// and for whoever splices its changes elsewhere (views).
+pub(crate) fn diff_containers_split(
+    old: &Value,
+    new: &Value,
+    options: &DiffOptions,
+    split: Option<&[String]>,
+) -> (super::PatchJson, Option<super::Split>) {
+    walk(old, new, options, split, |ops, steps, compared| {
         let mut json = Vec::with_capacity(64 * ops.len() + 2);
         let mut only_ignored = true;
+        // Where each operation's JSON begins, and where each of its pointers' text begins (by
+        // operation: `marks[marked[k]..marked[k + 1]]`), when the comparisons are kept apart.
+        let keep = compared.is_some();
+        let mut starts = Vec::with_capacity(if keep { ops.len() + 1 } else { 0 });
+        let mut ignored = Vec::with_capacity(if keep { ops.len() } else { 0 });
+        let mut marks = Vec::new();
+        let mut marked = Vec::with_capacity(if keep { ops.len() + 1 } else { 0 });
         json.push(b'[');
         for (i, op) in ops.iter().enumerate() {
             if i > 0 {
                 json.push(b',');
             }
             let start = json.len();
-            only_ignored &= op.write_json(steps, options, &mut json);
+            let here = if keep {
+                starts.push(start);
+                marked.push(marks.len());
+                op.write_json_from(steps, 0, options, &mut json, &mut |at| marks.push(at))
+            } else {
+                op.write_json(steps, options, &mut json)
+            };
+            if keep {
+                ignored.push(here);
+            }
+            only_ignored &= here;
             debug_assert_eq!(json.len() - start, op.json_len(steps));
         }
+        starts.push(json.len());
+        marked.push(marks.len());
         json.push(b']');
-        super::PatchJson {
-            json,
-            operations: ops.len(),
-            only_ignored,
-        }
+        let split = compared.map(|(depth, compared)| {
+            let mut elements = Vec::new();
+            for (j, i, range) in compared {
+                if elements.len() <= *j {
+                    elements.resize_with(j + 1, || None);
+                }
+                let patch = (!range.is_empty()).then(|| {
+                    // Every pointer of these operations begins with the element's own: cut it.
+                    let cut =
+                        pointer_str_len(&steps[ops[range.start].first_step()..][..=depth]) - 2;
+                    let mut patch = super::RelativePatch {
+                        json: Vec::new(),
+                        pointers: Vec::new(),
+                        operations: range.len(),
+                        only_ignored: ignored[range.clone()].iter().all(|i| *i),
+                    };
+                    for k in range.clone() {
+                        if k > range.start {
+                            patch.json.push(b',');
+                        }
+                        // Operations are separated by one comma: the next begins after it.
+                        let end = if k + 1 == ops.len() {
+                            starts[k + 1]
+                        } else {
+                            starts[k + 1] - 1
+                        };
+                        let mut copied = starts[k];
+                        for &at in &marks[marked[k]..marked[k + 1]] {
+                            patch.json.extend_from_slice(&json[copied..at]);
+                            patch.pointers.push(patch.json.len());
+                            copied = at + cut;
+                        }
+                        patch.json.extend_from_slice(&json[copied..end]);
+                    }
+                    patch
+                });
+                elements[*j] = Some((*i, patch));
+            }
+            super::Split { elements }
+        });
+        (
+            super::PatchJson {
+                json,
+                operations: ops.len(),
+                only_ignored,
+            },
+            split,
+        )
     })
 }
 
@@ -102,6 +178,7 @@ pub(crate) fn diff_json_at<'v>(
         op_steps: Vec::new(),
         op_lens: Vec::new(),
         walked: 0,
+        split: None,
     };
     let mut live = Live {
         keys: mask(options.keys.len()),
@@ -143,13 +220,15 @@ pub(crate) fn diff_json_at<'v>(
     out
 }
 
-/// Walks `old` and `new` and hands the operations found (with the steps their paths index)
-/// to `finish`.
+/// Walks `old` and `new` and hands the operations found (with the steps their paths index,
+/// and the comparisons of the elements of the array at `split`, if asked and kept: see
+/// [`Split`]) to `finish`.
 fn walk<R>(
     old: &Value,
     new: &Value,
     options: &DiffOptions,
-    finish: impl FnOnce(&[Op<'_>], &[Step<'_>]) -> R,
+    split: Option<&[String]>,
+    finish: impl FnOnce(&[Op<'_>], &[Step<'_>], Option<(usize, &[Compared])>) -> R,
 ) -> R {
     let mut walk = Walk {
         options,
@@ -158,6 +237,11 @@ fn walk<R>(
         op_steps: Vec::new(),
         op_lens: Vec::new(),
         walked: 0,
+        split: split.map(|path| Split {
+            path,
+            state: SplitState::Waiting,
+            compared: Vec::new(),
+        }),
     };
     let live = Live {
         keys: mask(options.keys.len()),
@@ -165,7 +249,37 @@ fn walk<R>(
         depth: 0,
     };
     walk.value(old, new, live);
-    finish(&walk.ops, &walk.op_steps)
+    let compared = walk
+        .split
+        .as_ref()
+        .filter(|s| matches!(s.state, SplitState::Recorded { .. }))
+        .map(|s| (s.path.len(), s.compared.as_slice()));
+    finish(&walk.ops, &walk.op_steps, compared)
+}
+
+/// One element of the split array compared in place: its new index, the old element's index,
+/// and the operations found inside it.
+type Compared = (usize, usize, Range<usize>);
+
+/// The array whose elements' in-place comparisons are kept apart, and where the walk is with it.
+struct Split<'o> {
+    /// Its path: object keys from the root.
+    path: &'o [String],
+    state: SplitState,
+    compared: Vec<Compared>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum SplitState {
+    /// Not reached (yet), or reached and not compared by identity.
+    Waiting,
+    /// Comparing its elements: operations dropped now are inside the element being compared.
+    Recording,
+    /// Compared, its operations ending at `end`: dropping any before that (the array or an
+    /// enclosing value replaced whole) drops the comparisons' operations too.
+    Recorded { end: usize },
+    /// Compared, and some of its operations dropped since.
+    Lost,
 }
 
 fn mask(len: usize) -> u64 {
@@ -415,6 +529,8 @@ struct Walk<'o, 'v> {
     /// compared part alone outweighs its edits cannot be smaller replaced whole: most arrays
     /// are decided by it without being sized.
     walked: usize,
+    /// The array whose elements' comparisons are kept apart, if asked.
+    split: Option<Split<'o>>,
 }
 
 impl<'o, 'v> Walk<'o, 'v> {
@@ -649,6 +765,12 @@ impl<'o, 'v> Walk<'o, 'v> {
 
     /// Drops the operations from `start` on.
     fn truncate_ops(&mut self, start: usize) {
+        if let Some(split) = &mut self.split
+            && let SplitState::Recorded { end } = split.state
+            && start < end
+        {
+            split.state = SplitState::Lost;
+        }
         if let Some(first) = self.ops.get(start) {
             self.op_steps.truncate(first.first_step());
         }
@@ -711,24 +833,29 @@ impl<'o, 'v> Walk<'o, 'v> {
                 .iter()
                 .zip(new)
                 .all(|(a, b)| matches!((sel.ident(a), sel.ident(b)), (Some(x), Some(y)) if x == y));
+        let recording = self.start_split();
         if same_order {
             // Same entities in the same order (most polls): compare in place.
             for (j, (a, b)) in old.iter().zip(new).enumerate() {
-                self.path.push(Step::Index(j));
-                let child = self.descend_index(live, j);
-                self.value(a, b, child);
-                self.path.pop();
+                self.compare_element(j, j, a, b, live, recording);
             }
+            self.end_split(recording);
             return true;
         }
+        let unkeyed = |walk: &mut Self| {
+            if recording && let Some(split) = &mut walk.split {
+                split.state = SplitState::Waiting;
+            }
+            false
+        };
         let (Some(old_ids), Some(new_ids)) = (sel.idents(old), sel.idents(new)) else {
-            return false;
+            return unkeyed(self);
         };
         let Some(old_at) = index_unique(&old_ids) else {
-            return false;
+            return unkeyed(self);
         };
         if index_unique(&new_ids).is_none() {
-            return false;
+            return unkeyed(self);
         }
         // For each new element, the old index of the same entity, if it existed.
         let from: Vec<Option<usize>> = new_ids.iter().map(|id| old_at.get(id).copied()).collect();
@@ -773,13 +900,60 @@ impl<'o, 'v> Walk<'o, 'v> {
             if let Some(i) = from[j]
                 && (use_move || stays[i])
             {
-                self.path.push(Step::Index(j));
-                let child = self.descend_index(live, j);
-                self.value(&old[i], b, child);
-                self.path.pop();
+                self.compare_element(j, i, &old[i], b, live, recording);
             }
         }
+        self.end_split(recording);
         true
+    }
+
+    /// Whether the current array is the one whose comparisons are kept apart (then they start).
+    fn start_split(&mut self) -> bool {
+        let path = &self.path;
+        let Some(split) = &mut self.split else {
+            return false;
+        };
+        let here = split.state == SplitState::Waiting
+            && split.path.len() == path.len()
+            && split
+                .path
+                .iter()
+                .zip(path)
+                .all(|(key, step)| matches!(step, Step::Key(k) if *k == key));
+        if here {
+            split.state = SplitState::Recording;
+            split.compared.clear();
+        }
+        here
+    }
+
+    fn end_split(&mut self, recording: bool) {
+        if recording && let Some(split) = &mut self.split {
+            split.state = SplitState::Recorded {
+                end: self.ops.len(),
+            };
+        }
+    }
+
+    /// Compares element `i` of the old array, `a`, with element `j` of the new, `b`, in place
+    /// (at index `j`), keeping the comparison apart when `recording`.
+    fn compare_element(
+        &mut self,
+        j: usize,
+        i: usize,
+        a: &'v Value,
+        b: &'v Value,
+        live: Live,
+        recording: bool,
+    ) {
+        let start = self.ops.len();
+        self.path.push(Step::Index(j));
+        let child = self.descend_index(live, j);
+        self.value(a, b, child);
+        self.path.pop();
+        if recording && let Some(split) = &mut self.split {
+            split.compared.push((j, i, start..self.ops.len()));
+        }
     }
 
     /// Emits the moves that bring the kept entities (current order: old order) into new order.

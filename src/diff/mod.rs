@@ -232,6 +232,45 @@ pub fn diff_json(old: &Value, new: &Value, options: &DiffOptions) -> PatchJson {
     }
 }
 
+/// How the diff of a whole document compared the elements of one array of entities (see
+/// [`diff_json_split`]).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Split {
+    /// By the element's index in the new array, for each one compared in place with an old
+    /// element of the same identity: that element's index in the old array, and the operations
+    /// found inside it (`None`: the two are equal), as [`diff_json_at`] gives them at index
+    /// `j`. Elements added, removed or re-added have no entry.
+    pub elements: Vec<Option<(usize, Option<RelativePatch>)>>,
+}
+
+impl Split {
+    /// How new element `j` was compared, if it was compared in place.
+    pub fn element(&self, j: usize) -> Option<(usize, Option<&RelativePatch>)> {
+        self.elements
+            .get(j)?
+            .as_ref()
+            .map(|(i, patch)| (*i, patch.as_ref()))
+    }
+}
+
+/// [`diff_json`], and when the array at `entities` (object keys from the root) is matched by
+/// identity, how each of its elements compared ([`Split`]): a view splices an entity's changes
+/// without diffing it again. `None` when the walk did not compare that array by identity, or
+/// replaced it (or a value around it) whole.
+pub fn diff_json_split(
+    old: &Value,
+    new: &Value,
+    options: &DiffOptions,
+    entities: &[String],
+) -> (PatchJson, Option<Split>) {
+    match (old, new) {
+        (Value::Object(_), Value::Object(_)) | (Value::Array(_), Value::Array(_)) => {
+            engine::diff_containers_split(old, new, options, Some(entities))
+        }
+        _ => (diff_json(old, new, options), None),
+    }
+}
+
 /// The length of `value`'s compact JSON, without writing it.
 pub fn json_len(value: &Value) -> usize {
     size::value_len(value, usize::MAX).unwrap_or(usize::MAX)
@@ -260,6 +299,18 @@ pub struct RelativePatch {
     pub operations: usize,
     /// Every operation lies at or below an ignored path (the whole path counts).
     pub only_ignored: bool,
+}
+
+impl RelativePatch {
+    /// No operation: the two values are equal.
+    pub fn empty() -> Self {
+        RelativePatch {
+            json: Vec::new(),
+            pointers: Vec::new(),
+            operations: 0,
+            only_ignored: true,
+        }
+    }
 }
 
 /// [`diff_json`] of `old` and `new` as found at `prefix` in a document: the same operations

@@ -775,3 +775,79 @@ proptest! {
         prop_assert_eq!(relative.only_ignored, super::only_ignored(&patch, &o));
     }
 }
+
+/// Entities with nested arrays (stop lists matched by `stop_id`, or replaced whole when most of
+/// them change) and a field an ignore pattern may cover, ids from a small pool.
+fn arb_trips() -> impl Strategy<Value = Value> {
+    let trip = (
+        0u32..10,
+        proptest::collection::vec((0u32..6, 0i64..3), 0..5),
+        arb_json(),
+        0i64..3,
+    )
+        .prop_map(|(id, stops, x, delay)| {
+            let mut seen = std::collections::BTreeSet::new();
+            let stops: Vec<Value> = stops
+                .into_iter()
+                .filter(|(stop, _)| seen.insert(*stop))
+                .map(|(stop, t)| json!({"stop_id": stop, "t": t}))
+                .collect();
+            json!({"id": id, "trip": {"delay": delay, "stops": stops}, "x": x})
+        });
+    proptest::collection::vec(trip, 0..8).prop_map(|trips| json!({"header": 1, "entity": trips}))
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(1024))]
+
+    /// `diff_json_split`: the patch is `diff_json`'s, and each element it says was compared in
+    /// place was compared with the old element of the same id, its operations being
+    /// `diff_json_at`'s at its index (none when the two are equal). Whenever the entity array
+    /// is diffed by identity and not replaced whole, the comparisons are kept.
+    #[test]
+    fn split_comparisons_are_the_entities_own_diffs(
+        a in arb_trips(), b in arb_trips(), o in arb_options(), ignore in any::<bool>(),
+    ) {
+        let mut o = o;
+        if ignore {
+            o.ignore = vec![PathPattern::parse("/entity/*/x").unwrap()];
+        }
+        let path = vec!["entity".to_owned()];
+        let (patch, split) = super::diff_json_split(&a, &b, &o, &path);
+        prop_assert_eq!(&patch, &super::diff_json(&a, &b, &o));
+        let (old, new) = (a["entity"].as_array().unwrap(), b["entity"].as_array().unwrap());
+        let unique = |v: &[Value]| {
+            let ids: std::collections::BTreeSet<_> = v.iter().map(|e| e["id"].to_string()).collect();
+            ids.len() == v.len()
+        };
+        let parsed: Patch = serde_json::from_slice(&patch.json).unwrap();
+        let whole = parsed.0.iter().any(|op| op.path().as_str() == "/entity");
+        if o.auto_keys && !old.is_empty() && !new.is_empty() && unique(old) && unique(new) && !whole {
+            prop_assert!(split.is_some(), "no comparisons kept: {}", String::from_utf8_lossy(&patch.json));
+        }
+        if whole {
+            prop_assert!(split.is_none(), "comparisons kept for an array replaced whole");
+        }
+        let Some(split) = split else { return Ok(()) };
+        let mut compared = 0;
+        for (j, b_entity) in new.iter().enumerate() {
+            let Some((i, relative)) = split.element(j) else { continue };
+            compared += 1;
+            prop_assert_eq!(&old[i]["id"], &b_entity["id"]);
+            let expected = super::diff_json_at(
+                &old[i], b_entity, &[super::At::Key("entity"), super::At::Index(j)], &o,
+            );
+            match relative {
+                None => prop_assert_eq!(expected.operations, 0),
+                Some(relative) => prop_assert_eq!(relative, &expected),
+            }
+        }
+        // Every entity kept in place is compared (those that only moved, with moves off, are
+        // removed and added again).
+        let kept = new.iter().filter(|e| old.iter().any(|o| o["id"] == e["id"])).count();
+        prop_assert!(compared <= kept);
+        if o.allow_move {
+            prop_assert_eq!(compared, kept);
+        }
+    }
+}

@@ -145,6 +145,11 @@ pub struct Prepared {
     pub document: Value,
     /// `document` as JSON (the same bytes as `payload` for a snapshot change).
     pub json: Bytes,
+    /// Where the elements of the entity array the stream's derivation works on lie in `json`
+    /// (see [`Derivation::entities`]).
+    pub entities: Option<Vec<std::ops::Range<usize>>>,
+    /// How the diff compared those elements with the previous document's.
+    pub split: Option<diff::Split>,
 }
 
 /// What a document would change in a stream.
@@ -182,13 +187,23 @@ pub enum Diverged {
 /// order, with the documents before and after each change. Called outside the stream's state
 /// lock but one call at a time, in the order of the stream's changes.
 pub trait Derivation: Send + Sync {
-    /// Change `change` made `current` of `previous` (`None` before the first document).
+    /// Change `change` made `current` of `previous` (`None` before the first document);
+    /// `split` is how the stream's diff compared the entities [`Self::entities`] names, when it
+    /// computed the change itself.
     fn changed(
         &self,
         previous: Option<&Arc<Snapshot>>,
         current: &Arc<Snapshot>,
         change: &Arc<Change>,
+        split: Option<&diff::Split>,
     );
+    /// The array of entities (object keys from the root) whose elements the derivation works
+    /// on, if it would use what the stream learns of them anyway: how its diff compared each
+    /// one ([`diff::Split`]) and where each lies in its snapshots' JSON
+    /// ([`Snapshot::entity_json`]).
+    fn entities(&self) -> Option<&[String]> {
+        None
+    }
     /// The stream started over from `current` (another epoch, or a reload).
     fn reset(&self, current: &Arc<Snapshot>);
     /// The upstream failed.
@@ -855,22 +870,38 @@ impl Stream {
     /// or a snapshot for the first document, a change of the root's type, or a patch larger
     /// than the configured share of the document. Pure: the stream is not changed.
     pub fn prepare(&self, previous: Option<&Snapshot>, document: Value) -> Preparation {
+        let derivation = self.derivation();
+        let entities = derivation.as_deref().and_then(Derivation::entities);
         // The patch is written as JSON straight from the two documents: it is only ever sent.
-        let patch = match previous {
+        let (patch, split) = match previous {
             Some(previous) if same_kind(&previous.document, &document) => {
                 let options = self.options.read().unwrap_or_else(|e| e.into_inner());
-                let patch = diff::diff_json(&previous.document, &document, &options.diff);
+                let (patch, split) = match entities {
+                    Some(entities) => diff::diff_json_split(
+                        &previous.document,
+                        &document,
+                        &options.diff,
+                        entities,
+                    ),
+                    None => (
+                        diff::diff_json(&previous.document, &document, &options.diff),
+                        None,
+                    ),
+                };
                 if patch.operations == 0 {
                     return Preparation::Unchanged;
                 }
                 if patch.only_ignored {
                     return Preparation::Ignored;
                 }
-                Some(patch.json)
+                (Some(patch.json), split)
             }
-            _ => None,
+            _ => (None, None),
         };
-        let json = snapshot::to_json(&document);
+        let (json, spans) = match entities {
+            Some(entities) => snapshot::to_json_marking(&document, entities),
+            None => (snapshot::to_json(&document), None),
+        };
         let (kind, payload) = match patch {
             Some(patch)
                 if !diff::prefer_snapshot(
@@ -888,6 +919,8 @@ impl Stream {
             payload,
             document,
             json,
+            entities: spans,
+            split,
         })
     }
 
@@ -906,8 +939,11 @@ impl Stream {
             payload,
             document,
             json,
+            entities,
+            split,
         } = prepared;
-        let snapshot = Arc::new(Snapshot::with_json(epoch, seq, document, json, at));
+        let snapshot =
+            Arc::new(Snapshot::with_json(epoch, seq, document, json, at).marking(entities));
         let frames = match kind {
             ChangeKind::Patch => Arc::default(),
             // The same event as the snapshot's: framed once for live and new subscribers.
@@ -922,7 +958,7 @@ impl Stream {
             at,
             frames,
         });
-        self.append_change(change, Some(snapshot))
+        self.append_change(change, Some(snapshot), split.as_ref())
     }
 
     /// Appends a change computed elsewhere to a lazily kept stream (see [`Self::lazy`]): the
@@ -951,7 +987,7 @@ impl Stream {
             at,
             frames,
         });
-        self.append_change(change, snapshot)
+        self.append_change(change, snapshot, None)
     }
 
     /// Appends a snapshot change to a lazily kept stream (see [`Self::lazy`]) whose document
@@ -973,7 +1009,7 @@ impl Stream {
             at,
             frames: Arc::default(),
         });
-        self.append_change(change, None)
+        self.append_change(change, None, None)
     }
 
     /// Appends `change` (with the document after it, unless the stream is kept lazily) and
@@ -982,6 +1018,7 @@ impl Stream {
         &self,
         change: Arc<Change>,
         snapshot: Option<Arc<Snapshot>>,
+        split: Option<&diff::Split>,
     ) -> Result<Option<Arc<Change>>, Diverged> {
         let (epoch, seq, at) = (change.epoch, change.seq, change.at);
         let derive = {
@@ -1033,7 +1070,7 @@ impl Stream {
             }
         };
         if let Some(((_order, derivation), previous, snapshot)) = derive {
-            derivation.changed(previous.as_ref(), &snapshot, &change);
+            derivation.changed(previous.as_ref(), &snapshot, &change, split);
         }
         let snapshot_bytes = match (&snapshot, change.kind) {
             (Some(snapshot), _) => snapshot.json.len(),
@@ -1069,11 +1106,11 @@ impl Stream {
         if seq <= top {
             return Ok(None);
         }
-        let (document, json) = match kind {
+        let (document, json, entities) = match kind {
             ChangeKind::Snapshot => {
                 let document: Value = serde_json::from_slice(&payload)
                     .map_err(|e| Diverged::Invalid(format!("snapshot: {e}")))?;
-                (document, payload.clone())
+                (document, payload.clone(), None)
             }
             ChangeKind::Patch => {
                 let current = current
@@ -1084,8 +1121,12 @@ impl Stream {
                 let mut document = current.document.clone();
                 diff::apply(&mut document, &patch)
                     .map_err(|e| Diverged::Invalid(format!("patch: {e}")))?;
-                let json = snapshot::to_json(&document);
-                (document, json)
+                let derivation = self.derivation();
+                let (json, entities) = match derivation.as_deref().and_then(Derivation::entities) {
+                    Some(entities) => snapshot::to_json_marking(&document, entities),
+                    None => (snapshot::to_json(&document), None),
+                };
+                (document, json, entities)
             }
         };
         self.commit(
@@ -1097,6 +1138,8 @@ impl Stream {
                 payload,
                 document,
                 json,
+                entities,
+                split: None,
             },
         )
     }
@@ -1196,19 +1239,22 @@ impl Stream {
 
     /// Drops the oldest changes until history is within both its count and its byte bound.
     /// The bytes are a running total (O(1) amortized per commit, not a sum over history):
-    /// frames the sinks build after a commit count too, so the newest [`RECOUNT_NEWEST`]
-    /// entries are recounted on every commit (that is where frames get built, as a change is
-    /// sent) and every entry once per `history.len()` commits (frames of older changes, built
-    /// for subscribers resuming). A resume older than what is left gets the current snapshot.
+    /// frames the sinks build after a commit count too, so the change before the one just
+    /// appended is recounted on every commit (that is where frames get built, as a change is
+    /// sent, before the next one is) and every entry once per `history.len()` commits (frames
+    /// built later: for subscribers resuming, or sent late). A resume older than what is left
+    /// gets the current snapshot.
     fn trim_history(&self, state: &mut State) {
         state.since_recount += 1;
-        let from = if state.since_recount >= state.history.len() {
+        let len = state.history.len();
+        let (from, to) = if state.since_recount >= len {
             state.since_recount = 0;
-            0
+            (0, len)
         } else {
-            state.history.len().saturating_sub(RECOUNT_NEWEST)
+            // The change just appended was counted as it was: nobody has framed it yet.
+            (len.saturating_sub(2), len.saturating_sub(1))
         };
-        recount(state, from);
+        recount(state, from, to);
         let (history, history_bytes) = {
             let options = self.options.read().unwrap_or_else(|e| e.into_inner());
             (options.history, options.history_bytes)
@@ -1457,9 +1503,6 @@ impl Stream {
     }
 }
 
-/// History entries recounted on every commit (see [`Stream::trim_history`]).
-const RECOUNT_NEWEST: usize = 4;
-
 /// Appends `change` to history, counting its bytes.
 fn push_history(state: &mut State, change: Arc<Change>) {
     let bytes = change.retained_bytes() as u64;
@@ -1479,13 +1522,16 @@ fn pop_history(state: &mut State) -> bool {
     true
 }
 
-/// Recounts history's entries from index `from` on (frames built since they were counted).
-fn recount(state: &mut State, from: usize) {
+/// Recounts history's entries from index `from` to `to` (frames built since they were
+/// counted).
+fn recount(state: &mut State, from: usize, to: usize) {
+    // Ranges, not `skip`: a zip of two deques would step through every entry before `from`.
+    let end = to.min(state.history.len()).min(state.counted.len());
+    let from = from.min(end);
     for (change, counted) in state
         .history
-        .iter()
-        .zip(state.counted.iter_mut())
-        .skip(from)
+        .range(from..end)
+        .zip(state.counted.range_mut(from..end))
     {
         let now = change.retained_bytes() as u64;
         state.history_bytes = state.history_bytes - *counted + now;

@@ -1,5 +1,6 @@
 //! Snapshots: the latest document of each stream, serialized once, and the store that keeps them.
 
+use std::ops::Range;
 use std::sync::{Arc, OnceLock};
 use std::time::SystemTime;
 
@@ -40,6 +41,63 @@ pub fn to_json(document: &Value) -> Bytes {
     Bytes::from(serde_json::to_vec(document).unwrap_or_default())
 }
 
+/// [`to_json`], and where each element of the array at `entities` (object keys from the
+/// root), if there is one, lies in that JSON: the same bytes, written the same way, so each
+/// element's range holds exactly its own compact JSON.
+pub fn to_json_marking(
+    document: &Value,
+    entities: &[String],
+) -> (Bytes, Option<Vec<Range<usize>>>) {
+    let mut out = Vec::new();
+    let mut spans = None;
+    write_marking(&mut out, document, entities, &mut spans);
+    (Bytes::from(out), spans)
+}
+
+fn write_marking(
+    out: &mut Vec<u8>,
+    value: &Value,
+    path: &[String],
+    spans: &mut Option<Vec<Range<usize>>>,
+) {
+    // Writing a `serde_json::Value` (or a string) into memory cannot fail.
+    match (path.split_first(), value) {
+        (None, Value::Array(items)) => {
+            let mut found = Vec::with_capacity(items.len());
+            out.push(b'[');
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                let start = out.len();
+                let _ = serde_json::to_writer(&mut *out, item);
+                found.push(start..out.len());
+            }
+            out.push(b']');
+            *spans = Some(found);
+        }
+        (Some((first, rest)), Value::Object(map)) => {
+            out.push(b'{');
+            for (i, (key, member)) in map.iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                let _ = serde_json::to_writer(&mut *out, key);
+                out.push(b':');
+                if key == first {
+                    write_marking(out, member, rest, spans);
+                } else {
+                    let _ = serde_json::to_writer(&mut *out, member);
+                }
+            }
+            out.push(b'}');
+        }
+        _ => {
+            let _ = serde_json::to_writer(&mut *out, value);
+        }
+    }
+}
+
 /// One version of a stream's document.
 ///
 /// The JSON bytes are produced once, when the snapshot is created, and shared by every reader
@@ -62,6 +120,9 @@ pub struct Snapshot {
     /// `json` gzip-compressed for `Accept-Encoding: gzip` clients, built on first use and then
     /// shared.
     gzip: OnceLock<Bytes>,
+    /// Where each element of the document's array of entities lies in `json`, when the
+    /// stream's views asked for it as the snapshot was written (see [`to_json_marking`]).
+    entities: Option<Box<[Range<usize>]>>,
 }
 
 impl Snapshot {
@@ -86,7 +147,35 @@ impl Snapshot {
             at,
             frames: Arc::default(),
             gzip: OnceLock::new(),
+            entities: None,
         }
+    }
+
+    /// This snapshot, knowing where the elements of its entity array lie in its JSON (`spans`,
+    /// as [`to_json_marking`] gives them for its document).
+    pub fn marking(mut self, spans: Option<Vec<Range<usize>>>) -> Self {
+        debug_assert!(
+            spans
+                .as_ref()
+                .is_none_or(|s| s.iter().all(|r| r.end <= self.json.len()))
+        );
+        self.entities = spans.map(Vec::into_boxed_slice);
+        self
+    }
+
+    /// The JSON of element `index` of the document's entity array, if this snapshot knows
+    /// where it lies (a slice of `json`, not a copy).
+    pub fn entity_json(&self, index: usize) -> Option<Bytes> {
+        let span = self.entities.as_ref()?.get(index)?;
+        Some(self.json.slice(span.clone()))
+    }
+
+    /// The length of [`Self::entity_json`], without slicing.
+    pub fn entity_json_len(&self, index: usize) -> Option<usize> {
+        self.entities
+            .as_ref()?
+            .get(index)
+            .map(ExactSizeIterator::len)
     }
 
     /// `json` as a gzip member, compressed once per snapshot whatever the number of readers,
@@ -170,6 +259,56 @@ impl Default for SnapshotStore {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    fn json_value() -> impl proptest::strategy::Strategy<Value = Value> {
+        use proptest::prelude::*;
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i32>().prop_map(Value::from),
+            "[a-z\"\\\u{1}é]{0,4}".prop_map(Value::from),
+        ];
+        leaf.prop_recursive(3, 32, 5, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..5).prop_map(Value::Array),
+                proptest::collection::vec(("[a-z\"]{0,3}", inner), 0..5)
+                    .prop_map(|kv| Value::Object(kv.into_iter().collect())),
+            ]
+        })
+    }
+
+    proptest::proptest! {
+        /// The marked JSON is `to_json`'s, and each span holds its element's own JSON.
+        #[test]
+        fn marking_writes_the_same_json_and_finds_each_entity(
+            doc in json_value(), key in "[a-z\"]{0,3}", nested in proptest::bool::ANY,
+            items in proptest::collection::vec(json_value(), 0..4), insert in proptest::bool::ANY,
+        ) {
+            let path: Vec<String> = if nested { vec![key.clone(), "x".to_owned()] } else { vec![key.clone()] };
+            let mut doc = doc;
+            if insert && let Value::Object(map) = &mut doc {
+                let array = Value::Array(items);
+                map.insert(key.clone(), if nested { json!({"y": 1, "x": array, "z": 2}) } else { array });
+            }
+            let (json, spans) = to_json_marking(&doc, &path);
+            proptest::prop_assert_eq!(&json, &to_json(&doc));
+            let target = path.iter().try_fold(&doc, |v, k| v.get(k));
+            match target.and_then(Value::as_array) {
+                Some(items) => {
+                    let spans = spans.expect("an array at the path is marked");
+                    proptest::prop_assert_eq!(spans.len(), items.len());
+                    let snapshot = Snapshot::new(1, 1, doc.clone()).marking(Some(spans));
+                    for (i, item) in items.iter().enumerate() {
+                        proptest::prop_assert_eq!(
+                            snapshot.entity_json(i).unwrap(),
+                            Bytes::from(serde_json::to_vec(item).unwrap())
+                        );
+                    }
+                }
+                None => proptest::prop_assert!(spans.is_none()),
+            }
+        }
+    }
 
     fn nested(depth: usize) -> String {
         format!("{}{}", "[".repeat(depth), "]".repeat(depth))

@@ -1,6 +1,7 @@
 //! How a view selects (pure): where a stream's entities are, what identifies one, the values
 //! an alias reads from it, whether a view keeps it, and what of it the view keeps.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet};
 
 use serde_json::{Map, Value};
@@ -107,7 +108,7 @@ impl Compiled {
             paths.iter().any(|path| {
                 let mut found = false;
                 values_at(entity, path.segments(), &mut |v| {
-                    found |= wanted.contains(&scalar_text(v));
+                    found |= wanted.contains(&*scalar_str(v));
                 });
                 found
             })
@@ -123,6 +124,11 @@ impl Compiled {
                 !expression.query.query(&one).is_empty()
             }
         }
+    }
+
+    /// Whether the view's only filter is one equality (the index of equalities decides it).
+    pub fn one_equality(&self) -> bool {
+        self.equals.len() == 1 && self.spec.expression.is_none()
     }
 
     /// Whether the view keeps every entity (no filter: only a projection).
@@ -210,9 +216,14 @@ pub fn values_at<'a>(value: &'a Value, segments: &[Segment], found: &mut impl Fn
 
 /// A scalar as a filter compares it: a string as itself, anything else as its JSON text.
 pub fn scalar_text(value: &Value) -> String {
+    scalar_str(value).into_owned()
+}
+
+/// [`scalar_text`], borrowed when the value is a string (what filters compare most).
+pub fn scalar_str(value: &Value) -> Cow<'_, str> {
     match value {
-        Value::String(s) => s.clone(),
-        other => other.to_string(),
+        Value::String(s) => Cow::Borrowed(s),
+        other => Cow::Owned(other.to_string()),
     }
 }
 

@@ -13,10 +13,11 @@
 //! and diffed against their own document; a change outside the entity array that is not
 //! ignored touches every view.
 
+use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use serde_json::Value;
@@ -110,6 +111,19 @@ struct Inner {
     rest: Option<(u64, u64, Arc<Value>)>,
     /// The bytes the views hold, the sum of their [`View::measured`].
     bytes: u64,
+    /// When a change next looks for idle views (see [`StreamViews::sweep`]).
+    next_sweep: Instant,
+    /// The source's entities by key at an epoch and sequence number, as last derived: the
+    /// next change's `before` (see [`Groups`]).
+    groups: Option<KeptGroups>,
+}
+
+/// [`Groups`] of the source's document at an epoch and sequence number, without the document.
+struct KeptGroups {
+    epoch: u64,
+    seq: u64,
+    by_key: HashMap<Arc<str>, Vec<usize>>,
+    unique: bool,
 }
 
 struct View {
@@ -121,6 +135,9 @@ struct View {
     members: HashSet<Arc<str>>,
     /// The alias the view is indexed under, if any.
     indexed: Option<String>,
+    /// Whether the index alone decides what the view keeps (its one filter is that equality):
+    /// an entity is kept when its values pick the view there.
+    decided: bool,
     /// Index of the view's projection in `Inner::projections`.
     projection: usize,
     /// Whether the fields below describe the view's document, so its next patch can be
@@ -227,6 +244,8 @@ impl StreamViews {
                 projections: Vec::new(),
                 rest: None,
                 bytes: 0,
+                next_sweep: Instant::now(),
+                groups: None,
             }),
         }
     }
@@ -370,6 +389,7 @@ impl StreamViews {
             document,
             members: HashSet::new(),
             indexed: None,
+            decided: false,
             projection,
             synced: false,
             order: Vec::new(),
@@ -410,6 +430,7 @@ impl StreamViews {
             }
             alias.clone()
         });
+        view.decided = view.indexed.is_some() && view.compiled.one_equality();
         if view.indexed.is_none() {
             inner.scans.push(id.clone());
         }
@@ -426,6 +447,28 @@ impl StreamViews {
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// [`Self::groups`] of `at`'s document, kept from the change that made it current.
+    fn groups_at<'a>(&self, inner: &mut Inner, at: &'a Snapshot) -> Groups<'a> {
+        let entities = self.settings.selector.entities(&at.document);
+        match inner.groups.take() {
+            Some(KeptGroups {
+                epoch,
+                seq,
+                by_key,
+                unique,
+            }) if (epoch, seq) == (at.epoch, at.seq)
+                && entities.map_or(0, Vec::len) == by_key.values().map(Vec::len).sum::<usize>() =>
+            {
+                Groups {
+                    entities: entities.map_or(&[][..], Vec::as_slice),
+                    by_key,
+                    unique,
+                }
+            }
+            _ => self.groups(&at.document),
+        }
     }
 
     /// `document`'s entities grouped by key.
@@ -597,15 +640,16 @@ impl StreamViews {
             return Some(false);
         }
         // Entities this view shows older than the source ride along with its change.
-        let mut entries: Vec<Touched> = touched.to_vec();
+        let mut entries: Cow<'_, [Touched]> = Cow::Borrowed(touched);
         if !view.stale.is_empty() {
             let seen: HashSet<&str> = touched.iter().map(|(k, _, _)| &**k).collect();
-            entries.extend(
-                view.stale
-                    .keys()
-                    .filter(|k| !seen.contains(&***k))
-                    .map(|k| (k.clone(), true, true)),
-            );
+            let stale: Vec<Touched> = view
+                .stale
+                .keys()
+                .filter(|k| !seen.contains(&***k))
+                .map(|k| (k.clone(), true, true))
+                .collect();
+            entries.to_mut().extend(stale);
         }
         let before = deltas.before;
         let after = deltas.after;
@@ -620,13 +664,16 @@ impl StreamViews {
                     .filter(|k| !seen.contains(&***k))
                     .map(|k| (k.clone(), true, true))
                     .collect();
-                entries.extend(untouched);
+                entries.to_mut().extend(untouched);
             }
             moved
         } else {
             HashSet::new()
         };
-        let mut json = Vec::with_capacity(256);
+        // Written into the change's scratch buffer (grown once for every view), then copied to
+        // a buffer of its exact size.
+        let mut json = std::mem::take(&mut deltas.scratch);
+        json.clear();
         json.push(b'[');
         let mut operations = 0usize;
         let mut only_ignored = true;
@@ -674,6 +721,7 @@ impl StreamViews {
         for (at, key) in entering {
             let index = view.order.partition_point(|k| after.position(k) < at);
             let value = deltas.added(key, view);
+            json.reserve(value.len() + self.entities_pointer.len() + 40);
             separate(&mut json);
             json.extend_from_slice(b"{\"op\":\"add\",\"path\":\"");
             self.entity_pointer(&mut json, index);
@@ -695,7 +743,7 @@ impl StreamViews {
         let mut changed_here: Vec<&Arc<str>> = Vec::new();
         let mut prefix = Vec::with_capacity(self.entities_pointer.len() + 8);
         for (at, key) in staying {
-            let index = view.order.partition_point(|k| after.position(k) < at);
+            let index = index_in(&view.order, key, |k| after.position(k) < at);
             if view.order.get(index) != Some(key) {
                 view.synced = false;
                 return None;
@@ -711,9 +759,10 @@ impl StreamViews {
             if delta.patch.operations == 0 {
                 continue;
             }
-            separate(&mut json);
             prefix.clear();
             self.entity_pointer(&mut prefix, index);
+            json.reserve(delta.patch.json.len() + delta.patch.pointers.len() * prefix.len() + 2);
+            separate(&mut json);
             let mut copied = 0;
             for &at in &delta.patch.pointers {
                 json.extend_from_slice(&delta.patch.json[copied..at]);
@@ -737,6 +786,7 @@ impl StreamViews {
         }
         json.push(b']');
         if operations == 0 {
+            deltas.scratch = json;
             return Some(false);
         }
         if only_ignored {
@@ -748,12 +798,19 @@ impl StreamViews {
                     view.stale.insert(key.clone(), old);
                 }
             }
+            deltas.scratch = json;
             return Some(false);
         }
-        let payload = Bytes::from(json);
+        let as_snapshot = diff::prefer_snapshot(json.len(), json_len, &self.options.diff);
+        let payload = if as_snapshot {
+            Bytes::new()
+        } else {
+            Bytes::copy_from_slice(&json)
+        };
+        deltas.scratch = json;
         let document = view.document.clone();
         let mut held = document.lock();
-        let appended = if diff::prefer_snapshot(payload.len(), json_len, &self.options.diff) {
+        let appended = if as_snapshot {
             // After this change the view shows every entity it keeps and the rest as the
             // source has them now (entities it showed older ride along): its document's JSON
             // is spliced from the entities' JSON, written once per change and projection for
@@ -894,6 +951,19 @@ impl StreamViews {
         }
     }
 
+    /// Evicts idle views at most every eighth of the linger period (from 10 ms to 1 s): looking
+    /// costs a lock of every view's stream, too much for every change of a stream with
+    /// thousands of views, and a view lingers at most that much longer.
+    fn sweep(&self, inner: &mut Inner, now: Instant) {
+        if now < inner.next_sweep {
+            return;
+        }
+        self.evict_idle(inner, now);
+        let every =
+            (self.settings.linger / 8).clamp(Duration::from_millis(10), Duration::from_secs(1));
+        inner.next_sweep = now + every;
+    }
+
     /// Evicts the views nobody watched for their linger period.
     fn evict_idle(&self, inner: &mut Inner, now: Instant) {
         let linger = self.settings.linger;
@@ -947,6 +1017,9 @@ impl StreamViews {
     /// The views an entity with these versions may concern: those indexed under its alias
     /// values, and those that scan.
     fn candidates(&self, inner: &Inner, versions: &[&Value], out: &mut HashSet<Arc<str>>) {
+        if versions.is_empty() {
+            return;
+        }
         for (alias, by_value) in &inner.index {
             let Some(paths) = self.settings.selector.aliases.get(alias) else {
                 continue;
@@ -954,7 +1027,7 @@ impl StreamViews {
             for entity in versions {
                 for path in paths {
                     values_at(entity, path.segments(), &mut |v| {
-                        if let Some(ids) = by_value.get(&super::select::scalar_text(v)) {
+                        if let Some(ids) = by_value.get(&*super::select::scalar_str(v)) {
                             out.extend(ids.iter().cloned());
                         }
                     });
@@ -966,14 +1039,21 @@ impl StreamViews {
 }
 
 impl Derivation for StreamViews {
+    fn entities(&self) -> Option<&[String]> {
+        // What the source learns of its entities serves derived changes, with views to derive.
+        (self.incremental && !self.lock().views.is_empty())
+            .then_some(self.settings.selector.entities.as_slice())
+    }
+
     fn changed(
         &self,
         previous: Option<&Arc<Snapshot>>,
         current: &Arc<Snapshot>,
         change: &Arc<Change>,
+        split: Option<&diff::Split>,
     ) {
         let mut inner = self.lock();
-        self.evict_idle(&mut inner, Instant::now());
+        self.sweep(&mut inner, Instant::now());
         if inner.views.is_empty() {
             inner.epoch = current.epoch;
             return;
@@ -990,13 +1070,19 @@ impl Derivation for StreamViews {
             self.measure(&inner);
             return;
         };
-        let before = self.groups(&previous.document);
+        let before = self.groups_at(&mut inner, previous);
         let after = self.groups(&current.document);
         let rest_prev = self.rest_at(&mut inner, previous);
         let rest_cur = self.rest_at(&mut inner, current);
         let rest_patch = Arc::new(diff::diff_json(&rest_prev, &rest_cur, &self.options.diff));
         let reorder = reordered(&before, &after);
         let incremental = self.incremental && before.unique && after.unique;
+        // How the source's diff compared each entity, where it paired them as the views do.
+        let split = split.filter(|_| incremental);
+        let compared = |key: &str| -> Option<Option<&diff::RelativePatch>> {
+            let (old, relative) = split?.element(after.position(key))?;
+            (old == before.position(key)).then_some(relative)
+        };
         let everything = (rest_patch.operations > 0 && !rest_patch.only_ignored) || reorder;
         // View → the entities it lost, gained or holds that changed: (key, was, is).
         let mut affected: HashMap<Arc<str>, Vec<Touched>> = if everything {
@@ -1017,6 +1103,7 @@ impl Derivation for StreamViews {
                 let old = before.by_key.get(*key);
                 let new = after.by_key.get(*key);
                 match (old, new) {
+                    (Some(_), Some(_)) if let Some(relative) = compared(key) => relative.is_some(),
                     (Some(old), Some(new)) => {
                         old.len() != new.len()
                             || old
@@ -1028,6 +1115,7 @@ impl Derivation for StreamViews {
                 }
             });
         let mut candidates = HashSet::new();
+        let mut kept_by = HashSet::new();
         for key in changed_keys {
             let old: Vec<&Value> = before
                 .by_key
@@ -1040,14 +1128,22 @@ impl Derivation for StreamViews {
                 .map(|g| g.iter().map(|&i| &after.entities[i]).collect())
                 .unwrap_or_default();
             candidates.clear();
-            let versions: Vec<&Value> = old.iter().chain(new.iter()).copied().collect();
-            self.candidates(&inner, &versions, &mut candidates);
+            kept_by.clear();
+            // The views the new versions' values pick keep the entity if that one equality is
+            // all they filter on; those the old versions' pick may lose it.
+            self.candidates(&inner, &new, &mut kept_by);
+            candidates.extend(kept_by.iter().cloned());
+            self.candidates(&inner, &old, &mut candidates);
             for id in &candidates {
                 let Some(view) = inner.views.get_mut(id) else {
                     continue;
                 };
                 let was = view.members.contains(key);
-                let now = new.iter().any(|e| view.compiled.matches(e));
+                let now = if view.decided {
+                    kept_by.contains(id)
+                } else {
+                    new.iter().any(|e| view.compiled.matches(e))
+                };
                 if now {
                     if !was {
                         view.members.insert(key.clone());
@@ -1064,10 +1160,14 @@ impl Derivation for StreamViews {
             }
         }
         if affected.is_empty() {
+            inner.keep_groups(current, after);
             return;
         }
         let mut deltas = Deltas {
             current: &current.document,
+            previous_snapshot: previous,
+            current_snapshot: current,
+            split,
             before: &before,
             after: &after,
             options: &self.options.diff,
@@ -1087,6 +1187,7 @@ impl Derivation for StreamViews {
             rest_patch,
             rest_len: diff::json_len(&rest_cur),
             rests: HashMap::new(),
+            scratch: Vec::new(),
             template: None,
             selector: &self.settings.selector,
         };
@@ -1113,6 +1214,8 @@ impl Derivation for StreamViews {
                 inner.remeasure(id);
             }
         }
+        drop(deltas);
+        inner.keep_groups(current, after);
         self.measure(&inner);
     }
 
@@ -1175,6 +1278,16 @@ impl Derivation for StreamViews {
 }
 
 impl Inner {
+    /// Keeps `groups` of `at`'s document for the next change (see [`StreamViews::groups_at`]).
+    fn keep_groups(&mut self, at: &Snapshot, groups: Groups<'_>) {
+        self.groups = Some(KeptGroups {
+            epoch: at.epoch,
+            seq: at.seq,
+            by_key: groups.by_key,
+            unique: groups.unique,
+        });
+    }
+
     /// Measures view `id` again (after a change of it): what it holds now replaces what it
     /// held in [`Inner::bytes`].
     fn remeasure(&mut self, id: &str) {
@@ -1213,17 +1326,24 @@ struct Delta {
 struct Deltas<'a> {
     /// The source's document after the change.
     current: &'a Value,
+    /// The source's snapshots before and after: where its entities lie in their JSON, when
+    /// they know it (see [`Snapshot::entity_json`]).
+    previous_snapshot: &'a Snapshot,
+    current_snapshot: &'a Snapshot,
+    /// How the source's diff compared each entity, when it computed the change itself.
+    split: Option<&'a diff::Split>,
     before: &'a Groups<'a>,
     after: &'a Groups<'a>,
     options: &'a diff::DiffOptions,
     /// The entity array's path.
     prefix: Vec<At<'a>>,
-    /// (key, projection) → the entity's change.
-    changes: HashMap<(Arc<str>, usize), Delta>,
-    /// (key, projection) → the (projected) entity's JSON after the change.
-    added: HashMap<(Arc<str>, usize), Arc<Vec<u8>>>,
-    /// (key, projection) → the JSON length of the (projected) entity before the change.
-    old_lens: HashMap<(Arc<str>, usize), usize>,
+    /// (the entity's index after the change, projection) → the entity's change.
+    changes: HashMap<(usize, usize), Delta>,
+    /// (the entity's index after the change, projection) → its (projected) JSON then.
+    added: HashMap<(usize, usize), Bytes>,
+    /// (the entity's index before the change, projection) → its (projected) JSON's length
+    /// then.
+    old_lens: HashMap<(usize, usize), usize>,
     /// Entities as they were before the change, for views that leave them stale.
     old_versions: HashMap<Arc<str>, Arc<Value>>,
     /// The rest of the source's document before and after, and the diff between them.
@@ -1238,6 +1358,8 @@ struct Deltas<'a> {
     template: Option<Option<(Vec<u8>, usize, usize)>>,
     /// The entity selector, to mark the entities' place in the rest.
     selector: &'a super::select::Selector,
+    /// Where a view's patch is written before it is copied out.
+    scratch: Vec<u8>,
 }
 
 /// Stands in the rest's JSON for a view's entities while its snapshot's JSON is spliced.
@@ -1247,21 +1369,38 @@ impl Deltas<'_> {
     /// The change of the entity with `key` in `view`'s projection.
     fn change(&mut self, key: &Arc<str>, view: &View) -> &Delta {
         let (before, after) = (self.before, self.after);
-        let old = before.entity(key);
-        let new = after.entity(key);
-        let at = after.position(key);
+        let (i, j) = (before.position(key), after.position(key));
+        let (old, new) = (before.entity(key), after.entity(key));
         let (options, prefix) = (self.options, &self.prefix);
+        let (previous, current, split) =
+            (self.previous_snapshot, self.current_snapshot, self.split);
         self.changes
-            .entry((key.clone(), view.projection))
+            .entry((j, view.projection))
             .or_insert_with(|| match (old, new) {
-                (Some(old), Some(new)) => delta(old, new, at, view, prefix, options),
+                (Some(old), Some(new)) if !view.compiled.projects() => {
+                    // The whole entity: its diff is the source's own, where the source's diff
+                    // paired it as the views do; its lengths are where it lies in the JSON.
+                    let old_len = previous
+                        .entity_json_len(i)
+                        .unwrap_or_else(|| diff::json_len(old));
+                    let new_len = current
+                        .entity_json_len(j)
+                        .unwrap_or_else(|| diff::json_len(new));
+                    let patch = match split.and_then(|s| s.element(j)) {
+                        Some((paired, relative)) if paired == i => {
+                            relative.cloned().unwrap_or_else(diff::RelativePatch::empty)
+                        }
+                        _ => diff::diff_json_at(old, new, &entity_path(prefix, j), options),
+                    };
+                    Delta {
+                        patch,
+                        old_len,
+                        new_len,
+                    }
+                }
+                (Some(old), Some(new)) => delta(old, new, j, view, prefix, options),
                 _ => Delta {
-                    patch: RelativePatch {
-                        json: Vec::new(),
-                        pointers: Vec::new(),
-                        operations: 0,
-                        only_ignored: true,
-                    },
+                    patch: diff::RelativePatch::empty(),
                     old_len: 0,
                     new_len: 0,
                 },
@@ -1274,12 +1413,7 @@ impl Deltas<'_> {
         match self.after.entity(key) {
             Some(new) => delta(stale, new, at, view, &self.prefix, self.options),
             None => Delta {
-                patch: RelativePatch {
-                    json: Vec::new(),
-                    pointers: Vec::new(),
-                    operations: 0,
-                    only_ignored: true,
-                },
+                patch: diff::RelativePatch::empty(),
                 old_len: 0,
                 new_len: 0,
             },
@@ -1287,31 +1421,40 @@ impl Deltas<'_> {
     }
 
     /// The (projected) JSON of the entity with `key` after the change.
-    fn added(&mut self, key: &Arc<str>, view: &View) -> Arc<Vec<u8>> {
-        let after = self.after;
+    fn added(&mut self, key: &Arc<str>, view: &View) -> Bytes {
+        let (after, current) = (self.after, self.current_snapshot);
+        let at = after.position(key);
         self.added
-            .entry((key.clone(), view.projection))
+            .entry((at, view.projection))
             .or_insert_with(|| {
+                if !view.compiled.projects()
+                    && let Some(json) = current.entity_json(at)
+                {
+                    return json;
+                }
                 let value = after
                     .entity(key)
                     .map(|e| view.compiled.project(e))
                     .unwrap_or(Value::Null);
                 // Serializing a value into memory cannot fail.
-                Arc::new(serde_json::to_vec(&value).unwrap_or_default())
+                Bytes::from(serde_json::to_vec(&value).unwrap_or_default())
             })
             .clone()
     }
 
     /// The JSON length of the (projected) entity with `key` before the change.
     fn old_len(&mut self, key: &Arc<str>, view: &View) -> usize {
-        let before = self.before;
+        let (before, previous) = (self.before, self.previous_snapshot);
+        let at = before.position(key);
         *self
             .old_lens
-            .entry((key.clone(), view.projection))
-            .or_insert_with(|| {
-                before
-                    .entity(key)
-                    .map_or(0, |e| projected_len(e, &view.compiled))
+            .entry((at, view.projection))
+            .or_insert_with(|| match before.entity(key) {
+                Some(_) if !view.compiled.projects() && previous.entity_json_len(at).is_some() => {
+                    previous.entity_json_len(at).unwrap_or_default()
+                }
+                Some(entity) => projected_len(entity, &view.compiled),
+                None => 0,
             })
     }
 
@@ -1361,7 +1504,7 @@ impl Deltas<'_> {
         if !matches!(self.template, Some(Some(_))) {
             return None;
         }
-        let entities: Vec<Arc<Vec<u8>>> = order.iter().map(|k| self.added(k, view)).collect();
+        let entities: Vec<Bytes> = order.iter().map(|k| self.added(k, view)).collect();
         let Some(Some((json, start, end))) = &self.template else {
             return None;
         };
@@ -1407,8 +1550,7 @@ fn delta(
     prefix: &[At<'_>],
     options: &diff::DiffOptions,
 ) -> Delta {
-    let mut path = prefix.to_vec();
-    path.push(At::Index(at));
+    let path = entity_path(prefix, at);
     if view.compiled.projects() {
         let (old, new) = (view.compiled.project(old), view.compiled.project(new));
         Delta {
@@ -1423,6 +1565,35 @@ fn delta(
             new_len: diff::json_len(new),
         }
     }
+}
+
+/// Where `key`, one of a view's entities, is in its `order` (sorted by `before`: its
+/// entities before `key` in the source's order): a linear search in the few entities most
+/// views have (no lookup of each one's position), else a binary search by position.
+fn index_in(
+    order: &[Arc<str>],
+    key: &Arc<str>,
+    mut before: impl FnMut(&Arc<str>) -> bool,
+) -> usize {
+    if order.len() <= 8
+        && let Some(index) = order.iter().position(|k| k == key)
+    {
+        debug_assert_eq!(
+            index,
+            order.partition_point(&mut before),
+            "a view's order is its source's"
+        );
+        return index;
+    }
+    order.partition_point(before)
+}
+
+/// The path of element `index` of the entity array at `prefix`.
+fn entity_path<'a>(prefix: &[At<'a>], index: usize) -> Vec<At<'a>> {
+    let mut path = Vec::with_capacity(prefix.len() + 1);
+    path.extend_from_slice(prefix);
+    path.push(At::Index(index));
+    path
 }
 
 /// The JSON length of `entity` as `compiled` projects it.
