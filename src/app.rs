@@ -193,6 +193,10 @@ impl App {
         let writers: Writers = Arc::new(std::sync::RwLock::new(writers));
         let views = Arc::new(views);
         let mut tasks = JoinSet::new();
+        // Everything started after this point (the webhooks' fences, broker publishers, the
+        // proxy's shared tokens, and whatever a reload starts) is tracked here; `run` waits
+        // for it at shutdown.
+        let tracker = TaskTracker::new();
         let webhooks = match (&config.webhooks, outbox) {
             (Some(settings), Some(outbox)) => {
                 // In a cluster on a shared store, a stream's webhooks are dispatched by the node
@@ -206,7 +210,9 @@ impl App {
                         node: node.node().to_owned(),
                         leases: leases
                             .iter()
-                            .map(|(name, held)| (name.clone(), fences(held.clone(), &shutdown)))
+                            .map(|(name, held)| {
+                                (name.clone(), fences(held.clone(), &tracker, &shutdown))
+                            })
                             .collect(),
                     });
                 let push_streams = if cluster.is_some() {
@@ -233,9 +239,6 @@ impl App {
             }
             _ => None,
         };
-        // Everything started after this point (broker publishers, and whatever a reload
-        // starts) is tracked here; `run` waits for it at shutdown.
-        let tracker = TaskTracker::new();
         let brokers = {
             // In a cluster a stream is published by one node: its lease holder, or for a push
             // stream without one (one is taken only for webhooks) its rendezvous owner among
@@ -272,6 +275,7 @@ impl App {
             &metrics,
             cluster.as_ref(),
             &budget,
+            &tracker,
             &shutdown,
         )?;
         if let Some(cluster) = &cluster {
@@ -514,11 +518,12 @@ async fn open_outbox(store: &WebhookStore) -> anyhow::Result<Arc<dyn Outbox>> {
 /// nothing of the cluster's poll turns).
 fn fences(
     mut held: watch::Receiver<Option<Holding>>,
+    tasks: &TaskTracker,
     shutdown: &CancellationToken,
 ) -> watch::Receiver<Option<u64>> {
     let (sender, fences) = watch::channel(held.borrow_and_update().as_ref().map(|h| h.id));
     let shutdown = shutdown.clone();
-    tokio::spawn(async move {
+    tasks.spawn(async move {
         loop {
             tokio::select! {
                 () = shutdown.cancelled() => return,
@@ -542,6 +547,7 @@ fn proxy(
     metrics: &Arc<Metrics>,
     cluster: Option<&Arc<Cluster>>,
     budget: &Arc<Budget>,
+    tasks: &TaskTracker,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<Option<Arc<Proxy>>> {
     let Some(settings) = &config.proxy else {
@@ -576,7 +582,7 @@ fn proxy(
             node.settings().lease_ttl * 3,
             metrics.clone(),
         );
-        tokio::spawn(tokens.clone().refresh(shutdown.clone()));
+        tasks.spawn(tokens.clone().refresh(shutdown.clone()));
         tokens
     });
     Ok(Some(Arc::new(Proxy::new(

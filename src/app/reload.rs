@@ -317,7 +317,7 @@ impl Reloader {
         let fence = self
             .lease(name)
             .filter(|_| shared)
-            .map(|held| super::fences(held, &self.shutdown));
+            .map(|held| super::fences(held, &self.tasks, &self.shutdown));
         if let Err(error) = webhooks
             .start_dispatcher(stream, keep_document, fence)
             .await
