@@ -1011,15 +1011,15 @@ async fn operator_events_are_stored_once_and_sent_in_order(store: TestStore) {
         reason: "gone".into(),
     };
     outbox
-        .set_disabled_noted("a".into(), Some(off()), Some(note("disabled-1")))
+        .set_disabled_noted("a".into(), Some(off()), Some(note("disabled-1")), None)
         .await
         .unwrap();
     outbox
-        .set_disabled_noted("a".into(), Some(off()), Some(note("disabled-2")))
+        .set_disabled_noted("a".into(), Some(off()), Some(note("disabled-2")), None)
         .await
         .unwrap();
     outbox
-        .set_disabled_noted("a".into(), None, Some(note("enabled")))
+        .set_disabled_noted("a".into(), None, Some(note("enabled")), None)
         .await
         .unwrap();
     // A dead delivery's event is stored with its record; a recovery only if the record ends
@@ -1237,8 +1237,80 @@ async fn an_old_schema_database_is_upgraded(store: TestStore) {
     }
 }
 
+/// A worker disables an endpoint that failed for too long only while it still fails since the
+/// time it decided from: not after an admin re-enabled it meanwhile (which clears the time),
+/// and not from a stale time once it fails again; a disable not applied stores no event.
+async fn a_disable_for_failing_too_long_yields_to_a_re_enable(store: TestStore) {
+    let outbox = store.open_fresh().await;
+    outbox.put_endpoint(endpoint("a")).await.unwrap();
+    outbox
+        .accept(
+            change(1, 1, false),
+            vec![target("a", Mode::Patch)],
+            100,
+            None,
+        )
+        .await
+        .unwrap();
+    let outbox = &*outbox;
+    let fail_at = |at: u64| async move {
+        let due = outbox.due(claim("w", 10)).await.unwrap();
+        assert_eq!(due.len(), 1, "the delivery is due again");
+        let failed = AttemptOutcome::Failed {
+            status: Some(500),
+            error: "500".into(),
+            // Due again at once (claims are made at LATER).
+            retry_at_ms: Some(at),
+        };
+        let recorded = outbox
+            .record(due[0].id, failed, Attempt::at(at), None)
+            .await
+            .unwrap();
+        recorded.status.and_then(|s| s.failing_since_ms)
+    };
+    assert_eq!(fail_at(7).await, Some(7));
+    // An admin re-enables it (it was never disabled: clearing clears the failing time too).
+    let enabled = outbox
+        .set_disabled("a".into(), None)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(enabled.failing_since_ms, None);
+    let off = || Disabled {
+        at_ms: 20,
+        reason: "failing".into(),
+    };
+    let disable = |since: u64, key: &'static str| {
+        outbox.set_disabled_noted("a".into(), Some(off()), Some(note(key)), Some(since))
+    };
+    assert_eq!(
+        disable(7, "late").await.unwrap(),
+        None,
+        "re-enabled meanwhile"
+    );
+    // It fails again: a disable decided from the old time is still not applied.
+    assert_eq!(fail_at(11).await, Some(11));
+    assert_eq!(disable(7, "stale").await.unwrap(), None);
+    let statuses = outbox.endpoints().await.unwrap();
+    assert!(statuses.iter().all(|(_, status)| status.disabled.is_none()));
+    // Neither stored its event (a key not stored yet is stored now).
+    assert!(outbox.note(note("late")).await.unwrap());
+    assert!(outbox.note(note("stale")).await.unwrap());
+    // Decided from the time it shows: applied, with its event.
+    let status = disable(11, "timely").await.unwrap().expect("disabled");
+    assert_eq!(
+        status.disabled.map(|d| d.reason),
+        Some("failing".to_owned())
+    );
+    assert!(
+        !outbox.note(note("timely")).await.unwrap(),
+        "stored with the disable"
+    );
+}
+
 crate::on_both_stores!(
     notices_queue_in_order_with_changes,
+    a_disable_for_failing_too_long_yields_to_a_re_enable,
     operator_events_are_stored_once_and_sent_in_order,
     an_old_schema_database_is_upgraded,
     every_attempt_is_in_the_history,
@@ -1373,8 +1445,18 @@ async fn operator_events_are_recorded_once_across_nodes() {
     };
     // Both nodes disable the endpoint at once, each with its own note (their own times).
     let (one, two) = tokio::join!(
-        first.set_disabled_noted("a".into(), Some(off(1)), Some(note("disabled-on-first"))),
-        second.set_disabled_noted("a".into(), Some(off(2)), Some(note("disabled-on-second"))),
+        first.set_disabled_noted(
+            "a".into(),
+            Some(off(1)),
+            Some(note("disabled-on-first")),
+            None
+        ),
+        second.set_disabled_noted(
+            "a".into(),
+            Some(off(2)),
+            Some(note("disabled-on-second")),
+            None
+        ),
     );
     assert!(one.unwrap().unwrap().disabled.is_some());
     assert!(two.unwrap().unwrap().disabled.is_some());

@@ -696,7 +696,7 @@ impl Endpoints {
                 let note = self.note(&event, id, disabled.at_ms);
                 status = self
                     .outbox
-                    .set_disabled_noted(id.to_owned(), Some(disabled), note)
+                    .set_disabled_noted(id.to_owned(), Some(disabled), note, None)
                     .await?
                     .ok_or_else(|| AdminError::NotFound(format!("no webhook endpoint {id:?}")))?;
                 self.noted();
@@ -710,7 +710,7 @@ impl Endpoints {
                 let note = self.note(&event, id, unix_ms(SystemTime::now()));
                 status = self
                     .outbox
-                    .set_disabled_noted(id.to_owned(), None, note)
+                    .set_disabled_noted(id.to_owned(), None, note, None)
                     .await?
                     .ok_or_else(|| AdminError::NotFound(format!("no webhook endpoint {id:?}")))?;
                 enabled_now = true;

@@ -534,7 +534,13 @@ impl Worker {
         let follow_up = follow_up(&answer, &recorded, now_ms, self.settings.disable_after);
         match &follow_up {
             FollowUp::Disable(reason) => {
-                self.disable(endpoint, &delivery, reason.clone(), now_ms)
+                // Failing for too long disables it only if it still is (an admin may have
+                // re-enabled it since this attempt began); 410 and a refused target at once.
+                let failing_since = match &answer {
+                    Err(AttemptError::Gone | AttemptError::Refused(_)) => None,
+                    _ => recorded.status.as_ref().and_then(|s| s.failing_since_ms),
+                };
+                self.disable(endpoint, &delivery, reason.clone(), now_ms, failing_since)
                     .await
             }
             FollowUp::Resync => {
@@ -623,8 +629,14 @@ impl Worker {
         }
     }
 
-    async fn disable(&self, endpoint: &Endpoint, delivery: &Delivery, reason: String, now_ms: u64) {
-        tracing::warn!(endpoint = %endpoint.record.id, %reason, "webhook endpoint disabled");
+    async fn disable(
+        &self,
+        endpoint: &Endpoint,
+        delivery: &Delivery,
+        reason: String,
+        now_ms: u64,
+        failing_since: Option<u64>,
+    ) {
         let disabled = Disabled {
             at_ms: now_ms,
             reason: reason.clone(),
@@ -635,23 +647,31 @@ impl Worker {
             let event = OperatorEvent::EndpointDisabled {
                 endpoint: endpoint.record.id.clone(),
                 delivery: Some((delivery.stream.clone(), delivery.msg_id.clone())),
-                reason,
+                reason: reason.clone(),
             };
             operator.note(&event, format!("{}:{now_ms}", endpoint.record.id))
         });
         match self
             .outbox
-            .set_disabled_noted(endpoint.record.id.clone(), Some(disabled), note)
+            .set_disabled_noted(
+                endpoint.record.id.clone(),
+                Some(disabled),
+                note,
+                failing_since,
+            )
             .await
         {
             Ok(Some(status)) => {
+                tracing::warn!(endpoint = %endpoint.record.id, %reason, "webhook endpoint disabled");
                 self.registry.set_status(&endpoint.record.id, status);
                 if let Some(operator) = &self.operator {
                     operator.stored();
                 }
             }
-            // Deleted meanwhile.
-            Ok(None) => {}
+            // Deleted, re-enabled or recovered meanwhile.
+            Ok(None) => {
+                tracing::info!(endpoint = %endpoint.record.id, %reason, "webhook endpoint not disabled: deleted, re-enabled or recovered meanwhile");
+            }
             Err(error) => tracing::error!(%error, "cannot disable a webhook endpoint"),
         }
     }

@@ -748,15 +748,20 @@ pub trait Outbox: Send + Sync {
         id: String,
         disabled: Option<Disabled>,
     ) -> OutboxFuture<Option<EndpointStatus>> {
-        self.set_disabled_noted(id, disabled, None)
+        self.set_disabled_noted(id, disabled, None, None)
     }
     /// [`Outbox::set_disabled`], storing `note` in the same transaction when the endpoint's
-    /// disabled status changed (enabled to disabled, or back).
+    /// disabled status changed (enabled to disabled, or back). With `failing_since`, only if
+    /// the endpoint is still failing since that time (what the caller decided from): a worker
+    /// disabling an endpoint that failed for too long does not disable it again after an
+    /// admin re-enabled it meanwhile (which clears `failing_since`), or after it recovered;
+    /// then nothing changes and the answer is `None`, as for no such endpoint.
     fn set_disabled_noted(
         &self,
         id: String,
         disabled: Option<Disabled>,
         note: Option<OperatorNote>,
+        failing_since: Option<u64>,
     ) -> OutboxFuture<Option<EndpointStatus>>;
     /// Removes an endpoint with its cursors and deliveries; false when there was none.
     fn delete_endpoint(&self, id: String) -> OutboxFuture<bool>;

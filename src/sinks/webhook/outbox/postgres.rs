@@ -1515,17 +1515,18 @@ impl Outbox for PostgresOutbox {
         id: String,
         disabled: Option<Disabled>,
         note: Option<OperatorNote>,
+        failing_since: Option<u64>,
     ) -> OutboxFuture<Option<EndpointStatus>> {
         let pool = self.pool.clone();
         Box::pin(async move {
             let mut client = pool.get().await?;
             let tx = client.transaction().await?;
             // Locked, so of two nodes changing the status at once, one sees the other's change
-            // (and stores no second event).
+            // (and stores no second event), and a guarded change sees what it is guarded by.
             let Some(was) = tx
                 .query_opt(
-                    "SELECT disabled_at_ms IS NOT NULL FROM patchwire_endpoints WHERE id = $1 \
-                     FOR UPDATE",
+                    "SELECT disabled_at_ms IS NOT NULL, failing_since_ms \
+                     FROM patchwire_endpoints WHERE id = $1 FOR UPDATE",
                     &[&id],
                 )
                 .await?
@@ -1533,6 +1534,11 @@ impl Outbox for PostgresOutbox {
                 return Ok(None);
             };
             let was_disabled: bool = was.get(0);
+            if let Some(since) = failing_since
+                && was.get::<_, Option<i64>>(1) != Some(int(since))
+            {
+                return Ok(None);
+            }
             let row = match &disabled {
                 Some(d) => {
                     tx.query_one(

@@ -860,14 +860,26 @@ impl Outbox for SqliteOutbox {
         id: String,
         disabled: Option<Disabled>,
         event: Option<OperatorNote>,
+        failing_since: Option<u64>,
     ) -> OutboxFuture<Option<EndpointStatus>> {
         let revision = self.revision.clone();
         self.call(move |conn| {
-            let was_disabled = conn
-                .prepare_cached("SELECT disabled_at_ms IS NOT NULL FROM endpoints WHERE id = ?1")?
-                .query_row([&id], |r| r.get::<_, bool>(0))
-                .optional()?;
-            if let (Some(was), Some(event)) = (was_disabled, &event)
+            let Some((was, failing)) = conn
+                .prepare_cached(
+                    "SELECT disabled_at_ms IS NOT NULL, failing_since_ms FROM endpoints \
+                     WHERE id = ?1",
+                )?
+                .query_row([&id], |r| Ok((r.get::<_, bool>(0)?, r.get::<_, Option<i64>>(1)?)))
+                .optional()?
+            else {
+                return Ok(None);
+            };
+            if let Some(since) = failing_since
+                && failing != Some(sql(since))
+            {
+                return Ok(None);
+            }
+            if let Some(event) = &event
                 && was != disabled.is_some()
             {
                 note(conn, event)?;
