@@ -1162,8 +1162,9 @@ async fn operator_events_are_stored_once_and_sent_in_order(store: TestStore) {
     assert!(outbox.prune(u64::MAX / 2).await.unwrap() >= 5);
 }
 
-/// A database made by the previous version (schema 1, no operational events) opens: its
-/// endpoints and deliveries are kept, and events can be stored.
+/// A database made by an earlier version (schema 1: no operational events, no pair told its
+/// stream fails) opens: its endpoints and deliveries are kept, events can be stored, and
+/// notices tell each pair once.
 async fn an_old_schema_database_is_upgraded(store: TestStore) {
     match store.fresh_database().await {
         None => {
@@ -1185,8 +1186,12 @@ async fn an_old_schema_database_is_upgraded(store: TestStore) {
             {
                 // Back to version 1, as the previous patchwire left it.
                 let conn = rusqlite::Connection::open(&path).unwrap();
-                conn.execute_batch("DROP TABLE operator_events; PRAGMA user_version = 1;")
-                    .unwrap();
+                conn.execute_batch(
+                    "DROP TABLE operator_events; ALTER TABLE cursors DROP COLUMN failing; \
+                     ALTER TABLE cursors DROP COLUMN failing_epoch; \
+                     ALTER TABLE cursors DROP COLUMN failing_seq; PRAGMA user_version = 1;",
+                )
+                .unwrap();
             }
             let outbox = SqliteOutbox::open(&path).await.unwrap();
             assert_eq!(pending(&outbox, "a").await.len(), 1);
@@ -1195,7 +1200,8 @@ async fn an_old_schema_database_is_upgraded(store: TestStore) {
                 .unwrap()
                 .query_row("PRAGMA user_version", [], |r| r.get(0))
                 .unwrap();
-            assert_eq!(version, 2);
+            assert_eq!(version, 3);
+            told_once(&outbox).await;
         }
         Some(url) => {
             {
@@ -1218,7 +1224,9 @@ async fn an_old_schema_database_is_upgraded(store: TestStore) {
             client
                 .batch_execute(
                     "DROP TABLE patchwire_operator_events; \
-                     DELETE FROM patchwire_schema WHERE version = 2; \
+                     ALTER TABLE patchwire_cursors DROP COLUMN failing, \
+                     DROP COLUMN failing_epoch, DROP COLUMN failing_seq; \
+                     DELETE FROM patchwire_schema WHERE version >= 2; \
                      INSERT INTO patchwire_schema (version) SELECT 1 \
                      WHERE NOT EXISTS (SELECT 1 FROM patchwire_schema)",
                 )
@@ -1232,7 +1240,8 @@ async fn an_old_schema_database_is_upgraded(store: TestStore) {
                 .await
                 .unwrap()
                 .get(0);
-            assert_eq!(version, 2);
+            assert_eq!(version, 3);
+            told_once(&outbox).await;
         }
     }
 }
@@ -1308,8 +1317,110 @@ async fn a_disable_for_failing_too_long_yields_to_a_re_enable(store: TestStore) 
     );
 }
 
+/// After an upgrade, a pair is told once that its stream fails.
+async fn told_once(outbox: &dyn Outbox) {
+    let error = || notice(NoticeKind::Error, 1);
+    assert_eq!(
+        outbox
+            .notice(error(), vec!["a".into()], None)
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(
+        outbox
+            .notice(error(), vec!["a".into()], None)
+            .await
+            .unwrap(),
+        0
+    );
+}
+
+/// Each pair is told once that its stream fails, however many dispatchers (a node taking the
+/// stream over, a restarted process) see the same run of failures, and told it recovered only
+/// if it was told it failed; a run whose recovery went unseen is over once the pair's cursor
+/// moves (a change was delivered since), so the next failure is told.
+async fn a_failing_stream_is_told_once_per_run(store: TestStore) {
+    let outbox = store.open_fresh().await;
+    let outbox = &*outbox;
+    for id in ["a", "b", "c"] {
+        outbox.put_endpoint(endpoint(id)).await.unwrap();
+    }
+    let ab = || vec!["a".to_owned(), "b".to_owned()];
+    outbox
+        .accept(
+            change(1, 1, false),
+            vec![target("a", Mode::Patch), target("b", Mode::Patch)],
+            100,
+            None,
+        )
+        .await
+        .unwrap();
+    let tell = |kind: NoticeKind, seq: u64, targets: Vec<String>| async move {
+        outbox
+            .notice(notice(kind, seq), targets, None)
+            .await
+            .unwrap()
+    };
+    assert_eq!(tell(NoticeKind::Error, 1, vec!["a".into()]).await, 1);
+    // Another node takes the stream over, still failing: only `b`, not told yet, is told.
+    assert_eq!(tell(NoticeKind::Error, 1, ab()).await, 1);
+    assert_eq!(
+        tell(NoticeKind::Error, 1, ab()).await,
+        0,
+        "a restarted process"
+    );
+    // `c` was never told it failed: it is not told it recovered.
+    let mut all = ab();
+    all.push("c".into());
+    assert_eq!(tell(NoticeKind::Recovery, 1, all.clone()).await, 2);
+    assert_eq!(tell(NoticeKind::Recovery, 1, all).await, 0);
+    // A new run is told again.
+    assert_eq!(tell(NoticeKind::Error, 1, ab()).await, 2);
+    // Its recovery unseen (the process died, the next one's first poll answered), a change
+    // moves the cursors: the next failure is a new run.
+    outbox
+        .accept(
+            change(1, 2, true),
+            vec![target("a", Mode::Patch), target("b", Mode::Patch)],
+            100,
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(tell(NoticeKind::Error, 2, ab()).await, 2);
+    assert_eq!(tell(NoticeKind::Error, 2, ab()).await, 0);
+    let kinds = |q: Vec<(DeliveryKind, u64)>| q.into_iter().map(|(k, _)| k).collect::<Vec<_>>();
+    let error = DeliveryKind::Notice(NoticeKind::Error);
+    let recovery = DeliveryKind::Notice(NoticeKind::Recovery);
+    assert_eq!(
+        kinds(queue(outbox, "a").await),
+        [
+            DeliveryKind::SNAPSHOT,
+            error,
+            recovery,
+            error,
+            DeliveryKind::PATCH,
+            error
+        ]
+    );
+    assert_eq!(
+        kinds(queue(outbox, "b").await),
+        [
+            DeliveryKind::SNAPSHOT,
+            error,
+            recovery,
+            error,
+            DeliveryKind::PATCH,
+            error
+        ]
+    );
+    assert!(queue(outbox, "c").await.is_empty());
+}
+
 crate::on_both_stores!(
     notices_queue_in_order_with_changes,
+    a_failing_stream_is_told_once_per_run,
     a_disable_for_failing_too_long_yields_to_a_re_enable,
     operator_events_are_stored_once_and_sent_in_order,
     an_old_schema_database_is_upgraded,

@@ -98,7 +98,7 @@ pub fn rebuild(hits: &[Hit]) -> Value {
 }
 
 /// Deliveries of the same message again (retries) removed, keeping the first.
-fn unique(hits: &[Hit]) -> Vec<Hit> {
+pub(crate) fn unique(hits: &[Hit]) -> Vec<Hit> {
     let mut seen = std::collections::HashSet::new();
     hits.iter()
         .filter(|h| seen.insert(h.id()))

@@ -11,7 +11,7 @@ use std::time::Duration;
 use serde_json::json;
 
 use crate::support::*;
-use crate::webhook::{SECRET, rebuild};
+use crate::webhook::{SECRET, rebuild, unique};
 
 const PAD: &str = "a field long enough that small patches stay smaller than the document itself";
 
@@ -382,6 +382,116 @@ secret = "{SECRET}"
 }
 
 crate::on_both_stores!(sigkill_keeps_an_undelivered_operator_event);
+
+/// A failing upstream is told once: the stream starts failing, its endpoint gets its
+/// `stream.error`; the process is killed with SIGKILL and restarted on the same database while
+/// the upstream still fails (the new process sees the failure as new); the endpoint gets no
+/// second `stream.error`, and one `stream.recovered` when the upstream answers again, before
+/// the change it brings. Signed (verified by the independent library).
+async fn sigkill_while_failing_tells_the_failure_once(store: TestStore) {
+    let upstream = Arc::new(MockUpstream::start(json!({"n": 0, "pad": PAD})).await);
+    let receiver = Receiver::start(&[SECRET]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("patchwire.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"[server]
+listen = "127.0.0.1:0"
+shutdown_grace = "1s"
+
+[log]
+level = "warn"
+
+[upstream.backoff]
+initial = "100ms"
+max = "200ms"
+
+[[streams]]
+name = "fleet"
+url = "{upstream}"
+interval = "100ms"
+
+[webhooks]
+{store}allow_private_targets = true
+jitter = 0.0
+attempt_timeout = "1s"
+claim_timeout = "2s"
+
+[[webhooks.endpoints]]
+id = "watch"
+url = "{receiver}"
+streams = ["fleet"]
+events = ["snapshots", "patches", "errors", "recoveries"]
+secret = "{SECRET}"
+"#,
+            upstream = upstream.url(),
+            store = store.toml(),
+            receiver = receiver.url(),
+        ),
+    )
+    .unwrap();
+    let kinds = |hits: &[Hit]| {
+        unique(hits)
+            .iter()
+            .map(|h| h.kind().to_owned())
+            .collect::<Vec<_>>()
+    };
+    let mut first = Killed(spawn_binary(&config, &dir.path().join("first.log")));
+    receiver
+        .wait_for(Duration::from_secs(30), "the first document", |hits| {
+            hits.iter().any(|h| h.kind() == "stream.snapshot")
+        })
+        .await;
+    upstream.fail(Failure::Status(500, None));
+    receiver
+        .wait_for(Duration::from_secs(30), "the error", |hits| {
+            hits.iter().any(|h| h.kind() == "stream.error")
+        })
+        .await;
+    sigkill(&mut first.0);
+
+    let polls = upstream.requests();
+    let _second = Killed(spawn_binary(&config, &dir.path().join("second.log")));
+    // The new process polls, fails, and would tell the failure as new.
+    upstream
+        .wait_for_requests(polls + 5, Duration::from_secs(30))
+        .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        kinds(&receiver.hits()),
+        ["stream.snapshot", "stream.error"],
+        "told once, before and after the restart"
+    );
+    upstream.update(|d| d["n"] = json!(1));
+    upstream.recover();
+    let hits = receiver
+        .wait_for(Duration::from_secs(30), "the recovery and n = 1", |hits| {
+            let changes: Vec<Hit> = unique(hits)
+                .into_iter()
+                .filter(|h| h.kind() == "stream.snapshot" || h.kind() == "stream.patch")
+                .collect();
+            hits.iter().any(|h| h.kind() == "stream.recovered")
+                && rebuild(&changes)["n"] == json!(1)
+        })
+        .await;
+    assert!(hits.iter().all(|h| !h.verified_by.is_empty()), "unsigned");
+    let kinds = kinds(&hits);
+    assert_eq!(
+        kinds.iter().filter(|k| *k == "stream.error").count(),
+        1,
+        "{kinds:?}"
+    );
+    assert_eq!(
+        kinds.iter().filter(|k| *k == "stream.recovered").count(),
+        1,
+        "{kinds:?}"
+    );
+    let at = |kind: &str| kinds.iter().position(|k| k == kind).unwrap();
+    assert!(at("stream.error") < at("stream.recovered"), "{kinds:?}");
+}
+
+crate::on_both_stores!(sigkill_while_failing_tells_the_failure_once);
 
 const PUSH_TOKEN: &str = "crash-push-token-0123456789";
 

@@ -27,7 +27,7 @@
 pub mod postgres;
 pub mod sqlite;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -551,6 +551,29 @@ pub fn kind_code(kind: DeliveryKind) -> i16 {
         DeliveryKind::Change(ChangeKind::Snapshot) => 1,
         DeliveryKind::Notice(NoticeKind::Error) => 2,
         DeliveryKind::Notice(NoticeKind::Recovery) => 3,
+    }
+}
+
+/// Whether a notice of `kind` is told to a pair now, updating `failing` (the pairs told their
+/// stream fails, each with its cursor then): a `stream.error` unless the pair was told so and
+/// its cursor has not moved since (the same run of failures, seen again by a node taking the
+/// stream over or a restarted process), a `stream.recovered` only to a pair told of the
+/// failure. A run that ended unseen (its recovery missed) is over once the pair's cursor moves.
+pub fn told_now(
+    failing: &mut HashMap<String, Option<Cursor>>,
+    endpoint: &str,
+    kind: NoticeKind,
+    cursor: Option<Cursor>,
+) -> bool {
+    match kind {
+        NoticeKind::Error => {
+            if failing.get(endpoint) == Some(&cursor) {
+                return false;
+            }
+            failing.insert(endpoint.to_owned(), cursor);
+            true
+        }
+        NoticeKind::Recovery => failing.remove(endpoint).is_some(),
     }
 }
 

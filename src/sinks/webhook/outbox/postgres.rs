@@ -36,7 +36,7 @@ use super::{
     Created, Delivery, DeliveryFilter, DeliveryState, Disabled, EndpointRecord, EndpointStatus,
     FIRST_NOTICE_CODE, NewChange, NewNotice, Next, Notes, OperatorDelivery, OperatorHead,
     OperatorNote, Outbox, OutboxError, OutboxFuture, Recorded, Replay, StoredDocument, Target,
-    collapses, int, kind_code, kind_of, state_code, state_of, uint,
+    collapses, int, kind_code, kind_of, state_code, state_of, told_now, uint,
 };
 use crate::sinks::webhook::body::DeliveryKind;
 use crate::sinks::webhook::body::{self, Cursor, Plan};
@@ -47,7 +47,7 @@ use crate::time::unix_ms;
 const BATCH: usize = 1024;
 
 /// The schema version this code writes; a database with a newer one is refused.
-const SCHEMA_VERSION: i32 = 2;
+const SCHEMA_VERSION: i32 = 3;
 
 /// Serializes schema migrations of nodes starting at once (`pg_advisory_xact_lock`).
 const MIGRATION_LOCK: i64 = 0x7061_7463_6877_6972; // "patchwir"
@@ -150,6 +150,16 @@ CREATE TABLE patchwire_operator_events (
     claimed_until_ms bigint
 );
 CREATE INDEX patchwire_operator_events_pending ON patchwire_operator_events (id) WHERE state = 0;
+";
+
+/// Version 3: whether each pair was told its stream fails (a `stream.error` queued, no
+/// `stream.recovered` since), and where its cursor was then: a node taking the stream over, or
+/// a process restarted, while the upstream still fails tells no one twice.
+const SCHEMA_V3: &str = "
+ALTER TABLE patchwire_cursors
+    ADD COLUMN failing boolean NOT NULL DEFAULT false,
+    ADD COLUMN failing_epoch bigint,
+    ADD COLUMN failing_seq bigint;
 ";
 
 /// The database's clock in Unix milliseconds: claims are timed by it, so the nodes' clocks
@@ -382,11 +392,14 @@ async fn migrate(pool: &Pool) -> Result<(), OutboxError> {
         .await?
         .get(0);
     match version {
-        None | Some(1) => {
+        None | Some(1 | 2) => {
             if version.is_none() {
                 tx.batch_execute(SCHEMA_V1).await?;
             }
-            tx.batch_execute(SCHEMA_V2).await?;
+            if version.is_none_or(|v| v < 2) {
+                tx.batch_execute(SCHEMA_V2).await?;
+            }
+            tx.batch_execute(SCHEMA_V3).await?;
             tx.execute(
                 "INSERT INTO patchwire_schema (version) VALUES ($1)",
                 &[&SCHEMA_VERSION],
@@ -585,7 +598,8 @@ async fn write_group(
         ),
         tx.prepare_cached("SELECT id FROM patchwire_endpoints WHERE id = ANY($1)"),
         tx.prepare_cached(
-            "SELECT endpoint_id, epoch, seq FROM patchwire_cursors \
+            "SELECT endpoint_id, epoch, seq, failing, failing_epoch, failing_seq \
+             FROM patchwire_cursors \
              WHERE stream = $1 AND endpoint_id = ANY($2) ORDER BY endpoint_id FOR UPDATE",
         ),
         tx.prepare_cached(
@@ -639,15 +653,20 @@ async fn write_group(
     }
     let existing: HashSet<String> = existing_rows.iter().map(|row| row.get(0)).collect();
     let mut cursors: HashMap<String, Option<Cursor>> = HashMap::new();
+    // Pairs told their stream fails, with their cursor then.
+    let mut failing: HashMap<String, Option<Cursor>> = HashMap::new();
+    let cursor_at = |epoch: Option<i64>, seq: Option<i64>| match (epoch, seq) {
+        (Some(epoch), Some(seq)) => Some(Cursor {
+            epoch: uint(epoch),
+            seq: uint(seq),
+        }),
+        _ => None,
+    };
     for row in &cursor_rows {
-        let cursor = match (row.get::<_, Option<i64>>(1), row.get::<_, Option<i64>>(2)) {
-            (Some(epoch), Some(seq)) => Some(Cursor {
-                epoch: uint(epoch),
-                seq: uint(seq),
-            }),
-            _ => None,
-        };
-        cursors.insert(row.get(0), cursor);
+        cursors.insert(row.get(0), cursor_at(row.get(1), row.get(2)));
+        if row.get::<_, bool>(3) {
+            failing.insert(row.get(0), cursor_at(row.get(4), row.get(5)));
+        }
     }
     let mut pending: HashMap<String, usize> = known;
     for row in &count_rows {
@@ -683,6 +702,10 @@ async fn write_group(
                 let mut queued = 0;
                 for endpoint in targets {
                     if !existing.contains(endpoint) {
+                        continue;
+                    }
+                    let cursor = cursors.get(endpoint).copied().flatten();
+                    if !told_now(&mut failing, endpoint, notice.kind, cursor) {
                         continue;
                     }
                     rows.push(Row {
@@ -787,6 +810,16 @@ async fn write_group(
     let noticed: Vec<&String> = noticed.keys().collect();
     let epochs: Vec<Option<i64>> = moved.values().map(|c| c.map(|c| int(c.epoch))).collect();
     let seqs: Vec<Option<i64>> = moved.values().map(|c| c.map(|c| int(c.seq))).collect();
+    // A queued notice told its pair the stream fails, or no longer does.
+    let told: Vec<bool> = noticed.iter().map(|e| failing.contains_key(*e)).collect();
+    let told_epochs: Vec<Option<i64>> = noticed
+        .iter()
+        .map(|e| failing.get(*e).copied().flatten().map(|c| int(c.epoch)))
+        .collect();
+    let told_seqs: Vec<Option<i64>> = noticed
+        .iter()
+        .map(|e| failing.get(*e).copied().flatten().map(|c| int(c.seq)))
+        .collect();
     type Step<'t> =
         std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), OutboxError>> + Send + 't>>;
     let mut steps: Vec<Step<'_>> = Vec::new();
@@ -823,13 +856,17 @@ async fn write_group(
     }
     if !noticed.is_empty() {
         let tx = &tx;
-        let noticed = &noticed;
+        let (noticed, told, told_epochs, told_seqs) = (&noticed, &told, &told_epochs, &told_seqs);
         steps.push(Box::pin(async move {
             tx.execute(
-                "INSERT INTO patchwire_cursors (endpoint_id, stream, epoch, seq) \
-                 SELECT e, $1, NULL, NULL FROM unnest($2::text[]) AS e \
-                 ON CONFLICT (endpoint_id, stream) DO NOTHING",
-                &[&stream, noticed],
+                "INSERT INTO patchwire_cursors (endpoint_id, stream, epoch, seq, failing, \
+                 failing_epoch, failing_seq) \
+                 SELECT e, $1, NULL, NULL, f, fe, fs \
+                 FROM unnest($2::text[], $3::boolean[], $4::bigint[], $5::bigint[]) \
+                     AS u(e, f, fe, fs) \
+                 ON CONFLICT (endpoint_id, stream) DO UPDATE SET failing = excluded.failing, \
+                 failing_epoch = excluded.failing_epoch, failing_seq = excluded.failing_seq",
+                &[&stream, noticed, told, told_epochs, told_seqs],
             )
             .await?;
             Ok(())

@@ -5,7 +5,7 @@
 //! does not undo the others) and answers each only after the transaction committed. Batching
 //! is what makes durable writes fast: one fsync covers every job that queued meanwhile.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
@@ -132,11 +132,22 @@ CREATE TABLE IF NOT EXISTS operator_events (
     finished_ms INTEGER
 );
 CREATE INDEX IF NOT EXISTS operator_events_pending ON operator_events (id) WHERE state = 0;
-PRAGMA user_version = 2;
 ";
 
-/// The schema version this code writes (version 1 files are upgraded when opened).
-const SCHEMA_VERSION: i64 = 2;
+/// Version 3: whether each pair was told its stream fails (a `stream.error` queued, no
+/// `stream.recovered` since), and where its cursor was then (see [`super::told_now`]). Run
+/// once, with the version, in one transaction.
+const SCHEMA_V3: &str = "
+BEGIN;
+ALTER TABLE cursors ADD COLUMN failing INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE cursors ADD COLUMN failing_epoch INTEGER;
+ALTER TABLE cursors ADD COLUMN failing_seq INTEGER;
+PRAGMA user_version = 3;
+COMMIT;
+";
+
+/// The schema version this code writes (older files are upgraded when opened).
+const SCHEMA_VERSION: i64 = 3;
 
 const PENDING: i64 = 0;
 
@@ -268,6 +279,12 @@ fn connect(path: &Path) -> Result<Connection, OutboxError> {
     }
     conn.execute_batch(SCHEMA)
         .map_err(|e| fail(format!("cannot create the schema: {e}")))?;
+    if version < 3 {
+        conn.execute_batch(SCHEMA_V3).map_err(|e| {
+            let _ = conn.execute_batch("ROLLBACK");
+            fail(format!("cannot upgrade the schema to version 3: {e}"))
+        })?;
+    }
     Ok(conn)
 }
 
@@ -485,6 +502,43 @@ fn notice(
              ON CONFLICT (endpoint_id, stream) DO NOTHING",
         )?
         .execute(params![endpoint, stream])?;
+        let (cursor, told) = conn
+            .prepare_cached(
+                "SELECT epoch, seq, failing, failing_epoch, failing_seq FROM cursors \
+                 WHERE endpoint_id = ?1 AND stream = ?2",
+            )?
+            .query_row(params![endpoint, stream], |r| {
+                let at = |epoch: Option<i64>, seq: Option<i64>| {
+                    epoch.zip(seq).map(|(epoch, seq)| Cursor {
+                        epoch: unsql(epoch),
+                        seq: unsql(seq),
+                    })
+                };
+                let told = r
+                    .get::<_, bool>(2)?
+                    .then(|| Ok::<_, rusqlite::Error>(at(r.get(3)?, r.get(4)?)))
+                    .transpose()?;
+                Ok((at(r.get(0)?, r.get(1)?), told))
+            })?;
+        let mut failing: HashMap<String, Option<Cursor>> = HashMap::new();
+        if let Some(at) = told {
+            failing.insert(endpoint.clone(), at);
+        }
+        if !super::told_now(&mut failing, endpoint, notice.kind, cursor) {
+            continue;
+        }
+        let now_failing = failing.get(endpoint).copied();
+        conn.prepare_cached(
+            "UPDATE cursors SET failing = ?3, failing_epoch = ?4, failing_seq = ?5 \
+             WHERE endpoint_id = ?1 AND stream = ?2",
+        )?
+        .execute(params![
+            endpoint,
+            stream,
+            now_failing.is_some(),
+            now_failing.flatten().map(|c| sql(c.epoch)),
+            now_failing.flatten().map(|c| sql(c.seq)),
+        ])?;
         conn.prepare_cached(
             "INSERT INTO deliveries (endpoint_id, stream, msg_id, kind, epoch, seq, base_seq, \
              body, state, attempts, next_attempt_ms, created_ms) \
