@@ -122,8 +122,18 @@ impl TempPostgres {
             "initdb failed: {}",
             String::from_utf8_lossy(&status.stderr)
         );
-        server.spawn(durability);
-        Some(server)
+        // The port was free when picked; another process may bind it before PostgreSQL does
+        // (then it exits at once, saying so): another port then.
+        for _ in 0..5 {
+            if server.spawn(durability) {
+                return Some(server);
+            }
+            server.port = free_port();
+        }
+        panic!(
+            "PostgreSQL found every port it was given taken: {}",
+            std::fs::read_to_string(server.log_path()).unwrap_or_default()
+        );
     }
 
     fn data(&self) -> PathBuf {
@@ -138,7 +148,9 @@ impl TempPostgres {
         command
     }
 
-    fn spawn(&mut self, durability: Durability) {
+    /// Starts the server and waits until it is ready; `false` when it exited because its port
+    /// was taken meanwhile.
+    fn spawn(&mut self, durability: Durability) -> bool {
         let mut command = self.command("postgres");
         command
             .arg("-D")
@@ -172,18 +184,28 @@ impl TempPostgres {
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
+            // Asked on this server's own socket directory: another server on the same port
+            // (one that took it first) is never mistaken for this one.
             let ready = self
                 .command("pg_isready")
-                .args(["-q", "-h", "127.0.0.1", "-p"])
+                .arg("-q")
+                .arg("-h")
+                .arg(self.dir.path())
+                .arg("-p")
                 .arg(self.port.to_string())
                 .status()
                 .is_ok_and(|s| s.success());
             if ready {
-                return;
+                return true;
             }
             if let Some(child) = &mut self.child
                 && let Ok(Some(status)) = child.try_wait()
             {
+                let log = std::fs::read_to_string(self.log_path()).unwrap_or_default();
+                if log.contains("Address already in use") {
+                    self.child = None;
+                    return false;
+                }
                 panic!(
                     "postgres exited ({status}) before it was ready: {}",
                     std::fs::read_to_string(self.log_path()).unwrap_or_default()
