@@ -52,8 +52,18 @@ impl NatsServer {
             dir,
             config,
         };
-        server.spawn();
-        Some(server)
+        // The port was free when picked; another process may bind it first (then this server
+        // exits at once): another port then.
+        for _ in 0..5 {
+            if server.spawn() {
+                return Some(server);
+            }
+            server.port = super::free_port();
+        }
+        panic!(
+            "nats-server found every port it was given taken:\n{}",
+            server.log()
+        );
     }
 
     /// `nats://127.0.0.1:{port}`.
@@ -72,7 +82,19 @@ impl NatsServer {
     /// Starts it again on the same port and store.
     pub fn restart(&mut self) {
         self.kill();
-        self.spawn();
+        assert!(
+            self.spawn(),
+            "nats-server could not restart: port {} was taken meanwhile:\n{}",
+            self.port,
+            self.log()
+        );
+    }
+
+    /// The name this server goes by, told in its INFO greeting: unique, so another server on
+    /// its port is not taken for it.
+    fn name(&self) -> String {
+        let dir = self.dir.path().file_name().unwrap_or_default();
+        format!("patchwire-test-{}", dir.to_string_lossy())
     }
 
     /// What the server logged.
@@ -80,7 +102,9 @@ impl NatsServer {
         std::fs::read_to_string(self.dir.path().join("nats.log")).unwrap_or_default()
     }
 
-    fn spawn(&mut self) {
+    /// Starts the server and waits until it answers as itself; `false` when it exited first
+    /// (its port was taken).
+    fn spawn(&mut self) -> bool {
         let mut command = Command::new("nats-server");
         if let Some(config) = &self.config {
             command.arg("-c").arg(config);
@@ -88,6 +112,8 @@ impl NatsServer {
         let child = command
             .args(["-js", "-a", "127.0.0.1", "-p"])
             .arg(self.port.to_string())
+            .arg("--name")
+            .arg(self.name())
             .arg("-sd")
             .arg(self.dir.path().join("store"))
             .arg("-l")
@@ -98,7 +124,14 @@ impl NatsServer {
             .expect("starting nats-server");
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(10);
-        while !ping(self.port) {
+        let name = self.name();
+        while !ping(self.port, &name) {
+            if let Some(child) = &mut self.child
+                && matches!(child.try_wait(), Ok(Some(_)))
+            {
+                self.child = None;
+                return false;
+            }
             assert!(
                 Instant::now() < deadline,
                 "nats-server did not answer PING within 10 s:\n{}",
@@ -106,6 +139,7 @@ impl NatsServer {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
+        true
     }
 }
 
@@ -115,8 +149,9 @@ impl Drop for NatsServer {
     }
 }
 
-/// Whether the server answers the protocol's PING (it greets with INFO first).
-fn ping(port: u16) -> bool {
+/// Whether the server named `name` answers the protocol's PING (it greets with INFO first,
+/// which names it).
+fn ping(port: u16, name: &str) -> bool {
     use std::io::{BufRead, BufReader, Write};
     let Ok(mut tcp) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
         return false;
@@ -127,7 +162,10 @@ fn ping(port: u16) -> bool {
     };
     let mut reader = BufReader::new(clone);
     let mut line = String::new();
-    if reader.read_line(&mut line).is_err() || !line.starts_with("INFO") {
+    if reader.read_line(&mut line).is_err()
+        || !line.starts_with("INFO")
+        || !line.contains(&format!("\"server_name\":\"{name}\""))
+    {
         return false;
     }
     if tcp

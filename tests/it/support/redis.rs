@@ -38,8 +38,15 @@ impl RedisServer {
             port,
             dir,
         };
-        server.spawn();
-        Some(server)
+        // The port was free when picked; another process may bind it first (then this server
+        // exits at once): another port then.
+        for _ in 0..5 {
+            if server.spawn() {
+                return Some(server);
+            }
+            server.port = super::free_port();
+        }
+        panic!("redis-server found every port it was given taken");
     }
 
     /// `redis://127.0.0.1:{port}`.
@@ -82,7 +89,11 @@ impl RedisServer {
     /// Starts it again on the same port with no data (persistence is off).
     pub fn restart_empty(&mut self) {
         self.kill();
-        self.spawn();
+        assert!(
+            self.spawn(),
+            "redis-server could not restart: port {} was taken meanwhile",
+            self.port
+        );
     }
 
     /// Where it keeps its log file.
@@ -90,7 +101,9 @@ impl RedisServer {
         self.dir.path().join("redis.log")
     }
 
-    fn spawn(&mut self) {
+    /// Starts the server and waits until it answers; `false` when it exited first (its port
+    /// was taken). It must answer as itself: another server on its port is not it.
+    fn spawn(&mut self) -> bool {
         let child = Command::new("redis-server")
             .args(["--bind", "127.0.0.1", "--port"])
             .arg(self.port.to_string())
@@ -103,15 +116,23 @@ impl RedisServer {
             .stderr(Stdio::null())
             .spawn()
             .expect("starting redis-server");
+        let pid = child.id();
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(10);
-        while !ping(self.port) {
+        while !ping(self.port, pid) {
+            if let Some(child) = &mut self.child
+                && matches!(child.try_wait(), Ok(Some(_)))
+            {
+                self.child = None;
+                return false;
+            }
             assert!(
                 Instant::now() < deadline,
                 "redis-server did not answer PING within 10 s"
             );
             std::thread::sleep(Duration::from_millis(20));
         }
+        true
     }
 }
 
@@ -121,14 +142,28 @@ impl Drop for RedisServer {
     }
 }
 
-fn ping(port: u16) -> bool {
-    use std::io::{Read, Write};
+/// Whether the server on `port` answers, and is process `pid` (`INFO server`'s `process_id`).
+fn ping(port: u16, pid: u32) -> bool {
+    use std::io::{BufRead, BufReader, Read, Write};
     let Ok(mut tcp) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
         return false;
     };
     let _ = tcp.set_read_timeout(Some(Duration::from_millis(500)));
-    let mut answer = [0u8; 7];
-    tcp.write_all(b"PING\r\n").is_ok()
-        && tcp.read_exact(&mut answer).is_ok()
-        && &answer == b"+PONG\r\n"
+    if tcp.write_all(b"INFO server\r\n").is_err() {
+        return false;
+    }
+    let mut reader = BufReader::new(tcp);
+    let mut header = String::new();
+    let Some(len) = reader
+        .read_line(&mut header)
+        .ok()
+        .and_then(|_| header.trim().strip_prefix('$')?.parse::<usize>().ok())
+    else {
+        return false;
+    };
+    let mut body = vec![0; len];
+    reader.read_exact(&mut body).is_ok()
+        && String::from_utf8_lossy(&body)
+            .lines()
+            .any(|line| line.trim() == format!("process_id:{pid}"))
 }
