@@ -723,8 +723,9 @@ print(json.dumps({"nats": asyncio.run(from_nats(sys.argv[1])), "redis": from_red
 
 /// Two nodes and a polled stream: only the lease holder publishes it (the other shows
 /// `standby`); when the holder is killed, the node that takes the lease reads the broker's
-/// last message back and continues the same line; so does a view of the stream (the successor
-/// makes the view at the log's position, where the broker's line of the view ends).
+/// last message back and continues the same line; so does a view of the stream (the standby
+/// keeps the view while it stands by, so its history covers where the broker's line of the
+/// view ends, even when the holder died before publishing its last changes there).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn only_the_lease_holder_publishes_and_its_successor_continues_the_line() {
     let Some(nats) = NatsServer::start() else {
@@ -797,6 +798,32 @@ probe_interval = "500ms"
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     let other = 1 - holder;
+    // The standby keeps the view its sink publishes (subscribed), so the view's history grows
+    // there too, before any takeover.
+    let deadline = tokio::time::Instant::now() + SOON;
+    loop {
+        let list: Value = reqwest::get(format!("{}/streams", cluster.nodes[other].base()))
+            .await
+            .expect("listing")
+            .json()
+            .await
+            .expect("json");
+        let kept = list["streams"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|s| s["name"] == "fleet")
+            .flat_map(|s| s["views"]["active"].as_array().cloned().unwrap_or_default())
+            .any(|v| v["subscribers"].as_u64() >= Some(1));
+        if kept {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the standby does not keep the view: {list:#}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     for n in 1..=5 {
         upstream.set(vehicles(n));
         tokio::time::sleep(Duration::from_millis(250)).await;

@@ -146,6 +146,22 @@ impl Publisher {
                 if !*turn.borrow() {
                     self.status.update(|s| s.state = SinkState::Standby);
                 }
+                // A view is kept while another node publishes it, so its history grows here
+                // as this node follows the log: taking the line over, this node continues it
+                // from that history, as it does the stream's, where a view made only then
+                // would start at the log's position, past the broker's line if the holder died
+                // before publishing its last changes there (then a snapshot).
+                // A subscriber that never reads: its events pass it by (it lags), and it keeps
+                // the view from being evicted.
+                let _kept = match &self.feed {
+                    Target::View(..) if !*turn.borrow() => {
+                        self.feed.subscribe(&Resume::Fresh).ok().map(|mut kept| {
+                            kept.initial.clear();
+                            kept
+                        })
+                    }
+                    _ => None,
+                };
                 let mine = async { turn.wait_for(|mine| *mine).await.is_ok() };
                 tokio::select! {
                     () = shutdown.cancelled() => return,
