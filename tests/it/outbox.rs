@@ -1347,15 +1347,18 @@ async fn a_failing_stream_is_told_once_per_run(store: TestStore) {
         outbox.put_endpoint(endpoint(id)).await.unwrap();
     }
     let ab = || vec!["a".to_owned(), "b".to_owned()];
-    outbox
-        .accept(
-            change(1, 1, false),
-            vec![target("a", Mode::Patch), target("b", Mode::Patch)],
-            100,
-            None,
-        )
-        .await
-        .unwrap();
+    let accept = |seq: u64| async move {
+        outbox
+            .accept(
+                change(1, seq, seq > 1),
+                vec![target("a", Mode::Patch), target("b", Mode::Patch)],
+                100,
+                None,
+            )
+            .await
+            .unwrap()
+    };
+    accept(1).await;
     let tell = |kind: NoticeKind, seq: u64, targets: Vec<String>| async move {
         outbox
             .notice(notice(kind, seq), targets, None)
@@ -1379,15 +1382,7 @@ async fn a_failing_stream_is_told_once_per_run(store: TestStore) {
     assert_eq!(tell(NoticeKind::Error, 1, ab()).await, 2);
     // Its recovery unseen (the process died, the next one's first poll answered), a change
     // moves the cursors: the next failure is a new run.
-    outbox
-        .accept(
-            change(1, 2, true),
-            vec![target("a", Mode::Patch), target("b", Mode::Patch)],
-            100,
-            None,
-        )
-        .await
-        .unwrap();
+    accept(2).await;
     assert_eq!(tell(NoticeKind::Error, 2, ab()).await, 2);
     assert_eq!(tell(NoticeKind::Error, 2, ab()).await, 0);
     let kinds = |q: Vec<(DeliveryKind, u64)>| q.into_iter().map(|(k, _)| k).collect::<Vec<_>>();
