@@ -96,6 +96,24 @@ async fn past_max_connections_new_connections_get_503_and_open_ones_are_served()
     let answer = refused.read_to_close(SOON).await.expect("closed");
     assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
     assert!(answer.contains("server.max_connections"), "{answer}");
+    // An HTTP/2 client (prior knowledge) is refused in HTTP/2, not with bytes it cannot read.
+    let h2 = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    let response = h2
+        .get(app.url("/healthz"))
+        .send()
+        .await
+        .expect("an HTTP/2 answer");
+    assert_eq!(response.version(), http::Version::HTTP_2);
+    assert_eq!(response.status(), 503);
+    assert_eq!(
+        response.headers().get("retry-after").map(|v| v.as_bytes()),
+        Some(&b"1"[..])
+    );
+    let text = response.text().await.unwrap();
+    assert!(text.contains("server.max_connections"), "{text}");
 
     // An open keep-alive connection still answers.
     let mut first = held.remove(0);

@@ -9,7 +9,8 @@
 //! Every connection is bounded in time while it has no request in flight: `header_timeout`
 //! until its first request (HTTP/1 head, or HTTP/2 preface and first stream), `idle_timeout`
 //! after that. At most `max_connections` are open at once; past that a new connection gets a
-//! short 503 and is closed, while the open ones keep being served. When accepting fails for
+//! short 503 (in HTTP/2 when it opens with the HTTP/2 preface) and is closed, while the open
+//! ones keep being served. When accepting fails for
 //! want of file descriptors (EMFILE/ENFILE), the loop backs off (10ms doubling to 1s) and logs
 //! once per interval instead of once per error.
 
@@ -400,10 +401,77 @@ fn render(decision: Decision, head_only: bool) -> Response<Body> {
     response
 }
 
+/// The HTTP/2 connection preface a client with prior knowledge opens with (RFC 9113, 3.4).
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Whether the client opens with the HTTP/2 preface: looked at without reading it, until its
+/// first bytes tell (`false` when they do not come within `REFUSAL_LINGER`).
+async fn opens_with_h2_preface(tcp: &TcpStream) -> bool {
+    let look = async {
+        let mut first = [0u8; H2_PREFACE.len()];
+        loop {
+            let n = tcp.peek(&mut first).await?;
+            if n == 0 || first[..n] != H2_PREFACE[..n] {
+                return io::Result::Ok(false);
+            }
+            if n == H2_PREFACE.len() {
+                return Ok(true);
+            }
+            // Part of the preface so far: the rest is on its way.
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    };
+    matches!(
+        tokio::time::timeout(REFUSAL_LINGER, look).await,
+        Ok(Ok(true))
+    )
+}
+
+/// The answer to a request on a connection past `max_connections`.
+fn refusal() -> Response<Body> {
+    let mut response = Response::new(Body::from(REFUSAL_BODY));
+    *response.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+    let headers = response.headers_mut();
+    headers.insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    headers.insert(
+        http::header::RETRY_AFTER,
+        http::HeaderValue::from_static("1"),
+    );
+    response
+}
+
 /// Answers a connection past `max_connections` with a 503 and closes it, after giving the
 /// client a moment to read the answer (closing with its request unread would reset the
-/// connection and could discard the answer).
+/// connection and could discard the answer). An HTTP/2 client with prior knowledge is
+/// answered in HTTP/2: a 503 on its first stream, then `GOAWAY`.
 async fn refuse(mut tcp: TcpStream, _permit: OwnedSemaphorePermit) {
+    if opens_with_h2_preface(&tcp).await {
+        let (asked, answered) = tokio::sync::oneshot::channel::<()>();
+        let asked = std::sync::Mutex::new(Some(asked));
+        let service = hyper::service::service_fn(move |_request| {
+            if let Some(asked) = asked.lock().unwrap_or_else(|e| e.into_inner()).take() {
+                let _ = asked.send(());
+            }
+            async { Ok::<_, std::convert::Infallible>(refusal()) }
+        });
+        let connection = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+            .serve_connection(TokioIo::new(tcp), service);
+        let served = async {
+            tokio::pin!(connection);
+            tokio::select! {
+                _ = connection.as_mut() => return,
+                _ = answered => {}
+            }
+            // Its first stream is answered: no other is taken.
+            connection.as_mut().graceful_shutdown();
+            let _ = connection.await;
+        };
+        let _ = tokio::time::timeout(REFUSAL_LINGER, served).await;
+        return;
+    }
     let answered = async {
         let answer = format!(
             "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n\
