@@ -1429,3 +1429,136 @@ claim_timeout = "2s"
         .collect();
     assert!(accepted.iter().all(|h| h.body["stream"] == name.as_str()));
 }
+
+/// Two nodes on one PostgreSQL outbox, the upstream failing: the endpoint is told once. The
+/// holder tells it `stream.error`; it is killed; the other node takes the lease while the
+/// upstream still fails (it sees the failure as it starts dispatching) and tells no second
+/// error; when the upstream answers, the endpoint is told `stream.recovered` once, then the
+/// change. Signatures checked by the independent `standardwebhooks` crate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_node_taking_over_a_failing_stream_tells_no_second_error() {
+    use crate::webhook::{SECRET, unique};
+    let upstream = MockUpstream::start(
+        json!({"n": 0, "pad": "a field long enough that patches stay smaller than the document"}),
+    )
+    .await;
+    let receiver = Receiver::start(&[SECRET]).await;
+    let Some(store) = TestStore::postgres() else {
+        return;
+    };
+    let config = config(&upstream.url(), "100ms")
+        + &format!(
+            r#"
+[webhooks]
+{}allow_private_targets = true
+jitter = 0.0
+attempt_timeout = "1s"
+claim_timeout = "2s"
+
+[[webhooks.endpoints]]
+id = "watch"
+url = "{}"
+streams = ["fleet"]
+events = ["snapshots", "patches", "errors", "recoveries"]
+secret = "{SECRET}"
+"#,
+            store.toml(),
+            receiver.url(),
+        );
+    let Some(mut cluster) = TestCluster::new(&config) else {
+        return;
+    };
+    cluster.start(&["a", "b"]).await;
+    let kinds = |hits: &[Hit]| -> Vec<String> {
+        unique(hits)
+            .iter()
+            .filter(|h| h.body["stream"] == "fleet")
+            .map(|h| h.kind().to_owned())
+            .collect()
+    };
+    receiver
+        .wait_for(Duration::from_secs(20), "the first document", |hits| {
+            hits.iter().any(|h| h.kind() == "stream.snapshot")
+        })
+        .await;
+    upstream.fail(Failure::Status(500, None));
+    receiver
+        .wait_for(Duration::from_secs(20), "the error", |hits| {
+            hits.iter().any(|h| h.kind() == "stream.error")
+        })
+        .await;
+    let client = reqwest::Client::new();
+    let listing: Value = client
+        .get(format!("{}/streams", cluster.nodes[0].base()))
+        .send()
+        .await
+        .expect("listing")
+        .json()
+        .await
+        .expect("JSON");
+    let holder = listing["streams"]
+        .as_array()
+        .and_then(|s| s.iter().find(|s| s["name"] == "fleet"))
+        .and_then(|s| s["lease"]["node"].as_str())
+        .unwrap_or_else(|| panic!("nobody holds fleet: {listing}"))
+        .to_owned();
+    cluster.node(&holder).kill();
+    let survivor = usize::from(holder == "a");
+    // The survivor takes the lease and polls, still failing.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let listing: Value = client
+            .get(format!("{}/streams", cluster.nodes[survivor].base()))
+            .send()
+            .await
+            .expect("listing")
+            .json()
+            .await
+            .expect("JSON");
+        let node = listing["streams"]
+            .as_array()
+            .and_then(|s| s.iter().find(|s| s["name"] == "fleet"))
+            .and_then(|s| s["lease"]["node"].as_str())
+            .map(str::to_owned);
+        if node.as_deref() == Some(cluster.nodes[survivor].name.as_str()) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the survivor never took the lease: {listing}\n{}",
+            cluster.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let polls = upstream.requests();
+    upstream
+        .wait_for_requests(polls + 3, Duration::from_secs(20))
+        .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        kinds(&receiver.hits()),
+        ["stream.snapshot", "stream.error"],
+        "told once, before and after the takeover\n{}",
+        cluster.logs()
+    );
+    upstream.update(|d| d["n"] = json!(1));
+    upstream.recover();
+    let hits = receiver
+        .wait_for(Duration::from_secs(20), "the recovery and n = 1", |hits| {
+            hits.iter().any(|h| h.kind() == "stream.recovered")
+                && hits
+                    .iter()
+                    .any(|h| h.kind() == "stream.patch" || h.body["data"]["n"] == json!(1))
+        })
+        .await;
+    assert!(hits.iter().all(|h| !h.verified_by.is_empty()), "unsigned");
+    let kinds = kinds(&hits);
+    let count = |kind: &str| kinds.iter().filter(|k| *k == kind).count();
+    assert_eq!(
+        (count("stream.error"), count("stream.recovered")),
+        (1, 1),
+        "{kinds:?}"
+    );
+    let at = |kind: &str| kinds.iter().position(|k| k == kind).unwrap();
+    assert!(at("stream.error") < at("stream.recovered"), "{kinds:?}");
+}
