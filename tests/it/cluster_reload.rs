@@ -588,3 +588,84 @@ async fn a_stream_added_by_reloading_both_nodes_is_published_once_to_brokers() {
         cluster.logs()
     );
 }
+
+/// Two nodes, webhooks on SQLite run by node `a` alone (`cluster.webhooks_node`), both reloaded
+/// with a stream added that an endpoint now receives: node `a` dispatches it whichever node
+/// polls it (it follows the log), so the endpoint gets its snapshot and then every change once,
+/// in order, in one epoch, signatures verified by the independent `standardwebhooks` crate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stream_added_by_reload_is_delivered_by_the_webhooks_node_on_sqlite() {
+    use crate::webhook::{SECRET, rebuild};
+    let kept = MockUpstream::start(doc("kept", 1)).await;
+    let fresh = MockUpstream::start(doc("fresh", 1)).await;
+    let receiver = Receiver::start(&[SECRET]).await;
+    let store = TestStore::sqlite();
+    let webhooks = |streams: &str| {
+        format!(
+            r#"webhooks_node = "a"
+
+[webhooks]
+{}allow_private_targets = true
+schedule = ["0s", "100ms", "200ms", "400ms", "800ms", "1s"]
+jitter = 0.0
+[[webhooks.endpoints]]
+id = "e"
+url = "{}"
+streams = {streams}
+mode = "patch"
+secret = "{SECRET}"
+"#,
+            store.toml(),
+            receiver.url(),
+        )
+    };
+    // `webhooks_node` goes in [cluster], the last table of `config`.
+    let before = config(&stream("kept", &kept.url())) + &webhooks(r#"["kept"]"#);
+    let Some(mut cluster) = TestCluster::new(&before) else {
+        return;
+    };
+    cluster.start(&["a", "b"]).await;
+    let with_fresh = config(&format!(
+        "{}{}",
+        stream("kept", &kept.url()),
+        stream("fresh", &fresh.url())
+    )) + &webhooks(r#"["kept", "fresh"]"#);
+    cluster.rewrite(&with_fresh);
+    cluster.nodes[0].reload(SOON).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    cluster.nodes[1].reload(SOON).await;
+    for v in 2..=6u64 {
+        fresh.set(doc("fresh", v));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let done = fresh.document();
+    let hits = receiver
+        .wait_for(SOON, "the new stream's last document", |hits| {
+            let fresh = accepted_of(hits, "fresh");
+            !fresh.is_empty() && rebuild(&fresh) == done
+        })
+        .await;
+    let logs = cluster.logs();
+    let delivered = accepted_of(&hits, "fresh");
+    assert_eq!(delivered[0].kind(), "stream.snapshot", "{logs}");
+    assert!(
+        delivered.iter().all(|h| !h.verified_by.is_empty()),
+        "unsigned"
+    );
+    let ids: BTreeSet<String> = delivered.iter().map(|h| h.id()).collect();
+    assert_eq!(
+        ids.len(),
+        delivered.len(),
+        "each message once; logs:\n{logs}"
+    );
+    let epochs: BTreeSet<u64> = delivered
+        .iter()
+        .map(|h| h.body["epoch"].as_u64().unwrap_or_default())
+        .collect();
+    assert_eq!(epochs.len(), 1, "one epoch; logs:\n{logs}");
+    let seqs: Vec<u64> = delivered.iter().map(|h| h.seq()).collect();
+    assert!(
+        seqs.windows(2).all(|w| w[0] < w[1]),
+        "in order: {seqs:?}; logs:\n{logs}"
+    );
+}
