@@ -669,3 +669,97 @@ secret = "{SECRET}"
         "in order: {seqs:?}; logs:\n{logs}"
     );
 }
+
+/// Two nodes on one PostgreSQL outbox, a stream with a webhook endpoint, both reloaded with the
+/// stream's source changed: the log starts over once, so the endpoint gets the new source's
+/// document as a snapshot in one new epoch (never a patch across the two sources), then its
+/// changes, each message once, dispatched by whichever node holds the new lease; signatures
+/// verified by the independent `standardwebhooks` crate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_new_source_reaches_the_webhooks_once_as_a_new_epoch() {
+    use crate::webhook::{SECRET, rebuild};
+    let old = MockUpstream::start(doc("old", 1)).await;
+    let new = MockUpstream::start(doc("new", 1)).await;
+    let receiver = Receiver::start(&[SECRET]).await;
+    let Some(store) = TestStore::postgres() else {
+        return;
+    };
+    let webhooks = format!(
+        r#"
+[webhooks]
+{}allow_private_targets = true
+schedule = ["0s", "100ms", "200ms", "400ms", "800ms", "1s"]
+jitter = 0.0
+[[webhooks.endpoints]]
+id = "e"
+url = "{}"
+streams = ["moved"]
+mode = "patch"
+secret = "{SECRET}"
+"#,
+        store.toml(),
+        receiver.url(),
+    );
+    let Some(mut cluster) = TestCluster::new(&(config(&stream("moved", &old.url())) + &webhooks))
+    else {
+        return;
+    };
+    cluster.start(&["a", "b"]).await;
+    old.set(doc("old", 2));
+    receiver
+        .wait_for(SOON, "the old source's change", |hits| {
+            let moved = accepted_of(hits, "moved");
+            !moved.is_empty() && rebuild(&moved) == doc("old", 2)
+        })
+        .await;
+    cluster.rewrite(&(config(&stream("moved", &new.url())) + &webhooks));
+    cluster.nodes[0].reload(SOON).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    cluster.nodes[1].reload(SOON).await;
+    for v in 2..=4u64 {
+        new.set(doc("new", v));
+        tokio::time::sleep(Duration::from_millis(400)).await;
+    }
+    let hits = receiver
+        .wait_for(SOON, "the new source's last document", |hits| {
+            let moved = accepted_of(hits, "moved");
+            !moved.is_empty() && rebuild(&moved) == doc("new", 4)
+        })
+        .await;
+    assert!(hits.iter().all(|h| !h.verified_by.is_empty()), "unsigned");
+    let logs = cluster.logs();
+    let delivered = accepted_of(&hits, "moved");
+    let ids: BTreeSet<String> = delivered.iter().map(|h| h.id()).collect();
+    assert_eq!(
+        ids.len(),
+        delivered.len(),
+        "each message once; logs:\n{logs}"
+    );
+    let epoch_of = |h: &crate::support::receiver::Hit| h.body["epoch"].as_u64().unwrap_or_default();
+    let epochs: Vec<u64> = delivered.iter().map(epoch_of).collect();
+    let distinct: BTreeSet<u64> = epochs.iter().copied().collect();
+    assert_eq!(
+        distinct.len(),
+        2,
+        "the log started over once: {epochs:?}; logs:\n{logs}"
+    );
+    assert!(
+        epochs.windows(2).all(|w| w[0] <= w[1]),
+        "epochs in order: {epochs:?}"
+    );
+    let first_new = delivered
+        .iter()
+        .position(|h| epoch_of(h) == *distinct.last().unwrap_or(&0))
+        .unwrap_or_default();
+    assert_eq!(
+        delivered[first_new].kind(),
+        "stream.snapshot",
+        "the new epoch begins with a snapshot; logs:\n{logs}"
+    );
+    assert!(
+        delivered[first_new..]
+            .iter()
+            .all(|h| !h.body.to_string().contains("\"old\"")),
+        "nothing of the old source after the new one; logs:\n{logs}"
+    );
+}
