@@ -108,8 +108,10 @@ pub(crate) fn diff_containers_split(
             only_ignored &= here;
             debug_assert_eq!(json.len() - start, op.json_len(steps));
         }
-        starts.push(json.len());
-        marked.push(marks.len());
+        if keep {
+            starts.push(json.len());
+            marked.push(marks.len());
+        }
         json.push(b']');
         let split = compared.map(|(depth, compared)| {
             let mut elements = Vec::new();
@@ -271,15 +273,14 @@ struct Split<'o> {
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum SplitState {
-    /// Not reached (yet), or reached and not compared by identity.
+    /// Not reached (yet), reached and not compared by identity, or compared and some of its
+    /// operations dropped since (the path is walked once: nothing more is recorded).
     Waiting,
     /// Comparing its elements: operations dropped now are inside the element being compared.
     Recording,
     /// Compared, its operations ending at `end`: dropping any before that (the array or an
     /// enclosing value replaced whole) drops the comparisons' operations too.
     Recorded { end: usize },
-    /// Compared, and some of its operations dropped since.
-    Lost,
 }
 
 fn mask(len: usize) -> u64 {
@@ -769,7 +770,7 @@ impl<'o, 'v> Walk<'o, 'v> {
             && let SplitState::Recorded { end } = split.state
             && start < end
         {
-            split.state = SplitState::Lost;
+            split.state = SplitState::Waiting;
         }
         if let Some(first) = self.ops.get(start) {
             self.op_steps.truncate(first.first_step());

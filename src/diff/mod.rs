@@ -255,17 +255,18 @@ impl Split {
 
 /// [`diff_json`], and when the array at `entities` (object keys from the root) is matched by
 /// identity, how each of its elements compared ([`Split`]): a view splices an entity's changes
-/// without diffing it again. `None` when the walk did not compare that array by identity, or
-/// replaced it (or a value around it) whole.
+/// without diffing it again. `None` when none is asked, or the walk did not compare that array
+/// by identity, or replaced it (or a value around it) whole.
 pub fn diff_json_split(
     old: &Value,
     new: &Value,
     options: &DiffOptions,
-    entities: &[String],
+    entities: Option<&[String]>,
 ) -> (PatchJson, Option<Split>) {
-    match (old, new) {
-        (Value::Object(_), Value::Object(_)) | (Value::Array(_), Value::Array(_)) => {
-            engine::diff_containers_split(old, new, options, Some(entities))
+    match (old, new, entities) {
+        (Value::Object(_), Value::Object(_), Some(_))
+        | (Value::Array(_), Value::Array(_), Some(_)) => {
+            engine::diff_containers_split(old, new, options, entities)
         }
         _ => (diff_json(old, new, options), None),
     }

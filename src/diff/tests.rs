@@ -813,7 +813,7 @@ proptest! {
             o.ignore = vec![PathPattern::parse("/entity/*/x").unwrap()];
         }
         let path = vec!["entity".to_owned()];
-        let (patch, split) = super::diff_json_split(&a, &b, &o, &path);
+        let (patch, split) = super::diff_json_split(&a, &b, &o, Some(&path));
         prop_assert_eq!(&patch, &super::diff_json(&a, &b, &o));
         let (old, new) = (a["entity"].as_array().unwrap(), b["entity"].as_array().unwrap());
         let unique = |v: &[Value]| {

@@ -876,18 +876,8 @@ impl Stream {
         let (patch, split) = match previous {
             Some(previous) if same_kind(&previous.document, &document) => {
                 let options = self.options.read().unwrap_or_else(|e| e.into_inner());
-                let (patch, split) = match entities {
-                    Some(entities) => diff::diff_json_split(
-                        &previous.document,
-                        &document,
-                        &options.diff,
-                        entities,
-                    ),
-                    None => (
-                        diff::diff_json(&previous.document, &document, &options.diff),
-                        None,
-                    ),
-                };
+                let (patch, split) =
+                    diff::diff_json_split(&previous.document, &document, &options.diff, entities);
                 if patch.operations == 0 {
                     return Preparation::Unchanged;
                 }
@@ -898,10 +888,7 @@ impl Stream {
             }
             _ => (None, None),
         };
-        let (json, spans) = match entities {
-            Some(entities) => snapshot::to_json_marking(&document, entities),
-            None => (snapshot::to_json(&document), None),
-        };
+        let (json, spans) = snapshot::to_json_marking(&document, entities);
         let (kind, payload) = match patch {
             Some(patch)
                 if !diff::prefer_snapshot(
@@ -1122,11 +1109,9 @@ impl Stream {
                 diff::apply(&mut document, &patch)
                     .map_err(|e| Diverged::Invalid(format!("patch: {e}")))?;
                 let derivation = self.derivation();
-                let (json, entities) = match derivation.as_deref().and_then(Derivation::entities) {
-                    Some(entities) => snapshot::to_json_marking(&document, entities),
-                    None => (snapshot::to_json(&document), None),
-                };
-                (document, json, entities)
+                let entities = derivation.as_deref().and_then(Derivation::entities);
+                let (json, spans) = snapshot::to_json_marking(&document, entities);
+                (document, json, spans)
             }
         };
         self.commit(

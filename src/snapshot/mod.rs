@@ -42,12 +42,15 @@ pub fn to_json(document: &Value) -> Bytes {
 }
 
 /// [`to_json`], and where each element of the array at `entities` (object keys from the
-/// root), if there is one, lies in that JSON: the same bytes, written the same way, so each
-/// element's range holds exactly its own compact JSON.
+/// root; none asked: `None`), if there is one, lies in that JSON: the same bytes, written the
+/// same way, so each element's range holds exactly its own compact JSON.
 pub fn to_json_marking(
     document: &Value,
-    entities: &[String],
+    entities: Option<&[String]>,
 ) -> (Bytes, Option<Vec<Range<usize>>>) {
+    let Some(entities) = entities else {
+        return (to_json(document), None);
+    };
     let mut out = Vec::new();
     let mut spans = None;
     write_marking(&mut out, document, entities, &mut spans);
@@ -290,7 +293,7 @@ mod tests {
                 let array = Value::Array(items);
                 map.insert(key.clone(), if nested { json!({"y": 1, "x": array, "z": 2}) } else { array });
             }
-            let (json, spans) = to_json_marking(&doc, &path);
+            let (json, spans) = to_json_marking(&doc, Some(&path));
             proptest::prop_assert_eq!(&json, &to_json(&doc));
             let target = path.iter().try_fold(&doc, |v, k| v.get(k));
             match target.and_then(Value::as_array) {

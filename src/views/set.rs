@@ -1077,12 +1077,8 @@ impl Derivation for StreamViews {
         let rest_patch = Arc::new(diff::diff_json(&rest_prev, &rest_cur, &self.options.diff));
         let reorder = reordered(&before, &after);
         let incremental = self.incremental && before.unique && after.unique;
-        // How the source's diff compared each entity, where it paired them as the views do.
         let split = split.filter(|_| incremental);
-        let compared = |key: &str| -> Option<Option<&diff::RelativePatch>> {
-            let (old, relative) = split?.element(after.position(key))?;
-            (old == before.position(key)).then_some(relative)
-        };
+        let compared = |key: &str| paired(split, before.position(key), after.position(key));
         let everything = (rest_patch.operations > 0 && !rest_patch.only_ignored) || reorder;
         // View → the entities it lost, gained or holds that changed: (key, was, is).
         let mut affected: HashMap<Arc<str>, Vec<Touched>> = if everything {
@@ -1370,41 +1366,32 @@ impl Deltas<'_> {
     fn change(&mut self, key: &Arc<str>, view: &View) -> &Delta {
         let (before, after) = (self.before, self.after);
         let (i, j) = (before.position(key), after.position(key));
-        let (old, new) = (before.entity(key), after.entity(key));
         let (options, prefix) = (self.options, &self.prefix);
         let (previous, current, split) =
             (self.previous_snapshot, self.current_snapshot, self.split);
-        self.changes
-            .entry((j, view.projection))
-            .or_insert_with(|| match (old, new) {
-                (Some(old), Some(new)) if !view.compiled.projects() => {
-                    // The whole entity: its diff is the source's own, where the source's diff
-                    // paired it as the views do; its lengths are where it lies in the JSON.
-                    let old_len = previous
-                        .entity_json_len(i)
-                        .unwrap_or_else(|| diff::json_len(old));
-                    let new_len = current
-                        .entity_json_len(j)
-                        .unwrap_or_else(|| diff::json_len(new));
-                    let patch = match split.and_then(|s| s.element(j)) {
-                        Some((paired, relative)) if paired == i => {
-                            relative.cloned().unwrap_or_else(diff::RelativePatch::empty)
-                        }
-                        _ => diff::diff_json_at(old, new, &entity_path(prefix, j), options),
-                    };
-                    Delta {
-                        patch,
-                        old_len,
-                        new_len,
-                    }
-                }
-                (Some(old), Some(new)) => delta(old, new, j, view, prefix, options),
+        self.changes.entry((j, view.projection)).or_insert_with(|| {
+            match (before.entity(key), after.entity(key)) {
+                (Some(old), Some(new)) => match paired(split, i, j) {
+                    // The whole entity: its diff is the source's own, its lengths are where it
+                    // lies in the JSON.
+                    Some(relative) if !view.compiled.projects() => Delta {
+                        patch: relative.cloned().unwrap_or_else(diff::RelativePatch::empty),
+                        old_len: previous
+                            .entity_json_len(i)
+                            .unwrap_or_else(|| diff::json_len(old)),
+                        new_len: current
+                            .entity_json_len(j)
+                            .unwrap_or_else(|| diff::json_len(new)),
+                    },
+                    _ => delta(old, new, j, view, prefix, options),
+                },
                 _ => Delta {
                     patch: diff::RelativePatch::empty(),
                     old_len: 0,
                     new_len: 0,
                 },
-            })
+            }
+        })
     }
 
     /// The change of the entity with `key` from `stale`, the version `view` shows.
@@ -1449,12 +1436,13 @@ impl Deltas<'_> {
         *self
             .old_lens
             .entry((at, view.projection))
-            .or_insert_with(|| match before.entity(key) {
-                Some(_) if !view.compiled.projects() && previous.entity_json_len(at).is_some() => {
-                    previous.entity_json_len(at).unwrap_or_default()
-                }
-                Some(entity) => projected_len(entity, &view.compiled),
-                None => 0,
+            .or_insert_with(|| {
+                before.entity(key).map_or(0, |entity| {
+                    (!view.compiled.projects())
+                        .then(|| previous.entity_json_len(at))
+                        .flatten()
+                        .unwrap_or_else(|| projected_len(entity, &view.compiled))
+                })
             })
     }
 
@@ -1550,7 +1538,8 @@ fn delta(
     prefix: &[At<'_>],
     options: &diff::DiffOptions,
 ) -> Delta {
-    let path = entity_path(prefix, at);
+    let mut path = prefix.to_vec();
+    path.push(At::Index(at));
     if view.compiled.projects() {
         let (old, new) = (view.compiled.project(old), view.compiled.project(new));
         Delta {
@@ -1588,12 +1577,11 @@ fn index_in(
     order.partition_point(before)
 }
 
-/// The path of element `index` of the entity array at `prefix`.
-fn entity_path<'a>(prefix: &[At<'a>], index: usize) -> Vec<At<'a>> {
-    let mut path = Vec::with_capacity(prefix.len() + 1);
-    path.extend_from_slice(prefix);
-    path.push(At::Index(index));
-    path
+/// How the source's diff compared the entity at index `i` before and `j` after the change,
+/// where it paired those two (as the views do, by key): its operations, `None` when equal.
+fn paired(split: Option<&diff::Split>, i: usize, j: usize) -> Option<Option<&diff::RelativePatch>> {
+    let (old, relative) = split?.element(j)?;
+    (old == i).then_some(relative)
 }
 
 /// The JSON length of `entity` as `compiled` projects it.

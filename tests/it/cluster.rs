@@ -1213,6 +1213,28 @@ fn first_of_each(hits: &[Hit]) -> Vec<Hit> {
 }
 
 /// Vehicles on three lines; `n` moves them.
+/// The node holding `stream`'s lease as node `base` lists it, with the listing.
+async fn lease_holder(
+    client: &reqwest::Client,
+    base: &str,
+    stream: &str,
+) -> (Option<String>, Value) {
+    let listing: Value = client
+        .get(format!("{base}/streams"))
+        .send()
+        .await
+        .expect("listing")
+        .json()
+        .await
+        .expect("JSON");
+    let holder = listing["streams"]
+        .as_array()
+        .and_then(|s| s.iter().find(|s| s["name"] == stream))
+        .and_then(|s| s["lease"]["node"].as_str())
+        .map(str::to_owned);
+    (holder, listing)
+}
+
 fn lined(n: u64) -> Value {
     json!({"vehicles": (0..12u64).map(|i| json!({"id": i, "line": format!("L{}", (i + n / 3) % 3), "pos": n * 100 + i, "note": "a field long enough that patches stay smaller than the document"})).collect::<Vec<_>>()})
 }
@@ -1364,20 +1386,8 @@ claim_timeout = "2s"
     }
 
     // Kill the node dispatching `fleet` and its view, deliveries in flight.
-    let listing: Value = client
-        .get(format!("{}/streams", bases[0]))
-        .send()
-        .await
-        .expect("listing")
-        .json()
-        .await
-        .expect("JSON");
-    let holder = listing["streams"]
-        .as_array()
-        .and_then(|s| s.iter().find(|s| s["name"] == "fleet"))
-        .and_then(|s| s["lease"]["node"].as_str())
-        .unwrap_or_else(|| panic!("nobody holds fleet: {listing}"))
-        .to_owned();
+    let (holder, listing) = lease_holder(&client, &bases[0], "fleet").await;
+    let holder = holder.unwrap_or_else(|| panic!("nobody holds fleet: {listing}"));
     cluster.node(&holder).kill();
     let survivor = usize::from(holder == "a");
     for n in 7..=12u64 {
@@ -1488,38 +1498,14 @@ secret = "{SECRET}"
         })
         .await;
     let client = reqwest::Client::new();
-    let listing: Value = client
-        .get(format!("{}/streams", cluster.nodes[0].base()))
-        .send()
-        .await
-        .expect("listing")
-        .json()
-        .await
-        .expect("JSON");
-    let holder = listing["streams"]
-        .as_array()
-        .and_then(|s| s.iter().find(|s| s["name"] == "fleet"))
-        .and_then(|s| s["lease"]["node"].as_str())
-        .unwrap_or_else(|| panic!("nobody holds fleet: {listing}"))
-        .to_owned();
+    let (holder, listing) = lease_holder(&client, &cluster.nodes[0].base(), "fleet").await;
+    let holder = holder.unwrap_or_else(|| panic!("nobody holds fleet: {listing}"));
     cluster.node(&holder).kill();
     let survivor = usize::from(holder == "a");
     // The survivor takes the lease and polls, still failing.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     loop {
-        let listing: Value = client
-            .get(format!("{}/streams", cluster.nodes[survivor].base()))
-            .send()
-            .await
-            .expect("listing")
-            .json()
-            .await
-            .expect("JSON");
-        let node = listing["streams"]
-            .as_array()
-            .and_then(|s| s.iter().find(|s| s["name"] == "fleet"))
-            .and_then(|s| s["lease"]["node"].as_str())
-            .map(str::to_owned);
+        let (node, listing) = lease_holder(&client, &cluster.nodes[survivor].base(), "fleet").await;
         if node.as_deref() == Some(cluster.nodes[survivor].name.as_str()) {
             break;
         }

@@ -382,6 +382,28 @@ async fn a_new_source_starts_the_log_over_once_and_nodes_not_reloaded_stand_by()
 }
 
 /// The accepted deliveries of `stream`, in arrival order.
+/// `[webhooks]` on `store`, with endpoint `e` receiving `streams` (a TOML array) at
+/// `receiver` in patch mode.
+fn webhooks_toml(store: &TestStore, receiver: &Receiver, streams: &str) -> String {
+    format!(
+        r#"
+[webhooks]
+{}allow_private_targets = true
+schedule = ["0s", "100ms", "200ms", "400ms", "800ms", "1s"]
+jitter = 0.0
+[[webhooks.endpoints]]
+id = "e"
+url = "{}"
+streams = {streams}
+mode = "patch"
+secret = "{}"
+"#,
+        store.toml(),
+        receiver.url(),
+        crate::webhook::SECRET,
+    )
+}
+
 fn accepted_of(
     hits: &[crate::support::receiver::Hit],
     stream: &str,
@@ -406,24 +428,7 @@ async fn a_stream_added_by_reloading_both_nodes_is_delivered_once_to_its_webhook
     let Some(store) = TestStore::postgres() else {
         return;
     };
-    let webhooks = |streams: &str| {
-        format!(
-            r#"
-[webhooks]
-{}allow_private_targets = true
-schedule = ["0s", "100ms", "200ms", "400ms", "800ms", "1s"]
-jitter = 0.0
-[[webhooks.endpoints]]
-id = "e"
-url = "{}"
-streams = {streams}
-mode = "patch"
-secret = "{SECRET}"
-"#,
-            store.toml(),
-            receiver.url(),
-        )
-    };
+    let webhooks = |streams: &str| webhooks_toml(&store, &receiver, streams);
     let before = config(&stream("kept", &kept.url())) + &webhooks(r#"["kept"]"#);
     let Some(mut cluster) = TestCluster::new(&before) else {
         return;
@@ -600,26 +605,10 @@ async fn a_stream_added_by_reload_is_delivered_by_the_webhooks_node_on_sqlite() 
     let fresh = MockUpstream::start(doc("fresh", 1)).await;
     let receiver = Receiver::start(&[SECRET]).await;
     let store = TestStore::sqlite();
-    let webhooks = |streams: &str| {
-        format!(
-            r#"webhooks_node = "a"
-
-[webhooks]
-{}allow_private_targets = true
-schedule = ["0s", "100ms", "200ms", "400ms", "800ms", "1s"]
-jitter = 0.0
-[[webhooks.endpoints]]
-id = "e"
-url = "{}"
-streams = {streams}
-mode = "patch"
-secret = "{SECRET}"
-"#,
-            store.toml(),
-            receiver.url(),
-        )
-    };
     // `webhooks_node` goes in [cluster], the last table of `config`.
+    let webhooks = |streams: &str| {
+        "webhooks_node = \"a\"\n".to_owned() + &webhooks_toml(&store, &receiver, streams)
+    };
     let before = config(&stream("kept", &kept.url())) + &webhooks(r#"["kept"]"#);
     let Some(mut cluster) = TestCluster::new(&before) else {
         return;
@@ -684,22 +673,7 @@ async fn a_new_source_reaches_the_webhooks_once_as_a_new_epoch() {
     let Some(store) = TestStore::postgres() else {
         return;
     };
-    let webhooks = format!(
-        r#"
-[webhooks]
-{}allow_private_targets = true
-schedule = ["0s", "100ms", "200ms", "400ms", "800ms", "1s"]
-jitter = 0.0
-[[webhooks.endpoints]]
-id = "e"
-url = "{}"
-streams = ["moved"]
-mode = "patch"
-secret = "{SECRET}"
-"#,
-        store.toml(),
-        receiver.url(),
-    );
+    let webhooks = webhooks_toml(&store, &receiver, r#"["moved"]"#);
     let Some(mut cluster) = TestCluster::new(&(config(&stream("moved", &old.url())) + &webhooks))
     else {
         return;

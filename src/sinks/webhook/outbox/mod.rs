@@ -27,7 +27,7 @@
 pub mod postgres;
 pub mod sqlite;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -554,27 +554,35 @@ pub fn kind_code(kind: DeliveryKind) -> i16 {
     }
 }
 
-/// Whether a notice of `kind` is told to a pair now, updating `failing` (the pairs told their
-/// stream fails, each with its cursor then): a `stream.error` unless the pair was told so and
-/// its cursor has not moved since (the same run of failures, seen again by a node taking the
-/// stream over or a restarted process), a `stream.recovered` only to a pair told of the
-/// failure. A run that ended unseen (its recovery missed) is over once the pair's cursor moves.
+/// Whether a notice of `kind` is told to a pair now, updating `told`, what the pair was told:
+/// `Some(cursor)` while it was told its stream fails (with its cursor then), `None` otherwise.
+/// A `stream.error` is told unless the pair was told so and its cursor has not moved since
+/// (the same run of failures, seen again by a node taking the stream over or a restarted
+/// process); a `stream.recovered` only to a pair told of the failure. A run that ended unseen
+/// (its recovery missed) is over once the pair's cursor moves.
 pub fn told_now(
-    failing: &mut HashMap<String, Option<Cursor>>,
-    endpoint: &str,
+    told: &mut Option<Option<Cursor>>,
     kind: NoticeKind,
     cursor: Option<Cursor>,
 ) -> bool {
     match kind {
         NoticeKind::Error => {
-            if failing.get(endpoint) == Some(&cursor) {
+            if *told == Some(cursor) {
                 return false;
             }
-            failing.insert(endpoint.to_owned(), cursor);
+            *told = Some(cursor);
             true
         }
-        NoticeKind::Recovery => failing.remove(endpoint).is_some(),
+        NoticeKind::Recovery => told.take().is_some(),
     }
+}
+
+/// A cursor as stored: its epoch and sequence number, both `NULL` for none.
+pub fn stored_cursor(epoch: Option<i64>, seq: Option<i64>) -> Option<Cursor> {
+    Some(Cursor {
+        epoch: uint(epoch?),
+        seq: uint(seq?),
+    })
 }
 
 /// The lowest stored code of a notice (error, recovery).

@@ -36,7 +36,7 @@ use super::{
     Created, Delivery, DeliveryFilter, DeliveryState, Disabled, EndpointRecord, EndpointStatus,
     FIRST_NOTICE_CODE, NewChange, NewNotice, Next, Notes, OperatorDelivery, OperatorHead,
     OperatorNote, Outbox, OutboxError, OutboxFuture, Recorded, Replay, StoredDocument, Target,
-    collapses, int, kind_code, kind_of, state_code, state_of, told_now, uint,
+    collapses, int, kind_code, kind_of, state_code, state_of, stored_cursor, told_now, uint,
 };
 use crate::sinks::webhook::body::DeliveryKind;
 use crate::sinks::webhook::body::{self, Cursor, Plan};
@@ -653,20 +653,15 @@ async fn write_group(
     }
     let existing: HashSet<String> = existing_rows.iter().map(|row| row.get(0)).collect();
     let mut cursors: HashMap<String, Option<Cursor>> = HashMap::new();
-    // Pairs told their stream fails, with their cursor then.
-    let mut failing: HashMap<String, Option<Cursor>> = HashMap::new();
-    let cursor_at = |epoch: Option<i64>, seq: Option<i64>| match (epoch, seq) {
-        (Some(epoch), Some(seq)) => Some(Cursor {
-            epoch: uint(epoch),
-            seq: uint(seq),
-        }),
-        _ => None,
-    };
+    // What each pair was told (see `told_now`).
+    let mut told: HashMap<String, Option<Option<Cursor>>> = HashMap::new();
     for row in &cursor_rows {
-        cursors.insert(row.get(0), cursor_at(row.get(1), row.get(2)));
-        if row.get::<_, bool>(3) {
-            failing.insert(row.get(0), cursor_at(row.get(4), row.get(5)));
-        }
+        cursors.insert(row.get(0), stored_cursor(row.get(1), row.get(2)));
+        let failing = row.get::<_, bool>(3);
+        told.insert(
+            row.get(0),
+            failing.then(|| stored_cursor(row.get(4), row.get(5))),
+        );
     }
     let mut pending: HashMap<String, usize> = known;
     for row in &count_rows {
@@ -705,7 +700,8 @@ async fn write_group(
                         continue;
                     }
                     let cursor = cursors.get(endpoint).copied().flatten();
-                    if !told_now(&mut failing, endpoint, notice.kind, cursor) {
+                    let told = told.entry(endpoint.clone()).or_default();
+                    if !told_now(told, notice.kind, cursor) {
                         continue;
                     }
                     rows.push(Row {
@@ -811,14 +807,15 @@ async fn write_group(
     let epochs: Vec<Option<i64>> = moved.values().map(|c| c.map(|c| int(c.epoch))).collect();
     let seqs: Vec<Option<i64>> = moved.values().map(|c| c.map(|c| int(c.seq))).collect();
     // A queued notice told its pair the stream fails, or no longer does.
-    let told: Vec<bool> = noticed.iter().map(|e| failing.contains_key(*e)).collect();
+    let told_of = |e: &String| told.get(e).copied().flatten();
+    let told_failing: Vec<bool> = noticed.iter().map(|e| told_of(e).is_some()).collect();
     let told_epochs: Vec<Option<i64>> = noticed
         .iter()
-        .map(|e| failing.get(*e).copied().flatten().map(|c| int(c.epoch)))
+        .map(|e| told_of(e).flatten().map(|c| int(c.epoch)))
         .collect();
     let told_seqs: Vec<Option<i64>> = noticed
         .iter()
-        .map(|e| failing.get(*e).copied().flatten().map(|c| int(c.seq)))
+        .map(|e| told_of(e).flatten().map(|c| int(c.seq)))
         .collect();
     type Step<'t> =
         std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), OutboxError>> + Send + 't>>;
@@ -856,7 +853,8 @@ async fn write_group(
     }
     if !noticed.is_empty() {
         let tx = &tx;
-        let (noticed, told, told_epochs, told_seqs) = (&noticed, &told, &told_epochs, &told_seqs);
+        let (noticed, told_failing, told_epochs, told_seqs) =
+            (&noticed, &told_failing, &told_epochs, &told_seqs);
         steps.push(Box::pin(async move {
             tx.execute(
                 "INSERT INTO patchwire_cursors (endpoint_id, stream, epoch, seq, failing, \
@@ -866,7 +864,7 @@ async fn write_group(
                      AS u(e, f, fe, fs) \
                  ON CONFLICT (endpoint_id, stream) DO UPDATE SET failing = excluded.failing, \
                  failing_epoch = excluded.failing_epoch, failing_seq = excluded.failing_seq",
-                &[&stream, noticed, told, told_epochs, told_seqs],
+                &[&stream, noticed, told_failing, told_epochs, told_seqs],
             )
             .await?;
             Ok(())
@@ -1825,13 +1823,7 @@ impl Outbox for PostgresOutbox {
             Ok(rows
                 .iter()
                 .map(|r| {
-                    let cursor = match (r.get::<_, Option<i64>>(1), r.get::<_, Option<i64>>(2)) {
-                        (Some(epoch), Some(seq)) => Some(Cursor {
-                            epoch: uint(epoch),
-                            seq: uint(seq),
-                        }),
-                        _ => None,
-                    };
+                    let cursor = stored_cursor(r.get(1), r.get(2));
                     (r.get(0), cursor)
                 })
                 .collect())

@@ -5,7 +5,7 @@
 //! does not undo the others) and answers each only after the transaction committed. Batching
 //! is what makes durable writes fast: one fsync covers every job that queued meanwhile.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
@@ -21,7 +21,7 @@ use super::{
     Created, Delivery, DeliveryFilter, Disabled, EndpointRecord, EndpointStatus, NewChange,
     NewNotice, Next, Notes, OperatorDelivery, OperatorHead, OperatorNote, Outbox, OutboxError,
     OutboxFuture, Recorded, Replay, StoredDocument, Target, collapses, int, kind_code, kind_of,
-    state_code, state_of, uint,
+    state_code, state_of, stored_cursor, told_now, uint,
 };
 use crate::sinks::webhook::body::DeliveryKind;
 use crate::sinks::webhook::body::{self, Cursor, Plan};
@@ -396,15 +396,7 @@ fn accept(
                 "SELECT epoch, seq FROM cursors WHERE endpoint_id = ?1 AND stream = ?2",
             )?
             .query_row(params![target.endpoint, stream], |r| {
-                Ok(
-                    match (r.get::<_, Option<i64>>(0)?, r.get::<_, Option<i64>>(1)?) {
-                        (Some(epoch), Some(seq)) => Some(Cursor {
-                            epoch: unsql(epoch),
-                            seq: unsql(seq),
-                        }),
-                        _ => None,
-                    },
-                )
+                Ok(stored_cursor(r.get(0)?, r.get(1)?))
             })
             .optional()?
             .flatten();
@@ -502,32 +494,21 @@ fn notice(
              ON CONFLICT (endpoint_id, stream) DO NOTHING",
         )?
         .execute(params![endpoint, stream])?;
-        let (cursor, told) = conn
+        let (cursor, mut told) = conn
             .prepare_cached(
                 "SELECT epoch, seq, failing, failing_epoch, failing_seq FROM cursors \
                  WHERE endpoint_id = ?1 AND stream = ?2",
             )?
             .query_row(params![endpoint, stream], |r| {
-                let at = |epoch: Option<i64>, seq: Option<i64>| {
-                    epoch.zip(seq).map(|(epoch, seq)| Cursor {
-                        epoch: unsql(epoch),
-                        seq: unsql(seq),
-                    })
-                };
                 let told = r
                     .get::<_, bool>(2)?
-                    .then(|| Ok::<_, rusqlite::Error>(at(r.get(3)?, r.get(4)?)))
+                    .then(|| Ok::<_, rusqlite::Error>(stored_cursor(r.get(3)?, r.get(4)?)))
                     .transpose()?;
-                Ok((at(r.get(0)?, r.get(1)?), told))
+                Ok((stored_cursor(r.get(0)?, r.get(1)?), told))
             })?;
-        let mut failing: HashMap<String, Option<Cursor>> = HashMap::new();
-        if let Some(at) = told {
-            failing.insert(endpoint.clone(), at);
-        }
-        if !super::told_now(&mut failing, endpoint, notice.kind, cursor) {
+        if !told_now(&mut told, notice.kind, cursor) {
             continue;
         }
-        let now_failing = failing.get(endpoint).copied();
         conn.prepare_cached(
             "UPDATE cursors SET failing = ?3, failing_epoch = ?4, failing_seq = ?5 \
              WHERE endpoint_id = ?1 AND stream = ?2",
@@ -535,9 +516,9 @@ fn notice(
         .execute(params![
             endpoint,
             stream,
-            now_failing.is_some(),
-            now_failing.flatten().map(|c| sql(c.epoch)),
-            now_failing.flatten().map(|c| sql(c.seq)),
+            told.is_some(),
+            told.flatten().map(|c| sql(c.epoch)),
+            told.flatten().map(|c| sql(c.seq)),
         ])?;
         conn.prepare_cached(
             "INSERT INTO deliveries (endpoint_id, stream, msg_id, kind, epoch, seq, base_seq, \
@@ -989,13 +970,7 @@ impl Outbox for SqliteOutbox {
                 "SELECT endpoint_id, epoch, seq FROM cursors WHERE stream = ?1 ORDER BY endpoint_id",
             )?;
             let rows = statement.query_map([&stream], |r| {
-                let cursor = match (r.get::<_, Option<i64>>(1)?, r.get::<_, Option<i64>>(2)?) {
-                    (Some(epoch), Some(seq)) => Some(Cursor {
-                        epoch: unsql(epoch),
-                        seq: unsql(seq),
-                    }),
-                    _ => None,
-                };
+                let cursor = stored_cursor(r.get(1)?, r.get(2)?);
                 Ok((r.get::<_, String>(0)?, cursor))
             })?;
             Ok(rows.collect::<Result<_, _>>()?)
